@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything the demo and the tests run on:
+# Debian's PostgreSQL, OpenSSH server and PgBouncer, and the pinned Kubernetes
+# binaries built from Go modules (cached per version). Safe to run repeatedly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+[ -n "$(ls /usr/lib/postgresql/*/bin/postgres 2>/dev/null)" ] || missing+=(postgresql postgresql-contrib)
+command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
+[ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null 2>&1 || missing+=(pgbouncer)
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The packages start a default cluster and pgbouncer service where an init system
+    # exists; poolkeeper's environment runs its own on free ports and needs neither.
+  else
+    echo "setup: missing Debian packages: ${missing[*]}" >&2
+    echo "setup: install them with: sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+
+if [ ! -x node_modules/.bin/node ]; then
+  echo "setup: node_modules is missing; run 'npm ci' first (it installs the pinned Node.js 24 too)" >&2
+  exit 1
+fi
+
+bash scripts/build-kube.sh

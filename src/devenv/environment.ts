@@ -1,0 +1,102 @@
+/**
+ * The local environment as one object: each component starts on first use,
+ * in one temp directory, and everything stops on `stop()`, on process exit,
+ * and on SIGINT/SIGTERM. Shared by the tests and by the demo.
+ */
+import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { KubeControlPlane } from './kube.ts';
+import { PgBouncerServer } from './pgbouncer.ts';
+import { DEFAULT_POSTGRES_OPTIONS, PostgresServer, type PostgresOptions } from './postgres.ts';
+import { PidRegistry, RUN_DIR_PREFIX, reapAbandonedRuns } from './process.ts';
+import { SshServer } from './sshd.ts';
+
+/** Options of a local environment. */
+export interface LocalEnvironmentOptions {
+  postgres?: PostgresOptions;
+  /** Keep the run directory (logs) after stopping. */
+  keepRunDir?: boolean;
+}
+
+/** Lazily started, jointly stopped local components. */
+export class LocalEnvironment {
+  readonly runDir: string;
+  private readonly registry: PidRegistry;
+  private readonly started = new Map<string, Promise<{ stop(): Promise<void> }>>();
+  private readonly onExit = (): void => this.registry.killAllSync();
+  private readonly onSignal = (signal: NodeJS.Signals): void => {
+    this.registry.killAllSync();
+    this.removeRunDir();
+    process.exit(signal === 'SIGINT' ? 130 : 143);
+  };
+  private stopped = false;
+  private readonly options: LocalEnvironmentOptions;
+
+  constructor(options: LocalEnvironmentOptions = {}) {
+    this.options = options;
+    reapAbandonedRuns();
+    this.runDir = mkdtempSync(join(tmpdir(), RUN_DIR_PREFIX));
+    // Servers that run as an unprivileged user need to traverse the run dir.
+    chmodSync(this.runDir, 0o755);
+    this.registry = new PidRegistry(this.runDir);
+    process.on('exit', this.onExit);
+    process.once('SIGINT', this.onSignal);
+    process.once('SIGTERM', this.onSignal);
+  }
+
+  private once<T extends { stop(): Promise<void> }>(name: string, start: () => Promise<T>): Promise<T> {
+    if (this.stopped) return Promise.reject(new Error('environment already stopped'));
+    let started = this.started.get(name) as Promise<T> | undefined;
+    if (!started) {
+      started = start();
+      this.started.set(name, started);
+    }
+    return started;
+  }
+
+  /** PostgreSQL with the configured max_connections. */
+  postgres(): Promise<PostgresServer> {
+    return this.once('postgres', () => PostgresServer.start(this.runDir, this.registry, this.options.postgres ?? DEFAULT_POSTGRES_OPTIONS));
+  }
+
+  /** OpenSSH server on loopback. */
+  sshd(): Promise<SshServer> {
+    return this.once('sshd', () => SshServer.start(this.runDir, this.registry));
+  }
+
+  /** PgBouncer in transaction mode in front of `postgres()`. */
+  pgbouncer(): Promise<PgBouncerServer> {
+    return this.once('pgbouncer', async () => PgBouncerServer.start(this.runDir, this.registry, await this.postgres()));
+  }
+
+  /** etcd + kube-apiserver + kube-controller-manager. */
+  kube(): Promise<KubeControlPlane> {
+    return this.once('kube', () => KubeControlPlane.start(this.runDir, this.registry));
+  }
+
+  /** Stops every started component (dependents first) and removes the run dir. */
+  async stop(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    const order = ['pgbouncer', 'kube', 'sshd', 'postgres'];
+    for (const name of order) {
+      const started = this.started.get(name);
+      if (!started) continue;
+      try {
+        await (await started).stop();
+      } catch {
+        // a component that failed to start has nothing to stop
+      }
+    }
+    this.registry.killAllSync();
+    process.off('exit', this.onExit);
+    process.off('SIGINT', this.onSignal);
+    process.off('SIGTERM', this.onSignal);
+    this.removeRunDir();
+  }
+
+  private removeRunDir(): void {
+    if (!this.options.keepRunDir) rmSync(this.runDir, { recursive: true, force: true });
+  }
+}

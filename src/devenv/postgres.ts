@@ -1,0 +1,165 @@
+/**
+ * A throwaway PostgreSQL cluster from Debian's binaries: initdb as a non-root
+ * user, a known max_connections, SCRAM-SHA-256 for the application role and
+ * md5 for a second role, listening on 127.0.0.1 only.
+ */
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { chownSync, mkdirSync, writeFileSync, appendFileSync } from 'node:fs';
+import { join } from 'node:path';
+import pg from 'pg';
+import { ManagedProcess, freePort, waitUntil, type PidRegistry } from './process.ts';
+import { postgresBinDir, serviceAccount } from './system.ts';
+
+/** A role and its password. */
+export interface PostgresRole {
+  user: string;
+  password: string;
+}
+
+/** Settings of the throwaway cluster. */
+export interface PostgresOptions {
+  maxConnections: number;
+  superuserReservedConnections: number;
+}
+
+/** Defaults chosen so that tests can exhaust the server quickly. */
+export const DEFAULT_POSTGRES_OPTIONS: PostgresOptions = { maxConnections: 60, superuserReservedConnections: 3 };
+
+/** The database every role may use. */
+export const APP_DATABASE = 'app';
+
+/** A running PostgreSQL cluster. */
+export class PostgresServer {
+  readonly host = '127.0.0.1';
+  readonly port: number;
+  readonly dataDir: string;
+  readonly superuser: PostgresRole;
+  /** A role with a SCRAM-SHA-256 verifier. */
+  readonly app: PostgresRole;
+  /** A role with an md5 password, for the sidecar's md5 upstream login. */
+  readonly appMd5: PostgresRole;
+  readonly options: PostgresOptions;
+  private readonly process: ManagedProcess;
+
+  private constructor(fields: { port: number; dataDir: string; superuser: PostgresRole; app: PostgresRole; appMd5: PostgresRole; options: PostgresOptions; process: ManagedProcess }) {
+    this.port = fields.port;
+    this.dataDir = fields.dataDir;
+    this.superuser = fields.superuser;
+    this.app = fields.app;
+    this.appMd5 = fields.appMd5;
+    this.options = fields.options;
+    this.process = fields.process;
+  }
+
+  /** initdb, start, and create the roles and database. */
+  static async start(runDir: string, registry: PidRegistry, options: PostgresOptions = DEFAULT_POSTGRES_OPTIONS): Promise<PostgresServer> {
+    const bin = postgresBinDir();
+    const account = serviceAccount();
+    const owned = account ? { uid: account.uid, gid: account.gid } : {};
+    const base = join(runDir, 'postgres');
+    const dataDir = join(base, 'data');
+    const socketDir = join(base, 'sock');
+    mkdirSync(socketDir, { recursive: true });
+    if (account) {
+      chownSync(base, account.uid, account.gid);
+      chownSync(socketDir, account.uid, account.gid);
+    }
+    const superuser: PostgresRole = { user: 'postgres', password: randomBytes(18).toString('base64url') };
+    const pwFile = join(base, 'superuser.pw');
+    writeFileSync(pwFile, `${superuser.password}\n`, { mode: 0o600 });
+    if (account) chownSync(pwFile, account.uid, account.gid);
+    execFileSync(join(bin, 'initdb'), ['-D', dataDir, '-U', superuser.user, `--pwfile=${pwFile}`, '--auth-local=trust', '--auth-host=scram-sha-256', '--encoding=UTF8', '--locale=C', '--no-sync'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      ...owned,
+      cwd: base,
+    });
+    const port = await freePort();
+    // md5 line first: pg_hba is first-match, and md5 must apply only to that role.
+    const hba = join(dataDir, 'pg_hba.conf');
+    writeFileSync(hba, [
+      'local all all trust',
+      'host all app_md5 127.0.0.1/32 md5',
+      'host all all 127.0.0.1/32 scram-sha-256',
+      'host all all ::1/128 scram-sha-256',
+      '',
+    ].join('\n'));
+    appendFileSync(join(dataDir, 'postgresql.conf'), [
+      '',
+      "listen_addresses = '127.0.0.1'",
+      `port = ${port}`,
+      `unix_socket_directories = '${socketDir}'`,
+      `max_connections = ${options.maxConnections}`,
+      `superuser_reserved_connections = ${options.superuserReservedConnections}`,
+      "password_encryption = 'scram-sha-256'",
+      'shared_buffers = 32MB',
+      'fsync = off',
+      'synchronous_commit = off',
+      'full_page_writes = off',
+      "log_line_prefix = '%m [%p] %u@%d '",
+      '',
+    ].join('\n'));
+    const child = ManagedProcess.start({ name: 'postgres', command: join(bin, 'postgres'), args: ['-D', dataDir], logFile: join(base, 'postgres.log'), cwd: base, ...owned }, registry);
+    const superConfig = { host: '127.0.0.1', port, user: superuser.user, password: superuser.password, database: 'postgres' };
+    await waitUntil('postgres', async () => {
+      const client = new pg.Client(superConfig);
+      await client.connect();
+      await client.end();
+      return true;
+    }, { timeoutMs: 30_000, process: child });
+    const app: PostgresRole = { user: 'app', password: randomBytes(18).toString('base64url') };
+    const appMd5: PostgresRole = { user: 'app_md5', password: randomBytes(18).toString('base64url') };
+    const client = new pg.Client(superConfig);
+    await client.connect();
+    try {
+      await client.query(`CREATE ROLE ${app.user} LOGIN PASSWORD '${app.password}'`);
+      await client.query("SET password_encryption = 'md5'");
+      await client.query(`CREATE ROLE ${appMd5.user} LOGIN PASSWORD '${appMd5.password}'`);
+      await client.query(`CREATE DATABASE ${APP_DATABASE} OWNER ${app.user}`);
+      await client.query(`GRANT ALL ON DATABASE ${APP_DATABASE} TO ${appMd5.user}`);
+    } finally {
+      await client.end();
+    }
+    return new PostgresServer({ port, dataDir, superuser, app, appMd5, options, process: child });
+  }
+
+  /** node-postgres settings for `role` (the superuser by default). */
+  clientConfig(role: PostgresRole = this.superuser, database = APP_DATABASE): pg.ClientConfig {
+    return { host: this.host, port: this.port, user: role.user, password: role.password, database };
+  }
+
+  /** Runs one query as the superuser. */
+  async query<T extends pg.QueryResultRow = pg.QueryResultRow>(sql: string, params: unknown[] = []): Promise<T[]> {
+    const client = new pg.Client(this.clientConfig());
+    await client.connect();
+    try {
+      return (await client.query<T>(sql, params)).rows;
+    } finally {
+      await client.end();
+    }
+  }
+
+  /** `SELECT version()` of the running server. */
+  async version(): Promise<string> {
+    const rows = await this.query<{ server_version: string }>('SHOW server_version');
+    return rows[0]?.server_version ?? 'unknown';
+  }
+
+  /** True if the server answers a query. */
+  async healthy(): Promise<boolean> {
+    const rows = await this.query<{ ok: number }>('SELECT 1 AS ok');
+    return rows[0]?.ok === 1;
+  }
+
+  /** The postgres log file. */
+  get logFile(): string {
+    return this.process.logFile;
+  }
+
+  /** Fast shutdown. */
+  async stop(): Promise<void> {
+    // SIGINT is PostgreSQL's "fast" shutdown: roll back and disconnect clients.
+    this.process.signal('SIGINT');
+    await this.process.stop(10_000);
+  }
+}

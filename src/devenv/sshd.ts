@@ -1,0 +1,122 @@
+/**
+ * An OpenSSH server on a loopback port with generated host and user keys,
+ * for the sidecar's tunnel tests. It allows TCP forwarding and nothing else.
+ */
+import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { mkdirSync, readFileSync, writeFileSync, existsSync } from 'node:fs';
+import { createConnection } from 'node:net';
+import { userInfo } from 'node:os';
+import { join } from 'node:path';
+import { ManagedProcess, freePort, waitUntil, type PidRegistry } from './process.ts';
+import { commandOutput, requireBinary } from './system.ts';
+
+/** A running sshd. */
+export class SshServer {
+  readonly host = '127.0.0.1';
+  readonly port: number;
+  readonly username: string;
+  /** OpenSSH private key (ed25519) accepted for `username`. */
+  readonly userPrivateKey: string;
+  /** The host's public key line, `ssh-ed25519 AAAA...`. */
+  readonly hostPublicKey: string;
+  /** `SHA256:...` fingerprint of the host key, as `ssh-keygen -lf` prints it. */
+  readonly hostKeyFingerprint: string;
+  private readonly process: ManagedProcess;
+
+  private constructor(fields: { port: number; username: string; userPrivateKey: string; hostPublicKey: string; process: ManagedProcess }) {
+    this.port = fields.port;
+    this.username = fields.username;
+    this.userPrivateKey = fields.userPrivateKey;
+    this.hostPublicKey = fields.hostPublicKey;
+    this.hostKeyFingerprint = fingerprintOf(fields.hostPublicKey);
+    this.process = fields.process;
+  }
+
+  /** Generates keys and starts sshd in the foreground. */
+  static async start(runDir: string, registry: PidRegistry): Promise<SshServer> {
+    const sshd = requireBinary('sshd', 'openssh-server', ['/usr/sbin/sshd']);
+    const keygen = requireBinary('ssh-keygen', 'openssh-client');
+    const dir = join(runDir, 'sshd');
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const hostKey = join(dir, 'ssh_host_ed25519_key');
+    const userKey = join(dir, 'user_ed25519');
+    execFileSync(keygen, ['-q', '-t', 'ed25519', '-N', '', '-C', 'poolkeeper-test-host', '-f', hostKey]);
+    execFileSync(keygen, ['-q', '-t', 'ed25519', '-N', '', '-C', 'poolkeeper-test-user', '-f', userKey]);
+    const authorizedKeys = join(dir, 'authorized_keys');
+    writeFileSync(authorizedKeys, readFileSync(`${userKey}.pub`), { mode: 0o600 });
+    // As root, sshd needs its privilege-separation directory.
+    if (process.getuid?.() === 0 && !existsSync('/run/sshd')) mkdirSync('/run/sshd', { mode: 0o755 });
+    const port = await freePort();
+    const config = join(dir, 'sshd_config');
+    writeFileSync(config, [
+      `Port ${port}`,
+      'ListenAddress 127.0.0.1',
+      `HostKey ${hostKey}`,
+      `PidFile ${join(dir, 'sshd.pid')}`,
+      `AuthorizedKeysFile ${authorizedKeys}`,
+      'StrictModes no',
+      'UsePAM no',
+      'PasswordAuthentication no',
+      'KbdInteractiveAuthentication no',
+      'PubkeyAuthentication yes',
+      'PermitRootLogin prohibit-password',
+      'AllowTcpForwarding local',
+      'AllowAgentForwarding no',
+      'X11Forwarding no',
+      'PermitTTY no',
+      'LogLevel VERBOSE',
+      'ClientAliveInterval 5',
+      '',
+    ].join('\n'));
+    const child = ManagedProcess.start({ name: 'sshd', command: sshd, args: ['-D', '-e', '-f', config], logFile: join(dir, 'sshd.log') }, registry);
+    await waitUntil('sshd', () => bannerReceived(port), { timeoutMs: 15_000, process: child });
+    const hostPublicKey = readFileSync(`${hostKey}.pub`, 'utf8').trim().split(' ').slice(0, 2).join(' ');
+    return new SshServer({ port, username: userInfo().username, userPrivateKey: readFileSync(userKey, 'utf8'), hostPublicKey, process: child });
+  }
+
+  /** `OpenSSH_9.2p1 ...` as the binary reports it. */
+  version(): string {
+    return commandOutput('ssh', ['-V']).split(',')[0] ?? 'unknown';
+  }
+
+  /** True if the server sends its SSH banner. */
+  healthy(): Promise<boolean> {
+    return bannerReceived(this.port);
+  }
+
+  /** Kills sshd at once (for tunnel-recovery tests). */
+  kill(): Promise<void> {
+    this.process.signal('SIGKILL');
+    return this.process.stop(1000);
+  }
+
+  /** Stops sshd. */
+  stop(): Promise<void> {
+    return this.process.stop(3000);
+  }
+
+  /** The process log. */
+  get logFile(): string {
+    return this.process.logFile;
+  }
+}
+
+/** `SHA256:<base64 without padding>` of an OpenSSH public key line. */
+export function fingerprintOf(publicKeyLine: string): string {
+  const blob = Buffer.from(publicKeyLine.trim().split(/\s+/)[1] ?? '', 'base64');
+  return `SHA256:${createHash('sha256').update(blob).digest('base64').replace(/=+$/, '')}`;
+}
+
+function bannerReceived(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = createConnection({ host: '127.0.0.1', port });
+    const done = (ok: boolean): void => {
+      socket.destroy();
+      resolve(ok);
+    };
+    socket.setTimeout(2000, () => done(false));
+    socket.once('data', (data) => done(data.toString('latin1').startsWith('SSH-2.0-')));
+    socket.once('error', () => done(false));
+  });
+}

@@ -1,0 +1,220 @@
+/**
+ * Framing of the PostgreSQL v3 protocol over arbitrary chunks: a type byte
+ * and an int32 length that counts itself, or, in the startup phase, only the
+ * length. The reader exposes the current message as a cursor (buffer and
+ * offsets) instead of allocating a frame object per message; only a message
+ * that straddles chunks is copied, and only once.
+ */
+import { ProtocolError } from './errors.ts';
+
+/** PostgreSQL's own limit on a startup packet (MAX_STARTUP_PACKET_LENGTH). */
+export const MAX_STARTUP_PACKET_BYTES = 10_000;
+
+/** Default cap on a regular message (PostgreSQL's MaxAllocSize is 1 GB; a pooler needs far less). */
+export const DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
+
+/** Type of an untyped (startup-phase) message on the cursor. */
+export const UNTYPED = -1;
+
+const EMPTY = Buffer.alloc(0);
+
+/** Options of a frame reader. */
+export interface FrameReaderOptions {
+  /** Largest accepted message, length field included. */
+  maxMessageBytes?: number;
+  /** The first message has no type byte (a client's startup packet). */
+  startupPhase?: boolean;
+}
+
+/**
+ * Turns a byte stream into whole messages. Call `push(chunk)`, then `next()`
+ * until it returns false; after each true, `type`, `buffer`, `start`,
+ * `bodyStart` and `end` describe one whole message inside `buffer`.
+ */
+export class FrameReader {
+  /** Type byte of the current message, or UNTYPED in the startup phase. */
+  type = 0;
+  /** Buffer holding the current message (the chunk itself, or a copy for a straddling message). */
+  buffer: Buffer = EMPTY;
+  /** Offset of the message's first byte (type byte, or length when untyped). */
+  start = 0;
+  /** Offset of the body, after the length field. */
+  bodyStart = 0;
+  /** Offset just past the message. */
+  end = 0;
+
+  private readonly maxMessageBytes: number;
+  private untyped: boolean;
+  private chunk: Buffer = EMPTY;
+  private offset = 0;
+  private partial: Buffer | undefined;
+  private partialFilled = 0;
+  private header = Buffer.alloc(5);
+  private headerFilled = 0;
+
+  constructor(options: FrameReaderOptions = {}) {
+    this.maxMessageBytes = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
+    this.untyped = options.startupPhase ?? false;
+  }
+
+  /** The next message will be an untyped startup-phase message (after answering SSLRequest). */
+  expectUntyped(): void {
+    this.untyped = true;
+  }
+
+  /** Adds a chunk; the previous chunk must have been consumed by `next()` returning false. */
+  push(chunk: Buffer): void {
+    if (this.offset < this.chunk.length) throw new Error('FrameReader.push before the previous chunk was consumed');
+    this.chunk = chunk;
+    this.offset = 0;
+  }
+
+  /** Bytes of an incomplete message held between chunks. */
+  get buffered(): number {
+    return this.headerFilled + this.partialFilled;
+  }
+
+  /** Unconsumed bytes of the current chunk (after an error or a protocol switch such as TLS). */
+  remaining(): Buffer {
+    return this.chunk.subarray(this.offset);
+  }
+
+  /** Moves the cursor to the next whole message; false when more bytes are needed. */
+  next(): boolean {
+    const chunk = this.chunk;
+    if (this.partial !== undefined) return this.continuePartial(chunk);
+    const headerSize = this.untyped ? 4 : 5;
+    if (this.headerFilled === 0 && chunk.length - this.offset >= headerSize) {
+      // Fast path: the header is inside this chunk.
+      const start = this.offset;
+      const type = this.untyped ? UNTYPED : chunk[start]!;
+      const length = chunk.readInt32BE(this.untyped ? start : start + 1);
+      const total = this.checkLength(length, headerSize);
+      if (chunk.length - start >= total) {
+        this.setCursor(type, chunk, start, start + headerSize, start + total);
+        this.offset = start + total;
+        return true;
+      }
+      this.beginPartial(type, total, headerSize);
+      chunk.copy(this.partial!, 0, start);
+      this.partialFilled = chunk.length - start;
+      this.offset = chunk.length;
+      return false;
+    }
+    // Slow path: collect a header that straddles chunks.
+    const want = headerSize - this.headerFilled;
+    const take = Math.min(want, chunk.length - this.offset);
+    if (take > 0) {
+      chunk.copy(this.header, this.headerFilled, this.offset, this.offset + take);
+      this.headerFilled += take;
+      this.offset += take;
+    }
+    if (this.headerFilled < headerSize) return false;
+    const type = this.untyped ? UNTYPED : this.header[0]!;
+    const length = this.header.readInt32BE(this.untyped ? 0 : 1);
+    const total = this.checkLength(length, headerSize);
+    this.beginPartial(type, total, headerSize);
+    this.header.copy(this.partial!, 0, 0, headerSize);
+    this.partialFilled = headerSize;
+    this.headerFilled = 0;
+    return this.continuePartial(chunk);
+  }
+
+  private partialType = 0;
+  private partialHeaderSize = 5;
+
+  private beginPartial(type: number, total: number, headerSize: number): void {
+    this.partial = Buffer.allocUnsafe(total);
+    this.partialType = type;
+    this.partialHeaderSize = headerSize;
+  }
+
+  private continuePartial(chunk: Buffer): boolean {
+    const partial = this.partial!;
+    const take = Math.min(partial.length - this.partialFilled, chunk.length - this.offset);
+    if (take > 0) {
+      chunk.copy(partial, this.partialFilled, this.offset, this.offset + take);
+      this.partialFilled += take;
+      this.offset += take;
+    }
+    if (this.partialFilled < partial.length) return false;
+    this.partial = undefined;
+    this.partialFilled = 0;
+    this.setCursor(this.partialType, partial, 0, this.partialHeaderSize, partial.length);
+    return true;
+  }
+
+  private checkLength(length: number, headerSize: number): number {
+    const total = headerSize === 4 ? length : length + 1;
+    if (length < 4) throw new ProtocolError('bad-length', `invalid message length ${length}`);
+    const max = headerSize === 4 ? MAX_STARTUP_PACKET_BYTES : this.maxMessageBytes;
+    if (total > max) throw new ProtocolError(headerSize === 4 ? 'bad-startup' : 'message-too-large', `message of ${total} bytes exceeds the limit of ${max}`);
+    return total;
+  }
+
+  private setCursor(type: number, buffer: Buffer, start: number, bodyStart: number, end: number): void {
+    this.type = type;
+    this.buffer = buffer;
+    this.start = start;
+    this.bodyStart = bodyStart;
+    this.end = end;
+    // One untyped message at a time: the startup phase asks again after SSLRequest.
+    if (type === UNTYPED) this.untyped = false;
+  }
+}
+
+/** A whole message copied out of a reader, for tests and non-hot paths. */
+export interface Frame {
+  type: number;
+  body: Buffer;
+}
+
+/** Feeds `chunk` and returns every whole message it completes (copies bodies). */
+export function readFrames(reader: FrameReader, chunk: Buffer): Frame[] {
+  reader.push(chunk);
+  const frames: Frame[] = [];
+  while (reader.next()) frames.push({ type: reader.type, body: Buffer.from(reader.buffer.subarray(reader.bodyStart, reader.end)) });
+  return frames;
+}
+
+/** Frontend (client-to-server) message types after startup. */
+export const FRONTEND_MESSAGE_TYPES: ReadonlySet<number> = new Set([...'BCdcfDEHFPpQSX'].map((c) => c.charCodeAt(0)));
+
+const frontendTable = new Uint8Array(256);
+for (const t of FRONTEND_MESSAGE_TYPES) frontendTable[t] = 1;
+
+/** True if `type` is a message type a client may send after startup. */
+export function isFrontendMessageType(type: number): boolean {
+  return type >= 0 && type < 256 && frontendTable[type] === 1;
+}
+
+/** Character codes of the message types the pooler reacts to. */
+export const MessageType = {
+  // frontend
+  bind: 0x42, // B
+  close: 0x43, // C (frontend)
+  copyData: 0x64, // d
+  copyDone: 0x63, // c
+  copyFail: 0x66, // f
+  describe: 0x44, // D (frontend)
+  execute: 0x45, // E (frontend)
+  flush: 0x48, // H (frontend)
+  functionCall: 0x46, // F
+  parse: 0x50, // P
+  passwordMessage: 0x70, // p
+  query: 0x51, // Q
+  sync: 0x53, // S (frontend)
+  terminate: 0x58, // X
+  // backend
+  authentication: 0x52, // R
+  backendKeyData: 0x4b, // K
+  commandComplete: 0x43, // C (backend)
+  copyInResponse: 0x47, // G
+  copyOutResponse: 0x48, // H (backend)
+  copyBothResponse: 0x57, // W
+  errorResponse: 0x45, // E (backend)
+  noticeResponse: 0x4e, // N
+  parameterStatus: 0x53, // S (backend)
+  readyForQuery: 0x5a, // Z
+  parseComplete: 0x31, // 1
+} as const;

@@ -1,0 +1,58 @@
+/**
+ * The life of one server connection as an explicit state machine. Every
+ * state change in the sidecar goes through `transition()`, so an impossible
+ * change (handing out a closing connection, reviving a closed one) is a bug
+ * that throws at the point where it happens instead of leaking a dirty
+ * connection to another client.
+ */
+
+/** States of a server connection. */
+export type ServerConnectionState =
+  /** TCP/TLS/SSH channel and login in progress. */
+  | 'connecting'
+  /** Logged in, clean, in the pool. */
+  | 'idle'
+  /** Lent to a client. */
+  | 'active'
+  /** Running the sidecar's own query: a pre-ping or DISCARD ALL. */
+  | 'resetting'
+  /** Terminate sent (or being sent); still counted against the grant until the socket closes. */
+  | 'closing'
+  /** Socket closed; no longer counted. */
+  | 'closed';
+
+const ALLOWED: Readonly<Record<ServerConnectionState, readonly ServerConnectionState[]>> = {
+  connecting: ['idle', 'active', 'closing', 'closed'],
+  idle: ['active', 'resetting', 'closing', 'closed'],
+  active: ['idle', 'resetting', 'closing', 'closed'],
+  resetting: ['idle', 'active', 'closing', 'closed'],
+  closing: ['closed'],
+  closed: [],
+};
+
+/** Thrown for a state change the machine does not allow. */
+export class InvalidTransitionError extends Error {
+  readonly from: ServerConnectionState;
+  readonly to: ServerConnectionState;
+
+  constructor(from: ServerConnectionState, to: ServerConnectionState) {
+    super(`server connection cannot go from ${from} to ${to}`);
+    this.name = 'InvalidTransitionError';
+    this.from = from;
+    this.to = to;
+  }
+}
+
+/** Returns `to` if the machine allows `from -> to`, otherwise throws InvalidTransitionError. */
+export function transition(from: ServerConnectionState, to: ServerConnectionState): ServerConnectionState {
+  if (!ALLOWED[from].includes(to)) throw new InvalidTransitionError(from, to);
+  return to;
+}
+
+/** States that hold a PostgreSQL backend and so count against the grant. */
+export function holdsBackend(state: ServerConnectionState): boolean {
+  return state !== 'closed';
+}
+
+/** Every state, for metrics that must report zeros too. */
+export const SERVER_CONNECTION_STATES: readonly ServerConnectionState[] = ['connecting', 'idle', 'active', 'resetting', 'closing', 'closed'];

@@ -1,0 +1,131 @@
+/**
+ * The server-connection state machine and the transaction-boundary tracker.
+ */
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { InvalidTransitionError, SERVER_CONNECTION_STATES, TransactionTracker, holdsBackend, transition, type ServerConnectionState } from '../../src/core/pool-state/index.ts';
+
+const code = (c: string): number => c.charCodeAt(0);
+
+function client(t: TransactionTracker, types: string): void {
+  for (const c of types) t.clientMessage(code(c));
+}
+
+function ready(t: TransactionTracker, status: 'I' | 'T' | 'E'): boolean {
+  return t.serverMessage(code('Z'), code(status));
+}
+
+describe('server connection state machine', function () {
+  it('allows the normal life: connecting, idle, active, idle, resetting, idle, closing, closed', function () {
+    let s: ServerConnectionState = 'connecting';
+    for (const to of ['idle', 'active', 'idle', 'resetting', 'idle', 'active', 'resetting', 'active', 'closing', 'closed'] as const) s = transition(s, to);
+    assert.equal(s, 'closed');
+  });
+
+  it('throws on impossible transitions', function () {
+    assert.throws(() => transition('closed', 'idle'), InvalidTransitionError);
+    assert.throws(() => transition('closing', 'active'), InvalidTransitionError);
+    assert.throws(() => transition('closing', 'idle'), InvalidTransitionError);
+    assert.throws(() => transition('idle', 'connecting'), InvalidTransitionError);
+    assert.throws(() => transition('active', 'active'), /cannot go from active to active/);
+  });
+
+  it('property: closed is terminal and reachable from every other state', function () {
+    fc.assert(fc.property(fc.constantFrom(...SERVER_CONNECTION_STATES), fc.constantFrom(...SERVER_CONNECTION_STATES), (from, to) => {
+      if (from === 'closed') assert.throws(() => transition(from, to), InvalidTransitionError);
+      else assert.equal(transition(from, 'closed'), 'closed');
+    }));
+    assert.equal(holdsBackend('closing'), true);
+    assert.equal(holdsBackend('closed'), false);
+  });
+});
+
+describe('transaction tracker', function () {
+  it('simple query in autocommit: boundary at ReadyForQuery I', function () {
+    const t = new TransactionTracker();
+    client(t, 'Q');
+    assert.equal(t.atBoundary, false);
+    for (const m of 'TDC') t.serverMessage(code(m));
+    assert.equal(ready(t, 'I'), true);
+  });
+
+  it('explicit transaction: T keeps the connection, E keeps it, I releases it', function () {
+    const t = new TransactionTracker();
+    client(t, 'Q');
+    assert.equal(ready(t, 'T'), false);
+    assert.equal(t.inTransaction, true);
+    client(t, 'Q');
+    t.serverMessage(code('E'));
+    assert.equal(ready(t, 'E'), false);
+    client(t, 'Q'); // ROLLBACK
+    assert.equal(ready(t, 'I'), true);
+  });
+
+  it('extended protocol: nothing is releasable until the Sync has been answered', function () {
+    const t = new TransactionTracker();
+    client(t, 'PBDE');
+    assert.equal(t.atBoundary, false);
+    client(t, 'H'); // Flush does not close the batch
+    for (const m of '12TDC') t.serverMessage(code(m));
+    assert.equal(t.atBoundary, false);
+    client(t, 'S');
+    assert.equal(ready(t, 'I'), true);
+  });
+
+  it('pipelined syncs: one ReadyForQuery per Sync; boundary only after the last', function () {
+    const t = new TransactionTracker();
+    client(t, 'PBESPBESBES');
+    assert.equal(t.pendingReady, 3);
+    assert.equal(ready(t, 'I'), false);
+    assert.equal(ready(t, 'I'), false);
+    assert.equal(ready(t, 'I'), true);
+  });
+
+  it('error in a pipeline: server skips to Sync, answers one ReadyForQuery', function () {
+    const t = new TransactionTracker();
+    client(t, 'PBES');
+    t.serverMessage(code('E'));
+    assert.equal(ready(t, 'I'), true);
+  });
+
+  it('COPY FROM STDIN: not releasable while copying, boundary after CopyDone and ReadyForQuery', function () {
+    const t = new TransactionTracker();
+    client(t, 'Q');
+    t.serverMessage(code('G'));
+    assert.equal(t.copy, 'in');
+    client(t, 'ddd');
+    assert.equal(t.atBoundary, false);
+    client(t, 'c');
+    t.serverMessage(code('C'));
+    assert.equal(ready(t, 'I'), true);
+  });
+
+  it('COPY TO STDOUT: copy state ends with the server CopyDone', function () {
+    const t = new TransactionTracker();
+    client(t, 'Q');
+    t.serverMessage(code('H'));
+    assert.equal(t.copy, 'out');
+    t.serverMessage(code('d'));
+    t.serverMessage(code('c'));
+    assert.equal(t.copy, 'none');
+    t.serverMessage(code('C'));
+    assert.equal(ready(t, 'I'), true);
+  });
+
+  it('an unsolicited ReadyForQuery makes the connection non-reusable', function () {
+    const t = new TransactionTracker();
+    assert.equal(ready(t, 'I'), false);
+    assert.equal(t.unexpectedReady, true);
+    t.reset();
+    assert.equal(t.atBoundary, true);
+  });
+
+  it('property: after any client batch ending in Sync and all its ReadyForQuery I, the connection is at a boundary', function () {
+    fc.assert(fc.property(fc.array(fc.constantFrom('P', 'B', 'E', 'D', 'C', 'H', 'S', 'Q'), { maxLength: 30 }), (types) => {
+      const t = new TransactionTracker();
+      client(t, [...types, 'S'].join(''));
+      const owed = t.pendingReady;
+      for (let i = 0; i < owed; i += 1) assert.equal(ready(t, 'I'), i === owed - 1);
+    }));
+  });
+});

@@ -1,0 +1,250 @@
+/**
+ * DatabaseConnection (poolkeeper.dev/v1alpha1): one PostgreSQL server, the
+ * workloads that draw on it and how its connection limit is shared. The
+ * schema below is the single source of truth: crds/databaseconnection.yaml is
+ * generated from it (scripts/gen-crds.ts) and the TypeScript types are inferred
+ * from it. Field names are fixed by docs/api.md.
+ */
+import type { FromSchema } from 'json-schema-to-ts';
+import type { V1ObjectMeta } from '@kubernetes/client-node';
+import { conditionsSchema, labelSelectorSchema } from './common.ts';
+
+const portSchema = { type: 'integer', minimum: 1, maximum: 65535 } as const;
+const dnsLabelPattern = '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$';
+const secretNameSchema = { type: 'string', minLength: 1, maxLength: 253, pattern: '^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$' } as const;
+const secretKeySchema = { type: 'string', minLength: 1, maxLength: 253, pattern: '^[-._a-zA-Z0-9]+$' } as const;
+
+/** A known_hosts key (optionally with the host field in front) or an OpenSSH SHA256 fingerprint. */
+export const HOST_KEY_PATTERN = '^(([^ ]+ )?(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh[.]com|sk-ecdsa-sha2-nistp256@openssh[.]com) AAAA[A-Za-z0-9+/]+={0,3}( .*)?|SHA256:[A-Za-z0-9+/]{43}=?)$';
+
+/** Percent form of `reserve`: "0%".."90%". */
+export const RESERVE_PERCENT_PATTERN = '^([0-9]|[1-8][0-9]|90)%$';
+
+/** TLS modes of libpq's sslmode. */
+export const SSL_MODES = ['disable', 'allow', 'prefer', 'require', 'verify-ca', 'verify-full'] as const;
+
+/** Budget strategies: follow live pods, or reserve for the HPA's maxReplicas. */
+export const BUDGET_STRATEGIES = ['Dynamic', 'MaxReplicas'] as const;
+
+/** Pooling modes of the sidecar. */
+export const POOL_MODES = ['transaction', 'session'] as const;
+
+/** Where and how to reach the database. */
+export const databaseSchema = {
+  type: 'object',
+  required: ['host', 'dbname', 'credentialsSecretRef'],
+  additionalProperties: false,
+  properties: {
+    host: { type: 'string', minLength: 1, maxLength: 253, description: 'Host name or IP address of the PostgreSQL server.' },
+    port: { ...portSchema, default: 5432 },
+    dbname: { type: 'string', minLength: 1, maxLength: 63 },
+    sslMode: { type: 'string', enum: SSL_MODES, default: 'prefer', description: 'libpq sslmode for the sidecar\'s server connections.' },
+    credentialsSecretRef: {
+      type: 'object',
+      description: 'A Secret in the same namespace holding the login.',
+      required: ['name'],
+      additionalProperties: false,
+      properties: {
+        name: secretNameSchema,
+        usernameKey: { ...secretKeySchema, default: 'username' },
+        passwordKey: { ...secretKeySchema, default: 'password' },
+      },
+    },
+  },
+} as const;
+
+/** An SSH bastion the sidecar tunnels through; its host key is pinned (no trust on first use). */
+export const sshTunnelSchema = {
+  type: 'object',
+  required: ['host', 'user', 'privateKeySecretRef', 'hostKey'],
+  additionalProperties: false,
+  properties: {
+    host: { type: 'string', minLength: 1, maxLength: 253 },
+    port: { ...portSchema, default: 22 },
+    user: { type: 'string', minLength: 1, maxLength: 64 },
+    privateKeySecretRef: {
+      type: 'object',
+      required: ['name'],
+      additionalProperties: false,
+      properties: {
+        name: secretNameSchema,
+        key: { ...secretKeySchema, default: 'ssh-privatekey' },
+      },
+    },
+    hostKey: {
+      type: 'string',
+      maxLength: 8192,
+      description: 'The bastion\'s host key: a known_hosts key ("ssh-ed25519 AAAA...") or a "SHA256:..." fingerprint.',
+      'x-kubernetes-validations': [{
+        rule: `self.matches('${HOST_KEY_PATTERN}')`,
+        message: 'hostKey must be a known_hosts key ("ssh-ed25519 AAAA...") or an OpenSSH fingerprint ("SHA256:" + 43 base64 characters)',
+      }],
+    },
+  },
+} as const;
+
+/** A workload (or label selector) whose pods draw on the connection, and how its share is computed. */
+export const consumerSchema = {
+  type: 'object',
+  required: ['name'],
+  additionalProperties: false,
+  properties: {
+    name: { type: 'string', minLength: 1, maxLength: 63, pattern: dnsLabelPattern },
+    workloadRef: {
+      type: 'object',
+      required: ['kind', 'name'],
+      additionalProperties: false,
+      properties: {
+        kind: { type: 'string', enum: ['Deployment', 'StatefulSet'] },
+        name: { type: 'string', minLength: 1, maxLength: 253 },
+      },
+    },
+    selector: labelSelectorSchema,
+    weight: { type: 'integer', minimum: 1, maximum: 1000, default: 1, description: 'Relative share of each pod of this consumer.' },
+    minPerPod: { type: 'integer', minimum: 0, maximum: 10000, default: 1, description: 'Connections every pod needs; more pods than the limit allows is Oversubscribed.' },
+    maxPerPod: { type: 'integer', minimum: 0, maximum: 10000, description: 'Upper bound of a pod\'s budget (>= minPerPod).' },
+    processesPerPod: { type: 'integer', minimum: 1, maximum: 1024, default: 1, description: 'Worker processes per pod sharing its budget (gunicorn, Celery prefork).' },
+  },
+  'x-kubernetes-validations': [
+    { rule: 'has(self.workloadRef) != has(self.selector)', message: 'exactly one of workloadRef or selector must be set' },
+    { rule: '!has(self.maxPerPod) || self.maxPerPod >= (has(self.minPerPod) ? self.minPerPod : 1)', message: 'maxPerPod must be >= minPerPod', fieldPath: '.maxPerPod' },
+  ],
+} as const;
+
+/** Pool settings, named after SQLAlchemy's where they mean the same. */
+export const poolSchema = {
+  type: 'object',
+  additionalProperties: false,
+  properties: {
+    mode: { type: 'string', enum: POOL_MODES, default: 'transaction' },
+    poolTimeout: { type: 'integer', minimum: 1, maximum: 86400, default: 30, description: 'Seconds a client waits for a server connection (pool_timeout); > 0.' },
+    poolRecycle: {
+      type: 'integer', minimum: -1, maximum: 604800, default: 3600,
+      description: 'Seconds a server connection lives (pool_recycle); -1 never.',
+      'x-kubernetes-validations': [{ rule: 'self == -1 || self > 0', message: 'poolRecycle must be -1 (never) or > 0 seconds' }],
+    },
+    poolPrePing: { type: 'boolean', default: false, description: 'Check a connection that sat idle before use (pool_pre_ping).' },
+    idleTimeout: { type: 'integer', minimum: 1, maximum: 604800, default: 600, description: 'Seconds an idle server connection is kept.' },
+  },
+} as const;
+
+/** Settings of the injected sidecar. */
+export const sidecarSchema = {
+  type: 'object',
+  additionalProperties: false,
+  properties: {
+    port: { ...portSchema, default: 6432, description: '127.0.0.1 port the sidecar listens on in the pod.' },
+    drainTimeout: { type: 'integer', minimum: 0, maximum: 3600, default: 30, description: 'Seconds in-flight transactions get on SIGTERM.' },
+  },
+} as const;
+
+/** DatabaseConnection spec. */
+export const databaseConnectionSpecSchema = {
+  type: 'object',
+  required: ['database', 'consumers'],
+  additionalProperties: false,
+  properties: {
+    database: databaseSchema,
+    sshTunnel: sshTunnelSchema,
+    maxConnections: {
+      'x-kubernetes-int-or-string': true,
+      anyOf: [{ type: 'integer' }, { type: 'string' }],
+      default: 'auto',
+      description: 'The server\'s limit: an integer >= 1, or "auto" for SHOW max_connections minus reserved slots.',
+      'x-kubernetes-validations': [{ rule: 'type(self) == int ? self >= 1 : self == \'auto\'', message: 'maxConnections must be an integer >= 1 or "auto"' }],
+    },
+    reserve: {
+      'x-kubernetes-int-or-string': true,
+      anyOf: [{ type: 'integer' }, { type: 'string' }],
+      default: '15%',
+      description: 'Connections kept free for admin, replication and migrations: an integer >= 0, or a percent "0%".."90%".',
+      'x-kubernetes-validations': [{ rule: `type(self) == int ? self >= 0 : self.matches('${RESERVE_PERCENT_PATTERN}')`, message: 'reserve must be an integer >= 0 or a percent from "0%" to "90%"' }],
+    },
+    budgetStrategy: { type: 'string', enum: BUDGET_STRATEGIES, default: 'Dynamic' },
+    consumers: {
+      type: 'array',
+      minItems: 1,
+      maxItems: 32,
+      'x-kubernetes-list-type': 'map',
+      'x-kubernetes-list-map-keys': ['name'],
+      items: consumerSchema,
+    },
+    pool: { ...poolSchema, default: {} },
+    sidecar: { ...sidecarSchema, default: {} },
+  },
+} as const;
+
+/** DatabaseConnection status, written by the controller only. */
+export const databaseConnectionStatusSchema = {
+  type: 'object',
+  additionalProperties: false,
+  properties: {
+    observedGeneration: { type: 'integer', format: 'int64', minimum: 0 },
+    conditions: conditionsSchema,
+    limit: {
+      type: 'object',
+      additionalProperties: false,
+      properties: {
+        discovered: { type: 'integer', minimum: 0, description: 'The server\'s limit before the reserve (maxConnections, or what "auto" read).' },
+        reserve: { type: 'integer', minimum: 0 },
+        effective: { type: 'integer', minimum: 0, description: 'The limit shared by all DatabaseConnections on this server.' },
+        shared: { type: 'integer', minimum: 1, description: 'DatabaseConnections on the same server (host and port).' },
+      },
+    },
+    allocated: { type: 'integer', minimum: 0, description: 'Sum over this connection\'s pods of max(granted, acknowledged).' },
+    pods: { type: 'integer', minimum: 0 },
+    perPodBudget: { type: 'string', maxLength: 1024, description: 'Per-pod budgets by consumer for printing, e.g. "web=4 worker=2".' },
+    consumers: {
+      type: 'array',
+      maxItems: 32,
+      'x-kubernetes-list-type': 'map',
+      'x-kubernetes-list-map-keys': ['name'],
+      items: {
+        type: 'object',
+        required: ['name', 'pods', 'perPodBudget', 'perProcessBudget'],
+        additionalProperties: false,
+        properties: {
+          name: { type: 'string' },
+          pods: { type: 'integer', minimum: 0 },
+          perPodBudget: { type: 'integer', minimum: 0 },
+          perProcessBudget: { type: 'integer', minimum: 0 },
+        },
+      },
+    },
+    credentialsGeneration: { type: 'string', maxLength: 64 },
+  },
+} as const;
+
+/** The CRD's openAPIV3Schema. */
+export const databaseConnectionSchema = {
+  type: 'object',
+  required: ['spec'],
+  properties: {
+    apiVersion: { type: 'string' },
+    kind: { type: 'string' },
+    metadata: { type: 'object' },
+    spec: databaseConnectionSpecSchema,
+    status: databaseConnectionStatusSchema,
+  },
+} as const;
+
+/** DatabaseConnection spec as read from the API server (defaults filled in). */
+export type DatabaseConnectionSpec = FromSchema<typeof databaseConnectionSpecSchema>;
+
+/** DatabaseConnection spec as written by a user (defaulted fields optional). */
+export type DatabaseConnectionSpecInput = FromSchema<typeof databaseConnectionSpecSchema, { keepDefaultedPropertiesOptional: true }>;
+
+/** DatabaseConnection status. */
+export type DatabaseConnectionStatus = FromSchema<typeof databaseConnectionStatusSchema>;
+
+/** One consumer entry of the spec. */
+export type Consumer = DatabaseConnectionSpec['consumers'][number];
+
+/** A DatabaseConnection object. */
+export interface DatabaseConnection {
+  apiVersion: 'poolkeeper.dev/v1alpha1';
+  kind: 'DatabaseConnection';
+  metadata: V1ObjectMeta;
+  spec: DatabaseConnectionSpec;
+  status?: DatabaseConnectionStatus;
+}

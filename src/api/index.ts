@@ -1,0 +1,9 @@
+/**
+ * poolkeeper's API: the DatabaseConnection and PoolMember schemas, their
+ * inferred types and the CRDs generated from them.
+ */
+export * from './group.ts';
+export * from './common.ts';
+export * from './databaseconnection.ts';
+export * from './poolmember.ts';
+export * from './crds.ts';

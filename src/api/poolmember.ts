@@ -1,0 +1,121 @@
+/**
+ * PoolMember (poolkeeper.dev/v1alpha1): one per pod, the channel between the
+ * controller (writes spec: the grant) and the pod's sidecar (writes status: its
+ * acknowledgement). See docs/protocol.md. Single source of truth for
+ * crds/poolmember.yaml and the TypeScript types.
+ */
+import type { FromSchema } from 'json-schema-to-ts';
+import type { V1ObjectMeta } from '@kubernetes/client-node';
+import { HOST_KEY_PATTERN, POOL_MODES, SSL_MODES } from './databaseconnection.ts';
+
+const portSchema = { type: 'integer', minimum: 1, maximum: 65535 } as const;
+const credentialsGenerationSchema = { type: 'string', maxLength: 64, pattern: '^[0-9a-f]*$' } as const;
+
+/** What the controller allows the pod: `connections` server connections, versioned by `generation`. */
+export const grantSchema = {
+  type: 'object',
+  required: ['connections', 'generation'],
+  additionalProperties: false,
+  properties: {
+    connections: { type: 'integer', minimum: 0, description: 'Server connections this pod may hold from now on.' },
+    generation: { type: 'integer', format: 'int64', minimum: 0, description: 'Increases with every change of connections.' },
+  },
+} as const;
+
+/** PoolMember spec, written by the controller only. */
+export const poolMemberSpecSchema = {
+  type: 'object',
+  required: ['connection', 'grant', 'processesPerPod', 'database', 'pool'],
+  additionalProperties: false,
+  properties: {
+    connection: { type: 'string', minLength: 1, maxLength: 253, description: 'Name of the DatabaseConnection in this namespace.' },
+    grant: grantSchema,
+    processesPerPod: { type: 'integer', minimum: 1, default: 1 },
+    credentialsGeneration: credentialsGenerationSchema,
+    database: {
+      type: 'object',
+      required: ['host', 'port', 'dbname', 'sslMode'],
+      additionalProperties: false,
+      properties: {
+        host: { type: 'string', minLength: 1, maxLength: 253 },
+        port: portSchema,
+        dbname: { type: 'string', minLength: 1, maxLength: 63 },
+        sslMode: { type: 'string', enum: SSL_MODES },
+      },
+    },
+    sshTunnel: {
+      type: 'object',
+      required: ['host', 'port', 'user', 'hostKey'],
+      additionalProperties: false,
+      properties: {
+        host: { type: 'string', minLength: 1, maxLength: 253 },
+        port: portSchema,
+        user: { type: 'string', minLength: 1, maxLength: 64 },
+        hostKey: { type: 'string', maxLength: 8192, pattern: HOST_KEY_PATTERN },
+      },
+    },
+    pool: {
+      type: 'object',
+      required: ['mode', 'poolTimeout', 'poolRecycle', 'poolPrePing', 'idleTimeout'],
+      additionalProperties: false,
+      properties: {
+        mode: { type: 'string', enum: POOL_MODES },
+        poolTimeout: { type: 'integer', minimum: 1 },
+        poolRecycle: { type: 'integer', minimum: -1 },
+        poolPrePing: { type: 'boolean' },
+        idleTimeout: { type: 'integer', minimum: 1 },
+      },
+    },
+    drain: { type: 'boolean', default: false, description: 'true: the controller asks the sidecar to give everything back.' },
+  },
+} as const;
+
+/** PoolMember status, written by the pod's sidecar only. */
+export const poolMemberStatusSchema = {
+  type: 'object',
+  additionalProperties: false,
+  properties: {
+    acknowledgedGeneration: { type: 'integer', format: 'int64', minimum: 0, description: 'The grant.generation whose limit the sidecar now holds.' },
+    acknowledgedConnections: { type: 'integer', minimum: 0, description: 'spec.grant.connections of that generation.' },
+    heldConnections: { type: 'integer', minimum: 0, description: 'Server connections open right now.' },
+    credentialsGeneration: credentialsGenerationSchema,
+    draining: { type: 'boolean' },
+    drained: { type: 'boolean', description: 'Holds 0 server connections and will open none.' },
+    heartbeatTime: { type: 'string', format: 'date-time' },
+    sidecarVersion: { type: 'string', maxLength: 64 },
+  },
+} as const;
+
+/** The CRD's openAPIV3Schema. */
+export const poolMemberSchema = {
+  type: 'object',
+  required: ['spec'],
+  properties: {
+    apiVersion: { type: 'string' },
+    kind: { type: 'string' },
+    metadata: { type: 'object' },
+    spec: poolMemberSpecSchema,
+    status: poolMemberStatusSchema,
+  },
+} as const;
+
+/** PoolMember spec as read from the API server (defaults filled in). */
+export type PoolMemberSpec = FromSchema<typeof poolMemberSpecSchema>;
+
+/** PoolMember spec as written (defaulted fields optional). */
+export type PoolMemberSpecInput = FromSchema<typeof poolMemberSpecSchema, { keepDefaultedPropertiesOptional: true }>;
+
+/** PoolMember status. */
+export type PoolMemberStatus = FromSchema<typeof poolMemberStatusSchema>;
+
+/** A grant: connections and its generation. */
+export type Grant = FromSchema<typeof grantSchema>;
+
+/** A PoolMember object. */
+export interface PoolMember {
+  apiVersion: 'poolkeeper.dev/v1alpha1';
+  kind: 'PoolMember';
+  metadata: V1ObjectMeta;
+  spec: PoolMemberSpec;
+  status?: PoolMemberStatus;
+}

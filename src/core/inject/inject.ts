@@ -1,0 +1,309 @@
+/**
+ * What to add to a Pod that opts into poolkeeper: a pure function from the
+ * Pod, its DatabaseConnection and the injector's settings to a JSON Patch,
+ * warnings and coded errors (all collected, none thrown).
+ *
+ * Convergent rather than one-shot: every piece (annotation, env var, volume,
+ * sidecar, grace period) is added only when missing, so running the function
+ * on its own output yields an empty patch, and a reinvocation after another
+ * webhook added a container only fills in that container's env.
+ */
+import { poolSizeHint, resolveConsumer } from './consumer.ts';
+import { jsonEqual, pointer } from './json-patch.ts';
+import {
+  CONNECTION_LABEL, CONSUMER_ANNOTATION, CREDENTIALS_DIR, CREDENTIALS_VOLUME_NAME, INJECTED_ANNOTATION, INJECT_ANNOTATION,
+  SIDECAR_CONTAINER_NAME, SSH_KEY_DIR, SSH_KEY_FILE, SSH_KEY_VOLUME_NAME,
+  type ContainerLike, type EnvVar, type InjectableConnection, type InjectionError, type InjectionResult, type InjectorSettings,
+  type JsonPatchOperation, type PodLike, type ResourceQuantities, type VolumeLike,
+} from './model.ts';
+
+/** Port names on the sidecar; probes refer to the admin port by name. */
+export const LISTEN_PORT_NAME = 'pk-postgres';
+/** Name of the sidecar's admin port. */
+export const ADMIN_PORT_NAME = 'pk-admin';
+/** Kubernetes' default when a pod does not set terminationGracePeriodSeconds. */
+const DEFAULT_TERMINATION_GRACE_SECONDS = 30;
+
+/** Input of computeInjection. */
+export interface InjectionInput {
+  pod: PodLike;
+  connection: InjectableConnection;
+  settings: InjectorSettings;
+}
+
+/** The DatabaseConnection name a pod opts into, or undefined. */
+export function connectionNameOf(pod: PodLike): string | undefined {
+  const name = pod.metadata?.labels?.[CONNECTION_LABEL];
+  return name === undefined || name === '' ? undefined : name;
+}
+
+/** True if the pod opted in and did not opt out with `poolkeeper.dev/inject: "false"`. */
+export function podWantsInjection(pod: PodLike): boolean {
+  return connectionNameOf(pod) !== undefined && pod.metadata?.annotations?.[INJECT_ANNOTATION] !== 'false';
+}
+
+/** The sidecar container if the pod has one (native or plain). */
+export function findSidecar(pod: PodLike): { container: ContainerLike; native: boolean } | undefined {
+  const init = pod.spec?.initContainers?.find((c) => c.name === SIDECAR_CONTAINER_NAME);
+  if (init) return { container: init, native: true };
+  const plain = pod.spec?.containers.find((c) => c.name === SIDECAR_CONTAINER_NAME);
+  return plain ? { container: plain, native: false } : undefined;
+}
+
+/** Native sidecars (initContainers with restartPolicy Always) are on by default from Kubernetes 1.29. */
+export function nativeSidecarsSupported(version: { major: string | number; minor: string | number }): boolean {
+  const major = Number.parseInt(String(version.major), 10);
+  const minor = Number.parseInt(String(version.minor), 10); // "29+" on some distributions
+  return major > 1 || (major === 1 && minor >= 29);
+}
+
+function validPort(port: unknown): port is number {
+  return Number.isInteger(port) && (port as number) >= 1 && (port as number) <= 65535;
+}
+
+function quantities(q: ResourceQuantities): Record<string, string> {
+  const out: Record<string, string> = {};
+  if (q.cpu) out.cpu = q.cpu;
+  if (q.memory) out.memory = q.memory;
+  return out;
+}
+
+interface Derived {
+  connectionName: string;
+  listenPort: number;
+  drainTimeout: number;
+  usernameKey: string;
+  passwordKey: string;
+}
+
+function appEnv(connection: InjectableConnection, derived: Derived, poolSize: number): EnvVar[] {
+  const { dbname, credentialsSecretRef } = connection.spec.database;
+  return [
+    { name: 'PGHOST', value: '127.0.0.1' },
+    { name: 'PGPORT', value: String(derived.listenPort) },
+    { name: 'PGDATABASE', value: dbname },
+    // Only the username reaches the app; the password stays in the sidecar's volume.
+    { name: 'PGUSER', valueFrom: { secretKeyRef: { name: credentialsSecretRef.name, key: derived.usernameKey } } },
+    { name: 'PGSSLMODE', value: 'disable' },
+    // $(PGUSER) is expanded by the kubelet from the variable defined just before.
+    { name: 'DATABASE_URL', value: `postgresql://$(PGUSER)@127.0.0.1:${derived.listenPort}/${encodeURIComponent(dbname)}` },
+    { name: 'POOLKEEPER_POOL_SIZE', value: String(poolSize) },
+  ];
+}
+
+function sidecarVolumes(connection: InjectableConnection, derived: Derived): VolumeLike[] {
+  const volumes: VolumeLike[] = [{
+    name: CREDENTIALS_VOLUME_NAME,
+    secret: {
+      secretName: connection.spec.database.credentialsSecretRef.name,
+      items: [{ key: derived.usernameKey, path: 'username' }, { key: derived.passwordKey, path: 'password' }],
+      // World-readable inside the volume: only the sidecar mounts it, and it runs as a non-root UID without fsGroup.
+      defaultMode: 0o444,
+    },
+  }];
+  const tunnel = connection.spec.sshTunnel;
+  if (tunnel) {
+    volumes.push({
+      name: SSH_KEY_VOLUME_NAME,
+      secret: { secretName: tunnel.privateKeySecretRef.name, items: [{ key: tunnel.privateKeySecretRef.key ?? 'ssh-privatekey', path: SSH_KEY_FILE }], defaultMode: 0o444 },
+    });
+  }
+  return volumes;
+}
+
+function sidecarContainer(connection: InjectableConnection, settings: InjectorSettings, derived: Derived): ContainerLike {
+  const fieldEnv = (name: string, fieldPath: string): EnvVar => ({ name, valueFrom: { fieldRef: { fieldPath } } });
+  const env: EnvVar[] = [
+    fieldEnv('POOLKEEPER_POD_NAME', 'metadata.name'),
+    fieldEnv('POOLKEEPER_POD_NAMESPACE', 'metadata.namespace'),
+    fieldEnv('POOLKEEPER_POD_UID', 'metadata.uid'),
+    { name: 'POOLKEEPER_CONNECTION', value: derived.connectionName },
+    { name: 'POOLKEEPER_LISTEN_PORT', value: String(derived.listenPort) },
+    { name: 'POOLKEEPER_ADMIN_PORT', value: String(settings.adminPort) },
+    { name: 'POOLKEEPER_DRAIN_TIMEOUT', value: String(derived.drainTimeout) },
+    { name: 'POOLKEEPER_CREDENTIALS_DIR', value: CREDENTIALS_DIR },
+  ];
+  const volumeMounts = [{ name: CREDENTIALS_VOLUME_NAME, mountPath: CREDENTIALS_DIR, readOnly: true }];
+  if (connection.spec.sshTunnel) {
+    env.push({ name: 'POOLKEEPER_SSH_KEY_DIR', value: SSH_KEY_DIR });
+    volumeMounts.push({ name: SSH_KEY_VOLUME_NAME, mountPath: SSH_KEY_DIR, readOnly: true });
+  }
+  const probe = (path: string, periodSeconds: number, failureThreshold: number): Record<string, unknown> => ({
+    httpGet: { path, port: ADMIN_PORT_NAME, scheme: 'HTTP' }, periodSeconds, failureThreshold, timeoutSeconds: 2,
+  });
+  const resources: Record<string, Record<string, string>> = {};
+  const requests = quantities(settings.resources.requests);
+  const limits = quantities(settings.resources.limits);
+  if (Object.keys(requests).length > 0) resources.requests = requests;
+  if (Object.keys(limits).length > 0) resources.limits = limits;
+  const container: ContainerLike = {
+    name: SIDECAR_CONTAINER_NAME,
+    image: settings.sidecarImage,
+    args: ['sidecar'],
+    ports: [
+      { name: LISTEN_PORT_NAME, containerPort: derived.listenPort, protocol: 'TCP' },
+      { name: ADMIN_PORT_NAME, containerPort: settings.adminPort, protocol: 'TCP' },
+    ],
+    env,
+    volumeMounts,
+    resources,
+    securityContext: {
+      runAsNonRoot: true,
+      runAsUser: settings.runAsUser,
+      runAsGroup: settings.runAsUser,
+      readOnlyRootFilesystem: true,
+      allowPrivilegeEscalation: false,
+      capabilities: { drop: ['ALL'] },
+      seccompProfile: { type: 'RuntimeDefault' },
+    },
+    startupProbe: probe(settings.probePaths.startup, 1, 30),
+    readinessProbe: probe(settings.probePaths.readiness, 5, 3),
+    livenessProbe: probe(settings.probePaths.liveness, 10, 3),
+    terminationMessagePolicy: 'FallbackToLogsOnError',
+  };
+  if (settings.imagePullPolicy) container.imagePullPolicy = settings.imagePullPolicy;
+  if (settings.nativeSidecars) container.restartPolicy = 'Always';
+  return container;
+}
+
+function checkConnection(connection: InjectableConnection, settings: InjectorSettings, errors: InjectionError[]): Derived | undefined {
+  const database = connection.spec?.database;
+  const connectionName = connection.metadata?.name ?? '';
+  if (!database?.credentialsSecretRef?.name) errors.push({ code: 'InvalidConnection', message: 'spec.database.credentialsSecretRef.name is required' });
+  if (!database?.dbname) errors.push({ code: 'InvalidConnection', message: 'spec.database.dbname is required' });
+  if (!Array.isArray(connection.spec?.consumers)) errors.push({ code: 'InvalidConnection', message: 'spec.consumers must be a list' });
+  const tunnel = connection.spec?.sshTunnel;
+  if (tunnel && !tunnel.privateKeySecretRef?.name) errors.push({ code: 'InvalidConnection', message: 'spec.sshTunnel.privateKeySecretRef.name is required with a tunnel' });
+  const listenPort = connection.spec?.sidecar?.port ?? settings.defaultListenPort;
+  if (!validPort(listenPort)) errors.push({ code: 'InvalidConnection', message: `spec.sidecar.port ${String(listenPort)} is not a TCP port` });
+  if (!validPort(settings.adminPort)) errors.push({ code: 'InvalidConnection', message: `sidecar admin port ${String(settings.adminPort)} is not a TCP port` });
+  if (listenPort === settings.adminPort) errors.push({ code: 'PortConflict', message: `spec.sidecar.port ${listenPort} is the sidecar's admin port; choose another` });
+  const drainTimeout = connection.spec?.sidecar?.drainTimeout ?? settings.defaultDrainTimeoutSeconds;
+  if (!Number.isInteger(drainTimeout) || drainTimeout < 0) errors.push({ code: 'InvalidConnection', message: `spec.sidecar.drainTimeout ${String(drainTimeout)} is not a whole number of seconds` });
+  if (errors.length > 0 || !database) return undefined;
+  return {
+    connectionName,
+    listenPort,
+    drainTimeout,
+    usernameKey: database.credentialsSecretRef.usernameKey ?? 'username',
+    passwordKey: database.credentialsSecretRef.passwordKey ?? 'password',
+  };
+}
+
+function checkPorts(pod: PodLike, settings: InjectorSettings, derived: Derived, errors: InjectionError[]): void {
+  const own = new Map<number, string>([[derived.listenPort, 'listen'], [settings.adminPort, 'admin']]);
+  const ownNames = new Set([LISTEN_PORT_NAME, ADMIN_PORT_NAME]);
+  const others = [...(pod.spec?.initContainers ?? []), ...(pod.spec?.containers ?? [])].filter((c) => c.name !== SIDECAR_CONTAINER_NAME);
+  for (const container of others) {
+    for (const port of container.ports ?? []) {
+      const role = own.get(port.containerPort);
+      if (role !== undefined && (port.protocol ?? 'TCP') === 'TCP') {
+        errors.push({ code: 'PortConflict', message: `container ${container.name} declares port ${port.containerPort}, which the sidecar needs as its ${role} port` });
+      }
+      if (port.name !== undefined && ownNames.has(port.name)) {
+        errors.push({ code: 'PortNameConflict', message: `container ${container.name} declares a port named ${port.name}, reserved for the sidecar` });
+      }
+    }
+  }
+}
+
+/** Adds annotation `key` unless present, creating `/metadata/annotations` when needed. */
+function annotationOps(pod: PodLike, wanted: Record<string, string>): JsonPatchOperation[] {
+  const existing = pod.metadata?.annotations;
+  const missing = Object.entries(wanted).filter(([key]) => existing?.[key] === undefined);
+  if (missing.length === 0) return [];
+  if (!pod.metadata) return [{ op: 'add', path: '/metadata', value: { annotations: Object.fromEntries(missing) } }];
+  if (!existing) return [{ op: 'add', path: '/metadata/annotations', value: Object.fromEntries(missing) }];
+  return missing.map(([key, value]) => ({ op: 'add', path: pointer('metadata', 'annotations', key), value }));
+}
+
+function envOps(list: 'containers' | 'initContainers', index: number, container: ContainerLike, wanted: EnvVar[], reportConflicts: boolean, warnings: string[]): JsonPatchOperation[] {
+  const existing = container.env;
+  const toAdd: EnvVar[] = [];
+  for (const variable of wanted) {
+    const current = existing?.find((e) => e.name === variable.name);
+    if (!current) {
+      toAdd.push(variable);
+    } else if (reportConflicts && !jsonEqual(current, variable)) {
+      warnings.push(`container ${container.name}: kept its own ${variable.name}; poolkeeper would set ${variable.value ?? 'it from the credentials Secret'}`);
+    }
+  }
+  if (reportConflicts && toAdd.length > 0 && (container.envFrom?.length ?? 0) > 0) {
+    warnings.push(`container ${container.name} uses envFrom: poolkeeper's ${toAdd.map((e) => e.name).join(', ')} take precedence over same-named keys there`);
+  }
+  if (toAdd.length === 0) return [];
+  if (!existing) return [{ op: 'add', path: pointer('spec', list, index, 'env'), value: toAdd }];
+  return toAdd.map((value) => ({ op: 'add', path: pointer('spec', list, index, 'env', '-'), value }));
+}
+
+/**
+ * Computes the JSON Patch that injects the poolkeeper sidecar into `pod`.
+ * Returns `skipped` for pods that did not opt in, an empty patch for pods
+ * that already have everything, and errors (with no patch) when the pod
+ * cannot be injected safely.
+ */
+export function computeInjection({ pod, connection, settings }: InjectionInput): InjectionResult {
+  const warnings: string[] = [];
+  const errors: InjectionError[] = [];
+  if (connectionNameOf(pod) === undefined) return { skipped: 'NotOptedIn', patch: [], warnings, errors };
+  if (!podWantsInjection(pod)) return { skipped: 'OptedOut', patch: [], warnings, errors };
+  if (!pod.spec || !Array.isArray(pod.spec.containers)) {
+    return { patch: [], warnings, errors: [{ code: 'InvalidPod', message: 'pod has no spec.containers' }] };
+  }
+  const derived = checkConnection(connection, settings, errors);
+  if (!derived) return { patch: [], warnings, errors };
+
+  const existingSidecar = findSidecar(pod);
+  if (!existingSidecar) checkPorts(pod, settings, derived, errors);
+  const volumes = sidecarVolumes(connection, derived);
+  if (!existingSidecar) {
+    for (const volume of volumes) {
+      const clash = pod.spec.volumes?.find((v) => v.name === volume.name);
+      if (clash) errors.push({ code: 'VolumeConflict', message: `pod already has a volume named ${volume.name}, reserved for the sidecar` });
+    }
+  }
+
+  const consumer = resolveConsumer(connection, pod);
+  if (!consumer) warnings.push(`pod matches no consumer of DatabaseConnection ${derived.connectionName}: it gets no connection budget until one selects it`);
+  if (pod.spec.hostNetwork === true) warnings.push(`pod uses hostNetwork: the sidecar's ports ${derived.listenPort} and ${settings.adminPort} are the node's and may clash with other pods`);
+  if (pod.spec.automountServiceAccountToken === false) warnings.push('pod sets automountServiceAccountToken: false; the sidecar needs a token to read its PoolMember');
+  if (errors.length > 0) return { patch: [], warnings, errors, ...(consumer ? { consumer: consumer.name } : {}) };
+
+  // Values differing on a pod we already injected are ours from an earlier pass, not the user's.
+  const reportConflicts = pod.metadata?.annotations?.[INJECTED_ANNOTATION] === undefined;
+  const sidecarNative = existingSidecar ? existingSidecar.native : settings.nativeSidecars;
+  const patch: JsonPatchOperation[] = [];
+
+  const annotations: Record<string, string> = { [INJECTED_ANNOTATION]: settings.version };
+  if (consumer) annotations[CONSUMER_ANNOTATION] = consumer.name;
+  patch.push(...annotationOps(pod, annotations));
+
+  // Env first: the sidecar insertion at initContainers/0 shifts the indices after it.
+  const wantedEnv = appEnv(connection, derived, poolSizeHint(connection, consumer));
+  pod.spec.containers.forEach((container, index) => {
+    if (container.name !== SIDECAR_CONTAINER_NAME) patch.push(...envOps('containers', index, container, wantedEnv, reportConflicts, warnings));
+  });
+  if (sidecarNative) {
+    // A native sidecar starts before regular init containers, so migrations can use it too.
+    pod.spec.initContainers?.forEach((container, index) => {
+      if (container.name !== SIDECAR_CONTAINER_NAME && container.restartPolicy !== 'Always') {
+        patch.push(...envOps('initContainers', index, container, wantedEnv, reportConflicts, warnings));
+      }
+    });
+  }
+
+  const wantedGrace = derived.drainTimeout + settings.terminationMarginSeconds;
+  const currentGrace = pod.spec.terminationGracePeriodSeconds ?? DEFAULT_TERMINATION_GRACE_SECONDS;
+  if (currentGrace < wantedGrace) patch.push({ op: 'add', path: '/spec/terminationGracePeriodSeconds', value: wantedGrace });
+
+  if (!existingSidecar) {
+    if (!pod.spec.volumes) patch.push({ op: 'add', path: '/spec/volumes', value: volumes });
+    else for (const volume of volumes) patch.push({ op: 'add', path: '/spec/volumes/-', value: volume });
+    const sidecar = sidecarContainer(connection, settings, derived);
+    if (!settings.nativeSidecars) patch.push({ op: 'add', path: '/spec/containers/-', value: sidecar });
+    else if (!pod.spec.initContainers) patch.push({ op: 'add', path: '/spec/initContainers', value: [sidecar] });
+    else patch.push({ op: 'add', path: '/spec/initContainers/0', value: sidecar });
+  }
+
+  return { patch, warnings, errors, ...(consumer ? { consumer: consumer.name } : {}) };
+}

@@ -1,0 +1,222 @@
+/**
+ * The data the injector works on: just enough of a Pod and of a
+ * DatabaseConnection (field names from docs/api.md) to decide what to add,
+ * plus the injector's settings. Kept structural so that both the generated
+ * client-node types and plain JSON from an AdmissionReview fit.
+ */
+
+/** Label on a pod (template) that opts it in; its value names the DatabaseConnection. */
+export const CONNECTION_LABEL = 'poolkeeper.dev/connection';
+/** Annotation stamped on an injected pod; its value is the injector version. */
+export const INJECTED_ANNOTATION = 'poolkeeper.dev/injected';
+/** Annotation naming the consumer of the DatabaseConnection the pod was matched to. */
+export const CONSUMER_ANNOTATION = 'poolkeeper.dev/consumer';
+/** Annotation `"false"` on a labelled pod turns injection off for that pod. */
+export const INJECT_ANNOTATION = 'poolkeeper.dev/inject';
+/** Name of the injected container. */
+export const SIDECAR_CONTAINER_NAME = 'poolkeeper-sidecar';
+/** Volume holding the database credentials (sidecar only). */
+export const CREDENTIALS_VOLUME_NAME = 'poolkeeper-credentials';
+/** Volume holding the SSH tunnel private key (sidecar only). */
+export const SSH_KEY_VOLUME_NAME = 'poolkeeper-ssh-key';
+/** Where the sidecar finds `username` and `password`. */
+export const CREDENTIALS_DIR = '/var/run/poolkeeper/credentials';
+/** Where the sidecar finds the SSH private key (file `ssh-privatekey`). */
+export const SSH_KEY_DIR = '/var/run/poolkeeper/ssh';
+/** File name of the SSH private key inside SSH_KEY_DIR. */
+export const SSH_KEY_FILE = 'ssh-privatekey';
+
+/** A name/value environment variable, or one read from elsewhere. */
+export interface EnvVar {
+  name: string;
+  value?: string;
+  valueFrom?: unknown;
+}
+
+/** A declared container port. */
+export interface ContainerPort {
+  containerPort: number;
+  name?: string;
+  protocol?: string;
+  hostPort?: number;
+}
+
+/** The parts of a container the injector reads. */
+export interface ContainerLike {
+  name: string;
+  image?: string;
+  env?: EnvVar[];
+  envFrom?: unknown[];
+  ports?: ContainerPort[];
+  restartPolicy?: string;
+  [key: string]: unknown;
+}
+
+/** A pod volume. */
+export interface VolumeLike {
+  name: string;
+  [key: string]: unknown;
+}
+
+/** Owner reference of a pod. */
+export interface OwnerReference {
+  apiVersion?: string;
+  kind: string;
+  name: string;
+  uid?: string;
+  controller?: boolean;
+}
+
+/** The parts of a Pod the injector and the repair check read. */
+export interface PodLike {
+  metadata?: {
+    name?: string;
+    generateName?: string;
+    namespace?: string;
+    labels?: Record<string, string>;
+    annotations?: Record<string, string>;
+    ownerReferences?: OwnerReference[];
+    creationTimestamp?: string | Date;
+    deletionTimestamp?: string | Date;
+    [key: string]: unknown;
+  };
+  spec?: {
+    containers: ContainerLike[];
+    initContainers?: ContainerLike[];
+    volumes?: VolumeLike[];
+    terminationGracePeriodSeconds?: number;
+    hostNetwork?: boolean;
+    automountServiceAccountToken?: boolean;
+    [key: string]: unknown;
+  };
+  status?: { phase?: string; [key: string]: unknown };
+}
+
+/** A Kubernetes label selector. */
+export interface LabelSelector {
+  matchLabels?: Record<string, string>;
+  matchExpressions?: { key: string; operator: string; values?: string[] }[];
+}
+
+/** A consumer of a DatabaseConnection (docs/api.md). */
+export interface ConsumerSpec {
+  name: string;
+  workloadRef?: { kind: string; name: string };
+  selector?: LabelSelector;
+  weight?: number;
+  minPerPod?: number;
+  maxPerPod?: number;
+  processesPerPod?: number;
+}
+
+/**
+ * The fields of a DatabaseConnection the injector reads (docs/api.md). A
+ * structural subset: the full type from src/api is assignable to it.
+ */
+export interface InjectableConnection {
+  metadata?: { name?: string; namespace?: string };
+  spec: {
+    database: {
+      host: string;
+      port?: number;
+      dbname: string;
+      sslMode?: string;
+      credentialsSecretRef: { name: string; usernameKey?: string; passwordKey?: string };
+    };
+    sshTunnel?: {
+      host: string;
+      port?: number;
+      user: string;
+      privateKeySecretRef: { name: string; key?: string };
+      hostKey: string;
+    };
+    consumers: ConsumerSpec[];
+    sidecar?: { port?: number; drainTimeout?: number };
+  };
+  status?: {
+    consumers?: { name: string; pods?: number; perPodBudget?: number; perProcessBudget?: number }[];
+  };
+}
+
+/** Resource quantities as Kubernetes strings. */
+export interface ResourceQuantities {
+  cpu?: string;
+  memory?: string;
+}
+
+/** HTTP paths of the sidecar's admin endpoint used by the probes. */
+export interface ProbePaths {
+  readiness: string;
+  liveness: string;
+  startup: string;
+}
+
+/** How the injector builds the sidecar. */
+export interface InjectorSettings {
+  /** Version written into the `poolkeeper.dev/injected` annotation. */
+  version: string;
+  sidecarImage: string;
+  imagePullPolicy?: 'Always' | 'IfNotPresent' | 'Never';
+  /** Port of the sidecar's admin HTTP endpoint (health, metrics, live pool size). */
+  adminPort: number;
+  /** Used when the DatabaseConnection does not set spec.sidecar.port. */
+  defaultListenPort: number;
+  /** Used when the DatabaseConnection does not set spec.sidecar.drainTimeout. */
+  defaultDrainTimeoutSeconds: number;
+  /** Added to the drain timeout for the pod's terminationGracePeriodSeconds. */
+  terminationMarginSeconds: number;
+  resources: { requests: ResourceQuantities; limits: ResourceQuantities };
+  /** Kubernetes >= 1.29: the sidecar goes into initContainers with restartPolicy Always. */
+  nativeSidecars: boolean;
+  /** UID the sidecar runs as (the image's non-root user). */
+  runAsUser: number;
+  probePaths: ProbePaths;
+}
+
+/** Defaults for everything except the image and version. */
+export const DEFAULT_INJECTOR_SETTINGS: Omit<InjectorSettings, 'sidecarImage' | 'version'> = {
+  imagePullPolicy: 'IfNotPresent',
+  adminPort: 9436,
+  defaultListenPort: 6432,
+  defaultDrainTimeoutSeconds: 30,
+  terminationMarginSeconds: 5,
+  resources: { requests: { cpu: '50m', memory: '64Mi' }, limits: { memory: '128Mi' } },
+  nativeSidecars: true,
+  runAsUser: 65532,
+  probePaths: { readiness: '/readyz', liveness: '/livez', startup: '/livez' },
+};
+
+/** One RFC 6902 operation. */
+export type JsonPatchOperation =
+  | { op: 'add'; path: string; value: unknown }
+  | { op: 'replace'; path: string; value: unknown }
+  | { op: 'remove'; path: string }
+  | { op: 'test'; path: string; value: unknown };
+
+/** Why injection could not be done; codes are stable for tests and docs. */
+export type InjectionErrorCode =
+  | 'PortConflict'
+  | 'PortNameConflict'
+  | 'VolumeConflict'
+  | 'InvalidConnection'
+  | 'InvalidPod';
+
+/** A reason the pod cannot be injected. */
+export interface InjectionError {
+  code: InjectionErrorCode;
+  message: string;
+}
+
+/** What the injector decided. */
+export interface InjectionResult {
+  /** Why nothing was done, when nothing was to be done (not an error). */
+  skipped?: 'NotOptedIn' | 'OptedOut';
+  /** Empty when the pod already has everything (idempotence) or on errors. */
+  patch: JsonPatchOperation[];
+  /** Things the user should know; the pod is still injected. */
+  warnings: string[];
+  /** Non-empty: no patch is produced. */
+  errors: InjectionError[];
+  /** The consumer the pod was matched to, if any. */
+  consumer?: string;
+}

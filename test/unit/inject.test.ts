@@ -1,0 +1,339 @@
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import {
+  CREDENTIALS_DIR, DEFAULT_INJECTOR_SETTINGS, INJECTED_ANNOTATION, SIDECAR_CONTAINER_NAME,
+  applyJsonPatch, computeInjection, escapePointerToken, nativeSidecarsSupported, podNeedsRepair, pointer, poolSizeHint, repairVerdict, resolveConsumer,
+  type ContainerLike, type EnvVar, type InjectableConnection, type InjectorSettings, type PodLike,
+} from '../../src/core/inject/index.ts';
+
+const settings: InjectorSettings = { ...DEFAULT_INJECTOR_SETTINGS, sidecarImage: 'poolkeeper/poolkeeper:test', version: '0.1.0' };
+
+function connection(overrides: Partial<InjectableConnection['spec']> = {}, status?: InjectableConnection['status']): InjectableConnection {
+  return {
+    metadata: { name: 'orders-db', namespace: 'shop' },
+    spec: {
+      database: { host: 'db.internal', port: 5432, dbname: 'orders', credentialsSecretRef: { name: 'orders-creds' } },
+      consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' }, minPerPod: 4, processesPerPod: 2 }],
+      sidecar: { port: 6432, drainTimeout: 30 },
+      ...overrides,
+    },
+    ...(status ? { status } : {}),
+  };
+}
+
+function pod(overrides: { containers?: ContainerLike[]; initContainers?: ContainerLike[]; annotations?: Record<string, string>; labels?: Record<string, string> } = {}): PodLike {
+  const spec: NonNullable<PodLike['spec']> = { containers: overrides.containers ?? [{ name: 'app', image: 'app:1' }] };
+  if (overrides.initContainers) spec.initContainers = overrides.initContainers;
+  return {
+    metadata: {
+      generateName: 'web-5d8f7-',
+      namespace: 'shop',
+      labels: overrides.labels ?? { 'poolkeeper.dev/connection': 'orders-db', app: 'web', 'pod-template-hash': '5d8f7' },
+      ...(overrides.annotations ? { annotations: overrides.annotations } : {}),
+      ownerReferences: [{ apiVersion: 'apps/v1', kind: 'ReplicaSet', name: 'web-5d8f7', controller: true }],
+    },
+    spec,
+  };
+}
+
+function injected(p: PodLike, c = connection(), s = settings): PodLike {
+  const result = computeInjection({ pod: p, connection: c, settings: s });
+  assert.deepEqual(result.errors, []);
+  return applyJsonPatch(p, result.patch);
+}
+
+function envOf(container: ContainerLike | undefined): Record<string, EnvVar> {
+  return Object.fromEntries((container?.env ?? []).map((e) => [e.name, e]));
+}
+
+describe('inject: computeInjection', function () {
+  it('skips pods without the opt-in label and pods that opt out', function () {
+    assert.deepEqual(computeInjection({ pod: pod({ labels: { app: 'web' } }), connection: connection(), settings }), { skipped: 'NotOptedIn', patch: [], warnings: [], errors: [] });
+    const optedOut = computeInjection({ pod: pod({ annotations: { 'poolkeeper.dev/inject': 'false' } }), connection: connection(), settings });
+    assert.equal(optedOut.skipped, 'OptedOut');
+    assert.deepEqual(optedOut.patch, []);
+  });
+
+  it('adds a native sidecar, its secret volumes, app env, annotations and grace period to a bare pod', function () {
+    const result = computeInjection({ pod: pod(), connection: connection(), settings });
+    assert.deepEqual(result.errors, []);
+    assert.equal(result.consumer, 'web');
+    // Arrays and maps that do not exist yet are created whole, not appended to.
+    assert.ok(result.patch.some((op) => op.op === 'add' && op.path === '/spec/initContainers'));
+    assert.ok(result.patch.some((op) => op.op === 'add' && op.path === '/metadata/annotations'));
+    assert.ok(result.patch.some((op) => op.op === 'add' && op.path === '/spec/containers/0/env'));
+    const out = applyJsonPatch(pod(), result.patch);
+    const sidecar = out.spec!.initContainers![0]!;
+    assert.equal(sidecar.name, SIDECAR_CONTAINER_NAME);
+    assert.equal(sidecar.restartPolicy, 'Always');
+    assert.deepEqual(sidecar.args, ['sidecar']);
+    const sidecarEnv = envOf(sidecar);
+    assert.deepEqual(sidecarEnv.POOLKEEPER_POD_NAME?.valueFrom, { fieldRef: { fieldPath: 'metadata.name' } });
+    assert.deepEqual(sidecarEnv.POOLKEEPER_POD_NAMESPACE?.valueFrom, { fieldRef: { fieldPath: 'metadata.namespace' } });
+    assert.equal(sidecarEnv.POOLKEEPER_CONNECTION?.value, 'orders-db');
+    assert.equal(sidecarEnv.POOLKEEPER_LISTEN_PORT?.value, '6432');
+    assert.equal(sidecarEnv.POOLKEEPER_ADMIN_PORT?.value, String(settings.adminPort));
+    assert.equal(sidecarEnv.POOLKEEPER_CREDENTIALS_DIR?.value, CREDENTIALS_DIR);
+    assert.equal(sidecarEnv.POOLKEEPER_SSH_KEY_DIR, undefined);
+    assert.deepEqual(sidecar.securityContext, {
+      runAsNonRoot: true, runAsUser: 65532, runAsGroup: 65532, readOnlyRootFilesystem: true, allowPrivilegeEscalation: false,
+      capabilities: { drop: ['ALL'] }, seccompProfile: { type: 'RuntimeDefault' },
+    });
+    for (const probe of ['readinessProbe', 'livenessProbe', 'startupProbe']) {
+      assert.equal((sidecar[probe] as { httpGet: { port: string } }).httpGet.port, 'pk-admin');
+    }
+    assert.deepEqual(sidecar.resources, { requests: { cpu: '50m', memory: '64Mi' }, limits: { memory: '128Mi' } });
+    assert.deepEqual(out.spec!.volumes, [{
+      name: 'poolkeeper-credentials',
+      secret: { secretName: 'orders-creds', items: [{ key: 'username', path: 'username' }, { key: 'password', path: 'password' }], defaultMode: 0o444 },
+    }]);
+    // The credentials are mounted into the sidecar only.
+    assert.deepEqual(sidecar.volumeMounts, [{ name: 'poolkeeper-credentials', mountPath: CREDENTIALS_DIR, readOnly: true }]);
+    assert.equal(out.spec!.containers[0]!.volumeMounts, undefined);
+    const appEnv = envOf(out.spec!.containers[0]);
+    assert.equal(appEnv.PGHOST?.value, '127.0.0.1');
+    assert.equal(appEnv.PGPORT?.value, '6432');
+    assert.equal(appEnv.PGDATABASE?.value, 'orders');
+    assert.deepEqual(appEnv.PGUSER?.valueFrom, { secretKeyRef: { name: 'orders-creds', key: 'username' } });
+    assert.equal(appEnv.PGSSLMODE?.value, 'disable');
+    assert.equal(appEnv.DATABASE_URL?.value, 'postgresql://$(PGUSER)@127.0.0.1:6432/orders');
+    assert.equal(appEnv.POOLKEEPER_POOL_SIZE?.value, '2');
+    // PGUSER precedes DATABASE_URL so that the kubelet can expand $(PGUSER).
+    const names = out.spec!.containers[0]!.env!.map((e) => e.name);
+    assert.ok(names.indexOf('PGUSER') < names.indexOf('DATABASE_URL'));
+    assert.equal(out.spec!.terminationGracePeriodSeconds, 35);
+    assert.equal(out.metadata!.annotations![INJECTED_ANNOTATION], '0.1.0');
+    assert.equal(out.metadata!.annotations!['poolkeeper.dev/consumer'], 'web');
+    assert.equal(out.metadata!.labels!['poolkeeper.dev/connection'], 'orders-db');
+  });
+
+  it('mounts the SSH key into the sidecar only when a tunnel is set, under the key asked for', function () {
+    const tunnel = { host: 'bastion', port: 22, user: 'tunnel', privateKeySecretRef: { name: 'bastion-key', key: 'id_ed25519' }, hostKey: 'ssh-ed25519 AAAA' };
+    const out = injected(pod(), connection({ sshTunnel: tunnel }));
+    const sidecar = out.spec!.initContainers![0]!;
+    assert.equal(envOf(sidecar).POOLKEEPER_SSH_KEY_DIR?.value, '/var/run/poolkeeper/ssh');
+    assert.deepEqual(out.spec!.volumes![1], { name: 'poolkeeper-ssh-key', secret: { secretName: 'bastion-key', items: [{ key: 'id_ed25519', path: 'ssh-privatekey' }], defaultMode: 0o444 } });
+    assert.equal((sidecar.volumeMounts as unknown[]).length, 2);
+  });
+
+  it('uses the custom credential keys of the Secret', function () {
+    const c = connection();
+    c.spec.database.credentialsSecretRef = { name: 'creds', usernameKey: 'user', passwordKey: 'pass' };
+    const out = injected(pod(), c);
+    const volume = out.spec!.volumes![0] as { secret: { items: unknown[] } };
+    assert.deepEqual(volume.secret.items, [{ key: 'user', path: 'username' }, { key: 'pass', path: 'password' }]);
+    assert.deepEqual(envOf(out.spec!.containers[0]).PGUSER?.valueFrom, { secretKeyRef: { name: 'creds', key: 'user' } });
+  });
+
+  it('puts the sidecar first among existing init containers and gives regular ones the env', function () {
+    const initContainers: ContainerLike[] = [{ name: 'migrate', image: 'm:1', env: [{ name: 'X', value: '1' }] }, { name: 'mesh', image: 'p:1', restartPolicy: 'Always' }];
+    const out = injected(pod({ initContainers }));
+    assert.deepEqual(out.spec!.initContainers!.map((c) => c.name), [SIDECAR_CONTAINER_NAME, 'migrate', 'mesh']);
+    assert.equal(envOf(out.spec!.initContainers![1]).PGHOST?.value, '127.0.0.1');
+    assert.equal(envOf(out.spec!.initContainers![1]).X?.value, '1');
+    assert.equal(out.spec!.initContainers![2]!.env, undefined);
+  });
+
+  it('appends a plain container when native sidecars are not supported', function () {
+    const out = injected(pod({ containers: [{ name: 'a' }, { name: 'b' }] }), connection(), { ...settings, nativeSidecars: false });
+    assert.deepEqual(out.spec!.containers.map((c) => c.name), ['a', 'b', SIDECAR_CONTAINER_NAME]);
+    assert.equal(out.spec!.containers[2]!.restartPolicy, undefined);
+    assert.equal(out.spec!.initContainers, undefined);
+    assert.equal(envOf(out.spec!.containers[1]).PGPORT?.value, '6432');
+    assert.equal(out.spec!.containers[2]!.env!.some((e) => e.name === 'PGHOST'), false);
+  });
+
+  it('keeps env the user set and reports each conflict as a warning', function () {
+    const containers: ContainerLike[] = [{ name: 'app', env: [{ name: 'PGHOST', value: 'db.example' }, { name: 'DATABASE_URL', value: 'postgres://x' }, { name: 'PGSSLMODE', value: 'disable' }] }];
+    const result = computeInjection({ pod: pod({ containers }), connection: connection(), settings });
+    const out = applyJsonPatch(pod({ containers }), result.patch);
+    const env = envOf(out.spec!.containers[0]);
+    assert.equal(env.PGHOST?.value, 'db.example');
+    assert.equal(env.DATABASE_URL?.value, 'postgres://x');
+    assert.equal(out.spec!.containers[0]!.env!.filter((e) => e.name === 'PGHOST').length, 1);
+    assert.equal(env.PGPORT?.value, '6432');
+    // Same value as ours is not a conflict.
+    assert.equal(result.warnings.filter((w) => /kept its own/.test(w)).length, 2);
+    assert.ok(result.warnings.some((w) => w.includes('PGHOST')));
+    assert.ok(result.warnings.some((w) => w.includes('DATABASE_URL')));
+  });
+
+  it('warns that envFrom keys are overridden', function () {
+    const result = computeInjection({ pod: pod({ containers: [{ name: 'app', envFrom: [{ configMapRef: { name: 'cfg' } }] }] }), connection: connection(), settings });
+    assert.ok(result.warnings.some((w) => /envFrom/.test(w)));
+  });
+
+  it('collects every port conflict as a coded error and returns no patch', function () {
+    const containers: ContainerLike[] = [
+      { name: 'app', ports: [{ containerPort: 6432 }, { containerPort: settings.adminPort, name: 'metrics' }] },
+      { name: 'other', ports: [{ containerPort: 8080, name: 'pk-admin' }] },
+    ];
+    const result = computeInjection({ pod: pod({ containers }), connection: connection(), settings });
+    assert.deepEqual(result.patch, []);
+    assert.deepEqual(result.errors.map((e) => e.code), ['PortConflict', 'PortConflict', 'PortNameConflict']);
+    assert.match(result.errors[0]!.message, /app.*6432.*listen/);
+    const udp = computeInjection({ pod: pod({ containers: [{ name: 'dns', ports: [{ containerPort: 6432, protocol: 'UDP' }] }] }), connection: connection(), settings });
+    assert.deepEqual(udp.errors, []);
+  });
+
+  it('reports a volume name clash and an invalid connection together', function () {
+    const p = pod();
+    p.spec!.volumes = [{ name: 'poolkeeper-credentials', emptyDir: {} }];
+    const clash = computeInjection({ pod: p, connection: connection(), settings });
+    assert.deepEqual(clash.errors.map((e) => e.code), ['VolumeConflict']);
+    const bad = connection({ sidecar: { port: settings.adminPort, drainTimeout: -1 } });
+    bad.spec.database.dbname = '';
+    const codes = computeInjection({ pod: pod(), connection: bad, settings }).errors.map((e) => e.code);
+    assert.deepEqual(codes, ['InvalidConnection', 'PortConflict', 'InvalidConnection']);
+  });
+
+  it('leaves a long enough grace period alone and raises a short one', function () {
+    const long = pod();
+    long.spec!.terminationGracePeriodSeconds = 120;
+    assert.equal(injected(long).spec!.terminationGracePeriodSeconds, 120);
+    const short = pod();
+    short.spec!.terminationGracePeriodSeconds = 10;
+    assert.equal(injected(short, connection({ sidecar: { port: 6432, drainTimeout: 60 } })).spec!.terminationGracePeriodSeconds, 65);
+  });
+
+  it('escapes ~ and / in annotation keys it adds next to existing ones', function () {
+    const out = computeInjection({ pod: pod({ annotations: { 'a~b/c': 'x' } }), connection: connection(), settings });
+    assert.ok(out.patch.some((op) => op.path === '/metadata/annotations/poolkeeper.dev~1injected'));
+    assert.equal(escapePointerToken('a~b/c'), 'a~0b~1c');
+    assert.equal(pointer('metadata', 'annotations', '~/'), '/metadata/annotations/~0~1');
+  });
+
+  it('gives an already injected pod an empty patch and no warnings', function () {
+    const containers: ContainerLike[] = [{ name: 'app', env: [{ name: 'PGHOST', value: 'elsewhere' }] }];
+    const once = injected(pod({ containers }));
+    const again = computeInjection({ pod: once, connection: connection(), settings });
+    assert.deepEqual(again, { patch: [], warnings: [], errors: [], consumer: 'web' });
+  });
+
+  it('on reinvocation fills in only a container that another webhook added', function () {
+    const once = injected(pod());
+    once.spec!.containers.push({ name: 'late', image: 'l:1' });
+    const again = computeInjection({ pod: once, connection: connection(), settings });
+    assert.ok(again.patch.every((op) => op.path.startsWith('/spec/containers/1/env')), JSON.stringify(again.patch));
+    assert.ok(again.patch.length > 0);
+  });
+
+  it('is idempotent and keeps the user\'s containers and env for arbitrary pods (property)', function () {
+    const envName = fc.constantFrom('PGHOST', 'PGPORT', 'PGUSER', 'DATABASE_URL', 'POOLKEEPER_POOL_SIZE', 'OTHER', 'X');
+    const env = fc.uniqueArray(fc.record({ name: envName, value: fc.string({ maxLength: 5 }) }), { selector: (e) => e.name, maxLength: 4 });
+    const ports = fc.array(fc.record({ containerPort: fc.constantFrom(80, 8080, 6432, 9436, 5000) }), { maxLength: 2 });
+    const container = fc.record({ env: fc.option(env, { nil: undefined }), ports: fc.option(ports, { nil: undefined }), restartPolicy: fc.option(fc.constant('Always'), { nil: undefined }) });
+    const arbitraryPod = fc.record({
+      containers: fc.array(container, { minLength: 1, maxLength: 3 }),
+      initContainers: fc.option(fc.array(container, { maxLength: 2 }), { nil: undefined }),
+      annotations: fc.option(fc.dictionary(fc.string({ minLength: 1, maxLength: 6 }), fc.string({ maxLength: 4 }), { maxKeys: 3 }), { nil: undefined }),
+      grace: fc.option(fc.nat(100), { nil: undefined }),
+      native: fc.boolean(),
+      tunnel: fc.boolean(),
+    });
+    fc.assert(fc.property(arbitraryPod, (a) => {
+      const p = pod({
+        containers: a.containers.map((c, i) => ({ name: `c${i}`, ...(c.env ? { env: c.env } : {}), ...(c.ports ? { ports: c.ports } : {}) })),
+        ...(a.initContainers ? { initContainers: a.initContainers.map((c, i) => ({ name: `i${i}`, ...(c.env ? { env: c.env } : {}), ...(c.restartPolicy ? { restartPolicy: c.restartPolicy } : {}) })) } : {}),
+        ...(a.annotations ? { annotations: a.annotations } : {}),
+      });
+      if (a.grace !== undefined) p.spec!.terminationGracePeriodSeconds = a.grace;
+      const c = a.tunnel ? connection({ sshTunnel: { host: 'b', user: 'u', privateKeySecretRef: { name: 'k' }, hostKey: 'h' } }) : connection();
+      const s = { ...settings, nativeSidecars: a.native };
+      const first = computeInjection({ pod: p, connection: c, settings: s });
+      const conflicting = a.containers.some((x) => x.ports?.some((port) => port.containerPort === 6432 || port.containerPort === 9436));
+      if (conflicting) {
+        assert.ok(first.errors.length > 0 && first.patch.length === 0);
+        return;
+      }
+      const out = applyJsonPatch(p, first.patch);
+      const second = computeInjection({ pod: out, connection: c, settings: s });
+      assert.deepEqual(second.patch, []);
+      assert.deepEqual(second.warnings.filter((w) => /kept its own/.test(w)), []);
+      // Exactly one sidecar; every user env value survives.
+      const all = [...(out.spec!.initContainers ?? []), ...out.spec!.containers];
+      assert.equal(all.filter((x) => x.name === SIDECAR_CONTAINER_NAME).length, 1);
+      for (const [i, original] of p.spec!.containers.entries()) {
+        for (const variable of original.env ?? []) assert.deepEqual({ ...envOf(out.spec!.containers[i])[variable.name] }, { ...variable });
+      }
+      for (const [key, value] of Object.entries(a.annotations ?? {})) assert.equal(out.metadata!.annotations![key], value);
+      assert.ok((out.spec!.terminationGracePeriodSeconds ?? 30) >= 35);
+    }), { numRuns: 300 });
+  });
+
+  it('detects native sidecar support from the server version', function () {
+    assert.equal(nativeSidecarsSupported({ major: '1', minor: '28' }), false);
+    assert.equal(nativeSidecarsSupported({ major: '1', minor: '29+' }), true);
+    assert.equal(nativeSidecarsSupported({ major: '1', minor: '36' }), true);
+  });
+});
+
+describe('inject: consumers and the pool size hint', function () {
+  it('matches a Deployment through its ReplicaSet, a StatefulSet directly, and label selectors', function () {
+    const c = connection({
+      consumers: [
+        { name: 'web', workloadRef: { kind: 'Deployment', name: 'web' } },
+        { name: 'db-workers', workloadRef: { kind: 'StatefulSet', name: 'workers' } },
+        { name: 'jobs', selector: { matchLabels: { tier: 'batch' }, matchExpressions: [{ key: 'queue', operator: 'In', values: ['a', 'b'] }] } },
+      ],
+    });
+    assert.equal(resolveConsumer(c, pod())?.name, 'web');
+    const wrongHash = pod();
+    wrongHash.metadata!.labels!['pod-template-hash'] = 'other';
+    assert.equal(resolveConsumer(c, wrongHash), undefined);
+    const sts = pod();
+    sts.metadata!.ownerReferences = [{ kind: 'StatefulSet', name: 'workers', controller: true }];
+    assert.equal(resolveConsumer(c, sts)?.name, 'db-workers');
+    assert.equal(resolveConsumer(c, pod({ labels: { 'poolkeeper.dev/connection': 'orders-db', tier: 'batch', queue: 'b' } }))?.name, 'jobs');
+    assert.equal(resolveConsumer(c, pod({ labels: { 'poolkeeper.dev/connection': 'orders-db', tier: 'batch', queue: 'c' } })), undefined);
+  });
+
+  it('uses the live perProcessBudget when present, else minPerPod over processes, never below 1', function () {
+    const c = connection({}, { consumers: [{ name: 'web', perProcessBudget: 3 }] });
+    assert.equal(poolSizeHint(c, c.spec.consumers[0]), 3);
+    assert.equal(poolSizeHint(connection(), connection().spec.consumers[0]), 2);
+    assert.equal(poolSizeHint(connection({ consumers: [{ name: 'w', minPerPod: 0 }] }), { name: 'w', minPerPod: 0 }), 1);
+    assert.equal(poolSizeHint(connection(), undefined), 1);
+  });
+
+  it('warns when the pod matches no consumer but still injects', function () {
+    const result = computeInjection({ pod: pod({ labels: { 'poolkeeper.dev/connection': 'orders-db' } }), connection: connection(), settings });
+    assert.ok(result.patch.length > 0);
+    assert.ok(result.warnings.some((w) => /no consumer/.test(w)));
+    assert.equal(result.consumer, undefined);
+  });
+});
+
+describe('inject: podNeedsRepair', function () {
+  const now = new Date('2026-01-01T00:10:00Z');
+  const old = (p: PodLike): PodLike => ({ ...p, metadata: { ...p.metadata, creationTimestamp: '2026-01-01T00:00:00Z' } });
+
+  it('flags an opted-in pod without the sidecar older than the grace period', function () {
+    assert.equal(podNeedsRepair(old(pod()), now, { gracePeriodSeconds: 60 }), true);
+    assert.deepEqual(repairVerdict(old(pod()), now), { needsRepair: true, reason: 'MissingSidecar', recreatable: true });
+  });
+
+  it('leaves alone pods that are young, injected, terminating, finished, bare or not opted in', function () {
+    assert.equal(repairVerdict(old(pod()), now, { gracePeriodSeconds: 3600 }).reason, 'TooYoung');
+    assert.equal(repairVerdict(pod(), now).reason, 'TooYoung');
+    assert.equal(repairVerdict(old(injected(pod())), now).reason, 'HasSidecar');
+    const terminating = old(pod());
+    terminating.metadata!.deletionTimestamp = '2026-01-01T00:09:00Z';
+    assert.equal(repairVerdict(terminating, now).reason, 'Terminating');
+    assert.equal(repairVerdict({ ...old(pod()), status: { phase: 'Succeeded' } }, now).reason, 'Finished');
+    assert.equal(repairVerdict(old(pod({ labels: { app: 'x' } })), now).reason, 'NotOptedIn');
+    assert.equal(repairVerdict(old(pod({ annotations: { 'poolkeeper.dev/inject': 'false' } })), now).reason, 'NotOptedIn');
+    const bare = old(pod());
+    delete bare.metadata!.ownerReferences;
+    assert.deepEqual(repairVerdict(bare, now), { needsRepair: true, reason: 'MissingSidecar', recreatable: false });
+  });
+});
+
+describe('inject: applyJsonPatch', function () {
+  it('rejects adds under a missing parent and out-of-range indices, as the API server does', function () {
+    assert.throws(() => applyJsonPatch({ a: {} }, [{ op: 'add', path: '/b/c', value: 1 }]), /does not exist/);
+    assert.throws(() => applyJsonPatch({ a: [1] }, [{ op: 'add', path: '/a/3', value: 1 }]), /out of bounds/);
+    assert.deepEqual(applyJsonPatch({ a: [1] }, [{ op: 'add', path: '/a/0', value: 0 }, { op: 'add', path: '/a/-', value: 2 }]), { a: [0, 1, 2] });
+    assert.deepEqual(applyJsonPatch({ 'x/y': { '~': 1 } }, [{ op: 'replace', path: '/x~1y/~0', value: 2 }]), { 'x/y': { '~': 2 } });
+  });
+});

@@ -120,7 +120,7 @@ describe('inject: computeInjection', function () {
     const c = connection();
     c.spec.database.credentialsSecretRef = { name: 'creds', usernameKey: 'user', passwordKey: 'pass' };
     const out = injected(pod(), c);
-    const volume = out.spec!.volumes![0] as { secret: { items: unknown[] } };
+    const volume = out.spec!.volumes![0] as unknown as { secret: { items: unknown[] } };
     assert.deepEqual(volume.secret.items, [{ key: 'user', path: 'username' }, { key: 'pass', path: 'password' }]);
     assert.deepEqual(envOf(out.spec!.containers[0]).PGUSER?.valueFrom, { secretKeyRef: { name: 'creds', key: 'user' } });
   });

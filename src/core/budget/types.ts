@@ -1,0 +1,154 @@
+/**
+ * Input and output of the budget planner (planBudgets). Plain data: the
+ * controller builds the input from the API objects of ONE database server
+ * (all DatabaseConnections with the same host:port, any namespace) and writes
+ * the output back to PoolMembers and DatabaseConnection statuses.
+ */
+
+/** Namespace and name of an object. */
+export interface ObjectKey {
+  namespace: string;
+  name: string;
+}
+
+/** One consumer of a DatabaseConnection, as in its spec. */
+export interface ConsumerInput {
+  name: string;
+  weight: number;
+  minPerPod: number;
+  maxPerPod?: number | undefined;
+  processesPerPod: number;
+  /**
+   * MaxReplicas strategy: the HPA's maxReplicas (or the workload's replicas
+   * when it has no HPA). Its pods are budgeted as if that many ran. Ignored
+   * for Dynamic; a MaxReplicas consumer without it behaves like Dynamic.
+   */
+  maxReplicas?: number | undefined;
+}
+
+/** A DatabaseConnection on this server. */
+export interface ConnectionInput extends ObjectKey {
+  budgetStrategy: 'Dynamic' | 'MaxReplicas';
+  consumers: readonly ConsumerInput[];
+}
+
+/** Pod phases as Kubernetes reports them. */
+export type PodPhase = 'Pending' | 'Running' | 'Succeeded' | 'Failed' | 'Unknown';
+
+/** A pod labelled for one of the connections. */
+export interface PodInput extends ObjectKey {
+  uid: string;
+  /** Name of the DatabaseConnection (same namespace) from the pod's label. */
+  connection: string;
+  /** The consumer the pod belongs to; undefined when it matches none (its grant is withdrawn). */
+  consumer?: string | undefined;
+  phase: PodPhase;
+  /** metadata.deletionTimestamp is set. */
+  terminating: boolean;
+  ready: boolean;
+}
+
+/** The grant in force for a pod: PoolMember spec.grant. */
+export interface GrantInForce {
+  connections: number;
+  generation: number;
+}
+
+/** A sidecar's acknowledgement: PoolMember status. */
+export interface Acknowledgement {
+  /** status.acknowledgedGeneration. */
+  generation: number;
+  /** status.acknowledgedConnections. */
+  connections: number;
+  /** status.heldConnections. */
+  held: number;
+  /** status.drained. */
+  drained: boolean;
+}
+
+/** What is persisted for one pod: its PoolMember (the only state the planner needs across restarts). */
+export interface MemberState extends ObjectKey {
+  /** UID of the pod the PoolMember belongs to (its owner reference). */
+  podUid: string;
+  grant: GrantInForce;
+  /** Absent until the sidecar first writes status. */
+  acknowledgement?: Acknowledgement | undefined;
+}
+
+/** Everything about one database server. */
+export interface BudgetInput {
+  /** The server's effective limit (after reserve), shared by all `connections`. */
+  limit: number;
+  connections: readonly ConnectionInput[];
+  pods: readonly PodInput[];
+  /** PoolMembers of those pods (and of pods that may be gone). */
+  members: readonly MemberState[];
+}
+
+/** Why a pod's grant is not yet its target. */
+export type GrantWait = 'none' | 'acknowledgement' | 'capacity';
+
+/** The planned grant of one pod: write `grant` and `drain` into its PoolMember spec when `changed`. */
+export interface PodGrant extends ObjectKey {
+  podUid: string;
+  connection: string;
+  consumer?: string | undefined;
+  grant: GrantInForce;
+  /** The grant differs from the one in force (or there was none): write it. */
+  changed: boolean;
+  /** Ask the sidecar to give everything back (terminating pod, or no consumer). */
+  drain: boolean;
+  /** The pod's fair share, which its grant converges to. */
+  target: number;
+  /** What the pod may hold now: max(grant, acknowledged, held); 0 once a terminating pod has drained. */
+  reservation: number;
+  /** What keeps grant != target. */
+  waitingFor: GrantWait;
+}
+
+/** Status of one consumer. */
+export interface ConsumerSummary {
+  name: string;
+  /** Live (not terminating, not finished) pods. */
+  pods: number;
+  /** The fair share of one pod (the smallest among its pods when remainders differ). */
+  perPodBudget: number;
+  /** perPodBudget / processesPerPod, rounded down. */
+  perProcessBudget: number;
+}
+
+/** Status data of one DatabaseConnection. */
+export interface ConnectionSummary extends ObjectKey {
+  /** Live pods. */
+  pods: number;
+  /** Sum over this connection's pods of their reservation. */
+  allocated: number;
+  consumers: ConsumerSummary[];
+  /** Printable per-pod budgets, e.g. "web=4 worker=2". */
+  perPodBudget: string;
+  /** Live pods whose grant is not yet their target. */
+  podsWaiting: number;
+}
+
+/** The minimums do not fit the limit. */
+export interface Oversubscription {
+  /** Sum of pods x minPerPod. */
+  required: number;
+  limit: number;
+  /** e.g. "shop/orders-db web: 12 pods x minPerPod 5 = 60 > limit 50". */
+  message: string;
+}
+
+/** The planner's answer for one server. */
+export interface BudgetPlan {
+  limit: number;
+  /** Sum of all reservations after this plan; <= limit unless the limit itself dropped below what pods still hold. */
+  allocated: number;
+  grants: PodGrant[];
+  connections: ConnectionSummary[];
+  oversubscription?: Oversubscription | undefined;
+  /** PoolMembers whose pod is gone (or was replaced by a new pod of the same name): their reservation is released. */
+  orphans: ObjectKey[];
+  /** Every grant equals its target and is acknowledged. */
+  settled: boolean;
+}

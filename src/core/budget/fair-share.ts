@@ -1,0 +1,78 @@
+/**
+ * Weighted fair split of an integer capacity, by water-filling: every unit
+ * gets weight x level, clamped to [low, high], at the level where the sum
+ * meets the capacity; shares are rounded down and the remainder goes one
+ * connection at a time to the unit whose next connection is due at the lowest
+ * level ((share + 1) / weight), ties broken by key.
+ */
+
+/** One claimant of the capacity. */
+export interface ShareUnit {
+  /** Unique; orders remainders on ties (pod "namespace/name"). */
+  key: string;
+  weight: number;
+  low: number;
+  /** Infinity when unbounded. */
+  high: number;
+  /** false: the unit keeps its rounded-down share (MaxReplicas slots stay equal). */
+  takesRemainder: boolean;
+}
+
+// Fractions closer than this count as equal, so equal weights break ties by key, not by float noise.
+const FRACTION_EPSILON = 1e-9;
+const LEVEL_SEARCH_STEPS = 200;
+
+function clamp(value: number, low: number, high: number): number {
+  return Math.min(high, Math.max(low, value));
+}
+
+/** The water level: the smallest level at which the clamped shares sum to `capacity`. */
+function waterLevel(units: readonly ShareUnit[], capacity: number): number {
+  const total = (level: number): number => units.reduce((sum, u) => sum + clamp(u.weight * level, u.low, u.high), 0);
+  let below = 0;
+  let above = 1;
+  for (let i = 0; i < 1100 && total(above) < capacity; i += 1) above *= 2;
+  for (let i = 0; i < LEVEL_SEARCH_STEPS; i += 1) {
+    const middle = (below + above) / 2;
+    if (total(middle) < capacity) below = middle;
+    else above = middle;
+  }
+  return above;
+}
+
+/**
+ * Splits `capacity` among `units`. Requires sum(low) <= capacity. Returns each
+ * unit's integer share; the shares sum to at most `capacity` (exactly, unless
+ * every unit reaches `high` or some units do not take remainders).
+ */
+export function fairShares(units: readonly ShareUnit[], capacity: number): Map<string, number> {
+  const shares = new Map<string, number>();
+  if (units.length === 0) return shares;
+  const sumHigh = units.reduce((sum, u) => sum + u.high, 0);
+  if (sumHigh <= capacity) {
+    for (const u of units) shares.set(u.key, u.high);
+    return shares;
+  }
+  const level = waterLevel(units, capacity);
+  let given = 0;
+  for (const u of units) {
+    const whole = Math.min(u.high, Math.max(u.low, Math.floor(clamp(u.weight * level, u.low, u.high) + FRACTION_EPSILON)));
+    shares.set(u.key, whole);
+    given += whole;
+  }
+  // Each leftover connection goes to the unit that would reach its next connection at the lowest
+  // level, (share + 1) / weight, compared exactly by cross-multiplying; ties go to the smaller key.
+  const takers = units.filter((u) => u.takesRemainder).sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
+  while (given < capacity) {
+    let best: ShareUnit | undefined;
+    for (const u of takers) {
+      const share = shares.get(u.key) ?? 0;
+      if (share >= u.high) continue;
+      if (!best || (share + 1) * best.weight < ((shares.get(best.key) ?? 0) + 1) * u.weight) best = u;
+    }
+    if (!best) break;
+    shares.set(best.key, (shares.get(best.key) ?? 0) + 1);
+    given += 1;
+  }
+  return shares;
+}

@@ -1,0 +1,49 @@
+/**
+ * From a server's configuration to the limit the planner divides.
+ */
+
+/** PostgreSQL settings that bound ordinary logins. */
+export interface ServerSettings {
+  maxConnections: number;
+  superuserReservedConnections: number;
+  /** PostgreSQL 16+ `reserved_connections`; 0 or absent before. */
+  reservedConnections?: number | undefined;
+}
+
+/** The discovered, reserved and effective limit of one DatabaseConnection (status.limit). */
+export interface ResolvedLimit {
+  discovered: number;
+  reserve: number;
+  effective: number;
+}
+
+/** Identifies a server: DatabaseConnections with the same key share one limit. */
+export function serverKey(database: { host: string; port: number }): string {
+  // Host names are case-insensitive; a trailing dot is the same name.
+  const host = database.host.toLowerCase().replace(/\.$/, '');
+  return host.includes(':') ? `[${host}]:${database.port}` : `${host}:${database.port}`;
+}
+
+/** What `maxConnections: auto` means: the slots an ordinary role can use. */
+export function autoMaxConnections(settings: ServerSettings): number {
+  return Math.max(0, settings.maxConnections - settings.superuserReservedConnections - (settings.reservedConnections ?? 0));
+}
+
+/** Connections kept free: an integer as is, a percent of `discovered` rounded up (keeps at least that much free). */
+export function reservedConnections(discovered: number, reserve: number | string): number {
+  if (typeof reserve === 'number') return Math.max(0, Math.floor(reserve));
+  const percent = /^(\d{1,2})%$/.exec(reserve);
+  if (!percent) throw new Error(`reserve must be an integer or a percent, got ${JSON.stringify(reserve)}`);
+  return Math.ceil((discovered * Number(percent[1])) / 100);
+}
+
+/** discovered - reserve, never below 0. */
+export function resolveLimit(discovered: number, reserve: number | string): ResolvedLimit {
+  const reserved = Math.min(discovered, reservedConnections(discovered, reserve));
+  return { discovered, reserve: reserved, effective: discovered - reserved };
+}
+
+/** The limit of a server shared by several DatabaseConnections: the strictest of their effective limits. */
+export function sharedLimit(effectiveLimits: readonly number[]): number {
+  return effectiveLimits.length === 0 ? 0 : Math.min(...effectiveLimits);
+}

@@ -1,0 +1,238 @@
+/**
+ * The budget planner: from one server's limit, its DatabaseConnections, their
+ * pods and the PoolMembers in force, the next grants. Stateless: a controller
+ * restart re-runs it on the persisted PoolMembers and gets the same answer.
+ * docs/budget.md explains the algorithm.
+ */
+import { fairShares, type ShareUnit } from './fair-share.ts';
+import type {
+  BudgetInput, BudgetPlan, ConnectionInput, ConnectionSummary, ConsumerInput, ConsumerSummary, GrantInForce, GrantWait,
+  MemberState, ObjectKey, Oversubscription, PodGrant, PodInput,
+} from './types.ts';
+
+/** live: draws a share. leaving: terminating or without a consumer, gives everything back. finished: Succeeded/Failed, holds nothing. */
+type PodRole = 'live' | 'leaving' | 'finished';
+
+/** A consumer with the connection it belongs to. */
+interface ConsumerContext {
+  key: string;
+  connection: ConnectionInput;
+  consumer: ConsumerInput;
+  /** Pods it is budgeted for: live pods, or at least maxReplicas under MaxReplicas. */
+  slots: number;
+  fixedSlots: boolean;
+}
+
+/** A pod joined with its PoolMember, and what it may hold right now. */
+interface PodState {
+  pod: PodInput;
+  key: string;
+  role: PodRole;
+  consumer?: ConsumerContext | undefined;
+  grant: GrantInForce;
+  /** The grant must be written even if unchanged (no PoolMember yet, or one left by a previous pod of that name). */
+  mustWrite: boolean;
+  /** The sidecar has acknowledged the grant in force: nothing is in flight. */
+  acknowledged: boolean;
+  reservation: number;
+}
+
+function podKey(o: ObjectKey): string {
+  return `${o.namespace}/${o.name}`;
+}
+
+function consumerKey(namespace: string, connection: string, consumer: string): string {
+  return `${namespace}/${connection}/${consumer}`;
+}
+
+function byKey<T extends { key: string }>(a: T, b: T): number {
+  return a.key < b.key ? -1 : a.key > b.key ? 1 : 0;
+}
+
+/** Step 1: index consumers by namespace/connection/consumer and count the slots each is budgeted for. */
+function indexConsumers(connections: readonly ConnectionInput[], pods: readonly PodInput[]): Map<string, ConsumerContext> {
+  const livePods = new Map<string, number>();
+  for (const pod of pods) {
+    if (pod.consumer === undefined || pod.terminating || pod.phase === 'Succeeded' || pod.phase === 'Failed') continue;
+    const key = consumerKey(pod.namespace, pod.connection, pod.consumer);
+    livePods.set(key, (livePods.get(key) ?? 0) + 1);
+  }
+  const index = new Map<string, ConsumerContext>();
+  for (const connection of connections) {
+    for (const consumer of connection.consumers) {
+      const key = consumerKey(connection.namespace, connection.name, consumer.name);
+      const live = livePods.get(key) ?? 0;
+      const fixedSlots = connection.budgetStrategy === 'MaxReplicas' && consumer.maxReplicas !== undefined;
+      // A rollout's surge pods may exceed maxReplicas for a while; they are budgeted too.
+      const slots = fixedSlots ? Math.max(consumer.maxReplicas ?? 0, live) : live;
+      index.set(key, { key, connection, consumer, slots, fixedSlots });
+    }
+  }
+  return index;
+}
+
+/**
+ * Step 2: join pods with their PoolMembers. A PoolMember whose pod is gone (or
+ * whose owner UID belongs to an earlier pod of the same name) is an orphan:
+ * its pod no longer exists, so its reservation is released.
+ */
+function joinPodsWithMembers(pods: readonly PodInput[], members: readonly MemberState[], consumers: Map<string, ConsumerContext>): { states: PodState[]; orphans: ObjectKey[] } {
+  const membersByKey = new Map(members.map((m) => [podKey(m), m]));
+  const podKeys = new Set<string>();
+  const states: PodState[] = [];
+  const orphans: ObjectKey[] = [];
+  for (const pod of pods) {
+    const key = podKey(pod);
+    podKeys.add(key);
+    const found = membersByKey.get(key);
+    const member = found?.podUid === pod.uid ? found : undefined;
+    if (found && !member) orphans.push({ namespace: found.namespace, name: found.name });
+    const consumer = pod.consumer === undefined ? undefined : consumers.get(consumerKey(pod.namespace, pod.connection, pod.consumer));
+    const role: PodRole = pod.phase === 'Succeeded' || pod.phase === 'Failed' ? 'finished' : pod.terminating || !consumer ? 'leaving' : 'live';
+    // A replaced pod's PoolMember continues its generations so a sidecar watching by name never sees one go back.
+    const grant = member?.grant ?? { connections: 0, generation: found ? found.grant.generation + 1 : 0 };
+    const ack = member?.acknowledgement;
+    const acknowledged = ack ? ack.generation >= grant.generation : grant.connections === 0;
+    const drainedAway = pod.terminating && ack?.drained === true;
+    const reservation = role === 'finished' || drainedAway ? 0 : Math.max(grant.connections, ack?.connections ?? 0, ack?.held ?? 0);
+    states.push({ pod, key, role, consumer: role === 'live' ? consumer : undefined, grant, mustWrite: !member, acknowledged, reservation });
+  }
+  for (const m of members) if (!podKeys.has(podKey(m))) orphans.push({ namespace: m.namespace, name: m.name });
+  return { states: states.sort(byKey), orphans };
+}
+
+/**
+ * Step 3: every live pod's fair share of the limit. Minimums first; when they
+ * do not fit, the limit is split by weight up to each pod's minimum, and the
+ * oversubscription is reported with its numbers.
+ */
+function fairTargets(states: readonly PodState[], consumers: Map<string, ConsumerContext>, limit: number): { targets: Map<string, number>; slotShares: Map<string, number>; oversubscription?: Oversubscription } {
+  const livePods = new Map<string, PodState[]>();
+  for (const s of states) if (s.role === 'live' && s.consumer) livePods.set(s.consumer.key, [...(livePods.get(s.consumer.key) ?? []), s]);
+  const required = [...consumers.values()].reduce((sum, c) => sum + c.slots * c.consumer.minPerPod, 0);
+  const oversubscribed = required > limit;
+  const units: ShareUnit[] = [];
+  for (const c of consumers.values()) {
+    const { weight, minPerPod, maxPerPod } = c.consumer;
+    const high = oversubscribed ? minPerPod : (maxPerPod ?? Infinity);
+    const low = oversubscribed ? 0 : minPerPod;
+    if (c.fixedSlots) {
+      for (let i = 0; i < c.slots; i += 1) units.push({ key: `${c.key}#${String(i).padStart(6, '0')}`, weight, low, high, takesRemainder: false });
+    } else {
+      for (const s of livePods.get(c.key) ?? []) units.push({ key: s.key, weight, low, high, takesRemainder: true });
+    }
+  }
+  const shares = fairShares(units, limit);
+  const targets = new Map<string, number>();
+  const slotShares = new Map<string, number>();
+  for (const c of consumers.values()) {
+    // MaxReplicas slots all get the same share: a pod's budget never depends on how many of its siblings run.
+    const slotShare = c.fixedSlots ? (shares.get(`${c.key}#${String(0).padStart(6, '0')}`) ?? 0) : undefined;
+    for (const s of livePods.get(c.key) ?? []) targets.set(s.key, slotShare ?? shares.get(s.key) ?? 0);
+    if (slotShare !== undefined) slotShares.set(c.key, slotShare);
+  }
+  return { targets, slotShares, oversubscription: oversubscribed ? describeOversubscription(consumers, required, limit) : undefined };
+}
+
+function describeOversubscription(consumers: Map<string, ConsumerContext>, required: number, limit: number): Oversubscription {
+  const parts = [...consumers.values()]
+    .filter((c) => c.slots * c.consumer.minPerPod > 0)
+    .map((c) => `${c.connection.namespace}/${c.connection.name} ${c.consumer.name}: ${c.slots} pods${c.fixedSlots ? ' (maxReplicas)' : ''} x minPerPod ${c.consumer.minPerPod} = ${c.slots * c.consumer.minPerPod}`);
+  const message = parts.length === 1 ? `${parts[0]} > limit ${limit}` : `${parts.join('; ')}; total ${required} > limit ${limit}`;
+  return { required, limit, message };
+}
+
+/**
+ * Step 4: move grants toward their targets without ever exceeding the limit.
+ * One change in flight per pod: a grant whose acknowledgement has not arrived
+ * stays as it is. Shrinks are issued at once but free nothing until
+ * acknowledged (the reservation stays max(grant, acknowledged)). Grows take
+ * only capacity that is free now: minimums first, then the rest, in key order.
+ */
+function stepTowardTargets(states: readonly PodState[], targets: Map<string, number>, limit: number): Map<string, GrantInForce> {
+  const next = new Map<string, GrantInForce>();
+  const targetOf = (s: PodState): number => (s.role === 'live' ? (targets.get(s.key) ?? 0) : 0);
+  for (const s of states) {
+    const target = targetOf(s);
+    const shrink = s.acknowledged && s.grant.connections > target && s.reservation > 0;
+    next.set(s.key, shrink ? { connections: target, generation: s.grant.generation + 1 } : s.grant);
+  }
+  let free = limit - states.reduce((sum, s) => sum + s.reservation, 0);
+  // A pod without its PoolMember yet starts at 0 (docs/protocol.md rule 1); it grows on the next pass.
+  const growable = states.filter((s) => s.role === 'live' && s.acknowledged && !s.mustWrite && s.grant.connections < targetOf(s));
+  const reservations = new Map(states.map((s) => [s.key, s.reservation]));
+  const raise = (s: PodState, upTo: number): void => {
+    const current = next.get(s.key) ?? s.grant;
+    const reserved = reservations.get(s.key) ?? 0;
+    const wanted = Math.min(upTo, targetOf(s));
+    if (wanted <= current.connections) return;
+    const granted = Math.min(wanted, reserved + Math.max(0, free));
+    if (granted <= current.connections) return;
+    free -= Math.max(0, granted - reserved);
+    reservations.set(s.key, Math.max(reserved, granted));
+    next.set(s.key, { connections: granted, generation: s.grant.generation + 1 });
+  };
+  for (const s of growable) raise(s, s.consumer?.consumer.minPerPod ?? 0);
+  for (const s of growable) raise(s, Infinity);
+  return next;
+}
+
+function waitOf(s: PodState, grant: GrantInForce, target: number): GrantWait {
+  const changed = grant.generation !== s.grant.generation;
+  if (!s.acknowledged || changed || s.mustWrite) return 'acknowledgement';
+  return grant.connections === target ? 'none' : 'capacity';
+}
+
+/** Step 5: the per-pod grants, per-connection summaries and totals. */
+function summarize(
+  input: BudgetInput, states: readonly PodState[], consumers: Map<string, ConsumerContext>,
+  targets: Map<string, number>, slotShares: Map<string, number>, next: Map<string, GrantInForce>,
+): Pick<BudgetPlan, 'grants' | 'connections' | 'allocated' | 'settled'> {
+  const grants: PodGrant[] = states.map((s) => {
+    const grant = next.get(s.key) ?? s.grant;
+    const target = s.role === 'live' ? (targets.get(s.key) ?? 0) : 0;
+    const reservation = s.reservation === 0 && s.role !== 'live' ? 0 : Math.max(s.reservation, grant.connections);
+    return {
+      namespace: s.pod.namespace, name: s.pod.name, podUid: s.pod.uid, connection: s.pod.connection, consumer: s.pod.consumer,
+      grant, changed: s.mustWrite || grant !== s.grant, drain: s.role !== 'live', target, reservation,
+      waitingFor: s.role === 'live' ? waitOf(s, grant, target) : reservation === 0 ? 'none' : 'acknowledgement',
+    };
+  });
+  const connections: ConnectionSummary[] = input.connections.map((connection) => {
+    const mine = grants.filter((g) => g.namespace === connection.namespace && g.connection === connection.name);
+    const live = mine.filter((g) => !g.drain);
+    const consumerSummaries: ConsumerSummary[] = connection.consumers.map((consumer) => {
+      const context = consumers.get(consumerKey(connection.namespace, connection.name, consumer.name));
+      const pods = live.filter((g) => g.consumer === consumer.name);
+      const perPodBudget = context && slotShares.has(context.key) ? (slotShares.get(context.key) ?? 0) : pods.length === 0 ? 0 : Math.min(...pods.map((g) => g.target));
+      return { name: consumer.name, pods: pods.length, perPodBudget, perProcessBudget: Math.floor(perPodBudget / consumer.processesPerPod) };
+    });
+    return {
+      namespace: connection.namespace, name: connection.name, pods: live.length,
+      allocated: mine.reduce((sum, g) => sum + g.reservation, 0),
+      consumers: consumerSummaries,
+      perPodBudget: consumerSummaries.map((c) => `${c.name}=${c.perPodBudget}`).join(' '),
+      podsWaiting: live.filter((g) => g.waitingFor !== 'none').length,
+    };
+  });
+  return {
+    grants, connections,
+    allocated: grants.reduce((sum, g) => sum + g.reservation, 0),
+    settled: grants.every((g) => g.waitingFor === 'none'),
+  };
+}
+
+/**
+ * Plans the grants of every pod on one database server. Pass ALL
+ * DatabaseConnections with that host:port (any namespace): they share
+ * `input.limit`. `input.members` must include the grants this controller has
+ * written, even if its cache has not seen them yet.
+ */
+export function planBudgets(input: BudgetInput): BudgetPlan {
+  const limit = Math.max(0, Math.floor(input.limit));
+  const consumers = indexConsumers(input.connections, input.pods);
+  const { states, orphans } = joinPodsWithMembers(input.pods, input.members, consumers);
+  const { targets, slotShares, oversubscription } = fairTargets(states, consumers, limit);
+  const next = stepTowardTargets(states, targets, limit);
+  return { limit, ...summarize(input, states, consumers, targets, slotShares, next), oversubscription, orphans };
+}

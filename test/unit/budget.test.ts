@@ -1,0 +1,195 @@
+/** The budget planner on hand-made cases, and the fair split and limit helpers. */
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import {
+  autoMaxConnections, fairShares, planBudgets, reservedConnections, resolveLimit, serverKey, sharedLimit,
+  type BudgetInput, type ConnectionInput, type MemberState, type PodInput, type ShareUnit,
+} from '../../src/core/budget/index.ts';
+
+function pod(name: string, consumer = 'web', extra: Partial<PodInput> = {}): PodInput {
+  return { namespace: 'shop', name, uid: `uid-${name}`, connection: 'orders', consumer, phase: 'Running', terminating: false, ready: true, ...extra };
+}
+
+/** A PoolMember whose grant the sidecar has acknowledged. */
+function member(name: string, connections: number, generation = 1, extra: Partial<MemberState> = {}): MemberState {
+  return {
+    namespace: 'shop', name, podUid: `uid-${name}`, grant: { connections, generation },
+    acknowledgement: { generation, connections, held: connections, drained: false }, ...extra,
+  };
+}
+
+function orders(consumers: ConnectionInput['consumers'], budgetStrategy: ConnectionInput['budgetStrategy'] = 'Dynamic'): ConnectionInput {
+  return { namespace: 'shop', name: 'orders', budgetStrategy, consumers };
+}
+
+const web = { name: 'web', weight: 1, minPerPod: 1, processesPerPod: 2 };
+
+function grantsOf(input: BudgetInput): Record<string, number> {
+  return Object.fromEntries(planBudgets(input).grants.map((g) => [g.name, g.grant.connections]));
+}
+
+describe('budget planner', function () {
+  it('creates a new pod\'s PoolMember at 0, then grants its share from free capacity', function () {
+    const first = planBudgets({ limit: 10, connections: [orders([web])], pods: [pod('a')], members: [] });
+    assert.deepEqual(first.grants.map((g) => [g.grant, g.changed, g.target]), [[{ connections: 0, generation: 0 }, true, 10]]);
+    const second = planBudgets({ limit: 10, connections: [orders([web])], pods: [pod('a')], members: [member('a', 0, 0, { acknowledgement: undefined })] });
+    assert.deepEqual(second.grants[0]!.grant, { connections: 10, generation: 1 });
+    assert.equal(second.allocated, 10);
+    assert.deepEqual(second.connections[0]!.consumers, [{ name: 'web', pods: 1, perPodBudget: 10, perProcessBudget: 5 }]);
+  });
+
+  it('shrinks before it grows: a surge pod waits until the shrink is acknowledged', function () {
+    const pods = [pod('a'), pod('b'), pod('c')];
+    const input: BudgetInput = { limit: 10, connections: [orders([web])], pods, members: [member('a', 5), member('b', 5), member('c', 0, 0)] };
+    const plan = planBudgets(input);
+    assert.deepEqual(grantsOf(input), { a: 4, b: 3, c: 0 }, 'remainder to the first pod by name; c waits');
+    assert.equal(plan.allocated, 10, 'shrinks free nothing until acknowledged');
+    assert.equal(plan.grants[2]!.waitingFor, 'capacity');
+    // The sidecars acknowledge the shrinks.
+    const acked = { ...input, members: [member('a', 4, 2), member('b', 3, 2), member('c', 0, 0)] };
+    assert.deepEqual(grantsOf(acked), { a: 4, b: 3, c: 3 });
+  });
+
+  it('keeps a grant whose acknowledgement is missing (one change in flight per pod)', function () {
+    const unacked: MemberState = { ...member('a', 8, 2), acknowledgement: { generation: 1, connections: 2, held: 2, drained: false } };
+    const plan = planBudgets({ limit: 8, connections: [orders([web])], pods: [pod('a'), pod('b')], members: [unacked, member('b', 0, 0)] });
+    assert.deepEqual(plan.grants.map((g) => [g.name, g.grant.connections, g.waitingFor]), [['a', 8, 'acknowledgement'], ['b', 0, 'capacity']]);
+  });
+
+  it('keeps a terminating pod\'s reservation until it drains, and asks it to drain', function () {
+    const pods = [pod('a', 'web', { terminating: true }), pod('b')];
+    const holding = planBudgets({ limit: 10, connections: [orders([web])], pods, members: [member('a', 6), member('b', 4)] });
+    assert.deepEqual(holding.grants.map((g) => [g.name, g.grant.connections, g.drain]), [['a', 0, true], ['b', 4, false]]);
+    assert.equal(holding.allocated, 10);
+    const drained = member('a', 0, 2, { acknowledgement: { generation: 1, connections: 0, held: 0, drained: true } });
+    assert.deepEqual(grantsOf({ limit: 10, connections: [orders([web])], pods, members: [drained, member('b', 4)] }), { a: 0, b: 10 });
+  });
+
+  it('releases the reservation of a pod that is gone, or replaced by a new pod of the same name', function () {
+    const plan = planBudgets({ limit: 10, connections: [orders([web])], pods: [pod('b')], members: [member('a', 10), member('b', 0, 0)] });
+    assert.deepEqual(plan.orphans, [{ namespace: 'shop', name: 'a' }]);
+    assert.equal(plan.grants[0]!.grant.connections, 10);
+    const replaced = planBudgets({ limit: 10, connections: [orders([web])], pods: [pod('a', 'web', { uid: 'new' })], members: [member('a', 10, 4)] });
+    assert.deepEqual(replaced.grants[0]!.grant, { connections: 0, generation: 5 }, 'generations continue for the new pod');
+    assert.ok(replaced.grants[0]!.changed);
+  });
+
+  it('splits by weight and respects maxPerPod', function () {
+    const connection = orders([
+      { name: 'web', weight: 2, minPerPod: 1, processesPerPod: 4 },
+      { name: 'worker', weight: 1, minPerPod: 0, maxPerPod: 2, processesPerPod: 1 },
+      { name: 'batch', weight: 1, minPerPod: 0, processesPerPod: 1 },
+    ]);
+    const pods = [pod('w1'), pod('w2'), pod('k1', 'worker'), pod('b1', 'batch')];
+    const members = pods.map((p) => member(p.name, 0, 0));
+    const plan = planBudgets({ limit: 20, connections: [connection], pods, members });
+    assert.deepEqual(Object.fromEntries(plan.grants.map((g) => [g.name, g.target])), { b1: 4, k1: 2, w1: 7, w2: 7 });
+    assert.equal(plan.connections[0]!.perPodBudget, 'web=7 worker=2 batch=4');
+  });
+
+  it('flags oversubscription with the numbers and never grants beyond the limit', function () {
+    const pods = Array.from({ length: 12 }, (_, i) => pod(`p${String(i).padStart(2, '0')}`));
+    const plan = planBudgets({
+      limit: 50, connections: [orders([{ ...web, minPerPod: 5 }])], pods, members: pods.map((p) => member(p.name, 0, 0)),
+    });
+    assert.equal(plan.oversubscription?.message, 'shop/orders web: 12 pods x minPerPod 5 = 60 > limit 50');
+    assert.equal(plan.allocated, 50);
+    assert.ok(plan.grants.every((g) => g.grant.connections <= 5));
+  });
+
+  it('shares one limit across DatabaseConnections of several namespaces', function () {
+    const other: ConnectionInput = { namespace: 'billing', name: 'ledger', budgetStrategy: 'Dynamic', consumers: [web] };
+    const pods = [pod('a'), { ...pod('x'), namespace: 'billing', connection: 'ledger', uid: 'uid-x' }];
+    const members = [member('a', 0, 0), { ...member('x', 0, 0), namespace: 'billing' }];
+    const plan = planBudgets({ limit: 9, connections: [orders([web]), other], pods, members });
+    assert.deepEqual(plan.connections.map((c) => [c.namespace, c.allocated]), [['shop', 4], ['billing', 5]]);
+    assert.equal(plan.allocated, 9);
+  });
+
+  it('MaxReplicas reserves for maxReplicas pods and does not rebalance when pods come and go', function () {
+    const connection = orders([{ ...web, maxReplicas: 4 }], 'MaxReplicas');
+    const one = planBudgets({ limit: 20, connections: [connection], pods: [pod('a')], members: [member('a', 0, 0)] });
+    assert.equal(one.grants[0]!.grant.connections, 5);
+    const pods = [pod('a'), pod('b'), pod('c')];
+    const three = planBudgets({ limit: 20, connections: [connection], pods, members: [member('a', 5), member('b', 0, 0), member('c', 0, 0)] });
+    assert.deepEqual(three.grants.map((g) => g.grant.connections), [5, 5, 5]);
+    assert.equal(three.connections[0]!.consumers[0]!.perPodBudget, 5);
+  });
+
+  it('withdraws the grant of a pod whose consumer is gone', function () {
+    const plan = planBudgets({ limit: 10, connections: [orders([web])], pods: [pod('a', 'removed')], members: [member('a', 6)] });
+    assert.deepEqual([plan.grants[0]!.grant.connections, plan.grants[0]!.drain, plan.allocated], [0, true, 6]);
+  });
+
+  it('is settled once every grant equals its target and is acknowledged', function () {
+    const pods = [pod('a'), pod('b')];
+    assert.ok(planBudgets({ limit: 10, connections: [orders([web])], pods, members: [member('a', 5), member('b', 5)] }).settled);
+    assert.ok(!planBudgets({ limit: 10, connections: [orders([web])], pods, members: [member('a', 6), member('b', 4)] }).settled);
+  });
+
+  it('does not depend on the order of its input', function () {
+    const pods = ['d', 'a', 'c', 'b'].map((n) => pod(n));
+    const members = pods.map((p, i) => member(p.name, i + 1));
+    const input = { limit: 11, connections: [orders([web])], pods, members };
+    fc.assert(fc.property(fc.shuffledSubarray(pods, { minLength: 4 }), fc.shuffledSubarray(members, { minLength: 4 }), (p, m) => {
+      assert.deepEqual(planBudgets({ ...input, pods: p, members: m }), planBudgets(input));
+    }), { numRuns: 30 });
+  });
+});
+
+describe('fair shares', function () {
+  const units = fc.array(fc.record({
+    weight: fc.integer({ min: 1, max: 5 }), low: fc.integer({ min: 0, max: 4 }), extra: fc.option(fc.integer({ min: 0, max: 6 }), { nil: undefined }), takesRemainder: fc.boolean(),
+  }), { maxLength: 12 }).map((raw) => raw.map((u, i): ShareUnit => ({
+    key: `u${String(i).padStart(2, '0')}`, weight: u.weight, low: u.low, high: u.extra === undefined ? Infinity : u.low + u.extra, takesRemainder: u.takesRemainder,
+  })));
+
+  it('property: within bounds, never above capacity, and no unit could give one to another to get fairer', function () {
+    fc.assert(fc.property(units, fc.integer({ min: 0, max: 80 }), (list, extraCapacity) => {
+      const capacity = list.reduce((s, u) => s + u.low, 0) + extraCapacity;
+      const shares = fairShares(list, capacity);
+      let sum = 0;
+      for (const u of list) {
+        const x = shares.get(u.key)!;
+        sum += x;
+        assert.ok(x >= u.low && x <= u.high, `${u.key}=${x} outside [${u.low}, ${u.high}]`);
+      }
+      assert.ok(sum <= capacity);
+      if (list.every((u) => u.takesRemainder)) assert.equal(sum, Math.min(capacity, list.reduce((s, u) => s + u.high, 0)));
+      for (const a of list) {
+        for (const b of list) {
+          const xa = shares.get(a.key)!;
+          const xb = shares.get(b.key)!;
+          if (xa > a.low && xb < b.high && b.takesRemainder) assert.ok((xa - 1) / a.weight <= (xb + 1) / b.weight + 1e-9, `${a.key}=${xa} (w${a.weight}) vs ${b.key}=${xb} (w${b.weight})`);
+        }
+      }
+    }), { numRuns: 300 });
+  });
+
+  it('gives remainders by key when weights are equal', function () {
+    const list = ['c', 'a', 'b'].map((key): ShareUnit => ({ key, weight: 1, low: 0, high: Infinity, takesRemainder: true }));
+    assert.deepEqual([...fairShares(list, 8)].sort(), [['a', 3], ['b', 3], ['c', 2]]);
+  });
+});
+
+describe('limits', function () {
+  it('reads auto as max_connections minus reserved slots', function () {
+    assert.equal(autoMaxConnections({ maxConnections: 100, superuserReservedConnections: 3 }), 97);
+    assert.equal(autoMaxConnections({ maxConnections: 100, superuserReservedConnections: 3, reservedConnections: 2 }), 95);
+  });
+
+  it('resolves reserve as an integer or a percent rounded up', function () {
+    assert.deepEqual(resolveLimit(100, '15%'), { discovered: 100, reserve: 15, effective: 85 });
+    assert.deepEqual(resolveLimit(57, '15%'), { discovered: 57, reserve: 9, effective: 48 });
+    assert.deepEqual(resolveLimit(10, 20), { discovered: 10, reserve: 10, effective: 0 });
+    assert.equal(reservedConnections(60, '0%'), 0);
+    assert.throws(() => reservedConnections(60, 'lots'), /reserve/);
+  });
+
+  it('identifies a server by host (case-insensitive) and port', function () {
+    assert.equal(serverKey({ host: 'DB.Example.', port: 5432 }), 'db.example:5432');
+    assert.equal(serverKey({ host: '::1', port: 5432 }), '[::1]:5432');
+    assert.equal(sharedLimit([85, 40]), 40);
+    assert.equal(sharedLimit([]), 0);
+  });
+});

@@ -22,15 +22,17 @@ export class SshServer {
   readonly hostPublicKey: string;
   /** `SHA256:...` fingerprint of the host key, as `ssh-keygen -lf` prints it. */
   readonly hostKeyFingerprint: string;
-  private readonly process: ManagedProcess;
+  private process: ManagedProcess;
+  private readonly launch: () => ManagedProcess;
 
-  private constructor(fields: { port: number; username: string; userPrivateKey: string; hostPublicKey: string; process: ManagedProcess }) {
+  private constructor(fields: { port: number; username: string; userPrivateKey: string; hostPublicKey: string; process: ManagedProcess; launch: () => ManagedProcess }) {
     this.port = fields.port;
     this.username = fields.username;
     this.userPrivateKey = fields.userPrivateKey;
     this.hostPublicKey = fields.hostPublicKey;
     this.hostKeyFingerprint = fingerprintOf(fields.hostPublicKey);
     this.process = fields.process;
+    this.launch = fields.launch;
   }
 
   /** Generates keys and starts sshd in the foreground. */
@@ -69,10 +71,11 @@ export class SshServer {
       'ClientAliveInterval 5',
       '',
     ].join('\n'));
-    const child = ManagedProcess.start({ name: 'sshd', command: sshd, args: ['-D', '-e', '-f', config], logFile: join(dir, 'sshd.log') }, registry);
+    const launch = (): ManagedProcess => ManagedProcess.start({ name: 'sshd', command: sshd, args: ['-D', '-e', '-f', config], logFile: join(dir, 'sshd.log') }, registry);
+    const child = launch();
     await waitUntil('sshd', () => bannerReceived(port), { timeoutMs: 15_000, process: child });
     const hostPublicKey = readFileSync(`${hostKey}.pub`, 'utf8').trim().split(' ').slice(0, 2).join(' ');
-    return new SshServer({ port, username: userInfo().username, userPrivateKey: readFileSync(userKey, 'utf8'), hostPublicKey, process: child });
+    return new SshServer({ port, username: userInfo().username, userPrivateKey: readFileSync(userKey, 'utf8'), hostPublicKey, process: child, launch });
   }
 
   /** `OpenSSH_9.2p1 ...` as the binary reports it. */
@@ -89,6 +92,12 @@ export class SshServer {
   kill(): Promise<void> {
     this.process.signal('SIGKILL');
     return this.process.stop(1000);
+  }
+
+  /** Starts sshd again on the same port and keys (after kill()). */
+  async restart(): Promise<void> {
+    this.process = this.launch();
+    await waitUntil('sshd', () => bannerReceived(this.port), { timeoutMs: 15_000, process: this.process });
   }
 
   /** Stops sshd. */

@@ -1,0 +1,326 @@
+/**
+ * One client connection: the startup phase (answered by the sidecar itself),
+ * then the client-to-server half of the byte pump. Messages are framed by
+ * header; runs of whole messages are queued while the client has no server
+ * connection and written in one cork/uncork once it has one.
+ */
+import type { Socket } from 'node:net';
+import type { Logger } from 'pino';
+import {
+  FrameReader, MessageType, ProtocolError, UNTYPED, authenticationOk, backendKeyData, errorResponse, isFrontendMessageType,
+  negotiateProtocolVersion, parameterStatus, parseStartupPacket, parseStatementName, readyForQuery, type NoticeFields,
+} from '../core/protocol/index.ts';
+import type { SidecarMetrics } from './metrics.ts';
+import type { AcquireFailure, Pool, PoolWaiter } from './pool.ts';
+import type { ServerConnection } from './server-connection.ts';
+import type { PoolMode } from './settings.ts';
+
+/** What a session needs from the sidecar around it. */
+export interface ClientSessionHost {
+  readonly pool: Pool;
+  readonly metrics: SidecarMetrics;
+  readonly logger: Logger;
+  readonly mode: PoolMode;
+  readonly maxMessageBytes: number;
+  /** Who may log in: the configured database and the credentials' user. */
+  expectedLogin(): { user: string; database: string };
+  isDraining(): boolean;
+  /** Registers the session under its BackendKeyData; returns [processId, secretKey]. */
+  register(session: ClientSession): [number, number];
+  unregister(session: ClientSession): void;
+  /** A CancelRequest arrived on this connection. */
+  cancel(processId: number, secretKey: Buffer): void;
+}
+
+type Phase = 'startup' | 'login' | 'ready' | 'closed';
+
+/** A client of the sidecar. */
+export class ClientSession implements PoolWaiter {
+  readonly socket: Socket;
+  private phase: Phase = 'startup';
+  private server: ServerConnection | undefined;
+  private waiting = false;
+  private closeAtBoundary = false;
+  private readonly reader: FrameReader;
+  private readonly pendingChunks: Buffer[] = [];
+  private readonly pendingTypes: number[] = [];
+  private applicationName = '';
+  private key: [number, number] = [0, 0];
+  private readonly host: ClientSessionHost;
+
+  constructor(socket: Socket, host: ClientSessionHost) {
+    this.socket = socket;
+    this.host = host;
+    this.reader = new FrameReader({ startupPhase: true, maxMessageBytes: host.maxMessageBytes });
+    socket.setNoDelay(true);
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('error', (err: Error) => host.logger.debug({ err: err.message }, 'client socket error'));
+    socket.on('close', () => this.onClose());
+  }
+
+  /** True while a server connection is lent to this client. */
+  get active(): boolean {
+    return this.server !== undefined;
+  }
+
+  /** The server connection in use, for CancelRequest forwarding. */
+  get serverConnection(): ServerConnection | undefined {
+    return this.server;
+  }
+
+  /** BackendKeyData secret of this session. */
+  get secretKey(): number {
+    return this.key[1];
+  }
+
+  /** Drain: close now if between transactions, otherwise at the next boundary. */
+  drain(): void {
+    if (this.phase === 'closed') return;
+    if (this.server === undefined || this.server.tracker.atBoundary) {
+      this.releaseServer(true);
+      this.fail({ severity: 'FATAL', code: '57P01', message: 'terminating connection: the poolkeeper sidecar is draining' });
+    } else this.closeAtBoundary = true;
+  }
+
+  /** Drain timeout reached: close regardless; a server mid-transaction is discarded. */
+  forceClose(): void {
+    if (this.phase === 'closed') return;
+    this.releaseServer(false);
+    this.fail({ severity: 'FATAL', code: '57P01', message: 'terminating connection: the poolkeeper sidecar drain timeout expired' });
+  }
+
+  // ---- client bytes -------------------------------------------------------
+
+  private onData(chunk: Buffer): void {
+    if (this.phase === 'closed') return;
+    const reader = this.reader;
+    let runBuffer: Buffer | undefined;
+    let runStart = 0;
+    let runEnd = 0;
+    try {
+      reader.push(chunk);
+      while (reader.next()) {
+        const type = reader.type;
+        if (type === UNTYPED) {
+          this.onStartupPacket(reader.buffer.subarray(reader.bodyStart, reader.end));
+          if ((this.phase as Phase) === 'closed') return;
+          continue;
+        }
+        if (!isFrontendMessageType(type)) throw new ProtocolError('unknown-message-type', `invalid frontend message type ${type}`);
+        if (this.phase === 'startup') throw new ProtocolError('bad-startup', 'message before the startup packet');
+        if (type === MessageType.terminate) {
+          if (runBuffer !== undefined) this.pendingChunks.push(runBuffer.subarray(runStart, runEnd));
+          this.terminate();
+          return;
+        }
+        if (type === MessageType.parse && this.host.mode === 'transaction' && parseStatementName(reader.buffer, reader.bodyStart, reader.end) !== '') {
+          this.refusePreparedStatement();
+          return;
+        }
+        this.pendingTypes.push(type);
+        if (reader.buffer === runBuffer && reader.start === runEnd) runEnd = reader.end;
+        else {
+          if (runBuffer !== undefined) this.pendingChunks.push(runBuffer.subarray(runStart, runEnd));
+          runBuffer = reader.buffer;
+          runStart = reader.start;
+          runEnd = reader.end;
+        }
+      }
+    } catch (error) {
+      this.onProtocolError(error);
+      return;
+    }
+    if (runBuffer !== undefined) this.pendingChunks.push(runBuffer.subarray(runStart, runEnd));
+    this.forward();
+  }
+
+  /** Sends queued messages to the server connection, acquiring one first if needed. */
+  private forward(): void {
+    if (this.pendingTypes.length === 0 || this.phase !== 'ready') return;
+    const server = this.server;
+    if (server === undefined) {
+      if (!this.waiting) {
+        this.waiting = true;
+        this.host.pool.acquire(this);
+      }
+      return;
+    }
+    const tracker = server.tracker;
+    for (const type of this.pendingTypes) tracker.clientMessage(type);
+    this.pendingTypes.length = 0;
+    const chunks = this.pendingChunks;
+    if (chunks.length === 1) server.write(chunks[0]!);
+    else {
+      server.stream.cork();
+      for (const c of chunks) server.write(c);
+      server.stream.uncork();
+    }
+    chunks.length = 0;
+  }
+
+  private onStartupPacket(body: Buffer): void {
+    const packet = parseStartupPacket(body);
+    switch (packet.kind) {
+      case 'ssl-request':
+      case 'gssenc-request':
+        // Loopback only: encryption would protect nothing the pod boundary does not.
+        this.socket.write('N');
+        this.reader.expectUntyped();
+        return;
+      case 'cancel':
+        this.host.cancel(packet.processId, packet.secretKey);
+        this.phase = 'closed';
+        this.socket.end();
+        return;
+      case 'startup':
+        break;
+    }
+    if (this.phase !== 'startup') throw new ProtocolError('bad-startup', 'second startup packet');
+    const expected = this.host.expectedLogin();
+    const user = packet.parameters.user ?? '';
+    const database = packet.parameters.database ?? user;
+    if (user !== expected.user) {
+      this.host.metrics.error('client-auth');
+      this.fail({ severity: 'FATAL', code: '28000', message: `role "${user}" is not served by this sidecar`, hint: `connect as "${expected.user}"` });
+      return;
+    }
+    if (database !== expected.database) {
+      this.host.metrics.error('client-auth');
+      this.fail({ severity: 'FATAL', code: '3D000', message: `database "${database}" is not served by this sidecar`, hint: `connect to "${expected.database}"` });
+      return;
+    }
+    if (this.host.isDraining()) {
+      this.fail({ severity: 'FATAL', code: '57P03', message: 'the poolkeeper sidecar is draining and accepts no new clients' });
+      return;
+    }
+    this.applicationName = packet.parameters.application_name ?? '';
+    if (packet.minorVersion > 0 || packet.protocolOptions.length > 0) this.socket.write(negotiateProtocolVersion(0, packet.protocolOptions));
+    this.phase = 'login';
+    this.key = this.host.register(this);
+    // Without server parameters yet (first client) or in session mode, log in behind a real server connection.
+    if (this.host.pool.serverParameters === undefined || this.host.mode === 'session') {
+      this.waiting = true;
+      this.host.pool.acquire(this);
+    } else this.finishLogin();
+  }
+
+  private finishLogin(): void {
+    const socket = this.socket;
+    socket.cork();
+    socket.write(authenticationOk());
+    for (const [name, value] of this.host.pool.serverParameters ?? new Map<string, string>()) {
+      socket.write(parameterStatus(name, name === 'application_name' ? this.applicationName : value));
+    }
+    socket.write(backendKeyData(this.key[0], this.key[1]));
+    socket.write(readyForQuery('I'));
+    socket.uncork();
+    this.phase = 'ready';
+    this.forward();
+  }
+
+  // ---- pool callbacks -----------------------------------------------------
+
+  /** The pool lent us a server connection. */
+  onAcquired(server: ServerConnection): void {
+    this.waiting = false;
+    if (this.phase === 'closed') {
+      this.host.pool.release(server, true);
+      return;
+    }
+    this.server = server;
+    if (this.phase === 'login') {
+      if (this.host.mode === 'transaction') this.releaseServer(true);
+      this.finishLogin();
+      return;
+    }
+    this.forward();
+  }
+
+  /** No server connection within poolTimeout, or draining. */
+  onAcquireFailed(failure: AcquireFailure): void {
+    this.waiting = false;
+    this.fail({ severity: 'FATAL', code: failure.sqlState, message: failure.message });
+  }
+
+  /** ReadyForQuery 'I' with nothing outstanding. */
+  onServerBoundary(server: ServerConnection): void {
+    if (this.host.mode === 'transaction' || this.closeAtBoundary) {
+      if (this.pendingTypes.length > 0) return;
+      this.server = undefined;
+      this.host.pool.release(server, true);
+    }
+    if (this.closeAtBoundary) this.drain();
+  }
+
+  /** The server connection died under us. */
+  onServerLost(_server: ServerConnection, reason: string): void {
+    this.server = undefined;
+    this.host.metrics.error('server-lost');
+    this.fail({ severity: 'FATAL', code: '08006', message: `server connection lost: ${reason}` });
+  }
+
+  // ---- endings ------------------------------------------------------------
+
+  private releaseServer(reusable: boolean): void {
+    const server = this.server;
+    if (server === undefined) return;
+    this.server = undefined;
+    this.host.pool.release(server, reusable && server.tracker.atBoundary);
+  }
+
+  private terminate(): void {
+    this.pendingChunks.length = 0;
+    this.pendingTypes.length = 0;
+    this.releaseServer(true);
+    this.closeQuietly();
+  }
+
+  private refusePreparedStatement(): void {
+    this.host.metrics.error('prepared-statement-refused');
+    this.releaseServer(false);
+    this.fail({
+      severity: 'FATAL', code: '0A000',
+      message: 'protocol-level named prepared statements are not supported in transaction pooling mode',
+      hint: 'use unnamed statements (e.g. pgbench -M extended, no `name` in node-postgres), or pool.mode: session',
+    });
+  }
+
+  private onProtocolError(error: unknown): void {
+    const message = error instanceof Error ? error.message : String(error);
+    if (!(error instanceof ProtocolError)) this.host.logger.error({ err: message }, 'unexpected error handling client data');
+    this.host.metrics.error('client-protocol');
+    this.host.logger.info({ err: message }, 'closing client after a protocol violation');
+    this.releaseServer(false);
+    this.fail({ severity: 'FATAL', code: '08P01', message: `protocol violation: ${message}` });
+  }
+
+  /** Sends a FATAL ErrorResponse and closes this client only. */
+  private fail(fields: NoticeFields): void {
+    if (this.phase === 'closed') return;
+    if (this.waiting) this.host.pool.cancelWait(this);
+    this.waiting = false;
+    this.releaseServer(false);
+    this.phase = 'closed';
+    this.pendingChunks.length = 0;
+    this.pendingTypes.length = 0;
+    if (!this.socket.destroyed) this.socket.end(errorResponse(fields));
+    setTimeout(() => this.socket.destroy(), 2000).unref();
+    this.host.unregister(this);
+  }
+
+  private closeQuietly(): void {
+    if (this.phase === 'closed') return;
+    this.phase = 'closed';
+    this.socket.end();
+    this.host.unregister(this);
+  }
+
+  private onClose(): void {
+    if (this.waiting) this.host.pool.cancelWait(this);
+    this.waiting = false;
+    // A client gone mid-transaction leaves a dirty server connection: release() closes it.
+    this.releaseServer(true);
+    this.phase = 'closed';
+    this.host.unregister(this);
+  }
+}

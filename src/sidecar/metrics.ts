@@ -1,0 +1,124 @@
+/**
+ * The sidecar's Prometheus metrics, registered on the Registry passed in.
+ * Hot-path counts are plain numbers read at scrape time, so forwarding a
+ * message never touches prom-client.
+ */
+import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
+import { SERVER_CONNECTION_STATES, type ServerConnectionState } from '../core/pool-state/index.ts';
+
+/** What the metrics read at scrape time. */
+export interface SidecarMetricsSource {
+  serverConnectionsByState(): Record<ServerConnectionState, number>;
+  clientsActive(): number;
+  clientsWaiting(): number;
+  clientsConnected(): number;
+  grant(): { connections: number; generation: number; acknowledgedGeneration: number };
+  credentialsGeneration(): string;
+  tunnelUp(): boolean | undefined;
+  transactions(): number;
+}
+
+/** Kinds for poolkeeper_sidecar_errors_total. */
+export type SidecarErrorKind =
+  | 'client-protocol'
+  | 'client-auth'
+  | 'prepared-statement-refused'
+  | 'pool-timeout'
+  | 'server-connect'
+  | 'server-login'
+  | 'server-lost'
+  | 'tunnel'
+  | 'tunnel-host-key-mismatch'
+  | 'dirty-server-discarded'
+  | 'cancel';
+
+/** The metric objects; construct once per Sidecar. */
+export class SidecarMetrics {
+  readonly waitSeconds: Histogram;
+  readonly errors: Counter<'kind'>;
+  readonly tunnelReconnects: Counter;
+  readonly serverLogins: Counter<'result'>;
+  private source: SidecarMetricsSource | undefined;
+
+  constructor(registry: Registry) {
+    const read = (): SidecarMetricsSource | undefined => this.source;
+    new Gauge({
+      name: 'poolkeeper_sidecar_server_connections', help: 'Server connections by state', labelNames: ['state'], registers: [registry],
+      collect() {
+        const s = read();
+        if (!s) return;
+        const byState = s.serverConnectionsByState();
+        for (const state of SERVER_CONNECTION_STATES) if (state !== 'closed') this.set({ state }, byState[state]);
+      },
+    });
+    new Gauge({
+      name: 'poolkeeper_sidecar_clients', help: 'Client connections: active (holding a server connection), waiting (queued for one), connected (all)', labelNames: ['state'], registers: [registry],
+      collect() {
+        const s = read();
+        if (!s) return;
+        this.set({ state: 'active' }, s.clientsActive());
+        this.set({ state: 'waiting' }, s.clientsWaiting());
+        this.set({ state: 'connected' }, s.clientsConnected());
+      },
+    });
+    new Gauge({
+      name: 'poolkeeper_sidecar_grant_connections', help: 'Server connections granted by the controller', registers: [registry],
+      collect() {
+        const s = read();
+        if (s) this.set(s.grant().connections);
+      },
+    });
+    new Gauge({
+      name: 'poolkeeper_sidecar_grant_generation', help: 'Grant generation: received and acknowledged', labelNames: ['kind'], registers: [registry],
+      collect() {
+        const s = read();
+        if (!s) return;
+        const g = s.grant();
+        this.set({ kind: 'received' }, g.generation);
+        this.set({ kind: 'acknowledged' }, g.acknowledgedGeneration);
+      },
+    });
+    new Gauge({
+      name: 'poolkeeper_sidecar_credentials_info', help: 'Credentials generation used by new server logins (value is always 1)', labelNames: ['generation'], registers: [registry],
+      collect() {
+        const s = read();
+        if (!s) return;
+        this.reset();
+        this.set({ generation: s.credentialsGeneration() }, 1);
+      },
+    });
+    new Gauge({
+      name: 'poolkeeper_sidecar_tunnel_up', help: '1 if the SSH tunnel is connected (absent without a tunnel)', registers: [registry],
+      collect() {
+        const up = read()?.tunnelUp();
+        if (up !== undefined) this.set(up ? 1 : 0);
+      },
+    });
+    new Counter({
+      name: 'poolkeeper_sidecar_transactions_total', help: 'Transactions (or autocommit statements) completed through the pool', registers: [registry],
+      collect() {
+        const s = read();
+        if (!s) return;
+        this.reset();
+        this.inc(s.transactions());
+      },
+    });
+    this.waitSeconds = new Histogram({
+      name: 'poolkeeper_sidecar_client_wait_seconds', help: 'Time clients waited for a server connection', registers: [registry],
+      buckets: [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30],
+    });
+    this.errors = new Counter({ name: 'poolkeeper_sidecar_errors_total', help: 'Errors by kind', labelNames: ['kind'], registers: [registry] });
+    this.tunnelReconnects = new Counter({ name: 'poolkeeper_sidecar_tunnel_reconnects_total', help: 'SSH tunnel reconnections after the first connection', registers: [registry] });
+    this.serverLogins = new Counter({ name: 'poolkeeper_sidecar_server_logins_total', help: 'Upstream logins by result', labelNames: ['result'], registers: [registry] });
+  }
+
+  /** Connects the scrape-time readers. */
+  bind(source: SidecarMetricsSource): void {
+    this.source = source;
+  }
+
+  /** Counts one error. */
+  error(kind: SidecarErrorKind): void {
+    this.errors.inc({ kind });
+  }
+}

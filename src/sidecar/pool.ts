@@ -1,0 +1,428 @@
+/**
+ * The pool of server connections under the grant. Invariants:
+ * - held (connecting + open, closing included) never exceeds the grant when
+ *   a new connection is opened; a shrink closes idle connections first and
+ *   busy ones as they are released;
+ * - a connection goes back to the pool only at a transaction boundary, with
+ *   the current credentials, within its lifetime, and (session mode) after
+ *   DISCARD ALL;
+ * - waiting clients are served first come, first served, up to poolTimeout.
+ */
+import type { Duplex } from 'node:stream';
+import { serialize } from 'pg-protocol';
+import type { Logger } from 'pino';
+import type { ServerConnectionState } from '../core/pool-state/index.ts';
+import type { SidecarMetrics } from './metrics.ts';
+import { ServerConnection, type ServerConnectionUser } from './server-connection.ts';
+import type { Credentials, SidecarSettings } from './settings.ts';
+import { loginUpstream, UpstreamError } from './upstream-login.ts';
+
+/** A failure to get a server connection, with the SQLSTATE the client should see. */
+export interface AcquireFailure {
+  sqlState: string;
+  message: string;
+}
+
+/** A client waiting for a server connection. */
+export interface PoolWaiter extends ServerConnectionUser {
+  onAcquired(server: ServerConnection): void;
+  onAcquireFailed(failure: AcquireFailure): void;
+}
+
+/** Opens a byte stream to host:port (TCP, or an SSH channel), failing after `deadline` (ms). */
+export type StreamOpener = (host: string, port: number, deadline: number) => Promise<Duplex>;
+
+/** Dependencies of a Pool. */
+export interface PoolDeps {
+  settings: SidecarSettings;
+  credentials: () => Credentials;
+  openStream: StreamOpener;
+  logger: Logger;
+  metrics: SidecarMetrics;
+  now: () => number;
+  /** Called whenever something in the status may have changed. */
+  changed: () => void;
+  /** Why no connection can be opened right now (e.g. the SSH tunnel is down), for the client's error. */
+  blockedReason?: () => string | undefined;
+}
+
+interface WaitEntry {
+  waiter: PoolWaiter;
+  since: number;
+  timer: NodeJS.Timeout;
+}
+
+const CONNECT_TIMEOUT_MS = 10_000;
+const RETRY_MIN_MS = 100;
+const RETRY_MAX_MS = 2_000;
+
+/** Server connections, the grant, and the FIFO of waiting clients. */
+export class Pool {
+  grant = 0;
+  grantGeneration = 0;
+  acknowledgedGeneration = 0;
+  acknowledgedConnections = 0;
+  transactions = 0;
+  /** ParameterStatus values of the latest login, replayed to clients at their login. */
+  serverParameters: Map<string, string> | undefined;
+  private pendingGeneration: number | undefined;
+  private readonly servers = new Set<ServerConnection>();
+  private readonly idle: ServerConnection[] = [];
+  private waiters: WaitEntry[] = [];
+  private connecting = 0;
+  private draining = false;
+  private closed = false;
+  private lastConnectError: string | undefined;
+  private retryTimer: NodeJS.Timeout | undefined;
+  private consecutiveFailures = 0;
+  private nextServerId = 1;
+  private readonly emptyListeners: (() => void)[] = [];
+  private readonly deps: PoolDeps;
+  private readonly events: ConstructorParameters<typeof ServerConnection>[0]['events'];
+
+  constructor(deps: PoolDeps) {
+    this.deps = deps;
+    this.events = {
+      stateChanged: () => undefined,
+      closed: (server) => this.onServerClosed(server),
+      transactionCompleted: () => {
+        this.transactions += 1;
+      },
+    };
+  }
+
+  /** Server connections that hold a backend (connecting, open or closing). */
+  get held(): number {
+    return this.servers.size + this.connecting;
+  }
+
+  /** Held connections not already on their way out: what a shrink must bring down to the grant. */
+  private get committed(): number {
+    let closing = 0;
+    for (const s of this.servers) if (s.state === 'closing') closing += 1;
+    return this.held - closing;
+  }
+
+  /** Clients queued for a server connection. */
+  get waiting(): number {
+    return this.waiters.length;
+  }
+
+  /** Connections per state, for metrics. */
+  countByState(): Record<ServerConnectionState, number> {
+    const counts: Record<ServerConnectionState, number> = { connecting: this.connecting, idle: 0, active: 0, resetting: 0, closing: 0, closed: 0 };
+    for (const s of this.servers) counts[s.state] += 1;
+    return counts;
+  }
+
+  /** Asks for a server connection; answers through the waiter's callbacks, possibly synchronously. */
+  acquire(waiter: PoolWaiter): void {
+    if (this.draining || this.closed) {
+      waiter.onAcquireFailed({ sqlState: '57P01', message: 'the sidecar is draining and hands out no more server connections' });
+      return;
+    }
+    if (this.waiters.length === 0) {
+      const server = this.takeIdle();
+      if (server !== undefined) {
+        this.handOut(server, waiter, this.deps.now());
+        return;
+      }
+    }
+    const since = this.deps.now();
+    const timeoutMs = this.deps.settings.pool.poolTimeout * 1000;
+    const entry: WaitEntry = { waiter, since, timer: setTimeout(() => this.timeOut(entry), timeoutMs) };
+    this.waiters.push(entry);
+    this.serveWaiters();
+  }
+
+  /** Forgets a waiter whose client went away. */
+  cancelWait(waiter: PoolWaiter): void {
+    const index = this.waiters.findIndex((e) => e.waiter === waiter);
+    if (index < 0) return;
+    clearTimeout(this.waiters[index]!.timer);
+    this.waiters.splice(index, 1);
+  }
+
+  /**
+   * Takes a connection back. `reusable` is false when the client left it
+   * mid-transaction or mid-protocol: such a connection is closed, never reused.
+   */
+  release(server: ServerConnection, reusable: boolean): void {
+    server.detach();
+    if (server.state !== 'active') return;
+    const reason = this.reasonToClose(server, reusable);
+    if (reason !== undefined) {
+      if (!reusable) this.deps.metrics.error('dirty-server-discarded');
+      server.close(reason);
+      return;
+    }
+    if (this.deps.settings.pool.mode === 'session') {
+      server.runInternal('DISCARD ALL', (ok) => (ok ? this.makeAvailable(server) : server.close('DISCARD ALL failed')));
+      return;
+    }
+    this.makeAvailable(server);
+  }
+
+  /** Applies a grant: grows at once; shrinks by closing idle connections now and busy ones on release. */
+  setGrant(connections: number, generation: number): void {
+    if (!Number.isInteger(connections) || connections < 0) throw new Error(`invalid grant ${connections}`);
+    this.grant = connections;
+    this.grantGeneration = generation;
+    this.pendingGeneration = generation;
+    this.deps.logger.info({ connections, generation, held: this.held }, 'grant changed');
+    this.closeIdleWhile(() => this.committed > this.grant, 'grant shrink');
+    this.checkAcknowledgement();
+    this.serveWaiters();
+    this.deps.changed();
+  }
+
+  /** New credentials: idle connections with the old ones close now; busy ones close when released. */
+  credentialsChanged(): void {
+    const generation = this.deps.credentials().generation;
+    this.closeIdleWhere((s) => s.credentialsGeneration !== generation, 'credentials rotated');
+    this.lastConnectError = undefined;
+    this.consecutiveFailures = 0;
+    if (this.retryTimer) {
+      clearTimeout(this.retryTimer);
+      this.retryTimer = undefined;
+    }
+    this.serveWaiters();
+    this.deps.changed();
+  }
+
+  /** Periodic upkeep: idleTimeout and poolRecycle for idle connections. */
+  janitor(): void {
+    const now = this.deps.now();
+    const { idleTimeout, poolRecycle } = this.deps.settings.pool;
+    this.closeIdleWhere((s) => now - s.idleSince >= idleTimeout * 1000, 'idle timeout');
+    this.closeIdleWhere((s) => now - s.createdAt >= poolRecycle * 1000, 'recycled (poolRecycle)');
+  }
+
+  /** Stops handing out connections: fails waiters, closes idle connections. */
+  beginDrain(): void {
+    this.draining = true;
+    for (const entry of this.waiters.splice(0)) {
+      clearTimeout(entry.timer);
+      entry.waiter.onAcquireFailed({ sqlState: '57P01', message: 'the sidecar is draining' });
+    }
+    this.closeIdleWhere(() => true, 'drain');
+    this.deps.changed();
+  }
+
+  /** Closes every connection, busy or not (end of drain, shutdown). */
+  closeAll(reason: string): void {
+    this.closed = true;
+    this.draining = true;
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    for (const entry of this.waiters.splice(0)) {
+      clearTimeout(entry.timer);
+      entry.waiter.onAcquireFailed({ sqlState: '57P01', message: 'the sidecar is shutting down' });
+    }
+    for (const s of [...this.servers]) s.close(reason);
+    this.idle.length = 0;
+  }
+
+  /** Resolves once no connection holds a backend. */
+  whenEmpty(): Promise<void> {
+    if (this.held === 0) return Promise.resolve();
+    return new Promise((resolve) => this.emptyListeners.push(resolve));
+  }
+
+  /** Sends a CancelRequest for `server`'s backend over a new stream. */
+  async cancel(server: ServerConnection): Promise<void> {
+    const { host, port } = this.deps.settings.database;
+    const stream = await this.deps.openStream(host, port, this.deps.now() + CONNECT_TIMEOUT_MS);
+    stream.on('error', () => undefined);
+    stream.end(serialize.cancel(server.processId, server.secretKey));
+  }
+
+  private reasonToClose(server: ServerConnection, reusable: boolean): string | undefined {
+    if (!reusable || !server.tracker.atBoundary) return 'dirty: released mid-transaction or mid-protocol';
+    if (this.draining) return 'drain';
+    if (server.credentialsGeneration !== this.deps.credentials().generation) return 'credentials rotated';
+    if (this.committed > this.grant) return 'grant shrink';
+    if (this.deps.now() - server.createdAt >= this.deps.settings.pool.poolRecycle * 1000) return 'recycled (poolRecycle)';
+    return undefined;
+  }
+
+  /** A clean connection passes through idle: to the first waiter, or into the idle stack. */
+  private makeAvailable(server: ServerConnection): void {
+    server.setState('idle');
+    server.idleSince = this.deps.now();
+    const entry = this.waiters.shift();
+    if (entry !== undefined) {
+      clearTimeout(entry.timer);
+      this.give(server, entry.waiter, entry.since);
+      return;
+    }
+    this.idle.push(server);
+  }
+
+  /** Most recently used idle connection that is still good (LIFO keeps fewer connections warm). */
+  private takeIdle(): ServerConnection | undefined {
+    const generation = this.deps.credentials().generation;
+    const now = this.deps.now();
+    const recycleMs = this.deps.settings.pool.poolRecycle * 1000;
+    for (;;) {
+      const server = this.idle.pop();
+      if (server === undefined) return undefined;
+      if (server.state !== 'idle') continue;
+      if (server.credentialsGeneration !== generation) server.close('credentials rotated');
+      else if (now - server.createdAt >= recycleMs) server.close('recycled (poolRecycle)');
+      else return server;
+    }
+  }
+
+  private handOut(server: ServerConnection, waiter: PoolWaiter, since: number): void {
+    const now = this.deps.now();
+    const { poolPrePing } = this.deps.settings.pool;
+    const prePingAfterMs = (this.deps.settings.prePingAfterIdle ?? 1) * 1000;
+    if (poolPrePing && server.state === 'idle' && now - server.idleSince >= prePingAfterMs) {
+      server.runInternal(';', (ok) => {
+        if (server.state !== 'resetting') return;
+        if (ok) this.give(server, waiter, since);
+        else {
+          server.close('pre-ping failed');
+          this.requeueFront(waiter, since);
+        }
+      });
+      return;
+    }
+    this.give(server, waiter, since);
+  }
+
+  private give(server: ServerConnection, waiter: PoolWaiter, since: number): void {
+    server.tracker.reset();
+    server.attach(waiter);
+    this.deps.metrics.waitSeconds.observe((this.deps.now() - since) / 1000);
+    waiter.onAcquired(server);
+  }
+
+  private requeueFront(waiter: PoolWaiter, since: number): void {
+    const remaining = Math.max(0, since + this.deps.settings.pool.poolTimeout * 1000 - this.deps.now());
+    const entry: WaitEntry = { waiter, since, timer: setTimeout(() => this.timeOut(entry), remaining) };
+    this.waiters.unshift(entry);
+    this.serveWaiters();
+  }
+
+  private timeOut(entry: WaitEntry): void {
+    const index = this.waiters.indexOf(entry);
+    if (index < 0) return;
+    this.waiters.splice(index, 1);
+    this.deps.metrics.error('pool-timeout');
+    const seconds = this.deps.settings.pool.poolTimeout;
+    const blocked = this.deps.blockedReason?.();
+    const why = blocked !== undefined ? `; ${blocked}` : this.lastConnectError !== undefined ? `; last connection attempt: ${this.lastConnectError}` : this.grant === 0 ? '; the grant is 0' : `; all ${this.grant} granted server connections are busy`;
+    entry.waiter.onAcquireFailed({ sqlState: '53300', message: `no server connection available within ${seconds} s${why}` });
+  }
+
+  /** Hands idle connections to waiters and opens new ones within the grant. */
+  private serveWaiters(): void {
+    while (this.waiters.length > 0) {
+      const server = this.takeIdle();
+      if (server === undefined) break;
+      const entry = this.waiters.shift()!;
+      clearTimeout(entry.timer);
+      this.handOut(server, entry.waiter, entry.since);
+    }
+    if (this.draining || this.retryTimer !== undefined) return;
+    while (this.waiters.length > this.connecting && this.held < this.grant) void this.open();
+  }
+
+  private async open(): Promise<void> {
+    this.connecting += 1;
+    const credentials = this.deps.credentials();
+    const { database } = this.deps.settings;
+    const id = this.nextServerId++;
+    let server: ServerConnection | undefined;
+    try {
+      const stream = await this.deps.openStream(database.host, database.port, this.deps.now() + CONNECT_TIMEOUT_MS);
+      if (stream.listenerCount('error') === 0) stream.on('error', () => undefined);
+      const session = await loginUpstream({
+        stream, host: database.host, dbname: database.dbname, username: credentials.username, password: credentials.password,
+        sslMode: database.sslMode, timeoutMs: CONNECT_TIMEOUT_MS, ...(database.caPem !== undefined ? { caPem: database.caPem } : {}),
+      });
+      server = new ServerConnection({
+        id, stream: session.stream, credentialsGeneration: credentials.generation, now: this.deps.now(), processId: session.processId, secretKey: session.secretKey,
+        maxMessageBytes: this.deps.settings.maxMessageBytes ?? 64 * 1024 * 1024, events: this.events, logger: this.deps.logger,
+      });
+      this.serverParameters = session.parameters;
+      this.deps.metrics.serverLogins.inc({ result: 'ok' });
+      this.consecutiveFailures = 0;
+      this.lastConnectError = undefined;
+    } catch (error) {
+      const message = error instanceof Error ? error.message : String(error);
+      const kind = error instanceof UpstreamError && error.kind === 'auth' ? 'server-login' : message.includes('tunnel') ? 'tunnel' : 'server-connect';
+      this.deps.metrics.serverLogins.inc({ result: kind === 'server-login' ? 'auth-failed' : 'failed' });
+      this.deps.metrics.error(kind);
+      this.lastConnectError = message;
+      this.consecutiveFailures += 1;
+      this.deps.logger.warn({ server: id, err: message, user: credentials.username }, 'server connection failed');
+    } finally {
+      this.connecting -= 1;
+    }
+    if (server === undefined) {
+      this.scheduleRetry();
+      this.afterHeldChanged();
+      return;
+    }
+    this.servers.add(server);
+    this.deps.logger.debug({ server: id, backend: server.processId }, 'server connection opened');
+    if (this.closed || this.draining || server.credentialsGeneration !== this.deps.credentials().generation || this.committed > this.grant) {
+      server.close(this.closed || this.draining ? 'drain' : 'stale on arrival');
+      this.serveWaiters();
+    } else this.makeAvailable(server);
+    this.deps.changed();
+  }
+
+  private scheduleRetry(): void {
+    if (this.retryTimer !== undefined || this.draining || this.waiters.length === 0) return;
+    // Exponential backoff with full jitter: many sidecars must not retry in step.
+    const cap = Math.min(RETRY_MAX_MS, RETRY_MIN_MS * 2 ** Math.min(this.consecutiveFailures, 10));
+    const delay = RETRY_MIN_MS / 2 + Math.random() * cap;
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = undefined;
+      this.serveWaiters();
+    }, delay);
+  }
+
+  private onServerClosed(server: ServerConnection): void {
+    this.servers.delete(server);
+    const index = this.idle.indexOf(server);
+    if (index >= 0) this.idle.splice(index, 1);
+    this.afterHeldChanged();
+    this.serveWaiters();
+    this.deps.changed();
+  }
+
+  private afterHeldChanged(): void {
+    this.checkAcknowledgement();
+    if (this.held === 0) for (const listener of this.emptyListeners.splice(0)) listener();
+  }
+
+  private checkAcknowledgement(): void {
+    if (this.pendingGeneration === undefined || this.held > this.grant) return;
+    this.acknowledgedGeneration = this.pendingGeneration;
+    this.acknowledgedConnections = this.grant;
+    this.pendingGeneration = undefined;
+    this.deps.logger.info({ generation: this.acknowledgedGeneration, connections: this.grant }, 'grant acknowledged');
+    this.deps.changed();
+  }
+
+  private closeIdleWhile(condition: () => boolean, reason: string): void {
+    // Oldest idle first: they are the least warm.
+    while (condition() && this.idle.length > 0) {
+      const server = this.idle.shift()!;
+      if (server.state === 'idle') server.close(reason);
+    }
+  }
+
+  private closeIdleWhere(predicate: (s: ServerConnection) => boolean, reason: string): void {
+    for (const server of [...this.idle]) {
+      if (server.state === 'idle' && predicate(server)) {
+        this.idle.splice(this.idle.indexOf(server), 1);
+        server.close(reason);
+      }
+    }
+  }
+}

@@ -1,0 +1,212 @@
+/**
+ * One logged-in server connection and the server-to-client half of the byte
+ * pump. Bytes are framed by header only; whole messages are forwarded as
+ * runs of the original chunk inside one cork/uncork, and only ReadyForQuery,
+ * ErrorResponse and the COPY messages are looked at.
+ */
+import type { Duplex } from 'node:stream';
+import type { Logger } from 'pino';
+import { serialize } from 'pg-protocol';
+import { transition, TransactionTracker, type ServerConnectionState } from '../core/pool-state/index.ts';
+import { FrameReader, parseNoticeFields } from '../core/protocol/index.ts';
+
+/** Whoever currently uses the connection: a client session. */
+export interface ServerConnectionUser {
+  /** Where server bytes go. */
+  readonly socket: Duplex;
+  /** The server reached a transaction boundary (ReadyForQuery 'I', nothing outstanding). */
+  onServerBoundary(server: ServerConnection): void;
+  /** The server connection died while in use. */
+  onServerLost(server: ServerConnection, reason: string): void;
+}
+
+/** Callbacks into the pool. */
+export interface ServerConnectionEvents {
+  stateChanged(server: ServerConnection, from: ServerConnectionState, to: ServerConnectionState): void;
+  /** The socket closed; the backend no longer counts. */
+  closed(server: ServerConnection): void;
+  transactionCompleted(): void;
+}
+
+const READY_FOR_QUERY = 0x5a;
+const ERROR_RESPONSE = 0x45;
+/** Types the tracker needs to see; everything else is only forwarded. */
+const TRACKED = new Uint8Array(256);
+for (const c of 'ZEGHWc') TRACKED[c.charCodeAt(0)] = 1;
+
+/** A pooled connection to PostgreSQL. */
+export class ServerConnection {
+  readonly id: number;
+  readonly stream: Duplex;
+  readonly credentialsGeneration: string;
+  readonly createdAt: number;
+  readonly processId: number;
+  readonly secretKey: number;
+  readonly tracker = new TransactionTracker();
+  /** When it last became idle (ms). */
+  idleSince: number;
+  private currentState: ServerConnectionState = 'connecting';
+  private user: ServerConnectionUser | undefined;
+  private readonly reader: FrameReader;
+  private readonly events: ServerConnectionEvents;
+  private readonly logger: Logger;
+  private internalQuery: { ok: boolean; done: (ok: boolean) => void } | undefined;
+
+  constructor(fields: { id: number; stream: Duplex; credentialsGeneration: string; now: number; processId: number; secretKey: number; maxMessageBytes: number; events: ServerConnectionEvents; logger: Logger }) {
+    this.id = fields.id;
+    this.stream = fields.stream;
+    this.credentialsGeneration = fields.credentialsGeneration;
+    this.createdAt = fields.now;
+    this.idleSince = fields.now;
+    this.processId = fields.processId;
+    this.secretKey = fields.secretKey;
+    this.reader = new FrameReader({ maxMessageBytes: fields.maxMessageBytes });
+    this.events = fields.events;
+    this.logger = fields.logger;
+    this.stream.on('data', (chunk: Buffer) => this.onData(chunk));
+    this.stream.on('error', (err: Error) => this.logger.debug({ server: this.id, err: err.message }, 'server connection error'));
+    this.stream.on('close', () => this.onClose());
+    this.stream.resume();
+  }
+
+  /** Current state. */
+  get state(): ServerConnectionState {
+    return this.currentState;
+  }
+
+  /** The only way the state changes (throws on an impossible transition). */
+  setState(to: ServerConnectionState): void {
+    const from = this.currentState;
+    this.currentState = transition(from, to);
+    this.events.stateChanged(this, from, to);
+  }
+
+  /** Lends the connection to a client. */
+  attach(user: ServerConnectionUser): void {
+    this.setState('active');
+    this.user = user;
+  }
+
+  /** Takes the connection back from its client. */
+  detach(): void {
+    this.user = undefined;
+  }
+
+  /** The client currently using it. */
+  get attachedUser(): ServerConnectionUser | undefined {
+    return this.user;
+  }
+
+  /** Writes client bytes (already framed and tracked by the caller). */
+  write(chunk: Buffer): void {
+    this.stream.write(chunk);
+  }
+
+  /**
+   * Runs one of the sidecar's own statements (pre-ping `;`, `DISCARD ALL`)
+   * in state `resetting`; `done(true)` if it ended with ReadyForQuery 'I'.
+   */
+  runInternal(sql: string, done: (ok: boolean) => void): void {
+    this.setState('resetting');
+    this.tracker.reset();
+    this.internalQuery = { ok: true, done };
+    this.stream.write(serialize.query(sql));
+  }
+
+  /** Sends Terminate and closes; the backend counts until the socket is closed. */
+  close(reason: string): void {
+    if (this.currentState === 'closing' || this.currentState === 'closed') return;
+    this.logger.debug({ server: this.id, reason }, 'closing server connection');
+    this.setState('closing');
+    this.user = undefined;
+    this.internalQuery = undefined;
+    if (!this.stream.destroyed) {
+      this.stream.end(serialize.end());
+      // A server that ignores Terminate must not hold a slot forever.
+      setTimeout(() => this.stream.destroy(), 5000).unref();
+    }
+  }
+
+  private onClose(): void {
+    if (this.currentState === 'closed') return;
+    const user = this.user;
+    this.user = undefined;
+    const internal = this.internalQuery;
+    this.internalQuery = undefined;
+    this.setState('closed');
+    this.events.closed(this);
+    internal?.done(false);
+    user?.onServerLost(this, 'the server closed the connection');
+  }
+
+  private onData(chunk: Buffer): void {
+    const user = this.user;
+    if (user === undefined) {
+      this.onDataWithoutUser(chunk);
+      return;
+    }
+    const reader = this.reader;
+    const out = user.socket;
+    const tracker = this.tracker;
+    let boundary = false;
+    let runBuffer: Buffer | undefined;
+    let runStart = 0;
+    let runEnd = 0;
+    out.cork();
+    try {
+      reader.push(chunk);
+      while (reader.next()) {
+        const type = reader.type;
+        if (TRACKED[type] === 1) {
+          if (type === READY_FOR_QUERY) {
+            boundary = tracker.serverMessage(type, reader.buffer[reader.bodyStart]);
+            if (boundary) this.events.transactionCompleted();
+          } else tracker.serverMessage(type);
+        }
+        if (reader.buffer === runBuffer && reader.start === runEnd) runEnd = reader.end;
+        else {
+          if (runBuffer !== undefined) out.write(runBuffer.subarray(runStart, runEnd));
+          runBuffer = reader.buffer;
+          runStart = reader.start;
+          runEnd = reader.end;
+        }
+      }
+    } catch (error) {
+      if (runBuffer !== undefined) out.write(runBuffer.subarray(runStart, runEnd));
+      out.uncork();
+      this.logger.warn({ server: this.id, err: (error as Error).message }, 'malformed data from the server');
+      this.stream.destroy();
+      return;
+    }
+    if (runBuffer !== undefined) out.write(runBuffer.subarray(runStart, runEnd));
+    out.uncork();
+    // Re-check: the client may have sent more while we forwarded.
+    if (boundary && tracker.atBoundary && this.user === user) user.onServerBoundary(this);
+  }
+
+  private onDataWithoutUser(chunk: Buffer): void {
+    const reader = this.reader;
+    try {
+      reader.push(chunk);
+      while (reader.next()) {
+        const type = reader.type;
+        const internal = this.internalQuery;
+        if (internal !== undefined) {
+          if (type === ERROR_RESPONSE) internal.ok = false;
+          if (type === READY_FOR_QUERY) {
+            this.internalQuery = undefined;
+            internal.done(internal.ok && reader.buffer[reader.bodyStart] === 0x49);
+          }
+        } else if (type === ERROR_RESPONSE) {
+          // An idle connection gets an error only when the server is about to drop it.
+          const fields = parseNoticeFields(reader.buffer.subarray(reader.bodyStart, reader.end));
+          this.logger.info({ server: this.id, code: fields.C, message: fields.M }, 'idle server connection got an error');
+          this.close('error while idle');
+        }
+      }
+    } catch (error) {
+      this.logger.warn({ server: this.id, err: (error as Error).message }, 'malformed data from the server');
+      this.stream.destroy();
+    }
+  }
+}

@@ -1,0 +1,72 @@
+/**
+ * What the sidecar is told: where the database is, how to reach it, how to
+ * pool, and the credentials it logs in with. Durations are in seconds, as in
+ * the PoolMember spec.
+ */
+
+/** TLS to the server, with libpq's sslmode meanings ('allow' is treated as plaintext first, never TLS). */
+export type SslMode = 'disable' | 'allow' | 'prefer' | 'require' | 'verify-ca' | 'verify-full';
+
+/** Pooling mode: a server connection per transaction (default) or per client session. */
+export type PoolMode = 'transaction' | 'session';
+
+/** Everything the sidecar needs to run, except credentials and the grant. */
+export interface SidecarSettings {
+  listenHost: string;
+  /** 0 picks a free port (tests). */
+  listenPort: number;
+  database: { host: string; port: number; dbname: string; sslMode: SslMode; caPem?: string };
+  sshTunnel?: {
+    host: string;
+    port: number;
+    user: string;
+    /** OpenSSH private key text. */
+    privateKey: string;
+    /** `ssh-ed25519 AAAA...` public key line, or a `SHA256:...` fingerprint. */
+    hostKey: string;
+  };
+  pool: {
+    mode: PoolMode;
+    /** Longest a client waits for a server connection before SQLSTATE 53300. */
+    poolTimeout: number;
+    /** Lifetime of a server connection; older ones close when next idle. */
+    poolRecycle: number;
+    /** Check a connection that sat idle before handing it out. */
+    poolPrePing: boolean;
+    /** Idle server connections older than this (idle time) are closed. */
+    idleTimeout: number;
+  };
+  /** Longest the drain waits for transactions in flight. */
+  drainTimeout: number;
+  /** Largest accepted protocol message (default 64 MiB). */
+  maxMessageBytes?: number;
+  /** Admin HTTP server (/metrics, /healthz, /readyz); omitted: none. Port 0 picks a free one. */
+  admin?: { host: string; port: number };
+  /** Idle time after which poolPrePing checks a connection (default 1 s). */
+  prePingAfterIdle?: number;
+}
+
+/** A login for the upstream server. */
+export interface Credentials {
+  username: string;
+  password: string;
+  /** credentialsGeneration() over the Secret's data. */
+  generation: string;
+}
+
+/** Where the current credentials come from, and news of their change. */
+export interface CredentialsSource {
+  current(): Credentials;
+  /** Calls `listener` on each change; returns the unsubscribe function. */
+  onChange(listener: (credentials: Credentials) => void): () => void;
+}
+
+/** The sidecar's report for PoolMember.status. */
+export interface SidecarStatus {
+  acknowledgedGeneration: number;
+  acknowledgedConnections: number;
+  heldConnections: number;
+  credentialsGeneration: string;
+  draining: boolean;
+  drained: boolean;
+}

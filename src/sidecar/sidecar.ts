@@ -1,0 +1,304 @@
+/**
+ * The sidecar: a loopback listener, client sessions, the pool under the
+ * grant, the optional SSH tunnel, the janitor and the admin server, wired
+ * from what the entry point passes in.
+ *
+ * Client authentication is trust, restricted to loopback peers. The listener
+ * binds 127.0.0.1 inside the pod's network namespace, so only containers of
+ * the same pod can reach it; they share that namespace and so already share
+ * one trust boundary. A per-pod password would have to be given to those
+ * same containers and would add no isolation, while the real database
+ * credentials stay in the sidecar's own Secret volume and never reach the
+ * application. A non-loopback peer (a misconfigured listenHost) is refused.
+ */
+import { randomInt } from 'node:crypto';
+import { connect as netConnect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
+import type { Logger } from 'pino';
+import type { Registry } from 'prom-client';
+import { DEFAULT_MAX_MESSAGE_BYTES, errorResponse } from '../core/protocol/index.ts';
+import { AdminServer } from './admin-server.ts';
+import { ClientSession, type ClientSessionHost } from './client-session.ts';
+import { SidecarMetrics } from './metrics.ts';
+import { Pool } from './pool.ts';
+import type { CredentialsSource, PoolMode, SidecarSettings, SidecarStatus } from './settings.ts';
+import { SshTunnel } from './tunnel.ts';
+
+/** Constructor dependencies of the Sidecar. */
+export interface SidecarDeps {
+  settings: SidecarSettings;
+  credentials: CredentialsSource;
+  logger: Logger;
+  metrics: Registry;
+}
+
+/** True for 127.0.0.0/8, ::1 and IPv4-mapped loopback. */
+export function isLoopbackAddress(address: string | undefined): boolean {
+  if (address === undefined) return false;
+  return address === '::1' || address.startsWith('127.') || address.startsWith('::ffff:127.');
+}
+
+const JANITOR_INTERVAL_MS = 1000;
+
+/** The pooling sidecar. */
+export class Sidecar implements ClientSessionHost {
+  readonly pool: Pool;
+  readonly metrics: SidecarMetrics;
+  readonly logger: Logger;
+  readonly mode: PoolMode;
+  readonly maxMessageBytes: number;
+  private readonly settings: SidecarSettings;
+  private readonly credentials: CredentialsSource;
+  private readonly registry: Registry;
+  private readonly tunnel: SshTunnel | undefined;
+  private readonly sessions = new Map<number, ClientSession>();
+  private readonly statusListeners = new Set<(s: SidecarStatus) => void>();
+  private server: Server | undefined;
+  private admin: AdminServer | undefined;
+  private janitorTimer: NodeJS.Timeout | undefined;
+  private unsubscribeCredentials: (() => void) | undefined;
+  private draining = false;
+  private drained = false;
+  private stopped = false;
+  private statusScheduled = false;
+  private lastStatus = '';
+
+  constructor(deps: SidecarDeps) {
+    this.settings = deps.settings;
+    this.credentials = deps.credentials;
+    this.logger = deps.logger;
+    this.registry = deps.metrics;
+    this.mode = deps.settings.pool.mode;
+    this.maxMessageBytes = deps.settings.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
+    this.metrics = new SidecarMetrics(deps.metrics);
+    const tunnelSettings = deps.settings.sshTunnel;
+    this.tunnel = tunnelSettings ? new SshTunnel({ settings: tunnelSettings, logger: deps.logger, metrics: this.metrics, onUpChange: () => this.statusChanged() }) : undefined;
+    this.pool = new Pool({
+      settings: deps.settings,
+      credentials: () => this.credentials.current(),
+      openStream: (host, port, deadline) => this.openStream(host, port, deadline),
+      logger: deps.logger,
+      metrics: this.metrics,
+      now: () => Date.now(),
+      changed: () => this.statusChanged(),
+      blockedReason: () => this.tunnel?.downReason(),
+    });
+    this.metrics.bind({
+      serverConnectionsByState: () => this.pool.countByState(),
+      clientsActive: () => [...this.sessions.values()].filter((s) => s.active).length,
+      clientsWaiting: () => this.pool.waiting,
+      clientsConnected: () => this.sessions.size,
+      grant: () => ({ connections: this.pool.grant, generation: this.pool.grantGeneration, acknowledgedGeneration: this.pool.acknowledgedGeneration }),
+      credentialsGeneration: () => this.credentials.current().generation,
+      tunnelUp: () => this.tunnel?.up,
+      transactions: () => this.pool.transactions,
+    });
+  }
+
+  /** Starts the tunnel, the listener, the janitor and the admin server. */
+  async start(): Promise<{ port: number; adminPort?: number }> {
+    this.tunnel?.start();
+    this.unsubscribeCredentials = this.credentials.onChange((c) => {
+      this.logger.info({ generation: c.generation }, 'new credentials: rotating server connections');
+      this.pool.credentialsChanged();
+    });
+    this.janitorTimer = setInterval(() => this.pool.janitor(), JANITOR_INTERVAL_MS);
+    this.janitorTimer.unref();
+    const server = createServer({ noDelay: true }, (socket) => this.accept(socket));
+    this.server = server;
+    const port = await new Promise<number>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(this.settings.listenPort, this.settings.listenHost, () => resolve((server.address() as AddressInfo).port));
+    });
+    let adminPort: number | undefined;
+    if (this.settings.admin) {
+      this.admin = new AdminServer({ registry: this.registry, readiness: () => this.readiness(), healthy: () => !this.stopped });
+      adminPort = await this.admin.listen(this.settings.admin.host, this.settings.admin.port);
+    }
+    this.logger.info({ port, adminPort, mode: this.mode, tunnel: this.tunnel !== undefined }, 'sidecar listening');
+    return adminPort === undefined ? { port } : { port, adminPort };
+  }
+
+  /** Applies a grant from the controller (PoolMember spec.grant). */
+  setGrant(connections: number, generation: number): void {
+    if (this.draining) {
+      this.logger.info({ connections, generation }, 'grant ignored while draining');
+      return;
+    }
+    this.pool.setGrant(connections, generation);
+  }
+
+  /** Subscribes to status changes; returns the unsubscribe function. */
+  onStatus(listener: (s: SidecarStatus) => void): () => void {
+    this.statusListeners.add(listener);
+    return () => this.statusListeners.delete(listener);
+  }
+
+  /** What PoolMember.status should say now. */
+  status(): SidecarStatus {
+    return {
+      acknowledgedGeneration: this.pool.acknowledgedGeneration,
+      acknowledgedConnections: this.drained ? 0 : this.pool.acknowledgedConnections,
+      heldConnections: this.pool.held,
+      credentialsGeneration: this.credentials.current().generation,
+      draining: this.draining,
+      drained: this.drained,
+    };
+  }
+
+  /** Readiness for /readyz. */
+  readiness(): { ready: boolean; reasons: string[] } {
+    const reasons: string[] = [];
+    if (this.server === undefined || !this.server.listening) reasons.push('not listening');
+    if (this.draining) reasons.push('draining');
+    if (this.tunnel !== undefined && !this.tunnel.up) reasons.push('SSH tunnel down');
+    return { ready: reasons.length === 0, reasons };
+  }
+
+  /**
+   * SIGTERM: stop accepting clients, let transactions in flight finish up to
+   * drainTimeout, close server connections, report drained.
+   */
+  async drain(): Promise<void> {
+    if (this.draining) return this.waitDrained();
+    this.draining = true;
+    this.logger.info({ clients: this.sessions.size, held: this.pool.held }, 'draining');
+    this.statusChanged();
+    this.server?.close();
+    this.pool.beginDrain();
+    for (const session of [...this.sessions.values()]) session.drain();
+    const deadline = Date.now() + this.settings.drainTimeout * 1000;
+    while (this.sessions.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    for (const session of [...this.sessions.values()]) session.forceClose();
+    this.pool.closeAll('drain');
+    await this.pool.whenEmpty();
+    this.tunnel?.stop();
+    this.drained = true;
+    this.logger.info('drained');
+    this.statusChanged();
+  }
+
+  /** Closes everything at once (after drain, or in tests). */
+  async close(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    this.draining = true;
+    this.server?.close();
+    for (const session of [...this.sessions.values()]) session.forceClose();
+    this.pool.closeAll('shutdown');
+    await Promise.race([this.pool.whenEmpty(), new Promise((r) => setTimeout(r, 3000))]);
+    this.tunnel?.stop();
+    if (this.janitorTimer) clearInterval(this.janitorTimer);
+    this.unsubscribeCredentials?.();
+    await this.admin?.close();
+  }
+
+  // ---- ClientSessionHost --------------------------------------------------
+
+  /** The login clients must use. */
+  expectedLogin(): { user: string; database: string } {
+    return { user: this.credentials.current().username, database: this.settings.database.dbname };
+  }
+
+  /** True once drain() began. */
+  isDraining(): boolean {
+    return this.draining;
+  }
+
+  /** Gives a session its BackendKeyData. */
+  register(session: ClientSession): [number, number] {
+    let processId = randomInt(1, 2 ** 31 - 1);
+    while (this.sessions.has(processId)) processId = randomInt(1, 2 ** 31 - 1);
+    this.sessions.set(processId, session);
+    return [processId, randomInt(-(2 ** 31), 2 ** 31 - 1)];
+  }
+
+  /** Forgets a closed session. */
+  unregister(session: ClientSession): void {
+    for (const [pid, s] of this.sessions) {
+      if (s === session) {
+        this.sessions.delete(pid);
+        return;
+      }
+    }
+  }
+
+  /** Forwards a CancelRequest to the server connection the client is using now. */
+  cancel(processId: number, secretKey: Buffer): void {
+    const session = this.sessions.get(processId);
+    if (session === undefined || secretKey.length !== 4 || secretKey.readInt32BE(0) !== session.secretKey) {
+      this.metrics.error('cancel');
+      this.logger.info('CancelRequest for an unknown session ignored');
+      return;
+    }
+    const server = session.serverConnection;
+    if (server === undefined) return;
+    this.pool.cancel(server).catch((err: Error) => {
+      this.metrics.error('cancel');
+      this.logger.warn({ err: err.message }, 'forwarding CancelRequest failed');
+    });
+  }
+
+  // ---- internals ----------------------------------------------------------
+
+  private accept(socket: Socket): void {
+    if (!isLoopbackAddress(socket.remoteAddress)) {
+      this.metrics.error('client-auth');
+      this.logger.warn({ peer: socket.remoteAddress }, 'refusing a non-loopback client');
+      socket.end(errorResponse({ severity: 'FATAL', code: '28000', message: 'the poolkeeper sidecar accepts loopback clients only' }));
+      return;
+    }
+    if (this.draining) {
+      socket.end(errorResponse({ severity: 'FATAL', code: '57P03', message: 'the poolkeeper sidecar is draining' }));
+      return;
+    }
+    new ClientSession(socket, this);
+  }
+
+  private openStream(host: string, port: number, deadline: number): Promise<Duplex> {
+    if (this.tunnel) return this.tunnel.open(host, port, deadline);
+    return new Promise((resolve, reject) => {
+      const socket = netConnect({ host, port, noDelay: true });
+      const timer = setTimeout(() => {
+        socket.destroy();
+        reject(new Error(`connecting to ${host}:${port} timed out`));
+      }, Math.max(1, deadline - Date.now()));
+      socket.once('connect', () => {
+        clearTimeout(timer);
+        socket.off('error', onError);
+        resolve(socket);
+      });
+      const onError = (err: Error): void => {
+        clearTimeout(timer);
+        reject(new Error(`connecting to ${host}:${port} failed: ${err.message}`));
+      };
+      socket.once('error', onError);
+    });
+  }
+
+  private waitDrained(): Promise<void> {
+    return new Promise((resolve) => {
+      if (this.drained) return resolve();
+      const off = this.onStatus((s) => {
+        if (s.drained) {
+          off();
+          resolve();
+        }
+      });
+    });
+  }
+
+  /** Coalesces status changes into one notification per tick, and only when something changed. */
+  private statusChanged(): void {
+    if (this.statusScheduled) return;
+    this.statusScheduled = true;
+    queueMicrotask(() => {
+      this.statusScheduled = false;
+      const status = this.status();
+      const key = JSON.stringify(status);
+      if (key === this.lastStatus) return;
+      this.lastStatus = key;
+      for (const listener of this.statusListeners) listener(status);
+    });
+  }
+}

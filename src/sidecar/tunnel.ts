@@ -1,0 +1,168 @@
+/**
+ * One SSH connection per sidecar to the bastion; each server connection is a
+ * direct-tcpip channel on it. The host key must match the configured key
+ * line or SHA256 fingerprint; a mismatch is refused, logged and counted. The
+ * connection keeps itself alive and reconnects with exponential backoff and
+ * full jitter; while it is down, openers wait until their deadline.
+ */
+import { createHash } from 'node:crypto';
+import { connect as netConnect } from 'node:net';
+import type { Duplex } from 'node:stream';
+import type { Logger } from 'pino';
+import { Client as SshClient } from 'ssh2';
+import type { SidecarMetrics } from './metrics.ts';
+import type { SidecarSettings } from './settings.ts';
+
+/** Settings of the tunnel. */
+export type TunnelSettings = NonNullable<SidecarSettings['sshTunnel']>;
+
+const BACKOFF_MIN_MS = 200;
+const BACKOFF_MAX_MS = 10_000;
+
+/** `SHA256:<base64, no padding>` of a raw SSH public key blob. */
+export function sshFingerprint(keyBlob: Buffer): string {
+  return `SHA256:${createHash('sha256').update(keyBlob).digest('base64').replace(/=+$/, '')}`;
+}
+
+/** True if the host key blob matches the configured `type base64` line or `SHA256:` fingerprint. */
+export function hostKeyMatches(configured: string, keyBlob: Buffer): boolean {
+  const wanted = configured.trim();
+  if (wanted.startsWith('SHA256:')) return sshFingerprint(keyBlob) === wanted.replace(/=+$/, '');
+  const blob = wanted.split(/\s+/)[1];
+  return blob !== undefined && Buffer.from(blob, 'base64').equals(keyBlob);
+}
+
+/** The shared SSH connection. */
+export class SshTunnel {
+  private client: SshClient | undefined;
+  private ready = false;
+  private stopped = false;
+  private attempt = 0;
+  private connectedOnce = false;
+  private reconnectTimer: NodeJS.Timeout | undefined;
+  private lastError = 'not connected yet';
+  private readonly readyWaiters = new Set<() => void>();
+  private readonly settings: TunnelSettings;
+  private readonly logger: Logger;
+  private readonly metrics: SidecarMetrics;
+  private readonly onUpChange: (up: boolean) => void;
+
+  constructor(deps: { settings: TunnelSettings; logger: Logger; metrics: SidecarMetrics; onUpChange?: (up: boolean) => void }) {
+    this.settings = deps.settings;
+    this.logger = deps.logger.child({ component: 'ssh-tunnel', bastion: `${deps.settings.host}:${deps.settings.port}` });
+    this.metrics = deps.metrics;
+    this.onUpChange = deps.onUpChange ?? (() => undefined);
+  }
+
+  /** True while the SSH connection is established. */
+  get up(): boolean {
+    return this.ready;
+  }
+
+  /** Why the tunnel is down, or undefined while it is up. */
+  downReason(): string | undefined {
+    return this.ready ? undefined : `SSH tunnel to ${this.settings.host}:${this.settings.port} is down: ${this.lastError}`;
+  }
+
+  /** Starts connecting (in the background). */
+  start(): void {
+    this.stopped = false;
+    this.connect();
+  }
+
+  /** Opens a forwarded channel to host:port, waiting for the tunnel until `deadline` (ms since epoch). */
+  async open(host: string, port: number, deadline: number): Promise<Duplex> {
+    while (!this.ready) {
+      if (this.stopped) throw new Error('SSH tunnel is stopped');
+      const remaining = deadline - Date.now();
+      if (remaining <= 0) throw new Error(`SSH tunnel to ${this.settings.host}:${this.settings.port} is down: ${this.lastError}`);
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(done, remaining);
+        function done(): void {
+          clearTimeout(timer);
+          resolve();
+        }
+        this.readyWaiters.add(done);
+      });
+    }
+    const client = this.client!;
+    return new Promise((resolve, reject) => {
+      client.forwardOut('127.0.0.1', 0, host, port, (err, channel) => {
+        if (err) reject(new Error(`SSH tunnel could not open a channel to ${host}:${port}: ${err.message}`));
+        else resolve(channel);
+      });
+    });
+  }
+
+  /** Closes the SSH connection and stops reconnecting. */
+  stop(): void {
+    this.stopped = true;
+    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+    this.client?.end();
+    this.setReady(false);
+    for (const wake of [...this.readyWaiters]) wake();
+  }
+
+  private connect(): void {
+    if (this.stopped) return;
+    const client = new SshClient();
+    this.client = client;
+    let hostKeyRefused = false;
+    client.on('ready', () => {
+      if (this.connectedOnce) this.metrics.tunnelReconnects.inc();
+      this.connectedOnce = true;
+      this.attempt = 0;
+      this.logger.info('SSH tunnel up');
+      this.setReady(true);
+      for (const wake of [...this.readyWaiters]) wake();
+      this.readyWaiters.clear();
+    });
+    client.on('error', (err: Error) => {
+      this.lastError = hostKeyRefused ? 'host key mismatch' : err.message;
+      if (!hostKeyRefused) this.metrics.error('tunnel');
+      this.logger.warn({ err: this.lastError }, 'SSH tunnel error');
+    });
+    client.on('close', () => {
+      if (this.client !== client) return;
+      this.setReady(false);
+      this.scheduleReconnect();
+    });
+    const sock = netConnect({ host: this.settings.host, port: this.settings.port });
+    sock.setNoDelay(true);
+    sock.on('error', () => undefined); // reported through the client
+    client.connect({
+      sock,
+      username: this.settings.user,
+      privateKey: this.settings.privateKey,
+      readyTimeout: 10_000,
+      keepaliveInterval: 5_000,
+      keepaliveCountMax: 3,
+      hostVerifier: (key: Buffer) => {
+        if (hostKeyMatches(this.settings.hostKey, key)) return true;
+        hostKeyRefused = true;
+        this.metrics.error('tunnel-host-key-mismatch');
+        this.logger.error({ presented: sshFingerprint(key), expected: this.settings.hostKey.startsWith('SHA256:') ? this.settings.hostKey : 'configured key line' }, 'SSH host key mismatch: refusing the bastion');
+        return false;
+      },
+    });
+  }
+
+  private scheduleReconnect(): void {
+    if (this.stopped || this.reconnectTimer) return;
+    this.attempt += 1;
+    // Full jitter: a fleet of sidecars must not reconnect in lockstep.
+    const cap = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** Math.min(this.attempt, 16));
+    const delay = Math.random() * cap;
+    this.logger.info({ attempt: this.attempt, delayMs: Math.round(delay) }, 'SSH tunnel down, reconnecting');
+    this.reconnectTimer = setTimeout(() => {
+      this.reconnectTimer = undefined;
+      this.connect();
+    }, delay);
+  }
+
+  private setReady(ready: boolean): void {
+    if (this.ready === ready) return;
+    this.ready = ready;
+    this.onUpChange(ready);
+  }
+}

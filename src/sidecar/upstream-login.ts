@@ -1,0 +1,255 @@
+/**
+ * The sidecar's own login to PostgreSQL over an already open stream (a TCP
+ * socket or an SSH channel): optional TLS per sslmode, then the startup
+ * handshake answering SCRAM-SHA-256, md5 or cleartext challenges. Outgoing
+ * messages come from pg-protocol's serializer; incoming ones go through our
+ * FrameReader.
+ */
+import { createHash, createHmac, pbkdf2, randomBytes, timingSafeEqual } from 'node:crypto';
+import { isIP } from 'node:net';
+import type { Duplex } from 'node:stream';
+import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
+import { serialize } from 'pg-protocol';
+import { FrameReader, parseNoticeFields, parseParameterStatus } from '../core/protocol/index.ts';
+import type { SslMode } from './settings.ts';
+
+/** An upstream failure with the server's SQLSTATE when it sent one. */
+export class UpstreamError extends Error {
+  readonly sqlState: string | undefined;
+  readonly kind: string;
+
+  constructor(kind: string, message: string, sqlState?: string) {
+    super(message);
+    this.name = 'UpstreamError';
+    this.kind = kind;
+    this.sqlState = sqlState;
+  }
+}
+
+/** What a successful login yields. */
+export interface UpstreamSession {
+  stream: Duplex;
+  parameters: Map<string, string>;
+  processId: number;
+  secretKey: number;
+}
+
+/** Inputs of one login. */
+export interface UpstreamLoginOptions {
+  stream: Duplex;
+  host: string;
+  dbname: string;
+  username: string;
+  password: string;
+  sslMode: SslMode;
+  caPem?: string;
+  timeoutMs: number;
+}
+
+/** Reads one byte (the answer to SSLRequest) without losing anything after it. */
+function readOneByte(stream: Duplex): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const onData = (chunk: Buffer): void => {
+      stream.off('data', onData);
+      stream.off('error', onError);
+      stream.off('close', onClose);
+      stream.pause();
+      if (chunk.length > 1) stream.unshift(chunk.subarray(1));
+      resolve(chunk[0]!);
+    };
+    const onError = (err: Error): void => reject(err);
+    const onClose = (): void => reject(new UpstreamError('connect', 'server closed the connection during SSL negotiation'));
+    stream.on('data', onData);
+    stream.once('error', onError);
+    stream.once('close', onClose);
+    stream.resume();
+  });
+}
+
+async function negotiateTls(options: UpstreamLoginOptions): Promise<Duplex> {
+  const { stream, sslMode } = options;
+  if (sslMode === 'disable' || sslMode === 'allow') return stream;
+  stream.write(serialize.requestSsl());
+  const answer = await readOneByte(stream);
+  if (answer === 0x4e /* N */) {
+    if (sslMode === 'prefer') return stream;
+    throw new UpstreamError('tls', `server does not support SSL, but sslmode=${sslMode} requires it`);
+  }
+  if (answer !== 0x53 /* S */) throw new UpstreamError('tls', `unexpected answer ${answer} to SSLRequest`);
+  const verify = sslMode === 'verify-ca' || sslMode === 'verify-full';
+  const tlsOptions: ConnectionOptions = {
+    socket: stream,
+    rejectUnauthorized: verify,
+    ...(options.caPem !== undefined ? { ca: options.caPem } : {}),
+    ...(isIP(options.host) === 0 ? { servername: options.host } : {}),
+    // verify-ca checks the chain only; verify-full also the host name.
+    ...(sslMode === 'verify-full' ? {} : { checkServerIdentity: () => undefined }),
+  };
+  return new Promise((resolve, reject) => {
+    const secure = tlsConnect(tlsOptions, () => {
+      secure.off('error', reject);
+      resolve(secure);
+    });
+    secure.once('error', (err: Error) => reject(new UpstreamError('tls', `TLS to the server failed: ${err.message}`)));
+  });
+}
+
+function md5Hex(data: string | Buffer): string {
+  return createHash('md5').update(data).digest('hex');
+}
+
+function hmac(key: Buffer, data: string): Buffer {
+  return createHmac('sha256', key).update(data).digest();
+}
+
+function xor(a: Buffer, b: Buffer): Buffer {
+  const out = Buffer.alloc(a.length);
+  for (let i = 0; i < a.length; i += 1) out[i] = a[i]! ^ b[i]!;
+  return out;
+}
+
+/** Client side of SCRAM-SHA-256 (RFC 5802/7677) without channel binding. */
+class ScramClient {
+  private readonly nonce = randomBytes(18).toString('base64');
+  private readonly clientFirstBare = `n=*,r=${this.nonce}`;
+  private serverSignature: Buffer | undefined;
+  private readonly password: string;
+
+  constructor(password: string) {
+    this.password = password;
+  }
+
+  initialResponse(): string {
+    return `n,,${this.clientFirstBare}`;
+  }
+
+  async finalResponse(serverFirst: string): Promise<string> {
+    const attrs = new Map(serverFirst.split(',').map((kv) => [kv.slice(0, 1), kv.slice(2)] as const));
+    const serverNonce = attrs.get('r') ?? '';
+    const salt = Buffer.from(attrs.get('s') ?? '', 'base64');
+    const iterations = Number(attrs.get('i'));
+    if (!serverNonce.startsWith(this.nonce) || serverNonce.length === this.nonce.length) throw new UpstreamError('auth', 'SCRAM: server nonce does not extend ours');
+    if (!Number.isInteger(iterations) || iterations < 1 || salt.length === 0) throw new UpstreamError('auth', 'SCRAM: malformed server-first-message');
+    const salted = await new Promise<Buffer>((resolve, reject) => pbkdf2(this.password.normalize('NFKC'), salt, iterations, 32, 'sha256', (err, key) => (err ? reject(err) : resolve(key))));
+    const clientKey = hmac(salted, 'Client Key');
+    const storedKey = createHash('sha256').update(clientKey).digest();
+    const withoutProof = `c=biws,r=${serverNonce}`;
+    const authMessage = `${this.clientFirstBare},${serverFirst},${withoutProof}`;
+    const proof = xor(clientKey, hmac(storedKey, authMessage));
+    this.serverSignature = hmac(hmac(salted, 'Server Key'), authMessage);
+    return `${withoutProof},p=${proof.toString('base64')}`;
+  }
+
+  verifyFinal(serverFinal: string): void {
+    const v = serverFinal.split(',').find((kv) => kv.startsWith('v='));
+    const got = Buffer.from(v?.slice(2) ?? '', 'base64');
+    if (!this.serverSignature || got.length !== this.serverSignature.length || !timingSafeEqual(got, this.serverSignature)) {
+      throw new UpstreamError('auth', 'SCRAM: the server signature does not match (not the real server?)');
+    }
+  }
+}
+
+/** Performs TLS negotiation and the startup handshake; resolves once ReadyForQuery arrives. */
+export async function loginUpstream(options: UpstreamLoginOptions): Promise<UpstreamSession> {
+  const stream = await negotiateTls(options);
+  return new Promise<UpstreamSession>((resolve, reject) => {
+    const reader = new FrameReader();
+    const parameters = new Map<string, string>();
+    let processId = 0;
+    let secretKey = 0;
+    let scram: ScramClient | undefined;
+    let finished = false;
+    const timer = setTimeout(() => fail(new UpstreamError('timeout', `login did not finish within ${options.timeoutMs} ms`)), options.timeoutMs);
+    const cleanup = (): void => {
+      finished = true;
+      clearTimeout(timer);
+      stream.off('data', onData);
+      stream.off('error', onError);
+      stream.off('close', onClose);
+    };
+    const fail = (error: Error): void => {
+      if (finished) return;
+      cleanup();
+      stream.destroy();
+      reject(error);
+    };
+    const onError = (err: Error): void => fail(new UpstreamError('connect', `server connection failed: ${err.message}`));
+    const onClose = (): void => fail(new UpstreamError('connect', 'server closed the connection during login'));
+    const onAuth = (body: Buffer): void => {
+      const code = body.readInt32BE(0);
+      switch (code) {
+        case 0:
+          return;
+        case 3:
+          stream.write(serialize.password(options.password));
+          return;
+        case 5: {
+          const salt = body.subarray(4, 8);
+          const inner = md5Hex(`${options.password}${options.username}`);
+          stream.write(serialize.password(`md5${md5Hex(Buffer.concat([Buffer.from(inner), salt]))}`));
+          return;
+        }
+        case 10: {
+          const mechanisms = body.subarray(4).toString('utf8').split('\0');
+          if (!mechanisms.includes('SCRAM-SHA-256')) throw new UpstreamError('auth', `no supported SASL mechanism among ${mechanisms.filter(Boolean).join(', ')}`);
+          scram = new ScramClient(options.password);
+          stream.write(serialize.sendSASLInitialResponseMessage('SCRAM-SHA-256', scram.initialResponse()));
+          return;
+        }
+        case 11:
+          if (!scram) throw new UpstreamError('auth', 'SASL continue without SASL start');
+          scram.finalResponse(body.subarray(4).toString('utf8')).then((final) => {
+            if (!finished) stream.write(serialize.sendSCRAMClientFinalMessage(final));
+          }, fail);
+          return;
+        case 12:
+          if (!scram) throw new UpstreamError('auth', 'SASL final without SASL start');
+          scram.verifyFinal(body.subarray(4).toString('utf8'));
+          return;
+        default:
+          throw new UpstreamError('auth', `unsupported authentication request ${code}`);
+      }
+    };
+    const onData = (chunk: Buffer): void => {
+      try {
+        reader.push(chunk);
+        while (reader.next()) {
+          const body = reader.buffer.subarray(reader.bodyStart, reader.end);
+          switch (reader.type) {
+            case 0x52: // R
+              onAuth(body);
+              break;
+            case 0x53: { // S
+              const [name, value] = parseParameterStatus(body);
+              parameters.set(name, value);
+              break;
+            }
+            case 0x4b: // K
+              processId = body.readInt32BE(0);
+              secretKey = body.readInt32BE(4);
+              break;
+            case 0x45: { // E
+              const fields = parseNoticeFields(body);
+              const kind = fields.C === '28P01' || fields.C === '28000' ? 'auth' : 'server';
+              fail(new UpstreamError(kind, `server refused the login: ${fields.M ?? 'unknown error'}`, fields.C));
+              return;
+            }
+            case 0x5a: // Z
+              cleanup();
+              stream.pause();
+              resolve({ stream, parameters, processId, secretKey });
+              return;
+            default: // NoticeResponse, NegotiateProtocolVersion: nothing to do
+          }
+        }
+      } catch (error) {
+        fail(error instanceof Error ? error : new Error(String(error)));
+      }
+    };
+    stream.on('data', onData);
+    stream.once('error', onError);
+    stream.once('close', onClose);
+    stream.write(serialize.startup({ user: options.username, database: options.dbname, client_encoding: 'UTF8', application_name: 'poolkeeper-sidecar' }));
+    stream.resume();
+  });
+}

@@ -1,0 +1,530 @@
+/**
+ * The sidecar against the real PostgreSQL and sshd: psql, pgbench and
+ * node-postgres through it, in both pooling modes; the grant as a hard cap
+ * under load; shrink, grow, rotation, tunnel loss, host keys, fuzzing.
+ */
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { connect as netConnect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import pg from 'pg';
+import { pino } from 'pino';
+import { Registry } from 'prom-client';
+import { testEnvironment } from '../support/hooks.ts';
+import { FileCredentialsSource, Sidecar, type PoolMode, type SidecarSettings } from '../../src/sidecar/index.ts';
+import type { PostgresRole, PostgresServer } from '../../src/devenv/postgres.ts';
+import { buildStartupMessage } from '../../src/core/protocol/index.ts';
+
+const env = testEnvironment();
+const logger = pino({ level: process.env.SIDECAR_TEST_LOG ?? 'silent' });
+
+interface Running {
+  sidecar: Sidecar;
+  port: number;
+  adminPort: number;
+  registry: Registry;
+  credentialsDir: string;
+  credentials: FileCredentialsSource;
+  client(): pg.Client;
+  stop(): Promise<void>;
+}
+
+function writeCredentials(dir: string, role: PostgresRole): void {
+  writeFileSync(join(dir, 'username'), role.user);
+  writeFileSync(join(dir, 'password'), role.password);
+}
+
+async function startSidecar(postgres: PostgresServer, options: { mode?: PoolMode; grant?: number; role?: PostgresRole; pool?: Partial<SidecarSettings['pool']>; tunnel?: SidecarSettings['sshTunnel']; drainTimeout?: number } = {}): Promise<Running> {
+  const role = options.role ?? postgres.app;
+  const credentialsDir = mkdtempSync(join(tmpdir(), 'poolkeeper-creds-'));
+  writeCredentials(credentialsDir, role);
+  const credentials = new FileCredentialsSource({ directory: credentialsDir, logger, pollIntervalMs: 200 });
+  const registry = new Registry();
+  const settings: SidecarSettings = {
+    listenHost: '127.0.0.1', listenPort: 0,
+    database: { host: postgres.host, port: postgres.port, dbname: 'app', sslMode: 'prefer' },
+    pool: { mode: options.mode ?? 'transaction', poolTimeout: 10, poolRecycle: 1800, poolPrePing: true, idleTimeout: 600, ...options.pool },
+    drainTimeout: options.drainTimeout ?? 5,
+    admin: { host: '127.0.0.1', port: 0 },
+    ...(options.tunnel ? { sshTunnel: options.tunnel } : {}),
+  };
+  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry });
+  const { port, adminPort } = await sidecar.start();
+  sidecar.setGrant(options.grant ?? 5, 1);
+  return {
+    sidecar, port, adminPort: adminPort!, registry, credentialsDir, credentials,
+    client: () => new pg.Client({ host: '127.0.0.1', port, user: role.user, database: 'app' }),
+    stop: async () => {
+      await sidecar.close();
+      rmSync(credentialsDir, { recursive: true, force: true });
+    },
+  };
+}
+
+async function withClient<T>(running: Running, fn: (c: pg.Client) => Promise<T>): Promise<T> {
+  const client = running.client();
+  await client.connect();
+  try {
+    return await fn(client);
+  } finally {
+    await client.end();
+  }
+}
+
+function run(command: string, args: string[], envVars: Record<string, string> = {}, input?: string): Promise<{ stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = execFile(command, args, { env: { ...process.env, ...envVars }, timeout: 60_000 }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`${command} failed: ${err.message}\n${stderr}`));
+      else resolve({ stdout, stderr });
+    });
+    if (input !== undefined) child.stdin?.end(input);
+  });
+}
+
+/** Server backends of `user` as pg_stat_activity sees them. */
+async function backendsOf(postgres: PostgresServer, user: string): Promise<number> {
+  const rows = await postgres.query<{ n: string }>('SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1', [user]);
+  return Number(rows[0]!.n);
+}
+
+async function waitFor(what: string, predicate: () => boolean | Promise<boolean>, timeoutMs = 15_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (await predicate()) return;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+describe('sidecar', function () {
+  let postgres: PostgresServer;
+  before(async function () {
+    postgres = await env.postgres();
+  });
+
+  for (const mode of ['transaction', 'session'] as const) {
+    describe(`${mode} mode`, function () {
+      let running: Running;
+      before(async function () {
+        running = await startSidecar(postgres, { mode });
+      });
+      after(async function () {
+        await running.stop();
+      });
+
+      it('runs simple and parameterized (extended protocol) queries from node-postgres', async function () {
+        await withClient(running, async (c) => {
+          assert.equal((await c.query<{ one: number }>('SELECT 1 AS one')).rows[0]!.one, 1);
+          const res = await c.query<{ s: string; u: string }>('SELECT $1::text || $2::text AS s, current_user AS u', ['po', 'ol']);
+          assert.deepEqual(res.rows[0], { s: 'pool', u: 'app' });
+        });
+      });
+
+      it('keeps a transaction on one server connection and survives errors inside it', async function () {
+        await withClient(running, async (c) => {
+          await c.query('BEGIN');
+          const pid1 = (await c.query<{ p: number }>('SELECT pg_backend_pid() AS p')).rows[0]!.p;
+          await assert.rejects(c.query('SELECT 1/0'), /division by zero/);
+          await assert.rejects(c.query('SELECT 1'), /current transaction is aborted/);
+          await c.query('ROLLBACK');
+          await c.query('BEGIN');
+          await c.query('CREATE TEMP TABLE t (x int) ON COMMIT DROP');
+          await c.query('INSERT INTO t VALUES ($1), ($2)', [1, 2]);
+          const pid2 = (await c.query<{ p: number }>('SELECT pg_backend_pid() AS p')).rows[0]!.p;
+          assert.equal((await c.query<{ n: string }>('SELECT count(*) AS n FROM t')).rows[0]!.n, '2');
+          await c.query('COMMIT');
+          assert.ok(pid1 > 0 && pid2 > 0);
+        });
+      });
+
+      it('runs psql, COPY in and out, through the sidecar', async function () {
+        const table = `copy_${mode}_${randomBytes(3).toString('hex')}`;
+        const psql = (sql: string, input?: string) => run('/usr/bin/psql', ['-h', '127.0.0.1', '-p', String(running.port), '-U', 'app', '-d', 'app', '-X', '-A', '-t', '-v', 'ON_ERROR_STOP=1', '-c', sql], {}, input);
+        await psql(`CREATE TABLE ${table} (id int, name text)`);
+        await psql(`COPY ${table} FROM STDIN WITH (FORMAT csv)`, '1,one\n2,two\n3,three\n');
+        const out = await psql(`COPY (SELECT * FROM ${table} ORDER BY id) TO STDOUT WITH (FORMAT csv)`);
+        assert.equal(out.stdout, '1,one\n2,two\n3,three\n');
+        const version = await psql('SELECT current_setting(\'server_version_num\')::int >= 150000');
+        assert.equal(version.stdout.trim(), 't');
+        await psql(`DROP TABLE ${table}`);
+      });
+
+      it('runs pgbench through the sidecar', async function () {
+        const scale = ['-h', '127.0.0.1', '-p', String(running.port), '-U', 'app', 'app'];
+        await run('/usr/bin/pgbench', ['-i', '-s', '1', '-q', ...scale]);
+        // Session mode holds a server connection per client: stay within the grant of 5.
+        const clients = mode === 'session' ? 4 : 8;
+        const { stdout } = await run('/usr/bin/pgbench', ['-S', '-c', String(clients), '-t', '200', '-n', ...scale]);
+        assert.match(stdout, new RegExp(`number of transactions actually processed: ${clients * 200}/${clients * 200}`));
+      });
+    });
+  }
+});
+
+/** Runs `iterations` short transactions on a fresh client; returns errors seen. */
+async function churn(running: Running, iterations: number, errors: Error[]): Promise<void> {
+  const client = running.client();
+  try {
+    await client.connect();
+    for (let i = 0; i < iterations; i += 1) {
+      await client.query('BEGIN');
+      await client.query('SELECT $1::int AS i, pg_backend_pid()', [i]);
+      await client.query('COMMIT');
+    }
+  } catch (error) {
+    errors.push(error as Error);
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+}
+
+/** Samples the backends of `user` until stopped; returns the maximum seen. */
+function sampleBackends(postgres: PostgresServer, user: string): { stop(): Promise<number> } {
+  let max = 0;
+  let running = true;
+  const loop = (async () => {
+    const observer = new pg.Client(postgres.clientConfig());
+    await observer.connect();
+    try {
+      // Bounded: at most 2000 samples.
+      for (let i = 0; running && i < 2000; i += 1) {
+        const rows = await observer.query<{ n: string }>('SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1', [user]);
+        max = Math.max(max, Number(rows.rows[0]!.n));
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    } finally {
+      await observer.end();
+    }
+  })();
+  return {
+    stop: async () => {
+      running = false;
+      await loop;
+      return max;
+    },
+  };
+}
+
+describe('sidecar budget and lifecycle', function () {
+  let postgres: PostgresServer;
+  before(async function () {
+    postgres = await env.postgres();
+  });
+
+  it('serves 200 concurrent clients on a grant of 5 (md5 login) with never more than 5 backends', async function () {
+    const running = await startSidecar(postgres, { role: postgres.appMd5, grant: 5, pool: { poolTimeout: 60 } });
+    try {
+      const sampler = sampleBackends(postgres, 'app_md5');
+      const errors: Error[] = [];
+      await Promise.all(Array.from({ length: 200 }, () => churn(running, 5, errors)));
+      const max = await sampler.stop();
+      assert.deepEqual(errors.map((e) => e.message), []);
+      assert.ok(max <= 5, `saw ${max} backends`);
+      assert.ok(max >= 1, 'the sampler saw the load');
+      assert.equal(running.sidecar.status().heldConnections <= 5, true);
+      const metrics = await (await fetch(`http://127.0.0.1:${running.adminPort}/metrics`)).text();
+      assert.match(metrics, /poolkeeper_sidecar_transactions_total \d+/);
+      assert.match(metrics, /poolkeeper_sidecar_client_wait_seconds_count \d+/);
+      assert.match(metrics, /poolkeeper_sidecar_server_connections\{state="idle"\} \d/);
+      assert.match(metrics, /poolkeeper_sidecar_grant_connections 5/);
+    } finally {
+      await running.stop();
+    }
+  });
+
+  it('shrinks and grows the grant under load, acknowledging each generation when it holds', async function () {
+    const running = await startSidecar(postgres, { grant: 6 });
+    const statuses: number[] = [];
+    running.sidecar.onStatus((s) => statuses.push(s.acknowledgedGeneration));
+    try {
+      const errors: Error[] = [];
+      const load = Promise.all(Array.from({ length: 30 }, () => churn(running, 40, errors)));
+      await waitFor('6 server connections', () => running.sidecar.status().heldConnections === 6);
+      running.sidecar.setGrant(2, 2);
+      await waitFor('shrink acknowledged', () => running.sidecar.status().acknowledgedGeneration === 2);
+      assert.ok(running.sidecar.status().heldConnections <= 2);
+      assert.ok(await backendsOf(postgres, 'app') <= 2 + 0, 'backends above the shrunk grant');
+      running.sidecar.setGrant(4, 3);
+      await waitFor('grow acknowledged', () => running.sidecar.status().acknowledgedGeneration === 3);
+      await load;
+      assert.deepEqual(errors.map((e) => e.message), []);
+      assert.deepEqual(running.sidecar.status().acknowledgedConnections, 4);
+      assert.ok(statuses.includes(2) && statuses.includes(3));
+    } finally {
+      await running.stop();
+    }
+  });
+
+  it('rotates credentials under load (ALTER ROLE then new files) with zero client errors', async function () {
+    const running = await startSidecar(postgres, { grant: 4 });
+    const original = postgres.app.password;
+    const rotated = randomBytes(12).toString('base64url');
+    try {
+      const before = running.sidecar.status().credentialsGeneration;
+      const errors: Error[] = [];
+      const load = Promise.all(Array.from({ length: 20 }, () => churn(running, 60, errors)));
+      await waitFor('connections in use', () => running.sidecar.status().heldConnections > 0);
+      const rotatedAt = (await postgres.query<{ t: Date }>('SELECT now() AS t'))[0]!.t;
+      await postgres.query(`ALTER ROLE app PASSWORD '${rotated}'`);
+      writeCredentials(running.credentialsDir, { user: 'app', password: rotated });
+      await waitFor('new generation', () => running.sidecar.status().credentialsGeneration !== before);
+      await load;
+      assert.deepEqual(errors.map((e) => e.message), []);
+      // Every backend now serving the sidecar logged in after the rotation.
+      await withClient(running, (c) => c.query('SELECT 1'));
+      const old = await postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND backend_start < $1", [rotatedAt]);
+      assert.equal(old[0]!.n, '0');
+    } finally {
+      await postgres.query(`ALTER ROLE app PASSWORD '${original}'`);
+      await running.stop();
+    }
+  });
+
+  it('times out a client beyond capacity with SQLSTATE 53300 and a clean close', async function () {
+    const running = await startSidecar(postgres, { grant: 1, pool: { poolTimeout: 1 } });
+    try {
+      const holder = running.client();
+      await holder.connect();
+      await holder.query('BEGIN');
+      const waiter = running.client();
+      waiter.on('error', () => undefined);
+      await waiter.connect();
+      await assert.rejects(waiter.query('SELECT 1'), (e: { code?: string; message: string }) => e.code === '53300' && /within 1 s/.test(e.message));
+      await holder.query('COMMIT');
+      await holder.end();
+      await withClient(running, (c) => c.query('SELECT 1'));
+    } finally {
+      await running.stop();
+    }
+  });
+
+  it('discards the server connection of a client that disconnects mid-transaction', async function () {
+    const running = await startSidecar(postgres, { grant: 1 });
+    const table = `dirty_${randomBytes(3).toString('hex')}`;
+    try {
+      await withClient(running, (c) => c.query(`CREATE TABLE ${table} (x int)`));
+      const quitter = running.client();
+      quitter.on('error', () => undefined);
+      await quitter.connect();
+      await quitter.query('BEGIN');
+      await quitter.query(`INSERT INTO ${table} VALUES (1)`);
+      const pid = (await quitter.query<{ p: number }>('SELECT pg_backend_pid() AS p')).rows[0]!.p;
+      (quitter as unknown as { connection: { stream: { destroy(): void } } }).connection.stream.destroy();
+      await withClient(running, async (c) => {
+        const res = await c.query<{ p: number; n: string; tx: boolean }>(`SELECT pg_backend_pid() AS p, (SELECT count(*) FROM ${table}) AS n, now() = statement_timestamp() AS tx`);
+        assert.equal(res.rows[0]!.tx, true, 'not inside a leftover transaction');
+        assert.notEqual(res.rows[0]!.p, pid, 'the dirty connection was reused');
+        assert.equal(res.rows[0]!.n, '0');
+        await c.query(`DROP TABLE ${table}`);
+      });
+    } finally {
+      await running.stop();
+    }
+  });
+
+  it('refuses named prepared statements in transaction mode with a clear error', async function () {
+    const running = await startSidecar(postgres, { grant: 2 });
+    try {
+      const c = running.client();
+      await c.connect();
+      c.on('error', () => undefined);
+      await assert.rejects(c.query({ name: 'by-name', text: 'SELECT $1::int AS x', values: [1] }), (e: { code?: string; message: string }) => e.code === '0A000' && /prepared statements/.test(e.message));
+      await c.end().catch(() => undefined);
+      await withClient(running, (other) => other.query('SELECT 1'));
+    } finally {
+      await running.stop();
+    }
+  });
+
+  it('forwards CancelRequest to the server connection the client is using', async function () {
+    const running = await startSidecar(postgres, { grant: 2 });
+    try {
+      await withClient(running, async (c) => {
+        const keys = c as unknown as { processID: number; secretKey: number };
+        const sleeping = c.query('SELECT pg_sleep(30)');
+        await new Promise((r) => setTimeout(r, 300));
+        const key = Buffer.alloc(4);
+        key.writeInt32BE(keys.secretKey);
+        const { buildSpecialRequest, CANCEL_REQUEST_CODE } = await import('../../src/core/protocol/index.ts');
+        const socket = netConnect({ host: '127.0.0.1', port: running.port });
+        socket.end(buildSpecialRequest(CANCEL_REQUEST_CODE, keys.processID, key));
+        await assert.rejects(sleeping, (e: { code?: string }) => e.code === '57014');
+      });
+    } finally {
+      await running.stop();
+    }
+  });
+
+  it('refuses a user or database it does not serve, and serves health endpoints', async function () {
+    const running = await startSidecar(postgres, { grant: 1 });
+    try {
+      const wrongUser = new pg.Client({ host: '127.0.0.1', port: running.port, user: 'postgres', database: 'app' });
+      await assert.rejects(wrongUser.connect(), (e: { code?: string }) => e.code === '28000');
+      const wrongDb = new pg.Client({ host: '127.0.0.1', port: running.port, user: 'app', database: 'postgres' });
+      await assert.rejects(wrongDb.connect(), (e: { code?: string }) => e.code === '3D000');
+      assert.equal((await fetch(`http://127.0.0.1:${running.adminPort}/healthz`)).status, 200);
+      assert.equal((await fetch(`http://127.0.0.1:${running.adminPort}/readyz`)).status, 200);
+    } finally {
+      await running.stop();
+    }
+  });
+
+  it('drains: lets the open transaction commit, refuses new clients, reports drained with 0 held', async function () {
+    const running = await startSidecar(postgres, { grant: 3, drainTimeout: 10 });
+    const table = `drain_${randomBytes(3).toString('hex')}`;
+    try {
+      await withClient(running, (c) => c.query(`CREATE TABLE ${table} (x int)`));
+      const inTx = running.client();
+      await inTx.connect();
+      inTx.on('error', () => undefined);
+      await inTx.query('BEGIN');
+      await inTx.query(`INSERT INTO ${table} VALUES (1)`);
+      const drained = running.sidecar.drain();
+      await waitFor('draining', () => running.sidecar.status().draining);
+      assert.equal((await fetch(`http://127.0.0.1:${running.adminPort}/readyz`)).status, 503);
+      await inTx.query('COMMIT');
+      await drained;
+      assert.deepEqual(running.sidecar.status(), { ...running.sidecar.status(), draining: true, drained: true, heldConnections: 0, acknowledgedConnections: 0 });
+      const rows = await postgres.query<{ n: string }>(`SELECT count(*) AS n FROM ${table}`);
+      assert.equal(rows[0]!.n, '1');
+      await inTx.end().catch(() => undefined);
+      await postgres.query(`DROP TABLE ${table}`);
+    } finally {
+      await running.stop();
+    }
+  });
+});
+
+/**
+ * Kills the sshd session processes holding established connections on
+ * `port`: sshd forks each session into its own session group, so killing the
+ * listener alone leaves open tunnels alive. Found by pid, through ss.
+ */
+async function killSshSessions(port: number): Promise<number> {
+  const { stdout } = await run('/usr/bin/ss', ['-tnpH', 'state', 'established', `( sport = :${port} )`]);
+  const pids = new Set([...stdout.matchAll(/pid=(\d+)/g)].map((m) => Number(m[1])));
+  for (const pid of pids) process.kill(pid, 'SIGKILL');
+  return pids.size;
+}
+
+describe('sidecar SSH tunnel', function () {
+  it('pools through one SSH connection, survives sshd being killed and restarted', async function () {
+    const [postgres, sshd] = await Promise.all([env.postgres(), env.sshd()]);
+    const running = await startSidecar(postgres, {
+      grant: 3, pool: { poolTimeout: 20 },
+      tunnel: { host: sshd.host, port: sshd.port, user: sshd.username, privateKey: sshd.userPrivateKey, hostKey: sshd.hostPublicKey },
+    });
+    try {
+      await Promise.all(Array.from({ length: 6 }, () => withClient(running, (c) => c.query('SELECT pg_sleep(0.05)'))));
+      // Forwarded channels arrive from the bastion's loopback, one SSH session for all of them.
+      const viaTunnel = await postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND client_addr = '127.0.0.1'");
+      assert.ok(Number(viaTunnel[0]!.n) >= 1);
+      await sshd.kill();
+      assert.ok(await killSshSessions(sshd.port) >= 1, 'no SSH session to kill');
+      await waitFor('tunnel down', async () => /poolkeeper_sidecar_tunnel_up 0/.test(await (await fetch(`http://127.0.0.1:${running.adminPort}/metrics`)).text()));
+      const during = withClient(running, (c) => c.query<{ one: number }>('SELECT 1 AS one'));
+      await new Promise((r) => setTimeout(r, 500));
+      await sshd.restart();
+      assert.equal((await during).rows[0]!.one, 1);
+      const metrics = await (await fetch(`http://127.0.0.1:${running.adminPort}/metrics`)).text();
+      assert.match(metrics, /poolkeeper_sidecar_tunnel_up 1/);
+      assert.match(metrics, /poolkeeper_sidecar_tunnel_reconnects_total [1-9]/);
+    } finally {
+      await running.stop();
+    }
+  });
+
+  it('refuses a bastion whose host key does not match, counts it, and tells the client', async function () {
+    const [postgres, sshd] = await Promise.all([env.postgres(), env.sshd()]);
+    const running = await startSidecar(postgres, {
+      grant: 2, pool: { poolTimeout: 1 },
+      tunnel: { host: sshd.host, port: sshd.port, user: sshd.username, privateKey: sshd.userPrivateKey, hostKey: 'SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA' },
+    });
+    try {
+      const c = running.client();
+      c.on('error', () => undefined);
+      await assert.rejects(c.connect(), (e: { code?: string; message: string }) => e.code === '53300' && /host key mismatch/.test(e.message));
+      const metrics = await (await fetch(`http://127.0.0.1:${running.adminPort}/metrics`)).text();
+      assert.match(metrics, /poolkeeper_sidecar_errors_total\{kind="tunnel-host-key-mismatch"\} [1-9]/);
+      assert.equal((await fetch(`http://127.0.0.1:${running.adminPort}/readyz`)).status, 503);
+    } finally {
+      await running.stop();
+    }
+  });
+});
+
+describe('sidecar fuzzing', function () {
+  /** Sends `bytes`, half-closes, and collects what comes back until the sidecar closes. */
+  function exchange(port: number, bytes: Buffer): Promise<Buffer> {
+    return new Promise((resolve, reject) => {
+      const socket = netConnect({ host: '127.0.0.1', port });
+      const received: Buffer[] = [];
+      const timer = setTimeout(() => reject(new Error('the sidecar kept a fuzzed connection open')), 10_000);
+      socket.on('data', (d: Buffer) => received.push(d));
+      socket.on('error', () => undefined);
+      socket.on('close', () => {
+        clearTimeout(timer);
+        resolve(Buffer.concat(received));
+      });
+      socket.write(bytes);
+      socket.end();
+    });
+  }
+
+  function seeded(seed: number): () => number {
+    let x = seed >>> 0 || 1;
+    return () => {
+      x ^= x << 13;
+      x ^= x >>> 17;
+      x ^= x << 5;
+      return (x >>> 0) / 2 ** 32;
+    };
+  }
+
+  it('closes only the client that sends malformed bytes, with an ErrorResponse, while others keep working', async function () {
+    const postgres = await env.postgres();
+    const running = await startSidecar(postgres, { grant: 3 });
+    const random = seeded(20261122);
+    const startup = buildStartupMessage({ user: 'app', database: 'app' });
+    const query = Buffer.from([0x51, 0, 0, 0, 13, ...Buffer.from('SELECT 1\0')]);
+    try {
+      const healthyErrors: Error[] = [];
+      let stop = false;
+      const healthy = (async () => {
+        const c = running.client();
+        await c.connect();
+        // Bounded: at most 5000 queries.
+        for (let i = 0; !stop && i < 5000; i += 1) await c.query('SELECT $1::int', [i]).catch((e: Error) => healthyErrors.push(e));
+        await c.end();
+      })();
+      let errorsAfterStartup = 0;
+      for (let round = 0; round < 60; round += 1) {
+        const noise = Buffer.from(Array.from({ length: 1 + Math.floor(random() * 64) }, () => Math.floor(random() * 256)));
+        if (round % 3 === 0) {
+          // Pure noise: the startup packet itself is garbage.
+          await exchange(running.port, noise);
+        } else {
+          // A valid login, then a mutated query and an invalid message type or length.
+          const mutated = Buffer.from(query);
+          mutated[5 + Math.floor(random() * 8)] = Math.floor(random() * 256);
+          const bad = round % 2 === 0 ? Buffer.from([0x01, 0, 0, 0, 4]) : Buffer.from([0x51, 0x7f, 0xff, 0xff, 0xff]);
+          const reply = await exchange(running.port, Buffer.concat([startup, mutated, bad, noise]));
+          const text = reply.toString('latin1');
+          assert.ok(text.includes('08P01') || text.includes('42601'), `round ${round}: no ErrorResponse in ${JSON.stringify(text.slice(-200))}`);
+          if (text.includes('08P01')) errorsAfterStartup += 1;
+        }
+      }
+      stop = true;
+      await healthy;
+      assert.deepEqual(healthyErrors.map((e) => e.message), []);
+      assert.ok(errorsAfterStartup >= 30, `only ${errorsAfterStartup} protocol violations answered`);
+      assert.ok(running.sidecar.status().heldConnections <= 3);
+      await withClient(running, (c) => c.query('SELECT 1'));
+    } finally {
+      await running.stop();
+    }
+  });
+});

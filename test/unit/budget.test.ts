@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import {
-  autoMaxConnections, fairShares, planBudgets, reservedConnections, resolveLimit, serverKey, sharedLimit,
+  autoMaxConnections, budgetConditions, fairShares, planBudgets, reservedConnections, resolveLimit, serverKey, sharedLimit,
   type BudgetInput, type ConnectionInput, type MemberState, type PodInput, type ShareUnit,
 } from '../../src/core/budget/index.ts';
 
@@ -95,6 +95,8 @@ describe('budget planner', function () {
     assert.equal(plan.oversubscription?.message, 'shop/orders web: 12 pods x minPerPod 5 = 60 > limit 50');
     assert.equal(plan.allocated, 50);
     assert.ok(plan.grants.every((g) => g.grant.connections <= 5));
+    assert.deepEqual(budgetConditions(plan, plan.connections[0]!).map((c) => [c.type, c.status, c.reason]), [['Ready', 'False', 'Rebalancing'], ['Oversubscribed', 'True', 'MinimumsExceedLimit']]);
+    assert.equal(budgetConditions(plan, plan.connections[0]!)[1]!.message, plan.oversubscription?.message);
   });
 
   it('shares one limit across DatabaseConnections of several namespaces', function () {
@@ -123,7 +125,9 @@ describe('budget planner', function () {
 
   it('is settled once every grant equals its target and is acknowledged', function () {
     const pods = [pod('a'), pod('b')];
-    assert.ok(planBudgets({ limit: 10, connections: [orders([web])], pods, members: [member('a', 5), member('b', 5)] }).settled);
+    const settled = planBudgets({ limit: 10, connections: [orders([web])], pods, members: [member('a', 5), member('b', 5)] });
+    assert.ok(settled.settled);
+    assert.deepEqual(budgetConditions(settled, settled.connections[0]!).map((c) => [c.type, c.status]), [['Ready', 'True'], ['Oversubscribed', 'False']]);
     assert.ok(!planBudgets({ limit: 10, connections: [orders([web])], pods, members: [member('a', 6), member('b', 4)] }).settled);
   });
 

@@ -6,3 +6,4 @@ export * from './types.ts';
 export { planBudgets } from './planner.ts';
 export { fairShares, type ShareUnit } from './fair-share.ts';
 export * from './limit.ts';
+export { budgetConditions } from './conditions.ts';

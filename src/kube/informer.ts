@@ -1,0 +1,213 @@
+/**
+ * List-then-watch cache of one resource collection, with a stall watchdog:
+ * a watch that has received nothing (not even a bookmark) for `stallTimeoutMs`
+ * is torn down and resumed; a 410 Gone (expired resourceVersion) relists.
+ * Handlers only learn that an object changed; consumers re-read the cache
+ * (level-triggered).
+ */
+import type { Logger } from 'pino';
+import { KubeApiError, type KubeHttp, type WatchEvent, type WatchHandle } from './http.ts';
+
+/** The metadata every Kubernetes object has that the cache needs. */
+export interface ObjectMeta {
+  name?: string;
+  namespace?: string;
+  uid?: string;
+  resourceVersion?: string;
+  generation?: number;
+  labels?: Record<string, string>;
+  annotations?: Record<string, string>;
+  deletionTimestamp?: string | Date;
+  creationTimestamp?: string | Date;
+  ownerReferences?: Array<{ apiVersion: string; kind: string; name: string; uid: string; controller?: boolean }>;
+}
+
+/** Any Kubernetes object. */
+export interface KubeObject {
+  apiVersion?: string;
+  kind?: string;
+  metadata?: ObjectMeta;
+}
+
+/** Called with the object that changed (its last known state for deletions). */
+export type ChangeHandler<T> = (type: 'ADDED' | 'MODIFIED' | 'DELETED', object: T) => void;
+
+/** Settings of one informer. */
+export interface InformerOptions {
+  /** Collection path, e.g. `/api/v1/pods` or `/apis/poolkeeper.dev/v1alpha1/namespaces/x/poolmembers`. */
+  path: string;
+  labelSelector?: string;
+  fieldSelector?: string;
+  /** Restart a watch that has been silent this long. */
+  stallTimeoutMs?: number;
+  /** Server-side watch timeout; the watch is resumed after it. */
+  watchTimeoutSeconds?: number;
+  logger: Logger;
+}
+
+/** Key of an object in the cache: `namespace/name` or `name`. */
+export function objectKey(object: KubeObject): string {
+  const meta = object.metadata ?? {};
+  return meta.namespace ? `${meta.namespace}/${meta.name ?? ''}` : (meta.name ?? '');
+}
+
+/** Counters an informer exposes, for metrics and tests. */
+export interface InformerStats {
+  lists: number;
+  watches: number;
+  stalls: number;
+}
+
+/** One cached, watched collection. */
+export class Informer<T extends KubeObject> {
+  private readonly http: KubeHttp;
+  private readonly options: InformerOptions;
+  private readonly cache = new Map<string, T>();
+  private readonly handlers: ChangeHandler<T>[] = [];
+  private resourceVersion = '';
+  private running = false;
+  private current: WatchHandle | undefined;
+  private watchdog: NodeJS.Timeout | undefined;
+  private loop: Promise<void> | undefined;
+  readonly stats: InformerStats = { lists: 0, watches: 0, stalls: 0 };
+
+  constructor(http: KubeHttp, options: InformerOptions) {
+    this.http = http;
+    this.options = options;
+  }
+
+  /** Registers a change handler (before `start`). */
+  onChange(handler: ChangeHandler<T>): void {
+    this.handlers.push(handler);
+  }
+
+  /** Lists once (so the cache is synced when this resolves), then watches in the background. */
+  async start(): Promise<void> {
+    this.running = true;
+    await this.relist();
+    this.loop = this.watchLoop();
+  }
+
+  /** Stops watching. */
+  async stop(): Promise<void> {
+    this.running = false;
+    clearTimeout(this.watchdog);
+    this.current?.abort();
+    await this.loop;
+  }
+
+  /** Cached objects. */
+  list(): T[] {
+    return [...this.cache.values()];
+  }
+
+  /** One cached object by namespace and name. */
+  get(namespace: string | undefined, name: string): T | undefined {
+    return this.cache.get(namespace ? `${namespace}/${name}` : name);
+  }
+
+  private query(extra: Record<string, string>): string {
+    const params = new URLSearchParams(extra);
+    if (this.options.labelSelector) params.set('labelSelector', this.options.labelSelector);
+    if (this.options.fieldSelector) params.set('fieldSelector', this.options.fieldSelector);
+    return `${this.options.path}?${params.toString()}`;
+  }
+
+  private emit(type: 'ADDED' | 'MODIFIED' | 'DELETED', object: T): void {
+    for (const handler of this.handlers) {
+      try {
+        handler(type, object);
+      } catch (err) {
+        this.options.logger.error({ err }, 'informer change handler failed');
+      }
+    }
+  }
+
+  private async relist(): Promise<void> {
+    const list = await this.http.get<{ metadata: { resourceVersion: string }; items: T[] }>(this.query({}));
+    this.stats.lists += 1;
+    const seen = new Set<string>();
+    for (const item of list.items) {
+      const key = objectKey(item);
+      seen.add(key);
+      const previous = this.cache.get(key);
+      this.cache.set(key, item);
+      if (!previous) this.emit('ADDED', item);
+      else if (previous.metadata?.resourceVersion !== item.metadata?.resourceVersion) this.emit('MODIFIED', item);
+    }
+    for (const [key, object] of this.cache) {
+      if (!seen.has(key)) {
+        this.cache.delete(key);
+        this.emit('DELETED', object);
+      }
+    }
+    this.resourceVersion = list.metadata.resourceVersion;
+  }
+
+  private apply(event: WatchEvent<T>): void {
+    if (event.type === 'BOOKMARK') {
+      this.resourceVersion = event.object.metadata?.resourceVersion ?? this.resourceVersion;
+      return;
+    }
+    if (event.type === 'ERROR') {
+      const status = event.object as unknown as { code?: number; message?: string };
+      throw new KubeApiError(status.code ?? 500, 'WatchError', status.message ?? 'watch error');
+    }
+    const key = objectKey(event.object);
+    this.resourceVersion = event.object.metadata?.resourceVersion ?? this.resourceVersion;
+    if (event.type === 'DELETED') this.cache.delete(key);
+    else this.cache.set(key, event.object);
+    this.emit(event.type, event.object);
+  }
+
+  private armWatchdog(): void {
+    clearTimeout(this.watchdog);
+    this.watchdog = setTimeout(() => {
+      this.stats.stalls += 1;
+      this.options.logger.warn({ path: this.options.path }, 'watch stalled; restarting it');
+      this.current?.abort();
+    }, this.options.stallTimeoutMs ?? 90_000);
+    this.watchdog.unref();
+  }
+
+  private async watchLoop(): Promise<void> {
+    let failures = 0;
+    while (this.running) {
+      let watchError: unknown;
+      try {
+        this.armWatchdog();
+        this.current = await this.http.watch<T>(
+          this.query({ watch: '1', resourceVersion: this.resourceVersion, allowWatchBookmarks: 'true', timeoutSeconds: String(this.options.watchTimeoutSeconds ?? 300) }),
+          (event) => {
+            try {
+              this.apply(event);
+            } catch (err) {
+              watchError = err;
+              this.current?.abort();
+            }
+          },
+          () => this.armWatchdog(),
+        );
+        this.stats.watches += 1;
+        await this.current.done;
+        failures = 0;
+      } catch (err) {
+        watchError = err;
+      }
+      clearTimeout(this.watchdog);
+      if (!this.running) break;
+      if (watchError) {
+        failures += 1;
+        const gone = watchError instanceof KubeApiError && watchError.statusCode === 410;
+        this.options.logger.info({ path: this.options.path, err: watchError, gone }, 'watch ended with an error; relisting');
+        await new Promise((r) => setTimeout(r, Math.min(30_000, 200 * 2 ** Math.min(failures, 8))));
+        if (!this.running) break;
+        try {
+          await this.relist();
+        } catch (err) {
+          this.options.logger.warn({ err, path: this.options.path }, 'relist failed');
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,65 @@
+/**
+ * A loopback TCP proxy that tests can freeze (stop moving bytes without
+ * closing anything) or cut, to produce real stalls and disconnections.
+ */
+import { createConnection, createServer, type Server, type Socket } from 'node:net';
+
+/** A proxy from 127.0.0.1:<port> to a target. */
+export class TcpProxy {
+  private server: Server | undefined;
+  private readonly sockets = new Set<Socket>();
+  private frozen = false;
+  private readonly targetHost: string;
+  private readonly targetPort: number;
+  port = 0;
+
+  constructor(targetHost: string, targetPort: number) {
+    this.targetHost = targetHost;
+    this.targetPort = targetPort;
+  }
+
+  /** Starts listening on a free port. */
+  async start(): Promise<number> {
+    this.server = createServer((client) => {
+      const upstream = createConnection({ host: this.targetHost, port: this.targetPort });
+      for (const s of [client, upstream]) {
+        this.sockets.add(s);
+        s.on('close', () => this.sockets.delete(s));
+        s.on('error', () => s.destroy());
+      }
+      const pump = (from: Socket, to: Socket): void => {
+        from.on('data', (chunk: Buffer) => {
+          if (!this.frozen) to.write(chunk);
+        });
+        from.on('close', () => to.destroy());
+      };
+      pump(client, upstream);
+      pump(upstream, client);
+    });
+    await new Promise<void>((resolve) => this.server!.listen(0, '127.0.0.1', resolve));
+    const address = this.server.address();
+    this.port = typeof address === 'object' && address ? address.port : 0;
+    return this.port;
+  }
+
+  /** Drops every byte from now on, in both directions, keeping connections open. */
+  freeze(): void {
+    this.frozen = true;
+  }
+
+  /** Moves bytes again (for new data). */
+  thaw(): void {
+    this.frozen = false;
+  }
+
+  /** Destroys every open connection. */
+  cutAll(): void {
+    for (const s of this.sockets) s.destroy();
+  }
+
+  /** Stops the proxy. */
+  async stop(): Promise<void> {
+    this.cutAll();
+    await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
+  }
+}

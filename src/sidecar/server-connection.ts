@@ -152,7 +152,8 @@ export class ServerConnection {
     let runBuffer: Buffer | undefined;
     let runStart = 0;
     let runEnd = 0;
-    out.cork();
+    // Cork only once a second run appears: the usual reply is one run, one write.
+    let corked = false;
     try {
       reader.push(chunk);
       while (reader.next()) {
@@ -165,7 +166,13 @@ export class ServerConnection {
         }
         if (reader.buffer === runBuffer && reader.start === runEnd) runEnd = reader.end;
         else {
-          if (runBuffer !== undefined) out.write(runBuffer.subarray(runStart, runEnd));
+          if (runBuffer !== undefined) {
+            if (!corked) {
+              out.cork();
+              corked = true;
+            }
+            out.write(runBuffer.subarray(runStart, runEnd));
+          }
           runBuffer = reader.buffer;
           runStart = reader.start;
           runEnd = reader.end;
@@ -173,13 +180,13 @@ export class ServerConnection {
       }
     } catch (error) {
       if (runBuffer !== undefined) out.write(runBuffer.subarray(runStart, runEnd));
-      out.uncork();
+      if (corked) out.uncork();
       this.logger.warn({ server: this.id, err: (error as Error).message }, 'malformed data from the server');
       this.stream.destroy();
       return;
     }
     if (runBuffer !== undefined) out.write(runBuffer.subarray(runStart, runEnd));
-    out.uncork();
+    if (corked) out.uncork();
     // Re-check: the client may have sent more while we forwarded.
     if (boundary && tracker.atBoundary && this.user === user) user.onServerBoundary(this);
   }

@@ -1,0 +1,140 @@
+/**
+ * The budget controller: informers on DatabaseConnections, opted-in pods,
+ * PoolMembers, Secrets and workloads feed a work queue keyed by database
+ * server; the leader's workers reconcile those keys. Handlers only enqueue.
+ */
+import type { Logger } from 'pino';
+import { API_GROUP, API_VERSION, CONNECTION_LABEL, type DatabaseConnection, type PoolMember } from '../api/index.ts';
+import { serverKey } from '../core/budget/index.ts';
+import type { KubeHttp } from '../kube/http.ts';
+import { Informer, type KubeObject } from '../kube/informer.ts';
+import type { LeaderElector } from '../kube/leader-election.ts';
+import { WorkQueue } from '../kube/workqueue.ts';
+import type { ControllerMetrics } from './metrics.ts';
+import type { PodObject } from './plan-input.ts';
+import { ServerReconciler, type ControllerCaches, type HpaObject, type ReconcilerDeps, type SecretObject, type WorkloadObject } from './reconciler.ts';
+
+/** Settings of the controller. */
+export interface ControllerOptions {
+  http: KubeHttp;
+  logger: Logger;
+  metrics: ControllerMetrics;
+  /** Absent: this replica always leads (single replica, tests). */
+  elector?: LeaderElector;
+  workers?: number;
+  stallTimeoutMs?: number;
+  reconciler: Omit<ReconcilerDeps, 'http' | 'caches' | 'logger' | 'metrics'>;
+}
+
+/** The running controller. */
+export class BudgetController {
+  readonly caches: ControllerCaches;
+  private readonly options: ControllerOptions;
+  private readonly reconciler: ServerReconciler;
+  private queue: WorkQueue | undefined;
+  private workers: Promise<void> | undefined;
+  private synced = false;
+  /** The last server key seen for each connection, so a host change reconciles the old server too. */
+  private readonly lastServer = new Map<string, string>();
+
+  constructor(options: ControllerOptions) {
+    this.options = options;
+    const { http, logger } = options;
+    const informer = <T extends KubeObject>(path: string, labelSelector?: string): Informer<T> =>
+      new Informer<T>(http, { path, labelSelector, logger: logger.child({ informer: path }), stallTimeoutMs: options.stallTimeoutMs });
+    this.caches = {
+      connections: informer<DatabaseConnection & KubeObject>(`/apis/${API_GROUP}/${API_VERSION}/databaseconnections`),
+      pods: informer<PodObject & KubeObject>('/api/v1/pods', CONNECTION_LABEL),
+      members: informer<PoolMember & KubeObject>(`/apis/${API_GROUP}/${API_VERSION}/poolmembers`),
+      secrets: informer<SecretObject>('/api/v1/secrets'),
+      deployments: informer<WorkloadObject>('/apis/apps/v1/deployments'),
+      statefulSets: informer<WorkloadObject>('/apis/apps/v1/statefulsets'),
+      hpas: informer<HpaObject>('/apis/autoscaling/v2/horizontalpodautoscalers'),
+    };
+    this.reconciler = new ServerReconciler({ ...options.reconciler, http, caches: this.caches, logger, metrics: options.metrics });
+    this.wireHandlers();
+  }
+
+  /** True once every informer has listed. */
+  get ready(): boolean {
+    return this.synced;
+  }
+
+  private enqueue(server: string | undefined): void {
+    if (server) this.queue?.add(server);
+  }
+
+  private connectionsIn(namespace: string | undefined): Array<DatabaseConnection & KubeObject> {
+    return this.caches.connections.list().filter((c) => c.metadata.namespace === namespace);
+  }
+
+  private wireHandlers(): void {
+    const { connections, pods, members, secrets, deployments, statefulSets, hpas } = this.caches;
+    connections.onChange((_type, c) => {
+      const k = `${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`;
+      const now = serverKey(c.spec.database);
+      const before = this.lastServer.get(k);
+      this.lastServer.set(k, now);
+      this.enqueue(now);
+      if (before !== now) this.enqueue(before);
+    });
+    const byConnectionName = (namespace: string | undefined, name: string | undefined): void => {
+      const c = name ? connections.get(namespace, name) : undefined;
+      if (c) this.enqueue(serverKey(c.spec.database));
+    };
+    pods.onChange((_type, p) => byConnectionName(p.metadata?.namespace, p.metadata?.labels?.[CONNECTION_LABEL]));
+    members.onChange((_type, m) => byConnectionName(m.metadata.namespace, m.spec.connection));
+    secrets.onChange((_type, s) => {
+      for (const c of this.connectionsIn(s.metadata?.namespace)) {
+        if (c.spec.database.credentialsSecretRef.name === s.metadata?.name) this.enqueue(serverKey(c.spec.database));
+      }
+    });
+    const byNamespace = (_type: string, o: KubeObject): void => {
+      for (const c of this.connectionsIn(o.metadata?.namespace)) this.enqueue(serverKey(c.spec.database));
+    };
+    deployments.onChange(byNamespace);
+    statefulSets.onChange(byNamespace);
+    hpas.onChange(byNamespace);
+  }
+
+  /** Starts the informers (and waits for their first list), then works whenever this replica leads. */
+  async start(): Promise<void> {
+    await Promise.all(Object.values(this.caches).map((i: Informer<KubeObject>) => i.start()));
+    this.synced = true;
+    const { elector } = this.options;
+    if (!elector) {
+      this.startWorkers();
+      return;
+    }
+    elector.onLeadershipChange((leading) => {
+      this.options.metrics.leader.set(leading ? 1 : 0);
+      if (leading) this.startWorkers();
+      else void this.stopWorkers();
+    });
+    elector.start();
+  }
+
+  private startWorkers(): void {
+    if (this.queue) return;
+    const queue = new WorkQueue();
+    this.queue = queue;
+    this.workers = queue.run(this.options.workers ?? 2, (server) => this.reconciler.reconcile(server), (server, err) => {
+      this.options.logger.warn({ server, err }, 'reconcile failed; retrying with backoff');
+    });
+    for (const server of this.reconciler.serverKeys()) queue.add(server);
+  }
+
+  private async stopWorkers(): Promise<void> {
+    const queue = this.queue;
+    this.queue = undefined;
+    queue?.shutDown();
+    await this.workers;
+  }
+
+  /** Stops workers, the election and the informers. */
+  async stop(): Promise<void> {
+    await this.options.elector?.stop();
+    await this.stopWorkers();
+    await Promise.all(Object.values(this.caches).map((i: Informer<KubeObject>) => i.stop()));
+  }
+}

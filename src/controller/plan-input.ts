@@ -1,0 +1,130 @@
+/**
+ * From API objects to the budget planner's input, for one database server.
+ * Pure: the reconciler hands in what its caches hold and the grants it has
+ * written itself, and gets plain data back.
+ */
+import type { DatabaseConnection, PoolMember } from '../api/index.ts';
+import type { BudgetInput, ConnectionInput, MemberState, PodInput, PodPhase } from '../core/budget/index.ts';
+import { resolveConsumer } from '../core/inject/consumer.ts';
+import type { PodLike } from '../core/inject/model.ts';
+import { CONNECTION_LABEL } from '../api/index.ts';
+
+/** The slice of a Pod the planner needs. */
+export interface PodObject {
+  metadata?: PodLike['metadata'] & { uid?: string; deletionTimestamp?: string | Date };
+  status?: { phase?: string; conditions?: Array<{ type: string; status: string }> };
+}
+
+/** A workload's scale and the HPA that may drive it. */
+export interface WorkloadScale {
+  namespace: string;
+  kind: 'Deployment' | 'StatefulSet';
+  name: string;
+  replicas: number;
+  /** maxReplicas of an HPA whose scaleTargetRef is this workload. */
+  hpaMaxReplicas?: number | undefined;
+}
+
+/** A grant the controller has written and may not yet see in its cache. */
+export interface WrittenGrant {
+  namespace: string;
+  /** The PoolMember's (and pod's) name. */
+  name: string;
+  podUid: string;
+  connections: number;
+  generation: number;
+}
+
+const PHASES: readonly PodPhase[] = ['Pending', 'Running', 'Succeeded', 'Failed', 'Unknown'];
+
+function podPhase(pod: PodObject): PodPhase {
+  const phase = pod.status?.phase as PodPhase | undefined;
+  return phase && PHASES.includes(phase) ? phase : 'Pending';
+}
+
+/** `namespace/name` of the DatabaseConnection a pod opts into, if any. */
+export function podConnectionKey(pod: PodObject): string | undefined {
+  const name = pod.metadata?.labels?.[CONNECTION_LABEL];
+  return name ? `${pod.metadata?.namespace ?? ''}/${name}` : undefined;
+}
+
+function maxReplicasFor(connection: DatabaseConnection, consumer: DatabaseConnection['spec']['consumers'][number], workloads: readonly WorkloadScale[]): number | undefined {
+  if (connection.spec.budgetStrategy !== 'MaxReplicas' || !consumer.workloadRef) return undefined;
+  const ref = consumer.workloadRef;
+  const workload = workloads.find((w) => w.namespace === connection.metadata.namespace && w.kind === ref.kind && w.name === ref.name);
+  return workload ? (workload.hpaMaxReplicas ?? workload.replicas) : undefined;
+}
+
+/**
+ * Builds the planner input for the DatabaseConnections of one server.
+ * `written` overrides cached PoolMember grants that are older than what the
+ * controller itself wrote: a stale grant is the one way to over-grant.
+ */
+export function buildBudgetInput(args: {
+  limit: number;
+  connections: readonly DatabaseConnection[];
+  pods: readonly PodObject[];
+  members: readonly PoolMember[];
+  workloads: readonly WorkloadScale[];
+  written: ReadonlyMap<string, WrittenGrant>;
+}): BudgetInput {
+  const byKey = new Map(args.connections.map((c) => [`${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`, c]));
+  const connections: ConnectionInput[] = args.connections.map((c) => ({
+    namespace: c.metadata.namespace ?? '',
+    name: c.metadata.name ?? '',
+    budgetStrategy: c.spec.budgetStrategy,
+    consumers: c.spec.consumers.map((consumer) => ({
+      name: consumer.name,
+      weight: consumer.weight,
+      minPerPod: consumer.minPerPod,
+      maxPerPod: consumer.maxPerPod,
+      processesPerPod: consumer.processesPerPod,
+      maxReplicas: maxReplicasFor(c, consumer, args.workloads),
+    })),
+  }));
+  const pods: PodInput[] = [];
+  for (const pod of args.pods) {
+    const key = podConnectionKey(pod);
+    const connection = key ? byKey.get(key) : undefined;
+    if (!connection || !pod.metadata?.name || !pod.metadata.uid) continue;
+    const consumer = resolveConsumer(connection, pod);
+    pods.push({
+      namespace: pod.metadata.namespace ?? '',
+      name: pod.metadata.name,
+      uid: pod.metadata.uid,
+      connection: connection.metadata.name ?? '',
+      consumer: consumer?.name,
+      phase: podPhase(pod),
+      terminating: pod.metadata.deletionTimestamp !== undefined && pod.metadata.deletionTimestamp !== null,
+      ready: pod.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') ?? false,
+    });
+  }
+  const members: MemberState[] = [];
+  for (const member of args.members) {
+    if (!byKey.has(`${member.metadata.namespace ?? ''}/${member.spec.connection}`)) continue;
+    const podUid = member.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
+    const written = args.written.get(podUid);
+    const cached = member.spec.grant;
+    const grant = written && written.generation > cached.generation ? { connections: written.connections, generation: written.generation } : { connections: cached.connections, generation: cached.generation };
+    const status = member.status;
+    members.push({
+      namespace: member.metadata.namespace ?? '',
+      name: member.metadata.name ?? '',
+      podUid,
+      grant,
+      acknowledgement: status?.acknowledgedGeneration === undefined ? undefined : {
+        generation: status.acknowledgedGeneration,
+        connections: status.acknowledgedConnections ?? 0,
+        held: status.heldConnections ?? 0,
+        drained: status.drained ?? false,
+      },
+    });
+  }
+  // A PoolMember we wrote that the cache has not shown yet still reserves its grant.
+  const seen = new Set(members.map((m) => m.podUid));
+  for (const written of args.written.values()) {
+    if (seen.has(written.podUid) || !pods.some((p) => p.uid === written.podUid)) continue;
+    members.push({ namespace: written.namespace, name: written.name, podUid: written.podUid, grant: { connections: written.connections, generation: written.generation } });
+  }
+  return { limit: args.limit, connections, pods, members };
+}

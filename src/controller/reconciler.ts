@@ -1,0 +1,337 @@
+/**
+ * Reconciles one database server: resolves its limit, plans every pod's
+ * grant with the pure planner, writes PoolMembers (shrinks first), and
+ * reports status, conditions, Events and metrics on each DatabaseConnection.
+ * Level-triggered: it reads only caches and recomputes everything each time.
+ */
+import type { Logger } from 'pino';
+import { API_GROUP, API_VERSION, CONNECTION_LABEL, type DatabaseConnection, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
+import { budgetConditions, planBudgets, resolveLimit, serverKey, sharedLimit, autoMaxConnections, type BudgetPlan, type PodGrant } from '../core/budget/index.ts';
+import { conditionsEqual, findCondition, setConditions, type ConditionUpdate } from '../core/conditions/index.ts';
+import { credentialsGeneration } from '../core/credentials.ts';
+import type { EventRecorder } from '../kube/events.ts';
+import { isStatus, type KubeHttp } from '../kube/http.ts';
+import type { Informer, KubeObject } from '../kube/informer.ts';
+import type { ProcessResult } from '../kube/workqueue.ts';
+import type { LimitDiscovery } from './limit-discovery.ts';
+import type { ControllerMetrics } from './metrics.ts';
+import { buildBudgetInput, podConnectionKey, type PodObject, type WorkloadScale, type WrittenGrant } from './plan-input.ts';
+
+/** A Secret as the cache holds it. */
+export interface SecretObject extends KubeObject {
+  data?: Record<string, string>;
+}
+
+/** A Deployment or StatefulSet, as far as budgets care. */
+export interface WorkloadObject extends KubeObject {
+  spec?: { replicas?: number };
+}
+
+/** A HorizontalPodAutoscaler (autoscaling/v2). */
+export interface HpaObject extends KubeObject {
+  spec?: { maxReplicas?: number; scaleTargetRef?: { kind: string; name: string } };
+}
+
+/** The informers the reconciler reads. */
+export interface ControllerCaches {
+  connections: Informer<DatabaseConnection & KubeObject>;
+  pods: Informer<PodObject & KubeObject>;
+  members: Informer<PoolMember & KubeObject>;
+  secrets: Informer<SecretObject>;
+  deployments: Informer<WorkloadObject>;
+  statefulSets: Informer<WorkloadObject>;
+  hpas: Informer<HpaObject>;
+}
+
+/** What the reconciler needs. */
+export interface ReconcilerDeps {
+  http: KubeHttp;
+  caches: ControllerCaches;
+  discovery: LimitDiscovery;
+  events: EventRecorder;
+  metrics: ControllerMetrics;
+  logger: Logger;
+  now?: () => Date;
+  /** Resync period of a settled server (limit re-discovery, drift). */
+  resyncMs?: number;
+  /** How soon to look again while grants wait for acknowledgements. */
+  pendingRequeueMs?: number;
+}
+
+const MEMBERS = `/apis/${API_GROUP}/${API_VERSION}`;
+
+function key(object: { metadata: { namespace?: string; name?: string } }): string {
+  return `${object.metadata.namespace ?? ''}/${object.metadata.name ?? ''}`;
+}
+
+/** Decoded credentials and their generation, or why there are none. */
+type CredentialsLookup = { ok: true; username: string; password: string; generation: string } | { ok: false; reason: string; message: string };
+
+/** The reconciler of database servers. */
+export class ServerReconciler {
+  private readonly deps: ReconcilerDeps;
+  private readonly written = new Map<string, WrittenGrant>();
+  private readonly unsettledSince = new Map<string, number>();
+  private readonly now: () => Date;
+
+  constructor(deps: ReconcilerDeps) {
+    this.deps = deps;
+    this.now = deps.now ?? (() => new Date());
+  }
+
+  /** The server key of every live DatabaseConnection in the cache. */
+  serverKeys(): string[] {
+    return [...new Set(this.deps.caches.connections.list().map((c) => serverKey(c.spec.database)))];
+  }
+
+  private credentials(connection: DatabaseConnection): CredentialsLookup {
+    const ref = connection.spec.database.credentialsSecretRef;
+    const secret = this.deps.caches.secrets.get(connection.metadata.namespace, ref.name);
+    if (!secret) return { ok: false, reason: 'CredentialsSecretMissing', message: `Secret ${ref.name} not found` };
+    const decode = (k: string): string | undefined => (secret.data?.[k] === undefined ? undefined : Buffer.from(secret.data[k], 'base64').toString('utf8'));
+    const username = decode(ref.usernameKey);
+    const password = decode(ref.passwordKey);
+    if (username === undefined || password === undefined) {
+      return { ok: false, reason: 'CredentialsKeyMissing', message: `Secret ${ref.name} lacks key ${username === undefined ? ref.usernameKey : ref.passwordKey}` };
+    }
+    // The sidecar sees the two keys mounted as files `username` and `password`.
+    return { ok: true, username, password, generation: credentialsGeneration({ username, password }) };
+  }
+
+  /** The server's limit before reserve for one connection, or why it is unknown. */
+  private async discovered(connection: DatabaseConnection, credentials: CredentialsLookup, server: string): Promise<{ value?: number; degraded?: ConditionUpdate }> {
+    const max = connection.spec.maxConnections;
+    if (typeof max === 'number') return { value: max };
+    const previous = connection.status?.limit?.discovered;
+    if (!credentials.ok) return { value: previous, degraded: { type: 'Degraded', status: 'True', reason: credentials.reason, message: `cannot read max_connections: ${credentials.message}` } };
+    if (connection.spec.sshTunnel) {
+      return { value: previous, degraded: { type: 'Degraded', status: 'True', reason: 'AutoLimitThroughTunnel', message: 'maxConnections: auto is not read through an SSH tunnel yet; set maxConnections to a number' } };
+    }
+    try {
+      const db = connection.spec.database;
+      const settings = await this.deps.discovery.discover({ serverKey: server, host: db.host, port: db.port, dbname: db.dbname, sslMode: db.sslMode, username: credentials.username, password: credentials.password });
+      return { value: autoMaxConnections(settings) };
+    } catch (err) {
+      const message = err instanceof Error ? err.message : String(err);
+      return { value: previous, degraded: { type: 'Degraded', status: 'True', reason: 'LimitDiscoveryFailed', message: `SHOW max_connections failed: ${message}${previous === undefined ? '' : `; using the last known ${previous}`}` } };
+    }
+  }
+
+  /** Reconciles the server `server` (a serverKey). */
+  async reconcile(server: string): Promise<ProcessResult> {
+    const started = process.hrtime.bigint();
+    let result = 'ok';
+    try {
+      return await this.reconcileServer(server);
+    } catch (err) {
+      result = 'error';
+      this.deps.metrics.reconcileErrors.inc({ reason: err instanceof Error ? err.name : 'unknown' });
+      throw err;
+    } finally {
+      this.deps.metrics.reconcileDuration.observe({ result }, Number(process.hrtime.bigint() - started) / 1e9);
+    }
+  }
+
+  private async reconcileServer(server: string): Promise<ProcessResult> {
+    const { caches, logger } = this.deps;
+    const connections = caches.connections.list().filter((c) => serverKey(c.spec.database) === server && !c.metadata.deletionTimestamp);
+    if (connections.length === 0) {
+      this.deps.metrics.serverLimit.remove({ server });
+      this.deps.metrics.serverAllocated.remove({ server });
+      this.unsettledSince.delete(server);
+      return;
+    }
+    const resolved = new Map<string, { credentials: CredentialsLookup; effective?: number; discovered?: number; reserve?: number; degraded?: ConditionUpdate }>();
+    for (const connection of connections) {
+      const credentials = this.credentials(connection);
+      const discovered = await this.discovered(connection, credentials, server);
+      const degraded = discovered.degraded ?? (credentials.ok ? undefined : { type: 'Degraded', status: 'True', reason: credentials.reason, message: credentials.message });
+      if (discovered.value === undefined) {
+        resolved.set(key(connection), { credentials, degraded });
+        continue;
+      }
+      const limit = resolveLimit(discovered.value, connection.spec.reserve);
+      resolved.set(key(connection), { credentials, degraded, discovered: limit.discovered, reserve: limit.reserve, effective: limit.effective });
+    }
+    const known = [...resolved.values()].filter((r) => r.effective !== undefined).map((r) => r.effective as number);
+    if (known.length === 0) {
+      // Without any limit, granting anything could exceed the server: hold everything as it is.
+      for (const connection of connections) await this.writeStatus(connection, undefined, undefined, resolved.get(key(connection))?.degraded);
+      return { requeueAfterMs: 10_000 };
+    }
+    const limit = sharedLimit(known);
+    const connectionKeys = new Set(connections.map(key));
+    const pods = caches.pods.list().filter((p) => {
+      const k = podConnectionKey(p);
+      return k !== undefined && connectionKeys.has(k);
+    });
+    const members = caches.members.list().filter((m) => connectionKeys.has(`${m.metadata.namespace ?? ''}/${m.spec.connection}`));
+    this.pruneWritten(members);
+    const plan = planBudgets(buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written }));
+
+    await this.applyGrants(plan, connections, members, resolved);
+    await this.deleteOrphans(plan, members);
+    for (const connection of connections) {
+      const r = resolved.get(key(connection));
+      await this.writeStatus(connection, plan, r && r.discovered !== undefined ? { discovered: r.discovered, reserve: r.reserve ?? 0, effective: limit, shared: connections.length } : undefined, r?.degraded, r?.credentials);
+    }
+    this.recordMetrics(server, plan, connections);
+    if (!plan.settled) return { requeueAfterMs: this.deps.pendingRequeueMs ?? 2_000 };
+    logger.debug({ server, limit, allocated: plan.allocated }, 'server settled');
+    return { requeueAfterMs: this.deps.resyncMs ?? 60_000 };
+  }
+
+  private workloads(): WorkloadScale[] {
+    const { deployments, statefulSets, hpas } = this.deps.caches;
+    const hpaList = hpas.list();
+    const scale = (kind: 'Deployment' | 'StatefulSet', w: WorkloadObject): WorkloadScale => {
+      const hpa = hpaList.find((h) => h.metadata?.namespace === w.metadata?.namespace && h.spec?.scaleTargetRef?.kind === kind && h.spec.scaleTargetRef.name === w.metadata?.name);
+      return { namespace: w.metadata?.namespace ?? '', kind, name: w.metadata?.name ?? '', replicas: w.spec?.replicas ?? 1, hpaMaxReplicas: hpa?.spec?.maxReplicas };
+    };
+    return [...deployments.list().map((d) => scale('Deployment', d)), ...statefulSets.list().map((s) => scale('StatefulSet', s))];
+  }
+
+  /** Forgets written grants that the cache has caught up with. */
+  private pruneWritten(members: readonly PoolMember[]): void {
+    for (const member of members) {
+      const uid = member.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid;
+      const written = uid ? this.written.get(uid) : undefined;
+      if (uid && written && member.spec.grant.generation >= written.generation) this.written.delete(uid);
+    }
+  }
+
+  private memberSpec(connection: DatabaseConnection, grant: PodGrant, credentials: CredentialsLookup | undefined): PoolMemberSpecInput {
+    const db = connection.spec.database;
+    const consumer = connection.spec.consumers.find((c) => c.name === grant.consumer);
+    const spec: PoolMemberSpecInput = {
+      connection: connection.metadata.name ?? '',
+      grant: grant.grant,
+      processesPerPod: consumer?.processesPerPod ?? 1,
+      database: { host: db.host, port: db.port, dbname: db.dbname, sslMode: db.sslMode },
+      pool: { ...connection.spec.pool },
+      drain: grant.drain,
+    };
+    if (credentials?.ok) spec.credentialsGeneration = credentials.generation;
+    const tunnel = connection.spec.sshTunnel;
+    if (tunnel) spec.sshTunnel = { host: tunnel.host, port: tunnel.port, user: tunnel.user, hostKey: tunnel.hostKey };
+    return spec;
+  }
+
+  private async applyGrants(plan: BudgetPlan, connections: readonly DatabaseConnection[], members: readonly PoolMember[], resolved: Map<string, { credentials: CredentialsLookup }>): Promise<void> {
+    const byKey = new Map(connections.map((c) => [key(c), c]));
+    const memberByName = new Map(members.map((m) => [key(m), m]));
+    // Shrinks first: capacity only ever moves from acknowledged-free to granted.
+    const ordered = [...plan.grants].sort((a, b) => {
+      const delta = (g: PodGrant): number => g.grant.connections - (memberByName.get(`${g.namespace}/${g.name}`)?.spec.grant.connections ?? 0);
+      return delta(a) - delta(b);
+    });
+    for (const grant of ordered) {
+      const connection = byKey.get(`${grant.namespace}/${grant.connection}`);
+      if (!connection) continue;
+      const spec = this.memberSpec(connection, grant, resolved.get(key(connection))?.credentials);
+      const existing = memberByName.get(`${grant.namespace}/${grant.name}`);
+      const path = `${MEMBERS}/namespaces/${grant.namespace}/poolmembers`;
+      const ownerReferences = [{ apiVersion: 'v1', kind: 'Pod', name: grant.name, uid: grant.podUid, controller: true, blockOwnerDeletion: false }];
+      if (!existing) {
+        try {
+          await this.deps.http.create(path, { apiVersion: `${API_GROUP}/${API_VERSION}`, kind: 'PoolMember', metadata: { name: grant.name, namespace: grant.namespace, labels: { [CONNECTION_LABEL]: grant.connection }, ownerReferences }, spec });
+        } catch (err) {
+          if (!isStatus(err, 409)) throw err;
+        }
+      } else {
+        const ownerChanged = existing.metadata.ownerReferences?.[0]?.uid !== grant.podUid;
+        const specChanged = JSON.stringify(normalise(existing.spec)) !== JSON.stringify(normalise(spec as PoolMember['spec']));
+        if (!ownerChanged && !specChanged && !grant.changed) continue;
+        await this.deps.http.patch(`${path}/${grant.name}`, { metadata: { ownerReferences, labels: { [CONNECTION_LABEL]: grant.connection } }, spec: { ...spec, sshTunnel: spec.sshTunnel ?? null, credentialsGeneration: spec.credentialsGeneration ?? null } });
+        // A new pod under an old name: the old sidecar's acknowledgement is not this pod's.
+        if (ownerChanged) await this.deps.http.patch(`${path}/${grant.name}/status`, { status: null });
+        const before = existing.spec.grant.connections;
+        if (grant.grant.connections !== before) this.deps.metrics.grantWrites.inc({ direction: grant.grant.connections < before ? 'shrink' : 'grow' });
+      }
+      this.written.set(grant.podUid, { namespace: grant.namespace, name: grant.name, podUid: grant.podUid, connections: grant.grant.connections, generation: grant.grant.generation });
+    }
+  }
+
+  private async deleteOrphans(plan: BudgetPlan, members: readonly PoolMember[]): Promise<void> {
+    const granted = new Set(plan.grants.map((g) => `${g.namespace}/${g.name}`));
+    for (const orphan of plan.orphans) {
+      const k = `${orphan.namespace}/${orphan.name}`;
+      if (granted.has(k) || !members.some((m) => key(m) === k)) continue;
+      try {
+        await this.deps.http.delete(`${MEMBERS}/namespaces/${orphan.namespace}/poolmembers/${orphan.name}`);
+      } catch (err) {
+        if (!isStatus(err, 404)) throw err;
+      }
+    }
+  }
+
+  private async writeStatus(connection: DatabaseConnection, plan: BudgetPlan | undefined, limit: { discovered: number; reserve: number; effective: number; shared: number } | undefined, degraded: ConditionUpdate | undefined, credentials?: CredentialsLookup): Promise<void> {
+    const summary = plan?.connections.find((c) => c.namespace === connection.metadata.namespace && c.name === connection.metadata.name);
+    const updates: ConditionUpdate[] = plan && summary ? budgetConditions(plan, summary) : [{ type: 'Ready', status: 'False', reason: 'LimitUnknown', message: 'no connection limit known for this server yet' }];
+    updates.push(degraded ?? { type: 'Degraded', status: 'False', reason: 'Healthy', message: 'limit and credentials resolved' });
+    const generation = connection.metadata.generation ?? 0;
+    const previous = connection.status;
+    const conditions = setConditions(previous?.conditions, updates, generation, this.now());
+    const status: NonNullable<DatabaseConnection['status']> = {
+      ...previous,
+      observedGeneration: generation,
+      conditions,
+      ...(limit ? { limit } : {}),
+      ...(summary ? { allocated: summary.allocated, pods: summary.pods, perPodBudget: summary.perPodBudget, consumers: summary.consumers } : {}),
+      ...(credentials?.ok ? { credentialsGeneration: credentials.generation } : {}),
+    };
+    const wasOversubscribed = findCondition(previous?.conditions, 'Oversubscribed');
+    const isOversubscribed = findCondition(conditions, 'Oversubscribed');
+    if (isOversubscribed?.status === 'True' && (wasOversubscribed?.status !== 'True' || wasOversubscribed.message !== isOversubscribed.message)) {
+      await this.deps.events.record(connection, 'Warning', 'Oversubscribed', isOversubscribed.message);
+    }
+    const wasReady = findCondition(previous?.conditions, 'Ready');
+    const isReady = findCondition(conditions, 'Ready');
+    if (isReady?.status === 'True' && wasReady?.status !== 'True' && summary) {
+      await this.deps.events.record(connection, 'Normal', 'Rebalanced', `per-pod budget ${summary.perPodBudget || '-'}; ${summary.allocated} of ${plan?.limit ?? 0} allocated across ${summary.pods} pods`);
+    }
+    if (degraded && findCondition(previous?.conditions, 'Degraded')?.reason !== degraded.reason) {
+      await this.deps.events.record(connection, 'Warning', degraded.reason, degraded.message);
+    }
+    if (JSON.stringify(status) === JSON.stringify(previous) && conditionsEqual(previous?.conditions, conditions)) return;
+    try {
+      await this.deps.http.patch(`${MEMBERS}/namespaces/${connection.metadata.namespace ?? ''}/databaseconnections/${connection.metadata.name ?? ''}/status`, { status });
+    } catch (err) {
+      if (!isStatus(err, 404)) throw err;
+    }
+  }
+
+  private recordMetrics(server: string, plan: BudgetPlan, connections: readonly DatabaseConnection[]): void {
+    const { metrics } = this.deps;
+    metrics.serverLimit.set({ server }, plan.limit);
+    metrics.serverAllocated.set({ server }, plan.allocated);
+    for (const summary of plan.connections) {
+      const labels = { namespace: summary.namespace, connection: summary.name };
+      metrics.connectionAllocated.set(labels, summary.allocated);
+      metrics.connectionPods.set(labels, summary.pods);
+      metrics.connectionOversubscribed.set(labels, plan.oversubscription && connections.length > 0 ? 1 : 0);
+      for (const consumer of summary.consumers) metrics.perPodBudget.set({ ...labels, consumer: consumer.name }, consumer.perPodBudget);
+    }
+    const now = this.now().getTime();
+    const since = this.unsettledSince.get(server);
+    if (!plan.settled && since === undefined) this.unsettledSince.set(server, now);
+    if (plan.settled && since !== undefined) {
+      metrics.rebalanceLatency.observe((now - since) / 1000);
+      this.unsettledSince.delete(server);
+    }
+  }
+}
+
+/** Spec fields in a stable order, defaults applied, for change detection. */
+function normalise(spec: PoolMember['spec']): unknown {
+  return {
+    connection: spec.connection,
+    grant: { connections: spec.grant.connections, generation: spec.grant.generation },
+    processesPerPod: spec.processesPerPod,
+    credentialsGeneration: spec.credentialsGeneration ?? null,
+    database: { host: spec.database.host, port: spec.database.port, dbname: spec.database.dbname, sslMode: spec.database.sslMode },
+    sshTunnel: spec.sshTunnel ? { host: spec.sshTunnel.host, port: spec.sshTunnel.port, user: spec.sshTunnel.user, hostKey: spec.sshTunnel.hostKey } : null,
+    pool: { mode: spec.pool.mode, poolTimeout: spec.pool.poolTimeout, poolRecycle: spec.pool.poolRecycle, poolPrePing: spec.pool.poolPrePing, idleTimeout: spec.pool.idleTimeout },
+    drain: spec.drain ?? false,
+  };
+}

@@ -1,0 +1,174 @@
+/**
+ * The budget controller on the real API server and PostgreSQL: grants follow
+ * a Deployment's scale, `auto` reads the server, DatabaseConnections on one
+ * server share its limit, oversubscription is reported, and a controller
+ * restart never lets the total exceed the limit.
+ */
+import assert from 'node:assert/strict';
+import type { DatabaseConnection, PoolMember } from '../../src/api/index.ts';
+import type { BudgetController } from '../../src/controller/controller.ts';
+import type { KubeControlPlane } from '../../src/devenv/kube.ts';
+import type { PostgresServer } from '../../src/devenv/postgres.ts';
+import { testEnvironment } from '../support/hooks.ts';
+import { Sampler, SidecarFleetDouble, createWorkload, eventually, freshNamespace, installCrds, reserved, startController } from '../support/budget-fixture.ts';
+
+function applyConnection(kube: KubeControlPlane, postgres: PostgresServer, namespace: string, name: string, extra: Record<string, unknown>): void {
+  kube.kubectl(['apply', '-f', '-'], JSON.stringify({
+    apiVersion: 'poolkeeper.dev/v1alpha1',
+    kind: 'DatabaseConnection',
+    metadata: { name, namespace },
+    spec: {
+      database: { host: postgres.host, port: postgres.port, dbname: 'app', sslMode: 'disable', credentialsSecretRef: { name: 'db-credentials' } },
+      consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' } }],
+      ...extra,
+    },
+  }));
+}
+
+function getConnection(kube: KubeControlPlane, namespace: string, name: string): DatabaseConnection {
+  return JSON.parse(kube.kubectl(['-n', namespace, 'get', 'dbc', name, '-o', 'json'])) as DatabaseConnection;
+}
+
+function grants(members: readonly PoolMember[]): number[] {
+  return members.map((m) => m.spec.grant.connections).sort((a, b) => a - b);
+}
+
+describe('budget controller', function () {
+  let kube: KubeControlPlane;
+  let postgres: PostgresServer;
+  let controller: BudgetController | undefined;
+  const fleets: SidecarFleetDouble[] = [];
+
+  before(async function () {
+    [kube, postgres] = await Promise.all([testEnvironment().kube(), testEnvironment().postgres()]);
+    await installCrds(kube);
+  });
+
+  const namespaces: string[] = [];
+  const namespaceFor = (prefix: string): string => {
+    const name = freshNamespace(prefix);
+    namespaces.push(name);
+    return name;
+  };
+
+  afterEach(async function () {
+    await controller?.stop();
+    controller = undefined;
+    await Promise.all(fleets.splice(0).map((f) => f.stop()));
+    // Every test uses the one PostgreSQL server, whose limit all DatabaseConnections share.
+    for (const ns of namespaces.splice(0)) kube.kubectl(['-n', ns, 'delete', 'dbc', '--all', '--wait=true']);
+  });
+
+  it('follows a Deployment scaled 2 -> 8 -> 1, never exceeding the limit', async function () {
+    const namespace = namespaceFor('scale');
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 40, reserve: 0 });
+    const fleet = new SidecarFleetDouble(kube, namespace);
+    fleets.push(fleet);
+    await fleet.start();
+    ({ controller } = await startController(kube));
+    const sampler = new Sampler(() => reserved(fleet.members()));
+    try {
+      await eventually('2 pods at 20 each', () => grants(fleet.members()).join() === '20,20');
+      const scaledAt = Date.now();
+      kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=8']);
+      await eventually('8 pods at 5 each', () => grants(fleet.members()).join() === '5,5,5,5,5,5,5,5');
+      const upSeconds = (Date.now() - scaledAt) / 1000;
+      kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=1']);
+      await eventually('1 pod at 40', () => grants(fleet.members()).join() === '40');
+      await eventually('status of 1 settled pod', () => {
+        const s = getConnection(kube, namespace, 'orders').status;
+        return s?.pods === 1 && s.conditions?.find((c) => c.type === 'Ready')?.status === 'True';
+      });
+      const status = getConnection(kube, namespace, 'orders').status;
+      assert.equal(status?.pods, 1);
+      assert.equal(status?.allocated, 40);
+      assert.equal(status?.consumers?.[0]?.perPodBudget, 40);
+      assert.equal(status?.conditions?.find((c) => c.type === 'Ready')?.status, 'True');
+      assert.ok(upSeconds < 30, `scale-up converged in ${upSeconds}s`);
+    } finally {
+      sampler.stop();
+    }
+    assert.ok(sampler.samples > 10, 'the sampler ran');
+    assert.ok(sampler.max <= 40, `reserved peaked at ${sampler.max} > limit 40`);
+    const printed = kube.kubectl(['-n', namespace, 'get', 'dbc']);
+    assert.match(printed, /orders\s+40\s+1\s+web=40\s+40\s+True/);
+  });
+
+  it('reads maxConnections: auto from PostgreSQL and applies the reserve', async function () {
+    const namespace = namespaceFor('auto');
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 1, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 'auto', reserve: '15%' });
+    ({ controller } = await startController(kube));
+    const discovered = postgres.options.maxConnections - postgres.options.superuserReservedConnections;
+    const reserve = Math.ceil(discovered * 0.15);
+    await eventually('status.limit', () => getConnection(kube, namespace, 'orders').status?.limit?.discovered !== undefined);
+    assert.deepEqual(getConnection(kube, namespace, 'orders').status?.limit, { discovered, reserve, effective: discovered - reserve, shared: 1 });
+  });
+
+  it('shares one server limit between DatabaseConnections in two namespaces', async function () {
+    const a = namespaceFor('share-a');
+    const b = namespaceFor('share-b');
+    for (const namespace of [a, b]) {
+      createWorkload(kube, { namespace, connection: 'db', deployment: 'web', replicas: 3, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+      applyConnection(kube, postgres, namespace, 'db', { maxConnections: 30, reserve: 0 });
+    }
+    const fleetA = new SidecarFleetDouble(kube, a);
+    const fleetB = new SidecarFleetDouble(kube, b);
+    fleets.push(fleetA, fleetB);
+    await Promise.all([fleetA.start(), fleetB.start()]);
+    const sampler = new Sampler(() => reserved([...fleetA.members(), ...fleetB.members()]));
+    ({ controller } = await startController(kube));
+    try {
+      await eventually('6 pods at 5 each', () => [...grants(fleetA.members()), ...grants(fleetB.members())].join() === '5,5,5,5,5,5');
+    } finally {
+      sampler.stop();
+    }
+    assert.ok(sampler.max <= 30, `reserved peaked at ${sampler.max}`);
+    await eventually('shared status', () => getConnection(kube, a, 'db').status?.limit?.shared === 2);
+  });
+
+  it('reports oversubscription with the numbers, as a condition and an Event, and grants no more than the limit', async function () {
+    const namespace = namespaceFor('over');
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 4, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 10, reserve: 0, consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' }, minPerPod: 3 }] });
+    const fleet = new SidecarFleetDouble(kube, namespace);
+    fleets.push(fleet);
+    await fleet.start();
+    ({ controller } = await startController(kube));
+    await eventually('Oversubscribed', () => getConnection(kube, namespace, 'orders').status?.conditions?.some((c) => c.type === 'Oversubscribed' && c.status === 'True') ?? false);
+    const condition = getConnection(kube, namespace, 'orders').status?.conditions?.find((c) => c.type === 'Oversubscribed');
+    assert.match(condition?.message ?? '', /4 pods x minPerPod 3 = 12 > limit 10/);
+    await eventually('the Event', () => kube.kubectl(['-n', namespace, 'get', 'events', '--field-selector', 'reason=Oversubscribed', '-o', 'name']).trim() !== '');
+    await eventually('grants settle', () => fleet.members().length === 4 && fleet.members().every((m) => m.status?.acknowledgedGeneration === m.spec.grant.generation));
+    assert.ok(reserved(fleet.members()) <= 10);
+  });
+
+  it('keeps grants safe across a controller restart during a scale-up', async function () {
+    const namespace = namespaceFor('restart');
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 24, reserve: 0 });
+    const fleet = new SidecarFleetDouble(kube, namespace);
+    fleets.push(fleet);
+    await fleet.start();
+    const sampler = new Sampler(() => reserved(fleet.members()));
+    try {
+      ({ controller } = await startController(kube));
+      await eventually('2 pods at 12', () => grants(fleet.members()).join() === '12,12');
+      // One sidecar hangs: it keeps its 12 and never acknowledges a shrink.
+      const hung = [...fleet.agents.values()][0]!;
+      hung.double.hang();
+      kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=4']);
+      await eventually('4 PoolMembers', () => fleet.members().length === 4);
+      await controller.stop();
+      ({ controller } = await startController(kube));
+      await new Promise((r) => setTimeout(r, 1500));
+      assert.ok(reserved(fleet.members()) <= 24);
+      hung.double.resume();
+      await eventually('4 pods at 6', () => grants(fleet.members()).join() === '6,6,6,6' && fleet.members().every((m) => m.status?.acknowledgedGeneration === m.spec.grant.generation), 30_000);
+    } finally {
+      sampler.stop();
+    }
+    assert.ok(sampler.max <= 24, `reserved peaked at ${sampler.max}`);
+  });
+});

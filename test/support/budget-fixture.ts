@@ -1,0 +1,191 @@
+/**
+ * Fixtures for controller tests on the real API server: the CRDs applied,
+ * a namespace with a credentials Secret and a Deployment whose pods opt in,
+ * the controller running in-process, and a fleet of sidecar test doubles that
+ * speak the real PoolMember protocol through PoolMemberAgent.
+ */
+import { randomBytes } from 'node:crypto';
+import pino, { type Logger } from 'pino';
+import { Registry } from 'prom-client';
+import type { PoolMember } from '../../src/api/index.ts';
+import { BudgetController } from '../../src/controller/controller.ts';
+import { LimitDiscovery } from '../../src/controller/limit-discovery.ts';
+import { ControllerMetrics } from '../../src/controller/metrics.ts';
+import type { KubeControlPlane } from '../../src/devenv/kube.ts';
+import { EventRecorder } from '../../src/kube/events.ts';
+import { KubeHttp } from '../../src/kube/http.ts';
+import { Informer, type KubeObject } from '../../src/kube/informer.ts';
+import { PoolMemberAgent, type GrantTarget } from '../../src/sidecar/control-plane.ts';
+import type { SidecarStatus } from '../../src/sidecar/settings.ts';
+
+/** Polls `check` until true or throws after `timeoutMs`. */
+export async function eventually(what: string, check: () => boolean | Promise<boolean>, timeoutMs = 20_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** Applies crds/ and waits until both resources are served. */
+export async function installCrds(kube: KubeControlPlane): Promise<void> {
+  kube.kubectl(['apply', '-f', 'crds/']);
+  kube.kubectl(['wait', '--for=condition=Established', '--timeout=60s', 'crd/databaseconnections.poolkeeper.dev', 'crd/poolmembers.poolkeeper.dev']);
+  await eventually('CRDs served', () => {
+    try {
+      kube.kubectl(['get', 'dbc,pm', '-A']);
+      return true;
+    } catch {
+      return false;
+    }
+  }, 30_000);
+}
+
+/** A fresh namespace name. */
+export function freshNamespace(prefix: string): string {
+  return `${prefix}-${randomBytes(3).toString('hex')}`;
+}
+
+/** Creates a namespace, a credentials Secret and a Deployment of opted-in pods. */
+export function createWorkload(kube: KubeControlPlane, args: { namespace: string; connection: string; deployment: string; replicas: number; secret: string; username: string; password: string }): void {
+  kube.kubectl(['create', 'namespace', args.namespace]);
+  kube.kubectl(['-n', args.namespace, 'create', 'secret', 'generic', args.secret, `--from-literal=username=${args.username}`, `--from-literal=password=${args.password}`]);
+  kube.kubectl(['apply', '-f', '-'], JSON.stringify({
+    apiVersion: 'apps/v1',
+    kind: 'Deployment',
+    metadata: { name: args.deployment, namespace: args.namespace },
+    spec: {
+      replicas: args.replicas,
+      selector: { matchLabels: { app: args.deployment } },
+      template: {
+        metadata: { labels: { app: args.deployment, 'poolkeeper.dev/connection': args.connection } },
+        spec: { containers: [{ name: 'app', image: 'example.invalid/app:1' }] },
+      },
+    },
+  }));
+}
+
+/** Runs the controller in-process. */
+export async function startController(kube: KubeControlPlane, logger: Logger = pino({ level: 'silent' })): Promise<{ controller: BudgetController; registry: Registry }> {
+  const http = new KubeHttp(kube.kubeConfig());
+  const registry = new Registry();
+  const controller = new BudgetController({
+    http,
+    logger,
+    metrics: new ControllerMetrics(registry),
+    stallTimeoutMs: 60_000,
+    reconciler: { discovery: new LimitDiscovery({ logger }), events: new EventRecorder(http, 'poolkeeper-controller', logger), pendingRequeueMs: 500 },
+  });
+  await controller.start();
+  return { controller, registry };
+}
+
+/** A sidecar's control side that holds exactly what it is granted, at once. */
+export class ObedientSidecarDouble implements GrantTarget {
+  private current: SidecarStatus = { acknowledgedGeneration: -1, acknowledgedConnections: 0, heldConnections: 0, credentialsGeneration: '', draining: false, drained: false };
+  private readonly listeners = new Set<(s: SidecarStatus) => void>();
+  private silent = false;
+  private lastGrant: [number, number] | undefined;
+
+  /** From now on, grants are received but never acknowledged (a hung sidecar). */
+  hang(): void {
+    this.silent = true;
+  }
+
+  /** Answers again, starting with the last grant received. */
+  resume(): void {
+    this.silent = false;
+    if (this.lastGrant) this.setGrant(...this.lastGrant);
+  }
+
+  setGrant(connections: number, generation: number): void {
+    this.lastGrant = [connections, generation];
+    if (this.silent) return;
+    this.current = { ...this.current, acknowledgedGeneration: generation, acknowledgedConnections: connections, heldConnections: connections };
+    for (const l of this.listeners) l(this.current);
+  }
+
+  onStatus(listener: (s: SidecarStatus) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  status(): SidecarStatus {
+    return this.current;
+  }
+}
+
+/**
+ * One PoolMemberAgent + double per PoolMember that appears in `namespace`,
+ * as the pods' sidecars would run them.
+ */
+export class SidecarFleetDouble {
+  readonly agents = new Map<string, { agent: PoolMemberAgent; double: ObedientSidecarDouble }>();
+  private readonly informer: Informer<PoolMember & KubeObject>;
+  private readonly pods: Informer<KubeObject>;
+  private readonly http: KubeHttp;
+  private readonly namespace: string;
+  private readonly logger = pino({ level: 'silent' });
+
+  constructor(kube: KubeControlPlane, namespace: string) {
+    this.http = new KubeHttp(kube.kubeConfig());
+    this.namespace = namespace;
+    this.informer = new Informer<PoolMember & KubeObject>(this.http, { path: `/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/poolmembers`, logger: this.logger });
+    this.pods = new Informer<KubeObject>(this.http, { path: `/api/v1/namespaces/${namespace}/pods`, logger: this.logger });
+  }
+
+  /** Starts answering for every PoolMember of the namespace. */
+  async start(): Promise<void> {
+    this.informer.onChange((type, member) => {
+      const name = member.metadata.name ?? '';
+      if (type === 'DELETED' || this.agents.has(name)) return;
+      const double = new ObedientSidecarDouble();
+      const agent = new PoolMemberAgent({ http: this.http, namespace: this.namespace, podName: name, target: double, logger: this.logger, version: 'test-double', heartbeatMs: 5_000 });
+      this.agents.set(name, { agent, double });
+      void agent.start();
+    });
+    await Promise.all([this.informer.start(), this.pods.start()]);
+  }
+
+  /**
+   * PoolMembers of pods that still exist. A deleted pod's containers are
+   * gone, so its PoolMember (until garbage collection removes it) holds nothing.
+   */
+  members(): PoolMember[] {
+    const live = new Set(this.pods.list().map((p) => p.metadata?.uid));
+    return this.informer.list().filter((m) => live.has(m.metadata.ownerReferences?.[0]?.uid));
+  }
+
+  /** Stops every agent. */
+  async stop(): Promise<void> {
+    await Promise.all([this.informer.stop(), this.pods.stop()]);
+    await Promise.all([...this.agents.values()].map(({ agent }) => agent.stop()));
+  }
+}
+
+/** Sum over PoolMembers of max(granted, acknowledged): what the server may see. */
+export function reserved(members: readonly PoolMember[]): number {
+  return members.reduce((sum, m) => sum + Math.max(m.spec.grant.connections, m.status?.acknowledgedConnections ?? 0, m.status?.heldConnections ?? 0), 0);
+}
+
+/**
+ * Samples `read()` every `intervalMs` until stopped, recording the maximum;
+ * the safety invariant is checked on every sample, not just at the end.
+ */
+export class Sampler {
+  max = 0;
+  samples = 0;
+  private timer: NodeJS.Timeout;
+
+  constructor(read: () => number, intervalMs = 50) {
+    this.timer = setInterval(() => {
+      this.samples += 1;
+      this.max = Math.max(this.max, read());
+    }, intervalMs);
+  }
+
+  /** Stops sampling. */
+  stop(): void {
+    clearInterval(this.timer);
+  }
+}

@@ -1,0 +1,71 @@
+/**
+ * Wiring of the controller binary: informers, reconciler, leader election,
+ * and the /metrics, /healthz and /readyz endpoints.
+ */
+import type { KubeConfig } from '@kubernetes/client-node';
+import type { Logger } from 'pino';
+import { Registry, collectDefaultMetrics } from 'prom-client';
+import { BudgetController } from '../controller/controller.ts';
+import { LimitDiscovery } from '../controller/limit-discovery.ts';
+import { ControllerMetrics } from '../controller/metrics.ts';
+import { EventRecorder } from '../kube/events.ts';
+import { KubeHttp } from '../kube/http.ts';
+import { LeaderElector } from '../kube/leader-election.ts';
+import { AdminServer } from '../sidecar/admin-server.ts';
+
+/** Everything the controller binary is configured with. */
+export interface ControllerConfig {
+  kubeConfig: KubeConfig;
+  /** Namespace of the leader-election Lease. */
+  namespace: string;
+  identity: string;
+  /** 0 picks a free port. */
+  metricsPort: number;
+  metricsHost?: string;
+  leaderElection: boolean;
+}
+
+/** A running controller binary. */
+export interface RunningController {
+  controller: BudgetController;
+  registry: Registry;
+  metricsPort: number;
+  shutdown(): Promise<void>;
+}
+
+/** Starts the controller. */
+export async function startController(config: ControllerConfig, logger: Logger): Promise<RunningController> {
+  const http = new KubeHttp(config.kubeConfig);
+  const registry = new Registry();
+  collectDefaultMetrics({ register: registry, prefix: 'poolkeeper_controller_process_' });
+  const metrics = new ControllerMetrics(registry);
+  const elector = config.leaderElection
+    ? new LeaderElector(http, { namespace: config.namespace, name: 'poolkeeper-controller', identity: config.identity, logger })
+    : undefined;
+  const controller = new BudgetController({
+    http,
+    logger,
+    metrics,
+    elector,
+    reconciler: { discovery: new LimitDiscovery({ logger }), events: new EventRecorder(http, 'poolkeeper-controller', logger) },
+  });
+  let stopping = false;
+  const admin = new AdminServer({
+    registry,
+    healthy: () => !stopping,
+    readiness: () => ({ ready: controller.ready && !stopping, reasons: controller.ready ? [] : ['caches not synced'] }),
+  });
+  const metricsPort = await admin.listen(config.metricsHost ?? '0.0.0.0', config.metricsPort);
+  await controller.start();
+  logger.info({ metricsPort, identity: config.identity, leaderElection: config.leaderElection }, 'controller started');
+  return {
+    controller,
+    registry,
+    metricsPort,
+    async shutdown(): Promise<void> {
+      stopping = true;
+      await controller.stop();
+      await admin.close();
+    },
+  };
+}

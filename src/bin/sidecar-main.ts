@@ -1,0 +1,95 @@
+/**
+ * Wiring of the sidecar binary: waits for its PoolMember, builds the pool
+ * from it, runs the PoolMember agent, and drains on SIGTERM.
+ */
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import type { KubeConfig } from '@kubernetes/client-node';
+import type { Logger } from 'pino';
+import { Registry, collectDefaultMetrics } from 'prom-client';
+import { API_GROUP, API_VERSION, type PoolMember } from '../api/index.ts';
+import { isStatus, KubeHttp } from '../kube/http.ts';
+import { PoolMemberAgent } from '../sidecar/control-plane.ts';
+import { FileCredentialsSource, Sidecar, type SidecarSettings } from '../sidecar/index.ts';
+
+/** Everything the sidecar binary is configured with. */
+export interface SidecarConfig {
+  kubeConfig: KubeConfig;
+  namespace: string;
+  podName: string;
+  listenPort: number;
+  adminPort: number;
+  credentialsDir: string;
+  sshKeyDir?: string;
+  drainTimeoutSeconds: number;
+  version: string;
+  /** How long to wait for the controller to create this pod's PoolMember. */
+  memberWaitMs?: number;
+}
+
+/** A running sidecar binary. */
+export interface RunningSidecar {
+  sidecar: Sidecar;
+  agent: PoolMemberAgent;
+  port: number;
+  adminPort: number | undefined;
+  /** SIGTERM behaviour: drain, report drained, stop. */
+  shutdown(): Promise<void>;
+}
+
+async function waitForMember(http: KubeHttp, config: SidecarConfig, logger: Logger): Promise<PoolMember> {
+  const path = `/apis/${API_GROUP}/${API_VERSION}/namespaces/${config.namespace}/poolmembers/${config.podName}`;
+  const deadline = Date.now() + (config.memberWaitMs ?? 120_000);
+  let logged = false;
+  for (;;) {
+    try {
+      return await http.get<PoolMember>(path);
+    } catch (err) {
+      if (!isStatus(err, 404) || Date.now() > deadline) throw err;
+      if (!logged) logger.info({ poolMember: config.podName }, 'waiting for the controller to create this pod\'s PoolMember');
+      logged = true;
+      await new Promise((r) => setTimeout(r, 250));
+    }
+  }
+}
+
+/** Starts the sidecar: pool, admin endpoints and the PoolMember agent. */
+export async function startSidecar(config: SidecarConfig, logger: Logger): Promise<RunningSidecar> {
+  const http = new KubeHttp(config.kubeConfig);
+  const member = await waitForMember(http, config, logger);
+  const spec = member.spec;
+  const settings: SidecarSettings = {
+    listenHost: '127.0.0.1',
+    listenPort: config.listenPort,
+    database: { host: spec.database.host, port: spec.database.port, dbname: spec.database.dbname, sslMode: spec.database.sslMode },
+    pool: { ...spec.pool },
+    drainTimeout: config.drainTimeoutSeconds,
+    admin: { host: '0.0.0.0', port: config.adminPort },
+  };
+  if (spec.sshTunnel) {
+    if (!config.sshKeyDir) throw new Error('the PoolMember names an SSH tunnel but no SSH key directory is mounted (POOLKEEPER_SSH_KEY_DIR)');
+    settings.sshTunnel = { ...spec.sshTunnel, privateKey: readFileSync(join(config.sshKeyDir, 'ssh-privatekey'), 'utf8') };
+  }
+  const registry = new Registry();
+  collectDefaultMetrics({ register: registry, prefix: 'poolkeeper_sidecar_process_' });
+  const credentials = new FileCredentialsSource({ directory: config.credentialsDir, logger });
+  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry });
+  const { port, adminPort } = await sidecar.start();
+  const agent = new PoolMemberAgent({ http, namespace: config.namespace, podName: config.podName, target: sidecar, logger, version: config.version });
+  await agent.start();
+  logger.info({ port, adminPort, connection: spec.connection }, 'sidecar ready');
+  return {
+    sidecar,
+    agent,
+    port,
+    adminPort,
+    async shutdown(): Promise<void> {
+      logger.info('draining');
+      await sidecar.drain();
+      await agent.flush();
+      await agent.stop();
+      await sidecar.close();
+      logger.info('drained; exiting');
+    },
+  };
+}

@@ -1,0 +1,145 @@
+/**
+ * Plays the kubelet for the pods of one namespace, since the local control
+ * plane has none: binds each opted-in pod to a node (so deletion is graceful),
+ * marks it Running and Ready, mounts its credentials as files the way a
+ * Secret volume does (`..data` symlink swapped atomically), runs its sidecar
+ * in-process, and on deletion stops the app, drains the sidecar, then removes
+ * the pod — the order native sidecars get.
+ */
+import { mkdirSync, mkdtempSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { Logger } from 'pino';
+import { startSidecar, type RunningSidecar } from '../bin/sidecar-main.ts';
+import type { KubeControlPlane } from './kube.ts';
+import { KubeHttp } from '../kube/http.ts';
+import { Informer, type KubeObject } from '../kube/informer.ts';
+
+/** One simulated pod. */
+export interface SimulatedPod {
+  name: string;
+  uid: string;
+  credentialsDir: string;
+  sidecar?: RunningSidecar;
+  /** Called before the sidecar drains: the app container stops first. */
+  onAppStop?: () => Promise<void>;
+  terminating: boolean;
+  gone: boolean;
+  /** Resolves once the pod has been bound and its sidecar started. */
+  booted?: Promise<void>;
+}
+
+let sequence = 0;
+
+/** Writes `files` into `dir` as kubelet's atomic writer does. */
+export function writeSecretVolume(dir: string, files: Record<string, string>): void {
+  sequence += 1;
+  const version = join(dir, `..${Date.now()}_${sequence}`);
+  mkdirSync(version);
+  for (const [name, content] of Object.entries(files)) writeFileSync(join(version, name), content);
+  const tmpLink = join(dir, `..data_tmp_${sequence}`);
+  symlinkSync(version.split('/').pop()!, tmpLink);
+  renameSync(tmpLink, join(dir, '..data'));
+  for (const name of Object.keys(files)) {
+    try {
+      symlinkSync(join('..data', name), join(dir, name));
+    } catch {
+      // the file link already points through ..data
+    }
+  }
+}
+
+/** The simulator. */
+export class KubeletSimulator {
+  readonly pods = new Map<string, SimulatedPod>();
+  private readonly http: KubeHttp;
+  private readonly informer: Informer<KubeObject & { spec?: { nodeName?: string } }>;
+  private readonly root = mkdtempSync(join(tmpdir(), 'poolkeeper-kubelet-'));
+  private readonly logger: Logger;
+  private credentials: Record<string, string>;
+  private readonly work: Promise<void>[] = [];
+  /** Hook run when a pod's sidecar is up (tests start the pod's "app" here). */
+  onPodReady: (pod: SimulatedPod) => void = () => undefined;
+
+  private readonly kube: KubeControlPlane;
+  private readonly namespace: string;
+
+  constructor(kube: KubeControlPlane, namespace: string, credentials: { username: string; password: string }, logger: Logger) {
+    this.logger = logger;
+    this.kube = kube;
+    this.namespace = namespace;
+    this.http = new KubeHttp(kube.kubeConfig());
+    this.credentials = { ...credentials };
+    this.informer = new Informer(this.http, { path: `/api/v1/namespaces/${namespace}/pods`, labelSelector: 'poolkeeper.dev/connection', logger: this.logger });
+  }
+
+  /** Starts watching the namespace's opted-in pods. */
+  async start(): Promise<void> {
+    this.informer.onChange((type, pod) => {
+      const name = pod.metadata?.name ?? '';
+      if (type === 'ADDED' && !this.pods.has(name)) this.work.push(this.boot(pod).catch((err: unknown) => this.logger.warn({ err, pod: name }, 'boot failed')));
+      if (pod.metadata?.deletionTimestamp && this.pods.get(name) && !this.pods.get(name)!.terminating) this.work.push(this.terminate(this.pods.get(name)!));
+    });
+    await this.informer.start();
+  }
+
+  private async boot(pod: KubeObject): Promise<void> {
+    const name = pod.metadata?.name ?? '';
+    const credentialsDir = join(this.root, name);
+    mkdirSync(credentialsDir, { recursive: true });
+    writeSecretVolume(credentialsDir, this.credentials);
+    const sim: SimulatedPod = { name, uid: pod.metadata?.uid ?? '', credentialsDir, terminating: false, gone: false };
+    this.pods.set(name, sim);
+    let booted!: () => void;
+    sim.booted = new Promise((resolve) => (booted = resolve));
+    try {
+      await this.bootPod(sim);
+    } finally {
+      booted();
+    }
+  }
+
+  private async bootPod(sim: SimulatedPod): Promise<void> {
+    const { name, credentialsDir } = sim;
+    const base = `/api/v1/namespaces/${this.namespace}/pods/${name}`;
+    await this.http.create(`${base}/binding`, { apiVersion: 'v1', kind: 'Binding', metadata: { name }, target: { apiVersion: 'v1', kind: 'Node', name: 'simulated-node' } });
+    sim.sidecar = await startSidecar({
+      kubeConfig: this.kube.kubeConfig(), namespace: this.namespace, podName: name, listenPort: 0, adminPort: 0,
+      credentialsDir, drainTimeoutSeconds: 5, version: 'test', memberWaitMs: 30_000,
+    }, this.logger.child({ pod: name }));
+    const now = new Date().toISOString();
+    await this.http.patch(`${base}/status`, { status: { phase: 'Running', conditions: [{ type: 'Ready', status: 'True', lastTransitionTime: now }] } });
+    if (!sim.terminating) this.onPodReady(sim);
+  }
+
+  private async terminate(sim: SimulatedPod): Promise<void> {
+    sim.terminating = true;
+    await sim.booted;
+    await sim.onAppStop?.();
+    await sim.sidecar?.shutdown();
+    await this.http.delete(`/api/v1/namespaces/${this.namespace}/pods/${sim.name}`, { apiVersion: 'v1', kind: 'DeleteOptions', gracePeriodSeconds: 0 }).catch(() => undefined);
+    sim.gone = true;
+  }
+
+  /** New credentials in every pod's volume, as kubelet syncs an updated Secret. */
+  rotate(credentials: { username: string; password: string }): void {
+    this.credentials = { ...credentials };
+    for (const pod of this.pods.values()) if (!pod.gone) writeSecretVolume(pod.credentialsDir, this.credentials);
+  }
+
+  /** Pods whose sidecar runs and that are not terminating. */
+  live(): SimulatedPod[] {
+    return [...this.pods.values()].filter((p) => p.sidecar && !p.terminating);
+  }
+
+  /** Stops every sidecar and the watch. */
+  async stop(): Promise<void> {
+    await this.informer.stop();
+    await Promise.allSettled(this.work);
+    await Promise.allSettled([...this.pods.values()].filter((p) => !p.gone).map(async (p) => {
+      await p.onAppStop?.();
+      await p.sidecar?.shutdown();
+    }));
+    rmSync(this.root, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,123 @@
+/**
+ * End to end: the controller binary's wiring and real sidecars (one per pod,
+ * run by the kubelet simulator) in front of the real PostgreSQL. Application
+ * load runs through every sidecar while the Deployment scales and rolls out;
+ * PostgreSQL itself must never see more of the app role's connections than
+ * the limit, and the application must see no error.
+ */
+import assert from 'node:assert/strict';
+import pg from 'pg';
+import pino from 'pino';
+import { startController, type RunningController } from '../../src/bin/controller-main.ts';
+import type { KubeControlPlane } from '../../src/devenv/kube.ts';
+import type { PostgresServer } from '../../src/devenv/postgres.ts';
+import { testEnvironment } from '../support/hooks.ts';
+import { createWorkload, eventually, freshNamespace, installCrds } from '../support/budget-fixture.ts';
+import { KubeletSimulator, type SimulatedPod } from '../../src/devenv/kubelet-sim.ts';
+
+const LIMIT = 8;
+
+/** A pod's "application": a few workers running short transactions through its sidecar. */
+function startApp(pod: SimulatedPod, stats: { queries: number; errors: string[] }): void {
+  const pool = new pg.Pool({ host: '127.0.0.1', port: pod.sidecar!.port, user: 'app', database: 'app', max: 4, connectionTimeoutMillis: 20_000 });
+  let running = true;
+  pool.on('error', (err) => {
+    if (running) stats.errors.push(`${pod.name} (idle client): ${err.message}`);
+  });
+  const worker = async (): Promise<void> => {
+    while (running) {
+      try {
+        await pool.query('SELECT pg_sleep(0.005)');
+        stats.queries += 1;
+      } catch (err) {
+        if (running) stats.errors.push(`${pod.name}: ${(err as Error).message}`);
+      }
+    }
+  };
+  const workers = Array.from({ length: 4 }, worker);
+  pod.onAppStop = async () => {
+    running = false;
+    await Promise.all(workers);
+    await pool.end();
+  };
+}
+
+describe('fleet end to end', function () {
+  this.timeout(180_000);
+  let kube: KubeControlPlane;
+  let postgres: PostgresServer;
+  let controller: RunningController | undefined;
+  let kubelet: KubeletSimulator | undefined;
+  let namespace: string;
+
+  before(async function () {
+    [kube, postgres] = await Promise.all([testEnvironment().kube(), testEnvironment().postgres()]);
+    await installCrds(kube);
+  });
+
+  after(async function () {
+    await kubelet?.stop();
+    await controller?.shutdown();
+    if (namespace) kube.kubectl(['-n', namespace, 'delete', 'dbc', '--all', '--wait=true']);
+  });
+
+  it('keeps PostgreSQL at or under the limit through scale-up, rollout and scale-down, with no application errors', async function () {
+    namespace = freshNamespace('fleet');
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    kube.kubectl(['apply', '-f', '-'], JSON.stringify({
+      apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name: 'orders', namespace },
+      spec: {
+        database: { host: postgres.host, port: postgres.port, dbname: 'app', sslMode: 'disable', credentialsSecretRef: { name: 'db-credentials' } },
+        maxConnections: LIMIT, reserve: 0,
+        consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' }, minPerPod: 1 }],
+        pool: { mode: 'transaction', poolTimeout: 30 },
+      },
+    }));
+    controller = await startController({ kubeConfig: kube.kubeConfig(), namespace, identity: 'e2e', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: true }, pino({ level: 'silent' }));
+    const stats = { queries: 0, errors: [] as string[] };
+    kubelet = new KubeletSimulator(kube, namespace, { username: postgres.app.user, password: postgres.app.password }, pino({ level: 'silent' }));
+    kubelet.onPodReady = (pod) => startApp(pod, stats);
+    await kubelet.start();
+
+    let peak = 0;
+    let samples = 0;
+    const sampler = setInterval(() => {
+      void postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app'").then((rows) => {
+        samples += 1;
+        peak = Math.max(peak, Number(rows[0]?.n ?? 0));
+      }, () => undefined);
+    }, 50);
+    const k = kube;
+    const settledAt = async (pods: number): Promise<void> => {
+      await eventually(`${pods} pods settled`, () => {
+        const dbc = JSON.parse(k.kubectl(['-n', namespace, 'get', 'dbc', 'orders', '-o', 'json'])) as { status?: { pods?: number; conditions?: Array<{ type: string; status: string }> } };
+        return dbc.status?.pods === pods && dbc.status.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') === true && kubelet!.live().length === pods;
+      }, 60_000);
+    };
+    try {
+      await settledAt(2);
+      kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=4']);
+      await settledAt(4);
+      kube.kubectl(['-n', namespace, 'rollout', 'restart', 'deployment/web']);
+      await eventually('rollout done', () => {
+        try {
+          return kube.kubectl(['-n', namespace, 'rollout', 'status', 'deployment/web', '--timeout=1s']).includes('successfully');
+        } catch {
+          return false;
+        }
+      }, 90_000);
+      await settledAt(4);
+      kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=1']);
+      await settledAt(1);
+    } finally {
+      clearInterval(sampler);
+    }
+    console.log(`      PostgreSQL peak ${peak} app connections (limit ${LIMIT}) over ${samples} samples; ${stats.queries} queries, ${stats.errors.length} errors`);
+    const metrics = await controller.registry.metrics();
+    assert.match(metrics, /poolkeeper_server_limit_connections\{server="127\.0\.0\.1:\d+"\} 8/);
+    assert.ok(samples > 20, `sampled pg_stat_activity ${samples} times`);
+    assert.ok(stats.queries > 100, `the apps ran ${stats.queries} queries`);
+    assert.deepEqual(stats.errors.slice(0, 5), [], `${stats.errors.length} application errors`);
+    assert.ok(peak <= LIMIT, `PostgreSQL saw ${peak} app connections > limit ${LIMIT}`);
+  });
+});

@@ -183,7 +183,7 @@ export const DEFAULT_INJECTOR_SETTINGS: Omit<InjectorSettings, 'sidecarImage' | 
   resources: { requests: { cpu: '50m', memory: '64Mi' }, limits: { memory: '128Mi' } },
   nativeSidecars: true,
   runAsUser: 65532,
-  probePaths: { readiness: '/readyz', liveness: '/livez', startup: '/livez' },
+  probePaths: { readiness: '/readyz', liveness: '/healthz', startup: '/healthz' },
 };
 
 /** One RFC 6902 operation. */

@@ -1,0 +1,321 @@
+/**
+ * The injection webhook on the real API server: registered through
+ * clientConfig.url on loopback, served from this process with the
+ * certificates it manages itself, called by kube-apiserver for pods that
+ * kube-controller-manager creates.
+ */
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
+import { AdmissionregistrationV1Api, AppsV1Api, CoreV1Api, CustomObjectsApi, type V1Pod } from '@kubernetes/client-node';
+import { pino } from 'pino';
+import { Registry } from 'prom-client';
+import { testEnvironment } from '../support/hooks.ts';
+import { DEFAULT_INJECTOR_SETTINGS, SIDECAR_CONTAINER_NAME, type InjectorSettings } from '../../src/core/inject/index.ts';
+import { issuedBy, splitPemBundle } from '../../src/pki/bundle.ts';
+import { DEFAULT_ROTATION_POLICY } from '../../src/pki/rotation.ts';
+import { AdmissionMetrics, PodAdmissionHandler } from '../../src/webhook/admission.ts';
+import { SelfManagedCertificates, type ServingMaterial } from '../../src/webhook/certificates.ts';
+import { KubeConnectionLookup } from '../../src/webhook/connections.ts';
+import { MissingSidecarRepairer, type RepairEventRecorder } from '../../src/webhook/repair.ts';
+import { MUTATE_PODS_PATH, WebhookServer } from '../../src/webhook/server.ts';
+import type { KubeControlPlane } from '../../src/devenv/kube.ts';
+
+const env = testEnvironment();
+const logger = pino({ level: 'silent' });
+const settings: InjectorSettings = { ...DEFAULT_INJECTOR_SETTINGS, sidecarImage: 'poolkeeper/poolkeeper:test', version: '0.1.0-test' };
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+async function eventually<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 30_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await probe();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(200);
+  }
+}
+
+/** Records Events through the core API, as the controller's recorder does. */
+class CoreEventRecorder implements RepairEventRecorder {
+  readonly core: CoreV1Api;
+  constructor(core: CoreV1Api) {
+    this.core = core;
+  }
+  async record(object: Parameters<RepairEventRecorder['record']>[0], type: 'Normal' | 'Warning', reason: string, message: string): Promise<void> {
+    const namespace = object.metadata?.namespace ?? 'default';
+    await this.core.createNamespacedEvent({
+      namespace,
+      body: {
+        metadata: { generateName: `${object.metadata?.name ?? 'x'}.`, namespace },
+        involvedObject: { apiVersion: object.apiVersion, kind: object.kind, name: object.metadata?.name, namespace, uid: object.metadata?.uid },
+        type, reason, message, source: { component: 'poolkeeper-test' }, firstTimestamp: new Date(), lastTimestamp: new Date(), count: 1,
+      },
+    });
+  }
+}
+
+const DATABASE_CONNECTION_FIXTURE = `apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: { name: databaseconnections.poolkeeper.dev }
+spec:
+  group: poolkeeper.dev
+  scope: Namespaced
+  names: { plural: databaseconnections, singular: databaseconnection, kind: DatabaseConnection, shortNames: [dbc] }
+  versions:
+    - name: v1alpha1
+      served: true
+      storage: true
+      subresources: { status: {} }
+      schema: { openAPIV3Schema: { type: object, x-kubernetes-preserve-unknown-fields: true } }
+`;
+
+describe('webhook on the API server', function () {
+  let kube: KubeControlPlane;
+  let core: CoreV1Api;
+  let apps: AppsV1Api;
+  let admission: AdmissionregistrationV1Api;
+  let handler: PodAdmissionHandler;
+  let certs: SelfManagedCertificates;
+  let server: WebhookServer;
+  let material: ServingMaterial;
+  let port: number;
+  const suffix = randomBytes(3).toString('hex');
+  const namespace = `wh-${suffix}`;
+  const configName = `poolkeeper-test-${suffix}`;
+
+  function registration(): object {
+    return {
+      apiVersion: 'admissionregistration.k8s.io/v1',
+      kind: 'MutatingWebhookConfiguration',
+      metadata: { name: configName },
+      webhooks: [{
+        name: 'pods.poolkeeper.dev',
+        admissionReviewVersions: ['v1'],
+        sideEffects: 'None',
+        failurePolicy: 'Ignore',
+        reinvocationPolicy: 'IfNeeded',
+        timeoutSeconds: 5,
+        clientConfig: { url: `https://127.0.0.1:${port}${MUTATE_PODS_PATH}` },
+        rules: [{ apiGroups: [''], apiVersions: ['v1'], operations: ['CREATE'], resources: ['pods'], scope: 'Namespaced' }],
+        objectSelector: { matchExpressions: [{ key: 'poolkeeper.dev/connection', operator: 'Exists' }] },
+        // Only this test's namespace: other suites share the API server.
+        namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': namespace } },
+      }],
+    };
+  }
+
+  function podManifest(name: string, labels: Record<string, string>, ports: number[] = []): V1Pod {
+    return { metadata: { name, labels }, spec: { containers: [{ name: 'app', image: 'example.invalid/app:1', ports: ports.map((containerPort) => ({ containerPort })) }] } };
+  }
+
+  /** Dry-run creates go through the webhook too: poll until the registration is live. */
+  async function waitForWebhook(): Promise<void> {
+    await eventually('webhook registration', async () => {
+      const pod = await core.createNamespacedPod({ namespace, body: podManifest(`probe-${randomBytes(2).toString('hex')}`, { 'poolkeeper.dev/connection': 'orders-db' }), dryRun: 'All' });
+      return pod.spec?.initContainers?.some((c) => c.name === SIDECAR_CONTAINER_NAME) ? true : undefined;
+    });
+  }
+
+  function sidecarOf(pod: V1Pod): { name: string; restartPolicy?: string } | undefined {
+    return pod.spec?.initContainers?.find((c) => c.name === SIDECAR_CONTAINER_NAME) ?? pod.spec?.containers.find((c) => c.name === SIDECAR_CONTAINER_NAME);
+  }
+
+  async function podsOf(app: string, count: number): Promise<V1Pod[]> {
+    return eventually(`${count} pods of ${app}`, async () => {
+      const pods = (await core.listNamespacedPod({ namespace, labelSelector: `app=${app}` })).items.filter((p) => !p.metadata?.deletionTimestamp);
+      return pods.length === count ? pods : undefined;
+    });
+  }
+
+  function deployment(name: string, replicas: number): object {
+    const labels = { app: name, 'poolkeeper.dev/connection': 'orders-db' };
+    return {
+      metadata: { name },
+      spec: { replicas, selector: { matchLabels: { app: name } }, template: { metadata: { labels }, spec: { containers: [{ name: 'app', image: 'example.invalid/app:1', env: [{ name: 'PGHOST', value: 'mine' }] }] } } },
+    };
+  }
+
+  before(async function () {
+    kube = await env.kube();
+    const kc = kube.kubeConfig();
+    core = kc.makeApiClient(CoreV1Api);
+    apps = kc.makeApiClient(AppsV1Api);
+    admission = kc.makeApiClient(AdmissionregistrationV1Api);
+    if (existsSync('crds/databaseconnection.yaml')) kube.kubectl(['apply', '-f', 'crds/']);
+    else kube.kubectl(['apply', '-f', '-'], DATABASE_CONNECTION_FIXTURE);
+    kube.kubectl(['wait', '--for=condition=Established', '--timeout=60s', 'crd/databaseconnections.poolkeeper.dev']);
+    await core.createNamespace({ body: { metadata: { name: namespace } } });
+    await core.createNamespacedSecret({ namespace, body: { metadata: { name: 'orders-creds' }, stringData: { username: 'app', password: 's3cret' } } });
+    const custom = kc.makeApiClient(CustomObjectsApi);
+    await eventually('DatabaseConnection served', async () => {
+      try {
+        await custom.createNamespacedCustomObject({
+          group: 'poolkeeper.dev', version: 'v1alpha1', namespace, plural: 'databaseconnections',
+          body: {
+            apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name: 'orders-db' },
+            spec: {
+              database: { host: '127.0.0.1', port: 5432, dbname: 'orders', credentialsSecretRef: { name: 'orders-creds' } },
+              consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' }, minPerPod: 2, processesPerPod: 1 }],
+              sidecar: { port: 6432, drainTimeout: 20 },
+            },
+          },
+        });
+        return true;
+      } catch (err) {
+        if ((err as { code?: number }).code === 404) return undefined;
+        throw err;
+      }
+    });
+
+    certs = new SelfManagedCertificates({ core, admission }, {
+      namespace, secretName: 'poolkeeper-webhook-certs', webhookConfigurationName: configName,
+      dnsNames: ['localhost'], ipAddresses: ['127.0.0.1'], policy: DEFAULT_ROTATION_POLICY,
+    }, logger);
+    material = await certs.ensure(new Date());
+    handler = new PodAdmissionHandler(new KubeConnectionLookup(kc.makeApiClient(CustomObjectsApi)), settings, logger, new AdmissionMetrics(new Registry()));
+    server = new WebhookServer(handler, material, { host: '127.0.0.1', port: 0 }, logger);
+    port = await server.listen();
+    await admission.createMutatingWebhookConfiguration({ body: registration() });
+    assert.equal(await certs.syncCaBundle(material.caBundlePem, new Date()), true);
+    await waitForWebhook();
+  });
+
+  after(async function () {
+    await server?.close();
+    await admission?.deleteMutatingWebhookConfiguration({ name: configName }).catch(() => undefined);
+    await core?.deleteNamespace({ name: namespace }).catch(() => undefined);
+  });
+
+  it('patches its own CA into the caBundle', async function () {
+    const config = await admission.readMutatingWebhookConfiguration({ name: configName });
+    const bundle = Buffer.from(config.webhooks![0]!.clientConfig.caBundle!, 'base64').toString('utf8');
+    assert.equal(splitPemBundle(bundle).length, 1);
+    assert.ok(issuedBy(material.certPem, splitPemBundle(bundle)[0]!));
+    assert.equal(await certs.syncCaBundle(material.caBundlePem, new Date()), false, 'a second sync changes nothing');
+  });
+
+  it('injects the sidecar into the pods kube-controller-manager creates for an opted-in Deployment', async function () {
+    await apps.createNamespacedDeployment({ namespace, body: deployment('web', 2) });
+    const pods = await podsOf('web', 2);
+    for (const pod of pods) {
+      const sidecar = sidecarOf(pod);
+      assert.ok(sidecar, `pod ${pod.metadata?.name} has the sidecar`);
+      assert.equal(sidecar.restartPolicy, 'Always');
+      assert.equal(pod.metadata?.annotations?.['poolkeeper.dev/injected'], '0.1.0-test');
+      assert.equal(pod.metadata?.annotations?.['poolkeeper.dev/consumer'], 'web');
+      assert.equal(pod.spec?.terminationGracePeriodSeconds, 30, 'the default 30 s already covers drainTimeout 20 + 5');
+      const env = Object.fromEntries((pod.spec.containers[0]!.env ?? []).map((e) => [e.name, e]));
+      assert.equal(env.PGHOST?.value, 'mine', 'the user\'s PGHOST is kept');
+      assert.equal(env.PGPORT?.value, '6432');
+      assert.equal(env.POOLKEEPER_POOL_SIZE?.value, '2');
+      assert.equal(env.DATABASE_URL?.value, 'postgresql://$(PGUSER)@127.0.0.1:6432/orders');
+      assert.deepEqual(pod.spec?.volumes?.find((v) => v.name === 'poolkeeper-credentials')?.secret?.secretName, 'orders-creds');
+      assert.equal(pod.spec.containers[0]!.volumeMounts?.some((m) => m.name === 'poolkeeper-credentials') ?? false, false);
+    }
+  });
+
+  it('leaves pods that do not opt in untouched', async function () {
+    const created = await core.createNamespacedPod({ namespace, body: podManifest('plain', { app: 'plain' }) });
+    assert.equal(sidecarOf(created), undefined);
+    assert.equal(created.metadata?.annotations?.['poolkeeper.dev/injected'], undefined);
+    assert.equal(created.spec?.containers[0]?.env, undefined);
+  });
+
+  it('answers a re-admission of an injected pod with no patch', async function () {
+    const [pod] = await podsOf('web', 2);
+    const review = { apiVersion: 'admission.k8s.io/v1', kind: 'AdmissionReview', request: { uid: 'u1', kind: { group: '', version: 'v1', kind: 'Pod' }, operation: 'CREATE', namespace, object: pod } };
+    const answer = await handler.review(review);
+    assert.deepEqual(answer.response, { uid: 'u1', allowed: true });
+  });
+
+  it('admits a pod naming a missing DatabaseConnection unmodified, with a warning', async function () {
+    const manifest = JSON.stringify({ apiVersion: 'v1', kind: 'Pod', ...podManifest('orphan', { 'poolkeeper.dev/connection': 'no-such-db' }) });
+    // kubectl prints admission warnings on stderr; run it asynchronously, since this process serves the webhook.
+    const run = await new Promise<{ status: number | null; stdout: string; stderr: string }>((resolve, reject) => {
+      const child = spawn(kube.kubectlPath, [`--kubeconfig=${kube.kubeconfigPath}`, 'create', '-n', namespace, '-f', '-', '-o', 'json']);
+      let stdout = '';
+      let stderr = '';
+      child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
+      child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+      child.on('error', reject);
+      child.on('close', (status) => resolve({ status, stdout, stderr }));
+      child.stdin.end(manifest);
+    });
+    assert.equal(run.status, 0, run.stderr);
+    assert.match(run.stderr, /Warning: poolkeeper: DatabaseConnection .*no-such-db does not exist/);
+    assert.equal(sidecarOf(JSON.parse(run.stdout) as V1Pod), undefined);
+  });
+
+  it('denies a pod whose own container uses the sidecar\'s port, naming the conflict', async function () {
+    await assert.rejects(
+      core.createNamespacedPod({ namespace, body: podManifest('clash', { 'poolkeeper.dev/connection': 'orders-db' }, [6432]) }),
+      (err: { code?: number; body?: string }) => err.code === 422 && /PortConflict/.test(String(err.body)),
+    );
+  });
+
+  it('converges racing replicas on one CA in one Secret', async function () {
+    const make = (): SelfManagedCertificates => new SelfManagedCertificates({ core, admission }, {
+      namespace, secretName: 'race-certs', webhookConfigurationName: configName, dnsNames: ['localhost'], ipAddresses: ['127.0.0.1'], policy: DEFAULT_ROTATION_POLICY,
+    }, logger);
+    const results = await Promise.all([make().ensure(new Date()), make().ensure(new Date()), make().ensure(new Date())]);
+    assert.equal(new Set(results.map((r) => r.caBundlePem)).size, 1);
+    assert.equal(new Set(results.map((r) => r.certPem)).size, 1);
+    const secret = await core.readNamespacedSecret({ name: 'race-certs', namespace });
+    assert.equal(Buffer.from(secret.data!['ca-bundle.crt']!, 'base64').toString('utf8'), results[0].caBundlePem);
+  });
+
+  it('rotates the CA with the new one trusted before it serves, without failing an admission', async function () {
+    const withPolicy = (policy: Partial<typeof DEFAULT_ROTATION_POLICY>): SelfManagedCertificates => new SelfManagedCertificates({ core, admission }, {
+      namespace, secretName: 'poolkeeper-webhook-certs', webhookConfigurationName: configName, dnsNames: ['localhost'], ipAddresses: ['127.0.0.1'],
+      policy: { ...DEFAULT_ROTATION_POLICY, ...policy },
+    }, logger);
+    const oldCa = splitPemBundle(material.caBundlePem)[0]!;
+    // The stored CA has 5 years left; asking to renew 6 years ahead stages the next one now.
+    const staged = await withPolicy({ caRenewBeforeDays: 6 * 365, caValidityDays: 7 * 365, propagationSeconds: 3600 }).reconcile(new Date());
+    assert.equal(staged.certPem, material.certPem, 'still serving from the old CA');
+    assert.equal(splitPemBundle(staged.caBundlePem).length, 2);
+    const config = await admission.readMutatingWebhookConfiguration({ name: configName });
+    assert.equal(splitPemBundle(Buffer.from(config.webhooks![0]!.clientConfig.caBundle!, 'base64').toString('utf8')).length, 2, 'the API server trusts both CAs');
+    await waitForWebhook();
+
+    const promoted = await withPolicy({ caRenewBeforeDays: 6 * 365, caValidityDays: 7 * 365, propagationSeconds: 0 }).reconcile(new Date());
+    assert.notEqual(promoted.certPem, material.certPem);
+    assert.equal(issuedBy(promoted.certPem, oldCa), false);
+    assert.ok(splitPemBundle(promoted.caBundlePem).some((ca) => issuedBy(promoted.certPem, ca)));
+    assert.ok(splitPemBundle(promoted.caBundlePem).includes(oldCa), 'the old CA stays trusted until it expires');
+    assert.equal(server.updateCertificate(promoted), true);
+    material = promoted;
+    await waitForWebhook();
+  });
+
+  it('with the webhook down admits opted-in pods without the sidecar (failurePolicy Ignore), and the repair path evicts them so they return with it', async function () {
+    await server.close();
+    await apps.createNamespacedDeployment({ namespace, body: deployment('batch', 1) });
+    const [bare] = await podsOf('batch', 1);
+    assert.equal(sidecarOf(bare!), undefined, 'admitted without the sidecar while the webhook was down');
+    const standalone = await core.createNamespacedPod({ namespace, body: podManifest('standalone', { 'poolkeeper.dev/connection': 'orders-db' }) });
+    assert.equal(sidecarOf(standalone), undefined);
+
+    server = new WebhookServer(handler, material, { host: '127.0.0.1', port }, logger);
+    await server.listen();
+    await waitForWebhook();
+
+    const repairer = new MissingSidecarRepairer(core, new CoreEventRecorder(core), logger, { mode: 'evict', gracePeriodSeconds: 0, maxEvictionsPerPass: 5 });
+    const outcomes = await repairer.repairConnection(namespace, 'orders-db', new Date(Date.now() + 1000));
+    // A pod without a controller would not come back: reported, not evicted.
+    assert.deepEqual(outcomes.map((o) => `${o.pod}:${o.action}`).sort(), [`${bare!.metadata!.name}:evicted`, 'standalone:reported']);
+    assert.ok(await core.readNamespacedPod({ name: 'standalone', namespace }));
+    const replacement = await eventually('a replacement pod with the sidecar', async () => {
+      const pods = (await core.listNamespacedPod({ namespace, labelSelector: 'app=batch' })).items;
+      return pods.find((p) => p.metadata?.name !== bare!.metadata!.name && sidecarOf(p) !== undefined);
+    });
+    assert.ok(replacement);
+    const events = await core.listNamespacedEvent({ namespace, fieldSelector: `involvedObject.name=${bare!.metadata!.name}` });
+    assert.ok(events.items.some((e) => e.reason === 'SidecarMissing' && /evicted/.test(e.message ?? '')));
+    // A second pass finds nothing left to do among the live pods.
+    const again = await repairer.repairConnection(namespace, 'orders-db', new Date(Date.now() + 1000));
+    assert.deepEqual(again.filter((o) => o.action === 'evicted'), []);
+  });
+});

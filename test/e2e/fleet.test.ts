@@ -61,6 +61,7 @@ describe('fleet end to end', function () {
     if (namespace) kube.kubectl(['-n', namespace, 'delete', 'dbc', '--all', '--wait=true']);
   });
 
+  // Connections of other tests' poolers (PgBouncer) are not poolkeeper's: count by application_name.
   it('keeps PostgreSQL at or under the limit through scale-up, rollout and scale-down, with no application errors', async function () {
     namespace = freshNamespace('fleet');
     createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
@@ -82,7 +83,7 @@ describe('fleet end to end', function () {
     let peak = 0;
     let samples = 0;
     const sampler = setInterval(() => {
-      void postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app'").then((rows) => {
+      void postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND application_name LIKE 'poolkeeper%'").then((rows) => {
         samples += 1;
         peak = Math.max(peak, Number(rows[0]?.n ?? 0));
       }, () => undefined);

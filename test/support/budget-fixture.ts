@@ -12,57 +12,16 @@ import { BudgetController } from '../../src/controller/controller.ts';
 import { LimitDiscovery } from '../../src/controller/limit-discovery.ts';
 import { ControllerMetrics } from '../../src/controller/metrics.ts';
 import type { KubeControlPlane } from '../../src/devenv/kube.ts';
+export { createWorkload, eventually, installCrds } from '../../src/devenv/scenario.ts';
 import { EventRecorder } from '../../src/kube/events.ts';
 import { KubeHttp } from '../../src/kube/http.ts';
 import { Informer, type KubeObject } from '../../src/kube/informer.ts';
 import { PoolMemberAgent, type GrantTarget } from '../../src/sidecar/control-plane.ts';
 import type { SidecarStatus } from '../../src/sidecar/settings.ts';
 
-/** Polls `check` until true or throws after `timeoutMs`. */
-export async function eventually(what: string, check: () => boolean | Promise<boolean>, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
-/** Applies crds/ and waits until both resources are served. */
-export async function installCrds(kube: KubeControlPlane): Promise<void> {
-  kube.kubectl(['apply', '-f', 'crds/']);
-  kube.kubectl(['wait', '--for=condition=Established', '--timeout=60s', 'crd/databaseconnections.poolkeeper.dev', 'crd/poolmembers.poolkeeper.dev']);
-  await eventually('CRDs served', () => {
-    try {
-      kube.kubectl(['get', 'dbc,pm', '-A']);
-      return true;
-    } catch {
-      return false;
-    }
-  }, 30_000);
-}
-
 /** A fresh namespace name. */
 export function freshNamespace(prefix: string): string {
   return `${prefix}-${randomBytes(3).toString('hex')}`;
-}
-
-/** Creates a namespace, a credentials Secret and a Deployment of opted-in pods. */
-export function createWorkload(kube: KubeControlPlane, args: { namespace: string; connection: string; deployment: string; replicas: number; secret: string; username: string; password: string }): void {
-  kube.kubectl(['create', 'namespace', args.namespace]);
-  kube.kubectl(['-n', args.namespace, 'create', 'secret', 'generic', args.secret, `--from-literal=username=${args.username}`, `--from-literal=password=${args.password}`]);
-  kube.kubectl(['apply', '-f', '-'], JSON.stringify({
-    apiVersion: 'apps/v1',
-    kind: 'Deployment',
-    metadata: { name: args.deployment, namespace: args.namespace },
-    spec: {
-      replicas: args.replicas,
-      selector: { matchLabels: { app: args.deployment } },
-      template: {
-        metadata: { labels: { app: args.deployment, 'poolkeeper.dev/connection': args.connection } },
-        spec: { containers: [{ name: 'app', image: 'example.invalid/app:1' }] },
-      },
-    },
-  }));
 }
 
 /** Runs the controller in-process. */

@@ -1,0 +1,124 @@
+/**
+ * The webhook process put together: certificates (self-managed in the shared
+ * Secret, or files written by cert-manager), the HTTPS server, and a
+ * periodic refresh that rotates and reloads certificates. The entry point
+ * (`poolkeeper webhook`) calls webhookConfigFromEnv() and startWebhook().
+ */
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { AdmissionregistrationV1Api, CoreV1Api, CustomObjectsApi, VersionApi, type KubeConfig } from '@kubernetes/client-node';
+import type { Logger } from 'pino';
+import type { Registry } from 'prom-client';
+import { DEFAULT_INJECTOR_SETTINGS, nativeSidecarsSupported, type InjectorSettings } from '../core/inject/index.ts';
+import { DEFAULT_ROTATION_POLICY } from '../pki/rotation.ts';
+import { AdmissionMetrics, PodAdmissionHandler } from './admission.ts';
+import { SelfManagedCertificates, type ServingMaterial } from './certificates.ts';
+import { KubeConnectionLookup } from './connections.ts';
+import { WebhookServer, type ServingCertificate } from './server.ts';
+
+/** Everything the webhook process is configured with. */
+export interface WebhookConfig {
+  /** `self`: manage the CA in the shared Secret; `files`: read tls.crt/tls.key from certDir (cert-manager). */
+  certificateMode: 'self' | 'files';
+  certDir: string;
+  namespace: string;
+  serviceName: string;
+  secretName: string;
+  webhookConfigurationName: string;
+  host: string;
+  port: number;
+  /** How often certificates are re-checked (and reloaded). */
+  refreshSeconds: number;
+  injector: InjectorSettings;
+  /** undefined: decide from the API server's version. */
+  nativeSidecars?: boolean;
+}
+
+/** Reads the configuration from environment variables (see docs/webhook.md). */
+export function webhookConfigFromEnv(env: Readonly<Record<string, string | undefined>>, version: string): WebhookConfig {
+  const int = (name: string, fallback: number): number => {
+    const raw = env[name];
+    if (raw === undefined || raw === '') return fallback;
+    const value = Number(raw);
+    if (!Number.isInteger(value) || value < 0) throw new Error(`${name} must be a non-negative integer, got ${raw}`);
+    return value;
+  };
+  const mode = env.POOLKEEPER_WEBHOOK_CERTIFICATES ?? 'self';
+  if (mode !== 'self' && mode !== 'files') throw new Error(`POOLKEEPER_WEBHOOK_CERTIFICATES must be self or files, got ${mode}`);
+  const image = env.POOLKEEPER_SIDECAR_IMAGE;
+  if (!image) throw new Error('POOLKEEPER_SIDECAR_IMAGE is required');
+  const native = env.POOLKEEPER_NATIVE_SIDECARS;
+  return {
+    certificateMode: mode,
+    certDir: env.POOLKEEPER_WEBHOOK_CERT_DIR ?? '/var/run/poolkeeper/webhook-certs',
+    namespace: env.POOLKEEPER_NAMESPACE ?? 'poolkeeper-system',
+    serviceName: env.POOLKEEPER_WEBHOOK_SERVICE ?? 'poolkeeper-webhook',
+    secretName: env.POOLKEEPER_WEBHOOK_SECRET ?? 'poolkeeper-webhook-certs',
+    webhookConfigurationName: env.POOLKEEPER_WEBHOOK_CONFIGURATION ?? 'poolkeeper-webhook',
+    host: env.POOLKEEPER_WEBHOOK_HOST ?? '0.0.0.0',
+    port: int('POOLKEEPER_WEBHOOK_PORT', 9443),
+    refreshSeconds: int('POOLKEEPER_WEBHOOK_REFRESH_SECONDS', 60),
+    injector: {
+      ...DEFAULT_INJECTOR_SETTINGS,
+      version,
+      sidecarImage: image,
+      adminPort: int('POOLKEEPER_SIDECAR_ADMIN_PORT', DEFAULT_INJECTOR_SETTINGS.adminPort),
+      ...(env.POOLKEEPER_SIDECAR_CPU_REQUEST || env.POOLKEEPER_SIDECAR_MEMORY_REQUEST || env.POOLKEEPER_SIDECAR_MEMORY_LIMIT ? {
+        resources: {
+          requests: { cpu: env.POOLKEEPER_SIDECAR_CPU_REQUEST ?? '50m', memory: env.POOLKEEPER_SIDECAR_MEMORY_REQUEST ?? '64Mi' },
+          limits: { memory: env.POOLKEEPER_SIDECAR_MEMORY_LIMIT ?? '128Mi' },
+        },
+      } : {}),
+    },
+    ...(native === 'true' || native === 'false' ? { nativeSidecars: native === 'true' } : {}),
+  };
+}
+
+/** A running webhook. */
+export interface RunningWebhook {
+  server: WebhookServer;
+  stop(): Promise<void>;
+}
+
+async function readCertificateFiles(dir: string): Promise<ServingCertificate> {
+  const [certPem, keyPem] = await Promise.all([readFile(join(dir, 'tls.crt'), 'utf8'), readFile(join(dir, 'tls.key'), 'utf8')]);
+  return { certPem, keyPem };
+}
+
+/** Starts the webhook with `kc`'s credentials; resolves once it serves. */
+export async function startWebhook(kc: KubeConfig, config: WebhookConfig, logger: Logger, registry: Registry): Promise<RunningWebhook> {
+  let nativeSidecars = config.nativeSidecars;
+  if (nativeSidecars === undefined) {
+    const version = await kc.makeApiClient(VersionApi).getCode();
+    nativeSidecars = nativeSidecarsSupported(version);
+    logger.info({ kubernetes: version.gitVersion, nativeSidecars }, 'sidecar mode chosen');
+  }
+  const service = `${config.serviceName}.${config.namespace}`;
+  const certificates = config.certificateMode === 'self'
+    ? new SelfManagedCertificates({ core: kc.makeApiClient(CoreV1Api), admission: kc.makeApiClient(AdmissionregistrationV1Api) }, {
+      namespace: config.namespace, secretName: config.secretName, webhookConfigurationName: config.webhookConfigurationName,
+      dnsNames: [`${service}.svc`, `${service}.svc.cluster.local`, service, config.serviceName], ipAddresses: [], policy: DEFAULT_ROTATION_POLICY,
+    }, logger)
+    : undefined;
+  const load = async (): Promise<ServingMaterial | ServingCertificate> => certificates ? certificates.reconcile(new Date()) : readCertificateFiles(config.certDir);
+  const handler = new PodAdmissionHandler(new KubeConnectionLookup(kc.makeApiClient(CustomObjectsApi)), { ...config.injector, nativeSidecars }, logger, new AdmissionMetrics(registry));
+  const server = new WebhookServer(handler, await load(), { host: config.host, port: config.port }, logger);
+  await server.listen();
+  logger.info({ port: server.port, certificates: config.certificateMode }, 'webhook serving');
+  let refreshing = false;
+  const timer = setInterval(() => {
+    if (refreshing) return;
+    refreshing = true;
+    load().then((material) => server.updateCertificate(material))
+      .catch((err: unknown) => logger.error({ err }, 'certificate refresh failed; serving the current certificate'))
+      .finally(() => (refreshing = false));
+  }, config.refreshSeconds * 1000);
+  timer.unref();
+  return {
+    server,
+    async stop() {
+      clearInterval(timer);
+      await server.close();
+    },
+  };
+}

@@ -1,19 +1,24 @@
 # syntax=docker/dockerfile:1
-# Build: compile TypeScript to JavaScript.
+# One image, three entry points: `poolkeeper controller`, `poolkeeper webhook`,
+# `poolkeeper sidecar` (the webhook injects this same image as the sidecar).
+
+# Build: compile TypeScript to JavaScript, then drop dev dependencies.
 FROM node:24-bookworm-slim AS build
 WORKDIR /src
 COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund
 COPY tsconfig.json tsconfig.build.json ./
 COPY src ./src
-RUN npx tsc -p tsconfig.build.json && npm prune --omit=dev
+RUN npx tsc -p tsconfig.build.json && npm prune --omit=dev --no-audit --no-fund
 
-# Run: distroless Node 24, non-root.
+# Run: distroless Node 24 (no shell, no package manager), non-root.
 FROM gcr.io/distroless/nodejs24-debian12:nonroot
 WORKDIR /app
+ENV NODE_ENV=production
 COPY --from=build /src/node_modules ./node_modules
 COPY --from=build /src/dist ./dist
 COPY package.json ./
+# 65532 is distroless' nonroot user; the manifests and the injected sidecar run as it too.
 USER 65532:65532
 ENTRYPOINT ["/nodejs/bin/node", "/app/dist/bin/poolkeeper.js"]
 CMD ["--help"]

@@ -84,9 +84,9 @@ function run(command: string, args: string[], envVars: Record<string, string> = 
   });
 }
 
-/** Server backends of `user` as pg_stat_activity sees them. */
+/** Server backends the sidecar opened for `user` (PgBouncer, started by other tests, holds its own). */
 async function backendsOf(postgres: PostgresServer, user: string): Promise<number> {
-  const rows = await postgres.query<{ n: string }>('SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1', [user]);
+  const rows = await postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1 AND application_name = 'poolkeeper-sidecar'", [user]);
   return Number(rows[0]!.n);
 }
 
@@ -191,7 +191,7 @@ function sampleBackends(postgres: PostgresServer, user: string): { stop(): Promi
     try {
       // Bounded: at most 2000 samples.
       for (let i = 0; running && i < 2000; i += 1) {
-        const rows = await observer.query<{ n: string }>('SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1', [user]);
+        const rows = await observer.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1 AND application_name = 'poolkeeper-sidecar'", [user]);
         max = Math.max(max, Number(rows.rows[0]!.n));
         await new Promise((r) => setTimeout(r, 10));
       }
@@ -275,7 +275,7 @@ describe('sidecar budget and lifecycle', function () {
       assert.deepEqual(errors.map((e) => e.message), []);
       // Every backend now serving the sidecar logged in after the rotation.
       await withClient(running, (c) => c.query('SELECT 1'));
-      const old = await postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND backend_start < $1", [rotatedAt]);
+      const old = await postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND application_name = 'poolkeeper-sidecar' AND backend_start < $1", [rotatedAt]);
       assert.equal(old[0]!.n, '0');
     } finally {
       await postgres.query(`ALTER ROLE app PASSWORD '${original}'`);
@@ -420,7 +420,7 @@ describe('sidecar SSH tunnel', function () {
     try {
       await Promise.all(Array.from({ length: 6 }, () => withClient(running, (c) => c.query('SELECT pg_sleep(0.05)'))));
       // Forwarded channels arrive from the bastion's loopback, one SSH session for all of them.
-      const viaTunnel = await postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND client_addr = '127.0.0.1'");
+      const viaTunnel = await postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND application_name = 'poolkeeper-sidecar' AND client_addr = '127.0.0.1'");
       assert.ok(Number(viaTunnel[0]!.n) >= 1);
       await sshd.kill();
       assert.ok(await killSshSessions(sshd.port) >= 1, 'no SSH session to kill');

@@ -6,6 +6,7 @@
  * the limit, and the application must see no error.
  */
 import assert from 'node:assert/strict';
+import { Writable } from 'node:stream';
 import pg from 'pg';
 import pino from 'pino';
 import { startController, type RunningController } from '../../src/bin/controller-main.ts';
@@ -16,6 +17,15 @@ import { createWorkload, eventually, freshNamespace, installCrds } from '../supp
 import { KubeletSimulator, type SimulatedPod } from '../../src/devenv/kubelet-sim.ts';
 
 const LIMIT = 8;
+
+/** A pino destination that keeps every line, to check what was logged. */
+class LogCapture extends Writable {
+  text = '';
+  override _write(chunk: Buffer, _encoding: string, done: () => void): void {
+    this.text += chunk.toString('utf8');
+    done();
+  }
+}
 
 /** A pod's "application": a few workers running short transactions through its sidecar. */
 function startApp(pod: SimulatedPod, stats: { queries: number; errors: string[] }): void {
@@ -62,7 +72,7 @@ describe('fleet end to end', function () {
   });
 
   // Connections of other tests' poolers (PgBouncer) are not poolkeeper's: count by application_name.
-  it('keeps PostgreSQL at or under the limit through scale-up, rollout and scale-down, with no application errors', async function () {
+  it('keeps PostgreSQL at or under the limit through scale-up, credential rotation, rollout and scale-down, with no application errors and no secret in the logs', async function () {
     namespace = freshNamespace('fleet');
     createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
     kube.kubectl(['apply', '-f', '-'], JSON.stringify({
@@ -74,9 +84,11 @@ describe('fleet end to end', function () {
         pool: { mode: 'transaction', poolTimeout: 30 },
       },
     }));
-    controller = await startController({ kubeConfig: kube.kubeConfig(), namespace, identity: 'e2e', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: true }, pino({ level: 'silent' }));
+    const logs = new LogCapture();
+    const logger = pino({ level: 'debug' }, logs);
+    controller = await startController({ kubeConfig: kube.kubeConfig(), namespace, identity: 'e2e', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: true }, logger.child({ component: 'controller' }));
     const stats = { queries: 0, errors: [] as string[] };
-    kubelet = new KubeletSimulator(kube, namespace, { username: postgres.app.user, password: postgres.app.password }, pino({ level: 'silent' }));
+    kubelet = new KubeletSimulator(kube, namespace, { username: postgres.app.user, password: postgres.app.password }, logger.child({ component: 'sidecar' }));
     kubelet.onPodReady = (pod) => startApp(pod, stats);
     await kubelet.start();
 
@@ -99,6 +111,25 @@ describe('fleet end to end', function () {
       await settledAt(2);
       kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=4']);
       await settledAt(4);
+      // Credential rotation in place: new password on the server, then in the Secret and the pods' volumes.
+      const original = postgres.app.password;
+      const rotated = `${original}-rotated`;
+      await postgres.query(`ALTER ROLE app PASSWORD '${rotated}'`);
+      kube.kubectl(['-n', namespace, 'apply', '-f', '-'], kube.kubectl(['-n', namespace, 'create', 'secret', 'generic', 'db-credentials', '--from-literal=username=app', `--from-literal=password=${rotated}`, '--dry-run=client', '-o', 'yaml']));
+      kubelet.rotate({ username: 'app', password: rotated });
+      const rotatedAt = new Date();
+      await eventually('every sidecar on the new credentials, as the controller sees it', () => {
+        const members = JSON.parse(kube.kubectl(['-n', namespace, 'get', 'pm', '-o', 'json'])) as { items: Array<{ spec: { credentialsGeneration?: string }; status?: { credentialsGeneration?: string } }> };
+        return members.items.length === 4 && members.items.every((m) => m.spec.credentialsGeneration && m.status?.credentialsGeneration === m.spec.credentialsGeneration);
+      }, 30_000);
+      await eventually('no server connection from before the rotation', async () => {
+        const rows = await postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND application_name LIKE 'poolkeeper%' AND backend_start < $1", [rotatedAt]);
+        return rows[0]?.n === '0';
+      }, 30_000);
+      // Restore the password the other tests use, the same way.
+      await postgres.query(`ALTER ROLE app PASSWORD '${original}'`);
+      kube.kubectl(['-n', namespace, 'apply', '-f', '-'], kube.kubectl(['-n', namespace, 'create', 'secret', 'generic', 'db-credentials', '--from-literal=username=app', `--from-literal=password=${original}`, '--dry-run=client', '-o', 'yaml']));
+      kubelet.rotate({ username: 'app', password: original });
       kube.kubectl(['-n', namespace, 'rollout', 'restart', 'deployment/web']);
       await eventually('rollout done', () => {
         try {
@@ -120,5 +151,8 @@ describe('fleet end to end', function () {
     assert.ok(stats.queries > 100, `the apps ran ${stats.queries} queries`);
     assert.deepEqual(stats.errors.slice(0, 5), [], `${stats.errors.length} application errors`);
     assert.ok(peak <= LIMIT, `PostgreSQL saw ${peak} app connections > limit ${LIMIT}`);
+    assert.ok(logs.text.includes('grant received'), 'debug logs were captured');
+    assert.ok(!logs.text.includes(postgres.app.password), 'the database password appears in the logs');
+    assert.ok(!logs.text.includes(`${postgres.app.password}-rotated`), 'the rotated password appears in the logs');
   });
 });

@@ -2,7 +2,7 @@
  * Wiring of the controller binary: informers, reconciler, leader election,
  * and the /metrics, /healthz and /readyz endpoints.
  */
-import type { KubeConfig } from '@kubernetes/client-node';
+import { CoreV1Api, type KubeConfig } from '@kubernetes/client-node';
 import type { Logger } from 'pino';
 import { Registry, collectDefaultMetrics } from 'prom-client';
 import { BudgetController } from '../controller/controller.ts';
@@ -12,6 +12,7 @@ import { EventRecorder } from '../kube/events.ts';
 import { KubeHttp } from '../kube/http.ts';
 import { LeaderElector } from '../kube/leader-election.ts';
 import { AdminServer } from '../sidecar/admin-server.ts';
+import { DEFAULT_POD_REPAIR_OPTIONS, MissingSidecarRepairer } from '../webhook/repair.ts';
 
 /** Everything the controller binary is configured with. */
 export interface ControllerConfig {
@@ -23,6 +24,8 @@ export interface ControllerConfig {
   metricsPort: number;
   metricsHost?: string;
   leaderElection: boolean;
+  /** Pods that opted in but came up without the sidecar: evict them, only report them, or ignore them. */
+  repair: 'evict' | 'report' | 'off';
 }
 
 /** A running controller binary. */
@@ -42,12 +45,16 @@ export async function startController(config: ControllerConfig, logger: Logger):
   const elector = config.leaderElection
     ? new LeaderElector(http, { namespace: config.namespace, name: 'poolkeeper-controller', identity: config.identity, logger })
     : undefined;
+  const events = new EventRecorder(http, 'poolkeeper-controller', logger);
+  const repairer = config.repair === 'off'
+    ? undefined
+    : new MissingSidecarRepairer(config.kubeConfig.makeApiClient(CoreV1Api), events, logger, { ...DEFAULT_POD_REPAIR_OPTIONS, mode: config.repair });
   const controller = new BudgetController({
     http,
     logger,
     metrics,
     elector,
-    reconciler: { discovery: new LimitDiscovery({ logger }), events: new EventRecorder(http, 'poolkeeper-controller', logger) },
+    reconciler: { discovery: new LimitDiscovery({ logger }), events, repairer },
   });
   let stopping = false;
   const admin = new AdminServer({

@@ -60,7 +60,7 @@ try {
       pool: { mode: 'transaction', poolTimeout: 30 },
     },
   }));
-  const controller = await startController({ kubeConfig: kube.kubeConfig(), namespace: NAMESPACE, identity: 'demo', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: true }, quiet);
+  const controller = await startController({ kubeConfig: kube.kubeConfig(), namespace: NAMESPACE, identity: 'demo', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: true, repair: 'off' }, quiet);
   const stats = { queries: 0, errors: 0 };
   const kubelet = new KubeletSimulator(kube, NAMESPACE, { username: postgres.app.user, password: postgres.app.password }, quiet);
   kubelet.onPodReady = (pod) => startApp(pod, stats);

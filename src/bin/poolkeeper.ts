@@ -1,11 +1,15 @@
 #!/usr/bin/env node
 /**
- * The one binary of the image: `poolkeeper controller` or `poolkeeper sidecar`.
+ * The one binary of the image: `poolkeeper controller`, `poolkeeper webhook`
+ * or `poolkeeper sidecar`.
  * The only place that reads process.env; everything else gets its
  * configuration passed in.
  */
 import { hostname } from 'node:os';
 import pino from 'pino';
+import { Registry, collectDefaultMetrics } from 'prom-client';
+import { AdminServer } from '../sidecar/admin-server.ts';
+import { startWebhook, webhookConfigFromEnv } from '../webhook/runtime.ts';
 import { loadKubeConfig } from './kubeconfig.ts';
 import { startController } from './controller-main.ts';
 import { startSidecar } from './sidecar-main.ts';
@@ -21,6 +25,12 @@ function required(name: string): string {
     process.exit(2);
   }
   return value;
+}
+
+function repairMode(value: string): 'evict' | 'report' | 'off' {
+  if (value === 'evict' || value === 'report' || value === 'off') return value;
+  logger.fatal(`POOLKEEPER_REPAIR must be evict, report or off, got ${value}`);
+  process.exit(2);
 }
 
 function onTerminate(shutdown: () => Promise<void>): void {
@@ -47,6 +57,7 @@ switch (command) {
       identity: env.POD_NAME ?? hostname(),
       metricsPort: Number(env.POOLKEEPER_METRICS_PORT ?? 8080),
       leaderElection: env.POOLKEEPER_LEADER_ELECTION !== 'false',
+      repair: repairMode(env.POOLKEEPER_REPAIR ?? 'evict'),
     }, logger);
     onTerminate(() => running.shutdown());
     break;
@@ -66,7 +77,21 @@ switch (command) {
     onTerminate(() => running.shutdown());
     break;
   }
+  case 'webhook': {
+    const registry = new Registry();
+    collectDefaultMetrics({ register: registry, prefix: 'poolkeeper_webhook_process_' });
+    const running = await startWebhook(loadKubeConfig(env.KUBECONFIG), webhookConfigFromEnv(env, VERSION), logger, registry);
+    let stopping = false;
+    const admin = new AdminServer({ registry, healthy: () => !stopping, readiness: () => ({ ready: !stopping, reasons: [] }) });
+    await admin.listen('0.0.0.0', Number(env.POOLKEEPER_METRICS_PORT ?? 8081));
+    onTerminate(async () => {
+      stopping = true;
+      await running.stop();
+      await admin.close();
+    });
+    break;
+  }
   default:
-    console.error('usage: poolkeeper <controller|sidecar>\n\n  controller  the budget controller (and, with the webhook, injection)\n  sidecar     the pooling sidecar of one pod');
+    console.error('usage: poolkeeper <controller|webhook|sidecar>\n\n  controller  the budget controller (leader-elected) and missing-sidecar repair\n  webhook     the sidecar injection webhook (every replica serves)\n  sidecar     the pooling sidecar of one pod');
     process.exit(command === '--help' || command === '-h' ? 0 : 2);
 }

@@ -13,6 +13,8 @@ import type { EventRecorder } from '../kube/events.ts';
 import { isStatus, type KubeHttp } from '../kube/http.ts';
 import type { Informer, KubeObject } from '../kube/informer.ts';
 import type { ProcessResult } from '../kube/workqueue.ts';
+import { podNeedsRepair, type PodLike } from '../core/inject/index.ts';
+import type { MissingSidecarRepairer } from '../webhook/repair.ts';
 import type { LimitDiscovery } from './limit-discovery.ts';
 import type { ControllerMetrics } from './metrics.ts';
 import { buildBudgetInput, podConnectionKey, type PodObject, type WorkloadScale, type WrittenGrant } from './plan-input.ts';
@@ -56,6 +58,10 @@ export interface ReconcilerDeps {
   resyncMs?: number;
   /** How soon to look again while grants wait for acknowledgements. */
   pendingRequeueMs?: number;
+  /** Evicts (or reports) opted-in pods that came up without the sidecar; absent: not checked. */
+  repairer?: MissingSidecarRepairer;
+  /** How long a pod may lack its sidecar before it counts as missing it. */
+  repairGraceSeconds?: number;
 }
 
 const MEMBERS = `/apis/${API_GROUP}/${API_VERSION}`;
@@ -171,14 +177,31 @@ export class ServerReconciler {
 
     await this.applyGrants(plan, connections, members, resolved);
     await this.deleteOrphans(plan, members);
+    const missingSidecar = await this.repairMissingSidecars(pods);
     for (const connection of connections) {
       const r = resolved.get(key(connection));
-      await this.writeStatus(connection, plan, r && r.discovered !== undefined ? { discovered: r.discovered, reserve: r.reserve ?? 0, effective: limit, shared: connections.length } : undefined, r?.degraded, r?.credentials);
+      const missing = missingSidecar.filter((p) => podConnectionKey(p) === key(connection)).map((p) => p.metadata?.name ?? '');
+      const degraded = r?.degraded ?? (missing.length === 0 ? undefined : {
+        type: 'Degraded', status: 'True' as const, reason: 'SidecarMissing',
+        message: `${missing.length} pod(s) opted in but run without the sidecar (the webhook was unavailable when they were created): ${missing.slice(0, 5).join(', ')}${missing.length > 5 ? ', ...' : ''}`,
+      });
+      await this.writeStatus(connection, plan, r && r.discovered !== undefined ? { discovered: r.discovered, reserve: r.reserve ?? 0, effective: limit, shared: connections.length } : undefined, degraded, r?.credentials);
     }
     this.recordMetrics(server, plan, connections);
     if (!plan.settled) return { requeueAfterMs: this.deps.pendingRequeueMs ?? 2_000 };
     logger.debug({ server, limit, allocated: plan.allocated }, 'server settled');
     return { requeueAfterMs: this.deps.resyncMs ?? 60_000 };
+  }
+
+  /** Pods that opted in but lack the sidecar; the repairer evicts or reports them. */
+  private async repairMissingSidecars(pods: readonly (PodObject & KubeObject)[]): Promise<Array<PodObject & KubeObject>> {
+    const { repairer } = this.deps;
+    if (!repairer) return [];
+    const now = this.now();
+    const options = { gracePeriodSeconds: this.deps.repairGraceSeconds ?? 60 };
+    const missing = pods.filter((p) => podNeedsRepair(p as PodLike, now, options));
+    if (missing.length > 0) await repairer.repairPods(missing as Parameters<MissingSidecarRepairer['repairPods']>[0], now);
+    return missing;
   }
 
   private workloads(): WorkloadScale[] {

@@ -144,6 +144,16 @@ describe('budget controller', function () {
     assert.ok(reserved(fleet.members()) <= 10);
   });
 
+  it('reports pods that opted in but run without the sidecar: Degraded condition and an Event', async function () {
+    const namespace = namespaceFor('nosidecar');
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 10, reserve: 0 });
+    ({ controller } = await startController(kube, undefined, { repair: 'report' }));
+    await eventually('Degraded SidecarMissing', () => getConnection(kube, namespace, 'orders').status?.conditions?.some((c) => c.type === 'Degraded' && c.status === 'True' && c.reason === 'SidecarMissing') ?? false);
+    assert.match(getConnection(kube, namespace, 'orders').status?.conditions?.find((c) => c.type === 'Degraded')?.message ?? '', /2 pod\(s\) opted in but run without the sidecar/);
+    await eventually('SidecarMissing Events', () => kube.kubectl(['-n', namespace, 'get', 'events', '--field-selector', 'reason=SidecarMissing', '-o', 'name']).trim() !== '');
+  });
+
   it('keeps grants safe across a controller restart during a scale-up', async function () {
     const namespace = namespaceFor('restart');
     createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });

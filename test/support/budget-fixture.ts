@@ -5,6 +5,7 @@
  * speak the real PoolMember protocol through PoolMemberAgent.
  */
 import { randomBytes } from 'node:crypto';
+import { CoreV1Api } from '@kubernetes/client-node';
 import pino, { type Logger } from 'pino';
 import { Registry } from 'prom-client';
 import type { PoolMember } from '../../src/api/index.ts';
@@ -18,6 +19,7 @@ import { KubeHttp } from '../../src/kube/http.ts';
 import { Informer, type KubeObject } from '../../src/kube/informer.ts';
 import { PoolMemberAgent, type GrantTarget } from '../../src/sidecar/control-plane.ts';
 import type { SidecarStatus } from '../../src/sidecar/settings.ts';
+import { DEFAULT_POD_REPAIR_OPTIONS, MissingSidecarRepairer } from '../../src/webhook/repair.ts';
 
 /** A fresh namespace name. */
 export function freshNamespace(prefix: string): string {
@@ -25,15 +27,17 @@ export function freshNamespace(prefix: string): string {
 }
 
 /** Runs the controller in-process. */
-export async function startController(kube: KubeControlPlane, logger: Logger = pino({ level: 'silent' })): Promise<{ controller: BudgetController; registry: Registry }> {
+export async function startController(kube: KubeControlPlane, logger: Logger = pino({ level: 'silent' }), options: { repair?: 'report' | 'evict' } = {}): Promise<{ controller: BudgetController; registry: Registry }> {
   const http = new KubeHttp(kube.kubeConfig());
   const registry = new Registry();
+  const events = new EventRecorder(http, 'poolkeeper-controller', logger);
+  const repairer = options.repair ? new MissingSidecarRepairer(kube.kubeConfig().makeApiClient(CoreV1Api), events, logger, { ...DEFAULT_POD_REPAIR_OPTIONS, mode: options.repair, gracePeriodSeconds: 0 }) : undefined;
   const controller = new BudgetController({
     http,
     logger,
     metrics: new ControllerMetrics(registry),
     stallTimeoutMs: 60_000,
-    reconciler: { discovery: new LimitDiscovery({ logger }), events: new EventRecorder(http, 'poolkeeper-controller', logger), pendingRequeueMs: 500 },
+    reconciler: { discovery: new LimitDiscovery({ logger }), events, pendingRequeueMs: 500, repairer, repairGraceSeconds: 0 },
   });
   await controller.start();
   return { controller, registry };

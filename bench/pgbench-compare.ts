@@ -4,12 +4,16 @@
  * grant 20), interleaved round by round so that machine noise hits all three
  * alike. Also -C (a new connection per transaction) with 4 clients.
  *
- *   node bench/pgbench-compare.ts [seconds per run, default 6] [rounds, default 2]
+ *   node bench/pgbench-compare.ts [seconds per run, default 6] [rounds, default 2] [scenario filter]
+ *
+ * The filter (a regular expression on the scenario name, e.g. '^-S \\d') keeps
+ * quick iterations short; recorded figures use all scenarios.
  *
  * max_connections is raised to 120 here so that 50 direct clients fit next to
  * both poolers' server connections.
  */
 import { execFile } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { pino } from 'pino';
 import { Registry } from 'prom-client';
 import { credentialsGeneration } from '../src/core/credentials.ts';
@@ -19,16 +23,19 @@ import { Sidecar, StaticCredentialsSource } from '../src/sidecar/index.ts';
 interface Result {
   tps: number;
   latencyMs: number;
+  /** CPU time the pooler process spent per transaction (µs); NaN for direct. */
+  poolerCpuMicros: number;
 }
 
 const seconds = Number(process.argv[2] ?? 6);
 const rounds = Number(process.argv[3] ?? 2);
+const scenarioFilter = new RegExp(process.argv[4] ?? '');
 const scenarios = [
   { name: '-S  1 client', clients: 1, connectEach: false },
   { name: '-S 10 clients', clients: 10, connectEach: false },
   { name: '-S 50 clients', clients: 50, connectEach: false },
   { name: '-S -C 4 clients', clients: 4, connectEach: true },
-];
+].filter((s) => scenarioFilter.test(s.name));
 const targets = ['direct', 'pgbouncer', 'sidecar'] as const;
 type Target = (typeof targets)[number];
 
@@ -41,11 +48,29 @@ function pgbench(args: string[], password: string): Promise<string> {
   });
 }
 
-function parse(output: string): Result {
+function parse(output: string, cpuMicros: number): Result {
   const tps = /tps = ([\d.]+)/.exec(output);
   const latency = /latency average = ([\d.]+) ms/.exec(output);
-  if (!tps || !latency) throw new Error(`cannot parse pgbench output:\n${output}`);
-  return { tps: Number(tps[1]), latencyMs: Number(latency[1]) };
+  const count = /actually processed: (\d+)/.exec(output);
+  if (!tps || !latency || !count) throw new Error(`cannot parse pgbench output:\n${output}`);
+  return { tps: Number(tps[1]), latencyMs: Number(latency[1]), poolerCpuMicros: cpuMicros / Number(count[1]) };
+}
+
+/** The pid listening on a loopback TCP port (PgBouncer's), from ss. */
+function listenerPid(port: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    execFile('ss', ['-Htlnp', `sport = :${port}`], (err, stdout) => {
+      const pid = /pid=(\d+)/.exec(stdout);
+      if (err || !pid) reject(new Error(`no process listens on ${port}: ${err?.message ?? stdout}`));
+      else resolve(Number(pid[1]));
+    });
+  });
+}
+
+/** user+system CPU of a process in µs (clock ticks of 10 ms). */
+function processCpuMicros(pid: number): number {
+  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /s, '').split(' ');
+  return (Number(fields[11]) + Number(fields[12])) * 10_000;
 }
 
 const environment = new LocalEnvironment({ postgres: { maxConnections: 120, superuserReservedConnections: 3 } });
@@ -66,6 +91,13 @@ try {
   const { port: sidecarPort } = await sidecar.start();
   sidecar.setGrant(20, 1);
   const ports: Record<Target, number> = { direct: postgres.port, pgbouncer: bouncer.port, sidecar: sidecarPort };
+  const bouncerPid = await listenerPid(bouncer.port);
+  // The sidecar runs in this process, idle apart from it during a run.
+  const cpuOf: Record<Target, () => number> = {
+    direct: () => Number.NaN,
+    pgbouncer: () => processCpuMicros(bouncerPid),
+    sidecar: () => { const u = process.cpuUsage(); return u.user + u.system; },
+  };
   await pgbench(['-i', '-s', '10', '-q', '-h', '127.0.0.1', '-p', String(postgres.port), '-U', app.user, 'app'], app.password);
   console.log(`pgbench -S, ${seconds} s per run, ${rounds} interleaved rounds; PostgreSQL ${await postgres.version()}, ${bouncer.version()}`);
   const results = new Map<string, Result[]>();
@@ -76,23 +108,26 @@ try {
       for (const target of order) {
         const args = ['-S', '-n', '-T', String(seconds), '-c', String(scenario.clients), '-j', String(Math.min(scenario.clients, 2)), '-h', '127.0.0.1', '-p', String(ports[target]), '-U', app.user];
         if (scenario.connectEach) args.push('-C');
-        const result = parse(await pgbench([...args, 'app'], app.password));
+        const cpuBefore = cpuOf[target]();
+        const output = await pgbench([...args, 'app'], app.password);
+        const result = parse(output, cpuOf[target]() - cpuBefore);
         const key = `${scenario.name}|${target}`;
         results.set(key, [...(results.get(key) ?? []), result]);
-        console.log(`round ${round} ${scenario.name.padEnd(16)} ${target.padEnd(9)} ${result.tps.toFixed(0).padStart(7)} tps  ${result.latencyMs.toFixed(3)} ms`);
+        console.log(`round ${round} ${scenario.name.padEnd(16)} ${target.padEnd(9)} ${result.tps.toFixed(0).padStart(7)} tps  ${result.latencyMs.toFixed(3)} ms  pooler CPU ${result.poolerCpuMicros.toFixed(1)} µs/tx`);
       }
     }
   }
   const mean = (rs: Result[], f: (r: Result) => number): number => rs.reduce((a, r) => a + f(r), 0) / rs.length;
   console.log('\nmean over rounds');
-  console.log('scenario          direct tps (ms)      pgbouncer tps (ms)   sidecar tps (ms)     sidecar/pgbouncer  sidecar/direct');
+  console.log('scenario          direct tps (ms)      pgbouncer tps (ms)   sidecar tps (ms)     sidecar/pgbouncer  sidecar/direct  CPU µs/tx pgbouncer  sidecar');
   for (const scenario of scenarios) {
     const cell = (t: Target): string => {
       const rs = results.get(`${scenario.name}|${t}`)!;
       return `${mean(rs, (r) => r.tps).toFixed(0).padStart(7)} (${mean(rs, (r) => r.latencyMs).toFixed(3)})`.padEnd(21);
     };
     const tps = (t: Target): number => mean(results.get(`${scenario.name}|${t}`)!, (r) => r.tps);
-    console.log(`${scenario.name.padEnd(18)}${cell('direct')}${cell('pgbouncer')}${cell('sidecar')}${(tps('sidecar') / tps('pgbouncer')).toFixed(2).padStart(8)}${(tps('sidecar') / tps('direct')).toFixed(2).padStart(17)}`);
+    const cpu = (t: Target): string => mean(results.get(`${scenario.name}|${t}`)!, (r) => r.poolerCpuMicros).toFixed(1);
+    console.log(`${scenario.name.padEnd(18)}${cell('direct')}${cell('pgbouncer')}${cell('sidecar')}${(tps('sidecar') / tps('pgbouncer')).toFixed(2).padStart(8)}${(tps('sidecar') / tps('direct')).toFixed(2).padStart(17)}${cpu('pgbouncer').padStart(21)}${cpu('sidecar').padStart(9)}`);
   }
   await sidecar.close();
 } finally {

@@ -9,6 +9,7 @@ import type { Logger } from 'pino';
 import { serialize } from 'pg-protocol';
 import { transition, TransactionTracker, type ServerConnectionState } from '../core/pool-state/index.ts';
 import { FrameReader, parseNoticeFields } from '../core/protocol/index.ts';
+import { isDirectReadable } from './direct-read-socket.ts';
 
 /** Whoever currently uses the connection: a client session. */
 export interface ServerConnectionUser {
@@ -51,6 +52,15 @@ export class ServerConnection {
   private readonly events: ServerConnectionEvents;
   private readonly logger: Logger;
   private internalQuery: { ok: boolean; done: (ok: boolean) => void } | undefined;
+  /** Reading is paused until the client's socket drains (see onData). */
+  private pausedFor: Duplex | undefined;
+  private readonly resumeReading = (): void => {
+    const out = this.pausedFor;
+    if (out === undefined) return;
+    out.off('drain', this.resumeReading);
+    this.pausedFor = undefined;
+    if (!this.stream.destroyed) this.stream.resume();
+  };
 
   constructor(fields: { id: number; stream: Duplex; credentialsGeneration: string; now: number; processId: number; secretKey: number; maxMessageBytes: number; events: ServerConnectionEvents; logger: Logger }) {
     this.id = fields.id;
@@ -63,7 +73,9 @@ export class ServerConnection {
     this.reader = new FrameReader({ maxMessageBytes: fields.maxMessageBytes });
     this.events = fields.events;
     this.logger = fields.logger;
-    this.stream.on('data', (chunk: Buffer) => this.onData(chunk));
+    const onData = (chunk: Buffer): void => this.onData(chunk);
+    if (isDirectReadable(this.stream)) this.stream.setDirectReader(onData);
+    else this.stream.on('data', onData);
     this.stream.on('error', (err: Error) => this.logger.debug({ server: this.id, err: err.message }, 'server connection error'));
     this.stream.on('close', () => this.onClose());
     this.stream.resume();
@@ -90,6 +102,7 @@ export class ServerConnection {
   /** Takes the connection back from its client. */
   detach(): void {
     this.user = undefined;
+    this.resumeReading();
   }
 
   /** The client currently using it. */
@@ -187,6 +200,13 @@ export class ServerConnection {
     }
     if (runBuffer !== undefined) out.write(runBuffer.subarray(runStart, runEnd));
     if (corked) out.uncork();
+    // Bytes left queued may point into a reused read buffer, and a slow client
+    // must not make us buffer without bound: read no more until they drain.
+    if (out.writableLength > 0 && this.pausedFor === undefined && !out.destroyed) {
+      this.pausedFor = out;
+      this.stream.pause();
+      out.on('drain', this.resumeReading);
+    }
     // Re-check: the client may have sent more while we forwarded.
     if (boundary && tracker.atBoundary && this.user === user) user.onServerBoundary(this);
   }

@@ -19,6 +19,7 @@ import type { Registry } from 'prom-client';
 import { DEFAULT_MAX_MESSAGE_BYTES, errorResponse } from '../core/protocol/index.ts';
 import { AdminServer } from './admin-server.ts';
 import { ClientSession, type ClientSessionHost } from './client-session.ts';
+import { DirectReadSocket } from './direct-read-socket.ts';
 import { SidecarMetrics } from './metrics.ts';
 import { Pool } from './pool.ts';
 import type { CredentialsSource, PoolMode, SidecarSettings, SidecarStatus } from './settings.ts';
@@ -258,7 +259,9 @@ export class Sidecar implements ClientSessionHost {
   private openStream(host: string, port: number, deadline: number): Promise<Duplex> {
     if (this.tunnel) return this.tunnel.open(host, port, deadline);
     return new Promise((resolve, reject) => {
-      const socket = netConnect({ host, port, noDelay: true });
+      // Plaintext only: a TLS wrap must keep reading through the stream interface.
+      const { sslMode } = this.settings.database;
+      const socket = sslMode === 'disable' || sslMode === 'allow' ? new DirectReadSocket().setNoDelay(true).connect({ host, port }) : netConnect({ host, port, noDelay: true });
       const timer = setTimeout(() => {
         socket.destroy();
         reject(new Error(`connecting to ${host}:${port} timed out`));

@@ -29,6 +29,7 @@ export interface ServerConnectionEvents {
   transactionCompleted(): void;
 }
 
+const NOTHING = Buffer.alloc(0);
 const READY_FOR_QUERY = 0x5a;
 const ERROR_RESPONSE = 0x45;
 /** Types the tracker needs to see; everything else is only forwarded. */
@@ -57,7 +58,6 @@ export class ServerConnection {
   private readonly resumeReading = (): void => {
     const out = this.pausedFor;
     if (out === undefined) return;
-    out.off('drain', this.resumeReading);
     this.pausedFor = undefined;
     if (!this.stream.destroyed) this.stream.resume();
   };
@@ -205,7 +205,8 @@ export class ServerConnection {
     if (out.writableLength > 0 && this.pausedFor === undefined && !out.destroyed) {
       this.pausedFor = out;
       this.stream.pause();
-      out.on('drain', this.resumeReading);
+      // 'drain' fires only past the high-water mark; an empty write's callback runs once all before it is flushed.
+      out.write(NOTHING, this.resumeReading);
     }
     // Re-check: the client may have sent more while we forwarded.
     if (boundary && tracker.atBoundary && this.user === user) user.onServerBoundary(this);

@@ -10,7 +10,7 @@ import pino from 'pino';
 import { LocalEnvironment } from '../devenv/environment.ts';
 import { KubeletSimulator, type SimulatedPod } from '../devenv/kubelet-sim.ts';
 import { formatStatuses, probeEnvironment } from '../devenv/report.ts';
-import { createWorkload, eventually, installCrds } from '../devenv/scenario.ts';
+import { createNamespaceWithSecret, createOptedInDeployment, eventually, installCrds, startLocalWebhook } from '../devenv/scenario.ts';
 import { startController } from './controller-main.ts';
 
 const NAMESPACE = 'shop';
@@ -19,8 +19,9 @@ const quiet = pino({ level: 'silent' });
 const COUNT_POOLKEEPER = "SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND application_name LIKE 'poolkeeper%'";
 
 function startApp(pod: SimulatedPod, stats: { queries: number; errors: number }): void {
-  // Each pod runs "gunicorn with 2 workers", each with a SQLAlchemy-sized pool of 5.
-  const pools = [0, 1].map(() => new pg.Pool({ host: '127.0.0.1', port: pod.sidecar?.port, user: 'app', database: 'app', max: 5, connectionTimeoutMillis: 30_000 }));
+  // Each pod runs "gunicorn with 2 workers", each with a pool of 5 (a SQLAlchemy default), not the hint: the sidecar caps what reaches the server.
+  const database = pod.appEnv.PGDATABASE ?? 'app';
+  const pools = [0, 1].map(() => new pg.Pool({ host: pod.appEnv.PGHOST ?? '127.0.0.1', port: pod.sidecar?.port, user: 'app', database, max: 5, connectionTimeoutMillis: 30_000 }));
   let running = true;
   for (const pool of pools) pool.on('error', () => undefined);
   const loops = pools.flatMap((pool) => Array.from({ length: 5 }, async () => {
@@ -50,7 +51,7 @@ try {
   const [kube, postgres] = await Promise.all([env.kube(), env.postgres()]);
 
   await installCrds(kube);
-  createWorkload(kube, { namespace: NAMESPACE, connection: 'orders-db', deployment: 'web', replicas: 3, secret: 'orders-db-credentials', username: postgres.app.user, password: postgres.app.password });
+  createNamespaceWithSecret(kube, { namespace: NAMESPACE, secret: 'orders-db-credentials', username: postgres.app.user, password: postgres.app.password });
   kube.kubectl(['apply', '-f', '-'], JSON.stringify({
     apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name: 'orders-db', namespace: NAMESPACE },
     spec: {
@@ -60,11 +61,19 @@ try {
       pool: { mode: 'transaction', poolTimeout: 30 },
     },
   }));
-  const controller = await startController({ kubeConfig: kube.kubeConfig(), namespace: NAMESPACE, identity: 'demo', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: true, repair: 'off' }, quiet);
+  const controller = await startController({ kubeConfig: kube.kubeConfig(), namespace: 'poolkeeper-system', identity: 'demo', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: false, repair: 'evict' }, quiet);
+  const webhook = await startLocalWebhook(kube, { webhookNamespace: 'poolkeeper-system', targetNamespace: NAMESPACE, probeConnection: 'orders-db', logger: quiet });
+  createOptedInDeployment(kube, { namespace: NAMESPACE, connection: 'orders-db', deployment: 'web', replicas: 3 });
+  // From here on, this process serves the webhook: kubectl runs asynchronously.
   const stats = { queries: 0, errors: 0 };
-  const kubelet = new KubeletSimulator(kube, NAMESPACE, { username: postgres.app.user, password: postgres.app.password }, quiet);
+  const kubelet = new KubeletSimulator(kube, NAMESPACE, { username: postgres.app.user, password: postgres.app.password }, quiet, 'injected');
   kubelet.onPodReady = (pod) => startApp(pod, stats);
   await kubelet.start();
+  await eventually('the first pod', () => kubelet.live().length > 0, 60_000);
+  const first = kubelet.live()[0]!;
+  const injected = JSON.parse(await kube.kubectlAsync(['-n', NAMESPACE, 'get', 'pod', first.name, '-o', 'json'])) as { spec: { initContainers?: Array<{ name: string; restartPolicy?: string }> } };
+  console.log(`\nthe webhook injected into pod ${first.name}: initContainers ${JSON.stringify(injected.spec.initContainers?.map((c) => `${c.name} (restartPolicy ${c.restartPolicy ?? '-'})`))}`);
+  console.log(`app env: ${['PGHOST', 'PGPORT', 'PGDATABASE', 'PGSSLMODE', 'POOLKEEPER_POOL_SIZE', 'DATABASE_URL'].map((k) => `${k}=${first.appEnv[k] ?? '(from Secret)'}`).join(' ')}`);
 
   let peak = 0;
   const sampler = setInterval(() => {
@@ -73,27 +82,28 @@ try {
     }, () => undefined);
   }, 50);
   const show = async (replicas: number): Promise<void> => {
-    await eventually(`${replicas} pods at their budget`, () => {
-      const dbc = JSON.parse(kube.kubectl(['-n', NAMESPACE, 'get', 'dbc', 'orders-db', '-o', 'json'])) as { status?: { pods?: number; conditions?: Array<{ type: string; status: string }> } };
+    await eventually(`${replicas} pods at their budget`, async () => {
+      const dbc = JSON.parse(await kube.kubectlAsync(['-n', NAMESPACE, 'get', 'dbc', 'orders-db', '-o', 'json'])) as { status?: { pods?: number; conditions?: Array<{ type: string; status: string }> } };
       return dbc.status?.pods === replicas && dbc.status.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') === true && kubelet.live().length === replicas;
     }, 90_000);
     await new Promise((r) => setTimeout(r, 1000));
     const [{ n } = { n: '0' }] = await postgres.query<{ n: string }>(COUNT_POOLKEEPER);
     console.log(`\n$ kubectl -n ${NAMESPACE} get dbc,pm    (${replicas} replicas x 2 processes x pool 5 = ${replicas * 10} client connections wanted)`);
-    console.log(kube.kubectl(['-n', NAMESPACE, 'get', 'dbc,pm']).trimEnd());
+    console.log((await kube.kubectlAsync(['-n', NAMESPACE, 'get', 'dbc,pm'])).trimEnd());
     console.log(`PostgreSQL: ${n} poolkeeper connections now, peak ${peak} so far; apps ran ${stats.queries} queries with ${stats.errors} errors`);
   };
   try {
     await show(3);
     console.log('\n$ kubectl scale deployment/web --replicas=8');
-    kube.kubectl(['-n', NAMESPACE, 'scale', 'deployment/web', '--replicas=8']);
+    await kube.kubectlAsync(['-n', NAMESPACE, 'scale', 'deployment/web', '--replicas=8']);
     await show(8);
     console.log('\n$ kubectl scale deployment/web --replicas=2');
-    kube.kubectl(['-n', NAMESPACE, 'scale', 'deployment/web', '--replicas=2']);
+    await kube.kubectlAsync(['-n', NAMESPACE, 'scale', 'deployment/web', '--replicas=2']);
     await show(2);
   } finally {
     clearInterval(sampler);
     await kubelet.stop();
+    await webhook.stop();
     await controller.shutdown();
   }
   const forRoles = postgres.options.maxConnections - postgres.options.superuserReservedConnections;

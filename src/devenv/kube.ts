@@ -4,7 +4,7 @@
  * so that Deployments create ReplicaSets and Pods. There is no kubelet and no
  * scheduler: pods stay Pending unless a test writes their status itself.
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { request } from 'node:https';
 import { homedir } from 'node:os';
@@ -198,6 +198,23 @@ export class KubeControlPlane {
       const e = err as { stderr?: string; message: string };
       throw new Error(`kubectl ${args.join(' ')} failed: ${e.stderr ?? e.message}`, { cause: err });
     }
+  }
+
+  /**
+   * kubectl without blocking the event loop: needed whenever this process
+   * also serves something the API server calls (the webhook).
+   */
+  kubectlAsync(args: string[], input?: string): Promise<string> {
+    return new Promise((resolve, reject) => {
+      const child = spawn(this.kubectlPath, [`--kubeconfig=${this.kubeconfigPath}`, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
+      let stdout = '';
+      let stderr = '';
+      child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+      child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+      child.on('error', reject);
+      child.on('close', (code) => (code === 0 ? resolve(stdout) : reject(new Error(`kubectl ${args.join(' ')} failed: ${stderr}`))));
+      child.stdin.end(input ?? '');
+    });
   }
 
   /** GET `path` on the API server as cluster-admin. */

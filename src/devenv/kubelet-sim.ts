@@ -27,6 +27,26 @@ export interface SimulatedPod {
   gone: boolean;
   /** Resolves once the pod has been bound and its sidecar started. */
   booted?: Promise<void>;
+  /** Literal env of the pod's first app container (what the webhook injected: PGPORT, POOLKEEPER_POOL_SIZE...). */
+  appEnv: Record<string, string>;
+}
+
+/** Container fields the simulator reads. */
+interface ContainerSpec {
+  name: string;
+  env?: Array<{ name: string; value?: string }>;
+}
+
+/** A pod as the simulator reads it. */
+interface PodSpecObject extends KubeObject {
+  spec?: { nodeName?: string; containers?: ContainerSpec[]; initContainers?: ContainerSpec[] };
+}
+
+/** Which pods get a sidecar: only those the webhook injected, or every opted-in pod (tests without a webhook). */
+export type SidecarPolicy = 'injected' | 'every-pod';
+
+function literalEnv(container: ContainerSpec | undefined): Record<string, string> {
+  return Object.fromEntries((container?.env ?? []).filter((e) => e.value !== undefined).map((e) => [e.name, e.value as string]));
 }
 
 let sequence = 0;
@@ -53,7 +73,7 @@ export function writeSecretVolume(dir: string, files: Record<string, string>): v
 export class KubeletSimulator {
   readonly pods = new Map<string, SimulatedPod>();
   private readonly http: KubeHttp;
-  private readonly informer: Informer<KubeObject & { spec?: { nodeName?: string } }>;
+  private readonly informer: Informer<PodSpecObject>;
   private readonly root = mkdtempSync(join(tmpdir(), 'poolkeeper-kubelet-'));
   private readonly logger: Logger;
   private credentials: Record<string, string>;
@@ -64,7 +84,10 @@ export class KubeletSimulator {
   private readonly kube: KubeControlPlane;
   private readonly namespace: string;
 
-  constructor(kube: KubeControlPlane, namespace: string, credentials: { username: string; password: string }, logger: Logger) {
+  private readonly policy: SidecarPolicy;
+
+  constructor(kube: KubeControlPlane, namespace: string, credentials: { username: string; password: string }, logger: Logger, policy: SidecarPolicy = 'every-pod') {
+    this.policy = policy;
     this.logger = logger;
     this.kube = kube;
     this.namespace = namespace;
@@ -83,33 +106,40 @@ export class KubeletSimulator {
     await this.informer.start();
   }
 
-  private async boot(pod: KubeObject): Promise<void> {
+  private async boot(pod: PodSpecObject): Promise<void> {
     const name = pod.metadata?.name ?? '';
     const credentialsDir = join(this.root, name);
     mkdirSync(credentialsDir, { recursive: true });
     writeSecretVolume(credentialsDir, this.credentials);
-    const sim: SimulatedPod = { name, uid: pod.metadata?.uid ?? '', credentialsDir, terminating: false, gone: false };
+    const sidecarContainer = [...(pod.spec?.initContainers ?? []), ...(pod.spec?.containers ?? [])].find((c) => c.name === 'poolkeeper-sidecar');
+    const appContainer = pod.spec?.containers?.find((c) => c.name !== 'poolkeeper-sidecar');
+    const sim: SimulatedPod = { name, uid: pod.metadata?.uid ?? '', credentialsDir, terminating: false, gone: false, appEnv: literalEnv(appContainer) };
+    const runSidecar = this.policy === 'every-pod' || sidecarContainer !== undefined;
+    const drainTimeoutSeconds = Number(literalEnv(sidecarContainer).POOLKEEPER_DRAIN_TIMEOUT ?? 5);
     this.pods.set(name, sim);
     let booted!: () => void;
     sim.booted = new Promise((resolve) => (booted = resolve));
     try {
-      await this.bootPod(sim);
+      await this.bootPod(sim, runSidecar, Math.min(drainTimeoutSeconds, 5));
     } finally {
       booted();
     }
   }
 
-  private async bootPod(sim: SimulatedPod): Promise<void> {
+  private async bootPod(sim: SimulatedPod, runSidecar: boolean, drainTimeoutSeconds: number): Promise<void> {
     const { name, credentialsDir } = sim;
     const base = `/api/v1/namespaces/${this.namespace}/pods/${name}`;
     await this.http.create(`${base}/binding`, { apiVersion: 'v1', kind: 'Binding', metadata: { name }, target: { apiVersion: 'v1', kind: 'Node', name: 'simulated-node' } });
-    sim.sidecar = await startSidecar({
-      kubeConfig: this.kube.kubeConfig(), namespace: this.namespace, podName: name, listenPort: 0, adminPort: 0,
-      credentialsDir, drainTimeoutSeconds: 5, version: 'test', memberWaitMs: 30_000,
-    }, this.logger.child({ pod: name }));
+    // Every simulated pod shares this host's loopback, so each sidecar takes a free port instead of the injected one.
+    if (runSidecar) {
+      sim.sidecar = await startSidecar({
+        kubeConfig: this.kube.kubeConfig(), namespace: this.namespace, podName: name, listenPort: 0, adminPort: 0,
+        credentialsDir, drainTimeoutSeconds, version: 'simulated', memberWaitMs: 30_000,
+      }, this.logger.child({ pod: name }));
+    }
     const now = new Date().toISOString();
     await this.http.patch(`${base}/status`, { status: { phase: 'Running', conditions: [{ type: 'Ready', status: 'True', lastTransitionTime: now }] } });
-    if (!sim.terminating) this.onPodReady(sim);
+    if (!sim.terminating && sim.sidecar) this.onPodReady(sim);
   }
 
   private async terminate(sim: SimulatedPod): Promise<void> {

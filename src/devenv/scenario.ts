@@ -3,7 +3,13 @@
  * demo and the tests: the CRDs installed, a namespace with a credentials
  * Secret and a Deployment of opted-in pods, and polling until a condition.
  */
+import type { Logger } from 'pino';
+import { Registry } from 'prom-client';
+import { DEFAULT_INJECTOR_SETTINGS } from '../core/inject/index.ts';
+import { startWebhook, type RunningWebhook } from '../webhook/runtime.ts';
+import { MUTATE_PODS_PATH } from '../webhook/server.ts';
 import type { KubeControlPlane } from './kube.ts';
+import { freePort } from './process.ts';
 
 /** Polls `check` every 50 ms until true; throws after `timeoutMs`. */
 export async function eventually(what: string, check: () => boolean | Promise<boolean>, timeoutMs = 20_000): Promise<void> {
@@ -28,10 +34,14 @@ export async function installCrds(kube: KubeControlPlane, crdDir = 'crds/'): Pro
   }, 30_000);
 }
 
-/** Creates a namespace, a credentials Secret and a Deployment whose pods opt in to `connection`. */
-export function createWorkload(kube: KubeControlPlane, args: { namespace: string; connection: string; deployment: string; replicas: number; secret: string; username: string; password: string }): void {
+/** Creates a namespace and a credentials Secret in it. */
+export function createNamespaceWithSecret(kube: KubeControlPlane, args: { namespace: string; secret: string; username: string; password: string }): void {
   kube.kubectl(['create', 'namespace', args.namespace]);
   kube.kubectl(['-n', args.namespace, 'create', 'secret', 'generic', args.secret, `--from-literal=username=${args.username}`, `--from-literal=password=${args.password}`]);
+}
+
+/** Creates a Deployment whose pods opt in to `connection`. */
+export function createOptedInDeployment(kube: KubeControlPlane, args: { namespace: string; connection: string; deployment: string; replicas: number }): void {
   kube.kubectl(['apply', '-f', '-'], JSON.stringify({
     apiVersion: 'apps/v1',
     kind: 'Deployment',
@@ -45,4 +55,58 @@ export function createWorkload(kube: KubeControlPlane, args: { namespace: string
       },
     },
   }));
+}
+
+/** Creates a namespace, a credentials Secret and a Deployment whose pods opt in to `connection`. */
+export function createWorkload(kube: KubeControlPlane, args: { namespace: string; connection: string; deployment: string; replicas: number; secret: string; username: string; password: string }): void {
+  createNamespaceWithSecret(kube, args);
+  createOptedInDeployment(kube, args);
+}
+
+/**
+ * Runs the injection webhook in this process on 127.0.0.1 and registers it
+ * with `clientConfig.url` (the API server calls it on loopback), scoped to
+ * `targetNamespace`. It manages its own CA in a Secret of `webhookNamespace`.
+ */
+export async function startLocalWebhook(kube: KubeControlPlane, args: { webhookNamespace: string; targetNamespace: string; probeConnection: string; logger: Logger; name?: string }): Promise<RunningWebhook & { name: string }> {
+  const name = args.name ?? `poolkeeper-${args.targetNamespace}`;
+  const port = await freePort();
+  try {
+    kube.kubectl(['create', 'namespace', args.webhookNamespace]);
+  } catch {
+    // exists already
+  }
+  kube.kubectl(['apply', '-f', '-'], JSON.stringify({
+    apiVersion: 'admissionregistration.k8s.io/v1',
+    kind: 'MutatingWebhookConfiguration',
+    metadata: { name },
+    webhooks: [{
+      name: 'pods.poolkeeper.dev',
+      admissionReviewVersions: ['v1'],
+      sideEffects: 'None',
+      failurePolicy: 'Ignore',
+      reinvocationPolicy: 'IfNeeded',
+      timeoutSeconds: 5,
+      clientConfig: { url: `https://127.0.0.1:${port}${MUTATE_PODS_PATH}` },
+      rules: [{ apiGroups: [''], apiVersions: ['v1'], operations: ['CREATE'], resources: ['pods'], scope: 'Namespaced' }],
+      objectSelector: { matchExpressions: [{ key: 'poolkeeper.dev/connection', operator: 'Exists' }] },
+      namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': args.targetNamespace } },
+    }],
+  }));
+  const running = await startWebhook(kube.kubeConfig(), {
+    certificateMode: 'self', certDir: '', namespace: args.webhookNamespace, serviceName: 'poolkeeper-webhook', secretName: `${name}-certs`,
+    webhookConfigurationName: name, host: '127.0.0.1', port, refreshSeconds: 60, ipAddresses: ['127.0.0.1'],
+    injector: { ...DEFAULT_INJECTOR_SETTINGS, version: 'local', sidecarImage: 'poolkeeper:local' },
+  }, args.logger, new Registry());
+  // The API server picks up the new caBundle within a moment; wait until a dry-run pod is mutated.
+  // kubectl must not block this process while the API server calls the webhook in it.
+  await eventually('the webhook to be called', async () => {
+    try {
+      const pod = await kube.kubectlAsync(['-n', args.targetNamespace, 'run', 'webhook-probe', '--image=example.invalid/probe', `--labels=poolkeeper.dev/connection=${args.probeConnection}`, '--dry-run=server', '-o', 'json']);
+      return pod.includes('"poolkeeper-sidecar"');
+    } catch {
+      return false;
+    }
+  }, 30_000);
+  return { ...running, name };
 }

@@ -32,6 +32,8 @@ export interface WebhookConfig {
   injector: InjectorSettings;
   /** undefined: decide from the API server's version. */
   nativeSidecars?: boolean;
+  /** Extra IP SANs of the serving certificate (a webhook registered by URL on an address, as in the local environment). */
+  ipAddresses?: string[];
 }
 
 /** Reads the configuration from environment variables (see docs/webhook.md). */
@@ -97,7 +99,7 @@ export async function startWebhook(kc: KubeConfig, config: WebhookConfig, logger
   const certificates = config.certificateMode === 'self'
     ? new SelfManagedCertificates({ core: kc.makeApiClient(CoreV1Api), admission: kc.makeApiClient(AdmissionregistrationV1Api) }, {
       namespace: config.namespace, secretName: config.secretName, webhookConfigurationName: config.webhookConfigurationName,
-      dnsNames: [`${service}.svc`, `${service}.svc.cluster.local`, service, config.serviceName], ipAddresses: [], policy: DEFAULT_ROTATION_POLICY,
+      dnsNames: [`${service}.svc`, `${service}.svc.cluster.local`, service, config.serviceName], ipAddresses: config.ipAddresses ?? [], policy: DEFAULT_ROTATION_POLICY,
     }, logger)
     : undefined;
   const load = async (): Promise<ServingMaterial | ServingCertificate> => certificates ? certificates.reconcile(new Date()) : readCertificateFiles(config.certDir);

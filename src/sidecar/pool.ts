@@ -49,7 +49,6 @@ export interface PoolDeps {
 interface WaitEntry {
   waiter: PoolWaiter;
   since: number;
-  timer: NodeJS.Timeout;
 }
 
 const CONNECT_TIMEOUT_MS = 10_000;
@@ -68,7 +67,12 @@ export class Pool {
   private pendingGeneration: number | undefined;
   private readonly servers = new Set<ServerConnection>();
   private readonly idle: ServerConnection[] = [];
+  /** Oldest first; every waiter has the same poolTimeout, so deadlines come in this order too. */
   private waiters: WaitEntry[] = [];
+  /** One timer for the oldest waiter's deadline, not one per wait (a wait per transaction when clients outnumber the grant). */
+  private waitTimer: NodeJS.Timeout | undefined;
+  /** Connections in state closing, kept by stateChanged so that `committed` costs nothing per release. */
+  private closing = 0;
   private connecting = 0;
   private draining = false;
   private closed = false;
@@ -83,7 +87,10 @@ export class Pool {
   constructor(deps: PoolDeps) {
     this.deps = deps;
     this.events = {
-      stateChanged: () => undefined,
+      stateChanged: (_server, from, to) => {
+        if (to === 'closing') this.closing += 1;
+        else if (from === 'closing') this.closing -= 1;
+      },
       closed: (server) => this.onServerClosed(server),
       transactionCompleted: () => {
         this.transactions += 1;
@@ -98,9 +105,7 @@ export class Pool {
 
   /** Held connections not already on their way out: what a shrink must bring down to the grant. */
   private get committed(): number {
-    let closing = 0;
-    for (const s of this.servers) if (s.state === 'closing') closing += 1;
-    return this.held - closing;
+    return this.held - this.closing;
   }
 
   /** Clients queued for a server connection. */
@@ -128,10 +133,8 @@ export class Pool {
         return;
       }
     }
-    const since = this.deps.now();
-    const timeoutMs = this.deps.settings.pool.poolTimeout * 1000;
-    const entry: WaitEntry = { waiter, since, timer: setTimeout(() => this.timeOut(entry), timeoutMs) };
-    this.waiters.push(entry);
+    this.waiters.push({ waiter, since: this.deps.now() });
+    this.armWaitTimer();
     this.serveWaiters();
   }
 
@@ -139,7 +142,6 @@ export class Pool {
   cancelWait(waiter: PoolWaiter): void {
     const index = this.waiters.findIndex((e) => e.waiter === waiter);
     if (index < 0) return;
-    clearTimeout(this.waiters[index]!.timer);
     this.waiters.splice(index, 1);
   }
 
@@ -201,8 +203,8 @@ export class Pool {
   /** Stops handing out connections: fails waiters, closes idle connections. */
   beginDrain(): void {
     this.draining = true;
+    this.stopWaitTimer();
     for (const entry of this.waiters.splice(0)) {
-      clearTimeout(entry.timer);
       entry.waiter.onAcquireFailed({ sqlState: '57P01', message: 'the sidecar is draining' });
     }
     this.closeIdleWhere(() => true, 'drain');
@@ -214,8 +216,8 @@ export class Pool {
     this.closed = true;
     this.draining = true;
     if (this.retryTimer) clearTimeout(this.retryTimer);
+    this.stopWaitTimer();
     for (const entry of this.waiters.splice(0)) {
-      clearTimeout(entry.timer);
       entry.waiter.onAcquireFailed({ sqlState: '57P01', message: 'the sidecar is shutting down' });
     }
     for (const s of [...this.servers]) s.close(reason);
@@ -251,7 +253,6 @@ export class Pool {
     server.idleSince = this.deps.now();
     const entry = this.waiters.shift();
     if (entry !== undefined) {
-      clearTimeout(entry.timer);
       this.give(server, entry.waiter, entry.since);
       return;
     }
@@ -299,16 +300,41 @@ export class Pool {
   }
 
   private requeueFront(waiter: PoolWaiter, since: number): void {
-    const remaining = Math.max(0, since + this.deps.settings.pool.poolTimeout * 1000 - this.deps.now());
-    const entry: WaitEntry = { waiter, since, timer: setTimeout(() => this.timeOut(entry), remaining) };
-    this.waiters.unshift(entry);
+    // It came from the head of the queue, so the order by deadline holds.
+    this.waiters.unshift({ waiter, since });
+    this.stopWaitTimer();
+    this.armWaitTimer();
     this.serveWaiters();
   }
 
+  private armWaitTimer(): void {
+    if (this.waitTimer !== undefined || this.waiters.length === 0) return;
+    const deadline = this.waiters[0]!.since + this.deps.settings.pool.poolTimeout * 1000;
+    this.waitTimer = setTimeout(() => {
+      this.waitTimer = undefined;
+      this.expireWaiters();
+    }, Math.max(0, deadline - this.deps.now()));
+  }
+
+  private stopWaitTimer(): void {
+    if (this.waitTimer === undefined) return;
+    clearTimeout(this.waitTimer);
+    this.waitTimer = undefined;
+  }
+
+  /** Fails every waiter past poolTimeout (they are at the head), then re-arms for the next one. */
+  private expireWaiters(): void {
+    const timeoutMs = this.deps.settings.pool.poolTimeout * 1000;
+    for (;;) {
+      const head = this.waiters[0];
+      if (head === undefined || this.deps.now() - head.since < timeoutMs) break;
+      this.waiters.shift();
+      this.timeOut(head);
+    }
+    this.armWaitTimer();
+  }
+
   private timeOut(entry: WaitEntry): void {
-    const index = this.waiters.indexOf(entry);
-    if (index < 0) return;
-    this.waiters.splice(index, 1);
     this.deps.metrics.error('pool-timeout');
     const seconds = this.deps.settings.pool.poolTimeout;
     const blocked = this.deps.blockedReason?.();
@@ -322,7 +348,6 @@ export class Pool {
       const server = this.takeIdle();
       if (server === undefined) break;
       const entry = this.waiters.shift()!;
-      clearTimeout(entry.timer);
       this.handOut(server, entry.waiter, entry.since);
     }
     if (this.draining || this.retryTimer !== undefined) return;

@@ -9,6 +9,8 @@ import type { DatabaseConnection, PoolMember } from '../../src/api/index.ts';
 import type { BudgetController } from '../../src/controller/controller.ts';
 import type { KubeControlPlane } from '../../src/devenv/kube.ts';
 import type { PostgresServer } from '../../src/devenv/postgres.ts';
+import pino from 'pino';
+import { startController as startControllerBinary, type RunningController } from '../../src/bin/controller-main.ts';
 import { testEnvironment } from '../support/hooks.ts';
 import { Sampler, SidecarFleetDouble, createWorkload, eventually, freshNamespace, installCrds, reserved, startController } from '../support/budget-fixture.ts';
 
@@ -152,6 +154,30 @@ describe('budget controller', function () {
     await eventually('Degraded SidecarMissing', () => getConnection(kube, namespace, 'orders').status?.conditions?.some((c) => c.type === 'Degraded' && c.status === 'True' && c.reason === 'SidecarMissing') ?? false);
     assert.match(getConnection(kube, namespace, 'orders').status?.conditions?.find((c) => c.type === 'Degraded')?.message ?? '', /2 pod\(s\) opted in but run without the sidecar/);
     await eventually('SidecarMissing Events', () => kube.kubectl(['-n', namespace, 'get', 'events', '--field-selector', 'reason=SidecarMissing', '-o', 'name']).trim() !== '');
+  });
+
+  it('runs as two replicas: one leads, and the other takes over when it stops', async function () {
+    const namespace = namespaceFor('ha');
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 12, reserve: 0 });
+    const fleet = new SidecarFleetDouble(kube, namespace);
+    fleets.push(fleet);
+    await fleet.start();
+    const replica = (identity: string): Promise<RunningController> => startControllerBinary({ kubeConfig: kube.kubeConfig(), namespace, identity, metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: true, repair: 'off' }, pino({ level: 'silent' }));
+    const a = await replica('a');
+    const b = await replica('b');
+    const leaderOf = async (r: RunningController): Promise<boolean> => /^poolkeeper_controller_leader 1$/m.test(await r.registry.metrics());
+    try {
+      await eventually('2 pods at 6', () => grants(fleet.members()).join() === '6,6');
+      await eventually('one leader', async () => (await leaderOf(a)) !== (await leaderOf(b)));
+      const [leader, standby] = (await leaderOf(a)) ? [a, b] : [b, a];
+      await leader.shutdown();
+      kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=3']);
+      await eventually('the standby to take over and rebalance', async () => (await leaderOf(standby)) && grants(fleet.members()).join() === '4,4,4', 30_000);
+    } finally {
+      await a.shutdown();
+      await b.shutdown();
+    }
   });
 
   it('keeps grants safe across a controller restart during a scale-up', async function () {

@@ -156,6 +156,23 @@ describe('budget controller', function () {
     await eventually('SidecarMissing Events', () => kube.kubectl(['-n', namespace, 'get', 'events', '--field-selector', 'reason=SidecarMissing', '-o', 'name']).trim() !== '');
   });
 
+  it('MaxReplicas: budgets pods for the HPA\'s maxReplicas and does not rebalance on scale', async function () {
+    const namespace = namespaceFor('hpa');
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    kube.kubectl(['apply', '-f', '-'], JSON.stringify({
+      apiVersion: 'autoscaling/v2', kind: 'HorizontalPodAutoscaler', metadata: { name: 'web', namespace },
+      spec: { scaleTargetRef: { apiVersion: 'apps/v1', kind: 'Deployment', name: 'web' }, minReplicas: 2, maxReplicas: 5, metrics: [{ type: 'Resource', resource: { name: 'cpu', target: { type: 'Utilization', averageUtilization: 80 } } }] },
+    }));
+    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 20, reserve: 0, budgetStrategy: 'MaxReplicas' });
+    const fleet = new SidecarFleetDouble(kube, namespace);
+    fleets.push(fleet);
+    await fleet.start();
+    ({ controller } = await startController(kube));
+    await eventually('2 pods at 20 / 5 = 4', () => grants(fleet.members()).join() === '4,4');
+    kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=5']);
+    await eventually('5 pods at 4, the old ones unchanged', () => grants(fleet.members()).join() === '4,4,4,4,4' && fleet.members().every((m) => m.spec.grant.generation <= 1));
+  });
+
   it('runs as two replicas: one leads, and the other takes over when it stops', async function () {
     const namespace = namespaceFor('ha');
     createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });

@@ -4,9 +4,13 @@
  * logging in with the DatabaseConnection's credentials. Answers are cached
  * per server so a rebalance does not open a connection each time.
  */
+import type { Duplex } from 'node:stream';
 import pg from 'pg';
 import type { Logger } from 'pino';
+import { Registry } from 'prom-client';
 import type { ServerSettings } from '../core/budget/index.ts';
+import { SidecarMetrics } from '../sidecar/metrics.ts';
+import { SshTunnel, type TunnelSettings } from '../sidecar/tunnel.ts';
 
 /** Where and as whom to ask. */
 export interface DiscoveryTarget {
@@ -17,6 +21,21 @@ export interface DiscoveryTarget {
   sslMode: string;
   username: string;
   password: string;
+  /** Reach the server through this bastion (the same host-key check as the sidecar's). */
+  tunnel?: TunnelSettings;
+}
+
+/** node-postgres expects a socket; an SSH channel is a Duplex that is already connected. */
+function channelAsSocket(channel: Duplex): Duplex {
+  const socket = Object.assign(channel, {
+    setNoDelay: () => socket,
+    setKeepAlive: () => socket,
+    connect: () => {
+      process.nextTick(() => channel.emit('connect'));
+      return socket;
+    },
+  });
+  return socket;
 }
 
 /** Options of the discovery cache. */
@@ -47,12 +66,25 @@ export class LimitDiscovery {
     const ssl = target.sslMode === 'disable' || target.sslMode === 'allow' || target.sslMode === 'prefer'
       ? false
       : { rejectUnauthorized: target.sslMode === 'verify-ca' || target.sslMode === 'verify-full' };
+    let tunnel: SshTunnel | undefined;
+    let stream: Duplex | undefined;
+    if (target.tunnel) {
+      tunnel = new SshTunnel({ settings: target.tunnel, logger: this.logger, metrics: new SidecarMetrics(new Registry()) });
+      tunnel.start();
+      try {
+        stream = channelAsSocket(await tunnel.open(target.host, target.port, Date.now() + this.connectTimeoutMs));
+      } catch (err) {
+        tunnel.stop();
+        throw err;
+      }
+    }
     const client = new pg.Client({
       host: target.host, port: target.port, database: target.dbname, user: target.username, password: target.password,
       ssl, connectionTimeoutMillis: this.connectTimeoutMs, application_name: 'poolkeeper-controller',
+      ...(stream ? { stream: () => stream } : {}),
     });
-    await client.connect();
     try {
+      await client.connect();
       const rows = (await client.query<{ name: string; setting: string }>(
         "SELECT name, setting FROM pg_settings WHERE name IN ('max_connections', 'superuser_reserved_connections', 'reserved_connections')",
       )).rows;
@@ -70,6 +102,7 @@ export class LimitDiscovery {
       return settings;
     } finally {
       await client.end().catch(() => undefined);
+      tunnel?.stop();
     }
   }
 

@@ -15,7 +15,7 @@ import type { Informer, KubeObject } from '../kube/informer.ts';
 import type { ProcessResult } from '../kube/workqueue.ts';
 import { podNeedsRepair, type PodLike } from '../core/inject/index.ts';
 import type { MissingSidecarRepairer } from '../webhook/repair.ts';
-import type { LimitDiscovery } from './limit-discovery.ts';
+import type { DiscoveryTarget, LimitDiscovery } from './limit-discovery.ts';
 import type { ControllerMetrics } from './metrics.ts';
 import { buildBudgetInput, podConnectionKey, type PodObject, type WorkloadScale, type WrittenGrant } from './plan-input.ts';
 
@@ -110,12 +110,19 @@ export class ServerReconciler {
     if (typeof max === 'number') return { value: max };
     const previous = connection.status?.limit?.discovered;
     if (!credentials.ok) return { value: previous, degraded: { type: 'Degraded', status: 'True', reason: credentials.reason, message: `cannot read max_connections: ${credentials.message}` } };
-    if (connection.spec.sshTunnel) {
-      return { value: previous, degraded: { type: 'Degraded', status: 'True', reason: 'AutoLimitThroughTunnel', message: 'maxConnections: auto is not read through an SSH tunnel yet; set maxConnections to a number' } };
+    const tunnelSpec = connection.spec.sshTunnel;
+    let tunnel: DiscoveryTarget['tunnel'];
+    if (tunnelSpec) {
+      const keySecret = this.deps.caches.secrets.get(connection.metadata.namespace, tunnelSpec.privateKeySecretRef.name);
+      const keyData = keySecret?.data?.[tunnelSpec.privateKeySecretRef.key];
+      if (keyData === undefined) {
+        return { value: previous, degraded: { type: 'Degraded', status: 'True', reason: 'SshKeySecretMissing', message: `Secret ${tunnelSpec.privateKeySecretRef.name} with key ${tunnelSpec.privateKeySecretRef.key} not found` } };
+      }
+      tunnel = { host: tunnelSpec.host, port: tunnelSpec.port, user: tunnelSpec.user, hostKey: tunnelSpec.hostKey, privateKey: Buffer.from(keyData, 'base64').toString('utf8') };
     }
     try {
       const db = connection.spec.database;
-      const settings = await this.deps.discovery.discover({ serverKey: server, host: db.host, port: db.port, dbname: db.dbname, sslMode: db.sslMode, username: credentials.username, password: credentials.password });
+      const settings = await this.deps.discovery.discover({ serverKey: server, host: db.host, port: db.port, dbname: db.dbname, sslMode: db.sslMode, username: credentials.username, password: credentials.password, ...(tunnel ? { tunnel } : {}) });
       return { value: autoMaxConnections(settings) };
     } catch (err) {
       const message = err instanceof Error ? err.message : String(err);

@@ -108,6 +108,37 @@ describe('budget controller', function () {
     assert.deepEqual(getConnection(kube, namespace, 'orders').status?.limit, { discovered, reserve, effective: discovered - reserve, shared: 1 });
   });
 
+  it('reads maxConnections: auto through the SSH bastion, and refuses a bastion whose host key does not match', async function () {
+    const sshd = await testEnvironment().sshd();
+    const good = namespaceFor('tunnel');
+    const bad = namespaceFor('tunnel-bad');
+    for (const namespace of [good, bad]) {
+      createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 1, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+      kube.kubectl(['-n', namespace, 'create', 'secret', 'generic', 'bastion-key', `--from-literal=ssh-privatekey=${sshd.userPrivateKey}`]);
+    }
+    // A real key line of another host: syntactically valid, not the bastion's.
+    const otherHostKey = 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl';
+    // Distinct server addresses (localhost vs 127.0.0.1) so the two do not share one limit or one cached discovery.
+    applyConnection(kube, postgres, good, 'orders', { maxConnections: 'auto', reserve: 0, sshTunnel: { host: sshd.host, port: sshd.port, user: sshd.username, privateKeySecretRef: { name: 'bastion-key' }, hostKey: sshd.hostPublicKey } });
+    kube.kubectl(['apply', '-f', '-'], JSON.stringify({
+      apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name: 'orders', namespace: bad },
+      spec: {
+        database: { host: 'localhost', port: postgres.port, dbname: 'app', sslMode: 'disable', credentialsSecretRef: { name: 'db-credentials' } },
+        maxConnections: 'auto', reserve: 0,
+        sshTunnel: { host: sshd.host, port: sshd.port, user: sshd.username, privateKeySecretRef: { name: 'bastion-key' }, hostKey: otherHostKey },
+        consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' } }],
+      },
+    }));
+    ({ controller } = await startController(kube));
+    const expected = postgres.options.maxConnections - postgres.options.superuserReservedConnections;
+    await eventually('limit read through the tunnel', () => getConnection(kube, good, 'orders').status?.limit?.discovered === expected);
+    await eventually('Degraded on the wrong host key', () => {
+      const degraded = getConnection(kube, bad, 'orders').status?.conditions?.find((c) => c.type === 'Degraded');
+      return degraded?.status === 'True' && degraded.reason === 'LimitDiscoveryFailed' && /host key/.test(degraded.message);
+    }, 30_000);
+    assert.equal(getConnection(kube, bad, 'orders').status?.limit, undefined, 'no limit, so nothing is granted');
+  });
+
   it('shares one server limit between DatabaseConnections in two namespaces', async function () {
     const a = namespaceFor('share-a');
     const b = namespaceFor('share-b');

@@ -288,9 +288,11 @@ describe('inject: consumers and the pool size hint', function () {
     assert.equal(resolveConsumer(c, pod({ labels: { 'poolkeeper.dev/connection': 'orders-db', tier: 'batch', queue: 'c' } })), undefined);
   });
 
-  it('uses the live perProcessBudget when present, else minPerPod over processes, never below 1', function () {
-    const c = connection({}, { consumers: [{ name: 'web', perProcessBudget: 3 }] });
+  it('uses the live perProcessBudget when the consumer has pods, else minPerPod over processes, never below 1', function () {
+    const c = connection({}, { consumers: [{ name: 'web', pods: 4, perProcessBudget: 3 }] });
     assert.equal(poolSizeHint(c, c.spec.consumers[0]), 3);
+    const empty = connection({}, { consumers: [{ name: 'web', pods: 0, perProcessBudget: 0 }] });
+    assert.equal(poolSizeHint(empty, empty.spec.consumers[0]), 2, 'no pods yet: the status budget of 0 says nothing');
     assert.equal(poolSizeHint(connection(), connection().spec.consumers[0]), 2);
     assert.equal(poolSizeHint(connection({ consumers: [{ name: 'w', minPerPod: 0 }] }), { name: 'w', minPerPod: 0 }), 1);
     assert.equal(poolSizeHint(connection(), undefined), 1);

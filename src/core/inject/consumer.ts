@@ -58,7 +58,8 @@ export function resolveConsumer(connection: InjectableConnection, pod: PodLike):
 export function poolSizeHint(connection: InjectableConnection, consumer: ConsumerSpec | undefined): number {
   if (!consumer) return 1;
   const status = connection.status?.consumers?.find((c) => c.name === consumer.name);
-  if (status?.perProcessBudget !== undefined && Number.isFinite(status.perProcessBudget)) return Math.max(1, Math.floor(status.perProcessBudget));
+  // A consumer with no live pods yet has a budget of 0 in status, which says nothing about the next pod.
+  if (status?.perProcessBudget !== undefined && Number.isFinite(status.perProcessBudget) && (status.pods ?? 0) > 0) return Math.max(1, Math.floor(status.perProcessBudget));
   const processes = Math.max(1, consumer.processesPerPod ?? 1);
   return Math.max(1, Math.floor((consumer.minPerPod ?? 1) / processes));
 }

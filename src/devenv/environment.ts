@@ -60,6 +60,12 @@ export class LocalEnvironment {
     return this.once('postgres', () => PostgresServer.start(this.runDir, this.registry, this.options.postgres ?? DEFAULT_POSTGRES_OPTIONS));
   }
 
+  /** A second PostgreSQL cluster with SSL on (CA in `caPem`); separate so that `postgres()` stays plaintext. */
+  postgresTls(): Promise<PostgresServer> {
+    const options = { ...(this.options.postgres ?? DEFAULT_POSTGRES_OPTIONS), tls: {}, directoryName: 'postgres-tls' };
+    return this.once('postgres-tls', () => PostgresServer.start(this.runDir, this.registry, options));
+  }
+
   /** OpenSSH server on loopback. */
   sshd(): Promise<SshServer> {
     return this.once('sshd', () => SshServer.start(this.runDir, this.registry));
@@ -79,7 +85,7 @@ export class LocalEnvironment {
   async stop(): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;
-    const order = ['pgbouncer', 'kube', 'sshd', 'postgres'];
+    const order = ['pgbouncer', 'kube', 'sshd', 'postgres', 'postgres-tls'];
     for (const name of order) {
       const started = this.started.get(name);
       if (!started) continue;

@@ -1,13 +1,17 @@
 /**
  * A throwaway PostgreSQL cluster from Debian's binaries: initdb as a non-root
  * user, a known max_connections, SCRAM-SHA-256 for the application role and
- * md5 for a second role, listening on 127.0.0.1 only.
+ * md5 for a second role, listening on 127.0.0.1 only. Optionally with SSL on,
+ * serving a certificate from a throwaway test CA.
  */
 import { execFileSync } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import { randomBytes, X509Certificate } from 'node:crypto';
 import { chownSync, mkdirSync, writeFileSync, appendFileSync } from 'node:fs';
+import { connect as netConnect } from 'node:net';
 import { join } from 'node:path';
+import { connect as tlsConnect } from 'node:tls';
 import pg from 'pg';
+import { createCertificateAuthority, issueCertificate, type CertificateBundle } from '../pki/certificates.ts';
 import { ManagedProcess, freePort, waitUntil, type PidRegistry } from './process.ts';
 import { postgresBinDir, serviceAccount } from './system.ts';
 
@@ -17,10 +21,23 @@ export interface PostgresRole {
   password: string;
 }
 
+/** Names in the server certificate's subjectAltName. */
+export interface PostgresCertificateNames {
+  dnsNames: string[];
+  ipAddresses: string[];
+}
+
+/** Names a TLS cluster's certificate carries unless told otherwise. */
+export const DEFAULT_POSTGRES_CERTIFICATE_NAMES: PostgresCertificateNames = { dnsNames: ['localhost'], ipAddresses: ['127.0.0.1'] };
+
 /** Settings of the throwaway cluster. */
 export interface PostgresOptions {
   maxConnections: number;
   superuserReservedConnections: number;
+  /** Turn SSL on with a certificate for these names, signed by a fresh test CA; omitted: no SSL. */
+  tls?: Partial<PostgresCertificateNames>;
+  /** Subdirectory of the run dir (default `postgres`); a second cluster in the same run needs its own. */
+  directoryName?: string;
 }
 
 /** Defaults chosen so that tests can exhaust the server quickly. */
@@ -40,9 +57,14 @@ export class PostgresServer {
   /** A role with an md5 password, for the sidecar's md5 upstream login. */
   readonly appMd5: PostgresRole;
   readonly options: PostgresOptions;
+  /** PEM of the test CA that signed the server certificate; undefined without SSL. */
+  readonly caPem: string | undefined;
   private readonly process: ManagedProcess;
+  private readonly tls: ServerTlsFiles | undefined;
 
-  private constructor(fields: { port: number; dataDir: string; superuser: PostgresRole; app: PostgresRole; appMd5: PostgresRole; options: PostgresOptions; process: ManagedProcess }) {
+  private constructor(fields: { port: number; dataDir: string; superuser: PostgresRole; app: PostgresRole; appMd5: PostgresRole; options: PostgresOptions; process: ManagedProcess; tls: ServerTlsFiles | undefined }) {
+    this.tls = fields.tls;
+    this.caPem = fields.tls?.ca.certPem;
     this.port = fields.port;
     this.dataDir = fields.dataDir;
     this.superuser = fields.superuser;
@@ -57,7 +79,7 @@ export class PostgresServer {
     const bin = postgresBinDir();
     const account = serviceAccount();
     const owned = account ? { uid: account.uid, gid: account.gid } : {};
-    const base = join(runDir, 'postgres');
+    const base = join(runDir, options.directoryName ?? 'postgres');
     const dataDir = join(base, 'data');
     const socketDir = join(base, 'sock');
     mkdirSync(socketDir, { recursive: true });
@@ -74,6 +96,7 @@ export class PostgresServer {
       ...owned,
       cwd: base,
     });
+    const tls = options.tls ? await ServerTlsFiles.create(base, account, { ...DEFAULT_POSTGRES_CERTIFICATE_NAMES, ...options.tls }) : undefined;
     const port = await freePort();
     // md5 line first: pg_hba is first-match, and md5 must apply only to that role.
     const hba = join(dataDir, 'pg_hba.conf');
@@ -97,6 +120,7 @@ export class PostgresServer {
       'synchronous_commit = off',
       'full_page_writes = off',
       "log_line_prefix = '%m [%p] %u@%d '",
+      ...(tls ? ['ssl = on', `ssl_cert_file = '${tls.certFile}'`, `ssl_key_file = '${tls.keyFile}'`] : []),
       '',
     ].join('\n'));
     const child = ManagedProcess.start({ name: 'postgres', command: join(bin, 'postgres'), args: ['-D', dataDir], logFile: join(base, 'postgres.log'), cwd: base, ...owned }, registry);
@@ -120,7 +144,7 @@ export class PostgresServer {
     } finally {
       await client.end();
     }
-    return new PostgresServer({ port, dataDir, superuser, app, appMd5, options, process: child });
+    return new PostgresServer({ port, dataDir, superuser, app, appMd5, options, process: child, tls });
   }
 
   /** node-postgres settings for `role` (the superuser by default). */
@@ -151,6 +175,48 @@ export class PostgresServer {
     return rows[0]?.ok === 1;
   }
 
+  /**
+   * Serves a new certificate from the same test CA for `names` (e.g. one
+   * without `localhost`, to test host name checks): rewrites the files,
+   * reloads, and returns once new connections are handed the new certificate.
+   */
+  async replaceServerCertificate(names: PostgresCertificateNames): Promise<void> {
+    if (!this.tls) throw new Error('this PostgreSQL cluster was started without SSL');
+    const certPem = await this.tls.reissue(names);
+    await this.query('SELECT pg_reload_conf()');
+    const wanted = new X509Certificate(certPem).fingerprint256;
+    await waitUntil('postgres to serve the new certificate', async () => (await this.presentedCertificate()).fingerprint256 === wanted, { timeoutMs: 10_000, process: this.process });
+  }
+
+  /** The certificate the server presents to a new connection (SSLRequest, then a handshake without verification). */
+  presentedCertificate(): Promise<X509Certificate> {
+    return new Promise((resolve, reject) => {
+      const socket = netConnect({ host: this.host, port: this.port });
+      socket.once('error', reject);
+      socket.once('connect', () => {
+        const sslRequest = Buffer.alloc(8);
+        sslRequest.writeInt32BE(8, 0);
+        sslRequest.writeInt32BE(80877103, 4);
+        socket.write(sslRequest);
+      });
+      socket.once('data', (answer) => {
+        if (answer[0] !== 0x53 /* S */) {
+          socket.destroy();
+          reject(new Error('the server refused SSL'));
+          return;
+        }
+        // Certificate inspection only: no data is sent over this channel.
+        const secure = tlsConnect({ socket, rejectUnauthorized: false }, () => {
+          const cert = secure.getPeerX509Certificate();
+          secure.destroy();
+          if (cert) resolve(cert);
+          else reject(new Error('the server presented no certificate'));
+        });
+        secure.once('error', reject);
+      });
+    });
+  }
+
   /** The postgres log file. */
   get logFile(): string {
     return this.process.logFile;
@@ -161,5 +227,41 @@ export class PostgresServer {
     // SIGINT is PostgreSQL's "fast" shutdown: roll back and disconnect clients.
     this.process.signal('SIGINT');
     await this.process.stop(10_000);
+  }
+}
+
+/** The CA and the server's certificate and key on disk, readable only by the server's account. */
+class ServerTlsFiles {
+  readonly ca: CertificateBundle;
+  readonly certFile: string;
+  readonly keyFile: string;
+  private readonly account: { uid: number; gid: number } | undefined;
+
+  private constructor(ca: CertificateBundle, dir: string, account: { uid: number; gid: number } | undefined) {
+    this.ca = ca;
+    this.certFile = join(dir, 'server.crt');
+    this.keyFile = join(dir, 'server.key');
+    this.account = account;
+  }
+
+  static async create(dir: string, account: { uid: number; gid: number } | undefined, names: PostgresCertificateNames): Promise<ServerTlsFiles> {
+    const files = new ServerTlsFiles(await createCertificateAuthority('poolkeeper test PostgreSQL CA', 2), dir, account);
+    await files.reissue(names);
+    return files;
+  }
+
+  /** Writes a new server certificate and key; returns the certificate PEM. */
+  async reissue(names: PostgresCertificateNames): Promise<string> {
+    // A neutral CN: with no DNS SAN, clients fall back to the CN, and only the SANs should name the server.
+    const leaf = await issueCertificate(this.ca, { commonName: 'poolkeeper test PostgreSQL', dnsNames: names.dnsNames, ipAddresses: names.ipAddresses, usage: 'server', validityDays: 1 });
+    // PostgreSQL refuses a key its owner shares with group or world.
+    this.write(this.keyFile, leaf.keyPem, 0o600);
+    this.write(this.certFile, leaf.certPem, 0o644);
+    return leaf.certPem;
+  }
+
+  private write(path: string, content: string, mode: number): void {
+    writeFileSync(path, content, { mode });
+    if (this.account) chownSync(path, this.account.uid, this.account.gid);
   }
 }

@@ -46,22 +46,35 @@ export interface UpstreamLoginOptions {
   timeoutMs: number;
 }
 
-/** Reads one byte (the answer to SSLRequest) without losing anything after it. */
-function readOneByte(stream: Duplex): Promise<number> {
+/**
+ * Reads the one-byte answer to SSLRequest. Anything after it arrived before
+ * encryption and would be taken as the server's words (CVE-2021-23222), so it
+ * is refused.
+ */
+function readSslAnswer(stream: Duplex): Promise<number> {
   return new Promise((resolve, reject) => {
-    const onData = (chunk: Buffer): void => {
+    const done = (): void => {
       stream.off('data', onData);
       stream.off('error', onError);
       stream.off('close', onClose);
       stream.pause();
-      if (chunk.length > 1) stream.unshift(chunk.subarray(1));
-      resolve(chunk[0]!);
     };
-    const onError = (err: Error): void => reject(err);
-    const onClose = (): void => reject(new UpstreamError('connect', 'server closed the connection during SSL negotiation'));
+    const onData = (chunk: Buffer): void => {
+      done();
+      if (chunk.length > 1) reject(new UpstreamError('tls', 'server sent unencrypted data after its answer to SSLRequest'));
+      else resolve(chunk[0]!);
+    };
+    const onError = (err: Error): void => {
+      done();
+      reject(new UpstreamError('connect', `server connection failed during SSL negotiation: ${err.message}`));
+    };
+    const onClose = (): void => {
+      done();
+      reject(new UpstreamError('connect', 'server closed the connection during SSL negotiation'));
+    };
     stream.on('data', onData);
-    stream.once('error', onError);
-    stream.once('close', onClose);
+    stream.on('error', onError);
+    stream.on('close', onClose);
     stream.resume();
   });
 }
@@ -70,28 +83,49 @@ async function negotiateTls(options: UpstreamLoginOptions): Promise<Duplex> {
   const { stream, sslMode } = options;
   if (sslMode === 'disable' || sslMode === 'allow') return stream;
   stream.write(serialize.requestSsl());
-  const answer = await readOneByte(stream);
+  const answer = await readSslAnswer(stream);
   if (answer === 0x4e /* N */) {
     if (sslMode === 'prefer') return stream;
-    throw new UpstreamError('tls', `server does not support SSL, but sslmode=${sslMode} requires it`);
+    throw new UpstreamError('tls', `server ${options.host} does not support SSL, but sslmode=${sslMode} requires it`);
   }
   if (answer !== 0x53 /* S */) throw new UpstreamError('tls', `unexpected answer ${answer} to SSLRequest`);
-  const verify = sslMode === 'verify-ca' || sslMode === 'verify-full';
+  // As libpq: sslmode=require with a root CA behaves as verify-ca.
+  const verifyChain = sslMode === 'verify-ca' || sslMode === 'verify-full' || (sslMode === 'require' && options.caPem !== undefined);
   const tlsOptions: ConnectionOptions = {
     socket: stream,
-    rejectUnauthorized: verify,
+    // The name verify-full checks; without it Node falls back to the socket's
+    // own host, which an SSH channel does not have ('localhost').
+    host: options.host,
+    rejectUnauthorized: verifyChain,
     ...(options.caPem !== undefined ? { ca: options.caPem } : {}),
     ...(isIP(options.host) === 0 ? { servername: options.host } : {}),
     // verify-ca checks the chain only; verify-full also the host name.
     ...(sslMode === 'verify-full' ? {} : { checkServerIdentity: () => undefined }),
   };
   return new Promise((resolve, reject) => {
+    const onError = (err: Error): void => reject(new UpstreamError('tls', `TLS to ${options.host} failed (sslmode=${sslMode}): ${err.message}`));
     const secure = tlsConnect(tlsOptions, () => {
-      secure.off('error', reject);
+      secure.off('error', onError);
       resolve(secure);
     });
-    secure.once('error', (err: Error) => reject(new UpstreamError('tls', `TLS to the server failed: ${err.message}`)));
+    secure.once('error', onError);
   });
+}
+
+/** negotiateTls within `timeoutMs`; on failure the stream is destroyed, as the login owns it. */
+async function negotiateTlsWithin(options: UpstreamLoginOptions): Promise<Duplex> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new UpstreamError('timeout', `SSL negotiation with ${options.host} did not finish within ${options.timeoutMs} ms`)), options.timeoutMs);
+  });
+  try {
+    return await Promise.race([negotiateTls(options), timeout]);
+  } catch (error) {
+    options.stream.destroy();
+    throw error;
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 function md5Hex(data: string | Buffer): string {
@@ -151,7 +185,7 @@ class ScramClient {
 
 /** Performs TLS negotiation and the startup handshake; resolves once ReadyForQuery arrives. */
 export async function loginUpstream(options: UpstreamLoginOptions): Promise<UpstreamSession> {
-  const stream = await negotiateTls(options);
+  const stream = await negotiateTlsWithin(options);
   return new Promise<UpstreamSession>((resolve, reject) => {
     const reader = new FrameReader();
     const parameters = new Map<string, string>();

@@ -1,0 +1,300 @@
+/**
+ * The sidecar's TLS to PostgreSQL per sslMode, against the real servers: the
+ * SSL-enabled cluster from `postgresTls()` (certificate from a test CA for
+ * 127.0.0.1 and localhost) and the plaintext one from `postgres()`. Whether a
+ * session is encrypted is asked of the server (pg_stat_ssl), not assumed.
+ */
+import assert from 'node:assert/strict';
+import { X509Certificate } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import pg from 'pg';
+import { pino } from 'pino';
+import { Registry } from 'prom-client';
+import { testEnvironment } from '../support/hooks.ts';
+import { FileCredentialsSource, Sidecar, type SidecarSettings, type SslMode } from '../../src/sidecar/index.ts';
+import { loginUpstream, UpstreamError } from '../../src/sidecar/upstream-login.ts';
+import { DEFAULT_POSTGRES_CERTIFICATE_NAMES, type PostgresServer } from '../../src/devenv/postgres.ts';
+import { createCertificateAuthority } from '../../src/pki/certificates.ts';
+
+const env = testEnvironment();
+const logger = pino({ level: process.env.SIDECAR_TEST_LOG ?? 'silent' });
+
+interface TlsSidecarOptions {
+  sslMode: SslMode;
+  caPem?: string;
+  /** The database host the sidecar is told (default the server's 127.0.0.1). */
+  host?: string;
+  tunnel?: SidecarSettings['sshTunnel'];
+}
+
+interface Running {
+  adminPort: number;
+  client(): pg.Client;
+  metrics(): Promise<string>;
+  stop(): Promise<void>;
+}
+
+async function startSidecar(postgres: PostgresServer, options: TlsSidecarOptions): Promise<Running> {
+  const credentialsDir = mkdtempSync(join(tmpdir(), 'poolkeeper-creds-'));
+  writeFileSync(join(credentialsDir, 'username'), postgres.app.user);
+  writeFileSync(join(credentialsDir, 'password'), postgres.app.password);
+  const credentials = new FileCredentialsSource({ directory: credentialsDir, logger, pollIntervalMs: 200 });
+  const settings: SidecarSettings = {
+    listenHost: '127.0.0.1', listenPort: 0,
+    database: { host: options.host ?? postgres.host, port: postgres.port, dbname: 'app', sslMode: options.sslMode, ...(options.caPem !== undefined ? { caPem: options.caPem } : {}) },
+    // A one-second pool timeout: a refused server connection reaches the client quickly.
+    pool: { mode: 'transaction', poolTimeout: 1, poolRecycle: 1800, poolPrePing: true, idleTimeout: 600 },
+    drainTimeout: 5,
+    admin: { host: '127.0.0.1', port: 0 },
+    ...(options.tunnel ? { sshTunnel: options.tunnel } : {}),
+  };
+  const sidecar = new Sidecar({ settings, credentials, logger, metrics: new Registry() });
+  const { port, adminPort } = await sidecar.start();
+  sidecar.setGrant(2, 1);
+  return {
+    adminPort: adminPort!,
+    client: () => new pg.Client({ host: '127.0.0.1', port, user: postgres.app.user, database: 'app' }),
+    metrics: async () => (await fetch(`http://127.0.0.1:${adminPort!}/metrics`)).text(),
+    stop: async () => {
+      await sidecar.close();
+      rmSync(credentialsDir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Whether the server connection behind the sidecar is encrypted, as the server reports it. */
+async function serverSeesSsl(running: Running): Promise<boolean> {
+  const client = running.client();
+  await client.connect();
+  try {
+    const rows = (await client.query<{ ssl: boolean }>('SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()')).rows;
+    assert.equal(rows.length, 1);
+    return rows[0]!.ssl;
+  } finally {
+    await client.end();
+  }
+}
+
+/** Connecting through the sidecar fails; returns the error the client got. */
+async function refusedError(running: Running): Promise<{ code?: string; message: string }> {
+  const client = running.client();
+  client.on('error', () => undefined);
+  try {
+    await client.connect();
+  } catch (error) {
+    return error as { code?: string; message: string };
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+  throw new Error('the connection through the sidecar was expected to be refused');
+}
+
+async function withSidecar<T>(postgres: PostgresServer, options: TlsSidecarOptions, fn: (running: Running) => Promise<T>): Promise<T> {
+  const running = await startSidecar(postgres, options);
+  try {
+    return await fn(running);
+  } finally {
+    await running.stop();
+  }
+}
+
+describe('sidecar TLS to PostgreSQL (sslMode)', function () {
+  let tlsPostgres: PostgresServer;
+  let plainPostgres: PostgresServer;
+  let caPem: string;
+  let wrongCaPem: string;
+  before(async function () {
+    [tlsPostgres, plainPostgres] = await Promise.all([env.postgresTls(), env.postgres()]);
+    assert.ok(tlsPostgres.caPem, 'postgresTls() exposes its CA');
+    caPem = tlsPostgres.caPem;
+    wrongCaPem = (await createCertificateAuthority('not the server CA', 1)).certPem;
+  });
+
+  it('the TLS cluster serves a certificate for 127.0.0.1 and localhost, and the default cluster no SSL', async function () {
+    const cert = await tlsPostgres.presentedCertificate();
+    assert.equal(cert.checkIssued(new X509Certificate(caPem)), true);
+    assert.equal(cert.checkIP('127.0.0.1'), '127.0.0.1');
+    assert.equal(cert.checkHost('localhost'), 'localhost');
+    assert.equal(plainPostgres.caPem, undefined);
+    assert.deepEqual(await plainPostgres.query('SHOW ssl'), [{ ssl: 'off' }]);
+    await assert.rejects(plainPostgres.presentedCertificate(), /refused SSL/);
+  });
+
+  it('require: connects, and the server sees an SSL session', async function () {
+    await withSidecar(tlsPostgres, { sslMode: 'require' }, async (running) => {
+      assert.equal(await serverSeesSsl(running), true);
+    });
+  });
+
+  for (const host of ['127.0.0.1', 'localhost']) {
+    it(`verify-full with the right CA connects over SSL to ${host}`, async function () {
+      await withSidecar(tlsPostgres, { sslMode: 'verify-full', caPem, host }, async (running) => {
+        assert.equal(await serverSeesSsl(running), true);
+      });
+    });
+  }
+
+  it('verify-ca with the right CA connects over SSL', async function () {
+    await withSidecar(tlsPostgres, { sslMode: 'verify-ca', caPem }, async (running) => {
+      assert.equal(await serverSeesSsl(running), true);
+    });
+  });
+
+  for (const sslMode of ['verify-full', 'verify-ca', 'require'] as const) {
+    it(`${sslMode} with a wrong CA is refused with a clear error, counted, and the sidecar keeps serving`, async function () {
+      await withSidecar(tlsPostgres, { sslMode, caPem: wrongCaPem }, async (running) => {
+        const first = await refusedError(running);
+        assert.equal(first.code, '53300');
+        assert.match(first.message, new RegExp(`TLS to 127\\.0\\.0\\.1 failed \\(sslmode=${sslMode}\\): (unable to get local issuer certificate|unable to verify the first certificate)`));
+        assert.match(await running.metrics(), /poolkeeper_sidecar_errors_total\{kind="server-connect"\} [1-9]/);
+        // Still listening and answering: the next client gets the same explanation.
+        assert.match((await refusedError(running)).message, /TLS to 127\.0\.0\.1 failed/);
+        assert.equal((await fetch(`http://127.0.0.1:${running.adminPort}/healthz`)).status, 200);
+      });
+    });
+  }
+
+  describe('with a server certificate for 127.0.0.1 only', function () {
+    before(async function () {
+      await tlsPostgres.replaceServerCertificate({ dnsNames: [], ipAddresses: ['127.0.0.1'] });
+    });
+    after(async function () {
+      await tlsPostgres.replaceServerCertificate(DEFAULT_POSTGRES_CERTIFICATE_NAMES);
+    });
+
+    it('verify-full to localhost is refused: the name is not in the certificate', async function () {
+      await withSidecar(tlsPostgres, { sslMode: 'verify-full', caPem, host: 'localhost' }, async (running) => {
+        const error = await refusedError(running);
+        assert.equal(error.code, '53300');
+        assert.match(error.message, /TLS to localhost failed \(sslmode=verify-full\): Hostname\/IP does not match certificate's altnames: Host: localhost\. is not/);
+        assert.match(await running.metrics(), /poolkeeper_sidecar_errors_total\{kind="server-connect"\} [1-9]/);
+      });
+    });
+
+    it('verify-ca to localhost connects: only the chain is checked', async function () {
+      await withSidecar(tlsPostgres, { sslMode: 'verify-ca', caPem, host: 'localhost' }, async (running) => {
+        assert.equal(await serverSeesSsl(running), true);
+      });
+    });
+
+    it('verify-full to 127.0.0.1 connects', async function () {
+      await withSidecar(tlsPostgres, { sslMode: 'verify-full', caPem }, async (running) => {
+        assert.equal(await serverSeesSsl(running), true);
+      });
+    });
+  });
+
+  describe('through an SSH tunnel', function () {
+    let tunnel: SidecarSettings['sshTunnel'];
+    before(async function () {
+      const sshd = await env.sshd();
+      tunnel = { host: sshd.host, port: sshd.port, user: sshd.username, privateKey: sshd.userPrivateKey, hostKey: sshd.hostPublicKey };
+    });
+    after(async function () {
+      await tlsPostgres.replaceServerCertificate(DEFAULT_POSTGRES_CERTIFICATE_NAMES);
+    });
+
+    it('verify-full checks the configured host, not the channel\'s (which has none)', async function () {
+      await withSidecar(tlsPostgres, { sslMode: 'verify-full', caPem, tunnel }, async (running) => {
+        assert.equal(await serverSeesSsl(running), true);
+      });
+      // A certificate for localhost only must not pass for 127.0.0.1.
+      await tlsPostgres.replaceServerCertificate({ dnsNames: ['localhost'], ipAddresses: [] });
+      await withSidecar(tlsPostgres, { sslMode: 'verify-full', caPem, tunnel }, async (running) => {
+        assert.match((await refusedError(running)).message, /TLS to 127\.0\.0\.1 failed \(sslmode=verify-full\): Hostname\/IP does not match certificate's altnames: IP: 127\.0\.0\.1 is not in the cert's list/);
+      });
+    });
+  });
+
+  it('prefer uses SSL when the server offers it', async function () {
+    await withSidecar(tlsPostgres, { sslMode: 'prefer' }, async (running) => {
+      assert.equal(await serverSeesSsl(running), true);
+    });
+  });
+
+  it('prefer falls back to plaintext when the server does not offer SSL', async function () {
+    await withSidecar(plainPostgres, { sslMode: 'prefer' }, async (running) => {
+      assert.equal(await serverSeesSsl(running), false);
+    });
+  });
+
+  for (const sslMode of ['disable', 'allow'] as const) {
+    it(`${sslMode} does not use SSL even when the server offers it`, async function () {
+      await withSidecar(tlsPostgres, { sslMode }, async (running) => {
+        assert.equal(await serverSeesSsl(running), false);
+      });
+    });
+  }
+
+  for (const sslMode of ['require', 'verify-full'] as const) {
+    it(`${sslMode} against a server without SSL is refused clearly and counted`, async function () {
+      await withSidecar(plainPostgres, { sslMode, caPem }, async (running) => {
+        const error = await refusedError(running);
+        assert.equal(error.code, '53300');
+        assert.match(error.message, new RegExp(`last connection attempt: server 127\\.0\\.0\\.1 does not support SSL, but sslmode=${sslMode} requires it`));
+        assert.match(await running.metrics(), /poolkeeper_sidecar_errors_total\{kind="server-connect"\} [1-9]/);
+      });
+    });
+  }
+});
+
+describe('upstream login against a misbehaving server (loopback)', function () {
+  let server: Server;
+  let port: number;
+  let answer: (socket: Socket) => void;
+  const sockets = new Set<Socket>();
+  before(async function () {
+    server = createServer((socket) => {
+      sockets.add(socket);
+      socket.on('close', () => sockets.delete(socket));
+      socket.on('error', () => undefined);
+      socket.once('data', () => answer(socket));
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    port = (server.address() as { port: number }).port;
+  });
+  after(async function () {
+    for (const socket of sockets) socket.destroy();
+    await new Promise((resolve) => server.close(resolve));
+  });
+
+  async function login(sslMode: SslMode, timeoutMs = 5_000): Promise<{ error: unknown; streamDestroyed: boolean }> {
+    const stream = netConnect({ host: '127.0.0.1', port });
+    await new Promise((resolve) => stream.once('connect', resolve));
+    stream.on('error', () => undefined);
+    try {
+      await loginUpstream({ stream, host: '127.0.0.1', dbname: 'app', username: 'app', password: 'x', sslMode, timeoutMs });
+    } catch (error) {
+      return { error, streamDestroyed: stream.destroyed };
+    }
+    throw new Error('login was expected to fail');
+  }
+
+  it('refuses bytes sent after the SSL answer, before encryption (CVE-2021-23222)', async function () {
+    answer = (socket) => socket.write(Buffer.concat([Buffer.from('S'), Buffer.from('injected')]));
+    const { error, streamDestroyed } = await login('require');
+    assert.ok(error instanceof UpstreamError);
+    assert.equal(error.kind, 'tls');
+    assert.match(error.message, /unencrypted data after its answer to SSLRequest/);
+    assert.equal(streamDestroyed, true);
+  });
+
+  it('times out a server that never answers SSLRequest, and closes the stream', async function () {
+    answer = () => undefined;
+    const { error, streamDestroyed } = await login('prefer', 300);
+    assert.ok(error instanceof UpstreamError);
+    assert.equal(error.kind, 'timeout');
+    assert.match(error.message, /SSL negotiation with 127\.0\.0\.1 did not finish within 300 ms/);
+    assert.equal(streamDestroyed, true);
+  });
+
+  it('times out a server that accepts SSL but never completes the handshake', async function () {
+    answer = (socket) => socket.write('S');
+    const { error } = await login('verify-full', 300);
+    assert.ok(error instanceof UpstreamError);
+    assert.equal(error.kind, 'timeout');
+  });
+});

@@ -26,6 +26,8 @@ export interface ControllerConfig {
   leaderElection: boolean;
   /** Pods that opted in but came up without the sidecar: evict them, only report them, or ignore them. */
   repair: 'evict' | 'report' | 'off';
+  /** Keep a RoleBinding `poolkeeper-sidecar` for the pods' ServiceAccounts in each namespace (default true). */
+  manageSidecarAccess?: boolean;
 }
 
 /** A running controller binary. */
@@ -54,7 +56,7 @@ export async function startController(config: ControllerConfig, logger: Logger):
     logger,
     metrics,
     elector,
-    reconciler: { discovery: new LimitDiscovery({ logger }), events, repairer },
+    reconciler: { discovery: new LimitDiscovery({ logger }), events, repairer, manageSidecarAccess: config.manageSidecarAccess ?? true },
   });
   let stopping = false;
   const admin = new AdminServer({

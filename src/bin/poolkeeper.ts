@@ -58,6 +58,7 @@ switch (command) {
       metricsPort: Number(env.POOLKEEPER_METRICS_PORT ?? 8080),
       leaderElection: env.POOLKEEPER_LEADER_ELECTION !== 'false',
       repair: repairMode(env.POOLKEEPER_REPAIR ?? 'evict'),
+      manageSidecarAccess: env.POOLKEEPER_MANAGE_SIDECAR_RBAC !== 'false',
     }, logger);
     onTerminate(() => running.shutdown());
     break;

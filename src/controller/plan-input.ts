@@ -12,6 +12,7 @@ import { CONNECTION_LABEL } from '../api/index.ts';
 /** The slice of a Pod the planner needs. */
 export interface PodObject {
   metadata?: PodLike['metadata'] & { uid?: string; deletionTimestamp?: string | Date };
+  spec?: NonNullable<PodLike['spec']> & { serviceAccountName?: string };
   status?: { phase?: string; conditions?: Array<{ type: string; status: string }> };
 }
 

@@ -5,14 +5,19 @@
  * restart never lets the total exceed the limit.
  */
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import pino from 'pino';
+import { parseAllDocuments } from 'yaml';
 import type { DatabaseConnection, PoolMember } from '../../src/api/index.ts';
+import { startController as startControllerBinary, type RunningController } from '../../src/bin/controller-main.ts';
 import type { BudgetController } from '../../src/controller/controller.ts';
 import type { KubeControlPlane } from '../../src/devenv/kube.ts';
 import type { PostgresServer } from '../../src/devenv/postgres.ts';
-import pino from 'pino';
-import { startController as startControllerBinary, type RunningController } from '../../src/bin/controller-main.ts';
+import { createNamespaceWithSecret } from '../../src/devenv/scenario.ts';
+import { KubeHttp } from '../../src/kube/http.ts';
+import { PoolMemberAgent } from '../../src/sidecar/control-plane.ts';
 import { testEnvironment } from '../support/hooks.ts';
-import { Sampler, SidecarFleetDouble, createWorkload, eventually, freshNamespace, installCrds, reserved, startController } from '../support/budget-fixture.ts';
+import { ObedientSidecarDouble, Sampler, SidecarFleetDouble, createWorkload, eventually, freshNamespace, installCrds, reserved, startController } from '../support/budget-fixture.ts';
 
 function applyConnection(kube: KubeControlPlane, postgres: PostgresServer, namespace: string, name: string, extra: Record<string, unknown>): void {
   kube.kubectl(['apply', '-f', '-'], JSON.stringify({
@@ -202,6 +207,41 @@ describe('budget controller', function () {
     await eventually('2 pods at 20 / 5 = 4', () => grants(fleet.members()).join() === '4,4');
     kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=5']);
     await eventually('5 pods at 4, the old ones unchanged', () => grants(fleet.members()).join() === '4,4,4,4,4' && fleet.members().every((m) => m.spec.grant.generation <= 1));
+  });
+
+  it('binds the sidecar role to the pods\' ServiceAccount: a sidecar with the pod\'s own token reads its grant and acknowledges', async function () {
+    const namespace = namespaceFor('rbac');
+    // The ClusterRole as deploy/ installs it.
+    const sidecarRole = parseAllDocuments(readFileSync('deploy/base/rbac.yaml', 'utf8')).map((d) => d.toJS() as { kind: string; metadata: { name: string } }).find((d) => d.kind === 'ClusterRole' && d.metadata.name === 'poolkeeper-sidecar');
+    kube.kubectl(['apply', '-f', '-'], JSON.stringify(sidecarRole));
+    createNamespaceWithSecret(kube, { namespace, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    kube.kubectl(['-n', namespace, 'create', 'serviceaccount', 'app-sa']);
+    kube.kubectl(['apply', '-f', '-'], JSON.stringify({
+      apiVersion: 'apps/v1', kind: 'Deployment', metadata: { name: 'web', namespace },
+      spec: { replicas: 1, selector: { matchLabels: { app: 'web' } }, template: { metadata: { labels: { app: 'web', 'poolkeeper.dev/connection': 'orders' } }, spec: { serviceAccountName: 'app-sa', containers: [{ name: 'app', image: 'example.invalid/app:1' }] } } },
+    }));
+    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 6, reserve: 0 });
+    ({ controller } = await startController(kube, undefined, { manageSidecarAccess: true }));
+    await eventually('the RoleBinding', () => {
+      try {
+        return kube.kubectl(['-n', namespace, 'get', 'rolebinding', 'poolkeeper-sidecar', '-o', 'jsonpath={.subjects[*].name}']).includes('app-sa');
+      } catch {
+        return false;
+      }
+    });
+    const pod = kube.kubectl(['-n', namespace, 'get', 'pods', '-l', 'app=web', '-o', 'jsonpath={.items[0].metadata.name}']).trim();
+    const token = kube.kubectl(['-n', namespace, 'create', 'token', 'app-sa']).trim();
+    const double = new ObedientSidecarDouble();
+    const agent = new PoolMemberAgent({ http: new KubeHttp(kube.kubeConfigForToken(token)), namespace, podName: pod, target: double, logger: pino({ level: 'silent' }), version: 'test' });
+    await agent.start();
+    try {
+      await eventually('grant 6 acknowledged with the pod\'s own token', () => {
+        const member = JSON.parse(kube.kubectl(['-n', namespace, 'get', 'pm', pod, '-o', 'json'])) as PoolMember;
+        return member.spec.grant.connections === 6 && member.status?.acknowledgedConnections === 6;
+      });
+    } finally {
+      await agent.stop();
+    }
   });
 
   it('runs as two replicas: one leads, and the other takes over when it stops', async function () {

@@ -87,6 +87,7 @@ describe('deploy manifests', function () {
         ['list', 'replicasets.apps', '-A'], ['watch', 'horizontalpodautoscalers.autoscaling', '-A'], ['get', 'secrets', '-n', appNamespace], ['create', 'events', '-n', appNamespace],
         ['update', 'leases.coordination.k8s.io/poolkeeper-controller', '-n', 'poolkeeper-system'], ['create', 'secrets', '-n', 'poolkeeper-system'],
         ['update', 'secrets/poolkeeper-webhook-certs', '-n', 'poolkeeper-system'], ['patch', 'mutatingwebhookconfigurations.admissionregistration.k8s.io/poolkeeper-webhook'],
+        ['create', 'rolebindings.rbac.authorization.k8s.io', '-n', appNamespace], ['bind', 'clusterroles.rbac.authorization.k8s.io/poolkeeper-sidecar'],
       ]) assert.ok(can(controller, args), `controller can ${args.join(' ')}`);
     });
 
@@ -96,6 +97,7 @@ describe('deploy manifests', function () {
         ['update', 'secrets/other', '-n', 'poolkeeper-system'], ['create', 'secrets', '-n', appNamespace],
         ['patch', 'mutatingwebhookconfigurations.admissionregistration.k8s.io/someone-elses'], ['update', 'leases.coordination.k8s.io/other', '-n', 'poolkeeper-system'],
         ['update', 'databaseconnections.poolkeeper.dev', '-n', appNamespace],
+        ['bind', 'clusterroles.rbac.authorization.k8s.io/cluster-admin'], ['escalate', 'clusterroles.rbac.authorization.k8s.io/poolkeeper-sidecar'], ['delete', 'rolebindings.rbac.authorization.k8s.io', '-n', appNamespace],
       ]) assert.equal(can(controller, args), false, `controller cannot ${args.join(' ')}`);
     });
 

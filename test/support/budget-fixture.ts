@@ -27,7 +27,7 @@ export function freshNamespace(prefix: string): string {
 }
 
 /** Runs the controller in-process. */
-export async function startController(kube: KubeControlPlane, logger: Logger = pino({ level: 'silent' }), options: { repair?: 'report' | 'evict' } = {}): Promise<{ controller: BudgetController; registry: Registry }> {
+export async function startController(kube: KubeControlPlane, logger: Logger = pino({ level: 'silent' }), options: { repair?: 'report' | 'evict'; manageSidecarAccess?: boolean } = {}): Promise<{ controller: BudgetController; registry: Registry }> {
   const http = new KubeHttp(kube.kubeConfig());
   const registry = new Registry();
   const events = new EventRecorder(http, 'poolkeeper-controller', logger);
@@ -37,7 +37,7 @@ export async function startController(kube: KubeControlPlane, logger: Logger = p
     logger,
     metrics: new ControllerMetrics(registry),
     stallTimeoutMs: 60_000,
-    reconciler: { discovery: new LimitDiscovery({ logger }), events, pendingRequeueMs: 500, repairer, repairGraceSeconds: 0 },
+    reconciler: { discovery: new LimitDiscovery({ logger }), events, pendingRequeueMs: 500, repairer, repairGraceSeconds: 0, manageSidecarAccess: options.manageSidecarAccess ?? false },
   });
   await controller.start();
   return { controller, registry };

@@ -3,13 +3,20 @@
  * then the client-to-server half of the byte pump. Messages are framed by
  * header; runs of whole messages are queued while the client has no server
  * connection and written in one cork/uncork once it has one.
+ *
+ * In transaction mode, the first message naming a prepared statement switches
+ * the session to rewriting (core/pool-state/prepared-statements.ts): from
+ * then on its queued messages are re-framed when forwarded and statement
+ * names are mapped to shared server-side ones. Sessions that never name a
+ * statement keep the plain byte pump.
  */
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
 import {
   FrameReader, MessageType, ProtocolError, UNTYPED, authenticationOk, backendKeyData, errorResponse, isFrontendMessageType,
-  negotiateProtocolVersion, parameterStatus, parseStartupPacket, parseStatementName, readyForQuery, type NoticeFields,
+  namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery, type NoticeFields,
 } from '../core/protocol/index.ts';
+import { routeMessage, type ClientStatements } from '../core/pool-state/index.ts';
 import type { SidecarMetrics } from './metrics.ts';
 import type { AcquireFailure, Pool, PoolWaiter } from './pool.ts';
 import type { ServerConnection } from './server-connection.ts';
@@ -44,6 +51,8 @@ export class ClientSession implements PoolWaiter {
   private readonly reader: FrameReader;
   private readonly pendingChunks: Buffer[] = [];
   private readonly pendingTypes: number[] = [];
+  /** The client's named statements; undefined until it names one (transaction mode only). */
+  private statements: ClientStatements | undefined;
   private applicationName = '';
   private key: [number, number] = [0, 0];
   private readonly host: ClientSessionHost;
@@ -113,9 +122,8 @@ export class ClientSession implements PoolWaiter {
           this.terminate();
           return;
         }
-        if (type === MessageType.parse && this.host.mode === 'transaction' && parseStatementName(reader.buffer, reader.bodyStart, reader.end) !== '') {
-          this.refusePreparedStatement();
-          return;
+        if (this.statements === undefined && namesPreparedStatement(type, reader.buffer, reader.bodyStart, reader.end) && this.host.mode === 'transaction') {
+          this.statements = new Map();
         }
         this.pendingTypes.push(type);
         if (reader.buffer === runBuffer && reader.start === runEnd) runEnd = reader.end;
@@ -145,6 +153,10 @@ export class ClientSession implements PoolWaiter {
       }
       return;
     }
+    if (this.statements !== undefined) {
+      this.forwardRewritten(server, this.statements);
+      return;
+    }
     const tracker = server.tracker;
     for (const type of this.pendingTypes) tracker.clientMessage(type);
     this.pendingTypes.length = 0;
@@ -156,6 +168,43 @@ export class ClientSession implements PoolWaiter {
       server.stream.uncork();
     }
     chunks.length = 0;
+  }
+
+  /** forward() for a session that names statements: each queued message goes through routeMessage. */
+  private forwardRewritten(server: ServerConnection, statements: ClientStatements): void {
+    const tracker = server.tracker;
+    const editor = server.editor;
+    if (!editor.active) {
+      // Replies to a Parse or Close already sent in this unsynced batch could not be told from ours.
+      if (tracker.parseOrCloseOpen) {
+        this.refuseMidPipelineSwitch();
+        return;
+      }
+      editor.activate(tracker.pendingReady);
+    }
+    const out: Buffer[] = [];
+    try {
+      for (const chunk of this.pendingChunks) {
+        let offset = 0;
+        while (offset < chunk.length) {
+          const end = offset + 1 + chunk.readInt32BE(offset + 1);
+          routeMessage(statements, editor, chunk[offset]!, chunk, offset, offset + 5, end, out);
+          offset = end;
+        }
+      }
+    } catch (error) {
+      this.onProtocolError(error);
+      return;
+    }
+    for (const type of this.pendingTypes) tracker.clientMessage(type);
+    this.pendingTypes.length = 0;
+    this.pendingChunks.length = 0;
+    if (out.length === 1) server.write(out[0]!);
+    else {
+      server.stream.cork();
+      for (const piece of out) server.write(piece);
+      server.stream.uncork();
+    }
   }
 
   private onStartupPacket(body: Buffer): void {
@@ -275,13 +324,13 @@ export class ClientSession implements PoolWaiter {
     this.closeQuietly();
   }
 
-  private refusePreparedStatement(): void {
+  private refuseMidPipelineSwitch(): void {
     this.host.metrics.error('prepared-statement-refused');
     this.releaseServer(false);
     this.fail({
       severity: 'FATAL', code: '0A000',
-      message: 'protocol-level named prepared statements are not supported in transaction pooling mode',
-      hint: 'use unnamed statements (e.g. pgbench -M extended, no `name` in node-postgres), or pool.mode: session',
+      message: 'a session\'s first named prepared statement came after an unnamed Parse or Close in the same unsynced pipeline; transaction pooling cannot track it',
+      hint: 'send Sync before the first named statement, or use pool.mode: session',
     });
   }
 

@@ -7,8 +7,8 @@
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import { serialize } from 'pg-protocol';
-import { transition, TransactionTracker, type ServerConnectionState } from '../core/pool-state/index.ts';
-import { FrameReader, parseNoticeFields } from '../core/protocol/index.ts';
+import { ResponseEditor, ServerStatementCache, transition, TransactionTracker, type ServerConnectionState } from '../core/pool-state/index.ts';
+import { FrameReader, PARSE_COMPLETE, parseNoticeFields } from '../core/protocol/index.ts';
 import { isDirectReadable } from './direct-read-socket.ts';
 
 /** Whoever currently uses the connection: a client session. */
@@ -32,6 +32,8 @@ export interface ServerConnectionEvents {
 const NOTHING = Buffer.alloc(0);
 const READY_FOR_QUERY = 0x5a;
 const ERROR_RESPONSE = 0x45;
+const PARSE_COMPLETE_TYPE = 0x31;
+const CLOSE_COMPLETE_TYPE = 0x33;
 /** Types the tracker needs to see; everything else is only forwarded. */
 const TRACKED = new Uint8Array(256);
 for (const c of 'ZEGHWc') TRACKED[c.charCodeAt(0)] = 1;
@@ -45,6 +47,10 @@ export class ServerConnection {
   readonly processId: number;
   readonly secretKey: number;
   readonly tracker = new TransactionTracker();
+  /** Server-side named statements this backend holds (see core/pool-state/prepared-statements.ts). */
+  readonly statements: ServerStatementCache;
+  /** Edits ParseComplete/CloseComplete while a session that names statements uses the connection. */
+  readonly editor: ResponseEditor;
   /** When it last became idle (ms). */
   idleSince: number;
   private currentState: ServerConnectionState = 'connecting';
@@ -62,8 +68,10 @@ export class ServerConnection {
     if (!this.stream.destroyed) this.stream.resume();
   };
 
-  constructor(fields: { id: number; stream: Duplex; credentialsGeneration: string; now: number; processId: number; secretKey: number; maxMessageBytes: number; events: ServerConnectionEvents; logger: Logger }) {
+  constructor(fields: { id: number; stream: Duplex; credentialsGeneration: string; now: number; processId: number; secretKey: number; maxMessageBytes: number; maxPreparedStatements?: number; events: ServerConnectionEvents; logger: Logger }) {
     this.id = fields.id;
+    this.statements = new ServerStatementCache(fields.maxPreparedStatements);
+    this.editor = new ResponseEditor(this.statements);
     this.stream = fields.stream;
     this.credentialsGeneration = fields.credentialsGeneration;
     this.createdAt = fields.now;
@@ -102,6 +110,7 @@ export class ServerConnection {
   /** Takes the connection back from its client. */
   detach(): void {
     this.user = undefined;
+    this.editor.deactivate();
     this.resumeReading();
   }
 
@@ -122,6 +131,8 @@ export class ServerConnection {
   runInternal(sql: string, done: (ok: boolean) => void): void {
     this.setState('resetting');
     this.tracker.reset();
+    // DISCARD ALL drops every prepared statement of the backend.
+    if (/^\s*discard\s+all/i.test(sql)) this.statements.clear();
     this.internalQuery = { ok: true, done };
     this.stream.write(serialize.query(sql));
   }
@@ -156,6 +167,10 @@ export class ServerConnection {
     const user = this.user;
     if (user === undefined) {
       this.onDataWithoutUser(chunk);
+      return;
+    }
+    if (this.editor.active) {
+      this.onDataEditing(chunk, user);
       return;
     }
     const reader = this.reader;
@@ -200,6 +215,11 @@ export class ServerConnection {
     }
     if (runBuffer !== undefined) out.write(runBuffer.subarray(runStart, runEnd));
     if (corked) out.uncork();
+    this.afterForwarding(out, user, boundary);
+  }
+
+  private afterForwarding(out: Duplex, user: ServerConnectionUser, boundary: boolean): void {
+    const tracker = this.tracker;
     // Bytes left queued may point into a reused read buffer, and a slow client
     // must not make us buffer without bound: read no more until they drain.
     if (out.writableLength > 0 && this.pausedFor === undefined && !out.destroyed) {
@@ -210,6 +230,66 @@ export class ServerConnection {
     }
     // Re-check: the client may have sent more while we forwarded.
     if (boundary && tracker.atBoundary && this.user === user) user.onServerBoundary(this);
+  }
+
+  /**
+   * onData for a session that names statements: ParseComplete and
+   * CloseComplete go through the editor (forwarded, swallowed or turned into
+   * ParseComplete); ReadyForQuery tells it a batch is over.
+   */
+  private onDataEditing(chunk: Buffer, user: ServerConnectionUser): void {
+    const reader = this.reader;
+    const out = user.socket;
+    const tracker = this.tracker;
+    const editor = this.editor;
+    let boundary = false;
+    const pieces: Buffer[] = [];
+    let runBuffer: Buffer | undefined;
+    let runStart = 0;
+    let runEnd = 0;
+    const flushRun = (): void => {
+      if (runBuffer !== undefined) pieces.push(runBuffer.subarray(runStart, runEnd));
+      runBuffer = undefined;
+    };
+    try {
+      reader.push(chunk);
+      while (reader.next()) {
+        const type = reader.type;
+        if (TRACKED[type] === 1) {
+          if (type === READY_FOR_QUERY) {
+            boundary = tracker.serverMessage(type, reader.buffer[reader.bodyStart]);
+            if (boundary) this.events.transactionCompleted();
+            if (editor.active) editor.ready();
+          } else tracker.serverMessage(type);
+        } else if ((type === PARSE_COMPLETE_TYPE || type === CLOSE_COMPLETE_TYPE) && editor.active) {
+          const edit = editor.reply(type);
+          if (edit !== 'forward') {
+            flushRun();
+            if (edit === 'parse-complete') pieces.push(PARSE_COMPLETE);
+            continue;
+          }
+        }
+        if (reader.buffer === runBuffer && reader.start === runEnd) runEnd = reader.end;
+        else {
+          flushRun();
+          runBuffer = reader.buffer;
+          runStart = reader.start;
+          runEnd = reader.end;
+        }
+      }
+    } catch (error) {
+      this.logger.warn({ server: this.id, err: (error as Error).message }, 'malformed or unexpected data from the server');
+      this.stream.destroy();
+      return;
+    }
+    flushRun();
+    if (pieces.length === 1) out.write(pieces[0]!);
+    else if (pieces.length > 1) {
+      out.cork();
+      for (const piece of pieces) out.write(piece);
+      out.uncork();
+    }
+    this.afterForwarding(out, user, boundary);
   }
 
   private onDataWithoutUser(chunk: Buffer): void {

@@ -325,14 +325,15 @@ describe('sidecar budget and lifecycle', function () {
     }
   });
 
-  it('refuses named prepared statements in transaction mode with a clear error', async function () {
+  it('serves named prepared statements in transaction mode (re-prepared on whichever server connection)', async function () {
     const running = await startSidecar(postgres, { grant: 2 });
     try {
-      const c = running.client();
-      await c.connect();
-      c.on('error', () => undefined);
-      await assert.rejects(c.query({ name: 'by-name', text: 'SELECT $1::int AS x', values: [1] }), (e: { code?: string; message: string }) => e.code === '0A000' && /prepared statements/.test(e.message));
-      await c.end().catch(() => undefined);
+      await withClient(running, async (c) => {
+        for (let i = 0; i < 5; i += 1) {
+          const res = await c.query<{ x: number }>({ name: 'by-name', text: 'SELECT $1::int AS x', values: [i] });
+          assert.equal(res.rows[0]!.x, i);
+        }
+      });
       await withClient(running, (other) => other.query('SELECT 1'));
     } finally {
       await running.stop();

@@ -38,6 +38,8 @@ export class TransactionTracker {
   pendingReady = 0;
   /** Extended-protocol messages sent since the last Sync. */
   extendedOpen = false;
+  /** A Parse or Close was sent since the last Sync (its reply may still be owed). */
+  parseOrCloseOpen = false;
   /** COPY in progress. */
   copy: CopyState = 'none';
   /** A ReadyForQuery arrived that nothing asked for (a protocol bug on one side). */
@@ -53,12 +55,16 @@ export class TransactionTracker {
       case S:
         this.pendingReady += 1;
         this.extendedOpen = false;
+        this.parseOrCloseOpen = false;
         return;
       case P:
+      case C:
+        this.extendedOpen = true;
+        this.parseOrCloseOpen = true;
+        return;
       case B:
       case E:
       case D:
-      case C:
       case H:
         this.extendedOpen = true;
         return;
@@ -119,6 +125,7 @@ export class TransactionTracker {
     this.status = 'I';
     this.pendingReady = 0;
     this.extendedOpen = false;
+    this.parseOrCloseOpen = false;
     this.copy = 'none';
     this.unexpectedReady = false;
   }

@@ -1,5 +1,6 @@
-/** The PostgreSQL v3 wire protocol, framing and the sidecar's own messages (pure). */
+/** The PostgreSQL v3 wire protocol, framing, the sidecar's own messages and statement rewriting (pure). */
 export * from './errors.ts';
 export * from './frames.ts';
 export * from './startup.ts';
 export * from './server-messages.ts';
+export * from './extended.ts';

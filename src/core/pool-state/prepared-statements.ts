@@ -1,0 +1,357 @@
+/**
+ * Protocol-level named prepared statements in transaction mode.
+ *
+ * A client's statement lives in its session, not on a server connection: each
+ * session maps its statement names to a definition (query text and parameter
+ * type OIDs, the bytes of its Parse after the name). On the wire the name is
+ * rewritten to `pk_<sha256 of the definition>`, so identical statements from
+ * different clients share one server-side statement per server connection.
+ * Each server connection remembers which of those names it has prepared
+ * (a bounded LRU; an evicted one is closed on the server).
+ *
+ * Rewriting, per frontend message of a session that uses named statements:
+ * - Parse q: remember q; if the server connection already has the statement,
+ *   send instead a Close of a portal that does not exist and turn its
+ *   CloseComplete into the client's ParseComplete. The server answers it in
+ *   order and skips it after an error like any pipelined message, so the
+ *   synthetic reply lands exactly where the real one would, with no model of
+ *   every response type. Otherwise send Parse under the server name.
+ * - Bind / Describe 'S' of q: rewrite the name; if this server connection lacks
+ *   the statement (the client got another one in a later transaction), inject
+ *   its Parse first and swallow that ParseComplete. If the injected Parse
+ *   fails, the server skips to Sync: the client sees that error in place of
+ *   the Bind's, and the pipeline semantics hold because the server applies them.
+ * - Close 'S' q: forget q in the session; send a Close of a nonexistent portal,
+ *   whose CloseComplete is the client's. The shared statement stays (others may
+ *   use it); the LRU evicts it in time.
+ * - Parse of a name the session already has: the server must answer 42P05; we
+ *   make sure the connection holds the old statement and send its Parse again.
+ *
+ * Responses are edited by matching ParseComplete/CloseComplete in order
+ * against the Parses and Closes sent (`ResponseEditor`); an expectation not
+ * met by the ReadyForQuery of its batch was skipped after an error, so a
+ * statement it would have created is forgotten again. Unnamed statements and
+ * sessions that never name one take none of this path.
+ */
+import { createHash } from 'node:crypto';
+import {
+  ProtocolError, buildClosePortal, buildCloseStatement, buildParse, parseBindMessage,
+  parseParseMessage, parseTargetMessage, renameBind, buildDescribeStatement,
+} from '../protocol/index.ts';
+
+/** Default bound on the statements one server connection keeps prepared. */
+export const DEFAULT_MAX_SERVER_STATEMENTS = 1000;
+
+/** A portal name no client uses: closing it is a no-op that still answers CloseComplete. */
+export const NONEXISTENT_PORTAL = 'pk_no_such_portal';
+
+/** Prefix of server-side statement names. */
+export const SERVER_STATEMENT_PREFIX = 'pk_';
+
+/** A client's statement as the sidecar keeps it. */
+export interface ClientStatement {
+  /** Name on every server connection. */
+  readonly serverName: string;
+  /** Parse message under `serverName`, ready to inject. */
+  readonly parse: Buffer;
+}
+
+/** A session's named statements, by the client's name. */
+export type ClientStatements = Map<string, ClientStatement>;
+
+/** Server-side name of a statement definition (query text, NUL, parameter types). */
+export function serverStatementName(definition: Buffer): string {
+  return SERVER_STATEMENT_PREFIX + createHash('sha256').update(definition).digest('hex').slice(0, 32);
+}
+
+/** Makes the session's record of a Parse's definition (copies what it keeps). */
+export function clientStatement(definition: Buffer): ClientStatement {
+  const serverName = serverStatementName(definition);
+  return { serverName, parse: buildParse(serverName, definition) };
+}
+
+/** The server-side statement names one server connection has prepared, least recently used first. */
+export class ServerStatementCache {
+  readonly capacity: number;
+  private readonly names = new Map<string, true>();
+
+  constructor(capacity: number = DEFAULT_MAX_SERVER_STATEMENTS) {
+    if (!Number.isInteger(capacity) || capacity < 1) throw new Error(`invalid prepared statement capacity ${capacity}`);
+    this.capacity = capacity;
+  }
+
+  /** Statements held. */
+  get size(): number {
+    return this.names.size;
+  }
+
+  has(name: string): boolean {
+    return this.names.has(name);
+  }
+
+  /** Marks `name` as just used. */
+  touch(name: string): void {
+    if (this.names.delete(name)) this.names.set(name, true);
+  }
+
+  /** Adds `name`; returns the name evicted to stay within capacity, if any. */
+  add(name: string): string | undefined {
+    this.names.delete(name);
+    this.names.set(name, true);
+    if (this.names.size <= this.capacity) return undefined;
+    const oldest = this.names.keys().next().value!;
+    this.names.delete(oldest);
+    return oldest;
+  }
+
+  delete(name: string): void {
+    this.names.delete(name);
+  }
+
+  /** The server forgot everything (DISCARD ALL). */
+  clear(): void {
+    this.names.clear();
+  }
+
+  /** Names, least recently used first (tests, metrics). */
+  list(): string[] {
+    return [...this.names.keys()];
+  }
+}
+
+/** What to do with a ParseComplete or CloseComplete from the server. */
+export type ReplyEdit = 'forward' | 'swallow' | 'parse-complete';
+
+const PARSE_COMPLETE_TYPE = 0x31;
+const CLOSE_COMPLETE_TYPE = 0x33;
+
+interface ExpectedReply {
+  type: number;
+  edit: ReplyEdit;
+  /** Index of the Sync/Query batch the message belongs to. */
+  batch: number;
+  /** Server statement this Parse creates: forgotten if the Parse never completes. */
+  creates?: string;
+  /** The client statement this Parse defines: forgotten with it (the client's Parse failed). */
+  client?: { statements: ClientStatements; name: string; statement: ClientStatement };
+}
+
+/**
+ * Pairs ParseComplete/CloseComplete from the server with the Parses and
+ * Closes the sidecar sent, in order, and says which to forward, swallow or
+ * turn into ParseComplete. Active only while a session that names
+ * statements uses the connection.
+ */
+export class ResponseEditor {
+  readonly statements: ServerStatementCache;
+  private expected: ExpectedReply[] = [];
+  private head = 0;
+  private sentBatches = 0;
+  private answeredBatches = 0;
+  private isActive = false;
+
+  constructor(statements: ServerStatementCache) {
+    this.statements = statements;
+  }
+
+  /** True while replies are edited. */
+  get active(): boolean {
+    return this.isActive;
+  }
+
+  /** Replies still expected (tests). */
+  get pending(): number {
+    return this.expected.length - this.head;
+  }
+
+  /**
+   * Starts editing. `outstandingBatches` is the number of ReadyForQuery the
+   * server still owes for messages sent before: their replies pass unedited.
+   * Only valid when no Parse or Close is outstanding in an unsynced batch.
+   */
+  activate(outstandingBatches: number): void {
+    this.expected = [];
+    this.head = 0;
+    this.sentBatches = outstandingBatches;
+    this.answeredBatches = 0;
+    this.isActive = true;
+  }
+
+  /** Stops editing (the connection goes back to the pool, at a boundary). */
+  deactivate(): void {
+    this.isActive = false;
+    this.expected = [];
+    this.head = 0;
+  }
+
+  /** A Sync, Query or FunctionCall was sent: it closes a batch. */
+  batchSent(): void {
+    this.sentBatches += 1;
+  }
+
+  /** A Parse was sent. */
+  expectParse(edit: 'forward' | 'swallow', creates?: string, client?: ExpectedReply['client']): void {
+    const entry: ExpectedReply = { type: PARSE_COMPLETE_TYPE, edit, batch: this.sentBatches };
+    if (creates !== undefined) entry.creates = creates;
+    if (client !== undefined) entry.client = client;
+    this.expected.push(entry);
+  }
+
+  /** A Close was sent (`client`: it stands for the client's Parse, undone if skipped). */
+  expectClose(edit: ReplyEdit, client?: ExpectedReply['client']): void {
+    const entry: ExpectedReply = { type: CLOSE_COMPLETE_TYPE, edit, batch: this.sentBatches };
+    if (client !== undefined) entry.client = client;
+    this.expected.push(entry);
+  }
+
+  /** A ParseComplete (0x31) or CloseComplete (0x33) arrived: what to do with it. */
+  reply(type: number): ReplyEdit {
+    const next = this.expected[this.head];
+    // Nothing expected in the batch being answered: it was sent before editing began.
+    if (next === undefined || next.batch > this.answeredBatches) return 'forward';
+    if (next.type !== type) throw new ProtocolError('malformed-body', `server sent ${String.fromCharCode(type)} where ${String.fromCharCode(next.type)} was expected`);
+    this.head += 1;
+    this.compact();
+    return next.edit;
+  }
+
+  /** ReadyForQuery arrived: what was expected in the batch it ends and did not come was skipped after an error. */
+  ready(): void {
+    const answered = this.answeredBatches;
+    this.answeredBatches += 1;
+    for (;;) {
+      const next = this.expected[this.head];
+      if (next === undefined || next.batch > answered) break;
+      this.head += 1;
+      if (next.creates !== undefined) this.statements.delete(next.creates);
+      const client = next.client;
+      if (client !== undefined && client.statements.get(client.name) === client.statement) client.statements.delete(client.name);
+    }
+    this.compact();
+  }
+
+  private compact(): void {
+    if (this.head === this.expected.length) {
+      this.expected.length = 0;
+      this.head = 0;
+    } else if (this.head > 64 && this.head * 2 > this.expected.length) {
+      this.expected = this.expected.slice(this.head);
+      this.head = 0;
+    }
+  }
+}
+
+const PARSE = 0x50;
+const BIND = 0x42;
+const DESCRIBE = 0x44;
+const CLOSE = 0x43;
+const SYNC = 0x53;
+const QUERY = 0x51;
+const FUNCTION_CALL = 0x46;
+const STATEMENT_TARGET = 0x53;
+
+const CLOSE_NONEXISTENT_PORTAL = buildClosePortal(NONEXISTENT_PORTAL);
+
+/**
+ * Rewrites one frontend message of a session that names statements, for the
+ * server connection whose editor and statement cache are given; appends what
+ * to send to `out` (views of `buffer` where unchanged) and records the replies
+ * to edit. `buffer[start..end)` is the whole message, `bodyStart` its body.
+ */
+export function routeMessage(
+  client: ClientStatements, editor: ResponseEditor,
+  type: number, buffer: Buffer, start: number, bodyStart: number, end: number, out: Buffer[],
+): void {
+  const server = editor.statements;
+  switch (type) {
+    case PARSE: {
+      const parsed = parseParseMessage(buffer, bodyStart, end);
+      if (parsed.name === '') {
+        out.push(buffer.subarray(start, end));
+        editor.expectParse('forward');
+        return;
+      }
+      const existing = client.get(parsed.name);
+      if (existing !== undefined) {
+        // The server must refuse the duplicate (42P05) and skip to Sync: make it.
+        ensurePrepared(existing, editor, out);
+        out.push(existing.parse);
+        editor.expectParse('forward');
+        return;
+      }
+      const statement = clientStatement(Buffer.from(parsed.definition));
+      client.set(parsed.name, statement);
+      if (server.has(statement.serverName)) {
+        server.touch(statement.serverName);
+        out.push(CLOSE_NONEXISTENT_PORTAL);
+        editor.expectClose('parse-complete', { statements: client, name: parsed.name, statement });
+        return;
+      }
+      addToServer(statement.serverName, editor, out);
+      out.push(statement.parse);
+      editor.expectParse('forward', statement.serverName, { statements: client, name: parsed.name, statement });
+      return;
+    }
+    case BIND: {
+      const bind = parseBindMessage(buffer, bodyStart, end);
+      const statement = bind.statement === '' ? undefined : client.get(bind.statement);
+      // Unknown names go through as they are: the server answers 26000 like it would have.
+      if (statement === undefined) {
+        out.push(buffer.subarray(start, end));
+        return;
+      }
+      ensurePrepared(statement, editor, out);
+      out.push(renameBind(buffer, start, bind, end, statement.serverName));
+      return;
+    }
+    case DESCRIBE:
+    case CLOSE: {
+      const target = parseTargetMessage(buffer, bodyStart, end);
+      const named = target.target === STATEMENT_TARGET && target.name !== '';
+      if (type === CLOSE) {
+        if (named) {
+          client.delete(target.name);
+          out.push(CLOSE_NONEXISTENT_PORTAL);
+        } else out.push(buffer.subarray(start, end));
+        editor.expectClose('forward');
+        return;
+      }
+      const statement = named ? client.get(target.name) : undefined;
+      if (statement === undefined) {
+        out.push(buffer.subarray(start, end));
+        return;
+      }
+      ensurePrepared(statement, editor, out);
+      out.push(buildDescribeStatement(statement.serverName));
+      return;
+    }
+    case SYNC:
+    case QUERY:
+    case FUNCTION_CALL:
+      out.push(buffer.subarray(start, end));
+      editor.batchSent();
+      return;
+    default:
+      out.push(buffer.subarray(start, end));
+  }
+}
+
+/** Injects the statement's Parse (reply swallowed) if this server connection lacks it. */
+function ensurePrepared(statement: ClientStatement, editor: ResponseEditor, out: Buffer[]): void {
+  const server = editor.statements;
+  if (server.has(statement.serverName)) {
+    server.touch(statement.serverName);
+    return;
+  }
+  addToServer(statement.serverName, editor, out);
+  out.push(statement.parse);
+  editor.expectParse('swallow', statement.serverName);
+}
+
+/** Records `name` as prepared on the server, closing the least recently used statement past capacity. */
+function addToServer(name: string, editor: ResponseEditor, out: Buffer[]): void {
+  const evicted = editor.statements.add(name);
+  if (evicted === undefined) return;
+  out.push(buildCloseStatement(evicted));
+  editor.expectClose('swallow');
+}

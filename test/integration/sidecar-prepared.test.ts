@@ -1,0 +1,311 @@
+/**
+ * Protocol-level named prepared statements in transaction mode, against the
+ * real PostgreSQL: node-postgres named queries from more clients than server
+ * connections, pgbench -M prepared, Close and re-Parse under the same name,
+ * errors inside pipelines, and server-side sharing seen in pg_prepared_statements.
+ */
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { connect as netConnect, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import pg from 'pg';
+import { serialize } from 'pg-protocol';
+import { pino } from 'pino';
+import { Registry } from 'prom-client';
+import { testEnvironment } from '../support/hooks.ts';
+import { FileCredentialsSource, Sidecar, type SidecarSettings } from '../../src/sidecar/index.ts';
+import type { PostgresServer } from '../../src/devenv/postgres.ts';
+import { buildStartupMessage, FrameReader, parseNoticeFields } from '../../src/core/protocol/index.ts';
+
+const env = testEnvironment();
+const logger = pino({ level: process.env.SIDECAR_TEST_LOG ?? 'silent' });
+
+interface Running {
+  port: number;
+  client(): pg.Client;
+  stop(): Promise<void>;
+}
+
+async function startSidecar(postgres: PostgresServer, grant: number, pool: Partial<SidecarSettings['pool']> = {}): Promise<Running> {
+  const role = postgres.app;
+  const dir = mkdtempSync(join(tmpdir(), 'poolkeeper-creds-'));
+  writeFileSync(join(dir, 'username'), role.user);
+  writeFileSync(join(dir, 'password'), role.password);
+  const credentials = new FileCredentialsSource({ directory: dir, logger, pollIntervalMs: 200 });
+  const sidecar = new Sidecar({
+    settings: {
+      listenHost: '127.0.0.1', listenPort: 0,
+      database: { host: postgres.host, port: postgres.port, dbname: 'app', sslMode: 'disable' },
+      pool: { mode: 'transaction', poolTimeout: 10, poolRecycle: 1800, poolPrePing: false, idleTimeout: 600, ...pool },
+      drainTimeout: 5,
+    },
+    credentials, logger, metrics: new Registry(),
+  });
+  const { port } = await sidecar.start();
+  sidecar.setGrant(grant, 1);
+  return {
+    port,
+    client: () => new pg.Client({ host: '127.0.0.1', port, user: role.user, database: 'app' }),
+    stop: async () => {
+      await sidecar.close();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** One backend message as the raw client saw it. */
+interface Reply {
+  type: string;
+  body: Buffer;
+}
+
+/** A bare wire-protocol client: sends exactly the messages a test builds and returns every reply up to the n-th ReadyForQuery. */
+class WireClient {
+  private readonly socket: Socket;
+  private readonly reader = new FrameReader();
+  private readonly queue: Reply[] = [];
+  private wake: (() => void) | undefined;
+
+  private constructor(socket: Socket) {
+    this.socket = socket;
+    socket.on('data', (chunk: Buffer) => {
+      this.reader.push(chunk);
+      while (this.reader.next()) this.queue.push({ type: String.fromCharCode(this.reader.type), body: Buffer.from(this.reader.buffer.subarray(this.reader.bodyStart, this.reader.end)) });
+      this.wake?.();
+    });
+  }
+
+  static async connect(port: number, user: string): Promise<WireClient> {
+    const socket = netConnect({ host: '127.0.0.1', port });
+    await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject));
+    const client = new WireClient(socket);
+    socket.write(buildStartupMessage({ user, database: 'app' }));
+    await client.untilReady(1);
+    return client;
+  }
+
+  /** Sends the messages, returns the replies' types (and bodies) up to `readyCount` ReadyForQuery. */
+  async exchange(messages: Buffer[], readyCount = 1): Promise<Reply[]> {
+    this.socket.write(Buffer.concat(messages));
+    return this.untilReady(readyCount);
+  }
+
+  private async untilReady(readyCount: number): Promise<Reply[]> {
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      let seen = 0;
+      const index = this.queue.findIndex((m) => m.type === 'Z' && ++seen === readyCount);
+      if (index >= 0) return this.queue.splice(0, index + 1);
+      if (Date.now() > deadline) throw new Error(`no ReadyForQuery; got ${this.queue.map((m) => m.type).join('')}`);
+      await new Promise<void>((resolve) => {
+        this.wake = resolve;
+        setTimeout(resolve, 200);
+      });
+    }
+  }
+
+  close(): void {
+    this.socket.end(serialize.end());
+  }
+}
+
+const types = (replies: Reply[]): string => replies.map((r) => r.type).join('');
+const dataValue = (reply: Reply): string => reply.body.toString('utf8', 2 + 4, 2 + 4 + reply.body.readInt32BE(2));
+const errorCode = (replies: Reply[]): string | undefined => {
+  const error = replies.find((r) => r.type === 'E');
+  return error === undefined ? undefined : parseNoticeFields(error.body).C;
+};
+
+function run(command: string, args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    execFile(command, args, { timeout: 60_000 }, (err, stdout, stderr) => (err ? reject(new Error(`${command}: ${err.message}\n${stderr}`)) : resolve(stdout)));
+  });
+}
+
+describe('sidecar: named prepared statements in transaction mode', function () {
+  let postgres: PostgresServer;
+  let running: Running;
+  before(async function () {
+    postgres = await env.postgres();
+    running = await startSidecar(postgres, 2);
+  });
+  after(async function () {
+    await running.stop();
+  });
+
+  it('runs node-postgres named queries from 10 clients over 2 server connections, across transactions', async function () {
+    const clients = Array.from({ length: 10 }, () => running.client());
+    await Promise.all(clients.map((c) => c.connect()));
+    try {
+      await Promise.all(clients.map(async (c, k) => {
+        for (let i = 0; i < 20; i += 1) {
+          const add = await c.query<{ x: number }>({ name: 'add', text: 'SELECT $1::int + $2::int AS x', values: [k, i] });
+          assert.equal(add.rows[0]!.x, k + i);
+          const echo = await c.query<{ s: string }>({ name: 'echo', text: 'SELECT $1::text AS s', values: [`c${k}-${i}`] });
+          assert.equal(echo.rows[0]!.s, `c${k}-${i}`);
+          if (i % 5 === 0) {
+            await c.query('BEGIN');
+            const inTx = await c.query<{ x: number }>({ name: 'add', text: 'SELECT $1::int + $2::int AS x', values: [i, 1] });
+            assert.equal(inTx.rows[0]!.x, i + 1);
+            await c.query('COMMIT');
+          }
+        }
+      }));
+    } finally {
+      await Promise.all(clients.map((c) => c.end()));
+    }
+  });
+
+  it('shares one server statement per definition: pg_prepared_statements holds fewer than clients x statements', async function () {
+    const clients = Array.from({ length: 6 }, () => running.client());
+    await Promise.all(clients.map((c) => c.connect()));
+    const seen = new Map<number, Set<string>>();
+    try {
+      for (let round = 0; round < 3; round += 1) {
+        await Promise.all(clients.map(async (c, k) => {
+          await c.query({ name: `mine-${k}`, text: 'SELECT $1::int * 2 AS x', values: [k] });
+          await c.query({ name: `other-${k}`, text: 'SELECT $1::text AS t', values: ['t'] });
+        }));
+      }
+      // Look from inside each backend (pg_prepared_statements is per backend).
+      for (let i = 0; i < 8; i += 1) {
+        await Promise.all(clients.slice(0, 2).map(async (c) => {
+          await c.query('BEGIN');
+          const pid = (await c.query<{ p: number }>('SELECT pg_backend_pid() AS p')).rows[0]!.p;
+          const names = (await c.query<{ name: string }>("SELECT name FROM pg_prepared_statements WHERE name LIKE 'pk\\_%' AND statement IN ('SELECT $1::int * 2 AS x', 'SELECT $1::text AS t')")).rows.map((r) => r.name);
+          await c.query('COMMIT');
+          seen.set(pid, new Set(names));
+        }));
+      }
+    } finally {
+      await Promise.all(clients.map((c) => c.end()));
+    }
+    assert.ok(seen.size >= 1 && seen.size <= 2, `backends: ${[...seen.keys()].join(',')}`);
+    for (const [pid, names] of seen) assert.ok(names.size <= 2 && names.size >= 1, `backend ${pid} holds ${[...names].join(',')}: 12 client statements, 2 definitions`);
+  });
+
+  it('Closes a statement and re-Parses the same name with different text', async function () {
+    const wire = await WireClient.connect(running.port, postgres.app.user);
+    try {
+      let replies = await wire.exchange([
+        serialize.parse({ name: 'q', text: 'SELECT $1::int + 1', types: [] }),
+        serialize.bind({ statement: 'q', values: ['41'] }), serialize.execute({}), serialize.sync(),
+      ]);
+      assert.equal(types(replies), '12DCZ');
+      assert.equal(dataValue(replies[2]!), '42');
+      replies = await wire.exchange([serialize.close({ type: 'S', name: 'q' }), serialize.sync()]);
+      assert.equal(types(replies), '3Z');
+      replies = await wire.exchange([serialize.bind({ statement: 'q', values: ['1'] }), serialize.execute({}), serialize.sync()]);
+      assert.equal(errorCode(replies), '26000', 'a closed statement no longer exists');
+      replies = await wire.exchange([
+        serialize.parse({ name: 'q', text: "SELECT $1::text || '!'", types: [] }),
+        serialize.describe({ type: 'S', name: 'q' }),
+        serialize.bind({ statement: 'q', values: ['hi'] }), serialize.execute({}), serialize.sync(),
+      ]);
+      assert.equal(types(replies), '1tT2DCZ');
+      assert.equal(dataValue(replies[4]!), 'hi!');
+      // The same name again without Close: the server's duplicate error, pipeline skipped to Sync.
+      replies = await wire.exchange([
+        serialize.parse({ name: 'q', text: 'SELECT 1', types: [] }),
+        serialize.bind({ statement: 'q', values: ['x'] }), serialize.execute({}), serialize.sync(),
+      ]);
+      assert.equal(types(replies), 'EZ');
+      assert.equal(errorCode(replies), '42P05');
+    } finally {
+      wire.close();
+    }
+  });
+
+  it('keeps pipeline semantics when a named statement fails inside a pipeline', async function () {
+    const wire = await WireClient.connect(running.port, postgres.app.user);
+    const other = await WireClient.connect(running.port, postgres.app.user);
+    try {
+      // Another client prepares `SELECT $1::int` first, so our Parse of it is answered by the sidecar.
+      assert.equal(types(await other.exchange([serialize.parse({ name: 'o', text: 'SELECT $1::int', types: [] }), serialize.sync()])), '1Z');
+      let replies = await wire.exchange([
+        serialize.parse({ name: 'good', text: 'SELECT $1::int', types: [] }),
+        serialize.bind({ statement: 'good', values: ['7'] }), serialize.execute({}),
+        serialize.parse({ name: 'bad', text: 'SELEC $1', types: [] }),
+        serialize.bind({ statement: 'bad', values: ['1'] }), serialize.execute({}),
+        serialize.parse({ name: 'skipped', text: 'SELECT $1::int', types: [] }),
+        serialize.bind({ statement: 'good', values: ['8'] }), serialize.execute({}),
+        serialize.sync(),
+        serialize.bind({ statement: 'good', values: ['9'] }), serialize.execute({}), serialize.sync(),
+      ], 2);
+      assert.equal(types(replies), '12DCEZ2DCZ');
+      assert.equal(errorCode(replies), '42601');
+      assert.equal(dataValue(replies[2]!), '7');
+      assert.equal(dataValue(replies[7]!), '9');
+      // Statements whose Parse failed or was skipped do not exist, as on a plain server.
+      for (const name of ['bad', 'skipped']) {
+        replies = await wire.exchange([serialize.bind({ statement: name, values: ['1'] }), serialize.execute({}), serialize.sync()]);
+        assert.equal(errorCode(replies), '26000', name);
+      }
+      // An error before a Parse the sidecar answers itself: no ParseComplete may appear.
+      replies = await wire.exchange([
+        serialize.bind({ statement: 'nope', values: [] }), serialize.execute({}),
+        serialize.parse({ name: 'late', text: 'SELECT $1::int', types: [] }),
+        serialize.sync(),
+      ]);
+      assert.equal(types(replies), 'EZ');
+      // ... and the skipped Parse did not define `late`.
+      replies = await wire.exchange([
+        serialize.parse({ name: 'late', text: 'SELECT $1::int', types: [] }),
+        serialize.bind({ statement: 'late', values: ['3'] }), serialize.execute({}), serialize.sync(),
+      ]);
+      assert.equal(types(replies), '12DCZ', replies.filter((r) => r.type === 'E').map((r) => parseNoticeFields(r.body).M).join('; '));
+      assert.equal(dataValue(replies[2]!), '3');
+    } finally {
+      wire.close();
+      other.close();
+    }
+  });
+
+  it('re-prepares on the other server connection, and an injected Parse failing shows its error in place of the Bind', async function () {
+    const a = running.client();
+    const b = running.client();
+    await a.connect();
+    await b.connect();
+    try {
+      // Hold one server connection in a transaction so a's statement must be re-prepared on the other one.
+      await a.query({ name: 'p', text: 'SELECT pg_backend_pid() AS pid, $1::int AS x', values: [1] });
+      const pids = new Set<number>();
+      for (let i = 0; i < 6; i += 1) {
+        await b.query('BEGIN');
+        const r = await a.query<{ pid: number; x: number }>({ name: 'p', text: 'SELECT pg_backend_pid() AS pid, $1::int AS x', values: [i] });
+        assert.equal(r.rows[0]!.x, i);
+        pids.add(r.rows[0]!.pid);
+        await b.query('COMMIT');
+        const r2 = await a.query<{ pid: number; x: number }>({ name: 'p', text: 'SELECT pg_backend_pid() AS pid, $1::int AS x', values: [i + 1] });
+        pids.add(r2.rows[0]!.pid);
+      }
+      assert.equal(pids.size, 2, 'the statement ran on both server connections');
+    } finally {
+      await a.end();
+      await b.end();
+    }
+    // A statement that can no longer be prepared (its table is gone): the injected Parse's error replaces the Bind's.
+    const table = `prep_${Date.now()}`;
+    const c = running.client();
+    await c.connect();
+    try {
+      await c.query(`CREATE TABLE ${table} (x int)`);
+      await c.query({ name: 'count', text: `SELECT count(*)::int AS n FROM ${table}`, values: [] });
+      await c.query(`DROP TABLE ${table}`);
+      await assert.rejects(c.query({ name: 'count', text: `SELECT count(*)::int AS n FROM ${table}`, values: [] }), (e: { code?: string }) => e.code === '42P01');
+      assert.equal((await c.query<{ one: number }>('SELECT 1 AS one')).rows[0]!.one, 1);
+    } finally {
+      await c.end();
+    }
+  });
+
+  it('runs pgbench -M prepared -S through the sidecar with zero errors', async function () {
+    const target = ['-h', '127.0.0.1', '-p', String(running.port), '-U', 'app', 'app'];
+    await run('/usr/bin/pgbench', ['-i', '-s', '1', '-q', ...target]);
+    const stdout = await run('/usr/bin/pgbench', ['-M', 'prepared', '-S', '-c', '6', '-t', '200', '-n', ...target]);
+    assert.match(stdout, /number of transactions actually processed: 1200\/1200/);
+    assert.match(stdout, /number of failed transactions: 0 /);
+  });
+});

@@ -5,6 +5,7 @@
  * per server so a rebalance does not open a connection each time.
  */
 import type { Duplex } from 'node:stream';
+import type { ConnectionOptions } from 'node:tls';
 import pg from 'pg';
 import type { Logger } from 'pino';
 import { Registry } from 'prom-client';
@@ -23,6 +24,26 @@ export interface DiscoveryTarget {
   password: string;
   /** Reach the server through this bastion (the same host-key check as the sidecar's). */
   tunnel?: TunnelSettings;
+}
+
+/**
+ * node-postgres TLS options for a libpq sslmode. `allow` is plaintext (libpq
+ * tries it first); `prefer` starts with TLS and `discover` falls back.
+ */
+export function tlsOptions(sslMode: string): ConnectionOptions | false {
+  switch (sslMode) {
+    case 'disable':
+    case 'allow':
+      return false;
+    case 'prefer':
+    case 'require':
+      return { rejectUnauthorized: false };
+    case 'verify-ca':
+      // The chain is checked, the name is not.
+      return { rejectUnauthorized: true, checkServerIdentity: () => undefined };
+    default:
+      return { rejectUnauthorized: true };
+  }
 }
 
 /** node-postgres expects a socket; an SSH channel is a Duplex that is already connected. */
@@ -63,21 +84,30 @@ export class LimitDiscovery {
   async discover(target: DiscoveryTarget, now = Date.now()): Promise<ServerSettings> {
     const cached = this.cache.get(target.serverKey);
     if (cached && now - cached.at < this.cacheMs) return cached.settings;
-    const ssl = target.sslMode === 'disable' || target.sslMode === 'allow' || target.sslMode === 'prefer'
-      ? false
-      : { rejectUnauthorized: target.sslMode === 'verify-ca' || target.sslMode === 'verify-full' };
     let tunnel: SshTunnel | undefined;
-    let stream: Duplex | undefined;
     if (target.tunnel) {
       tunnel = new SshTunnel({ settings: target.tunnel, logger: this.logger, metrics: new SidecarMetrics(new Registry()) });
       tunnel.start();
-      try {
-        stream = channelAsSocket(await tunnel.open(target.host, target.port, Date.now() + this.connectTimeoutMs));
-      } catch (err) {
-        tunnel.stop();
-        throw err;
-      }
     }
+    try {
+      let settings: ServerSettings;
+      try {
+        settings = await this.query(target, tlsOptions(target.sslMode), tunnel);
+      } catch (err) {
+        // libpq's prefer: TLS when the server offers it, plaintext when it does not.
+        if (target.sslMode !== 'prefer' || !/does not support SSL/i.test(err instanceof Error ? err.message : '')) throw err;
+        settings = await this.query(target, false, tunnel);
+      }
+      this.cache.set(target.serverKey, { at: now, settings });
+      this.logger.info({ server: target.serverKey, ...settings }, 'discovered server connection limit');
+      return settings;
+    } finally {
+      tunnel?.stop();
+    }
+  }
+
+  private async query(target: DiscoveryTarget, ssl: ConnectionOptions | false, tunnel: SshTunnel | undefined): Promise<ServerSettings> {
+    const stream = tunnel ? channelAsSocket(await tunnel.open(target.host, target.port, Date.now() + this.connectTimeoutMs)) : undefined;
     const client = new pg.Client({
       host: target.host, port: target.port, database: target.dbname, user: target.username, password: target.password,
       ssl, connectionTimeoutMillis: this.connectTimeoutMs, application_name: 'poolkeeper-controller',
@@ -92,17 +122,13 @@ export class LimitDiscovery {
         const row = rows.find((r) => r.name === name);
         return row ? Number(row.setting) : undefined;
       };
-      const settings: ServerSettings = {
+      return {
         maxConnections: value('max_connections') ?? 0,
         superuserReservedConnections: value('superuser_reserved_connections') ?? 0,
         reservedConnections: value('reserved_connections'),
       };
-      this.cache.set(target.serverKey, { at: now, settings });
-      this.logger.info({ server: target.serverKey, ...settings }, 'discovered server connection limit');
-      return settings;
     } finally {
       await client.end().catch(() => undefined);
-      tunnel?.stop();
     }
   }
 

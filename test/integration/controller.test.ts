@@ -113,6 +113,28 @@ describe('budget controller', function () {
     assert.deepEqual(getConnection(kube, namespace, 'orders').status?.limit, { discovered, reserve, effective: discovered - reserve, shared: 1 });
   });
 
+  it('reads maxConnections: auto over TLS (require) and falls back to plaintext for prefer where the server has no TLS', async function () {
+    const tls = await testEnvironment().postgresTls();
+    const overTls = namespaceFor('auto-tls');
+    const preferPlain = namespaceFor('auto-prefer');
+    createWorkload(kube, { namespace: overTls, connection: 'orders', deployment: 'web', replicas: 1, secret: 'db-credentials', username: tls.app.user, password: tls.app.password });
+    createWorkload(kube, { namespace: preferPlain, connection: 'orders', deployment: 'web', replicas: 1, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    const spec = (server: PostgresServer, sslMode: string): string => JSON.stringify({
+      apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name: 'orders' },
+      spec: {
+        database: { host: server.host, port: server.port, dbname: 'app', sslMode, credentialsSecretRef: { name: 'db-credentials' } },
+        maxConnections: 'auto', reserve: 0, consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' } }],
+      },
+    });
+    kube.kubectl(['-n', overTls, 'apply', '-f', '-'], spec(tls, 'require'));
+    // localhost: another server key than the other tests' 127.0.0.1, so no cached discovery answers for it.
+    kube.kubectl(['-n', preferPlain, 'apply', '-f', '-'], spec({ ...postgres, host: 'localhost' } as PostgresServer, 'prefer'));
+    ({ controller } = await startController(kube));
+    const expected = (server: PostgresServer): number => server.options.maxConnections - server.options.superuserReservedConnections;
+    await eventually('limit over TLS', () => getConnection(kube, overTls, 'orders').status?.limit?.discovered === expected(tls));
+    await eventually('limit with prefer on a plaintext server', () => getConnection(kube, preferPlain, 'orders').status?.limit?.discovered === expected(postgres));
+  });
+
   it('reads maxConnections: auto through the SSH bastion, and refuses a bastion whose host key does not match', async function () {
     const sshd = await testEnvironment().sshd();
     const good = namespaceFor('tunnel');

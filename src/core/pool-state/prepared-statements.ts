@@ -28,9 +28,10 @@
  *   make sure the connection holds the old statement and send its Parse again.
  *
  * Responses are edited by matching ParseComplete/CloseComplete in order
- * against the Parses and Closes sent (`ResponseEditor`); an expectation not
- * met by the ReadyForQuery of its batch was skipped after an error, so a
- * statement it would have created is forgotten again. Unnamed statements and
+ * against the Parses and Closes sent (`ResponseEditor`). The maps are updated
+ * when a message is sent; an expectation not met by the ReadyForQuery of its
+ * batch was skipped after an error, and its update is undone (a statement it
+ * would have created is forgotten, an eviction or a client Close reverted). Unnamed statements and
  * sessions that never name one take none of this path.
  */
 import { createHash } from 'node:crypto';
@@ -94,14 +95,22 @@ export class ServerStatementCache {
     if (this.names.delete(name)) this.names.set(name, true);
   }
 
-  /** Adds `name`; returns the name evicted to stay within capacity, if any. */
-  add(name: string): string | undefined {
+  /** Adds `name`; returns the names evicted to stay within capacity, least recently used first. */
+  add(name: string): string[] {
     this.names.delete(name);
     this.names.set(name, true);
-    if (this.names.size <= this.capacity) return undefined;
-    const oldest = this.names.keys().next().value!;
-    this.names.delete(oldest);
-    return oldest;
+    const evicted: string[] = [];
+    while (this.names.size > this.capacity) {
+      const oldest = this.names.keys().next().value!;
+      this.names.delete(oldest);
+      evicted.push(oldest);
+    }
+    return evicted;
+  }
+
+  /** Puts back a name whose Close the server skipped (it may exceed capacity until the next add). */
+  restore(name: string): void {
+    this.names.set(name, true);
   }
 
   delete(name: string): void {
@@ -130,10 +139,8 @@ interface ExpectedReply {
   edit: ReplyEdit;
   /** Index of the Sync/Query batch the message belongs to. */
   batch: number;
-  /** Server statement this Parse creates: forgotten if the Parse never completes. */
-  creates?: string;
-  /** The client statement this Parse defines: forgotten with it (the client's Parse failed). */
-  client?: { statements: ClientStatements; name: string; statement: ClientStatement };
+  /** Reverts what sending the message assumed, if the server skipped it (after an error). */
+  undo: (() => void) | undefined;
 }
 
 /**
@@ -189,19 +196,14 @@ export class ResponseEditor {
     this.sentBatches += 1;
   }
 
-  /** A Parse was sent. */
-  expectParse(edit: 'forward' | 'swallow', creates?: string, client?: ExpectedReply['client']): void {
-    const entry: ExpectedReply = { type: PARSE_COMPLETE_TYPE, edit, batch: this.sentBatches };
-    if (creates !== undefined) entry.creates = creates;
-    if (client !== undefined) entry.client = client;
-    this.expected.push(entry);
+  /** A Parse was sent; `undo` reverts what it assumed if the server skips it. */
+  expectParse(edit: 'forward' | 'swallow', undo?: () => void): void {
+    this.expected.push({ type: PARSE_COMPLETE_TYPE, edit, batch: this.sentBatches, undo });
   }
 
-  /** A Close was sent (`client`: it stands for the client's Parse, undone if skipped). */
-  expectClose(edit: ReplyEdit, client?: ExpectedReply['client']): void {
-    const entry: ExpectedReply = { type: CLOSE_COMPLETE_TYPE, edit, batch: this.sentBatches };
-    if (client !== undefined) entry.client = client;
-    this.expected.push(entry);
+  /** A Close was sent; `undo` reverts what it assumed if the server skips it. */
+  expectClose(edit: ReplyEdit, undo?: () => void): void {
+    this.expected.push({ type: CLOSE_COMPLETE_TYPE, edit, batch: this.sentBatches, undo });
   }
 
   /** A ParseComplete (0x31) or CloseComplete (0x33) arrived: what to do with it. */
@@ -215,18 +217,17 @@ export class ResponseEditor {
     return next.edit;
   }
 
-  /** ReadyForQuery arrived: what was expected in the batch it ends and did not come was skipped after an error. */
+  /**
+   * ReadyForQuery arrived: what was expected in the batch it ends and did not
+   * come was skipped after an error. That is a suffix of the batch, so undoing
+   * it newest first restores exactly the state the server kept.
+   */
   ready(): void {
     const answered = this.answeredBatches;
     this.answeredBatches += 1;
-    for (;;) {
-      const next = this.expected[this.head];
-      if (next === undefined || next.batch > answered) break;
-      this.head += 1;
-      if (next.creates !== undefined) this.statements.delete(next.creates);
-      const client = next.client;
-      if (client !== undefined && client.statements.get(client.name) === client.statement) client.statements.delete(client.name);
-    }
+    const first = this.head;
+    while (this.head < this.expected.length && this.expected[this.head]!.batch <= answered) this.head += 1;
+    for (let i = this.head - 1; i >= first; i -= 1) this.expected[i]!.undo?.();
     this.compact();
   }
 
@@ -280,16 +281,21 @@ export function routeMessage(
         return;
       }
       const statement = clientStatement(Buffer.from(parsed.definition));
-      client.set(parsed.name, statement);
+      const name = parsed.name;
+      client.set(name, statement);
+      const forgetClient = (): void => void client.delete(name);
       if (server.has(statement.serverName)) {
         server.touch(statement.serverName);
         out.push(CLOSE_NONEXISTENT_PORTAL);
-        editor.expectClose('parse-complete', { statements: client, name: parsed.name, statement });
+        editor.expectClose('parse-complete', forgetClient);
         return;
       }
       addToServer(statement.serverName, editor, out);
       out.push(statement.parse);
-      editor.expectParse('forward', statement.serverName, { statements: client, name: parsed.name, statement });
+      editor.expectParse('forward', () => {
+        server.delete(statement.serverName);
+        forgetClient();
+      });
       return;
     }
     case BIND: {
@@ -310,10 +316,14 @@ export function routeMessage(
       const named = target.target === STATEMENT_TARGET && target.name !== '';
       if (type === CLOSE) {
         if (named) {
+          const previous = client.get(target.name);
           client.delete(target.name);
           out.push(CLOSE_NONEXISTENT_PORTAL);
-        } else out.push(buffer.subarray(start, end));
-        editor.expectClose('forward');
+          editor.expectClose('forward', previous === undefined ? undefined : () => void client.set(target.name, previous));
+        } else {
+          out.push(buffer.subarray(start, end));
+          editor.expectClose('forward');
+        }
         return;
       }
       const statement = named ? client.get(target.name) : undefined;
@@ -345,13 +355,14 @@ function ensurePrepared(statement: ClientStatement, editor: ResponseEditor, out:
   }
   addToServer(statement.serverName, editor, out);
   out.push(statement.parse);
-  editor.expectParse('swallow', statement.serverName);
+  editor.expectParse('swallow', () => server.delete(statement.serverName));
 }
 
 /** Records `name` as prepared on the server, closing the least recently used statement past capacity. */
 function addToServer(name: string, editor: ResponseEditor, out: Buffer[]): void {
-  const evicted = editor.statements.add(name);
-  if (evicted === undefined) return;
-  out.push(buildCloseStatement(evicted));
-  editor.expectClose('swallow');
+  const server = editor.statements;
+  for (const evicted of server.add(name)) {
+    out.push(buildCloseStatement(evicted));
+    editor.expectClose('swallow', () => server.restore(evicted));
+  }
 }

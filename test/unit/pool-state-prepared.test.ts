@@ -1,0 +1,194 @@
+/**
+ * Named prepared statements in transaction mode, as pure logic: the LRU of
+ * server statements, the reply editor, and a model check. A small model of
+ * PostgreSQL's extended protocol (statements, errors skipping to Sync) runs
+ * random client batches twice: directly on one backend, and through
+ * routeMessage + ResponseEditor on whichever of several backends each batch
+ * lands. The client must see the same replies either way.
+ */
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { serialize } from 'pg-protocol';
+import {
+  ResponseEditor, ServerStatementCache, routeMessage, serverStatementName, type ClientStatements,
+} from '../../src/core/pool-state/index.ts';
+import { parseBindMessage, parseParseMessage, parseTargetMessage } from '../../src/core/protocol/index.ts';
+
+/** A reply as the client sees it: type and, for Bind and Describe, the text of the statement used. */
+interface ModelReply {
+  type: string;
+  text?: string;
+}
+
+/** The named-statement part of a PostgreSQL backend. */
+class ModelBackend {
+  readonly statements = new Map<string, string>();
+  private failed = false;
+
+  /** Runs frontend messages (whole, concatenated), returns the replies. */
+  run(messages: Buffer[]): ModelReply[] {
+    const replies: ModelReply[] = [];
+    for (const m of messages) {
+      const type = String.fromCharCode(m[0]!);
+      if (type === 'S') {
+        this.failed = false;
+        // Transaction pooling never kept the unnamed statement past a boundary; the model leaves it out.
+        this.statements.delete('');
+        replies.push({ type: 'Z' });
+        continue;
+      }
+      if (this.failed) continue;
+      const reply = this.one(type, m);
+      if (reply === undefined) continue;
+      if (reply.type === 'E') this.failed = true;
+      replies.push(reply);
+    }
+    return replies;
+  }
+
+  private one(type: string, m: Buffer): ModelReply | undefined {
+    switch (type) {
+      case 'P': {
+        const { name, definition } = parseParseMessage(m, 5, m.length);
+        const text = definition.toString('utf8', 0, definition.indexOf(0));
+        if (text.includes('bad')) return { type: 'E' };
+        if (name !== '' && this.statements.has(name)) return { type: 'E' };
+        this.statements.set(name, text);
+        return { type: '1' };
+      }
+      case 'B': {
+        const text = this.statements.get(parseBindMessage(m, 5, m.length).statement);
+        return text === undefined ? { type: 'E' } : { type: '2', text };
+      }
+      case 'D': {
+        const text = this.statements.get(parseTargetMessage(m, 5, m.length).name);
+        return text === undefined ? { type: 'E' } : { type: 't', text };
+      }
+      case 'C': {
+        const { target, name } = parseTargetMessage(m, 5, m.length);
+        if (target === 0x53) this.statements.delete(name);
+        return { type: '3' };
+      }
+      default:
+        return undefined;
+    }
+  }
+}
+
+type Step =
+  | { kind: 'parse'; name: string; text: string }
+  | { kind: 'bind'; name: string }
+  | { kind: 'describe'; name: string }
+  | { kind: 'close'; name: string };
+
+function encode(step: Step): Buffer {
+  switch (step.kind) {
+    case 'parse': return serialize.parse({ name: step.name, text: step.text });
+    case 'bind': return serialize.bind({ statement: step.name });
+    case 'describe': return serialize.describe({ type: 'S', name: step.name });
+    case 'close': return serialize.close({ type: 'S', name: step.name });
+  }
+}
+
+const nameArb = fc.constantFrom('', 'a', 'b', 'c');
+const textArb = fc.constantFrom('SELECT 1', 'SELECT 2', 'SELECT 3', 'bad', 'SELECT 4');
+const stepArb: fc.Arbitrary<Step> = fc.oneof(
+  fc.record({ kind: fc.constant('parse' as const), name: nameArb, text: textArb }),
+  fc.record({ kind: fc.constant('bind' as const), name: nameArb }),
+  fc.record({ kind: fc.constant('describe' as const), name: nameArb }),
+  fc.record({ kind: fc.constant('close' as const), name: nameArb }),
+);
+/** Batches of one of several sessions, each ending with Sync, and the backend it lands on. */
+const batchArb = fc.record({ session: fc.nat(2), backend: fc.nat(2), steps: fc.array(stepArb, { maxLength: 6 }) });
+
+/** Runs a batch through the sidecar's rewriting on `backend`, returns what the client sees. */
+function throughSidecar(client: ClientStatements, backend: ModelBackend, editor: ResponseEditor, messages: Buffer[]): ModelReply[] {
+  editor.activate(0);
+  const out: Buffer[] = [];
+  for (const m of messages) routeMessage(client, editor, m[0]!, m, 0, 5, m.length, out);
+  const seen: ModelReply[] = [];
+  // Server statement names map back to texts through the backend itself.
+  for (const reply of backend.run(out)) {
+    if (reply.type === '1' || reply.type === '3') {
+      const edit = editor.reply(reply.type.charCodeAt(0));
+      if (edit === 'swallow') continue;
+      seen.push(edit === 'parse-complete' ? { type: '1' } : reply);
+    } else {
+      if (reply.type === 'Z') editor.ready();
+      seen.push(reply);
+    }
+  }
+  assert.equal(editor.pending, 0, 'every expected reply accounted for by the end of the batch');
+  editor.deactivate();
+  return seen;
+}
+
+describe('prepared statements (pure)', function () {
+  it('ServerStatementCache evicts the least recently used name', function () {
+    const cache = new ServerStatementCache(2);
+    assert.deepEqual(cache.add('a'), []);
+    assert.deepEqual(cache.add('b'), []);
+    cache.touch('a');
+    assert.deepEqual(cache.add('c'), ['b']);
+    assert.deepEqual(cache.list(), ['a', 'c']);
+    cache.clear();
+    assert.equal(cache.size, 0);
+    assert.throws(() => new ServerStatementCache(0));
+  });
+
+  it('names server statements by definition only, within PostgreSQL identifier length', function () {
+    const one = parseParseMessage(serialize.parse({ name: 'x', text: 'SELECT $1', types: [23] }), 5, serialize.parse({ name: 'x', text: 'SELECT $1', types: [23] }).length).definition;
+    const same = parseParseMessage(serialize.parse({ name: 'y', text: 'SELECT $1', types: [23] }), 5, serialize.parse({ name: 'y', text: 'SELECT $1', types: [23] }).length).definition;
+    const otherTypes = parseParseMessage(serialize.parse({ name: 'x', text: 'SELECT $1', types: [25] }), 5, serialize.parse({ name: 'x', text: 'SELECT $1', types: [25] }).length).definition;
+    assert.equal(serverStatementName(one), serverStatementName(same));
+    assert.notEqual(serverStatementName(one), serverStatementName(otherTypes));
+    assert.ok(serverStatementName(one).length <= 63);
+  });
+
+  it('passes replies to messages sent before activation unedited', function () {
+    const editor = new ResponseEditor(new ServerStatementCache());
+    editor.activate(1);
+    editor.expectParse('swallow');
+    assert.equal(editor.reply(0x31), 'forward', 'from the earlier batch');
+    editor.ready();
+    assert.equal(editor.reply(0x31), 'swallow');
+  });
+
+  it('forgets a statement whose Parse was skipped after an error', function () {
+    const cache = new ServerStatementCache();
+    const editor = new ResponseEditor(cache);
+    const client: ClientStatements = new Map();
+    editor.activate(0);
+    const out: Buffer[] = [];
+    const failing = serialize.bind({ statement: 'nothing' });
+    routeMessage(client, editor, 0x42, failing, 0, 5, failing.length, out);
+    const parse = serialize.parse({ name: 'q', text: 'SELECT 1' });
+    routeMessage(client, editor, 0x50, parse, 0, 5, parse.length, out);
+    assert.ok(client.has('q'));
+    assert.equal(cache.size, 1);
+    editor.ready();
+    assert.equal(client.has('q'), false);
+    assert.equal(cache.size, 0);
+  });
+
+  it('model check: clients see what a backend of their own would answer, on any backend, with a tiny LRU', function () {
+    fc.assert(fc.property(fc.array(batchArb, { minLength: 1, maxLength: 25 }), (batches) => {
+      const direct = [new ModelBackend(), new ModelBackend(), new ModelBackend()];
+      const backends = [new ModelBackend(), new ModelBackend(), new ModelBackend()];
+      const editors = backends.map(() => new ResponseEditor(new ServerStatementCache(2)));
+      const sessions: ClientStatements[] = [0, 1, 2].map((): ClientStatements => new Map());
+      for (const batch of batches) {
+        const messages = [...batch.steps.map(encode), serialize.sync()];
+        const expected = direct[batch.session]!.run(messages);
+        const actual = throughSidecar(sessions[batch.session]!, backends[batch.backend]!, editors[batch.backend]!, messages);
+        assert.deepEqual(actual, expected, `steps ${JSON.stringify(batch.steps)}`);
+        for (const [i, editor] of editors.entries()) {
+          // The cache knows exactly the backend's statements, and evicted ones are closed.
+          const onBackend = [...backends[i]!.statements.keys()].filter((n) => n !== '').sort();
+          assert.deepEqual(editor.statements.list().sort(), onBackend, `backend ${i}`);
+          assert.ok(onBackend.length <= 2, 'within capacity');
+        }
+      }
+    }), { numRuns: 300 });
+  });
+});

@@ -1,0 +1,73 @@
+/**
+ * Reading and rewriting the extended-protocol messages that name prepared
+ * statements, checked against pg-protocol's own serializer.
+ */
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { serialize } from 'pg-protocol';
+import {
+  PARSE_COMPLETE, ProtocolError, buildClosePortal, buildCloseStatement, buildDescribeStatement, buildParse, namesPreparedStatement,
+  parseBindMessage, parseParseMessage, parseTargetMessage, renameBind,
+} from '../../src/core/protocol/index.ts';
+
+const at = (message: Buffer): [number, Buffer, number, number] => [message[0]!, message, 5, message.length];
+
+describe('extended protocol: named statements', function () {
+  it('tells named from unnamed Parse, Bind, Describe and Close', function () {
+    const named = [
+      serialize.parse({ name: 's1', text: 'SELECT 1' }),
+      serialize.bind({ statement: 's1' }),
+      serialize.bind({ portal: 'p', statement: 's1' }),
+      serialize.describe({ type: 'S', name: 's1' }),
+      serialize.close({ type: 'S', name: 's1' }),
+    ];
+    const unnamed = [
+      serialize.parse({ text: 'SELECT 1' }),
+      serialize.bind({}),
+      serialize.bind({ portal: 'p' }),
+      serialize.describe({ type: 'S', name: '' }),
+      serialize.describe({ type: 'P', name: 'p' }),
+      serialize.close({ type: 'P', name: 'p' }),
+      serialize.execute({}),
+      serialize.sync(),
+      serialize.query('SELECT 1'),
+    ];
+    for (const m of named) assert.equal(namesPreparedStatement(...at(m)), true, m.toString('latin1'));
+    for (const m of unnamed) assert.equal(namesPreparedStatement(...at(m)), false, m.toString('latin1'));
+  });
+
+  it('splits a Parse into name and definition, and builds it again under another name', function () {
+    const original = serialize.parse({ name: 'mine', text: 'SELECT $1::int, $2', types: [23, 25] });
+    const parsed = parseParseMessage(original, 5, original.length);
+    assert.equal(parsed.name, 'mine');
+    assert.deepEqual(buildParse('mine', parsed.definition), original);
+    const renamed = buildParse('pk_x', parsed.definition);
+    assert.deepEqual(renamed, serialize.parse({ name: 'pk_x', text: 'SELECT $1::int, $2', types: [23, 25] }));
+  });
+
+  it('renames the statement of a Bind and keeps its portal, formats and values', function () {
+    fc.assert(fc.property(fc.string({ maxLength: 8 }).filter((s) => !s.includes('\0')), fc.array(fc.option(fc.string({ maxLength: 20 }), { nil: null }), { maxLength: 5 }), (portal, values) => {
+      const original = serialize.bind({ portal, statement: 'client-name', values });
+      const bind = parseBindMessage(original, 5, original.length);
+      assert.equal(bind.statement, 'client-name');
+      assert.deepEqual(renameBind(original, 0, bind, original.length, 'pk_abc'), serialize.bind({ portal, statement: 'pk_abc', values }));
+    }));
+  });
+
+  it('builds Describe and Close messages as pg-protocol does', function () {
+    assert.deepEqual(buildDescribeStatement('pk_1'), serialize.describe({ type: 'S', name: 'pk_1' }));
+    assert.deepEqual(buildCloseStatement('pk_1'), serialize.close({ type: 'S', name: 'pk_1' }));
+    assert.deepEqual(buildClosePortal('none'), serialize.close({ type: 'P', name: 'none' }));
+    const target = serialize.describe({ type: 'S', name: 'q' });
+    assert.deepEqual(parseTargetMessage(target, 5, target.length), { target: 0x53, name: 'q' });
+    assert.deepEqual(PARSE_COMPLETE, Buffer.from('3100000004', 'hex'));
+  });
+
+  it('rejects malformed bodies with a ProtocolError', function () {
+    const parse = serialize.parse({ name: 'a', text: 'SELECT 1', types: [23] });
+    assert.throws(() => parseParseMessage(parse, 5, parse.length - 1), ProtocolError);
+    assert.throws(() => parseParseMessage(Buffer.from('P\0\0\0\x06ab', 'latin1'), 5, 7), ProtocolError);
+    assert.throws(() => parseBindMessage(Buffer.from('B\0\0\0\x06p\0', 'latin1'), 5, 7), ProtocolError);
+    assert.throws(() => parseTargetMessage(Buffer.from('D\0\0\0\x05S', 'latin1'), 5, 6), ProtocolError);
+  });
+});

@@ -50,6 +50,16 @@ export const databaseSchema = {
         passwordKey: { ...secretKeySchema, default: 'password' },
       },
     },
+    caSecretRef: {
+      type: 'object',
+      description: 'A Secret in the same namespace holding the CA that signed the server\'s certificate (for sslMode verify-ca and verify-full with a private CA).',
+      required: ['name'],
+      additionalProperties: false,
+      properties: {
+        name: secretNameSchema,
+        key: { ...secretKeySchema, default: 'ca.crt' },
+      },
+    },
   },
 } as const;
 

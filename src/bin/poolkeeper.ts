@@ -72,6 +72,7 @@ switch (command) {
       adminPort: Number(env.POOLKEEPER_ADMIN_PORT ?? 9187),
       credentialsDir: env.POOLKEEPER_CREDENTIALS_DIR ?? '/var/run/poolkeeper/credentials',
       sshKeyDir: env.POOLKEEPER_SSH_KEY_DIR,
+      caFile: env.POOLKEEPER_DB_CA_FILE,
       drainTimeoutSeconds: Number(env.POOLKEEPER_DRAIN_TIMEOUT ?? 30),
       version: VERSION,
     }, logger);

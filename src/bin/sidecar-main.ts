@@ -21,6 +21,8 @@ export interface SidecarConfig {
   adminPort: number;
   credentialsDir: string;
   sshKeyDir?: string;
+  /** PEM file of the CA that signed the database server's certificate (spec.database.caSecretRef). */
+  caFile?: string;
   drainTimeoutSeconds: number;
   version: string;
   /** How long to wait for the controller to create this pod's PoolMember. */
@@ -61,7 +63,10 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
   const settings: SidecarSettings = {
     listenHost: '127.0.0.1',
     listenPort: config.listenPort,
-    database: { host: spec.database.host, port: spec.database.port, dbname: spec.database.dbname, sslMode: spec.database.sslMode },
+    database: {
+      host: spec.database.host, port: spec.database.port, dbname: spec.database.dbname, sslMode: spec.database.sslMode,
+      ...(config.caFile ? { caPem: readFileSync(config.caFile, 'utf8') } : {}),
+    },
     pool: { ...spec.pool },
     drainTimeout: config.drainTimeoutSeconds,
     admin: { host: '0.0.0.0', port: config.adminPort },

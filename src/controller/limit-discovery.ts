@@ -22,6 +22,8 @@ export interface DiscoveryTarget {
   sslMode: string;
   username: string;
   password: string;
+  /** CA of the server's certificate, for verify-ca and verify-full with a private CA. */
+  caPem?: string;
   /** Reach the server through this bastion (the same host-key check as the sidecar's). */
   tunnel?: TunnelSettings;
 }
@@ -30,7 +32,8 @@ export interface DiscoveryTarget {
  * node-postgres TLS options for a libpq sslmode. `allow` is plaintext (libpq
  * tries it first); `prefer` starts with TLS and `discover` falls back.
  */
-export function tlsOptions(sslMode: string): ConnectionOptions | false {
+export function tlsOptions(sslMode: string, caPem?: string): ConnectionOptions | false {
+  const ca = caPem ? { ca: caPem } : {};
   switch (sslMode) {
     case 'disable':
     case 'allow':
@@ -40,9 +43,9 @@ export function tlsOptions(sslMode: string): ConnectionOptions | false {
       return { rejectUnauthorized: false };
     case 'verify-ca':
       // The chain is checked, the name is not.
-      return { rejectUnauthorized: true, checkServerIdentity: () => undefined };
+      return { ...ca, rejectUnauthorized: true, checkServerIdentity: () => undefined };
     default:
-      return { rejectUnauthorized: true };
+      return { ...ca, rejectUnauthorized: true };
   }
 }
 
@@ -92,7 +95,7 @@ export class LimitDiscovery {
     try {
       let settings: ServerSettings;
       try {
-        settings = await this.query(target, tlsOptions(target.sslMode), tunnel);
+        settings = await this.query(target, tlsOptions(target.sslMode, target.caPem), tunnel);
       } catch (err) {
         // libpq's prefer: TLS when the server offers it, plaintext when it does not.
         if (target.sslMode !== 'prefer' || !/does not support SSL/i.test(err instanceof Error ? err.message : '')) throw err;

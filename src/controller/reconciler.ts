@@ -130,9 +130,18 @@ export class ServerReconciler {
       }
       tunnel = { host: tunnelSpec.host, port: tunnelSpec.port, user: tunnelSpec.user, hostKey: tunnelSpec.hostKey, privateKey: Buffer.from(keyData, 'base64').toString('utf8') };
     }
+    const caRef = connection.spec.database.caSecretRef;
+    let caPem: string | undefined;
+    if (caRef) {
+      const caData = this.deps.caches.secrets.get(connection.metadata.namespace, caRef.name)?.data?.[caRef.key];
+      if (caData === undefined) {
+        return { value: previous, degraded: { type: 'Degraded', status: 'True', reason: 'CaSecretMissing', message: `Secret ${caRef.name} with key ${caRef.key} not found` } };
+      }
+      caPem = Buffer.from(caData, 'base64').toString('utf8');
+    }
     try {
       const db = connection.spec.database;
-      const settings = await this.deps.discovery.discover({ serverKey: server, host: db.host, port: db.port, dbname: db.dbname, sslMode: db.sslMode, username: credentials.username, password: credentials.password, ...(tunnel ? { tunnel } : {}) });
+      const settings = await this.deps.discovery.discover({ serverKey: server, host: db.host, port: db.port, dbname: db.dbname, sslMode: db.sslMode, username: credentials.username, password: credentials.password, ...(tunnel ? { tunnel } : {}), ...(caPem ? { caPem } : {}) });
       return { value: autoMaxConnections(settings) };
     } catch (err) {
       const message = err instanceof Error ? err.message : String(err);

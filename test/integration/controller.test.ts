@@ -113,25 +113,30 @@ describe('budget controller', function () {
     assert.deepEqual(getConnection(kube, namespace, 'orders').status?.limit, { discovered, reserve, effective: discovered - reserve, shared: 1 });
   });
 
-  it('reads maxConnections: auto over TLS (require) and falls back to plaintext for prefer where the server has no TLS', async function () {
+  it('reads maxConnections: auto over TLS (require; verify-full with the CA from caSecretRef) and falls back to plaintext for prefer where the server has no TLS', async function () {
     const tls = await testEnvironment().postgresTls();
     const overTls = namespaceFor('auto-tls');
+    const verified = namespaceFor('auto-verify');
     const preferPlain = namespaceFor('auto-prefer');
     createWorkload(kube, { namespace: overTls, connection: 'orders', deployment: 'web', replicas: 1, secret: 'db-credentials', username: tls.app.user, password: tls.app.password });
+    createWorkload(kube, { namespace: verified, connection: 'orders', deployment: 'web', replicas: 1, secret: 'db-credentials', username: tls.app.user, password: tls.app.password });
+    kube.kubectl(['-n', verified, 'create', 'secret', 'generic', 'db-ca', `--from-literal=ca.crt=${tls.caPem ?? ''}`]);
     createWorkload(kube, { namespace: preferPlain, connection: 'orders', deployment: 'web', replicas: 1, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
-    const spec = (server: PostgresServer, sslMode: string): string => JSON.stringify({
+    // Each on its own server key (host:port), so no cached discovery answers for another.
+    const spec = (host: string, port: number, sslMode: string, extra: Record<string, unknown> = {}): string => JSON.stringify({
       apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name: 'orders' },
       spec: {
-        database: { host: server.host, port: server.port, dbname: 'app', sslMode, credentialsSecretRef: { name: 'db-credentials' } },
+        database: { host, port, dbname: 'app', sslMode, credentialsSecretRef: { name: 'db-credentials' }, ...extra },
         maxConnections: 'auto', reserve: 0, consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' } }],
       },
     });
-    kube.kubectl(['-n', overTls, 'apply', '-f', '-'], spec(tls, 'require'));
-    // localhost: another server key than the other tests' 127.0.0.1, so no cached discovery answers for it.
-    kube.kubectl(['-n', preferPlain, 'apply', '-f', '-'], spec({ ...postgres, host: 'localhost' } as PostgresServer, 'prefer'));
+    kube.kubectl(['-n', overTls, 'apply', '-f', '-'], spec('127.0.0.1', tls.port, 'require'));
+    kube.kubectl(['-n', verified, 'apply', '-f', '-'], spec('localhost', tls.port, 'verify-full', { caSecretRef: { name: 'db-ca' } }));
+    kube.kubectl(['-n', preferPlain, 'apply', '-f', '-'], spec('localhost', postgres.port, 'prefer'));
     ({ controller } = await startController(kube));
     const expected = (server: PostgresServer): number => server.options.maxConnections - server.options.superuserReservedConnections;
     await eventually('limit over TLS', () => getConnection(kube, overTls, 'orders').status?.limit?.discovered === expected(tls));
+    await eventually('limit over verified TLS', () => getConnection(kube, verified, 'orders').status?.limit?.discovered === expected(tls));
     await eventually('limit with prefer on a plaintext server', () => getConnection(kube, preferPlain, 'orders').status?.limit?.discovered === expected(postgres));
   });
 

@@ -298,6 +298,20 @@ describe('inject: consumers and the pool size hint', function () {
     assert.equal(poolSizeHint(connection(), undefined), 1);
   });
 
+  it('mounts the database CA from caSecretRef into the sidecar only, and tells it where', function () {
+    const c = connection();
+    c.spec.database.caSecretRef = { name: 'db-ca', key: 'root.pem' };
+    const result = computeInjection({ pod: pod({ labels: { 'poolkeeper.dev/connection': 'orders-db' } }), connection: c, settings });
+    const patched = applyJsonPatch(pod({ labels: { 'poolkeeper.dev/connection': 'orders-db' } }), result.patch) as { spec: { volumes: Array<{ name: string; secret?: { secretName: string; items: Array<{ key: string; path: string }> } }>; initContainers: Array<{ name: string; env: Array<{ name: string; value?: string }>; volumeMounts: Array<{ name: string; mountPath: string }> }>; containers: Array<{ name: string; volumeMounts?: Array<{ name: string }> }> } };
+    const volume = patched.spec.volumes.find((v) => v.name === 'poolkeeper-db-ca');
+    assert.deepEqual(volume?.secret?.secretName, 'db-ca');
+    assert.deepEqual(volume?.secret?.items, [{ key: 'root.pem', path: 'ca.crt' }]);
+    const sidecar = patched.spec.initContainers.find((x) => x.name === 'poolkeeper-sidecar')!;
+    assert.ok(sidecar.volumeMounts.some((m) => m.name === 'poolkeeper-db-ca' && m.mountPath === '/var/run/poolkeeper/db-ca'));
+    assert.equal(sidecar.env.find((e) => e.name === 'POOLKEEPER_DB_CA_FILE')?.value, '/var/run/poolkeeper/db-ca/ca.crt');
+    assert.ok(patched.spec.containers.every((x) => !(x.volumeMounts ?? []).some((m) => m.name === 'poolkeeper-db-ca')), 'the app does not mount it');
+  });
+
   it('warns when the pod matches no consumer but still injects', function () {
     const result = computeInjection({ pod: pod({ labels: { 'poolkeeper.dev/connection': 'orders-db' } }), connection: connection(), settings });
     assert.ok(result.patch.length > 0);

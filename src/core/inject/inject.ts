@@ -12,7 +12,7 @@ import { poolSizeHint, resolveConsumer } from './consumer.ts';
 import { jsonEqual, pointer } from './json-patch.ts';
 import {
   CONNECTION_LABEL, CONSUMER_ANNOTATION, CREDENTIALS_DIR, CREDENTIALS_VOLUME_NAME, INJECTED_ANNOTATION, INJECT_ANNOTATION,
-  SIDECAR_CONTAINER_NAME, SSH_KEY_DIR, SSH_KEY_FILE, SSH_KEY_VOLUME_NAME,
+  SIDECAR_CONTAINER_NAME, SSH_KEY_DIR, SSH_KEY_FILE, SSH_KEY_VOLUME_NAME, DB_CA_DIR, DB_CA_FILE, DB_CA_VOLUME_NAME,
   type ContainerLike, type EnvVar, type InjectableConnection, type InjectionError, type InjectionResult, type InjectorSettings,
   type JsonPatchOperation, type PodLike, type ResourceQuantities, type VolumeLike,
 } from './model.ts';
@@ -108,6 +108,10 @@ function sidecarVolumes(connection: InjectableConnection, derived: Derived): Vol
       secret: { secretName: tunnel.privateKeySecretRef.name, items: [{ key: tunnel.privateKeySecretRef.key ?? 'ssh-privatekey', path: SSH_KEY_FILE }], defaultMode: 0o444 },
     });
   }
+  const ca = connection.spec.database.caSecretRef;
+  if (ca) {
+    volumes.push({ name: DB_CA_VOLUME_NAME, secret: { secretName: ca.name, items: [{ key: ca.key ?? 'ca.crt', path: DB_CA_FILE }], defaultMode: 0o444 } });
+  }
   return volumes;
 }
 
@@ -127,6 +131,10 @@ function sidecarContainer(connection: InjectableConnection, settings: InjectorSe
   if (connection.spec.sshTunnel) {
     env.push({ name: 'POOLKEEPER_SSH_KEY_DIR', value: SSH_KEY_DIR });
     volumeMounts.push({ name: SSH_KEY_VOLUME_NAME, mountPath: SSH_KEY_DIR, readOnly: true });
+  }
+  if (connection.spec.database.caSecretRef) {
+    env.push({ name: 'POOLKEEPER_DB_CA_FILE', value: `${DB_CA_DIR}/${DB_CA_FILE}` });
+    volumeMounts.push({ name: DB_CA_VOLUME_NAME, mountPath: DB_CA_DIR, readOnly: true });
   }
   const probe = (path: string, periodSeconds: number, failureThreshold: number): Record<string, unknown> => ({
     httpGet: { path, port: ADMIN_PORT_NAME, scheme: 'HTTP' }, periodSeconds, failureThreshold, timeoutSeconds: 2,

@@ -26,6 +26,15 @@ export const SSH_KEY_DIR = '/var/run/poolkeeper/ssh';
 /** File name of the SSH private key inside SSH_KEY_DIR. */
 export const SSH_KEY_FILE = 'ssh-privatekey';
 
+/** Volume of the database server's CA (spec.database.caSecretRef), in the sidecar only. */
+export const DB_CA_VOLUME_NAME = 'poolkeeper-db-ca';
+
+/** Where the sidecar finds that CA. */
+export const DB_CA_DIR = '/var/run/poolkeeper/db-ca';
+
+/** File name of the CA in that directory. */
+export const DB_CA_FILE = 'ca.crt';
+
 /** A name/value environment variable, or one read from elsewhere. */
 export interface EnvVar {
   name: string;
@@ -122,6 +131,7 @@ export interface InjectableConnection {
       dbname: string;
       sslMode?: string;
       credentialsSecretRef: { name: string; usernameKey?: string; passwordKey?: string };
+      caSecretRef?: { name: string; key?: string };
     };
     sshTunnel?: {
       host: string;

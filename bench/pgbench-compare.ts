@@ -2,7 +2,9 @@
  * pgbench select-only (-S) against PostgreSQL directly, through PgBouncer
  * (transaction mode, pool 20) and through the sidecar (transaction mode,
  * grant 20), interleaved round by round so that machine noise hits all three
- * alike. Also -C (a new connection per transaction) with 4 clients.
+ * alike. Also -C (a new connection per transaction) with 4 clients, and
+ * `-M prepared` (named prepared statements) direct vs the sidecar only:
+ * PgBouncer 1.18 cannot pool those in transaction mode.
  *
  *   node bench/pgbench-compare.ts [seconds per run, default 6] [rounds, default 2] [scenario filter]
  *
@@ -30,14 +32,23 @@ interface Result {
 const seconds = Number(process.argv[2] ?? 6);
 const rounds = Number(process.argv[3] ?? 2);
 const scenarioFilter = new RegExp(process.argv[4] ?? '');
-const scenarios = [
-  { name: '-S  1 client', clients: 1, connectEach: false },
-  { name: '-S 10 clients', clients: 10, connectEach: false },
-  { name: '-S 50 clients', clients: 50, connectEach: false },
-  { name: '-S -C 4 clients', clients: 4, connectEach: true },
-].filter((s) => scenarioFilter.test(s.name));
 const targets = ['direct', 'pgbouncer', 'sidecar'] as const;
 type Target = (typeof targets)[number];
+interface Scenario {
+  name: string;
+  clients: number;
+  connectEach: boolean;
+  prepared?: boolean;
+  targets: readonly Target[];
+}
+const scenarios: Scenario[] = ([
+  { name: '-S  1 client', clients: 1, connectEach: false, targets },
+  { name: '-S 10 clients', clients: 10, connectEach: false, targets },
+  { name: '-S 50 clients', clients: 50, connectEach: false, targets },
+  { name: '-S -C 4 clients', clients: 4, connectEach: true, targets },
+  { name: '-M prepared -S 10 clients', clients: 10, connectEach: false, prepared: true, targets: ['direct', 'sidecar'] },
+  { name: '-M prepared -S 50 clients', clients: 50, connectEach: false, prepared: true, targets: ['direct', 'sidecar'] },
+] satisfies Scenario[]).filter((s) => scenarioFilter.test(s.name));
 
 function pgbench(args: string[], password: string): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -104,30 +115,32 @@ try {
   for (let round = 1; round <= rounds; round += 1) {
     for (const scenario of scenarios) {
       // Rotate the order each round so no target always runs first.
-      const order = targets.map((_, i) => targets[(i + round + scenarios.indexOf(scenario)) % targets.length]!);
+      const order = scenario.targets.map((_, i) => scenario.targets[(i + round + scenarios.indexOf(scenario)) % scenario.targets.length]!);
       for (const target of order) {
         const args = ['-S', '-n', '-T', String(seconds), '-c', String(scenario.clients), '-j', String(Math.min(scenario.clients, 2)), '-h', '127.0.0.1', '-p', String(ports[target]), '-U', app.user];
         if (scenario.connectEach) args.push('-C');
+        if (scenario.prepared === true) args.push('-M', 'prepared');
         const cpuBefore = cpuOf[target]();
         const output = await pgbench([...args, 'app'], app.password);
         const result = parse(output, cpuOf[target]() - cpuBefore);
         const key = `${scenario.name}|${target}`;
         results.set(key, [...(results.get(key) ?? []), result]);
-        console.log(`round ${round} ${scenario.name.padEnd(16)} ${target.padEnd(9)} ${result.tps.toFixed(0).padStart(7)} tps  ${result.latencyMs.toFixed(3)} ms  pooler CPU ${result.poolerCpuMicros.toFixed(1)} µs/tx`);
+        console.log(`round ${round} ${scenario.name.padEnd(26)} ${target.padEnd(9)} ${result.tps.toFixed(0).padStart(7)} tps  ${result.latencyMs.toFixed(3)} ms  pooler CPU ${result.poolerCpuMicros.toFixed(1)} µs/tx`);
       }
     }
   }
   const mean = (rs: Result[], f: (r: Result) => number): number => rs.reduce((a, r) => a + f(r), 0) / rs.length;
   console.log('\nmean over rounds');
-  console.log('scenario          direct tps (ms)      pgbouncer tps (ms)   sidecar tps (ms)     sidecar/pgbouncer  sidecar/direct  CPU µs/tx pgbouncer  sidecar');
+  console.log('scenario                    direct tps (ms)      pgbouncer tps (ms)   sidecar tps (ms)     sidecar/pgbouncer  sidecar/direct  CPU µs/tx pgbouncer  sidecar');
   for (const scenario of scenarios) {
+    const runs = (t: Target): Result[] => results.get(`${scenario.name}|${t}`) ?? [{ tps: Number.NaN, latencyMs: Number.NaN, poolerCpuMicros: Number.NaN }];
     const cell = (t: Target): string => {
-      const rs = results.get(`${scenario.name}|${t}`)!;
+      const rs = runs(t);
       return `${mean(rs, (r) => r.tps).toFixed(0).padStart(7)} (${mean(rs, (r) => r.latencyMs).toFixed(3)})`.padEnd(21);
     };
-    const tps = (t: Target): number => mean(results.get(`${scenario.name}|${t}`)!, (r) => r.tps);
-    const cpu = (t: Target): string => mean(results.get(`${scenario.name}|${t}`)!, (r) => r.poolerCpuMicros).toFixed(1);
-    console.log(`${scenario.name.padEnd(18)}${cell('direct')}${cell('pgbouncer')}${cell('sidecar')}${(tps('sidecar') / tps('pgbouncer')).toFixed(2).padStart(8)}${(tps('sidecar') / tps('direct')).toFixed(2).padStart(17)}${cpu('pgbouncer').padStart(21)}${cpu('sidecar').padStart(9)}`);
+    const tps = (t: Target): number => mean(runs(t), (r) => r.tps);
+    const cpu = (t: Target): string => mean(runs(t), (r) => r.poolerCpuMicros).toFixed(1);
+    console.log(`${scenario.name.padEnd(28)}${cell('direct')}${cell('pgbouncer')}${cell('sidecar')}${(tps('sidecar') / tps('pgbouncer')).toFixed(2).padStart(8)}${(tps('sidecar') / tps('direct')).toFixed(2).padStart(17)}${cpu('pgbouncer').padStart(21)}${cpu('sidecar').padStart(9)}`);
   }
   await sidecar.close();
 } finally {

@@ -370,6 +370,7 @@ export class Pool {
       server = new ServerConnection({
         id, stream: session.stream, credentialsGeneration: credentials.generation, now: this.deps.now(), processId: session.processId, secretKey: session.secretKey,
         maxMessageBytes: this.deps.settings.maxMessageBytes ?? 64 * 1024 * 1024, events: this.events, logger: this.deps.logger,
+        ...(this.deps.settings.maxPreparedStatements !== undefined ? { maxPreparedStatements: this.deps.settings.maxPreparedStatements } : {}),
       });
       this.serverParameters = session.parameters;
       this.deps.metrics.serverLogins.inc({ result: 'ok' });

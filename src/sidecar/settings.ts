@@ -40,6 +40,11 @@ export interface SidecarSettings {
   drainTimeout: number;
   /** Largest accepted protocol message (default 64 MiB). */
   maxMessageBytes?: number;
+  /**
+   * Named prepared statements each server connection keeps (transaction mode;
+   * least recently used ones are closed past this; PgBouncer's max_prepared_statements plays the same role). Default 1000.
+   */
+  maxPreparedStatements?: number;
   /** Admin HTTP server (/metrics, /healthz, /readyz); omitted: none. Port 0 picks a free one. */
   admin?: { host: string; port: number };
   /** Idle time after which poolPrePing checks a connection (default 1 s). */

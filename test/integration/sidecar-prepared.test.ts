@@ -15,7 +15,7 @@ import { serialize } from 'pg-protocol';
 import { pino } from 'pino';
 import { Registry } from 'prom-client';
 import { testEnvironment } from '../support/hooks.ts';
-import { FileCredentialsSource, Sidecar, type SidecarSettings } from '../../src/sidecar/index.ts';
+import { FileCredentialsSource, Sidecar } from '../../src/sidecar/index.ts';
 import type { PostgresServer } from '../../src/devenv/postgres.ts';
 import { buildStartupMessage, FrameReader, parseNoticeFields } from '../../src/core/protocol/index.ts';
 
@@ -28,7 +28,7 @@ interface Running {
   stop(): Promise<void>;
 }
 
-async function startSidecar(postgres: PostgresServer, grant: number, pool: Partial<SidecarSettings['pool']> = {}): Promise<Running> {
+async function startSidecar(postgres: PostgresServer, grant: number, maxPreparedStatements?: number): Promise<Running> {
   const role = postgres.app;
   const dir = mkdtempSync(join(tmpdir(), 'poolkeeper-creds-'));
   writeFileSync(join(dir, 'username'), role.user);
@@ -38,8 +38,9 @@ async function startSidecar(postgres: PostgresServer, grant: number, pool: Parti
     settings: {
       listenHost: '127.0.0.1', listenPort: 0,
       database: { host: postgres.host, port: postgres.port, dbname: 'app', sslMode: 'disable' },
-      pool: { mode: 'transaction', poolTimeout: 10, poolRecycle: 1800, poolPrePing: false, idleTimeout: 600, ...pool },
+      pool: { mode: 'transaction', poolTimeout: 10, poolRecycle: 1800, poolPrePing: false, idleTimeout: 600 },
       drainTimeout: 5,
+      ...(maxPreparedStatements !== undefined ? { maxPreparedStatements } : {}),
     },
     credentials, logger, metrics: new Registry(),
   });
@@ -92,11 +93,24 @@ class WireClient {
     return this.untilReady(readyCount);
   }
 
-  private async untilReady(readyCount: number): Promise<Reply[]> {
+  /** Sends the messages, returns the replies up to the first of type `last`. */
+  async exchangeUntil(messages: Buffer[], last: string): Promise<Reply[]> {
+    this.socket.write(Buffer.concat(messages));
+    return this.until((queue) => queue.findIndex((m) => m.type === last));
+  }
+
+  private untilReady(readyCount: number): Promise<Reply[]> {
+    return this.until((queue) => {
+      let seen = 0;
+      return queue.findIndex((m) => m.type === 'Z' && ++seen === readyCount);
+    });
+  }
+
+  /** Waits until `lastIndex` finds the last reply wanted in the queue; returns the replies up to it. */
+  private async until(lastIndex: (queue: Reply[]) => number): Promise<Reply[]> {
     const deadline = Date.now() + 10_000;
     for (;;) {
-      let seen = 0;
-      const index = this.queue.findIndex((m) => m.type === 'Z' && ++seen === readyCount);
+      const index = lastIndex(this.queue);
       if (index >= 0) return this.queue.splice(0, index + 1);
       if (Date.now() > deadline) throw new Error(`no ReadyForQuery; got ${this.queue.map((m) => m.type).join('')}`);
       await new Promise<void>((resolve) => {
@@ -117,6 +131,16 @@ const errorCode = (replies: Reply[]): string | undefined => {
   const error = replies.find((r) => r.type === 'E');
   return error === undefined ? undefined : parseNoticeFields(error.body).C;
 };
+
+async function withRunningClient(target: Running, fn: (c: pg.Client) => Promise<void>): Promise<void> {
+  const c = target.client();
+  await c.connect();
+  try {
+    await fn(c);
+  } finally {
+    await c.end();
+  }
+}
 
 function run(command: string, args: string[]): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -263,7 +287,7 @@ describe('sidecar: named prepared statements in transaction mode', function () {
     }
   });
 
-  it('re-prepares on the other server connection, and an injected Parse failing shows its error in place of the Bind', async function () {
+  it('re-prepares on the other server connection; an injected Parse that fails shows its error in place of the Bind\'s', async function () {
     const a = running.client();
     const b = running.client();
     await a.connect();
@@ -286,18 +310,30 @@ describe('sidecar: named prepared statements in transaction mode', function () {
       await a.end();
       await b.end();
     }
-    // A statement that can no longer be prepared (its table is gone): the injected Parse's error replaces the Bind's.
+    // Re-preparing can fail (the table is gone): the injected Parse's error replaces the Bind's, and the session goes on.
     const table = `prep_${Date.now()}`;
-    const c = running.client();
-    await c.connect();
+    const [c, b2, d] = [running.client(), running.client(), running.client()];
+    await Promise.all([c.connect(), b2.connect(), d.connect()]);
+    const pid = async (x: pg.Client): Promise<number> => (await x.query<{ p: number }>('SELECT pg_backend_pid() AS p')).rows[0]!.p;
     try {
       await c.query(`CREATE TABLE ${table} (x int)`);
+      await c.query('BEGIN');
+      const preparedOn = await pid(c);
       await c.query({ name: 'count', text: `SELECT count(*)::int AS n FROM ${table}`, values: [] });
+      await c.query('COMMIT');
       await c.query(`DROP TABLE ${table}`);
-      await assert.rejects(c.query({ name: 'count', text: `SELECT count(*)::int AS n FROM ${table}`, values: [] }), (e: { code?: string }) => e.code === '42P01');
-      assert.equal((await c.query<{ one: number }>('SELECT 1 AS one')).rows[0]!.one, 1);
+      // Hold the backend that has the statement, free the other: c must get the other one.
+      await b2.query('BEGIN');
+      await d.query('BEGIN');
+      const holder = (await pid(b2)) === preparedOn ? b2 : d;
+      assert.equal(await pid(holder), preparedOn);
+      await (holder === b2 ? d : b2).query('COMMIT');
+      await assert.rejects(c.query({ name: 'count', text: `SELECT count(*)::int AS n FROM ${table}`, values: [] }), (e: { code?: string; message: string }) => e.code === '42P01' && e.message.includes(table));
+      assert.equal((await c.query<{ one: number }>({ name: 'one', text: 'SELECT 1 AS one' })).rows[0]!.one, 1);
+      assert.notEqual(await pid(c), preparedOn);
+      await holder.query('COMMIT');
     } finally {
-      await c.end();
+      await Promise.all([c.end(), b2.end(), d.end()]);
     }
   });
 
@@ -307,5 +343,39 @@ describe('sidecar: named prepared statements in transaction mode', function () {
     const stdout = await run('/usr/bin/pgbench', ['-M', 'prepared', '-S', '-c', '6', '-t', '200', '-n', ...target]);
     assert.match(stdout, /number of transactions actually processed: 1200\/1200/);
     assert.match(stdout, /number of failed transactions: 0 /);
+  });
+
+  it('closes the least recently used server statements past maxPreparedStatements, and re-prepares them when used again', async function () {
+    const small = await startSidecar(postgres, 1, 3);
+    const c = small.client();
+    await c.connect();
+    try {
+      for (let round = 0; round < 3; round += 1) {
+        for (let k = 0; k < 8; k += 1) {
+          const r = await c.query<{ x: number }>({ name: `s${k}`, text: `SELECT $1::int + ${k} AS x`, values: [round] });
+          assert.equal(r.rows[0]!.x, round + k);
+        }
+      }
+      const held = await c.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_prepared_statements WHERE name LIKE 'pk\\_%'");
+      assert.ok(held.rows[0]!.n <= 3, `the server holds ${held.rows[0]!.n} statements`);
+    } finally {
+      await c.end();
+      await small.stop();
+    }
+  });
+
+  it('refuses, with 0A000, a first named statement after an unsynced unnamed Parse (its reply could not be told apart)', async function () {
+    const wire = await WireClient.connect(running.port, postgres.app.user);
+    try {
+      const first = await wire.exchangeUntil([serialize.parse({ text: 'SELECT 1' }), serialize.bind({}), serialize.execute({}), serialize.flush()], 'C');
+      assert.equal(types(first), '12DC');
+      const refused = await wire.exchangeUntil([serialize.parse({ name: 'late', text: 'SELECT 2' }), serialize.sync()], 'E');
+      assert.equal(types(refused), 'E');
+      assert.equal(errorCode(refused), '0A000');
+      // Other clients are unaffected.
+      await withRunningClient(running, async (c) => assert.equal((await c.query<{ x: number }>({ name: 'fine', text: 'SELECT 5 AS x' })).rows[0]!.x, 5));
+    } finally {
+      wire.close();
+    }
   });
 });

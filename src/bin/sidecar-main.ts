@@ -80,7 +80,7 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
   const credentials = new FileCredentialsSource({ directory: config.credentialsDir, logger });
   const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry });
   const { port, adminPort } = await sidecar.start();
-  const agent = new PoolMemberAgent({ http, namespace: config.namespace, podName: config.podName, target: sidecar, logger, version: config.version });
+  const agent = new PoolMemberAgent({ http, namespace: config.namespace, podName: config.podName, target: sidecar, logger, version: config.version, drainGraceMs: config.drainTimeoutSeconds * 1000 });
   await agent.start();
   logger.info({ port, adminPort, connection: spec.connection }, 'sidecar ready');
   return {

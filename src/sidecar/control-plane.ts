@@ -29,6 +29,13 @@ export interface PoolMemberAgentOptions {
   stallTimeoutMs?: number;
   /** Called with every spec the agent sees (pool settings, database, drain). */
   onSpec?: (spec: PoolMember['spec']) => void;
+  /**
+   * How long a shrink that comes with `drain: true` waits before it is applied.
+   * A terminating pod's app keeps finishing its requests after deletion starts;
+   * cutting its connections at once would fail them, and its reservation stays
+   * counted until it acknowledges or reports drained, so waiting is safe.
+   */
+  drainGraceMs?: number;
 }
 
 /** Runs the sidecar's half of the protocol. */
@@ -42,6 +49,7 @@ export class PoolMemberAgent {
   private unsubscribe: (() => void) | undefined;
   private stopped = false;
   private memberExists = false;
+  private deferred: NodeJS.Timeout | undefined;
 
   constructor(options: PoolMemberAgentOptions) {
     this.options = options;
@@ -82,8 +90,21 @@ export class PoolMemberAgent {
     const acknowledged = member.status?.acknowledgedGeneration;
     if (generation !== this.appliedGeneration || acknowledged === undefined) {
       this.appliedGeneration = generation;
-      this.options.logger.info({ connections, generation }, 'grant received');
-      this.options.target.setGrant(connections, generation);
+      clearTimeout(this.deferred);
+      this.deferred = undefined;
+      const shrinking = connections < this.options.target.status().acknowledgedConnections;
+      const grace = this.options.drainGraceMs ?? 0;
+      if (member.spec.drain === true && shrinking && grace > 0) {
+        this.options.logger.info({ connections, generation, graceMs: grace }, 'drain requested; keeping the current grant for the grace period');
+        this.deferred = setTimeout(() => {
+          this.deferred = undefined;
+          this.options.target.setGrant(connections, generation);
+        }, grace);
+        this.deferred.unref();
+      } else {
+        this.options.logger.info({ connections, generation }, 'grant received');
+        this.options.target.setGrant(connections, generation);
+      }
     }
     this.report();
   }
@@ -135,6 +156,7 @@ export class PoolMemberAgent {
   async stop(): Promise<void> {
     this.stopped = true;
     clearInterval(this.heartbeat);
+    clearTimeout(this.deferred);
     this.unsubscribe?.();
     await this.writing;
     await this.informer.stop();

@@ -1,0 +1,62 @@
+/**
+ * The sidecar's PoolMember agent against the real API server: grants are
+ * applied as they arrive, and a shrink that comes with `drain: true` (a
+ * terminating pod) waits for the drain grace so the app can finish its
+ * requests, while the status keeps the old acknowledgement meanwhile.
+ */
+import assert from 'node:assert/strict';
+import pino from 'pino';
+import type { PoolMember } from '../../src/api/index.ts';
+import type { KubeControlPlane } from '../../src/devenv/kube.ts';
+import { KubeHttp } from '../../src/kube/http.ts';
+import { PoolMemberAgent } from '../../src/sidecar/control-plane.ts';
+import { testEnvironment } from '../support/hooks.ts';
+import { ObedientSidecarDouble, eventually, freshNamespace, installCrds } from '../support/budget-fixture.ts';
+
+describe('PoolMember agent', function () {
+  let kube: KubeControlPlane;
+  let namespace: string;
+
+  before(async function () {
+    kube = await testEnvironment().kube();
+    await installCrds(kube);
+    namespace = freshNamespace('agent');
+    kube.kubectl(['create', 'namespace', namespace]);
+  });
+
+  function writeSpec(connections: number, generation: number, drain: boolean): void {
+    kube.kubectl(['apply', '-f', '-'], JSON.stringify({
+      apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'PoolMember', metadata: { name: 'pod-a', namespace },
+      spec: {
+        connection: 'db', grant: { connections, generation }, processesPerPod: 1, drain,
+        database: { host: '127.0.0.1', port: 5432, dbname: 'app', sslMode: 'disable' },
+        pool: { mode: 'transaction', poolTimeout: 30, poolRecycle: 3600, poolPrePing: false, idleTimeout: 600 },
+      },
+    }));
+  }
+
+  function member(): PoolMember {
+    return JSON.parse(kube.kubectl(['-n', namespace, 'get', 'pm', 'pod-a', '-o', 'json'])) as PoolMember;
+  }
+
+  it('applies grants at once, and defers a draining shrink by the grace period', async function () {
+    writeSpec(5, 1, false);
+    const double = new ObedientSidecarDouble();
+    const agent = new PoolMemberAgent({ http: new KubeHttp(kube.kubeConfig()), namespace, podName: 'pod-a', target: double, logger: pino({ level: 'silent' }), version: 'test', drainGraceMs: 1500 });
+    await agent.start();
+    try {
+      await eventually('grant 5 acknowledged', () => member().status?.acknowledgedConnections === 5);
+      writeSpec(3, 2, false);
+      await eventually('plain shrink to 3 acknowledged', () => member().status?.acknowledgedGeneration === 2 && member().status?.acknowledgedConnections === 3);
+      const drainAt = Date.now();
+      writeSpec(0, 3, true);
+      await eventually('the agent saw generation 3', () => agent.generation === 3);
+      assert.equal(double.status().acknowledgedConnections, 3, 'still serving with the old grant');
+      assert.equal(member().status?.acknowledgedGeneration, 2, 'the old acknowledgement stands, so the controller keeps the reservation');
+      await eventually('drain shrink applied after the grace', () => member().status?.acknowledgedGeneration === 3 && member().status?.acknowledgedConnections === 0);
+      assert.ok(Date.now() - drainAt >= 1400, 'applied only after the grace period');
+    } finally {
+      await agent.stop();
+    }
+  });
+});

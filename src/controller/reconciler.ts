@@ -16,6 +16,7 @@ import type { ProcessResult } from '../kube/workqueue.ts';
 import { podNeedsRepair, type PodLike } from '../core/inject/index.ts';
 import type { MissingSidecarRepairer } from '../webhook/repair.ts';
 import type { DiscoveryTarget, LimitDiscovery } from './limit-discovery.ts';
+import { SidecarAccess } from './sidecar-access.ts';
 import type { ControllerMetrics } from './metrics.ts';
 import { buildBudgetInput, podConnectionKey, type PodObject, type WorkloadScale, type WrittenGrant } from './plan-input.ts';
 
@@ -66,14 +67,6 @@ export interface ReconcilerDeps {
   manageSidecarAccess?: boolean;
 }
 
-/** Name of both the ClusterRole the sidecar needs and the RoleBinding the controller keeps in each namespace. */
-export const SIDECAR_ROLE = 'poolkeeper-sidecar';
-
-interface RoleBinding {
-  metadata: { name: string; namespace: string; resourceVersion?: string; labels?: Record<string, string> };
-  subjects?: Array<{ kind: string; name: string; namespace?: string }>;
-}
-
 const MEMBERS = `/apis/${API_GROUP}/${API_VERSION}`;
 
 function key(object: { metadata: { namespace?: string; name?: string } }): string {
@@ -89,10 +82,12 @@ export class ServerReconciler {
   private readonly written = new Map<string, WrittenGrant>();
   private readonly unsettledSince = new Map<string, number>();
   private readonly now: () => Date;
+  private readonly sidecarAccess: SidecarAccess | undefined;
 
   constructor(deps: ReconcilerDeps) {
     this.deps = deps;
     this.now = deps.now ?? (() => new Date());
+    this.sidecarAccess = deps.manageSidecarAccess ? new SidecarAccess(deps.http, deps.logger) : undefined;
   }
 
   /** The server key of every live DatabaseConnection in the cache. */
@@ -203,7 +198,7 @@ export class ServerReconciler {
 
     await this.applyGrants(plan, connections, members, resolved);
     await this.deleteOrphans(plan, members);
-    if (this.deps.manageSidecarAccess) await this.ensureSidecarAccess(pods);
+    await this.sidecarAccess?.ensure(pods);
     const missingSidecar = await this.repairMissingSidecars(pods);
     for (const connection of connections) {
       const r = resolved.get(key(connection));
@@ -218,41 +213,6 @@ export class ServerReconciler {
     if (!plan.settled) return { requeueAfterMs: this.deps.pendingRequeueMs ?? 2_000 };
     logger.debug({ server, limit, allocated: plan.allocated }, 'server settled');
     return { requeueAfterMs: this.deps.resyncMs ?? 60_000 };
-  }
-
-  /**
-   * The sidecar runs with its pod's ServiceAccount; without this binding it
-   * could not read its PoolMember. Subjects only grow here: a ServiceAccount
-   * still used by a terminating pod must keep its access.
-   */
-  private async ensureSidecarAccess(pods: readonly (PodObject & KubeObject)[]): Promise<void> {
-    const byNamespace = new Map<string, Set<string>>();
-    for (const pod of pods) {
-      const namespace = pod.metadata?.namespace ?? '';
-      const accounts = byNamespace.get(namespace) ?? new Set<string>();
-      accounts.add(pod.spec?.serviceAccountName ?? 'default');
-      byNamespace.set(namespace, accounts);
-    }
-    for (const [namespace, accounts] of byNamespace) {
-      const path = `/apis/rbac.authorization.k8s.io/v1/namespaces/${namespace}/rolebindings`;
-      const existing = await this.deps.http.get<RoleBinding>(`${path}/${SIDECAR_ROLE}`).catch((err: unknown) => {
-        if (isStatus(err, 404)) return undefined;
-        throw err;
-      });
-      const subjects = existing?.subjects ?? [];
-      const missing = [...accounts].filter((name) => !subjects.some((s) => s.kind === 'ServiceAccount' && s.name === name && s.namespace === namespace));
-      if (missing.length === 0) continue;
-      const body = {
-        apiVersion: 'rbac.authorization.k8s.io/v1',
-        kind: 'RoleBinding',
-        metadata: { ...(existing?.metadata ?? {}), name: SIDECAR_ROLE, namespace, labels: { ...(existing?.metadata.labels ?? {}), 'app.kubernetes.io/managed-by': 'poolkeeper' } },
-        roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'ClusterRole', name: SIDECAR_ROLE },
-        subjects: [...subjects, ...missing.sort().map((name) => ({ kind: 'ServiceAccount', name, namespace }))],
-      };
-      if (existing) await this.deps.http.replace(`${path}/${SIDECAR_ROLE}`, body);
-      else await this.deps.http.create(path, body);
-      this.deps.logger.info({ namespace, serviceAccounts: missing }, 'bound the sidecar role to ServiceAccounts of opted-in pods');
-    }
   }
 
   /** Pods that opted in but lack the sidecar; the repairer evicts or reports them. */

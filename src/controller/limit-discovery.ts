@@ -50,7 +50,7 @@ export function tlsOptions(sslMode: string, caPem?: string): ConnectionOptions |
 }
 
 /** node-postgres expects a socket; an SSH channel is a Duplex that is already connected. */
-function channelAsSocket(channel: Duplex): Duplex {
+export function channelAsSocket(channel: Duplex): Duplex {
   const socket = Object.assign(channel, {
     setNoDelay: () => socket,
     setKeepAlive: () => socket,

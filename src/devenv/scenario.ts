@@ -64,6 +64,32 @@ export function createWorkload(kube: KubeControlPlane, args: { namespace: string
 }
 
 /**
+ * A MutatingWebhookConfiguration for the injection webhook reached by URL
+ * (as on loopback in the local environment), as deploy/ configures it:
+ * failurePolicy Ignore, opted-in pods only, and only `targetNamespace` since
+ * other tests share the API server.
+ */
+export function webhookRegistration(args: { name: string; url: string; targetNamespace: string }): Record<string, unknown> {
+  return {
+    apiVersion: 'admissionregistration.k8s.io/v1',
+    kind: 'MutatingWebhookConfiguration',
+    metadata: { name: args.name },
+    webhooks: [{
+      name: 'pods.poolkeeper.dev',
+      admissionReviewVersions: ['v1'],
+      sideEffects: 'None',
+      failurePolicy: 'Ignore',
+      reinvocationPolicy: 'IfNeeded',
+      timeoutSeconds: 5,
+      clientConfig: { url: args.url },
+      rules: [{ apiGroups: [''], apiVersions: ['v1'], operations: ['CREATE'], resources: ['pods'], scope: 'Namespaced' }],
+      objectSelector: { matchExpressions: [{ key: 'poolkeeper.dev/connection', operator: 'Exists' }] },
+      namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': args.targetNamespace } },
+    }],
+  };
+}
+
+/**
  * Runs the injection webhook in this process on 127.0.0.1 and registers it
  * with `clientConfig.url` (the API server calls it on loopback), scoped to
  * `targetNamespace`. It manages its own CA in a Secret of `webhookNamespace`.
@@ -76,23 +102,7 @@ export async function startLocalWebhook(kube: KubeControlPlane, args: { webhookN
   } catch {
     // exists already
   }
-  kube.kubectl(['apply', '-f', '-'], JSON.stringify({
-    apiVersion: 'admissionregistration.k8s.io/v1',
-    kind: 'MutatingWebhookConfiguration',
-    metadata: { name },
-    webhooks: [{
-      name: 'pods.poolkeeper.dev',
-      admissionReviewVersions: ['v1'],
-      sideEffects: 'None',
-      failurePolicy: 'Ignore',
-      reinvocationPolicy: 'IfNeeded',
-      timeoutSeconds: 5,
-      clientConfig: { url: `https://127.0.0.1:${port}${MUTATE_PODS_PATH}` },
-      rules: [{ apiGroups: [''], apiVersions: ['v1'], operations: ['CREATE'], resources: ['pods'], scope: 'Namespaced' }],
-      objectSelector: { matchExpressions: [{ key: 'poolkeeper.dev/connection', operator: 'Exists' }] },
-      namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': args.targetNamespace } },
-    }],
-  }));
+  kube.kubectl(['apply', '-f', '-'], JSON.stringify(webhookRegistration({ name, url: `https://127.0.0.1:${port}${MUTATE_PODS_PATH}`, targetNamespace: args.targetNamespace })));
   const running = await startWebhook(kube.kubeConfig(), {
     certificateMode: 'self', certDir: '', namespace: args.webhookNamespace, serviceName: 'poolkeeper-webhook', secretName: `${name}-certs`,
     webhookConfigurationName: name, host: '127.0.0.1', port, refreshSeconds: 60, ipAddresses: ['127.0.0.1'],

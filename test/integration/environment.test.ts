@@ -8,6 +8,7 @@ import { AppsV1Api, CoreV1Api, CustomObjectsApi, Watch } from '@kubernetes/clien
 import pg from 'pg';
 import { Client as SshClient, type ClientChannel } from 'ssh2';
 import { testEnvironment } from '../support/hooks.ts';
+import { channelAsSocket } from '../../src/controller/limit-discovery.ts';
 import { fingerprintOf } from '../../src/devenv/sshd.ts';
 
 const env = testEnvironment();
@@ -140,15 +141,7 @@ describe('local environment', function () {
         const channel = await new Promise<ClientChannel>((resolve, reject) => {
           ssh.forwardOut('127.0.0.1', 0, postgres.host, postgres.port, (err, ch) => (err ? reject(err) : resolve(ch)));
         });
-        // node-postgres expects a socket; the channel is a Duplex that is already connected.
-        const socketLike = Object.assign(channel, {
-          setNoDelay: () => socketLike,
-          setKeepAlive: () => socketLike,
-          connect: () => {
-            process.nextTick(() => channel.emit('connect'));
-            return socketLike;
-          },
-        });
+        const socketLike = channelAsSocket(channel);
         const client = new pg.Client({ ...postgres.clientConfig(postgres.app), stream: () => socketLike });
         await client.connect();
         const res = await client.query<{ one: number }>('SELECT 1 AS one');

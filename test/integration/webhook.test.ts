@@ -21,6 +21,7 @@ import { KubeConnectionLookup } from '../../src/webhook/connections.ts';
 import { MissingSidecarRepairer, type RepairEventRecorder } from '../../src/webhook/repair.ts';
 import { MUTATE_PODS_PATH, WebhookServer } from '../../src/webhook/server.ts';
 import type { KubeControlPlane } from '../../src/devenv/kube.ts';
+import { webhookRegistration } from '../../src/devenv/scenario.ts';
 
 const env = testEnvironment();
 const logger = pino({ level: 'silent' });
@@ -86,24 +87,7 @@ describe('webhook on the API server', function () {
   const configName = `poolkeeper-test-${suffix}`;
 
   function registration(): object {
-    return {
-      apiVersion: 'admissionregistration.k8s.io/v1',
-      kind: 'MutatingWebhookConfiguration',
-      metadata: { name: configName },
-      webhooks: [{
-        name: 'pods.poolkeeper.dev',
-        admissionReviewVersions: ['v1'],
-        sideEffects: 'None',
-        failurePolicy: 'Ignore',
-        reinvocationPolicy: 'IfNeeded',
-        timeoutSeconds: 5,
-        clientConfig: { url: `https://127.0.0.1:${port}${MUTATE_PODS_PATH}` },
-        rules: [{ apiGroups: [''], apiVersions: ['v1'], operations: ['CREATE'], resources: ['pods'], scope: 'Namespaced' }],
-        objectSelector: { matchExpressions: [{ key: 'poolkeeper.dev/connection', operator: 'Exists' }] },
-        // Only this test's namespace: other suites share the API server.
-        namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': namespace } },
-      }],
-    };
+    return webhookRegistration({ name: configName, url: `https://127.0.0.1:${port}${MUTATE_PODS_PATH}`, targetNamespace: namespace });
   }
 
   function podManifest(name: string, labels: Record<string, string>, ports: number[] = []): V1Pod {

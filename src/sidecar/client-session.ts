@@ -11,6 +11,7 @@
  * statement keep the plain byte pump.
  */
 import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import {
   FrameReader, MessageType, ProtocolError, UNTYPED, authenticationOk, backendKeyData, errorResponse, isFrontendMessageType,
@@ -18,6 +19,7 @@ import {
 } from '../core/protocol/index.ts';
 import { routeMessage, type ClientStatements } from '../core/pool-state/index.ts';
 import type { SidecarMetrics } from './metrics.ts';
+import { isDirectReadable } from './direct-read-socket.ts';
 import type { AcquireFailure, Pool, PoolWaiter } from './pool.ts';
 import type { ServerConnection } from './server-connection.ts';
 import type { PoolMode } from './settings.ts';
@@ -41,6 +43,8 @@ export interface ClientSessionHost {
 
 type Phase = 'startup' | 'login' | 'ready' | 'closed';
 
+const NOTHING = Buffer.alloc(0);
+
 /** A client of the sidecar. */
 export class ClientSession implements PoolWaiter {
   readonly socket: Socket;
@@ -56,13 +60,25 @@ export class ClientSession implements PoolWaiter {
   private applicationName = '';
   private key: [number, number] = [0, 0];
   private readonly host: ClientSessionHost;
+  /** Reads are views of the socket's reused buffer (DirectReadSocket): valid only during onData. */
+  private readonly borrowedReads: boolean;
+  /** Reading is paused until the server's stream drains (see forward). */
+  private pausedFor: Duplex | undefined;
+  private readonly resumeReading = (): void => {
+    if (this.pausedFor === undefined) return;
+    this.pausedFor = undefined;
+    if (!this.socket.destroyed) this.socket.resume();
+  };
 
   constructor(socket: Socket, host: ClientSessionHost) {
     this.socket = socket;
     this.host = host;
     this.reader = new FrameReader({ startupPhase: true, maxMessageBytes: host.maxMessageBytes });
     socket.setNoDelay(true);
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    const onData = (chunk: Buffer): void => this.onData(chunk);
+    this.borrowedReads = isDirectReadable(socket);
+    if (isDirectReadable(socket)) socket.setDirectReader(onData);
+    else socket.on('data', onData);
     socket.on('error', (err: Error) => host.logger.debug({ err: err.message }, 'client socket error'));
     socket.on('close', () => this.onClose());
   }
@@ -140,6 +156,25 @@ export class ClientSession implements PoolWaiter {
     }
     if (runBuffer !== undefined) this.pendingChunks.push(runBuffer.subarray(runStart, runEnd));
     this.forward();
+    // Still queued (no server connection yet): they must outlive the reused read buffer.
+    if (this.borrowedReads) {
+      const chunks = this.pendingChunks;
+      for (let i = 0; i < chunks.length; i++) chunks[i] = Buffer.from(chunks[i]!);
+    }
+  }
+
+  /**
+   * After writing to the server: bytes still queued there may point into the
+   * reused read buffer, and a client sending faster than the server takes
+   * must not make us buffer without bound, so read no more until they drain.
+   */
+  private holdWhileQueued(out: Duplex): void {
+    if (out.writableLength > 0 && this.pausedFor === undefined && !out.destroyed) {
+      this.pausedFor = out;
+      this.socket.pause();
+      // 'drain' fires only past the high-water mark; an empty write's callback runs once all before it is flushed.
+      out.write(NOTHING, this.resumeReading);
+    }
   }
 
   /** Sends queued messages to the server connection, acquiring one first if needed. */
@@ -168,6 +203,7 @@ export class ClientSession implements PoolWaiter {
       server.stream.uncork();
     }
     chunks.length = 0;
+    this.holdWhileQueued(server.stream);
   }
 
   /** forward() for a session that names statements: each queued message goes through routeMessage. */
@@ -205,6 +241,7 @@ export class ClientSession implements PoolWaiter {
       for (const piece of out) server.write(piece);
       server.stream.uncork();
     }
+    this.holdWhileQueued(server.stream);
   }
 
   private onStartupPacket(body: Buffer): void {

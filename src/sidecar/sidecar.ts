@@ -19,7 +19,7 @@ import type { Registry } from 'prom-client';
 import { DEFAULT_MAX_MESSAGE_BYTES, errorResponse } from '../core/protocol/index.ts';
 import { AdminServer } from './admin-server.ts';
 import { ClientSession, type ClientSessionHost } from './client-session.ts';
-import { DirectReadSocket } from './direct-read-socket.ts';
+import { DirectReadSocket, ReadBufferPool, adoptAcceptedSocket } from './direct-read-socket.ts';
 import { SidecarMetrics } from './metrics.ts';
 import { Pool } from './pool.ts';
 import type { CredentialsSource, PoolMode, SidecarSettings, SidecarStatus } from './settings.ts';
@@ -53,6 +53,8 @@ export class Sidecar implements ClientSessionHost {
   private readonly registry: Registry;
   private readonly tunnel: SshTunnel | undefined;
   private readonly sessions = new Map<number, ClientSession>();
+  /** Read buffers of client and server sockets, reused across connections. */
+  private readonly readBuffers = new ReadBufferPool();
   private readonly statusListeners = new Set<(s: SidecarStatus) => void>();
   private server: Server | undefined;
   private admin: AdminServer | undefined;
@@ -105,7 +107,8 @@ export class Sidecar implements ClientSessionHost {
     });
     this.janitorTimer = setInterval(() => this.pool.janitor(), JANITOR_INTERVAL_MS);
     this.janitorTimer.unref();
-    const server = createServer({ noDelay: true }, (socket) => this.accept(socket));
+    // Paused so that accept() can move the connection to a DirectReadSocket before anything is read.
+    const server = createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.accept(socket));
     this.server = server;
     const port = await new Promise<number>((resolve, reject) => {
       server.once('error', reject);
@@ -244,16 +247,18 @@ export class Sidecar implements ClientSessionHost {
 
   private accept(socket: Socket): void {
     if (!isLoopbackAddress(socket.remoteAddress)) {
+      socket.resume();
       this.metrics.error('client-auth');
       this.logger.warn({ peer: socket.remoteAddress }, 'refusing a non-loopback client');
       socket.end(errorResponse({ severity: 'FATAL', code: '28000', message: 'the poolkeeper sidecar accepts loopback clients only' }));
       return;
     }
     if (this.draining) {
+      socket.resume();
       socket.end(errorResponse({ severity: 'FATAL', code: '57P03', message: 'the poolkeeper sidecar is draining' }));
       return;
     }
-    new ClientSession(socket, this);
+    new ClientSession(adoptAcceptedSocket(socket, this.readBuffers), this);
   }
 
   private openStream(host: string, port: number, deadline: number): Promise<Duplex> {
@@ -261,7 +266,7 @@ export class Sidecar implements ClientSessionHost {
     return new Promise((resolve, reject) => {
       // Plaintext only: a TLS wrap must keep reading through the stream interface.
       const { sslMode } = this.settings.database;
-      const socket = sslMode === 'disable' || sslMode === 'allow' ? new DirectReadSocket().setNoDelay(true).connect({ host, port }) : netConnect({ host, port, noDelay: true });
+      const socket = sslMode === 'disable' || sslMode === 'allow' ? new DirectReadSocket({ buffers: this.readBuffers }).setNoDelay(true).connect({ host, port }) : netConnect({ host, port, noDelay: true });
       const timer = setTimeout(() => {
         socket.destroy();
         reject(new Error(`connecting to ${host}:${port} timed out`));

@@ -7,12 +7,13 @@
  */
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { connect as netConnect, type Socket } from 'node:net';
+import { connect as netConnect, createServer, type Socket } from 'node:net';
 import pg from 'pg';
 import { pino } from 'pino';
 import { Registry } from 'prom-client';
 import { testEnvironment } from '../support/hooks.ts';
 import { Sidecar, StaticCredentialsSource } from '../../src/sidecar/index.ts';
+import { DirectReadSocket, ReadBufferPool, adoptAcceptedSocket } from '../../src/sidecar/direct-read-socket.ts';
 import { credentialsGeneration } from '../../src/core/credentials.ts';
 import { FrameReader, buildStartupMessage } from '../../src/core/protocol/index.ts';
 
@@ -39,13 +40,115 @@ function untilReady(socket: Socket, reader: FrameReader): Promise<{ type: number
   });
 }
 
-function query(sql: string): Buffer {
-  const text = Buffer.from(`${sql}\0`, 'utf8');
+function message(type: number, body: Buffer): Buffer {
   const header = Buffer.alloc(5);
-  header[0] = 0x51;
-  header.writeInt32BE(4 + text.length, 1);
-  return Buffer.concat([header, text]);
+  header[0] = type;
+  header.writeInt32BE(4 + body.length, 1);
+  return Buffer.concat([header, body]);
 }
+
+function query(sql: string): Buffer {
+  return message(0x51, Buffer.from(`${sql}\0`, 'utf8'));
+}
+
+/** Every message from a server socket, handed out one ReadyForQuery-terminated batch at a time. */
+class Replies {
+  private readonly reader = new FrameReader();
+  private readonly batches: { type: number; body: Buffer }[][] = [];
+  private current: { type: number; body: Buffer }[] = [];
+  private waiting: (() => void) | undefined;
+
+  constructor(socket: Socket) {
+    socket.on('data', (chunk: Buffer) => {
+      this.reader.push(chunk);
+      while (this.reader.next()) {
+        if (this.reader.type === 0x5a) {
+          this.batches.push(this.current);
+          this.current = [];
+          this.waiting?.();
+        } else this.current.push({ type: this.reader.type, body: Buffer.from(this.reader.buffer.subarray(this.reader.bodyStart, this.reader.end)) });
+      }
+    });
+  }
+
+  /** The messages up to the next ReadyForQuery. */
+  async next(): Promise<{ type: number; body: Buffer }[]> {
+    while (this.batches.length === 0) await new Promise<void>((resolve) => (this.waiting = resolve));
+    return this.batches.shift()!;
+  }
+}
+
+/** The error messages among `messages` (ErrorResponse bodies as text). */
+function errors(messages: { type: number; body: Buffer }[]): string[] {
+  return messages.filter((m) => m.type === 0x45).map((m) => m.body.toString('utf8'));
+}
+
+describe('adoptAcceptedSocket', () => {
+  it('moves a paused accepted connection to a DirectReadSocket that reads, writes, pauses and closes', async () => {
+    const adopted: Socket[] = [];
+    const buffers = new ReadBufferPool();
+    const known = Buffer.allocUnsafe(64 * 1024);
+    buffers.give(known);
+    const server = createServer({ pauseOnConnect: true }, (socket) => {
+      const own = adoptAcceptedSocket(socket, buffers);
+      adopted.push(own);
+      // An echo that holds each view only while it is valid: write() copies nothing, so pause until flushed.
+      if (own instanceof DirectReadSocket) {
+        own.setDirectReader((chunk) => {
+          own.write(Buffer.from(chunk));
+        });
+      }
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const port = (server.address() as { port: number }).port;
+    const client = netConnect({ host: '127.0.0.1', port });
+    try {
+      await new Promise<void>((resolve, reject) => client.once('connect', resolve).once('error', reject));
+      const payload = Buffer.alloc(300_000);
+      for (let i = 0; i < payload.length; i += 1) payload[i] = (i * 31) % 251;
+      const received: Buffer[] = [];
+      let length = 0;
+      const echoed = new Promise<void>((resolve) => client.on('data', (chunk: Buffer) => {
+        received.push(chunk);
+        length += chunk.length;
+        if (length >= payload.length) resolve();
+      }));
+      client.write(payload);
+      await echoed;
+      assert.equal(adopted.length, 1);
+      assert.ok(adopted[0] instanceof DirectReadSocket, 'the accepted connection was not adopted (fell back to the stream path)');
+      assert.ok(Buffer.concat(received).equals(payload));
+      const closed = new Promise<void>((resolve) => adopted[0]!.once('close', () => resolve()));
+      client.end();
+      await closed;
+      assert.equal(buffers.take(), known, 'the read buffer went back to the pool on close');
+    } finally {
+      client.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
+  });
+
+  it('falls back to the stream path, resumed, for a socket that is already reading', async () => {
+    const server = createServer((socket) => {
+      const own = adoptAcceptedSocket(socket);
+      assert.equal(own, socket);
+      own.on('data', (chunk: Buffer) => own.end(chunk));
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const port = (server.address() as { port: number }).port;
+    const client = netConnect({ host: '127.0.0.1', port });
+    try {
+      const reply = await new Promise<string>((resolve, reject) => {
+        client.once('error', reject).once('data', (chunk: Buffer) => resolve(chunk.toString()));
+        client.write('ping');
+      });
+      assert.equal(reply, 'ping');
+    } finally {
+      client.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
+  });
+});
 
 describe('sidecar server connections with direct reads (sslMode disable)', () => {
   let sidecar: Sidecar;
@@ -127,6 +230,39 @@ describe('sidecar server connections with direct reads (sslMode disable)', () =>
         assert.equal(i, index + 1);
         assert.equal(digest, createHash('md5').update(String(i)).digest('hex'));
       }
+    } finally {
+      socket.destroy();
+    }
+  });
+
+  it('forwards a large COPY FROM STDIN intact while the server is too busy to take it', async () => {
+    const socket = netConnect({ host: '127.0.0.1', port });
+    await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject));
+    try {
+      const replies = new Replies(socket);
+      socket.write(buildStartupMessage({ user, database: 'app' }));
+      await replies.next();
+      socket.write(query('BEGIN; CREATE TEMP TABLE copied (i int, v text) ON COMMIT DROP'));
+      assert.deepEqual(errors(await replies.next()), []);
+      const rows = 250_000;
+      const pieces: Buffer[] = [];
+      for (let first = 1; first <= rows; first += 1000) {
+        let text = '';
+        for (let i = first; i < first + 1000 && i <= rows; i += 1) text += `${i}\t${createHash('md5').update(String(i)).digest('hex')}\n`;
+        pieces.push(message(0x64, Buffer.from(text)));
+      }
+      // About 10 MB sent at once behind a sleeping server: the sidecar's writes to it must queue, so the
+      // sidecar has to stop reading the client rather than reuse its read buffer under queued bytes.
+      socket.write(Buffer.concat([query('SELECT pg_sleep(0.5)'), query('COPY copied FROM STDIN'), ...pieces, message(0x63, Buffer.alloc(0))]));
+      assert.deepEqual(errors(await replies.next()), []);
+      assert.deepEqual(errors(await replies.next()), []);
+      socket.write(query("SELECT count(*) || ',' || count(DISTINCT i) || ',' || min(i) || ',' || max(i) || ',' || count(*) FILTER (WHERE v <> md5(i::text)) FROM copied"));
+      const result = await replies.next();
+      assert.deepEqual(errors(result), []);
+      const row = result.find((m) => m.type === 0x44)!.body;
+      assert.equal(row.subarray(6, 6 + row.readInt32BE(2)).toString(), `${rows},${rows},1,${rows},0`);
+      socket.write(query('COMMIT'));
+      assert.deepEqual(errors(await replies.next()), []);
     } finally {
       socket.destroy();
     }

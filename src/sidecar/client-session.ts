@@ -75,10 +75,9 @@ export class ClientSession implements PoolWaiter {
     this.host = host;
     this.reader = new FrameReader({ startupPhase: true, maxMessageBytes: host.maxMessageBytes });
     socket.setNoDelay(true);
-    const onData = (chunk: Buffer): void => this.onData(chunk);
     this.borrowedReads = isDirectReadable(socket);
-    if (isDirectReadable(socket)) socket.setDirectReader(onData);
-    else socket.on('data', onData);
+    if (isDirectReadable(socket)) socket.setDirectReader((buffer, length) => this.onData(buffer, length));
+    else socket.on('data', (chunk: Buffer) => this.onData(chunk, chunk.length));
     socket.on('error', (err: Error) => host.logger.debug({ err: err.message }, 'client socket error'));
     socket.on('close', () => this.onClose());
   }
@@ -116,14 +115,15 @@ export class ClientSession implements PoolWaiter {
 
   // ---- client bytes -------------------------------------------------------
 
-  private onData(chunk: Buffer): void {
+  /** Bytes [0, length) of `chunk` arrived from the client. */
+  private onData(chunk: Buffer, length: number): void {
     if (this.phase === 'closed') return;
     const reader = this.reader;
     let runBuffer: Buffer | undefined;
     let runStart = 0;
     let runEnd = 0;
     try {
-      reader.push(chunk);
+      reader.push(chunk, length);
       while (reader.next()) {
         const type = reader.type;
         if (type === UNTYPED) {

@@ -40,8 +40,8 @@ export class ReadBufferPool {
   }
 }
 
-/** Receives one read; `chunk` is only valid until the call returns. */
-export type DirectReader = (chunk: Buffer) => void;
+/** Receives one read: bytes [0, length) of `buffer`, only valid until the call returns. */
+export type DirectReader = (buffer: Buffer, length: number) => void;
 
 /** A stream whose reads can be delivered straight to one handler. */
 export interface DirectReadable {
@@ -89,7 +89,7 @@ export class DirectReadSocket extends Socket implements DirectReadable {
   /** True: keep reading (pausing is the reader's call, through pause()). */
   private deliver(bytes: number, buffer: Buffer): boolean {
     const reader = this.reader;
-    if (reader !== undefined) reader(buffer.subarray(0, bytes));
+    if (reader !== undefined) reader(buffer, bytes);
     else this.emit('data', Buffer.from(buffer.subarray(0, bytes)));
     return true;
   }

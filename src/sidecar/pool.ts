@@ -126,14 +126,16 @@ export class Pool {
       waiter.onAcquireFailed({ sqlState: '57P01', message: 'the sidecar is draining and hands out no more server connections' });
       return;
     }
+    // One clock read per acquire and per release: Date.now was ~1 % of the sidecar's CPU at 6 reads per transaction.
+    const now = this.deps.now();
     if (this.waiters.length === 0) {
-      const server = this.takeIdle();
+      const server = this.takeIdle(now);
       if (server !== undefined) {
-        this.handOut(server, waiter, this.deps.now());
+        this.handOut(server, waiter, now, now);
         return;
       }
     }
-    this.waiters.push({ waiter, since: this.deps.now() });
+    this.waiters.push({ waiter, since: now });
     this.armWaitTimer();
     this.serveWaiters();
   }
@@ -152,17 +154,18 @@ export class Pool {
   release(server: ServerConnection, reusable: boolean): void {
     server.detach();
     if (server.state !== 'active') return;
-    const reason = this.reasonToClose(server, reusable);
+    const now = this.deps.now();
+    const reason = this.reasonToClose(server, reusable, now);
     if (reason !== undefined) {
       if (!reusable) this.deps.metrics.error('dirty-server-discarded');
       server.close(reason);
       return;
     }
     if (this.deps.settings.pool.mode === 'session') {
-      server.runInternal('DISCARD ALL', (ok) => (ok ? this.makeAvailable(server) : server.close('DISCARD ALL failed')));
+      server.runInternal('DISCARD ALL', (ok) => (ok ? this.makeAvailable(server, this.deps.now()) : server.close('DISCARD ALL failed')));
       return;
     }
-    this.makeAvailable(server);
+    this.makeAvailable(server, now);
   }
 
   /** Applies a grant: grows at once; shrinks by closing idle connections now and busy ones on release. */
@@ -238,31 +241,30 @@ export class Pool {
     stream.end(serialize.cancel(server.processId, server.secretKey));
   }
 
-  private reasonToClose(server: ServerConnection, reusable: boolean): string | undefined {
+  private reasonToClose(server: ServerConnection, reusable: boolean, now: number): string | undefined {
     if (!reusable || !server.tracker.atBoundary) return 'dirty: released mid-transaction or mid-protocol';
     if (this.draining) return 'drain';
     if (server.credentialsGeneration !== this.deps.credentials().generation) return 'credentials rotated';
     if (this.committed > this.grant) return 'grant shrink';
-    if (this.deps.now() - server.createdAt >= this.deps.settings.pool.poolRecycle * 1000) return 'recycled (poolRecycle)';
+    if (now - server.createdAt >= this.deps.settings.pool.poolRecycle * 1000) return 'recycled (poolRecycle)';
     return undefined;
   }
 
   /** A clean connection passes through idle: to the first waiter, or into the idle stack. */
-  private makeAvailable(server: ServerConnection): void {
+  private makeAvailable(server: ServerConnection, now: number): void {
     server.setState('idle');
-    server.idleSince = this.deps.now();
+    server.idleSince = now;
     const entry = this.waiters.shift();
     if (entry !== undefined) {
-      this.give(server, entry.waiter, entry.since);
+      this.give(server, entry.waiter, entry.since, now);
       return;
     }
     this.idle.push(server);
   }
 
   /** Most recently used idle connection that is still good (LIFO keeps fewer connections warm). */
-  private takeIdle(): ServerConnection | undefined {
+  private takeIdle(now: number): ServerConnection | undefined {
     const generation = this.deps.credentials().generation;
-    const now = this.deps.now();
     const recycleMs = this.deps.settings.pool.poolRecycle * 1000;
     for (;;) {
       const server = this.idle.pop();
@@ -274,14 +276,13 @@ export class Pool {
     }
   }
 
-  private handOut(server: ServerConnection, waiter: PoolWaiter, since: number): void {
-    const now = this.deps.now();
+  private handOut(server: ServerConnection, waiter: PoolWaiter, since: number, now: number): void {
     const { poolPrePing } = this.deps.settings.pool;
     const prePingAfterMs = (this.deps.settings.prePingAfterIdle ?? 1) * 1000;
     if (poolPrePing && server.state === 'idle' && now - server.idleSince >= prePingAfterMs) {
       server.runInternal(';', (ok) => {
         if (server.state !== 'resetting') return;
-        if (ok) this.give(server, waiter, since);
+        if (ok) this.give(server, waiter, since, this.deps.now());
         else {
           server.close('pre-ping failed');
           this.requeueFront(waiter, since);
@@ -289,13 +290,13 @@ export class Pool {
       });
       return;
     }
-    this.give(server, waiter, since);
+    this.give(server, waiter, since, now);
   }
 
-  private give(server: ServerConnection, waiter: PoolWaiter, since: number): void {
+  private give(server: ServerConnection, waiter: PoolWaiter, since: number, now: number): void {
     server.tracker.reset();
     server.attach(waiter);
-    this.deps.metrics.waitSeconds.observe((this.deps.now() - since) / 1000);
+    this.deps.metrics.waitSeconds.observe((now - since) / 1000);
     waiter.onAcquired(server);
   }
 
@@ -344,11 +345,12 @@ export class Pool {
 
   /** Hands idle connections to waiters and opens new ones within the grant. */
   private serveWaiters(): void {
+    const now = this.deps.now();
     while (this.waiters.length > 0) {
-      const server = this.takeIdle();
+      const server = this.takeIdle(now);
       if (server === undefined) break;
       const entry = this.waiters.shift()!;
-      this.handOut(server, entry.waiter, entry.since);
+      this.handOut(server, entry.waiter, entry.since, now);
     }
     if (this.draining || this.retryTimer !== undefined) return;
     while (this.waiters.length > this.connecting && this.held < this.grant) void this.open();
@@ -397,7 +399,7 @@ export class Pool {
     if (this.closed || this.draining || server.credentialsGeneration !== this.deps.credentials().generation || this.committed > this.grant) {
       server.close(this.closed || this.draining ? 'drain' : 'stale on arrival');
       this.serveWaiters();
-    } else this.makeAvailable(server);
+    } else this.makeAvailable(server, this.deps.now());
     this.deps.changed();
   }
 

@@ -81,9 +81,8 @@ export class ServerConnection {
     this.reader = new FrameReader({ maxMessageBytes: fields.maxMessageBytes });
     this.events = fields.events;
     this.logger = fields.logger;
-    const onData = (chunk: Buffer): void => this.onData(chunk);
-    if (isDirectReadable(this.stream)) this.stream.setDirectReader(onData);
-    else this.stream.on('data', onData);
+    if (isDirectReadable(this.stream)) this.stream.setDirectReader((buffer, length) => this.onData(buffer, length));
+    else this.stream.on('data', (chunk: Buffer) => this.onData(chunk, chunk.length));
     this.stream.on('error', (err: Error) => this.logger.debug({ server: this.id, err: err.message }, 'server connection error'));
     this.stream.on('close', () => this.onClose());
     this.stream.resume();
@@ -163,14 +162,15 @@ export class ServerConnection {
     user?.onServerLost(this, 'the server closed the connection');
   }
 
-  private onData(chunk: Buffer): void {
+  /** Bytes [0, length) of `chunk` arrived from the server. */
+  private onData(chunk: Buffer, length: number): void {
     const user = this.user;
     if (user === undefined) {
-      this.onDataWithoutUser(chunk);
+      this.onDataWithoutUser(chunk, length);
       return;
     }
     if (this.editor.active) {
-      this.onDataEditing(chunk, user);
+      this.onDataEditing(chunk, length, user);
       return;
     }
     const reader = this.reader;
@@ -183,7 +183,7 @@ export class ServerConnection {
     // Cork only once a second run appears: the usual reply is one run, one write.
     let corked = false;
     try {
-      reader.push(chunk);
+      reader.push(chunk, length);
       while (reader.next()) {
         const type = reader.type;
         if (TRACKED[type] === 1) {
@@ -237,7 +237,7 @@ export class ServerConnection {
    * CloseComplete go through the editor (forwarded, swallowed or turned into
    * ParseComplete); ReadyForQuery tells it a batch is over.
    */
-  private onDataEditing(chunk: Buffer, user: ServerConnectionUser): void {
+  private onDataEditing(chunk: Buffer, length: number, user: ServerConnectionUser): void {
     const reader = this.reader;
     const out = user.socket;
     const tracker = this.tracker;
@@ -252,7 +252,7 @@ export class ServerConnection {
       runBuffer = undefined;
     };
     try {
-      reader.push(chunk);
+      reader.push(chunk, length);
       while (reader.next()) {
         const type = reader.type;
         if (TRACKED[type] === 1) {
@@ -292,10 +292,10 @@ export class ServerConnection {
     this.afterForwarding(out, user, boundary);
   }
 
-  private onDataWithoutUser(chunk: Buffer): void {
+  private onDataWithoutUser(chunk: Buffer, length: number): void {
     const reader = this.reader;
     try {
-      reader.push(chunk);
+      reader.push(chunk, length);
       while (reader.next()) {
         const type = reader.type;
         const internal = this.internalQuery;

@@ -92,12 +92,8 @@ describe('adoptAcceptedSocket', () => {
     const server = createServer({ pauseOnConnect: true }, (socket) => {
       const own = adoptAcceptedSocket(socket, buffers);
       adopted.push(own);
-      // An echo that holds each view only while it is valid: write() copies nothing, so pause until flushed.
-      if (own instanceof DirectReadSocket) {
-        own.setDirectReader((chunk) => {
-          own.write(Buffer.from(chunk));
-        });
-      }
+      // An echo that copies each read: the buffer is reused by the next one, and write() may queue.
+      if (own instanceof DirectReadSocket) own.setDirectReader((buffer, length) => own.write(Buffer.from(buffer.subarray(0, length))));
     });
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
     const port = (server.address() as { port: number }).port;

@@ -104,6 +104,29 @@ describe('protocol framing', function () {
     }), { numRuns: 300 });
   });
 
+  it('property: reads into one reused buffer, pushed with their length, give the same messages', function () {
+    const messageArb = fc.record({ type: fc.integer({ min: 0x20, max: 0x7e }), body: fc.uint8Array({ maxLength: 600 }) });
+    fc.assert(fc.property(fc.array(messageArb, { maxLength: 12 }), fc.array(fc.integer({ min: 1, max: 700 }), { maxLength: 30 }), fc.integer({ min: 0, max: 255 }), (messages, cuts, garbage) => {
+      const bytes = Buffer.concat(messages.map((m) => typed(String.fromCharCode(m.type), Buffer.from(m.body))));
+      // Like DirectReadSocket: every read lands at offset 0 of the same buffer, stale bytes after it.
+      const readBuffer = Buffer.alloc(700, garbage);
+      const reader = new FrameReader();
+      const frames: Frame[] = [];
+      let offset = 0;
+      for (let c = 0; offset < bytes.length; c += 1) {
+        const size = Math.min(cuts[c] ?? 700, bytes.length - offset);
+        bytes.copy(readBuffer, 0, offset, offset + size);
+        offset += size;
+        reader.push(readBuffer, size);
+        while (reader.next()) frames.push({ type: reader.type, body: Buffer.from(reader.buffer.subarray(reader.bodyStart, reader.end)) });
+        assert.equal(reader.remaining().length, 0);
+      }
+      assert.deepEqual(frames, messages.map((m) => ({ type: m.type, body: Buffer.from(m.body) })));
+      assert.equal(reader.buffered, 0);
+    }), { numRuns: 300 });
+    assert.throws(() => new FrameReader().push(Buffer.alloc(4), 5), RangeError);
+  });
+
   it('property: random bytes either frame or throw ProtocolError, never anything else', function () {
     fc.assert(fc.property(fc.uint8Array({ maxLength: 200 }), fc.boolean(), (bytes, startup) => {
       const reader = new FrameReader({ startupPhase: startup, maxMessageBytes: 1000 });

@@ -46,6 +46,8 @@ export class FrameReader {
   private readonly maxMessageBytes: number;
   private untyped: boolean;
   private chunk: Buffer = EMPTY;
+  /** End of the current chunk's bytes (a reused read buffer is longer than one read). */
+  private limit = 0;
   private offset = 0;
   private partial: Buffer | undefined;
   private partialFilled = 0;
@@ -62,10 +64,16 @@ export class FrameReader {
     this.untyped = true;
   }
 
-  /** Adds a chunk; the previous chunk must have been consumed by `next()` returning false. */
-  push(chunk: Buffer): void {
-    if (this.offset < this.chunk.length) throw new Error('FrameReader.push before the previous chunk was consumed');
+  /**
+   * Adds a chunk, or its first `length` bytes (a read into a reused buffer,
+   * without a view made per read); the previous chunk must have been
+   * consumed by `next()` returning false.
+   */
+  push(chunk: Buffer, length: number = chunk.length): void {
+    if (this.offset < this.limit) throw new Error('FrameReader.push before the previous chunk was consumed');
+    if (length > chunk.length) throw new RangeError(`FrameReader.push: length ${length} beyond the chunk's ${chunk.length} bytes`);
     this.chunk = chunk;
+    this.limit = length;
     this.offset = 0;
   }
 
@@ -76,34 +84,35 @@ export class FrameReader {
 
   /** Unconsumed bytes of the current chunk (after an error or a protocol switch such as TLS). */
   remaining(): Buffer {
-    return this.chunk.subarray(this.offset);
+    return this.chunk.subarray(this.offset, this.limit);
   }
 
   /** Moves the cursor to the next whole message; false when more bytes are needed. */
   next(): boolean {
     const chunk = this.chunk;
+    const limit = this.limit;
     if (this.partial !== undefined) return this.continuePartial(chunk);
     const headerSize = this.untyped ? 4 : 5;
-    if (this.headerFilled === 0 && chunk.length - this.offset >= headerSize) {
+    if (this.headerFilled === 0 && limit - this.offset >= headerSize) {
       // Fast path: the header is inside this chunk.
       const start = this.offset;
       const type = this.untyped ? UNTYPED : chunk[start]!;
       const length = chunk.readInt32BE(this.untyped ? start : start + 1);
       const total = this.checkLength(length, headerSize);
-      if (chunk.length - start >= total) {
+      if (limit - start >= total) {
         this.setCursor(type, chunk, start, start + headerSize, start + total);
         this.offset = start + total;
         return true;
       }
       this.beginPartial(type, total, headerSize);
-      chunk.copy(this.partial!, 0, start);
-      this.partialFilled = chunk.length - start;
-      this.offset = chunk.length;
+      chunk.copy(this.partial!, 0, start, limit);
+      this.partialFilled = limit - start;
+      this.offset = limit;
       return false;
     }
     // Slow path: collect a header that straddles chunks.
     const want = headerSize - this.headerFilled;
-    const take = Math.min(want, chunk.length - this.offset);
+    const take = Math.min(want, limit - this.offset);
     if (take > 0) {
       chunk.copy(this.header, this.headerFilled, this.offset, this.offset + take);
       this.headerFilled += take;
@@ -131,7 +140,7 @@ export class FrameReader {
 
   private continuePartial(chunk: Buffer): boolean {
     const partial = this.partial!;
-    const take = Math.min(partial.length - this.partialFilled, chunk.length - this.offset);
+    const take = Math.min(partial.length - this.partialFilled, this.limit - this.offset);
     if (take > 0) {
       chunk.copy(partial, this.partialFilled, this.offset, this.offset + take);
       this.partialFilled += take;

@@ -80,7 +80,17 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
   const credentials = new FileCredentialsSource({ directory: config.credentialsDir, logger });
   const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry });
   const { port, adminPort } = await sidecar.start();
-  const agent = new PoolMemberAgent({ http, namespace: config.namespace, podName: config.podName, target: sidecar, logger, version: config.version, drainGraceMs: config.drainTimeoutSeconds * 1000 });
+  const agent = new PoolMemberAgent({
+    http, namespace: config.namespace, podName: config.podName, target: sidecar, logger, version: config.version,
+    drainGraceMs: config.drainTimeoutSeconds * 1000,
+    onSpec: (next) => {
+      sidecar.updatePoolSettings({ ...next.pool });
+      const db = next.database;
+      if (db.host !== spec.database.host || db.port !== spec.database.port || db.dbname !== spec.database.dbname || db.sslMode !== spec.database.sslMode) {
+        logger.warn({ database: db }, 'the database target changed: it applies when the pod restarts');
+      }
+    },
+  });
   await agent.start();
   logger.info({ port, adminPort, connection: spec.connection }, 'sidecar ready');
   return {

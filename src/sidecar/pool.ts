@@ -195,12 +195,19 @@ export class Pool {
     this.deps.changed();
   }
 
+  /** A server connection's lifetime in ms; poolRecycle -1 (SQLAlchemy's "never") is unbounded. */
+  private recycleMs(): number {
+    const { poolRecycle } = this.deps.settings.pool;
+    return poolRecycle < 0 ? Number.POSITIVE_INFINITY : poolRecycle * 1000;
+  }
+
   /** Periodic upkeep: idleTimeout and poolRecycle for idle connections. */
   janitor(): void {
     const now = this.deps.now();
-    const { idleTimeout, poolRecycle } = this.deps.settings.pool;
+    const { idleTimeout } = this.deps.settings.pool;
+    const recycleMs = this.recycleMs();
     this.closeIdleWhere((s) => now - s.idleSince >= idleTimeout * 1000, 'idle timeout');
-    this.closeIdleWhere((s) => now - s.createdAt >= poolRecycle * 1000, 'recycled (poolRecycle)');
+    this.closeIdleWhere((s) => now - s.createdAt >= recycleMs, 'recycled (poolRecycle)');
   }
 
   /** Stops handing out connections: fails waiters, closes idle connections. */
@@ -246,7 +253,7 @@ export class Pool {
     if (this.draining) return 'drain';
     if (server.credentialsGeneration !== this.deps.credentials().generation) return 'credentials rotated';
     if (this.committed > this.grant) return 'grant shrink';
-    if (now - server.createdAt >= this.deps.settings.pool.poolRecycle * 1000) return 'recycled (poolRecycle)';
+    if (now - server.createdAt >= this.recycleMs()) return 'recycled (poolRecycle)';
     return undefined;
   }
 
@@ -265,7 +272,7 @@ export class Pool {
   /** Most recently used idle connection that is still good (LIFO keeps fewer connections warm). */
   private takeIdle(now: number): ServerConnection | undefined {
     const generation = this.deps.credentials().generation;
-    const recycleMs = this.deps.settings.pool.poolRecycle * 1000;
+    const recycleMs = this.recycleMs();
     for (;;) {
       const server = this.idle.pop();
       if (server === undefined) return undefined;
@@ -306,6 +313,12 @@ export class Pool {
     this.stopWaitTimer();
     this.armWaitTimer();
     this.serveWaiters();
+  }
+
+  /** poolTimeout changed: waiters' deadlines move, so the timer is armed again for the head. */
+  poolTimeoutChanged(): void {
+    this.stopWaitTimer();
+    this.expireWaiters();
   }
 
   private armWaitTimer(): void {

@@ -132,6 +132,28 @@ export class Sidecar implements ClientSessionHost {
     this.pool.setGrant(connections, generation);
   }
 
+  /**
+   * Applies pool settings from a newer spec. Timeouts, lifetime and pre-ping
+   * take effect at once (the pool reads them on each use); the pool mode and
+   * the database target are fixed for the life of the process and are
+   * reported as needing a restart.
+   */
+  updatePoolSettings(pool: SidecarSettings['pool']): { applied: string[]; needsRestart: string[] } {
+    const current = this.settings.pool;
+    const applied: string[] = [];
+    const needsRestart: string[] = [];
+    for (const key of ['poolTimeout', 'poolRecycle', 'poolPrePing', 'idleTimeout'] as const) {
+      if (current[key] === pool[key]) continue;
+      (current as Record<typeof key, number | boolean>)[key] = pool[key];
+      applied.push(key);
+    }
+    if (applied.includes('poolTimeout')) this.pool.poolTimeoutChanged();
+    if (pool.mode !== current.mode) needsRestart.push('mode');
+    if (applied.length > 0) this.logger.info({ applied, pool: current }, 'pool settings updated in place');
+    if (needsRestart.length > 0) this.logger.warn({ needsRestart }, 'pool settings that apply on the next restart of the pod');
+    return { applied, needsRestart };
+  }
+
   /** Subscribes to status changes; returns the unsubscribe function. */
   onStatus(listener: (s: SidecarStatus) => void): () => void {
     this.statusListeners.add(listener);

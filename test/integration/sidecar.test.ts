@@ -301,6 +301,35 @@ describe('sidecar budget and lifecycle', function () {
     }
   });
 
+  it('keeps one server connection for good with poolRecycle -1, and applies new pool settings in place', async function () {
+    const running = await startSidecar(postgres, { grant: 1, pool: { poolRecycle: -1, poolTimeout: 30 } });
+    try {
+      const pids = new Set<number>();
+      for (let i = 0; i < 5; i += 1) {
+        await withClient(running, async (c) => {
+          pids.add((await c.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid);
+        });
+      }
+      assert.equal(pids.size, 1, 'poolRecycle -1 means never recycle');
+      const result = running.sidecar.updatePoolSettings({ mode: 'session', poolTimeout: 1, poolRecycle: -1, poolPrePing: true, idleTimeout: 600 });
+      assert.deepEqual(result, { applied: ['poolTimeout'], needsRestart: ['mode'] });
+      const holder = running.client();
+      await holder.connect();
+      await holder.query('BEGIN');
+      const waiter = running.client();
+      waiter.on('error', () => undefined);
+      await waiter.connect();
+      const waitingSince = Date.now();
+      await assert.rejects(waiter.query('SELECT 1'), (e: { code?: string; message: string }) => e.code === '53300' && /within 1 s/.test(e.message), 'the new poolTimeout of 1 s applies');
+      // Generous bound: the old poolTimeout was 30 s, and a timer armed with it must not decide.
+      assert.ok(Date.now() - waitingSince < 15_000, `timed out after ${Date.now() - waitingSince} ms`);
+      await holder.query('COMMIT');
+      await holder.end();
+    } finally {
+      await running.stop();
+    }
+  });
+
   it('discards the server connection of a client that disconnects mid-transaction', async function () {
     const running = await startSidecar(postgres, { grant: 1 });
     const table = `dirty_${randomBytes(3).toString('hex')}`;

@@ -11,6 +11,7 @@ export class ControllerMetrics {
   readonly connectionPods: Gauge<'namespace' | 'connection'>;
   readonly connectionOversubscribed: Gauge<'namespace' | 'connection'>;
   readonly perPodBudget: Gauge<'namespace' | 'connection' | 'consumer'>;
+  readonly unresponsiveSidecars: Gauge<'namespace' | 'connection'>;
   readonly reconcileDuration: Histogram<'result'>;
   readonly reconcileErrors: Counter<'reason'>;
   readonly rebalanceLatency: Histogram;
@@ -25,6 +26,7 @@ export class ControllerMetrics {
     this.connectionPods = new Gauge({ name: 'poolkeeper_connection_pods', help: 'Live pods drawing on a DatabaseConnection.', labelNames: ['namespace', 'connection'], registers });
     this.connectionOversubscribed = new Gauge({ name: 'poolkeeper_connection_oversubscribed', help: '1 when pods x minPerPod exceeds the limit.', labelNames: ['namespace', 'connection'], registers });
     this.perPodBudget = new Gauge({ name: 'poolkeeper_consumer_per_pod_budget_connections', help: 'Fair per-pod budget of a consumer.', labelNames: ['namespace', 'connection', 'consumer'], registers });
+    this.unresponsiveSidecars = new Gauge({ name: 'poolkeeper_connection_unresponsive_sidecars', help: 'Sidecars of live pods that stopped writing their PoolMember status (their reservations stay counted).', labelNames: ['namespace', 'connection'], registers });
     this.reconcileDuration = new Histogram({ name: 'poolkeeper_reconcile_duration_seconds', help: 'Time to reconcile one database server.', labelNames: ['result'], buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5], registers });
     this.reconcileErrors = new Counter({ name: 'poolkeeper_reconcile_errors_total', help: 'Failed reconciles by reason.', labelNames: ['reason'], registers });
     this.rebalanceLatency = new Histogram({ name: 'poolkeeper_rebalance_latency_seconds', help: 'From the first reconcile that found grants off target to the one that found them settled.', buckets: [0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120], registers });

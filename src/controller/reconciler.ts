@@ -65,6 +65,8 @@ export interface ReconcilerDeps {
   repairGraceSeconds?: number;
   /** Bind the ClusterRole `poolkeeper-sidecar` to the ServiceAccounts of opted-in pods, per namespace. */
   manageSidecarAccess?: boolean;
+  /** A sidecar whose PoolMember status has not been written for this long is reported unresponsive. */
+  heartbeatTimeoutMs?: number;
 }
 
 const MEMBERS = `/apis/${API_GROUP}/${API_VERSION}`;
@@ -200,19 +202,44 @@ export class ServerReconciler {
     await this.deleteOrphans(plan, members);
     await this.sidecarAccess?.ensure(pods);
     const missingSidecar = await this.repairMissingSidecars(pods);
+    const silent = this.unresponsiveSidecars(pods, members);
+    const names = (list: string[]): string => `${list.slice(0, 5).join(', ')}${list.length > 5 ? ', ...' : ''}`;
     for (const connection of connections) {
       const r = resolved.get(key(connection));
       const missing = missingSidecar.filter((p) => podConnectionKey(p) === key(connection)).map((p) => p.metadata?.name ?? '');
-      const degraded = r?.degraded ?? (missing.length === 0 ? undefined : {
-        type: 'Degraded', status: 'True' as const, reason: 'SidecarMissing',
-        message: `${missing.length} pod(s) opted in but run without the sidecar (the webhook was unavailable when they were created): ${missing.slice(0, 5).join(', ')}${missing.length > 5 ? ', ...' : ''}`,
-      });
+      const unresponsive = silent.filter((m) => m.spec.connection === connection.metadata.name && m.metadata.namespace === connection.metadata.namespace).map((m) => m.metadata.name ?? '');
+      this.deps.metrics.unresponsiveSidecars.set({ namespace: connection.metadata.namespace ?? '', connection: connection.metadata.name ?? '' }, unresponsive.length);
+      const degraded = r?.degraded
+        ?? (missing.length > 0 ? {
+          type: 'Degraded', status: 'True' as const, reason: 'SidecarMissing',
+          message: `${missing.length} pod(s) opted in but run without the sidecar (the webhook was unavailable when they were created): ${names(missing)}`,
+        } : undefined)
+        ?? (unresponsive.length > 0 ? {
+          type: 'Degraded', status: 'True' as const, reason: 'SidecarUnresponsive',
+          message: `${unresponsive.length} sidecar(s) stopped reporting; their reservations stay counted until they answer or their pods go: ${names(unresponsive)}`,
+        } : undefined);
       await this.writeStatus(connection, plan, r && r.discovered !== undefined ? { discovered: r.discovered, reserve: r.reserve ?? 0, effective: limit, shared: connections.length } : undefined, degraded, r?.credentials);
     }
     this.recordMetrics(server, plan, connections);
     if (!plan.settled) return { requeueAfterMs: this.deps.pendingRequeueMs ?? 2_000 };
     logger.debug({ server, limit, allocated: plan.allocated }, 'server settled');
-    return { requeueAfterMs: this.deps.resyncMs ?? 60_000 };
+    // A sidecar going silent produces no event: look again within the heartbeat timeout.
+    return { requeueAfterMs: Math.min(this.deps.resyncMs ?? 60_000, this.heartbeatTimeoutMs()) };
+  }
+
+  private heartbeatTimeoutMs(): number {
+    return this.deps.heartbeatTimeoutMs ?? 60_000;
+  }
+
+  /** PoolMembers of live pods whose sidecar has not written status within the heartbeat timeout. */
+  private unresponsiveSidecars(pods: readonly (PodObject & KubeObject)[], members: readonly PoolMember[]): PoolMember[] {
+    const now = this.now().getTime();
+    const live = new Set(pods.filter((p) => !p.metadata?.deletionTimestamp && p.status?.phase !== 'Succeeded' && p.status?.phase !== 'Failed').map((p) => p.metadata?.uid));
+    return members.filter((m) => {
+      if (!live.has(m.metadata.ownerReferences?.[0]?.uid)) return false;
+      const last = m.status?.heartbeatTime ?? m.metadata.creationTimestamp;
+      return last !== undefined && now - new Date(last).getTime() > this.heartbeatTimeoutMs();
+    });
   }
 
   /** Pods that opted in but lack the sidecar; the repairer evicts or reports them. */

@@ -236,6 +236,24 @@ describe('budget controller', function () {
     await eventually('5 pods at 4, the old ones unchanged', () => grants(fleet.members()).join() === '4,4,4,4,4' && fleet.members().every((m) => m.spec.grant.generation <= 1));
   });
 
+  it('reports a sidecar that stopped reporting (Degraded/SidecarUnresponsive) and keeps its reservation', async function () {
+    const namespace = namespaceFor('silent');
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 10, reserve: 0 });
+    const fleet = new SidecarFleetDouble(kube, namespace, 300);
+    fleets.push(fleet);
+    await fleet.start();
+    ({ controller } = await startController(kube, undefined, { heartbeatTimeoutMs: 2_000 }));
+    await eventually('2 pods at 5', () => grants(fleet.members()).join() === '5,5');
+    const [name, { agent }] = [...fleet.agents.entries()][0]!;
+    await agent.stop();
+    await eventually('Degraded SidecarUnresponsive', () => {
+      const degraded = getConnection(kube, namespace, 'orders').status?.conditions?.find((c) => c.type === 'Degraded');
+      return degraded?.reason === 'SidecarUnresponsive' && degraded.message.includes(name);
+    }, 30_000);
+    assert.equal(getConnection(kube, namespace, 'orders').status?.allocated, 10, 'the silent sidecar keeps its reservation');
+  });
+
   it('binds the sidecar role to the pods\' ServiceAccount: a sidecar with the pod\'s own token reads its grant and acknowledges', async function () {
     const namespace = namespaceFor('rbac');
     // The ClusterRole as deploy/ installs it.

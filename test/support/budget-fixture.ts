@@ -27,7 +27,7 @@ export function freshNamespace(prefix: string): string {
 }
 
 /** Runs the controller in-process. */
-export async function startController(kube: KubeControlPlane, logger: Logger = pino({ level: 'silent' }), options: { repair?: 'report' | 'evict'; manageSidecarAccess?: boolean } = {}): Promise<{ controller: BudgetController; registry: Registry }> {
+export async function startController(kube: KubeControlPlane, logger: Logger = pino({ level: 'silent' }), options: { repair?: 'report' | 'evict'; manageSidecarAccess?: boolean; heartbeatTimeoutMs?: number } = {}): Promise<{ controller: BudgetController; registry: Registry }> {
   const http = new KubeHttp(kube.kubeConfig());
   const registry = new Registry();
   const events = new EventRecorder(http, 'poolkeeper-controller', logger);
@@ -37,7 +37,7 @@ export async function startController(kube: KubeControlPlane, logger: Logger = p
     logger,
     metrics: new ControllerMetrics(registry),
     stallTimeoutMs: 60_000,
-    reconciler: { discovery: new LimitDiscovery({ logger }), events, pendingRequeueMs: 500, repairer, repairGraceSeconds: 0, manageSidecarAccess: options.manageSidecarAccess ?? false },
+    reconciler: { discovery: new LimitDiscovery({ logger }), events, pendingRequeueMs: 500, repairer, repairGraceSeconds: 0, manageSidecarAccess: options.manageSidecarAccess ?? false, ...(options.heartbeatTimeoutMs ? { heartbeatTimeoutMs: options.heartbeatTimeoutMs } : {}) },
   });
   await controller.start();
   return { controller, registry };
@@ -90,7 +90,10 @@ export class SidecarFleetDouble {
   private readonly namespace: string;
   private readonly logger = pino({ level: 'silent' });
 
-  constructor(kube: KubeControlPlane, namespace: string) {
+  private readonly heartbeatMs: number;
+
+  constructor(kube: KubeControlPlane, namespace: string, heartbeatMs = 5_000) {
+    this.heartbeatMs = heartbeatMs;
     this.http = new KubeHttp(kube.kubeConfig());
     this.namespace = namespace;
     this.informer = new Informer<PoolMember & KubeObject>(this.http, { path: `/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/poolmembers`, logger: this.logger });
@@ -103,7 +106,7 @@ export class SidecarFleetDouble {
       const name = member.metadata.name ?? '';
       if (type === 'DELETED' || this.agents.has(name)) return;
       const double = new ObedientSidecarDouble();
-      const agent = new PoolMemberAgent({ http: this.http, namespace: this.namespace, podName: name, target: double, logger: this.logger, version: 'test-double', heartbeatMs: 5_000 });
+      const agent = new PoolMemberAgent({ http: this.http, namespace: this.namespace, podName: name, target: double, logger: this.logger, version: 'test-double', heartbeatMs: this.heartbeatMs });
       this.agents.set(name, { agent, double });
       void agent.start();
     });

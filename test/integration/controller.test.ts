@@ -74,7 +74,7 @@ describe('budget controller', function () {
     fleets.push(fleet);
     await fleet.start();
     ({ controller } = await startController(kube));
-    const sampler = new Sampler(() => reserved(fleet.members()));
+    const sampler = new Sampler(() => reserved(fleet.members()), [fleet]);
     try {
       await eventually('2 pods at 20 each', () => grants(fleet.members()).join() === '20,20');
       const scaledAt = Date.now();
@@ -182,7 +182,7 @@ describe('budget controller', function () {
     const fleetB = new SidecarFleetDouble(kube, b);
     fleets.push(fleetA, fleetB);
     await Promise.all([fleetA.start(), fleetB.start()]);
-    const sampler = new Sampler(() => reserved([...fleetA.members(), ...fleetB.members()]));
+    const sampler = new Sampler(() => reserved([...fleetA.members(), ...fleetB.members()]), [fleetA, fleetB]);
     ({ controller } = await startController(kube));
     try {
       await eventually('6 pods at 5 each', () => [...grants(fleetA.members()), ...grants(fleetB.members())].join() === '5,5,5,5,5,5');
@@ -320,7 +320,7 @@ describe('budget controller', function () {
     const fleet = new SidecarFleetDouble(kube, namespace);
     fleets.push(fleet);
     await fleet.start();
-    const sampler = new Sampler(() => reserved(fleet.members()));
+    const sampler = new Sampler(() => reserved(fleet.members()), [fleet]);
     try {
       ({ controller } = await startController(kube));
       await eventually('2 pods at 12', () => grants(fleet.members()).join() === '12,12');

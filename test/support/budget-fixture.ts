@@ -113,6 +113,12 @@ export class SidecarFleetDouble {
     await Promise.all([this.informer.start(), this.pods.start()]);
   }
 
+  /** Calls `listener` after every PoolMember or pod change this fleet sees. */
+  onChange(listener: () => void): void {
+    this.informer.onChange(() => listener());
+    this.pods.onChange(() => listener());
+  }
+
   /**
    * PoolMembers of pods that still exist. A deleted pod's containers are
    * gone, so its PoolMember (until garbage collection removes it) holds nothing.
@@ -135,23 +141,29 @@ export function reserved(members: readonly PoolMember[]): number {
 }
 
 /**
- * Samples `read()` every `intervalMs` until stopped, recording the maximum;
- * the safety invariant is checked on every sample, not just at the end.
+ * Samples `read()` on every change the fleets observe (each PoolMember or pod
+ * event) and every `intervalMs`, until stopped, recording the maximum: the
+ * safety invariant is checked at every observed state, not just at the end.
  */
 export class Sampler {
   max = 0;
   samples = 0;
   private timer: NodeJS.Timeout;
+  private stopped = false;
 
-  constructor(read: () => number, intervalMs = 50) {
-    this.timer = setInterval(() => {
+  constructor(read: () => number, fleets: readonly SidecarFleetDouble[] = [], intervalMs = 50) {
+    const sample = (): void => {
+      if (this.stopped) return;
       this.samples += 1;
       this.max = Math.max(this.max, read());
-    }, intervalMs);
+    };
+    for (const fleet of fleets) fleet.onChange(sample);
+    this.timer = setInterval(sample, intervalMs);
   }
 
   /** Stops sampling. */
   stop(): void {
+    this.stopped = true;
     clearInterval(this.timer);
   }
 }

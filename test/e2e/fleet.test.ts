@@ -87,6 +87,7 @@ describe('fleet end to end', function () {
     const logs = new LogCapture();
     const logger = pino({ level: 'debug' }, logs);
     controller = await startController({ kubeConfig: kube.kubeConfig(), namespace, identity: 'e2e', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: true, repair: 'off' }, logger.child({ component: 'controller' }));
+    // From here on this process runs the controller and the sidecars: kubectl must not block it.
     const stats = { queries: 0, errors: [] as string[] };
     kubelet = new KubeletSimulator(kube, namespace, { username: postgres.app.user, password: postgres.app.password }, logger.child({ component: 'sidecar' }));
     kubelet.onPodReady = (pod) => startApp(pod, stats);
@@ -102,24 +103,24 @@ describe('fleet end to end', function () {
     }, 50);
     const k = kube;
     const settledAt = async (pods: number): Promise<void> => {
-      await eventually(`${pods} pods settled`, () => {
-        const dbc = JSON.parse(k.kubectl(['-n', namespace, 'get', 'dbc', 'orders', '-o', 'json'])) as { status?: { pods?: number; conditions?: Array<{ type: string; status: string }> } };
+      await eventually(`${pods} pods settled`, async () => {
+        const dbc = JSON.parse(await k.kubectlAsync(['-n', namespace, 'get', 'dbc', 'orders', '-o', 'json'])) as { status?: { pods?: number; conditions?: Array<{ type: string; status: string }> } };
         return dbc.status?.pods === pods && dbc.status.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') === true && kubelet!.live().length === pods;
       }, 60_000);
     };
     try {
       await settledAt(2);
-      kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=4']);
+      await kube.kubectlAsync(['-n', namespace, 'scale', 'deployment/web', '--replicas=4']);
       await settledAt(4);
       // Credential rotation in place: new password on the server, then in the Secret and the pods' volumes.
       const original = postgres.app.password;
       const rotated = `${original}-rotated`;
       await postgres.query(`ALTER ROLE app PASSWORD '${rotated}'`);
-      kube.kubectl(['-n', namespace, 'apply', '-f', '-'], kube.kubectl(['-n', namespace, 'create', 'secret', 'generic', 'db-credentials', '--from-literal=username=app', `--from-literal=password=${rotated}`, '--dry-run=client', '-o', 'yaml']));
+      await kube.kubectlAsync(['-n', namespace, 'apply', '-f', '-'], await kube.kubectlAsync(['-n', namespace, 'create', 'secret', 'generic', 'db-credentials', '--from-literal=username=app', `--from-literal=password=${rotated}`, '--dry-run=client', '-o', 'yaml']));
       kubelet.rotate({ username: 'app', password: rotated });
       const rotatedAt = new Date();
-      await eventually('every sidecar on the new credentials, as the controller sees it', () => {
-        const members = JSON.parse(kube.kubectl(['-n', namespace, 'get', 'pm', '-o', 'json'])) as { items: Array<{ spec: { credentialsGeneration?: string }; status?: { credentialsGeneration?: string } }> };
+      await eventually('every sidecar on the new credentials, as the controller sees it', async () => {
+        const members = JSON.parse(await kube.kubectlAsync(['-n', namespace, 'get', 'pm', '-o', 'json'])) as { items: Array<{ spec: { credentialsGeneration?: string }; status?: { credentialsGeneration?: string } }> };
         return members.items.length === 4 && members.items.every((m) => m.spec.credentialsGeneration && m.status?.credentialsGeneration === m.spec.credentialsGeneration);
       }, 30_000);
       await eventually('no server connection from before the rotation', async () => {
@@ -128,18 +129,18 @@ describe('fleet end to end', function () {
       }, 30_000);
       // Restore the password the other tests use, the same way.
       await postgres.query(`ALTER ROLE app PASSWORD '${original}'`);
-      kube.kubectl(['-n', namespace, 'apply', '-f', '-'], kube.kubectl(['-n', namespace, 'create', 'secret', 'generic', 'db-credentials', '--from-literal=username=app', `--from-literal=password=${original}`, '--dry-run=client', '-o', 'yaml']));
+      await kube.kubectlAsync(['-n', namespace, 'apply', '-f', '-'], await kube.kubectlAsync(['-n', namespace, 'create', 'secret', 'generic', 'db-credentials', '--from-literal=username=app', `--from-literal=password=${original}`, '--dry-run=client', '-o', 'yaml']));
       kubelet.rotate({ username: 'app', password: original });
-      kube.kubectl(['-n', namespace, 'rollout', 'restart', 'deployment/web']);
-      await eventually('rollout done', () => {
+      await kube.kubectlAsync(['-n', namespace, 'rollout', 'restart', 'deployment/web']);
+      await eventually('rollout done', async () => {
         try {
-          return kube.kubectl(['-n', namespace, 'rollout', 'status', 'deployment/web', '--timeout=1s']).includes('successfully');
+          return (await kube.kubectlAsync(['-n', namespace, 'rollout', 'status', 'deployment/web', '--timeout=1s'])).includes('successfully');
         } catch {
           return false;
         }
       }, 90_000);
       await settledAt(4);
-      kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=1']);
+      await kube.kubectlAsync(['-n', namespace, 'scale', 'deployment/web', '--replicas=1']);
       await settledAt(1);
     } finally {
       clearInterval(sampler);

@@ -15,6 +15,7 @@ import type { KubeControlPlane } from '../../src/devenv/kube.ts';
 import type { PostgresServer } from '../../src/devenv/postgres.ts';
 import { createNamespaceWithSecret } from '../../src/devenv/scenario.ts';
 import { KubeHttp } from '../../src/kube/http.ts';
+import { Informer, type KubeObject } from '../../src/kube/informer.ts';
 import { PoolMemberAgent } from '../../src/sidecar/control-plane.ts';
 import { testEnvironment } from '../support/hooks.ts';
 import { ObedientSidecarDouble, Sampler, SidecarFleetDouble, createWorkload, eventually, freshNamespace, installCrds, reserved, startController } from '../support/budget-fixture.ts';
@@ -32,8 +33,14 @@ function applyConnection(kube: KubeControlPlane, postgres: PostgresServer, names
   }));
 }
 
-function getConnection(kube: KubeControlPlane, namespace: string, name: string): DatabaseConnection {
-  return JSON.parse(kube.kubectl(['-n', namespace, 'get', 'dbc', name, '-o', 'json'])) as DatabaseConnection;
+/**
+ * DatabaseConnections as a watch sees them. A synchronous kubectl in a poll
+ * would block this process, where the controller under test runs.
+ */
+let connectionCache: Informer<DatabaseConnection & KubeObject> | undefined;
+
+function getConnection(_kube: KubeControlPlane, namespace: string, name: string): DatabaseConnection | undefined {
+  return connectionCache?.get(namespace, name);
 }
 
 function grants(members: readonly PoolMember[]): number[] {
@@ -49,6 +56,12 @@ describe('budget controller', function () {
   before(async function () {
     [kube, postgres] = await Promise.all([testEnvironment().kube(), testEnvironment().postgres()]);
     await installCrds(kube);
+    connectionCache = new Informer<DatabaseConnection & KubeObject>(new KubeHttp(kube.kubeConfig()), { path: '/apis/poolkeeper.dev/v1alpha1/databaseconnections', logger: pino({ level: 'silent' }) });
+    await connectionCache.start();
+  });
+
+  after(async function () {
+    await connectionCache?.stop();
   });
 
   const namespaces: string[] = [];
@@ -84,10 +97,10 @@ describe('budget controller', function () {
       kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=1']);
       await eventually('1 pod at 40', () => grants(fleet.members()).join() === '40');
       await eventually('status of 1 settled pod', () => {
-        const s = getConnection(kube, namespace, 'orders').status;
+        const s = getConnection(kube, namespace, 'orders')?.status;
         return s?.pods === 1 && s.conditions?.find((c) => c.type === 'Ready')?.status === 'True';
       });
-      const status = getConnection(kube, namespace, 'orders').status;
+      const status = getConnection(kube, namespace, 'orders')?.status;
       assert.equal(status?.pods, 1);
       assert.equal(status?.allocated, 40);
       assert.equal(status?.consumers?.[0]?.perPodBudget, 40);
@@ -109,8 +122,8 @@ describe('budget controller', function () {
     ({ controller } = await startController(kube));
     const discovered = postgres.options.maxConnections - postgres.options.superuserReservedConnections;
     const reserve = Math.ceil(discovered * 0.15);
-    await eventually('status.limit', () => getConnection(kube, namespace, 'orders').status?.limit?.discovered !== undefined);
-    assert.deepEqual(getConnection(kube, namespace, 'orders').status?.limit, { discovered, reserve, effective: discovered - reserve, shared: 1 });
+    await eventually('status.limit', () => getConnection(kube, namespace, 'orders')?.status?.limit?.discovered !== undefined);
+    assert.deepEqual(getConnection(kube, namespace, 'orders')?.status?.limit, { discovered, reserve, effective: discovered - reserve, shared: 1 });
   });
 
   it('reads maxConnections: auto over TLS (require; verify-full with the CA from caSecretRef) and falls back to plaintext for prefer where the server has no TLS', async function () {
@@ -135,9 +148,9 @@ describe('budget controller', function () {
     kube.kubectl(['-n', preferPlain, 'apply', '-f', '-'], spec('localhost', postgres.port, 'prefer'));
     ({ controller } = await startController(kube));
     const expected = (server: PostgresServer): number => server.options.maxConnections - server.options.superuserReservedConnections;
-    await eventually('limit over TLS', () => getConnection(kube, overTls, 'orders').status?.limit?.discovered === expected(tls));
-    await eventually('limit over verified TLS', () => getConnection(kube, verified, 'orders').status?.limit?.discovered === expected(tls));
-    await eventually('limit with prefer on a plaintext server', () => getConnection(kube, preferPlain, 'orders').status?.limit?.discovered === expected(postgres));
+    await eventually('limit over TLS', () => getConnection(kube, overTls, 'orders')?.status?.limit?.discovered === expected(tls));
+    await eventually('limit over verified TLS', () => getConnection(kube, verified, 'orders')?.status?.limit?.discovered === expected(tls));
+    await eventually('limit with prefer on a plaintext server', () => getConnection(kube, preferPlain, 'orders')?.status?.limit?.discovered === expected(postgres));
   });
 
   it('reads maxConnections: auto through the SSH bastion, and refuses a bastion whose host key does not match', async function () {
@@ -163,12 +176,12 @@ describe('budget controller', function () {
     }));
     ({ controller } = await startController(kube));
     const expected = postgres.options.maxConnections - postgres.options.superuserReservedConnections;
-    await eventually('limit read through the tunnel', () => getConnection(kube, good, 'orders').status?.limit?.discovered === expected);
+    await eventually('limit read through the tunnel', () => getConnection(kube, good, 'orders')?.status?.limit?.discovered === expected);
     await eventually('Degraded on the wrong host key', () => {
-      const degraded = getConnection(kube, bad, 'orders').status?.conditions?.find((c) => c.type === 'Degraded');
+      const degraded = getConnection(kube, bad, 'orders')?.status?.conditions?.find((c) => c.type === 'Degraded');
       return degraded?.status === 'True' && degraded.reason === 'LimitDiscoveryFailed' && /host key/.test(degraded.message);
     }, 30_000);
-    assert.equal(getConnection(kube, bad, 'orders').status?.limit, undefined, 'no limit, so nothing is granted');
+    assert.equal(getConnection(kube, bad, 'orders')?.status?.limit, undefined, 'no limit, so nothing is granted');
   });
 
   it('shares one server limit between DatabaseConnections in two namespaces', async function () {
@@ -190,7 +203,7 @@ describe('budget controller', function () {
       sampler.stop();
     }
     assert.ok(sampler.max <= 30, `reserved peaked at ${sampler.max}`);
-    await eventually('shared status', () => getConnection(kube, a, 'db').status?.limit?.shared === 2);
+    await eventually('shared status', () => getConnection(kube, a, 'db')?.status?.limit?.shared === 2);
   });
 
   it('reports oversubscription with the numbers, as a condition and an Event, and grants no more than the limit', async function () {
@@ -201,8 +214,8 @@ describe('budget controller', function () {
     fleets.push(fleet);
     await fleet.start();
     ({ controller } = await startController(kube));
-    await eventually('Oversubscribed', () => getConnection(kube, namespace, 'orders').status?.conditions?.some((c) => c.type === 'Oversubscribed' && c.status === 'True') ?? false);
-    const condition = getConnection(kube, namespace, 'orders').status?.conditions?.find((c) => c.type === 'Oversubscribed');
+    await eventually('Oversubscribed', () => getConnection(kube, namespace, 'orders')?.status?.conditions?.some((c) => c.type === 'Oversubscribed' && c.status === 'True') ?? false);
+    const condition = getConnection(kube, namespace, 'orders')?.status?.conditions?.find((c) => c.type === 'Oversubscribed');
     assert.match(condition?.message ?? '', /4 pods x minPerPod 3 = 12 > limit 10/);
     await eventually('the Event', () => kube.kubectl(['-n', namespace, 'get', 'events', '--field-selector', 'reason=Oversubscribed', '-o', 'name']).trim() !== '');
     await eventually('grants settle', () => fleet.members().length === 4 && fleet.members().every((m) => m.status?.acknowledgedGeneration === m.spec.grant.generation));
@@ -214,8 +227,8 @@ describe('budget controller', function () {
     createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
     applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 10, reserve: 0 });
     ({ controller } = await startController(kube, undefined, { repair: 'report' }));
-    await eventually('Degraded SidecarMissing', () => getConnection(kube, namespace, 'orders').status?.conditions?.some((c) => c.type === 'Degraded' && c.status === 'True' && c.reason === 'SidecarMissing') ?? false);
-    assert.match(getConnection(kube, namespace, 'orders').status?.conditions?.find((c) => c.type === 'Degraded')?.message ?? '', /2 pod\(s\) opted in but run without the sidecar/);
+    await eventually('Degraded SidecarMissing', () => getConnection(kube, namespace, 'orders')?.status?.conditions?.some((c) => c.type === 'Degraded' && c.status === 'True' && c.reason === 'SidecarMissing') ?? false);
+    assert.match(getConnection(kube, namespace, 'orders')?.status?.conditions?.find((c) => c.type === 'Degraded')?.message ?? '', /2 pod\(s\) opted in but run without the sidecar/);
     await eventually('SidecarMissing Events', () => kube.kubectl(['-n', namespace, 'get', 'events', '--field-selector', 'reason=SidecarMissing', '-o', 'name']).trim() !== '');
   });
 
@@ -248,10 +261,10 @@ describe('budget controller', function () {
     const [name, { agent }] = [...fleet.agents.entries()][0]!;
     await agent.stop();
     await eventually('Degraded SidecarUnresponsive', () => {
-      const degraded = getConnection(kube, namespace, 'orders').status?.conditions?.find((c) => c.type === 'Degraded');
+      const degraded = getConnection(kube, namespace, 'orders')?.status?.conditions?.find((c) => c.type === 'Degraded');
       return degraded?.reason === 'SidecarUnresponsive' && degraded.message.includes(name);
     }, 30_000);
-    assert.equal(getConnection(kube, namespace, 'orders').status?.allocated, 10, 'the silent sidecar keeps its reservation');
+    assert.equal(getConnection(kube, namespace, 'orders')?.status?.allocated, 10, 'the silent sidecar keeps its reservation');
   });
 
   it('binds the sidecar role to the pods\' ServiceAccount: a sidecar with the pod\'s own token reads its grant and acknowledges', async function () {

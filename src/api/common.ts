@@ -32,6 +32,21 @@ export const conditionsSchema = {
   items: conditionSchema,
 } as const;
 
+/** The openAPIV3Schema of a custom resource with a required spec and a status. */
+export function resourceSchema(spec: object, status: object): Record<string, unknown> {
+  return {
+    type: 'object',
+    required: ['spec'],
+    properties: {
+      apiVersion: { type: 'string' },
+      kind: { type: 'string' },
+      metadata: { type: 'object' },
+      spec,
+      status,
+    },
+  };
+}
+
 /** metav1.LabelSelector. */
 export const labelSelectorSchema = {
   type: 'object',

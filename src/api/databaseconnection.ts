@@ -7,7 +7,7 @@
  */
 import type { FromSchema } from 'json-schema-to-ts';
 import type { V1ObjectMeta } from '@kubernetes/client-node';
-import { conditionsSchema, labelSelectorSchema } from './common.ts';
+import { conditionsSchema, labelSelectorSchema, resourceSchema } from './common.ts';
 
 const portSchema = { type: 'integer', minimum: 1, maximum: 65535 } as const;
 const dnsLabelPattern = '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$';
@@ -226,17 +226,7 @@ export const databaseConnectionStatusSchema = {
 } as const;
 
 /** The CRD's openAPIV3Schema. */
-export const databaseConnectionSchema = {
-  type: 'object',
-  required: ['spec'],
-  properties: {
-    apiVersion: { type: 'string' },
-    kind: { type: 'string' },
-    metadata: { type: 'object' },
-    spec: databaseConnectionSpecSchema,
-    status: databaseConnectionStatusSchema,
-  },
-} as const;
+export const databaseConnectionSchema = resourceSchema(databaseConnectionSpecSchema, databaseConnectionStatusSchema);
 
 /** DatabaseConnection spec as read from the API server (defaults filled in). */
 export type DatabaseConnectionSpec = FromSchema<typeof databaseConnectionSpecSchema>;

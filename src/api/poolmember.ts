@@ -6,6 +6,7 @@
  */
 import type { FromSchema } from 'json-schema-to-ts';
 import type { V1ObjectMeta } from '@kubernetes/client-node';
+import { resourceSchema } from './common.ts';
 import { HOST_KEY_PATTERN, POOL_MODES, SSL_MODES } from './databaseconnection.ts';
 
 const portSchema = { type: 'integer', minimum: 1, maximum: 65535 } as const;
@@ -87,17 +88,7 @@ export const poolMemberStatusSchema = {
 } as const;
 
 /** The CRD's openAPIV3Schema. */
-export const poolMemberSchema = {
-  type: 'object',
-  required: ['spec'],
-  properties: {
-    apiVersion: { type: 'string' },
-    kind: { type: 'string' },
-    metadata: { type: 'object' },
-    spec: poolMemberSpecSchema,
-    status: poolMemberStatusSchema,
-  },
-} as const;
+export const poolMemberSchema = resourceSchema(poolMemberSpecSchema, poolMemberStatusSchema);
 
 /** PoolMember spec as read from the API server (defaults filled in). */
 export type PoolMemberSpec = FromSchema<typeof poolMemberSpecSchema>;

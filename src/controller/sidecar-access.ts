@@ -21,10 +21,15 @@ interface RoleBinding {
 export class SidecarAccess {
   private readonly http: KubeHttp;
   private readonly logger: Logger;
+  private readonly recheckMs: number;
+  /** Per namespace: ServiceAccounts known bound, and when the binding was last read. */
+  private readonly known = new Map<string, { accounts: Set<string>; checkedAt: number }>();
 
-  constructor(http: KubeHttp, logger: Logger) {
+  /** `recheckMs`: how long a binding read from the API is trusted before it is read again (a deleted one comes back then). */
+  constructor(http: KubeHttp, logger: Logger, recheckMs = 5 * 60_000) {
     this.http = http;
     this.logger = logger;
+    this.recheckMs = recheckMs;
   }
 
   /**
@@ -40,7 +45,11 @@ export class SidecarAccess {
       accounts.add(pod.spec?.serviceAccountName ?? 'default');
       byNamespace.set(namespace, accounts);
     }
+    const now = Date.now();
     for (const [namespace, accounts] of byNamespace) {
+      // Reconciles run every few seconds while grants move: read the binding only when something may be missing.
+      const known = this.known.get(namespace);
+      if (known && now - known.checkedAt < this.recheckMs && [...accounts].every((a) => known.accounts.has(a))) continue;
       const path = `/apis/rbac.authorization.k8s.io/v1/namespaces/${namespace}/rolebindings`;
       const existing = await this.http.get<RoleBinding>(`${path}/${SIDECAR_ROLE}`).catch((err: unknown) => {
         if (isStatus(err, 404)) return undefined;
@@ -48,7 +57,11 @@ export class SidecarAccess {
       });
       const subjects = existing?.subjects ?? [];
       const missing = [...accounts].filter((name) => !subjects.some((s) => s.kind === 'ServiceAccount' && s.name === name && s.namespace === namespace));
-      if (missing.length === 0) continue;
+      const bound = new Set([...subjects.filter((s) => s.kind === 'ServiceAccount' && s.namespace === namespace).map((s) => s.name), ...missing]);
+      if (missing.length === 0) {
+        this.known.set(namespace, { accounts: bound, checkedAt: now });
+        continue;
+      }
       const body = {
         apiVersion: 'rbac.authorization.k8s.io/v1',
         kind: 'RoleBinding',
@@ -58,6 +71,7 @@ export class SidecarAccess {
       };
       if (existing) await this.http.replace(`${path}/${SIDECAR_ROLE}`, body);
       else await this.http.create(path, body);
+      this.known.set(namespace, { accounts: bound, checkedAt: now });
       this.logger.info({ namespace, serviceAccounts: missing }, 'bound the sidecar role to ServiceAccounts of opted-in pods');
     }
   }

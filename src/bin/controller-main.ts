@@ -11,7 +11,7 @@ import { ControllerMetrics } from '../controller/metrics.ts';
 import { EventRecorder } from '../kube/events.ts';
 import { KubeHttp } from '../kube/http.ts';
 import { LeaderElector } from '../kube/leader-election.ts';
-import { AdminServer } from '../sidecar/admin-server.ts';
+import { AdminServer } from '../ops/admin-server.ts';
 import { DEFAULT_POD_REPAIR_OPTIONS, MissingSidecarRepairer } from '../webhook/repair.ts';
 
 /** Everything the controller binary is configured with. */

@@ -8,7 +8,7 @@
 import { hostname } from 'node:os';
 import pino from 'pino';
 import { Registry, collectDefaultMetrics } from 'prom-client';
-import { AdminServer } from '../sidecar/admin-server.ts';
+import { AdminServer } from '../ops/admin-server.ts';
 import { startWebhook, webhookConfigFromEnv } from '../webhook/runtime.ts';
 import { loadKubeConfig } from './kubeconfig.ts';
 import { startController } from './controller-main.ts';

@@ -17,7 +17,7 @@ import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import type { Registry } from 'prom-client';
 import { DEFAULT_MAX_MESSAGE_BYTES, errorResponse } from '../core/protocol/index.ts';
-import { AdminServer } from './admin-server.ts';
+import { AdminServer } from '../ops/admin-server.ts';
 import { ClientSession, type ClientSessionHost } from './client-session.ts';
 import { DirectReadSocket, ReadBufferPool, adoptAcceptedSocket } from './direct-read-socket.ts';
 import { SidecarMetrics } from './metrics.ts';

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent set-up of everything the demo and the tests run on:
-# Debian's PostgreSQL, OpenSSH server and PgBouncer, and the pinned Kubernetes
-# binaries built from Go modules (cached per version). Safe to run repeatedly.
+# Debian's PostgreSQL, OpenSSH server and PgBouncer, the database drivers the
+# driver compatibility tests run (psycopg 3, psycopg2, asyncpg for Debian's
+# python3, pgjdbc for the installed Java), and the pinned Kubernetes binaries
+# built from Go modules (cached per version). Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +13,12 @@ command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
 [ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null 2>&1 || missing+=(pgbouncer)
+# Drivers for test/integration/drivers.test.ts: imported by Debian's own python3
+# (a pyenv or venv python3 earlier on PATH would not see them), pgjdbc as a jar.
+for module in psycopg:python3-psycopg psycopg2:python3-psycopg2 asyncpg:python3-asyncpg; do
+  /usr/bin/python3 -c "import ${module%%:*}" >/dev/null 2>&1 || missing+=("${module#*:}")
+done
+[ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
 
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then

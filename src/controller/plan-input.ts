@@ -123,8 +123,9 @@ export function buildBudgetInput(args: {
   }
   // A PoolMember we wrote that the cache has not shown yet still reserves its grant.
   const seen = new Set(members.map((m) => m.podUid));
+  const podUids = new Set(pods.map((p) => p.uid));
   for (const written of args.written.values()) {
-    if (seen.has(written.podUid) || !pods.some((p) => p.uid === written.podUid)) continue;
+    if (seen.has(written.podUid) || !podUids.has(written.podUid)) continue;
     members.push({ namespace: written.namespace, name: written.name, podUid: written.podUid, grant: { connections: written.connections, generation: written.generation } });
   }
   return { limit: args.limit, connections, pods, members };

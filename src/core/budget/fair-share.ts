@@ -34,6 +34,8 @@ function waterLevel(units: readonly ShareUnit[], capacity: number): number {
   for (let i = 0; i < 1100 && total(above) < capacity; i += 1) above *= 2;
   for (let i = 0; i < LEVEL_SEARCH_STEPS; i += 1) {
     const middle = (below + above) / 2;
+    // Once the midpoint is an end point the bounds can no longer move: the remaining steps would change nothing.
+    if (middle === below || middle === above) break;
     if (total(middle) < capacity) below = middle;
     else above = middle;
   }
@@ -62,17 +64,70 @@ export function fairShares(units: readonly ShareUnit[], capacity: number): Map<s
   }
   // Each leftover connection goes to the unit that would reach its next connection at the lowest
   // level, (share + 1) / weight, compared exactly by cross-multiplying; ties go to the smaller key.
-  const takers = units.filter((u) => u.takesRemainder).sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
+  // A binary heap ordered that way hands them out in O((units + leftover) log units).
+  const heap = new RemainderHeap();
+  for (const u of units) {
+    const share = shares.get(u.key) ?? 0;
+    if (u.takesRemainder && share < u.high) heap.push({ unit: u, share });
+  }
   while (given < capacity) {
-    let best: ShareUnit | undefined;
-    for (const u of takers) {
-      const share = shares.get(u.key) ?? 0;
-      if (share >= u.high) continue;
-      if (!best || (share + 1) * best.weight < ((shares.get(best.key) ?? 0) + 1) * u.weight) best = u;
-    }
+    const best = heap.pop();
     if (!best) break;
-    shares.set(best.key, (shares.get(best.key) ?? 0) + 1);
+    best.share += 1;
+    shares.set(best.unit.key, best.share);
     given += 1;
+    if (best.share < best.unit.high) heap.push(best);
   }
   return shares;
+}
+
+/** A unit in line for a leftover connection, with its share so far. */
+interface Candidate {
+  unit: ShareUnit;
+  share: number;
+}
+
+/** True when `a` is due its next connection before `b`: lower (share + 1) / weight, then smaller key. */
+function dueBefore(a: Candidate, b: Candidate): boolean {
+  const left = (a.share + 1) * b.unit.weight;
+  const right = (b.share + 1) * a.unit.weight;
+  if (left !== right) return left < right;
+  return a.unit.key < b.unit.key;
+}
+
+/** Min-heap of candidates by dueBefore. */
+class RemainderHeap {
+  private readonly items: Candidate[] = [];
+
+  push(item: Candidate): void {
+    const items = this.items;
+    let index = items.length;
+    items.push(item);
+    while (index > 0) {
+      const parent = (index - 1) >> 1;
+      if (!dueBefore(item, items[parent]!)) break;
+      items[index] = items[parent]!;
+      index = parent;
+    }
+    items[index] = item;
+  }
+
+  pop(): Candidate | undefined {
+    const items = this.items;
+    const top = items[0];
+    const last = items.pop();
+    if (top === undefined || last === undefined || items.length === 0) return top;
+    let index = 0;
+    for (;;) {
+      const left = 2 * index + 1;
+      if (left >= items.length) break;
+      const right = left + 1;
+      const child = right < items.length && dueBefore(items[right]!, items[left]!) ? right : left;
+      if (!dueBefore(items[child]!, last)) break;
+      items[index] = items[child]!;
+      index = child;
+    }
+    items[index] = last;
+    return top;
+  }
 }

@@ -108,7 +108,12 @@ function joinPodsWithMembers(pods: readonly PodInput[], members: readonly Member
  */
 function fairTargets(states: readonly PodState[], consumers: Map<string, ConsumerContext>, limit: number): { targets: Map<string, number>; slotShares: Map<string, number>; oversubscription?: Oversubscription } {
   const livePods = new Map<string, PodState[]>();
-  for (const s of states) if (s.role === 'live' && s.consumer) livePods.set(s.consumer.key, [...(livePods.get(s.consumer.key) ?? []), s]);
+  for (const s of states) {
+    if (s.role !== 'live' || !s.consumer) continue;
+    const list = livePods.get(s.consumer.key);
+    if (list) list.push(s);
+    else livePods.set(s.consumer.key, [s]);
+  }
   const required = [...consumers.values()].reduce((sum, c) => sum + c.slots * c.consumer.minPerPod, 0);
   const oversubscribed = required > limit;
   const units: ShareUnit[] = [];
@@ -198,21 +203,42 @@ function summarize(
       waitingFor: s.role === 'live' ? waitOf(s, grant, target) : reservation === 0 ? 'none' : 'acknowledgement',
     };
   });
+  // One pass over the grants, tallied per connection and per consumer: the summaries cost O(pods), not O(pods x connections).
+  const tallies = new Map<string, { allocated: number; live: number; waiting: number }>();
+  const consumerTallies = new Map<string, { pods: number; minTarget: number }>();
+  for (const g of grants) {
+    const connectionKey = `${g.namespace}/${g.connection}`;
+    const tally = tallies.get(connectionKey) ?? { allocated: 0, live: 0, waiting: 0 };
+    tallies.set(connectionKey, tally);
+    tally.allocated += g.reservation;
+    if (g.drain) continue;
+    tally.live += 1;
+    if (g.waitingFor !== 'none') tally.waiting += 1;
+    if (g.consumer === undefined) continue;
+    const key = consumerKey(g.namespace, g.connection, g.consumer);
+    const consumerTally = consumerTallies.get(key);
+    if (consumerTally) {
+      consumerTally.pods += 1;
+      consumerTally.minTarget = Math.min(consumerTally.minTarget, g.target);
+    } else {
+      consumerTallies.set(key, { pods: 1, minTarget: g.target });
+    }
+  }
   const connections: ConnectionSummary[] = input.connections.map((connection) => {
-    const mine = grants.filter((g) => g.namespace === connection.namespace && g.connection === connection.name);
-    const live = mine.filter((g) => !g.drain);
+    const tally = tallies.get(`${connection.namespace}/${connection.name}`) ?? { allocated: 0, live: 0, waiting: 0 };
     const consumerSummaries: ConsumerSummary[] = connection.consumers.map((consumer) => {
-      const context = consumers.get(consumerKey(connection.namespace, connection.name, consumer.name));
-      const pods = live.filter((g) => g.consumer === consumer.name);
-      const perPodBudget = context && slotShares.has(context.key) ? (slotShares.get(context.key) ?? 0) : pods.length === 0 ? 0 : Math.min(...pods.map((g) => g.target));
-      return { name: consumer.name, pods: pods.length, perPodBudget, perProcessBudget: Math.floor(perPodBudget / consumer.processesPerPod) };
+      const key = consumerKey(connection.namespace, connection.name, consumer.name);
+      const context = consumers.get(key);
+      const pods = consumerTallies.get(key) ?? { pods: 0, minTarget: 0 };
+      const perPodBudget = context && slotShares.has(context.key) ? (slotShares.get(context.key) ?? 0) : pods.minTarget;
+      return { name: consumer.name, pods: pods.pods, perPodBudget, perProcessBudget: Math.floor(perPodBudget / consumer.processesPerPod) };
     });
     return {
-      namespace: connection.namespace, name: connection.name, pods: live.length,
-      allocated: mine.reduce((sum, g) => sum + g.reservation, 0),
+      namespace: connection.namespace, name: connection.name, pods: tally.live,
+      allocated: tally.allocated,
       consumers: consumerSummaries,
       perPodBudget: consumerSummaries.map((c) => `${c.name}=${c.perPodBudget}`).join(' '),
-      podsWaiting: live.filter((g) => g.waitingFor !== 'none').length,
+      podsWaiting: tally.waiting,
     };
   });
   return {

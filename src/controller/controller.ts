@@ -2,10 +2,14 @@
  * The budget controller: informers on DatabaseConnections, opted-in pods,
  * PoolMembers, Secrets and workloads feed a work queue keyed by database
  * server; the leader's workers reconcile those keys. Handlers only enqueue.
+ * Start-up waits for every informer's first list, which retries (429 while
+ * the API server's storage initializes, 5xx, connection refused) rather than
+ * failing. On stop, in-flight reconciles end before the Lease is released.
  */
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, type DatabaseConnection, type PoolMember } from '../api/index.ts';
 import { serverKey } from '../core/budget/index.ts';
+import { ApiReachability } from '../kube/backoff.ts';
 import type { KubeHttp } from '../kube/http.ts';
 import { Informer, type KubeObject } from '../kube/informer.ts';
 import type { LeaderElector } from '../kube/leader-election.ts';
@@ -34,14 +38,17 @@ export class BudgetController {
   private queue: WorkQueue | undefined;
   private workers: Promise<void> | undefined;
   private synced = false;
+  private stopping = false;
   /** The last server key seen for each connection, so a host change reconciles the old server too. */
   private readonly lastServer = new Map<string, string>();
 
   constructor(options: ControllerOptions) {
     this.options = options;
     const { http, logger } = options;
+    // One probe for all informers: when the API server is back, every watch resumes at once.
+    const reachability = new ApiReachability(http);
     const informer = <T extends KubeObject>(path: string, labelSelector?: string): Informer<T> =>
-      new Informer<T>(http, { path, labelSelector, logger: logger.child({ informer: path }), stallTimeoutMs: options.stallTimeoutMs });
+      new Informer<T>(http, { path, labelSelector, reachability, logger: logger.child({ informer: path }), stallTimeoutMs: options.stallTimeoutMs });
     this.caches = {
       connections: informer<DatabaseConnection & KubeObject>(`/apis/${API_GROUP}/${API_VERSION}/databaseconnections`),
       pods: informer<PodObject & KubeObject>('/api/v1/pods', CONNECTION_LABEL),
@@ -51,7 +58,12 @@ export class BudgetController {
       statefulSets: informer<WorkloadObject>('/apis/apps/v1/statefulsets'),
       hpas: informer<HpaObject>('/apis/autoscaling/v2/horizontalpodautoscalers'),
     };
-    this.reconciler = new ServerReconciler({ ...options.reconciler, http, caches: this.caches, logger, metrics: options.metrics });
+    const { elector } = options;
+    this.reconciler = new ServerReconciler({
+      ...options.reconciler, http, caches: this.caches, logger, metrics: options.metrics,
+      // A replica that lost the Lease stops writing grants even mid-reconcile.
+      ...(elector ? { mayWrite: () => elector.isLeader && !this.stopping } : {}),
+    });
     this.wireHandlers();
   }
 
@@ -100,6 +112,7 @@ export class BudgetController {
   /** Starts the informers (and waits for their first list), then works whenever this replica leads. */
   async start(): Promise<void> {
     await Promise.all(Object.values(this.caches).map((i: Informer<KubeObject>) => i.start()));
+    if (this.stopping) return;
     this.synced = true;
     const { elector } = this.options;
     if (!elector) {
@@ -115,12 +128,14 @@ export class BudgetController {
   }
 
   private startWorkers(): void {
-    if (this.queue) return;
+    if (this.queue || this.stopping) return;
     const queue = new WorkQueue();
     this.queue = queue;
-    this.workers = queue.run(this.options.workers ?? 2, (server) => this.reconciler.reconcile(server), (server, err) => {
-      this.options.logger.warn({ server, err }, 'reconcile failed; retrying with backoff');
-    });
+    // A replica that leads again starts only after its previous workers have ended.
+    const previous = this.workers ?? Promise.resolve();
+    this.workers = previous.then(() => queue.run(this.options.workers ?? 2, (server) => this.reconciler.reconcile(server), (server, err) => {
+      this.options.logger.warn({ server, error: err instanceof Error ? err.message : String(err) }, 'reconcile failed; retrying with backoff');
+    }));
     for (const server of this.reconciler.serverKeys()) queue.add(server);
   }
 
@@ -131,10 +146,15 @@ export class BudgetController {
     await this.workers;
   }
 
-  /** Stops workers, the election and the informers. */
+  /**
+   * Stops the workers and waits for in-flight reconciles, then releases the
+   * Lease (a standby may write only after this replica has stopped writing),
+   * then stops the informers.
+   */
   async stop(): Promise<void> {
-    await this.options.elector?.stop();
+    this.stopping = true;
     await this.stopWorkers();
+    await this.options.elector?.stop();
     await Promise.all(Object.values(this.caches).map((i: Informer<KubeObject>) => i.stop()));
   }
 }

@@ -67,6 +67,24 @@ export interface ReconcilerDeps {
   manageSidecarAccess?: boolean;
   /** A sidecar whose PoolMember status has not been written for this long is reported unresponsive. */
   heartbeatTimeoutMs?: number;
+  /** False once this replica may no longer write grants (it lost the Lease or is stopping); absent: always. */
+  mayWrite?: () => boolean;
+}
+
+/** A grant write found its PoolMember changed since the cache showed it (another writer, or the cache behind). */
+export class GrantConflictError extends Error {
+  constructor(member: string) {
+    super(`PoolMember ${member} changed since it was read; replanning`);
+    this.name = 'GrantConflictError';
+  }
+}
+
+/** Thrown instead of writing a grant when this replica no longer leads. */
+export class NotLeaderError extends Error {
+  constructor() {
+    super('not the leader any more; grant write skipped');
+    this.name = 'NotLeaderError';
+  }
 }
 
 const MEMBERS = `/apis/${API_GROUP}/${API_VERSION}`;
@@ -82,6 +100,8 @@ type CredentialsLookup = { ok: true; username: string; password: string; generat
 export class ServerReconciler {
   private readonly deps: ReconcilerDeps;
   private readonly written = new Map<string, WrittenGrant>();
+  /** resourceVersion and grant generation of the PoolMember this replica last wrote, by pod uid. */
+  private readonly writtenVersions = new Map<string, { generation: number; resourceVersion: string }>();
   private readonly unsettledSince = new Map<string, number>();
   private readonly now: () => Date;
   private readonly sidecarAccess: SidecarAccess | undefined;
@@ -155,6 +175,12 @@ export class ServerReconciler {
     } catch (err) {
       result = 'error';
       this.deps.metrics.reconcileErrors.inc({ reason: err instanceof Error ? err.name : 'unknown' });
+      // Expected in a race: replan from the cache once it has caught up, without the error backoff.
+      if (err instanceof GrantConflictError) {
+        this.deps.logger.debug({ server, error: err.message }, 'grant write conflict');
+        return { requeueAfterMs: 200 };
+      }
+      if (err instanceof NotLeaderError) return;
       throw err;
     } finally {
       this.deps.metrics.reconcileDuration.observe({ result }, Number(process.hrtime.bigint() - started) / 1e9);
@@ -269,6 +295,8 @@ export class ServerReconciler {
       const uid = member.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid;
       const written = uid ? this.written.get(uid) : undefined;
       if (uid && written && member.spec.grant.generation >= written.generation) this.written.delete(uid);
+      const version = uid ? this.writtenVersions.get(uid) : undefined;
+      if (uid && version && member.spec.grant.generation >= version.generation) this.writtenVersions.delete(uid);
     }
   }
 
@@ -304,34 +332,63 @@ export class ServerReconciler {
       const existing = memberByName.get(`${grant.namespace}/${grant.name}`);
       const path = `${MEMBERS}/namespaces/${grant.namespace}/poolmembers`;
       const ownerReferences = [{ apiVersion: 'v1', kind: 'Pod', name: grant.name, uid: grant.podUid, controller: true, blockOwnerDeletion: false }];
+      let written: PoolMember | undefined;
       if (!existing) {
+        this.assertMayWrite();
         try {
-          await this.deps.http.create(path, { apiVersion: `${API_GROUP}/${API_VERSION}`, kind: 'PoolMember', metadata: { name: grant.name, namespace: grant.namespace, labels: { [CONNECTION_LABEL]: grant.connection }, ownerReferences }, spec });
+          written = await this.deps.http.create<PoolMember>(path, { apiVersion: `${API_GROUP}/${API_VERSION}`, kind: 'PoolMember', metadata: { name: grant.name, namespace: grant.namespace, labels: { [CONNECTION_LABEL]: grant.connection }, ownerReferences }, spec });
         } catch (err) {
-          if (!isStatus(err, 409)) throw err;
+          // Someone else created it: the cache will show it, and the next reconcile plans with it.
+          if (isStatus(err, 409)) throw new GrantConflictError(`${grant.namespace}/${grant.name}`);
+          throw err;
         }
       } else {
         const ownerChanged = existing.metadata.ownerReferences?.[0]?.uid !== grant.podUid;
         const specChanged = JSON.stringify(normalise(existing.spec)) !== JSON.stringify(normalise(spec as PoolMember['spec']));
         if (!ownerChanged && !specChanged && !grant.changed) continue;
-        await this.deps.http.patch(`${path}/${grant.name}`, { metadata: { ownerReferences, labels: { [CONNECTION_LABEL]: grant.connection } }, spec: { ...spec, sshTunnel: spec.sshTunnel ?? null, credentialsGeneration: spec.credentialsGeneration ?? null } });
-        // A new pod under an old name: the old sidecar's acknowledgement is not this pod's.
-        if (ownerChanged) await this.deps.http.patch(`${path}/${grant.name}/status`, { status: null });
+        this.assertMayWrite();
+        // The precondition: the PoolMember is still what this plan was computed from
+        // (or what this replica last wrote), so a deposed leader's stale write fails.
+        const resourceVersion = this.expectedVersion(existing);
+        try {
+          written = await this.deps.http.patch<PoolMember>(`${path}/${grant.name}`, { metadata: { resourceVersion, ownerReferences, labels: { [CONNECTION_LABEL]: grant.connection } }, spec: { ...spec, sshTunnel: spec.sshTunnel ?? null, credentialsGeneration: spec.credentialsGeneration ?? null } });
+          // A new pod under an old name: the old sidecar's acknowledgement is not this pod's.
+          if (ownerChanged) written = await this.deps.http.patch<PoolMember>(`${path}/${grant.name}/status`, { metadata: { resourceVersion: written.metadata.resourceVersion }, status: null });
+        } catch (err) {
+          if (isStatus(err, 409)) throw new GrantConflictError(`${grant.namespace}/${grant.name}`);
+          throw err;
+        }
         const before = existing.spec.grant.connections;
         if (grant.grant.connections !== before) this.deps.metrics.grantWrites.inc({ direction: grant.grant.connections < before ? 'shrink' : 'grow' });
       }
       this.written.set(grant.podUid, { namespace: grant.namespace, name: grant.name, podUid: grant.podUid, connections: grant.grant.connections, generation: grant.grant.generation });
+      if (written.metadata.resourceVersion) this.writtenVersions.set(grant.podUid, { generation: grant.grant.generation, resourceVersion: written.metadata.resourceVersion });
     }
+  }
+
+  private assertMayWrite(): void {
+    if (this.deps.mayWrite && !this.deps.mayWrite()) throw new NotLeaderError();
+  }
+
+  /** The resourceVersion a grant write must find: the cache's, or ours if the cache has not caught up with our last write. */
+  private expectedVersion(existing: PoolMember): string | undefined {
+    const uid = existing.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid;
+    const ours = uid ? this.writtenVersions.get(uid) : undefined;
+    if (ours && ours.generation > existing.spec.grant.generation) return ours.resourceVersion;
+    return existing.metadata.resourceVersion;
   }
 
   private async deleteOrphans(plan: BudgetPlan, members: readonly PoolMember[]): Promise<void> {
     const granted = new Set(plan.grants.map((g) => `${g.namespace}/${g.name}`));
     for (const orphan of plan.orphans) {
       const k = `${orphan.namespace}/${orphan.name}`;
-      if (granted.has(k) || !members.some((m) => key(m) === k)) continue;
+      const member = members.find((m) => key(m) === k);
+      if (granted.has(k) || !member) continue;
+      this.assertMayWrite();
       try {
-        await this.deps.http.delete(`${MEMBERS}/namespaces/${orphan.namespace}/poolmembers/${orphan.name}`);
+        await this.deps.http.delete(`${MEMBERS}/namespaces/${orphan.namespace}/poolmembers/${orphan.name}`, { apiVersion: 'v1', kind: 'DeleteOptions', preconditions: { resourceVersion: this.expectedVersion(member) } });
       } catch (err) {
+        if (isStatus(err, 409)) throw new GrantConflictError(k);
         if (!isStatus(err, 404)) throw err;
       }
     }

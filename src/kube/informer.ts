@@ -2,10 +2,15 @@
  * List-then-watch cache of one resource collection, with a stall watchdog:
  * a watch that has received nothing (not even a bookmark) for `stallTimeoutMs`
  * is torn down and resumed; a 410 Gone (expired resourceVersion) relists.
+ * Failed lists and watches (429 while storage initializes, 5xx, connection
+ * refused) are retried with a backoff that starts over after each success and
+ * is cut short when the shared ApiReachability sees the API server answer
+ * again; each failure is logged as one line, never thrown.
  * Handlers only learn that an object changed; consumers re-read the cache
  * (level-triggered).
  */
 import type { Logger } from 'pino';
+import { ApiReachability, Backoff, describeApiError } from './backoff.ts';
 import { KubeApiError, type KubeHttp, type WatchEvent, type WatchHandle } from './http.ts';
 
 /** The metadata every Kubernetes object has that the cache needs. */
@@ -42,6 +47,11 @@ export interface InformerOptions {
   stallTimeoutMs?: number;
   /** Server-side watch timeout; the watch is resumed after it. */
   watchTimeoutSeconds?: number;
+  /** Shared by the informers of one process: wakes their retries when the API server is back. */
+  reachability?: ApiReachability;
+  /** Retry backoff of lists and watches. */
+  initialRetryMs?: number;
+  maxRetryMs?: number;
   logger: Logger;
 }
 
@@ -56,6 +66,8 @@ export interface InformerStats {
   lists: number;
   watches: number;
   stalls: number;
+  /** Lists and watches that failed and were retried. */
+  failures: number;
 }
 
 /** One cached, watched collection. */
@@ -69,11 +81,16 @@ export class Informer<T extends KubeObject> {
   private current: WatchHandle | undefined;
   private watchdog: NodeJS.Timeout | undefined;
   private loop: Promise<void> | undefined;
-  readonly stats: InformerStats = { lists: 0, watches: 0, stalls: 0 };
+  private readonly stopping = new AbortController();
+  private readonly reachability: ApiReachability;
+  private readonly backoff: Backoff;
+  readonly stats: InformerStats = { lists: 0, watches: 0, stalls: 0, failures: 0 };
 
   constructor(http: KubeHttp, options: InformerOptions) {
     this.http = http;
     this.options = options;
+    this.reachability = options.reachability ?? new ApiReachability();
+    this.backoff = new Backoff({ initialMs: options.initialRetryMs ?? 200, maxMs: options.maxRetryMs ?? 30_000 });
   }
 
   /** Registers a change handler (before `start`). */
@@ -81,19 +98,44 @@ export class Informer<T extends KubeObject> {
     this.handlers.push(handler);
   }
 
-  /** Lists once (so the cache is synced when this resolves), then watches in the background. */
+  /**
+   * Lists (retrying until it succeeds, so the cache is synced when this
+   * resolves, or until `stop`), then watches in the background.
+   */
   async start(): Promise<void> {
     this.running = true;
-    await this.relist();
-    this.loop = this.watchLoop();
+    while (this.running) {
+      try {
+        await this.relist();
+        break;
+      } catch (err) {
+        await this.retryAfter(err, 'list failed');
+      }
+    }
+    if (this.running) this.loop = this.watchLoop();
   }
 
-  /** Stops watching. */
+  /** Stops watching (and a first list still retrying). */
   async stop(): Promise<void> {
     this.running = false;
+    this.stopping.abort();
     clearTimeout(this.watchdog);
     this.current?.abort();
     await this.loop;
+  }
+
+  /** Logs `err` as one line and waits the next backoff delay (less if the API server comes back). */
+  private async retryAfter(err: unknown, what: string): Promise<void> {
+    this.stats.failures += 1;
+    this.reachability.failed(err);
+    const delay = this.backoff.next();
+    this.options.logger.warn({ path: this.options.path, attempt: this.backoff.attempts, retryInMs: delay, error: describeApiError(err) }, `${what}; retrying`);
+    await this.reachability.sleep(delay, this.stopping.signal);
+  }
+
+  private succeeded(): void {
+    this.backoff.reset();
+    this.reachability.succeeded();
   }
 
   /** Cached objects. */
@@ -126,6 +168,7 @@ export class Informer<T extends KubeObject> {
   private async relist(): Promise<void> {
     const list = await this.http.get<{ metadata: { resourceVersion: string }; items: T[] }>(this.query({}));
     this.stats.lists += 1;
+    this.succeeded();
     const seen = new Set<string>();
     for (const item of list.items) {
       const key = objectKey(item);
@@ -171,9 +214,10 @@ export class Informer<T extends KubeObject> {
   }
 
   private async watchLoop(): Promise<void> {
-    let failures = 0;
     while (this.running) {
       let watchError: unknown;
+      let answered = false;
+      const started = Date.now();
       try {
         this.armWatchdog();
         this.current = await this.http.watch<T>(
@@ -186,27 +230,32 @@ export class Informer<T extends KubeObject> {
               this.current?.abort();
             }
           },
-          () => this.armWatchdog(),
+          () => {
+            this.armWatchdog();
+            // The first bytes of a stream are the success the backoff starts over from.
+            if (!answered) {
+              answered = true;
+              this.succeeded();
+            }
+          },
         );
         this.stats.watches += 1;
         await this.current.done;
-        failures = 0;
       } catch (err) {
         watchError = err;
       }
       clearTimeout(this.watchdog);
       if (!this.running) break;
-      if (watchError) {
-        failures += 1;
-        const gone = watchError instanceof KubeApiError && watchError.statusCode === 410;
-        this.options.logger.info({ path: this.options.path, err: watchError, gone }, 'watch ended with an error; relisting');
-        await new Promise((r) => setTimeout(r, Math.min(30_000, 200 * 2 ** Math.min(failures, 8))));
-        if (!this.running) break;
-        try {
-          await this.relist();
-        } catch (err) {
-          this.options.logger.warn({ err, path: this.options.path }, 'relist failed');
-        }
+      // A watch that ran and ended (server timeout, stall restart) resumes at once.
+      if (!watchError && (answered || Date.now() - started >= 1000)) continue;
+      const gone = watchError instanceof KubeApiError && watchError.statusCode === 410;
+      if (gone) this.options.logger.info({ path: this.options.path }, 'watch expired (410 Gone); relisting');
+      else await this.retryAfter(watchError ?? new Error('watch ended at once'), 'watch failed');
+      if (!this.running) break;
+      try {
+        await this.relist();
+      } catch (err) {
+        await this.retryAfter(err, 'relist failed');
       }
     }
   }

@@ -3,9 +3,13 @@
  * acquire when the lease is free or expired, renew every retry period, and
  * step down when renewal has failed for `renewDeadline`. Writes use the
  * lease's resourceVersion, so two candidates can never both win a round.
+ * A standby also watches the Lease, so it takes over as soon as a leader that
+ * stops cleanly releases it rather than at its next retry period.
  */
 import type { Logger } from 'pino';
+import { describeApiError } from './backoff.ts';
 import { isStatus, type KubeHttp } from './http.ts';
+import { Informer, type KubeObject } from './informer.ts';
 
 /** Timings, in milliseconds. */
 export interface LeaderElectionOptions {
@@ -33,6 +37,9 @@ export class LeaderElector {
   private stopped = false;
   private timer: NodeJS.Timeout | undefined;
   private lastRenew = 0;
+  /** The acquire-or-renew round in flight, so `stop` never races it. */
+  private round: Promise<void> | undefined;
+  private watcher: Informer<Lease & KubeObject> | undefined;
   private readonly leadingListeners: Array<(leading: boolean) => void> = [];
 
   constructor(http: KubeHttp, options: LeaderElectionOptions) {
@@ -103,40 +110,64 @@ export class LeaderElector {
     }
   }
 
-  /** Starts the loop; returns at once. */
-  start(): void {
-    const tick = async (): Promise<void> => {
-      if (this.stopped) return;
-      try {
-        const held = await this.tryAcquireOrRenew();
-        if (held) this.lastRenew = Date.now();
-        if (held) this.setLeading(true);
-        else if (!this.leading) this.setLeading(false);
-      } catch (err) {
-        this.options.logger.warn({ err }, 'lease renewal failed');
-      }
-      // A leader that could not renew within the deadline must stop acting.
-      if (this.leading && Date.now() - this.lastRenew > this.options.renewDeadlineMs) this.setLeading(false);
-      if (!this.stopped) {
-        this.timer = setTimeout(() => void tick(), this.options.retryPeriodMs);
-        this.timer.unref();
-      }
-    };
-    void tick();
+  private async tick(): Promise<void> {
+    if (this.stopped) return;
+    try {
+      const held = await this.tryAcquireOrRenew();
+      if (held) this.lastRenew = Date.now();
+      if (held) this.setLeading(true);
+      else if (!this.leading) this.setLeading(false);
+    } catch (err) {
+      this.options.logger.warn({ lease: this.options.name, error: describeApiError(err) }, 'lease renewal failed');
+    }
+    // A leader that could not renew within the deadline must stop acting.
+    if (this.leading && Date.now() - this.lastRenew > this.options.renewDeadlineMs) this.setLeading(false);
   }
 
-  /** Stops the loop and releases the lease if held, so a standby takes over at once. */
+  /** Runs a round now unless one is in flight, then schedules the next. */
+  private runRound(): void {
+    if (this.stopped || this.round) return;
+    clearTimeout(this.timer);
+    this.round = this.tick().finally(() => {
+      this.round = undefined;
+      if (this.stopped) return;
+      this.timer = setTimeout(() => this.runRound(), this.options.retryPeriodMs);
+      this.timer.unref();
+    });
+  }
+
+  /** Starts the loop; returns at once. */
+  start(): void {
+    this.runRound();
+    // A released or expired lease is tried at once, not at the next retry period.
+    const watcher = new Informer<Lease & KubeObject>(this.http, {
+      path: this.path, fieldSelector: `metadata.name=${this.options.name}`, logger: this.options.logger.child({ lease: this.options.name }),
+    });
+    watcher.onChange((type, lease) => {
+      if (!this.leading && (type === 'DELETED' || !lease.spec.holderIdentity)) this.runRound();
+    });
+    this.watcher = watcher;
+    void watcher.start();
+  }
+
+  /**
+   * Stops the loop and releases the lease if held, so a standby takes over at
+   * once. Call it only after the work done as leader has ended.
+   */
   async stop(): Promise<void> {
     this.stopped = true;
     clearTimeout(this.timer);
+    await this.round;
+    await this.watcher?.stop();
     if (!this.leading) return;
     try {
       const lease = await this.http.get<Lease>(`${this.path}/${this.options.name}`);
       if (lease.spec.holderIdentity === this.options.identity) {
-        await this.http.replace(`${this.path}/${this.options.name}`, { ...lease, spec: { ...lease.spec, holderIdentity: '', leaseDurationSeconds: 1 } });
+        const microTime = new Date().toISOString().replace('Z', '000Z');
+        await this.http.replace(`${this.path}/${this.options.name}`, { ...lease, spec: { ...lease.spec, holderIdentity: '', leaseDurationSeconds: 1, renewTime: microTime } });
       }
     } catch (err) {
-      this.options.logger.warn({ err }, 'could not release the lease');
+      this.options.logger.warn({ lease: this.options.name, error: describeApiError(err) }, 'could not release the lease');
     }
     this.setLeading(false);
   }

@@ -3,7 +3,7 @@
  * custom ones included: JSON requests, typed errors, and a streaming watch.
  * Authentication comes from a KubeConfig (client certificate, token, exec...).
  */
-import { request, type RequestOptions } from 'node:https';
+import { Agent, request, type RequestOptions } from 'node:https';
 import type { KubeConfig } from '@kubernetes/client-node';
 
 /** A Kubernetes API error with its HTTP status and Status reason. */
@@ -48,16 +48,38 @@ export interface WatchHandle {
   done: Promise<void>;
 }
 
+/** Options of a KubeHttp client. */
+export interface KubeHttpOptions {
+  /** Most concurrent requests (watches not counted); more wait for a free connection. Default 32. */
+  maxSockets?: number;
+}
+
+/** Default cap on concurrent requests: well under the API server's in-flight limits (200 mutating, 400 read-only). */
+const DEFAULT_MAX_SOCKETS = 32;
+// Idle keep-alive connections close well before the API server's idle timeout (90 s), so a reused one is rarely stale.
+const IDLE_SOCKET_TIMEOUT_MS = 15_000;
+const REQUEST_TIMEOUT_MS = 30_000;
+
 /** JSON over HTTPS to one API server. */
 export class KubeHttp {
   private readonly kubeConfig: KubeConfig;
   private readonly server: string;
+  /**
+   * Keeps connections open between requests: without it every request pays a
+   * TCP + TLS handshake. Watches do not use it, so long streams never hold
+   * one of its sockets. It pools by TLS material, so rotated client
+   * certificates get new connections.
+   */
+  private readonly agent: Agent | undefined;
 
-  constructor(kubeConfig: KubeConfig) {
+  constructor(kubeConfig: KubeConfig, options: KubeHttpOptions = {}) {
     this.kubeConfig = kubeConfig;
     const cluster = kubeConfig.getCurrentCluster();
     if (!cluster) throw new Error('kubeconfig has no current cluster');
     this.server = cluster.server.replace(/\/$/, '');
+    const maxSockets = options.maxSockets ?? DEFAULT_MAX_SOCKETS;
+    // A proxy needs the kubeconfig's own agent.
+    this.agent = cluster.proxyUrl ? undefined : new Agent({ keepAlive: true, maxSockets, maxFreeSockets: maxSockets, scheduling: 'lifo', timeout: IDLE_SOCKET_TIMEOUT_MS });
   }
 
   private async options(method: string, headers: Record<string, string>): Promise<RequestOptions> {
@@ -66,13 +88,26 @@ export class KubeHttp {
     return options;
   }
 
+  /** Closes the idle keep-alive connections (open requests finish first). */
+  close(): void {
+    this.agent?.destroy();
+  }
+
   /** Sends one request and parses the JSON answer; non-2xx becomes a KubeApiError. */
   async request<T>(method: string, path: string, body?: unknown, contentType = 'application/json'): Promise<T> {
     const payload = body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body);
     const headers: Record<string, string> = payload === undefined ? {} : { 'content-type': contentType, 'content-length': String(Buffer.byteLength(payload)) };
     const options = await this.options(method, headers);
+    if (this.agent) options.agent = this.agent;
+    // The server may close an idle connection just as we reuse it. Sent again once, except a POST, which could create twice.
+    return this.send<T>(method, path, options, payload, method !== 'POST');
+  }
+
+  private send<T>(method: string, path: string, options: RequestOptions, payload: string | undefined, retryStale: boolean): Promise<T> {
     return new Promise<T>((resolve, reject) => {
-      const req = request(`${this.server}${path}`, { ...options, timeout: 30_000 }, (res) => {
+      let answered = false;
+      const req = request(`${this.server}${path}`, { ...options, timeout: REQUEST_TIMEOUT_MS }, (res) => {
+        answered = true;
         const chunks: Buffer[] = [];
         res.on('data', (c: Buffer) => chunks.push(c));
         res.on('end', () => {
@@ -96,7 +131,11 @@ export class KubeHttp {
         res.on('error', reject);
       });
       req.on('timeout', () => req.destroy(new Error(`${method} ${path}: timeout`)));
-      req.on('error', reject);
+      req.on('error', (err: NodeJS.ErrnoException) => {
+        const stale = !answered && req.reusedSocket && (err.code === 'ECONNRESET' || err.code === 'EPIPE');
+        if (stale && retryStale) resolve(this.send<T>(method, path, options, payload, false));
+        else reject(err);
+      });
       if (payload !== undefined) req.write(payload);
       req.end();
     });
@@ -149,13 +188,16 @@ export class KubeHttp {
         res.on('data', (chunk: string) => {
           onActivity();
           buffered += chunk;
+          // Cut once per chunk, not once per line: a chunk can hold thousands of events.
+          let start = 0;
           let newline = buffered.indexOf('\n');
           while (newline >= 0) {
-            const line = buffered.slice(0, newline).trim();
-            buffered = buffered.slice(newline + 1);
+            const line = buffered.slice(start, newline).trim();
+            start = newline + 1;
             if (line) onEvent(JSON.parse(line) as WatchEvent<T>);
-            newline = buffered.indexOf('\n');
+            newline = buffered.indexOf('\n', start);
           }
+          buffered = buffered.slice(start);
         });
         res.on('end', () => resolve());
         res.on('close', () => resolve());

@@ -1,0 +1,451 @@
+/**
+ * The controller at fleet scale, on the real local API server: N pods created
+ * through the API (no kubelet, no real sidecars), one in-process acknowledger
+ * that watches the PoolMembers and writes each one's status as its sidecar
+ * would (acknowledged = held = granted), and the controller in a child process
+ * so that its CPU time, peak RSS and API writes are its own.
+ *
+ * Per size, with a fixed maxConnections of 3 x pods (reserve 0, one consumer,
+ * minPerPod 1, so every pod's target is 3), it measures the time from an event
+ * to every live pod's grant written AND acknowledged at its fair share:
+ *   create       N pods created (once)
+ *   limit-down   maxConnections halved
+ *   limit-up     maxConnections restored
+ *   scale-up     10% more pods
+ *   delete       those pods deleted
+ *   idle         10 s with nothing changing (writes and CPU only)
+ * The safety invariant (sum over existing pods of max(granted, acknowledged,
+ * held) <= limit) is checked on every PoolMember and pod event; while a
+ * lowered limit is being reached, the sum must not grow.
+ *
+ *   node bench/controller-scale.ts [--pods 100,1000] [--connections 1] [--rounds 5] [--heartbeat-ms 0] [--json FILE]
+ */
+import { fork, type ChildProcess } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { KubeConfig } from '@kubernetes/client-node';
+import pino from 'pino';
+import type { PoolMember } from '../src/api/index.ts';
+import { LocalEnvironment } from '../src/devenv/environment.ts';
+import type { KubeControlPlane } from '../src/devenv/kube.ts';
+import { eventually, installCrds } from '../src/devenv/scenario.ts';
+import { KubeHttp } from '../src/kube/http.ts';
+import { Informer, type KubeObject } from '../src/kube/informer.ts';
+
+/** One line of the result: an event type at one size. */
+interface ControllerResult {
+  pods: number;
+  connections: number;
+  event: string;
+  /** Events measured. */
+  samples: number;
+  p50_ms: number | null;
+  p99_ms: number | null;
+  /** Controller CPU seconds per event (user + system), until settled plus a quiet second. */
+  cpu_s: number;
+  /** Controller peak RSS during these events. */
+  rss_mb: number;
+  /** Controller API writes (POST, PUT, PATCH, DELETE) per event. */
+  writes: number;
+  violations: number;
+}
+
+/** Messages between the bench and the controller child. */
+type ChildMessage = { type: 'ready' } | { type: 'mark'; cpuS: number; peakRssMb: number; writes: number; writesByKind: Record<string, number> };
+
+const PER_POD = 3;
+const QUIET_MS = 1_000;
+const IDLE_MS = 10_000;
+const CREATE_CONCURRENCY = 16;
+const ACK_CONCURRENCY = 16;
+
+// ---------------------------------------------------------------- controller child
+
+async function runControllerChild(kubeconfigPath: string, verbose: boolean): Promise<void> {
+  // Count every write this process makes, before the controller module captures anything.
+  const writesByKind: Record<string, number> = {};
+  let writes = 0;
+  // eslint-disable-next-line @typescript-eslint/unbound-method -- called back with .call(this)
+  const original = KubeHttp.prototype.request;
+  KubeHttp.prototype.request = function counted<T>(this: KubeHttp, method: string, path: string, body?: unknown, contentType?: string): Promise<T> {
+    if (method !== 'GET') {
+      writes += 1;
+      const kind = `${method} ${path.replace(/^.*\/namespaces\/[^/]+\//, '').replace(/\/[^/]+(\/status)?$/, (_m, status: string | undefined) => (status ? '/status' : ''))}`;
+      writesByKind[kind] = (writesByKind[kind] ?? 0) + 1;
+    }
+    return original.call(this, method, path, body, contentType) as Promise<T>;
+  };
+  const { startController } = await import('../src/bin/controller-main.ts');
+  let peakRss = process.memoryUsage.rss();
+  const sampler = setInterval(() => (peakRss = Math.max(peakRss, process.memoryUsage.rss())), 50);
+  const kubeConfig = new KubeConfig();
+  kubeConfig.loadFromFile(kubeconfigPath);
+  const logger = pino({ level: verbose ? 'warn' : 'silent' }, pino.destination(2));
+  const running = await startController({ kubeConfig, namespace: 'default', identity: 'bench', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: false, repair: 'off', manageSidecarAccess: false }, logger);
+  let lastCpu = process.cpuUsage();
+  process.on('message', (message: { type: string }) => {
+    if (message.type === 'mark') {
+      const cpu = process.cpuUsage(lastCpu);
+      lastCpu = process.cpuUsage();
+      const reply: ChildMessage = { type: 'mark', cpuS: (cpu.user + cpu.system) / 1e6, peakRssMb: peakRss / 2 ** 20, writes, writesByKind: { ...writesByKind } };
+      peakRss = process.memoryUsage.rss();
+      writes = 0;
+      for (const k of Object.keys(writesByKind)) delete writesByKind[k];
+      process.send?.(reply);
+    } else if (message.type === 'stop') {
+      clearInterval(sampler);
+      void running.shutdown().finally(() => process.exit(0));
+    }
+  });
+  // Never outlive the bench.
+  process.on('disconnect', () => process.exit(1));
+  process.send?.({ type: 'ready' } satisfies ChildMessage);
+}
+
+/** The controller in a child process, and a way to read its counters since the last read. */
+class ControllerProcess {
+  private readonly child: ChildProcess;
+  private waiting: ((m: ChildMessage) => void) | undefined;
+  readonly ready: Promise<void>;
+
+  constructor(kubeconfigPath: string, verbose: boolean) {
+    this.child = fork(fileURLToPath(import.meta.url), ['--controller-child', kubeconfigPath, ...(verbose ? ['--verbose'] : [])], { execArgv: process.execArgv, stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    this.ready = new Promise((resolve, reject) => {
+      this.child.once('exit', (code) => reject(new Error(`controller child exited with ${code}`)));
+      this.child.on('message', (m: ChildMessage) => {
+        if (m.type === 'ready') resolve();
+        else this.waiting?.(m);
+      });
+    });
+  }
+
+  /** CPU seconds, peak RSS and writes since the previous mark. */
+  mark(): Promise<Extract<ChildMessage, { type: 'mark' }>> {
+    return new Promise((resolve) => {
+      this.waiting = (m) => {
+        this.waiting = undefined;
+        if (m.type === 'mark') resolve(m);
+      };
+      this.child.send({ type: 'mark' });
+    });
+  }
+
+  async stop(): Promise<void> {
+    if (this.child.exitCode !== null) return;
+    const exited = new Promise((resolve) => this.child.once('exit', resolve));
+    this.child.send({ type: 'stop' });
+    const timer = setTimeout(() => this.child.kill('SIGKILL'), 15_000);
+    await exited;
+    clearTimeout(timer);
+  }
+}
+
+// ---------------------------------------------------------------- acknowledger and invariant
+
+/** Runs `work` over `items` with at most `limit` at a time. */
+async function pool<T>(items: readonly T[], limit: number, work: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, async () => {
+    while (next < items.length) {
+      const item = items[next]!;
+      next += 1;
+      await work(item);
+    }
+  }));
+}
+
+type MemberObject = PoolMember & KubeObject;
+
+/**
+ * Every pod's sidecar, as one process: acknowledges each new grant at once
+ * (holding exactly what it is granted), writing the status a sidecar writes.
+ * Also keeps the running sum of reservations for the invariant.
+ */
+class Acknowledger {
+  readonly members: Informer<MemberObject>;
+  readonly pods: Informer<KubeObject>;
+  private readonly http: KubeHttp;
+  private readonly namespace: string;
+  private readonly queue = new Set<string>();
+  private readonly inFlight = new Set<string>();
+  private active = 0;
+  private readonly heartbeatMs: number;
+  private heartbeat: NodeJS.Timeout | undefined;
+  /** Reservation counted per PoolMember name; 0 when its pod does not exist. */
+  private readonly counted = new Map<string, number>();
+  private readonly livePodUids = new Set<string>();
+  total = 0;
+  /** The bound the sum must respect: the limit, or while a lowered limit is being reached, the lowest sum seen since. */
+  private ceiling = Infinity;
+  limit = Infinity;
+  violations = 0;
+  maxOverLimit = 0;
+  statusWrites = 0;
+
+  constructor(http: KubeHttp, namespace: string, heartbeatMs: number) {
+    this.http = http;
+    this.namespace = namespace;
+    this.heartbeatMs = heartbeatMs;
+    const logger = pino({ level: 'silent' });
+    this.members = new Informer<MemberObject>(http, { path: `/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/poolmembers`, logger });
+    this.pods = new Informer<KubeObject>(http, { path: `/api/v1/namespaces/${namespace}/pods`, logger });
+  }
+
+  async start(): Promise<void> {
+    this.members.onChange((type, member) => {
+      const name = member.metadata.name ?? '';
+      this.recount(name);
+      if (type !== 'DELETED' && member.spec.grant.generation !== member.status?.acknowledgedGeneration) this.enqueue(name);
+    });
+    this.pods.onChange((type, pod) => {
+      const uid = pod.metadata?.uid ?? '';
+      if (type === 'DELETED') this.livePodUids.delete(uid);
+      else this.livePodUids.add(uid);
+      this.recount(pod.metadata?.name ?? '');
+    });
+    await Promise.all([this.members.start(), this.pods.start()]);
+    if (this.heartbeatMs > 0) {
+      this.heartbeat = setInterval(() => {
+        for (const m of this.members.list()) this.enqueue(m.metadata.name ?? '');
+      }, this.heartbeatMs);
+    }
+  }
+
+  /** Sets the limit the bench just wrote; a lower one is reached only as shrinks are acknowledged. */
+  setLimit(limit: number): void {
+    this.ceiling = limit < this.limit ? Math.max(limit, this.total) : limit;
+    this.limit = limit;
+  }
+
+  private recount(name: string): void {
+    const member = this.members.get(this.namespace, name);
+    const owner = member?.metadata.ownerReferences?.[0]?.uid;
+    const value = member && owner && this.livePodUids.has(owner) ? Math.max(member.spec.grant.connections, member.status?.acknowledgedConnections ?? 0, member.status?.heldConnections ?? 0) : 0;
+    this.total += value - (this.counted.get(name) ?? 0);
+    if (value === 0) this.counted.delete(name);
+    else this.counted.set(name, value);
+    this.ceiling = Math.max(this.limit, Math.min(this.ceiling, this.total));
+    if (this.total > this.ceiling) {
+      this.violations += 1;
+      this.maxOverLimit = Math.max(this.maxOverLimit, this.total - this.ceiling);
+    }
+  }
+
+  private enqueue(name: string): void {
+    this.queue.add(name);
+    this.drainQueue();
+  }
+
+  private drainQueue(): void {
+    while (this.active < ACK_CONCURRENCY) {
+      let name: string | undefined;
+      for (const n of this.queue) {
+        if (this.inFlight.has(n)) continue;
+        name = n;
+        break;
+      }
+      if (name === undefined) return;
+      this.queue.delete(name);
+      this.inFlight.add(name);
+      this.active += 1;
+      void this.acknowledge(name).finally(() => {
+        this.inFlight.delete(name);
+        this.active -= 1;
+        this.drainQueue();
+      });
+    }
+  }
+
+  private async acknowledge(name: string): Promise<void> {
+    const member = this.members.get(this.namespace, name);
+    if (!member) return;
+    const { connections, generation } = member.spec.grant;
+    const status = {
+      acknowledgedGeneration: generation, acknowledgedConnections: connections, heldConnections: connections,
+      credentialsGeneration: member.spec.credentialsGeneration ?? '', draining: false, drained: false,
+      heartbeatTime: new Date().toISOString().replace(/\.\d+Z$/, 'Z'), sidecarVersion: 'bench',
+    };
+    this.statusWrites += 1;
+    await this.http.patch(`/apis/poolkeeper.dev/v1alpha1/namespaces/${this.namespace}/poolmembers/${name}/status`, { status }).catch(() => undefined);
+  }
+
+  /** Every pod has a PoolMember whose grant is acknowledged and is its fair share of `limit`. */
+  settled(limit: number): boolean {
+    if (this.queue.size > 0 || this.active > 0) return false;
+    const pods = this.pods.list();
+    let sum = 0;
+    let low = Infinity;
+    let high = 0;
+    for (const pod of pods) {
+      const member = this.members.get(this.namespace, pod.metadata?.name ?? '');
+      if (!member || member.metadata.ownerReferences?.[0]?.uid !== pod.metadata?.uid) return false;
+      if (member.status?.acknowledgedGeneration !== member.spec.grant.generation) return false;
+      const c = member.spec.grant.connections;
+      sum += c;
+      low = Math.min(low, c);
+      high = Math.max(high, c);
+    }
+    return pods.length === 0 || (sum === limit && high - low <= 1);
+  }
+
+  async stop(): Promise<void> {
+    clearInterval(this.heartbeat);
+    await Promise.all([this.members.stop(), this.pods.stop()]);
+  }
+}
+
+// ---------------------------------------------------------------- one size
+
+function percentile(sorted: readonly number[], q: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.ceil(q * sorted.length) - 1)] ?? 0;
+}
+
+async function runSize(kube: KubeControlPlane, args: { pods: number; connections: number; rounds: number; heartbeatMs: number; verbose: boolean }): Promise<ControllerResult[]> {
+  const http = new KubeHttp(kube.kubeConfig());
+  const namespace = `scale-${args.pods}-${Date.now().toString(36)}`;
+  const limit = PER_POD * args.pods;
+  const connectionNames = Array.from({ length: args.connections }, (_, i) => `db-${i}`);
+  await http.create('/api/v1/namespaces', { apiVersion: 'v1', kind: 'Namespace', metadata: { name: namespace } });
+  await http.create(`/api/v1/namespaces/${namespace}/secrets`, { apiVersion: 'v1', kind: 'Secret', metadata: { name: 'creds' }, stringData: { username: 'app', password: 'secret' } });
+  const connectionBody = (name: string, max: number): unknown => ({
+    apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name, namespace },
+    spec: {
+      // A host of its own per size: a server the controller reconciles for this run only.
+      database: { host: `${namespace}.db.invalid`, port: 5432, dbname: 'app', sslMode: 'disable', credentialsSecretRef: { name: 'creds' } },
+      maxConnections: max, reserve: 0, consumers: [{ name: 'web', selector: { matchLabels: { app: 'web' } }, minPerPod: 1 }],
+    },
+  });
+  for (const name of connectionNames) await http.create(`/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/databaseconnections`, connectionBody(name, limit));
+  // Pods need the namespace's default ServiceAccount, which kube-controller-manager creates.
+  await eventually('default ServiceAccount', () => http.get(`/api/v1/namespaces/${namespace}/serviceaccounts/default`).then(() => true, () => false), 30_000);
+
+  const acknowledger = new Acknowledger(http, namespace, args.heartbeatMs);
+  await acknowledger.start();
+  acknowledger.setLimit(limit);
+  const controller = new ControllerProcess(kube.kubeconfigPath, args.verbose);
+  await controller.ready;
+  await controller.mark();
+
+  let serial = 0;
+  const createPods = async (count: number): Promise<string[]> => {
+    const names = Array.from({ length: count }, () => `web-${String((serial += 1)).padStart(5, '0')}`);
+    await pool(names, CREATE_CONCURRENCY, async (name) => {
+      const connection = connectionNames[Number(name.slice(4)) % connectionNames.length]!;
+      await http.create(`/api/v1/namespaces/${namespace}/pods`, {
+        apiVersion: 'v1', kind: 'Pod', metadata: { name, labels: { app: 'web', 'poolkeeper.dev/connection': connection } },
+        spec: { containers: [{ name: 'app', image: 'example.invalid/app:1' }], terminationGracePeriodSeconds: 0 },
+      });
+    });
+    return names;
+  };
+  const deletePods = (names: readonly string[]): Promise<void> => pool(names, CREATE_CONCURRENCY, async (name) => {
+    await http.delete(`/api/v1/namespaces/${namespace}/pods/${name}`, { apiVersion: 'v1', kind: 'DeleteOptions', gracePeriodSeconds: 0 });
+  });
+  const setLimit = async (max: number): Promise<void> => {
+    acknowledger.setLimit(max);
+    await Promise.all(connectionNames.map((name) => http.patch(`/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/databaseconnections/${name}`, { spec: { maxConnections: max } })));
+  };
+
+  const samples = new Map<string, { ms: number[]; cpuS: number; rssMb: number; writes: number; violations: number; kinds: Record<string, number> }>();
+  const measure = async (event: string, expectedLimit: number, action: () => Promise<unknown>): Promise<void> => {
+    const violationsBefore = acknowledger.violations;
+    const started = performance.now();
+    await action();
+    await eventually(`${event} at ${args.pods} pods`, () => acknowledger.settled(expectedLimit), 600_000);
+    const ms = performance.now() - started;
+    await new Promise((r) => setTimeout(r, QUIET_MS));
+    const mark = await controller.mark();
+    const entry = samples.get(event) ?? { ms: [], cpuS: 0, rssMb: 0, writes: 0, violations: 0, kinds: {} };
+    entry.ms.push(ms);
+    entry.cpuS += mark.cpuS;
+    entry.rssMb = Math.max(entry.rssMb, mark.peakRssMb);
+    entry.writes += mark.writes;
+    entry.violations += acknowledger.violations - violationsBefore;
+    for (const [k, v] of Object.entries(mark.writesByKind)) entry.kinds[k] = (entry.kinds[k] ?? 0) + v;
+    samples.set(event, entry);
+    console.error(`  ${args.pods} pods: ${event} ${(ms / 1000).toFixed(2)} s, ${mark.writes} controller writes, cpu ${mark.cpuS.toFixed(2)} s, peak rss ${mark.peakRssMb.toFixed(0)} MB`);
+  };
+
+  const results: ControllerResult[] = [];
+  try {
+    await measure('create', limit, () => createPods(args.pods));
+    const step = Math.max(1, Math.round(args.pods / 10));
+    const half = Math.floor(limit / 2);
+    for (let round = 0; round < args.rounds; round += 1) {
+      await measure('limit-down', half, () => setLimit(half));
+      await measure('limit-up', limit, () => setLimit(limit));
+      let added: string[] = [];
+      await measure('scale-up', limit, async () => (added = await createPods(step)));
+      await measure('delete', limit, () => deletePods(added));
+    }
+    // Nothing changes: whatever the controller does now is overhead.
+    await controller.mark();
+    const idleViolations = acknowledger.violations;
+    await new Promise((r) => setTimeout(r, IDLE_MS));
+    const idle = await controller.mark();
+    samples.set('idle', { ms: [], cpuS: idle.cpuS, rssMb: idle.peakRssMb, writes: idle.writes, violations: acknowledger.violations - idleViolations, kinds: idle.writesByKind });
+    for (const [event, s] of samples) {
+      const sorted = [...s.ms].sort((a, b) => a - b);
+      const count = Math.max(1, s.ms.length);
+      results.push({
+        pods: args.pods, connections: args.connections, event, samples: s.ms.length,
+        p50_ms: sorted.length ? Math.round(percentile(sorted, 0.5)) : null,
+        p99_ms: sorted.length ? Math.round(percentile(sorted, 0.99)) : null,
+        cpu_s: Number((s.cpuS / count).toFixed(3)), rss_mb: Math.round(s.rssMb), writes: Math.round(s.writes / count), violations: s.violations,
+      });
+      console.error(`  ${args.pods} pods: ${event} writes by kind (total): ${JSON.stringify(s.kinds)}`);
+    }
+  } finally {
+    await controller.stop();
+    await acknowledger.stop();
+    // Remove this size's objects now, so the next size's controller does not list them.
+    await http.request('DELETE', `/api/v1/namespaces/${namespace}/pods`, { apiVersion: 'v1', kind: 'DeleteOptions', gracePeriodSeconds: 0 }).catch(() => undefined);
+    await http.request('DELETE', `/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/poolmembers`).catch(() => undefined);
+    await http.request('DELETE', `/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/databaseconnections`).catch(() => undefined);
+    await http.delete(`/api/v1/namespaces/${namespace}`).catch(() => undefined);
+    (http as { close?: () => void }).close?.();
+  }
+  return results;
+}
+
+// ---------------------------------------------------------------- main
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: {
+      pods: { type: 'string', default: '100,1000' },
+      connections: { type: 'string', default: '1' },
+      rounds: { type: 'string', default: '5' },
+      'heartbeat-ms': { type: 'string', default: '0' },
+      json: { type: 'string' },
+      verbose: { type: 'boolean', default: false },
+    },
+  });
+  const sizes = values.pods.split(',').map((s) => Number(s.trim())).filter((n) => n > 0);
+  const connections = Number(values.connections);
+  const env = new LocalEnvironment();
+  const results: ControllerResult[] = [];
+  try {
+    const kube = await env.kube();
+    await installCrds(kube);
+    for (const pods of sizes) {
+      console.error(`${pods} pods, ${connections} DatabaseConnection(s), limit ${PER_POD * pods}:`);
+      results.push(...await runSize(kube, { pods, connections, rounds: Number(values.rounds), heartbeatMs: Number(values['heartbeat-ms']), verbose: values.verbose }));
+    }
+  } finally {
+    await env.stop();
+  }
+  const header = ['pods', 'dbc', 'event', 'n', 'p50 s', 'p99 s', 'cpu s/event', 'rss MB', 'writes/event', 'violations'];
+  const rows = results.map((r) => [r.pods, r.connections, r.event, r.samples, r.p50_ms === null ? '-' : (r.p50_ms / 1000).toFixed(2), r.p99_ms === null ? '-' : (r.p99_ms / 1000).toFixed(2), r.cpu_s.toFixed(2), r.rss_mb, r.writes, r.violations].map(String));
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  for (const row of [header, ...rows]) console.log(row.map((cell, i) => cell.padStart(widths[i]!)).join('  '));
+  if (values.json) writeFileSync(values.json, `${JSON.stringify({ controller: results }, null, 2)}\n`);
+}
+
+if (process.argv.includes('--controller-child')) {
+  const path = process.argv[process.argv.indexOf('--controller-child') + 1] ?? '';
+  await runControllerChild(path, process.argv.includes('--verbose'));
+} else {
+  await main();
+}

@@ -87,6 +87,18 @@ export class LimitDiscovery {
   async discover(target: DiscoveryTarget, now = Date.now()): Promise<ServerSettings> {
     const cached = this.cache.get(target.serverKey);
     if (cached && now - cached.at < this.cacheMs) return cached.settings;
+    const settings = await this.check(target);
+    this.cache.set(target.serverKey, { at: now, settings });
+    this.logger.info({ server: target.serverKey, ...settings }, 'discovered server connection limit');
+    return settings;
+  }
+
+  /**
+   * Logs in as `target` says (never from cache: this is the check of one
+   * DatabaseConnection's credentials and database) and reads the settings.
+   * Throws the driver's error (with the server's SQLSTATE in `code`).
+   */
+  async check(target: DiscoveryTarget): Promise<ServerSettings> {
     let tunnel: SshTunnel | undefined;
     if (target.tunnel) {
       tunnel = new SshTunnel({ settings: target.tunnel, logger: this.logger, metrics: new SidecarMetrics(new Registry()) });
@@ -101,8 +113,6 @@ export class LimitDiscovery {
         if (target.sslMode !== 'prefer' || !/does not support SSL/i.test(err instanceof Error ? err.message : '')) throw err;
         settings = await this.query(target, false, tunnel);
       }
-      this.cache.set(target.serverKey, { at: now, settings });
-      this.logger.info({ server: target.serverKey, ...settings }, 'discovered server connection limit');
       return settings;
     } finally {
       tunnel?.stop();
@@ -138,5 +148,10 @@ export class LimitDiscovery {
   /** Drops a cached answer (e.g. after the spec changed). */
   forget(serverKey: string): void {
     this.cache.delete(serverKey);
+  }
+
+  /** Records settings read by `check`, so `discover` for the same server answers from them. */
+  remember(serverKey: string, settings: ServerSettings, now = Date.now()): void {
+    this.cache.set(serverKey, { at: now, settings });
   }
 }

@@ -4,19 +4,24 @@
  * reports status, conditions, Events and metrics on each DatabaseConnection.
  * Level-triggered: it reads only caches and recomputes everything each time.
  */
+import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, type DatabaseConnection, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
 import { budgetConditions, planBudgets, resolveLimit, serverKey, sharedLimit, autoMaxConnections, type BudgetPlan, type PodGrant } from '../core/budget/index.ts';
-import { conditionsEqual, findCondition, setConditions, type ConditionUpdate } from '../core/conditions/index.ts';
+import { connectionConditions, limitMismatchCondition, oversubscriptionAdvice, type ConsumerDemand, type ConsumerFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
+import { conditionsEqual, findCondition, setConditions, type Condition, type ConditionUpdate } from '../core/conditions/index.ts';
+import { redactSecrets } from '../core/conditions/redact.ts';
 import { credentialsGeneration } from '../core/credentials.ts';
 import type { EventRecorder } from '../kube/events.ts';
 import { isStatus, type KubeHttp } from '../kube/http.ts';
 import type { Informer, KubeObject } from '../kube/informer.ts';
 import type { ProcessResult } from '../kube/workqueue.ts';
 import { podNeedsRepair, type PodLike } from '../core/inject/index.ts';
+import { resolveConsumer } from '../core/inject/consumer.ts';
 import type { MissingSidecarRepairer } from '../webhook/repair.ts';
 import type { DiscoveryTarget, LimitDiscovery } from './limit-discovery.ts';
 import { SidecarAccess } from './sidecar-access.ts';
+import { ConnectionVerifier, type VerifierOptions } from './verifier.ts';
 import type { ControllerMetrics } from './metrics.ts';
 import { buildBudgetInput, podConnectionKey, type PodObject, type WorkloadScale, type WrittenGrant } from './plan-input.ts';
 
@@ -27,7 +32,7 @@ export interface SecretObject extends KubeObject {
 
 /** A Deployment or StatefulSet, as far as budgets care. */
 export interface WorkloadObject extends KubeObject {
-  spec?: { replicas?: number };
+  spec?: { replicas?: number; template?: { metadata?: { labels?: Record<string, string> } } };
 }
 
 /** A HorizontalPodAutoscaler (autoscaling/v2). */
@@ -67,6 +72,8 @@ export interface ReconcilerDeps {
   manageSidecarAccess?: boolean;
   /** A sidecar whose PoolMember status has not been written for this long is reported unresponsive. */
   heartbeatTimeoutMs?: number;
+  /** Timings of the per-connection login check. */
+  verifier?: VerifierOptions;
   /** False once this replica may no longer write grants (it lost the Lease or is stopping); absent: always. */
   mayWrite?: () => boolean;
 }
@@ -94,7 +101,23 @@ function key(object: { metadata: { namespace?: string; name?: string } }): strin
 }
 
 /** Decoded credentials and their generation, or why there are none. */
-type CredentialsLookup = { ok: true; username: string; password: string; generation: string } | { ok: false; reason: string; message: string };
+type CredentialsLookup = { ok: true; username: string; password: string; generation: string } | { ok: false; reason: 'SecretMissing' | 'SecretKeyMissing'; message: string };
+
+/** One connection's login check and limit before sharing. */
+interface Resolved {
+  credentials: CredentialsLookup;
+  verification: Verification;
+  degraded?: ConditionUpdate | undefined;
+  mismatch: ConditionUpdate;
+  /** Values to keep out of status and Events. */
+  secrets: string[];
+  discovered?: number;
+  reserve?: number;
+  effective?: number;
+}
+
+/** Ready reasons that get an Event when they start. */
+const NOT_SERVING_EVENTS = new Set(['SecretMissing', 'SecretKeyMissing', 'CaSecretMissing', 'SshKeySecretMissing', 'CredentialsRejected', 'DatabaseNotFound', 'ConnectionFailed', 'PodsWithoutConsumer', 'WorkloadNotOptedIn']);
 
 /** The reconciler of database servers. */
 export class ServerReconciler {
@@ -105,11 +128,13 @@ export class ServerReconciler {
   private readonly unsettledSince = new Map<string, number>();
   private readonly now: () => Date;
   private readonly sidecarAccess: SidecarAccess | undefined;
+  private readonly verifier: ConnectionVerifier;
 
   constructor(deps: ReconcilerDeps) {
     this.deps = deps;
     this.now = deps.now ?? (() => new Date());
     this.sidecarAccess = deps.manageSidecarAccess ? new SidecarAccess(deps.http, deps.logger) : undefined;
+    this.verifier = new ConnectionVerifier(deps.discovery, deps.verifier);
   }
 
   /** The server key of every live DatabaseConnection in the cache. */
@@ -120,30 +145,30 @@ export class ServerReconciler {
   private credentials(connection: DatabaseConnection): CredentialsLookup {
     const ref = connection.spec.database.credentialsSecretRef;
     const secret = this.deps.caches.secrets.get(connection.metadata.namespace, ref.name);
-    if (!secret) return { ok: false, reason: 'CredentialsSecretMissing', message: `Secret ${ref.name} not found` };
+    if (!secret) return { ok: false, reason: 'SecretMissing', message: `credentials Secret ${ref.name} not found in namespace ${connection.metadata.namespace ?? ''}` };
     const decode = (k: string): string | undefined => (secret.data?.[k] === undefined ? undefined : Buffer.from(secret.data[k], 'base64').toString('utf8'));
     const username = decode(ref.usernameKey);
     const password = decode(ref.passwordKey);
     if (username === undefined || password === undefined) {
-      return { ok: false, reason: 'CredentialsKeyMissing', message: `Secret ${ref.name} lacks key ${username === undefined ? ref.usernameKey : ref.passwordKey}` };
+      return { ok: false, reason: 'SecretKeyMissing', message: `Secret ${ref.name} lacks key ${username === undefined ? ref.usernameKey : ref.passwordKey}` };
     }
     // The sidecar sees the two keys mounted as files `username` and `password`.
     return { ok: true, username, password, generation: credentialsGeneration({ username, password }) };
   }
 
-  /** The server's limit before reserve for one connection, or why it is unknown. */
-  private async discovered(connection: DatabaseConnection, credentials: CredentialsLookup, server: string): Promise<{ value?: number; degraded?: ConditionUpdate }> {
-    const max = connection.spec.maxConnections;
-    if (typeof max === 'number') return { value: max };
-    const previous = connection.status?.limit?.discovered;
-    if (!credentials.ok) return { value: previous, degraded: { type: 'Degraded', status: 'True', reason: credentials.reason, message: `cannot read max_connections: ${credentials.message}` } };
+  /**
+   * Where and as whom the login check of `connection` goes, and a fingerprint
+   * of all of it, or which Secret is missing.
+   */
+  private target(connection: DatabaseConnection, credentials: CredentialsLookup, server: string): { ok: true; target: DiscoveryTarget; fingerprint: string } | { ok: false; reason: VerificationFailure; message: string } {
+    if (!credentials.ok) return { ok: false, reason: credentials.reason, message: credentials.message };
     const tunnelSpec = connection.spec.sshTunnel;
     let tunnel: DiscoveryTarget['tunnel'];
     if (tunnelSpec) {
       const keySecret = this.deps.caches.secrets.get(connection.metadata.namespace, tunnelSpec.privateKeySecretRef.name);
       const keyData = keySecret?.data?.[tunnelSpec.privateKeySecretRef.key];
       if (keyData === undefined) {
-        return { value: previous, degraded: { type: 'Degraded', status: 'True', reason: 'SshKeySecretMissing', message: `Secret ${tunnelSpec.privateKeySecretRef.name} with key ${tunnelSpec.privateKeySecretRef.key} not found` } };
+        return { ok: false, reason: 'SshKeySecretMissing', message: `Secret ${tunnelSpec.privateKeySecretRef.name} with key ${tunnelSpec.privateKeySecretRef.key} not found` };
       }
       tunnel = { host: tunnelSpec.host, port: tunnelSpec.port, user: tunnelSpec.user, hostKey: tunnelSpec.hostKey, privateKey: Buffer.from(keyData, 'base64').toString('utf8') };
     }
@@ -151,19 +176,53 @@ export class ServerReconciler {
     let caPem: string | undefined;
     if (caRef) {
       const caData = this.deps.caches.secrets.get(connection.metadata.namespace, caRef.name)?.data?.[caRef.key];
-      if (caData === undefined) {
-        return { value: previous, degraded: { type: 'Degraded', status: 'True', reason: 'CaSecretMissing', message: `Secret ${caRef.name} with key ${caRef.key} not found` } };
-      }
+      if (caData === undefined) return { ok: false, reason: 'CaSecretMissing', message: `Secret ${caRef.name} with key ${caRef.key} not found` };
       caPem = Buffer.from(caData, 'base64').toString('utf8');
     }
-    try {
-      const db = connection.spec.database;
-      const settings = await this.deps.discovery.discover({ serverKey: server, host: db.host, port: db.port, dbname: db.dbname, sslMode: db.sslMode, username: credentials.username, password: credentials.password, ...(tunnel ? { tunnel } : {}), ...(caPem ? { caPem } : {}) });
-      return { value: autoMaxConnections(settings) };
-    } catch (err) {
-      const message = err instanceof Error ? err.message : String(err);
-      return { value: previous, degraded: { type: 'Degraded', status: 'True', reason: 'LimitDiscoveryFailed', message: `SHOW max_connections failed: ${message}${previous === undefined ? '' : `; using the last known ${previous}`}` } };
+    const db = connection.spec.database;
+    const target: DiscoveryTarget = { serverKey: server, host: db.host, port: db.port, dbname: db.dbname, sslMode: db.sslMode, username: credentials.username, password: credentials.password, ...(tunnel ? { tunnel } : {}), ...(caPem ? { caPem } : {}) };
+    const fingerprint = createHash('sha256').update(JSON.stringify([credentials.generation, db.host, db.port, db.dbname, db.sslMode, tunnelSpec ?? null, tunnel?.privateKey ?? null, caPem ?? null])).digest('hex');
+    return { ok: true, target, fingerprint };
+  }
+
+  /** Checks every connection's login (concurrently) and derives each one's limit before sharing. */
+  private async resolve(connections: readonly DatabaseConnection[], server: string): Promise<Map<string, Resolved>> {
+    const checked = await Promise.all(connections.map(async (connection) => {
+      const credentials = this.credentials(connection);
+      const target = this.target(connection, credentials, server);
+      if (!target.ok) return { connection, credentials, verification: { state: 'failed', reason: target.reason, message: target.message } as Verification, settings: undefined };
+      const result = await this.verifier.check(key(connection), target.fingerprint, target.target);
+      return { connection, credentials, verification: result.verification, settings: result.settings };
+    }));
+    // The server's own answer, from whichever connection could log in.
+    const settings = checked.find((c) => c.settings)?.settings;
+    const serverValue = settings ? autoMaxConnections(settings) : undefined;
+    const resolved = new Map<string, Resolved>();
+    for (const { connection, credentials, verification } of checked) {
+      const max = connection.spec.maxConnections;
+      const previous = connection.status?.limit?.discovered;
+      const failure = verification.state === 'failed' ? verification : undefined;
+      const failureDegraded: ConditionUpdate | undefined = failure ? { type: 'Degraded', status: 'True', reason: failure.reason, message: failure.message } : undefined;
+      let value: number | undefined;
+      let degraded = failureDegraded;
+      if (typeof max === 'number') value = serverValue === undefined ? max : Math.min(max, serverValue);
+      else if (serverValue !== undefined) value = serverValue;
+      else {
+        value = previous;
+        const why = failure?.message ?? 'no DatabaseConnection on this server could log in';
+        degraded = { type: 'Degraded', status: 'True', reason: 'LimitDiscoveryFailed', message: `SHOW max_connections failed: ${why}${previous === undefined ? '' : `; using the last known ${previous}`}` };
+      }
+      const mismatch = limitMismatchCondition(max, settings && serverValue !== undefined ? { maxConnections: settings.maxConnections, superuserReserved: settings.superuserReservedConnections, reserved: settings.reservedConnections, available: serverValue } : undefined);
+      const base = { credentials, verification, degraded, mismatch, secrets: credentials.ok ? [credentials.password] : [] };
+      if (value === undefined) {
+        resolved.set(key(connection), base);
+        continue;
+      }
+      const limit = resolveLimit(value, connection.spec.reserve);
+      resolved.set(key(connection), { ...base, discovered: limit.discovered, reserve: limit.reserve, effective: limit.effective });
     }
+    this.verifier.retain(new Set(this.deps.caches.connections.list().map(key)));
+    return resolved;
   }
 
   /** Reconciles the server `server` (a serverKey). */
@@ -196,22 +255,11 @@ export class ServerReconciler {
       this.unsettledSince.delete(server);
       return;
     }
-    const resolved = new Map<string, { credentials: CredentialsLookup; effective?: number; discovered?: number; reserve?: number; degraded?: ConditionUpdate }>();
-    for (const connection of connections) {
-      const credentials = this.credentials(connection);
-      const discovered = await this.discovered(connection, credentials, server);
-      const degraded = discovered.degraded ?? (credentials.ok ? undefined : { type: 'Degraded', status: 'True', reason: credentials.reason, message: credentials.message });
-      if (discovered.value === undefined) {
-        resolved.set(key(connection), { credentials, degraded });
-        continue;
-      }
-      const limit = resolveLimit(discovered.value, connection.spec.reserve);
-      resolved.set(key(connection), { credentials, degraded, discovered: limit.discovered, reserve: limit.reserve, effective: limit.effective });
-    }
+    const resolved = await this.resolve(connections, server);
     const known = [...resolved.values()].filter((r) => r.effective !== undefined).map((r) => r.effective as number);
     if (known.length === 0) {
       // Without any limit, granting anything could exceed the server: hold everything as it is.
-      for (const connection of connections) await this.writeStatus(connection, undefined, undefined, resolved.get(key(connection))?.degraded);
+      for (const connection of connections) await this.writeStatus(connection, undefined, undefined, resolved.get(key(connection)));
       return { requeueAfterMs: 10_000 };
     }
     const limit = sharedLimit(known);
@@ -230,6 +278,7 @@ export class ServerReconciler {
     const missingSidecar = await this.repairMissingSidecars(pods);
     const silent = this.unresponsiveSidecars(pods, members);
     const names = (list: string[]): string => `${list.slice(0, 5).join(', ')}${list.length > 5 ? ', ...' : ''}`;
+    const advice = plan.oversubscription ? oversubscriptionAdvice(plan.limit, this.demands(plan, connections)) : '';
     for (const connection of connections) {
       const r = resolved.get(key(connection));
       const missing = missingSidecar.filter((p) => podConnectionKey(p) === key(connection)).map((p) => p.metadata?.name ?? '');
@@ -244,7 +293,7 @@ export class ServerReconciler {
           type: 'Degraded', status: 'True' as const, reason: 'SidecarUnresponsive',
           message: `${unresponsive.length} sidecar(s) stopped reporting; their reservations stay counted until they answer or their pods go: ${names(unresponsive)}`,
         } : undefined);
-      await this.writeStatus(connection, plan, r && r.discovered !== undefined ? { discovered: r.discovered, reserve: r.reserve ?? 0, effective: limit, shared: connections.length } : undefined, degraded, r?.credentials);
+      await this.writeStatus(connection, plan, r && r.discovered !== undefined ? { discovered: r.discovered, reserve: r.reserve ?? 0, effective: limit, shared: connections.length } : undefined, r, degraded, pods, advice);
     }
     this.recordMetrics(server, plan, connections);
     if (!plan.settled) return { requeueAfterMs: this.deps.pendingRequeueMs ?? 2_000 };
@@ -394,13 +443,68 @@ export class ServerReconciler {
     }
   }
 
-  private async writeStatus(connection: DatabaseConnection, plan: BudgetPlan | undefined, limit: { discovered: number; reserve: number; effective: number; shared: number } | undefined, degraded: ConditionUpdate | undefined, credentials?: CredentialsLookup): Promise<void> {
+  /** Pods x minPerPod of every consumer on the server, for oversubscription advice. */
+  private demands(plan: BudgetPlan, connections: readonly DatabaseConnection[]): ConsumerDemand[] {
+    const out: ConsumerDemand[] = [];
+    for (const connection of connections) {
+      const summary = plan.connections.find((c) => c.namespace === connection.metadata.namespace && c.name === connection.metadata.name);
+      for (const consumer of connection.spec.consumers) {
+        out.push({ connection: key(connection), consumer: consumer.name, pods: summary?.consumers.find((c) => c.name === consumer.name)?.pods ?? 0, minPerPod: consumer.minPerPod });
+      }
+    }
+    return out;
+  }
+
+  /** What the caches show of each consumer, and the opted-in pods no consumer selects. */
+  private consumerFacts(connection: DatabaseConnection, plan: BudgetPlan | undefined, pods: readonly (PodObject & KubeObject)[]): { consumers: ConsumerFacts[]; podsWithoutConsumer: string[] } {
     const summary = plan?.connections.find((c) => c.namespace === connection.metadata.namespace && c.name === connection.metadata.name);
-    const updates: ConditionUpdate[] = plan && summary ? budgetConditions(plan, summary) : [{ type: 'Ready', status: 'False', reason: 'LimitUnknown', message: 'no connection limit known for this server yet' }];
-    updates.push(degraded ?? { type: 'Degraded', status: 'False', reason: 'Healthy', message: 'limit and credentials resolved' });
+    const live = pods.filter((p) => podConnectionKey(p) === key(connection) && !p.metadata?.deletionTimestamp && p.status?.phase !== 'Succeeded' && p.status?.phase !== 'Failed');
+    const counts = new Map<string, number>();
+    const podsWithoutConsumer: string[] = [];
+    for (const pod of live) {
+      const consumer = resolveConsumer(connection, pod);
+      if (consumer) counts.set(consumer.name, (counts.get(consumer.name) ?? 0) + 1);
+      else podsWithoutConsumer.push(pod.metadata?.name ?? '');
+    }
+    const consumers = connection.spec.consumers.map((consumer): ConsumerFacts => {
+      const ref = consumer.workloadRef;
+      const cache = ref?.kind === 'StatefulSet' ? this.deps.caches.statefulSets : this.deps.caches.deployments;
+      const workload = ref ? cache.get(connection.metadata.namespace, ref.name) : undefined;
+      return {
+        name: consumer.name,
+        workloadRef: ref,
+        workload: workload ? { replicas: workload.spec?.replicas ?? 1, templateConnection: workload.spec?.template?.metadata?.labels?.[CONNECTION_LABEL] } : undefined,
+        pods: summary?.consumers.find((c) => c.name === consumer.name)?.pods ?? counts.get(consumer.name) ?? 0,
+      };
+    });
+    return { consumers, podsWithoutConsumer };
+  }
+
+  private async writeStatus(connection: DatabaseConnection, plan: BudgetPlan | undefined, limit: { discovered: number; reserve: number; effective: number; shared: number } | undefined, resolved: Resolved | undefined, degraded?: ConditionUpdate, pods: readonly (PodObject & KubeObject)[] = [], advice = ''): Promise<void> {
+    const summary = plan?.connections.find((c) => c.namespace === connection.metadata.namespace && c.name === connection.metadata.name);
+    const budget: ConditionUpdate[] = plan && summary ? budgetConditions(plan, summary) : [{ type: 'Ready', status: 'False', reason: 'LimitUnknown', message: 'no connection limit known for this server yet' }];
+    const budgetReady = budget.find((c) => c.type === 'Ready') as ConditionUpdate;
+    const oversubscribed = budget.find((c) => c.type === 'Oversubscribed');
+    const facts = this.consumerFacts(connection, plan, pods);
+    const updates: ConditionUpdate[] = connectionConditions({
+      name: connection.metadata.name ?? '',
+      verification: resolved?.verification ?? { state: 'pending' },
+      limitKnown: plan !== undefined,
+      consumers: facts.consumers,
+      podsWithoutConsumer: facts.podsWithoutConsumer,
+      budgetReady,
+    });
+    if (oversubscribed) updates.push(oversubscribed.status === 'True' && advice ? { ...oversubscribed, message: `${oversubscribed.message}. ${advice}` } : oversubscribed);
+    const effectiveDegraded = degraded ?? resolved?.degraded;
+    updates.push(effectiveDegraded ?? { type: 'Degraded', status: 'False', reason: 'Healthy', message: 'limit and credentials resolved' });
+    if (resolved?.mismatch) updates.push(resolved.mismatch);
+    // The one place status text is made: no secret value or URL password gets past it.
+    const secrets = resolved?.secrets ?? [];
+    const safe = updates.map((u) => ({ ...u, message: redactSecrets(u.message, secrets) }));
     const generation = connection.metadata.generation ?? 0;
     const previous = connection.status;
-    const conditions = setConditions(previous?.conditions, updates, generation, this.now());
+    const conditions = setConditions(previous?.conditions, safe, generation, this.now());
+    const credentials = resolved?.credentials;
     const status: NonNullable<DatabaseConnection['status']> = {
       ...previous,
       observedGeneration: generation,
@@ -409,19 +513,27 @@ export class ServerReconciler {
       ...(summary ? { allocated: summary.allocated, pods: summary.pods, perPodBudget: summary.perPodBudget, consumers: summary.consumers } : {}),
       ...(credentials?.ok ? { credentialsGeneration: credentials.generation } : {}),
     };
-    const wasOversubscribed = findCondition(previous?.conditions, 'Oversubscribed');
-    const isOversubscribed = findCondition(conditions, 'Oversubscribed');
-    if (isOversubscribed?.status === 'True' && (wasOversubscribed?.status !== 'True' || wasOversubscribed.message !== isOversubscribed.message)) {
-      await this.deps.events.record(connection, 'Warning', 'Oversubscribed', isOversubscribed.message);
-    }
-    const wasReady = findCondition(previous?.conditions, 'Ready');
-    const isReady = findCondition(conditions, 'Ready');
+    const was = (type: string): Condition | undefined => findCondition(previous?.conditions, type);
+    const is = (type: string): Condition | undefined => findCondition(conditions, type);
+    const event = (type: 'Normal' | 'Warning', reason: string, message: string): void => {
+      void this.deps.events.record(connection, type, reason, redactSecrets(message, secrets));
+    };
+    const isOversubscribed = is('Oversubscribed');
+    const wasOversubscribed = was('Oversubscribed');
+    if (isOversubscribed?.status === 'True' && (wasOversubscribed?.status !== 'True' || wasOversubscribed.message !== isOversubscribed.message)) event('Warning', 'Oversubscribed', isOversubscribed.message);
+    const isReady = is('Ready');
+    const wasReady = was('Ready');
     if (isReady?.status === 'True' && wasReady?.status !== 'True' && summary) {
-      await this.deps.events.record(connection, 'Normal', 'Rebalanced', `per-pod budget ${summary.perPodBudget || '-'}; ${summary.allocated} of ${plan?.limit ?? 0} allocated across ${summary.pods} pods`);
+      event('Normal', 'Rebalanced', `per-pod budget ${summary.perPodBudget || '-'}; ${summary.allocated} of ${plan?.limit ?? 0} allocated across ${summary.pods} pods`);
     }
-    if (degraded && findCondition(previous?.conditions, 'Degraded')?.reason !== degraded.reason) {
-      await this.deps.events.record(connection, 'Warning', degraded.reason, degraded.message);
-    }
+    // Why it cannot serve, once per reason (the Degraded Event below may say the same for Secrets).
+    if (isReady?.status === 'False' && isReady.reason !== wasReady?.reason && NOT_SERVING_EVENTS.has(isReady.reason) && isReady.reason !== effectiveDegraded?.reason) event('Warning', isReady.reason, isReady.message);
+    const isMatched = is('ConsumersMatched');
+    if (isMatched?.status === 'False' && (was('ConsumersMatched')?.status !== 'False' || was('ConsumersMatched')?.reason !== isMatched.reason)) event('Warning', isMatched.reason, isMatched.message);
+    const isAbove = is('LimitExceedsServer');
+    if (isAbove?.status === 'True' && (was('LimitExceedsServer')?.status !== 'True' || was('LimitExceedsServer')?.message !== isAbove.message)) event('Warning', isAbove.reason, isAbove.message);
+    const isDegraded = is('Degraded');
+    if (effectiveDegraded && isDegraded && was('Degraded')?.reason !== isDegraded.reason) event('Warning', isDegraded.reason, isDegraded.message);
     if (JSON.stringify(status) === JSON.stringify(previous) && conditionsEqual(previous?.conditions, conditions)) return;
     try {
       await this.deps.http.patch(`${MEMBERS}/namespaces/${connection.metadata.namespace ?? ''}/databaseconnections/${connection.metadata.name ?? ''}/status`, { status });

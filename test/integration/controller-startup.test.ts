@@ -157,11 +157,12 @@ describe('controller start-up and leadership', function () {
       releaseDiscovery = resolve;
     });
     const blocking = {
-      discover: async (_t: DiscoveryTarget): Promise<ServerSettings> => {
+      check: async (_t: DiscoveryTarget): Promise<ServerSettings> => {
         entered = true;
         await gate;
         return { maxConnections: 20, superuserReservedConnections: 0 };
       },
+      remember: () => undefined,
     } as unknown as LimitDiscovery;
     const elector = new LeaderElector(http, { namespace, name: lease, identity: 'leader', logger });
     const controller = new BudgetController({ http, logger, metrics: new ControllerMetrics(new Registry()), elector, reconciler: { discovery: blocking, events: new EventRecorder(http, 'test', logger) } });

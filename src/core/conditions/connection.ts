@@ -1,0 +1,148 @@
+/**
+ * What a DatabaseConnection's conditions say beyond the budget: whether it
+ * can serve at all (its Secret, a login with its credentials to its
+ * database, a known limit, pods that match its consumers), whether its
+ * maxConnections is above what the server allows, and advice for an
+ * oversubscribed server. Pure: facts in, condition updates and text out.
+ */
+import type { ConditionUpdate } from './index.ts';
+
+/** Why a DatabaseConnection's login check failed. */
+export type VerificationFailure =
+  | 'SecretMissing'
+  | 'SecretKeyMissing'
+  | 'CaSecretMissing'
+  | 'SshKeySecretMissing'
+  | 'CredentialsRejected'
+  | 'DatabaseNotFound'
+  | 'ConnectionFailed';
+
+/** The outcome of the login check at the current credentials generation. */
+export type Verification =
+  | { state: 'ok' }
+  | { state: 'pending' }
+  | { state: 'failed'; reason: VerificationFailure; message: string };
+
+/** A consumer and what the caches show for it. */
+export interface ConsumerFacts {
+  name: string;
+  workloadRef?: { kind: string; name: string } | undefined;
+  /** The referenced workload as cached; absent when it does not exist. Ignored for selector consumers. */
+  workload?: { replicas: number; templateConnection: string | undefined } | undefined;
+  /** Opted-in live pods this consumer selects. */
+  pods: number;
+}
+
+/** Everything the conditions are computed from. */
+export interface ConnectionFacts {
+  /** The DatabaseConnection's name (the label value pods opt in with). */
+  name: string;
+  verification: Verification;
+  /** False when no limit is known for the server yet. */
+  limitKnown: boolean;
+  consumers: readonly ConsumerFacts[];
+  /** Opted-in pods that no consumer selects. */
+  podsWithoutConsumer: readonly string[];
+  /** The Ready condition the budget plan gives. */
+  budgetReady: ConditionUpdate;
+}
+
+/** The label pods opt in with. */
+const LABEL = 'poolkeeper.dev/connection';
+
+function names(list: readonly string[]): string {
+  return `${list.slice(0, 5).join(', ')}${list.length > 5 ? `, ... (${list.length} in all)` : ''}`;
+}
+
+/** Problems of consumers whose workload cannot be served: missing, or its pods do not opt in. */
+function workloadProblems(facts: ConnectionFacts): string[] {
+  const problems: string[] = [];
+  for (const consumer of facts.consumers) {
+    const ref = consumer.workloadRef;
+    if (!ref || consumer.pods > 0) continue;
+    const workload = consumer.workload;
+    if (!workload) problems.push(`consumer ${consumer.name}: ${ref.kind} ${ref.name} not found`);
+    else if (workload.replicas > 0 && workload.templateConnection !== facts.name) {
+      problems.push(`consumer ${consumer.name}: the pod template of ${ref.kind} ${ref.name} ${workload.templateConnection === undefined ? 'lacks' : `has ${LABEL}=${workload.templateConnection}, not`} the label ${LABEL}=${facts.name}, so its ${workload.replicas} pod(s) get no budget`);
+    }
+  }
+  return problems;
+}
+
+/**
+ * Ready (False whenever the connection cannot serve, with the first reason
+ * that stops it) and ConsumersMatched.
+ */
+export function connectionConditions(facts: ConnectionFacts): ConditionUpdate[] {
+  const workloads = workloadProblems(facts);
+  const idle = facts.consumers.filter((c) => c.pods === 0 && !(c.workloadRef && c.workload && c.workload.replicas === 0)).map((c) => c.name);
+  let matched: ConditionUpdate;
+  if (facts.podsWithoutConsumer.length > 0) {
+    matched = { type: 'ConsumersMatched', status: 'False', reason: 'PodsWithoutConsumer', message: `${facts.podsWithoutConsumer.length} pod(s) carry ${LABEL}=${facts.name} but match no consumer, so they get no budget: ${names(facts.podsWithoutConsumer)}` };
+  } else if (workloads.length > 0) {
+    matched = { type: 'ConsumersMatched', status: 'False', reason: 'ConsumerWithoutPods', message: workloads.join('; ') };
+  } else if (idle.length > 0) {
+    matched = { type: 'ConsumersMatched', status: 'False', reason: 'ConsumerWithoutPods', message: `no opted-in pod matches consumer(s) ${names(idle)}` };
+  } else {
+    matched = { type: 'ConsumersMatched', status: 'True', reason: 'AllMatched', message: 'every consumer has pods and every opted-in pod has a consumer' };
+  }
+  const v = facts.verification;
+  let ready: ConditionUpdate;
+  if (v.state === 'failed') ready = { type: 'Ready', status: 'False', reason: v.reason, message: v.message };
+  else if (!facts.limitKnown) ready = { type: 'Ready', status: 'False', reason: 'LimitUnknown', message: 'no connection limit known for this server yet' };
+  else if (facts.podsWithoutConsumer.length > 0) ready = { type: 'Ready', status: 'False', reason: 'PodsWithoutConsumer', message: matched.message };
+  else if (workloads.length > 0) ready = { type: 'Ready', status: 'False', reason: 'WorkloadNotOptedIn', message: workloads.join('; ') };
+  else if (v.state === 'pending') ready = { type: 'Ready', status: 'False', reason: 'Verifying', message: 'checking the login with these credentials' };
+  else ready = facts.budgetReady;
+  return [ready, matched];
+}
+
+/**
+ * LimitExceedsServer: True when a numeric maxConnections is above the slots
+ * the server gives ordinary roles; budgets then use the server's value.
+ */
+export function limitMismatchCondition(spec: number | string, server: { maxConnections: number; superuserReserved: number; reserved?: number | undefined; available: number } | undefined): ConditionUpdate {
+  if (typeof spec !== 'number' || server === undefined) {
+    return { type: 'LimitExceedsServer', status: 'False', reason: typeof spec === 'number' ? 'ServerUnknown' : 'Auto', message: typeof spec === 'number' ? 'the server\'s max_connections could not be read' : 'maxConnections is read from the server' };
+  }
+  if (spec <= server.available) {
+    return { type: 'LimitExceedsServer', status: 'False', reason: 'WithinServer', message: `maxConnections ${spec} <= the ${server.available} connections the server allows` };
+  }
+  const reserved = server.reserved ? ` - reserved_connections ${server.reserved}` : '';
+  return {
+    type: 'LimitExceedsServer', status: 'True', reason: 'MaxConnectionsAboveServer',
+    message: `maxConnections ${spec} is above what the server allows (max_connections ${server.maxConnections} - superuser_reserved_connections ${server.superuserReserved}${reserved} = ${server.available}); budgets use ${server.available}. Set maxConnections to ${server.available} or less, or "auto"`,
+  };
+}
+
+/** One consumer's share of an oversubscribed server. */
+export interface ConsumerDemand {
+  /** `namespace/connection`. */
+  connection: string;
+  consumer: string;
+  pods: number;
+  minPerPod: number;
+}
+
+/**
+ * How to fix oversubscription, with numbers: the limit it would take, and,
+ * for the consumer with the largest demand, the minPerPod or the pod count
+ * that would fit.
+ */
+export function oversubscriptionAdvice(limit: number, demands: readonly ConsumerDemand[]): string {
+  const required = demands.reduce((sum, d) => sum + d.pods * d.minPerPod, 0);
+  if (required <= limit) return '';
+  const largest = [...demands].sort((a, b) => b.pods * b.minPerPod - a.pods * a.minPerPod)[0];
+  const options = [`raise the limit to at least ${required} (maxConnections or reserve)`];
+  if (largest && largest.pods > 0 && largest.minPerPod > 0) {
+    const others = required - largest.pods * largest.minPerPod;
+    const room = limit - others;
+    if (room >= 0) {
+      const perPod = Math.floor(room / largest.pods);
+      if (perPod < largest.minPerPod) options.push(`lower minPerPod of ${largest.connection} consumer ${largest.consumer} from ${largest.minPerPod} to ${perPod}`);
+      const pods = Math.floor(room / largest.minPerPod);
+      if (pods < largest.pods) options.push(`run at most ${pods} pods of ${largest.connection} consumer ${largest.consumer} (now ${largest.pods})`);
+    }
+  }
+  return `To fix: ${options.join('; or ')}.`;
+}

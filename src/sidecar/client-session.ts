@@ -14,8 +14,9 @@ import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import {
-  FrameReader, MessageType, ProtocolError, UNTYPED, authenticationOk, backendKeyData, errorResponse, isFrontendMessageType,
-  namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery, type NoticeFields,
+  FrameReader, MessageType, NO_SETTINGS, ProtocolError, UNTYPED, authenticationOk, backendKeyData, classifySessionCommand, clientSettingsFromStartup,
+  errorResponse, isFrontendMessageType, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery,
+  type ClientSettings, type NoticeFields, type PinReason,
 } from '../core/protocol/index.ts';
 import { routeMessage, type ClientStatements } from '../core/pool-state/index.ts';
 import type { SidecarMetrics } from './metrics.ts';
@@ -37,13 +38,23 @@ export interface ClientSessionHost {
   /** Registers the session under its BackendKeyData; returns [processId, secretKey]. */
   register(session: ClientSession): [number, number];
   unregister(session: ClientSession): void;
-  /** A CancelRequest arrived on this connection. */
-  cancel(processId: number, secretKey: Buffer): void;
+  /** A CancelRequest arrived on this connection; `done` once it was delivered or dropped. */
+  cancel(processId: number, secretKey: Buffer, done: () => void): void;
+  /** Values (as SHOW prints them) of a settings set checked on the server before, by setting name. */
+  shownSettings(key: string): ReadonlyMap<string, string> | undefined;
+  /** Remembers a checked settings set. */
+  rememberSettings(key: string, shown: ReadonlyMap<string, string>): void;
+  /** A client was pinned to its server connection (transaction mode). */
+  pinned(reason: PinReason): void;
 }
 
 type Phase = 'startup' | 'login' | 'ready' | 'closed';
 
 const NOTHING = Buffer.alloc(0);
+const QUERY = 0x51;
+const PARSE = 0x50;
+/** A Terminate message, as some clients send it on a connection they give up before the startup packet. */
+const TERMINATE_FIRST = Buffer.from([0x58, 0, 0, 0, 4]);
 
 /** A client of the sidecar. */
 export class ClientSession implements PoolWaiter {
@@ -59,6 +70,12 @@ export class ClientSession implements PoolWaiter {
   private statements: ClientStatements | undefined;
   private applicationName = '';
   private key: [number, number] = [0, 0];
+  /** Run-time settings from the startup packet, applied to every server connection this client uses. */
+  settings: ClientSettings = NO_SETTINGS;
+  /** At login: apply every setting to learn its value as the server shows it. */
+  checkSettings = false;
+  /** Session state that keeps this client on its server connection (transaction mode). */
+  private pinnedBy: PinReason | undefined;
   private readonly host: ClientSessionHost;
   /** Reads are views of the socket's reused buffer (DirectReadSocket): valid only during onData. */
   private readonly borrowedReads: boolean;
@@ -80,6 +97,11 @@ export class ClientSession implements PoolWaiter {
     else socket.on('data', (chunk: Buffer) => this.onData(chunk, chunk.length));
     socket.on('error', (err: Error) => host.logger.debug({ err: err.message }, 'client socket error'));
     socket.on('close', () => this.onClose());
+  }
+
+  /** Session state that keeps this client on its server connection, if any. */
+  get pinReason(): PinReason | undefined {
+    return this.pinnedBy;
   }
 
   /** True while a server connection is lent to this client. */
@@ -118,6 +140,11 @@ export class ClientSession implements PoolWaiter {
   /** Bytes [0, length) of `chunk` arrived from the client. */
   private onData(chunk: Buffer, length: number): void {
     if (this.phase === 'closed') return;
+    // PostgreSQL drops such a connection without a word (it cannot be a startup packet); so do we.
+    if (this.phase === 'startup' && length >= 5 && chunk.compare(TERMINATE_FIRST, 0, 5, 0, 5) === 0 && this.reader.buffered === 0) {
+      this.closeQuietly();
+      return;
+    }
     const reader = this.reader;
     let runBuffer: Buffer | undefined;
     let runStart = 0;
@@ -138,8 +165,9 @@ export class ClientSession implements PoolWaiter {
           this.terminate();
           return;
         }
-        if (this.statements === undefined && namesPreparedStatement(type, reader.buffer, reader.bodyStart, reader.end) && this.host.mode === 'transaction') {
-          this.statements = new Map();
+        if (this.host.mode === 'transaction') {
+          if (this.statements === undefined && namesPreparedStatement(type, reader.buffer, reader.bodyStart, reader.end)) this.statements = new Map();
+          if ((type === QUERY || type === PARSE) && this.pinnedBy === undefined) this.checkSessionState(type, reader.buffer, reader.bodyStart, reader.end);
         }
         this.pendingTypes.push(type);
         if (reader.buffer === runBuffer && reader.start === runEnd) runEnd = reader.end;
@@ -161,6 +189,26 @@ export class ClientSession implements PoolWaiter {
       const chunks = this.pendingChunks;
       for (let i = 0; i < chunks.length; i++) chunks[i] = Buffer.from(chunks[i]!);
     }
+  }
+
+  /**
+   * Transaction mode: a statement that leaves session state on the server
+   * connection (SET, LISTEN, PREPARE, a temporary table, a WITH HOLD cursor)
+   * pins the client to it until the client leaves; then it is reset with
+   * DISCARD ALL before anyone else gets it.
+   */
+  private checkSessionState(type: number, buffer: Buffer, bodyStart: number, end: number): void {
+    let textStart = bodyStart;
+    if (type === PARSE) {
+      const nameEnd = buffer.indexOf(0, bodyStart);
+      if (nameEnd < 0 || nameEnd >= end) return;
+      textStart = nameEnd + 1;
+    }
+    const command = classifySessionCommand(buffer, textStart, end);
+    if (command?.kind !== 'pin') return;
+    this.pinnedBy = command.reason;
+    this.host.pinned(command.reason);
+    this.host.logger.info({ reason: command.reason }, 'client pinned to its server connection until it disconnects (session state in transaction mode)');
   }
 
   /**
@@ -254,9 +302,9 @@ export class ClientSession implements PoolWaiter {
         this.reader.expectUntyped();
         return;
       case 'cancel':
-        this.host.cancel(packet.processId, packet.secretKey);
         this.phase = 'closed';
-        this.socket.end();
+        // As PostgreSQL does, close only once the cancel was delivered: libpq takes the close to mean so.
+        this.host.cancel(packet.processId, packet.secretKey, () => this.socket.end());
         return;
       case 'startup':
         break;
@@ -279,12 +327,20 @@ export class ClientSession implements PoolWaiter {
       this.fail({ severity: 'FATAL', code: '57P03', message: 'the poolkeeper sidecar is draining and accepts no new clients' });
       return;
     }
+    try {
+      this.settings = clientSettingsFromStartup(packet.parameters);
+    } catch (error) {
+      this.host.metrics.error('client-settings');
+      this.fail({ severity: 'FATAL', code: '0A000', message: (error as Error).message });
+      return;
+    }
+    this.checkSettings = this.settings.key !== '' && this.host.shownSettings(this.settings.key) === undefined;
     this.applicationName = packet.parameters.application_name ?? '';
     if (packet.minorVersion > 0 || packet.protocolOptions.length > 0) this.socket.write(negotiateProtocolVersion(0, packet.protocolOptions));
     this.phase = 'login';
     this.key = this.host.register(this);
-    // Without server parameters yet (first client) or in session mode, log in behind a real server connection.
-    if (this.host.pool.serverParameters === undefined || this.host.mode === 'session') {
+    // Without server parameters yet (first client), in session mode, or with settings not checked yet, log in behind a real server connection.
+    if (this.host.pool.serverParameters === undefined || this.host.mode === 'session' || this.checkSettings) {
       this.waiting = true;
       this.host.pool.acquire(this);
     } else this.finishLogin();
@@ -294,8 +350,11 @@ export class ClientSession implements PoolWaiter {
     const socket = this.socket;
     socket.cork();
     socket.write(authenticationOk());
+    // The server's values, with the client's own settings as the server showed them.
+    const shown = this.settings.key === '' ? undefined : this.host.shownSettings(this.settings.key);
     for (const [name, value] of this.host.pool.serverParameters ?? new Map<string, string>()) {
-      socket.write(parameterStatus(name, name === 'application_name' ? this.applicationName : value));
+      const own = shown?.get(name.toLowerCase());
+      socket.write(parameterStatus(name, own ?? (name === 'application_name' ? this.applicationName : value)));
     }
     socket.write(backendKeyData(this.key[0], this.key[1]));
     socket.write(readyForQuery('I'));
@@ -306,14 +365,21 @@ export class ClientSession implements PoolWaiter {
 
   // ---- pool callbacks -----------------------------------------------------
 
-  /** The pool lent us a server connection. */
-  onAcquired(server: ServerConnection): void {
+  /** The pool lent us a server connection (with `shown`, the checked settings' values). */
+  onAcquired(server: ServerConnection, shown?: readonly (string | undefined)[]): void {
     this.waiting = false;
     if (this.phase === 'closed') {
       this.host.pool.release(server, true);
       return;
     }
     this.server = server;
+    if (this.checkSettings && shown !== undefined) {
+      const values = new Map<string, string>();
+      let i = 0;
+      for (const name of this.settings.values.keys()) values.set(name, shown[i++] ?? '');
+      this.host.rememberSettings(this.settings.key, values);
+      this.checkSettings = false;
+    }
     if (this.phase === 'login') {
       if (this.host.mode === 'transaction') this.releaseServer(true);
       this.finishLogin();
@@ -330,7 +396,7 @@ export class ClientSession implements PoolWaiter {
 
   /** ReadyForQuery 'I' with nothing outstanding. */
   onServerBoundary(server: ServerConnection): void {
-    if (this.host.mode === 'transaction' || this.closeAtBoundary) {
+    if ((this.host.mode === 'transaction' && this.pinnedBy === undefined) || this.closeAtBoundary) {
       if (this.pendingTypes.length > 0) return;
       this.server = undefined;
       this.host.pool.release(server, true);
@@ -351,7 +417,18 @@ export class ClientSession implements PoolWaiter {
     const server = this.server;
     if (server === undefined) return;
     this.server = undefined;
-    this.host.pool.release(server, reusable && server.tracker.atBoundary);
+    this.host.pool.release(server, reusable && server.tracker.atBoundary, this.host.mode === 'session' || this.pinnedBy !== undefined);
+  }
+
+  /**
+   * What a CancelRequest for this client should reach: the server connection
+   * running its statement now, and a test that the same statement still runs.
+   */
+  cancelTarget(): { server: ServerConnection; stillRunning: () => boolean } | undefined {
+    const server = this.server;
+    if (server === undefined || (server.tracker.pendingReady === 0 && server.tracker.copy === 'none')) return undefined;
+    const readyCount = server.readyCount;
+    return { server, stillRunning: () => this.server === server && server.state === 'active' && server.readyCount === readyCount };
   }
 
   private terminate(): void {

@@ -5,6 +5,7 @@
  */
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 import { SERVER_CONNECTION_STATES, type ServerConnectionState } from '../core/pool-state/index.ts';
+import { PIN_REASONS, type PinReason } from '../core/protocol/index.ts';
 
 /** What the metrics read at scrape time. */
 export interface SidecarMetricsSource {
@@ -16,6 +17,8 @@ export interface SidecarMetricsSource {
   credentialsGeneration(): string;
   tunnelUp(): boolean | undefined;
   transactions(): number;
+  /** Connected clients pinned to their server connection, by reason. */
+  pinnedClients(): Record<PinReason, number>;
 }
 
 /** Kinds for poolkeeper_sidecar_errors_total. */
@@ -30,7 +33,11 @@ export type SidecarErrorKind =
   | 'tunnel'
   | 'tunnel-host-key-mismatch'
   | 'dirty-server-discarded'
-  | 'cancel';
+  | 'cancel'
+  | 'client-settings'
+  | 'pre-ping'
+  | 'login-timeout'
+  | 'too-many-clients';
 
 /** The metric objects; construct once per Sidecar. */
 export class SidecarMetrics {
@@ -38,6 +45,7 @@ export class SidecarMetrics {
   readonly errors: Counter<'kind'>;
   readonly tunnelReconnects: Counter;
   readonly serverLogins: Counter<'result'>;
+  readonly pinned: Counter<'reason'>;
   private source: SidecarMetricsSource | undefined;
 
   constructor(registry: Registry) {
@@ -59,6 +67,15 @@ export class SidecarMetrics {
         this.set({ state: 'active' }, s.clientsActive());
         this.set({ state: 'waiting' }, s.clientsWaiting());
         this.set({ state: 'connected' }, s.clientsConnected());
+      },
+    });
+    new Gauge({
+      name: 'poolkeeper_sidecar_pinned_clients', help: 'Clients kept on one server connection by session state in transaction mode, by reason', labelNames: ['reason'], registers: [registry],
+      collect() {
+        const s = read();
+        if (!s) return;
+        const pinned = s.pinnedClients();
+        for (const reason of PIN_REASONS) this.set({ reason }, pinned[reason]);
       },
     });
     new Gauge({
@@ -109,6 +126,7 @@ export class SidecarMetrics {
     });
     this.errors = new Counter({ name: 'poolkeeper_sidecar_errors_total', help: 'Errors by kind', labelNames: ['kind'], registers: [registry] });
     this.tunnelReconnects = new Counter({ name: 'poolkeeper_sidecar_tunnel_reconnects_total', help: 'SSH tunnel reconnections after the first connection', registers: [registry] });
+    this.pinned = new Counter({ name: 'poolkeeper_sidecar_pins_total', help: 'Clients pinned to their server connection by session state in transaction mode, by reason', labelNames: ['reason'], registers: [registry] });
     this.serverLogins = new Counter({ name: 'poolkeeper_sidecar_server_logins_total', help: 'Upstream logins by result', labelNames: ['result'], registers: [registry] });
   }
 

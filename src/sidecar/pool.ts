@@ -12,6 +12,7 @@ import type { Duplex } from 'node:stream';
 import { serialize } from 'pg-protocol';
 import type { Logger } from 'pino';
 import type { ServerConnectionState } from '../core/pool-state/index.ts';
+import { settingsSql, type ClientSettings } from '../core/protocol/index.ts';
 import type { SidecarMetrics } from './metrics.ts';
 import { ServerConnection, type ServerConnectionUser } from './server-connection.ts';
 import type { Credentials, SidecarSettings } from './settings.ts';
@@ -25,7 +26,12 @@ export interface AcquireFailure {
 
 /** A client waiting for a server connection. */
 export interface PoolWaiter extends ServerConnectionUser {
-  onAcquired(server: ServerConnection): void;
+  /** Run-time settings the server connection must have before it is lent. */
+  readonly settings: ClientSettings;
+  /** Apply every setting even where the connection has it already: the client's login needs each value as the server shows it. */
+  readonly checkSettings: boolean;
+  /** `shown`: with checkSettings, each setting's value as SHOW prints it, in the order of `settings.values`. */
+  onAcquired(server: ServerConnection, shown?: readonly (string | undefined)[]): void;
   onAcquireFailed(failure: AcquireFailure): void;
 }
 
@@ -67,6 +73,8 @@ export class Pool {
   private pendingGeneration: number | undefined;
   private readonly servers = new Set<ServerConnection>();
   private readonly idle: ServerConnection[] = [];
+  /** Released connections waiting for a CancelRequest to be delivered before another client may have them; value: reset with DISCARD ALL. */
+  private readonly parked = new Map<ServerConnection, boolean>();
   /** Oldest first; every waiter has the same poolTimeout, so deadlines come in this order too. */
   private waiters: WaitEntry[] = [];
   /** One timer for the oldest waiter's deadline, not one per wait (a wait per transaction when clients outnumber the grant). */
@@ -95,6 +103,7 @@ export class Pool {
       transactionCompleted: () => {
         this.transactions += 1;
       },
+      cancel: (server) => void this.sendCancel(server).catch((err: Error) => this.deps.logger.warn({ server: server.id, err: err.message }, 'cancelling the statement of a closing server connection failed')),
     };
   }
 
@@ -150,10 +159,21 @@ export class Pool {
   /**
    * Takes a connection back. `reusable` is false when the client left it
    * mid-transaction or mid-protocol: such a connection is closed, never reused.
+   * `reset` (session mode, or a client pinned by session state) runs DISCARD
+   * ALL before another client may have it.
    */
-  release(server: ServerConnection, reusable: boolean): void {
+  release(server: ServerConnection, reusable: boolean, reset: boolean = this.deps.settings.pool.mode === 'session'): void {
     server.detach();
     if (server.state !== 'active') return;
+    if (server.cancelsInFlight > 0 && reusable && server.tracker.atBoundary) {
+      // A cancel meant for its last client must not hit the next one's statement.
+      this.parked.set(server, reset);
+      return;
+    }
+    this.recycle(server, reusable, reset);
+  }
+
+  private recycle(server: ServerConnection, reusable: boolean, reset: boolean): void {
     const now = this.deps.now();
     const reason = this.reasonToClose(server, reusable, now);
     if (reason !== undefined) {
@@ -161,8 +181,12 @@ export class Pool {
       server.close(reason);
       return;
     }
-    if (this.deps.settings.pool.mode === 'session') {
-      server.runInternal('DISCARD ALL', (ok) => (ok ? this.makeAvailable(server, this.deps.now()) : server.close('DISCARD ALL failed')));
+    if (reset) {
+      server.runInternal('DISCARD ALL', (result) => {
+        if (server.state !== 'resetting') return;
+        if (result.ok) this.makeAvailable(server, this.deps.now());
+        else server.close('DISCARD ALL failed');
+      });
       return;
     }
     this.makeAvailable(server, now);
@@ -240,12 +264,46 @@ export class Pool {
     return new Promise((resolve) => this.emptyListeners.push(resolve));
   }
 
-  /** Sends a CancelRequest for `server`'s backend over a new stream. */
-  async cancel(server: ServerConnection): Promise<void> {
+  /**
+   * Forwards a client's CancelRequest to `server`'s backend if `stillRunning()`
+   * holds once the cancel connection is open (the statement it was meant for
+   * has not ended meanwhile). Resolves once PostgreSQL has taken the request
+   * (it closes the cancel connection after signalling the backend), or when
+   * it was not sent; until then the server connection goes to no other client.
+   */
+  async cancelStatement(server: ServerConnection, stillRunning: () => boolean): Promise<boolean> {
+    server.cancelsInFlight += 1;
+    try {
+      return await this.sendCancel(server, stillRunning);
+    } finally {
+      server.cancelsInFlight -= 1;
+      const reset = this.parked.get(server);
+      if (server.cancelsInFlight === 0 && reset !== undefined) {
+        this.parked.delete(server);
+        if (server.state === 'active') this.recycle(server, true, reset);
+      }
+    }
+  }
+
+  /** Sends a CancelRequest for `server`'s backend over a new stream and waits until the server closes it. */
+  private async sendCancel(server: ServerConnection, stillRunning: () => boolean = () => true): Promise<boolean> {
     const { host, port } = this.deps.settings.database;
     const stream = await this.deps.openStream(host, port, this.deps.now() + CONNECT_TIMEOUT_MS);
     stream.on('error', () => undefined);
-    stream.end(serialize.cancel(server.processId, server.secretKey));
+    if (!stillRunning()) {
+      stream.destroy();
+      return false;
+    }
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(() => stream.destroy(), CONNECT_TIMEOUT_MS);
+      stream.once('close', () => {
+        clearTimeout(timer);
+        resolve();
+      });
+      stream.end(serialize.cancel(server.processId, server.secretKey));
+      stream.resume();
+    });
+    return true;
   }
 
   private reasonToClose(server: ServerConnection, reusable: boolean, now: number): string | undefined {
@@ -283,31 +341,57 @@ export class Pool {
     }
   }
 
+  /**
+   * Lends `server` to `waiter`, first bringing its settings to the client's
+   * (which doubles as the pre-ping) or pinging it if it sat idle. A
+   * connection that fails that check is closed and the client goes back to
+   * the head of the queue, so it still gets a connection or its error within
+   * poolTimeout; settings the server refuses fail the client with the server's
+   * own error, as they would at a direct login.
+   */
   private handOut(server: ServerConnection, waiter: PoolWaiter, since: number, now: number): void {
     const { poolPrePing } = this.deps.settings.pool;
     const prePingAfterMs = (this.deps.settings.prePingAfterIdle ?? 1) * 1000;
-    if (poolPrePing && server.state === 'idle' && now - server.idleSince >= prePingAfterMs) {
-      server.runInternal(';', (ok) => {
-        if (server.state !== 'resetting') return;
-        if (ok) this.give(server, waiter, since, this.deps.now());
-        else {
-          server.close('pre-ping failed');
-          this.requeueFront(waiter, since);
-        }
-      });
+    const wanted = waiter.settings;
+    const sync = waiter.checkSettings || server.settings.key !== wanted.key ? settingsSql(wanted.values, server.settings.values, waiter.checkSettings) : undefined;
+    const ping = poolPrePing && server.state === 'idle' && now - server.idleSince >= prePingAfterMs;
+    if (sync === undefined && !ping) {
+      this.give(server, waiter, since, now);
       return;
     }
-    this.give(server, waiter, since, now);
+    server.runInternal(sync ?? ';', (result) => {
+      if (server.state === 'resetting' && result.ok) {
+        if (sync !== undefined) server.settings = wanted;
+        this.give(server, waiter, since, this.deps.now(), waiter.checkSettings ? result.row : undefined);
+        return;
+      }
+      if (server.state === 'resetting' && sync !== undefined && result.error?.C !== undefined && result.error.C !== '57P01') {
+        // The server refused the client's settings: its error is the client's, as at a direct login.
+        server.close('client settings refused');
+        this.deps.metrics.error('client-settings');
+        waiter.onAcquireFailed({ sqlState: result.error.C, message: result.error.M ?? 'invalid client setting' });
+        return;
+      }
+      this.deps.metrics.error('pre-ping');
+      this.deps.logger.info({ server: server.id, err: result.error?.M }, 'server connection failed its check before use; trying another');
+      server.close(sync !== undefined ? 'settings check failed' : 'pre-ping failed');
+      this.lastConnectError = `a server connection failed its check before use: ${result.error?.M ?? 'closed'}`;
+      this.requeueFront(waiter, since);
+    });
   }
 
-  private give(server: ServerConnection, waiter: PoolWaiter, since: number, now: number): void {
+  private give(server: ServerConnection, waiter: PoolWaiter, since: number, now: number, shown?: (string | undefined)[]): void {
     server.tracker.reset();
     server.attach(waiter);
     this.deps.metrics.waitSeconds.observe((now - since) / 1000);
-    waiter.onAcquired(server);
+    waiter.onAcquired(server, shown);
   }
 
   private requeueFront(waiter: PoolWaiter, since: number): void {
+    if (this.draining || this.closed) {
+      waiter.onAcquireFailed({ sqlState: '57P01', message: 'the sidecar is draining' });
+      return;
+    }
     // It came from the head of the queue, so the order by deadline holds.
     this.waiters.unshift({ waiter, since });
     this.stopWaitTimer();
@@ -429,6 +513,7 @@ export class Pool {
 
   private onServerClosed(server: ServerConnection): void {
     this.servers.delete(server);
+    this.parked.delete(server);
     const index = this.idle.indexOf(server);
     if (index >= 0) this.idle.splice(index, 1);
     this.afterHeldChanged();

@@ -8,7 +8,7 @@ import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import { serialize } from 'pg-protocol';
 import { ResponseEditor, ServerStatementCache, transition, TransactionTracker, type ServerConnectionState } from '../core/pool-state/index.ts';
-import { FrameReader, PARSE_COMPLETE, parseNoticeFields } from '../core/protocol/index.ts';
+import { FrameReader, NO_SETTINGS, PARSE_COMPLETE, parseNoticeFields, type ClientSettings } from '../core/protocol/index.ts';
 import { isDirectReadable } from './direct-read-socket.ts';
 
 /** Whoever currently uses the connection: a client session. */
@@ -21,22 +21,43 @@ export interface ServerConnectionUser {
   onServerLost(server: ServerConnection, reason: string): void;
 }
 
+/** How one of the sidecar's own statements ended. */
+export interface InternalResult {
+  /** Ended with ReadyForQuery 'I' and no error. */
+  ok: boolean;
+  /** Fields of the first ErrorResponse, if any. */
+  error?: Record<string, string>;
+  /** Columns of the first DataRow, if any (NULL as undefined). */
+  row?: (string | undefined)[];
+}
+
 /** Callbacks into the pool. */
 export interface ServerConnectionEvents {
   stateChanged(server: ServerConnection, from: ServerConnectionState, to: ServerConnectionState): void;
   /** The socket closed; the backend no longer counts. */
   closed(server: ServerConnection): void;
   transactionCompleted(): void;
+  /** Cancel the statement running on this backend (it is being closed mid-statement). */
+  cancel(server: ServerConnection): void;
 }
 
 const NOTHING = Buffer.alloc(0);
+/** While a closing backend lingers, its statement is cancelled again this often. */
+const CLOSE_RECANCEL_MS = 5_000;
+/** A closing connection whose server never closes it is dropped after this long. */
+const CLOSE_GIVE_UP_MS = 60_000;
 const READY_FOR_QUERY = 0x5a;
 const ERROR_RESPONSE = 0x45;
 const PARSE_COMPLETE_TYPE = 0x31;
 const CLOSE_COMPLETE_TYPE = 0x33;
-/** Types the tracker needs to see; everything else is only forwarded. */
+const COMMAND_COMPLETE = 0x43;
+const DATA_ROW = 0x44;
+/** Types the tracker needs to see, and CommandComplete (see onCommandComplete); everything else is only forwarded. */
 const TRACKED = new Uint8Array(256);
-for (const c of 'ZEGHWc') TRACKED[c.charCodeAt(0)] = 1;
+for (const c of 'ZEGHWcC') TRACKED[c.charCodeAt(0)] = 1;
+/** Tags of the commands that drop every prepared statement of the backend, with their NUL. */
+const DEALLOCATE_ALL_TAG = Buffer.from('DEALLOCATE ALL\0');
+const DISCARD_ALL_TAG = Buffer.from('DISCARD ALL\0');
 
 /** A pooled connection to PostgreSQL. */
 export class ServerConnection {
@@ -53,12 +74,18 @@ export class ServerConnection {
   readonly editor: ResponseEditor;
   /** When it last became idle (ms). */
   idleSince: number;
+  /** Client settings applied on this backend (see core/protocol/client-settings.ts). */
+  settings: ClientSettings = NO_SETTINGS;
+  /** CancelRequests sent for this backend whose delivery the server has not confirmed: it is not lent to another client meanwhile. */
+  cancelsInFlight = 0;
+  /** ReadyForQuery messages received: a cancel is forwarded only while the statement it was meant for still runs. */
+  readyCount = 0;
   private currentState: ServerConnectionState = 'connecting';
   private user: ServerConnectionUser | undefined;
   private readonly reader: FrameReader;
   private readonly events: ServerConnectionEvents;
   private readonly logger: Logger;
-  private internalQuery: { ok: boolean; done: (ok: boolean) => void } | undefined;
+  private internalQuery: { result: InternalResult; done: (result: InternalResult) => void } | undefined;
   /** Reading is paused until the client's socket drains (see onData). */
   private pausedFor: Duplex | undefined;
   private readonly resumeReading = (): void => {
@@ -124,30 +151,44 @@ export class ServerConnection {
   }
 
   /**
-   * Runs one of the sidecar's own statements (pre-ping `;`, `DISCARD ALL`)
-   * in state `resetting`; `done(true)` if it ended with ReadyForQuery 'I'.
+   * Runs one of the sidecar's own statements (pre-ping `;`, `DISCARD ALL`,
+   * client settings) in state `resetting`; `done` gets whether it ended with
+   * ReadyForQuery 'I', the first error and the first row. If the connection
+   * dies first, `done` runs with ok false once it is closed.
    */
-  runInternal(sql: string, done: (ok: boolean) => void): void {
+  runInternal(sql: string, done: (result: InternalResult) => void): void {
     this.setState('resetting');
     this.tracker.reset();
-    // DISCARD ALL drops every prepared statement of the backend.
-    if (/^\s*discard\s+all/i.test(sql)) this.statements.clear();
-    this.internalQuery = { ok: true, done };
+    this.internalQuery = { result: { ok: true }, done };
     this.stream.write(serialize.query(sql));
   }
 
-  /** Sends Terminate and closes; the backend counts until the socket is closed. */
+  /**
+   * Sends Terminate and closes. The backend counts until the server closes
+   * the connection, which it does only once it has read the Terminate: a
+   * backend still running a statement would live on behind a socket we
+   * dropped, so that statement is cancelled first (and again while it lingers).
+   */
   close(reason: string): void {
     if (this.currentState === 'closing' || this.currentState === 'closed') return;
-    this.logger.debug({ server: this.id, reason }, 'closing server connection');
+    const running = this.currentState === 'resetting' || this.tracker.pendingReady > 0 || this.tracker.copy !== 'none';
+    this.logger.debug({ server: this.id, reason, running }, 'closing server connection');
     this.setState('closing');
     this.user = undefined;
     this.internalQuery = undefined;
-    if (!this.stream.destroyed) {
-      this.stream.end(serialize.end());
-      // A server that ignores Terminate must not hold a slot forever.
-      setTimeout(() => this.stream.destroy(), 5000).unref();
-    }
+    this.resumeReading();
+    if (this.stream.destroyed) return;
+    if (running) this.events.cancel(this);
+    this.stream.end(serialize.end());
+    // Keep reading: the server's own close is what ends the count.
+    this.stream.resume();
+    const retry = setInterval(() => this.events.cancel(this), CLOSE_RECANCEL_MS).unref();
+    // A server that never answers (a frozen network) must not hold a slot forever.
+    const giveUp = setTimeout(() => this.stream.destroy(), CLOSE_GIVE_UP_MS).unref();
+    this.stream.once('close', () => {
+      clearInterval(retry);
+      clearTimeout(giveUp);
+    });
   }
 
   private onClose(): void {
@@ -158,7 +199,7 @@ export class ServerConnection {
     this.internalQuery = undefined;
     this.setState('closed');
     this.events.closed(this);
-    internal?.done(false);
+    internal?.done({ ok: false, error: { M: 'the server closed the connection' } });
     user?.onServerLost(this, 'the server closed the connection');
   }
 
@@ -188,9 +229,11 @@ export class ServerConnection {
         const type = reader.type;
         if (TRACKED[type] === 1) {
           if (type === READY_FOR_QUERY) {
+            this.readyCount += 1;
             boundary = tracker.serverMessage(type, reader.buffer[reader.bodyStart]);
             if (boundary) this.events.transactionCompleted();
-          } else tracker.serverMessage(type);
+          } else if (type === COMMAND_COMPLETE) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
+          else tracker.serverMessage(type);
         }
         if (reader.buffer === runBuffer && reader.start === runEnd) runEnd = reader.end;
         else {
@@ -257,10 +300,12 @@ export class ServerConnection {
         const type = reader.type;
         if (TRACKED[type] === 1) {
           if (type === READY_FOR_QUERY) {
+            this.readyCount += 1;
             boundary = tracker.serverMessage(type, reader.buffer[reader.bodyStart]);
             if (boundary) this.events.transactionCompleted();
             if (editor.active) editor.ready();
-          } else tracker.serverMessage(type);
+          } else if (type === COMMAND_COMPLETE) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
+          else tracker.serverMessage(type);
         } else if ((type === PARSE_COMPLETE_TYPE || type === CLOSE_COMPLETE_TYPE) && editor.active) {
           const edit = editor.reply(type);
           if (edit !== 'forward') {
@@ -292,6 +337,21 @@ export class ServerConnection {
     this.afterForwarding(out, user, boundary);
   }
 
+  /**
+   * DEALLOCATE ALL and DISCARD ALL drop every prepared statement of the
+   * backend, whoever sent them; DISCARD ALL also resets its settings. Read
+   * from the server's reply, so a command that failed changes nothing.
+   */
+  private onCommandComplete(buffer: Buffer, bodyStart: number, end: number): void {
+    const length = end - bodyStart;
+    if (length !== DEALLOCATE_ALL_TAG.length && length !== DISCARD_ALL_TAG.length) return;
+    const discard = buffer.compare(DISCARD_ALL_TAG, 0, DISCARD_ALL_TAG.length, bodyStart, end) === 0;
+    if (!discard && buffer.compare(DEALLOCATE_ALL_TAG, 0, DEALLOCATE_ALL_TAG.length, bodyStart, end) !== 0) return;
+    this.statements.clear();
+    this.statements.uncertain = false;
+    if (discard) this.settings = NO_SETTINGS;
+  }
+
   private onDataWithoutUser(chunk: Buffer, length: number): void {
     const reader = this.reader;
     try {
@@ -300,10 +360,17 @@ export class ServerConnection {
         const type = reader.type;
         const internal = this.internalQuery;
         if (internal !== undefined) {
-          if (type === ERROR_RESPONSE) internal.ok = false;
-          if (type === READY_FOR_QUERY) {
+          const result = internal.result;
+          if (type === ERROR_RESPONSE) {
+            result.ok = false;
+            result.error ??= parseNoticeFields(reader.buffer.subarray(reader.bodyStart, reader.end));
+          } else if (type === DATA_ROW && result.row === undefined) result.row = readDataRow(reader.buffer, reader.bodyStart, reader.end);
+          else if (type === COMMAND_COMPLETE) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
+          else if (type === READY_FOR_QUERY) {
+            this.readyCount += 1;
             this.internalQuery = undefined;
-            internal.done(internal.ok && reader.buffer[reader.bodyStart] === 0x49);
+            if (reader.buffer[reader.bodyStart] !== 0x49) result.ok = false;
+            internal.done(result);
           }
         } else if (type === ERROR_RESPONSE) {
           // An idle connection gets an error only when the server is about to drop it.
@@ -317,4 +384,21 @@ export class ServerConnection {
       this.stream.destroy();
     }
   }
+}
+
+/** Columns of a DataRow body (NULL as undefined). */
+function readDataRow(buffer: Buffer, bodyStart: number, end: number): (string | undefined)[] {
+  const columns: (string | undefined)[] = [];
+  const count = buffer.readUInt16BE(bodyStart);
+  let offset = bodyStart + 2;
+  for (let i = 0; i < count && offset + 4 <= end; i++) {
+    const length = buffer.readInt32BE(offset);
+    offset += 4;
+    if (length < 0) columns.push(undefined);
+    else {
+      columns.push(buffer.toString('utf8', offset, offset + length));
+      offset += length;
+    }
+  }
+  return columns;
 }

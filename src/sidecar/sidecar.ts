@@ -16,7 +16,7 @@ import { connect as netConnect, createServer, type AddressInfo, type Server, typ
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import type { Registry } from 'prom-client';
-import { DEFAULT_MAX_MESSAGE_BYTES, errorResponse } from '../core/protocol/index.ts';
+import { DEFAULT_MAX_MESSAGE_BYTES, PIN_REASONS, errorResponse, type PinReason } from '../core/protocol/index.ts';
 import { AdminServer } from '../ops/admin-server.ts';
 import { ClientSession, type ClientSessionHost } from './client-session.ts';
 import { DirectReadSocket, ReadBufferPool, adoptAcceptedSocket } from './direct-read-socket.ts';
@@ -53,6 +53,8 @@ export class Sidecar implements ClientSessionHost {
   private readonly registry: Registry;
   private readonly tunnel: SshTunnel | undefined;
   private readonly sessions = new Map<number, ClientSession>();
+  /** Client settings sets checked on the server: their values as SHOW prints them (bounded; an evicted set is checked again). */
+  private readonly checkedSettings = new Map<string, ReadonlyMap<string, string>>();
   /** Read buffers of client and server sockets, reused across connections. */
   private readonly readBuffers = new ReadBufferPool();
   private readonly statusListeners = new Set<(s: SidecarStatus) => void>();
@@ -95,6 +97,11 @@ export class Sidecar implements ClientSessionHost {
       credentialsGeneration: () => this.credentials.current().generation,
       tunnelUp: () => this.tunnel?.up,
       transactions: () => this.pool.transactions,
+      pinnedClients: () => {
+        const counts = Object.fromEntries(PIN_REASONS.map((r) => [r, 0])) as Record<PinReason, number>;
+        for (const session of this.sessions.values()) if (session.pinReason !== undefined) counts[session.pinReason] += 1;
+        return counts;
+      },
     });
   }
 
@@ -249,20 +256,44 @@ export class Sidecar implements ClientSessionHost {
     }
   }
 
-  /** Forwards a CancelRequest to the server connection the client is using now. */
-  cancel(processId: number, secretKey: Buffer): void {
+  /**
+   * Forwards a CancelRequest to the server connection running the client's
+   * statement, only while that statement runs; `done` once PostgreSQL took
+   * it, or at once when there is nothing to cancel.
+   */
+  cancel(processId: number, secretKey: Buffer, done: () => void): void {
     const session = this.sessions.get(processId);
     if (session === undefined || secretKey.length !== 4 || secretKey.readInt32BE(0) !== session.secretKey) {
       this.metrics.error('cancel');
       this.logger.info('CancelRequest for an unknown session ignored');
+      done();
       return;
     }
-    const server = session.serverConnection;
-    if (server === undefined) return;
-    this.pool.cancel(server).catch((err: Error) => {
+    const target = session.cancelTarget();
+    if (target === undefined) {
+      done();
+      return;
+    }
+    this.pool.cancelStatement(target.server, target.stillRunning).catch((err: Error) => {
       this.metrics.error('cancel');
       this.logger.warn({ err: err.message }, 'forwarding CancelRequest failed');
-    });
+    }).finally(done);
+  }
+
+  /** Values of a checked client settings set. */
+  shownSettings(key: string): ReadonlyMap<string, string> | undefined {
+    return this.checkedSettings.get(key);
+  }
+
+  /** Remembers a checked client settings set (the oldest is forgotten past 1,000). */
+  rememberSettings(key: string, shown: ReadonlyMap<string, string>): void {
+    if (this.checkedSettings.size >= 1000) this.checkedSettings.delete(this.checkedSettings.keys().next().value!);
+    this.checkedSettings.set(key, shown);
+  }
+
+  /** Counts a pinned client. */
+  pinned(reason: PinReason): void {
+    this.metrics.pinned.inc({ reason });
   }
 
   // ---- internals ----------------------------------------------------------

@@ -13,6 +13,15 @@ import {
 const at = (message: Buffer): [number, Buffer, number, number] => [message[0]!, message, 5, message.length];
 
 describe('extended protocol: named statements', function () {
+  it('reads a Parse parameter count as unsigned (up to 65,535 types, as PostgreSQL accepts)', function () {
+    for (const count of [0, 1, 32_767, 32_768, 40_000, 65_535]) {
+      const message = serialize.parse({ name: 'big', text: 'INSERT 1', types: new Array<number>(count).fill(23) });
+      const parsed = parseParseMessage(...at(message).slice(1) as [Buffer, number, number]);
+      assert.equal(parsed.name, 'big');
+      assert.equal(parsed.definition.length, 'INSERT 1'.length + 1 + 2 + 4 * count);
+    }
+  });
+
   it('tells named from unnamed Parse, Bind, Describe and Close', function () {
     const named = [
       serialize.parse({ name: 's1', text: 'SELECT 1' }),

@@ -188,6 +188,8 @@ describe('backend messages the sidecar sends', function () {
     assert.deepEqual([k!.type, k!.body.readInt32BE(0), k!.body.readInt32BE(4)], [0x4b, 7, -2]);
     const [v] = readFrames(new FrameReader(), negotiateProtocolVersion(0, ['_pq_.x']));
     assert.equal(v!.body.readInt32BE(4), 1);
+    // The whole version, as PostgreSQL sends it: libpq 18 reads a bare minor as a downgrade below 3.0.
+    assert.equal(v!.body.readInt32BE(0), 196608);
   });
 
   it('encodes ErrorResponse and NoticeResponse with SQLSTATE and round-trips the fields', function () {

@@ -36,9 +36,10 @@
  */
 import { createHash } from 'node:crypto';
 import {
-  ProtocolError, buildClosePortal, buildCloseStatement, buildParse, parseBindMessage,
+  ProtocolError, buildClosePortal, buildCloseStatement, buildParse, classifySessionCommand, parseBindMessage,
   parseParseMessage, parseTargetMessage, renameBind, buildDescribeStatement,
 } from '../protocol/index.ts';
+import { serialize } from 'pg-protocol';
 
 /** Default bound on the statements one server connection keeps prepared. */
 export const DEFAULT_MAX_SERVER_STATEMENTS = 1000;
@@ -74,6 +75,12 @@ export function clientStatement(definition: Buffer): ClientStatement {
 /** The server-side statement names one server connection has prepared, least recently used first. */
 export class ServerStatementCache {
   readonly capacity: number;
+  /**
+   * A DEALLOCATE ALL or DISCARD ALL was sent and its outcome is not known
+   * yet: if it never completes, the backend's statements are unknown and the
+   * connection must not be reused.
+   */
+  uncertain = false;
   private readonly names = new Map<string, true>();
 
   constructor(capacity: number = DEFAULT_MAX_SERVER_STATEMENTS) {
@@ -268,6 +275,8 @@ export function routeMessage(
     case PARSE: {
       const parsed = parseParseMessage(buffer, bodyStart, end);
       if (parsed.name === '') {
+        const textStart = end - parsed.definition.length;
+        if (routeSessionCommand(client, editor, textStart, buffer, out, 'parse')) return;
         out.push(buffer.subarray(start, end));
         editor.expectParse('forward');
         return;
@@ -285,9 +294,16 @@ export function routeMessage(
       client.set(name, statement);
       const forgetClient = (): void => void client.delete(name);
       if (server.has(statement.serverName)) {
+        // Parse it again, as the server would for this client direct: a plan
+        // cached before a schema change must not outlive the client's Parse.
         server.touch(statement.serverName);
-        out.push(CLOSE_NONEXISTENT_PORTAL);
-        editor.expectClose('parse-complete', forgetClient);
+        out.push(buildCloseStatement(statement.serverName));
+        editor.expectClose('swallow', () => server.restore(statement.serverName));
+        out.push(statement.parse);
+        editor.expectParse('forward', () => {
+          server.delete(statement.serverName);
+          forgetClient();
+        });
         return;
       }
       addToServer(statement.serverName, editor, out);
@@ -335,8 +351,11 @@ export function routeMessage(
       out.push(buildDescribeStatement(statement.serverName));
       return;
     }
-    case SYNC:
     case QUERY:
+      if (!routeSessionCommand(client, editor, bodyStart, buffer, out, 'query')) out.push(buffer.subarray(start, end));
+      editor.batchSent();
+      return;
+    case SYNC:
     case FUNCTION_CALL:
       out.push(buffer.subarray(start, end));
       editor.batchSent();
@@ -344,6 +363,54 @@ export function routeMessage(
     default:
       out.push(buffer.subarray(start, end));
   }
+}
+
+/**
+ * DEALLOCATE and DISCARD sent as SQL by a session that names statements
+ * (psycopg 3 does after a rollback and on cache eviction). The server holds
+ * the session's statements under shared names, so:
+ * - DEALLOCATE of one of the session's statements forgets it and drops the
+ *   shared statement on this connection instead (injecting it first where a
+ *   Parse may be injected; a simple Query on a connection that lacks it falls
+ *   back to DEALLOCATE ALL, whose tag then says so);
+ * - DEALLOCATE ALL and DISCARD ALL forget all of the session's statements; the
+ *   server's are forgotten too, and until the command's completion is seen the
+ *   connection's statements are uncertain (it is not reused if it never comes).
+ * Returns true if it wrote the message (or its replacement) to `out`.
+ */
+function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, textStart: number, buffer: Buffer, out: Buffer[], kind: 'parse' | 'query'): boolean {
+  const textEnd = buffer.indexOf(0, textStart);
+  const command = classifySessionCommand(buffer, textStart, textEnd < 0 ? textStart : textEnd);
+  if (command === undefined) return false;
+  const server = editor.statements;
+  if (command.kind === 'deallocate-all' || command.kind === 'discard-all') {
+    client.clear();
+    server.clear();
+    server.uncertain = true;
+    return false;
+  }
+  if (command.kind !== 'deallocate') return false;
+  const statement = client.get(command.name);
+  if (statement === undefined) return false;
+  client.delete(command.name);
+  const restore = (): void => void client.set(command.name, statement);
+  const sql = `DEALLOCATE ${statement.serverName}`;
+  if (kind === 'parse') {
+    ensurePrepared(statement, editor, out);
+    server.delete(statement.serverName);
+    out.push(buildParse('', Buffer.from(`${sql}\0\0\0`, 'utf8')));
+    editor.expectParse('forward', restore);
+    return true;
+  }
+  if (server.has(statement.serverName)) {
+    server.delete(statement.serverName);
+    out.push(serialize.query(sql));
+  } else {
+    server.clear();
+    server.uncertain = true;
+    out.push(serialize.query('DEALLOCATE ALL'));
+  }
+  return true;
 }
 
 /** Injects the statement's Parse (reply swallowed) if this server connection lacks it. */

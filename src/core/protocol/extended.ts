@@ -59,8 +59,9 @@ export function parseParseMessage(buffer: Buffer, bodyStart: number, end: number
   const nameEnd = cStringEnd(buffer, bodyStart, end);
   const textEnd = cStringEnd(buffer, nameEnd + 1, end);
   if (end - (textEnd + 1) < 2) throw new ProtocolError('malformed-body', 'Parse message without a parameter count');
-  const count = buffer.readInt16BE(textEnd + 1);
-  if (count < 0 || textEnd + 3 + 4 * count !== end) throw new ProtocolError('malformed-body', 'Parse message with a bad parameter type list');
+  // Unsigned: PostgreSQL accepts up to 65,535 parameters.
+  const count = buffer.readUInt16BE(textEnd + 1);
+  if (textEnd + 3 + 4 * count !== end) throw new ProtocolError('malformed-body', 'Parse message with a bad parameter type list');
   return { name: buffer.toString('utf8', bodyStart, nameEnd), definition: buffer.subarray(nameEnd + 1, end) };
 }
 

@@ -4,3 +4,5 @@ export * from './frames.ts';
 export * from './startup.ts';
 export * from './server-messages.ts';
 export * from './extended.ts';
+export * from './client-settings.ts';
+export * from './session-commands.ts';

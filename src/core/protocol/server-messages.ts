@@ -39,10 +39,15 @@ export function readyForQuery(status: TransactionStatus): Buffer {
   return message('Z', Buffer.from(status, 'latin1'));
 }
 
-/** NegotiateProtocolVersion: the newest minor version we speak and the options we ignored. */
+/**
+ * NegotiateProtocolVersion: the newest protocol version we speak (major 3,
+ * `newestMinor`) and the options we ignored. The field is the whole version
+ * (196608 for 3.0), as PostgreSQL sends it; libpq 18 reads a bare minor as a
+ * downgrade to a pre-3 protocol and refuses it.
+ */
 export function negotiateProtocolVersion(newestMinor: number, unsupportedOptions: readonly string[]): Buffer {
   const head = Buffer.alloc(8);
-  head.writeInt32BE(newestMinor, 0);
+  head.writeInt32BE((3 << 16) | newestMinor, 0);
   head.writeInt32BE(unsupportedOptions.length, 4);
   return message('v', Buffer.concat([head, ...unsupportedOptions.map((o) => Buffer.from(`${o}\0`, 'utf8'))]));
 }

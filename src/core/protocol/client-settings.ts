@@ -1,0 +1,106 @@
+/**
+ * Run-time settings a client asks for in its StartupMessage (`options=-c
+ * name=value`, `application_name`, `TimeZone`, `DateStyle`, ...). PostgreSQL
+ * applies them to the client's backend at login; a pooler shares backends, so
+ * it keeps them per client and applies them to whichever server connection
+ * serves the client, with the SQL built here.
+ */
+import { ProtocolError } from './errors.ts';
+
+/** Startup parameters that are not run-time settings. */
+const NOT_SETTINGS = new Set(['user', 'database', 'options']);
+
+/** A client's settings: lower-cased name -> value in the order the client gave them, and a key that identifies the set. */
+export interface ClientSettings {
+  readonly values: ReadonlyMap<string, string>;
+  /** Equal keys mean equal settings; '' for none. */
+  readonly key: string;
+}
+
+/** No settings beyond the server's defaults. */
+export const NO_SETTINGS: ClientSettings = { values: new Map(), key: '' };
+
+/**
+ * The settings of a StartupMessage's parameters: every parameter except user,
+ * database and options, plus the `-c name=value` / `--name=value` switches of
+ * `options`. Throws ProtocolError (with the parameter named) for what the
+ * sidecar cannot honour per client: replication connections, and options
+ * other than run-time settings.
+ */
+export function clientSettingsFromStartup(parameters: Readonly<Record<string, string>>): ClientSettings {
+  const values = new Map<string, string>();
+  for (const [name, value] of Object.entries(parameters)) {
+    if (NOT_SETTINGS.has(name)) continue;
+    if (name === 'replication') throw new ProtocolError('bad-startup', 'startup parameter "replication" is not supported: the poolkeeper sidecar does not pool replication connections');
+    values.set(name.toLowerCase(), value);
+  }
+  if (parameters.options !== undefined) for (const [name, value] of parseOptions(parameters.options)) values.set(name.toLowerCase(), value);
+  if (values.size === 0) return NO_SETTINGS;
+  return { values, key: JSON.stringify([...values]) };
+}
+
+/**
+ * Splits libpq's `options` value as PostgreSQL does (whitespace separates
+ * words, a backslash escapes the next character) and keeps the run-time
+ * settings (`-c name=value`, `-cname=value`, `--name=value`).
+ */
+export function parseOptions(options: string): [string, string][] {
+  const words: string[] = [];
+  let word = '';
+  let inWord = false;
+  for (let i = 0; i < options.length; i++) {
+    const ch = options[i]!;
+    if (ch === '\\' && i + 1 < options.length) {
+      word += options[++i];
+      inWord = true;
+    } else if (/\s/.test(ch)) {
+      if (inWord) words.push(word);
+      word = '';
+      inWord = false;
+    } else {
+      word += ch;
+      inWord = true;
+    }
+  }
+  if (inWord) words.push(word);
+  const settings: [string, string][] = [];
+  for (let i = 0; i < words.length; i++) {
+    const w = words[i]!;
+    let assignment: string | undefined;
+    if (w === '-c') assignment = words[++i];
+    else if (w.startsWith('-c')) assignment = w.slice(2);
+    else if (w.startsWith('--')) assignment = w.slice(2);
+    if (assignment === undefined) throw new ProtocolError('bad-startup', `startup option "${w}" is not supported by the poolkeeper sidecar: only run-time settings (-c name=value) are`);
+    const eq = assignment.indexOf('=');
+    if (eq <= 0) throw new ProtocolError('bad-startup', `invalid startup option "${assignment}": expected -c name=value`);
+    // PostgreSQL reads '-' in a setting name given on the command line as '_'.
+    settings.push([assignment.slice(0, eq).replace(/-/g, '_'), assignment.slice(eq + 1)]);
+  }
+  return settings;
+}
+
+/** A string literal that reads the same whatever standard_conforming_strings says. */
+function literal(value: string): string {
+  return `E'${value.replace(/\\/g, '\\\\').replace(/'/g, "''")}'`;
+}
+
+function identifier(name: string): string {
+  return `"${name.replace(/"/g, '""')}"`;
+}
+
+/**
+ * SQL that takes a server connection from the settings `applied` to
+ * `desired`: one SELECT of set_config() calls for what differs (or, with
+ * `all`, for every desired setting: its row is then each value as SHOW
+ * prints it), then a RESET for each setting `desired` lacks. `set_config`
+ * takes the value as PostgreSQL reads a startup option (`search_path=a,b` is
+ * two schemas), unlike SET with a quoted value. Undefined when nothing differs.
+ */
+export function settingsSql(desired: ReadonlyMap<string, string>, applied: ReadonlyMap<string, string>, all = false): string | undefined {
+  const sets: string[] = [];
+  for (const [name, value] of desired) if (all || applied.get(name) !== value) sets.push(`pg_catalog.set_config(${literal(name)}, ${literal(value)}, false)`);
+  const statements: string[] = [];
+  if (sets.length > 0) statements.push(`SELECT ${sets.join(', ')}`);
+  for (const name of applied.keys()) if (!desired.has(name)) statements.push(`RESET ${identifier(name)}`);
+  return statements.length === 0 ? undefined : statements.join('; ');
+}

@@ -11,12 +11,12 @@ export const conditionSchema = {
   required: ['type', 'status', 'reason', 'message', 'lastTransitionTime'],
   additionalProperties: false,
   properties: {
-    type: { type: 'string', maxLength: 316, pattern: '^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$' },
-    status: { type: 'string', enum: ['True', 'False', 'Unknown'] },
-    observedGeneration: { type: 'integer', format: 'int64', minimum: 0 },
-    lastTransitionTime: { type: 'string', format: 'date-time' },
-    reason: { type: 'string', minLength: 1, maxLength: 1024, pattern: '^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$' },
-    message: { type: 'string', maxLength: 32768 },
+    type: { type: 'string', description: 'Type of the condition, e.g. Ready.', maxLength: 316, pattern: '^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$' },
+    status: { type: 'string', enum: ['True', 'False', 'Unknown'], description: 'True, False or Unknown.' },
+    observedGeneration: { type: 'integer', format: 'int64', minimum: 0, description: 'The metadata.generation the condition was computed from.' },
+    lastTransitionTime: { type: 'string', format: 'date-time', description: 'When the status last changed.' },
+    reason: { type: 'string', description: 'Why, in CamelCase, for machines.', minLength: 1, maxLength: 1024, pattern: '^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$' },
+    message: { type: 'string', maxLength: 32768, description: 'Why, for humans, with the numbers and names involved.' },
   },
 } as const;
 
@@ -33,16 +33,16 @@ export const conditionsSchema = {
 } as const;
 
 /** The openAPIV3Schema of a custom resource with a required spec and a status. */
-export function resourceSchema(spec: object, status: object): Record<string, unknown> {
+export function resourceSchema(spec: object, status: object, descriptions: { spec: string; status: string }): Record<string, unknown> {
   return {
     type: 'object',
     required: ['spec'],
     properties: {
-      apiVersion: { type: 'string' },
-      kind: { type: 'string' },
-      metadata: { type: 'object' },
-      spec,
-      status,
+      apiVersion: { type: 'string', description: 'Versioned schema of this object: poolkeeper.dev/v1alpha1.' },
+      kind: { type: 'string', description: 'Kind of this object.' },
+      metadata: { type: 'object', description: 'Standard object metadata.' },
+      spec: { ...spec, description: descriptions.spec },
+      status: { ...status, description: descriptions.status },
     },
   };
 }
@@ -54,18 +54,19 @@ export const labelSelectorSchema = {
   additionalProperties: false,
   'x-kubernetes-map-type': 'atomic',
   properties: {
-    matchLabels: { type: 'object', additionalProperties: { type: 'string' } },
+    matchLabels: { type: 'object', additionalProperties: { type: 'string' }, description: 'Labels a pod must all carry, with these values.' },
     matchExpressions: {
       type: 'array',
+      description: 'Label requirements a pod must all meet.',
       maxItems: 32,
       items: {
         type: 'object',
         required: ['key', 'operator'],
         additionalProperties: false,
         properties: {
-          key: { type: 'string', minLength: 1, maxLength: 317 },
-          operator: { type: 'string', enum: ['In', 'NotIn', 'Exists', 'DoesNotExist'] },
-          values: { type: 'array', maxItems: 64, items: { type: 'string', maxLength: 63 } },
+          key: { type: 'string', minLength: 1, maxLength: 317, description: 'The label key.' },
+          operator: { type: 'string', enum: ['In', 'NotIn', 'Exists', 'DoesNotExist'], description: 'In, NotIn, Exists or DoesNotExist.' },
+          values: { type: 'array', maxItems: 64, items: { type: 'string', maxLength: 63 }, description: 'Values for In and NotIn; empty for Exists and DoesNotExist.' },
         },
       },
     },

@@ -17,6 +17,16 @@ const secretKeySchema = { type: 'string', minLength: 1, maxLength: 253, pattern:
 /** A known_hosts key (optionally with the host field in front) or an OpenSSH SHA256 fingerprint. */
 export const HOST_KEY_PATTERN = '^(([^ ]+ )?(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh[.]com|sk-ecdsa-sha2-nistp256@openssh[.]com) AAAA[A-Za-z0-9+/]+={0,3}( .*)?|SHA256:[A-Za-z0-9+/]{43}=?)$';
 
+/**
+ * CEL rules refusing a URL (and so any `user:password@` in it) where a host
+ * or name belongs; the API server names the field, and CEL errors do not echo
+ * the value back.
+ */
+const NOT_A_URL = [
+  { rule: '!self.contains(\'://\')', message: 'must be a host name or IP address, not a URL: put the user name and password in the Secret named by credentialsSecretRef' },
+  { rule: '!self.contains(\'@\')', message: 'must not contain "@": credentials belong in the Secret named by credentialsSecretRef, not in the address' },
+] as const;
+
 /** Percent form of `reserve`: "0%".."90%". */
 export const RESERVE_PERCENT_PATTERN = '^([0-9]|[1-8][0-9]|90)%$';
 
@@ -35,9 +45,13 @@ export const databaseSchema = {
   required: ['host', 'dbname', 'credentialsSecretRef'],
   additionalProperties: false,
   properties: {
-    host: { type: 'string', minLength: 1, maxLength: 253, description: 'Host name or IP address of the PostgreSQL server.' },
-    port: { ...portSchema, default: 5432 },
-    dbname: { type: 'string', minLength: 1, maxLength: 63 },
+    host: {
+      type: 'string', minLength: 1, maxLength: 253,
+      description: 'Host name or IP address of the PostgreSQL server (not a URL: the login comes from credentialsSecretRef). A name and the IP addresses it resolves to, with the same port, are one server.',
+      'x-kubernetes-validations': NOT_A_URL,
+    },
+    port: { ...portSchema, default: 5432, description: 'TCP port of the PostgreSQL server.' },
+    dbname: { type: 'string', minLength: 1, maxLength: 63, description: 'Database the sidecar connects to; the controller logs in to it to check the credentials.', 'x-kubernetes-validations': NOT_A_URL },
     sslMode: { type: 'string', enum: SSL_MODES, default: 'prefer', description: 'libpq sslmode for the sidecar\'s server connections.' },
     credentialsSecretRef: {
       type: 'object',
@@ -45,9 +59,9 @@ export const databaseSchema = {
       required: ['name'],
       additionalProperties: false,
       properties: {
-        name: secretNameSchema,
-        usernameKey: { ...secretKeySchema, default: 'username' },
-        passwordKey: { ...secretKeySchema, default: 'password' },
+        name: { ...secretNameSchema, description: 'Name of the Secret.' },
+        usernameKey: { ...secretKeySchema, default: 'username', description: 'Key of the Secret holding the user name.' },
+        passwordKey: { ...secretKeySchema, default: 'password', description: 'Key of the Secret holding the password.' },
       },
     },
     caSecretRef: {
@@ -56,8 +70,8 @@ export const databaseSchema = {
       required: ['name'],
       additionalProperties: false,
       properties: {
-        name: secretNameSchema,
-        key: { ...secretKeySchema, default: 'ca.crt' },
+        name: { ...secretNameSchema, description: 'Name of the Secret.' },
+        key: { ...secretKeySchema, default: 'ca.crt', description: 'Key of the Secret holding the PEM CA certificate(s).' },
       },
     },
   },
@@ -69,16 +83,17 @@ export const sshTunnelSchema = {
   required: ['host', 'user', 'privateKeySecretRef', 'hostKey'],
   additionalProperties: false,
   properties: {
-    host: { type: 'string', minLength: 1, maxLength: 253 },
-    port: { ...portSchema, default: 22 },
-    user: { type: 'string', minLength: 1, maxLength: 64 },
+    host: { type: 'string', minLength: 1, maxLength: 253, description: 'Host name or IP address of the bastion.', 'x-kubernetes-validations': NOT_A_URL },
+    port: { ...portSchema, default: 22, description: 'SSH port of the bastion.' },
+    user: { type: 'string', minLength: 1, maxLength: 64, description: 'SSH user on the bastion (TCP forwarding only is needed).' },
     privateKeySecretRef: {
       type: 'object',
+      description: 'A Secret in the same namespace holding the SSH private key (OpenSSH or PEM format).',
       required: ['name'],
       additionalProperties: false,
       properties: {
-        name: secretNameSchema,
-        key: { ...secretKeySchema, default: 'ssh-privatekey' },
+        name: { ...secretNameSchema, description: 'Name of the Secret.' },
+        key: { ...secretKeySchema, default: 'ssh-privatekey', description: 'Key of the Secret holding the private key.' },
       },
     },
     hostKey: {
@@ -99,17 +114,18 @@ export const consumerSchema = {
   required: ['name'],
   additionalProperties: false,
   properties: {
-    name: { type: 'string', minLength: 1, maxLength: 63, pattern: dnsLabelPattern },
+    name: { type: 'string', minLength: 1, maxLength: 63, pattern: dnsLabelPattern, description: 'Name of the consumer, unique in this DatabaseConnection (a DNS label).' },
     workloadRef: {
       type: 'object',
+      description: 'The workload whose pods are this consumer (set this or selector). Its pod template must carry the label poolkeeper.dev/connection: <this DatabaseConnection>.',
       required: ['kind', 'name'],
       additionalProperties: false,
       properties: {
-        kind: { type: 'string', enum: ['Deployment', 'StatefulSet'] },
-        name: { type: 'string', minLength: 1, maxLength: 253 },
+        kind: { type: 'string', enum: ['Deployment', 'StatefulSet'], description: 'Deployment or StatefulSet.' },
+        name: { type: 'string', minLength: 1, maxLength: 253, description: 'Name of the workload in this namespace.' },
       },
     },
-    selector: labelSelectorSchema,
+    selector: { ...labelSelectorSchema, description: 'Opted-in pods with these labels are this consumer (set this or workloadRef).' },
     weight: { type: 'integer', minimum: 1, maximum: 1000, default: 1, description: 'Relative share of each pod of this consumer.' },
     minPerPod: { type: 'integer', minimum: 0, maximum: 10000, default: 1, description: 'Connections every pod needs; more pods than the limit allows is Oversubscribed.' },
     maxPerPod: { type: 'integer', minimum: 0, maximum: 10000, description: 'Upper bound of a pod\'s budget (>= minPerPod).' },
@@ -126,7 +142,7 @@ export const poolSchema = {
   type: 'object',
   additionalProperties: false,
   properties: {
-    mode: { type: 'string', enum: POOL_MODES, default: 'transaction' },
+    mode: { type: 'string', enum: POOL_MODES, default: 'transaction', description: 'transaction: a server connection per transaction; session: per client, reset with DISCARD ALL (pool_mode).' },
     poolTimeout: { type: 'integer', minimum: 1, maximum: 86400, default: 30, description: 'Seconds a client waits for a server connection (pool_timeout); > 0.' },
     poolRecycle: {
       type: 'integer', minimum: -1, maximum: 604800, default: 3600,
@@ -154,8 +170,8 @@ export const databaseConnectionSpecSchema = {
   required: ['database', 'consumers'],
   additionalProperties: false,
   properties: {
-    database: databaseSchema,
-    sshTunnel: sshTunnelSchema,
+    database: { ...databaseSchema, description: 'Where and how to reach the PostgreSQL server.' },
+    sshTunnel: { ...sshTunnelSchema, description: 'An SSH bastion the sidecar (and the controller\'s login check) tunnels through; its host key is pinned.' },
     maxConnections: {
       'x-kubernetes-int-or-string': true,
       anyOf: [{ type: 'integer' }, { type: 'string' }],
@@ -170,17 +186,18 @@ export const databaseConnectionSpecSchema = {
       description: 'Connections kept free for admin, replication and migrations: an integer >= 0, or a percent "0%".."90%".',
       'x-kubernetes-validations': [{ rule: `type(self) == int ? self >= 0 : self.matches('${RESERVE_PERCENT_PATTERN}')`, message: 'reserve must be an integer >= 0 or a percent from "0%" to "90%"' }],
     },
-    budgetStrategy: { type: 'string', enum: BUDGET_STRATEGIES, default: 'Dynamic' },
+    budgetStrategy: { type: 'string', enum: BUDGET_STRATEGIES, default: 'Dynamic', description: 'Dynamic: budgets follow the live pods; MaxReplicas: each pod is budgeted as if its workload ran at its HPA\'s maxReplicas, so scaling never rebalances.' },
     consumers: {
       type: 'array',
+      description: 'The workloads that draw on this connection and how their shares are weighed.',
       minItems: 1,
       maxItems: 32,
       'x-kubernetes-list-type': 'map',
       'x-kubernetes-list-map-keys': ['name'],
       items: consumerSchema,
     },
-    pool: { ...poolSchema, default: {} },
-    sidecar: { ...sidecarSchema, default: {} },
+    pool: { ...poolSchema, default: {}, description: 'Pool settings of the sidecar.' },
+    sidecar: { ...sidecarSchema, default: {}, description: 'Settings of the injected sidecar.' },
   },
 } as const;
 
@@ -189,44 +206,50 @@ export const databaseConnectionStatusSchema = {
   type: 'object',
   additionalProperties: false,
   properties: {
-    observedGeneration: { type: 'integer', format: 'int64', minimum: 0 },
-    conditions: conditionsSchema,
+    observedGeneration: { type: 'integer', format: 'int64', minimum: 0, description: 'The metadata.generation this status was computed from.' },
+    conditions: { ...conditionsSchema, description: 'Ready, Degraded, Oversubscribed, ConsumersMatched, LimitExceedsServer, LimitConflict.' },
     limit: {
       type: 'object',
+      description: 'The server\'s connection limit as this DatabaseConnection sees it.',
       additionalProperties: false,
       properties: {
         discovered: { type: 'integer', minimum: 0, description: 'The server\'s limit before the reserve (maxConnections, or what "auto" read).' },
-        reserve: { type: 'integer', minimum: 0 },
+        reserve: { type: 'integer', minimum: 0, description: 'Connections kept free, from spec.reserve.' },
         effective: { type: 'integer', minimum: 0, description: 'The limit shared by all DatabaseConnections on this server.' },
         shared: { type: 'integer', minimum: 1, description: 'DatabaseConnections on the same server (host and port).' },
       },
     },
     allocated: { type: 'integer', minimum: 0, description: 'Sum over this connection\'s pods of max(granted, acknowledged).' },
-    pods: { type: 'integer', minimum: 0 },
+    pods: { type: 'integer', minimum: 0, description: 'Live opted-in pods of this connection.' },
     perPodBudget: { type: 'string', maxLength: 1024, description: 'Per-pod budgets by consumer for printing, e.g. "web=4 worker=2".' },
     consumers: {
       type: 'array',
+      description: 'Budgets by consumer.',
       maxItems: 32,
       'x-kubernetes-list-type': 'map',
       'x-kubernetes-list-map-keys': ['name'],
       items: {
         type: 'object',
+        description: 'One consumer\'s pods and budgets.',
         required: ['name', 'pods', 'perPodBudget', 'perProcessBudget'],
         additionalProperties: false,
         properties: {
-          name: { type: 'string' },
-          pods: { type: 'integer', minimum: 0 },
-          perPodBudget: { type: 'integer', minimum: 0 },
-          perProcessBudget: { type: 'integer', minimum: 0 },
+          name: { type: 'string', description: 'The consumer\'s name.' },
+          pods: { type: 'integer', minimum: 0, description: 'Its live pods.' },
+          perPodBudget: { type: 'integer', minimum: 0, description: 'Server connections each of its pods may hold.' },
+          perProcessBudget: { type: 'integer', minimum: 0, description: 'perPodBudget divided among processesPerPod.' },
         },
       },
     },
-    credentialsGeneration: { type: 'string', maxLength: 64 },
+    credentialsGeneration: { type: 'string', maxLength: 64, description: 'Hash of the credentials last read from the Secret (never the credentials).' },
   },
 } as const;
 
 /** The CRD's openAPIV3Schema. */
-export const databaseConnectionSchema = resourceSchema(databaseConnectionSpecSchema, databaseConnectionStatusSchema);
+export const databaseConnectionSchema = resourceSchema(databaseConnectionSpecSchema, databaseConnectionStatusSchema, {
+  spec: 'A PostgreSQL server, its credentials, the workloads that draw on it and how its connection limit is shared among their pods.',
+  status: 'Written by the controller: the limit, the budgets and conditions.',
+});
 
 /** DatabaseConnection spec as read from the API server (defaults filled in). */
 export type DatabaseConnectionSpec = FromSchema<typeof databaseConnectionSpecSchema>;

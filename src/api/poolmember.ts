@@ -30,41 +30,44 @@ export const poolMemberSpecSchema = {
   additionalProperties: false,
   properties: {
     connection: { type: 'string', minLength: 1, maxLength: 253, description: 'Name of the DatabaseConnection in this namespace.' },
-    grant: grantSchema,
-    processesPerPod: { type: 'integer', minimum: 1, default: 1 },
-    credentialsGeneration: credentialsGenerationSchema,
+    grant: { ...grantSchema, description: 'What the controller allows the pod.' },
+    processesPerPod: { type: 'integer', minimum: 1, default: 1, description: 'Processes of the pod sharing its grant.' },
+    credentialsGeneration: { ...credentialsGenerationSchema, description: 'Hash of the credentials the controller last read from the Secret; the sidecar renews its pool when its own differ.' },
     database: {
       type: 'object',
+      description: 'Where the sidecar connects (from the DatabaseConnection).',
       required: ['host', 'port', 'dbname', 'sslMode'],
       additionalProperties: false,
       properties: {
-        host: { type: 'string', minLength: 1, maxLength: 253 },
-        port: portSchema,
-        dbname: { type: 'string', minLength: 1, maxLength: 63 },
-        sslMode: { type: 'string', enum: SSL_MODES },
+        host: { type: 'string', minLength: 1, maxLength: 253, description: 'Host name or IP address of the server.' },
+        port: { ...portSchema, description: 'TCP port of the server.' },
+        dbname: { type: 'string', minLength: 1, maxLength: 63, description: 'Database name.' },
+        sslMode: { type: 'string', enum: SSL_MODES, description: 'libpq sslmode.' },
       },
     },
     sshTunnel: {
       type: 'object',
+      description: 'The SSH bastion to tunnel through, if any.',
       required: ['host', 'port', 'user', 'hostKey'],
       additionalProperties: false,
       properties: {
-        host: { type: 'string', minLength: 1, maxLength: 253 },
-        port: portSchema,
-        user: { type: 'string', minLength: 1, maxLength: 64 },
-        hostKey: { type: 'string', maxLength: 8192, pattern: HOST_KEY_PATTERN },
+        host: { type: 'string', minLength: 1, maxLength: 253, description: 'Host name or IP address of the bastion.' },
+        port: { ...portSchema, description: 'SSH port of the bastion.' },
+        user: { type: 'string', minLength: 1, maxLength: 64, description: 'SSH user.' },
+        hostKey: { type: 'string', maxLength: 8192, pattern: HOST_KEY_PATTERN, description: 'The pinned host key or its SHA256 fingerprint.' },
       },
     },
     pool: {
       type: 'object',
+      description: 'Pool settings (from the DatabaseConnection).',
       required: ['mode', 'poolTimeout', 'poolRecycle', 'poolPrePing', 'idleTimeout'],
       additionalProperties: false,
       properties: {
-        mode: { type: 'string', enum: POOL_MODES },
-        poolTimeout: { type: 'integer', minimum: 1 },
-        poolRecycle: { type: 'integer', minimum: -1 },
-        poolPrePing: { type: 'boolean' },
-        idleTimeout: { type: 'integer', minimum: 1 },
+        mode: { type: 'string', enum: POOL_MODES, description: 'transaction or session.' },
+        poolTimeout: { type: 'integer', minimum: 1, description: 'Seconds a client waits for a server connection.' },
+        poolRecycle: { type: 'integer', minimum: -1, description: 'Seconds a server connection lives; -1 never.' },
+        poolPrePing: { type: 'boolean', description: 'Check an idle connection before use.' },
+        idleTimeout: { type: 'integer', minimum: 1, description: 'Seconds an idle server connection is kept.' },
       },
     },
     drain: { type: 'boolean', default: false, description: 'true: the controller asks the sidecar to give everything back.' },
@@ -79,16 +82,19 @@ export const poolMemberStatusSchema = {
     acknowledgedGeneration: { type: 'integer', format: 'int64', minimum: 0, description: 'The grant.generation whose limit the sidecar now holds.' },
     acknowledgedConnections: { type: 'integer', minimum: 0, description: 'spec.grant.connections of that generation.' },
     heldConnections: { type: 'integer', minimum: 0, description: 'Server connections open right now.' },
-    credentialsGeneration: credentialsGenerationSchema,
-    draining: { type: 'boolean' },
+    credentialsGeneration: { ...credentialsGenerationSchema, description: 'Hash of the credentials the sidecar logs in with.' },
+    draining: { type: 'boolean', description: 'The sidecar is giving its connections back.' },
     drained: { type: 'boolean', description: 'Holds 0 server connections and will open none.' },
-    heartbeatTime: { type: 'string', format: 'date-time' },
-    sidecarVersion: { type: 'string', maxLength: 64 },
+    heartbeatTime: { type: 'string', format: 'date-time', description: 'When the sidecar last wrote this status; a stale one counts as unresponsive.' },
+    sidecarVersion: { type: 'string', maxLength: 64, description: 'Version of the sidecar.' },
   },
 } as const;
 
 /** The CRD's openAPIV3Schema. */
-export const poolMemberSchema = resourceSchema(poolMemberSpecSchema, poolMemberStatusSchema);
+export const poolMemberSchema = resourceSchema(poolMemberSpecSchema, poolMemberStatusSchema, {
+  spec: 'Written by the controller: the grant and the settings of the pod\'s sidecar.',
+  status: 'Written by the pod\'s sidecar: what it acknowledged and holds.',
+});
 
 /** PoolMember spec as read from the API server (defaults filled in). */
 export type PoolMemberSpec = FromSchema<typeof poolMemberSpecSchema>;

@@ -182,12 +182,29 @@ describe('CRDs on the API server', function () {
       ['poolRecycle 0', (s) => { s.pool.poolRecycle = 0; }, /spec\.pool\.poolRecycle: .*poolRecycle must be -1 \(never\) or > 0/],
       ['tunnel without hostKey', (s) => { delete s.sshTunnel.hostKey; }, /spec\.sshTunnel\.hostKey: Required/],
       ['hostKey that is not a key', (s) => { s.sshTunnel.hostKey = 'trust me'; }, /spec\.sshTunnel\.hostKey: .*hostKey must be a known_hosts key/],
+      ['a URL with credentials as host', (s) => { s.database.host = 'postgresql://app:S3cret-pw@orders.db.internal:5432/orders'; }, /spec\.database\.host: .*must be a host name or IP address, not a URL/],
+      ['user@host as host', (s) => { s.database.host = 'app:S3cret-pw@orders.db.internal'; }, /spec\.database\.host: .*must not contain "@"/],
+      ['a URL as dbname', (s) => { s.database.dbname = 'postgres://app:S3cret-pw@db/orders'; }, /spec\.database\.dbname: .*not a URL/],
+      ['a URL as bastion host', (s) => { s.sshTunnel.host = 'ssh://tunnel:S3cret-pw@bastion'; }, /spec\.sshTunnel\.host: .*not a URL/],
     ];
     for (const [what, mutate, message] of mistakes) {
       it(what, function () {
-        assert.match(refusal(kube, mutate), message);
+        const refused = refusal(kube, mutate);
+        assert.match(refused, message);
+        // The refusal does not echo a password back.
+        assert.ok(!refused.includes('S3cret-pw'), refused);
       });
     }
+
+    it('kubectl explain describes every field', function () {
+      const paths = ['databaseconnection', 'databaseconnection.spec', 'databaseconnection.spec.database', 'databaseconnection.spec.database.credentialsSecretRef', 'databaseconnection.spec.sshTunnel',
+        'databaseconnection.spec.consumers', 'databaseconnection.spec.consumers.selector', 'databaseconnection.spec.pool', 'databaseconnection.spec.sidecar', 'databaseconnection.status', 'databaseconnection.status.conditions', 'poolmember.spec', 'poolmember.status'];
+      for (const path of paths) {
+        const explained = kube.kubectl(['explain', path]);
+        assert.doesNotMatch(explained, /<no description>|<empty>/, `${path}:\n${explained}`);
+      }
+      assert.match(kube.kubectl(['explain', 'databaseconnection.spec']), /A PostgreSQL server, its credentials/);
+    });
 
     it('accepts a SHA256 host key fingerprint and a known_hosts line', function () {
       for (const hostKey of ['SHA256:nThbg6kXUpJWGl7E1IGOCspRomTxdCARLviKw6E5SY8', 'bastion.internal ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFkq0XnR3o9gP1RzvV6j1mJ7n0u2pN8HkqVbqY3p6XQm']) {

@@ -55,7 +55,7 @@ def connect():
 bystanders = [(connect(), new_stats()) for _ in range(bystander_count)]
 cancellers = [(connect(), new_stats()) for _ in range(cfg.get('cancellers', 3))]
 sent = [0]
-hard_stop = deadline(seconds * 3)
+hard_stop = deadline(cfg.get("maxSeconds", seconds * 5))
 soft_stop = deadline(seconds)
 
 

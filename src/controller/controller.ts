@@ -8,7 +8,6 @@
  */
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, type DatabaseConnection, type PoolMember } from '../api/index.ts';
-import { serverKey } from '../core/budget/index.ts';
 import { ApiReachability } from '../kube/backoff.ts';
 import type { KubeHttp } from '../kube/http.ts';
 import { Informer, type KubeObject } from '../kube/informer.ts';
@@ -76,6 +75,10 @@ export class BudgetController {
     if (server) this.queue?.add(server);
   }
 
+  private serverOf(c: DatabaseConnection): string {
+    return this.reconciler.directory.keyOf(c);
+  }
+
   private connectionsIn(namespace: string | undefined): Array<DatabaseConnection & KubeObject> {
     return this.caches.connections.list().filter((c) => c.metadata.namespace === namespace);
   }
@@ -84,25 +87,33 @@ export class BudgetController {
     const { connections, pods, members, secrets, deployments, statefulSets, hpas } = this.caches;
     connections.onChange((_type, c) => {
       const k = `${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`;
-      const now = serverKey(c.spec.database);
+      const now = this.serverOf(c);
       const before = this.lastServer.get(k);
       this.lastServer.set(k, now);
       this.enqueue(now);
       if (before !== now) this.enqueue(before);
+      // A new or changed address may join or leave a server: regroup, then reconcile both sides.
+      void this.reconciler.refreshDirectory().then((changed) => {
+        for (const { before: from, after: to } of changed) {
+          this.enqueue(from);
+          this.enqueue(to);
+        }
+      }, (err: unknown) => this.options.logger.warn({ error: err instanceof Error ? err.message : String(err) }, 'resolving server addresses failed'));
     });
     const byConnectionName = (namespace: string | undefined, name: string | undefined): void => {
       const c = name ? connections.get(namespace, name) : undefined;
-      if (c) this.enqueue(serverKey(c.spec.database));
+      if (c) this.enqueue(this.serverOf(c));
     };
     pods.onChange((_type, p) => byConnectionName(p.metadata?.namespace, p.metadata?.labels?.[CONNECTION_LABEL]));
     members.onChange((_type, m) => byConnectionName(m.metadata.namespace, m.spec.connection));
     secrets.onChange((_type, s) => {
       for (const c of this.connectionsIn(s.metadata?.namespace)) {
-        if (c.spec.database.credentialsSecretRef.name === s.metadata?.name) this.enqueue(serverKey(c.spec.database));
+        const refs = [c.spec.database.credentialsSecretRef.name, c.spec.database.caSecretRef?.name, c.spec.sshTunnel?.privateKeySecretRef.name];
+        if (refs.includes(s.metadata?.name)) this.enqueue(this.serverOf(c));
       }
     });
     const byNamespace = (_type: string, o: KubeObject): void => {
-      for (const c of this.connectionsIn(o.metadata?.namespace)) this.enqueue(serverKey(c.spec.database));
+      for (const c of this.connectionsIn(o.metadata?.namespace)) this.enqueue(this.serverOf(c));
     };
     deployments.onChange(byNamespace);
     statefulSets.onChange(byNamespace);
@@ -113,6 +124,7 @@ export class BudgetController {
   async start(): Promise<void> {
     await Promise.all(Object.values(this.caches).map((i: Informer<KubeObject>) => i.start()));
     if (this.stopping) return;
+    await this.reconciler.refreshDirectory();
     this.synced = true;
     const { elector } = this.options;
     if (!elector) {

@@ -7,7 +7,8 @@
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, type DatabaseConnection, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
-import { budgetConditions, planBudgets, resolveLimit, serverKey, sharedLimit, autoMaxConnections, type BudgetPlan, type PodGrant } from '../core/budget/index.ts';
+import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, type BudgetPlan, type PodGrant } from '../core/budget/index.ts';
+import { decideServerLimit } from '../core/tenancy/index.ts';
 import { connectionConditions, limitMismatchCondition, oversubscriptionAdvice, type ConsumerDemand, type ConsumerFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
 import { conditionsEqual, findCondition, setConditions, type Condition, type ConditionUpdate } from '../core/conditions/index.ts';
 import { redactSecrets } from '../core/conditions/redact.ts';
@@ -22,6 +23,7 @@ import type { MissingSidecarRepairer } from '../webhook/repair.ts';
 import type { DiscoveryTarget, LimitDiscovery } from './limit-discovery.ts';
 import { SidecarAccess } from './sidecar-access.ts';
 import { ConnectionVerifier, type VerifierOptions } from './verifier.ts';
+import { ServerDirectory } from './server-directory.ts';
 import type { ControllerMetrics } from './metrics.ts';
 import { buildBudgetInput, podConnectionKey, type PodObject, type WorkloadScale, type WrittenGrant } from './plan-input.ts';
 
@@ -72,6 +74,8 @@ export interface ReconcilerDeps {
   manageSidecarAccess?: boolean;
   /** A sidecar whose PoolMember status has not been written for this long is reported unresponsive. */
   heartbeatTimeoutMs?: number;
+  /** Server identity; absent: one with the system resolver. */
+  directory?: ServerDirectory;
   /** Timings of the per-connection login check. */
   verifier?: VerifierOptions;
   /** False once this replica may no longer write grants (it lost the Lease or is stopping); absent: always. */
@@ -109,6 +113,8 @@ interface Resolved {
   verification: Verification;
   degraded?: ConditionUpdate | undefined;
   mismatch: ConditionUpdate;
+  /** LimitConflict: whether this connection's own limit is the one the server gets. */
+  conflict?: ConditionUpdate;
   /** Values to keep out of status and Events. */
   secrets: string[];
   discovered?: number;
@@ -129,17 +135,46 @@ export class ServerReconciler {
   private readonly now: () => Date;
   private readonly sidecarAccess: SidecarAccess | undefined;
   private readonly verifier: ConnectionVerifier;
+  /** The server key of each connection (equivalent addresses are one server). */
+  readonly directory: ServerDirectory;
+  private refreshing: Promise<Array<{ before: string; after: string }>> | undefined;
+  private refreshQueued: Promise<Array<{ before: string; after: string }>> | undefined;
 
   constructor(deps: ReconcilerDeps) {
     this.deps = deps;
     this.now = deps.now ?? (() => new Date());
     this.sidecarAccess = deps.manageSidecarAccess ? new SidecarAccess(deps.http, deps.logger) : undefined;
     this.verifier = new ConnectionVerifier(deps.discovery, deps.verifier);
+    this.directory = deps.directory ?? new ServerDirectory();
+  }
+
+  /**
+   * Re-resolves the connections' addresses (one refresh at a time; callers
+   * share it) and returns the connections whose server key changed.
+   */
+  refreshDirectory(): Promise<Array<{ before: string; after: string }>> {
+    // A refresh already running may have listed the connections before the caller's change: queue one more.
+    if (this.refreshing) {
+      this.refreshQueued ??= this.refreshing.catch(() => []).then(() => {
+        this.refreshQueued = undefined;
+        return this.runRefresh();
+      });
+      return this.refreshQueued;
+    }
+    return this.runRefresh();
+  }
+
+  private runRefresh(): Promise<Array<{ before: string; after: string }>> {
+    const running = this.directory.refresh(this.deps.caches.connections.list()).finally(() => {
+      if (this.refreshing === running) this.refreshing = undefined;
+    });
+    this.refreshing = running;
+    return running;
   }
 
   /** The server key of every live DatabaseConnection in the cache. */
   serverKeys(): string[] {
-    return [...new Set(this.deps.caches.connections.list().map((c) => serverKey(c.spec.database)))];
+    return [...new Set(this.deps.caches.connections.list().map((c) => this.directory.keyOf(c)))];
   }
 
   private credentials(connection: DatabaseConnection): CredentialsLookup {
@@ -248,7 +283,9 @@ export class ServerReconciler {
 
   private async reconcileServer(server: string): Promise<ProcessResult> {
     const { caches, logger } = this.deps;
-    const connections = caches.connections.list().filter((c) => serverKey(c.spec.database) === server && !c.metadata.deletionTimestamp);
+    // Which connections are on this server depends on what their hosts resolve to now.
+    await this.refreshDirectory();
+    const connections = caches.connections.list().filter((c) => this.directory.keyOf(c) === server && !c.metadata.deletionTimestamp);
     if (connections.length === 0) {
       this.deps.metrics.serverLimit.remove({ server });
       this.deps.metrics.serverAllocated.remove({ server });
@@ -256,13 +293,21 @@ export class ServerReconciler {
       return;
     }
     const resolved = await this.resolve(connections, server);
-    const known = [...resolved.values()].filter((r) => r.effective !== undefined).map((r) => r.effective as number);
-    if (known.length === 0) {
+    const decision = decideServerLimit(connections.map((c) => {
+      const r = resolved.get(key(c));
+      const created = c.metadata.creationTimestamp ? new Date(c.metadata.creationTimestamp).toISOString() : '';
+      return { id: key(c), created, effective: r?.effective, discovered: r?.discovered, reserve: r?.reserve };
+    }));
+    for (const [id, condition] of decision.conditions) {
+      const r = resolved.get(id);
+      if (r) r.conflict = condition;
+    }
+    if (decision.limit === undefined) {
       // Without any limit, granting anything could exceed the server: hold everything as it is.
       for (const connection of connections) await this.writeStatus(connection, undefined, undefined, resolved.get(key(connection)));
       return { requeueAfterMs: 10_000 };
     }
-    const limit = sharedLimit(known);
+    const limit = decision.limit;
     const connectionKeys = new Set(connections.map(key));
     const pods = caches.pods.list().filter((p) => {
       const k = podConnectionKey(p);
@@ -498,6 +543,7 @@ export class ServerReconciler {
     const effectiveDegraded = degraded ?? resolved?.degraded;
     updates.push(effectiveDegraded ?? { type: 'Degraded', status: 'False', reason: 'Healthy', message: 'limit and credentials resolved' });
     if (resolved?.mismatch) updates.push(resolved.mismatch);
+    if (resolved?.conflict) updates.push(resolved.conflict);
     // The one place status text is made: no secret value or URL password gets past it.
     const secrets = resolved?.secrets ?? [];
     const safe = updates.map((u) => ({ ...u, message: redactSecrets(u.message, secrets) }));
@@ -530,6 +576,8 @@ export class ServerReconciler {
     if (isReady?.status === 'False' && isReady.reason !== wasReady?.reason && NOT_SERVING_EVENTS.has(isReady.reason) && isReady.reason !== effectiveDegraded?.reason) event('Warning', isReady.reason, isReady.message);
     const isMatched = is('ConsumersMatched');
     if (isMatched?.status === 'False' && (was('ConsumersMatched')?.status !== 'False' || was('ConsumersMatched')?.reason !== isMatched.reason)) event('Warning', isMatched.reason, isMatched.message);
+    const isConflict = is('LimitConflict');
+    if (isConflict?.status === 'True' && (was('LimitConflict')?.status !== 'True' || was('LimitConflict')?.message !== isConflict.message)) event('Warning', isConflict.reason, isConflict.message);
     const isAbove = is('LimitExceedsServer');
     if (isAbove?.status === 'True' && (was('LimitExceedsServer')?.status !== 'True' || was('LimitExceedsServer')?.message !== isAbove.message)) event('Warning', isAbove.reason, isAbove.message);
     const isDegraded = is('Degraded');

@@ -1,0 +1,97 @@
+/**
+ * Server identity of DatabaseConnections: resolves each host (cached) and
+ * groups connections whose addresses overlap on the same port into one
+ * server key (src/core/tenancy), so `localhost` and `127.0.0.1` are budgeted
+ * once. Hosts behind a bastion are not resolved here: they resolve on the
+ * bastion's side.
+ */
+import { lookup } from 'node:dns/promises';
+import { isIP } from 'node:net';
+import type { DatabaseConnection } from '../api/index.ts';
+import { serverKey } from '../core/budget/index.ts';
+import { groupServers, type AddressEntry } from '../core/tenancy/index.ts';
+
+/** Resolves host names to addresses. */
+export type Resolver = (host: string) => Promise<string[]>;
+
+const systemResolver: Resolver = async (host) => (await lookup(host, { all: true })).map((a) => a.address);
+
+/** Settings of the directory. */
+export interface ServerDirectoryOptions {
+  resolver?: Resolver;
+  /** How long a resolution is reused. */
+  ttlMs?: number;
+}
+
+function id(c: DatabaseConnection): string {
+  return `${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`;
+}
+
+function via(c: DatabaseConnection): string {
+  const t = c.spec.sshTunnel;
+  return t ? `ssh://${t.user}@${t.host.toLowerCase()}:${t.port}` : '';
+}
+
+/** The current server key of every DatabaseConnection. */
+export class ServerDirectory {
+  private readonly resolver: Resolver;
+  private readonly ttlMs: number;
+  private readonly resolved = new Map<string, { at: number; addresses: string[] }>();
+  private keys = new Map<string, string>();
+
+  constructor(options: ServerDirectoryOptions = {}) {
+    this.resolver = options.resolver ?? systemResolver;
+    this.ttlMs = options.ttlMs ?? 60_000;
+  }
+
+  /** The server key of `connection` as of the last refresh (its own address until then). */
+  keyOf(connection: DatabaseConnection): string {
+    return this.keys.get(id(connection)) ?? this.fallback(connection);
+  }
+
+  private fallback(connection: DatabaseConnection): string {
+    const raw = serverKey(connection.spec.database);
+    const v = via(connection);
+    return v ? `${v}/${raw}` : raw;
+  }
+
+  private async addresses(host: string, now: number): Promise<string[]> {
+    const h = host.toLowerCase().replace(/\.$/, '').replace(/^\[(.*)\]$/, '$1');
+    if (isIP(h)) return [h];
+    const cached = this.resolved.get(h);
+    if (cached && now - cached.at < this.ttlMs) return cached.addresses;
+    let addresses: string[];
+    try {
+      addresses = await this.resolver(h);
+    } catch {
+      // Unresolvable now: the name alone identifies it; keep a previous answer if any.
+      addresses = cached?.addresses ?? [];
+    }
+    this.resolved.set(h, { at: now, addresses });
+    return addresses;
+  }
+
+  /**
+   * Resolves every connection's host and regroups. Returns the connections
+   * whose key changed, with their old and new keys, so both servers are
+   * reconciled.
+   */
+  async refresh(connections: readonly DatabaseConnection[], now = Date.now()): Promise<Array<{ before: string; after: string }>> {
+    const entries: AddressEntry[] = await Promise.all(connections.map(async (c) => ({
+      id: id(c),
+      rawKey: serverKey(c.spec.database),
+      port: c.spec.database.port,
+      via: via(c),
+      addresses: c.spec.sshTunnel ? [] : await this.addresses(c.spec.database.host, now),
+    })));
+    const next = groupServers(entries);
+    const changed: Array<{ before: string; after: string }> = [];
+    for (const c of connections) {
+      const before = this.keyOf(c);
+      const after = next.get(id(c)) ?? this.fallback(c);
+      if (before !== after) changed.push({ before, after });
+    }
+    this.keys = next;
+    return changed;
+  }
+}

@@ -206,6 +206,42 @@ describe('budget controller', function () {
     await eventually('shared status', () => getConnection(kube, a, 'db')?.status?.limit?.shared === 2);
   });
 
+  it('one server under two spellings (localhost, 127.0.0.1): one limit, set by the first DatabaseConnection; a newer one\'s lower value is refused and reported, never lowering the other namespace', async function () {
+    const first = namespaceFor('owner');
+    const second = namespaceFor('culprit');
+    for (const namespace of [first, second]) {
+      createWorkload(kube, { namespace, connection: 'db', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    }
+    applyConnection(kube, postgres, first, 'db', { maxConnections: 20, reserve: 0 });
+    // Created later, a different spelling of the same server, with a value that would leave nothing.
+    await new Promise((r) => setTimeout(r, 1100));
+    kube.kubectl(['apply', '-f', '-'], JSON.stringify({
+      apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name: 'db', namespace: second },
+      spec: {
+        database: { host: 'localhost', port: postgres.port, dbname: 'app', sslMode: 'disable', credentialsSecretRef: { name: 'db-credentials' } },
+        maxConnections: 10, reserve: 20, consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' } }],
+      },
+    }));
+    const fleetA = new SidecarFleetDouble(kube, first);
+    const fleetB = new SidecarFleetDouble(kube, second);
+    fleets.push(fleetA, fleetB);
+    await Promise.all([fleetA.start(), fleetB.start()]);
+    const sampler = new Sampler(() => reserved([...fleetA.members(), ...fleetB.members()]), [fleetA, fleetB]);
+    ({ controller } = await startController(kube));
+    try {
+      await eventually('4 pods at 5 each: one limit of 20 for both spellings', () => [...grants(fleetA.members()), ...grants(fleetB.members())].join() === '5,5,5,5');
+    } finally {
+      sampler.stop();
+    }
+    assert.ok(sampler.max <= 20, `reserved peaked at ${sampler.max}`);
+    await eventually('LimitConflict on the newer one', () => getConnection(kube, second, 'db')?.status?.conditions?.some((c) => c.type === 'LimitConflict' && c.status === 'True') ?? false);
+    const conflict = getConnection(kube, second, 'db')?.status?.conditions?.find((c) => c.type === 'LimitConflict');
+    assert.match(conflict?.message ?? '', new RegExp(`asks for a limit of 0 \\(maxConnections 10 - reserve 10\\).*the limit stays 20 \\(maxConnections 20 - reserve 0\\), set by DatabaseConnection ${first}/db`));
+    assert.equal(getConnection(kube, first, 'db')?.status?.limit?.effective, 20);
+    assert.equal(getConnection(kube, second, 'db')?.status?.limit?.shared, 2);
+    await eventually('a ConflictingLimit Event', () => kube.kubectl(['-n', second, 'get', 'events', '--field-selector', 'reason=ConflictingLimit', '-o', 'name']).trim() !== '');
+  });
+
   it('reports oversubscription with the numbers, as a condition and an Event, and grants no more than the limit', async function () {
     const namespace = namespaceFor('over');
     createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 4, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
@@ -217,6 +253,8 @@ describe('budget controller', function () {
     await eventually('Oversubscribed', () => getConnection(kube, namespace, 'orders')?.status?.conditions?.some((c) => c.type === 'Oversubscribed' && c.status === 'True') ?? false);
     const condition = getConnection(kube, namespace, 'orders')?.status?.conditions?.find((c) => c.type === 'Oversubscribed');
     assert.match(condition?.message ?? '', /4 pods x minPerPod 3 = 12 > limit 10/);
+    // The fix, with numbers.
+    assert.match(condition?.message ?? '', /To fix: raise the limit to at least 12.*lower minPerPod of .*\/orders consumer web from 3 to 2.*run at most 3 pods/);
     await eventually('the Event', () => kube.kubectl(['-n', namespace, 'get', 'events', '--field-selector', 'reason=Oversubscribed', '-o', 'name']).trim() !== '');
     await eventually('grants settle', () => fleet.members().length === 4 && fleet.members().every((m) => m.status?.acknowledgedGeneration === m.spec.grant.generation));
     assert.ok(reserved(fleet.members()) <= 10);

@@ -8,6 +8,7 @@ connections the target's pool holds (to move a client off its backend).
 """
 import json
 import sys
+import threading
 import time
 
 
@@ -50,25 +51,43 @@ def step(fn):
         return {'ok': False, 'sqlstate': sqlstate(error), 'message': message(error)}
 
 
-def displace(open_holder, backend_pid, max_holders):
+def displace(open_holder, backend_pid, max_holders, wait=2.0):
     """Holds pool connections in open transactions until one of them is on `backend_pid`.
 
     In transaction mode this makes the client's next statement run on another server
     connection, deterministically: what it set up on its previous backend is visible
-    only if the pooler carries it over. Returns a release function.
-    open_holder() returns (begin_and_pid, release) for a new client connection.
+    only if the pooler carries it over. A pooler that pins the client to its backend
+    leaves no holder a way there: a holder that waits longer than `wait` seconds for a
+    server connection ends the search. Returns a release function for the holder left
+    on `backend_pid` (and for one still waiting).
+    open_holder() returns (pid, release) for a new client connection in a transaction.
     """
     held = []
     found = None
+    waiting = None
     for _ in range(max_holders):
-        pid, release = open_holder()
+        box = {}
+        thread = threading.Thread(target=lambda b=box: b.update(holder=open_holder()))
+        thread.start()
+        thread.join(wait)
+        if thread.is_alive():
+            waiting = (thread, box)
+            break
+        pid, release = box['holder']
         if pid == backend_pid:
             found = release
             break
         held.append(release)
     for release in held:
         release()
-    return found or (lambda: None)
+
+    def release_rest():
+        if found:
+            found()
+        if waiting:
+            waiting[0].join()
+            waiting[1]['holder'][1]()
+    return release_rest
 
 
 def deadline(seconds):

@@ -47,6 +47,7 @@ const PGBOUNCER_CANNOT: Record<string, string> = {
   'psycopg 3 SQL statement commands': 'SQL PREPARE and DEALLOCATE act on whichever server connection runs them',
   'asyncpg pool prepared': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
   'pgjdbc prepared': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
+  'pgjdbc batch insert': 'pgjdbc\'s server-side statement names (S_1, ...) collide on server connections shared with other clients (PgBouncer < 1.21)',
   'node-postgres shared statement': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
   'protocol negotiation': 'PgBouncer 1.18 refuses protocol 3.x > 3.0 and _pq_ options with an error instead of negotiating',
 };
@@ -92,12 +93,12 @@ function scenario(target: Target, program: 'cancel' | 'startup' | 'psycopg3' | '
       case 'cancel': {
         // >= 300 cancels through the sidecar; direct and PgBouncer are references, and each of their
         // cancels costs PostgreSQL a new backend process, so they send fewer in the same time.
-        const minCancels = target.name.startsWith('sidecar') ? MIN_SIDECAR_CANCELS : 100;
+        const minCancels = target.name.startsWith('sidecar') ? MIN_SIDECAR_CANCELS : 50;
         pending = run(PYTHON, ['drv_cancel_psycopg2.py', JSON.stringify({ ...config, seconds: 2, maxSeconds: 15, minCancels, bystanders: 8, cancellers: 3 })], 60_000);
         break;
       }
       case 'startup': pending = run(PYTHON, ['drv_startup_libpq.py', json], 60_000); break;
-      case 'psycopg3': pending = run(PYTHON, ['drv_psycopg3.py', JSON.stringify({ ...config, threads: 20, transactions: 40, seconds: 6 })], 60_000); break;
+      case 'psycopg3': pending = run(PYTHON, ['drv_psycopg3.py', JSON.stringify({ ...config, threads: 20, transactions: 25, seconds: 4 })], 60_000); break;
       case 'asyncpg': pending = run(PYTHON, ['drv_asyncpg.py', JSON.stringify({ ...config, poolSize: 10 })], 60_000); break;
       case 'node-postgres': pending = run(process.execPath, ['node-postgres.ts', json], 60_000); break;
       case 'pgjdbc': {

@@ -32,6 +32,8 @@ export interface ClientSessionHost {
   readonly logger: Logger;
   readonly mode: PoolMode;
   readonly maxMessageBytes: number;
+  /** Milliseconds a client has to send its startup packet. */
+  readonly loginTimeoutMs: number;
   /** Who may log in: the configured database and the credentials' user. */
   expectedLogin(): { user: string; database: string };
   isDraining(): boolean;
@@ -81,6 +83,9 @@ export class ClientSession implements PoolWaiter {
   private readonly borrowedReads: boolean;
   /** Reading is paused until the server's stream drains (see forward). */
   private pausedFor: Duplex | undefined;
+  /** Reading is paused while the client waits for a server connection with messages queued. */
+  private pausedWaiting = false;
+  private loginTimer: NodeJS.Timeout | undefined;
   private readonly resumeReading = (): void => {
     if (this.pausedFor === undefined) return;
     this.pausedFor = undefined;
@@ -97,6 +102,13 @@ export class ClientSession implements PoolWaiter {
     else socket.on('data', (chunk: Buffer) => this.onData(chunk, chunk.length));
     socket.on('error', (err: Error) => host.logger.debug({ err: err.message }, 'client socket error'));
     socket.on('close', () => this.onClose());
+    this.loginTimer = setTimeout(() => {
+      this.loginTimer = undefined;
+      if (this.phase !== 'startup') return;
+      host.metrics.error('login-timeout');
+      this.fail({ severity: 'FATAL', code: '08P01', message: `no startup packet within ${host.loginTimeoutMs / 1000} s` });
+    }, host.loginTimeoutMs);
+    this.loginTimer.unref();
   }
 
   /** Session state that keeps this client on its server connection, if any. */
@@ -146,6 +158,7 @@ export class ClientSession implements PoolWaiter {
       return;
     }
     const reader = this.reader;
+    const queuedBefore = this.pendingChunks.length;
     let runBuffer: Buffer | undefined;
     let runStart = 0;
     let runEnd = 0;
@@ -184,10 +197,14 @@ export class ClientSession implements PoolWaiter {
     }
     if (runBuffer !== undefined) this.pendingChunks.push(runBuffer.subarray(runStart, runEnd));
     this.forward();
-    // Still queued (no server connection yet): they must outlive the reused read buffer.
-    if (this.borrowedReads) {
-      const chunks = this.pendingChunks;
-      for (let i = 0; i < chunks.length; i++) chunks[i] = Buffer.from(chunks[i]!);
+    const chunks = this.pendingChunks;
+    if (chunks.length === queuedBefore) return;
+    // Still queued (no server connection yet): what this read added must outlive the reused read buffer.
+    if (this.borrowedReads) for (let i = queuedBefore; i < chunks.length; i++) chunks[i] = Buffer.from(chunks[i]!);
+    // And a client that keeps sending while it waits is not read from until it is served.
+    if (!this.pausedWaiting && !this.socket.destroyed) {
+      this.pausedWaiting = true;
+      this.socket.pause();
     }
   }
 
@@ -310,6 +327,7 @@ export class ClientSession implements PoolWaiter {
         break;
     }
     if (this.phase !== 'startup') throw new ProtocolError('bad-startup', 'second startup packet');
+    if (this.loginTimer !== undefined) clearTimeout(this.loginTimer);
     const expected = this.host.expectedLogin();
     const user = packet.parameters.user ?? '';
     const database = packet.parameters.database ?? user;
@@ -386,6 +404,10 @@ export class ClientSession implements PoolWaiter {
       return;
     }
     this.forward();
+    if (this.pausedWaiting) {
+      this.pausedWaiting = false;
+      if (this.pausedFor === undefined && !this.socket.destroyed) this.socket.resume();
+    }
   }
 
   /** No server connection within poolTimeout, or draining. */

@@ -58,6 +58,8 @@ interface WaitEntry {
 }
 
 const CONNECT_TIMEOUT_MS = 10_000;
+/** Longest wait for a pre-ping or settings check before the connection is given up. */
+const CHECK_TIMEOUT_MS = 5_000;
 const RETRY_MIN_MS = 100;
 const RETRY_MAX_MS = 2_000;
 
@@ -321,7 +323,7 @@ export class Pool {
     server.idleSince = now;
     const entry = this.waiters.shift();
     if (entry !== undefined) {
-      this.give(server, entry.waiter, entry.since, now);
+      this.handOut(server, entry.waiter, entry.since, now);
       return;
     }
     this.idle.push(server);
@@ -359,7 +361,11 @@ export class Pool {
       this.give(server, waiter, since, now);
       return;
     }
+    // A check the server never answers (a frozen network) must not hold the client past its poolTimeout.
+    const deadline = since + this.deps.settings.pool.poolTimeout * 1000;
+    const checkTimer = setTimeout(() => server.close('no answer to the check before use'), Math.max(100, Math.min(CHECK_TIMEOUT_MS, deadline - now)));
     server.runInternal(sync ?? ';', (result) => {
+      clearTimeout(checkTimer);
       if (server.state === 'resetting' && result.ok) {
         if (sync !== undefined) server.settings = wanted;
         this.give(server, waiter, since, this.deps.now(), waiter.checkSettings ? result.row : undefined);

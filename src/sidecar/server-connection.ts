@@ -175,8 +175,10 @@ export class ServerConnection {
     this.logger.debug({ server: this.id, reason, running }, 'closing server connection');
     this.setState('closing');
     this.user = undefined;
+    const internal = this.internalQuery;
     this.internalQuery = undefined;
     this.resumeReading();
+    internal?.done({ ok: false, error: { M: reason } });
     if (this.stream.destroyed) return;
     if (running) this.events.cancel(this);
     this.stream.end(serialize.end());

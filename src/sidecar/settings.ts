@@ -49,6 +49,10 @@ export interface SidecarSettings {
   admin?: { host: string; port: number };
   /** Idle time after which poolPrePing checks a connection (default 1 s). */
   prePingAfterIdle?: number;
+  /** Seconds a new client has to send its startup packet (default 15, as PgBouncer's client_login_timeout is a bound too). */
+  loginTimeout?: number;
+  /** Client connections served at once; more are refused with 53300 "too many clients" (default 5,000). */
+  maxClientConnections?: number;
 }
 
 /** A login for the upstream server. */

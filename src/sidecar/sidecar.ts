@@ -48,7 +48,10 @@ export class Sidecar implements ClientSessionHost {
   readonly logger: Logger;
   readonly mode: PoolMode;
   readonly maxMessageBytes: number;
+  readonly loginTimeoutMs: number;
   private readonly settings: SidecarSettings;
+  /** Client sockets accepted and not yet closed (logged in or not). */
+  private clientSockets = 0;
   private readonly credentials: CredentialsSource;
   private readonly registry: Registry;
   private readonly tunnel: SshTunnel | undefined;
@@ -75,6 +78,7 @@ export class Sidecar implements ClientSessionHost {
     this.registry = deps.metrics;
     this.mode = deps.settings.pool.mode;
     this.maxMessageBytes = deps.settings.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
+    this.loginTimeoutMs = (deps.settings.loginTimeout ?? 15) * 1000;
     this.metrics = new SidecarMetrics(deps.metrics);
     const tunnelSettings = deps.settings.sshTunnel;
     this.tunnel = tunnelSettings ? new SshTunnel({ settings: tunnelSettings, logger: deps.logger, metrics: this.metrics, onUpChange: () => this.statusChanged() }) : undefined;
@@ -311,7 +315,16 @@ export class Sidecar implements ClientSessionHost {
       socket.end(errorResponse({ severity: 'FATAL', code: '57P03', message: 'the poolkeeper sidecar is draining' }));
       return;
     }
-    new ClientSession(adoptAcceptedSocket(socket, this.readBuffers), this);
+    if (this.clientSockets >= (this.settings.maxClientConnections ?? 5000)) {
+      socket.resume();
+      this.metrics.error('too-many-clients');
+      socket.end(errorResponse({ severity: 'FATAL', code: '53300', message: 'sorry, too many clients already', hint: 'the poolkeeper sidecar serves at most maxClientConnections clients at once' }));
+      return;
+    }
+    const adopted = adoptAcceptedSocket(socket, this.readBuffers);
+    this.clientSockets += 1;
+    adopted.once('close', () => (this.clientSockets -= 1));
+    new ClientSession(adopted, this);
   }
 
   private openStream(host: string, port: number, deadline: number): Promise<Duplex> {

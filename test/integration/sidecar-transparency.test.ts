@@ -1,0 +1,407 @@
+/**
+ * The sidecar behaves like a direct connection where pooling could make it
+ * differ: startup settings per client, cancels that reach only the statement
+ * they were meant for, session state in transaction mode, DEALLOCATE and
+ * DISCARD sent as SQL, protocol version negotiation, big Parse messages, and
+ * clients that must get an answer whatever fails underneath.
+ */
+import assert from 'node:assert/strict';
+import { connect as netConnect, type Socket } from 'node:net';
+import pg from 'pg';
+import { testEnvironment } from '../support/hooks.ts';
+import { startTestSidecar, type TestSidecar } from '../support/sidecar-fixture.ts';
+import { TcpProxy } from '../support/tcp-proxy.ts';
+import { CANCEL_REQUEST_CODE, FrameReader, buildSpecialRequest, buildStartupMessage } from '../../src/core/protocol/index.ts';
+import type { PostgresServer } from '../../src/devenv/postgres.ts';
+
+const env = testEnvironment();
+
+function client(running: TestSidecar, extra: Partial<pg.ClientConfig> = {}): pg.Client {
+  const c = new pg.Client({ host: '127.0.0.1', port: running.port, user: running.role.user, database: 'app', ...extra });
+  // A test that fails leaves clients to be cut by the sidecar's stop: that must not become an uncaught error.
+  c.on('error', () => undefined);
+  return c;
+}
+
+async function withSidecar(postgres: PostgresServer, options: Parameters<typeof startTestSidecar>[1], body: (running: TestSidecar) => Promise<void>): Promise<void> {
+  const running = await startTestSidecar(postgres, options);
+  try {
+    await body(running);
+  } finally {
+    await running.stop();
+  }
+}
+
+/** Sends a CancelRequest for `c` and resolves when the sidecar closes the cancel connection. */
+function sendCancel(port: number, c: pg.Client): Promise<void> {
+  const keys = c as unknown as { processID: number; secretKey: number };
+  const key = Buffer.alloc(4);
+  key.writeInt32BE(keys.secretKey);
+  return new Promise((resolve) => {
+    const socket = netConnect({ host: '127.0.0.1', port });
+    socket.on('error', () => resolve());
+    socket.on('close', () => resolve());
+    socket.resume();
+    socket.write(buildSpecialRequest(CANCEL_REQUEST_CODE, keys.processID, key));
+  });
+}
+
+/** Opens a raw socket, writes `bytes`, and collects what comes back until the server closes or `ms` pass. */
+function rawExchange(port: number, bytes: Buffer, ms = 1000): Promise<{ data: Buffer; closed: boolean }> {
+  return new Promise((resolve) => {
+    const chunks: Buffer[] = [];
+    const socket: Socket = netConnect({ host: '127.0.0.1', port });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      resolve({ data: Buffer.concat(chunks), closed: false });
+    }, ms);
+    socket.on('data', (c: Buffer) => chunks.push(c));
+    socket.on('error', () => undefined);
+    socket.on('close', () => {
+      clearTimeout(timer);
+      resolve({ data: Buffer.concat(chunks), closed: true });
+    });
+    socket.write(bytes);
+  });
+}
+
+describe('sidecar transparency', function () {
+  let postgres: PostgresServer;
+  let observer: pg.Client;
+
+  before(async function () {
+    postgres = await env.postgres();
+    observer = new pg.Client({ host: postgres.host, port: postgres.port, user: postgres.superuser.user, password: postgres.superuser.password, database: 'app' });
+    await observer.connect();
+  });
+
+  after(async function () {
+    await observer?.end();
+  });
+
+  describe('startup settings', function () {
+    it('applies each client\'s options, TimeZone and application_name on whichever server connection serves it, and never to another client', async function () {
+      await withSidecar(postgres, { grant: 2 }, async (running) => {
+        const tokyo = client(running, { options: '-c statement_timeout=1234 -c search_path=foo,public -c TimeZone=Asia/Tokyo', application_name: 'orders-web' });
+        await tokyo.connect();
+        const plain = client(running);
+        await plain.connect();
+        try {
+          // What a direct connection with the same options shows.
+          const direct = new pg.Client({ host: postgres.host, port: postgres.port, user: running.role.user, password: running.role.password, database: 'app', options: '-c search_path=foo,public' });
+          await direct.connect();
+          const directPath = (await direct.query<{ sp: string }>("SELECT current_setting('search_path') AS sp")).rows[0]!.sp;
+          await direct.end();
+          const clients = [tokyo, plain];
+          for (let round = 0; round < 20; round++) {
+            const [a, b] = await Promise.all(clients.map((c) => c.query<{ st: string; sp: string; tz: string; app: string; pid: number }>(
+              "SELECT current_setting('statement_timeout') AS st, current_setting('search_path') AS sp, current_setting('TimeZone') AS tz, current_setting('application_name') AS app, pg_backend_pid() AS pid")));
+            assert.deepEqual([a!.rows[0]!.st, a!.rows[0]!.sp, a!.rows[0]!.tz, a!.rows[0]!.app], ['1234ms', directPath, 'Asia/Tokyo', 'orders-web']);
+            assert.equal(b!.rows[0]!.st, '0');
+            assert.notEqual(b!.rows[0]!.tz, 'Asia/Tokyo');
+            assert.notEqual(b!.rows[0]!.app, 'orders-web');
+          }
+          const shown = await tokyo.query<{ t: string }>("SELECT '2020-01-01 00:00:00+00'::timestamptz::text AS t");
+          assert.equal(shown.rows[0]!.t, '2020-01-01 09:00:00+09');
+          // pg_stat_activity names the client while it runs a statement.
+          const sleeping = tokyo.query('SELECT pg_sleep(0.5)');
+          await new Promise((r) => setTimeout(r, 200));
+          const seen = await observer.query<{ app: string }>("SELECT application_name AS app FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(0.5)' AND state = 'active'");
+          assert.deepEqual(seen.rows.map((r) => r.app), ['orders-web']);
+          await sleeping;
+        } finally {
+          await tokyo.end();
+          await plain.end();
+        }
+      });
+    });
+
+    it('keeps 12 clients with 12 different statement_timeouts apart on 2 server connections', async function () {
+      await withSidecar(postgres, { grant: 2 }, async (running) => {
+        const clients = Array.from({ length: 12 }, (_, i) => client(running, { options: `-c statement_timeout=${1001 + i}` }));
+        await Promise.all(clients.map((c) => c.connect()));
+        try {
+          await Promise.all(clients.map(async (c, i) => {
+            for (let round = 0; round < 15; round++) {
+              const r = await c.query<{ statement_timeout: string }>('SHOW statement_timeout');
+              assert.equal(r.rows[0]!.statement_timeout, `${1001 + i}ms`);
+            }
+          }));
+        } finally {
+          await Promise.all(clients.map((c) => c.end()));
+        }
+      });
+    });
+
+    it('refuses a setting the server refuses with the server\'s own error, and a replication connection by name', async function () {
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const bad = client(running, { options: '-c no_such_setting_at_all=1' });
+        await assert.rejects(bad.connect(), (e: { code?: string; message: string }) => e.code === '42704' && e.message.includes('no_such_setting_at_all'));
+        const badValue = client(running, { options: '-c statement_timeout=soon' });
+        await assert.rejects(badValue.connect(), (e: { code?: string; message: string }) => e.code === '22023' && e.message.includes('statement_timeout'));
+        const replication = client(running, { replication: 'database' } as pg.ClientConfig);
+        await assert.rejects(replication.connect(), (e: { code?: string; message: string }) => e.code === '0A000' && e.message.includes('replication'));
+        // The sidecar still serves others.
+        const good = client(running);
+        await good.connect();
+        assert.equal((await good.query<{ n: number }>('SELECT 1 AS n')).rows[0]!.n, 1);
+        await good.end();
+      });
+    });
+  });
+
+  describe('session state in transaction mode', function () {
+    it('pins a client that SETs to its server connection, counts it, and resets the connection when it leaves', async function () {
+      await withSidecar(postgres, { grant: 2 }, async (running) => {
+        const setter = client(running);
+        const others = Array.from({ length: 4 }, () => client(running));
+        await setter.connect();
+        await Promise.all(others.map((c) => c.connect()));
+        try {
+          await setter.query('SET statement_timeout = 4321');
+          const metrics = await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients');
+          assert.match(metrics, /reason="set"} 1/);
+          for (let round = 0; round < 10; round++) {
+            assert.equal((await setter.query<{ statement_timeout: string }>('SHOW statement_timeout')).rows[0]!.statement_timeout, '4321ms');
+            const seen = await Promise.all(others.map((c) => c.query<{ statement_timeout: string }>('SHOW statement_timeout')));
+            for (const r of seen) assert.equal(r.rows[0]!.statement_timeout, '0');
+          }
+          await setter.end();
+          await new Promise((r) => setTimeout(r, 100));
+          const after = await Promise.all(others.map((c) => c.query<{ statement_timeout: string }>('SHOW statement_timeout')));
+          for (const r of after) assert.equal(r.rows[0]!.statement_timeout, '0');
+        } finally {
+          await Promise.all(others.map((c) => c.end()));
+        }
+      });
+    });
+
+    it('serves DEALLOCATE and DEALLOCATE ALL sent as SQL without breaking other clients\' named statements', async function () {
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const a = client(running);
+        const b = client(running);
+        await a.connect();
+        await b.connect();
+        try {
+          const named = { name: 'q_shared', text: 'SELECT $1::int + 1 AS n', values: [1] };
+          assert.equal((await a.query<{ n: number }>(named)).rows[0]!.n, 2);
+          assert.equal((await b.query<{ n: number }>({ ...named, values: [2] })).rows[0]!.n, 3);
+          // A drops its statement by SQL: B's, shared on the server, stays usable.
+          await a.query('DEALLOCATE q_shared');
+          await assert.rejects(a.query('DEALLOCATE q_shared'), (e: { code?: string }) => e.code === '26000');
+          assert.equal((await b.query<{ n: number }>({ ...named, values: [5] })).rows[0]!.n, 6);
+          // DEALLOCATE ALL from A on the only server connection: B's statement is prepared again for it.
+          await a.query('DEALLOCATE ALL');
+          for (let i = 0; i < 5; i++) assert.equal((await b.query<{ n: number }>({ ...named, values: [i] })).rows[0]!.n, i + 1);
+          await a.query('DISCARD ALL');
+          assert.equal((await b.query<{ n: number }>({ ...named, values: [9] })).rows[0]!.n, 10);
+        } finally {
+          await a.end();
+          await b.end();
+        }
+      });
+    });
+
+    it('lets a new client prepare a statement another prepared before a schema change', async function () {
+      await observer.query('DROP TABLE IF EXISTS pk_schema_change; CREATE TABLE pk_schema_change (a int); INSERT INTO pk_schema_change VALUES (1); GRANT ALL ON pk_schema_change TO app');
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const a = client(running);
+        await a.connect();
+        assert.deepEqual((await a.query({ name: 'sa', text: 'SELECT * FROM pk_schema_change' })).rows, [{ a: 1 }]);
+        await observer.query('ALTER TABLE pk_schema_change ALTER COLUMN a TYPE bigint');
+        const b = client(running);
+        await b.connect();
+        try {
+          assert.deepEqual((await b.query({ name: 'sb', text: 'SELECT * FROM pk_schema_change' })).rows, [{ a: '1' }]);
+        } finally {
+          await a.end();
+          await b.end();
+        }
+      });
+    });
+  });
+
+  describe('cancels', function () {
+    for (const mode of ['transaction', 'session'] as const) {
+      it(`cancels only the statement in flight, never a bystander's (${mode} mode, random cancels)`, async function () {
+        this.timeout(60_000);
+        // Session mode lends a server connection per client: one each, as direct.
+        await withSidecar(postgres, { grant: mode === 'session' ? 9 : 4, mode }, async (running) => {
+          const target = client(running);
+          const bystanders = Array.from({ length: 8 }, () => client(running));
+          await target.connect();
+          await Promise.all(bystanders.map((c) => c.connect()));
+          let stop = false;
+          let bystanderCancelled = 0;
+          let bystanderStatements = 0;
+          let targetCancelled = 0;
+          let cancels = 0;
+          const loop = async (c: pg.Client, onCancel: () => void, onDone: () => void): Promise<void> => {
+            while (!stop) {
+              try {
+                await c.query('SELECT pg_sleep(0.01)');
+              } catch (error) {
+                if ((error as { code?: string }).code === '57014') onCancel();
+                else throw error;
+              }
+              onDone();
+            }
+          };
+          const loops = [
+            loop(target, () => targetCancelled++, () => undefined),
+            ...bystanders.map((c) => loop(c, () => bystanderCancelled++, () => bystanderStatements++)),
+          ];
+          const canceller = (async () => {
+            const until = Date.now() + 15_000;
+            while (Date.now() < until && cancels < 150) {
+              await new Promise((r) => setTimeout(r, Math.random() * 15));
+              await sendCancel(running.port, target);
+              cancels++;
+            }
+          })();
+          await canceller;
+          stop = true;
+          await Promise.all(loops);
+          await target.end();
+          await Promise.all(bystanders.map((c) => c.end()));
+          assert.ok(cancels >= 100, `only ${cancels} cancels sent`);
+          assert.ok(bystanderStatements > 100, `bystanders ran only ${bystanderStatements} statements`);
+          assert.equal(bystanderCancelled, 0, `${bystanderCancelled} bystander statements cancelled (${cancels} cancels)`);
+          assert.ok(targetCancelled > 0 && targetCancelled <= cancels, `target: ${targetCancelled} cancelled for ${cancels} cancels`);
+        });
+      });
+    }
+  });
+
+  describe('protocol edges', function () {
+    it('answers protocol 3.2, a test version and _pq_ options with NegotiateProtocolVersion 3.0, then logs in', async function () {
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        for (const version of [196610, (3 << 16) | 9999]) {
+          const startup = buildStartupMessage({ user: running.role.user, database: 'app', '_pq_.test_option': 'x' }, version);
+          const { data } = await rawExchange(running.port, startup, 800);
+          const reader = new FrameReader();
+          reader.push(data);
+          assert.ok(reader.next(), 'a reply');
+          assert.equal(String.fromCharCode(reader.type), 'v');
+          assert.equal(reader.buffer.readInt32BE(reader.bodyStart), 196608);
+          assert.equal(reader.buffer.readInt32BE(reader.bodyStart + 4), 1);
+          assert.ok(reader.next(), 'then a login');
+          assert.equal(String.fromCharCode(reader.type), 'R');
+        }
+      });
+    });
+
+    it('closes without a word a connection whose first bytes are a Terminate, as PostgreSQL does', async function () {
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const { data, closed } = await rawExchange(running.port, Buffer.from([0x58, 0, 0, 0, 4]));
+        assert.equal(closed, true);
+        assert.equal(data.length, 0);
+      });
+    });
+
+    it('passes a Parse with 40,000 parameters (more than a signed 16-bit count)', async function () {
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const c = client(running);
+        await c.connect();
+        try {
+          const values = Array.from({ length: 40_000 }, (_, i) => i);
+          const placeholders = values.map((_, i) => `$${i + 1}::int`).join(',');
+          const r = await c.query<{ n: number }>(`SELECT array_length(ARRAY[${placeholders}], 1) AS n`, values);
+          assert.equal(r.rows[0]!.n, 40_000);
+        } finally {
+          await c.end();
+        }
+      });
+    });
+
+    it('closes a client that sends no startup packet within loginTimeout', async function () {
+      await withSidecar(postgres, { grant: 1, settings: { loginTimeout: 0.3 } }, async (running) => {
+        const half = buildStartupMessage({ user: running.role.user, database: 'app' }).subarray(0, 6);
+        const started = Date.now();
+        const { closed } = await rawExchange(running.port, half, 3000);
+        assert.equal(closed, true);
+        assert.ok(Date.now() - started < 2000);
+      });
+    });
+
+    it('refuses clients beyond maxClientConnections with 53300 and serves the rest', async function () {
+      await withSidecar(postgres, { grant: 1, settings: { maxClientConnections: 2 } }, async (running) => {
+        const a = client(running);
+        const b = client(running);
+        await a.connect();
+        await b.connect();
+        const c = client(running);
+        await assert.rejects(c.connect(), (e: { code?: string }) => e.code === '53300');
+        assert.equal((await a.query<{ n: number }>('SELECT 1 AS n')).rows[0]!.n, 1);
+        await a.end();
+        await b.end();
+      });
+    });
+  });
+
+  describe('clients always get an answer', function () {
+    it('a pre-ping on a connection that went silent (a NAT dropped it) ends in 53300 within poolTimeout, not a hang', async function () {
+      const proxy = new TcpProxy(postgres.host, postgres.port);
+      const port = await proxy.start();
+      try {
+        await withSidecar(postgres, { grant: 1, pool: { poolPrePing: true, poolTimeout: 2 }, settings: { prePingAfterIdle: 0.1, database: { host: '127.0.0.1', port, dbname: 'app', sslMode: 'disable' } } }, async (running) => {
+          const c = client(running);
+          await c.connect();
+          try {
+            await c.query('SELECT 1');
+            await new Promise((r) => setTimeout(r, 300));
+            proxy.freeze();
+            const started = Date.now();
+            await assert.rejects(c.query('SELECT 1'), (e: { code?: string; message: string }) => e.code === '53300' && /check before use/.test(e.message));
+            assert.ok(Date.now() - started < 4000, `answered after ${Date.now() - started} ms`);
+          } finally {
+            await c.end().catch(() => undefined);
+          }
+        });
+      } finally {
+        await proxy.stop();
+      }
+    });
+
+    it('a pre-ping on a connection cut underneath serves the client on a new connection', async function () {
+      const proxy = new TcpProxy(postgres.host, postgres.port);
+      const port = await proxy.start();
+      try {
+        await withSidecar(postgres, { grant: 1, pool: { poolPrePing: true, poolTimeout: 5 }, settings: { prePingAfterIdle: 0.1, database: { host: '127.0.0.1', port, dbname: 'app', sslMode: 'disable' } } }, async (running) => {
+          const c = client(running);
+          await c.connect();
+          try {
+            await c.query('SELECT 1');
+            await new Promise((r) => setTimeout(r, 300));
+            proxy.cutAll();
+            assert.equal((await c.query<{ n: number }>('SELECT 2 AS n')).rows[0]!.n, 2);
+          } finally {
+            await c.end().catch(() => undefined);
+          }
+        });
+      } finally {
+        await proxy.stop();
+      }
+    });
+
+    it('keeps a backend counted until it is gone: a client that vanishes mid-statement has it cancelled, not left running', async function () {
+      await withSidecar(postgres, { grant: 2 }, async (running) => {
+        const c = client(running, { application_name: 'vanishing-client' });
+        await c.connect();
+        const sleeping = c.query('SELECT pg_sleep(20)').catch(() => undefined);
+        await new Promise((r) => setTimeout(r, 300));
+        (c as unknown as { connection: { stream: Socket } }).connection.stream.destroy();
+        await sleeping;
+        const started = Date.now();
+        let alive = 1;
+        while (alive > 0 && Date.now() - started < 5000) {
+          await new Promise((r) => setTimeout(r, 100));
+          alive = Number((await observer.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'vanishing-client'")).rows[0]!.n);
+        }
+        assert.equal(alive, 0, 'the backend still runs pg_sleep(20)');
+        assert.ok(Date.now() - started < 3000);
+        assert.equal(running.sidecar.status().heldConnections <= 2, true);
+      });
+    });
+  });
+});

@@ -108,13 +108,13 @@ def leak(variant, count, rounds):
                 with conn.cursor() as cur:
                     cur.execute('SELECT ' + ', '.join("current_setting('%s')" % n for n in expected))
                     row = cur.fetchone()
+                wrong = ['%s: %s, want %s' % (n, got, want) for (n, want), got in zip(expected.items(), row) if norm(got) != want]
                 with lock:
                     outcome['checks'] += 1
-                    for (n, want), got in zip(expected.items(), row):
-                        if norm(got) != want:
-                            outcome['mismatches'] += 1
-                            if len(outcome['samples']) < 3:
-                                outcome['samples'].append('%s: %s, want %s' % (n, got, want))
+                    if wrong:
+                        outcome['mismatches'] += 1
+                        if len(outcome['samples']) < 3:
+                            outcome['samples'].append('; '.join(wrong))
         finally:
             conn.close()
 

@@ -1,11 +1,15 @@
 #!/usr/bin/env node
 /**
  * The one binary of the image: `poolkeeper controller`, `poolkeeper webhook`
- * or `poolkeeper sidecar`.
+ * or `poolkeeper sidecar`; `poolkeeper --help`, `poolkeeper <command> --help`
+ * and `poolkeeper version` print and exit. A configuration error ends the
+ * process with one line on stderr and exit code 2, never a stack trace.
  * The only place that reads process.env; everything else gets its
  * configuration passed in.
  */
+import { existsSync } from 'node:fs';
 import { hostname } from 'node:os';
+import type { KubeConfig } from '@kubernetes/client-node';
 import pino from 'pino';
 import { Registry, collectDefaultMetrics } from 'prom-client';
 import { AdminServer } from '../ops/admin-server.ts';
@@ -18,19 +22,46 @@ const VERSION = '0.1.0';
 const env = process.env;
 const logger = pino({ level: env.POOLKEEPER_LOG_LEVEL ?? 'info', base: { component: process.argv[2] ?? 'poolkeeper' }, redact: ['password', '*.password', 'privateKey', '*.privateKey'] });
 
+/** A mistake in how poolkeeper was started: reported as one line, exit code 2. */
+class UsageError extends Error {}
+
 function required(name: string): string {
   const value = env[name];
-  if (!value) {
-    logger.fatal(`environment variable ${name} is required`);
-    process.exit(2);
-  }
+  if (!value) throw new UsageError(`environment variable ${name} is required`);
   return value;
 }
 
 function repairMode(value: string): 'evict' | 'report' | 'off' {
   if (value === 'evict' || value === 'report' || value === 'off') return value;
-  logger.fatal(`POOLKEEPER_REPAIR must be evict, report or off, got ${value}`);
-  process.exit(2);
+  throw new UsageError(`POOLKEEPER_REPAIR must be evict, report or off, got ${value}`);
+}
+
+function port(name: string, fallback: number): number {
+  const raw = env[name];
+  if (raw === undefined || raw === '') return fallback;
+  const value = Number(raw);
+  if (!Number.isInteger(value) || value < 0 || value > 65535) throw new UsageError(`${name} must be a port number (0-65535), got ${raw}`);
+  return value;
+}
+
+const SERVICE_ACCOUNT_TOKEN = '/var/run/secrets/kubernetes.io/serviceaccount/token';
+
+/** The API server's configuration, or a UsageError that says what is missing. */
+function kubeConfig(): KubeConfig {
+  const path = env.KUBECONFIG;
+  if (!path && !(env.KUBERNETES_SERVICE_HOST && existsSync(SERVICE_ACCOUNT_TOKEN))) {
+    throw new UsageError(`not running in a Kubernetes pod (no ${SERVICE_ACCOUNT_TOKEN}) and KUBECONFIG is not set: set KUBECONFIG to a kubeconfig file to run outside a cluster`);
+  }
+  if (path && !existsSync(path)) throw new UsageError(`KUBECONFIG=${path}: no such file`);
+  try {
+    return loadKubeConfig(path);
+  } catch (err) {
+    throw new UsageError(`cannot load ${path ? `KUBECONFIG=${path}` : 'the in-cluster configuration'}: ${oneLine(err)}`);
+  }
+}
+
+function oneLine(err: unknown): string {
+  return (err instanceof Error ? err.message : String(err)).split('\n')[0] ?? '';
 }
 
 function onTerminate(shutdown: () => Promise<void>): void {
@@ -48,52 +79,146 @@ function onTerminate(shutdown: () => Promise<void>): void {
   process.on('SIGINT', handler);
 }
 
-const command = process.argv[2];
-switch (command) {
-  case 'controller': {
-    const running = await startController({
-      kubeConfig: loadKubeConfig(env.KUBECONFIG),
-      namespace: env.POD_NAMESPACE ?? 'poolkeeper-system',
-      identity: env.POD_NAME ?? hostname(),
-      metricsPort: Number(env.POOLKEEPER_METRICS_PORT ?? 8080),
-      leaderElection: env.POOLKEEPER_LEADER_ELECTION !== 'false',
-      repair: repairMode(env.POOLKEEPER_REPAIR ?? 'evict'),
-      manageSidecarAccess: env.POOLKEEPER_MANAGE_SIDECAR_RBAC !== 'false',
-    }, logger);
-    onTerminate(() => running.shutdown());
-    break;
+const USAGE = `usage: poolkeeper <command> [--help]
+
+commands:
+  controller  the budget controller (leader-elected) and missing-sidecar repair
+  webhook     the sidecar injection webhook (every replica serves)
+  sidecar     the pooling sidecar of one pod (injected by the webhook)
+  version     print the version
+
+Configuration is read from environment variables; see poolkeeper <command> --help.
+Outside a cluster, set KUBECONFIG.`;
+
+const COMMAND_HELP: Record<string, string> = {
+  controller: `usage: poolkeeper controller
+
+Watches DatabaseConnections, opted-in pods and PoolMembers, and gives every pod
+its connection budget. Two replicas elect a leader with a Lease.
+
+environment:
+  KUBECONFIG                       kubeconfig file (default: the in-cluster ServiceAccount)
+  POD_NAMESPACE                    namespace of the leader-election Lease (default poolkeeper-system)
+  POD_NAME                         identity in the election (default: the host name)
+  POOLKEEPER_METRICS_PORT          /metrics, /healthz, /readyz port (default 8080)
+  POOLKEEPER_LEADER_ELECTION       false: this replica always leads (default true)
+  POOLKEEPER_REPAIR                evict | report | off: opted-in pods without the sidecar (default evict)
+  POOLKEEPER_MANAGE_SIDECAR_RBAC   false: leave the sidecars' RoleBinding to you (default true)
+  POOLKEEPER_LOG_LEVEL             pino level (default info)`,
+  webhook: `usage: poolkeeper webhook
+
+Serves the mutating admission webhook that injects the sidecar into pods
+labelled poolkeeper.dev/connection, and manages its own certificates.
+
+environment:
+  KUBECONFIG                          kubeconfig file (default: the in-cluster ServiceAccount)
+  POOLKEEPER_SIDECAR_IMAGE            image of the injected sidecar (required)
+  POOLKEEPER_WEBHOOK_CERTIFICATES     self (a self-managed CA) | files (e.g. cert-manager) (default self)
+  POOLKEEPER_WEBHOOK_CERT_DIR         certificate directory for files (default /var/run/poolkeeper/webhook-certs)
+  POOLKEEPER_NAMESPACE                namespace of the webhook (default poolkeeper-system)
+  POOLKEEPER_WEBHOOK_PORT             HTTPS port (default 9443)
+  POOLKEEPER_METRICS_PORT             /metrics, /healthz, /readyz port (default 8081)
+  POOLKEEPER_LOG_LEVEL                pino level (default info)`,
+  sidecar: `usage: poolkeeper sidecar
+
+The pooling sidecar of one pod: listens on 127.0.0.1 and never holds more
+server connections than the pod's grant. The webhook injects it with its
+settings; running it by hand is for testing.
+
+environment:
+  POOLKEEPER_POD_NAMESPACE      namespace of the pod (required)
+  POOLKEEPER_POD_NAME           name of the pod, and of its PoolMember (required)
+  POOLKEEPER_LISTEN_PORT        client port on 127.0.0.1 (default 6432)
+  POOLKEEPER_ADMIN_PORT         /metrics, /healthz, /readyz port (default 9187)
+  POOLKEEPER_CREDENTIALS_DIR    directory with the files username and password (default /var/run/poolkeeper/credentials)
+  POOLKEEPER_SSH_KEY_DIR        directory with the bastion's private key, if any
+  POOLKEEPER_DB_CA_FILE         CA certificate of the database server, if any
+  POOLKEEPER_DRAIN_TIMEOUT      seconds in-flight transactions get on SIGTERM (default 30)
+  KUBECONFIG                    kubeconfig file (default: the pod's ServiceAccount)`,
+};
+
+async function run(command: string | undefined, args: readonly string[]): Promise<void> {
+  const wantsHelp = args.includes('--help') || args.includes('-h');
+  if (command === undefined || command === '--help' || command === '-h' || command === 'help') {
+    console.log(USAGE);
+    process.exit(command === undefined ? 2 : 0);
   }
-  case 'sidecar': {
-    const running = await startSidecar({
-      kubeConfig: loadKubeConfig(env.KUBECONFIG),
-      namespace: required('POOLKEEPER_POD_NAMESPACE'),
-      podName: required('POOLKEEPER_POD_NAME'),
-      listenPort: Number(env.POOLKEEPER_LISTEN_PORT ?? 6432),
-      adminPort: Number(env.POOLKEEPER_ADMIN_PORT ?? 9187),
-      credentialsDir: env.POOLKEEPER_CREDENTIALS_DIR ?? '/var/run/poolkeeper/credentials',
-      sshKeyDir: env.POOLKEEPER_SSH_KEY_DIR,
-      caFile: env.POOLKEEPER_DB_CA_FILE,
-      drainTimeoutSeconds: Number(env.POOLKEEPER_DRAIN_TIMEOUT ?? 30),
-      version: VERSION,
-    }, logger);
-    onTerminate(() => running.shutdown());
-    break;
+  if (command === 'version' || command === '--version') {
+    console.log(`poolkeeper ${VERSION} (node ${process.version})`);
+    return;
   }
-  case 'webhook': {
-    const registry = new Registry();
-    collectDefaultMetrics({ register: registry, prefix: 'poolkeeper_webhook_process_' });
-    const running = await startWebhook(loadKubeConfig(env.KUBECONFIG), webhookConfigFromEnv(env, VERSION), logger, registry);
-    let stopping = false;
-    const admin = new AdminServer({ registry, healthy: () => !stopping, readiness: () => ({ ready: !stopping, reasons: [] }) });
-    await admin.listen('0.0.0.0', Number(env.POOLKEEPER_METRICS_PORT ?? 8081));
-    onTerminate(async () => {
-      stopping = true;
-      await running.stop();
-      await admin.close();
-    });
-    break;
+  const help = COMMAND_HELP[command];
+  if (help === undefined) throw new UsageError(`unknown command "${command}"; run poolkeeper --help`);
+  if (wantsHelp) {
+    console.log(help);
+    return;
   }
-  default:
-    console.error('usage: poolkeeper <controller|webhook|sidecar>\n\n  controller  the budget controller (leader-elected) and missing-sidecar repair\n  webhook     the sidecar injection webhook (every replica serves)\n  sidecar     the pooling sidecar of one pod');
-    process.exit(command === '--help' || command === '-h' ? 0 : 2);
+  const unknown = args.find((a) => a.startsWith('-'));
+  if (unknown) throw new UsageError(`unknown option ${unknown}; poolkeeper ${command} takes its settings from the environment (poolkeeper ${command} --help)`);
+  switch (command) {
+    case 'controller': {
+      // Settings first, so a typo is reported before the cluster connection is tried.
+      const settings = {
+        namespace: env.POD_NAMESPACE ?? 'poolkeeper-system',
+        identity: env.POD_NAME ?? hostname(),
+        metricsPort: port('POOLKEEPER_METRICS_PORT', 8080),
+        leaderElection: env.POOLKEEPER_LEADER_ELECTION !== 'false',
+        repair: repairMode(env.POOLKEEPER_REPAIR ?? 'evict'),
+        manageSidecarAccess: env.POOLKEEPER_MANAGE_SIDECAR_RBAC !== 'false',
+      };
+      const config = { ...settings, kubeConfig: kubeConfig() };
+      const running = await startController(config, logger);
+      onTerminate(() => running.shutdown());
+      break;
+    }
+    case 'sidecar': {
+      const config = {
+        namespace: required('POOLKEEPER_POD_NAMESPACE'),
+        podName: required('POOLKEEPER_POD_NAME'),
+        listenPort: port('POOLKEEPER_LISTEN_PORT', 6432),
+        adminPort: port('POOLKEEPER_ADMIN_PORT', 9187),
+        kubeConfig: kubeConfig(),
+        credentialsDir: env.POOLKEEPER_CREDENTIALS_DIR ?? '/var/run/poolkeeper/credentials',
+        sshKeyDir: env.POOLKEEPER_SSH_KEY_DIR,
+        caFile: env.POOLKEEPER_DB_CA_FILE,
+        drainTimeoutSeconds: Number(env.POOLKEEPER_DRAIN_TIMEOUT ?? 30),
+        version: VERSION,
+      };
+      const running = await startSidecar(config, logger);
+      onTerminate(() => running.shutdown());
+      break;
+    }
+    case 'webhook': {
+      const kc = kubeConfig();
+      let webhookConfig;
+      try {
+        webhookConfig = webhookConfigFromEnv(env, VERSION);
+      } catch (err) {
+        throw new UsageError(oneLine(err));
+      }
+      const metricsPort = port('POOLKEEPER_METRICS_PORT', 8081);
+      const registry = new Registry();
+      collectDefaultMetrics({ register: registry, prefix: 'poolkeeper_webhook_process_' });
+      const running = await startWebhook(kc, webhookConfig, logger, registry);
+      let stopping = false;
+      const admin = new AdminServer({ registry, healthy: () => !stopping, readiness: () => ({ ready: !stopping, reasons: [] }) });
+      await admin.listen('0.0.0.0', metricsPort);
+      onTerminate(async () => {
+        stopping = true;
+        await running.stop();
+        await admin.close();
+      });
+      break;
+    }
+  }
+}
+
+const [command, ...args] = process.argv.slice(2);
+try {
+  await run(command, args);
+} catch (err) {
+  // One line a person can act on; the stack only at debug level.
+  console.error(`poolkeeper${command && COMMAND_HELP[command] ? ` ${command}` : ''}: ${oneLine(err)}`);
+  if (!(err instanceof UsageError)) logger.debug({ err }, 'start failed');
+  process.exit(err instanceof UsageError ? 2 : 1);
 }

@@ -41,8 +41,9 @@ export function classifySessionCommand(buffer: Buffer, start: number, end: numbe
   while (i < end && isSpace(buffer[i])) i++;
   if (i >= end || FIRST[buffer[i]!] !== 1) return undefined;
   // Second letter: rules out SELECT, COMMIT, ROLLBACK, DELETE, DO, CALL, ... at once.
-  const second = (buffer[i + 1] ?? 0) | 0x20;
+  const second = i + 1 < end ? buffer[i + 1]! | 0x20 : 0;
   const first = buffer[i]! | 0x20;
+  if (first === 0x73 /* s */ && second === 0x65 && i + 2 < end && (buffer[i + 2]! | 0x20) === 0x6c /* SEL */) return takesSessionLock(buffer, i, end);
   if (first === 0x73 /* s */ || first === 0x72 /* r */ || first === 0x64 /* d */) {
     if (second !== 0x65 /* e */ && !(first === 0x64 && (second === 0x69 /* i */ || second === 0x65))) return undefined;
   } else if (first === 0x63 /* c */ && second !== 0x72 /* r */) return undefined;
@@ -79,6 +80,20 @@ export function classifySessionCommand(buffer: Buffer, start: number, end: numbe
     default:
       return undefined;
   }
+}
+
+const SESSION_LOCK = Buffer.from('advisory_lock');
+const SESSION_LOCK_UPPER = Buffer.from('ADVISORY_LOCK');
+const PIN_ADVISORY: SessionCommand = { kind: 'pin', reason: 'advisory-lock' };
+
+/**
+ * A SELECT that takes a session-level advisory lock (pg_advisory_lock,
+ * pg_try_advisory_lock and their _shared forms; the _xact_ forms end with
+ * the transaction and contain no `advisory_lock`).
+ */
+function takesSessionLock(buffer: Buffer, start: number, end: number): SessionCommand | undefined {
+  const text = buffer.subarray(start, end);
+  return text.indexOf(SESSION_LOCK) >= 0 || text.indexOf(SESSION_LOCK_UPPER) >= 0 ? PIN_ADVISORY : undefined;
 }
 
 /** A statement name as PostgreSQL folds it: quoted names keep their case, others are lower-cased. */

@@ -1,0 +1,73 @@
+/**
+ * Recognising the SQL statements that act on session state, from their first
+ * words, as a transaction pooler must.
+ */
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { classifySessionCommand, clientSettingsFromStartup, parseOptions, settingsSql } from '../../src/core/protocol/index.ts';
+
+const classify = (sql: string): ReturnType<typeof classifySessionCommand> => {
+  const buffer = Buffer.from(`${sql}\0`);
+  return classifySessionCommand(buffer, 0, buffer.length);
+};
+
+describe('session commands', function () {
+  it('pins on statements that leave session state, not on their transaction-scoped forms', function () {
+    const cases: [string, string | undefined][] = [
+      ['SET statement_timeout = 5', 'set'], ['  set search_path to x', 'set'], ['SET SESSION AUTHORIZATION bob', 'set'], ['RESET ALL', 'set'],
+      ['SET LOCAL statement_timeout = 5', undefined], ['SET TRANSACTION ISOLATION LEVEL SERIALIZABLE', undefined], ['SET CONSTRAINTS ALL DEFERRED', undefined],
+      ['LISTEN ch', 'listen'], ['PREPARE p AS SELECT 1', 'prepare'], ['PREPARE TRANSACTION \'x\'', undefined],
+      ['CREATE TEMP TABLE t (a int)', 'temp-table'], ['create temporary table t (a int)', 'temp-table'], ['CREATE GLOBAL TEMPORARY TABLE t (a int)', 'temp-table'], ['CREATE TABLE t (a int)', undefined],
+      ['DECLARE c CURSOR WITH HOLD FOR SELECT 1', 'cursor-with-hold'], ['DECLARE c CURSOR FOR SELECT 1', undefined],
+      ['SELECT pg_advisory_lock(1)', 'advisory-lock'], ['select pg_try_advisory_lock_shared(1)', 'advisory-lock'], ['SELECT pg_advisory_xact_lock(1)', undefined],
+      ['SELECT 1', undefined], ['COMMIT', undefined], ['ROLLBACK', undefined], ['DELETE FROM t', undefined], ['UPDATE t SET a = 1', undefined], ['', undefined],
+    ];
+    for (const [sql, reason] of cases) {
+      const command = classify(sql);
+      assert.equal(command?.kind === 'pin' ? command.reason : undefined, reason, sql);
+    }
+  });
+
+  it('reads DEALLOCATE and DISCARD with the statement name as PostgreSQL folds it', function () {
+    assert.deepEqual(classify('DEALLOCATE _pg3_1'), { kind: 'deallocate', name: '_pg3_1' });
+    assert.deepEqual(classify('deallocate prepare Foo'), { kind: 'deallocate', name: 'foo' });
+    assert.deepEqual(classify('DEALLOCATE "Foo"'), { kind: 'deallocate', name: 'Foo' });
+    assert.deepEqual(classify('DEALLOCATE ALL'), { kind: 'deallocate-all' });
+    assert.deepEqual(classify('DEALLOCATE PREPARE ALL'), { kind: 'deallocate-all' });
+    assert.deepEqual(classify('DISCARD ALL'), { kind: 'discard-all' });
+    assert.equal(classify('DISCARD PLANS'), undefined);
+  });
+
+  it('never reads past the end it is given', function () {
+    fc.assert(fc.property(fc.string(), fc.string(), (sql, after) => {
+      const buffer = Buffer.from(`${sql}${after}`);
+      const end = Buffer.byteLength(sql);
+      const inside = classifySessionCommand(buffer, 0, end);
+      const alone = classifySessionCommand(Buffer.from(sql), 0, end);
+      assert.deepEqual(inside?.kind, alone?.kind);
+    }));
+  });
+});
+
+describe('client settings from the startup packet', function () {
+  it('keeps every run-time parameter and the -c switches of options, lower-cased, and refuses replication', function () {
+    const settings = clientSettingsFromStartup({ user: 'app', database: 'app', application_name: 'web', TimeZone: 'Asia/Tokyo', options: '-c statement_timeout=5s --search-path=a,b -cwork_mem=4MB' });
+    assert.deepEqual([...settings.values], [['application_name', 'web'], ['timezone', 'Asia/Tokyo'], ['statement_timeout', '5s'], ['search_path', 'a,b'], ['work_mem', '4MB']]);
+    assert.equal(clientSettingsFromStartup({ user: 'app' }).key, '');
+    assert.throws(() => clientSettingsFromStartup({ user: 'app', replication: 'database' }), /replication/);
+    assert.throws(() => clientSettingsFromStartup({ user: 'app', options: '-d 5' }), /-d/);
+  });
+
+  it('splits options as PostgreSQL does, with backslash escapes', function () {
+    assert.deepEqual(parseOptions('-c search_path=my\\ schema  -c a=b'), [['search_path', 'my schema'], ['a', 'b']]);
+  });
+
+  it('builds the SQL that takes a connection from one client\'s settings to another\'s', function () {
+    const a = new Map([['statement_timeout', '5s'], ['application_name', "o'brien"]]);
+    const b = new Map([['statement_timeout', '5s'], ['timezone', 'UTC']]);
+    assert.equal(settingsSql(a, a), undefined);
+    assert.equal(settingsSql(b, a), "SELECT pg_catalog.set_config(E'timezone', E'UTC', false); RESET \"application_name\"");
+    assert.equal(settingsSql(a, new Map()), "SELECT pg_catalog.set_config(E'statement_timeout', E'5s', false), pg_catalog.set_config(E'application_name', E'o''brien', false)");
+    assert.equal(settingsSql(new Map([['x', 'a\\b']]), new Map([['x', 'a\\b']]), true), "SELECT pg_catalog.set_config(E'x', E'a\\\\b', false)");
+  });
+});

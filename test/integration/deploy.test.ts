@@ -16,13 +16,14 @@ describe('deploy manifests', function () {
 
   before(async function () {
     kube = await env.kube();
-    // Server dry-run of namespaced objects needs their namespace to exist.
-    kube.kubectl(['apply', '-f', 'deploy/base/namespace.yaml']);
   });
 
-  it('passes server-side dry-run: kubectl apply -f crds/ and kubectl apply -k deploy/', function () {
+  it('passes server-side dry-run: kubectl apply -f crds/, then kubectl apply -k deploy/ --dry-run=server', function () {
     const crds = kube.kubectl(['apply', '--dry-run=server', '-f', 'crds/']);
     assert.match(crds, /databaseconnections\.poolkeeper\.dev/);
+    // crds/ brings the namespace, which the server dry-run of namespaced objects needs.
+    assert.match(crds, /namespace\/poolkeeper-system/);
+    kube.kubectl(['apply', '-f', 'crds/']);
     const out = kube.kubectl(['apply', '--dry-run=server', '-k', 'deploy/']);
     for (const object of ['deployment.apps/poolkeeper', 'service/poolkeeper-webhook', 'mutatingwebhookconfiguration.admissionregistration.k8s.io/poolkeeper-webhook',
       'poddisruptionbudget.policy/poolkeeper', 'clusterrole.rbac.authorization.k8s.io/poolkeeper-sidecar', 'serviceaccount/poolkeeper-controller']) {

@@ -19,8 +19,10 @@ const systemResolver: Resolver = async (host) => (await lookup(host, { all: true
 /** Settings of the directory. */
 export interface ServerDirectoryOptions {
   resolver?: Resolver;
-  /** How long a resolution is reused. */
+  /** How long a resolution is used before it is looked up again (in the background). */
   ttlMs?: number;
+  /** How long a first lookup is waited for. */
+  lookupTimeoutMs?: number;
 }
 
 function id(c: DatabaseConnection): string {
@@ -37,11 +39,14 @@ export class ServerDirectory {
   private readonly resolver: Resolver;
   private readonly ttlMs: number;
   private readonly resolved = new Map<string, { at: number; addresses: string[] }>();
+  private readonly pending = new Map<string, Promise<string[]>>();
+  private readonly lookupTimeoutMs: number;
   private keys = new Map<string, string>();
 
   constructor(options: ServerDirectoryOptions = {}) {
     this.resolver = options.resolver ?? systemResolver;
     this.ttlMs = options.ttlMs ?? 60_000;
+    this.lookupTimeoutMs = options.lookupTimeoutMs ?? 1_500;
   }
 
   /** The server key of `connection` as of the last refresh (its own address until then). */
@@ -59,16 +64,32 @@ export class ServerDirectory {
     const h = host.toLowerCase().replace(/\.$/, '').replace(/^\[(.*)\]$/, '$1');
     if (isIP(h)) return [h];
     const cached = this.resolved.get(h);
-    if (cached && now - cached.at < this.ttlMs) return cached.addresses;
-    let addresses: string[];
-    try {
-      addresses = await this.resolver(h);
-    } catch {
-      // Unresolvable now: the name alone identifies it; keep a previous answer if any.
-      addresses = cached?.addresses ?? [];
+    if (cached) {
+      // A stale answer is used while a fresh one is looked up: a slow resolver never holds up a reconcile.
+      if (now - cached.at >= this.ttlMs && !this.pending.has(h)) void this.lookup(h, now);
+      return cached.addresses;
     }
-    this.resolved.set(h, { at: now, addresses });
-    return addresses;
+    return this.lookup(h, now);
+  }
+
+  /** Resolves `h` (at most `lookupTimeoutMs` waited for; the answer is kept when it comes). */
+  private lookup(h: string, now: number): Promise<string[]> {
+    let running = this.pending.get(h);
+    if (!running) {
+      running = this.resolver(h).catch(() => this.resolved.get(h)?.addresses ?? []).then((addresses) => {
+        this.resolved.set(h, { at: now, addresses });
+        this.pending.delete(h);
+        return addresses;
+      });
+      this.pending.set(h, running);
+    }
+    let timer: NodeJS.Timeout | undefined;
+    // Unresolved in time: the name alone identifies the server until the answer arrives.
+    const timeout = new Promise<string[]>((resolve) => {
+      timer = setTimeout(() => resolve(this.resolved.get(h)?.addresses ?? []), this.lookupTimeoutMs);
+      timer.unref();
+    });
+    return Promise.race([running, timeout]).finally(() => clearTimeout(timer));
   }
 
   /**

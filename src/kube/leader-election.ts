@@ -39,6 +39,8 @@ export class LeaderElector {
   private lastRenew = 0;
   /** The acquire-or-renew round in flight, so `stop` never races it. */
   private round: Promise<void> | undefined;
+  /** The Lease changed during a round: look again right after it. */
+  private again = false;
   private watcher: Informer<Lease & KubeObject> | undefined;
   private readonly leadingListeners: Array<(leading: boolean) => void> = [];
 
@@ -124,14 +126,20 @@ export class LeaderElector {
     if (this.leading && Date.now() - this.lastRenew > this.options.renewDeadlineMs) this.setLeading(false);
   }
 
-  /** Runs a round now unless one is in flight, then schedules the next. */
+  /** Runs a round now (or right after the one in flight), then schedules the next. */
   private runRound(): void {
-    if (this.stopped || this.round) return;
+    if (this.stopped) return;
+    if (this.round) {
+      this.again = true;
+      return;
+    }
     clearTimeout(this.timer);
     this.round = this.tick().finally(() => {
       this.round = undefined;
       if (this.stopped) return;
-      this.timer = setTimeout(() => this.runRound(), this.options.retryPeriodMs);
+      const again = this.again;
+      this.again = false;
+      this.timer = setTimeout(() => this.runRound(), again ? 0 : this.options.retryPeriodMs);
       this.timer.unref();
     });
   }

@@ -171,6 +171,31 @@ describe('prepared statements (pure)', function () {
     assert.equal(cache.size, 0);
   });
 
+  it('takes a re-Parse of a name whose Parse in an earlier unanswered batch failed as the retry it is', function () {
+    const cache = new ServerStatementCache();
+    const editor = new ResponseEditor(cache);
+    const client: ClientStatements = new Map();
+    editor.activate(0);
+    const out: Buffer[] = [];
+    const send = (m: Buffer): void => routeMessage(client, editor, m[0]!, m, 0, 5, m.length, out);
+    send(serialize.parse({ name: 'a', text: 'SELECT 1::no_such_type' }));
+    send(serialize.sync());
+    send(serialize.parse({ name: 'a', text: 'SELECT 1' }));
+    send(serialize.sync());
+    const retry = client.get('a')!;
+    assert.equal(out[out.length - 2], retry.parse, 'the retry sends its own text');
+    // The server: an error for the first batch, ParseComplete for the second.
+    editor.ready();
+    assert.equal(client.get('a'), retry, 'the failed first Parse does not undo the retry');
+    assert.equal(editor.reply(0x31), 'forward');
+    editor.ready();
+    assert.equal(client.get('a')!.confirmed, true);
+    // In one batch, the second Parse is the duplicate the server refuses (42P05).
+    send(serialize.parse({ name: 'b', text: 'SELECT 2' }));
+    send(serialize.parse({ name: 'b', text: 'SELECT 3' }));
+    assert.equal(out[out.length - 1], client.get('b')!.parse, 'the first text, sent again to draw 42P05');
+  });
+
   it('model check: clients see what a backend of their own would answer, on any backend, with a tiny LRU', function () {
     fc.assert(fc.property(fc.array(batchArb, { minLength: 1, maxLength: 25 }), (batches) => {
       const direct = [new ModelBackend(), new ModelBackend(), new ModelBackend()];

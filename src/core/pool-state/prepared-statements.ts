@@ -56,6 +56,10 @@ export interface ClientStatement {
   readonly serverName: string;
   /** Parse message under `serverName`, ready to inject. */
   readonly parse: Buffer;
+  /** The server answered the client's Parse with ParseComplete (until then it may still fail). */
+  confirmed: boolean;
+  /** Batch (Sync/Query count of its connection's editor) the client's Parse was sent in. */
+  batch: number;
 }
 
 /** A session's named statements, by the client's name. */
@@ -69,7 +73,7 @@ export function serverStatementName(definition: Buffer): string {
 /** Makes the session's record of a Parse's definition (copies what it keeps). */
 export function clientStatement(definition: Buffer): ClientStatement {
   const serverName = serverStatementName(definition);
-  return { serverName, parse: buildParse(serverName, definition) };
+  return { serverName, parse: buildParse(serverName, definition), confirmed: false, batch: -1 };
 }
 
 /** The server-side statement names one server connection has prepared, least recently used first. */
@@ -148,6 +152,8 @@ interface ExpectedReply {
   batch: number;
   /** Reverts what sending the message assumed, if the server skipped it (after an error). */
   undo: (() => void) | undefined;
+  /** Runs when the reply arrives. */
+  done?: (() => void) | undefined;
 }
 
 /**
@@ -198,14 +204,19 @@ export class ResponseEditor {
     this.head = 0;
   }
 
+  /** Index of the batch being sent (Sync, Query and FunctionCall each close one). */
+  get batch(): number {
+    return this.sentBatches;
+  }
+
   /** A Sync, Query or FunctionCall was sent: it closes a batch. */
   batchSent(): void {
     this.sentBatches += 1;
   }
 
-  /** A Parse was sent; `undo` reverts what it assumed if the server skips it. */
-  expectParse(edit: 'forward' | 'swallow', undo?: () => void): void {
-    this.expected.push({ type: PARSE_COMPLETE_TYPE, edit, batch: this.sentBatches, undo });
+  /** A Parse was sent; `undo` reverts what it assumed if the server skips it; `done` runs when it succeeds. */
+  expectParse(edit: 'forward' | 'swallow', undo?: () => void, done?: () => void): void {
+    this.expected.push({ type: PARSE_COMPLETE_TYPE, edit, batch: this.sentBatches, undo, done });
   }
 
   /** A Close was sent; `undo` reverts what it assumed if the server skips it. */
@@ -221,6 +232,7 @@ export class ResponseEditor {
     if (next.type !== type) throw new ProtocolError('malformed-body', `server sent ${String.fromCharCode(type)} where ${String.fromCharCode(next.type)} was expected`);
     this.head += 1;
     this.compact();
+    next.done?.();
     return next.edit;
   }
 
@@ -282,17 +294,30 @@ export function routeMessage(
         return;
       }
       const existing = client.get(parsed.name);
-      if (existing !== undefined) {
-        // The server must refuse the duplicate (42P05) and skip to Sync: make it.
+      const statement = clientStatement(Buffer.from(parsed.definition));
+      // A Parse of a name whose Parse in an earlier, still unanswered batch
+      // had other text is a retry after that one failed (a pipelined fix):
+      // the new text is what the client means. Otherwise the server must
+      // refuse the duplicate (42P05) and skip to Sync: make it.
+      if (existing !== undefined && (existing.confirmed || existing.serverName === statement.serverName || existing.batch === editor.batch)) {
         ensurePrepared(existing, editor, out);
         out.push(existing.parse);
         editor.expectParse('forward');
         return;
       }
-      const statement = clientStatement(Buffer.from(parsed.definition));
       const name = parsed.name;
+      statement.batch = editor.batch;
       client.set(name, statement);
-      const forgetClient = (): void => void client.delete(name);
+      // Only this Parse's own entry: a later retry under the same name may have replaced it.
+      const forgetClient = (): void => {
+        if (client.get(name) === statement) {
+          if (existing !== undefined) client.set(name, existing);
+          else client.delete(name);
+        }
+      };
+      const confirm = (): void => {
+        statement.confirmed = true;
+      };
       if (server.has(statement.serverName)) {
         // Parse it again, as the server would for this client direct: a plan
         // cached before a schema change must not outlive the client's Parse.
@@ -303,7 +328,7 @@ export function routeMessage(
         editor.expectParse('forward', () => {
           server.delete(statement.serverName);
           forgetClient();
-        });
+        }, confirm);
         return;
       }
       addToServer(statement.serverName, editor, out);
@@ -311,7 +336,7 @@ export function routeMessage(
       editor.expectParse('forward', () => {
         server.delete(statement.serverName);
         forgetClient();
-      });
+      }, confirm);
       return;
     }
     case BIND: {

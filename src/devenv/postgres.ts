@@ -59,10 +59,11 @@ export class PostgresServer {
   readonly options: PostgresOptions;
   /** PEM of the test CA that signed the server certificate; undefined without SSL. */
   readonly caPem: string | undefined;
-  private readonly process: ManagedProcess;
+  private process: ManagedProcess;
+  private readonly launch: () => ManagedProcess;
   private readonly tls: ServerTlsFiles | undefined;
 
-  private constructor(fields: { port: number; dataDir: string; superuser: PostgresRole; app: PostgresRole; appMd5: PostgresRole; options: PostgresOptions; process: ManagedProcess; tls: ServerTlsFiles | undefined }) {
+  private constructor(fields: { port: number; dataDir: string; superuser: PostgresRole; app: PostgresRole; appMd5: PostgresRole; options: PostgresOptions; process: ManagedProcess; launch: () => ManagedProcess; tls: ServerTlsFiles | undefined }) {
     this.tls = fields.tls;
     this.caPem = fields.tls?.ca.certPem;
     this.port = fields.port;
@@ -72,6 +73,7 @@ export class PostgresServer {
     this.appMd5 = fields.appMd5;
     this.options = fields.options;
     this.process = fields.process;
+    this.launch = fields.launch;
   }
 
   /** initdb, start, and create the roles and database. */
@@ -123,7 +125,8 @@ export class PostgresServer {
       ...(tls ? ['ssl = on', `ssl_cert_file = '${tls.certFile}'`, `ssl_key_file = '${tls.keyFile}'`] : []),
       '',
     ].join('\n'));
-    const child = ManagedProcess.start({ name: 'postgres', command: join(bin, 'postgres'), args: ['-D', dataDir], logFile: join(base, 'postgres.log'), cwd: base, ...owned }, registry);
+    const launch = (): ManagedProcess => ManagedProcess.start({ name: 'postgres', command: join(bin, 'postgres'), args: ['-D', dataDir], logFile: join(base, 'postgres.log'), cwd: base, ...owned }, registry);
+    const child = launch();
     const superConfig = { host: '127.0.0.1', port, user: superuser.user, password: superuser.password, database: 'postgres' };
     await waitUntil('postgres', async () => {
       const client = new pg.Client(superConfig);
@@ -144,7 +147,7 @@ export class PostgresServer {
     } finally {
       await client.end();
     }
-    return new PostgresServer({ port, dataDir, superuser, app, appMd5, options, process: child, tls });
+    return new PostgresServer({ port, dataDir, superuser, app, appMd5, options, process: child, launch, tls });
   }
 
   /** node-postgres settings for `role` (the superuser by default). */
@@ -215,6 +218,26 @@ export class PostgresServer {
         secure.once('error', reject);
       });
     });
+  }
+
+  /**
+   * Stops the server, with a fast shutdown (`fast`: clients get 57P01) or by
+   * SIGKILL of the postmaster and every backend at once (`kill`: a crashed
+   * host), and starts it again on the same port and data directory; resolves
+   * once it accepts connections. `downMs` keeps it down that long first.
+   */
+  async restart(how: 'fast' | 'kill', downMs = 0): Promise<void> {
+    if (how === 'fast') {
+      this.process.signal('SIGINT');
+      await this.process.stop(10_000);
+    } else {
+      // Backends are children in the postmaster's process group: one signal takes them all.
+      this.process.signal('SIGKILL');
+      await this.process.waitForExit();
+    }
+    if (downMs > 0) await new Promise((r) => setTimeout(r, downMs));
+    this.process = this.launch();
+    await waitUntil('postgres restart', () => this.healthy(), { timeoutMs: 30_000, process: this.process });
   }
 
   /** The postgres log file. */

@@ -4,7 +4,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdirSync, readFileSync, writeFileSync, existsSync } from 'node:fs';
+import { mkdirSync, readFileSync, readdirSync, writeFileSync, existsSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { userInfo } from 'node:os';
 import { join } from 'node:path';
@@ -94,6 +94,24 @@ export class SshServer {
     return this.process.stop(1000);
   }
 
+  /**
+   * Sends `signal` to sshd and to every process under it: the per-connection
+   * sshd children call setsid(), so a process-group signal would miss the
+   * ones that carry open tunnels. SIGSTOP freezes the bastion with its TCP
+   * connections open; SIGCONT thaws it.
+   */
+  signalAll(signal: NodeJS.Signals): void {
+    const root = this.process.pid;
+    if (root === undefined || !this.process.running) return;
+    for (const pid of [root, ...descendantsOf(root)]) {
+      try {
+        process.kill(pid, signal);
+      } catch {
+        // exited meanwhile
+      }
+    }
+  }
+
   /** Starts sshd again on the same port and keys (after kill()). */
   async restart(): Promise<void> {
     this.process = this.launch();
@@ -115,6 +133,33 @@ export class SshServer {
 export function fingerprintOf(publicKeyLine: string): string {
   const blob = Buffer.from(publicKeyLine.trim().split(/\s+/)[1] ?? '', 'base64');
   return `SHA256:${createHash('sha256').update(blob).digest('base64').replace(/=+$/, '')}`;
+}
+
+/** Pids of every live descendant of `root`, from /proc (Linux). */
+function descendantsOf(root: number): number[] {
+  const children = new Map<number, number[]>();
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      // The command may contain spaces and parentheses: the ppid follows the last ')'.
+      const stat = readFileSync(`/proc/${entry}/stat`, 'utf8');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      const list = children.get(ppid) ?? [];
+      list.push(Number(entry));
+      children.set(ppid, list);
+    } catch {
+      // exited while listing
+    }
+  }
+  const found: number[] = [];
+  const queue = [root];
+  while (queue.length > 0) {
+    for (const child of children.get(queue.shift()!) ?? []) {
+      found.push(child);
+      queue.push(child);
+    }
+  }
+  return found;
 }
 
 function bannerReceived(port: number): Promise<boolean> {

@@ -1,0 +1,44 @@
+/**
+ * Fault scenarios at full length against the local environment: each fault
+ * under client load, pg_stat_activity sampled every 50 ms, one table row per
+ * fault (scenarios in test/support/chaos.ts, shared with the quick subset in
+ * test/integration/chaos.test.ts).
+ *
+ *   npm run chaos [-- --json FILE] [-- --only REGEX] [-- --quick]
+ */
+import { writeFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
+import { LocalEnvironment } from '../src/devenv/environment.ts';
+import { ChaosLab, SCENARIOS, formatTable, runScenario, type ChaosResult } from '../test/support/chaos.ts';
+
+const { values } = parseArgs({
+  options: {
+    json: { type: 'string' },
+    only: { type: 'string' },
+    quick: { type: 'boolean', default: false },
+  },
+});
+const only = values.only === undefined ? undefined : new RegExp(values.only, 'i');
+const scenarios = SCENARIOS.filter((s) => only === undefined || only.test(s.name));
+const env = new LocalEnvironment({ keepRunDir: process.env.POOLKEEPER_KEEP_ENV === '1' });
+const results: ChaosResult[] = [];
+let lab: ChaosLab | undefined;
+try {
+  lab = await ChaosLab.start(env);
+  for (const scenario of scenarios) {
+    const started = Date.now();
+    console.log(`${scenario.name} ...`);
+    const result = await runScenario(lab, scenario, { quick: values.quick, log: (line) => console.log(line) });
+    results.push(result);
+    console.log(`  ${((Date.now() - started) / 1000).toFixed(0)} s; ${result.missed.length === 0 ? 'goals met' : `MISSED: ${result.missed.join(', ')}`}${result.notes.length > 0 ? `; ${result.notes.join('; ')}` : ''}`);
+    if (values.json) writeFileSync(values.json, `${JSON.stringify({ machine: { cpus: (await import('node:os')).cpus().length }, results }, null, 2)}\n`);
+  }
+} finally {
+  lab?.close();
+  await env.stop();
+}
+console.log('');
+console.log(formatTable(results));
+for (const r of results) {
+  if (r.notes.length > 0 || r.missed.length > 0) console.log(`- ${r.fault}: ${[...r.missed.map((m) => `MISSED ${m}`), ...r.notes].join('; ')}`);
+}

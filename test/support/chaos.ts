@@ -1,0 +1,809 @@
+/**
+ * Fault scenarios for the sidecar, shared by `npm run chaos` (bench/chaos.ts,
+ * every scenario at full length) and test/integration/chaos.test.ts (a quick
+ * subset with shorter faults). One implementation, two runners.
+ *
+ * Each scenario starts a sidecar in a child process (its RSS is its own, and
+ * it can be SIGKILLed) in front of a PostgreSQL of the local environment,
+ * logged in as a role of its own (`chaos`) so that its backends can be
+ * counted by `usename` in pg_stat_activity whatever application_name its
+ * clients set, and whoever opened them (a killed sidecar's orphans count
+ * too). Clients insert unique ids in transactions while the fault runs; at
+ * the end every id a client believes committed must be in the table and
+ * every id whose transaction failed before COMMIT must not be.
+ */
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { connect as netConnect, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import pg from 'pg';
+import { buildStartupMessage } from '../../src/core/protocol/index.ts';
+import type { LocalEnvironment } from '../../src/devenv/environment.ts';
+import type { PostgresRole, PostgresServer } from '../../src/devenv/postgres.ts';
+import { freePort } from '../../src/devenv/process.ts';
+import type { SshServer } from '../../src/devenv/sshd.ts';
+import type { SidecarSettings } from '../../src/sidecar/index.ts';
+import { SidecarProcess } from './sidecar-process.ts';
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** The role every chaos sidecar logs in as; its backends are the ones counted. */
+export const CHAOS_ROLE = 'chaos';
+
+/** One row of the results: what clients saw and what PostgreSQL held. */
+export interface ChaosResult {
+  fault: string;
+  /** Transactions clients saw committed. */
+  committed: number;
+  /** Client errors by SQLSTATE (or `conn:<reason>` when the connection broke without one). */
+  errors: Record<string, number>;
+  /** One message for each error key. */
+  errorMessages: Record<string, string>;
+  /** Committed per the client but missing, plus failed before COMMIT but present. */
+  lost: number;
+  /** COMMITs that failed (connection lost during COMMIT): their outcome is unknown to the client, so not counted as lost; how many of them did commit. */
+  inDoubt: { total: number; committed: number };
+  /** Client requests with no answer within poolTimeout + margin (the client then gave up on its connection). */
+  unanswered: number;
+  /** Slowest client request, ms. */
+  maxLatencyMs: number;
+  /** p99 transaction latency before the fault and while it lasted, ms. */
+  p99QuietMs: number;
+  p99FaultMs: number;
+  /** Most backends of the sidecar's role PostgreSQL held at once. */
+  maxBackends: number;
+  /** The grant (the limit those backends must stay under). */
+  limit: number;
+  /** Time samples showed more backends than the limit in force (0 after a drain is reported), ms. */
+  overLimitMs: number;
+  /** From the fault healed to the first commit after the last client error; null: never within the run. */
+  recoveryMs: number | null;
+  rssBaseMb: number;
+  rssMaxMb: number;
+  /** Sampling gaps (PostgreSQL down) are not counted: samples taken. */
+  samples: number;
+  notes: string[];
+  /** Which goals this row misses: empty when all are met. */
+  missed: string[];
+}
+
+/** What a scenario gets to inject its fault. */
+export interface FaultContext {
+  lab: ChaosLab;
+  /** Current sidecar (a scenario may replace it: `restartSidecar`). */
+  sidecar(): SidecarProcess;
+  restartSidecar(): Promise<SidecarProcess>;
+  /** Full-length fault (npm run chaos) or the quick variant (npm test). */
+  quick: boolean;
+  /** The fault is over from now (recovery is measured from here); default: when `inject` returns. */
+  healed(): void;
+  /** The limit in force from now on (0 once a drain is reported: the controller frees the reservation). */
+  setLimit(n: number): void;
+  note(text: string): void;
+  load: Load;
+  /** Port the load connects to. */
+  port: number;
+}
+
+/** One fault. */
+export interface Scenario {
+  name: string;
+  /** In the quick subset of `npm test`. */
+  quick?: boolean;
+  /** Through the SSH tunnel. */
+  tunnel?: boolean;
+  grant?: number;
+  clients?: number;
+  pool?: Partial<SidecarSettings['pool']>;
+  settings?: Partial<Omit<SidecarSettings, 'pool'>>;
+  /** The load is expected to see errors (e.g. 57P01 with poolPrePing off); otherwise any client error is a miss. */
+  expectedErrors?: boolean;
+  /** The sidecar does not serve again after this fault (a drain): recovery is not measured. */
+  noRecovery?: boolean;
+  inject(ctx: FaultContext): Promise<void>;
+}
+
+const POOL_TIMEOUT_S = 3;
+const BACKENDS_SQL = "SELECT count(*)::int AS n FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend'";
+/** Beyond poolTimeout, how long a request may take before it counts as unanswered. */
+export const ANSWER_MARGIN_MS = 2000;
+
+/** The environment side: PostgreSQL with the chaos role and table, sshd on demand. */
+export class ChaosLab {
+  readonly env: LocalEnvironment;
+  readonly postgres: PostgresServer;
+  readonly role: PostgresRole;
+  readonly credentialsDir: string;
+  private sshdStarted: SshServer | undefined;
+
+  private constructor(env: LocalEnvironment, postgres: PostgresServer, role: PostgresRole, credentialsDir: string) {
+    this.env = env;
+    this.postgres = postgres;
+    this.role = role;
+    this.credentialsDir = credentialsDir;
+  }
+
+  /** Creates the role (synchronous_commit on: with the environment's `off`, a crash may drop acknowledged commits, which would be PostgreSQL's doing, not a pooler's) and the table. */
+  static async start(env: LocalEnvironment): Promise<ChaosLab> {
+    const postgres = await env.postgres();
+    const role: PostgresRole = { user: CHAOS_ROLE, password: randomBytes(18).toString('base64url') };
+    const exists = await postgres.query('SELECT 1 FROM pg_roles WHERE rolname = $1', [role.user]);
+    await postgres.query(`${exists.length > 0 ? 'ALTER' : 'CREATE'} ROLE ${role.user} LOGIN PASSWORD '${role.password}'`);
+    await postgres.query(`ALTER ROLE ${role.user} SET synchronous_commit = on`);
+    const app = new pg.Client(postgres.clientConfig());
+    await app.connect();
+    try {
+      await app.query(`GRANT ALL ON DATABASE app TO ${role.user}`);
+      await app.query('CREATE TABLE IF NOT EXISTS chaos_tx (id text PRIMARY KEY, fault text NOT NULL, at timestamptz DEFAULT now())');
+      await app.query(`GRANT SELECT, INSERT ON chaos_tx TO ${role.user}`);
+    } finally {
+      await app.end();
+    }
+    const credentialsDir = mkdtempSync(join(tmpdir(), 'poolkeeper-chaos-creds-'));
+    writeFileSync(join(credentialsDir, 'username'), role.user);
+    writeFileSync(join(credentialsDir, 'password'), role.password);
+    return new ChaosLab(env, postgres, role, credentialsDir);
+  }
+
+  /** sshd, started on first use. */
+  async sshd(): Promise<SshServer> {
+    this.sshdStarted ??= await this.env.sshd();
+    return this.sshdStarted;
+  }
+
+  /** Number of backends of the chaos role now, asked on `observer` (a superuser connection: it has reserved slots). */
+  async backends(observer: pg.Client): Promise<number> {
+    const rows = await observer.query<{ n: number }>(BACKENDS_SQL, [CHAOS_ROLE]);
+    return rows.rows[0]?.n ?? 0;
+  }
+
+  /** Removes the credentials directory. */
+  close(): void {
+    rmSync(this.credentialsDir, { recursive: true, force: true });
+  }
+}
+
+function errorKey(err: unknown): string {
+  const e = err as { code?: unknown; message?: unknown };
+  if (typeof e.code === 'string' && /^[0-9A-Z]{5}$/.test(e.code)) return e.code;
+  if (typeof e.code === 'string') return `conn:${e.code}`;
+  const message = typeof e.message === 'string' ? e.message : String(err);
+  if (/terminated|ended|closed/i.test(message)) return 'conn:closed';
+  if (/timeout/i.test(message)) return 'conn:timeout';
+  return 'conn:other';
+}
+
+/** A pg.Client that never throws 'error' events at the process. */
+function newClient(port: number, extra: Partial<pg.ClientConfig> = {}): pg.Client {
+  const c = new pg.Client({ host: '127.0.0.1', port, user: CHAOS_ROLE, database: 'app', ...extra });
+  c.on('error', () => undefined);
+  return c;
+}
+
+function destroyClient(c: pg.Client): void {
+  (c as unknown as { connection?: { stream?: Socket } }).connection?.stream?.destroy();
+  c.end().catch(() => undefined);
+}
+
+class Unanswered extends Error {}
+
+/** Client load: workers inserting unique ids in BEGIN / INSERT / COMMIT transactions. */
+export class Load {
+  readonly committed = new Set<string>();
+  readonly failed = new Set<string>();
+  readonly inDoubt = new Set<string>();
+  readonly errors: Record<string, number> = {};
+  /** The first message seen for each error key, to tell what `conn:*` ones were. */
+  readonly errorMessages: Record<string, string> = {};
+  readonly errorTimes: number[] = [];
+  readonly commitTimes: number[] = [];
+  /** [start, duration] of each committed transaction. */
+  readonly latencies: [number, number][] = [];
+  unanswered = 0;
+  maxLatencyMs = 0;
+  private running = true;
+  private paused = false;
+  private readonly workers: Promise<void>[] = [];
+  private readonly fault: string;
+  private readonly answerLimitMs: number;
+  private readonly port: () => number;
+
+  constructor(args: { fault: string; clients: number; port: () => number; answerLimitMs: number }) {
+    this.fault = args.fault;
+    this.answerLimitMs = args.answerLimitMs;
+    this.port = args.port;
+    for (let i = 0; i < args.clients; i += 1) this.workers.push(this.worker(i));
+  }
+
+  /** Counts a client error (also from scenario clients). */
+  error(err: unknown): void {
+    const key = errorKey(err);
+    this.errors[key] = (this.errors[key] ?? 0) + 1;
+    this.errorMessages[key] ??= err instanceof Error ? err.message : String((err as { code?: unknown }).code);
+    this.errorTimes.push(Date.now());
+  }
+
+  /** Runs `query` with the answer deadline; a late answer counts as unanswered and breaks the client. */
+  async timed<T>(c: pg.Client, run: () => Promise<T>, limitMs = this.answerLimitMs): Promise<T> {
+    const started = Date.now();
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      return await Promise.race([
+        run(),
+        new Promise<never>((_, reject) => {
+          timer = setTimeout(() => {
+            this.unanswered += 1;
+            destroyClient(c);
+            reject(new Unanswered(`no answer within ${limitMs} ms`));
+          }, limitMs);
+        }),
+      ]);
+    } finally {
+      clearTimeout(timer);
+      this.maxLatencyMs = Math.max(this.maxLatencyMs, Date.now() - started);
+    }
+  }
+
+  private async worker(index: number): Promise<void> {
+    let client: pg.Client | undefined;
+    let seq = 0;
+    while (this.running) {
+      if (this.paused) {
+        await sleep(20);
+        continue;
+      }
+      try {
+        if (client === undefined) {
+          const c = newClient(this.port());
+          client = c;
+          await this.timed(c, () => c.connect());
+        }
+        const c = client;
+        seq += 1;
+        const id = `${this.fault}/${index}/${seq}`;
+        const started = Date.now();
+        let phase: 'before' | 'commit' = 'before';
+        try {
+          await this.timed(c, () => c.query('BEGIN'));
+          await this.timed(c, () => c.query('INSERT INTO chaos_tx (id, fault) VALUES ($1, $2)', [id, this.fault]));
+          phase = 'commit';
+          await this.timed(c, () => c.query('COMMIT'));
+          this.committed.add(id);
+          const now = Date.now();
+          this.commitTimes.push(now);
+          this.latencies.push([started, now - started]);
+        } catch (err) {
+          (phase === 'commit' ? this.inDoubt : this.failed).add(id);
+          throw err;
+        }
+      } catch (err) {
+        if (!(err instanceof Unanswered)) this.error(err);
+        else this.error({ code: 'unanswered' });
+        if (client) destroyClient(client);
+        client = undefined;
+        await sleep(50);
+        continue;
+      }
+      await sleep(5);
+    }
+    if (client) await client.end().catch(() => undefined);
+  }
+
+  /** Workers stop starting transactions (their connections stay open and idle). */
+  pause(): void {
+    this.paused = true;
+  }
+
+  /** Workers go on. */
+  resume(): void {
+    this.paused = false;
+  }
+
+  /** Stops every worker after its current transaction (bounded by the answer deadline). */
+  async stop(): Promise<void> {
+    this.running = false;
+    await Promise.all(this.workers);
+  }
+}
+
+/** A raw protocol client: startup as the chaos role, then whatever a scenario sends. */
+export function rawLogin(port: number): Promise<Socket> {
+  return new Promise((resolve, reject) => {
+    const socket = netConnect({ host: '127.0.0.1', port });
+    socket.once('error', reject);
+    let seen = Buffer.alloc(0);
+    const onData = (chunk: Buffer): void => {
+      seen = Buffer.concat([seen, chunk]);
+      // ReadyForQuery 'Z' (length 5, status I) ends the login.
+      if (seen.includes(Buffer.from([0x5a, 0, 0, 0, 5, 0x49]))) {
+        socket.off('data', onData);
+        resolve(socket);
+      }
+    };
+    socket.on('data', onData);
+    socket.write(buildStartupMessage({ user: CHAOS_ROLE, database: 'app' }));
+  });
+}
+
+function queryMessage(sql: string): Buffer {
+  const body = Buffer.from(`${sql}\0`, 'utf8');
+  const head = Buffer.alloc(5);
+  head[0] = 0x51;
+  head.writeInt32BE(body.length + 4, 1);
+  return Buffer.concat([head, body]);
+}
+
+function percentile(values: number[], q: number): number {
+  if (values.length === 0) return 0;
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]!;
+}
+
+/** Runs one scenario under load and measures it. */
+export async function runScenario(lab: ChaosLab, scenario: Scenario, options: { quick: boolean; log?: (line: string) => void }): Promise<ChaosResult> {
+  const log = options.log ?? ((): void => undefined);
+  const grant = scenario.grant ?? 5;
+  const pool: SidecarSettings['pool'] = { mode: 'transaction', poolTimeout: POOL_TIMEOUT_S, poolRecycle: 1800, poolPrePing: true, idleTimeout: 600, ...scenario.pool };
+  const port = await freePort();
+  const settings: SidecarSettings = {
+    listenHost: '127.0.0.1', listenPort: port,
+    database: { host: lab.postgres.host, port: lab.postgres.port, dbname: 'app', sslMode: 'disable' },
+    drainTimeout: 5,
+    ...scenario.settings,
+    pool,
+  };
+  if (scenario.tunnel) {
+    const sshd = await lab.sshd();
+    settings.sshTunnel = { host: sshd.host, port: sshd.port, user: sshd.username, privateKey: sshd.userPrivateKey, hostKey: sshd.hostPublicKey };
+  }
+  const logFile = join(lab.env.runDir, `sidecar-${scenario.name.replace(/[^a-z0-9]+/gi, '-')}.log`);
+  const startSidecar = (): Promise<SidecarProcess> => SidecarProcess.start({ settings, credentialsDir: lab.credentialsDir, grant, logFile });
+  let sidecar = await startSidecar();
+  const notes: string[] = [];
+  let limit = grant;
+  const limitChanges: [number, number][] = [[0, grant]];
+  // Sampler: backends of the role and the sidecar's RSS every 50 ms.
+  const samples: { t: number; n: number }[] = [];
+  let rssBase = sidecar.rssMb() ?? 0;
+  let rssMax = rssBase;
+  let sampling = true;
+  let sampler: pg.Client | undefined;
+  const sample = async (): Promise<void> => {
+    while (sampling) {
+      const tick = Date.now();
+      const rss = sidecar.rssMb();
+      if (rss !== undefined) rssMax = Math.max(rssMax, rss);
+      try {
+        if (sampler === undefined) {
+          const c = new pg.Client({ ...lab.postgres.clientConfig(), database: 'app', connectionTimeoutMillis: 1000 });
+          c.on('error', () => undefined);
+          await c.connect();
+          sampler = c;
+        }
+        samples.push({ t: Date.now(), n: await lab.backends(sampler) });
+      } catch {
+        // PostgreSQL down or restarting: a gap in the samples.
+        if (sampler !== undefined) destroyClient(sampler);
+        sampler = undefined;
+      }
+      await sleep(Math.max(0, 50 - (Date.now() - tick)));
+    }
+  };
+  const samplerDone = sample();
+
+  const load = new Load({ fault: scenario.name, clients: scenario.clients ?? 8, port: () => sidecar.port, answerLimitMs: pool.poolTimeout * 1000 + ANSWER_MARGIN_MS });
+  await sleep(options.quick ? 1000 : 2000);
+  rssBase = sidecar.rssMb() ?? rssBase;
+  const faultAt = Date.now();
+  let healedAt: number | undefined;
+  log(`  ${scenario.name}: fault`);
+  try {
+    await scenario.inject({
+      lab, quick: options.quick, load, port,
+      sidecar: () => sidecar,
+      restartSidecar: async () => {
+        sidecar = await startSidecar();
+        return sidecar;
+      },
+      healed: () => (healedAt = Date.now()),
+      setLimit: (n) => {
+        limit = n;
+        limitChanges.push([Date.now(), n]);
+      },
+      note: (text) => notes.push(text),
+    });
+  } catch (err) {
+    notes.push(`fault injection failed: ${err instanceof Error ? err.message : String(err)}`);
+  }
+  const healed = healedAt ?? Date.now();
+  log(`  ${scenario.name}: healed, settling`);
+  // Let the load run on until it commits again after the last error (bounded).
+  const settleUntil = Date.now() + (options.quick ? 6000 : 15_000);
+  await sleep(options.quick ? 1000 : 2000);
+  while (Date.now() < settleUntil) {
+    const lastError = Math.max(0, ...load.errorTimes.slice(-1));
+    if ((load.commitTimes.at(-1) ?? 0) > lastError + 500) break;
+    await sleep(100);
+  }
+  await load.stop();
+  // Backends must go once clients are done: keep sampling a moment to see them go.
+  await sleep(500);
+  if (sidecar.running) {
+    const rss = sidecar.rssMb();
+    if (rss !== undefined) rssMax = Math.max(rssMax, rss);
+    await sidecar.stop();
+  }
+  let leftover = 0;
+  const goneBy = Date.now() + 10_000;
+  while (Date.now() < goneBy) {
+    try {
+      leftover = (await lab.postgres.query<{ n: number }>(BACKENDS_SQL, [CHAOS_ROLE]))[0]?.n ?? 0;
+    } catch {
+      break;
+    }
+    if (leftover === 0) break;
+    await sleep(100);
+  }
+  sampling = false;
+  await samplerDone;
+  if (sampler !== undefined) await sampler.end().catch(() => undefined);
+  if (leftover > 0) {
+    notes.push(`${leftover} backends still there 10 s after the sidecar stopped (terminated)`);
+    await lab.postgres.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1', [CHAOS_ROLE]).catch(() => undefined);
+  }
+
+  // Lost transactions: what clients believe against what the table holds.
+  const present = new Set((await lab.postgres.query<{ id: string }>('SELECT id FROM chaos_tx WHERE fault = $1', [scenario.name])).map((r) => r.id));
+  let lost = 0;
+  for (const id of load.committed) if (!present.has(id)) lost += 1;
+  for (const id of load.failed) if (present.has(id)) lost += 1;
+  let inDoubtCommitted = 0;
+  for (const id of load.inDoubt) if (present.has(id)) inDoubtCommitted += 1;
+
+  // Backends against the limit in force at each sample.
+  const limitAt = (t: number): number => {
+    let n = grant;
+    for (const [at, value] of limitChanges) if (at <= t) n = value;
+    return n;
+  };
+  let overLimitMs = 0;
+  let maxBackends = 0;
+  for (let i = 0; i < samples.length; i += 1) {
+    const s = samples[i]!;
+    maxBackends = Math.max(maxBackends, s.n);
+    if (s.n > limitAt(s.t)) overLimitMs += Math.min(200, (samples[i + 1]?.t ?? s.t + 50) - s.t);
+  }
+  const lastError = load.errorTimes.filter((t) => t >= faultAt).at(-1);
+  const from = Math.max(healed, lastError ?? 0);
+  const firstCommit = load.commitTimes.find((t) => t >= from);
+  const recoveryMs = lastError === undefined && firstCommit !== undefined ? 0 : firstCommit === undefined ? null : firstCommit - healed;
+  const quiet = load.latencies.filter(([t]) => t < faultAt).map(([, d]) => d);
+  const during = load.latencies.filter(([t]) => t >= faultAt && t <= healed).map(([, d]) => d);
+
+  const result: ChaosResult = {
+    fault: scenario.name,
+    committed: load.committed.size,
+    errors: load.errors,
+    errorMessages: load.errorMessages,
+    lost,
+    inDoubt: { total: load.inDoubt.size, committed: inDoubtCommitted },
+    unanswered: load.unanswered,
+    maxLatencyMs: load.maxLatencyMs,
+    p99QuietMs: percentile(quiet, 0.99),
+    p99FaultMs: percentile(during, 0.99),
+    maxBackends,
+    limit: Math.max(grant, limit),
+    overLimitMs,
+    recoveryMs: scenario.noRecovery ? null : recoveryMs,
+    rssBaseMb: Math.round(rssBase),
+    rssMaxMb: Math.round(rssMax),
+    samples: samples.length,
+    notes,
+    missed: [],
+  };
+  if (overLimitMs > 0) result.missed.push('backends over the limit');
+  if (lost > 0) result.missed.push('lost transactions');
+  if (load.unanswered > 0) result.missed.push('clients unanswered past poolTimeout');
+  if (recoveryMs === null && !scenario.noRecovery) result.missed.push('no recovery');
+  if (!scenario.expectedErrors && Object.keys(load.errors).length > 0) result.missed.push('client errors');
+  if (leftover > 0) result.missed.push('backends left behind');
+  return result;
+}
+
+/** Runs `count` clients that each start `sql` on their own connection; resolves once they have sent it. */
+async function startStatements(ctx: FaultContext, count: number, sql: string): Promise<pg.Client[]> {
+  const clients: pg.Client[] = [];
+  for (let i = 0; i < count; i += 1) {
+    const c = newClient(ctx.port);
+    await c.connect();
+    c.query(sql).catch(() => undefined);
+    clients.push(c);
+  }
+  return clients;
+}
+
+/** Waits until `n` backends of the role run a statement matching `like`. */
+async function waitRunning(ctx: FaultContext, like: string, n: number, timeoutMs = 10_000): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    const rows = await ctx.lab.postgres.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_stat_activity WHERE usename = $1 AND state = 'active' AND query LIKE $2", [CHAOS_ROLE, like]);
+    if ((rows[0]?.n ?? 0) >= n) return true;
+    await sleep(50);
+  }
+  return false;
+}
+
+async function terminate(ctx: FaultContext, states: string[]): Promise<number> {
+  const rows = await ctx.lab.postgres.query<{ n: number }>('SELECT count(pg_terminate_backend(pid))::int AS n FROM pg_stat_activity WHERE usename = $1 AND state = ANY($2)', [CHAOS_ROLE, states]);
+  return rows[0]?.n ?? 0;
+}
+
+function terminateIdle(prePing: boolean): Scenario {
+  return {
+    name: `backends terminated while idle, poolPrePing ${prePing ? 'on' : 'off'}`,
+    quick: prePing,
+    pool: { poolPrePing: prePing },
+    // Without pre-ping, a client handed a connection that died while idle gets its error: SQLAlchemy's pool_pre_ping=False behaves alike.
+    expectedErrors: !prePing,
+    async inject(ctx) {
+      const rounds = ctx.quick ? 2 : 4;
+      let killed = 0;
+      for (let i = 0; i < rounds; i += 1) {
+        ctx.load.pause();
+        // Past prePingAfterIdle (1 s), as a connection dropped by a NAT would be.
+        await sleep(1300);
+        killed += await terminate(ctx, ['idle']);
+        await sleep(100);
+        ctx.load.resume();
+        await sleep(700);
+      }
+      ctx.note(`${killed} idle backends terminated in ${rounds} rounds`);
+    },
+  };
+}
+
+function terminateInTransaction(prePing: boolean): Scenario {
+  return {
+    name: `backends terminated mid-transaction, poolPrePing ${prePing ? 'on' : 'off'}`,
+    quick: !prePing,
+    pool: { poolPrePing: prePing },
+    expectedErrors: true,
+    async inject(ctx) {
+      const rounds = ctx.quick ? 4 : 10;
+      let killed = 0;
+      for (let i = 0; i < rounds; i += 1) {
+        killed += await terminate(ctx, ['idle in transaction', 'active']);
+        await sleep(300);
+      }
+      ctx.note(`${killed} backends terminated in a transaction in ${rounds} rounds`);
+    },
+  };
+}
+
+/** Every scenario, most important first. */
+export const SCENARIOS: Scenario[] = [
+  {
+    name: 'PostgreSQL restart (fast shutdown)',
+    quick: true,
+    expectedErrors: true,
+    async inject(ctx) {
+      await ctx.lab.postgres.restart('fast', ctx.quick ? 500 : 2000);
+    },
+  },
+  {
+    name: 'PostgreSQL SIGKILL (postmaster and backends)',
+    expectedErrors: true,
+    async inject(ctx) {
+      await ctx.lab.postgres.restart('kill', ctx.quick ? 500 : 2000);
+    },
+  },
+  terminateInTransaction(false),
+  terminateInTransaction(true),
+  terminateIdle(true),
+  terminateIdle(false),
+  {
+    name: 'clients vanish during pg_sleep(20)',
+    quick: true,
+    async inject(ctx) {
+      // As many sleepers as the grant, so the load needs the connections they leave.
+      const sleepers = await startStatements(ctx, 5, 'SELECT pg_sleep(20)');
+      if (!(await waitRunning(ctx, 'SELECT pg_sleep(20)%', 5))) ctx.note('not every pg_sleep started');
+      await sleep(1000);
+      for (const c of sleepers) destroyClient(c);
+      ctx.healed();
+      await sleep(ctx.quick ? 3000 : 8000);
+      const left = await ctx.lab.postgres.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_stat_activity WHERE usename = $1 AND query LIKE 'SELECT pg_sleep(20)%' AND state = 'active'", [CHAOS_ROLE]);
+      ctx.note(`${left[0]?.n ?? 0} pg_sleep backends still running ${ctx.quick ? 3 : 8} s after their clients left`);
+    },
+  },
+  {
+    name: 'drain with a transaction longer than drainTimeout (2 s)',
+    quick: true,
+    settings: { drainTimeout: 2 },
+    expectedErrors: true,
+    noRecovery: true,
+    async inject(ctx) {
+      const long = newClient(ctx.port);
+      await long.connect();
+      await long.query('BEGIN');
+      long.query('SELECT pg_sleep(10)').catch(() => undefined);
+      await waitRunning(ctx, 'SELECT pg_sleep(10)%', 1);
+      const started = Date.now();
+      const drainedAt = await ctx.sidecar().drain(20_000);
+      if (drainedAt === undefined) {
+        ctx.note('never reported drained');
+        return;
+      }
+      ctx.setLimit(0);
+      ctx.healed();
+      let goneAt: number | undefined;
+      const deadline = Date.now() + 12_000;
+      while (Date.now() < deadline) {
+        const rows = await ctx.lab.postgres.query<{ n: number }>(BACKENDS_SQL, [CHAOS_ROLE]);
+        if ((rows[0]?.n ?? 0) === 0) {
+          goneAt = Date.now();
+          break;
+        }
+        await sleep(50);
+      }
+      destroyClient(long);
+      ctx.note(`drained reported after ${((drainedAt - started) / 1000).toFixed(1)} s; last backend gone ${goneAt === undefined ? 'not within 12 s' : `${((goneAt - drainedAt) / 1000).toFixed(1)} s after that`}`);
+      // A drained sidecar serves nobody: the load's errors from here on are expected, so stop it.
+      await ctx.load.stop();
+    },
+  },
+  {
+    name: 'max_connections filled by another role',
+    quick: true,
+    expectedErrors: true,
+    async inject(ctx) {
+      const hogs: pg.Client[] = [];
+      const postgres = ctx.lab.postgres;
+      try {
+        for (let i = 0; i < 200; i += 1) {
+          const c = new pg.Client(postgres.clientConfig(postgres.app));
+          c.on('error', () => undefined);
+          try {
+            await c.connect();
+            hogs.push(c);
+          } catch {
+            break;
+          }
+        }
+        // The sidecar must now open new connections and cannot: its clients must get 53300 within poolTimeout.
+        const killed = await terminate(ctx, ['idle', 'active', 'idle in transaction']);
+        ctx.note(`${hogs.length} slots taken by role app; ${killed} sidecar backends terminated while full`);
+        await sleep(ctx.quick ? 4000 : 8000);
+      } finally {
+        await Promise.all(hogs.map((c) => c.end().catch(() => undefined)));
+      }
+    },
+  },
+  {
+    name: 'sidecar SIGKILL (a statement running) and restart',
+    quick: false,
+    expectedErrors: true,
+    async inject(ctx) {
+      await startStatements(ctx, 1, 'SELECT pg_sleep(4)');
+      await waitRunning(ctx, 'SELECT pg_sleep(4)%', 1);
+      const killedAt = Date.now();
+      await ctx.sidecar().kill();
+      // The container restarts at once, with the same grant.
+      await ctx.restartSidecar();
+      ctx.healed();
+      const deadline = Date.now() + 10_000;
+      while (Date.now() < deadline) {
+        const rows = await ctx.lab.postgres.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_stat_activity WHERE usename = $1 AND query LIKE 'SELECT pg_sleep(4)%' AND state = 'active'", [CHAOS_ROLE]);
+        if ((rows[0]?.n ?? 0) === 0) break;
+        await sleep(50);
+      }
+      ctx.note(`the killed sidecar's running backend lived ${((Date.now() - killedAt) / 1000).toFixed(1)} s after the kill (idle ones go with its sockets)`);
+    },
+  },
+  {
+    name: 'sshd killed (through the SSH tunnel)',
+    tunnel: true,
+    expectedErrors: true,
+    async inject(ctx) {
+      const sshd = await ctx.lab.sshd();
+      sshd.signalAll('SIGKILL');
+      await sshd.kill();
+      await sleep(ctx.quick ? 1000 : 3000);
+      await sshd.restart();
+    },
+  },
+  {
+    name: 'sshd frozen (SIGSTOP) 20 s (through the SSH tunnel)',
+    tunnel: true,
+    expectedErrors: true,
+    async inject(ctx) {
+      const sshd = await ctx.lab.sshd();
+      sshd.signalAll('SIGSTOP');
+      try {
+        await sleep(ctx.quick ? 8000 : 20_000);
+      } finally {
+        sshd.signalAll('SIGCONT');
+      }
+    },
+  },
+  {
+    name: 'slowloris: 2,000 half-sent startup packets (loginTimeout 3 s)',
+    quick: true,
+    settings: { loginTimeout: 3 },
+    async inject(ctx) {
+      const count = ctx.quick ? 500 : 2000;
+      const sockets: Socket[] = [];
+      let closed = 0;
+      for (let i = 0; i < count; i += 1) {
+        const s = netConnect({ host: '127.0.0.1', port: ctx.port });
+        s.on('error', () => undefined);
+        s.on('close', () => (closed += 1));
+        // The length of a startup packet, and nothing after it.
+        s.write(Buffer.from([0, 0, 0, 40]));
+        sockets.push(s);
+        if (i % 100 === 99) await sleep(10);
+      }
+      await sleep(5000);
+      ctx.note(`${count - closed} of ${count} half-open logins still open 5 s later`);
+      for (const s of sockets) s.destroy();
+    },
+  },
+  {
+    name: 'a client that never reads a 300 MB result',
+    quick: true,
+    async inject(ctx) {
+      const socket = await rawLogin(ctx.port);
+      socket.pause();
+      socket.write(queryMessage("SELECT repeat('x', 1048576) FROM generate_series(1, 300)"));
+      await sleep(ctx.quick ? 3000 : 8000);
+      socket.destroy();
+    },
+  },
+  {
+    name: 'oversized messages (4 x near maxMessageBytes) and random input',
+    quick: false,
+    async inject(ctx) {
+      const size = 64 * 1024 * 1024 - 1024;
+      const big = async (): Promise<void> => {
+        const socket = await rawLogin(ctx.port);
+        socket.on('error', () => undefined);
+        socket.resume();
+        const head = Buffer.alloc(5);
+        head[0] = 0x51;
+        head.writeInt32BE(size, 1);
+        socket.write(head);
+        const chunk = Buffer.alloc(1024 * 1024, 0x20);
+        for (let sent = 0; sent < size - 4 - chunk.length; sent += chunk.length) {
+          if (!socket.write(chunk)) await new Promise((r) => socket.once('drain', r));
+          if (socket.destroyed) return;
+        }
+        socket.destroy();
+      };
+      const random = async (): Promise<void> => {
+        for (let i = 0; i < (ctx.quick ? 50 : 300); i += 1) {
+          const socket = i % 2 === 0 ? await rawLogin(ctx.port) : netConnect({ host: '127.0.0.1', port: ctx.port });
+          socket.on('error', () => undefined);
+          socket.resume();
+          socket.write(randomBytes(1 + (i * 977) % 4000));
+          await sleep(5);
+          socket.destroy();
+        }
+      };
+      await Promise.all([big(), big(), big(), big(), random()]);
+    },
+  },
+];
+
+/** Formats results as a Markdown table. */
+export function formatTable(results: ChaosResult[]): string {
+  const lines = [
+    '| fault | committed | client errors (SQLSTATE) | lost | in doubt (committed) | unanswered | max backends / limit | over limit | recovery | RSS MB (base -> max) | p99 ms quiet / fault |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+  ];
+  for (const r of results) {
+    const errors = Object.entries(r.errors).sort((a, b) => b[1] - a[1]).map(([k, v]) => `${k} x${v}`).join(', ') || '-';
+    lines.push(`| ${r.fault} | ${r.committed} | ${errors} | ${r.lost} | ${r.inDoubt.total} (${r.inDoubt.committed}) | ${r.unanswered} | ${r.maxBackends} / ${r.limit} | ${r.overLimitMs > 0 ? `${(r.overLimitMs / 1000).toFixed(1)} s` : '-'} | ${r.recoveryMs === null ? 'never' : `${(r.recoveryMs / 1000).toFixed(1)} s`} | ${r.rssBaseMb} -> ${r.rssMaxMb} | ${r.p99QuietMs} / ${r.p99FaultMs} |`);
+  }
+  return lines.join('\n');
+}

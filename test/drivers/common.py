@@ -59,19 +59,24 @@ def displace(open_holder, backend_pid, max_holders, wait=2.0):
     only if the pooler carries it over. A pooler that pins the client to its backend
     leaves no holder a way there: a holder that waits longer than `wait` seconds for a
     server connection ends the search. Returns a release function for the holder left
-    on `backend_pid` (and for one still waiting).
+    on `backend_pid`, if any.
     open_holder() returns (pid, release) for a new client connection in a transaction.
     """
     held = []
     found = None
-    waiting = None
     for _ in range(max_holders):
         box = {}
         thread = threading.Thread(target=lambda b=box: b.update(holder=open_holder()))
         thread.start()
         thread.join(wait)
         if thread.is_alive():
-            waiting = (thread, box)
+            # Every free server connection is held and `backend_pid` is not among them: the
+            # client is pinned there. Let all go (the waiting one gets a connection then).
+            for release in held:
+                release()
+            held = []
+            thread.join()
+            box['holder'][1]()
             break
         pid, release = box['holder']
         if pid == backend_pid:
@@ -80,14 +85,7 @@ def displace(open_holder, backend_pid, max_holders, wait=2.0):
         held.append(release)
     for release in held:
         release()
-
-    def release_rest():
-        if found:
-            found()
-        if waiting:
-            waiting[0].join()
-            waiting[1]['holder'][1]()
-    return release_rest
+    return found or (lambda: None)
 
 
 def deadline(seconds):

@@ -12,7 +12,7 @@ import threading
 
 import psycopg2
 
-from common import config, emit, libpq_kwargs, message
+from common import config, emit, libpq_kwargs, message, step
 
 cfg = config()
 target = cfg['target']
@@ -125,6 +125,19 @@ def leak(variant, count, rounds):
         t.join()
     return outcome
 
+
+# libpq 18 asks for protocol 3.2 with max_protocol_version; older libpq has no such option.
+libpq = psycopg2.extensions.libpq_version()
+if libpq >= 180000:
+    def protocol_32():
+        conn = connect(max_protocol_version='3.2')
+        try:
+            return show(conn, 'server_version')
+        finally:
+            conn.close()
+    results['protocol32'] = dict(step(protocol_32), libpq=libpq)
+else:
+    results['protocol32'] = {'skipped': True, 'libpq': libpq}
 
 results['leakApplicationName'] = leak('application_name', cfg.get('leakClients', 12), 20)
 results['leakOptions'] = leak('options', cfg.get('leakClients', 12), 20)

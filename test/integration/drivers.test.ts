@@ -50,6 +50,8 @@ const PGBOUNCER_CANNOT: Record<string, string> = {
   'pgjdbc batch insert': 'pgjdbc\'s server-side statement names (S_1, ...) collide on server connections shared with other clients (PgBouncer < 1.21)',
   'node-postgres shared statement': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
   'protocol negotiation': 'PgBouncer 1.18 refuses protocol 3.x > 3.0 and _pq_ options with an error instead of negotiating',
+  'libpq max_protocol_version=3.2': 'PgBouncer 1.18 refuses protocol 3.x > 3.0 with an error instead of negotiating',
+  'session state': 'SET, temporary tables, advisory locks, WITH HOLD cursors and LISTEN stay on the server connection that ran them',
 };
 
 const measured = new Map<string, Map<TargetName, Json>>();
@@ -78,7 +80,7 @@ function run(command: string, args: string[], timeoutMs: number): Promise<Json> 
 
 /** One run of a scenario program per target, shared by the tests that read its result. */
 const runs = new Map<string, Promise<Json>>();
-function scenario(target: Target, program: 'cancel' | 'startup' | 'psycopg3' | 'asyncpg' | 'pgjdbc' | 'node-postgres'): Promise<Json> {
+function scenario(target: Target, program: 'cancel' | 'startup' | 'session-state' | 'psycopg3' | 'asyncpg' | 'pgjdbc' | 'node-postgres'): Promise<Json> {
   const key = `${target.name}/${program}`;
   let pending = runs.get(key);
   if (!pending) {
@@ -98,6 +100,7 @@ function scenario(target: Target, program: 'cancel' | 'startup' | 'psycopg3' | '
         break;
       }
       case 'startup': pending = run(PYTHON, ['drv_startup_libpq.py', json], 60_000); break;
+      case 'session-state': pending = run(PYTHON, ['drv_session_state_psycopg2.py', json], 60_000); break;
       case 'psycopg3': pending = run(PYTHON, ['drv_psycopg3.py', JSON.stringify({ ...config, threads: 20, transactions: 25, seconds: 4 })], 60_000); break;
       case 'asyncpg': pending = run(PYTHON, ['drv_asyncpg.py', JSON.stringify({ ...config, poolSize: 10 })], 60_000); break;
       case 'node-postgres': pending = run(process.execPath, ['node-postgres.ts', json], 60_000); break;
@@ -189,12 +192,12 @@ describe('real drivers: direct, PgBouncer, sidecar transaction and session mode'
     describe(`target: ${name}`, function () {
       const target = (): Target => logins.get(name)!;
       /** A test for one feature; PgBouncer's known limits are measured and reported, not asserted. */
-      const feature = (title: string, body: (t: Target) => Promise<Json>, check: (result: Json, t: Target) => void): void => {
+      const feature = (title: string, body: (t: Target) => Promise<Json>, check: (result: Json, t: Target) => void | 'skip'): void => {
         const cannot = name === 'pgbouncer' ? PGBOUNCER_CANNOT[title] : undefined;
         it(cannot ? `${title} (PgBouncer cannot: ${cannot})` : title, async function () {
           const result = await body(target());
           record(title, name, result);
-          if (!cannot) check(result, target());
+          if (!cannot && check(result, target()) === 'skip') this.skip();
         });
       };
 
@@ -223,6 +226,26 @@ describe('real drivers: direct, PgBouncer, sidecar transaction and session mode'
             assert.match(leak.refused, /options|application_name|statement_timeout|search_path/i, `${variant}: refused without naming the parameter`);
           } else {
             assert.equal(leak.mismatches, 0, `${variant}: ${String(leak.mismatches)} of ${String(leak.checks)} checks saw settings that were not the client's own: ${JSON.stringify(leak.samples)}`);
+          }
+        }
+      });
+
+      feature('libpq max_protocol_version=3.2', async (t) => (await scenario(t, 'startup')).protocol32 as Json, (r) => {
+        if (r.skipped === true) return 'skip'; // libpq older than 18 cannot ask for 3.2; the raw-socket test below covers the reply
+        assert.deepEqual(outcome(r as unknown as Step), outcome(direct('libpq max_protocol_version=3.2') as unknown as Step), JSON.stringify(r));
+        return undefined;
+      });
+
+      feature('session state', async (t) => scenario(t, 'session-state'), (r) => {
+        const want = direct('session state');
+        for (const [kind, expected] of Object.entries(want)) {
+          const got = r[kind] as Record<string, Step> | Step;
+          if ('ok' in (expected as Json)) {
+            assert.deepEqual(outcome(got as Step), outcome(expected as Step), `${kind}: ${JSON.stringify(got)}, direct: ${JSON.stringify(expected)}`);
+            continue;
+          }
+          for (const [part, step] of Object.entries(expected as Record<string, Step>)) {
+            assert.deepEqual(outcome((got as Record<string, Step>)[part]), outcome(step), `${kind} (${part}): ${JSON.stringify(got)}, direct: ${JSON.stringify(expected)}`);
           }
         }
       });

@@ -40,7 +40,8 @@ export function resourceSchema(spec: object, status: object, descriptions: { spe
     properties: {
       apiVersion: { type: 'string', description: 'Versioned schema of this object: poolkeeper.dev/v1alpha1.' },
       kind: { type: 'string', description: 'Kind of this object.' },
-      metadata: { type: 'object', description: 'Standard object metadata.' },
+      // The API server allows nothing but the type here (kubectl explain documents metadata itself).
+      metadata: { type: 'object' },
       spec: { ...spec, description: descriptions.spec },
       status: { ...status, description: descriptions.status },
     },

@@ -7,7 +7,9 @@ function undescribed(schema: unknown, path: string, out: string[]): string[] {
   const node = schema as { properties?: Record<string, unknown>; items?: unknown; description?: unknown };
   for (const [name, child] of Object.entries(node.properties ?? {})) {
     const childPath = `${path}.${name}`;
-    if (typeof (child as { description?: unknown }).description !== 'string') out.push(childPath);
+    // Top-level metadata may carry nothing but its type; Kubernetes documents it.
+    const exempt = path.indexOf('.') < 0 && name === 'metadata';
+    if (!exempt && typeof (child as { description?: unknown }).description !== 'string') out.push(childPath);
     undescribed(child, childPath, out);
   }
   if (node.items) undescribed(node.items, `${path}[]`, out);

@@ -58,6 +58,8 @@ interface WaitEntry {
 }
 
 const CONNECT_TIMEOUT_MS = 10_000;
+/** A lost backend that cannot be confirmed gone stops counting after this long. */
+const UNCONFIRMED_MAX_MS = 30_000;
 /** Longest wait for a pre-ping or settings check before the connection is given up. */
 const CHECK_TIMEOUT_MS = 5_000;
 const RETRY_MIN_MS = 100;
@@ -75,6 +77,9 @@ export class Pool {
   private pendingGeneration: number | undefined;
   private readonly servers = new Set<ServerConnection>();
   private readonly idle: ServerConnection[] = [];
+  /** Backends whose connection ended without the server closing it (a lost tunnel, a frozen network): counted until confirmed gone. */
+  private unconfirmed: { processId: number; createdAt: number; lostAt: number }[] = [];
+  private confirming = false;
   /** Released connections waiting for a CancelRequest to be delivered before another client may have them; value: reset with DISCARD ALL. */
   private readonly parked = new Map<ServerConnection, boolean>();
   /** Oldest first; every waiter has the same poolTimeout, so deadlines come in this order too. */
@@ -101,7 +106,7 @@ export class Pool {
         if (to === 'closing') this.closing += 1;
         else if (from === 'closing') this.closing -= 1;
       },
-      closed: (server) => this.onServerClosed(server),
+      closed: (server, serverEnded) => this.onServerClosed(server, serverEnded),
       transactionCompleted: () => {
         this.transactions += 1;
       },
@@ -109,14 +114,14 @@ export class Pool {
     };
   }
 
-  /** Server connections that hold a backend (connecting, open or closing). */
+  /** Server connections that hold a backend (connecting, open or closing), and backends not yet confirmed gone. */
   get held(): number {
-    return this.servers.size + this.connecting;
+    return this.servers.size + this.connecting + this.unconfirmed.length;
   }
 
-  /** Held connections not already on their way out: what a shrink must bring down to the grant. */
+  /** Live connections not already on their way out: what a shrink must bring down to the grant. */
   private get committed(): number {
-    return this.held - this.closing;
+    return this.servers.size + this.connecting - this.closing;
   }
 
   /** Clients queued for a server connection. */
@@ -234,6 +239,57 @@ export class Pool {
     const recycleMs = this.recycleMs();
     this.closeIdleWhere((s) => now - s.idleSince >= idleTimeout * 1000, 'idle timeout');
     this.closeIdleWhere((s) => now - s.createdAt >= recycleMs, 'recycled (poolRecycle)');
+    this.confirmLostBackends(now);
+    // Waiters blocked on something that changed without an event (a tunnel back up) are retried.
+    if (this.waiters.length > 0) this.serveWaiters();
+  }
+
+  /**
+   * Asks PostgreSQL, on an idle connection, which lost backends still exist,
+   * terminating those (they serve nobody) and forgetting the ones gone. A
+   * backend's pid can be reused only after it exited, so a backend that
+   * started after our connection was made is never taken for ours. Past
+   * UNCONFIRMED_MAX_MS a lost backend is forgotten anyway: without a live
+   * connection nothing can be asked, and the server's own timeouts end it.
+   */
+  private confirmLostBackends(now: number): void {
+    if (this.unconfirmed.length === 0 || this.confirming) return;
+    const expired = this.unconfirmed.filter((u) => now - u.lostAt >= UNCONFIRMED_MAX_MS);
+    if (expired.length > 0) {
+      this.deps.logger.warn({ backends: expired.map((u) => u.processId) }, 'lost backends never confirmed gone; no longer counted');
+      this.forgetLost(expired.map((u) => u.processId));
+    }
+    const server = this.idle.pop();
+    if (server === undefined || this.unconfirmed.length === 0) {
+      if (server !== undefined) this.idle.push(server);
+      return;
+    }
+    const values = this.unconfirmed.map((u) => `(${u.processId}, ${Math.max(0, now - u.createdAt)})`).join(', ');
+    const sql = 'SELECT array_agg(a.pid) FROM (VALUES ' + values + ') v(pid, age_ms) JOIN pg_catalog.pg_stat_activity a ON a.pid = v.pid '
+      + "AND a.backend_start <= now() - v.age_ms * interval '1 millisecond' WHERE a.usename = current_user AND pg_catalog.pg_terminate_backend(a.pid)";
+    this.confirming = true;
+    const asked = this.unconfirmed.map((u) => u.processId);
+    server.runInternal(sql, (result) => {
+      this.confirming = false;
+      if (result.ok) {
+        const alive = new Set((result.row?.[0] ?? '{}').replace(/[{}]/g, '').split(',').filter((p) => p !== '').map(Number));
+        this.forgetLost(asked.filter((pid) => !alive.has(pid)));
+      }
+      if (server.state === 'resetting') {
+        if (result.ok) this.makeAvailable(server, this.deps.now());
+        else server.close('checking lost backends failed');
+      }
+    });
+  }
+
+  private forgetLost(processIds: number[]): void {
+    if (processIds.length === 0) return;
+    const gone = new Set(processIds);
+    this.unconfirmed = this.unconfirmed.filter((u) => !gone.has(u.processId));
+    this.deps.logger.info({ backends: processIds }, 'lost backends confirmed gone');
+    this.afterHeldChanged();
+    this.serveWaiters();
+    this.deps.changed();
   }
 
   /** Stops handing out connections: fails waiters, closes idle connections. */
@@ -442,7 +498,8 @@ export class Pool {
     this.deps.metrics.error('pool-timeout');
     const seconds = this.deps.settings.pool.poolTimeout;
     const blocked = this.deps.blockedReason?.();
-    const why = blocked !== undefined ? `; ${blocked}` : this.lastConnectError !== undefined ? `; last connection attempt: ${this.lastConnectError}` : this.grant === 0 ? '; the grant is 0' : `; all ${this.grant} granted server connections are busy`;
+    const lost = this.unconfirmed.length > 0 ? `; ${this.unconfirmed.length} backends lost with their connection still count until confirmed gone` : '';
+    const why = blocked !== undefined ? `; ${blocked}` : this.lastConnectError !== undefined ? `; last connection attempt: ${this.lastConnectError}` : this.grant === 0 ? '; the grant is 0' : `; all ${this.grant} granted server connections are busy${lost}`;
     entry.waiter.onAcquireFailed({ sqlState: '53300', message: `no server connection available within ${seconds} s${why}` });
   }
 
@@ -457,6 +514,9 @@ export class Pool {
     }
     if (this.draining || this.retryTimer !== undefined) return;
     while (this.waiters.length > this.connecting && this.held < this.grant) void this.open();
+    // Lost backends are confirmed gone only through a live connection: with none left, one may be
+    // opened (briefly one over the grant if they do still live, as they cannot once the server is reached again).
+    if (this.waiters.length > 0 && this.unconfirmed.length > 0 && this.servers.size + this.connecting === 0 && this.grant > 0 && this.deps.blockedReason?.() === undefined) void this.open();
   }
 
   private async open(): Promise<void> {
@@ -517,9 +577,14 @@ export class Pool {
     }, delay);
   }
 
-  private onServerClosed(server: ServerConnection): void {
+  private onServerClosed(server: ServerConnection, serverEnded: boolean): void {
     this.servers.delete(server);
     this.parked.delete(server);
+    // A backend behind a lost tunnel may outlive a channel that ended on our side only.
+    if (!serverEnded || this.deps.blockedReason?.() !== undefined) {
+      this.unconfirmed.push({ processId: server.processId, createdAt: server.createdAt, lostAt: this.deps.now() });
+      this.deps.logger.info({ server: server.id, backend: server.processId }, 'server connection lost without the server closing it; its backend counts until confirmed gone');
+    }
     const index = this.idle.indexOf(server);
     if (index >= 0) this.idle.splice(index, 1);
     this.afterHeldChanged();

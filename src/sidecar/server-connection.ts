@@ -34,8 +34,12 @@ export interface InternalResult {
 /** Callbacks into the pool. */
 export interface ServerConnectionEvents {
   stateChanged(server: ServerConnection, from: ServerConnectionState, to: ServerConnectionState): void;
-  /** The socket closed; the backend no longer counts. */
-  closed(server: ServerConnection): void;
+  /**
+   * The socket closed. `serverEnded`: the server closed its side first, so
+   * its backend has exited; otherwise (the transport failed, or we gave up)
+   * the backend may live on and must be counted until confirmed gone.
+   */
+  closed(server: ServerConnection, serverEnded: boolean): void;
   transactionCompleted(): void;
   /** Cancel the statement running on this backend (it is being closed mid-statement). */
   cancel(server: ServerConnection): void;
@@ -85,6 +89,8 @@ export class ServerConnection {
   private readonly reader: FrameReader;
   private readonly events: ServerConnectionEvents;
   private readonly logger: Logger;
+  /** The server sent EOF (a backend closes its socket only as it exits). */
+  private serverEnded = false;
   private internalQuery: { result: InternalResult; done: (result: InternalResult) => void } | undefined;
   /** Reading is paused until the client's socket drains (see onData). */
   private pausedFor: Duplex | undefined;
@@ -111,6 +117,7 @@ export class ServerConnection {
     if (isDirectReadable(this.stream)) this.stream.setDirectReader((buffer, length) => this.onData(buffer, length));
     else this.stream.on('data', (chunk: Buffer) => this.onData(chunk, chunk.length));
     this.stream.on('error', (err: Error) => this.logger.debug({ server: this.id, err: err.message }, 'server connection error'));
+    this.stream.on('end', () => (this.serverEnded = true));
     this.stream.on('close', () => this.onClose());
     this.stream.resume();
   }
@@ -200,7 +207,7 @@ export class ServerConnection {
     const internal = this.internalQuery;
     this.internalQuery = undefined;
     this.setState('closed');
-    this.events.closed(this);
+    this.events.closed(this, this.serverEnded);
     internal?.done({ ok: false, error: { M: 'the server closed the connection' } });
     user?.onServerLost(this, 'the server closed the connection');
   }

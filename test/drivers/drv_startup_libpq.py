@@ -83,6 +83,8 @@ if 'refused' not in application:
         conn.close()
         direct.close()
 results['application_name'] = application
+# No application_name sent: SHOW gives the server's default (empty), not the pooler's own name.
+results['noApplicationName'] = case(['application_name'], {'application_name': ''}, {})
 
 
 def leak(variant, count, rounds):

@@ -11,7 +11,7 @@ import { serialize } from 'pg-protocol';
 interface Login { host: string; port: number; user: string; password: string; dbname: string }
 interface Config { target: Login; suffix: string; mode: 'direct' | 'transaction' | 'session'; poolSize: number }
 
-type Step = { ok: true; value: unknown } | { ok: false; sqlstate: string; message: string };
+type Step = { ok: true; value: unknown } | { ok: false; sqlstate: string; message: string; severity?: string };
 
 const config = JSON.parse(process.argv[2] ?? '{}') as Config;
 
@@ -19,8 +19,8 @@ async function step(fn: () => Promise<unknown>): Promise<Step> {
   try {
     return { ok: true, value: await fn() };
   } catch (error) {
-    const e = error as { code?: string; message?: string };
-    return { ok: false, sqlstate: e.code ?? 'client', message: String(e.message ?? error).split('\n')[0]! };
+    const e = error as { code?: string; message?: string; severity?: string };
+    return { ok: false, sqlstate: e.code ?? 'client', message: String(e.message ?? error).split('\n')[0]!, ...(e.severity ? { severity: e.severity } : {}) };
   }
 }
 
@@ -244,11 +244,26 @@ async function protocolVersions(): Promise<Record<string, unknown>> {
   };
 }
 
+/**
+ * The server ends the client's backend (pg_terminate_backend) with a query
+ * queued behind: PostgreSQL sends FATAL 57P01 and closes the connection, so
+ * node-postgres fails the queued query with its own "Connection terminated".
+ */
+async function serverTerminated(): Promise<Record<string, unknown>> {
+  const c = await client();
+  const first = step(async () => (await c.query('SELECT pg_terminate_backend(pg_backend_pid())')).rowCount);
+  const second = step(async () => (await c.query<{ one: number }>('SELECT 1 AS one')).rows[0]!.one);
+  const out = { terminate: await first, queued: await second };
+  await c.end().catch(() => undefined);
+  return out;
+}
+
 const result = {
   sharedStatementSchemaChange: await sharedStatementSchemaChange(),
   manyParameters: await manyParameters(),
   reparseAfterFailedParse: await reparseAfterFailedParse(),
   terminateFirst: await terminateFirst(),
   protocolVersions: await protocolVersions(),
+  serverTerminated: await serverTerminated(),
 };
 console.log(JSON.stringify(result));

@@ -50,6 +50,7 @@ const PGBOUNCER_CANNOT: Record<string, string> = {
   'pgjdbc batch insert': 'pgjdbc\'s server-side statement names (S_1, ...) collide on server connections shared with other clients (PgBouncer < 1.21)',
   'node-postgres shared statement': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
   'protocol negotiation': 'PgBouncer 1.18 refuses protocol 3.x > 3.0 and _pq_ options with an error instead of negotiating',
+  'server terminates the backend': 'a lost server connection is reported to the next query as an error of its own (08P01) after the FATAL',
   'libpq max_protocol_version=3.2': 'PgBouncer 1.18 refuses protocol 3.x > 3.0 with an error instead of negotiating',
   'session state': 'SET, temporary tables, advisory locks, WITH HOLD cursors and LISTEN stay on the server connection that ran them',
 };
@@ -215,6 +216,7 @@ describe('real drivers: direct, PgBouncer, sidecar transaction and session mode'
       feature('libpq startup parameters', async (t) => scenario(t, 'startup'), (r) => {
         assertAppliedOrRefused('options=-c ...', r.options as Json);
         assertAppliedOrRefused('PGTZ', r.PGTZ as Json);
+        assertAppliedOrRefused('no application_name', r.noApplicationName as Json);
         const application = r.application_name as Json;
         assertAppliedOrRefused('application_name', application);
         if (application.refused === undefined) {
@@ -319,6 +321,19 @@ describe('real drivers: direct, PgBouncer, sidecar transaction and session mode'
 
       feature('Terminate as first bytes', async (t) => (await scenario(t, 'node-postgres')).terminateFirst as Json, (r) => {
         assert.deepEqual(r, { bytesReceived: 0, closed: true, types: '' }, 'a Terminate before the startup message is closed silently');
+      });
+
+      feature('server terminates the backend', async (t) => (await scenario(t, 'node-postgres')).serverTerminated as Json, (r) => {
+        const want = direct('server terminates the backend');
+        assert.deepEqual(outcome(r.terminate as Step), outcome(want.terminate as Step), `the FATAL of the terminated backend: ${JSON.stringify(r.terminate)}`);
+        const terminate = r.terminate as Step & { severity?: string };
+        if (terminate.severity === 'FATAL') {
+          // A FATAL ends the session: the client's connection closes, as direct, and nothing more comes.
+          assert.deepEqual(outcome(r.queued as Step), outcome(want.queued as Step), `a query queued behind the FATAL: ${JSON.stringify(r.queued)}, direct: ${JSON.stringify(want.queued)}`);
+        } else {
+          // A pooler that keeps the client reports the lost backend as an ERROR and serves the next query.
+          assert.deepEqual(outcome(r.queued as Step), { value: 1 }, JSON.stringify(r.queued));
+        }
       });
 
       feature('protocol negotiation', async (t) => (await scenario(t, 'node-postgres')).protocolVersions as Json, (r) => {

@@ -270,10 +270,12 @@ class Acknowledger {
     await this.http.patch(`/apis/poolkeeper.dev/v1alpha1/namespaces/${this.namespace}/poolmembers/${name}/status`, { status }).catch(() => undefined);
   }
 
-  /** Every pod has a PoolMember whose grant is acknowledged and is its fair share of `limit`. */
-  settled(limit: number): boolean {
+  /** All `podCount` pods are seen, and each has a PoolMember whose grant is acknowledged and is its fair share of `limit`. */
+  settled(limit: number, podCount: number): boolean {
     if (this.queue.size > 0 || this.active > 0) return false;
     const pods = this.pods.list();
+    // Until the watch has shown the event itself, the old state may look settled.
+    if (pods.length !== podCount) return false;
     let sum = 0;
     let low = Infinity;
     let high = 0;
@@ -348,11 +350,11 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
   };
 
   const samples = new Map<string, { ms: number[]; cpuS: number; rssMb: number; writes: number; violations: number; kinds: Record<string, number> }>();
-  const measure = async (event: string, expectedLimit: number, action: () => Promise<unknown>): Promise<void> => {
+  const measure = async (event: string, expectedLimit: number, podCount: number, action: () => Promise<unknown>): Promise<void> => {
     const violationsBefore = acknowledger.violations;
     const started = performance.now();
     await action();
-    await eventually(`${event} at ${args.pods} pods`, () => acknowledger.settled(expectedLimit), 600_000);
+    await eventually(`${event} at ${args.pods} pods`, () => acknowledger.settled(expectedLimit, podCount), 600_000);
     const ms = performance.now() - started;
     await new Promise((r) => setTimeout(r, QUIET_MS));
     const mark = await controller.mark();
@@ -369,15 +371,15 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
 
   const results: ControllerResult[] = [];
   try {
-    await measure('create', limit, () => createPods(args.pods));
+    await measure('create', limit, args.pods, () => createPods(args.pods));
     const step = Math.max(1, Math.round(args.pods / 10));
     const half = Math.floor(limit / 2);
     for (let round = 0; round < args.rounds; round += 1) {
-      await measure('limit-down', half, () => setLimit(half));
-      await measure('limit-up', limit, () => setLimit(limit));
+      await measure('limit-down', half, args.pods, () => setLimit(half));
+      await measure('limit-up', limit, args.pods, () => setLimit(limit));
       let added: string[] = [];
-      await measure('scale-up', limit, async () => (added = await createPods(step)));
-      await measure('delete', limit, () => deletePods(added));
+      await measure('scale-up', limit, args.pods + step, async () => (added = await createPods(step)));
+      await measure('delete', limit, args.pods, () => deletePods(added));
     }
     // Nothing changes: whatever the controller does now is overhead.
     await controller.mark();
@@ -409,6 +411,23 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
   return results;
 }
 
+/** Latency of one PATCH through KubeHttp, one at a time (what a sequential grant write costs). */
+async function patchLatency(kube: KubeControlPlane, count: number): Promise<{ p50_ms: number; p99_ms: number }> {
+  const http = new KubeHttp(kube.kubeConfig());
+  const path = '/api/v1/namespaces/default/configmaps';
+  await http.create(path, { apiVersion: 'v1', kind: 'ConfigMap', metadata: { name: 'bench-patch-latency' }, data: { n: '0' } }).catch(() => undefined);
+  const times: number[] = [];
+  for (let i = 0; i < count + 20; i += 1) {
+    const started = performance.now();
+    await http.patch(`${path}/bench-patch-latency`, { data: { n: String(i) } });
+    if (i >= 20) times.push(performance.now() - started);
+  }
+  await http.delete(`${path}/bench-patch-latency`).catch(() => undefined);
+  (http as { close?: () => void }).close?.();
+  times.sort((a, b) => a - b);
+  return { p50_ms: Number(percentile(times, 0.5).toFixed(2)), p99_ms: Number(percentile(times, 0.99).toFixed(2)) };
+}
+
 // ---------------------------------------------------------------- main
 
 async function main(): Promise<void> {
@@ -426,9 +445,12 @@ async function main(): Promise<void> {
   const connections = Number(values.connections);
   const env = new LocalEnvironment();
   const results: ControllerResult[] = [];
+  let patch: { p50_ms: number; p99_ms: number } | undefined;
   try {
     const kube = await env.kube();
     await installCrds(kube);
+    patch = await patchLatency(kube, 200);
+    console.error(`PATCH latency, one at a time: p50 ${patch.p50_ms} ms, p99 ${patch.p99_ms} ms`);
     for (const pods of sizes) {
       console.error(`${pods} pods, ${connections} DatabaseConnection(s), limit ${PER_POD * pods}:`);
       results.push(...await runSize(kube, { pods, connections, rounds: Number(values.rounds), heartbeatMs: Number(values['heartbeat-ms']), verbose: values.verbose }));
@@ -440,7 +462,8 @@ async function main(): Promise<void> {
   const rows = results.map((r) => [r.pods, r.connections, r.event, r.samples, r.p50_ms === null ? '-' : (r.p50_ms / 1000).toFixed(2), r.p99_ms === null ? '-' : (r.p99_ms / 1000).toFixed(2), r.cpu_s.toFixed(2), r.rss_mb, r.writes, r.violations].map(String));
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
   for (const row of [header, ...rows]) console.log(row.map((cell, i) => cell.padStart(widths[i]!)).join('  '));
-  if (values.json) writeFileSync(values.json, `${JSON.stringify({ controller: results }, null, 2)}\n`);
+  console.log(`PATCH, one at a time: p50 ${patch?.p50_ms ?? '-'} ms, p99 ${patch?.p99_ms ?? '-'} ms`);
+  if (values.json) writeFileSync(values.json, `${JSON.stringify({ controller: results, api_patch_ms: patch }, null, 2)}\n`);
 }
 
 if (process.argv.includes('--controller-child')) {

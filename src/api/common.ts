@@ -33,9 +33,10 @@ export const conditionsSchema = {
 } as const;
 
 /** The openAPIV3Schema of a custom resource with a required spec and a status. */
-export function resourceSchema(spec: object, status: object, descriptions: { spec: string; status: string }): Record<string, unknown> {
+export function resourceSchema(spec: object, status: object, descriptions: { root: string; spec: string; status: string }): Record<string, unknown> {
   return {
     type: 'object',
+    description: descriptions.root,
     required: ['spec'],
     properties: {
       apiVersion: { type: 'string', description: 'Versioned schema of this object: poolkeeper.dev/v1alpha1.' },

@@ -22,10 +22,14 @@ export const HOST_KEY_PATTERN = '^(([^ ]+ )?(ssh-ed25519|ssh-rsa|ecdsa-sha2-nist
  * or name belongs; the API server names the field, and CEL errors do not echo
  * the value back.
  */
-const NOT_A_URL = [
-  { rule: '!self.contains(\'://\')', message: 'must be a host name or IP address, not a URL: put the user name and password in the Secret named by credentialsSecretRef' },
-  { rule: '!self.contains(\'@\')', message: 'must not contain "@": credentials belong in the Secret named by credentialsSecretRef, not in the address' },
-] as const;
+function notAUrl(field: string): Array<{ rule: string; message: string; fieldPath: string }> {
+  // On the parent object with a fieldPath: the API server then names the field but
+  // does not echo its value (which may hold a password) in the refusal.
+  return [
+    { rule: `!has(self.${field}) || !self.${field}.contains('://')`, message: 'must be a host name or IP address, not a URL: put the user name and password in the Secret named by credentialsSecretRef', fieldPath: `.${field}` },
+    { rule: `!has(self.${field}) || !self.${field}.contains('@')`, message: 'must not contain "@": credentials belong in the Secret named by credentialsSecretRef, not in the address', fieldPath: `.${field}` },
+  ];
+}
 
 /** Percent form of `reserve`: "0%".."90%". */
 export const RESERVE_PERCENT_PATTERN = '^([0-9]|[1-8][0-9]|90)%$';
@@ -43,15 +47,15 @@ export const POOL_MODES = ['transaction', 'session'] as const;
 export const databaseSchema = {
   type: 'object',
   required: ['host', 'dbname', 'credentialsSecretRef'],
+  'x-kubernetes-validations': [...notAUrl('host'), ...notAUrl('dbname')],
   additionalProperties: false,
   properties: {
     host: {
       type: 'string', minLength: 1, maxLength: 253,
       description: 'Host name or IP address of the PostgreSQL server (not a URL: the login comes from credentialsSecretRef). A name and the IP addresses it resolves to, with the same port, are one server.',
-      'x-kubernetes-validations': NOT_A_URL,
     },
     port: { ...portSchema, default: 5432, description: 'TCP port of the PostgreSQL server.' },
-    dbname: { type: 'string', minLength: 1, maxLength: 63, description: 'Database the sidecar connects to; the controller logs in to it to check the credentials.', 'x-kubernetes-validations': NOT_A_URL },
+    dbname: { type: 'string', minLength: 1, maxLength: 63, description: 'Database the sidecar connects to; the controller logs in to it to check the credentials.' },
     sslMode: { type: 'string', enum: SSL_MODES, default: 'prefer', description: 'libpq sslmode for the sidecar\'s server connections.' },
     credentialsSecretRef: {
       type: 'object',
@@ -81,9 +85,10 @@ export const databaseSchema = {
 export const sshTunnelSchema = {
   type: 'object',
   required: ['host', 'user', 'privateKeySecretRef', 'hostKey'],
+  'x-kubernetes-validations': [...notAUrl('host'), ...notAUrl('user')],
   additionalProperties: false,
   properties: {
-    host: { type: 'string', minLength: 1, maxLength: 253, description: 'Host name or IP address of the bastion.', 'x-kubernetes-validations': NOT_A_URL },
+    host: { type: 'string', minLength: 1, maxLength: 253, description: 'Host name or IP address of the bastion.' },
     port: { ...portSchema, default: 22, description: 'SSH port of the bastion.' },
     user: { type: 'string', minLength: 1, maxLength: 64, description: 'SSH user on the bastion (TCP forwarding only is needed).' },
     privateKeySecretRef: {
@@ -247,6 +252,7 @@ export const databaseConnectionStatusSchema = {
 
 /** The CRD's openAPIV3Schema. */
 export const databaseConnectionSchema = resourceSchema(databaseConnectionSpecSchema, databaseConnectionStatusSchema, {
+  root: 'DatabaseConnection: a PostgreSQL server, its credentials and the workloads whose pods share its connection limit (poolkeeper caps the fleet). Pods opt in with the label poolkeeper.dev/connection: <name>.',
   spec: 'A PostgreSQL server, its credentials, the workloads that draw on it and how its connection limit is shared among their pods.',
   status: 'Written by the controller: the limit, the budgets and conditions.',
 });

@@ -92,6 +92,7 @@ export const poolMemberStatusSchema = {
 
 /** The CRD's openAPIV3Schema. */
 export const poolMemberSchema = resourceSchema(poolMemberSpecSchema, poolMemberStatusSchema, {
+  root: 'PoolMember: one per opted-in pod, owned by it; the controller writes its connection grant, the pod\'s sidecar acknowledges it (docs/protocol.md).',
   spec: 'Written by the controller: the grant and the settings of the pod\'s sidecar.',
   status: 'Written by the pod\'s sidecar: what it acknowledged and holds.',
 });

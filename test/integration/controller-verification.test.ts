@@ -16,7 +16,7 @@ import { createNamespaceWithSecret } from '../../src/devenv/scenario.ts';
 import { KubeHttp } from '../../src/kube/http.ts';
 import { Informer, type KubeObject } from '../../src/kube/informer.ts';
 import { testEnvironment } from '../support/hooks.ts';
-import { createWorkload, eventually, freshNamespace, installCrds, startController } from '../support/budget-fixture.ts';
+import { SidecarFleetDouble, createWorkload, eventually, freshNamespace, installCrds, startController } from '../support/budget-fixture.ts';
 
 function spec(postgres: PostgresServer, extra: Record<string, unknown> = {}, database: Record<string, unknown> = {}): Record<string, unknown> {
   return {
@@ -34,6 +34,7 @@ describe('controller: every DatabaseConnection verified on its own', function ()
   let controller: BudgetController | undefined;
   let cache: Informer<DatabaseConnection & KubeObject>;
   const namespaces: string[] = [];
+  const fleets: SidecarFleetDouble[] = [];
   const logLines: string[] = [];
 
   const condition = (namespace: string, type: string): { status: string; reason: string; message: string } | undefined =>
@@ -64,6 +65,7 @@ describe('controller: every DatabaseConnection verified on its own', function ()
   });
 
   after(async function () {
+    await Promise.all(fleets.map((f) => f.stop()));
     await controller?.stop();
     await cache.stop();
     for (const ns of namespaces) kube.kubectl(['-n', ns, 'delete', 'dbc', '--all', '--wait=true']);
@@ -80,6 +82,12 @@ describe('controller: every DatabaseConnection verified on its own', function ()
     createWorkload(kube, { namespace: badNumeric, connection: 'orders', deployment: 'web', replicas: 1, secret: 'db-credentials', username: postgres.app.user, password: 'not-the-password-either' });
     createWorkload(kube, { namespace: badDb, connection: 'orders', deployment: 'web', replicas: 1, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
     kube.kubectl(['create', 'namespace', noSecret]);
+    // Sidecars that acknowledge, so that a connection that can serve becomes Ready.
+    for (const namespace of [good, badPassword]) {
+      const fleet = new SidecarFleetDouble(kube, namespace);
+      fleets.push(fleet);
+      await fleet.start();
+    }
     apply(good, spec(postgres));
     apply(badPassword, spec(postgres));
     apply(badNumeric, spec(postgres, { maxConnections: 10 }));

@@ -21,7 +21,7 @@ def login(login):
 async def pool_prepared():
     outcome = {'queries': 0, 'failed': 0, 'errors': {}}
     try:
-        pool = await asyncpg.create_pool(min_size=cfg.get('poolSize', 10), max_size=cfg.get('poolSize', 10), **login(target))
+        pool = await asyncpg.create_pool(min_size=cfg.get('asyncpgPool', 10), max_size=cfg.get('asyncpgPool', 10), **login(target))
     except Exception as error:  # noqa: BLE001
         return {'refused': message(error)}
 

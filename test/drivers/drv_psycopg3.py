@@ -107,7 +107,7 @@ def sql_commands():
             conn.execute('COMMIT')
         if holders:
             # The holder keeps that backend busy until the next step ran elsewhere.
-            held.append(displace(open_holder, pid, holders))
+            held.append(displace(open_holder, pid, holders, wait=0.75))
         return status
 
     def release_held():

@@ -105,7 +105,7 @@ function scenario(target: Target, program: 'cancel' | 'startup' | 'session-state
       case 'startup': pending = run(PYTHON, ['drv_startup_libpq.py', json], 60_000); break;
       case 'session-state': pending = run(PYTHON, ['drv_session_state_psycopg2.py', json], 60_000); break;
       case 'psycopg3': pending = run(PYTHON, ['drv_psycopg3.py', JSON.stringify({ ...config, threads: 20, transactions: 25, seconds: 4 })], 60_000); break;
-      case 'asyncpg': pending = run(PYTHON, ['drv_asyncpg.py', JSON.stringify({ ...config, poolSize: 10 })], 60_000); break;
+      case 'asyncpg': pending = run(PYTHON, ['drv_asyncpg.py', JSON.stringify({ ...config, asyncpgPool: 10 })], 60_000); break;
       case 'node-postgres': pending = run(process.execPath, ['node-postgres.ts', json], 60_000); break;
       case 'pgjdbc': {
         const url = `jdbc:postgresql://${target.login.host}:${target.login.port}/${target.login.dbname}`;

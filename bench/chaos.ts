@@ -4,7 +4,9 @@
  * fault (scenarios in test/support/chaos.ts, shared with the quick subset in
  * test/integration/chaos.test.ts).
  *
- *   npm run chaos [-- --json FILE] [-- --only REGEX] [-- --quick]
+ *   npm run chaos -- [--json FILE] [--only REGEX] [--quick] [--logs DIR]
+ *
+ * --quick: the short faults of `npm test`; --logs: keep each sidecar's log there.
  */
 import { writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
@@ -16,6 +18,7 @@ const { values } = parseArgs({
     json: { type: 'string' },
     only: { type: 'string' },
     quick: { type: 'boolean', default: false },
+    logs: { type: 'string' },
   },
 });
 const only = values.only === undefined ? undefined : new RegExp(values.only, 'i');
@@ -28,7 +31,7 @@ try {
   for (const scenario of scenarios) {
     const started = Date.now();
     console.log(`${scenario.name} ...`);
-    const result = await runScenario(lab, scenario, { quick: values.quick, log: (line) => console.log(line) });
+    const result = await runScenario(lab, scenario, { quick: values.quick, log: (line) => console.log(line), ...(values.logs ? { logDir: values.logs } : {}) });
     results.push(result);
     console.log(`  ${((Date.now() - started) / 1000).toFixed(0)} s; ${result.missed.length === 0 ? 'goals met' : `MISSED: ${result.missed.join(', ')}`}${result.notes.length > 0 ? `; ${result.notes.join('; ')}` : ''}`);
     if (values.json) writeFileSync(values.json, `${JSON.stringify({ machine: { cpus: (await import('node:os')).cpus().length }, results }, null, 2)}\n`);

@@ -152,11 +152,11 @@ export class SidecarProcess {
     await this.exited;
   }
 
-  /** Closes the sidecar (its connections) and waits for the process to exit; SIGKILL after 5 s. */
-  async stop(): Promise<void> {
+  /** Closes the sidecar (its connections) and waits for the process to exit; SIGKILL after `graceMs`. */
+  async stop(graceMs = 5000): Promise<void> {
     if (!this.alive) return;
     this.send({ kind: 'close' });
-    const timer = setTimeout(() => this.signal('SIGKILL'), 5000);
+    const timer = setTimeout(() => this.signal('SIGKILL'), graceMs);
     await this.exited;
     clearTimeout(timer);
   }

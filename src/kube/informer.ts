@@ -81,7 +81,7 @@ export class Informer<T extends KubeObject> {
   private current: WatchHandle | undefined;
   private watchdog: NodeJS.Timeout | undefined;
   private loop: Promise<void> | undefined;
-  private readonly stopping = new AbortController();
+  private stopping = new AbortController();
   private readonly reachability: ApiReachability;
   private readonly backoff: Backoff;
   readonly stats: InformerStats = { lists: 0, watches: 0, stalls: 0, failures: 0 };
@@ -104,6 +104,7 @@ export class Informer<T extends KubeObject> {
    */
   async start(): Promise<void> {
     this.running = true;
+    if (this.stopping.signal.aborted) this.stopping = new AbortController();
     while (this.running) {
       try {
         await this.relist();

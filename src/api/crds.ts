@@ -27,7 +27,7 @@ export interface CrdDefinition {
   printerColumns: PrinterColumn[];
 }
 
-/** DatabaseConnection: `kubectl get dbc` shows limit, pods, per-pod budget, allocated, Ready, age. */
+/** DatabaseConnection: `kubectl get dbc` shows limit, pods, per-pod budget, allocated, Ready, age; `-o wide` adds the Ready reason. */
 export const databaseConnectionCrdDefinition: CrdDefinition = {
   kind: 'DatabaseConnection',
   plural: 'databaseconnections',
@@ -39,7 +39,8 @@ export const databaseConnectionCrdDefinition: CrdDefinition = {
     { name: 'Pods', type: 'integer', jsonPath: '.status.pods' },
     { name: 'Per-Pod', type: 'string', jsonPath: '.status.perPodBudget', description: 'Per-pod budget by consumer' },
     { name: 'Allocated', type: 'integer', jsonPath: '.status.allocated' },
-    { name: 'Ready', type: 'string', jsonPath: '.status.conditions[?(@.type=="Ready")].status' },
+    { name: 'Ready', type: 'string', jsonPath: '.status.conditions[?(@.type=="Ready")].status', description: 'False whenever the connection cannot serve its pods' },
+    { name: 'Reason', type: 'string', jsonPath: '.status.conditions[?(@.type=="Ready")].reason', description: 'Why it is (not) Ready; kubectl describe shows the message', priority: 1 },
     { name: 'Age', type: 'date', jsonPath: '.metadata.creationTimestamp' },
   ],
 };

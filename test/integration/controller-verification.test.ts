@@ -102,6 +102,7 @@ describe('controller: every DatabaseConnection verified on its own', function ()
     await eventually('SecretMissing', () => condition(noSecret, 'Ready')?.reason === 'SecretMissing', 30_000);
     assert.match(kube.kubectl(['-n', noSecret, 'get', 'dbc', 'orders']), /orders\s.*\sFalse\s/);
     assert.match(kube.kubectl(['-n', badPassword, 'get', 'dbc', 'orders']), /orders\s.*\sFalse\s/);
+    assert.match(kube.kubectl(['-n', badPassword, 'get', 'dbc', 'orders', '-o', 'wide']), /\sFalse\s+CredentialsRejected\s/);
     await eventually('a CredentialsRejected Event', () => /password authentication failed/.test(events(badPassword, 'CredentialsRejected')));
     // A fixed password is checked at its new generation, at once.
     kube.kubectl(['-n', badPassword, 'apply', '-f', '-'], kube.kubectl(['-n', badPassword, 'create', 'secret', 'generic', 'db-credentials', `--from-literal=username=${postgres.app.user}`, `--from-literal=password=${postgres.app.password}`, '--dry-run=client', '-o', 'json']));

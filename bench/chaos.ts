@@ -4,14 +4,16 @@
  * fault (scenarios in test/support/chaos.ts, shared with the quick subset in
  * test/integration/chaos.test.ts).
  *
- *   npm run chaos -- [--json FILE] [--only REGEX] [--quick] [--logs DIR]
+ *   npm run chaos -- [--json FILE] [--only REGEX] [--quick] [--logs DIR] [--skip-kube]
  *
- * --quick: the short faults of `npm test`; --logs: keep each sidecar's log there.
+ * --quick: the short faults of `npm test`; --logs: keep each sidecar's log
+ * there; --skip-kube: only the faults that need no API server.
  */
 import { writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { LocalEnvironment } from '../src/devenv/environment.ts';
 import { ChaosLab, SCENARIOS, formatTable, runScenario, type ChaosResult } from '../test/support/chaos.ts';
+import { KUBE_SCENARIOS } from '../test/support/chaos-kube.ts';
 
 const { values } = parseArgs({
   options: {
@@ -19,10 +21,11 @@ const { values } = parseArgs({
     only: { type: 'string' },
     quick: { type: 'boolean', default: false },
     logs: { type: 'string' },
+    'skip-kube': { type: 'boolean', default: false },
   },
 });
 const only = values.only === undefined ? undefined : new RegExp(values.only, 'i');
-const scenarios = SCENARIOS.filter((s) => only === undefined || only.test(s.name));
+const scenarios = [...SCENARIOS, ...(values['skip-kube'] ? [] : KUBE_SCENARIOS)].filter((s) => only === undefined || only.test(s.name));
 const env = new LocalEnvironment({ keepRunDir: process.env.POOLKEEPER_KEEP_ENV === '1' });
 const results: ChaosResult[] = [];
 let lab: ChaosLab | undefined;

@@ -59,8 +59,9 @@ export interface ChaosResult {
   overLimitMs: number;
   /** From the fault healed to the first commit after the last client error; null: never within the run. */
   recoveryMs: number | null;
-  rssBaseMb: number;
-  rssMaxMb: number;
+  /** null: the sidecars ran in the runner's process (fleet scenarios). */
+  rssBaseMb: number | null;
+  rssMaxMb: number | null;
   /** Backends the sidecar still counted after the load stopped that PostgreSQL no longer had (full runs only). */
   phantomBackends: number;
   /** Sampling gaps (PostgreSQL down) are not counted: samples taken. */
@@ -73,10 +74,19 @@ export interface ChaosResult {
   missed: string[];
 }
 
+/** Sidecars of several pods under a controller, with a limit for all of them together. */
+export interface Fleet {
+  /** The limit their backends together must stay under. */
+  limit: number;
+  /** The sidecar port client `worker` uses. */
+  port(worker: number): number;
+  stop(): Promise<void>;
+}
+
 /** What a scenario gets to inject its fault. */
 export interface FaultContext {
   lab: ChaosLab;
-  /** Current sidecar (a scenario may replace it: `restartSidecar`). */
+  /** Current sidecar (a scenario may replace it: `restartSidecar`); not in fleet scenarios. */
   sidecar(): SidecarProcess;
   restartSidecar(): Promise<SidecarProcess>;
   /** Full-length fault (npm run chaos) or the quick variant (npm test). */
@@ -106,6 +116,8 @@ export interface Scenario {
   expectedErrors?: boolean;
   /** The sidecar does not serve again after this fault (a drain): recovery is not measured. */
   noRecovery?: boolean;
+  /** Instead of one sidecar: a fleet of pods under the controller (Kubernetes faults), started before the load. */
+  fleet?: (lab: ChaosLab, quick: boolean) => Promise<Fleet>;
   inject(ctx: FaultContext): Promise<void>;
 }
 
@@ -212,9 +224,9 @@ export class Load {
   private readonly workers: Promise<void>[] = [];
   private readonly fault: string;
   private readonly answerLimitMs: number;
-  private readonly port: () => number;
+  private readonly port: (worker: number) => number;
 
-  constructor(args: { fault: string; clients: number; port: () => number; answerLimitMs: number }) {
+  constructor(args: { fault: string; clients: number; port: (worker: number) => number; answerLimitMs: number }) {
     this.fault = args.fault;
     this.answerLimitMs = args.answerLimitMs;
     this.port = args.port;
@@ -260,7 +272,7 @@ export class Load {
       }
       try {
         if (client === undefined) {
-          const c = newClient(this.port());
+          const c = newClient(this.port(index));
           client = c;
           await this.timed(c, () => c.connect());
         }
@@ -364,20 +376,21 @@ export async function runScenario(lab: ChaosLab, scenario: Scenario, options: { 
   }
   const logFile = join(options.logDir ?? lab.env.runDir, `sidecar-${scenario.name.replace(/[^a-z0-9]+/gi, '-')}.log`);
   const startSidecar = (): Promise<SidecarProcess> => SidecarProcess.start({ settings, credentialsDir: lab.credentialsDir, grant, logFile });
-  let sidecar = await startSidecar();
+  const fleet = scenario.fleet ? await scenario.fleet(lab, options.quick) : undefined;
+  let sidecar: SidecarProcess | undefined = fleet ? undefined : await startSidecar();
   const notes: string[] = [];
-  let limit = grant;
-  const limitChanges: [number, number][] = [[0, grant]];
+  let limit = fleet?.limit ?? grant;
+  const limitChanges: [number, number][] = [[0, limit]];
   // Sampler: backends of the role and the sidecar's RSS every 50 ms.
   const samples: { t: number; n: number }[] = [];
-  let rssBase = sidecar.rssMb() ?? 0;
+  let rssBase = sidecar?.rssMb() ?? 0;
   let rssMax = rssBase;
   let sampling = true;
   let sampler: pg.Client | undefined;
   const sample = async (): Promise<void> => {
     while (sampling) {
       const tick = Date.now();
-      const rss = sidecar.rssMb();
+      const rss = sidecar?.rssMb();
       if (rss !== undefined) rssMax = Math.max(rssMax, rss);
       try {
         if (sampler === undefined) {
@@ -397,16 +410,19 @@ export async function runScenario(lab: ChaosLab, scenario: Scenario, options: { 
   };
   const samplerDone = sample();
 
-  const load = new Load({ fault: scenario.name, clients: scenario.clients ?? 8, port: () => sidecar.port, answerLimitMs: pool.poolTimeout * 1000 + ANSWER_MARGIN_MS });
+  const load = new Load({ fault: scenario.name, clients: scenario.clients ?? 8, port: (worker) => fleet?.port(worker) ?? sidecar!.port, answerLimitMs: pool.poolTimeout * 1000 + ANSWER_MARGIN_MS });
   await sleep(options.quick ? 700 : 2000);
-  rssBase = sidecar.rssMb() ?? rssBase;
+  rssBase = sidecar?.rssMb() ?? rssBase;
   const faultAt = Date.now();
   let healedAt: number | undefined;
   log(`  ${scenario.name}: fault`);
   try {
     await scenario.inject({
       lab, quick: options.quick, load, port,
-      sidecar: () => sidecar,
+      sidecar: () => {
+        if (sidecar === undefined) throw new Error('a fleet scenario has no single sidecar');
+        return sidecar;
+      },
       restartSidecar: async () => {
         sidecar = await startSidecar();
         return sidecar;
@@ -437,7 +453,8 @@ export async function runScenario(lab: ChaosLab, scenario: Scenario, options: { 
   // Backends must go once clients are done: keep sampling a moment to see them go.
   await sleep(options.quick ? 200 : 500);
   let phantom = 0;
-  if (sidecar.running) {
+  await fleet?.stop();
+  if (sidecar?.running) {
     const rss = sidecar.rssMb();
     if (rss !== undefined) rssMax = Math.max(rssMax, rss);
     if (!options.quick) {
@@ -484,7 +501,7 @@ export async function runScenario(lab: ChaosLab, scenario: Scenario, options: { 
 
   // Backends against the limit in force at each sample.
   const limitAt = (t: number): number => {
-    let n = grant;
+    let n = limitChanges[0]![1];
     for (const [at, value] of limitChanges) if (at <= t) n = value;
     return n;
   };
@@ -514,11 +531,11 @@ export async function runScenario(lab: ChaosLab, scenario: Scenario, options: { 
     p99QuietMs: percentile(quiet, 0.99),
     p99FaultMs: percentile(during, 0.99),
     maxBackends,
-    limit: Math.max(grant, limit),
+    limit: Math.max(limitChanges[0]![1], limit),
     overLimitMs,
     recoveryMs: scenario.noRecovery ? null : recoveryMs,
-    rssBaseMb: Math.round(rssBase),
-    rssMaxMb: Math.round(rssMax),
+    rssBaseMb: fleet ? null : Math.round(rssBase),
+    rssMaxMb: fleet ? null : Math.round(rssMax),
     phantomBackends: phantom,
     samples: samples.length,
     timeline: samples.filter((x, i) => i === 0 || samples[i - 1]!.n !== x.n).map((x) => [x.t - faultAt, x.n]),
@@ -837,7 +854,7 @@ export function formatTable(results: ChaosResult[]): string {
   ];
   for (const r of results) {
     const errors = Object.entries(r.errors).sort((a, b) => b[1] - a[1]).map(([k, v]) => `${k} x${v}`).join(', ') || '-';
-    lines.push(`| ${r.fault} | ${r.committed} | ${errors} | ${r.lost} | ${r.inDoubt.total} (${r.inDoubt.committed}) | ${r.unanswered} | ${r.maxBackends} / ${r.limit} | ${r.overLimitMs > 0 ? `${(r.overLimitMs / 1000).toFixed(1)} s` : '-'} | ${r.recoveryMs === null ? 'never' : `${(r.recoveryMs / 1000).toFixed(1)} s`} | ${r.rssBaseMb} -> ${r.rssMaxMb} | ${r.p99QuietMs} / ${r.p99FaultMs} |`);
+    lines.push(`| ${r.fault} | ${r.committed} | ${errors} | ${r.lost} | ${r.inDoubt.total} (${r.inDoubt.committed}) | ${r.unanswered} | ${r.maxBackends} / ${r.limit} | ${r.overLimitMs > 0 ? `${(r.overLimitMs / 1000).toFixed(1)} s` : '-'} | ${r.recoveryMs === null ? 'never' : `${(r.recoveryMs / 1000).toFixed(1)} s`} | ${r.rssBaseMb === null ? 'in-process' : `${r.rssBaseMb} -> ${r.rssMaxMb}`} | ${r.p99QuietMs} / ${r.p99FaultMs} |`);
   }
   return lines.join('\n');
 }

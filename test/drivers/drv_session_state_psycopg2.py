@@ -7,6 +7,7 @@ client must still see its own state, as direct, and another client must never
 see it. Each step records a value or SQLSTATE for comparison with direct.
 """
 import select
+import sys
 import time
 
 import psycopg2
@@ -42,8 +43,9 @@ def open_holder():
     return pid, release
 
 
-def with_state(setup, check, other=None):
+def with_state(name, setup, check, other=None):
     """Sets state up in one transaction (noting its backend), moves the client, checks it; `other` looks from another client."""
+    print('begin', name, file=sys.stderr, flush=True)
     conn = connect()
     try:
         one(conn, 'BEGIN')
@@ -71,6 +73,7 @@ def others_settings(peer):
 
 
 def listen_notify():
+    print('begin listenNotify', file=sys.stderr, flush=True)
     conn = connect()
     try:
         one(conn, 'BEGIN')
@@ -96,20 +99,24 @@ def listen_notify():
 
 
 emit({
-    'set': with_state(lambda c: one(c, 'SET statement_timeout = 4567'), lambda c: one(c, 'SHOW statement_timeout'), others_settings),
+    'set': with_state('set', lambda c: one(c, 'SET statement_timeout = 4567'), lambda c: one(c, 'SHOW statement_timeout'), others_settings),
     'tempTable': with_state(
+        'tempTable',
         lambda c: (one(c, 'CREATE TEMP TABLE drv_tmp (a int)'), one(c, 'INSERT INTO drv_tmp VALUES (1)'))[1],
         lambda c: one(c, 'SELECT count(*) FROM drv_tmp'),
         lambda p: one(p, "SELECT to_regclass('pg_temp.drv_tmp') IS NULL")),
     'advisoryLock': with_state(
+        'advisoryLock',
         lambda c: one(c, 'SELECT pg_advisory_lock(4242)::text'),
         lambda c: one(c, 'SELECT pg_advisory_unlock(4242)'),
         None),
     'advisoryLockSeenByOther': with_state(
+        'advisoryLockSeenByOther',
         lambda c: one(c, 'SELECT pg_advisory_lock(4243)::text'),
         lambda c: None,
         lambda p: one(p, 'SELECT pg_try_advisory_lock(4243) AND pg_advisory_unlock(4243)')),
     'cursorWithHold': with_state(
+        'cursorWithHold',
         lambda c: one(c, 'DECLARE drv_c CURSOR WITH HOLD FOR SELECT generate_series(1, 3)'),
         lambda c: (one(c, 'FETCH 2 FROM drv_c'), one(c, 'FETCH 1 FROM drv_c'), one(c, 'CLOSE drv_c')),
         None),

@@ -258,12 +258,29 @@ async function serverTerminated(): Promise<Record<string, unknown>> {
   return out;
 }
 
+/** Runs one scenario, bounded: a hang is recorded as such and the others still run. */
+async function bounded(name: string, fn: () => Promise<Record<string, unknown>>): Promise<Record<string, unknown>> {
+  console.error(`begin ${name}`);
+  let timer: NodeJS.Timeout | undefined;
+  const hang = new Promise<Record<string, unknown>>((resolve) => {
+    timer = setTimeout(() => resolve({ hang: `no answer within ${SCENARIO_TIMEOUT_MS / 1000} s` }), SCENARIO_TIMEOUT_MS);
+  });
+  try {
+    return await Promise.race([fn(), hang]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+const SCENARIO_TIMEOUT_MS = 10_000;
 const result = {
-  sharedStatementSchemaChange: await sharedStatementSchemaChange(),
-  manyParameters: await manyParameters(),
-  reparseAfterFailedParse: await reparseAfterFailedParse(),
-  terminateFirst: await terminateFirst(),
-  protocolVersions: await protocolVersions(),
-  serverTerminated: await serverTerminated(),
+  sharedStatementSchemaChange: await bounded('sharedStatementSchemaChange', sharedStatementSchemaChange),
+  manyParameters: await bounded('manyParameters', manyParameters),
+  reparseAfterFailedParse: await bounded('reparseAfterFailedParse', reparseAfterFailedParse),
+  terminateFirst: await bounded('terminateFirst', terminateFirst),
+  protocolVersions: await bounded('protocolVersions', protocolVersions),
+  serverTerminated: await bounded('serverTerminated', serverTerminated),
 };
 console.log(JSON.stringify(result));
+// A hung scenario leaves its connection open.
+process.exit(0);

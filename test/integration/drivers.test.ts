@@ -68,7 +68,8 @@ function run(command: string, args: string[], timeoutMs: number): Promise<Json> 
     execFile(command, args, { cwd: driversDir, timeout: timeoutMs, maxBuffer: 16 << 20, env: { ...childEnv, PYTHONDONTWRITEBYTECODE: '1' } }, (error, stdout, stderr) => {
       const last = stdout.trim().split('\n').pop() ?? '';
       if (error) {
-        reject(new Error(`${command} ${args[0]}: ${error.message}\n${stderr.slice(-2000)}\n${stdout.slice(-1000)}`));
+        const why = error.killed ? `no result within ${timeoutMs / 1000} s (a hang; the last step it began is on stderr)` : error.message;
+        reject(new Error(`${command} ${args[0]}: ${why}\n${stderr.slice(-2000)}\n${stdout.slice(-1000)}`));
         return;
       }
       try {
@@ -200,7 +201,9 @@ describe('real drivers: direct, PgBouncer, sidecar transaction and session mode'
         it(cannot ? `${title} (PgBouncer cannot: ${cannot})` : title, async function () {
           const result = await body(target());
           record(title, name, result);
-          if (!cannot && check(result, target()) === 'skip') this.skip();
+          if (cannot) return;
+          if (typeof result.hang === 'string') assert.fail(`${title}: ${result.hang}`);
+          if (check(result, target()) === 'skip') this.skip();
         });
       };
 

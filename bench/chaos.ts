@@ -9,7 +9,9 @@
  * --quick: the short faults of `npm test`; --logs: keep each sidecar's log
  * there; --skip-kube: only the faults that need no API server.
  */
+import { execFileSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
+import { cpus, loadavg } from 'node:os';
 import { parseArgs } from 'node:util';
 import { LocalEnvironment } from '../src/devenv/environment.ts';
 import { ChaosLab, SCENARIOS, formatTable, runScenario, type ChaosResult } from '../test/support/chaos.ts';
@@ -26,6 +28,8 @@ const { values } = parseArgs({
 });
 const only = values.only === undefined ? undefined : new RegExp(values.only, 'i');
 const scenarios = [...SCENARIOS, ...(values['skip-kube'] ? [] : KUBE_SCENARIOS)].filter((s) => only === undefined || only.test(s.name));
+// The sidecar under test is the working tree's: say which, uncommitted changes included.
+const revision = execFileSync('git', ['describe', '--always', '--dirty'], { encoding: 'utf8' }).trim();
 const env = new LocalEnvironment({ keepRunDir: process.env.POOLKEEPER_KEEP_ENV === '1' });
 const results: ChaosResult[] = [];
 let lab: ChaosLab | undefined;
@@ -37,7 +41,7 @@ try {
     const result = await runScenario(lab, scenario, { quick: values.quick, log: (line) => console.log(line), ...(values.logs ? { logDir: values.logs } : {}) });
     results.push(result);
     console.log(`  ${((Date.now() - started) / 1000).toFixed(0)} s; ${result.missed.length === 0 ? 'goals met' : `MISSED: ${result.missed.join(', ')}`}${result.notes.length > 0 ? `; ${result.notes.join('; ')}` : ''}`);
-    if (values.json) writeFileSync(values.json, `${JSON.stringify({ machine: { cpus: (await import('node:os')).cpus().length }, results }, null, 2)}\n`);
+    if (values.json) writeFileSync(values.json, `${JSON.stringify({ revision, cpus: cpus().length, loadAverage: loadavg(), results }, null, 2)}\n`);
   }
 } finally {
   lab?.close();

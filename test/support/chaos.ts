@@ -815,20 +815,32 @@ export const SCENARIOS: Scenario[] = [
     name: 'oversized messages (4 x near maxMessageBytes) and random input',
     quick: false,
     async inject(ctx) {
+      // A valid Query of near the largest accepted size: blanks ending in a NUL (an empty query).
       const size = 64 * 1024 * 1024 - 1024;
+      const deadline = Date.now() + (ctx.quick ? 10_000 : 30_000);
+      const outcomes: string[] = [];
       const big = async (): Promise<void> => {
         const socket = await rawLogin(ctx.port);
+        let answer = '';
         socket.on('error', () => undefined);
-        socket.resume();
+        socket.on('data', (d: Buffer) => (answer += d.subarray(0, 64).toString('latin1')));
         const head = Buffer.alloc(5);
         head[0] = 0x51;
         head.writeInt32BE(size, 1);
         socket.write(head);
-        const chunk = Buffer.alloc(1024 * 1024, 0x20);
-        for (let sent = 0; sent < size - 4 - chunk.length; sent += chunk.length) {
-          if (!socket.write(chunk)) await new Promise((r) => socket.once('drain', r));
-          if (socket.destroyed) return;
+        const body = size - 4;
+        let sent = 0;
+        // Bounded: a sidecar that stops reading (backpressure) must not hang the run.
+        while (sent < body && !socket.destroyed && Date.now() < deadline) {
+          const n = Math.min(1024 * 1024, body - sent);
+          const chunk = Buffer.alloc(n, 0x20);
+          if (sent + n === body) chunk[n - 1] = 0;
+          sent += n;
+          if (!socket.write(chunk)) await Promise.race([new Promise((r) => socket.once('drain', r)), sleep(Math.max(0, deadline - Date.now()))]);
         }
+        // Wait for the answer (EmptyQueryResponse 'I' then ReadyForQuery) until the deadline.
+        while (!answer.includes('Z') && !socket.destroyed && Date.now() < deadline) await sleep(100);
+        outcomes.push(`${Math.round(sent / 2 ** 20)} MiB sent, ${answer.includes('I') ? 'answered' : answer.includes('E') ? 'refused' : 'no answer'}`);
         socket.destroy();
       };
       const random = async (): Promise<void> => {
@@ -842,6 +854,7 @@ export const SCENARIOS: Scenario[] = [
         }
       };
       await Promise.all([big(), big(), big(), big(), random()]);
+      ctx.note(`4 clients sending 64 MiB queries: ${outcomes.join('; ')}`);
     },
   },
 ];

@@ -15,7 +15,7 @@ import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import {
   FrameReader, MessageType, NO_SETTINGS, ProtocolError, UNTYPED, authenticationOk, backendKeyData, classifySessionCommand, clientSettingsFromStartup,
-  errorResponse, isFrontendMessageType, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery,
+  errorResponse, isFrontendMessageType, messageTypeTable, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery,
   type ClientSettings, type NoticeFields, type PinReason,
 } from '../core/protocol/index.ts';
 import { routeMessage, type ClientStatements } from '../core/pool-state/index.ts';
@@ -53,6 +53,9 @@ export interface ClientSessionHost {
 type Phase = 'startup' | 'login' | 'ready' | 'closed';
 
 const NOTHING = Buffer.alloc(0);
+/** Messages longer than this are streamed (see FrameReader); PgBouncer's pkt_buf plays the same role. */
+export const STREAM_ABOVE_BYTES = 256 * 1024;
+const CLIENT_STREAMABLE = messageTypeTable('QdBPF');
 const QUERY = 0x51;
 const PARSE = 0x50;
 /** A Terminate message, as some clients send it on a connection they give up before the startup packet. */
@@ -95,7 +98,8 @@ export class ClientSession implements PoolWaiter {
   constructor(socket: Socket, host: ClientSessionHost) {
     this.socket = socket;
     this.host = host;
-    this.reader = new FrameReader({ startupPhase: true, maxMessageBytes: host.maxMessageBytes });
+    // Big queries, binds and COPY data stream through: memory does not grow with message size.
+    this.reader = new FrameReader({ startupPhase: true, maxMessageBytes: host.maxMessageBytes, streamAbove: STREAM_ABOVE_BYTES, streamable: CLIENT_STREAMABLE });
     socket.setNoDelay(true);
     this.borrowedReads = isDirectReadable(socket);
     if (isDirectReadable(socket)) socket.setDirectReader((buffer, length) => this.onData(buffer, length));
@@ -166,6 +170,17 @@ export class ClientSession implements PoolWaiter {
       reader.push(chunk, length);
       while (reader.next()) {
         const type = reader.type;
+        // A later piece of a streamed message: bytes only, forwarded as they come.
+        if (reader.piece && !reader.pieceFirst) {
+          if (reader.buffer === runBuffer && reader.start === runEnd) runEnd = reader.end;
+          else {
+            if (runBuffer !== undefined) this.pendingChunks.push(runBuffer.subarray(runStart, runEnd));
+            runBuffer = reader.buffer;
+            runStart = reader.start;
+            runEnd = reader.end;
+          }
+          continue;
+        }
         if (type === UNTYPED) {
           this.onStartupPacket(reader.buffer.subarray(reader.bodyStart, reader.end));
           if ((this.phase as Phase) === 'closed') return;
@@ -179,7 +194,14 @@ export class ClientSession implements PoolWaiter {
           return;
         }
         if (this.host.mode === 'transaction') {
-          if (this.statements === undefined && namesPreparedStatement(type, reader.buffer, reader.bodyStart, reader.end)) this.statements = new Map();
+          if (this.statements === undefined && namesPreparedStatement(type, reader.buffer, reader.bodyStart, reader.end)) {
+            if (reader.piece) {
+              this.refuseStreamedFirstStatement();
+              return;
+            }
+            this.startNamingStatements(runBuffer?.subarray(runStart, runEnd));
+            runBuffer = undefined;
+          }
           if ((type === QUERY || type === PARSE) && this.pinnedBy === undefined) this.checkSessionState(type, reader.buffer, reader.bodyStart, reader.end);
         }
         this.pendingTypes.push(type);
@@ -244,7 +266,8 @@ export class ClientSession implements PoolWaiter {
 
   /** Sends queued messages to the server connection, acquiring one first if needed. */
   private forward(): void {
-    if (this.pendingTypes.length === 0 || this.phase !== 'ready') return;
+    // Later pieces of a streamed message add bytes without a message type.
+    if ((this.pendingTypes.length === 0 && this.pendingChunks.length === 0) || this.phase !== 'ready') return;
     const server = this.server;
     if (server === undefined) {
       if (!this.waiting) {
@@ -458,6 +481,33 @@ export class ClientSession implements PoolWaiter {
     this.pendingTypes.length = 0;
     this.releaseServer(true);
     this.closeQuietly();
+  }
+
+  /**
+   * The session names its first prepared statement: from now on its messages
+   * are rewritten, which needs them whole, so nothing more is streamed, and
+   * what is queued (streamed pieces of earlier, complete messages among it) is
+   * joined into whole messages.
+   */
+  private startNamingStatements(run: Buffer | undefined): void {
+    this.statements = new Map();
+    this.reader.stopStreaming();
+    if (run !== undefined) this.pendingChunks.push(run);
+    if (this.pendingChunks.length > 1) {
+      const joined = Buffer.concat(this.pendingChunks);
+      this.pendingChunks.length = 0;
+      this.pendingChunks.push(joined);
+    }
+  }
+
+  private refuseStreamedFirstStatement(): void {
+    this.host.metrics.error('prepared-statement-refused');
+    this.releaseServer(false);
+    this.fail({
+      severity: 'FATAL', code: '0A000',
+      message: 'a session\'s first named prepared statement is too large to track in transaction mode',
+      hint: 'prepare a small named statement first, or use pool.mode: session',
+    });
   }
 
   private refuseMidPipelineSwitch(): void {

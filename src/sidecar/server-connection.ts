@@ -8,7 +8,7 @@ import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import { serialize } from 'pg-protocol';
 import { ResponseEditor, ServerStatementCache, transition, TransactionTracker, type ServerConnectionState } from '../core/pool-state/index.ts';
-import { FrameReader, NO_SETTINGS, PARSE_COMPLETE, parseNoticeFields, type ClientSettings } from '../core/protocol/index.ts';
+import { FrameReader, NO_SETTINGS, PARSE_COMPLETE, messageTypeTable, parseNoticeFields, type ClientSettings } from '../core/protocol/index.ts';
 import { isDirectReadable } from './direct-read-socket.ts';
 
 /** Whoever currently uses the connection: a client session. */
@@ -46,6 +46,8 @@ export interface ServerConnectionEvents {
 }
 
 const NOTHING = Buffer.alloc(0);
+/** DataRow and CopyData: the only big messages a server sends, and none the pump must read. */
+const SERVER_STREAMABLE = messageTypeTable('Dd');
 /** While a closing backend lingers, its statement is cancelled again this often. */
 const CLOSE_RECANCEL_MS = 5_000;
 /** A closing connection whose server never closes it is dropped after this long. */
@@ -111,7 +113,8 @@ export class ServerConnection {
     this.idleSince = fields.now;
     this.processId = fields.processId;
     this.secretKey = fields.secretKey;
-    this.reader = new FrameReader({ maxMessageBytes: fields.maxMessageBytes });
+    // Big rows and COPY data stream through to the client as they arrive.
+    this.reader = new FrameReader({ maxMessageBytes: fields.maxMessageBytes, streamAbove: 256 * 1024, streamable: SERVER_STREAMABLE });
     this.events = fields.events;
     this.logger = fields.logger;
     if (isDirectReadable(this.stream)) this.stream.setDirectReader((buffer, length) => this.onData(buffer, length));
@@ -373,7 +376,7 @@ export class ServerConnection {
           if (type === ERROR_RESPONSE) {
             result.ok = false;
             result.error ??= parseNoticeFields(reader.buffer.subarray(reader.bodyStart, reader.end));
-          } else if (type === DATA_ROW && result.row === undefined) result.row = readDataRow(reader.buffer, reader.bodyStart, reader.end);
+          } else if (type === DATA_ROW && result.row === undefined && !reader.piece) result.row = readDataRow(reader.buffer, reader.bodyStart, reader.end);
           else if (type === COMMAND_COMPLETE) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
           else if (type === READY_FOR_QUERY) {
             this.readyCount += 1;

@@ -269,17 +269,20 @@ export class Sidecar implements ClientSessionHost {
     const session = this.sessions.get(processId);
     if (session === undefined || secretKey.length !== 4 || secretKey.readInt32BE(0) !== session.secretKey) {
       this.metrics.error('cancel');
+      this.metrics.cancels.inc({ result: 'dropped' });
       this.logger.info('CancelRequest for an unknown session ignored');
       done();
       return;
     }
     const target = session.cancelTarget();
     if (target === undefined) {
+      this.metrics.cancels.inc({ result: 'dropped' });
       done();
       return;
     }
-    this.pool.cancelStatement(target.server, target.stillRunning).catch((err: Error) => {
+    this.pool.cancelStatement(target.server, target.stillRunning).then((sent) => this.metrics.cancels.inc({ result: sent ? 'forwarded' : 'dropped' }), (err: Error) => {
       this.metrics.error('cancel');
+      this.metrics.cancels.inc({ result: 'dropped' });
       this.logger.warn({ err: err.message }, 'forwarding CancelRequest failed');
     }).finally(done);
   }

@@ -8,7 +8,7 @@ import {
   CANCEL_REQUEST_CODE, FrameReader, GSSENC_REQUEST_CODE, ProtocolError, SSL_REQUEST_CODE, UNTYPED,
   authenticationOk, backendKeyData, buildSpecialRequest, buildStartupMessage, errorResponse, isFrontendMessageType,
   negotiateProtocolVersion, noticeResponse, parameterStatus, parseNoticeFields, parseParameterStatus, parseStartupPacket,
-  parseStatementName, readFrames, readyForQuery, type Frame,
+  parseStatementName, readFrames, readyForQuery, type Frame, STREAM_PREFIX_BYTES, messageTypeTable,
 } from '../../src/core/protocol/index.ts';
 
 function typed(type: string, body: Buffer): Buffer {
@@ -208,5 +208,58 @@ describe('backend messages the sidecar sends', function () {
     assert.equal(parseStatementName(unnamed, 5, unnamed.length), '');
     const broken = typed('P', Buffer.from('abc'));
     assert.throws(() => parseStatementName(broken, 5, broken.length), ProtocolError);
+  });
+});
+
+describe('FrameReader streaming', function () {
+  const message = (type: string, bodyLength: number, fill: number): Buffer => {
+    const m = Buffer.alloc(5 + bodyLength, fill);
+    m[0] = type.charCodeAt(0);
+    m.writeInt32BE(4 + bodyLength, 1);
+    return m;
+  };
+
+  it('delivers big streamable messages in pieces (a first piece with the header and a prefix), others whole, for any chunking', function () {
+    const streamAbove = 4096;
+    fc.assert(fc.property(
+      fc.array(fc.record({ type: fc.constantFrom('D', 'd', 'Z', 'C'), size: fc.oneof(fc.nat(100), fc.integer({ min: 4000, max: 20_000 })) }), { minLength: 1, maxLength: 8 }),
+      fc.array(fc.integer({ min: 1, max: 3000 }), { minLength: 1, maxLength: 40 }),
+      (specs, cuts) => {
+        const messages = specs.map((m, i) => message(m.type, m.size, i + 1));
+        const stream = Buffer.concat(messages);
+        const reader = new FrameReader({ streamAbove, streamable: messageTypeTable('Dd') });
+        const rebuilt: Buffer[] = [];
+        let current: Buffer[] = [];
+        let offset = 0;
+        let cut = 0;
+        while (offset < stream.length) {
+          const size = Math.min(cuts[cut++ % cuts.length]!, stream.length - offset);
+          reader.push(stream.subarray(offset, offset + size));
+          offset += size;
+          while (reader.next()) {
+            const bytes = Buffer.from(reader.buffer.subarray(reader.start, reader.end));
+            if (!reader.piece) {
+              assert.equal(current.length, 0);
+              assert.ok(!('Dd'.includes(String.fromCharCode(reader.type)) && bytes.length > streamAbove), 'a big streamable message comes in pieces');
+              rebuilt.push(bytes);
+              continue;
+            }
+            if (reader.pieceFirst) {
+              assert.equal(current.length, 0);
+              assert.equal(reader.bodyStart, reader.start + 5);
+              assert.ok(reader.end - reader.bodyStart >= STREAM_PREFIX_BYTES, 'the first piece carries the prefix');
+            } else assert.equal(reader.bodyStart, reader.start);
+            current.push(bytes);
+            if (reader.pieceLast) {
+              rebuilt.push(Buffer.concat(current));
+              current = [];
+            }
+          }
+          // Never more buffered than a header and a prefix, whatever the message size.
+          assert.ok(reader.buffered <= 5 + STREAM_PREFIX_BYTES || !reader.streaming);
+        }
+        assert.deepEqual(rebuilt.map((b) => b.toString('hex')), messages.map((b) => b.toString('hex')));
+      },
+    ), { numRuns: 200 });
   });
 });

@@ -24,12 +24,35 @@ export interface FrameReaderOptions {
   maxMessageBytes?: number;
   /** The first message has no type byte (a client's startup packet). */
   startupPhase?: boolean;
+  /**
+   * Messages longer than this (bytes, header included) whose type is marked in
+   * `streamable` are delivered in pieces as their bytes arrive, so that memory
+   * does not grow with message size. Default: never.
+   */
+  streamAbove?: number;
+  /** Types that may be streamed: a 256-entry table, 1 for yes. */
+  streamable?: Uint8Array;
 }
+
+/** Bytes of body a streamed message's first piece carries at least: enough to read its names and first words. */
+export const STREAM_PREFIX_BYTES = 1024;
+
+/** A table of message types for FrameReaderOptions.streamable. */
+export function messageTypeTable(types: string): Uint8Array {
+  const table = new Uint8Array(256);
+  for (const c of types) table[c.charCodeAt(0)] = 1;
+  return table;
+}
+
+const NOT_STREAMED = new Uint8Array(256);
 
 /**
  * Turns a byte stream into whole messages. Call `push(chunk)`, then `next()`
  * until it returns false; after each true, `type`, `buffer`, `start`,
- * `bodyStart` and `end` describe one whole message inside `buffer`.
+ * `bodyStart` and `end` describe one whole message inside `buffer` — or, with
+ * `piece` set, a piece of a streamed message: the first piece holds its
+ * header and at least STREAM_PREFIX_BYTES of its body, later ones (`bodyStart`
+ * equal to `start`) only bytes, the last has `pieceLast`.
  */
 export class FrameReader {
   /** Type byte of the current message, or UNTYPED in the startup phase. */
@@ -42,8 +65,22 @@ export class FrameReader {
   bodyStart = 0;
   /** Offset just past the message. */
   end = 0;
+  /** The cursor holds a piece of a streamed message, not a whole one. */
+  piece = false;
+  /** With `piece`: the piece that starts the message. */
+  pieceFirst = false;
+  /** With `piece`: the piece that ends the message. */
+  pieceLast = false;
+  /** Types that may be streamed from now on (see FrameReaderOptions). */
+  streamable: Uint8Array;
 
   private readonly maxMessageBytes: number;
+  private readonly streamAbove: number;
+  /** Bytes of the streamed message still to deliver. */
+  private streamRemaining = 0;
+  private streamType = 0;
+  /** Total size of the streamed message whose first piece is being collected in `partial`; 0 if none. */
+  private partialStreamTotal = 0;
   private untyped: boolean;
   private chunk: Buffer = EMPTY;
   /** End of the current chunk's bytes (a reused read buffer is longer than one read). */
@@ -57,6 +94,19 @@ export class FrameReader {
   constructor(options: FrameReaderOptions = {}) {
     this.maxMessageBytes = options.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
     this.untyped = options.startupPhase ?? false;
+    // A streamed message is longer than its first piece.
+    this.streamAbove = Math.max(options.streamAbove ?? Number.POSITIVE_INFINITY, 5 + STREAM_PREFIX_BYTES);
+    this.streamable = options.streamable ?? NOT_STREAMED;
+  }
+
+  /** True between the first and the last piece of a streamed message. */
+  get streaming(): boolean {
+    return this.streamRemaining > 0 || this.partialStreamTotal > 0;
+  }
+
+  /** Stops streaming types from the next message on. */
+  stopStreaming(): void {
+    this.streamable = NOT_STREAMED;
   }
 
   /** The next message will be an untyped startup-phase message (after answering SSLRequest). */
@@ -91,6 +141,7 @@ export class FrameReader {
   next(): boolean {
     const chunk = this.chunk;
     const limit = this.limit;
+    if (this.streamRemaining > 0) return this.continueStream(chunk);
     if (this.partial !== undefined) return this.continuePartial(chunk);
     const headerSize = this.untyped ? 4 : 5;
     if (this.headerFilled === 0 && limit - this.offset >= headerSize) {
@@ -103,6 +154,23 @@ export class FrameReader {
         this.setCursor(type, chunk, start, start + headerSize, start + total);
         this.offset = start + total;
         return true;
+      }
+      if (total > this.streamAbove && type !== UNTYPED && this.streamable[type] === 1) {
+        const first = headerSize + STREAM_PREFIX_BYTES;
+        if (limit - start >= first) {
+          this.setPiece(type, chunk, start, start + headerSize, limit, true, false);
+          this.streamType = type;
+          this.streamRemaining = total - (limit - start);
+          this.offset = limit;
+          return true;
+        }
+        // Collect the first piece's prefix only, never the whole message.
+        this.beginPartial(type, first, headerSize);
+        this.partialStreamTotal = total;
+        chunk.copy(this.partial!, 0, start, limit);
+        this.partialFilled = limit - start;
+        this.offset = limit;
+        return false;
       }
       this.beginPartial(type, total, headerSize);
       chunk.copy(this.partial!, 0, start, limit);
@@ -122,7 +190,9 @@ export class FrameReader {
     const type = this.untyped ? UNTYPED : this.header[0]!;
     const length = this.header.readInt32BE(this.untyped ? 0 : 1);
     const total = this.checkLength(length, headerSize);
-    this.beginPartial(type, total, headerSize);
+    const stream = total > this.streamAbove && type !== UNTYPED && this.streamable[type] === 1;
+    this.beginPartial(type, stream ? headerSize + STREAM_PREFIX_BYTES : total, headerSize);
+    this.partialStreamTotal = stream ? total : 0;
     this.header.copy(this.partial!, 0, 0, headerSize);
     this.partialFilled = headerSize;
     this.headerFilled = 0;
@@ -149,8 +219,37 @@ export class FrameReader {
     if (this.partialFilled < partial.length) return false;
     this.partial = undefined;
     this.partialFilled = 0;
+    if (this.partialStreamTotal > 0) {
+      this.setPiece(this.partialType, partial, 0, this.partialHeaderSize, partial.length, true, false);
+      this.streamType = this.partialType;
+      this.streamRemaining = this.partialStreamTotal - partial.length;
+      this.partialStreamTotal = 0;
+      return true;
+    }
     this.setCursor(this.partialType, partial, 0, this.partialHeaderSize, partial.length);
     return true;
+  }
+
+  /** The next piece of a streamed message: the bytes of it this chunk holds. */
+  private continueStream(chunk: Buffer): boolean {
+    const take = Math.min(this.streamRemaining, this.limit - this.offset);
+    if (take === 0) return false;
+    const start = this.offset;
+    this.streamRemaining -= take;
+    this.offset += take;
+    this.setPiece(this.streamType, chunk, start, start, start + take, false, this.streamRemaining === 0);
+    return true;
+  }
+
+  private setPiece(type: number, buffer: Buffer, start: number, bodyStart: number, end: number, first: boolean, last: boolean): void {
+    this.type = type;
+    this.buffer = buffer;
+    this.start = start;
+    this.bodyStart = bodyStart;
+    this.end = end;
+    this.piece = true;
+    this.pieceFirst = first;
+    this.pieceLast = last;
   }
 
   private checkLength(length: number, headerSize: number): number {
@@ -162,6 +261,7 @@ export class FrameReader {
   }
 
   private setCursor(type: number, buffer: Buffer, start: number, bodyStart: number, end: number): void {
+    this.piece = false;
     this.type = type;
     this.buffer = buffer;
     this.start = start;

@@ -15,12 +15,13 @@ import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import {
   FrameReader, MessageType, NO_SETTINGS, ProtocolError, UNTYPED, authenticationOk, backendKeyData, classifySessionCommand, clientSettingsFromStartup,
-  errorResponse, isFrontendMessageType, messageTypeTable, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery,
+  commandComplete, errorResponse, isFrontendMessageType, messageTypeTable, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery,
   type ClientSettings, type NoticeFields, type PinReason,
 } from '../core/protocol/index.ts';
 import { routeMessage, type ClientStatements } from '../core/pool-state/index.ts';
 import type { SidecarMetrics } from './metrics.ts';
 import { isDirectReadable } from './direct-read-socket.ts';
+import type { NotificationHub, NotificationListener } from './notifications.ts';
 import type { AcquireFailure, Pool, PoolWaiter } from './pool.ts';
 import type { ServerConnection } from './server-connection.ts';
 import type { PoolMode } from './settings.ts';
@@ -48,6 +49,8 @@ export interface ClientSessionHost {
   rememberSettings(key: string, shown: ReadonlyMap<string, string>): void;
   /** A client was pinned to its server connection (transaction mode). */
   pinned(reason: PinReason): void;
+  /** LISTEN/NOTIFY for transaction mode clients; undefined in session mode. */
+  readonly notifications: NotificationHub | undefined;
 }
 
 type Phase = 'startup' | 'login' | 'ready' | 'closed';
@@ -62,7 +65,7 @@ const PARSE = 0x50;
 const TERMINATE_FIRST = Buffer.from([0x58, 0, 0, 0, 4]);
 
 /** A client of the sidecar. */
-export class ClientSession implements PoolWaiter {
+export class ClientSession implements PoolWaiter, NotificationListener {
   readonly socket: Socket;
   private phase: Phase = 'startup';
   private server: ServerConnection | undefined;
@@ -81,6 +84,10 @@ export class ClientSession implements PoolWaiter {
   checkSettings = false;
   /** Session state that keeps this client on its server connection (transaction mode). */
   private pinnedBy: PinReason | undefined;
+  /** A LISTEN/UNLISTEN the sidecar answers itself is under way: later messages wait. */
+  private localCommand = false;
+  /** Notifications that arrived while a transaction ran: sent after it. */
+  private readonly pendingNotifications: Buffer[] = [];
   private readonly host: ClientSessionHost;
   /** Reads are views of the socket's reused buffer (DirectReadSocket): valid only during onData. */
   private readonly borrowedReads: boolean;
@@ -202,7 +209,11 @@ export class ClientSession implements PoolWaiter {
             this.startNamingStatements(runBuffer?.subarray(runStart, runEnd));
             runBuffer = undefined;
           }
-          if ((type === QUERY || type === PARSE) && this.pinnedBy === undefined) this.checkSessionState(type, reader.buffer, reader.bodyStart, reader.end);
+          if ((type === QUERY || type === PARSE) && this.pinnedBy === undefined) {
+            const nothingQueued = runBuffer === undefined && this.pendingTypes.length === 0 && this.pendingChunks.length === 0 && this.server === undefined && !this.localCommand;
+            // Answered by the sidecar itself (LISTEN through the notification hub): not forwarded.
+            if (this.checkSessionState(type, reader.buffer, reader.bodyStart, reader.end, nothingQueued)) continue;
+          }
         }
         this.pendingTypes.push(type);
         if (reader.buffer === runBuffer && reader.start === runEnd) runEnd = reader.end;
@@ -236,18 +247,64 @@ export class ClientSession implements PoolWaiter {
    * pins the client to it until the client leaves; then it is reset with
    * DISCARD ALL before anyone else gets it.
    */
-  private checkSessionState(type: number, buffer: Buffer, bodyStart: number, end: number): void {
+  private checkSessionState(type: number, buffer: Buffer, bodyStart: number, end: number, nothingQueued: boolean): boolean {
     let textStart = bodyStart;
     if (type === PARSE) {
       const nameEnd = buffer.indexOf(0, bodyStart);
-      if (nameEnd < 0 || nameEnd >= end) return;
+      if (nameEnd < 0 || nameEnd >= end) return false;
       textStart = nameEnd + 1;
     }
     const command = classifySessionCommand(buffer, textStart, end);
-    if (command?.kind !== 'pin') return;
-    this.pinnedBy = command.reason;
-    this.host.pinned(command.reason);
-    this.host.logger.info({ reason: command.reason }, 'client pinned to its server connection until it disconnects (session state in transaction mode)');
+    if (command === undefined) return false;
+    if (command.kind === 'listen' || command.kind === 'unlisten') {
+      // A lone LISTEN/UNLISTEN between transactions goes through the sidecar's one listening connection.
+      const hub = this.host.notifications;
+      if (type === QUERY && command.alone && nothingQueued && hub !== undefined && (command.kind === 'listen' ? hub.available() : hub.listens(this))) {
+        this.runListenCommand(hub, command.kind, command.channel);
+        return true;
+      }
+      if (command.kind === 'listen') this.pin('listen');
+      return false;
+    }
+    if (command.kind === 'pin') this.pin(command.reason);
+    return false;
+  }
+
+  private pin(reason: PinReason): void {
+    this.pinnedBy = reason;
+    this.host.pinned(reason);
+    this.host.logger.info({ reason }, 'client pinned to its server connection until it disconnects (session state in transaction mode)');
+  }
+
+  /** LISTEN/UNLISTEN answered by the sidecar once the hub listens; messages after it wait their turn. */
+  private runListenCommand(hub: NotificationHub, kind: 'listen' | 'unlisten', channel: string): void {
+    this.localCommand = true;
+    const finish = (error: string | undefined): void => {
+      this.localCommand = false;
+      if (this.phase === 'closed') return;
+      const reply = error === undefined ? commandComplete(kind.toUpperCase()) : errorResponse({ severity: 'ERROR', code: '55000', message: `LISTEN through the poolkeeper sidecar failed: ${error}` });
+      this.socket.write(Buffer.concat([reply, readyForQuery('I')]));
+      this.flushNotifications();
+      this.forward();
+      if (this.pausedWaiting && this.server !== undefined) this.resumeWaiting();
+    };
+    if (kind === 'unlisten') {
+      hub.unlisten(this, channel);
+      finish(undefined);
+    } else void hub.listen(this, channel).then(finish);
+  }
+
+  /** A notification for a channel this client listens on through the hub: sent between its transactions, as PostgreSQL does. */
+  deliver(message: Buffer): void {
+    if (this.phase !== 'ready') return;
+    if (this.server === undefined && !this.localCommand) this.socket.write(message);
+    else this.pendingNotifications.push(message);
+  }
+
+  private flushNotifications(): void {
+    if (this.pendingNotifications.length === 0 || this.server !== undefined || this.localCommand || this.phase !== 'ready') return;
+    this.socket.write(Buffer.concat(this.pendingNotifications));
+    this.pendingNotifications.length = 0;
   }
 
   /**
@@ -266,6 +323,7 @@ export class ClientSession implements PoolWaiter {
 
   /** Sends queued messages to the server connection, acquiring one first if needed. */
   private forward(): void {
+    if (this.localCommand) return;
     // Later pieces of a streamed message add bytes without a message type.
     if ((this.pendingTypes.length === 0 && this.pendingChunks.length === 0) || this.phase !== 'ready') return;
     const server = this.server;
@@ -427,10 +485,12 @@ export class ClientSession implements PoolWaiter {
       return;
     }
     this.forward();
-    if (this.pausedWaiting) {
-      this.pausedWaiting = false;
-      if (this.pausedFor === undefined && !this.socket.destroyed) this.socket.resume();
-    }
+    if (this.pausedWaiting) this.resumeWaiting();
+  }
+
+  private resumeWaiting(): void {
+    this.pausedWaiting = false;
+    if (this.pausedFor === undefined && !this.socket.destroyed) this.socket.resume();
   }
 
   /** No server connection within poolTimeout, or draining. */
@@ -445,6 +505,7 @@ export class ClientSession implements PoolWaiter {
       if (this.pendingTypes.length > 0) return;
       this.server = undefined;
       this.host.pool.release(server, true);
+      this.flushNotifications();
     }
     if (this.closeAtBoundary) this.drain();
   }

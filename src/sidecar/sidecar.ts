@@ -21,6 +21,7 @@ import { AdminServer } from '../ops/admin-server.ts';
 import { ClientSession, type ClientSessionHost } from './client-session.ts';
 import { DirectReadSocket, ReadBufferPool, adoptAcceptedSocket } from './direct-read-socket.ts';
 import { SidecarMetrics } from './metrics.ts';
+import { NotificationHub } from './notifications.ts';
 import { Pool } from './pool.ts';
 import type { CredentialsSource, PoolMode, SidecarSettings, SidecarStatus } from './settings.ts';
 import { SshTunnel } from './tunnel.ts';
@@ -49,6 +50,7 @@ export class Sidecar implements ClientSessionHost {
   readonly mode: PoolMode;
   readonly maxMessageBytes: number;
   readonly loginTimeoutMs: number;
+  readonly notifications: NotificationHub | undefined;
   private readonly settings: SidecarSettings;
   /** Client sockets accepted and not yet closed (logged in or not). */
   private clientSockets = 0;
@@ -92,6 +94,7 @@ export class Sidecar implements ClientSessionHost {
       changed: () => this.statusChanged(),
       blockedReason: () => this.tunnel?.downReason(),
     });
+    this.notifications = this.mode === 'transaction' ? new NotificationHub({ pool: this.pool, logger: deps.logger }) : undefined;
     this.metrics.bind({
       serverConnectionsByState: () => this.pool.countByState(),
       clientsActive: () => [...this.sessions.values()].filter((s) => s.active).length,
@@ -141,6 +144,7 @@ export class Sidecar implements ClientSessionHost {
       return;
     }
     this.pool.setGrant(connections, generation);
+    this.notifications?.grantChanged(connections);
   }
 
   /**
@@ -252,6 +256,7 @@ export class Sidecar implements ClientSessionHost {
 
   /** Forgets a closed session. */
   unregister(session: ClientSession): void {
+    this.notifications?.unlisten(session, '*');
     for (const [pid, s] of this.sessions) {
       if (s === session) {
         this.sessions.delete(pid);

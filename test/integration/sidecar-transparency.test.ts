@@ -176,6 +176,47 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('delivers NOTIFY to clients that LISTEN, through one listening connection, without pinning them', async function () {
+      await withSidecar(postgres, { grant: 3 }, async (running) => {
+        const listeners = [client(running), client(running)];
+        const notifier = client(running);
+        await Promise.all([...listeners, notifier].map((c) => c.connect()));
+        try {
+          const received: string[][] = [[], []];
+          listeners.forEach((c, i) => c.on('notification', (n) => received[i]!.push(`${n.channel}:${n.payload ?? ''}`)));
+          await listeners[0]!.query('LISTEN orders');
+          await listeners[1]!.query('LISTEN "Orders"');
+          await listeners[1]!.query('LISTEN orders');
+          // Listeners keep running transactions on the shared connections meanwhile.
+          for (let i = 0; i < 5; i++) {
+            await notifier.query(`NOTIFY orders, 'n${i}'`);
+            await Promise.all(listeners.map((c) => c.query('SELECT 1')));
+          }
+          await notifier.query(`SELECT pg_notify('Orders', 'upper')`);
+          const started = Date.now();
+          while ((received[0]!.length < 5 || received[1]!.length < 6) && Date.now() - started < 3000) await new Promise((r) => setTimeout(r, 20));
+          assert.deepEqual(received[0], ['orders:n0', 'orders:n1', 'orders:n2', 'orders:n3', 'orders:n4']);
+          assert.deepEqual([...received[1]!].sort(), ['Orders:upper', 'orders:n0', 'orders:n1', 'orders:n2', 'orders:n3', 'orders:n4']);
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="listen"} 0/);
+          // UNLISTEN ends delivery to that client only.
+          await listeners[0]!.query('UNLISTEN orders');
+          await notifier.query(`NOTIFY orders, 'after'`);
+          await new Promise((r) => setTimeout(r, 300));
+          assert.equal(received[0]!.length, 5);
+          assert.ok(received[1]!.includes('orders:after'));
+          // LISTEN inside a transaction block keeps PostgreSQL's semantics on the client's own connection.
+          await listeners[0]!.query('BEGIN');
+          await listeners[0]!.query('LISTEN inside');
+          await listeners[0]!.query('COMMIT');
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="listen"} 1/);
+          // The listening connection counts against the grant: never more than 3 backends.
+          assert.ok(running.sidecar.status().heldConnections <= 3);
+        } finally {
+          await Promise.all([...listeners, notifier].map((c) => c.end()));
+        }
+      });
+    });
+
     it('serves DEALLOCATE and DEALLOCATE ALL sent as SQL without breaking other clients\' named statements', async function () {
       await withSidecar(postgres, { grant: 1 }, async (running) => {
         const a = client(running);
@@ -235,6 +276,7 @@ describe('sidecar transparency', function () {
           let bystanderCancelled = 0;
           let bystanderStatements = 0;
           let targetCancelled = 0;
+          let targetStatements = 0;
           let cancels = 0;
           const loop = async (c: pg.Client, onCancel: () => void, onDone: () => void): Promise<void> => {
             while (!stop) {
@@ -248,7 +290,7 @@ describe('sidecar transparency', function () {
             }
           };
           const loops = [
-            loop(target, () => targetCancelled++, () => undefined),
+            loop(target, () => targetCancelled++, () => targetStatements++),
             ...bystanders.map((c) => loop(c, () => bystanderCancelled++, () => bystanderStatements++)),
           ];
           const canceller = (async () => {
@@ -270,7 +312,7 @@ describe('sidecar transparency', function () {
           const forwarded = Number(/poolkeeper_sidecar_cancel_requests_total\{result="forwarded"\} (\d+)/.exec(await running.registry.metrics())?.[1] ?? 0);
           // PostgreSQL signals a cancelled backend twice (its pid and its process group), so now
           // and then one cancel also ends the next statement, direct as well (about 1.1 per cancel here).
-          assert.ok(targetCancelled > 0 && forwarded <= cancels && targetCancelled <= forwarded * 1.5, `target: ${targetCancelled} cancelled, ${forwarded} forwarded, ${cancels} sent`);
+          assert.ok(targetCancelled > 0 && forwarded <= cancels && targetCancelled <= forwarded * 1.5, `target: ${targetCancelled} cancelled of ${targetStatements} statements, ${forwarded} forwarded, ${cancels} sent`);
         });
       });
     }

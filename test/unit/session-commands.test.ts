@@ -16,7 +16,7 @@ describe('session commands', function () {
     const cases: [string, string | undefined][] = [
       ['SET statement_timeout = 5', 'set'], ['  set search_path to x', 'set'], ['SET SESSION AUTHORIZATION bob', 'set'], ['RESET ALL', 'set'],
       ['SET LOCAL statement_timeout = 5', undefined], ['SET TRANSACTION ISOLATION LEVEL SERIALIZABLE', undefined], ['SET CONSTRAINTS ALL DEFERRED', undefined],
-      ['LISTEN ch', 'listen'], ['PREPARE p AS SELECT 1', 'prepare'], ['PREPARE TRANSACTION \'x\'', undefined],
+      ['PREPARE p AS SELECT 1', 'prepare'], ['PREPARE TRANSACTION \'x\'', undefined],
       ['CREATE TEMP TABLE t (a int)', 'temp-table'], ['create temporary table t (a int)', 'temp-table'], ['CREATE GLOBAL TEMPORARY TABLE t (a int)', 'temp-table'], ['CREATE TABLE t (a int)', undefined],
       ['DECLARE c CURSOR WITH HOLD FOR SELECT 1', 'cursor-with-hold'], ['DECLARE c CURSOR FOR SELECT 1', undefined],
       ['SELECT pg_advisory_lock(1)', 'advisory-lock'], ['select pg_try_advisory_lock_shared(1)', 'advisory-lock'], ['SELECT pg_advisory_xact_lock(1)', undefined],
@@ -26,6 +26,14 @@ describe('session commands', function () {
       const command = classify(sql);
       assert.equal(command?.kind === 'pin' ? command.reason : undefined, reason, sql);
     }
+  });
+
+  it('reads LISTEN and UNLISTEN with their channel, and whether they stand alone', function () {
+    assert.deepEqual(classify('LISTEN orders'), { kind: 'listen', channel: 'orders', alone: true });
+    assert.deepEqual(classify('listen "Orders";'), { kind: 'listen', channel: 'Orders', alone: true });
+    assert.deepEqual(classify('UNLISTEN *'), { kind: 'unlisten', channel: '*', alone: true });
+    assert.deepEqual(classify('LISTEN a; SELECT 1'), { kind: 'listen', channel: 'a', alone: false });
+    assert.equal(classify('UPDATE t SET a = 1'), undefined);
   });
 
   it('reads DEALLOCATE and DISCARD with the statement name as PostgreSQL folds it', function () {

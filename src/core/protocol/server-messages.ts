@@ -31,6 +31,11 @@ export function backendKeyData(processId: number, secretKey: number): Buffer {
   return message('K', body);
 }
 
+/** CommandComplete with its command tag. */
+export function commandComplete(tag: string): Buffer {
+  return message('C', Buffer.from(`${tag}\0`, 'utf8'));
+}
+
 /** Transaction status of ReadyForQuery: idle, in a transaction block, in a failed one. */
 export type TransactionStatus = 'I' | 'T' | 'E';
 

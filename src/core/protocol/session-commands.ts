@@ -19,10 +19,12 @@ export type SessionCommand =
   | { kind: 'deallocate'; name: string }
   | { kind: 'deallocate-all' }
   | { kind: 'discard-all' }
-  | { kind: 'pin'; reason: PinReason };
+  | { kind: 'pin'; reason: PinReason }
+  /** LISTEN or UNLISTEN ('*' for all); `alone`: the text is that one statement and nothing else. */
+  | { kind: 'listen' | 'unlisten'; channel: string; alone: boolean };
 
 const FIRST = new Uint8Array(256);
-for (const c of 'sSrRlLpPdDcC') FIRST[c.charCodeAt(0)] = 1;
+for (const c of 'sSrRlLpPdDcCuU') FIRST[c.charCodeAt(0)] = 1;
 /** Longest prefix decoded: enough for `DEALLOCATE PREPARE <63-byte name>` and `CREATE GLOBAL TEMPORARY`. */
 const PREFIX_BYTES = 120;
 
@@ -47,6 +49,7 @@ export function classifySessionCommand(buffer: Buffer, start: number, end: numbe
   if (first === 0x73 /* s */ || first === 0x72 /* r */ || first === 0x64 /* d */) {
     if (second !== 0x65 /* e */ && !(first === 0x64 && (second === 0x69 /* i */ || second === 0x65))) return undefined;
   } else if (first === 0x63 /* c */ && second !== 0x72 /* r */) return undefined;
+  else if (first === 0x75 /* u */ && second !== 0x6e /* n */) return undefined;
   const nul = buffer.indexOf(0, i);
   const stop = Math.min(nul >= 0 && nul < end ? nul : end, i + PREFIX_BYTES);
   const words = buffer.toString('utf8', i, stop).split(/[\s;()]+/).filter((w) => w !== '');
@@ -59,7 +62,13 @@ export function classifySessionCommand(buffer: Buffer, start: number, end: numbe
     case 'reset':
       return { kind: 'pin', reason: 'set' };
     case 'listen':
-      return { kind: 'pin', reason: 'listen' };
+    case 'unlisten': {
+      const channel = words[1];
+      if (channel === undefined) return undefined;
+      const text = buffer.toString('utf8', i, nul >= 0 && nul < end ? nul : end);
+      const alone = /^\s*(un)?listen\s+("(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*|\*)\s*;?\s*$/i.test(text);
+      return { kind: w0, channel: channel === '*' ? '*' : foldName(channel.replace(/;$/, '')), alone };
+    }
     case 'prepare':
       // PREPARE TRANSACTION is two-phase commit, not a statement.
       return w1 === 'transaction' ? undefined : { kind: 'pin', reason: 'prepare' };

@@ -245,6 +245,22 @@ async function protocolVersions(): Promise<Record<string, unknown>> {
 }
 
 /**
+ * A Query and a Terminate written together (node-postgres's pool ends an idle
+ * client that way while its last query is still in flight): PostgreSQL
+ * answers the query, then closes.
+ */
+async function terminateAfterQuery(): Promise<Record<string, unknown>> {
+  const c = await client();
+  const socket = (c as unknown as { connection: { stream: Socket } }).connection.stream;
+  socket.removeAllListeners('data');
+  const pending = collect(socket, () => false, 5000);
+  socket.write(Buffer.concat([serialize.query('SELECT pg_sleep(0.05), 42'), serialize.end()]));
+  const { replies, closed } = await pending;
+  socket.destroy();
+  return { types: replies.messages.map((m) => m.type).join(''), closed };
+}
+
+/**
  * The server ends the client's backend (pg_terminate_backend) with a query
  * queued behind: PostgreSQL sends FATAL 57P01 and closes the connection, so
  * node-postgres fails the queued query with its own "Connection terminated".
@@ -280,6 +296,7 @@ const result = {
   terminateFirst: await bounded('terminateFirst', terminateFirst),
   protocolVersions: await bounded('protocolVersions', protocolVersions),
   serverTerminated: await bounded('serverTerminated', serverTerminated),
+  terminateAfterQuery: await bounded('terminateAfterQuery', terminateAfterQuery),
 };
 console.log(JSON.stringify(result));
 // A hung scenario leaves its connection open.

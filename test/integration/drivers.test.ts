@@ -52,6 +52,7 @@ const PGBOUNCER_CANNOT: Record<string, string> = {
   'protocol negotiation': 'PgBouncer 1.18 refuses protocol 3.x > 3.0 and _pq_ options with an error instead of negotiating',
   'server terminates the backend': 'a lost server connection is reported to the next query as an error of its own (08P01) after the FATAL',
   'libpq without application_name': 'a client that sends no application_name gets the one the server connection\'s previous client set',
+  'Terminate behind a query': 'PgBouncer closes at the Terminate and drops the answer to the query before it',
   'libpq max_protocol_version=3.2': 'PgBouncer 1.18 refuses protocol 3.x > 3.0 with an error instead of negotiating',
   'session state': 'SET, temporary tables, advisory locks, WITH HOLD cursors and LISTEN stay on the server connection that ran them',
 };
@@ -342,6 +343,10 @@ describe('real drivers: direct, PgBouncer, sidecar transaction and session mode'
           // A pooler that keeps the client reports the lost backend as an ERROR and serves the next query.
           assert.deepEqual(outcome(r.queued as Step), { value: 1 }, JSON.stringify(r.queued));
         }
+      });
+
+      feature('Terminate behind a query', async (t) => (await scenario(t, 'node-postgres')).terminateAfterQuery as Json, (r) => {
+        assert.deepEqual(r, direct('Terminate behind a query'), 'a query written before the Terminate is answered before the close');
       });
 
       feature('protocol negotiation', async (t) => (await scenario(t, 'node-postgres')).protocolVersions as Json, (r) => {

@@ -96,6 +96,8 @@ export interface FaultContext {
   /** The limit in force from now on (0 once a drain is reported: the controller frees the reservation). */
   setLimit(n: number): void;
   note(text: string): void;
+  /** A goal of this fault other than the common ones was missed (reported in `missed`). */
+  miss(goal: string): void;
   load: Load;
   /** Port the load connects to. */
   port: number;
@@ -117,7 +119,7 @@ export interface Scenario {
   /** The sidecar does not serve again after this fault (a drain): recovery is not measured. */
   noRecovery?: boolean;
   /** Instead of one sidecar: a fleet of pods under the controller (Kubernetes faults), started before the load. */
-  fleet?: (lab: ChaosLab, quick: boolean) => Promise<Fleet>;
+  fleet?: (lab: ChaosLab, options: { quick: boolean; logDir: string }) => Promise<Fleet>;
   inject(ctx: FaultContext): Promise<void>;
 }
 
@@ -186,7 +188,8 @@ function errorKey(err: unknown): string {
   if (typeof e.code === 'string' && /^[0-9A-Z]{5}$/.test(e.code)) return e.code;
   if (typeof e.code === 'string') return `conn:${e.code}`;
   const message = typeof e.message === 'string' ? e.message : String(err);
-  if (/terminated|ended|closed/i.test(message)) return 'conn:closed';
+  // node-postgres says "not queryable" for a query on a connection that broke between statements.
+  if (/terminated|ended|closed|not queryable/i.test(message)) return 'conn:closed';
   if (/timeout/i.test(message)) return 'conn:timeout';
   return 'conn:other';
 }
@@ -376,9 +379,10 @@ export async function runScenario(lab: ChaosLab, scenario: Scenario, options: { 
   }
   const logFile = join(options.logDir ?? lab.env.runDir, `sidecar-${scenario.name.replace(/[^a-z0-9]+/gi, '-')}.log`);
   const startSidecar = (): Promise<SidecarProcess> => SidecarProcess.start({ settings, credentialsDir: lab.credentialsDir, grant, logFile });
-  const fleet = scenario.fleet ? await scenario.fleet(lab, options.quick) : undefined;
+  const fleet = scenario.fleet ? await scenario.fleet(lab, { quick: options.quick, logDir: options.logDir ?? lab.env.runDir }) : undefined;
   let sidecar: SidecarProcess | undefined = fleet ? undefined : await startSidecar();
   const notes: string[] = [];
+  const missedGoals: string[] = [];
   let limit = fleet?.limit ?? grant;
   const limitChanges: [number, number][] = [[0, limit]];
   // Sampler: backends of the role and the sidecar's RSS every 50 ms.
@@ -433,6 +437,7 @@ export async function runScenario(lab: ChaosLab, scenario: Scenario, options: { 
         limitChanges.push([Date.now(), n]);
       },
       note: (text) => notes.push(text),
+      miss: (goal) => missedGoals.push(goal),
     });
   } catch (err) {
     notes.push(`fault injection failed: ${err instanceof Error ? err.message : String(err)}`);
@@ -541,7 +546,7 @@ export async function runScenario(lab: ChaosLab, scenario: Scenario, options: { 
     timeline: samples.filter((x, i) => i === 0 || samples[i - 1]!.n !== x.n).map((x) => [x.t - faultAt, x.n]),
     limitTimeline: limitChanges.map(([t, n]) => [t === 0 ? 0 : t - faultAt, n]),
     notes,
-    missed: [],
+    missed: [...missedGoals],
   };
   if (overLimitMs > 0) result.missed.push('backends over the limit');
   if (lost > 0) result.missed.push('lost transactions');
@@ -780,7 +785,7 @@ export const SCENARIOS: Scenario[] = [
     quick: true,
     settings: { loginTimeout: 3 },
     async inject(ctx) {
-      const count = ctx.quick ? 500 : 2000;
+      const count = 2000;
       const sockets: Socket[] = [];
       let closed = 0;
       for (let i = 0; i < count; i += 1) {

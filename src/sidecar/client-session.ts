@@ -71,12 +71,13 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private server: ServerConnection | undefined;
   private waiting = false;
   private closeAtBoundary = false;
+  /** A Terminate came behind messages still to answer: close once they are. */
+  private terminateAtBoundary = false;
   private readonly reader: FrameReader;
   private readonly pendingChunks: Buffer[] = [];
   private readonly pendingTypes: number[] = [];
   /** The client's named statements; undefined until it names one (transaction mode only). */
   private statements: ClientStatements | undefined;
-  private applicationName = '';
   private key: [number, number] = [0, 0];
   /** Run-time settings from the startup packet, applied to every server connection this client uses. */
   settings: ClientSettings = NO_SETTINGS;
@@ -162,7 +163,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
 
   /** Bytes [0, length) of `chunk` arrived from the client. */
   private onData(chunk: Buffer, length: number): void {
-    if (this.phase === 'closed') return;
+    if (this.phase === 'closed' || this.terminateAtBoundary) return;
     // PostgreSQL drops such a connection without a word (it cannot be a startup packet); so do we.
     if (this.phase === 'startup' && length >= 5 && chunk.compare(TERMINATE_FIRST, 0, 5, 0, 5) === 0 && this.reader.buffered === 0) {
       this.closeQuietly();
@@ -197,8 +198,14 @@ export class ClientSession implements PoolWaiter, NotificationListener {
         if (this.phase === 'startup') throw new ProtocolError('bad-startup', 'message before the startup packet');
         if (type === MessageType.terminate) {
           if (runBuffer !== undefined) this.pendingChunks.push(runBuffer.subarray(runStart, runEnd));
-          this.terminate();
-          return;
+          runBuffer = undefined;
+          if (this.pendingTypes.length === 0 && (this.server === undefined || this.server.tracker.atBoundary)) {
+            this.terminate();
+            return;
+          }
+          // PostgreSQL answers what came before a Terminate, then closes: so do we.
+          this.terminateAtBoundary = true;
+          break;
         }
         if (this.host.mode === 'transaction') {
           if (this.statements === undefined && namesPreparedStatement(type, reader.buffer, reader.bodyStart, reader.end)) {
@@ -434,7 +441,6 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       return;
     }
     this.checkSettings = this.settings.key !== '' && this.host.shownSettings(this.settings.key) === undefined;
-    this.applicationName = packet.parameters.application_name ?? '';
     if (packet.minorVersion > 0 || packet.protocolOptions.length > 0) this.socket.write(negotiateProtocolVersion(0, packet.protocolOptions));
     this.phase = 'login';
     this.key = this.host.register(this);
@@ -453,7 +459,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     const shown = this.settings.key === '' ? undefined : this.host.shownSettings(this.settings.key);
     for (const [name, value] of this.host.pool.serverParameters ?? new Map<string, string>()) {
       const own = shown?.get(name.toLowerCase());
-      socket.write(parameterStatus(name, own ?? (name === 'application_name' ? this.applicationName : value)));
+      socket.write(parameterStatus(name, own ?? value));
     }
     socket.write(backendKeyData(this.key[0], this.key[1]));
     socket.write(readyForQuery('I'));
@@ -500,20 +506,34 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   }
 
   /** ReadyForQuery 'I' with nothing outstanding. */
-  onServerBoundary(server: ServerConnection): void {
+  onServerBoundary(_server: ServerConnection): void {
+    if (this.pendingTypes.length > 0) return;
+    if (this.terminateAtBoundary) {
+      this.releaseServer(true);
+      this.closeQuietly();
+      return;
+    }
     if ((this.host.mode === 'transaction' && this.pinnedBy === undefined) || this.closeAtBoundary) {
-      if (this.pendingTypes.length > 0) return;
-      this.server = undefined;
-      this.host.pool.release(server, true);
+      this.releaseServer(true);
       this.flushNotifications();
     }
     if (this.closeAtBoundary) this.drain();
   }
 
-  /** The server connection died under us. */
-  onServerLost(_server: ServerConnection, reason: string): void {
+  /**
+   * The server connection died under us. After a FATAL the server sent (the
+   * client has read why), the client's connection just closes, as a direct
+   * one would; otherwise the client is told.
+   */
+  onServerLost(_server: ServerConnection, reason: string, afterFatal: boolean): void {
     this.server = undefined;
     this.host.metrics.error('server-lost');
+    if (afterFatal) {
+      if (this.waiting) this.host.pool.cancelWait(this);
+      this.waiting = false;
+      this.closeQuietly();
+      return;
+    }
     this.fail({ severity: 'FATAL', code: '08006', message: `server connection lost: ${reason}` });
   }
 

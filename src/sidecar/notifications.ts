@@ -200,7 +200,7 @@ export class NotificationHub implements PoolWaiter {
   onServerBoundary(): void {}
 
   /** Lost: listen again on a new connection (notifications sent meanwhile are lost, as direct). */
-  onServerLost(_server: ServerConnection, reason: string): void {
+  onServerLost(_server: ServerConnection, reason: string, _afterFatal: boolean): void {
     this.logger.warn({ reason, channels: this.channels.size }, 'the LISTEN connection was lost; listening again on a new one');
     this.server = undefined;
     this.listening.clear();

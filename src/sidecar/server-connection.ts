@@ -17,8 +17,8 @@ export interface ServerConnectionUser {
   readonly socket: Duplex;
   /** The server reached a transaction boundary (ReadyForQuery 'I', nothing outstanding). */
   onServerBoundary(server: ServerConnection): void;
-  /** The server connection died while in use. */
-  onServerLost(server: ServerConnection, reason: string): void;
+  /** The server connection died while in use; `afterFatal`: the server had sent the client a FATAL error first. */
+  onServerLost(server: ServerConnection, reason: string, afterFatal: boolean): void;
 }
 
 /** How one of the sidecar's own statements ended. */
@@ -93,6 +93,8 @@ export class ServerConnection {
   private readonly logger: Logger;
   /** The server sent EOF (a backend closes its socket only as it exits). */
   private serverEnded = false;
+  /** The server sent a FATAL (or PANIC) error: it is about to close, and the client was told why. */
+  private fatalSeen = false;
   private internalQuery: { result: InternalResult; done: (result: InternalResult) => void } | undefined;
   /** Reading is paused until the client's socket drains (see onData). */
   private pausedFor: Duplex | undefined;
@@ -119,7 +121,11 @@ export class ServerConnection {
     this.logger = fields.logger;
     if (isDirectReadable(this.stream)) this.stream.setDirectReader((buffer, length) => this.onData(buffer, length));
     else this.stream.on('data', (chunk: Buffer) => this.onData(chunk, chunk.length));
-    this.stream.on('error', (err: Error) => this.logger.debug({ server: this.id, err: err.message }, 'server connection error'));
+    this.stream.on('error', (err: Error & { code?: string }) => {
+      // A reset comes from the server's side of the connection: its socket is gone, and a backend closes it only as it exits.
+      if (err.code === 'ECONNRESET' || err.code === 'EPIPE') this.serverEnded = true;
+      this.logger.debug({ server: this.id, err: err.message }, 'server connection error');
+    });
     this.stream.on('end', () => (this.serverEnded = true));
     this.stream.on('close', () => this.onClose());
     this.stream.resume();
@@ -210,9 +216,10 @@ export class ServerConnection {
     const internal = this.internalQuery;
     this.internalQuery = undefined;
     this.setState('closed');
-    this.events.closed(this, this.serverEnded);
+    // After a FATAL the backend has exited, whatever the transport says.
+    this.events.closed(this, this.serverEnded || this.fatalSeen);
     internal?.done({ ok: false, error: { M: 'the server closed the connection' } });
-    user?.onServerLost(this, 'the server closed the connection');
+    user?.onServerLost(this, 'the server closed the connection', this.fatalSeen);
   }
 
   /** Bytes [0, length) of `chunk` arrived from the server. */
@@ -245,7 +252,10 @@ export class ServerConnection {
             boundary = tracker.serverMessage(type, reader.buffer[reader.bodyStart]);
             if (boundary) this.events.transactionCompleted();
           } else if (type === COMMAND_COMPLETE) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
-          else tracker.serverMessage(type);
+          else {
+            if (type === ERROR_RESPONSE && isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
+            tracker.serverMessage(type);
+          }
         }
         if (reader.buffer === runBuffer && reader.start === runEnd) runEnd = reader.end;
         else {
@@ -317,7 +327,10 @@ export class ServerConnection {
             if (boundary) this.events.transactionCompleted();
             if (editor.active) editor.ready();
           } else if (type === COMMAND_COMPLETE) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
-          else tracker.serverMessage(type);
+          else {
+            if (type === ERROR_RESPONSE && isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
+            tracker.serverMessage(type);
+          }
         } else if ((type === PARSE_COMPLETE_TYPE || type === CLOSE_COMPLETE_TYPE) && editor.active) {
           const edit = editor.reply(type);
           if (edit !== 'forward') {
@@ -374,6 +387,7 @@ export class ServerConnection {
         if (internal !== undefined) {
           const result = internal.result;
           if (type === ERROR_RESPONSE) {
+            if (isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
             result.ok = false;
             result.error ??= parseNoticeFields(reader.buffer.subarray(reader.bodyStart, reader.end));
           } else if (type === DATA_ROW && result.row === undefined && !reader.piece) result.row = readDataRow(reader.buffer, reader.bodyStart, reader.end);
@@ -385,6 +399,7 @@ export class ServerConnection {
             internal.done(result);
           }
         } else if (type === ERROR_RESPONSE) {
+          if (isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
           // An idle connection gets an error only when the server is about to drop it.
           const fields = parseNoticeFields(reader.buffer.subarray(reader.bodyStart, reader.end));
           this.logger.info({ server: this.id, code: fields.C, message: fields.M }, 'idle server connection got an error');
@@ -413,4 +428,12 @@ function readDataRow(buffer: Buffer, bodyStart: number, end: number): (string | 
     }
   }
   return columns;
+}
+
+const FATAL = Buffer.from('SFATAL\0');
+const PANIC = Buffer.from('SPANIC\0');
+
+/** True if the ErrorResponse body at `bodyStart` has severity FATAL or PANIC (its first field, as PostgreSQL sends it). */
+function isFatal(buffer: Buffer, bodyStart: number): boolean {
+  return buffer.compare(FATAL, 0, 7, bodyStart, bodyStart + 7) === 0 || buffer.compare(PANIC, 0, 7, bodyStart, bodyStart + 7) === 0;
 }

@@ -16,7 +16,8 @@ import { startController } from './controller-main.ts';
 const NAMESPACE = 'shop';
 const quiet = pino({ level: 'silent' });
 // The environment's PgBouncer keeps its own connection as `app`; count poolkeeper's (sidecars and the controller's limit discovery).
-const COUNT_POOLKEEPER = "SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND application_name LIKE 'poolkeeper%'";
+/** The demo's own PostgreSQL has no other pooler: every client backend of the app role is a sidecar's, but the controller's brief login check (it comes out of the reserve). */
+const COUNT_POOLKEEPER = "SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend' AND application_name <> 'poolkeeper-controller'";
 
 function startApp(pod: SimulatedPod, stats: { queries: number; errors: number }): void {
   // Each pod runs "gunicorn with 2 workers", each with a pool of 5 (a SQLAlchemy default), not the hint: the sidecar caps what reaches the server.

@@ -84,9 +84,16 @@ function run(command: string, args: string[], envVars: Record<string, string> = 
   });
 }
 
-/** Server backends the sidecar opened for `user` (PgBouncer, started by other tests, holds its own). */
+/**
+ * Backends of `user` started since this file began: the sidecars' (PgBouncer,
+ * started by earlier test files, keeps older ones; clients' application_name
+ * shows on the sidecar's backends, so it cannot tell them apart).
+ */
+const SIDECAR_BACKENDS = "SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend' AND backend_start >= $2";
+/** When the describe block that counts began (set in its before hook; files load before any test runs). */
+let fileStart = new Date();
 async function backendsOf(postgres: PostgresServer, user: string): Promise<number> {
-  const rows = await postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1 AND application_name = 'poolkeeper-sidecar'", [user]);
+  const rows = await postgres.query<{ n: string }>(SIDECAR_BACKENDS, [user, fileStart]);
   return Number(rows[0]!.n);
 }
 
@@ -191,7 +198,7 @@ function sampleBackends(postgres: PostgresServer, user: string): { stop(): Promi
     try {
       // Bounded: at most 2000 samples.
       for (let i = 0; running && i < 2000; i += 1) {
-        const rows = await observer.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1 AND application_name = 'poolkeeper-sidecar'", [user]);
+        const rows = await observer.query<{ n: string }>(SIDECAR_BACKENDS, [user, fileStart]);
         max = Math.max(max, Number(rows.rows[0]!.n));
         await new Promise((r) => setTimeout(r, 10));
       }
@@ -209,6 +216,10 @@ function sampleBackends(postgres: PostgresServer, user: string): { stop(): Promi
 }
 
 describe('sidecar budget and lifecycle', function () {
+  before(function () {
+    fileStart = new Date();
+  });
+
   let postgres: PostgresServer;
   before(async function () {
     postgres = await env.postgres();
@@ -275,7 +286,7 @@ describe('sidecar budget and lifecycle', function () {
       assert.deepEqual(errors.map((e) => e.message), []);
       // Every backend now serving the sidecar logged in after the rotation.
       await withClient(running, (c) => c.query('SELECT 1'));
-      const old = await postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND application_name = 'poolkeeper-sidecar' AND backend_start < $1", [rotatedAt]);
+      const old = await postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend' AND backend_start < $1 AND backend_start >= $2", [rotatedAt, fileStart]);
       assert.equal(old[0]!.n, '0');
     } finally {
       await postgres.query(`ALTER ROLE app PASSWORD '${original}'`);
@@ -441,6 +452,10 @@ async function killSshSessions(port: number): Promise<number> {
 }
 
 describe('sidecar SSH tunnel', function () {
+  before(function () {
+    fileStart = new Date();
+  });
+
   it('pools through one SSH connection, survives sshd being killed and restarted', async function () {
     const [postgres, sshd] = await Promise.all([env.postgres(), env.sshd()]);
     const running = await startSidecar(postgres, {
@@ -450,7 +465,7 @@ describe('sidecar SSH tunnel', function () {
     try {
       await Promise.all(Array.from({ length: 6 }, () => withClient(running, (c) => c.query('SELECT pg_sleep(0.05)'))));
       // Forwarded channels arrive from the bastion's loopback, one SSH session for all of them.
-      const viaTunnel = await postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND application_name = 'poolkeeper-sidecar' AND client_addr = '127.0.0.1'");
+      const viaTunnel = await postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND backend_start >= $1 AND client_addr = '127.0.0.1'", [fileStart]);
       assert.ok(Number(viaTunnel[0]!.n) >= 1);
       await sshd.kill();
       assert.ok(await killSshSessions(sshd.port) >= 1, 'no SSH session to kill');

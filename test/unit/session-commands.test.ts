@@ -61,7 +61,7 @@ describe('client settings from the startup packet', function () {
   it('keeps every run-time parameter and the -c switches of options, lower-cased, and refuses replication', function () {
     const settings = clientSettingsFromStartup({ user: 'app', database: 'app', application_name: 'web', TimeZone: 'Asia/Tokyo', options: '-c statement_timeout=5s --search-path=a,b -cwork_mem=4MB' });
     assert.deepEqual([...settings.values], [['application_name', 'web'], ['timezone', 'Asia/Tokyo'], ['statement_timeout', '5s'], ['search_path', 'a,b'], ['work_mem', '4MB']]);
-    assert.equal(clientSettingsFromStartup({ user: 'app' }).key, '');
+    assert.deepEqual([...clientSettingsFromStartup({ user: 'app' }).values], [['application_name', '']], 'no name is an empty name, as direct');
     assert.throws(() => clientSettingsFromStartup({ user: 'app', replication: 'database' }), /replication/);
     assert.throws(() => clientSettingsFromStartup({ user: 'app', options: '-d 5' }), /-d/);
   });

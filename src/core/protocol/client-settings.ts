@@ -17,7 +17,7 @@ export interface ClientSettings {
   readonly key: string;
 }
 
-/** No settings beyond the server's defaults. */
+/** No settings beyond the server's defaults (the sidecar's own connections; every client has at least application_name). */
 export const NO_SETTINGS: ClientSettings = { values: new Map(), key: '' };
 
 /**
@@ -35,7 +35,8 @@ export function clientSettingsFromStartup(parameters: Readonly<Record<string, st
     values.set(name.toLowerCase(), value);
   }
   if (parameters.options !== undefined) for (const [name, value] of parseOptions(parameters.options)) values.set(name.toLowerCase(), value);
-  if (values.size === 0) return NO_SETTINGS;
+  // Direct, a client that names no application has none; the pooler's own name must not show through.
+  if (!values.has('application_name')) values.set('application_name', '');
   return { values, key: JSON.stringify([...values]) };
 }
 

@@ -202,7 +202,7 @@ describe('sidecar transparency', function () {
           await listeners[0]!.query('UNLISTEN orders');
           await notifier.query(`NOTIFY orders, 'after'`);
           await new Promise((r) => setTimeout(r, 300));
-          assert.equal(received[0]!.length, 5);
+          assert.equal(received[0].length, 5);
           assert.ok(received[1]!.includes('orders:after'));
           // LISTEN inside a transaction block keeps PostgreSQL's semantics on the client's own connection.
           await listeners[0]!.query('BEGIN');

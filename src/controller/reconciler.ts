@@ -25,6 +25,7 @@ import { SidecarAccess } from './sidecar-access.ts';
 import { ConnectionVerifier, type VerifierOptions } from './verifier.ts';
 import { ServerDirectory } from './server-directory.ts';
 import type { ControllerMetrics } from './metrics.ts';
+import { forEachBounded } from './bounded.ts';
 import { buildBudgetInput, podConnectionKey, type PodObject, type WorkloadScale, type WrittenGrant } from './plan-input.ts';
 
 /** A Secret as the cache holds it. */
@@ -100,6 +101,9 @@ export class NotLeaderError extends Error {
 
 const MEMBERS = `/apis/${API_GROUP}/${API_VERSION}`;
 
+/** PoolMember writes in flight at once: the API client's own connection cap (KubeHttp's default). */
+const GRANT_WRITE_CONCURRENCY = 32;
+
 function key(object: { metadata: { namespace?: string; name?: string } }): string {
   return `${object.metadata.namespace ?? ''}/${object.metadata.name ?? ''}`;
 }
@@ -129,8 +133,8 @@ const NOT_SERVING_EVENTS = new Set(['SecretMissing', 'SecretKeyMissing', 'CaSecr
 export class ServerReconciler {
   private readonly deps: ReconcilerDeps;
   private readonly written = new Map<string, WrittenGrant>();
-  /** resourceVersion and grant generation of the PoolMember this replica last wrote, by pod uid. */
-  private readonly writtenVersions = new Map<string, { generation: number; resourceVersion: string }>();
+  /** resourceVersion, grant generation and normalised spec of the PoolMember this replica last wrote, by pod uid. */
+  private readonly writtenVersions = new Map<string, { generation: number; resourceVersion: string; spec: string }>();
   private readonly unsettledSince = new Map<string, number>();
   private readonly now: () => Date;
   private readonly sidecarAccess: SidecarAccess | undefined;
@@ -414,50 +418,67 @@ export class ServerReconciler {
   private async applyGrants(plan: BudgetPlan, connections: readonly DatabaseConnection[], members: readonly PoolMember[], resolved: Map<string, { credentials: CredentialsLookup }>): Promise<void> {
     const byKey = new Map(connections.map((c) => [key(c), c]));
     const memberByName = new Map(members.map((m) => [key(m), m]));
-    // Shrinks first: capacity only ever moves from acknowledged-free to granted.
-    const ordered = [...plan.grants].sort((a, b) => {
-      const delta = (g: PodGrant): number => g.grant.connections - (memberByName.get(`${g.namespace}/${g.name}`)?.spec.grant.connections ?? 0);
-      return delta(a) - delta(b);
-    });
-    for (const grant of ordered) {
+    const delta = (g: PodGrant): number => g.grant.connections - (memberByName.get(`${g.namespace}/${g.name}`)?.spec.grant.connections ?? 0);
+    // Any subset of one plan's writes keeps the limit: a shrink frees nothing until it is
+    // acknowledged (the planner counts max(granted, acknowledged, held)), and a grow takes
+    // only capacity free against the reservations before this plan, in which every
+    // shrinking pod still counts at its old grant. So the writes of a group may land in any
+    // order. Shrinks still go out first, as a group, so that their acknowledgements (which
+    // the next pass's grows wait for) start as early as possible and safety does not rest
+    // on the planner alone; the cost is one round trip.
+    const shrinks = plan.grants.filter((g) => delta(g) <= 0);
+    const grows = plan.grants.filter((g) => delta(g) > 0);
+    const write = (grant: PodGrant): Promise<void> => {
       const connection = byKey.get(`${grant.namespace}/${grant.connection}`);
-      if (!connection) continue;
-      const spec = this.memberSpec(connection, grant, resolved.get(key(connection))?.credentials);
-      const existing = memberByName.get(`${grant.namespace}/${grant.name}`);
-      const path = `${MEMBERS}/namespaces/${grant.namespace}/poolmembers`;
-      const ownerReferences = [{ apiVersion: 'v1', kind: 'Pod', name: grant.name, uid: grant.podUid, controller: true, blockOwnerDeletion: false }];
-      let written: PoolMember | undefined;
-      if (!existing) {
-        this.assertMayWrite();
-        try {
-          written = await this.deps.http.create<PoolMember>(path, { apiVersion: `${API_GROUP}/${API_VERSION}`, kind: 'PoolMember', metadata: { name: grant.name, namespace: grant.namespace, labels: { [CONNECTION_LABEL]: grant.connection }, ownerReferences }, spec });
-        } catch (err) {
-          // Someone else created it: the cache will show it, and the next reconcile plans with it.
-          if (isStatus(err, 409)) throw new GrantConflictError(`${grant.namespace}/${grant.name}`);
-          throw err;
-        }
-      } else {
-        const ownerChanged = existing.metadata.ownerReferences?.[0]?.uid !== grant.podUid;
-        const specChanged = JSON.stringify(normalise(existing.spec)) !== JSON.stringify(normalise(spec as PoolMember['spec']));
-        if (!ownerChanged && !specChanged && !grant.changed) continue;
-        this.assertMayWrite();
-        // The precondition: the PoolMember is still what this plan was computed from
-        // (or what this replica last wrote), so a deposed leader's stale write fails.
-        const resourceVersion = this.expectedVersion(existing);
-        try {
-          written = await this.deps.http.patch<PoolMember>(`${path}/${grant.name}`, { metadata: { resourceVersion, ownerReferences, labels: { [CONNECTION_LABEL]: grant.connection } }, spec: { ...spec, sshTunnel: spec.sshTunnel ?? null, credentialsGeneration: spec.credentialsGeneration ?? null } });
-          // A new pod under an old name: the old sidecar's acknowledgement is not this pod's.
-          if (ownerChanged) written = await this.deps.http.patch<PoolMember>(`${path}/${grant.name}/status`, { metadata: { resourceVersion: written.metadata.resourceVersion }, status: null });
-        } catch (err) {
-          if (isStatus(err, 409)) throw new GrantConflictError(`${grant.namespace}/${grant.name}`);
-          throw err;
-        }
-        const before = existing.spec.grant.connections;
-        if (grant.grant.connections !== before) this.deps.metrics.grantWrites.inc({ direction: grant.grant.connections < before ? 'shrink' : 'grow' });
+      if (!connection) return Promise.resolve();
+      return this.writeGrant(grant, connection, memberByName.get(`${grant.namespace}/${grant.name}`), resolved.get(key(connection))?.credentials);
+    };
+    await forEachBounded(shrinks, GRANT_WRITE_CONCURRENCY, write);
+    await forEachBounded(grows, GRANT_WRITE_CONCURRENCY, write);
+  }
+
+  /** Writes one pod's PoolMember if it differs from what the cache shows and from what this replica last wrote. */
+  private async writeGrant(grant: PodGrant, connection: DatabaseConnection, existing: PoolMember | undefined, credentials: CredentialsLookup | undefined): Promise<void> {
+    const spec = this.memberSpec(connection, grant, credentials);
+    const fingerprint = JSON.stringify(normalise(spec as PoolMember['spec']));
+    // Kept until the cache shows this generation: a reconcile from a cache that is behind
+    // our own write would otherwise write the same spec again (or create it twice).
+    const ours = this.writtenVersions.get(grant.podUid);
+    if (ours?.spec === fingerprint) return;
+    const path = `${MEMBERS}/namespaces/${grant.namespace}/poolmembers`;
+    const ownerReferences = [{ apiVersion: 'v1', kind: 'Pod', name: grant.name, uid: grant.podUid, controller: true, blockOwnerDeletion: false }];
+    let written: PoolMember | undefined;
+    if (!existing && !ours) {
+      this.assertMayWrite();
+      try {
+        written = await this.deps.http.create<PoolMember>(path, { apiVersion: `${API_GROUP}/${API_VERSION}`, kind: 'PoolMember', metadata: { name: grant.name, namespace: grant.namespace, labels: { [CONNECTION_LABEL]: grant.connection }, ownerReferences }, spec });
+      } catch (err) {
+        // Someone else created it: the cache will show it, and the next reconcile plans with it.
+        if (isStatus(err, 409)) throw new GrantConflictError(`${grant.namespace}/${grant.name}`);
+        throw err;
       }
-      this.written.set(grant.podUid, { namespace: grant.namespace, name: grant.name, podUid: grant.podUid, connections: grant.grant.connections, generation: grant.grant.generation });
-      if (written.metadata.resourceVersion) this.writtenVersions.set(grant.podUid, { generation: grant.grant.generation, resourceVersion: written.metadata.resourceVersion });
+    } else {
+      // Not in the cache yet but created by this replica: patch what it created.
+      const ownerChanged = existing !== undefined && existing.metadata.ownerReferences?.[0]?.uid !== grant.podUid;
+      const specChanged = existing === undefined || JSON.stringify(normalise(existing.spec)) !== fingerprint;
+      if (!ownerChanged && !specChanged && !grant.changed) return;
+      this.assertMayWrite();
+      // The precondition: the PoolMember is still what this plan was computed from
+      // (or what this replica last wrote), so a deposed leader's stale write fails.
+      const resourceVersion = existing ? this.expectedVersion(existing) : ours?.resourceVersion;
+      try {
+        written = await this.deps.http.patch<PoolMember>(`${path}/${grant.name}`, { metadata: { resourceVersion, ownerReferences, labels: { [CONNECTION_LABEL]: grant.connection } }, spec: { ...spec, sshTunnel: spec.sshTunnel ?? null, credentialsGeneration: spec.credentialsGeneration ?? null } });
+        // A new pod under an old name: the old sidecar's acknowledgement is not this pod's.
+        if (ownerChanged) written = await this.deps.http.patch<PoolMember>(`${path}/${grant.name}/status`, { metadata: { resourceVersion: written.metadata.resourceVersion }, status: null });
+      } catch (err) {
+        if (isStatus(err, 409)) throw new GrantConflictError(`${grant.namespace}/${grant.name}`);
+        throw err;
+      }
+      const before = existing?.spec.grant.connections ?? this.written.get(grant.podUid)?.connections ?? 0;
+      if (grant.grant.connections !== before) this.deps.metrics.grantWrites.inc({ direction: grant.grant.connections < before ? 'shrink' : 'grow' });
     }
+    this.written.set(grant.podUid, { namespace: grant.namespace, name: grant.name, podUid: grant.podUid, connections: grant.grant.connections, generation: grant.grant.generation });
+    if (written.metadata.resourceVersion) this.writtenVersions.set(grant.podUid, { generation: grant.grant.generation, resourceVersion: written.metadata.resourceVersion, spec: fingerprint });
   }
 
   private assertMayWrite(): void {

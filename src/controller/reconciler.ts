@@ -472,6 +472,15 @@ export class ServerReconciler {
         if (ownerChanged) written = await this.deps.http.patch<PoolMember>(`${path}/${grant.name}/status`, { metadata: { resourceVersion: written.metadata.resourceVersion }, status: null });
       } catch (err) {
         if (isStatus(err, 409)) throw new GrantConflictError(`${grant.namespace}/${grant.name}`);
+        // Garbage-collected with its pod since the cache showed it: nothing left to grant,
+        // and the other pods' writes of this pass still go out.
+        if (isStatus(err, 404)) {
+          // Whatever this replica wrote to it is gone too: a pod still there gets a new one.
+          this.written.delete(grant.podUid);
+          this.writtenVersions.delete(grant.podUid);
+          this.deps.logger.debug({ member: `${grant.namespace}/${grant.name}` }, 'PoolMember gone before its grant was written');
+          return;
+        }
         throw err;
       }
       const before = existing?.spec.grant.connections ?? this.written.get(grant.podUid)?.connections ?? 0;

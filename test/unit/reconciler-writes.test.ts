@@ -155,6 +155,19 @@ describe('reconciler writes', function () {
     assert.ok(api.maxInFlight > 1 && api.maxInFlight <= 32, `${api.maxInFlight} writes in flight at most`);
   });
 
+  it('skips a PoolMember that is gone (404 on its PATCH) and writes the others', async function () {
+    const api = new FakeApi();
+    const pods = Array.from({ length: 10 }, (_, i) => pod(i));
+    const members = pods.map((_, i) => member(i, 1));
+    for (const m of members) api.stored.set(m.metadata.name ?? '', m);
+    // The garbage collector got to web-3 after the cache last showed it.
+    api.stored.delete('web-3');
+    await reconcileOnce(reconcilerFor(api, 30, pods, () => members));
+    const written = api.writes.filter((w) => w.method === 'patch' && w.end > 0).map((w) => w.name);
+    assert.equal(new Set(written).size, 10, 'every pod was tried');
+    assert.deepEqual([...api.stored.values()].map((m) => m.spec.grant.connections), Array.from({ length: 9 }, () => 3));
+  });
+
   it('does not write a grant again while the cache has not caught up with its own write', async function () {
     const api = new FakeApi();
     const pods = Array.from({ length: 10 }, (_, i) => pod(i));

@@ -504,18 +504,23 @@ export class ServerReconciler {
 
   private async deleteOrphans(plan: BudgetPlan, members: readonly PoolMember[]): Promise<void> {
     const granted = new Set(plan.grants.map((g) => `${g.namespace}/${g.name}`));
+    const memberByName = new Map(members.map((m) => [key(m), m]));
+    const doomed: PoolMember[] = [];
     for (const orphan of plan.orphans) {
       const k = `${orphan.namespace}/${orphan.name}`;
-      const member = members.find((m) => key(m) === k);
-      if (granted.has(k) || !member) continue;
+      const member = memberByName.get(k);
+      if (!granted.has(k) && member) doomed.push(member);
+    }
+    await forEachBounded(doomed, GRANT_WRITE_CONCURRENCY, async (member) => {
+      const k = key(member);
       this.assertMayWrite();
       try {
-        await this.deps.http.delete(`${MEMBERS}/namespaces/${orphan.namespace}/poolmembers/${orphan.name}`, { apiVersion: 'v1', kind: 'DeleteOptions', preconditions: { resourceVersion: this.expectedVersion(member) } });
+        await this.deps.http.delete(`${MEMBERS}/namespaces/${member.metadata.namespace ?? ''}/poolmembers/${member.metadata.name ?? ''}`, { apiVersion: 'v1', kind: 'DeleteOptions', preconditions: { resourceVersion: this.expectedVersion(member) } });
       } catch (err) {
         if (isStatus(err, 409)) throw new GrantConflictError(k);
         if (!isStatus(err, 404)) throw err;
       }
-    }
+    });
   }
 
   /** Pods x minPerPod of every consumer on the server, for oversubscription advice. */

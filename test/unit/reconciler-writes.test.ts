@@ -189,4 +189,15 @@ describe('reconciler writes', function () {
     assert.equal(api.writes.filter((w) => w.method === 'create').length, creates);
     assert.equal(creates, 1);
   });
+
+  it('deletes the PoolMembers of vanished pods concurrently, at most 32 at once', async function () {
+    const api = new FakeApi();
+    const pods = Array.from({ length: 10 }, (_, i) => pod(i));
+    const members = Array.from({ length: 200 }, (_, i) => member(i, i < 10 ? 3 : 1));
+    for (const m of members) api.stored.set(m.metadata.name ?? '', m);
+    await reconcileOnce(reconcilerFor(api, 30, pods, () => members));
+    assert.equal(api.writes.filter((w) => w.method === 'delete').length, 190);
+    assert.equal(api.stored.size, 10);
+    assert.ok(api.maxInFlight > 1 && api.maxInFlight <= 32, `${api.maxInFlight} writes in flight at most`);
+  });
 });

@@ -617,7 +617,8 @@ export class ServerReconciler {
     if (isAbove?.status === 'True' && (was('LimitExceedsServer')?.status !== 'True' || was('LimitExceedsServer')?.message !== isAbove.message)) event('Warning', isAbove.reason, isAbove.message);
     const isDegraded = is('Degraded');
     if (effectiveDegraded && isDegraded && was('Degraded')?.reason !== isDegraded.reason) event('Warning', isDegraded.reason, isDegraded.message);
-    if (JSON.stringify(status) === JSON.stringify(previous) && conditionsEqual(previous?.conditions, conditions)) return;
+    // The API server returns keys in its own order: compare by content, or every reconcile writes.
+    if (canonicalJson(status) === canonicalJson(previous) && conditionsEqual(previous?.conditions, conditions)) return;
     try {
       await this.deps.http.patch(`${MEMBERS}/namespaces/${connection.metadata.namespace ?? ''}/databaseconnections/${connection.metadata.name ?? ''}/status`, { status });
     } catch (err) {
@@ -644,6 +645,15 @@ export class ServerReconciler {
       this.unsettledSince.delete(server);
     }
   }
+}
+
+/** JSON with object keys sorted at every level (undefined members dropped, as JSON.stringify does), for comparing content. */
+function canonicalJson(value: unknown): string {
+  return JSON.stringify(value, (_key, v: unknown) => {
+    if (v === null || typeof v !== 'object' || Array.isArray(v)) return v;
+    const record = v as Record<string, unknown>;
+    return Object.fromEntries(Object.keys(record).sort().map((k) => [k, record[k]]));
+  });
 }
 
 /** Spec fields in a stable order, defaults applied, for change detection. */

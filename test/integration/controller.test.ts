@@ -305,6 +305,40 @@ describe('budget controller', function () {
     assert.equal(getConnection(kube, namespace, 'orders')?.status?.allocated, 10, 'the silent sidecar keeps its reservation');
   });
 
+  it('writes nothing while nothing changes: no status or PoolMember write after convergence, whatever reconciles', async function () {
+    const namespace = namespaceFor('quiet');
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 3, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 30, reserve: 0 });
+    // Sidecars that heartbeat often, as a busy fleet's do.
+    const fleet = new SidecarFleetDouble(kube, namespace, 300);
+    fleets.push(fleet);
+    await fleet.start();
+    ({ controller } = await startController(kube));
+    await eventually('3 pods at 10, acknowledged', () => grants(fleet.members()).join() === '10,10,10' && fleet.members().every((m) => m.status?.acknowledgedGeneration === m.spec.grant.generation));
+    await eventually('status of 3 settled pods', () => {
+      const s = getConnection(kube, namespace, 'orders')?.status;
+      return s?.pods === 3 && s.allocated === 30 && s.conditions?.find((c) => c.type === 'Ready')?.status === 'True';
+    });
+    await new Promise((resolve) => setTimeout(resolve, 1_500));
+    const writes: string[] = [];
+    // eslint-disable-next-line @typescript-eslint/unbound-method -- called back with .call(this)
+    const original = KubeHttp.prototype.request;
+    KubeHttp.prototype.request = function counted<T>(this: KubeHttp, method: string, path: string, body?: unknown, contentType?: string): Promise<T> {
+      if (method !== 'GET' && path.includes(`/namespaces/${namespace}/`) && (path.includes('/databaseconnections/') || (path.includes('/poolmembers') && !path.endsWith('/status')))) writes.push(`${method} ${path}`);
+      return original.call(this, method, path, body, contentType) as Promise<T>;
+    };
+    try {
+      // Reconciles with nothing to change: a Deployment annotation wakes the controller.
+      for (let i = 0; i < 3; i += 1) {
+        kube.kubectl(['-n', namespace, 'annotate', '--overwrite', 'deployment/web', `poolkeeper.test/poke=${i}`]);
+        await new Promise((resolve) => setTimeout(resolve, 1_000));
+      }
+    } finally {
+      KubeHttp.prototype.request = original;
+    }
+    assert.deepEqual(writes, [], 'writes after convergence');
+  });
+
   it('binds the sidecar role to the pods\' ServiceAccount: a sidecar with the pod\'s own token reads its grant and acknowledges', async function () {
     const namespace = namespaceFor('rbac');
     // The ClusterRole as deploy/ installs it.

@@ -6,6 +6,7 @@
  * the API server's storage initializes, 5xx, connection refused) rather than
  * failing. On stop, in-flight reconciles end before the Lease is released.
  */
+import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, type DatabaseConnection, type PoolMember } from '../api/index.ts';
 import { ApiReachability } from '../kube/backoff.ts';
@@ -15,7 +16,19 @@ import type { LeaderElector } from '../kube/leader-election.ts';
 import { WorkQueue } from '../kube/workqueue.ts';
 import type { ControllerMetrics } from './metrics.ts';
 import type { PodObject } from './plan-input.ts';
-import { ServerReconciler, type ControllerCaches, type HpaObject, type ReconcilerDeps, type SecretObject, type WorkloadObject } from './reconciler.ts';
+import { DEFAULT_HEARTBEAT_TIMEOUT_MS, ServerReconciler, type ControllerCaches, type HpaObject, type ReconcilerDeps, type SecretObject, type WorkloadObject } from './reconciler.ts';
+
+/**
+ * What a reconcile reads of a PoolMember, hashed: its owner, its whole spec and
+ * the status fields the planner counts. Left out: heartbeatTime and
+ * sidecarVersion, which every sidecar rewrites every few seconds and which change
+ * no grant (a sidecar going silent is found by the periodic requeue instead).
+ */
+function memberFingerprint(m: PoolMember): string {
+  const s = m.status;
+  const status = s ? [s.acknowledgedGeneration, s.acknowledgedConnections, s.heldConnections, s.credentialsGeneration, s.draining, s.drained] : null;
+  return createHash('sha1').update(JSON.stringify([m.metadata.ownerReferences?.map((o) => o.uid), m.spec, status])).digest('base64');
+}
 
 /** Settings of the controller. */
 export interface ControllerOptions {
@@ -40,6 +53,8 @@ export class BudgetController {
   private stopping = false;
   /** The last server key seen for each connection, so a host change reconciles the old server too. */
   private readonly lastServer = new Map<string, string>();
+  /** Per PoolMember: the fingerprint of what the planner reads, and when its sidecar last reported (ms). */
+  private readonly memberSeen = new Map<string, { fingerprint: string; reportedAt: number }>();
 
   constructor(options: ControllerOptions) {
     this.options = options;
@@ -105,7 +120,25 @@ export class BudgetController {
       if (c) this.enqueue(this.serverOf(c));
     };
     pods.onChange((_type, p) => byConnectionName(p.metadata?.namespace, p.metadata?.labels?.[CONNECTION_LABEL]));
-    members.onChange((_type, m) => byConnectionName(m.metadata.namespace, m.spec.connection));
+    const heartbeatTimeoutMs = this.options.reconciler.heartbeatTimeoutMs ?? DEFAULT_HEARTBEAT_TIMEOUT_MS;
+    members.onChange((type, m) => {
+      const k = `${m.metadata.namespace ?? ''}/${m.metadata.name ?? ''}`;
+      if (type === 'DELETED') {
+        this.memberSeen.delete(k);
+        byConnectionName(m.metadata.namespace, m.spec.connection);
+        return;
+      }
+      const fingerprint = memberFingerprint(m);
+      const reported = m.status?.heartbeatTime ?? m.metadata.creationTimestamp;
+      const reportedAt = reported === undefined ? Date.now() : new Date(reported).getTime();
+      const seen = this.memberSeen.get(k);
+      this.memberSeen.set(k, { fingerprint, reportedAt });
+      // A heartbeat alone changes no grant; but one from a sidecar that had gone quiet
+      // past the timeout may clear a SidecarUnresponsive condition, so that one reconciles.
+      const quiet = seen !== undefined && Date.now() - seen.reportedAt > heartbeatTimeoutMs;
+      if (seen?.fingerprint === fingerprint && !quiet) return;
+      byConnectionName(m.metadata.namespace, m.spec.connection);
+    });
     secrets.onChange((_type, s) => {
       for (const c of this.connectionsIn(s.metadata?.namespace)) {
         const refs = [c.spec.database.credentialsSecretRef.name, c.spec.database.caSecretRef?.name, c.spec.sshTunnel?.privateKeySecretRef.name];

@@ -101,6 +101,9 @@ export class NotLeaderError extends Error {
 
 const MEMBERS = `/apis/${API_GROUP}/${API_VERSION}`;
 
+/** How long a sidecar may go without writing its PoolMember status before it counts as unresponsive, unless configured. */
+export const DEFAULT_HEARTBEAT_TIMEOUT_MS = 60_000;
+
 /** PoolMember writes in flight at once: the API client's own connection cap (KubeHttp's default). */
 const GRANT_WRITE_CONCURRENCY = 32;
 
@@ -352,7 +355,7 @@ export class ServerReconciler {
   }
 
   private heartbeatTimeoutMs(): number {
-    return this.deps.heartbeatTimeoutMs ?? 60_000;
+    return this.deps.heartbeatTimeoutMs ?? DEFAULT_HEARTBEAT_TIMEOUT_MS;
   }
 
   /** PoolMembers of live pods whose sidecar has not written status within the heartbeat timeout. */

@@ -7,6 +7,7 @@
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import pino from 'pino';
+import type { Registry } from 'prom-client';
 import { parseAllDocuments } from 'yaml';
 import type { DatabaseConnection, PoolMember } from '../../src/api/index.ts';
 import { startController as startControllerBinary, type RunningController } from '../../src/bin/controller-main.ts';
@@ -313,13 +314,19 @@ describe('budget controller', function () {
     const fleet = new SidecarFleetDouble(kube, namespace, 300);
     fleets.push(fleet);
     await fleet.start();
-    ({ controller } = await startController(kube));
+    let registry: Registry;
+    ({ controller, registry } = await startController(kube));
+    const reconciles = async (): Promise<number> => (await registry.getMetricsAsJSON()).find((m) => m.name === 'poolkeeper_reconcile_duration_seconds')?.values.filter((v) => (v as { metricName?: string }).metricName === 'poolkeeper_reconcile_duration_seconds_count').reduce((sum, v) => sum + v.value, 0) ?? 0;
     await eventually('3 pods at 10, acknowledged', () => grants(fleet.members()).join() === '10,10,10' && fleet.members().every((m) => m.status?.acknowledgedGeneration === m.spec.grant.generation));
     await eventually('status of 3 settled pods', () => {
       const s = getConnection(kube, namespace, 'orders')?.status;
       return s?.pods === 3 && s.allocated === 30 && s.conditions?.find((c) => c.type === 'Ready')?.status === 'True';
     });
     await new Promise((resolve) => setTimeout(resolve, 1_500));
+    // About 30 heartbeats in the next 3 s: none of them may wake a reconcile.
+    const quietStart = await reconciles();
+    await new Promise((resolve) => setTimeout(resolve, 3_000));
+    const heartbeatReconciles = (await reconciles()) - quietStart;
     const writes: string[] = [];
     // eslint-disable-next-line @typescript-eslint/unbound-method -- called back with .call(this)
     const original = KubeHttp.prototype.request;
@@ -337,6 +344,7 @@ describe('budget controller', function () {
       KubeHttp.prototype.request = original;
     }
     assert.deepEqual(writes, [], 'writes after convergence');
+    assert.equal(heartbeatReconciles, 0, 'reconciles woken by heartbeats alone');
   });
 
   it('binds the sidecar role to the pods\' ServiceAccount: a sidecar with the pod\'s own token reads its grant and acknowledges', async function () {

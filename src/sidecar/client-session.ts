@@ -178,51 +178,43 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       reader.push(chunk, length);
       while (reader.next()) {
         const type = reader.type;
-        // A later piece of a streamed message: bytes only, forwarded as they come.
-        if (reader.piece && !reader.pieceFirst) {
-          if (reader.buffer === runBuffer && reader.start === runEnd) runEnd = reader.end;
-          else {
+        // A later piece of a streamed message is bytes only, forwarded as they come.
+        if (!reader.piece || reader.pieceFirst) {
+          if (type === UNTYPED) {
+            this.onStartupPacket(reader.buffer.subarray(reader.bodyStart, reader.end));
+            if ((this.phase as Phase) === 'closed') return;
+            continue;
+          }
+          if (!isFrontendMessageType(type)) throw new ProtocolError('unknown-message-type', `invalid frontend message type ${type}`);
+          if (this.phase === 'startup') throw new ProtocolError('bad-startup', 'message before the startup packet');
+          if (type === MessageType.terminate) {
             if (runBuffer !== undefined) this.pendingChunks.push(runBuffer.subarray(runStart, runEnd));
-            runBuffer = reader.buffer;
-            runStart = reader.start;
-            runEnd = reader.end;
-          }
-          continue;
-        }
-        if (type === UNTYPED) {
-          this.onStartupPacket(reader.buffer.subarray(reader.bodyStart, reader.end));
-          if ((this.phase as Phase) === 'closed') return;
-          continue;
-        }
-        if (!isFrontendMessageType(type)) throw new ProtocolError('unknown-message-type', `invalid frontend message type ${type}`);
-        if (this.phase === 'startup') throw new ProtocolError('bad-startup', 'message before the startup packet');
-        if (type === MessageType.terminate) {
-          if (runBuffer !== undefined) this.pendingChunks.push(runBuffer.subarray(runStart, runEnd));
-          runBuffer = undefined;
-          if (this.pendingTypes.length === 0 && (this.server === undefined || this.server.tracker.atBoundary)) {
-            this.terminate();
-            return;
-          }
-          // PostgreSQL answers what came before a Terminate, then closes: so do we.
-          this.terminateAtBoundary = true;
-          break;
-        }
-        if (this.host.mode === 'transaction') {
-          if (this.statements === undefined && namesPreparedStatement(type, reader.buffer, reader.bodyStart, reader.end)) {
-            if (reader.piece) {
-              this.refuseStreamedFirstStatement();
+            runBuffer = undefined;
+            if (this.pendingTypes.length === 0 && (this.server === undefined || this.server.tracker.atBoundary)) {
+              this.terminate();
               return;
             }
-            this.startNamingStatements(runBuffer?.subarray(runStart, runEnd));
-            runBuffer = undefined;
+            // PostgreSQL answers what came before a Terminate, then closes: so do we.
+            this.terminateAtBoundary = true;
+            break;
           }
-          if ((type === QUERY || type === PARSE) && this.pinnedBy === undefined) {
-            const nothingQueued = runBuffer === undefined && this.pendingTypes.length === 0 && this.pendingChunks.length === 0 && this.server === undefined && !this.localCommand;
-            // Answered by the sidecar itself (LISTEN through the notification hub): not forwarded.
-            if (this.checkSessionState(type, reader.buffer, reader.bodyStart, reader.end, nothingQueued)) continue;
+          if (this.host.mode === 'transaction') {
+            if (this.statements === undefined && namesPreparedStatement(type, reader.buffer, reader.bodyStart, reader.end)) {
+              if (reader.piece) {
+                this.refuseStreamedFirstStatement();
+                return;
+              }
+              this.startNamingStatements(runBuffer?.subarray(runStart, runEnd));
+              runBuffer = undefined;
+            }
+            if ((type === QUERY || type === PARSE) && this.pinnedBy === undefined) {
+              const nothingQueued = runBuffer === undefined && this.pendingTypes.length === 0 && this.pendingChunks.length === 0 && this.server === undefined && !this.localCommand;
+              // Answered by the sidecar itself (LISTEN through the notification hub): not forwarded.
+              if (this.checkSessionState(type, reader.buffer, reader.bodyStart, reader.end, nothingQueued)) continue;
+            }
           }
+          this.pendingTypes.push(type);
         }
-        this.pendingTypes.push(type);
         if (reader.buffer === runBuffer && reader.start === runEnd) runEnd = reader.end;
         else {
           if (runBuffer !== undefined) this.pendingChunks.push(runBuffer.subarray(runStart, runEnd));
@@ -582,23 +574,20 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   }
 
   private refuseStreamedFirstStatement(): void {
-    this.host.metrics.error('prepared-statement-refused');
-    this.releaseServer(false);
-    this.fail({
-      severity: 'FATAL', code: '0A000',
-      message: 'a session\'s first named prepared statement is too large to track in transaction mode',
-      hint: 'prepare a small named statement first, or use pool.mode: session',
-    });
+    this.refuseStatementTracking('a session\'s first named prepared statement is too large to track in transaction mode', 'prepare a small named statement first, or use pool.mode: session');
   }
 
   private refuseMidPipelineSwitch(): void {
+    this.refuseStatementTracking(
+      'a session\'s first named prepared statement came after an unnamed Parse or Close in the same unsynced pipeline; transaction pooling cannot track it',
+      'send Sync before the first named statement, or use pool.mode: session',
+    );
+  }
+
+  private refuseStatementTracking(message: string, hint: string): void {
     this.host.metrics.error('prepared-statement-refused');
     this.releaseServer(false);
-    this.fail({
-      severity: 'FATAL', code: '0A000',
-      message: 'a session\'s first named prepared statement came after an unnamed Parse or Close in the same unsynced pipeline; transaction pooling cannot track it',
-      hint: 'send Sync before the first named statement, or use pool.mode: session',
-    });
+    this.fail({ severity: 'FATAL', code: '0A000', message, hint });
   }
 
   private onProtocolError(error: unknown): void {

@@ -242,11 +242,7 @@ export class FrameReader {
   }
 
   private setPiece(type: number, buffer: Buffer, start: number, bodyStart: number, end: number, first: boolean, last: boolean): void {
-    this.type = type;
-    this.buffer = buffer;
-    this.start = start;
-    this.bodyStart = bodyStart;
-    this.end = end;
+    this.setCursor(type, buffer, start, bodyStart, end);
     this.piece = true;
     this.pieceFirst = first;
     this.pieceLast = last;

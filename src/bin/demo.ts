@@ -16,8 +16,12 @@ import { startController } from './controller-main.ts';
 const NAMESPACE = 'shop';
 const quiet = pino({ level: 'silent' });
 // The environment's PgBouncer keeps its own connection as `app`; count poolkeeper's (sidecars and the controller's limit discovery).
-/** The demo's own PostgreSQL has no other pooler: every client backend of the app role is a sidecar's, but the controller's brief login check (it comes out of the reserve). */
-const COUNT_POOLKEEPER = "SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend' AND application_name <> 'poolkeeper-controller'";
+/**
+ * The sidecars' backends: the app role's, started since the fleet began (the health probe
+ * left PgBouncer one idle server connection before), but the controller's brief login
+ * check (it comes out of the reserve).
+ */
+const COUNT_POOLKEEPER = "SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend' AND backend_start >= $1 AND application_name <> 'poolkeeper-controller'";
 
 function startApp(pod: SimulatedPod, stats: { queries: number; errors: number }): void {
   // Each pod runs "gunicorn with 2 workers", each with a pool of 5 (a SQLAlchemy default), not the hint: the sidecar caps what reaches the server.
@@ -50,6 +54,7 @@ try {
   console.log(formatStatuses(statuses));
   if (!statuses.every((s) => s.healthy)) throw new Error('the local environment is not healthy');
   const [kube, postgres] = await Promise.all([env.kube(), env.postgres()]);
+  const fleetStart = new Date();
 
   await installCrds(kube);
   createNamespaceWithSecret(kube, { namespace: NAMESPACE, secret: 'orders-db-credentials', username: postgres.app.user, password: postgres.app.password });
@@ -78,7 +83,7 @@ try {
 
   let peak = 0;
   const sampler = setInterval(() => {
-    void postgres.query<{ n: string }>(COUNT_POOLKEEPER).then((rows) => {
+    void postgres.query<{ n: string }>(COUNT_POOLKEEPER, [fleetStart]).then((rows) => {
       peak = Math.max(peak, Number(rows[0]?.n ?? 0));
     }, () => undefined);
   }, 50);
@@ -88,7 +93,7 @@ try {
       return dbc.status?.pods === replicas && dbc.status.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') === true && kubelet.live().length === replicas;
     }, 90_000);
     await new Promise((r) => setTimeout(r, 1000));
-    const [{ n } = { n: '0' }] = await postgres.query<{ n: string }>(COUNT_POOLKEEPER);
+    const [{ n } = { n: '0' }] = await postgres.query<{ n: string }>(COUNT_POOLKEEPER, [fleetStart]);
     console.log(`\n$ kubectl -n ${NAMESPACE} get dbc,pm    (${replicas} replicas x 2 processes x pool 5 = ${replicas * 10} client connections wanted)`);
     console.log((await kube.kubectlAsync(['-n', NAMESPACE, 'get', 'dbc,pm'])).trimEnd());
     console.log(`PostgreSQL: ${n} poolkeeper connections now, peak ${peak} so far; apps ran ${stats.queries} queries with ${stats.errors} errors`);

@@ -233,8 +233,9 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     if (chunks.length === queuedBefore) return;
     // Still queued (no server connection yet): what this read added must outlive the reused read buffer.
     if (this.borrowedReads) for (let i = queuedBefore; i < chunks.length; i++) chunks[i] = Buffer.from(chunks[i]!);
-    // And a client that keeps sending while it waits is not read from until it is served.
-    if (!this.pausedWaiting && !this.socket.destroyed) {
+    // And a client that keeps sending while it waits (more than its one request) is not read
+    // from until it is served; the usual single waiting message costs no pause and resume.
+    if (!this.pausedWaiting && this.pendingTypes.length + chunks.length > 2 && !this.socket.destroyed) {
       this.pausedWaiting = true;
       this.socket.pause();
     }

@@ -10,6 +10,7 @@ import { createServer as createHttpsServer, type Server as HttpsServer } from 'n
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
 import { KubeConfig } from '@kubernetes/client-node';
 import { createCertificateAuthority, issueCertificate } from '../../src/pki/certificates.ts';
+import { pipeBoth } from './tcp-proxy.ts';
 
 /** What the front does with a new connection. */
 export type FrontState = 'down' | 'stub' | 'up';
@@ -57,15 +58,7 @@ export class ApiFront {
       const upstream = this.state === 'stub'
         ? createConnection({ host: '127.0.0.1', port: this.stubPort })
         : createConnection({ host: this.target.hostname, port: Number(this.target.port) });
-      for (const s of [client, upstream]) {
-        this.sockets.add(s);
-        s.on('close', () => this.sockets.delete(s));
-        s.on('error', () => s.destroy());
-      }
-      client.pipe(upstream);
-      upstream.pipe(client);
-      client.on('close', () => upstream.destroy());
-      upstream.on('close', () => client.destroy());
+      pipeBoth(client, upstream, this.sockets);
     });
     await new Promise<void>((resolve) => this.server!.listen(port, '127.0.0.1', resolve));
     const address = this.server.address();

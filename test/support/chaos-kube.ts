@@ -18,6 +18,7 @@ import { KubeletSimulator } from '../../src/devenv/kubelet-sim.ts';
 import { freePort } from '../../src/devenv/process.ts';
 import { createWorkload, eventually, installCrds } from '../../src/devenv/scenario.ts';
 import { CHAOS_ROLE, type ChaosLab, type FaultContext, type Fleet, type Scenario } from './chaos.ts';
+import { pipeBoth } from './tcp-proxy.ts';
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 const POOLKEEPER = new URL('../../src/bin/poolkeeper.ts', import.meta.url).pathname;
@@ -36,15 +37,7 @@ class ApiProxy {
   async up(): Promise<void> {
     const server = createServer((client) => {
       const upstream = createConnection(this.target);
-      for (const s of [client, upstream]) {
-        this.sockets.add(s);
-        s.on('close', () => this.sockets.delete(s));
-        s.on('error', () => s.destroy());
-      }
-      client.pipe(upstream);
-      upstream.pipe(client);
-      client.on('close', () => upstream.destroy());
-      upstream.on('close', () => client.destroy());
+      pipeBoth(client, upstream, this.sockets);
     });
     this.server = server;
     await new Promise<void>((resolve) => server.listen(this.port, '127.0.0.1', resolve));

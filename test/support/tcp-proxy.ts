@@ -4,6 +4,22 @@
  */
 import { createConnection, createServer, type Server, type Socket } from 'node:net';
 
+/**
+ * Joins two sockets both ways, each closing the other, and keeps them in
+ * `sockets` while open (so that a test can cut them all).
+ */
+export function pipeBoth(client: Socket, upstream: Socket, sockets: Set<Socket>): void {
+  for (const s of [client, upstream]) {
+    sockets.add(s);
+    s.on('close', () => sockets.delete(s));
+    s.on('error', () => s.destroy());
+  }
+  client.pipe(upstream);
+  upstream.pipe(client);
+  client.on('close', () => upstream.destroy());
+  upstream.on('close', () => client.destroy());
+}
+
 /** A proxy from 127.0.0.1:<port> to a target. */
 export class TcpProxy {
   private server: Server | undefined;

@@ -15,7 +15,7 @@ command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
 [ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null 2>&1 || missing+=(pgbouncer)
 # Drivers for test/integration/drivers.test.ts: imported by Debian's own python3
 # (a pyenv or venv python3 earlier on PATH would not see them), pgjdbc as a jar.
-for module in psycopg:python3-psycopg psycopg2:python3-psycopg2 asyncpg:python3-asyncpg; do
+for module in psycopg:python3-psycopg psycopg2:python3-psycopg2 asyncpg:python3-asyncpg sqlalchemy:python3-sqlalchemy; do
   /usr/bin/python3 -c "import ${module%%:*}" >/dev/null 2>&1 || missing+=("${module#*:}")
 done
 [ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)

@@ -6,4 +6,5 @@ export * from './group.ts';
 export * from './common.ts';
 export * from './databaseconnection.ts';
 export * from './poolmember.ts';
+export * from './poolgrant.ts';
 export * from './crds.ts';

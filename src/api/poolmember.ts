@@ -71,6 +71,7 @@ export const poolMemberSpecSchema = {
       },
     },
     drain: { type: 'boolean', default: false, description: 'true: the controller asks the sidecar to give everything back.' },
+    tableFrom: { type: 'integer', format: 'int64', minimum: 1, description: 'Set once the sidecar reads grant tables: from this PoolGrant generation on, the pod\'s grant is derived from the PoolGrant named connection; grant (and drain) hold until then.' },
   },
 } as const;
 
@@ -87,6 +88,7 @@ export const poolMemberStatusSchema = {
     drained: { type: 'boolean', description: 'Holds 0 server connections and will open none.' },
     heartbeatTime: { type: 'string', format: 'date-time', description: 'When the sidecar last wrote this status; a stale one counts as unresponsive.' },
     sidecarVersion: { type: 'string', maxLength: 64, description: 'Version of the sidecar.' },
+    tableGeneration: { type: 'integer', format: 'int64', minimum: 0, description: 'Written only by sidecars that read grant tables: the PoolGrant generation acknowledgedConnections was derived from (0 before any).' },
   },
 } as const;
 

@@ -5,9 +5,10 @@
  * docs/budget.md explains the algorithm.
  */
 import { fairShares, type ShareUnit } from './fair-share.ts';
+import { encodeGrantTable, memberGrantInForce, tableContent, type GrantTable, type TableEntry } from './grant-table.ts';
 import type {
   BudgetInput, BudgetPlan, ConnectionInput, ConnectionSummary, ConsumerInput, ConsumerSummary, GrantInForce, GrantWait,
-  MemberState, ObjectKey, Oversubscription, PodGrant, PodInput,
+  MemberState, ObjectKey, Oversubscription, PlannedTable, PodGrant, PodInput,
 } from './types.ts';
 
 /** live: draws a share. leaving: terminating or without a consumer, gives everything back. finished: Succeeded/Failed, holds nothing. */
@@ -35,6 +36,11 @@ interface PodState {
   /** The sidecar has acknowledged the grant in force: nothing is in flight. */
   acknowledged: boolean;
   reservation: number;
+  /** Its grant goes into the connection's table (its PoolMember has spec.tableFrom). */
+  onTable: boolean;
+  /** Its PoolMember's tableFrom is beyond the table in force: the table must be written to cover it. */
+  tablePending: boolean;
+  tableFrom?: number | undefined;
 }
 
 function podKey(o: ObjectKey): string {
@@ -76,7 +82,7 @@ function indexConsumers(connections: readonly ConnectionInput[], pods: readonly 
  * whose owner UID belongs to an earlier pod of the same name) is an orphan:
  * its pod no longer exists, so its reservation is released.
  */
-function joinPodsWithMembers(pods: readonly PodInput[], members: readonly MemberState[], consumers: Map<string, ConsumerContext>): { states: PodState[]; orphans: ObjectKey[] } {
+function joinPodsWithMembers(pods: readonly PodInput[], members: readonly MemberState[], consumers: Map<string, ConsumerContext>, tables: ReadonlyMap<string, GrantTable>): { states: PodState[]; orphans: ObjectKey[] } {
   const membersByKey = new Map(members.map((m) => [podKey(m), m]));
   const podKeys = new Set<string>();
   const states: PodState[] = [];
@@ -90,12 +96,24 @@ function joinPodsWithMembers(pods: readonly PodInput[], members: readonly Member
     const consumer = pod.consumer === undefined ? undefined : consumers.get(consumerKey(pod.namespace, pod.connection, pod.consumer));
     const role: PodRole = pod.phase === 'Succeeded' || pod.phase === 'Failed' ? 'finished' : pod.terminating || !consumer ? 'leaving' : 'live';
     // A replaced pod's PoolMember continues its generations so a sidecar watching by name never sees one go back.
-    const grant = member?.grant ?? { connections: 0, generation: found ? found.grant.generation + 1 : 0 };
+    let grant = member?.grant ?? { connections: 0, generation: found ? found.grant.generation + 1 : 0 };
     const ack = member?.acknowledgement;
-    const acknowledged = ack ? ack.generation >= grant.generation : grant.connections === 0;
+    let acknowledged = ack ? ack.generation >= grant.generation : grant.connections === 0;
+    const tableFrom = member?.tableFrom;
+    const table = tableFrom === undefined ? undefined : tables.get(`${pod.namespace}/${pod.connection}`);
+    const inForce = member ? memberGrantInForce(member, table) : undefined;
+    if (tableFrom !== undefined && inForce?.fromTable === true) {
+      // On the table: its sidecar holds what the table says once it reports the same
+      // number from a table that covers it. Equal numbers are enough: a sidecar never
+      // holds more than the larger of its last acknowledgement and its current grant.
+      grant = { connections: inForce.connections, generation: inForce.generation };
+      acknowledged = ack ? ack.tableGeneration !== undefined && ack.tableGeneration >= tableFrom && ack.connections === grant.connections : grant.connections === 0;
+    }
     const drainedAway = pod.terminating && ack?.drained === true;
     const reservation = role === 'finished' || drainedAway ? 0 : Math.max(grant.connections, ack?.connections ?? 0, ack?.held ?? 0);
-    states.push({ pod, key, role, consumer: role === 'live' ? consumer : undefined, grant, mustWrite: !member, acknowledged, reservation });
+    const onTable = tableFrom !== undefined;
+    const tablePending = onTable && (table === undefined || table.generation < tableFrom);
+    states.push({ pod, key, role, consumer: role === 'live' ? consumer : undefined, grant, mustWrite: !member, acknowledged, reservation, onTable, tablePending, tableFrom });
   }
   for (const m of members) if (!podKeys.has(podKey(m))) orphans.push({ namespace: m.namespace, name: m.name });
   return { states: states.sort(byKey), orphans };
@@ -199,7 +217,7 @@ function summarize(
     const reservation = s.reservation === 0 && s.role !== 'live' ? 0 : Math.max(s.reservation, grant.connections);
     return {
       namespace: s.pod.namespace, name: s.pod.name, podUid: s.pod.uid, connection: s.pod.connection, consumer: s.pod.consumer,
-      grant, changed: s.mustWrite || grant !== s.grant, drain: s.role !== 'live', target, reservation,
+      grant, changed: !s.onTable && (s.mustWrite || grant !== s.grant), table: s.onTable, drain: s.role !== 'live', target, reservation,
       waitingFor: s.role === 'live' ? waitOf(s, grant, target) : reservation === 0 ? 'none' : 'acknowledgement',
     };
   });
@@ -249,6 +267,37 @@ function summarize(
 }
 
 /**
+ * Step 6: the grant table of each connection with pods on tables. Written
+ * when its content changes or when a pod has just been put on it (its
+ * tableFrom is beyond the table in force); one new generation for all.
+ * Every planned grant of one pass may land in one write: a shrink frees
+ * nothing until acknowledged and a grow takes only what was free before.
+ */
+function planTables(states: readonly PodState[], next: Map<string, GrantInForce>, tables: ReadonlyMap<string, GrantTable>): { planned: PlannedTable[]; generations: Map<string, number> } {
+  const byConnection = new Map<string, { namespace: string; connection: string; entries: TableEntry[]; pending: number }>();
+  for (const s of states) {
+    if (!s.onTable) continue;
+    const k = `${s.pod.namespace}/${s.pod.connection}`;
+    const group = byConnection.get(k) ?? { namespace: s.pod.namespace, connection: s.pod.connection, entries: [], pending: 0 };
+    byConnection.set(k, group);
+    const grant = next.get(s.key) ?? s.grant;
+    group.entries.push({ name: s.pod.name, connections: grant.connections, drain: s.role !== 'live' });
+    if (s.tablePending) group.pending = Math.max(group.pending, s.tableFrom ?? 1);
+  }
+  const planned: PlannedTable[] = [];
+  const generations = new Map<string, number>();
+  for (const [k, group] of byConnection) {
+    const current = tables.get(k);
+    const draft = encodeGrantTable(group.entries, current?.generation ?? 0);
+    const changed = current === undefined || group.pending > 0 || tableContent(draft) !== tableContent(current);
+    const generation = changed ? Math.max((current?.generation ?? 0) + 1, group.pending) : (current?.generation ?? 0);
+    generations.set(k, generation);
+    planned.push({ namespace: group.namespace, connection: group.connection, table: { ...draft, generation }, changed });
+  }
+  return { planned, generations };
+}
+
+/**
  * Plans the grants of every pod on one database server. Pass ALL
  * DatabaseConnections with that host:port (any namespace): they share
  * `input.limit`. `input.members` must include the grants this controller has
@@ -257,8 +306,16 @@ function summarize(
 export function planBudgets(input: BudgetInput): BudgetPlan {
   const limit = Math.max(0, Math.floor(input.limit));
   const consumers = indexConsumers(input.connections, input.pods);
-  const { states, orphans } = joinPodsWithMembers(input.pods, input.members, consumers);
+  const tables = new Map((input.tables ?? []).map((t) => [`${t.namespace}/${t.connection}`, t.table]));
+  const { states, orphans } = joinPodsWithMembers(input.pods, input.members, consumers, tables);
   const { targets, slotShares, oversubscription } = fairTargets(states, consumers, limit);
   const next = stepTowardTargets(states, targets, limit);
-  return { limit, ...summarize(input, states, consumers, targets, slotShares, next), oversubscription, orphans };
+  const planned = planTables(states, next, tables);
+  // A pod on a table whose grant changes gets the table's new generation.
+  for (const s of states) {
+    const grant = next.get(s.key);
+    const generation = planned.generations.get(`${s.pod.namespace}/${s.pod.connection}`);
+    if (s.onTable && grant && grant !== s.grant && generation !== undefined) next.set(s.key, { connections: grant.connections, generation });
+  }
+  return { limit, ...summarize(input, states, consumers, targets, slotShares, next), oversubscription, orphans, tables: planned.planned };
 }

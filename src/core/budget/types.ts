@@ -2,8 +2,9 @@
  * Input and output of the budget planner (planBudgets). Plain data: the
  * controller builds the input from the API objects of ONE database server
  * (all DatabaseConnections with the same host:port, any namespace) and writes
- * the output back to PoolMembers and DatabaseConnection statuses.
+ * the output back to PoolMembers, grant tables and DatabaseConnection statuses.
  */
+import type { GrantTable } from './grant-table.ts';
 
 /** Namespace and name of an object. */
 export interface ObjectKey {
@@ -64,6 +65,8 @@ export interface Acknowledgement {
   held: number;
   /** status.drained. */
   drained: boolean;
+  /** status.tableGeneration: the grant table `connections` was derived from; absent from sidecars that do not read tables. */
+  tableGeneration?: number | undefined;
 }
 
 /** What is persisted for one pod: its PoolMember (the only state the planner needs across restarts). */
@@ -73,6 +76,24 @@ export interface MemberState extends ObjectKey {
   grant: GrantInForce;
   /** Absent until the sidecar first writes status. */
   acknowledgement?: Acknowledgement | undefined;
+  /**
+   * spec.tableFrom: from this grant-table generation on, the pod's grant is
+   * derived from its connection's table instead of `grant`. Absent: `grant`.
+   */
+  tableFrom?: number | undefined;
+}
+
+/** The grant table in force for one DatabaseConnection. */
+export interface TableState {
+  namespace: string;
+  /** The DatabaseConnection's name. */
+  connection: string;
+  table: GrantTable;
+}
+
+/** The table a plan wants for one DatabaseConnection: write it when `changed`. */
+export interface PlannedTable extends TableState {
+  changed: boolean;
 }
 
 /** Everything about one database server. */
@@ -83,6 +104,8 @@ export interface BudgetInput {
   pods: readonly PodInput[];
   /** PoolMembers of those pods (and of pods that may be gone). */
   members: readonly MemberState[];
+  /** The grant tables in force (absent or empty: none written yet). */
+  tables?: readonly TableState[] | undefined;
 }
 
 /** Why a pod's grant is not yet its target. */
@@ -96,6 +119,8 @@ export interface PodGrant extends ObjectKey {
   grant: GrantInForce;
   /** The grant differs from the one in force (or there was none): write it. */
   changed: boolean;
+  /** The grant is carried by the connection's grant table (in `BudgetPlan.tables`), not by the PoolMember. */
+  table: boolean;
   /** Ask the sidecar to give everything back (terminating pod, or no consumer). */
   drain: boolean;
   /** The pod's fair share, which its grant converges to. */
@@ -151,4 +176,6 @@ export interface BudgetPlan {
   orphans: ObjectKey[];
   /** Every grant equals its target and is acknowledged. */
   settled: boolean;
+  /** One grant table per DatabaseConnection with pods on tables. */
+  tables: PlannedTable[];
 }

@@ -1,0 +1,53 @@
+/**
+ * PoolGrant (poolkeeper.dev/v1alpha1): one per DatabaseConnection, same name
+ * and namespace, written by the controller only. A grant table: one per-pod
+ * default and the pods that differ from it. Each sidecar whose PoolMember has
+ * switched to the table derives its own grant from it (core/budget/grant-table.ts),
+ * so one write reaches every pod of the connection. See docs/protocol.md.
+ */
+import type { FromSchema } from 'json-schema-to-ts';
+import type { V1ObjectMeta } from '@kubernetes/client-node';
+import { resourceSchema } from './common.ts';
+
+/** A pod whose grant differs from the table's default. */
+export const grantExceptionSchema = {
+  type: 'object',
+  required: ['connections'],
+  additionalProperties: false,
+  properties: {
+    connections: { type: 'integer', minimum: 0, description: 'Server connections these pods may hold.' },
+    drain: { type: 'boolean', description: 'true: these pods are asked to give everything back (terminating, or no consumer), after their drain grace.' },
+    pods: { type: 'array', maxItems: 100000, items: { type: 'string', maxLength: 253 }, description: 'Names of the pods (their PoolMembers), sorted.' },
+  },
+} as const;
+
+/** PoolGrant spec, written by the controller only. */
+export const poolGrantSpecSchema = {
+  type: 'object',
+  required: ['connection', 'generation', 'perPod'],
+  additionalProperties: false,
+  properties: {
+    connection: { type: 'string', minLength: 1, maxLength: 253, description: 'Name of the DatabaseConnection in this namespace.' },
+    generation: { type: 'integer', format: 'int64', minimum: 0, description: 'Increases with every change of the table.' },
+    perPod: { type: 'integer', minimum: 0, description: 'The grant of every pod of the table not listed in exceptions.' },
+    exceptions: { type: 'array', maxItems: 1024, items: grantExceptionSchema, description: 'Pods whose grant differs from perPod, grouped by grant.' },
+  },
+} as const;
+
+/** The CRD's openAPIV3Schema. */
+export const poolGrantSchema = resourceSchema(poolGrantSpecSchema, { type: 'object', properties: {} }, {
+  root: 'PoolGrant: the grant table of one DatabaseConnection (same name); the sidecars of its pods derive their grants from it (docs/protocol.md).',
+  spec: 'Written by the controller: the per-pod default grant and the pods that differ from it.',
+  status: 'Unused.',
+});
+
+/** PoolGrant spec. */
+export type PoolGrantSpec = FromSchema<typeof poolGrantSpecSchema>;
+
+/** A PoolGrant object. */
+export interface PoolGrant {
+  apiVersion: 'poolkeeper.dev/v1alpha1';
+  kind: 'PoolGrant';
+  metadata: V1ObjectMeta;
+  spec: PoolGrantSpec;
+}

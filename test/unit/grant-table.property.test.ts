@@ -1,0 +1,279 @@
+/**
+ * The grant-table protocol against a simulated fleet: the controller writes one
+ * table per DatabaseConnection, sidecars that read tables are switched onto them
+ * and derive their own grants, older sidecars keep reading their PoolMember's
+ * grant. Random scale-ups, rollouts, deletions, failures, limit changes,
+ * reconciles that crash after any write, acknowledgements that arrive late, twice
+ * or never. Safety after every step; convergence once the fleet is left alone.
+ */
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import {
+  deriveGrant, encodeGrantTable, memberGrantInForce, planBudgets,
+  type BudgetPlan, type ConnectionInput, type GrantTable, type MemberState, type PodInput,
+} from '../../src/core/budget/index.ts';
+
+interface Sidecar {
+  /** Reads grant tables (a sidecar of this version) or only its PoolMember (an older one). */
+  readsTables: boolean;
+  allowed: number;
+  held: number;
+  /** The source and generation of the grant it applied last ("m7", "t3"). */
+  seen: string;
+  /** Generation and table generation of the grant it applied. */
+  applied: { generation: number; tableGeneration?: number | undefined };
+  pendingAck?: { generation: number; connections: number; tableGeneration?: number | undefined } | undefined;
+  responsive: boolean;
+  drained: boolean;
+}
+
+interface SimPod { pod: PodInput; sidecar: Sidecar }
+
+interface World {
+  limit: number;
+  /** What the counted total must stay under: the limit, or while a lowered limit is being reached, the lowest total since. */
+  ceiling: number;
+  connections: ConnectionInput[];
+  pods: SimPod[];
+  members: Map<string, MemberState>;
+  /** Grant tables by "namespace/connection". */
+  tables: Map<string, GrantTable>;
+  serial: number;
+}
+
+type Operation =
+  | { kind: 'scaleUp'; consumer: number; old: boolean }
+  | { kind: 'rollout'; consumer: number }
+  | { kind: 'terminate' | 'gone' | 'fail' | 'sync' | 'release' | 'deliverAck' | 'loseAck' | 'hang' | 'wake' | 'drain'; pod: number }
+  | { kind: 'use'; pod: number; connections: number }
+  | { kind: 'reconcile'; writes: number }
+  | { kind: 'limit'; limit: number }
+  | { kind: 'tick'; busy: boolean };
+
+const keyOf = (o: { namespace: string; name: string }): string => `${o.namespace}/${o.name}`;
+
+function addPod(world: World, consumerIndex: number, readsTables: boolean): void {
+  const consumers = world.connections.flatMap((c) => c.consumers.map((k) => ({ namespace: c.namespace, connection: c.name, name: k.name })));
+  const consumer = consumers[consumerIndex % consumers.length]!;
+  world.serial += 1;
+  world.pods.push({
+    pod: { namespace: consumer.namespace, name: `${consumer.name}-${String(world.serial).padStart(3, '0')}`, uid: `uid-${world.serial}`, connection: consumer.connection, consumer: consumer.name, phase: 'Running', terminating: false, ready: true },
+    sidecar: { readsTables, allowed: 0, held: 0, seen: '', applied: { generation: -1 }, responsive: true, drained: false },
+  });
+}
+
+function tableOf(world: World, p: PodInput): GrantTable | undefined {
+  return world.tables.get(`${p.namespace}/${p.connection}`);
+}
+
+function plan(world: World): BudgetPlan {
+  const tables = [...world.tables].map(([k, table]) => ({ namespace: k.split('/')[0]!, connection: k.split('/')[1]!, table }));
+  return planBudgets({ limit: world.limit, connections: world.connections, pods: world.pods.map((p) => p.pod), members: [...world.members.values()], tables });
+}
+
+/**
+ * The controller: switch members whose sidecar reads tables, plan, write the
+ * tables then the members' grants; a crash after `writes` writes loses the rest.
+ */
+function reconcile(world: World, writes: number): BudgetPlan {
+  let budget = writes;
+  for (const p of world.pods) {
+    const m = world.members.get(keyOf(p.pod));
+    if (!m || m.podUid !== p.pod.uid || m.tableFrom !== undefined || m.acknowledgement?.tableGeneration === undefined || budget <= 0) continue;
+    budget -= 1;
+    world.members.set(keyOf(m), { ...m, tableFrom: (tableOf(world, p.pod)?.generation ?? 0) + 1 });
+  }
+  const result = plan(world);
+  for (const t of result.tables) {
+    if (!t.changed || budget <= 0) continue;
+    budget -= 1;
+    world.tables.set(`${t.namespace}/${t.connection}`, t.table);
+  }
+  for (const grant of result.grants) {
+    if (!grant.changed || budget <= 0) continue;
+    budget -= 1;
+    const previous = world.members.get(keyOf(grant));
+    const sameOwner = previous?.podUid === grant.podUid;
+    // A new pod under an old name starts over: not on the table until its own sidecar says it reads one.
+    world.members.set(keyOf(grant), { namespace: grant.namespace, name: grant.name, podUid: grant.podUid, grant: grant.grant, acknowledgement: sameOwner ? previous?.acknowledgement : undefined, tableFrom: sameOwner ? previous?.tableFrom : undefined });
+  }
+  for (const orphan of result.orphans) if (!world.pods.some((p) => keyOf(p.pod) === keyOf(orphan))) world.members.delete(keyOf(orphan));
+  return result;
+}
+
+/** What the pod's sidecar reads: the table once its PoolMember says the table covers it (and it reads tables), else its PoolMember. */
+function sync(world: World, p: SimPod): void {
+  const s = p.sidecar;
+  const m = world.members.get(keyOf(p.pod));
+  if (!m || m.podUid !== p.pod.uid || !s.responsive || s.drained) return;
+  const table = tableOf(world, p.pod);
+  const onTable = s.readsTables && m.tableFrom !== undefined && table !== undefined && table.generation >= m.tableFrom;
+  const grant = onTable ? deriveGrant(table, p.pod.name) : { ...m.grant, drain: false };
+  const seen = `${onTable ? 't' : 'm'}${grant.generation}`;
+  if (seen !== s.seen) {
+    // A table write that leaves this pod's number alone needs no new acknowledgement.
+    const same = onTable && s.seen.startsWith('t') && grant.connections === s.allowed;
+    s.seen = seen;
+    s.allowed = grant.connections;
+    if (!same) s.applied = { generation: grant.generation, ...(s.readsTables ? { tableGeneration: onTable ? grant.generation : 0 } : {}) };
+  }
+  const ack = m.acknowledgement;
+  const reported = ack?.generation === s.applied.generation && ack.tableGeneration === s.applied.tableGeneration && ack.connections === s.allowed;
+  if (!reported && s.held <= s.allowed) s.pendingAck = { ...s.applied, connections: s.allowed };
+}
+
+function apply(world: World, op: Operation): void {
+  const p = 'pod' in op && world.pods.length > 0 ? world.pods[op.pod % world.pods.length] : undefined;
+  const member = p ? world.members.get(keyOf(p.pod)) : undefined;
+  const alive = p !== undefined && p.pod.phase !== 'Failed';
+  switch (op.kind) {
+    case 'scaleUp': addPod(world, op.consumer, !op.old); break;
+    case 'rollout': {
+      addPod(world, op.consumer, true);
+      const surge = world.pods.at(-1)!;
+      const old = world.pods.find((q) => q.pod.consumer === surge.pod.consumer && q !== surge && !q.pod.terminating);
+      if (old) old.pod.terminating = true;
+      break;
+    }
+    case 'terminate': if (p) p.pod.terminating = true; break;
+    case 'gone': if (p && (p.pod.terminating || !alive)) world.pods.splice(world.pods.indexOf(p), 1); break;
+    case 'fail': if (p) Object.assign(p.sidecar, { held: 0, allowed: 0, responsive: false }), p.pod.phase = 'Failed'; break;
+    case 'reconcile': reconcile(world, op.writes); break;
+    case 'limit': {
+      // A lowered limit is reached as shrinks are acknowledged: until then the total may only fall.
+      world.ceiling = Math.max(op.limit, countedTotal(world));
+      world.limit = op.limit;
+      break;
+    }
+    case 'sync': if (p && alive) sync(world, p); break;
+    case 'use': if (p && alive && p.sidecar.responsive && !p.sidecar.drained) p.sidecar.held = Math.min(p.sidecar.allowed, Math.max(p.sidecar.held, op.connections)); break;
+    case 'release': if (p && alive && p.sidecar.held > 0) { p.sidecar.held -= 1; sync(world, p); } break;
+    case 'deliverAck':
+      if (p && alive && member && member.podUid === p.pod.uid && p.sidecar.pendingAck && p.sidecar.responsive) {
+        member.acknowledgement = { ...p.sidecar.pendingAck, held: p.sidecar.held, drained: p.sidecar.drained };
+        p.sidecar.pendingAck = undefined;
+      }
+      break;
+    case 'tick':
+      for (let i = 0; i < world.pods.length; i += 1) {
+        apply(world, { kind: 'sync', pod: i });
+        if (op.busy) apply(world, { kind: 'use', pod: i, connections: Infinity });
+        apply(world, { kind: 'deliverAck', pod: i });
+      }
+      break;
+    case 'loseAck': if (p) p.sidecar.pendingAck = undefined; break;
+    case 'hang': if (p) p.sidecar.responsive = false; break;
+    case 'wake': if (p && alive) p.sidecar.responsive = true; break;
+    case 'drain':
+      if (p && alive && p.pod.terminating && p.sidecar.responsive && member && member.podUid === p.pod.uid) {
+        Object.assign(p.sidecar, { held: 0, allowed: 0, drained: true, pendingAck: undefined });
+        member.acknowledgement = { generation: member.acknowledgement?.generation ?? 0, tableGeneration: member.acknowledgement?.tableGeneration, connections: 0, held: 0, drained: true };
+      }
+      break;
+  }
+}
+
+/** max(grant in force, acknowledged) of a pod, 0 for pods failed or drained on termination. */
+function countedFor(world: World, p: SimPod): number {
+  const m = world.members.get(keyOf(p.pod));
+  if (!m || m.podUid !== p.pod.uid || p.pod.phase === 'Failed') return 0;
+  if (p.pod.terminating && m.acknowledgement?.drained) return 0;
+  return Math.max(memberGrantInForce(m, tableOf(world, p.pod)).connections, m.acknowledgement?.connections ?? 0);
+}
+
+function countedTotal(world: World): number {
+  return world.pods.reduce((sum, p) => sum + countedFor(world, p), 0);
+}
+
+function checkSafety(world: World, step: string): void {
+  const counted = countedTotal(world);
+  world.ceiling = Math.max(world.limit, Math.min(world.ceiling, counted));
+  assert.ok(counted <= world.ceiling, `${step}: counted ${counted} > ${world.ceiling} (limit ${world.limit})`);
+  const held = world.pods.reduce((sum, p) => sum + p.sidecar.held, 0);
+  assert.ok(held <= world.ceiling, `${step}: sidecars hold ${held} > ${world.ceiling}`);
+  for (const p of world.pods) {
+    assert.ok(p.sidecar.allowed <= countedFor(world, p) || p.sidecar.drained || p.pod.phase === 'Failed', `${step}: ${p.pod.name} may hold ${p.sidecar.allowed}, counted ${countedFor(world, p)}`);
+  }
+}
+
+/** Leave the fleet alone: sidecars answer, terminating pods go; reconcile until settled. */
+function settle(world: World): BudgetPlan {
+  for (const p of world.pods) if (p.pod.phase !== 'Failed') p.sidecar.responsive = true;
+  world.pods = world.pods.filter((p) => !p.pod.terminating && p.pod.phase !== 'Failed');
+  let result = reconcile(world, Infinity);
+  // At least a few rounds: a sidecar that never reported is switched onto the table only after it does.
+  for (let round = 0; round < 16 && (round < 3 || !(result.settled && result.tables.every((t) => !t.changed))); round += 1) {
+    for (const [i, p] of world.pods.entries()) {
+      sync(world, p);
+      p.sidecar.held = Math.min(p.sidecar.held, p.sidecar.allowed);
+      sync(world, p);
+      apply(world, { kind: 'deliverAck', pod: i });
+      checkSafety(world, `settle round ${round}`);
+    }
+    result = reconcile(world, Infinity);
+    checkSafety(world, `settle round ${round} reconcile`);
+  }
+  return result;
+}
+
+const worldArb = fc.record({
+  limit: fc.integer({ min: 0, max: 60 }),
+  connections: fc.array(fc.array(fc.record({ weight: fc.integer({ min: 1, max: 3 }), minPerPod: fc.integer({ min: 0, max: 3 }) }), { minLength: 1, maxLength: 2 }), { minLength: 1, maxLength: 2 }),
+  initialPods: fc.array(fc.record({ consumer: fc.nat(3), old: fc.boolean() }), { maxLength: 10 }),
+}).map(({ limit, connections, initialPods }): World => {
+  const world: World = {
+    limit, ceiling: limit,
+    connections: connections.map((consumers, i) => ({ namespace: `ns${i}`, name: `db${i}`, budgetStrategy: 'Dynamic', consumers: consumers.map((k, j) => ({ name: `c${i}${j}`, ...k, processesPerPod: 1 })) })),
+    pods: [], members: new Map(), tables: new Map(), serial: 0,
+  };
+  for (const p of initialPods) addPod(world, p.consumer, !p.old);
+  return world;
+});
+
+const pod = fc.nat(20);
+const operationArb: fc.Arbitrary<Operation> = fc.oneof(
+  { weight: 2, arbitrary: fc.record({ consumer: fc.nat(5), old: fc.boolean() }).map((o) => ({ kind: 'scaleUp' as const, ...o })) },
+  { weight: 1, arbitrary: fc.nat(5).map((consumer) => ({ kind: 'rollout' as const, consumer })) },
+  { weight: 1, arbitrary: fc.integer({ min: 0, max: 60 }).map((limit) => ({ kind: 'limit' as const, limit })) },
+  { weight: 6, arbitrary: fc.oneof(fc.constant(Infinity), fc.nat(3)).map((writes) => ({ kind: 'reconcile' as const, writes })) },
+  { weight: 4, arbitrary: fc.record({ pod, connections: fc.nat(30) }).map((o) => ({ kind: 'use' as const, ...o })) },
+  { weight: 4, arbitrary: fc.boolean().map((busy) => ({ kind: 'tick' as const, busy })) },
+  ...([['terminate', 1], ['gone', 1], ['fail', 1], ['sync', 6], ['release', 3], ['deliverAck', 5], ['loseAck', 1], ['hang', 1], ['wake', 1], ['drain', 2]] as const)
+    .map(([kind, weight]) => ({ weight, arbitrary: pod.map((i) => ({ kind, pod: i })) })),
+);
+
+describe('grant tables on a simulated fleet (property)', function () {
+  it('safety: what is counted and what sidecars hold stay within the limit (or shrink toward a lowered one)', function () {
+    fc.assert(fc.property(worldArb, fc.array(operationArb, { minLength: 20, maxLength: 150 }), (world, operations) => {
+      for (const [i, op] of operations.entries()) {
+        apply(world, op);
+        checkSafety(world, `step ${i} ${JSON.stringify(op)}`);
+      }
+    }), { numRuns: 300 });
+  });
+
+  it('progress: left alone, every pod reaches its target, acknowledged, old and new sidecars alike; nothing more is written', function () {
+    fc.assert(fc.property(worldArb, fc.array(operationArb, { minLength: 10, maxLength: 100 }), (world, operations) => {
+      for (const op of operations) apply(world, op);
+      const result = settle(world);
+      assert.ok(result.settled, `not settled: ${JSON.stringify(result.grants.filter((g) => g.waitingFor !== 'none'))}`);
+      for (const g of result.grants) {
+        assert.equal(g.grant.connections, g.target, `${g.name} at its target`);
+        const p = world.pods.find((q) => q.pod.name === g.name)!;
+        assert.equal(p.sidecar.allowed, g.target, `${g.name}'s sidecar applies it`);
+        assert.equal(g.table, p.sidecar.readsTables, `${g.name} is on the table exactly when its sidecar reads tables: ${JSON.stringify({ m: world.members.get(keyOf(g)), s: p.sidecar, t: tableOf(world, p.pod) })}`);
+      }
+      const again = reconcile(world, Infinity);
+      assert.ok(again.grants.every((g) => !g.changed) && again.tables.every((t) => !t.changed), 'a settled fleet writes nothing');
+    }), { numRuns: 200 });
+  });
+
+  it('one table write carries every pod\'s grant: encode then derive gives each pod its entry', function () {
+    fc.assert(fc.property(fc.uniqueArray(fc.record({ name: fc.stringMatching(/^[a-z]{1,6}$/), connections: fc.nat(5), drain: fc.boolean() }), { selector: (e) => e.name, maxLength: 40 }), (entries) => {
+      const table = encodeGrantTable(entries, 7);
+      for (const e of entries) assert.deepEqual(deriveGrant(table, e.name), { connections: e.connections, generation: 7, drain: e.drain });
+      const listed = table.exceptions.reduce((n, x) => n + x.pods.length, 0);
+      assert.ok(listed <= entries.length - Math.max(0, ...[...new Set(entries.map((e) => e.connections))].map((c) => entries.filter((e) => !e.drain && e.connections === c).length)), 'only pods off the most common grant are listed');
+    }), { numRuns: 200 });
+  });
+});

@@ -1,0 +1,316 @@
+/**
+ * The poolkeeper image without Docker or a registry: the layers the
+ * Dockerfile's final stage describes (Node 24 and the libraries it links,
+ * the compiled dist/, production node_modules, package.json) written as an
+ * OCI image archive that `ctr images import` loads. The Dockerfile stays the
+ * one users build; test/integration/image-spec.test.ts fails if IMAGE_SPEC
+ * and the Dockerfile drift apart. Archives are cached by a hash of their inputs.
+ */
+import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, realpathSync, renameSync, rmSync, statSync, writeFileSync, cpSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { dirname, join, relative } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parse as parseYaml } from 'yaml';
+import { kubeVersion } from './kube.ts';
+import { MissingPrerequisiteError } from './system.ts';
+
+const REPO_ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+/** What the Dockerfile's final stage sets; checked against the Dockerfile by a test. */
+export const IMAGE_SPEC = {
+  workdir: '/app',
+  user: '65532:65532',
+  env: { NODE_ENV: 'production' } as Record<string, string>,
+  entrypoint: ['/nodejs/bin/node', '/app/dist/bin/poolkeeper.js'],
+  cmd: ['--help'],
+  /** COPY sources (build stage or context) and their destinations under workdir, in order. */
+  copies: [
+    { source: 'node_modules', destination: './node_modules' },
+    { source: 'dist', destination: './dist' },
+    { source: 'package.json', destination: './' },
+  ],
+  /** Where the distroless base keeps node; the entrypoint names it. */
+  nodePath: '/nodejs/bin/node',
+} as const;
+
+/** PATH of the distroless base, kept so that the images behave alike. */
+const BASE_PATH = 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
+
+/** A built image archive. */
+export interface ImageArchive {
+  /** The OCI archive (a tar of an OCI layout). */
+  path: string;
+  /** The full reference containerd knows it by, e.g. `docker.io/poolkeeper/poolkeeper:0.1.0`. */
+  reference: string;
+  /** Sum of the gzipped layers: what a registry would transfer. */
+  compressedBytes: number;
+  /** Sum of the uncompressed layers: what the image takes on the node. */
+  uncompressedBytes: number;
+  /** False if it was built by this call, true if it came from the cache. */
+  cached: boolean;
+}
+
+/** Root of poolkeeper's per-machine build cache. */
+export function cacheRoot(): string {
+  return process.env.POOLKEEPER_CACHE ?? join(homedir(), '.cache', 'poolkeeper');
+}
+
+/** `poolkeeper/poolkeeper:0.1.0` from deploy/base/kustomization.yaml, so the manifests find the image as they are. */
+export function deployedImageName(): string {
+  const kustomization = parseYaml(readFileSync(join(REPO_ROOT, 'deploy', 'base', 'kustomization.yaml'), 'utf8')) as { images?: { name: string; newName?: string; newTag?: string }[] };
+  const entry = kustomization.images?.find((i) => i.name === 'poolkeeper');
+  if (!entry?.newName || !entry.newTag) throw new Error('deploy/base/kustomization.yaml names no poolkeeper image');
+  return `${entry.newName}:${entry.newTag}`;
+}
+
+/** Docker's normalisation: `a/b:t` is `docker.io/a/b:t`, `b:t` is `docker.io/library/b:t`. */
+export function fullReference(name: string): string {
+  const first = name.split('/')[0] ?? '';
+  if (name.includes('/') && (first.includes('.') || first.includes(':') || first === 'localhost')) return name;
+  return name.includes('/') ? `docker.io/${name}` : `docker.io/library/${name}`;
+}
+
+/** One layer as a directory tree to archive. */
+interface LayerSource {
+  dir: string;
+  comment: string;
+}
+
+/** The image config's `config` part. */
+interface RuntimeConfig {
+  User?: string;
+  Env: string[];
+  Entrypoint: string[];
+  Cmd?: string[];
+  WorkingDir?: string;
+}
+
+/**
+ * Builds (or takes from the cache) the poolkeeper image: the same files at
+ * the same paths as the Dockerfile's final stage, with the host's Node 24
+ * binary (the `node` package) and the libraries `ldd` lists in place of the
+ * distroless base.
+ */
+export function buildPoolkeeperImage(options: { reference?: string } = {}): ImageArchive {
+  const reference = fullReference(options.reference ?? deployedImageName());
+  const nodeBinary = realpathSync(join(REPO_ROOT, 'node_modules', '.bin', 'node'));
+  const key = inputHash([
+    readFileSync(fileURLToPath(import.meta.url)),
+    reference,
+    JSON.stringify(IMAGE_SPEC),
+    execFileSync(nodeBinary, ['--version'], { encoding: 'utf8' }),
+    ...['package.json', 'package-lock.json', 'tsconfig.json', 'tsconfig.build.json'].map((f) => readFileSync(join(REPO_ROOT, f))),
+    ...treeFiles(join(REPO_ROOT, 'src')).flatMap((f) => [relative(REPO_ROOT, f), readFileSync(f)]),
+  ]);
+  return cachedArchive(`poolkeeper-${key}`, reference, (stage) => {
+    const base = join(stage, 'base');
+    placeDynamicBinary(nodeBinary, base, IMAGE_SPEC.nodePath);
+    writeAccounts(base);
+
+    const app = (name: string): string => join(stage, name, IMAGE_SPEC.workdir.slice(1));
+    // npm prune --omit=dev keeps what the lockfile does not mark dev-only.
+    const modules = app('node_modules');
+    for (const pkg of productionPackages()) cpSync(join(REPO_ROOT, pkg), join(modules, pkg), { recursive: true, dereference: false });
+    const dist = app('dist');
+    run(join(REPO_ROOT, 'node_modules', '.bin', 'tsc'), ['-p', 'tsconfig.build.json', '--outDir', join(dist, 'dist')], REPO_ROOT);
+    const pkgJson = app('package.json');
+    mkdirSync(pkgJson, { recursive: true });
+    copyFileSync(join(REPO_ROOT, 'package.json'), join(pkgJson, 'package.json'));
+
+    return {
+      layers: [
+        { dir: base, comment: 'node 24 and the libraries it links (distroless base)' },
+        { dir: join(stage, 'node_modules'), comment: 'COPY --from=build /src/node_modules ./node_modules' },
+        { dir: join(stage, 'dist'), comment: 'COPY --from=build /src/dist ./dist' },
+        { dir: join(stage, 'package.json'), comment: 'COPY package.json ./' },
+      ],
+      config: {
+        User: IMAGE_SPEC.user,
+        Env: [BASE_PATH, ...Object.entries(IMAGE_SPEC.env).map(([k, v]) => `${k}=${v}`)],
+        Entrypoint: [...IMAGE_SPEC.entrypoint],
+        Cmd: [...IMAGE_SPEC.cmd],
+        WorkingDir: IMAGE_SPEC.workdir,
+      },
+    };
+  });
+}
+
+/** The sandbox image kubelet's pods start with, as containerd is told to name it. */
+export const PAUSE_IMAGE = 'registry.k8s.io/pause:3.10';
+
+/**
+ * The pause image from the pinned Kubernetes module's own source
+ * (build/pause/linux/pause.c), compiled with `gcc -static`.
+ */
+export function buildPauseImage(): ImageArchive {
+  const version = kubeVersion();
+  const source = join(kubernetesModuleDir(version), 'build', 'pause', 'linux', 'pause.c');
+  if (!existsSync(source)) throw new Error(`pause.c not found at ${source}`);
+  const key = inputHash([readFileSync(fileURLToPath(import.meta.url)), readFileSync(source), PAUSE_IMAGE]);
+  return cachedArchive(`pause-${key}`, PAUSE_IMAGE, (stage) => {
+    const root = join(stage, 'root');
+    mkdirSync(root, { recursive: true });
+    const gcc = requireTool('gcc', 'gcc');
+    run(gcc, ['-Os', '-static', '-Wall', '-Werror', `-DVERSION=${PAUSE_IMAGE.split(':')[1]}-poolkeeper`, '-o', join(root, 'pause'), source], stage);
+    run('strip', [join(root, 'pause')], stage);
+    return { layers: [{ dir: root, comment: `pause from k8s.io/kubernetes@${version}` }], config: { User: '65535:65535', Env: [BASE_PATH], Entrypoint: ['/pause'] } };
+  });
+}
+
+/** The k8s.io/kubernetes module source for `version` (downloaded by scripts/build-kube.sh). */
+function kubernetesModuleDir(version: string): string {
+  const go = requireTool('go', 'golang (Go >= 1.26)');
+  const out = execFileSync(go, ['mod', 'download', '-json', `k8s.io/kubernetes@${version}`], { encoding: 'utf8', cwd: cacheRootDir(), env: { ...process.env, GOFLAGS: '-mod=mod', GOWORK: 'off' } });
+  return (JSON.parse(out) as { Dir: string }).Dir;
+}
+
+function cacheRootDir(): string {
+  const dir = join(cacheRoot(), 'images');
+  mkdirSync(dir, { recursive: true });
+  return dir;
+}
+
+/** Builds into a staging dir and renames into the cache, so a killed build leaves no half archive. */
+function cachedArchive(name: string, reference: string, assemble: (stage: string) => { layers: LayerSource[]; config: RuntimeConfig }): ImageArchive {
+  const dir = cacheRootDir();
+  const path = join(dir, `${name}.oci.tar`);
+  const sizesFile = `${path}.sizes.json`;
+  if (existsSync(path) && existsSync(sizesFile)) {
+    const sizes = JSON.parse(readFileSync(sizesFile, 'utf8')) as { compressedBytes: number; uncompressedBytes: number };
+    return { path, reference, ...sizes, cached: true };
+  }
+  const stage = mkdtempSync(join(dir, `.${name}.`));
+  try {
+    const { layers, config } = assemble(stage);
+    const sizes = writeOciArchive(join(stage, 'layout'), layers, config, reference);
+    const tmp = join(stage, 'image.oci.tar');
+    run('tar', ['--sort=name', '--mtime=@0', '--owner=0', '--group=0', '--numeric-owner', '-C', join(stage, 'layout'), '-cf', tmp, 'oci-layout', 'index.json', 'blobs'], stage);
+    writeFileSync(sizesFile, JSON.stringify(sizes));
+    renameSync(tmp, path);
+    return { path, reference, ...sizes, cached: false };
+  } finally {
+    rmSync(stage, { recursive: true, force: true });
+  }
+}
+
+/** Writes an OCI image layout (one manifest) and returns the layer sizes. */
+function writeOciArchive(layout: string, layers: LayerSource[], runtime: RuntimeConfig, reference: string): { compressedBytes: number; uncompressedBytes: number } {
+  const blobs = join(layout, 'blobs', 'sha256');
+  mkdirSync(blobs, { recursive: true });
+  const blob = (content: Buffer): { digest: string; size: number } => {
+    const hex = createHash('sha256').update(content).digest('hex');
+    writeFileSync(join(blobs, hex), content);
+    return { digest: `sha256:${hex}`, size: content.length };
+  };
+  let compressedBytes = 0;
+  let uncompressedBytes = 0;
+  const diffIds: string[] = [];
+  const layerDescriptors = layers.map((layer) => {
+    const entries = readdirSync(layer.dir).sort();
+    // Reproducible: sorted names, epoch mtimes, root-owned (COPY without --chown).
+    const tar = execFileSync('tar', ['--sort=name', '--mtime=@0', '--owner=0', '--group=0', '--numeric-owner', '-C', layer.dir, '-cf', '-', ...entries], { maxBuffer: 2 ** 31 });
+    uncompressedBytes += tar.length;
+    diffIds.push(`sha256:${createHash('sha256').update(tar).digest('hex')}`);
+    const gz = execFileSync('gzip', ['-n', '-6'], { input: tar, maxBuffer: 2 ** 31 });
+    compressedBytes += gz.length;
+    return { mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip', ...blob(gz) };
+  });
+  const config = blob(Buffer.from(JSON.stringify({
+    architecture: 'amd64',
+    os: 'linux',
+    config: runtime,
+    rootfs: { type: 'layers', diff_ids: diffIds },
+    history: layers.map((l) => ({ created_by: l.comment })),
+  })));
+  const manifest = blob(Buffer.from(JSON.stringify({
+    schemaVersion: 2,
+    mediaType: 'application/vnd.oci.image.manifest.v1+json',
+    config: { mediaType: 'application/vnd.oci.image.config.v1+json', ...config },
+    layers: layerDescriptors,
+  })));
+  writeFileSync(join(layout, 'oci-layout'), JSON.stringify({ imageLayoutVersion: '1.0.0' }));
+  writeFileSync(join(layout, 'index.json'), JSON.stringify({
+    schemaVersion: 2,
+    mediaType: 'application/vnd.oci.image.index.v1+json',
+    manifests: [{
+      mediaType: 'application/vnd.oci.image.manifest.v1+json',
+      ...manifest,
+      platform: { architecture: 'amd64', os: 'linux' },
+      annotations: { 'io.containerd.image.name': reference, 'org.opencontainers.image.ref.name': reference.split(':').pop() ?? 'latest' },
+    }],
+  }));
+  return { compressedBytes, uncompressedBytes };
+}
+
+/** Copies a dynamically linked binary to `target` under `root` with every library `ldd` lists, at the path the loader looks for it. */
+function placeDynamicBinary(binary: string, root: string, target: string): void {
+  const dest = join(root, target.slice(1));
+  mkdirSync(dirname(dest), { recursive: true });
+  copyFileSync(binary, dest);
+  chmodSync(dest, 0o755);
+  const ldd = execFileSync('ldd', [binary], { encoding: 'utf8' });
+  for (const line of ldd.split('\n')) {
+    // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+    const path = line.match(/=>\s+(\/\S+)/)?.[1] ?? line.match(/^\s*(\/\S+)\s+\(/)?.[1];
+    if (!path) continue;
+    const libDest = join(root, path.slice(1));
+    mkdirSync(dirname(libDest), { recursive: true });
+    copyFileSync(realpathSync(path), libDest);
+    chmodSync(libDest, 0o755);
+  }
+}
+
+/** The accounts distroless' nonroot variant has, and a world-writable /tmp. */
+function writeAccounts(root: string): void {
+  mkdirSync(join(root, 'etc'), { recursive: true });
+  writeFileSync(join(root, 'etc', 'passwd'), 'root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n');
+  writeFileSync(join(root, 'etc', 'group'), 'root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n');
+  mkdirSync(join(root, 'tmp'), { recursive: true });
+  chmodSync(join(root, 'tmp'), 0o1777);
+  mkdirSync(join(root, 'home', 'nonroot'), { recursive: true });
+}
+
+/** node_modules/… paths of the packages `npm prune --omit=dev` keeps, from package-lock.json. */
+export function productionPackages(): string[] {
+  const lock = JSON.parse(readFileSync(join(REPO_ROOT, 'package-lock.json'), 'utf8')) as { packages: Record<string, { dev?: boolean; link?: boolean }> };
+  return Object.entries(lock.packages)
+    .filter(([path, meta]) => path !== '' && !meta.dev && !meta.link && existsSync(join(REPO_ROOT, path)))
+    .map(([path]) => path)
+    // A nested package is copied with its parent already.
+    .filter((path, _, all) => !all.some((other) => other !== path && path.startsWith(`${other}/`)));
+}
+
+function treeFiles(dir: string): string[] {
+  const out: string[] = [];
+  for (const entry of readdirSync(dir).sort()) {
+    const path = join(dir, entry);
+    if (statSync(path).isDirectory()) out.push(...treeFiles(path));
+    else out.push(path);
+  }
+  return out;
+}
+
+function inputHash(parts: (string | Buffer)[]): string {
+  const hash = createHash('sha256');
+  for (const part of parts) hash.update(part).update('\0');
+  return hash.digest('hex').slice(0, 16);
+}
+
+function requireTool(name: string, debianPackage: string): string {
+  try {
+    return execFileSync('sh', ['-c', `command -v ${name}`], { encoding: 'utf8' }).trim();
+  } catch {
+    throw new MissingPrerequisiteError(name, `Install ${debianPackage}.`);
+  }
+}
+
+function run(command: string, args: string[], cwd: string): void {
+  try {
+    execFileSync(command, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'], maxBuffer: 2 ** 26 });
+  } catch (err) {
+    const e = err as { stdout?: Buffer; stderr?: Buffer; message: string };
+    throw new Error(`${command} ${args.join(' ')} failed: ${e.stdout?.toString() ?? ''}${e.stderr?.toString() ?? e.message}`, { cause: err });
+  }
+}

@@ -10,6 +10,7 @@ import { KubeControlPlane } from './kube.ts';
 import { PgBouncerServer } from './pgbouncer.ts';
 import { DEFAULT_POSTGRES_OPTIONS, PostgresServer, type PostgresOptions } from './postgres.ts';
 import { PidRegistry, RUN_DIR_PREFIX, reapAbandonedRuns } from './process.ts';
+import { RealNode } from './real-node.ts';
 import { SshServer } from './sshd.ts';
 
 /** Options of a local environment. */
@@ -81,11 +82,20 @@ export class LocalEnvironment {
     return this.once('kube', () => KubeControlPlane.start(this.runDir, this.registry));
   }
 
+  /**
+   * A real node (kubelet, containerd, its own control plane) in namespaces of
+   * its own, with `postgres()` reachable from pods; see real-node.ts.
+   * Check `realNodeSupport()` first: it needs root and namespaces.
+   */
+  realNode(): Promise<RealNode> {
+    return this.once('real-node', async () => RealNode.start(this.runDir, this.registry, { postgresPort: (await this.postgres()).port }));
+  }
+
   /** Stops every started component (dependents first) and removes the run dir. */
   async stop(): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;
-    const order = ['pgbouncer', 'kube', 'sshd', 'postgres', 'postgres-tls'];
+    const order = ['real-node', 'pgbouncer', 'kube', 'sshd', 'postgres', 'postgres-tls'];
     for (const name of order) {
       const started = this.started.get(name);
       if (!started) continue;

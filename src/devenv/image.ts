@@ -189,9 +189,22 @@ function cachedArchive(name: string, reference: string, assemble: (stage: string
     run('tar', ['--sort=name', '--mtime=@0', '--owner=0', '--group=0', '--numeric-owner', '-C', join(stage, 'layout'), '-cf', tmp, 'oci-layout', 'index.json', 'blobs'], stage);
     writeFileSync(sizesFile, JSON.stringify(sizes));
     renameSync(tmp, path);
+    pruneArchives(dir, name.split('-')[0] ?? name, 3);
     return { path, reference, ...sizes, cached: false };
   } finally {
     rmSync(stage, { recursive: true, force: true });
+  }
+}
+
+/** Keeps the `keep` newest archives of one kind: every source change makes a new one. */
+function pruneArchives(dir: string, kind: string, keep: number): void {
+  const archives = readdirSync(dir)
+    .filter((f) => f.startsWith(`${kind}-`) && f.endsWith('.oci.tar'))
+    .map((f) => ({ f, mtime: statSync(join(dir, f)).mtimeMs }))
+    .sort((a, b) => b.mtime - a.mtime);
+  for (const { f } of archives.slice(keep)) {
+    rmSync(join(dir, f), { force: true });
+    rmSync(join(dir, `${f}.sizes.json`), { force: true });
   }
 }
 

@@ -6,7 +6,8 @@
  * PgBouncer and the sidecar run with the same pool size and mode, each in a
  * process of its own; their CPU time per transaction comes from
  * /proc/<pid>/stat (utime + stime) before and after each run. Both trust
- * their loopback clients, so client authentication costs neither anything.
+ * their loopback clients, and so does PostgreSQL for direct clients, so
+ * client authentication costs none of them anything.
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { chownSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
@@ -34,6 +35,14 @@ export interface ProxyResult {
   sidecar_vs_pgbouncer: number | null;
   sidecar_vs_pgbouncer_range: [number, number] | null;
   sidecar_vs_direct: number;
+  /** Over Unix-domain sockets (transaction mode, with `unix`). */
+  pgbouncer_unix_tps?: number | null;
+  sidecar_unix_tps?: number | null;
+  pgbouncer_unix_cpu_us?: number | null;
+  sidecar_unix_cpu_us?: number | null;
+  /** Only with BENCH_SIDECAR_B: the other build's figures. */
+  sidecar_b_tps?: number | null;
+  sidecar_b_cpu_us?: number | null;
   rounds: number;
 }
 
@@ -53,10 +62,12 @@ export interface ProxyOptions {
   /** Filter on `script mode clients` (e.g. 'select-only transaction'). */
   filter?: RegExp;
   pool: number;
+  /** Also PgBouncer and the sidecar over their Unix-domain sockets (transaction mode). */
+  unix: boolean;
   log: (line: string) => void;
 }
 
-type Target = 'direct' | 'pgbouncer' | 'sidecar' | 'pipe';
+type Target = 'direct' | 'pgbouncer' | 'sidecar' | 'pipe' | 'sidecar-b' | 'pgbouncer-unix' | 'sidecar-unix';
 type Script = 'select-only' | 'tpcb-like' | 'select-only -M prepared';
 type Mode = 'transaction' | 'session';
 
@@ -77,7 +88,10 @@ function processRssMb(pid: number): number {
   return line ? Number(line[1]) / 1024 : Number.NaN;
 }
 
-function median(values: readonly number[]): number {
+/** Median of the values that are numbers (NaN if none). */
+function median(all: readonly number[]): number {
+  const values = all.filter((v) => !Number.isNaN(v));
+  if (values.length === 0) return Number.NaN;
   const sorted = [...values].sort((a, b) => a - b);
   const mid = Math.floor(sorted.length / 2);
   return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
@@ -159,9 +173,9 @@ class ProxyChild {
     this.child = child;
   }
 
-  static async start(config: ProxyChildConfig): Promise<ProxyChild> {
+  static async start(config: ProxyChildConfig, script = fileURLToPath(new URL('./proxy-child.ts', import.meta.url))): Promise<ProxyChild> {
     const execArgv = (process.env.BENCH_SIDECAR_NODE_OPTIONS ?? '').split(' ').filter(Boolean);
-    const child = spawn(process.execPath, [...execArgv, fileURLToPath(new URL('./proxy-child.ts', import.meta.url)), JSON.stringify(config)], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const child = spawn(process.execPath, [...execArgv, script, JSON.stringify(config)], { stdio: ['pipe', 'pipe', 'inherit'] });
     const port = await new Promise<number>((resolve, reject) => {
       let out = '';
       child.stdout.on('data', (chunk: Buffer) => {
@@ -237,10 +251,15 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
   try {
     const postgres = await environment.postgres();
     const { app } = postgres;
+    // Direct clients trust loopback too, as PgBouncer's and the sidecar's do here: 50 SCRAM logins at once
+    // on a loaded 2-core machine can take longer than a whole run.
+    const hba = join(postgres.dataDir, 'pg_hba.conf');
+    writeFileSync(hba, `host all ${app.user} 127.0.0.1/32 trust\n${readFileSync(hba, 'utf8')}`);
+    await postgres.query('SELECT pg_reload_conf()');
     const pgbench = (args: string[]): Promise<string> => new Promise((resolve, reject) => {
       execFile('/usr/bin/pgbench', args, { env: { ...process.env, PGPASSWORD: app.password }, timeout: (seconds + 120) * 1000, maxBuffer: 1 << 24 }, (err, stdout, stderr) => {
         if (err) reject(new Error(`pgbench ${args.join(' ')} failed: ${stderr}`));
-        else resolve(stdout);
+        else resolve(`${stdout}${stderr}`);
       });
     });
     const bouncers: Record<Mode, BenchPgBouncer> = {
@@ -248,13 +267,17 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
       session: await BenchPgBouncer.start(join(environment.runDir, 'bench-pgbouncer-session'), postgres, 'session', options.pool),
     };
     for (const b of Object.values(bouncers)) stoppers.push(() => b.stop());
+    const sidecarSocketDir = join(environment.runDir, 'bench-sidecar-socket');
+    mkdirSync(sidecarSocketDir, { recursive: true });
     const target = { host: postgres.host, port: postgres.port, user: app.user, password: app.password, dbname: APP_DATABASE };
     const sidecars: Record<Mode, ProxyChild> = {
-      transaction: await ProxyChild.start({ kind: 'sidecar', ...target, mode: 'transaction', grant: options.pool }),
+      transaction: await ProxyChild.start({ kind: 'sidecar', ...target, mode: 'transaction', grant: options.pool, ...(options.unix ? { socketDir: sidecarSocketDir } : {}) }),
       session: await ProxyChild.start({ kind: 'sidecar', ...target, mode: 'session', grant: options.pool }),
     };
     const pipe = await ProxyChild.start({ kind: 'pipe', ...target });
-    for (const c of [...Object.values(sidecars), pipe]) stoppers.push(() => c.stop());
+    // A/B of two builds of the sidecar in one run: BENCH_SIDECAR_B names another tree's bench/proxy-child.ts (transaction mode only).
+    const sidecarB = process.env.BENCH_SIDECAR_B === undefined ? undefined : await ProxyChild.start({ kind: 'sidecar', ...target, mode: 'transaction', grant: options.pool }, process.env.BENCH_SIDECAR_B);
+    for (const c of [...Object.values(sidecars), pipe, ...(sidecarB ? [sidecarB] : [])]) stoppers.push(() => c.stop());
 
     const rssIdle = processRssMb(sidecars.transaction.pid);
     await pgbench(['-i', '-s', '10', '-q', '-h', '127.0.0.1', '-p', String(postgres.port), '-U', app.user, APP_DATABASE]);
@@ -267,16 +290,18 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
       for (const clients of options.clients) {
         for (const mode of ['transaction', 'session'] as const) {
           // Direct and the pipe do not pool: measured once per script and client count, shown in both modes.
-          cases.push({ script, mode, clients, targets: mode === 'transaction' ? ['direct', 'pipe', 'pgbouncer', 'sidecar'] : ['pgbouncer', 'sidecar'] });
+          const unix: Target[] = options.unix && mode === 'transaction' ? ['pgbouncer-unix', 'sidecar-unix'] : [];
+          cases.push({ script, mode, clients, targets: mode === 'transaction' ? ['direct', 'pipe', 'pgbouncer', 'sidecar', ...unix] : ['pgbouncer', 'sidecar'] });
         }
       }
     }
     // PgBouncer 1.18 cannot pool named prepared statements in transaction mode: direct vs the sidecar only.
     for (const clients of options.clients) cases.push({ script: 'select-only -M prepared', mode: 'transaction', clients, targets: ['direct', 'sidecar'] });
+    if (sidecarB) for (const c of cases) if (c.mode === 'transaction') c.targets.push('sidecar-b');
     const selected = cases.filter((c) => options.filter === undefined || options.filter.test(`${c.script} ${c.mode} ${c.clients}`));
 
     // Warm-up, not recorded: each proxy's JIT and buffers settle before round 1.
-    for (const port of [pipe.port, ...Object.values(bouncers).map((b) => b.port), ...Object.values(sidecars).map((c) => c.port)]) {
+    for (const port of [pipe.port, ...(sidecarB ? [sidecarB.port] : []), ...Object.values(bouncers).map((b) => b.port), ...Object.values(sidecars).map((c) => c.port)]) {
       await pgbench(['-n', '-S', '-T', '1', '-c', '10', '-j', '2', '-h', '127.0.0.1', '-p', String(port), '-U', app.user, APP_DATABASE]);
     }
     const runs = new Map<string, Run[]>();
@@ -285,9 +310,12 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
       for (const [index, c] of selected.entries()) {
         const order = c.targets.map((_, i) => c.targets[(i + round + index) % c.targets.length]!);
         for (const t of order) {
-          const port = t === 'direct' ? postgres.port : t === 'pipe' ? pipe.port : t === 'pgbouncer' ? bouncers[c.mode].port : sidecars[c.mode].port;
-          const pid = t === 'pgbouncer' ? bouncers[c.mode].pid : t === 'sidecar' ? sidecars[c.mode].pid : undefined;
-          const args = ['-n', '-T', String(seconds), '-c', String(c.clients), '-j', String(Math.min(c.clients, 2)), '-h', '127.0.0.1', '-p', String(port), '-U', app.user];
+          const proxyOf = t === 'pipe' ? pipe : t === 'pgbouncer' || t === 'pgbouncer-unix' ? bouncers[c.mode] : t === 'sidecar' || t === 'sidecar-unix' ? sidecars[c.mode] : t === 'sidecar-b' ? sidecarB : undefined;
+          const port = proxyOf?.port ?? postgres.port;
+          const pid = t === 'pipe' || t === 'direct' ? undefined : proxyOf?.pid;
+          // libpq takes a directory as the host: the Unix-domain socket .s.PGSQL.<port> in it.
+          const host = t === 'pgbouncer-unix' ? bouncers[c.mode].socketDir : t === 'sidecar-unix' ? sidecarSocketDir : '127.0.0.1';
+          const args = ['-n', '-T', String(seconds), '-c', String(c.clients), '-j', String(Math.min(c.clients, 2)), '-h', host, '-p', String(port), '-U', app.user];
           if (c.script !== 'tpcb-like') args.push('-S');
           if (c.script === 'select-only -M prepared') args.push('-M', 'prepared');
           const cpuBefore = pid === undefined ? 0 : processCpuMicros(pid);
@@ -295,8 +323,9 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
           const cpu = pid === undefined ? Number.NaN : processCpuMicros(pid) - cpuBefore;
           const tps = /tps = ([\d.]+)/.exec(output);
           const count = /actually processed: (\d+)/.exec(output);
-          if (!tps || !count) throw new Error(`cannot parse pgbench output:\n${output}`);
-          const run = { tps: Number(tps[1]), cpuMicros: cpu / Number(count[1]) };
+          // A run whose clients could not even log in within its time (an overloaded machine) counts as nothing measured.
+          if (!tps || !count) log(`  no transactions in this run:\n${output}`);
+          const run = tps && count ? { tps: Number(tps[1]), cpuMicros: cpu / Number(count[1]) } : { tps: Number.NaN, cpuMicros: Number.NaN };
           runs.set(key(c, t), [...(runs.get(key(c, t)) ?? []), run]);
           log(`  round ${round + 1} ${c.script.padEnd(23)} ${c.mode.padEnd(11)} ${String(c.clients).padStart(2)} cl. ${t.padEnd(9)} ${run.tps.toFixed(0).padStart(6)} tps${Number.isNaN(run.cpuMicros) ? '' : `  ${run.cpuMicros.toFixed(1)} µs/tx`}`);
         }
@@ -307,13 +336,17 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
       const of = (t: Target): Run[] | undefined => runs.get(key(c, t));
       const tps = (t: Target): number | null => (of(t) ? Math.round(median(of(t)!.map((r) => r.tps))) : null);
       const cpu = (t: Target): number | null => (of(t) ? Number(median(of(t)!.map((r) => r.cpuMicros)).toFixed(1)) : null);
-      const ratios = of('pgbouncer') && of('sidecar') ? of('sidecar')!.map((r, i) => r.tps / (of('pgbouncer')![i]?.tps ?? Number.NaN)) : null;
+      const ratios = of('pgbouncer') && of('sidecar') ? of('sidecar')!.map((r, i) => r.tps / (of('pgbouncer')![i]?.tps ?? Number.NaN)).filter((r) => !Number.isNaN(r)) : null;
       return {
         script: c.script, mode: c.mode, clients: c.clients,
         direct_tps: tps('direct') ?? Number.NaN, pgbouncer_tps: tps('pgbouncer'), sidecar_tps: tps('sidecar') ?? Number.NaN, pipe_tps: tps('pipe'),
         pgbouncer_cpu_us: cpu('pgbouncer'), sidecar_cpu_us: cpu('sidecar') ?? Number.NaN,
-        sidecar_vs_pgbouncer: ratios ? Number(median(ratios).toFixed(2)) : null,
-        sidecar_vs_pgbouncer_range: ratios ? [Number(Math.min(...ratios).toFixed(2)), Number(Math.max(...ratios).toFixed(2))] : null,
+        sidecar_vs_pgbouncer: ratios?.length ? Number(median(ratios).toFixed(2)) : null,
+        sidecar_vs_pgbouncer_range: ratios?.length ? [Number(Math.min(...ratios).toFixed(2)), Number(Math.max(...ratios).toFixed(2))] : null,
+        ...(of('sidecar-unix') ? {
+          pgbouncer_unix_tps: tps('pgbouncer-unix'), sidecar_unix_tps: tps('sidecar-unix'), pgbouncer_unix_cpu_us: cpu('pgbouncer-unix'), sidecar_unix_cpu_us: cpu('sidecar-unix'),
+        } : {}),
+        ...(of('sidecar-b') ? { sidecar_b_tps: tps('sidecar-b'), sidecar_b_cpu_us: cpu('sidecar-b') } : {}),
         sidecar_vs_direct: Number(((tps('sidecar') ?? Number.NaN) / (tps('direct') ?? Number.NaN)).toFixed(2)),
         rounds,
       };

@@ -44,6 +44,7 @@ const { values } = parseArgs({
     rounds: { type: 'string' },
     filter: { type: 'string' },
     clients: { type: 'string' },
+    'no-unix': { type: 'boolean', default: false },
     pods: { type: 'string' },
     'controller-rounds': { type: 'string' },
     connections: { type: 'string', default: '1' },
@@ -94,6 +95,7 @@ if (values.only !== 'controller') {
     rounds: Number(values.rounds ?? (quick ? 1 : 3)),
     clients: (values.clients ?? '1,10,50').split(',').map(Number),
     pool: 20,
+    unix: !values['no-unix'],
     log,
     ...(values.filter === undefined ? {} : { filter: new RegExp(values.filter) }),
   });
@@ -111,6 +113,14 @@ if (proxy) {
       fmt(r.sidecar_vs_pgbouncer, 2), r.sidecar_vs_pgbouncer_range ? `${r.sidecar_vs_pgbouncer_range[0].toFixed(2)}-${r.sidecar_vs_pgbouncer_range[1].toFixed(2)}` : '-',
       fmt(r.sidecar_vs_direct, 2), r.pipe_tps !== null && r.pgbouncer_tps !== null ? fmt(r.pipe_tps / r.pgbouncer_tps, 2) : '-',
       fmt(r.pgbouncer_cpu_us, 1), fmt(r.sidecar_cpu_us, 1), r.pgbouncer_cpu_us ? fmt(r.sidecar_cpu_us / r.pgbouncer_cpu_us, 2) : '-'])));
+  const unixRows = proxy.proxy.filter((r) => r.sidecar_unix_tps != null);
+  if (unixRows.length > 0) {
+    console.log('\nover Unix-domain sockets (transaction mode; ratios against PgBouncer over its Unix socket)');
+    console.log(table(['script', 'clients', 'pgbouncer', 'sidecar', 'sc/pgb', 'sc unix/sc tcp', 'cpu pgb', 'cpu sc', 'cpu sc/pgb'],
+      unixRows.map((r) => [r.script, String(r.clients), fmt(r.pgbouncer_unix_tps), fmt(r.sidecar_unix_tps), fmt(r.sidecar_unix_tps! / r.pgbouncer_unix_tps!, 2), fmt(r.sidecar_unix_tps! / r.sidecar_tps, 2),
+        fmt(r.pgbouncer_unix_cpu_us, 1), fmt(r.sidecar_unix_cpu_us, 1), fmt(r.sidecar_unix_cpu_us! / r.pgbouncer_unix_cpu_us!, 2)])));
+  }
+  for (const r of proxy.proxy) if (r.sidecar_b_tps != null) console.log(`B build: ${r.script} ${r.mode} ${r.clients} cl.: ${r.sidecar_b_tps} tps, ${fmt(r.sidecar_b_cpu_us, 1)} µs/tx (A: ${r.sidecar_tps} tps, ${fmt(r.sidecar_cpu_us, 1)} µs/tx)`);
   console.log(`sidecar RSS: idle ${proxy.sidecar_rss_mb.idle} MB, with 1,000 idle clients ${proxy.sidecar_rss_mb.clients_1000} MB`);
 }
 console.log(`\n${((Date.now() - started) / 1000).toFixed(0)} s`);

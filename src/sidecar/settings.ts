@@ -15,6 +15,12 @@ export interface SidecarSettings {
   listenHost: string;
   /** 0 picks a free port (tests). */
   listenPort: number;
+  /**
+   * Also listen on a Unix-domain socket in this directory, named as libpq
+   * looks for it (`.s.PGSQL.<listen port>`), so that clients given the
+   * directory as their host skip loopback TCP. Omitted: TCP only.
+   */
+  listenSocketDir?: string;
   database: { host: string; port: number; dbname: string; sslMode: SslMode; caPem?: string };
   sshTunnel?: {
     host: string;

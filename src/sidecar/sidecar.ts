@@ -10,9 +10,14 @@
  * same containers and would add no isolation, while the real database
  * credentials stay in the sidecar's own Secret volume and never reach the
  * application. A non-loopback peer (a misconfigured listenHost) is refused.
+ * The optional Unix-domain socket lives in a directory only the pod's own
+ * containers mount (an emptyDir), so it is the same boundary: it is
+ * world-writable inside it, as PostgreSQL's own socket is by default.
  */
 import { randomInt } from 'node:crypto';
+import { chmodSync, rmSync } from 'node:fs';
 import { connect as netConnect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import type { Registry } from 'prom-client';
@@ -64,6 +69,7 @@ export class Sidecar implements ClientSessionHost {
   private readonly readBuffers = new ReadBufferPool();
   private readonly statusListeners = new Set<(s: SidecarStatus) => void>();
   private server: Server | undefined;
+  private socketServer: Server | undefined;
   private admin: AdminServer | undefined;
   private janitorTimer: NodeJS.Timeout | undefined;
   private unsubscribeCredentials: (() => void) | undefined;
@@ -113,7 +119,7 @@ export class Sidecar implements ClientSessionHost {
   }
 
   /** Starts the tunnel, the listener, the janitor and the admin server. */
-  async start(): Promise<{ port: number; adminPort?: number }> {
+  async start(): Promise<{ port: number; adminPort?: number; socketPath?: string }> {
     this.tunnel?.start();
     this.unsubscribeCredentials = this.credentials.onChange((c) => {
       this.logger.info({ generation: c.generation }, 'new credentials: rotating server connections');
@@ -128,13 +134,28 @@ export class Sidecar implements ClientSessionHost {
       server.once('error', reject);
       server.listen(this.settings.listenPort, this.settings.listenHost, () => resolve((server.address() as AddressInfo).port));
     });
+    const socketPath = this.settings.listenSocketDir === undefined ? undefined : await this.listenOnSocket(join(this.settings.listenSocketDir, `.s.PGSQL.${port}`));
     let adminPort: number | undefined;
     if (this.settings.admin) {
       this.admin = new AdminServer({ registry: this.registry, readiness: () => this.readiness(), healthy: () => !this.stopped });
       adminPort = await this.admin.listen(this.settings.admin.host, this.settings.admin.port);
     }
-    this.logger.info({ port, adminPort, mode: this.mode, tunnel: this.tunnel !== undefined }, 'sidecar listening');
-    return adminPort === undefined ? { port } : { port, adminPort };
+    this.logger.info({ port, socketPath, adminPort, mode: this.mode, tunnel: this.tunnel !== undefined }, 'sidecar listening');
+    return { port, ...(adminPort === undefined ? {} : { adminPort }), ...(socketPath === undefined ? {} : { socketPath }) };
+  }
+
+  /** The Unix-domain listener; a socket file left by an earlier run of this container is replaced. */
+  private async listenOnSocket(path: string): Promise<string> {
+    rmSync(path, { force: true });
+    const server = createServer({ pauseOnConnect: true }, (socket) => this.accept(socket, true));
+    this.socketServer = server;
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(path, () => resolve());
+    });
+    // Application containers may run as any user.
+    chmodSync(path, 0o777);
+    return path;
   }
 
   /** Applies a grant from the controller (PoolMember spec.grant). */
@@ -206,6 +227,7 @@ export class Sidecar implements ClientSessionHost {
     this.logger.info({ clients: this.sessions.size, held: this.pool.held }, 'draining');
     this.statusChanged();
     this.server?.close();
+    this.socketServer?.close();
     this.pool.beginDrain();
     for (const session of [...this.sessions.values()]) session.drain();
     const deadline = Date.now() + this.settings.drainTimeout * 1000;
@@ -225,6 +247,7 @@ export class Sidecar implements ClientSessionHost {
     this.stopped = true;
     this.draining = true;
     this.server?.close();
+    this.socketServer?.close();
     for (const session of [...this.sessions.values()]) session.forceClose();
     this.pool.closeAll('shutdown');
     await Promise.race([this.pool.whenEmpty(), new Promise((r) => setTimeout(r, 3000))]);
@@ -310,8 +333,9 @@ export class Sidecar implements ClientSessionHost {
 
   // ---- internals ----------------------------------------------------------
 
-  private accept(socket: Socket): void {
-    if (!isLoopbackAddress(socket.remoteAddress)) {
+  /** A new client; `local`: it came through the Unix-domain socket (the pod's own volume). */
+  private accept(socket: Socket, local = false): void {
+    if (!local && !isLoopbackAddress(socket.remoteAddress)) {
       socket.resume();
       this.metrics.error('client-auth');
       this.logger.warn({ peer: socket.remoteAddress }, 'refusing a non-loopback client');

@@ -15,6 +15,7 @@ import { Informer, type KubeObject } from '../kube/informer.ts';
 import type { LeaderElector } from '../kube/leader-election.ts';
 import { WorkQueue } from '../kube/workqueue.ts';
 import type { ControllerMetrics } from './metrics.ts';
+import type { PoolGrant } from '../api/poolgrant.ts';
 import type { PodObject } from './plan-input.ts';
 import { DEFAULT_HEARTBEAT_TIMEOUT_MS, ServerReconciler, type ControllerCaches, type HpaObject, type ReconcilerDeps, type SecretObject, type WorkloadObject } from './reconciler.ts';
 
@@ -26,7 +27,7 @@ import { DEFAULT_HEARTBEAT_TIMEOUT_MS, ServerReconciler, type ControllerCaches, 
  */
 function memberFingerprint(m: PoolMember): string {
   const s = m.status;
-  const status = s ? [s.acknowledgedGeneration, s.acknowledgedConnections, s.heldConnections, s.credentialsGeneration, s.draining, s.drained] : null;
+  const status = s ? [s.acknowledgedGeneration, s.acknowledgedConnections, s.heldConnections, s.credentialsGeneration, s.draining, s.drained, s.tableGeneration] : null;
   return createHash('sha1').update(JSON.stringify([m.metadata.ownerReferences?.map((o) => o.uid), m.spec, status])).digest('base64');
 }
 
@@ -71,6 +72,7 @@ export class BudgetController {
       deployments: informer<WorkloadObject>('/apis/apps/v1/deployments'),
       statefulSets: informer<WorkloadObject>('/apis/apps/v1/statefulsets'),
       hpas: informer<HpaObject>('/apis/autoscaling/v2/horizontalpodautoscalers'),
+      grants: informer<PoolGrant & KubeObject>(`/apis/${API_GROUP}/${API_VERSION}/poolgrants`),
     };
     const { elector } = options;
     this.reconciler = new ServerReconciler({
@@ -120,6 +122,8 @@ export class BudgetController {
       if (c) this.enqueue(this.serverOf(c));
     };
     pods.onChange((_type, p) => byConnectionName(p.metadata?.namespace, p.metadata?.labels?.[CONNECTION_LABEL]));
+    // Written by this controller; an event matters when someone else changed or deleted one.
+    this.caches.grants?.onChange((_type, g) => byConnectionName(g.metadata.namespace, g.spec.connection));
     const heartbeatTimeoutMs = this.options.reconciler.heartbeatTimeoutMs ?? DEFAULT_HEARTBEAT_TIMEOUT_MS;
     members.onChange((type, m) => {
       const k = `${m.metadata.namespace ?? ''}/${m.metadata.name ?? ''}`;

@@ -4,7 +4,7 @@
  * written itself, and gets plain data back.
  */
 import type { DatabaseConnection, PoolMember } from '../api/index.ts';
-import type { BudgetInput, ConnectionInput, MemberState, PodInput, PodPhase } from '../core/budget/index.ts';
+import type { BudgetInput, ConnectionInput, MemberState, PodInput, PodPhase, TableState } from '../core/budget/index.ts';
 import { resolveConsumer } from '../core/inject/consumer.ts';
 import type { PodLike } from '../core/inject/model.ts';
 import { CONNECTION_LABEL } from '../api/index.ts';
@@ -68,6 +68,10 @@ export function buildBudgetInput(args: {
   members: readonly PoolMember[];
   workloads: readonly WorkloadScale[];
   written: ReadonlyMap<string, WrittenGrant>;
+  /** The grant tables in force (the cache's, or this replica's newer writes). */
+  tables?: readonly TableState[];
+  /** A PoolMember's tableFrom as this replica knows it (its own switch may be newer than the cache); absent: spec.tableFrom. */
+  tableFrom?: (member: PoolMember) => number | undefined;
 }): BudgetInput {
   const byKey = new Map(args.connections.map((c) => [`${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`, c]));
   const connections: ConnectionInput[] = args.connections.map((c) => ({
@@ -118,7 +122,9 @@ export function buildBudgetInput(args: {
         connections: status.acknowledgedConnections ?? 0,
         held: status.heldConnections ?? 0,
         drained: status.drained ?? false,
+        tableGeneration: status.tableGeneration,
       },
+      tableFrom: args.tableFrom ? args.tableFrom(member) : member.spec.tableFrom,
     });
   }
   // A PoolMember we wrote that the cache has not shown yet still reserves its grant.
@@ -128,5 +134,5 @@ export function buildBudgetInput(args: {
     if (seen.has(written.podUid) || !podUids.has(written.podUid)) continue;
     members.push({ namespace: written.namespace, name: written.name, podUid: written.podUid, grant: { connections: written.connections, generation: written.generation } });
   }
-  return { limit: args.limit, connections, pods, members };
+  return { limit: args.limit, connections, pods, members, ...(args.tables ? { tables: args.tables } : {}) };
 }

@@ -26,6 +26,8 @@ import { ConnectionVerifier, type VerifierOptions } from './verifier.ts';
 import { ServerDirectory } from './server-directory.ts';
 import type { ControllerMetrics } from './metrics.ts';
 import { forEachBounded } from './bounded.ts';
+import type { PoolGrant } from '../api/poolgrant.ts';
+import { GrantTableWriter } from './grant-tables.ts';
 import { buildBudgetInput, podConnectionKey, type PodObject, type WorkloadScale, type WrittenGrant } from './plan-input.ts';
 
 /** A Secret as the cache holds it. */
@@ -52,6 +54,8 @@ export interface ControllerCaches {
   deployments: Informer<WorkloadObject>;
   statefulSets: Informer<WorkloadObject>;
   hpas: Informer<HpaObject>;
+  /** PoolGrants (grant tables); absent: every pod keeps its grant on its PoolMember. */
+  grants?: Informer<PoolGrant & KubeObject>;
 }
 
 /** What the reconciler needs. */
@@ -141,6 +145,8 @@ export class ServerReconciler {
   private readonly unsettledSince = new Map<string, number>();
   private readonly now: () => Date;
   private readonly sidecarAccess: SidecarAccess | undefined;
+  /** Grant tables: PoolMembers switched onto them, and one PoolGrant write per connection per rebalance. */
+  private readonly tables: GrantTableWriter;
   private readonly verifier: ConnectionVerifier;
   /** The server key of each connection (equivalent addresses are one server). */
   readonly directory: ServerDirectory;
@@ -151,6 +157,7 @@ export class ServerReconciler {
     this.deps = deps;
     this.now = deps.now ?? (() => new Date());
     this.sidecarAccess = deps.manageSidecarAccess ? new SidecarAccess(deps.http, deps.logger) : undefined;
+    this.tables = new GrantTableWriter({ http: deps.http, grants: deps.caches.grants, logger: deps.logger, assertMayWrite: () => this.assertMayWrite(), conflict: (what) => new GrantConflictError(what) });
     this.verifier = new ConnectionVerifier(deps.discovery, deps.verifier);
     this.directory = deps.directory ?? new ServerDirectory();
   }
@@ -322,8 +329,13 @@ export class ServerReconciler {
     });
     const members = caches.members.list().filter((m) => connectionKeys.has(`${m.metadata.namespace ?? ''}/${m.spec.connection}`));
     this.pruneWritten(members);
-    const plan = planBudgets(buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written }));
+    const livePodUids = new Set(pods.filter((p) => !p.metadata?.deletionTimestamp && p.status?.phase !== 'Succeeded' && p.status?.phase !== 'Failed').map((p) => p.metadata?.uid ?? ''));
+    this.tables.retain(new Set(pods.map((p) => p.metadata?.uid ?? '')));
+    await this.tables.switchMembers(members, livePodUids);
+    const plan = planBudgets(buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tableFrom: (m) => this.tables.tableFrom(m) }));
 
+    // One write per connection carries every switched pod's grant, shrinks and grows alike.
+    await this.tables.writeTables(plan.tables, connections);
     await this.applyGrants(plan, connections, members, resolved);
     await this.deleteOrphans(plan, members);
     await this.sidecarAccess?.ensure(pods);
@@ -434,7 +446,10 @@ export class ServerReconciler {
     const write = (grant: PodGrant): Promise<void> => {
       const connection = byKey.get(`${grant.namespace}/${grant.connection}`);
       if (!connection) return Promise.resolve();
-      return this.writeGrant(grant, connection, memberByName.get(`${grant.namespace}/${grant.name}`), resolved.get(key(connection))?.credentials);
+      const member = memberByName.get(`${grant.namespace}/${grant.name}`);
+      // A pod on a table keeps the grant its PoolMember had when it was switched: only the settings may still be written.
+      if (grant.table) return member ? this.writeGrant({ ...grant, grant: member.spec.grant, drain: member.spec.drain ?? false, changed: false }, connection, member, resolved.get(key(connection))?.credentials) : Promise.resolve();
+      return this.writeGrant(grant, connection, member, resolved.get(key(connection))?.credentials);
     };
     await forEachBounded(shrinks, GRANT_WRITE_CONCURRENCY, write);
     await forEachBounded(grows, GRANT_WRITE_CONCURRENCY, write);
@@ -470,7 +485,7 @@ export class ServerReconciler {
       // (or what this replica last wrote), so a deposed leader's stale write fails.
       const resourceVersion = existing ? this.expectedVersion(existing) : ours?.resourceVersion;
       try {
-        written = await this.deps.http.patch<PoolMember>(`${path}/${grant.name}`, { metadata: { resourceVersion, ownerReferences, labels: { [CONNECTION_LABEL]: grant.connection } }, spec: { ...spec, sshTunnel: spec.sshTunnel ?? null, credentialsGeneration: spec.credentialsGeneration ?? null } });
+        written = await this.deps.http.patch<PoolMember>(`${path}/${grant.name}`, { metadata: { resourceVersion, ownerReferences, labels: { [CONNECTION_LABEL]: grant.connection } }, spec: { ...spec, sshTunnel: spec.sshTunnel ?? null, credentialsGeneration: spec.credentialsGeneration ?? null, ...(ownerChanged ? { tableFrom: null } : {}) } });
         // A new pod under an old name: the old sidecar's acknowledgement is not this pod's.
         if (ownerChanged) written = await this.deps.http.patch<PoolMember>(`${path}/${grant.name}/status`, { metadata: { resourceVersion: written.metadata.resourceVersion }, status: null });
       } catch (err) {

@@ -1,11 +1,15 @@
 /**
  * The sidecar's side of the PoolMember protocol (docs/protocol.md): watches
- * its own PoolMember by name, hands each new grant to the pool, and writes
- * the pool's acknowledgement and a heartbeat into the PoolMember's status.
- * Needs only get/list/watch on poolmembers and patch on poolmembers/status.
+ * its own PoolMember by name and its connection's PoolGrant (grant table),
+ * hands each new grant to the pool, and writes the pool's acknowledgement and
+ * a heartbeat into the PoolMember's status. Its grant comes from the table once
+ * the PoolMember's spec.tableFrom says the table covers it, else from the
+ * PoolMember's spec.grant. Needs only get/list/watch on poolmembers and
+ * poolgrants and patch on poolmembers/status.
  */
 import type { Logger } from 'pino';
-import { API_GROUP, API_VERSION, type PoolMember, type PoolMemberStatus } from '../api/index.ts';
+import { API_GROUP, API_VERSION, type PoolGrant, type PoolMember, type PoolMemberStatus } from '../api/index.ts';
+import { deriveGrant } from '../core/budget/grant-table.ts';
 import { isStatus, type KubeHttp } from '../kube/http.ts';
 import { Informer, type KubeObject } from '../kube/informer.ts';
 import type { SidecarStatus } from './settings.ts';
@@ -42,6 +46,15 @@ export interface PoolMemberAgentOptions {
 export class PoolMemberAgent {
   private readonly options: PoolMemberAgentOptions;
   private readonly informer: Informer<PoolMember & KubeObject>;
+  /** The PoolGrant of the connection, watched by name once the PoolMember names it. */
+  private tableInformer: Informer<PoolGrant & KubeObject> | undefined;
+  private member: PoolMember | undefined;
+  /** Where the grant last handed to the pool came from: "m<generation>" (PoolMember) or "t" (table), and its number and drain flag. */
+  private applied: { source: string; connections: number; drain: boolean } | undefined;
+  /** The table generation of the grant handed to the pool, if it came from the table. */
+  private appliedTableGeneration: number | undefined;
+  /** The latest table generation whose grant the pool has acknowledged (0: none). */
+  private acknowledgedTableGeneration = 0;
   private appliedGeneration = -1;
   private writing: Promise<void> | undefined;
   private dirty = false;
@@ -71,10 +84,16 @@ export class PoolMemberAgent {
     this.informer.onChange((type, member) => {
       if (type === 'DELETED') {
         this.memberExists = false;
+        this.member = undefined;
         return;
       }
       this.memberExists = true;
-      this.apply(member);
+      this.member = member;
+      this.options.onSpec?.(member.spec);
+      this.watchTable(member.spec.connection);
+      this.evaluate();
+      // Only when the stored status differs from ours (not on the echo of our own write).
+      if (!this.statusCurrent(member.status)) this.report();
     });
     this.unsubscribe = this.options.target.onStatus(() => this.report());
     await this.informer.start();
@@ -83,30 +102,84 @@ export class PoolMemberAgent {
     this.heartbeat.unref();
   }
 
-  private apply(member: PoolMember): void {
-    this.options.onSpec?.(member.spec);
-    const { connections, generation } = member.spec.grant;
-    // A recreated PoolMember (new pod, same name) restarts generations; follow it.
-    const acknowledged = member.status?.acknowledgedGeneration;
-    if (generation !== this.appliedGeneration || acknowledged === undefined) {
-      this.appliedGeneration = generation;
-      clearTimeout(this.deferred);
-      this.deferred = undefined;
-      const shrinking = connections < this.options.target.status().acknowledgedConnections;
-      const grace = this.options.drainGraceMs ?? 0;
-      if (member.spec.drain === true && shrinking && grace > 0) {
-        this.options.logger.info({ connections, generation, graceMs: grace }, 'drain requested; keeping the current grant for the grace period');
-        this.deferred = setTimeout(() => {
-          this.deferred = undefined;
-          this.options.target.setGrant(connections, generation);
-        }, grace);
-        this.deferred.unref();
-      } else {
-        this.options.logger.info({ connections, generation }, 'grant received');
-        this.options.target.setGrant(connections, generation);
-      }
+  private watchTable(connection: string): void {
+    if (this.tableInformer || this.stopped) return;
+    this.tableInformer = new Informer<PoolGrant & KubeObject>(this.options.http, {
+      path: `/apis/${API_GROUP}/${API_VERSION}/namespaces/${this.options.namespace}/poolgrants`,
+      fieldSelector: `metadata.name=${connection}`,
+      stallTimeoutMs: this.options.stallTimeoutMs,
+      logger: this.options.logger.child({ informer: 'poolgrant' }),
+    });
+    // A table change that leaves this pod's grant alone hands nothing to the pool and writes nothing.
+    this.tableInformer.onChange(() => this.evaluate());
+    this.tableInformer.start().catch((err: unknown) => this.options.logger.warn({ err }, 'could not watch the grant table'));
+  }
+
+  /** The grant in force: the table's once the PoolMember says the table covers this pod, else the PoolMember's. */
+  private grantInForce(member: PoolMember): { source: string; connections: number; generation: number; drain: boolean; table: boolean } {
+    const from = member.spec.tableFrom;
+    const grant = from === undefined ? undefined : this.tableInformer?.get(this.options.namespace, member.spec.connection);
+    if (from !== undefined && grant && grant.spec.generation >= from) {
+      const derived = deriveGrant({ generation: grant.spec.generation, perPod: grant.spec.perPod, exceptions: (grant.spec.exceptions ?? []).map((e) => ({ connections: e.connections, drain: e.drain, pods: e.pods ?? [] })) }, this.options.podName);
+      return { source: 't', ...derived, table: true };
     }
-    this.report();
+    return { source: `m${member.spec.grant.generation}`, connections: member.spec.grant.connections, generation: member.spec.grant.generation, drain: member.spec.drain === true, table: false };
+  }
+
+  private evaluate(): void {
+    const member = this.member;
+    if (!member || this.stopped) return;
+    const grant = this.grantInForce(member);
+    const applied = this.applied;
+    // Any other source or generation is applied, lower ones too: a recreated PoolMember restarts its generations.
+    if (applied && applied.source === grant.source && applied.connections === grant.connections && applied.drain === grant.drain) return;
+    this.applied = { source: grant.source, connections: grant.connections, drain: grant.drain };
+    this.appliedGeneration = grant.generation;
+    this.appliedTableGeneration = grant.table ? grant.generation : undefined;
+    const { connections, generation } = grant;
+    clearTimeout(this.deferred);
+    this.deferred = undefined;
+    const shrinking = connections < this.options.target.status().acknowledgedConnections;
+    const grace = this.options.drainGraceMs ?? 0;
+    if (grant.drain && shrinking && grace > 0) {
+      this.options.logger.info({ connections, generation, table: grant.table, graceMs: grace }, 'drain requested; keeping the current grant for the grace period');
+      this.deferred = setTimeout(() => {
+        this.deferred = undefined;
+        this.options.target.setGrant(connections, generation);
+      }, grace);
+      this.deferred.unref();
+    } else {
+      this.options.logger.info({ connections, generation, table: grant.table }, 'grant received');
+      this.options.target.setGrant(connections, generation);
+    }
+  }
+
+  /** The status this sidecar reports now (without the heartbeat). */
+  private currentStatus(): PoolMemberStatus {
+    const s = this.options.target.status();
+    // The table generation is reported once the pool holds that table's grant; it tells the
+    // controller this sidecar reads tables (0 before any), so it may switch the PoolMember onto one.
+    if (this.appliedTableGeneration !== undefined && s.acknowledgedGeneration === this.appliedTableGeneration && s.acknowledgedConnections === this.applied?.connections) {
+      this.acknowledgedTableGeneration = Math.max(this.acknowledgedTableGeneration, this.appliedTableGeneration);
+    }
+    const status: PoolMemberStatus = {
+      acknowledgedGeneration: s.acknowledgedGeneration,
+      acknowledgedConnections: s.acknowledgedConnections,
+      heldConnections: s.heldConnections,
+      credentialsGeneration: s.credentialsGeneration,
+      draining: s.draining,
+      drained: s.drained,
+      sidecarVersion: this.options.version,
+      tableGeneration: this.acknowledgedTableGeneration,
+    };
+    if (s.acknowledgedGeneration < 0) delete status.acknowledgedGeneration;
+    return status;
+  }
+
+  private statusCurrent(stored: PoolMemberStatus | undefined): boolean {
+    if (!stored) return false;
+    const now = this.currentStatus();
+    return (Object.keys(now) as Array<keyof PoolMemberStatus>).every((k) => stored[k] === now[k]) && (now.acknowledgedGeneration !== undefined || stored.acknowledgedGeneration === undefined);
   }
 
   /** Writes the current status soon; concurrent calls coalesce into one more write. */
@@ -126,18 +199,7 @@ export class PoolMemberAgent {
   }
 
   private async writeStatus(): Promise<void> {
-    const s = this.options.target.status();
-    const status: PoolMemberStatus = {
-      acknowledgedGeneration: s.acknowledgedGeneration,
-      acknowledgedConnections: s.acknowledgedConnections,
-      heldConnections: s.heldConnections,
-      credentialsGeneration: s.credentialsGeneration,
-      draining: s.draining,
-      drained: s.drained,
-      heartbeatTime: new Date().toISOString().replace(/\.\d+Z$/, 'Z'),
-      sidecarVersion: this.options.version,
-    };
-    if (s.acknowledgedGeneration < 0) delete status.acknowledgedGeneration;
+    const status: PoolMemberStatus = { ...this.currentStatus(), heartbeatTime: new Date().toISOString().replace(/\.\d+Z$/, 'Z') };
     try {
       await this.options.http.patch(`/apis/${API_GROUP}/${API_VERSION}/namespaces/${this.options.namespace}/poolmembers/${this.options.podName}/status`, { status });
     } catch (err) {
@@ -159,6 +221,6 @@ export class PoolMemberAgent {
     clearTimeout(this.deferred);
     this.unsubscribe?.();
     await this.writing;
-    await this.informer.stop();
+    await Promise.all([this.informer.stop(), this.tableInformer?.stop()]);
   }
 }

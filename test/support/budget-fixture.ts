@@ -8,7 +8,8 @@ import { randomBytes } from 'node:crypto';
 import { CoreV1Api } from '@kubernetes/client-node';
 import pino, { type Logger } from 'pino';
 import { Registry } from 'prom-client';
-import type { PoolMember } from '../../src/api/index.ts';
+import type { PoolGrant, PoolMember } from '../../src/api/index.ts';
+import { memberGrantInForce } from '../../src/core/budget/index.ts';
 import { BudgetController } from '../../src/controller/controller.ts';
 import { LimitDiscovery } from '../../src/controller/limit-discovery.ts';
 import { ControllerMetrics } from '../../src/controller/metrics.ts';
@@ -85,6 +86,7 @@ export class ObedientSidecarDouble implements GrantTarget {
 export class SidecarFleetDouble {
   readonly agents = new Map<string, { agent: PoolMemberAgent; double: ObedientSidecarDouble }>();
   private readonly informer: Informer<PoolMember & KubeObject>;
+  private readonly tables: Informer<PoolGrant & KubeObject>;
   private readonly pods: Informer<KubeObject>;
   private readonly http: KubeHttp;
   private readonly namespace: string;
@@ -97,6 +99,7 @@ export class SidecarFleetDouble {
     this.http = new KubeHttp(kube.kubeConfig());
     this.namespace = namespace;
     this.informer = new Informer<PoolMember & KubeObject>(this.http, { path: `/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/poolmembers`, logger: this.logger });
+    this.tables = new Informer<PoolGrant & KubeObject>(this.http, { path: `/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/poolgrants`, logger: this.logger });
     this.pods = new Informer<KubeObject>(this.http, { path: `/api/v1/namespaces/${namespace}/pods`, logger: this.logger });
   }
 
@@ -110,27 +113,41 @@ export class SidecarFleetDouble {
       this.agents.set(name, { agent, double });
       void agent.start();
     });
-    await Promise.all([this.informer.start(), this.pods.start()]);
+    await Promise.all([this.informer.start(), this.tables.start(), this.pods.start()]);
   }
 
   /** Calls `listener` after every PoolMember or pod change this fleet sees. */
   onChange(listener: () => void): void {
     this.informer.onChange(() => listener());
+    this.tables.onChange(() => listener());
     this.pods.onChange(() => listener());
   }
 
   /**
    * PoolMembers of pods that still exist. A deleted pod's containers are
    * gone, so its PoolMember (until garbage collection removes it) holds nothing.
+   * A PoolMember on a grant table shows the grant in force (derived from the
+   * table) as spec.grant, with the acknowledged generation once its sidecar
+   * has acknowledged that number, so tests read every pod the same way.
    */
   members(): PoolMember[] {
     const live = new Set(this.pods.list().map((p) => p.metadata?.uid));
-    return this.informer.list().filter((m) => live.has(m.metadata.ownerReferences?.[0]?.uid));
+    return this.informer.list().filter((m) => live.has(m.metadata.ownerReferences?.[0]?.uid)).map((m) => this.inForce(m));
+  }
+
+  private inForce(m: PoolMember): PoolMember {
+    const grant = this.tables.get(this.namespace, m.spec.connection);
+    const table = grant ? { generation: grant.spec.generation, perPod: grant.spec.perPod, exceptions: (grant.spec.exceptions ?? []).map((e) => ({ ...e, pods: e.pods ?? [] })) } : undefined;
+    const force = memberGrantInForce({ name: m.metadata.name ?? '', grant: m.spec.grant, tableFrom: m.spec.tableFrom }, table);
+    if (!force.fromTable) return m;
+    const s = m.status;
+    const acknowledged = s?.tableGeneration !== undefined && s.tableGeneration >= (m.spec.tableFrom ?? Infinity) && s.acknowledgedConnections === force.connections;
+    return { ...m, spec: { ...m.spec, grant: { connections: force.connections, generation: acknowledged ? (s.acknowledgedGeneration ?? force.generation) : force.generation } } };
   }
 
   /** Stops every agent. */
   async stop(): Promise<void> {
-    await Promise.all([this.informer.stop(), this.pods.stop()]);
+    await Promise.all([this.informer.stop(), this.tables.stop(), this.pods.stop()]);
     await Promise.all([...this.agents.values()].map(({ agent }) => agent.stop()));
   }
 }

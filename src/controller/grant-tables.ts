@@ -1,0 +1,153 @@
+/**
+ * The controller's side of grant tables (docs/protocol.md): puts PoolMembers
+ * whose sidecar reads tables onto their connection's PoolGrant (one write per
+ * pod, once), and writes each connection's PoolGrant when its plan changes
+ * (one write per connection per rebalance, whatever the number of pods).
+ * Remembers what it wrote until its caches show it: a plan from a cache that
+ * is behind would otherwise miss a switched pod or a newer table.
+ */
+import type { Logger } from 'pino';
+import { API_GROUP, API_VERSION, type DatabaseConnection, type PoolGrant, type PoolMember } from '../api/index.ts';
+import type { GrantTable, PlannedTable, TableState } from '../core/budget/index.ts';
+import { isStatus, type KubeHttp } from '../kube/http.ts';
+import type { Informer, KubeObject } from '../kube/informer.ts';
+import { forEachBounded } from './bounded.ts';
+
+/** Writes in flight at once (the API client's connection cap). */
+const CONCURRENCY = 32;
+
+const BASE = `/apis/${API_GROUP}/${API_VERSION}`;
+
+/** Raised when a PoolGrant or PoolMember changed since this replica read it: replan. */
+export type ConflictFactory = (what: string) => Error;
+
+/** What the writer needs. */
+export interface GrantTableWriterDeps {
+  http: KubeHttp;
+  /** The PoolGrant cache; absent: tables are neither read nor written (every pod stays on its PoolMember's grant). */
+  grants?: Informer<PoolGrant & KubeObject> | undefined;
+  logger: Logger;
+  /** Throws if this replica may no longer write. */
+  assertMayWrite: () => void;
+  conflict: ConflictFactory;
+}
+
+function tableOf(grant: PoolGrant): GrantTable {
+  return { generation: grant.spec.generation, perPod: grant.spec.perPod, exceptions: (grant.spec.exceptions ?? []).map((e) => ({ connections: e.connections, ...(e.drain ? { drain: true } : {}), pods: [...(e.pods ?? [])] })) };
+}
+
+/** Switches PoolMembers onto tables and writes PoolGrants. */
+export class GrantTableWriter {
+  private readonly deps: GrantTableWriterDeps;
+  /** The last table this replica wrote per `namespace/connection`, with the resourceVersion it got. */
+  private readonly written = new Map<string, { table: GrantTable; resourceVersion: string }>();
+  /** tableFrom this replica wrote per pod uid, until the cache shows it. */
+  private readonly switched = new Map<string, number>();
+
+  constructor(deps: GrantTableWriterDeps) {
+    this.deps = deps;
+  }
+
+  /** True when tables are in use. */
+  get enabled(): boolean {
+    return this.deps.grants !== undefined;
+  }
+
+  /** The tables in force for these connections: the cache's, or this replica's own newer write. */
+  tablesInForce(connections: readonly DatabaseConnection[]): TableState[] {
+    const out: TableState[] = [];
+    for (const c of connections) {
+      const namespace = c.metadata.namespace ?? '';
+      const connection = c.metadata.name ?? '';
+      const table = this.inForce(namespace, connection);
+      if (table) out.push({ namespace, connection, table: table.table });
+    }
+    return out;
+  }
+
+  private inForce(namespace: string, connection: string): { table: GrantTable; resourceVersion: string | undefined } | undefined {
+    const cached = this.deps.grants?.get(namespace, connection);
+    const ours = this.written.get(`${namespace}/${connection}`);
+    if (ours && (!cached || ours.table.generation > cached.spec.generation)) return ours;
+    if (ours && cached && cached.spec.generation >= ours.table.generation) this.written.delete(`${namespace}/${connection}`);
+    return cached ? { table: tableOf(cached), resourceVersion: cached.metadata.resourceVersion } : undefined;
+  }
+
+  /** tableFrom of a PoolMember as this replica knows it (its own switch may be newer than the cache). */
+  tableFrom(member: PoolMember): number | undefined {
+    const uid = member.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
+    const ours = this.switched.get(uid);
+    if (member.spec.tableFrom !== undefined) {
+      this.switched.delete(uid);
+      return member.spec.tableFrom;
+    }
+    return ours;
+  }
+
+  /**
+   * Puts onto their connection's table the PoolMembers of live pods whose sidecar
+   * says it reads tables (status.tableGeneration is set): spec.tableFrom = the
+   * next table generation. The table that covers them is written by the same
+   * reconcile, planned with them on it. A precondition on the PoolMember's
+   * resourceVersion makes a deposed leader's switch fail.
+   */
+  async switchMembers(members: readonly PoolMember[], livePodUids: ReadonlySet<string>): Promise<void> {
+    if (!this.enabled) return;
+    const due = members.filter((m) => {
+      const uid = m.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid;
+      return uid !== undefined && livePodUids.has(uid) && m.status?.tableGeneration !== undefined && this.tableFrom(m) === undefined;
+    });
+    await forEachBounded(due, CONCURRENCY, async (m) => {
+      const namespace = m.metadata.namespace ?? '';
+      const from = (this.inForce(namespace, m.spec.connection)?.table.generation ?? 0) + 1;
+      this.deps.assertMayWrite();
+      try {
+        await this.deps.http.patch(`${BASE}/namespaces/${namespace}/poolmembers/${m.metadata.name ?? ''}`, { metadata: { resourceVersion: m.metadata.resourceVersion }, spec: { tableFrom: from } });
+      } catch (err) {
+        if (isStatus(err, 409)) throw this.deps.conflict(`${namespace}/${m.metadata.name ?? ''}`);
+        if (isStatus(err, 404)) return;
+        throw err;
+      }
+      this.switched.set(m.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '', from);
+    });
+  }
+
+  /** Forgets switches of pods that are gone. */
+  retain(livePodUids: ReadonlySet<string>): void {
+    for (const uid of this.switched.keys()) if (!livePodUids.has(uid)) this.switched.delete(uid);
+  }
+
+  /**
+   * Writes the changed tables of a plan, each with a precondition on the
+   * resourceVersion it was planned from (a deposed leader's write fails).
+   * A PoolGrant is owned by its DatabaseConnection and goes with it.
+   */
+  async writeTables(tables: readonly PlannedTable[], connections: readonly DatabaseConnection[]): Promise<void> {
+    if (!this.enabled) return;
+    const byKey = new Map(connections.map((c) => [`${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`, c]));
+    await forEachBounded(tables.filter((t) => t.changed), CONCURRENCY, async (t) => {
+      const k = `${t.namespace}/${t.connection}`;
+      const connection = byKey.get(k);
+      if (!connection) return;
+      const spec = { connection: t.connection, generation: t.table.generation, perPod: t.table.perPod, exceptions: t.table.exceptions };
+      const current = this.inForce(t.namespace, t.connection);
+      const path = `${BASE}/namespaces/${t.namespace}/poolgrants`;
+      this.deps.assertMayWrite();
+      let written: PoolGrant;
+      try {
+        if (!current) {
+          const ownerReferences = connection.metadata.uid ? [{ apiVersion: `${API_GROUP}/${API_VERSION}`, kind: 'DatabaseConnection', name: t.connection, uid: connection.metadata.uid, controller: true, blockOwnerDeletion: false }] : undefined;
+          written = await this.deps.http.create<PoolGrant>(path, { apiVersion: `${API_GROUP}/${API_VERSION}`, kind: 'PoolGrant', metadata: { name: t.connection, namespace: t.namespace, ...(ownerReferences ? { ownerReferences } : {}) }, spec });
+        } else {
+          // A merge patch replaces the exceptions list whole.
+          written = await this.deps.http.patch<PoolGrant>(`${path}/${t.connection}`, { metadata: { resourceVersion: current.resourceVersion }, spec });
+        }
+      } catch (err) {
+        if (isStatus(err, 409)) throw this.deps.conflict(`PoolGrant ${k}`);
+        throw err;
+      }
+      this.written.set(k, { table: t.table, resourceVersion: written.metadata.resourceVersion ?? '' });
+      this.deps.logger.debug({ table: k, generation: t.table.generation, perPod: t.table.perPod, exceptions: t.table.exceptions.length }, 'grant table written');
+    });
+  }
+}

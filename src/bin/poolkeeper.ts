@@ -129,6 +129,7 @@ environment:
   POOLKEEPER_POD_NAMESPACE      namespace of the pod (required)
   POOLKEEPER_POD_NAME           name of the pod, and of its PoolMember (required)
   POOLKEEPER_LISTEN_PORT        client port on 127.0.0.1 (default 6432)
+  POOLKEEPER_LISTEN_SOCKET_DIR  also listen on a Unix-domain socket in this directory (.s.PGSQL.<port>)
   POOLKEEPER_ADMIN_PORT         /metrics, /healthz, /readyz port (default 9187)
   POOLKEEPER_CREDENTIALS_DIR    directory with the files username and password (default /var/run/poolkeeper/credentials)
   POOLKEEPER_SSH_KEY_DIR        directory with the bastion's private key, if any
@@ -176,6 +177,7 @@ async function run(command: string | undefined, args: readonly string[]): Promis
         namespace: required('POOLKEEPER_POD_NAMESPACE'),
         podName: required('POOLKEEPER_POD_NAME'),
         listenPort: port('POOLKEEPER_LISTEN_PORT', 6432),
+        ...(env.POOLKEEPER_LISTEN_SOCKET_DIR ? { listenSocketDir: env.POOLKEEPER_LISTEN_SOCKET_DIR } : {}),
         adminPort: port('POOLKEEPER_ADMIN_PORT', 9187),
         kubeConfig: kubeConfig(),
         credentialsDir: env.POOLKEEPER_CREDENTIALS_DIR ?? '/var/run/poolkeeper/credentials',

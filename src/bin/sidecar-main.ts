@@ -10,7 +10,11 @@ import { Registry, collectDefaultMetrics } from 'prom-client';
 import { API_GROUP, API_VERSION, type PoolMember } from '../api/index.ts';
 import { isStatus, KubeHttp } from '../kube/http.ts';
 import { PoolMemberAgent } from '../sidecar/control-plane.ts';
+import { BackendLedger } from '../sidecar/backend-ledger.ts';
 import { FileCredentialsSource, Sidecar, type SidecarSettings } from '../sidecar/index.ts';
+
+/** The ledger's file name in the state directory. */
+export const BACKEND_LEDGER_FILE = 'backends.json';
 
 /** Everything the sidecar binary is configured with. */
 export interface SidecarConfig {
@@ -18,12 +22,16 @@ export interface SidecarConfig {
   namespace: string;
   podName: string;
   listenPort: number;
+  /** Also listen on a Unix-domain socket in this directory (the shared volume the webhook mounts when asked). */
+  listenSocketDir?: string;
   adminPort: number;
   credentialsDir: string;
   sshKeyDir?: string;
   /** PEM file of the CA that signed the database server's certificate (spec.database.caSecretRef). */
   caFile?: string;
   drainTimeoutSeconds: number;
+  /** A directory that outlives the sidecar process (the pod's emptyDir): the backend ledger goes there. */
+  stateDir?: string;
   version: string;
   /** How long to wait for the controller to create this pod's PoolMember. */
   memberWaitMs?: number;
@@ -63,6 +71,7 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
   const settings: SidecarSettings = {
     listenHost: '127.0.0.1',
     listenPort: config.listenPort,
+    ...(config.listenSocketDir ? { listenSocketDir: config.listenSocketDir } : {}),
     database: {
       host: spec.database.host, port: spec.database.port, dbname: spec.database.dbname, sslMode: spec.database.sslMode,
       ...(config.caFile ? { caPem: readFileSync(config.caFile, 'utf8') } : {}),
@@ -78,7 +87,8 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'poolkeeper_sidecar_process_' });
   const credentials = new FileCredentialsSource({ directory: config.credentialsDir, logger });
-  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry });
+  const ledger = config.stateDir ? new BackendLedger(join(config.stateDir, BACKEND_LEDGER_FILE), logger) : undefined;
+  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry, ...(ledger ? { ledger } : {}) });
   const { port, adminPort } = await sidecar.start();
   const agent = new PoolMemberAgent({
     http, namespace: config.namespace, podName: config.podName, target: sidecar, logger, version: config.version,

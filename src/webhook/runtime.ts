@@ -65,6 +65,8 @@ export function webhookConfigFromEnv(env: Readonly<Record<string, string | undef
       version,
       sidecarImage: image,
       adminPort: int('POOLKEEPER_SIDECAR_ADMIN_PORT', DEFAULT_INJECTOR_SETTINGS.adminPort),
+      // Pods reach their sidecar over a Unix-domain socket unless annotated otherwise.
+      ...(env.POOLKEEPER_UNIX_SOCKET === 'true' ? { unixSocket: true } : {}),
       ...(env.POOLKEEPER_SIDECAR_CPU_REQUEST || env.POOLKEEPER_SIDECAR_MEMORY_REQUEST || env.POOLKEEPER_SIDECAR_MEMORY_LIMIT ? {
         resources: {
           requests: { cpu: env.POOLKEEPER_SIDECAR_CPU_REQUEST ?? '50m', memory: env.POOLKEEPER_SIDECAR_MEMORY_REQUEST ?? '64Mi' },

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import {
-  CREDENTIALS_DIR, DEFAULT_INJECTOR_SETTINGS, INJECTED_ANNOTATION, SIDECAR_CONTAINER_NAME,
+  CREDENTIALS_DIR, DEFAULT_INJECTOR_SETTINGS, INJECTED_ANNOTATION, SIDECAR_CONTAINER_NAME, SOCKET_DIR, SOCKET_VOLUME_NAME,
   applyJsonPatch, computeInjection, escapePointerToken, nativeSidecarsSupported, podNeedsRepair, pointer, poolSizeHint, repairVerdict, resolveConsumer,
   type ContainerLike, type EnvVar, type InjectableConnection, type InjectorSettings, type PodLike,
 } from '../../src/core/inject/index.ts';
@@ -216,6 +216,65 @@ describe('inject: computeInjection', function () {
     const again = computeInjection({ pod: once, connection: connection(), settings });
     assert.ok(again.patch.every((op) => op.path.startsWith('/spec/containers/1/env')), JSON.stringify(again.patch));
     assert.ok(again.patch.length > 0);
+  });
+
+  describe('Unix-domain socket', function () {
+    const socketSettings: InjectorSettings = { ...settings, unixSocket: true };
+    const mountsOf = (c: ContainerLike | undefined): { name: string; mountPath: string; readOnly?: boolean }[] => (c?.volumeMounts ?? []) as { name: string; mountPath: string; readOnly?: boolean }[];
+
+    it('shares an emptyDir: the sidecar listens in it, app and init containers get it as PGHOST and in DATABASE_URL', function () {
+      const init: ContainerLike = { name: 'migrate', image: 'm:1', volumeMounts: [{ name: 'data', mountPath: '/data' }] };
+      const out = injected(pod({ initContainers: [init] }), connection(), socketSettings);
+      assert.deepEqual(out.spec!.volumes!.find((v) => v.name === SOCKET_VOLUME_NAME), { name: SOCKET_VOLUME_NAME, emptyDir: {} });
+      const sidecar = out.spec!.initContainers!.find((c) => c.name === SIDECAR_CONTAINER_NAME);
+      assert.equal(envOf(sidecar).POOLKEEPER_LISTEN_SOCKET_DIR?.value, SOCKET_DIR);
+      assert.deepEqual(mountsOf(sidecar).find((m) => m.name === SOCKET_VOLUME_NAME), { name: SOCKET_VOLUME_NAME, mountPath: SOCKET_DIR, readOnly: false });
+      for (const app of [out.spec!.containers[0], out.spec!.initContainers!.find((c) => c.name === 'migrate')]) {
+        assert.equal(envOf(app).PGHOST?.value, SOCKET_DIR);
+        assert.equal(envOf(app).PGPORT?.value, '6432');
+        assert.equal(envOf(app).DATABASE_URL?.value, `postgresql://$(PGUSER)@/orders?host=${SOCKET_DIR}&port=6432`);
+        assert.deepEqual(mountsOf(app).find((m) => m.name === SOCKET_VOLUME_NAME), { name: SOCKET_VOLUME_NAME, mountPath: SOCKET_DIR });
+      }
+      // The init container's own mount stays.
+      assert.ok(mountsOf(out.spec!.initContainers!.find((c) => c.name === 'migrate')).some((m) => m.name === 'data'));
+      assert.deepEqual(computeInjection({ pod: out, connection: connection(), settings: socketSettings }).patch, []);
+    });
+
+    it('follows the pod annotation over the injector setting, both ways', function () {
+      const off = injected(pod({ annotations: { 'poolkeeper.dev/unix-socket': 'false' } }), connection(), socketSettings);
+      assert.equal(envOf(off.spec!.containers[0]).PGHOST?.value, '127.0.0.1');
+      assert.equal(off.spec!.volumes!.some((v) => v.name === SOCKET_VOLUME_NAME), false);
+      assert.equal(mountsOf(off.spec!.containers[0]).length, 0);
+      const on = injected(pod({ annotations: { 'poolkeeper.dev/unix-socket': 'true' } }));
+      assert.equal(envOf(on.spec!.containers[0]).PGHOST?.value, SOCKET_DIR);
+    });
+
+    it('mounts the socket into a container another webhook added later; a pod injected without it stays on TCP', function () {
+      const once = injected(pod(), connection(), socketSettings);
+      once.spec!.containers.push({ name: 'late', image: 'l:1' });
+      const again = computeInjection({ pod: once, connection: connection(), settings: socketSettings });
+      assert.ok(again.patch.some((op) => op.path === '/spec/containers/1/volumeMounts'), JSON.stringify(again.patch));
+      assert.equal(envOf(applyJsonPatch(once, again.patch).spec!.containers[1]).PGHOST?.value, SOCKET_DIR);
+      // Injected over TCP before the setting was turned on: the pod cannot gain the volume, so nothing points at a socket.
+      const tcp = injected(pod());
+      tcp.spec!.containers.push({ name: 'late', image: 'l:1' });
+      const late = applyJsonPatch(tcp, computeInjection({ pod: tcp, connection: connection(), settings: socketSettings }).patch);
+      assert.equal(envOf(late.spec!.containers[1]).PGHOST?.value, '127.0.0.1');
+      assert.equal(mountsOf(late.spec!.containers[1]).length, 0);
+    });
+
+    it('reports a clash on the volume name, and leaves a container that mounts something else at the socket path on TCP with a warning', function () {
+      const clash = pod();
+      clash.spec!.volumes = [{ name: SOCKET_VOLUME_NAME, emptyDir: {} }];
+      assert.deepEqual(computeInjection({ pod: clash, connection: connection(), settings: socketSettings }).errors.map((e) => e.code), ['VolumeConflict']);
+      const busyPod = pod({ containers: [{ name: 'app', volumeMounts: [{ name: 'mine', mountPath: SOCKET_DIR }] }, { name: 'other' }] });
+      const busy = computeInjection({ pod: busyPod, connection: connection(), settings: socketSettings });
+      assert.ok(busy.warnings.some((w) => w.includes(SOCKET_DIR)), JSON.stringify(busy.warnings));
+      const out = applyJsonPatch(busyPod, busy.patch);
+      assert.equal(envOf(out.spec!.containers[0]).PGHOST?.value, '127.0.0.1');
+      assert.deepEqual(mountsOf(out.spec!.containers[0]).map((m) => m.name), ['mine']);
+      assert.equal(envOf(out.spec!.containers[1]).PGHOST?.value, SOCKET_DIR);
+    });
   });
 
   it('is idempotent and keeps the user\'s containers and env for arbitrary pods (property)', function () {

@@ -13,6 +13,7 @@ import { jsonEqual, pointer } from './json-patch.ts';
 import {
   CONNECTION_LABEL, CONSUMER_ANNOTATION, CREDENTIALS_DIR, CREDENTIALS_VOLUME_NAME, INJECTED_ANNOTATION, INJECT_ANNOTATION,
   SIDECAR_CONTAINER_NAME, SSH_KEY_DIR, SSH_KEY_FILE, SSH_KEY_VOLUME_NAME, DB_CA_DIR, DB_CA_FILE, DB_CA_VOLUME_NAME,
+  SOCKET_DIR, SOCKET_VOLUME_NAME, UNIX_SOCKET_ANNOTATION,
   type ContainerLike, type EnvVar, type InjectableConnection, type InjectionError, type InjectionResult, type InjectorSettings,
   type JsonPatchOperation, type PodLike, type ResourceQuantities, type VolumeLike,
 } from './model.ts';
@@ -74,19 +75,25 @@ interface Derived {
   drainTimeout: number;
   usernameKey: string;
   passwordKey: string;
+  /** Application containers use the sidecar's Unix-domain socket. */
+  unixSocket: boolean;
 }
 
 function appEnv(connection: InjectableConnection, derived: Derived, poolSize: number): EnvVar[] {
   const { dbname, credentialsSecretRef } = connection.spec.database;
+  // libpq (and the drivers built on it, node-postgres, SQLAlchemy) take a directory as the host: the socket .s.PGSQL.<port> in it.
+  const url = derived.unixSocket
+    ? `postgresql://$(PGUSER)@/${encodeURIComponent(dbname)}?host=${SOCKET_DIR}&port=${derived.listenPort}`
+    : `postgresql://$(PGUSER)@127.0.0.1:${derived.listenPort}/${encodeURIComponent(dbname)}`;
   return [
-    { name: 'PGHOST', value: '127.0.0.1' },
+    { name: 'PGHOST', value: derived.unixSocket ? SOCKET_DIR : '127.0.0.1' },
     { name: 'PGPORT', value: String(derived.listenPort) },
     { name: 'PGDATABASE', value: dbname },
     // Only the username reaches the app; the password stays in the sidecar's volume.
     { name: 'PGUSER', valueFrom: { secretKeyRef: { name: credentialsSecretRef.name, key: derived.usernameKey } } },
     { name: 'PGSSLMODE', value: 'disable' },
     // $(PGUSER) is expanded by the kubelet from the variable defined just before.
-    { name: 'DATABASE_URL', value: `postgresql://$(PGUSER)@127.0.0.1:${derived.listenPort}/${encodeURIComponent(dbname)}` },
+    { name: 'DATABASE_URL', value: url },
     { name: 'POOLKEEPER_POOL_SIZE', value: String(poolSize) },
   ];
 }
@@ -112,6 +119,8 @@ function sidecarVolumes(connection: InjectableConnection, derived: Derived): Vol
   if (ca) {
     volumes.push({ name: DB_CA_VOLUME_NAME, secret: { secretName: ca.name, items: [{ key: ca.key ?? 'ca.crt', path: DB_CA_FILE }], defaultMode: 0o444 } });
   }
+  // Only this pod's containers mount it: the socket is no more reachable than the loopback port.
+  if (derived.unixSocket) volumes.push({ name: SOCKET_VOLUME_NAME, emptyDir: {} });
   return volumes;
 }
 
@@ -135,6 +144,10 @@ function sidecarContainer(connection: InjectableConnection, settings: InjectorSe
   if (connection.spec.database.caSecretRef) {
     env.push({ name: 'POOLKEEPER_DB_CA_FILE', value: `${DB_CA_DIR}/${DB_CA_FILE}` });
     volumeMounts.push({ name: DB_CA_VOLUME_NAME, mountPath: DB_CA_DIR, readOnly: true });
+  }
+  if (derived.unixSocket) {
+    env.push({ name: 'POOLKEEPER_LISTEN_SOCKET_DIR', value: SOCKET_DIR });
+    volumeMounts.push({ name: SOCKET_VOLUME_NAME, mountPath: SOCKET_DIR, readOnly: false });
   }
   const probe = (path: string, periodSeconds: number, failureThreshold: number): Record<string, unknown> => ({
     httpGet: { path, port: ADMIN_PORT_NAME, scheme: 'HTTP' }, periodSeconds, failureThreshold, timeoutSeconds: 2,
@@ -174,7 +187,14 @@ function sidecarContainer(connection: InjectableConnection, settings: InjectorSe
   return container;
 }
 
-function checkConnection(connection: InjectableConnection, settings: InjectorSettings, errors: InjectionError[]): Derived | undefined {
+/** Whether the pod's containers use the sidecar's Unix-domain socket: its annotation, else the injector's setting. */
+export function wantsUnixSocket(pod: PodLike, settings: InjectorSettings): boolean {
+  const annotation = pod.metadata?.annotations?.[UNIX_SOCKET_ANNOTATION];
+  if (annotation === 'true' || annotation === 'false') return annotation === 'true';
+  return settings.unixSocket === true;
+}
+
+function checkConnection(pod: PodLike, connection: InjectableConnection, settings: InjectorSettings, errors: InjectionError[]): Derived | undefined {
   const database = connection.spec?.database;
   const connectionName = connection.metadata?.name ?? '';
   if (!database?.credentialsSecretRef?.name) errors.push({ code: 'InvalidConnection', message: 'spec.database.credentialsSecretRef.name is required' });
@@ -195,7 +215,26 @@ function checkConnection(connection: InjectableConnection, settings: InjectorSet
     drainTimeout,
     usernameKey: database.credentialsSecretRef.usernameKey ?? 'username',
     passwordKey: database.credentialsSecretRef.passwordKey ?? 'password',
+    // A sidecar injected earlier without the socket keeps serving TCP only: its pod cannot gain the volume.
+    unixSocket: wantsUnixSocket(pod, settings) && (findSidecar(pod) === undefined || (pod.spec?.volumes ?? []).some((v) => v.name === SOCKET_VOLUME_NAME)),
   };
+}
+
+/**
+ * Mounts the socket volume into an application container that lacks it;
+ * undefined if the container mounts something else at that path (it cannot
+ * have the socket).
+ */
+function socketMountOps(list: 'containers' | 'initContainers', index: number, container: ContainerLike, warnings: string[]): JsonPatchOperation[] | undefined {
+  const mounts = container.volumeMounts as { name: string; mountPath: string }[] | undefined;
+  if (mounts?.some((m) => m.name === SOCKET_VOLUME_NAME)) return [];
+  if (mounts?.some((m) => m.mountPath === SOCKET_DIR)) {
+    warnings.push(`container ${container.name} mounts something else at ${SOCKET_DIR}: it reaches the sidecar over TCP (127.0.0.1)`);
+    return undefined;
+  }
+  const value = { name: SOCKET_VOLUME_NAME, mountPath: SOCKET_DIR };
+  if (!mounts) return [{ op: 'add', path: pointer('spec', list, index, 'volumeMounts'), value: [value] }];
+  return [{ op: 'add', path: pointer('spec', list, index, 'volumeMounts', '-'), value }];
 }
 
 function checkPorts(pod: PodLike, settings: InjectorSettings, derived: Derived, errors: InjectionError[]): void {
@@ -258,7 +297,7 @@ export function computeInjection({ pod, connection, settings }: InjectionInput):
   if (!pod.spec || !Array.isArray(pod.spec.containers)) {
     return { patch: [], warnings, errors: [{ code: 'InvalidPod', message: 'pod has no spec.containers' }] };
   }
-  const derived = checkConnection(connection, settings, errors);
+  const derived = checkConnection(pod, connection, settings, errors);
   if (!derived) return { patch: [], warnings, errors };
 
   const existingSidecar = findSidecar(pod);
@@ -287,16 +326,25 @@ export function computeInjection({ pod, connection, settings }: InjectionInput):
   patch.push(...annotationOps(pod, annotations));
 
   // Env first: the sidecar insertion at initContainers/0 shifts the indices after it.
-  const wantedEnv = appEnv(connection, derived, poolSizeHint(connection, consumer));
+  const poolSize = poolSizeHint(connection, consumer);
+  const wantedEnv = appEnv(connection, derived, poolSize);
+  const tcpEnv = derived.unixSocket ? appEnv(connection, { ...derived, unixSocket: false }, poolSize) : wantedEnv;
+  const containerOps = (list: 'containers' | 'initContainers', index: number, container: ContainerLike): void => {
+    if (!derived.unixSocket) {
+      patch.push(...envOps(list, index, container, wantedEnv, reportConflicts, warnings));
+      return;
+    }
+    const mounts = socketMountOps(list, index, container, warnings);
+    // A container that cannot mount the socket directory keeps reaching the sidecar over TCP.
+    patch.push(...envOps(list, index, container, mounts === undefined ? tcpEnv : wantedEnv, reportConflicts, warnings), ...(mounts ?? []));
+  };
   pod.spec.containers.forEach((container, index) => {
-    if (container.name !== SIDECAR_CONTAINER_NAME) patch.push(...envOps('containers', index, container, wantedEnv, reportConflicts, warnings));
+    if (container.name !== SIDECAR_CONTAINER_NAME) containerOps('containers', index, container);
   });
   if (sidecarNative) {
     // A native sidecar starts before regular init containers, so migrations can use it too.
     pod.spec.initContainers?.forEach((container, index) => {
-      if (container.name !== SIDECAR_CONTAINER_NAME && container.restartPolicy !== 'Always') {
-        patch.push(...envOps('initContainers', index, container, wantedEnv, reportConflicts, warnings));
-      }
+      if (container.name !== SIDECAR_CONTAINER_NAME && container.restartPolicy !== 'Always') containerOps('initContainers', index, container);
     });
   }
 

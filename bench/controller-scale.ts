@@ -1,9 +1,10 @@
 /**
  * The controller at fleet scale, on the real local API server: N pods created
  * through the API (no kubelet, no real sidecars), one in-process acknowledger
- * that watches the PoolMembers and writes each one's status as its sidecar
- * would (acknowledged = held = granted), and the controller in a child process
- * so that its CPU time, peak RSS and API writes are its own.
+ * that watches the PoolMembers and PoolGrants and writes each PoolMember's
+ * status as its sidecar would (acknowledged = held = granted; a sidecar that
+ * reads grant tables, unless --legacy-sidecars), and the controller in a child
+ * process so that its CPU time, peak RSS and API writes are its own.
  *
  * Per size, with a fixed maxConnections of 3 x pods (reserve 0, one consumer,
  * minPerPod 1, so every pod's target is 3), it measures the time from an event
@@ -18,7 +19,7 @@
  * held) <= limit) is checked on every PoolMember and pod event; while a
  * lowered limit is being reached, the sum must not grow.
  *
- *   node bench/controller-scale.ts [--pods 100,1000] [--connections 1] [--rounds 5] [--heartbeat-ms 0] [--json FILE]
+ *   node bench/controller-scale.ts [--pods 100,1000] [--connections 1] [--rounds 5] [--heartbeat-ms 0] [--legacy-sidecars] [--json FILE]
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
@@ -26,7 +27,8 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { KubeConfig } from '@kubernetes/client-node';
 import pino from 'pino';
-import type { PoolMember } from '../src/api/index.ts';
+import type { PoolGrant, PoolMember } from '../src/api/index.ts';
+import { memberGrantInForce, type GrantTable } from '../src/core/budget/index.ts';
 import { LocalEnvironment } from '../src/devenv/environment.ts';
 import type { KubeControlPlane } from '../src/devenv/kube.ts';
 import { eventually, installCrds } from '../src/devenv/scenario.ts';
@@ -164,7 +166,10 @@ type MemberObject = PoolMember & KubeObject;
  */
 class Acknowledger {
   readonly members: Informer<MemberObject>;
+  readonly tables: Informer<PoolGrant & KubeObject>;
   readonly pods: Informer<KubeObject>;
+  /** Sidecars of the previous version: they never report tableGeneration, so they stay on their PoolMember's grant. */
+  private readonly legacy: boolean;
   private readonly http: KubeHttp;
   private readonly namespace: string;
   private readonly queue = new Set<string>();
@@ -183,12 +188,14 @@ class Acknowledger {
   maxOverLimit = 0;
   statusWrites = 0;
 
-  constructor(http: KubeHttp, namespace: string, heartbeatMs: number) {
+  constructor(http: KubeHttp, namespace: string, heartbeatMs: number, legacy: boolean) {
     this.http = http;
     this.namespace = namespace;
     this.heartbeatMs = heartbeatMs;
+    this.legacy = legacy;
     const logger = pino({ level: 'silent' });
     this.members = new Informer<MemberObject>(http, { path: `/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/poolmembers`, logger });
+    this.tables = new Informer<PoolGrant & KubeObject>(http, { path: `/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/poolgrants`, logger });
     this.pods = new Informer<KubeObject>(http, { path: `/api/v1/namespaces/${namespace}/pods`, logger });
   }
 
@@ -196,7 +203,15 @@ class Acknowledger {
     this.members.onChange((type, member) => {
       const name = member.metadata.name ?? '';
       this.recount(name);
-      if (type !== 'DELETED' && member.spec.grant.generation !== member.status?.acknowledgedGeneration) this.enqueue(name);
+      if (type !== 'DELETED' && !this.acknowledged(member)) this.enqueue(name);
+    });
+    // One table write changes the grant of many pods: each sidecar whose number changed acknowledges.
+    this.tables.onChange(() => {
+      for (const m of this.members.list()) {
+        const name = m.metadata.name ?? '';
+        this.recount(name);
+        if (!this.acknowledged(m)) this.enqueue(name);
+      }
     });
     this.pods.onChange((type, pod) => {
       const uid = pod.metadata?.uid ?? '';
@@ -204,7 +219,7 @@ class Acknowledger {
       else this.livePodUids.add(uid);
       this.recount(pod.metadata?.name ?? '');
     });
-    await Promise.all([this.members.start(), this.pods.start()]);
+    await Promise.all([this.members.start(), this.tables.start(), this.pods.start()]);
     if (this.heartbeatMs > 0) {
       this.heartbeat = setInterval(() => {
         for (const m of this.members.list()) this.enqueue(m.metadata.name ?? '');
@@ -218,10 +233,30 @@ class Acknowledger {
     this.limit = limit;
   }
 
+  private table(member: PoolMember): GrantTable | undefined {
+    const t = this.tables.get(this.namespace, member.spec.connection);
+    return t ? { generation: t.spec.generation, perPod: t.spec.perPod, exceptions: (t.spec.exceptions ?? []).map((e) => ({ ...e, pods: e.pods ?? [] })) } : undefined;
+  }
+
+  /** The grant in force: from the table once it covers the pod, else the PoolMember's. */
+  private grantOf(member: PoolMember): { connections: number; generation: number; fromTable: boolean } {
+    return memberGrantInForce({ name: member.metadata.name ?? '', grant: member.spec.grant, tableFrom: member.spec.tableFrom }, this.table(member));
+  }
+
+  /** The status says what the sidecar holds under the grant in force (and, unless legacy, that it reads tables). */
+  private acknowledged(member: PoolMember): boolean {
+    const s = member.status;
+    if (!s) return false;
+    if (!this.legacy && s.tableGeneration === undefined) return false;
+    const grant = this.grantOf(member);
+    if (grant.fromTable) return s.tableGeneration !== undefined && s.tableGeneration >= (member.spec.tableFrom ?? Infinity) && s.acknowledgedConnections === grant.connections;
+    return s.acknowledgedGeneration === grant.generation;
+  }
+
   private recount(name: string): void {
     const member = this.members.get(this.namespace, name);
     const owner = member?.metadata.ownerReferences?.[0]?.uid;
-    const value = member && owner && this.livePodUids.has(owner) ? Math.max(member.spec.grant.connections, member.status?.acknowledgedConnections ?? 0, member.status?.heldConnections ?? 0) : 0;
+    const value = member && owner && this.livePodUids.has(owner) ? Math.max(this.grantOf(member).connections, member.status?.acknowledgedConnections ?? 0, member.status?.heldConnections ?? 0) : 0;
     this.total += value - (this.counted.get(name) ?? 0);
     if (value === 0) this.counted.delete(name);
     else this.counted.set(name, value);
@@ -260,11 +295,12 @@ class Acknowledger {
   private async acknowledge(name: string): Promise<void> {
     const member = this.members.get(this.namespace, name);
     if (!member) return;
-    const { connections, generation } = member.spec.grant;
+    const { connections, generation, fromTable } = this.grantOf(member);
     const status = {
       acknowledgedGeneration: generation, acknowledgedConnections: connections, heldConnections: connections,
       credentialsGeneration: member.spec.credentialsGeneration ?? '', draining: false, drained: false,
       heartbeatTime: new Date().toISOString().replace(/\.\d+Z$/, 'Z'), sidecarVersion: 'bench',
+      ...(this.legacy ? {} : { tableGeneration: fromTable ? generation : 0 }),
     };
     this.statusWrites += 1;
     await this.http.patch(`/apis/poolkeeper.dev/v1alpha1/namespaces/${this.namespace}/poolmembers/${name}/status`, { status }).catch(() => undefined);
@@ -282,8 +318,8 @@ class Acknowledger {
     for (const pod of pods) {
       const member = this.members.get(this.namespace, pod.metadata?.name ?? '');
       if (!member || member.metadata.ownerReferences?.[0]?.uid !== pod.metadata?.uid) return false;
-      if (member.status?.acknowledgedGeneration !== member.spec.grant.generation) return false;
-      const c = member.spec.grant.connections;
+      if (!this.acknowledged(member)) return false;
+      const c = this.grantOf(member).connections;
       sum += c;
       low = Math.min(low, c);
       high = Math.max(high, c);
@@ -293,7 +329,7 @@ class Acknowledger {
 
   async stop(): Promise<void> {
     clearInterval(this.heartbeat);
-    await Promise.all([this.members.stop(), this.pods.stop()]);
+    await Promise.all([this.members.stop(), this.tables.stop(), this.pods.stop()]);
   }
 }
 
@@ -303,7 +339,7 @@ function percentile(sorted: readonly number[], q: number): number {
   return sorted[Math.min(sorted.length - 1, Math.ceil(q * sorted.length) - 1)] ?? 0;
 }
 
-async function runSize(kube: KubeControlPlane, args: { pods: number; connections: number; rounds: number; heartbeatMs: number; verbose: boolean }): Promise<ControllerResult[]> {
+async function runSize(kube: KubeControlPlane, args: { pods: number; connections: number; rounds: number; heartbeatMs: number; legacy: boolean; verbose: boolean }): Promise<ControllerResult[]> {
   const http = new KubeHttp(kube.kubeConfig());
   const namespace = `scale-${args.pods}-${Date.now().toString(36)}`;
   const limit = PER_POD * args.pods;
@@ -322,7 +358,7 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
   // Pods need the namespace's default ServiceAccount, which kube-controller-manager creates.
   await eventually('default ServiceAccount', () => http.get(`/api/v1/namespaces/${namespace}/serviceaccounts/default`).then(() => true, () => false), 30_000);
 
-  const acknowledger = new Acknowledger(http, namespace, args.heartbeatMs);
+  const acknowledger = new Acknowledger(http, namespace, args.heartbeatMs, args.legacy);
   await acknowledger.start();
   acknowledger.setLimit(limit);
   const controller = new ControllerProcess(kube.kubeconfigPath, args.verbose);
@@ -404,6 +440,7 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
     // Remove this size's objects now, so the next size's controller does not list them.
     await http.request('DELETE', `/api/v1/namespaces/${namespace}/pods`, { apiVersion: 'v1', kind: 'DeleteOptions', gracePeriodSeconds: 0 }).catch(() => undefined);
     await http.request('DELETE', `/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/poolmembers`).catch(() => undefined);
+    await http.request('DELETE', `/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/poolgrants`).catch(() => undefined);
     await http.request('DELETE', `/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/databaseconnections`).catch(() => undefined);
     await http.delete(`/api/v1/namespaces/${namespace}`).catch(() => undefined);
     (http as { close?: () => void }).close?.();
@@ -437,6 +474,7 @@ async function main(): Promise<void> {
       connections: { type: 'string', default: '1' },
       rounds: { type: 'string', default: '5' },
       'heartbeat-ms': { type: 'string', default: '0' },
+      'legacy-sidecars': { type: 'boolean', default: false },
       json: { type: 'string' },
       verbose: { type: 'boolean', default: false },
     },
@@ -453,7 +491,7 @@ async function main(): Promise<void> {
     console.error(`PATCH latency, one at a time: p50 ${patch.p50_ms} ms, p99 ${patch.p99_ms} ms`);
     for (const pods of sizes) {
       console.error(`${pods} pods, ${connections} DatabaseConnection(s), limit ${PER_POD * pods}:`);
-      results.push(...await runSize(kube, { pods, connections, rounds: Number(values.rounds), heartbeatMs: Number(values['heartbeat-ms']), verbose: values.verbose }));
+      results.push(...await runSize(kube, { pods, connections, rounds: Number(values.rounds), heartbeatMs: Number(values['heartbeat-ms']), legacy: values['legacy-sidecars'], verbose: values.verbose }));
     }
   } finally {
     await env.stop();

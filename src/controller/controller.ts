@@ -16,6 +16,7 @@ import type { LeaderElector } from '../kube/leader-election.ts';
 import { WorkQueue } from '../kube/workqueue.ts';
 import type { ControllerMetrics } from './metrics.ts';
 import type { PoolGrant } from '../api/poolgrant.ts';
+import { slimPod, withoutManagedFields } from './slim.ts';
 import type { PodObject } from './plan-input.ts';
 import { DEFAULT_HEARTBEAT_TIMEOUT_MS, ServerReconciler, type ControllerCaches, type HpaObject, type ReconcilerDeps, type SecretObject, type WorkloadObject } from './reconciler.ts';
 
@@ -62,11 +63,12 @@ export class BudgetController {
     const { http, logger } = options;
     // One probe for all informers: when the API server is back, every watch resumes at once.
     const reachability = new ApiReachability(http);
-    const informer = <T extends KubeObject>(path: string, labelSelector?: string): Informer<T> =>
-      new Informer<T>(http, { path, labelSelector, reachability, logger: logger.child({ informer: path }), stallTimeoutMs: options.stallTimeoutMs });
+    // The caches keep only what is read: at thousands of pods, the rest is most of the memory.
+    const informer = <T extends KubeObject>(path: string, labelSelector?: string, transform: (o: T) => T = withoutManagedFields): Informer<T> =>
+      new Informer<T>(http, { path, labelSelector, reachability, logger: logger.child({ informer: path }), stallTimeoutMs: options.stallTimeoutMs, transform });
     this.caches = {
       connections: informer<DatabaseConnection & KubeObject>(`/apis/${API_GROUP}/${API_VERSION}/databaseconnections`),
-      pods: informer<PodObject & KubeObject>('/api/v1/pods', CONNECTION_LABEL),
+      pods: informer<PodObject & KubeObject>('/api/v1/pods', CONNECTION_LABEL, slimPod),
       members: informer<PoolMember & KubeObject>(`/apis/${API_GROUP}/${API_VERSION}/poolmembers`),
       secrets: informer<SecretObject>('/api/v1/secrets'),
       deployments: informer<WorkloadObject>('/apis/apps/v1/deployments'),

@@ -88,8 +88,8 @@ export class GrantTableWriter {
    * Puts onto their connection's table the PoolMembers of live pods whose sidecar
    * says it reads tables (status.tableGeneration is set): spec.tableFrom = the
    * next table generation. The table that covers them is written by the same
-   * reconcile, planned with them on it. A precondition on the PoolMember's
-   * resourceVersion makes a deposed leader's switch fail.
+   * reconcile, planned with them on it. A JSON-patch test on the PoolMember's
+   * grant makes the switch fail if another controller changed it since.
    */
   async switchMembers(members: readonly PoolMember[], livePodUids: ReadonlySet<string>): Promise<void> {
     if (!this.enabled) return;
@@ -102,10 +102,16 @@ export class GrantTableWriter {
       const from = (this.inForce(namespace, m.spec.connection)?.table.generation ?? 0) + 1;
       this.deps.assertMayWrite();
       try {
-        await this.deps.http.patch(`${BASE}/namespaces/${namespace}/poolmembers/${m.metadata.name ?? ''}`, { metadata: { resourceVersion: m.metadata.resourceVersion }, spec: { tableFrom: from } });
+        // The precondition is on the spec this plan read (which only a controller writes), not on
+        // the resourceVersion: every acknowledgement changes that, and a fleet acknowledging
+        // would keep the switch from ever landing.
+        await this.deps.http.patch(`${BASE}/namespaces/${namespace}/poolmembers/${m.metadata.name ?? ''}`, [
+          { op: 'test', path: '/spec/grant', value: { connections: m.spec.grant.connections, generation: m.spec.grant.generation } },
+          { op: 'add', path: '/spec/tableFrom', value: from },
+        ], 'json');
       } catch (err) {
-        if (isStatus(err, 409)) throw this.deps.conflict(`${namespace}/${m.metadata.name ?? ''}`);
-        if (isStatus(err, 404)) return;
+        // Changed by another writer, or gone with its pod: it stays on its PoolMember's grant; the next reconcile sees it.
+        if (isStatus(err, 409) || isStatus(err, 422) || isStatus(err, 404)) return;
         throw err;
       }
       this.switched.set(m.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '', from);

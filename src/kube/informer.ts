@@ -25,6 +25,8 @@ export interface ObjectMeta {
   deletionTimestamp?: string | Date;
   creationTimestamp?: string | Date;
   ownerReferences?: Array<{ apiVersion: string; kind: string; name: string; uid: string; controller?: boolean }>;
+  /** Server-side apply bookkeeping; caches drop it (see InformerOptions.transform). */
+  managedFields?: unknown[];
 }
 
 /** Any Kubernetes object. */
@@ -38,7 +40,7 @@ export interface KubeObject {
 export type ChangeHandler<T> = (type: 'ADDED' | 'MODIFIED' | 'DELETED', object: T) => void;
 
 /** Settings of one informer. */
-export interface InformerOptions {
+export interface InformerOptions<T extends KubeObject = KubeObject> {
   /** Collection path, e.g. `/api/v1/pods` or `/apis/poolkeeper.dev/v1alpha1/namespaces/x/poolmembers`. */
   path: string;
   labelSelector?: string;
@@ -53,6 +55,12 @@ export interface InformerOptions {
   initialRetryMs?: number;
   maxRetryMs?: number;
   logger: Logger;
+  /**
+   * Applied to every object before it is cached and handed to handlers: keep
+   * only what the reader uses (a controller caching thousands of pods pays
+   * for every field it keeps).
+   */
+  transform?: (object: T) => T;
 }
 
 /** Key of an object in the cache: `namespace/name` or `name`. */
@@ -73,7 +81,7 @@ export interface InformerStats {
 /** One cached, watched collection. */
 export class Informer<T extends KubeObject> {
   private readonly http: KubeHttp;
-  private readonly options: InformerOptions;
+  private readonly options: InformerOptions<T>;
   private readonly cache = new Map<string, T>();
   private readonly handlers: ChangeHandler<T>[] = [];
   private resourceVersion = '';
@@ -86,7 +94,7 @@ export class Informer<T extends KubeObject> {
   private readonly backoff: Backoff;
   readonly stats: InformerStats = { lists: 0, watches: 0, stalls: 0, failures: 0 };
 
-  constructor(http: KubeHttp, options: InformerOptions) {
+  constructor(http: KubeHttp, options: InformerOptions<T>) {
     this.http = http;
     this.options = options;
     this.reachability = options.reachability ?? new ApiReachability();
@@ -171,7 +179,8 @@ export class Informer<T extends KubeObject> {
     this.stats.lists += 1;
     this.succeeded();
     const seen = new Set<string>();
-    for (const item of list.items) {
+    for (const raw of list.items) {
+      const item = this.options.transform ? this.options.transform(raw) : raw;
       const key = objectKey(item);
       seen.add(key);
       const previous = this.cache.get(key);
@@ -197,11 +206,12 @@ export class Informer<T extends KubeObject> {
       const status = event.object as unknown as { code?: number; message?: string };
       throw new KubeApiError(status.code ?? 500, 'WatchError', status.message ?? 'watch error');
     }
-    const key = objectKey(event.object);
-    this.resourceVersion = event.object.metadata?.resourceVersion ?? this.resourceVersion;
+    const object = this.options.transform ? this.options.transform(event.object) : event.object;
+    const key = objectKey(object);
+    this.resourceVersion = object.metadata?.resourceVersion ?? this.resourceVersion;
     if (event.type === 'DELETED') this.cache.delete(key);
-    else this.cache.set(key, event.object);
-    this.emit(event.type, event.object);
+    else this.cache.set(key, object);
+    this.emit(event.type, object);
   }
 
   private armWatchdog(): void {

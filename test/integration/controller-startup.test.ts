@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { Writable } from 'node:stream';
 import pino from 'pino';
 import { Registry } from 'prom-client';
-import type { PoolMember } from '../../src/api/index.ts';
+import type { PoolGrant, PoolMember } from '../../src/api/index.ts';
 import { BudgetController } from '../../src/controller/controller.ts';
 import { LimitDiscovery, type DiscoveryTarget } from '../../src/controller/limit-discovery.ts';
 import { ControllerMetrics } from '../../src/controller/metrics.ts';
@@ -199,16 +199,17 @@ describe('controller start-up and leadership', function () {
     const { controller, registry } = await startController(kube);
     cleanups.push(() => controller.stop());
     await eventually('2 pods at 6', () => grants(fleet.members()) === '6,6');
-    // This replica stops seeing PoolMembers; another writer (the new leader) changes one.
-    await controller.caches.members.stop();
-    const victim = fleet.members()[0]!;
-    const name = victim.metadata.name ?? '';
-    kube.kubectl(['-n', namespace, 'patch', 'pm', name, '--type=merge', '-p', JSON.stringify({ spec: { grant: { connections: 2, generation: victim.spec.grant.generation + 5 } } })]);
+    // The sidecars read grant tables: this replica stops seeing the PoolGrant; another writer (the new leader) changes it.
+    await eventually('both pods on the table', () => fleet.members().every((m) => m.spec.tableFrom !== undefined));
+    await controller.caches.grants?.stop();
+    const table = JSON.parse(kube.kubectl(['-n', namespace, 'get', 'poolgrant', 'orders', '-o', 'json'])) as PoolGrant;
+    const generation = table.spec.generation + 5;
+    kube.kubectl(['-n', namespace, 'patch', 'poolgrant', 'orders', '--type=merge', '-p', JSON.stringify({ spec: { generation, perPod: 2, exceptions: [] } })]);
     kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=3']);
     await eventually('a conflict', async () => /poolkeeper_reconcile_errors_total\{reason="GrantConflictError"\} [1-9]/.test(await registry.metrics()), 20_000);
-    const after = JSON.parse(kube.kubectl(['-n', namespace, 'get', 'pm', name, '-o', 'json'])) as PoolMember;
-    assert.equal(after.spec.grant.connections, 2, 'the stale write did not land');
-    assert.equal(after.spec.grant.generation, victim.spec.grant.generation + 5);
+    const after = JSON.parse(kube.kubectl(['-n', namespace, 'get', 'poolgrant', 'orders', '-o', 'json'])) as PoolGrant;
+    assert.equal(after.spec.perPod, 2, 'the stale write did not land');
+    assert.equal(after.spec.generation, generation);
   });
 
   it('records Events without blocking, even when the API server does not answer', async function () {

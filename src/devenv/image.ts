@@ -8,7 +8,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, realpathSync, renameSync, rmSync, statSync, writeFileSync, cpSync } from 'node:fs';
+import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, realpathSync, renameSync, rmSync, statSync, utimesSync, writeFileSync, cpSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -72,10 +72,15 @@ export function fullReference(name: string): string {
   return name.includes('/') ? `docker.io/${name}` : `docker.io/library/${name}`;
 }
 
-/** One layer as a directory tree to archive. */
+/**
+ * One layer: fills `dir` with its files. With a cache key, the archived layer
+ * is kept and reused while the key is unchanged (the base and node_modules
+ * change far less often than dist/).
+ */
 interface LayerSource {
-  dir: string;
   comment: string;
+  cacheKey?: string;
+  fill: (dir: string) => void;
 }
 
 /** The image config's `config` part. */
@@ -104,37 +109,46 @@ export function buildPoolkeeperImage(options: { reference?: string } = {}): Imag
     ...['package.json', 'package-lock.json', 'tsconfig.json', 'tsconfig.build.json'].map((f) => readFileSync(join(REPO_ROOT, f))),
     ...treeFiles(join(REPO_ROOT, 'src')).flatMap((f) => [relative(REPO_ROOT, f), readFileSync(f)]),
   ]);
-  return cachedArchive(`poolkeeper-${key}`, reference, (stage) => {
-    const base = join(stage, 'base');
-    placeDynamicBinary(nodeBinary, base, IMAGE_SPEC.nodePath);
-    writeAccounts(base);
-
-    const app = (name: string): string => join(stage, name, IMAGE_SPEC.workdir.slice(1));
-    // npm prune --omit=dev keeps what the lockfile does not mark dev-only.
-    const modules = app('node_modules');
-    for (const pkg of productionPackages()) cpSync(join(REPO_ROOT, pkg), join(modules, pkg), { recursive: true, dereference: false });
-    const dist = app('dist');
-    run(join(REPO_ROOT, 'node_modules', '.bin', 'tsc'), ['-p', 'tsconfig.build.json', '--outDir', join(dist, 'dist')], REPO_ROOT);
-    const pkgJson = app('package.json');
-    mkdirSync(pkgJson, { recursive: true });
-    copyFileSync(join(REPO_ROOT, 'package.json'), join(pkgJson, 'package.json'));
-
-    return {
-      layers: [
-        { dir: base, comment: 'node 24 and the libraries it links (distroless base)' },
-        { dir: join(stage, 'node_modules'), comment: 'COPY --from=build /src/node_modules ./node_modules' },
-        { dir: join(stage, 'dist'), comment: 'COPY --from=build /src/dist ./dist' },
-        { dir: join(stage, 'package.json'), comment: 'COPY package.json ./' },
-      ],
-      config: {
-        User: IMAGE_SPEC.user,
-        Env: [BASE_PATH, ...Object.entries(IMAGE_SPEC.env).map(([k, v]) => `${k}=${v}`)],
-        Entrypoint: [...IMAGE_SPEC.entrypoint],
-        Cmd: [...IMAGE_SPEC.cmd],
-        WorkingDir: IMAGE_SPEC.workdir,
+  const builder = readFileSync(fileURLToPath(import.meta.url));
+  const workdir = IMAGE_SPEC.workdir.slice(1);
+  return cachedArchive(`poolkeeper-${key}`, reference, () => ({
+    layers: [
+      {
+        comment: 'node 24 and the libraries it links (distroless base)',
+        cacheKey: inputHash([builder, 'base', readFileSync(nodeBinary)]),
+        fill: (dir) => {
+          placeDynamicBinary(nodeBinary, dir, IMAGE_SPEC.nodePath);
+          writeAccounts(dir);
+        },
       },
-    };
-  });
+      {
+        comment: 'COPY --from=build /src/node_modules ./node_modules',
+        cacheKey: inputHash([builder, 'node_modules', readFileSync(join(REPO_ROOT, 'package-lock.json'))]),
+        // npm prune --omit=dev keeps what the lockfile does not mark dev-only.
+        fill: (dir) => {
+          for (const pkg of productionPackages()) cpSync(join(REPO_ROOT, pkg), join(dir, workdir, pkg), { recursive: true, dereference: false });
+        },
+      },
+      {
+        comment: 'COPY --from=build /src/dist ./dist',
+        fill: (dir) => run(join(REPO_ROOT, 'node_modules', '.bin', 'tsc'), ['-p', 'tsconfig.build.json', '--outDir', join(dir, workdir, 'dist')], REPO_ROOT),
+      },
+      {
+        comment: 'COPY package.json ./',
+        fill: (dir) => {
+          mkdirSync(join(dir, workdir), { recursive: true });
+          copyFileSync(join(REPO_ROOT, 'package.json'), join(dir, workdir, 'package.json'));
+        },
+      },
+    ],
+    config: {
+      User: IMAGE_SPEC.user,
+      Env: [BASE_PATH, ...Object.entries(IMAGE_SPEC.env).map(([k, v]) => `${k}=${v}`)],
+      Entrypoint: [...IMAGE_SPEC.entrypoint],
+      Cmd: [...IMAGE_SPEC.cmd],
+      WorkingDir: IMAGE_SPEC.workdir,
+    },
+  }));
 }
 
 /** The sandbox image kubelet's pods start with, as containerd is told to name it. */
@@ -149,14 +163,17 @@ export function buildPauseImage(): ImageArchive {
   const source = join(kubernetesModuleDir(version), 'build', 'pause', 'linux', 'pause.c');
   if (!existsSync(source)) throw new Error(`pause.c not found at ${source}`);
   const key = inputHash([readFileSync(fileURLToPath(import.meta.url)), readFileSync(source), PAUSE_IMAGE]);
-  return cachedArchive(`pause-${key}`, PAUSE_IMAGE, (stage) => {
-    const root = join(stage, 'root');
-    mkdirSync(root, { recursive: true });
-    const gcc = requireTool('gcc', 'gcc');
-    run(gcc, ['-Os', '-static', '-Wall', '-Werror', `-DVERSION=${PAUSE_IMAGE.split(':')[1]}-poolkeeper`, '-o', join(root, 'pause'), source], stage);
-    run('strip', [join(root, 'pause')], stage);
-    return { layers: [{ dir: root, comment: `pause from k8s.io/kubernetes@${version}` }], config: { User: '65535:65535', Env: [BASE_PATH], Entrypoint: ['/pause'] } };
-  });
+  const gcc = requireTool('gcc', 'gcc');
+  return cachedArchive(`pause-${key}`, PAUSE_IMAGE, () => ({
+    layers: [{
+      comment: `pause from k8s.io/kubernetes@${version}`,
+      fill: (dir) => {
+        run(gcc, ['-Os', '-static', '-Wall', '-Werror', `-DVERSION=${PAUSE_IMAGE.split(':')[1]}-poolkeeper`, '-o', join(dir, 'pause'), source], dir);
+        run('strip', [join(dir, 'pause')], dir);
+      },
+    }],
+    config: { User: '65535:65535', Env: [BASE_PATH], Entrypoint: ['/pause'] },
+  }));
 }
 
 /** The k8s.io/kubernetes module source for `version` (downloaded by scripts/build-kube.sh). */
@@ -173,7 +190,7 @@ function cacheRootDir(): string {
 }
 
 /** Builds into a staging dir and renames into the cache, so a killed build leaves no half archive. */
-function cachedArchive(name: string, reference: string, assemble: (stage: string) => { layers: LayerSource[]; config: RuntimeConfig }): ImageArchive {
+function cachedArchive(name: string, reference: string, assemble: () => { layers: LayerSource[]; config: RuntimeConfig }): ImageArchive {
   const dir = cacheRootDir();
   const path = join(dir, `${name}.oci.tar`);
   const sizesFile = `${path}.sizes.json`;
@@ -183,13 +200,14 @@ function cachedArchive(name: string, reference: string, assemble: (stage: string
   }
   const stage = mkdtempSync(join(dir, `.${name}.`));
   try {
-    const { layers, config } = assemble(stage);
-    const sizes = writeOciArchive(join(stage, 'layout'), layers, config, reference);
+    const { layers, config } = assemble();
+    const sizes = writeOciArchive(stage, layers, config, reference);
     const tmp = join(stage, 'image.oci.tar');
     run('tar', ['--sort=name', '--mtime=@0', '--owner=0', '--group=0', '--numeric-owner', '-C', join(stage, 'layout'), '-cf', tmp, 'oci-layout', 'index.json', 'blobs'], stage);
     writeFileSync(sizesFile, JSON.stringify(sizes));
     renameSync(tmp, path);
     pruneArchives(dir, name.split('-')[0] ?? name, 3);
+    pruneLayers(join(dir, 'layers'), 6);
     return { path, reference, ...sizes, cached: false };
   } finally {
     rmSync(stage, { recursive: true, force: true });
@@ -208,8 +226,22 @@ function pruneArchives(dir: string, kind: string, keep: number): void {
   }
 }
 
+/** Keeps the `keep` most recently used cached layers. */
+function pruneLayers(dir: string, keep: number): void {
+  if (!existsSync(dir)) return;
+  const layers = readdirSync(dir)
+    .filter((f) => f.endsWith('.tar.gz'))
+    .map((f) => ({ f, mtime: statSync(join(dir, f)).mtimeMs }))
+    .sort((a, b) => b.mtime - a.mtime);
+  for (const { f } of layers.slice(keep)) {
+    rmSync(join(dir, f), { force: true });
+    rmSync(join(dir, `${f}.json`), { force: true });
+  }
+}
+
 /** Writes an OCI image layout (one manifest) and returns the layer sizes. */
-function writeOciArchive(layout: string, layers: LayerSource[], runtime: RuntimeConfig, reference: string): { compressedBytes: number; uncompressedBytes: number } {
+function writeOciArchive(stage: string, layers: LayerSource[], runtime: RuntimeConfig, reference: string): { compressedBytes: number; uncompressedBytes: number } {
+  const layout = join(stage, 'layout');
   const blobs = join(layout, 'blobs', 'sha256');
   mkdirSync(blobs, { recursive: true });
   const blob = (content: Buffer): { digest: string; size: number } => {
@@ -217,16 +249,38 @@ function writeOciArchive(layout: string, layers: LayerSource[], runtime: Runtime
     writeFileSync(join(blobs, hex), content);
     return { digest: `sha256:${hex}`, size: content.length };
   };
+  const layerCache = join(cacheRootDir(), 'layers');
+  mkdirSync(layerCache, { recursive: true });
   let compressedBytes = 0;
   let uncompressedBytes = 0;
   const diffIds: string[] = [];
-  const layerDescriptors = layers.map((layer) => {
-    const entries = readdirSync(layer.dir).sort();
-    // Reproducible: sorted names, epoch mtimes, root-owned (COPY without --chown).
-    const tar = execFileSync('tar', ['--sort=name', '--mtime=@0', '--owner=0', '--group=0', '--numeric-owner', '-C', layer.dir, '-cf', '-', ...entries], { maxBuffer: 2 ** 31 });
-    uncompressedBytes += tar.length;
-    diffIds.push(`sha256:${createHash('sha256').update(tar).digest('hex')}`);
-    const gz = execFileSync('gzip', ['-n', '-6'], { input: tar, maxBuffer: 2 ** 31 });
+  const layerDescriptors = layers.map((layer, i) => {
+    const cached = layer.cacheKey ? join(layerCache, `${layer.cacheKey}.tar.gz`) : undefined;
+    let gz: Buffer;
+    let meta: { diffId: string; uncompressed: number };
+    if (cached && existsSync(cached) && existsSync(`${cached}.json`)) {
+      gz = readFileSync(cached);
+      // Freshly used: pruning keeps the newest.
+      utimesSync(cached, new Date(), new Date());
+      meta = JSON.parse(readFileSync(`${cached}.json`, 'utf8')) as typeof meta;
+    } else {
+      const dir = join(stage, `layer-${i}`);
+      mkdirSync(dir, { recursive: true });
+      layer.fill(dir);
+      const entries = readdirSync(dir).sort();
+      // Reproducible: sorted names, epoch mtimes, root-owned (COPY without --chown).
+      const tar = execFileSync('tar', ['--sort=name', '--mtime=@0', '--owner=0', '--group=0', '--numeric-owner', '-C', dir, '-cf', '-', ...entries], { maxBuffer: 2 ** 31 });
+      meta = { diffId: `sha256:${createHash('sha256').update(tar).digest('hex')}`, uncompressed: tar.length };
+      gz = execFileSync('gzip', ['-n', '-6'], { input: tar, maxBuffer: 2 ** 31 });
+      rmSync(dir, { recursive: true, force: true });
+      if (cached) {
+        writeFileSync(`${cached}.json`, JSON.stringify(meta));
+        writeFileSync(`${cached}.partial`, gz);
+        renameSync(`${cached}.partial`, cached);
+      }
+    }
+    uncompressedBytes += meta.uncompressed;
+    diffIds.push(meta.diffId);
     compressedBytes += gz.length;
     return { mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip', ...blob(gz) };
   });

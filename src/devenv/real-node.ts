@@ -168,8 +168,15 @@ export class RealNode {
     try {
       await waitUntil('network namespace', () => Promise.resolve(existsSync(join(dir, 'namespaces-ready'))), { timeoutMs: 15_000, process: holder });
       const nsPid = firstChild(holder.pid ?? 0);
+      // The node's own processes share its CPU weight with the pods (see NODE_CPU_SHARES):
+      // each joins the run's cpu cgroup before it execs, so its children are in it too.
+      createCgroups(cgroupName);
+      const joinCgroup = cpuCgroupProcs(cgroupName);
+      const inCgroup = (command: string, args: string[]): { command: string; args: string[] } => (joinCgroup
+        ? { command: 'sh', args: ['-c', `echo $$ > ${joinCgroup} && exec "$@"`, 'sh', command, ...args] }
+        : { command, args });
       const inNs = (name: string, command: string, args: string[]): ManagedProcess => {
-        const p = ManagedProcess.start({ name, command: 'nsenter', args: ['-t', String(nsPid), '-n', '-m', '-p', '--', command, ...args], logFile: join(dir, `${name}.log`) }, registry);
+        const p = ManagedProcess.start({ name, ...inCgroup('nsenter', ['-t', String(nsPid), '-n', '-m', '-p', '--', command, ...args]), logFile: join(dir, `${name}.log`) }, registry);
         processes.push(p);
         return p;
       };
@@ -236,7 +243,7 @@ export class RealNode {
       const hostApiPort = await freePort();
       const hostForwards = [`tcp:127.0.0.1:${hostApiPort}=unix:${apiSock}`];
       if (options.postgresPort) hostForwards.push(`unix:${pgSock}=tcp:127.0.0.1:${options.postgresPort}`);
-      processes.push(ManagedProcess.start({ name: 'forward-host', command: process.execPath, args: [FORWARDER, ...hostForwards], logFile: join(dir, 'forward-host.log') }, registry));
+      processes.push(ManagedProcess.start({ name: 'forward-host', ...inCgroup(process.execPath, [FORWARDER, ...hostForwards]), logFile: join(dir, 'forward-host.log') }, registry));
       const server = `https://127.0.0.1:${hostApiPort}`;
       const kubeconfigPath = kubeconfig('admin', server, admin.bundle);
       const node = new RealNode({ server, ca, admin: admin.bundle, kubeconfigPath, image, dir, processes, holder, cgroupName });
@@ -291,7 +298,6 @@ export class RealNode {
       await waitUntil('containerd', () => Promise.resolve(existsSync(sock) && execInNs('/usr/bin/ctr', ['--address', sock, 'version']).includes('Server')), { timeoutMs: 30_000, process: containerd, intervalMs: 250 });
       for (const archive of [pause, image]) execInNs('/usr/bin/ctr', ['--address', sock, '-n', 'k8s.io', 'images', 'import', archive.path]);
 
-      createCgroups(cgroupName);
       const kubeletConfig = file('kubelet.yaml', [
         'apiVersion: kubelet.config.k8s.io/v1beta1',
         'kind: KubeletConfiguration',
@@ -478,6 +484,9 @@ function cgroupRoots(): string[] {
   return readdirSync('/sys/fs/cgroup').map((c) => join('/sys/fs/cgroup', c)).filter((p) => existsSync(join(p, 'cgroup.procs')));
 }
 
+/** The node's CPU weight: as much as ten busy processes of the host. */
+const NODE_CPU_SHARES = 10_240;
+
 /** The kubelet's cgroup root must exist in every hierarchy; cpuset needs its CPUs and memory nodes filled in. */
 function createCgroups(name: string): void {
   for (const root of cgroupRoots()) {
@@ -486,6 +495,10 @@ function createCgroups(name: string): void {
     for (const f of ['cpuset.cpus', 'cpuset.mems']) {
       if (existsSync(join(dir, f)) && readFileSync(join(dir, f), 'utf8').trim() === '') writeFileSync(join(dir, f), readFileSync(join(root, f), 'utf8'));
     }
+    // With cgroup v1 a group weighs as much as one process beside it: on a busy machine all
+    // the pods together would get one process's share, and sidecars miss their startup probes.
+    if (existsSync(join(dir, 'cpu.shares'))) writeFileSync(join(dir, 'cpu.shares'), String(NODE_CPU_SHARES));
+    if (existsSync(join(dir, 'cpu.weight'))) writeFileSync(join(dir, 'cpu.weight'), String(Math.round(NODE_CPU_SHARES / 1024 * 100)));
   }
 }
 
@@ -496,6 +509,15 @@ function removeAbandonedCgroups(runRoot: string): void {
   for (const entry of readdirSync(memory)) {
     if (entry.startsWith('poolkeeper-env-') && !existsSync(join(runRoot, entry))) removeCgroups(entry);
   }
+}
+
+/** The cgroup.procs file of the run's `system` cpu cgroup (beside the kubelet's kubepods), if the cpu controller has one. */
+function cpuCgroupProcs(name: string): string | undefined {
+  const cpu = existsSync('/sys/fs/cgroup/cgroup.controllers') ? '/sys/fs/cgroup' : '/sys/fs/cgroup/cpu';
+  const system = join(cpu, name, 'system');
+  if (!existsSync(join(cpu, name))) return undefined;
+  mkdirSync(system, { recursive: true });
+  return join(system, 'cgroup.procs');
 }
 
 /** Removes the run's cgroups, deepest first (only empty cgroups can go). */

@@ -6,9 +6,10 @@
  *                 [-- --seconds N --rounds N --filter REGEX --pods 100,1000]
  *
  * --quick (under 3 minutes): the controller at 100 pods, one round of each
- * event; the proxy at 1 s per pgbench run, one round. The full run (under 15
- * minutes): the controller at 100 and 1,000 pods over 2 rounds; the proxy at 3 s
- * per run, 3 interleaved rounds, medians and the range of the ratios.
+ * event; the proxy at 1 s per pgbench run, one round. The full run: the
+ * controller at 100 and 1,000 pods, one round of each event (more with
+ * --pods and --controller-rounds); the proxy at 3 s per run, 3 interleaved
+ * rounds, medians and the range of the ratios (about 10 minutes).
  *
  * The controller section runs bench/controller-scale.ts in a child process
  * (its own local API server) and reads its JSON.
@@ -61,7 +62,7 @@ async function runController(): Promise<ControllerResult[]> {
   const args = [
     fileURLToPath(new URL('./controller-scale.ts', import.meta.url)),
     '--pods', values.pods ?? (quick ? '100' : '100,1000'),
-    '--rounds', values['controller-rounds'] ?? (quick ? '1' : '2'),
+    '--rounds', values['controller-rounds'] ?? '1',
     '--connections', values.connections,
     '--json', file,
   ];

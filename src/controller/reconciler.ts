@@ -108,6 +108,9 @@ const MEMBERS = `/apis/${API_GROUP}/${API_VERSION}`;
 /** How long a sidecar may go without writing its PoolMember status before it counts as unresponsive, unless configured. */
 export const DEFAULT_HEARTBEAT_TIMEOUT_MS = 60_000;
 
+/** While grants move, a DatabaseConnection's status is written at most this often (unless a condition changes). */
+const STATUS_COALESCE_MS = 1_000;
+
 /** PoolMember writes in flight at once: the API client's own connection cap (KubeHttp's default). */
 const GRANT_WRITE_CONCURRENCY = 32;
 
@@ -143,6 +146,8 @@ export class ServerReconciler {
   /** resourceVersion, grant generation and normalised spec of the PoolMember this replica last wrote, by pod uid. */
   private readonly writtenVersions = new Map<string, { generation: number; resourceVersion: string; spec: string }>();
   private readonly unsettledSince = new Map<string, number>();
+  /** When each DatabaseConnection's status was last written (ms), to coalesce writes while grants move. */
+  private readonly statusWrittenAt = new Map<string, number>();
   private readonly now: () => Date;
   private readonly sidecarAccess: SidecarAccess | undefined;
   /** Grant tables: PoolMembers switched onto them, and one PoolGrant write per connection per rebalance. */
@@ -637,6 +642,13 @@ export class ServerReconciler {
     if (effectiveDegraded && isDegraded && was('Degraded')?.reason !== isDegraded.reason) event('Warning', isDegraded.reason, isDegraded.message);
     // The API server returns keys in its own order: compare by content, or every reconcile writes.
     if (canonicalJson(status) === canonicalJson(previous) && conditionsEqual(previous?.conditions, conditions)) return;
+    // While grants move, every acknowledgement changes the counts: at most one write a second per
+    // connection unless a condition changes its status or reason. The settled state is always
+    // written, and an unsettled server is reconciled again within seconds.
+    const statusKey = key(connection);
+    const sameVerdicts = conditions.every((c) => findCondition(previous?.conditions, c.type)?.status === c.status && findCondition(previous?.conditions, c.type)?.reason === c.reason);
+    if (plan && !plan.settled && sameVerdicts && this.now().getTime() - (this.statusWrittenAt.get(statusKey) ?? 0) < STATUS_COALESCE_MS) return;
+    this.statusWrittenAt.set(statusKey, this.now().getTime());
     try {
       await this.deps.http.patch(`${MEMBERS}/namespaces/${connection.metadata.namespace ?? ''}/databaseconnections/${connection.metadata.name ?? ''}/status`, { status });
     } catch (err) {

@@ -29,10 +29,12 @@ function grantsOf(input: BudgetInput): Record<string, number> {
 }
 
 describe('budget planner', function () {
-  it('creates a new pod\'s PoolMember at 0, then grants its share from free capacity', function () {
+  it('creates a new pod\'s PoolMember at 0, then grants its share from free capacity once its sidecar has reported', function () {
     const first = planBudgets({ limit: 10, connections: [orders([web])], pods: [pod('a')], members: [] });
     assert.deepEqual(first.grants.map((g) => [g.grant, g.changed, g.target]), [[{ connections: 0, generation: 0 }, true, 10]]);
-    const second = planBudgets({ limit: 10, connections: [orders([web])], pods: [pod('a')], members: [member('a', 0, 0, { acknowledgement: undefined })] });
+    const silent = planBudgets({ limit: 10, connections: [orders([web])], pods: [pod('a')], members: [member('a', 0, 0, { acknowledgement: undefined })] });
+    assert.deepEqual([silent.grants[0]!.grant, silent.grants[0]!.waitingFor], [{ connections: 0, generation: 0 }, 'acknowledgement'], 'no grant before the sidecar answers');
+    const second = planBudgets({ limit: 10, connections: [orders([web])], pods: [pod('a')], members: [member('a', 0, 0)] });
     assert.deepEqual(second.grants[0]!.grant, { connections: 10, generation: 1 });
     assert.equal(second.allocated, 10);
     assert.deepEqual(second.connections[0]!.consumers, [{ name: 'web', pods: 1, perPodBudget: 10, perProcessBudget: 5 }]);

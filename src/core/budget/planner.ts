@@ -98,7 +98,9 @@ function joinPodsWithMembers(pods: readonly PodInput[], members: readonly Member
     // A replaced pod's PoolMember continues its generations so a sidecar watching by name never sees one go back.
     let grant = member?.grant ?? { connections: 0, generation: found ? found.grant.generation + 1 : 0 };
     const ack = member?.acknowledgement;
-    let acknowledged = ack ? ack.generation >= grant.generation : grant.connections === 0;
+    // A sidecar that has not reported yet has acknowledged nothing: its pod is not grown until it
+    // answers (and says which protocol it speaks), so a first grant is written once, not twice.
+    let acknowledged = ack ? ack.generation >= grant.generation : grant.connections === 0 && !member;
     const tableFrom = member?.tableFrom;
     const table = tableFrom === undefined ? undefined : tables.get(`${pod.namespace}/${pod.connection}`);
     const inForce = member ? memberGrantInForce(member, table) : undefined;

@@ -35,14 +35,14 @@ if ! command -v go >/dev/null 2>&1; then
 fi
 export GOFLAGS=-mod=mod GOWORK=off CGO_ENABLED=0
 
-# go install into a partial directory, then move: an interrupted build leaves no binary behind.
+# go install into a directory of its own, then rename: an interrupted build leaves no
+# binary behind, and two set-ups running at once do not share a half-written one.
 build() { # name binary package version [go flags...]
   local name="$1" bin="$2" package="$3" version="$4"; shift 4
   [ -x "$bin" ] && return 0
-  local partial="$bin.partial"
-  rm -rf "$partial" && mkdir -p "$partial"
+  local partial; partial="$(mktemp -d "$bin.partial.XXXXXX")"
   local start; start=$(date +%s)
-  GOBIN="$partial" go install -trimpath "$@" "$package@$version"
+  GOBIN="$partial" go install -trimpath "$@" "$package@$version" || { rm -rf "$partial"; return 1; }
   mv -f "$partial/$name" "$bin"
   rm -rf "$partial"
   echo "built $name $version into $bin in $(( $(date +%s) - start ))s"

@@ -1,0 +1,271 @@
+/**
+ * End to end on a real node: poolkeeper installed from crds/ and deploy/ as a
+ * user would (the image built locally, src/devenv/image.ts), applications in
+ * real containers whose pods get the sidecar from the webhook, PostgreSQL
+ * reached over the node's bridge. PostgreSQL is sampled every 50 ms and must
+ * never see more of the workload's connections than the limit; the
+ * applications count every failed query. Skipped, with the reason, where the
+ * machine cannot run a real node (not root, no namespaces).
+ */
+import assert from 'node:assert/strict';
+import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import pg from 'pg';
+import type { PostgresServer } from '../../src/devenv/postgres.ts';
+import { deployedImageName } from '../../src/devenv/image.ts';
+import { BRIDGE_ADDRESS, BRIDGE_POSTGRES_PORT, installPoolkeeper, realNodeSupport, type RealNode } from '../../src/devenv/real-node.ts';
+import { eventually } from '../../src/devenv/scenario.ts';
+import { testEnvironment } from '../support/hooks.ts';
+
+const LIMIT = 8;
+const NAMESPACE = 'shop';
+const ROLE = 'rn_app';
+
+/**
+ * The application: three workers running short queries through the sidecar
+ * (PGHOST/PGPORT/PGUSER come from the webhook), counting queries and errors
+ * into /stats/<pod>.json on a hostPath the test reads. On SIGTERM it finishes
+ * what it has in flight, as a well-behaved application does.
+ */
+const APP_SCRIPT = `
+import pg from 'pg';
+import { writeFileSync } from 'node:fs';
+const file = '/stats/' + process.env.POD_NAME + '.json';
+const stats = { queries: 0, errors: 0, lastError: '' };
+let running = true;
+const write = () => writeFileSync(file, JSON.stringify(stats));
+const pool = new pg.Pool({ max: 3, connectionTimeoutMillis: 30000 });
+pool.on('error', (e) => { if (running) { stats.errors++; stats.lastError = e.message; } });
+const worker = async () => {
+  while (running) {
+    try { await pool.query('SELECT pg_sleep(0.005)'); stats.queries++; }
+    catch (e) { if (running) { stats.errors++; stats.lastError = e.message; await new Promise((r) => setTimeout(r, 100)); } }
+  }
+};
+const workers = [worker(), worker(), worker()];
+setInterval(write, 250);
+process.on('SIGTERM', async () => { running = false; await Promise.all(workers); await pool.end(); write(); process.exit(0); });
+`;
+
+interface AppStats {
+  queries: number;
+  errors: number;
+  lastErrors: string[];
+}
+
+describe('real node end to end', function () {
+  this.timeout(900_000);
+  let node: RealNode;
+  let postgres: PostgresServer;
+  let statsDir: string;
+  let sampler: NodeJS.Timeout | undefined;
+  let samplerClient: pg.Client | undefined;
+  let peak = 0;
+  let samples = 0;
+  let sampleFailures = 0;
+
+  before(async function () {
+    const support = realNodeSupport({ install: true });
+    if (!support.ok) {
+      console.log(`      skipped: a real node cannot run here (${support.reason})`);
+      this.skip();
+    }
+    const started = Date.now();
+    [node, postgres] = await Promise.all([testEnvironment().realNode(), testEnvironment().postgres()]);
+    console.log(`      real node Ready in ${((Date.now() - started) / 1000).toFixed(1)} s (image ${(node.image.compressedBytes / 1e6).toFixed(1)} MB gzipped${node.image.cached ? ', cached' : ''})`);
+    const installing = Date.now();
+    await installPoolkeeper(node);
+    console.log(`      poolkeeper installed from crds/ and deploy/ in ${((Date.now() - installing) / 1000).toFixed(1)} s`);
+
+    const password = `rn-${Date.now()}`;
+    await postgres.query(`CREATE ROLE ${ROLE} LOGIN PASSWORD '${password}'`);
+    await postgres.query(`GRANT ALL ON DATABASE app TO ${ROLE}`);
+    statsDir = join(node.dir, 'stats');
+    mkdirSync(statsDir, { recursive: true });
+    chmodSync(statsDir, 0o1777);
+    await node.kubectlAsync(['create', 'namespace', NAMESPACE]);
+    await node.kubectlAsync(['-n', NAMESPACE, 'create', 'secret', 'generic', 'db-credentials', `--from-literal=username=${ROLE}`, `--from-literal=password=${password}`]);
+    await node.kubectlAsync(['apply', '-f', '-'], JSON.stringify({
+      apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name: 'orders', namespace: NAMESPACE },
+      spec: {
+        database: { host: BRIDGE_ADDRESS, port: BRIDGE_POSTGRES_PORT, dbname: 'app', sslMode: 'disable', credentialsSecretRef: { name: 'db-credentials' } },
+        maxConnections: LIMIT, reserve: 0,
+        consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' }, minPerPod: 1 }],
+        pool: { mode: 'transaction', poolTimeout: 30 },
+      },
+    }));
+    // One connection kept for sampling, so that a sample is a query, not a login; a tick whose previous sample is still running is skipped.
+    const sampling = new pg.Client(postgres.clientConfig());
+    await sampling.connect();
+    samplerClient = sampling;
+    let inFlight = false;
+    sampler = setInterval(() => {
+      if (inFlight) return;
+      inFlight = true;
+      // The controller's login check per credentials generation is its own application_name and comes out of the reserve.
+      sampling.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend' AND application_name <> 'poolkeeper-controller'", [ROLE]).then((result) => {
+        samples += 1;
+        peak = Math.max(peak, Number(result.rows[0]?.n ?? 0));
+      }, () => {
+        sampleFailures += 1;
+      }).finally(() => {
+        inFlight = false;
+      });
+    }, 50);
+    await node.kubectlAsync(['apply', '-f', '-'], JSON.stringify(webDeployment(2, statsDir)));
+    await settled(2);
+  });
+
+  after(async function () {
+    if (sampler) clearInterval(sampler);
+    await samplerClient?.end();
+    if (samples > 0) console.log(`      PostgreSQL peak ${peak} of ${ROLE}'s connections (limit ${LIMIT}) over ${samples} samples (every 50 ms unless the previous one was still running; ${sampleFailures} failed); apps: ${JSON.stringify(appStats())}`);
+    // The node's pods and control plane would otherwise run on through the tests after this one.
+    await node?.stop();
+  });
+
+  function appStats(): AppStats {
+    const total: AppStats = { queries: 0, errors: 0, lastErrors: [] };
+    if (!statsDir || !existsSync(statsDir)) return total;
+    for (const f of readdirSync(statsDir)) {
+      try {
+        const s = JSON.parse(readFileSync(join(statsDir, f), 'utf8')) as { queries: number; errors: number; lastError: string };
+        total.queries += s.queries;
+        total.errors += s.errors;
+        if (s.lastError) total.lastErrors.push(`${f}: ${s.lastError}`);
+      } catch {
+        // a file being written: read it next time
+      }
+    }
+    return total;
+  }
+
+  async function json<T>(args: string[]): Promise<T> {
+    return JSON.parse(await node.kubectlAsync([...args, '-o', 'json'])) as T;
+  }
+
+  /** `pods` running and Ready, none terminating, and the DatabaseConnection Ready for exactly them. */
+  async function settled(pods: number, timeoutMs = 180_000): Promise<void> {
+    await eventually(`${pods} web pods settled`, async () => {
+      const dbc = await json<{ status?: { pods?: number; conditions?: Array<{ type: string; status: string }> } }>(['-n', NAMESPACE, 'get', 'dbc', 'orders']);
+      const list = await json<{ items: Array<{ metadata: { deletionTimestamp?: string }; status?: { conditions?: Array<{ type: string; status: string }> } }> }>(['-n', NAMESPACE, 'get', 'pods', '-l', 'app=web']);
+      const ready = list.items.filter((p) => !p.metadata.deletionTimestamp && p.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True'));
+      return list.items.length === pods && ready.length === pods && dbc.status?.pods === pods && dbc.status.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') === true;
+    }, timeoutMs);
+  }
+
+  function assertWithinLimit(): void {
+    assert.ok(samples > 20, `sampled pg_stat_activity ${samples} times`);
+    assert.ok(peak <= LIMIT, `PostgreSQL saw ${peak} of ${ROLE}'s connections > limit ${LIMIT}`);
+  }
+
+  it('scales 2 -> 5 -> 1 under load with PostgreSQL at or under the limit and no failed query', async function () {
+    const before = appStats();
+    await node.kubectlAsync(['-n', NAMESPACE, 'scale', 'deployment/web', '--replicas=5']);
+    await settled(5);
+    await node.kubectlAsync(['-n', NAMESPACE, 'scale', 'deployment/web', '--replicas=1']);
+    await settled(1);
+    const after = appStats();
+    console.log(`      scale: ${after.queries - before.queries} queries, ${after.errors - before.errors} failed; peak ${peak}/${LIMIT}`);
+    assert.ok(after.queries - before.queries > 100, `the apps ran ${after.queries - before.queries} queries`);
+    assert.equal(after.errors, 0, `failed queries: ${after.lastErrors.slice(0, 5).join('; ')}`);
+    assertWithinLimit();
+  });
+
+  it('rotates the credentials through the real Secret volume: every sidecar on the new password, no old connection left', async function () {
+    await node.kubectlAsync(['-n', NAMESPACE, 'scale', 'deployment/web', '--replicas=3']);
+    await settled(3);
+    const before = appStats();
+    const rotated = `rn-rotated-${Date.now()}`;
+    await postgres.query(`ALTER ROLE ${ROLE} PASSWORD '${rotated}'`);
+    const rotatedAt = new Date();
+    await node.kubectlAsync(['-n', NAMESPACE, 'apply', '-f', '-'], await node.kubectlAsync(['-n', NAMESPACE, 'create', 'secret', 'generic', 'db-credentials', `--from-literal=username=${ROLE}`, `--from-literal=password=${rotated}`, '--dry-run=client', '-o', 'yaml']));
+    await eventually('every sidecar on the new credentials, as the controller sees it', async () => {
+      const members = await json<{ items: Array<{ spec: { credentialsGeneration?: string }; status?: { credentialsGeneration?: string } }> }>(['-n', NAMESPACE, 'get', 'pm']);
+      return members.items.length === 3 && members.items.every((m) => m.spec.credentialsGeneration && m.status?.credentialsGeneration === m.spec.credentialsGeneration);
+    }, 120_000);
+    const volumeSeconds = (Date.now() - rotatedAt.getTime()) / 1000;
+    await eventually('no server connection from before the rotation', async () => {
+      const rows = await postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend' AND backend_start < $2", [ROLE, rotatedAt]);
+      return rows[0]?.n === '0';
+    }, 60_000);
+    const after = appStats();
+    console.log(`      rotation: the new Secret reached every sidecar's volume in ${volumeSeconds.toFixed(1)} s; ${after.errors - before.errors} failed queries`);
+    assert.equal(after.errors, 0, `failed queries: ${after.lastErrors.slice(0, 5).join('; ')}`);
+    assertWithinLimit();
+  });
+
+  it('rolls out with RollingUpdate maxSurge 25% within the limit and without a failed query', async function () {
+    await node.kubectlAsync(['-n', NAMESPACE, 'patch', 'deployment/web', '--type=merge', '-p', JSON.stringify({ spec: { replicas: 4, strategy: { type: 'RollingUpdate', rollingUpdate: { maxSurge: '25%', maxUnavailable: 0 } } } })]);
+    await settled(4);
+    await node.kubectlAsync(['-n', NAMESPACE, 'rollout', 'restart', 'deployment/web']);
+    await node.kubectlAsync(['-n', NAMESPACE, 'rollout', 'status', 'deployment/web', '--timeout=300s']);
+    await settled(4);
+    const stats = appStats();
+    assert.equal(stats.errors, 0, `failed queries: ${stats.lastErrors.slice(0, 5).join('; ')}`);
+    assertWithinLimit();
+  });
+
+  it('a killed sidecar container is restarted by the kubelet and its pod serves again', async function () {
+    const pods = await json<{ items: Array<{ metadata: { name: string }; status: { initContainerStatuses?: Array<{ name: string; containerID?: string; restartCount: number }> } }> }>(['-n', NAMESPACE, 'get', 'pods', '-l', 'app=web']);
+    const pod = pods.items[0]!;
+    const sidecar = pod.status.initContainerStatuses?.find((c) => c.name === 'poolkeeper-sidecar');
+    assert.ok(sidecar?.containerID, `pod ${pod.metadata.name} has a native sidecar container`);
+    const before = appStats();
+    node.execInNs('/usr/bin/ctr', ['--address', join(node.dir, 'containerd.sock'), '-n', 'k8s.io', 'tasks', 'kill', '--signal', 'SIGKILL', sidecar.containerID.replace(/^containerd:\/\//, '')]);
+    await eventually('the kubelet restarted the sidecar', async () => {
+      const p = await json<{ status: { initContainerStatuses?: Array<{ name: string; restartCount: number; ready: boolean }> } }>(['-n', NAMESPACE, 'get', 'pod', pod.metadata.name]);
+      const s = p.status.initContainerStatuses?.find((c) => c.name === 'poolkeeper-sidecar');
+      return (s?.restartCount ?? 0) > sidecar.restartCount && s?.ready === true;
+    }, 120_000);
+    await settled(4);
+    const queriesAt = appStats().queries;
+    await eventually('queries flowing again', () => appStats().queries > queriesAt + 100, 60_000);
+    const after = appStats();
+    // The app's connections through the killed sidecar fail: that is what a crash is. Report them; the limit must still hold.
+    console.log(`      sidecar killed: ${after.errors - before.errors} failed queries while it restarted (pod ${pod.metadata.name})`);
+    assertWithinLimit();
+  });
+
+  it('keeps the limit when the leading controller pod is deleted in the middle of a scale-up', async function () {
+    const baseline = appStats().errors;
+    const lease = await json<{ spec: { holderIdentity?: string } }>(['-n', 'poolkeeper-system', 'get', 'lease', 'poolkeeper-controller']);
+    const leader = lease.spec.holderIdentity ?? '';
+    assert.ok(leader, 'a controller holds the lease');
+    await node.kubectlAsync(['-n', NAMESPACE, 'scale', 'deployment/web', '--replicas=6']);
+    await node.kubectlAsync(['-n', 'poolkeeper-system', 'delete', 'pod', leader, '--wait=false']);
+    await settled(6);
+    const after = appStats();
+    console.log(`      controller ${leader} deleted mid-scale: ${after.errors - baseline} failed queries`);
+    assert.equal(after.errors - baseline, 0, `failed queries: ${after.lastErrors.slice(0, 5).join('; ')}`);
+    assertWithinLimit();
+  });
+});
+
+/** The workload: the poolkeeper image's node running APP_SCRIPT, opted in to `orders`. */
+function webDeployment(replicas: number, statsDir: string): Record<string, unknown> {
+  return {
+    apiVersion: 'apps/v1',
+    kind: 'Deployment',
+    metadata: { name: 'web', namespace: NAMESPACE },
+    spec: {
+      replicas,
+      selector: { matchLabels: { app: 'web' } },
+      template: {
+        metadata: { labels: { app: 'web', 'poolkeeper.dev/connection': 'orders' } },
+        spec: {
+          containers: [{
+            name: 'app',
+            image: deployedImageName(),
+            imagePullPolicy: 'IfNotPresent',
+            command: ['/nodejs/bin/node', '--input-type=module', '-e', APP_SCRIPT],
+            env: [{ name: 'POD_NAME', valueFrom: { fieldRef: { fieldPath: 'metadata.name' } } }],
+            volumeMounts: [{ name: 'stats', mountPath: '/stats' }],
+            resources: { requests: { cpu: '10m', memory: '32Mi' } },
+          }],
+          volumes: [{ name: 'stats', hostPath: { path: statsDir, type: 'Directory' } }],
+        },
+      },
+    },
+  };
+}

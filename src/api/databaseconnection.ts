@@ -31,6 +31,12 @@ function notAUrl(field: string): Array<{ rule: string; message: string; fieldPat
   ];
 }
 
+/** maxConnections when a DatabaseConnection (without serverRef) leaves it out. */
+export const DEFAULT_MAX_CONNECTIONS = 'auto';
+
+/** reserve when a DatabaseConnection (without serverRef) leaves it out. */
+export const DEFAULT_RESERVE = '15%';
+
 /** Percent form of `reserve`: "0%".."90%". */
 export const RESERVE_PERCENT_PATTERN = '^([0-9]|[1-8][0-9]|90)%$';
 
@@ -174,21 +180,32 @@ export const databaseConnectionSpecSchema = {
   type: 'object',
   required: ['database', 'consumers'],
   additionalProperties: false,
+  'x-kubernetes-validations': [
+    { rule: '!has(self.serverRef) || !has(self.maxConnections)', message: 'maxConnections cannot be set with serverRef: the DatabaseServer sets the server\'s limit', fieldPath: '.maxConnections' },
+    { rule: '!has(self.serverRef) || !has(self.reserve)', message: 'reserve cannot be set with serverRef: the DatabaseServer sets the reserve', fieldPath: '.reserve' },
+  ],
   properties: {
     database: { ...databaseSchema, description: 'Where and how to reach the PostgreSQL server.' },
     sshTunnel: { ...sshTunnelSchema, description: 'An SSH bastion the sidecar (and the controller\'s login check) tunnels through; its host key is pinned.' },
+    serverRef: {
+      type: 'object',
+      required: ['name'],
+      additionalProperties: false,
+      description: 'The DatabaseServer (cluster-scoped, owned by the platform team) whose limit and allocations this connection draws on; then maxConnections and reserve are not set here. database.host must be one of its addresses.',
+      properties: {
+        name: { type: 'string', minLength: 1, maxLength: 253, pattern: '^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$', description: 'Name of the DatabaseServer.' },
+      },
+    },
     maxConnections: {
       'x-kubernetes-int-or-string': true,
       anyOf: [{ type: 'integer' }, { type: 'string' }],
-      default: 'auto',
-      description: 'The server\'s limit: an integer >= 1, or "auto" for SHOW max_connections minus reserved slots.',
+      description: 'The server\'s limit: an integer >= 1, or "auto" (the default) for SHOW max_connections minus reserved slots. Not with serverRef: the DatabaseServer sets it.',
       'x-kubernetes-validations': [{ rule: 'type(self) == int ? self >= 1 : self == \'auto\'', message: 'maxConnections must be an integer >= 1 or "auto"' }],
     },
     reserve: {
       'x-kubernetes-int-or-string': true,
       anyOf: [{ type: 'integer' }, { type: 'string' }],
-      default: '15%',
-      description: 'Connections kept free for admin, replication and migrations: an integer >= 0, or a percent "0%".."90%".',
+      description: 'Connections kept free for admin, replication and migrations: an integer >= 0, or a percent "0%".."90%"; default "15%". Not with serverRef: the DatabaseServer sets it.',
       'x-kubernetes-validations': [{ rule: `type(self) == int ? self >= 0 : self.matches('${RESERVE_PERCENT_PATTERN}')`, message: 'reserve must be an integer >= 0 or a percent from "0%" to "90%"' }],
     },
     budgetStrategy: { type: 'string', enum: BUDGET_STRATEGIES, default: 'Dynamic', description: 'Dynamic: budgets follow the live pods; MaxReplicas: each pod is budgeted as if its workload ran at its HPA\'s maxReplicas, so scaling never rebalances.' },

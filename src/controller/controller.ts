@@ -8,7 +8,7 @@
  */
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
-import { API_GROUP, API_VERSION, CONNECTION_LABEL, type DatabaseConnection, type PoolMember } from '../api/index.ts';
+import { API_GROUP, API_VERSION, CONNECTION_LABEL, type DatabaseConnection, type DatabaseServer, type PoolMember } from '../api/index.ts';
 import { ApiReachability } from '../kube/backoff.ts';
 import type { KubeHttp } from '../kube/http.ts';
 import { Informer, type KubeObject } from '../kube/informer.ts';
@@ -18,7 +18,7 @@ import type { ControllerMetrics } from './metrics.ts';
 import type { PoolGrant } from '../api/poolgrant.ts';
 import { slimPod, withoutManagedFields } from './slim.ts';
 import type { PodObject } from './plan-input.ts';
-import { DEFAULT_HEARTBEAT_TIMEOUT_MS, ServerReconciler, type ControllerCaches, type HpaObject, type ReconcilerDeps, type SecretObject, type WorkloadObject } from './reconciler.ts';
+import { DEFAULT_HEARTBEAT_TIMEOUT_MS, ServerReconciler, type ControllerCaches, type HpaObject, type NamespaceObject, type ReconcilerDeps, type SecretObject, type WorkloadObject } from './reconciler.ts';
 
 /**
  * What a reconcile reads of a PoolMember, hashed: its owner, its whole spec and
@@ -75,6 +75,8 @@ export class BudgetController {
       statefulSets: informer<WorkloadObject>('/apis/apps/v1/statefulsets'),
       hpas: informer<HpaObject>('/apis/autoscaling/v2/horizontalpodautoscalers'),
       grants: informer<PoolGrant & KubeObject>(`/apis/${API_GROUP}/${API_VERSION}/poolgrants`),
+      servers: informer<DatabaseServer & KubeObject>(`/apis/${API_GROUP}/${API_VERSION}/databaseservers`),
+      namespaces: informer<NamespaceObject>('/api/v1/namespaces'),
     };
     const { elector } = options;
     this.reconciler = new ServerReconciler({
@@ -103,7 +105,7 @@ export class BudgetController {
   }
 
   private wireHandlers(): void {
-    const { connections, pods, members, secrets, deployments, statefulSets, hpas } = this.caches;
+    const { connections, pods, members, secrets, deployments, statefulSets, hpas, servers, namespaces } = this.caches;
     connections.onChange((_type, c) => {
       const k = `${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`;
       const now = this.serverOf(c);
@@ -154,6 +156,19 @@ export class BudgetController {
     const byNamespace = (_type: string, o: KubeObject): void => {
       for (const c of this.connectionsIn(o.metadata?.namespace)) this.enqueue(this.serverOf(c));
     };
+    // A DatabaseServer's addresses regroup connections; its limit and allocations change every namespace's share.
+    servers.onChange((_type, s) => {
+      this.enqueue(this.reconciler.ownedKey(s.metadata.name ?? ''));
+      void this.reconciler.refreshDirectory().then(() => {
+        for (const server of this.reconciler.serverKeys()) this.enqueue(server);
+      }, (err: unknown) => this.options.logger.warn({ error: err instanceof Error ? err.message : String(err) }, 'resolving server addresses failed'));
+    });
+    // Namespace labels decide which allocation applies (namespaceSelector).
+    namespaces.onChange((_type, n) => {
+      const name = n.metadata?.name;
+      const owned = new Set(this.connectionsIn(name).map((c) => this.serverOf(c)).filter((k) => this.reconciler.directory.ownerOf(k) !== undefined));
+      for (const server of owned) this.enqueue(server);
+    });
     deployments.onChange(byNamespace);
     statefulSets.onChange(byNamespace);
     hpas.onChange(byNamespace);

@@ -6,9 +6,9 @@
  */
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
-import { API_GROUP, API_VERSION, CONNECTION_LABEL, type DatabaseConnection, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
-import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, type BudgetPlan, type PodGrant } from '../core/budget/index.ts';
-import { decideServerLimit } from '../core/tenancy/index.ts';
+import { API_GROUP, API_VERSION, CONNECTION_LABEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVE, type DatabaseConnection, type DatabaseServer, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
+import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, type BudgetInput, type BudgetPlan, type PodGrant } from '../core/budget/index.ts';
+import { decideOwnedLimit, decideServerLimit, namespaceDemands, namespaceShares, ownedServerKey, planWithShares, ruleFor, type NamespaceRule } from '../core/tenancy/index.ts';
 import { connectionConditions, limitMismatchCondition, oversubscriptionAdvice, type ConsumerDemand, type ConsumerFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
 import { conditionsEqual, findCondition, setConditions, type Condition, type ConditionUpdate } from '../core/conditions/index.ts';
 import { redactSecrets } from '../core/conditions/redact.ts';
@@ -40,6 +40,9 @@ export interface WorkloadObject extends KubeObject {
   spec?: { replicas?: number; template?: { metadata?: { labels?: Record<string, string> } } };
 }
 
+/** A Namespace, as far as DatabaseServer allocations care (its labels). */
+export type NamespaceObject = KubeObject;
+
 /** A HorizontalPodAutoscaler (autoscaling/v2). */
 export interface HpaObject extends KubeObject {
   spec?: { maxReplicas?: number; scaleTargetRef?: { kind: string; name: string } };
@@ -56,6 +59,8 @@ export interface ControllerCaches {
   hpas: Informer<HpaObject>;
   /** PoolGrants (grant tables); absent: every pod keeps its grant on its PoolMember. */
   grants?: Informer<PoolGrant & KubeObject>;
+  servers: Informer<DatabaseServer & KubeObject>;
+  namespaces: Informer<NamespaceObject>;
 }
 
 /** What the reconciler needs. */
@@ -129,6 +134,8 @@ interface Resolved {
   mismatch: ConditionUpdate;
   /** LimitConflict: whether this connection's own limit is the one the server gets. */
   conflict?: ConditionUpdate;
+  /** Ready=False because the connection may not draw on its server (DatabaseServer allocations, wrong address). */
+  refused?: ConditionUpdate;
   /** Values to keep out of status and Events. */
   secrets: string[];
   discovered?: number;
@@ -137,7 +144,7 @@ interface Resolved {
 }
 
 /** Ready reasons that get an Event when they start. */
-const NOT_SERVING_EVENTS = new Set(['SecretMissing', 'SecretKeyMissing', 'CaSecretMissing', 'SshKeySecretMissing', 'CredentialsRejected', 'DatabaseNotFound', 'ConnectionFailed', 'PodsWithoutConsumer', 'WorkloadNotOptedIn']);
+const NOT_SERVING_EVENTS = new Set(['NotAllowed', 'AddressNotOfServer', 'ServerNotFound', 'SecretMissing', 'SecretKeyMissing', 'CaSecretMissing', 'SshKeySecretMissing', 'CredentialsRejected', 'DatabaseNotFound', 'ConnectionFailed', 'PodsWithoutConsumer', 'WorkloadNotOptedIn']);
 
 /** The reconciler of database servers. */
 export class ServerReconciler {
@@ -184,16 +191,22 @@ export class ServerReconciler {
   }
 
   private runRefresh(): Promise<Array<{ before: string; after: string }>> {
-    const running = this.directory.refresh(this.deps.caches.connections.list()).finally(() => {
+    const running = this.directory.refresh(this.deps.caches.connections.list(), this.deps.caches.servers.list()).finally(() => {
       if (this.refreshing === running) this.refreshing = undefined;
     });
     this.refreshing = running;
     return running;
   }
 
-  /** The server key of every live DatabaseConnection in the cache. */
+  /** The server key a DatabaseServer owns. */
+  ownedKey(name: string): string {
+    return ownedKey(name);
+  }
+
+  /** The server key of every live DatabaseConnection in the cache, and of every DatabaseServer. */
   serverKeys(): string[] {
-    return [...new Set(this.deps.caches.connections.list().map((c) => this.directory.keyOf(c)))];
+    const owned = this.deps.caches.servers.list().map((s) => ownedKey(s.metadata.name ?? ''));
+    return [...new Set([...this.deps.caches.connections.list().map((c) => this.directory.keyOf(c)), ...owned])];
   }
 
   private credentials(connection: DatabaseConnection): CredentialsLookup {
@@ -240,7 +253,7 @@ export class ServerReconciler {
   }
 
   /** Checks every connection's login (concurrently) and derives each one's limit before sharing. */
-  private async resolve(connections: readonly DatabaseConnection[], server: string): Promise<Map<string, Resolved>> {
+  private async resolve(connections: readonly DatabaseConnection[], server: string): Promise<{ resolved: Map<string, Resolved>; serverValue: number | undefined }> {
     const checked = await Promise.all(connections.map(async (connection) => {
       const credentials = this.credentials(connection);
       const target = this.target(connection, credentials, server);
@@ -253,7 +266,7 @@ export class ServerReconciler {
     const serverValue = settings ? autoMaxConnections(settings) : undefined;
     const resolved = new Map<string, Resolved>();
     for (const { connection, credentials, verification } of checked) {
-      const max = connection.spec.maxConnections;
+      const max = connection.spec.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
       const previous = connection.status?.limit?.discovered;
       const failure = verification.state === 'failed' ? verification : undefined;
       const failureDegraded: ConditionUpdate | undefined = failure ? { type: 'Degraded', status: 'True', reason: failure.reason, message: failure.message } : undefined;
@@ -272,11 +285,11 @@ export class ServerReconciler {
         resolved.set(key(connection), base);
         continue;
       }
-      const limit = resolveLimit(value, connection.spec.reserve);
+      const limit = resolveLimit(value, connection.spec.reserve ?? DEFAULT_RESERVE);
       resolved.set(key(connection), { ...base, discovered: limit.discovered, reserve: limit.reserve, effective: limit.effective });
     }
     this.verifier.retain(new Set(this.deps.caches.connections.list().map(key)));
-    return resolved;
+    return { resolved, serverValue };
   }
 
   /** Reconciles the server `server` (a serverKey). */
@@ -305,28 +318,62 @@ export class ServerReconciler {
     // Which connections are on this server depends on what their hosts resolve to now.
     await this.refreshDirectory();
     const connections = caches.connections.list().filter((c) => this.directory.keyOf(c) === server && !c.metadata.deletionTimestamp);
+    const ownerName = this.directory.ownerOf(server);
+    const owner = ownerName === undefined ? undefined : caches.servers.get(undefined, ownerName);
     if (connections.length === 0) {
       this.deps.metrics.serverLimit.remove({ server });
       this.deps.metrics.serverAllocated.remove({ server });
       this.unsettledSince.delete(server);
+      if (owner) await this.writeServerStatus(owner, { limit: undefined, allocated: 0, connections: 0, namespaces: [], overcommitted: false });
       return;
     }
-    const resolved = await this.resolve(connections, server);
-    const decision = decideServerLimit(connections.map((c) => {
-      const r = resolved.get(key(c));
-      const created = c.metadata.creationTimestamp ? new Date(c.metadata.creationTimestamp).toISOString() : '';
-      return { id: key(c), created, effective: r?.effective, discovered: r?.discovered, reserve: r?.reserve };
-    }));
-    for (const [id, condition] of decision.conditions) {
-      const r = resolved.get(id);
-      if (r) r.conflict = condition;
+    const { resolved, serverValue } = await this.resolve(connections, server);
+    // The server's limit: its DatabaseServer's, else the first DatabaseConnection's (docs/tenancy.md).
+    let ownedLimit: { discovered: number; reserve: number; effective: number } | undefined;
+    let limit: number | undefined;
+    const missingServer = ownerName === undefined ? connections.find((c) => c.spec.serverRef)?.spec.serverRef?.name : undefined;
+    if (owner) {
+      const decision = decideOwnedLimit({
+        server: ownerName ?? '', maxConnections: owner.spec.maxConnections, reserve: owner.spec.reserve, serverValue,
+        previousDiscovered: owner.status?.limit?.discovered,
+        connections: connections.map((c) => ({ id: key(c), namespace: c.metadata.namespace ?? '', ref: c.spec.serverRef?.name })),
+        mismatched: this.directory.mismatchedConnections,
+      });
+      for (const c of connections) {
+        const r = resolved.get(key(c));
+        if (!r) continue;
+        const conflict = decision.conditions.get(key(c));
+        if (conflict) r.conflict = conflict;
+        const refused = decision.refused.get(key(c));
+        if (refused) r.refused = refused;
+      }
+      ownedLimit = decision.limit;
+      limit = ownedLimit?.effective;
+    } else if (missingServer !== undefined) {
+      // A serverRef to nothing: its pods draw nothing until the DatabaseServer exists.
+      for (const c of connections) {
+        const r = resolved.get(key(c));
+        if (r) r.refused = { type: 'Ready', status: 'False', reason: 'ServerNotFound', message: `DatabaseServer ${missingServer} (spec.serverRef) does not exist: this connection's pods get no connections until it does` };
+      }
+      limit = 0;
+    } else {
+      const decision = decideServerLimit(connections.map((c) => {
+        const r = resolved.get(key(c));
+        const created = c.metadata.creationTimestamp ? new Date(c.metadata.creationTimestamp).toISOString() : '';
+        return { id: key(c), created, effective: r?.effective, discovered: r?.discovered, reserve: r?.reserve };
+      }));
+      for (const [id, condition] of decision.conditions) {
+        const r = resolved.get(id);
+        if (r) r.conflict = condition;
+      }
+      limit = decision.limit;
     }
-    if (decision.limit === undefined) {
+    if (limit === undefined) {
       // Without any limit, granting anything could exceed the server: hold everything as it is.
       for (const connection of connections) await this.writeStatus(connection, undefined, undefined, resolved.get(key(connection)));
+      if (owner) await this.writeServerStatus(owner, { limit: undefined, allocated: 0, connections: connections.length, namespaces: [], overcommitted: false });
       return { requeueAfterMs: 10_000 };
     }
-    const limit = decision.limit;
     const connectionKeys = new Set(connections.map(key));
     const pods = caches.pods.list().filter((p) => {
       const k = podConnectionKey(p);
@@ -337,7 +384,9 @@ export class ServerReconciler {
     const livePodUids = new Set(pods.filter((p) => !p.metadata?.deletionTimestamp && p.status?.phase !== 'Succeeded' && p.status?.phase !== 'Failed').map((p) => p.metadata?.uid ?? ''));
     this.tables.retain(new Set(pods.map((p) => p.metadata?.uid ?? '')));
     await this.tables.switchMembers(members, livePodUids);
-    const plan = planBudgets(buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tableFrom: (m) => this.tables.tableFrom(m) }));
+    const input = buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tableFrom: (m) => this.tables.tableFrom(m) });
+    const tenancy = owner ? this.planOwned(owner, input, connections, resolved) : undefined;
+    const plan = tenancy?.plan ?? planBudgets(missingServer === undefined ? input : withdrawPods(input, () => true));
 
     // One write per connection carries every switched pod's grant, shrinks and grows alike.
     await this.tables.writeTables(plan.tables, connections);
@@ -347,9 +396,13 @@ export class ServerReconciler {
     const missingSidecar = await this.repairMissingSidecars(pods);
     const silent = this.unresponsiveSidecars(pods, members);
     const names = (list: string[]): string => `${list.slice(0, 5).join(', ')}${list.length > 5 ? ', ...' : ''}`;
-    const advice = plan.oversubscription ? oversubscriptionAdvice(plan.limit, this.demands(plan, connections)) : '';
+    const advice = plan.oversubscription && !tenancy ? oversubscriptionAdvice(plan.limit, this.demands(plan, connections)) : '';
     for (const connection of connections) {
       const r = resolved.get(key(connection));
+      const namespace = connection.metadata.namespace ?? '';
+      // Under a DatabaseServer each namespace is planned within its share: its own plan says what its pods get.
+      const statusPlan = tenancy?.byNamespace.get(namespace) ?? plan;
+      const statusAdvice = tenancy && statusPlan.oversubscription ? `${oversubscriptionAdvice(statusPlan.limit, this.demands(statusPlan, connections.filter((c) => c.metadata.namespace === namespace)))} ${tenancy.shareAdvice.get(namespace) ?? ''}`.trim() : advice;
       const missing = missingSidecar.filter((p) => podConnectionKey(p) === key(connection)).map((p) => p.metadata?.name ?? '');
       const unresponsive = silent.filter((m) => m.spec.connection === connection.metadata.name && m.metadata.namespace === connection.metadata.namespace).map((m) => m.metadata.name ?? '');
       this.deps.metrics.unresponsiveSidecars.set({ namespace: connection.metadata.namespace ?? '', connection: connection.metadata.name ?? '' }, unresponsive.length);
@@ -362,13 +415,95 @@ export class ServerReconciler {
           type: 'Degraded', status: 'True' as const, reason: 'SidecarUnresponsive',
           message: `${unresponsive.length} sidecar(s) stopped reporting; their reservations stay counted until they answer or their pods go: ${names(unresponsive)}`,
         } : undefined);
-      await this.writeStatus(connection, plan, r && r.discovered !== undefined ? { discovered: r.discovered, reserve: r.reserve ?? 0, effective: limit, shared: connections.length } : undefined, r, degraded, pods, advice);
+      const statusLimit = ownedLimit ? { ...ownedLimit, shared: connections.length } : r && r.discovered !== undefined ? { discovered: r.discovered, reserve: r.reserve ?? 0, effective: limit, shared: connections.length } : undefined;
+      await this.writeStatus(connection, statusPlan, statusLimit, r, degraded, pods, statusAdvice);
     }
+    if (owner && tenancy) await this.writeServerStatus(owner, { limit: ownedLimit, allocated: plan.allocated, connections: connections.length, namespaces: tenancy.namespaces, overcommitted: tenancy.overcommitted });
     this.recordMetrics(server, plan, connections);
     if (!plan.settled) return { requeueAfterMs: this.deps.pendingRequeueMs ?? 2_000 };
     logger.debug({ server, limit, allocated: plan.allocated }, 'server settled');
     // A sidecar going silent produces no event: look again within the heartbeat timeout.
     return { requeueAfterMs: Math.min(this.deps.resyncMs ?? 60_000, this.heartbeatTimeoutMs()) };
+  }
+
+  /**
+   * Plans a server a DatabaseServer owns: each namespace within its share
+   * (src/core/tenancy/allocation.ts). Pods of connections that may not draw
+   * (namespace not allowed, address not of the server) give everything back.
+   */
+  private planOwned(owner: DatabaseServer, input: BudgetInput, connections: readonly DatabaseConnection[], resolved: Map<string, Resolved>): {
+    plan: BudgetPlan; byNamespace: Map<string, BudgetPlan>; overcommitted: boolean; shareAdvice: Map<string, string>;
+    namespaces: Array<{ namespace: string; share: number; allocated: number; pods: number; allocation: string }>;
+  } {
+    const ownerName = owner.metadata.name ?? '';
+    const rules = new Map<string, NamespaceRule>();
+    for (const c of connections) {
+      const ns = c.metadata.namespace ?? '';
+      if (!rules.has(ns)) rules.set(ns, ruleFor(ns, this.deps.caches.namespaces.get(undefined, ns)?.metadata?.labels ?? {}, owner.spec.allocations ?? [], owner.spec.defaultAllocation));
+      const rule = rules.get(ns);
+      const r = resolved.get(key(c));
+      if (rule && !rule.allowed && r && !r.refused) {
+        r.refused = { type: 'Ready', status: 'False', reason: 'NotAllowed', message: `namespace ${ns} may not draw on DatabaseServer ${ownerName}: no allocation selects it and its defaultAllocation is None; its pods get no connections. Ask the DatabaseServer's owner for an allocation` };
+      }
+    }
+    const refused = new Set(connections.filter((c) => resolved.get(key(c))?.refused).map(key));
+    const effective = refused.size === 0 ? input : withdrawPods(input, (pod) => refused.has(`${pod.namespace}/${pod.connection}`));
+    const { shares, overcommitted } = namespaceShares(input.limit, namespaceDemands(effective, rules));
+    const planned = planWithShares(effective, shares);
+    const shareAdvice = new Map<string, string>();
+    const namespaces = [...rules.entries()].sort(([a], [b]) => a.localeCompare(b)).map(([namespace, rule]) => {
+      const nsPlan = planned.byNamespace.get(namespace);
+      const share = shares.get(namespace) ?? 0;
+      const cap = rule.allowed && rule.max !== undefined ? `, max ${rule.max}` : '';
+      shareAdvice.set(namespace, `Namespace ${namespace} draws at most ${share} of DatabaseServer ${ownerName}'s limit ${input.limit} (${rule.source}${cap}): ask its owner to raise the allocation, or lower minPerPod or the replicas.`);
+      return {
+        namespace, share,
+        allocated: nsPlan?.allocated ?? 0,
+        pods: nsPlan?.connections.reduce((a, c) => a + c.pods, 0) ?? 0,
+        allocation: rule.source,
+      };
+    });
+    return { plan: planned.plan, byNamespace: planned.byNamespace, overcommitted, shareAdvice, namespaces };
+  }
+
+  /** Writes a DatabaseServer's status (skipped when nothing changed). */
+  private async writeServerStatus(server: DatabaseServer, facts: {
+    limit: { discovered: number; reserve: number; effective: number } | undefined; allocated: number; connections: number; overcommitted: boolean;
+    namespaces: Array<{ namespace: string; share: number; allocated: number; pods: number; allocation: string }>;
+  }): Promise<void> {
+    const name = server.metadata.name ?? '';
+    const shadowedBy = this.directory.shadowedServers.get(name);
+    const guaranteed = (server.spec.allocations ?? []).reduce((a, x) => a + (x.guaranteed ?? 0) * (x.namespaces?.length ?? 1), 0);
+    const updates: ConditionUpdate[] = [
+      shadowedBy !== undefined
+        ? { type: 'Ready', status: 'False', reason: 'AddressConflict', message: `an address of this DatabaseServer is also an address of the older DatabaseServer ${shadowedBy}, which owns the server; give each server its own addresses` }
+        : facts.limit
+          ? { type: 'Ready', status: 'True', reason: 'LimitKnown', message: `limit ${facts.limit.effective} (maxConnections ${facts.limit.discovered} - reserve ${facts.limit.reserve}); ${facts.allocated} allocated to ${facts.connections} DatabaseConnection(s)` }
+          : { type: 'Ready', status: 'False', reason: 'LimitUnknown', message: facts.connections === 0 ? 'no DatabaseConnection refers to this server yet; "auto" is read through their logins' : 'no DatabaseConnection on this server could log in to read max_connections' },
+      facts.overcommitted && facts.limit
+        ? { type: 'Overcommitted', status: 'True', reason: 'GuaranteesExceedLimit', message: `the allocations guarantee ${guaranteed} connections but the limit is ${facts.limit.effective}: guarantees are scaled down in proportion` }
+        : { type: 'Overcommitted', status: 'False', reason: 'WithinLimit', message: 'the guarantees fit within the limit' },
+    ];
+    const generation = server.metadata.generation ?? 0;
+    const previous = server.status;
+    const conditions = setConditions(previous?.conditions, updates, generation, this.now());
+    const status: NonNullable<DatabaseServer['status']> = {
+      observedGeneration: generation,
+      conditions,
+      ...(facts.limit ? { limit: facts.limit } : previous?.limit ? { limit: previous.limit } : {}),
+      allocated: facts.allocated,
+      connections: facts.connections,
+      namespaces: facts.namespaces,
+    };
+    if (canonicalJson(status) === canonicalJson(previous) && conditionsEqual(previous?.conditions, conditions)) return;
+    if (findCondition(conditions, 'Overcommitted')?.status === 'True' && findCondition(previous?.conditions, 'Overcommitted')?.status !== 'True') {
+      void this.deps.events.record(server, 'Warning', 'Overcommitted', findCondition(conditions, 'Overcommitted')?.message ?? '');
+    }
+    try {
+      await this.deps.http.patch(`${MEMBERS}/databaseservers/${name}/status`, { status });
+    } catch (err) {
+      if (!isStatus(err, 404)) throw err;
+    }
   }
 
   private heartbeatTimeoutMs(): number {
@@ -598,6 +733,12 @@ export class ServerReconciler {
       budgetReady,
     });
     if (oversubscribed) updates.push(oversubscribed.status === 'True' && advice ? { ...oversubscribed, message: `${oversubscribed.message}. ${advice}` } : oversubscribed);
+    // A connection that may not draw on its server is not Ready, whatever its budget says.
+    if (resolved?.refused) {
+      const at = updates.findIndex((u) => u.type === 'Ready');
+      if (at >= 0) updates[at] = resolved.refused;
+      else updates.push(resolved.refused);
+    }
     const effectiveDegraded = degraded ?? resolved?.degraded;
     updates.push(effectiveDegraded ?? { type: 'Degraded', status: 'False', reason: 'Healthy', message: 'limit and credentials resolved' });
     if (resolved?.mismatch) updates.push(resolved.mismatch);
@@ -675,6 +816,16 @@ export class ServerReconciler {
       this.unsettledSince.delete(server);
     }
   }
+}
+
+/** The key of the server a DatabaseServer owns. */
+function ownedKey(name: string): string {
+  return ownedServerKey(name);
+}
+
+/** `input` with the pods `withdrawn` selects made consumer-less: the planner takes back everything they hold. */
+function withdrawPods(input: BudgetInput, withdrawn: (pod: BudgetInput['pods'][number]) => boolean): BudgetInput {
+  return { ...input, pods: input.pods.map((p) => (withdrawn(p) ? { ...p, consumer: undefined } : p)) };
 }
 
 /** JSON with object keys sorted at every level (undefined members dropped, as JSON.stringify does), for comparing content. */

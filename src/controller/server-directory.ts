@@ -2,14 +2,15 @@
  * Server identity of DatabaseConnections: resolves each host (cached) and
  * groups connections whose addresses overlap on the same port into one
  * server key (src/core/tenancy), so `localhost` and `127.0.0.1` are budgeted
- * once. Hosts behind a bastion are not resolved here: they resolve on the
- * bastion's side.
+ * once; a DatabaseServer's address and aliases join the connections on them
+ * (and those naming it in serverRef) into the server it owns. Hosts behind a
+ * bastion are not resolved here: they resolve on the bastion's side.
  */
 import { lookup } from 'node:dns/promises';
 import { isIP } from 'node:net';
-import type { DatabaseConnection } from '../api/index.ts';
+import type { DatabaseConnection, DatabaseServer } from '../api/index.ts';
 import { serverKey } from '../core/budget/index.ts';
-import { groupServers, type AddressEntry } from '../core/tenancy/index.ts';
+import { groupWithServers, ownedServerKey, type ConnectionEntry, type ServerEntry } from '../core/tenancy/index.ts';
 
 /** Resolves host names to addresses. */
 export type Resolver = (host: string) => Promise<string[]>;
@@ -42,6 +43,9 @@ export class ServerDirectory {
   private readonly pending = new Map<string, Promise<string[]>>();
   private readonly lookupTimeoutMs: number;
   private keys = new Map<string, string>();
+  private owners = new Map<string, string>();
+  private mismatched = new Map<string, string>();
+  private shadowed = new Map<string, string>();
 
   constructor(options: ServerDirectoryOptions = {}) {
     this.resolver = options.resolver ?? systemResolver;
@@ -54,7 +58,23 @@ export class ServerDirectory {
     return this.keys.get(id(connection)) ?? this.fallback(connection);
   }
 
+  /** The DatabaseServer owning server key `server`, if any. */
+  ownerOf(server: string): string | undefined {
+    return this.owners.get(server);
+  }
+
+  /** Connections whose serverRef names a DatabaseServer their address is not one of (id -> server name). */
+  get mismatchedConnections(): ReadonlyMap<string, string> {
+    return this.mismatched;
+  }
+
+  /** DatabaseServers sharing an address with an older one (newer -> older). */
+  get shadowedServers(): ReadonlyMap<string, string> {
+    return this.shadowed;
+  }
+
   private fallback(connection: DatabaseConnection): string {
+    if (connection.spec.serverRef) return ownedServerKey(connection.spec.serverRef.name);
     const raw = serverKey(connection.spec.database);
     const v = via(connection);
     return v ? `${v}/${raw}` : raw;
@@ -97,15 +117,27 @@ export class ServerDirectory {
    * whose key changed, with their old and new keys, so both servers are
    * reconciled.
    */
-  async refresh(connections: readonly DatabaseConnection[], now = Date.now()): Promise<Array<{ before: string; after: string }>> {
-    const entries: AddressEntry[] = await Promise.all(connections.map(async (c) => ({
+  async refresh(connections: readonly DatabaseConnection[], servers: readonly DatabaseServer[] = [], now = Date.now()): Promise<Array<{ before: string; after: string }>> {
+    const entries: ConnectionEntry[] = await Promise.all(connections.map(async (c) => ({
       id: id(c),
       rawKey: serverKey(c.spec.database),
       port: c.spec.database.port,
       via: via(c),
       addresses: c.spec.sshTunnel ? [] : await this.addresses(c.spec.database.host, now),
+      ref: c.spec.serverRef?.name,
     })));
-    const next = groupServers(entries);
+    // Oldest first: when two DatabaseServers claim one address, the older owns it.
+    const ordered = [...servers].filter((s) => !s.metadata.deletionTimestamp).sort((a, b) => (a.metadata.creationTimestamp ?? '').toString().localeCompare((b.metadata.creationTimestamp ?? '').toString()) || (a.metadata.name ?? '').localeCompare(b.metadata.name ?? ''));
+    const serverEntries: ServerEntry[] = await Promise.all(ordered.map(async (s) => ({
+      name: s.metadata.name ?? '',
+      addresses: await Promise.all([s.spec.address, ...(s.spec.aliases ?? [])].map(async (a) => ({
+        rawKey: serverKey({ host: a.host, port: a.port }),
+        port: a.port,
+        addresses: await this.addresses(a.host, now),
+      }))),
+    })));
+    const grouping = groupWithServers(entries, serverEntries);
+    const next = grouping.keys;
     const changed: Array<{ before: string; after: string }> = [];
     for (const c of connections) {
       const before = this.keyOf(c);
@@ -113,6 +145,9 @@ export class ServerDirectory {
       if (before !== after) changed.push({ before, after });
     }
     this.keys = next;
+    this.owners = grouping.owners;
+    this.mismatched = grouping.mismatched;
+    this.shadowed = grouping.shadowed;
     return changed;
   }
 }

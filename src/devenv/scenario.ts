@@ -20,13 +20,13 @@ export async function eventually(what: string, check: () => boolean | Promise<bo
   }
 }
 
-/** Applies crds/ and waits until both resources are served. */
+/** Applies crds/ and waits until every resource is served. */
 export async function installCrds(kube: KubeControlPlane, crdDir = 'crds/'): Promise<void> {
   kube.kubectl(['apply', '-f', crdDir]);
-  kube.kubectl(['wait', '--for=condition=Established', '--timeout=60s', 'crd/databaseconnections.poolkeeper.dev', 'crd/poolmembers.poolkeeper.dev', 'crd/poolgrants.poolkeeper.dev']);
+  kube.kubectl(['wait', '--for=condition=Established', '--timeout=60s', 'crd/databaseconnections.poolkeeper.dev', 'crd/poolmembers.poolkeeper.dev', 'crd/poolgrants.poolkeeper.dev', 'crd/databaseservers.poolkeeper.dev']);
   await eventually('CRDs served', () => {
     try {
-      kube.kubectl(['get', 'dbc,pm', '-A']);
+      kube.kubectl(['get', 'dbc,pm,dbs', '-A']);
       return true;
     } catch {
       return false;

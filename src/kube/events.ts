@@ -77,6 +77,7 @@ export class EventRecorder {
   private async write(event: PendingEvent): Promise<void> {
     const { object, type, reason, message, at } = event;
     const meta = object.metadata ?? {};
+    // A cluster-scoped object's Events live in "default", as client-go's recorder puts them.
     const namespace = meta.namespace ?? 'default';
     const digest = createHash('sha256').update(`${meta.uid ?? ''}/${reason}/${message}`).digest('hex').slice(0, 12);
     const name = `${meta.name ?? 'object'}.${digest}`;
@@ -94,7 +95,7 @@ export class EventRecorder {
         apiVersion: 'v1',
         kind: 'Event',
         metadata: { name, namespace },
-        involvedObject: { apiVersion: object.apiVersion, kind: object.kind, name: meta.name, namespace, uid: meta.uid, resourceVersion: meta.resourceVersion },
+        involvedObject: { apiVersion: object.apiVersion, kind: object.kind, name: meta.name, namespace: meta.namespace, uid: meta.uid, resourceVersion: meta.resourceVersion },
         type,
         reason,
         message,

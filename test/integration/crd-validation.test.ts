@@ -97,14 +97,14 @@ describe('CRDs on the API server', function () {
     assert.equal(stored.spec.maxConnections, 100);
   });
 
-  it('defaults maxConnections, reserve, strategy, pool and sidecar of a minimal spec', function () {
+  it('defaults strategy, pool and sidecar of a minimal spec; maxConnections and reserve stay unset (the controller reads them as "auto" and "15%", or from a DatabaseServer)', function () {
     kube.kubectl(['apply', '-f', '-'], manifest('minimal', {
       database: { host: 'db', dbname: 'app', credentialsSecretRef: { name: 'creds' } },
       consumers: [{ name: 'web', workloadRef: { kind: 'StatefulSet', name: 'web' } }],
     }));
     const stored = JSON.parse(kube.kubectl(['get', 'databaseconnection', 'minimal', '-n', namespace, '-o', 'json'])) as DatabaseConnection;
-    assert.equal(stored.spec.maxConnections, 'auto');
-    assert.equal(stored.spec.reserve, '15%');
+    assert.equal(stored.spec.maxConnections, undefined);
+    assert.equal(stored.spec.reserve, undefined);
     assert.equal(stored.spec.budgetStrategy, 'Dynamic');
     assert.equal(stored.spec.database.sslMode, 'prefer');
     assert.deepEqual(stored.spec.pool, { mode: 'transaction', poolTimeout: 30, poolRecycle: 3600, poolPrePing: false, idleTimeout: 600 });

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { customResourceDefinition, databaseConnectionCrdDefinition, poolMemberCrdDefinition } from '../../src/api/crds.ts';
+import { customResourceDefinition, databaseConnectionCrdDefinition, databaseServerCrdDefinition, poolMemberCrdDefinition } from '../../src/api/crds.ts';
 
 /** Paths of properties without a description (what `kubectl explain` would show empty). */
 function undescribed(schema: unknown, path: string, out: string[]): string[] {
@@ -17,7 +17,7 @@ function undescribed(schema: unknown, path: string, out: string[]): string[] {
 }
 
 describe('CRD field descriptions', function () {
-  for (const definition of [databaseConnectionCrdDefinition, poolMemberCrdDefinition]) {
+  for (const definition of [databaseConnectionCrdDefinition, databaseServerCrdDefinition, poolMemberCrdDefinition]) {
     it(`every field of ${definition.kind} has a description`, function () {
       const crd = customResourceDefinition(definition) as { spec: { versions: Array<{ schema: { openAPIV3Schema: unknown } }> } };
       const missing = undescribed(crd.spec.versions[0]?.schema.openAPIV3Schema, definition.kind, []);

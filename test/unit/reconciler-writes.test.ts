@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import pino from 'pino';
 import { Registry } from 'prom-client';
-import { CONNECTION_LABEL, type DatabaseConnection, type PoolMember } from '../../src/api/index.ts';
+import { CONNECTION_LABEL, type DatabaseConnection, type DatabaseServer, type PoolMember } from '../../src/api/index.ts';
 import { ControllerMetrics } from '../../src/controller/metrics.ts';
 import type { PodObject } from '../../src/controller/plan-input.ts';
 import { ServerReconciler, type ControllerCaches, type SecretObject, type WorkloadObject, type HpaObject } from '../../src/controller/reconciler.ts';
@@ -118,6 +118,8 @@ function reconcilerFor(api: FakeApi, limit: number, pods: Array<PodObject & Kube
     deployments: cache<WorkloadObject>(() => []),
     statefulSets: cache<WorkloadObject>(() => []),
     hpas: cache<HpaObject>(() => []),
+    servers: cache<DatabaseServer & KubeObject>(() => []),
+    namespaces: cache<KubeObject>(() => []),
   };
   const discovery = { check: () => Promise.resolve({ maxConnections: 100_000, superuserReservedConnections: 0 }), remember: () => undefined } as unknown as LimitDiscovery;
   return new ServerReconciler({

@@ -12,7 +12,10 @@
  * Each connection whose own value differs is told so, with both values and
  * the object whose value holds.
  */
+import { resolveLimit } from '../budget/limit.ts';
 import type { ConditionUpdate } from '../conditions/index.ts';
+
+export * from './allocation.ts';
 
 /** One connection's address as the controller resolved it. */
 export interface AddressEntry {
@@ -27,14 +30,49 @@ export interface AddressEntry {
   addresses: readonly string[];
 }
 
+/** A DatabaseServer's addresses (its address and aliases), resolved. */
+export interface ServerEntry {
+  /** Name of the DatabaseServer. */
+  name: string;
+  addresses: ReadonlyArray<{ rawKey: string; port: number; addresses: readonly string[] }>;
+}
+
+/** A connection's address entry, with the DatabaseServer it names in serverRef, if any. */
+export interface ConnectionEntry extends AddressEntry {
+  ref?: string | undefined;
+}
+
+/** Server keys, owners and the mistakes found while grouping. */
+export interface Grouping {
+  /** The server key of each connection. */
+  keys: Map<string, string>;
+  /** The DatabaseServer that owns each server key (servers without one are absent). */
+  owners: Map<string, string>;
+  /** Connections whose serverRef names a DatabaseServer their address is not one of: connection id -> server name. */
+  mismatched: Map<string, string>;
+  /** DatabaseServers sharing an address with an older one, which owns the server: newer -> older. */
+  shadowed: Map<string, string>;
+}
+
+/** The key of the server a DatabaseServer owns. */
+export function ownedServerKey(name: string): string {
+  return `DatabaseServer/${name}`;
+}
+
 /**
- * The server key of each connection: entries reached the same way on the
- * same port whose raw keys or resolved addresses overlap share the smallest
- * raw key of their group (prefixed with the bastion, if any).
+ * Groups connections and DatabaseServers into servers. Entries reached the
+ * same way on the same port whose raw keys or resolved addresses overlap are
+ * one server; a DatabaseServer's address and aliases are one server; a
+ * connection with serverRef is in its DatabaseServer's server (if its address
+ * is not one of the server's, it is grouped there anyway, so that it is never
+ * budgeted outside it, and reported). A group with a DatabaseServer is keyed
+ * by the oldest one (`servers` come oldest first); others are keyed by the
+ * smallest raw key (prefixed with the bastion, if any).
  */
-export function groupServers(entries: readonly AddressEntry[]): Map<string, string> {
+export function groupWithServers(entries: readonly ConnectionEntry[], servers: readonly ServerEntry[]): Grouping {
   const parent = new Map<string, string>();
   const find = (x: string): string => {
+    if (!parent.has(x)) parent.set(x, x);
     let root = x;
     while (parent.get(root) !== root) root = parent.get(root) ?? root;
     parent.set(x, root);
@@ -47,23 +85,73 @@ export function groupServers(entries: readonly AddressEntry[]): Map<string, stri
     if (ra < rb) parent.set(rb, ra);
     else parent.set(ra, rb);
   };
-  const node = (e: AddressEntry): string => `${e.via}|${e.rawKey}`;
-  for (const e of entries) parent.set(node(e), parent.get(node(e)) ?? node(e));
   const byAddress = new Map<string, string>();
-  for (const e of entries) {
-    for (const address of e.addresses) {
-      const k = `${e.via}|${address}|${e.port}`;
+  const link = (node: string, via: string, port: number, addresses: readonly string[]): void => {
+    for (const address of addresses) {
+      const k = `${via}|${address}|${port}`;
       const seen = byAddress.get(k);
-      if (seen) union(seen, node(e));
-      else byAddress.set(k, node(e));
+      if (seen) union(seen, node);
+      else byAddress.set(k, node);
+    }
+  };
+  const serverNode = (name: string): string => `\u0000server|${name}`;
+  const serverByName = new Map(servers.map((s) => [s.name, s]));
+  for (const server of servers) {
+    find(serverNode(server.name));
+    for (const a of server.addresses) {
+      const node = `|${a.rawKey}`;
+      union(serverNode(server.name), node);
+      link(node, '', a.port, a.addresses);
     }
   }
-  const out = new Map<string, string>();
+  const mismatched = new Map<string, string>();
+  const nodeOf = new Map<string, string>();
   for (const e of entries) {
-    const [via, raw] = find(node(e)).split('|') as [string, string];
-    out.set(e.id, via ? `${via}/${raw}` : raw);
+    const server = e.ref === undefined ? undefined : serverByName.get(e.ref);
+    const matches = server?.addresses.some((a) => a.port === e.port && (a.rawKey === e.rawKey || a.addresses.some((x) => e.addresses.includes(x))));
+    if (e.ref !== undefined && !matches) {
+      // Not one of its server's addresses: budgeted inside the server it names, and nowhere else.
+      if (server) mismatched.set(e.id, e.ref);
+      const node = `\u0000ref|${e.id}`;
+      nodeOf.set(e.id, node);
+      union(node, serverNode(e.ref));
+      continue;
+    }
+    const node = `${e.via}|${e.rawKey}`;
+    nodeOf.set(e.id, node);
+    find(node);
+    if (server) union(node, serverNode(server.name));
+    link(node, e.via, e.port, e.addresses);
   }
-  return out;
+  // The oldest DatabaseServer in a group owns it.
+  const ownerOfRoot = new Map<string, string>();
+  const shadowed = new Map<string, string>();
+  for (const server of servers) {
+    const root = find(serverNode(server.name));
+    const owner = ownerOfRoot.get(root);
+    if (owner === undefined) ownerOfRoot.set(root, server.name);
+    else shadowed.set(server.name, owner);
+  }
+  const keys = new Map<string, string>();
+  const owners = new Map<string, string>();
+  for (const e of entries) {
+    const root = find(nodeOf.get(e.id)!);
+    const owner = ownerOfRoot.get(root) ?? (e.ref !== undefined && !serverByName.has(e.ref) ? e.ref : undefined);
+    if (owner !== undefined) {
+      keys.set(e.id, ownedServerKey(owner));
+      if (serverByName.has(owner)) owners.set(ownedServerKey(owner), owner);
+      continue;
+    }
+    const [via, raw] = root.split('|') as [string, string];
+    keys.set(e.id, via ? `${via}/${raw}` : raw);
+  }
+  for (const owner of ownerOfRoot.values()) owners.set(ownedServerKey(owner), owner);
+  return { keys, owners, mismatched, shadowed };
+}
+
+/** The server key of each connection when no DatabaseServer exists (see groupWithServers). */
+export function groupServers(entries: readonly AddressEntry[]): Map<string, string> {
+  return groupWithServers(entries, []).keys;
 }
 
 /** One connection's own view of the server's limit. */
@@ -117,4 +205,63 @@ export function decideServerLimit(claims: readonly LimitClaim[]): LimitDecision 
     });
   }
   return { limit, owner: owner.id, conditions };
+}
+
+/** What a DatabaseServer says about its limit, and what its connections' logins found. */
+export interface OwnedLimitInput {
+  /** Name of the DatabaseServer that owns the server. */
+  server: string;
+  maxConnections: number | string;
+  reserve: number | string;
+  /** What an ordinary role may open, from any connection's login; undefined when none could log in. */
+  serverValue: number | undefined;
+  /** The last limit reported in the DatabaseServer's status, used while "auto" cannot be read. */
+  previousDiscovered: number | undefined;
+  /** Connections on the server: their id and the DatabaseServer their serverRef names, if any. */
+  connections: ReadonlyArray<{ id: string; namespace: string; ref: string | undefined }>;
+  /** Connections whose address is not one of their DatabaseServer's. */
+  mismatched: ReadonlyMap<string, string>;
+}
+
+/** The owned server's limit and what each connection is told. */
+export interface OwnedLimitDecision {
+  limit: { discovered: number; reserve: number; effective: number } | undefined;
+  /** LimitConflict of each connection. */
+  conditions: Map<string, ConditionUpdate>;
+  /** Connections that may not draw (address not of the server, or naming another server): Ready=False with this. */
+  refused: Map<string, ConditionUpdate>;
+}
+
+/**
+ * The limit of a server a DatabaseServer owns: its maxConnections (never
+ * above what the server allows) minus its reserve. Connections' own values
+ * play no part; an inline connection on the address is told who owns it.
+ */
+export function decideOwnedLimit(input: OwnedLimitInput): OwnedLimitDecision {
+  let discovered: number | undefined;
+  if (typeof input.maxConnections === 'number') discovered = input.serverValue === undefined ? input.maxConnections : Math.min(input.maxConnections, input.serverValue);
+  else discovered = input.serverValue ?? input.previousDiscovered;
+  const limit = discovered === undefined ? undefined : resolveLimit(discovered, input.reserve);
+  const conditions = new Map<string, ConditionUpdate>();
+  const refused = new Map<string, ConditionUpdate>();
+  const owner = `DatabaseServer ${input.server}`;
+  for (const c of input.connections) {
+    if (c.ref === undefined) {
+      conditions.set(c.id, {
+        type: 'LimitConflict', status: 'True', reason: 'OwnedByDatabaseServer',
+        message: `this address belongs to ${owner}, which sets the server's limit${limit ? ` (${limit.effective})` : ''} and each namespace's share; this DatabaseConnection's maxConnections and reserve are ignored and namespace ${c.namespace} draws under ${owner}'s allocations. Replace maxConnections and reserve with serverRef: {name: ${input.server}}`,
+      });
+      continue;
+    }
+    if (c.ref !== input.server) {
+      conditions.set(c.id, { type: 'LimitConflict', status: 'True', reason: 'ServerShadowed', message: `serverRef names DatabaseServer ${c.ref}, whose address is already owned by the older ${owner}; this connection is budgeted inside ${owner}` });
+      continue;
+    }
+    const wrongAddress = input.mismatched.get(c.id);
+    if (wrongAddress !== undefined) {
+      refused.set(c.id, { type: 'Ready', status: 'False', reason: 'AddressNotOfServer', message: `database.host is not an address of ${owner} (its address or aliases): its pods get no connections. Use one of ${owner}'s addresses, or ask its owner to add this one to spec.aliases` });
+    }
+    conditions.set(c.id, { type: 'LimitConflict', status: 'False', reason: 'SetByDatabaseServer', message: `the server's limit${limit ? ` ${limit.effective}` : ''} and this namespace's share are set by ${owner}` });
+  }
+  return { limit, conditions, refused };
 }

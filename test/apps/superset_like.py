@@ -13,6 +13,7 @@ password: the sidecar holds it); analytics queries use NullPool, Superset's defa
 process reports on stdout, one line per write so lines from several processes never mix:
   "ok <role> <n>"          n requests or tasks done since the last report (every second and at exit)
   "error <role> <message>" a request or task that failed
+  "stopped <role> <s>"     a process's threads finished, s seconds after its SIGTERM
 It runs until SIGTERM, then lets every request in flight finish.
 """
 import argparse
@@ -26,6 +27,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
 running = True
+stopped_at = None
 
 
 def report(line):
@@ -33,8 +35,9 @@ def report(line):
 
 
 def on_term(_signum, _frame):
-    global running
+    global running, stopped_at
     running = False
+    stopped_at = time.monotonic()
 
 
 def metadata_engine(config_path):
@@ -68,26 +71,32 @@ class Counter:
             report(f"ok {self.role} {n}")
 
 
-def serve(role, counter, work, threads):
-    """Runs `work` in `threads` threads until SIGTERM, reporting every second."""
+def serve(role, counter, work, threads, pause=0.2):
+    """Runs `work` in `threads` threads until SIGTERM, `pause` seconds apart, reporting every second."""
     def loop():
         while running:
             try:
                 work()
                 counter.add()
+                time.sleep(pause)
             except Exception as error:  # noqa: BLE001 - every failure is reported, none hidden
                 report(f"error {role} {type(error).__name__}: {error}")
                 time.sleep(0.2)
     pool = [threading.Thread(target=loop) for _ in range(threads)]
     for t in pool:
         t.start()
+    last = time.monotonic()
     while any(t.is_alive() for t in pool):
-        time.sleep(1 if running else 0.05)
-        counter.flush()
+        time.sleep(0.05)
+        if time.monotonic() - last >= 1 or not running:
+            counter.flush()
+            last = time.monotonic()
         if not running:
             for t in pool:
                 t.join()
     counter.flush()
+    if stopped_at is not None:
+        report(f"stopped {role} {time.monotonic() - stopped_at:.2f}")
 
 
 def fork_children(count, child):
@@ -158,8 +167,7 @@ def beat(_args):
     def tick():
         with engine.begin() as connection:
             connection.execute(text("SELECT now()"))
-        time.sleep(0.2)
-    serve("beat", Counter("beat"), tick, 1)
+    serve("beat", Counter("beat"), tick, 1, pause=0.2)
 
 
 def main():

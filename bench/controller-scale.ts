@@ -233,9 +233,17 @@ class Acknowledger {
     this.limit = limit;
   }
 
+  /** Converted once per PoolGrant version: the settled check and every event read it for each pod. */
+  private readonly converted = new Map<string, { resourceVersion: string; table: GrantTable }>();
+
   private table(member: PoolMember): GrantTable | undefined {
     const t = this.tables.get(this.namespace, member.spec.connection);
-    return t ? { generation: t.spec.generation, perPod: t.spec.perPod, exceptions: (t.spec.exceptions ?? []).map((e) => ({ ...e, pods: e.pods ?? [] })) } : undefined;
+    if (!t) return undefined;
+    const cached = this.converted.get(member.spec.connection);
+    if (cached?.resourceVersion === t.metadata.resourceVersion) return cached.table;
+    const table = { generation: t.spec.generation, perPod: t.spec.perPod, exceptions: (t.spec.exceptions ?? []).map((e) => ({ ...e, pods: e.pods ?? [] })) };
+    this.converted.set(member.spec.connection, { resourceVersion: t.metadata.resourceVersion ?? '', table });
+    return table;
   }
 
   /** The grant in force: from the table once it covers the pod, else the PoolMember's. */

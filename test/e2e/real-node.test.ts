@@ -24,16 +24,16 @@ const ROLE = 'rn_app';
 /**
  * The application: three workers running short queries through the sidecar
  * (PGHOST/PGPORT/PGUSER come from the webhook), counting queries and errors
- * into /stats/<pod>.json on a hostPath the test reads. On SIGTERM it finishes
+ * into /stats/<pod>.json (replaced whole) on a hostPath the test reads. On SIGTERM it finishes
  * what it has in flight, as a well-behaved application does.
  */
 const APP_SCRIPT = `
 import pg from 'pg';
-import { writeFileSync } from 'node:fs';
+import { renameSync, writeFileSync } from 'node:fs';
 const file = '/stats/' + process.env.POD_NAME + '.json';
 const stats = { queries: 0, errors: 0, lastError: '' };
 let running = true;
-const write = () => writeFileSync(file, JSON.stringify(stats));
+const write = () => { writeFileSync(file + '.tmp', JSON.stringify(stats)); renameSync(file + '.tmp', file); };
 const pool = new pg.Pool({ max: 3, connectionTimeoutMillis: 30000 });
 pool.on('error', (e) => { if (running) { stats.errors++; stats.lastError = e.message; } });
 const worker = async () => {
@@ -127,15 +127,12 @@ describe('real node end to end', function () {
   function appStats(): AppStats {
     const total: AppStats = { queries: 0, errors: 0, lastErrors: [] };
     if (!statsDir || !existsSync(statsDir)) return total;
-    for (const f of readdirSync(statsDir)) {
-      try {
-        const s = JSON.parse(readFileSync(join(statsDir, f), 'utf8')) as { queries: number; errors: number; lastError: string };
-        total.queries += s.queries;
-        total.errors += s.errors;
-        if (s.lastError) total.lastErrors.push(`${f}: ${s.lastError}`);
-      } catch {
-        // a file being written: read it next time
-      }
+    // Each app replaces its file whole (rename), so a read never sees half a file.
+    for (const f of readdirSync(statsDir).filter((name) => name.endsWith('.json'))) {
+      const s = JSON.parse(readFileSync(join(statsDir, f), 'utf8')) as { queries: number; errors: number; lastError: string };
+      total.queries += s.queries;
+      total.errors += s.errors;
+      if (s.lastError) total.lastErrors.push(`${f}: ${s.lastError}`);
     }
     return total;
   }

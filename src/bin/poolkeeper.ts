@@ -9,9 +9,10 @@
  */
 import { existsSync } from 'node:fs';
 import { hostname } from 'node:os';
-import type { KubeConfig } from '@kubernetes/client-node';
+import { KubeConfig } from '@kubernetes/client-node';
 import pino from 'pino';
 import { Registry, collectDefaultMetrics } from 'prom-client';
+import { STATUS_USAGE, parseStatusArgs, statusCommand } from '../cli/status.ts';
 import { AdminServer } from '../ops/admin-server.ts';
 import { startWebhook, webhookConfigFromEnv } from '../webhook/runtime.ts';
 import { loadKubeConfig } from './kubeconfig.ts';
@@ -86,6 +87,7 @@ commands:
   webhook     the sidecar injection webhook (every replica serves)
   sidecar     the pooling sidecar of one pod (injected by the webhook)
   version     print the version
+  status      budgets, pods and waiting clients per database server (also: kubectl poolkeeper status)
 
 Configuration is read from environment variables; see poolkeeper <command> --help.
 Outside a cluster, set KUBECONFIG.`;
@@ -146,6 +148,10 @@ async function run(command: string | undefined, args: readonly string[]): Promis
   }
   if (command === 'version' || command === '--version') {
     console.log(`poolkeeper ${VERSION} (node ${process.version})`);
+    return;
+  }
+  if (command === 'status') {
+    await status(args);
     return;
   }
   const help = COMMAND_HELP[command];
@@ -215,12 +221,36 @@ async function run(command: string | undefined, args: readonly string[]): Promis
   }
 }
 
+/** `poolkeeper status`: a client of the API server like kubectl (KUBECONFIG, else ~/.kube/config). */
+async function status(args: readonly string[]): Promise<void> {
+  let parsed;
+  try {
+    parsed = parseStatusArgs(args);
+  } catch (err) {
+    throw new UsageError(oneLine(err));
+  }
+  if (parsed.help) {
+    console.log(STATUS_USAGE);
+    return;
+  }
+  const kc = new KubeConfig();
+  try {
+    if (parsed.kubeconfig) kc.loadFromFile(parsed.kubeconfig);
+    else kc.loadFromDefault();
+    if (parsed.context) kc.setCurrentContext(parsed.context);
+  } catch (err) {
+    throw new UsageError(`cannot load the kubeconfig: ${oneLine(err)}`);
+  }
+  if (!kc.getCurrentCluster()) throw new UsageError('no cluster in the kubeconfig: set KUBECONFIG or pass --kubeconfig');
+  process.stdout.write(await statusCommand(kc, parsed));
+}
+
 const [command, ...args] = process.argv.slice(2);
 try {
   await run(command, args);
 } catch (err) {
   // One line a person can act on; the stack only at debug level.
-  console.error(`poolkeeper${command && COMMAND_HELP[command] ? ` ${command}` : ''}: ${oneLine(err)}`);
+  console.error(`poolkeeper${command && (COMMAND_HELP[command] || command === 'status') ? ` ${command}` : ''}: ${oneLine(err)}`);
   if (!(err instanceof UsageError)) logger.debug({ err }, 'start failed');
   process.exit(err instanceof UsageError ? 2 : 1);
 }

@@ -240,7 +240,7 @@ class Acknowledger {
     const t = this.tables.get(this.namespace, member.spec.connection);
     if (!t) return undefined;
     const cached = this.converted.get(member.spec.connection);
-    if (cached?.resourceVersion === t.metadata.resourceVersion) return cached.table;
+    if (cached && cached.resourceVersion === t.metadata.resourceVersion) return cached.table;
     const table = { generation: t.spec.generation, perPod: t.spec.perPod, exceptions: (t.spec.exceptions ?? []).map((e) => ({ ...e, pods: e.pods ?? [] })) };
     this.converted.set(member.spec.connection, { resourceVersion: t.metadata.resourceVersion ?? '', table });
     return table;

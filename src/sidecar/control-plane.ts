@@ -55,6 +55,8 @@ export class PoolMemberAgent {
   private appliedTableGeneration: number | undefined;
   /** The latest table generation whose grant the pool has acknowledged (0: none). */
   private acknowledgedTableGeneration = 0;
+  /** The PoolGrant watch has listed: only then does this sidecar say it reads tables. */
+  private tableReady = false;
   private appliedGeneration = -1;
   private writing: Promise<void> | undefined;
   private dirty = false;
@@ -112,7 +114,12 @@ export class PoolMemberAgent {
     });
     // A table change that leaves this pod's grant alone hands nothing to the pool and writes nothing.
     this.tableInformer.onChange(() => this.evaluate());
-    this.tableInformer.start().catch((err: unknown) => this.options.logger.warn({ err }, 'could not watch the grant table'));
+    this.tableInformer.start().then(() => {
+      // Saying so before the watch works (no RBAC on poolgrants, say) would get this pod
+      // switched onto a table it cannot read.
+      this.tableReady = true;
+      this.report();
+    }, (err: unknown) => this.options.logger.warn({ err }, 'could not watch the grant table'));
   }
 
   /** The grant in force: the table's once the PoolMember says the table covers this pod, else the PoolMember's. */
@@ -170,7 +177,7 @@ export class PoolMemberAgent {
       draining: s.draining,
       drained: s.drained,
       sidecarVersion: this.options.version,
-      tableGeneration: this.acknowledgedTableGeneration,
+      ...(this.tableReady ? { tableGeneration: this.acknowledgedTableGeneration } : {}),
     };
     if (s.acknowledgedGeneration < 0) delete status.acknowledgedGeneration;
     return status;

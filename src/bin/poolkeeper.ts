@@ -137,6 +137,7 @@ environment:
   POOLKEEPER_SSH_KEY_DIR        directory with the bastion's private key, if any
   POOLKEEPER_DB_CA_FILE         CA certificate of the database server, if any
   POOLKEEPER_DRAIN_TIMEOUT      seconds in-flight transactions get on SIGTERM (default 30)
+  POOLKEEPER_STATE_DIR          a directory that outlives the process (the pod's emptyDir): backends a killed sidecar left are found there
   KUBECONFIG                    kubeconfig file (default: the pod's ServiceAccount)`,
 };
 
@@ -189,6 +190,7 @@ async function run(command: string | undefined, args: readonly string[]): Promis
         credentialsDir: env.POOLKEEPER_CREDENTIALS_DIR ?? '/var/run/poolkeeper/credentials',
         sshKeyDir: env.POOLKEEPER_SSH_KEY_DIR,
         caFile: env.POOLKEEPER_DB_CA_FILE,
+        stateDir: env.POOLKEEPER_STATE_DIR,
         drainTimeoutSeconds: Number(env.POOLKEEPER_DRAIN_TIMEOUT ?? 30),
         version: VERSION,
       };

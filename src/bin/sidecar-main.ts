@@ -10,7 +10,11 @@ import { Registry, collectDefaultMetrics } from 'prom-client';
 import { API_GROUP, API_VERSION, type PoolMember } from '../api/index.ts';
 import { isStatus, KubeHttp } from '../kube/http.ts';
 import { PoolMemberAgent } from '../sidecar/control-plane.ts';
+import { BackendLedger } from '../sidecar/backend-ledger.ts';
 import { FileCredentialsSource, Sidecar, type SidecarSettings } from '../sidecar/index.ts';
+
+/** The ledger's file name in the state directory. */
+export const BACKEND_LEDGER_FILE = 'backends.json';
 
 /** Everything the sidecar binary is configured with. */
 export interface SidecarConfig {
@@ -26,6 +30,8 @@ export interface SidecarConfig {
   /** PEM file of the CA that signed the database server's certificate (spec.database.caSecretRef). */
   caFile?: string;
   drainTimeoutSeconds: number;
+  /** A directory that outlives the sidecar process (the pod's emptyDir): the backend ledger goes there. */
+  stateDir?: string;
   version: string;
   /** How long to wait for the controller to create this pod's PoolMember. */
   memberWaitMs?: number;
@@ -81,7 +87,8 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'poolkeeper_sidecar_process_' });
   const credentials = new FileCredentialsSource({ directory: config.credentialsDir, logger });
-  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry });
+  const ledger = config.stateDir ? new BackendLedger(join(config.stateDir, BACKEND_LEDGER_FILE), logger) : undefined;
+  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry, ...(ledger ? { ledger } : {}) });
   const { port, adminPort } = await sidecar.start();
   const agent = new PoolMemberAgent({
     http, namespace: config.namespace, podName: config.podName, target: sidecar, logger, version: config.version,

@@ -135,6 +135,8 @@ export class KubeletSimulator {
       sim.sidecar = await startSidecar({
         kubeConfig: this.kube.kubeConfig(), namespace: this.namespace, podName: name, listenPort: 0, adminPort: 0,
         credentialsDir, drainTimeoutSeconds, version: 'simulated', memberWaitMs: 30_000,
+        // The pod's emptyDir for the sidecar's state (the backends it holds), as the webhook mounts it.
+        stateDir: join(this.root, `${name}-state`),
       }, this.logger.child({ pod: name }));
     }
     const now = new Date().toISOString();

@@ -13,6 +13,7 @@ import { serialize } from 'pg-protocol';
 import type { Logger } from 'pino';
 import type { ServerConnectionState } from '../core/pool-state/index.ts';
 import { settingsSql, type ClientSettings } from '../core/protocol/index.ts';
+import type { BackendRecord } from './backend-ledger.ts';
 import type { SidecarMetrics } from './metrics.ts';
 import { ServerConnection, type ServerConnectionUser } from './server-connection.ts';
 import type { Credentials, SidecarSettings } from './settings.ts';
@@ -50,6 +51,8 @@ export interface PoolDeps {
   changed: () => void;
   /** Why no connection can be opened right now (e.g. the SSH tunnel is down), for the client's error. */
   blockedReason?: () => string | undefined;
+  /** Keeps the backends held where the next sidecar in the pod finds them (BackendLedger); absent: not kept. */
+  ledger?: { save(records: readonly BackendRecord[]): void };
 }
 
 interface WaitEntry {
@@ -60,6 +63,8 @@ interface WaitEntry {
 const CONNECT_TIMEOUT_MS = 10_000;
 /** A lost backend that cannot be confirmed gone stops counting after this long. */
 const UNCONFIRMED_MAX_MS = 30_000;
+/** After cancelling a previous sidecar's backends, how long before a connection is opened to confirm them gone. */
+const ADOPTED_PROBE_DELAY_MS = 1_000;
 /** Longest wait for a pre-ping or settings check before the connection is given up. */
 const CHECK_TIMEOUT_MS = 5_000;
 const RETRY_MIN_MS = 100;
@@ -78,8 +83,10 @@ export class Pool {
   private readonly servers = new Set<ServerConnection>();
   private readonly idle: ServerConnection[] = [];
   /** Backends whose connection ended without the server closing it (a lost tunnel, a frozen network): counted until confirmed gone. */
-  private unconfirmed: { processId: number; createdAt: number; lostAt: number }[] = [];
+  private unconfirmed: { processId: number; secretKey?: number; createdAt: number; lostAt: number }[] = [];
   private confirming = false;
+  /** No connection is opened just to confirm lost backends before this time (cancels sent to them land first). */
+  private probeNotBefore = 0;
   /** Released connections waiting for a CancelRequest to be delivered before another client may have them; value: reset with DISCARD ALL. */
   private readonly parked = new Map<ServerConnection, boolean>();
   /** Oldest first; every waiter has the same poolTimeout, so deadlines come in this order too. */
@@ -265,8 +272,11 @@ export class Pool {
       return;
     }
     const values = this.unconfirmed.map((u) => `(${u.processId}, ${Math.max(0, now - u.createdAt)})`).join(', ');
-    const sql = 'SELECT array_agg(a.pid) FROM (VALUES ' + values + ') v(pid, age_ms) JOIN pg_catalog.pg_stat_activity a ON a.pid = v.pid '
-      + "AND a.backend_start <= now() - v.age_ms * interval '1 millisecond' WHERE a.usename = current_user AND pg_catalog.pg_terminate_backend(a.pid)";
+    // Materialized first: the planner may otherwise call pg_terminate_backend on a row the other conditions
+    // would have excluded (a pid since reused by another role's backend).
+    const sql = 'WITH ours AS MATERIALIZED (SELECT a.pid FROM (VALUES ' + values + ') v(pid, age_ms) JOIN pg_catalog.pg_stat_activity a ON a.pid = v.pid '
+      + "AND a.backend_start <= now() - v.age_ms * interval '1 millisecond' WHERE a.usename = current_user) "
+      + 'SELECT array_agg(pid) FROM ours WHERE pg_catalog.pg_terminate_backend(pid)';
     this.confirming = true;
     const asked = this.unconfirmed.map((u) => u.processId);
     server.runInternal(sql, (result) => {
@@ -282,11 +292,42 @@ export class Pool {
     });
   }
 
+  /**
+   * Takes over the backends a previous sidecar in this pod left (from the
+   * ledger): each is cancelled with its key (a cancel takes no connection
+   * slot, and a backend whose statement fails finds its client gone and
+   * exits) and counts as held until a live connection confirms it gone.
+   */
+  adoptLeftovers(records: readonly BackendRecord[]): void {
+    const known = new Set([...this.servers].map((s) => s.processId).concat(this.unconfirmed.map((u) => u.processId)));
+    const now = this.deps.now();
+    const adopted = records.filter((r) => !known.has(r.processId));
+    if (adopted.length === 0) return;
+    for (const r of adopted) this.unconfirmed.push({ processId: r.processId, secretKey: r.secretKey, createdAt: r.createdAt, lostAt: now });
+    this.probeNotBefore = now + ADOPTED_PROBE_DELAY_MS;
+    this.deps.logger.info({ backends: adopted.map((r) => r.processId) }, 'backends left by a previous sidecar in this pod: cancelled, and counted until confirmed gone');
+    for (const r of adopted) {
+      void this.cancelBackend(r.processId, r.secretKey).catch((err: Error) => this.deps.logger.debug({ backend: r.processId, err: err.message }, 'cancelling a left-over backend failed'));
+    }
+    this.persist();
+    this.deps.changed();
+  }
+
+  /** Writes the backends held (open, connecting ones once known, and unconfirmed) to the ledger. */
+  private persist(): void {
+    const ledger = this.deps.ledger;
+    if (!ledger) return;
+    const records: BackendRecord[] = [...this.servers].map((s) => ({ processId: s.processId, secretKey: s.secretKey, createdAt: s.createdAt }));
+    for (const u of this.unconfirmed) records.push({ processId: u.processId, secretKey: u.secretKey ?? 0, createdAt: u.createdAt });
+    ledger.save(records);
+  }
+
   private forgetLost(processIds: number[]): void {
     if (processIds.length === 0) return;
     const gone = new Set(processIds);
     this.unconfirmed = this.unconfirmed.filter((u) => !gone.has(u.processId));
     this.deps.logger.info({ backends: processIds }, 'lost backends confirmed gone');
+    this.persist();
     this.afterHeldChanged();
     this.serveWaiters();
     this.deps.changed();
@@ -344,7 +385,12 @@ export class Pool {
   }
 
   /** Sends a CancelRequest for `server`'s backend over a new stream and waits until the server closes it. */
-  private async sendCancel(server: ServerConnection, stillRunning: () => boolean = () => true): Promise<boolean> {
+  private sendCancel(server: ServerConnection, stillRunning: () => boolean = () => true): Promise<boolean> {
+    return this.cancelBackend(server.processId, server.secretKey, stillRunning);
+  }
+
+  /** Sends a CancelRequest for backend `processId` (unless `stillRunning` says no once connected); true if sent. */
+  private async cancelBackend(processId: number, secretKey: number, stillRunning: () => boolean = () => true): Promise<boolean> {
     const { host, port } = this.deps.settings.database;
     const stream = await this.deps.openStream(host, port, this.deps.now() + CONNECT_TIMEOUT_MS);
     stream.on('error', () => undefined);
@@ -358,7 +404,7 @@ export class Pool {
         clearTimeout(timer);
         resolve();
       });
-      stream.end(serialize.cancel(server.processId, server.secretKey));
+      stream.end(serialize.cancel(processId, secretKey));
       stream.resume();
     });
     return true;
@@ -516,7 +562,7 @@ export class Pool {
     while (this.waiters.length > this.connecting && this.held < this.grant) void this.open();
     // Lost backends are confirmed gone only through a live connection: with none left, one may be
     // opened (briefly one over the grant if they do still live, as they cannot once the server is reached again).
-    if (this.waiters.length > 0 && this.unconfirmed.length > 0 && this.servers.size + this.connecting === 0 && this.grant > 0 && this.deps.blockedReason?.() === undefined) void this.open();
+    if (this.waiters.length > 0 && this.unconfirmed.length > 0 && this.servers.size + this.connecting === 0 && this.grant > 0 && now >= this.probeNotBefore && this.deps.blockedReason?.() === undefined) void this.open();
   }
 
   private async open(): Promise<void> {
@@ -558,6 +604,7 @@ export class Pool {
       return;
     }
     this.servers.add(server);
+    this.persist();
     this.deps.logger.debug({ server: id, backend: server.processId }, 'server connection opened');
     if (this.closed || this.draining || server.credentialsGeneration !== this.deps.credentials().generation || this.committed > this.grant) {
       server.close(this.closed || this.draining ? 'drain' : 'stale on arrival');
@@ -582,11 +629,12 @@ export class Pool {
     this.parked.delete(server);
     // A backend behind a lost tunnel may outlive a channel that ended on our side only.
     if (!serverEnded || this.deps.blockedReason?.() !== undefined) {
-      this.unconfirmed.push({ processId: server.processId, createdAt: server.createdAt, lostAt: this.deps.now() });
+      this.unconfirmed.push({ processId: server.processId, secretKey: server.secretKey, createdAt: server.createdAt, lostAt: this.deps.now() });
       this.deps.logger.info({ server: server.id, backend: server.processId }, 'server connection lost without the server closing it; its backend counts until confirmed gone');
     }
     const index = this.idle.indexOf(server);
     if (index >= 0) this.idle.splice(index, 1);
+    this.persist();
     this.afterHeldChanged();
     this.serveWaiters();
     this.deps.changed();

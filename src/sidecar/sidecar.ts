@@ -23,6 +23,7 @@ import type { Logger } from 'pino';
 import type { Registry } from 'prom-client';
 import { DEFAULT_MAX_MESSAGE_BYTES, PIN_REASONS, errorResponse, type PinReason } from '../core/protocol/index.ts';
 import { AdminServer } from '../ops/admin-server.ts';
+import type { BackendLedger } from './backend-ledger.ts';
 import { ClientSession, type ClientSessionHost } from './client-session.ts';
 import { DirectReadSocket, ReadBufferPool, adoptAcceptedSocket } from './direct-read-socket.ts';
 import { SidecarMetrics } from './metrics.ts';
@@ -37,6 +38,8 @@ export interface SidecarDeps {
   credentials: CredentialsSource;
   logger: Logger;
   metrics: Registry;
+  /** Where the backends held are kept for the next sidecar in the pod (after a SIGKILL); absent: not kept. */
+  ledger?: BackendLedger;
 }
 
 /** True for 127.0.0.0/8, ::1 and IPv4-mapped loopback. */
@@ -78,6 +81,7 @@ export class Sidecar implements ClientSessionHost {
   private stopped = false;
   private statusScheduled = false;
   private lastStatus = '';
+  private readonly ledger: BackendLedger | undefined;
 
   constructor(deps: SidecarDeps) {
     this.settings = deps.settings;
@@ -99,7 +103,9 @@ export class Sidecar implements ClientSessionHost {
       now: () => Date.now(),
       changed: () => this.statusChanged(),
       blockedReason: () => this.tunnel?.downReason(),
+      ...(deps.ledger ? { ledger: deps.ledger } : {}),
     });
+    this.ledger = deps.ledger;
     this.notifications = this.mode === 'transaction' ? new NotificationHub({ pool: this.pool, logger: deps.logger }) : undefined;
     this.metrics.bind({
       serverConnectionsByState: () => this.pool.countByState(),
@@ -120,6 +126,8 @@ export class Sidecar implements ClientSessionHost {
 
   /** Starts the tunnel, the listener, the janitor and the admin server. */
   async start(): Promise<{ port: number; adminPort?: number; socketPath?: string }> {
+    // Before any client: backends a killed predecessor left count against the grant.
+    if (this.ledger) this.pool.adoptLeftovers(this.ledger.load());
     this.tunnel?.start();
     this.unsubscribeCredentials = this.credentials.onChange((c) => {
       this.logger.info({ generation: c.generation }, 'new credentials: rotating server connections');

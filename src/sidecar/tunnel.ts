@@ -135,7 +135,10 @@ export class SshTunnel {
       username: this.settings.user,
       privateKey: this.settings.privateKey,
       readyTimeout: 10_000,
-      keepaliveInterval: 5_000,
+      // A frozen or unreachable bastion is declared dead after about 3 s of silence, so statements
+      // in flight through it fail (and their backends count until confirmed gone) within a
+      // poolTimeout rather than a TCP timeout; one small packet a second is all it costs.
+      keepaliveInterval: 1_000,
       keepaliveCountMax: 3,
       hostVerifier: (key: Buffer) => {
         if (hostKeyMatches(this.settings.hostKey, key)) return true;

@@ -8,6 +8,9 @@
  */
 import { pino } from 'pino';
 import { Registry } from 'prom-client';
+import { join } from 'node:path';
+import { BACKEND_LEDGER_FILE } from '../../src/bin/sidecar-main.ts';
+import { BackendLedger } from '../../src/sidecar/backend-ledger.ts';
 import { FileCredentialsSource, Sidecar, type SidecarSettings } from '../../src/sidecar/index.ts';
 
 /** What the parent passes in POOLKEEPER_CHILD_SIDECAR. */
@@ -15,6 +18,8 @@ export interface ChildSidecarConfig {
   settings: SidecarSettings;
   credentialsDir: string;
   grant: number;
+  /** The pod's state directory (the backend ledger), kept across restarts of this child. */
+  stateDir?: string;
 }
 
 /** Messages from the parent. */
@@ -34,7 +39,8 @@ const send = (message: FromChild): void => {
 const config = JSON.parse(process.env.POOLKEEPER_CHILD_SIDECAR ?? '{}') as ChildSidecarConfig;
 const logger = pino({ level: process.env.POOLKEEPER_CHILD_SIDECAR_LOG ?? 'info' });
 const credentials = new FileCredentialsSource({ directory: config.credentialsDir, logger, pollIntervalMs: 500 });
-const sidecar = new Sidecar({ settings: config.settings, credentials, logger, metrics: new Registry() });
+const ledger = config.stateDir ? new BackendLedger(join(config.stateDir, BACKEND_LEDGER_FILE), logger) : undefined;
+const sidecar = new Sidecar({ settings: config.settings, credentials, logger, metrics: new Registry(), ...(ledger ? { ledger } : {}) });
 const { port, adminPort } = await sidecar.start();
 sidecar.setGrant(config.grant, 1);
 process.on('message', (raw) => {

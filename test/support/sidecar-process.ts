@@ -29,6 +29,8 @@ export interface SidecarProcessOptions {
   credentialsDir: string;
   grant: number;
   logFile: string;
+  /** Kept across restarts, as a pod's emptyDir is. */
+  stateDir?: string;
 }
 
 /** A running child sidecar. */
@@ -60,7 +62,7 @@ export class SidecarProcess {
     const child = fork(CHILD_ENTRY, [], {
       detached: true,
       stdio: ['ignore', log, log, 'ipc'],
-      env: { ...process.env, POOLKEEPER_CHILD_SIDECAR: JSON.stringify({ settings: options.settings, credentialsDir: options.credentialsDir, grant: options.grant }) },
+      env: { ...process.env, POOLKEEPER_CHILD_SIDECAR: JSON.stringify({ settings: options.settings, credentialsDir: options.credentialsDir, grant: options.grant, stateDir: options.stateDir }) },
     });
     closeSync(log);
     live.add(child);

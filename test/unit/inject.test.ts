@@ -86,9 +86,13 @@ describe('inject: computeInjection', function () {
     assert.deepEqual(out.spec!.volumes, [{
       name: 'poolkeeper-credentials',
       secret: { secretName: 'orders-creds', items: [{ key: 'username', path: 'username' }, { key: 'password', path: 'password' }], defaultMode: 0o444 },
+    }, {
+      // The sidecar's own state, kept across its restarts: the backends it holds.
+      name: 'poolkeeper-state', emptyDir: { medium: 'Memory', sizeLimit: '1Mi' },
     }]);
-    // The credentials are mounted into the sidecar only.
-    assert.deepEqual(sidecar.volumeMounts, [{ name: 'poolkeeper-credentials', mountPath: CREDENTIALS_DIR, readOnly: true }]);
+    // The credentials and the state are mounted into the sidecar only.
+    assert.deepEqual(sidecar.volumeMounts, [{ name: 'poolkeeper-credentials', mountPath: CREDENTIALS_DIR, readOnly: true }, { name: 'poolkeeper-state', mountPath: '/var/run/poolkeeper/state', readOnly: false }]);
+    assert.equal(envOf(sidecar).POOLKEEPER_STATE_DIR?.value, '/var/run/poolkeeper/state');
     assert.equal(out.spec!.containers[0]!.volumeMounts, undefined);
     const appEnv = envOf(out.spec!.containers[0]);
     assert.equal(appEnv.PGHOST?.value, '127.0.0.1');
@@ -113,7 +117,7 @@ describe('inject: computeInjection', function () {
     const sidecar = out.spec!.initContainers![0]!;
     assert.equal(envOf(sidecar).POOLKEEPER_SSH_KEY_DIR?.value, '/var/run/poolkeeper/ssh');
     assert.deepEqual(out.spec!.volumes![1], { name: 'poolkeeper-ssh-key', secret: { secretName: 'bastion-key', items: [{ key: 'id_ed25519', path: 'ssh-privatekey' }], defaultMode: 0o444 } });
-    assert.equal((sidecar.volumeMounts as unknown[]).length, 2);
+    assert.equal((sidecar.volumeMounts as unknown[]).length, 3);
   });
 
   it('uses the custom credential keys of the Secret', function () {

@@ -13,7 +13,7 @@ import { jsonEqual, pointer } from './json-patch.ts';
 import {
   CONNECTION_LABEL, CONSUMER_ANNOTATION, CREDENTIALS_DIR, CREDENTIALS_VOLUME_NAME, INJECTED_ANNOTATION, INJECT_ANNOTATION,
   SIDECAR_CONTAINER_NAME, SSH_KEY_DIR, SSH_KEY_FILE, SSH_KEY_VOLUME_NAME, DB_CA_DIR, DB_CA_FILE, DB_CA_VOLUME_NAME,
-  SOCKET_DIR, SOCKET_VOLUME_NAME, UNIX_SOCKET_ANNOTATION,
+  SOCKET_DIR, SOCKET_VOLUME_NAME, STATE_DIR, STATE_VOLUME_NAME, UNIX_SOCKET_ANNOTATION,
   type ContainerLike, type EnvVar, type InjectableConnection, type InjectionError, type InjectionResult, type InjectorSettings,
   type JsonPatchOperation, type PodLike, type ResourceQuantities, type VolumeLike,
 } from './model.ts';
@@ -121,6 +121,8 @@ function sidecarVolumes(connection: InjectableConnection, derived: Derived): Vol
   }
   // Only this pod's containers mount it: the socket is no more reachable than the loopback port.
   if (derived.unixSocket) volumes.push({ name: SOCKET_VOLUME_NAME, emptyDir: {} });
+  // A few hundred bytes: the backends held, for the next sidecar process in this pod.
+  volumes.push({ name: STATE_VOLUME_NAME, emptyDir: { medium: 'Memory', sizeLimit: '1Mi' } });
   return volumes;
 }
 
@@ -135,8 +137,9 @@ function sidecarContainer(connection: InjectableConnection, settings: InjectorSe
     { name: 'POOLKEEPER_ADMIN_PORT', value: String(settings.adminPort) },
     { name: 'POOLKEEPER_DRAIN_TIMEOUT', value: String(derived.drainTimeout) },
     { name: 'POOLKEEPER_CREDENTIALS_DIR', value: CREDENTIALS_DIR },
+    { name: 'POOLKEEPER_STATE_DIR', value: STATE_DIR },
   ];
-  const volumeMounts = [{ name: CREDENTIALS_VOLUME_NAME, mountPath: CREDENTIALS_DIR, readOnly: true }];
+  const volumeMounts = [{ name: CREDENTIALS_VOLUME_NAME, mountPath: CREDENTIALS_DIR, readOnly: true }, { name: STATE_VOLUME_NAME, mountPath: STATE_DIR, readOnly: false }];
   if (connection.spec.sshTunnel) {
     env.push({ name: 'POOLKEEPER_SSH_KEY_DIR', value: SSH_KEY_DIR });
     volumeMounts.push({ name: SSH_KEY_VOLUME_NAME, mountPath: SSH_KEY_DIR, readOnly: true });

@@ -47,6 +47,16 @@ export const SOCKET_VOLUME_NAME = 'poolkeeper-socket';
 /** Where that volume is mounted in every container: PGHOST of the application containers. */
 export const SOCKET_DIR = '/var/run/poolkeeper/socket';
 
+/**
+ * Volume (an emptyDir in memory) of the sidecar only, outliving its process:
+ * the backends it holds are kept there, so a sidecar restarted after a
+ * SIGKILL or OOM kill finds and cancels what its predecessor left.
+ */
+export const STATE_VOLUME_NAME = 'poolkeeper-state';
+
+/** Where that volume is mounted in the sidecar (POOLKEEPER_STATE_DIR). */
+export const STATE_DIR = '/var/run/poolkeeper/state';
+
 /** A name/value environment variable, or one read from elsewhere. */
 export interface EnvVar {
   name: string;

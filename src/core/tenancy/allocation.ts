@@ -14,6 +14,7 @@
  * planner's own shrink-before-grow holds, so the server's total never
  * exceeds the limit, even while one namespace shrinks and another grows.
  */
+import { memberGrantInForce } from '../budget/grant-table.ts';
 import { planBudgets } from '../budget/planner.ts';
 import type { BudgetInput, BudgetPlan, MemberState, Oversubscription, PodInput } from '../budget/types.ts';
 import { selectorMatches } from '../inject/consumer.ts';
@@ -124,11 +125,23 @@ export function namespaceShares(limit: number, demands: readonly NamespaceDemand
   return { shares: new Map(demands.map((d, i) => [d.namespace, share[i]!])), overcommitted };
 }
 
-/** What a PoolMember may hold right now, as the planner counts it. */
-function reservationOf(member: MemberState): number {
+/**
+ * What a PoolMember may hold right now, as the planner counts it: for a pod
+ * on a grant table, the table's grant in force (the largest of its
+ * namespace's tables when its pod, and so its connection, is gone).
+ */
+function reservationOf(member: MemberState, input: BudgetInput, podConnection: ReadonlyMap<string, string>): number {
   const ack = member.acknowledgement;
   if (ack?.drained) return 0;
-  return Math.max(member.grant.connections, ack?.connections ?? 0, ack?.held ?? 0);
+  let granted = member.grant.connections;
+  if (member.tableFrom !== undefined) {
+    const connection = podConnection.get(`${member.namespace}/${member.name}`);
+    for (const t of input.tables ?? []) {
+      if (t.namespace !== member.namespace || (connection !== undefined && t.connection !== connection)) continue;
+      granted = Math.max(granted, memberGrantInForce(member, t.table).connections);
+    }
+  }
+  return Math.max(granted, ack?.connections ?? 0, ack?.held ?? 0);
 }
 
 /** The input restricted to one namespace. */
@@ -155,7 +168,8 @@ export interface AllocatedPlan {
 export function planWithShares(input: BudgetInput, shares: ReadonlyMap<string, number>, plan: (i: BudgetInput) => BudgetPlan = planBudgets): AllocatedPlan {
   const namespaces = [...new Set([...input.connections.map((c) => c.namespace), ...input.members.map((m) => m.namespace), ...input.pods.map((p) => p.namespace)])].sort();
   const held = new Map<string, number>();
-  for (const m of input.members) held.set(m.namespace, (held.get(m.namespace) ?? 0) + reservationOf(m));
+  const podConnection = new Map(input.pods.map((p) => [`${p.namespace}/${p.name}`, p.connection]));
+  for (const m of input.members) held.set(m.namespace, (held.get(m.namespace) ?? 0) + reservationOf(m, input, podConnection));
   // Namespaces that give back go first, so those that grow can use it as soon as it is acknowledged.
   const order = [...namespaces].sort((a, b) => ((shares.get(a) ?? 0) - (held.get(a) ?? 0)) - ((shares.get(b) ?? 0) - (held.get(b) ?? 0)) || a.localeCompare(b));
   const plans: BudgetPlan[] = [];

@@ -4,7 +4,6 @@
  * so that Deployments create ReplicaSets and Pods. There is no kubelet and no
  * scheduler: pods stay Pending unless a test writes their status itself.
  */
-import { execFileSync, spawn } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { request } from 'node:https';
 import { homedir } from 'node:os';
@@ -14,6 +13,7 @@ import { KubeConfig } from '@kubernetes/client-node';
 import { createCertificateAuthority, generateKeyPairPem, issueCertificate, type CertificateBundle } from '../pki/certificates.ts';
 import { ManagedProcess, freePort, waitUntil, type PidRegistry } from './process.ts';
 import { MissingPrerequisiteError, commandOutput } from './system.ts';
+import { runKubectl, runKubectlAsync } from './kubectl.ts';
 
 const REPO_ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 
@@ -192,12 +192,7 @@ export class KubeControlPlane {
 
   /** Runs kubectl as cluster-admin and returns stdout; throws with stderr on failure. */
   kubectl(args: string[], input?: string): string {
-    try {
-      return execFileSync(this.kubectlPath, [`--kubeconfig=${this.kubeconfigPath}`, ...args], { encoding: 'utf8', input, stdio: ['pipe', 'pipe', 'pipe'] });
-    } catch (err) {
-      const e = err as { stderr?: string; message: string };
-      throw new Error(`kubectl ${args.join(' ')} failed: ${e.stderr ?? e.message}`, { cause: err });
-    }
+    return runKubectl(this.kubectlPath, this.kubeconfigPath, args, input);
   }
 
   /**
@@ -205,16 +200,7 @@ export class KubeControlPlane {
    * also serves something the API server calls (the webhook).
    */
   kubectlAsync(args: string[], input?: string): Promise<string> {
-    return new Promise((resolve, reject) => {
-      const child = spawn(this.kubectlPath, [`--kubeconfig=${this.kubeconfigPath}`, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
-      let stdout = '';
-      let stderr = '';
-      child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-      child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-      child.on('error', reject);
-      child.on('close', (code) => (code === 0 ? resolve(stdout) : reject(new Error(`kubectl ${args.join(' ')} failed: ${stderr}`))));
-      child.stdin.end(input ?? '');
-    });
+    return runKubectlAsync(this.kubectlPath, this.kubeconfigPath, args, input);
   }
 
   /** GET `path` on the API server as cluster-admin. */

@@ -9,7 +9,7 @@
  * joined by Unix sockets. Killing the namespaces' first process ends every
  * container, shim and mount with it, which is how a killed run is reaped.
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
 import { request } from 'node:https';
 import { basename, dirname, join } from 'node:path';
@@ -21,6 +21,7 @@ import { kubeBinDir, kubeVersion } from './kube.ts';
 import { ManagedProcess, freePort, waitUntil, type PidRegistry } from './process.ts';
 import type { ComponentStatus } from './report.ts';
 import { MissingPrerequisiteError, commandOutput } from './system.ts';
+import { runKubectl, runKubectlAsync } from './kubectl.ts';
 
 const REPO_ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const FORWARDER = join(dirname(fileURLToPath(import.meta.url)), 'real-node-forward.ts');
@@ -370,12 +371,7 @@ export class RealNode {
 
   /** Runs kubectl as cluster-admin; throws with stderr on failure. */
   kubectl(args: string[], input?: string): string {
-    try {
-      return execFileSync(this.kubectlPath, [`--kubeconfig=${this.kubeconfigPath}`, ...args], { encoding: 'utf8', input, stdio: ['pipe', 'pipe', 'pipe'] });
-    } catch (err) {
-      const e = err as { stderr?: string; message: string };
-      throw new Error(`kubectl ${args.join(' ')} failed: ${e.stderr ?? e.message}`, { cause: err });
-    }
+    return runKubectl(this.kubectlPath, this.kubeconfigPath, args, input);
   }
 
   /**
@@ -383,16 +379,7 @@ export class RealNode {
    * also serves something (a sampler, a forwarder) while kubectl runs.
    */
   kubectlAsync(args: string[], input?: string): Promise<string> {
-    return new Promise((resolve, reject) => {
-      const child = spawn(this.kubectlPath, [`--kubeconfig=${this.kubeconfigPath}`, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
-      let stdout = '';
-      let stderr = '';
-      child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-      child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
-      child.on('error', reject);
-      child.on('close', (code) => (code === 0 ? resolve(stdout) : reject(new Error(`kubectl ${args.join(' ')} failed: ${stderr}`))));
-      child.stdin.end(input ?? '');
-    });
+    return runKubectlAsync(this.kubectlPath, this.kubeconfigPath, args, input);
   }
 
   /** True if containerd lists the poolkeeper image. */

@@ -1,0 +1,33 @@
+/**
+ * kubectl of the pinned release against one kubeconfig: the one way the local
+ * environments (the control plane alone, the real node) run it.
+ */
+import { execFileSync, spawn } from 'node:child_process';
+
+/** Runs kubectl with `kubeconfig` and returns stdout; throws with stderr on failure. Blocks the event loop. */
+export function runKubectl(kubectl: string, kubeconfig: string, args: string[], input?: string): string {
+  try {
+    return execFileSync(kubectl, [`--kubeconfig=${kubeconfig}`, ...args], { encoding: 'utf8', input, stdio: ['pipe', 'pipe', 'pipe'] });
+  } catch (err) {
+    const e = err as { stderr?: string; message: string };
+    throw new Error(`kubectl ${args.join(' ')} failed: ${e.stderr ?? e.message}`, { cause: err });
+  }
+}
+
+/**
+ * kubectl without blocking the event loop: needed whenever the calling
+ * process also serves something while kubectl runs (the webhook the API
+ * server calls, a sampler, a forwarder).
+ */
+export function runKubectlAsync(kubectl: string, kubeconfig: string, args: string[], input?: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(kubectl, [`--kubeconfig=${kubeconfig}`, ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    child.on('error', reject);
+    child.on('close', (code) => (code === 0 ? resolve(stdout) : reject(new Error(`kubectl ${args.join(' ')} failed: ${stderr}`))));
+    child.stdin.end(input ?? '');
+  });
+}

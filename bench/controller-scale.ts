@@ -36,7 +36,7 @@ import { KubeHttp } from '../src/kube/http.ts';
 import { Informer, type KubeObject } from '../src/kube/informer.ts';
 
 /** One line of the result: an event type at one size. */
-interface ControllerResult {
+export interface ControllerResult {
   pods: number;
   connections: number;
   event: string;

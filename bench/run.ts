@@ -22,20 +22,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { runProxy, type ProxyReport } from './proxy.ts';
-
-/** One line of the controller table, as bench/controller-scale.ts reports it. */
-interface ControllerResult {
-  pods: number;
-  connections: number;
-  event: string;
-  samples: number;
-  p50_ms: number | null;
-  p99_ms: number | null;
-  cpu_s: number;
-  rss_mb: number;
-  writes: number;
-  violations: number;
-}
+import type { ControllerResult } from './controller-scale.ts';
 
 const { values } = parseArgs({
   allowNegative: true,

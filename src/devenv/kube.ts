@@ -13,7 +13,7 @@ import { KubeConfig } from '@kubernetes/client-node';
 import { createCertificateAuthority, generateKeyPairPem, issueCertificate, type CertificateBundle } from '../pki/certificates.ts';
 import { ManagedProcess, freePort, waitUntil, type PidRegistry } from './process.ts';
 import { MissingPrerequisiteError, commandOutput } from './system.ts';
-import { runKubectl, runKubectlAsync } from './kubectl.ts';
+import { kubeconfigYaml, runKubectl, runKubectlAsync } from './kubectl.ts';
 
 const REPO_ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 
@@ -134,8 +134,8 @@ export class KubeControlPlane {
       const plane = new KubeControlPlane({ server, ca, admin, kubeconfigPath: '', etcdUrl, dir, processes });
       await waitUntil('kube-apiserver', async () => (await plane.get('/readyz')).status === 200, { timeoutMs: 90_000, process: apiserver, intervalMs: 250 });
 
-      const adminKubeconfig = file('admin.kubeconfig', kubeconfigYaml(server, ca.certPem, 'poolkeeper-admin', admin));
-      const kcmKubeconfig = file('kcm.kubeconfig', kubeconfigYaml(server, ca.certPem, 'system:kube-controller-manager', kcm));
+      const adminKubeconfig = file('admin.kubeconfig', kubeconfigYaml('local', server, ca.certPem, 'poolkeeper-admin', admin));
+      const kcmKubeconfig = file('kcm.kubeconfig', kubeconfigYaml('local', server, ca.certPem, 'system:kube-controller-manager', kcm));
       const controllerManager = ManagedProcess.start({
         name: 'kube-controller-manager',
         command: kcmBin,
@@ -254,29 +254,4 @@ export class KubeControlPlane {
   async stop(): Promise<void> {
     for (const p of [...this.processes].reverse()) await p.stop(5000);
   }
-}
-
-function kubeconfigYaml(server: string, caPem: string, user: string, identity: ClientIdentity): string {
-  const b64 = (s: string): string => Buffer.from(s).toString('base64');
-  return [
-    'apiVersion: v1',
-    'kind: Config',
-    'clusters:',
-    '- name: local',
-    '  cluster:',
-    `    server: ${server}`,
-    `    certificate-authority-data: ${b64(caPem)}`,
-    'users:',
-    `- name: "${user}"`,
-    '  user:',
-    `    client-certificate-data: ${b64(identity.certPem)}`,
-    `    client-key-data: ${b64(identity.keyPem)}`,
-    'contexts:',
-    '- name: local',
-    '  context:',
-    '    cluster: local',
-    `    user: "${user}"`,
-    'current-context: local',
-    '',
-  ].join('\n');
 }

@@ -1,6 +1,7 @@
 /**
- * kubectl of the pinned release against one kubeconfig: the one way the local
- * environments (the control plane alone, the real node) run it.
+ * kubectl of the pinned release against one kubeconfig, and the kubeconfig
+ * files themselves: the one way the local environments (the control plane
+ * alone, the real node) make and use them.
  */
 import { execFileSync, spawn } from 'node:child_process';
 
@@ -30,4 +31,30 @@ export function runKubectlAsync(kubectl: string, kubeconfig: string, args: strin
     child.on('close', (code) => (code === 0 ? resolve(stdout) : reject(new Error(`kubectl ${args.join(' ')} failed: ${stderr}`))));
     child.stdin.end(input ?? '');
   });
+}
+
+/** A kubeconfig for one client certificate on one cluster (certificates inline). */
+export function kubeconfigYaml(cluster: string, server: string, caPem: string, user: string, identity: { certPem: string; keyPem: string }): string {
+  const b64 = (text: string): string => Buffer.from(text).toString('base64');
+  return [
+    'apiVersion: v1',
+    'kind: Config',
+    'clusters:',
+    `- name: ${cluster}`,
+    '  cluster:',
+    `    server: ${server}`,
+    `    certificate-authority-data: ${b64(caPem)}`,
+    'users:',
+    `- name: "${user}"`,
+    '  user:',
+    `    client-certificate-data: ${b64(identity.certPem)}`,
+    `    client-key-data: ${b64(identity.keyPem)}`,
+    'contexts:',
+    `- name: ${cluster}`,
+    '  context:',
+    `    cluster: ${cluster}`,
+    `    user: "${user}"`,
+    `current-context: ${cluster}`,
+    '',
+  ].join('\n');
 }

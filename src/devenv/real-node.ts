@@ -21,7 +21,7 @@ import { kubeBinDir, kubeVersion } from './kube.ts';
 import { ManagedProcess, freePort, waitUntil, type PidRegistry } from './process.ts';
 import type { ComponentStatus } from './report.ts';
 import { MissingPrerequisiteError, commandOutput } from './system.ts';
-import { runKubectl, runKubectlAsync } from './kubectl.ts';
+import { kubeconfigYaml, runKubectl, runKubectlAsync } from './kubectl.ts';
 
 const REPO_ROOT = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const FORWARDER = join(dirname(fileURLToPath(import.meta.url)), 'real-node-forward.ts');
@@ -206,7 +206,7 @@ export class RealNode {
       const saKey = file('pki/sa.key', saKeys.privateKeyPem);
       const saPub = file('pki/sa.pub', saKeys.publicKeyPem);
       const inside = `https://${BRIDGE_ADDRESS}:${API_PORT}`;
-      const kubeconfig = (name: string, server: string, id: CertificateBundle): string => file(`${name}.kubeconfig`, kubeconfigYaml(server, ca.certPem, name, id));
+      const kubeconfig = (name: string, server: string, id: CertificateBundle): string => file(`${name}.kubeconfig`, kubeconfigYaml('real-node', server, ca.certPem, name, id));
 
       // etcd and the API server
       const etcd = inNs('etcd', bin('etcd'), [
@@ -533,29 +533,4 @@ function spawnQuiet(command: string, args: string[], env: NodeJS.ProcessEnv = {}
     const e = err as { stdout?: string; stderr?: string; message: string };
     return { ok: false, output: `${e.stdout ?? ''}${e.stderr ?? e.message}` };
   }
-}
-
-function kubeconfigYaml(server: string, caPem: string, user: string, identity: CertificateBundle): string {
-  const b64 = (s: string): string => Buffer.from(s).toString('base64');
-  return [
-    'apiVersion: v1',
-    'kind: Config',
-    'clusters:',
-    '- name: real-node',
-    '  cluster:',
-    `    server: ${server}`,
-    `    certificate-authority-data: ${b64(caPem)}`,
-    'users:',
-    `- name: "${user}"`,
-    '  user:',
-    `    client-certificate-data: ${b64(identity.certPem)}`,
-    `    client-key-data: ${b64(identity.keyPem)}`,
-    'contexts:',
-    '- name: real-node',
-    '  context:',
-    '    cluster: real-node',
-    `    user: "${user}"`,
-    'current-context: real-node',
-    '',
-  ].join('\n');
 }

@@ -9,15 +9,13 @@
  */
 import { existsSync } from 'node:fs';
 import { hostname } from 'node:os';
-import { KubeConfig } from '@kubernetes/client-node';
+import type { KubeConfig } from '@kubernetes/client-node';
 import pino from 'pino';
-import { Registry, collectDefaultMetrics } from 'prom-client';
-import { STATUS_USAGE, parseStatusArgs, statusCommand } from '../cli/status.ts';
-import { AdminServer } from '../ops/admin-server.ts';
-import { startWebhook, webhookConfigFromEnv } from '../webhook/runtime.ts';
-import { loadKubeConfig } from './kubeconfig.ts';
-import { startController } from './controller-main.ts';
-import { startSidecar } from './sidecar-main.ts';
+import type { ApiServerAccess } from '../kube/http.ts';
+import { InClusterAccess, SERVICE_ACCOUNT_DIR } from '../kube/in-cluster.ts';
+
+// Each command imports only what it runs: @kubernetes/client-node alone is
+// about 78 MB of memory, which the sidecar (limit 128Mi) does without.
 
 const VERSION = '0.1.0';
 const env = process.env;
@@ -45,19 +43,36 @@ function port(name: string, fallback: number): number {
   return value;
 }
 
-const SERVICE_ACCOUNT_TOKEN = '/var/run/secrets/kubernetes.io/serviceaccount/token';
+const SERVICE_ACCOUNT_TOKEN = `${SERVICE_ACCOUNT_DIR}/token`;
 
-/** The API server's configuration, or a UsageError that says what is missing. */
-function kubeConfig(): KubeConfig {
+/** Throws a UsageError unless KUBECONFIG names a file or this is a pod with a ServiceAccount token. */
+function checkClusterAccess(): void {
   const path = env.KUBECONFIG;
   if (!path && !(env.KUBERNETES_SERVICE_HOST && existsSync(SERVICE_ACCOUNT_TOKEN))) {
     throw new UsageError(`not running in a Kubernetes pod (no ${SERVICE_ACCOUNT_TOKEN}) and KUBECONFIG is not set: set KUBECONFIG to a kubeconfig file to run outside a cluster`);
   }
   if (path && !existsSync(path)) throw new UsageError(`KUBECONFIG=${path}: no such file`);
+}
+
+/** The API server's configuration, or a UsageError that says what is missing. */
+async function kubeConfig(): Promise<KubeConfig> {
+  checkClusterAccess();
+  const { loadKubeConfig } = await import('./kubeconfig.ts');
   try {
-    return loadKubeConfig(path);
+    return loadKubeConfig(env.KUBECONFIG);
   } catch (err) {
-    throw new UsageError(`cannot load ${path ? `KUBECONFIG=${path}` : 'the in-cluster configuration'}: ${oneLine(err)}`);
+    throw new UsageError(`cannot load ${env.KUBECONFIG ? `KUBECONFIG=${env.KUBECONFIG}` : 'the in-cluster configuration'}: ${oneLine(err)}`);
+  }
+}
+
+/** The sidecar's way to the API server: a KUBECONFIG when set, else the pod's ServiceAccount without client-node. */
+async function apiServerAccess(): Promise<ApiServerAccess> {
+  if (env.KUBECONFIG) return kubeConfig();
+  checkClusterAccess();
+  try {
+    return new InClusterAccess({ host: env.KUBERNETES_SERVICE_HOST ?? '', port: env.KUBERNETES_SERVICE_PORT ?? '', directory: SERVICE_ACCOUNT_DIR });
+  } catch (err) {
+    throw new UsageError(`cannot load the in-cluster configuration: ${oneLine(err)}`);
   }
 }
 
@@ -174,7 +189,8 @@ async function run(command: string | undefined, args: readonly string[]): Promis
         repair: repairMode(env.POOLKEEPER_REPAIR ?? 'evict'),
         manageSidecarAccess: env.POOLKEEPER_MANAGE_SIDECAR_RBAC !== 'false',
       };
-      const config = { ...settings, kubeConfig: kubeConfig() };
+      const config = { ...settings, kubeConfig: await kubeConfig() };
+      const { startController } = await import('./controller-main.ts');
       const running = await startController(config, logger);
       onTerminate(() => running.shutdown());
       break;
@@ -186,7 +202,7 @@ async function run(command: string | undefined, args: readonly string[]): Promis
         listenPort: port('POOLKEEPER_LISTEN_PORT', 6432),
         ...(env.POOLKEEPER_LISTEN_SOCKET_DIR ? { listenSocketDir: env.POOLKEEPER_LISTEN_SOCKET_DIR } : {}),
         adminPort: port('POOLKEEPER_ADMIN_PORT', 9187),
-        kubeConfig: kubeConfig(),
+        apiServer: await apiServerAccess(),
         credentialsDir: env.POOLKEEPER_CREDENTIALS_DIR ?? '/var/run/poolkeeper/credentials',
         sshKeyDir: env.POOLKEEPER_SSH_KEY_DIR,
         caFile: env.POOLKEEPER_DB_CA_FILE,
@@ -194,12 +210,14 @@ async function run(command: string | undefined, args: readonly string[]): Promis
         drainTimeoutSeconds: Number(env.POOLKEEPER_DRAIN_TIMEOUT ?? 30),
         version: VERSION,
       };
+      const { startSidecar } = await import('./sidecar-main.ts');
       const running = await startSidecar(config, logger);
       onTerminate(() => running.shutdown());
       break;
     }
     case 'webhook': {
-      const kc = kubeConfig();
+      const kc = await kubeConfig();
+      const [{ startWebhook, webhookConfigFromEnv }, { Registry, collectDefaultMetrics }, { AdminServer }] = await Promise.all([import('../webhook/runtime.ts'), import('prom-client'), import('../ops/admin-server.ts')]);
       let webhookConfig;
       try {
         webhookConfig = webhookConfigFromEnv(env, VERSION);
@@ -225,6 +243,7 @@ async function run(command: string | undefined, args: readonly string[]): Promis
 
 /** `poolkeeper status`: a client of the API server like kubectl (KUBECONFIG, else ~/.kube/config). */
 async function status(args: readonly string[]): Promise<void> {
+  const [{ KubeConfig }, { STATUS_USAGE, parseStatusArgs, statusCommand }] = await Promise.all([import('@kubernetes/client-node'), import('../cli/status.ts')]);
   let parsed;
   try {
     parsed = parseStatusArgs(args);

@@ -4,11 +4,10 @@
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { KubeConfig } from '@kubernetes/client-node';
 import type { Logger } from 'pino';
 import { Registry, collectDefaultMetrics } from 'prom-client';
 import { API_GROUP, API_VERSION, type PoolMember } from '../api/index.ts';
-import { isStatus, KubeHttp } from '../kube/http.ts';
+import { isStatus, KubeHttp, type ApiServerAccess } from '../kube/http.ts';
 import { PoolMemberAgent } from '../sidecar/control-plane.ts';
 import { BackendLedger } from '../sidecar/backend-ledger.ts';
 import { FileCredentialsSource, Sidecar, type SidecarSettings } from '../sidecar/index.ts';
@@ -18,7 +17,8 @@ export const BACKEND_LEDGER_FILE = 'backends.json';
 
 /** Everything the sidecar binary is configured with. */
 export interface SidecarConfig {
-  kubeConfig: KubeConfig;
+  /** The API server: a KubeConfig, or the pod's ServiceAccount (InClusterAccess). */
+  apiServer: ApiServerAccess;
   namespace: string;
   podName: string;
   listenPort: number;
@@ -65,7 +65,7 @@ async function waitForMember(http: KubeHttp, config: SidecarConfig, logger: Logg
 
 /** Starts the sidecar: pool, admin endpoints and the PoolMember agent. */
 export async function startSidecar(config: SidecarConfig, logger: Logger): Promise<RunningSidecar> {
-  const http = new KubeHttp(config.kubeConfig);
+  const http = new KubeHttp(config.apiServer);
   const member = await waitForMember(http, config, logger);
   const spec = member.spec;
   const settings: SidecarSettings = {

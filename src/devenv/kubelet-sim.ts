@@ -72,6 +72,8 @@ export function writeSecretVolume(dir: string, files: Record<string, string>): v
 /** The simulator. */
 export class KubeletSimulator {
   readonly pods = new Map<string, SimulatedPod>();
+  /** Pods that did not boot, or were admitted without the sidecar (the webhook did not answer in time): what a test reports when it times out. */
+  readonly failures: string[] = [];
   private readonly http: KubeHttp;
   private readonly informer: Informer<PodSpecObject>;
   private readonly root = mkdtempSync(join(tmpdir(), 'poolkeeper-kubelet-'));
@@ -100,7 +102,12 @@ export class KubeletSimulator {
   async start(): Promise<void> {
     this.informer.onChange((type, pod) => {
       const name = pod.metadata?.name ?? '';
-      if (type === 'ADDED' && !this.pods.has(name)) this.work.push(this.boot(pod).catch((err: unknown) => this.logger.warn({ err, pod: name }, 'boot failed')));
+      if (type === 'ADDED' && !this.pods.has(name)) {
+        this.work.push(this.boot(pod).catch((err: unknown) => {
+          this.failures.push(`${name}: boot failed: ${err instanceof Error ? err.message : String(err)}`);
+          this.logger.warn({ err, pod: name }, 'boot failed');
+        }));
+      }
       if (pod.metadata?.deletionTimestamp && this.pods.get(name) && !this.pods.get(name)!.terminating) this.work.push(this.terminate(this.pods.get(name)!));
     });
     await this.informer.start();
@@ -115,6 +122,7 @@ export class KubeletSimulator {
     const appContainer = pod.spec?.containers?.find((c) => c.name !== 'poolkeeper-sidecar');
     const sim: SimulatedPod = { name, uid: pod.metadata?.uid ?? '', credentialsDir, terminating: false, gone: false, appEnv: literalEnv(appContainer) };
     const runSidecar = this.policy === 'every-pod' || sidecarContainer !== undefined;
+    if (!runSidecar) this.failures.push(`${name}: admitted without the sidecar`);
     const drainTimeoutSeconds = Number(literalEnv(sidecarContainer).POOLKEEPER_DRAIN_TIMEOUT ?? 5);
     this.pods.set(name, sim);
     let booted!: () => void;
@@ -133,7 +141,7 @@ export class KubeletSimulator {
     // Every simulated pod shares this host's loopback, so each sidecar takes a free port instead of the injected one.
     if (runSidecar) {
       sim.sidecar = await startSidecar({
-        kubeConfig: this.kube.kubeConfig(), namespace: this.namespace, podName: name, listenPort: 0, adminPort: 0,
+        apiServer: this.kube.kubeConfig(), namespace: this.namespace, podName: name, listenPort: 0, adminPort: 0,
         credentialsDir, drainTimeoutSeconds, version: 'simulated', memberWaitMs: 30_000,
         // The pod's emptyDir for the sidecar's state (the backends it holds), as the webhook mounts it.
         stateDir: join(this.root, `${name}-state`),

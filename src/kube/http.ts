@@ -1,10 +1,21 @@
 /**
  * A thin HTTPS client for the Kubernetes API that works for any resource,
  * custom ones included: JSON requests, typed errors, and a streaming watch.
- * Authentication comes from a KubeConfig (client certificate, token, exec...).
+ * Authentication comes from an ApiServerAccess: a KubeConfig (client
+ * certificate, token, exec...) or, in a sidecar, the pod's ServiceAccount
+ * read without loading @kubernetes/client-node (in-cluster.ts).
  */
 import { Agent, request, type RequestOptions } from 'node:https';
-import type { KubeConfig } from '@kubernetes/client-node';
+
+/**
+ * Where the API server is and how to authenticate to it: the two methods of
+ * @kubernetes/client-node's KubeConfig that KubeHttp uses, so that a
+ * KubeConfig is one and a lighter implementation can be another.
+ */
+export interface ApiServerAccess {
+  getCurrentCluster(): { server: string; proxyUrl?: string | undefined } | null;
+  applyToHTTPSOptions(options: RequestOptions): Promise<void>;
+}
 
 /** A Kubernetes API error with its HTTP status and Status reason. */
 export class KubeApiError extends Error {
@@ -62,7 +73,7 @@ const REQUEST_TIMEOUT_MS = 30_000;
 
 /** JSON over HTTPS to one API server. */
 export class KubeHttp {
-  private readonly kubeConfig: KubeConfig;
+  private readonly access: ApiServerAccess;
   private readonly server: string;
   /**
    * Keeps connections open between requests: without it every request pays a
@@ -72,9 +83,9 @@ export class KubeHttp {
    */
   private readonly agent: Agent | undefined;
 
-  constructor(kubeConfig: KubeConfig, options: KubeHttpOptions = {}) {
-    this.kubeConfig = kubeConfig;
-    const cluster = kubeConfig.getCurrentCluster();
+  constructor(access: ApiServerAccess, options: KubeHttpOptions = {}) {
+    this.access = access;
+    const cluster = access.getCurrentCluster();
     if (!cluster) throw new Error('kubeconfig has no current cluster');
     this.server = cluster.server.replace(/\/$/, '');
     const maxSockets = options.maxSockets ?? DEFAULT_MAX_SOCKETS;
@@ -84,7 +95,7 @@ export class KubeHttp {
 
   private async options(method: string, headers: Record<string, string>): Promise<RequestOptions> {
     const options: RequestOptions = { method, headers: { accept: 'application/json', ...headers } };
-    await this.kubeConfig.applyToHTTPSOptions(options);
+    await this.access.applyToHTTPSOptions(options);
     return options;
   }
 

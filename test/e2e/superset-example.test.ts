@@ -184,7 +184,12 @@ describe('deploy/examples/superset', function () {
         status = (JSON.parse(await kube.kubectlAsync(['-n', ns, 'get', 'dbc', connection.metadata.name, '-o', 'json'])) as { status?: typeof status }).status ?? {};
         return status.pods === total && status.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') === true && kubelet!.live().length === total
           && Object.entries(pods).every(([consumer, n]) => status.consumers?.find((c) => c.name === consumer)?.pods === n);
-      }, 120_000);
+      }, 120_000).catch(async (err: Error) => {
+        // Say what was seen, so that a timeout can be told apart from the controller, the kubelet or the apps.
+        const podList = await kube.kubectlAsync(['-n', ns, 'get', 'pods', '-o', 'wide']).catch((e: Error) => e.message);
+        const members = await kube.kubectlAsync(['-n', ns, 'get', 'pm,pg', '-o', 'yaml']).catch((e: Error) => e.message);
+        throw new Error(`${err.message}; kubelet failures ${JSON.stringify(kubelet!.failures)}; status ${JSON.stringify(status)}; live ${JSON.stringify(kubelet!.live().map((p) => [p.name, p.sidecar?.sidecar.status()]))}; pods\n${podList}\n${members.slice(0, 6000)}`);
+      });
       // Every process of every pod has at least one server connection of its own: the sizing rule minPerPod >= processesPerPod.
       for (const consumer of status.consumers ?? []) assert.ok(consumer.perProcessBudget >= 1, `consumer ${consumer.name}: ${consumer.perPodBudget} per pod leaves a process without a connection`);
       budgets.push(`${JSON.stringify(pods)}: ${status.perPodBudget ?? ''}`);

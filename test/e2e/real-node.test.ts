@@ -151,6 +151,22 @@ describe('real node end to end', function () {
     }, timeoutMs);
   }
 
+  /** RSS of every sidecar process on the node (containers are processes of this host), MB. */
+  function sidecarRssMb(): number[] {
+    const sizes: number[] = [];
+    for (const pid of readdirSync('/proc').filter((name) => /^\d+$/.test(name))) {
+      try {
+        const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+        if (!cmdline.some((arg) => arg.endsWith('poolkeeper.js')) || cmdline.at(-2) !== 'sidecar') continue;
+        const rss = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+        if (rss) sizes.push(Math.round(Number(rss[1]) / 1024));
+      } catch {
+        // exited meanwhile
+      }
+    }
+    return sizes;
+  }
+
   function assertWithinLimit(): void {
     assert.ok(samples > 20, `sampled pg_stat_activity ${samples} times`);
     assert.ok(peak <= LIMIT, `PostgreSQL saw ${peak} of ${ROLE}'s connections > limit ${LIMIT}`);
@@ -160,6 +176,8 @@ describe('real node end to end', function () {
     const before = appStats();
     await node.kubectlAsync(['-n', NAMESPACE, 'scale', 'deployment/web', '--replicas=5']);
     await settled(5);
+    // The image's sidecar under load, reached through its ServiceAccount (no client-node): reported, the 128Mi limit enforces it.
+    console.log(`      sidecar RSS under load: ${sidecarRssMb().join(', ')} MB`);
     await node.kubectlAsync(['-n', NAMESPACE, 'scale', 'deployment/web', '--replicas=1']);
     await settled(1);
     const after = appStats();

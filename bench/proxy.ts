@@ -14,6 +14,7 @@ import { chownSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { SIDECAR_NODE_OPTIONS } from '../src/core/inject/index.ts';
 import { LocalEnvironment } from '../src/devenv/environment.ts';
 import { APP_DATABASE } from '../src/devenv/postgres.ts';
 import { freePort } from '../src/devenv/process.ts';
@@ -174,7 +175,8 @@ class ProxyChild {
   }
 
   static async start(config: ProxyChildConfig, script = fileURLToPath(new URL('./proxy-child.ts', import.meta.url))): Promise<ProxyChild> {
-    const execArgv = (process.env.BENCH_SIDECAR_NODE_OPTIONS ?? '').split(' ').filter(Boolean);
+    // The options the webhook gives the sidecar container, unless the bench is told others.
+    const execArgv = (config.kind === 'sidecar' ? process.env.BENCH_SIDECAR_NODE_OPTIONS ?? SIDECAR_NODE_OPTIONS : '').split(' ').filter(Boolean);
     const child = spawn(process.execPath, [...execArgv, script, JSON.stringify(config)], { stdio: ['pipe', 'pipe', 'inherit'] });
     const port = await new Promise<number>((resolve, reject) => {
       let out = '';

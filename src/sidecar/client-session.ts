@@ -90,8 +90,6 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   /** Notifications that arrived while a transaction ran: sent after it. */
   private readonly pendingNotifications: Buffer[] = [];
   private readonly host: ClientSessionHost;
-  /** Reads are views of the socket's reused buffer (DirectReadSocket): valid only during onData. */
-  private readonly borrowedReads: boolean;
   /** Reading is paused until the server's stream drains (see forward). */
   private pausedFor: Duplex | undefined;
   /** Reading is paused while the client waits for a server connection with messages queued. */
@@ -109,9 +107,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     // Big queries, binds and COPY data stream through: memory does not grow with message size.
     this.reader = new FrameReader({ startupPhase: true, maxMessageBytes: host.maxMessageBytes, streamAbove: STREAM_ABOVE_BYTES, streamable: CLIENT_STREAMABLE });
     socket.setNoDelay(true);
-    this.borrowedReads = isDirectReadable(socket);
-    if (isDirectReadable(socket)) socket.setDirectReader((buffer, length) => this.onData(buffer, length));
-    else socket.on('data', (chunk: Buffer) => this.onData(chunk, chunk.length));
+    if (isDirectReadable(socket)) socket.setDirectReader((buffer, length, lent) => this.onData(buffer, length, lent));
+    else socket.on('data', (chunk: Buffer) => this.onData(chunk, chunk.length, false));
     socket.on('error', (err: Error) => host.logger.debug({ err: err.message }, 'client socket error'));
     socket.on('close', () => this.onClose());
     this.loginTimer = setTimeout(() => {
@@ -162,7 +159,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   // ---- client bytes -------------------------------------------------------
 
   /** Bytes [0, length) of `chunk` arrived from the client. */
-  private onData(chunk: Buffer, length: number): void {
+  /** `lent`: `chunk` is a view of the socket's reused read buffer (DirectReadSocket), valid only during this call. */
+  private onData(chunk: Buffer, length: number, lent: boolean): void {
     if (this.phase === 'closed' || this.terminateAtBoundary) return;
     // PostgreSQL drops such a connection without a word (it cannot be a startup packet); so do we.
     if (this.phase === 'startup' && length >= 5 && chunk.compare(TERMINATE_FIRST, 0, 5, 0, 5) === 0 && this.reader.buffered === 0) {
@@ -232,7 +230,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     const chunks = this.pendingChunks;
     if (chunks.length === queuedBefore) return;
     // Still queued (no server connection yet): what this read added must outlive the reused read buffer.
-    if (this.borrowedReads) for (let i = queuedBefore; i < chunks.length; i++) chunks[i] = Buffer.from(chunks[i]!);
+    if (lent) for (let i = queuedBefore; i < chunks.length; i++) chunks[i] = Buffer.from(chunks[i]!);
     // And a client that keeps sending while it waits (more than its one request) is not read
     // from until it is served; the usual single waiting message costs no pause and resume.
     if (!this.pausedWaiting && this.pendingTypes.length + chunks.length > 2 && !this.socket.destroyed) {
@@ -471,6 +469,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       return;
     }
     this.server = server;
+    this.ownReadBufferWhileServed();
     if (this.checkSettings && shown !== undefined) {
       const values = new Map<string, string>();
       let i = 0;
@@ -520,6 +519,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    */
   onServerLost(_server: ServerConnection, reason: string, afterFatal: boolean): void {
     this.server = undefined;
+    this.ownReadBufferWhileServed();
     this.host.metrics.error('server-lost');
     if (afterFatal) {
       if (this.waiting) this.host.pool.cancelWait(this);
@@ -530,12 +530,22 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     this.fail({ severity: 'FATAL', code: '08006', message: `server connection lost: ${reason}` });
   }
 
+  /**
+   * A client reads into a buffer of its own only while it holds a server
+   * connection (its reads then go out without a copy); otherwise into the
+   * shared one, so idle and waiting clients cost no read buffer.
+   */
+  private ownReadBufferWhileServed(): void {
+    if (isDirectReadable(this.socket)) this.socket.setOwnReadBuffer(this.server !== undefined);
+  }
+
   // ---- endings ------------------------------------------------------------
 
   private releaseServer(reusable: boolean): void {
     const server = this.server;
     if (server === undefined) return;
     this.server = undefined;
+    this.ownReadBufferWhileServed();
     this.host.pool.release(server, reusable && server.tracker.atBoundary, this.host.mode === 'session' || this.pinnedBy !== undefined);
   }
 

@@ -9,6 +9,15 @@
  * only until it returns: whatever it keeps, or leaves queued in a write, it
  * must copy, or it must pause this socket until that write has drained
  * (paused, the socket does not read, so the buffer is not overwritten).
+ *
+ * A socket created with `copyReads` reads into one buffer shared by every
+ * such socket, and hands its reader a copy of each read, until it is told
+ * to keep a buffer of its own (setOwnReadBuffer: a client while it holds a
+ * server connection); then it lends views as above. An idle, waiting or
+ * half-open client thus costs no 64 KB of its own, so thousands of them
+ * stay within the sidecar's memory limit, while a client streaming a large
+ * query or COPY goes through without a copy or an allocation per read.
+ * Server connections (as many as the grant) always keep their own buffer.
  */
 import { Socket } from 'node:net';
 
@@ -29,6 +38,14 @@ export class ReadBufferPool {
     this.maxKept = maxKept;
   }
 
+  private sharedBuffer: Buffer | undefined;
+
+  /** The one buffer that sockets with `copyReads` read into (each read is copied out before the next). */
+  shared(): Buffer {
+    this.sharedBuffer ??= Buffer.allocUnsafe(READ_BUFFER_BYTES);
+    return this.sharedBuffer;
+  }
+
   /** A buffer for a new socket. */
   take(): Buffer {
     return this.free.pop() ?? Buffer.allocUnsafe(READ_BUFFER_BYTES);
@@ -40,13 +57,19 @@ export class ReadBufferPool {
   }
 }
 
-/** Receives one read: bytes [0, length) of `buffer`, only valid until the call returns. */
-export type DirectReader = (buffer: Buffer, length: number) => void;
+/**
+ * Receives one read: bytes [0, length) of `buffer`. `lent`: a view of the
+ * socket's own buffer, valid only until the call returns (or while the
+ * socket stays paused); otherwise a copy the reader may keep.
+ */
+export type DirectReader = (buffer: Buffer, length: number, lent: boolean) => void;
 
 /** A stream whose reads can be delivered straight to one handler. */
 export interface DirectReadable {
   /** Sets (or clears, with undefined) the handler that gets reads instead of 'data' events. */
   setDirectReader(reader: DirectReader | undefined): void;
+  /** Whether reads go to a buffer of the socket's own (lent) or the shared one (copied); only for sockets made with copyReads. */
+  setOwnReadBuffer(own: boolean): void;
 }
 
 /** True if `stream` supports direct reads. */
@@ -65,32 +88,77 @@ interface NodeSocketInternals {
  */
 export class DirectReadSocket extends Socket implements DirectReadable {
   private reader: DirectReader | undefined;
+  /** With copyReads: the pool whose shared buffer is read into while no own buffer is wanted. */
+  private readonly sharing: ReadBufferPool | undefined;
+  private own: Buffer | undefined;
+  private wantOwn: boolean;
 
   /**
    * `buffers`: where the read buffer comes from and goes back to on 'close';
-   * `handle`: an accepted connection's libuv handle, taken over by adoptAcceptedSocket().
+   * `handle`: an accepted connection's libuv handle, taken over by adoptAcceptedSocket();
+   * `copyReads`: read into the pool's shared buffer and deliver copies, until setOwnReadBuffer(true).
    */
-  constructor(options: { buffers?: ReadBufferPool; handle?: object } = {}) {
+  constructor(options: { buffers?: ReadBufferPool; handle?: object; copyReads?: boolean } = {}) {
     const { buffers, handle } = options;
-    const buffer = buffers?.take() ?? Buffer.allocUnsafe(READ_BUFFER_BYTES);
+    const sharing = options.copyReads === true ? buffers : undefined;
     const self: { socket?: DirectReadSocket } = {};
-    const onread = { buffer, callback: (bytes: number, into: Uint8Array) => self.socket!.deliver(bytes, into as Buffer) };
+    const first = sharing ? sharing.shared() : buffers?.take() ?? Buffer.allocUnsafe(READ_BUFFER_BYTES);
+    // Node asks a function for the buffer of every next read (lib/internal/stream_base_commons.js).
+    const onread = sharing
+      ? { buffer: () => self.socket?.nextReadBuffer() ?? first, callback: (bytes: number, into: Uint8Array) => self.socket!.deliver(bytes, into as Buffer) }
+      : { buffer: first, callback: (bytes: number, into: Uint8Array) => self.socket!.deliver(bytes, into as Buffer) };
     // `handle` is how net.Server itself builds accepted sockets; @types/node does not list it.
     super(handle === undefined ? { onread } : ({ handle, onread, readable: true, writable: true } as ConstructorParameters<typeof Socket>[0]));
     self.socket = this;
+    this.sharing = sharing;
+    this.wantOwn = sharing === undefined;
+    if (sharing === undefined) this.own = first;
     // After 'close' the handle is gone: nothing reads into the buffer any more.
-    if (buffers !== undefined) this.once('close', () => buffers.give(buffer));
+    if (buffers !== undefined) {
+      this.once('close', () => {
+        if (this.own !== undefined) buffers.give(this.own);
+        this.own = undefined;
+      });
+    }
   }
 
   setDirectReader(reader: DirectReader | undefined): void {
     this.reader = reader;
   }
 
+  /**
+   * With copyReads: true, reads from the next one on go to a buffer of this
+   * socket's own and are lent; false, back to the shared buffer and copies
+   * (the own buffer returns to the pool once no view of it can be held).
+   */
+  setOwnReadBuffer(own: boolean): void {
+    if (this.sharing !== undefined) this.wantOwn = own;
+  }
+
+  /** The buffer for the next read; called by Node after each read. */
+  private nextReadBuffer(): Buffer {
+    const pool = this.sharing!;
+    if (this.wantOwn) {
+      this.own ??= pool.take();
+      return this.own;
+    }
+    // A paused socket's reader may still hold views of its own buffer (writes not yet drained): keep it until reads resume.
+    if (this.own !== undefined && this.isPaused()) return this.own;
+    if (this.own !== undefined) {
+      pool.give(this.own);
+      this.own = undefined;
+    }
+    return pool.shared();
+  }
+
   /** True: keep reading (pausing is the reader's call, through pause()). */
   private deliver(bytes: number, buffer: Buffer): boolean {
     const reader = this.reader;
-    if (reader !== undefined) reader(buffer, bytes);
-    else this.emit('data', Buffer.from(buffer.subarray(0, bytes)));
+    const lent = buffer !== this.sharing?.shared();
+    if (reader === undefined) this.emit('data', Buffer.from(buffer.subarray(0, bytes)));
+    else if (lent) reader(buffer, bytes, true);
+    // The shared buffer is overwritten by the next read of any socket: the reader gets its own copy.
+    else reader(Buffer.from(buffer.subarray(0, bytes)), bytes, false);
     return true;
   }
 }
@@ -104,7 +172,7 @@ export class DirectReadSocket extends Socket implements DirectReadable {
  * socket is not in the expected shape (already reading, or Node's internals
  * changed), it is resumed and returned unchanged: the ordinary stream path.
  */
-export function adoptAcceptedSocket(socket: Socket, buffers?: ReadBufferPool): Socket {
+export function adoptAcceptedSocket(socket: Socket, buffers?: ReadBufferPool, options: { copyReads?: boolean } = {}): Socket {
   const internals = socket as unknown as NodeSocketInternals;
   const handle = internals._handle;
   const adoptable = handle !== null && typeof handle === 'object' && typeof handle.useUserBuffer === 'function' &&
@@ -115,5 +183,5 @@ export function adoptAcceptedSocket(socket: Socket, buffers?: ReadBufferPool): S
   }
   internals._handle = null;
   socket.destroy();
-  return new DirectReadSocket(buffers === undefined ? { handle } : { handle, buffers });
+  return new DirectReadSocket(buffers === undefined ? { handle } : { handle, buffers, copyReads: options.copyReads === true });
 }

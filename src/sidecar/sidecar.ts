@@ -361,7 +361,8 @@ export class Sidecar implements ClientSessionHost {
       socket.end(errorResponse({ severity: 'FATAL', code: '53300', message: 'sorry, too many clients already', hint: 'the poolkeeper sidecar serves at most maxClientConnections clients at once' }));
       return;
     }
-    const adopted = adoptAcceptedSocket(socket, this.readBuffers);
+    // Clients copy their reads out of one shared buffer: an idle or half-open client costs no read buffer of its own.
+    const adopted = adoptAcceptedSocket(socket, this.readBuffers, { copyReads: true });
     this.clientSockets += 1;
     adopted.once('close', () => (this.clientSockets -= 1));
     new ClientSession(adopted, this);

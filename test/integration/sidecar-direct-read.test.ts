@@ -124,6 +124,94 @@ describe('adoptAcceptedSocket', () => {
     }
   });
 
+  it('with copyReads, many connections share one read buffer and each reader keeps intact copies', async () => {
+    const buffers = new ReadBufferPool();
+    const adopted: Socket[] = [];
+    let lentReads = 0;
+    const server = createServer({ pauseOnConnect: true }, (socket) => {
+      const own = adoptAcceptedSocket(socket, buffers, { copyReads: true });
+      adopted.push(own);
+      // Keeps every read as given and echoes it later, after other connections have read: a view of a shared buffer would be overwritten.
+      if (own instanceof DirectReadSocket) own.setDirectReader((buffer, length, lent) => {
+        if (lent) lentReads += 1;
+        const kept = buffer.subarray(0, length);
+        setTimeout(() => own.write(kept), 5);
+      });
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const port = (server.address() as { port: number }).port;
+    const clients = Array.from({ length: 20 }, () => netConnect({ host: '127.0.0.1', port }));
+    try {
+      await Promise.all(clients.map((c) => new Promise<void>((resolve, reject) => c.once('connect', resolve).once('error', reject))));
+      await Promise.all(clients.map(async (client, n) => {
+        const payload = Buffer.alloc(200_000, n + 1);
+        const received: Buffer[] = [];
+        let length = 0;
+        const echoed = new Promise<void>((resolve) => client.on('data', (chunk: Buffer) => {
+          received.push(chunk);
+          length += chunk.length;
+          if (length >= payload.length) resolve();
+        }));
+        client.write(payload);
+        await echoed;
+        assert.ok(Buffer.concat(received).equals(payload), `client ${n} got back other bytes than it sent`);
+      }));
+      assert.ok(adopted.every((s) => s instanceof DirectReadSocket));
+      assert.equal(lentReads, 0, 'reads of the shared buffer were lent instead of copied');
+      const closed = adopted.map((s) => new Promise<void>((resolve) => s.once('close', () => resolve())));
+      for (const c of clients) c.end();
+      await Promise.all(closed);
+      assert.notEqual(buffers.take(), buffers.shared(), 'the shared buffer was handed out as a socket\'s own');
+    } finally {
+      for (const c of clients) c.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
+  });
+
+  it('with copyReads, lends reads of a buffer of its own while asked to, and gives it back afterwards', async () => {
+    const buffers = new ReadBufferPool();
+    const known = Buffer.allocUnsafe(64 * 1024);
+    buffers.give(known);
+    const reads: Array<{ lent: boolean; own: boolean; text: string }> = [];
+    let adopted: DirectReadSocket | undefined;
+    const server = createServer({ pauseOnConnect: true }, (socket) => {
+      const s = adoptAcceptedSocket(socket, buffers, { copyReads: true });
+      if (!(s instanceof DirectReadSocket)) return;
+      adopted = s;
+      s.setDirectReader((buffer, length, lent) => {
+        reads.push({ lent, own: buffer === known, text: buffer.subarray(0, length).toString() });
+        s.write('k');
+      });
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const port = (server.address() as { port: number }).port;
+    const client = netConnect({ host: '127.0.0.1', port });
+    const send = async (text: string): Promise<void> => {
+      await new Promise<void>((resolve) => {
+        client.once('data', () => resolve());
+        client.write(text);
+      });
+    };
+    try {
+      await new Promise<void>((resolve, reject) => client.once('connect', resolve).once('error', reject));
+      await send('a');
+      adopted!.setOwnReadBuffer(true);
+      // The read after the switch may still land in the shared buffer (Node picked it after the previous read).
+      await send('b');
+      await send('c');
+      adopted!.setOwnReadBuffer(false);
+      await send('d');
+      await send('e');
+      assert.deepEqual(reads.map((r) => r.text), ['a', 'b', 'c', 'd', 'e']);
+      assert.deepEqual(reads.map((r) => r.lent), [false, false, true, true, false], JSON.stringify(reads));
+      assert.ok(reads[2]!.own && reads[3]!.own, 'the own buffer came from the pool');
+      assert.equal(buffers.take(), known, 'the own buffer went back to the pool once it was no longer wanted');
+    } finally {
+      client.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
+  });
+
   it('falls back to the stream path, resumed, for a socket that is already reading', async () => {
     const server = createServer((socket) => {
       const own = adoptAcceptedSocket(socket);

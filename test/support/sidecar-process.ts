@@ -4,12 +4,35 @@
  * left behind, with its log in a file, its RSS read from /proc, and grant,
  * drain and status passed over IPC.
  */
-import { fork, type ChildProcess } from 'node:child_process';
-import { closeSync, openSync, readFileSync } from 'node:fs';
+import { execFileSync, fork, type ChildProcess } from 'node:child_process';
+import { closeSync, mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import { join, relative } from 'node:path';
+import { SIDECAR_NODE_OPTIONS } from '../../src/core/inject/index.ts';
 import type { SidecarSettings } from '../../src/sidecar/index.ts';
 import type { FromChild, ToChild } from './sidecar-child.ts';
 
 const CHILD_ENTRY = new URL('./sidecar-child.ts', import.meta.url).pathname;
+const REPO = new URL('../../', import.meta.url).pathname;
+
+/**
+ * Compiles the child (and the src/ it imports) with tsc into `outDir` and
+ * returns the JavaScript entry: a sidecar as the image runs it, compiled,
+ * not through Node's type stripping (which alone adds tens of MB of RSS).
+ * `outDir` must be inside the repository so that node_modules resolve.
+ */
+export function buildChildSidecar(outDir: string): string {
+  mkdirSync(outDir, { recursive: true });
+  const config = join(outDir, 'tsconfig.json');
+  const fromOut = (path: string): string => relative(outDir, join(REPO, path));
+  writeFileSync(config, JSON.stringify({
+    extends: fromOut('tsconfig.json'),
+    compilerOptions: { noEmit: false, rootDir: fromOut('.'), outDir: '.', types: ['node'], sourceMap: false, declaration: false },
+    files: [fromOut('test/support/sidecar-child.ts')],
+    include: [],
+  }));
+  execFileSync(process.execPath, [join(REPO, 'node_modules/typescript/bin/tsc'), '-p', config], { stdio: 'inherit' });
+  return join(outDir, 'test/support/sidecar-child.js');
+}
 
 /** Every child started and not yet reaped, killed if this process exits first. */
 const live = new Set<ChildProcess>();
@@ -31,6 +54,8 @@ export interface SidecarProcessOptions {
   logFile: string;
   /** Kept across restarts, as a pod's emptyDir is. */
   stateDir?: string;
+  /** The child's entry: sidecar-child.ts (default), or its compiled form from buildChildSidecar. */
+  entry?: string;
 }
 
 /** A running child sidecar. */
@@ -59,7 +84,9 @@ export class SidecarProcess {
   /** Forks the child and resolves once it listens (on `settings.listenPort`, or a free one if 0). */
   static async start(options: SidecarProcessOptions): Promise<SidecarProcess> {
     const log = openSync(options.logFile, 'a');
-    const child = fork(CHILD_ENTRY, [], {
+    const child = fork(options.entry ?? CHILD_ENTRY, [], {
+      // The Node.js options the webhook gives the sidecar container.
+      execArgv: [...process.execArgv, ...SIDECAR_NODE_OPTIONS.split(' ')],
       detached: true,
       stdio: ['ignore', log, log, 'ipc'],
       env: { ...process.env, POOLKEEPER_CHILD_SIDECAR: JSON.stringify({ settings: options.settings, credentialsDir: options.credentialsDir, grant: options.grant, stateDir: options.stateDir }) },

@@ -93,6 +93,8 @@ describe('inject: computeInjection', function () {
     // The credentials and the state are mounted into the sidecar only.
     assert.deepEqual(sidecar.volumeMounts, [{ name: 'poolkeeper-credentials', mountPath: CREDENTIALS_DIR, readOnly: true }, { name: 'poolkeeper-state', mountPath: '/var/run/poolkeeper/state', readOnly: false }]);
     assert.equal(envOf(sidecar).POOLKEEPER_STATE_DIR?.value, '/var/run/poolkeeper/state');
+    // A small young generation: a burst of clients must not grow the sidecar past its memory limit.
+    assert.equal(envOf(sidecar).NODE_OPTIONS?.value, '--max-semi-space-size=2');
     assert.equal(out.spec!.containers[0]!.volumeMounts, undefined);
     const appEnv = envOf(out.spec!.containers[0]);
     assert.equal(appEnv.PGHOST?.value, '127.0.0.1');

@@ -118,6 +118,8 @@ export interface Scenario {
   expectedErrors?: boolean;
   /** The sidecar does not serve again after this fault (a drain): recovery is not measured. */
   noRecovery?: boolean;
+  /** Hostile input from a client: the other clients' p99 latency must stay within 2x of its quiet value. */
+  hostile?: boolean;
   /** Instead of one sidecar: a fleet of pods under the controller (Kubernetes faults), started before the load. */
   fleet?: (lab: ChaosLab, options: { quick: boolean; logDir: string }) => Promise<Fleet>;
   inject(ctx: FaultContext): Promise<void>;
@@ -360,8 +362,22 @@ function percentile(values: number[], q: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]!;
 }
 
+/** How runScenario runs a scenario. */
+export interface RunOptions {
+  quick: boolean;
+  log?: (line: string) => void;
+  logDir?: string;
+  /** The sidecar child's entry (buildChildSidecar: compiled, as in the image); default: the TypeScript source. */
+  sidecarEntry?: string;
+  /** A goal on the sidecar's RSS, MB (meaningful only for a compiled sidecar). */
+  rssLimitMb?: number;
+}
+
+/** Healthy clients' p99 under hostile input may be at most this many times its quiet value. */
+export const HOSTILE_P99_FACTOR = 2;
+
 /** Runs one scenario under load and measures it. */
-export async function runScenario(lab: ChaosLab, scenario: Scenario, options: { quick: boolean; log?: (line: string) => void; logDir?: string }): Promise<ChaosResult> {
+export async function runScenario(lab: ChaosLab, scenario: Scenario, options: RunOptions): Promise<ChaosResult> {
   const log = options.log ?? ((): void => undefined);
   const grant = scenario.grant ?? 5;
   const pool: SidecarSettings['pool'] = { mode: 'transaction', poolTimeout: POOL_TIMEOUT_S, poolRecycle: 1800, poolPrePing: true, idleTimeout: 600, ...scenario.pool };
@@ -380,7 +396,7 @@ export async function runScenario(lab: ChaosLab, scenario: Scenario, options: { 
   const logFile = join(options.logDir ?? lab.env.runDir, `sidecar-${scenario.name.replace(/[^a-z0-9]+/gi, '-')}.log`);
   // The pod's emptyDir: a restarted sidecar finds the backends its killed predecessor left.
   const stateDir = mkdtempSync(join(lab.env.runDir, 'sidecar-state-'));
-  const startSidecar = (): Promise<SidecarProcess> => SidecarProcess.start({ settings, credentialsDir: lab.credentialsDir, grant, logFile, stateDir });
+  const startSidecar = (): Promise<SidecarProcess> => SidecarProcess.start({ settings, credentialsDir: lab.credentialsDir, grant, logFile, stateDir, ...(options.sidecarEntry ? { entry: options.sidecarEntry } : {}) });
   const fleet = scenario.fleet ? await scenario.fleet(lab, { quick: options.quick, logDir: options.logDir ?? lab.env.runDir }) : undefined;
   let sidecar: SidecarProcess | undefined = fleet ? undefined : await startSidecar();
   const notes: string[] = [];
@@ -556,6 +572,8 @@ export async function runScenario(lab: ChaosLab, scenario: Scenario, options: { 
   if (recoveryMs === null && !scenario.noRecovery) result.missed.push('no recovery');
   if (!scenario.expectedErrors && Object.keys(load.errors).length > 0) result.missed.push('client errors');
   if (leftover > 0) result.missed.push('backends left behind');
+  if (options.rssLimitMb !== undefined && result.rssMaxMb !== null && result.rssMaxMb > options.rssLimitMb) result.missed.push(`sidecar RSS over ${options.rssLimitMb} MB`);
+  if (scenario.hostile && result.p99FaultMs > HOSTILE_P99_FACTOR * result.p99QuietMs) result.missed.push(`p99 under hostile input over ${HOSTILE_P99_FACTOR}x quiet`);
   return result;
 }
 
@@ -787,6 +805,7 @@ export const SCENARIOS: Scenario[] = [
   },
   {
     name: 'slowloris: 2,000 half-sent startup packets (loginTimeout 3 s)',
+    hostile: true,
     quick: true,
     settings: { loginTimeout: 3 },
     async inject(ctx) {
@@ -813,6 +832,7 @@ export const SCENARIOS: Scenario[] = [
   },
   {
     name: 'a client that never reads a 300 MB result',
+    hostile: true,
     async inject(ctx) {
       const socket = await rawLogin(ctx.port);
       socket.pause();
@@ -822,7 +842,27 @@ export const SCENARIOS: Scenario[] = [
     },
   },
   {
+    name: 'a client that pipelines queries without reading the answers',
+    hostile: true,
+    async inject(ctx) {
+      const socket = await rawLogin(ctx.port);
+      socket.pause();
+      socket.on('error', () => undefined);
+      // 64 KiB of small queries at a time, as fast as the sidecar takes them: it must stop reading (backpressure), not buffer.
+      const chunk = Buffer.concat(Array.from({ length: 2048 }, () => queryMessage('SELECT 1')));
+      const deadline = Date.now() + (ctx.quick ? 4000 : 15_000);
+      let sent = 0;
+      while (!socket.destroyed && Date.now() < deadline) {
+        sent += chunk.length;
+        if (!socket.write(chunk)) await Promise.race([new Promise((r) => socket.once('drain', r)), sleep(Math.max(0, deadline - Date.now()))]);
+      }
+      ctx.note(`${(sent / 2 ** 20).toFixed(0)} MiB of queries written before the sidecar stopped reading${socket.destroyed ? ' (connection closed)' : ''}`);
+      socket.destroy();
+    },
+  },
+  {
     name: 'oversized messages (4 x near maxMessageBytes) and random input',
+    hostile: true,
     quick: false,
     async inject(ctx) {
       // A valid Query of near the largest accepted size: blanks ending in a NUL (an empty query).

@@ -38,7 +38,7 @@ const only = values.only === undefined ? undefined : new RegExp(values.only, 'i'
 const scenarios = [...SCENARIOS, ...(values['skip-kube'] ? [] : KUBE_SCENARIOS)].filter((s) => only === undefined || only.test(s.name));
 // The sidecar under test is the working tree's: say which, uncommitted changes included.
 const revision = execFileSync('git', ['describe', '--always', '--dirty'], { encoding: 'utf8' }).trim();
-const sidecarEntry = values['from-source'] ? undefined : buildChildSidecar(new URL('../.build-test/chaos', import.meta.url).pathname);
+const sidecarEntry = values['from-source'] ? undefined : buildChildSidecar();
 const env = new LocalEnvironment({ keepRunDir: process.env.POOLKEEPER_KEEP_ENV === '1' });
 const results: ChaosResult[] = [];
 let lab: ChaosLab | undefined;

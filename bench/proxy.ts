@@ -15,6 +15,7 @@ import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { SIDECAR_NODE_OPTIONS } from '../src/core/inject/index.ts';
+import { compileEntries, compiledDir } from '../src/devenv/compile.ts';
 import { LocalEnvironment } from '../src/devenv/environment.ts';
 import { APP_DATABASE } from '../src/devenv/postgres.ts';
 import { freePort } from '../src/devenv/process.ts';
@@ -272,11 +273,13 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
     const sidecarSocketDir = join(environment.runDir, 'bench-sidecar-socket');
     mkdirSync(sidecarSocketDir, { recursive: true });
     const target = { host: postgres.host, port: postgres.port, user: app.user, password: app.password, dbname: APP_DATABASE };
+    // Compiled, as the image runs it: its CPU and RSS are the product's, not type stripping's.
+    const [compiledChild] = compileEntries(['bench/proxy-child.ts'], compiledDir('bench'));
     const sidecars: Record<Mode, ProxyChild> = {
-      transaction: await ProxyChild.start({ kind: 'sidecar', ...target, mode: 'transaction', grant: options.pool, ...(options.unix ? { socketDir: sidecarSocketDir } : {}) }),
-      session: await ProxyChild.start({ kind: 'sidecar', ...target, mode: 'session', grant: options.pool }),
+      transaction: await ProxyChild.start({ kind: 'sidecar', ...target, mode: 'transaction', grant: options.pool, ...(options.unix ? { socketDir: sidecarSocketDir } : {}) }, compiledChild),
+      session: await ProxyChild.start({ kind: 'sidecar', ...target, mode: 'session', grant: options.pool }, compiledChild),
     };
-    const pipe = await ProxyChild.start({ kind: 'pipe', ...target });
+    const pipe = await ProxyChild.start({ kind: 'pipe', ...target }, compiledChild);
     // A/B of two builds of the sidecar in one run: BENCH_SIDECAR_B names another tree's bench/proxy-child.ts (transaction mode only).
     const sidecarB = process.env.BENCH_SIDECAR_B === undefined ? undefined : await ProxyChild.start({ kind: 'sidecar', ...target, mode: 'transaction', grant: options.pool }, process.env.BENCH_SIDECAR_B);
     for (const c of [...Object.values(sidecars), pipe, ...(sidecarB ? [sidecarB] : [])]) stoppers.push(() => c.stop());

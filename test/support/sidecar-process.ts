@@ -4,34 +4,20 @@
  * left behind, with its log in a file, its RSS read from /proc, and grant,
  * drain and status passed over IPC.
  */
-import { execFileSync, fork, type ChildProcess } from 'node:child_process';
-import { closeSync, mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
-import { join, relative } from 'node:path';
+import { fork, type ChildProcess } from 'node:child_process';
+import { closeSync, openSync, readFileSync } from 'node:fs';
 import { SIDECAR_NODE_OPTIONS } from '../../src/core/inject/index.ts';
+import { compileEntries, compiledDir } from '../../src/devenv/compile.ts';
 import type { SidecarSettings } from '../../src/sidecar/index.ts';
 import type { FromChild, ToChild } from './sidecar-child.ts';
 
 const CHILD_ENTRY = new URL('./sidecar-child.ts', import.meta.url).pathname;
-const REPO = new URL('../../', import.meta.url).pathname;
-
 /**
- * Compiles the child (and the src/ it imports) with tsc into `outDir` and
- * returns the JavaScript entry: a sidecar as the image runs it, compiled,
- * not through Node's type stripping (which alone adds tens of MB of RSS).
- * `outDir` must be inside the repository so that node_modules resolve.
+ * The child compiled (with the src/ it imports) into `outDir`: a sidecar as
+ * the image runs it, not through Node's type stripping. Returns its entry.
  */
-export function buildChildSidecar(outDir: string): string {
-  mkdirSync(outDir, { recursive: true });
-  const config = join(outDir, 'tsconfig.json');
-  const fromOut = (path: string): string => relative(outDir, join(REPO, path));
-  writeFileSync(config, JSON.stringify({
-    extends: fromOut('tsconfig.json'),
-    compilerOptions: { noEmit: false, rootDir: fromOut('.'), outDir: '.', types: ['node'], sourceMap: false, declaration: false },
-    files: [fromOut('test/support/sidecar-child.ts')],
-    include: [],
-  }));
-  execFileSync(process.execPath, [join(REPO, 'node_modules/typescript/bin/tsc'), '-p', config], { stdio: 'inherit' });
-  return join(outDir, 'test/support/sidecar-child.js');
+export function buildChildSidecar(outDir = compiledDir('chaos')): string {
+  return compileEntries(['test/support/sidecar-child.ts'], outDir)[0]!;
 }
 
 /** Every child started and not yet reaped, killed if this process exits first. */

@@ -11,6 +11,7 @@ import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, type PoolGrant, type PoolMember, type PoolMemberStatus } from '../api/index.ts';
 import { deriveGrant } from '../core/budget/grant-table.ts';
 import { isStatus, type KubeHttp } from '../kube/http.ts';
+import { ApiReachability } from '../kube/backoff.ts';
 import { Informer, type KubeObject } from '../kube/informer.ts';
 import type { SidecarStatus } from './settings.ts';
 
@@ -65,14 +66,23 @@ export class PoolMemberAgent {
   private stopped = false;
   private memberExists = false;
   private deferred: NodeJS.Timeout | undefined;
+  /**
+   * Shared by both watches and the status writes: after an API server
+   * outage the first request that gets through (or a probe of /version)
+   * ends every retry's wait at once, instead of each one's next backoff
+   * step (up to 30 s).
+   */
+  private readonly reachability: ApiReachability;
 
   constructor(options: PoolMemberAgentOptions) {
     this.options = options;
+    this.reachability = new ApiReachability(options.http);
     this.informer = new Informer<PoolMember & KubeObject>(options.http, {
       path: `/apis/${API_GROUP}/${API_VERSION}/namespaces/${options.namespace}/poolmembers`,
       fieldSelector: `metadata.name=${options.podName}`,
       stallTimeoutMs: options.stallTimeoutMs,
       logger: options.logger.child({ informer: 'poolmember' }),
+      reachability: this.reachability,
     });
   }
 
@@ -111,6 +121,7 @@ export class PoolMemberAgent {
       fieldSelector: `metadata.name=${connection}`,
       stallTimeoutMs: this.options.stallTimeoutMs,
       logger: this.options.logger.child({ informer: 'poolgrant' }),
+      reachability: this.reachability,
     });
     // A table change that leaves this pod's grant alone hands nothing to the pool and writes nothing.
     this.tableInformer.onChange(() => this.evaluate());
@@ -209,7 +220,9 @@ export class PoolMemberAgent {
     const status: PoolMemberStatus = { ...this.currentStatus(), heartbeatTime: new Date().toISOString().replace(/\.\d+Z$/, 'Z') };
     try {
       await this.options.http.patch(`/apis/${API_GROUP}/${API_VERSION}/namespaces/${this.options.namespace}/poolmembers/${this.options.podName}/status`, { status });
+      this.reachability.succeeded();
     } catch (err) {
+      this.reachability.failed(err);
       if (isStatus(err, 404)) this.memberExists = false;
       else this.options.logger.warn({ err }, 'could not write PoolMember status');
     }

@@ -221,6 +221,29 @@ describe('real node end to end', function () {
     assertWithinLimit();
   });
 
+  it('rolls out with Recreate: the new pods get the budget the old ones gave back, within the limit and without a failed query', async function () {
+    await node.kubectlAsync(['-n', NAMESPACE, 'patch', 'deployment/web', '--type=merge', '-p', JSON.stringify({ spec: { strategy: { type: 'Recreate', rollingUpdate: null } } })]);
+    const before = appStats();
+    const oldPods = new Set((await json<{ items: Array<{ metadata: { name: string } }> }>(['-n', NAMESPACE, 'get', 'pods', '-l', 'app=web'])).items.map((p) => p.metadata.name));
+    await node.kubectlAsync(['-n', NAMESPACE, 'rollout', 'restart', 'deployment/web']);
+    await node.kubectlAsync(['-n', NAMESPACE, 'rollout', 'status', 'deployment/web', '--timeout=300s']);
+    await settled(4);
+    const pods = (await json<{ items: Array<{ metadata: { name: string } }> }>(['-n', NAMESPACE, 'get', 'pods', '-l', 'app=web'])).items.map((p) => p.metadata.name);
+    assert.ok(pods.every((name) => !oldPods.has(name)), `old pods left: ${pods.filter((n) => oldPods.has(n)).join(' ')}`);
+    // Every new pod's grant is its full share: nothing stays reserved for the pods that are gone.
+    const members = await json<{ items: Array<{ metadata: { name: string }; status?: { acknowledgedConnections?: number } }> }>(['-n', NAMESPACE, 'get', 'pm']);
+    const acknowledged = members.items.filter((m) => pods.includes(m.metadata.name)).map((m) => m.status?.acknowledgedConnections ?? 0);
+    assert.equal(acknowledged.reduce((a, b) => a + b, 0), LIMIT, `acknowledged grants ${JSON.stringify(acknowledged)} after the Recreate rollout`);
+    const queriesAt = appStats().queries;
+    await eventually('the new pods serve', () => appStats().queries > queriesAt + 100, 60_000);
+    const after = appStats();
+    console.log(`      Recreate rollout: ${after.queries - before.queries} queries, ${after.errors - before.errors} failed; grants ${acknowledged.join(' + ')}`);
+    assert.equal(after.errors - before.errors, 0, `failed queries: ${after.lastErrors.slice(0, 5).join('; ')}`);
+    assertWithinLimit();
+    // Back to the rolling strategy for what follows.
+    await node.kubectlAsync(['-n', NAMESPACE, 'patch', 'deployment/web', '--type=merge', '-p', JSON.stringify({ spec: { strategy: { type: 'RollingUpdate', rollingUpdate: { maxSurge: '25%', maxUnavailable: 0 } } } })]);
+  });
+
   it('a killed sidecar container is restarted by the kubelet and its pod serves again', async function () {
     const pods = await json<{ items: Array<{ metadata: { name: string }; status: { initContainerStatuses?: Array<{ name: string; containerID?: string; restartCount: number }> } }> }>(['-n', NAMESPACE, 'get', 'pods', '-l', 'app=web']);
     const pod = pods.items[0]!;

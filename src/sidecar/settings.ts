@@ -57,7 +57,7 @@ export interface SidecarSettings {
   prePingAfterIdle?: number;
   /** Seconds a new client has to send its startup packet (default 15, as PgBouncer's client_login_timeout is a bound too). */
   loginTimeout?: number;
-  /** Client connections served at once; more are refused with 53300 "too many clients" (default 5,000). */
+  /** Client connections served at once; more are refused with 53300 "too many clients" (default 2,000: at about 20 KB per idle client, the sidecar stays within its 128Mi limit). */
   maxClientConnections?: number;
 }
 

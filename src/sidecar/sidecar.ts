@@ -355,7 +355,7 @@ export class Sidecar implements ClientSessionHost {
       socket.end(errorResponse({ severity: 'FATAL', code: '57P03', message: 'the poolkeeper sidecar is draining' }));
       return;
     }
-    if (this.clientSockets >= (this.settings.maxClientConnections ?? 5000)) {
+    if (this.clientSockets >= (this.settings.maxClientConnections ?? 2000)) {
       socket.resume();
       this.metrics.error('too-many-clients');
       socket.end(errorResponse({ severity: 'FATAL', code: '53300', message: 'sorry, too many clients already', hint: 'the poolkeeper sidecar serves at most maxClientConnections clients at once' }));

@@ -79,6 +79,20 @@ class Replies {
 }
 
 /** The error messages among `messages` (ErrorResponse bodies as text). */
+/** Writes `payload` and collects as many bytes back. */
+function echo(client: Socket, payload: Buffer): Promise<Buffer> {
+  const received: Buffer[] = [];
+  let length = 0;
+  return new Promise<Buffer>((resolve) => {
+    client.on('data', (chunk: Buffer) => {
+      received.push(chunk);
+      length += chunk.length;
+      if (length >= payload.length) resolve(Buffer.concat(received));
+    });
+    client.write(payload);
+  });
+}
+
 function errors(messages: { type: number; body: Buffer }[]): string[] {
   return messages.filter((m) => m.type === 0x45).map((m) => m.body.toString('utf8'));
 }
@@ -102,18 +116,10 @@ describe('adoptAcceptedSocket', () => {
       await new Promise<void>((resolve, reject) => client.once('connect', resolve).once('error', reject));
       const payload = Buffer.alloc(300_000);
       for (let i = 0; i < payload.length; i += 1) payload[i] = (i * 31) % 251;
-      const received: Buffer[] = [];
-      let length = 0;
-      const echoed = new Promise<void>((resolve) => client.on('data', (chunk: Buffer) => {
-        received.push(chunk);
-        length += chunk.length;
-        if (length >= payload.length) resolve();
-      }));
-      client.write(payload);
-      await echoed;
+      const echoed = await echo(client, payload);
       assert.equal(adopted.length, 1);
       assert.ok(adopted[0] instanceof DirectReadSocket, 'the accepted connection was not adopted (fell back to the stream path)');
-      assert.ok(Buffer.concat(received).equals(payload));
+      assert.ok(echoed.equals(payload));
       const closed = new Promise<void>((resolve) => adopted[0]!.once('close', () => resolve()));
       client.end();
       await closed;
@@ -145,16 +151,7 @@ describe('adoptAcceptedSocket', () => {
       await Promise.all(clients.map((c) => new Promise<void>((resolve, reject) => c.once('connect', resolve).once('error', reject))));
       await Promise.all(clients.map(async (client, n) => {
         const payload = Buffer.alloc(200_000, n + 1);
-        const received: Buffer[] = [];
-        let length = 0;
-        const echoed = new Promise<void>((resolve) => client.on('data', (chunk: Buffer) => {
-          received.push(chunk);
-          length += chunk.length;
-          if (length >= payload.length) resolve();
-        }));
-        client.write(payload);
-        await echoed;
-        assert.ok(Buffer.concat(received).equals(payload), `client ${n} got back other bytes than it sent`);
+        assert.ok((await echo(client, payload)).equals(payload), `client ${n} got back other bytes than it sent`);
       }));
       assert.ok(adopted.every((s) => s instanceof DirectReadSocket));
       assert.equal(lentReads, 0, 'reads of the shared buffer were lent instead of copied');

@@ -8,11 +8,11 @@
  * machine cannot run a real node (not root, no namespaces).
  */
 import assert from 'node:assert/strict';
-import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import pg from 'pg';
 import type { PostgresServer } from '../../src/devenv/postgres.ts';
-import { deployedImageName } from '../../src/devenv/image.ts';
+import { appDeployment, readAppStats, type AppStats } from '../../src/devenv/real-node-app.ts';
 import { BRIDGE_ADDRESS, BRIDGE_POSTGRES_PORT, installPoolkeeper, realNodeSupport, type RealNode } from '../../src/devenv/real-node.ts';
 import { eventually } from '../../src/devenv/scenario.ts';
 import { testEnvironment } from '../support/hooks.ts';
@@ -21,37 +21,8 @@ const LIMIT = 8;
 const NAMESPACE = 'shop';
 const ROLE = 'rn_app';
 
-/**
- * The application: three workers running short queries through the sidecar
- * (PGHOST/PGPORT/PGUSER come from the webhook), counting queries and errors
- * into /stats/<pod>.json (replaced whole) on a hostPath the test reads. On SIGTERM it finishes
- * what it has in flight, as a well-behaved application does.
- */
-const APP_SCRIPT = `
-import pg from 'pg';
-import { renameSync, writeFileSync } from 'node:fs';
-const file = '/stats/' + process.env.POD_NAME + '.json';
-const stats = { queries: 0, errors: 0, lastError: '' };
-let running = true;
-const write = () => { writeFileSync(file + '.tmp', JSON.stringify(stats)); renameSync(file + '.tmp', file); };
-const pool = new pg.Pool({ max: 3, connectionTimeoutMillis: 30000 });
-pool.on('error', (e) => { if (running) { stats.errors++; stats.lastError = e.message; } });
-const worker = async () => {
-  while (running) {
-    try { await pool.query('SELECT pg_sleep(0.005)'); stats.queries++; }
-    catch (e) { if (running) { stats.errors++; stats.lastError = e.message; await new Promise((r) => setTimeout(r, 100)); } }
-  }
-};
-const workers = [worker(), worker(), worker()];
-setInterval(write, 250);
-process.on('SIGTERM', async () => { running = false; await Promise.all(workers); await pool.end(); write(); process.exit(0); });
-`;
-
-interface AppStats {
-  queries: number;
-  errors: number;
-  lastErrors: string[];
-}
+/** Each pod's app: one pool of three connections running short queries. */
+const LOAD = { pools: 1, poolSize: 3, querySeconds: 0.005 };
 
 describe('real node end to end', function () {
   this.timeout(900_000);
@@ -125,16 +96,7 @@ describe('real node end to end', function () {
   });
 
   function appStats(): AppStats {
-    const total: AppStats = { queries: 0, errors: 0, lastErrors: [] };
-    if (!statsDir || !existsSync(statsDir)) return total;
-    // Each app replaces its file whole (rename), so a read never sees half a file.
-    for (const f of readdirSync(statsDir).filter((name) => name.endsWith('.json'))) {
-      const s = JSON.parse(readFileSync(join(statsDir, f), 'utf8')) as { queries: number; errors: number; lastError: string };
-      total.queries += s.queries;
-      total.errors += s.errors;
-      if (s.lastError) total.lastErrors.push(`${f}: ${s.lastError}`);
-    }
-    return total;
+    return readAppStats(statsDir);
   }
 
   async function json<T>(args: string[]): Promise<T> {
@@ -280,30 +242,7 @@ describe('real node end to end', function () {
   });
 });
 
-/** The workload: the poolkeeper image's node running APP_SCRIPT, opted in to `orders`. */
+/** The workload: the app of src/devenv/real-node-app.ts, opted in to `orders`. */
 function webDeployment(replicas: number, statsDir: string): Record<string, unknown> {
-  return {
-    apiVersion: 'apps/v1',
-    kind: 'Deployment',
-    metadata: { name: 'web', namespace: NAMESPACE },
-    spec: {
-      replicas,
-      selector: { matchLabels: { app: 'web' } },
-      template: {
-        metadata: { labels: { app: 'web', 'poolkeeper.dev/connection': 'orders' } },
-        spec: {
-          containers: [{
-            name: 'app',
-            image: deployedImageName(),
-            imagePullPolicy: 'IfNotPresent',
-            command: ['/nodejs/bin/node', '--input-type=module', '-e', APP_SCRIPT],
-            env: [{ name: 'POD_NAME', valueFrom: { fieldRef: { fieldPath: 'metadata.name' } } }],
-            volumeMounts: [{ name: 'stats', mountPath: '/stats' }],
-            resources: { requests: { cpu: '10m', memory: '32Mi' } },
-          }],
-          volumes: [{ name: 'stats', hostPath: { path: statsDir, type: 'Directory' } }],
-        },
-      },
-    },
-  };
+  return appDeployment({ namespace: NAMESPACE, name: 'web', connection: 'orders', replicas, statsDir, load: LOAD });
 }

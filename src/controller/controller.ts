@@ -20,6 +20,9 @@ import { slimPod, withoutManagedFields } from './slim.ts';
 import type { PodObject } from './plan-input.ts';
 import { DEFAULT_HEARTBEAT_TIMEOUT_MS, ServerReconciler, type ControllerCaches, type HpaObject, type NamespaceObject, type ReconcilerDeps, type SecretObject, type WorkloadObject } from './reconciler.ts';
 
+/** Least time between the starts of two reconciles of one server while events keep coming. */
+const RECONCILE_SPACING_MS = 200;
+
 /**
  * What a reconcile reads of a PoolMember, hashed: its owner, its whole spec and
  * the status fields the planner counts. Left out: heartbeatTime and
@@ -57,6 +60,8 @@ export class BudgetController {
   private readonly lastServer = new Map<string, string>();
   /** Per PoolMember: the fingerprint of what the planner reads, and when its sidecar last reported (ms). */
   private readonly memberSeen = new Map<string, { fingerprint: string; reportedAt: number }>();
+  /** When each server's latest reconcile started (ms), to space reconciles during bursts of events. */
+  private readonly reconcileStarted = new Map<string, number>();
 
   constructor(options: ControllerOptions) {
     this.options = options;
@@ -92,8 +97,18 @@ export class BudgetController {
     return this.synced;
   }
 
+  /**
+   * Queues a server's reconcile, at most one start per RECONCILE_SPACING_MS:
+   * the first event after a quiet spell runs at once, but while a thousand
+   * sidecars acknowledge a new grant, a reconcile per acknowledgement would
+   * keep a core busy (each reads every pod) for no newer answer than one
+   * every fifth of a second gives.
+   */
   private enqueue(server: string | undefined): void {
-    if (server) this.queue?.add(server);
+    if (!server || !this.queue) return;
+    const wait = (this.reconcileStarted.get(server) ?? -Infinity) + RECONCILE_SPACING_MS - Date.now();
+    if (wait > 0) this.queue.addAfter(server, wait);
+    else this.queue.add(server);
   }
 
   private serverOf(c: DatabaseConnection): string {
@@ -199,7 +214,10 @@ export class BudgetController {
     this.queue = queue;
     // A replica that leads again starts only after its previous workers have ended.
     const previous = this.workers ?? Promise.resolve();
-    this.workers = previous.then(() => queue.run(this.options.workers ?? 2, (server) => this.reconciler.reconcile(server), (server, err) => {
+    this.workers = previous.then(() => queue.run(this.options.workers ?? 2, (server) => {
+      this.reconcileStarted.set(server, Date.now());
+      return this.reconciler.reconcile(server);
+    }, (server, err) => {
       this.options.logger.warn({ server, error: err instanceof Error ? err.message : String(err) }, 'reconcile failed; retrying with backoff');
     }));
     for (const server of this.reconciler.serverKeys()) queue.add(server);

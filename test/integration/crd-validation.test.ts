@@ -125,7 +125,7 @@ describe('CRDs on the API server', function () {
     assert.match(row!, /orders-db\s+90\s+10\s+web=4 worker=2\s+40\s+True\s+\S+/);
   });
 
-  it('accepts a PoolMember and shows grant, acknowledged and held in kubectl get pm', function () {
+  it('accepts a PoolMember and shows acknowledged and held in kubectl get pm, spec.grant and the table switch with -o wide', function () {
     const member: Omit<PoolMember, 'spec'> & { spec: unknown } = {
       apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'PoolMember', metadata: { name: 'web-1', namespace },
       spec: {
@@ -139,8 +139,13 @@ describe('CRDs on the API server', function () {
       status: { acknowledgedGeneration: 7, acknowledgedConnections: 4, heldConnections: 3, drained: false, heartbeatTime: '2026-01-01T00:00:00Z' },
     })]);
     const [header, row] = kube.kubectl(['get', 'pm', 'web-1', '-n', namespace]).trim().split('\n');
-    assert.match(header!, /NAME\s+GRANT\s+ACKNOWLEDGED\s+HELD\s+AGE/);
-    assert.match(row!, /web-1\s+4\s+4\s+3\s+\S+/);
+    assert.match(header!, /NAME\s+ACKNOWLEDGED\s+HELD\s+AGE/);
+    assert.match(row!, /web-1\s+4\s+3\s+\S+/);
+    // spec.grant and the table switch only with -o wide: for a pod on the grant table spec.grant is history.
+    const [wideHeader, wideRow] = kube.kubectl(['get', 'pm', 'web-1', '-n', namespace, '-o', 'wide']).trim().split('\n');
+    assert.match(wideHeader!, /NAME\s+ACKNOWLEDGED\s+HELD\s+GRANT\s+TABLE-FROM\s+AGE/);
+    // TABLE-FROM is empty: this pod takes its grant from spec.grant.
+    assert.match(wideRow!, /^web-1\s+4\s+3\s+4\s+\S+$/);
     const stored = parse(kube.kubectl(['get', 'pm', 'web-1', '-n', namespace, '-o', 'yaml'])) as PoolMember;
     assert.equal(stored.spec.drain, false);
   });

@@ -6,13 +6,14 @@
  */
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { AdmissionregistrationV1Api, CoreV1Api, CustomObjectsApi, VersionApi, type KubeConfig } from '@kubernetes/client-node';
+import { AdmissionregistrationV1Api, CoreV1Api, VersionApi, type KubeConfig } from '@kubernetes/client-node';
 import type { Logger } from 'pino';
 import type { Registry } from 'prom-client';
 import { DEFAULT_INJECTOR_SETTINGS, nativeSidecarsSupported, type InjectorSettings } from '../core/inject/index.ts';
 import { DEFAULT_ROTATION_POLICY } from '../pki/rotation.ts';
 import { AdmissionMetrics, PodAdmissionHandler } from './admission.ts';
 import { SelfManagedCertificates, type ServingMaterial } from './certificates.ts';
+import { KubeHttp } from '../kube/http.ts';
 import { KubeConnectionLookup } from './connections.ts';
 import { WebhookServer, type ServingCertificate } from './server.ts';
 
@@ -105,7 +106,7 @@ export async function startWebhook(kc: KubeConfig, config: WebhookConfig, logger
     }, logger)
     : undefined;
   const load = async (): Promise<ServingMaterial | ServingCertificate> => certificates ? certificates.reconcile(new Date()) : readCertificateFiles(config.certDir);
-  const handler = new PodAdmissionHandler(new KubeConnectionLookup(kc.makeApiClient(CustomObjectsApi)), { ...config.injector, nativeSidecars }, logger, new AdmissionMetrics(registry));
+  const handler = new PodAdmissionHandler(new KubeConnectionLookup(new KubeHttp(kc)), { ...config.injector, nativeSidecars }, logger, new AdmissionMetrics(registry));
   const server = new WebhookServer(handler, await load(), { host: config.host, port: config.port }, logger);
   await server.listen();
   logger.info({ port: server.port, certificates: config.certificateMode }, 'webhook serving');

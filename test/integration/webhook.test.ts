@@ -9,6 +9,7 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { AdmissionregistrationV1Api, AppsV1Api, CoreV1Api, CustomObjectsApi, type V1Pod } from '@kubernetes/client-node';
+import { KubeHttp } from '../../src/kube/http.ts';
 import { pino } from 'pino';
 import { Registry } from 'prom-client';
 import { testEnvironment } from '../support/hooks.ts';
@@ -158,7 +159,7 @@ describe('webhook on the API server', function () {
       dnsNames: ['localhost'], ipAddresses: ['127.0.0.1'], policy: DEFAULT_ROTATION_POLICY,
     }, logger);
     material = await certs.ensure(new Date());
-    handler = new PodAdmissionHandler(new KubeConnectionLookup(kc.makeApiClient(CustomObjectsApi)), settings, logger, new AdmissionMetrics(new Registry()));
+    handler = new PodAdmissionHandler(new KubeConnectionLookup(new KubeHttp(kc)), settings, logger, new AdmissionMetrics(new Registry()));
     server = new WebhookServer(handler, material, { host: '127.0.0.1', port: 0 }, logger);
     port = await server.listen();
     await admission.createMutatingWebhookConfiguration({ body: registration() });

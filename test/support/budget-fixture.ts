@@ -145,6 +145,16 @@ export class SidecarFleetDouble {
     return { ...m, spec: { ...m.spec, grant: { connections: force.connections, generation: acknowledged ? (s.acknowledgedGeneration ?? force.generation) : force.generation } } };
   }
 
+  /**
+   * Each PoolMember as stored (spec.grant, tableFrom, status) and the grant
+   * table as this fleet's watch has it: what a failed safety check saw.
+   */
+  describe(): string {
+    const members = this.informer.list().map((m) => ({ name: m.metadata.name, grant: m.spec.grant, tableFrom: m.spec.tableFrom, status: m.status && { ack: m.status.acknowledgedConnections, ackGen: m.status.acknowledgedGeneration, held: m.status.heldConnections, table: m.status.tableGeneration } }));
+    const tables = this.tables.list().map((t) => ({ name: t.metadata.name, resourceVersion: t.metadata.resourceVersion, spec: t.spec }));
+    return JSON.stringify({ members, tables, pods: this.pods.list().map((p) => p.metadata?.name) });
+  }
+
   /** Stops every agent. */
   async stop(): Promise<void> {
     await Promise.all([this.informer.stop(), this.tables.stop(), this.pods.stop()]);
@@ -165,14 +175,18 @@ export function reserved(members: readonly PoolMember[]): number {
 export class Sampler {
   max = 0;
   samples = 0;
+  /** What `describe` said at the sample that set `max`: for a failure message. */
+  maxState = '';
   private timer: NodeJS.Timeout;
   private stopped = false;
 
-  constructor(read: () => number, fleets: readonly SidecarFleetDouble[] = [], intervalMs = 50) {
+  constructor(read: () => number, fleets: readonly SidecarFleetDouble[] = [], intervalMs = 50, describe?: () => string) {
     const sample = (): void => {
       if (this.stopped) return;
       this.samples += 1;
-      this.max = Math.max(this.max, read());
+      const value = read();
+      if (value > this.max && describe) this.maxState = describe();
+      this.max = Math.max(this.max, value);
     };
     for (const fleet of fleets) fleet.onChange(sample);
     this.timer = setInterval(sample, intervalMs);

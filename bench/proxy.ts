@@ -18,7 +18,7 @@ import { SIDECAR_NODE_OPTIONS } from '../src/core/inject/index.ts';
 import { compileEntries, compiledDir } from '../src/devenv/compile.ts';
 import { LocalEnvironment } from '../src/devenv/environment.ts';
 import { APP_DATABASE } from '../src/devenv/postgres.ts';
-import { freePort } from '../src/devenv/process.ts';
+import { freePort, processRssMb } from '../src/devenv/process.ts';
 import { requireBinary, serviceAccount } from '../src/devenv/system.ts';
 import type { ProxyChildConfig } from './proxy-child.ts';
 
@@ -82,12 +82,6 @@ interface Run {
 function processCpuMicros(pid: number): number {
   const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /s, '').split(' ');
   return (Number(fields[11]) + Number(fields[12])) * 10_000;
-}
-
-/** Resident set size of a process in MB. */
-function processRssMb(pid: number): number {
-  const line = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-  return line ? Number(line[1]) / 1024 : Number.NaN;
 }
 
 /** Median of the values that are numbers (NaN if none). */
@@ -284,7 +278,7 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
     const sidecarB = process.env.BENCH_SIDECAR_B === undefined ? undefined : await ProxyChild.start({ kind: 'sidecar', ...target, mode: 'transaction', grant: options.pool }, process.env.BENCH_SIDECAR_B);
     for (const c of [...Object.values(sidecars), pipe, ...(sidecarB ? [sidecarB] : [])]) stoppers.push(() => c.stop());
 
-    const rssIdle = processRssMb(sidecars.transaction.pid);
+    const rssIdle = processRssMb(sidecars.transaction.pid) ?? Number.NaN;
     await pgbench(['-i', '-s', '10', '-q', '-h', '127.0.0.1', '-p', String(postgres.port), '-U', app.user, APP_DATABASE]);
     const versions = { postgres: await postgres.version(), pgbouncer: (await new Promise<string>((r) => execFile(requireBinary('pgbouncer', 'pgbouncer', ['/usr/sbin/pgbouncer']), ['--version'], (_e, out) => r(out.split('\n')[0] ?? '')))), node: process.version };
     log(`proxy: pgbench, ${seconds} s per run, ${rounds} interleaved round(s), pool ${options.pool}; ${versions.postgres}, ${versions.pgbouncer}, Node.js ${versions.node}`);
@@ -366,7 +360,7 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
     // RSS: the transaction-mode sidecar idle (measured at start), then holding 1,000 idle logged-in clients.
     const clients = await idleClients(sidecars.transaction.port, 1000, app.user, APP_DATABASE);
     await new Promise((r) => setTimeout(r, 500));
-    const rss1000 = processRssMb(sidecars.transaction.pid);
+    const rss1000 = processRssMb(sidecars.transaction.pid) ?? Number.NaN;
     for (const socket of clients) socket.destroy();
     log(`sidecar RSS: idle ${rssIdle.toFixed(0)} MB, with 1,000 idle clients ${rss1000.toFixed(0)} MB`);
     return { proxy, sidecar_rss_mb: { idle: Math.round(rssIdle), clients_1000: Math.round(rss1000) }, versions, seconds_per_run: seconds };

@@ -120,8 +120,9 @@ function table(rows: readonly PhaseRow[]): string {
 
 /** Where the demo's pods run: the kubelet simulator (sidecars in this process) or a real node (containers). */
 interface DemoCluster {
-  /** What the opening line says is starting. */
+  /** kubectl against this cluster's API server. */
   kubectlAsync(args: string[], input?: string): Promise<string>;
+  /** The cluster's API server, for the demo's own watch. */
   kubeConfig(): KubeConfig;
   /** Running pods of the Deployment, none terminating. */
   livePods(): Promise<number>;

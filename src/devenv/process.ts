@@ -128,6 +128,16 @@ export async function waitUntil(what: string, check: () => Promise<boolean>, opt
   }
 }
 
+/** Resident set size of process `pid` in MB (VmRSS from /proc); undefined once it is gone. */
+export function processRssMb(pid: number): number | undefined {
+  try {
+    const match = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return match ? Number(match[1]) / 1024 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 /** Returns a TCP port that was free on 127.0.0.1 a moment ago. */
 export async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {

@@ -90,6 +90,8 @@ export class DirectReadSocket extends Socket implements DirectReadable {
   private reader: DirectReader | undefined;
   /** With copyReads: the pool whose shared buffer is read into while no own buffer is wanted. */
   private readonly sharing: ReadBufferPool | undefined;
+  /** The pool's shared buffer with copyReads: a read into it is copied, a read into any other is lent. */
+  private readonly sharedBuffer: Buffer | undefined;
   private own: Buffer | undefined;
   private wantOwn: boolean;
 
@@ -111,6 +113,7 @@ export class DirectReadSocket extends Socket implements DirectReadable {
     super(handle === undefined ? { onread } : ({ handle, onread, readable: true, writable: true } as ConstructorParameters<typeof Socket>[0]));
     self.socket = this;
     this.sharing = sharing;
+    this.sharedBuffer = sharing?.shared();
     this.wantOwn = sharing === undefined;
     if (sharing === undefined) this.own = first;
     // After 'close' the handle is gone: nothing reads into the buffer any more.
@@ -154,7 +157,7 @@ export class DirectReadSocket extends Socket implements DirectReadable {
   /** True: keep reading (pausing is the reader's call, through pause()). */
   private deliver(bytes: number, buffer: Buffer): boolean {
     const reader = this.reader;
-    const lent = buffer !== this.sharing?.shared();
+    const lent = buffer !== this.sharedBuffer;
     if (reader === undefined) this.emit('data', Buffer.from(buffer.subarray(0, bytes)));
     else if (lent) reader(buffer, bytes, true);
     // The shared buffer is overwritten by the next read of any socket: the reader gets its own copy.

@@ -14,6 +14,7 @@ import pg from 'pg';
 import type { PostgresServer } from '../../src/devenv/postgres.ts';
 import { appDeployment, readAppStats, type AppStats } from '../../src/devenv/real-node-app.ts';
 import { BRIDGE_ADDRESS, BRIDGE_POSTGRES_PORT, installPoolkeeper, realNodeSupport, type RealNode } from '../../src/devenv/real-node.ts';
+import { processRssMb } from '../../src/devenv/process.ts';
 import { eventually } from '../../src/devenv/scenario.ts';
 import { testEnvironment } from '../support/hooks.ts';
 
@@ -120,8 +121,8 @@ describe('real node end to end', function () {
       try {
         const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
         if (!cmdline.some((arg) => arg.endsWith('poolkeeper.js')) || cmdline.at(-2) !== 'sidecar') continue;
-        const rss = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-        if (rss) sizes.push(Math.round(Number(rss[1]) / 1024));
+        const rss = processRssMb(Number(pid));
+        if (rss !== undefined) sizes.push(Math.round(rss));
       } catch {
         // exited meanwhile
       }

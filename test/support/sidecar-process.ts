@@ -5,9 +5,10 @@
  * drain and status passed over IPC.
  */
 import { fork, type ChildProcess } from 'node:child_process';
-import { closeSync, openSync, readFileSync } from 'node:fs';
+import { closeSync, openSync } from 'node:fs';
 import { SIDECAR_NODE_OPTIONS } from '../../src/core/inject/index.ts';
 import { compileEntries, compiledDir } from '../../src/devenv/compile.ts';
+import { processRssMb } from '../../src/devenv/process.ts';
 import type { SidecarSettings } from '../../src/sidecar/index.ts';
 import type { FromChild, ToChild } from './sidecar-child.ts';
 
@@ -101,12 +102,7 @@ export class SidecarProcess {
 
   /** Resident set size in MB, from /proc; undefined once gone. */
   rssMb(): number | undefined {
-    try {
-      const match = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${this.pid}/status`, 'utf8'));
-      return match ? Number(match[1]) / 1024 : undefined;
-    } catch {
-      return undefined;
-    }
+    return processRssMb(this.pid);
   }
 
   private send(message: ToChild): void {

@@ -88,7 +88,7 @@ describe('budget controller', function () {
     fleets.push(fleet);
     await fleet.start();
     ({ controller } = await startController(kube));
-    const sampler = new Sampler(() => reserved(fleet.members()), [fleet]);
+    const sampler = new Sampler([fleet], ([members]) => reserved(members!));
     try {
       await eventually('2 pods at 20 each', () => grants(fleet.members()).join() === '20,20');
       const scaledAt = Date.now();
@@ -196,14 +196,14 @@ describe('budget controller', function () {
     const fleetB = new SidecarFleetDouble(kube, b);
     fleets.push(fleetA, fleetB);
     await Promise.all([fleetA.start(), fleetB.start()]);
-    const sampler = new Sampler(() => reserved([...fleetA.members(), ...fleetB.members()]), [fleetA, fleetB]);
+    const sampler = new Sampler([fleetA, fleetB], (fleets) => reserved(fleets.flat()));
     ({ controller } = await startController(kube));
     try {
       await eventually('6 pods at 5 each', () => [...grants(fleetA.members()), ...grants(fleetB.members())].join() === '5,5,5,5,5,5');
     } finally {
       sampler.stop();
     }
-    assert.ok(sampler.max <= 30, `reserved peaked at ${sampler.max}`);
+    assert.ok(sampler.max <= 30, `reserved peaked at ${sampler.max}: ${sampler.maxState}`);
     await eventually('shared status', () => getConnection(kube, a, 'db')?.status?.limit?.shared === 2);
   });
 
@@ -227,14 +227,14 @@ describe('budget controller', function () {
     const fleetB = new SidecarFleetDouble(kube, second);
     fleets.push(fleetA, fleetB);
     await Promise.all([fleetA.start(), fleetB.start()]);
-    const sampler = new Sampler(() => reserved([...fleetA.members(), ...fleetB.members()]), [fleetA, fleetB]);
+    const sampler = new Sampler([fleetA, fleetB], (fleets) => reserved(fleets.flat()));
     ({ controller } = await startController(kube));
     try {
       await eventually('4 pods at 5 each: one limit of 20 for both spellings', () => [...grants(fleetA.members()), ...grants(fleetB.members())].join() === '5,5,5,5');
     } finally {
       sampler.stop();
     }
-    assert.ok(sampler.max <= 20, `reserved peaked at ${sampler.max}`);
+    assert.ok(sampler.max <= 20, `reserved peaked at ${sampler.max}: ${sampler.maxState}`);
     await eventually('LimitConflict on the newer one', () => getConnection(kube, second, 'db')?.status?.conditions?.some((c) => c.type === 'LimitConflict' && c.status === 'True') ?? false);
     const conflict = getConnection(kube, second, 'db')?.status?.conditions?.find((c) => c.type === 'LimitConflict');
     assert.match(conflict?.message ?? '', new RegExp(`asks for a limit of 0 \\(maxConnections 10 - reserve 10\\).*the limit stays 20 \\(maxConnections 20 - reserve 0\\), set by DatabaseConnection ${first}/db`));
@@ -421,7 +421,7 @@ describe('budget controller', function () {
     const fleet = new SidecarFleetDouble(kube, namespace);
     fleets.push(fleet);
     await fleet.start();
-    const sampler = new Sampler(() => reserved(fleet.members()), [fleet], 50, () => fleet.describe());
+    const sampler = new Sampler([fleet], ([members]) => reserved(members!));
     try {
       ({ controller } = await startController(kube));
       await eventually('2 pods at 12', () => grants(fleet.members()).join() === '12,12');

@@ -89,8 +89,10 @@ export class SidecarFleetDouble {
   private readonly tables: Informer<PoolGrant & KubeObject>;
   private readonly pods: Informer<KubeObject>;
   private readonly http: KubeHttp;
-  private readonly namespace: string;
+  /** The namespace this fleet answers in. */
+  readonly namespace: string;
   private readonly logger = pino({ level: 'silent' });
+  private readonly log: WatchedChange[] = [];
 
   private readonly heartbeatMs: number;
 
@@ -105,6 +107,12 @@ export class SidecarFleetDouble {
 
   /** Starts answering for every PoolMember of the namespace. */
   async start(): Promise<void> {
+    const record = (kind: WatchedChange['kind']) => (type: WatchedChange['type'], object: KubeObject): void => {
+      this.log.push({ kind, type, object: structuredClone(object), resourceVersion: BigInt(object.metadata?.resourceVersion ?? '0'), sequence: nextSequence++ });
+    };
+    this.informer.onChange(record('member'));
+    this.tables.onChange(record('table'));
+    this.pods.onChange(record('pod'));
     this.informer.onChange((type, member) => {
       const name = member.metadata.name ?? '';
       if (type === 'DELETED' || this.agents.has(name)) return;
@@ -131,28 +139,12 @@ export class SidecarFleetDouble {
    * has acknowledged that number, so tests read every pod the same way.
    */
   members(): PoolMember[] {
-    const live = new Set(this.pods.list().map((p) => p.metadata?.uid));
-    return this.informer.list().filter((m) => live.has(m.metadata.ownerReferences?.[0]?.uid)).map((m) => this.inForce(m));
+    return membersInForce(this.informer.list(), this.tables.list(), this.pods.list());
   }
 
-  private inForce(m: PoolMember): PoolMember {
-    const grant = this.tables.get(this.namespace, m.spec.connection);
-    const table = grant ? { generation: grant.spec.generation, perPod: grant.spec.perPod, exceptions: (grant.spec.exceptions ?? []).map((e) => ({ ...e, pods: e.pods ?? [] })) } : undefined;
-    const force = memberGrantInForce({ name: m.metadata.name ?? '', grant: m.spec.grant, tableFrom: m.spec.tableFrom }, table);
-    if (!force.fromTable) return m;
-    const s = m.status;
-    const acknowledged = s?.tableGeneration !== undefined && s.tableGeneration >= (m.spec.tableFrom ?? Infinity) && s.acknowledgedConnections === force.connections;
-    return { ...m, spec: { ...m.spec, grant: { connections: force.connections, generation: acknowledged ? (s.acknowledgedGeneration ?? force.generation) : force.generation } } };
-  }
-
-  /**
-   * Each PoolMember as stored (spec.grant, tableFrom, status) and the grant
-   * table as this fleet's watch has it: what a failed safety check saw.
-   */
-  describe(): string {
-    const members = this.informer.list().map((m) => ({ name: m.metadata.name, grant: m.spec.grant, tableFrom: m.spec.tableFrom, status: m.status && { ack: m.status.acknowledgedConnections, ackGen: m.status.acknowledgedGeneration, held: m.status.heldConnections, table: m.status.tableGeneration } }));
-    const tables = this.tables.list().map((t) => ({ name: t.metadata.name, resourceVersion: t.metadata.resourceVersion, spec: t.spec }));
-    return JSON.stringify({ members, tables, pods: this.pods.list().map((p) => p.metadata?.name) });
+  /** Every change this fleet's watches delivered, in the order received. */
+  history(): readonly WatchedChange[] {
+    return this.log;
   }
 
   /** Stops every agent. */
@@ -167,34 +159,87 @@ export function reserved(members: readonly PoolMember[]): number {
   return members.reduce((sum, m) => sum + Math.max(m.spec.grant.connections, m.status?.acknowledgedConnections ?? 0, m.status?.heldConnections ?? 0), 0);
 }
 
+/** One change a fleet's watches delivered, with the object as it was then. */
+export interface WatchedChange {
+  kind: 'member' | 'table' | 'pod';
+  type: 'ADDED' | 'MODIFIED' | 'DELETED';
+  object: KubeObject;
+  /** The object's resourceVersion: one etcd revision orders every resource. */
+  resourceVersion: bigint;
+  /** Order of arrival across all fleets. */
+  sequence: number;
+}
+
+let nextSequence = 0;
+
 /**
- * Samples `read()` on every change the fleets observe (each PoolMember or pod
- * event) and every `intervalMs`, until stopped, recording the maximum: the
- * safety invariant is checked at every observed state, not just at the end.
+ * The PoolMembers of live pods with the grant in force: derived from the
+ * connection's table for a member on it, else its spec.grant.
+ */
+function membersInForce(members: readonly PoolMember[], tables: readonly PoolGrant[], pods: readonly KubeObject[]): PoolMember[] {
+  const live = new Set(pods.map((p) => p.metadata?.uid));
+  const tableOf = new Map(tables.map((t) => [t.metadata.name, t]));
+  return members.filter((m) => live.has(m.metadata.ownerReferences?.[0]?.uid)).map((m) => {
+    const grant = tableOf.get(m.spec.connection);
+    const table = grant ? { generation: grant.spec.generation, perPod: grant.spec.perPod, exceptions: (grant.spec.exceptions ?? []).map((e) => ({ ...e, pods: e.pods ?? [] })) } : undefined;
+    const force = memberGrantInForce({ name: m.metadata.name ?? '', grant: m.spec.grant, tableFrom: m.spec.tableFrom }, table);
+    if (!force.fromTable) return m;
+    const s = m.status;
+    const acknowledged = s?.tableGeneration !== undefined && s.tableGeneration >= (m.spec.tableFrom ?? Infinity) && s.acknowledgedConnections === force.connections;
+    return { ...m, spec: { ...m.spec, grant: { connections: force.connections, generation: acknowledged ? (s.acknowledgedGeneration ?? force.generation) : force.generation } } };
+  });
+}
+
+/**
+ * Checks an invariant at every state the API server passed through, not at
+ * the states two or three separate watches happen to show together: two
+ * watches deliver independently, so a table watch may already show a grow
+ * that the member watch has not yet preceded with the shrink's
+ * acknowledgement, a state that never existed. On stop, the fleets' changes
+ * are replayed in resourceVersion order (one etcd revision counter orders
+ * every resource) and `read` is evaluated after each revision since the
+ * sampler was created.
  */
 export class Sampler {
   max = 0;
   samples = 0;
-  /** What `describe` said at the sample that set `max`: for a failure message. */
+  /** The members and tables at the revision that set `max`: for a failure message. */
   maxState = '';
-  private timer: NodeJS.Timeout;
-  private stopped = false;
+  private readonly fleets: readonly SidecarFleetDouble[];
+  private readonly read: (membersPerFleet: PoolMember[][]) => number;
+  private readonly since = nextSequence;
 
-  constructor(read: () => number, fleets: readonly SidecarFleetDouble[] = [], intervalMs = 50, describe?: () => string) {
-    const sample = (): void => {
-      if (this.stopped) return;
-      this.samples += 1;
-      const value = read();
-      if (value > this.max && describe) this.maxState = describe();
-      this.max = Math.max(this.max, value);
-    };
-    for (const fleet of fleets) fleet.onChange(sample);
-    this.timer = setInterval(sample, intervalMs);
+  constructor(fleets: readonly SidecarFleetDouble[], read: (membersPerFleet: PoolMember[][]) => number) {
+    this.fleets = fleets;
+    this.read = read;
   }
 
-  /** Stops sampling. */
+  /** Replays what the fleets saw and records the maximum of `read`. */
   stop(): void {
-    this.stopped = true;
-    clearInterval(this.timer);
+    const changes = this.fleets.flatMap((fleet, index) => fleet.history().map((change) => ({ change, index })));
+    changes.sort((a, b) => (a.change.resourceVersion < b.change.resourceVersion ? -1 : a.change.resourceVersion > b.change.resourceVersion ? 1 : a.change.sequence - b.change.sequence));
+    // Revisions from the first change that arrived after the sampler started.
+    const fresh = changes.filter(({ change }) => change.sequence >= this.since).map(({ change }) => change.resourceVersion);
+    const from = fresh.reduce((min, rv) => (rv < min ? rv : min), fresh[0] ?? 0n);
+    const states = this.fleets.map(() => ({ member: new Map<string, KubeObject>(), table: new Map<string, KubeObject>(), pod: new Map<string, KubeObject>() }));
+    for (let i = 0; i < changes.length; i += 1) {
+      const { change, index } = changes[i]!;
+      const map = states[index]![change.kind];
+      const key = change.object.metadata?.uid ?? change.object.metadata?.name ?? '';
+      if (change.type === 'DELETED') map.delete(key);
+      else map.set(key, change.object);
+      if (change.resourceVersion < from || (i + 1 < changes.length && changes[i + 1]!.change.resourceVersion === change.resourceVersion)) continue;
+      const perFleet = this.fleets.map((_, f) => membersInForce([...states[f]!.member.values()] as PoolMember[], [...states[f]!.table.values()] as PoolGrant[], [...states[f]!.pod.values()]));
+      const value = this.read(perFleet);
+      this.samples += 1;
+      if (value > this.max) {
+        this.max = value;
+        this.maxState = JSON.stringify({ revision: String(change.resourceVersion), fleets: states.map((s) => ({ members: [...s.member.values()].map((m) => describeMember(m as PoolMember)), tables: [...s.table.values()].map((t) => ({ name: t.metadata?.name, spec: (t as PoolGrant).spec })) })) });
+      }
+    }
   }
+}
+
+function describeMember(m: PoolMember): unknown {
+  return { name: m.metadata.name, grant: m.spec.grant, tableFrom: m.spec.tableFrom, status: m.status && { ack: m.status.acknowledgedConnections, ackGen: m.status.acknowledgedGeneration, held: m.status.heldConnections, table: m.status.tableGeneration } };
 }

@@ -25,7 +25,6 @@ import { fork, type ChildProcess } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { KubeConfig } from '@kubernetes/client-node';
 import pino from 'pino';
 import type { PoolGrant, PoolMember } from '../src/api/index.ts';
 import { memberGrantInForce, type GrantTable } from '../src/core/budget/index.ts';
@@ -53,8 +52,7 @@ export interface ControllerResult {
   violations: number;
 }
 
-/** Messages between the bench and the controller child. */
-type ChildMessage = { type: 'ready' } | { type: 'mark'; cpuS: number; peakRssMb: number; writes: number; writesByKind: Record<string, number> };
+import type { ChildMessage, ServiceAccountFiles } from './controller-child.ts';
 
 const PER_POD = 3;
 const QUIET_MS = 1_000;
@@ -62,57 +60,14 @@ const IDLE_MS = 10_000;
 const CREATE_CONCURRENCY = 16;
 const ACK_CONCURRENCY = 16;
 
-// ---------------------------------------------------------------- controller child
-
-async function runControllerChild(kubeconfigPath: string, verbose: boolean): Promise<void> {
-  // Count every write this process makes, before the controller module captures anything.
-  const writesByKind: Record<string, number> = {};
-  let writes = 0;
-  // eslint-disable-next-line @typescript-eslint/unbound-method -- called back with .call(this)
-  const original = KubeHttp.prototype.request;
-  KubeHttp.prototype.request = function counted<T>(this: KubeHttp, method: string, path: string, body?: unknown, contentType?: string): Promise<T> {
-    if (method !== 'GET') {
-      writes += 1;
-      const kind = `${method} ${path.replace(/^.*\/namespaces\/[^/]+\//, '').replace(/\/[^/]+(\/status)?$/, (_m, status: string | undefined) => (status ? '/status' : ''))}`;
-      writesByKind[kind] = (writesByKind[kind] ?? 0) + 1;
-    }
-    return original.call(this, method, path, body, contentType) as Promise<T>;
-  };
-  const { startController } = await import('../src/bin/controller-main.ts');
-  let peakRss = process.memoryUsage.rss();
-  const sampler = setInterval(() => (peakRss = Math.max(peakRss, process.memoryUsage.rss())), 50);
-  const kubeConfig = new KubeConfig();
-  kubeConfig.loadFromFile(kubeconfigPath);
-  const logger = pino({ level: verbose ? 'warn' : 'silent' }, pino.destination(2));
-  const running = await startController({ kubeConfig, namespace: 'default', identity: 'bench', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: false, repair: 'off', manageSidecarAccess: false }, logger);
-  let lastCpu = process.cpuUsage();
-  process.on('message', (message: { type: string }) => {
-    if (message.type === 'mark') {
-      const cpu = process.cpuUsage(lastCpu);
-      lastCpu = process.cpuUsage();
-      const reply: ChildMessage = { type: 'mark', cpuS: (cpu.user + cpu.system) / 1e6, peakRssMb: peakRss / 2 ** 20, writes, writesByKind: { ...writesByKind } };
-      peakRss = process.memoryUsage.rss();
-      writes = 0;
-      for (const k of Object.keys(writesByKind)) delete writesByKind[k];
-      process.send?.(reply);
-    } else if (message.type === 'stop') {
-      clearInterval(sampler);
-      void running.shutdown().finally(() => process.exit(0));
-    }
-  });
-  // Never outlive the bench.
-  process.on('disconnect', () => process.exit(1));
-  process.send?.({ type: 'ready' } satisfies ChildMessage);
-}
-
 /** The controller in a child process, and a way to read its counters since the last read. */
 class ControllerProcess {
   private readonly child: ChildProcess;
   private waiting: ((m: ChildMessage) => void) | undefined;
   readonly ready: Promise<void>;
 
-  constructor(kubeconfigPath: string, verbose: boolean) {
-    this.child = fork(fileURLToPath(import.meta.url), ['--controller-child', kubeconfigPath, ...(verbose ? ['--verbose'] : [])], { execArgv: process.execArgv, stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+  constructor(access: ServiceAccountFiles, verbose: boolean) {
+    this.child = fork(fileURLToPath(new URL('./controller-child.ts', import.meta.url)), [JSON.stringify(access), ...(verbose ? ['--verbose'] : [])], { execArgv: process.execArgv, stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
     this.ready = new Promise((resolve, reject) => {
       this.child.once('exit', (code) => reject(new Error(`controller child exited with ${code}`)));
       this.child.on('message', (m: ChildMessage) => {
@@ -369,7 +324,8 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
   const acknowledger = new Acknowledger(http, namespace, args.heartbeatMs, args.legacy);
   await acknowledger.start();
   acknowledger.setLimit(limit);
-  const controller = new ControllerProcess(kube.kubeconfigPath, args.verbose);
+  // As in a cluster: the pod's ServiceAccount token, no kubeconfig (and no client library loaded for one).
+  const controller = new ControllerProcess(kube.serviceAccountFiles('poolkeeper-system', 'poolkeeper-controller', 'cluster-admin'), args.verbose);
   await controller.ready;
   await controller.mark();
 
@@ -512,9 +468,4 @@ async function main(): Promise<void> {
   if (values.json) writeFileSync(values.json, `${JSON.stringify({ controller: results, api_patch_ms: patch }, null, 2)}\n`);
 }
 
-if (process.argv.includes('--controller-child')) {
-  const path = process.argv[process.argv.indexOf('--controller-child') + 1] ?? '';
-  await runControllerChild(path, process.argv.includes('--verbose'));
-} else {
-  await main();
-}
+await main();

@@ -29,7 +29,7 @@ try {
     },
   });
   kube.kubectl(['apply', '-f', '-'], connection(40));
-  const controller = await startController({ kubeConfig: kube.kubeConfig(), namespace: 'bench', identity: 'bench', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: false, repair: 'off' }, quiet);
+  const controller = await startController({ apiServer: kube.kubeConfig(), namespace: 'bench', identity: 'bench', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: false, repair: 'off' }, quiet);
   const kubelet = new KubeletSimulator(kube, 'bench', { username: postgres.app.user, password: postgres.app.password }, quiet);
   await kubelet.start();
   const allAt = (n: number): boolean => kubelet.live().length === PODS && kubelet.live().every((p) => p.sidecar?.sidecar.status().acknowledgedConnections === n);

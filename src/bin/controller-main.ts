@@ -2,21 +2,21 @@
  * Wiring of the controller binary: informers, reconciler, leader election,
  * and the /metrics, /healthz and /readyz endpoints.
  */
-import { CoreV1Api, type KubeConfig } from '@kubernetes/client-node';
 import type { Logger } from 'pino';
 import { Registry, collectDefaultMetrics } from 'prom-client';
 import { BudgetController } from '../controller/controller.ts';
 import { LimitDiscovery } from '../controller/limit-discovery.ts';
 import { ControllerMetrics } from '../controller/metrics.ts';
 import { EventRecorder } from '../kube/events.ts';
-import { KubeHttp } from '../kube/http.ts';
+import { KubeHttp, type ApiServerAccess } from '../kube/http.ts';
 import { LeaderElector } from '../kube/leader-election.ts';
 import { AdminServer } from '../ops/admin-server.ts';
 import { DEFAULT_POD_REPAIR_OPTIONS, MissingSidecarRepairer } from '../webhook/repair.ts';
 
 /** Everything the controller binary is configured with. */
 export interface ControllerConfig {
-  kubeConfig: KubeConfig;
+  /** The API server and credentials: in a pod, its ServiceAccount (no client library loaded). */
+  apiServer: ApiServerAccess;
   /** Namespace of the leader-election Lease. */
   namespace: string;
   identity: string;
@@ -40,7 +40,7 @@ export interface RunningController {
 
 /** Starts the controller. */
 export async function startController(config: ControllerConfig, logger: Logger): Promise<RunningController> {
-  const http = new KubeHttp(config.kubeConfig);
+  const http = new KubeHttp(config.apiServer);
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'poolkeeper_controller_process_' });
   const metrics = new ControllerMetrics(registry);
@@ -50,7 +50,7 @@ export async function startController(config: ControllerConfig, logger: Logger):
   const events = new EventRecorder(http, 'poolkeeper-controller', logger);
   const repairer = config.repair === 'off'
     ? undefined
-    : new MissingSidecarRepairer(config.kubeConfig.makeApiClient(CoreV1Api), events, logger, { ...DEFAULT_POD_REPAIR_OPTIONS, mode: config.repair });
+    : new MissingSidecarRepairer(http, events, logger, { ...DEFAULT_POD_REPAIR_OPTIONS, mode: config.repair });
   const controller = new BudgetController({
     http,
     logger,

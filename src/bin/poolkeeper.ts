@@ -65,7 +65,7 @@ async function kubeConfig(): Promise<KubeConfig> {
   }
 }
 
-/** The sidecar's way to the API server: a KUBECONFIG when set, else the pod's ServiceAccount without client-node. */
+/** The way to the API server of the controller and the sidecar: a KUBECONFIG when set, else the pod's ServiceAccount without client-node. */
 async function apiServerAccess(): Promise<ApiServerAccess> {
   if (env.KUBECONFIG) return kubeConfig();
   checkClusterAccess();
@@ -189,7 +189,7 @@ async function run(command: string | undefined, args: readonly string[]): Promis
         repair: repairMode(env.POOLKEEPER_REPAIR ?? 'evict'),
         manageSidecarAccess: env.POOLKEEPER_MANAGE_SIDECAR_RBAC !== 'false',
       };
-      const config = { ...settings, kubeConfig: await kubeConfig() };
+      const config = { ...settings, apiServer: await apiServerAccess() };
       const { startController } = await import('./controller-main.ts');
       const running = await startController(config, logger);
       onTerminate(() => running.shutdown());

@@ -185,6 +185,29 @@ export class KubeControlPlane {
     return kc;
   }
 
+  /**
+   * What a pod of ServiceAccount `namespace/name` bound to `clusterRole` would
+   * find in /var/run/secrets/kubernetes.io/serviceaccount (`token`, `ca.crt`)
+   * and in KUBERNETES_SERVICE_HOST/PORT: to run a binary as it runs in a
+   * cluster, without a kubeconfig.
+   */
+  serviceAccountFiles(namespace: string, name: string, clusterRole: string): { directory: string; host: string; port: string } {
+    this.kubectl(['apply', '-f', '-'], JSON.stringify({ apiVersion: 'v1', kind: 'Namespace', metadata: { name: namespace } }));
+    this.kubectl(['-n', namespace, 'apply', '-f', '-'], JSON.stringify({ apiVersion: 'v1', kind: 'ServiceAccount', metadata: { name } }));
+    this.kubectl(['apply', '-f', '-'], JSON.stringify({
+      apiVersion: 'rbac.authorization.k8s.io/v1', kind: 'ClusterRoleBinding', metadata: { name: `${namespace}-${name}` },
+      roleRef: { apiGroup: 'rbac.authorization.k8s.io', kind: 'ClusterRole', name: clusterRole },
+      subjects: [{ kind: 'ServiceAccount', namespace, name }],
+    }));
+    const token = this.kubectl(['-n', namespace, 'create', 'token', name, '--duration=24h']).trim();
+    const directory = join(this.dir, `serviceaccount-${namespace}-${name}`);
+    mkdirSync(directory, { recursive: true });
+    writeFileSync(join(directory, 'token'), token, { mode: 0o600 });
+    writeFileSync(join(directory, 'ca.crt'), this.ca.certPem);
+    const url = new URL(this.server);
+    return { directory, host: url.hostname, port: url.port };
+  }
+
   /** The kubectl binary of the pinned release. */
   get kubectlPath(): string {
     return kubeBinary('kubectl');

@@ -6,10 +6,10 @@
  * PodDisruptionBudgets, and each pass evicts at most a bounded number so an
  * outage does not turn into a fleet-wide restart at once.
  */
-import type { CoreV1Api, V1Pod } from '@kubernetes/client-node';
+import type { V1Pod } from '@kubernetes/client-node';
 import type { Logger } from 'pino';
 import { CONNECTION_LABEL, repairVerdict, type PodLike, type RepairOptions } from '../core/inject/index.ts';
-import { apiStatus } from './certificates.ts';
+import { KubeApiError, type KubeHttp } from '../kube/http.ts';
 
 /** Records an Event on an object (src/kube/events.ts EventRecorder fits). */
 export interface RepairEventRecorder {
@@ -48,13 +48,13 @@ export interface RepairOutcome {
 
 /** Finds and repairs pods that missed the sidecar. */
 export class MissingSidecarRepairer {
-  private readonly core: CoreV1Api;
+  private readonly http: KubeHttp;
   private readonly events: RepairEventRecorder;
   private readonly logger: Logger;
   private readonly options: PodRepairOptions;
 
-  constructor(core: CoreV1Api, events: RepairEventRecorder, logger: Logger, options: PodRepairOptions = DEFAULT_POD_REPAIR_OPTIONS) {
-    this.core = core;
+  constructor(http: KubeHttp, events: RepairEventRecorder, logger: Logger, options: PodRepairOptions = DEFAULT_POD_REPAIR_OPTIONS) {
+    this.http = http;
     this.events = events;
     this.logger = logger;
     this.options = options;
@@ -62,7 +62,7 @@ export class MissingSidecarRepairer {
 
   /** Lists the pods that name `connection` in `namespace` and repairs those that need it. */
   async repairConnection(namespace: string, connection: string, now: Date): Promise<RepairOutcome[]> {
-    const pods = await this.core.listNamespacedPod({ namespace, labelSelector: `${CONNECTION_LABEL}=${connection}` });
+    const pods = await this.http.request<{ items: V1Pod[] }>('GET', `/api/v1/namespaces/${encodeURIComponent(namespace)}/pods?labelSelector=${encodeURIComponent(`${CONNECTION_LABEL}=${connection}`)}`);
     return this.repairPods(pods.items, now);
   }
 
@@ -88,16 +88,14 @@ export class MissingSidecarRepairer {
         continue;
       }
       try {
-        await this.core.createNamespacedPodEviction({
-          name, namespace,
-          body: { apiVersion: 'policy/v1', kind: 'Eviction', metadata: { name, namespace }, deleteOptions: { preconditions: { uid: pod.metadata?.uid } } },
-        });
+        await this.http.request('POST', `/api/v1/namespaces/${encodeURIComponent(namespace)}/pods/${encodeURIComponent(name)}/eviction`,
+          { apiVersion: 'policy/v1', kind: 'Eviction', metadata: { name, namespace }, deleteOptions: { preconditions: { uid: pod.metadata?.uid } } });
         evictions += 1;
         await this.events.record(subject, 'Warning', MISSING_SIDECAR_REASON, `pod opted into poolkeeper but has no sidecar; evicted so that ${owner?.kind ?? 'its controller'} ${owner?.name ?? ''} recreates it with the sidecar`);
         this.logger.info({ namespace, pod: name, owner: owner?.name }, 'evicted pod without sidecar');
         outcomes.push({ namespace, pod: name, action: 'evicted' });
       } catch (err) {
-        const status = apiStatus(err);
+        const status = err instanceof KubeApiError ? err.statusCode : undefined;
         if (status === 404 || status === 409) {
           outcomes.push({ namespace, pod: name, action: 'gone' }); // deleted, or replaced by a pod of the same name
         } else if (status === 429) {

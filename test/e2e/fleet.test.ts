@@ -87,7 +87,7 @@ describe('fleet end to end', function () {
     }));
     const logs = new LogCapture();
     const logger = pino({ level: 'debug' }, logs);
-    controller = await startController({ kubeConfig: kube.kubeConfig(), namespace, identity: 'e2e', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: true, repair: 'off' }, logger.child({ component: 'controller' }));
+    controller = await startController({ apiServer: kube.kubeConfig(), namespace, identity: 'e2e', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: true, repair: 'off' }, logger.child({ component: 'controller' }));
     // From here on this process runs the controller and the sidecars: kubectl must not block it.
     const stats = { queries: 0, errors: [] as string[] };
     kubelet = new KubeletSimulator(kube, namespace, { username: postgres.app.user, password: postgres.app.password }, logger.child({ component: 'sidecar' }));

@@ -157,7 +157,7 @@ describe('deploy/examples/superset', function () {
 
     const logger = pino({ level: 'silent' });
     // As shipped: a pod the webhook missed (it did not answer in time, say) is evicted and comes back with its sidecar.
-    controller = await startController({ kubeConfig: kube.kubeConfig(), namespace: ns, identity: 'superset-e2e', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: false, repair: 'evict' }, logger);
+    controller = await startController({ apiServer: kube.kubeConfig(), namespace: ns, identity: 'superset-e2e', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: false, repair: 'evict' }, logger);
     // The webhook says why it admitted a pod without the sidecar, if it does.
     webhook = await startLocalWebhook(kube, { webhookNamespace: `${ns}-pk`, targetNamespace: ns, probeConnection: connection.metadata.name, logger: pino({ level: 'warn' }, process.stderr) });
     // From here on this process serves the webhook and runs the sidecars: kubectl must not block it.

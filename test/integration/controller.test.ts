@@ -397,7 +397,7 @@ describe('budget controller', function () {
     const fleet = new SidecarFleetDouble(kube, namespace);
     fleets.push(fleet);
     await fleet.start();
-    const replica = (identity: string): Promise<RunningController> => startControllerBinary({ kubeConfig: kube.kubeConfig(), namespace, identity, metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: true, repair: 'off' }, pino({ level: 'silent' }));
+    const replica = (identity: string): Promise<RunningController> => startControllerBinary({ apiServer: kube.kubeConfig(), namespace, identity, metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: true, repair: 'off' }, pino({ level: 'silent' }));
     const a = await replica('a');
     const b = await replica('b');
     const leaderOf = async (r: RunningController): Promise<boolean> => /^poolkeeper_controller_leader 1$/m.test(await r.registry.metrics());

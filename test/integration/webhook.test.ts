@@ -287,7 +287,7 @@ describe('webhook on the API server', function () {
     await server.listen();
     await waitForWebhook();
 
-    const repairer = new MissingSidecarRepairer(core, new CoreEventRecorder(core), logger, { mode: 'evict', gracePeriodSeconds: 0, maxEvictionsPerPass: 5 });
+    const repairer = new MissingSidecarRepairer(new KubeHttp(kube.kubeConfig()), new CoreEventRecorder(core), logger, { mode: 'evict', gracePeriodSeconds: 0, maxEvictionsPerPass: 5 });
     const outcomes = await repairer.repairConnection(namespace, 'orders-db', new Date(Date.now() + 1000));
     // A pod without a controller would not come back: reported, not evicted.
     assert.deepEqual(outcomes.map((o) => `${o.pod}:${o.action}`).sort(), [`${bare!.metadata!.name}:evicted`, 'standalone:reported']);

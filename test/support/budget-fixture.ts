@@ -5,7 +5,6 @@
  * speak the real PoolMember protocol through PoolMemberAgent.
  */
 import { randomBytes } from 'node:crypto';
-import { CoreV1Api } from '@kubernetes/client-node';
 import pino, { type Logger } from 'pino';
 import { Registry } from 'prom-client';
 import type { PoolGrant, PoolMember } from '../../src/api/index.ts';
@@ -32,7 +31,7 @@ export async function startController(kube: KubeControlPlane, logger: Logger = p
   const http = new KubeHttp(kube.kubeConfig());
   const registry = new Registry();
   const events = new EventRecorder(http, 'poolkeeper-controller', logger);
-  const repairer = options.repair ? new MissingSidecarRepairer(kube.kubeConfig().makeApiClient(CoreV1Api), events, logger, { ...DEFAULT_POD_REPAIR_OPTIONS, mode: options.repair, gracePeriodSeconds: 0 }) : undefined;
+  const repairer = options.repair ? new MissingSidecarRepairer(http, events, logger, { ...DEFAULT_POD_REPAIR_OPTIONS, mode: options.repair, gracePeriodSeconds: 0 }) : undefined;
   const controller = new BudgetController({
     http,
     logger,

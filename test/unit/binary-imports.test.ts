@@ -1,7 +1,9 @@
 /**
- * The sidecar's memory: `poolkeeper sidecar` must not load
+ * Memory of the binaries: `poolkeeper sidecar` must not load
  * @kubernetes/client-node (about 78 MB of RSS on its own, against the
- * sidecar's 128Mi limit) nor ssh2 before a tunnel needs it. Checked on the
+ * sidecar's 128Mi limit) nor ssh2 before a tunnel needs it, and
+ * `poolkeeper controller` must not load the client library either (its
+ * Deployment's limit is 256Mi at any fleet size). Checked on the
  * static import graph: what `import ... from` loads at start (type-only
  * imports are erased, dynamic imports load on demand).
  */
@@ -28,7 +30,7 @@ function staticPackages(entry: string): { packages: Set<string>; modules: Set<st
   return { packages, modules };
 }
 
-describe('what the sidecar binary loads', () => {
+describe('what the binaries load', () => {
   it('poolkeeper and its sidecar command load neither @kubernetes/client-node nor ssh2 at start', () => {
     for (const entry of ['src/bin/poolkeeper.ts', 'src/bin/sidecar-main.ts', 'src/kube/in-cluster.ts']) {
       const { packages, modules } = staticPackages(entry);
@@ -38,8 +40,14 @@ describe('what the sidecar binary loads', () => {
     }
   });
 
+  it('the controller command loads no @kubernetes/client-node at start', () => {
+    const { packages, modules } = staticPackages('src/bin/controller-main.ts');
+    assert.ok(modules.size > 10, 'the walk found the controller modules');
+    assert.ok(!packages.has('@kubernetes/client-node'), 'src/bin/controller-main.ts loads @kubernetes/client-node');
+  });
+
   it('the walk does see a package loaded at start (the check can fail)', () => {
-    assert.ok(staticPackages('src/bin/controller-main.ts').packages.has('@kubernetes/client-node'));
+    assert.ok(staticPackages('src/webhook/runtime.ts').packages.has('@kubernetes/client-node'));
     assert.ok(staticPackages('src/bin/sidecar-main.ts').packages.has('pino') || staticPackages('src/sidecar/sidecar.ts').packages.has('prom-client'));
   });
 });

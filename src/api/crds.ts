@@ -80,6 +80,7 @@ export const poolMemberCrdDefinition: CrdDefinition = {
     // spec.grant alone would show a table-fed pod's grant from the day it switched.
     { name: 'Acknowledged', type: 'integer', jsonPath: '.status.acknowledgedConnections', description: 'Connections the sidecar applies as its grant (from the PoolGrant table once TABLE-FROM is set, else spec.grant)' },
     { name: 'Held', type: 'integer', jsonPath: '.status.heldConnections', description: 'Backends the sidecar holds now' },
+    { name: 'Waiting', type: 'integer', jsonPath: '.status.waitingClients', description: 'Clients waiting for a server connection at the sidecar\'s last status write (heartbeat)' },
     { name: 'Grant', type: 'integer', jsonPath: '.spec.grant.connections', priority: 1, description: 'spec.grant: the grant of a sidecar not on the grant table; for one on it, its value when it switched' },
     { name: 'Table-From', type: 'integer', jsonPath: '.spec.tableFrom', priority: 1, description: 'PoolGrant generation from which this pod takes its grant from the table' },
     { name: 'Age', type: 'date', jsonPath: '.metadata.creationTimestamp' },

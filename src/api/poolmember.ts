@@ -88,6 +88,7 @@ export const poolMemberStatusSchema = {
     drained: { type: 'boolean', description: 'Holds 0 server connections and will open none.' },
     heartbeatTime: { type: 'string', format: 'date-time', description: 'When the sidecar last wrote this status; a stale one counts as unresponsive.' },
     sidecarVersion: { type: 'string', maxLength: 64, description: 'Version of the sidecar.' },
+    waitingClients: { type: 'integer', minimum: 0, description: 'Clients waiting for a server connection when this status was written (heartbeats included; a change of it alone writes nothing).' },
     tableGeneration: { type: 'integer', format: 'int64', minimum: 0, description: 'Written only by sidecars that read grant tables: the PoolGrant generation acknowledgedConnections was derived from (0 before any).' },
   },
 } as const;

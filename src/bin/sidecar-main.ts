@@ -93,6 +93,7 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
   const agent = new PoolMemberAgent({
     http, namespace: config.namespace, podName: config.podName, target: sidecar, logger, version: config.version,
     drainGraceMs: config.drainTimeoutSeconds * 1000,
+    waitingClients: () => sidecar.waitingClients,
     onSpec: (next) => {
       sidecar.updatePoolSettings({ ...next.pool });
       const db = next.database;

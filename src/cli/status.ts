@@ -27,8 +27,8 @@ export const STATUS_USAGE = `usage: kubectl poolkeeper status [-n NAMESPACE | -A
 
 Per database server: the connection limit and who set it, each DatabaseConnection and
 consumer (pods, minPerPod, processesPerPod, budget per pod and per process), each pod's
-grant, the server connections its sidecar holds and the clients waiting (when the sidecar
-reports them), and what to change when the pods' minimums exceed the limit.
+grant, the server connections its sidecar holds and the clients waiting (as of the
+sidecar's last heartbeat), and what to change when the pods' minimums exceed the limit.
 
   -n, --namespace NAME    one namespace (default: the kubeconfig context's, else default)
   -A, --all-namespaces    every namespace (servers are shared across namespaces)

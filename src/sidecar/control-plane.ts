@@ -32,6 +32,12 @@ export interface PoolMemberAgentOptions {
   version: string;
   heartbeatMs?: number;
   stallTimeoutMs?: number;
+  /**
+   * Clients waiting for a server connection now: sent along with every status
+   * write, heartbeats included, for `kubectl poolkeeper status`; a change of it
+   * alone writes nothing.
+   */
+  waitingClients?: () => number;
   /** Called with every spec the agent sees (pool settings, database, drain). */
   onSpec?: (spec: PoolMember['spec']) => void;
   /**
@@ -217,7 +223,8 @@ export class PoolMemberAgent {
   }
 
   private async writeStatus(): Promise<void> {
-    const status: PoolMemberStatus = { ...this.currentStatus(), heartbeatTime: new Date().toISOString().replace(/\.\d+Z$/, 'Z') };
+    const waiting = this.options.waitingClients?.();
+    const status: PoolMemberStatus = { ...this.currentStatus(), ...(waiting === undefined ? {} : { waitingClients: waiting }), heartbeatTime: new Date().toISOString().replace(/\.\d+Z$/, 'Z') };
     try {
       await this.options.http.patch(`/apis/${API_GROUP}/${API_VERSION}/namespaces/${this.options.namespace}/poolmembers/${this.options.podName}/status`, { status });
       this.reachability.succeeded();

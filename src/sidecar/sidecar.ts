@@ -204,6 +204,11 @@ export class Sidecar implements ClientSessionHost {
     return () => this.statusListeners.delete(listener);
   }
 
+  /** Clients waiting for a server connection now. */
+  get waitingClients(): number {
+    return this.pool.waiting;
+  }
+
   /** What PoolMember.status should say now. */
   status(): SidecarStatus {
     return {

@@ -59,4 +59,30 @@ describe('PoolMember agent', function () {
       await agent.stop();
     }
   });
+
+  it('sends the waiting clients with its heartbeats, and never writes for a change of them alone', async function () {
+    writeSpec(5, 1, false);
+    const double = new ObedientSidecarDouble();
+    let waiting = 0;
+    let reads = 0;
+    const agent = new PoolMemberAgent({
+      http: new KubeHttp(kube.kubeConfig()), namespace, podName: 'pod-a', target: double, logger: pino({ level: 'silent' }), version: 'test', heartbeatMs: 1000,
+      waitingClients: () => {
+        reads += 1;
+        return waiting;
+      },
+    });
+    await agent.start();
+    try {
+      await eventually('grant acknowledged with 0 waiting', () => member().status?.acknowledgedConnections === 5 && member().status?.waitingClients === 0);
+      waiting = 3;
+      const readsBefore = reads;
+      await eventually('the next heartbeat says 3 waiting', () => member().status?.waitingClients === 3, 10_000);
+      // Only status writes read the number: one per heartbeat, none of its own.
+      assert.ok(reads - readsBefore <= 3, `read ${reads - readsBefore} times`);
+      assert.match(kube.kubectl(['-n', namespace, 'get', 'pm', 'pod-a']), /WAITING[\s\S]*pod-a\s+5\s+5\s+3\s/);
+    } finally {
+      await agent.stop();
+    }
+  });
 });

@@ -158,10 +158,10 @@ function podState(pod: Obj, member: Obj): string {
   return 'ok';
 }
 
-/** Clients waiting for a server connection, if the sidecar publishes them. */
+/** Clients waiting for a server connection at the sidecar's last status write (it sends the number with every heartbeat). */
 function waitingClients(member: Obj): number | undefined {
   const status = obj(member.status);
-  return num(status.waitingClients) ?? num(obj(status.clients).waiting) ?? num(status.waiting);
+  return num(status.waitingClients);
 }
 
 /** Builds the report. */

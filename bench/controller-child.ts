@@ -19,7 +19,7 @@ export interface ServiceAccountFiles {
 }
 
 /** Messages between the bench and the controller child. */
-export type ChildMessage = { type: 'ready' } | { type: 'mark'; cpuS: number; peakRssMb: number; writes: number; writesByKind: Record<string, number> };
+export type ChildMessage = { type: 'ready' } | { type: 'mark'; cpuS: number; peakRssMb: number; writes: number; writesByKind: Record<string, number>; memory: NodeJS.MemoryUsage };
 
 async function runControllerChild(access: ServiceAccountFiles, verbose: boolean): Promise<void> {
   // Count every write this process makes, before the controller module captures anything.
@@ -46,7 +46,7 @@ async function runControllerChild(access: ServiceAccountFiles, verbose: boolean)
     if (message.type === 'mark') {
       const cpu = process.cpuUsage(lastCpu);
       lastCpu = process.cpuUsage();
-      const reply: ChildMessage = { type: 'mark', cpuS: (cpu.user + cpu.system) / 1e6, peakRssMb: peakRss / 2 ** 20, writes, writesByKind: { ...writesByKind } };
+      const reply: ChildMessage = { type: 'mark', cpuS: (cpu.user + cpu.system) / 1e6, peakRssMb: peakRss / 2 ** 20, writes, writesByKind: { ...writesByKind }, memory: process.memoryUsage() };
       peakRss = process.memoryUsage.rss();
       writes = 0;
       for (const k of Object.keys(writesByKind)) delete writesByKind[k];

@@ -14,6 +14,9 @@
  *   limit-up     maxConnections restored
  *   scale-up     10% more pods
  *   delete       those pods deleted
+ *   acks-only    every sidecar writes its status once, nothing else changes:
+ *                the API server's cost of one rebalance's acknowledgements,
+ *                the floor under limit-down and limit-up
  *   idle         10 s with nothing changing (writes and CPU only)
  * The safety invariant (sum over existing pods of max(granted, acknowledged,
  * held) <= limit) is checked on every PoolMember and pod event; while a
@@ -22,12 +25,12 @@
  *   node bench/controller-scale.ts [--pods 100,1000] [--connections 1] [--rounds 5] [--heartbeat-ms 0] [--legacy-sidecars] [--json FILE]
  */
 import { fork, type ChildProcess } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import pino from 'pino';
 import type { PoolGrant, PoolMember } from '../src/api/index.ts';
 import { memberGrantInForce, type GrantTable } from '../src/core/budget/index.ts';
+import { compileEntries, compiledDir } from '../src/devenv/compile.ts';
 import { LocalEnvironment } from '../src/devenv/environment.ts';
 import type { KubeControlPlane } from '../src/devenv/kube.ts';
 import { eventually, installCrds } from '../src/devenv/scenario.ts';
@@ -56,9 +59,19 @@ import type { ChildMessage, ServiceAccountFiles } from './controller-child.ts';
 
 const PER_POD = 3;
 const QUIET_MS = 1_000;
+const mb = (bytes: number): string => (bytes / 2 ** 20).toFixed(0);
 const IDLE_MS = 10_000;
 const CREATE_CONCURRENCY = 16;
 const ACK_CONCURRENCY = 16;
+
+/** The NODE_OPTIONS deploy/ gives the controller container: the bench runs it as deployed. */
+function deployedNodeOptions(): string {
+  const manifest = readFileSync(new URL('../deploy/base/deployment.yaml', import.meta.url), 'utf8');
+  const controller = manifest.slice(manifest.indexOf('- name: controller'), manifest.indexOf('- name: webhook'));
+  const value = /- name: NODE_OPTIONS\n\s+value: (.+)\n/.exec(controller)?.[1];
+  if (value === undefined) throw new Error('deploy/base/deployment.yaml: the controller container has no NODE_OPTIONS');
+  return value.trim();
+}
 
 /** The controller in a child process, and a way to read its counters since the last read. */
 class ControllerProcess {
@@ -67,7 +80,10 @@ class ControllerProcess {
   readonly ready: Promise<void>;
 
   constructor(access: ServiceAccountFiles, verbose: boolean) {
-    this.child = fork(fileURLToPath(new URL('./controller-child.ts', import.meta.url)), [JSON.stringify(access), ...(verbose ? ['--verbose'] : [])], { execArgv: process.execArgv, stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    // Compiled, as the image runs it: type stripping alone adds tens of MB of RSS.
+    const [compiled] = compileEntries(['bench/controller-child.ts'], compiledDir('bench-controller'));
+    const nodeOptions = process.env.BENCH_CONTROLLER_NODE_OPTIONS ?? deployedNodeOptions();
+    this.child = fork(compiled!, [JSON.stringify(access), ...(verbose ? ['--verbose'] : [])], { execArgv: nodeOptions.split(' ').filter(Boolean), stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
     this.ready = new Promise((resolve, reject) => {
       this.child.once('exit', (code) => reject(new Error(`controller child exited with ${code}`)));
       this.child.on('message', (m: ChildMessage) => {
@@ -180,6 +196,11 @@ class Acknowledger {
         for (const m of this.members.list()) this.enqueue(m.metadata.name ?? '');
       }, this.heartbeatMs);
     }
+  }
+
+  /** Writes every PoolMember's status once more, as a heartbeat would: what the acknowledgements of one rebalance cost the API server alone. */
+  rewriteAll(): void {
+    for (const m of this.members.list()) this.enqueue(m.metadata.name ?? '');
   }
 
   /** Sets the limit the bench just wrote; a lower one is reached only as shrinks are acknowledged. */
@@ -366,7 +387,7 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
     entry.violations += acknowledger.violations - violationsBefore;
     for (const [k, v] of Object.entries(mark.writesByKind)) entry.kinds[k] = (entry.kinds[k] ?? 0) + v;
     samples.set(event, entry);
-    console.error(`  ${args.pods} pods: ${event} ${(ms / 1000).toFixed(2)} s, ${mark.writes} controller writes, cpu ${mark.cpuS.toFixed(2)} s, peak rss ${mark.peakRssMb.toFixed(0)} MB`);
+    console.error(`  ${args.pods} pods: ${event} ${(ms / 1000).toFixed(2)} s, ${mark.writes} controller writes, cpu ${mark.cpuS.toFixed(2)} s, peak rss ${mark.peakRssMb.toFixed(0)} MB (now: heap ${mb(mark.memory.heapUsed)} of ${mb(mark.memory.heapTotal)}, external ${mb(mark.memory.external)}, array buffers ${mb(mark.memory.arrayBuffers)} MB)`);
   };
 
   const results: ControllerResult[] = [];
@@ -380,6 +401,8 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
       let added: string[] = [];
       await measure('scale-up', limit, args.pods + step, async () => (added = await createPods(step)));
       await measure('delete', limit, args.pods, () => deletePods(added));
+      // The floor under a rebalance: one status write per pod and nothing else to do.
+      await measure('acks-only', limit, args.pods, () => Promise.resolve(acknowledger.rewriteAll()));
     }
     // Nothing changes: whatever the controller does now is overhead.
     await controller.mark();

@@ -14,7 +14,7 @@ import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import {
-  FrameReader, MessageType, NO_SETTINGS, ProtocolError, UNTYPED, authenticationOk, backendKeyData, classifySessionCommand, clientSettingsFromStartup,
+  FrameReader, MessageType, NO_SETTINGS, ProtocolError, UNTYPED, authenticationOk, backendKeyData, classifySessionCommand, clientSettingsFromStartup, laterSessionCommands,
   commandComplete, errorResponse, isFrontendMessageType, messageTypeTable, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery,
   type ClientSettings, type NoticeFields, type PinReason,
 } from '../core/protocol/index.ts';
@@ -253,6 +253,11 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       textStart = nameEnd + 1;
     }
     const command = classifySessionCommand(buffer, textStart, end);
+    // A session command after the first statement of a simple Query pins as it would alone.
+    if (type === QUERY && this.pinnedBy === undefined) {
+      const later = laterSessionCommands(buffer, textStart, end).find((c) => c.kind === 'pin');
+      if (later?.kind === 'pin' && command?.kind !== 'pin' && command?.kind !== 'listen') this.pin(later.reason);
+    }
     if (command === undefined) return false;
     if (command.kind === 'listen' || command.kind === 'unlisten') {
       // A lone LISTEN/UNLISTEN between transactions goes through the sidecar's one listening connection.

@@ -176,6 +176,45 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('pins on session state a first-word reader would miss: set_config(..., false), a DO block, SELECT INTO TEMP, a later statement of a multi-statement Query', async function () {
+      const ways: [string, string, string][] = [
+        ["SELECT set_config('statement_timeout', '4321', false)", 'set', 'SHOW statement_timeout'],
+        ["DO $$ BEGIN PERFORM set_config('statement_timeout', '4321', false); END $$", 'set', 'SHOW statement_timeout'],
+        ['SELECT 1; SET statement_timeout = 4321', 'set', 'SHOW statement_timeout'],
+        ['/* app=web */ SET statement_timeout = 4321', 'set', 'SHOW statement_timeout'],
+        ['SELECT 1 AS a INTO TEMP leftover', 'temp-table', "SELECT count(*)::text AS statement_timeout FROM pg_class WHERE relname = 'leftover' AND relpersistence = 't'"],
+      ];
+      // One server connection: without the pin, the next client would get the same backend and see what was left.
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        for (const [sql, reason, check] of ways) {
+          const setter = client(running);
+          await setter.connect();
+          await setter.query(sql);
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), new RegExp(`reason="${reason}"} 1`), sql);
+          if (check.startsWith('SHOW')) assert.equal((await setter.query<{ statement_timeout: string }>(check)).rows[0]!.statement_timeout, '4321ms', sql);
+          await setter.end();
+          const next = client(running);
+          await next.connect();
+          const seen = (await next.query<{ statement_timeout: string }>(check)).rows[0]!.statement_timeout;
+          assert.equal(seen, '0', `${sql}: the next client saw ${seen}`);
+          await next.end();
+        }
+      });
+    });
+
+    it('keeps set_config(..., true) unpinned: it ends with the transaction', async function () {
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const c = client(running);
+        await c.connect();
+        try {
+          await c.query("SELECT set_config('statement_timeout', '4321', true)");
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="set"} 0/);
+        } finally {
+          await c.end();
+        }
+      });
+    });
+
     it('delivers NOTIFY to clients that LISTEN, through one listening connection, without pinning them', async function () {
       await withSidecar(postgres, { grant: 3 }, async (running) => {
         const listeners = [client(running), client(running)];

@@ -4,7 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { classifySessionCommand, clientSettingsFromStartup, parseOptions, settingsSql } from '../../src/core/protocol/index.ts';
+import { classifySessionCommand, clientSettingsFromStartup, laterSessionCommands, parseOptions, settingsSql, setsSessionConfig, splitStatements } from '../../src/core/protocol/index.ts';
 
 const classify = (sql: string): ReturnType<typeof classifySessionCommand> => {
   const buffer = Buffer.from(`${sql}\0`);
@@ -26,6 +26,67 @@ describe('session commands', function () {
       const command = classify(sql);
       assert.equal(command?.kind === 'pin' ? command.reason : undefined, reason, sql);
     }
+  });
+
+  it('pins on functions and blocks that leave session state, not on their transaction-scoped forms', function () {
+    const cases: [string, string | undefined][] = [
+      ["SELECT set_config('search_path', 'x', false)", 'set'], ["select SET_CONFIG('a.b', $1, $2)", 'set'], ["SELECT set_config('a.b', 'v', is_local)", 'set'],
+      ["SELECT set_config('request.jwt.claims', $1, true)", undefined], ["SELECT set_config('a.b', concat('x', ','), TRUE), 1", undefined],
+      ["SELECT set_config('a.b', 'v', true), set_config('c.d', 'v', false)", 'set'],
+      ['SELECT * INTO TEMP t FROM x', 'temp-table'], ['select a into temporary table t from x', 'temp-table'], ['SELECT a INTO t FROM x', undefined], ['SELECT into_temp FROM x', undefined],
+      ['CREATE TABLE pg_temp.t (a int)', 'temp-table'], ['CREATE TABLE IF NOT EXISTS pg_temp.t (a int)', 'temp-table'], ['CREATE UNLOGGED TABLE pg_temp.t (a int)', 'temp-table'], ['CREATE TABLE public.t (a int)', undefined],
+      ['DO $$BEGIN SET search_path = x; END$$', 'set'], ["DO $$ BEGIN PERFORM set_config('a.b', 'v', false); END $$", 'set'], ['DO $$ BEGIN IF true THEN RESET ALL; END IF; END $$', 'set'],
+      ['DO $$ BEGIN UPDATE t SET a = 1; END $$', undefined], ['DO $$ BEGIN SET LOCAL search_path = x; END $$', undefined], ["DO $$ BEGIN PERFORM set_config('a.b', 'v', true); END $$", undefined],
+      ['DO $$ BEGIN CREATE TEMP TABLE t (a int); END $$', 'temp-table'], ['DO $$ BEGIN PERFORM pg_advisory_lock(1); END $$', 'advisory-lock'], ['DO $$ BEGIN NULL; END $$', undefined],
+      ['/* controller=users */ SET search_path = x', 'set'], ['-- tag\nSET search_path = x', 'set'], ['/* a /* nested */ b */ RESET ALL', 'set'], ['/* x */ SELECT 1', undefined],
+    ];
+    for (const [sql, reason] of cases) {
+      const command = classify(sql);
+      assert.equal(command?.kind === 'pin' ? command.reason : undefined, reason, sql);
+    }
+  });
+
+  it('reads the scope of set_config from its third argument, whatever the first two hold', function () {
+    assert.equal(setsSessionConfig("select set_config('a', 'x,y)', true)"), false);
+    assert.equal(setsSessionConfig("select set_config('a', f(1, 2), true)"), false);
+    assert.equal(setsSessionConfig("select set_config('a', f(1, 2), false)"), true);
+    assert.equal(setsSessionConfig('select 1'), false);
+  });
+
+  it('splits a simple Query into statements at semicolons outside quotes, dollar quotes and comments', function () {
+    const split = (sql: string): string[] => {
+      const buffer = Buffer.from(`${sql}\0`);
+      return splitStatements(buffer, 0, buffer.length).map(([a, b]) => buffer.toString('utf8', a, b).trim());
+    };
+    assert.deepEqual(split('SELECT 1; SET x = 1'), ['SELECT 1', 'SET x = 1']);
+    assert.deepEqual(split("SELECT ';'; SELECT E'\\';'; SELECT \"a;b\" FROM t;"), ["SELECT ';'", "SELECT E'\\';'", 'SELECT "a;b" FROM t']);
+    assert.deepEqual(split('DO $f$ BEGIN NULL; END $f$; SELECT $1; SELECT 2'), ['DO $f$ BEGIN NULL; END $f$', 'SELECT $1', 'SELECT 2']);
+    assert.deepEqual(split('SELECT 1 -- ; not here\n; /* ; */ SELECT 2;;'), ['SELECT 1 -- ; not here', 'SELECT 2']);
+    assert.deepEqual(split("SELECT 'it''s;'; SELECT 3"), ["SELECT 'it''s;'", 'SELECT 3']);
+  });
+
+  it('finds the session commands after the first statement of a multi-statement Query', function () {
+    const later = (sql: string): ReturnType<typeof laterSessionCommands> => {
+      const buffer = Buffer.from(`${sql}\0`);
+      return laterSessionCommands(buffer, 0, buffer.length);
+    };
+    assert.deepEqual(later('SELECT 1; SET search_path = x'), [{ kind: 'pin', reason: 'set' }]);
+    assert.deepEqual(later('BEGIN; SELECT pg_advisory_lock(1); COMMIT'), [{ kind: 'pin', reason: 'advisory-lock' }]);
+    assert.deepEqual(later('SELECT 1; LISTEN a'), [{ kind: 'pin', reason: 'listen' }]);
+    assert.deepEqual(later('SELECT 1; DISCARD ALL'), [{ kind: 'discard-all' }]);
+    assert.deepEqual(later("SELECT 1; SELECT 'SET x = 1; RESET ALL'"), []);
+    assert.deepEqual(later('SELECT 1;'), []);
+    assert.deepEqual(later('SET x = 1'), []);
+  });
+
+  it('splits any text without reading past its end, and every statement lies inside it', function () {
+    fc.assert(fc.property(fc.string(), fc.string(), (sql, after) => {
+      const buffer = Buffer.from(`${sql}${after}`);
+      const end = Buffer.byteLength(sql);
+      const statements = splitStatements(buffer, 0, end);
+      assert.deepEqual(statements, splitStatements(Buffer.from(sql), 0, end));
+      for (const [a, b] of statements) assert.ok(a >= 0 && a < b && b <= end);
+    }));
   });
 
   it('reads LISTEN and UNLISTEN with their channel, and whether they stand alone', function () {

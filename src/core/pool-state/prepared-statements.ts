@@ -36,7 +36,7 @@
  */
 import { createHash } from 'node:crypto';
 import {
-  ProtocolError, buildClosePortal, buildCloseStatement, buildParse, classifySessionCommand, parseBindMessage,
+  ProtocolError, buildClosePortal, buildCloseStatement, buildParse, classifySessionCommand, laterSessionCommands, mayHoldSeveralStatements, parseBindMessage, splitStatements,
   parseParseMessage, parseTargetMessage, renameBind, buildDescribeStatement,
 } from '../protocol/index.ts';
 import { serialize } from 'pg-protocol';
@@ -403,9 +403,21 @@ export function routeMessage(
  *   connection's statements are uncertain (it is not reused if it never comes).
  * Returns true if it wrote the message (or its replacement) to `out`.
  */
+/** How many statements a simple Query holds (1 without a semicolon). */
+function splitStatementsIfAny(buffer: Buffer, start: number, end: number): number {
+  return mayHoldSeveralStatements(buffer, start, end) ? splitStatements(buffer, start, end).length : 1;
+}
+
 function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, textStart: number, buffer: Buffer, out: Buffer[], kind: 'parse' | 'query'): boolean {
   const textEnd = buffer.indexOf(0, textStart);
-  const command = classifySessionCommand(buffer, textStart, textEnd < 0 ? textStart : textEnd);
+  const end = textEnd < 0 ? textStart : textEnd;
+  const first = classifySessionCommand(buffer, textStart, end);
+  // In a multi-statement Query, a later DEALLOCATE ALL or DISCARD ALL drops the shared statements too;
+  // a DEALLOCATE of one name is left to the server (it names the client's statement, so it fails, as it says).
+  const later = kind === 'query' ? laterSessionCommands(buffer, textStart, end) : [];
+  const command = later.some((c) => c.kind === 'deallocate-all' || c.kind === 'discard-all') ? { kind: 'discard-all' as const }
+    : first?.kind === 'deallocate' && kind === 'query' && splitStatementsIfAny(buffer, textStart, end) > 1 ? undefined
+      : first;
   if (command === undefined) return false;
   const server = editor.statements;
   if (command.kind === 'deallocate-all' || command.kind === 'discard-all') {

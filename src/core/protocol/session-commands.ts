@@ -5,7 +5,11 @@
  * LISTEN, PREPARE, temporary tables and WITH HOLD cursors leave state on the
  * server connection that must not reach another client. Only statements
  * whose first letter can start one of these are decoded, so the common
- * SELECT/INSERT/UPDATE/BEGIN/COMMIT cost two byte reads.
+ * INSERT/UPDATE/BEGIN/COMMIT cost two byte reads; a SELECT is searched for
+ * the functions that leave state (session advisory locks, set_config with
+ * session scope) and for INTO TEMP, a DO block for the same and for SET. The
+ * statements after the first of a multi-statement Query are found by
+ * splitStatements and classified alike (laterSessionCommands).
  */
 
 /** Why a client keeps its server connection between transactions. */
@@ -41,11 +45,14 @@ function isSpace(byte: number | undefined): boolean {
 export function classifySessionCommand(buffer: Buffer, start: number, end: number): SessionCommand | undefined {
   let i = start;
   while (i < end && isSpace(buffer[i])) i++;
+  // A leading comment (an ORM's or a tracer's tag) hides the first word: skip it.
+  if (i + 1 < end && ((buffer[i] === 0x2f && buffer[i + 1] === 0x2a) || (buffer[i] === 0x2d && buffer[i + 1] === 0x2d))) i = skipSpaceAndComments(buffer, i, end);
   if (i >= end || FIRST[buffer[i]!] !== 1) return undefined;
   // Second letter: rules out SELECT, COMMIT, ROLLBACK, DELETE, DO, CALL, ... at once.
   const second = i + 1 < end ? buffer[i + 1]! | 0x20 : 0;
   const first = buffer[i]! | 0x20;
-  if (first === 0x73 /* s */ && second === 0x65 && i + 2 < end && (buffer[i + 2]! | 0x20) === 0x6c /* SEL */) return takesSessionLock(buffer, i, end);
+  if (first === 0x73 /* s */ && second === 0x65 && i + 2 < end && (buffer[i + 2]! | 0x20) === 0x6c /* SEL */) return selectLeavingState(buffer, i, end);
+  if (first === 0x64 /* d */ && second === 0x6f /* o */ && i + 2 < end && !isWordByte(buffer[i + 2]!)) return doBlockLeavingState(buffer, i, end);
   if (first === 0x73 /* s */ || first === 0x72 /* r */ || first === 0x64 /* d */) {
     if (second !== 0x65 /* e */ && !(first === 0x64 && (second === 0x69 /* i */ || second === 0x65))) return undefined;
   } else if (first === 0x63 /* c */ && second !== 0x72 /* r */) return undefined;
@@ -84,7 +91,11 @@ export function classifySessionCommand(buffer: Buffer, start: number, end: numbe
       return /\bwith\s+hold\b/i.test(buffer.toString('utf8', i, nul >= 0 && nul < end ? nul : end)) ? { kind: 'pin', reason: 'cursor-with-hold' } : undefined;
     case 'create': {
       const scope = w1 === 'global' || w1 === 'local' ? w2 : w1;
-      return scope === 'temp' || scope === 'temporary' ? { kind: 'pin', reason: 'temp-table' } : undefined;
+      if (scope === 'temp' || scope === 'temporary') return PIN_TEMP;
+      // A table created in pg_temp by name is a temporary table too.
+      const table = w1 === 'unlogged' ? w2 === 'table' ? words[3] : undefined : w1 === 'table' ? w2 : undefined;
+      const named = table?.toLowerCase() === 'if' ? words[w1 === 'unlogged' ? 6 : 5] : table;
+      return named?.toLowerCase().startsWith('pg_temp.') === true ? PIN_TEMP : undefined;
     }
     default:
       return undefined;
@@ -93,16 +104,204 @@ export function classifySessionCommand(buffer: Buffer, start: number, end: numbe
 
 const SESSION_LOCK = Buffer.from('advisory_lock');
 const SESSION_LOCK_UPPER = Buffer.from('ADVISORY_LOCK');
+const SET_CONFIG = Buffer.from('set_config');
+const SET_CONFIG_UPPER = Buffer.from('SET_CONFIG');
 const PIN_ADVISORY: SessionCommand = { kind: 'pin', reason: 'advisory-lock' };
+const PIN_SET: SessionCommand = { kind: 'pin', reason: 'set' };
+const PIN_TEMP: SessionCommand = { kind: 'pin', reason: 'temp-table' };
+
+function contains(text: Buffer, lower: Buffer, upper: Buffer): boolean {
+  return text.indexOf(lower) >= 0 || text.indexOf(upper) >= 0;
+}
 
 /**
- * A SELECT that takes a session-level advisory lock (pg_advisory_lock,
- * pg_try_advisory_lock and their _shared forms; the _xact_ forms end with
- * the transaction and contain no `advisory_lock`).
+ * A SELECT that leaves state on its connection: a session-level advisory lock
+ * (pg_advisory_lock, pg_try_advisory_lock and their _shared forms; the _xact_
+ * forms end with the transaction and contain no `advisory_lock`), set_config
+ * with session scope, or SELECT ... INTO TEMP. Searched with indexOf, so an
+ * ordinary SELECT costs two memory scans.
  */
-function takesSessionLock(buffer: Buffer, start: number, end: number): SessionCommand | undefined {
+function selectLeavingState(buffer: Buffer, start: number, end: number): SessionCommand | undefined {
   const text = buffer.subarray(start, end);
-  return text.indexOf(SESSION_LOCK) >= 0 || text.indexOf(SESSION_LOCK_UPPER) >= 0 ? PIN_ADVISORY : undefined;
+  if (contains(text, SESSION_LOCK, SESSION_LOCK_UPPER)) return PIN_ADVISORY;
+  if (contains(text, SET_CONFIG, SET_CONFIG_UPPER) && setsSessionConfig(text.toString('utf8'))) return PIN_SET;
+  if ((text.indexOf('into') >= 0 || text.indexOf('INTO') >= 0 || text.indexOf('Into') >= 0) && /\binto\s+(temp|temporary)\b/i.test(text.toString('utf8'))) return PIN_TEMP;
+  return undefined;
+}
+
+/**
+ * A DO block whose body leaves session state: set_config with session scope,
+ * a plpgsql SET that is not SET LOCAL (at the start of a statement, so an
+ * UPDATE's SET does not count), a session advisory lock or a temporary table.
+ * What a function called from it does cannot be seen (docs/transaction-mode.md).
+ */
+function doBlockLeavingState(buffer: Buffer, start: number, end: number): SessionCommand | undefined {
+  const text = buffer.subarray(start, end);
+  if (contains(text, SESSION_LOCK, SESSION_LOCK_UPPER)) return PIN_ADVISORY;
+  const body = text.toString('utf8');
+  if (contains(text, SET_CONFIG, SET_CONFIG_UPPER) && setsSessionConfig(body)) return PIN_SET;
+  if (/(?:^|[;$]|\b(?:begin|then|else|loop))\s*(?:reset\b|set\s+(?!local\b|transaction\b|constraints\b)[a-z_"])/i.test(body)) return PIN_SET;
+  if (/\bcreate\s+(?:(?:global|local)\s+)?(?:temp|temporary)\b/i.test(body)) return PIN_TEMP;
+  return undefined;
+}
+
+/**
+ * True unless every set_config(...) call in `sql` has a literal true as its
+ * third argument (is_local: the setting ends with the transaction). A call
+ * whose scope is a parameter or an expression counts as session scope.
+ */
+export function setsSessionConfig(sql: string): boolean {
+  const pattern = /\bset_config\s*\(/gi;
+  for (let match = pattern.exec(sql); match !== null; match = pattern.exec(sql)) {
+    const args = topLevelArguments(sql, match.index + match[0].length);
+    const scope = args[2]?.trim().toLowerCase();
+    if (scope !== 'true' && scope !== '\'t\'' && scope !== '\'true\'' && scope !== '\'on\'' && scope !== 'true::boolean') return true;
+  }
+  return false;
+}
+
+/** The comma-separated arguments of a call whose '(' ends just before `from`, up to its ')'. */
+function topLevelArguments(sql: string, from: number): string[] {
+  const args: string[] = [];
+  let depth = 0;
+  let current = from;
+  for (let i = from; i < sql.length; i++) {
+    const c = sql[i];
+    if (c === '\'') {
+      const close = sql.indexOf('\'', i + 1);
+      i = close < 0 ? sql.length : close;
+    } else if (c === '(') depth++;
+    else if (c === ')') {
+      if (depth === 0) {
+        args.push(sql.slice(current, i));
+        return args;
+      }
+      depth--;
+    } else if (c === ',' && depth === 0) {
+      args.push(sql.slice(current, i));
+      current = i + 1;
+    }
+  }
+  args.push(sql.slice(current));
+  return args;
+}
+
+function isWordByte(byte: number): boolean {
+  return (byte >= 0x30 && byte <= 0x39) || ((byte | 0x20) >= 0x61 && (byte | 0x20) <= 0x7a) || byte === 0x5f || byte === 0x24 || byte >= 0x80;
+}
+
+/** The index of the first byte at or after `i` that is neither white space nor inside a comment. */
+function skipSpaceAndComments(buffer: Buffer, i: number, end: number): number {
+  for (;;) {
+    while (i < end && isSpace(buffer[i])) i++;
+    if (i + 1 < end && buffer[i] === 0x2d && buffer[i + 1] === 0x2d) {
+      const newline = buffer.indexOf(0x0a, i);
+      i = newline < 0 || newline >= end ? end : newline + 1;
+    } else if (i + 1 < end && buffer[i] === 0x2f && buffer[i + 1] === 0x2a) {
+      i = skipBlockComment(buffer, i, end);
+    } else return i;
+  }
+}
+
+/** Past the end of the (nestable) block comment that starts at `i`. */
+function skipBlockComment(buffer: Buffer, i: number, end: number): number {
+  let depth = 0;
+  while (i < end) {
+    if (i + 1 < end && buffer[i] === 0x2f && buffer[i + 1] === 0x2a) {
+      depth++;
+      i += 2;
+    } else if (i + 1 < end && buffer[i] === 0x2a && buffer[i + 1] === 0x2f) {
+      depth--;
+      i += 2;
+      if (depth === 0) return i;
+    } else i++;
+  }
+  return end;
+}
+
+/**
+ * The statements of a simple Query at `buffer[start..end)`, as [start, end)
+ * ranges, split at the semicolons outside quotes, dollar quotes and comments;
+ * empty statements left out. Only called when the text holds a semicolon.
+ */
+export function splitStatements(buffer: Buffer, start: number, end: number): Array<[number, number]> {
+  const statements: Array<[number, number]> = [];
+  let statementStart = start;
+  let i = start;
+  const push = (to: number): void => {
+    const from = skipSpaceAndComments(buffer, statementStart, to);
+    if (from < to) statements.push([from, to]);
+  };
+  while (i < end) {
+    const c = buffer[i]!;
+    if (c === 0x00) break;
+    if (c === 0x3b /* ; */) {
+      push(i);
+      statementStart = i + 1;
+      i++;
+    } else if (c === 0x27 /* ' */) {
+      // E'...' strings take backslash escapes; standard strings only ''.
+      const escapes = i > start && (buffer[i - 1]! | 0x20) === 0x65 && (i - 1 === start || !isWordByte(buffer[i - 2]!));
+      i++;
+      while (i < end) {
+        if (escapes && buffer[i] === 0x5c) i += 2;
+        else if (buffer[i] === 0x27) {
+          if (buffer[i + 1] === 0x27) i += 2;
+          else break;
+        } else i++;
+      }
+      i++;
+    } else if (c === 0x22 /* " */) {
+      const close = buffer.indexOf(0x22, i + 1);
+      i = close < 0 || close >= end ? end : close + 1;
+    } else if (c === 0x24 /* $ */ && (i === start || !isWordByte(buffer[i - 1]!))) {
+      // $tag$ ... $tag$ (a $1 parameter is not a quote: a digit follows).
+      let j = i + 1;
+      while (j < end && isWordByte(buffer[j]!) && buffer[j] !== 0x24) j++;
+      if (j < end && buffer[j] === 0x24 && !(buffer[i + 1]! >= 0x30 && buffer[i + 1]! <= 0x39)) {
+        const tag = buffer.subarray(i, j + 1);
+        const close = buffer.indexOf(tag, j + 1);
+        i = close < 0 || close >= end ? end : close + tag.length;
+      } else i++;
+    } else if ((c === 0x2d && buffer[i + 1] === 0x2d) || (c === 0x2f && buffer[i + 1] === 0x2a)) {
+      i = c === 0x2d ? (() => {
+        const newline = buffer.indexOf(0x0a, i);
+        return newline < 0 || newline >= end ? end : newline + 1;
+      })() : skipBlockComment(buffer, i, end);
+    } else i++;
+  }
+  push(Math.min(i, end));
+  return statements;
+}
+
+/**
+ * False when the text cannot hold a second statement: no semicolon, or only
+ * white space after the first one (`SELECT 1;`, as pgbench and psql send).
+ */
+export function mayHoldSeveralStatements(buffer: Buffer, start: number, end: number): boolean {
+  const semicolon = buffer.indexOf(0x3b, start);
+  if (semicolon < 0 || semicolon >= end) return false;
+  let i = semicolon + 1;
+  while (i < end && (isSpace(buffer[i]) || buffer[i] === 0x3b)) i++;
+  return i < end && buffer[i] !== 0x00;
+}
+
+/**
+ * The session commands of the statements after the first in a simple Query
+ * (`SELECT 1; SET x = 1`): what a pooler reading only the first would miss.
+ * Empty, at the cost of one memory scan, for a text without a semicolon.
+ * A later LISTEN pins (it cannot go through the shared listener alone).
+ */
+export function laterSessionCommands(buffer: Buffer, start: number, end: number): SessionCommand[] {
+  if (!mayHoldSeveralStatements(buffer, start, end)) return [];
+  const statements = splitStatements(buffer, start, end);
+  const commands: SessionCommand[] = [];
+  for (const [from, to] of statements.slice(1)) {
+    const command = classifySessionCommand(buffer, from, to);
+    if (command === undefined) continue;
+    commands.push(command.kind === 'listen' ? { kind: 'pin', reason: 'listen' } : command);
+  }
+  return commands;
 }
 
 /** A statement name as PostgreSQL folds it: quoted names keep their case, others are lower-cased. */

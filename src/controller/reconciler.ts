@@ -148,6 +148,13 @@ const NOT_SERVING_EVENTS = new Set(['NotAllowed', 'AddressNotOfServer', 'ServerN
 
 /** The reconciler of database servers. */
 export class ServerReconciler {
+  private readonly planMs = new Map<string, number>();
+
+  /** How long the last plan of `server` took (reading the caches and planning), in ms. */
+  lastPlanMs(server: string): number | undefined {
+    return this.planMs.get(server);
+  }
+
   private readonly deps: ReconcilerDeps;
   private readonly written = new Map<string, WrittenGrant>();
   /** resourceVersion, grant generation and normalised spec of the PoolMember this replica last wrote, by pod uid. */
@@ -374,6 +381,7 @@ export class ServerReconciler {
       if (owner) await this.writeServerStatus(owner, { limit: undefined, allocated: 0, connections: connections.length, namespaces: [], overcommitted: false });
       return { requeueAfterMs: 10_000 };
     }
+    const planStarted = performance.now();
     const connectionKeys = new Set(connections.map(key));
     const pods = caches.pods.list().filter((p) => {
       const k = podConnectionKey(p);
@@ -383,10 +391,14 @@ export class ServerReconciler {
     this.pruneWritten(members);
     const livePodUids = new Set(pods.filter((p) => !p.metadata?.deletionTimestamp && p.status?.phase !== 'Succeeded' && p.status?.phase !== 'Failed').map((p) => p.metadata?.uid ?? ''));
     this.tables.retain(new Set(pods.map((p) => p.metadata?.uid ?? '')));
+    const beforeSwitch = performance.now();
     await this.tables.switchMembers(members, livePodUids);
+    const afterSwitch = performance.now();
     const input = buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tableFrom: (m) => this.tables.tableFrom(m) });
     const tenancy = owner ? this.planOwned(owner, input, connections, resolved) : undefined;
     const plan = tenancy?.plan ?? planBudgets(missingServer === undefined ? input : withdrawPods(input, () => true));
+    // The CPU of reading and planning, not the switch's writes.
+    this.planMs.set(server, beforeSwitch - planStarted + performance.now() - afterSwitch);
 
     // One write per connection carries every switched pod's grant, shrinks and grows alike.
     await this.tables.writeTables(plan.tables, connections);

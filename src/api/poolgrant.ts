@@ -31,6 +31,7 @@ export const poolGrantSpecSchema = {
     generation: { type: 'integer', format: 'int64', minimum: 0, description: 'Increases with every change of the table.' },
     perPod: { type: 'integer', minimum: 0, description: 'The grant of every pod of the table not listed in exceptions.' },
     exceptions: { type: 'array', maxItems: 1024, items: grantExceptionSchema, description: 'Pods whose grant differs from perPod, grouped by grant.' },
+    heartbeatSeconds: { type: 'integer', minimum: 1, maximum: 3600, description: 'How often each sidecar of the table renews its PoolMember status (heartbeatTime): longer for more pods, so that heartbeats stay a small load on the API server. A change of it alone is not a change of the table (generation stays).' },
   },
 } as const;
 

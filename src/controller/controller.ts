@@ -18,7 +18,7 @@ import type { ControllerMetrics } from './metrics.ts';
 import type { PoolGrant } from '../api/poolgrant.ts';
 import { slimPod, withoutManagedFields } from './slim.ts';
 import type { PodObject } from './plan-input.ts';
-import { DEFAULT_HEARTBEAT_TIMEOUT_MS, ServerReconciler, type ControllerCaches, type HpaObject, type NamespaceObject, type ReconcilerDeps, type SecretObject, type WorkloadObject } from './reconciler.ts';
+import { ServerReconciler, type ControllerCaches, type HpaObject, type NamespaceObject, type ReconcilerDeps, type SecretObject, type WorkloadObject } from './reconciler.ts';
 
 /** Least time between the starts of two reconciles of one server while events keep coming. */
 const RECONCILE_SPACING_MS = 200;
@@ -149,7 +149,6 @@ export class BudgetController {
     pods.onChange((_type, p) => byConnectionName(p.metadata?.namespace, p.metadata?.labels?.[CONNECTION_LABEL]));
     // Written by this controller; an event matters when someone else changed or deleted one.
     this.caches.grants?.onChange((_type, g) => byConnectionName(g.metadata.namespace, g.spec.connection));
-    const heartbeatTimeoutMs = this.options.reconciler.heartbeatTimeoutMs ?? DEFAULT_HEARTBEAT_TIMEOUT_MS;
     members.onChange((type, m) => {
       const k = `${m.metadata.namespace ?? ''}/${m.metadata.name ?? ''}`;
       if (type === 'DELETED') {
@@ -164,7 +163,7 @@ export class BudgetController {
       this.memberSeen.set(k, { fingerprint, reportedAt });
       // A heartbeat alone changes no grant; but one from a sidecar that had gone quiet
       // past the timeout may clear a SidecarUnresponsive condition, so that one reconciles.
-      const quiet = seen !== undefined && Date.now() - seen.reportedAt > heartbeatTimeoutMs;
+      const quiet = seen !== undefined && Date.now() - seen.reportedAt > this.reconciler.memberHeartbeatTimeoutMs(m);
       if (seen?.fingerprint === fingerprint && !quiet) return;
       byConnectionName(m.metadata.namespace, m.spec.connection);
     });

@@ -128,14 +128,16 @@ export class GrantTableWriter {
    * resourceVersion it was planned from (a deposed leader's write fails).
    * A PoolGrant is owned by its DatabaseConnection and goes with it.
    */
-  async writeTables(tables: readonly PlannedTable[], connections: readonly DatabaseConnection[]): Promise<void> {
+  async writeTables(tables: readonly PlannedTable[], connections: readonly DatabaseConnection[], heartbeats: ReadonlyMap<string, number> = new Map()): Promise<void> {
     if (!this.enabled) return;
     const byKey = new Map(connections.map((c) => [`${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`, c]));
+    await this.writeHeartbeats(tables.filter((t) => !t.changed), heartbeats);
     await forEachBounded(tables.filter((t) => t.changed), CONCURRENCY, async (t) => {
       const k = `${t.namespace}/${t.connection}`;
       const connection = byKey.get(k);
       if (!connection) return;
-      const spec = { connection: t.connection, generation: t.table.generation, perPod: t.table.perPod, exceptions: t.table.exceptions };
+      const heartbeatSeconds = heartbeats.get(k);
+      const spec = { connection: t.connection, generation: t.table.generation, perPod: t.table.perPod, exceptions: t.table.exceptions, ...(heartbeatSeconds === undefined ? {} : { heartbeatSeconds }) };
       const current = this.inForce(t.namespace, t.connection);
       const path = `${BASE}/namespaces/${t.namespace}/poolgrants`;
       this.deps.assertMayWrite();
@@ -154,6 +156,36 @@ export class GrantTableWriter {
       }
       this.written.set(k, { table: t.table, resourceVersion: written.metadata.resourceVersion ?? '' });
       this.deps.logger.debug({ table: k, generation: t.table.generation, perPod: t.table.perPod, exceptions: t.table.exceptions.length }, 'grant table written');
+    });
+  }
+
+  /** The heartbeat interval the sidecars of a connection's table are told, if any. */
+  heartbeatSeconds(namespace: string, connection: string): number | undefined {
+    return this.deps.grants?.get(namespace, connection)?.spec.heartbeatSeconds;
+  }
+
+  /**
+   * Tells the sidecars of unchanged tables a new heartbeat interval: a patch
+   * of heartbeatSeconds alone, the generation unchanged, so no sidecar sees a
+   * new grant or writes because of it.
+   */
+  private async writeHeartbeats(unchanged: readonly PlannedTable[], heartbeats: ReadonlyMap<string, number>): Promise<void> {
+    const due = unchanged.filter((t) => {
+      const wanted = heartbeats.get(`${t.namespace}/${t.connection}`);
+      const cached = this.deps.grants?.get(t.namespace, t.connection);
+      return wanted !== undefined && cached !== undefined && cached.spec.heartbeatSeconds !== wanted && !this.written.has(`${t.namespace}/${t.connection}`);
+    });
+    await forEachBounded(due, CONCURRENCY, async (t) => {
+      const cached = this.deps.grants?.get(t.namespace, t.connection);
+      if (!cached) return;
+      this.deps.assertMayWrite();
+      try {
+        await this.deps.http.patch<PoolGrant>(`${BASE}/namespaces/${t.namespace}/poolgrants/${t.connection}`, { metadata: { resourceVersion: cached.metadata.resourceVersion }, spec: { heartbeatSeconds: heartbeats.get(`${t.namespace}/${t.connection}`) } });
+      } catch (err) {
+        // Changed meanwhile: the next reconcile, planned from the newer table, tries again.
+        if (isStatus(err, 409) || isStatus(err, 404)) return;
+        throw err;
+      }
     });
   }
 }

@@ -7,7 +7,7 @@
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVE, type DatabaseConnection, type DatabaseServer, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
-import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, type BudgetInput, type BudgetPlan, type PodGrant } from '../core/budget/index.ts';
+import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, heartbeatSecondsFor, heartbeatTimeoutMs, type BudgetInput, type BudgetPlan, type PodGrant } from '../core/budget/index.ts';
 import { decideOwnedLimit, decideServerLimit, namespaceDemands, namespaceShares, ownedServerKey, planWithShares, ruleFor, type NamespaceRule } from '../core/tenancy/index.ts';
 import { connectionConditions, limitMismatchCondition, oversubscriptionAdvice, type ConsumerDemand, type ConsumerFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
 import { conditionsEqual, findCondition, setConditions, type Condition, type ConditionUpdate } from '../core/conditions/index.ts';
@@ -82,7 +82,7 @@ export interface ReconcilerDeps {
   repairGraceSeconds?: number;
   /** Bind the ClusterRole `poolkeeper-sidecar` to the ServiceAccounts of opted-in pods, per namespace. */
   manageSidecarAccess?: boolean;
-  /** A sidecar whose PoolMember status has not been written for this long is reported unresponsive. */
+  /** A sidecar whose PoolMember status has not been written for this long is reported unresponsive; unset: three heartbeats of its table, at least 60 s. */
   heartbeatTimeoutMs?: number;
   /** Server identity; absent: one with the system resolver. */
   directory?: ServerDirectory;
@@ -401,7 +401,7 @@ export class ServerReconciler {
     this.planMs.set(server, beforeSwitch - planStarted + performance.now() - afterSwitch);
 
     // One write per connection carries every switched pod's grant, shrinks and grows alike.
-    await this.tables.writeTables(plan.tables, connections);
+    await this.tables.writeTables(plan.tables, connections, this.heartbeats(pods));
     await this.applyGrants(plan, connections, members, resolved);
     await this.deleteOrphans(plan, members);
     await this.sidecarAccess?.ensure(pods);
@@ -529,8 +529,30 @@ export class ServerReconciler {
     return members.filter((m) => {
       if (!live.has(m.metadata.ownerReferences?.[0]?.uid)) return false;
       const last = m.status?.heartbeatTime ?? m.metadata.creationTimestamp;
-      return last !== undefined && now - new Date(last).getTime() > this.heartbeatTimeoutMs();
+      return last !== undefined && now - new Date(last).getTime() > this.memberHeartbeatTimeoutMs(m);
     });
+  }
+
+  /** Per connection (`namespace/name`), the heartbeat its table tells the sidecars: slower for more pods. */
+  private heartbeats(pods: readonly (PodObject & KubeObject)[]): Map<string, number> {
+    const counts = new Map<string, number>();
+    for (const p of pods) {
+      const k = podConnectionKey(p);
+      if (k !== undefined) counts.set(k, (counts.get(k) ?? 0) + 1);
+    }
+    return new Map([...counts].map(([k, n]) => [k, heartbeatSecondsFor(n)]));
+  }
+
+  /**
+   * How long `member`'s sidecar may stay silent before it counts as
+   * unresponsive: three of the heartbeats its table asks for, at least the
+   * default timeout; a sidecar not on a table beats at the base interval.
+   */
+  memberHeartbeatTimeoutMs(member: PoolMember): number {
+    // A timeout set explicitly (tests, a short-lived cluster) is taken as it is.
+    if (this.deps.heartbeatTimeoutMs !== undefined) return this.deps.heartbeatTimeoutMs;
+    const seconds = member.spec.tableFrom === undefined ? undefined : this.tables.heartbeatSeconds(member.metadata.namespace ?? '', member.spec.connection);
+    return heartbeatTimeoutMs(seconds, this.heartbeatTimeoutMs());
   }
 
   /** Pods that opted in but lack the sidecar; the repairer evicts or reports them. */

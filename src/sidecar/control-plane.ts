@@ -9,7 +9,7 @@
  */
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, type PoolGrant, type PoolMember, type PoolMemberStatus } from '../api/index.ts';
-import { deriveGrant } from '../core/budget/grant-table.ts';
+import { BASE_HEARTBEAT_SECONDS, deriveGrant } from '../core/budget/grant-table.ts';
 import { isStatus, type KubeHttp } from '../kube/http.ts';
 import { ApiReachability } from '../kube/backoff.ts';
 import { Informer, type KubeObject } from '../kube/informer.ts';
@@ -68,6 +68,9 @@ export class PoolMemberAgent {
   private writing: Promise<void> | undefined;
   private dirty = false;
   private heartbeat: NodeJS.Timeout | undefined;
+  /** The first beat at a new interval, at a random point of it. */
+  private heartbeatStart: NodeJS.Timeout | undefined;
+  private heartbeatMs = 0;
   private unsubscribe: (() => void) | undefined;
   private stopped = false;
   private memberExists = false;
@@ -115,9 +118,30 @@ export class PoolMemberAgent {
     });
     this.unsubscribe = this.options.target.onStatus(() => this.report());
     await this.informer.start();
-    const heartbeatMs = this.options.heartbeatMs ?? 10_000;
-    this.heartbeat = setInterval(() => this.report(), heartbeatMs);
-    this.heartbeat.unref();
+    this.scheduleHeartbeat(this.options.heartbeatMs ?? BASE_HEARTBEAT_SECONDS * 1000, false);
+  }
+
+  /**
+   * Renews the status every `intervalMs`. When the table changes the interval,
+   * the first beat comes at a random point of the new one: every sidecar of
+   * the table sees the change at the same moment, and beating in step would
+   * send the API server all of their writes at once.
+   */
+  private scheduleHeartbeat(intervalMs: number, spread: boolean): void {
+    if (this.heartbeatMs === intervalMs || this.stopped) return;
+    this.heartbeatMs = intervalMs;
+    clearInterval(this.heartbeat);
+    clearTimeout(this.heartbeatStart);
+    const start = (): void => {
+      this.heartbeat = setInterval(() => this.report(), intervalMs);
+      this.heartbeat.unref();
+    };
+    if (!spread) return start();
+    this.heartbeatStart = setTimeout(() => {
+      this.report();
+      start();
+    }, Math.floor(Math.random() * intervalMs));
+    this.heartbeatStart.unref();
   }
 
   private watchTable(connection: string): void {
@@ -130,7 +154,11 @@ export class PoolMemberAgent {
       reachability: this.reachability,
     });
     // A table change that leaves this pod's grant alone hands nothing to the pool and writes nothing.
-    this.tableInformer.onChange(() => this.evaluate());
+    this.tableInformer.onChange((type, grant) => {
+      // The table says how often to beat (longer for bigger fleets); an explicit heartbeatMs (tests) wins.
+      if (type !== 'DELETED' && grant.spec.heartbeatSeconds !== undefined && this.options.heartbeatMs === undefined) this.scheduleHeartbeat(grant.spec.heartbeatSeconds * 1000, true);
+      this.evaluate();
+    });
     this.tableInformer.start().then(() => {
       // Saying so before the watch works (no RBAC on poolgrants, say) would get this pod
       // switched onto a table it cannot read.
@@ -245,6 +273,7 @@ export class PoolMemberAgent {
   async stop(): Promise<void> {
     this.stopped = true;
     clearInterval(this.heartbeat);
+    clearTimeout(this.heartbeatStart);
     clearTimeout(this.deferred);
     this.unsubscribe?.();
     await this.writing;

@@ -107,6 +107,8 @@ describe('budget controller', function () {
       assert.equal(status?.consumers?.[0]?.perPodBudget, 40);
       assert.equal(status?.conditions?.find((c) => c.type === 'Ready')?.status, 'True');
       assert.ok(upSeconds < 30, `scale-up converged in ${upSeconds}s`);
+      // A small fleet beats at the base interval; the table tells its sidecars so.
+      assert.equal(kube.kubectl(['-n', namespace, 'get', 'poolgrant', 'orders', '-o', 'jsonpath={.spec.heartbeatSeconds}']), '10');
     } finally {
       sampler.stop();
     }

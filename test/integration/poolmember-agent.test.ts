@@ -85,4 +85,21 @@ describe('PoolMember agent', function () {
       await agent.stop();
     }
   });
+
+  it('beats as often as its grant table says, at a random point of the new interval', async function () {
+    kube.kubectl(['apply', '-f', '-'], JSON.stringify({ apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'PoolGrant', metadata: { name: 'db', namespace }, spec: { connection: 'db', generation: 1, perPod: 5, heartbeatSeconds: 1 } }));
+    writeSpec(5, 1, false);
+    const agent = new PoolMemberAgent({ http: new KubeHttp(kube.kubeConfig()), namespace, podName: 'pod-a', target: new ObedientSidecarDouble(), logger: pino({ level: 'silent' }), version: 'test' });
+    await agent.start();
+    try {
+      await eventually('acknowledged', () => member().status?.acknowledgedConnections === 5);
+      await new Promise((r) => setTimeout(r, 1500));
+      // Without the table's 1 s the next beat would come 10 s after the last write.
+      const before = member().status?.heartbeatTime;
+      await eventually('a heartbeat within 4 s', () => member().status?.heartbeatTime !== before, 4_000);
+    } finally {
+      await agent.stop();
+      kube.kubectl(['-n', namespace, 'delete', 'poolgrant', 'db']);
+    }
+  });
 });

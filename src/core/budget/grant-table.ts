@@ -105,3 +105,32 @@ export function memberGrantInForce(member: { name: string; grant: { connections:
 export function tableContent(table: GrantTable): string {
   return JSON.stringify([table.perPod, table.exceptions.map((e) => [e.connections, e.drain === true, e.pods])]);
 }
+
+/** The heartbeat of a small fleet: a sidecar renews its status every 10 s. */
+export const BASE_HEARTBEAT_SECONDS = 10;
+/** Most heartbeat status writes per second one connection's sidecars make together. */
+export const HEARTBEAT_WRITES_PER_SECOND = 20;
+/** Longest heartbeat interval. */
+export const MAX_HEARTBEAT_SECONDS = 640;
+
+/**
+ * How often each of `pods` sidecars renews its status: 10 s up to 200 pods,
+ * then doubled with every doubling of pods (at most 640 s), so the
+ * connection's heartbeats stay at or under 20 status writes a second (at
+ * 10,000 pods a 10 s heartbeat would be 1,000 writes a second, more than an
+ * API server on two cores completes). Powers of two: a fleet scaling within
+ * a factor of two changes it at most once.
+ */
+export function heartbeatSecondsFor(pods: number): number {
+  let seconds = BASE_HEARTBEAT_SECONDS;
+  while (seconds < MAX_HEARTBEAT_SECONDS && pods / seconds > HEARTBEAT_WRITES_PER_SECOND) seconds *= 2;
+  return seconds;
+}
+
+/**
+ * How long a sidecar may go without renewing its status before it counts as
+ * unresponsive: three heartbeats, and never less than `minimumMs`.
+ */
+export function heartbeatTimeoutMs(heartbeatSeconds: number | undefined, minimumMs: number): number {
+  return Math.max(minimumMs, 3 * (heartbeatSeconds ?? BASE_HEARTBEAT_SECONDS) * 1000);
+}

@@ -64,6 +64,7 @@ for (const c of 'ZEGHWcC') TRACKED[c.charCodeAt(0)] = 1;
 /** Tags of the commands that drop every prepared statement of the backend, with their NUL. */
 const DEALLOCATE_ALL_TAG = Buffer.from('DEALLOCATE ALL\0');
 const DISCARD_ALL_TAG = Buffer.from('DISCARD ALL\0');
+const RESET_TAG = Buffer.from('RESET\0');
 
 /** A pooled connection to PostgreSQL. */
 export class ServerConnection {
@@ -369,6 +370,12 @@ export class ServerConnection {
    */
   private onCommandComplete(buffer: Buffer, bodyStart: number, end: number): void {
     const length = end - bodyStart;
+    // RESET ALL (and RESET name, which pins its client) leave the backend on its own defaults:
+    // the next client's settings are applied again (asyncpg sends RESET ALL when a pool takes a connection back).
+    if (length === RESET_TAG.length && buffer.compare(RESET_TAG, 0, RESET_TAG.length, bodyStart, end) === 0) {
+      this.settings = NO_SETTINGS;
+      return;
+    }
     if (length !== DEALLOCATE_ALL_TAG.length && length !== DISCARD_ALL_TAG.length) return;
     const discard = buffer.compare(DISCARD_ALL_TAG, 0, DISCARD_ALL_TAG.length, bodyStart, end) === 0;
     if (!discard && buffer.compare(DEALLOCATE_ALL_TAG, 0, DEALLOCATE_ALL_TAG.length, bodyStart, end) !== 0) return;

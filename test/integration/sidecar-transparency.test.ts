@@ -202,6 +202,29 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('does not pin RESET ALL (asyncpg sends it when its pool takes a connection back) and gives each client its own settings after it', async function () {
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const withTimeout = client(running, { options: '-c statement_timeout=1234' });
+        await withTimeout.connect();
+        try {
+          await withTimeout.query('SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;');
+          await withTimeout.query('RESET ALL');
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="set"} 0/);
+          // Its next transaction gets its startup setting back, as RESET ALL gives it direct.
+          assert.equal((await withTimeout.query<{ statement_timeout: string }>('SHOW statement_timeout')).rows[0]!.statement_timeout, '1234ms');
+        } finally {
+          await withTimeout.end();
+        }
+        const plain = client(running);
+        await plain.connect();
+        try {
+          assert.equal((await plain.query<{ statement_timeout: string }>('SHOW statement_timeout')).rows[0]!.statement_timeout, '0');
+        } finally {
+          await plain.end();
+        }
+      });
+    });
+
     it('keeps set_config(..., true) unpinned: it ends with the transaction', async function () {
       await withSidecar(postgres, { grant: 1 }, async (running) => {
         const c = client(running);

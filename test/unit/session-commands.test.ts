@@ -14,7 +14,7 @@ const classify = (sql: string): ReturnType<typeof classifySessionCommand> => {
 describe('session commands', function () {
   it('pins on statements that leave session state, not on their transaction-scoped forms', function () {
     const cases: [string, string | undefined][] = [
-      ['SET statement_timeout = 5', 'set'], ['  set search_path to x', 'set'], ['SET SESSION AUTHORIZATION bob', 'set'], ['RESET ALL', 'set'],
+      ['SET statement_timeout = 5', 'set'], ['  set search_path to x', 'set'], ['SET SESSION AUTHORIZATION bob', 'set'], ['RESET statement_timeout', 'set'], ['RESET ALL', undefined],
       ['SET LOCAL statement_timeout = 5', undefined], ['SET TRANSACTION ISOLATION LEVEL SERIALIZABLE', undefined], ['SET CONSTRAINTS ALL DEFERRED', undefined],
       ['PREPARE p AS SELECT 1', 'prepare'], ['PREPARE TRANSACTION \'x\'', undefined],
       ['CREATE TEMP TABLE t (a int)', 'temp-table'], ['create temporary table t (a int)', 'temp-table'], ['CREATE GLOBAL TEMPORARY TABLE t (a int)', 'temp-table'], ['CREATE TABLE t (a int)', undefined],
@@ -38,7 +38,7 @@ describe('session commands', function () {
       ['DO $$BEGIN SET search_path = x; END$$', 'set'], ["DO $$ BEGIN PERFORM set_config('a.b', 'v', false); END $$", 'set'], ['DO $$ BEGIN IF true THEN RESET ALL; END IF; END $$', 'set'],
       ['DO $$ BEGIN UPDATE t SET a = 1; END $$', undefined], ['DO $$ BEGIN SET LOCAL search_path = x; END $$', undefined], ["DO $$ BEGIN PERFORM set_config('a.b', 'v', true); END $$", undefined],
       ['DO $$ BEGIN CREATE TEMP TABLE t (a int); END $$', 'temp-table'], ['DO $$ BEGIN PERFORM pg_advisory_lock(1); END $$', 'advisory-lock'], ['DO $$ BEGIN NULL; END $$', undefined],
-      ['/* controller=users */ SET search_path = x', 'set'], ['-- tag\nSET search_path = x', 'set'], ['/* a /* nested */ b */ RESET ALL', 'set'], ['/* x */ SELECT 1', undefined],
+      ['/* controller=users */ SET search_path = x', 'set'], ['-- tag\nSET search_path = x', 'set'], ['/* a /* nested */ b */ RESET search_path', 'set'], ['/* x */ SELECT 1', undefined],
     ];
     for (const [sql, reason] of cases) {
       const command = classify(sql);
@@ -74,6 +74,8 @@ describe('session commands', function () {
     assert.deepEqual(later('BEGIN; SELECT pg_advisory_lock(1); COMMIT'), [{ kind: 'pin', reason: 'advisory-lock' }]);
     assert.deepEqual(later('SELECT 1; LISTEN a'), [{ kind: 'pin', reason: 'listen' }]);
     assert.deepEqual(later('SELECT 1; DISCARD ALL'), [{ kind: 'discard-all' }]);
+    // asyncpg's reset when a pool takes a connection back: nothing pins.
+    assert.deepEqual(later('SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;'), [{ kind: 'unlisten', channel: '*', alone: false }, { kind: 'reset-all' }]);
     assert.deepEqual(later("SELECT 1; SELECT 'SET x = 1; RESET ALL'"), []);
     assert.deepEqual(later('SELECT 1;'), []);
     assert.deepEqual(later('SET x = 1'), []);

@@ -23,6 +23,8 @@ export type SessionCommand =
   | { kind: 'deallocate'; name: string }
   | { kind: 'deallocate-all' }
   | { kind: 'discard-all' }
+  /** RESET ALL: the connection's settings go back to its own defaults (the client's come back with its next transaction). */
+  | { kind: 'reset-all' }
   | { kind: 'pin'; reason: PinReason }
   /** LISTEN or UNLISTEN ('*' for all); `alone`: the text is that one statement and nothing else. */
   | { kind: 'listen' | 'unlisten'; channel: string; alone: boolean };
@@ -67,7 +69,8 @@ export function classifySessionCommand(buffer: Buffer, start: number, end: numbe
       if (w1 === 'local' || w1 === 'transaction' || w1 === 'constraints') return undefined;
       return { kind: 'pin', reason: 'set' };
     case 'reset':
-      return { kind: 'pin', reason: 'set' };
+      // RESET ALL leaves nothing behind: the sidecar sees its tag and applies the client's settings again.
+      return w1 === 'all' ? { kind: 'reset-all' } : PIN_SET;
     case 'listen':
     case 'unlisten': {
       const channel = words[1];
@@ -299,7 +302,7 @@ export function laterSessionCommands(buffer: Buffer, start: number, end: number)
   for (const [from, to] of statements.slice(1)) {
     const command = classifySessionCommand(buffer, from, to);
     if (command === undefined) continue;
-    commands.push(command.kind === 'listen' ? { kind: 'pin', reason: 'listen' } : command);
+    commands.push(command.kind === 'listen' ? { kind: 'pin', reason: 'listen' } : command.kind === 'unlisten' ? { ...command, alone: false } : command);
   }
   return commands;
 }

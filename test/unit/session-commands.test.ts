@@ -37,7 +37,7 @@ describe('session commands', function () {
       ['CREATE TABLE pg_temp.t (a int)', 'temp-table'], ['CREATE TABLE IF NOT EXISTS pg_temp.t (a int)', 'temp-table'], ['CREATE UNLOGGED TABLE pg_temp.t (a int)', 'temp-table'], ['CREATE TABLE public.t (a int)', undefined],
       ['DO $$BEGIN SET search_path = x; END$$', 'set'], ["DO $$ BEGIN PERFORM set_config('a.b', 'v', false); END $$", 'set'], ['DO $$ BEGIN IF true THEN RESET ALL; END IF; END $$', 'set'],
       ['DO $$ BEGIN UPDATE t SET a = 1; END $$', undefined], ['DO $$ BEGIN SET LOCAL search_path = x; END $$', undefined], ["DO $$ BEGIN PERFORM set_config('a.b', 'v', true); END $$", undefined],
-      ['DO $$ BEGIN CREATE TEMP TABLE t (a int); END $$', 'temp-table'], ['DO $$ BEGIN PERFORM pg_advisory_lock(1); END $$', 'advisory-lock'], ['DO $$ BEGIN NULL; END $$', undefined],
+      ['DO $$ BEGIN CREATE TEMP TABLE t (a int); END $$', 'temp-table'], ['DO $$ BEGIN PERFORM pg_advisory_lock(1); END $$', 'advisory-lock'], ['DO $$ BEGIN NULL; END $$', undefined], ["DO $$ BEGIN EXECUTE format('SET search_path = %I', 'x'); END $$", 'set'], ["DO $$ BEGIN EXECUTE 'UPDATE t SET a = 1'; END $$", undefined],
       ['/* controller=users */ SET search_path = x', 'set'], ['-- tag\nSET search_path = x', 'set'], ['/* a /* nested */ b */ RESET search_path', 'set'], ['/* x */ SELECT 1', undefined],
     ];
     for (const [sql, reason] of cases) {

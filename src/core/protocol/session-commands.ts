@@ -143,7 +143,8 @@ function doBlockLeavingState(buffer: Buffer, start: number, end: number): Sessio
   if (contains(text, SESSION_LOCK, SESSION_LOCK_UPPER)) return PIN_ADVISORY;
   const body = text.toString('utf8');
   if (contains(text, SET_CONFIG, SET_CONFIG_UPPER) && setsSessionConfig(body)) return PIN_SET;
-  if (/(?:^|[;$]|\b(?:begin|then|else|loop))\s*(?:reset\b|set\s+(?!local\b|transaction\b|constraints\b)[a-z_"])/i.test(body)) return PIN_SET;
+  // At the start of a statement, or of a string (EXECUTE 'SET ...').
+  if (/(?:^|[;$']|\b(?:begin|then|else|loop))\s*(?:reset\b|set\s+(?!local\b|transaction\b|constraints\b)[a-z_"])/i.test(body)) return PIN_SET;
   if (/\bcreate\s+(?:(?:global|local)\s+)?(?:temp|temporary)\b/i.test(body)) return PIN_TEMP;
   return undefined;
 }

@@ -280,11 +280,15 @@ class Acknowledger {
     const member = this.members.get(this.namespace, name);
     if (!member) return;
     const { connections, generation, fromTable } = this.grantOf(member);
+    // As the sidecar's agent: a table change that leaves this pod's number alone is not applied,
+    // so its status keeps the generations it acknowledged (a heartbeat repeats them).
+    const previous = member.status;
+    const unchanged = previous !== undefined && this.acknowledged(member);
     const status = {
-      acknowledgedGeneration: generation, acknowledgedConnections: connections, heldConnections: connections,
+      acknowledgedGeneration: unchanged ? previous.acknowledgedGeneration ?? generation : generation, acknowledgedConnections: connections, heldConnections: connections,
       credentialsGeneration: member.spec.credentialsGeneration ?? '', draining: false, drained: false,
       heartbeatTime: new Date().toISOString().replace(/\.\d+Z$/, 'Z'), sidecarVersion: 'bench',
-      ...(this.legacy ? {} : { tableGeneration: fromTable ? generation : 0 }),
+      ...(this.legacy ? {} : { tableGeneration: unchanged ? previous.tableGeneration ?? 0 : fromTable ? generation : 0 }),
     };
     this.statusWrites += 1;
     await this.http.patch(`/apis/poolkeeper.dev/v1alpha1/namespaces/${this.namespace}/poolmembers/${name}/status`, { status }).catch(() => undefined);

@@ -118,7 +118,8 @@ export class PoolMemberAgent {
     });
     this.unsubscribe = this.options.target.onStatus(() => this.report());
     await this.informer.start();
-    this.scheduleHeartbeat(this.options.heartbeatMs ?? BASE_HEARTBEAT_SECONDS * 1000, false);
+    // The grant table may already have said how often to beat.
+    if (this.heartbeatMs === 0) this.scheduleHeartbeat(this.options.heartbeatMs ?? BASE_HEARTBEAT_SECONDS * 1000, false);
   }
 
   /**

@@ -370,8 +370,9 @@ export class ServerConnection {
    */
   private onCommandComplete(buffer: Buffer, bodyStart: number, end: number): void {
     const length = end - bodyStart;
-    // RESET ALL (and RESET name, which pins its client) leave the backend on its own defaults:
-    // the next client's settings are applied again (asyncpg sends RESET ALL when a pool takes a connection back).
+    // After RESET ALL the backend is on its own defaults: the next client's settings are applied
+    // again (asyncpg sends RESET ALL when its pool takes a connection back). After RESET name the
+    // client is pinned, and its connection gets DISCARD ALL when it leaves.
     if (length === RESET_TAG.length && buffer.compare(RESET_TAG, 0, RESET_TAG.length, bodyStart, end) === 0) {
       this.settings = NO_SETTINGS;
       return;

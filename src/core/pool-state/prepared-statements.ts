@@ -390,6 +390,11 @@ export function routeMessage(
   }
 }
 
+/** How many statements a simple Query holds (1 without a semicolon). */
+function splitStatementsIfAny(buffer: Buffer, start: number, end: number): number {
+  return mayHoldSeveralStatements(buffer, start, end) ? splitStatements(buffer, start, end).length : 1;
+}
+
 /**
  * DEALLOCATE and DISCARD sent as SQL by a session that names statements
  * (psycopg 3 does after a rollback and on cache eviction). The server holds
@@ -403,11 +408,6 @@ export function routeMessage(
  *   connection's statements are uncertain (it is not reused if it never comes).
  * Returns true if it wrote the message (or its replacement) to `out`.
  */
-/** How many statements a simple Query holds (1 without a semicolon). */
-function splitStatementsIfAny(buffer: Buffer, start: number, end: number): number {
-  return mayHoldSeveralStatements(buffer, start, end) ? splitStatements(buffer, start, end).length : 1;
-}
-
 function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, textStart: number, buffer: Buffer, out: Buffer[], kind: 'parse' | 'query'): boolean {
   const textEnd = buffer.indexOf(0, textStart);
   const end = textEnd < 0 ? textStart : textEnd;

@@ -121,8 +121,8 @@ function contains(text: Buffer, lower: Buffer, upper: Buffer): boolean {
  * A SELECT that leaves state on its connection: a session-level advisory lock
  * (pg_advisory_lock, pg_try_advisory_lock and their _shared forms; the _xact_
  * forms end with the transaction and contain no `advisory_lock`), set_config
- * with session scope, or SELECT ... INTO TEMP. Searched with indexOf, so an
- * ordinary SELECT costs two memory scans.
+ * with session scope, or SELECT ... INTO TEMP. Searched with indexOf first, so an
+ * ordinary SELECT costs a few memory scans and no string.
  */
 function selectLeavingState(buffer: Buffer, start: number, end: number): SessionCommand | undefined {
   const text = buffer.subarray(start, end);
@@ -199,12 +199,17 @@ function skipSpaceAndComments(buffer: Buffer, i: number, end: number): number {
   for (;;) {
     while (i < end && isSpace(buffer[i])) i++;
     if (i + 1 < end && buffer[i] === 0x2d && buffer[i + 1] === 0x2d) {
-      const newline = buffer.indexOf(0x0a, i);
-      i = newline < 0 || newline >= end ? end : newline + 1;
+      i = skipLineComment(buffer, i, end);
     } else if (i + 1 < end && buffer[i] === 0x2f && buffer[i + 1] === 0x2a) {
       i = skipBlockComment(buffer, i, end);
     } else return i;
   }
+}
+
+/** Past the end of the `--` comment that starts at `i` (its newline included). */
+function skipLineComment(buffer: Buffer, i: number, end: number): number {
+  const newline = buffer.indexOf(0x0a, i);
+  return newline < 0 || newline >= end ? end : newline + 1;
 }
 
 /** Past the end of the (nestable) block comment that starts at `i`. */
@@ -268,10 +273,7 @@ export function splitStatements(buffer: Buffer, start: number, end: number): Arr
         i = close < 0 || close >= end ? end : close + tag.length;
       } else i++;
     } else if ((c === 0x2d && buffer[i + 1] === 0x2d) || (c === 0x2f && buffer[i + 1] === 0x2a)) {
-      i = c === 0x2d ? (() => {
-        const newline = buffer.indexOf(0x0a, i);
-        return newline < 0 || newline >= end ? end : newline + 1;
-      })() : skipBlockComment(buffer, i, end);
+      i = c === 0x2d ? skipLineComment(buffer, i, end) : skipBlockComment(buffer, i, end);
     } else i++;
   }
   push(Math.min(i, end));

@@ -29,7 +29,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import pino from 'pino';
 import type { PoolGrant, PoolMember } from '../src/api/index.ts';
-import { memberGrantInForce, type GrantTable } from '../src/core/budget/index.ts';
+import { grantTableOf, memberGrantInForce, type GrantTable } from '../src/core/budget/index.ts';
 import { compileEntries, compiledDir } from '../src/devenv/compile.ts';
 import { LocalEnvironment } from '../src/devenv/environment.ts';
 import type { KubeControlPlane } from '../src/devenv/kube.ts';
@@ -217,7 +217,7 @@ class Acknowledger {
     if (!t) return undefined;
     const cached = this.converted.get(member.spec.connection);
     if (cached && cached.resourceVersion === t.metadata.resourceVersion) return cached.table;
-    const table = { generation: t.spec.generation, perPod: t.spec.perPod, exceptions: (t.spec.exceptions ?? []).map((e) => ({ ...e, pods: e.pods ?? [] })) };
+    const table = grantTableOf(t.spec);
     this.converted.set(member.spec.connection, { resourceVersion: t.metadata.resourceVersion ?? '', table });
     return table;
   }

@@ -17,6 +17,8 @@ export const grantExceptionSchema = {
   properties: {
     connections: { type: 'integer', minimum: 0, description: 'Server connections these pods may hold.' },
     drain: { type: 'boolean', description: 'true: these pods are asked to give everything back (terminating, or no consumer), after their drain grace.' },
+    since: { type: 'integer', format: 'int64', minimum: 0, description: 'A change in flight: the table generation that set this grant, which these pods have not yet been seen to acknowledge (they do so with a table generation >= since). Absent: acknowledged.' },
+    releasing: { type: 'integer', minimum: 0, description: 'With since, for a shrink: what these pods may still hold until they acknowledge it. Counted against the limit until then.' },
     pods: { type: 'array', maxItems: 100000, items: { type: 'string', maxLength: 253 }, description: 'Names of the pods (their PoolMembers), sorted.' },
   },
 } as const;
@@ -30,7 +32,11 @@ export const poolGrantSpecSchema = {
     connection: { type: 'string', minLength: 1, maxLength: 253, description: 'Name of the DatabaseConnection in this namespace.' },
     generation: { type: 'integer', format: 'int64', minimum: 0, description: 'Increases with every change of the table.' },
     perPod: { type: 'integer', minimum: 0, description: 'The grant of every pod of the table not listed in exceptions.' },
-    exceptions: { type: 'array', maxItems: 1024, items: grantExceptionSchema, description: 'Pods whose grant differs from perPod, grouped by grant.' },
+    perPodSince: { type: 'integer', format: 'int64', minimum: 0, description: 'since (see exceptions) of every pod not listed in exceptions.' },
+    perPodReleasing: { type: 'integer', minimum: 0, description: 'releasing (see exceptions) of every pod not listed in exceptions.' },
+    recordsChanges: { type: 'boolean', description: 'true: the table records changes in flight (since, releasing), and is the record of which acknowledgements the controller has seen. Absent in tables of older controllers.' },
+    exceptions: { type: 'array', maxItems: 1024, items: grantExceptionSchema, description: 'Pods whose grant or change in flight differs from the default, grouped.' },
+    acknowledgeTo: { type: 'string', maxLength: 512, pattern: '^http://[^/@]+$', description: 'Where the sidecars of the table send their acknowledgements at once (the leading controller, http://<address>:<port>); they write them into their PoolMember status at their next heartbeat too. Absent: PoolMember status only. A change of it alone is not a change of the table (generation stays).' },
     heartbeatSeconds: { type: 'integer', minimum: 1, maximum: 3600, description: 'How often each sidecar of the table renews its PoolMember status (heartbeatTime): longer for more pods, so that heartbeats stay a small load on the API server. A change of it alone is not a change of the table (generation stays).' },
   },
 } as const;

@@ -71,6 +71,7 @@ export const poolMemberSpecSchema = {
       },
     },
     drain: { type: 'boolean', default: false, description: 'true: the controller asks the sidecar to give everything back.' },
+    acknowledgementKey: { type: 'string', minLength: 32, maxLength: 64, pattern: '^[A-Za-z0-9_-]+$', description: 'Set with tableFrom: the key this pod\'s sidecar signs its acknowledgements with (HMAC-SHA256) when it sends them to the leading controller directly (PoolGrant acknowledgeTo). Readable by whoever may read this PoolMember, who may also write its status.' },
     tableFrom: { type: 'integer', format: 'int64', minimum: 1, description: 'Set once the sidecar reads grant tables: from this PoolGrant generation on, the pod\'s grant is derived from the PoolGrant named connection; grant (and drain) hold until then.' },
   },
 } as const;

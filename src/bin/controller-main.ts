@@ -4,6 +4,7 @@
  */
 import type { Logger } from 'pino';
 import { Registry, collectDefaultMetrics } from 'prom-client';
+import { AcknowledgementReceiver } from '../controller/acknowledgements.ts';
 import { BudgetController } from '../controller/controller.ts';
 import { LimitDiscovery } from '../controller/limit-discovery.ts';
 import { ControllerMetrics } from '../controller/metrics.ts';
@@ -28,6 +29,12 @@ export interface ControllerConfig {
   repair: 'evict' | 'report' | 'off';
   /** Keep a RoleBinding `poolkeeper-sidecar` for the pods' ServiceAccounts in each namespace (default true). */
   manageSidecarAccess?: boolean;
+  /**
+   * The acknowledgement channel: listen on host:port (0: a free port) and tell
+   * sidecars to send to http://<advertise>:<port> (advertise: the pod's IP).
+   * Absent: sidecars acknowledge through their PoolMember status only.
+   */
+  acknowledgements?: { host: string; port: number; advertise: string } | undefined;
 }
 
 /** A running controller binary. */
@@ -35,6 +42,8 @@ export interface RunningController {
   controller: BudgetController;
   registry: Registry;
   metricsPort: number;
+  /** Where sidecars send acknowledgements, if the channel is on. */
+  acknowledgeTo?: string | undefined;
   shutdown(): Promise<void>;
 }
 
@@ -51,29 +60,46 @@ export async function startController(config: ControllerConfig, logger: Logger):
   const repairer = config.repair === 'off'
     ? undefined
     : new MissingSidecarRepairer(http, events, logger, { ...DEFAULT_POD_REPAIR_OPTIONS, mode: config.repair });
-  const controller = new BudgetController({
+  // The receiver answers only once the controller exists and leads; it listens first so that its port is known.
+  const late: { controller?: BudgetController } = {};
+  const receiver = config.acknowledgements ? new AcknowledgementReceiver({
+    ledger: { record: (uid, ack) => late.controller?.ledger.record(uid, ack) },
+    member: (namespace, name) => late.controller?.caches.members.get(namespace, name),
+    leading: () => late.controller?.leading === true,
+    accepted: (namespace, connection) => late.controller?.acknowledged(namespace, connection),
+    logger: logger.child({ component: 'acknowledgements' }),
+    registry,
+  }) : undefined;
+  const acknowledgementPort = receiver && config.acknowledgements ? await receiver.listen(config.acknowledgements.host, config.acknowledgements.port) : undefined;
+  const advertise = config.acknowledgements?.advertise ?? '';
+  const acknowledgeTo = acknowledgementPort === undefined ? undefined : `http://${advertise.includes(':') ? `[${advertise}]` : advertise}:${acknowledgementPort}`;
+  const running = new BudgetController({
     http,
     logger,
     metrics,
     elector,
+    acknowledgeTo,
     reconciler: { discovery: new LimitDiscovery({ logger }), events, repairer, manageSidecarAccess: config.manageSidecarAccess ?? true },
   });
+  late.controller = running;
   let stopping = false;
   const admin = new AdminServer({
     registry,
     healthy: () => !stopping,
-    readiness: () => ({ ready: controller.ready && !stopping, reasons: controller.ready ? [] : ['caches not synced'] }),
+    readiness: () => ({ ready: running.ready && !stopping, reasons: running.ready ? [] : ['caches not synced'] }),
   });
   const metricsPort = await admin.listen(config.metricsHost ?? '0.0.0.0', config.metricsPort);
-  await controller.start();
-  logger.info({ metricsPort, identity: config.identity, leaderElection: config.leaderElection }, 'controller started');
+  await running.start();
+  logger.info({ metricsPort, acknowledgeTo, identity: config.identity, leaderElection: config.leaderElection }, 'controller started');
   return {
-    controller,
+    controller: running,
     registry,
     metricsPort,
+    acknowledgeTo,
     async shutdown(): Promise<void> {
       stopping = true;
-      await controller.stop();
+      await running.stop();
+      await receiver?.close();
       await admin.close();
     },
   };

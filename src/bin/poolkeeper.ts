@@ -121,6 +121,10 @@ environment:
   POOLKEEPER_LEADER_ELECTION       false: this replica always leads (default true)
   POOLKEEPER_REPAIR                evict | report | off: opted-in pods without the sidecar (default evict)
   POOLKEEPER_MANAGE_SIDECAR_RBAC   false: leave the sidecars' RoleBinding to you (default true)
+  POD_IP                           this pod's IP: with it, sidecars send acknowledgements to the
+                                   leader directly (http://POD_IP:POOLKEEPER_ACK_PORT); without, through
+                                   their PoolMember status only
+  POOLKEEPER_ACK_PORT              port of the acknowledgement channel (default 8082)
   POOLKEEPER_LOG_LEVEL             pino level (default info)`,
   webhook: `usage: poolkeeper webhook
 
@@ -188,6 +192,7 @@ async function run(command: string | undefined, args: readonly string[]): Promis
         leaderElection: env.POOLKEEPER_LEADER_ELECTION !== 'false',
         repair: repairMode(env.POOLKEEPER_REPAIR ?? 'evict'),
         manageSidecarAccess: env.POOLKEEPER_MANAGE_SIDECAR_RBAC !== 'false',
+        ...(env.POD_IP ? { acknowledgements: { host: env.POD_IP, port: port('POOLKEEPER_ACK_PORT', 8082), advertise: env.POD_IP } } : {}),
       };
       const config = { ...settings, apiServer: await apiServerAccess() };
       const { startController } = await import('./controller-main.ts');

@@ -17,6 +17,7 @@ import { WorkQueue } from '../kube/workqueue.ts';
 import type { ControllerMetrics } from './metrics.ts';
 import type { PoolGrant } from '../api/poolgrant.ts';
 import { slimPod, withoutManagedFields } from './slim.ts';
+import { AcknowledgementLedger } from './acknowledgements.ts';
 import type { PodObject } from './plan-input.ts';
 import { ServerReconciler, type ControllerCaches, type HpaObject, type NamespaceObject, type ReconcilerDeps, type SecretObject, type WorkloadObject } from './reconciler.ts';
 
@@ -48,7 +49,13 @@ export interface ControllerOptions {
   elector?: LeaderElector;
   workers?: number;
   stallTimeoutMs?: number;
-  reconciler: Omit<ReconcilerDeps, 'http' | 'caches' | 'logger' | 'metrics'>;
+  reconciler: Omit<ReconcilerDeps, 'http' | 'caches' | 'logger' | 'metrics' | 'acknowledgements'>;
+  /**
+   * Where sidecars on grant tables send acknowledgements to this replica
+   * (http://pod-ip:port, served by an AcknowledgementReceiver on `ledger`);
+   * written into the tables while it leads. Absent: PoolMember status only.
+   */
+  acknowledgeTo?: string | undefined;
 }
 
 /** The running controller. */
@@ -66,6 +73,8 @@ export class BudgetController {
   private readonly memberSeen = new Map<string, { fingerprint: string; reportedAt: number }>();
   /** When each server's latest reconcile started (ms), to space reconciles during bursts of events. */
   private readonly reconcileStarted = new Map<string, number>();
+  /** Acknowledgements received over the channel while this replica leads. */
+  readonly ledger = new AcknowledgementLedger();
 
   constructor(options: ControllerOptions) {
     this.options = options;
@@ -92,8 +101,20 @@ export class BudgetController {
       ...options.reconciler, http, caches: this.caches, logger, metrics: options.metrics,
       // A replica that lost the Lease stops writing grants even mid-reconcile.
       ...(elector ? { mayWrite: () => elector.isLeader && !this.stopping } : {}),
+      ...(options.acknowledgeTo ? { acknowledgements: { ledger: this.ledger, acknowledgeTo: options.acknowledgeTo } } : {}),
     });
     this.wireHandlers();
+  }
+
+  /** True while this replica's workers run (it leads, or there is no election). */
+  get leading(): boolean {
+    return this.queue !== undefined;
+  }
+
+  /** An acknowledgement arrived over the channel: reconcile its connection's server (spaced as any event). */
+  acknowledged(namespace: string, connection: string): void {
+    const c = this.caches.connections.get(namespace, connection);
+    if (c) this.enqueue(this.serverOf(c));
   }
 
   /** True once every informer has listed. */
@@ -151,11 +172,14 @@ export class BudgetController {
     this.caches.grants?.onChange((_type, g) => byConnectionName(g.metadata.namespace, g.spec.connection));
     members.onChange((type, m) => {
       const k = `${m.metadata.namespace ?? ''}/${m.metadata.name ?? ''}`;
+      const podUid = m.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
       if (type === 'DELETED') {
+        this.ledger.forget(podUid);
         this.memberSeen.delete(k);
         byConnectionName(m.metadata.namespace, m.spec.connection);
         return;
       }
+      if (m.status) this.ledger.forget(podUid, { tableGeneration: m.status.tableGeneration, generation: m.status.acknowledgedGeneration });
       const fingerprint = memberFingerprint(m);
       const reported = m.status?.heartbeatTime ?? m.metadata.creationTimestamp;
       const reportedAt = reported === undefined ? Date.now() : new Date(reported).getTime();
@@ -207,6 +231,8 @@ export class BudgetController {
     }
     elector.onLeadershipChange((leading) => {
       this.options.metrics.leader.set(leading ? 1 : 0);
+      // A later term starts from what is durable; the sidecars resend to whoever the tables name.
+      this.ledger.clear();
       if (leading) this.startWorkers();
       else void this.stopWorkers();
     });

@@ -6,9 +6,10 @@
  * Remembers what it wrote until its caches show it: a plan from a cache that
  * is behind would otherwise miss a switched pod or a newer table.
  */
+import { randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, type DatabaseConnection, type PoolGrant, type PoolMember } from '../api/index.ts';
-import type { GrantTable, PlannedTable, TableState } from '../core/budget/index.ts';
+import { grantTableOf, type GrantTable, type PlannedTable, type TableState } from '../core/budget/index.ts';
 import { isStatus, type KubeHttp } from '../kube/http.ts';
 import type { Informer, KubeObject } from '../kube/informer.ts';
 import { forEachBounded } from './bounded.ts';
@@ -30,10 +31,14 @@ export interface GrantTableWriterDeps {
   /** Throws if this replica may no longer write. */
   assertMayWrite: () => void;
   conflict: ConflictFactory;
+  /** The leader's acknowledgement endpoint, written into every table (http://address:port); absent: none. */
+  acknowledgeTo?: string | undefined;
+  /** A new acknowledgement key for a PoolMember switched onto a table (32 random bytes, base64url). */
+  newKey?: () => string;
 }
 
 function tableOf(grant: PoolGrant): GrantTable {
-  return { generation: grant.spec.generation, perPod: grant.spec.perPod, exceptions: (grant.spec.exceptions ?? []).map((e) => ({ connections: e.connections, ...(e.drain ? { drain: true } : {}), pods: [...(e.pods ?? [])] })) };
+  return grantTableOf(grant.spec);
 }
 
 /** Switches PoolMembers onto tables and writes PoolGrants. */
@@ -46,7 +51,10 @@ export class GrantTableWriter {
 
   constructor(deps: GrantTableWriterDeps) {
     this.deps = deps;
+    this.newKey = deps.newKey ?? (() => randomBytes(32).toString('base64url'));
   }
+
+  private readonly newKey: () => string;
 
   /** True when tables are in use. */
   get enabled(): boolean {
@@ -108,6 +116,7 @@ export class GrantTableWriter {
         await this.deps.http.patch(`${BASE}/namespaces/${namespace}/poolmembers/${m.metadata.name ?? ''}`, [
           { op: 'test', path: '/spec/grant', value: { connections: m.spec.grant.connections, generation: m.spec.grant.generation } },
           { op: 'add', path: '/spec/tableFrom', value: from },
+          ...(m.spec.acknowledgementKey === undefined ? [{ op: 'add', path: '/spec/acknowledgementKey', value: this.newKey() }] : []),
         ], 'json');
       } catch (err) {
         // Changed by another writer, or gone with its pod: it stays on its PoolMember's grant; the next reconcile sees it.
@@ -137,8 +146,11 @@ export class GrantTableWriter {
       const connection = byKey.get(k);
       if (!connection) return;
       const heartbeatSeconds = heartbeats.get(k);
-      const spec = { connection: t.connection, generation: t.table.generation, perPod: t.table.perPod, exceptions: t.table.exceptions, ...(heartbeatSeconds === undefined ? {} : { heartbeatSeconds }) };
       const current = this.inForce(t.namespace, t.connection);
+      // A merge patch keeps fields it does not mention: a change in flight that ended is removed with null.
+      const inFlight = { perPodSince: t.table.perPodSince ?? (current ? null : undefined), perPodReleasing: t.table.perPodReleasing ?? (current ? null : undefined) };
+      const acknowledgeTo = this.deps.acknowledgeTo ?? (current ? null : undefined);
+      const spec = { connection: t.connection, generation: t.table.generation, perPod: t.table.perPod, ...inFlight, recordsChanges: true, exceptions: t.table.exceptions, acknowledgeTo, ...(heartbeatSeconds === undefined ? {} : { heartbeatSeconds }) };
       const path = `${BASE}/namespaces/${t.namespace}/poolgrants`;
       this.deps.assertMayWrite();
       let written: PoolGrant;
@@ -165,22 +177,31 @@ export class GrantTableWriter {
   }
 
   /**
-   * Tells the sidecars of unchanged tables a new heartbeat interval: a patch
-   * of heartbeatSeconds alone, the generation unchanged, so no sidecar sees a
-   * new grant or writes because of it.
+   * Tells the sidecars of unchanged tables a new heartbeat interval or a new
+   * acknowledgement address: a patch of those fields alone, the generation
+   * unchanged, so no sidecar sees a new grant because of it.
    */
   private async writeHeartbeats(unchanged: readonly PlannedTable[], heartbeats: ReadonlyMap<string, number>): Promise<void> {
-    const due = unchanged.filter((t) => {
+    const acknowledgeTo = this.deps.acknowledgeTo;
+    const hints = (t: PlannedTable): { heartbeatSeconds?: number; acknowledgeTo?: string } | undefined => {
       const wanted = heartbeats.get(`${t.namespace}/${t.connection}`);
       const cached = this.deps.grants?.get(t.namespace, t.connection);
-      return wanted !== undefined && cached !== undefined && cached.spec.heartbeatSeconds !== wanted && !this.written.has(`${t.namespace}/${t.connection}`);
-    });
+      if (cached === undefined || this.written.has(`${t.namespace}/${t.connection}`)) return undefined;
+      const patch = {
+        ...(wanted !== undefined && cached.spec.heartbeatSeconds !== wanted ? { heartbeatSeconds: wanted } : {}),
+        // A new leader tells every table where acknowledgements go now; sidecars resend theirs there.
+        ...(acknowledgeTo !== undefined && cached.spec.acknowledgeTo !== acknowledgeTo ? { acknowledgeTo } : {}),
+      };
+      return Object.keys(patch).length > 0 ? patch : undefined;
+    };
+    const due = unchanged.filter((t) => hints(t) !== undefined);
     await forEachBounded(due, CONCURRENCY, async (t) => {
       const cached = this.deps.grants?.get(t.namespace, t.connection);
-      if (!cached) return;
+      const spec = hints(t);
+      if (!cached || !spec) return;
       this.deps.assertMayWrite();
       try {
-        await this.deps.http.patch<PoolGrant>(`${BASE}/namespaces/${t.namespace}/poolgrants/${t.connection}`, { metadata: { resourceVersion: cached.metadata.resourceVersion }, spec: { heartbeatSeconds: heartbeats.get(`${t.namespace}/${t.connection}`) } });
+        await this.deps.http.patch<PoolGrant>(`${BASE}/namespaces/${t.namespace}/poolgrants/${t.connection}`, { metadata: { resourceVersion: cached.metadata.resourceVersion }, spec });
       } catch (err) {
         // Changed meanwhile: the next reconcile, planned from the newer table, tries again.
         if (isStatus(err, 409) || isStatus(err, 404)) return;

@@ -4,7 +4,7 @@
  * written itself, and gets plain data back.
  */
 import type { DatabaseConnection, PoolMember } from '../api/index.ts';
-import type { BudgetInput, ConnectionInput, MemberState, PodInput, PodPhase, TableState } from '../core/budget/index.ts';
+import { laterAcknowledgement, type Acknowledgement, type BudgetInput, type ConnectionInput, type MemberState, type PodInput, type PodPhase, type TableState } from '../core/budget/index.ts';
 import { resolveConsumer } from '../core/inject/consumer.ts';
 import type { PodLike } from '../core/inject/model.ts';
 import { CONNECTION_LABEL } from '../api/index.ts';
@@ -72,6 +72,8 @@ export function buildBudgetInput(args: {
   tables?: readonly TableState[];
   /** A PoolMember's tableFrom as this replica knows it (its own switch may be newer than the cache); absent: spec.tableFrom. */
   tableFrom?: (member: PoolMember) => number | undefined;
+  /** What a pod's sidecar acknowledged over the channel, by pod UID; counted for pods on a table only. */
+  channel?: (podUid: string) => Acknowledgement | undefined;
 }): BudgetInput {
   const byKey = new Map(args.connections.map((c) => [`${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`, c]));
   const connections: ConnectionInput[] = args.connections.map((c) => ({
@@ -112,19 +114,24 @@ export function buildBudgetInput(args: {
     const cached = member.spec.grant;
     const grant = written && written.generation > cached.generation ? { connections: written.connections, generation: written.generation } : { connections: cached.connections, generation: cached.generation };
     const status = member.status;
+    const tableFrom = args.tableFrom ? args.tableFrom(member) : member.spec.tableFrom;
+    const reported = status?.acknowledgedGeneration === undefined ? undefined : {
+      generation: status.acknowledgedGeneration,
+      connections: status.acknowledgedConnections ?? 0,
+      held: status.heldConnections ?? 0,
+      drained: status.drained ?? false,
+      tableGeneration: status.tableGeneration,
+    };
+    // A grant from a table is acknowledged over the channel too; the table records what that let the controller do.
+    const sent = tableFrom === undefined ? undefined : args.channel?.(podUid);
+    const acknowledgement = sent && reported?.drained ? { ...laterAcknowledgement(reported, sent)!, drained: true } : laterAcknowledgement(reported, sent);
     members.push({
       namespace: member.metadata.namespace ?? '',
       name: member.metadata.name ?? '',
       podUid,
       grant,
-      acknowledgement: status?.acknowledgedGeneration === undefined ? undefined : {
-        generation: status.acknowledgedGeneration,
-        connections: status.acknowledgedConnections ?? 0,
-        held: status.heldConnections ?? 0,
-        drained: status.drained ?? false,
-        tableGeneration: status.tableGeneration,
-      },
-      tableFrom: args.tableFrom ? args.tableFrom(member) : member.spec.tableFrom,
+      acknowledgement,
+      tableFrom,
     });
   }
   // A PoolMember we wrote that the cache has not shown yet still reserves its grant.

@@ -28,6 +28,7 @@ import type { ControllerMetrics } from './metrics.ts';
 import { forEachBounded } from './bounded.ts';
 import type { PoolGrant } from '../api/poolgrant.ts';
 import { GrantTableWriter } from './grant-tables.ts';
+import type { AcknowledgementLedger } from './acknowledgements.ts';
 import { buildBudgetInput, podConnectionKey, type PodObject, type WorkloadScale, type WrittenGrant } from './plan-input.ts';
 
 /** A Secret as the cache holds it. */
@@ -90,6 +91,12 @@ export interface ReconcilerDeps {
   verifier?: VerifierOptions;
   /** False once this replica may no longer write grants (it lost the Lease or is stopping); absent: always. */
   mayWrite?: () => boolean;
+  /**
+   * Acknowledgements received over the channel (docs/protocol.md), and the
+   * address the grant tables tell sidecars to send them to; absent: PoolMember
+   * status only.
+   */
+  acknowledgements?: { ledger: AcknowledgementLedger; acknowledgeTo: string } | undefined;
 }
 
 /** A grant write found its PoolMember changed since the cache showed it (another writer, or the cache behind). */
@@ -176,7 +183,7 @@ export class ServerReconciler {
     this.deps = deps;
     this.now = deps.now ?? (() => new Date());
     this.sidecarAccess = deps.manageSidecarAccess ? new SidecarAccess(deps.http, deps.logger) : undefined;
-    this.tables = new GrantTableWriter({ http: deps.http, grants: deps.caches.grants, logger: deps.logger, assertMayWrite: () => this.assertMayWrite(), conflict: (what) => new GrantConflictError(what) });
+    this.tables = new GrantTableWriter({ http: deps.http, grants: deps.caches.grants, logger: deps.logger, assertMayWrite: () => this.assertMayWrite(), conflict: (what) => new GrantConflictError(what), acknowledgeTo: deps.acknowledgements?.acknowledgeTo });
     this.verifier = new ConnectionVerifier(deps.discovery, deps.verifier);
     this.directory = deps.directory ?? new ServerDirectory();
   }
@@ -394,7 +401,8 @@ export class ServerReconciler {
     const beforeSwitch = performance.now();
     await this.tables.switchMembers(members, livePodUids);
     const afterSwitch = performance.now();
-    const input = buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tableFrom: (m) => this.tables.tableFrom(m) });
+    const ledger = this.deps.acknowledgements?.ledger;
+    const input = buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tableFrom: (m) => this.tables.tableFrom(m), ...(ledger ? { channel: (uid: string) => ledger.get(uid) } : {}) });
     const tenancy = owner ? this.planOwned(owner, input, connections, resolved) : undefined;
     const plan = tenancy?.plan ?? planBudgets(missingServer === undefined ? input : withdrawPods(input, () => true));
     // The CPU of reading and planning, not the switch's writes.

@@ -9,11 +9,28 @@
  */
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, type PoolGrant, type PoolMember, type PoolMemberStatus } from '../api/index.ts';
-import { BASE_HEARTBEAT_SECONDS, deriveGrant } from '../core/budget/grant-table.ts';
+import { BASE_HEARTBEAT_SECONDS, deriveGrant, grantTableOf } from '../core/budget/grant-table.ts';
 import { isStatus, type KubeHttp } from '../kube/http.ts';
 import { ApiReachability } from '../kube/backoff.ts';
 import { Informer, type KubeObject } from '../kube/informer.ts';
 import type { SidecarStatus } from './settings.ts';
+import { AcknowledgementSender } from './acknowledgement-sender.ts';
+import type { ChannelAcknowledgement } from '../core/budget/acknowledgement.ts';
+
+/** The status fields an acknowledgement consists of. */
+const ACK_BLANK = { acknowledgedGeneration: undefined, acknowledgedConnections: undefined, heldConnections: undefined, tableGeneration: undefined } as const;
+
+/** Equal apart from the heartbeat and the waiting clients (which never cause a write of their own). */
+function statusFieldsEqual(a: PoolMemberStatus, b: PoolMemberStatus): boolean {
+  const keys = new Set([...Object.keys(a), ...Object.keys(b)].filter((k) => k !== 'heartbeatTime' && k !== 'waitingClients')) as Set<keyof PoolMemberStatus>;
+  for (const k of keys) if (a[k] !== b[k]) return false;
+  return true;
+}
+
+/** The acknowledgement fields of `status` are those of `written`. */
+function sameAcknowledgement(status: PoolMemberStatus, written: PoolMemberStatus | undefined): boolean {
+  return written !== undefined && (Object.keys(ACK_BLANK) as Array<keyof typeof ACK_BLANK>).every((k) => status[k] === written[k]);
+}
 
 /** What the agent drives: the Sidecar, or a test double of its control side. */
 export interface GrantTarget {
@@ -82,6 +99,15 @@ export class PoolMemberAgent {
    * step (up to 30 s).
    */
   private readonly reachability: ApiReachability;
+  private readonly sender = new AcknowledgementSender();
+  /** The acknowledgement the leader last confirmed over the channel (its fields only). */
+  private sentOverChannel: string | undefined;
+  /** Where the table last said to send acknowledgements. */
+  private acknowledgeTo: string | undefined;
+  /** The status last written to the PoolMember. */
+  private lastWritten: PoolMemberStatus | undefined;
+  /** The next delivery writes the status even if the channel could carry it (a heartbeat). */
+  private writeDue = false;
 
   constructor(options: PoolMemberAgentOptions) {
     this.options = options;
@@ -134,15 +160,21 @@ export class PoolMemberAgent {
     clearInterval(this.heartbeat);
     clearTimeout(this.heartbeatStart);
     const start = (): void => {
-      this.heartbeat = setInterval(() => this.report(), intervalMs);
+      this.heartbeat = setInterval(() => this.beat(), intervalMs);
       this.heartbeat.unref();
     };
     if (!spread) return start();
     this.heartbeatStart = setTimeout(() => {
-      this.report();
+      this.beat();
       start();
     }, Math.floor(Math.random() * intervalMs));
     this.heartbeatStart.unref();
+  }
+
+  /** A heartbeat: the status is written, with whatever the channel carried since the last write. */
+  private beat(): void {
+    this.writeDue = true;
+    this.report();
   }
 
   private watchTable(connection: string): void {
@@ -158,7 +190,14 @@ export class PoolMemberAgent {
     this.tableInformer.onChange((type, grant) => {
       // The table says how often to beat (longer for bigger fleets); an explicit heartbeatMs (tests) wins.
       if (type !== 'DELETED' && grant.spec.heartbeatSeconds !== undefined && this.options.heartbeatMs === undefined) this.scheduleHeartbeat(grant.spec.heartbeatSeconds * 1000, true);
+      const acknowledgeTo = type === 'DELETED' ? undefined : grant.spec.acknowledgeTo;
+      if (acknowledgeTo !== this.acknowledgeTo) {
+        // A new leader has not heard what the old one did: tell it again, unless the status already says it.
+        this.acknowledgeTo = acknowledgeTo;
+        this.sentOverChannel = undefined;
+      }
       this.evaluate();
+      this.report();
     });
     this.tableInformer.start().then(() => {
       // Saying so before the watch works (no RBAC on poolgrants, say) would get this pod
@@ -173,7 +212,7 @@ export class PoolMemberAgent {
     const from = member.spec.tableFrom;
     const grant = from === undefined ? undefined : this.tableInformer?.get(this.options.namespace, member.spec.connection);
     if (from !== undefined && grant && grant.spec.generation >= from) {
-      const derived = deriveGrant({ generation: grant.spec.generation, perPod: grant.spec.perPod, exceptions: (grant.spec.exceptions ?? []).map((e) => ({ connections: e.connections, drain: e.drain, pods: e.pods ?? [] })) }, this.options.podName);
+      const derived = deriveGrant(grantTableOf(grant.spec), this.options.podName);
       return { source: 't', ...derived, table: true };
     }
     return { source: `m${member.spec.grant.generation}`, connections: member.spec.grant.connections, generation: member.spec.grant.generation, drain: member.spec.drain === true, table: false };
@@ -242,7 +281,7 @@ export class PoolMemberAgent {
       this.dirty = true;
       return;
     }
-    this.writing = this.writeStatus().finally(() => {
+    this.writing = this.deliver().finally(() => {
       this.writing = undefined;
       if (this.dirty) {
         this.dirty = false;
@@ -251,11 +290,55 @@ export class PoolMemberAgent {
     });
   }
 
+  /**
+   * Tells the controller what changed: over the channel when only the
+   * acknowledgement changed and the table names a leader (the status follows
+   * with the next heartbeat), else, or when the channel fails, by writing the
+   * PoolMember status.
+   */
+  private async deliver(): Promise<void> {
+    const write = this.writeDue;
+    this.writeDue = false;
+    const status = this.currentStatus();
+    const channel = write ? undefined : this.channelAcknowledgement(status);
+    if (channel) {
+      const fields = JSON.stringify(channel.ack);
+      // Already confirmed, or already in the status: nothing to say until the next heartbeat.
+      if (fields === this.sentOverChannel || sameAcknowledgement(status, this.lastWritten)) return;
+      if (await this.sender.send(channel.to, channel.ack, channel.key)) {
+        this.sentOverChannel = fields;
+        return;
+      }
+    }
+    await this.writeStatus();
+  }
+
+  /** The acknowledgement the channel may carry instead of a status write, if it may. */
+  private channelAcknowledgement(status: PoolMemberStatus): { to: string; key: string; ack: ChannelAcknowledgement } | undefined {
+    const member = this.member;
+    const key = member?.spec.acknowledgementKey;
+    const podUid = (member)?.metadata?.ownerReferences?.find((o) => o.kind === 'Pod')?.uid;
+    const written = this.lastWritten;
+    // Only a grant from a table is acknowledged there, and only when nothing but the acknowledgement changed.
+    if (!this.acknowledgeTo || !key || !podUid || this.appliedTableGeneration === undefined || !written || status.tableGeneration === undefined) return undefined;
+    if (!statusFieldsEqual({ ...status, ...ACK_BLANK }, { ...written, ...ACK_BLANK })) return undefined;
+    return {
+      to: this.acknowledgeTo,
+      key,
+      ack: {
+        namespace: this.options.namespace, pod: this.options.podName, podUid,
+        tableGeneration: status.tableGeneration, generation: status.acknowledgedGeneration ?? 0,
+        connections: status.acknowledgedConnections ?? 0, held: status.heldConnections ?? 0,
+      },
+    };
+  }
+
   private async writeStatus(): Promise<void> {
     const waiting = this.options.waitingClients?.();
     const status: PoolMemberStatus = { ...this.currentStatus(), ...(waiting === undefined ? {} : { waitingClients: waiting }), heartbeatTime: new Date().toISOString().replace(/\.\d+Z$/, 'Z') };
     try {
       await this.options.http.patch(`/apis/${API_GROUP}/${API_VERSION}/namespaces/${this.options.namespace}/poolmembers/${this.options.podName}/status`, { status });
+      this.lastWritten = status;
       this.reachability.succeeded();
     } catch (err) {
       this.reachability.failed(err);
@@ -278,6 +361,7 @@ export class PoolMemberAgent {
     clearTimeout(this.deferred);
     this.unsubscribe?.();
     await this.writing;
+    this.sender.close();
     await Promise.all([this.informer.stop(), this.tableInformer?.stop()]);
   }
 }

@@ -8,7 +8,8 @@ import { randomBytes } from 'node:crypto';
 import pino, { type Logger } from 'pino';
 import { Registry } from 'prom-client';
 import type { PoolGrant, PoolMember } from '../../src/api/index.ts';
-import { memberGrantInForce } from '../../src/core/budget/index.ts';
+import { grantTableOf, memberGrantInForce, tableAccount } from '../../src/core/budget/index.ts';
+import { AcknowledgementReceiver } from '../../src/controller/acknowledgements.ts';
 import { BudgetController } from '../../src/controller/controller.ts';
 import { LimitDiscovery } from '../../src/controller/limit-discovery.ts';
 import { ControllerMetrics } from '../../src/controller/metrics.ts';
@@ -26,21 +27,45 @@ export function freshNamespace(prefix: string): string {
   return `${prefix}-${randomBytes(3).toString('hex')}`;
 }
 
-/** Runs the controller in-process. */
-export async function startController(kube: KubeControlPlane, logger: Logger = pino({ level: 'silent' }), options: { repair?: 'report' | 'evict'; manageSidecarAccess?: boolean; heartbeatTimeoutMs?: number } = {}): Promise<{ controller: BudgetController; registry: Registry }> {
+/**
+ * Runs the controller in-process, with the acknowledgement channel on
+ * 127.0.0.1 as in a cluster (the sidecars of its tables acknowledge to it
+ * directly) unless `channel` is false.
+ */
+export async function startController(kube: KubeControlPlane, logger: Logger = pino({ level: 'silent' }), options: { repair?: 'report' | 'evict'; manageSidecarAccess?: boolean; heartbeatTimeoutMs?: number; channel?: boolean } = {}): Promise<{ controller: BudgetController; registry: Registry; receiver?: AcknowledgementReceiver | undefined }> {
   const http = new KubeHttp(kube.kubeConfig());
   const registry = new Registry();
   const events = new EventRecorder(http, 'poolkeeper-controller', logger);
   const repairer = options.repair ? new MissingSidecarRepairer(http, events, logger, { ...DEFAULT_POD_REPAIR_OPTIONS, mode: options.repair, gracePeriodSeconds: 0 }) : undefined;
+  const late: { controller?: BudgetController } = {};
+  const receiver = options.channel === false ? undefined : new AcknowledgementReceiver({
+    ledger: { record: (uid, ack) => late.controller?.ledger.record(uid, ack) },
+    member: (namespace, name) => late.controller?.caches.members.get(namespace, name),
+    leading: () => late.controller?.leading === true,
+    accepted: (namespace, connection) => late.controller?.acknowledged(namespace, connection),
+    logger,
+    registry,
+  });
+  const port = await receiver?.listen('127.0.0.1', 0);
   const controller = new BudgetController({
     http,
     logger,
     metrics: new ControllerMetrics(registry),
     stallTimeoutMs: 60_000,
+    ...(port === undefined ? {} : { acknowledgeTo: `http://127.0.0.1:${port}` }),
     reconciler: { discovery: new LimitDiscovery({ logger }), events, pendingRequeueMs: 500, repairer, repairGraceSeconds: 0, manageSidecarAccess: options.manageSidecarAccess ?? false, ...(options.heartbeatTimeoutMs ? { heartbeatTimeoutMs: options.heartbeatTimeoutMs } : {}) },
   });
+  late.controller = controller;
+  if (receiver) {
+    // Stopping the controller closes its channel too.
+    const stop = controller.stop.bind(controller);
+    controller.stop = async () => {
+      await stop();
+      await receiver.close();
+    };
+  }
   await controller.start();
-  return { controller, registry };
+  return { controller, registry, receiver };
 }
 
 /** A sidecar's control side that holds exactly what it is granted, at once. */
@@ -173,19 +198,28 @@ let nextSequence = 0;
 
 /**
  * The PoolMembers of live pods with the grant in force: derived from the
- * connection's table for a member on it, else its spec.grant.
+ * connection's table for a member on it, else its spec.grant. A member on a
+ * table that records changes in flight is counted as the protocol counts it
+ * (tableAccount): the table, not a PoolMember status the sidecar writes only
+ * at its next heartbeat, says which acknowledgements the controller has seen;
+ * the status fields it supersedes are clamped to that count, so that
+ * `reserved` sums exactly what may be held.
  */
 function membersInForce(members: readonly PoolMember[], tables: readonly PoolGrant[], pods: readonly KubeObject[]): PoolMember[] {
   const live = new Set(pods.map((p) => p.metadata?.uid));
   const tableOf = new Map(tables.map((t) => [t.metadata.name, t]));
   return members.filter((m) => live.has(m.metadata.ownerReferences?.[0]?.uid)).map((m) => {
     const grant = tableOf.get(m.spec.connection);
-    const table = grant ? { generation: grant.spec.generation, perPod: grant.spec.perPod, exceptions: (grant.spec.exceptions ?? []).map((e) => ({ ...e, pods: e.pods ?? [] })) } : undefined;
+    const table = grant ? grantTableOf(grant.spec) : undefined;
     const force = memberGrantInForce({ name: m.metadata.name ?? '', grant: m.spec.grant, tableFrom: m.spec.tableFrom }, table);
-    if (!force.fromTable) return m;
+    if (!force.fromTable || !table || !force.entry) return m;
     const s = m.status;
-    const acknowledged = s?.tableGeneration !== undefined && s.tableGeneration >= (m.spec.tableFrom ?? Infinity) && s.acknowledgedConnections === force.connections;
-    return { ...m, spec: { ...m.spec, grant: { connections: force.connections, generation: acknowledged ? (s.acknowledgedGeneration ?? force.generation) : force.generation } } };
+    const ack = s?.acknowledgedGeneration === undefined ? undefined : { tableGeneration: s.tableGeneration, connections: s.acknowledgedConnections ?? 0, held: s.heldConnections ?? 0 };
+    const account = tableAccount(force.entry, table, m.spec.tableFrom ?? 0, ack);
+    const generation = account.acknowledged ? (s?.acknowledgedGeneration ?? force.generation) : force.generation;
+    if (table.recordsChanges !== true) return { ...m, spec: { ...m.spec, grant: { connections: force.connections, generation } } };
+    const status = s ? { ...s, acknowledgedConnections: Math.min(s.acknowledgedConnections ?? 0, account.reservation), heldConnections: Math.min(s.heldConnections ?? 0, account.reservation) } : s;
+    return { ...m, spec: { ...m.spec, grant: { connections: account.reservation, generation } }, ...(status ? { status } : {}) };
   });
 }
 

@@ -5,8 +5,23 @@
  * derives its own grant. Pure: data in, data out.
  */
 
-/** Pods that share a grant different from the table's default. */
-export interface GrantException {
+/**
+ * A change in flight, as the table records it: the pods have not yet
+ * acknowledged the grant set by table generation `since`, and may still hold
+ * `releasing` (a shrink) until they do. The table is the controller's ledger:
+ * a change it writes without these fields is one whose acknowledgement it has
+ * seen, from the PoolMember or over the acknowledgement channel, so a new
+ * leader needs no acknowledgement that only its predecessor received.
+ */
+export interface ChangeInFlight {
+  /** The table generation that set the grant; the pods acknowledge it with a table generation >= this. */
+  since?: number | undefined;
+  /** What the pods may hold until they acknowledge: the grant they had before a shrink. */
+  releasing?: number | undefined;
+}
+
+/** Pods that share a grant (and change in flight) different from the table's default. */
+export interface GrantException extends ChangeInFlight {
   connections: number;
   /** The pods are asked to give everything back (after their drain grace). */
   drain?: boolean | undefined;
@@ -20,15 +35,58 @@ export interface GrantTable {
   generation: number;
   /** The grant of every pod of the table not listed in `exceptions`. */
   perPod: number;
-  /** Sorted by connections, then drain. */
+  /** The change in flight of every pod not listed in `exceptions`. */
+  perPodSince?: number | undefined;
+  perPodReleasing?: number | undefined;
+  /**
+   * The table records changes in flight (`since`, `releasing`). Tables
+   * written by controllers before it did not: their pods are counted by
+   * their PoolMember acknowledgements, as then.
+   */
+  recordsChanges?: boolean | undefined;
+  /** Sorted by connections, then drain, then change in flight. */
   exceptions: GrantException[];
 }
 
 /** One pod's entry before encoding. */
-export interface TableEntry {
+export interface TableEntry extends ChangeInFlight {
   name: string;
   connections: number;
   drain: boolean;
+}
+
+/** A pod's entry as a table holds it. */
+export interface DerivedEntry extends ChangeInFlight {
+  connections: number;
+  drain: boolean;
+}
+
+/** PoolGrant spec fields, as the API returns them (optional lists may be absent). */
+export interface GrantTableSpec {
+  generation: number;
+  perPod: number;
+  perPodSince?: number | undefined;
+  perPodReleasing?: number | undefined;
+  recordsChanges?: boolean | undefined;
+  exceptions?: ReadonlyArray<{ connections: number; drain?: boolean | undefined; since?: number | undefined; releasing?: number | undefined; pods?: readonly string[] | undefined }> | undefined;
+}
+
+/** The table a PoolGrant spec carries (the one conversion every reader uses). */
+export function grantTableOf(spec: GrantTableSpec): GrantTable {
+  return {
+    generation: spec.generation,
+    perPod: spec.perPod,
+    ...(spec.perPodSince === undefined ? {} : { perPodSince: spec.perPodSince }),
+    ...(spec.perPodReleasing === undefined ? {} : { perPodReleasing: spec.perPodReleasing }),
+    ...(spec.recordsChanges ? { recordsChanges: true } : {}),
+    exceptions: (spec.exceptions ?? []).map((e) => ({
+      connections: e.connections,
+      ...(e.drain ? { drain: true } : {}),
+      ...(e.since === undefined ? {} : { since: e.since }),
+      ...(e.releasing === undefined ? {} : { releasing: e.releasing }),
+      pods: [...(e.pods ?? [])],
+    })),
+  };
 }
 
 /** What a pod's sidecar derives from a table. */
@@ -44,6 +102,12 @@ export interface DerivedGrant {
  * else would let a pod the controller has not planned take the default.
  */
 export function deriveGrant(table: GrantTable, pod: string): DerivedGrant {
+  const entry = deriveEntry(table, pod);
+  return { connections: entry.connections, generation: table.generation, drain: entry.drain };
+}
+
+/** The pod's whole entry under `table`: its grant and the change in flight the table records for it. */
+export function deriveEntry(table: GrantTable, pod: string): DerivedEntry {
   for (const e of table.exceptions) {
     // Sorted: a binary search keeps deriving O(log n) for the sidecar too.
     let lo = 0;
@@ -51,42 +115,66 @@ export function deriveGrant(table: GrantTable, pod: string): DerivedGrant {
     while (lo <= hi) {
       const mid = (lo + hi) >> 1;
       const name = e.pods[mid]!;
-      if (name === pod) return { connections: e.connections, generation: table.generation, drain: e.drain === true };
+      if (name === pod) return { connections: e.connections, drain: e.drain === true, ...inFlight(e) };
       if (name < pod) lo = mid + 1;
       else hi = mid - 1;
     }
   }
-  return { connections: table.perPod, generation: table.generation, drain: false };
+  return { connections: table.perPod, drain: false, ...inFlight({ since: table.perPodSince, releasing: table.perPodReleasing }) };
+}
+
+function inFlight(change: ChangeInFlight): ChangeInFlight {
+  return { ...(change.since === undefined ? {} : { since: change.since }), ...(change.releasing === undefined ? {} : { releasing: change.releasing }) };
+}
+
+function entryKey(e: { connections: number; since?: number | undefined; releasing?: number | undefined }): string {
+  return `${e.connections}/${e.since ?? ''}/${e.releasing ?? ''}`;
 }
 
 /**
- * Encodes per-pod grants as a table: the default is the most common grant
- * among pods not draining (ties: the larger), every other pod is an exception.
- * The same entries always give the same table, so an unchanged plan compares
- * equal and is not written.
+ * Encodes per-pod grants as a table: the default is the most common entry
+ * (grant and change in flight) among pods not draining (ties: the larger
+ * grant), every other pod is an exception. The same entries always give the
+ * same table, so an unchanged plan compares equal and is not written.
  */
 export function encodeGrantTable(entries: readonly TableEntry[], generation: number): GrantTable {
-  const counts = new Map<number, number>();
-  for (const e of entries) if (!e.drain) counts.set(e.connections, (counts.get(e.connections) ?? 0) + 1);
-  let perPod = 0;
-  let best = 0;
-  for (const [connections, count] of counts) {
-    if (count > best || (count === best && connections > perPod)) {
-      perPod = connections;
-      best = count;
-    }
+  const counts = new Map<string, { count: number; entry: TableEntry }>();
+  for (const e of entries) {
+    if (e.drain) continue;
+    const k = entryKey(e);
+    const c = counts.get(k);
+    if (c) c.count += 1;
+    else counts.set(k, { count: 1, entry: e });
   }
+  let best: { count: number; entry: TableEntry } | undefined;
+  for (const c of counts.values()) {
+    if (!best || c.count > best.count || (c.count === best.count && compareEntries(c.entry, best.entry) > 0)) best = c;
+  }
+  const defaultKey = best ? entryKey(best.entry) : entryKey({ connections: 0 });
   const groups = new Map<string, GrantException>();
   for (const e of entries) {
-    if (!e.drain && e.connections === perPod) continue;
-    const k = `${e.connections}/${e.drain}`;
-    const group = groups.get(k) ?? { connections: e.connections, ...(e.drain ? { drain: true } : {}), pods: [] };
+    if (!e.drain && entryKey(e) === defaultKey) continue;
+    const k = `${entryKey(e)}/${e.drain}`;
+    const group = groups.get(k) ?? { connections: e.connections, ...(e.drain ? { drain: true } : {}), ...inFlight(e), pods: [] };
     groups.set(k, group);
     group.pods.push(e.name);
   }
-  const exceptions = [...groups.values()].sort((a, b) => a.connections - b.connections || Number(a.drain === true) - Number(b.drain === true));
+  const exceptions = [...groups.values()].sort((a, b) => a.connections - b.connections || Number(a.drain === true) - Number(b.drain === true) || compareEntries(a, b));
   for (const e of exceptions) e.pods.sort();
-  return { generation, perPod, exceptions };
+  const perPod = best?.entry;
+  return {
+    generation,
+    perPod: perPod?.connections ?? 0,
+    ...(perPod?.since === undefined ? {} : { perPodSince: perPod.since }),
+    ...(perPod?.releasing === undefined ? {} : { perPodReleasing: perPod.releasing }),
+    recordsChanges: true,
+    exceptions,
+  };
+}
+
+/** Orders entries by grant, then by change in flight (none first). */
+function compareEntries(a: ChangeInFlight & { connections: number }, b: ChangeInFlight & { connections: number }): number {
+  return a.connections - b.connections || (a.since ?? -1) - (b.since ?? -1) || (a.releasing ?? -1) - (b.releasing ?? -1);
 }
 
 /**
@@ -94,16 +182,49 @@ export function encodeGrantTable(entries: readonly TableEntry[], generation: num
  * once that table covers it (`tableFrom <= table.generation`), else its own
  * spec.grant. What the planner, and anyone summing reservations, must count.
  */
-export function memberGrantInForce(member: { name: string; grant: { connections: number; generation: number }; tableFrom?: number | undefined }, table: GrantTable | undefined): { connections: number; generation: number; fromTable: boolean } {
+export function memberGrantInForce(member: { name: string; grant: { connections: number; generation: number }; tableFrom?: number | undefined }, table: GrantTable | undefined): { connections: number; generation: number; fromTable: boolean; entry?: DerivedEntry | undefined } {
   if (member.tableFrom !== undefined && table !== undefined && table.generation >= member.tableFrom) {
-    return { connections: deriveGrant(table, member.name).connections, generation: table.generation, fromTable: true };
+    const entry = deriveEntry(table, member.name);
+    return { connections: entry.connections, generation: table.generation, fromTable: true, entry };
   }
   return { ...member.grant, fromTable: false };
 }
 
+/** A sidecar's acknowledgement as far as a table pod's count needs it. */
+export interface TableAcknowledgement {
+  tableGeneration?: number | undefined;
+  connections: number;
+  held: number;
+}
+
+/**
+ * Whether a pod on a table has acknowledged its grant, and what it may hold
+ * meanwhile. The protocol's counting rule, shared by the planner and by
+ * anyone checking its invariant.
+ *
+ * A table that records changes in flight is the ledger: an entry without
+ * `since` is acknowledged (its writer saw the acknowledgement), one with it
+ * is acknowledged by a table generation >= `since` and the same number, and
+ * until then counts `releasing` too. A sidecar never holds more than the
+ * larger of its grant and the grant it acknowledged before (one change in
+ * flight per pod), and it acknowledges a shrink only once it holds no more.
+ * Older tables: acknowledged by the same number from a table that covers the
+ * pod, counted at the larger of grant, acknowledged and held.
+ */
+export function tableAccount(entry: DerivedEntry, table: Pick<GrantTable, 'recordsChanges'>, tableFrom: number, ack: TableAcknowledgement | undefined): { acknowledged: boolean; reservation: number } {
+  const g = entry.connections;
+  if (table.recordsChanges !== true) {
+    const acknowledged = ack ? ack.tableGeneration !== undefined && ack.tableGeneration >= tableFrom && ack.connections === g : g === 0;
+    return { acknowledged, reservation: Math.max(g, ack?.connections ?? 0, ack?.held ?? 0) };
+  }
+  const since = entry.since;
+  const acknowledged = since === undefined || (ack !== undefined && ack.tableGeneration !== undefined && ack.tableGeneration >= Math.max(since, tableFrom) && ack.connections === g && ack.held <= g);
+  return { acknowledged, reservation: acknowledged ? g : Math.max(g, entry.releasing ?? 0) };
+}
+
 /** The table's content without its generation, for comparing two tables. */
 export function tableContent(table: GrantTable): string {
-  return JSON.stringify([table.perPod, table.exceptions.map((e) => [e.connections, e.drain === true, e.pods])]);
+  return JSON.stringify([table.perPod, table.perPodSince ?? null, table.perPodReleasing ?? null, table.recordsChanges === true, table.exceptions.map((e) => [e.connections, e.drain === true, e.since ?? null, e.releasing ?? null, e.pods])]);
 }
 
 /** The heartbeat of a small fleet: a sidecar renews its status every 10 s. */

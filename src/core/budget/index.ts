@@ -6,5 +6,6 @@ export * from './types.ts';
 export { planBudgets } from './planner.ts';
 export { fairShares, type ShareUnit } from './fair-share.ts';
 export * from './grant-table.ts';
+export * from './acknowledgement.ts';
 export * from './limit.ts';
 export { budgetConditions } from './conditions.ts';

@@ -5,7 +5,7 @@
  * docs/budget.md explains the algorithm.
  */
 import { fairShares, type ShareUnit } from './fair-share.ts';
-import { encodeGrantTable, memberGrantInForce, tableContent, type GrantTable, type TableEntry } from './grant-table.ts';
+import { encodeGrantTable, memberGrantInForce, tableAccount, tableContent, type GrantTable, type TableEntry } from './grant-table.ts';
 import type {
   BudgetInput, BudgetPlan, ConnectionInput, ConnectionSummary, ConsumerInput, ConsumerSummary, GrantInForce, GrantWait,
   MemberState, ObjectKey, Oversubscription, PlannedTable, PodGrant, PodInput,
@@ -41,6 +41,8 @@ interface PodState {
   /** Its PoolMember's tableFrom is beyond the table in force: the table must be written to cover it. */
   tablePending: boolean;
   tableFrom?: number | undefined;
+  /** The table generation whose change the pod has yet to acknowledge (from its table entry, or its switch onto the table). */
+  since?: number | undefined;
 }
 
 function podKey(o: ObjectKey): string {
@@ -104,18 +106,21 @@ function joinPodsWithMembers(pods: readonly PodInput[], members: readonly Member
     const tableFrom = member?.tableFrom;
     const table = tableFrom === undefined ? undefined : tables.get(`${pod.namespace}/${pod.connection}`);
     const inForce = member ? memberGrantInForce(member, table) : undefined;
-    if (tableFrom !== undefined && inForce?.fromTable === true) {
-      // On the table: its sidecar holds what the table says once it reports the same
-      // number from a table that covers it. Equal numbers are enough: a sidecar never
-      // holds more than the larger of its last acknowledgement and its current grant.
-      grant = { connections: inForce.connections, generation: inForce.generation };
-      acknowledged = ack ? ack.tableGeneration !== undefined && ack.tableGeneration >= tableFrom && ack.connections === grant.connections : grant.connections === 0;
-    }
     const drainedAway = pod.terminating && ack?.drained === true;
-    const reservation = role === 'finished' || drainedAway ? 0 : Math.max(grant.connections, ack?.connections ?? 0, ack?.held ?? 0);
+    let reservation = Math.max(grant.connections, ack?.connections ?? 0, ack?.held ?? 0);
+    let since: number | undefined;
+    if (tableFrom !== undefined && table !== undefined && inForce?.fromTable === true && inForce.entry) {
+      grant = { connections: inForce.connections, generation: inForce.generation };
+      ({ acknowledged, reservation } = tableAccount(inForce.entry, table, tableFrom, ack));
+      since = acknowledged ? undefined : (inForce.entry.since ?? tableFrom);
+    } else if (tableFrom !== undefined) {
+      // Switched onto a table that does not cover it yet: the switch is in flight until the sidecar acknowledges from the table.
+      since = tableFrom;
+    }
+    if (role === 'finished' || drainedAway) reservation = 0;
     const onTable = tableFrom !== undefined;
     const tablePending = onTable && (table === undefined || table.generation < tableFrom);
-    states.push({ pod, key, role, consumer: role === 'live' ? consumer : undefined, grant, mustWrite: !member, acknowledged, reservation, onTable, tablePending, tableFrom });
+    states.push({ pod, key, role, consumer: role === 'live' ? consumer : undefined, grant, mustWrite: !member, acknowledged, reservation, onTable, tablePending, tableFrom, since });
   }
   for (const m of members) if (!podKeys.has(podKey(m))) orphans.push({ namespace: m.namespace, name: m.name });
   return { states: states.sort(byKey), orphans };
@@ -179,7 +184,9 @@ function stepTowardTargets(states: readonly PodState[], targets: Map<string, num
   const targetOf = (s: PodState): number => (s.role === 'live' ? (targets.get(s.key) ?? 0) : 0);
   for (const s of states) {
     const target = targetOf(s);
-    const shrink = s.acknowledged && s.grant.connections > target && s.reservation > 0;
+    // A table pod that holds nothing any more (drained, finished) is written down to 0 with the
+    // next table: the table, not an acknowledgement a new leader may never see, then says so.
+    const shrink = s.grant.connections > target && ((s.acknowledged && s.reservation > 0) || (s.onTable && s.reservation === 0));
     next.set(s.key, shrink ? { connections: target, generation: s.grant.generation + 1 } : s.grant);
   }
   let free = limit - states.reduce((sum, s) => sum + s.reservation, 0);
@@ -276,27 +283,42 @@ function summarize(
  * nothing until acknowledged and a grow takes only what was free before.
  */
 function planTables(states: readonly PodState[], next: Map<string, GrantInForce>, tables: ReadonlyMap<string, GrantTable>): { planned: PlannedTable[]; generations: Map<string, number> } {
-  const byConnection = new Map<string, { namespace: string; connection: string; entries: TableEntry[]; pending: number }>();
+  const byConnection = new Map<string, { namespace: string; connection: string; pods: PodState[]; pending: number }>();
   for (const s of states) {
     if (!s.onTable) continue;
     const k = `${s.pod.namespace}/${s.pod.connection}`;
-    const group = byConnection.get(k) ?? { namespace: s.pod.namespace, connection: s.pod.connection, entries: [], pending: 0 };
+    const group = byConnection.get(k) ?? { namespace: s.pod.namespace, connection: s.pod.connection, pods: [], pending: 0 };
     byConnection.set(k, group);
-    const grant = next.get(s.key) ?? s.grant;
-    group.entries.push({ name: s.pod.name, connections: grant.connections, drain: s.role !== 'live' });
+    group.pods.push(s);
     if (s.tablePending) group.pending = Math.max(group.pending, s.tableFrom ?? 1);
   }
   const planned: PlannedTable[] = [];
   const generations = new Map<string, number>();
   for (const [k, group] of byConnection) {
     const current = tables.get(k);
-    const draft = encodeGrantTable(group.entries, current?.generation ?? 0);
+    const nextGeneration = Math.max((current?.generation ?? 0) + 1, group.pending);
+    const entries = group.pods.map((s) => tableEntry(s, next.get(s.key) ?? s.grant, nextGeneration));
+    const draft = encodeGrantTable(entries, current?.generation ?? 0);
     const changed = current === undefined || group.pending > 0 || tableContent(draft) !== tableContent(current);
-    const generation = changed ? Math.max((current?.generation ?? 0) + 1, group.pending) : (current?.generation ?? 0);
+    const generation = changed ? nextGeneration : (current?.generation ?? 0);
     generations.set(k, generation);
     planned.push({ namespace: group.namespace, connection: group.connection, table: { ...draft, generation }, changed });
   }
   return { planned, generations };
+}
+
+/**
+ * A pod's table entry: its next grant, and the change in flight the table
+ * must record so that a controller that starts over counts what the sidecar
+ * may still hold without needing acknowledgements only this one received.
+ * A change made now is acknowledged from the new generation on; a shrink may
+ * hold what was reserved before it until then.
+ */
+function tableEntry(s: PodState, grant: GrantInForce, nextGeneration: number): TableEntry {
+  const entry: TableEntry = { name: s.pod.name, connections: grant.connections, drain: s.role !== 'live' };
+  const since = grant !== s.grant ? nextGeneration : s.acknowledged ? undefined : s.since;
+  if (since === undefined) return entry;
+  return { ...entry, since, ...(s.reservation > grant.connections ? { releasing: s.reservation } : {}) };
 }
 
 /**

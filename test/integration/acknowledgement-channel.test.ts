@@ -1,0 +1,166 @@
+/**
+ * The acknowledgement channel on the real API server: sidecars on a grant
+ * table acknowledge to the leading controller directly, the controller counts
+ * that at once and records it in the table, and the PoolMember status follows
+ * at the next heartbeat. Forged, malformed and unknown acknowledgements are
+ * refused; when the channel does not answer, sidecars write their status.
+ */
+import assert from 'node:assert/strict';
+import { request } from 'node:http';
+import pino from 'pino';
+import type { Registry } from 'prom-client';
+import type { DatabaseConnection, PoolGrant } from '../../src/api/index.ts';
+import type { AcknowledgementReceiver } from '../../src/controller/acknowledgements.ts';
+import type { BudgetController } from '../../src/controller/controller.ts';
+import { signAcknowledgement, type ChannelAcknowledgement } from '../../src/core/budget/index.ts';
+import type { KubeControlPlane } from '../../src/devenv/kube.ts';
+import type { PostgresServer } from '../../src/devenv/postgres.ts';
+import { KubeHttp } from '../../src/kube/http.ts';
+import { Informer, type KubeObject } from '../../src/kube/informer.ts';
+import { testEnvironment } from '../support/hooks.ts';
+import { Sampler, SidecarFleetDouble, createWorkload, eventually, freshNamespace, installCrds, reserved, startController } from '../support/budget-fixture.ts';
+
+/** Heartbeats slower than any test here: a status written during one came from a status write, not a beat. */
+const NO_HEARTBEAT_MS = 600_000;
+
+function post(url: string, body: string): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    const req = request(new URL('/v1/acknowledgements', url), { method: 'POST', headers: { 'content-type': 'application/json' } }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString() }));
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+async function counter(registry: Registry, result: string): Promise<number> {
+  const metric = await registry.getSingleMetric('poolkeeper_acknowledgements_received_total')?.get();
+  return metric?.values.find((v) => v.labels['result'] === result)?.value ?? 0;
+}
+
+describe('acknowledgement channel', function () {
+  let kube: KubeControlPlane;
+  let postgres: PostgresServer;
+  let controller: BudgetController | undefined;
+  let fleet: SidecarFleetDouble | undefined;
+  let connections: Informer<DatabaseConnection & KubeObject>;
+  let tables: Informer<PoolGrant & KubeObject>;
+  const namespaces: string[] = [];
+
+  before(async function () {
+    [kube, postgres] = await Promise.all([testEnvironment().kube(), testEnvironment().postgres()]);
+    await installCrds(kube);
+    const http = new KubeHttp(kube.kubeConfig());
+    connections = new Informer<DatabaseConnection & KubeObject>(http, { path: '/apis/poolkeeper.dev/v1alpha1/databaseconnections', logger: pino({ level: 'silent' }) });
+    tables = new Informer<PoolGrant & KubeObject>(http, { path: '/apis/poolkeeper.dev/v1alpha1/poolgrants', logger: pino({ level: 'silent' }) });
+    await Promise.all([connections.start(), tables.start()]);
+  });
+
+  after(async function () {
+    await Promise.all([connections.stop(), tables.stop()]);
+  });
+
+  afterEach(async function () {
+    await controller?.stop();
+    controller = undefined;
+    await fleet?.stop();
+    fleet = undefined;
+    for (const ns of namespaces.splice(0)) kube.kubectl(['-n', ns, 'delete', 'dbc', '--all', '--wait=true']);
+  });
+
+  /** A Deployment of `replicas` opted-in pods on a connection with `limit`, its fleet, and the controller. */
+  async function setUp(prefix: string, replicas: number, limit: number, channel = true): Promise<{ namespace: string; registry: Registry; receiver: AcknowledgementReceiver | undefined }> {
+    const namespace = freshNamespace(prefix);
+    namespaces.push(namespace);
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    kube.kubectl(['apply', '-f', '-'], JSON.stringify({
+      apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name: 'orders', namespace },
+      spec: { database: { host: postgres.host, port: postgres.port, dbname: 'app', sslMode: 'disable', credentialsSecretRef: { name: 'db-credentials' } }, consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' } }], maxConnections: limit, reserve: 0 },
+    }));
+    fleet = new SidecarFleetDouble(kube, namespace, NO_HEARTBEAT_MS);
+    await fleet.start();
+    const started = await startController(kube, pino({ level: 'silent' }), { channel });
+    controller = started.controller;
+    return { namespace, registry: started.registry, receiver: started.receiver };
+  }
+
+  const settled = (namespace: string, pods: number): boolean => {
+    const s = connections.get(namespace, 'orders')?.status;
+    return s?.pods === pods && s.conditions?.find((c) => c.type === 'Ready')?.reason === 'Allocated';
+  };
+  const tableGrants = (namespace: string): string => {
+    const t = tables.get(namespace, 'orders')?.spec;
+    return t ? `${t.perPod}/${(t.exceptions ?? []).length}/${t.perPodSince ?? '-'}` : '';
+  };
+
+  it('counts acknowledgements sent to the leader at once: a rebalance settles with no status write, within the limit throughout', async function () {
+    const { namespace, registry } = await setUp('ack-fast', 4, 40);
+    const sampler = new Sampler([fleet!], ([members]) => reserved(members!));
+    try {
+      // Sidecars first write their status (the controller learns they read tables), then they are on the table.
+      await eventually('4 pods at 10, settled', () => settled(namespace, 4) && tableGrants(namespace) === '10/0/-');
+      const table = tables.get(namespace, 'orders')!.spec;
+      assert.match(table.acknowledgeTo ?? '', /^http:\/\/127\.0\.0\.1:\d+$/);
+      assert.equal(table.recordsChanges, true);
+      const acceptedBefore = await counter(registry, 'accepted');
+      const statusesBefore = fleet!.members().map((m) => `${m.metadata.name}:${m.status?.acknowledgedConnections}:${m.status?.tableGeneration}`).sort().join();
+
+      // Twice the pods: every old pod shrinks to 5, then the new ones grow, only after the shrinks were acknowledged.
+      kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=8']);
+      await eventually('8 pods at 5, settled, the table clear of changes in flight', () => settled(namespace, 8) && tableGrants(namespace) === '5/0/-', 60_000);
+      const accepted = (await counter(registry, 'accepted')) - acceptedBefore;
+      assert.ok(accepted >= 8, `acknowledgements accepted over the channel: ${accepted}`);
+      // The old pods' statuses were not rewritten: their shrink reached the controller over the channel only.
+      const oldNames = new Set(statusesBefore.split(',').map((s) => s.split(':')[0]));
+      const statusesAfter = fleet!.members().filter((m) => oldNames.has(m.metadata.name)).map((m) => `${m.metadata.name}:${m.status?.acknowledgedConnections}:${m.status?.tableGeneration}`).sort().join();
+      assert.equal(statusesAfter, statusesBefore, 'no status write by the old pods during the rebalance');
+      for (const m of fleet!.members()) assert.equal(m.spec.acknowledgementKey?.length, 43, `${m.metadata.name} has its key`);
+    } finally {
+      sampler.stop();
+    }
+    assert.ok(sampler.samples > 10, 'the sampler ran');
+    // Counted from what is durable only (tables, statuses): the table records which acknowledgements the controller used.
+    assert.ok(sampler.max <= 40, `reserved peaked at ${sampler.max} > limit 40: ${sampler.maxState}`);
+  });
+
+  it('refuses forged, malformed and unknown acknowledgements, naming what is wrong', async function () {
+    const { namespace, registry } = await setUp('ack-forged', 2, 20);
+    await eventually('2 pods at 10, settled', () => settled(namespace, 2) && tableGrants(namespace) === '10/0/-');
+    const to = tables.get(namespace, 'orders')!.spec.acknowledgeTo!;
+    const member = fleet!.members()[0]!;
+    const ack: ChannelAcknowledgement = {
+      namespace, pod: member.metadata.name!, podUid: member.metadata.ownerReferences![0]!.uid,
+      tableGeneration: 1_000_000, generation: 1, connections: 0, held: 0,
+    };
+    const forged = await post(to, JSON.stringify({ ...ack, signature: signAcknowledgement(ack, 'A'.repeat(43)) }));
+    assert.equal(forged.status, 401);
+    assert.match(forged.body, /signature does not match/);
+    const malformed = await post(to, JSON.stringify({ ...ack, connections: -1, signature: 'x' }));
+    assert.equal(malformed.status, 400);
+    assert.match(malformed.body, /connections must be a non-negative integer/);
+    const garbage = await post(to, '{"namespace":');
+    assert.equal(garbage.status, 400);
+    const stranger = await post(to, JSON.stringify({ ...ack, pod: 'no-such-pod', signature: signAcknowledgement(ack, member.spec.acknowledgementKey!) }));
+    assert.equal(stranger.status, 409);
+    // A new pod under the same name (another UID) may not use the old one's acknowledgement.
+    const otherUid = { ...ack, podUid: 'another-uid' };
+    assert.equal((await post(to, JSON.stringify({ ...otherUid, signature: signAcknowledgement(otherUid, member.spec.acknowledgementKey!) }))).status, 409);
+    assert.equal(await counter(registry, 'rejected'), 1);
+    // The forged "holds nothing" changed nothing: both pods still count their 10.
+    await new Promise((r) => setTimeout(r, 1_000));
+    assert.equal(connections.get(namespace, 'orders')?.status?.allocated, 20);
+  });
+
+  it('falls back to the PoolMember status when the channel does not answer', async function () {
+    const { namespace, receiver } = await setUp('ack-down', 2, 20);
+    await eventually('2 pods at 10, settled', () => settled(namespace, 2) && tableGrants(namespace) === '10/0/-');
+    // The leader's endpoint goes away (a crashed process keeps its address in the table until a new leader writes its own).
+    await receiver!.close();
+    kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=4']);
+    await eventually('4 pods at 5, settled', () => settled(namespace, 4) && tableGrants(namespace) === '5/0/-', 60_000);
+    const statuses = fleet!.members().map((m) => m.status?.acknowledgedConnections).join();
+    assert.equal(statuses, '5,5,5,5', 'every sidecar wrote its acknowledgement into its status');
+  });
+});

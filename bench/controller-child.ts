@@ -5,7 +5,7 @@
  * and imports nothing the controller binary would not: its RSS is the
  * controller's.
  *
- *   node bench/controller-child.ts '{"directory":...,"host":...,"port":...}' [--verbose]
+ *   node bench/controller-child.ts '{"directory":...,"host":...,"port":...}' [--verbose] [--no-channel]
  */
 import pino from 'pino';
 import { KubeHttp } from '../src/kube/http.ts';
@@ -40,7 +40,9 @@ async function runControllerChild(access: ServiceAccountFiles, verbose: boolean)
   const sampler = setInterval(() => (peakRss = Math.max(peakRss, process.memoryUsage.rss())), 50);
   const logger = pino({ level: verbose ? 'warn' : 'silent' }, pino.destination(2));
   const apiServer = new InClusterAccess(access);
-  const running = await startController({ apiServer, namespace: 'default', identity: 'bench', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: false, repair: 'off', manageSidecarAccess: false }, logger);
+  // The acknowledgement channel on loopback, as a controller pod serves it on its IP (unless the bench measures without it).
+  const acknowledgements = process.argv.includes('--no-channel') ? undefined : { host: '127.0.0.1', port: 0, advertise: '127.0.0.1' };
+  const running = await startController({ apiServer, namespace: 'default', identity: 'bench', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: false, repair: 'off', manageSidecarAccess: false, acknowledgements }, logger);
   let lastCpu = process.cpuUsage();
   process.on('message', (message: { type: string }) => {
     if (message.type === 'mark') {

@@ -22,14 +22,15 @@
  * held) <= limit) is checked on every PoolMember and pod event; while a
  * lowered limit is being reached, the sum must not grow.
  *
- *   node bench/controller-scale.ts [--pods 100,1000] [--connections 1] [--rounds 5] [--heartbeat-ms 0] [--legacy-sidecars] [--json FILE]
+ *   node bench/controller-scale.ts [--pods 100,1000] [--connections 1] [--rounds 5] [--heartbeat-ms 0] [--legacy-sidecars] [--no-channel] [--json FILE]
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import pino from 'pino';
 import type { PoolGrant, PoolMember } from '../src/api/index.ts';
-import { grantTableOf, memberGrantInForce, type GrantTable } from '../src/core/budget/index.ts';
+import { grantTableOf, memberGrantInForce, signAcknowledgement, tableAccount, type ChannelAcknowledgement, type GrantTable } from '../src/core/budget/index.ts';
+import { Agent, request } from 'node:http';
 import { compileEntries, compiledDir } from '../src/devenv/compile.ts';
 import { LocalEnvironment } from '../src/devenv/environment.ts';
 import type { KubeControlPlane } from '../src/devenv/kube.ts';
@@ -79,11 +80,11 @@ class ControllerProcess {
   private waiting: ((m: ChildMessage) => void) | undefined;
   readonly ready: Promise<void>;
 
-  constructor(access: ServiceAccountFiles, verbose: boolean) {
+  constructor(access: ServiceAccountFiles, verbose: boolean, channel = true) {
     // Compiled, as the image runs it: type stripping alone adds tens of MB of RSS.
     const [compiled] = compileEntries(['bench/controller-child.ts'], compiledDir('bench-controller'));
     const nodeOptions = process.env.BENCH_CONTROLLER_NODE_OPTIONS ?? deployedNodeOptions();
-    this.child = fork(compiled!, [JSON.stringify(access), ...(verbose ? ['--verbose'] : [])], { execArgv: nodeOptions.split(' ').filter(Boolean), stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    this.child = fork(compiled!, [JSON.stringify(access), ...(verbose ? ['--verbose'] : []), ...(channel ? [] : ['--no-channel'])], { execArgv: nodeOptions.split(' ').filter(Boolean), stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
     this.ready = new Promise((resolve, reject) => {
       this.child.once('exit', (code) => reject(new Error(`controller child exited with ${code}`)));
       this.child.on('message', (m: ChildMessage) => {
@@ -158,6 +159,12 @@ class Acknowledger {
   violations = 0;
   maxOverLimit = 0;
   statusWrites = 0;
+  channelAcks = 0;
+  /** What the controller confirmed over the acknowledgement channel, per PoolMember name. */
+  private readonly sent = new Map<string, { tableGeneration: number; connections: number }>();
+  /** Names whose next acknowledgement must be a status write (a heartbeat, or the acks-only event). */
+  private readonly durable = new Set<string>();
+  private readonly agent = new Agent({ keepAlive: true, maxSockets: ACK_CONCURRENCY });
 
   constructor(http: KubeHttp, namespace: string, heartbeatMs: number, legacy: boolean) {
     this.http = http;
@@ -192,15 +199,16 @@ class Acknowledger {
     });
     await Promise.all([this.members.start(), this.tables.start(), this.pods.start()]);
     if (this.heartbeatMs > 0) {
-      this.heartbeat = setInterval(() => {
-        for (const m of this.members.list()) this.enqueue(m.metadata.name ?? '');
-      }, this.heartbeatMs);
+      this.heartbeat = setInterval(() => this.rewriteAll(), this.heartbeatMs);
     }
   }
 
   /** Writes every PoolMember's status once more, as a heartbeat would: what the acknowledgements of one rebalance cost the API server alone. */
   rewriteAll(): void {
-    for (const m of this.members.list()) this.enqueue(m.metadata.name ?? '');
+    for (const m of this.members.list()) {
+      this.durable.add(m.metadata.name ?? '');
+      this.enqueue(m.metadata.name ?? '');
+    }
   }
 
   /** Sets the limit the bench just wrote; a lower one is reached only as shrinks are acknowledged. */
@@ -223,24 +231,34 @@ class Acknowledger {
   }
 
   /** The grant in force: from the table once it covers the pod, else the PoolMember's. */
-  private grantOf(member: PoolMember): { connections: number; generation: number; fromTable: boolean } {
+  private grantOf(member: PoolMember): ReturnType<typeof memberGrantInForce> {
     return memberGrantInForce({ name: member.metadata.name ?? '', grant: member.spec.grant, tableFrom: member.spec.tableFrom }, this.table(member));
   }
 
-  /** The status says what the sidecar holds under the grant in force (and, unless legacy, that it reads tables). */
+  /**
+   * The sidecar has acknowledged the grant in force (and, unless legacy, said
+   * it reads tables): from its latest acknowledgement, sent over the channel or
+   * written in its status, as the controller counts it (tableAccount).
+   */
   private acknowledged(member: PoolMember): boolean {
     const s = member.status;
     if (!s) return false;
     if (!this.legacy && s.tableGeneration === undefined) return false;
     const grant = this.grantOf(member);
-    if (grant.fromTable) return s.tableGeneration !== undefined && s.tableGeneration >= (member.spec.tableFrom ?? Infinity) && s.acknowledgedConnections === grant.connections;
-    return s.acknowledgedGeneration === grant.generation;
+    if (!grant.fromTable || !grant.entry) return s.acknowledgedGeneration === grant.generation;
+    const sent = this.sent.get(member.metadata.name ?? '');
+    const ack = sent && sent.tableGeneration >= (s.tableGeneration ?? -1)
+      ? { tableGeneration: sent.tableGeneration, connections: sent.connections, held: sent.connections }
+      : { tableGeneration: s.tableGeneration, connections: s.acknowledgedConnections ?? 0, held: s.heldConnections ?? 0 };
+    const tableFrom = member.spec.tableFrom ?? Infinity;
+    // The sidecar's own view: it holds this number from a table at or after the change that set it.
+    return (ack.tableGeneration ?? -1) >= Math.max(tableFrom, grant.entry.since ?? 0) && ack.connections === grant.connections;
   }
 
   private recount(name: string): void {
     const member = this.members.get(this.namespace, name);
     const owner = member?.metadata.ownerReferences?.[0]?.uid;
-    const value = member && owner && this.livePodUids.has(owner) ? Math.max(this.grantOf(member).connections, member.status?.acknowledgedConnections ?? 0, member.status?.heldConnections ?? 0) : 0;
+    const value = member && owner && this.livePodUids.has(owner) ? this.countOf(member) : 0;
     this.total += value - (this.counted.get(name) ?? 0);
     if (value === 0) this.counted.delete(name);
     else this.counted.set(name, value);
@@ -249,6 +267,42 @@ class Acknowledger {
       this.violations += 1;
       this.maxOverLimit = Math.max(this.maxOverLimit, this.total - this.ceiling);
     }
+  }
+
+  /**
+   * What a pod may hold by what is durable: on a table that records changes in
+   * flight, the table's count (the controller writes there which
+   * acknowledgements it used, whether they came over the channel or not);
+   * else max(grant, acknowledged, held) from the status.
+   */
+  private countOf(member: PoolMember): number {
+    const force = this.grantOf(member);
+    const table = this.table(member);
+    const s = member.status;
+    if (force.fromTable && table?.recordsChanges === true && force.entry) {
+      const ack = s?.acknowledgedGeneration === undefined ? undefined : { tableGeneration: s.tableGeneration, connections: s.acknowledgedConnections ?? 0, held: s.heldConnections ?? 0 };
+      return tableAccount(force.entry, table, member.spec.tableFrom ?? 0, ack).reservation;
+    }
+    return Math.max(force.connections, s?.acknowledgedConnections ?? 0, s?.heldConnections ?? 0);
+  }
+
+  /** Sends the acknowledgement to the controller directly, as a sidecar does when its table names one; true once recorded. */
+  private sendOverChannel(member: PoolMember, connections: number, tableGeneration: number): Promise<boolean> {
+    const to = this.tables.get(this.namespace, member.spec.connection)?.spec.acknowledgeTo;
+    const key = member.spec.acknowledgementKey;
+    const podUid = member.metadata.ownerReferences?.[0]?.uid;
+    if (!to || !key || !podUid) return Promise.resolve(false);
+    const ack: ChannelAcknowledgement = { namespace: this.namespace, pod: member.metadata.name ?? '', podUid, tableGeneration, generation: tableGeneration, connections, held: connections };
+    const body = JSON.stringify({ ...ack, signature: signAcknowledgement(ack, key) });
+    return new Promise((resolve) => {
+      const req = request(new URL('/v1/acknowledgements', to), { method: 'POST', agent: this.agent, timeout: 5_000, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
+        res.resume();
+        res.on('end', () => resolve(res.statusCode === 200));
+      });
+      req.on('timeout', () => req.destroy());
+      req.on('error', () => resolve(false));
+      req.end(body);
+    });
   }
 
   private enqueue(name: string): void {
@@ -284,11 +338,21 @@ class Acknowledger {
     // so its status keeps the generations it acknowledged (a heartbeat repeats them).
     const previous = member.status;
     const unchanged = previous !== undefined && this.acknowledged(member);
+    const durable = this.durable.delete(name);
+    // As the agent: what it acknowledged last, over the channel or in its status.
+    const sent = this.sent.get(name);
+    if (!durable && fromTable && !unchanged && previous?.tableGeneration !== undefined) {
+      if (await this.sendOverChannel(member, connections, generation)) {
+        this.channelAcks += 1;
+        this.sent.set(name, { tableGeneration: generation, connections });
+        return;
+      }
+    }
     const status = {
-      acknowledgedGeneration: unchanged ? previous.acknowledgedGeneration ?? generation : generation, acknowledgedConnections: connections, heldConnections: connections,
+      acknowledgedGeneration: unchanged ? Math.max(previous.acknowledgedGeneration ?? generation, sent?.tableGeneration ?? 0) : generation, acknowledgedConnections: connections, heldConnections: connections,
       credentialsGeneration: member.spec.credentialsGeneration ?? '', draining: false, drained: false,
       heartbeatTime: new Date().toISOString().replace(/\.\d+Z$/, 'Z'), sidecarVersion: 'bench',
-      ...(this.legacy ? {} : { tableGeneration: unchanged ? previous.tableGeneration ?? 0 : fromTable ? generation : 0 }),
+      ...(this.legacy ? {} : { tableGeneration: unchanged ? Math.max(previous.tableGeneration ?? 0, sent?.tableGeneration ?? 0) : fromTable ? generation : 0 }),
     };
     this.statusWrites += 1;
     await this.http.patch(`/apis/poolkeeper.dev/v1alpha1/namespaces/${this.namespace}/poolmembers/${name}/status`, { status }).catch(() => undefined);
@@ -317,6 +381,7 @@ class Acknowledger {
 
   async stop(): Promise<void> {
     clearInterval(this.heartbeat);
+    this.agent.destroy();
     await Promise.all([this.members.stop(), this.tables.stop(), this.pods.stop()]);
   }
 }
@@ -327,7 +392,7 @@ function percentile(sorted: readonly number[], q: number): number {
   return sorted[Math.min(sorted.length - 1, Math.ceil(q * sorted.length) - 1)] ?? 0;
 }
 
-async function runSize(kube: KubeControlPlane, args: { pods: number; connections: number; rounds: number; heartbeatMs: number; legacy: boolean; verbose: boolean }): Promise<ControllerResult[]> {
+async function runSize(kube: KubeControlPlane, args: { pods: number; connections: number; rounds: number; heartbeatMs: number; legacy: boolean; verbose: boolean; channel: boolean }): Promise<ControllerResult[]> {
   const http = new KubeHttp(kube.kubeConfig());
   const namespace = `scale-${args.pods}-${Date.now().toString(36)}`;
   const limit = PER_POD * args.pods;
@@ -350,7 +415,7 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
   await acknowledger.start();
   acknowledger.setLimit(limit);
   // As in a cluster: the pod's ServiceAccount token, no kubeconfig (and no client library loaded for one).
-  const controller = new ControllerProcess(kube.serviceAccountFiles('poolkeeper-system', 'poolkeeper-controller', 'cluster-admin'), args.verbose);
+  const controller = new ControllerProcess(kube.serviceAccountFiles('poolkeeper-system', 'poolkeeper-controller', 'cluster-admin'), args.verbose, args.channel);
   await controller.ready;
   await controller.mark();
 
@@ -466,6 +531,7 @@ async function main(): Promise<void> {
       rounds: { type: 'string', default: '5' },
       'heartbeat-ms': { type: 'string', default: '0' },
       'legacy-sidecars': { type: 'boolean', default: false },
+      'no-channel': { type: 'boolean', default: false },
       json: { type: 'string' },
       verbose: { type: 'boolean', default: false },
     },
@@ -482,7 +548,7 @@ async function main(): Promise<void> {
     console.error(`PATCH latency, one at a time: p50 ${patch.p50_ms} ms, p99 ${patch.p99_ms} ms`);
     for (const pods of sizes) {
       console.error(`${pods} pods, ${connections} DatabaseConnection(s), limit ${PER_POD * pods}:`);
-      results.push(...await runSize(kube, { pods, connections, rounds: Number(values.rounds), heartbeatMs: Number(values['heartbeat-ms']), legacy: values['legacy-sidecars'], verbose: values.verbose }));
+      results.push(...await runSize(kube, { pods, connections, rounds: Number(values.rounds), heartbeatMs: Number(values['heartbeat-ms']), legacy: values['legacy-sidecars'], verbose: values.verbose, channel: !values['no-channel'] }));
     }
   } finally {
     await env.stop();

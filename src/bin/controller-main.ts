@@ -66,7 +66,7 @@ export async function startController(config: ControllerConfig, logger: Logger):
     ledger: { record: (uid, ack) => late.controller?.ledger.record(uid, ack) },
     member: (namespace, name) => late.controller?.caches.members.get(namespace, name),
     leading: () => late.controller?.leading === true,
-    accepted: (namespace, connection) => late.controller?.acknowledged(namespace, connection),
+    accepted: (member) => late.controller?.acknowledged(member),
     logger: logger.child({ component: 'acknowledgements' }),
     registry,
   }) : undefined;

@@ -69,8 +69,8 @@ export interface AcknowledgementReceiverDeps {
   member: (namespace: string, name: string) => PoolMember | undefined;
   /** True while this replica leads: a standby answers 503 and the sidecar writes its status instead. */
   leading: () => boolean;
-  /** Called after an acknowledgement was recorded: reconcile the pod's server. */
-  accepted: (namespace: string, connection: string) => void;
+  /** Called after an acknowledgement was recorded, with the pod's PoolMember: reconcile its server. */
+  accepted: (member: PoolMember) => void;
   logger: Logger;
   registry: Registry;
 }
@@ -153,7 +153,7 @@ export class AcknowledgementReceiver {
         return answer(401, 'rejected', 'signature does not match the PoolMember\'s acknowledgement key');
       }
       this.deps.ledger.record(ack.podUid, toAcknowledgement(ack));
-      this.deps.accepted(ack.namespace, member.spec.connection);
+      this.deps.accepted(member);
       answer(200, 'accepted');
     });
     req.on('error', () => req.destroy());

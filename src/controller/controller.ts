@@ -9,6 +9,7 @@
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, type DatabaseConnection, type DatabaseServer, type PoolMember } from '../api/index.ts';
+import type { Acknowledgement } from '../core/budget/index.ts';
 import { ApiReachability } from '../kube/backoff.ts';
 import type { KubeHttp } from '../kube/http.ts';
 import { Informer, type KubeObject } from '../kube/informer.ts';
@@ -34,9 +35,11 @@ const MAX_RECONCILE_SPACING_MS = 5_000;
  * sidecarVersion, which every sidecar rewrites every few seconds and which change
  * no grant (a sidecar going silent is found by the periodic requeue instead).
  */
-function memberFingerprint(m: PoolMember): string {
+function memberFingerprint(m: PoolMember, channel: Acknowledgement | undefined): string {
   const s = m.status;
-  const status = s ? [s.acknowledgedGeneration, s.acknowledgedConnections, s.heldConnections, s.credentialsGeneration, s.draining, s.drained, s.tableGeneration] : null;
+  // The acknowledgement as the planner reads it: a status that only catches up with what came over the channel changes nothing.
+  const ack = channel && (s?.tableGeneration ?? -1) <= (channel.tableGeneration ?? -1) ? [channel.generation, channel.connections, channel.held, channel.tableGeneration] : [s?.acknowledgedGeneration, s?.acknowledgedConnections, s?.heldConnections, s?.tableGeneration];
+  const status = s || channel ? [...ack, s?.credentialsGeneration, s?.draining, s?.drained] : null;
   return createHash('sha1').update(JSON.stringify([m.metadata.ownerReferences?.map((o) => o.uid), m.spec, status])).digest('base64');
 }
 
@@ -111,9 +114,17 @@ export class BudgetController {
     return this.queue !== undefined;
   }
 
-  /** An acknowledgement arrived over the channel: reconcile its connection's server (spaced as any event). */
-  acknowledged(namespace: string, connection: string): void {
-    const c = this.caches.connections.get(namespace, connection);
+  /**
+   * An acknowledgement arrived over the channel: reconcile its connection's
+   * server (spaced as any event), and remember it as what the PoolMember says,
+   * so that the status write that follows at the heartbeat wakes nothing.
+   */
+  acknowledged(member: PoolMember): void {
+    const k = `${member.metadata.namespace ?? ''}/${member.metadata.name ?? ''}`;
+    const podUid = member.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
+    const seen = this.memberSeen.get(k);
+    if (seen) this.memberSeen.set(k, { ...seen, fingerprint: memberFingerprint(member, this.ledger.get(podUid)) });
+    const c = this.caches.connections.get(member.metadata.namespace, member.spec.connection);
     if (c) this.enqueue(this.serverOf(c));
   }
 
@@ -179,8 +190,8 @@ export class BudgetController {
         byConnectionName(m.metadata.namespace, m.spec.connection);
         return;
       }
+      const fingerprint = memberFingerprint(m, this.ledger.get(podUid));
       if (m.status) this.ledger.forget(podUid, { tableGeneration: m.status.tableGeneration, generation: m.status.acknowledgedGeneration });
-      const fingerprint = memberFingerprint(m);
       const reported = m.status?.heartbeatTime ?? m.metadata.creationTimestamp;
       const reportedAt = reported === undefined ? Date.now() : new Date(reported).getTime();
       const seen = this.memberSeen.get(k);

@@ -42,7 +42,7 @@ export async function startController(kube: KubeControlPlane, logger: Logger = p
     ledger: { record: (uid, ack) => late.controller?.ledger.record(uid, ack) },
     member: (namespace, name) => late.controller?.caches.members.get(namespace, name),
     leading: () => late.controller?.leading === true,
-    accepted: (namespace, connection) => late.controller?.acknowledged(namespace, connection),
+    accepted: (member) => late.controller?.acknowledged(member),
     logger,
     registry,
   });

@@ -17,6 +17,9 @@ import type { SidecarStatus } from './settings.ts';
 import { AcknowledgementSender } from './acknowledgement-sender.ts';
 import type { ChannelAcknowledgement } from '../core/budget/acknowledgement.ts';
 
+/** How long acknowledgements take the status path after the channel failed once. */
+const CHANNEL_RETRY_MS = 30_000;
+
 /** The status fields an acknowledgement consists of. */
 const ACK_BLANK = { acknowledgedGeneration: undefined, acknowledgedConnections: undefined, heldConnections: undefined, tableGeneration: undefined } as const;
 
@@ -108,6 +111,8 @@ export class PoolMemberAgent {
   private lastWritten: PoolMemberStatus | undefined;
   /** The next delivery writes the status even if the channel could carry it (a heartbeat). */
   private writeDue = false;
+  /** After a failed send, acknowledgements take the status path until then (ms). */
+  private channelRetryAt = 0;
 
   constructor(options: PoolMemberAgentOptions) {
     this.options = options;
@@ -195,6 +200,7 @@ export class PoolMemberAgent {
         // A new leader has not heard what the old one did: tell it again, unless the status already says it.
         this.acknowledgeTo = acknowledgeTo;
         this.sentOverChannel = undefined;
+        this.channelRetryAt = 0;
       }
       this.evaluate();
       this.report();
@@ -305,9 +311,13 @@ export class PoolMemberAgent {
       const fields = JSON.stringify(channel.ack);
       // Already confirmed, or already in the status: nothing to say until the next heartbeat.
       if (fields === this.sentOverChannel || sameAcknowledgement(status, this.lastWritten)) return;
-      if (await this.sender.send(channel.to, channel.ack, channel.key)) {
-        this.sentOverChannel = fields;
-        return;
+      if (Date.now() >= this.channelRetryAt) {
+        if (await this.sender.send(channel.to, channel.ack, channel.key)) {
+          this.sentOverChannel = fields;
+          return;
+        }
+        // Refused or unreachable (a network policy, a standby): the status path, without waiting on the channel again for a while.
+        this.channelRetryAt = Date.now() + CHANNEL_RETRY_MS;
       }
     }
     await this.writeStatus();

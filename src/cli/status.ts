@@ -89,12 +89,13 @@ interface ListOf {
 export async function readStatus(kubeConfig: KubeConfig, options: StatusOptions): Promise<StatusReport> {
   const http = new KubeHttp(kubeConfig);
   const scope = options.namespace === undefined ? '' : `/namespaces/${encodeURIComponent(options.namespace)}`;
-  const [connections, members, pods] = await Promise.all([
+  const [connections, members, pods, grants] = await Promise.all([
     http.get<ListOf>(`/apis/poolkeeper.dev/v1alpha1${scope}/databaseconnections`),
     http.get<ListOf>(`/apis/poolkeeper.dev/v1alpha1${scope}/poolmembers`),
     http.get<ListOf>(`/api/v1${scope}/pods?labelSelector=${encodeURIComponent('poolkeeper.dev/connection')}`),
+    http.get<ListOf>(`/apis/poolkeeper.dev/v1alpha1${scope}/poolgrants`),
   ]);
-  return buildStatusReport({ connections: connections.items ?? [], members: members.items ?? [], pods: pods.items ?? [] });
+  return buildStatusReport({ connections: connections.items ?? [], members: members.items ?? [], pods: pods.items ?? [], grants: grants.items ?? [] });
 }
 
 /** Runs `status` and returns its output. */

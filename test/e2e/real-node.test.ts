@@ -194,8 +194,13 @@ describe('real node end to end', function () {
     const pods = (await json<{ items: Array<{ metadata: { name: string } }> }>(['-n', NAMESPACE, 'get', 'pods', '-l', 'app=web'])).items.map((p) => p.metadata.name);
     assert.ok(pods.every((name) => !oldPods.has(name)), `old pods left: ${pods.filter((n) => oldPods.has(n)).join(' ')}`);
     // Every new pod's grant is its full share: nothing stays reserved for the pods that are gone.
-    const members = await json<{ items: Array<{ metadata: { name: string }; status?: { acknowledgedConnections?: number } }> }>(['-n', NAMESPACE, 'get', 'pm']);
-    const acknowledged = members.items.filter((m) => pods.includes(m.metadata.name)).map((m) => m.status?.acknowledgedConnections ?? 0);
+    // The sidecars acknowledge to the controller directly; their PoolMember statuses follow at their next heartbeat (10 s).
+    let acknowledged: number[] = [];
+    await eventually('the new pods\' statuses to show their full share', async () => {
+      const members = await json<{ items: Array<{ metadata: { name: string }; status?: { acknowledgedConnections?: number } }> }>(['-n', NAMESPACE, 'get', 'pm']);
+      acknowledged = members.items.filter((m) => pods.includes(m.metadata.name)).map((m) => m.status?.acknowledgedConnections ?? 0);
+      return acknowledged.reduce((a, b) => a + b, 0) === LIMIT;
+    }, 30_000).catch(() => undefined);
     assert.equal(acknowledged.reduce((a, b) => a + b, 0), LIMIT, `acknowledged grants ${JSON.stringify(acknowledged)} after the Recreate rollout`);
     const queriesAt = appStats().queries;
     await eventually('the new pods serve', () => appStats().queries > queriesAt + 100, 60_000);

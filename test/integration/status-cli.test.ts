@@ -77,7 +77,13 @@ describe('kubectl poolkeeper status', function () {
     assert.equal(help.code, 0, help.stderr);
     assert.match(help.stdout, /^usage: kubectl poolkeeper status/);
 
-    const settled = await kubectl(kube, pluginDir, ['poolkeeper', 'status', '-n', ns]);
+    // Sidecars acknowledge to the controller directly and write their status at their next heartbeat: the per-pod columns follow then.
+    let settled = await kubectl(kube, pluginDir, ['poolkeeper', 'status', '-n', ns]);
+    await eventually('every pod line acknowledged in its PoolMember', async () => {
+      settled = await kubectl(kube, pluginDir, ['poolkeeper', 'status', '-n', ns]);
+      const lines = settled.stdout.split('\n').filter((l) => /^ {4}web-\S+ +web /.test(l));
+      return lines.length === 3 && lines.every((l) => / ok$/.test(l)) && /^ {4}web +3 +2 +- +2 +1 +\d+ +\d+$/m.test(settled.stdout);
+    }, 30_000);
     assert.equal(settled.code, 0, settled.stderr);
     const server = `${postgres.host}:${postgres.port}`;
     assert.match(settled.stdout, new RegExp(`^SERVER ${server.replace(/\./g, '\\.')} {3}limit 10 \\(10 - reserve 0\\) {3}allocated 10/10$`, 'm'));

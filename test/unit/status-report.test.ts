@@ -119,6 +119,15 @@ describe('status report', function () {
     assert.deepEqual([report.servers[0]!.connections[0]!.pods[0]!.grant, report.servers[0]!.connections[0]!.pods[0]!.held], [10, 7]);
   });
 
+  it('takes the grant of a member on a table from the table, acknowledged as the table says (before the sidecar\'s status catches up)', function () {
+    const members = ['a', 'b'].map((name) => ({ metadata: { namespace: 's', name }, spec: { grant: { connections: 0, generation: 1 }, tableFrom: 4 }, status: { acknowledgedGeneration: 4, acknowledgedConnections: 10, heldConnections: 9, tableGeneration: 4 } }));
+    // a: shrunk to 6 by generation 7, acknowledged over the channel (no `since` left); b: still in flight since 7.
+    const grant = { metadata: { namespace: 's', name: 'superset-db' }, spec: { connection: 'superset-db', generation: 8, perPod: 6, recordsChanges: true, exceptions: [{ connections: 6, since: 7, releasing: 10, pods: ['b'] }] } };
+    const report = buildStatusReport({ connections: [connection('s', 'superset-db', { status: readyStatus })], members, pods: [pod('s', 'a', 'superset-db', 'web'), pod('s', 'b', 'superset-db', 'web')], grants: [grant] });
+    const rows = report.servers[0]!.connections[0]!.pods.map((p) => [p.name, p.grant, p.held, p.state]);
+    assert.deepEqual(rows, [['a', 6, 9, 'ok'], ['b', 6, 9, 'grant not acknowledged yet']]);
+  });
+
   it('shows terminating and draining pods', function () {
     const report = buildStatusReport({
       connections: [connection('s', 'superset-db', { status: readyStatus })],

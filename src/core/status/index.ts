@@ -9,6 +9,7 @@
  * PoolMember's shape and where grants live may change, and an older or newer
  * controller may write fields this version does not know.
  */
+import { deriveEntry, grantTableOf, tableAccount, type GrantTableSpec } from '../budget/grant-table.ts';
 import { consumerSelects } from '../inject/consumer.ts';
 import type { ConsumerSpec } from '../inject/model.ts';
 
@@ -17,6 +18,8 @@ export interface StatusObjects {
   connections: readonly unknown[];
   members: readonly unknown[];
   pods: readonly unknown[];
+  /** PoolGrants (grant tables): the grant of a pod on a table, and whether the controller has seen it acknowledged. */
+  grants?: readonly unknown[] | undefined;
 }
 
 /** One consumer of a DatabaseConnection. */
@@ -144,8 +147,26 @@ function serverKey(connection: unknown): string {
   return serverRef ? `${address} (DatabaseServer ${serverRef})` : address;
 }
 
-/** The pod's state as its PoolMember and pod object tell it. */
-function podState(pod: Obj, member: Obj): string {
+/**
+ * The pod's grant from its connection's grant table, if the table covers it,
+ * and whether it is acknowledged: by the table (a change without `since` is
+ * one the controller has seen acknowledged, possibly over the channel,
+ * before the sidecar's next status write) or by the PoolMember status.
+ */
+function tableGrant(member: Obj, grant: Obj | undefined): { connections: number; acknowledged: boolean } | undefined {
+  const tableFrom = num(obj(member.spec).tableFrom);
+  const spec = grant ? obj(grant.spec) : undefined;
+  const generation = spec ? num(spec.generation) : undefined;
+  if (tableFrom === undefined || !spec || generation === undefined || generation < tableFrom) return undefined;
+  const table = grantTableOf({ ...(spec as unknown as GrantTableSpec), generation, perPod: num(spec.perPod) ?? 0 });
+  const entry = deriveEntry(table, meta(member).name);
+  const status = obj(member.status);
+  const ack = num(status.acknowledgedGeneration) === undefined ? undefined : { tableGeneration: num(status.tableGeneration), connections: num(status.acknowledgedConnections) ?? 0, held: num(status.heldConnections) ?? 0 };
+  return { connections: entry.connections, acknowledged: tableAccount(entry, table, tableFrom, ack).acknowledged };
+}
+
+/** The pod's state as its PoolMember, its grant table and pod object tell it. */
+function podState(pod: Obj, member: Obj, onTable: { acknowledged: boolean } | undefined): string {
   const status = obj(member.status);
   if (obj(pod.metadata).deletionTimestamp) return status.drained === true ? 'terminating, drained' : 'terminating';
   if (status.draining === true) return 'draining';
@@ -153,8 +174,9 @@ function podState(pod: Obj, member: Obj): string {
   const generation = num(obj(spec.grant).generation);
   const acknowledged = num(status.acknowledgedGeneration);
   if (Object.keys(member).length === 0) return 'no PoolMember yet';
-  if (generation !== undefined && acknowledged !== undefined && acknowledged < generation) return 'grant not acknowledged yet';
   if (acknowledged === undefined) return 'sidecar not reporting';
+  if (onTable) return onTable.acknowledged ? 'ok' : 'grant not acknowledged yet';
+  if (generation !== undefined && acknowledged < generation) return 'grant not acknowledged yet';
   return 'ok';
 }
 
@@ -167,6 +189,7 @@ function waitingClients(member: Obj): number | undefined {
 /** Builds the report. */
 export function buildStatusReport(objects: StatusObjects): StatusReport {
   const membersByKey = new Map(objects.members.map((m) => [`${meta(m).namespace}/${meta(m).name}`, obj(m)]));
+  const grantsByKey = new Map((objects.grants ?? []).map((g) => [`${meta(g).namespace}/${meta(g).name}`, obj(g)]));
   const podsByConnection = new Map<string, Obj[]>();
   for (const pod of objects.pods.map(obj)) {
     const connection = str(obj(obj(pod.metadata).labels)['poolkeeper.dev/connection']);
@@ -197,7 +220,7 @@ export function buildStatusReport(objects: StatusObjects): StatusReport {
       ?? conflicting
       ?? connections[limits.findIndex((l) => num(l.effective) === limit)] ?? connections[0];
     const setterLimit = obj(obj(obj(setter).status).limit);
-    const rows = connections.map((c) => connectionRow(c, podsByConnection, membersByKey));
+    const rows = connections.map((c) => connectionRow(c, podsByConnection, membersByKey, grantsByKey));
     const allocated = rows.reduce((sum, r) => sum + (r.allocated ?? 0), 0);
     reports.push({
       server,
@@ -223,7 +246,7 @@ function selects(consumer: Obj, pod: Obj): boolean {
   }
 }
 
-function connectionRow(connection: unknown, podsByConnection: Map<string, Obj[]>, membersByKey: Map<string, Obj>): ConnectionRow {
+function connectionRow(connection: unknown, podsByConnection: Map<string, Obj[]>, membersByKey: Map<string, Obj>, grantsByKey: Map<string, Obj>): ConnectionRow {
   const { namespace, name } = meta(connection);
   const spec = obj(obj(connection).spec);
   const status = obj(obj(connection).status);
@@ -251,14 +274,15 @@ function connectionRow(connection: unknown, podsByConnection: Map<string, Obj[]>
     const podName = meta(pod).name;
     const member = membersByKey.get(`${namespace}/${podName}`) ?? {};
     const memberStatus = obj(member.status);
+    const onTable = tableGrant(member, grantsByKey.get(`${namespace}/${name}`));
     return {
       name: podName,
       consumer: consumerOf(pod),
-      // A member whose grants come from a grant table (spec.tableFrom) keeps a stale spec.grant: what the sidecar acknowledged is the grant then.
-      grant: num(obj(member.spec).tableFrom) !== undefined ? num(memberStatus.acknowledgedConnections) : num(obj(obj(member.spec).grant).connections) ?? num(memberStatus.acknowledgedConnections),
+      // A member whose grants come from a grant table (spec.tableFrom) keeps a stale spec.grant: the table's is the grant then.
+      grant: onTable?.connections ?? (num(obj(member.spec).tableFrom) !== undefined ? num(memberStatus.acknowledgedConnections) : num(obj(obj(member.spec).grant).connections) ?? num(memberStatus.acknowledgedConnections)),
       held: num(memberStatus.heldConnections),
       waiting: waitingClients(member),
-      state: podState(pod, member),
+      state: podState(pod, member, onTable),
     };
   }).sort((a, b) => a.name.localeCompare(b.name));
   const ready = condition(status.conditions, 'Ready');

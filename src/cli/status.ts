@@ -5,7 +5,7 @@
  */
 import type { KubeConfig } from '@kubernetes/client-node';
 import { buildStatusReport, formatStatusReport, type StatusReport } from '../core/status/index.ts';
-import { KubeHttp } from '../kube/http.ts';
+import { isStatus, KubeHttp } from '../kube/http.ts';
 
 /** Options of `status`. */
 export interface StatusOptions {
@@ -93,7 +93,11 @@ export async function readStatus(kubeConfig: KubeConfig, options: StatusOptions)
     http.get<ListOf>(`/apis/poolkeeper.dev/v1alpha1${scope}/databaseconnections`),
     http.get<ListOf>(`/apis/poolkeeper.dev/v1alpha1${scope}/poolmembers`),
     http.get<ListOf>(`/api/v1${scope}/pods?labelSelector=${encodeURIComponent('poolkeeper.dev/connection')}`),
-    http.get<ListOf>(`/apis/poolkeeper.dev/v1alpha1${scope}/poolgrants`),
+    // Someone allowed to read PoolMembers but not PoolGrants still gets a report (grants then as the statuses say).
+    http.get<ListOf>(`/apis/poolkeeper.dev/v1alpha1${scope}/poolgrants`).catch((err: unknown) => {
+      if (isStatus(err, 403) || isStatus(err, 404)) return { items: [] };
+      throw err;
+    }),
   ]);
   return buildStatusReport({ connections: connections.items ?? [], members: members.items ?? [], pods: pods.items ?? [], grants: grants.items ?? [] });
 }

@@ -360,12 +360,15 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     const tracker = server.tracker;
     const editor = server.editor;
     if (!editor.active) {
-      // Replies to a Parse or Close already sent in this unsynced batch could not be told from ours.
-      if (tracker.parseOrCloseOpen) {
+      // Replies still owed to Parses and Closes already sent in this unsynced batch (a pipeline of
+      // unnamed statements, as psycopg 3 sends before it prepares one) are expected ahead of ours.
+      const unsynced = tracker.unsyncedReplyTypes();
+      // Unless a Query came in between: then which batch they belong to is not known.
+      if (unsynced === undefined) {
         this.refuseMidPipelineSwitch();
         return;
       }
-      editor.activate(tracker.pendingReady);
+      editor.activate(tracker.pendingReady, unsynced);
     }
     const out: Buffer[] = [];
     try {
@@ -595,7 +598,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
 
   private refuseMidPipelineSwitch(): void {
     this.refuseStatementTracking(
-      'a session\'s first named prepared statement came after an unnamed Parse or Close in the same unsynced pipeline; transaction pooling cannot track it',
+      'a session\'s first named prepared statement came after an unnamed Parse or Close and a simple Query in the same unsynced pipeline; transaction pooling cannot track it',
       'send Sync before the first named statement, or use pool.mode: session',
     );
   }

@@ -61,6 +61,9 @@ const DATA_ROW = 0x44;
 /** Types the tracker needs to see, and CommandComplete (see onCommandComplete); everything else is only forwarded. */
 const TRACKED = new Uint8Array(256);
 for (const c of 'ZEGHWcC') TRACKED[c.charCodeAt(0)] = 1;
+// ParseComplete and CloseComplete: counted, so that a session that starts naming statements mid-pipeline knows the replies still owed.
+TRACKED[PARSE_COMPLETE_TYPE] = 2;
+TRACKED[CLOSE_COMPLETE_TYPE] = 2;
 /** Tags of the commands that drop every prepared statement of the backend, with their NUL. */
 const DEALLOCATE_ALL_TAG = Buffer.from('DEALLOCATE ALL\0');
 const DISCARD_ALL_TAG = Buffer.from('DISCARD ALL\0');
@@ -247,7 +250,8 @@ export class ServerConnection {
       reader.push(chunk, length);
       while (reader.next()) {
         const type = reader.type;
-        if (TRACKED[type] === 1) {
+        const tracked = TRACKED[type];
+        if (tracked === 1) {
           if (type === READY_FOR_QUERY) {
             this.readyCount += 1;
             boundary = tracker.serverMessage(type, reader.buffer[reader.bodyStart]);
@@ -257,7 +261,7 @@ export class ServerConnection {
             if (type === ERROR_RESPONSE && isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
             tracker.serverMessage(type);
           }
-        }
+        } else if (tracked === 2) tracker.serverMessage(type);
         if (reader.buffer === runBuffer && reader.start === runEnd) runEnd = reader.end;
         else {
           if (runBuffer !== undefined) {
@@ -333,6 +337,7 @@ export class ServerConnection {
             tracker.serverMessage(type);
           }
         } else if ((type === PARSE_COMPLETE_TYPE || type === CLOSE_COMPLETE_TYPE) && editor.active) {
+          tracker.serverMessage(type);
           const edit = editor.reply(type);
           if (edit !== 'forward') {
             flushRun();

@@ -87,6 +87,11 @@ class WireClient {
     return client;
   }
 
+  /** Sends the messages without waiting for replies. */
+  send(messages: Buffer[]): void {
+    this.socket.write(Buffer.concat(messages));
+  }
+
   /** Sends the messages, returns the replies' types (and bodies) up to `readyCount` ReadyForQuery. */
   async exchange(messages: Buffer[], readyCount = 1): Promise<Reply[]> {
     this.socket.write(Buffer.concat(messages));
@@ -364,11 +369,30 @@ describe('sidecar: named prepared statements in transaction mode', function () {
     }
   });
 
-  it('refuses, with 0A000, a first named statement after an unsynced unnamed Parse (its reply could not be told apart)', async function () {
+  it('takes a first named statement after unsynced unnamed Parses, as psycopg 3 sends when it prepares inside a pipeline', async function () {
     const wire = await WireClient.connect(running.port, postgres.app.user);
     try {
       const first = await wire.exchangeUntil([serialize.parse({ text: 'SELECT 1' }), serialize.bind({}), serialize.execute({}), serialize.flush()], 'C');
       assert.equal(types(first), '12DC');
+      // Unanswered unnamed Parses ahead of the named one in the same write, then the named one and its use.
+      const unnamed = [serialize.parse({ text: 'SELECT 2' }), serialize.bind({}), serialize.execute({})];
+      const replies = await wire.exchange([...unnamed, ...unnamed, serialize.parse({ name: 'late', text: 'SELECT 3' }), serialize.bind({ statement: 'late' }), serialize.execute({}), serialize.sync()]);
+      assert.equal(types(replies), '12DC12DC12DCZ');
+      assert.equal(replies.filter((r) => r.type === 'D').map((r) => r.body.subarray(6).toString()).join(','), '2,2,3');
+      // The statement is the session's: used in a later transaction, on whichever connection.
+      const again = await wire.exchange([serialize.bind({ statement: 'late' }), serialize.execute({}), serialize.sync()]);
+      assert.equal(types(again), '2DCZ');
+    } finally {
+      wire.close();
+    }
+  });
+
+  it('refuses, with 0A000, a first named statement after an unsynced unnamed Parse and a simple Query (which batch its reply belongs to is not known)', async function () {
+    const wire = await WireClient.connect(running.port, postgres.app.user);
+    try {
+      // The server holds back the ParseComplete while pg_sleep runs: still owed when the named Parse comes.
+      wire.send([serialize.parse({ text: 'SELECT pg_sleep(0.5)' }), serialize.bind({}), serialize.execute({}), serialize.query('SELECT 2')]);
+      await new Promise((resolve) => setTimeout(resolve, 150));
       const refused = await wire.exchangeUntil([serialize.parse({ name: 'late', text: 'SELECT 2' }), serialize.sync()], 'E');
       assert.equal(types(refused), 'E');
       assert.equal(errorCode(refused), '0A000');

@@ -187,14 +187,17 @@ export class ResponseEditor {
   /**
    * Starts editing. `outstandingBatches` is the number of ReadyForQuery the
    * server still owes for messages sent before: their replies pass unedited.
-   * Only valid when no Parse or Close is outstanding in an unsynced batch.
+   * `unsyncedReplies` are the ParseComplete/CloseComplete types the Parses and
+   * Closes already sent in the batch still open (no Sync yet) owe, in order:
+   * they are expected first in that batch, and forwarded.
    */
-  activate(outstandingBatches: number): void {
+  activate(outstandingBatches: number, unsyncedReplies: readonly number[] = []): void {
     this.expected = [];
     this.head = 0;
     this.sentBatches = outstandingBatches;
     this.answeredBatches = 0;
     this.isActive = true;
+    for (const type of unsyncedReplies) this.expected.push({ type, edit: 'forward', batch: outstandingBatches, undo: undefined });
   }
 
   /** Stops editing (the connection goes back to the pool, at a boundary). */

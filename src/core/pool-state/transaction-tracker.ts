@@ -21,6 +21,8 @@ const D = 0x44;
 const C = 0x43;
 const H = 0x48;
 const COPY_DONE = 0x63;
+const PARSE_COMPLETE = 0x31;
+const CLOSE_COMPLETE = 0x33;
 const COPY_FAIL = 0x66;
 const COPY_IN_RESPONSE = 0x47;
 const COPY_OUT_RESPONSE = 0x48;
@@ -38,8 +40,14 @@ export class TransactionTracker {
   pendingReady = 0;
   /** Extended-protocol messages sent since the last Sync. */
   extendedOpen = false;
-  /** A Parse or Close was sent since the last Sync (its reply may still be owed). */
-  parseOrCloseOpen = false;
+  /**
+   * Parses and Closes sent since the last Sync whose ParseComplete/CloseComplete
+   * is still owed, in order: run-length encoded as [type, count, type,
+   * count, ...] (a pipeline of unnamed statements is one run of Parses).
+   */
+  private readonly unsyncedReplies: number[] = [];
+  /** A Query or FunctionCall came after a Parse or Close of the unsynced batch: its replies no longer follow one batch. */
+  private unsyncedSplit = false;
   /** COPY in progress. */
   copy: CopyState = 'none';
   /** A ReadyForQuery arrived that nothing asked for (a protocol bug on one side). */
@@ -51,17 +59,22 @@ export class TransactionTracker {
       case Q:
       case F:
         this.pendingReady += 1;
+        if (this.unsyncedReplies.length > 0) this.unsyncedSplit = true;
         return;
       case S:
         this.pendingReady += 1;
         this.extendedOpen = false;
-        this.parseOrCloseOpen = false;
+        this.unsyncedReplies.length = 0;
+        this.unsyncedSplit = false;
         return;
       case P:
-      case C:
+      case C: {
         this.extendedOpen = true;
-        this.parseOrCloseOpen = true;
+        const runs = this.unsyncedReplies;
+        if (runs.length > 0 && runs[runs.length - 2] === type) runs[runs.length - 1]! += 1;
+        else runs.push(type, 1);
         return;
+      }
       case B:
       case E:
       case D:
@@ -89,6 +102,10 @@ export class TransactionTracker {
         this.status = statusByte === I_BYTE ? 'I' : statusByte === T_BYTE ? 'T' : 'E';
         this.copy = 'none';
         return this.atBoundary;
+      case PARSE_COMPLETE:
+      case CLOSE_COMPLETE:
+        this.replied();
+        return false;
       case COPY_IN_RESPONSE:
         this.copy = 'in';
         return false;
@@ -110,6 +127,35 @@ export class TransactionTracker {
     }
   }
 
+  /** The oldest Parse or Close of the unsynced batch was answered. */
+  private replied(): void {
+    const runs = this.unsyncedReplies;
+    if (runs.length === 0) return;
+    if (runs[1]! > 1) runs[1]! -= 1;
+    else runs.splice(0, 2);
+  }
+
+  /** A Parse or Close was sent since the last Sync and its reply is still owed. */
+  get parseOrCloseOpen(): boolean {
+    return this.unsyncedReplies.length > 0;
+  }
+
+  /**
+   * The reply types (ParseComplete 0x31, CloseComplete 0x33) the unsynced
+   * batch's Parses and Closes still owe, in order; undefined when a Query or
+   * FunctionCall came in between and they no longer belong to one batch.
+   */
+  unsyncedReplyTypes(): number[] | undefined {
+    if (this.unsyncedSplit) return undefined;
+    const types: number[] = [];
+    const runs = this.unsyncedReplies;
+    for (let i = 0; i < runs.length; i += 2) {
+      const reply = runs[i] === P ? PARSE_COMPLETE : CLOSE_COMPLETE;
+      for (let n = runs[i + 1]!; n > 0; n -= 1) types.push(reply);
+    }
+    return types;
+  }
+
   /** True when the connection may be handed to another client. */
   get atBoundary(): boolean {
     return this.status === 'I' && this.pendingReady === 0 && !this.extendedOpen && this.copy === 'none' && !this.unexpectedReady;
@@ -125,7 +171,8 @@ export class TransactionTracker {
     this.status = 'I';
     this.pendingReady = 0;
     this.extendedOpen = false;
-    this.parseOrCloseOpen = false;
+    this.unsyncedReplies.length = 0;
+    this.unsyncedSplit = false;
     this.copy = 'none';
     this.unexpectedReady = false;
   }

@@ -38,8 +38,14 @@ export interface ClientSessionHost {
   /** Who may log in: the configured database and the credentials' user. */
   expectedLogin(): { user: string; database: string };
   isDraining(): boolean;
-  /** Registers the session under its BackendKeyData; returns [processId, secretKey]. */
-  register(session: ClientSession): [number, number];
+  /** A client sent its startup packet: it is counted, drained and closed with the others from now on. */
+  admit(session: ClientSession): void;
+  /**
+   * Registers the session under its BackendKeyData at the end of its login; returns
+   * [processId, secretKey]. `backend`: the server connection it keeps for its whole
+   * session (session mode), whose pid it gets; otherwise a pid that names no backend.
+   */
+  register(session: ClientSession, backend?: { readonly processId: number; readonly secretKey: number }): [number, number];
   unregister(session: ClientSession): void;
   /** A CancelRequest arrived on this connection; `done` once it was delivered or dropped. */
   cancel(processId: number, secretKey: Buffer, done: () => void): void;
@@ -78,7 +84,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private readonly pendingTypes: number[] = [];
   /** The client's named statements; undefined until it names one (transaction mode only). */
   private statements: ClientStatements | undefined;
-  private key: [number, number] = [0, 0];
+  /** BackendKeyData sent at login; undefined until then. */
+  private key: [number, number] | undefined;
   /** Run-time settings from the startup packet, applied to every server connection this client uses. */
   settings: ClientSettings = NO_SETTINGS;
   /** At login: apply every setting to learn its value as the server shows it. */
@@ -135,9 +142,9 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     return this.server;
   }
 
-  /** BackendKeyData secret of this session. */
-  get secretKey(): number {
-    return this.key[1];
+  /** BackendKeyData [processId, secretKey] this client was given at login, if it got that far. */
+  get backendKey(): readonly [number, number] | undefined {
+    return this.key;
   }
 
   /** Drain: close now if between transactions, otherwise at the next boundary. */
@@ -331,6 +338,12 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     if ((this.pendingTypes.length === 0 && this.pendingChunks.length === 0) || this.phase !== 'ready') return;
     const server = this.server;
     if (server === undefined) {
+      // A session's backend (and the pid it was given at login) is its own until it ends: never another one.
+      if (this.host.mode === 'session') {
+        this.host.metrics.error('server-lost');
+        this.fail({ severity: 'FATAL', code: '08006', message: 'server connection lost: the session\'s backend is gone' });
+        return;
+      }
       if (!this.waiting) {
         this.waiting = true;
         this.host.pool.acquire(this);
@@ -442,7 +455,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     this.checkSettings = this.settings.key !== '' && this.host.shownSettings(this.settings.key) === undefined;
     if (packet.minorVersion > 0 || packet.protocolOptions.length > 0) this.socket.write(negotiateProtocolVersion(0, packet.protocolOptions));
     this.phase = 'login';
-    this.key = this.host.register(this);
+    this.host.admit(this);
     // Without server parameters yet (first client), in session mode, or with settings not checked yet, log in behind a real server connection.
     if (this.host.pool.serverParameters === undefined || this.host.mode === 'session' || this.checkSettings) {
       this.waiting = true;
@@ -460,7 +473,10 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       const own = shown?.get(name.toLowerCase());
       socket.write(parameterStatus(name, own ?? value));
     }
-    socket.write(backendKeyData(this.key[0], this.key[1]));
+    // Session mode: the client's own backend, fixed for its session; it learns that backend's pid.
+    const key = this.host.register(this, this.host.mode === 'session' ? this.server : undefined);
+    this.key = key;
+    socket.write(backendKeyData(key[0], key[1]));
     socket.write(readyForQuery('I'));
     socket.uncork();
     this.phase = 'ready';

@@ -49,6 +49,8 @@ export function isLoopbackAddress(address: string | undefined): boolean {
 }
 
 const JANITOR_INTERVAL_MS = 1000;
+/** Transaction-mode BackendKeyData pids start above any Linux pid (PID_MAX_LIMIT is 2^22). */
+const FIRST_SYNTHETIC_PID = 2 ** 22;
 
 /** The pooling sidecar. */
 export class Sidecar implements ClientSessionHost {
@@ -65,7 +67,10 @@ export class Sidecar implements ClientSessionHost {
   private readonly credentials: CredentialsSource;
   private readonly registry: Registry;
   private readonly tunnel: SshTunnel | undefined;
-  private readonly sessions = new Map<number, ClientSession>();
+  /** Clients from their startup packet until they close. */
+  private readonly sessions = new Set<ClientSession>();
+  /** Logged-in clients by their BackendKeyData: process id, then secret (see register). */
+  private readonly keys = new Map<number, Map<number, ClientSession>>();
   /** Client settings sets checked on the server: their values as SHOW prints them (bounded; an evicted set is checked again). */
   private readonly checkedSettings = new Map<string, ReadonlyMap<string, string>>();
   /** Read buffers of client and server sockets, reused across connections. */
@@ -109,7 +114,7 @@ export class Sidecar implements ClientSessionHost {
     this.notifications = this.mode === 'transaction' ? new NotificationHub({ pool: this.pool, logger: deps.logger }) : undefined;
     this.metrics.bind({
       serverConnectionsByState: () => this.pool.countByState(),
-      clientsActive: () => [...this.sessions.values()].filter((s) => s.active).length,
+      clientsActive: () => [...this.sessions].filter((s) => s.active).length,
       clientsWaiting: () => this.pool.waiting,
       clientsConnected: () => this.sessions.size,
       grant: () => ({ connections: this.pool.grant, generation: this.pool.grantGeneration, acknowledgedGeneration: this.pool.acknowledgedGeneration }),
@@ -118,7 +123,7 @@ export class Sidecar implements ClientSessionHost {
       transactions: () => this.pool.transactions,
       pinnedClients: () => {
         const counts = Object.fromEntries(PIN_REASONS.map((r) => [r, 0])) as Record<PinReason, number>;
-        for (const session of this.sessions.values()) if (session.pinReason !== undefined) counts[session.pinReason] += 1;
+        for (const session of this.sessions) if (session.pinReason !== undefined) counts[session.pinReason] += 1;
         return counts;
       },
     });
@@ -242,10 +247,10 @@ export class Sidecar implements ClientSessionHost {
     this.server?.close();
     this.socketServer?.close();
     this.pool.beginDrain();
-    for (const session of [...this.sessions.values()]) session.drain();
+    for (const session of [...this.sessions]) session.drain();
     const deadline = Date.now() + this.settings.drainTimeout * 1000;
     while (this.sessions.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
-    for (const session of [...this.sessions.values()]) session.forceClose();
+    for (const session of [...this.sessions]) session.forceClose();
     this.pool.closeAll('drain');
     await this.pool.whenEmpty();
     this.tunnel?.stop();
@@ -261,7 +266,7 @@ export class Sidecar implements ClientSessionHost {
     this.draining = true;
     this.server?.close();
     this.socketServer?.close();
-    for (const session of [...this.sessions.values()]) session.forceClose();
+    for (const session of [...this.sessions]) session.forceClose();
     this.pool.closeAll('shutdown');
     await Promise.race([this.pool.whenEmpty(), new Promise((r) => setTimeout(r, 3000))]);
     this.tunnel?.stop();
@@ -282,23 +287,59 @@ export class Sidecar implements ClientSessionHost {
     return this.draining;
   }
 
-  /** Gives a session its BackendKeyData. */
-  register(session: ClientSession): [number, number] {
-    let processId = randomInt(1, 2 ** 31 - 1);
-    while (this.sessions.has(processId)) processId = randomInt(1, 2 ** 31 - 1);
-    this.sessions.set(processId, session);
-    return [processId, randomInt(-(2 ** 31), 2 ** 31 - 1)];
+  /** A client that sent its startup packet: counted, drained and closed with the others from now on. */
+  admit(session: ClientSession): void {
+    this.sessions.add(session);
+  }
+
+  /**
+   * Gives a session its BackendKeyData at the end of its login. With
+   * `backend` (session mode: the server connection the client keeps for its
+   * whole session) the process id is that backend's, so PQbackendPID,
+   * pg_backend_pid(), a NOTIFY's sender and pg_terminate_backend agree, as
+   * direct; without (transaction mode: no fixed backend) it is a random one
+   * no other client of this sidecar has. The secret is always the sidecar's
+   * own, never the server's: a CancelRequest comes to the sidecar, which
+   * forwards the server's real key itself.
+   * (A random pid is drawn above FIRST_SYNTHETIC_PID, so it names no live backend.)
+   *
+   * Keys are (process id, secret), as in the protocol, so two clients never
+   * share one: two live backends of one server never share a pid, and one
+   * backend serves one session client at a time (a released connection goes
+   * to the next client only after its last one was unregistered). Should the
+   * server behind the configured host change while clients of the old one
+   * live (a failover), a pid can come back from the new server: then the two
+   * clients still see their own backend's pid and differ by secret.
+   */
+  register(session: ClientSession, backend?: { readonly processId: number; readonly secretKey: number }): [number, number] {
+    let processId: number;
+    if (backend === undefined) {
+      // Above Linux's largest pid (PID_MAX_LIMIT, 2^22): pg_terminate_backend of it can hit no backend.
+      do processId = randomInt(FIRST_SYNTHETIC_PID, 2 ** 31 - 1);
+      while (this.keys.has(processId));
+    } else {
+      processId = backend.processId;
+      if (this.keys.has(processId)) this.logger.warn({ backend: processId }, 'a backend pid another client of this sidecar was given: the server behind the configured host changed');
+    }
+    let bySecret = this.keys.get(processId);
+    if (bySecret === undefined) this.keys.set(processId, (bySecret = new Map<number, ClientSession>()));
+    let secretKey: number;
+    do secretKey = randomInt(-(2 ** 31), 2 ** 31 - 1);
+    while (bySecret.has(secretKey) || secretKey === backend?.secretKey);
+    bySecret.set(secretKey, session);
+    return [processId, secretKey];
   }
 
   /** Forgets a closed session. */
   unregister(session: ClientSession): void {
     this.notifications?.unlisten(session, '*');
-    for (const [pid, s] of this.sessions) {
-      if (s === session) {
-        this.sessions.delete(pid);
-        return;
-      }
-    }
+    this.sessions.delete(session);
+    const key = session.backendKey;
+    if (key === undefined) return;
+    const bySecret = this.keys.get(key[0]);
+    if (bySecret?.get(key[1]) !== session) return;
+    bySecret.delete(key[1]);
+    if (bySecret.size === 0) this.keys.delete(key[0]);
   }
 
   /**
@@ -307,8 +348,8 @@ export class Sidecar implements ClientSessionHost {
    * it, or at once when there is nothing to cancel.
    */
   cancel(processId: number, secretKey: Buffer, done: () => void): void {
-    const session = this.sessions.get(processId);
-    if (session === undefined || secretKey.length !== 4 || secretKey.readInt32BE(0) !== session.secretKey) {
+    const session = secretKey.length === 4 ? this.keys.get(processId)?.get(secretKey.readInt32BE(0)) : undefined;
+    if (session === undefined) {
       this.metrics.error('cancel');
       this.metrics.cancels.inc({ result: 'dropped' });
       this.logger.info('CancelRequest for an unknown session ignored');

@@ -380,6 +380,102 @@ describe('sidecar transparency', function () {
     }
   });
 
+  describe('backend identity', function () {
+    const keysOf = (c: pg.Client): { processID: number; secretKey: number } => c as unknown as { processID: number; secretKey: number };
+    const backendPid = async (c: pg.Client): Promise<number> => (await c.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+
+    it('session mode: BackendKeyData carries the pid of the client\'s own backend; NOTIFY, cancel and pg_terminate_backend agree with it', async function () {
+      await withSidecar(postgres, { grant: 3, mode: 'session' }, async (running) => {
+        const a = client(running);
+        const b = client(running);
+        await Promise.all([a.connect(), b.connect()]);
+        try {
+          const [pidA, pidB] = [await backendPid(a), await backendPid(b)];
+          assert.deepEqual([keysOf(a).processID, keysOf(b).processID], [pidA, pidB], 'PQbackendPID must be pg_backend_pid(), as direct');
+          // The secret is the sidecar's own, never the server's.
+          const serverSecrets = (running.sidecar.pool as unknown as { servers: Set<{ secretKey: number }> }).servers;
+          for (const c of [a, b]) assert.ok(![...serverSecrets].some((s) => s.secretKey === keysOf(c).secretKey), 'the server\'s secret reached the client');
+          // A client recognises its own notifications by the sender's pid (psycopg, libpq, asyncpg do).
+          const received: { processId: number; payload: string | undefined }[] = [];
+          a.on('notification', (n) => received.push({ processId: n.processId, payload: n.payload }));
+          await a.query('LISTEN identity');
+          await a.query("NOTIFY identity, 'self'");
+          await b.query("NOTIFY identity, 'other'");
+          const started = Date.now();
+          while (received.length < 2 && Date.now() - started < 3000) await new Promise((r) => setTimeout(r, 20));
+          assert.deepEqual(received, [{ processId: keysOf(a).processID, payload: 'self' }, { processId: keysOf(b).processID, payload: 'other' }]);
+          // Cancel still reaches the statement, through the sidecar's key.
+          const sleeping = a.query('SELECT pg_sleep(30)').then(() => 'finished', (e: { code?: string }) => e.code);
+          await new Promise((r) => setTimeout(r, 200));
+          await sendCancel(running.port, a);
+          assert.equal(await sleeping, '57014');
+          // pg_terminate_backend(PQbackendPID) from another session ends this one with the server's FATAL.
+          const ended = new Promise<void>((resolve) => a.once('end', () => resolve()));
+          const terminated = await b.query<{ t: boolean }>('SELECT pg_terminate_backend($1) AS t', [keysOf(a).processID]);
+          assert.equal(terminated.rows[0]!.t, true);
+          const after = await a.query('SELECT 1').then(() => 'answered', (e: { code?: string; message: string }) => e.code ?? e.message);
+          assert.notEqual(after, 'answered');
+          await ended;
+          // On itself: the server's own error, as direct.
+          const self = await b.query('SELECT pg_terminate_backend(pg_backend_pid())').then(() => 'answered', (e: { code?: string }) => e.code);
+          assert.equal(self, '57P01');
+        } finally {
+          await Promise.all([a.end().catch(() => undefined), b.end().catch(() => undefined)]);
+        }
+      });
+    });
+
+    it('session mode: a backend reused by the next client gets it a fresh secret; the previous client\'s key cancels nothing', async function () {
+      await withSidecar(postgres, { grant: 1, mode: 'session' }, async (running) => {
+        const first = client(running);
+        await first.connect();
+        const old = { ...keysOf(first) };
+        assert.equal(old.processID, await backendPid(first));
+        await first.end();
+        const second = client(running);
+        await second.connect();
+        try {
+          // Grant 1: the same backend, after DISCARD ALL.
+          assert.equal(keysOf(second).processID, old.processID);
+          assert.equal(await backendPid(second), old.processID);
+          assert.notEqual(keysOf(second).secretKey, old.secretKey);
+          const sleeping = second.query('SELECT pg_sleep(1)').then(() => 'finished', (e: { code?: string }) => e.code);
+          await new Promise((r) => setTimeout(r, 200));
+          const stale = Buffer.alloc(4);
+          stale.writeInt32BE(old.secretKey);
+          await rawExchange(running.port, buildSpecialRequest(CANCEL_REQUEST_CODE, old.processID, stale));
+          assert.equal(await sleeping, 'finished', 'a cancel with the previous client\'s key reached the next client\'s statement');
+          const again = second.query('SELECT pg_sleep(30)').then(() => 'finished', (e: { code?: string }) => e.code);
+          await new Promise((r) => setTimeout(r, 200));
+          await sendCancel(running.port, second);
+          assert.equal(await again, '57014');
+        } finally {
+          await second.end();
+        }
+      });
+    });
+
+    it('transaction mode: the BackendKeyData pid names no backend (there is no fixed one), so pg_terminate_backend of it ends nothing; cancel works', async function () {
+      await withSidecar(postgres, { grant: 2, mode: 'transaction' }, async (running) => {
+        const c = client(running);
+        await c.connect();
+        try {
+          const pid = keysOf(c).processID;
+          assert.ok(pid >= 2 ** 22, `pid ${pid} could be a live process`);
+          assert.notEqual(pid, await backendPid(c));
+          const terminated = await c.query<{ t: boolean }>('SELECT pg_terminate_backend($1) AS t', [pid]);
+          assert.equal(terminated.rows[0]!.t, false);
+          const sleeping = c.query('SELECT pg_sleep(30)').then(() => 'finished', (e: { code?: string }) => e.code);
+          await new Promise((r) => setTimeout(r, 200));
+          await sendCancel(running.port, c);
+          assert.equal(await sleeping, '57014');
+        } finally {
+          await c.end();
+        }
+      });
+    });
+  });
+
   describe('protocol edges', function () {
     it('answers protocol 3.2, a test version and _pq_ options with NegotiateProtocolVersion 3.0, then logs in', async function () {
       await withSidecar(postgres, { grant: 1 }, async (running) => {

@@ -6,6 +6,9 @@ and a rollback every 5th transaction; psycopg 3 then sends `DEALLOCATE ALL`,
 which must act on that client alone. `sqlCommands`: steps whose results
 (value or SQLSTATE) must equal direct's; between PREPARE and EXECUTE the client
 is moved to another server connection when the target pools per transaction.
+`identity`: the BackendKeyData pid (conn.info.backend_pid, libpq PQbackendPID)
+against pg_backend_pid(), the sender pid of the client's own NOTIFY (how psycopg
+recognises self-notifications), cancel, and pg_terminate_backend of that pid.
 """
 import threading
 
@@ -148,7 +151,41 @@ def sql_commands():
     return steps
 
 
+def identity():
+    steps = {}
+    conn = connect(autocommit=True)
+    pid = conn.info.backend_pid
+    steps['pidIsBackendPid'] = step(lambda: conn.execute('SELECT pg_backend_pid()').fetchone()[0] == pid)
+    senders = []
+    conn.add_notify_handler(lambda n: senders.append(n.pid))
+
+    def notify_self():
+        conn.execute('LISTEN drv_identity')
+        conn.execute("NOTIFY drv_identity, 'self'")
+        # Delivered with the reply to the next command if not with the NOTIFY's own.
+        conn.execute('SELECT 1')
+        return [sender == pid for sender in senders]
+
+    steps['notifySenderIsOwnPid'] = step(notify_self)
+
+    def cancel():
+        timer = threading.Timer(0.3, conn.cancel)
+        timer.start()
+        try:
+            conn.execute('SELECT pg_sleep(10)')
+            return 'finished'
+        finally:
+            timer.join()
+
+    steps['cancel'] = step(cancel)
+    steps['terminateOwnPid'] = step(lambda: conn.execute('SELECT pg_terminate_backend(%s)', (pid,)).fetchone()[0])
+    steps['closedAfter'] = step(lambda: conn.closed)
+    conn.close()
+    return steps
+
+
 emit({
+    'identity': identity(),
     'prepared': prepared(cfg.get('threads', 20), cfg.get('transactions', 40), cfg.get('seconds', 6)),
     'sqlCommands': sql_commands(),
 })

@@ -45,6 +45,7 @@ const MIN_SIDECAR_CANCELS = 300;
 const PGBOUNCER_CANNOT: Record<string, string> = {
   'psycopg 3 prepared': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
   'psycopg 3 SQL statement commands': 'SQL PREPARE and DEALLOCATE act on whichever server connection runs them',
+  'psycopg 3 backend pid': 'a client has no fixed backend in transaction mode: its BackendKeyData pid names none',
   'asyncpg pool prepared': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
   'pgjdbc prepared': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
   'pgjdbc batch insert': 'pgjdbc\'s server-side statement names (S_1, ...) collide on server connections shared with other clients (PgBouncer < 1.21)',
@@ -271,6 +272,20 @@ describe('real drivers: direct, PgBouncer, sidecar transaction and session mode'
         for (const [step, expected] of Object.entries(want)) {
           assert.deepEqual(outcome(r[step] as Step), outcome(expected as Step), `step ${step}: ${JSON.stringify(r[step])}, direct: ${JSON.stringify(expected)}`);
         }
+      });
+
+      feature('psycopg 3 backend pid', async (t) => (await scenario(t, 'psycopg3')).identity as Json, (r, t) => {
+        const want = direct('psycopg 3 backend pid');
+        if (t.mode !== 'transaction') {
+          for (const [step, expected] of Object.entries(want)) {
+            assert.deepEqual(outcome(r[step] as Step), outcome(expected as Step), `step ${step}: ${JSON.stringify(r[step])}, direct: ${JSON.stringify(expected)}`);
+          }
+          return;
+        }
+        // Transaction mode has no fixed backend: the pid names none (docs/transaction-mode.md), so terminating it ends nothing.
+        assert.deepEqual(outcome(r.pidIsBackendPid as Step), { value: false });
+        assert.deepEqual(outcome(r.cancel as Step), outcome(want.cancel as Step));
+        assert.deepEqual(outcome(r.terminateOwnPid as Step), { value: false });
       });
 
       feature('asyncpg pool prepared', async (t) => (await scenario(t, 'asyncpg')).poolPrepared as Json, (r) => {

@@ -155,7 +155,8 @@ async function simulatedCluster(postgres: PostgresServer): Promise<DemoCluster> 
   kube.kubectl(['apply', '-f', '-'], JSON.stringify({ apiVersion: 'v1', kind: 'Node', metadata: { name: 'simulated-node' } }));
   createNamespaceWithSecret(kube, { namespace: NAMESPACE, secret: 'orders-db-credentials', username: postgres.app.user, password: postgres.app.password });
   kube.kubectl(['apply', '-f', '-'], orders(postgres.host, postgres.port));
-  const controller = await startController({ apiServer: kube.kubeConfig(), namespace: 'poolkeeper-system', identity: 'demo', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: false, repair: 'evict' }, quiet);
+  // The sidecars run on this host: they acknowledge to the controller over loopback, as pods do to its pod IP.
+  const controller = await startController({ apiServer: kube.kubeConfig(), namespace: 'poolkeeper-system', identity: 'demo', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: false, repair: 'evict', acknowledgements: { host: '127.0.0.1', port: 0, advertise: '127.0.0.1' } }, quiet);
   const webhook = await startLocalWebhook(kube, { webhookNamespace: 'poolkeeper-system', targetNamespace: NAMESPACE, probeConnection: 'orders-db', logger: quiet });
   createOptedInDeployment(kube, { namespace: NAMESPACE, connection: 'orders-db', deployment: 'web', replicas: PHASES[0]! });
   // From here on, this process serves the webhook: kubectl runs asynchronously.

@@ -4,7 +4,7 @@
  */
 import type { Logger } from 'pino';
 import { Registry, collectDefaultMetrics } from 'prom-client';
-import { AcknowledgementReceiver } from '../controller/acknowledgements.ts';
+import { receiverFor } from '../controller/acknowledgements.ts';
 import { BudgetController } from '../controller/controller.ts';
 import { LimitDiscovery } from '../controller/limit-discovery.ts';
 import { ControllerMetrics } from '../controller/metrics.ts';
@@ -62,14 +62,7 @@ export async function startController(config: ControllerConfig, logger: Logger):
     : new MissingSidecarRepairer(http, events, logger, { ...DEFAULT_POD_REPAIR_OPTIONS, mode: config.repair });
   // The receiver answers only once the controller exists and leads; it listens first so that its port is known.
   const late: { controller?: BudgetController } = {};
-  const receiver = config.acknowledgements ? new AcknowledgementReceiver({
-    ledger: { record: (uid, ack) => late.controller?.ledger.record(uid, ack) },
-    member: (namespace, name) => late.controller?.caches.members.get(namespace, name),
-    leading: () => late.controller?.leading === true,
-    accepted: (member) => late.controller?.acknowledged(member),
-    logger: logger.child({ component: 'acknowledgements' }),
-    registry,
-  }) : undefined;
+  const receiver = config.acknowledgements ? receiverFor(() => late.controller, logger.child({ component: 'acknowledgements' }), registry) : undefined;
   const acknowledgementPort = receiver && config.acknowledgements ? await receiver.listen(config.acknowledgements.host, config.acknowledgements.port) : undefined;
   const advertise = config.acknowledgements?.advertise ?? '';
   const acknowledgeTo = acknowledgementPort === undefined ? undefined : `http://${advertise.includes(':') ? `[${advertise}]` : advertise}:${acknowledgementPort}`;

@@ -121,9 +121,12 @@ export class AcknowledgementReceiver {
     let size = 0;
     req.on('data', (chunk: Buffer) => {
       size += chunk.length;
+      if (res.writableEnded) return;
       if (size > MAX_BODY_BYTES) {
+        // Answered at once; the rest is read and dropped, and the connection closed after.
+        res.setHeader('connection', 'close');
         answer(413, 'invalid', `body larger than ${MAX_BODY_BYTES} bytes`);
-        req.destroy();
+        chunks.length = 0;
         return;
       }
       chunks.push(chunk);
@@ -158,4 +161,29 @@ export class AcknowledgementReceiver {
     });
     req.on('error', () => req.destroy());
   }
+}
+
+/** What the receiver needs of the controller it serves. */
+export interface AcknowledgingController {
+  readonly ledger: Pick<AcknowledgementLedger, 'record'>;
+  readonly caches: { members: { get(namespace: string | undefined, name: string): PoolMember | undefined } };
+  readonly leading: boolean;
+  acknowledged(member: PoolMember): void;
+}
+
+/**
+ * A receiver for the controller `current()` returns once it exists: the
+ * receiver listens first, so that the address the controller writes into
+ * the tables is known when the controller is built, and refuses (409) until
+ * then.
+ */
+export function receiverFor(current: () => AcknowledgingController | undefined, logger: Logger, registry: Registry): AcknowledgementReceiver {
+  return new AcknowledgementReceiver({
+    ledger: { record: (uid, ack) => current()?.ledger.record(uid, ack) },
+    member: (namespace, name) => current()?.caches.members.get(namespace, name),
+    leading: () => current()?.leading === true,
+    accepted: (member) => current()?.acknowledged(member),
+    logger,
+    registry,
+  });
 }

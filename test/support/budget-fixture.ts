@@ -9,7 +9,7 @@ import pino, { type Logger } from 'pino';
 import { Registry } from 'prom-client';
 import type { PoolGrant, PoolMember } from '../../src/api/index.ts';
 import { grantTableOf, memberGrantInForce, tableAccount } from '../../src/core/budget/index.ts';
-import { AcknowledgementReceiver } from '../../src/controller/acknowledgements.ts';
+import { receiverFor, type AcknowledgementReceiver } from '../../src/controller/acknowledgements.ts';
 import { BudgetController } from '../../src/controller/controller.ts';
 import { LimitDiscovery } from '../../src/controller/limit-discovery.ts';
 import { ControllerMetrics } from '../../src/controller/metrics.ts';
@@ -38,14 +38,7 @@ export async function startController(kube: KubeControlPlane, logger: Logger = p
   const events = new EventRecorder(http, 'poolkeeper-controller', logger);
   const repairer = options.repair ? new MissingSidecarRepairer(http, events, logger, { ...DEFAULT_POD_REPAIR_OPTIONS, mode: options.repair, gracePeriodSeconds: 0 }) : undefined;
   const late: { controller?: BudgetController } = {};
-  const receiver = options.channel === false ? undefined : new AcknowledgementReceiver({
-    ledger: { record: (uid, ack) => late.controller?.ledger.record(uid, ack) },
-    member: (namespace, name) => late.controller?.caches.members.get(namespace, name),
-    leading: () => late.controller?.leading === true,
-    accepted: (member) => late.controller?.acknowledged(member),
-    logger,
-    registry,
-  });
+  const receiver = options.channel === false ? undefined : receiverFor(() => late.controller, logger, registry);
   const port = await receiver?.listen('127.0.0.1', 0);
   const controller = new BudgetController({
     http,

@@ -63,7 +63,8 @@ const QUIET_MS = 1_000;
 const mb = (bytes: number): string => (bytes / 2 ** 20).toFixed(0);
 const IDLE_MS = 10_000;
 const CREATE_CONCURRENCY = 16;
-const ACK_CONCURRENCY = 16;
+/** Acknowledgements in flight at once: a fleet acknowledges in parallel, one process stands in for it. */
+const ACK_CONCURRENCY = 64;
 
 /** The NODE_OPTIONS deploy/ gives the controller container: the bench runs it as deployed. */
 function deployedNodeOptions(): string {

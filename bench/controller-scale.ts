@@ -29,7 +29,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import pino from 'pino';
 import type { PoolGrant, PoolMember } from '../src/api/index.ts';
-import { grantTableOf, memberGrantInForce, signAcknowledgement, tableAccount, type ChannelAcknowledgement, type GrantTable } from '../src/core/budget/index.ts';
+import { acknowledgementUrl, grantTableOf, memberGrantInForce, signAcknowledgement, tableAccount, type ChannelAcknowledgement, type GrantTable } from '../src/core/budget/index.ts';
 import { Agent, request } from 'node:http';
 import { compileEntries, compiledDir } from '../src/devenv/compile.ts';
 import { LocalEnvironment } from '../src/devenv/environment.ts';
@@ -296,7 +296,7 @@ class Acknowledger {
     const ack: ChannelAcknowledgement = { namespace: this.namespace, pod: member.metadata.name ?? '', podUid, tableGeneration, generation: tableGeneration, connections, held: connections };
     const body = JSON.stringify({ ...ack, signature: signAcknowledgement(ack, key) });
     return new Promise((resolve) => {
-      const req = request(new URL('/v1/acknowledgements', to), { method: 'POST', agent: this.agent, timeout: 5_000, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
+      const req = request(new URL(acknowledgementUrl(to)), { method: 'POST', agent: this.agent, timeout: 5_000, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
         res.resume();
         res.on('end', () => resolve(res.statusCode === 200));
       });

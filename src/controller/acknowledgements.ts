@@ -112,7 +112,8 @@ export class AcknowledgementReceiver {
       res.writeHead(status, { 'content-type': 'application/json' });
       res.end(JSON.stringify(message === undefined ? { result } : { result, message }));
     };
-    if (req.method !== 'POST' || (req.url ?? '').split('?')[0] !== ACKNOWLEDGEMENT_PATH) {
+    // The path may carry the leader's term before the endpoint (acknowledgementUrl): any term is heard.
+    if (req.method !== 'POST' || !(req.url ?? '').split('?')[0]!.endsWith(ACKNOWLEDGEMENT_PATH)) {
       res.writeHead(404, { 'content-type': 'application/json' });
       res.end(JSON.stringify({ message: `POST ${ACKNOWLEDGEMENT_PATH} only` }));
       return;

@@ -6,7 +6,7 @@
  * the API server's storage initializes, 5xx, connection refused) rather than
  * failing. On stop, in-flight reconciles end before the Lease is released.
  */
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, type DatabaseConnection, type DatabaseServer, type PoolMember } from '../api/index.ts';
 import type { Acknowledgement } from '../core/budget/index.ts';
@@ -78,6 +78,13 @@ export class BudgetController {
   private readonly reconcileStarted = new Map<string, number>();
   /** Acknowledgements received over the channel while this replica leads. */
   readonly ledger = new AcknowledgementLedger();
+  /**
+   * What the tables name while this replica leads: its address and a term new
+   * with every start of leading. A replica that leads again under the same
+   * address has forgotten what it heard before; the new term makes the
+   * sidecars send it again.
+   */
+  private acknowledgeTo: string | undefined;
 
   constructor(options: ControllerOptions) {
     this.options = options;
@@ -104,7 +111,7 @@ export class BudgetController {
       ...options.reconciler, http, caches: this.caches, logger, metrics: options.metrics,
       // A replica that lost the Lease stops writing grants even mid-reconcile.
       ...(elector ? { mayWrite: () => elector.isLeader && !this.stopping } : {}),
-      ...(options.acknowledgeTo ? { acknowledgements: { ledger: this.ledger, acknowledgeTo: options.acknowledgeTo } } : {}),
+      ...(options.acknowledgeTo ? { acknowledgements: { ledger: this.ledger, acknowledgeTo: () => this.acknowledgeTo } } : {}),
     });
     this.wireHandlers();
   }
@@ -252,6 +259,7 @@ export class BudgetController {
 
   private startWorkers(): void {
     if (this.queue || this.stopping) return;
+    if (this.options.acknowledgeTo) this.acknowledgeTo = `${this.options.acknowledgeTo}/${randomBytes(6).toString('base64url')}`;
     const queue = new WorkQueue();
     this.queue = queue;
     // A replica that leads again starts only after its previous workers have ended.

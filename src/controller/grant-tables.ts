@@ -31,8 +31,8 @@ export interface GrantTableWriterDeps {
   /** Throws if this replica may no longer write. */
   assertMayWrite: () => void;
   conflict: ConflictFactory;
-  /** The leader's acknowledgement endpoint, written into every table (http://address:port); absent: none. */
-  acknowledgeTo?: string | undefined;
+  /** The leader's acknowledgement address for this term, written into every table (http://address:port/term); absent: none. */
+  acknowledgeTo?: (() => string | undefined) | undefined;
   /** A new acknowledgement key for a PoolMember switched onto a table (32 random bytes, base64url). */
   newKey?: () => string;
 }
@@ -149,7 +149,7 @@ export class GrantTableWriter {
       const current = this.inForce(t.namespace, t.connection);
       // A merge patch keeps fields it does not mention: a change in flight that ended is removed with null.
       const inFlight = { perPodSince: t.table.perPodSince ?? (current ? null : undefined), perPodReleasing: t.table.perPodReleasing ?? (current ? null : undefined) };
-      const acknowledgeTo = this.deps.acknowledgeTo ?? (current ? null : undefined);
+      const acknowledgeTo = this.deps.acknowledgeTo?.() ?? (current ? null : undefined);
       const spec = { connection: t.connection, generation: t.table.generation, perPod: t.table.perPod, ...inFlight, recordsChanges: true, exceptions: t.table.exceptions, acknowledgeTo, ...(heartbeatSeconds === undefined ? {} : { heartbeatSeconds }) };
       const path = `${BASE}/namespaces/${t.namespace}/poolgrants`;
       this.deps.assertMayWrite();
@@ -182,7 +182,7 @@ export class GrantTableWriter {
    * unchanged, so no sidecar sees a new grant because of it.
    */
   private async writeHeartbeats(unchanged: readonly PlannedTable[], heartbeats: ReadonlyMap<string, number>): Promise<void> {
-    const acknowledgeTo = this.deps.acknowledgeTo;
+    const acknowledgeTo = this.deps.acknowledgeTo?.();
     const hints = (t: PlannedTable): { heartbeatSeconds?: number; acknowledgeTo?: string } | undefined => {
       const wanted = heartbeats.get(`${t.namespace}/${t.connection}`);
       const cached = this.deps.grants?.get(t.namespace, t.connection);

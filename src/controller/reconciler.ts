@@ -96,7 +96,7 @@ export interface ReconcilerDeps {
    * address the grant tables tell sidecars to send them to; absent: PoolMember
    * status only.
    */
-  acknowledgements?: { ledger: AcknowledgementLedger; acknowledgeTo: string } | undefined;
+  acknowledgements?: { ledger: AcknowledgementLedger; acknowledgeTo: () => string | undefined } | undefined;
 }
 
 /** A grant write found its PoolMember changed since the cache showed it (another writer, or the cache behind). */

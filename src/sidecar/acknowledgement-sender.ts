@@ -6,7 +6,7 @@
  * PoolMember status instead, as without the channel.
  */
 import { Agent, request } from 'node:http';
-import { signAcknowledgement, type ChannelAcknowledgement } from '../core/budget/acknowledgement.ts';
+import { acknowledgementUrl, signAcknowledgement, type ChannelAcknowledgement } from '../core/budget/acknowledgement.ts';
 
 /** How long one acknowledgement may take before the status write takes over. */
 const TIMEOUT_MS = 2_000;
@@ -15,13 +15,13 @@ const TIMEOUT_MS = 2_000;
 export class AcknowledgementSender {
   private readonly agent = new Agent({ keepAlive: true, maxSockets: 1 });
 
-  /** POSTs `ack` signed with `key` to `base` (http://host:port); true once the controller recorded it. */
+  /** POSTs `ack` signed with `key` to the table's `base` (http://host:port/term); true once the controller recorded it. */
   send(base: string, ack: ChannelAcknowledgement, key: string): Promise<boolean> {
     const body = JSON.stringify({ ...ack, signature: signAcknowledgement(ack, key) });
     return new Promise((resolve) => {
       let url: URL;
       try {
-        url = new URL('/v1/acknowledgements', base);
+        url = new URL(acknowledgementUrl(base));
       } catch {
         resolve(false);
         return;

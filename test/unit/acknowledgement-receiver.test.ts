@@ -5,7 +5,7 @@ import pino from 'pino';
 import { Registry } from 'prom-client';
 import type { PoolMember } from '../../src/api/index.ts';
 import { AcknowledgementLedger, receiverFor, type AcknowledgementReceiver, type AcknowledgingController } from '../../src/controller/acknowledgements.ts';
-import { signAcknowledgement, type ChannelAcknowledgement } from '../../src/core/budget/index.ts';
+import { acknowledgementUrl, signAcknowledgement, type ChannelAcknowledgement } from '../../src/core/budget/index.ts';
 
 const KEY = 'k'.repeat(43);
 
@@ -59,7 +59,8 @@ describe('acknowledgement receiver', function () {
   });
 
   it('records a signed acknowledgement of a known pod and wakes its reconcile', async function () {
-    assert.equal((await post(port, '/v1/acknowledgements', signed(ack))).status, 200);
+    // The path a table names carries the leader's term before the endpoint.
+    assert.equal((await post(port, new URL(acknowledgementUrl(`http://127.0.0.1:${port}/Jx3k9qLm`)).pathname, signed(ack))).status, 200);
     assert.deepEqual(ledger.get('uid-1'), { generation: 7, connections: 3, held: 2, drained: false, tableGeneration: 7 });
     assert.deepEqual(heard, ['web-1']);
     // An older one arriving late never replaces a newer one.

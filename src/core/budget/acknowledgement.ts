@@ -70,3 +70,12 @@ export function toAcknowledgement(a: ChannelAcknowledgement): Acknowledgement {
 export function signAcknowledgement(ack: ChannelAcknowledgement, key: string): string {
   return createHmac('sha256', key).update(acknowledgementText(ack)).digest('base64url');
 }
+
+/**
+ * Where a sidecar POSTs its acknowledgements: the table's `acknowledgeTo`
+ * (http://address:port/term, the term new each time a controller starts
+ * leading) with the endpoint's path after it.
+ */
+export function acknowledgementUrl(acknowledgeTo: string): string {
+  return `${acknowledgeTo.replace(/\/+$/, '')}/v1/acknowledgements`;
+}

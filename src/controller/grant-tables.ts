@@ -9,7 +9,7 @@
 import { randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, type DatabaseConnection, type PoolGrant, type PoolMember } from '../api/index.ts';
-import { grantTableOf, type GrantTable, type PlannedTable, type TableState } from '../core/budget/index.ts';
+import { grantTableOf, type GrantTable, type PlannedTable, type SidecarPacing, type TableState } from '../core/budget/index.ts';
 import { isStatus, type KubeHttp } from '../kube/http.ts';
 import type { Informer, KubeObject } from '../kube/informer.ts';
 import { forEachBounded } from './bounded.ts';
@@ -137,20 +137,20 @@ export class GrantTableWriter {
    * resourceVersion it was planned from (a deposed leader's write fails).
    * A PoolGrant is owned by its DatabaseConnection and goes with it.
    */
-  async writeTables(tables: readonly PlannedTable[], connections: readonly DatabaseConnection[], heartbeats: ReadonlyMap<string, number> = new Map()): Promise<void> {
+  async writeTables(tables: readonly PlannedTable[], connections: readonly DatabaseConnection[], pacing: ReadonlyMap<string, SidecarPacing> = new Map()): Promise<void> {
     if (!this.enabled) return;
     const byKey = new Map(connections.map((c) => [`${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`, c]));
-    await this.writeHeartbeats(tables.filter((t) => !t.changed), heartbeats);
+    await this.writeHints(tables.filter((t) => !t.changed), pacing);
     await forEachBounded(tables.filter((t) => t.changed), CONCURRENCY, async (t) => {
       const k = `${t.namespace}/${t.connection}`;
       const connection = byKey.get(k);
       if (!connection) return;
-      const heartbeatSeconds = heartbeats.get(k);
+      const paced = pacing.get(k);
       const current = this.inForce(t.namespace, t.connection);
       // A merge patch keeps fields it does not mention: a change in flight that ended is removed with null.
       const inFlight = { perPodSince: t.table.perPodSince ?? (current ? null : undefined), perPodReleasing: t.table.perPodReleasing ?? (current ? null : undefined) };
       const acknowledgeTo = this.deps.acknowledgeTo?.() ?? (current ? null : undefined);
-      const spec = { connection: t.connection, generation: t.table.generation, perPod: t.table.perPod, ...inFlight, recordsChanges: true, exceptions: t.table.exceptions, acknowledgeTo, ...(heartbeatSeconds === undefined ? {} : { heartbeatSeconds }) };
+      const spec = { connection: t.connection, generation: t.table.generation, perPod: t.table.perPod, ...inFlight, recordsChanges: true, exceptions: t.table.exceptions, acknowledgeTo, ...(paced ?? {}) };
       const path = `${BASE}/namespaces/${t.namespace}/poolgrants`;
       this.deps.assertMayWrite();
       let written: PoolGrant;
@@ -181,14 +181,15 @@ export class GrantTableWriter {
    * acknowledgement address: a patch of those fields alone, the generation
    * unchanged, so no sidecar sees a new grant because of it.
    */
-  private async writeHeartbeats(unchanged: readonly PlannedTable[], heartbeats: ReadonlyMap<string, number>): Promise<void> {
+  private async writeHints(unchanged: readonly PlannedTable[], pacing: ReadonlyMap<string, SidecarPacing>): Promise<void> {
     const acknowledgeTo = this.deps.acknowledgeTo?.();
-    const hints = (t: PlannedTable): { heartbeatSeconds?: number; acknowledgeTo?: string } | undefined => {
-      const wanted = heartbeats.get(`${t.namespace}/${t.connection}`);
+    const hints = (t: PlannedTable): { heartbeatSeconds?: number; statusDelaySeconds?: number; acknowledgeTo?: string } | undefined => {
+      const wanted = pacing.get(`${t.namespace}/${t.connection}`);
       const cached = this.deps.grants?.get(t.namespace, t.connection);
       if (cached === undefined || this.written.has(`${t.namespace}/${t.connection}`)) return undefined;
       const patch = {
-        ...(wanted !== undefined && cached.spec.heartbeatSeconds !== wanted ? { heartbeatSeconds: wanted } : {}),
+        ...(wanted !== undefined && cached.spec.heartbeatSeconds !== wanted.heartbeatSeconds ? { heartbeatSeconds: wanted.heartbeatSeconds } : {}),
+        ...(wanted !== undefined && cached.spec.statusDelaySeconds !== wanted.statusDelaySeconds ? { statusDelaySeconds: wanted.statusDelaySeconds } : {}),
         // A new leader tells every table where acknowledgements go now; sidecars resend theirs there.
         ...(acknowledgeTo !== undefined && cached.spec.acknowledgeTo !== acknowledgeTo ? { acknowledgeTo } : {}),
       };

@@ -7,7 +7,7 @@
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVE, type DatabaseConnection, type DatabaseServer, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
-import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, heartbeatSecondsFor, heartbeatTimeoutMs, type BudgetInput, type BudgetPlan, type PodGrant } from '../core/budget/index.ts';
+import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant } from '../core/budget/index.ts';
 import { decideOwnedLimit, decideServerLimit, namespaceDemands, namespaceShares, ownedServerKey, planWithShares, ruleFor, type NamespaceRule } from '../core/tenancy/index.ts';
 import { connectionConditions, limitMismatchCondition, oversubscriptionAdvice, type ConsumerDemand, type ConsumerFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
 import { conditionsEqual, findCondition, setConditions, type Condition, type ConditionUpdate } from '../core/conditions/index.ts';
@@ -409,7 +409,7 @@ export class ServerReconciler {
     this.planMs.set(server, beforeSwitch - planStarted + performance.now() - afterSwitch);
 
     // One write per connection carries every switched pod's grant, shrinks and grows alike.
-    await this.tables.writeTables(plan.tables, connections, this.heartbeats(pods));
+    await this.tables.writeTables(plan.tables, connections, this.pacing(pods));
     await this.applyGrants(plan, connections, members, resolved);
     await this.deleteOrphans(plan, members);
     await this.sidecarAccess?.ensure(pods);
@@ -541,14 +541,14 @@ export class ServerReconciler {
     });
   }
 
-  /** Per connection (`namespace/name`), the heartbeat its table tells the sidecars: slower for more pods. */
-  private heartbeats(pods: readonly (PodObject & KubeObject)[]): Map<string, number> {
+  /** Per connection (`namespace/name`), the pacing its table tells the sidecars: slower for more pods. */
+  private pacing(pods: readonly (PodObject & KubeObject)[]): Map<string, SidecarPacing> {
     const counts = new Map<string, number>();
     for (const p of pods) {
       const k = podConnectionKey(p);
       if (k !== undefined) counts.set(k, (counts.get(k) ?? 0) + 1);
     }
-    return new Map([...counts].map(([k, n]) => [k, heartbeatSecondsFor(n)]));
+    return new Map([...counts].map(([k, n]) => [k, sidecarPacingFor(n)]));
   }
 
   /**

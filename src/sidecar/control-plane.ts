@@ -113,6 +113,10 @@ export class PoolMemberAgent {
   private writeDue = false;
   /** After a failed send, acknowledgements take the status path until then (ms). */
   private channelRetryAt = 0;
+  /** The table's statusDelaySeconds, in ms (0: the status follows with the next heartbeat). */
+  private statusDelayMs = 0;
+  /** The status write that follows an acknowledgement sent over the channel. */
+  private followUp: NodeJS.Timeout | undefined;
 
   constructor(options: PoolMemberAgentOptions) {
     this.options = options;
@@ -195,6 +199,7 @@ export class PoolMemberAgent {
     this.tableInformer.onChange((type, grant) => {
       // The table says how often to beat (longer for bigger fleets); an explicit heartbeatMs (tests) wins.
       if (type !== 'DELETED' && grant.spec.heartbeatSeconds !== undefined && this.options.heartbeatMs === undefined) this.scheduleHeartbeat(grant.spec.heartbeatSeconds * 1000, true);
+      this.statusDelayMs = type === 'DELETED' ? 0 : (grant.spec.statusDelaySeconds ?? 0) * 1000;
       const acknowledgeTo = type === 'DELETED' ? undefined : grant.spec.acknowledgeTo;
       if (acknowledgeTo !== this.acknowledgeTo) {
         // A new leader has not heard what the old one did: tell it again, unless the status already says it.
@@ -314,6 +319,7 @@ export class PoolMemberAgent {
       if (Date.now() >= this.channelRetryAt) {
         if (await this.sender.send(channel.to, channel.ack, channel.key)) {
           this.sentOverChannel = fields;
+          this.scheduleFollowUp();
           return;
         }
         // Refused or unreachable (a network policy, a standby): the status path, without waiting on the channel again for a while.
@@ -321,6 +327,20 @@ export class PoolMemberAgent {
       }
     }
     await this.writeStatus();
+  }
+
+  /**
+   * Writes the status at a random point of the table's statusDelaySeconds
+   * after an acknowledgement went over the channel: `kubectl get pm` catches
+   * up soon in a small fleet, and a large fleet's writes stay spread.
+   */
+  private scheduleFollowUp(): void {
+    if (this.followUp !== undefined || this.statusDelayMs <= 0 || this.stopped) return;
+    this.followUp = setTimeout(() => {
+      this.followUp = undefined;
+      this.beat();
+    }, Math.floor(Math.random() * this.statusDelayMs));
+    this.followUp.unref();
   }
 
   /** The acknowledgement the channel may carry instead of a status write, if it may. */
@@ -369,6 +389,7 @@ export class PoolMemberAgent {
     clearInterval(this.heartbeat);
     clearTimeout(this.heartbeatStart);
     clearTimeout(this.deferred);
+    clearTimeout(this.followUp);
     this.unsubscribe?.();
     await this.writing;
     this.sender.close();

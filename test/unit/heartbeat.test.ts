@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { HEARTBEAT_WRITES_PER_SECOND, MAX_HEARTBEAT_SECONDS, heartbeatSecondsFor, heartbeatTimeoutMs } from '../../src/core/budget/index.ts';
+import { HEARTBEAT_WRITES_PER_SECOND, MAX_HEARTBEAT_SECONDS, heartbeatSecondsFor, heartbeatTimeoutMs, sidecarPacingFor } from '../../src/core/budget/index.ts';
 
 describe('heartbeat interval', function () {
   it('is 10 s up to 200 pods and doubles with every doubling of pods', function () {
@@ -25,5 +25,17 @@ describe('heartbeat interval', function () {
     assert.equal(heartbeatTimeoutMs(10, 60_000), 60_000);
     assert.equal(heartbeatTimeoutMs(640, 60_000), 1_920_000);
     assert.equal(heartbeatTimeoutMs(10, 1_000), 30_000);
+  });
+
+  it('spreads the status writes that follow channel acknowledgements over pods / 20 seconds, at least 1, at most a heartbeat', function () {
+    assert.deepEqual(sidecarPacingFor(8), { heartbeatSeconds: 10, statusDelaySeconds: 1 });
+    assert.deepEqual(sidecarPacingFor(200), { heartbeatSeconds: 10, statusDelaySeconds: 10 });
+    assert.deepEqual(sidecarPacingFor(1000), { heartbeatSeconds: 80, statusDelaySeconds: 50 });
+    assert.deepEqual(sidecarPacingFor(10000), { heartbeatSeconds: 640, statusDelaySeconds: 500 });
+    for (const pods of [1, 7, 199, 201, 999, 4321, 99999]) {
+      const { heartbeatSeconds, statusDelaySeconds } = sidecarPacingFor(pods);
+      assert.ok(statusDelaySeconds >= 1 && statusDelaySeconds <= heartbeatSeconds);
+      assert.ok(pods / statusDelaySeconds <= 20 || statusDelaySeconds === heartbeatSeconds, `${pods} pods: at most 20 follow-up writes a second`);
+    }
   });
 });

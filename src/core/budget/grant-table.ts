@@ -248,6 +248,26 @@ export function heartbeatSecondsFor(pods: number): number {
   return seconds;
 }
 
+/** How the sidecars of one table pace their status writes. */
+export interface SidecarPacing {
+  /** heartbeatSecondsFor the table's pods. */
+  heartbeatSeconds: number;
+  /**
+   * After an acknowledgement the controller took over the channel, the
+   * sidecar writes it into its status at a random point of this many
+   * seconds: the table's pods / 20 (at least 1, at most a heartbeat), so that
+   * `kubectl get pm` catches up within a second in a small fleet and the
+   * writes stay at or under 20 a second in a large one.
+   */
+  statusDelaySeconds: number;
+}
+
+/** The pacing of a table with `pods` pods. */
+export function sidecarPacingFor(pods: number): SidecarPacing {
+  const heartbeatSeconds = heartbeatSecondsFor(pods);
+  return { heartbeatSeconds, statusDelaySeconds: Math.min(heartbeatSeconds, Math.max(1, Math.ceil(pods / HEARTBEAT_WRITES_PER_SECOND))) };
+}
+
 /**
  * How long a sidecar may go without renewing its status before it counts as
  * unresponsive: three heartbeats, and never less than `minimumMs`.

@@ -314,7 +314,7 @@ export class PoolMemberAgent {
     const channel = write ? undefined : this.channelAcknowledgement(status);
     if (channel) {
       const fields = JSON.stringify(channel.ack);
-      // Already confirmed, or already in the status: nothing to say until the next heartbeat.
+      // Already confirmed, or already in the status: nothing to say until the follow-up write or the next heartbeat.
       if (fields === this.sentOverChannel || sameAcknowledgement(status, this.lastWritten)) return;
       if (Date.now() >= this.channelRetryAt) {
         if (await this.sender.send(channel.to, channel.ack, channel.key)) {
@@ -347,7 +347,7 @@ export class PoolMemberAgent {
   private channelAcknowledgement(status: PoolMemberStatus): { to: string; key: string; ack: ChannelAcknowledgement } | undefined {
     const member = this.member;
     const key = member?.spec.acknowledgementKey;
-    const podUid = (member)?.metadata?.ownerReferences?.find((o) => o.kind === 'Pod')?.uid;
+    const podUid = member?.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid;
     const written = this.lastWritten;
     // Only a grant from a table is acknowledged there, and only when nothing but the acknowledgement changed.
     if (!this.acknowledgeTo || !key || !podUid || this.appliedTableGeneration === undefined || !written || status.tableGeneration === undefined) return undefined;

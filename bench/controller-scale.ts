@@ -29,8 +29,8 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import pino from 'pino';
 import type { PoolGrant, PoolMember } from '../src/api/index.ts';
-import { acknowledgementUrl, grantTableOf, memberGrantInForce, signAcknowledgement, tableAccount, type ChannelAcknowledgement, type GrantTable } from '../src/core/budget/index.ts';
-import { Agent, request } from 'node:http';
+import { grantTableOf, memberGrantInForce, tableAccount, type ChannelAcknowledgement, type GrantTable } from '../src/core/budget/index.ts';
+import { AcknowledgementSender } from '../src/sidecar/acknowledgement-sender.ts';
 import { compileEntries, compiledDir } from '../src/devenv/compile.ts';
 import { LocalEnvironment } from '../src/devenv/environment.ts';
 import type { KubeControlPlane } from '../src/devenv/kube.ts';
@@ -165,7 +165,7 @@ class Acknowledger {
   private readonly sent = new Map<string, { tableGeneration: number; connections: number }>();
   /** Names whose next acknowledgement must be a status write (a heartbeat, or the acks-only event). */
   private readonly durable = new Set<string>();
-  private readonly agent = new Agent({ keepAlive: true, maxSockets: ACK_CONCURRENCY });
+  private readonly sender = new AcknowledgementSender(ACK_CONCURRENCY);
 
   constructor(http: KubeHttp, namespace: string, heartbeatMs: number, legacy: boolean) {
     this.http = http;
@@ -294,16 +294,7 @@ class Acknowledger {
     const podUid = member.metadata.ownerReferences?.[0]?.uid;
     if (!to || !key || !podUid) return Promise.resolve(false);
     const ack: ChannelAcknowledgement = { namespace: this.namespace, pod: member.metadata.name ?? '', podUid, tableGeneration, generation: tableGeneration, connections, held: connections };
-    const body = JSON.stringify({ ...ack, signature: signAcknowledgement(ack, key) });
-    return new Promise((resolve) => {
-      const req = request(new URL(acknowledgementUrl(to)), { method: 'POST', agent: this.agent, timeout: 5_000, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
-        res.resume();
-        res.on('end', () => resolve(res.statusCode === 200));
-      });
-      req.on('timeout', () => req.destroy());
-      req.on('error', () => resolve(false));
-      req.end(body);
-    });
+    return this.sender.send(to, ack, key);
   }
 
   private enqueue(name: string): void {
@@ -382,7 +373,7 @@ class Acknowledger {
 
   async stop(): Promise<void> {
     clearInterval(this.heartbeat);
-    this.agent.destroy();
+    this.sender.close();
     await Promise.all([this.members.stop(), this.tables.stop(), this.pods.stop()]);
   }
 }

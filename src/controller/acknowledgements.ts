@@ -17,7 +17,7 @@ import type { AddressInfo } from 'node:net';
 import type { Logger } from 'pino';
 import { Counter, type Registry } from 'prom-client';
 import type { PoolMember } from '../api/index.ts';
-import { parseChannelAcknowledgement, signAcknowledgement, toAcknowledgement, type Acknowledgement } from '../core/budget/index.ts';
+import { laterAcknowledgement, parseChannelAcknowledgement, signAcknowledgement, toAcknowledgement, type Acknowledgement } from '../core/budget/index.ts';
 
 /** Largest request body accepted (an acknowledgement is about 300 bytes). */
 const MAX_BODY_BYTES = 4096;
@@ -31,9 +31,7 @@ export class AcknowledgementLedger {
 
   /** Keeps the later of what is stored and `ack`. */
   record(podUid: string, ack: Acknowledgement): void {
-    const stored = this.byUid.get(podUid);
-    if (stored && ((stored.tableGeneration ?? -1) > (ack.tableGeneration ?? -1) || ((stored.tableGeneration ?? -1) === (ack.tableGeneration ?? -1) && stored.generation > ack.generation))) return;
-    this.byUid.set(podUid, ack);
+    this.byUid.set(podUid, laterAcknowledgement(this.byUid.get(podUid), ack)!);
   }
 
   /** What the channel said for the pod, if anything. */

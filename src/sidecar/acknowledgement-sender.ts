@@ -13,7 +13,12 @@ const TIMEOUT_MS = 2_000;
 
 /** Sends acknowledgements to the address a grant table names. */
 export class AcknowledgementSender {
-  private readonly agent = new Agent({ keepAlive: true, maxSockets: 1 });
+  private readonly agent: Agent;
+
+  /** `concurrency`: requests in flight at once (a sidecar sends one at a time; the bench's stand-in for a fleet, many). */
+  constructor(concurrency = 1) {
+    this.agent = new Agent({ keepAlive: true, maxSockets: concurrency });
+  }
 
   /** POSTs `ack` signed with `key` to the table's `base` (http://host:port/term); true once the controller recorded it. */
   send(base: string, ack: ChannelAcknowledgement, key: string): Promise<boolean> {

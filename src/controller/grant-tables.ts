@@ -9,7 +9,7 @@
 import { randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, type DatabaseConnection, type PoolGrant, type PoolMember } from '../api/index.ts';
-import { grantTableOf, type GrantTable, type PlannedTable, type SidecarPacing, type TableState } from '../core/budget/index.ts';
+import { grantTableOf, tableWriteWaves, type GrantTable, type PlannedTable, type SidecarPacing, type TableState, type TableWrite } from '../core/budget/index.ts';
 import { isStatus, type KubeHttp } from '../kube/http.ts';
 import type { Informer, KubeObject } from '../kube/informer.ts';
 import { forEachBounded } from './bounded.ts';
@@ -133,42 +133,47 @@ export class GrantTableWriter {
   }
 
   /**
-   * Writes the changed tables of a plan, each with a precondition on the
-   * resourceVersion it was planned from (a deposed leader's write fails).
-   * A PoolGrant is owned by its DatabaseConnection and goes with it.
+   * Writes the changed tables of a plan in the waves `tableWriteWaves` orders
+   * (what is released before another table's grows), each with a precondition
+   * on the resourceVersion it was planned from (a deposed leader's write
+   * fails). A PoolGrant is owned by its DatabaseConnection and goes with it.
    */
   async writeTables(tables: readonly PlannedTable[], connections: readonly DatabaseConnection[], pacing: ReadonlyMap<string, SidecarPacing> = new Map()): Promise<void> {
     if (!this.enabled) return;
     const byKey = new Map(connections.map((c) => [`${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`, c]));
     await this.writeHints(tables.filter((t) => !t.changed), pacing);
-    await forEachBounded(tables.filter((t) => t.changed), CONCURRENCY, async (t) => {
-      const k = `${t.namespace}/${t.connection}`;
-      const connection = byKey.get(k);
-      if (!connection) return;
-      const paced = pacing.get(k);
-      const current = this.inForce(t.namespace, t.connection);
-      // A merge patch keeps fields it does not mention: a change in flight that ended is removed with null.
-      const inFlight = { perPodSince: t.table.perPodSince ?? (current ? null : undefined), perPodReleasing: t.table.perPodReleasing ?? (current ? null : undefined) };
-      const acknowledgeTo = this.deps.acknowledgeTo?.() ?? (current ? null : undefined);
-      const spec = { connection: t.connection, generation: t.table.generation, perPod: t.table.perPod, ...inFlight, recordsChanges: true, exceptions: t.table.exceptions, acknowledgeTo, ...(paced ?? {}) };
-      const path = `${BASE}/namespaces/${t.namespace}/poolgrants`;
-      this.deps.assertMayWrite();
-      let written: PoolGrant;
-      try {
-        if (!current) {
-          const ownerReferences = connection.metadata.uid ? [{ apiVersion: `${API_GROUP}/${API_VERSION}`, kind: 'DatabaseConnection', name: t.connection, uid: connection.metadata.uid, controller: true, blockOwnerDeletion: false }] : undefined;
-          written = await this.deps.http.create<PoolGrant>(path, { apiVersion: `${API_GROUP}/${API_VERSION}`, kind: 'PoolGrant', metadata: { name: t.connection, namespace: t.namespace, ...(ownerReferences ? { ownerReferences } : {}) }, spec });
-        } else {
-          // A merge patch replaces the exceptions list whole.
-          written = await this.deps.http.patch<PoolGrant>(`${path}/${t.connection}`, { metadata: { resourceVersion: current.resourceVersion }, spec });
-        }
-      } catch (err) {
-        if (isStatus(err, 409)) throw this.deps.conflict(`PoolGrant ${k}`);
-        throw err;
+    for (const wave of tableWriteWaves(tables)) {
+      await forEachBounded(wave, CONCURRENCY, (t) => this.writeTable(t, byKey, pacing));
+    }
+  }
+
+  private async writeTable(t: TableWrite, byKey: ReadonlyMap<string, DatabaseConnection>, pacing: ReadonlyMap<string, SidecarPacing>): Promise<void> {
+    const k = `${t.namespace}/${t.connection}`;
+    const connection = byKey.get(k);
+    if (!connection) return;
+    const paced = pacing.get(k);
+    const current = this.inForce(t.namespace, t.connection);
+    // A merge patch keeps fields it does not mention: a change in flight that ended is removed with null.
+    const inFlight = { perPodSince: t.table.perPodSince ?? (current ? null : undefined), perPodReleasing: t.table.perPodReleasing ?? (current ? null : undefined) };
+    const acknowledgeTo = this.deps.acknowledgeTo?.() ?? (current ? null : undefined);
+    const spec = { connection: t.connection, generation: t.table.generation, perPod: t.table.perPod, ...inFlight, recordsChanges: true, exceptions: t.table.exceptions, acknowledgeTo, ...(paced ?? {}) };
+    const path = `${BASE}/namespaces/${t.namespace}/poolgrants`;
+    this.deps.assertMayWrite();
+    let written: PoolGrant;
+    try {
+      if (!current) {
+        const ownerReferences = connection.metadata.uid ? [{ apiVersion: `${API_GROUP}/${API_VERSION}`, kind: 'DatabaseConnection', name: t.connection, uid: connection.metadata.uid, controller: true, blockOwnerDeletion: false }] : undefined;
+        written = await this.deps.http.create<PoolGrant>(path, { apiVersion: `${API_GROUP}/${API_VERSION}`, kind: 'PoolGrant', metadata: { name: t.connection, namespace: t.namespace, ...(ownerReferences ? { ownerReferences } : {}) }, spec });
+      } else {
+        // A merge patch replaces the exceptions list whole.
+        written = await this.deps.http.patch<PoolGrant>(`${path}/${t.connection}`, { metadata: { resourceVersion: current.resourceVersion }, spec });
       }
-      this.written.set(k, { table: t.table, resourceVersion: written.metadata.resourceVersion ?? '' });
-      this.deps.logger.debug({ table: k, generation: t.table.generation, perPod: t.table.perPod, exceptions: t.table.exceptions.length }, 'grant table written');
-    });
+    } catch (err) {
+      if (isStatus(err, 409)) throw this.deps.conflict(`PoolGrant ${k}`);
+      throw err;
+    }
+    this.written.set(k, { table: t.table, resourceVersion: written.metadata.resourceVersion ?? '' });
+    this.deps.logger.debug({ table: k, generation: t.table.generation, perPod: t.table.perPod, exceptions: t.table.exceptions.length }, 'grant table written');
   }
 
   /** The heartbeat interval the sidecars of a connection's table are told, if any. */

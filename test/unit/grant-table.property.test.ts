@@ -11,7 +11,7 @@
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import {
-  deriveEntry, deriveGrant, encodeGrantTable, laterAcknowledgement, memberGrantInForce, planBudgets, tableAccount,
+  deriveEntry, deriveGrant, encodeGrantTable, laterAcknowledgement, memberGrantInForce, planBudgets, tableAccount, tableWriteWaves,
   type Acknowledgement, type BudgetPlan, type ConnectionInput, type GrantTable, type MemberState, type PodInput,
 } from '../../src/core/budget/index.ts';
 
@@ -51,7 +51,7 @@ type Operation =
   | { kind: 'terminate' | 'gone' | 'fail' | 'sync' | 'release' | 'deliverAck' | 'channelAck' | 'loseAck' | 'hang' | 'wake' | 'drain'; pod: number }
   | { kind: 'newLeader' }
   | { kind: 'use'; pod: number; connections: number }
-  | { kind: 'reconcile'; writes: number }
+  | { kind: 'reconcile'; writes: number; reverse?: boolean }
   | { kind: 'limit'; limit: number }
   | { kind: 'tick'; busy: boolean; channel?: boolean };
 
@@ -80,9 +80,10 @@ function plan(world: World): BudgetPlan {
 
 /**
  * The controller: switch members whose sidecar reads tables, plan, write the
- * tables then the members' grants; a crash after `writes` writes loses the rest.
+ * tables (wave by wave, the writes of a wave landing in either order) then the
+ * members' grants; a crash after `writes` writes loses the rest.
  */
-function reconcile(world: World, writes: number): BudgetPlan {
+function reconcile(world: World, writes: number, reverse = false): BudgetPlan {
   let budget = writes;
   for (const p of world.pods) {
     const m = world.members.get(keyOf(p.pod));
@@ -91,10 +92,14 @@ function reconcile(world: World, writes: number): BudgetPlan {
     world.members.set(keyOf(m), { ...m, tableFrom: (tableOf(world, p.pod)?.generation ?? 0) + 1 });
   }
   const result = plan(world);
-  for (const t of result.tables) {
-    if (!t.changed || budget <= 0) continue;
-    budget -= 1;
-    world.tables.set(`${t.namespace}/${t.connection}`, t.table);
+  for (const wave of tableWriteWaves(result.tables)) {
+    for (const t of reverse ? [...wave].reverse() : wave) {
+      if (budget <= 0) continue;
+      budget -= 1;
+      world.tables.set(`${t.namespace}/${t.connection}`, t.table);
+      // The leader may stop after any write: what is durable must hold at each.
+      checkSafety(world, `after writing table ${t.namespace}/${t.connection} generation ${t.table.generation}`);
+    }
   }
   for (const grant of result.grants) {
     if (!grant.changed || budget <= 0) continue;
@@ -145,7 +150,7 @@ function apply(world: World, op: Operation): void {
     case 'terminate': if (p) p.pod.terminating = true; break;
     case 'gone': if (p && (p.pod.terminating || !alive)) world.pods.splice(world.pods.indexOf(p), 1); break;
     case 'fail': if (p) Object.assign(p.sidecar, { held: 0, allowed: 0, responsive: false }), p.pod.phase = 'Failed'; break;
-    case 'reconcile': reconcile(world, op.writes); break;
+    case 'reconcile': reconcile(world, op.writes, op.reverse); break;
     case 'limit': {
       // A lowered limit is reached as shrinks are acknowledged: until then the total may only fall.
       world.ceiling = Math.max(op.limit, countedTotal(world));
@@ -238,9 +243,9 @@ function settle(world: World): BudgetPlan {
   return result;
 }
 
-const worldArb = fc.record({
+const worldArbOf = (shape: { minConnections: number; maxConnections: number }): fc.Arbitrary<World> => fc.record({
   limit: fc.integer({ min: 0, max: 60 }),
-  connections: fc.array(fc.array(fc.record({ weight: fc.integer({ min: 1, max: 3 }), minPerPod: fc.integer({ min: 0, max: 3 }) }), { minLength: 1, maxLength: 2 }), { minLength: 1, maxLength: 2 }),
+  connections: fc.array(fc.array(fc.record({ weight: fc.integer({ min: 1, max: 3 }), minPerPod: fc.integer({ min: 0, max: 3 }) }), { minLength: 1, maxLength: 2 }), { minLength: shape.minConnections, maxLength: shape.maxConnections }),
   initialPods: fc.array(fc.record({ consumer: fc.nat(3), old: fc.boolean() }), { maxLength: 10 }),
 }).map(({ limit, connections, initialPods }): World => {
   const world: World = {
@@ -251,13 +256,16 @@ const worldArb = fc.record({
   for (const p of initialPods) addPod(world, p.consumer, !p.old);
   return world;
 });
+const worldArb = worldArbOf({ minConnections: 1, maxConnections: 2 });
+/** Several DatabaseConnections on one server: capacity moves between tables. */
+const sharedServerArb = worldArbOf({ minConnections: 2, maxConnections: 3 });
 
 const pod = fc.nat(20);
 const operationArb: fc.Arbitrary<Operation> = fc.oneof(
   { weight: 2, arbitrary: fc.record({ consumer: fc.nat(5), old: fc.boolean() }).map((o) => ({ kind: 'scaleUp' as const, ...o })) },
   { weight: 1, arbitrary: fc.nat(5).map((consumer) => ({ kind: 'rollout' as const, consumer })) },
   { weight: 1, arbitrary: fc.integer({ min: 0, max: 60 }).map((limit) => ({ kind: 'limit' as const, limit })) },
-  { weight: 6, arbitrary: fc.oneof(fc.constant(Infinity), fc.nat(3)).map((writes) => ({ kind: 'reconcile' as const, writes })) },
+  { weight: 6, arbitrary: fc.record({ writes: fc.oneof(fc.constant(Infinity), fc.nat(3)), reverse: fc.boolean() }).map((o) => ({ kind: 'reconcile' as const, ...o })) },
   { weight: 4, arbitrary: fc.record({ pod, connections: fc.nat(30) }).map((o) => ({ kind: 'use' as const, ...o })) },
   { weight: 4, arbitrary: fc.record({ busy: fc.boolean(), channel: fc.boolean() }).map((o) => ({ kind: 'tick' as const, ...o })) },
   { weight: 1, arbitrary: fc.constant({ kind: 'newLeader' as const }) },
@@ -265,9 +273,22 @@ const operationArb: fc.Arbitrary<Operation> = fc.oneof(
     .map(([kind, weight]) => ({ weight, arbitrary: pod.map((i) => ({ kind, pod: i })) })),
 );
 
+/** Capacity moving between tables: pods come and go, and acknowledge over the channel between frequent passes. */
+const sharedServerOperationArb: fc.Arbitrary<Operation> = fc.oneof(
+  { weight: 3, arbitrary: fc.record({ consumer: fc.nat(5), old: fc.constant(false) }).map((o) => ({ kind: 'scaleUp' as const, ...o })) },
+  { weight: 1, arbitrary: fc.nat(5).map((consumer) => ({ kind: 'rollout' as const, consumer })) },
+  { weight: 1, arbitrary: fc.integer({ min: 0, max: 30 }).map((limit) => ({ kind: 'limit' as const, limit })) },
+  { weight: 8, arbitrary: fc.record({ writes: fc.oneof(fc.constant(Infinity), fc.nat(3)), reverse: fc.boolean() }).map((o) => ({ kind: 'reconcile' as const, ...o })) },
+  { weight: 6, arbitrary: fc.record({ busy: fc.boolean(), channel: fc.oneof(fc.constant(true), fc.constant(true), fc.constant(false)) }).map((o) => ({ kind: 'tick' as const, ...o })) },
+  ...([['terminate', 2], ['gone', 2], ['release', 2], ['channelAck', 2], ['drain', 1], ['newLeader', 0]] as const)
+    .filter(([, weight]) => weight > 0).map(([kind, weight]) => ({ weight, arbitrary: pod.map((i) => ({ kind, pod: i })) })),
+);
+
 describe('grant tables on a simulated fleet (property)', function () {
   it('safety: what is counted and what sidecars hold stay within the limit (or shrink toward a lowered one)', function () {
-    fc.assert(fc.property(worldArb, fc.array(operationArb, { minLength: 20, maxLength: 150 }), (world, operations) => {
+    fc.assert(fc.property(worldArb, fc.array(operationArb, { minLength: 20, maxLength: 150 }), (generated, operations) => {
+      // fast-check replays a value while shrinking: each run mutates its own copy.
+      const world = structuredClone(generated);
       for (const [i, op] of operations.entries()) {
         apply(world, op);
         checkSafety(world, `step ${i} ${JSON.stringify(op)}`);
@@ -275,8 +296,21 @@ describe('grant tables on a simulated fleet (property)', function () {
     }), { numRuns: 300 });
   });
 
+  it('safety with several tables on one server: a table grows only with what is durably released', function () {
+    fc.assert(fc.property(sharedServerArb, fc.array(sharedServerOperationArb, { minLength: 20, maxLength: 150 }), (generated, operations) => {
+      // fast-check replays a value while shrinking: each run mutates its own copy.
+      const world = structuredClone(generated);
+      for (const [i, op] of operations.entries()) {
+        apply(world, op);
+        checkSafety(world, `step ${i} ${JSON.stringify(op)}`);
+      }
+    }), { numRuns: 1200 });
+  });
+
   it('progress: left alone, every pod reaches its target, acknowledged, old and new sidecars alike; nothing more is written', function () {
-    fc.assert(fc.property(worldArb, fc.array(operationArb, { minLength: 10, maxLength: 100 }), (world, operations) => {
+    fc.assert(fc.property(worldArb, fc.array(operationArb, { minLength: 10, maxLength: 100 }), (generated, operations) => {
+      // fast-check replays a value while shrinking: each run mutates its own copy.
+      const world = structuredClone(generated);
       for (const op of operations) apply(world, op);
       const result = settle(world);
       assert.ok(result.settled, `not settled: ${JSON.stringify(result.grants.filter((g) => g.waitingFor !== 'none'))}`);
@@ -289,6 +323,42 @@ describe('grant tables on a simulated fleet (property)', function () {
       const again = reconcile(world, Infinity);
       assert.ok(again.grants.every((g) => !g.changed) && again.tables.every((t) => !t.changed), 'a settled fleet writes nothing');
     }), { numRuns: 200 });
+  });
+
+  it('a grow in one table waits for what another table releases: every order of a pass\'s table writes keeps the limit', function () {
+    // Two connections share 12: a has 2 pods at 3, b 2 pods at 3. Two more pods for b
+    // shift 2 from a to b. a's pods stay busy at 3 while b's new pods join b's table
+    // with what b's own pods gave back; then a's pods acknowledge over the channel,
+    // and one pass records that in a's table and grows b's new pods with what it freed.
+    const world: World = {
+      limit: 12, ceiling: 12,
+      connections: ['a', 'b'].map((n) => ({ namespace: n, name: n, budgetStrategy: 'Dynamic' as const, consumers: [{ name: n, weight: 1, minPerPod: 0, processesPerPod: 1 }] })),
+      pods: [], members: new Map(), tables: new Map(), channel: new Map(), serial: 0,
+    };
+    for (const c of [0, 0, 1, 1]) addPod(world, c, true);
+    settle(world);
+    assert.deepEqual(world.pods.map((p) => p.sidecar.allowed), [3, 3, 3, 3]);
+    addPod(world, 1, true);
+    addPod(world, 1, true);
+    let sawWaves = false;
+    for (let round = 0; round < 12; round += 1) {
+      for (const reverse of [false, true]) {
+        // Every prefix of the pass's writes, in both orders, on a copy of the world.
+        for (let writes = 1; writes <= 3; writes += 1) reconcile(structuredClone(world), writes, reverse);
+      }
+      sawWaves ||= tableWriteWaves(plan(world).tables).length > 1;
+      reconcile(world, Infinity);
+      // Pods on a table acknowledge over the channel only; new pods report on their PoolMembers and are put on b's table.
+      for (const [i, p] of world.pods.entries()) {
+        if (p.pod.connection === 'a' && round < 4) continue;
+        apply(world, { kind: 'sync', pod: i });
+        apply(world, { kind: 'use', pod: i, connections: Infinity });
+        apply(world, { kind: world.members.get(keyOf(p.pod))?.tableFrom === undefined ? 'deliverAck' : 'channelAck', pod: i });
+      }
+      checkSafety(world, `round ${round}`);
+    }
+    assert.ok(sawWaves, 'some pass wrote its tables in two waves');
+    assert.deepEqual(world.pods.map((p) => p.sidecar.allowed), [2, 2, 2, 2, 2, 2]);
   });
 
   it('one table write carries every pod\'s grant and change in flight: encode then derive gives each pod its entry', function () {

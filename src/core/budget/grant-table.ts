@@ -222,6 +222,32 @@ export function tableAccount(entry: DerivedEntry, table: Pick<GrantTable, 'recor
   return { acknowledged, reservation: acknowledged ? g : Math.max(g, entry.releasing ?? 0) };
 }
 
+/** One table write of a wave: the table to write for a connection. */
+export interface TableWrite {
+  namespace: string;
+  connection: string;
+  table: GrantTable;
+}
+
+/**
+ * The order in which a pass writes the tables of one server: every write of
+ * a wave may land in any order, and each wave only once the one before it
+ * has. A table's own grows may use what the same write records as released
+ * (one write is atomic), but not what another table records: so when more
+ * than one table grows, each first writes what it releases, and the grows
+ * come in a second wave. What is durable then never counts more than the
+ * limit, whichever writes of a wave land and whenever the writer stops.
+ */
+export function tableWriteWaves(tables: ReadonlyArray<{ namespace: string; connection: string; table: GrantTable; changed: boolean; grows: boolean; releases?: GrantTable | undefined }>): TableWrite[][] {
+  const changed = tables.filter((t) => t.changed);
+  const growing = changed.filter((t) => t.grows);
+  const write = (t: { namespace: string; connection: string }, table: GrantTable): TableWrite => ({ namespace: t.namespace, connection: t.connection, table });
+  const first = changed.filter((t) => !t.grows).map((t) => write(t, t.table));
+  if (growing.length > 1) for (const t of growing) if (t.releases) first.push(write(t, t.releases));
+  const second = growing.map((t) => write(t, t.table));
+  return [first, second].filter((wave) => wave.length > 0);
+}
+
 /** The table's content without its generation, for comparing two tables. */
 export function tableContent(table: GrantTable): string {
   return JSON.stringify([table.perPod, table.perPodSince ?? null, table.perPodReleasing ?? null, table.recordsChanges === true, table.exceptions.map((e) => [e.connections, e.drain === true, e.since ?? null, e.releasing ?? null, e.pods])]);

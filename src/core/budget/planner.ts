@@ -279,8 +279,11 @@ function summarize(
  * Step 6: the grant table of each connection with pods on tables. Written
  * when its content changes or when a pod has just been put on it (its
  * tableFrom is beyond the table in force); one new generation for all.
- * Every planned grant of one pass may land in one write: a shrink frees
- * nothing until acknowledged and a grow takes only what was free before.
+ * Every planned grant of one table may land in one write: a shrink frees
+ * nothing until acknowledged and a grow takes only what was free before,
+ * counting acknowledgements the same write records. A table that grows also
+ * carries its `releases` (see PlannedTable), for when another table's grows
+ * must wait for what this one records.
  */
 function planTables(states: readonly PodState[], next: Map<string, GrantInForce>, tables: ReadonlyMap<string, GrantTable>): { planned: PlannedTable[]; generations: Map<string, number> } {
   const byConnection = new Map<string, { namespace: string; connection: string; pods: PodState[]; pending: number }>();
@@ -297,12 +300,18 @@ function planTables(states: readonly PodState[], next: Map<string, GrantInForce>
   for (const [k, group] of byConnection) {
     const current = tables.get(k);
     const nextGeneration = Math.max((current?.generation ?? 0) + 1, group.pending);
-    const entries = group.pods.map((s) => tableEntry(s, next.get(s.key) ?? s.grant, nextGeneration));
+    const grown = (s: PodState): boolean => (next.get(s.key) ?? s.grant).connections > s.grant.connections;
+    const grows = group.pods.some(grown);
+    const releasesDraft = grows ? encodeGrantTable(group.pods.map((s) => tableEntry(s, grown(s) ? s.grant : (next.get(s.key) ?? s.grant), nextGeneration)), nextGeneration) : undefined;
+    const releases = releasesDraft && current !== undefined && (group.pending > 0 || tableContent(releasesDraft) !== tableContent(current)) ? releasesDraft : undefined;
+    const finalGeneration = releases ? nextGeneration + 1 : nextGeneration;
+    // A grown pod's change is acknowledged from the final table on; the others' from the first.
+    const entries = group.pods.map((s) => tableEntry(s, next.get(s.key) ?? s.grant, grown(s) ? finalGeneration : nextGeneration));
     const draft = encodeGrantTable(entries, current?.generation ?? 0);
     const changed = current === undefined || group.pending > 0 || tableContent(draft) !== tableContent(current);
-    const generation = changed ? nextGeneration : (current?.generation ?? 0);
+    const generation = changed ? finalGeneration : (current?.generation ?? 0);
     generations.set(k, generation);
-    planned.push({ namespace: group.namespace, connection: group.connection, table: { ...draft, generation }, changed });
+    planned.push({ namespace: group.namespace, connection: group.connection, table: { ...draft, generation }, changed, grows: changed && grows, ...(changed && releases ? { releases } : {}) });
   }
   return { planned, generations };
 }

@@ -94,6 +94,15 @@ export interface TableState {
 /** The table a plan wants for one DatabaseConnection: write it when `changed`. */
 export interface PlannedTable extends TableState {
   changed: boolean;
+  /** Some pod's grant is larger than the one in force. */
+  grows: boolean;
+  /**
+   * The same table without its grows, one generation before `table`, when it
+   * differs from the table in force: what this pass releases and records
+   * (shrinks, acknowledgements the controller has seen). Written first when
+   * another table of the server grows too (see `tableWriteWaves`).
+   */
+  releases?: GrantTable | undefined;
 }
 
 /** Everything about one database server. */

@@ -35,6 +35,8 @@ export interface ControllerConfig {
    * Absent: sidecars acknowledge through their PoolMember status only.
    */
   acknowledgements?: { host: string; port: number; advertise: string } | undefined;
+  /** Lease timings (default 15 s lease, 10 s renew deadline, 2 s between attempts). */
+  lease?: { leaseDurationMs: number; renewDeadlineMs: number; retryPeriodMs: number } | undefined;
 }
 
 /** A running controller binary. */
@@ -54,7 +56,7 @@ export async function startController(config: ControllerConfig, logger: Logger):
   collectDefaultMetrics({ register: registry, prefix: 'poolkeeper_controller_process_' });
   const metrics = new ControllerMetrics(registry);
   const elector = config.leaderElection
-    ? new LeaderElector(http, { namespace: config.namespace, name: 'poolkeeper-controller', identity: config.identity, logger })
+    ? new LeaderElector(http, { namespace: config.namespace, name: 'poolkeeper-controller', identity: config.identity, logger, ...config.lease })
     : undefined;
   const events = new EventRecorder(http, 'poolkeeper-controller', logger);
   const repairer = config.repair === 'off'

@@ -50,7 +50,10 @@ export interface PoolMemberAgentOptions {
   target: GrantTarget;
   logger: Logger;
   version: string;
+  /** The heartbeat; absent: the table's heartbeatSeconds (10 s before there is one). */
   heartbeatMs?: number;
+  /** How long after an acknowledgement over the channel the status follows at most; absent: the table's statusDelaySeconds. */
+  statusDelayMs?: number;
   stallTimeoutMs?: number;
   /**
    * Clients waiting for a server connection now: sent along with every status
@@ -199,7 +202,7 @@ export class PoolMemberAgent {
     this.tableInformer.onChange((type, grant) => {
       // The table says how often to beat (longer for bigger fleets); an explicit heartbeatMs (tests) wins.
       if (type !== 'DELETED' && grant.spec.heartbeatSeconds !== undefined && this.options.heartbeatMs === undefined) this.scheduleHeartbeat(grant.spec.heartbeatSeconds * 1000, true);
-      this.statusDelayMs = type === 'DELETED' ? 0 : (grant.spec.statusDelaySeconds ?? 0) * 1000;
+      this.statusDelayMs = type === 'DELETED' ? 0 : (this.options.statusDelayMs ?? (grant.spec.statusDelaySeconds ?? 0) * 1000);
       const acknowledgeTo = type === 'DELETED' ? undefined : grant.spec.acknowledgeTo;
       if (acknowledgeTo !== this.acknowledgeTo) {
         // A new leader has not heard what the old one did: tell it again, unless the status already says it.

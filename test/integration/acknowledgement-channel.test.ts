@@ -191,6 +191,48 @@ describe('acknowledgement channel', function () {
     assert.ok(sampler.max <= 12, `reserved peaked at ${sampler.max} > limit 12: ${sampler.maxState}`);
   });
 
+  it('a replica that loses and regains its Lease names a new term in the tables and hears every acknowledgement again', async function () {
+    const namespace = freshNamespace('ack-flap');
+    namespaces.push(namespace);
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 3, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    kube.kubectl(['apply', '-f', '-'], JSON.stringify({
+      apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name: 'orders', namespace },
+      spec: { database: { host: postgres.host, port: postgres.port, dbname: 'app', sslMode: 'disable', credentialsSecretRef: { name: 'db-credentials' } }, consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' } }], maxConnections: 12, reserve: 0 },
+    }));
+    // Statuses lag the channel for the whole test: what the replica heard, it heard only over the channel.
+    fleet = new SidecarFleetDouble(kube, namespace, NO_HEARTBEAT_MS, NO_HEARTBEAT_MS);
+    await fleet.start();
+    const sampler = new Sampler([fleet], ([members]) => reserved(members!));
+    const replica = await startControllerBinary({
+      apiServer: kube.kubeConfig(), namespace, identity: 'only', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: true, repair: 'off', manageSidecarAccess: false,
+      acknowledgements: { host: '127.0.0.1', port: 0, advertise: '127.0.0.1' },
+      lease: { leaseDurationMs: 3_000, renewDeadlineMs: 2_000, retryPeriodMs: 300 },
+    }, pino({ level: 'silent' }));
+    const leading = async (): Promise<boolean> => /^poolkeeper_controller_leader 1$/m.test(await replica.registry.metrics());
+    const named = (): string => tables.get(namespace, 'orders')?.spec.acknowledgeTo ?? '';
+    try {
+      await eventually('3 pods at 4, settled', () => settled(namespace, 3) && tableGrants(namespace) === '4/0/-');
+      const firstTerm = named();
+      const generation = tables.get(namespace, 'orders')?.spec.generation;
+      const heard = await counter(replica.registry, 'accepted');
+      // Another holder takes the Lease for longer than the renew deadline: the replica stops leading and forgets what it heard.
+      const lease = JSON.parse(kube.kubectl(['-n', namespace, 'get', 'lease', 'poolkeeper-controller', '-o', 'json'])) as { spec: Record<string, unknown> };
+      lease.spec = { ...lease.spec, holderIdentity: 'intruder', renewTime: new Date().toISOString().replace('Z', '000Z'), leaseDurationSeconds: 5 };
+      kube.kubectl(['replace', '-f', '-'], JSON.stringify(lease));
+      await eventually('the replica stops leading', async () => !(await leading()), 20_000);
+      await eventually('it leads again once the Lease expires, under a new term named in the table', async () => (await leading()) && named() !== firstTerm && named().startsWith(`${replica.acknowledgeTo}/`), 30_000);
+      // No grant changed, no status followed: every sidecar sent its acknowledgement again because the table names a new address.
+      await eventually('each sidecar acknowledged again to the new term', async () => (await counter(replica.registry, 'accepted')) >= heard + 3, 20_000);
+      assert.equal(tables.get(namespace, 'orders')?.spec.generation, generation, 'the grants did not change');
+      kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=4']);
+      await eventually('four pods at 3, settled', () => settled(namespace, 4) && tableGrants(namespace) === '3/0/-', 60_000);
+    } finally {
+      sampler.stop();
+      await replica.shutdown();
+    }
+    assert.ok(sampler.max <= 12, `reserved peaked at ${sampler.max} > limit 12: ${sampler.maxState}`);
+  });
+
   it('falls back to the PoolMember status when the channel does not answer', async function () {
     const { namespace, receiver } = await setUp('ack-down', 2, 20);
     await eventually('2 pods at 10, settled', () => settled(namespace, 2) && tableGrants(namespace) === '10/0/-');

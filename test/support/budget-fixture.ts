@@ -112,9 +112,12 @@ export class SidecarFleetDouble {
   private readonly log: WatchedChange[] = [];
 
   private readonly heartbeatMs: number;
+  private readonly statusDelayMs: number | undefined;
 
-  constructor(kube: KubeControlPlane, namespace: string, heartbeatMs = 5_000) {
+  /** `statusDelayMs`: how long statuses may lag acknowledgements over the channel (default: as the table says). */
+  constructor(kube: KubeControlPlane, namespace: string, heartbeatMs = 5_000, statusDelayMs?: number) {
     this.heartbeatMs = heartbeatMs;
+    this.statusDelayMs = statusDelayMs;
     this.http = new KubeHttp(kube.kubeConfig());
     this.namespace = namespace;
     this.informer = new Informer<PoolMember & KubeObject>(this.http, { path: `/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/poolmembers`, logger: this.logger });
@@ -134,7 +137,7 @@ export class SidecarFleetDouble {
       const name = member.metadata.name ?? '';
       if (type === 'DELETED' || this.agents.has(name)) return;
       const double = new ObedientSidecarDouble();
-      const agent = new PoolMemberAgent({ http: this.http, namespace: this.namespace, podName: name, target: double, logger: this.logger, version: 'test-double', heartbeatMs: this.heartbeatMs });
+      const agent = new PoolMemberAgent({ http: this.http, namespace: this.namespace, podName: name, target: double, logger: this.logger, version: 'test-double', heartbeatMs: this.heartbeatMs, ...(this.statusDelayMs === undefined ? {} : { statusDelayMs: this.statusDelayMs }) });
       this.agents.set(name, { agent, double });
       void agent.start();
     });

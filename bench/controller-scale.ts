@@ -30,6 +30,7 @@ import { parseArgs } from 'node:util';
 import pino from 'pino';
 import type { PoolGrant, PoolMember } from '../src/api/index.ts';
 import { grantTableOf, memberGrantInForce, tableAccount, type ChannelAcknowledgement, type GrantTable } from '../src/core/budget/index.ts';
+import { READS_TABLES_ANNOTATION } from '../src/core/inject/model.ts';
 import { AcknowledgementSender } from '../src/sidecar/acknowledgement-sender.ts';
 import { compileEntries, compiledDir } from '../src/devenv/compile.ts';
 import { LocalEnvironment } from '../src/devenv/environment.ts';
@@ -417,7 +418,8 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
     await pool(names, CREATE_CONCURRENCY, async (name) => {
       const connection = connectionNames[Number(name.slice(4)) % connectionNames.length]!;
       await http.create(`/api/v1/namespaces/${namespace}/pods`, {
-        apiVersion: 'v1', kind: 'Pod', metadata: { name, labels: { app: 'web', 'poolkeeper.dev/connection': connection } },
+        // As the injector stamps them: a sidecar of this version reads tables, so its PoolMember starts on one.
+        apiVersion: 'v1', kind: 'Pod', metadata: { name, labels: { app: 'web', 'poolkeeper.dev/connection': connection }, ...(args.legacy ? {} : { annotations: { [READS_TABLES_ANNOTATION]: 'true' } }) },
         spec: { containers: [{ name: 'app', image: 'example.invalid/app:1' }], terminationGracePeriodSeconds: 0 },
       });
     });

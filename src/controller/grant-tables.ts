@@ -56,6 +56,11 @@ export class GrantTableWriter {
 
   private readonly newKey: () => string;
 
+  /** A key for a PoolMember created on a table (its sidecar signs acknowledgements with it). */
+  newAcknowledgementKey(): string {
+    return this.newKey();
+  }
+
   /** True when tables are in use. */
   get enabled(): boolean {
     return this.deps.grants !== undefined;

@@ -6,7 +6,7 @@
 import type { DatabaseConnection, PoolMember } from '../api/index.ts';
 import { laterAcknowledgement, type Acknowledgement, type BudgetInput, type ConnectionInput, type MemberState, type PodInput, type PodPhase, type TableState } from '../core/budget/index.ts';
 import { resolveConsumer } from '../core/inject/consumer.ts';
-import type { PodLike } from '../core/inject/model.ts';
+import { READS_TABLES_ANNOTATION, type PodLike } from '../core/inject/model.ts';
 import { CONNECTION_LABEL } from '../api/index.ts';
 
 /** The slice of a Pod the planner needs. */
@@ -34,6 +34,8 @@ export interface WrittenGrant {
   podUid: string;
   connections: number;
   generation: number;
+  /** The PoolMember was created on its connection's table from this generation on. */
+  tableFrom?: number | undefined;
 }
 
 const PHASES: readonly PodPhase[] = ['Pending', 'Running', 'Succeeded', 'Failed', 'Unknown'];
@@ -74,6 +76,8 @@ export function buildBudgetInput(args: {
   tableFrom?: (member: PoolMember) => number | undefined;
   /** What a pod's sidecar acknowledged over the channel, by pod UID; counted for pods on a table only. */
   channel?: (podUid: string) => Acknowledgement | undefined;
+  /** Grant tables are in use: pods whose injected sidecar reads them get their PoolMember created on the table. */
+  tablesEnabled?: boolean;
 }): BudgetInput {
   const byKey = new Map(args.connections.map((c) => [`${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`, c]));
   const connections: ConnectionInput[] = args.connections.map((c) => ({
@@ -104,6 +108,7 @@ export function buildBudgetInput(args: {
       phase: podPhase(pod),
       terminating: pod.metadata.deletionTimestamp !== undefined && pod.metadata.deletionTimestamp !== null,
       ready: pod.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') ?? false,
+      ...(args.tablesEnabled === true && pod.metadata.annotations?.[READS_TABLES_ANNOTATION] === 'true' ? { readsTables: true } : {}),
     });
   }
   const members: MemberState[] = [];
@@ -139,7 +144,7 @@ export function buildBudgetInput(args: {
   const podUids = new Set(pods.map((p) => p.uid));
   for (const written of args.written.values()) {
     if (seen.has(written.podUid) || !podUids.has(written.podUid)) continue;
-    members.push({ namespace: written.namespace, name: written.name, podUid: written.podUid, grant: { connections: written.connections, generation: written.generation } });
+    members.push({ namespace: written.namespace, name: written.name, podUid: written.podUid, grant: { connections: written.connections, generation: written.generation }, ...(written.tableFrom === undefined ? {} : { tableFrom: written.tableFrom }) });
   }
   return { limit: args.limit, connections, pods, members, ...(args.tables ? { tables: args.tables } : {}) };
 }

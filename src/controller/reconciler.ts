@@ -402,7 +402,7 @@ export class ServerReconciler {
     await this.tables.switchMembers(members, livePodUids);
     const afterSwitch = performance.now();
     const ledger = this.deps.acknowledgements?.ledger;
-    const input = buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tableFrom: (m) => this.tables.tableFrom(m), ...(ledger ? { channel: (uid: string) => ledger.get(uid) } : {}) });
+    const input = buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tablesEnabled: this.tables.enabled, tableFrom: (m) => this.tables.tableFrom(m), ...(ledger ? { channel: (uid: string) => ledger.get(uid) } : {}) });
     const tenancy = owner ? this.planOwned(owner, input, connections, resolved) : undefined;
     const plan = tenancy?.plan ?? planBudgets(missingServer === undefined ? input : withdrawPods(input, () => true));
     // The CPU of reading and planning, not the switch's writes.
@@ -629,8 +629,9 @@ export class ServerReconciler {
       const connection = byKey.get(`${grant.namespace}/${grant.connection}`);
       if (!connection) return Promise.resolve();
       const member = memberByName.get(`${grant.namespace}/${grant.name}`);
-      // A pod on a table keeps the grant its PoolMember had when it was switched: only the settings may still be written.
-      if (grant.table) return member ? this.writeGrant({ ...grant, grant: member.spec.grant, drain: member.spec.drain ?? false, changed: false }, connection, member, resolved.get(key(connection))?.credentials) : Promise.resolve();
+      // A pod on a table keeps the grant its PoolMember had when it was switched (or created there): only the settings may still be written.
+      if (grant.table && member) return this.writeGrant({ ...grant, grant: member.spec.grant, drain: member.spec.drain ?? false, changed: false }, connection, member, resolved.get(key(connection))?.credentials);
+      if (grant.table && grant.tableFrom === undefined) return Promise.resolve();
       return this.writeGrant(grant, connection, member, resolved.get(key(connection))?.credentials);
     };
     await forEachBounded(shrinks, GRANT_WRITE_CONCURRENCY, write);
@@ -650,8 +651,10 @@ export class ServerReconciler {
     let written: PoolMember | undefined;
     if (!existing && !ours) {
       this.assertMayWrite();
+      // Created on the table: the table written before this (same pass) lists the pod at 0 from tableFrom on.
+      const onTable = grant.tableFrom === undefined ? {} : { tableFrom: grant.tableFrom, acknowledgementKey: this.tables.newAcknowledgementKey() };
       try {
-        written = await this.deps.http.create<PoolMember>(path, { apiVersion: `${API_GROUP}/${API_VERSION}`, kind: 'PoolMember', metadata: { name: grant.name, namespace: grant.namespace, labels: { [CONNECTION_LABEL]: grant.connection }, ownerReferences }, spec });
+        written = await this.deps.http.create<PoolMember>(path, { apiVersion: `${API_GROUP}/${API_VERSION}`, kind: 'PoolMember', metadata: { name: grant.name, namespace: grant.namespace, labels: { [CONNECTION_LABEL]: grant.connection }, ownerReferences }, spec: { ...spec, ...onTable } });
       } catch (err) {
         // Someone else created it: the cache will show it, and the next reconcile plans with it.
         if (isStatus(err, 409)) throw new GrantConflictError(`${grant.namespace}/${grant.name}`);
@@ -686,7 +689,8 @@ export class ServerReconciler {
       const before = existing?.spec.grant.connections ?? this.written.get(grant.podUid)?.connections ?? 0;
       if (grant.grant.connections !== before) this.deps.metrics.grantWrites.inc({ direction: grant.grant.connections < before ? 'shrink' : 'grow' });
     }
-    this.written.set(grant.podUid, { namespace: grant.namespace, name: grant.name, podUid: grant.podUid, connections: grant.grant.connections, generation: grant.grant.generation });
+    const tableFrom = grant.tableFrom ?? this.written.get(grant.podUid)?.tableFrom;
+    this.written.set(grant.podUid, { namespace: grant.namespace, name: grant.name, podUid: grant.podUid, connections: grant.grant.connections, generation: grant.grant.generation, ...(tableFrom === undefined ? {} : { tableFrom }) });
     if (written.metadata.resourceVersion) this.writtenVersions.set(grant.podUid, { generation: grant.grant.generation, resourceVersion: written.metadata.resourceVersion, spec: fingerprint });
   }
 

@@ -5,7 +5,7 @@
  */
 import type { Logger } from 'pino';
 import { Registry } from 'prom-client';
-import { DEFAULT_INJECTOR_SETTINGS } from '../core/inject/index.ts';
+import { DEFAULT_INJECTOR_SETTINGS, READS_TABLES_ANNOTATION } from '../core/inject/index.ts';
 import { startWebhook, type RunningWebhook } from '../webhook/runtime.ts';
 import { MUTATE_PODS_PATH } from '../webhook/server.ts';
 import type { KubeControlPlane } from './kube.ts';
@@ -41,7 +41,12 @@ export function createNamespaceWithSecret(kube: KubeControlPlane, args: { namesp
 }
 
 /** Creates a Deployment whose pods opt in to `connection`. */
-export function createOptedInDeployment(kube: KubeControlPlane, args: { namespace: string; connection: string; deployment: string; replicas: number }): void {
+/**
+ * A Deployment whose pods opt in to `connection`. Its pods carry the
+ * annotation the injector stamps on pods whose sidecar reads grant tables,
+ * unless `readsTables` is false (pods injected by an older webhook).
+ */
+export function createOptedInDeployment(kube: KubeControlPlane, args: { namespace: string; connection: string; deployment: string; replicas: number; readsTables?: boolean }): void {
   kube.kubectl(['apply', '-f', '-'], JSON.stringify({
     apiVersion: 'apps/v1',
     kind: 'Deployment',
@@ -50,7 +55,7 @@ export function createOptedInDeployment(kube: KubeControlPlane, args: { namespac
       replicas: args.replicas,
       selector: { matchLabels: { app: args.deployment } },
       template: {
-        metadata: { labels: { app: args.deployment, 'poolkeeper.dev/connection': args.connection } },
+        metadata: { labels: { app: args.deployment, 'poolkeeper.dev/connection': args.connection }, ...(args.readsTables === false ? {} : { annotations: { [READS_TABLES_ANNOTATION]: 'true' } }) },
         spec: { containers: [{ name: 'app', image: 'example.invalid/app:1' }] },
       },
     },
@@ -58,7 +63,7 @@ export function createOptedInDeployment(kube: KubeControlPlane, args: { namespac
 }
 
 /** Creates a namespace, a credentials Secret and a Deployment whose pods opt in to `connection`. */
-export function createWorkload(kube: KubeControlPlane, args: { namespace: string; connection: string; deployment: string; replicas: number; secret: string; username: string; password: string }): void {
+export function createWorkload(kube: KubeControlPlane, args: { namespace: string; connection: string; deployment: string; replicas: number; secret: string; username: string; password: string; readsTables?: boolean }): void {
   createNamespaceWithSecret(kube, args);
   createOptedInDeployment(kube, args);
 }

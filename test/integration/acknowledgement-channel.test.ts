@@ -72,10 +72,11 @@ describe('acknowledgement channel', function () {
   });
 
   /** A Deployment of `replicas` opted-in pods on a connection with `limit`, its fleet, and the controller. */
-  async function setUp(prefix: string, replicas: number, limit: number, channel = true): Promise<{ namespace: string; registry: Registry; receiver: AcknowledgementReceiver | undefined }> {
+  /** `readsTables: false`: pods as an older injector left them, switched onto the table once their sidecar says it reads it. */
+  async function setUp(prefix: string, replicas: number, limit: number, channel = true, readsTables = true): Promise<{ namespace: string; registry: Registry; receiver: AcknowledgementReceiver | undefined }> {
     const namespace = freshNamespace(prefix);
     namespaces.push(namespace);
-    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password, readsTables });
     kube.kubectl(['apply', '-f', '-'], JSON.stringify({
       apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name: 'orders', namespace },
       spec: { database: { host: postgres.host, port: postgres.port, dbname: 'app', sslMode: 'disable', credentialsSecretRef: { name: 'db-credentials' } }, consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' } }], maxConnections: limit, reserve: 0 },
@@ -118,7 +119,11 @@ describe('acknowledgement channel', function () {
         const stored = (JSON.parse(kube.kubectl(['-n', namespace, 'get', 'poolmembers', '-o', 'json'])) as { items: PoolMember[] }).items;
         return stored.length === 8 && stored.every((m) => m.status?.acknowledgedConnections === 5);
       }, 15_000);
-      for (const m of fleet!.members()) assert.equal(m.spec.acknowledgementKey?.length, 43, `${m.metadata.name} has its key`);
+      for (const m of fleet!.members()) {
+        assert.equal(m.spec.acknowledgementKey?.length, 43, `${m.metadata.name} has its key`);
+        // The injector's annotation: created on the table with its key, one write, never switched after.
+        assert.ok(m.spec.tableFrom !== undefined && m.metadata.generation === 1, `${m.metadata.name} created on the table: tableFrom ${m.spec.tableFrom}, generation ${m.metadata.generation}`);
+      }
     } finally {
       sampler.stop();
     }
@@ -234,7 +239,8 @@ describe('acknowledgement channel', function () {
   });
 
   it('falls back to the PoolMember status when the channel does not answer', async function () {
-    const { namespace, receiver } = await setUp('ack-down', 2, 20);
+    // Pods as an older injector left them: switched onto the table once their sidecar said it reads it.
+    const { namespace, receiver } = await setUp('ack-down', 2, 20, true, false);
     await eventually('2 pods at 10, settled', () => settled(namespace, 2) && tableGrants(namespace) === '10/0/-');
     // The leader's endpoint goes away (a crashed process keeps its address in the table until a new leader writes its own).
     await receiver!.close();
@@ -242,5 +248,6 @@ describe('acknowledgement channel', function () {
     await eventually('4 pods at 5, settled', () => settled(namespace, 4) && tableGrants(namespace) === '5/0/-', 60_000);
     const statuses = fleet!.members().map((m) => m.status?.acknowledgedConnections).join();
     assert.equal(statuses, '5,5,5,5', 'every sidecar wrote its acknowledgement into its status');
+    for (const m of fleet!.members()) assert.ok(m.spec.tableFrom !== undefined && (m.metadata.generation ?? 0) > 1, `${m.metadata.name} switched onto the table`);
   });
 });

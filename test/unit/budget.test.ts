@@ -29,6 +29,30 @@ function grantsOf(input: BudgetInput): Record<string, number> {
 }
 
 describe('budget planner', function () {
+  it('creates the PoolMember of a pod whose sidecar reads tables on the table at 0, and grows it in the table once its sidecar has answered', function () {
+    const table = { generation: 4, perPod: 5, recordsChanges: true, exceptions: [] };
+    const tables = [{ namespace: 'shop', connection: 'orders', table }];
+    const b = pod('b', 'web', { readsTables: true });
+    const first = planBudgets({ limit: 10, connections: [orders([web])], pods: [pod('a'), b], members: [member('a', 5, 4, { tableFrom: 1, acknowledgement: { generation: 4, tableGeneration: 4, connections: 5, held: 5, drained: false } })], tables });
+    const created = first.grants.find((g) => g.name === 'b')!;
+    assert.deepEqual([created.changed, created.table, created.tableFrom, created.grant.connections], [true, true, 5, 0], 'created on the table from the next generation, at 0');
+    const written = first.tables[0]!;
+    assert.equal(written.changed, true);
+    assert.equal(written.table.generation, 5);
+    assert.deepEqual(written.table.exceptions.map((e) => [e.connections, e.pods, e.since]), [[0, ['b'], undefined]], 'the table lists it at 0 from that generation');
+    assert.equal(first.grants.find((g) => g.name === 'a')!.grant.connections, 5, 'a keeps its 5');
+    // Its sidecar has not answered: not grown, and nothing is written for it.
+    const silentMember = { namespace: 'shop', name: 'b', podUid: 'uid-b', grant: { connections: 0, generation: 0 }, tableFrom: 5 };
+    const after = { ...table, generation: 5, exceptions: written.table.exceptions };
+    const a = member('a', 5, 5, { tableFrom: 1, acknowledgement: { generation: 5, tableGeneration: 5, connections: 5, held: 5, drained: false } });
+    const silent = planBudgets({ limit: 10, connections: [orders([web])], pods: [pod('a'), b], members: [a, silentMember], tables: [{ namespace: 'shop', connection: 'orders', table: after }] });
+    assert.equal(silent.grants.find((g) => g.name === 'b')!.grant.connections, 0);
+    assert.equal(silent.grants.find((g) => g.name === 'b')!.changed, false);
+    const answered = planBudgets({ limit: 10, connections: [orders([web])], pods: [pod('a'), b], members: [a, { ...silentMember, acknowledgement: { generation: 5, tableGeneration: 5, connections: 0, held: 0, drained: false } }], tables: [{ namespace: 'shop', connection: 'orders', table: after }] });
+    assert.deepEqual(answered.tables[0]!.table.perPod, 5, 'grown in the table, one write for the connection');
+    assert.equal(answered.grants.find((g) => g.name === 'b')!.changed, false, 'no PoolMember write');
+  });
+
   it('creates a new pod\'s PoolMember at 0, then grants its share from free capacity once its sidecar has reported', function () {
     const first = planBudgets({ limit: 10, connections: [orders([web])], pods: [pod('a')], members: [] });
     assert.deepEqual(first.grants.map((g) => [g.grant, g.changed, g.target]), [[{ connections: 0, generation: 0 }, true, 10]]);

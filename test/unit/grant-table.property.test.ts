@@ -46,7 +46,7 @@ interface World {
 }
 
 type Operation =
-  | { kind: 'scaleUp'; consumer: number; old: boolean }
+  | { kind: 'scaleUp'; consumer: number; old: boolean; annotated?: boolean }
   | { kind: 'rollout'; consumer: number }
   | { kind: 'terminate' | 'gone' | 'fail' | 'sync' | 'release' | 'deliverAck' | 'channelAck' | 'loseAck' | 'hang' | 'wake' | 'drain'; pod: number }
   | { kind: 'newLeader' }
@@ -57,12 +57,13 @@ type Operation =
 
 const keyOf = (o: { namespace: string; name: string }): string => `${o.namespace}/${o.name}`;
 
-function addPod(world: World, consumerIndex: number, readsTables: boolean): void {
+/** `annotated`: the injector said the sidecar reads tables, so its PoolMember is created on the table. */
+function addPod(world: World, consumerIndex: number, readsTables: boolean, annotated = false): void {
   const consumers = world.connections.flatMap((c) => c.consumers.map((k) => ({ namespace: c.namespace, connection: c.name, name: k.name })));
   const consumer = consumers[consumerIndex % consumers.length]!;
   world.serial += 1;
   world.pods.push({
-    pod: { namespace: consumer.namespace, name: `${consumer.name}-${String(world.serial).padStart(3, '0')}`, uid: `uid-${world.serial}`, connection: consumer.connection, consumer: consumer.name, phase: 'Running', terminating: false, ready: true },
+    pod: { namespace: consumer.namespace, name: `${consumer.name}-${String(world.serial).padStart(3, '0')}`, uid: `uid-${world.serial}`, connection: consumer.connection, consumer: consumer.name, phase: 'Running', terminating: false, ready: true, ...(readsTables && annotated ? { readsTables: true } : {}) },
     sidecar: { readsTables, allowed: 0, held: 0, seen: '', applied: { generation: -1 }, responsive: true, drained: false },
   });
 }
@@ -107,7 +108,7 @@ function reconcile(world: World, writes: number, reverse = false): BudgetPlan {
     const previous = world.members.get(keyOf(grant));
     const sameOwner = previous?.podUid === grant.podUid;
     // A new pod under an old name starts over: not on the table until its own sidecar says it reads one.
-    world.members.set(keyOf(grant), { namespace: grant.namespace, name: grant.name, podUid: grant.podUid, grant: grant.grant, acknowledgement: sameOwner ? previous?.acknowledgement : undefined, tableFrom: sameOwner ? previous?.tableFrom : undefined });
+    world.members.set(keyOf(grant), { namespace: grant.namespace, name: grant.name, podUid: grant.podUid, grant: grant.grant, acknowledgement: sameOwner ? previous?.acknowledgement : undefined, tableFrom: sameOwner ? previous?.tableFrom : grant.tableFrom });
   }
   for (const orphan of result.orphans) if (!world.pods.some((p) => keyOf(p.pod) === keyOf(orphan))) world.members.delete(keyOf(orphan));
   return result;
@@ -139,9 +140,9 @@ function apply(world: World, op: Operation): void {
   const member = p ? world.members.get(keyOf(p.pod)) : undefined;
   const alive = p !== undefined && p.pod.phase !== 'Failed';
   switch (op.kind) {
-    case 'scaleUp': addPod(world, op.consumer, !op.old); break;
+    case 'scaleUp': addPod(world, op.consumer, !op.old, op.annotated); break;
     case 'rollout': {
-      addPod(world, op.consumer, true);
+      addPod(world, op.consumer, true, op.consumer % 2 === 0);
       const surge = world.pods.at(-1)!;
       const old = world.pods.find((q) => q.pod.consumer === surge.pod.consumer && q !== surge && !q.pod.terminating);
       if (old) old.pod.terminating = true;
@@ -246,14 +247,14 @@ function settle(world: World): BudgetPlan {
 const worldArbOf = (shape: { minConnections: number; maxConnections: number }): fc.Arbitrary<World> => fc.record({
   limit: fc.integer({ min: 0, max: 60 }),
   connections: fc.array(fc.array(fc.record({ weight: fc.integer({ min: 1, max: 3 }), minPerPod: fc.integer({ min: 0, max: 3 }) }), { minLength: 1, maxLength: 2 }), { minLength: shape.minConnections, maxLength: shape.maxConnections }),
-  initialPods: fc.array(fc.record({ consumer: fc.nat(3), old: fc.boolean() }), { maxLength: 10 }),
+  initialPods: fc.array(fc.record({ consumer: fc.nat(3), old: fc.boolean(), annotated: fc.boolean() }), { maxLength: 10 }),
 }).map(({ limit, connections, initialPods }): World => {
   const world: World = {
     limit, ceiling: limit,
     connections: connections.map((consumers, i) => ({ namespace: `ns${i}`, name: `db${i}`, budgetStrategy: 'Dynamic', consumers: consumers.map((k, j) => ({ name: `c${i}${j}`, ...k, processesPerPod: 1 })) })),
     pods: [], members: new Map(), tables: new Map(), channel: new Map(), serial: 0,
   };
-  for (const p of initialPods) addPod(world, p.consumer, !p.old);
+  for (const p of initialPods) addPod(world, p.consumer, !p.old, p.annotated);
   return world;
 });
 const worldArb = worldArbOf({ minConnections: 1, maxConnections: 2 });
@@ -262,7 +263,7 @@ const sharedServerArb = worldArbOf({ minConnections: 2, maxConnections: 3 });
 
 const pod = fc.nat(20);
 const operationArb: fc.Arbitrary<Operation> = fc.oneof(
-  { weight: 2, arbitrary: fc.record({ consumer: fc.nat(5), old: fc.boolean() }).map((o) => ({ kind: 'scaleUp' as const, ...o })) },
+  { weight: 2, arbitrary: fc.record({ consumer: fc.nat(5), old: fc.boolean(), annotated: fc.boolean() }).map((o) => ({ kind: 'scaleUp' as const, ...o })) },
   { weight: 1, arbitrary: fc.nat(5).map((consumer) => ({ kind: 'rollout' as const, consumer })) },
   { weight: 1, arbitrary: fc.integer({ min: 0, max: 60 }).map((limit) => ({ kind: 'limit' as const, limit })) },
   { weight: 6, arbitrary: fc.record({ writes: fc.oneof(fc.constant(Infinity), fc.nat(3)), reverse: fc.boolean() }).map((o) => ({ kind: 'reconcile' as const, ...o })) },
@@ -275,7 +276,7 @@ const operationArb: fc.Arbitrary<Operation> = fc.oneof(
 
 /** Capacity moving between tables: pods come and go, and acknowledge over the channel between frequent passes. */
 const sharedServerOperationArb: fc.Arbitrary<Operation> = fc.oneof(
-  { weight: 3, arbitrary: fc.record({ consumer: fc.nat(5), old: fc.constant(false) }).map((o) => ({ kind: 'scaleUp' as const, ...o })) },
+  { weight: 3, arbitrary: fc.record({ consumer: fc.nat(5), old: fc.constant(false), annotated: fc.boolean() }).map((o) => ({ kind: 'scaleUp' as const, ...o })) },
   { weight: 1, arbitrary: fc.nat(5).map((consumer) => ({ kind: 'rollout' as const, consumer })) },
   { weight: 1, arbitrary: fc.integer({ min: 0, max: 30 }).map((limit) => ({ kind: 'limit' as const, limit })) },
   { weight: 8, arbitrary: fc.record({ writes: fc.oneof(fc.constant(Infinity), fc.nat(3)), reverse: fc.boolean() }).map((o) => ({ kind: 'reconcile' as const, ...o })) },

@@ -109,6 +109,7 @@ describe('inject: computeInjection', function () {
     assert.ok(names.indexOf('PGUSER') < names.indexOf('DATABASE_URL'));
     assert.equal(out.spec!.terminationGracePeriodSeconds, 35);
     assert.equal(out.metadata!.annotations![INJECTED_ANNOTATION], '0.1.0');
+    assert.equal(out.metadata!.annotations!['poolkeeper.dev/sidecar-reads-tables'], 'true', 'its PoolMember starts on the grant table');
     assert.equal(out.metadata!.annotations!['poolkeeper.dev/consumer'], 'web');
     assert.equal(out.metadata!.labels!['poolkeeper.dev/connection'], 'orders-db');
   });

@@ -43,6 +43,8 @@ interface PodState {
   tableFrom?: number | undefined;
   /** The table generation whose change the pod has yet to acknowledge (from its table entry, or its switch onto the table). */
   since?: number | undefined;
+  /** Its PoolMember exists but its sidecar has never reported: it is not grown until it answers. */
+  silent: boolean;
 }
 
 function podKey(o: ObjectKey): string {
@@ -103,7 +105,9 @@ function joinPodsWithMembers(pods: readonly PodInput[], members: readonly Member
     // A sidecar that has not reported yet has acknowledged nothing: its pod is not grown until it
     // answers (and says which protocol it speaks), so a first grant is written once, not twice.
     let acknowledged = ack ? ack.generation >= grant.generation : grant.connections === 0 && !member;
-    const tableFrom = member?.tableFrom;
+    // A pod whose sidecar reads tables gets its first PoolMember on the table (at 0): no switch later.
+    const createdOnTable = !found && pod.readsTables === true;
+    const tableFrom = createdOnTable ? (tables.get(`${pod.namespace}/${pod.connection}`)?.generation ?? 0) + 1 : member?.tableFrom;
     const table = tableFrom === undefined ? undefined : tables.get(`${pod.namespace}/${pod.connection}`);
     const inForce = member ? memberGrantInForce(member, table) : undefined;
     const drainedAway = pod.terminating && ack?.drained === true;
@@ -120,7 +124,7 @@ function joinPodsWithMembers(pods: readonly PodInput[], members: readonly Member
     if (role === 'finished' || drainedAway) reservation = 0;
     const onTable = tableFrom !== undefined;
     const tablePending = onTable && (table === undefined || table.generation < tableFrom);
-    states.push({ pod, key, role, consumer: role === 'live' ? consumer : undefined, grant, mustWrite: !member, acknowledged, reservation, onTable, tablePending, tableFrom, since });
+    states.push({ pod, key, role, consumer: role === 'live' ? consumer : undefined, grant, mustWrite: !member, acknowledged, reservation, onTable, tablePending, tableFrom, since, silent: member !== undefined && ack === undefined });
   }
   for (const m of members) if (!podKeys.has(podKey(m))) orphans.push({ namespace: m.namespace, name: m.name });
   return { states: states.sort(byKey), orphans };
@@ -191,7 +195,8 @@ function stepTowardTargets(states: readonly PodState[], targets: Map<string, num
   }
   let free = limit - states.reduce((sum, s) => sum + s.reservation, 0);
   // A pod without its PoolMember yet starts at 0 (docs/protocol.md rule 1); it grows on the next pass.
-  const growable = states.filter((s) => s.role === 'live' && s.acknowledged && !s.mustWrite && s.grant.connections < targetOf(s));
+  // A pod whose sidecar has not answered yet (still Pending, say) is not grown: nothing is held for a sidecar that may never come.
+  const growable = states.filter((s) => s.role === 'live' && s.acknowledged && !s.mustWrite && !s.silent && s.grant.connections < targetOf(s));
   const reservations = new Map(states.map((s) => [s.key, s.reservation]));
   const raise = (s: PodState, upTo: number): void => {
     const current = next.get(s.key) ?? s.grant;
@@ -226,7 +231,7 @@ function summarize(
     const reservation = s.reservation === 0 && s.role !== 'live' ? 0 : Math.max(s.reservation, grant.connections);
     return {
       namespace: s.pod.namespace, name: s.pod.name, podUid: s.pod.uid, connection: s.pod.connection, consumer: s.pod.consumer,
-      grant, changed: !s.onTable && (s.mustWrite || grant !== s.grant), table: s.onTable, drain: s.role !== 'live', target, reservation,
+      grant, changed: s.mustWrite || (!s.onTable && grant !== s.grant), table: s.onTable, ...(s.mustWrite && s.onTable ? { tableFrom: s.tableFrom } : {}), drain: s.role !== 'live', target, reservation,
       waitingFor: s.role === 'live' ? waitOf(s, grant, target) : reservation === 0 ? 'none' : 'acknowledgement',
     };
   });

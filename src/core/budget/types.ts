@@ -47,6 +47,8 @@ export interface PodInput extends ObjectKey {
   /** metadata.deletionTimestamp is set. */
   terminating: boolean;
   ready: boolean;
+  /** Its sidecar reads grant tables (the injector says so): a PoolMember created for it starts on the table. */
+  readsTables?: boolean | undefined;
 }
 
 /** The grant in force for a pod: PoolMember spec.grant. */
@@ -130,6 +132,8 @@ export interface PodGrant extends ObjectKey {
   changed: boolean;
   /** The grant is carried by the connection's grant table (in `BudgetPlan.tables`), not by the PoolMember. */
   table: boolean;
+  /** Create the PoolMember on the table from this generation on (its sidecar reads tables). */
+  tableFrom?: number | undefined;
   /** Ask the sidecar to give everything back (terminating pod, or no consumer). */
   drain: boolean;
   /** The pod's fair share, which its grant converges to. */

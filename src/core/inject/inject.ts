@@ -11,7 +11,7 @@
 import { poolSizeHint, resolveConsumer } from './consumer.ts';
 import { jsonEqual, pointer } from './json-patch.ts';
 import {
-  CONNECTION_LABEL, CONSUMER_ANNOTATION, CREDENTIALS_DIR, CREDENTIALS_VOLUME_NAME, INJECTED_ANNOTATION, INJECT_ANNOTATION,
+  CONNECTION_LABEL, CONSUMER_ANNOTATION, READS_TABLES_ANNOTATION, CREDENTIALS_DIR, CREDENTIALS_VOLUME_NAME, INJECTED_ANNOTATION, INJECT_ANNOTATION,
   SIDECAR_CONTAINER_NAME, SSH_KEY_DIR, SSH_KEY_FILE, SSH_KEY_VOLUME_NAME, DB_CA_DIR, DB_CA_FILE, DB_CA_VOLUME_NAME,
   SOCKET_DIR, SOCKET_VOLUME_NAME, STATE_DIR, STATE_VOLUME_NAME, UNIX_SOCKET_ANNOTATION,
   type ContainerLike, type EnvVar, type InjectableConnection, type InjectionError, type InjectionResult, type InjectorSettings,
@@ -334,7 +334,7 @@ export function computeInjection({ pod, connection, settings }: InjectionInput):
   const sidecarNative = existingSidecar ? existingSidecar.native : settings.nativeSidecars;
   const patch: JsonPatchOperation[] = [];
 
-  const annotations: Record<string, string> = { [INJECTED_ANNOTATION]: settings.version };
+  const annotations: Record<string, string> = { [INJECTED_ANNOTATION]: settings.version, [READS_TABLES_ANNOTATION]: 'true' };
   if (consumer) annotations[CONSUMER_ANNOTATION] = consumer.name;
   patch.push(...annotationOps(pod, annotations));
 

@@ -9,6 +9,12 @@
 export const CONNECTION_LABEL = 'poolkeeper.dev/connection';
 /** Annotation stamped on an injected pod; its value is the injector version. */
 export const INJECTED_ANNOTATION = 'poolkeeper.dev/injected';
+/**
+ * Annotation `"true"` stamped on an injected pod whose sidecar reads grant
+ * tables: the controller creates its PoolMember on its connection's table
+ * at once (one write), rather than switching it there once the sidecar says so.
+ */
+export const READS_TABLES_ANNOTATION = 'poolkeeper.dev/sidecar-reads-tables';
 /** Annotation naming the consumer of the DatabaseConnection the pod was matched to. */
 export const CONSUMER_ANNOTATION = 'poolkeeper.dev/consumer';
 /** Annotation `"false"` on a labelled pod turns injection off for that pod. */

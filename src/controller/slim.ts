@@ -14,16 +14,27 @@ export function withoutManagedFields<T extends KubeObject>(object: T): T {
   return { ...object, metadata };
 }
 
+/** The prefix of every annotation the controller reads on a pod. */
+const OWN_ANNOTATIONS = 'poolkeeper.dev/';
+
 /**
- * A pod as the controller uses it: its metadata, ServiceAccount, container
- * names (the sidecar is found by name), phase and Ready condition.
+ * A pod as the controller uses it: its metadata (labels whole, for consumer
+ * selectors; only poolkeeper's own annotations, since others can be large),
+ * ServiceAccount, container names (the sidecar is found by name), phase and
+ * Ready condition.
  */
 export function slimPod<T extends PodObject & KubeObject>(pod: T): T {
   const slim = withoutManagedFields(pod);
   const spec = pod.spec;
   const status = pod.status;
+  const annotations = slim.metadata?.annotations;
+  const own = annotations ? Object.entries(annotations).filter(([k]) => k.startsWith(OWN_ANNOTATIONS)) : [];
+  const metadata = annotations && own.length !== Object.keys(annotations).length
+    ? { ...slim.metadata, annotations: Object.fromEntries(own) }
+    : slim.metadata;
   return {
     ...slim,
+    ...(metadata ? { metadata } : {}),
     spec: spec ? {
       ...(spec.serviceAccountName ? { serviceAccountName: spec.serviceAccountName } : {}),
       containers: spec.containers.map((c) => ({ name: c.name })),

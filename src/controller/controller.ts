@@ -9,7 +9,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, type DatabaseConnection, type DatabaseServer, type PoolMember } from '../api/index.ts';
-import type { Acknowledgement } from '../core/budget/index.ts';
+import { laterAcknowledgement, type Acknowledgement } from '../core/budget/index.ts';
 import { ApiReachability } from '../kube/backoff.ts';
 import type { KubeHttp } from '../kube/http.ts';
 import { Informer, type KubeObject } from '../kube/informer.ts';
@@ -19,7 +19,7 @@ import type { ControllerMetrics } from './metrics.ts';
 import type { PoolGrant } from '../api/poolgrant.ts';
 import { slimPod, withoutManagedFields } from './slim.ts';
 import { AcknowledgementLedger } from './acknowledgements.ts';
-import type { PodObject } from './plan-input.ts';
+import { statusAcknowledgement, type PodObject } from './plan-input.ts';
 import { ServerReconciler, type ControllerCaches, type HpaObject, type NamespaceObject, type ReconcilerDeps, type SecretObject, type WorkloadObject } from './reconciler.ts';
 
 /** Least time between the starts of two reconciles of one server while events keep coming. */
@@ -38,8 +38,10 @@ const MAX_RECONCILE_SPACING_MS = 5_000;
 function memberFingerprint(m: PoolMember, channel: Acknowledgement | undefined): string {
   const s = m.status;
   // The acknowledgement as the planner reads it: a status that only catches up with what came over the channel changes nothing.
-  const ack = channel && (s?.tableGeneration ?? -1) <= (channel.tableGeneration ?? -1) ? [channel.generation, channel.connections, channel.held, channel.tableGeneration] : [s?.acknowledgedGeneration, s?.acknowledgedConnections, s?.heldConnections, s?.tableGeneration];
-  const status = s || channel ? [...ack, s?.credentialsGeneration, s?.draining, s?.drained] : null;
+  const later = laterAcknowledgement(statusAcknowledgement(s), channel);
+  const ack = later ? [later.generation, later.connections, later.held, later.tableGeneration] : [];
+  // Whether the sidecar reads tables (its PoolMember is switched onto one) is in the status alone.
+  const status = s || channel ? [...ack, s?.tableGeneration !== undefined, s?.credentialsGeneration, s?.draining, s?.drained] : null;
   return createHash('sha1').update(JSON.stringify([m.metadata.ownerReferences?.map((o) => o.uid), m.spec, status])).digest('base64');
 }
 

@@ -45,6 +45,17 @@ function podPhase(pod: PodObject): PodPhase {
   return phase && PHASES.includes(phase) ? phase : 'Pending';
 }
 
+/** A PoolMember status as an acknowledgement (none before the sidecar acknowledged anything). */
+export function statusAcknowledgement(status: PoolMember['status']): Acknowledgement | undefined {
+  return status?.acknowledgedGeneration === undefined ? undefined : {
+    generation: status.acknowledgedGeneration,
+    connections: status.acknowledgedConnections ?? 0,
+    held: status.heldConnections ?? 0,
+    drained: status.drained ?? false,
+    tableGeneration: status.tableGeneration,
+  };
+}
+
 /** `namespace/name` of the DatabaseConnection a pod opts into, if any. */
 export function podConnectionKey(pod: PodObject): string | undefined {
   const name = pod.metadata?.labels?.[CONNECTION_LABEL];
@@ -118,15 +129,8 @@ export function buildBudgetInput(args: {
     const written = args.written.get(podUid);
     const cached = member.spec.grant;
     const grant = written && written.generation > cached.generation ? { connections: written.connections, generation: written.generation } : { connections: cached.connections, generation: cached.generation };
-    const status = member.status;
     const tableFrom = args.tableFrom ? args.tableFrom(member) : member.spec.tableFrom;
-    const reported = status?.acknowledgedGeneration === undefined ? undefined : {
-      generation: status.acknowledgedGeneration,
-      connections: status.acknowledgedConnections ?? 0,
-      held: status.heldConnections ?? 0,
-      drained: status.drained ?? false,
-      tableGeneration: status.tableGeneration,
-    };
+    const reported = statusAcknowledgement(member.status);
     // A grant from a table is acknowledged over the channel too; the table records what that let the controller do.
     const sent = tableFrom === undefined ? undefined : args.channel?.(podUid);
     const acknowledgement = sent && reported?.drained ? { ...laterAcknowledgement(reported, sent)!, drained: true } : laterAcknowledgement(reported, sent);

@@ -195,7 +195,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
           if (type === MessageType.terminate) {
             if (runBuffer !== undefined) this.pendingChunks.push(runBuffer.subarray(runStart, runEnd));
             runBuffer = undefined;
-            if (this.pendingTypes.length === 0 && (this.server === undefined || this.server.tracker.atBoundary)) {
+            if (this.pendingTypes.length === 0 && this.nothingOwed()) {
               this.terminate();
               return;
             }
@@ -234,6 +234,11 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
     if (runBuffer !== undefined) this.pendingChunks.push(runBuffer.subarray(runStart, runEnd));
     this.forward();
+    // What came before the Terminate went out and owes no ReadyForQuery (Parse/Describe/Flush): nothing more will come.
+    if (this.terminateAtBoundary && this.pendingTypes.length === 0 && this.pendingChunks.length === 0 && this.nothingOwed()) {
+      this.terminate();
+      return;
+    }
     const chunks = this.pendingChunks;
     if (chunks.length === queuedBefore) return;
     // Still queued (no server connection yet): what this read added must outlive the reused read buffer.
@@ -521,6 +526,16 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     this.fail({ severity: 'FATAL', code: failure.sqlState, message: failure.message });
   }
 
+  /**
+   * Every ReadyForQuery owed has come, but the server connection is not at a
+   * boundary (inside a transaction block, or an extended batch without Sync):
+   * a Terminate waiting for its answers closes now, as PostgreSQL would; the
+   * dirty server connection is discarded.
+   */
+  onServerAnswered(_server: ServerConnection): void {
+    if (this.terminateAtBoundary && this.pendingTypes.length === 0) this.terminate();
+  }
+
   /** ReadyForQuery 'I' with nothing outstanding. */
   onServerBoundary(_server: ServerConnection): void {
     if (this.pendingTypes.length > 0) return;
@@ -582,6 +597,17 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     if (server === undefined || (server.tracker.pendingReady === 0 && server.tracker.copy === 'none')) return undefined;
     const readyCount = server.readyCount;
     return { server, stillRunning: () => this.server === server && server.state === 'active' && server.readyCount === readyCount };
+  }
+
+  /**
+   * Nothing the client sent still owes it an answer that ends in ReadyForQuery:
+   * a Terminate now ends the session (even inside a transaction block or after
+   * a Parse/Describe/Flush without Sync, which never reach a boundary by
+   * themselves). A COPY FROM STDIN waits for data that will not come.
+   */
+  private nothingOwed(): boolean {
+    const server = this.server;
+    return server === undefined || server.tracker.pendingReady === 0 || server.tracker.copy === 'in';
   }
 
   private terminate(): void {

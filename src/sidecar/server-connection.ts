@@ -17,6 +17,8 @@ export interface ServerConnectionUser {
   readonly socket: Duplex;
   /** The server reached a transaction boundary (ReadyForQuery 'I', nothing outstanding). */
   onServerBoundary(server: ServerConnection): void;
+  /** Every ReadyForQuery owed has come, yet the connection is not at a boundary (a transaction block, an unsynced batch). */
+  onServerAnswered?(server: ServerConnection): void;
   /** The server connection died while in use; `afterFatal`: the server had sent the client a FATAL error first. */
   onServerLost(server: ServerConnection, reason: string, afterFatal: boolean): void;
 }
@@ -241,6 +243,8 @@ export class ServerConnection {
     const out = user.socket;
     const tracker = this.tracker;
     let boundary = false;
+    // A ReadyForQuery came in this read.
+    let ready = false;
     let runBuffer: Buffer | undefined;
     let runStart = 0;
     let runEnd = 0;
@@ -254,6 +258,7 @@ export class ServerConnection {
         if (tracked === 1) {
           if (type === READY_FOR_QUERY) {
             this.readyCount += 1;
+            ready = true;
             boundary = tracker.serverMessage(type, reader.buffer[reader.bodyStart]);
             if (boundary) this.events.transactionCompleted();
           } else if (type === COMMAND_COMPLETE) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
@@ -285,10 +290,10 @@ export class ServerConnection {
     }
     if (runBuffer !== undefined) out.write(runBuffer.subarray(runStart, runEnd));
     if (corked) out.uncork();
-    this.afterForwarding(out, user, boundary);
+    this.afterForwarding(out, user, boundary, ready);
   }
 
-  private afterForwarding(out: Duplex, user: ServerConnectionUser, boundary: boolean): void {
+  private afterForwarding(out: Duplex, user: ServerConnectionUser, boundary: boolean, ready: boolean): void {
     const tracker = this.tracker;
     // Bytes left queued may point into a reused read buffer, and a slow client
     // must not make us buffer without bound: read no more until they drain.
@@ -298,8 +303,10 @@ export class ServerConnection {
       // 'drain' fires only past the high-water mark; an empty write's callback runs once all before it is flushed.
       out.write(NOTHING, this.resumeReading);
     }
+    if (this.user !== user) return;
     // Re-check: the client may have sent more while we forwarded.
-    if (boundary && tracker.atBoundary && this.user === user) user.onServerBoundary(this);
+    if (boundary && tracker.atBoundary) user.onServerBoundary(this);
+    else if (ready && tracker.pendingReady === 0) user.onServerAnswered?.(this);
   }
 
   /**
@@ -313,6 +320,8 @@ export class ServerConnection {
     const tracker = this.tracker;
     const editor = this.editor;
     let boundary = false;
+    // A ReadyForQuery came in this read.
+    let ready = false;
     const pieces: Buffer[] = [];
     let runBuffer: Buffer | undefined;
     let runStart = 0;
@@ -328,6 +337,7 @@ export class ServerConnection {
         if (TRACKED[type] === 1) {
           if (type === READY_FOR_QUERY) {
             this.readyCount += 1;
+            ready = true;
             boundary = tracker.serverMessage(type, reader.buffer[reader.bodyStart]);
             if (boundary) this.events.transactionCompleted();
             if (editor.active) editor.ready();
@@ -365,7 +375,7 @@ export class ServerConnection {
       for (const piece of pieces) out.write(piece);
       out.uncork();
     }
-    this.afterForwarding(out, user, boundary);
+    this.afterForwarding(out, user, boundary, ready);
   }
 
   /**

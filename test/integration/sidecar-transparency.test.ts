@@ -8,6 +8,7 @@
 import assert from 'node:assert/strict';
 import { connect as netConnect, type Socket } from 'node:net';
 import pg from 'pg';
+import { serialize } from 'pg-protocol';
 import { testEnvironment } from '../support/hooks.ts';
 import { startTestSidecar, type TestSidecar } from '../support/sidecar-fixture.ts';
 import { TcpProxy } from '../support/tcp-proxy.ts';
@@ -63,6 +64,43 @@ function rawExchange(port: number, bytes: Buffer, ms = 1000): Promise<{ data: Bu
     });
     socket.write(bytes);
   });
+}
+
+/**
+ * A bare client logged in through the sidecar: sends the bytes a test builds,
+ * waits for a reply type, and tells when the sidecar closes the connection.
+ */
+async function wireSession(port: number, user: string): Promise<{ send: (bytes: Buffer[]) => void; until: (type: string, ms?: number) => Promise<Buffer | undefined>; closedWithin: (ms: number) => Promise<boolean> }> {
+  const socket = netConnect({ host: '127.0.0.1', port });
+  await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject));
+  const reader = new FrameReader();
+  const seen: { type: string; body: Buffer }[] = [];
+  let closed = false;
+  socket.on('error', () => undefined);
+  socket.on('close', () => { closed = true; });
+  socket.on('data', (chunk: Buffer) => {
+    reader.push(chunk);
+    while (reader.next()) seen.push({ type: String.fromCharCode(reader.type), body: Buffer.from(reader.buffer.subarray(reader.bodyStart, reader.end)) });
+  });
+  const until = async (type: string, ms = 5000): Promise<Buffer | undefined> => {
+    const deadline = Date.now() + ms;
+    while (Date.now() < deadline) {
+      const index = seen.findIndex((m) => m.type === type);
+      if (index >= 0) return seen.splice(0, index + 1)[index]!.body;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    return undefined;
+  };
+  const closedWithin = async (ms: number): Promise<boolean> => {
+    const deadline = Date.now() + ms;
+    while (!closed && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    const result = closed;
+    socket.destroy();
+    return result;
+  };
+  socket.write(buildStartupMessage({ user, database: 'app' }));
+  assert.ok(await until('Z'), 'logged in');
+  return { send: (bytes) => socket.write(Buffer.concat(bytes)), until, closedWithin };
 }
 
 describe('sidecar transparency', function () {
@@ -543,6 +581,46 @@ describe('sidecar transparency', function () {
   });
 
   describe('clients always get an answer', function () {
+    it('a Terminate with no reply owed closes at once, inside a transaction block or after Parse/Describe/Flush without Sync (asyncpg close() after a client-side encoding error); the dirty server connection is not reused', async function () {
+      const parseDescribeFlush = [serialize.parse({ name: '', text: 'SELECT $1::int AS n', types: [] }), serialize.describe({ type: 'S', name: '' }), serialize.flush()];
+      const cases: { name: string; before: (w: Awaited<ReturnType<typeof wireSession>>) => Promise<void> }[] = [
+        { name: 'BEGIN', before: async (w) => {
+          w.send([serialize.query('BEGIN')]);
+          assert.equal((await w.until('Z'))?.toString(), 'T');
+        } },
+        { name: 'Parse/Describe/Flush', before: async (w) => {
+          w.send(parseDescribeFlush);
+          assert.ok(await w.until('T'), 'RowDescription');
+        } },
+        { name: 'Parse/Describe/Flush, then a simple Query', before: async (w) => {
+          w.send(parseDescribeFlush);
+          assert.ok(await w.until('T'), 'RowDescription');
+          w.send([serialize.query('SELECT 1')]);
+          assert.ok(await w.until('Z'), 'ReadyForQuery');
+        } },
+        { name: 'BEGIN and a Terminate written together', before: () => Promise.resolve() },
+      ];
+      for (const mode of ['transaction', 'session'] as const) {
+        await withSidecar(postgres, { grant: 1, mode }, async (running) => {
+          for (const c of cases) {
+            const w = await wireSession(running.port, running.role.user);
+            await c.before(w);
+            w.send(c.name === 'BEGIN and a Terminate written together' ? [serialize.query('BEGIN; SELECT 1'), serialize.end()] : [serialize.end()]);
+            assert.equal(await w.closedWithin(3000), true, `${mode}, ${c.name}: the sidecar did not close the connection after Terminate`);
+          }
+          // The one server connection was discarded, not handed on inside a transaction or an unsynced batch.
+          const next = client(running);
+          await next.connect();
+          try {
+            assert.equal((await next.query<{ n: number }>('SELECT 1 AS n')).rows[0]!.n, 1);
+            assert.equal((await next.query<{ s: boolean }>('SELECT now() = statement_timestamp() AS s')).rows[0]!.s, true, `${mode}: the next client ran inside a transaction left open`);
+          } finally {
+            await next.end();
+          }
+        });
+      }
+    });
+
     it('a pre-ping on a connection that went silent (a NAT dropped it) ends in 53300 within poolTimeout, not a hang', async function () {
       const proxy = new TcpProxy(postgres.host, postgres.port);
       const port = await proxy.start();

@@ -591,10 +591,12 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   /**
    * What a CancelRequest for this client should reach: the server connection
    * running its statement now, and a test that the same statement still runs.
+   * An extended batch not yet closed by a forwarded Sync runs too (Execute then
+   * Flush, or asyncpg's executemany, whose Sync may still wait in the socket).
    */
   cancelTarget(): { server: ServerConnection; stillRunning: () => boolean } | undefined {
     const server = this.server;
-    if (server === undefined || (server.tracker.pendingReady === 0 && server.tracker.copy === 'none')) return undefined;
+    if (server === undefined || (server.tracker.pendingReady === 0 && server.tracker.copy === 'none' && !server.tracker.extendedOpen)) return undefined;
     const readyCount = server.readyCount;
     return { server, stillRunning: () => this.server === server && server.state === 'active' && server.readyCount === readyCount };
   }

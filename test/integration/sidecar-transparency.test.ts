@@ -12,7 +12,7 @@ import { serialize } from 'pg-protocol';
 import { testEnvironment } from '../support/hooks.ts';
 import { startTestSidecar, type TestSidecar } from '../support/sidecar-fixture.ts';
 import { TcpProxy } from '../support/tcp-proxy.ts';
-import { CANCEL_REQUEST_CODE, FrameReader, buildSpecialRequest, buildStartupMessage } from '../../src/core/protocol/index.ts';
+import { CANCEL_REQUEST_CODE, FrameReader, buildSpecialRequest, buildStartupMessage, parseNoticeFields } from '../../src/core/protocol/index.ts';
 import type { PostgresServer } from '../../src/devenv/postgres.ts';
 
 const env = testEnvironment();
@@ -70,7 +70,7 @@ function rawExchange(port: number, bytes: Buffer, ms = 1000): Promise<{ data: Bu
  * A bare client logged in through the sidecar: sends the bytes a test builds,
  * waits for a reply type, and tells when the sidecar closes the connection.
  */
-async function wireSession(port: number, user: string): Promise<{ send: (bytes: Buffer[]) => void; until: (type: string, ms?: number) => Promise<Buffer | undefined>; closedWithin: (ms: number) => Promise<boolean> }> {
+async function wireSession(port: number, user: string): Promise<{ send: (bytes: Buffer[]) => void; until: (type: string, ms?: number) => Promise<Buffer | undefined>; closedWithin: (ms: number) => Promise<boolean>; key: Buffer }> {
   const socket = netConnect({ host: '127.0.0.1', port });
   await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject));
   const reader = new FrameReader();
@@ -99,8 +99,10 @@ async function wireSession(port: number, user: string): Promise<{ send: (bytes: 
     return result;
   };
   socket.write(buildStartupMessage({ user, database: 'app' }));
+  const key = await until('K');
+  assert.ok(key, 'BackendKeyData');
   assert.ok(await until('Z'), 'logged in');
-  return { send: (bytes) => socket.write(Buffer.concat(bytes)), until, closedWithin };
+  return { send: (bytes) => socket.write(Buffer.concat(bytes)), until, closedWithin, key };
 }
 
 describe('sidecar transparency', function () {
@@ -581,6 +583,34 @@ describe('sidecar transparency', function () {
   });
 
   describe('clients always get an answer', function () {
+    it('a CancelRequest reaches a statement run by Execute without Sync (Flush, or asyncpg executemany whose Sync is still on its way), as direct', async function () {
+      for (const mode of ['transaction', 'session'] as const) {
+        await withSidecar(postgres, { grant: 1, mode }, async (running) => {
+          const w = await wireSession(running.port, running.role.user);
+          w.send([serialize.parse({ name: '', text: 'SELECT pg_sleep(5)', types: [] }), serialize.bind({}), serialize.flush()]);
+          assert.ok(await w.until('2'), 'BindComplete');
+          w.send([serialize.execute({}), serialize.flush()]);
+          await new Promise((r) => setTimeout(r, 300));
+          const started = Date.now();
+          await new Promise<void>((resolve) => {
+            const socket = netConnect({ host: '127.0.0.1', port: running.port });
+            socket.on('error', () => resolve());
+            socket.on('close', () => resolve());
+            socket.resume();
+            socket.write(buildSpecialRequest(CANCEL_REQUEST_CODE, w.key.readInt32BE(0), w.key.subarray(4, 8)));
+          });
+          const error = await w.until('E', 4000);
+          assert.ok(error, `${mode}: the statement was not cancelled`);
+          assert.equal(parseNoticeFields(error).C, '57014');
+          assert.ok(Date.now() - started < 3000, `${mode}: cancelled after ${Date.now() - started} ms`);
+          w.send([serialize.sync()]);
+          assert.ok(await w.until('Z'), 'ReadyForQuery after Sync');
+          w.send([serialize.end()]);
+          assert.equal(await w.closedWithin(3000), true);
+        });
+      }
+    });
+
     it('a Terminate with no reply owed closes at once, inside a transaction block or after Parse/Describe/Flush without Sync (asyncpg close() after a client-side encoding error); the dirty server connection is not reused', async function () {
       const parseDescribeFlush = [serialize.parse({ name: '', text: 'SELECT $1::int AS n', types: [] }), serialize.describe({ type: 'S', name: '' }), serialize.flush()];
       const cases: { name: string; before: (w: Awaited<ReturnType<typeof wireSession>>) => Promise<void> }[] = [

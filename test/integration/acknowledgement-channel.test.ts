@@ -88,6 +88,20 @@ describe('acknowledgement channel', function () {
     return { namespace, registry: started.registry, receiver: started.receiver };
   }
 
+  /** A namespace with `replicas` pods on a connection limited to 12, and its fleet (`statusDelayMs`: how long statuses may lag the channel). */
+  async function setUpForReplicas(prefix: string, replicas: number, statusDelayMs?: number): Promise<{ namespace: string; sampler: Sampler }> {
+    const namespace = freshNamespace(prefix);
+    namespaces.push(namespace);
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    kube.kubectl(['apply', '-f', '-'], JSON.stringify({
+      apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name: 'orders', namespace },
+      spec: { database: { host: postgres.host, port: postgres.port, dbname: 'app', sslMode: 'disable', credentialsSecretRef: { name: 'db-credentials' } }, consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' } }], maxConnections: 12, reserve: 0 },
+    }));
+    fleet = new SidecarFleetDouble(kube, namespace, NO_HEARTBEAT_MS, statusDelayMs);
+    await fleet.start();
+    return { namespace, sampler: new Sampler([fleet], ([members]) => reserved(members!)) };
+  }
+
   const settled = (namespace: string, pods: number): boolean => {
     const s = connections.get(namespace, 'orders')?.status;
     return s?.pods === pods && s.conditions?.find((c) => c.type === 'Ready')?.reason === 'Allocated';
@@ -161,16 +175,7 @@ describe('acknowledgement channel', function () {
   });
 
   it('a new leader is named in the tables, hears the acknowledgements again and rebalances; what is durable stays within the limit across the change', async function () {
-    const namespace = freshNamespace('ack-ha');
-    namespaces.push(namespace);
-    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
-    kube.kubectl(['apply', '-f', '-'], JSON.stringify({
-      apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name: 'orders', namespace },
-      spec: { database: { host: postgres.host, port: postgres.port, dbname: 'app', sslMode: 'disable', credentialsSecretRef: { name: 'db-credentials' } }, consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' } }], maxConnections: 12, reserve: 0 },
-    }));
-    fleet = new SidecarFleetDouble(kube, namespace, NO_HEARTBEAT_MS);
-    await fleet.start();
-    const sampler = new Sampler([fleet], ([members]) => reserved(members!));
+    const { namespace, sampler } = await setUpForReplicas('ack-ha', 2);
     const replica = (identity: string): Promise<RunningController> => startControllerBinary({
       apiServer: kube.kubeConfig(), namespace, identity, metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: true, repair: 'off', manageSidecarAccess: false,
       acknowledgements: { host: '127.0.0.1', port: 0, advertise: '127.0.0.1' },
@@ -197,17 +202,8 @@ describe('acknowledgement channel', function () {
   });
 
   it('a replica that loses and regains its Lease names a new term in the tables and hears every acknowledgement again', async function () {
-    const namespace = freshNamespace('ack-flap');
-    namespaces.push(namespace);
-    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 3, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
-    kube.kubectl(['apply', '-f', '-'], JSON.stringify({
-      apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name: 'orders', namespace },
-      spec: { database: { host: postgres.host, port: postgres.port, dbname: 'app', sslMode: 'disable', credentialsSecretRef: { name: 'db-credentials' } }, consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' } }], maxConnections: 12, reserve: 0 },
-    }));
     // Statuses lag the channel for the whole test: what the replica heard, it heard only over the channel.
-    fleet = new SidecarFleetDouble(kube, namespace, NO_HEARTBEAT_MS, NO_HEARTBEAT_MS);
-    await fleet.start();
-    const sampler = new Sampler([fleet], ([members]) => reserved(members!));
+    const { namespace, sampler } = await setUpForReplicas('ack-flap', 3, NO_HEARTBEAT_MS);
     const replica = await startControllerBinary({
       apiServer: kube.kubeConfig(), namespace, identity: 'only', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: true, repair: 'off', manageSidecarAccess: false,
       acknowledgements: { host: '127.0.0.1', port: 0, advertise: '127.0.0.1' },

@@ -54,6 +54,10 @@ export interface ControllerResult {
   rss_mb: number;
   /** Controller API writes (POST, PUT, PATCH, DELETE) per event. */
   writes: number;
+  /** PoolMember status writes by the stand-in sidecars per event, until settled. */
+  sidecar_status_writes: number;
+  /** Acknowledgements the stand-in sidecars sent over the channel per event, until settled. */
+  sidecar_channel_acks: number;
   violations: number;
 }
 
@@ -244,14 +248,16 @@ class Acknowledger {
    */
   private acknowledged(member: PoolMember): boolean {
     const s = member.status;
-    if (!s) return false;
-    if (!this.legacy && s.tableGeneration === undefined) return false;
-    const grant = this.grantOf(member);
-    if (!grant.fromTable || !grant.entry) return s.acknowledgedGeneration === grant.generation;
     const sent = this.sent.get(member.metadata.name ?? '');
-    const ack = sent && sent.tableGeneration >= (s.tableGeneration ?? -1)
-      ? { tableGeneration: sent.tableGeneration, connections: sent.connections, held: sent.connections }
-      : { tableGeneration: s.tableGeneration, connections: s.acknowledgedConnections ?? 0, held: s.heldConnections ?? 0 };
+    // A PoolMember created on its table may have answered over the channel only.
+    if (!s && !sent) return false;
+    if (!this.legacy && s !== undefined && s.tableGeneration === undefined) return false;
+    const grant = this.grantOf(member);
+    if (!grant.fromTable || !grant.entry) return s?.acknowledgedGeneration === grant.generation;
+    const fromChannel = sent !== undefined && (s === undefined || sent.tableGeneration >= (s.tableGeneration ?? -1));
+    const ack = fromChannel || s === undefined
+      ? { tableGeneration: sent?.tableGeneration, connections: sent?.connections ?? 0 }
+      : { tableGeneration: s.tableGeneration, connections: s.acknowledgedConnections ?? 0 };
     const tableFrom = member.spec.tableFrom ?? Infinity;
     // The sidecar's own view: it holds this number from a table at or after the change that set it.
     return (ack.tableGeneration ?? -1) >= Math.max(tableFrom, grant.entry.since ?? 0) && ack.connections === grant.connections;
@@ -334,7 +340,9 @@ class Acknowledger {
     const durable = this.durable.delete(name);
     // As the agent: what it acknowledged last, over the channel or in its status.
     const sent = this.sent.get(name);
-    if (!durable && fromTable && !unchanged && previous?.tableGeneration !== undefined) {
+    // As the agent: the first answer of a PoolMember created on its table goes over the channel too.
+    const channelOk = previous === undefined ? member.spec.tableFrom !== undefined && !this.legacy : previous.tableGeneration !== undefined;
+    if (!durable && fromTable && !unchanged && channelOk) {
       if (await this.sendOverChannel(member, connections, generation)) {
         this.channelAcks += 1;
         this.sent.set(name, { tableGeneration: generation, connections });
@@ -433,24 +441,30 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
     await Promise.all(connectionNames.map((name) => http.patch(`/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/databaseconnections/${name}`, { spec: { maxConnections: max } })));
   };
 
-  const samples = new Map<string, { ms: number[]; cpuS: number; rssMb: number; writes: number; violations: number; kinds: Record<string, number> }>();
+  const samples = new Map<string, { ms: number[]; cpuS: number; rssMb: number; writes: number; statusWrites: number; channelAcks: number; violations: number; kinds: Record<string, number> }>();
   const measure = async (event: string, expectedLimit: number, podCount: number, action: () => Promise<unknown>): Promise<void> => {
     const violationsBefore = acknowledger.violations;
+    const statusWritesBefore = acknowledger.statusWrites;
+    const channelAcksBefore = acknowledger.channelAcks;
     const started = performance.now();
     await action();
     await eventually(`${event} at ${args.pods} pods`, () => acknowledger.settled(expectedLimit, podCount), 600_000);
     const ms = performance.now() - started;
+    const statusWrites = acknowledger.statusWrites - statusWritesBefore;
+    const channelAcks = acknowledger.channelAcks - channelAcksBefore;
     await new Promise((r) => setTimeout(r, QUIET_MS));
     const mark = await controller.mark();
-    const entry = samples.get(event) ?? { ms: [], cpuS: 0, rssMb: 0, writes: 0, violations: 0, kinds: {} };
+    const entry = samples.get(event) ?? { ms: [], cpuS: 0, rssMb: 0, writes: 0, statusWrites: 0, channelAcks: 0, violations: 0, kinds: {} };
     entry.ms.push(ms);
+    entry.statusWrites += statusWrites;
+    entry.channelAcks += channelAcks;
     entry.cpuS += mark.cpuS;
     entry.rssMb = Math.max(entry.rssMb, mark.peakRssMb);
     entry.writes += mark.writes;
     entry.violations += acknowledger.violations - violationsBefore;
     for (const [k, v] of Object.entries(mark.writesByKind)) entry.kinds[k] = (entry.kinds[k] ?? 0) + v;
     samples.set(event, entry);
-    console.error(`  ${args.pods} pods: ${event} ${(ms / 1000).toFixed(2)} s, ${mark.writes} controller writes, cpu ${mark.cpuS.toFixed(2)} s, peak rss ${mark.peakRssMb.toFixed(0)} MB (now: heap ${mb(mark.memory.heapUsed)} of ${mb(mark.memory.heapTotal)}, external ${mb(mark.memory.external)}, array buffers ${mb(mark.memory.arrayBuffers)} MB)`);
+    console.error(`  ${args.pods} pods: ${event} ${(ms / 1000).toFixed(2)} s, ${mark.writes} controller writes, ${statusWrites} sidecar status writes, ${channelAcks} channel acks, cpu ${mark.cpuS.toFixed(2)} s, peak rss ${mark.peakRssMb.toFixed(0)} MB (now: heap ${mb(mark.memory.heapUsed)} of ${mb(mark.memory.heapTotal)}, external ${mb(mark.memory.external)}, array buffers ${mb(mark.memory.arrayBuffers)} MB)`);
   };
 
   const results: ControllerResult[] = [];
@@ -472,7 +486,7 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
     const idleViolations = acknowledger.violations;
     await new Promise((r) => setTimeout(r, IDLE_MS));
     const idle = await controller.mark();
-    samples.set('idle', { ms: [], cpuS: idle.cpuS, rssMb: idle.peakRssMb, writes: idle.writes, violations: acknowledger.violations - idleViolations, kinds: idle.writesByKind });
+    samples.set('idle', { ms: [], cpuS: idle.cpuS, rssMb: idle.peakRssMb, writes: idle.writes, statusWrites: 0, channelAcks: 0, violations: acknowledger.violations - idleViolations, kinds: idle.writesByKind });
     for (const [event, s] of samples) {
       const sorted = [...s.ms].sort((a, b) => a - b);
       const count = Math.max(1, s.ms.length);
@@ -480,7 +494,8 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
         pods: args.pods, connections: args.connections, event, samples: s.ms.length,
         p50_ms: sorted.length ? Math.round(percentile(sorted, 0.5)) : null,
         p99_ms: sorted.length ? Math.round(percentile(sorted, 0.99)) : null,
-        cpu_s: Number((s.cpuS / count).toFixed(3)), rss_mb: Math.round(s.rssMb), writes: Math.round(s.writes / count), violations: s.violations,
+        cpu_s: Number((s.cpuS / count).toFixed(3)), rss_mb: Math.round(s.rssMb), writes: Math.round(s.writes / count),
+        sidecar_status_writes: Math.round(s.statusWrites / count), sidecar_channel_acks: Math.round(s.channelAcks / count), violations: s.violations,
       });
       console.error(`  ${args.pods} pods: ${event} writes by kind (total): ${JSON.stringify(s.kinds)}`);
     }
@@ -547,8 +562,8 @@ async function main(): Promise<void> {
   } finally {
     await env.stop();
   }
-  const header = ['pods', 'dbc', 'event', 'n', 'p50 s', 'p99 s', 'cpu s/event', 'rss MB', 'writes/event', 'violations'];
-  const rows = results.map((r) => [r.pods, r.connections, r.event, r.samples, r.p50_ms === null ? '-' : (r.p50_ms / 1000).toFixed(2), r.p99_ms === null ? '-' : (r.p99_ms / 1000).toFixed(2), r.cpu_s.toFixed(2), r.rss_mb, r.writes, r.violations].map(String));
+  const header = ['pods', 'dbc', 'event', 'n', 'p50 s', 'p99 s', 'cpu s/event', 'rss MB', 'writes/event', 'sidecar status/ack', 'violations'];
+  const rows = results.map((r) => [r.pods, r.connections, r.event, r.samples, r.p50_ms === null ? '-' : (r.p50_ms / 1000).toFixed(2), r.p99_ms === null ? '-' : (r.p99_ms / 1000).toFixed(2), r.cpu_s.toFixed(2), r.rss_mb, r.writes, `${r.sidecar_status_writes}/${r.sidecar_channel_acks}`, r.violations].map(String));
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
   for (const row of [header, ...rows]) console.log(row.map((cell, i) => cell.padStart(widths[i]!)).join('  '));
   console.log(`PATCH, one at a time: p50 ${patch?.p50_ms ?? '-'} ms, p99 ${patch?.p99_ms ?? '-'} ms`);

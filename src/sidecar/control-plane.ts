@@ -87,6 +87,8 @@ export class PoolMemberAgent {
   private acknowledgedTableGeneration = 0;
   /** The PoolGrant watch has listed: only then does this sidecar say it reads tables. */
   private tableReady = false;
+  /** The table watch could not start (no RBAC on poolgrants, say): the status says so without a table generation. */
+  private tableFailed = false;
   private appliedGeneration = -1;
   private writing: Promise<void> | undefined;
   private dirty = false;
@@ -218,7 +220,11 @@ export class PoolMemberAgent {
       // switched onto a table it cannot read.
       this.tableReady = true;
       this.report();
-    }, (err: unknown) => this.options.logger.warn({ err }, 'could not watch the grant table'));
+    }, (err: unknown) => {
+      this.options.logger.warn({ err }, 'could not watch the grant table');
+      this.tableFailed = true;
+      this.report();
+    });
   }
 
   /** The grant in force: the table's once the PoolMember says the table covers this pod, else the PoolMember's. */
@@ -312,6 +318,9 @@ export class PoolMemberAgent {
    */
   private async deliver(): Promise<void> {
     const write = this.writeDue;
+    // A PoolMember created on its table is first answered once the table is read: that first
+    // answer can then go over the channel, and a status without a table generation is not written.
+    if (!write && this.firstOnTable() && !this.tableReady && !this.tableFailed) return;
     this.writeDue = false;
     const status = this.currentStatus();
     const channel = write ? undefined : this.channelAcknowledgement(status);
@@ -346,15 +355,22 @@ export class PoolMemberAgent {
     this.followUp.unref();
   }
 
+  /** No status written yet for a PoolMember the controller created on its table. */
+  private firstOnTable(): boolean {
+    return this.lastWritten === undefined && this.member?.spec.tableFrom !== undefined;
+  }
+
   /** The acknowledgement the channel may carry instead of a status write, if it may. */
   private channelAcknowledgement(status: PoolMemberStatus): { to: string; key: string; ack: ChannelAcknowledgement } | undefined {
     const member = this.member;
     const key = member?.spec.acknowledgementKey;
     const podUid = member?.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid;
     const written = this.lastWritten;
-    // Only a grant from a table is acknowledged there, and only when nothing but the acknowledgement changed.
-    if (!this.acknowledgeTo || !key || !podUid || this.appliedTableGeneration === undefined || !written || status.tableGeneration === undefined) return undefined;
-    if (!statusFieldsEqual({ ...status, ...ACK_BLANK }, { ...written, ...ACK_BLANK })) return undefined;
+    // Only a grant from a table is acknowledged there, and only when nothing but the acknowledgement changed,
+    // or, for a PoolMember created on its table, as its first answer (the status follows, as after any
+    // acknowledgement sent over the channel): at thousands of new pods that is a status write each saved.
+    if (!this.acknowledgeTo || !key || !podUid || this.appliedTableGeneration === undefined || status.tableGeneration === undefined) return undefined;
+    if (written ? !statusFieldsEqual({ ...status, ...ACK_BLANK }, { ...written, ...ACK_BLANK }) : !this.firstOnTable() || status.draining || status.drained) return undefined;
     return {
       to: this.acknowledgeTo,
       key,

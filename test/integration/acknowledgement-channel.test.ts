@@ -72,8 +72,8 @@ describe('acknowledgement channel', function () {
   });
 
   /** A Deployment of `replicas` opted-in pods on a connection with `limit`, its fleet, and the controller. */
-  /** `readsTables: false`: pods as an older injector left them, switched onto the table once their sidecar says it reads it. */
-  async function setUp(prefix: string, replicas: number, limit: number, channel = true, readsTables = true): Promise<{ namespace: string; registry: Registry; receiver: AcknowledgementReceiver | undefined }> {
+  /** `readsTables: false`: pods as an older injector left them, switched onto the table once their sidecar says it reads it; `statusDelayMs`: how long statuses may lag the channel. */
+  async function setUp(prefix: string, replicas: number, limit: number, channel = true, readsTables = true, statusDelayMs?: number): Promise<{ namespace: string; registry: Registry; receiver: AcknowledgementReceiver | undefined }> {
     const namespace = freshNamespace(prefix);
     namespaces.push(namespace);
     createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password, readsTables });
@@ -81,7 +81,7 @@ describe('acknowledgement channel', function () {
       apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name: 'orders', namespace },
       spec: { database: { host: postgres.host, port: postgres.port, dbname: 'app', sslMode: 'disable', credentialsSecretRef: { name: 'db-credentials' } }, consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' } }], maxConnections: limit, reserve: 0 },
     }));
-    fleet = new SidecarFleetDouble(kube, namespace, NO_HEARTBEAT_MS);
+    fleet = new SidecarFleetDouble(kube, namespace, NO_HEARTBEAT_MS, statusDelayMs);
     await fleet.start();
     const started = await startController(kube, pino({ level: 'silent' }), { channel });
     controller = started.controller;
@@ -115,7 +115,7 @@ describe('acknowledgement channel', function () {
     const { namespace, registry } = await setUp('ack-fast', 4, 40);
     const sampler = new Sampler([fleet!], ([members]) => reserved(members!));
     try {
-      // Sidecars first write their status (the controller learns they read tables), then they are on the table.
+      // Created on the table, each sidecar first answers over the channel (the controller learns it reads tables), then it is grown.
       await eventually('4 pods at 10, settled', () => settled(namespace, 4) && tableGrants(namespace) === '10/0/-');
       const table = tables.get(namespace, 'orders')!.spec;
       assert.match(table.acknowledgeTo ?? '', /^http:\/\/127\.0\.0\.1:\d+\/[\w-]+$/);
@@ -144,6 +144,20 @@ describe('acknowledgement channel', function () {
     assert.ok(sampler.samples > 10, 'the sampler ran');
     // Counted from what is durable only (tables, statuses): the table records which acknowledgements the controller used.
     assert.ok(sampler.max <= 40, `reserved peaked at ${sampler.max} > limit 40: ${sampler.maxState}`);
+  });
+
+  it('a sidecar created on its table answers first over the channel: its pod is grown before any status is written', async function () {
+    // Statuses lag the channel by up to two minutes here, so any status seen was written before the grow.
+    const { namespace, registry } = await setUp('ack-first', 2, 20, true, true, 120_000);
+    await eventually('2 pods at 10, settled', () => settled(namespace, 2) && tableGrants(namespace) === '10/0/-');
+    kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=4']);
+    await eventually('4 pods at 5, settled', () => settled(namespace, 4) && tableGrants(namespace) === '5/0/-', 60_000);
+    const stored = (JSON.parse(kube.kubectl(['-n', namespace, 'get', 'poolmembers', '-o', 'json'])) as { items: PoolMember[] }).items;
+    assert.equal(stored.length, 4);
+    for (const m of stored) assert.equal(m.status, undefined, `${m.metadata.name} wrote a status before it was grown: ${JSON.stringify(m.status)}`);
+    // Each pod: its first answer at 0, its grow; the first two: their shrink.
+    const accepted = await counter(registry, 'accepted');
+    assert.ok(accepted >= 10, `acknowledgements accepted over the channel: ${accepted}`);
   });
 
   it('refuses forged, malformed and unknown acknowledgements, naming what is wrong', async function () {

@@ -19,6 +19,7 @@ import type { ControllerMetrics } from './metrics.ts';
 import type { PoolGrant } from '../api/poolgrant.ts';
 import { slimPod, withoutManagedFields } from './slim.ts';
 import { AcknowledgementLedger } from './acknowledgements.ts';
+import { readsNoTable } from './grant-tables.ts';
 import { statusAcknowledgement, type PodObject } from './plan-input.ts';
 import { ServerReconciler, type ControllerCaches, type HpaObject, type NamespaceObject, type ReconcilerDeps, type SecretObject, type WorkloadObject } from './reconciler.ts';
 
@@ -41,7 +42,8 @@ function memberFingerprint(m: PoolMember, channel: Acknowledgement | undefined):
   const later = laterAcknowledgement(statusAcknowledgement(s), channel);
   const ack = later ? [later.generation, later.connections, later.held, later.tableGeneration] : [];
   // Whether the sidecar reads tables (its PoolMember is switched onto one) is in the status alone.
-  const status = s || channel ? [...ack, s?.tableGeneration !== undefined, s?.credentialsGeneration, s?.draining, s?.drained] : null;
+  // A heartbeat that shows a PoolMember's sidecar does not read its table (readsNoTable) changes what the reconcile does.
+  const status = s || channel ? [...ack, s?.tableGeneration !== undefined, s?.credentialsGeneration, s?.draining, s?.drained, readsNoTable(m, m.spec.tableFrom)] : null;
   return createHash('sha1').update(JSON.stringify([m.metadata.ownerReferences?.map((o) => o.uid), m.spec, status])).digest('base64');
 }
 

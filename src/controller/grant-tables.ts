@@ -9,7 +9,7 @@
 import { randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, type DatabaseConnection, type PoolGrant, type PoolMember } from '../api/index.ts';
-import { grantTableOf, tableWriteWaves, type GrantTable, type PlannedTable, type SidecarPacing, type TableState, type TableWrite } from '../core/budget/index.ts';
+import { grantTableOf, memberGrantInForce, tableWriteWaves, type GrantTable, type PlannedTable, type SidecarPacing, type TableState, type TableWrite } from '../core/budget/index.ts';
 import { isStatus, type KubeHttp } from '../kube/http.ts';
 import type { Informer, KubeObject } from '../kube/informer.ts';
 import { forEachBounded } from './bounded.ts';
@@ -18,6 +18,28 @@ import { forEachBounded } from './bounded.ts';
 const CONCURRENCY = 32;
 
 const BASE = `/apis/${API_GROUP}/${API_VERSION}`;
+
+/**
+ * How long after its PoolMember was created a sidecar that reads tables has
+ * said so: its table watch starts within milliseconds of its PoolMember's.
+ */
+export const TABLE_ANSWER_GRACE_MS = 5_000;
+
+/**
+ * True when a PoolMember on a table has a sidecar that does not read it: its
+ * status, written at least TABLE_ANSWER_GRACE_MS after the PoolMember was
+ * created, has no table generation (an earlier sidecar image, or a
+ * ServiceAccount that may not read poolgrants). Such a pod would never be
+ * grown from the table. A first status written sooner may precede the table
+ * watch, so it is not taken as an answer.
+ */
+export function readsNoTable(member: PoolMember, tableFrom: number | undefined): boolean {
+  const s = member.status;
+  if (tableFrom === undefined || s === undefined || s.tableGeneration !== undefined || s.acknowledgedGeneration === undefined) return false;
+  const created = new Date(member.metadata.creationTimestamp ?? NaN).getTime();
+  const written = Date.parse(s.heartbeatTime ?? '');
+  return Number.isFinite(created) && Number.isFinite(written) && written - created >= TABLE_ANSWER_GRACE_MS;
+}
 
 /** Raised when a PoolGrant or PoolMember changed since this replica read it: replan. */
 export type ConflictFactory = (what: string) => Error;
@@ -130,6 +152,43 @@ export class GrantTableWriter {
       }
       this.switched.set(m.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '', from);
     });
+  }
+
+  /**
+   * Takes off their table the PoolMembers of live pods whose sidecar does not
+   * read it (`readsNoTable`): `spec.tableFrom` removed and `spec.grant` set to
+   * what the table gives the pod now, one generation on, so the sidecar holds
+   * no more than the table counted and the pod is planned on its PoolMember's
+   * grant from then on. A JSON-patch test on `spec.tableFrom` makes the write
+   * fail if another controller changed it since. Returns the members taken off.
+   */
+  async leaveTables(members: readonly PoolMember[], livePodUids: ReadonlySet<string>): Promise<PoolMember[]> {
+    if (!this.enabled) return [];
+    const due = members.filter((m) => {
+      const uid = m.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid;
+      return uid !== undefined && livePodUids.has(uid) && readsNoTable(m, m.spec.tableFrom);
+    });
+    const left: PoolMember[] = [];
+    await forEachBounded(due, CONCURRENCY, async (m) => {
+      const namespace = m.metadata.namespace ?? '';
+      const name = m.metadata.name ?? '';
+      const table = this.inForce(namespace, m.spec.connection)?.table;
+      const inForce = memberGrantInForce({ name, grant: m.spec.grant, tableFrom: m.spec.tableFrom }, table);
+      this.deps.assertMayWrite();
+      try {
+        await this.deps.http.patch(`${BASE}/namespaces/${namespace}/poolmembers/${name}`, [
+          { op: 'test', path: '/spec/tableFrom', value: m.spec.tableFrom },
+          { op: 'remove', path: '/spec/tableFrom' },
+          { op: 'replace', path: '/spec/grant', value: { connections: inForce.connections, generation: m.spec.grant.generation + 1 } },
+        ], 'json');
+      } catch (err) {
+        if (isStatus(err, 409) || isStatus(err, 422) || isStatus(err, 404)) return;
+        throw err;
+      }
+      this.deps.logger.warn({ namespace, pod: name, sidecarVersion: m.status?.sidecarVersion }, 'the sidecar does not read its grant table; its PoolMember takes its grant from spec.grant');
+      left.push(m);
+    });
+    return left;
   }
 
   /** Forgets switches of pods that are gone. */

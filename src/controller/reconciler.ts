@@ -400,6 +400,7 @@ export class ServerReconciler {
     this.tables.retain(new Set(pods.map((p) => p.metadata?.uid ?? '')));
     const beforeSwitch = performance.now();
     await this.tables.switchMembers(members, livePodUids);
+    const leftTables = await this.tables.leaveTables(members, livePodUids);
     const afterSwitch = performance.now();
     const ledger = this.deps.acknowledgements?.ledger;
     const input = buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tablesEnabled: this.tables.enabled, tableFrom: (m) => this.tables.tableFrom(m), ...(ledger ? { channel: (uid: string) => ledger.get(uid) } : {}) });
@@ -435,6 +436,11 @@ export class ServerReconciler {
           type: 'Degraded', status: 'True' as const, reason: 'SidecarUnresponsive',
           message: `${unresponsive.length} sidecar(s) stopped reporting; their reservations stay counted until they answer or their pods go: ${names(unresponsive)}`,
         } : undefined);
+      const leaving = leftTables.filter((m) => m.spec.connection === connection.metadata.name && m.metadata.namespace === namespace);
+      if (leaving.length > 0) {
+        const versions = [...new Set(leaving.map((m) => m.status?.sidecarVersion ?? 'unknown'))].join(', ');
+        void this.deps.events.record(connection, 'Warning', 'SidecarReadsNoTable', `${leaving.length} sidecar(s) do not read the grant table (sidecar version ${versions}: an earlier image, or a ServiceAccount that may not get, list and watch poolgrants); their grants are written to their PoolMembers instead: ${names(leaving.map((m) => m.metadata.name ?? ''))}`);
+      }
       const statusLimit = ownedLimit ? { ...ownedLimit, shared: connections.length } : r && r.discovered !== undefined ? { discovered: r.discovered, reserve: r.reserve ?? 0, effective: limit, shared: connections.length } : undefined;
       await this.writeStatus(connection, statusPlan, statusLimit, r, degraded, pods, statusAdvice);
     }

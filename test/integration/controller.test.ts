@@ -14,6 +14,7 @@ import { startController as startControllerBinary, type RunningController } from
 import type { BudgetController } from '../../src/controller/controller.ts';
 import type { KubeControlPlane } from '../../src/devenv/kube.ts';
 import type { PostgresServer } from '../../src/devenv/postgres.ts';
+import { READS_TABLES_ANNOTATION } from '../../src/core/inject/model.ts';
 import { createNamespaceWithSecret } from '../../src/devenv/scenario.ts';
 import { KubeHttp } from '../../src/kube/http.ts';
 import { Informer, type KubeObject } from '../../src/kube/informer.ts';
@@ -387,6 +388,55 @@ describe('budget controller', function () {
         // On a grant table the grant in force is the PoolGrant's; spec.grant keeps its value from the switch.
         return member.status?.acknowledgedConnections === 6 && (member.spec.tableFrom !== undefined || member.spec.grant.connections === 6);
       });
+    } finally {
+      await agent.stop();
+    }
+  });
+
+  it('takes a pod off its grant table when its sidecar may not read the table, and grants it on its PoolMember', async function () {
+    const namespace = namespaceFor('notable');
+    createNamespaceWithSecret(kube, { namespace, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    kube.kubectl(['-n', namespace, 'create', 'serviceaccount', 'app-sa']);
+    // A Role written by hand from an older copy of the sidecar's: PoolMembers only, no poolgrants.
+    kube.kubectl(['apply', '-f', '-'], JSON.stringify({
+      apiVersion: 'rbac.authorization.k8s.io/v1', kind: 'Role', metadata: { name: 'old-sidecar', namespace },
+      rules: [
+        { apiGroups: ['poolkeeper.dev'], resources: ['poolmembers'], verbs: ['get', 'list', 'watch'] },
+        { apiGroups: ['poolkeeper.dev'], resources: ['poolmembers/status'], verbs: ['patch'] },
+      ],
+    }));
+    kube.kubectl(['-n', namespace, 'create', 'rolebinding', 'old-sidecar', '--role=old-sidecar', `--serviceaccount=${namespace}:app-sa`]);
+    kube.kubectl(['apply', '-f', '-'], JSON.stringify({
+      apiVersion: 'apps/v1', kind: 'Deployment', metadata: { name: 'web', namespace },
+      spec: {
+        replicas: 1, selector: { matchLabels: { app: 'web' } },
+        // As the injector stamps it: the controller creates the PoolMember on the table.
+        template: { metadata: { labels: { app: 'web', 'poolkeeper.dev/connection': 'orders' }, annotations: { [READS_TABLES_ANNOTATION]: 'true' } }, spec: { serviceAccountName: 'app-sa', containers: [{ name: 'app', image: 'example.invalid/app:1' }] } },
+      },
+    }));
+    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 6, reserve: 0 });
+    ({ controller } = await startController(kube));
+    let pod = '';
+    await eventually('the pod', () => (pod = kube.kubectl(['-n', namespace, 'get', 'pods', '-l', 'app=web', '-o', 'jsonpath={.items[*].metadata.name}']).trim()) !== '');
+    await eventually('its PoolMember, created on the table', () => {
+      try {
+        return (JSON.parse(kube.kubectl(['-n', namespace, 'get', 'pm', pod, '-o', 'json'])) as PoolMember).spec.tableFrom !== undefined;
+      } catch {
+        return false;
+      }
+    });
+    const token = kube.kubectl(['-n', namespace, 'create', 'token', 'app-sa']).trim();
+    const agent = new PoolMemberAgent({ http: new KubeHttp(kube.kubeConfigForToken(token)), namespace, podName: pod, target: new ObedientSidecarDouble(), logger: pino({ level: 'silent' }), version: 'no-table', heartbeatMs: 1_000 });
+    await agent.start();
+    try {
+      await eventually('the PoolMember off the table, granted 6 and acknowledged', () => {
+        const member = JSON.parse(kube.kubectl(['-n', namespace, 'get', 'pm', pod, '-o', 'json'])) as PoolMember;
+        return member.spec.tableFrom === undefined && member.spec.grant.connections === 6 && member.status?.acknowledgedConnections === 6;
+      }, 60_000);
+      let events = '';
+      await eventually('a SidecarReadsNoTable Event', () => (events = kube.kubectl(['-n', namespace, 'get', 'events', '--field-selector', 'reason=SidecarReadsNoTable', '-o', 'jsonpath={.items[*].message}'])) !== '');
+      assert.match(events, /1 sidecar\(s\) do not read the grant table \(sidecar version no-table.*poolgrants/);
+      assert.ok(events.includes(pod), events);
     } finally {
       await agent.stop();
     }

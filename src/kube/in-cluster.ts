@@ -6,10 +6,11 @@
  */
 import { readFileSync, statSync } from 'node:fs';
 import type { RequestOptions } from 'node:https';
+import { SERVICE_ACCOUNT_TOKEN_DIR } from '../core/inject/model.ts';
 import type { ApiServerAccess } from './http.ts';
 
-/** Where a pod finds its ServiceAccount. */
-export const SERVICE_ACCOUNT_DIR = '/var/run/secrets/kubernetes.io/serviceaccount';
+/** Where a pod finds its ServiceAccount (Kubernetes' mount, or the one the injector adds to the sidecar). */
+export const SERVICE_ACCOUNT_DIR = SERVICE_ACCOUNT_TOKEN_DIR;
 
 /** What InClusterAccess reads: the API server's address and the ServiceAccount's files. */
 export interface InClusterSource {

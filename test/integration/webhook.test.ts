@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { AdmissionregistrationV1Api, AppsV1Api, CoreV1Api, CustomObjectsApi, type V1Pod } from '@kubernetes/client-node';
+import { AdmissionregistrationV1Api, AppsV1Api, CoreV1Api, CustomObjectsApi, type V1Container, type V1Pod } from '@kubernetes/client-node';
 import { KubeHttp } from '../../src/kube/http.ts';
 import { pino } from 'pino';
 import { Registry } from 'prom-client';
@@ -198,6 +198,31 @@ describe('webhook on the API server', function () {
       assert.equal(env.DATABASE_URL?.value, 'postgresql://$(PGUSER)@127.0.0.1:6432/orders');
       assert.deepEqual(pod.spec?.volumes?.find((v) => v.name === 'poolkeeper-credentials')?.secret?.secretName, 'orders-creds');
       assert.equal(pod.spec.containers[0]!.volumeMounts?.some((m) => m.name === 'poolkeeper-credentials') ?? false, false);
+    }
+  });
+
+  it('gives the sidecar a ServiceAccount token: Kubernetes\' own, or a projected one of its own when the pod or its ServiceAccount turns automount off', async function () {
+    const tokenDir = '/var/run/secrets/kubernetes.io/serviceaccount';
+    const opted = { 'poolkeeper.dev/connection': 'orders-db' };
+    const tokenMounts = (c: V1Container | undefined): string[] => (c?.volumeMounts ?? []).filter((m) => m.mountPath === tokenDir).map((m) => m.name);
+    const sidecarContainer = (p: V1Pod): V1Container | undefined => p.spec?.initContainers?.find((c) => c.name === SIDECAR_CONTAINER_NAME);
+
+    // The ServiceAccount admission plugin runs again after the webhook and mounts Kubernetes' token into the sidecar too.
+    const auto = await core.createNamespacedPod({ namespace, body: podManifest('token-auto', opted) });
+    assert.match(tokenMounts(sidecarContainer(auto)).join(), /^kube-api-access-/);
+    assert.equal(auto.spec?.volumes?.some((v) => v.name === 'poolkeeper-api-access'), false);
+
+    const offOnPod = podManifest('token-off-pod', opted);
+    offOnPod.spec!.automountServiceAccountToken = false;
+    await core.createNamespacedServiceAccount({ namespace, body: { metadata: { name: 'no-token' }, automountServiceAccountToken: false } });
+    const offOnAccount = podManifest('token-off-account', opted);
+    offOnAccount.spec!.serviceAccountName = 'no-token';
+    for (const body of [offOnPod, offOnAccount]) {
+      const created = await core.createNamespacedPod({ namespace, body });
+      assert.deepEqual(tokenMounts(sidecarContainer(created)), ['poolkeeper-api-access'], `${body.metadata?.name}: the sidecar mounts its own token`);
+      assert.deepEqual(tokenMounts(created.spec?.containers[0]), [], `${body.metadata?.name}: the app container stays without one`);
+      const volume = created.spec?.volumes?.find((v) => v.name === 'poolkeeper-api-access');
+      assert.deepEqual(volume?.projected?.sources?.map((source) => Object.keys(source).filter((k) => source[k as keyof typeof source] !== undefined)[0]), ['serviceAccountToken', 'configMap', 'downwardAPI']);
     }
   });
 

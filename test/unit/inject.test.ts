@@ -1,9 +1,9 @@
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import {
-  CREDENTIALS_DIR, DEFAULT_INJECTOR_SETTINGS, INJECTED_ANNOTATION, SIDECAR_CONTAINER_NAME, SOCKET_DIR, SOCKET_VOLUME_NAME,
-  applyJsonPatch, computeInjection, escapePointerToken, nativeSidecarsSupported, podNeedsRepair, pointer, poolSizeHint, repairVerdict, resolveConsumer,
-  type ContainerLike, type EnvVar, type InjectableConnection, type InjectorSettings, type PodLike,
+  API_ACCESS_VOLUME_NAME, CREDENTIALS_DIR, SERVICE_ACCOUNT_TOKEN_DIR, DEFAULT_INJECTOR_SETTINGS, INJECTED_ANNOTATION, SIDECAR_CONTAINER_NAME, SOCKET_DIR, SOCKET_VOLUME_NAME,
+  applyJsonPatch, computeInjection, findSidecar, escapePointerToken, nativeSidecarsSupported, podNeedsRepair, pointer, poolSizeHint, repairVerdict, resolveConsumer,
+  type ContainerLike, type EnvVar, type InjectableConnection, type InjectorSettings, type PodLike, type VolumeLike,
 } from '../../src/core/inject/index.ts';
 
 const settings: InjectorSettings = { ...DEFAULT_INJECTOR_SETTINGS, sidecarImage: 'poolkeeper/poolkeeper:test', version: '0.1.0' };
@@ -21,8 +21,12 @@ function connection(overrides: Partial<InjectableConnection['spec']> = {}, statu
   };
 }
 
+/** The ServiceAccount token mount Kubernetes adds to every container of a pod that gets a token. */
+const TOKEN_MOUNT = { name: 'kube-api-access-7xk2p', mountPath: '/var/run/secrets/kubernetes.io/serviceaccount', readOnly: true };
+
 function pod(overrides: { containers?: ContainerLike[]; initContainers?: ContainerLike[]; annotations?: Record<string, string>; labels?: Record<string, string> } = {}): PodLike {
-  const spec: NonNullable<PodLike['spec']> = { containers: overrides.containers ?? [{ name: 'app', image: 'app:1' }] };
+  // As the ServiceAccount admission plugin leaves it, before webhooks run: the app container has the token.
+  const spec: NonNullable<PodLike['spec']> = { containers: overrides.containers ?? [{ name: 'app', image: 'app:1', volumeMounts: [TOKEN_MOUNT] }] };
   if (overrides.initContainers) spec.initContainers = overrides.initContainers;
   return {
     metadata: {
@@ -34,6 +38,10 @@ function pod(overrides: { containers?: ContainerLike[]; initContainers?: Contain
     },
     spec,
   };
+}
+
+function mountsOf(c: ContainerLike | undefined): { name: string; mountPath: string; readOnly?: boolean }[] {
+  return (c?.volumeMounts ?? []) as { name: string; mountPath: string; readOnly?: boolean }[];
 }
 
 function injected(p: PodLike, c = connection(), s = settings): PodLike {
@@ -95,7 +103,7 @@ describe('inject: computeInjection', function () {
     assert.equal(envOf(sidecar).POOLKEEPER_STATE_DIR?.value, '/var/run/poolkeeper/state');
     // A small young generation: a burst of clients must not grow the sidecar past its memory limit.
     assert.equal(envOf(sidecar).NODE_OPTIONS?.value, '--max-semi-space-size=2');
-    assert.equal(out.spec!.containers[0]!.volumeMounts, undefined);
+    assert.deepEqual(out.spec!.containers[0]!.volumeMounts, [TOKEN_MOUNT], 'the app container gains no mount');
     const appEnv = envOf(out.spec!.containers[0]);
     assert.equal(appEnv.PGHOST?.value, '127.0.0.1');
     assert.equal(appEnv.PGPORT?.value, '6432');
@@ -112,6 +120,49 @@ describe('inject: computeInjection', function () {
     assert.equal(out.metadata!.annotations!['poolkeeper.dev/sidecar-reads-tables'], 'true', 'its PoolMember starts on the grant table');
     assert.equal(out.metadata!.annotations!['poolkeeper.dev/consumer'], 'web');
     assert.equal(out.metadata!.labels!['poolkeeper.dev/connection'], 'orders-db');
+  });
+
+  describe('ServiceAccount token', function () {
+    const tokenVolume = (p: PodLike): VolumeLike | undefined => p.spec!.volumes?.find((v) => v.name === API_ACCESS_VOLUME_NAME);
+    const sidecarTokenMount = (p: PodLike): unknown => mountsOf(findSidecar(p)!.container).find((m) => m.mountPath === SERVICE_ACCOUNT_TOKEN_DIR);
+
+    it('adds nothing when Kubernetes mounts a token (it mounts one into the sidecar too)', function () {
+      const out = injected(pod());
+      assert.equal(tokenVolume(out), undefined);
+      assert.equal(sidecarTokenMount(out), undefined);
+    });
+
+    it('mounts a projected token, the cluster CA and the namespace into the sidecar only when the pod gets no token', function () {
+      const noAutomount = pod({ containers: [{ name: 'app', image: 'app:1' }] });
+      noAutomount.spec!.automountServiceAccountToken = false;
+      // Off on the ServiceAccount instead: the pod says nothing, and no container has the token.
+      const offOnAccount = pod({ containers: [{ name: 'app', image: 'app:1' }] });
+      for (const p of [noAutomount, offOnAccount]) {
+        const out = injected(p);
+        assert.deepEqual(tokenVolume(out), {
+          name: API_ACCESS_VOLUME_NAME,
+          projected: {
+            defaultMode: 0o444,
+            sources: [
+              { serviceAccountToken: { expirationSeconds: 3607, path: 'token' } },
+              { configMap: { name: 'kube-root-ca.crt', items: [{ key: 'ca.crt', path: 'ca.crt' }] } },
+              { downwardAPI: { items: [{ path: 'namespace', fieldRef: { apiVersion: 'v1', fieldPath: 'metadata.namespace' } }] } },
+            ],
+          },
+        });
+        assert.deepEqual(sidecarTokenMount(out), { name: API_ACCESS_VOLUME_NAME, mountPath: SERVICE_ACCOUNT_TOKEN_DIR, readOnly: true });
+        assert.equal(out.spec!.containers[0]!.volumeMounts, undefined, 'the app container stays without a token');
+        // Injecting its own output again changes nothing, whichever way the token came.
+        assert.deepEqual(computeInjection({ pod: out, connection: connection(), settings }).patch, []);
+      }
+    });
+
+    it('a pod injected with Kubernetes\' token keeps it when re-admitted', function () {
+      const out = injected(pod());
+      // The ServiceAccount plugin, run again after the webhook, mounts the token into the sidecar as well.
+      (findSidecar(out)!.container.volumeMounts as unknown[]).push(TOKEN_MOUNT);
+      assert.deepEqual(computeInjection({ pod: out, connection: connection(), settings }).patch, []);
+    });
   });
 
   it('mounts the SSH key into the sidecar only when a tunnel is set, under the key asked for', function () {
@@ -227,7 +278,6 @@ describe('inject: computeInjection', function () {
 
   describe('Unix-domain socket', function () {
     const socketSettings: InjectorSettings = { ...settings, unixSocket: true };
-    const mountsOf = (c: ContainerLike | undefined): { name: string; mountPath: string; readOnly?: boolean }[] => (c?.volumeMounts ?? []) as { name: string; mountPath: string; readOnly?: boolean }[];
 
     it('shares an emptyDir: the sidecar listens in it, app and init containers get it as PGHOST and in DATABASE_URL', function () {
       const init: ContainerLike = { name: 'migrate', image: 'm:1', volumeMounts: [{ name: 'data', mountPath: '/data' }] };
@@ -251,7 +301,7 @@ describe('inject: computeInjection', function () {
       const off = injected(pod({ annotations: { 'poolkeeper.dev/unix-socket': 'false' } }), connection(), socketSettings);
       assert.equal(envOf(off.spec!.containers[0]).PGHOST?.value, '127.0.0.1');
       assert.equal(off.spec!.volumes!.some((v) => v.name === SOCKET_VOLUME_NAME), false);
-      assert.equal(mountsOf(off.spec!.containers[0]).length, 0);
+      assert.deepEqual(mountsOf(off.spec!.containers[0]), [TOKEN_MOUNT]);
       const on = injected(pod({ annotations: { 'poolkeeper.dev/unix-socket': 'true' } }));
       assert.equal(envOf(on.spec!.containers[0]).PGHOST?.value, SOCKET_DIR);
     });

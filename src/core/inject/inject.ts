@@ -13,7 +13,7 @@ import { jsonEqual, pointer } from './json-patch.ts';
 import {
   CONNECTION_LABEL, CONSUMER_ANNOTATION, READS_TABLES_ANNOTATION, CREDENTIALS_DIR, CREDENTIALS_VOLUME_NAME, INJECTED_ANNOTATION, INJECT_ANNOTATION,
   SIDECAR_CONTAINER_NAME, SSH_KEY_DIR, SSH_KEY_FILE, SSH_KEY_VOLUME_NAME, DB_CA_DIR, DB_CA_FILE, DB_CA_VOLUME_NAME,
-  SOCKET_DIR, SOCKET_VOLUME_NAME, STATE_DIR, STATE_VOLUME_NAME, UNIX_SOCKET_ANNOTATION,
+  API_ACCESS_VOLUME_NAME, SERVICE_ACCOUNT_TOKEN_DIR, SOCKET_DIR, SOCKET_VOLUME_NAME, STATE_DIR, STATE_VOLUME_NAME, UNIX_SOCKET_ANNOTATION,
   type ContainerLike, type EnvVar, type InjectableConnection, type InjectionError, type InjectionResult, type InjectorSettings,
   type JsonPatchOperation, type PodLike, type ResourceQuantities, type VolumeLike,
 } from './model.ts';
@@ -85,6 +85,8 @@ interface Derived {
   passwordKey: string;
   /** Application containers use the sidecar's Unix-domain socket. */
   unixSocket: boolean;
+  /** The pod gets no ServiceAccount token: the sidecar mounts one of its own. */
+  apiAccess: boolean;
 }
 
 function appEnv(connection: InjectableConnection, derived: Derived, poolSize: number): EnvVar[] {
@@ -129,6 +131,20 @@ function sidecarVolumes(connection: InjectableConnection, derived: Derived): Vol
   }
   // Only this pod's containers mount it: the socket is no more reachable than the loopback port.
   if (derived.unixSocket) volumes.push({ name: SOCKET_VOLUME_NAME, emptyDir: {} });
+  // As Kubernetes' own kube-api-access volume: a bound token the kubelet renews, the cluster CA, the namespace.
+  if (derived.apiAccess) {
+    volumes.push({
+      name: API_ACCESS_VOLUME_NAME,
+      projected: {
+        defaultMode: 0o444,
+        sources: [
+          { serviceAccountToken: { expirationSeconds: 3607, path: 'token' } },
+          { configMap: { name: 'kube-root-ca.crt', items: [{ key: 'ca.crt', path: 'ca.crt' }] } },
+          { downwardAPI: { items: [{ path: 'namespace', fieldRef: { apiVersion: 'v1', fieldPath: 'metadata.namespace' } }] } },
+        ],
+      },
+    });
+  }
   // A few hundred bytes: the backends held, for the next sidecar process in this pod.
   volumes.push({ name: STATE_VOLUME_NAME, emptyDir: { medium: 'Memory', sizeLimit: '1Mi' } });
   return volumes;
@@ -161,6 +177,7 @@ function sidecarContainer(connection: InjectableConnection, settings: InjectorSe
     env.push({ name: 'POOLKEEPER_LISTEN_SOCKET_DIR', value: SOCKET_DIR });
     volumeMounts.push({ name: SOCKET_VOLUME_NAME, mountPath: SOCKET_DIR, readOnly: false });
   }
+  if (derived.apiAccess) volumeMounts.push({ name: API_ACCESS_VOLUME_NAME, mountPath: SERVICE_ACCOUNT_TOKEN_DIR, readOnly: true });
   const probe = (path: string, periodSeconds: number, failureThreshold: number): Record<string, unknown> => ({
     httpGet: { path, port: ADMIN_PORT_NAME, scheme: 'HTTP' }, periodSeconds, failureThreshold, timeoutSeconds: 2,
   });
@@ -230,7 +247,21 @@ function checkConnection(pod: PodLike, connection: InjectableConnection, setting
     passwordKey: database.credentialsSecretRef.passwordKey ?? 'password',
     // A sidecar injected earlier without the socket keeps serving TCP only: its pod cannot gain the volume.
     unixSocket: wantsUnixSocket(pod, settings) && (findSidecar(pod) === undefined || (pod.spec?.volumes ?? []).some((v) => v.name === SOCKET_VOLUME_NAME)),
+    apiAccess: findSidecar(pod) === undefined ? !podGetsToken(pod) : (pod.spec?.volumes ?? []).some((v) => v.name === API_ACCESS_VOLUME_NAME),
   };
+}
+
+/**
+ * Whether Kubernetes mounted a ServiceAccount token into the pod's
+ * containers. Its ServiceAccount admission plugin runs before webhooks (and
+ * again after them, adding the token to the sidecar too), so on a pod
+ * without the sidecar no token mount means automountServiceAccountToken is
+ * false on the pod or on its ServiceAccount.
+ */
+function podGetsToken(pod: PodLike): boolean {
+  if (pod.spec?.automountServiceAccountToken === false) return false;
+  const containers = [...(pod.spec?.initContainers ?? []), ...(pod.spec?.containers ?? [])];
+  return containers.some((c) => (c.volumeMounts as { mountPath?: string }[] | undefined)?.some((m) => m.mountPath === SERVICE_ACCOUNT_TOKEN_DIR) === true);
 }
 
 /**
@@ -326,7 +357,6 @@ export function computeInjection({ pod, connection, settings }: InjectionInput):
   const consumer = resolveConsumer(connection, pod);
   if (!consumer) warnings.push(`pod matches no consumer of DatabaseConnection ${derived.connectionName}: it gets no connection budget until one selects it`);
   if (pod.spec.hostNetwork === true) warnings.push(`pod uses hostNetwork: the sidecar's ports ${derived.listenPort} and ${settings.adminPort} are the node's and may clash with other pods`);
-  if (pod.spec.automountServiceAccountToken === false) warnings.push('pod sets automountServiceAccountToken: false; the sidecar needs a token to read its PoolMember');
   if (errors.length > 0) return { patch: [], warnings, errors, ...(consumer ? { consumer: consumer.name } : {}) };
 
   // Values differing on a pod we already injected are ours from an earlier pass, not the user's.

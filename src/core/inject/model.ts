@@ -32,6 +32,18 @@ export const SSH_KEY_DIR = '/var/run/poolkeeper/ssh';
 /** File name of the SSH private key inside SSH_KEY_DIR. */
 export const SSH_KEY_FILE = 'ssh-privatekey';
 
+/**
+ * Projected volume with a ServiceAccount token, the cluster CA and the
+ * namespace, mounted in the sidecar only, where Kubernetes mounts its own:
+ * added when the pod gets no token of its own (automountServiceAccountToken
+ * false on the pod or its ServiceAccount), since the sidecar needs one to
+ * read its PoolMember.
+ */
+export const API_ACCESS_VOLUME_NAME = 'poolkeeper-api-access';
+
+/** Where Kubernetes mounts a ServiceAccount token (and where the sidecar reads it). */
+export const SERVICE_ACCOUNT_TOKEN_DIR = '/var/run/secrets/kubernetes.io/serviceaccount';
+
 /** Volume of the database server's CA (spec.database.caSecretRef), in the sidecar only. */
 export const DB_CA_VOLUME_NAME = 'poolkeeper-db-ca';
 

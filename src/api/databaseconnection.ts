@@ -199,7 +199,7 @@ export const databaseConnectionSpecSchema = {
     maxConnections: {
       'x-kubernetes-int-or-string': true,
       anyOf: [{ type: 'integer' }, { type: 'string' }],
-      description: 'The server\'s limit: an integer >= 1, or "auto" (the default) for SHOW max_connections minus reserved slots. Not with serverRef: the DatabaseServer sets it.',
+      description: 'The server\'s limit: an integer >= 1, or "auto" (the default) for SHOW max_connections minus reserved slots. Either way at most the CONNECTION LIMIT of the login\'s role and database. Not with serverRef: the DatabaseServer sets it.',
       'x-kubernetes-validations': [{ rule: 'type(self) == int ? self >= 1 : self == \'auto\'', message: 'maxConnections must be an integer >= 1 or "auto"' }],
     },
     reserve: {

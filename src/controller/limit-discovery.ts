@@ -1,6 +1,7 @@
 /**
  * `maxConnections: auto`: asks the server for `max_connections`,
  * `superuser_reserved_connections` and (PostgreSQL 16+) `reserved_connections`,
+ * and the CONNECTION LIMIT of the login's role and database,
  * logging in with the DatabaseConnection's credentials. Answers are cached
  * per server so a rebalance does not open a connection each time.
  */
@@ -135,10 +136,17 @@ export class LimitDiscovery {
         const row = rows.find((r) => r.name === name);
         return row ? Number(row.setting) : undefined;
       };
+      // CONNECTION LIMIT of the role and of the database bind this login too (superusers are exempt; -1 is none).
+      const login = (await client.query<{ rolconnlimit: number; rolsuper: boolean; datconnlimit: number }>(
+        'SELECT r.rolconnlimit, r.rolsuper, d.datconnlimit FROM pg_roles r CROSS JOIN pg_database d WHERE r.rolname = current_user AND d.datname = current_database()',
+      )).rows[0];
+      const cap = (n: number | undefined): number | undefined => (login === undefined || login.rolsuper || n === undefined || n < 0 ? undefined : n);
       return {
         maxConnections: value('max_connections') ?? 0,
         superuserReservedConnections: value('superuser_reserved_connections') ?? 0,
         reservedConnections: value('reserved_connections'),
+        ...(cap(login?.rolconnlimit) === undefined ? {} : { roleConnectionLimit: cap(login?.rolconnlimit) }),
+        ...(cap(login?.datconnlimit) === undefined ? {} : { databaseConnectionLimit: cap(login?.datconnlimit) }),
       };
     } finally {
       await client.end().catch(() => undefined);

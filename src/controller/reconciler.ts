@@ -7,9 +7,9 @@
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVE, type DatabaseConnection, type DatabaseServer, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
-import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant } from '../core/budget/index.ts';
+import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, loginConnectionCap, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant } from '../core/budget/index.ts';
 import { decideOwnedLimit, decideServerLimit, namespaceDemands, namespaceShares, ownedServerKey, planWithShares, ruleFor, type NamespaceRule } from '../core/tenancy/index.ts';
-import { connectionConditions, limitMismatchCondition, oversubscriptionAdvice, type ConsumerDemand, type ConsumerFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
+import { connectionConditions, limitMismatchCondition, loginCapCondition, oversubscriptionAdvice, type ConsumerDemand, type ConsumerFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
 import { conditionsEqual, findCondition, setConditions, type Condition, type ConditionUpdate } from '../core/conditions/index.ts';
 import { redactSecrets } from '../core/conditions/redact.ts';
 import { credentialsGeneration } from '../core/credentials.ts';
@@ -279,7 +279,7 @@ export class ServerReconciler {
     const settings = checked.find((c) => c.settings)?.settings;
     const serverValue = settings ? autoMaxConnections(settings) : undefined;
     const resolved = new Map<string, Resolved>();
-    for (const { connection, credentials, verification } of checked) {
+    for (const { connection, credentials, verification, settings: login } of checked) {
       const max = connection.spec.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
       const previous = connection.status?.limit?.discovered;
       const failure = verification.state === 'failed' ? verification : undefined;
@@ -293,7 +293,13 @@ export class ServerReconciler {
         const why = failure?.message ?? 'no DatabaseConnection on this server could log in';
         degraded = { type: 'Degraded', status: 'True', reason: 'LimitDiscoveryFailed', message: `SHOW max_connections failed: ${why}${previous === undefined ? '' : `; using the last known ${previous}`}` };
       }
-      const mismatch = limitMismatchCondition(max, settings && serverValue !== undefined ? { maxConnections: settings.maxConnections, superuserReserved: settings.superuserReservedConnections, reserved: settings.reservedConnections, available: serverValue } : undefined);
+      let mismatch = limitMismatchCondition(max, settings && serverValue !== undefined ? { maxConnections: settings.maxConnections, superuserReserved: settings.superuserReservedConnections, reserved: settings.reservedConnections, available: serverValue } : undefined);
+      // This login's own CONNECTION LIMIT (role or database) binds below the server's.
+      const cap = login ? loginConnectionCap(login) : undefined;
+      if (cap && value !== undefined && cap.limit < value) {
+        mismatch = loginCapCondition(cap, credentials.ok ? credentials.username : '', connection.spec.database.dbname, value);
+        value = cap.limit;
+      }
       const base = { credentials, verification, degraded, mismatch, secrets: credentials.ok ? [credentials.password] : [] };
       if (value === undefined) {
         resolved.set(key(connection), base);

@@ -130,6 +130,42 @@ describe('budget controller', function () {
     assert.deepEqual(getConnection(kube, namespace, 'orders')?.status?.limit, { discovered, reserve, effective: discovered - reserve, shared: 1 });
   });
 
+  it('budgets within the CONNECTION LIMIT of the login\'s role or database, and says which binds', async function () {
+    const suffix = Math.random().toString(36).slice(2, 8);
+    const role = `capped_${suffix}`;
+    const database = `capped_db_${suffix}`;
+    await postgres.query(`CREATE ROLE ${role} LOGIN PASSWORD 'capped-secret' CONNECTION LIMIT 7`);
+    await postgres.query(`CREATE DATABASE ${database} CONNECTION LIMIT 5`);
+    try {
+      const byRole = namespaceFor('cap-role');
+      const byDatabase = namespaceFor('cap-db');
+      for (const namespace of [byRole, byDatabase]) {
+        createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 1, secret: 'db-credentials', username: role, password: 'capped-secret' });
+      }
+      applyConnection(kube, postgres, byRole, 'orders', { maxConnections: 'auto', reserve: 0 });
+      kube.kubectl(['apply', '-f', '-'], JSON.stringify({
+        apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name: 'orders', namespace: byDatabase },
+        spec: { database: { host: postgres.host, port: postgres.port, dbname: database, sslMode: 'disable', credentialsSecretRef: { name: 'db-credentials' } }, consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' } }], maxConnections: 'auto', reserve: 0 },
+      }));
+      ({ controller } = await startController(kube));
+      const condition = (namespace: string): string => {
+        const c = getConnection(kube, namespace, 'orders')?.status?.conditions?.find((x) => x.type === 'LimitExceedsServer');
+        return c ? `${c.status}/${c.reason}: ${c.message}` : '';
+      };
+      await eventually('both limits', () => getConnection(kube, byRole, 'orders')?.status?.limit?.discovered !== undefined && getConnection(kube, byDatabase, 'orders')?.status?.limit?.discovered !== undefined && condition(byDatabase) !== '');
+      assert.equal(getConnection(kube, byRole, 'orders')?.status?.limit?.discovered, 7);
+      assert.match(condition(byRole), new RegExp(`^True/LoginConnectionLimit: the role's CONNECTION LIMIT is 7 \\(role ${role}.*ALTER ROLE ${role} CONNECTION LIMIT n`));
+      // The database's 5 binds below the role's 7.
+      assert.equal(getConnection(kube, byDatabase, 'orders')?.status?.limit?.discovered, 5);
+      assert.match(condition(byDatabase), new RegExp(`^True/LoginConnectionLimit: the database's CONNECTION LIMIT is 5 .*ALTER DATABASE ${database} CONNECTION LIMIT n`));
+    } finally {
+      await controller?.stop();
+      controller = undefined;
+      await postgres.query(`DROP DATABASE IF EXISTS ${database}`).catch(() => undefined);
+      await postgres.query(`DROP ROLE IF EXISTS ${role}`).catch(() => undefined);
+    }
+  });
+
   it('reads maxConnections: auto over TLS (require; verify-full with the CA from caSecretRef) and falls back to plaintext for prefer where the server has no TLS', async function () {
     const tls = await testEnvironment().postgresTls();
     const overTls = namespaceFor('auto-tls');

@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import {
-  autoMaxConnections, budgetConditions, fairShares, planBudgets, reservedConnections, resolveLimit, serverKey, sharedLimit,
+  autoMaxConnections, budgetConditions, loginConnectionCap, fairShares, planBudgets, reservedConnections, resolveLimit, serverKey, sharedLimit,
   type BudgetInput, type ConnectionInput, type MemberState, type PodInput, type ShareUnit,
 } from '../../src/core/budget/index.ts';
 
@@ -206,6 +206,16 @@ describe('limits', function () {
   it('reads auto as max_connections minus reserved slots', function () {
     assert.equal(autoMaxConnections({ maxConnections: 100, superuserReservedConnections: 3 }), 97);
     assert.equal(autoMaxConnections({ maxConnections: 100, superuserReservedConnections: 3, reservedConnections: 2 }), 95);
+  });
+
+  it('takes the strictest CONNECTION LIMIT of the login\'s role and database; none when both are unset', function () {
+    const server = { maxConnections: 100, superuserReservedConnections: 3 };
+    assert.equal(loginConnectionCap(server), undefined);
+    assert.deepEqual(loginConnectionCap({ ...server, roleConnectionLimit: 20 }), { limit: 20, of: 'role' });
+    assert.deepEqual(loginConnectionCap({ ...server, roleConnectionLimit: 20, databaseConnectionLimit: 8 }), { limit: 8, of: 'database' });
+    assert.deepEqual(loginConnectionCap({ ...server, roleConnectionLimit: 0, databaseConnectionLimit: 8 }), { limit: 0, of: 'role' });
+    // -1 is PostgreSQL's "no limit".
+    assert.equal(loginConnectionCap({ ...server, roleConnectionLimit: -1, databaseConnectionLimit: -1 }), undefined);
   });
 
   it('resolves reserve as an integer or a percent rounded up', function () {

@@ -8,6 +8,30 @@ export interface ServerSettings {
   superuserReservedConnections: number;
   /** PostgreSQL 16+ `reserved_connections`; 0 or absent before. */
   reservedConnections?: number | undefined;
+  /** The login role's CONNECTION LIMIT (`pg_roles.rolconnlimit`); absent: none, or a superuser (exempt). */
+  roleConnectionLimit?: number | undefined;
+  /** The database's CONNECTION LIMIT (`pg_database.datconnlimit`); absent: none, or a superuser (exempt). */
+  databaseConnectionLimit?: number | undefined;
+}
+
+/**
+ * The strictest CONNECTION LIMIT on the login (its role's or its
+ * database's), with what sets it; undefined when neither has one. Every
+ * connection of that role (or to that database) counts against it, wherever
+ * it comes from, so a fleet granted more is refused with SQLSTATE 53300
+ * ("too many connections for role") however far below max_connections.
+ */
+export function loginConnectionCap(settings: ServerSettings): LoginCap | undefined {
+  const caps: LoginCap[] = [];
+  if (settings.roleConnectionLimit !== undefined && settings.roleConnectionLimit >= 0) caps.push({ limit: settings.roleConnectionLimit, of: 'role' });
+  if (settings.databaseConnectionLimit !== undefined && settings.databaseConnectionLimit >= 0) caps.push({ limit: settings.databaseConnectionLimit, of: 'database' });
+  return caps.reduce<LoginCap | undefined>((low, c) => (low === undefined || c.limit < low.limit ? c : low), undefined);
+}
+
+/** A CONNECTION LIMIT that binds a login, and whether its role's or its database's. */
+export interface LoginCap {
+  limit: number;
+  of: 'role' | 'database';
 }
 
 /** The discovered, reserved and effective limit of one DatabaseConnection (status.limit). */

@@ -115,6 +115,25 @@ export function limitMismatchCondition(spec: number | string, server: { maxConne
   };
 }
 
+/**
+ * LimitExceedsServer when the login's role or database has a CONNECTION
+ * LIMIT below the limit budgets would otherwise use: budgets use the
+ * CONNECTION LIMIT (the reserve applies to it), and the message says where
+ * it comes from and how to change it.
+ */
+export function loginCapCondition(cap: { limit: number; of: 'role' | 'database' }, role: string, database: string, otherwise: number): ConditionUpdate {
+  const where = cap.of === 'role' ? `ALTER ROLE ${quoteIdentifier(role)} CONNECTION LIMIT n` : `ALTER DATABASE ${quoteIdentifier(database)} CONNECTION LIMIT n`;
+  return {
+    type: 'LimitExceedsServer', status: 'True', reason: 'LoginConnectionLimit',
+    message: `the ${cap.of}'s CONNECTION LIMIT is ${cap.limit} (role ${role}, database ${database}): every connection of it counts, so budgets use ${cap.limit} instead of ${otherwise}; raise it with ${where} (or -1 for none) to use more`,
+  };
+}
+
+/** A PostgreSQL identifier as it would be typed: quoted unless plain lower-case. */
+function quoteIdentifier(name: string): string {
+  return /^[a-z_][a-z0-9_$]*$/.test(name) ? name : `"${name.replace(/"/g, '""')}"`;
+}
+
 /** One consumer's share of an oversubscribed server. */
 export interface ConsumerDemand {
   /** `namespace/connection`. */

@@ -472,9 +472,11 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     const socket = this.socket;
     socket.cork();
     socket.write(authenticationOk());
-    // The server's values, with the client's own settings as the server showed them.
+    // The server's values, with the client's own settings as the server showed them; in session
+    // mode those of the client's own backend, which logged in with its settings.
     const shown = this.settings.key === '' ? undefined : this.host.shownSettings(this.settings.key);
-    for (const [name, value] of this.host.pool.serverParameters ?? new Map<string, string>()) {
+    const parameters = this.host.mode === 'session' && this.server !== undefined ? this.server.loginParameters : this.host.pool.serverParameters;
+    for (const [name, value] of parameters ?? new Map<string, string>()) {
       const own = shown?.get(name.toLowerCase());
       socket.write(parameterStatus(name, own ?? value));
     }
@@ -523,7 +525,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   /** No server connection within poolTimeout, or draining. */
   onAcquireFailed(failure: AcquireFailure): void {
     this.waiting = false;
-    this.fail({ severity: 'FATAL', code: failure.sqlState, message: failure.message });
+    const { detail, hint } = failure;
+    this.fail({ severity: 'FATAL', code: failure.sqlState, message: failure.message, ...(detail !== undefined ? { detail } : {}), ...(hint !== undefined ? { hint } : {}) });
   }
 
   /**

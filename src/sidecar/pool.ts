@@ -12,7 +12,7 @@ import type { Duplex } from 'node:stream';
 import { serialize } from 'pg-protocol';
 import type { Logger } from 'pino';
 import type { ServerConnectionState } from '../core/pool-state/index.ts';
-import { settingsSql, type ClientSettings } from '../core/protocol/index.ts';
+import { NO_SETTINGS, settingsSql, type ClientSettings } from '../core/protocol/index.ts';
 import type { BackendRecord } from './backend-ledger.ts';
 import type { SidecarMetrics } from './metrics.ts';
 import { ServerConnection, type ServerConnectionUser } from './server-connection.ts';
@@ -23,6 +23,8 @@ import { loginUpstream, UpstreamError } from './upstream-login.ts';
 export interface AcquireFailure {
   sqlState: string;
   message: string;
+  detail?: string;
+  hint?: string;
 }
 
 /** A client waiting for a server connection. */
@@ -96,6 +98,8 @@ export class Pool {
   /** Connections in state closing, kept by stateChanged so that `committed` costs nothing per release. */
   private closing = 0;
   private connecting = 0;
+  /** Connections being opened, by the settings key they log in with (session mode). */
+  private readonly connectingByKey = new Map<string, number>();
   private draining = false;
   private closed = false;
   private lastConnectError: string | undefined;
@@ -152,7 +156,7 @@ export class Pool {
     // One clock read per acquire and per release: Date.now was ~1 % of the sidecar's CPU at 6 reads per transaction.
     const now = this.deps.now();
     if (this.waiters.length === 0) {
-      const server = this.takeIdle(now);
+      const server = this.takeIdle(now, waiter.settings.key);
       if (server !== undefined) {
         this.handOut(server, waiter, now, now);
         return;
@@ -419,30 +423,46 @@ export class Pool {
     return undefined;
   }
 
-  /** A clean connection passes through idle: to the first waiter, or into the idle stack. */
+  /**
+   * A clean connection passes through idle: to the first waiter (session mode:
+   * the first whose settings it logged in with), or into the idle stack.
+   */
   private makeAvailable(server: ServerConnection, now: number): void {
     server.setState('idle');
     server.idleSince = now;
-    const entry = this.waiters.shift();
+    const session = this.deps.settings.pool.mode === 'session';
+    const index = session ? this.waiters.findIndex((e) => e.waiter.settings.key === server.loginSettings.key) : 0;
+    const entry = index < 0 ? undefined : this.waiters[index];
     if (entry !== undefined) {
+      this.waiters.splice(index, 1);
       this.handOut(server, entry.waiter, entry.since, now);
       return;
     }
     this.idle.push(server);
+    // Others wait for other settings: this connection may have to make room for theirs.
+    if (session && this.waiters.length > 0) this.serveWaiters();
   }
 
-  /** Most recently used idle connection that is still good (LIFO keeps fewer connections warm). */
-  private takeIdle(now: number): ServerConnection | undefined {
+  /**
+   * Most recently used idle connection that is still good (LIFO keeps fewer
+   * connections warm); in session mode only one that logged in with the
+   * settings `key`, so that RESET and DISCARD ALL return to the client's own
+   * startup values, as on a direct connection.
+   */
+  private takeIdle(now: number, key: string): ServerConnection | undefined {
     const generation = this.deps.credentials().generation;
     const recycleMs = this.recycleMs();
-    for (;;) {
-      const server = this.idle.pop();
-      if (server === undefined) return undefined;
+    const session = this.deps.settings.pool.mode === 'session';
+    for (let i = this.idle.length - 1; i >= 0; i--) {
+      const server = this.idle[i]!;
+      if (server.state === 'idle' && session && server.loginSettings.key !== key) continue;
+      this.idle.splice(i, 1);
       if (server.state !== 'idle') continue;
       if (server.credentialsGeneration !== generation) server.close('credentials rotated');
       else if (now - server.createdAt >= recycleMs) server.close('recycled (poolRecycle)');
       else return server;
     }
+    return undefined;
   }
 
   /**
@@ -477,7 +497,7 @@ export class Pool {
         // The server refused the client's settings: its error is the client's, as at a direct login.
         server.close('client settings refused');
         this.deps.metrics.error('client-settings');
-        waiter.onAcquireFailed({ sqlState: result.error.C, message: result.error.M ?? 'invalid client setting' });
+        waiter.onAcquireFailed({ sqlState: result.error.C, message: result.error.M ?? 'invalid client setting', ...errorExtras(result.error) });
         return;
       }
       this.deps.metrics.error('pre-ping');
@@ -552,51 +572,103 @@ export class Pool {
   /** Hands idle connections to waiters and opens new ones within the grant. */
   private serveWaiters(): void {
     const now = this.deps.now();
-    while (this.waiters.length > 0) {
-      const server = this.takeIdle(now);
-      if (server === undefined) break;
-      const entry = this.waiters.shift()!;
-      this.handOut(server, entry.waiter, entry.since, now);
+    if (this.deps.settings.pool.mode === 'session') this.serveSessionWaiters(now);
+    else {
+      while (this.waiters.length > 0) {
+        const server = this.takeIdle(now, '');
+        if (server === undefined) break;
+        const entry = this.waiters.shift()!;
+        this.handOut(server, entry.waiter, entry.since, now);
+      }
+      if (this.draining || this.retryTimer !== undefined) return;
+      while (this.waiters.length > this.connecting && this.held < this.grant) void this.open();
     }
     if (this.draining || this.retryTimer !== undefined) return;
-    while (this.waiters.length > this.connecting && this.held < this.grant) void this.open();
     // Lost backends are confirmed gone only through a live connection: with none left, one may be
     // opened (briefly one over the grant if they do still live, as they cannot once the server is reached again).
     if (this.waiters.length > 0 && this.unconfirmed.length > 0 && this.servers.size + this.connecting === 0 && this.grant > 0 && now >= this.probeNotBefore && this.deps.blockedReason?.() === undefined) void this.open();
   }
 
-  private async open(): Promise<void> {
+  /**
+   * Session mode: each waiter in turn gets an idle connection that logged in
+   * with its settings, or one opened with them; at the grant, an idle
+   * connection logged in with other settings is closed to make room.
+   */
+  private serveSessionWaiters(now: number): void {
+    const opening = new Map(this.connectingByKey);
+    let i = 0;
+    while (i < this.waiters.length) {
+      const entry = this.waiters[i]!;
+      const { settings } = entry.waiter;
+      const server = this.takeIdle(now, settings.key);
+      if (server !== undefined) {
+        this.waiters.splice(i, 1);
+        this.handOut(server, entry.waiter, entry.since, now);
+        continue;
+      }
+      i += 1;
+      const pending = opening.get(settings.key) ?? 0;
+      if (pending > 0) {
+        opening.set(settings.key, pending - 1);
+        continue;
+      }
+      if (this.draining || this.retryTimer !== undefined) return;
+      if (this.held < this.grant) {
+        void this.open(settings);
+        continue;
+      }
+      // Runs again once the closed connection is gone (onServerClosed).
+      this.closeIdleWhile(() => this.idle.length > 0 && this.held >= this.grant && this.closing === 0, 'making room for a client with other startup settings');
+      return;
+    }
+  }
+
+  /** Opens a server connection; `settings` (session mode) are sent in its startup packet. */
+  private async open(settings: ClientSettings = NO_SETTINGS): Promise<void> {
     this.connecting += 1;
+    this.connectingByKey.set(settings.key, (this.connectingByKey.get(settings.key) ?? 0) + 1);
     const credentials = this.deps.credentials();
     const { database } = this.deps.settings;
     const id = this.nextServerId++;
     let server: ServerConnection | undefined;
+    let refused: AcquireFailure | undefined;
     try {
       const stream = await this.deps.openStream(database.host, database.port, this.deps.now() + CONNECT_TIMEOUT_MS);
       if (stream.listenerCount('error') === 0) stream.on('error', () => undefined);
       const session = await loginUpstream({
         stream, host: database.host, dbname: database.dbname, username: credentials.username, password: credentials.password,
-        sslMode: database.sslMode, timeoutMs: CONNECT_TIMEOUT_MS, ...(database.caPem !== undefined ? { caPem: database.caPem } : {}),
+        sslMode: database.sslMode, timeoutMs: CONNECT_TIMEOUT_MS, ...(database.caPem !== undefined ? { caPem: database.caPem } : {}), settings: settings.values,
       });
       server = new ServerConnection({
         id, stream: session.stream, credentialsGeneration: credentials.generation, now: this.deps.now(), processId: session.processId, secretKey: session.secretKey,
         maxMessageBytes: this.deps.settings.maxMessageBytes ?? 64 * 1024 * 1024, events: this.events, logger: this.deps.logger,
         ...(this.deps.settings.maxPreparedStatements !== undefined ? { maxPreparedStatements: this.deps.settings.maxPreparedStatements } : {}),
+        loginSettings: settings, loginParameters: session.parameters,
       });
-      this.serverParameters = session.parameters;
+      // The values a client without settings of its own would see.
+      if (settings.key === '' || this.serverParameters === undefined) this.serverParameters = session.parameters;
       this.deps.metrics.serverLogins.inc({ result: 'ok' });
       this.consecutiveFailures = 0;
       this.lastConnectError = undefined;
     } catch (error) {
-      const message = error instanceof Error ? error.message : String(error);
-      const kind = error instanceof UpstreamError && error.kind === 'auth' ? 'server-login' : message.includes('tunnel') ? 'tunnel' : 'server-connect';
-      this.deps.metrics.serverLogins.inc({ result: kind === 'server-login' ? 'auth-failed' : 'failed' });
-      this.deps.metrics.error(kind);
-      this.lastConnectError = message;
-      this.consecutiveFailures += 1;
-      this.deps.logger.warn({ server: id, err: message, user: credentials.username }, 'server connection failed');
+      refused = settingsRefused(error, settings);
+      if (refused !== undefined) this.deps.metrics.error('client-settings');
+      else this.loginFailed(error, id, credentials.username);
     } finally {
       this.connecting -= 1;
+      const opening = (this.connectingByKey.get(settings.key) ?? 1) - 1;
+      if (opening === 0) this.connectingByKey.delete(settings.key);
+      else this.connectingByKey.set(settings.key, opening);
+    }
+    if (refused !== undefined) {
+      // The server refused the client's settings at login: its error is theirs, as at a direct login.
+      for (const entry of this.waiters.filter((e) => e.waiter.settings.key === settings.key)) {
+        this.cancelWait(entry.waiter);
+        entry.waiter.onAcquireFailed(refused);
+      }
+      this.afterHeldChanged();
+      this.serveWaiters();
+      return;
     }
     if (server === undefined) {
       this.scheduleRetry();
@@ -611,6 +683,17 @@ export class Pool {
       this.serveWaiters();
     } else this.makeAvailable(server, this.deps.now());
     this.deps.changed();
+  }
+
+  /** Counts and logs a failed login (retried with backoff while clients wait). */
+  private loginFailed(error: unknown, id: number, username: string): void {
+    const message = error instanceof Error ? error.message : String(error);
+    const kind = error instanceof UpstreamError && error.kind === 'auth' ? 'server-login' : message.includes('tunnel') ? 'tunnel' : 'server-connect';
+    this.deps.metrics.serverLogins.inc({ result: kind === 'server-login' ? 'auth-failed' : 'failed' });
+    this.deps.metrics.error(kind);
+    this.lastConnectError = message;
+    this.consecutiveFailures += 1;
+    this.deps.logger.warn({ server: id, err: message, user: username }, 'server connection failed');
   }
 
   private scheduleRetry(): void {
@@ -670,4 +753,22 @@ export class Pool {
       }
     }
   }
+}
+
+/**
+ * A login that carried a client's settings and failed with an error of the
+ * server's that is not about the sidecar's own role or a passing condition
+ * (connection, resources, shutdown: classes 08, 53, 57, retried): the
+ * client's error, as it would have got it logging in directly.
+ */
+function settingsRefused(error: unknown, settings: ClientSettings): AcquireFailure | undefined {
+  if (settings.key === '' || !(error instanceof UpstreamError) || error.kind !== 'server' || error.sqlState === undefined) return undefined;
+  if (/^(08|53|57)/.test(error.sqlState)) return undefined;
+  const fields = error.serverFields;
+  return { sqlState: error.sqlState, message: fields?.M ?? error.message, ...errorExtras(fields) };
+}
+
+/** DETAIL and HINT of a server's error, as a client should see them. */
+function errorExtras(fields: Readonly<Record<string, string>> | undefined): { detail?: string; hint?: string } {
+  return { ...(fields?.D !== undefined ? { detail: fields.D } : {}), ...(fields?.H !== undefined ? { hint: fields.H } : {}) };
 }

@@ -86,8 +86,12 @@ export class ServerConnection {
   readonly editor: ResponseEditor;
   /** When it last became idle (ms). */
   idleSince: number;
+  /** Client settings the backend got at login: what RESET ALL and DISCARD ALL return it to. */
+  readonly loginSettings: ClientSettings;
+  /** ParameterStatus values of its login. */
+  readonly loginParameters: ReadonlyMap<string, string>;
   /** Client settings applied on this backend (see core/protocol/client-settings.ts). */
-  settings: ClientSettings = NO_SETTINGS;
+  settings: ClientSettings;
   /** CancelRequests sent for this backend whose delivery the server has not confirmed: it is not lent to another client meanwhile. */
   cancelsInFlight = 0;
   /** ReadyForQuery messages received: a cancel is forwarded only while the statement it was meant for still runs. */
@@ -111,8 +115,14 @@ export class ServerConnection {
     if (!this.stream.destroyed) this.stream.resume();
   };
 
-  constructor(fields: { id: number; stream: Duplex; credentialsGeneration: string; now: number; processId: number; secretKey: number; maxMessageBytes: number; maxPreparedStatements?: number; events: ServerConnectionEvents; logger: Logger }) {
+  constructor(fields: {
+    id: number; stream: Duplex; credentialsGeneration: string; now: number; processId: number; secretKey: number; maxMessageBytes: number; maxPreparedStatements?: number;
+    loginSettings?: ClientSettings; loginParameters?: ReadonlyMap<string, string>; events: ServerConnectionEvents; logger: Logger;
+  }) {
     this.id = fields.id;
+    this.loginSettings = fields.loginSettings ?? NO_SETTINGS;
+    this.settings = this.loginSettings;
+    this.loginParameters = fields.loginParameters ?? new Map();
     this.statements = new ServerStatementCache(fields.maxPreparedStatements);
     this.editor = new ResponseEditor(this.statements);
     this.stream = fields.stream;
@@ -380,16 +390,17 @@ export class ServerConnection {
 
   /**
    * DEALLOCATE ALL and DISCARD ALL drop every prepared statement of the
-   * backend, whoever sent them; DISCARD ALL also resets its settings. Read
+   * backend, whoever sent them; DISCARD ALL also resets its settings (to
+   * those of its login). Read
    * from the server's reply, so a command that failed changes nothing.
    */
   private onCommandComplete(buffer: Buffer, bodyStart: number, end: number): void {
     const length = end - bodyStart;
-    // After RESET ALL the backend is on its own defaults: the next client's settings are applied
+    // After RESET ALL the backend is on its login settings: the next client's settings are applied
     // again (asyncpg sends RESET ALL when its pool takes a connection back). After RESET name the
     // client is pinned, and its connection gets DISCARD ALL when it leaves.
     if (length === RESET_TAG.length && buffer.compare(RESET_TAG, 0, RESET_TAG.length, bodyStart, end) === 0) {
-      this.settings = NO_SETTINGS;
+      this.settings = this.loginSettings;
       return;
     }
     if (length !== DEALLOCATE_ALL_TAG.length && length !== DISCARD_ALL_TAG.length) return;
@@ -397,7 +408,7 @@ export class ServerConnection {
     if (!discard && buffer.compare(DEALLOCATE_ALL_TAG, 0, DEALLOCATE_ALL_TAG.length, bodyStart, end) !== 0) return;
     this.statements.clear();
     this.statements.uncertain = false;
-    if (discard) this.settings = NO_SETTINGS;
+    if (discard) this.settings = this.loginSettings;
   }
 
   private onDataWithoutUser(chunk: Buffer, length: number): void {

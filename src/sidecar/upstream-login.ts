@@ -17,12 +17,15 @@ import type { SslMode } from './settings.ts';
 export class UpstreamError extends Error {
   readonly sqlState: string | undefined;
   readonly kind: string;
+  /** Fields of the server's ErrorResponse, when it sent one. */
+  readonly serverFields: Readonly<Record<string, string>> | undefined;
 
-  constructor(kind: string, message: string, sqlState?: string) {
+  constructor(kind: string, message: string, sqlState?: string, serverFields?: Readonly<Record<string, string>>) {
     super(message);
     this.name = 'UpstreamError';
     this.kind = kind;
     this.sqlState = sqlState;
+    this.serverFields = serverFields;
   }
 }
 
@@ -44,6 +47,11 @@ export interface UpstreamLoginOptions {
   sslMode: SslMode;
   caPem?: string;
   timeoutMs: number;
+  /**
+   * Run-time settings sent as startup parameters: the server applies them at
+   * login, so they are also what RESET and DISCARD ALL return to.
+   */
+  settings?: ReadonlyMap<string, string>;
 }
 
 /**
@@ -265,7 +273,7 @@ export async function loginUpstream(options: UpstreamLoginOptions): Promise<Upst
             case 0x45: { // E
               const fields = parseNoticeFields(body);
               const kind = fields.C === '28P01' || fields.C === '28000' ? 'auth' : 'server';
-              fail(new UpstreamError(kind, `server refused the login: ${fields.M ?? 'unknown error'}`, fields.C));
+              fail(new UpstreamError(kind, `server refused the login: ${fields.M ?? 'unknown error'}`, fields.C, fields));
               return;
             }
             case 0x5a: // Z
@@ -283,7 +291,9 @@ export async function loginUpstream(options: UpstreamLoginOptions): Promise<Upst
     stream.on('data', onData);
     stream.once('error', onError);
     stream.once('close', onClose);
-    stream.write(serialize.startup({ user: options.username, database: options.dbname, client_encoding: 'UTF8', application_name: 'poolkeeper-sidecar' }));
+    const startup: Record<string, string> = { client_encoding: 'UTF8', application_name: 'poolkeeper-sidecar' };
+    for (const [name, value] of options.settings ?? []) startup[name] = value;
+    stream.write(serialize.startup({ ...startup, user: options.username, database: options.dbname }));
     stream.resume();
   });
 }

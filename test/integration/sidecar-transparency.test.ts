@@ -188,6 +188,47 @@ describe('sidecar transparency', function () {
         await good.end();
       });
     });
+    it('session mode: RESET, RESET ALL and DISCARD ALL return to the client\'s startup values, as direct; a client with other settings gets its own backend', async function () {
+      await withSidecar(postgres, { mode: 'session', grant: 1 }, async (running) => {
+        const show = async (c: pg.Client): Promise<[string, string]> => {
+          const r = await c.query<{ st: string; app: string }>("SELECT current_setting('statement_timeout') AS st, current_setting('application_name') AS app");
+          return [r.rows[0]!.st, r.rows[0]!.app];
+        };
+        const own = client(running, { options: '-c statement_timeout=1234', application_name: 'reset-test' });
+        await own.connect();
+        let ownPid: number;
+        try {
+          ownPid = (await own.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+          for (const reset of ['RESET statement_timeout', 'RESET ALL', 'DISCARD ALL']) {
+            await own.query("SET statement_timeout = 4321; SET application_name = 'changed'");
+            await own.query(reset);
+            assert.deepEqual(await show(own), ['1234ms', reset === 'RESET statement_timeout' ? 'changed' : 'reset-test'], reset);
+          }
+        } finally {
+          await own.end();
+        }
+        // Another client with the same settings gets the same backend back.
+        const same = client(running, { options: '-c statement_timeout=1234', application_name: 'reset-test' });
+        await same.connect();
+        try {
+          assert.equal((await same.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid, ownPid);
+        } finally {
+          await same.end();
+        }
+        const plain = client(running);
+        await plain.connect();
+        try {
+          assert.deepEqual(await show(plain), ['0', '']);
+          await plain.query('SET statement_timeout = 4321; RESET ALL');
+          assert.deepEqual(await show(plain), ['0', '']);
+        } finally {
+          await plain.end();
+        }
+        // A setting the server refuses at login: its error, detail included, as direct.
+        const bad = client(running, { options: '-c DateStyle=foo' });
+        await assert.rejects(bad.connect(), (e: { code?: string; message: string; detail?: string }) => e.code === '22023' && e.message.includes('DateStyle') && (e.detail ?? '').includes('foo'));
+      });
+    });
   });
 
   describe('session state in transaction mode', function () {

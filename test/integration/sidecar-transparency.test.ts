@@ -199,6 +199,9 @@ describe('sidecar transparency', function () {
         let ownPid: number;
         try {
           ownPid = (await own.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+          // Set at login, as direct: not by a SET the sidecar ran.
+          const sources = await own.query<{ name: string; source: string }>("SELECT name, source FROM pg_settings WHERE name IN ('statement_timeout', 'application_name') ORDER BY name");
+          assert.deepEqual(sources.rows, [{ name: 'application_name', source: 'client' }, { name: 'statement_timeout', source: 'client' }]);
           for (const reset of ['RESET statement_timeout', 'RESET ALL', 'DISCARD ALL']) {
             await own.query("SET statement_timeout = 4321; SET application_name = 'changed'");
             await own.query(reset);

@@ -640,7 +640,8 @@ export class Pool {
       if (stream.listenerCount('error') === 0) stream.on('error', () => undefined);
       const session = await loginUpstream({
         stream, host: database.host, dbname: database.dbname, username: credentials.username, password: credentials.password,
-        sslMode: database.sslMode, timeoutMs: CONNECT_TIMEOUT_MS, ...(database.caPem !== undefined ? { caPem: database.caPem } : {}), settings: settings.values,
+        sslMode: database.sslMode, timeoutMs: CONNECT_TIMEOUT_MS, ...(database.caPem !== undefined ? { caPem: database.caPem } : {}),
+        ...(settings.key !== '' ? { settings: loginParametersOf(settings) } : {}),
       });
       server = new ServerConnection({
         id, stream: session.stream, credentialsGeneration: credentials.generation, now: this.deps.now(), processId: session.processId, secretKey: session.secretKey,
@@ -756,6 +757,15 @@ export class Pool {
       }
     }
   }
+}
+
+/**
+ * The startup parameters a client's settings become: all of them, except the
+ * empty application_name that stands for none, so that such a client gets the
+ * server's default as it would direct.
+ */
+function loginParametersOf(settings: ClientSettings): Map<string, string> {
+  return new Map([...settings.values].filter(([name, value]) => !(name === 'application_name' && value === '')));
 }
 
 /**

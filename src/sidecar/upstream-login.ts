@@ -10,7 +10,7 @@ import { isIP } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
 import { serialize } from 'pg-protocol';
-import { FrameReader, parseNoticeFields, parseParameterStatus } from '../core/protocol/index.ts';
+import { FrameReader, buildStartupMessage, parseNoticeFields, parseParameterStatus } from '../core/protocol/index.ts';
 import type { SslMode } from './settings.ts';
 
 /** An upstream failure with the server's SQLSTATE when it sent one. */
@@ -48,8 +48,9 @@ export interface UpstreamLoginOptions {
   caPem?: string;
   timeoutMs: number;
   /**
-   * Run-time settings sent as startup parameters: the server applies them at
-   * login, so they are also what RESET and DISCARD ALL return to.
+   * Run-time settings sent as startup parameters instead of the sidecar's own
+   * (client_encoding UTF8, application_name poolkeeper-sidecar): the server
+   * applies them at login, so they are also what RESET and DISCARD ALL return to.
    */
   settings?: ReadonlyMap<string, string>;
 }
@@ -291,9 +292,11 @@ export async function loginUpstream(options: UpstreamLoginOptions): Promise<Upst
     stream.on('data', onData);
     stream.once('error', onError);
     stream.once('close', onClose);
-    const startup: Record<string, string> = { client_encoding: 'UTF8', application_name: 'poolkeeper-sidecar' };
-    for (const [name, value] of options.settings ?? []) startup[name] = value;
-    stream.write(serialize.startup({ ...startup, user: options.username, database: options.dbname }));
+    // A login for a client has exactly its settings (a client that names no client_encoding
+    // gets the database's, as direct); the sidecar's own logins name themselves and read UTF-8.
+    const startup: Record<string, string> = options.settings !== undefined ? Object.fromEntries(options.settings) : { client_encoding: 'UTF8', application_name: 'poolkeeper-sidecar' };
+    // Not pg-protocol's serialize.startup: it appends client_encoding UTF8 to whatever it is given.
+    stream.write(buildStartupMessage({ ...startup, user: options.username, database: options.dbname }));
     stream.resume();
   });
 }

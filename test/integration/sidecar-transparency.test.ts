@@ -222,11 +222,16 @@ describe('sidecar transparency', function () {
         await plain.connect();
         try {
           assert.deepEqual(await show(plain), ['0', '']);
+          // It named no application: the server's default, as direct.
+          assert.equal((await plain.query<{ source: string }>("SELECT source FROM pg_settings WHERE name = 'application_name'")).rows[0]!.source, 'default');
           await plain.query('SET statement_timeout = 4321; RESET ALL');
           assert.deepEqual(await show(plain), ['0', '']);
         } finally {
           await plain.end();
         }
+        // The client's own client_encoding, not the UTF8 the sidecar's own logins use.
+        const latin1 = await rawExchange(running.port, buildStartupMessage({ user: running.role.user, database: 'app', client_encoding: 'LATIN1' }), 500);
+        assert.ok(latin1.data.includes(Buffer.from('client_encoding\0LATIN1\0')), 'ParameterStatus client_encoding LATIN1');
         // A setting the server refuses at login: its error, detail included, as direct.
         const bad = client(running, { options: '-c DateStyle=foo' });
         await assert.rejects(bad.connect(), (e: { code?: string; message: string; detail?: string }) => e.code === '22023' && e.message.includes('DateStyle') && (e.detail ?? '').includes('foo'));

@@ -4,21 +4,22 @@
  * header; runs of whole messages are queued while the client has no server
  * connection and written in one cork/uncork once it has one.
  *
- * In transaction mode, the first message naming a prepared statement switches
- * the session to rewriting (core/pool-state/prepared-statements.ts): from
- * then on its queued messages are re-framed when forwarded and statement
- * names are mapped to shared server-side ones. Sessions that never name a
- * statement keep the plain byte pump.
+ * In transaction mode, the first message naming a prepared statement, or
+ * using the unnamed one in a batch after the one that parsed it, switches the
+ * session to rewriting (core/pool-state/prepared-statements.ts): from then on
+ * its queued messages are re-framed when forwarded and statement names are
+ * mapped to shared server-side ones. Sessions that do neither keep the plain
+ * byte pump.
  */
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import {
   FrameReader, MessageType, NO_SETTINGS, ProtocolError, UNTYPED, authenticationOk, backendKeyData, classifySessionCommand, clientSettingsFromStartup, laterSessionCommands,
-  commandComplete, errorResponse, isFrontendMessageType, messageTypeTable, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery,
+  commandComplete, errorResponse, isFrontendMessageType, messageTypeTable, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery, unnamedStatementEffect,
   type ClientSettings, type NoticeFields, type PinReason,
 } from '../core/protocol/index.ts';
-import { routeMessage, type ClientStatements } from '../core/pool-state/index.ts';
+import { routeMessage, unnamedStatement, type ClientStatements } from '../core/pool-state/index.ts';
 import type { SidecarMetrics } from './metrics.ts';
 import { isDirectReadable } from './direct-read-socket.ts';
 import type { NotificationHub, NotificationListener } from './notifications.ts';
@@ -67,6 +68,7 @@ export const STREAM_ABOVE_BYTES = 256 * 1024;
 const CLIENT_STREAMABLE = messageTypeTable('QdBPF');
 const QUERY = 0x51;
 const PARSE = 0x50;
+const SYNC = 0x53;
 /** A Terminate message, as some clients send it on a connection they give up before the startup packet. */
 const TERMINATE_FIRST = Buffer.from([0x58, 0, 0, 0, 4]);
 
@@ -84,6 +86,16 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private readonly pendingTypes: number[] = [];
   /** The client's named statements; undefined until it names one (transaction mode only). */
   private statements: ClientStatements | undefined;
+  /**
+   * Until then (transaction mode): the client's latest Parse of the unnamed
+   * statement, bytes [0, unnamedLength) of unnamedParse (reused, so keeping it
+   * costs a copy, not an allocation); length 0: none, -1: one streamed, too
+   * large to keep.
+   */
+  private unnamedParse: Buffer | undefined;
+  private unnamedLength = 0;
+  /** A Parse of the unnamed statement came since the last Sync or Query: a Bind of it now runs on the same server connection. */
+  private unnamedInBatch = false;
   /** BackendKeyData sent at login; undefined until then. */
   private key: [number, number] | undefined;
   /** Run-time settings from the startup packet, applied to every server connection this client uses. */
@@ -204,9 +216,13 @@ export class ClientSession implements PoolWaiter, NotificationListener {
             break;
           }
           if (this.host.mode === 'transaction') {
-            if (this.statements === undefined && namesPreparedStatement(type, reader.buffer, reader.bodyStart, reader.end)) {
+            if (this.statements === undefined && (namesPreparedStatement(type, reader.buffer, reader.bodyStart, reader.end) || this.usesEarlierUnnamed(type, reader.buffer, reader.bodyStart, reader.start, reader.end, reader.piece))) {
               if (reader.piece) {
                 this.refuseStreamedFirstStatement();
+                return;
+              }
+              if (this.unnamedLength < 0 && unnamedStatementEffect(type, reader.buffer, reader.bodyStart, reader.end) === 'use') {
+                this.refuseStatementTracking('the unnamed prepared statement, used in a later batch than its Parse, is too large to track in transaction mode', 'Parse it again in the same batch, or use pool.mode: session');
                 return;
               }
               this.startNamingStatements(runBuffer?.subarray(runStart, runEnd));
@@ -282,6 +298,43 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       return false;
     }
     if (command.kind === 'pin') this.pin(command.reason);
+    return false;
+  }
+
+  /**
+   * Keeps track of the unnamed statement while the session is not rewriting:
+   * remembers its latest Parse, and returns true for a Bind or Describe of it
+   * with no Parse of it since the last Sync, which may land on another server
+   * connection (pgx's describe_exec mode, libpq's PQprepare with an empty
+   * name): the session must switch to rewriting to prepare it there.
+   */
+  private usesEarlierUnnamed(type: number, buffer: Buffer, bodyStart: number, start: number, end: number, piece: boolean): boolean {
+    if (type === SYNC) {
+      this.unnamedInBatch = false;
+      return false;
+    }
+    if (type === QUERY) {
+      // A simple Query drops the backend's unnamed statement.
+      this.unnamedInBatch = false;
+      this.unnamedLength = 0;
+      return false;
+    }
+    const effect = unnamedStatementEffect(type, buffer, bodyStart, end);
+    if (effect === undefined) return false;
+    if (effect === 'use') return !this.unnamedInBatch;
+    if (effect === 'close') {
+      this.unnamedLength = 0;
+      return false;
+    }
+    this.unnamedInBatch = true;
+    if (piece) {
+      this.unnamedLength = -1;
+      return false;
+    }
+    const length = end - start;
+    if (this.unnamedParse === undefined || this.unnamedParse.length < length) this.unnamedParse = Buffer.allocUnsafeSlow(Math.max(256, length));
+    buffer.copy(this.unnamedParse, 0, start, end);
+    this.unnamedLength = length;
     return false;
   }
 
@@ -386,7 +439,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
         this.refuseMidPipelineSwitch();
         return;
       }
-      editor.activate(tracker.pendingReady, unsynced);
+      editor.activate(tracker.pendingReady, unsynced, !tracker.extendedOpen);
     }
     const out: Buffer[] = [];
     try {
@@ -630,6 +683,9 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    */
   private startNamingStatements(run: Buffer | undefined): void {
     this.statements = new Map();
+    // The unnamed statement parsed before, as the client knows it: prepared again wherever it is used.
+    if (this.unnamedLength > 0) this.statements.set('', unnamedStatement(this.unnamedParse!.subarray(0, this.unnamedLength)));
+    this.unnamedParse = undefined;
     this.reader.stopStreaming();
     if (run !== undefined) this.pendingChunks.push(run);
     if (this.pendingChunks.length > 1) {

@@ -353,7 +353,11 @@ export class ServerConnection {
             if (editor.active) editor.ready();
           } else if (type === COMMAND_COMPLETE) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
           else {
-            if (type === ERROR_RESPONSE && isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
+            if (type === ERROR_RESPONSE) {
+              if (isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
+              // Tells a failed Parse from one skipped after an earlier error.
+              if (editor.active) editor.error();
+            }
             tracker.serverMessage(type);
           }
         } else if ((type === PARSE_COMPLETE_TYPE || type === CLOSE_COMPLETE_TYPE) && editor.active) {

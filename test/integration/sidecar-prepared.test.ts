@@ -403,3 +403,52 @@ describe('sidecar: named prepared statements in transaction mode', function () {
     }
   });
 });
+
+describe('sidecar: the unnamed statement across transactions (transaction mode)', function () {
+  let postgres: PostgresServer;
+  let running: Running;
+  before(async function () {
+    postgres = await env.postgres();
+    // One server connection: every client's batches land on the backend the others used last.
+    running = await startSidecar(postgres, 1);
+  });
+  after(async function () {
+    await running.stop();
+  });
+
+  it('binds the client\'s own unnamed statement in a later batch (pgx describe_exec, PQprepare with an empty name), never another client\'s; without one, 26000 as direct', async function () {
+    const a = await WireClient.connect(running.port, postgres.app.user);
+    const b = await WireClient.connect(running.port, postgres.app.user);
+    const c = await WireClient.connect(running.port, postgres.app.user);
+    try {
+      // pgx's describe_exec: Parse and Describe in one batch, Bind and Execute in the next.
+      const described = await a.exchange([serialize.parse({ text: 'SELECT $1::int + 1 AS n' }), serialize.describe({ type: 'S', name: '' }), serialize.sync()]);
+      assert.equal(types(described), '1tTZ');
+      // Meanwhile another client leaves its own unnamed statement on that backend.
+      assert.equal(types(await b.exchange([serialize.parse({ text: 'SELECT \'b\' || $1::text AS n' }), serialize.sync()])), '1Z');
+      for (let i = 0; i < 2; i++) {
+        const bound = await a.exchange([serialize.bind({ values: ['41'] }), serialize.describe({ type: 'P', name: '' }), serialize.execute({}), serialize.sync()]);
+        assert.equal(types(bound), '2TDCZ');
+        assert.equal(dataValue(bound.find((r) => r.type === 'D')!), '42');
+      }
+      // A client that never parsed one has none, whatever the backend holds.
+      const none = await c.exchange([serialize.bind({ values: ['x'] }), serialize.execute({}), serialize.sync()]);
+      assert.equal(types(none), 'EZ');
+      assert.equal(errorCode(none), '26000');
+      // B's is still its own; a simple Query drops the client's unnamed statement, as PostgreSQL does.
+      const own = await b.exchange([serialize.bind({ values: ['x'] }), serialize.execute({}), serialize.sync()]);
+      assert.equal(dataValue(own.find((r) => r.type === 'D')!), 'bx');
+      await a.exchange([serialize.query('SELECT 1')]);
+      const dropped = await a.exchange([serialize.bind({ values: ['1'] }), serialize.execute({}), serialize.sync()]);
+      assert.equal(errorCode(dropped), '26000');
+      // A Parse of it that fails leaves none; the error of a Bind in a later batch is 26000, as direct.
+      assert.equal(errorCode(await b.exchange([serialize.parse({ text: 'SELECT no_such_column' }), serialize.sync()])), '42703');
+      assert.equal(types(await a.exchange([serialize.parse({ text: 'SELECT 7' }), serialize.sync()])), '1Z');
+      assert.equal(errorCode(await b.exchange([serialize.bind({}), serialize.execute({}), serialize.sync()])), '26000');
+    } finally {
+      a.close();
+      b.close();
+      c.close();
+    }
+  });
+});

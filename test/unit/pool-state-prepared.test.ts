@@ -32,8 +32,7 @@ class ModelBackend {
       const type = String.fromCharCode(m[0]!);
       if (type === 'S') {
         this.failed = false;
-        // Transaction pooling never kept the unnamed statement past a boundary; the model leaves it out.
-        this.statements.delete('');
+        // The unnamed statement stays past Sync, as in PostgreSQL: a later batch may Bind it.
         replies.push({ type: 'Z' });
         continue;
       }
@@ -51,6 +50,8 @@ class ModelBackend {
       case 'P': {
         const { name, definition } = parseParseMessage(m, 5, m.length);
         const text = definition.toString('utf8', 0, definition.indexOf(0));
+        // PostgreSQL drops the previous unnamed statement before it parses the new one.
+        if (name === '') this.statements.delete('');
         if (text.includes('bad')) return { type: 'E' };
         if (name !== '' && this.statements.has(name)) return { type: 'E' };
         this.statements.set(name, text);
@@ -103,7 +104,7 @@ const batchArb = fc.record({ session: fc.nat(2), backend: fc.nat(2), steps: fc.a
 
 /** Runs a batch through the sidecar's rewriting on `backend`, returns what the client sees. */
 function throughSidecar(client: ClientStatements, backend: ModelBackend, editor: ResponseEditor, messages: Buffer[]): ModelReply[] {
-  editor.activate(0);
+  editor.activate(0, [], true);
   const out: Buffer[] = [];
   for (const m of messages) routeMessage(client, editor, m[0]!, m, 0, 5, m.length, out);
   const seen: ModelReply[] = [];
@@ -114,6 +115,7 @@ function throughSidecar(client: ClientStatements, backend: ModelBackend, editor:
       if (edit === 'swallow') continue;
       seen.push(edit === 'parse-complete' ? { type: '1' } : reply);
     } else {
+      if (reply.type === 'E') editor.error();
       if (reply.type === 'Z') editor.ready();
       seen.push(reply);
     }

@@ -27,12 +27,23 @@
  * - Parse of a name the session already has: the server must answer 42P05; we
  *   make sure the connection holds the old statement and send its Parse again.
  *
+ * The unnamed statement outlives a Sync too: PostgreSQL keeps it until the
+ * next Parse of it, a Close of it or a simple Query, and pgx (describe_exec,
+ * Prepare with an empty name) and libpq's PQprepare with an empty name Bind it
+ * in a later batch, which may land on another server connection, holding
+ * another client's unnamed statement. So a session keeps its own under the
+ * name '' (the Parse as it sent it), and the editor knows whether its server
+ * connection's unnamed statement is the client's; before a Bind or Describe of
+ * it where it is not, the client's Parse is injected (reply swallowed), or,
+ * when the client has none, a Close of it, so that the Bind fails as direct.
+ *
  * Responses are edited by matching ParseComplete/CloseComplete in order
  * against the Parses and Closes sent (`ResponseEditor`). The maps are updated
  * when a message is sent; an expectation not met by the ReadyForQuery of its
- * batch was skipped after an error, and its update is undone (a statement it
- * would have created is forgotten, an eviction or a client Close reverted). Unnamed statements and
- * sessions that never name one take none of this path.
+ * batch failed, or was skipped after an earlier error, and its update is
+ * undone (a statement it would have created is forgotten, an eviction or a
+ * client Close reverted). Sessions that never name a statement nor use the
+ * unnamed one across batches take none of this path.
  */
 import { createHash } from 'node:crypto';
 import {
@@ -150,8 +161,10 @@ interface ExpectedReply {
   edit: ReplyEdit;
   /** Index of the Sync/Query batch the message belongs to. */
   batch: number;
-  /** Reverts what sending the message assumed, if the server skipped it (after an error). */
-  undo: (() => void) | undefined;
+  /** Reverts what sending the message assumed, if it failed (`failed`) or the server skipped it after an earlier error. */
+  undo: ((failed: boolean) => void) | undefined;
+  /** Sent right after another expected message or at a batch's start: an error before its reply is its own. */
+  adjacent: boolean;
   /** Runs when the reply arrives. */
   done?: (() => void) | undefined;
 }
@@ -169,6 +182,16 @@ export class ResponseEditor {
   private sentBatches = 0;
   private answeredBatches = 0;
   private isActive = false;
+  /** The expected reply that was next when the batch being answered got its ErrorResponse. */
+  private erred: ExpectedReply | undefined;
+  /**
+   * The server connection's unnamed statement is the client's (or neither has
+   * one). False when a client starts using the connection: another client's
+   * may be there. Kept by routeMessage.
+   */
+  unnamedCurrent = false;
+  /** The last message sent was an expected one, or a batch's end: see ExpectedReply.adjacent. Kept by routeMessage. */
+  afterTracked = false;
 
   constructor(statements: ServerStatementCache) {
     this.statements = statements;
@@ -191,13 +214,16 @@ export class ResponseEditor {
    * Closes already sent in the batch still open (no Sync yet) owe, in order:
    * they are expected first in that batch, and forwarded.
    */
-  activate(outstandingBatches: number, unsyncedReplies: readonly number[] = []): void {
+  activate(outstandingBatches: number, unsyncedReplies: readonly number[] = [], atBatchStart = false): void {
     this.expected = [];
     this.head = 0;
     this.sentBatches = outstandingBatches;
     this.answeredBatches = 0;
     this.isActive = true;
-    for (const type of unsyncedReplies) this.expected.push({ type, edit: 'forward', batch: outstandingBatches, undo: undefined });
+    this.erred = undefined;
+    this.unnamedCurrent = false;
+    this.afterTracked = atBatchStart && unsyncedReplies.length === 0;
+    for (const type of unsyncedReplies) this.expected.push({ type, edit: 'forward', batch: outstandingBatches, undo: undefined, adjacent: false });
   }
 
   /** Stops editing (the connection goes back to the pool, at a boundary). */
@@ -215,16 +241,25 @@ export class ResponseEditor {
   /** A Sync, Query or FunctionCall was sent: it closes a batch. */
   batchSent(): void {
     this.sentBatches += 1;
+    this.afterTracked = true;
   }
 
-  /** A Parse was sent; `undo` reverts what it assumed if the server skips it; `done` runs when it succeeds. */
-  expectParse(edit: 'forward' | 'swallow', undo?: () => void, done?: () => void): void {
-    this.expected.push({ type: PARSE_COMPLETE_TYPE, edit, batch: this.sentBatches, undo, done });
+  /** A Parse was sent; `undo` reverts what it assumed if it fails or the server skips it; `done` runs when it succeeds. */
+  expectParse(edit: 'forward' | 'swallow', undo?: (failed: boolean) => void, done?: () => void): void {
+    this.expected.push({ type: PARSE_COMPLETE_TYPE, edit, batch: this.sentBatches, undo, done, adjacent: this.afterTracked });
+    this.afterTracked = true;
   }
 
   /** A Close was sent; `undo` reverts what it assumed if the server skips it. */
-  expectClose(edit: ReplyEdit, undo?: () => void): void {
-    this.expected.push({ type: CLOSE_COMPLETE_TYPE, edit, batch: this.sentBatches, undo });
+  expectClose(edit: ReplyEdit, undo?: (failed: boolean) => void): void {
+    this.expected.push({ type: CLOSE_COMPLETE_TYPE, edit, batch: this.sentBatches, undo, adjacent: this.afterTracked });
+    this.afterTracked = true;
+  }
+
+  /** An ErrorResponse arrived: remembers which expected reply was next in the batch it belongs to (the first error only). */
+  error(): void {
+    const next = this.expected[this.head];
+    if (this.erred === undefined && next !== undefined && next.batch === this.answeredBatches) this.erred = next;
   }
 
   /** A ParseComplete (0x31) or CloseComplete (0x33) arrived: what to do with it. */
@@ -249,7 +284,13 @@ export class ResponseEditor {
     this.answeredBatches += 1;
     const first = this.head;
     while (this.head < this.expected.length && this.expected[this.head]!.batch <= answered) this.head += 1;
-    for (let i = this.head - 1; i >= first; i -= 1) this.expected[i]!.undo?.();
+    // The first one missing failed itself if nothing untracked was sent between it and the last reply seen.
+    const erred = this.erred;
+    this.erred = undefined;
+    for (let i = this.head - 1; i >= first; i -= 1) {
+      const entry = this.expected[i]!;
+      entry.undo?.(entry === erred && entry.adjacent);
+    }
     this.compact();
   }
 
@@ -274,6 +315,7 @@ const FUNCTION_CALL = 0x46;
 const STATEMENT_TARGET = 0x53;
 
 const CLOSE_NONEXISTENT_PORTAL = buildClosePortal(NONEXISTENT_PORTAL);
+const CLOSE_UNNAMED_STATEMENT = buildCloseStatement('');
 
 /**
  * Rewrites one frontend message of a session that names statements, for the
@@ -291,9 +333,13 @@ export function routeMessage(
       const parsed = parseParseMessage(buffer, bodyStart, end);
       if (parsed.name === '') {
         const textStart = end - parsed.definition.length;
-        if (routeSessionCommand(client, editor, textStart, buffer, out, 'parse')) return;
-        out.push(buffer.subarray(start, end));
-        editor.expectParse('forward');
+        if (routeSessionCommand(client, editor, textStart, buffer, out, 'parse')) {
+          // The server's unnamed statement is now the sidecar's rewrite: not one to replay elsewhere.
+          client.delete('');
+          editor.unnamedCurrent = true;
+          return;
+        }
+        parseUnnamed(client, editor, buffer.subarray(start, end), out);
         return;
       }
       const existing = client.get(parsed.name);
@@ -344,14 +390,23 @@ export function routeMessage(
     }
     case BIND: {
       const bind = parseBindMessage(buffer, bodyStart, end);
-      const statement = bind.statement === '' ? undefined : client.get(bind.statement);
+      // Its reply is not tracked, whatever was injected before it.
+      if (bind.statement === '') {
+        ensureUnnamed(client, editor, out);
+        out.push(buffer.subarray(start, end));
+        editor.afterTracked = false;
+        return;
+      }
+      const statement = client.get(bind.statement);
       // Unknown names go through as they are: the server answers 26000 like it would have.
       if (statement === undefined) {
         out.push(buffer.subarray(start, end));
+        editor.afterTracked = false;
         return;
       }
       ensurePrepared(statement, editor, out);
       out.push(renameBind(buffer, start, bind, end, statement.serverName));
+      editor.afterTracked = false;
       return;
     }
     case DESCRIBE:
@@ -364,23 +419,38 @@ export function routeMessage(
           client.delete(target.name);
           out.push(CLOSE_NONEXISTENT_PORTAL);
           editor.expectClose('forward', previous === undefined ? undefined : () => void client.set(target.name, previous));
+        } else if (target.target === STATEMENT_TARGET) {
+          // Neither the client nor the server connection has an unnamed statement after it.
+          const previous = client.get('');
+          const wasCurrent = editor.unnamedCurrent;
+          client.delete('');
+          editor.unnamedCurrent = true;
+          out.push(buffer.subarray(start, end));
+          editor.expectClose('forward', () => {
+            if (previous !== undefined) client.set('', previous);
+            editor.unnamedCurrent = wasCurrent;
+          });
         } else {
           out.push(buffer.subarray(start, end));
           editor.expectClose('forward');
         }
         return;
       }
+      if (target.target === STATEMENT_TARGET && target.name === '') ensureUnnamed(client, editor, out);
       const statement = named ? client.get(target.name) : undefined;
-      if (statement === undefined) {
-        out.push(buffer.subarray(start, end));
-        return;
+      if (statement === undefined) out.push(buffer.subarray(start, end));
+      else {
+        ensurePrepared(statement, editor, out);
+        out.push(buildDescribeStatement(statement.serverName));
       }
-      ensurePrepared(statement, editor, out);
-      out.push(buildDescribeStatement(statement.serverName));
+      editor.afterTracked = false;
       return;
     }
     case QUERY:
       if (!routeSessionCommand(client, editor, bodyStart, buffer, out, 'query')) out.push(buffer.subarray(start, end));
+      // A simple Query drops the backend's unnamed statement: the client's is gone too.
+      client.delete('');
+      editor.unnamedCurrent = true;
       editor.batchSent();
       return;
     case SYNC:
@@ -390,6 +460,7 @@ export function routeMessage(
       return;
     default:
       out.push(buffer.subarray(start, end));
+      editor.afterTracked = false;
   }
 }
 
@@ -451,6 +522,64 @@ function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, t
     out.push(serialize.query('DEALLOCATE ALL'));
   }
   return true;
+}
+
+/**
+ * The client's Parse of the unnamed statement, forwarded as it is and kept as
+ * the client's unnamed statement. If it fails, PostgreSQL has dropped the
+ * previous one (neither side has one); if it is skipped after an earlier
+ * error, the previous one stays. Only a Parse sent right after another tracked
+ * message tells the two apart from the replies (an error before its reply is
+ * its own), so after an untracked message (Bind, Execute, Describe) a Close of
+ * a portal that does not exist goes first, its reply swallowed.
+ */
+function parseUnnamed(client: ClientStatements, editor: ResponseEditor, message: Buffer, out: Buffer[]): void {
+  if (!editor.afterTracked) {
+    out.push(CLOSE_NONEXISTENT_PORTAL);
+    editor.expectClose('swallow');
+  }
+  const previous = client.get('');
+  const wasCurrent = editor.unnamedCurrent;
+  const statement = unnamedStatement(message, editor.batch);
+  client.set('', statement);
+  editor.unnamedCurrent = true;
+  out.push(message);
+  editor.expectParse('forward', (failed) => {
+    if (client.get('') === statement) {
+      if (failed || previous === undefined) client.delete('');
+      else client.set('', previous);
+    }
+    editor.unnamedCurrent = failed || wasCurrent;
+  }, () => {
+    statement.confirmed = true;
+  });
+}
+
+/** The client's unnamed statement, kept to be prepared again on another server connection. */
+export function unnamedStatement(parse: Buffer, batch = -1): ClientStatement {
+  return { serverName: '', parse: Buffer.from(parse), confirmed: false, batch };
+}
+
+/**
+ * Before a Bind or Describe of the unnamed statement: unless the server
+ * connection's unnamed statement is the client's, prepares the client's there
+ * (reply swallowed), or closes the server's when the client has none, so that
+ * the server answers 26000 as it would direct.
+ */
+function ensureUnnamed(client: ClientStatements, editor: ResponseEditor, out: Buffer[]): void {
+  if (editor.unnamedCurrent) return;
+  const statement = client.get('');
+  editor.unnamedCurrent = true;
+  const undo = (): void => {
+    editor.unnamedCurrent = false;
+  };
+  if (statement === undefined) {
+    out.push(CLOSE_UNNAMED_STATEMENT);
+    editor.expectClose('swallow', undo);
+  } else {
+    out.push(statement.parse);
+    editor.expectParse('swallow', undo);
+  }
 }
 
 /** Injects the statement's Parse (reply swallowed) if this server connection lacks it. */

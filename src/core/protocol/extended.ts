@@ -41,6 +41,29 @@ export function namesPreparedStatement(type: number, buffer: Buffer, bodyStart: 
   }
 }
 
+/** What a frontend message does to the unnamed prepared statement (see unnamedStatementEffect). */
+export type UnnamedEffect = 'parse' | 'use' | 'close';
+
+/**
+ * 'parse' for a Parse of the unnamed statement, 'use' for a Bind or a
+ * statement Describe of it, 'close' for a statement Close of it; undefined
+ * for anything else. Reads the same bytes as namesPreparedStatement.
+ */
+export function unnamedStatementEffect(type: number, buffer: Buffer, bodyStart: number, end: number): UnnamedEffect | undefined {
+  if (STATEMENT_MESSAGES[type] !== 1 || bodyStart >= end) return undefined;
+  switch (type) {
+    case PARSE:
+      return buffer[bodyStart] === 0 ? 'parse' : undefined;
+    case BIND: {
+      const portalEnd = buffer[bodyStart] === 0 ? bodyStart : buffer.indexOf(0, bodyStart);
+      return portalEnd >= 0 && portalEnd + 1 < end && buffer[portalEnd + 1] === 0 ? 'use' : undefined;
+    }
+    default:
+      if (buffer[bodyStart] !== STATEMENT_TARGET || bodyStart + 1 >= end || buffer[bodyStart + 1] !== 0) return undefined;
+      return type === DESCRIBE ? 'use' : 'close';
+  }
+}
+
 function cStringEnd(buffer: Buffer, offset: number, end: number): number {
   const nul = buffer.indexOf(0, offset);
   if (nul < 0 || nul >= end) throw new ProtocolError('malformed-body', 'unterminated string in an extended-protocol message');

@@ -106,6 +106,13 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private pinnedBy: PinReason | undefined;
   /** A LISTEN/UNLISTEN the sidecar answers itself is under way: later messages wait. */
   private localCommand = false;
+  /**
+   * Between transactions of a client that listens through the hub: 'waiting'
+   * while the hub sends what was notified before the next transaction starts
+   * (its messages wait), 'done' once it did, until the server connection is
+   * released.
+   */
+  private hubSync: 'none' | 'waiting' | 'done' = 'none';
   /** Notifications that arrived while a transaction ran: sent after it. */
   private readonly pendingNotifications: Buffer[] = [];
   private readonly host: ClientSessionHost;
@@ -365,12 +372,29 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   /** A notification for a channel this client listens on through the hub: sent between its transactions, as PostgreSQL does. */
   deliver(message: Buffer): void {
     if (this.phase !== 'ready') return;
-    if (this.server === undefined && !this.localCommand) this.socket.write(message);
+    if (this.betweenTransactions()) this.socket.write(message);
     else this.pendingNotifications.push(message);
   }
 
+  /** No statement of the client's is under way: a notification may go to it now (a pinned client keeps its idle server connection). */
+  private betweenTransactions(): boolean {
+    return !this.localCommand && (this.server === undefined || this.server.tracker.atBoundary);
+  }
+
+  /** A transaction of a listening client starts once the hub sent what was notified before it (see notifications.ts). */
+  private syncNotifications(hub: NotificationHub): void {
+    this.hubSync = 'waiting';
+    void hub.sync().then(() => {
+      if (this.hubSync !== 'waiting' || this.phase === 'closed') return;
+      this.hubSync = 'done';
+      this.forward();
+      // Reading paused while the messages waited (the server connection may have come first): they went now.
+      if (this.pausedWaiting && this.server !== undefined) this.resumeWaiting();
+    });
+  }
+
   private flushNotifications(): void {
-    if (this.pendingNotifications.length === 0 || this.server !== undefined || this.localCommand || this.phase !== 'ready') return;
+    if (this.pendingNotifications.length === 0 || !this.betweenTransactions() || this.phase !== 'ready') return;
     this.socket.write(Buffer.concat(this.pendingNotifications));
     this.pendingNotifications.length = 0;
   }
@@ -391,9 +415,18 @@ export class ClientSession implements PoolWaiter, NotificationListener {
 
   /** Sends queued messages to the server connection, acquiring one first if needed. */
   private forward(): void {
-    if (this.localCommand) return;
+    if (this.localCommand || this.hubSync === 'waiting') return;
     // Later pieces of a streamed message add bytes without a message type.
     if ((this.pendingTypes.length === 0 && this.pendingChunks.length === 0) || this.phase !== 'ready') return;
+    if (this.hubSync === 'none' && (this.server === undefined || this.server.tracker.atBoundary) && this.host.notifications?.listens(this) === true) {
+      this.syncNotifications(this.host.notifications);
+      // The server connection is asked for meanwhile; the messages go once both are there.
+      if (this.server === undefined && !this.waiting) {
+        this.waiting = true;
+        this.host.pool.acquire(this);
+      }
+      return;
+    }
     const server = this.server;
     if (server === undefined) {
       // A session's backend (and the pid it was given at login) is its own until it ends: never another one.
@@ -600,10 +633,10 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       this.closeQuietly();
       return;
     }
-    if ((this.host.mode === 'transaction' && this.pinnedBy === undefined) || this.closeAtBoundary) {
-      this.releaseServer(true);
-      this.flushNotifications();
-    }
+    if ((this.host.mode === 'transaction' && this.pinnedBy === undefined) || this.closeAtBoundary) this.releaseServer(true);
+    // The next transaction waits for the hub again; a pinned client gets what came meanwhile now.
+    if (this.hubSync === 'done') this.hubSync = 'none';
+    this.flushNotifications();
     if (this.closeAtBoundary) this.drain();
   }
 
@@ -638,6 +671,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
 
   private releaseServer(reusable: boolean): void {
     const server = this.server;
+    // The next transaction waits for the hub again.
+    if (this.hubSync === 'done') this.hubSync = 'none';
     if (server === undefined) return;
     this.server = undefined;
     this.ownReadBufferWhileServed();

@@ -5,6 +5,12 @@
  * the clients listening on that channel. The connection counts against the
  * grant like any other; the hub takes one only while the grant leaves at
  * least one more for transactions.
+ *
+ * PostgreSQL delivers a notification committed before a listener's next
+ * statement ahead of that statement's ReadyForQuery. Through the hub it
+ * arrives on another connection, so a listener's transaction starts only
+ * after a round trip on the hub (`sync`): a backend sends the notifications
+ * it was signalled about before its own ReadyForQuery.
  */
 import { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
@@ -27,6 +33,9 @@ interface PendingCommand {
   done: (error: string | undefined) => void;
 }
 
+/** An empty query: its ReadyForQuery comes after every notification the backend had been signalled about. */
+const SYNC_SQL = '';
+
 /** The sidecar's one listening server connection and who listens on what. */
 export class NotificationHub implements PoolWaiter {
   readonly settings = NO_SETTINGS;
@@ -45,6 +54,8 @@ export class NotificationHub implements PoolWaiter {
   private running: PendingCommand | undefined;
   private runningError: string | undefined;
   private reader = new FrameReader();
+  /** The promise of the sync last queued, shared while it has not been sent. */
+  private pendingSync: Promise<unknown> | undefined;
 
   constructor(deps: { pool: Pool; logger: Logger }) {
     this.pool = deps.pool;
@@ -116,6 +127,20 @@ export class NotificationHub implements PoolWaiter {
     return false;
   }
 
+  /**
+   * Resolves once the listening connection has sent every notification
+   * committed before this call (at once if there is none). Callers waiting
+   * together share one round trip.
+   */
+  sync(): Promise<unknown> {
+    if (this.server === undefined) return Promise.resolve();
+    const last = this.queue[this.queue.length - 1];
+    if (last?.sql === SYNC_SQL && this.pendingSync !== undefined) return this.pendingSync;
+    const sync = this.command(SYNC_SQL);
+    this.pendingSync = sync;
+    return sync;
+  }
+
   private command(sql: string): Promise<string | undefined> {
     return new Promise((resolve) => {
       this.queue.push({ sql, done: resolve });
@@ -173,8 +198,18 @@ export class NotificationHub implements PoolWaiter {
     this.server = undefined;
     this.listening.clear();
     this.reader = new FrameReader();
+    this.endSyncs();
     // DISCARD ALL ends every LISTEN before another client gets the connection.
     this.pool.release(server, true, true);
+  }
+
+  /** Without a listening connection there is nothing to wait for: queued syncs end now. */
+  private endSyncs(): void {
+    const syncs = this.queue.filter((c) => c.sql === SYNC_SQL);
+    if (syncs.length === 0) return;
+    this.queue.splice(0, this.queue.length, ...this.queue.filter((c) => c.sql !== SYNC_SQL));
+    this.pendingSync = undefined;
+    for (const sync of syncs) sync.done(undefined);
   }
 
   // ---- PoolWaiter ---------------------------------------------------------
@@ -208,6 +243,7 @@ export class NotificationHub implements PoolWaiter {
     const running = this.running;
     this.running = undefined;
     running?.done(reason);
+    this.endSyncs();
     if (this.channels.size > 0) {
       this.acquiring = true;
       this.pool.acquire(this);

@@ -368,6 +368,47 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('delivers a notification committed before a listening client\'s next statement ahead of that statement\'s answer, as PostgreSQL does', async function () {
+      await withSidecar(postgres, { grant: 3 }, async (running) => {
+        const listener = client(running);
+        const notifier = client(running);
+        await Promise.all([listener, notifier].map((c) => c.connect()));
+        try {
+          const received: string[] = [];
+          listener.on('notification', (n) => received.push(n.payload ?? ''));
+          await listener.query('LISTEN ordering');
+          // pgx's TestConnOnNotification: NOTIFY from another client, then any statement; the notification must be in by its end.
+          const late: number[] = [];
+          for (let i = 0; i < 100; i++) {
+            await notifier.query(`NOTIFY ordering, 'n${i}'`);
+            // A simple Query, and an extended one (several messages that wait for the listening connection's answer together).
+            const answered = i % 2 === 0 ? listener.query<{ n: number }>('SELECT 1 AS n') : listener.query<{ n: number }>('SELECT $1::int AS n', [i]);
+            const result = await Promise.race([answered, new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`statement ${i} of the listener got no answer`)), 5000).unref())]);
+            assert.equal(result.rows[0]!.n, i % 2 === 0 ? 1 : i);
+            if (!received.includes(`n${i}`)) late.push(i);
+          }
+          assert.deepEqual(late, [], 'notifications that came after the next statement\'s answer');
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="listen"} 0/);
+          // Pinned later by session state, the client keeps its server connection and still gets them, as promptly.
+          await listener.query('SET application_name = \'pinned listener\'');
+          const latePinned: number[] = [];
+          for (let i = 0; i < 20; i++) {
+            await notifier.query(`NOTIFY ordering, 'p${i}'`);
+            await listener.query('SELECT 1');
+            if (!received.includes(`p${i}`)) latePinned.push(i);
+          }
+          assert.deepEqual(latePinned, [], 'notifications to the pinned client that came late or never');
+          // And while idle, at once.
+          await notifier.query(`NOTIFY ordering, 'idle'`);
+          const started = Date.now();
+          while (!received.includes('idle') && Date.now() - started < 3000) await new Promise((r) => setTimeout(r, 10));
+          assert.ok(received.includes('idle'), 'an idle pinned client gets notifications');
+        } finally {
+          await Promise.all([listener, notifier].map((c) => c.end()));
+        }
+      });
+    });
+
     it('serves DEALLOCATE and DEALLOCATE ALL sent as SQL without breaking other clients\' named statements', async function () {
       await withSidecar(postgres, { grant: 1 }, async (running) => {
         const a = client(running);

@@ -224,9 +224,10 @@ export class ClientSession implements PoolWaiter, NotificationListener {
           }
           if (this.host.mode === 'transaction') {
             if (this.statements === undefined && (namesPreparedStatement(type, reader.buffer, reader.bodyStart, reader.end) || this.usesEarlierUnnamed(type, reader.buffer, reader.bodyStart, reader.start, reader.end, reader.piece))) {
+              // Rewriting needs whole messages: a long first one (a Parse of many parameters) is read whole after all.
               if (reader.piece) {
-                this.refuseStreamedFirstStatement();
-                return;
+                reader.gatherWhole();
+                continue;
               }
               if (this.unnamedLength < 0 && unnamedStatementEffect(type, reader.buffer, reader.bodyStart, reader.end) === 'use') {
                 this.refuseStatementTracking('the unnamed prepared statement, used in a later batch than its Parse, is too large to track in transaction mode', 'Parse it again in the same batch, or use pool.mode: session');
@@ -728,10 +729,6 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       this.pendingChunks.length = 0;
       this.pendingChunks.push(joined);
     }
-  }
-
-  private refuseStreamedFirstStatement(): void {
-    this.refuseStatementTracking('a session\'s first named prepared statement is too large to track in transaction mode', 'prepare a small named statement first, or use pool.mode: session');
   }
 
   private refuseMidPipelineSwitch(): void {

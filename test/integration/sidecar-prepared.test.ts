@@ -369,6 +369,23 @@ describe('sidecar: named prepared statements in transaction mode', function () {
     }
   });
 
+  it('takes a first named statement too long to stream by (a Parse over 256 KiB, as pgx\'s 65,535-parameter Prepare sends)', async function () {
+    const wire = await WireClient.connect(running.port, postgres.app.user);
+    try {
+      const text = `SELECT $1::text AS a /* ${'x'.repeat(400 * 1024)} */`;
+      const replies = await wire.exchange([serialize.parse({ name: 'big', text }), serialize.bind({ statement: 'big', values: ['v'] }), serialize.execute({}), serialize.sync()]);
+      assert.equal(types(replies), '12DCZ');
+      assert.equal(dataValue(replies.find((r) => r.type === 'D')!), 'v');
+      // Kept by the session like any other: used in later transactions.
+      for (let i = 0; i < 3; i++) {
+        const again = await wire.exchange([serialize.bind({ statement: 'big', values: [`w${i}`] }), serialize.execute({}), serialize.sync()]);
+        assert.equal(dataValue(again.find((r) => r.type === 'D')!), `w${i}`);
+      }
+    } finally {
+      wire.close();
+    }
+  });
+
   it('takes a first named statement after unsynced unnamed Parses, as psycopg 3 sends when it prepares inside a pipeline', async function () {
     const wire = await WireClient.connect(running.port, postgres.app.user);
     try {

@@ -262,4 +262,47 @@ describe('FrameReader streaming', function () {
       },
     ), { numRuns: 200 });
   });
+
+  it('delivers a streamed message whole when asked at its first piece (the sidecar must rewrite it), the others unchanged, for any chunking', function () {
+    const streamAbove = 4096;
+    fc.assert(fc.property(
+      fc.array(fc.record({ type: fc.constantFrom('P', 'D', 'Z'), size: fc.oneof(fc.nat(100), fc.integer({ min: 4000, max: 20_000 })) }), { minLength: 1, maxLength: 8 }),
+      fc.array(fc.integer({ min: 1, max: 3000 }), { minLength: 1, maxLength: 40 }),
+      (specs, cuts) => {
+        const messages = specs.map((m, i) => message(m.type, m.size, i + 1));
+        const stream = Buffer.concat(messages);
+        const reader = new FrameReader({ streamAbove, streamable: messageTypeTable('PD') });
+        const rebuilt: Buffer[] = [];
+        let current: Buffer[] = [];
+        let offset = 0;
+        let cut = 0;
+        while (offset < stream.length) {
+          const size = Math.min(cuts[cut++ % cuts.length]!, stream.length - offset);
+          reader.push(stream.subarray(offset, offset + size));
+          offset += size;
+          while (reader.next()) {
+            // Parses are gathered whole; Ds keep streaming.
+            if (reader.piece && reader.pieceFirst && reader.type === 0x50) {
+              reader.gatherWhole();
+              continue;
+            }
+            const bytes = Buffer.from(reader.buffer.subarray(reader.start, reader.end));
+            if (!reader.piece) {
+              assert.equal(current.length, 0);
+              rebuilt.push(bytes);
+              continue;
+            }
+            assert.notEqual(reader.type, 0x50);
+            current.push(bytes);
+            if (reader.pieceLast) {
+              rebuilt.push(Buffer.concat(current));
+              current = [];
+            }
+          }
+        }
+        assert.deepEqual(rebuilt.map((b) => b.toString('hex')), messages.map((b) => b.toString('hex')));
+      },
+    ), { numRuns: 200 });
+    assert.throws(() => new FrameReader().gatherWhole(), /first piece/);
+  });
 });

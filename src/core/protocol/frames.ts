@@ -109,6 +109,21 @@ export class FrameReader {
     this.streamable = NOT_STREAMED;
   }
 
+  /**
+   * Right after the first piece of a streamed message: delivers that message
+   * whole instead, once the rest has come (the piece's bytes are copied). For
+   * a message found, from its first piece, to be one that must be read whole.
+   */
+  gatherWhole(): void {
+    if (!this.piece || !this.pieceFirst || this.streamRemaining === 0) throw new Error('FrameReader.gatherWhole: not right after the first piece of a streamed message');
+    const have = this.end - this.start;
+    this.beginPartial(this.type, have + this.streamRemaining, this.bodyStart - this.start);
+    this.buffer.copy(this.partial!, 0, this.start, this.end);
+    this.partialFilled = have;
+    this.streamRemaining = 0;
+    this.piece = false;
+  }
+
   /** The next message will be an untyped startup-phase message (after answering SSLRequest). */
   expectUntyped(): void {
     this.untyped = true;

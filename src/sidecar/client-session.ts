@@ -359,14 +359,18 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       this.localCommand = false;
       if (this.phase === 'closed') return;
       const reply = error === undefined ? commandComplete(kind.toUpperCase()) : errorResponse({ severity: 'ERROR', code: '55000', message: `LISTEN through the poolkeeper sidecar failed: ${error}` });
-      this.socket.write(Buffer.concat([reply, readyForQuery('I')]));
+      // Notifications that came meanwhile go first, as a backend sends them before its reply.
       this.flushNotifications();
+      this.socket.write(Buffer.concat([reply, readyForQuery('I')]));
       this.forward();
       if (this.pausedWaiting && this.server !== undefined) this.resumeWaiting();
     };
     if (kind === 'unlisten') {
-      hub.unlisten(this, channel);
-      finish(undefined);
+      // What was notified before the UNLISTEN still reaches the client, as direct: the hub sends it first.
+      void hub.sync().then(() => {
+        hub.unlisten(this, channel);
+        finish(undefined);
+      });
     } else void hub.listen(this, channel).then(finish);
   }
 

@@ -398,6 +398,23 @@ describe('sidecar transparency', function () {
             if (!received.includes(`p${i}`)) latePinned.push(i);
           }
           assert.deepEqual(latePinned, [], 'notifications to the pinned client that came late or never');
+          // UNLISTEN: what was notified before it still arrives, by the time it is answered (lib/pq's TestListenerUnlisten).
+          const unlistener = client(running);
+          await unlistener.connect();
+          try {
+            const got: string[] = [];
+            unlistener.on('notification', (n) => got.push(n.payload ?? ''));
+            const lost: number[] = [];
+            for (let i = 0; i < 30; i++) {
+              await unlistener.query('LISTEN again');
+              await notifier.query(`NOTIFY again, 'u${i}'`);
+              await unlistener.query('UNLISTEN again');
+              if (!got.includes(`u${i}`)) lost.push(i);
+            }
+            assert.deepEqual(lost, [], 'notifications sent before UNLISTEN that never came');
+          } finally {
+            await unlistener.end();
+          }
           // And while idle, at once.
           await notifier.query(`NOTIFY ordering, 'idle'`);
           const started = Date.now();

@@ -50,6 +50,8 @@ export interface ClientSessionHost {
   unregister(session: ClientSession): void;
   /** A CancelRequest arrived on this connection; `done` once it was delivered or dropped. */
   cancel(processId: number, secretKey: Buffer, done: () => void): void;
+  /** The statement a CancelRequest came for while it waited in the sidecar has just been sent to `session`'s server connection: cancel it there. */
+  cancelForwarded(session: ClientSession): void;
   /** Values (as SHOW prints them) of a settings set checked on the server before, by setting name. */
   shownSettings(key: string): ReadonlyMap<string, string> | undefined;
   /** Remembers a checked settings set. */
@@ -113,6 +115,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    * released.
    */
   private hubSync: 'none' | 'waiting' | 'done' = 'none';
+  /** A CancelRequest came while the statement waited in the sidecar: it is cancelled once sent to a server connection. */
+  private cancelOnForward = false;
   /** Notifications that arrived while a transaction ran: sent after it. */
   private readonly pendingNotifications: Buffer[] = [];
   private readonly host: ClientSessionHost;
@@ -462,6 +466,26 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
     chunks.length = 0;
     this.holdWhileQueued(server.stream);
+    this.cancelIfAsked();
+  }
+
+  /** Sends the CancelRequest that came while the statement waited in the sidecar, now that it runs. */
+  private cancelIfAsked(): void {
+    if (!this.cancelOnForward) return;
+    this.cancelOnForward = false;
+    this.host.cancelForwarded(this);
+  }
+
+  /**
+   * A CancelRequest found no statement running: if one waits in the sidecar
+   * (for a server connection, or for the listening connection), it is
+   * cancelled as soon as it is sent, as it would have been running direct.
+   * Returns false when nothing waits.
+   */
+  cancelWhenForwarded(): boolean {
+    if (this.phase !== 'ready' || this.pendingTypes.length === 0) return false;
+    this.cancelOnForward = true;
+    return true;
   }
 
   /** forward() for a session that names statements: each queued message goes through routeMessage. */
@@ -503,6 +527,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       server.stream.uncork();
     }
     this.holdWhileQueued(server.stream);
+    this.cancelIfAsked();
   }
 
   private onStartupPacket(body: Buffer): void {

@@ -358,10 +358,22 @@ export class Sidecar implements ClientSessionHost {
     }
     const target = session.cancelTarget();
     if (target === undefined) {
-      this.metrics.cancels.inc({ result: 'dropped' });
+      // Its statement still waits in the sidecar: cancelled once sent (cancelForwarded); the request is taken now.
+      if (!session.cancelWhenForwarded()) this.metrics.cancels.inc({ result: 'dropped' });
       done();
       return;
     }
+    this.forwardCancel(target, done);
+  }
+
+  /** Cancels the statement `session` has just sent (a CancelRequest came while it waited in the sidecar). */
+  cancelForwarded(session: ClientSession): void {
+    const target = session.cancelTarget();
+    if (target === undefined) this.metrics.cancels.inc({ result: 'dropped' });
+    else this.forwardCancel(target, () => undefined);
+  }
+
+  private forwardCancel(target: NonNullable<ReturnType<ClientSession['cancelTarget']>>, done: () => void): void {
     this.pool.cancelStatement(target.server, target.stillRunning).then((sent) => this.metrics.cancels.inc({ result: sent ? 'forwarded' : 'dropped' }), (err: Error) => {
       this.metrics.error('cancel');
       this.metrics.cancels.inc({ result: 'dropped' });

@@ -472,6 +472,28 @@ describe('sidecar transparency', function () {
   });
 
   describe('cancels', function () {
+    it('cancels a statement still waiting for a server connection once it reaches one (lib/pq\'s TestContextCancelQuery), as direct where it would be running', async function () {
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const holder = client(running);
+        const waiter = client(running);
+        await Promise.all([holder, waiter].map((c) => c.connect()));
+        try {
+          // The one server connection is busy: the waiter's statement stays queued in the sidecar.
+          await holder.query('BEGIN');
+          const started = Date.now();
+          const sleeping = waiter.query('SELECT pg_sleep(5)').then(() => 'completed', (e: Error & { code?: string }) => e.code ?? e.message);
+          await new Promise((r) => setTimeout(r, 100));
+          await sendCancel(running.port, waiter);
+          await holder.query('COMMIT');
+          assert.equal(await sleeping, '57014');
+          assert.ok(Date.now() - started < 4000, 'cancelled, not run to its end');
+          assert.equal((await waiter.query<{ n: number }>('SELECT 1 AS n')).rows[0]!.n, 1, 'the next statement is not cancelled');
+        } finally {
+          await Promise.all([holder, waiter].map((c) => c.end()));
+        }
+      });
+    });
+
     for (const mode of ['transaction', 'session'] as const) {
       it(`cancels only the statement in flight, never a bystander's (${mode} mode, random cancels)`, async function () {
         this.timeout(60_000);

@@ -129,6 +129,12 @@ describe('client settings from the startup packet', function () {
     assert.throws(() => clientSettingsFromStartup({ user: 'app', options: '-d 5' }), /-d/);
   });
 
+  it('lets a startup parameter win over the same setting in options, as PostgreSQL applies options first (lib/pq sends client_encoding=UTF8)', function () {
+    const settings = clientSettingsFromStartup({ user: 'app', client_encoding: 'UTF8', options: '-c client_encoding=SQL_ASCII -c DateStyle=ISO -c datestyle=German' });
+    assert.equal(settings.values.get('client_encoding'), 'UTF8');
+    assert.equal(settings.values.get('datestyle'), 'German', 'within options, the last one wins');
+  });
+
   it('splits options as PostgreSQL does, with backslash escapes', function () {
     assert.deepEqual(parseOptions('-c search_path=my\\ schema  -c a=b'), [['search_path', 'my schema'], ['a', 'b']]);
   });

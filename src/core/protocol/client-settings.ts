@@ -34,7 +34,12 @@ export function clientSettingsFromStartup(parameters: Readonly<Record<string, st
     if (name === 'replication') throw new ProtocolError('bad-startup', 'startup parameter "replication" is not supported: the poolkeeper sidecar does not pool replication connections');
     values.set(name.toLowerCase(), value);
   }
-  if (parameters.options !== undefined) for (const [name, value] of parseOptions(parameters.options)) values.set(name.toLowerCase(), value);
+  // PostgreSQL applies options first and the startup parameters after them: a parameter wins (lib/pq sends
+  // client_encoding=UTF8 whatever options say).
+  const explicit = new Set(values.keys());
+  if (parameters.options !== undefined) {
+    for (const [name, value] of parseOptions(parameters.options)) if (!explicit.has(name.toLowerCase())) values.set(name.toLowerCase(), value);
+  }
   // Direct, a client that names no application has none; the pooler's own name must not show through.
   if (!values.has('application_name')) values.set('application_name', '');
   return { values, key: JSON.stringify([...values]) };

@@ -219,6 +219,40 @@ describe('FrameReader streaming', function () {
     return m;
   };
 
+  /**
+   * Feeds `stream` to `reader` in chunks of the sizes `cuts` cycles through,
+   * hands `visit` every message or piece the reader yields, and returns the
+   * messages rebuilt from what `visit` kept (whole, or pieces joined).
+   */
+  const feed = (reader: FrameReader, stream: Buffer, cuts: readonly number[], visit: () => 'skip' | 'keep', afterPush: () => void = () => undefined): Buffer[] => {
+    const rebuilt: Buffer[] = [];
+    let current: Buffer[] = [];
+    let offset = 0;
+    let cut = 0;
+    while (offset < stream.length) {
+      const size = Math.min(cuts[cut++ % cuts.length]!, stream.length - offset);
+      reader.push(stream.subarray(offset, offset + size));
+      offset += size;
+      while (reader.next()) {
+        if (visit() === 'skip') continue;
+        const bytes = Buffer.from(reader.buffer.subarray(reader.start, reader.end));
+        if (!reader.piece) {
+          assert.equal(current.length, 0);
+          rebuilt.push(bytes);
+          continue;
+        }
+        if (reader.pieceFirst) assert.equal(current.length, 0, 'a first piece starts a message');
+        current.push(bytes);
+        if (reader.pieceLast) {
+          rebuilt.push(Buffer.concat(current));
+          current = [];
+        }
+      }
+      afterPush();
+    }
+    return rebuilt;
+  };
+
   it('delivers big streamable messages in pieces (a first piece with the header and a prefix), others whole, for any chunking', function () {
     const streamAbove = 4096;
     fc.assert(fc.property(
@@ -228,36 +262,19 @@ describe('FrameReader streaming', function () {
         const messages = specs.map((m, i) => message(m.type, m.size, i + 1));
         const stream = Buffer.concat(messages);
         const reader = new FrameReader({ streamAbove, streamable: messageTypeTable('Dd') });
-        const rebuilt: Buffer[] = [];
-        let current: Buffer[] = [];
-        let offset = 0;
-        let cut = 0;
-        while (offset < stream.length) {
-          const size = Math.min(cuts[cut++ % cuts.length]!, stream.length - offset);
-          reader.push(stream.subarray(offset, offset + size));
-          offset += size;
-          while (reader.next()) {
-            const bytes = Buffer.from(reader.buffer.subarray(reader.start, reader.end));
-            if (!reader.piece) {
-              assert.equal(current.length, 0);
-              assert.ok(!('Dd'.includes(String.fromCharCode(reader.type)) && bytes.length > streamAbove), 'a big streamable message comes in pieces');
-              rebuilt.push(bytes);
-              continue;
-            }
-            if (reader.pieceFirst) {
-              assert.equal(current.length, 0);
-              assert.equal(reader.bodyStart, reader.start + 5);
-              assert.ok(reader.end - reader.bodyStart >= STREAM_PREFIX_BYTES, 'the first piece carries the prefix');
-            } else assert.equal(reader.bodyStart, reader.start);
-            current.push(bytes);
-            if (reader.pieceLast) {
-              rebuilt.push(Buffer.concat(current));
-              current = [];
-            }
-          }
+        const rebuilt = feed(reader, stream, cuts, () => {
+          if (!reader.piece) {
+            const length = reader.end - reader.start;
+            assert.ok(!('Dd'.includes(String.fromCharCode(reader.type)) && length > streamAbove), 'a big streamable message comes in pieces');
+          } else if (reader.pieceFirst) {
+            assert.equal(reader.bodyStart, reader.start + 5);
+            assert.ok(reader.end - reader.bodyStart >= STREAM_PREFIX_BYTES, 'the first piece carries the prefix');
+          } else assert.equal(reader.bodyStart, reader.start);
+          return 'keep';
+        }, () => {
           // Never more buffered than a header and a prefix, whatever the message size.
           assert.ok(reader.buffered <= 5 + STREAM_PREFIX_BYTES || !reader.streaming);
-        }
+        });
         assert.deepEqual(rebuilt.map((b) => b.toString('hex')), messages.map((b) => b.toString('hex')));
       },
     ), { numRuns: 200 });
@@ -272,34 +289,15 @@ describe('FrameReader streaming', function () {
         const messages = specs.map((m, i) => message(m.type, m.size, i + 1));
         const stream = Buffer.concat(messages);
         const reader = new FrameReader({ streamAbove, streamable: messageTypeTable('PD') });
-        const rebuilt: Buffer[] = [];
-        let current: Buffer[] = [];
-        let offset = 0;
-        let cut = 0;
-        while (offset < stream.length) {
-          const size = Math.min(cuts[cut++ % cuts.length]!, stream.length - offset);
-          reader.push(stream.subarray(offset, offset + size));
-          offset += size;
-          while (reader.next()) {
-            // Parses are gathered whole; Ds keep streaming.
-            if (reader.piece && reader.pieceFirst && reader.type === 0x50) {
-              reader.gatherWhole();
-              continue;
-            }
-            const bytes = Buffer.from(reader.buffer.subarray(reader.start, reader.end));
-            if (!reader.piece) {
-              assert.equal(current.length, 0);
-              rebuilt.push(bytes);
-              continue;
-            }
-            assert.notEqual(reader.type, 0x50);
-            current.push(bytes);
-            if (reader.pieceLast) {
-              rebuilt.push(Buffer.concat(current));
-              current = [];
-            }
+        const rebuilt = feed(reader, stream, cuts, () => {
+          // Parses are gathered whole; Ds keep streaming.
+          if (reader.piece && reader.pieceFirst && reader.type === 0x50) {
+            reader.gatherWhole();
+            return 'skip';
           }
-        }
+          if (reader.piece) assert.notEqual(reader.type, 0x50);
+          return 'keep';
+        });
         assert.deepEqual(rebuilt.map((b) => b.toString('hex')), messages.map((b) => b.toString('hex')));
       },
     ), { numRuns: 200 });

@@ -4,7 +4,7 @@
  * written itself, and gets plain data back.
  */
 import type { DatabaseConnection, PoolMember } from '../api/index.ts';
-import { laterAcknowledgement, type Acknowledgement, type BudgetInput, type ConnectionInput, type MemberState, type PodInput, type PodPhase, type TableState } from '../core/budget/index.ts';
+import { laterAcknowledgement, type Acknowledgement, type BudgetInput, type ConnectionCap, type ConnectionInput, type MemberState, type PodInput, type PodPhase, type TableState } from '../core/budget/index.ts';
 import { resolveConsumer } from '../core/inject/consumer.ts';
 import { READS_TABLES_ANNOTATION, type PodLike } from '../core/inject/model.ts';
 import { CONNECTION_LABEL } from '../api/index.ts';
@@ -89,12 +89,15 @@ export function buildBudgetInput(args: {
   channel?: (podUid: string) => Acknowledgement | undefined;
   /** Grant tables are in use: pods whose injected sidecar reads them get their PoolMember created on the table. */
   tablesEnabled?: boolean;
+  /** The CONNECTION LIMITs a connection's login shares with others on the server. */
+  caps?: (connection: DatabaseConnection) => ConnectionCap[];
 }): BudgetInput {
   const byKey = new Map(args.connections.map((c) => [`${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`, c]));
   const connections: ConnectionInput[] = args.connections.map((c) => ({
     namespace: c.metadata.namespace ?? '',
     name: c.metadata.name ?? '',
     budgetStrategy: c.spec.budgetStrategy,
+    ...(args.caps ? { caps: args.caps(c) } : {}),
     consumers: c.spec.consumers.map((consumer) => ({
       name: consumer.name,
       weight: consumer.weight,

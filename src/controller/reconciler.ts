@@ -7,7 +7,7 @@
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVE, type DatabaseConnection, type DatabaseServer, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
-import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, loginConnectionCap, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant } from '../core/budget/index.ts';
+import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, loginConnectionCap, loginConnectionCaps, connectionCaps, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant, type ConnectionCap, type LoginCap } from '../core/budget/index.ts';
 import { decideOwnedLimit, decideServerLimit, namespaceDemands, namespaceShares, ownedServerKey, planWithShares, ruleFor, type NamespaceRule } from '../core/tenancy/index.ts';
 import { connectionConditions, limitMismatchCondition, loginCapCondition, oversubscriptionAdvice, type ConsumerDemand, type ConsumerFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
 import { conditionsEqual, findCondition, setConditions, type Condition, type ConditionUpdate } from '../core/conditions/index.ts';
@@ -148,6 +148,8 @@ interface Resolved {
   discovered?: number;
   reserve?: number;
   effective?: number;
+  /** The CONNECTION LIMITs of its login (role, database), before any reserve. */
+  loginCaps?: LoginCap[];
 }
 
 /** Ready reasons that get an Event when they start. */
@@ -294,13 +296,13 @@ export class ServerReconciler {
         degraded = { type: 'Degraded', status: 'True', reason: 'LimitDiscoveryFailed', message: `SHOW max_connections failed: ${why}${previous === undefined ? '' : `; using the last known ${previous}`}` };
       }
       let mismatch = limitMismatchCondition(max, settings && serverValue !== undefined ? { maxConnections: settings.maxConnections, superuserReserved: settings.superuserReservedConnections, reserved: settings.reservedConnections, available: serverValue } : undefined);
-      // This login's own CONNECTION LIMIT (role or database) binds below the server's.
+      // This login's own CONNECTION LIMIT (role or database) binds below the server's: the planner
+      // keeps every connection of that role (or database) on the server within it, together.
       const cap = login ? loginConnectionCap(login) : undefined;
       if (cap && value !== undefined && cap.limit < value) {
         mismatch = loginCapCondition(cap, credentials.ok ? credentials.username : '', connection.spec.database.dbname, value);
-        value = cap.limit;
       }
-      const base = { credentials, verification, degraded, mismatch, secrets: credentials.ok ? [credentials.password] : [] };
+      const base = { credentials, verification, degraded, mismatch, secrets: credentials.ok ? [credentials.password] : [], ...(login ? { loginCaps: loginConnectionCaps(login) } : {}) };
       if (value === undefined) {
         resolved.set(key(connection), base);
         continue;
@@ -409,7 +411,12 @@ export class ServerReconciler {
     const leftTables = await this.tables.leaveTables(members, livePodUids);
     const afterSwitch = performance.now();
     const ledger = this.deps.acknowledgements?.ledger;
-    const input = buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tablesEnabled: this.tables.enabled, tableFrom: (m) => this.tables.tableFrom(m), ...(ledger ? { channel: (uid: string) => ledger.get(uid) } : {}) });
+    const caps = (c: DatabaseConnection): ConnectionCap[] => {
+      const r = resolved.get(key(c));
+      if (!r?.loginCaps || !r.credentials.ok) return [];
+      return connectionCaps(r.loginCaps, { role: r.credentials.username, database: c.spec.database.dbname }, owner ? owner.spec.reserve : (c.spec.reserve ?? DEFAULT_RESERVE));
+    };
+    const input = buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tablesEnabled: this.tables.enabled, tableFrom: (m) => this.tables.tableFrom(m), caps, ...(ledger ? { channel: (uid: string) => ledger.get(uid) } : {}) });
     const tenancy = owner ? this.planOwned(owner, input, connections, resolved) : undefined;
     const plan = tenancy?.plan ?? planBudgets(missingServer === undefined ? input : withdrawPods(input, () => true));
     // The CPU of reading and planning, not the switch's writes.
@@ -423,13 +430,13 @@ export class ServerReconciler {
     const missingSidecar = await this.repairMissingSidecars(pods);
     const silent = this.unresponsiveSidecars(pods, members);
     const names = (list: string[]): string => `${list.slice(0, 5).join(', ')}${list.length > 5 ? ', ...' : ''}`;
-    const advice = plan.oversubscription && !tenancy ? oversubscriptionAdvice(plan.limit, this.demands(plan, connections)) : '';
+    const advice = plan.oversubscription && plan.oversubscription.cap === undefined && !tenancy ? oversubscriptionAdvice(plan.limit, this.demands(plan, connections)) : '';
     for (const connection of connections) {
       const r = resolved.get(key(connection));
       const namespace = connection.metadata.namespace ?? '';
       // Under a DatabaseServer each namespace is planned within its share: its own plan says what its pods get.
       const statusPlan = tenancy?.byNamespace.get(namespace) ?? plan;
-      const statusAdvice = tenancy && statusPlan.oversubscription ? `${oversubscriptionAdvice(statusPlan.limit, this.demands(statusPlan, connections.filter((c) => c.metadata.namespace === namespace)))} ${tenancy.shareAdvice.get(namespace) ?? ''}`.trim() : advice;
+      const statusAdvice = tenancy && statusPlan.oversubscription && statusPlan.oversubscription.cap === undefined ? `${oversubscriptionAdvice(statusPlan.limit, this.demands(statusPlan, connections.filter((c) => c.metadata.namespace === namespace)))} ${tenancy.shareAdvice.get(namespace) ?? ''}`.trim() : advice;
       const missing = missingSidecar.filter((p) => podConnectionKey(p) === key(connection)).map((p) => p.metadata?.name ?? '');
       const unresponsive = silent.filter((m) => m.spec.connection === connection.metadata.name && m.metadata.namespace === connection.metadata.namespace).map((m) => m.metadata.name ?? '');
       this.deps.metrics.unresponsiveSidecars.set({ namespace: connection.metadata.namespace ?? '', connection: connection.metadata.name ?? '' }, unresponsive.length);

@@ -130,37 +130,61 @@ describe('budget controller', function () {
     assert.deepEqual(getConnection(kube, namespace, 'orders')?.status?.limit, { discovered, reserve, effective: discovered - reserve, shared: 1 });
   });
 
-  it('budgets within the CONNECTION LIMIT of the login\'s role or database, and says which binds', async function () {
+  it('keeps every connection of a role (or to a database) with a CONNECTION LIMIT within it together, and gives the rest of the server to other roles', async function () {
     const suffix = Math.random().toString(36).slice(2, 8);
     const role = `capped_${suffix}`;
     const database = `capped_db_${suffix}`;
     await postgres.query(`CREATE ROLE ${role} LOGIN PASSWORD 'capped-secret' CONNECTION LIMIT 7`);
     await postgres.query(`CREATE DATABASE ${database} CONNECTION LIMIT 5`);
+    const byRole = namespaceFor('cap-role');
+    const byDatabase = namespaceFor('cap-db');
+    const uncapped = namespaceFor('cap-free');
+    const fleets3: SidecarFleetDouble[] = [];
     try {
-      const byRole = namespaceFor('cap-role');
-      const byDatabase = namespaceFor('cap-db');
-      for (const namespace of [byRole, byDatabase]) {
-        createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 1, secret: 'db-credentials', username: role, password: 'capped-secret' });
-      }
+      // Two namespaces log in as the capped role (one of them to the capped database); a third as another role.
+      createWorkload(kube, { namespace: byRole, connection: 'orders', deployment: 'web', replicas: 3, secret: 'db-credentials', username: role, password: 'capped-secret' });
+      createWorkload(kube, { namespace: byDatabase, connection: 'orders', deployment: 'web', replicas: 1, secret: 'db-credentials', username: role, password: 'capped-secret' });
+      createWorkload(kube, { namespace: uncapped, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
       applyConnection(kube, postgres, byRole, 'orders', { maxConnections: 'auto', reserve: 0 });
       kube.kubectl(['apply', '-f', '-'], JSON.stringify({
         apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'DatabaseConnection', metadata: { name: 'orders', namespace: byDatabase },
         spec: { database: { host: postgres.host, port: postgres.port, dbname: database, sslMode: 'disable', credentialsSecretRef: { name: 'db-credentials' } }, consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' } }], maxConnections: 'auto', reserve: 0 },
       }));
+      applyConnection(kube, postgres, uncapped, 'orders', { maxConnections: 'auto', reserve: 0 });
+      for (const ns of [byRole, byDatabase, uncapped]) fleets3.push(new SidecarFleetDouble(kube, ns));
+      fleets.push(...fleets3);
+      await Promise.all(fleets3.map((f) => f.start()));
+      const sampler = new Sampler(fleets3, ([r, d]) => reserved([...r!, ...d!]));
       ({ controller } = await startController(kube));
-      const condition = (namespace: string): string => {
-        const c = getConnection(kube, namespace, 'orders')?.status?.conditions?.find((x) => x.type === 'LimitExceedsServer');
+      const available = postgres.options.maxConnections - postgres.options.superuserReservedConnections;
+      const condition = (namespace: string, type: string): string => {
+        const c = getConnection(kube, namespace, 'orders')?.status?.conditions?.find((x) => x.type === type);
         return c ? `${c.status}/${c.reason}: ${c.message}` : '';
       };
-      await eventually('both limits', () => getConnection(kube, byRole, 'orders')?.status?.limit?.discovered !== undefined && getConnection(kube, byDatabase, 'orders')?.status?.limit?.discovered !== undefined && condition(byDatabase) !== '');
-      assert.equal(getConnection(kube, byRole, 'orders')?.status?.limit?.discovered, 7);
-      assert.match(condition(byRole), new RegExp(`^True/LoginConnectionLimit: the role's CONNECTION LIMIT is 7 \\(role ${role}.*ALTER ROLE ${role} CONNECTION LIMIT n`));
-      // The database's 5 binds below the role's 7.
-      assert.equal(getConnection(kube, byDatabase, 'orders')?.status?.limit?.discovered, 5);
-      assert.match(condition(byDatabase), new RegExp(`^True/LoginConnectionLimit: the database's CONNECTION LIMIT is 5 .*ALTER DATABASE ${database} CONNECTION LIMIT n`));
+      const sum = (fleet: SidecarFleetDouble): number => grants(fleet.members()).reduce((a, b) => a + b, 0);
+      try {
+        await eventually('the role\'s 4 pods at 7 together, the other role\'s 2 pods at the rest', () => fleets3[0]!.members().length === 3 && sum(fleets3[0]!) + sum(fleets3[1]!) === 7 && grants(fleets3[2]!.members()).join() === `${(available - 7) / 2},${(available - 7) / 2}`);
+      } finally {
+        sampler.stop();
+      }
+      assert.ok(sampler.max <= 7, `the role's pods reserved ${sampler.max} together, above its CONNECTION LIMIT 7`);
+      assert.ok(sum(fleets3[1]!) <= 5, `the capped database's pod got ${sum(fleets3[1]!)}`);
+      assert.deepEqual(grants([...fleets3[0]!.members(), ...fleets3[1]!.members()]), [1, 2, 2, 2]);
+      // Every connection shares the server's limit: a CONNECTION LIMIT is not a conflicting limit.
+      for (const ns of [byRole, byDatabase, uncapped]) {
+        assert.equal(getConnection(kube, ns, 'orders')?.status?.limit?.effective, available);
+        assert.match(condition(ns, 'LimitConflict'), /^False\//);
+      }
+      await eventually('conditions', () => condition(byDatabase, 'LimitExceedsServer').startsWith('True'));
+      assert.match(condition(byRole, 'LimitExceedsServer'), new RegExp(`^True/LoginConnectionLimit: the role's CONNECTION LIMIT is 7 \\(role ${role}.*log in as ${role} hold at most 7 .*ALTER ROLE ${role} CONNECTION LIMIT n`));
+      // The database's 5 is the stricter of its two.
+      assert.match(condition(byDatabase, 'LimitExceedsServer'), new RegExp(`^True/LoginConnectionLimit: the database's CONNECTION LIMIT is 5 .*ALTER DATABASE ${database} CONNECTION LIMIT n`));
+      assert.doesNotMatch(condition(uncapped, 'LimitExceedsServer'), /^True/);
     } finally {
       await controller?.stop();
       controller = undefined;
+      await Promise.all(fleets3.map((f) => f.stop()));
+      for (const ns of [byRole, byDatabase, uncapped]) kube.kubectl(['-n', ns, 'delete', 'dbc', '--all', '--wait=true']);
       await postgres.query(`DROP DATABASE IF EXISTS ${database}`).catch(() => undefined);
       await postgres.query(`DROP ROLE IF EXISTS ${role}`).catch(() => undefined);
     }

@@ -126,6 +126,38 @@ describe('controller: a DatabaseServer owns a shared server\'s limit', function 
     assert.ok(sampler.max <= 30, `at most the limit may be held at any time, saw ${sampler.max}: ${sampler.maxState}`);
   });
 
+  it('keeps the pods of two namespaces that log in as one role within its CONNECTION LIMIT together, inside their shares', async function () {
+    const role = `shared_${randomBytes(3).toString('hex')}`;
+    await postgres.query(`CREATE ROLE ${role} LOGIN PASSWORD 'shared-secret' CONNECTION LIMIT 8`);
+    try {
+      for (const ns of [shop, billing]) {
+        kube.kubectl(['-n', ns, 'create', 'secret', 'generic', 'shared-role', `--from-literal=username=${role}`, '--from-literal=password=shared-secret']);
+      }
+      // From nothing held: what the pods held before as another role does not count against this one.
+      for (const ns of [shop, billing]) kube.kubectl(['-n', ns, 'delete', 'dbc', '--all', '--wait=true']);
+      await eventually('shop and billing hold nothing', () => reserved(fleets.get(shop)!.members()) + reserved(fleets.get(billing)!.members()) === 0, 60_000);
+      applyServer(serverSpec(12));
+      const shared = (host: string): Record<string, unknown> => {
+        const spec = connectionSpec(host, { serverRef: { name: serverName } });
+        return { ...spec, database: { ...(spec.database as Record<string, unknown>), credentialsSecretRef: { name: 'shared-role' } } };
+      };
+      applyConnection(shop, shared('127.0.0.1'));
+      applyConnection(billing, shared('localhost'));
+      const sampler = new Sampler([fleets.get(shop)!, fleets.get(billing)!], (perFleet) => perFleet.reduce((sum, members) => sum + reserved(members), 0));
+      try {
+        // Their shares (12 and 18) would allow 30; the role allows 8, split by their pods (3 and 3).
+        await eventually('shop and billing at 4 each', () => dbc(shop)?.status?.allocated === 4 && dbc(billing)?.status?.allocated === 4, 60_000);
+      } finally {
+        sampler.stop();
+      }
+      assert.ok(sampler.max <= 8, `the role's pods reserved ${sampler.max} together, above its CONNECTION LIMIT 8: ${sampler.maxState}`);
+      assert.equal(condition(shop, 'LimitExceedsServer')?.reason, 'LoginConnectionLimit');
+    } finally {
+      for (const ns of [shop, billing]) kube.kubectl(['-n', ns, 'delete', 'dbc', '--all', '--wait=true']);
+      await postgres.query(`DROP ROLE IF EXISTS ${role}`).catch(() => undefined);
+    }
+  });
+
   it('a serverRef to a DatabaseServer that does not exist is not Ready and draws nothing', async function () {
     applyConnection(stranger, connectionSpec('127.0.0.1', { serverRef: { name: `${serverName}-missing` } }));
     await eventually('ServerNotFound', () => condition(stranger, 'Ready')?.reason === 'ServerNotFound', 30_000);

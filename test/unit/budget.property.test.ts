@@ -156,9 +156,9 @@ function apply(world: World, op: Operation): void {
 }
 
 /** What the protocol counts against the limit: max(granted, last acknowledged), except pods gone, failed or drained on termination. */
-function counted(world: World): number {
+function counted(world: World, only: (p: SimPod) => boolean = () => true): number {
   let sum = 0;
-  for (const p of world.pods) {
+  for (const p of world.pods.filter(only)) {
     const m = world.members.get(keyOf(p.pod));
     if (!m || m.podUid !== p.pod.uid || p.pod.phase === 'Failed') continue;
     if (p.pod.terminating && m.acknowledgement?.drained) continue;
@@ -167,10 +167,31 @@ function counted(world: World): number {
   return sum;
 }
 
+/** Each cap (CONNECTION LIMIT of a role or database) with its strictest limit and the connections it binds. */
+function capsOf(world: World): Array<{ key: string; limit: number; connections: Set<string> }> {
+  const caps = new Map<string, { key: string; limit: number; connections: Set<string> }>();
+  for (const c of world.connections) {
+    for (const cap of c.caps ?? []) {
+      const g = caps.get(cap.key) ?? { key: cap.key, limit: cap.limit, connections: new Set<string>() };
+      g.limit = Math.min(g.limit, cap.limit);
+      g.connections.add(keyOf(c));
+      caps.set(cap.key, g);
+    }
+  }
+  return [...caps.values()];
+}
+
 function checkSafety(world: World, step: string): void {
   assert.ok(counted(world) <= world.limit, `${step}: counted ${counted(world)} > limit ${world.limit}`);
   const held = world.pods.reduce((sum, p) => sum + p.sidecar.held, 0);
   assert.ok(held <= world.limit, `${step}: sidecars hold ${held} > limit ${world.limit}`);
+  for (const cap of capsOf(world)) {
+    const bound = (p: SimPod): boolean => cap.connections.has(`${p.pod.namespace}/${p.pod.connection}`);
+    const inCap = counted(world, bound);
+    assert.ok(inCap <= cap.limit, `${step}: counted ${inCap} > ${cap.key}'s CONNECTION LIMIT ${cap.limit}`);
+    const heldInCap = world.pods.filter(bound).reduce((sum, p) => sum + p.sidecar.held, 0);
+    assert.ok(heldInCap <= cap.limit, `${step}: sidecars of ${cap.key} hold ${heldInCap} > ${cap.limit}`);
+  }
   for (const p of world.pods) {
     const m = world.members.get(keyOf(p.pod));
     const covered = m && m.podUid === p.pod.uid ? Math.max(m.grant.connections, m.acknowledgement?.connections ?? 0) : 0;
@@ -205,16 +226,28 @@ const consumerArb = fc.record({
   maxReplicas: fc.integer({ min: 1, max: 5 }),
 });
 
-/** One or two DatabaseConnections (two namespaces) on the same server. */
+const CAP_KEYS = ['role a', 'role b', 'database d'] as const;
+
+/**
+ * One or two DatabaseConnections (two namespaces) on the same server, each
+ * logging in with a role or to a database that may have a CONNECTION LIMIT
+ * of its own, shared with the other connection or not.
+ */
 const worldArb = fc.record({
   limit: fc.integer({ min: 0, max: 60 }),
-  connections: fc.array(fc.record({ strategy: fc.constantFrom('Dynamic' as const, 'Dynamic' as const, 'MaxReplicas' as const), consumers: fc.array(consumerArb, { minLength: 1, maxLength: 2 }) }), { minLength: 1, maxLength: 2 }),
+  connections: fc.array(fc.record({
+    strategy: fc.constantFrom('Dynamic' as const, 'Dynamic' as const, 'MaxReplicas' as const),
+    consumers: fc.array(consumerArb, { minLength: 1, maxLength: 2 }),
+    caps: fc.subarray([...CAP_KEYS]),
+  }), { minLength: 1, maxLength: 2 }),
+  capLimits: fc.tuple(fc.integer({ min: 0, max: 40 }), fc.integer({ min: 0, max: 40 }), fc.integer({ min: 0, max: 40 })),
   initialPods: fc.array(fc.nat(3), { maxLength: 8 }),
-}).map(({ limit, connections, initialPods }): World => {
+}).map(({ limit, connections, capLimits, initialPods }): World => {
   const world: World = {
     limit,
     connections: connections.map((c, i) => ({
       namespace: `ns${i}`, name: `db${i}`, budgetStrategy: c.strategy,
+      caps: c.caps.map((key) => ({ key, limit: capLimits[CAP_KEYS.indexOf(key)]! })),
       consumers: c.consumers.map((k, j) => ({ name: `c${i}${j}`, weight: k.weight, minPerPod: k.minPerPod, maxPerPod: k.maxExtra === undefined ? undefined : k.minPerPod + k.maxExtra, processesPerPod: k.processesPerPod, maxReplicas: k.maxReplicas })),
     })),
     pods: [], members: new Map(), serial: 0,
@@ -267,7 +300,15 @@ describe('budget planner on a simulated fleet (property)', function () {
         const pods = plan.grants.filter((g) => g.namespace === c.namespace && g.consumer === k.name).length;
         return (c.budgetStrategy === 'MaxReplicas' ? Math.max(pods, k.maxReplicas ?? 0) : pods) * k.minPerPod;
       })).reduce((a, b) => a + b, 0);
-      assert.equal(plan.oversubscription !== undefined, required > world.limit, 'oversubscription flagged exactly when minimums exceed the limit');
+      const capExceeded = capsOf(world).some((cap) => world.connections.filter((c) => cap.connections.has(keyOf(c))).flatMap((c) => c.consumers.map((k) => {
+        const pods = plan.grants.filter((g) => g.namespace === c.namespace && g.consumer === k.name).length;
+        return (c.budgetStrategy === 'MaxReplicas' ? Math.max(pods, k.maxReplicas ?? 0) : pods) * k.minPerPod;
+      })).reduce((a, b) => a + b, 0) > cap.limit);
+      assert.equal(plan.oversubscription !== undefined, required > world.limit || capExceeded, 'oversubscription flagged exactly when minimums exceed the limit or a CONNECTION LIMIT');
+      for (const cap of capsOf(world)) {
+        const inCap = plan.grants.filter((g) => cap.connections.has(`${g.namespace}/${g.connection}`)).reduce((a, g) => a + g.grant.connections, 0);
+        assert.ok(inCap <= cap.limit, `${cap.key}: granted ${inCap} > ${cap.limit}`);
+      }
       for (const c of world.connections) {
         for (const k of c.consumers) {
           const mine = plan.grants.filter((g) => g.namespace === c.namespace && g.consumer === k.name).map((g) => g.grant.connections);
@@ -283,7 +324,9 @@ describe('budget planner on a simulated fleet (property)', function () {
         const c = world.connections.find((x) => x.namespace === g.namespace && x.name === g.connection)!;
         return c.budgetStrategy === 'Dynamic' && c.consumers.find((k) => k.name === g.consumer)?.maxPerPod === undefined;
       });
-      if (allDynamic && dynamicUnbounded && !plan.oversubscription) assert.equal(granted, world.limit, 'the whole limit is granted');
+      // With CONNECTION LIMITs, what a cap leaves unused goes to the others; each capped group is at its cap or everyone's else is full.
+      const uncapped = world.connections.every((c) => (c.caps ?? []).length === 0);
+      if (allDynamic && dynamicUnbounded && !plan.oversubscription && uncapped) assert.equal(granted, world.limit, 'the whole limit is granted');
     }), { numRuns: 150 });
   });
 

@@ -134,6 +134,29 @@ describe('budget planner', function () {
     assert.equal(plan.allocated, 9);
   });
 
+  it('keeps connections sharing a CONNECTION LIMIT within it together, and gives what it leaves of the limit to the others', function () {
+    const capped = (namespace: string, name: string): ConnectionInput => ({ namespace, name, budgetStrategy: 'Dynamic', consumers: [web], caps: [{ key: 'role app', limit: 5 }] });
+    const free: ConnectionInput = { namespace: 'other', name: 'free', budgetStrategy: 'Dynamic', consumers: [web] };
+    const podIn = (namespace: string, connection: string, name: string): PodInput => ({ ...pod(name), namespace, connection, uid: `uid-${name}` });
+    const memberIn = (namespace: string, name: string): MemberState => ({ ...member(name, 0, 0), namespace });
+    const pods = [podIn('shop', 'orders', 'a'), podIn('shop', 'orders', 'b'), podIn('billing', 'ledger', 'c'), podIn('other', 'free', 'd')];
+    const members = [memberIn('shop', 'a'), memberIn('shop', 'b'), memberIn('billing', 'c'), memberIn('other', 'd')];
+    const plan = planBudgets({ limit: 30, connections: [capped('shop', 'orders'), capped('billing', 'ledger'), free], pods, members });
+    assert.deepEqual(Object.fromEntries(plan.grants.map((g) => [g.name, g.grant.connections])), { a: 2, b: 1, c: 2, d: 25 });
+    assert.equal(plan.oversubscription, undefined);
+    // Grows take only what the cap has free: while a and b still hold 5, c waits for their shrinks, though the limit has room.
+    const full = planBudgets({ limit: 30, connections: [capped('shop', 'orders'), capped('billing', 'ledger'), free], pods, members: [{ ...member('a', 3), namespace: 'shop' }, { ...member('b', 2), namespace: 'shop' }, memberIn('billing', 'c'), memberIn('other', 'd')] });
+    assert.deepEqual(Object.fromEntries(full.grants.map((g) => [g.name, [g.grant.connections, g.target]])), { a: [2, 2], b: [1, 1], c: [0, 2], d: [25, 25] });
+  });
+
+  it('reports minimums above a CONNECTION LIMIT as oversubscription naming it, and grants only up to it', function () {
+    const capped: ConnectionInput = { ...orders([{ ...web, minPerPod: 3 }]), caps: [{ key: 'database shop', limit: 5 }] };
+    const plan = planBudgets({ limit: 30, connections: [capped], pods: [pod('a'), pod('b')], members: [member('a', 0, 0), member('b', 0, 0)] });
+    assert.equal(plan.oversubscription?.cap, 'database shop');
+    assert.match(plan.oversubscription?.message ?? '', /2 pods x minPerPod 3 = 6 > limit 5 \(the CONNECTION LIMIT of database shop\)/);
+    assert.ok(plan.grants.reduce((a, g) => a + g.grant.connections, 0) <= 5);
+  });
+
   it('MaxReplicas reserves for maxReplicas pods and does not rebalance when pods come and go', function () {
     const connection = orders([{ ...web, maxReplicas: 4 }], 'MaxReplicas');
     const one = planBudgets({ limit: 20, connections: [connection], pods: [pod('a')], members: [member('a', 0, 0)] });

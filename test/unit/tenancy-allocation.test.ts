@@ -94,8 +94,12 @@ describe('tenancy: DatabaseServer allocations', function () {
 /** A small fleet over three namespaces, each with one connection and one consumer. */
 const NAMESPACES = ['a', 'b', 'c'] as const;
 
-function connectionsFor(minPerPod: number): ConnectionInput[] {
-  return NAMESPACES.map((ns) => ({ namespace: ns, name: 'db', budgetStrategy: 'Dynamic' as const, consumers: [{ name: 'web', weight: 1, minPerPod, processesPerPod: 1 }] }));
+/** Namespaces a and b log in with one role, whose CONNECTION LIMIT (when given) binds them together. */
+function connectionsFor(minPerPod: number, sharedRoleCap?: number): ConnectionInput[] {
+  return NAMESPACES.map((ns) => ({
+    namespace: ns, name: 'db', budgetStrategy: 'Dynamic' as const, consumers: [{ name: 'web', weight: 1, minPerPod, processesPerPod: 1 }],
+    ...(sharedRoleCap !== undefined && ns !== 'c' ? { caps: [{ key: 'role shared', limit: sharedRoleCap }] } : {}),
+  }));
 }
 
 const stepArb = fc.record({
@@ -110,9 +114,9 @@ const stepArb = fc.record({
 });
 
 describe('tenancy: planning within namespace shares (property)', function () {
-  it('the server\'s total of max(granted, acknowledged, held) never exceeds the limit while shares move between namespaces', function () {
-    fc.assert(fc.property(fc.integer({ min: 3, max: 40 }), fc.integer({ min: 0, max: 2 }), fc.array(stepArb, { minLength: 2, maxLength: 12 }), (limit, minPerPod, steps) => {
-      const connections = connectionsFor(minPerPod);
+  it('the server\'s total of max(granted, acknowledged, held) never exceeds the limit, nor a role\'s CONNECTION LIMIT shared by two namespaces, while shares move between namespaces', function () {
+    fc.assert(fc.property(fc.integer({ min: 3, max: 40 }), fc.integer({ min: 0, max: 2 }), fc.option(fc.integer({ min: 0, max: 20 }), { nil: undefined }), fc.array(stepArb, { minLength: 2, maxLength: 12 }), (limit, minPerPod, roleCap, steps) => {
+      const connections = connectionsFor(minPerPod, roleCap);
       // The sidecars: what each pod was granted, acknowledged and holds.
       const members = new Map<string, MemberState>();
       for (const step of steps) {
@@ -135,8 +139,11 @@ describe('tenancy: planning within namespace shares (property)', function () {
           if (!step.acks[i % step.acks.length]) return;
           m.acknowledgement = { generation: m.grant.generation, connections: m.grant.connections, held: m.grant.connections, drained: false };
         });
-        const total = [...members.values()].reduce((a, m) => a + Math.max(m.grant.connections, m.acknowledgement?.connections ?? 0, m.acknowledgement?.held ?? 0), 0);
+        const counted = (m: MemberState): number => Math.max(m.grant.connections, m.acknowledgement?.connections ?? 0, m.acknowledgement?.held ?? 0);
+        const total = [...members.values()].reduce((a, m) => a + counted(m), 0);
         if (total > limit) return false;
+        const shared = [...members.values()].filter((m) => m.namespace !== 'c').reduce((a, m) => a + counted(m), 0);
+        if (roleCap !== undefined && shared > roleCap) return false;
       }
       return true;
     }), { numRuns: 200 });

@@ -1,6 +1,7 @@
 /**
  * From a server's configuration to the limit the planner divides.
  */
+import type { ConnectionCap } from './types.ts';
 
 /** PostgreSQL settings that bound ordinary logins. */
 export interface ServerSettings {
@@ -22,10 +23,28 @@ export interface ServerSettings {
  * ("too many connections for role") however far below max_connections.
  */
 export function loginConnectionCap(settings: ServerSettings): LoginCap | undefined {
+  return loginConnectionCaps(settings).reduce<LoginCap | undefined>((low, c) => (low === undefined || c.limit < low.limit ? c : low), undefined);
+}
+
+/** Every CONNECTION LIMIT on the login: its role's and its database's, each shared with other logins of that role or to that database. */
+export function loginConnectionCaps(settings: ServerSettings): LoginCap[] {
   const caps: LoginCap[] = [];
   if (settings.roleConnectionLimit !== undefined && settings.roleConnectionLimit >= 0) caps.push({ limit: settings.roleConnectionLimit, of: 'role' });
   if (settings.databaseConnectionLimit !== undefined && settings.databaseConnectionLimit >= 0) caps.push({ limit: settings.databaseConnectionLimit, of: 'database' });
-  return caps.reduce<LoginCap | undefined>((low, c) => (low === undefined || c.limit < low.limit ? c : low), undefined);
+  return caps;
+}
+
+/**
+ * The caps the planner keeps a connection's pods within, one per CONNECTION
+ * LIMIT of its login, less the reserve (which applies to such a limit as to
+ * max_connections). Keyed by role or database name, so every
+ * DatabaseConnection of the same role (or database) on the server shares it.
+ */
+export function connectionCaps(caps: readonly LoginCap[], login: { role: string; database: string }, reserve: number | string): ConnectionCap[] {
+  return caps.map((cap) => ({
+    key: cap.of === 'role' ? `role ${login.role}` : `database ${login.database}`,
+    limit: resolveLimit(cap.limit, reserve).effective,
+  }));
 }
 
 /** A CONNECTION LIMIT that binds a login, and whether its role's or its database's. */

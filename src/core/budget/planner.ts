@@ -135,7 +135,7 @@ function joinPodsWithMembers(pods: readonly PodInput[], members: readonly Member
  * do not fit, the limit is split by weight up to each pod's minimum, and the
  * oversubscription is reported with its numbers.
  */
-function fairTargets(states: readonly PodState[], consumers: Map<string, ConsumerContext>, limit: number): { targets: Map<string, number>; slotShares: Map<string, number>; oversubscription?: Oversubscription } {
+function fairTargets(states: readonly PodState[], consumers: Map<string, ConsumerContext>, limit: number, caps: readonly CapGroup[]): { targets: Map<string, number>; slotShares: Map<string, number>; oversubscription?: Oversubscription } {
   const livePods = new Map<string, PodState[]>();
   for (const s of states) {
     if (s.role !== 'live' || !s.consumer) continue;
@@ -146,17 +146,22 @@ function fairTargets(states: readonly PodState[], consumers: Map<string, Consume
   const required = [...consumers.values()].reduce((sum, c) => sum + c.slots * c.consumer.minPerPod, 0);
   const oversubscribed = required > limit;
   const units: ShareUnit[] = [];
+  const unitConnection = new Map<string, string>();
   for (const c of consumers.values()) {
     const { weight, minPerPod, maxPerPod } = c.consumer;
     const high = oversubscribed ? minPerPod : (maxPerPod ?? Infinity);
     const low = oversubscribed ? 0 : minPerPod;
+    const add = (unit: ShareUnit): void => {
+      units.push(unit);
+      unitConnection.set(unit.key, connectionKey(c.connection));
+    };
     if (c.fixedSlots) {
-      for (let i = 0; i < c.slots; i += 1) units.push({ key: `${c.key}#${String(i).padStart(6, '0')}`, weight, low, high, takesRemainder: false });
+      for (let i = 0; i < c.slots; i += 1) add({ key: `${c.key}#${String(i).padStart(6, '0')}`, weight, low, high, takesRemainder: false });
     } else {
-      for (const s of livePods.get(c.key) ?? []) units.push({ key: s.key, weight, low, high, takesRemainder: true });
+      for (const s of livePods.get(c.key) ?? []) add({ key: s.key, weight, low, high, takesRemainder: true });
     }
   }
-  const shares = fairShares(units, limit);
+  const shares = sharesWithinCaps(units, limit, caps, unitConnection);
   const targets = new Map<string, number>();
   const slotShares = new Map<string, number>();
   for (const c of consumers.values()) {
@@ -165,7 +170,83 @@ function fairTargets(states: readonly PodState[], consumers: Map<string, Consume
     for (const s of livePods.get(c.key) ?? []) targets.set(s.key, slotShare ?? shares.get(s.key) ?? 0);
     if (slotShare !== undefined) slotShares.set(c.key, slotShare);
   }
-  return { targets, slotShares, oversubscription: oversubscribed ? describeOversubscription(consumers, required, limit) : undefined };
+  return { targets, slotShares, oversubscription: oversubscribed ? describeOversubscription(consumers, required, limit) : capOversubscription(consumers, caps) };
+}
+
+/** The first cap whose connections' minimums do not fit it, described as for the limit. */
+function capOversubscription(consumers: Map<string, ConsumerContext>, caps: readonly CapGroup[]): Oversubscription | undefined {
+  for (const g of caps) {
+    const mine = new Map([...consumers].filter(([, c]) => g.connections.has(connectionKey(c.connection))));
+    const required = [...mine.values()].reduce((sum, c) => sum + c.slots * c.consumer.minPerPod, 0);
+    if (required > g.limit) {
+      const described = describeOversubscription(mine, required, g.limit);
+      return { ...described, cap: g.key, message: `${described.message} (the CONNECTION LIMIT of ${g.key})` };
+    }
+  }
+  return undefined;
+}
+
+/** The connections that share one cap, and the strictest limit any of them gives it. */
+interface CapGroup {
+  key: string;
+  limit: number;
+  /** `namespace/name` of each connection in the group. */
+  connections: Set<string>;
+}
+
+function connectionKey(c: { namespace: string; name?: string; connection?: string }): string {
+  return `${c.namespace}/${c.connection ?? c.name ?? ''}`;
+}
+
+/** The caps of `connections`, grouped by key. */
+function capGroups(connections: readonly ConnectionInput[]): CapGroup[] {
+  const groups = new Map<string, CapGroup>();
+  for (const c of connections) {
+    for (const cap of c.caps ?? []) {
+      const limit = Math.max(0, Math.floor(cap.limit));
+      const group = groups.get(cap.key);
+      if (group) {
+        group.limit = Math.min(group.limit, limit);
+        group.connections.add(connectionKey(c));
+      } else {
+        groups.set(cap.key, { key: cap.key, limit, connections: new Set([connectionKey(c)]) });
+      }
+    }
+  }
+  return [...groups.values()].sort(byKey);
+}
+
+/**
+ * The fair split of `limit` with no cap's units together above the cap:
+ * a group over its cap is split within the cap alone (by weight, minimums
+ * first as for the limit), its units are held to that, and the rest of the
+ * limit goes round again to everyone else. Each round holds at least one more
+ * group, so it ends within one round per group.
+ */
+function sharesWithinCaps(units: readonly ShareUnit[], limit: number, caps: readonly CapGroup[], unitConnection: ReadonlyMap<string, string>): Map<string, number> {
+  let current = [...units];
+  let shares = fairShares(current, limit);
+  for (let round = 0; round <= caps.length; round += 1) {
+    const over = caps.filter((g) => current.reduce((sum, u) => sum + (g.connections.has(unitConnection.get(u.key) ?? '') ? (shares.get(u.key) ?? 0) : 0), 0) > g.limit);
+    if (over.length === 0) return shares;
+    const held = new Map<string, number>();
+    for (const g of over) {
+      const inGroup = current.filter((u) => g.connections.has(unitConnection.get(u.key) ?? ''));
+      for (const [key, share] of splitWithin(inGroup, g.limit)) held.set(key, Math.min(share, held.get(key) ?? Infinity));
+    }
+    current = current.map((u) => {
+      const high = held.get(u.key);
+      return high === undefined || high >= u.high ? u : { ...u, low: Math.min(u.low, high), high };
+    });
+    shares = fairShares(current, limit);
+  }
+  return shares;
+}
+
+/** Splits `capacity` among `units`: by weight above their minimums, or up to their minimums when those do not fit. */
+function splitWithin(units: readonly ShareUnit[], capacity: number): Map<string, number> {
+  const required = units.reduce((sum, u) => sum + u.low, 0);
+  return fairShares(required > capacity ? units.map((u) => ({ ...u, low: 0, high: u.low })) : units, capacity);
 }
 
 function describeOversubscription(consumers: Map<string, ConsumerContext>, required: number, limit: number): Oversubscription {
@@ -183,7 +264,7 @@ function describeOversubscription(consumers: Map<string, ConsumerContext>, requi
  * acknowledged (the reservation stays max(grant, acknowledged)). Grows take
  * only capacity that is free now: minimums first, then the rest, in key order.
  */
-function stepTowardTargets(states: readonly PodState[], targets: Map<string, number>, limit: number): Map<string, GrantInForce> {
+function stepTowardTargets(states: readonly PodState[], targets: Map<string, number>, limit: number, caps: readonly CapGroup[]): Map<string, GrantInForce> {
   const next = new Map<string, GrantInForce>();
   const targetOf = (s: PodState): number => (s.role === 'live' ? (targets.get(s.key) ?? 0) : 0);
   for (const s of states) {
@@ -198,14 +279,20 @@ function stepTowardTargets(states: readonly PodState[], targets: Map<string, num
   // A pod whose sidecar has not answered yet (still Pending, say) is not grown: nothing is held for a sidecar that may never come.
   const growable = states.filter((s) => s.role === 'live' && s.acknowledged && !s.mustWrite && !s.silent && s.grant.connections < targetOf(s));
   const reservations = new Map(states.map((s) => [s.key, s.reservation]));
+  // A cap is free by what its group's pods do not reserve, exactly as the limit is.
+  const capFree = new Map(caps.map((g) => [g.key, g.limit - states.reduce((sum, s) => sum + (g.connections.has(connectionKey(s.pod)) ? s.reservation : 0), 0)]));
+  const capsOf = (s: PodState): CapGroup[] => caps.filter((g) => g.connections.has(connectionKey(s.pod)));
   const raise = (s: PodState, upTo: number): void => {
     const current = next.get(s.key) ?? s.grant;
     const reserved = reservations.get(s.key) ?? 0;
     const wanted = Math.min(upTo, targetOf(s));
     if (wanted <= current.connections) return;
-    const granted = Math.min(wanted, reserved + Math.max(0, free));
+    const mine = capsOf(s);
+    const room = mine.reduce((low, g) => Math.min(low, capFree.get(g.key) ?? 0), free);
+    const granted = Math.min(wanted, reserved + Math.max(0, room));
     if (granted <= current.connections) return;
     free -= Math.max(0, granted - reserved);
+    for (const g of mine) capFree.set(g.key, (capFree.get(g.key) ?? 0) - Math.max(0, granted - reserved));
     reservations.set(s.key, Math.max(reserved, granted));
     next.set(s.key, { connections: granted, generation: s.grant.generation + 1 });
   };
@@ -346,8 +433,9 @@ export function planBudgets(input: BudgetInput): BudgetPlan {
   const consumers = indexConsumers(input.connections, input.pods);
   const tables = new Map((input.tables ?? []).map((t) => [`${t.namespace}/${t.connection}`, t.table]));
   const { states, orphans } = joinPodsWithMembers(input.pods, input.members, consumers, tables);
-  const { targets, slotShares, oversubscription } = fairTargets(states, consumers, limit);
-  const next = stepTowardTargets(states, targets, limit);
+  const caps = capGroups(input.connections);
+  const { targets, slotShares, oversubscription } = fairTargets(states, consumers, limit, caps);
+  const next = stepTowardTargets(states, targets, limit, caps);
   const planned = planTables(states, next, tables);
   // A pod on a table whose grant changes gets the table's new generation.
   for (const s of states) {

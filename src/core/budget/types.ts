@@ -27,10 +27,25 @@ export interface ConsumerInput {
   maxReplicas?: number | undefined;
 }
 
+/**
+ * A bound on what a group of connections may hold together, below the
+ * server's limit: a PostgreSQL CONNECTION LIMIT on the role or the database
+ * they log in to, which every connection of that role (or to that database)
+ * counts against, whichever DatabaseConnection it comes from.
+ */
+export interface ConnectionCap {
+  /** Names the group: connections with the same key share `limit` (e.g. "role app"). */
+  key: string;
+  /** What the group's pods may hold together (the CONNECTION LIMIT less the reserve). */
+  limit: number;
+}
+
 /** A DatabaseConnection on this server. */
 export interface ConnectionInput extends ObjectKey {
   budgetStrategy: 'Dynamic' | 'MaxReplicas';
   consumers: readonly ConsumerInput[];
+  /** Caps it shares with other connections of the same role or database; the strictest limit of one key wins. */
+  caps?: readonly ConnectionCap[] | undefined;
 }
 
 /** Pod phases as Kubernetes reports them. */
@@ -173,6 +188,8 @@ export interface Oversubscription {
   /** Sum of pods x minPerPod. */
   required: number;
   limit: number;
+  /** The cap (ConnectionCap key) the minimums exceed; absent: the server's limit. */
+  cap?: string | undefined;
   /** e.g. "shop/orders-db web: 12 pods x minPerPod 5 = 60 > limit 50". */
   message: string;
 }

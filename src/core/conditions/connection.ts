@@ -117,15 +117,16 @@ export function limitMismatchCondition(spec: number | string, server: { maxConne
 
 /**
  * LimitExceedsServer when the login's role or database has a CONNECTION
- * LIMIT below the limit budgets would otherwise use: budgets use the
- * CONNECTION LIMIT (the reserve applies to it), and the message says where
- * it comes from and how to change it.
+ * LIMIT below the limit budgets would otherwise use: the pods of every
+ * connection with that role (or database) on the server are kept within it
+ * together (the reserve applies to it), and the message says where it comes
+ * from and how to change it.
  */
 export function loginCapCondition(cap: { limit: number; of: 'role' | 'database' }, role: string, database: string, otherwise: number): ConditionUpdate {
   const where = cap.of === 'role' ? `ALTER ROLE ${quoteIdentifier(role)} CONNECTION LIMIT n` : `ALTER DATABASE ${quoteIdentifier(database)} CONNECTION LIMIT n`;
   return {
     type: 'LimitExceedsServer', status: 'True', reason: 'LoginConnectionLimit',
-    message: `the ${cap.of}'s CONNECTION LIMIT is ${cap.limit} (role ${role}, database ${database}): every connection of it counts, so budgets use ${cap.limit} instead of ${otherwise}; raise it with ${where} (or -1 for none) to use more`,
+    message: `the ${cap.of}'s CONNECTION LIMIT is ${cap.limit} (role ${role}, database ${database}): every connection of it counts, so the pods of every DatabaseConnection on this server that ${cap.of === 'role' ? `log in as ${role}` : `use database ${database}`} hold at most ${cap.limit} less the reserve together, below the server's ${otherwise}; raise it with ${where} (or -1 for none) to use more`,
   };
 }
 

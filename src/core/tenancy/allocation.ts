@@ -16,7 +16,7 @@
  */
 import { memberGrantInForce } from '../budget/grant-table.ts';
 import { planBudgets } from '../budget/planner.ts';
-import type { BudgetInput, BudgetPlan, MemberState, Oversubscription, PodInput } from '../budget/types.ts';
+import type { BudgetInput, BudgetPlan, ConnectionCap, MemberState, Oversubscription, PodInput } from '../budget/types.ts';
 import { selectorMatches } from '../inject/consumer.ts';
 import type { LabelSelector } from '../inject/model.ts';
 
@@ -155,6 +155,77 @@ function inNamespace(input: BudgetInput, namespace: string, limit: number): Budg
   };
 }
 
+/**
+ * CONNECTION LIMITs (ConnectionCap) that connections in several namespaces
+ * share: each namespace is planned on its own, so each may use only its part
+ * of such a cap, split by the group's live pods in each namespace, and never
+ * more than the other namespaces leave of it now (what they hold, as for the
+ * limit itself).
+ */
+class CrossNamespaceCaps {
+  /** Per cap key: the strictest limit, and what each namespace's pods hold of it. */
+  private readonly caps = new Map<string, { limit: number; namespaces: Set<string>; held: Map<string, number>; part: Map<string, number> }>();
+  /** The caps of each connection, by `namespace/name`. */
+  private readonly capsOf = new Map<string, ConnectionCap[]>();
+
+  constructor(input: BudgetInput, podConnection: ReadonlyMap<string, string>) {
+    const capsOf = this.capsOf;
+    for (const c of input.connections) {
+      capsOf.set(`${c.namespace}/${c.name}`, [...(c.caps ?? [])]);
+      for (const cap of c.caps ?? []) {
+        const entry = this.caps.get(cap.key) ?? { limit: cap.limit, namespaces: new Set<string>(), held: new Map<string, number>(), part: new Map<string, number>() };
+        entry.limit = Math.min(entry.limit, Math.max(0, Math.floor(cap.limit)));
+        entry.namespaces.add(c.namespace);
+        this.caps.set(cap.key, entry);
+      }
+    }
+    for (const [key, entry] of this.caps) if (entry.namespaces.size < 2) this.caps.delete(key);
+    if (this.caps.size === 0) return;
+    for (const m of input.members) {
+      const connection = podConnection.get(`${m.namespace}/${m.name}`);
+      // A PoolMember whose pod is gone counts against every cap of its namespace: it may still hold connections of any of them.
+      const keys = connection === undefined
+        ? input.connections.filter((c) => c.namespace === m.namespace).flatMap((c) => (c.caps ?? []).map((x) => x.key))
+        : (capsOf.get(`${m.namespace}/${connection}`) ?? []).map((x) => x.key);
+      for (const key of new Set(keys)) {
+        const entry = this.caps.get(key);
+        if (entry) entry.held.set(m.namespace, (entry.held.get(m.namespace) ?? 0) + reservationOf(m, input, podConnection));
+      }
+    }
+    for (const entry of this.caps.values()) {
+      const namespaces = [...entry.namespaces].sort();
+      const live = namespaces.map((ns) => input.pods.filter((p) => p.namespace === ns && isLive(p) && (capsOf.get(`${ns}/${p.connection}`) ?? []).some((x) => this.caps.get(x.key) === entry)).length);
+      const parts = proportional(entry.limit, live);
+      namespaces.forEach((ns, i) => entry.part.set(ns, parts[i]!));
+    }
+  }
+
+  /** `input` (one namespace's) with each shared cap lowered to what `namespace` may use of it now. */
+  within(input: BudgetInput, namespace: string): BudgetInput {
+    if (this.caps.size === 0) return input;
+    const connections = input.connections.map((c) => (c.caps === undefined ? c : {
+      ...c,
+      caps: c.caps.map((cap) => {
+        const entry = this.caps.get(cap.key);
+        if (!entry) return cap;
+        const others = [...entry.held].filter(([ns]) => ns !== namespace).reduce((a, [, v]) => a + v, 0);
+        return { key: cap.key, limit: Math.max(0, Math.min(entry.part.get(namespace) ?? 0, entry.limit - others)) };
+      }),
+    }));
+    return { ...input, connections };
+  }
+
+  /** Records what `namespace` holds of each shared cap after its plan. */
+  planned(namespace: string, plan: BudgetPlan): void {
+    for (const [key, entry] of this.caps) {
+      if (!entry.namespaces.has(namespace)) continue;
+      let sum = 0;
+      for (const g of plan.grants) if ((this.capsOf.get(`${namespace}/${g.connection}`) ?? []).some((x) => x.key === key)) sum += g.reservation;
+      entry.held.set(namespace, sum);
+    }
+  }
+}
+
 /** The plan of a server with namespace shares, and the limit each namespace was planned with. */
 export interface AllocatedPlan {
   plan: BudgetPlan;
@@ -172,6 +243,7 @@ export function planWithShares(input: BudgetInput, shares: ReadonlyMap<string, n
   for (const m of input.members) held.set(m.namespace, (held.get(m.namespace) ?? 0) + reservationOf(m, input, podConnection));
   // Namespaces that give back go first, so those that grow can use it as soon as it is acknowledged.
   const order = [...namespaces].sort((a, b) => ((shares.get(a) ?? 0) - (held.get(a) ?? 0)) - ((shares.get(b) ?? 0) - (held.get(b) ?? 0)) || a.localeCompare(b));
+  const caps = new CrossNamespaceCaps(input, podConnection);
   const plans: BudgetPlan[] = [];
   const byNamespace = new Map<string, BudgetPlan>();
   const limits = new Map<string, number>();
@@ -181,10 +253,11 @@ export function planWithShares(input: BudgetInput, shares: ReadonlyMap<string, n
     const share = shares.get(ns) ?? 0;
     const limit = Math.max(0, Math.min(share, input.limit - others));
     limits.set(ns, limit);
-    const p = plan(inNamespace(input, ns, limit));
+    const p = plan(caps.within(inNamespace(input, ns, limit), ns));
     plans.push(p);
     byNamespace.set(ns, p);
     held.set(ns, p.allocated);
+    caps.planned(ns, p);
     if (!p.settled || limit < share) settled = false;
   }
   const oversubscribed = plans.find((p) => p.oversubscription);

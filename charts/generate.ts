@@ -12,7 +12,8 @@
  * name) are put under `{{ if .Values.certManager.enabled }}`; objects that only
  * a component adds are put under its switch. Then the values are put in at fixed
  * places: replicas, the image (containers and the sidecar image the webhook
- * injects), pull policy, resources per container, the webhook's failurePolicy,
+ * injects), pull policy, resources per container, the controller's heap cap in its
+ * NODE_OPTIONS, the webhook's failurePolicy,
  * the chart's labels, and the release namespace wherever deploy/ says
  * "poolkeeper-system" (names, DNS names, the cainjector annotation, runbooks).
  * Before writing, each variant is rebuilt from the merged tree and compared with
@@ -167,7 +168,9 @@ function parametrize(node: Node | undefined, path: string[], kind: string, monit
       out.imagePullPolicy = new WithKey('.Values.image.pullPolicy');
     } else if (isContainer && key === 'resources') out[key] = new Block(`.Values.resources.${typeof node.name === 'string' ? node.name : ''}`);
     else if (kind === 'Deployment' && at === 'spec.template.spec.containers.env' && node.name === 'POOLKEEPER_SIDECAR_IMAGE' && key === 'value') out[key] = new Tpl('{{ include "poolkeeper.image" . | quote }}');
-    else if (kind === 'MutatingWebhookConfiguration' && at === 'webhooks' && key === 'failurePolicy') out[key] = new Tpl('{{ .Values.webhook.failurePolicy }}');
+    else if (kind === 'Deployment' && at === 'spec.template.spec.containers.env' && node.name === 'NODE_OPTIONS' && key === 'value' && typeof value === 'string') {
+      out[key] = new Tpl(`${JSON.stringify(value.replace(/--max-old-space-size=\d+/, '--max-old-space-size={{ .Values.controllerHeapMegabytes }}'))}`);
+    } else if (kind === 'MutatingWebhookConfiguration' && at === 'webhooks' && key === 'failurePolicy') out[key] = new Tpl('{{ .Values.webhook.failurePolicy }}');
     else out[key] = parametrize(value, child, kind, monitoring) as Node;
   }
   if (at === 'metadata') {

@@ -93,10 +93,10 @@ describe('Helm chart', function () {
     }
   });
 
-  it('puts the values where they belong: replicas, image, pull policy, resources, failurePolicy, monitoring switches and labels', function () {
+  it('puts the values where they belong: replicas, image, pull policy, resources, the controller\'s heap cap, failurePolicy, monitoring switches and labels', function () {
     const objects = render([
       '--set', 'replicas=3,image.repository=registry.example/poolkeeper,image.tag=1.2.3,image.pullPolicy=Always',
-      '--set', 'resources.controller.limits.memory=1Gi,webhook.failurePolicy=Fail',
+      '--set', 'resources.controller.limits.memory=1Gi,controllerHeapMegabytes=640,webhook.failurePolicy=Fail',
       '--set', 'monitoring.enabled=true,monitoring.dashboard=false,monitoring.labels.release=prometheus',
     ]);
     const spec = deployment(objects).spec;
@@ -108,6 +108,7 @@ describe('Helm chart', function () {
     const [controller, webhook] = ['controller', 'webhook'].map((name) => spec.template.spec.containers.find((c) => c.name === name)!);
     assert.deepEqual(controller!.resources, { requests: { cpu: '50m', memory: '128Mi' }, limits: { memory: '1Gi' } });
     assert.deepEqual(webhook!.resources, { requests: { cpu: '20m', memory: '64Mi' }, limits: { memory: '128Mi' } });
+    assert.equal(controller!.env.find((e) => e.name === 'NODE_OPTIONS')?.value, '--max-semi-space-size=2 --max-old-space-size=640', 'the heap cap follows the memory limit');
     assert.equal(webhook!.env.find((e) => e.name === 'POOLKEEPER_SIDECAR_IMAGE')?.value, 'registry.example/poolkeeper:1.2.3', 'the webhook injects the image it runs');
     const config = objects.find((o) => o.kind === 'MutatingWebhookConfiguration') as unknown as { webhooks: { failurePolicy: string }[] };
     assert.equal(config.webhooks[0]!.failurePolicy, 'Fail');

@@ -14,7 +14,8 @@ import { chownSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { SIDECAR_NODE_OPTIONS } from '../src/core/inject/index.ts';
+import { sidecarNodeOptions } from '../src/core/inject/index.ts';
+import { DEFAULT_INJECTOR_SETTINGS } from '../src/core/inject/model.ts';
 import { compileEntries, compiledDir } from '../src/devenv/compile.ts';
 import { LocalEnvironment } from '../src/devenv/environment.ts';
 import { APP_DATABASE } from '../src/devenv/postgres.ts';
@@ -171,7 +172,7 @@ class ProxyChild {
 
   static async start(config: ProxyChildConfig, script = fileURLToPath(new URL('./proxy-child.ts', import.meta.url))): Promise<ProxyChild> {
     // The options the webhook gives the sidecar container, unless the bench is told others.
-    const execArgv = (config.kind === 'sidecar' ? process.env.BENCH_SIDECAR_NODE_OPTIONS ?? SIDECAR_NODE_OPTIONS : '').split(' ').filter(Boolean);
+    const execArgv = (config.kind === 'sidecar' ? process.env.BENCH_SIDECAR_NODE_OPTIONS ?? sidecarNodeOptions(DEFAULT_INJECTOR_SETTINGS.resources.limits.memory) : '').split(' ').filter(Boolean);
     const child = spawn(process.execPath, [...execArgv, script, JSON.stringify(config)], { stdio: ['pipe', 'pipe', 'inherit'] });
     const port = await new Promise<number>((resolve, reject) => {
       let out = '';

@@ -6,7 +6,8 @@
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import { closeSync, openSync } from 'node:fs';
-import { SIDECAR_NODE_OPTIONS } from '../../src/core/inject/index.ts';
+import { sidecarNodeOptions } from '../../src/core/inject/index.ts';
+import { DEFAULT_INJECTOR_SETTINGS } from '../../src/core/inject/model.ts';
 import { compileEntries, compiledDir } from '../../src/devenv/compile.ts';
 import { processRssMb } from '../../src/devenv/process.ts';
 import type { SidecarSettings } from '../../src/sidecar/index.ts';
@@ -73,7 +74,7 @@ export class SidecarProcess {
     const log = openSync(options.logFile, 'a');
     const child = fork(options.entry ?? CHILD_ENTRY, [], {
       // The Node.js options the webhook gives the sidecar container.
-      execArgv: [...process.execArgv, ...SIDECAR_NODE_OPTIONS.split(' ')],
+      execArgv: [...process.execArgv, ...sidecarNodeOptions(DEFAULT_INJECTOR_SETTINGS.resources.limits.memory).split(' ')],
       detached: true,
       stdio: ['ignore', log, log, 'ipc'],
       env: { ...process.env, POOLKEEPER_CHILD_SIDECAR: JSON.stringify({ settings: options.settings, credentialsDir: options.credentialsDir, grant: options.grant, stateDir: options.stateDir }) },

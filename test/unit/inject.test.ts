@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import {
   API_ACCESS_VOLUME_NAME, CREDENTIALS_DIR, SERVICE_ACCOUNT_TOKEN_DIR, DEFAULT_INJECTOR_SETTINGS, INJECTED_ANNOTATION, SIDECAR_CONTAINER_NAME, SOCKET_DIR, SOCKET_VOLUME_NAME,
-  applyJsonPatch, computeInjection, findSidecar, escapePointerToken, nativeSidecarsSupported, podNeedsRepair, pointer, poolSizeHint, repairVerdict, resolveConsumer,
+  applyJsonPatch, computeInjection, findSidecar, escapePointerToken, nativeSidecarsSupported, podNeedsRepair, pointer, poolSizeHint, quantityBytes, repairVerdict, resolveConsumer, sidecarNodeOptions,
   type ContainerLike, type EnvVar, type InjectableConnection, type InjectorSettings, type PodLike, type VolumeLike,
 } from '../../src/core/inject/index.ts';
 
@@ -101,8 +101,8 @@ describe('inject: computeInjection', function () {
     // The credentials and the state are mounted into the sidecar only.
     assert.deepEqual(sidecar.volumeMounts, [{ name: 'poolkeeper-credentials', mountPath: CREDENTIALS_DIR, readOnly: true }, { name: 'poolkeeper-state', mountPath: '/var/run/poolkeeper/state', readOnly: false }]);
     assert.equal(envOf(sidecar).POOLKEEPER_STATE_DIR?.value, '/var/run/poolkeeper/state');
-    // A small young generation: a burst of clients must not grow the sidecar past its memory limit.
-    assert.equal(envOf(sidecar).NODE_OPTIONS?.value, '--max-semi-space-size=2');
+    // A small young generation, and an old space V8 collects before the container's 128Mi: garbage must not grow the sidecar past its memory limit.
+    assert.equal(envOf(sidecar).NODE_OPTIONS?.value, '--max-semi-space-size=2 --max-old-space-size=76');
     assert.deepEqual(out.spec!.containers[0]!.volumeMounts, [TOKEN_MOUNT], 'the app container gains no mount');
     const appEnv = envOf(out.spec!.containers[0]);
     assert.equal(appEnv.PGHOST?.value, '127.0.0.1');
@@ -381,6 +381,24 @@ describe('inject: computeInjection', function () {
     assert.equal(nativeSidecarsSupported({ major: '1', minor: '28' }), false);
     assert.equal(nativeSidecarsSupported({ major: '1', minor: '29+' }), true);
     assert.equal(nativeSidecarsSupported({ major: '1', minor: '36' }), true);
+  });
+});
+
+describe('inject: the sidecar\'s heap follows its memory limit', function () {
+  it('caps the old space at 60 % of the container\'s limit, in any quantity notation; bounds only the young generation without one', function () {
+    assert.equal(quantityBytes('128Mi'), 128 * 1024 * 1024);
+    assert.equal(quantityBytes('1G'), 1e9);
+    assert.equal(quantityBytes('134217728'), 134217728);
+    assert.equal(quantityBytes('0.5Gi'), 512 * 1024 * 1024);
+    assert.equal(quantityBytes('lots'), undefined);
+    assert.equal(sidecarNodeOptions('256Mi'), '--max-semi-space-size=2 --max-old-space-size=153');
+    assert.equal(sidecarNodeOptions('1Gi'), '--max-semi-space-size=2 --max-old-space-size=614');
+    assert.equal(sidecarNodeOptions('32Mi'), '--max-semi-space-size=2 --max-old-space-size=32', 'never below 32 MB');
+    assert.equal(sidecarNodeOptions(undefined), '--max-semi-space-size=2');
+    const roomy = computeInjection({ pod: { metadata: { name: 'p', labels: { 'poolkeeper.dev/connection': 'orders' } }, spec: { containers: [{ name: 'app', image: 'app' }] } }, connection: connection(), settings: { ...settings, resources: { requests: {}, limits: { memory: '512Mi' } } } });
+    const patched = applyJsonPatch({ metadata: { name: 'p', labels: { 'poolkeeper.dev/connection': 'orders' } }, spec: { containers: [{ name: 'app', image: 'app' }] } }, roomy.patch);
+    const env = (findSidecar(patched)?.container.env ?? []).find((e) => e.name === 'NODE_OPTIONS');
+    assert.equal(env?.value, '--max-semi-space-size=2 --max-old-space-size=307');
   });
 });
 

@@ -134,6 +134,10 @@ labelled poolkeeper.dev/connection, and manages its own certificates.
 environment:
   KUBECONFIG                          kubeconfig file (default: the in-cluster ServiceAccount)
   POOLKEEPER_SIDECAR_IMAGE            image of the injected sidecar (required)
+  POOLKEEPER_SIDECAR_CPU_REQUEST, POOLKEEPER_SIDECAR_CPU_LIMIT, POOLKEEPER_SIDECAR_MEMORY_REQUEST,
+  POOLKEEPER_SIDECAR_MEMORY_LIMIT     the sidecar's resources (default 50m, none, 64Mi, 128Mi); a pod's
+                                      annotations poolkeeper.dev/sidecar-cpu-request (-cpu-limit,
+                                      -memory-request, -memory-limit) override them
   POOLKEEPER_WEBHOOK_CERTIFICATES     self (a self-managed CA) | files (e.g. cert-manager) (default self)
   POOLKEEPER_WEBHOOK_CERT_DIR         certificate directory for files (default /var/run/poolkeeper/webhook-certs)
   POOLKEEPER_NAMESPACE                namespace of the webhook (default poolkeeper-system)

@@ -68,10 +68,11 @@ export function webhookConfigFromEnv(env: Readonly<Record<string, string | undef
       adminPort: int('POOLKEEPER_SIDECAR_ADMIN_PORT', DEFAULT_INJECTOR_SETTINGS.adminPort),
       // Pods reach their sidecar over a Unix-domain socket unless annotated otherwise.
       ...(env.POOLKEEPER_UNIX_SOCKET === 'true' ? { unixSocket: true } : {}),
-      ...(env.POOLKEEPER_SIDECAR_CPU_REQUEST || env.POOLKEEPER_SIDECAR_MEMORY_REQUEST || env.POOLKEEPER_SIDECAR_MEMORY_LIMIT ? {
+      ...(env.POOLKEEPER_SIDECAR_CPU_REQUEST || env.POOLKEEPER_SIDECAR_MEMORY_REQUEST || env.POOLKEEPER_SIDECAR_MEMORY_LIMIT || env.POOLKEEPER_SIDECAR_CPU_LIMIT ? {
         resources: {
           requests: { cpu: env.POOLKEEPER_SIDECAR_CPU_REQUEST ?? '50m', memory: env.POOLKEEPER_SIDECAR_MEMORY_REQUEST ?? '64Mi' },
-          limits: { memory: env.POOLKEEPER_SIDECAR_MEMORY_LIMIT ?? '128Mi' },
+          // No CPU limit unless asked for: a throttled pooler adds its throttling to every query's latency.
+          limits: { memory: env.POOLKEEPER_SIDECAR_MEMORY_LIMIT ?? '128Mi', ...(env.POOLKEEPER_SIDECAR_CPU_LIMIT ? { cpu: env.POOLKEEPER_SIDECAR_CPU_LIMIT } : {}) },
         },
       } : {}),
     },

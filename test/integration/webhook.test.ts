@@ -265,6 +265,39 @@ describe('webhook on the API server', function () {
     );
   });
 
+  it('in a namespace whose ResourceQuota requires CPU limits, gives the sidecar the limits its annotations ask for, and refuses a malformed one at admission', async function () {
+    await core.createNamespacedResourceQuota({ namespace, body: { metadata: { name: 'cpu-limits' }, spec: { hard: { 'limits.cpu': '10' } } } });
+    try {
+      const withLimit = (name: string, annotations: Record<string, string>): V1Pod => {
+        const pod = podManifest(name, { 'poolkeeper.dev/connection': 'orders-db' });
+        pod.metadata!.annotations = annotations;
+        pod.spec!.containers[0]!.resources = { limits: { cpu: '100m' } };
+        return pod;
+      };
+      // Until the quota controller has counted the namespace, the quota admits nothing; then the sidecar without a CPU limit is what it refuses.
+      const refusal = await eventually('the quota in force', async () => {
+        try {
+          await core.createNamespacedPod({ namespace, body: withLimit('quota-plain', {}), dryRun: 'All' });
+          return undefined;
+        } catch (err) {
+          const body = String((err as { body?: unknown }).body);
+          return /must specify limits\.cpu/.test(body) ? body : undefined;
+        }
+      });
+      assert.match(refusal, new RegExp(`must specify limits\\.cpu for: ${SIDECAR_CONTAINER_NAME}`));
+      const created = await core.createNamespacedPod({ namespace, body: withLimit('quota-annotated', { 'poolkeeper.dev/sidecar-cpu-limit': '250m', 'poolkeeper.dev/sidecar-memory-limit': '192Mi' }) });
+      const sidecar = sidecarOf(created) as V1Container | undefined;
+      assert.deepEqual({ ...sidecar?.resources }, { requests: { cpu: '50m', memory: '64Mi' }, limits: { cpu: '250m', memory: '192Mi' } });
+      assert.equal(sidecar?.env?.find((e) => e.name === 'NODE_OPTIONS')?.value, '--max-semi-space-size=2 --max-old-space-size=115');
+      await assert.rejects(
+        core.createNamespacedPod({ namespace, body: withLimit('quota-malformed', { 'poolkeeper.dev/sidecar-cpu-limit': 'a quarter' }) }),
+        (err: { code?: number; body?: string }) => err.code === 422 && /InvalidAnnotation.*poolkeeper\.dev\/sidecar-cpu-limit/.test(String(err.body)),
+      );
+    } finally {
+      await core.deleteNamespacedResourceQuota({ namespace, name: 'cpu-limits' });
+    }
+  });
+
   it('converges racing replicas on one CA in one Secret', async function () {
     const make = (): SelfManagedCertificates => new SelfManagedCertificates({ core, admission }, {
       namespace, secretName: 'race-certs', webhookConfigurationName: configName, dnsNames: ['localhost'], ipAddresses: ['127.0.0.1'], policy: DEFAULT_ROTATION_POLICY,

@@ -402,6 +402,32 @@ describe('inject: the sidecar\'s heap follows its memory limit', function () {
   });
 });
 
+describe('inject: the sidecar\'s resources from the pod\'s annotations', function () {
+  const annotated = (annotations: Record<string, string>): PodLike => ({ metadata: { name: 'p', labels: { 'poolkeeper.dev/connection': 'orders' }, annotations }, spec: { containers: [{ name: 'app', image: 'app' }] } });
+  const sidecarOf = (pod: PodLike, result: ReturnType<typeof computeInjection>): ContainerLike | undefined => findSidecar(applyJsonPatch(pod, result.patch))?.container;
+
+  it('replaces each of the injector\'s defaults by its annotation, and the heap cap follows the memory limit', function () {
+    const pod = annotated({ 'poolkeeper.dev/sidecar-cpu-limit': '500m', 'poolkeeper.dev/sidecar-memory-limit': '256Mi', 'poolkeeper.dev/sidecar-cpu-request': '0.1' });
+    const result = computeInjection({ pod, connection: connection(), settings });
+    assert.deepEqual(result.errors, []);
+    const sidecar = sidecarOf(pod, result);
+    assert.deepEqual(sidecar?.resources, { requests: { cpu: '0.1', memory: '64Mi' }, limits: { cpu: '500m', memory: '256Mi' } });
+    assert.equal(sidecar?.env?.find((e) => e.name === 'NODE_OPTIONS')?.value, '--max-semi-space-size=2 --max-old-space-size=153');
+    // Without annotations: the injector's, and no CPU limit.
+    const plain = annotated({});
+    assert.deepEqual(sidecarOf(plain, computeInjection({ pod: plain, connection: connection(), settings }))?.resources, { requests: { cpu: '50m', memory: '64Mi' }, limits: { memory: '128Mi' } });
+  });
+
+  it('refuses a value that is not a quantity, or a request above its limit, naming the annotation', function () {
+    const bad = computeInjection({ pod: annotated({ 'poolkeeper.dev/sidecar-memory-limit': '1 gig' }), connection: connection(), settings });
+    assert.deepEqual(bad.patch, []);
+    assert.deepEqual(bad.errors.map((e) => e.code), ['InvalidAnnotation']);
+    assert.match(bad.errors[0]!.message, /annotation poolkeeper\.dev\/sidecar-memory-limit: "1 gig" is not a memory quantity/);
+    const inverted = computeInjection({ pod: annotated({ 'poolkeeper.dev/sidecar-cpu-request': '2', 'poolkeeper.dev/sidecar-cpu-limit': '500m' }), connection: connection(), settings });
+    assert.match(inverted.errors[0]?.message ?? '', /CPU request 2 is above its limit 500m/);
+  });
+});
+
 describe('inject: consumers and the pool size hint', function () {
   it('matches a Deployment through its ReplicaSet, a StatefulSet directly, and label selectors', function () {
     const c = connection({

@@ -13,7 +13,7 @@ import { jsonEqual, pointer } from './json-patch.ts';
 import {
   CONNECTION_LABEL, CONSUMER_ANNOTATION, READS_TABLES_ANNOTATION, CREDENTIALS_DIR, CREDENTIALS_VOLUME_NAME, INJECTED_ANNOTATION, INJECT_ANNOTATION,
   SIDECAR_CONTAINER_NAME, SSH_KEY_DIR, SSH_KEY_FILE, SSH_KEY_VOLUME_NAME, DB_CA_DIR, DB_CA_FILE, DB_CA_VOLUME_NAME,
-  API_ACCESS_VOLUME_NAME, SERVICE_ACCOUNT_TOKEN_DIR, SOCKET_DIR, SOCKET_VOLUME_NAME, STATE_DIR, STATE_VOLUME_NAME, UNIX_SOCKET_ANNOTATION,
+  API_ACCESS_VOLUME_NAME, SERVICE_ACCOUNT_TOKEN_DIR, SIDECAR_RESOURCE_ANNOTATIONS, SOCKET_DIR, SOCKET_VOLUME_NAME, STATE_DIR, STATE_VOLUME_NAME, UNIX_SOCKET_ANNOTATION,
   type ContainerLike, type EnvVar, type InjectableConnection, type InjectionError, type InjectionResult, type InjectorSettings,
   type JsonPatchOperation, type PodLike, type ResourceQuantities, type VolumeLike,
 } from './model.ts';
@@ -111,6 +111,8 @@ interface Derived {
   unixSocket: boolean;
   /** The pod gets no ServiceAccount token: the sidecar mounts one of its own. */
   apiAccess: boolean;
+  /** The sidecar's resources: the injector's, with the pod's annotations over them. */
+  resources: { requests: ResourceQuantities; limits: ResourceQuantities };
 }
 
 function appEnv(connection: InjectableConnection, derived: Derived, poolSize: number): EnvVar[] {
@@ -186,7 +188,7 @@ function sidecarContainer(connection: InjectableConnection, settings: InjectorSe
     { name: 'POOLKEEPER_DRAIN_TIMEOUT', value: String(derived.drainTimeout) },
     { name: 'POOLKEEPER_CREDENTIALS_DIR', value: CREDENTIALS_DIR },
     { name: 'POOLKEEPER_STATE_DIR', value: STATE_DIR },
-    { name: 'NODE_OPTIONS', value: sidecarNodeOptions(settings.resources.limits.memory) },
+    { name: 'NODE_OPTIONS', value: sidecarNodeOptions(derived.resources.limits.memory) },
   ];
   const volumeMounts = [{ name: CREDENTIALS_VOLUME_NAME, mountPath: CREDENTIALS_DIR, readOnly: true }, { name: STATE_VOLUME_NAME, mountPath: STATE_DIR, readOnly: false }];
   if (connection.spec.sshTunnel) {
@@ -206,8 +208,8 @@ function sidecarContainer(connection: InjectableConnection, settings: InjectorSe
     httpGet: { path, port: ADMIN_PORT_NAME, scheme: 'HTTP' }, periodSeconds, failureThreshold, timeoutSeconds: 2,
   });
   const resources: Record<string, Record<string, string>> = {};
-  const requests = quantities(settings.resources.requests);
-  const limits = quantities(settings.resources.limits);
+  const requests = quantities(derived.resources.requests);
+  const limits = quantities(derived.resources.limits);
   if (Object.keys(requests).length > 0) resources.requests = requests;
   if (Object.keys(limits).length > 0) resources.limits = limits;
   const container: ContainerLike = {
@@ -262,8 +264,10 @@ function checkConnection(pod: PodLike, connection: InjectableConnection, setting
   if (listenPort === settings.adminPort) errors.push({ code: 'PortConflict', message: `spec.sidecar.port ${listenPort} is the sidecar's admin port; choose another` });
   const drainTimeout = connection.spec?.sidecar?.drainTimeout ?? settings.defaultDrainTimeoutSeconds;
   if (!Number.isInteger(drainTimeout) || drainTimeout < 0) errors.push({ code: 'InvalidConnection', message: `spec.sidecar.drainTimeout ${String(drainTimeout)} is not a whole number of seconds` });
+  const resources = sidecarResources(pod, settings, errors);
   if (errors.length > 0 || !database) return undefined;
   return {
+    resources,
     connectionName,
     listenPort,
     drainTimeout,
@@ -273,6 +277,41 @@ function checkConnection(pod: PodLike, connection: InjectableConnection, setting
     unixSocket: wantsUnixSocket(pod, settings) && (findSidecar(pod) === undefined || (pod.spec?.volumes ?? []).some((v) => v.name === SOCKET_VOLUME_NAME)),
     apiAccess: findSidecar(pod) === undefined ? !podGetsToken(pod) : (pod.spec?.volumes ?? []).some((v) => v.name === API_ACCESS_VOLUME_NAME),
   };
+}
+
+/** CPU quantities as Kubernetes writes them: cores ("1", "0.5") or millicores ("500m"). */
+function cpuMillis(quantity: string): number | undefined {
+  const match = /^(\d+(?:\.\d+)?)(m)?$/.exec(quantity.trim());
+  if (!match) return undefined;
+  return match[2] === 'm' ? Number(match[1]) : Number(match[1]) * 1000;
+}
+
+/**
+ * The sidecar's resources: the injector's settings, each replaced by the
+ * pod's annotation when it has one. A value that is not a quantity, or a
+ * request above its limit, is an error naming the annotation, so the pod is
+ * refused at admission with the reason instead of by the API server later.
+ */
+function sidecarResources(pod: PodLike, settings: InjectorSettings, errors: InjectionError[]): { requests: ResourceQuantities; limits: ResourceQuantities } {
+  const annotations = pod.metadata?.annotations ?? {};
+  const pick = (annotation: string, fallback: string | undefined, parse: (q: string) => number | undefined, kind: string): string | undefined => {
+    const value = annotations[annotation];
+    if (value === undefined) return fallback;
+    if (parse(value) === undefined) {
+      errors.push({ code: 'InvalidAnnotation', message: `annotation ${annotation}: ${JSON.stringify(value)} is not a ${kind} quantity (e.g. ${kind === 'CPU' ? '"250m" or "1"' : '"256Mi"'})` });
+      return fallback;
+    }
+    return value.trim();
+  };
+  const a = SIDECAR_RESOURCE_ANNOTATIONS;
+  const requests = { cpu: pick(a.cpuRequest, settings.resources.requests.cpu, cpuMillis, 'CPU'), memory: pick(a.memoryRequest, settings.resources.requests.memory, quantityBytes, 'memory') };
+  const limits = { cpu: pick(a.cpuLimit, settings.resources.limits.cpu, cpuMillis, 'CPU'), memory: pick(a.memoryLimit, settings.resources.limits.memory, quantityBytes, 'memory') };
+  const over = (request: string | undefined, limit: string | undefined, parse: (q: string) => number | undefined): boolean =>
+    request !== undefined && limit !== undefined && (parse(request) ?? 0) > (parse(limit) ?? Infinity);
+  if (over(requests.cpu, limits.cpu, cpuMillis)) errors.push({ code: 'InvalidAnnotation', message: `the sidecar's CPU request ${requests.cpu ?? ''} is above its limit ${limits.cpu ?? ''} (annotations ${a.cpuRequest}, ${a.cpuLimit})` });
+  if (over(requests.memory, limits.memory, quantityBytes)) errors.push({ code: 'InvalidAnnotation', message: `the sidecar's memory request ${requests.memory ?? ''} is above its limit ${limits.memory ?? ''} (annotations ${a.memoryRequest}, ${a.memoryLimit})` });
+  const defined = (q: { cpu: string | undefined; memory: string | undefined }): ResourceQuantities => ({ ...(q.cpu ? { cpu: q.cpu } : {}), ...(q.memory ? { memory: q.memory } : {}) });
+  return { requests: defined(requests), limits: defined(limits) };
 }
 
 /**

@@ -59,6 +59,18 @@ export const DB_CA_FILE = 'ca.crt';
  */
 export const UNIX_SOCKET_ANNOTATION = 'poolkeeper.dev/unix-socket';
 
+/**
+ * Annotations on a pod that set its sidecar's resources instead of the
+ * injector's defaults (a namespace whose ResourceQuota requires limits.cpu,
+ * or a LimitRange with other bounds, needs them).
+ */
+export const SIDECAR_RESOURCE_ANNOTATIONS = {
+  cpuRequest: 'poolkeeper.dev/sidecar-cpu-request',
+  cpuLimit: 'poolkeeper.dev/sidecar-cpu-limit',
+  memoryRequest: 'poolkeeper.dev/sidecar-memory-request',
+  memoryLimit: 'poolkeeper.dev/sidecar-memory-limit',
+} as const;
+
 /** Volume (an emptyDir) shared by the sidecar and the application containers, holding the sidecar's socket. */
 export const SOCKET_VOLUME_NAME = 'poolkeeper-socket';
 
@@ -256,7 +268,8 @@ export type InjectionErrorCode =
   | 'PortNameConflict'
   | 'VolumeConflict'
   | 'InvalidConnection'
-  | 'InvalidPod';
+  | 'InvalidPod'
+  | 'InvalidAnnotation';
 
 /** A reason the pod cannot be injected. */
 export interface InjectionError {

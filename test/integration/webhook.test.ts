@@ -103,7 +103,7 @@ describe('webhook on the API server', function () {
     });
   }
 
-  function sidecarOf(pod: V1Pod): { name: string; restartPolicy?: string } | undefined {
+  function sidecarOf(pod: V1Pod): V1Container | undefined {
     return pod.spec?.initContainers?.find((c) => c.name === SIDECAR_CONTAINER_NAME) ?? pod.spec?.containers.find((c) => c.name === SIDECAR_CONTAINER_NAME);
   }
 
@@ -286,7 +286,7 @@ describe('webhook on the API server', function () {
       });
       assert.match(refusal, new RegExp(`must specify limits\\.cpu for: ${SIDECAR_CONTAINER_NAME}`));
       const created = await core.createNamespacedPod({ namespace, body: withLimit('quota-annotated', { 'poolkeeper.dev/sidecar-cpu-limit': '250m', 'poolkeeper.dev/sidecar-memory-limit': '192Mi' }) });
-      const sidecar = sidecarOf(created) as V1Container | undefined;
+      const sidecar = sidecarOf(created);
       assert.deepEqual({ ...sidecar?.resources }, { requests: { cpu: '50m', memory: '64Mi' }, limits: { cpu: '250m', memory: '192Mi' } });
       assert.equal(sidecar?.env?.find((e) => e.name === 'NODE_OPTIONS')?.value, '--max-semi-space-size=2 --max-old-space-size=115');
       await assert.rejects(

@@ -86,6 +86,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private readonly reader: FrameReader;
   private readonly pendingChunks: Buffer[] = [];
   private readonly pendingTypes: number[] = [];
+  /** Transaction mode: a Bind waits for the result shape of its statement, just prepared on this server connection (see routeMessage). */
+  private holding = false;
   /** The client's named statements; undefined until it names one (transaction mode only). */
   private statements: ClientStatements | undefined;
   /**
@@ -422,9 +424,18 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
   }
 
+  /** The shape a held Bind waited for is known (or cannot be): route the rest. */
+  private onHoldSettled(server: ServerConnection): void {
+    if (!this.holding) return;
+    this.holding = false;
+    if (this.phase === 'closed' || this.server !== server) return;
+    this.forward();
+    if (this.pausedWaiting && this.pendingTypes.length === 0) this.resumeWaiting();
+  }
+
   /** Sends queued messages to the server connection, acquiring one first if needed. */
   private forward(): void {
-    if (this.localCommand || this.hubSync === 'waiting') return;
+    if (this.localCommand || this.hubSync === 'waiting' || this.holding) return;
     // Later pieces of a streamed message add bytes without a message type.
     if ((this.pendingTypes.length === 0 && this.pendingChunks.length === 0) || this.phase !== 'ready') return;
     if (this.hubSync === 'none' && (this.server === undefined || this.server.tracker.atBoundary) && this.host.notifications?.listens(this) === true) {
@@ -504,12 +515,23 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       editor.activate(tracker.pendingReady, unsynced, !tracker.extendedOpen);
     }
     const out: Buffer[] = [];
+    // Messages routed; where routing stopped to hold a message (chunk index and offset), if it did.
+    let routed = 0;
+    let heldChunk = -1;
+    let heldOffset = 0;
     try {
-      for (const chunk of this.pendingChunks) {
+      const chunks = this.pendingChunks;
+      for (let i = 0; i < chunks.length && heldChunk < 0; i++) {
+        const chunk = chunks[i]!;
         let offset = 0;
         while (offset < chunk.length) {
           const end = offset + 1 + chunk.readInt32BE(offset + 1);
-          routeMessage(statements, editor, chunk[offset]!, chunk, offset, offset + 5, end, out);
+          if (routeMessage(statements, editor, chunk[offset]!, chunk, offset, offset + 5, end, out)) {
+            heldChunk = i;
+            heldOffset = offset;
+            break;
+          }
+          routed += 1;
           offset = end;
         }
       }
@@ -517,9 +539,20 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       this.onProtocolError(error);
       return;
     }
-    for (const type of this.pendingTypes) tracker.clientMessage(type);
-    this.pendingTypes.length = 0;
-    this.pendingChunks.length = 0;
+    if (heldChunk < 0) {
+      for (const type of this.pendingTypes) tracker.clientMessage(type);
+      this.pendingTypes.length = 0;
+      this.pendingChunks.length = 0;
+    } else {
+      // The rest waits for the shape of the statement just prepared (see routeMessage): kept in buffers of its own.
+      for (let i = 0; i < routed; i++) tracker.clientMessage(this.pendingTypes[i]!);
+      this.pendingTypes.splice(0, routed);
+      const rest = this.pendingChunks.slice(heldChunk).map((c, i) => Buffer.from(i === 0 ? c.subarray(heldOffset) : c));
+      this.pendingChunks.length = 0;
+      this.pendingChunks.push(...rest);
+      this.holding = true;
+      editor.hold(() => queueMicrotask(() => this.onHoldSettled(server)));
+    }
     if (out.length === 1) server.write(out[0]!);
     else {
       server.stream.cork();

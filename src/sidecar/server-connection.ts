@@ -7,7 +7,7 @@
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import { serialize } from 'pg-protocol';
-import { ResponseEditor, ServerStatementCache, transition, TransactionTracker, type ServerConnectionState } from '../core/pool-state/index.ts';
+import { RESHAPED_ERROR, ResponseEditor, ServerStatementCache, isReshapedError, transition, TransactionTracker, type ServerConnectionState } from '../core/pool-state/index.ts';
 import { FrameReader, NO_SETTINGS, PARSE_COMPLETE, messageTypeTable, parseNoticeFields, type ClientSettings } from '../core/protocol/index.ts';
 import { isDirectReadable } from './direct-read-socket.ts';
 
@@ -58,6 +58,9 @@ const READY_FOR_QUERY = 0x5a;
 const ERROR_RESPONSE = 0x45;
 const PARSE_COMPLETE_TYPE = 0x31;
 const CLOSE_COMPLETE_TYPE = 0x33;
+const PARAMETER_DESCRIPTION_TYPE = 0x74;
+const ROW_DESCRIPTION_TYPE = 0x54;
+const NO_DATA_TYPE = 0x6e;
 const COMMAND_COMPLETE = 0x43;
 const DATA_ROW = 0x44;
 /** Types the tracker needs to see, and CommandComplete (see onCommandComplete); everything else is only forwarded. */
@@ -357,6 +360,13 @@ export class ServerConnection {
               if (isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
               // Tells a failed Parse from one skipped after an earlier error.
               if (editor.active) editor.error();
+              // A Bind the sidecar failed on purpose (its statement's result shape changed): PostgreSQL's own error for that.
+              if (isReshapedError(reader.buffer, reader.bodyStart, reader.end)) {
+                tracker.serverMessage(type);
+                flushRun();
+                pieces.push(RESHAPED_ERROR);
+                continue;
+              }
             }
             tracker.serverMessage(type);
           }
@@ -368,6 +378,10 @@ export class ServerConnection {
             if (edit === 'parse-complete') pieces.push(PARSE_COMPLETE);
             continue;
           }
+        } else if ((type === PARAMETER_DESCRIPTION_TYPE || type === ROW_DESCRIPTION_TYPE || type === NO_DATA_TYPE) && editor.active && editor.described(type, reader.buffer, reader.bodyStart, reader.end)) {
+          // The sidecar's own Describe of a statement it parsed: its shape is recorded, the client never asked.
+          flushRun();
+          continue;
         }
         if (reader.buffer === runBuffer && reader.start === runEnd) runEnd = reader.end;
         else {

@@ -342,6 +342,66 @@ describe('sidecar: named prepared statements in transaction mode', function () {
     }
   });
 
+  it('fails a Bind of a statement whose result shape changed since its Parse with 0A000, as direct, also where the sidecar prepares it again on another server connection', async function () {
+    // postgres.js caches each statement's columns and sends only Bind/Execute: a statement planned
+    // again elsewhere with other columns gave it rows it decoded with the old ones ({ a: NaN }).
+    const table = `reshape_${Date.now()}`;
+    const wire = await WireClient.connect(running.port, postgres.app.user);
+    const [b2, d] = [running.client(), running.client()];
+    await Promise.all([b2.connect(), d.connect()]);
+    const pid = async (x: pg.Client): Promise<number> => (await x.query<{ p: number }>('SELECT pg_backend_pid() AS p')).rows[0]!.p;
+    try {
+      await b2.query(`CREATE TABLE ${table} (a int); INSERT INTO ${table} VALUES (1)`);
+      let replies = await wire.exchange([
+        serialize.query('BEGIN'),
+        serialize.parse({ name: 'q', text: `SELECT * FROM ${table}`, types: [] }),
+        serialize.bind({ statement: 'q' }), serialize.execute({}), serialize.sync(),
+        serialize.query('SELECT pg_backend_pid()'), serialize.query('COMMIT'),
+      ], 4);
+      assert.equal(types(replies), 'CZ12DCZTDCZCZ', 'no reply to the sidecar\'s own Describe reaches the client');
+      assert.equal(dataValue(replies[4]!), '1');
+      const preparedOn = Number(dataValue(replies[8]!));
+      await b2.query(`DROP TABLE ${table}; CREATE TABLE ${table} (b text, a int); INSERT INTO ${table} VALUES ('x', 2)`);
+      // On the server connection that has the statement, PostgreSQL's own revalidation refuses it.
+      const sameBackend = async (): Promise<void> => {
+        const r = await wire.exchange([serialize.query('BEGIN'), serialize.query('SELECT pg_backend_pid()'), serialize.bind({ statement: 'q' }), serialize.execute({}), serialize.sync(), serialize.query('ROLLBACK')], 4);
+        return Number(dataValue(r.find((m) => m.type === 'D')!)) === preparedOn ? assert.equal(errorCode(r), '0A000') : undefined;
+      };
+      await sameBackend();
+      // Hold the server connection that has the statement: the next Bind lands on the other one, which must prepare it again.
+      await b2.query('BEGIN');
+      await d.query('BEGIN');
+      const holder = (await pid(b2)) === preparedOn ? b2 : d;
+      assert.equal(await pid(holder), preparedOn);
+      await (holder === b2 ? d : b2).query('COMMIT');
+      for (const describe of [false, true]) {
+        replies = await wire.exchange([
+          describe ? serialize.describe({ type: 'S', name: 'q' }) : serialize.bind({ statement: 'q' }),
+          ...(describe ? [] : [serialize.execute({})]),
+          serialize.sync(),
+        ]);
+        assert.equal(types(replies), 'EZ', `${describe ? 'Describe' : 'Bind'}: ${replies.map((r) => r.type + (r.type === 'D' ? dataValue(r) : '')).join(' ')}`);
+        const fields = parseNoticeFields(replies[0]!.body);
+        assert.deepEqual([fields.C, fields.M, fields.R], ['0A000', 'cached plan must not change result type', 'RevalidateCachedQuery']);
+      }
+      // Prepared again under the same name, it gives the new columns.
+      replies = await wire.exchange([
+        serialize.close({ type: 'S', name: 'q' }),
+        serialize.parse({ name: 'q', text: `SELECT * FROM ${table}`, types: [] }),
+        serialize.describe({ type: 'S', name: 'q' }),
+        serialize.bind({ statement: 'q' }), serialize.execute({}), serialize.sync(),
+      ]);
+      assert.equal(types(replies), '31tT2DCZ');
+      assert.equal(dataValue(replies[5]!), 'x');
+      await holder.query('COMMIT');
+      await sameBackend();
+    } finally {
+      wire.close();
+      await b2.query(`DROP TABLE IF EXISTS ${table}`).catch(() => undefined);
+      await Promise.all([b2.end(), d.end()]);
+    }
+  });
+
   it('runs pgbench -M prepared -S through the sidecar with zero errors', async function () {
     const target = ['-h', '127.0.0.1', '-p', String(running.port), '-U', 'app', 'app'];
     await run('/usr/bin/pgbench', ['-i', '-s', '1', '-q', ...target]);

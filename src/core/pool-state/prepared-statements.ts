@@ -37,6 +37,20 @@
  * it where it is not, the client's Parse is injected (reply swallowed), or,
  * when the client has none, a Close of it, so that the Bind fails as direct.
  *
+ * A statement's result shape (its RowDescription, or NoData) is fixed when it
+ * is parsed: direct, a Bind of it after a schema change that alters that shape
+ * fails with 0A000 "cached plan must not change result type", and the client
+ * prepares it again. A Parse the sidecar injects on another server connection
+ * plans it against the schema as it is now, so each Parse the sidecar sends for
+ * a named statement is followed by a Describe of it (replies swallowed) that
+ * records its shape: the client's in the session, the server connection's in
+ * its cache. A Bind of a statement whose shape there differs from the client's
+ * is sent as a Bind of a statement that does not exist, and that error is
+ * turned into PostgreSQL's 0A000, so the server skips to Sync as it would
+ * direct. Where the Parse is injected right before the Bind, the session holds
+ * the Bind until the shape is known (one round trip, on that server
+ * connection's first use of the statement).
+ *
  * Responses are edited by matching ParseComplete/CloseComplete in order
  * against the Parses and Closes sent (`ResponseEditor`). The maps are updated
  * when a message is sent; an expectation not met by the ReadyForQuery of its
@@ -48,7 +62,7 @@
 import { createHash } from 'node:crypto';
 import {
   ProtocolError, buildClosePortal, buildCloseStatement, buildParse, classifySessionCommand, laterSessionCommands, mayHoldSeveralStatements, parseBindMessage, splitStatements,
-  parseParseMessage, parseTargetMessage, renameBind, buildDescribeStatement,
+  parseParseMessage, parseTargetMessage, renameBind, buildDescribeStatement, errorResponse,
 } from '../protocol/index.ts';
 import { serialize } from 'pg-protocol';
 
@@ -71,6 +85,8 @@ export interface ClientStatement {
   confirmed: boolean;
   /** Batch (Sync/Query count of its connection's editor) the client's Parse was sent in. */
   batch: number;
+  /** Its result shape as parsed for the client (RowDescription body, empty for NoData), once the server described it. */
+  shape?: Buffer | undefined;
 }
 
 /** A session's named statements, by the client's name. */
@@ -97,6 +113,8 @@ export class ServerStatementCache {
    */
   uncertain = false;
   private readonly names = new Map<string, true>();
+  /** Result shapes of the statements held, where known (see ClientStatement.shape). */
+  private readonly shapes = new Map<string, Buffer>();
 
   constructor(capacity: number = DEFAULT_MAX_SERVER_STATEMENTS) {
     if (!Number.isInteger(capacity) || capacity < 1) throw new Error(`invalid prepared statement capacity ${capacity}`);
@@ -122,9 +140,11 @@ export class ServerStatementCache {
     this.names.delete(name);
     this.names.set(name, true);
     const evicted: string[] = [];
+    this.shapes.delete(name);
     while (this.names.size > this.capacity) {
       const oldest = this.names.keys().next().value!;
       this.names.delete(oldest);
+      this.shapes.delete(oldest);
       evicted.push(oldest);
     }
     return evicted;
@@ -137,11 +157,23 @@ export class ServerStatementCache {
 
   delete(name: string): void {
     this.names.delete(name);
+    this.shapes.delete(name);
   }
 
   /** The server forgot everything (DISCARD ALL). */
   clear(): void {
     this.names.clear();
+    this.shapes.clear();
+  }
+
+  /** The result shape of statement `name` here, if known. */
+  shape(name: string): Buffer | undefined {
+    return this.shapes.get(name);
+  }
+
+  /** Records the result shape statement `name` was parsed with here. */
+  setShape(name: string, shape: Buffer): void {
+    if (this.names.has(name)) this.shapes.set(name, shape);
   }
 
   /** Names, least recently used first (tests, metrics). */
@@ -155,6 +187,29 @@ export type ReplyEdit = 'forward' | 'swallow' | 'parse-complete';
 
 const PARSE_COMPLETE_TYPE = 0x31;
 const CLOSE_COMPLETE_TYPE = 0x33;
+const PARAMETER_DESCRIPTION_TYPE = 0x74;
+const NO_DATA_TYPE = 0x6e;
+
+/**
+ * A statement name no client uses: a Bind of it fails (26000, naming it), and
+ * that error is turned into PostgreSQL's own for a statement whose result
+ * shape changed (see routeMessage's Bind).
+ */
+export const RESHAPED_STATEMENT = 'pk_cached_plan_must_not_change_result_type';
+
+/** PostgreSQL's error for a Bind of a statement whose result shape changed since its Parse (RevalidateCachedQuery in plancache.c; drivers re-prepare on that routine). */
+export const RESHAPED_ERROR = errorResponse({
+  severity: 'ERROR', code: '0A000', message: 'cached plan must not change result type', file: 'plancache.c', line: '717', routine: 'RevalidateCachedQuery',
+});
+const RESHAPED_MARKER = Buffer.from(`"${RESHAPED_STATEMENT}"`);
+
+/** An ErrorResponse body: is it the server's answer to a Bind of RESHAPED_STATEMENT (to be replaced by RESHAPED_ERROR)? */
+export function isReshapedError(buffer: Buffer, bodyStart: number, end: number): boolean {
+  const at = buffer.indexOf(RESHAPED_MARKER, bodyStart);
+  return at >= 0 && at < end;
+}
+
+const FLUSH = Buffer.from([0x48, 0, 0, 0, 4]);
 
 interface ExpectedReply {
   type: number;
@@ -167,6 +222,8 @@ interface ExpectedReply {
   adjacent: boolean;
   /** Runs when the reply arrives. */
   done?: (() => void) | undefined;
+  /** A Parse followed by the sidecar's Describe of it: receives the statement's shape (see ResponseEditor.described). */
+  describe?: ((shape: Buffer) => void) | undefined;
 }
 
 /**
@@ -192,6 +249,15 @@ export class ResponseEditor {
   unnamedCurrent = false;
   /** The last message sent was an expected one, or a batch's end: see ExpectedReply.adjacent. Kept by routeMessage. */
   afterTracked = false;
+  /** Receives the shape of the statement whose Describe is answered next (set when its ParseComplete arrives); 1 before ParameterDescription, 2 after. */
+  private describing: ((shape: Buffer) => void) | undefined;
+  private describeStage = 0;
+  /** The session holds a Bind until the shape of the statement injected before it is known: runs once it is, or once it cannot be (an error in the open batch). */
+  private holdSettled: (() => void) | undefined;
+  /** The Bind held was routed once already: routed again, it goes on without waiting. */
+  heldFor: string | undefined;
+  /** An ErrorResponse came for the batch still being sent: the server skips what follows until Sync, so nothing sent now is answered before it. */
+  private erredInOpenBatch = false;
 
   constructor(statements: ServerStatementCache) {
     this.statements = statements;
@@ -215,6 +281,11 @@ export class ResponseEditor {
    * they are expected first in that batch, and forwarded.
    */
   activate(outstandingBatches: number, unsyncedReplies: readonly number[] = [], atBatchStart = false): void {
+    this.describing = undefined;
+    this.describeStage = 0;
+    this.holdSettled = undefined;
+    this.heldFor = undefined;
+    this.erredInOpenBatch = false;
     this.expected = [];
     this.head = 0;
     this.sentBatches = outstandingBatches;
@@ -229,6 +300,8 @@ export class ResponseEditor {
   /** Stops editing (the connection goes back to the pool, at a boundary). */
   deactivate(): void {
     this.isActive = false;
+    this.describing = undefined;
+    this.holdSettled = undefined;
     this.expected = [];
     this.head = 0;
   }
@@ -244,10 +317,49 @@ export class ResponseEditor {
     this.afterTracked = true;
   }
 
-  /** A Parse was sent; `undo` reverts what it assumed if it fails or the server skips it; `done` runs when it succeeds. */
-  expectParse(edit: 'forward' | 'swallow', undo?: (failed: boolean) => void, done?: () => void): void {
-    this.expected.push({ type: PARSE_COMPLETE_TYPE, edit, batch: this.sentBatches, undo, done, adjacent: this.afterTracked });
-    this.afterTracked = true;
+  /**
+   * A Parse was sent; `undo` reverts what it assumed if it fails or the server skips it; `done` runs when it succeeds;
+   * `describe`: a Describe of the statement follows it, whose replies are swallowed and give the statement's shape.
+   */
+  expectParse(edit: 'forward' | 'swallow', undo?: (failed: boolean) => void, done?: () => void, describe?: (shape: Buffer) => void): void {
+    this.expected.push({ type: PARSE_COMPLETE_TYPE, edit, batch: this.sentBatches, undo, done, describe, adjacent: this.afterTracked });
+    // The Describe sent after it is not tracked.
+    this.afterTracked = describe === undefined;
+  }
+
+  /** The session holds its next message until the shape of the statement just injected is known; `settled` runs then. */
+  hold(settled: () => void): void {
+    this.holdSettled = settled;
+  }
+
+  /** Nothing sent now would be answered before the next Sync (an error of this batch came already): holding would wait for ever. */
+  get skipping(): boolean {
+    return this.erredInOpenBatch;
+  }
+
+  private settle(): void {
+    const settled = this.holdSettled;
+    this.holdSettled = undefined;
+    settled?.();
+  }
+
+  /**
+   * A ParameterDescription (0x74), RowDescription (0x54) or NoData (0x6e)
+   * arrived: true if it answers the sidecar's Describe (swallow it).
+   */
+  described(type: number, buffer: Buffer, bodyStart: number, end: number): boolean {
+    const receive = this.describing;
+    if (receive === undefined) return false;
+    if (this.describeStage === 1) {
+      if (type !== PARAMETER_DESCRIPTION_TYPE) throw new ProtocolError('malformed-body', `server sent ${String.fromCharCode(type)} where ParameterDescription was expected`);
+      this.describeStage = 2;
+      return true;
+    }
+    this.describing = undefined;
+    this.describeStage = 0;
+    receive(type === NO_DATA_TYPE ? Buffer.alloc(0) : Buffer.from(buffer.subarray(bodyStart, end)));
+    this.settle();
+    return true;
   }
 
   /** A Close was sent; `undo` reverts what it assumed if the server skips it. */
@@ -260,6 +372,13 @@ export class ResponseEditor {
   error(): void {
     const next = this.expected[this.head];
     if (this.erred === undefined && next !== undefined && next.batch === this.answeredBatches) this.erred = next;
+    this.describing = undefined;
+    this.describeStage = 0;
+    // An error of the batch still open (the one a held Bind belongs to): the server skips the rest of it.
+    if (this.answeredBatches === this.sentBatches) {
+      this.erredInOpenBatch = true;
+      this.settle();
+    }
   }
 
   /** A ParseComplete (0x31) or CloseComplete (0x33) arrived: what to do with it. */
@@ -271,6 +390,10 @@ export class ResponseEditor {
     this.head += 1;
     this.compact();
     next.done?.();
+    if (next.describe !== undefined && type === PARSE_COMPLETE_TYPE) {
+      this.describing = next.describe;
+      this.describeStage = 1;
+    }
     return next.edit;
   }
 
@@ -282,6 +405,9 @@ export class ResponseEditor {
   ready(): void {
     const answered = this.answeredBatches;
     this.answeredBatches += 1;
+    this.describing = undefined;
+    this.describeStage = 0;
+    this.erredInOpenBatch = false;
     const first = this.head;
     while (this.head < this.expected.length && this.expected[this.head]!.batch <= answered) this.head += 1;
     // The first one missing failed itself if nothing untracked was sent between it and the last reply seen.
@@ -322,11 +448,14 @@ const CLOSE_UNNAMED_STATEMENT = buildCloseStatement('');
  * server connection whose editor and statement cache are given; appends what
  * to send to `out` (views of `buffer` where unchanged) and records the replies
  * to edit. `buffer[start..end)` is the whole message, `bodyStart` its body.
+ * Returns true when the message was not routed yet: what `out` got must be
+ * sent, then the message routed again once the editor's hold settles (see
+ * ResponseEditor.hold).
  */
 export function routeMessage(
   client: ClientStatements, editor: ResponseEditor,
   type: number, buffer: Buffer, start: number, bodyStart: number, end: number, out: Buffer[],
-): void {
+): boolean {
   const server = editor.statements;
   switch (type) {
     case PARSE: {
@@ -337,10 +466,10 @@ export function routeMessage(
           // The server's unnamed statement is now the sidecar's rewrite: not one to replay elsewhere.
           client.delete('');
           editor.unnamedCurrent = true;
-          return;
+          return false;
         }
         parseUnnamed(client, editor, buffer.subarray(start, end), out);
-        return;
+        return false;
       }
       const existing = client.get(parsed.name);
       const statement = clientStatement(Buffer.from(parsed.definition));
@@ -352,7 +481,7 @@ export function routeMessage(
         ensurePrepared(existing, editor, out);
         out.push(existing.parse);
         editor.expectParse('forward');
-        return;
+        return false;
       }
       const name = parsed.name;
       statement.batch = editor.batch;
@@ -367,26 +496,31 @@ export function routeMessage(
       const confirm = (): void => {
         statement.confirmed = true;
       };
+      const describe = buildDescribeStatement(statement.serverName);
+      const shaped = (shape: Buffer): void => {
+        statement.shape = shape;
+        server.setShape(statement.serverName, shape);
+      };
       if (server.has(statement.serverName)) {
         // Parse it again, as the server would for this client direct: a plan
         // cached before a schema change must not outlive the client's Parse.
         server.touch(statement.serverName);
         out.push(buildCloseStatement(statement.serverName));
         editor.expectClose('swallow', () => server.restore(statement.serverName));
-        out.push(statement.parse);
+        out.push(statement.parse, describe);
         editor.expectParse('forward', () => {
           server.delete(statement.serverName);
           forgetClient();
-        }, confirm);
-        return;
+        }, confirm, shaped);
+        return false;
       }
       addToServer(statement.serverName, editor, out);
-      out.push(statement.parse);
+      out.push(statement.parse, describe);
       editor.expectParse('forward', () => {
         server.delete(statement.serverName);
         forgetClient();
-      }, confirm);
-      return;
+      }, confirm, shaped);
+      return false;
     }
     case BIND: {
       const bind = parseBindMessage(buffer, bodyStart, end);
@@ -395,19 +529,20 @@ export function routeMessage(
         ensureUnnamed(client, editor, out);
         out.push(buffer.subarray(start, end));
         editor.afterTracked = false;
-        return;
+        return false;
       }
       const statement = client.get(bind.statement);
       // Unknown names go through as they are: the server answers 26000 like it would have.
       if (statement === undefined) {
         out.push(buffer.subarray(start, end));
         editor.afterTracked = false;
-        return;
+        return false;
       }
-      ensurePrepared(statement, editor, out);
-      out.push(renameBind(buffer, start, bind, end, statement.serverName));
+      if (holdForShape(statement, editor, out)) return true;
+      // Direct, the client's statement would fail revalidation: the server fails this Bind instead, and skips to Sync.
+      out.push(renameBind(buffer, start, bind, end, reshapedHere(statement, editor) ? RESHAPED_STATEMENT : statement.serverName));
       editor.afterTracked = false;
-      return;
+      return false;
     }
     case DESCRIBE:
     case CLOSE: {
@@ -434,17 +569,18 @@ export function routeMessage(
           out.push(buffer.subarray(start, end));
           editor.expectClose('forward');
         }
-        return;
+        return false;
       }
       if (target.target === STATEMENT_TARGET && target.name === '') ensureUnnamed(client, editor, out);
       const statement = named ? client.get(target.name) : undefined;
       if (statement === undefined) out.push(buffer.subarray(start, end));
       else {
-        ensurePrepared(statement, editor, out);
-        out.push(buildDescribeStatement(statement.serverName));
+        if (holdForShape(statement, editor, out)) return true;
+        // Direct, describing a statement revalidates it too.
+        out.push(buildDescribeStatement(reshapedHere(statement, editor) ? RESHAPED_STATEMENT : statement.serverName));
       }
       editor.afterTracked = false;
-      return;
+      return false;
     }
     case QUERY:
       if (!routeSessionCommand(client, editor, bodyStart, buffer, out, 'query')) out.push(buffer.subarray(start, end));
@@ -452,15 +588,16 @@ export function routeMessage(
       client.delete('');
       editor.unnamedCurrent = true;
       editor.batchSent();
-      return;
+      return false;
     case SYNC:
     case FUNCTION_CALL:
       out.push(buffer.subarray(start, end));
       editor.batchSent();
-      return;
+      return false;
     default:
       out.push(buffer.subarray(start, end));
       editor.afterTracked = false;
+      return false;
   }
 }
 
@@ -582,7 +719,31 @@ function ensureUnnamed(client: ClientStatements, editor: ResponseEditor, out: Bu
   }
 }
 
-/** Injects the statement's Parse (reply swallowed) if this server connection lacks it. */
+/**
+ * Before a Bind or Describe of a client's statement: prepares it here if
+ * needed. Returns true when it was prepared here only now, against the schema
+ * as it is, while the client's shape is known: the message waits for the new
+ * statement's shape (a Flush makes the server answer at once).
+ */
+function holdForShape(statement: ClientStatement, editor: ResponseEditor, out: Buffer[]): boolean {
+  if (!editor.statements.has(statement.serverName) && statement.shape !== undefined && editor.heldFor !== statement.serverName && !editor.skipping) {
+    ensurePrepared(statement, editor, out);
+    out.push(FLUSH);
+    editor.heldFor = statement.serverName;
+    return true;
+  }
+  editor.heldFor = undefined;
+  ensurePrepared(statement, editor, out);
+  return false;
+}
+
+/** The statement's result shape on this server connection differs from the one it was parsed with for the client. */
+function reshapedHere(statement: ClientStatement, editor: ResponseEditor): boolean {
+  const here = editor.statements.shape(statement.serverName);
+  return statement.shape !== undefined && here !== undefined && !here.equals(statement.shape);
+}
+
+/** Injects the statement's Parse and a Describe of it (replies swallowed; the shape recorded) if this server connection lacks it. */
 function ensurePrepared(statement: ClientStatement, editor: ResponseEditor, out: Buffer[]): void {
   const server = editor.statements;
   if (server.has(statement.serverName)) {
@@ -590,8 +751,8 @@ function ensurePrepared(statement: ClientStatement, editor: ResponseEditor, out:
     return;
   }
   addToServer(statement.serverName, editor, out);
-  out.push(statement.parse);
-  editor.expectParse('swallow', () => server.delete(statement.serverName));
+  out.push(statement.parse, buildDescribeStatement(statement.serverName));
+  editor.expectParse('swallow', () => server.delete(statement.serverName), undefined, (shape) => server.setShape(statement.serverName, shape));
 }
 
 /** Records `name` as prepared on the server, closing the least recently used statement past capacity. */

@@ -65,6 +65,10 @@ export interface NoticeFields {
   message: string;
   detail?: string;
   hint?: string;
+  /** Source file, line and routine of the server code that raised it (drivers may act on the routine). */
+  file?: string;
+  line?: string;
+  routine?: string;
 }
 
 function noticeBody(fields: NoticeFields): Buffer {
@@ -72,6 +76,9 @@ function noticeBody(fields: NoticeFields): Buffer {
   const parts = [`S${fields.severity}`, `V${fields.severity}`, `C${fields.code}`, `M${fields.message}`];
   if (fields.detail !== undefined) parts.push(`D${fields.detail}`);
   if (fields.hint !== undefined) parts.push(`H${fields.hint}`);
+  if (fields.file !== undefined) parts.push(`F${fields.file}`);
+  if (fields.line !== undefined) parts.push(`L${fields.line}`);
+  if (fields.routine !== undefined) parts.push(`R${fields.routine}`);
   return Buffer.from(`${parts.map((p) => p.replace(/\0/g, '')).join('\0')}\0\0`, 'utf8');
 }
 

@@ -292,6 +292,50 @@ describe('sidecar: named prepared statements in transaction mode', function () {
     }
   });
 
+  it('keeps a statement known on its server connection when a DEALLOCATE of it is skipped after an error or fails (psycopg 3 sends its cache evictions inside pipelines)', async function () {
+    // One server connection, so every batch below runs on the same backend.
+    const one = await startSidecar(postgres, 1);
+    const wire = await WireClient.connect(one.port, postgres.app.user);
+    try {
+      const text = 'SELECT $1::int + 100 AS n';
+      const run = (name: string, value: string): Buffer[] => [serialize.bind({ statement: name, values: [value] }), serialize.execute({}), serialize.sync()];
+      assert.equal(types(await wire.exchange([serialize.parse({ name: 's0', text, types: [] }), ...run('s0', '1')])), '12DCZ');
+      // Skipped: the server ignores everything after the error until Sync, the DEALLOCATE too.
+      let replies = await wire.exchange([
+        serialize.parse({ text: 'SELECT 1/0' }), serialize.bind({}), serialize.execute({}),
+        serialize.parse({ text: 'DEALLOCATE s0' }), serialize.bind({}), serialize.execute({}),
+        serialize.sync(),
+      ]);
+      // (1/0 is folded when planned: the Bind fails.)
+      assert.equal(types(replies), '1EZ');
+      assert.equal(errorCode(replies), '22012');
+      // A new name for the same text (psycopg 3 never reuses a name): a Parse as direct, not 42P05.
+      replies = await wire.exchange([serialize.parse({ name: 's1', text, types: [] }), ...run('s1', '2')]);
+      assert.equal(types(replies), '12DCZ', replies.filter((r) => r.type === 'E').map((r) => parseNoticeFields(r.body).M).join('; '));
+      assert.equal(dataValue(replies[2]!), '102');
+      // The skipped DEALLOCATE left s0 in place, as direct.
+      replies = await wire.exchange(run('s0', '3'));
+      assert.equal(types(replies), '2DCZ');
+      // Failed: a DEALLOCATE in an aborted transaction is refused (25P02) and changes nothing either.
+      assert.equal(types(await wire.exchange([serialize.query('BEGIN; SELECT 1/0')])), 'CEZ');
+      replies = await wire.exchange([serialize.parse({ text: 'DEALLOCATE s1' }), serialize.bind({}), serialize.execute({}), serialize.sync()]);
+      assert.equal(errorCode(replies), '25P02');
+      assert.equal(types(await wire.exchange([serialize.query('ROLLBACK')])), 'CZ');
+      replies = await wire.exchange([serialize.parse({ name: 's2', text, types: [] }), ...run('s2', '4')]);
+      assert.equal(types(replies), '12DCZ', replies.filter((r) => r.type === 'E').map((r) => parseNoticeFields(r.body).M).join('; '));
+      assert.equal(dataValue(replies[2]!), '104');
+      // A DEALLOCATE that runs still drops the statement for this client only: s1 is gone, s2 (same text) is not.
+      assert.equal(types(await wire.exchange([serialize.parse({ text: 'DEALLOCATE s1' }), serialize.bind({}), serialize.execute({}), serialize.sync()])), '12CZ');
+      assert.equal(errorCode(await wire.exchange(run('s1', '5'))), '26000');
+      replies = await wire.exchange(run('s2', '6'));
+      assert.equal(types(replies), '2DCZ');
+      assert.equal(dataValue(replies[1]!), '106');
+    } finally {
+      wire.close();
+      await one.stop();
+    }
+  });
+
   it('re-prepares on the other server connection; an injected Parse that fails shows its error in place of the Bind\'s', async function () {
     const a = running.client();
     const b = running.client();

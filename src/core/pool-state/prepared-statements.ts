@@ -644,10 +644,25 @@ function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, t
   const restore = (): void => void client.set(command.name, statement);
   const sql = `DEALLOCATE ${statement.serverName}`;
   if (kind === 'parse') {
-    ensurePrepared(statement, editor, out);
+    // Whether the server holds the statement when the DEALLOCATE comes: it does if it had it, or once an injected Parse of it succeeds.
+    let held = server.has(statement.serverName);
+    if (held) server.touch(statement.serverName);
+    else {
+      addToServer(statement.serverName, editor, out);
+      out.push(statement.parse);
+      editor.expectParse('swallow', () => server.delete(statement.serverName), () => {
+        held = true;
+      });
+    }
     server.delete(statement.serverName);
     out.push(buildParse('', Buffer.from(`${sql}\0\0\0`, 'utf8')));
-    editor.expectParse('forward', restore);
+    // A DEALLOCATE that failed or was skipped after an earlier error (psycopg 3 sends its
+    // cache evictions inside a pipeline) left the statement on the server: it stays known,
+    // or a later Parse of the same definition there would get 42P05.
+    editor.expectParse('forward', () => {
+      restore();
+      if (held) server.restore(statement.serverName);
+    });
     return true;
   }
   if (server.has(statement.serverName)) {

@@ -71,6 +71,7 @@ TRACKED[PARSE_COMPLETE_TYPE] = 2;
 TRACKED[CLOSE_COMPLETE_TYPE] = 2;
 /** Tags of the commands that drop every prepared statement of the backend, with their NUL. */
 const DEALLOCATE_ALL_TAG = Buffer.from('DEALLOCATE ALL\0');
+const DEALLOCATE_TAG = Buffer.from('DEALLOCATE\0');
 const DISCARD_ALL_TAG = Buffer.from('DISCARD ALL\0');
 const RESET_TAG = Buffer.from('RESET\0');
 
@@ -421,11 +422,17 @@ export class ServerConnection {
       this.settings = this.loginSettings;
       return;
     }
+    // A DEALLOCATE a session sent ran: what the sidecar assumed when sending it holds (see ResponseEditor.expectCommand).
+    if (this.editor.active && length === DEALLOCATE_TAG.length && buffer.compare(DEALLOCATE_TAG, 0, DEALLOCATE_TAG.length, bodyStart, end) === 0) {
+      this.editor.commandCompleted('DEALLOCATE');
+      return;
+    }
     if (length !== DEALLOCATE_ALL_TAG.length && length !== DISCARD_ALL_TAG.length) return;
     const discard = buffer.compare(DISCARD_ALL_TAG, 0, DISCARD_ALL_TAG.length, bodyStart, end) === 0;
     if (!discard && buffer.compare(DEALLOCATE_ALL_TAG, 0, DEALLOCATE_ALL_TAG.length, bodyStart, end) !== 0) return;
-    this.statements.clear();
-    this.statements.uncertain = false;
+    // One the session's rewriting awaited forgot the statements when it was sent (Parses after it in
+    // its batch may have added some since); any other forgets them now.
+    if (!this.editor.active || !this.editor.commandCompleted(discard ? 'DISCARD ALL' : 'DEALLOCATE ALL')) this.statements.clear();
     if (discard) this.settings = this.loginSettings;
   }
 

@@ -336,6 +336,48 @@ describe('sidecar: named prepared statements in transaction mode', function () {
     }
   });
 
+  it('forgets statements on DEALLOCATE ALL only if it runs: skipped after an error or refused in an aborted transaction, the client keeps its statements and the next client does not get 42P05', async function () {
+    const one = await startSidecar(postgres, 1);
+    const a = await WireClient.connect(one.port, postgres.app.user);
+    const b = await WireClient.connect(one.port, postgres.app.user);
+    try {
+      const text = 'SELECT $1::int + 200 AS n';
+      const run = (name: string, value: string): Buffer[] => [serialize.bind({ statement: name, values: [value] }), serialize.execute({}), serialize.sync()];
+      const messages = (replies: Reply[]): string => replies.filter((r) => r.type === 'E').map((r) => parseNoticeFields(r.body).M).join('; ');
+      assert.equal(types(await a.exchange([serialize.parse({ name: 'a', text, types: [] }), ...run('a', '1')])), '12DCZ');
+      // Skipped: a DEALLOCATE ALL after an error in the same pipeline.
+      let replies = await a.exchange([
+        serialize.parse({ text: 'SELECT 1/0' }), serialize.bind({}), serialize.execute({}),
+        serialize.parse({ text: 'DEALLOCATE ALL' }), serialize.bind({}), serialize.execute({}),
+        serialize.sync(),
+      ]);
+      assert.equal(errorCode(replies), '22012');
+      replies = await a.exchange(run('a', '2'));
+      assert.equal(types(replies), '2DCZ', messages(replies));
+      // Refused: DEALLOCATE ALL, and DEALLOCATE of the client's statement, in an aborted transaction (simple Query).
+      assert.equal(types(await a.exchange([serialize.query('BEGIN; SELECT 1/0')])), 'CEZ');
+      assert.equal(errorCode(await a.exchange([serialize.query('DEALLOCATE ALL')])), '25P02');
+      assert.equal(errorCode(await a.exchange([serialize.query('DEALLOCATE a')])), '25P02');
+      assert.equal(types(await a.exchange([serialize.query('ROLLBACK')])), 'CZ');
+      replies = await a.exchange(run('a', '3'));
+      assert.equal(types(replies), '2DCZ', messages(replies));
+      // Another client's Parse of the same text on that server connection.
+      replies = await b.exchange([serialize.parse({ name: 'b', text, types: [] }), ...run('b', '4')]);
+      assert.equal(types(replies), '12DCZ', messages(replies));
+      assert.equal(dataValue(replies[2]!), '204');
+      // One that runs forgets the client's statements (26000 as direct), not the other client's.
+      assert.equal(types(await a.exchange([serialize.query('DEALLOCATE ALL')])), 'CZ');
+      assert.equal(errorCode(await a.exchange(run('a', '5'))), '26000');
+      replies = await b.exchange(run('b', '6'));
+      assert.equal(types(replies), '2DCZ', messages(replies));
+      assert.equal(dataValue(replies[1]!), '206');
+    } finally {
+      a.close();
+      b.close();
+      await one.stop();
+    }
+  });
+
   it('re-prepares on the other server connection; an injected Parse that fails shows its error in place of the Bind\'s', async function () {
     const a = running.client();
     const b = running.client();

@@ -106,12 +106,6 @@ export function clientStatement(definition: Buffer): ClientStatement {
 /** The server-side statement names one server connection has prepared, least recently used first. */
 export class ServerStatementCache {
   readonly capacity: number;
-  /**
-   * A DEALLOCATE ALL or DISCARD ALL was sent and its outcome is not known
-   * yet: if it never completes, the backend's statements are unknown and the
-   * connection must not be reused.
-   */
-  uncertain = false;
   private readonly names = new Map<string, true>();
   /** Result shapes of the statements held, where known (see ClientStatement.shape). */
   private readonly shapes = new Map<string, Buffer>();
@@ -210,9 +204,13 @@ export function isReshapedError(buffer: Buffer, bodyStart: number, end: number):
 }
 
 const FLUSH = Buffer.from([0x48, 0, 0, 0, 4]);
+/** Not a reply type: an entry met by a CommandComplete (see ResponseEditor.expectCommand). */
+const COMMAND_WATCH = 0;
 
 interface ExpectedReply {
+  /** ParseComplete, CloseComplete, or COMMAND_WATCH for a command whose CommandComplete (one of `tags`) is awaited. */
   type: number;
+  tags?: readonly string[];
   edit: ReplyEdit;
   /** Index of the Sync/Query batch the message belongs to. */
   batch: number;
@@ -368,6 +366,25 @@ export class ResponseEditor {
     this.afterTracked = true;
   }
 
+  /**
+   * A DEALLOCATE sent as SQL (by Parse or Query): its effect on the maps was
+   * applied when sent; `undo` reverts it unless a CommandComplete with one of
+   * `tags` (`DEALLOCATE`, `DEALLOCATE ALL`, `DISCARD ALL`) comes for it before the
+   * ReadyForQuery of its batch (it failed, or was skipped after an earlier error).
+   */
+  expectCommand(tags: readonly string[], undo: () => void): void {
+    this.expected.push({ type: COMMAND_WATCH, tags, edit: 'forward', batch: this.sentBatches, undo, adjacent: false });
+  }
+
+  /** A CommandComplete with `tag` arrived: the command awaited next, if it is one of its tags, ran. Returns true if it was one. */
+  commandCompleted(tag: string): boolean {
+    const next = this.expected[this.head];
+    if (next === undefined || next.type !== COMMAND_WATCH || next.batch > this.answeredBatches || next.tags?.includes(tag) !== true) return false;
+    this.head += 1;
+    this.compact();
+    return true;
+  }
+
   /** An ErrorResponse arrived: remembers which expected reply was next in the batch it belongs to (the first error only). */
   error(): void {
     const next = this.expected[this.head];
@@ -383,6 +400,8 @@ export class ResponseEditor {
 
   /** A ParseComplete (0x31) or CloseComplete (0x33) arrived: what to do with it. */
   reply(type: number): ReplyEdit {
+    // A reply after an awaited command in the same batch: the server went past it, so it ran.
+    while (this.expected[this.head]?.type === COMMAND_WATCH && this.expected[this.head]!.batch <= this.answeredBatches) this.head += 1;
     const next = this.expected[this.head];
     // Nothing expected in the batch being answered: it was sent before editing began.
     if (next === undefined || next.batch > this.answeredBatches) return 'forward';
@@ -441,6 +460,7 @@ const FUNCTION_CALL = 0x46;
 const STATEMENT_TARGET = 0x53;
 
 const CLOSE_NONEXISTENT_PORTAL = buildClosePortal(NONEXISTENT_PORTAL);
+const FORGET_ALL_TAGS = ['DEALLOCATE ALL', 'DISCARD ALL'];
 const CLOSE_UNNAMED_STATEMENT = buildCloseStatement('');
 
 /**
@@ -462,13 +482,16 @@ export function routeMessage(
       const parsed = parseParseMessage(buffer, bodyStart, end);
       if (parsed.name === '') {
         const textStart = end - parsed.definition.length;
-        if (routeSessionCommand(client, editor, textStart, buffer, out, 'parse')) {
+        const routed = routeSessionCommand(client, editor, textStart, buffer, out, 'parse');
+        if (routed === true) {
           // The server's unnamed statement is now the sidecar's rewrite: not one to replay elsewhere.
           client.delete('');
           editor.unnamedCurrent = true;
           return false;
         }
         parseUnnamed(client, editor, buffer.subarray(start, end), out);
+        // The command itself runs at the Execute of the statement: its CommandComplete comes after the ParseComplete.
+        if (routed !== false) editor.expectCommand(routed.tags, routed.undo);
         return false;
       }
       const existing = client.get(parsed.name);
@@ -582,13 +605,16 @@ export function routeMessage(
       editor.afterTracked = false;
       return false;
     }
-    case QUERY:
-      if (!routeSessionCommand(client, editor, bodyStart, buffer, out, 'query')) out.push(buffer.subarray(start, end));
+    case QUERY: {
+      const routed = routeSessionCommand(client, editor, bodyStart, buffer, out, 'query');
+      if (routed !== true) out.push(buffer.subarray(start, end));
+      if (routed !== true && routed !== false) editor.expectCommand(routed.tags, routed.undo);
       // A simple Query drops the backend's unnamed statement: the client's is gone too.
       client.delete('');
       editor.unnamedCurrent = true;
       editor.batchSent();
       return false;
+    }
     case SYNC:
     case FUNCTION_CALL:
       out.push(buffer.subarray(start, end));
@@ -599,6 +625,28 @@ export function routeMessage(
       editor.afterTracked = false;
       return false;
   }
+}
+
+/** A command sent as it is whose effect, applied already, is reverted unless a CommandComplete with one of `tags` comes. */
+interface AwaitedCommand {
+  tags: readonly string[];
+  undo: () => void;
+}
+
+/**
+ * DEALLOCATE ALL / DISCARD ALL: forgets the session's named statements and the
+ * server connection's; returns what puts them back (the unnamed statement is
+ * not theirs to drop).
+ */
+function forgetAll(client: ClientStatements, server: ServerStatementCache): () => void {
+  const named = [...client].filter(([name]) => name !== '');
+  const held = server.list();
+  for (const [name] of named) client.delete(name);
+  server.clear();
+  return () => {
+    for (const [name, statement] of named) client.set(name, statement);
+    for (const name of held) server.restore(name);
+  };
 }
 
 /** How many statements a simple Query holds (1 without a semicolon). */
@@ -617,9 +665,11 @@ function splitStatementsIfAny(buffer: Buffer, start: number, end: number): numbe
  * - DEALLOCATE ALL and DISCARD ALL forget all of the session's statements; the
  *   server's are forgotten too, and until the command's completion is seen the
  *   connection's statements are uncertain (it is not reused if it never comes).
- * Returns true if it wrote the message (or its replacement) to `out`.
+ * Returns true if it wrote the message (or its replacement) to `out`; an
+ * AwaitedCommand when the message goes on as it is and its CommandComplete
+ * must then be awaited (see ResponseEditor.expectCommand).
  */
-function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, textStart: number, buffer: Buffer, out: Buffer[], kind: 'parse' | 'query'): boolean {
+function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, textStart: number, buffer: Buffer, out: Buffer[], kind: 'parse' | 'query'): boolean | AwaitedCommand {
   const textEnd = buffer.indexOf(0, textStart);
   const end = textEnd < 0 ? textStart : textEnd;
   const first = classifySessionCommand(buffer, textStart, end);
@@ -632,10 +682,10 @@ function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, t
   if (command === undefined) return false;
   const server = editor.statements;
   if (command.kind === 'deallocate-all' || command.kind === 'discard-all') {
-    client.clear();
-    server.clear();
-    server.uncertain = true;
-    return false;
+    // Forgotten now (later messages of the batch must see it done), remembered again if it does not run.
+    // (In a multi-statement Query either may be the one that forgets.)
+    const tags = kind === 'query' ? FORGET_ALL_TAGS : [command.kind === 'discard-all' ? 'DISCARD ALL' : 'DEALLOCATE ALL'];
+    return { tags, undo: forgetAll(client, server) };
   }
   if (command.kind !== 'deallocate') return false;
   const statement = client.get(command.name);
@@ -665,13 +715,21 @@ function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, t
     });
     return true;
   }
+  // Reverted unless the command runs (it fails in an aborted transaction, and is skipped after an error in an unsynced batch).
   if (server.has(statement.serverName)) {
     server.delete(statement.serverName);
     out.push(serialize.query(sql));
+    editor.expectCommand(['DEALLOCATE'], () => {
+      restore();
+      server.restore(statement.serverName);
+    });
   } else {
-    server.clear();
-    server.uncertain = true;
+    const undo = forgetAll(client, server);
     out.push(serialize.query('DEALLOCATE ALL'));
+    editor.expectCommand(['DEALLOCATE ALL'], () => {
+      undo();
+      restore();
+    });
   }
   return true;
 }

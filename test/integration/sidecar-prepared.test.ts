@@ -371,6 +371,14 @@ describe('sidecar: named prepared statements in transaction mode', function () {
       replies = await b.exchange(run('b', '6'));
       assert.equal(types(replies), '2DCZ', messages(replies));
       assert.equal(dataValue(replies[1]!), '206');
+      // As a later statement of a simple Query, and a DISCARD ALL that runs, too.
+      assert.equal(types(await a.exchange([serialize.parse({ name: 'a', text, types: [] }), ...run('a', '7')])), '12DCZ');
+      assert.equal(types(await a.exchange([serialize.query('SELECT 1; DEALLOCATE ALL')])), 'TDCCZ');
+      assert.equal(errorCode(await a.exchange(run('a', '8'))), '26000');
+      assert.equal(errorCode(await b.exchange([serialize.query('DISCARD ALL')])), undefined);
+      assert.equal(errorCode(await b.exchange(run('b', '9'))), '26000');
+      replies = await a.exchange([serialize.parse({ name: 'a', text, types: [] }), ...run('a', '10')]);
+      assert.equal(types(replies), '12DCZ', messages(replies));
     } finally {
       a.close();
       b.close();

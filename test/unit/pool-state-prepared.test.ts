@@ -216,6 +216,45 @@ describe('prepared statements (pure)', function () {
     assert.equal(cache.size, 0);
   });
 
+  it('forgets the statements on a DEALLOCATE ALL sent as SQL only once its CommandComplete says it ran', function () {
+    const cache = new ServerStatementCache();
+    const editor = new ResponseEditor(cache);
+    const client: ClientStatements = new Map();
+    editor.activate(0);
+    const out: Buffer[] = [];
+    const send = (m: Buffer): void => routeMessage(client, editor, m[0]!, m, 0, 5, m.length, out);
+    send(serialize.parse({ name: 'a', text: 'SELECT 1' }));
+    send(serialize.sync());
+    assert.equal(editor.reply(0x31), 'forward');
+    editor.ready();
+    const before = cache.list();
+    // Skipped after an error: DEALLOCATE ALL, then a Parse of a new statement in the same batch.
+    send(serialize.parse({ text: 'DEALLOCATE ALL' }));
+    assert.equal(client.has('a'), false, 'later messages of the batch see it done');
+    assert.equal(cache.size, 0);
+    send(serialize.parse({ name: 'b', text: 'SELECT 2' }));
+    send(serialize.sync());
+    editor.error();
+    editor.ready();
+    assert.equal(client.has('a'), true);
+    assert.equal(client.has('b'), false);
+    assert.deepEqual(cache.list(), before);
+    // Ran: its CommandComplete confirms it, and the Parse after it keeps its statement.
+    send(serialize.parse({ text: 'DEALLOCATE ALL' }));
+    send(serialize.bind({}));
+    send(serialize.execute({}));
+    send(serialize.parse({ name: 'b', text: 'SELECT 2' }));
+    send(serialize.sync());
+    assert.equal(editor.reply(0x31), 'forward');
+    assert.equal(editor.commandCompleted('DISCARD ALL'), false, 'another command');
+    assert.equal(editor.commandCompleted('DEALLOCATE ALL'), true);
+    assert.equal(editor.reply(0x31), 'forward');
+    editor.ready();
+    assert.equal(client.has('a'), false);
+    assert.equal(client.has('b'), true);
+    assert.deepEqual(cache.list(), [client.get('b')!.serverName]);
+  });
+
   it('takes a re-Parse of a name whose Parse in an earlier unanswered batch failed as the retry it is', function () {
     const cache = new ServerStatementCache();
     const editor = new ResponseEditor(cache);

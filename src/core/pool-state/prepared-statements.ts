@@ -109,6 +109,8 @@ export class ServerStatementCache {
   private readonly names = new Map<string, true>();
   /** Result shapes of the statements held, where known (see ClientStatement.shape). */
   private readonly shapes = new Map<string, Buffer>();
+  /** Statements whose shape is on its way (see awaitShape). */
+  private readonly awaiting = new Set<string>();
 
   constructor(capacity: number = DEFAULT_MAX_SERVER_STATEMENTS) {
     if (!Number.isInteger(capacity) || capacity < 1) throw new Error(`invalid prepared statement capacity ${capacity}`);
@@ -134,13 +136,15 @@ export class ServerStatementCache {
     this.names.delete(name);
     this.names.set(name, true);
     const evicted: string[] = [];
+    // A new Parse: its shape comes with its Describe's answer.
     this.shapes.delete(name);
     while (this.names.size > this.capacity) {
       const oldest = this.names.keys().next().value!;
       this.names.delete(oldest);
-      this.shapes.delete(oldest);
       evicted.push(oldest);
     }
+    // Shapes outlive their names (see delete) only while few.
+    if (this.shapes.size > 2 * this.capacity) for (const n of [...this.shapes.keys()]) if (!this.names.has(n)) this.shapes.delete(n);
     return evicted;
   }
 
@@ -149,25 +153,42 @@ export class ServerStatementCache {
     this.names.set(name, true);
   }
 
+  /** Forgets `name`; its shape is kept, for a restore when the Close or DEALLOCATE turns out skipped. */
   delete(name: string): void {
     this.names.delete(name);
-    this.shapes.delete(name);
+    this.awaiting.delete(name);
   }
 
-  /** The server forgot everything (DISCARD ALL). */
+  /** The server forgot everything (DISCARD ALL); shapes are kept as by delete. */
   clear(): void {
     this.names.clear();
-    this.shapes.clear();
   }
 
   /** The result shape of statement `name` here, if known. */
   shape(name: string): Buffer | undefined {
-    return this.shapes.get(name);
+    return this.names.has(name) ? this.shapes.get(name) : undefined;
   }
 
   /** Records the result shape statement `name` was parsed with here. */
   setShape(name: string, shape: Buffer): void {
+    this.awaiting.delete(name);
     if (this.names.has(name)) this.shapes.set(name, shape);
+  }
+
+  /** A Parse of `name` and a Describe of it were just sent here: its shape is unknown until the Describe's answer. */
+  awaitShape(name: string): void {
+    // The shape it had stays until then: a Parse skipped after an error leaves the old statement.
+    this.awaiting.add(name);
+  }
+
+  /** A Parse of `name` sent here awaits its Describe's answer (another statement's Bind must wait for it to compare shapes). */
+  shapePending(name: string): boolean {
+    return this.awaiting.has(name);
+  }
+
+  /** Nothing sent is unanswered: no shape is on its way any more. */
+  settledShapes(): void {
+    this.awaiting.clear();
   }
 
   /** Names, least recently used first (tests, metrics). */
@@ -427,6 +448,7 @@ export class ResponseEditor {
     this.describing = undefined;
     this.describeStage = 0;
     this.erredInOpenBatch = false;
+    if (this.answeredBatches === this.sentBatches) this.statements.settledShapes();
     const first = this.head;
     while (this.head < this.expected.length && this.expected[this.head]!.batch <= answered) this.head += 1;
     // The first one missing failed itself if nothing untracked was sent between it and the last reply seen.
@@ -483,12 +505,7 @@ export function routeMessage(
       if (parsed.name === '') {
         const textStart = end - parsed.definition.length;
         const routed = routeSessionCommand(client, editor, textStart, buffer, out, 'parse');
-        if (routed === true) {
-          // The server's unnamed statement is now the sidecar's rewrite: not one to replay elsewhere.
-          client.delete('');
-          editor.unnamedCurrent = true;
-          return false;
-        }
+        if (routed === true) return false;
         parseUnnamed(client, editor, buffer.subarray(start, end), out);
         // The command itself runs at the Execute of the statement: its CommandComplete comes after the ParseComplete.
         if (routed !== false) editor.expectCommand(routed.tags, routed.undo);
@@ -530,14 +547,18 @@ export function routeMessage(
         server.touch(statement.serverName);
         out.push(buildCloseStatement(statement.serverName));
         editor.expectClose('swallow', () => server.restore(statement.serverName));
+        server.awaitShape(statement.serverName);
         out.push(statement.parse, describe);
-        editor.expectParse('forward', () => {
-          server.delete(statement.serverName);
+        // Failed, the Close before it ran: the server lacks the statement. Skipped after an
+        // earlier error, so was the Close: the server keeps the statement it had.
+        editor.expectParse('forward', (failed) => {
+          if (failed) server.delete(statement.serverName);
           forgetClient();
         }, confirm, shaped);
         return false;
       }
       addToServer(statement.serverName, editor, out);
+      server.awaitShape(statement.serverName);
       out.push(statement.parse, describe);
       editor.expectParse('forward', () => {
         server.delete(statement.serverName);
@@ -705,13 +726,26 @@ function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, t
       });
     }
     server.delete(statement.serverName);
+    // The server's unnamed statement is now the sidecar's rewrite: not one to replay elsewhere.
+    const previousUnnamed = client.get('');
+    const wasCurrent = editor.unnamedCurrent;
+    client.delete('');
+    editor.unnamedCurrent = true;
+    // As in parseUnnamed: after an untracked message, a no-op Close first tells failed from skipped.
+    if (!editor.afterTracked) {
+      out.push(CLOSE_NONEXISTENT_PORTAL);
+      editor.expectClose('swallow');
+    }
     out.push(buildParse('', Buffer.from(`${sql}\0\0\0`, 'utf8')));
     // A DEALLOCATE that failed or was skipped after an earlier error (psycopg 3 sends its
     // cache evictions inside a pipeline) left the statement on the server: it stays known,
-    // or a later Parse of the same definition there would get 42P05.
-    editor.expectParse('forward', () => {
+    // or a later Parse of the same definition there would get 42P05. Skipped, it also left
+    // the previous unnamed statement in place (failed, PostgreSQL dropped it).
+    editor.expectParse('forward', (failed) => {
       restore();
       if (held) server.restore(statement.serverName);
+      if (!failed && previousUnnamed !== undefined) client.set('', previousUnnamed);
+      editor.unnamedCurrent = failed || wasCurrent;
     });
     return true;
   }
@@ -724,10 +758,12 @@ function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, t
       server.restore(statement.serverName);
     });
   } else {
-    const undo = forgetAll(client, server);
+    // The client's other statements stay its own: only this connection's are dropped (and prepared again where used).
+    const held = server.list();
+    server.clear();
     out.push(serialize.query('DEALLOCATE ALL'));
     editor.expectCommand(['DEALLOCATE ALL'], () => {
-      undo();
+      for (const name of held) server.restore(name);
       restore();
     });
   }
@@ -799,7 +835,28 @@ function ensureUnnamed(client: ClientStatements, editor: ResponseEditor, out: Bu
  * statement's shape (a Flush makes the server answer at once).
  */
 function holdForShape(statement: ClientStatement, editor: ResponseEditor, out: Buffer[]): boolean {
-  if (!editor.statements.has(statement.serverName) && statement.shape !== undefined && editor.heldFor !== statement.serverName && !editor.skipping) {
+  if (statement.shape !== undefined && !editor.skipping && editor.statements.shapePending(statement.serverName)) {
+    // Another Parse of the same text (another client name, or another client) was just
+    // sent here and prepares it again: compare with the shape that one gets.
+    out.push(FLUSH);
+    editor.heldFor = statement.serverName;
+    return true;
+  }
+  if (statement.shape === undefined || editor.heldFor === statement.serverName || editor.skipping) {
+    editor.heldFor = undefined;
+    ensurePrepared(statement, editor, out);
+    return false;
+  }
+  if (reshapedHere(statement, editor)) {
+    // This connection's copy may be the stale one (prepared before a schema change the
+    // client's own Parse came after): prepare it again here against the schema as it is,
+    // and compare that. Only a client's statement older than the schema gets 0A000.
+    const server = editor.statements;
+    server.delete(statement.serverName);
+    out.push(buildCloseStatement(statement.serverName));
+    editor.expectClose('swallow', () => server.restore(statement.serverName));
+  }
+  if (!editor.statements.has(statement.serverName)) {
     ensurePrepared(statement, editor, out);
     out.push(FLUSH);
     editor.heldFor = statement.serverName;
@@ -824,6 +881,7 @@ function ensurePrepared(statement: ClientStatement, editor: ResponseEditor, out:
     return;
   }
   addToServer(statement.serverName, editor, out);
+  server.awaitShape(statement.serverName);
   out.push(statement.parse, buildDescribeStatement(statement.serverName));
   editor.expectParse('swallow', () => server.delete(statement.serverName), undefined, (shape) => server.setShape(statement.serverName, shape));
 }

@@ -832,7 +832,11 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private closeQuietly(): void {
     if (this.phase === 'closed') return;
     this.phase = 'closed';
-    this.socket.end();
+    // As a backend that exits: once what was written is flushed the connection is gone, so a
+    // client still sending (COPY data after its backend was terminated) gets an error instead of
+    // a half-closed socket that reads and drops its data forever.
+    const socket = this.socket;
+    socket.end(() => socket.destroy());
     this.host.unregister(this);
   }
 

@@ -824,6 +824,50 @@ describe('sidecar transparency', function () {
       }
     });
 
+    it('session mode: a client still sending COPY data when its backend is terminated gets its connection closed, as direct (pgjdbc\'s CopyTest.testLockReleaseOnCancelFailure)', async function () {
+      await withSidecar(postgres, { grant: 1, mode: 'session' }, async (running) => {
+        // Like pgjdbc's writer: it neither reads nor answers the sidecar's FIN while it sends.
+        const socket = netConnect({ host: '127.0.0.1', port: running.port, allowHalfOpen: true });
+        await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject));
+        const reader = new FrameReader();
+        const seen: string[] = [];
+        let pid = 0;
+        let failed = false;
+        let closed = false;
+        socket.on('error', () => { failed = true; });
+        socket.on('close', () => { closed = true; });
+        socket.on('data', (chunk: Buffer) => {
+          reader.push(chunk);
+          while (reader.next()) {
+            seen.push(String.fromCharCode(reader.type));
+            if (reader.type === 0x4b) pid = reader.buffer.readInt32BE(reader.bodyStart);
+          }
+        });
+        const waitFor = async (type: string): Promise<void> => {
+          const deadline = Date.now() + 5000;
+          while (!seen.includes(type) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+          assert.ok(seen.includes(type), `no ${type} in ${seen.join('')}`);
+        };
+        socket.write(buildStartupMessage({ user: running.role.user, database: 'app' }));
+        await waitFor('Z');
+        socket.write(serialize.query('CREATE TEMP TABLE copy_target (a int, b int, c int); COPY copy_target FROM STDIN WITH (FORMAT csv)'));
+        await waitFor('G');
+        const terminated = await observer.query<{ t: boolean }>('SELECT pg_terminate_backend($1) AS t', [pid]);
+        assert.equal(terminated.rows[0]!.t, true);
+        // Direct, the backend is gone and the writes fail within moments; the sidecar must not read and drop them forever.
+        const row = serialize.copyData(Buffer.from(',,\n'.repeat(1000)));
+        const started = Date.now();
+        while (!failed && !closed && Date.now() - started < 5000) {
+          if (!socket.write(row)) await new Promise((r) => setTimeout(r, 5));
+          else await new Promise((r) => setImmediate(r));
+        }
+        const outcome = failed || closed ? 'connection ended' : 'writes still accepted';
+        socket.destroy();
+        assert.equal(outcome, 'connection ended');
+        assert.ok(seen.includes('E'), 'the server\'s FATAL reached the client');
+      });
+    });
+
     it('keeps a backend counted until it is gone: a client that vanishes mid-statement has it cancelled, not left running', async function () {
       await withSidecar(postgres, { grant: 2 }, async (running) => {
         const c = client(running, { application_name: 'vanishing-client' });

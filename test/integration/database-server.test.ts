@@ -129,31 +129,32 @@ describe('controller: a DatabaseServer owns a shared server\'s limit', function 
   it('keeps the pods of two namespaces that log in as one role within its CONNECTION LIMIT together, inside their shares', async function () {
     const role = `shared_${randomBytes(3).toString('hex')}`;
     await postgres.query(`CREATE ROLE ${role} LOGIN PASSWORD 'shared-secret' CONNECTION LIMIT 8`);
+    // Two namespaces of their own, each with 3 pods logging in as the role: nothing held before as another role.
+    const [first, second] = ['dbs-cap-a', 'dbs-cap-b'].map(freshNamespace) as [string, string];
+    const capped: SidecarFleetDouble[] = [];
     try {
-      for (const ns of [shop, billing]) {
-        kube.kubectl(['-n', ns, 'create', 'secret', 'generic', 'shared-role', `--from-literal=username=${role}`, '--from-literal=password=shared-secret']);
+      for (const namespace of [first, second]) {
+        createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 3, secret: 'db-credentials', username: role, password: 'shared-secret' });
+        const fleet = new SidecarFleetDouble(kube, namespace, 1_000);
+        capped.push(fleet);
+        await fleet.start();
       }
-      // From nothing held: what the pods held before as another role does not count against this one.
-      for (const ns of [shop, billing]) kube.kubectl(['-n', ns, 'delete', 'dbc', '--all', '--wait=true']);
-      await eventually('shop and billing hold nothing', () => reserved(fleets.get(shop)!.members()) + reserved(fleets.get(billing)!.members()) === 0, 60_000);
-      applyServer(serverSpec(12));
-      const shared = (host: string): Record<string, unknown> => {
-        const spec = connectionSpec(host, { serverRef: { name: serverName } });
-        return { ...spec, database: { ...(spec.database as Record<string, unknown>), credentialsSecretRef: { name: 'shared-role' } } };
-      };
-      applyConnection(shop, shared('127.0.0.1'));
-      applyConnection(billing, shared('localhost'));
-      const sampler = new Sampler([fleets.get(shop)!, fleets.get(billing)!], (perFleet) => perFleet.reduce((sum, members) => sum + reserved(members), 0));
+      const spec = serverSpec(12);
+      applyServer({ ...spec, allocations: [...(spec.allocations as unknown[]), { namespaces: [first] }, { namespaces: [second] }] });
+      const sampler = new Sampler(capped, (perFleet) => perFleet.reduce((sum, members) => sum + reserved(members), 0));
+      applyConnection(first, connectionSpec('127.0.0.1', { serverRef: { name: serverName } }));
+      applyConnection(second, connectionSpec('localhost', { serverRef: { name: serverName } }));
       try {
-        // Their shares (12 and 18) would allow 30; the role allows 8, split by their pods (3 and 3).
-        await eventually('shop and billing at 4 each', () => dbc(shop)?.status?.allocated === 4 && dbc(billing)?.status?.allocated === 4, 60_000);
+        // Their shares of the limit 30 would allow more; the role allows 8, split by their pods (3 and 3).
+        await eventually('both namespaces at 4', () => dbc(first)?.status?.allocated === 4 && dbc(second)?.status?.allocated === 4, 90_000);
       } finally {
         sampler.stop();
       }
       assert.ok(sampler.max <= 8, `the role's pods reserved ${sampler.max} together, above its CONNECTION LIMIT 8: ${sampler.maxState}`);
-      assert.equal(condition(shop, 'LimitExceedsServer')?.reason, 'LoginConnectionLimit');
+      assert.equal(condition(first, 'LimitExceedsServer')?.reason, 'LoginConnectionLimit');
     } finally {
-      for (const ns of [shop, billing]) kube.kubectl(['-n', ns, 'delete', 'dbc', '--all', '--wait=true']);
+      for (const ns of [first, second]) kube.kubectl(['-n', ns, 'delete', 'dbc', '--all', '--wait=true']);
+      await Promise.all(capped.map((f) => f.stop()));
       await postgres.query(`DROP ROLE IF EXISTS ${role}`).catch(() => undefined);
     }
   });

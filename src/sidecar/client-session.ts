@@ -68,9 +68,6 @@ const NOTHING = Buffer.alloc(0);
 /** Messages longer than this are streamed (see FrameReader); PgBouncer's pkt_buf plays the same role. */
 export const STREAM_ABOVE_BYTES = 256 * 1024;
 const CLIENT_STREAMABLE = messageTypeTable('QdBPF');
-const QUERY = 0x51;
-const PARSE = 0x50;
-const SYNC = 0x53;
 /** A Terminate message, as some clients send it on a connection they give up before the startup packet. */
 const TERMINATE_FIRST = Buffer.from([0x58, 0, 0, 0, 4]);
 
@@ -242,7 +239,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
               this.startNamingStatements(runBuffer?.subarray(runStart, runEnd));
               runBuffer = undefined;
             }
-            if ((type === QUERY || type === PARSE) && this.pinnedBy === undefined) {
+            if ((type === MessageType.query || type === MessageType.parse) && this.pinnedBy === undefined) {
               const nothingQueued = runBuffer === undefined && this.pendingTypes.length === 0 && this.pendingChunks.length === 0 && this.server === undefined && !this.localCommand;
               // Answered by the sidecar itself (LISTEN through the notification hub): not forwarded.
               if (this.checkSessionState(type, reader.buffer, reader.bodyStart, reader.end, nothingQueued)) continue;
@@ -289,14 +286,14 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    */
   private checkSessionState(type: number, buffer: Buffer, bodyStart: number, end: number, nothingQueued: boolean): boolean {
     let textStart = bodyStart;
-    if (type === PARSE) {
+    if (type === MessageType.parse) {
       const nameEnd = buffer.indexOf(0, bodyStart);
       if (nameEnd < 0 || nameEnd >= end) return false;
       textStart = nameEnd + 1;
     }
     const command = classifySessionCommand(buffer, textStart, end);
     // A session command after the first statement of a simple Query pins as it would alone.
-    if (type === QUERY && this.pinnedBy === undefined) {
+    if (type === MessageType.query && this.pinnedBy === undefined) {
       const later = laterSessionCommands(buffer, textStart, end).find((c) => c.kind === 'pin');
       if (later?.kind === 'pin' && command?.kind !== 'pin' && command?.kind !== 'listen') this.pin(later.reason);
     }
@@ -304,7 +301,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     if (command.kind === 'listen' || command.kind === 'unlisten') {
       // A lone LISTEN/UNLISTEN between transactions goes through the sidecar's one listening connection.
       const hub = this.host.notifications;
-      if (type === QUERY && command.alone && nothingQueued && hub !== undefined && (command.kind === 'listen' ? hub.available() : hub.listens(this))) {
+      if (type === MessageType.query && command.alone && nothingQueued && hub !== undefined && (command.kind === 'listen' ? hub.available() : hub.listens(this))) {
         this.runListenCommand(hub, command.kind, command.channel);
         return true;
       }
@@ -323,11 +320,11 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    * name): the session must switch to rewriting to prepare it there.
    */
   private usesEarlierUnnamed(type: number, buffer: Buffer, bodyStart: number, start: number, end: number, piece: boolean): boolean {
-    if (type === SYNC) {
+    if (type === MessageType.sync) {
       this.unnamedInBatch = false;
       return false;
     }
-    if (type === QUERY) {
+    if (type === MessageType.query) {
       // A simple Query drops the backend's unnamed statement.
       this.unnamedInBatch = false;
       this.unnamedLength = 0;

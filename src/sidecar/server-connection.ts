@@ -8,7 +8,7 @@ import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import { serialize } from 'pg-protocol';
 import { RESHAPED_ERROR, ResponseEditor, ServerStatementCache, isReshapedError, transition, TransactionTracker, type ServerConnectionState } from '../core/pool-state/index.ts';
-import { FrameReader, NO_SETTINGS, PARSE_COMPLETE, messageTypeTable, parseNoticeFields, type ClientSettings } from '../core/protocol/index.ts';
+import { FrameReader, MessageType, NO_SETTINGS, PARSE_COMPLETE, messageTypeTable, parseNoticeFields, type ClientSettings } from '../core/protocol/index.ts';
 import { isDirectReadable } from './direct-read-socket.ts';
 
 /** Whoever currently uses the connection: a client session. */
@@ -54,21 +54,12 @@ const SERVER_STREAMABLE = messageTypeTable('Dd');
 const CLOSE_RECANCEL_MS = 5_000;
 /** A closing connection whose server never closes it is dropped after this long. */
 const CLOSE_GIVE_UP_MS = 60_000;
-const READY_FOR_QUERY = 0x5a;
-const ERROR_RESPONSE = 0x45;
-const PARSE_COMPLETE_TYPE = 0x31;
-const CLOSE_COMPLETE_TYPE = 0x33;
-const PARAMETER_DESCRIPTION_TYPE = 0x74;
-const ROW_DESCRIPTION_TYPE = 0x54;
-const NO_DATA_TYPE = 0x6e;
-const COMMAND_COMPLETE = 0x43;
-const DATA_ROW = 0x44;
 /** Types the tracker needs to see, and CommandComplete (see onCommandComplete); everything else is only forwarded. */
 const TRACKED = new Uint8Array(256);
 for (const c of 'ZEGHWcC') TRACKED[c.charCodeAt(0)] = 1;
 // ParseComplete and CloseComplete: counted, so that a session that starts naming statements mid-pipeline knows the replies still owed.
-TRACKED[PARSE_COMPLETE_TYPE] = 2;
-TRACKED[CLOSE_COMPLETE_TYPE] = 2;
+TRACKED[MessageType.parseComplete] = 2;
+TRACKED[MessageType.closeComplete] = 2;
 /** Tags of the commands that drop every prepared statement of the backend, with their NUL. */
 const DEALLOCATE_ALL_TAG = Buffer.from('DEALLOCATE ALL\0');
 const DEALLOCATE_TAG = Buffer.from('DEALLOCATE\0');
@@ -270,14 +261,14 @@ export class ServerConnection {
         const type = reader.type;
         const tracked = TRACKED[type];
         if (tracked === 1) {
-          if (type === READY_FOR_QUERY) {
+          if (type === MessageType.readyForQuery) {
             this.readyCount += 1;
             ready = true;
             boundary = tracker.serverMessage(type, reader.buffer[reader.bodyStart]);
             if (boundary) this.events.transactionCompleted();
-          } else if (type === COMMAND_COMPLETE) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
+          } else if (type === MessageType.commandComplete) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
           else {
-            if (type === ERROR_RESPONSE && isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
+            if (type === MessageType.errorResponse && isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
             tracker.serverMessage(type);
           }
         } else if (tracked === 2) tracker.serverMessage(type);
@@ -349,15 +340,15 @@ export class ServerConnection {
       while (reader.next()) {
         const type = reader.type;
         if (TRACKED[type] === 1) {
-          if (type === READY_FOR_QUERY) {
+          if (type === MessageType.readyForQuery) {
             this.readyCount += 1;
             ready = true;
             boundary = tracker.serverMessage(type, reader.buffer[reader.bodyStart]);
             if (boundary) this.events.transactionCompleted();
             if (editor.active) editor.ready();
-          } else if (type === COMMAND_COMPLETE) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
+          } else if (type === MessageType.commandComplete) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
           else {
-            if (type === ERROR_RESPONSE) {
+            if (type === MessageType.errorResponse) {
               if (isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
               // Tells a failed Parse from one skipped after an earlier error.
               if (editor.active) editor.error();
@@ -371,7 +362,7 @@ export class ServerConnection {
             }
             tracker.serverMessage(type);
           }
-        } else if ((type === PARSE_COMPLETE_TYPE || type === CLOSE_COMPLETE_TYPE) && editor.active) {
+        } else if ((type === MessageType.parseComplete || type === MessageType.closeComplete) && editor.active) {
           tracker.serverMessage(type);
           const edit = editor.reply(type);
           if (edit !== 'forward') {
@@ -379,7 +370,7 @@ export class ServerConnection {
             if (edit === 'parse-complete') pieces.push(PARSE_COMPLETE);
             continue;
           }
-        } else if ((type === PARAMETER_DESCRIPTION_TYPE || type === ROW_DESCRIPTION_TYPE || type === NO_DATA_TYPE) && editor.active && editor.described(type, reader.buffer, reader.bodyStart, reader.end)) {
+        } else if ((type === MessageType.parameterDescription || type === MessageType.rowDescription || type === MessageType.noData) && editor.active && editor.described(type, reader.buffer, reader.bodyStart, reader.end)) {
           // The sidecar's own Describe of a statement it parsed: its shape is recorded, the client never asked.
           flushRun();
           continue;
@@ -445,19 +436,19 @@ export class ServerConnection {
         const internal = this.internalQuery;
         if (internal !== undefined) {
           const result = internal.result;
-          if (type === ERROR_RESPONSE) {
+          if (type === MessageType.errorResponse) {
             if (isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
             result.ok = false;
             result.error ??= parseNoticeFields(reader.buffer.subarray(reader.bodyStart, reader.end));
-          } else if (type === DATA_ROW && result.row === undefined && !reader.piece) result.row = readDataRow(reader.buffer, reader.bodyStart, reader.end);
-          else if (type === COMMAND_COMPLETE) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
-          else if (type === READY_FOR_QUERY) {
+          } else if (type === MessageType.dataRow && result.row === undefined && !reader.piece) result.row = readDataRow(reader.buffer, reader.bodyStart, reader.end);
+          else if (type === MessageType.commandComplete) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
+          else if (type === MessageType.readyForQuery) {
             this.readyCount += 1;
             this.internalQuery = undefined;
             if (reader.buffer[reader.bodyStart] !== 0x49) result.ok = false;
             internal.done(result);
           }
-        } else if (type === ERROR_RESPONSE) {
+        } else if (type === MessageType.errorResponse) {
           if (isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
           // An idle connection gets an error only when the server is about to drop it.
           const fields = parseNoticeFields(reader.buffer.subarray(reader.bodyStart, reader.end));

@@ -61,7 +61,7 @@
  */
 import { createHash } from 'node:crypto';
 import {
-  ProtocolError, buildClosePortal, buildCloseStatement, buildParse, classifySessionCommand, laterSessionCommands, mayHoldSeveralStatements, parseBindMessage, splitStatements,
+  MessageType, ProtocolError, buildClosePortal, buildCloseStatement, buildParse, classifySessionCommand, laterSessionCommands, mayHoldSeveralStatements, parseBindMessage, splitStatements,
   parseParseMessage, parseTargetMessage, renameBind, buildDescribeStatement, errorResponse,
 } from '../protocol/index.ts';
 import { serialize } from 'pg-protocol';
@@ -200,10 +200,6 @@ export class ServerStatementCache {
 /** What to do with a ParseComplete or CloseComplete from the server. */
 export type ReplyEdit = 'forward' | 'swallow' | 'parse-complete';
 
-const PARSE_COMPLETE_TYPE = 0x31;
-const CLOSE_COMPLETE_TYPE = 0x33;
-const PARAMETER_DESCRIPTION_TYPE = 0x74;
-const NO_DATA_TYPE = 0x6e;
 
 /**
  * A statement name no client uses: a Bind of it fails (26000, naming it), and
@@ -341,7 +337,7 @@ export class ResponseEditor {
    * `describe`: a Describe of the statement follows it, whose replies are swallowed and give the statement's shape.
    */
   expectParse(edit: 'forward' | 'swallow', undo?: (failed: boolean) => void, done?: () => void, describe?: (shape: Buffer) => void): void {
-    this.expected.push({ type: PARSE_COMPLETE_TYPE, edit, batch: this.sentBatches, undo, done, describe, adjacent: this.afterTracked });
+    this.expected.push({ type: MessageType.parseComplete, edit, batch: this.sentBatches, undo, done, describe, adjacent: this.afterTracked });
     // The Describe sent after it is not tracked.
     this.afterTracked = describe === undefined;
   }
@@ -370,20 +366,20 @@ export class ResponseEditor {
     const receive = this.describing;
     if (receive === undefined) return false;
     if (this.describeStage === 1) {
-      if (type !== PARAMETER_DESCRIPTION_TYPE) throw new ProtocolError('malformed-body', `server sent ${String.fromCharCode(type)} where ParameterDescription was expected`);
+      if (type !== MessageType.parameterDescription) throw new ProtocolError('malformed-body', `server sent ${String.fromCharCode(type)} where ParameterDescription was expected`);
       this.describeStage = 2;
       return true;
     }
     this.describing = undefined;
     this.describeStage = 0;
-    receive(type === NO_DATA_TYPE ? Buffer.alloc(0) : Buffer.from(buffer.subarray(bodyStart, end)));
+    receive(type === MessageType.noData ? Buffer.alloc(0) : Buffer.from(buffer.subarray(bodyStart, end)));
     this.settle();
     return true;
   }
 
   /** A Close was sent; `undo` reverts what it assumed if the server skips it. */
   expectClose(edit: ReplyEdit, undo?: (failed: boolean) => void): void {
-    this.expected.push({ type: CLOSE_COMPLETE_TYPE, edit, batch: this.sentBatches, undo, adjacent: this.afterTracked });
+    this.expected.push({ type: MessageType.closeComplete, edit, batch: this.sentBatches, undo, adjacent: this.afterTracked });
     this.afterTracked = true;
   }
 
@@ -430,7 +426,7 @@ export class ResponseEditor {
     this.head += 1;
     this.compact();
     next.done?.();
-    if (next.describe !== undefined && type === PARSE_COMPLETE_TYPE) {
+    if (next.describe !== undefined && type === MessageType.parseComplete) {
       this.describing = next.describe;
       this.describeStage = 1;
     }
@@ -472,13 +468,6 @@ export class ResponseEditor {
   }
 }
 
-const PARSE = 0x50;
-const BIND = 0x42;
-const DESCRIBE = 0x44;
-const CLOSE = 0x43;
-const SYNC = 0x53;
-const QUERY = 0x51;
-const FUNCTION_CALL = 0x46;
 const STATEMENT_TARGET = 0x53;
 
 const CLOSE_NONEXISTENT_PORTAL = buildClosePortal(NONEXISTENT_PORTAL);
@@ -500,7 +489,7 @@ export function routeMessage(
 ): boolean {
   const server = editor.statements;
   switch (type) {
-    case PARSE: {
+    case MessageType.parse: {
       const parsed = parseParseMessage(buffer, bodyStart, end);
       if (parsed.name === '') {
         const textStart = end - parsed.definition.length;
@@ -566,7 +555,7 @@ export function routeMessage(
       }, confirm, shaped);
       return false;
     }
-    case BIND: {
+    case MessageType.bind: {
       const bind = parseBindMessage(buffer, bodyStart, end);
       // Its reply is not tracked, whatever was injected before it.
       if (bind.statement === '') {
@@ -588,11 +577,11 @@ export function routeMessage(
       editor.afterTracked = false;
       return false;
     }
-    case DESCRIBE:
-    case CLOSE: {
+    case MessageType.describe:
+    case MessageType.close: {
       const target = parseTargetMessage(buffer, bodyStart, end);
       const named = target.target === STATEMENT_TARGET && target.name !== '';
-      if (type === CLOSE) {
+      if (type === MessageType.close) {
         if (named) {
           const previous = client.get(target.name);
           client.delete(target.name);
@@ -626,7 +615,7 @@ export function routeMessage(
       editor.afterTracked = false;
       return false;
     }
-    case QUERY: {
+    case MessageType.query: {
       const routed = routeSessionCommand(client, editor, bodyStart, buffer, out, 'query');
       if (routed !== true) out.push(buffer.subarray(start, end));
       if (routed !== true && routed !== false) editor.expectCommand(routed.tags, routed.undo);
@@ -636,8 +625,8 @@ export function routeMessage(
       editor.batchSent();
       return false;
     }
-    case SYNC:
-    case FUNCTION_CALL:
+    case MessageType.sync:
+    case MessageType.functionCall:
       out.push(buffer.subarray(start, end));
       editor.batchSent();
       return false;

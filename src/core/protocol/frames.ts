@@ -337,4 +337,9 @@ export const MessageType = {
   parameterStatus: 0x53, // S (backend)
   readyForQuery: 0x5a, // Z
   parseComplete: 0x31, // 1
+  closeComplete: 0x33, // 3
+  parameterDescription: 0x74, // t
+  rowDescription: 0x54, // T
+  noData: 0x6e, // n
+  dataRow: 0x44, // D (backend)
 } as const;

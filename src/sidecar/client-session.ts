@@ -16,8 +16,8 @@ import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import {
   FrameReader, MessageType, NO_SETTINGS, ProtocolError, UNTYPED, authenticationOk, backendKeyData, classifySessionCommand, clientSettingsFromStartup, laterSessionCommands,
-  commandComplete, errorResponse, isFrontendMessageType, messageTypeTable, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery, unnamedStatementEffect,
-  type ClientSettings, type NoticeFields, type PinReason,
+  changeSettings, commandComplete, errorResponse, isFrontendMessageType, messageTypeTable, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery,
+  serverSettingsAfter, startupSettings, unnamedStatementEffect, type ClientSettings, type NoticeFields, type PinReason, type SettingChange,
 } from '../core/protocol/index.ts';
 import { routeMessage, unnamedStatement, type ClientStatements } from '../core/pool-state/index.ts';
 import type { SidecarMetrics } from './metrics.ts';
@@ -99,8 +99,18 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private unnamedInBatch = false;
   /** BackendKeyData sent at login; undefined until then. */
   private key: [number, number] | undefined;
-  /** Run-time settings from the startup packet, applied to every server connection this client uses. */
+  /** Run-time settings from the startup packet and the client's SETs since, applied to every server connection this client uses. */
   settings: ClientSettings = NO_SETTINGS;
+  /**
+   * Transaction mode: a SET or RESET the client sent alone between
+   * transactions, watched on its server connection; once it ran it becomes
+   * one of the client's settings instead of pinning (see resolveSettingChange).
+   */
+  private settingChange: SettingChange | undefined;
+  /** The client's latest unnamed Parse is a SET: a Bind of it in a later batch would run it unwatched, so that pins. */
+  private unnamedSetting = false;
+  /** An unnamed Parse came since the last Sync (kept only while unnamedSetting). */
+  private unnamedParsedSinceSync = false;
   /** At login: apply every setting to learn its value as the server shows it. */
   checkSettings = false;
   /** Session state that keeps this client on its server connection (transaction mode). */
@@ -239,6 +249,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
               this.startNamingStatements(runBuffer?.subarray(runStart, runEnd));
               runBuffer = undefined;
             }
+            if (this.unnamedSetting && this.pinnedBy === undefined) this.followUnnamedSetting(type, reader.buffer, reader.bodyStart, reader.end);
             if ((type === MessageType.query || type === MessageType.parse) && this.pinnedBy === undefined) {
               const nothingQueued = runBuffer === undefined && this.pendingTypes.length === 0 && this.pendingChunks.length === 0 && this.server === undefined && !this.localCommand;
               // Answered by the sidecar itself (LISTEN through the notification hub): not forwarded.
@@ -298,6 +309,20 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       if (later?.kind === 'pin' && command?.kind !== 'pin' && command?.kind !== 'listen') this.pin(later.reason);
     }
     if (command === undefined) return false;
+    if (command.kind === 'set' || command.kind === 'reset') {
+      // Alone in a Query or an unnamed Parse between transactions, its outcome can be watched; otherwise it pins as before.
+      const unnamedParse = type === MessageType.parse && buffer[bodyStart] === 0;
+      if (!nothingQueued || (type !== MessageType.query && !unnamedParse)) {
+        this.pin('set');
+        return false;
+      }
+      this.settingChange = command;
+      if (unnamedParse) {
+        this.unnamedSetting = true;
+        this.unnamedParsedSinceSync = true;
+      }
+      return false;
+    }
     if (command.kind === 'listen' || command.kind === 'unlisten') {
       // A lone LISTEN/UNLISTEN between transactions goes through the sidecar's one listening connection.
       const hub = this.host.notifications;
@@ -347,6 +372,48 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     buffer.copy(this.unnamedParse, 0, start, end);
     this.unnamedLength = length;
     return false;
+  }
+
+  /**
+   * While the client's unnamed statement is a SET: a Bind of it with no
+   * unnamed Parse since the last Sync runs the SET again where it is not
+   * watched, so the client is pinned; a new unnamed statement or a simple
+   * Query (which drops it) ends that.
+   */
+  private followUnnamedSetting(type: number, buffer: Buffer, bodyStart: number, end: number): void {
+    if (type === MessageType.sync) this.unnamedParsedSinceSync = false;
+    else if (type === MessageType.query) this.unnamedSetting = false;
+    else if (type === MessageType.parse && buffer[bodyStart] === 0) {
+      this.unnamedSetting = false;
+      this.unnamedParsedSinceSync = true;
+    } else if (type === MessageType.bind && !this.unnamedParsedSinceSync) {
+      const portalEnd = buffer.indexOf(0, bodyStart);
+      if (portalEnd >= 0 && portalEnd + 1 < end && buffer[portalEnd + 1] === 0) this.pin('set');
+    }
+  }
+
+  /**
+   * The watched SET or RESET has its outcome: if it ran, the client's
+   * settings (and the server connection's) include it, so the next server
+   * connection gets it too; if an error or a transaction block after it left
+   * it uncertain, the client pins, as it did before SETs were carried over.
+   */
+  private resolveSettingChange(server: ServerConnection, change: SettingChange): void {
+    const outcome = server.tracker.watched;
+    if (outcome === undefined || outcome === 'running') return;
+    this.settingChange = undefined;
+    server.tracker.watched = undefined;
+    if (outcome === 'ran') {
+      this.settings = changeSettings(this.settings, change);
+      server.settings = serverSettingsAfter(this.settings, change, server.loginSettings);
+    } else if (outcome === 'uncertain') this.pin('set');
+  }
+
+  /** A RESET ALL or DISCARD ALL of the client's ran: its session is back on its startup settings. */
+  onSettingsReset(): void {
+    // Its own RESET of one setting is resolved at the boundary.
+    if (this.settingChange?.kind === 'reset') return;
+    this.settings = startupSettings(this.settings);
   }
 
   private pin(reason: PinReason): void {
@@ -647,6 +714,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
     this.server = server;
     this.ownReadBufferWhileServed();
+    if (this.settingChange !== undefined) server.tracker.watch();
     if (this.checkSettings && shown !== undefined) {
       const values = new Map<string, string>();
       let i = 0;
@@ -686,8 +754,9 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   }
 
   /** ReadyForQuery 'I' with nothing outstanding. */
-  onServerBoundary(_server: ServerConnection): void {
+  onServerBoundary(server: ServerConnection): void {
     if (this.pendingTypes.length > 0) return;
+    if (this.settingChange !== undefined) this.resolveSettingChange(server, this.settingChange);
     if (this.terminateAtBoundary) {
       this.releaseServer(true);
       this.closeQuietly();
@@ -707,6 +776,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    */
   onServerLost(_server: ServerConnection, reason: string, afterFatal: boolean): void {
     this.server = undefined;
+    this.settingChange = undefined;
     this.ownReadBufferWhileServed();
     this.host.metrics.error('server-lost');
     if (afterFatal) {
@@ -736,6 +806,14 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     if (server === undefined) return;
     this.server = undefined;
     this.ownReadBufferWhileServed();
+    if (this.settingChange !== undefined) {
+      this.resolveSettingChange(server, this.settingChange);
+      // Still running (the client left mid-SET): what the connection's settings are is unknown.
+      if (this.settingChange !== undefined) {
+        this.settingChange = undefined;
+        reusable = false;
+      }
+    }
     this.host.pool.release(server, reusable && server.tracker.atBoundary, this.host.mode === 'session' || this.pinnedBy !== undefined);
   }
 

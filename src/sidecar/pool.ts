@@ -480,7 +480,7 @@ export class Pool {
     // A backend that logged in with the client's settings (session mode) has them as a direct login
     // would (pg_settings.source 'client'), and reported their values at login: nothing to apply or check.
     const asLoggedIn = this.deps.settings.pool.mode === 'session' && server.loginSettings.key === wanted.key;
-    const sync = !asLoggedIn && (waiter.checkSettings || server.settings.key !== wanted.key) ? settingsSql(wanted.values, server.settings.values, waiter.checkSettings) : undefined;
+    const sync = !asLoggedIn && (waiter.checkSettings || server.settings.key !== wanted.key) ? settingsSql(wanted, server.settings, waiter.checkSettings) : undefined;
     const ping = poolPrePing && server.state === 'idle' && now - server.idleSince >= prePingAfterMs;
     if (sync === undefined && !ping) {
       this.give(server, waiter, since, now);

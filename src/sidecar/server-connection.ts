@@ -21,6 +21,8 @@ export interface ServerConnectionUser {
   onServerAnswered?(server: ServerConnection): void;
   /** The server connection died while in use; `afterFatal`: the server had sent the client a FATAL error first. */
   onServerLost(server: ServerConnection, reason: string, afterFatal: boolean): void;
+  /** A RESET or DISCARD ALL completed: the session's settings went back to the connection's login settings. */
+  onSettingsReset?(): void;
 }
 
 /** How one of the sidecar's own statements ended. */
@@ -405,12 +407,14 @@ export class ServerConnection {
    * from the server's reply, so a command that failed changes nothing.
    */
   private onCommandComplete(buffer: Buffer, bodyStart: number, end: number): void {
+    this.tracker.commandCompleted();
     const length = end - bodyStart;
     // After RESET ALL the backend is on its login settings: the next client's settings are applied
     // again (asyncpg sends RESET ALL when its pool takes a connection back). After RESET name the
     // client is pinned, and its connection gets DISCARD ALL when it leaves.
     if (length === RESET_TAG.length && buffer.compare(RESET_TAG, 0, RESET_TAG.length, bodyStart, end) === 0) {
       this.settings = this.loginSettings;
+      this.user?.onSettingsReset?.();
       return;
     }
     // A DEALLOCATE a session sent ran: what the sidecar assumed when sending it holds (see ResponseEditor.expectCommand).
@@ -424,7 +428,10 @@ export class ServerConnection {
     // One the session's rewriting awaited forgot the statements when it was sent (Parses after it in
     // its batch may have added some since); any other forgets them now.
     if (!this.editor.active || !this.editor.commandCompleted(discard ? 'DISCARD ALL' : 'DEALLOCATE ALL')) this.statements.clear();
-    if (discard) this.settings = this.loginSettings;
+    if (discard) {
+      this.settings = this.loginSettings;
+      this.user?.onSettingsReset?.();
+    }
   }
 
   private onDataWithoutUser(chunk: Buffer, length: number): void {

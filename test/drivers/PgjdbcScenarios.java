@@ -1,7 +1,7 @@
 // pgjdbc scenarios, run by test/integration/drivers.test.ts with Debian's
 // /usr/share/java/postgresql.jar on the class path and -Duser.timezone=Asia/Tokyo
 // (pgjdbc sends the JVM's zone as the TimeZone startup parameter).
-// Usage: PgjdbcScenarios <jdbc url> <user> <password> <suffix> <threads>; prints one JSON object.
+// Usage: PgjdbcScenarios <jdbc url> <user> <password> <suffix> <threads> <connections>; prints one JSON object.
 import java.sql.Connection;
 import java.sql.DriverManager;
 import java.sql.PreparedStatement;
@@ -190,6 +190,58 @@ public class PgjdbcScenarios {
     return out;
   }
 
+  /**
+   * More default connections open at once than the pool has server
+   * connections: pgjdbc sends SET extra_float_digits and SET application_name
+   * after each login, and a transaction pooler that pinned on them would
+   * starve the rest. Each connection then reads both settings twice.
+   */
+  static Map<String, Object> manyConnections(int count) throws InterruptedException {
+    List<Connection> open = new ArrayList<>();
+    Map<String, Object> out = new LinkedHashMap<>();
+    List<String> errors = new ArrayList<>();
+    Map<String, Integer> seen = new ConcurrentHashMap<>();
+    AtomicInteger failed = new AtomicInteger();
+    List<Thread> threads = new ArrayList<>();
+    for (int i = 0; i < count; i++) {
+      Thread t = new Thread(() -> {
+        try {
+          Connection c = connect();
+          synchronized (open) {
+            open.add(c);
+          }
+          for (int round = 0; round < 2; round++) {
+            try (Statement s = c.createStatement(); ResultSet rs = s.executeQuery("SELECT current_setting('extra_float_digits') || '/' || current_setting('application_name')")) {
+              rs.next();
+              seen.merge(rs.getString(1), 1, Integer::sum);
+            }
+            Thread.sleep(100);
+          }
+        } catch (Exception e) {
+          failed.incrementAndGet();
+          synchronized (errors) {
+            if (errors.size() < 3) errors.add(describe(e));
+          }
+        }
+      });
+      threads.add(t);
+      t.start();
+    }
+    for (Thread t : threads) t.join();
+    for (Connection c : open) {
+      try {
+        c.close();
+      } catch (SQLException e) {
+        // closing is not what is measured
+      }
+    }
+    out.put("connections", count);
+    out.put("failed", failed.get());
+    out.put("seen", new LinkedHashMap<>(seen));
+    out.put("errors", errors);
+    return out;
+  }
+
   public static void main(String[] args) throws Exception {
     url = args[0];
     props.setProperty("user", args[1]);
@@ -202,6 +254,7 @@ public class PgjdbcScenarios {
     out.put("batch", batch(suffix));
     out.put("timeZone", timeZone());
     out.put("serverVersion", serverVersion());
+    out.put("manyConnections", manyConnections(Integer.parseInt(args[5])));
     System.out.println(json(out));
   }
 }

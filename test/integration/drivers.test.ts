@@ -48,6 +48,7 @@ const PGBOUNCER_CANNOT: Record<string, string> = {
   'psycopg 3 backend pid': 'a client has no fixed backend in transaction mode: its BackendKeyData pid names none',
   'asyncpg pool prepared': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
   'pgjdbc prepared': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
+  'pgjdbc more connections than the pool': 'pgjdbc\'s SET extra_float_digits after login stays on the server connection that ran it: the client loses it when moved, another client gets it',
   'pgjdbc batch insert': 'pgjdbc\'s server-side statement names (S_1, ...) collide on server connections shared with other clients (PgBouncer < 1.21)',
   'node-postgres shared statement': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
   'protocol negotiation': 'PgBouncer 1.18 refuses protocol 3.x > 3.0 and _pq_ options with an error instead of negotiating',
@@ -112,7 +113,7 @@ function scenario(target: Target, program: 'cancel' | 'startup' | 'session-state
       case 'node-postgres': pending = run(process.execPath, ['node-postgres.ts', json], 60_000); break;
       case 'pgjdbc': {
         const url = `jdbc:postgresql://${target.login.host}:${target.login.port}/${target.login.dbname}`;
-        pending = run('java', ['-Duser.timezone=Asia/Tokyo', '-cp', `${javaClasses}:${PGJDBC_JAR}`, 'PgjdbcScenarios', url, target.login.user, target.login.password, target.suffix, '8'], 60_000);
+        pending = run('java', ['-Duser.timezone=Asia/Tokyo', '-cp', `${javaClasses}:${PGJDBC_JAR}`, 'PgjdbcScenarios', url, target.login.user, target.login.password, target.suffix, '8', String(target.mode === 'session' ? target.poolSize : target.poolSize + 4)], 60_000);
         break;
       }
     }
@@ -324,6 +325,11 @@ describe('real drivers: direct, PgBouncer, sidecar transaction and session mode'
 
       feature('pgjdbc server version', async (t) => (await scenario(t, 'pgjdbc')).serverVersion as Json, (r) => {
         assert.deepEqual(r, direct('pgjdbc server version'));
+      });
+
+      feature('pgjdbc more connections than the pool', async (t) => (await scenario(t, 'pgjdbc')).manyConnections as Json, (r) => {
+        assert.equal(r.failed, 0, `${String(r.failed)} of ${String(r.connections)} default pgjdbc connections failed: ${JSON.stringify(r.errors)}`);
+        assert.deepEqual(r.seen, { '3/PostgreSQL JDBC Driver': 2 * (r.connections as number) }, 'each connection sees the settings its own SETs made');
       });
 
       feature('node-postgres shared statement', async (t) => (await scenario(t, 'node-postgres')).sharedStatementSchemaChange as Json, (r, t) => {

@@ -240,14 +240,71 @@ describe('sidecar transparency', function () {
   });
 
   describe('session state in transaction mode', function () {
-    it('pins a client that SETs to its server connection, counts it, and resets the connection when it leaves', async function () {
+    it('carries a client\'s SET (simple or extended, as pgjdbc sends it at login) to every server connection it uses, without pinning, and never to another client', async function () {
+      // One server connection, shared: without the reset, the next client would see what the setter left.
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const setter = client(running, { options: '-c statement_timeout=1234' });
+        const plain = client(running);
+        await setter.connect();
+        await plain.connect();
+        const show = async (c: pg.Client): Promise<{ st: string; app: string; digits: string; pid: number }> => {
+          const r = await c.query<{ st: string; app: string; digits: string; pid: number }>(
+            "SELECT current_setting('statement_timeout') AS st, current_setting('application_name') AS app, current_setting('extra_float_digits') AS digits, pg_backend_pid() AS pid");
+          return r.rows[0]!;
+        };
+        try {
+          const plainBefore = await show(plain);
+          await setter.query('SET statement_timeout = 4321');
+          // pgjdbc's login: SETs through the extended protocol, in an unnamed statement.
+          await setter.query({ text: 'SET extra_float_digits = 3', queryMode: 'extended' } as pg.QueryConfig);
+          await setter.query({ text: "SET application_name = 'PostgreSQL JDBC Driver'", queryMode: 'extended' } as pg.QueryConfig);
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="set"} 0/);
+          for (let round = 0; round < 3; round++) {
+            const own = await show(setter);
+            assert.deepEqual([own.st, own.app, own.digits], ['4321ms', 'PostgreSQL JDBC Driver', '3'], `round ${round}`);
+            const other = await show(plain);
+            assert.deepEqual([other.st, other.app, other.digits], [plainBefore.st, plainBefore.app, plainBefore.digits], `round ${round}: another client saw the setter's settings`);
+            assert.equal(other.pid, own.pid, 'one shared backend');
+          }
+          // The backend dies: a new one gets the client's SETs too.
+          const { pid } = await show(plain);
+          await observer.query('SELECT pg_terminate_backend($1)', [pid]);
+          await new Promise((r) => setTimeout(r, 200));
+          const after = await show(setter);
+          assert.notEqual(after.pid, pid);
+          assert.deepEqual([after.st, after.app, after.digits], ['4321ms', 'PostgreSQL JDBC Driver', '3']);
+          // RESET goes back to the client's startup value, as direct; SET ... TO DEFAULT too.
+          await setter.query('RESET statement_timeout');
+          assert.equal((await show(setter)).st, '1234ms');
+          await setter.query('SET extra_float_digits TO DEFAULT');
+          assert.equal((await show(setter)).digits, '1');
+          assert.equal((await show(setter)).app, 'PostgreSQL JDBC Driver');
+          // A SET the server refuses changes nothing, and pins nothing.
+          await assert.rejects(setter.query("SET statement_timeout = 'soon'"), (e: { code?: string }) => e.code === '22023');
+          assert.equal((await show(setter)).st, '1234ms');
+          // RESET ALL: back to the startup settings, its SETs forgotten.
+          await setter.query('RESET ALL');
+          const reset = await show(setter);
+          assert.deepEqual([reset.st, reset.app, reset.digits], ['1234ms', '', '1']);
+          assert.deepEqual(await show(plain).then((r) => [r.st, r.app, r.digits]), [plainBefore.st, plainBefore.app, plainBefore.digits]);
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="set"} 0/);
+        } finally {
+          await setter.end();
+          await plain.end();
+        }
+      });
+    });
+
+    it('pins a client that SETs inside a transaction block, counts it, and resets the connection when it leaves', async function () {
       await withSidecar(postgres, { grant: 2 }, async (running) => {
         const setter = client(running);
         const others = Array.from({ length: 4 }, () => client(running));
         await setter.connect();
         await Promise.all(others.map((c) => c.connect()));
         try {
+          await setter.query('BEGIN');
           await setter.query('SET statement_timeout = 4321');
+          await setter.query('COMMIT');
           const metrics = await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients');
           assert.match(metrics, /reason="set"} 1/);
           for (let round = 0; round < 10; round++) {
@@ -267,10 +324,10 @@ describe('sidecar transparency', function () {
 
     it('pins on session state a first-word reader would miss: set_config(..., false), a DO block, SELECT INTO TEMP, a later statement of a multi-statement Query', async function () {
       const ways: [string, string, string][] = [
-        ["SELECT set_config('statement_timeout', '4321', false)", 'set', 'SHOW statement_timeout'],
+        ["SELECT set_config('statement_timeout', '4321', false), 1", 'set', 'SHOW statement_timeout'],
         ["DO $$ BEGIN PERFORM set_config('statement_timeout', '4321', false); END $$", 'set', 'SHOW statement_timeout'],
         ['SELECT 1; SET statement_timeout = 4321', 'set', 'SHOW statement_timeout'],
-        ['/* app=web */ SET statement_timeout = 4321', 'set', 'SHOW statement_timeout'],
+        ['/* app=web */ SET statement_timeout = 4321; SELECT 1', 'set', 'SHOW statement_timeout'],
         ['SELECT 1 AS a INTO TEMP leftover', 'temp-table', "SELECT count(*)::text AS statement_timeout FROM pg_class WHERE relname = 'leftover' AND relpersistence = 't'"],
       ];
       // One server connection: without the pin, the next client would get the same backend and see what was left.

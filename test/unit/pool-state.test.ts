@@ -112,6 +112,33 @@ describe('transaction tracker', function () {
     assert.equal(ready(t, 'I'), true);
   });
 
+  it('decides a watched SET at its first ReadyForQuery: ran, not run, or uncertain when an error or a transaction block followed it', function () {
+    const outcome = (replies: string, status: 'I' | 'T' | 'E'): string | undefined => {
+      const t = new TransactionTracker();
+      t.watch();
+      client(t, 'Q');
+      for (const r of replies) {
+        if (r === 'C') t.commandCompleted();
+        else t.serverMessage(code(r));
+      }
+      ready(t, status);
+      // A later batch does not change it.
+      client(t, 'Q');
+      t.serverMessage(code('E'));
+      ready(t, 'I');
+      return t.watched;
+    };
+    assert.equal(outcome('C', 'I'), 'ran');
+    assert.equal(outcome('E', 'I'), 'not-run', 'the SET failed');
+    assert.equal(outcome('', 'I'), 'not-run', 'Parse and Describe only');
+    assert.equal(outcome('CE', 'I'), 'uncertain', 'a later statement of the batch failed: rolled back, or not if a COMMIT came between');
+    assert.equal(outcome('CC', 'T'), 'uncertain', 'a BEGIN came after it');
+    const fresh = new TransactionTracker();
+    fresh.watch();
+    fresh.reset();
+    assert.equal(fresh.watched, undefined, 'a connection handed out again watches nothing');
+  });
+
   it('an unsolicited ReadyForQuery makes the connection non-reusable', function () {
     const t = new TransactionTracker();
     assert.equal(ready(t, 'I'), false);

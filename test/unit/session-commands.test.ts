@@ -4,7 +4,10 @@
  */
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { classifySessionCommand, clientSettingsFromStartup, laterSessionCommands, parseOptions, settingsSql, setsSessionConfig, splitStatements } from '../../src/core/protocol/index.ts';
+import {
+  NO_SETTINGS, changeSettings, classifySessionCommand, clientSettingsFromStartup, laterSessionCommands, parseOptions, serverSettingsAfter, settingsSql, setsSessionConfig, splitStatements, startupSettings,
+  type ClientSettings,
+} from '../../src/core/protocol/index.ts';
 
 const classify = (sql: string): ReturnType<typeof classifySessionCommand> => {
   const buffer = Buffer.from(`${sql}\0`);
@@ -14,7 +17,8 @@ const classify = (sql: string): ReturnType<typeof classifySessionCommand> => {
 describe('session commands', function () {
   it('pins on statements that leave session state, not on their transaction-scoped forms', function () {
     const cases: [string, string | undefined][] = [
-      ['SET statement_timeout = 5', 'set'], ['  set search_path to x', 'set'], ['SET SESSION AUTHORIZATION bob', 'set'], ['RESET statement_timeout', 'set'], ['RESET ALL', undefined],
+      ['SET SESSION AUTHORIZATION bob', 'set'], ['SET ROLE bob', 'set'], ['RESET ROLE', 'set'], ['SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY', 'set'], ['SET SCHEMA \'x\'', 'set'],
+      ['SET a = 1; SELECT 1', 'set'], ['SET "TimeZone" = \'UTC\'', 'set'], ['RESET ALL', undefined],
       ['SET LOCAL statement_timeout = 5', undefined], ['SET TRANSACTION ISOLATION LEVEL SERIALIZABLE', undefined], ['SET CONSTRAINTS ALL DEFERRED', undefined],
       ['PREPARE p AS SELECT 1', 'prepare'], ['PREPARE TRANSACTION \'x\'', undefined],
       ['CREATE TEMP TABLE t (a int)', 'temp-table'], ['create temporary table t (a int)', 'temp-table'], ['CREATE GLOBAL TEMPORARY TABLE t (a int)', 'temp-table'], ['CREATE TABLE t (a int)', undefined],
@@ -30,7 +34,7 @@ describe('session commands', function () {
 
   it('pins on functions and blocks that leave session state, not on their transaction-scoped forms', function () {
     const cases: [string, string | undefined][] = [
-      ["SELECT set_config('search_path', 'x', false)", 'set'], ["select SET_CONFIG('a.b', $1, $2)", 'set'], ["SELECT set_config('a.b', 'v', is_local)", 'set'],
+      ["SELECT set_config('search_path', 'x', false) AS s", 'set'], ["select SET_CONFIG('a.b', $1, $2)", 'set'], ["SELECT set_config('a.b', 'v', is_local)", 'set'],
       ["SELECT set_config('request.jwt.claims', $1, true)", undefined], ["SELECT set_config('a.b', concat('x', ','), TRUE), 1", undefined],
       ["SELECT set_config('a.b', 'v', true), set_config('c.d', 'v', false)", 'set'],
       ['SELECT * INTO TEMP t FROM x', 'temp-table'], ['select a into temporary table t from x', 'temp-table'], ['SELECT a INTO t FROM x', undefined], ['SELECT into_temp FROM x', undefined],
@@ -38,12 +42,29 @@ describe('session commands', function () {
       ['DO $$BEGIN SET search_path = x; END$$', 'set'], ["DO $$ BEGIN PERFORM set_config('a.b', 'v', false); END $$", 'set'], ['DO $$ BEGIN IF true THEN RESET ALL; END IF; END $$', 'set'],
       ['DO $$ BEGIN UPDATE t SET a = 1; END $$', undefined], ['DO $$ BEGIN SET LOCAL search_path = x; END $$', undefined], ["DO $$ BEGIN PERFORM set_config('a.b', 'v', true); END $$", undefined],
       ['DO $$ BEGIN CREATE TEMP TABLE t (a int); END $$', 'temp-table'], ['DO $$ BEGIN PERFORM pg_advisory_lock(1); END $$', 'advisory-lock'], ['DO $$ BEGIN NULL; END $$', undefined], ["DO $$ BEGIN EXECUTE format('SET search_path = %I', 'x'); END $$", 'set'], ["DO $$ BEGIN EXECUTE 'UPDATE t SET a = 1'; END $$", undefined],
-      ['/* controller=users */ SET search_path = x', 'set'], ['-- tag\nSET search_path = x', 'set'], ['/* a /* nested */ b */ RESET search_path', 'set'], ['/* x */ SELECT 1', undefined],
+      ['/* controller=users */ SET search_path = x; SELECT 1', 'set'], ['/* x */ SELECT 1', undefined],
     ];
     for (const [sql, reason] of cases) {
       const command = classify(sql);
       assert.equal(command?.kind === 'pin' ? command.reason : undefined, reason, sql);
     }
+  });
+
+  it('reads a SET or RESET of one setting standing alone as a change the sidecar carries, not a pin', function () {
+    const cases: [string, ReturnType<typeof classifySessionCommand>][] = [
+      ['SET extra_float_digits = 3', { kind: 'set', name: 'extra_float_digits', sql: 'SET extra_float_digits = 3' }],
+      ["SET application_name = 'PostgreSQL JDBC Driver'", { kind: 'set', name: 'application_name', sql: "SET application_name = 'PostgreSQL JDBC Driver'" }],
+      ['  set SESSION Search_Path to a, "B" ;; ', { kind: 'set', name: 'search_path', sql: 'set SESSION Search_Path to a, "B"' }],
+      ["SET TIME ZONE 'UTC'", { kind: 'set', name: 'timezone', sql: "SET TIME ZONE 'UTC'" }],
+      ["SET myapp.tenant = 'a;b'", { kind: 'set', name: 'myapp.tenant', sql: "SET myapp.tenant = 'a;b'" }],
+      ['/* controller=users */ SET search_path = x', { kind: 'set', name: 'search_path', sql: 'SET search_path = x' }],
+      ["SELECT set_config('TimeZone', 'UTC', false)", { kind: 'set', name: 'timezone', sql: "SELECT set_config('TimeZone', 'UTC', false)" }],
+      ['SET statement_timeout TO DEFAULT', { kind: 'reset', name: 'statement_timeout' }], ['SET TIME ZONE LOCAL', { kind: 'reset', name: 'timezone' }],
+      ['RESET statement_timeout', { kind: 'reset', name: 'statement_timeout' }], ['reset time zone', { kind: 'reset', name: 'timezone' }], ['-- tag\nRESET a.b;', { kind: 'reset', name: 'a.b' }],
+      ["SELECT set_config('role', 'bob', false)", { kind: 'pin', reason: 'set' }], ["SELECT set_config('a.b', $1, false)", { kind: 'pin', reason: 'set' }],
+      ["SELECT set_config('a.b', 'x', false), 1", { kind: 'pin', reason: 'set' }],
+    ];
+    for (const [sql, expected] of cases) assert.deepEqual(classify(sql), expected, sql);
   });
 
   it('reads the scope of set_config from its third argument, whatever the first two hold', function () {
@@ -70,7 +91,7 @@ describe('session commands', function () {
       const buffer = Buffer.from(`${sql}\0`);
       return laterSessionCommands(buffer, 0, buffer.length);
     };
-    assert.deepEqual(later('SELECT 1; SET search_path = x'), [{ kind: 'pin', reason: 'set' }]);
+    assert.deepEqual(later('SELECT 1; SET search_path = x'), [{ kind: 'pin', reason: 'set' }], 'a SET among other statements pins');
     assert.deepEqual(later('BEGIN; SELECT pg_advisory_lock(1); COMMIT'), [{ kind: 'pin', reason: 'advisory-lock' }]);
     assert.deepEqual(later('SELECT 1; LISTEN a'), [{ kind: 'pin', reason: 'listen' }]);
     assert.deepEqual(later('SELECT 1; DISCARD ALL'), [{ kind: 'discard-all' }]);
@@ -140,11 +161,62 @@ describe('client settings from the startup packet', function () {
   });
 
   it('builds the SQL that takes a connection from one client\'s settings to another\'s', function () {
-    const a = new Map([['statement_timeout', '5s'], ['application_name', "o'brien"]]);
-    const b = new Map([['statement_timeout', '5s'], ['timezone', 'UTC']]);
+    const a = clientSettingsFromStartup({ statement_timeout: '5s', application_name: "o'brien" });
+    const b = clientSettingsFromStartup({ statement_timeout: '5s', timezone: 'UTC' });
     assert.equal(settingsSql(a, a), undefined);
-    assert.equal(settingsSql(b, a), "SELECT pg_catalog.set_config(E'timezone', E'UTC', false); RESET \"application_name\"");
-    assert.equal(settingsSql(a, new Map()), "SELECT pg_catalog.set_config(E'statement_timeout', E'5s', false), pg_catalog.set_config(E'application_name', E'o''brien', false)");
-    assert.equal(settingsSql(new Map([['x', 'a\\b']]), new Map([['x', 'a\\b']]), true), "SELECT pg_catalog.set_config(E'x', E'a\\\\b', false)");
+    assert.equal(settingsSql(b, a), "SELECT pg_catalog.set_config(E'timezone', E'UTC', false), pg_catalog.set_config(E'application_name', E'', false)");
+    assert.equal(settingsSql(a, NO_SETTINGS), "SELECT pg_catalog.set_config(E'statement_timeout', E'5s', false), pg_catalog.set_config(E'application_name', E'o''brien', false)");
+    const x = clientSettingsFromStartup({ x: 'a\\b' });
+    assert.equal(settingsSql(x, x, true), "SELECT pg_catalog.set_config(E'x', E'a\\\\b', false), pg_catalog.set_config(E'application_name', E'', false)");
+    assert.equal(settingsSql(NO_SETTINGS, b), 'RESET "statement_timeout"; RESET "timezone"; RESET "application_name"');
+  });
+
+  it('carries a client\'s SETs after its startup values, and a RESET back to its startup value', function () {
+    const startup = clientSettingsFromStartup({ application_name: 'web', timezone: 'Asia/Tokyo' });
+    const afterSet = changeSettings(changeSettings(startup, { kind: 'set', name: 'extra_float_digits', sql: 'SET extra_float_digits = 3' }), { kind: 'set', name: 'timezone', sql: "SET TIME ZONE 'UTC'" });
+    assert.notEqual(afterSet.key, startup.key);
+    // Another client's connection (startup values only) gets the SETs; one on the same SETs gets nothing.
+    assert.equal(settingsSql(afterSet, startup), "SET extra_float_digits = 3; SET TIME ZONE 'UTC'");
+    assert.equal(settingsSql(afterSet, afterSet), undefined);
+    assert.equal(settingsSql(startup, afterSet), "SELECT pg_catalog.set_config(E'timezone', E'Asia/Tokyo', false); RESET \"extra_float_digits\"");
+    // RESET: the client is back on its startup value; the connection that ran it is on its login value, so the next hand-out sets it.
+    const reset = { kind: 'reset', name: 'timezone' } as const;
+    const afterReset = changeSettings(afterSet, reset);
+    assert.deepEqual([...afterReset.statements], [['extra_float_digits', 'SET extra_float_digits = 3']]);
+    const server = serverSettingsAfter(afterReset, reset, NO_SETTINGS);
+    assert.equal(settingsSql(afterReset, server), "SELECT pg_catalog.set_config(E'timezone', E'Asia/Tokyo', false)");
+    assert.equal(changeSettings(startup, reset), startup, 'a RESET of what was never SET changes nothing');
+    assert.equal(startupSettings(afterSet).key, startup.key);
+    // The last SET of a setting wins and replays last.
+    const again = changeSettings(afterSet, { kind: 'set', name: 'extra_float_digits', sql: 'SET extra_float_digits TO 2' });
+    assert.deepEqual([...again.statements.values()], ["SET TIME ZONE 'UTC'", 'SET extra_float_digits TO 2']);
+  });
+
+  it('takes any sequence of SETs and RESETs to the same settings on the connection as on the client', function () {
+    const names = ['a.x', 'a.y', 'timezone'];
+    const change = fc.oneof(
+      fc.record({ kind: fc.constant('set' as const), name: fc.constantFrom(...names), value: fc.integer({ min: 0, max: 3 }) }).map(({ name, value }) => ({ kind: 'set' as const, name, sql: `SET ${name} = ${value}` })),
+      fc.record({ kind: fc.constant('reset' as const), name: fc.constantFrom(...names) }),
+    );
+    fc.assert(fc.property(fc.array(change, { maxLength: 8 }), fc.array(change, { maxLength: 8 }), (ownChanges, otherChanges) => {
+      // A model server: SQL applied in order; set_config and SET set a value, RESET goes back to nothing.
+      const run = (state: Map<string, string>, sql: string | undefined): void => {
+        for (const statement of sql?.split('; ') ?? []) {
+          const set = /^SET (\S+) = (\d)$/.exec(statement);
+          if (set !== null) state.set(set[1]!, set[2]!);
+          else if (statement.startsWith('RESET ')) state.delete(JSON.parse(statement.slice(6)) as string);
+          else for (const call of statement.matchAll(/set_config\(E'([^']*)', E'([^']*)', false\)/g)) state.set(call[1]!, call[2]!);
+        }
+      };
+      const clientOf = (changes: typeof ownChanges): ClientSettings => changes.reduce((settings, c) => changeSettings(settings, c), clientSettingsFromStartup({ 'a.x': '9' }));
+      const own = clientOf(ownChanges);
+      const other = clientOf(otherChanges);
+      const expected = new Map<string, string>();
+      run(expected, settingsSql(own, NO_SETTINGS));
+      const actual = new Map<string, string>();
+      run(actual, settingsSql(other, NO_SETTINGS));
+      run(actual, settingsSql(own, other));
+      assert.deepEqual([...actual].sort(), [...expected].sort());
+    }));
   });
 });

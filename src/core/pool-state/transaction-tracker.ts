@@ -32,6 +32,15 @@ const ERROR_RESPONSE = 0x45;
 const I_BYTE = 0x49;
 const T_BYTE = 0x54;
 
+/**
+ * What became of a watched statement (a client's SET between transactions),
+ * decided at the first ReadyForQuery after it: `ran` (completed, no error,
+ * back to idle: it took effect for the session), `not-run` (it never
+ * completed), `uncertain` (it completed, but an error or a transaction block
+ * followed, which may or may not undo it).
+ */
+export type WatchedOutcome = 'running' | 'ran' | 'not-run' | 'uncertain';
+
 /** Tracks transaction boundaries of one server connection. */
 export class TransactionTracker {
   /** Status from the latest ReadyForQuery. */
@@ -52,6 +61,22 @@ export class TransactionTracker {
   copy: CopyState = 'none';
   /** A ReadyForQuery arrived that nothing asked for (a protocol bug on one side). */
   unexpectedReady = false;
+  /** The watched statement's outcome, while one is watched (see watch). */
+  watched: WatchedOutcome | undefined;
+  private watchedCompleted = false;
+  private watchedFailed = false;
+
+  /** Watches the statement about to be sent: its outcome is in `watched` after the next ReadyForQuery. */
+  watch(): void {
+    this.watched = 'running';
+    this.watchedCompleted = false;
+    this.watchedFailed = false;
+  }
+
+  /** Records a CommandComplete (not passed to serverMessage: the connection reads its tag). */
+  commandCompleted(): void {
+    if (this.watched === 'running') this.watchedCompleted = true;
+  }
 
   /** Records a frontend message forwarded to the server. */
   clientMessage(type: number): void {
@@ -101,6 +126,7 @@ export class TransactionTracker {
         else this.pendingReady -= 1;
         this.status = statusByte === I_BYTE ? 'I' : statusByte === T_BYTE ? 'T' : 'E';
         this.copy = 'none';
+        if (this.watched === 'running') this.watched = !this.watchedCompleted ? 'not-run' : !this.watchedFailed && this.status === 'I' ? 'ran' : 'uncertain';
         return this.atBoundary;
       case PARSE_COMPLETE:
       case CLOSE_COMPLETE:
@@ -121,6 +147,7 @@ export class TransactionTracker {
       case ERROR_RESPONSE:
         // An error ends COPY IN on the server side; ReadyForQuery follows.
         if (this.copy === 'in') this.copy = 'none';
+        if (this.watched === 'running') this.watchedFailed = true;
         return false;
       default:
         return false;
@@ -175,5 +202,6 @@ export class TransactionTracker {
     this.unsyncedSplit = false;
     this.copy = 'none';
     this.unexpectedReady = false;
+    this.watched = undefined;
   }
 }

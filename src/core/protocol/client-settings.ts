@@ -10,15 +10,71 @@ import { ProtocolError } from './errors.ts';
 /** Startup parameters that are not run-time settings. */
 const NOT_SETTINGS = new Set(['user', 'database', 'options']);
 
-/** A client's settings: lower-cased name -> value in the order the client gave them, and a key that identifies the set. */
+/**
+ * A client's settings: those of its startup packet (lower-cased name ->
+ * value, in the order the client gave them) and the `SET`s it ran since,
+ * each kept as its statement (lower-cased name -> SQL) so that another
+ * server connection gets it exactly as the client's own did; a key
+ * identifies the whole.
+ */
 export interface ClientSettings {
   readonly values: ReadonlyMap<string, string>;
+  /** Session-scoped SETs run after login, by the setting they change; they override `values`. */
+  readonly statements: ReadonlyMap<string, string>;
   /** Equal keys mean equal settings; '' for none. */
   readonly key: string;
 }
 
+const NO_STATEMENTS: ReadonlyMap<string, string> = new Map();
+
 /** No settings beyond the server's defaults (the sidecar's own connections; every client has at least application_name). */
-export const NO_SETTINGS: ClientSettings = { values: new Map(), key: '' };
+export const NO_SETTINGS: ClientSettings = { values: new Map(), statements: NO_STATEMENTS, key: '' };
+
+function settingsOf(values: ReadonlyMap<string, string>, statements: ReadonlyMap<string, string>): ClientSettings {
+  const key = values.size === 0 && statements.size === 0 ? '' : statements.size === 0 ? JSON.stringify([...values]) : JSON.stringify([[...values], [...statements]]);
+  return { values, statements, key };
+}
+
+/**
+ * A client's change of one of its session's settings, which a transaction
+ * pooler can carry to whichever server connection serves the client next:
+ * `SET name ...` kept as its SQL, or a return to the session's default
+ * (`RESET name`, `SET name TO DEFAULT`).
+ */
+export type SettingChange = { kind: 'set'; name: string; sql: string } | { kind: 'reset'; name: string };
+
+/** The client's settings once `change` ran: a SET overrides, a RESET goes back to the startup value, if any. */
+export function changeSettings(settings: ClientSettings, change: SettingChange): ClientSettings {
+  const statements = new Map(settings.statements);
+  if (change.kind === 'set') {
+    // Re-inserted, so the statements replay in the order they last ran.
+    statements.delete(change.name);
+    statements.set(change.name, change.sql);
+  } else if (!statements.delete(change.name)) return settings;
+  return settingsOf(settings.values, statements);
+}
+
+/**
+ * What a server connection holds after running the client's `change` with
+ * the client's settings applied: those settings (now `after`), except that a
+ * RESET took the setting to the connection's own login value, not the
+ * client's startup one.
+ */
+export function serverSettingsAfter(after: ClientSettings, change: SettingChange, login: ClientSettings): ClientSettings {
+  if (change.kind === 'set') return after;
+  const values = new Map(after.values);
+  const loginValue = login.values.get(change.name);
+  if (loginValue === undefined) values.delete(change.name);
+  else values.set(change.name, loginValue);
+  const statements = new Map(after.statements);
+  statements.delete(change.name);
+  return settingsOf(values, statements);
+}
+
+/** The settings of the client's startup packet alone: where RESET ALL and DISCARD ALL take its session. */
+export function startupSettings(settings: ClientSettings): ClientSettings {
+  return settings.statements.size === 0 ? settings : settingsOf(settings.values, NO_STATEMENTS);
+}
 
 /**
  * The settings of a StartupMessage's parameters: every parameter except user,
@@ -42,7 +98,7 @@ export function clientSettingsFromStartup(parameters: Readonly<Record<string, st
   }
   // Direct, a client that names no application has none; the pooler's own name must not show through.
   if (!values.has('application_name')) values.set('application_name', '');
-  return { values, key: JSON.stringify([...values]) };
+  return settingsOf(values, NO_STATEMENTS);
 }
 
 /**
@@ -96,17 +152,23 @@ function identifier(name: string): string {
 
 /**
  * SQL that takes a server connection from the settings `applied` to
- * `desired`: one SELECT of set_config() calls for what differs (or, with
- * `all`, for every desired setting: its row is then each value as SHOW
- * prints it), then a RESET for each setting `desired` lacks. `set_config`
- * takes the value as PostgreSQL reads a startup option (`search_path=a,b` is
- * two schemas), unlike SET with a quoted value. Undefined when nothing differs.
+ * `desired`: one SELECT of set_config() calls for the startup values that
+ * differ (or, with `all`, for every startup value: its row is then each value
+ * as SHOW prints it), the client's own SET statements that differ, then a
+ * RESET for each setting `desired` lacks. `set_config` takes the value as
+ * PostgreSQL reads a startup option (`search_path=a,b` is two schemas),
+ * unlike SET with a quoted value. Undefined when nothing differs.
  */
-export function settingsSql(desired: ReadonlyMap<string, string>, applied: ReadonlyMap<string, string>, all = false): string | undefined {
+export function settingsSql(desired: ClientSettings, applied: ClientSettings, all = false): string | undefined {
   const sets: string[] = [];
-  for (const [name, value] of desired) if (all || applied.get(name) !== value) sets.push(`pg_catalog.set_config(${literal(name)}, ${literal(value)}, false)`);
+  for (const [name, value] of desired.values) {
+    if (all || (!desired.statements.has(name) && (applied.statements.has(name) || applied.values.get(name) !== value))) sets.push(`pg_catalog.set_config(${literal(name)}, ${literal(value)}, false)`);
+  }
   const statements: string[] = [];
   if (sets.length > 0) statements.push(`SELECT ${sets.join(', ')}`);
-  for (const name of applied.keys()) if (!desired.has(name)) statements.push(`RESET ${identifier(name)}`);
+  for (const [name, sql] of desired.statements) if (all || applied.statements.get(name) !== sql) statements.push(sql);
+  const resets = new Set<string>();
+  for (const name of [...applied.values.keys(), ...applied.statements.keys()]) if (!desired.values.has(name) && !desired.statements.has(name)) resets.add(name);
+  for (const name of resets) statements.push(`RESET ${identifier(name)}`);
   return statements.length === 0 ? undefined : statements.join('; ');
 }

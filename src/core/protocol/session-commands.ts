@@ -11,6 +11,7 @@
  * statements after the first of a multi-statement Query are found by
  * splitStatements and classified alike (laterSessionCommands).
  */
+import type { SettingChange } from './client-settings.ts';
 
 /** Why a client keeps its server connection between transactions. */
 export type PinReason = 'set' | 'listen' | 'prepare' | 'temp-table' | 'cursor-with-hold' | 'advisory-lock';
@@ -26,6 +27,8 @@ export type SessionCommand =
   /** RESET ALL: the connection's settings go back to its own defaults (the client's come back with its next transaction). */
   | { kind: 'reset-all' }
   | { kind: 'pin'; reason: PinReason }
+  /** A session setting changed by a statement standing alone, which the sidecar can carry to other server connections (see SettingChange). */
+  | SettingChange
   /** LISTEN or UNLISTEN ('*' for all); `alone`: the text is that one statement and nothing else. */
   | { kind: 'listen' | 'unlisten'; channel: string; alone: boolean };
 
@@ -67,10 +70,10 @@ export function classifySessionCommand(buffer: Buffer, start: number, end: numbe
     case 'set':
       // SET LOCAL, SET TRANSACTION and SET CONSTRAINTS end with the transaction.
       if (w1 === 'local' || w1 === 'transaction' || w1 === 'constraints') return undefined;
-      return { kind: 'pin', reason: 'set' };
+      return settingStatement(buffer, i, end);
     case 'reset':
       // RESET ALL leaves nothing behind: the sidecar sees its tag and applies the client's settings again.
-      return w1 === 'all' ? { kind: 'reset-all' } : PIN_SET;
+      return w1 === 'all' ? { kind: 'reset-all' } : settingStatement(buffer, i, end);
     case 'listen':
     case 'unlisten': {
       const channel = words[1];
@@ -112,6 +115,54 @@ const SET_CONFIG_UPPER = Buffer.from('SET_CONFIG');
 const PIN_ADVISORY: SessionCommand = { kind: 'pin', reason: 'advisory-lock' };
 const PIN_SET: SessionCommand = { kind: 'pin', reason: 'set' };
 const PIN_TEMP: SessionCommand = { kind: 'pin', reason: 'temp-table' };
+/** Settings that are the session's identity, not a preference: changing them pins. */
+const IDENTITY_SETTINGS = new Set(['role', 'session_authorization']);
+const SETTING_NAME = '[a-z_][a-z0-9_$]*(?:\\.[a-z_][a-z0-9_$]*)?';
+const SET_STATEMENT = new RegExp(`^set\\s+(?:session\\s+)?(?:time\\s+zone\\s+(.+)|(${SETTING_NAME})\\s*(?:=|\\bto\\b)\\s*(.+))$`, 'is');
+const RESET_STATEMENT = new RegExp(`^reset\\s+(?:(time\\s+zone)|(${SETTING_NAME}))$`, 'is');
+const SET_CONFIG_CALL = /^select\s+(?:pg_catalog\s*\.\s*)?set_config\s*\(\s*'([^'\\]+)'\s*,\s*'(?:[^'\\]|'')*'\s*,\s*false\s*\)$/is;
+
+/** The statement at `buffer[start..)` (up to its NUL or `end`), trimmed of white space and a final semicolon; undefined if a second statement follows. */
+function loneStatement(buffer: Buffer, start: number, end: number): string | undefined {
+  const nul = buffer.indexOf(0, start);
+  const stop = nul >= 0 && nul < end ? nul : end;
+  if (mayHoldSeveralStatements(buffer, start, stop) && splitStatements(buffer, start, stop).length > 1) return undefined;
+  return buffer.toString('utf8', start, stop).trim().replace(/(?:\s*;)+$/, '');
+}
+
+/**
+ * A SET or RESET of one setting for the session, standing alone: a
+ * SettingChange (`SET x TO DEFAULT` and `SET TIME ZONE LOCAL` are RESETs).
+ * Anything else (the session's role or authorization, SET SESSION
+ * CHARACTERISTICS, SET SCHEMA, quoted names, several statements) pins.
+ */
+function settingStatement(buffer: Buffer, start: number, end: number): SessionCommand {
+  const sql = loneStatement(buffer, start, end);
+  if (sql === undefined) return PIN_SET;
+  const set = SET_STATEMENT.exec(sql);
+  if (set !== null) {
+    const name = set[2] === undefined ? 'timezone' : set[2].toLowerCase();
+    const value = (set[1] ?? set[3]!).trim().toLowerCase();
+    if (IDENTITY_SETTINGS.has(name)) return PIN_SET;
+    if (value === 'default' || (name === 'timezone' && set[2] === undefined && value === 'local')) return { kind: 'reset', name };
+    return { kind: 'set', name, sql };
+  }
+  const reset = RESET_STATEMENT.exec(sql);
+  if (reset !== null) {
+    const name = reset[1] === undefined ? reset[2]!.toLowerCase() : 'timezone';
+    return IDENTITY_SETTINGS.has(name) ? PIN_SET : { kind: 'reset', name };
+  }
+  return PIN_SET;
+}
+
+/** `SELECT set_config('name', 'value', false)` standing alone, as Django sets its time zone: a SettingChange; undefined otherwise. */
+function setConfigStatement(buffer: Buffer, start: number, end: number): SettingChange | undefined {
+  const sql = loneStatement(buffer, start, end);
+  const call = sql === undefined ? null : SET_CONFIG_CALL.exec(sql);
+  if (call === null) return undefined;
+  const name = call[1]!.toLowerCase();
+  return IDENTITY_SETTINGS.has(name) ? undefined : { kind: 'set', name, sql: sql! };
+}
 
 function contains(text: Buffer, lower: Buffer, upper: Buffer): boolean {
   return text.indexOf(lower) >= 0 || text.indexOf(upper) >= 0;
@@ -127,7 +178,7 @@ function contains(text: Buffer, lower: Buffer, upper: Buffer): boolean {
 function selectLeavingState(buffer: Buffer, start: number, end: number): SessionCommand | undefined {
   const text = buffer.subarray(start, end);
   if (contains(text, SESSION_LOCK, SESSION_LOCK_UPPER)) return PIN_ADVISORY;
-  if (contains(text, SET_CONFIG, SET_CONFIG_UPPER) && setsSessionConfig(text.toString('utf8'))) return PIN_SET;
+  if (contains(text, SET_CONFIG, SET_CONFIG_UPPER) && setsSessionConfig(text.toString('utf8'))) return setConfigStatement(buffer, start, end) ?? PIN_SET;
   if ((text.indexOf('into') >= 0 || text.indexOf('INTO') >= 0 || text.indexOf('Into') >= 0) && /\binto\s+(temp|temporary)\b/i.test(text.toString('utf8'))) return PIN_TEMP;
   return undefined;
 }
@@ -305,7 +356,8 @@ export function laterSessionCommands(buffer: Buffer, start: number, end: number)
   for (const [from, to] of statements.slice(1)) {
     const command = classifySessionCommand(buffer, from, to);
     if (command === undefined) continue;
-    commands.push(command.kind === 'listen' ? { kind: 'pin', reason: 'listen' } : command.kind === 'unlisten' ? { ...command, alone: false } : command);
+    // A SET among other statements is not carried over: it pins.
+    commands.push(command.kind === 'listen' ? { kind: 'pin', reason: 'listen' } : command.kind === 'unlisten' ? { ...command, alone: false } : command.kind === 'set' || command.kind === 'reset' ? PIN_SET : command);
   }
   return commands;
 }

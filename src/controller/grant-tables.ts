@@ -205,7 +205,7 @@ export class GrantTableWriter {
   async writeTables(tables: readonly PlannedTable[], connections: readonly DatabaseConnection[], pacing: ReadonlyMap<string, SidecarPacing> = new Map()): Promise<void> {
     if (!this.enabled) return;
     const byKey = new Map(connections.map((c) => [`${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`, c]));
-    await this.writeHints(tables.filter((t) => !t.changed), pacing);
+    await this.writeHints(tables.filter((t) => !t.changed), pacing, byKey);
     for (const wave of tableWriteWaves(tables)) {
       await forEachBounded(wave, CONCURRENCY, (t) => this.writeTable(t, byKey, pacing));
     }
@@ -226,11 +226,12 @@ export class GrantTableWriter {
     let written: PoolGrant;
     try {
       if (!current) {
-        const ownerReferences = connection.metadata.uid ? [{ apiVersion: `${API_GROUP}/${API_VERSION}`, kind: 'DatabaseConnection', name: t.connection, uid: connection.metadata.uid, controller: true, blockOwnerDeletion: false }] : undefined;
+        const ownerReferences = ownerReferencesOf(connection);
         written = await this.deps.http.create<PoolGrant>(path, { apiVersion: `${API_GROUP}/${API_VERSION}`, kind: 'PoolGrant', metadata: { name: t.connection, namespace: t.namespace, ...(ownerReferences ? { ownerReferences } : {}) }, spec });
       } else {
+        const adopt = adoption(this.deps.grants?.get(t.namespace, t.connection), connection);
         // A merge patch replaces the exceptions list whole.
-        written = await this.deps.http.patch<PoolGrant>(`${path}/${t.connection}`, { metadata: { resourceVersion: current.resourceVersion }, spec });
+        written = await this.deps.http.patch<PoolGrant>(`${path}/${t.connection}`, { metadata: { resourceVersion: current.resourceVersion, ...adopt }, spec });
       }
     } catch (err) {
       if (isStatus(err, 409)) throw this.deps.conflict(`PoolGrant ${k}`);
@@ -250,28 +251,29 @@ export class GrantTableWriter {
    * acknowledgement address: a patch of those fields alone, the generation
    * unchanged, so no sidecar sees a new grant because of it.
    */
-  private async writeHints(unchanged: readonly PlannedTable[], pacing: ReadonlyMap<string, SidecarPacing>): Promise<void> {
+  private async writeHints(unchanged: readonly PlannedTable[], pacing: ReadonlyMap<string, SidecarPacing>, byKey: ReadonlyMap<string, DatabaseConnection>): Promise<void> {
     const acknowledgeTo = this.deps.acknowledgeTo?.();
-    const hints = (t: PlannedTable): { heartbeatSeconds?: number; statusDelaySeconds?: number; acknowledgeTo?: string } | undefined => {
+    const hints = (t: PlannedTable): { spec: { heartbeatSeconds?: number; statusDelaySeconds?: number; acknowledgeTo?: string }; adopt: object } | undefined => {
       const wanted = pacing.get(`${t.namespace}/${t.connection}`);
       const cached = this.deps.grants?.get(t.namespace, t.connection);
       if (cached === undefined || this.written.has(`${t.namespace}/${t.connection}`)) return undefined;
-      const patch = {
+      const spec = {
         ...(wanted !== undefined && cached.spec.heartbeatSeconds !== wanted.heartbeatSeconds ? { heartbeatSeconds: wanted.heartbeatSeconds } : {}),
         ...(wanted !== undefined && cached.spec.statusDelaySeconds !== wanted.statusDelaySeconds ? { statusDelaySeconds: wanted.statusDelaySeconds } : {}),
         // A new leader tells every table where acknowledgements go now; sidecars resend theirs there.
         ...(acknowledgeTo !== undefined && cached.spec.acknowledgeTo !== acknowledgeTo ? { acknowledgeTo } : {}),
       };
-      return Object.keys(patch).length > 0 ? patch : undefined;
+      const adopt = adoption(cached, byKey.get(`${t.namespace}/${t.connection}`));
+      return Object.keys(spec).length > 0 || Object.keys(adopt).length > 0 ? { spec, adopt } : undefined;
     };
     const due = unchanged.filter((t) => hints(t) !== undefined);
     await forEachBounded(due, CONCURRENCY, async (t) => {
       const cached = this.deps.grants?.get(t.namespace, t.connection);
-      const spec = hints(t);
-      if (!cached || !spec) return;
+      const hint = hints(t);
+      if (!cached || !hint) return;
       this.deps.assertMayWrite();
       try {
-        await this.deps.http.patch<PoolGrant>(`${BASE}/namespaces/${t.namespace}/poolgrants/${t.connection}`, { metadata: { resourceVersion: cached.metadata.resourceVersion }, spec });
+        await this.deps.http.patch<PoolGrant>(`${BASE}/namespaces/${t.namespace}/poolgrants/${t.connection}`, { metadata: { resourceVersion: cached.metadata.resourceVersion, ...hint.adopt }, spec: hint.spec });
       } catch (err) {
         // Changed meanwhile: the next reconcile, planned from the newer table, tries again.
         if (isStatus(err, 409) || isStatus(err, 404)) return;
@@ -279,4 +281,23 @@ export class GrantTableWriter {
       }
     });
   }
+}
+
+/**
+ * The metadata that adopts a table a deleted DatabaseConnection of the same
+ * name left (deleted and applied again, as `kubectl replace --force` does)
+ * before the garbage collector takes it, so its sidecars keep their grants
+ * instead of falling back to their PoolMembers'; nothing for a table its
+ * connection already owns.
+ */
+function adoption(table: PoolGrant | undefined, connection: DatabaseConnection | undefined): { ownerReferences?: ReturnType<typeof ownerReferencesOf> } {
+  const owner = table?.metadata.ownerReferences?.find((o) => o.kind === 'DatabaseConnection')?.uid;
+  const uid = connection?.metadata.uid;
+  return owner === undefined || uid === undefined || owner === uid ? {} : { ownerReferences: ownerReferencesOf(connection!) };
+}
+
+/** A PoolGrant's owner: its DatabaseConnection, so that it goes with it. */
+function ownerReferencesOf(connection: DatabaseConnection): { apiVersion: string; kind: string; name: string; uid: string; controller: boolean; blockOwnerDeletion: boolean }[] | undefined {
+  const uid = connection.metadata.uid;
+  return uid === undefined ? undefined : [{ apiVersion: `${API_GROUP}/${API_VERSION}`, kind: 'DatabaseConnection', name: connection.metadata.name ?? '', uid, controller: true, blockOwnerDeletion: false }];
 }

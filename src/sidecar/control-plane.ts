@@ -78,6 +78,14 @@ export class PoolMemberAgent {
   private readonly informer: Informer<PoolMember & KubeObject>;
   /** The PoolGrant of the connection, watched by name once the PoolMember names it. */
   private tableInformer: Informer<PoolGrant & KubeObject> | undefined;
+  /**
+   * The last grant this pod had from its table. If the table goes (its
+   * DatabaseConnection deleted and applied again, and the garbage collector
+   * came first), the PoolMember's own grant is older and may be higher: the
+   * pod is not grown to it, only shrunk if it is lower, until a new table
+   * covers the pod.
+   */
+  private lastTableConnections: number | undefined;
   private member: PoolMember | undefined;
   /** Where the grant last handed to the pool came from: "m<generation>" (PoolMember) or "t" (table), and its number and drain flag. */
   private applied: { source: string; connections: number; drain: boolean } | undefined;
@@ -233,9 +241,14 @@ export class PoolMemberAgent {
     const grant = from === undefined ? undefined : this.tableInformer?.get(this.options.namespace, member.spec.connection);
     if (from !== undefined && grant && grant.spec.generation >= from) {
       const derived = deriveGrant(grantTableOf(grant.spec), this.options.podName);
+      this.lastTableConnections = derived.connections;
       return { source: 't', ...derived, table: true };
     }
-    return { source: `m${member.spec.grant.generation}`, connections: member.spec.grant.connections, generation: member.spec.grant.generation, drain: member.spec.drain === true, table: false };
+    // Taken off tables (a new pod under this name): the PoolMember's grant is the whole story again.
+    if (from === undefined) this.lastTableConnections = undefined;
+    const own = member.spec.grant.connections;
+    const connections = this.lastTableConnections === undefined ? own : Math.min(own, this.lastTableConnections);
+    return { source: `m${member.spec.grant.generation}`, connections, generation: member.spec.grant.generation, drain: member.spec.drain === true, table: false };
   }
 
   private evaluate(): void {

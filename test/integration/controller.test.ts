@@ -119,6 +119,51 @@ describe('budget controller', function () {
     assert.match(printed, /orders\s+40\s+1\s+web=40\s+40\s+True/);
   });
 
+  it('re-grants live pods within seconds when their DatabaseConnection is deleted and created again under the same name, before or after its old grant table is collected', async function () {
+    const namespace = namespaceFor('recreate');
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 3, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 30, reserve: 0 });
+    const fleet = new SidecarFleetDouble(kube, namespace);
+    fleets.push(fleet);
+    await fleet.start();
+    ({ controller } = await startController(kube));
+    const settled = (each: number): boolean => grants(fleet.members()).every((g) => g === each) && fleet.members().every((m) => m.status?.acknowledgedConnections === each);
+    // The highest limit of the test: every revision of the objects is checked against it.
+    const sampler = new Sampler([fleet], ([members]) => reserved(members!));
+    const table = (field: string): string => kube.kubectl(['-n', namespace, 'get', 'poolgrant', 'orders', '--ignore-not-found', '-o', `jsonpath={${field}}`]);
+    try {
+      await eventually('3 pods at 10 each', () => settled(10));
+      // Table changes, then a fourth pod: it joins on the table from a generation well past 1.
+      for (const next of [27, 30, 24, 32]) {
+        applyConnection(kube, postgres, namespace, 'orders', { maxConnections: next, reserve: 0 });
+        await eventually(`3 pods at ${next / 3}`, () => next % 3 !== 0 || settled(next / 3));
+      }
+      kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=4']);
+      await eventually('4 pods at 8 each', () => fleet.members().length === 4 && settled(8));
+      for (const [when, next] of [['at once', 20], ['after the old table is collected', 28]] as const) {
+        // Deleted and applied again (kubectl replace --force, a GitOps tool re-creating it): at once, the old
+        // grant table may still await garbage collection when the new DatabaseConnection comes.
+        const oldGeneration = Number(table('.spec.generation'));
+        kube.kubectl(['-n', namespace, 'delete', 'dbc', 'orders', '--wait=true']);
+        if (when !== 'at once') await eventually('the old grant table collected', () => table('.metadata.name') === '', 60_000);
+        const recreatedAt = Date.now();
+        applyConnection(kube, postgres, namespace, 'orders', { maxConnections: next, reserve: 0 });
+        await eventually(`4 pods at ${next / 4} each on the new connection (${when})`, () => settled(next / 4), 30_000);
+        const seconds = (Date.now() - recreatedAt) / 1000;
+        assert.ok(seconds < 10, `${when}: re-created connection converged in ${seconds} s`);
+        // The table never goes back to a generation its sidecars acknowledged before (a stale acknowledgement would count).
+        assert.ok(Number(table('.spec.generation')) > oldGeneration, `${when}: table generation ${table('.spec.generation')} after ${oldGeneration}`);
+        // It belongs to the new DatabaseConnection, and stays so.
+        await eventually(`${when}: a table owned by the new DatabaseConnection`, () => table('.metadata.ownerReferences[0].uid') === kube.kubectl(['-n', namespace, 'get', 'dbc', 'orders', '-o', 'jsonpath={.metadata.uid}']), 30_000);
+        await new Promise((r) => setTimeout(r, 2000));
+        assert.ok(settled(next / 4), `${when}: still ${next / 4} each: ${JSON.stringify(grants(fleet.members()))}`);
+      }
+    } finally {
+      sampler.stop();
+    }
+    assert.ok(sampler.max <= 32, `reserved peaked at ${sampler.max} > 32: ${sampler.maxState}`);
+  });
+
   it('reads maxConnections: auto from PostgreSQL and applies the reserve', async function () {
     const namespace = namespaceFor('auto');
     createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 1, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });

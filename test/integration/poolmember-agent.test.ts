@@ -102,4 +102,29 @@ describe('PoolMember agent', function () {
       kube.kubectl(['-n', namespace, 'delete', 'poolgrant', 'db']);
     }
   });
+
+  it('does not grow to its PoolMember\'s older grant when its grant table goes, and takes a new table that covers it', async function () {
+    const table = (generation: number, perPod: number): void => {
+      kube.kubectl(['apply', '-f', '-'], JSON.stringify({ apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'PoolGrant', metadata: { name: 'db', namespace }, spec: { connection: 'db', generation, perPod } }));
+    };
+    // On the table from generation 3; its own grant (8) is from before the switch.
+    table(3, 4);
+    writeSpec(8, 1, false);
+    kube.kubectl(['-n', namespace, 'patch', 'pm', 'pod-a', '--type=merge', '-p', JSON.stringify({ spec: { tableFrom: 3 } })]);
+    const double = new ObedientSidecarDouble();
+    const agent = new PoolMemberAgent({ http: new KubeHttp(kube.kubeConfig()), namespace, podName: 'pod-a', target: double, logger: pino({ level: 'silent' }), version: 'test' });
+    await agent.start();
+    try {
+      await eventually('the table\'s 4 acknowledged', () => member().status?.acknowledgedConnections === 4 && member().status?.tableGeneration === 3);
+      kube.kubectl(['-n', namespace, 'delete', 'poolgrant', 'db']);
+      await new Promise((r) => setTimeout(r, 1500));
+      assert.equal(double.status().acknowledgedConnections, 4, 'kept at the table\'s 4, not grown to the PoolMember\'s 8');
+      // A new table that covers the pod (its generation past tableFrom) gives its grant again.
+      table(5, 6);
+      await eventually('the new table\'s 6 acknowledged', () => member().status?.acknowledgedConnections === 6 && member().status?.tableGeneration === 5);
+    } finally {
+      await agent.stop();
+      kube.kubectl(['-n', namespace, 'delete', 'poolgrant', 'db', '--ignore-not-found']);
+    }
+  });
 });

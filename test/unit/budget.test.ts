@@ -53,6 +53,16 @@ describe('budget planner', function () {
     assert.equal(answered.grants.find((g) => g.name === 'b')!.changed, false, 'no PoolMember write');
   });
 
+  it('starts a table created again past every generation its sidecars reported, so their old statuses acknowledge nothing in it', function () {
+    // The DatabaseConnection was deleted and applied again: its old table is gone; the sidecars last reported generation 11.
+    const reported = (name: string): MemberState => member(name, 5, 11, { tableFrom: 3, acknowledgement: { generation: 11, tableGeneration: 11, connections: 5, held: 5, drained: false } });
+    const plan = planBudgets({ limit: 8, connections: [orders([web])], pods: [pod('a'), pod('b')], members: [reported('a'), reported('b')], tables: [] });
+    assert.equal(plan.tables[0]!.table.generation, 12);
+    // The halved limit is a shrink in flight, not acknowledged by the status of generation 11.
+    assert.deepEqual(plan.tables[0]!.table.perPodSince, 12);
+    assert.equal(plan.allocated, 10, 'both still counted at what they hold until they acknowledge');
+  });
+
   it('creates a new pod\'s PoolMember at 0, then grants its share from free capacity once its sidecar has reported', function () {
     const first = planBudgets({ limit: 10, connections: [orders([web])], pods: [pod('a')], members: [] });
     assert.deepEqual(first.grants.map((g) => [g.grant, g.changed, g.target]), [[{ connections: 0, generation: 0 }, true, 10]]);

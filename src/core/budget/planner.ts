@@ -41,6 +41,8 @@ interface PodState {
   /** Its PoolMember's tableFrom is beyond the table in force: the table must be written to cover it. */
   tablePending: boolean;
   tableFrom?: number | undefined;
+  /** The table generation its sidecar last reported deriving its grant from. */
+  reportedTableGeneration?: number | undefined;
   /** The table generation whose change the pod has yet to acknowledge (from its table entry, or its switch onto the table). */
   since?: number | undefined;
   /** Its PoolMember exists but its sidecar has never reported: it is not grown until it answers. */
@@ -124,7 +126,7 @@ function joinPodsWithMembers(pods: readonly PodInput[], members: readonly Member
     if (role === 'finished' || drainedAway) reservation = 0;
     const onTable = tableFrom !== undefined;
     const tablePending = onTable && (table === undefined || table.generation < tableFrom);
-    states.push({ pod, key, role, consumer: role === 'live' ? consumer : undefined, grant, mustWrite: !member, acknowledged, reservation, onTable, tablePending, tableFrom, since, silent: member !== undefined && ack === undefined });
+    states.push({ pod, key, role, consumer: role === 'live' ? consumer : undefined, grant, mustWrite: !member, acknowledged, reservation, onTable, tablePending, tableFrom, reportedTableGeneration: ack?.tableGeneration, since, silent: member !== undefined && ack === undefined });
   }
   for (const m of members) if (!podKeys.has(podKey(m))) orphans.push({ namespace: m.namespace, name: m.name });
   return { states: states.sort(byKey), orphans };
@@ -378,20 +380,23 @@ function summarize(
  * must wait for what this one records.
  */
 function planTables(states: readonly PodState[], next: Map<string, GrantInForce>, tables: ReadonlyMap<string, GrantTable>): { planned: PlannedTable[]; generations: Map<string, number> } {
-  const byConnection = new Map<string, { namespace: string; connection: string; pods: PodState[]; pending: number }>();
+  const byConnection = new Map<string, { namespace: string; connection: string; pods: PodState[]; pending: number; reported: number }>();
   for (const s of states) {
     if (!s.onTable) continue;
     const k = `${s.pod.namespace}/${s.pod.connection}`;
-    const group = byConnection.get(k) ?? { namespace: s.pod.namespace, connection: s.pod.connection, pods: [], pending: 0 };
+    const group = byConnection.get(k) ?? { namespace: s.pod.namespace, connection: s.pod.connection, pods: [], pending: 0, reported: 0 };
     byConnection.set(k, group);
     group.pods.push(s);
     if (s.tablePending) group.pending = Math.max(group.pending, s.tableFrom ?? 1);
+    group.reported = Math.max(group.reported, s.reportedTableGeneration ?? 0);
   }
   const planned: PlannedTable[] = [];
   const generations = new Map<string, number>();
   for (const [k, group] of byConnection) {
     const current = tables.get(k);
-    const nextGeneration = Math.max((current?.generation ?? 0) + 1, group.pending);
+    // Past every generation a sidecar reported: a table created again (its DatabaseConnection deleted and
+    // re-created) must not start below them, or their old statuses would acknowledge its changes.
+    const nextGeneration = Math.max((current?.generation ?? 0) + 1, group.pending, group.reported + 1);
     const grown = (s: PodState): boolean => (next.get(s.key) ?? s.grant).connections > s.grant.connections;
     const grows = group.pods.some(grown);
     const releasesDraft = grows ? encodeGrantTable(group.pods.map((s) => tableEntry(s, grown(s) ? s.grant : (next.get(s.key) ?? s.grant), nextGeneration)), nextGeneration) : undefined;

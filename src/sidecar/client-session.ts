@@ -104,9 +104,9 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   /**
    * Transaction mode: a SET or RESET the client sent alone between
    * transactions, watched on its server connection; once it ran it becomes
-   * one of the client's settings instead of pinning (see resolveSettingChange).
+   * one of the client's settings instead of pinning (see resolveSettingChanges).
    */
-  private settingChange: SettingChange | undefined;
+  private settingChanges: readonly SettingChange[] | undefined;
   /** The client's latest unnamed Parse is a SET: a Bind of it in a later batch would run it unwatched, so that pins. */
   private unnamedSetting = false;
   /** An unnamed Parse came since the last Sync (kept only while unnamedSetting). */
@@ -309,14 +309,14 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       if (later?.kind === 'pin' && command?.kind !== 'pin' && command?.kind !== 'listen') this.pin(later.reason);
     }
     if (command === undefined) return false;
-    if (command.kind === 'set' || command.kind === 'reset') {
+    if (command.kind === 'settings') {
       // Alone in a Query or an unnamed Parse between transactions, its outcome can be watched; otherwise it pins as before.
       const unnamedParse = type === MessageType.parse && buffer[bodyStart] === 0;
       if (!nothingQueued || (type !== MessageType.query && !unnamedParse)) {
         this.pin('set');
         return false;
       }
-      this.settingChange = command;
+      this.settingChanges = command.changes;
       if (unnamedParse) {
         this.unnamedSetting = true;
         this.unnamedParsedSinceSync = true;
@@ -398,21 +398,21 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    * connection gets it too; if an error or a transaction block after it left
    * it uncertain, the client pins, as it did before SETs were carried over.
    */
-  private resolveSettingChange(server: ServerConnection, change: SettingChange): void {
+  private resolveSettingChanges(server: ServerConnection, changes: readonly SettingChange[]): void {
     const outcome = server.tracker.watched;
     if (outcome === undefined || outcome === 'running') return;
-    this.settingChange = undefined;
+    this.settingChanges = undefined;
     server.tracker.watched = undefined;
     if (outcome === 'ran') {
-      this.settings = changeSettings(this.settings, change);
-      server.settings = serverSettingsAfter(this.settings, change, server.loginSettings);
+      this.settings = changes.reduce(changeSettings, this.settings);
+      server.settings = changes.reduce((held, change) => serverSettingsAfter(held, change, server.loginSettings), this.settings);
     } else if (outcome === 'uncertain') this.pin('set');
   }
 
   /** A RESET ALL or DISCARD ALL of the client's ran: its session is back on its startup settings. */
   onSettingsReset(): void {
     // Its own RESET of one setting is resolved at the boundary.
-    if (this.settingChange?.kind === 'reset') return;
+    if (this.settingChanges?.some((c) => c.kind === 'reset') === true) return;
     this.settings = startupSettings(this.settings);
   }
 
@@ -714,7 +714,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
     this.server = server;
     this.ownReadBufferWhileServed();
-    if (this.settingChange !== undefined) server.tracker.watch();
+    if (this.settingChanges !== undefined) server.tracker.watch();
     if (this.checkSettings && shown !== undefined) {
       const values = new Map<string, string>();
       let i = 0;
@@ -756,7 +756,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   /** ReadyForQuery 'I' with nothing outstanding. */
   onServerBoundary(server: ServerConnection): void {
     if (this.pendingTypes.length > 0) return;
-    if (this.settingChange !== undefined) this.resolveSettingChange(server, this.settingChange);
+    if (this.settingChanges !== undefined) this.resolveSettingChanges(server, this.settingChanges);
     if (this.terminateAtBoundary) {
       this.releaseServer(true);
       this.closeQuietly();
@@ -776,7 +776,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    */
   onServerLost(_server: ServerConnection, reason: string, afterFatal: boolean): void {
     this.server = undefined;
-    this.settingChange = undefined;
+    this.settingChanges = undefined;
     this.ownReadBufferWhileServed();
     this.host.metrics.error('server-lost');
     if (afterFatal) {
@@ -806,11 +806,11 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     if (server === undefined) return;
     this.server = undefined;
     this.ownReadBufferWhileServed();
-    if (this.settingChange !== undefined) {
-      this.resolveSettingChange(server, this.settingChange);
+    if (this.settingChanges !== undefined) {
+      this.resolveSettingChanges(server, this.settingChanges);
       // Still running (the client left mid-SET): what the connection's settings are is unknown.
-      if (this.settingChange !== undefined) {
-        this.settingChange = undefined;
+      if (this.settingChanges !== undefined) {
+        this.settingChanges = undefined;
         reusable = false;
       }
     }

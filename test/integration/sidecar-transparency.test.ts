@@ -282,8 +282,14 @@ describe('sidecar transparency', function () {
           // A SET the server refuses changes nothing, and pins nothing.
           await assert.rejects(setter.query("SET statement_timeout = 'soon'"), (e: { code?: string }) => e.code === '22023');
           assert.equal((await show(setter)).st, '1234ms');
+          // pgjdbc's setTransactionIsolation (Spring's @Transactional(isolation = ...)): carried too.
+          await setter.query({ text: 'SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY', queryMode: 'extended' } as pg.QueryConfig);
+          const isolation = "SELECT current_setting('transaction_isolation') AS i, current_setting('transaction_read_only') AS r";
+          assert.deepEqual((await setter.query<{ i: string; r: string }>(isolation)).rows[0], { i: 'serializable', r: 'on' });
+          assert.deepEqual((await plain.query<{ i: string; r: string }>(isolation)).rows[0], { i: 'read committed', r: 'off' });
           // RESET ALL: back to the startup settings, its SETs forgotten.
           await setter.query('RESET ALL');
+          assert.deepEqual((await setter.query<{ i: string; r: string }>(isolation)).rows[0], { i: 'read committed', r: 'off' });
           const reset = await show(setter);
           assert.deepEqual([reset.st, reset.app, reset.digits], ['1234ms', '', '1']);
           assert.deepEqual(await show(plain).then((r) => [r.st, r.app, r.digits]), [plainBefore.st, plainBefore.app, plainBefore.digits]);

@@ -17,7 +17,7 @@ const classify = (sql: string): ReturnType<typeof classifySessionCommand> => {
 describe('session commands', function () {
   it('pins on statements that leave session state, not on their transaction-scoped forms', function () {
     const cases: [string, string | undefined][] = [
-      ['SET SESSION AUTHORIZATION bob', 'set'], ['SET ROLE bob', 'set'], ['RESET ROLE', 'set'], ['SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY', 'set'], ['SET SCHEMA \'x\'', 'set'],
+      ['SET SESSION AUTHORIZATION bob', 'set'], ['SET ROLE bob', 'set'], ['RESET ROLE', 'set'], ['SET SCHEMA \'x\'', 'set'],
       ['SET a = 1; SELECT 1', 'set'], ['SET "TimeZone" = \'UTC\'', 'set'], ['RESET ALL', undefined],
       ['SET LOCAL statement_timeout = 5', undefined], ['SET TRANSACTION ISOLATION LEVEL SERIALIZABLE', undefined], ['SET CONSTRAINTS ALL DEFERRED', undefined],
       ['PREPARE p AS SELECT 1', 'prepare'], ['PREPARE TRANSACTION \'x\'', undefined],
@@ -50,19 +50,26 @@ describe('session commands', function () {
     }
   });
 
-  it('reads a SET or RESET of one setting standing alone as a change the sidecar carries, not a pin', function () {
+  it('reads a SET or RESET of one setting, or of the session\'s transaction defaults, standing alone as changes the sidecar carries, not a pin', function () {
     const cases: [string, ReturnType<typeof classifySessionCommand>][] = [
-      ['SET extra_float_digits = 3', { kind: 'set', name: 'extra_float_digits', sql: 'SET extra_float_digits = 3' }],
-      ["SET application_name = 'PostgreSQL JDBC Driver'", { kind: 'set', name: 'application_name', sql: "SET application_name = 'PostgreSQL JDBC Driver'" }],
-      ['  set SESSION Search_Path to a, "B" ;; ', { kind: 'set', name: 'search_path', sql: 'set SESSION Search_Path to a, "B"' }],
-      ["SET TIME ZONE 'UTC'", { kind: 'set', name: 'timezone', sql: "SET TIME ZONE 'UTC'" }],
-      ["SET myapp.tenant = 'a;b'", { kind: 'set', name: 'myapp.tenant', sql: "SET myapp.tenant = 'a;b'" }],
-      ['/* controller=users */ SET search_path = x', { kind: 'set', name: 'search_path', sql: 'SET search_path = x' }],
-      ["SELECT set_config('TimeZone', 'UTC', false)", { kind: 'set', name: 'timezone', sql: "SELECT set_config('TimeZone', 'UTC', false)" }],
-      ['SET statement_timeout TO DEFAULT', { kind: 'reset', name: 'statement_timeout' }], ['SET TIME ZONE LOCAL', { kind: 'reset', name: 'timezone' }],
-      ['RESET statement_timeout', { kind: 'reset', name: 'statement_timeout' }], ['reset time zone', { kind: 'reset', name: 'timezone' }], ['-- tag\nRESET a.b;', { kind: 'reset', name: 'a.b' }],
+      ['SET extra_float_digits = 3', { kind: 'settings', changes: [{ kind: 'set', name: 'extra_float_digits', sql: 'SET extra_float_digits = 3' }] }],
+      ["SET application_name = 'PostgreSQL JDBC Driver'", { kind: 'settings', changes: [{ kind: 'set', name: 'application_name', sql: "SET application_name = 'PostgreSQL JDBC Driver'" }] }],
+      ['  set SESSION Search_Path to a, "B" ;; ', { kind: 'settings', changes: [{ kind: 'set', name: 'search_path', sql: 'set SESSION Search_Path to a, "B"' }] }],
+      ["SET TIME ZONE 'UTC'", { kind: 'settings', changes: [{ kind: 'set', name: 'timezone', sql: "SET TIME ZONE 'UTC'" }] }],
+      ["SET myapp.tenant = 'a;b'", { kind: 'settings', changes: [{ kind: 'set', name: 'myapp.tenant', sql: "SET myapp.tenant = 'a;b'" }] }],
+      ['/* controller=users */ SET search_path = x', { kind: 'settings', changes: [{ kind: 'set', name: 'search_path', sql: 'SET search_path = x' }] }],
+      ["SELECT set_config('TimeZone', 'UTC', false)", { kind: 'settings', changes: [{ kind: 'set', name: 'timezone', sql: "SELECT set_config('TimeZone', 'UTC', false)" }] }],
+      ['SET statement_timeout TO DEFAULT', { kind: 'settings', changes: [{ kind: 'reset', name: 'statement_timeout' }] }], ['SET TIME ZONE LOCAL', { kind: 'settings', changes: [{ kind: 'reset', name: 'timezone' }] }],
+      ['RESET statement_timeout', { kind: 'settings', changes: [{ kind: 'reset', name: 'statement_timeout' }] }], ['reset time zone', { kind: 'settings', changes: [{ kind: 'reset', name: 'timezone' }] }], ['-- tag\nRESET a.b;', { kind: 'settings', changes: [{ kind: 'reset', name: 'a.b' }] }],
       ["SELECT set_config('role', 'bob', false)", { kind: 'pin', reason: 'set' }], ["SELECT set_config('a.b', $1, false)", { kind: 'pin', reason: 'set' }],
       ["SELECT set_config('a.b', 'x', false), 1", { kind: 'pin', reason: 'set' }],
+      // pgjdbc's setTransactionIsolation: the defaults it changes, each carried as its own SET.
+      ['SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ', { kind: 'settings', changes: [{ kind: 'set', name: 'default_transaction_isolation', sql: "SET default_transaction_isolation TO 'repeatable read'" }] }],
+      ['set session characteristics as transaction read only, not deferrable', { kind: 'settings', changes: [
+        { kind: 'set', name: 'default_transaction_read_only', sql: "SET default_transaction_read_only TO 'on'" },
+        { kind: 'set', name: 'default_transaction_deferrable', sql: "SET default_transaction_deferrable TO 'off'" },
+      ] }],
+      ['SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SNAPSHOT', { kind: 'pin', reason: 'set' }],
     ];
     for (const [sql, expected] of cases) assert.deepEqual(classify(sql), expected, sql);
   });

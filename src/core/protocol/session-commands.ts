@@ -27,8 +27,8 @@ export type SessionCommand =
   /** RESET ALL: the connection's settings go back to its own defaults (the client's come back with its next transaction). */
   | { kind: 'reset-all' }
   | { kind: 'pin'; reason: PinReason }
-  /** A session setting changed by a statement standing alone, which the sidecar can carry to other server connections (see SettingChange). */
-  | SettingChange
+  /** Session settings changed by a statement standing alone, which the sidecar can carry to other server connections (see SettingChange). */
+  | { kind: 'settings'; changes: readonly SettingChange[] }
   /** LISTEN or UNLISTEN ('*' for all); `alone`: the text is that one statement and nothing else. */
   | { kind: 'listen' | 'unlisten'; channel: string; alone: boolean };
 
@@ -120,6 +120,7 @@ const IDENTITY_SETTINGS = new Set(['role', 'session_authorization']);
 const SETTING_NAME = '[a-z_][a-z0-9_$]*(?:\\.[a-z_][a-z0-9_$]*)?';
 const SET_STATEMENT = new RegExp(`^set\\s+(?:session\\s+)?(?:time\\s+zone\\s+(.+)|(${SETTING_NAME})\\s*(?:=|\\bto\\b)\\s*(.+))$`, 'is');
 const RESET_STATEMENT = new RegExp(`^reset\\s+(?:(time\\s+zone)|(${SETTING_NAME}))$`, 'is');
+const SESSION_CHARACTERISTICS = /^set\s+session\s+characteristics\s+as\s+transaction\s+(.+)$/is;
 const SET_CONFIG_CALL = /^select\s+(?:pg_catalog\s*\.\s*)?set_config\s*\(\s*'([^'\\]+)'\s*,\s*'(?:[^'\\]|'')*'\s*,\s*false\s*\)$/is;
 
 /** The statement at `buffer[start..)` (up to its NUL or `end`), trimmed of white space and a final semicolon; undefined if a second statement follows. */
@@ -131,10 +132,10 @@ function loneStatement(buffer: Buffer, start: number, end: number): string | und
 }
 
 /**
- * A SET or RESET of one setting for the session, standing alone: a
- * SettingChange (`SET x TO DEFAULT` and `SET TIME ZONE LOCAL` are RESETs).
- * Anything else (the session's role or authorization, SET SESSION
- * CHARACTERISTICS, SET SCHEMA, quoted names, several statements) pins.
+ * A SET or RESET of one setting for the session, or SET SESSION
+ * CHARACTERISTICS, standing alone: its setting changes (`SET x TO DEFAULT`
+ * and `SET TIME ZONE LOCAL` are RESETs). Anything else (the session's role
+ * or authorization, SET SCHEMA, quoted names, several statements) pins.
  */
 function settingStatement(buffer: Buffer, start: number, end: number): SessionCommand {
   const sql = loneStatement(buffer, start, end);
@@ -144,24 +145,51 @@ function settingStatement(buffer: Buffer, start: number, end: number): SessionCo
     const name = set[2] === undefined ? 'timezone' : set[2].toLowerCase();
     const value = (set[1] ?? set[3]!).trim().toLowerCase();
     if (IDENTITY_SETTINGS.has(name)) return PIN_SET;
-    if (value === 'default' || (name === 'timezone' && set[2] === undefined && value === 'local')) return { kind: 'reset', name };
-    return { kind: 'set', name, sql };
+    if (value === 'default' || (name === 'timezone' && set[2] === undefined && value === 'local')) return settings({ kind: 'reset', name });
+    return settings({ kind: 'set', name, sql });
   }
   const reset = RESET_STATEMENT.exec(sql);
   if (reset !== null) {
     const name = reset[1] === undefined ? reset[2]!.toLowerCase() : 'timezone';
-    return IDENTITY_SETTINGS.has(name) ? PIN_SET : { kind: 'reset', name };
+    return IDENTITY_SETTINGS.has(name) ? PIN_SET : settings({ kind: 'reset', name });
   }
+  const characteristics = SESSION_CHARACTERISTICS.exec(sql);
+  if (characteristics !== null) return transactionDefaults(characteristics[1]!) ?? PIN_SET;
   return PIN_SET;
 }
 
-/** `SELECT set_config('name', 'value', false)` standing alone, as Django sets its time zone: a SettingChange; undefined otherwise. */
-function setConfigStatement(buffer: Buffer, start: number, end: number): SettingChange | undefined {
+function settings(...changes: SettingChange[]): SessionCommand {
+  return { kind: 'settings', changes };
+}
+
+/**
+ * `SET SESSION CHARACTERISTICS AS TRANSACTION <modes>` (pgjdbc's
+ * setTransactionIsolation, so Spring's @Transactional(isolation = ...)):
+ * the default_transaction_* settings it changes, each as its own SET;
+ * undefined for a mode not recognised.
+ */
+function transactionDefaults(modes: string): SessionCommand | undefined {
+  const changes: SettingChange[] = [];
+  const set = (name: string, value: string): void => void changes.push({ kind: 'set', name, sql: `SET ${name} TO '${value}'` });
+  let rest = modes.trim().toLowerCase();
+  while (rest !== '') {
+    const mode = /^(?:isolation\s+level\s+(serializable|repeatable\s+read|read\s+committed|read\s+uncommitted)|read\s+(only|write)|(not\s+)?deferrable)\b\s*,?\s*/.exec(rest);
+    if (mode === null) return undefined;
+    if (mode[1] !== undefined) set('default_transaction_isolation', mode[1].replace(/\s+/g, ' '));
+    else if (mode[2] !== undefined) set('default_transaction_read_only', mode[2] === 'only' ? 'on' : 'off');
+    else set('default_transaction_deferrable', mode[3] === undefined ? 'on' : 'off');
+    rest = rest.slice(mode[0].length);
+  }
+  return changes.length === 0 ? undefined : { kind: 'settings', changes };
+}
+
+/** `SELECT set_config('name', 'value', false)` standing alone, as Django sets its time zone: a setting change; undefined otherwise. */
+function setConfigStatement(buffer: Buffer, start: number, end: number): SessionCommand | undefined {
   const sql = loneStatement(buffer, start, end);
   const call = sql === undefined ? null : SET_CONFIG_CALL.exec(sql);
   if (call === null) return undefined;
   const name = call[1]!.toLowerCase();
-  return IDENTITY_SETTINGS.has(name) ? undefined : { kind: 'set', name, sql: sql! };
+  return IDENTITY_SETTINGS.has(name) ? undefined : settings({ kind: 'set', name, sql: sql! });
 }
 
 function contains(text: Buffer, lower: Buffer, upper: Buffer): boolean {
@@ -357,7 +385,7 @@ export function laterSessionCommands(buffer: Buffer, start: number, end: number)
     const command = classifySessionCommand(buffer, from, to);
     if (command === undefined) continue;
     // A SET among other statements is not carried over: it pins.
-    commands.push(command.kind === 'listen' ? { kind: 'pin', reason: 'listen' } : command.kind === 'unlisten' ? { ...command, alone: false } : command.kind === 'set' || command.kind === 'reset' ? PIN_SET : command);
+    commands.push(command.kind === 'listen' ? { kind: 'pin', reason: 'listen' } : command.kind === 'unlisten' ? { ...command, alone: false } : command.kind === 'settings' ? PIN_SET : command);
   }
   return commands;
 }

@@ -306,7 +306,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     // A session command after the first statement of a simple Query pins as it would alone.
     if (type === MessageType.query && this.pinnedBy === undefined) {
       const later = laterSessionCommands(buffer, textStart, end).find((c) => c.kind === 'pin');
-      if (later?.kind === 'pin' && command?.kind !== 'pin' && command?.kind !== 'listen') this.pin(later.reason);
+      // (A Query of setting changes only is carried as a whole.)
+      if (later?.kind === 'pin' && command?.kind !== 'pin' && command?.kind !== 'listen' && command?.kind !== 'settings') this.pin(later.reason);
     }
     if (command === undefined) return false;
     if (command.kind === 'settings') {

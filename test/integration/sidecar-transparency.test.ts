@@ -287,6 +287,12 @@ describe('sidecar transparency', function () {
           const isolation = "SELECT current_setting('transaction_isolation') AS i, current_setting('transaction_read_only') AS r";
           assert.deepEqual((await setter.query<{ i: string; r: string }>(isolation)).rows[0], { i: 'serializable', r: 'on' });
           assert.deepEqual((await plain.query<{ i: string; r: string }>(isolation)).rows[0], { i: 'read committed', r: 'off' });
+          // Several SETs in one Query, nothing else: carried together.
+          await setter.query("SET work_mem = '5MB'; SET lock_timeout = '7s'");
+          const memory = "SELECT current_setting('work_mem') AS w, current_setting('lock_timeout') AS l";
+          assert.deepEqual((await setter.query<{ w: string; l: string }>(memory)).rows[0], { w: '5MB', l: '7s' });
+          assert.notDeepEqual((await plain.query<{ w: string; l: string }>(memory)).rows[0], { w: '5MB', l: '7s' });
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="set"} 0/);
           // RESET ALL: back to the startup settings, its SETs forgotten.
           await setter.query('RESET ALL');
           assert.deepEqual((await setter.query<{ i: string; r: string }>(isolation)).rows[0], { i: 'read committed', r: 'off' });

@@ -18,7 +18,7 @@ describe('session commands', function () {
   it('pins on statements that leave session state, not on their transaction-scoped forms', function () {
     const cases: [string, string | undefined][] = [
       ['SET SESSION AUTHORIZATION bob', 'set'], ['SET ROLE bob', 'set'], ['RESET ROLE', 'set'], ['SET SCHEMA \'x\'', 'set'],
-      ['SET a = 1; SELECT 1', 'set'], ['SET "TimeZone" = \'UTC\'', 'set'], ['RESET ALL', undefined],
+      ['SET a = 1; SELECT 1', 'set'], ['SET a = 1; SET ROLE bob', 'set'], ['SET "TimeZone" = \'UTC\'', 'set'], ['RESET ALL', undefined],
       ['SET LOCAL statement_timeout = 5', undefined], ['SET TRANSACTION ISOLATION LEVEL SERIALIZABLE', undefined], ['SET CONSTRAINTS ALL DEFERRED', undefined],
       ['PREPARE p AS SELECT 1', 'prepare'], ['PREPARE TRANSACTION \'x\'', undefined],
       ['CREATE TEMP TABLE t (a int)', 'temp-table'], ['create temporary table t (a int)', 'temp-table'], ['CREATE GLOBAL TEMPORARY TABLE t (a int)', 'temp-table'], ['CREATE TABLE t (a int)', undefined],
@@ -70,6 +70,10 @@ describe('session commands', function () {
         { kind: 'set', name: 'default_transaction_deferrable', sql: "SET default_transaction_deferrable TO 'off'" },
       ] }],
       ['SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SNAPSHOT', { kind: 'pin', reason: 'set' }],
+      // Setting changes only, several in one Query (an ORM's connect hook): carried together.
+      ["SET search_path = app; SET statement_timeout = '5s'; RESET work_mem", { kind: 'settings', changes: [
+        { kind: 'set', name: 'search_path', sql: 'SET search_path = app' }, { kind: 'set', name: 'statement_timeout', sql: "SET statement_timeout = '5s'" }, { kind: 'reset', name: 'work_mem' },
+      ] }],
     ];
     for (const [sql, expected] of cases) assert.deepEqual(classify(sql), expected, sql);
   });

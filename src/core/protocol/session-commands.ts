@@ -123,43 +123,54 @@ const RESET_STATEMENT = new RegExp(`^reset\\s+(?:(time\\s+zone)|(${SETTING_NAME}
 const SESSION_CHARACTERISTICS = /^set\s+session\s+characteristics\s+as\s+transaction\s+(.+)$/is;
 const SET_CONFIG_CALL = /^select\s+(?:pg_catalog\s*\.\s*)?set_config\s*\(\s*'([^'\\]+)'\s*,\s*'(?:[^'\\]|'')*'\s*,\s*false\s*\)$/is;
 
-/** The statement at `buffer[start..)` (up to its NUL or `end`), trimmed of white space and a final semicolon; undefined if a second statement follows. */
-function loneStatement(buffer: Buffer, start: number, end: number): string | undefined {
+/** The statements of the text at `buffer[start..)` (up to its NUL or `end`), trimmed, without their semicolons. */
+function statementTexts(buffer: Buffer, start: number, end: number): string[] {
   const nul = buffer.indexOf(0, start);
   const stop = nul >= 0 && nul < end ? nul : end;
-  if (mayHoldSeveralStatements(buffer, start, stop) && splitStatements(buffer, start, stop).length > 1) return undefined;
-  return buffer.toString('utf8', start, stop).trim().replace(/(?:\s*;)+$/, '');
+  if (!mayHoldSeveralStatements(buffer, start, stop)) return [buffer.toString('utf8', start, stop).trim().replace(/(?:\s*;)+$/, '')];
+  return splitStatements(buffer, start, stop).map(([from, to]) => buffer.toString('utf8', from, to).trim());
 }
 
 /**
- * A SET or RESET of one setting for the session, or SET SESSION
- * CHARACTERISTICS, standing alone: its setting changes (`SET x TO DEFAULT`
- * and `SET TIME ZONE LOCAL` are RESETs). Anything else (the session's role
- * or authorization, SET SCHEMA, quoted names, several statements) pins.
+ * SETs or RESETs of settings for the session, SET SESSION CHARACTERISTICS,
+ * or set_config(..., false) with literals, alone or only with each other in
+ * one Query: their setting changes (`SET x TO DEFAULT` and `SET TIME ZONE
+ * LOCAL` are RESETs). Anything else (the session's role or authorization,
+ * SET SCHEMA, quoted names, another statement beside them) pins.
  */
 function settingStatement(buffer: Buffer, start: number, end: number): SessionCommand {
-  const sql = loneStatement(buffer, start, end);
-  if (sql === undefined) return PIN_SET;
+  const changes: SettingChange[] = [];
+  for (const sql of statementTexts(buffer, start, end)) {
+    const own = settingChangesOf(sql);
+    if (own === undefined) return PIN_SET;
+    changes.push(...own);
+  }
+  return changes.length === 0 ? PIN_SET : { kind: 'settings', changes };
+}
+
+/** The setting changes of one statement, or undefined if it is not one the sidecar carries. */
+function settingChangesOf(sql: string): SettingChange[] | undefined {
   const set = SET_STATEMENT.exec(sql);
   if (set !== null) {
     const name = set[2] === undefined ? 'timezone' : set[2].toLowerCase();
     const value = (set[1] ?? set[3]!).trim().toLowerCase();
-    if (IDENTITY_SETTINGS.has(name)) return PIN_SET;
-    if (value === 'default' || (name === 'timezone' && set[2] === undefined && value === 'local')) return settings({ kind: 'reset', name });
-    return settings({ kind: 'set', name, sql });
+    if (IDENTITY_SETTINGS.has(name)) return undefined;
+    if (value === 'default' || (name === 'timezone' && set[2] === undefined && value === 'local')) return [{ kind: 'reset', name }];
+    return [{ kind: 'set', name, sql }];
   }
   const reset = RESET_STATEMENT.exec(sql);
   if (reset !== null) {
     const name = reset[1] === undefined ? reset[2]!.toLowerCase() : 'timezone';
-    return IDENTITY_SETTINGS.has(name) ? PIN_SET : settings({ kind: 'reset', name });
+    return IDENTITY_SETTINGS.has(name) ? undefined : [{ kind: 'reset', name }];
   }
   const characteristics = SESSION_CHARACTERISTICS.exec(sql);
-  if (characteristics !== null) return transactionDefaults(characteristics[1]!) ?? PIN_SET;
-  return PIN_SET;
-}
-
-function settings(...changes: SettingChange[]): SessionCommand {
-  return { kind: 'settings', changes };
+  if (characteristics !== null) return transactionDefaults(characteristics[1]!);
+  const call = SET_CONFIG_CALL.exec(sql);
+  if (call !== null) {
+    const name = call[1]!.toLowerCase();
+    return IDENTITY_SETTINGS.has(name) ? undefined : [{ kind: 'set', name, sql }];
+  }
+  return undefined;
 }
 
 /**
@@ -168,7 +179,7 @@ function settings(...changes: SettingChange[]): SessionCommand {
  * the default_transaction_* settings it changes, each as its own SET;
  * undefined for a mode not recognised.
  */
-function transactionDefaults(modes: string): SessionCommand | undefined {
+function transactionDefaults(modes: string): SettingChange[] | undefined {
   const changes: SettingChange[] = [];
   const set = (name: string, value: string): void => void changes.push({ kind: 'set', name, sql: `SET ${name} TO '${value}'` });
   let rest = modes.trim().toLowerCase();
@@ -180,16 +191,13 @@ function transactionDefaults(modes: string): SessionCommand | undefined {
     else set('default_transaction_deferrable', mode[3] === undefined ? 'on' : 'off');
     rest = rest.slice(mode[0].length);
   }
-  return changes.length === 0 ? undefined : { kind: 'settings', changes };
+  return changes.length === 0 ? undefined : changes;
 }
 
-/** `SELECT set_config('name', 'value', false)` standing alone, as Django sets its time zone: a setting change; undefined otherwise. */
+/** `SELECT set_config('name', 'value', false)` standing alone, as Django sets its time zone (or with other setting changes): a setting change; undefined otherwise. */
 function setConfigStatement(buffer: Buffer, start: number, end: number): SessionCommand | undefined {
-  const sql = loneStatement(buffer, start, end);
-  const call = sql === undefined ? null : SET_CONFIG_CALL.exec(sql);
-  if (call === null) return undefined;
-  const name = call[1]!.toLowerCase();
-  return IDENTITY_SETTINGS.has(name) ? undefined : settings({ kind: 'set', name, sql: sql! });
+  const command = settingStatement(buffer, start, end);
+  return command.kind === 'settings' ? command : undefined;
 }
 
 function contains(text: Buffer, lower: Buffer, upper: Buffer): boolean {

@@ -307,6 +307,26 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('carries a SET that ends in a -- comment without hiding what follows it when the sidecar replays it', async function () {
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const setter = client(running);
+        const other = client(running, { options: '-c search_path=pg_catalog,public' });
+        await setter.connect();
+        await other.connect();
+        try {
+          const defaultPath = (await setter.query<{ search_path: string }>('SHOW search_path')).rows[0]!.search_path;
+          await setter.query('SET statement_timeout = 4321 -- why');
+          // The one server connection takes the other client's search_path; the setter's replay must undo it.
+          assert.equal((await other.query<{ search_path: string }>('SHOW search_path')).rows[0]!.search_path, 'pg_catalog,public');
+          const r = await setter.query<{ st: string; path: string }>("SELECT current_setting('statement_timeout') AS st, current_setting('search_path') AS path");
+          assert.deepEqual(r.rows[0], { st: '4321ms', path: defaultPath });
+        } finally {
+          await setter.end();
+          await other.end();
+        }
+      });
+    });
+
     it('pins a client that SETs inside a transaction block, counts it, and resets the connection when it leaves', async function () {
       await withSidecar(postgres, { grant: 2 }, async (running) => {
         const setter = client(running);

@@ -166,7 +166,8 @@ export function settingsSql(desired: ClientSettings, applied: ClientSettings, al
   }
   const statements: string[] = [];
   if (sets.length > 0) statements.push(`SELECT ${sets.join(', ')}`);
-  for (const [name, sql] of desired.statements) if (all || applied.statements.get(name) !== sql) statements.push(sql);
+  // A client's statement may end in a -- comment, which would swallow the statements joined after it on its line.
+  for (const [name, sql] of desired.statements) if (all || applied.statements.get(name) !== sql) statements.push(sql.includes('--') ? `${sql}\n` : sql);
   const resets = new Set<string>();
   for (const name of [...applied.values.keys(), ...applied.statements.keys()]) if (!desired.values.has(name) && !desired.statements.has(name)) resets.add(name);
   for (const name of resets) statements.push(`RESET ${identifier(name)}`);

@@ -410,6 +410,11 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     } else if (outcome === 'uncertain') this.pin('set');
   }
 
+  /** A RESET of the client's completed, but an error or a rollback before its transaction ended may have undone it: what its session holds is known only to its server connection. */
+  onSettingsResetUncertain(): void {
+    if (this.pinnedBy === undefined) this.pin('set');
+  }
+
   /** A RESET ALL or DISCARD ALL of the client's ran: its session is back on its startup settings. */
   onSettingsReset(): void {
     // Its own RESET of one setting is resolved at the boundary.

@@ -21,8 +21,10 @@ export interface ServerConnectionUser {
   onServerAnswered?(server: ServerConnection): void;
   /** The server connection died while in use; `afterFatal`: the server had sent the client a FATAL error first. */
   onServerLost(server: ServerConnection, reason: string, afterFatal: boolean): void;
-  /** A RESET or DISCARD ALL completed: the session's settings went back to the connection's login settings. */
+  /** A RESET or DISCARD ALL completed and its transaction committed: the session's settings went back to the connection's login settings. */
   onSettingsReset?(): void;
+  /** A RESET completed, but an error or a rollback followed before the transaction ended: whether it still holds is unknown. */
+  onSettingsResetUncertain?(): void;
 }
 
 /** How one of the sidecar's own statements ended. */
@@ -67,6 +69,7 @@ const DEALLOCATE_ALL_TAG = Buffer.from('DEALLOCATE ALL\0');
 const DEALLOCATE_TAG = Buffer.from('DEALLOCATE\0');
 const DISCARD_ALL_TAG = Buffer.from('DISCARD ALL\0');
 const RESET_TAG = Buffer.from('RESET\0');
+const ROLLBACK_TAG = Buffer.from('ROLLBACK\0');
 
 /** A pooled connection to PostgreSQL. */
 export class ServerConnection {
@@ -103,6 +106,12 @@ export class ServerConnection {
   /** The server sent a FATAL (or PANIC) error: it is about to close, and the client was told why. */
   private fatalSeen = false;
   private internalQuery: { result: InternalResult; done: (result: InternalResult) => void } | undefined;
+  /**
+   * A client's RESET (or DISCARD ALL) completed: it holds once its
+   * transaction commits, which the next ReadyForQuery 'I' tells ('clean');
+   * an error or a ROLLBACK tag after it ('doubtful') may have undone it.
+   */
+  private resetOutcome: 'clean' | 'doubtful' | undefined;
   /** Reading is paused until the client's socket drains (see onData). */
   private pausedFor: Duplex | undefined;
   private readonly resumeReading = (): void => {
@@ -160,6 +169,7 @@ export class ServerConnection {
   attach(user: ServerConnectionUser): void {
     this.setState('active');
     this.user = user;
+    this.resetOutcome = undefined;
   }
 
   /** Takes the connection back from its client. */
@@ -268,9 +278,11 @@ export class ServerConnection {
             ready = true;
             boundary = tracker.serverMessage(type, reader.buffer[reader.bodyStart]);
             if (boundary) this.events.transactionCompleted();
+            if (this.resetOutcome !== undefined && tracker.status === 'I') this.resolveReset(user);
           } else if (type === MessageType.commandComplete) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
           else {
             if (type === MessageType.errorResponse && isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
+            if (type === MessageType.errorResponse && this.resetOutcome !== undefined) this.resetOutcome = 'doubtful';
             tracker.serverMessage(type);
           }
         } else if (tracked === 2) tracker.serverMessage(type);
@@ -347,11 +359,13 @@ export class ServerConnection {
             ready = true;
             boundary = tracker.serverMessage(type, reader.buffer[reader.bodyStart]);
             if (boundary) this.events.transactionCompleted();
+            if (this.resetOutcome !== undefined && tracker.status === 'I') this.resolveReset(user);
             if (editor.active) editor.ready();
           } else if (type === MessageType.commandComplete) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
           else {
             if (type === MessageType.errorResponse) {
               if (isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
+              if (this.resetOutcome !== undefined) this.resetOutcome = 'doubtful';
               // Tells a failed Parse from one skipped after an earlier error.
               if (editor.active) editor.error();
               // A Bind the sidecar failed on purpose (its statement's result shape changed): PostgreSQL's own error for that.
@@ -410,11 +424,14 @@ export class ServerConnection {
     this.tracker.commandCompleted();
     const length = end - bodyStart;
     // After RESET ALL the backend is on its login settings: the next client's settings are applied
-    // again (asyncpg sends RESET ALL when its pool takes a connection back). After RESET name the
-    // client is pinned, and its connection gets DISCARD ALL when it leaves.
+    // again (asyncpg sends RESET ALL when its pool takes a connection back). A client's RESET holds
+    // once its transaction commits (see resolveReset); the sidecar's own at once.
     if (length === RESET_TAG.length && buffer.compare(RESET_TAG, 0, RESET_TAG.length, bodyStart, end) === 0) {
-      this.settings = this.loginSettings;
-      this.user?.onSettingsReset?.();
+      this.settingsReset();
+      return;
+    }
+    if (this.resetOutcome !== undefined && length === ROLLBACK_TAG.length && buffer.compare(ROLLBACK_TAG, 0, ROLLBACK_TAG.length, bodyStart, end) === 0) {
+      this.resetOutcome = 'doubtful';
       return;
     }
     // A DEALLOCATE a session sent ran: what the sidecar assumed when sending it holds (see ResponseEditor.expectCommand).
@@ -428,10 +445,27 @@ export class ServerConnection {
     // One the session's rewriting awaited forgot the statements when it was sent (Parses after it in
     // its batch may have added some since); any other forgets them now.
     if (!this.editor.active || !this.editor.commandCompleted(discard ? 'DISCARD ALL' : 'DEALLOCATE ALL')) this.statements.clear();
-    if (discard) {
+    if (discard) this.settingsReset();
+  }
+
+  private settingsReset(): void {
+    if (this.user === undefined) this.settings = this.loginSettings;
+    else this.resetOutcome ??= 'clean';
+  }
+
+  /**
+   * The transaction of a client's RESET or DISCARD ALL ended: with nothing
+   * in between that may have rolled it back, the backend is on its login
+   * settings and so is the client's session; otherwise the client pins, as
+   * for a SET whose outcome is uncertain.
+   */
+  private resolveReset(user: ServerConnectionUser): void {
+    const outcome = this.resetOutcome;
+    this.resetOutcome = undefined;
+    if (outcome === 'clean') {
       this.settings = this.loginSettings;
-      this.user?.onSettingsReset?.();
-    }
+      user.onSettingsReset?.();
+    } else user.onSettingsResetUncertain?.();
   }
 
   private onDataWithoutUser(chunk: Buffer, length: number): void {

@@ -327,6 +327,32 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('takes a RESET ALL that a rollback undid for what it is: the client keeps its settings, and no other client gets them', async function () {
+      await withSidecar(postgres, { grant: 2 }, async (running) => {
+        const resetter = client(running, { options: '-c search_path=pg_catalog,public' });
+        const plain = client(running);
+        await resetter.connect();
+        await plain.connect();
+        const path = async (c: pg.Client): Promise<string> => (await c.query<{ search_path: string }>('SHOW search_path')).rows[0]!.search_path;
+        try {
+          const defaultPath = await path(plain);
+          await resetter.query('SET statement_timeout = 4321');
+          // Rolled back with the statement after it, as in a transaction block: the session keeps what it had, as direct.
+          await assert.rejects(resetter.query('RESET ALL; SELECT 1/0'), (e: { code?: string }) => e.code === '22012');
+          await resetter.query('BEGIN');
+          await resetter.query('RESET ALL');
+          await resetter.query('ROLLBACK');
+          assert.equal(await path(plain), defaultPath, 'another client got the settings of the one whose RESET ALL was rolled back');
+          assert.equal(await path(resetter), 'pg_catalog,public');
+          assert.equal((await resetter.query<{ statement_timeout: string }>('SHOW statement_timeout')).rows[0]!.statement_timeout, '4321ms');
+          assert.equal(await path(plain), defaultPath);
+        } finally {
+          await resetter.end();
+          await plain.end();
+        }
+      });
+    });
+
     it('pins a client that SETs inside a transaction block, counts it, and resets the connection when it leaves', async function () {
       await withSidecar(postgres, { grant: 2 }, async (running) => {
         const setter = client(running);

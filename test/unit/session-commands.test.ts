@@ -197,6 +197,9 @@ describe('client settings from the startup packet', function () {
     const server = serverSettingsAfter(afterReset, reset, NO_SETTINGS);
     assert.equal(settingsSql(afterReset, server), "SELECT pg_catalog.set_config(E'timezone', E'Asia/Tokyo', false)");
     assert.equal(changeSettings(startup, reset), startup, 'a RESET of what was never SET changes nothing');
+    // A SET that ends in a -- comment must not swallow what is replayed after it on its line.
+    const commented = changeSettings(startup, { kind: 'set', name: 'statement_timeout', sql: 'SET statement_timeout = 5 -- why' });
+    assert.equal(settingsSql(commented, afterSet), "SELECT pg_catalog.set_config(E'timezone', E'Asia/Tokyo', false); SET statement_timeout = 5 -- why\n; RESET \"extra_float_digits\"");
     assert.equal(startupSettings(afterSet).key, startup.key);
     // The last SET of a setting wins and replays last.
     const again = changeSettings(afterSet, { kind: 'set', name: 'extra_float_digits', sql: 'SET extra_float_digits TO 2' });

@@ -406,7 +406,9 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     server.tracker.watched = undefined;
     if (outcome === 'ran') {
       this.settings = changes.reduce(changeSettings, this.settings);
-      server.settings = changes.reduce((held, change) => serverSettingsAfter(held, change, server.loginSettings), this.settings);
+      // A RESET leaves the connection on its login value unless a later SET of the same Query set it again.
+      const lastResets = changes.filter((c, i) => c.kind === 'reset' && !changes.slice(i + 1).some((later) => later.name === c.name));
+      server.settings = lastResets.reduce((held, change) => serverSettingsAfter(held, change, server.loginSettings), this.settings);
     } else if (outcome === 'uncertain') this.pin('set');
   }
 

@@ -67,7 +67,7 @@ type Op =
   | { kind: 'set-config'; name: Setting; value: string; upper: boolean; extended: boolean }
   | { kind: 'reset-all'; how: 'reset' | 'discard'; extended: boolean }
   | { kind: 'in-transaction'; inner: 'set' | 'set-local' | 'reset' | 'reset-all' | 'set-config'; name: Setting; value: string; end: 'COMMIT' | 'ROLLBACK' | 'error' }
-  | { kind: 'multi'; name: Setting; value: string; shape: 'set-first' | 'set-first-failing' | 'set-last' | 'reset-all-failing' | 'reset-first' }
+  | { kind: 'multi'; name: Setting; value: string; shape: 'set-first' | 'set-first-failing' | 'set-last' | 'reset-all-failing' | 'reset-first' | 'settings-only' | 'settings-only-failing' }
   | { kind: 'select'; extended: boolean }
   | { kind: 'reconnect' }
   | { kind: 'idle' };
@@ -86,7 +86,7 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
   { weight: 1, arbitrary: settingArb.chain((name) => fc.record({ kind: fc.constant('named-set' as const), name: fc.constant(name), value: goodValueArb(name) })) },
   { weight: 2, arbitrary: fc.record({ kind: fc.constant('reset-all' as const), how: fc.constantFrom('reset' as const, 'discard' as const), extended: fc.boolean() }) },
   { weight: 2, arbitrary: settingArb.chain((name) => fc.record({ kind: fc.constant('in-transaction' as const), inner: fc.constantFrom('set' as const, 'set-local' as const, 'reset' as const, 'reset-all' as const, 'set-config' as const), name: fc.constant(name), value: goodValueArb(name), end: fc.constantFrom('COMMIT' as const, 'ROLLBACK' as const, 'error' as const) })) },
-  { weight: 2, arbitrary: settingArb.chain((name) => fc.record({ kind: fc.constant('multi' as const), name: fc.constant(name), value: goodValueArb(name), shape: fc.constantFrom('set-first' as const, 'set-first-failing' as const, 'set-last' as const, 'reset-all-failing' as const, 'reset-first' as const) })) },
+  { weight: 2, arbitrary: settingArb.chain((name) => fc.record({ kind: fc.constant('multi' as const), name: fc.constant(name), value: goodValueArb(name), shape: fc.constantFrom('set-first' as const, 'set-first-failing' as const, 'set-last' as const, 'reset-all-failing' as const, 'reset-first' as const, 'settings-only' as const, 'settings-only-failing' as const) })) },
   { weight: 3, arbitrary: fc.record({ kind: fc.constant('select' as const), extended: fc.boolean() }) },
   { weight: 1, arbitrary: fc.constant({ kind: 'reconnect' as const }) },
   { weight: 4, arbitrary: fc.constant({ kind: 'idle' as const }) },
@@ -133,7 +133,7 @@ function statementsOf(op: Op): Statement[] {
     case 'multi': {
       const set = `SET ${op.name} = ${op.value}`;
       const text = op.shape === 'set-first' ? `${set}; SELECT 1` : op.shape === 'set-first-failing' ? `${set}; SELECT 1/0` : op.shape === 'set-last' ? `SELECT 1; ${set}`
-        : op.shape === 'reset-all-failing' ? 'RESET ALL; SELECT 1/0' : `RESET ${op.name}; SELECT 1`;
+        : op.shape === 'reset-all-failing' ? 'RESET ALL; SELECT 1/0' : op.shape === 'settings-only' ? `RESET ${op.name}; ${set}` : op.shape === 'settings-only-failing' ? `${set}; SET statement_timeout = 'soon'` : `RESET ${op.name}; SELECT 1`;
       return [{ text, extended: false }];
     }
     case 'select': return [{ text: 'SELECT 1', extended: op.extended }];
@@ -150,7 +150,8 @@ function statementsOf(op: Op): Statement[] {
  */
 function pins(op: Op): boolean {
   if (op.kind === 'in-transaction') return op.inner === 'reset-all' ? op.end !== 'COMMIT' : op.inner !== 'set-local';
-  return op.kind === 'multi' || op.kind === 'named-set';
+  // Setting changes alone in one Query are carried as a whole; one failing among them leaves the outcome uncertain.
+  return (op.kind === 'multi' && op.shape !== 'settings-only') || op.kind === 'named-set';
 }
 
 /** The settings an op takes back to the session's default (which a pinned client gets from the server, not its startup packet). */
@@ -164,7 +165,7 @@ function defaulted(op: Op): Setting[] {
 function changed(op: Op): Setting[] {
   if (op.kind === 'set' || op.kind === 'named-set' || op.kind === 'set-config') return [op.name];
   if (op.kind === 'in-transaction' && (op.inner === 'set' || op.inner === 'set-config') && op.end === 'COMMIT') return [op.name];
-  if (op.kind === 'multi' && (op.shape === 'set-first' || op.shape === 'set-last')) return [op.name];
+  if (op.kind === 'multi' && (op.shape === 'set-first' || op.shape === 'set-last' || op.shape === 'settings-only')) return [op.name];
   return [];
 }
 

@@ -111,6 +111,15 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private unnamedSetting = false;
   /** An unnamed Parse came since the last Sync (kept only while unnamedSetting). */
   private unnamedParsedSinceSync = false;
+  /** The client's startup settings as the server showed them at its login (lower-cased names). */
+  private shownAtLogin: ReadonlyMap<string, string> | undefined;
+  /**
+   * Reported settings (named as the server reports them) to tell the client
+   * again once its transaction ends: a RESET took them to the server
+   * connection's own value, reported as such, and the client's next
+   * transaction has its startup value back, as its session would direct.
+   */
+  private restate: Set<string> | undefined;
   /** At login: apply every setting to learn its value as the server shows it. */
   checkSettings = false;
   /** Session state that keeps this client on its server connection (transaction mode). */
@@ -409,6 +418,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       // A RESET leaves the connection on its login value unless a later SET of the same Query set it again.
       const lastResets = changes.filter((c, i) => c.kind === 'reset' && !changes.slice(i + 1).some((later) => later.name === c.name));
       server.settings = lastResets.reduce((held, change) => serverSettingsAfter(held, change, server.loginSettings), this.settings);
+      if (lastResets.length > 0) this.restateStartupValues(new Set(lastResets.map((c) => c.name)));
     } else if (outcome === 'uncertain') this.pin('set');
   }
 
@@ -422,6 +432,28 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     // Its own RESET of one setting is resolved at the boundary.
     if (this.settingChanges?.some((c) => c.kind === 'reset') === true) return;
     this.settings = startupSettings(this.settings);
+    this.restateStartupValues();
+  }
+
+  /** Marks the client's reported startup settings (`only` those, if given) to be told again after its transaction (transaction mode). */
+  private restateStartupValues(only?: ReadonlySet<string>): void {
+    const reported = this.host.pool.serverParameters;
+    if (this.host.mode !== 'transaction' || reported === undefined) return;
+    for (const name of reported.keys()) {
+      const lower = name.toLowerCase();
+      if (this.settings.values.has(lower) && (only === undefined || only.has(lower))) (this.restate ??= new Set()).add(name);
+    }
+  }
+
+  /** Between transactions: the client's startup values it was told otherwise, as a direct session would report them (a pinned client keeps the server's). */
+  private sendRestated(): void {
+    const names = this.restate;
+    this.restate = undefined;
+    if (names === undefined || this.pinnedBy !== undefined || this.phase !== 'ready') return;
+    for (const name of names) {
+      const lower = name.toLowerCase();
+      this.socket.write(parameterStatus(name, this.shownAtLogin?.get(lower) ?? this.settings.values.get(lower) ?? ''));
+    }
   }
 
   private pin(reason: PinReason): void {
@@ -696,6 +728,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     // The server's values, with the client's own settings as the server showed them; in session
     // mode those of the client's own backend, which logged in with its settings.
     const shown = this.settings.key === '' ? undefined : this.host.shownSettings(this.settings.key);
+    this.shownAtLogin = shown;
     const parameters = this.host.mode === 'session' && this.server !== undefined ? this.server.loginParameters : this.host.pool.serverParameters;
     for (const [name, value] of parameters ?? new Map<string, string>()) {
       const own = shown?.get(name.toLowerCase());
@@ -771,6 +804,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       return;
     }
     if ((this.host.mode === 'transaction' && this.pinnedBy === undefined) || this.closeAtBoundary) this.releaseServer(true);
+    if (this.restate !== undefined) this.sendRestated();
     // The next transaction waits for the hub again; a pinned client gets what came meanwhile now.
     if (this.hubSync === 'done') this.hubSync = 'none';
     this.flushNotifications();

@@ -429,6 +429,28 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('reports a client\'s startup values again after RESET ALL, DISCARD ALL or RESET name, as its session would direct, not the server connection\'s', async function () {
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const c = client(running, { application_name: 'restate-web', options: '-c TimeZone=Asia/Tokyo' });
+        const reported = new Map<string, string>();
+        (c as unknown as { connection: { on(event: 'parameterStatus', listener: (m: { parameterName: string; parameterValue: string }) => void): void } }).connection
+          .on('parameterStatus', (m) => reported.set(m.parameterName, m.parameterValue));
+        await c.connect();
+        try {
+          for (const sql of ['RESET ALL', 'DISCARD ALL', 'RESET application_name', 'RESET TimeZone', 'SET TimeZone TO DEFAULT']) {
+            await c.query(sql);
+            await c.query('SELECT 1');
+            // Direct, the session's default is its startup value: nothing changes, or it is reported as that.
+            assert.deepEqual([reported.get('application_name'), reported.get('TimeZone')], ['restate-web', 'Asia/Tokyo'], sql);
+            const shown = (await c.query<{ a: string; t: string }>("SELECT current_setting('application_name') AS a, current_setting('TimeZone') AS t")).rows[0];
+            assert.deepEqual(shown, { a: 'restate-web', t: 'Asia/Tokyo' }, sql);
+          }
+        } finally {
+          await c.end();
+        }
+      });
+    });
+
     it('keeps set_config(..., true) unpinned: it ends with the transaction', async function () {
       await withSidecar(postgres, { grant: 1 }, async (running) => {
         const c = client(running);

@@ -414,6 +414,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     this.settingChanges = undefined;
     server.tracker.watched = undefined;
     if (outcome === 'ran') {
+      this.host.metrics.carriedSettings.inc(changes.length);
       this.settings = changes.reduce(changeSettings, this.settings);
       // A RESET leaves the connection on its login value unless a later SET of the same Query set it again.
       const lastResets = changes.filter((c, i) => c.kind === 'reset' && !changes.slice(i + 1).some((later) => later.name === c.name));

@@ -259,6 +259,7 @@ describe('sidecar transparency', function () {
           await setter.query({ text: 'SET extra_float_digits = 3', queryMode: 'extended' } as pg.QueryConfig);
           await setter.query({ text: "SET application_name = 'PostgreSQL JDBC Driver'", queryMode: 'extended' } as pg.QueryConfig);
           assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="set"} 0/);
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_carried_settings_total'), /_total 3\b/);
           for (let round = 0; round < 3; round++) {
             const own = await show(setter);
             assert.deepEqual([own.st, own.app, own.digits], ['4321ms', 'PostgreSQL JDBC Driver', '3'], `round ${round}`);

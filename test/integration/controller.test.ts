@@ -73,6 +73,18 @@ describe('budget controller', function () {
     return name;
   };
 
+  /** A namespace with `replicas` pods of Deployment web drawing on DatabaseConnection orders (`spec`), their sidecar doubles answering, and the controller running. */
+  const startOrders = async (prefix: string, replicas: number, spec: Record<string, unknown>): Promise<{ namespace: string; fleet: SidecarFleetDouble }> => {
+    const namespace = namespaceFor(prefix);
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    applyConnection(kube, postgres, namespace, 'orders', spec);
+    const fleet = new SidecarFleetDouble(kube, namespace);
+    fleets.push(fleet);
+    await fleet.start();
+    ({ controller } = await startController(kube));
+    return { namespace, fleet };
+  };
+
   afterEach(async function () {
     await controller?.stop();
     controller = undefined;
@@ -82,13 +94,7 @@ describe('budget controller', function () {
   });
 
   it('follows a Deployment scaled 2 -> 8 -> 1, never exceeding the limit', async function () {
-    const namespace = namespaceFor('scale');
-    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
-    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 40, reserve: 0 });
-    const fleet = new SidecarFleetDouble(kube, namespace);
-    fleets.push(fleet);
-    await fleet.start();
-    ({ controller } = await startController(kube));
+    const { namespace, fleet } = await startOrders('scale', 2, { maxConnections: 40, reserve: 0 });
     const sampler = new Sampler([fleet], ([members]) => reserved(members!));
     try {
       await eventually('2 pods at 20 each', () => grants(fleet.members()).join() === '20,20');
@@ -120,13 +126,7 @@ describe('budget controller', function () {
   });
 
   it('re-grants live pods within seconds when their DatabaseConnection is deleted and created again under the same name, before or after its old grant table is collected', async function () {
-    const namespace = namespaceFor('recreate');
-    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 3, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
-    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 30, reserve: 0 });
-    const fleet = new SidecarFleetDouble(kube, namespace);
-    fleets.push(fleet);
-    await fleet.start();
-    ({ controller } = await startController(kube));
+    const { namespace, fleet } = await startOrders('recreate', 3, { maxConnections: 30, reserve: 0 });
     const settled = (each: number): boolean => grants(fleet.members()).every((g) => g === each) && fleet.members().every((m) => m.status?.acknowledgedConnections === each);
     // The highest limit of the test: every revision of the objects is checked against it.
     const sampler = new Sampler([fleet], ([members]) => reserved(members!));
@@ -352,13 +352,7 @@ describe('budget controller', function () {
   });
 
   it('reports oversubscription with the numbers, as a condition and an Event, and grants no more than the limit', async function () {
-    const namespace = namespaceFor('over');
-    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 4, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
-    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 10, reserve: 0, consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' }, minPerPod: 3 }] });
-    const fleet = new SidecarFleetDouble(kube, namespace);
-    fleets.push(fleet);
-    await fleet.start();
-    ({ controller } = await startController(kube));
+    const { namespace, fleet } = await startOrders('over', 4, { maxConnections: 10, reserve: 0, consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' }, minPerPod: 3 }] });
     await eventually('Oversubscribed', () => getConnection(kube, namespace, 'orders')?.status?.conditions?.some((c) => c.type === 'Oversubscribed' && c.status === 'True') ?? false);
     const condition = getConnection(kube, namespace, 'orders')?.status?.conditions?.find((c) => c.type === 'Oversubscribed');
     assert.match(condition?.message ?? '', /4 pods x minPerPod 3 = 12 > limit 10/);

@@ -288,6 +288,10 @@ describe('sidecar transparency', function () {
           const isolation = "SELECT current_setting('transaction_isolation') AS i, current_setting('transaction_read_only') AS r";
           assert.deepEqual((await setter.query<{ i: string; r: string }>(isolation)).rows[0], { i: 'serializable', r: 'on' });
           assert.deepEqual((await plain.query<{ i: string; r: string }>(isolation)).rows[0], { i: 'read committed', r: 'off' });
+          // SET SCHEMA is SET search_path of its own grammar.
+          await setter.query("SET SCHEMA 'pg_catalog'");
+          assert.equal((await setter.query<{ p: string }>("SELECT current_setting('search_path') AS p")).rows[0]!.p, 'pg_catalog');
+          assert.notEqual((await plain.query<{ p: string }>("SELECT current_setting('search_path') AS p")).rows[0]!.p, 'pg_catalog');
           // Several SETs in one Query, nothing else: carried together.
           await setter.query("SET work_mem = '5MB'; SET lock_timeout = '7s'");
           const memory = "SELECT current_setting('work_mem') AS w, current_setting('lock_timeout') AS l";

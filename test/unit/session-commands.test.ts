@@ -17,7 +17,7 @@ const classify = (sql: string): ReturnType<typeof classifySessionCommand> => {
 describe('session commands', function () {
   it('pins on statements that leave session state, not on their transaction-scoped forms', function () {
     const cases: [string, string | undefined][] = [
-      ['SET SESSION AUTHORIZATION bob', 'set'], ['SET ROLE bob', 'set'], ['RESET ROLE', 'set'], ['SET SCHEMA \'x\'', 'set'],
+      ['SET SESSION AUTHORIZATION bob', 'set'], ['SET ROLE bob', 'set'], ['RESET ROLE', 'set'],
       ['SET a = 1; SELECT 1', 'set'], ['SET a = 1; SET ROLE bob', 'set'], ['SET "TimeZone" = \'UTC\'', 'set'], ['RESET ALL', undefined],
       ['SET LOCAL statement_timeout = 5', undefined], ['SET TRANSACTION ISOLATION LEVEL SERIALIZABLE', undefined], ['SET CONSTRAINTS ALL DEFERRED', undefined],
       ['PREPARE p AS SELECT 1', 'prepare'], ['PREPARE TRANSACTION \'x\'', undefined],
@@ -70,6 +70,11 @@ describe('session commands', function () {
         { kind: 'set', name: 'default_transaction_deferrable', sql: "SET default_transaction_deferrable TO 'off'" },
       ] }],
       ['SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SNAPSHOT', { kind: 'pin', reason: 'set' }],
+      // SET forms of their own grammar (PHP's and older drivers' SET NAMES): the setting each changes.
+      ["SET NAMES 'LATIN1'", { kind: 'settings', changes: [{ kind: 'set', name: 'client_encoding', sql: "SET NAMES 'LATIN1'" }] }],
+      ["set schema 'app'", { kind: 'settings', changes: [{ kind: 'set', name: 'search_path', sql: "set schema 'app'" }] }],
+      ['SET XML OPTION CONTENT', { kind: 'settings', changes: [{ kind: 'set', name: 'xmloption', sql: 'SET XML OPTION CONTENT' }] }],
+      ['SET NAMES DEFAULT', { kind: 'settings', changes: [{ kind: 'reset', name: 'client_encoding' }] }],
       // Setting changes only, several in one Query (an ORM's connect hook): carried together.
       ["SET search_path = app; SET statement_timeout = '5s'; RESET work_mem", { kind: 'settings', changes: [
         { kind: 'set', name: 'search_path', sql: 'SET search_path = app' }, { kind: 'set', name: 'statement_timeout', sql: "SET statement_timeout = '5s'" }, { kind: 'reset', name: 'work_mem' },

@@ -120,6 +120,9 @@ const IDENTITY_SETTINGS = new Set(['role', 'session_authorization']);
 const SETTING_NAME = '[a-z_][a-z0-9_$]*(?:\\.[a-z_][a-z0-9_$]*)?';
 const SET_STATEMENT = new RegExp(`^set\\s+(?:session\\s+)?(?:time\\s+zone\\s+(.+)|(${SETTING_NAME})\\s*(?:=|\\bto\\b)\\s*(.+))$`, 'is');
 const RESET_STATEMENT = new RegExp(`^reset\\s+(?:(time\\s+zone)|(${SETTING_NAME}))$`, 'is');
+/** SET forms of their own grammar, with the setting each changes. */
+const SET_SPECIAL = /^set\s+(?:session\s+)?(names|schema|xml\s+option)(?:\s+(.*))?$/is;
+const SPECIAL_SETTINGS: Readonly<Record<string, string>> = { names: 'client_encoding', schema: 'search_path', 'xml option': 'xmloption' };
 const SESSION_CHARACTERISTICS = /^set\s+session\s+characteristics\s+as\s+transaction\s+(.+)$/is;
 const SET_CONFIG_CALL = /^select\s+(?:pg_catalog\s*\.\s*)?set_config\s*\(\s*'([^'\\]+)'\s*,\s*'(?:[^'\\]|'')*'\s*,\s*false\s*\)$/is;
 
@@ -162,6 +165,13 @@ function settingChangesOf(sql: string): SettingChange[] | undefined {
   if (reset !== null) {
     const name = reset[1] === undefined ? reset[2]!.toLowerCase() : 'timezone';
     return IDENTITY_SETTINGS.has(name) ? undefined : [{ kind: 'reset', name }];
+  }
+  const special = SET_SPECIAL.exec(sql);
+  if (special !== null) {
+    const name = SPECIAL_SETTINGS[special[1]!.toLowerCase().replace(/\s+/g, ' ')]!;
+    const value = (special[2] ?? '').trim().toLowerCase();
+    // SET NAMES alone or SET NAMES DEFAULT: the session's default encoding.
+    return value === '' || value === 'default' ? [{ kind: 'reset', name }] : [{ kind: 'set', name, sql }];
   }
   const characteristics = SESSION_CHARACTERISTICS.exec(sql);
   if (characteristics !== null) return transactionDefaults(characteristics[1]!);

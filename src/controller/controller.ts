@@ -76,8 +76,12 @@ export class BudgetController {
   private stopping = false;
   /** The last server key seen for each connection, so a host change reconciles the old server too. */
   private readonly lastServer = new Map<string, string>();
-  /** Per PoolMember: the fingerprint of what the planner reads, and when its sidecar last reported (ms). */
-  private readonly memberSeen = new Map<string, { fingerprint: string; reportedAt: number }>();
+  /**
+   * Per PoolMember: the fingerprint of what the planner reads, the heartbeat
+   * last seen, and when this replica saw it change (its own clock, ms): a
+   * node's clock that is off must not make its sidecars look silent.
+   */
+  private readonly memberSeen = new Map<string, { fingerprint: string; heartbeat: string | undefined; heardAt: number }>();
   /** When each server's latest reconcile started (ms), to space reconciles during bursts of events. */
   private readonly reconcileStarted = new Map<string, number>();
   /** Acknowledgements received over the channel while this replica leads. */
@@ -116,6 +120,7 @@ export class BudgetController {
       // A replica that lost the Lease stops writing grants even mid-reconcile.
       ...(elector ? { mayWrite: () => elector.isLeader && !this.stopping } : {}),
       ...(options.acknowledgeTo ? { acknowledgements: { ledger: this.ledger, acknowledgeTo: () => this.acknowledgeTo } } : {}),
+      heardAt: (m) => this.memberSeen.get(`${m.metadata.namespace ?? ''}/${m.metadata.name ?? ''}`)?.heardAt,
     });
     this.wireHandlers();
   }
@@ -203,13 +208,13 @@ export class BudgetController {
       }
       const fingerprint = memberFingerprint(m, this.ledger.get(podUid));
       if (m.status) this.ledger.forget(podUid, { tableGeneration: m.status.tableGeneration, generation: m.status.acknowledgedGeneration });
-      const reported = m.status?.heartbeatTime ?? m.metadata.creationTimestamp;
-      const reportedAt = reported === undefined ? Date.now() : new Date(reported).getTime();
+      const heartbeat = m.status?.heartbeatTime;
       const seen = this.memberSeen.get(k);
-      this.memberSeen.set(k, { fingerprint, reportedAt });
+      const now = Date.now();
+      this.memberSeen.set(k, { fingerprint, heartbeat, heardAt: seen === undefined || seen.heartbeat !== heartbeat ? now : seen.heardAt });
       // A heartbeat alone changes no grant; but one from a sidecar that had gone quiet
       // past the timeout may clear a SidecarUnresponsive condition, so that one reconciles.
-      const quiet = seen !== undefined && Date.now() - seen.reportedAt > this.reconciler.memberHeartbeatTimeoutMs(m);
+      const quiet = seen !== undefined && seen.heartbeat !== heartbeat && now - seen.heardAt > this.reconciler.memberHeartbeatTimeoutMs(m);
       if (seen?.fingerprint === fingerprint && !quiet) return;
       byConnectionName(m.metadata.namespace, m.spec.connection);
     });

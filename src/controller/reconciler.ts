@@ -85,6 +85,12 @@ export interface ReconcilerDeps {
   manageSidecarAccess?: boolean;
   /** A sidecar whose PoolMember status has not been written for this long is reported unresponsive; unset: three heartbeats of its table, at least 60 s. */
   heartbeatTimeoutMs?: number;
+  /**
+   * When this replica saw `member`'s heartbeat change, by its own clock (ms);
+   * undefined: not seen yet. Absent: the heartbeat's own timestamp is used,
+   * which a node clock that is off makes wrong.
+   */
+  heardAt?: (member: PoolMember) => number | undefined;
   /** Server identity; absent: one with the system resolver. */
   directory?: ServerDirectory;
   /** Timings of the per-connection login check. */
@@ -555,6 +561,8 @@ export class ServerReconciler {
     const live = new Set(pods.filter((p) => !p.metadata?.deletionTimestamp && p.status?.phase !== 'Succeeded' && p.status?.phase !== 'Failed').map((p) => p.metadata?.uid));
     return members.filter((m) => {
       if (!live.has(m.metadata.ownerReferences?.[0]?.uid)) return false;
+      const heard = this.deps.heardAt?.(m);
+      if (heard !== undefined) return now - heard > this.memberHeartbeatTimeoutMs(m);
       const last = m.status?.heartbeatTime ?? m.metadata.creationTimestamp;
       return last !== undefined && now - new Date(last).getTime() > this.memberHeartbeatTimeoutMs(m);
     });

@@ -70,6 +70,8 @@ export interface PoolMemberAgentOptions {
    * counted until it acknowledges or reports drained, so waiting is safe.
    */
   drainGraceMs?: number;
+  /** The node's clock, for status.heartbeatTime; absent: the system clock. */
+  now?: () => Date;
 }
 
 /** Runs the sidecar's half of the protocol. */
@@ -397,7 +399,7 @@ export class PoolMemberAgent {
 
   private async writeStatus(): Promise<void> {
     const waiting = this.options.waitingClients?.();
-    const status: PoolMemberStatus = { ...this.currentStatus(), ...(waiting === undefined ? {} : { waitingClients: waiting }), heartbeatTime: new Date().toISOString().replace(/\.\d+Z$/, 'Z') };
+    const status: PoolMemberStatus = { ...this.currentStatus(), ...(waiting === undefined ? {} : { waitingClients: waiting }), heartbeatTime: (this.options.now?.() ?? new Date()).toISOString().replace(/\.\d+Z$/, 'Z') };
     try {
       await this.options.http.patch(`/apis/${API_GROUP}/${API_VERSION}/namespaces/${this.options.namespace}/poolmembers/${this.options.podName}/status`, { status });
       this.lastWritten = status;

@@ -397,20 +397,23 @@ describe('budget controller', function () {
     assert.deepEqual([...seen], [4], 'the old pods kept their grant');
   });
 
-  it('reports a sidecar that stopped reporting (Degraded/SidecarUnresponsive) and keeps its reservation', async function () {
+  it('reports a sidecar that stopped reporting (Degraded/SidecarUnresponsive) and keeps its reservation, judging silence by its own clock, not the node\'s', async function () {
     const namespace = namespaceFor('silent');
     createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
     applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 10, reserve: 0 });
-    const fleet = new SidecarFleetDouble(kube, namespace, 300);
+    // The pods' node clock is ten minutes behind: its heartbeats' timestamps are old when written.
+    const fleet = new SidecarFleetDouble(kube, namespace, 300, undefined, -600_000);
     fleets.push(fleet);
     await fleet.start();
     ({ controller } = await startController(kube, undefined, { heartbeatTimeoutMs: 2_000 }));
     await eventually('2 pods at 5', () => grants(fleet.members()).join() === '5,5');
-    const [name, { agent }] = [...fleet.agents.entries()][0]!;
+    await new Promise((r) => setTimeout(r, 3_000));
+    assert.equal(getConnection(kube, namespace, 'orders')?.status?.conditions?.find((c) => c.type === 'Degraded')?.status, 'False', 'sidecars that beat are not silent, whatever their clock says');
+    const [[name, { agent }], [other]] = [...fleet.agents.entries()] as [[string, { agent: PoolMemberAgent }], [string, unknown]];
     await agent.stop();
     await eventually('Degraded SidecarUnresponsive', () => {
       const degraded = getConnection(kube, namespace, 'orders')?.status?.conditions?.find((c) => c.type === 'Degraded');
-      return degraded?.reason === 'SidecarUnresponsive' && degraded.message.includes(name);
+      return degraded?.reason === 'SidecarUnresponsive' && degraded.message.includes(name) && !degraded.message.includes(other);
     }, 30_000);
     assert.equal(getConnection(kube, namespace, 'orders')?.status?.allocated, 10, 'the silent sidecar keeps its reservation');
   });

@@ -113,9 +113,14 @@ export class SidecarFleetDouble {
 
   private readonly heartbeatMs: number;
   private readonly statusDelayMs: number | undefined;
+  private readonly clockOffsetMs: number;
 
-  /** `statusDelayMs`: how long statuses may lag acknowledgements over the channel (default: as the table says). */
-  constructor(kube: KubeControlPlane, namespace: string, heartbeatMs = 5_000, statusDelayMs?: number) {
+  /**
+   * `statusDelayMs`: how long statuses may lag acknowledgements over the channel (default: as the table says);
+   * `clockOffsetMs`: how far the fleet's node clock is off (its heartbeat timestamps).
+   */
+  constructor(kube: KubeControlPlane, namespace: string, heartbeatMs = 5_000, statusDelayMs?: number, clockOffsetMs = 0) {
+    this.clockOffsetMs = clockOffsetMs;
     this.heartbeatMs = heartbeatMs;
     this.statusDelayMs = statusDelayMs;
     this.http = new KubeHttp(kube.kubeConfig());
@@ -137,7 +142,7 @@ export class SidecarFleetDouble {
       const name = member.metadata.name ?? '';
       if (type === 'DELETED' || this.agents.has(name)) return;
       const double = new ObedientSidecarDouble();
-      const agent = new PoolMemberAgent({ http: this.http, namespace: this.namespace, podName: name, target: double, logger: this.logger, version: 'test-double', heartbeatMs: this.heartbeatMs, ...(this.statusDelayMs === undefined ? {} : { statusDelayMs: this.statusDelayMs }) });
+      const agent = new PoolMemberAgent({ http: this.http, namespace: this.namespace, podName: name, target: double, logger: this.logger, version: 'test-double', heartbeatMs: this.heartbeatMs, now: () => new Date(Date.now() + this.clockOffsetMs), ...(this.statusDelayMs === undefined ? {} : { statusDelayMs: this.statusDelayMs }) });
       this.agents.set(name, { agent, double });
       void agent.start();
     });

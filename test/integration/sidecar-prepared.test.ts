@@ -498,6 +498,59 @@ describe('sidecar: named prepared statements in transaction mode', function () {
     }
   });
 
+  it('runs a statement prepared again on another server connection after its table was dropped and created again with the same columns, as direct (no 0A000)', async function () {
+    // psycopg 3's tests drop and create `test_table (id text primary key)` around each test and run an
+    // auto-prepared `SELECT * FROM test_table`: PostgreSQL revalidates it (same column names and types),
+    // but the columns' table OID (and, after a column is dropped and added again, its number) differ.
+    const table = `same_shape_${Date.now()}`;
+    const wire = await WireClient.connect(running.port, postgres.app.user);
+    const [b2, d] = [running.client(), running.client()];
+    await Promise.all([b2.connect(), d.connect()]);
+    const pid = async (x: pg.Client): Promise<number> => (await x.query<{ p: number }>('SELECT pg_backend_pid() AS p')).rows[0]!.p;
+    try {
+      await b2.query(`CREATE TABLE ${table} (a int, b text); INSERT INTO ${table} VALUES (1, 'x')`);
+      let replies = await wire.exchange([
+        serialize.query('BEGIN'),
+        serialize.parse({ name: 'q', text: `SELECT * FROM ${table}`, types: [] }),
+        serialize.parse({ name: 'r', text: `SELECT b FROM ${table}`, types: [] }),
+        serialize.bind({ statement: 'q' }), serialize.execute({}), serialize.sync(),
+        serialize.query('SELECT pg_backend_pid()'), serialize.query('COMMIT'),
+      ], 4);
+      assert.equal(types(replies), 'CZ112DCZTDCZCZ');
+      const preparedOn = Number(dataValue(replies[9]!));
+      // Same columns, new table OID; and for `r`, column b dropped and added again (new attribute number).
+      await b2.query(`DROP TABLE ${table}; CREATE TABLE ${table} (a int, b text); INSERT INTO ${table} VALUES (2, 'y')`);
+      await b2.query(`ALTER TABLE ${table} DROP COLUMN b; ALTER TABLE ${table} ADD COLUMN b text; UPDATE ${table} SET b = 'z'`);
+      await b2.query(`ALTER TABLE ${table} DROP COLUMN a; ALTER TABLE ${table} ADD COLUMN a int; UPDATE ${table} SET a = 3`);
+      // Now `SELECT *` gives (b, a): a changed result, 0A000 direct. `r` still gives (b text).
+      // Hold the server connection that has the statements: the next Binds land on the other one, which prepares them again.
+      await b2.query('BEGIN');
+      await d.query('BEGIN');
+      const holder = (await pid(b2)) === preparedOn ? b2 : d;
+      assert.equal(await pid(holder), preparedOn);
+      await (holder === b2 ? d : b2).query('COMMIT');
+      replies = await wire.exchange([serialize.bind({ statement: 'r' }), serialize.execute({}), serialize.sync()]);
+      assert.equal(types(replies), '2DCZ', replies.map((r) => r.type + (r.type === 'E' ? parseNoticeFields(r.body).M : '')).join(' '));
+      assert.equal(dataValue(replies[1]!), 'z');
+      replies = await wire.exchange([serialize.bind({ statement: 'q' }), serialize.execute({}), serialize.sync()]);
+      assert.equal(errorCode(replies), '0A000', 'a changed result (columns reordered) is still refused');
+      await holder.query('COMMIT');
+      // The plain case: dropped and created again with the same columns, on both server connections.
+      await b2.query(`DROP TABLE ${table}; CREATE TABLE ${table} (b text, a int); INSERT INTO ${table} VALUES ('w', 4)`);
+      for (let i = 0; i < 2; i += 1) {
+        await b2.query('BEGIN');
+        replies = await wire.exchange([serialize.bind({ statement: 'r' }), serialize.execute({}), serialize.sync()]);
+        await b2.query('COMMIT');
+        assert.equal(types(replies), '2DCZ', replies.map((r) => r.type + (r.type === 'E' ? parseNoticeFields(r.body).M : '')).join(' '));
+        assert.equal(dataValue(replies[1]!), 'w');
+      }
+    } finally {
+      wire.close();
+      await b2.query(`DROP TABLE IF EXISTS ${table}`).catch(() => undefined);
+      await Promise.all([b2.end(), d.end()]);
+    }
+  });
+
   it('runs pgbench -M prepared -S through the sidecar with zero errors', async function () {
     const target = ['-h', '127.0.0.1', '-p', String(running.port), '-U', 'app', 'app'];
     await run('/usr/bin/pgbench', ['-i', '-s', '1', '-q', ...target]);

@@ -14,7 +14,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { serialize } from 'pg-protocol';
 import {
-  RESHAPED_STATEMENT, ResponseEditor, ServerStatementCache, routeMessage, serverStatementName, type ClientStatements,
+  RESHAPED_STATEMENT, ResponseEditor, ServerStatementCache, resultShape, routeMessage, serverStatementName, type ClientStatements,
 } from '../../src/core/pool-state/index.ts';
 import { parseBindMessage, parseParseMessage, parseTargetMessage } from '../../src/core/protocol/index.ts';
 
@@ -27,6 +27,26 @@ interface ModelReply {
 /** The database's schema: each change gives 'SELECT 1' another result shape. */
 const schema = { version: 0 };
 const shapeOf = (text: string): string => (text === 'SELECT 1' ? `${text}#${schema.version}` : text);
+
+/** Table OIDs given out: each description names another (a table dropped and created again with the same columns is the same shape). */
+let tableOids = 16_384;
+
+/** A RowDescription body of one text column named after the shape. */
+function rowDescription(shape: string): Buffer {
+  const fixed = Buffer.alloc(18);
+  fixed.writeUInt32BE((tableOids += 1), 0);
+  fixed.writeInt16BE(tableOids % 7, 4);
+  fixed.writeUInt32BE(25, 6);
+  fixed.writeInt16BE(-1, 10);
+  fixed.writeInt32BE(-1, 12);
+  return Buffer.concat([Buffer.from([0, 1]), Buffer.from(`${shape}\0`), fixed]);
+}
+
+/** Gives the editor a ParameterDescription or RowDescription of the model: true if it was the answer to its own Describe. */
+function describedAs(editor: ResponseEditor, reply: ModelReply): boolean {
+  const body = reply.type === 'T' ? rowDescription(reply.text ?? '') : Buffer.alloc(2);
+  return editor.described(reply.type.charCodeAt(0), body, 0, body.length);
+}
 
 /** The named-statement part of a PostgreSQL backend. */
 class ModelBackend {
@@ -200,7 +220,7 @@ function throughSidecar(client: ClientStatements, backend: ModelBackend, editor:
         const edit = editor.reply(reply.type.charCodeAt(0));
         if (edit === 'swallow') continue;
         seen.push(edit === 'parse-complete' ? { type: '1' } : reply);
-      } else if ((reply.type === 't' || reply.type === 'T') && editor.described(reply.type.charCodeAt(0), Buffer.from(reply.text ?? ''), 0, (reply.text ?? '').length)) {
+      } else if ((reply.type === 't' || reply.type === 'T') && describedAs(editor, reply)) {
         continue;
       } else {
         if (reply.type === 'E') editor.error();
@@ -233,6 +253,35 @@ describe('prepared statements (pure)', function () {
     cache.clear();
     assert.equal(cache.size, 0);
     assert.throws(() => new ServerStatementCache(0));
+  });
+
+  it('takes a result shape from a RowDescription without the columns\' table OIDs and attribute numbers, as PostgreSQL\'s revalidation', function () {
+    // name, table OID, attribute number, type OID, type size, typmod, format
+    const field = (name: string, table: number, attnum: number, type: number, typmod: number): Buffer => {
+      const fixed = Buffer.alloc(18);
+      fixed.writeUInt32BE(table, 0);
+      fixed.writeInt16BE(attnum, 4);
+      fixed.writeUInt32BE(type, 6);
+      fixed.writeInt16BE(-1, 10);
+      fixed.writeInt32BE(typmod, 12);
+      return Buffer.concat([Buffer.from(`${name}\0`), fixed]);
+    };
+    const body = (...fields: Buffer[]): Buffer => {
+      const count = Buffer.alloc(2);
+      count.writeUInt16BE(fields.length);
+      return Buffer.concat([Buffer.from('xx'), count, ...fields, Buffer.from('yy')]);
+    };
+    const shape = (b: Buffer): Buffer => resultShape(b, 2, b.length - 2);
+    const before = shape(body(field('id', 16_384, 1, 25, -1), field('n', 16_384, 2, 1043, 14)));
+    // The table dropped and created again, a column dropped and added again: same shape.
+    assert.ok(before.equals(shape(body(field('id', 16_999, 1, 25, -1), field('n', 16_999, 3, 1043, 14)))));
+    // Another name, type or typmod, or another column count: another shape.
+    assert.ok(!before.equals(shape(body(field('id', 16_384, 1, 25, -1), field('m', 16_384, 2, 1043, 14)))));
+    assert.ok(!before.equals(shape(body(field('id', 16_384, 1, 25, -1), field('n', 16_384, 2, 25, 14)))));
+    assert.ok(!before.equals(shape(body(field('id', 16_384, 1, 25, -1), field('n', 16_384, 2, 1043, 24)))));
+    assert.ok(!before.equals(shape(body(field('id', 16_384, 1, 25, -1)))));
+    assert.equal(shape(body()).length, 2);
+    assert.throws(() => resultShape(Buffer.from([0, 1, 0x61, 0]), 0, 4), /truncated/);
   });
 
   it('names server statements by definition only, within PostgreSQL identifier length', function () {

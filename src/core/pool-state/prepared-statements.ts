@@ -43,8 +43,8 @@
  * prepares it again. A Parse the sidecar injects on another server connection
  * plans it against the schema as it is now, so each Parse the sidecar sends for
  * a named statement is followed by a Describe of it (replies swallowed) that
- * records its shape: the client's in the session, the server connection's in
- * its cache. A Bind of a statement whose shape there differs from the client's
+ * records its shape (see resultShape): the client's in the session, the
+ * server connection's in its cache. A Bind of a statement whose shape there differs from the client's
  * is sent as a Bind of a statement that does not exist, and that error is
  * turned into PostgreSQL's 0A000, so the server skips to Sync as it would
  * direct. Where the Parse is injected right before the Bind, the session holds
@@ -372,7 +372,7 @@ export class ResponseEditor {
     }
     this.describing = undefined;
     this.describeStage = 0;
-    receive(type === MessageType.noData ? Buffer.alloc(0) : Buffer.from(buffer.subarray(bodyStart, end)));
+    receive(type === MessageType.noData ? Buffer.alloc(0) : resultShape(buffer, bodyStart, end));
     this.settle();
     return true;
   }
@@ -854,6 +854,28 @@ function holdForShape(statement: ClientStatement, editor: ResponseEditor, out: B
   editor.heldFor = undefined;
   ensurePrepared(statement, editor, out);
   return false;
+}
+
+/**
+ * A RowDescription body as a result shape: a copy with each column's table OID
+ * and attribute number zeroed. PostgreSQL's check (equalTupleDescs on the
+ * result's descriptor) compares the columns' names, types and typmods, not
+ * where they come from: a table dropped and created again with the same
+ * columns, or a column dropped and added again, leaves a prepared statement
+ * valid direct. (The format codes of a statement's Describe are always 0.)
+ */
+export function resultShape(buffer: Buffer, bodyStart: number, end: number): Buffer {
+  const shape = Buffer.from(buffer.subarray(bodyStart, end));
+  if (shape.length < 2) throw new ProtocolError('malformed-body', 'RowDescription without a field count');
+  let at = 2;
+  for (let field = shape.readUInt16BE(0); field > 0; field -= 1) {
+    const nameEnd = shape.indexOf(0, at);
+    if (nameEnd < 0 || nameEnd + 19 > shape.length) throw new ProtocolError('malformed-body', 'RowDescription field truncated');
+    // name\0, table OID (4), attribute number (2), type OID (4), type size (2), typmod (4), format (2)
+    shape.fill(0, nameEnd + 1, nameEnd + 7);
+    at = nameEnd + 19;
+  }
+  return shape;
 }
 
 /** The statement's result shape on this server connection differs from the one it was parsed with for the client. */

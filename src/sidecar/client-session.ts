@@ -120,6 +120,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    * transaction has its startup value back, as its session would direct.
    */
   private restate: Set<string> | undefined;
+  /** The SET of settingChanges, parsed as the unnamed statement, was bound in its batch: it runs there (see followUnnamedSetting). */
+  private unnamedSettingBound = false;
   /** At login: apply every setting to learn its value as the server shows it. */
   checkSettings = false;
   /** Session state that keeps this client on its server connection (transaction mode). */
@@ -330,6 +332,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       if (unnamedParse) {
         this.unnamedSetting = true;
         this.unnamedParsedSinceSync = true;
+        this.unnamedSettingBound = false;
       }
       return false;
     }
@@ -391,14 +394,27 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    * Query (which drops it) ends that.
    */
   private followUnnamedSetting(type: number, buffer: Buffer, bodyStart: number, end: number): void {
-    if (type === MessageType.sync) this.unnamedParsedSinceSync = false;
-    else if (type === MessageType.query) this.unnamedSetting = false;
-    else if (type === MessageType.parse && buffer[bodyStart] === 0) {
+    // The SET's batch ends, or its unnamed statement is replaced, before any Bind of it: it never ran, whatever
+    // else completes in that batch (libpq's PQsendPrepare of it, then another statement), so it is not carried.
+    const unbound = (): void => {
+      if (this.unnamedParsedSinceSync && !this.unnamedSettingBound) this.settingChanges = undefined;
+    };
+    if (type === MessageType.sync) {
+      unbound();
+      this.unnamedParsedSinceSync = false;
+    } else if (type === MessageType.query) {
+      unbound();
+      this.unnamedSetting = false;
+    } else if (type === MessageType.parse && buffer[bodyStart] === 0) {
+      unbound();
       this.unnamedSetting = false;
       this.unnamedParsedSinceSync = true;
-    } else if (type === MessageType.bind && !this.unnamedParsedSinceSync) {
+    } else if (type === MessageType.bind) {
       const portalEnd = buffer.indexOf(0, bodyStart);
-      if (portalEnd >= 0 && portalEnd + 1 < end && buffer[portalEnd + 1] === 0) this.pin('set');
+      if (portalEnd >= 0 && portalEnd + 1 < end && buffer[portalEnd + 1] === 0) {
+        if (this.unnamedParsedSinceSync) this.unnamedSettingBound = true;
+        else this.pin('set');
+      }
     }
   }
 

@@ -358,6 +358,53 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('does not carry a SET parsed as the unnamed statement but never bound (replaced by another unnamed Parse, or its batch ended), as direct', async function () {
+      // libpq's pipeline mode: PQsendPrepare(conn, "", "SET ...") then PQsendQueryParams of something else
+      // sends Parse(SET), Parse, Bind, Execute, Sync: the SET never runs, but a command completes in its batch.
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const w = await wireSession(running.port, running.role.user);
+        const value = (row: Buffer): string => row.toString('utf8', 6, 6 + row.readInt32BE(2));
+        const show = async (): Promise<[string, number]> => {
+          w.send([serialize.query("SELECT current_setting('statement_timeout'), pg_backend_pid()")]);
+          const row = (await w.until('D'))!;
+          assert.ok(await w.until('Z'));
+          const first = value(row);
+          const pid = Number(row.toString('utf8', 6 + first.length + 4, 6 + first.length + 4 + row.readInt32BE(6 + first.length)));
+          return [first, pid];
+        };
+        try {
+          const [before] = await show();
+          w.send([
+            serialize.parse({ name: '', text: 'SET statement_timeout = 4321', types: [] }),
+            serialize.parse({ name: '', text: 'SELECT 1', types: [] }),
+            serialize.bind({}), serialize.execute({}), serialize.sync(),
+          ]);
+          assert.ok(await w.until('C'), 'SELECT 1 ran');
+          assert.ok(await w.until('Z'));
+          // Parsed, not bound, batch over.
+          w.send([serialize.parse({ name: '', text: 'SET statement_timeout = 5432', types: [] }), serialize.sync()]);
+          assert.ok(await w.until('Z'));
+          const [same, pid] = await show();
+          assert.equal(same, before);
+          // Another backend: the sidecar gives it the client's settings, which must not include either SET.
+          await observer.query('SELECT pg_terminate_backend($1)', [pid]);
+          await new Promise((r) => setTimeout(r, 200));
+          const [after, newPid] = await show();
+          assert.notEqual(newPid, pid);
+          assert.equal(after, before, 'a SET that never ran was replayed on the next server connection');
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="set"} 0/);
+          // The same SET bound and run is carried.
+          w.send([serialize.parse({ name: '', text: 'SET statement_timeout = 4321', types: [] }), serialize.bind({}), serialize.execute({}), serialize.sync()]);
+          assert.ok(await w.until('Z'));
+          await observer.query('SELECT pg_terminate_backend($1)', [newPid]);
+          await new Promise((r) => setTimeout(r, 200));
+          assert.equal((await show())[0], '4321ms');
+        } finally {
+          await w.closedWithin(0);
+        }
+      });
+    });
+
     it('pins a client that SETs inside a transaction block, counts it, and resets the connection when it leaves', async function () {
       await withSidecar(postgres, { grant: 2 }, async (running) => {
         const setter = client(running);

@@ -120,6 +120,15 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    * transaction has its startup value back, as its session would direct.
    */
   private restate: Set<string> | undefined;
+  /**
+   * The client's named prepared statements that are setting changes
+   * (psycopg 3 prepares a SET it ran five times, postgres.js prepares every
+   * statement): each execution between transactions is carried as the same
+   * SET would be (see followSettingStatements). Undefined until there is one.
+   */
+  private settingStatements: Map<string, readonly SettingChange[]> | undefined;
+  /** The portal last bound from one of settingStatements, until its transaction ends. */
+  private boundSetting: { portal: string; changes: readonly SettingChange[] } | undefined;
   /** The SET of settingChanges, parsed as the unnamed statement, was bound in its batch: it runs there (see followUnnamedSetting). */
   private unnamedSettingBound = false;
   /** At login: apply every setting to learn its value as the server shows it. */
@@ -261,6 +270,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
               runBuffer = undefined;
             }
             if (this.unnamedSetting && this.pinnedBy === undefined) this.followUnnamedSetting(type, reader.buffer, reader.bodyStart, reader.end);
+            if (this.settingStatements !== undefined && this.pinnedBy === undefined) this.followSettingStatements(type, reader.buffer, reader.bodyStart, reader.end);
             if ((type === MessageType.query || type === MessageType.parse) && this.pinnedBy === undefined) {
               const nothingQueued = runBuffer === undefined && this.pendingTypes.length === 0 && this.pendingChunks.length === 0 && this.server === undefined && !this.localCommand;
               // Answered by the sidecar itself (LISTEN through the notification hub): not forwarded.
@@ -314,6 +324,15 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       textStart = nameEnd + 1;
     }
     const command = classifySessionCommand(buffer, textStart, end);
+    if (type === MessageType.parse && buffer[bodyStart] !== 0 && (command?.kind === 'settings' || this.settingStatements !== undefined)) {
+      // A named statement: a setting change runs only when it is executed (see followSettingStatements).
+      const name = buffer.toString('utf8', bodyStart, textStart - 1);
+      if (command?.kind === 'settings') {
+        (this.settingStatements ??= new Map()).set(name, command.changes);
+        return false;
+      }
+      this.settingStatements?.delete(name);
+    }
     // A session command after the first statement of a simple Query pins as it would alone.
     if (type === MessageType.query && this.pinnedBy === undefined) {
       const later = laterSessionCommands(buffer, textStart, end).find((c) => c.kind === 'pin');
@@ -415,6 +434,44 @@ export class ClientSession implements PoolWaiter, NotificationListener {
         if (this.unnamedParsedSinceSync) this.unnamedSettingBound = true;
         else this.pin('set');
       }
+    }
+  }
+
+  /**
+   * Follows the executions of the client's prepared setting statements: a
+   * Bind of one remembers its portal; an Execute of that portal is carried
+   * when nothing before it in its transaction owes a ReadyForQuery (its
+   * outcome is then the next one's) and the connection is not inside a
+   * transaction block; otherwise the client pins.
+   */
+  private followSettingStatements(type: number, buffer: Buffer, bodyStart: number, end: number): void {
+    const statements = this.settingStatements!;
+    if (type === MessageType.bind) {
+      const portalEnd = buffer.indexOf(0, bodyStart);
+      const statementEnd = portalEnd < 0 || portalEnd >= end ? -1 : buffer.indexOf(0, portalEnd + 1);
+      if (statementEnd < 0 || statementEnd >= end) return;
+      const portal = buffer.toString('utf8', bodyStart, portalEnd);
+      const changes = statementEnd > portalEnd + 1 ? statements.get(buffer.toString('utf8', portalEnd + 1, statementEnd)) : undefined;
+      if (changes !== undefined) this.boundSetting = { portal, changes };
+      else if (this.boundSetting?.portal === portal) this.boundSetting = undefined;
+    } else if (type === MessageType.execute) {
+      const bound = this.boundSetting;
+      const portalEnd = buffer.indexOf(0, bodyStart);
+      if (bound === undefined || portalEnd < 0 || portalEnd >= end || buffer.toString('utf8', bodyStart, portalEnd) !== bound.portal) return;
+      const server = this.server;
+      const owed = this.pendingTypes.some((t) => t === MessageType.sync || t === MessageType.query || t === MessageType.functionCall);
+      const idle = server === undefined || (server.tracker.pendingReady === 0 && server.tracker.status === 'I' && server.tracker.copy === 'none');
+      if (this.settingChanges !== undefined || owed || !idle) {
+        this.pin('set');
+        return;
+      }
+      this.settingChanges = bound.changes;
+      server?.tracker.watch();
+    } else if (type === MessageType.close) {
+      // A portal lives until its transaction ends; one kept past that only makes a later Execute of it fail, and pin.
+      const name = buffer.toString('utf8', bodyStart + 1, Math.max(bodyStart + 1, buffer.indexOf(0, bodyStart + 1)));
+      if (buffer[bodyStart] === 0x53 /* S */) statements.delete(name);
+      else if (this.boundSetting?.portal === name) this.boundSetting = undefined;
     }
   }
 

@@ -83,7 +83,7 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
   { weight: 2, arbitrary: fc.record({ kind: fc.constant('bad-set' as const), name: fc.constantFrom<Setting>('statement_timeout', 'extra_float_digits', 'TimeZone', 'DateStyle'), extended: fc.boolean() }) },
   { weight: 4, arbitrary: settingArb.chain((name) => fc.record({ kind: fc.constant('default' as const), name: fc.constant(name), how: fc.constantFrom('reset' as const, 'to-default' as const, ...(name === 'TimeZone' ? ['local' as const] : [])), extended: fc.boolean() })) },
   { weight: 3, arbitrary: settingArb.chain((name) => fc.record({ kind: fc.constant('set-config' as const), name: fc.constant(name), value: goodValueArb(name), upper: fc.boolean(), extended: fc.boolean() })) },
-  { weight: 1, arbitrary: settingArb.chain((name) => fc.record({ kind: fc.constant('named-set' as const), name: fc.constant(name), value: goodValueArb(name) })) },
+  { weight: 3, arbitrary: settingArb.chain((name) => fc.record({ kind: fc.constant('named-set' as const), name: fc.constant(name), value: goodValueArb(name) })) },
   { weight: 2, arbitrary: fc.record({ kind: fc.constant('reset-all' as const), how: fc.constantFrom('reset' as const, 'discard' as const), extended: fc.boolean() }) },
   { weight: 2, arbitrary: settingArb.chain((name) => fc.record({ kind: fc.constant('in-transaction' as const), inner: fc.constantFrom('set' as const, 'set-local' as const, 'reset' as const, 'reset-all' as const, 'set-config' as const), name: fc.constant(name), value: goodValueArb(name), end: fc.constantFrom('COMMIT' as const, 'ROLLBACK' as const, 'error' as const) })) },
   { weight: 2, arbitrary: settingArb.chain((name) => fc.record({ kind: fc.constant('multi' as const), name: fc.constant(name), value: goodValueArb(name), shape: fc.constantFrom('set-first' as const, 'set-first-failing' as const, 'set-last' as const, 'reset-all-failing' as const, 'reset-first' as const, 'settings-only' as const, 'settings-only-failing' as const) })) },
@@ -151,7 +151,8 @@ function statementsOf(op: Op): Statement[] {
 function pins(op: Op): boolean {
   if (op.kind === 'in-transaction') return op.inner === 'reset-all' ? op.end !== 'COMMIT' : op.inner !== 'set-local';
   // Setting changes alone in one Query are carried as a whole; one failing among them leaves the outcome uncertain.
-  return (op.kind === 'multi' && op.shape !== 'settings-only') || op.kind === 'named-set';
+  // A named prepared SET is carried too, executed between transactions.
+  return op.kind === 'multi' && op.shape !== 'settings-only';
 }
 
 /** The settings an op takes back to the session's default (which a pinned client gets from the server, not its startup packet). */

@@ -288,6 +288,18 @@ describe('sidecar transparency', function () {
           const isolation = "SELECT current_setting('transaction_isolation') AS i, current_setting('transaction_read_only') AS r";
           assert.deepEqual((await setter.query<{ i: string; r: string }>(isolation)).rows[0], { i: 'serializable', r: 'on' });
           assert.deepEqual((await plain.query<{ i: string; r: string }>(isolation)).rows[0], { i: 'read committed', r: 'off' });
+          // A SET prepared under a name (psycopg 3 after five runs, postgres.js always): carried each time it is executed.
+          // The second run of set-2222 is a Bind alone: its Parse came with the first.
+          for (const value of ['2222', '3333', '2222']) {
+            await setter.query({ name: `set-${value}`, text: `SET statement_timeout = ${value}` });
+            assert.equal((await show(setter)).st, `${value}ms`);
+          }
+          const named = await show(setter);
+          await observer.query('SELECT pg_terminate_backend($1)', [named.pid]);
+          await new Promise((r) => setTimeout(r, 200));
+          assert.equal((await show(setter)).st, '2222ms', 'the named SET as the client last ran it, on a new backend');
+          assert.equal((await show(plain)).st, plainBefore.st);
+          await setter.query('RESET statement_timeout');
           // SET SCHEMA is SET search_path of its own grammar.
           await setter.query("SET SCHEMA 'pg_catalog'");
           assert.equal((await setter.query<{ p: string }>("SELECT current_setting('search_path') AS p")).rows[0]!.p, 'pg_catalog');

@@ -16,7 +16,7 @@ import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import {
   FrameReader, MessageType, NO_SETTINGS, ProtocolError, UNTYPED, authenticationOk, backendKeyData, classifySessionCommand, clientSettingsFromStartup, laterSessionCommands,
-  changeSettings, commandComplete, errorResponse, isFrontendMessageType, messageTypeTable, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery,
+  changeSettings, commandComplete, errorResponse, firstTextParameter, setConfigSql, isFrontendMessageType, messageTypeTable, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery,
   serverSettingsAfter, startupSettings, unnamedStatementEffect, type ClientSettings, type NoticeFields, type PinReason, type SettingChange,
 } from '../core/protocol/index.ts';
 import { routeMessage, unnamedStatement, type ClientStatements } from '../core/pool-state/index.ts';
@@ -126,7 +126,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    * statement): each execution between transactions is carried as the same
    * SET would be (see followSettingStatements). Undefined until there is one.
    */
-  private settingStatements: Map<string, readonly SettingChange[]> | undefined;
+  private settingStatements: Map<string, readonly SettingChange[] | { parameter: string }> | undefined;
   /** The portal last bound from one of settingStatements, until its transaction ends. */
   private boundSetting: { portal: string; changes: readonly SettingChange[] } | undefined;
   /** The SET of settingChanges, parsed as the unnamed statement, was bound in its batch: it runs there (see followUnnamedSetting). */
@@ -324,14 +324,23 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       textStart = nameEnd + 1;
     }
     const command = classifySessionCommand(buffer, textStart, end);
-    if (type === MessageType.parse && buffer[bodyStart] !== 0 && (command?.kind === 'settings' || this.settingStatements !== undefined)) {
-      // A named statement: a setting change runs only when it is executed (see followSettingStatements).
+    if (type === MessageType.parse && (command?.kind === 'setting-parameter' || (buffer[bodyStart] !== 0 && command?.kind === 'settings') || this.settingStatements !== undefined)) {
+      // A named statement, or one whose value comes bound: the setting changes only when it is executed (see followSettingStatements).
       const name = buffer.toString('utf8', bodyStart, textStart - 1);
-      if (command?.kind === 'settings') {
+      if (command?.kind === 'setting-parameter') {
+        (this.settingStatements ??= new Map()).set(name, { parameter: command.name });
+        return false;
+      }
+      if (name !== '' && command?.kind === 'settings') {
         (this.settingStatements ??= new Map()).set(name, command.changes);
         return false;
       }
       this.settingStatements?.delete(name);
+    }
+    if (command?.kind === 'setting-parameter') {
+      // A simple Query has no parameter to bind: the server refuses it; whatever it is, it pins.
+      this.pin('set');
+      return false;
     }
     // A session command after the first statement of a simple Query pins as it would alone.
     if (type === MessageType.query && this.pinnedBy === undefined) {
@@ -451,7 +460,19 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       const statementEnd = portalEnd < 0 || portalEnd >= end ? -1 : buffer.indexOf(0, portalEnd + 1);
       if (statementEnd < 0 || statementEnd >= end) return;
       const portal = buffer.toString('utf8', bodyStart, portalEnd);
-      const changes = statementEnd > portalEnd + 1 ? statements.get(buffer.toString('utf8', portalEnd + 1, statementEnd)) : undefined;
+      const entry = statements.get(buffer.toString('utf8', portalEnd + 1, statementEnd));
+      let changes: readonly SettingChange[] | undefined;
+      if (entry === undefined || Array.isArray(entry)) changes = entry as readonly SettingChange[] | undefined;
+      else {
+        // set_config(name, $1, false): replayed with the value bound now; NULL resets it, as set_config does.
+        const { parameter } = entry as { parameter: string };
+        const value = firstTextParameter(buffer, bodyStart, end);
+        if (value === undefined) {
+          this.pin('set');
+          return;
+        }
+        changes = [value === null ? { kind: 'reset', name: parameter } : { kind: 'set', name: parameter, sql: setConfigSql(parameter, value) }];
+      }
       if (changes !== undefined) this.boundSetting = { portal, changes };
       else if (this.boundSetting?.portal === portal) this.boundSetting = undefined;
     } else if (type === MessageType.execute) {
@@ -472,7 +493,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       const name = buffer.toString('utf8', bodyStart + 1, Math.max(bodyStart + 1, buffer.indexOf(0, bodyStart + 1)));
       if (buffer[bodyStart] === 0x53 /* S */) statements.delete(name);
       else if (this.boundSetting?.portal === name) this.boundSetting = undefined;
-    }
+    } else if (type === MessageType.query) statements.delete('');
   }
 
   /**

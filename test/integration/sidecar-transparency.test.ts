@@ -300,6 +300,19 @@ describe('sidecar transparency', function () {
           assert.equal((await show(setter)).st, '2222ms', 'the named SET as the client last ran it, on a new backend');
           assert.equal((await show(plain)).st, plainBefore.st);
           await setter.query('RESET statement_timeout');
+          // set_config with its value bound (row-level security set up per request), unnamed and named: carried with that value.
+          await setter.query("SELECT set_config('statement_timeout', $1, false)", ['1111']);
+          assert.equal((await show(setter)).st, '1111ms');
+          await setter.query({ name: 'tenant', text: "SELECT set_config('statement_timeout', $1::text, false)", values: ['1212'] });
+          const bound = await show(setter);
+          assert.equal(bound.st, '1212ms');
+          await observer.query('SELECT pg_terminate_backend($1)', [bound.pid]);
+          await new Promise((r) => setTimeout(r, 200));
+          assert.equal((await show(setter)).st, '1212ms', 'the bound value, on a new backend');
+          assert.equal((await show(plain)).st, plainBefore.st);
+          // NULL resets it, as set_config does: back to the startup value.
+          await setter.query({ name: 'tenant', text: "SELECT set_config('statement_timeout', $1::text, false)", values: [null] });
+          assert.equal((await show(setter)).st, '1234ms');
           // SET SCHEMA is SET search_path of its own grammar.
           await setter.query("SET SCHEMA 'pg_catalog'");
           assert.equal((await setter.query<{ p: string }>("SELECT current_setting('search_path') AS p")).rows[0]!.p, 'pg_catalog');

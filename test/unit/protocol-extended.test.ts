@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { serialize } from 'pg-protocol';
 import {
-  PARSE_COMPLETE, ProtocolError, buildClosePortal, buildCloseStatement, buildDescribeStatement, buildParse, namesPreparedStatement,
+  PARSE_COMPLETE, ProtocolError, buildClosePortal, buildCloseStatement, buildDescribeStatement, buildParse, firstTextParameter, namesPreparedStatement,
   parseBindMessage, parseParseMessage, parseTargetMessage, renameBind,
 } from '../../src/core/protocol/index.ts';
 
@@ -43,6 +43,20 @@ describe('extended protocol: named statements', function () {
     ];
     for (const m of named) assert.equal(namesPreparedStatement(...at(m)), true, m.toString('latin1'));
     for (const m of unnamed) assert.equal(namesPreparedStatement(...at(m)), false, m.toString('latin1'));
+  });
+
+  it('reads the first parameter of a Bind as text, null for NULL, and nothing for binary or no parameters', function () {
+    const first = (message: Buffer): string | null | undefined => firstTextParameter(message, 5, message.length);
+    assert.equal(first(serialize.bind({ portal: 'p', statement: 's', values: ['acme', 'x'] })), 'acme');
+    assert.equal(first(serialize.bind({ values: ['žluť'] })), 'žluť');
+    assert.equal(first(serialize.bind({ values: [null] })), null);
+    assert.equal(first(serialize.bind({ values: [] })), undefined);
+    assert.equal(first(serialize.bind({ values: [Buffer.from('bin')], valueMapper: undefined } as Parameters<typeof serialize.bind>[0])), undefined, 'a Buffer value goes in binary');
+    fc.assert(fc.property(fc.uint8Array({ maxLength: 40 }), (bytes) => {
+      const body = Buffer.concat([Buffer.from([0x42, 0, 0, 0, 0]), Buffer.from(bytes)]);
+      const value = firstTextParameter(body, 5, body.length);
+      assert.ok(value === undefined || value === null || typeof value === 'string');
+    }));
   });
 
   it('splits a Parse into name and definition, and builds it again under another name', function () {

@@ -61,7 +61,10 @@ describe('session commands', function () {
       ["SELECT set_config('TimeZone', 'UTC', false)", { kind: 'settings', changes: [{ kind: 'set', name: 'timezone', sql: "SELECT set_config('TimeZone', 'UTC', false)" }] }],
       ['SET statement_timeout TO DEFAULT', { kind: 'settings', changes: [{ kind: 'reset', name: 'statement_timeout' }] }], ['SET TIME ZONE LOCAL', { kind: 'settings', changes: [{ kind: 'reset', name: 'timezone' }] }],
       ['RESET statement_timeout', { kind: 'settings', changes: [{ kind: 'reset', name: 'statement_timeout' }] }], ['reset time zone', { kind: 'settings', changes: [{ kind: 'reset', name: 'timezone' }] }], ['-- tag\nRESET a.b;', { kind: 'settings', changes: [{ kind: 'reset', name: 'a.b' }] }],
-      ["SELECT set_config('role', 'bob', false)", { kind: 'pin', reason: 'set' }], ["SELECT set_config('a.b', $1, false)", { kind: 'pin', reason: 'set' }],
+      ["SELECT set_config('role', 'bob', false)", { kind: 'pin', reason: 'set' }], ["SELECT set_config($1, 'x', false)", { kind: 'pin', reason: 'set' }],
+      // Its value bound to $1 (row-level security per request): the setting takes what the Bind carries.
+      ["SELECT set_config('app.tenant', $1, false)", { kind: 'setting-parameter', name: 'app.tenant' }], ["select pg_catalog.set_config('App.Tenant', $1::text, FALSE)", { kind: 'setting-parameter', name: 'app.tenant' }],
+      ["SELECT set_config('role', $1, false)", { kind: 'pin', reason: 'set' }],
       ["SELECT set_config('a.b', 'x', false), 1", { kind: 'pin', reason: 'set' }],
       // pgjdbc's setTransactionIsolation: the defaults it changes, each carried as its own SET.
       ['SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ', { kind: 'settings', changes: [{ kind: 'set', name: 'default_transaction_isolation', sql: "SET default_transaction_isolation TO 'repeatable read'" }] }],

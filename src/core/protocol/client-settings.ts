@@ -146,6 +146,11 @@ function literal(value: string): string {
   return `E'${value.replace(/\\/g, '\\\\').replace(/'/g, "''")}'`;
 }
 
+/** `SELECT set_config(name, value, false)` with both as literals: how a setting whose value came as a parameter is replayed. */
+export function setConfigSql(name: string, value: string): string {
+  return `SELECT pg_catalog.set_config(${literal(name)}, ${literal(value)}, false)`;
+}
+
 function identifier(name: string): string {
   return `"${name.replace(/"/g, '""')}"`;
 }

@@ -104,6 +104,30 @@ export function parseBindMessage(buffer: Buffer, bodyStart: number, end: number)
   return { statement: buffer.toString('utf8', portalEnd + 1, statementEnd), statementStart: portalEnd + 1, afterStatement: statementEnd + 1 };
 }
 
+/**
+ * The first parameter of a Bind body as text: null for SQL NULL, undefined
+ * when it is sent in binary or the body is malformed or has no parameters.
+ */
+export function firstTextParameter(buffer: Buffer, bodyStart: number, end: number): string | null | undefined {
+  const portalEnd = buffer.indexOf(0, bodyStart);
+  const statementEnd = portalEnd < 0 || portalEnd >= end ? -1 : buffer.indexOf(0, portalEnd + 1);
+  if (statementEnd < 0 || statementEnd >= end) return undefined;
+  let i = statementEnd + 1;
+  if (i + 2 > end) return undefined;
+  const formats = buffer.readInt16BE(i);
+  if (formats < 0 || i + 2 + 2 * formats > end) return undefined;
+  // One format code applies to every parameter; several, one each.
+  if (formats > 0 && buffer.readInt16BE(i + 2) !== 0) return undefined;
+  i += 2 + 2 * formats;
+  if (i + 2 > end || buffer.readInt16BE(i) < 1) return undefined;
+  i += 2;
+  if (i + 4 > end) return undefined;
+  const length = buffer.readInt32BE(i);
+  if (length === -1) return null;
+  if (length < 0 || i + 4 + length > end) return undefined;
+  return buffer.toString('utf8', i + 4, i + 4 + length);
+}
+
 /** Target ('S' statement or 'P' portal) and name of a Describe or Close body. */
 export function parseTargetMessage(buffer: Buffer, bodyStart: number, end: number): { target: number; name: string } {
   if (end - bodyStart < 2) throw new ProtocolError('malformed-body', 'Describe/Close message too short');

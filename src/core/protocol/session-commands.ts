@@ -29,6 +29,8 @@ export type SessionCommand =
   | { kind: 'pin'; reason: PinReason }
   /** Session settings changed by a statement standing alone, which the sidecar can carry to other server connections (see SettingChange). */
   | { kind: 'settings'; changes: readonly SettingChange[] }
+  /** `SELECT set_config('name', $1, false)` standing alone (row-level security set up per request): the setting takes the value bound to $1. */
+  | { kind: 'setting-parameter'; name: string }
   /** LISTEN or UNLISTEN ('*' for all); `alone`: the text is that one statement and nothing else. */
   | { kind: 'listen' | 'unlisten'; channel: string; alone: boolean };
 
@@ -124,6 +126,7 @@ const RESET_STATEMENT = new RegExp(`^reset\\s+(?:(time\\s+zone)|(${SETTING_NAME}
 const SET_SPECIAL = /^set\s+(?:session\s+)?(names|schema|xml\s+option)(?:\s+(.*))?$/is;
 const SPECIAL_SETTINGS: Readonly<Record<string, string>> = { names: 'client_encoding', schema: 'search_path', 'xml option': 'xmloption' };
 const SESSION_CHARACTERISTICS = /^set\s+session\s+characteristics\s+as\s+transaction\s+(.+)$/is;
+const SET_CONFIG_PARAMETER = /^select\s+(?:pg_catalog\s*\.\s*)?set_config\s*\(\s*'([^'\\]+)'\s*,\s*\$1(?:\s*::\s*(?:pg_catalog\s*\.\s*)?text)?\s*,\s*false\s*\)$/is;
 const SET_CONFIG_CALL = /^select\s+(?:pg_catalog\s*\.\s*)?set_config\s*\(\s*'([^'\\]+)'\s*,\s*'(?:[^'\\]|'')*'\s*,\s*false\s*\)$/is;
 
 /** The statements of the text at `buffer[start..)` (up to its NUL or `end`), trimmed, without their semicolons. */
@@ -207,7 +210,11 @@ function transactionDefaults(modes: string): SettingChange[] | undefined {
 /** `SELECT set_config('name', 'value', false)` standing alone, as Django sets its time zone (or with other setting changes): a setting change; undefined otherwise. */
 function setConfigStatement(buffer: Buffer, start: number, end: number): SessionCommand | undefined {
   const command = settingStatement(buffer, start, end);
-  return command.kind === 'settings' ? command : undefined;
+  if (command.kind === 'settings') return command;
+  const texts = statementTexts(buffer, start, end);
+  const call = texts.length === 1 ? SET_CONFIG_PARAMETER.exec(texts[0]!) : null;
+  const name = call?.[1]?.toLowerCase();
+  return name === undefined || IDENTITY_SETTINGS.has(name) ? undefined : { kind: 'setting-parameter', name };
 }
 
 function contains(text: Buffer, lower: Buffer, upper: Buffer): boolean {
@@ -403,7 +410,7 @@ export function laterSessionCommands(buffer: Buffer, start: number, end: number)
     const command = classifySessionCommand(buffer, from, to);
     if (command === undefined) continue;
     // A SET among other statements is not carried over: it pins.
-    commands.push(command.kind === 'listen' ? { kind: 'pin', reason: 'listen' } : command.kind === 'unlisten' ? { ...command, alone: false } : command.kind === 'settings' ? PIN_SET : command);
+    commands.push(command.kind === 'listen' ? { kind: 'pin', reason: 'listen' } : command.kind === 'unlisten' ? { ...command, alone: false } : command.kind === 'settings' || command.kind === 'setting-parameter' ? PIN_SET : command);
   }
   return commands;
 }

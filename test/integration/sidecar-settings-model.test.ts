@@ -64,7 +64,7 @@ type Op =
   | { kind: 'named-set'; name: Setting; value: string }
   | { kind: 'bad-set'; name: Setting; extended: boolean }
   | { kind: 'default'; name: Setting; how: 'reset' | 'to-default' | 'local'; extended: boolean }
-  | { kind: 'set-config'; name: Setting; value: string; upper: boolean; extended: boolean }
+  | { kind: 'set-config'; name: Setting; value: string; upper: boolean; extended: boolean; bound?: boolean }
   | { kind: 'reset-all'; how: 'reset' | 'discard'; extended: boolean }
   | { kind: 'in-transaction'; inner: 'set' | 'set-local' | 'reset' | 'reset-all' | 'set-config'; name: Setting; value: string; end: 'COMMIT' | 'ROLLBACK' | 'error' }
   | { kind: 'multi'; name: Setting; value: string; shape: 'set-first' | 'set-first-failing' | 'set-last' | 'reset-all-failing' | 'reset-first' | 'settings-only' | 'settings-only-failing' }
@@ -82,7 +82,7 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
   { weight: 6, arbitrary: settingArb.chain((name) => fc.record({ kind: fc.constant('set' as const), name: fc.constant(name), value: goodValueArb(name), form: fc.constantFrom<SetForm>('plain', 'session', 'to', 'comment', 'semicolon', ...(name === 'TimeZone' ? ['timezone' as const] : [])), extended: fc.boolean() })) },
   { weight: 2, arbitrary: fc.record({ kind: fc.constant('bad-set' as const), name: fc.constantFrom<Setting>('statement_timeout', 'extra_float_digits', 'TimeZone', 'DateStyle'), extended: fc.boolean() }) },
   { weight: 4, arbitrary: settingArb.chain((name) => fc.record({ kind: fc.constant('default' as const), name: fc.constant(name), how: fc.constantFrom('reset' as const, 'to-default' as const, ...(name === 'TimeZone' ? ['local' as const] : [])), extended: fc.boolean() })) },
-  { weight: 3, arbitrary: settingArb.chain((name) => fc.record({ kind: fc.constant('set-config' as const), name: fc.constant(name), value: goodValueArb(name), upper: fc.boolean(), extended: fc.boolean() })) },
+  { weight: 3, arbitrary: settingArb.chain((name) => fc.record({ kind: fc.constant('set-config' as const), name: fc.constant(name), value: goodValueArb(name), upper: fc.boolean(), extended: fc.boolean(), bound: fc.boolean() })) },
   { weight: 3, arbitrary: settingArb.chain((name) => fc.record({ kind: fc.constant('named-set' as const), name: fc.constant(name), value: goodValueArb(name) })) },
   { weight: 2, arbitrary: fc.record({ kind: fc.constant('reset-all' as const), how: fc.constantFrom('reset' as const, 'discard' as const), extended: fc.boolean() }) },
   { weight: 2, arbitrary: settingArb.chain((name) => fc.record({ kind: fc.constant('in-transaction' as const), inner: fc.constantFrom('set' as const, 'set-local' as const, 'reset' as const, 'reset-all' as const, 'set-config' as const), name: fc.constant(name), value: goodValueArb(name), end: fc.constantFrom('COMMIT' as const, 'ROLLBACK' as const, 'error' as const) })) },
@@ -98,7 +98,7 @@ const stepArb: fc.Arbitrary<Step> = fc.oneof(
 );
 
 /** A statement to send and whether through the extended protocol. */
-interface Statement { text: string; extended: boolean; name?: string }
+interface Statement { text: string; extended: boolean; name?: string; values?: string[] }
 
 /** A plain value literal as set_config() takes it. */
 function configValue(value: string): string {
@@ -123,7 +123,9 @@ function statementsOf(op: Op): Statement[] {
     case 'bad-set': return [{ text: `SET ${op.name} = ${VALUES[op.name].bad}`, extended: op.extended }];
     case 'default': return [{ text: op.how === 'reset' ? `RESET ${op.name}` : op.how === 'local' ? 'SET TIME ZONE LOCAL' : `SET ${op.name} TO DEFAULT`, extended: op.extended }];
     case 'named-set': return [{ text: `SET ${op.name} = ${op.value}`, extended: true, name: `set_${op.name.replace(/\W/g, '_')}_${op.value.replace(/\W/g, '_')}` }];
-    case 'set-config': return [{ text: op.upper ? `SELECT PG_CATALOG.SET_CONFIG('${op.name.toUpperCase()}', ${configValue(op.value)}, FALSE);` : `SELECT set_config('${op.name}', ${configValue(op.value)}, false)`, extended: op.extended }];
+    // Its value bound to $1, as row-level security set up per request sends it (the literal's text, unquoted).
+    case 'set-config': if (op.bound === true) return [{ text: `SELECT set_config('${op.name}', $1, false)`, extended: true, values: [configValue(op.value).slice(1, -1).replace(/''/g, "'")] }];
+      return [{ text: op.upper ? `SELECT PG_CATALOG.SET_CONFIG('${op.name.toUpperCase()}', ${configValue(op.value)}, FALSE);` : `SELECT set_config('${op.name}', ${configValue(op.value)}, false)`, extended: op.extended }];
     case 'reset-all': return [{ text: op.how === 'reset' ? 'RESET ALL' : 'DISCARD ALL', extended: op.extended }];
     case 'in-transaction': {
       const inner = op.inner === 'set' ? `SET ${op.name} = ${op.value}` : op.inner === 'set-local' ? `SET LOCAL ${op.name} = ${op.value}` : op.inner === 'reset' ? `RESET ${op.name}` : op.inner === 'reset-all' ? 'RESET ALL' : `SELECT set_config('${op.name}', ${configValue(op.value)}, false)`;
@@ -190,7 +192,7 @@ function outcome(e: unknown): string {
 
 async function run(c: pg.Client, statement: Statement): Promise<string> {
   try {
-    await c.query(statement.name !== undefined ? { text: statement.text, name: statement.name } : statement.extended ? { text: statement.text, queryMode: 'extended' } as pg.QueryConfig : statement.text);
+    await c.query(statement.values !== undefined ? { text: statement.text, values: statement.values } : statement.name !== undefined ? { text: statement.text, name: statement.name } : statement.extended ? { text: statement.text, queryMode: 'extended' } as pg.QueryConfig : statement.text);
     return 'ok';
   } catch (e) {
     return outcome(e);

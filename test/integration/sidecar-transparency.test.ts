@@ -430,6 +430,146 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('does not carry a SET of transaction_isolation, transaction_read_only or transaction_deferrable, which ends with its transaction as direct (replayed, it would fail the client)', async function () {
+      // One server connection, and another client with other startup settings, so the setter's next transaction needs its settings applied.
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const setter = client(running);
+        const other = client(running, { application_name: 'other' });
+        await setter.connect();
+        await other.connect();
+        try {
+          await setter.query("SET transaction_isolation = 'serializable'");
+          await setter.query({ text: 'SET SESSION transaction_read_only = on', queryMode: 'extended' } as pg.QueryConfig);
+          await setter.query('SET transaction_deferrable TO on');
+          await setter.query('SET extra_float_digits = 2');
+          await other.query('SELECT 1');
+          const r = await setter.query<{ iso: string; ro: string; df: string; digits: string }>(
+            "SELECT current_setting('transaction_isolation') AS iso, current_setting('transaction_read_only') AS ro, current_setting('transaction_deferrable') AS df, current_setting('extra_float_digits') AS digits");
+          assert.deepEqual(r.rows[0], { iso: 'read committed', ro: 'off', df: 'off', digits: '2' });
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="set"} 0/);
+        } finally {
+          await setter.end();
+          await other.end();
+        }
+      });
+    });
+
+    it('pins a client that SETs idle_session_timeout, so that the timeout ends the client\'s session as direct, not the pool\'s idle server connections', async function () {
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const idler = client(running);
+        const errors: string[] = [];
+        idler.on('error', (e: Error & { code?: string }) => errors.push(e.code ?? e.message));
+        await idler.connect();
+        try {
+          await idler.query('SET idle_session_timeout = 300');
+          await new Promise((r) => setTimeout(r, 1000));
+          assert.ok(errors.includes('57P05'), `the client's session should have ended as direct, got ${JSON.stringify(errors)}`);
+          await assert.rejects(idler.query('SELECT 1'));
+        } finally {
+          await idler.end().catch(() => undefined);
+        }
+      });
+    });
+
+    it('pins a client that SETs temp_buffers, which a server connection that ever held a temporary table refuses (carried to one, it failed the client)', async function () {
+      await withSidecar(postgres, { grant: 3 }, async (running) => {
+        const setter = client(running);
+        await setter.connect();
+        try {
+          await setter.query("SET temp_buffers = '32MB'");
+          // Other clients use temporary tables at once, on every server connection the setter does not hold.
+          await Promise.all(Array.from({ length: 3 }, async (_, i) => {
+            const user = client(running);
+            await user.connect();
+            try {
+              await user.query('BEGIN');
+              await user.query(`CREATE TEMP TABLE scratch${i} (a int)`);
+              await user.query(`INSERT INTO scratch${i} VALUES (1)`);
+              await user.query('SELECT pg_sleep(0.3)');
+              await user.query('COMMIT');
+            } finally {
+              await user.end();
+            }
+          }));
+          await new Promise((r) => setTimeout(r, 200));
+          assert.equal((await setter.query<{ temp_buffers: string }>('SHOW temp_buffers')).rows[0]!.temp_buffers, '32MB');
+        } finally {
+          await setter.end();
+        }
+      });
+    });
+
+    it('pins a client whose SET the replay would read otherwise: a backslash under standard_conforming_strings off, a change of client_encoding', async function () {
+      await withSidecar(postgres, { grant: 3 }, async (running) => {
+        const legacy = client(running);
+        const latin = client(running);
+        await legacy.connect();
+        await latin.connect();
+        try {
+          await legacy.query('SET standard_conforming_strings = off');
+          await legacy.query("SET application_name = 'a\\'b'");
+          await latin.query("SET client_encoding = 'LATIN1'");
+          // Others take the free server connections in turn, and bring their own settings to them.
+          for (let i = 0; i < 3; i++) {
+            const other = client(running, { options: '-c myapp.city=Z\u00fcrich' });
+            await other.connect();
+            try {
+              assert.equal((await other.query<{ city: string }>("SELECT current_setting('myapp.city') AS city")).rows[0]!.city, 'Z\u00fcrich');
+            } finally {
+              await other.end();
+            }
+          }
+          const r = await legacy.query<{ app: string; scs: string }>("SELECT current_setting('application_name') AS app, current_setting('standard_conforming_strings') AS scs");
+          assert.deepEqual(r.rows[0], { app: "a'b", scs: 'off' });
+          assert.equal((await latin.query<{ enc: string }>("SELECT current_setting('client_encoding') AS enc")).rows[0]!.enc, 'LATIN1');
+        } finally {
+          await legacy.end();
+          await latin.end();
+        }
+      });
+    });
+
+    it('applies a client\'s startup settings beyond ASCII as they are on a server connection another client left in LATIN1', async function () {
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        // Its login check applies its settings, LATIN1 among them, to the one server connection.
+        const latin1 = await rawExchange(running.port, buildStartupMessage({ user: running.role.user, database: 'app', client_encoding: 'LATIN1' }), 500);
+        assert.ok(latin1.data.includes(Buffer.from('client_encoding\0LATIN1\0')));
+        const zurich = client(running, { options: '-c myapp.city=Z\u00fcrich' });
+        await zurich.connect();
+        try {
+          assert.deepEqual((await zurich.query<{ city: string; enc: string }>("SELECT current_setting('myapp.city') AS city, current_setting('client_encoding') AS enc")).rows[0], { city: 'Z\u00fcrich', enc: 'UTF8' });
+        } finally {
+          await zurich.end();
+        }
+      });
+    });
+
+    it('pins a client that SETs seed, so that its random() sequence goes on as direct and no other client draws from it', async function () {
+      await observer.query('SET seed = 0.5');
+      const direct: number[] = [];
+      for (let i = 0; i < 3; i++) direct.push((await observer.query<{ r: number }>('SELECT random() AS r')).rows[0]!.r);
+      await observer.query('RESET seed');
+      await withSidecar(postgres, { grant: 2 }, async (running) => {
+        const seeded = client(running);
+        const other = client(running);
+        await seeded.connect();
+        await other.connect();
+        try {
+          await seeded.query('SET seed = 0.5');
+          const seen: number[] = [];
+          for (let i = 0; i < 3; i++) {
+            seen.push((await seeded.query<{ r: number }>('SELECT random() AS r')).rows[0]!.r);
+            const drawn = (await other.query<{ r: number }>('SELECT random() AS r')).rows[0]!.r;
+            assert.ok(!direct.includes(drawn), 'another client drew from the seeded sequence');
+          }
+          assert.deepEqual(seen, direct);
+        } finally {
+          await seeded.end();
+          await other.end();
+        }
+      });
+    });
+
     it('pins a client that SETs inside a transaction block, counts it, and resets the connection when it leaves', async function () {
       await withSidecar(postgres, { grant: 2 }, async (running) => {
         const setter = client(running);

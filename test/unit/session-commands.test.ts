@@ -65,6 +65,15 @@ describe('session commands', function () {
       // Its value bound to $1 (row-level security per request): the setting takes what the Bind carries.
       ["SELECT set_config('app.tenant', $1, false)", { kind: 'setting-parameter', name: 'app.tenant' }], ["select pg_catalog.set_config('App.Tenant', $1::text, FALSE)", { kind: 'setting-parameter', name: 'app.tenant' }],
       ["SELECT set_config('role', $1, false)", { kind: 'pin', reason: 'set' }],
+      // Settings of the current transaction only, as SET TRANSACTION: nothing to carry or pin.
+      ["SET transaction_isolation = 'serializable'", undefined], ['set session Transaction_Read_Only to on', undefined], ['SET transaction_deferrable = on', undefined],
+      ['RESET transaction_isolation', undefined], ["SELECT set_config('transaction_isolation', 'serializable', false)", undefined],
+      // They act on the session's own connection: end it when idle, size its temporary buffers once, seed its random(), read its statements.
+      ['SET idle_session_timeout = 1000', { kind: 'pin', reason: 'set' }], ["SET temp_buffers = '32MB'", { kind: 'pin', reason: 'set' }], ['SET seed = 0.5', { kind: 'pin', reason: 'set' }],
+      ["SET client_encoding = 'LATIN1'", { kind: 'pin', reason: 'set' }], ["SET NAMES 'LATIN1'", { kind: 'pin', reason: 'set' }],
+      // Read otherwise where the replay runs: a backslash (standard_conforming_strings), bytes beyond ASCII (client_encoding).
+      ["SET application_name = 'a\\'b'", { kind: 'pin', reason: 'set' }], ["SET application_name = E'C:\\\\x'", { kind: 'pin', reason: 'set' }],
+      ["SET application_name = 'caf\u00e9'", { kind: 'pin', reason: 'set' }], ["SELECT set_config('a.b', 'x\\y', false)", { kind: 'pin', reason: 'set' }], ["SELECT set_config('idle_session_timeout', '1s', false)", { kind: 'pin', reason: 'set' }],
       ["SELECT set_config('a.b', 'x', false), 1", { kind: 'pin', reason: 'set' }],
       // pgjdbc's setTransactionIsolation: the defaults it changes, each carried as its own SET.
       ['SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ', { kind: 'settings', changes: [{ kind: 'set', name: 'default_transaction_isolation', sql: "SET default_transaction_isolation TO 'repeatable read'" }] }],
@@ -73,11 +82,10 @@ describe('session commands', function () {
         { kind: 'set', name: 'default_transaction_deferrable', sql: "SET default_transaction_deferrable TO 'off'" },
       ] }],
       ['SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SNAPSHOT', { kind: 'pin', reason: 'set' }],
-      // SET forms of their own grammar (PHP's and older drivers' SET NAMES): the setting each changes.
-      ["SET NAMES 'LATIN1'", { kind: 'settings', changes: [{ kind: 'set', name: 'client_encoding', sql: "SET NAMES 'LATIN1'" }] }],
+      // SET forms of their own grammar: the setting each changes (SET NAMES is client_encoding's, which pins).
       ["set schema 'app'", { kind: 'settings', changes: [{ kind: 'set', name: 'search_path', sql: "set schema 'app'" }] }],
       ['SET XML OPTION CONTENT', { kind: 'settings', changes: [{ kind: 'set', name: 'xmloption', sql: 'SET XML OPTION CONTENT' }] }],
-      ['SET NAMES DEFAULT', { kind: 'settings', changes: [{ kind: 'reset', name: 'client_encoding' }] }],
+      ['SET NAMES DEFAULT', { kind: 'pin', reason: 'set' }],
       // Setting changes only, several in one Query (an ORM's connect hook): carried together.
       ["SET search_path = app; SET statement_timeout = '5s'; RESET work_mem", { kind: 'settings', changes: [
         { kind: 'set', name: 'search_path', sql: 'SET search_path = app' }, { kind: 'set', name: 'statement_timeout', sql: "SET statement_timeout = '5s'" }, { kind: 'reset', name: 'work_mem' },
@@ -188,6 +196,8 @@ describe('client settings from the startup packet', function () {
     const x = clientSettingsFromStartup({ x: 'a\\b' });
     assert.equal(settingsSql(x, x, true), "SELECT pg_catalog.set_config(E'x', E'a\\\\b', false), pg_catalog.set_config(E'application_name', E'', false)");
     assert.equal(settingsSql(NO_SETTINGS, b), 'RESET "statement_timeout"; RESET "timezone"; RESET "application_name"');
+    // Beyond ASCII as Unicode escapes: read alike in whatever client_encoding the connection was left.
+    assert.equal(settingsSql(clientSettingsFromStartup({ 'myapp.city': 'Z\u00fcrich \u{1f600}' }), NO_SETTINGS), "SELECT pg_catalog.set_config(E'myapp.city', E'Z\\u00fcrich \\U0001f600', false), pg_catalog.set_config(E'application_name', E'', false)");
   });
 
   it('carries a client\'s SETs after its startup values, and a RESET back to its startup value', function () {

@@ -141,9 +141,18 @@ export function parseOptions(options: string): [string, string][] {
   return settings;
 }
 
-/** A string literal that reads the same whatever standard_conforming_strings says. */
+/**
+ * A string literal that reads the same whatever standard_conforming_strings
+ * says, in ASCII alone: characters beyond it as Unicode escapes, so that the
+ * server reads the same string whatever client_encoding the connection was
+ * left in (a client that logged in with LATIN1 leaves it so).
+ */
 function literal(value: string): string {
-  return `E'${value.replace(/\\/g, '\\\\').replace(/'/g, "''")}'`;
+  const escaped = value.replace(/\\/g, '\\\\').replace(/'/g, "''").replace(/[^\p{ASCII}]/gu, (c) => {
+    const code = c.codePointAt(0)!;
+    return code > 0xffff ? `\\U${code.toString(16).padStart(8, '0')}` : `\\u${code.toString(16).padStart(4, '0')}`;
+  });
+  return `E'${escaped}'`;
 }
 
 /** `SELECT set_config(name, value, false)` with both as literals: how a setting whose value came as a parameter is replayed. */

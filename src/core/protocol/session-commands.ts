@@ -117,8 +117,35 @@ const SET_CONFIG_UPPER = Buffer.from('SET_CONFIG');
 const PIN_ADVISORY: SessionCommand = { kind: 'pin', reason: 'advisory-lock' };
 const PIN_SET: SessionCommand = { kind: 'pin', reason: 'set' };
 const PIN_TEMP: SessionCommand = { kind: 'pin', reason: 'temp-table' };
-/** Settings that are the session's identity, not a preference: changing them pins. */
-const IDENTITY_SETTINGS = new Set(['role', 'session_authorization']);
+/**
+ * Settings that are the session's identity, not a preference, or that act on
+ * the session's own connection: changing them pins. idle_session_timeout ends
+ * the session when the client idles (carried over, it would end the pool's
+ * idle server connections instead, never the client's); temp_buffers cannot
+ * change on a backend that ever held a temporary table (carried over, the
+ * replay on such a connection would fail the client); seed starts the
+ * backend's random() sequence, which moves on with every call (carried over,
+ * the client would start it again on each connection it moves to, and other
+ * clients would draw from it); client_encoding decides how the server reads
+ * every statement after it, the sidecar's replay on that connection included.
+ */
+const IDENTITY_SETTINGS = new Set(['role', 'session_authorization', 'idle_session_timeout', 'temp_buffers', 'seed', 'client_encoding']);
+/**
+ * Settings of the current transaction alone, as SET TRANSACTION: set for the
+ * session, they still end with the transaction (outside a block, the
+ * statement's own). Nothing to carry; replayed after another statement they
+ * would fail ("must be called before any query").
+ */
+const TRANSACTION_SETTINGS = new Set(['transaction_isolation', 'transaction_read_only', 'transaction_deferrable']);
+/**
+ * What a carried statement may hold: ASCII without backslashes. Replayed in one
+ * Query with the other settings, it is read with that connection's
+ * standard_conforming_strings and client_encoding as they stand before the
+ * replay, not the ones it first ran with ('a\'b' is one string with
+ * standard_conforming_strings off, 'C:\x' another value; other bytes
+ * another text): anything else pins.
+ */
+const REPLAYABLE = /^[\x20-\x5b\x5d-\x7e\t\n\r\f]*$/;
 const SETTING_NAME = '[a-z_][a-z0-9_$]*(?:\\.[a-z_][a-z0-9_$]*)?';
 const SET_STATEMENT = new RegExp(`^set\\s+(?:session\\s+)?(?:time\\s+zone\\s+(.+)|(${SETTING_NAME})\\s*(?:=|\\bto\\b)\\s*(.+))$`, 'is');
 const RESET_STATEMENT = new RegExp(`^reset\\s+(?:(time\\s+zone)|(${SETTING_NAME}))$`, 'is');
@@ -144,14 +171,15 @@ function statementTexts(buffer: Buffer, start: number, end: number): string[] {
  * LOCAL` are RESETs). Anything else (the session's role or authorization,
  * SET SCHEMA, quoted names, another statement beside them) pins.
  */
-function settingStatement(buffer: Buffer, start: number, end: number): SessionCommand {
+function settingStatement(buffer: Buffer, start: number, end: number): SessionCommand | undefined {
   const changes: SettingChange[] = [];
   for (const sql of statementTexts(buffer, start, end)) {
     const own = settingChangesOf(sql);
     if (own === undefined) return PIN_SET;
     changes.push(...own);
   }
-  return changes.length === 0 ? PIN_SET : { kind: 'settings', changes };
+  // Only settings of the transaction itself (SET transaction_isolation ...): they end with it, as direct.
+  return changes.length === 0 ? undefined : { kind: 'settings', changes };
 }
 
 /** The setting changes of one statement, or undefined if it is not one the sidecar carries. */
@@ -161,27 +189,28 @@ function settingChangesOf(sql: string): SettingChange[] | undefined {
     const name = set[2] === undefined ? 'timezone' : set[2].toLowerCase();
     const value = (set[1] ?? set[3]!).trim().toLowerCase();
     if (IDENTITY_SETTINGS.has(name)) return undefined;
+    if (TRANSACTION_SETTINGS.has(name)) return [];
     if (value === 'default' || (name === 'timezone' && set[2] === undefined && value === 'local')) return [{ kind: 'reset', name }];
-    return [{ kind: 'set', name, sql }];
+    return REPLAYABLE.test(sql) ? [{ kind: 'set', name, sql }] : undefined;
   }
   const reset = RESET_STATEMENT.exec(sql);
   if (reset !== null) {
     const name = reset[1] === undefined ? reset[2]!.toLowerCase() : 'timezone';
-    return IDENTITY_SETTINGS.has(name) ? undefined : [{ kind: 'reset', name }];
+    return IDENTITY_SETTINGS.has(name) ? undefined : TRANSACTION_SETTINGS.has(name) ? [] : [{ kind: 'reset', name }];
   }
   const special = SET_SPECIAL.exec(sql);
   if (special !== null) {
     const name = SPECIAL_SETTINGS[special[1]!.toLowerCase().replace(/\s+/g, ' ')]!;
     const value = (special[2] ?? '').trim().toLowerCase();
-    // SET NAMES alone or SET NAMES DEFAULT: the session's default encoding.
-    return value === '' || value === 'default' ? [{ kind: 'reset', name }] : [{ kind: 'set', name, sql }];
+    if (IDENTITY_SETTINGS.has(name)) return undefined;
+    return value === 'default' ? [{ kind: 'reset', name }] : value !== '' && REPLAYABLE.test(sql) ? [{ kind: 'set', name, sql }] : undefined;
   }
   const characteristics = SESSION_CHARACTERISTICS.exec(sql);
   if (characteristics !== null) return transactionDefaults(characteristics[1]!);
   const call = SET_CONFIG_CALL.exec(sql);
   if (call !== null) {
     const name = call[1]!.toLowerCase();
-    return IDENTITY_SETTINGS.has(name) ? undefined : [{ kind: 'set', name, sql }];
+    return IDENTITY_SETTINGS.has(name) ? undefined : TRANSACTION_SETTINGS.has(name) ? [] : REPLAYABLE.test(sql) ? [{ kind: 'set', name, sql }] : undefined;
   }
   return undefined;
 }
@@ -207,14 +236,16 @@ function transactionDefaults(modes: string): SettingChange[] | undefined {
   return changes.length === 0 ? undefined : changes;
 }
 
-/** `SELECT set_config('name', 'value', false)` standing alone, as Django sets its time zone (or with other setting changes): a setting change; undefined otherwise. */
-function setConfigStatement(buffer: Buffer, start: number, end: number): SessionCommand | undefined {
+/** `SELECT set_config('name', 'value', false)` standing alone, as Django sets its time zone (or with other setting changes), or with its value bound to $1: the setting changes; null when they are the transaction's own settings only (nothing to carry); undefined otherwise (it pins). */
+function setConfigStatement(buffer: Buffer, start: number, end: number): SessionCommand | null | undefined {
   const command = settingStatement(buffer, start, end);
+  // Only transaction settings: nothing to carry, nothing to pin.
+  if (command === undefined) return null;
   if (command.kind === 'settings') return command;
   const texts = statementTexts(buffer, start, end);
   const call = texts.length === 1 ? SET_CONFIG_PARAMETER.exec(texts[0]!) : null;
   const name = call?.[1]?.toLowerCase();
-  return name === undefined || IDENTITY_SETTINGS.has(name) ? undefined : { kind: 'setting-parameter', name };
+  return name === undefined || IDENTITY_SETTINGS.has(name) || TRANSACTION_SETTINGS.has(name) ? undefined : { kind: 'setting-parameter', name };
 }
 
 function contains(text: Buffer, lower: Buffer, upper: Buffer): boolean {
@@ -231,7 +262,10 @@ function contains(text: Buffer, lower: Buffer, upper: Buffer): boolean {
 function selectLeavingState(buffer: Buffer, start: number, end: number): SessionCommand | undefined {
   const text = buffer.subarray(start, end);
   if (contains(text, SESSION_LOCK, SESSION_LOCK_UPPER)) return PIN_ADVISORY;
-  if (contains(text, SET_CONFIG, SET_CONFIG_UPPER) && setsSessionConfig(text.toString('utf8'))) return setConfigStatement(buffer, start, end) ?? PIN_SET;
+  if (contains(text, SET_CONFIG, SET_CONFIG_UPPER) && setsSessionConfig(text.toString('utf8'))) {
+    const command = setConfigStatement(buffer, start, end);
+    return command === null ? undefined : command ?? PIN_SET;
+  }
   if ((text.indexOf('into') >= 0 || text.indexOf('INTO') >= 0 || text.indexOf('Into') >= 0) && /\binto\s+(temp|temporary)\b/i.test(text.toString('utf8'))) return PIN_TEMP;
   return undefined;
 }

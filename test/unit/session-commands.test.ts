@@ -192,7 +192,8 @@ describe('client settings from the startup packet', function () {
     const b = clientSettingsFromStartup({ statement_timeout: '5s', timezone: 'UTC' });
     assert.equal(settingsSql(a, a), undefined);
     assert.equal(settingsSql(b, a), "SELECT pg_catalog.set_config(E'timezone', E'UTC', false), pg_catalog.set_config(E'application_name', E'', false)");
-    assert.equal(settingsSql(a, NO_SETTINGS), "SELECT pg_catalog.set_config(E'statement_timeout', E'5s', false), pg_catalog.set_config(E'application_name', E'o''brien', false)");
+    // statement_timeout last: a tiny one must not cancel the rest of the replay.
+    assert.equal(settingsSql(a, NO_SETTINGS), "SELECT pg_catalog.set_config(E'application_name', E'o''brien', false); SELECT pg_catalog.set_config(E'statement_timeout', E'5s', false)");
     const x = clientSettingsFromStartup({ x: 'a\\b' });
     assert.equal(settingsSql(x, x, true), "SELECT pg_catalog.set_config(E'x', E'a\\\\b', false), pg_catalog.set_config(E'application_name', E'', false)");
     assert.equal(settingsSql(NO_SETTINGS, b), 'RESET "statement_timeout"; RESET "timezone"; RESET "application_name"');
@@ -217,7 +218,7 @@ describe('client settings from the startup packet', function () {
     assert.equal(changeSettings(startup, reset), startup, 'a RESET of what was never SET changes nothing');
     // A SET that ends in a -- comment must not swallow what is replayed after it on its line.
     const commented = changeSettings(startup, { kind: 'set', name: 'statement_timeout', sql: 'SET statement_timeout = 5 -- why' });
-    assert.equal(settingsSql(commented, afterSet), "SELECT pg_catalog.set_config(E'timezone', E'Asia/Tokyo', false); SET statement_timeout = 5 -- why\n; RESET \"extra_float_digits\"");
+    assert.equal(settingsSql(commented, afterSet), "SELECT pg_catalog.set_config(E'timezone', E'Asia/Tokyo', false); RESET \"extra_float_digits\"; SET statement_timeout = 5 -- why\n");
     assert.equal(startupSettings(afterSet).key, startup.key);
     // The last SET of a setting wins and replays last.
     const again = changeSettings(afterSet, { kind: 'set', name: 'extra_float_digits', sql: 'SET extra_float_digits TO 2' });

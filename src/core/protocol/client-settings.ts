@@ -165,25 +165,43 @@ function identifier(name: string): string {
 }
 
 /**
+ * Settings whose change applies to the statements after it in the same
+ * Query: set last, so that a client's tiny statement_timeout cannot cancel
+ * the rest of its own replay.
+ */
+const SET_LAST = new Set(['statement_timeout']);
+
+/**
  * SQL that takes a server connection from the settings `applied` to
  * `desired`: one SELECT of set_config() calls for the startup values that
  * differ (or, with `all`, for every startup value: its row is then each value
  * as SHOW prints it), the client's own SET statements that differ, then a
- * RESET for each setting `desired` lacks. `set_config` takes the value as
- * PostgreSQL reads a startup option (`search_path=a,b` is two schemas),
- * unlike SET with a quoted value. Undefined when nothing differs.
+ * RESET for each setting `desired` lacks, and last a statement_timeout that
+ * differs. `set_config` takes the value as PostgreSQL reads a startup option
+ * (`search_path=a,b` is two schemas), unlike SET with a quoted value.
+ * Undefined when nothing differs.
  */
 export function settingsSql(desired: ClientSettings, applied: ClientSettings, all = false): string | undefined {
   const sets: string[] = [];
+  const last: string[] = [];
   for (const [name, value] of desired.values) {
-    if (all || (!desired.statements.has(name) && (applied.statements.has(name) || applied.values.get(name) !== value))) sets.push(`pg_catalog.set_config(${literal(name)}, ${literal(value)}, false)`);
+    if (!all && (desired.statements.has(name) || (!applied.statements.has(name) && applied.values.get(name) === value))) continue;
+    const call = `pg_catalog.set_config(${literal(name)}, ${literal(value)}, false)`;
+    if (!all && SET_LAST.has(name)) last.push(`SELECT ${call}`);
+    else sets.push(call);
   }
   const statements: string[] = [];
   if (sets.length > 0) statements.push(`SELECT ${sets.join(', ')}`);
-  // A client's statement may end in a -- comment, which would swallow the statements joined after it on its line.
-  for (const [name, sql] of desired.statements) if (all || applied.statements.get(name) !== sql) statements.push(sql.includes('--') ? `${sql}\n` : sql);
+  for (const [name, sql] of desired.statements) {
+    if (!all && applied.statements.get(name) === sql) continue;
+    // A client's statement may end in a -- comment, which would swallow the statements joined after it on its line.
+    const statement = sql.includes('--') ? `${sql}\n` : sql;
+    if (SET_LAST.has(name)) last.push(statement);
+    else statements.push(statement);
+  }
   const resets = new Set<string>();
   for (const name of [...applied.values.keys(), ...applied.statements.keys()]) if (!desired.values.has(name) && !desired.statements.has(name)) resets.add(name);
   for (const name of resets) statements.push(`RESET ${identifier(name)}`);
+  statements.push(...last);
   return statements.length === 0 ? undefined : statements.join('; ');
 }

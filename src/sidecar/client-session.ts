@@ -127,6 +127,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    * SET would be (see followSettingStatements). Undefined until there is one.
    */
   private settingStatements: Map<string, readonly SettingChange[] | { parameter: string }> | undefined;
+  /** ReadyForQuery messages owed before the watched statement's batch, for a watch started once a server connection comes. */
+  private settingWatchAfter = 0;
   /** The portal last bound from one of settingStatements, until its transaction ends. */
   private boundSetting: { portal: string; changes: readonly SettingChange[] } | undefined;
   /** The SET of settingChanges, parsed as the unnamed statement, was bound in its batch: it runs there (see followUnnamedSetting). */
@@ -352,11 +354,17 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     if (command.kind === 'settings') {
       // Alone in a Query or an unnamed Parse between transactions, its outcome can be watched; otherwise it pins as before.
       const unnamedParse = type === MessageType.parse && buffer[bodyStart] === 0;
-      if (!nothingQueued || (type !== MessageType.query && !unnamedParse)) {
+      if (type === MessageType.query) {
+        // A simple Query is its own batch: behind queries still unanswered (a pipelining client), its outcome is the ReadyForQuery after theirs.
+        this.watchSettingChanges(command.changes);
+        return false;
+      }
+      if (!nothingQueued || !unnamedParse) {
         this.pin('set');
         return false;
       }
       this.settingChanges = command.changes;
+      this.settingWatchAfter = 0;
       if (unnamedParse) {
         this.unnamedSetting = true;
         this.unnamedParsedSinceSync = true;
@@ -479,21 +487,32 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       const bound = this.boundSetting;
       const portalEnd = buffer.indexOf(0, bodyStart);
       if (bound === undefined || portalEnd < 0 || portalEnd >= end || buffer.toString('utf8', bodyStart, portalEnd) !== bound.portal) return;
-      const server = this.server;
-      const owed = this.pendingTypes.some((t) => t === MessageType.sync || t === MessageType.query || t === MessageType.functionCall);
-      const idle = server === undefined || (server.tracker.pendingReady === 0 && server.tracker.status === 'I' && server.tracker.copy === 'none');
-      if (this.settingChanges !== undefined || owed || !idle) {
-        this.pin('set');
-        return;
-      }
-      this.settingChanges = bound.changes;
-      server?.tracker.watch();
+      this.watchSettingChanges(bound.changes);
     } else if (type === MessageType.close) {
       // A portal lives until its transaction ends; one kept past that only makes a later Execute of it fail, and pin.
       const name = buffer.toString('utf8', bodyStart + 1, Math.max(bodyStart + 1, buffer.indexOf(0, bodyStart + 1)));
       if (buffer[bodyStart] === 0x53 /* S */) statements.delete(name);
       else if (this.boundSetting?.portal === name) this.boundSetting = undefined;
     } else if (type === MessageType.query) statements.delete('');
+  }
+
+  /**
+   * Watches the setting changes of a statement about to be queued: its
+   * outcome comes with the ReadyForQuery after those still owed before it
+   * (forwarded and unanswered, or queued). One watch at a time, and none
+   * while COPY runs: otherwise the client pins.
+   */
+  private watchSettingChanges(changes: readonly SettingChange[]): void {
+    const server = this.server;
+    let after = 0;
+    for (const t of this.pendingTypes) if (t === MessageType.sync || t === MessageType.query || t === MessageType.functionCall) after += 1;
+    if (this.settingChanges !== undefined || (server !== undefined && server.tracker.copy !== 'none')) {
+      this.pin('set');
+      return;
+    }
+    this.settingChanges = changes;
+    this.settingWatchAfter = after;
+    if (server !== undefined) server.tracker.watch(server.tracker.pendingReady + after);
   }
 
   /**
@@ -850,7 +869,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
     this.server = server;
     this.ownReadBufferWhileServed();
-    if (this.settingChanges !== undefined) server.tracker.watch();
+    if (this.settingChanges !== undefined) server.tracker.watch(this.settingWatchAfter);
     if (this.checkSettings && shown !== undefined) {
       const values = new Map<string, string>();
       let i = 0;

@@ -570,6 +570,48 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('carries a SET pipelined behind a query still unanswered (postgres.js sends queries issued together so), and pins one pipelined inside a transaction block', async function () {
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const w = await wireSession(running.port, running.role.user);
+        const timeout = async (): Promise<[string, number]> => {
+          w.send([serialize.query("SELECT current_setting('statement_timeout') || ' ' || pg_backend_pid()")]);
+          const row = (await w.until('D'))!;
+          assert.ok(await w.until('Z'));
+          const [value, pid] = row.toString('utf8', 6, 6 + row.readInt32BE(2)).split(' ');
+          return [value!, Number(pid)];
+        };
+        const pinned = async (): Promise<string> => running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients');
+        try {
+          // One write: the SET's outcome is the second ReadyForQuery, not the first.
+          w.send([serialize.query('SELECT pg_sleep(0.05)'), serialize.query('SET statement_timeout = 4321'), serialize.query('SELECT 1')]);
+          for (let i = 0; i < 3; i++) assert.ok(await w.until('Z'), `ReadyForQuery ${i + 1}`);
+          assert.match(await pinned(), /reason="set"} 0/);
+          const [value, pid] = await timeout();
+          assert.equal(value, '4321ms');
+          await observer.query('SELECT pg_terminate_backend($1)', [pid]);
+          await new Promise((r) => setTimeout(r, 200));
+          assert.deepEqual((await timeout())[0], '4321ms', 'carried to the next backend');
+          // A failing query ahead of it in the pipeline does not make the SET's outcome its own.
+          w.send([serialize.query('SELECT 1/0'), serialize.query('SET statement_timeout = 1234')]);
+          assert.ok(await w.until('Z'));
+          assert.ok(await w.until('Z'));
+          assert.match(await pinned(), /reason="set"} 0/);
+          const [failedAhead, failedPid] = await timeout();
+          assert.equal(failedAhead, '1234ms');
+          await observer.query('SELECT pg_terminate_backend($1)', [failedPid]);
+          await new Promise((r) => setTimeout(r, 200));
+          assert.equal((await timeout())[0], '1234ms', 'carried to the next backend too');
+          // Inside a transaction block, pipelined: pinned, as a SET in a block is.
+          w.send([serialize.query('BEGIN'), serialize.query('SET statement_timeout = 5555'), serialize.query('COMMIT')]);
+          for (let i = 0; i < 3; i++) assert.ok(await w.until('Z'));
+          assert.match(await pinned(), /reason="set"} 1/);
+          assert.equal((await timeout())[0], '5555ms');
+        } finally {
+          await w.closedWithin(0);
+        }
+      });
+    });
+
     it('pins a client that SETs inside a transaction block, counts it, and resets the connection when it leaves', async function () {
       await withSidecar(postgres, { grant: 2 }, async (running) => {
         const setter = client(running);

@@ -133,6 +133,16 @@ describe('transaction tracker', function () {
     assert.equal(outcome('', 'I'), 'not-run', 'Parse and Describe only');
     assert.equal(outcome('CE', 'I'), 'uncertain', 'a later statement of the batch failed: rolled back, or not if a COMMIT came between');
     assert.equal(outcome('CC', 'T'), 'uncertain', 'a BEGIN came after it');
+    // Behind one query still owed: that query's error and ReadyForQuery are not the SET's.
+    const piped = new TransactionTracker();
+    piped.watch(1);
+    client(piped, 'QQ');
+    piped.serverMessage(code('E'));
+    ready(piped, 'I');
+    assert.equal(piped.watched, 'running');
+    piped.commandCompleted();
+    ready(piped, 'I');
+    assert.equal(piped.watched, 'ran');
     const fresh = new TransactionTracker();
     fresh.watch();
     fresh.reset();

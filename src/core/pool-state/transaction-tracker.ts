@@ -65,17 +65,24 @@ export class TransactionTracker {
   watched: WatchedOutcome | undefined;
   private watchedCompleted = false;
   private watchedFailed = false;
+  /** ReadyForQuery messages still to come before the watched statement's own batch begins. */
+  private watchedAfter = 0;
 
-  /** Watches the statement about to be sent: its outcome is in `watched` after the next ReadyForQuery. */
-  watch(): void {
+  /**
+   * Watches a statement: its outcome is in `watched` after the ReadyForQuery
+   * that ends its batch, the one after the `after` still owed before it (a
+   * pipelined client's earlier queries).
+   */
+  watch(after = 0): void {
     this.watched = 'running';
     this.watchedCompleted = false;
     this.watchedFailed = false;
+    this.watchedAfter = after;
   }
 
   /** Records a CommandComplete (not passed to serverMessage: the connection reads its tag). */
   commandCompleted(): void {
-    if (this.watched === 'running') this.watchedCompleted = true;
+    if (this.watched === 'running' && this.watchedAfter === 0) this.watchedCompleted = true;
   }
 
   /** Records a frontend message forwarded to the server. */
@@ -126,7 +133,10 @@ export class TransactionTracker {
         else this.pendingReady -= 1;
         this.status = statusByte === I_BYTE ? 'I' : statusByte === T_BYTE ? 'T' : 'E';
         this.copy = 'none';
-        if (this.watched === 'running') this.watched = !this.watchedCompleted ? 'not-run' : !this.watchedFailed && this.status === 'I' ? 'ran' : 'uncertain';
+        if (this.watched === 'running') {
+          if (this.watchedAfter > 0) this.watchedAfter -= 1;
+          else this.watched = !this.watchedCompleted ? 'not-run' : !this.watchedFailed && this.status === 'I' ? 'ran' : 'uncertain';
+        }
         return this.atBoundary;
       case PARSE_COMPLETE:
       case CLOSE_COMPLETE:
@@ -147,7 +157,7 @@ export class TransactionTracker {
       case ERROR_RESPONSE:
         // An error ends COPY IN on the server side; ReadyForQuery follows.
         if (this.copy === 'in') this.copy = 'none';
-        if (this.watched === 'running') this.watchedFailed = true;
+        if (this.watched === 'running' && this.watchedAfter === 0) this.watchedFailed = true;
         return false;
       default:
         return false;

@@ -559,15 +559,35 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
   }
 
+  /**
+   * The ReadyForQuery that ends the client's transaction is next: a RESET,
+   * RESET ALL or DISCARD ALL in it that holds is resolved now, so that the
+   * client's startup values are reported before that ReadyForQuery, where a
+   * direct backend reports them (a driver reads its record once its command
+   * returns: asyncpg's get_settings(), libpq's PQparameterStatus).
+   */
+  beforeReady(server: ServerConnection): Buffer | undefined {
+    if (this.host.mode !== 'transaction' || this.pendingTypes.length > 0) return undefined;
+    if (this.settingChanges !== undefined) this.resolveSettingChanges(server, this.settingChanges);
+    return this.restatedMessages();
+  }
+
   /** Between transactions: the client's startup values it was told otherwise, as a direct session would report them (a pinned client keeps the server's). */
   private sendRestated(): void {
+    const messages = this.restatedMessages();
+    if (messages !== undefined) this.socket.write(messages);
+  }
+
+  private restatedMessages(): Buffer | undefined {
     const names = this.restate;
     this.restate = undefined;
-    if (names === undefined || this.pinnedBy !== undefined || this.phase !== 'ready') return;
+    if (names === undefined || this.pinnedBy !== undefined || this.phase !== 'ready') return undefined;
+    const messages: Buffer[] = [];
     for (const name of names) {
       const lower = name.toLowerCase();
-      this.socket.write(parameterStatus(name, this.shownAtLogin?.get(lower) ?? this.settings.values.get(lower) ?? ''));
+      messages.push(parameterStatus(name, this.shownAtLogin?.get(lower) ?? this.settings.values.get(lower) ?? ''));
     }
+    return messages.length === 0 ? undefined : Buffer.concat(messages);
   }
 
   private pin(reason: PinReason): void {

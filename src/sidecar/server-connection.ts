@@ -25,6 +25,11 @@ export interface ServerConnectionUser {
   onSettingsReset?(): void;
   /** A RESET completed, but an error or a rollback followed before the transaction ended: whether it still holds is unknown. */
   onSettingsResetUncertain?(): void;
+  /**
+   * A ReadyForQuery 'I' is about to be forwarded (the server's messages before it are known):
+   * messages to send the client before it, as the backend of a direct session would have.
+   */
+  beforeReady?(server: ServerConnection): Buffer | undefined;
 }
 
 /** How one of the sidecar's own statements ended. */
@@ -279,6 +284,16 @@ export class ServerConnection {
             boundary = tracker.serverMessage(type, reader.buffer[reader.bodyStart]);
             if (boundary) this.events.transactionCompleted();
             if (this.resetOutcome !== undefined && tracker.status === 'I') this.resolveReset(user);
+            const before = tracker.atBoundary ? user.beforeReady?.(this) : undefined;
+            if (before !== undefined) {
+              if (!corked) {
+                out.cork();
+                corked = true;
+              }
+              if (runBuffer !== undefined) out.write(runBuffer.subarray(runStart, runEnd));
+              runBuffer = undefined;
+              out.write(before);
+            }
           } else if (type === MessageType.commandComplete) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
           else {
             if (type === MessageType.errorResponse && isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
@@ -361,6 +376,11 @@ export class ServerConnection {
             if (boundary) this.events.transactionCompleted();
             if (this.resetOutcome !== undefined && tracker.status === 'I') this.resolveReset(user);
             if (editor.active) editor.ready();
+            const before = tracker.atBoundary ? user.beforeReady?.(this) : undefined;
+            if (before !== undefined) {
+              flushRun();
+              pieces.push(before);
+            }
           } else if (type === MessageType.commandComplete) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
           else {
             if (type === MessageType.errorResponse) {

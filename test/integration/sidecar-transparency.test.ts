@@ -710,6 +710,30 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('reports a client\'s startup values again before the ReadyForQuery of its RESET, RESET ALL or DISCARD ALL, where a direct backend reports them', async function () {
+      // A driver reads its record once the command returns (asyncpg's get_settings() right after
+      // `await con.execute('RESET ALL')`): a value reported after the ReadyForQuery comes too late.
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const c = client(running, { application_name: 'restate-ready', options: '-c TimeZone=Asia/Tokyo' });
+        const reported = new Map<string, string>();
+        const atReady: (string | undefined)[][] = [];
+        const connection = (c as unknown as { connection: { on(event: string, listener: (m: { parameterName: string; parameterValue: string }) => void): void } }).connection;
+        connection.on('parameterStatus', (m) => reported.set(m.parameterName, m.parameterValue));
+        connection.on('readyForQuery', () => atReady.push([reported.get('application_name'), reported.get('TimeZone')]));
+        await c.connect();
+        try {
+          for (const sql of ['SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;', 'RESET ALL', 'DISCARD ALL', 'RESET application_name', 'RESET TimeZone', 'SET TimeZone TO DEFAULT']) {
+            atReady.length = 0;
+            await c.query(sql);
+            assert.deepEqual(atReady, [['restate-ready', 'Asia/Tokyo']], sql);
+          }
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="set"} 0/);
+        } finally {
+          await c.end();
+        }
+      });
+    });
+
     it('keeps set_config(..., true) unpinned: it ends with the transaction', async function () {
       await withSidecar(postgres, { grant: 1 }, async (running) => {
         const c = client(running);

@@ -109,6 +109,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private settingChanges: readonly SettingChange[] | undefined;
   /** The client's latest unnamed Parse is a SET: a Bind of it in a later batch would run it unwatched, so that pins. */
   private unnamedSetting = false;
+  /** Where the unnamed SET's changes begin in settingChanges (earlier ones: SETs before it in the same block). */
+  private unnamedSettingFrom = 0;
   /** An unnamed Parse came since the last Sync (kept only while unnamedSetting). */
   private unnamedParsedSinceSync = false;
   /** The client's startup settings as the server showed them at its login (lower-cased names). */
@@ -352,20 +354,20 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
     if (command === undefined) return false;
     if (command.kind === 'settings') {
-      // Alone in a Query or an unnamed Parse between transactions, its outcome can be watched; otherwise it pins as before.
-      const unnamedParse = type === MessageType.parse && buffer[bodyStart] === 0;
+      // Its outcome is watched (see watchSettingChanges); what cannot be watched pins as before.
       if (type === MessageType.query) {
         // A simple Query is its own batch: behind queries still unanswered (a pipelining client), its outcome is the ReadyForQuery after theirs.
         this.watchSettingChanges(command.changes);
         return false;
       }
-      if (!nothingQueued || !unnamedParse) {
+      // An unnamed Parse: its batch may end before it is bound (see followUnnamedSetting), which takes its changes back out.
+      if (buffer[bodyStart] !== 0) {
         this.pin('set');
         return false;
       }
-      this.settingChanges = command.changes;
-      this.settingWatchAfter = 0;
-      if (unnamedParse) {
+      const from = this.settingChanges?.length ?? 0;
+      if (this.watchSettingChanges(command.changes)) {
+        this.unnamedSettingFrom = from;
         this.unnamedSetting = true;
         this.unnamedParsedSinceSync = true;
         this.unnamedSettingBound = false;
@@ -433,7 +435,9 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     // The SET's batch ends, or its unnamed statement is replaced, before any Bind of it: it never ran, whatever
     // else completes in that batch (libpq's PQsendPrepare of it, then another statement), so it is not carried.
     const unbound = (): void => {
-      if (this.unnamedParsedSinceSync && !this.unnamedSettingBound) this.settingChanges = undefined;
+      if (!this.unnamedParsedSinceSync || this.unnamedSettingBound || this.settingChanges === undefined) return;
+      // Only the unnamed SET's own changes: those of earlier SETs in the same block stand.
+      this.settingChanges = this.unnamedSettingFrom === 0 ? undefined : this.settingChanges.slice(0, this.unnamedSettingFrom);
     };
     if (type === MessageType.sync) {
       unbound();
@@ -502,17 +506,28 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    * (forwarded and unanswered, or queued). One watch at a time, and none
    * while COPY runs: otherwise the client pins.
    */
-  private watchSettingChanges(changes: readonly SettingChange[]): void {
+  private watchSettingChanges(changes: readonly SettingChange[]): boolean {
     const server = this.server;
     let after = 0;
     for (const t of this.pendingTypes) if (t === MessageType.sync || t === MessageType.query || t === MessageType.functionCall) after += 1;
-    if (this.settingChanges !== undefined || (server !== undefined && server.tracker.copy !== 'none')) {
+    if (server !== undefined && server.tracker.copy !== 'none') {
       this.pin('set');
-      return;
+      return false;
+    }
+    if (this.settingChanges !== undefined) {
+      // Another in the same transaction block as the one watched: both hold if it commits.
+      const sameBlock = server !== undefined && after === 0 && server.tracker.watched === 'running' && server.tracker.inTransaction && server.tracker.pendingReady === 0;
+      if (!sameBlock) {
+        this.pin('set');
+        return false;
+      }
+      this.settingChanges = [...this.settingChanges, ...changes];
+      return true;
     }
     this.settingChanges = changes;
     this.settingWatchAfter = after;
     if (server !== undefined) server.tracker.watch(server.tracker.pendingReady + after);
+    return true;
   }
 
   /**

@@ -114,9 +114,10 @@ export class ServerConnection {
   /**
    * A client's RESET (or DISCARD ALL) completed: it holds once its
    * transaction commits, which the next ReadyForQuery 'I' tells ('clean');
-   * an error or a ROLLBACK tag after it ('doubtful') may have undone it.
+   * a ROLLBACK that ends the transaction undid it ('rolled-back'); an error,
+   * or a ROLLBACK TO SAVEPOINT and more after it ('doubtful'), may have.
    */
-  private resetOutcome: 'clean' | 'doubtful' | undefined;
+  private resetOutcome: 'clean' | 'rolled-back' | 'doubtful' | undefined;
   /** Reading is paused until the client's socket drains (see onData). */
   private pausedFor: Duplex | undefined;
   private readonly resumeReading = (): void => {
@@ -441,8 +442,12 @@ export class ServerConnection {
    * from the server's reply, so a command that failed changes nothing.
    */
   private onCommandComplete(buffer: Buffer, bodyStart: number, end: number): void {
-    this.tracker.commandCompleted();
     const length = end - bodyStart;
+    const watching = this.tracker.watched === 'running' || this.resetOutcome !== undefined;
+    const rollback = watching && length === ROLLBACK_TAG.length && buffer.compare(ROLLBACK_TAG, 0, ROLLBACK_TAG.length, bodyStart, end) === 0;
+    this.tracker.commandCompleted(rollback);
+    // A command after a ROLLBACK TO SAVEPOINT: the transaction goes on, and whether the RESET before it holds is unknown.
+    if (this.resetOutcome === 'rolled-back' && !rollback) this.resetOutcome = 'doubtful';
     // After RESET ALL the backend is on its login settings: the next client's settings are applied
     // again (asyncpg sends RESET ALL when its pool takes a connection back). A client's RESET holds
     // once its transaction commits (see resolveReset); the sidecar's own at once.
@@ -450,8 +455,8 @@ export class ServerConnection {
       this.settingsReset();
       return;
     }
-    if (this.resetOutcome !== undefined && length === ROLLBACK_TAG.length && buffer.compare(ROLLBACK_TAG, 0, ROLLBACK_TAG.length, bodyStart, end) === 0) {
-      this.resetOutcome = 'doubtful';
+    if (rollback && this.resetOutcome !== undefined) {
+      this.resetOutcome = 'rolled-back';
       return;
     }
     // A DEALLOCATE a session sent ran: what the sidecar assumed when sending it holds (see ResponseEditor.expectCommand).
@@ -476,8 +481,8 @@ export class ServerConnection {
   /**
    * The transaction of a client's RESET or DISCARD ALL ended: with nothing
    * in between that may have rolled it back, the backend is on its login
-   * settings and so is the client's session; otherwise the client pins, as
-   * for a SET whose outcome is uncertain.
+   * settings and so is the client's session; rolled back, nothing changed;
+   * otherwise the client pins, as for a SET whose outcome is uncertain.
    */
   private resolveReset(user: ServerConnectionUser): void {
     const outcome = this.resetOutcome;
@@ -485,7 +490,7 @@ export class ServerConnection {
     if (outcome === 'clean') {
       this.settings = this.loginSettings;
       user.onSettingsReset?.();
-    } else user.onSettingsResetUncertain?.();
+    } else if (outcome === 'doubtful') user.onSettingsResetUncertain?.();
   }
 
   private onDataWithoutUser(chunk: Buffer, length: number): void {

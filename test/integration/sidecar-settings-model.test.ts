@@ -151,7 +151,8 @@ function statementsOf(op: Op): Statement[] {
  * have undone.
  */
 function pins(op: Op): boolean {
-  if (op.kind === 'in-transaction') return op.inner === 'reset-all' ? op.end !== 'COMMIT' : op.inner !== 'set-local';
+  // Inside a transaction block, a SET or RESET holds if the block commits and is gone if it rolls back: neither pins.
+  if (op.kind === 'in-transaction') return false;
   // Setting changes alone in one Query are carried as a whole; one failing among them leaves the outcome uncertain.
   // A named prepared SET is carried too, executed between transactions.
   return op.kind === 'multi' && op.shape !== 'settings-only';

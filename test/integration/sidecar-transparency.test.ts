@@ -570,7 +570,7 @@ describe('sidecar transparency', function () {
       });
     });
 
-    it('carries a SET pipelined behind a query still unanswered (postgres.js sends queries issued together so), and pins one pipelined inside a transaction block', async function () {
+    it('carries a SET pipelined behind a query still unanswered (postgres.js sends queries issued together so), and one pipelined inside a transaction block that commits', async function () {
       await withSidecar(postgres, { grant: 1 }, async (running) => {
         const w = await wireSession(running.port, running.role.user);
         const timeout = async (): Promise<[string, number]> => {
@@ -601,38 +601,61 @@ describe('sidecar transparency', function () {
           await observer.query('SELECT pg_terminate_backend($1)', [failedPid]);
           await new Promise((r) => setTimeout(r, 200));
           assert.equal((await timeout())[0], '1234ms', 'carried to the next backend too');
-          // Inside a transaction block, pipelined: pinned, as a SET in a block is.
+          // Inside a transaction block, pipelined: carried once the block commits.
           w.send([serialize.query('BEGIN'), serialize.query('SET statement_timeout = 5555'), serialize.query('COMMIT')]);
           for (let i = 0; i < 3; i++) assert.ok(await w.until('Z'));
-          assert.match(await pinned(), /reason="set"} 1/);
-          assert.equal((await timeout())[0], '5555ms');
+          assert.match(await pinned(), /reason="set"} 0/);
+          const [inBlock, blockPid] = await timeout();
+          assert.equal(inBlock, '5555ms');
+          await observer.query('SELECT pg_terminate_backend($1)', [blockPid]);
+          await new Promise((r) => setTimeout(r, 200));
+          assert.equal((await timeout())[0], '5555ms', 'carried from the committed block to the next backend');
         } finally {
           await w.closedWithin(0);
         }
       });
     });
 
-    it('pins a client that SETs inside a transaction block, counts it, and resets the connection when it leaves', async function () {
+    it('carries a SET inside a transaction block that commits, drops one rolled back, and pins one a savepoint rollback leaves in doubt', async function () {
       await withSidecar(postgres, { grant: 2 }, async (running) => {
         const setter = client(running);
         const others = Array.from({ length: 4 }, () => client(running));
         await setter.connect();
         await Promise.all(others.map((c) => c.connect()));
+        const timeout = async (c: pg.Client): Promise<string> => (await c.query<{ statement_timeout: string }>('SHOW statement_timeout')).rows[0]!.statement_timeout;
+        const pinned = async (): Promise<string> => running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients');
         try {
+          // pgjdbc with autocommit off (Hibernate's setSchema per session) sends its SETs inside the transaction.
           await setter.query('BEGIN');
           await setter.query('SET statement_timeout = 4321');
+          await setter.query({ text: "SET application_name = 'in-block'", queryMode: 'extended' } as pg.QueryConfig);
           await setter.query('COMMIT');
-          const metrics = await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients');
-          assert.match(metrics, /reason="set"} 1/);
-          for (let round = 0; round < 10; round++) {
-            assert.equal((await setter.query<{ statement_timeout: string }>('SHOW statement_timeout')).rows[0]!.statement_timeout, '4321ms');
-            const seen = await Promise.all(others.map((c) => c.query<{ statement_timeout: string }>('SHOW statement_timeout')));
-            for (const r of seen) assert.equal(r.rows[0]!.statement_timeout, '0');
+          assert.match(await pinned(), /reason="set"} 0/);
+          for (let round = 0; round < 5; round++) {
+            const [own, ...seen] = await Promise.all([setter, ...others].map((c) => timeout(c)));
+            assert.equal(own, '4321ms');
+            for (const t of seen) assert.equal(t, '0');
           }
+          assert.equal((await setter.query<{ a: string }>("SELECT current_setting('application_name') AS a")).rows[0]!.a, 'in-block');
+          await setter.query('BEGIN');
+          await setter.query('SET statement_timeout = 1111');
+          await setter.query('ROLLBACK');
+          assert.equal(await timeout(setter), '4321ms', 'rolled back with its transaction, as direct');
+          assert.match(await pinned(), /reason="set"} 0/);
+          // Undone by a savepoint rollback, or not: only its server connection knows.
+          await setter.query('BEGIN');
+          await setter.query('SAVEPOINT s');
+          await setter.query('SET statement_timeout = 2222');
+          await setter.query('ROLLBACK TO SAVEPOINT s');
+          await setter.query('COMMIT');
+          assert.match(await pinned(), /reason="set"} 1/);
+          assert.equal(await timeout(setter), '4321ms');
+          const seen = await Promise.all(others.map((c) => timeout(c)));
+          for (const t of seen) assert.equal(t, '0');
           await setter.end();
           await new Promise((r) => setTimeout(r, 100));
-          const after = await Promise.all(others.map((c) => c.query<{ statement_timeout: string }>('SHOW statement_timeout')));
-          for (const r of after) assert.equal(r.rows[0]!.statement_timeout, '0');
+          const after = await Promise.all(others.map((c) => timeout(c)));
+          for (const t of after) assert.equal(t, '0');
         } finally {
           await Promise.all(others.map((c) => c.end()));
         }

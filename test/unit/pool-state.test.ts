@@ -133,6 +133,30 @@ describe('transaction tracker', function () {
     assert.equal(outcome('', 'I'), 'not-run', 'Parse and Describe only');
     assert.equal(outcome('CE', 'I'), 'uncertain', 'a later statement of the batch failed: rolled back, or not if a COMMIT came between');
     assert.equal(outcome('CC', 'T'), 'uncertain', 'a BEGIN came after it');
+    // Inside a transaction block: decided when the block ends, by how it ends.
+    const block = (after: (t: TransactionTracker) => void): string | undefined => {
+      const t = new TransactionTracker();
+      t.watch();
+      client(t, 'Q');
+      t.commandCompleted();
+      ready(t, 'T');
+      assert.equal(t.watched, 'running', 'still inside the block');
+      after(t);
+      return t.watched;
+    };
+    const commit = (t: TransactionTracker, rollback = false): void => {
+      client(t, 'Q');
+      t.commandCompleted(rollback);
+      ready(t, 'I');
+    };
+    assert.equal(block((t) => commit(t)), 'ran', 'COMMIT');
+    assert.equal(block((t) => commit(t, true)), 'not-run', 'ROLLBACK (or COMMIT of a failed block) took it with it');
+    assert.equal(block((t) => {
+      client(t, 'Q');
+      t.commandCompleted(true);
+      ready(t, 'T');
+      commit(t);
+    }), 'uncertain', 'ROLLBACK TO SAVEPOINT, then COMMIT: it may be undone');
     // Behind one query still owed: that query's error and ReadyForQuery are not the SET's.
     const piped = new TransactionTracker();
     piped.watch(1);

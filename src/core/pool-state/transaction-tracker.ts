@@ -33,11 +33,12 @@ const I_BYTE = 0x49;
 const T_BYTE = 0x54;
 
 /**
- * What became of a watched statement (a client's SET between transactions),
- * decided at the first ReadyForQuery after it: `ran` (completed, no error,
- * back to idle: it took effect for the session), `not-run` (it never
- * completed), `uncertain` (it completed, but an error or a transaction block
- * followed, which may or may not undo it).
+ * What became of a watched statement (a client's SET), decided when its
+ * transaction ends: `ran` (completed, no error or rollback after it, and its
+ * transaction committed: it took effect for the session), `not-run` (it never
+ * completed, or its transaction ended in ROLLBACK), `uncertain` (it
+ * completed, but an error or a ROLLBACK TO SAVEPOINT followed, which may or
+ * may not undo it).
  */
 export type WatchedOutcome = 'running' | 'ran' | 'not-run' | 'uncertain';
 
@@ -67,22 +68,30 @@ export class TransactionTracker {
   private watchedFailed = false;
   /** ReadyForQuery messages still to come before the watched statement's own batch begins. */
   private watchedAfter = 0;
+  /** The latest command since the watch began was a ROLLBACK. */
+  private watchedRolledBack = false;
 
   /**
    * Watches a statement: its outcome is in `watched` after the ReadyForQuery
    * that ends its batch, the one after the `after` still owed before it (a
-   * pipelined client's earlier queries).
+   * pipelined client's earlier queries), or, inside a transaction block, the
+   * one that ends the block.
    */
   watch(after = 0): void {
     this.watched = 'running';
     this.watchedCompleted = false;
     this.watchedFailed = false;
+    this.watchedRolledBack = false;
     this.watchedAfter = after;
   }
 
-  /** Records a CommandComplete (not passed to serverMessage: the connection reads its tag). */
-  commandCompleted(): void {
-    if (this.watched === 'running' && this.watchedAfter === 0) this.watchedCompleted = true;
+  /** Records a CommandComplete (not passed to serverMessage: the connection reads its tag); `rollback`: its tag is ROLLBACK. */
+  commandCompleted(rollback = false): void {
+    if (this.watched !== 'running' || this.watchedAfter > 0) return;
+    this.watchedCompleted = true;
+    // A ROLLBACK TO SAVEPOINT may undo it; one that ends the block (or a COMMIT of a failed one) does.
+    if (rollback) this.watchedFailed = true;
+    this.watchedRolledBack = rollback;
   }
 
   /** Records a frontend message forwarded to the server. */
@@ -135,7 +144,9 @@ export class TransactionTracker {
         this.copy = 'none';
         if (this.watched === 'running') {
           if (this.watchedAfter > 0) this.watchedAfter -= 1;
-          else this.watched = !this.watchedCompleted ? 'not-run' : !this.watchedFailed && this.status === 'I' ? 'ran' : 'uncertain';
+          // Inside a transaction block it holds only if the block commits: watched until it ends.
+          // A transaction that ended in ROLLBACK took the statement with it.
+          else if (this.status === 'I' || !this.watchedCompleted) this.watched = !this.watchedCompleted || (this.status === 'I' && this.watchedRolledBack) ? 'not-run' : this.watchedFailed ? 'uncertain' : 'ran';
         }
         return this.atBoundary;
       case PARSE_COMPLETE:

@@ -102,9 +102,10 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   /** Run-time settings from the startup packet and the client's SETs since, applied to every server connection this client uses. */
   settings: ClientSettings = NO_SETTINGS;
   /**
-   * Transaction mode: a SET or RESET the client sent alone between
-   * transactions, watched on its server connection; once it ran it becomes
-   * one of the client's settings instead of pinning (see resolveSettingChanges).
+   * Transaction mode: setting changes the client sent (SET, RESET, ...),
+   * watched on its server connection until their transaction ends; once they
+   * hold they become the client's settings instead of pinning it (see
+   * resolveSettingChanges).
    */
   private settingChanges: readonly SettingChange[] | undefined;
   /** The client's latest unnamed Parse is a SET: a Bind of it in a later batch would run it unwatched, so that pins. */
@@ -460,10 +461,9 @@ export class ClientSession implements PoolWaiter, NotificationListener {
 
   /**
    * Follows the executions of the client's prepared setting statements: a
-   * Bind of one remembers its portal; an Execute of that portal is carried
-   * when nothing before it in its transaction owes a ReadyForQuery (its
-   * outcome is then the next one's) and the connection is not inside a
-   * transaction block; otherwise the client pins.
+   * Bind of one remembers its portal (with the value bound, for
+   * set_config(name, $1, false)); an Execute of that portal is watched as any
+   * setting change (see watchSettingChanges).
    */
   private followSettingStatements(type: number, buffer: Buffer, bodyStart: number, end: number): void {
     const statements = this.settingStatements!;
@@ -503,8 +503,9 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   /**
    * Watches the setting changes of a statement about to be queued: its
    * outcome comes with the ReadyForQuery after those still owed before it
-   * (forwarded and unanswered, or queued). One watch at a time, and none
-   * while COPY runs: otherwise the client pins.
+   * (forwarded and unanswered, or queued), or at the end of its transaction
+   * block. One watch at a time (more changes in the same block join it),
+   * and none while COPY runs: otherwise the client pins. False if it pinned.
    */
   private watchSettingChanges(changes: readonly SettingChange[]): boolean {
     const server = this.server;
@@ -531,10 +532,10 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   }
 
   /**
-   * The watched SET or RESET has its outcome: if it ran, the client's
-   * settings (and the server connection's) include it, so the next server
-   * connection gets it too; if an error or a transaction block after it left
-   * it uncertain, the client pins, as it did before SETs were carried over.
+   * The watched setting changes have their outcome: if they held, the
+   * client's settings (and the server connection's) include them, so the
+   * next server connection gets them too; if a savepoint rollback or an
+   * error after them left them uncertain, the client pins.
    */
   private resolveSettingChanges(server: ServerConnection, changes: readonly SettingChange[]): void {
     const outcome = server.tracker.watched;

@@ -607,6 +607,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   }
 
   private pin(reason: PinReason): void {
+    // Pinned once, for its first reason: counted and logged once.
+    if (this.pinnedBy !== undefined) return;
     this.pinnedBy = reason;
     this.host.pinned(reason);
     this.host.logger.info({ reason }, 'client pinned to its server connection until it disconnects (session state in transaction mode)');

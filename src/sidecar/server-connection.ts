@@ -76,6 +76,11 @@ const DISCARD_ALL_TAG = Buffer.from('DISCARD ALL\0');
 const RESET_TAG = Buffer.from('RESET\0');
 const ROLLBACK_TAG = Buffer.from('ROLLBACK\0');
 
+/** The CommandComplete body at `buffer[bodyStart..end)` is `tag` (with its NUL). */
+function tagIs(tag: Buffer, buffer: Buffer, bodyStart: number, end: number): boolean {
+  return end - bodyStart === tag.length && buffer.compare(tag, 0, tag.length, bodyStart, end) === 0;
+}
+
 /** A pooled connection to PostgreSQL. */
 export class ServerConnection {
   readonly id: number;
@@ -280,11 +285,8 @@ export class ServerConnection {
         const tracked = TRACKED[type];
         if (tracked === 1) {
           if (type === MessageType.readyForQuery) {
-            this.readyCount += 1;
             ready = true;
-            boundary = tracker.serverMessage(type, reader.buffer[reader.bodyStart]);
-            if (boundary) this.events.transactionCompleted();
-            if (this.resetOutcome !== undefined && tracker.status === 'I') this.resolveReset(user);
+            boundary = this.readyReceived(user, reader.buffer[reader.bodyStart]!);
             const before = tracker.atBoundary ? user.beforeReady?.(this) : undefined;
             if (before !== undefined) {
               if (!corked) {
@@ -371,11 +373,8 @@ export class ServerConnection {
         const type = reader.type;
         if (TRACKED[type] === 1) {
           if (type === MessageType.readyForQuery) {
-            this.readyCount += 1;
             ready = true;
-            boundary = tracker.serverMessage(type, reader.buffer[reader.bodyStart]);
-            if (boundary) this.events.transactionCompleted();
-            if (this.resetOutcome !== undefined && tracker.status === 'I') this.resolveReset(user);
+            boundary = this.readyReceived(user, reader.buffer[reader.bodyStart]!);
             if (editor.active) editor.ready();
             const before = tracker.atBoundary ? user.beforeReady?.(this) : undefined;
             if (before !== undefined) {
@@ -442,16 +441,15 @@ export class ServerConnection {
    * from the server's reply, so a command that failed changes nothing.
    */
   private onCommandComplete(buffer: Buffer, bodyStart: number, end: number): void {
-    const length = end - bodyStart;
     const watching = this.tracker.watched === 'running' || this.resetOutcome !== undefined;
-    const rollback = watching && length === ROLLBACK_TAG.length && buffer.compare(ROLLBACK_TAG, 0, ROLLBACK_TAG.length, bodyStart, end) === 0;
+    const rollback = watching && tagIs(ROLLBACK_TAG, buffer, bodyStart, end);
     this.tracker.commandCompleted(rollback);
     // A command after a ROLLBACK TO SAVEPOINT: the transaction goes on, and whether the RESET before it holds is unknown.
     if (this.resetOutcome === 'rolled-back' && !rollback) this.resetOutcome = 'doubtful';
     // After RESET ALL the backend is on its login settings: the next client's settings are applied
     // again (asyncpg sends RESET ALL when its pool takes a connection back). A client's RESET holds
     // once its transaction commits (see resolveReset); the sidecar's own at once.
-    if (length === RESET_TAG.length && buffer.compare(RESET_TAG, 0, RESET_TAG.length, bodyStart, end) === 0) {
+    if (tagIs(RESET_TAG, buffer, bodyStart, end)) {
       this.settingsReset();
       return;
     }
@@ -460,13 +458,12 @@ export class ServerConnection {
       return;
     }
     // A DEALLOCATE a session sent ran: what the sidecar assumed when sending it holds (see ResponseEditor.expectCommand).
-    if (this.editor.active && length === DEALLOCATE_TAG.length && buffer.compare(DEALLOCATE_TAG, 0, DEALLOCATE_TAG.length, bodyStart, end) === 0) {
+    if (this.editor.active && tagIs(DEALLOCATE_TAG, buffer, bodyStart, end)) {
       this.editor.commandCompleted('DEALLOCATE');
       return;
     }
-    if (length !== DEALLOCATE_ALL_TAG.length && length !== DISCARD_ALL_TAG.length) return;
-    const discard = buffer.compare(DISCARD_ALL_TAG, 0, DISCARD_ALL_TAG.length, bodyStart, end) === 0;
-    if (!discard && buffer.compare(DEALLOCATE_ALL_TAG, 0, DEALLOCATE_ALL_TAG.length, bodyStart, end) !== 0) return;
+    const discard = tagIs(DISCARD_ALL_TAG, buffer, bodyStart, end);
+    if (!discard && !tagIs(DEALLOCATE_ALL_TAG, buffer, bodyStart, end)) return;
     // One the session's rewriting awaited forgot the statements when it was sent (Parses after it in
     // its batch may have added some since); any other forgets them now.
     if (!this.editor.active || !this.editor.commandCompleted(discard ? 'DISCARD ALL' : 'DEALLOCATE ALL')) this.statements.clear();
@@ -476,6 +473,15 @@ export class ServerConnection {
   private settingsReset(): void {
     if (this.user === undefined) this.settings = this.loginSettings;
     else this.resetOutcome ??= 'clean';
+  }
+
+  /** Bookkeeping of a ReadyForQuery in either read path; true when it leaves the connection at a boundary. */
+  private readyReceived(user: ServerConnectionUser, statusByte: number): boolean {
+    this.readyCount += 1;
+    const boundary = this.tracker.serverMessage(MessageType.readyForQuery, statusByte);
+    if (boundary) this.events.transactionCompleted();
+    if (this.resetOutcome !== undefined && this.tracker.status === 'I') this.resolveReset(user);
+    return boundary;
   }
 
   /**

@@ -110,6 +110,37 @@ describe('budget planner', function () {
     assert.ok(replaced.grants[0]!.changed);
   });
 
+  it('counts a pod on a table that left without a drain for the departure hold, recorded in its table, then releases it', function () {
+    const now = Date.parse('2026-12-03T10:00:00Z');
+    const connection = { ...orders([web]), departureHoldSeconds: 60 };
+    const table = { generation: 3, perPod: 5, recordsChanges: true, exceptions: [] };
+    const tables = [{ namespace: 'shop', connection: 'orders', table }];
+    const onTable = (name: string, extra: Record<string, unknown> = {}): ReturnType<typeof member> => ({ ...member(name, 0, 0), connection: 'orders', tableFrom: 1, acknowledgement: { generation: 3, tableGeneration: 3, connections: 5, held: 5, drained: false }, ...extra });
+    // a's pod is gone (its node lost, the pod force-deleted): its 5 stay counted, b does not grow into them.
+    const left = planBudgets({ limit: 10, now, connections: [connection], pods: [pod('b')], members: [onTable('a'), onTable('b')], tables });
+    const recorded = left.tables[0]!.table;
+    assert.deepEqual(recorded.departed, [{ pod: 'a', uid: 'uid-a', connections: 5, until: '2026-12-03T10:01:00.000Z' }]);
+    assert.equal(left.allocated, 10);
+    assert.equal(left.connections[0]!.departed, 5);
+    assert.equal(left.nextDepartureExpiry, now + 60_000);
+    assert.equal(left.grants[0]!.grant.connections, 5, 'b waits: the departed pod may still hold 5');
+    // Its PoolMember gone (deleted, or taken by the garbage collector), the record still counts until it expires.
+    const later = planBudgets({ limit: 10, now: now + 30_000, connections: [connection], pods: [pod('b')], members: [onTable('b')], tables: [{ namespace: 'shop', connection: 'orders', table: recorded }] });
+    assert.equal(later.grants[0]!.grant.connections, 5);
+    assert.equal(later.tables[0]!.changed, false, 'nothing to write meanwhile');
+    const expired = planBudgets({ limit: 10, now: now + 60_000, connections: [connection], pods: [pod('b')], members: [onTable('b')], tables: [{ namespace: 'shop', connection: 'orders', table: recorded }] });
+    assert.equal(expired.tables[0]!.table.departed, undefined);
+    assert.equal(expired.grants[0]!.grant.connections, 10);
+    // A pod that reported its drain, or a connection without a hold, is released at once.
+    const drained = onTable('a', { acknowledgement: { generation: 3, tableGeneration: 3, connections: 0, held: 0, drained: true } });
+    assert.equal(planBudgets({ limit: 10, now, connections: [connection], pods: [pod('b')], members: [drained, onTable('b')], tables }).grants[0]!.grant.connections, 10);
+    assert.equal(planBudgets({ limit: 10, now, connections: [orders([web])], pods: [pod('b')], members: [onTable('a'), onTable('b')], tables }).grants[0]!.grant.connections, 10);
+    // A pod that finished (Failed: its node gone, marked by the pod garbage collector) without a drain is held the same way.
+    const failed = planBudgets({ limit: 10, now, connections: [connection], pods: [pod('a', 'web', { phase: 'Failed' }), pod('b')], members: [onTable('a'), onTable('b')], tables });
+    assert.deepEqual(failed.tables[0]!.table.departed?.map((d) => [d.pod, d.connections]), [['a', 5]]);
+    assert.equal(failed.grants.find((g) => g.name === 'b')!.grant.connections, 5);
+  });
+
   it('splits by weight and respects maxPerPod', function () {
     const connection = orders([
       { name: 'web', weight: 2, minPerPod: 1, processesPerPod: 4 },

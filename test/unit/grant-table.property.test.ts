@@ -5,13 +5,15 @@
  * grant. Random scale-ups, rollouts, deletions, failures, limit changes,
  * reconciles that crash after any write, acknowledgements that arrive late, twice
  * or never, over the PoolMember or over the channel to the leader (whose memory
- * a leader change loses). Safety after every step, counted from what is
- * durable only; convergence once the fleet is left alone.
+ * a leader change loses), pods lost with their node whose backends PostgreSQL
+ * keeps until its keepalives give up on them (the connections' departure hold).
+ * Safety after every step, counted from what is durable only and held by
+ * sidecars and lost backends alike; convergence once the fleet is left alone.
  */
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import {
-  deriveEntry, deriveGrant, encodeGrantTable, laterAcknowledgement, memberGrantInForce, planBudgets, tableAccount, tableWriteWaves,
+  departedHeld, deriveEntry, deriveGrant, encodeGrantTable, laterAcknowledgement, memberGrantInForce, planBudgets, tableAccount, tableWriteWaves,
   type Acknowledgement, type BudgetPlan, type ConnectionInput, type GrantTable, type MemberState, type PodInput,
 } from '../../src/core/budget/index.ts';
 
@@ -43,7 +45,16 @@ interface World {
   /** Acknowledgements the leader received over the channel, by pod uid: lost when the leader changes. */
   channel: Map<string, Acknowledgement>;
   serial: number;
+  /** The controller's clock (ms). */
+  now: number;
+  /** Backends of lost pods that PostgreSQL still holds, until it notices (at most the departure hold after the loss). */
+  lostBackends: Array<{ connections: number; until: number }>;
+  /** What pods on tables counted when they finished or went, by uid: counted until a table records their departure. */
+  left: Map<string, number>;
 }
+
+/** Every connection's departure hold in these worlds: how long PostgreSQL keeps a lost pod's backends at most. */
+const HOLD_SECONDS = 30;
 
 type Operation =
   | { kind: 'scaleUp'; consumer: number; old: boolean; annotated?: boolean }
@@ -53,7 +64,9 @@ type Operation =
   | { kind: 'use'; pod: number; connections: number }
   | { kind: 'reconcile'; writes: number; reverse?: boolean }
   | { kind: 'limit'; limit: number }
-  | { kind: 'tick'; busy: boolean; channel?: boolean };
+  | { kind: 'tick'; busy: boolean; channel?: boolean }
+  | { kind: 'lost'; pod: number; finished: boolean }
+  | { kind: 'advance'; seconds: number };
 
 const keyOf = (o: { namespace: string; name: string }): string => `${o.namespace}/${o.name}`;
 
@@ -75,8 +88,13 @@ function tableOf(world: World, p: PodInput): GrantTable | undefined {
 function plan(world: World): BudgetPlan {
   const tables = [...world.tables].map(([k, table]) => ({ namespace: k.split('/')[0]!, connection: k.split('/')[1]!, table }));
   // The leader plans with the later of each pod's PoolMember acknowledgement and the one it received over the channel.
-  const members = [...world.members.values()].map((m) => (m.tableFrom === undefined ? m : { ...m, acknowledgement: laterAcknowledgement(m.acknowledgement, world.channel.get(m.podUid)) }));
-  return planBudgets({ limit: world.limit, connections: world.connections, pods: world.pods.map((p) => p.pod), members, tables });
+  // As the controller's input does: a drain reported on the PoolMember stands whatever the channel says.
+  const merged = (m: MemberState): Acknowledgement | undefined => {
+    const later = laterAcknowledgement(m.acknowledgement, world.channel.get(m.podUid));
+    return later && m.acknowledgement?.drained ? { ...later, drained: true } : later;
+  };
+  const members = [...world.members.values()].map((m) => (m.tableFrom === undefined ? m : { ...m, acknowledgement: merged(m) }));
+  return planBudgets({ limit: world.limit, connections: world.connections, pods: world.pods.map((p) => p.pod), members, tables, now: world.now });
 }
 
 /**
@@ -98,6 +116,7 @@ function reconcile(world: World, writes: number, reverse = false): BudgetPlan {
       if (budget <= 0) continue;
       budget -= 1;
       world.tables.set(`${t.namespace}/${t.connection}`, t.table);
+      for (const d of t.table.departed ?? []) for (const [uid, m] of [...world.members].map(([, x]) => [x.podUid, x] as const)) if (uid === d.uid || (d.uid === '' && m.name === d.pod)) world.left.delete(uid);
       // The leader may stop after any write: what is durable must hold at each.
       checkSafety(world, `after writing table ${t.namespace}/${t.connection} generation ${t.table.generation}`);
     }
@@ -108,9 +127,15 @@ function reconcile(world: World, writes: number, reverse = false): BudgetPlan {
     const previous = world.members.get(keyOf(grant));
     const sameOwner = previous?.podUid === grant.podUid;
     // A new pod under an old name starts over: not on the table until its own sidecar says it reads one.
-    world.members.set(keyOf(grant), { namespace: grant.namespace, name: grant.name, podUid: grant.podUid, grant: grant.grant, acknowledgement: sameOwner ? previous?.acknowledgement : undefined, tableFrom: sameOwner ? previous?.tableFrom : grant.tableFrom });
+    world.members.set(keyOf(grant), { namespace: grant.namespace, name: grant.name, podUid: grant.podUid, connection: grant.connection, grant: grant.grant, acknowledgement: sameOwner ? previous?.acknowledgement : undefined, tableFrom: sameOwner ? previous?.tableFrom : grant.tableFrom });
   }
-  for (const orphan of result.orphans) if (!world.pods.some((p) => keyOf(p.pod) === keyOf(orphan))) world.members.delete(keyOf(orphan));
+  // The reconciler deletes orphans last, one write each, once every earlier write has landed.
+  for (const orphan of result.orphans) {
+    if (world.pods.some((p) => keyOf(p.pod) === keyOf(orphan)) || budget <= 0) continue;
+    budget -= 1;
+    world.left.delete(world.members.get(keyOf(orphan))?.podUid ?? '');
+    world.members.delete(keyOf(orphan));
+  }
   return result;
 }
 
@@ -149,8 +174,8 @@ function apply(world: World, op: Operation): void {
       break;
     }
     case 'terminate': if (p) p.pod.terminating = true; break;
-    case 'gone': if (p && (p.pod.terminating || !alive)) world.pods.splice(world.pods.indexOf(p), 1); break;
-    case 'fail': if (p) Object.assign(p.sidecar, { held: 0, allowed: 0, responsive: false }), p.pod.phase = 'Failed'; break;
+    case 'gone': if (p && (p.pod.terminating || !alive)) leave(world, p), world.pods.splice(world.pods.indexOf(p), 1); break;
+    case 'fail': if (p && alive) Object.assign(p.sidecar, { held: 0, allowed: 0, responsive: false }), p.pod.phase = 'Failed'; break;
     case 'reconcile': reconcile(world, op.writes, op.reverse); break;
     case 'limit': {
       // A lowered limit is reached as shrinks are acknowledged: until then the total may only fall.
@@ -182,6 +207,23 @@ function apply(world: World, op: Operation): void {
       }
       break;
     case 'newLeader': world.channel.clear(); break;
+    case 'lost':
+      // The node is gone: its sidecar neither drains nor answers, and PostgreSQL keeps its backends until its
+      // keepalives give up. The pod is force-deleted (its PoolMember left for the controller) or marked Failed.
+      if (p && alive) {
+        if (!op.finished) leave(world, p);
+        // Only pods on tables are held after they go (a sidecar that reads only its PoolMember is released at
+        // once, as before tables): the backends of others are modelled as closed with their sidecar.
+        if (member?.tableFrom !== undefined && member.podUid === p.pod.uid) world.lostBackends.push({ connections: p.sidecar.held, until: world.now + HOLD_SECONDS * 1000 });
+        Object.assign(p.sidecar, { held: 0, allowed: 0, responsive: false, pendingAck: undefined });
+        if (op.finished) p.pod.phase = 'Failed';
+        else world.pods.splice(world.pods.indexOf(p), 1);
+      }
+      break;
+    case 'advance':
+      world.now += op.seconds * 1000;
+      world.lostBackends = world.lostBackends.filter((b) => b.until > world.now);
+      break;
     case 'loseAck': if (p) p.sidecar.pendingAck = undefined; break;
     case 'hang': if (p) p.sidecar.responsive = false; break;
     case 'wake': if (p && alive) p.sidecar.responsive = true; break;
@@ -201,24 +243,54 @@ function apply(world: World, op: Operation): void {
  */
 function countedFor(world: World, p: SimPod): number {
   const m = world.members.get(keyOf(p.pod));
-  if (!m || m.podUid !== p.pod.uid || p.pod.phase === 'Failed') return 0;
+  if (!m || m.podUid !== p.pod.uid) return 0;
+  // A failed pod on a table counts by its entry until the table records its departure (then the record counts).
+  if (p.pod.phase === 'Failed') {
+    const recorded = [...world.tables.values()].some((t) => (t.departed ?? []).some((d) => d.uid === m.podUid));
+    return m.tableFrom === undefined || m.acknowledgement?.drained || recorded ? 0 : countedMember(world, m, tableOf(world, p.pod));
+  }
   if (p.pod.terminating && m.acknowledgement?.drained) return 0;
-  const table = tableOf(world, p.pod);
+  return countedMember(world, m, tableOf(world, p.pod));
+}
+
+function countedMember(_world: World, m: MemberState, table: GrantTable | undefined): number {
   const inForce = memberGrantInForce(m, table);
   if (inForce.fromTable && inForce.entry && table) return tableAccount(inForce.entry, table, m.tableFrom ?? 0, m.acknowledgement).reservation;
   return Math.max(inForce.connections, m.acknowledgement?.connections ?? 0);
 }
 
+/** Notes what a pod on a table counts as it goes (once): its table entry means nothing once the pod is gone from it. */
+function leave(world: World, p: SimPod): void {
+  const m = world.members.get(keyOf(p.pod));
+  if (m && m.podUid === p.pod.uid && m.tableFrom !== undefined && !world.left.has(m.podUid)) world.left.set(m.podUid, countedFor(world, p));
+}
+
+/**
+ * A pod on a table that finished or is gone without a drain: what it counted
+ * as it left, until a table records its departure (then that record counts);
+ * nothing for a sidecar that reads only its PoolMember (released at once, as
+ * before tables) or after a drain.
+ */
+function countedGone(world: World, m: MemberState): number {
+  if (m.acknowledgement?.drained) return 0;
+  return world.left.get(m.podUid) ?? 0;
+}
+
 function countedTotal(world: World): number {
-  return world.pods.reduce((sum, p) => sum + countedFor(world, p), 0);
+  let departed = 0;
+  for (const table of world.tables.values()) departed += departedHeld(table, world.now);
+  const present = new Set(world.pods.map((p) => keyOf(p.pod)));
+  let orphans = 0;
+  for (const m of world.members.values()) if (!present.has(keyOf(m))) orphans += countedGone(world, m);
+  return world.pods.reduce((sum, p) => sum + countedFor(world, p), 0) + departed + orphans;
 }
 
 function checkSafety(world: World, step: string): void {
   const counted = countedTotal(world);
   world.ceiling = Math.max(world.limit, Math.min(world.ceiling, counted));
   assert.ok(counted <= world.ceiling, `${step}: counted ${counted} > ${world.ceiling} (limit ${world.limit})`);
-  const held = world.pods.reduce((sum, p) => sum + p.sidecar.held, 0);
-  assert.ok(held <= world.ceiling, `${step}: sidecars hold ${held} > ${world.ceiling}`);
+  const held = world.pods.reduce((sum, p) => sum + p.sidecar.held, 0) + world.lostBackends.reduce((sum, b) => sum + b.connections, 0);
+  assert.ok(held <= world.ceiling, `${step}: sidecars and lost pods' backends hold ${held} > ${world.ceiling}`);
   for (const p of world.pods) {
     assert.ok(p.sidecar.allowed <= countedFor(world, p) || p.sidecar.drained || p.pod.phase === 'Failed', `${step}: ${p.pod.name} may hold ${p.sidecar.allowed}, counted ${countedFor(world, p)}`);
   }
@@ -228,6 +300,9 @@ function checkSafety(world: World, step: string): void {
 function settle(world: World): BudgetPlan {
   for (const p of world.pods) if (p.pod.phase !== 'Failed') p.sidecar.responsive = true;
   world.pods = world.pods.filter((p) => !p.pod.terminating && p.pod.phase !== 'Failed');
+  // Pods that left without a drain are counted for the departure hold, then released.
+  reconcile(world, Infinity);
+  apply(world, { kind: 'advance', seconds: 2 * HOLD_SECONDS });
   let result = reconcile(world, Infinity);
   // At least a few rounds: a sidecar that never reported is switched onto the table only after it does.
   for (let round = 0; round < 16 && (round < 3 || !(result.settled && result.tables.every((t) => !t.changed))); round += 1) {
@@ -251,8 +326,8 @@ const worldArbOf = (shape: { minConnections: number; maxConnections: number }): 
 }).map(({ limit, connections, initialPods }): World => {
   const world: World = {
     limit, ceiling: limit,
-    connections: connections.map((consumers, i) => ({ namespace: `ns${i}`, name: `db${i}`, budgetStrategy: 'Dynamic', consumers: consumers.map((k, j) => ({ name: `c${i}${j}`, ...k, processesPerPod: 1 })) })),
-    pods: [], members: new Map(), tables: new Map(), channel: new Map(), serial: 0,
+    connections: connections.map((consumers, i) => ({ namespace: `ns${i}`, name: `db${i}`, budgetStrategy: 'Dynamic', departureHoldSeconds: HOLD_SECONDS, consumers: consumers.map((k, j) => ({ name: `c${i}${j}`, ...k, processesPerPod: 1 })) })),
+    pods: [], members: new Map(), tables: new Map(), channel: new Map(), serial: 0, now: 1_800_000_000_000, lostBackends: [], left: new Map(),
   };
   for (const p of initialPods) addPod(world, p.consumer, !p.old, p.annotated);
   return world;
@@ -270,6 +345,8 @@ const operationArb: fc.Arbitrary<Operation> = fc.oneof(
   { weight: 4, arbitrary: fc.record({ pod, connections: fc.nat(30) }).map((o) => ({ kind: 'use' as const, ...o })) },
   { weight: 4, arbitrary: fc.record({ busy: fc.boolean(), channel: fc.boolean() }).map((o) => ({ kind: 'tick' as const, ...o })) },
   { weight: 1, arbitrary: fc.constant({ kind: 'newLeader' as const }) },
+  { weight: 2, arbitrary: fc.record({ pod, finished: fc.boolean() }).map((o) => ({ kind: 'lost' as const, ...o })) },
+  { weight: 2, arbitrary: fc.integer({ min: 1, max: 20 }).map((seconds) => ({ kind: 'advance' as const, seconds })) },
   ...([['terminate', 1], ['gone', 1], ['fail', 1], ['sync', 6], ['release', 3], ['deliverAck', 3], ['channelAck', 5], ['loseAck', 1], ['hang', 1], ['wake', 1], ['drain', 2]] as const)
     .map(([kind, weight]) => ({ weight, arbitrary: pod.map((i) => ({ kind, pod: i })) })),
 );
@@ -281,6 +358,8 @@ const sharedServerOperationArb: fc.Arbitrary<Operation> = fc.oneof(
   { weight: 1, arbitrary: fc.integer({ min: 0, max: 30 }).map((limit) => ({ kind: 'limit' as const, limit })) },
   { weight: 8, arbitrary: fc.record({ writes: fc.oneof(fc.constant(Infinity), fc.nat(3)), reverse: fc.boolean() }).map((o) => ({ kind: 'reconcile' as const, ...o })) },
   { weight: 6, arbitrary: fc.record({ busy: fc.boolean(), channel: fc.oneof(fc.constant(true), fc.constant(true), fc.constant(false)) }).map((o) => ({ kind: 'tick' as const, ...o })) },
+  { weight: 1, arbitrary: fc.record({ pod, finished: fc.boolean() }).map((o) => ({ kind: 'lost' as const, ...o })) },
+  { weight: 1, arbitrary: fc.integer({ min: 1, max: 20 }).map((seconds) => ({ kind: 'advance' as const, seconds })) },
   ...([['terminate', 2], ['gone', 2], ['release', 2], ['channelAck', 2], ['drain', 1], ['newLeader', 0]] as const)
     .filter(([, weight]) => weight > 0).map(([kind, weight]) => ({ weight, arbitrary: pod.map((i) => ({ kind, pod: i })) })),
 );
@@ -331,7 +410,7 @@ describe('grant tables on a simulated fleet (property)', function () {
     const world: World = {
       limit: 12, ceiling: 12,
       connections: ['a', 'b'].map((n) => ({ namespace: n, name: n, budgetStrategy: 'Dynamic' as const, consumers: [{ name: n, weight: 1, minPerPod: 0, processesPerPod: 1 }] })),
-      pods: [], members: new Map(), tables: new Map(), channel: new Map(), serial: 0,
+      pods: [], members: new Map(), tables: new Map(), channel: new Map(), serial: 0, now: 1_800_000_000_000, lostBackends: [], left: new Map(),
     };
     for (const c of [0, 0, 1, 1]) addPod(world, c, true);
     settle(world);

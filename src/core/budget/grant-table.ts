@@ -29,6 +29,23 @@ export interface GrantException extends ChangeInFlight {
   pods: string[];
 }
 
+/**
+ * A pod that left (deleted, or finished) without its sidecar having reported
+ * a drain: PostgreSQL may still hold its backends (a lost node's connections
+ * end only when the server notices its peer is gone), so what it may hold
+ * stays counted against the limit until `until`.
+ */
+export interface DepartedPod {
+  /** The pod's (and its PoolMember's) name. */
+  pod: string;
+  /** The pod's UID; '' when only its name was known (a table lists pods by name). */
+  uid: string;
+  /** What it may still hold: its reservation when it left. */
+  connections: number;
+  /** RFC 3339: counted until then. */
+  until: string;
+}
+
 /** A grant table (PoolGrant spec without its connection name). */
 export interface GrantTable {
   /** Increases with every change of the table. */
@@ -46,6 +63,8 @@ export interface GrantTable {
   recordsChanges?: boolean | undefined;
   /** Sorted by connections, then drain, then change in flight. */
   exceptions: GrantException[];
+  /** Pods gone without a drain, still counted (sorted by pod, then uid); no sidecar derives a grant from them. */
+  departed?: DepartedPod[] | undefined;
 }
 
 /** One pod's entry before encoding. */
@@ -69,6 +88,7 @@ export interface GrantTableSpec {
   perPodReleasing?: number | undefined;
   recordsChanges?: boolean | undefined;
   exceptions?: ReadonlyArray<{ connections: number; drain?: boolean | undefined; since?: number | undefined; releasing?: number | undefined; pods?: readonly string[] | undefined }> | undefined;
+  departed?: ReadonlyArray<{ pod: string; uid?: string | undefined; connections: number; until: string }> | undefined;
 }
 
 /** The table a PoolGrant spec carries (the one conversion every reader uses). */
@@ -86,7 +106,21 @@ export function grantTableOf(spec: GrantTableSpec): GrantTable {
       ...(e.releasing === undefined ? {} : { releasing: e.releasing }),
       pods: [...(e.pods ?? [])],
     })),
+    ...(spec.departed !== undefined && spec.departed.length > 0 ? { departed: spec.departed.map((d) => ({ pod: d.pod, uid: d.uid ?? '', connections: d.connections, until: d.until })) } : {}),
   };
+}
+
+/** What the table's departed pods may still hold at `now` (ms since the epoch): those whose `until` has not passed. */
+export function departedHeld(table: Pick<GrantTable, 'departed'> | undefined, now: number): number {
+  let sum = 0;
+  for (const d of table?.departed ?? []) if (departedCounts(d, now)) sum += d.connections;
+  return sum;
+}
+
+/** A departed pod still counts at `now`: its `until` has not passed (an unreadable time counts: safe). */
+export function departedCounts(d: DepartedPod, now: number): boolean {
+  const until = Date.parse(d.until);
+  return Number.isNaN(until) || until > now;
 }
 
 /** What a pod's sidecar derives from a table. */
@@ -250,7 +284,7 @@ export function tableWriteWaves(tables: ReadonlyArray<{ namespace: string; conne
 
 /** The table's content without its generation, for comparing two tables. */
 export function tableContent(table: GrantTable): string {
-  return JSON.stringify([table.perPod, table.perPodSince ?? null, table.perPodReleasing ?? null, table.recordsChanges === true, table.exceptions.map((e) => [e.connections, e.drain === true, e.since ?? null, e.releasing ?? null, e.pods])]);
+  return JSON.stringify([table.perPod, table.perPodSince ?? null, table.perPodReleasing ?? null, table.recordsChanges === true, table.exceptions.map((e) => [e.connections, e.drain === true, e.since ?? null, e.releasing ?? null, e.pods]), (table.departed ?? []).map((d) => [d.pod, d.uid, d.connections, d.until])]);
 }
 
 /** The heartbeat of a small fleet: a sidecar renews its status every 10 s. */

@@ -5,7 +5,7 @@
  * docs/budget.md explains the algorithm.
  */
 import { fairShares, type ShareUnit } from './fair-share.ts';
-import { encodeGrantTable, memberGrantInForce, tableAccount, tableContent, type GrantTable, type TableEntry } from './grant-table.ts';
+import { departedCounts, deriveEntry, encodeGrantTable, memberGrantInForce, tableAccount, tableContent, type DepartedPod, type GrantTable, type TableEntry } from './grant-table.ts';
 import type {
   BudgetInput, BudgetPlan, ConnectionInput, ConnectionSummary, ConsumerInput, ConsumerSummary, GrantInForce, GrantWait,
   MemberState, ObjectKey, Oversubscription, PlannedTable, PodGrant, PodInput,
@@ -47,6 +47,8 @@ interface PodState {
   since?: number | undefined;
   /** Its PoolMember exists but its sidecar has never reported: it is not grown until it answers. */
   silent: boolean;
+  /** A finished pod whose sidecar never reported a drain: what it may still have held (0 otherwise). */
+  leftHolding: number;
 }
 
 function podKey(o: ObjectKey): string {
@@ -123,13 +125,100 @@ function joinPodsWithMembers(pods: readonly PodInput[], members: readonly Member
       // Switched onto a table that does not cover it yet: the switch is in flight until the sidecar acknowledges from the table.
       since = tableFrom;
     }
+    const leftHolding = role === 'finished' && ack?.drained !== true ? reservation : 0;
     if (role === 'finished' || drainedAway) reservation = 0;
     const onTable = tableFrom !== undefined;
     const tablePending = onTable && (table === undefined || table.generation < tableFrom);
-    states.push({ pod, key, role, consumer: role === 'live' ? consumer : undefined, grant, mustWrite: !member, acknowledged, reservation, onTable, tablePending, tableFrom, reportedTableGeneration: ack?.tableGeneration, since, silent: member !== undefined && ack === undefined });
+    states.push({ pod, key, role, consumer: role === 'live' ? consumer : undefined, grant, mustWrite: !member, acknowledged, reservation, onTable, tablePending, tableFrom, reportedTableGeneration: ack?.tableGeneration, since, silent: member !== undefined && ack === undefined, leftHolding });
   }
   for (const m of members) if (!podKeys.has(podKey(m))) orphans.push({ namespace: m.namespace, name: m.name });
   return { states: states.sort(byKey), orphans };
+}
+
+/** Each table's departed pods after this pass, and what they hold, by `namespace/connection`. */
+interface Departures {
+  lists: Map<string, DepartedPod[]>;
+  held: Map<string, number>;
+}
+
+/**
+ * Step 2b: pods that left without their sidecar reporting a drain. PostgreSQL
+ * ends the backends of a peer that vanished (a lost node, a killed sidecar
+ * in a statement) only once it notices, so what such a pod may hold stays
+ * counted for its connection's `departureHoldSeconds`, recorded in its table
+ * (the one durable record that outlives the pod and its PoolMember): the
+ * table's departed pods still counting, plus pods that finished without a
+ * drain, PoolMembers whose pod is gone and pods the table lists by name that
+ * are gone. A departure is recorded in the same table write that drops the
+ * pod's grant, so what is durable never counts less than what may be held.
+ */
+function planDepartures(input: BudgetInput, states: readonly PodState[], tables: ReadonlyMap<string, GrantTable>): Departures {
+  const lists = new Map<string, DepartedPod[]>();
+  const held = new Map<string, number>();
+  const now = input.now;
+  if (now === undefined) return { lists, held };
+  const holdMs = new Map(input.connections.map((c) => [`${c.namespace}/${c.name}`, Math.max(0, c.departureHoldSeconds ?? 0) * 1000]));
+  const presentNames = new Set(input.pods.map((p) => podKey(p)));
+  const memberNames = new Set(input.members.map((m) => podKey(m)));
+  const add = (connection: string, d: DepartedPod): void => {
+    const list = lists.get(connection) ?? [];
+    lists.set(connection, list);
+    // Once per pod: a known UID is the pod; a name alone stands for whichever pod of that name left.
+    if (list.some((x) => x.pod === d.pod && (x.uid === d.uid || x.uid === '' || d.uid === ''))) return;
+    list.push(d);
+  };
+  // Kept first, so a pod already recorded keeps its first `until`. A record past its `until` counts
+  // nothing but stays while the pod's PoolMember does, so that the PoolMember is not recorded again.
+  const livePodUids = new Map(input.pods.map((p) => [podKey(p), p.uid]));
+  const orphanUids = new Set(input.members.filter((m) => livePodUids.get(podKey(m)) !== m.podUid).map((m) => m.podUid));
+  for (const [k, table] of tables) {
+    for (const d of table.departed ?? []) if (departedCounts(d, now) || (d.uid !== '' && orphanUids.has(d.uid))) add(k, d);
+  }
+  const untilFor = (connection: string): string | undefined => {
+    const ms = holdMs.get(connection) ?? 0;
+    return ms > 0 ? new Date(now + ms).toISOString() : undefined;
+  };
+  for (const s of states) {
+    if (s.leftHolding <= 0 || !s.onTable) continue;
+    const k = `${s.pod.namespace}/${s.pod.connection}`;
+    const until = untilFor(k);
+    if (until !== undefined) add(k, { pod: s.pod.name, uid: s.pod.uid, connections: s.leftHolding, until });
+  }
+  for (const m of input.members) {
+    // Pods on tables only: a sidecar that reads its PoolMember alone is released at once, as before tables.
+    if (m.connection === undefined || m.tableFrom === undefined || livePodUids.get(podKey(m)) === m.podUid || m.acknowledgement?.drained === true) continue;
+    const k = `${m.namespace}/${m.connection}`;
+    const until = untilFor(k);
+    const table = tables.get(k);
+    if (until === undefined) continue;
+    const inForce = memberGrantInForce(m, table);
+    const ack = m.acknowledgement;
+    const holding = inForce.fromTable && inForce.entry && table && m.tableFrom !== undefined
+      ? tableAccount(inForce.entry, table, m.tableFrom, ack).reservation
+      : Math.max(inForce.connections, ack?.connections ?? 0, ack?.held ?? 0);
+    // Recorded even at 0: once the pod's entry is gone from the table, deriving it again would give the
+    // table's default, which a later table may raise; the record says what the pod held when it left.
+    add(k, { pod: m.name, uid: m.podUid, connections: holding, until });
+  }
+  for (const [k, table] of tables) {
+    const until = untilFor(k);
+    if (until === undefined) continue;
+    const namespace = k.slice(0, k.indexOf('/'));
+    for (const e of table.exceptions) {
+      for (const name of e.pods) {
+        // A pod whose PoolMember is still there is judged by it (above): it may have reported its drain.
+        if (presentNames.has(`${namespace}/${name}`) || memberNames.has(`${namespace}/${name}`)) continue;
+        const entry = deriveEntry(table, name);
+        const holding = Math.max(entry.connections, entry.releasing ?? 0);
+        if (holding > 0) add(k, { pod: name, uid: '', connections: holding, until });
+      }
+    }
+  }
+  for (const [k, list] of lists) {
+    list.sort((a, b) => (a.pod < b.pod ? -1 : a.pod > b.pod ? 1 : a.uid < b.uid ? -1 : a.uid > b.uid ? 1 : 0));
+    held.set(k, list.reduce((sum, d) => sum + (departedCounts(d, now) ? d.connections : 0), 0));
+  }
+  return { lists, held };
 }
 
 /**
@@ -266,7 +355,7 @@ function describeOversubscription(consumers: Map<string, ConsumerContext>, requi
  * acknowledged (the reservation stays max(grant, acknowledged)). Grows take
  * only capacity that is free now: minimums first, then the rest, in key order.
  */
-function stepTowardTargets(states: readonly PodState[], targets: Map<string, number>, limit: number, caps: readonly CapGroup[]): Map<string, GrantInForce> {
+function stepTowardTargets(states: readonly PodState[], targets: Map<string, number>, limit: number, caps: readonly CapGroup[], departed: ReadonlyMap<string, number>): Map<string, GrantInForce> {
   const next = new Map<string, GrantInForce>();
   const targetOf = (s: PodState): number => (s.role === 'live' ? (targets.get(s.key) ?? 0) : 0);
   for (const s of states) {
@@ -276,13 +365,16 @@ function stepTowardTargets(states: readonly PodState[], targets: Map<string, num
     const shrink = s.grant.connections > target && ((s.acknowledged && s.reservation > 0) || (s.onTable && s.reservation === 0));
     next.set(s.key, shrink ? { connections: target, generation: s.grant.generation + 1 } : s.grant);
   }
-  let free = limit - states.reduce((sum, s) => sum + s.reservation, 0);
+  // Departed pods' reservations count as held: by the limit, and by every cap of their connection.
+  const departedTotal = [...departed.values()].reduce((sum, n) => sum + n, 0);
+  let free = limit - states.reduce((sum, s) => sum + s.reservation, 0) - departedTotal;
   // A pod without its PoolMember yet starts at 0 (docs/protocol.md rule 1); it grows on the next pass.
   // A pod whose sidecar has not answered yet (still Pending, say) is not grown: nothing is held for a sidecar that may never come.
   const growable = states.filter((s) => s.role === 'live' && s.acknowledged && !s.mustWrite && !s.silent && s.grant.connections < targetOf(s));
   const reservations = new Map(states.map((s) => [s.key, s.reservation]));
   // A cap is free by what its group's pods do not reserve, exactly as the limit is.
-  const capFree = new Map(caps.map((g) => [g.key, g.limit - states.reduce((sum, s) => sum + (g.connections.has(connectionKey(s.pod)) ? s.reservation : 0), 0)]));
+  const capFree = new Map(caps.map((g) => [g.key, g.limit - states.reduce((sum, s) => sum + (g.connections.has(connectionKey(s.pod)) ? s.reservation : 0), 0)
+    - [...departed].reduce((sum, [k, n]) => sum + (g.connections.has(k) ? n : 0), 0)]));
   const capsOf = (s: PodState): CapGroup[] => caps.filter((g) => g.connections.has(connectionKey(s.pod)));
   const raise = (s: PodState, upTo: number): void => {
     const current = next.get(s.key) ?? s.grant;
@@ -312,7 +404,7 @@ function waitOf(s: PodState, grant: GrantInForce, target: number): GrantWait {
 /** Step 5: the per-pod grants, per-connection summaries and totals. */
 function summarize(
   input: BudgetInput, states: readonly PodState[], consumers: Map<string, ConsumerContext>,
-  targets: Map<string, number>, slotShares: Map<string, number>, next: Map<string, GrantInForce>,
+  targets: Map<string, number>, slotShares: Map<string, number>, next: Map<string, GrantInForce>, departed: ReadonlyMap<string, number>,
 ): Pick<BudgetPlan, 'grants' | 'connections' | 'allocated' | 'settled'> {
   const grants: PodGrant[] = states.map((s) => {
     const grant = next.get(s.key) ?? s.grant;
@@ -354,9 +446,11 @@ function summarize(
       const perPodBudget = context && slotShares.has(context.key) ? (slotShares.get(context.key) ?? 0) : pods.minTarget;
       return { name: consumer.name, pods: pods.pods, perPodBudget, perProcessBudget: Math.floor(perPodBudget / consumer.processesPerPod) };
     });
+    const held = departed.get(`${connection.namespace}/${connection.name}`) ?? 0;
     return {
       namespace: connection.namespace, name: connection.name, pods: tally.live,
-      allocated: tally.allocated,
+      allocated: tally.allocated + held,
+      ...(held > 0 ? { departed: held } : {}),
       consumers: consumerSummaries,
       perPodBudget: consumerSummaries.map((c) => `${c.name}=${c.perPodBudget}`).join(' '),
       podsWaiting: tally.waiting,
@@ -364,7 +458,7 @@ function summarize(
   });
   return {
     grants, connections,
-    allocated: grants.reduce((sum, g) => sum + g.reservation, 0),
+    allocated: grants.reduce((sum, g) => sum + g.reservation, 0) + [...departed.values()].reduce((sum, n) => sum + n, 0),
     settled: grants.every((g) => g.waitingFor === 'none'),
   };
 }
@@ -379,8 +473,14 @@ function summarize(
  * carries its `releases` (see PlannedTable), for when another table's grows
  * must wait for what this one records.
  */
-function planTables(states: readonly PodState[], next: Map<string, GrantInForce>, tables: ReadonlyMap<string, GrantTable>): { planned: PlannedTable[]; generations: Map<string, number> } {
+function planTables(states: readonly PodState[], next: Map<string, GrantInForce>, tables: ReadonlyMap<string, GrantTable>, departed: ReadonlyMap<string, readonly DepartedPod[]>): { planned: PlannedTable[]; generations: Map<string, number> } {
   const byConnection = new Map<string, { namespace: string; connection: string; pods: PodState[]; pending: number; reported: number }>();
+  // Every table in force is planned, even with none of its pods left: it still lists pods that left
+  // (by name, or as departed), and a pod that left must not stay listed once its PoolMember is gone.
+  for (const k of new Set([...tables.keys(), ...departed.keys()])) {
+    const slash = k.indexOf('/');
+    byConnection.set(k, { namespace: k.slice(0, slash), connection: k.slice(slash + 1), pods: [], pending: 0, reported: 0 });
+  }
   for (const s of states) {
     if (!s.onTable) continue;
     const k = `${s.pod.namespace}/${s.pod.connection}`;
@@ -399,12 +499,14 @@ function planTables(states: readonly PodState[], next: Map<string, GrantInForce>
     const nextGeneration = Math.max((current?.generation ?? 0) + 1, group.pending, group.reported + 1);
     const grown = (s: PodState): boolean => (next.get(s.key) ?? s.grant).connections > s.grant.connections;
     const grows = group.pods.some(grown);
-    const releasesDraft = grows ? encodeGrantTable(group.pods.map((s) => tableEntry(s, grown(s) ? s.grant : (next.get(s.key) ?? s.grant), nextGeneration)), nextGeneration) : undefined;
+    const gone = departed.get(k) ?? [];
+    const withDeparted = (t: GrantTable): GrantTable => (gone.length > 0 ? { ...t, departed: [...gone] } : t);
+    const releasesDraft = grows ? withDeparted(encodeGrantTable(group.pods.map((s) => tableEntry(s, grown(s) ? s.grant : (next.get(s.key) ?? s.grant), nextGeneration)), nextGeneration)) : undefined;
     const releases = releasesDraft && current !== undefined && (group.pending > 0 || tableContent(releasesDraft) !== tableContent(current)) ? releasesDraft : undefined;
     const finalGeneration = releases ? nextGeneration + 1 : nextGeneration;
     // A grown pod's change is acknowledged from the final table on; the others' from the first.
     const entries = group.pods.map((s) => tableEntry(s, next.get(s.key) ?? s.grant, grown(s) ? finalGeneration : nextGeneration));
-    const draft = encodeGrantTable(entries, current?.generation ?? 0);
+    const draft = withDeparted(encodeGrantTable(entries, current?.generation ?? 0));
     const changed = current === undefined || group.pending > 0 || tableContent(draft) !== tableContent(current);
     const generation = changed ? finalGeneration : (current?.generation ?? 0);
     generations.set(k, generation);
@@ -438,15 +540,26 @@ export function planBudgets(input: BudgetInput): BudgetPlan {
   const consumers = indexConsumers(input.connections, input.pods);
   const tables = new Map((input.tables ?? []).map((t) => [`${t.namespace}/${t.connection}`, t.table]));
   const { states, orphans } = joinPodsWithMembers(input.pods, input.members, consumers, tables);
+  const departures = planDepartures(input, states, tables);
   const caps = capGroups(input.connections);
   const { targets, slotShares, oversubscription } = fairTargets(states, consumers, limit, caps);
-  const next = stepTowardTargets(states, targets, limit, caps);
-  const planned = planTables(states, next, tables);
+  const next = stepTowardTargets(states, targets, limit, caps, departures.held);
+  const planned = planTables(states, next, tables, departures.lists);
   // A pod on a table whose grant changes gets the table's new generation.
   for (const s of states) {
     const grant = next.get(s.key);
     const generation = planned.generations.get(`${s.pod.namespace}/${s.pod.connection}`);
     if (s.onTable && grant && grant !== s.grant && generation !== undefined) next.set(s.key, { connections: grant.connections, generation });
   }
-  return { limit, ...summarize(input, states, consumers, targets, slotShares, next), oversubscription, orphans, tables: planned.planned };
+  let nextDepartureExpiry: number | undefined;
+  for (const list of departures.lists.values()) {
+    for (const d of list) {
+      const until = Date.parse(d.until);
+      if (!Number.isNaN(until) && until > (input.now ?? 0) && (nextDepartureExpiry === undefined || until < nextDepartureExpiry)) nextDepartureExpiry = until;
+    }
+  }
+  return {
+    limit, ...summarize(input, states, consumers, targets, slotShares, next, departures.held), oversubscription, orphans, tables: planned.planned,
+    ...(nextDepartureExpiry === undefined ? {} : { nextDepartureExpiry }),
+  };
 }

@@ -46,6 +46,13 @@ export interface ConnectionInput extends ObjectKey {
   consumers: readonly ConsumerInput[];
   /** Caps it shares with other connections of the same role or database; the strictest limit of one key wins. */
   caps?: readonly ConnectionCap[] | undefined;
+  /**
+   * Seconds a pod that left without its sidecar reporting a drain (deleted
+   * with a lost node, killed, finished) stays counted at what it may hold:
+   * how long PostgreSQL may keep the backends of a peer that vanished.
+   * Absent or 0: released at once.
+   */
+  departureHoldSeconds?: number | undefined;
 }
 
 /** Pod phases as Kubernetes reports them. */
@@ -93,6 +100,8 @@ export interface MemberState extends ObjectKey {
   grant: GrantInForce;
   /** Absent until the sidecar first writes status. */
   acknowledgement?: Acknowledgement | undefined;
+  /** The DatabaseConnection (same namespace) it belongs to: spec.connection. */
+  connection?: string | undefined;
   /**
    * spec.tableFrom: from this grant-table generation on, the pod's grant is
    * derived from its connection's table instead of `grant`. Absent: `grant`.
@@ -132,6 +141,12 @@ export interface BudgetInput {
   members: readonly MemberState[];
   /** The grant tables in force (absent or empty: none written yet). */
   tables?: readonly TableState[] | undefined;
+  /**
+   * The time of this pass (ms since the epoch), against which the tables'
+   * departed pods expire and new ones are dated. Absent: departures are
+   * neither recorded nor counted.
+   */
+  now?: number | undefined;
 }
 
 /** Why a pod's grant is not yet its target. */
@@ -181,6 +196,8 @@ export interface ConnectionSummary extends ObjectKey {
   perPodBudget: string;
   /** Live pods whose grant is not yet their target. */
   podsWaiting: number;
+  /** What pods that left without a drain may still hold (in `allocated`). */
+  departed?: number | undefined;
 }
 
 /** The minimums do not fit the limit. */
@@ -208,4 +225,6 @@ export interface BudgetPlan {
   settled: boolean;
   /** One grant table per DatabaseConnection with pods on tables. */
   tables: PlannedTable[];
+  /** When the first departed pod of a table stops counting (ms since the epoch): plan again then. */
+  nextDepartureExpiry?: number | undefined;
 }

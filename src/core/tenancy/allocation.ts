@@ -14,7 +14,7 @@
  * planner's own shrink-before-grow holds, so the server's total never
  * exceeds the limit, even while one namespace shrinks and another grows.
  */
-import { memberGrantInForce } from '../budget/grant-table.ts';
+import { departedHeld, memberGrantInForce } from '../budget/grant-table.ts';
 import { planBudgets } from '../budget/planner.ts';
 import type { BudgetInput, BudgetPlan, ConnectionCap, MemberState, Oversubscription, PodInput } from '../budget/types.ts';
 import { selectorMatches } from '../inject/consumer.ts';
@@ -152,7 +152,14 @@ function inNamespace(input: BudgetInput, namespace: string, limit: number): Budg
     pods: input.pods.filter((p) => p.namespace === namespace),
     members: input.members.filter((m) => m.namespace === namespace),
     ...(input.tables ? { tables: input.tables.filter((t) => t.namespace === namespace) } : {}),
+    ...(input.now === undefined ? {} : { now: input.now }),
   };
+}
+
+/** The earliest departure expiry of the namespaces' plans. */
+function nextExpiry(plans: readonly BudgetPlan[]): { nextDepartureExpiry?: number } {
+  const times = plans.map((p) => p.nextDepartureExpiry).filter((t): t is number => t !== undefined);
+  return times.length > 0 ? { nextDepartureExpiry: Math.min(...times) } : {};
 }
 
 /**
@@ -192,6 +199,15 @@ class CrossNamespaceCaps {
         if (entry) entry.held.set(m.namespace, (entry.held.get(m.namespace) ?? 0) + reservationOf(m, input, podConnection));
       }
     }
+    if (input.now !== undefined) {
+      for (const t of input.tables ?? []) {
+        const gone = departedHeld(t.table, input.now);
+        for (const cap of gone > 0 ? (capsOf.get(`${t.namespace}/${t.connection}`) ?? []) : []) {
+          const entry = this.caps.get(cap.key);
+          if (entry) entry.held.set(t.namespace, (entry.held.get(t.namespace) ?? 0) + gone);
+        }
+      }
+    }
     for (const entry of this.caps.values()) {
       const namespaces = [...entry.namespaces].sort();
       const live = namespaces.map((ns) => input.pods.filter((p) => p.namespace === ns && isLive(p) && (capsOf.get(`${ns}/${p.connection}`) ?? []).some((x) => this.caps.get(x.key) === entry)).length);
@@ -221,6 +237,7 @@ class CrossNamespaceCaps {
       if (!entry.namespaces.has(namespace)) continue;
       let sum = 0;
       for (const g of plan.grants) if ((this.capsOf.get(`${namespace}/${g.connection}`) ?? []).some((x) => x.key === key)) sum += g.reservation;
+      for (const c of plan.connections) if ((this.capsOf.get(`${c.namespace}/${c.name}`) ?? []).some((x) => x.key === key)) sum += c.departed ?? 0;
       entry.held.set(namespace, sum);
     }
   }
@@ -241,6 +258,8 @@ export function planWithShares(input: BudgetInput, shares: ReadonlyMap<string, n
   const held = new Map<string, number>();
   const podConnection = new Map(input.pods.map((p) => [`${p.namespace}/${p.name}`, p.connection]));
   for (const m of input.members) held.set(m.namespace, (held.get(m.namespace) ?? 0) + reservationOf(m, input, podConnection));
+  // What a namespace's departed pods may still hold is held too (each namespace's own plan counts them again).
+  if (input.now !== undefined) for (const t of input.tables ?? []) held.set(t.namespace, (held.get(t.namespace) ?? 0) + departedHeld(t.table, input.now));
   // Namespaces that give back go first, so those that grow can use it as soon as it is acknowledged.
   const order = [...namespaces].sort((a, b) => ((shares.get(a) ?? 0) - (held.get(a) ?? 0)) - ((shares.get(b) ?? 0) - (held.get(b) ?? 0)) || a.localeCompare(b));
   const caps = new CrossNamespaceCaps(input, podConnection);
@@ -272,6 +291,7 @@ export function planWithShares(input: BudgetInput, shares: ReadonlyMap<string, n
       orphans: plans.flatMap((p) => p.orphans),
       tables: plans.flatMap((p) => p.tables),
       settled,
+      ...nextExpiry(plans),
     },
     limits,
     byNamespace,

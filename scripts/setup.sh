@@ -2,7 +2,7 @@
 # Idempotent set-up of everything the demo and the tests run on:
 # Debian's PostgreSQL, OpenSSH server and PgBouncer, the database drivers the
 # driver compatibility tests run (psycopg 3, psycopg2, asyncpg for Debian's
-# python3, pgjdbc for the installed Java), and the pinned Kubernetes binaries
+# python3, pgjdbc for the installed Java, DBD::Pg for Debian's perl), and the pinned Kubernetes binaries
 # built from Go modules (cached per version). Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,8 @@ for module in psycopg:python3-psycopg psycopg2:python3-psycopg2 asyncpg:python3-
   /usr/bin/python3 -c "import ${module%%:*}" >/dev/null 2>&1 || missing+=("${module#*:}")
 done
 [ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
+# Perl DBD::Pg for Debian's own perl (its DBI comes with it).
+/usr/bin/perl -MDBD::Pg -e 1 >/dev/null 2>&1 || missing+=(libdbd-pg-perl)
 
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then

@@ -17,7 +17,7 @@ import type { Logger } from 'pino';
 import {
   FrameReader, MessageType, NO_SETTINGS, ProtocolError, UNTYPED, authenticationOk, backendKeyData, classifySessionCommand, clientSettingsFromStartup, laterSessionCommands,
   changeSettings, commandComplete, errorResponse, firstTextParameter, setConfigSql, isFrontendMessageType, messageTypeTable, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery,
-  serverSettingsAfter, startupSettings, unnamedStatementEffect, type ClientSettings, type NoticeFields, type PinReason, type SettingChange,
+  mayHoldSeveralStatements, sequenceRead, serverSettingsAfter, startupSettings, unnamedStatementEffect, type ClientSettings, type NoticeFields, type PinReason, type SettingChange,
 } from '../core/protocol/index.ts';
 import { routeMessage, unnamedStatement, type ClientStatements } from '../core/pool-state/index.ts';
 import type { SidecarMetrics } from './metrics.ts';
@@ -65,6 +65,14 @@ export interface ClientSessionHost {
 type Phase = 'startup' | 'login' | 'ready' | 'closed';
 
 const NOTHING = Buffer.alloc(0);
+
+/** A Query that begins a transaction block (BEGIN, START TRANSACTION): it runs no statement that could call nextval(). */
+function startsTransaction(buffer: Buffer, start: number, end: number): boolean {
+  let i = start;
+  while (i < end && (buffer[i] === 0x20 || buffer[i] === 0x09 || buffer[i] === 0x0a || buffer[i] === 0x0d)) i++;
+  const word = buffer.toString('latin1', i, Math.min(end, i + 6)).toLowerCase();
+  return (word.startsWith('begin') || word === 'start ') && !mayHoldSeveralStatements(buffer, i, end);
+}
 /** Messages longer than this are streamed (see FrameReader); PgBouncer's pkt_buf plays the same role. */
 export const STREAM_ABOVE_BYTES = 256 * 1024;
 const CLIENT_STREAMABLE = messageTypeTable('QdBPF');
@@ -140,6 +148,19 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   checkSettings = false;
   /** Session state that keeps this client on its server connection (transaction mode). */
   private pinnedBy: PinReason | undefined;
+  /**
+   * Transaction mode, where the session's sequence values (what currval()
+   * and lastval() read: its last nextval()) are: the one server connection
+   * every transaction of it ran on (null once there were two), that
+   * connection's sequenceTurn when it came to this client, and whether a
+   * statement ran on the connection it holds (so a nextval() of its own may
+   * have come before). See checkSequenceRead.
+   */
+  private sequenceServer: ServerConnection | null | undefined;
+  private sequenceTurn = 0;
+  private ranSinceLent = false;
+  /** The idle server connection the pool must lend next (the one holding the session's sequence values). */
+  preferredServer: ServerConnection | undefined;
   /** A LISTEN/UNLISTEN the sidecar answers itself is under way: later messages wait. */
   private localCommand = false;
   /**
@@ -276,6 +297,10 @@ export class ClientSession implements PoolWaiter, NotificationListener {
             }
             if (this.unnamedSetting && this.pinnedBy === undefined) this.followUnnamedSetting(type, reader.buffer, reader.bodyStart, reader.end);
             if (this.settingStatements !== undefined && this.pinnedBy === undefined) this.followSettingStatements(type, reader.buffer, reader.bodyStart, reader.end);
+            if (this.pinnedBy === undefined) {
+              if ((type === MessageType.query || type === MessageType.parse) && !this.checkSequenceRead(type, reader.buffer, reader.bodyStart, reader.end)) return;
+              if (type === MessageType.bind || type === MessageType.execute || type === MessageType.functionCall || (type === MessageType.query && !startsTransaction(reader.buffer, reader.bodyStart, reader.end))) this.ranSinceLent = true;
+            }
             if ((type === MessageType.query || type === MessageType.parse) && this.pinnedBy === undefined) {
               const nothingQueued = runBuffer === undefined && this.pendingTypes.length === 0 && this.pendingChunks.length === 0 && this.server === undefined && !this.localCommand;
               // Answered by the sidecar itself (LISTEN through the notification hub): not forwarded.
@@ -606,6 +631,51 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     return messages.length === 0 ? undefined : Buffer.concat(messages);
   }
 
+  /**
+   * A statement that calls currval() or lastval() reads the session's last
+   * nextval(), which stays on the backend that ran it. Let through, it pins
+   * the client (its later reads then find its later nextval()s), when its
+   * answer is the session's own: a statement before it on the same server
+   * connection may have called nextval(); or every transaction of the
+   * client ran on that one connection and no other client had it since
+   * (the client then gets that connection back if it holds none); or the
+   * client ran nothing yet. Otherwise the server connection holds another
+   * client's values or none: the client is told why instead of getting
+   * them. False if it was refused (the session is closed).
+   */
+  private checkSequenceRead(type: number, buffer: Buffer, bodyStart: number, end: number): boolean {
+    let textStart = bodyStart;
+    if (type === MessageType.parse) {
+      const nameEnd = buffer.indexOf(0, bodyStart);
+      if (nameEnd < 0 || nameEnd >= end) return true;
+      textStart = nameEnd + 1;
+    }
+    const read = sequenceRead(buffer, textStart, end);
+    if (read === undefined) return true;
+    const home = this.sequenceServer;
+    const own = home !== undefined && home !== null && home.sequenceClient === this && home.sequenceTurn === this.sequenceTurn;
+    if (read === 'reads-after-write' || this.ranSinceLent || home === undefined || (own && this.server === home)) {
+      this.pin('sequence');
+      return true;
+    }
+    if (own && this.server === undefined && !this.waiting && this.host.pool.isIdle(home)) {
+      this.preferredServer = home;
+      this.pin('sequence');
+      return true;
+    }
+    this.refuseSequenceRead();
+    return false;
+  }
+
+  private refuseSequenceRead(): void {
+    this.host.metrics.error('sequence-read-refused');
+    this.fail({
+      severity: 'FATAL', code: '0A000',
+      message: 'currval() and lastval() through the poolkeeper sidecar in transaction mode: this session\'s sequence values stay on the server connection of the transaction that called nextval(), and the one this statement would run on holds another client\'s or none',
+      hint: 'read the value in the transaction that called nextval() (INSERT ... RETURNING, or the same BEGIN ... COMMIT block), or use pool.mode: session',
+    });
+  }
+
   private pin(reason: PinReason): void {
     // Pinned once, for its first reason: counted and logged once.
     if (this.pinnedBy !== undefined) return;
@@ -907,6 +977,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
     this.server = server;
     this.ownReadBufferWhileServed();
+    if (this.host.mode === 'transaction' && this.phase === 'ready' && !this.followSequences(server)) return;
     if (this.settingChanges !== undefined) server.tracker.watch(this.settingWatchAfter);
     if (this.checkSettings && shown !== undefined) {
       const values = new Map<string, string>();
@@ -922,6 +993,25 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
     this.forward();
     if (this.pausedWaiting) this.resumeWaiting();
+  }
+
+  /** Keeps track of where the session's sequence values are (see checkSequenceRead); false if the client was refused. */
+  private followSequences(server: ServerConnection): boolean {
+    const preferred = this.preferredServer;
+    this.preferredServer = undefined;
+    if (server.sequenceClient !== this) {
+      server.sequenceClient = this;
+      server.sequenceTurn += 1;
+    }
+    if (this.sequenceServer === undefined) {
+      this.sequenceServer = server;
+      this.sequenceTurn = server.sequenceTurn;
+    } else if (this.sequenceServer !== server) this.sequenceServer = null;
+    if (preferred === undefined || preferred === server) return true;
+    // The connection it was promised failed its check before use: another one holds none of its values.
+    this.releaseServer(true);
+    this.refuseSequenceRead();
+    return false;
   }
 
   private resumeWaiting(): void {
@@ -999,6 +1089,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     if (this.hubSync === 'done') this.hubSync = 'none';
     if (server === undefined) return;
     this.server = undefined;
+    this.ranSinceLent = false;
     this.ownReadBufferWhileServed();
     if (this.settingChanges !== undefined) {
       this.resolveSettingChanges(server, this.settingChanges);

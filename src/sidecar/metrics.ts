@@ -26,6 +26,7 @@ export type SidecarErrorKind =
   | 'client-protocol'
   | 'client-auth'
   | 'prepared-statement-refused'
+  | 'sequence-read-refused'
   | 'pool-timeout'
   | 'server-connect'
   | 'server-login'

@@ -33,6 +33,8 @@ export interface PoolWaiter extends ServerConnectionUser {
   readonly settings: ClientSettings;
   /** Apply every setting even where the connection has it already: the client's login needs each value as the server shows it. */
   readonly checkSettings: boolean;
+  /** The idle connection it must have if there is one (transaction mode: the one holding its session's sequence values). */
+  readonly preferredServer?: ServerConnection | undefined;
   /** `shown`: with checkSettings, each setting's value as SHOW prints it, in the order of `settings.values`. */
   onAcquired(server: ServerConnection, shown?: readonly (string | undefined)[]): void;
   onAcquireFailed(failure: AcquireFailure): void;
@@ -156,7 +158,8 @@ export class Pool {
     // One clock read per acquire and per release: Date.now was ~1 % of the sidecar's CPU at 6 reads per transaction.
     const now = this.deps.now();
     if (this.waiters.length === 0) {
-      const server = this.takeIdle(now, waiter.settings.key);
+      const preferred = waiter.preferredServer;
+      const server = (preferred !== undefined ? this.takeIdleServer(preferred, now) : undefined) ?? this.takeIdle(now, waiter.settings.key);
       if (server !== undefined) {
         this.handOut(server, waiter, now, now);
         return;
@@ -202,8 +205,10 @@ export class Pool {
     if (reset) {
       server.runInternal('DISCARD ALL', (result) => {
         if (server.state !== 'resetting') return;
-        if (result.ok) this.makeAvailable(server, this.deps.now());
-        else server.close('DISCARD ALL failed');
+        if (result.ok) {
+          server.sequenceClient = undefined;
+          this.makeAvailable(server, this.deps.now());
+        } else server.close('DISCARD ALL failed');
       });
       return;
     }
@@ -449,6 +454,20 @@ export class Pool {
    * settings `key`, so that RESET and DISCARD ALL return to the client's own
    * startup values, as on a direct connection.
    */
+  /** True if `server` is idle in the pool, free to be lent. */
+  isIdle(server: ServerConnection): boolean {
+    return server.state === 'idle' && this.idle.includes(server);
+  }
+
+  /** `server` if it is idle and still good (see takeIdle), taken out of the idle stack. */
+  private takeIdleServer(server: ServerConnection, now: number): ServerConnection | undefined {
+    const index = this.idle.indexOf(server);
+    if (index < 0 || server.state !== 'idle') return undefined;
+    if (server.credentialsGeneration !== this.deps.credentials().generation || now - server.createdAt >= this.recycleMs()) return undefined;
+    this.idle.splice(index, 1);
+    return server;
+  }
+
   private takeIdle(now: number, key: string): ServerConnection | undefined {
     const generation = this.deps.credentials().generation;
     const recycleMs = this.recycleMs();

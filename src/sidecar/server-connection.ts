@@ -106,6 +106,14 @@ export class ServerConnection {
   cancelsInFlight = 0;
   /** ReadyForQuery messages received: a cancel is forwarded only while the statement it was meant for still runs. */
   readyCount = 0;
+  /**
+   * Transaction mode: the client it was last lent to, whose session's
+   * sequence values (currval, lastval) it may hold, and how many times it
+   * went to a client other than the one before (see ClientSession's
+   * sequence reads). Forgotten when DISCARD ALL resets the backend.
+   */
+  sequenceClient: object | undefined;
+  sequenceTurn = 0;
   private currentState: ServerConnectionState = 'connecting';
   private user: ServerConnectionUser | undefined;
   private readonly reader: FrameReader;

@@ -2,7 +2,7 @@
  * Real drivers against four targets in one run: PostgreSQL direct, PgBouncer
  * (transaction mode), the sidecar in transaction mode and in session mode.
  * The scenario programs under test/drivers/ (psycopg2 and psycopg 3 on libpq,
- * asyncpg, pgjdbc, node-postgres and raw sockets) print one JSON result each;
+ * asyncpg, pgjdbc, node-postgres, Perl DBD::Pg and raw sockets) print one JSON result each;
  * every assertion holds direct, and must hold through the sidecar: the same
  * result as direct, or a clear error that names what the pooler cannot do.
  * What PgBouncer 1.18 legitimately cannot do is recorded, not asserted.
@@ -25,6 +25,7 @@ const env = testEnvironment();
 const driversDir = join(dirname(fileURLToPath(import.meta.url)), '..', 'drivers');
 const PYTHON = '/usr/bin/python3'; // Debian's: the one the python3-* driver packages belong to
 const PGJDBC_JAR = '/usr/share/java/postgresql.jar';
+const PERL = '/usr/bin/perl'; // Debian's: the one libdbd-pg-perl belongs to
 
 interface Login { host: string; port: number; user: string; password: string; dbname: string }
 type TargetName = 'direct' | 'pgbouncer' | 'sidecar-transaction' | 'sidecar-session';
@@ -57,6 +58,9 @@ const PGBOUNCER_CANNOT: Record<string, string> = {
   'Terminate behind a query': 'PgBouncer closes at the Terminate and drops the answer to the query before it',
   'libpq max_protocol_version=3.2': 'PgBouncer 1.18 refuses protocol 3.x > 3.0 with an error instead of negotiating',
   'session state': 'SET, temporary tables, advisory locks, WITH HOLD cursors and LISTEN stay on the server connection that ran them',
+  'DBD::Pg basics': 'DBD::Pg\'s named statements (dbdpg_p<pid>_<n>) are per server connection in transaction mode (PgBouncer < 1.21)',
+  'DBD::Pg last_insert_id, clients taking turns': 'currval() in a later transaction reads whichever client last ran nextval() on the server connection it gets',
+  'DBD::Pg last_insert_id in the INSERT\'s transaction': 'DBD::Pg\'s named statements (dbdpg_p<pid>_<n>) are per server connection in transaction mode (PgBouncer < 1.21)',
 };
 
 const measured = new Map<string, Map<TargetName, Json>>();
@@ -86,7 +90,7 @@ function run(command: string, args: string[], timeoutMs: number): Promise<Json> 
 
 /** One run of a scenario program per target, shared by the tests that read its result. */
 const runs = new Map<string, Promise<Json>>();
-function scenario(target: Target, program: 'cancel' | 'startup' | 'session-state' | 'psycopg3' | 'asyncpg' | 'pgjdbc' | 'node-postgres'): Promise<Json> {
+function scenario(target: Target, program: 'cancel' | 'startup' | 'session-state' | 'psycopg3' | 'asyncpg' | 'pgjdbc' | 'node-postgres' | 'dbdpg'): Promise<Json> {
   const key = `${target.name}/${program}`;
   let pending = runs.get(key);
   if (!pending) {
@@ -111,6 +115,7 @@ function scenario(target: Target, program: 'cancel' | 'startup' | 'session-state
       case 'psycopg3': pending = run(PYTHON, ['drv_psycopg3.py', JSON.stringify({ ...config, threads: 20, transactions: 25, seconds: 4 })], 60_000); break;
       case 'asyncpg': pending = run(PYTHON, ['drv_asyncpg.py', JSON.stringify({ ...config, asyncpgPool: 10 })], 60_000); break;
       case 'node-postgres': pending = run(process.execPath, ['node-postgres.ts', json], 60_000); break;
+      case 'dbdpg': pending = run(PERL, ['drv_dbdpg.pl', json], 60_000); break;
       case 'pgjdbc': {
         const url = `jdbc:postgresql://${target.login.host}:${target.login.port}/${target.login.dbname}`;
         pending = run('java', ['-Duser.timezone=Asia/Tokyo', '-cp', `${javaClasses}:${PGJDBC_JAR}`, 'PgjdbcScenarios', url, target.login.user, target.login.password, target.suffix, '8', String(target.mode === 'session' ? target.poolSize : target.poolSize + 4)], 60_000);
@@ -206,6 +211,11 @@ describe('real drivers: direct, PgBouncer, sidecar transaction and session mode'
           record(title, name, result);
           if (cannot) return;
           if (typeof result.hang === 'string') assert.fail(`${title}: ${result.hang}`);
+          if (typeof result.skipped === 'string') {
+            // The driver is not installed here (scripts/setup.sh installs it): say so in the report.
+            this.test!.title += ` (skipped: ${result.skipped})`;
+            this.skip();
+          }
           if (check(result, target()) === 'skip') this.skip();
         });
       };
@@ -368,6 +378,38 @@ describe('real drivers: direct, PgBouncer, sidecar transaction and session mode'
 
       feature('Terminate behind a query', async (t) => (await scenario(t, 'node-postgres')).terminateAfterQuery as Json, (r) => {
         assert.deepEqual(r, direct('Terminate behind a query'), 'a query written before the Terminate is answered before the close');
+      });
+
+      /** A DBD::Pg scenario's result, or the whole result when the driver is not installed (it says so). */
+      const dbdpg = async (t: Target, part: string): Promise<Json> => {
+        const r = await scenario(t, 'dbdpg');
+        return typeof r.skipped === 'string' ? r : r[part] as Json;
+      };
+
+      feature('DBD::Pg basics', async (t) => dbdpg(t, 'basics'), (r) => {
+        assert.deepEqual(r.errors, [], 'named statements across transactions, a savepoint, COPY, an async query and its cancel, ping');
+        assert.equal(r.rounds, 10);
+      });
+
+      feature('DBD::Pg last_insert_id, client alone', async (t) => dbdpg(t, 'lastInsertIdAlone'), (r) => {
+        assert.deepEqual([r.own, r.other, r.refused, r.errors], [4, 0, [], []], 'a client whose server connection no other client had reads its own id, as direct');
+      });
+
+      feature('DBD::Pg last_insert_id, clients taking turns', async (t) => dbdpg(t, 'lastInsertIdTurns'), (r, t) => {
+        assert.equal(r.other, 0, `read another client's id ${String(r.other)} times`);
+        assert.deepEqual(r.errors, []);
+        if (t.mode !== 'transaction') {
+          assert.deepEqual([r.own, r.refused], [8, []]);
+          return;
+        }
+        // Transaction mode: the reads after another client's nextval() on the shared connection are refused, saying why.
+        const refused = r.refused as string[];
+        assert.ok(refused.length > 0, 'two clients taking turns on one idle connection: expected a refusal');
+        assert.equal((r.own as number) + refused.length, r.reads);
+      });
+
+      feature('DBD::Pg last_insert_id in the INSERT\'s transaction', async (t) => dbdpg(t, 'lastInsertIdInTransaction'), (r) => {
+        assert.deepEqual([r.own, r.other, r.refused, r.errors], [8, 0, [], []], 'AutoCommit off: the read in the transaction of its INSERT is the client\'s own');
       });
 
       feature('protocol negotiation', async (t) => (await scenario(t, 'node-postgres')).protocolVersions as Json, (r) => {

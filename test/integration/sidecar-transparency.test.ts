@@ -570,6 +570,78 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('never lets currval() or lastval() read another client\'s nextval(): a read its own server connection cannot answer is refused with an error saying why (DBD::Pg\'s last_insert_id)', async function () {
+      const table = `pk_seq_${process.pid}_a`;
+      await withSidecar(postgres, { grant: 3 }, async (running) => {
+        await observer.query(`DROP TABLE IF EXISTS ${table}; CREATE TABLE ${table} (id serial PRIMARY KEY, who text); GRANT ALL ON ${table}, ${table}_id_seq TO ${running.role.user}`);
+        const a = client(running);
+        const b = client(running);
+        const c = client(running);
+        await a.connect();
+        await b.connect();
+        await c.connect();
+        try {
+          const insert = async (who: pg.Client, name: string): Promise<number> => (await who.query<{ id: number }>(`INSERT INTO ${table} (who) VALUES ($1) RETURNING id`, [name])).rows[0]!.id;
+          const currval = `SELECT currval('${table}_id_seq')::int AS v`;
+          // Each statement its own transaction: both on the one idle server connection, b's nextval after a's.
+          const aId = await insert(a, 'a');
+          const bId = await insert(b, 'b');
+          // Direct, a reads its own id; the shared backend holds b's: a is told, not given b's.
+          await assert.rejects(a.query(currval), (e: { code?: string; message: string }) => e.code === '0A000' && /currval\(\) and lastval\(\)/.test(e.message));
+          assert.notEqual(aId, bId);
+          // b's own values are on the connection it had alone: read as direct (and b stays there).
+          assert.equal((await b.query<{ v: number }>(currval)).rows[0]!.v, bId);
+          assert.equal((await b.query<{ v: number }>('SELECT lastval()::int AS v')).rows[0]!.v, bId);
+          // In the transaction of its nextval, a read is always the client's own (whatever connection it moved from).
+          await c.query('BEGIN');
+          const cId = await insert(c, 'c');
+          assert.equal((await c.query<{ v: number }>(currval)).rows[0]!.v, cId);
+          await c.query('COMMIT');
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="sequence"} 2/);
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_errors_total'), /kind="sequence-read-refused"} 1/);
+        } finally {
+          await Promise.all([a.end(), b.end(), c.end()]);
+          await observer.query(`DROP TABLE IF EXISTS ${table}`);
+        }
+      });
+    });
+
+    it('keeps currval() the client\'s own across transactions once it reads it: it gets its server connection back and is pinned there, so another client\'s nextval() never reaches it', async function () {
+      const table = `pk_seq_${process.pid}_b`;
+      await withSidecar(postgres, { grant: 2 }, async (running) => {
+        await observer.query(`DROP TABLE IF EXISTS ${table}; CREATE TABLE ${table} (id serial PRIMARY KEY, who text); GRANT ALL ON ${table}, ${table}_id_seq TO ${running.role.user}`);
+        const a = client(running);
+        const b = client(running);
+        await a.connect();
+        await b.connect();
+        try {
+          const insert = async (who: pg.Client, name: string): Promise<number> => (await who.query<{ id: number }>(`INSERT INTO ${table} (who) VALUES ($1) RETURNING id`, [name])).rows[0]!.id;
+          const read = async (who: pg.Client, named: boolean): Promise<number> => (await who.query<{ v: number }>(named ? { name: 'last-id', text: 'SELECT currval($1::regclass)::int AS v', values: [`${table}_id_seq`] } : { text: `SELECT currval('${table}_id_seq')::int AS v` })).rows[0]!.v;
+          // a's nextval on one connection, b's transaction on the other, which ends last: the top of the idle stack.
+          await a.query('BEGIN');
+          await b.query('BEGIN');
+          const { pid: aPid } = (await a.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!;
+          let aId = await insert(a, 'a');
+          await a.query('COMMIT');
+          await b.query('COMMIT');
+          // DBD::Pg's last_insert_id with AutoCommit on: its own transaction, a named statement; a gets its connection back.
+          assert.equal(await read(a, true), aId);
+          assert.equal((await a.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid, aPid);
+          let bId = await insert(b, 'b');
+          for (let round = 0; round < 3; round++) {
+            aId = await insert(a, 'a');
+            bId = await insert(b, 'b');
+            assert.equal(await read(a, round % 2 === 0), aId, `round ${round}: a read another client's nextval`);
+            assert.equal(await read(b, round % 2 === 1), bId, `round ${round}: b read another client's nextval`);
+          }
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="sequence"} 2/);
+        } finally {
+          await Promise.all([a.end(), b.end()]);
+          await observer.query(`DROP TABLE IF EXISTS ${table}`);
+        }
+      });
+    });
+
     it('carries a SET pipelined behind a query still unanswered (postgres.js sends queries issued together so), and one pipelined inside a transaction block that commits', async function () {
       await withSidecar(postgres, { grant: 1 }, async (running) => {
         const w = await wireSession(running.port, running.role.user);

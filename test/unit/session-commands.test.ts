@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import {
-  NO_SETTINGS, changeSettings, classifySessionCommand, clientSettingsFromStartup, laterSessionCommands, parseOptions, serverSettingsAfter, settingsSql, setsSessionConfig, splitStatements, startupSettings,
+  NO_SETTINGS, changeSettings, classifySessionCommand, clientSettingsFromStartup, laterSessionCommands, parseOptions, sequenceRead, serverSettingsAfter, settingsSql, setsSessionConfig, splitStatements, startupSettings,
   type ClientSettings,
 } from '../../src/core/protocol/index.ts';
 
@@ -48,6 +48,21 @@ describe('session commands', function () {
       const command = classify(sql);
       assert.equal(command?.kind === 'pin' ? command.reason : undefined, reason, sql);
     }
+  });
+
+  it('finds the reads of the session\'s sequence values (currval, lastval), and whether the same text may have set them first', function () {
+    const read = (sql: string): ReturnType<typeof sequenceRead> => {
+      const buffer = Buffer.from(`${sql}\0`);
+      return sequenceRead(buffer, 0, buffer.length);
+    };
+    const cases: [string, ReturnType<typeof sequenceRead>][] = [
+      ["SELECT currval('s')", 'reads'], ['SELECT pg_catalog.currval($1)', 'reads'], ['SELECT LASTVAL()', 'reads'], ['select lastval ()', 'reads'],
+      ["INSERT INTO child (parent) VALUES (currval('parent_id_seq'))", 'reads'], ["SELECT currval('s');", 'reads'],
+      ["SELECT nextval('s'), currval('s')", 'reads-after-write'], ["SELECT setval('s', 5), lastval()", 'reads-after-write'],
+      ["INSERT INTO t DEFAULT VALUES; SELECT currval('t_id_seq')", 'reads-after-write'],
+      ['SELECT 1', undefined], ["SELECT nextval('s')", undefined], ['SELECT currval_of_something FROM t', undefined], ["SELECT 'lastval'", undefined],
+    ];
+    for (const [sql, want] of cases) assert.equal(read(sql), want, sql);
   });
 
   it('reads a SET or RESET of one setting, or of the session\'s transaction defaults, standing alone as changes the sidecar carries, not a pin', function () {

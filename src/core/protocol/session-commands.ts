@@ -14,10 +14,10 @@
 import type { SettingChange } from './client-settings.ts';
 
 /** Why a client keeps its server connection between transactions. */
-export type PinReason = 'set' | 'listen' | 'prepare' | 'temp-table' | 'cursor-with-hold' | 'advisory-lock';
+export type PinReason = 'set' | 'listen' | 'prepare' | 'temp-table' | 'cursor-with-hold' | 'advisory-lock' | 'sequence';
 
 /** Every pin reason, for metrics that must report zeros too. */
-export const PIN_REASONS: readonly PinReason[] = ['set', 'listen', 'prepare', 'temp-table', 'cursor-with-hold', 'advisory-lock'];
+export const PIN_REASONS: readonly PinReason[] = ['set', 'listen', 'prepare', 'temp-table', 'cursor-with-hold', 'advisory-lock', 'sequence'];
 
 /** A session command and what it acts on. */
 export type SessionCommand =
@@ -155,6 +155,32 @@ const SPECIAL_SETTINGS: Readonly<Record<string, string>> = { names: 'client_enco
 const SESSION_CHARACTERISTICS = /^set\s+session\s+characteristics\s+as\s+transaction\s+(.+)$/is;
 const SET_CONFIG_PARAMETER = /^select\s+(?:pg_catalog\s*\.\s*)?set_config\s*\(\s*'([^'\\]+)'\s*,\s*\$1(?:\s*::\s*(?:pg_catalog\s*\.\s*)?text)?\s*,\s*false\s*\)$/is;
 const SET_CONFIG_CALL = /^select\s+(?:pg_catalog\s*\.\s*)?set_config\s*\(\s*'([^'\\]+)'\s*,\s*'(?:[^'\\]|'')*'\s*,\s*false\s*\)$/is;
+
+const SEQUENCE_READS = [Buffer.from('currval'), Buffer.from('CURRVAL'), Buffer.from('lastval'), Buffer.from('LASTVAL')];
+const SEQUENCE_WRITES = /\b(?:nextval|setval)\s*\(/i;
+
+/**
+ * How the SQL text at `buffer[start..)` (up to its NUL or `end`) reads the
+ * session's sequence values (currval() and lastval() return what this
+ * session's last nextval() or setval() gave, which stays on the backend
+ * that ran it): `'reads'` when it calls currval() or lastval() and nothing
+ * before it in the same text can have set them (one statement that calls
+ * neither nextval() nor setval()), `'reads-after-write'` when something in
+ * the same text may have (another statement before it, an explicit
+ * nextval() or setval()), undefined when it reads none. A nextval() run by a
+ * column default or a trigger cannot be seen in the text. The names are
+ * found written in lowercase or uppercase, as advisory_lock is.
+ */
+export function sequenceRead(buffer: Buffer, start: number, end: number): 'reads' | 'reads-after-write' | undefined {
+  const nul = buffer.indexOf(0, start);
+  const stop = nul >= 0 && nul < end ? nul : end;
+  const text = buffer.subarray(start, stop);
+  if (!SEQUENCE_READS.some((word) => text.indexOf(word) >= 0)) return undefined;
+  const sql = text.toString('utf8');
+  if (!/\b(?:currval|lastval)\s*\(/i.test(sql)) return undefined;
+  if (SEQUENCE_WRITES.test(sql)) return 'reads-after-write';
+  return mayHoldSeveralStatements(buffer, start, stop) && splitStatements(buffer, start, stop).length > 1 ? 'reads-after-write' : 'reads';
+}
 
 /** The statements of the text at `buffer[start..)` (up to its NUL or `end`), trimmed, without their semicolons. */
 function statementTexts(buffer: Buffer, start: number, end: number): string[] {

@@ -208,6 +208,10 @@ export const databaseConnectionSpecSchema = {
       description: 'Connections kept free for admin, replication and migrations: an integer >= 0, or a percent "0%".."90%"; default "15%". Not with serverRef: the DatabaseServer sets it.',
       'x-kubernetes-validations': [{ rule: `type(self) == int ? self >= 0 : self.matches('${RESERVE_PERCENT_PATTERN}')`, message: 'reserve must be an integer >= 0 or a percent from "0%" to "90%"' }],
     },
+    departureHoldSeconds: {
+      type: 'integer', minimum: 0, maximum: 86400, default: 60,
+      description: 'Seconds a pod that left without its sidecar reporting a drain (its node lost and the pod force-deleted or marked Failed, its sidecar killed mid-statement) stays counted at what it may hold: how long PostgreSQL may keep such a pod\'s connections before it notices they are dead. Set it at least to the server\'s dead-peer detection (tcp_keepalives_idle + tcp_keepalives_interval x tcp_keepalives_count, or tcp_user_timeout; docs/budget.md). 0: released at once.',
+    },
     budgetStrategy: { type: 'string', enum: BUDGET_STRATEGIES, default: 'Dynamic', description: 'Dynamic: budgets follow the live pods; MaxReplicas: each pod is budgeted as if its workload ran at its HPA\'s maxReplicas, so scaling never rebalances.' },
     consumers: {
       type: 'array',

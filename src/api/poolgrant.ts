@@ -36,6 +36,19 @@ export const poolGrantSpecSchema = {
     perPodReleasing: { type: 'integer', minimum: 0, description: 'releasing (see exceptions) of every pod not listed in exceptions.' },
     recordsChanges: { type: 'boolean', description: 'true: the table records changes in flight (since, releasing), and is the record of which acknowledgements the controller has seen. Absent in tables of older controllers.' },
     exceptions: { type: 'array', maxItems: 1024, items: grantExceptionSchema, description: 'Pods whose grant or change in flight differs from the default, grouped.' },
+    departed: {
+      type: 'array', maxItems: 100000,
+      description: 'Pods that left without a drain, still counted against the limit until `until` (what PostgreSQL may still hold of theirs); no sidecar derives a grant from them.',
+      items: {
+        type: 'object', required: ['pod', 'connections', 'until'], additionalProperties: false,
+        properties: {
+          pod: { type: 'string', maxLength: 253, description: 'The pod\'s name.' },
+          uid: { type: 'string', maxLength: 64, description: 'The pod\'s UID; empty when only its name was known.' },
+          connections: { type: 'integer', minimum: 0, description: 'What it may still hold.' },
+          until: { type: 'string', format: 'date-time', description: 'Counted until then.' },
+        },
+      },
+    },
     statusDelaySeconds: { type: 'integer', minimum: 1, maximum: 3600, description: 'After an acknowledgement sent to acknowledgeTo, a sidecar writes it into its PoolMember status at a random point of this many seconds (the table\'s pods / 20, at most a heartbeat). A change of it alone is not a change of the table (generation stays).' },
     acknowledgeTo: { type: 'string', maxLength: 512, pattern: '^http://[^/@]+(/[A-Za-z0-9_-]+)?$', description: 'Where the sidecars of the table send their acknowledgements at once (the leading controller, http://<address>:<port>/<term>, the term new whenever a controller starts leading, so that sidecars resend what an earlier term may have lost); they write them into their PoolMember status at their next heartbeat too. Absent: PoolMember status only. A change of it alone is not a change of the table (generation stays).' },
     heartbeatSeconds: { type: 'integer', minimum: 1, maximum: 3600, description: 'How often each sidecar of the table renews its PoolMember status (heartbeatTime): longer for more pods, so that heartbeats stay a small load on the API server. A change of it alone is not a change of the table (generation stays).' },

@@ -220,7 +220,8 @@ export class GrantTableWriter {
     // A merge patch keeps fields it does not mention: a change in flight that ended is removed with null.
     const inFlight = { perPodSince: t.table.perPodSince ?? (current ? null : undefined), perPodReleasing: t.table.perPodReleasing ?? (current ? null : undefined) };
     const acknowledgeTo = this.deps.acknowledgeTo?.() ?? (current ? null : undefined);
-    const spec = { connection: t.connection, generation: t.table.generation, perPod: t.table.perPod, ...inFlight, recordsChanges: true, exceptions: t.table.exceptions, acknowledgeTo, ...(paced ?? {}) };
+    const departed = t.table.departed ?? (current ? null : undefined);
+    const spec = { connection: t.connection, generation: t.table.generation, perPod: t.table.perPod, ...inFlight, recordsChanges: true, exceptions: t.table.exceptions, departed, acknowledgeTo, ...(paced ?? {}) };
     const path = `${BASE}/namespaces/${t.namespace}/poolgrants`;
     this.deps.assertMayWrite();
     let written: PoolGrant;

@@ -38,6 +38,9 @@ export interface WrittenGrant {
   tableFrom?: number | undefined;
 }
 
+/** departureHoldSeconds of a DatabaseConnection that leaves it out (the CRD's default). */
+export const DEFAULT_DEPARTURE_HOLD_SECONDS = 60;
+
 const PHASES: readonly PodPhase[] = ['Pending', 'Running', 'Succeeded', 'Failed', 'Unknown'];
 
 function podPhase(pod: PodObject): PodPhase {
@@ -91,12 +94,15 @@ export function buildBudgetInput(args: {
   tablesEnabled?: boolean;
   /** The CONNECTION LIMITs a connection's login shares with others on the server. */
   caps?: (connection: DatabaseConnection) => ConnectionCap[];
+  /** This pass's time (ms since the epoch): departed pods expire against it. */
+  now?: number;
 }): BudgetInput {
   const byKey = new Map(args.connections.map((c) => [`${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`, c]));
   const connections: ConnectionInput[] = args.connections.map((c) => ({
     namespace: c.metadata.namespace ?? '',
     name: c.metadata.name ?? '',
     budgetStrategy: c.spec.budgetStrategy,
+    departureHoldSeconds: c.spec.departureHoldSeconds ?? DEFAULT_DEPARTURE_HOLD_SECONDS,
     ...(args.caps ? { caps: args.caps(c) } : {}),
     consumers: c.spec.consumers.map((consumer) => ({
       name: consumer.name,
@@ -141,6 +147,7 @@ export function buildBudgetInput(args: {
       namespace: member.metadata.namespace ?? '',
       name: member.metadata.name ?? '',
       podUid,
+      connection: member.spec.connection,
       grant,
       acknowledgement,
       tableFrom,
@@ -153,5 +160,5 @@ export function buildBudgetInput(args: {
     if (seen.has(written.podUid) || !podUids.has(written.podUid)) continue;
     members.push({ namespace: written.namespace, name: written.name, podUid: written.podUid, grant: { connections: written.connections, generation: written.generation }, ...(written.tableFrom === undefined ? {} : { tableFrom: written.tableFrom }) });
   }
-  return { limit: args.limit, connections, pods, members, ...(args.tables ? { tables: args.tables } : {}) };
+  return { limit: args.limit, connections, pods, members, ...(args.tables ? { tables: args.tables } : {}), ...(args.now === undefined ? {} : { now: args.now }) };
 }

@@ -422,7 +422,7 @@ export class ServerReconciler {
       if (!r?.loginCaps || !r.credentials.ok) return [];
       return connectionCaps(r.loginCaps, { role: r.credentials.username, database: c.spec.database.dbname }, owner ? owner.spec.reserve : (c.spec.reserve ?? DEFAULT_RESERVE));
     };
-    const input = buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tablesEnabled: this.tables.enabled, tableFrom: (m) => this.tables.tableFrom(m), caps, ...(ledger ? { channel: (uid: string) => ledger.get(uid) } : {}) });
+    const input = buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tablesEnabled: this.tables.enabled, tableFrom: (m) => this.tables.tableFrom(m), caps, now: this.now().getTime(), ...(ledger ? { channel: (uid: string) => ledger.get(uid) } : {}) });
     const tenancy = owner ? this.planOwned(owner, input, connections, resolved) : undefined;
     const plan = tenancy?.plan ?? planBudgets(missingServer === undefined ? input : withdrawPods(input, () => true));
     // The CPU of reading and planning, not the switch's writes.
@@ -465,10 +465,12 @@ export class ServerReconciler {
     }
     if (owner && tenancy) await this.writeServerStatus(owner, { limit: ownedLimit, allocated: plan.allocated, connections: connections.length, namespaces: tenancy.namespaces, overcommitted: tenancy.overcommitted });
     this.recordMetrics(server, plan, connections);
-    if (!plan.settled) return { requeueAfterMs: this.deps.pendingRequeueMs ?? 2_000 };
+    // A departed pod stops counting at a time, not on an event: plan again then.
+    const untilDeparture = plan.nextDepartureExpiry === undefined ? Infinity : Math.max(100, plan.nextDepartureExpiry - this.now().getTime() + 50);
+    if (!plan.settled) return { requeueAfterMs: Math.min(this.deps.pendingRequeueMs ?? 2_000, untilDeparture) };
     logger.debug({ server, limit, allocated: plan.allocated }, 'server settled');
     // A sidecar going silent produces no event: look again within the heartbeat timeout.
-    return { requeueAfterMs: Math.min(this.deps.resyncMs ?? 60_000, this.heartbeatTimeoutMs()) };
+    return { requeueAfterMs: Math.min(this.deps.resyncMs ?? 60_000, this.heartbeatTimeoutMs(), untilDeparture) };
   }
 
   /**

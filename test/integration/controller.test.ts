@@ -165,6 +165,37 @@ describe('budget controller', function () {
     assert.ok(sampler.max <= 32, `reserved peaked at ${sampler.max} > 32: ${sampler.maxState}`);
   });
 
+  it('counts a pod that vanished without draining (a lost node\'s pod force-deleted) for departureHoldSeconds, recorded in its grant table, then releases it', async function () {
+    const hold = 8;
+    const { namespace, fleet } = await startOrders('depart', 2, { maxConnections: 10, reserve: 0, departureHoldSeconds: hold });
+    const settled = (): boolean => grants(fleet.members()).join() === '5,5' && fleet.members().every((m) => m.status?.acknowledgedConnections === 5);
+    await eventually('2 pods at 5 each', settled);
+    const departed = (): Array<{ pod: string; connections: number; until: string }> => {
+      const text = kube.kubectl(['-n', namespace, 'get', 'poolgrant', 'orders', '-o', 'jsonpath={.spec.departed}']);
+      return text === '' ? [] : JSON.parse(text) as Array<{ pod: string; connections: number; until: string }>;
+    };
+    const lost = fleet.members().map((m) => m.metadata.name ?? '').sort()[0]!;
+    const goneAt = Date.now();
+    // Its node is gone: nothing drains it, and PostgreSQL may keep its 5 connections until its keepalives give up.
+    kube.kubectl(['-n', namespace, 'delete', 'pod', lost, '--grace-period=0', '--force', '--wait=false']);
+    let recorded = false;
+    let peak = 0;
+    let replacementSeen = false;
+    while (Date.now() - goneAt < (hold - 1.5) * 1000) {
+      const others = fleet.members().filter((m) => m.metadata.name !== lost);
+      replacementSeen ||= others.length === 2;
+      peak = Math.max(peak, reserved(others));
+      recorded ||= departed().some((d) => d.pod === lost && d.connections === 5);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    assert.ok(replacementSeen, 'the Deployment replaced the pod meanwhile');
+    assert.ok(recorded, `the grant table records the departed pod: ${JSON.stringify(departed())}`);
+    assert.ok(peak <= 5, `the survivor and the replacement reserved ${peak} while the lost pod may still hold 5 (limit 10)`);
+    await eventually('the replacement at 5 once the hold ends, the record gone', () => settled() && departed().length === 0, 30_000);
+    const status = getConnection(kube, namespace, 'orders')?.status;
+    assert.equal(status?.allocated, 10);
+  });
+
   it('reads maxConnections: auto from PostgreSQL and applies the reserve', async function () {
     const namespace = namespaceFor('auto');
     createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 1, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });

@@ -141,12 +141,18 @@ export class LimitDiscovery {
         'SELECT r.rolconnlimit, r.rolsuper, d.datconnlimit FROM pg_roles r CROSS JOIN pg_database d WHERE r.rolname = current_user AND d.datname = current_database()',
       )).rows[0];
       const cap = (n: number | undefined): number | undefined => (login === undefined || login.rolsuper || n === undefined || n < 0 ? undefined : n);
+      // SHOW gives what the socket uses (the kernel's default when a setting is 0), with the role's settings applied.
+      const alive = (await client.query<{ idle: string; interval: string; count: string; user_timeout: string }>(
+        "SELECT current_setting('tcp_keepalives_idle') AS idle, current_setting('tcp_keepalives_interval') AS interval, current_setting('tcp_keepalives_count') AS count, current_setting('tcp_user_timeout') AS user_timeout",
+      )).rows[0];
+      const keepalives = alive ? { idle: Number(alive.idle), interval: Number(alive.interval), count: Number(alive.count), userTimeoutMs: Number(alive.user_timeout) } : undefined;
       return {
         maxConnections: value('max_connections') ?? 0,
         superuserReservedConnections: value('superuser_reserved_connections') ?? 0,
         reservedConnections: value('reserved_connections'),
         ...(cap(login?.rolconnlimit) === undefined ? {} : { roleConnectionLimit: cap(login?.rolconnlimit) }),
         ...(cap(login?.datconnlimit) === undefined ? {} : { databaseConnectionLimit: cap(login?.datconnlimit) }),
+        ...(keepalives && Object.values(keepalives).every(Number.isFinite) ? { keepalives } : {}),
       };
     } finally {
       await client.end().catch(() => undefined);

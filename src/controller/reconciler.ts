@@ -7,7 +7,7 @@
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVE, type DatabaseConnection, type DatabaseServer, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
-import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, loginConnectionCap, loginConnectionCaps, connectionCaps, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant, type ConnectionCap, type LoginCap } from '../core/budget/index.ts';
+import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, departureHoldAdvice, loginConnectionCap, loginConnectionCaps, connectionCaps, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant, type ConnectionCap, type LoginCap, type ServerSettings } from '../core/budget/index.ts';
 import { decideOwnedLimit, decideServerLimit, namespaceDemands, namespaceShares, ownedServerKey, planWithShares, ruleFor, type NamespaceRule } from '../core/tenancy/index.ts';
 import { connectionConditions, limitMismatchCondition, loginCapCondition, oversubscriptionAdvice, type ConsumerDemand, type ConsumerFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
 import { conditionsEqual, findCondition, setConditions, type Condition, type ConditionUpdate } from '../core/conditions/index.ts';
@@ -29,7 +29,7 @@ import { forEachBounded } from './bounded.ts';
 import type { PoolGrant } from '../api/poolgrant.ts';
 import { GrantTableWriter } from './grant-tables.ts';
 import type { AcknowledgementLedger } from './acknowledgements.ts';
-import { buildBudgetInput, podConnectionKey, type PodObject, type WorkloadScale, type WrittenGrant } from './plan-input.ts';
+import { buildBudgetInput, DEFAULT_DEPARTURE_HOLD_SECONDS, podConnectionKey, type PodObject, type WorkloadScale, type WrittenGrant } from './plan-input.ts';
 
 /** A Secret as the cache holds it. */
 export interface SecretObject extends KubeObject {
@@ -175,6 +175,8 @@ export class ServerReconciler {
   /** resourceVersion, grant generation and normalised spec of the PoolMember this replica last wrote, by pod uid. */
   private readonly writtenVersions = new Map<string, { generation: number; resourceVersion: string; spec: string }>();
   private readonly unsettledSince = new Map<string, number>();
+  /** The DepartureHoldShort warning last recorded per DatabaseConnection (recorded again only when it changes). */
+  private readonly holdWarnings = new Map<string, string>();
   /** When each DatabaseConnection's status was last written (ms), to coalesce writes while grants move. */
   private readonly statusWrittenAt = new Map<string, number>();
   private readonly now: () => Date;
@@ -308,6 +310,7 @@ export class ServerReconciler {
       if (cap && value !== undefined && cap.limit < value) {
         mismatch = loginCapCondition(cap, credentials.ok ? credentials.username : '', connection.spec.database.dbname, value);
       }
+      this.warnIfHoldShort(connection, login, credentials.ok ? credentials.username : '', credentials.ok ? [credentials.password] : []);
       const base = { credentials, verification, degraded, mismatch, secrets: credentials.ok ? [credentials.password] : [], ...(login ? { loginCaps: loginConnectionCaps(login) } : {}) };
       if (value === undefined) {
         resolved.set(key(connection), base);
@@ -318,6 +321,27 @@ export class ServerReconciler {
     }
     this.verifier.retain(new Set(this.deps.caches.connections.list().map(key)));
     return { resolved, serverValue };
+  }
+
+  /**
+   * A Warning Event, once per finding, when PostgreSQL would keep a lost
+   * pod's connections longer than the connection's departureHoldSeconds (the
+   * login's keepalives, as the controller's own session of that role sees
+   * them). Through a bastion PostgreSQL's peer is the bastion: not judged.
+   */
+  private warnIfHoldShort(connection: DatabaseConnection, login: ServerSettings | undefined, role: string, secrets: readonly string[]): void {
+    if (!login || connection.spec.sshTunnel) return;
+    const hold = connection.spec.departureHoldSeconds ?? DEFAULT_DEPARTURE_HOLD_SECONDS;
+    const found = departureHoldAdvice(login.keepalives, hold, role || 'app');
+    const advice = found === undefined ? undefined : redactSecrets(found, secrets);
+    const k = key(connection);
+    if (advice === undefined) {
+      this.holdWarnings.delete(k);
+      return;
+    }
+    if (this.holdWarnings.get(k) === advice) return;
+    this.holdWarnings.set(k, advice);
+    void this.deps.events.record(connection, 'Warning', 'DepartureHoldShort', advice);
   }
 
   /** Reconciles the server `server` (a serverKey). */

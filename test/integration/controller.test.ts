@@ -175,8 +175,10 @@ describe('budget controller', function () {
       return text === '' ? [] : JSON.parse(text) as Array<{ pod: string; connections: number; until: string }>;
     };
     const lost = fleet.members().map((m) => m.metadata.name ?? '').sort()[0]!;
+    // Its node is gone: its sidecar answers nothing more, nothing drains it, and PostgreSQL may keep its 5
+    // connections until its keepalives give up. Then the pod is force-deleted.
+    await fleet.agents.get(lost)?.agent.stop();
     const goneAt = Date.now();
-    // Its node is gone: nothing drains it, and PostgreSQL may keep its 5 connections until its keepalives give up.
     kube.kubectl(['-n', namespace, 'delete', 'pod', lost, '--grace-period=0', '--force', '--wait=false']);
     let recorded = false;
     let peak = 0;
@@ -194,6 +196,9 @@ describe('budget controller', function () {
     await eventually('the replacement at 5 once the hold ends, the record gone', () => settled() && departed().length === 0, 30_000);
     const status = getConnection(kube, namespace, 'orders')?.status;
     assert.equal(status?.allocated, 10);
+    // This server keeps a dead peer's connections for the kernel's two hours and more: longer than the hold, and said so.
+    const warning = kube.kubectl(['-n', namespace, 'get', 'events', '--field-selector', 'reason=DepartureHoldShort', '-o', 'jsonpath={.items[*].message}']);
+    assert.match(warning, /longer than departureHoldSeconds 8: .*ALTER ROLE \S+ SET tcp_keepalives_idle = 2;/);
   });
 
   it('reads maxConnections: auto from PostgreSQL and applies the reserve', async function () {

@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import {
-  autoMaxConnections, budgetConditions, loginConnectionCap, fairShares, planBudgets, reservedConnections, resolveLimit, serverKey, sharedLimit,
+  autoMaxConnections, budgetConditions, deadPeerSeconds, departureHoldAdvice, loginConnectionCap, fairShares, planBudgets, reservedConnections, resolveLimit, serverKey, sharedLimit,
   type BudgetInput, type ConnectionInput, type MemberState, type PodInput, type ShareUnit,
 } from '../../src/core/budget/index.ts';
 
@@ -139,6 +139,19 @@ describe('budget planner', function () {
     const failed = planBudgets({ limit: 10, now, connections: [connection], pods: [pod('a', 'web', { phase: 'Failed' }), pod('b')], members: [onTable('a'), onTable('b')], tables });
     assert.deepEqual(failed.tables[0]!.table.departed?.map((d) => [d.pod, d.connections]), [['a', 5]]);
     assert.equal(failed.grants.find((g) => g.name === 'b')!.grant.connections, 5);
+  });
+
+  it('warns when PostgreSQL keeps a dead peer\'s connections longer than the departure hold, naming the settings that shorten it', function () {
+    const kernel = { idle: 7200, interval: 75, count: 9, userTimeoutMs: 0 };
+    assert.equal(deadPeerSeconds(kernel), 7875);
+    assert.equal(deadPeerSeconds({ idle: 0, interval: 0, count: 0, userTimeoutMs: 0 }), undefined, 'a Unix socket: nothing to judge');
+    const advice = departureHoldAdvice(kernel, 60, 'app');
+    assert.match(advice ?? '', /after about 7875 s .* longer than departureHoldSeconds 60/);
+    assert.match(advice ?? '', /ALTER ROLE app SET tcp_keepalives_idle = 20; ALTER ROLE app SET tcp_keepalives_interval = 6; ALTER ROLE app SET tcp_keepalives_count = 3; ALTER ROLE app SET tcp_user_timeout = 38000;/);
+    // What it advises is within the hold.
+    assert.equal(departureHoldAdvice({ idle: 20, interval: 6, count: 3, userTimeoutMs: 38000 }, 60, 'app'), undefined);
+    assert.equal(departureHoldAdvice(kernel, 0, 'app'), undefined, 'no hold: nothing to warn about');
+    assert.match(departureHoldAdvice(kernel, 60, 'Odd"Role') ?? '', /ALTER ROLE "Odd""Role" SET/);
   });
 
   it('splits by weight and respects maxPerPod', function () {

@@ -365,6 +365,8 @@ const sharedServerOperationArb: fc.Arbitrary<Operation> = fc.oneof(
 );
 
 describe('grant tables on a simulated fleet (property)', function () {
+  // Thousands of simulated passes: seconds on a quiet machine, more next to a busy one.
+  this.timeout(120_000);
   /** Random worlds and operations, safety checked after every step (and every table write within a reconcile). */
   const safetyProperty = (worlds: fc.Arbitrary<World>, operations: fc.Arbitrary<Operation>): fc.IPropertyWithHooks<[World, Operation[]]> =>
     fc.property(worlds, fc.array(operations, { minLength: 20, maxLength: 150 }), (generated, steps) => {

@@ -13,6 +13,37 @@ export interface ServerSettings {
   roleConnectionLimit?: number | undefined;
   /** The database's CONNECTION LIMIT (`pg_database.datconnlimit`); absent: none, or a superuser (exempt). */
   databaseConnectionLimit?: number | undefined;
+  /**
+   * The login's TCP keepalive settings as its session sees them (`tcp_keepalives_idle`,
+   * `_interval`, `_count`, in seconds; 0 on a Unix socket), and `tcp_user_timeout` (ms):
+   * how soon PostgreSQL gives up on a peer that vanished.
+   */
+  keepalives?: { idle: number; interval: number; count: number; userTimeoutMs: number } | undefined;
+}
+
+/**
+ * Seconds after which PostgreSQL drops an idle connection whose peer vanished
+ * (a lost node), by its keepalives; undefined when they say nothing (a Unix
+ * socket, or keepalives the kernel does not report).
+ */
+export function deadPeerSeconds(keepalives: ServerSettings['keepalives']): number | undefined {
+  if (!keepalives || keepalives.idle <= 0 || keepalives.interval <= 0 || keepalives.count <= 0) return undefined;
+  return keepalives.idle + keepalives.interval * keepalives.count;
+}
+
+/**
+ * A warning when a lost pod's connections may outlive `departureHoldSeconds`
+ * (its reservation would then be granted again while PostgreSQL still has
+ * them), naming the settings that shorten it; undefined when the hold covers it.
+ */
+export function departureHoldAdvice(keepalives: ServerSettings['keepalives'], holdSeconds: number, role: string): string | undefined {
+  const dead = deadPeerSeconds(keepalives);
+  if (holdSeconds <= 0 || dead === undefined || dead <= holdSeconds) return undefined;
+  const idle = Math.max(1, Math.floor(holdSeconds / 3));
+  role = /^[a-z_][a-z0-9_$]*$/.test(role) ? role : `"${role.replaceAll('"', '""')}"`;
+  const interval = Math.max(1, Math.floor((holdSeconds - idle) / 6));
+  const settings = `ALTER ROLE ${role} SET tcp_keepalives_idle = ${idle}; ALTER ROLE ${role} SET tcp_keepalives_interval = ${interval}; ALTER ROLE ${role} SET tcp_keepalives_count = 3; ALTER ROLE ${role} SET tcp_user_timeout = ${(idle + interval * 3) * 1000};`;
+  return `PostgreSQL drops the connections of a lost node's pods after about ${dead} s here (tcp_keepalives_idle ${keepalives!.idle} + tcp_keepalives_interval ${keepalives!.interval} x tcp_keepalives_count ${keepalives!.count}), longer than departureHoldSeconds ${holdSeconds}: until it does, they could be granted again and new pods refused with 53300. Shorten it for the role (${settings}) or raise departureHoldSeconds to ${dead}.`;
 }
 
 /**

@@ -830,15 +830,10 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     const tracker = server.tracker;
     const editor = server.editor;
     if (!editor.active) {
-      // Replies still owed to Parses and Closes already sent in this unsynced batch (a pipeline of
-      // unnamed statements, as psycopg 3 sends before it prepares one) are expected ahead of ours.
-      const unsynced = tracker.unsyncedReplyTypes();
-      // Unless a Query came in between: then which batch they belong to is not known.
-      if (unsynced === undefined) {
-        this.refuseMidPipelineSwitch();
-        return;
-      }
-      editor.activate(tracker.pendingReady, unsynced, !tracker.extendedOpen);
+      // Replies still owed to Parses and Closes already sent since the last Sync (a pipeline of unnamed
+      // statements, as psycopg 3 sends before it prepares one; pgjdbc's Close of a portal and the SAVEPOINT
+      // Query of autosave) are expected ahead of ours, each in the batch it belongs to.
+      editor.activate(tracker.pendingReady, tracker.unsyncedReplyTypes(), !tracker.extendedOpen);
     }
     const out: Buffer[] = [];
     // Messages routed; where routing stopped to hold a message (chunk index and offset), if it did.
@@ -1151,13 +1146,6 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       this.pendingChunks.length = 0;
       this.pendingChunks.push(joined);
     }
-  }
-
-  private refuseMidPipelineSwitch(): void {
-    this.refuseStatementTracking(
-      'a session\'s first named prepared statement came after an unnamed Parse or Close and a simple Query in the same unsynced pipeline; transaction pooling cannot track it',
-      'send Sync before the first named statement, or use pool.mode: session',
-    );
   }
 
   private refuseStatementTracking(message: string, hint: string): void {

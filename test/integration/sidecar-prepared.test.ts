@@ -613,17 +613,44 @@ describe('sidecar: named prepared statements in transaction mode', function () {
     }
   });
 
-  it('refuses, with 0A000, a first named statement after an unsynced unnamed Parse and a simple Query (which batch its reply belongs to is not known)', async function () {
+  it('takes a first named statement after an unsynced unnamed Parse and a simple Query, each reply in the batch it belongs to', async function () {
     const wire = await WireClient.connect(running.port, postgres.app.user);
     try {
       // The server holds back the ParseComplete while pg_sleep runs: still owed when the named Parse comes.
       wire.send([serialize.parse({ text: 'SELECT pg_sleep(0.5)' }), serialize.bind({}), serialize.execute({}), serialize.query('SELECT 2')]);
       await new Promise((resolve) => setTimeout(resolve, 150));
-      const refused = await wire.exchangeUntil([serialize.parse({ name: 'late', text: 'SELECT 2' }), serialize.sync()], 'E');
-      assert.equal(types(refused), 'E');
-      assert.equal(errorCode(refused), '0A000');
+      const replies = await wire.exchange([serialize.parse({ name: 'late', text: 'SELECT 3' }), serialize.bind({ statement: 'late' }), serialize.execute({}), serialize.sync()], 2);
+      assert.equal(types(replies), '12DCTDCZ12DCZ');
+      assert.equal(replies.filter((r) => r.type === 'D').slice(1).map((r) => dataValue(r)).join(','), '2,3');
+      const again = await wire.exchange([serialize.bind({ statement: 'late' }), serialize.execute({}), serialize.sync()]);
+      assert.equal(types(again), '2DCZ');
+      assert.equal(dataValue(again[1]!), '3');
       // Other clients are unaffected.
       await withRunningClient(running, async (c) => assert.equal((await c.query<{ x: number }>({ name: 'fine', text: 'SELECT 5 AS x' })).rows[0]!.x, 5));
+    } finally {
+      wire.close();
+    }
+  });
+
+  it('takes pgjdbc\'s autosave pipeline inside a block: Close of a portal, SAVEPOINT as a simple Query, then the session\'s first named statement', async function () {
+    const wire = await WireClient.connect(running.port, postgres.app.user);
+    try {
+      // pgjdbc with autosave=always, autocommit off and a fetch size: BEGIN, SAVEPOINT, a query read through portal C_1.
+      const first = await wire.exchange([
+        serialize.parse({ text: 'BEGIN' }), serialize.bind({}), serialize.execute({}), serialize.query('SAVEPOINT PGJDBC_AUTOSAVE'),
+        serialize.parse({ text: 'SELECT 1' }), serialize.bind({ portal: 'C_1' }), serialize.describe({ type: 'P', name: 'C_1' }), serialize.execute({ portal: 'C_1', rows: 1 }), serialize.sync(),
+      ], 2);
+      assert.equal(types(first), '12CCZ12TDsZ');
+      // The next statement closes the portal, sets the savepoint again and prepares its first named statement;
+      // the Close and the Query reach the server before the sidecar reads the named Parse.
+      wire.send([serialize.close({ type: 'P', name: 'C_1' }), serialize.query('SAVEPOINT PGJDBC_AUTOSAVE')]);
+      await new Promise((resolve) => setTimeout(resolve, 150));
+      const replies = await wire.exchange([serialize.parse({ name: 'S_4', text: 'ROLLBACK' }), serialize.bind({ statement: 'S_4' }), serialize.execute({}), serialize.sync()], 2);
+      assert.equal(types(replies), '3CZ12CZ');
+      assert.equal(replies.at(-1)!.body.toString(), 'I');
+      const again = await wire.exchange([serialize.query('BEGIN'), serialize.bind({ statement: 'S_4' }), serialize.execute({}), serialize.sync()], 2);
+      assert.equal(types(again), 'CZ2CZ');
+      assert.equal(again.at(-1)!.body.toString(), 'I');
     } finally {
       wire.close();
     }

@@ -88,6 +88,19 @@ describe('transaction tracker', function () {
     assert.equal(ready(t, 'I'), true);
   });
 
+  it('owed ParseComplete/CloseComplete of the unsynced batch: each with the ReadyForQuery that come after it before the open batch\'s own', function () {
+    const t = new TransactionTracker();
+    // pgjdbc with autosave: Close of a portal, SAVEPOINT as a simple Query, then a Parse (before any Sync).
+    client(t, 'CQP');
+    assert.deepEqual(t.unsyncedReplyTypes(), [{ type: 0x33, batchesAfter: 1 }, { type: 0x31, batchesAfter: 0 }]);
+    client(t, 'PQ');
+    assert.deepEqual(t.unsyncedReplyTypes().map((r) => r.batchesAfter), [2, 1, 1]);
+    t.serverMessage(code('3'));
+    assert.deepEqual(t.unsyncedReplyTypes(), [{ type: 0x31, batchesAfter: 1 }, { type: 0x31, batchesAfter: 1 }]);
+    client(t, 'S');
+    assert.deepEqual(t.unsyncedReplyTypes(), []);
+  });
+
   it('COPY FROM STDIN: not releasable while copying, boundary after CopyDone and ReadyForQuery', function () {
     const t = new TransactionTracker();
     client(t, 'Q');

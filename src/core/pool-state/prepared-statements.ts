@@ -292,10 +292,12 @@ export class ResponseEditor {
    * Starts editing. `outstandingBatches` is the number of ReadyForQuery the
    * server still owes for messages sent before: their replies pass unedited.
    * `unsyncedReplies` are the ParseComplete/CloseComplete types the Parses and
-   * Closes already sent in the batch still open (no Sync yet) owe, in order:
-   * they are expected first in that batch, and forwarded.
+   * Closes already sent since the last Sync owe, in order, each with the
+   * number of ReadyForQuery owed after it before the open batch's own (a
+   * Query sent after it closed an earlier batch): they are expected first in
+   * their batch, and forwarded.
    */
-  activate(outstandingBatches: number, unsyncedReplies: readonly number[] = [], atBatchStart = false): void {
+  activate(outstandingBatches: number, unsyncedReplies: readonly { type: number; batchesAfter: number }[] = [], atBatchStart = false): void {
     this.describing = undefined;
     this.describeStage = 0;
     this.holdSettled = undefined;
@@ -309,7 +311,7 @@ export class ResponseEditor {
     this.erred = undefined;
     this.unnamedCurrent = false;
     this.afterTracked = atBatchStart && unsyncedReplies.length === 0;
-    for (const type of unsyncedReplies) this.expected.push({ type, edit: 'forward', batch: outstandingBatches, undo: undefined, adjacent: false });
+    for (const { type, batchesAfter } of unsyncedReplies) this.expected.push({ type, edit: 'forward', batch: outstandingBatches - batchesAfter, undo: undefined, adjacent: false });
   }
 
   /** Stops editing (the connection goes back to the pool, at a boundary). */

@@ -52,12 +52,14 @@ export class TransactionTracker {
   extendedOpen = false;
   /**
    * Parses and Closes sent since the last Sync whose ParseComplete/CloseComplete
-   * is still owed, in order: run-length encoded as [type, count, type,
-   * count, ...] (a pipeline of unnamed statements is one run of Parses).
+   * is still owed, in order: run-length encoded as [type, count, queries,
+   * type, count, queries, ...], `queries` being the Queries and FunctionCalls
+   * of the unsynced batch sent before the run (a pipeline of unnamed
+   * statements is one run of Parses).
    */
   private readonly unsyncedReplies: number[] = [];
-  /** A Query or FunctionCall came after a Parse or Close of the unsynced batch: its replies no longer follow one batch. */
-  private unsyncedSplit = false;
+  /** Queries and FunctionCalls sent since the first Parse or Close of the unsynced batch: each ends a batch of its own, whose ReadyForQuery follows the replies sent before it. */
+  private unsyncedQueries = 0;
   /** COPY in progress. */
   copy: CopyState = 'none';
   /** A ReadyForQuery arrived that nothing asked for (a protocol bug on one side). */
@@ -100,20 +102,20 @@ export class TransactionTracker {
       case Q:
       case F:
         this.pendingReady += 1;
-        if (this.unsyncedReplies.length > 0) this.unsyncedSplit = true;
+        if (this.unsyncedReplies.length > 0) this.unsyncedQueries += 1;
         return;
       case S:
         this.pendingReady += 1;
         this.extendedOpen = false;
         this.unsyncedReplies.length = 0;
-        this.unsyncedSplit = false;
+        this.unsyncedQueries = 0;
         return;
       case P:
       case C: {
         this.extendedOpen = true;
         const runs = this.unsyncedReplies;
-        if (runs.length > 0 && runs[runs.length - 2] === type) runs[runs.length - 1]! += 1;
-        else runs.push(type, 1);
+        if (runs.length > 0 && runs[runs.length - 3] === type && runs[runs.length - 1] === this.unsyncedQueries) runs[runs.length - 2]! += 1;
+        else runs.push(type, 1, this.unsyncedQueries);
         return;
       }
       case B:
@@ -180,7 +182,8 @@ export class TransactionTracker {
     const runs = this.unsyncedReplies;
     if (runs.length === 0) return;
     if (runs[1]! > 1) runs[1]! -= 1;
-    else runs.splice(0, 2);
+    else runs.splice(0, 3);
+    if (runs.length === 0) this.unsyncedQueries = 0;
   }
 
   /** A Parse or Close was sent since the last Sync and its reply is still owed. */
@@ -189,19 +192,21 @@ export class TransactionTracker {
   }
 
   /**
-   * The reply types (ParseComplete 0x31, CloseComplete 0x33) the unsynced
-   * batch's Parses and Closes still owe, in order; undefined when a Query or
-   * FunctionCall came in between and they no longer belong to one batch.
+   * The replies (ParseComplete 0x31, CloseComplete 0x33) the Parses and
+   * Closes sent since the last Sync still owe, in order, each with the
+   * number of ReadyForQuery that come after it before the open batch's own
+   * (a Query or FunctionCall sent after it ends a batch, pgjdbc's
+   * `SAVEPOINT` of autosave between a Close and a Parse).
    */
-  unsyncedReplyTypes(): number[] | undefined {
-    if (this.unsyncedSplit) return undefined;
-    const types: number[] = [];
+  unsyncedReplyTypes(): { type: number; batchesAfter: number }[] {
+    const replies: { type: number; batchesAfter: number }[] = [];
     const runs = this.unsyncedReplies;
-    for (let i = 0; i < runs.length; i += 2) {
-      const reply = runs[i] === P ? PARSE_COMPLETE : CLOSE_COMPLETE;
-      for (let n = runs[i + 1]!; n > 0; n -= 1) types.push(reply);
+    for (let i = 0; i < runs.length; i += 3) {
+      const type = runs[i] === P ? PARSE_COMPLETE : CLOSE_COMPLETE;
+      const batchesAfter = this.unsyncedQueries - runs[i + 2]!;
+      for (let n = runs[i + 1]!; n > 0; n -= 1) replies.push({ type, batchesAfter });
     }
-    return types;
+    return replies;
   }
 
   /** True when the connection may be handed to another client. */
@@ -220,7 +225,7 @@ export class TransactionTracker {
     this.pendingReady = 0;
     this.extendedOpen = false;
     this.unsyncedReplies.length = 0;
-    this.unsyncedSplit = false;
+    this.unsyncedQueries = 0;
     this.copy = 'none';
     this.unexpectedReady = false;
     this.watched = undefined;

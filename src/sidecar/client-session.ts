@@ -347,12 +347,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    * DISCARD ALL before anyone else gets it.
    */
   private checkSessionState(type: number, buffer: Buffer, bodyStart: number, end: number, nothingQueued: boolean): boolean {
-    let textStart = bodyStart;
-    if (type === MessageType.parse) {
-      const nameEnd = buffer.indexOf(0, bodyStart);
-      if (nameEnd < 0 || nameEnd >= end) return false;
-      textStart = nameEnd + 1;
-    }
+    const textStart = sqlTextStart(type, buffer, bodyStart, end);
+    if (textStart === undefined) return false;
     const command = classifySessionCommand(buffer, textStart, end);
     if (type === MessageType.parse && (command?.kind === 'setting-parameter' || (buffer[bodyStart] !== 0 && command?.kind === 'settings') || this.settingStatements !== undefined)) {
       // A named statement, or one whose value comes bound: the setting changes only when it is executed (see followSettingStatements).
@@ -644,12 +640,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    * them. False if it was refused (the session is closed).
    */
   private checkSequenceRead(type: number, buffer: Buffer, bodyStart: number, end: number): boolean {
-    let textStart = bodyStart;
-    if (type === MessageType.parse) {
-      const nameEnd = buffer.indexOf(0, bodyStart);
-      if (nameEnd < 0 || nameEnd >= end) return true;
-      textStart = nameEnd + 1;
-    }
+    const textStart = sqlTextStart(type, buffer, bodyStart, end);
+    if (textStart === undefined) return true;
     const read = sequenceRead(buffer, textStart, end);
     if (read === undefined) return true;
     const home = this.sequenceServer;
@@ -1196,4 +1188,11 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     this.phase = 'closed';
     this.host.unregister(this);
   }
+}
+
+/** Where the SQL text of a Query or Parse body starts (after a Parse's statement name); undefined for a malformed Parse. */
+function sqlTextStart(type: number, buffer: Buffer, bodyStart: number, end: number): number | undefined {
+  if (type !== MessageType.parse) return bodyStart;
+  const nameEnd = buffer.indexOf(0, bodyStart);
+  return nameEnd < 0 || nameEnd >= end ? undefined : nameEnd + 1;
 }

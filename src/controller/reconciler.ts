@@ -643,9 +643,10 @@ export class ServerReconciler {
   /** Forgets written grants that the cache has caught up with. */
   /**
    * `members` plus the PoolMembers on tables this replica saw on an earlier
-   * pass whose pod is gone and whose PoolMember is gone too: the garbage
-   * collector takes a PoolMember with its pod, possibly before any pass saw
-   * the pod go, and a pod on its table's default grant is not listed by name.
+   * pass, their pod running, whose pod is gone and whose PoolMember is gone
+   * too: the garbage collector takes a PoolMember with its pod (force-deleted
+   * straight from running), possibly before any pass saw the pod go, and a
+   * pod on its table's default grant is not listed by name.
    * Planned once more as orphans, they get their departure recorded
    * (docs/budget.md); forgotten once a table records it, or after the hold.
    */
@@ -656,7 +657,16 @@ export class ServerReconciler {
     const podUids = new Set(pods.map((p) => p.metadata?.uid ?? ''));
     const byKey = new Map(connections.map((c) => [key(c), c]));
     const tables = new Map(this.tables.tablesInForce(connections).map((t) => [`${t.namespace}/${t.connection}`, t.table]));
-    for (const m of members) if (this.tables.tableFrom(m) !== undefined && uidOf(m) !== '') this.seenMembers.set(uidOf(m), { member: m });
+    // Only pods last seen running: a pod seen terminating or finished is listed by name in its table
+    // (with what it may hold, or 0 once its drain was seen), and an older snapshot of its PoolMember
+    // would miss the drain it reported since.
+    const live = new Set(pods.filter((p) => !p.metadata?.deletionTimestamp && p.status?.phase !== 'Succeeded' && p.status?.phase !== 'Failed').map((p) => p.metadata?.uid ?? ''));
+    for (const m of members) {
+      const uid = uidOf(m);
+      if (uid === '') continue;
+      if (live.has(uid) && this.tables.tableFrom(m) !== undefined) this.seenMembers.set(uid, { member: m });
+      else if (podUids.has(uid)) this.seenMembers.delete(uid);
+    }
     const out = [...members];
     for (const [uid, entry] of this.seenMembers) {
       const k = `${entry.member.metadata.namespace ?? ''}/${entry.member.spec.connection}`;

@@ -201,6 +201,7 @@ export class BudgetController {
       const k = `${m.metadata.namespace ?? ''}/${m.metadata.name ?? ''}`;
       const podUid = m.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
       if (type === 'DELETED') {
+        this.reconciler.memberDeleted(m);
         this.ledger.forget(podUid);
         this.memberSeen.delete(k);
         byConnectionName(m.metadata.namespace, m.spec.connection);

@@ -7,7 +7,7 @@
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVE, type DatabaseConnection, type DatabaseServer, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
-import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, departureHoldAdvice, loginConnectionCap, loginConnectionCaps, connectionCaps, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant, type ConnectionCap, type LoginCap, type ServerSettings } from '../core/budget/index.ts';
+import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, departureHoldAdvice, deriveEntry, loginConnectionCap, loginConnectionCaps, connectionCaps, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant, type ConnectionCap, type LoginCap, type ServerSettings } from '../core/budget/index.ts';
 import { decideOwnedLimit, decideServerLimit, namespaceDemands, namespaceShares, ownedServerKey, planWithShares, ruleFor, type NamespaceRule } from '../core/tenancy/index.ts';
 import { connectionConditions, limitMismatchCondition, loginCapCondition, oversubscriptionAdvice, type ConsumerDemand, type ConsumerFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
 import { conditionsEqual, findCondition, setConditions, type Condition, type ConditionUpdate } from '../core/conditions/index.ts';
@@ -176,7 +176,7 @@ export class ServerReconciler {
   private readonly writtenVersions = new Map<string, { generation: number; resourceVersion: string; spec: string }>();
   private readonly unsettledSince = new Map<string, number>();
   /** PoolMembers on tables seen on earlier passes, by pod UID, and since when both they and their pod are gone (withGoneMembers). */
-  private readonly seenMembers = new Map<string, { member: PoolMember; goneAt?: number }>();
+  private readonly seenMembers = new Map<string, { member: PoolMember; goneAt?: number; final?: boolean }>();
   /** The DepartureHoldShort warning last recorded per DatabaseConnection (recorded again only when it changes). */
   private readonly holdWarnings = new Map<string, string>();
   /** When each DatabaseConnection's status was last written (ms), to coalesce writes while grants move. */
@@ -436,7 +436,7 @@ export class ServerReconciler {
     });
     const cached = caches.members.list().filter((m) => connectionKeys.has(`${m.metadata.namespace ?? ''}/${m.spec.connection}`));
     this.pruneWritten(cached);
-    const members = this.withGoneMembers(cached, pods, connections);
+    const members = await this.freshDepartures(this.withGoneMembers(cached, pods, connections), pods);
     const livePodUids = new Set(pods.filter((p) => !p.metadata?.deletionTimestamp && p.status?.phase !== 'Succeeded' && p.status?.phase !== 'Failed').map((p) => p.metadata?.uid ?? ''));
     this.tables.retain(new Set(pods.map((p) => p.metadata?.uid ?? '')));
     const beforeSwitch = performance.now();
@@ -643,8 +643,8 @@ export class ServerReconciler {
   /** Forgets written grants that the cache has caught up with. */
   /**
    * `members` plus the PoolMembers on tables this replica saw on an earlier
-   * pass, their pod running, whose pod is gone and whose PoolMember is gone
-   * too: the garbage collector takes a PoolMember with its pod (force-deleted
+   * pass, their pod running, or saw deleted (memberDeleted: their last state),
+   * whose pod is gone and whose PoolMember is gone too: the garbage collector takes a PoolMember with its pod (force-deleted
    * straight from running), possibly before any pass saw the pod go, and a
    * pod on its table's default grant is not listed by name.
    * Planned once more as orphans, they get their departure recorded
@@ -663,7 +663,7 @@ export class ServerReconciler {
     const live = new Set(pods.filter((p) => !p.metadata?.deletionTimestamp && p.status?.phase !== 'Succeeded' && p.status?.phase !== 'Failed').map((p) => p.metadata?.uid ?? ''));
     for (const m of members) {
       const uid = uidOf(m);
-      if (uid === '') continue;
+      if (uid === '' || this.seenMembers.get(uid)?.final === true) continue;
       if (live.has(uid) && this.tables.tableFrom(m) !== undefined) this.seenMembers.set(uid, { member: m });
       else if (podUids.has(uid)) this.seenMembers.delete(uid);
     }
@@ -685,6 +685,53 @@ export class ServerReconciler {
       }
       out.push(entry.member);
     }
+    return out;
+  }
+
+  /**
+   * A PoolMember was deleted (with its pod, by the garbage collector): its
+   * last state, drained or not, is what a departure of its pod is judged by
+   * (withGoneMembers), fresher than any pass's snapshot.
+   */
+  memberDeleted(member: PoolMember): void {
+    const uid = member.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
+    if (uid !== '' && this.tables.tableFrom(member) !== undefined) this.seenMembers.set(uid, { member, final: true });
+  }
+
+  /**
+   * `members` with the PoolMembers of pods that left (gone or finished)
+   * without a drain in the cache read again from the API server: a sidecar
+   * writes its drained status and waits for it before it exits, but this
+   * replica's PoolMember cache may show the pod gone before that status, and
+   * a departure recorded from the older one would hold a drained pod's
+   * connections for the whole hold.
+   */
+  private async freshDepartures(members: PoolMember[], pods: readonly (PodObject & KubeObject)[]): Promise<PoolMember[]> {
+    const uidOf = (m: PoolMember): string => m.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
+    const present = new Map(pods.map((p) => [p.metadata?.uid ?? '', p]));
+    const tables = new Map(this.tables.tablesInForce(this.deps.caches.connections.list()).map((t) => [`${t.namespace}/${t.connection}`, t.table]));
+    const leftHolding = (m: PoolMember): boolean => {
+      const pod = present.get(uidOf(m));
+      if (pod === undefined) return true;
+      if (pod.status?.phase !== 'Succeeded' && pod.status?.phase !== 'Failed') return false;
+      // A finished pod: until its departure is recorded, or its table entry is down to 0.
+      const table = tables.get(`${m.metadata.namespace ?? ''}/${m.spec.connection}`);
+      if (table === undefined || (table.departed ?? []).some((d) => d.uid === uidOf(m))) return false;
+      const entry = deriveEntry(table, m.metadata.name ?? '');
+      return Math.max(entry.connections, entry.releasing ?? 0) > 0;
+    };
+    const stale = members.map((m, i) => ({ m, i })).filter(({ m }) => this.tables.tableFrom(m) !== undefined && m.status?.drained !== true && leftHolding(m));
+    if (stale.length === 0) return members;
+    const out = [...members];
+    await forEachBounded(stale, GRANT_WRITE_CONCURRENCY, async ({ m, i }) => {
+      try {
+        const fresh = await this.deps.http.get<PoolMember>(`${MEMBERS}/namespaces/${m.metadata.namespace ?? ''}/poolmembers/${m.metadata.name ?? ''}`);
+        if (uidOf(fresh) === uidOf(m)) out[i] = fresh;
+      } catch (err) {
+        // Gone (collected with its pod): what the cache last showed is all there is.
+        if (!isStatus(err, 404)) throw err;
+      }
+    });
     return out;
   }
 

@@ -408,6 +408,9 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
       // A host of its own per size: a server the controller reconciles for this run only.
       database: { host: `${namespace}.db.invalid`, port: 5432, dbname: 'app', sslMode: 'disable', credentialsSecretRef: { name: 'creds' } },
       maxConnections: max, reserve: 0, consumers: [{ name: 'web', selector: { matchLabels: { app: 'web' } }, minPerPod: 1 }],
+      // The bench's sidecars report no drain before their pods are deleted: their connections are
+      // modelled as closed at once, as a real sidecar's drain closes them, not held as a lost node's.
+      departureHoldSeconds: 0,
     },
   });
   for (const name of connectionNames) await http.create(`/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/databaseconnections`, connectionBody(name, limit));

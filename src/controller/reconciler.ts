@@ -720,7 +720,9 @@ export class ServerReconciler {
       const entry = deriveEntry(table, m.metadata.name ?? '');
       return Math.max(entry.connections, entry.releasing ?? 0) > 0;
     };
-    const stale = members.map((m, i) => ({ m, i })).filter(({ m }) => this.tables.tableFrom(m) !== undefined && m.status?.drained !== true && leftHolding(m));
+    // Only where a departure would be held: with departureHoldSeconds 0 it is released at once anyway.
+    const holds = (m: PoolMember): boolean => (this.deps.caches.connections.get(m.metadata.namespace ?? '', m.spec.connection)?.spec.departureHoldSeconds ?? DEFAULT_DEPARTURE_HOLD_SECONDS) > 0;
+    const stale = members.map((m, i) => ({ m, i })).filter(({ m }) => this.tables.tableFrom(m) !== undefined && m.status?.drained !== true && holds(m) && leftHolding(m));
     if (stale.length === 0) return members;
     const out = [...members];
     await forEachBounded(stale, GRANT_WRITE_CONCURRENCY, async ({ m, i }) => {

@@ -38,6 +38,11 @@ export interface WrittenGrant {
   tableFrom?: number | undefined;
 }
 
+/** The UID of the pod a PoolMember belongs to (its owner reference); '' when it names none. */
+export function memberPodUid(member: Pick<PoolMember, 'metadata'>): string {
+  return member.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
+}
+
 /** departureHoldSeconds of a DatabaseConnection that leaves it out (the CRD's default). */
 export const DEFAULT_DEPARTURE_HOLD_SECONDS = 60;
 
@@ -134,7 +139,7 @@ export function buildBudgetInput(args: {
   const members: MemberState[] = [];
   for (const member of args.members) {
     if (!byKey.has(`${member.metadata.namespace ?? ''}/${member.spec.connection}`)) continue;
-    const podUid = member.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
+    const podUid = memberPodUid(member);
     const written = args.written.get(podUid);
     const cached = member.spec.grant;
     const grant = written && written.generation > cached.generation ? { connections: written.connections, generation: written.generation } : { connections: cached.connections, generation: cached.generation };

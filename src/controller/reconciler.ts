@@ -7,7 +7,7 @@
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVE, type DatabaseConnection, type DatabaseServer, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
-import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, departureHoldAdvice, deriveEntry, loginConnectionCap, loginConnectionCaps, connectionCaps, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant, type ConnectionCap, type LoginCap, type ServerSettings } from '../core/budget/index.ts';
+import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, departureHoldAdvice, deriveEntry, loginConnectionCap, loginConnectionCaps, connectionCaps, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant, type ConnectionCap, type GrantTable, type LoginCap, type ServerSettings } from '../core/budget/index.ts';
 import { decideOwnedLimit, decideServerLimit, namespaceDemands, namespaceShares, ownedServerKey, planWithShares, ruleFor, type NamespaceRule } from '../core/tenancy/index.ts';
 import { connectionConditions, limitMismatchCondition, loginCapCondition, oversubscriptionAdvice, type ConsumerDemand, type ConsumerFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
 import { conditionsEqual, findCondition, setConditions, type Condition, type ConditionUpdate } from '../core/conditions/index.ts';
@@ -29,7 +29,7 @@ import { forEachBounded } from './bounded.ts';
 import type { PoolGrant } from '../api/poolgrant.ts';
 import { GrantTableWriter } from './grant-tables.ts';
 import type { AcknowledgementLedger } from './acknowledgements.ts';
-import { buildBudgetInput, DEFAULT_DEPARTURE_HOLD_SECONDS, podConnectionKey, type PodObject, type WorkloadScale, type WrittenGrant } from './plan-input.ts';
+import { buildBudgetInput, DEFAULT_DEPARTURE_HOLD_SECONDS, memberPodUid, podConnectionKey, type PodObject, type WorkloadScale, type WrittenGrant } from './plan-input.ts';
 
 /** A Secret as the cache holds it. */
 export interface SecretObject extends KubeObject {
@@ -436,7 +436,8 @@ export class ServerReconciler {
     });
     const cached = caches.members.list().filter((m) => connectionKeys.has(`${m.metadata.namespace ?? ''}/${m.spec.connection}`));
     this.pruneWritten(cached);
-    const members = await this.freshDepartures(this.withGoneMembers(cached, pods, connections), pods);
+    const tableByKey = new Map(this.tables.tablesInForce(connections).map((t) => [`${t.namespace}/${t.connection}`, t.table]));
+    const members = await this.freshDepartures(this.withGoneMembers(cached, pods, connections, tableByKey), pods, tableByKey);
     const livePodUids = new Set(pods.filter((p) => !p.metadata?.deletionTimestamp && p.status?.phase !== 'Succeeded' && p.status?.phase !== 'Failed').map((p) => p.metadata?.uid ?? ''));
     this.tables.retain(new Set(pods.map((p) => p.metadata?.uid ?? '')));
     const beforeSwitch = performance.now();
@@ -650,19 +651,17 @@ export class ServerReconciler {
    * Planned once more as orphans, they get their departure recorded
    * (docs/budget.md); forgotten once a table records it, or after the hold.
    */
-  private withGoneMembers(members: readonly PoolMember[], pods: readonly (PodObject & KubeObject)[], connections: readonly DatabaseConnection[]): PoolMember[] {
+  private withGoneMembers(members: readonly PoolMember[], pods: readonly (PodObject & KubeObject)[], connections: readonly DatabaseConnection[], tables: ReadonlyMap<string, GrantTable>): PoolMember[] {
     const now = this.now().getTime();
-    const uidOf = (m: PoolMember): string => m.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
-    const present = new Set(members.map(uidOf));
+    const present = new Set(members.map(memberPodUid));
     const podUids = new Set(pods.map((p) => p.metadata?.uid ?? ''));
     const byKey = new Map(connections.map((c) => [key(c), c]));
-    const tables = new Map(this.tables.tablesInForce(connections).map((t) => [`${t.namespace}/${t.connection}`, t.table]));
     // Only pods last seen running: a pod seen terminating or finished is listed by name in its table
     // (with what it may hold, or 0 once its drain was seen), and an older snapshot of its PoolMember
     // would miss the drain it reported since.
     const live = new Set(pods.filter((p) => !p.metadata?.deletionTimestamp && p.status?.phase !== 'Succeeded' && p.status?.phase !== 'Failed').map((p) => p.metadata?.uid ?? ''));
     for (const m of members) {
-      const uid = uidOf(m);
+      const uid = memberPodUid(m);
       if (uid === '' || this.seenMembers.get(uid)?.final === true) continue;
       if (live.has(uid) && this.tables.tableFrom(m) !== undefined) this.seenMembers.set(uid, { member: m });
       else if (podUids.has(uid)) this.seenMembers.delete(uid);
@@ -694,7 +693,7 @@ export class ServerReconciler {
    * (withGoneMembers), fresher than any pass's snapshot.
    */
   memberDeleted(member: PoolMember): void {
-    const uid = member.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
+    const uid = memberPodUid(member);
     if (uid !== '' && this.tables.tableFrom(member) !== undefined) this.seenMembers.set(uid, { member, final: true });
   }
 
@@ -706,17 +705,15 @@ export class ServerReconciler {
    * a departure recorded from the older one would hold a drained pod's
    * connections for the whole hold.
    */
-  private async freshDepartures(members: PoolMember[], pods: readonly (PodObject & KubeObject)[]): Promise<PoolMember[]> {
-    const uidOf = (m: PoolMember): string => m.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
+  private async freshDepartures(members: PoolMember[], pods: readonly (PodObject & KubeObject)[], tables: ReadonlyMap<string, GrantTable>): Promise<PoolMember[]> {
     const present = new Map(pods.map((p) => [p.metadata?.uid ?? '', p]));
-    const tables = new Map(this.tables.tablesInForce(this.deps.caches.connections.list()).map((t) => [`${t.namespace}/${t.connection}`, t.table]));
     const leftHolding = (m: PoolMember): boolean => {
-      const pod = present.get(uidOf(m));
+      const pod = present.get(memberPodUid(m));
       if (pod === undefined) return true;
       if (pod.status?.phase !== 'Succeeded' && pod.status?.phase !== 'Failed') return false;
       // A finished pod: until its departure is recorded, or its table entry is down to 0.
       const table = tables.get(`${m.metadata.namespace ?? ''}/${m.spec.connection}`);
-      if (table === undefined || (table.departed ?? []).some((d) => d.uid === uidOf(m))) return false;
+      if (table === undefined || (table.departed ?? []).some((d) => d.uid === memberPodUid(m))) return false;
       const entry = deriveEntry(table, m.metadata.name ?? '');
       return Math.max(entry.connections, entry.releasing ?? 0) > 0;
     };
@@ -728,7 +725,7 @@ export class ServerReconciler {
     await forEachBounded(stale, GRANT_WRITE_CONCURRENCY, async ({ m, i }) => {
       try {
         const fresh = await this.deps.http.get<PoolMember>(`${MEMBERS}/namespaces/${m.metadata.namespace ?? ''}/poolmembers/${m.metadata.name ?? ''}`);
-        if (uidOf(fresh) === uidOf(m)) out[i] = fresh;
+        if (memberPodUid(fresh) === memberPodUid(m)) out[i] = fresh;
       } catch (err) {
         // Gone (collected with its pod): what the cache last showed is all there is.
         if (!isStatus(err, 404)) throw err;

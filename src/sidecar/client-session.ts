@@ -548,7 +548,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
     this.settingChanges = changes;
     this.settingWatchAfter = after;
-    if (server !== undefined) server.tracker.watch(server.tracker.pendingReady + after);
+    if (server !== undefined) server.tracker.watch(server.tracker.batchesOwed + after);
     return true;
   }
 
@@ -825,7 +825,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       // Replies still owed to Parses and Closes already sent since the last Sync (a pipeline of unnamed
       // statements, as psycopg 3 sends before it prepares one; pgjdbc's Close of a portal and the SAVEPOINT
       // Query of autosave) are expected ahead of ours, each in the batch it belongs to.
-      editor.activate(tracker.pendingReady, tracker.unsyncedReplyTypes(), !tracker.extendedOpen);
+      editor.activate(tracker.batchesOwed, tracker.unsyncedReplyTypes(), !tracker.extendedOpen, tracker.skipping);
     }
     const out: Buffer[] = [];
     // Messages routed; where routing stopped to hold a message (chunk index and offset), if it did.
@@ -852,13 +852,15 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       this.onProtocolError(error);
       return;
     }
+    // The tracker counts what the server answers: the messages sent, the sidecar's own Parse, Describe, Close and Flush included.
+    for (const piece of out) {
+      for (let offset = 0; offset < piece.length; offset += 1 + piece.readInt32BE(offset + 1)) tracker.clientMessage(piece[offset]!);
+    }
     if (heldChunk < 0) {
-      for (const type of this.pendingTypes) tracker.clientMessage(type);
       this.pendingTypes.length = 0;
       this.pendingChunks.length = 0;
     } else {
       // The rest waits for the shape of the statement just prepared (see routeMessage): kept in buffers of its own.
-      for (let i = 0; i < routed; i++) tracker.clientMessage(this.pendingTypes[i]!);
       this.pendingTypes.splice(0, routed);
       const rest = this.pendingChunks.slice(heldChunk).map((c, i) => Buffer.from(i === 0 ? c.subarray(heldOffset) : c));
       this.pendingChunks.length = 0;

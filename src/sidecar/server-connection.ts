@@ -66,9 +66,9 @@ const CLOSE_GIVE_UP_MS = 60_000;
 /** Types the tracker needs to see, and CommandComplete (see onCommandComplete); everything else is only forwarded. */
 const TRACKED = new Uint8Array(256);
 for (const c of 'ZEGHWcC') TRACKED[c.charCodeAt(0)] = 1;
-// ParseComplete and CloseComplete: counted, so that a session that starts naming statements mid-pipeline knows the replies still owed.
-TRACKED[MessageType.parseComplete] = 2;
-TRACKED[MessageType.closeComplete] = 2;
+// The last replies of extended messages (ParseComplete, BindComplete, CloseComplete, RowDescription, NoData,
+// EmptyQueryResponse, PortalSuspended): counted, to tell which message an ErrorResponse answers (see TransactionTracker).
+for (const c of '123TnIs') TRACKED[c.charCodeAt(0)] = 2;
 /** Tags of the commands that drop every prepared statement of the backend, with their NUL. */
 const DEALLOCATE_ALL_TAG = Buffer.from('DEALLOCATE ALL\0');
 const DEALLOCATE_TAG = Buffer.from('DEALLOCATE\0');
@@ -379,11 +379,14 @@ export class ServerConnection {
       reader.push(chunk, length);
       while (reader.next()) {
         const type = reader.type;
-        if (TRACKED[type] === 1) {
+        const tracked = TRACKED[type];
+        // Replies to the sidecar's own Parse, Describe and Close count too: the tracker saw them sent.
+        if (tracked === 2) tracker.serverMessage(type);
+        if (tracked === 1) {
           if (type === MessageType.readyForQuery) {
             ready = true;
             boundary = this.readyReceived(user, reader.buffer[reader.bodyStart]!);
-            if (editor.active) editor.ready();
+            if (editor.active) editor.ready(tracker.readyBatches);
             const before = tracker.atBoundary ? user.beforeReady?.(this) : undefined;
             if (before !== undefined) {
               flushRun();
@@ -394,20 +397,18 @@ export class ServerConnection {
             if (type === MessageType.errorResponse) {
               if (isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
               if (this.resetOutcome !== undefined) this.resetOutcome = 'doubtful';
-              // Tells a failed Parse from one skipped after an earlier error.
-              if (editor.active) editor.error();
+              tracker.serverMessage(type);
+              // Tells a failed Parse from one skipped after an earlier error; whether the server now discards what is sent until a Sync.
+              if (editor.active) editor.error(tracker.skipping);
               // A Bind the sidecar failed on purpose (its statement's result shape changed): PostgreSQL's own error for that.
               if (isReshapedError(reader.buffer, reader.bodyStart, reader.end)) {
-                tracker.serverMessage(type);
                 flushRun();
                 pieces.push(RESHAPED_ERROR);
                 continue;
               }
-            }
-            tracker.serverMessage(type);
+            } else tracker.serverMessage(type);
           }
         } else if ((type === MessageType.parseComplete || type === MessageType.closeComplete) && editor.active) {
-          tracker.serverMessage(type);
           const edit = editor.reply(type);
           if (edit !== 'forward') {
             flushRun();

@@ -88,6 +88,231 @@ describe('transaction tracker', function () {
     assert.equal(ready(t, 'I'), true);
   });
 
+  /** Replies as the tracker gets them: CommandComplete through commandCompleted, ReadyForQuery with status I. Returns the last ReadyForQuery's boundary. */
+  function server(t: TransactionTracker, types: string): boolean {
+    let boundary = false;
+    for (const m of types) {
+      if (m === 'C') t.commandCompleted();
+      else if (m === 'Z') boundary = ready(t, 'I');
+      else t.serverMessage(code(m));
+    }
+    return boundary;
+  }
+
+  it('a Query after a failed extended message, before the Sync: the server skips it, one ReadyForQuery ends both batches', function () {
+    // The Parse fails.
+    const t = new TransactionTracker();
+    client(t, 'PBEQS');
+    assert.equal(t.pendingReady, 2);
+    server(t, 'E');
+    assert.equal(t.pendingReady, 1, 'the Query\'s ReadyForQuery will not come');
+    assert.equal(t.batchesOwed, 2);
+    assert.equal(server(t, 'Z'), true);
+    assert.equal(t.readyBatches, 2);
+    assert.equal(t.batchesOwed, 0);
+    // The Bind fails, the Execute after some rows; several Queries skipped; a FunctionCall too.
+    for (const [replies, batches] of [['1E', 3], ['12DDE', 3]] as const) {
+      const u = new TransactionTracker();
+      client(u, 'PBEQFS');
+      assert.equal(server(u, replies), false);
+      assert.equal(u.pendingReady, 1);
+      assert.equal(server(u, 'Z'), true, replies);
+      assert.equal(u.readyBatches, batches);
+    }
+    // The error came before the Query was sent: the Query is skipped as it goes.
+    const late = new TransactionTracker();
+    client(late, 'PBE');
+    server(late, 'E');
+    assert.equal(late.skipping, true);
+    client(late, 'QQ');
+    assert.equal(late.pendingReady, 0);
+    assert.equal(late.batchesOwed, 2);
+    assert.equal(late.atBoundary, false, 'no Sync yet');
+    client(late, 'PBES');
+    assert.equal(late.skipping, false);
+    assert.equal(server(late, 'Z'), true);
+    assert.equal(late.readyBatches, 3);
+    // After the Sync's ReadyForQuery all is normal again.
+    client(late, 'Q');
+    assert.equal(server(late, 'TDCZ'), true);
+    assert.equal(late.readyBatches, 1);
+  });
+
+  it('a failed simple Query skips nothing: each Query and Sync still gets its ReadyForQuery', function () {
+    // The Query fails before the extended messages after it are answered.
+    const t = new TransactionTracker();
+    client(t, 'QPBES');
+    server(t, 'TDE');
+    assert.equal(t.pendingReady, 2);
+    assert.equal(server(t, 'Z'), false);
+    assert.equal(server(t, '12C'), false);
+    assert.equal(server(t, 'Z'), true);
+    // A Query after the Sync of a failed batch: its own ReadyForQuery.
+    const u = new TransactionTracker();
+    client(u, 'PBESQ');
+    server(u, 'E');
+    assert.equal(u.pendingReady, 2);
+    assert.equal(server(u, 'Z'), false);
+    assert.equal(server(u, 'CZ'), true, 'the Query ran: CommandComplete, ReadyForQuery');
+    // A Query that fails between two extended batches, each with a Sync.
+    const v = new TransactionTracker();
+    client(v, 'PBESQPBES');
+    server(v, '12CZ');
+    server(v, 'E');
+    assert.equal(v.pendingReady, 2);
+    server(v, 'Z12C');
+    assert.equal(server(v, 'Z'), true);
+    // An error at Sync (a deferred constraint at commit) skips nothing either.
+    const w = new TransactionTracker();
+    client(w, 'PBESQ');
+    server(w, '12CE');
+    assert.equal(w.pendingReady, 2);
+    server(w, 'Z');
+    assert.equal(server(w, 'CZ'), true);
+  });
+
+  it('counts the last reply of each extended message: Describe (ParameterDescription, RowDescription or NoData), empty query, suspended portal', function () {
+    // Every extended message answered, then the Query fails: nothing skipped.
+    const t = new TransactionTracker();
+    client(t, 'PDBDEPDBEBEQS');
+    server(t, '1tT2TD' + 'C' + '1tn2I' + '2s' + 'E');
+    assert.equal(t.pendingReady, 2, 'the error is the Query\'s');
+    server(t, 'Z');
+    assert.equal(server(t, 'Z'), true);
+    // The same, one reply short: the error is the last Execute's, and the Query is skipped.
+    const u = new TransactionTracker();
+    client(u, 'PDBDEPDBEBEQS');
+    server(u, '1tT2TD' + 'C' + '1tn2I' + '2' + 'E');
+    assert.equal(u.pendingReady, 1);
+    assert.equal(server(u, 'Z'), true);
+  });
+
+  it('property: random pipelines with random failures, replies arriving at any time, against a model of PostgreSQL\'s skip-to-Sync rule', function () {
+    type Sent = { type: string; fail: boolean; variant: number };
+    /** The backend's replies, each with the index of the message it answers; for ReadyForQuery, the client batches it ends. */
+    const backend = (messages: Sent[]): { type: string; from: number; batches: number }[] => {
+      const replies: { type: string; from: number; batches: number }[] = [];
+      let ignoring = false;
+      let skipped = 0;
+      messages.forEach(({ type, fail, variant }, from) => {
+        const reply = (types: string): void => {
+          for (const r of types) replies.push({ type: r, from, batches: r === 'Z' ? 1 + skipped : 0 });
+          if (types.includes('Z')) skipped = 0;
+        };
+        if (ignoring && type !== 'S') {
+          if (type === 'Q' || type === 'F') skipped += 1;
+          return;
+        }
+        switch (type) {
+          case 'S':
+            ignoring = false;
+            reply(fail ? 'EZ' : 'Z');
+            return;
+          case 'Q':
+            reply(fail ? ['E', 'TDE', 'CE'][variant % 3]! + 'Z' : ['TDDCZ', 'IZ', 'CCZ'][variant % 3]!);
+            return;
+          case 'F':
+            reply(fail ? 'EZ' : 'VZ');
+            return;
+          case 'H':
+            return;
+          default:
+        }
+        if (fail) {
+          reply(type === 'E' && variant % 2 === 1 ? 'DDE' : 'E');
+          ignoring = true;
+          return;
+        }
+        switch (type) {
+          case 'P': reply('1'); return;
+          case 'B': reply('2'); return;
+          case 'C': reply('3'); return;
+          case 'D': reply(['tT', 'tn', 'T', 'n'][variant % 4]!); return;
+          case 'E': reply(['DDC', 'C', 'I', 'Ds'][variant % 4]!); return;
+          default:
+        }
+      });
+      return replies;
+    };
+    const messageArb = fc.record({
+      type: fc.constantFrom('P', 'B', 'D', 'E', 'C', 'Q', 'F', 'S', 'H'),
+      fail: fc.integer({ min: 0, max: 5 }).map((n) => n === 0),
+      variant: fc.nat(3),
+    });
+    fc.assert(fc.property(fc.array(messageArb, { maxLength: 30 }), fc.array(fc.boolean(), { maxLength: 80 }), (body, schedule) => {
+      const messages = [...body, { type: 'S', fail: false, variant: 0 }];
+      const replies = backend(messages);
+      const t = new TransactionTracker();
+      let sent = 0;
+      let delivered = 0;
+      const send = (): void => {
+        t.clientMessage(code(messages[sent]!.type));
+        sent += 1;
+      };
+      const deliver = (): void => {
+        const r = replies[delivered]!;
+        delivered += 1;
+        if (r.type === 'C') t.commandCompleted();
+        else if (r.type === 'Z') {
+          ready(t, 'I');
+          assert.equal(t.readyBatches, r.batches, 'batches ended by this ReadyForQuery');
+        } else t.serverMessage(code(r.type));
+      };
+      const check = (): void => {
+        const produced = replies.filter((r) => r.from < sent);
+        const owedZ = produced.slice(delivered).filter((r) => r.type === 'Z').length;
+        assert.ok(t.pendingReady >= owedZ, 'never fewer ReadyForQuery expected than will come');
+        if (delivered === produced.length) {
+          // Caught up: the server has answered everything it got; nothing more is owed until more is sent.
+          assert.equal(t.pendingReady, 0, `caught up after ${messages.slice(0, sent).map((m) => m.type + (m.fail ? '!' : '')).join('')}`);
+          assert.deepEqual(t.unsyncedReplyTypes(), []);
+          const lastSync = messages.slice(0, sent).map((m) => m.type).lastIndexOf('S');
+          const failedSinceSync = messages.slice(lastSync + 1, sent).findIndex((m) => m.fail && 'PBDEC'.includes(m.type));
+          const skippedAfter = failedSinceSync >= 0;
+          assert.equal(t.skipping, skippedAfter);
+        }
+      };
+      for (const step of schedule) {
+        const canDeliver = delivered < replies.length && replies[delivered]!.from < sent;
+        if ((step || !canDeliver) && sent < messages.length) send();
+        else if (canDeliver) deliver();
+        check();
+      }
+      while (sent < messages.length) {
+        send();
+        check();
+      }
+      while (delivered < replies.length) {
+        deliver();
+        check();
+      }
+      assert.equal(t.atBoundary, true);
+      assert.equal(t.batchesOwed, 0);
+      assert.equal(t.unexpectedReady, false);
+    }), { numRuns: 2000 });
+  });
+
+  it('a pipeline kept full for ever: the queue of owed replies stays bounded, in place', function () {
+    const t = new TransactionTracker();
+    const inFlight = 40;
+    for (let i = 0; i < inFlight; i += 1) client(t, 'PBEQS');
+    for (let i = 0; i < 5000; i += 1) {
+      client(t, 'PBEQS');
+      // The oldest batch: every seventh fails at its Parse, and its Query is skipped.
+      if (i % 7 === 0) {
+        server(t, 'E');
+        assert.equal(server(t, 'Z'), false);
+        assert.equal(t.readyBatches, 2);
+      } else {
+        server(t, '12DCCZ');
+        assert.equal(t.readyBatches, 1);
+        server(t, 'Z');
+      }
+      assert.equal(t.pendingReady, 2 * inFlight);
+    }
+    assert.ok((t as unknown as { owed: number[] }).owed.length < 4 * 8 * (inFlight + 1), 'the queue array grew without bound');
+  });
+
   it('owed ParseComplete/CloseComplete of the unsynced batch: each with the ReadyForQuery that come after it before the open batch\'s own', function () {
     const t = new TransactionTracker();
     // pgjdbc with autosave: Close of a portal, SAVEPOINT as a simple Query, then a Parse (before any Sync).
@@ -180,6 +405,29 @@ describe('transaction tracker', function () {
     piped.commandCompleted();
     ready(piped, 'I');
     assert.equal(piped.watched, 'ran');
+    // A SET Query skipped after an error in an extended message before it: not run, decided at the Sync's ReadyForQuery.
+    for (const errorFirst of [false, true]) {
+      const skipped = new TransactionTracker();
+      client(skipped, 'PBE');
+      if (errorFirst) skipped.serverMessage(code('E'));
+      skipped.watch(skipped.batchesOwed);
+      client(skipped, 'QS');
+      if (!errorFirst) skipped.serverMessage(code('E'));
+      assert.equal(skipped.watched, 'running');
+      ready(skipped, 'I');
+      assert.equal(skipped.watched, 'not-run', errorFirst ? 'error came first' : 'error came after');
+    }
+    // Behind a skipped Query, in the batch after the Sync that ended it: watched on.
+    const later = new TransactionTracker();
+    client(later, 'PBEQS');
+    later.watch(later.batchesOwed);
+    client(later, 'Q');
+    later.serverMessage(code('E'));
+    ready(later, 'I');
+    assert.equal(later.watched, 'running', 'two batches ended, the watched one is the third');
+    later.commandCompleted();
+    ready(later, 'I');
+    assert.equal(later.watched, 'ran');
     const fresh = new TransactionTracker();
     fresh.watch();
     fresh.reset();

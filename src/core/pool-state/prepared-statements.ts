@@ -289,20 +289,22 @@ export class ResponseEditor {
   }
 
   /**
-   * Starts editing. `outstandingBatches` is the number of ReadyForQuery the
-   * server still owes for messages sent before: their replies pass unedited.
+   * Starts editing. `outstandingBatches` is the number of batches sent
+   * before whose end the server still owes (see
+   * TransactionTracker.batchesOwed): their replies pass unedited.
    * `unsyncedReplies` are the ParseComplete/CloseComplete types the Parses and
    * Closes already sent since the last Sync owe, in order, each with the
-   * number of ReadyForQuery owed after it before the open batch's own (a
+   * number of batches that end after it before the open batch's own (a
    * Query sent after it closed an earlier batch): they are expected first in
-   * their batch, and forwarded.
+   * their batch, and forwarded. `skipping`: an extended message failed and
+   * no Sync was sent since (the server discards what comes until one is).
    */
-  activate(outstandingBatches: number, unsyncedReplies: readonly { type: number; batchesAfter: number }[] = [], atBatchStart = false): void {
+  activate(outstandingBatches: number, unsyncedReplies: readonly { type: number; batchesAfter: number }[] = [], atBatchStart = false, skipping = false): void {
     this.describing = undefined;
     this.describeStage = 0;
     this.holdSettled = undefined;
     this.heldFor = undefined;
-    this.erredInOpenBatch = false;
+    this.erredInOpenBatch = skipping;
     this.expected = [];
     this.head = 0;
     this.sentBatches = outstandingBatches;
@@ -404,14 +406,20 @@ export class ResponseEditor {
     return true;
   }
 
-  /** An ErrorResponse arrived: remembers which expected reply was next in the batch it belongs to (the first error only). */
-  error(): void {
+  /**
+   * An ErrorResponse arrived: remembers which expected reply was next in the
+   * batch it belongs to (the first error only). `skipping`: it answers an
+   * extended message with no Sync sent after it, so the server discards what
+   * is sent until one is (see TransactionTracker.skipping); without it, an
+   * error of the batch still open is taken for one.
+   */
+  error(skipping = this.answeredBatches === this.sentBatches): void {
     const next = this.expected[this.head];
     if (this.erred === undefined && next !== undefined && next.batch === this.answeredBatches) this.erred = next;
     this.describing = undefined;
     this.describeStage = 0;
-    // An error of the batch still open (the one a held Bind belongs to): the server skips the rest of it.
-    if (this.answeredBatches === this.sentBatches) {
+    // An error of the batch still open (the one a held Bind belongs to), or before a Query that did not end the batch: the server skips the rest of it.
+    if (skipping) {
       this.erredInOpenBatch = true;
       this.settle();
     }
@@ -438,11 +446,14 @@ export class ResponseEditor {
   /**
    * ReadyForQuery arrived: what was expected in the batch it ends and did not
    * come was skipped after an error. That is a suffix of the batch, so undoing
-   * it newest first restores exactly the state the server kept.
+   * it newest first restores exactly the state the server kept. `batches`:
+   * how many batches it ends (more than one when the server skipped Queries
+   * after an error in an extended message: see TransactionTracker.readyBatches);
+   * all of the later ones were skipped.
    */
-  ready(): void {
-    const answered = this.answeredBatches;
-    this.answeredBatches += 1;
+  ready(batches = 1): void {
+    const answered = this.answeredBatches + batches - 1;
+    this.answeredBatches += batches;
     this.describing = undefined;
     this.describeStage = 0;
     this.erredInOpenBatch = false;

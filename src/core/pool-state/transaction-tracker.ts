@@ -3,6 +3,18 @@
  * only: it may go back to the pool only when the last ReadyForQuery said
  * idle ('I'), every Query/Sync/FunctionCall sent has had its ReadyForQuery,
  * no extended-protocol batch is open without a Sync, and no COPY is running.
+ *
+ * Which ReadyForQuery are owed follows PostgreSQL's rule (postgres.c): after
+ * an ErrorResponse to an extended-protocol message (Parse, Bind, Describe,
+ * Execute, Close) the backend discards every message until the next Sync,
+ * simple Queries and FunctionCalls included, so their ReadyForQuery never
+ * come; an error in a simple Query (or FunctionCall, or at Sync) skips
+ * nothing, and each ends with its own ReadyForQuery. To tell which message an
+ * ErrorResponse answers, the tracker keeps the messages sent whose last reply
+ * is still owed, in order, and counts those replies: ParseComplete,
+ * BindComplete, CloseComplete, RowDescription or NoData (Describe),
+ * CommandComplete, EmptyQueryResponse, PortalSuspended or the ErrorResponse
+ * itself (Execute), ReadyForQuery (Query, FunctionCall, Sync).
  */
 
 /** Status byte of ReadyForQuery. */
@@ -22,7 +34,12 @@ const C = 0x43;
 const H = 0x48;
 const COPY_DONE = 0x63;
 const PARSE_COMPLETE = 0x31;
+const BIND_COMPLETE = 0x32;
 const CLOSE_COMPLETE = 0x33;
+const ROW_DESCRIPTION = 0x54;
+const NO_DATA = 0x6e;
+const EMPTY_QUERY_RESPONSE = 0x49;
+const PORTAL_SUSPENDED = 0x73;
 const COPY_FAIL = 0x66;
 const COPY_IN_RESPONSE = 0x47;
 const COPY_OUT_RESPONSE = 0x48;
@@ -42,6 +59,13 @@ const T_BYTE = 0x54;
  */
 export type WatchedOutcome = 'running' | 'ran' | 'not-run' | 'uncertain';
 
+/** Kinds of owed messages in TransactionTracker's queue: Parse, Close, another extended message (Bind, Describe, Execute), Query or FunctionCall, Sync. */
+const OWED_PARSE = P;
+const OWED_CLOSE = C;
+const OWED_EXTENDED = B;
+const OWED_QUERY = Q;
+const OWED_SYNC = S;
+
 /** Tracks transaction boundaries of one server connection. */
 export class TransactionTracker {
   /** Status from the latest ReadyForQuery. */
@@ -51,15 +75,24 @@ export class TransactionTracker {
   /** Extended-protocol messages sent since the last Sync. */
   extendedOpen = false;
   /**
-   * Parses and Closes sent since the last Sync whose ParseComplete/CloseComplete
-   * is still owed, in order: run-length encoded as [type, count, queries,
-   * type, count, queries, ...], `queries` being the Queries and FunctionCalls
-   * of the unsynced batch sent before the run (a pipeline of unnamed
-   * statements is one run of Parses).
+   * Client batches (each Query, FunctionCall and Sync closes one) that the
+   * latest ReadyForQuery ended: 1, plus the Queries and FunctionCalls the
+   * server skipped after an error in an extended message before that Sync.
    */
-  private readonly unsyncedReplies: number[] = [];
-  /** Queries and FunctionCalls sent since the first Parse or Close of the unsynced batch: each ends a batch of its own, whose ReadyForQuery follows the replies sent before it. */
-  private unsyncedQueries = 0;
+  readyBatches = 1;
+  /**
+   * Messages sent whose last reply is still owed, oldest first, run-length
+   * encoded in `owed[owedHead..owedEnd)` as [kind, count, kind, count, ...]
+   * (kinds: OWED_*). The array is reused as it is, never shrunk: no
+   * allocation per message once it has grown to a client's deepest pipeline.
+   */
+  private readonly owed: number[] = [];
+  private owedHead = 0;
+  private owedEnd = 0;
+  /** An extended message failed and no Sync was sent since: the server discards what comes until one is. */
+  private skippingToSync = false;
+  /** Queries and FunctionCalls skipped since the latest ReadyForQuery: the next one ends their batches too. */
+  private skippedBatches = 0;
   /** COPY in progress. */
   copy: CopyState = 'none';
   /** A ReadyForQuery arrived that nothing asked for (a protocol bug on one side). */
@@ -68,16 +101,16 @@ export class TransactionTracker {
   watched: WatchedOutcome | undefined;
   private watchedCompleted = false;
   private watchedFailed = false;
-  /** ReadyForQuery messages still to come before the watched statement's own batch begins. */
+  /** Client batches still to end before the watched statement's own batch begins. */
   private watchedAfter = 0;
   /** The latest command since the watch began was a ROLLBACK. */
   private watchedRolledBack = false;
 
   /**
    * Watches a statement: its outcome is in `watched` after the ReadyForQuery
-   * that ends its batch, the one after the `after` still owed before it (a
-   * pipelined client's earlier queries), or, inside a transaction block, the
-   * one that ends the block.
+   * that ends its batch, the one after the `after` batches still owed before
+   * it (a pipelined client's earlier queries: see batchesOwed), or, inside a
+   * transaction block, the one that ends the block.
    */
   watch(after = 0): void {
     this.watched = 'running';
@@ -89,6 +122,8 @@ export class TransactionTracker {
 
   /** Records a CommandComplete (not passed to serverMessage: the connection reads its tag); `rollback`: its tag is ROLLBACK. */
   commandCompleted(rollback = false): void {
+    // The last reply of an Execute (of a simple Query, its ReadyForQuery is).
+    this.extendedReplied();
     if (this.watched !== 'running' || this.watchedAfter > 0) return;
     this.watchedCompleted = true;
     // A ROLLBACK TO SAVEPOINT may undo it; one that ends the block (or a COMMIT of a failed one) does.
@@ -96,31 +131,35 @@ export class TransactionTracker {
     this.watchedRolledBack = rollback;
   }
 
-  /** Records a frontend message forwarded to the server. */
+  /** Records a frontend message sent to the server (every one, the sidecar's own included). */
   clientMessage(type: number): void {
     switch (type) {
       case Q:
       case F:
-        this.pendingReady += 1;
-        if (this.unsyncedReplies.length > 0) this.unsyncedQueries += 1;
+        // Discarded by the server, it gets no ReadyForQuery of its own: the Sync's ends its batch.
+        if (this.skippingToSync) this.skippedBatches += 1;
+        else {
+          this.pendingReady += 1;
+          this.owe(OWED_QUERY);
+        }
         return;
       case S:
         this.pendingReady += 1;
         this.extendedOpen = false;
-        this.unsyncedReplies.length = 0;
-        this.unsyncedQueries = 0;
+        this.skippingToSync = false;
+        this.owe(OWED_SYNC);
         return;
       case P:
-      case C: {
+      case C:
         this.extendedOpen = true;
-        const runs = this.unsyncedReplies;
-        if (runs.length > 0 && runs[runs.length - 3] === type && runs[runs.length - 1] === this.unsyncedQueries) runs[runs.length - 2]! += 1;
-        else runs.push(type, 1, this.unsyncedQueries);
+        if (!this.skippingToSync) this.owe(type);
         return;
-      }
       case B:
       case E:
       case D:
+        this.extendedOpen = true;
+        if (!this.skippingToSync) this.owe(OWED_EXTENDED);
+        return;
       case H:
         this.extendedOpen = true;
         return;
@@ -135,25 +174,42 @@ export class TransactionTracker {
   /**
    * Records a backend message; `statusByte` is the body's first byte, needed
    * for ReadyForQuery only. Returns true when this message is a ReadyForQuery
-   * that leaves the connection at a transaction boundary.
+   * that leaves the connection at a transaction boundary. (CommandComplete
+   * goes to commandCompleted instead; ParameterDescription, DataRow and the
+   * asynchronous messages need not come here.)
    */
   serverMessage(type: number, statusByte = 0): boolean {
     switch (type) {
-      case READY_FOR_QUERY:
+      case READY_FOR_QUERY: {
         if (this.pendingReady === 0) this.unexpectedReady = true;
-        else this.pendingReady -= 1;
+        else {
+          this.pendingReady -= 1;
+          this.readyReplied();
+        }
+        const batches = 1 + this.skippedBatches;
+        this.readyBatches = batches;
+        this.skippedBatches = 0;
         this.status = statusByte === I_BYTE ? 'I' : statusByte === T_BYTE ? 'T' : 'E';
         this.copy = 'none';
         if (this.watched === 'running') {
-          if (this.watchedAfter > 0) this.watchedAfter -= 1;
-          // Inside a transaction block it holds only if the block commits: watched until it ends.
-          // A transaction that ended in ROLLBACK took the statement with it.
-          else if (this.status === 'I' || !this.watchedCompleted) this.watched = !this.watchedCompleted || (this.status === 'I' && this.watchedRolledBack) ? 'not-run' : this.watchedFailed ? 'uncertain' : 'ran';
+          if (this.watchedAfter >= batches) this.watchedAfter -= batches;
+          else {
+            this.watchedAfter = 0;
+            // Inside a transaction block it holds only if the block commits: watched until it ends.
+            // A transaction that ended in ROLLBACK took the statement with it.
+            if (this.status === 'I' || !this.watchedCompleted) this.watched = !this.watchedCompleted || (this.status === 'I' && this.watchedRolledBack) ? 'not-run' : this.watchedFailed ? 'uncertain' : 'ran';
+          }
         }
         return this.atBoundary;
+      }
       case PARSE_COMPLETE:
+      case BIND_COMPLETE:
       case CLOSE_COMPLETE:
-        this.replied();
+      case ROW_DESCRIPTION:
+      case NO_DATA:
+      case EMPTY_QUERY_RESPONSE:
+      case PORTAL_SUSPENDED:
+        this.extendedReplied();
         return false;
       case COPY_IN_RESPONSE:
         this.copy = 'in';
@@ -171,40 +227,125 @@ export class TransactionTracker {
         // An error ends COPY IN on the server side; ReadyForQuery follows.
         if (this.copy === 'in') this.copy = 'none';
         if (this.watched === 'running' && this.watchedAfter === 0) this.watchedFailed = true;
+        // It answers an extended message: the server discards what follows until Sync.
+        if (this.owedHead < this.owedEnd && this.owed[this.owedHead] !== OWED_QUERY && this.owed[this.owedHead] !== OWED_SYNC) this.skipToSync();
         return false;
       default:
         return false;
     }
   }
 
-  /** The oldest Parse or Close of the unsynced batch was answered. */
-  private replied(): void {
-    const runs = this.unsyncedReplies;
-    if (runs.length === 0) return;
-    if (runs[1]! > 1) runs[1]! -= 1;
-    else runs.splice(0, 3);
-    if (runs.length === 0) this.unsyncedQueries = 0;
+  /** Adds a message to the owed queue (joining the last run if of the same kind). */
+  private owe(kind: number): void {
+    const owed = this.owed;
+    const end = this.owedEnd;
+    if (end > this.owedHead && owed[end - 2] === kind) owed[end - 1]! += 1;
+    else {
+      owed[end] = kind;
+      owed[end + 1] = 1;
+      this.owedEnd = end + 2;
+    }
   }
 
-  /** A Parse or Close was sent since the last Sync and its reply is still owed. */
-  get parseOrCloseOpen(): boolean {
-    return this.unsyncedReplies.length > 0;
+  /** The oldest owed message got its last reply. */
+  private dropOldest(): void {
+    const owed = this.owed;
+    const head = this.owedHead;
+    if (owed[head + 1]! > 1) owed[head + 1]! -= 1;
+    else this.advanceTo(head + 2);
+  }
+
+  /** Forgets the owed messages before index `head` (of the run-length array). */
+  private advanceTo(head: number): void {
+    const end = this.owedEnd;
+    if (head >= end) {
+      this.owedHead = 0;
+      this.owedEnd = 0;
+    } else if (head >= 64 && head * 2 >= end) {
+      // A client that never lets the queue empty: moved down in place now and then.
+      this.owed.copyWithin(0, head, end);
+      this.owedEnd = end - head;
+      this.owedHead = 0;
+    } else this.owedHead = head;
+  }
+
+  /** A last reply of an extended message arrived (one that answers a Query's statement, were a Query next, is not). */
+  private extendedReplied(): void {
+    const head = this.owedHead;
+    if (head >= this.owedEnd) return;
+    const kind = this.owed[head];
+    if (kind !== OWED_QUERY && kind !== OWED_SYNC) this.dropOldest();
+  }
+
+  /** A ReadyForQuery arrived for the oldest Query, FunctionCall or Sync owed. */
+  private readyReplied(): void {
+    const owed = this.owed;
+    const end = this.owedEnd;
+    let head = this.owedHead;
+    // Extended messages before it that got no reply counted (none, unless a reply type is not known here).
+    while (head < end && owed[head] !== OWED_QUERY && owed[head] !== OWED_SYNC) head += 2;
+    this.owedHead = head;
+    if (head < end) this.dropOldest();
+    else this.advanceTo(head);
+  }
+
+  /**
+   * The oldest owed message, an extended one, failed: the server discards
+   * every message until the next Sync. Their replies (and the ReadyForQuery
+   * of the Queries and FunctionCalls among them) never come.
+   */
+  private skipToSync(): void {
+    const owed = this.owed;
+    const end = this.owedEnd;
+    let head = this.owedHead;
+    let skipped = 0;
+    while (head < end && owed[head] !== OWED_SYNC) {
+      if (owed[head] === OWED_QUERY) skipped += owed[head + 1]!;
+      head += 2;
+    }
+    this.pendingReady -= skipped;
+    this.skippedBatches += skipped;
+    // No Sync sent yet: what is sent until one is gets discarded too.
+    if (head >= end) this.skippingToSync = true;
+    this.advanceTo(head);
+  }
+
+  /**
+   * Client batches whose end is still owed: the ReadyForQuery owed plus the
+   * Queries and FunctionCalls skipped after an error, whose batches the
+   * next one ends (the `after` of watch, the outstanding batches of
+   * ResponseEditor.activate).
+   */
+  get batchesOwed(): number {
+    return this.pendingReady + this.skippedBatches;
+  }
+
+  /** An extended message failed and no Sync was sent since: the server discards everything sent until one is. */
+  get skipping(): boolean {
+    return this.skippingToSync;
   }
 
   /**
    * The replies (ParseComplete 0x31, CloseComplete 0x33) the Parses and
    * Closes sent since the last Sync still owe, in order, each with the
-   * number of ReadyForQuery that come after it before the open batch's own
+   * number of client batches that end after it before the open batch's own
    * (a Query or FunctionCall sent after it ends a batch, pgjdbc's
    * `SAVEPOINT` of autosave between a Close and a Parse).
    */
   unsyncedReplyTypes(): { type: number; batchesAfter: number }[] {
+    const owed = this.owed;
+    const end = this.owedEnd;
+    let start = end;
+    while (start > this.owedHead && owed[start - 2] !== OWED_SYNC) start -= 2;
+    let queries = 0;
+    for (let i = start; i < end; i += 2) if (owed[i] === OWED_QUERY) queries += owed[i + 1]!;
     const replies: { type: number; batchesAfter: number }[] = [];
-    const runs = this.unsyncedReplies;
-    for (let i = 0; i < runs.length; i += 3) {
-      const type = runs[i] === P ? PARSE_COMPLETE : CLOSE_COMPLETE;
-      const batchesAfter = this.unsyncedQueries - runs[i + 2]!;
-      for (let n = runs[i + 1]!; n > 0; n -= 1) replies.push({ type, batchesAfter });
+    for (let i = start; i < end; i += 2) {
+      const kind = owed[i]!;
+      if (kind === OWED_QUERY) queries -= owed[i + 1]!;
+      if (kind !== OWED_PARSE && kind !== OWED_CLOSE) continue;
+      const type = kind === OWED_PARSE ? PARSE_COMPLETE : CLOSE_COMPLETE;
+      for (let n = owed[i + 1]!; n > 0; n -= 1) replies.push({ type, batchesAfter: queries });
     }
     return replies;
   }
@@ -224,8 +365,11 @@ export class TransactionTracker {
     this.status = 'I';
     this.pendingReady = 0;
     this.extendedOpen = false;
-    this.unsyncedReplies.length = 0;
-    this.unsyncedQueries = 0;
+    this.readyBatches = 1;
+    this.owedHead = 0;
+    this.owedEnd = 0;
+    this.skippingToSync = false;
+    this.skippedBatches = 0;
     this.copy = 'none';
     this.unexpectedReady = false;
     this.watched = undefined;

@@ -14,7 +14,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { serialize } from 'pg-protocol';
 import {
-  RESHAPED_STATEMENT, ResponseEditor, ServerStatementCache, resultShape, routeMessage, serverStatementName, type ClientStatements,
+  RESHAPED_STATEMENT, ResponseEditor, ServerStatementCache, TransactionTracker, resultShape, routeMessage, serverStatementName, type ClientStatements,
 } from '../../src/core/pool-state/index.ts';
 import { parseBindMessage, parseParseMessage, parseTargetMessage } from '../../src/core/protocol/index.ts';
 
@@ -112,9 +112,9 @@ class ModelBackend {
         return { type: '2', ...(text!.startsWith('DEALLOCATE') ? {} : { text }) };
       }
       case 'E': {
-        // Only DEALLOCATE answers here (other statements' rows and tags are not modelled).
+        // Only DEALLOCATE runs here (other statements' rows and tags are not modelled: SELECT).
         const text = this.portal;
-        if (text === undefined || !text.startsWith('DEALLOCATE ')) return undefined;
+        if (text === undefined || !text.startsWith('DEALLOCATE ')) return { type: 'C', text: 'SELECT' };
         return this.deallocate(text.slice('DEALLOCATE '.length));
       }
       case 'Q': {
@@ -196,8 +196,15 @@ const schemaChangeArb = fc.constant({ kind: 'schema-change' as const });
 /** Batches of one of several sessions, each ending with Sync, and the backend it lands on. */
 const batchArb = fc.record({ session: fc.nat(2), backend: fc.nat(2), steps: fc.array(stepArb, { maxLength: 6 }) });
 
-/** Runs a batch through the sidecar's rewriting on `backend`, returns what the client sees. */
+/**
+ * Runs a batch through the sidecar's rewriting on `backend`, returns what the
+ * client sees. A TransactionTracker counts what is sent and answered, as on a
+ * server connection: it tells the editor how many batches each ReadyForQuery
+ * ends (a Query after an error in an extended message is skipped, its
+ * ReadyForQuery with it) and when the server skips what is sent.
+ */
 function throughSidecar(client: ClientStatements, backend: ModelBackend, editor: ResponseEditor, messages: Buffer[]): ModelReply[] {
+  const tracker = new TransactionTracker();
   editor.activate(0, [], true);
   const seen: ModelReply[] = [];
   let next = 0;
@@ -214,8 +221,12 @@ function throughSidecar(client: ClientStatements, backend: ModelBackend, editor:
         break;
       }
     }
+    for (const m of out) tracker.clientMessage(m[0]!);
     // Server statement names map back to texts through the backend itself.
     for (const reply of backend.run(out)) {
+      if (reply.type === 'C') tracker.commandCompleted();
+      else if (reply.type === 'Z') tracker.serverMessage(0x5a, 0x49);
+      else tracker.serverMessage(reply.type.charCodeAt(0));
       if (reply.type === '1' || reply.type === '3') {
         const edit = editor.reply(reply.type.charCodeAt(0));
         if (edit === 'swallow') continue;
@@ -223,8 +234,8 @@ function throughSidecar(client: ClientStatements, backend: ModelBackend, editor:
       } else if ((reply.type === 't' || reply.type === 'T') && describedAs(editor, reply)) {
         continue;
       } else {
-        if (reply.type === 'E') editor.error();
-        if (reply.type === 'Z') editor.ready();
+        if (reply.type === 'E') editor.error(tracker.skipping);
+        if (reply.type === 'Z') editor.ready(tracker.readyBatches);
         // (A simple-Query DEALLOCATE of a statement this connection lacks runs as DEALLOCATE ALL, and its tag says so: tags are not compared.)
         if (reply.type === 'C') {
           // As the server connection does: a DEALLOCATE ALL the editor did not await forgets the statements now.
@@ -238,6 +249,7 @@ function throughSidecar(client: ClientStatements, backend: ModelBackend, editor:
     assert.equal(held, false, 'a held message is released by the replies to what went before it');
   }
   assert.equal(editor.pending, 0, 'every expected reply accounted for by the end of the batch');
+  assert.equal(tracker.atBoundary, true, 'every ReadyForQuery accounted for');
   editor.deactivate();
   return seen;
 }
@@ -395,8 +407,8 @@ describe('prepared statements (pure)', function () {
           schema.version += 1;
           continue;
         }
-        // A simple Query first: after an error in an unsynced batch the server would skip it, and its ReadyForQuery with it.
-        const steps = [...batch.steps.filter((x) => x.kind === 'deallocate' && x.query), ...batch.steps.filter((x) => x.kind !== 'deallocate' || !x.query)];
+        // A simple Query anywhere: after an error in an extended message the server skips it, and its ReadyForQuery with it.
+        const steps = batch.steps;
         const messages = [...steps.flatMap(encode), serialize.sync()];
         const expected = direct[batch.session]!.run(messages).map((r) => (r.type === 'C' ? { type: 'C' } : r));
         const actual = throughSidecar(sessions[batch.session]!, backends[batch.backend]!, editors[batch.backend]!, messages);

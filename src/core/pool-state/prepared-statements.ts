@@ -83,7 +83,7 @@ export interface ClientStatement {
   readonly parse: Buffer;
   /** The server answered the client's Parse with ParseComplete (until then it may still fail). */
   confirmed: boolean;
-  /** Batch (Sync/Query count of its connection's editor) the client's Parse was sent in. */
+  /** Run of messages between two Syncs (see ResponseEditor.syncRun) the client's Parse was sent in. */
   batch: number;
   /** Its result shape as parsed for the client (RowDescription body, empty for NoData), once the server described it. */
   shape?: Buffer | undefined;
@@ -223,9 +223,11 @@ export function isReshapedError(buffer: Buffer, bodyStart: number, end: number):
 const FLUSH = Buffer.from([0x48, 0, 0, 0, 4]);
 /** Not a reply type: an entry met by a CommandComplete (see ResponseEditor.expectCommand). */
 const COMMAND_WATCH = 0;
+/** Not a reply type: a simple Query, undone only if the server skipped it (see ResponseEditor.expectQuery). */
+const QUERY_SENT = 1;
 
 interface ExpectedReply {
-  /** ParseComplete, CloseComplete, or COMMAND_WATCH for a command whose CommandComplete (one of `tags`) is awaited. */
+  /** ParseComplete, CloseComplete, COMMAND_WATCH for a command whose CommandComplete (one of `tags`) is awaited, or QUERY_SENT. */
   type: number;
   tags?: readonly string[];
   edit: ReplyEdit;
@@ -253,6 +255,7 @@ export class ResponseEditor {
   private head = 0;
   private sentBatches = 0;
   private answeredBatches = 0;
+  private sentSyncs = 0;
   private isActive = false;
   /** The expected reply that was next when the batch being answered got its ErrorResponse. */
   private erred: ExpectedReply | undefined;
@@ -309,6 +312,7 @@ export class ResponseEditor {
     this.head = 0;
     this.sentBatches = outstandingBatches;
     this.answeredBatches = 0;
+    this.sentSyncs = 0;
     this.isActive = true;
     this.erred = undefined;
     this.unnamedCurrent = false;
@@ -325,14 +329,19 @@ export class ResponseEditor {
     this.head = 0;
   }
 
-  /** Index of the batch being sent (Sync, Query and FunctionCall each close one). */
-  get batch(): number {
-    return this.sentBatches;
+  /**
+   * Index of the run of messages up to the next Sync being sent: after an
+   * error in an extended message the server skips the rest of it, simple
+   * Queries included.
+   */
+  get syncRun(): number {
+    return this.sentSyncs;
   }
 
-  /** A Sync, Query or FunctionCall was sent: it closes a batch. */
-  batchSent(): void {
+  /** A Sync (`sync`), Query or FunctionCall was sent: it closes a batch. */
+  batchSent(sync = false): void {
     this.sentBatches += 1;
+    if (sync) this.sentSyncs += 1;
     this.afterTracked = true;
   }
 
@@ -395,6 +404,16 @@ export class ResponseEditor {
    */
   expectCommand(tags: readonly string[], undo: () => void): void {
     this.expected.push({ type: COMMAND_WATCH, tags, edit: 'forward', batch: this.sentBatches, undo, adjacent: false });
+  }
+
+  /**
+   * A simple Query was sent, closing the batch: `undo` reverts what sending it
+   * assumed if the server skipped it (after an error in an extended message
+   * of its batch, it is discarded until Sync: its ReadyForQuery does not come,
+   * the Sync's ends its batch too). Whether it ran or failed, it ran.
+   */
+  expectQuery(undo: () => void): void {
+    this.expected.push({ type: QUERY_SENT, edit: 'forward', batch: this.sentBatches, undo, adjacent: false });
   }
 
   /** A CommandComplete with `tag` arrived: the command awaited next, if it is one of its tags, ran. Returns true if it was one. */
@@ -465,6 +484,8 @@ export class ResponseEditor {
     this.erred = undefined;
     for (let i = this.head - 1; i >= first; i -= 1) {
       const entry = this.expected[i]!;
+      // The Query whose own ReadyForQuery this is ran.
+      if (entry.type === QUERY_SENT && entry.batch === answered) continue;
       entry.undo?.(entry === erred && entry.adjacent);
     }
     this.compact();
@@ -515,18 +536,20 @@ export function routeMessage(
       }
       const existing = client.get(parsed.name);
       const statement = clientStatement(Buffer.from(parsed.definition));
-      // A Parse of a name whose Parse in an earlier, still unanswered batch
+      // A Parse of a name whose Parse before an earlier, still unanswered Sync
       // had other text is a retry after that one failed (a pipelined fix):
       // the new text is what the client means. Otherwise the server must
-      // refuse the duplicate (42P05) and skip to Sync: make it.
-      if (existing !== undefined && (existing.confirmed || existing.serverName === statement.serverName || existing.batch === editor.batch)) {
+      // refuse the duplicate (42P05) and skip to Sync: make it. (With only
+      // simple Queries between them, the first one's failure would make the
+      // server skip those Queries and this Parse too.)
+      if (existing !== undefined && (existing.confirmed || existing.serverName === statement.serverName || existing.batch === editor.syncRun)) {
         ensurePrepared(existing, editor, out);
         out.push(existing.parse);
         editor.expectParse('forward');
         return false;
       }
       const name = parsed.name;
-      statement.batch = editor.batch;
+      statement.batch = editor.syncRun;
       client.set(name, statement);
       // Only this Parse's own entry: a later retry under the same name may have replaced it.
       const forgetClient = (): void => {
@@ -632,16 +655,22 @@ export function routeMessage(
       const routed = routeSessionCommand(client, editor, bodyStart, buffer, out, 'query');
       if (routed !== true) out.push(buffer.subarray(start, end));
       if (routed !== true && routed !== false) editor.expectCommand(routed.tags, routed.undo);
-      // A simple Query drops the backend's unnamed statement: the client's is gone too.
+      // A simple Query drops the backend's unnamed statement: the client's is gone too (unless the server skips the Query).
+      const previousUnnamed = client.get('');
+      const wasCurrent = editor.unnamedCurrent;
       client.delete('');
       editor.unnamedCurrent = true;
+      editor.expectQuery(() => {
+        if (previousUnnamed !== undefined) client.set('', previousUnnamed);
+        editor.unnamedCurrent = wasCurrent;
+      });
       editor.batchSent();
       return false;
     }
     case MessageType.sync:
     case MessageType.functionCall:
       out.push(buffer.subarray(start, end));
-      editor.batchSent();
+      editor.batchSent(type === MessageType.sync);
       return false;
     default:
       out.push(buffer.subarray(start, end));
@@ -788,7 +817,7 @@ function parseUnnamed(client: ClientStatements, editor: ResponseEditor, message:
   }
   const previous = client.get('');
   const wasCurrent = editor.unnamedCurrent;
-  const statement = unnamedStatement(message, editor.batch);
+  const statement = unnamedStatement(message, editor.syncRun);
   client.set('', statement);
   editor.unnamedCurrent = true;
   out.push(message);

@@ -70,7 +70,10 @@ function rawExchange(port: number, bytes: Buffer, ms = 1000): Promise<{ data: Bu
  * A bare client logged in through the sidecar: sends the bytes a test builds,
  * waits for a reply type, and tells when the sidecar closes the connection.
  */
-async function wireSession(port: number, user: string): Promise<{ send: (bytes: Buffer[]) => void; until: (type: string, ms?: number) => Promise<Buffer | undefined>; closedWithin: (ms: number) => Promise<boolean>; key: Buffer }> {
+async function wireSession(port: number, user: string): Promise<{
+  send: (bytes: Buffer[]) => void; until: (type: string, ms?: number) => Promise<Buffer | undefined>; closedWithin: (ms: number) => Promise<boolean>; key: Buffer;
+  replies: (ready: number, quietMs?: number) => Promise<string>;
+}> {
   const socket = netConnect({ host: '127.0.0.1', port });
   await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject));
   const reader = new FrameReader();
@@ -98,11 +101,18 @@ async function wireSession(port: number, user: string): Promise<{ send: (bytes: 
     socket.destroy();
     return result;
   };
+  /** The types of every message received (taken), once `ready` ReadyForQuery have come and nothing more for `quietMs` (a ReadyForQuery's status follows its 'Z'). */
+  const replies = async (ready: number, quietMs = 300): Promise<string> => {
+    const deadline = Date.now() + 5000;
+    while (Date.now() < deadline && seen.filter((m) => m.type === 'Z').length < ready) await new Promise((r) => setTimeout(r, 10));
+    await new Promise((r) => setTimeout(r, quietMs));
+    return seen.splice(0).map((m) => (m.type === 'Z' ? `Z${m.body.toString()}` : m.type)).join('');
+  };
   socket.write(buildStartupMessage({ user, database: 'app' }));
   const key = await until('K');
   assert.ok(key, 'BackendKeyData');
   assert.ok(await until('Z'), 'logged in');
-  return { send: (bytes) => socket.write(Buffer.concat(bytes)), until, closedWithin, key };
+  return { send: (bytes) => socket.write(Buffer.concat(bytes)), until, closedWithin, key, replies };
 }
 
 describe('sidecar transparency', function () {
@@ -1293,6 +1303,59 @@ describe('sidecar transparency', function () {
           }
         });
       }
+    });
+
+    it('an error in an extended message with simple Queries pipelined before its Sync (PostgreSQL skips them): one ReadyForQuery, and the only server connection is free for the next client at once', async function () {
+      const parse = (text: string, name = ''): Buffer => serialize.parse({ name, text, types: [] });
+      const run = (statement = '', values: string[] = []): Buffer[] => [serialize.bind({ statement, values }), serialize.execute({})];
+      // The second row divides by zero as it runs: an error in Execute, after a DataRow.
+      const failsAtRow2 = 'SELECT 1/(1-x) FROM generate_series(0,1) x';
+      const cases: { name: string; sent: Buffer[][]; replies: string; ready: number }[] = [
+        { name: 'the Parse fails', sent: [[parse('SELEC 1'), ...run(), serialize.query('SELECT 1'), serialize.sync()]], replies: 'EZI', ready: 1 },
+        { name: 'the Bind fails, two Queries after it', sent: [[parse('SELECT $1::int'), ...run('', ['x']), serialize.query('SELECT 1'), serialize.query('SELECT 2'), serialize.sync()]], replies: '1EZI', ready: 1 },
+        { name: 'the Execute fails after a row', sent: [[parse(failsAtRow2), ...run(), serialize.query('SELECT 1'), serialize.sync()]], replies: '12DEZI', ready: 1 },
+        { name: 'the Query comes after the error did', sent: [[parse('SELEC 1'), ...run(), serialize.flush()], [serialize.query('SELECT 1')], [serialize.sync()]], replies: 'EZI', ready: 1 },
+        { name: 'a named statement\'s Parse fails (the sidecar sends it with a Describe of its own)', sent: [[parse('SELEC 1', 'q'), ...run('q'), serialize.query('SELECT 1'), serialize.sync()]], replies: 'EZI', ready: 1 },
+        { name: 'a named statement\'s Bind fails', sent: [[parse('SELECT $1::int', 'r'), ...run('r', ['x']), serialize.query('SELECT 1'), serialize.sync()]], replies: '1EZI', ready: 1 },
+        // Mirror cases, where nothing is skipped: a failed simple Query ends with its own ReadyForQuery; a Query after the Sync runs.
+        { name: 'the Query fails, extended messages after it', sent: [[serialize.query(failsAtRow2), parse('SELECT 1'), ...run(), serialize.sync()]], replies: 'TDEZI12DCZI', ready: 2 },
+        { name: 'the Parse fails, a Query after the Sync', sent: [[parse('SELEC 1'), ...run(), serialize.sync(), serialize.query('SELECT 1')]], replies: 'EZITDCZI', ready: 2 },
+      ];
+      await withSidecar(postgres, { grant: 1, pool: { poolTimeout: 3 } }, async (running) => {
+        for (const c of cases) {
+          const w = await wireSession(running.port, running.role.user);
+          for (const [i, bytes] of c.sent.entries()) {
+            w.send(bytes);
+            if (i < c.sent.length - 1) await w.until('E');
+          }
+          const expected = c.sent.length > 1 ? c.replies.slice(1) : c.replies;
+          assert.equal(await w.replies(c.ready), expected, `${c.name}: replies`);
+          // While that client stays connected, another one logs in and runs a query on the one server connection.
+          const next = client(running, { connectionTimeoutMillis: 5000 });
+          try {
+            await next.connect();
+            assert.equal((await next.query<{ n: number }>('SELECT 1 AS n')).rows[0]!.n, 1, c.name);
+          } catch (error) {
+            assert.fail(`${c.name}: the next client got no server connection (${(error as Error).message})`);
+          } finally {
+            await next.end().catch(() => undefined);
+          }
+          // And the first goes on as usual.
+          w.send([serialize.query('SELECT 2')]);
+          assert.equal(await w.replies(1, 50), 'TDCZI', `${c.name}: the client's next query`);
+          w.send([serialize.end()]);
+          assert.equal(await w.closedWithin(3000), true);
+        }
+        // A SET skipped so did not run: the client's setting stays as it was, as direct.
+        const w = await wireSession(running.port, running.role.user);
+        w.send([parse('SELEC 1'), ...run(), serialize.query('SET statement_timeout = 4321'), serialize.sync(), serialize.query('SHOW statement_timeout')]);
+        const row = await w.until('D');
+        assert.ok(row);
+        assert.equal(row.toString('utf8', 6, 6 + row.readInt32BE(2)), '0', 'the skipped SET took effect');
+        assert.equal(await w.replies(1, 50), 'CZI');
+        w.send([serialize.end()]);
+        assert.equal(await w.closedWithin(3000), true);
+      });
     });
 
     it('a pre-ping on a connection that went silent (a NAT dropped it) ends in 53300 within poolTimeout, not a hang', async function () {

@@ -1358,6 +1358,36 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('COPY FROM STDIN by Execute as libpq sends it (a Sync after the Execute, which the COPY ignores, another after CopyDone): one ReadyForQuery, and the only server connection is free for the next client at once', async function () {
+      await withSidecar(postgres, { grant: 1, pool: { poolTimeout: 3 } }, async (running) => {
+        const setup = client(running);
+        await setup.connect();
+        await setup.query('DROP TABLE IF EXISTS copy_by_execute; CREATE TABLE copy_by_execute (a int)');
+        await setup.end();
+        for (const rows of ['1\n2\n', 'x\n']) {
+          const w = await wireSession(running.port, running.role.user);
+          w.send([serialize.parse({ name: '', text: 'COPY copy_by_execute FROM STDIN', types: [] }), serialize.bind({}), serialize.execute({}), serialize.sync()]);
+          assert.ok(await w.until('G'), 'CopyInResponse');
+          w.send([serialize.copyData(Buffer.from(rows)), serialize.copyDone(), serialize.sync()]);
+          // Good rows: CommandComplete; a bad one: the COPY's error, the server skips to the Sync after CopyDone.
+          assert.equal(await w.replies(1), rows === 'x\n' ? 'EZI' : 'CZI', rows);
+          const next = client(running, { connectionTimeoutMillis: 5000 });
+          try {
+            await next.connect();
+            assert.equal((await next.query<{ n: string }>('SELECT count(*) AS n FROM copy_by_execute')).rows[0]!.n, '2');
+          } catch (error) {
+            assert.fail(`the next client got no server connection (${(error as Error).message})`);
+          } finally {
+            await next.end().catch(() => undefined);
+          }
+          w.send([serialize.query('SELECT 2')]);
+          assert.equal(await w.replies(1, 50), 'TDCZI', 'the client\'s next query');
+          w.send([serialize.end()]);
+          assert.equal(await w.closedWithin(3000), true);
+        }
+      });
+    });
+
     it('a pre-ping on a connection that went silent (a NAT dropped it) ends in 53300 within poolTimeout, not a hang', async function () {
       const proxy = new TcpProxy(postgres.host, postgres.port);
       const port = await proxy.start();

@@ -338,6 +338,44 @@ describe('transaction tracker', function () {
     assert.equal(ready(t, 'I'), true);
   });
 
+  it('COPY FROM STDIN by Execute: the Syncs the COPY reads are ignored (libpq sends one after the Execute, another after CopyDone)', function () {
+    const t = new TransactionTracker();
+    client(t, 'PBES');
+    server(t, '12G');
+    assert.equal(t.pendingReady, 0, 'the Sync sent with the Execute is read by the COPY');
+    assert.equal(t.atBoundary, false);
+    client(t, 'dddS');
+    assert.equal(t.pendingReady, 0, 'nor one sent during the COPY');
+    client(t, 'cS');
+    assert.equal(t.pendingReady, 1);
+    assert.equal(server(t, 'C'), false);
+    assert.equal(server(t, 'Z'), true);
+    // Bad data: the COPY fails, the server skips to the Sync after CopyDone.
+    const bad = new TransactionTracker();
+    client(bad, 'PBES');
+    server(bad, '12G');
+    client(bad, 'dd');
+    server(bad, 'E');
+    assert.equal(bad.copy, 'none');
+    client(bad, 'cS');
+    assert.equal(server(bad, 'Z'), true);
+    // The error comes once CopyDone and the Sync are sent.
+    const late = new TransactionTracker();
+    client(late, 'PBES');
+    server(late, '12G');
+    client(late, 'dcS');
+    server(late, 'E');
+    assert.equal(server(late, 'Z'), true);
+    // A simple Query's COPY with other Queries pipelined behind it: they are not Syncs, each has its ReadyForQuery.
+    const simple = new TransactionTracker();
+    client(simple, 'QQ');
+    server(simple, 'G');
+    client(simple, 'dc');
+    server(simple, 'CZ');
+    assert.equal(simple.pendingReady, 1);
+    assert.equal(server(simple, 'TDCZ'), true);
+  });
+
   it('COPY TO STDOUT: copy state ends with the server CopyDone', function () {
     const t = new TransactionTracker();
     client(t, 'Q');

@@ -144,6 +144,8 @@ export class TransactionTracker {
         }
         return;
       case S:
+        // Read by a COPY FROM STDIN, a Sync is ignored (libpq sends one right after the Execute of a COPY, another after CopyDone).
+        if (this.copy === 'in') return;
         this.pendingReady += 1;
         this.extendedOpen = false;
         this.skippingToSync = false;
@@ -213,6 +215,7 @@ export class TransactionTracker {
         return false;
       case COPY_IN_RESPONSE:
         this.copy = 'in';
+        this.syncsReadByCopy();
         return false;
       case COPY_OUT_RESPONSE:
         this.copy = 'out';
@@ -308,6 +311,41 @@ export class TransactionTracker {
     // No Sync sent yet: what is sent until one is gets discarded too.
     if (head >= end) this.skippingToSync = true;
     this.advanceTo(head);
+  }
+
+  /**
+   * A COPY FROM STDIN began (its Query or Execute is the oldest owed
+   * message): it reads the messages sent after it until CopyDone or CopyFail,
+   * ignoring Syncs and Flushes. The Syncs already sent after it were sent
+   * before the client's CopyDone, so they get no ReadyForQuery, and an
+   * extended batch stays open until a Sync after the COPY. (A client that
+   * sent CopyDone and a Sync before CopyInResponse arrived gets one
+   * ReadyForQuery more than expected here: the connection is then not
+   * reused.)
+   */
+  private syncsReadByCopy(): void {
+    const owed = this.owed;
+    const end = this.owedEnd;
+    const head = this.owedHead;
+    let write = head + 2;
+    let dropped = 0;
+    for (let read = head + 2; read < end; read += 2) {
+      if (owed[read] === OWED_SYNC) {
+        dropped += owed[read + 1]!;
+        continue;
+      }
+      // Runs of one kind either side of a dropped Sync join again.
+      if (write > head && owed[write - 2] === owed[read]) owed[write - 1]! += owed[read + 1]!;
+      else {
+        owed[write] = owed[read]!;
+        owed[write + 1] = owed[read + 1]!;
+        write += 2;
+      }
+    }
+    if (dropped === 0 || head >= end) return;
+    this.owedEnd = write;
+    this.pendingReady -= dropped;
+    if (owed[head] !== OWED_QUERY) this.extendedOpen = true;
   }
 
   /**

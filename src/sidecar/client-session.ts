@@ -78,6 +78,7 @@ export const STREAM_ABOVE_BYTES = 256 * 1024;
 const CLIENT_STREAMABLE = messageTypeTable('QdBPF');
 /** A Terminate message, as some clients send it on a connection they give up before the startup packet. */
 const TERMINATE_FIRST = Buffer.from([0x58, 0, 0, 0, 4]);
+const READY_IDLE = readyForQuery('I');
 
 /** A client of the sidecar. */
 export class ClientSession implements PoolWaiter, NotificationListener {
@@ -607,6 +608,25 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     if (this.host.mode !== 'transaction' || this.pendingTypes.length > 0) return undefined;
     if (this.settingChanges !== undefined) this.resolveSettingChanges(server, this.settingChanges);
     return this.restatedMessages();
+  }
+
+  /**
+   * The ReadyForQuery that ends a listening client's transaction waits for a
+   * round trip on the hub: PostgreSQL sends a session the notifications its
+   * own transaction committed (a NOTIFY on a channel it listens on) before
+   * that ReadyForQuery, and through the hub they arrive on another connection.
+   * The backend that ran the transaction signalled the hub's before its
+   * ReadyForQuery, so the hub's next ReadyForQuery comes after them.
+   */
+  holdReady(_server: ServerConnection): boolean {
+    const hub = this.host.notifications;
+    if (hub === undefined || this.pendingTypes.length > 0 || this.terminateAtBoundary || this.closeAtBoundary || !hub.listens(this)) return false;
+    void hub.sync().then(() => {
+      if (this.phase === 'closed') return;
+      this.flushNotifications();
+      this.socket.write(READY_IDLE);
+    });
+    return true;
   }
 
   /** Between transactions: the client's startup values it was told otherwise, as a direct session would report them (a pinned client keeps the server's). */

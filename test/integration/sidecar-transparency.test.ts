@@ -941,6 +941,40 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('delivers a listening client\'s own NOTIFY before the answer of the transaction that sent it, as PostgreSQL does', async function () {
+      await withSidecar(postgres, { grant: 3 }, async (running) => {
+        const listener = client(running);
+        await listener.connect();
+        try {
+          const received: string[] = [];
+          listener.on('notification', (n) => received.push(n.payload ?? ''));
+          await listener.query('LISTEN own');
+          // psycopg's test_notify_handlers: LISTEN, NOTIFY, and the notification is there once the NOTIFY returns.
+          const late: string[] = [];
+          const steps: [string, (i: number) => Promise<unknown>][] = [
+            ['simple', (i) => listener.query(`NOTIFY own, 's${i}'`)],
+            ['extended', (i) => listener.query('SELECT pg_notify($1, $2)', ['own', `e${i}`])],
+            ['block', (i) => listener.query(`BEGIN; NOTIFY own, 'b${i}'; COMMIT`)],
+          ];
+          for (let i = 0; i < 40; i++) {
+            for (const [name, step] of steps) {
+              await step(i);
+              const payload = `${name[0]}${i}`;
+              if (!received.includes(payload)) late.push(payload);
+            }
+          }
+          assert.deepEqual(late, [], 'own notifications that came after the answer of the statement that sent them');
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="listen"} 0/);
+          // A notification of a channel the client does not listen on never comes, and its answer is not held up.
+          await listener.query(`NOTIFY elsewhere, 'x'`);
+          await listener.query('SELECT 1');
+          assert.ok(!received.includes('x'));
+        } finally {
+          await listener.end();
+        }
+      });
+    });
+
     it('serves DEALLOCATE and DEALLOCATE ALL sent as SQL without breaking other clients\' named statements', async function () {
       await withSidecar(postgres, { grant: 1 }, async (running) => {
         const a = client(running);

@@ -89,6 +89,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private closeAtBoundary = false;
   /** A Terminate came behind messages still to answer: close once they are. */
   private terminateAtBoundary = false;
+  /** ReadyForQuery messages waiting for the hub (see holdReady). */
+  private readyHeld = 0;
   private readonly reader: FrameReader;
   private readonly pendingChunks: Buffer[] = [];
   private readonly pendingTypes: number[] = [];
@@ -229,7 +231,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   /** Drain: close now if between transactions, otherwise at the next boundary. */
   drain(): void {
     if (this.phase === 'closed') return;
-    if (this.server === undefined || this.server.tracker.atBoundary) {
+    if (this.readyHeld === 0 && (this.server === undefined || this.server.tracker.atBoundary)) {
       this.releaseServer(true);
       this.fail({ severity: 'FATAL', code: '57P01', message: 'terminating connection: the poolkeeper sidecar is draining' });
     } else this.closeAtBoundary = true;
@@ -621,10 +623,16 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   holdReady(_server: ServerConnection): boolean {
     const hub = this.host.notifications;
     if (hub === undefined || this.pendingTypes.length > 0 || this.terminateAtBoundary || this.closeAtBoundary || !hub.listens(this)) return false;
+    this.readyHeld += 1;
     void hub.sync().then(() => {
+      this.readyHeld -= 1;
       if (this.phase === 'closed') return;
       this.flushNotifications();
       this.socket.write(READY_IDLE);
+      if (this.readyHeld > 0) return;
+      // A Terminate or a drain that came meanwhile waited for this answer.
+      if (this.terminateAtBoundary && this.pendingTypes.length === 0 && this.pendingChunks.length === 0 && this.nothingOwed()) this.terminate();
+      else if (this.closeAtBoundary && (this.server === undefined || this.server.tracker.atBoundary)) this.drain();
     });
     return true;
   }
@@ -1130,6 +1138,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    */
   private nothingOwed(): boolean {
     const server = this.server;
+    if (this.readyHeld > 0) return false;
     return server === undefined || server.tracker.pendingReady === 0 || server.tracker.copy === 'in';
   }
 

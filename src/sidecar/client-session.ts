@@ -78,6 +78,7 @@ export const STREAM_ABOVE_BYTES = 256 * 1024;
 const CLIENT_STREAMABLE = messageTypeTable('QdBPF');
 /** A Terminate message, as some clients send it on a connection they give up before the startup packet. */
 const TERMINATE_FIRST = Buffer.from([0x58, 0, 0, 0, 4]);
+const READY_IDLE = readyForQuery('I');
 
 /** A client of the sidecar. */
 export class ClientSession implements PoolWaiter, NotificationListener {
@@ -88,6 +89,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private closeAtBoundary = false;
   /** A Terminate came behind messages still to answer: close once they are. */
   private terminateAtBoundary = false;
+  /** ReadyForQuery messages waiting for the hub (see holdReady). */
+  private readyHeld = 0;
   private readonly reader: FrameReader;
   private readonly pendingChunks: Buffer[] = [];
   private readonly pendingTypes: number[] = [];
@@ -228,7 +231,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   /** Drain: close now if between transactions, otherwise at the next boundary. */
   drain(): void {
     if (this.phase === 'closed') return;
-    if (this.server === undefined || this.server.tracker.atBoundary) {
+    if (this.readyHeld === 0 && (this.server === undefined || this.server.tracker.atBoundary)) {
       this.releaseServer(true);
       this.fail({ severity: 'FATAL', code: '57P01', message: 'terminating connection: the poolkeeper sidecar is draining' });
     } else this.closeAtBoundary = true;
@@ -607,6 +610,31 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     if (this.host.mode !== 'transaction' || this.pendingTypes.length > 0) return undefined;
     if (this.settingChanges !== undefined) this.resolveSettingChanges(server, this.settingChanges);
     return this.restatedMessages();
+  }
+
+  /**
+   * The ReadyForQuery that ends a listening client's transaction waits for a
+   * round trip on the hub: PostgreSQL sends a session the notifications its
+   * own transaction committed (a NOTIFY on a channel it listens on) before
+   * that ReadyForQuery, and through the hub they arrive on another connection.
+   * The backend that ran the transaction signalled the hub's before its
+   * ReadyForQuery, so the hub's next ReadyForQuery comes after them.
+   */
+  holdReady(_server: ServerConnection): boolean {
+    const hub = this.host.notifications;
+    if (hub === undefined || this.pendingTypes.length > 0 || this.terminateAtBoundary || this.closeAtBoundary || !hub.listens(this)) return false;
+    this.readyHeld += 1;
+    void hub.sync().then(() => {
+      this.readyHeld -= 1;
+      if (this.phase === 'closed') return;
+      this.flushNotifications();
+      this.socket.write(READY_IDLE);
+      if (this.readyHeld > 0) return;
+      // A Terminate or a drain that came meanwhile waited for this answer.
+      if (this.terminateAtBoundary && this.pendingTypes.length === 0 && this.pendingChunks.length === 0 && this.nothingOwed()) this.terminate();
+      else if (this.closeAtBoundary && (this.server === undefined || this.server.tracker.atBoundary)) this.drain();
+    });
+    return true;
   }
 
   /** Between transactions: the client's startup values it was told otherwise, as a direct session would report them (a pinned client keeps the server's). */
@@ -1112,6 +1140,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    */
   private nothingOwed(): boolean {
     const server = this.server;
+    if (this.readyHeld > 0) return false;
     return server === undefined || server.tracker.pendingReady === 0 || server.tracker.copy === 'in';
   }
 

@@ -30,6 +30,11 @@ export interface ServerConnectionUser {
    * messages to send the client before it, as the backend of a direct session would have.
    */
   beforeReady?(server: ServerConnection): Buffer | undefined;
+  /**
+   * That ReadyForQuery 'I' is next: true if the user sends it itself, later
+   * (the pump then leaves it out).
+   */
+  holdReady?(server: ServerConnection): boolean;
 }
 
 /** How one of the sidecar's own statements ended. */
@@ -305,6 +310,11 @@ export class ServerConnection {
               runBuffer = undefined;
               out.write(before);
             }
+            if (tracker.atBoundary && user.holdReady?.(this) === true) {
+              if (runBuffer !== undefined) out.write(runBuffer.subarray(runStart, runEnd));
+              runBuffer = undefined;
+              continue;
+            }
           } else if (type === MessageType.commandComplete) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
           else {
             if (type === MessageType.errorResponse && isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
@@ -391,6 +401,10 @@ export class ServerConnection {
             if (before !== undefined) {
               flushRun();
               pieces.push(before);
+            }
+            if (tracker.atBoundary && user.holdReady?.(this) === true) {
+              flushRun();
+              continue;
             }
           } else if (type === MessageType.commandComplete) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
           else {

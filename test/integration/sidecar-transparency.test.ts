@@ -951,6 +951,74 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('delivers a listening client\'s own NOTIFY before the answer of the transaction that sent it, as PostgreSQL does', async function () {
+      await withSidecar(postgres, { grant: 3 }, async (running) => {
+        const listener = client(running);
+        await listener.connect();
+        try {
+          const received: string[] = [];
+          listener.on('notification', (n) => received.push(n.payload ?? ''));
+          await listener.query('LISTEN own');
+          // psycopg's test_notify_handlers: LISTEN, NOTIFY, and the notification is there once the NOTIFY returns.
+          const late: string[] = [];
+          const steps: [string, (i: number) => Promise<unknown>][] = [
+            ['simple', (i) => listener.query(`NOTIFY own, 's${i}'`)],
+            ['extended', (i) => listener.query('SELECT pg_notify($1, $2)', ['own', `e${i}`])],
+            ['block', (i) => listener.query(`BEGIN; NOTIFY own, 'b${i}'; COMMIT`)],
+          ];
+          for (let i = 0; i < 40; i++) {
+            for (const [name, step] of steps) {
+              await step(i);
+              const payload = `${name[0]}${i}`;
+              if (!received.includes(payload)) late.push(payload);
+            }
+          }
+          assert.deepEqual(late, [], 'own notifications that came after the answer of the statement that sent them');
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="listen"} 0/);
+          // A notification of a channel the client does not listen on never comes, and its answer is not held up.
+          await listener.query(`NOTIFY elsewhere, 'x'`);
+          await listener.query('SELECT 1');
+          assert.ok(!received.includes('x'));
+          // A Terminate sent as soon as the NOTIFY's CommandComplete arrives: the rest of its answer
+          // (the notification, then ReadyForQuery) still comes before the close, as direct.
+          const query = (sql: string): Buffer => {
+            const body = Buffer.from(`${sql}\0`);
+            const head = Buffer.alloc(5);
+            head[0] = 0x51;
+            head.writeInt32BE(body.length + 4, 1);
+            return Buffer.concat([head, body]);
+          };
+          const cut: string[] = [];
+          for (let i = 0; i < 20; i++) {
+            const types = await new Promise<string>((resolve, reject) => {
+              const socket = netConnect({ host: '127.0.0.1', port: running.port });
+              let seen = Buffer.alloc(0);
+              let parsed = 0;
+              let kinds = '';
+              let step = 0;
+              socket.on('data', (chunk: Buffer) => {
+                seen = Buffer.concat([seen, chunk]);
+                while (seen.length - parsed >= 5 && seen.length - parsed >= 1 + seen.readInt32BE(parsed + 1)) {
+                  const type = String.fromCharCode(seen[parsed]!);
+                  parsed += 1 + seen.readInt32BE(parsed + 1);
+                  if (step === 2) kinds += type;
+                  if (type === 'Z' && step < 2) socket.write(query(step++ === 0 ? 'LISTEN own_terminate' : `NOTIFY own_terminate, 't${i}'`));
+                  else if (type === 'C' && step === 2) socket.write(Buffer.from([0x58, 0, 0, 0, 4]));
+                }
+              });
+              socket.on('error', reject);
+              socket.on('close', () => resolve(kinds));
+              socket.write(buildStartupMessage({ user: running.role.user, database: 'app' }));
+            });
+            if (types !== 'CAZ') cut.push(types);
+          }
+          assert.deepEqual(cut, [], 'answers to a NOTIFY followed by a Terminate that did not end with the notification and ReadyForQuery');
+        } finally {
+          await listener.end();
+        }
+      });
+    });
+
     it('serves DEALLOCATE and DEALLOCATE ALL sent as SQL without breaking other clients\' named statements', async function () {
       await withSidecar(postgres, { grant: 1 }, async (running) => {
         const a = client(running);

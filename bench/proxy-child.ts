@@ -14,6 +14,7 @@ import { pino } from 'pino';
 import { Registry } from 'prom-client';
 import { credentialsGeneration } from '../src/core/credentials.ts';
 import { Sidecar, StaticCredentialsSource } from '../src/sidecar/index.ts';
+import { loadNativeSocketIo } from '../src/sidecar/native-socket.ts';
 import type { PoolMode } from '../src/sidecar/settings.ts';
 
 /** What the bench asks the child to run. */
@@ -31,6 +32,8 @@ export interface ProxyChildConfig {
   grant?: number;
   /** Sidecar only: also listen on a Unix-domain socket in this directory (when the sidecar supports it). */
   socketDir?: string;
+  /** Sidecar only: false for Node's streams instead of the native socket I/O (default: native where built). */
+  nativeIo?: boolean;
 }
 
 function pipe(config: ProxyChildConfig): Promise<number> {
@@ -57,7 +60,10 @@ async function sidecar(config: ProxyChildConfig): Promise<number> {
     pool: { mode: config.mode ?? 'transaction', poolTimeout: 30, poolRecycle: 3600, poolPrePing: true, idleTimeout: 600 },
     drainTimeout: 5,
   };
-  const instance = new Sidecar({ settings, credentials, logger: pino({ level: 'warn' }), metrics: new Registry() });
+  const native = config.nativeIo === false ? undefined : loadNativeSocketIo();
+  if (native !== undefined && 'reason' in native) process.stderr.write(`proxy-child: ${native.reason}\n`);
+  const nativeIo = native !== undefined && 'io' in native ? native.io : undefined;
+  const instance = new Sidecar({ settings, credentials, logger: pino({ level: 'warn' }), metrics: new Registry(), ...(nativeIo ? { nativeIo } : {}) });
   const { port } = await instance.start();
   instance.setGrant(config.grant ?? 20, 1);
   return port;

@@ -67,6 +67,8 @@ export interface ProxyOptions {
   pool: number;
   /** Also PgBouncer and the sidecar over their Unix-domain sockets (transaction mode). */
   unix: boolean;
+  /** Also the sidecar on Node.js streams instead of its native socket I/O, as the B target (transaction mode). */
+  streams?: boolean;
   log: (line: string) => void;
 }
 
@@ -275,8 +277,10 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
       session: await ProxyChild.start({ kind: 'sidecar', ...target, mode: 'session', grant: options.pool }, compiledChild),
     };
     const pipe = await ProxyChild.start({ kind: 'pipe', ...target }, compiledChild);
-    // A/B of two builds of the sidecar in one run: BENCH_SIDECAR_B names another tree's bench/proxy-child.ts (transaction mode only).
-    const sidecarB = process.env.BENCH_SIDECAR_B === undefined ? undefined : await ProxyChild.start({ kind: 'sidecar', ...target, mode: 'transaction', grant: options.pool }, process.env.BENCH_SIDECAR_B);
+    // A/B in one run (transaction mode only): the sidecar on Node.js streams (--streams), or another tree's
+    // bench/proxy-child.ts named by BENCH_SIDECAR_B.
+    const sidecarB = options.streams === true ? await ProxyChild.start({ kind: 'sidecar', ...target, mode: 'transaction', grant: options.pool, nativeIo: false }, compiledChild)
+      : process.env.BENCH_SIDECAR_B === undefined ? undefined : await ProxyChild.start({ kind: 'sidecar', ...target, mode: 'transaction', grant: options.pool }, process.env.BENCH_SIDECAR_B);
     for (const c of [...Object.values(sidecars), pipe, ...(sidecarB ? [sidecarB] : [])]) stoppers.push(() => c.stop());
 
     const rssIdle = processRssMb(sidecars.transaction.pid) ?? Number.NaN;

@@ -2,7 +2,7 @@
  * `npm run bench`: the controller at fleet scale and the proxy side by side,
  * as one terminal table and, with --json, one JSON file.
  *
- *   npm run bench [-- --quick] [-- --json FILE] [-- --only proxy|controller] [-- --unix|--no-unix]
+ *   npm run bench [-- --quick] [-- --json FILE] [-- --only proxy|controller] [-- --unix|--no-unix] [-- --streams]
  *                 [-- --seconds N --rounds N --filter REGEX --pods 100,1000]
  *
  * --quick (under 3 minutes): the controller at 100 pods, one round of each
@@ -35,6 +35,7 @@ const { values } = parseArgs({
     filter: { type: 'string' },
     clients: { type: 'string' },
     unix: { type: 'boolean' },
+    streams: { type: 'boolean', default: false },
     pods: { type: 'string' },
     'controller-rounds': { type: 'string' },
     connections: { type: 'string', default: '1' },
@@ -84,6 +85,7 @@ const proxyRun = (): Promise<ProxyReport | undefined> => (values.only === 'contr
   pool: 20,
   // The quick run leaves the socket runs out (--unix puts them back).
   unix: values.unix ?? !quick,
+  streams: values.streams,
   log,
   ...(values.filter === undefined ? {} : { filter: new RegExp(values.filter) }),
 }));
@@ -109,7 +111,7 @@ if (proxy) {
       unixRows.map((r) => [r.script, String(r.clients), fmt(r.pgbouncer_unix_tps), fmt(r.sidecar_unix_tps), fmt(r.sidecar_unix_tps! / r.pgbouncer_unix_tps!, 2), fmt(r.sidecar_unix_tps! / r.sidecar_tps, 2),
         fmt(r.pgbouncer_unix_cpu_us, 1), fmt(r.sidecar_unix_cpu_us, 1), fmt(r.sidecar_unix_cpu_us! / r.pgbouncer_unix_cpu_us!, 2)])));
   }
-  for (const r of proxy.proxy) if (r.sidecar_b_tps != null) console.log(`B build: ${r.script} ${r.mode} ${r.clients} cl.: ${r.sidecar_b_tps} tps, ${fmt(r.sidecar_b_cpu_us, 1)} µs/tx (A: ${r.sidecar_tps} tps, ${fmt(r.sidecar_cpu_us, 1)} µs/tx)`);
+  for (const r of proxy.proxy) if (r.sidecar_b_tps != null) console.log(`${values.streams ? 'Node.js streams' : 'B build'}: ${r.script} ${r.mode} ${r.clients} cl.: ${r.sidecar_b_tps} tps, ${fmt(r.sidecar_b_cpu_us, 1)} µs/tx (A: ${r.sidecar_tps} tps, ${fmt(r.sidecar_cpu_us, 1)} µs/tx)`);
   console.log(`sidecar RSS: idle ${proxy.sidecar_rss_mb.idle} MB, with 1,000 idle clients ${proxy.sidecar_rss_mb.clients_1000} MB`);
 }
 console.log(`\n${((Date.now() - started) / 1000).toFixed(0)} s`);

@@ -3,7 +3,8 @@
 # Debian's PostgreSQL, OpenSSH server and PgBouncer, the database drivers the
 # driver compatibility tests run (psycopg 3, psycopg2, asyncpg for Debian's
 # python3, pgjdbc for the installed Java, DBD::Pg for Debian's perl), and the pinned Kubernetes binaries
-# built from Go modules (cached per version). Safe to run repeatedly.
+# built from Go modules (cached per version), and the sidecar's native socket
+# I/O (a C file built with the system's compiler). Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,8 @@ for module in psycopg:python3-psycopg psycopg2:python3-psycopg2 asyncpg:python3-
   /usr/bin/python3 -c "import ${module%%:*}" >/dev/null 2>&1 || missing+=("${module#*:}")
 done
 [ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
+# A C compiler for the sidecar's native socket I/O (scripts/build-native.sh).
+command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 # Perl DBD::Pg for Debian's own perl (its DBI comes with it).
 /usr/bin/perl -MDBD::Pg -e 1 >/dev/null 2>&1 || missing+=(libdbd-pg-perl)
 
@@ -42,5 +45,6 @@ if [ ! -x node_modules/.bin/node ]; then
   exit 1
 fi
 
+bash scripts/build-native.sh
 bash scripts/build-kube.sh
 bash scripts/build-tools.sh || echo "setup: helm or promtool did not build (see above); the chart and alert tests that need them will skip" >&2

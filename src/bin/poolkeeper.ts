@@ -161,6 +161,7 @@ environment:
   POOLKEEPER_DB_CA_FILE         CA certificate of the database server, if any
   POOLKEEPER_DRAIN_TIMEOUT      seconds in-flight transactions get on SIGTERM (default 30)
   POOLKEEPER_STATE_DIR          a directory that outlives the process (the pod's emptyDir): backends a killed sidecar left are found there
+  POOLKEEPER_NATIVE_IO          "off": Node.js streams instead of the native socket I/O for plain connections (default on where built)
   KUBECONFIG                    kubeconfig file (default: the pod's ServiceAccount)`,
 };
 
@@ -216,6 +217,7 @@ async function run(command: string | undefined, args: readonly string[]): Promis
         sshKeyDir: env.POOLKEEPER_SSH_KEY_DIR,
         caFile: env.POOLKEEPER_DB_CA_FILE,
         stateDir: env.POOLKEEPER_STATE_DIR,
+        nativeIo: env.POOLKEEPER_NATIVE_IO !== 'off',
         drainTimeoutSeconds: Number(env.POOLKEEPER_DRAIN_TIMEOUT ?? 30),
         version: VERSION,
       };

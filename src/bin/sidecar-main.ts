@@ -10,6 +10,7 @@ import { API_GROUP, API_VERSION, type PoolMember } from '../api/index.ts';
 import { isStatus, KubeHttp, type ApiServerAccess } from '../kube/http.ts';
 import { PoolMemberAgent } from '../sidecar/control-plane.ts';
 import { BackendLedger } from '../sidecar/backend-ledger.ts';
+import { loadNativeSocketIo } from '../sidecar/native-socket.ts';
 import { FileCredentialsSource, Sidecar, type SidecarSettings } from '../sidecar/index.ts';
 
 /** The ledger's file name in the state directory. */
@@ -32,6 +33,8 @@ export interface SidecarConfig {
   drainTimeoutSeconds: number;
   /** A directory that outlives the sidecar process (the pod's emptyDir): the backend ledger goes there. */
   stateDir?: string;
+  /** Use the native socket I/O where it is built (default true); false: Node's streams. */
+  nativeIo?: boolean;
   version: string;
   /** How long to wait for the controller to create this pod's PoolMember. */
   memberWaitMs?: number;
@@ -88,7 +91,11 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
   collectDefaultMetrics({ register: registry, prefix: 'poolkeeper_sidecar_process_' });
   const credentials = new FileCredentialsSource({ directory: config.credentialsDir, logger });
   const ledger = config.stateDir ? new BackendLedger(join(config.stateDir, BACKEND_LEDGER_FILE), logger) : undefined;
-  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry, ...(ledger ? { ledger } : {}) });
+  const native = config.nativeIo === false ? undefined : loadNativeSocketIo();
+  if (native !== undefined && 'reason' in native) logger.warn({ reason: native.reason }, 'native socket I/O unavailable: using Node.js streams');
+  const nativeIo = native !== undefined && 'io' in native ? native.io : undefined;
+  logger.info({ nativeIo: nativeIo !== undefined }, 'socket I/O');
+  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry, ...(ledger ? { ledger } : {}), ...(nativeIo ? { nativeIo } : {}) });
   const { port, adminPort } = await sidecar.start();
   const agent = new PoolMemberAgent({
     http, namespace: config.namespace, podName: config.podName, target: sidecar, logger, version: config.version,

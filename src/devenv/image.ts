@@ -29,6 +29,7 @@ export const IMAGE_SPEC = {
   copies: [
     { source: 'node_modules', destination: './node_modules' },
     { source: 'dist', destination: './dist' },
+    { source: 'build', destination: './build' },
     { source: 'package.json', destination: './' },
   ],
   /** Where the distroless base keeps node; the entrypoint names it. */
@@ -108,6 +109,7 @@ export function buildPoolkeeperImage(options: { reference?: string } = {}): Imag
     execFileSync(nodeBinary, ['--version'], { encoding: 'utf8' }),
     ...['package.json', 'package-lock.json', 'tsconfig.json', 'tsconfig.build.json'].map((f) => readFileSync(join(REPO_ROOT, f))),
     ...treeFiles(join(REPO_ROOT, 'src')).flatMap((f) => [relative(REPO_ROOT, f), readFileSync(f)]),
+    readFileSync(join(REPO_ROOT, 'native', 'socket-io.c')),
   ]);
   const builder = readFileSync(fileURLToPath(import.meta.url));
   const workdir = IMAGE_SPEC.workdir.slice(1);
@@ -132,6 +134,16 @@ export function buildPoolkeeperImage(options: { reference?: string } = {}): Imag
       {
         comment: 'COPY --from=build /src/dist ./dist',
         fill: (dir) => run(join(REPO_ROOT, 'node_modules', '.bin', 'tsc'), ['-p', 'tsconfig.build.json', '--outDir', join(dir, workdir, 'dist')], REPO_ROOT),
+      },
+      {
+        comment: 'COPY --from=build /src/build ./build',
+        cacheKey: inputHash([builder, 'native', readFileSync(join(REPO_ROOT, 'native', 'socket-io.c')), readFileSync(nodeBinary)]),
+        // The sidecar's native socket I/O, built as the Dockerfile's build stage does.
+        fill: (dir) => {
+          run('bash', [join(REPO_ROOT, 'scripts', 'build-native.sh')], REPO_ROOT);
+          mkdirSync(join(dir, workdir, 'build'), { recursive: true });
+          copyFileSync(join(REPO_ROOT, 'build', 'socket-io.node'), join(dir, workdir, 'build', 'socket-io.node'));
+        },
       },
       {
         comment: 'COPY package.json ./',

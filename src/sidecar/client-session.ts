@@ -11,7 +11,6 @@
  * mapped to shared server-side ones. Sessions that do neither keep the plain
  * byte pump.
  */
-import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import {
@@ -81,8 +80,11 @@ const TERMINATE_FIRST = Buffer.from([0x58, 0, 0, 0, 4]);
 const READY_IDLE = readyForQuery('I');
 
 /** A client of the sidecar. */
+/** A client's connection: a net.Socket, a DirectReadSocket or a NativeSocket. */
+export type ClientSocket = Duplex & { setNoDelay(noDelay?: boolean): unknown };
+
 export class ClientSession implements PoolWaiter, NotificationListener {
-  readonly socket: Socket;
+  readonly socket: ClientSocket;
   private phase: Phase = 'startup';
   private server: ServerConnection | undefined;
   private waiting = false;
@@ -189,7 +191,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     if (!this.socket.destroyed) this.socket.resume();
   };
 
-  constructor(socket: Socket, host: ClientSessionHost) {
+  constructor(socket: ClientSocket, host: ClientSessionHost) {
     this.socket = socket;
     this.host = host;
     // Big queries, binds and COPY data stream through: memory does not grow with message size.

@@ -74,7 +74,60 @@ export interface DirectReadable {
 
 /** True if `stream` supports direct reads. */
 export function isDirectReadable(stream: object): stream is DirectReadable {
-  return stream instanceof DirectReadSocket;
+  return typeof (stream as Partial<DirectReadable>).setDirectReader === 'function' && typeof (stream as Partial<DirectReadable>).setOwnReadBuffer === 'function';
+}
+
+/**
+ * Which buffer each next read goes into (see the module comment): the
+ * socket's own, lent to its reader, or, with copyReads while no own buffer
+ * is wanted, the pool's shared one, whose reads are copied out.
+ */
+export class ReadTarget {
+  private readonly pool: ReadBufferPool | undefined;
+  private readonly sharedBuffer: Buffer | undefined;
+  private own: Buffer | undefined;
+  private ownWanted: boolean;
+
+  /** `copyReads` needs `pool` (its shared buffer); without either, the socket keeps a buffer of its own. */
+  constructor(pool: ReadBufferPool | undefined, copyReads: boolean) {
+    this.pool = pool;
+    this.sharedBuffer = copyReads ? pool?.shared() : undefined;
+    this.ownWanted = this.sharedBuffer === undefined;
+    if (this.ownWanted) this.own = pool?.take() ?? Buffer.allocUnsafe(READ_BUFFER_BYTES);
+  }
+
+  /** True if a read into `buffer` is lent to the reader (not the shared buffer, which is copied out). */
+  lends(buffer: Buffer): boolean {
+    return buffer !== this.sharedBuffer;
+  }
+
+  /** With copyReads: whether reads from the next one on go to an own buffer. */
+  wantOwn(own: boolean): void {
+    if (this.sharedBuffer !== undefined) this.ownWanted = own;
+  }
+
+  /** The buffer for the next read; `paused`: the socket is paused (its reader may hold views of the own buffer). */
+  next(paused: boolean): Buffer {
+    const shared = this.sharedBuffer;
+    if (shared === undefined) return this.own!;
+    if (this.ownWanted) {
+      this.own ??= this.pool!.take();
+      return this.own;
+    }
+    // A paused socket's reader may still hold views of its own buffer (writes not yet drained): keep it until reads resume.
+    if (this.own !== undefined && paused) return this.own;
+    if (this.own !== undefined) {
+      this.pool!.give(this.own);
+      this.own = undefined;
+    }
+    return shared;
+  }
+
+  /** The socket closed: nothing reads into its own buffer any more, which goes back to the pool. */
+  release(): void {
+    if (this.own !== undefined) this.pool?.give(this.own);
+    this.own = undefined;
+  }
 }
 
 /** What adoption needs of Node's private handle of a net.Socket (lib/net.js, Node 24). */
@@ -88,12 +141,7 @@ interface NodeSocketInternals {
  */
 export class DirectReadSocket extends Socket implements DirectReadable {
   private reader: DirectReader | undefined;
-  /** With copyReads: the pool whose shared buffer is read into while no own buffer is wanted. */
-  private readonly sharing: ReadBufferPool | undefined;
-  /** The pool's shared buffer with copyReads: a read into it is copied, a read into any other is lent. */
-  private readonly sharedBuffer: Buffer | undefined;
-  private own: Buffer | undefined;
-  private wantOwn: boolean;
+  private readonly target: ReadTarget;
 
   /**
    * `buffers`: where the read buffer comes from and goes back to on 'close';
@@ -102,27 +150,18 @@ export class DirectReadSocket extends Socket implements DirectReadable {
    */
   constructor(options: { buffers?: ReadBufferPool; handle?: object; copyReads?: boolean } = {}) {
     const { buffers, handle } = options;
-    const sharing = options.copyReads === true ? buffers : undefined;
+    const target = new ReadTarget(buffers, options.copyReads === true && buffers !== undefined);
     const self: { socket?: DirectReadSocket } = {};
-    const first = sharing ? sharing.shared() : buffers?.take() ?? Buffer.allocUnsafe(READ_BUFFER_BYTES);
+    const first = target.next(false);
+    const deliver = (bytes: number, into: Uint8Array): boolean => self.socket!.deliver(bytes, into as Buffer);
     // Node asks a function for the buffer of every next read (lib/internal/stream_base_commons.js).
-    const onread = sharing
-      ? { buffer: () => self.socket?.nextReadBuffer() ?? first, callback: (bytes: number, into: Uint8Array) => self.socket!.deliver(bytes, into as Buffer) }
-      : { buffer: first, callback: (bytes: number, into: Uint8Array) => self.socket!.deliver(bytes, into as Buffer) };
+    const onread = target.lends(first) ? { buffer: first, callback: deliver } : { buffer: () => target.next(self.socket?.isPaused() === true), callback: deliver };
     // `handle` is how net.Server itself builds accepted sockets; @types/node does not list it.
     super(handle === undefined ? { onread } : ({ handle, onread, readable: true, writable: true } as ConstructorParameters<typeof Socket>[0]));
     self.socket = this;
-    this.sharing = sharing;
-    this.sharedBuffer = sharing?.shared();
-    this.wantOwn = sharing === undefined;
-    if (sharing === undefined) this.own = first;
+    this.target = target;
     // After 'close' the handle is gone: nothing reads into the buffer any more.
-    if (buffers !== undefined) {
-      this.once('close', () => {
-        if (this.own !== undefined) buffers.give(this.own);
-        this.own = undefined;
-      });
-    }
+    if (buffers !== undefined) this.once('close', () => target.release());
   }
 
   setDirectReader(reader: DirectReader | undefined): void {
@@ -135,31 +174,14 @@ export class DirectReadSocket extends Socket implements DirectReadable {
    * (the own buffer returns to the pool once no view of it can be held).
    */
   setOwnReadBuffer(own: boolean): void {
-    if (this.sharing !== undefined) this.wantOwn = own;
-  }
-
-  /** The buffer for the next read; called by Node after each read. */
-  private nextReadBuffer(): Buffer {
-    const pool = this.sharing!;
-    if (this.wantOwn) {
-      this.own ??= pool.take();
-      return this.own;
-    }
-    // A paused socket's reader may still hold views of its own buffer (writes not yet drained): keep it until reads resume.
-    if (this.own !== undefined && this.isPaused()) return this.own;
-    if (this.own !== undefined) {
-      pool.give(this.own);
-      this.own = undefined;
-    }
-    return pool.shared();
+    this.target.wantOwn(own);
   }
 
   /** True: keep reading (pausing is the reader's call, through pause()). */
   private deliver(bytes: number, buffer: Buffer): boolean {
     const reader = this.reader;
-    const lent = buffer !== this.sharedBuffer;
     if (reader === undefined) this.emit('data', Buffer.from(buffer.subarray(0, bytes)));
-    else if (lent) reader(buffer, bytes, true);
+    else if (this.target.lends(buffer)) reader(buffer, bytes, true);
     // The shared buffer is overwritten by the next read of any socket: the reader gets its own copy.
     else reader(Buffer.from(buffer.subarray(0, bytes)), bytes, false);
     return true;
@@ -176,15 +198,29 @@ export class DirectReadSocket extends Socket implements DirectReadable {
  * changed), it is resumed and returned unchanged: the ordinary stream path.
  */
 export function adoptAcceptedSocket(socket: Socket, buffers?: ReadBufferPool, options: { copyReads?: boolean } = {}): Socket {
+  const handle = takeUnreadHandle(socket);
+  if (handle === undefined) {
+    socket.resume();
+    return socket;
+  }
+  return new DirectReadSocket(buffers === undefined ? { handle } : { handle, buffers, copyReads: options.copyReads === true });
+}
+
+/**
+ * Detaches the libuv handle (Node's private `_handle`) of a connected socket
+ * that has read nothing yet (accepted with `pauseOnConnect`, or connected
+ * while paused), and destroys the now handle-less socket without closing the
+ * connection; `accept(handle)` may refuse it first (undefined: nothing taken).
+ * Undefined if the socket is not in that shape (already reading, or Node's
+ * internals changed).
+ */
+export function takeUnreadHandle(socket: Socket, accept: (handle: object) => boolean = () => true): object | undefined {
   const internals = socket as unknown as NodeSocketInternals;
   const handle = internals._handle;
   const adoptable = handle !== null && typeof handle === 'object' && typeof handle.useUserBuffer === 'function' &&
     typeof handle.readStart === 'function' && socket.readableFlowing === false && socket.readableLength === 0 && !socket.destroyed;
-  if (!adoptable) {
-    socket.resume();
-    return socket;
-  }
+  if (!adoptable || !accept(handle)) return undefined;
   internals._handle = null;
   socket.destroy();
-  return new DirectReadSocket(buffers === undefined ? { handle } : { handle, buffers, copyReads: options.copyReads === true });
+  return handle;
 }

@@ -16,7 +16,7 @@
  */
 import { randomInt } from 'node:crypto';
 import { chmodSync, rmSync } from 'node:fs';
-import { connect as netConnect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import { Socket, connect as netConnect, createServer, type AddressInfo, type Server } from 'node:net';
 import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
@@ -26,6 +26,7 @@ import { AdminServer } from '../ops/admin-server.ts';
 import type { BackendLedger } from './backend-ledger.ts';
 import { ClientSession, type ClientSessionHost } from './client-session.ts';
 import { DirectReadSocket, ReadBufferPool, adoptAcceptedSocket } from './direct-read-socket.ts';
+import { adoptUnreadSocket, type NativeSocketIo } from './native-socket.ts';
 import { SidecarMetrics } from './metrics.ts';
 import { NotificationHub } from './notifications.ts';
 import { Pool } from './pool.ts';
@@ -40,6 +41,8 @@ export interface SidecarDeps {
   metrics: Registry;
   /** Where the backends held are kept for the next sidecar in the pod (after a SIGKILL); absent: not kept. */
   ledger?: BackendLedger;
+  /** Native socket I/O for plain TCP and Unix-domain connections (loadNativeSocketIo); absent: Node's streams. */
+  nativeIo?: NativeSocketIo;
 }
 
 /** True for 127.0.0.0/8, ::1 and IPv4-mapped loopback. */
@@ -87,8 +90,10 @@ export class Sidecar implements ClientSessionHost {
   private statusScheduled = false;
   private lastStatus = '';
   private readonly ledger: BackendLedger | undefined;
+  private readonly nativeIo: NativeSocketIo | undefined;
 
   constructor(deps: SidecarDeps) {
+    this.nativeIo = deps.nativeIo;
     this.settings = deps.settings;
     this.credentials = deps.credentials;
     this.logger = deps.logger;
@@ -420,7 +425,9 @@ export class Sidecar implements ClientSessionHost {
       return;
     }
     // Clients copy their reads out of one shared buffer: an idle or half-open client costs no read buffer of its own.
-    const adopted = adoptAcceptedSocket(socket, this.readBuffers, { copyReads: true });
+    const io = this.nativeIo;
+    const adopted = (io !== undefined ? adoptUnreadSocket(io, socket, { buffers: this.readBuffers, copyReads: true }) : undefined) ??
+      adoptAcceptedSocket(socket, this.readBuffers, { copyReads: true });
     this.clientSockets += 1;
     adopted.once('close', () => (this.clientSockets -= 1));
     new ClientSession(adopted, this);
@@ -431,7 +438,14 @@ export class Sidecar implements ClientSessionHost {
     return new Promise((resolve, reject) => {
       // Plaintext only: a TLS wrap must keep reading through the stream interface.
       const { sslMode } = this.settings.database;
-      const socket = sslMode === 'disable' || sslMode === 'allow' ? new DirectReadSocket({ buffers: this.readBuffers }).setNoDelay(true).connect({ host, port }) : netConnect({ host, port, noDelay: true });
+      const plain = sslMode === 'disable' || sslMode === 'allow';
+      const io = plain ? this.nativeIo : undefined;
+      let socket: Socket;
+      if (io !== undefined) {
+        // Connected while paused, so that nothing is read before the native side takes the connection over.
+        socket = new Socket().pause().setNoDelay(true);
+        socket.connect({ host, port });
+      } else socket = plain ? new DirectReadSocket({ buffers: this.readBuffers }).setNoDelay(true).connect({ host, port }) : netConnect({ host, port, noDelay: true });
       const timer = setTimeout(() => {
         socket.destroy();
         reject(new Error(`connecting to ${host}:${port} timed out`));
@@ -439,7 +453,7 @@ export class Sidecar implements ClientSessionHost {
       socket.once('connect', () => {
         clearTimeout(timer);
         socket.off('error', onError);
-        resolve(socket);
+        resolve((io !== undefined ? adoptUnreadSocket(io, socket, { buffers: this.readBuffers }) : undefined) ?? socket.resume());
       });
       const onError = (err: Error): void => {
         clearTimeout(timer);

@@ -16,6 +16,7 @@ import { Sidecar, StaticCredentialsSource } from '../../src/sidecar/index.ts';
 import { DirectReadSocket, ReadBufferPool, adoptAcceptedSocket } from '../../src/sidecar/direct-read-socket.ts';
 import { credentialsGeneration } from '../../src/core/credentials.ts';
 import { FrameReader, buildStartupMessage } from '../../src/core/protocol/index.ts';
+import { nativeIoDeps } from '../support/sidecar-fixture.ts';
 
 const env = testEnvironment();
 
@@ -231,7 +232,7 @@ describe('adoptAcceptedSocket', () => {
   });
 });
 
-describe('sidecar server connections with direct reads (sslMode disable)', () => {
+for (const native of [false, true]) describe(`sidecar server connections with direct reads (sslMode disable, ${native ? 'native socket I/O' : 'Node.js streams'})`, () => {
   let sidecar: Sidecar;
   let port: number;
   let user: string;
@@ -248,7 +249,7 @@ describe('sidecar server connections with direct reads (sslMode disable)', () =>
         pool: { mode: 'transaction', poolTimeout: 10, poolRecycle: 1800, poolPrePing: true, idleTimeout: 600 },
         drainTimeout: 5,
       },
-      credentials, logger: pino({ level: 'silent' }), metrics: new Registry(),
+      credentials, logger: pino({ level: 'silent' }), metrics: new Registry(), ...nativeIoDeps(native),
     });
     ({ port } = await sidecar.start());
     sidecar.setGrant(2, 1);

@@ -18,6 +18,7 @@ import { testEnvironment } from '../support/hooks.ts';
 import { FileCredentialsSource, Sidecar } from '../../src/sidecar/index.ts';
 import type { PostgresServer } from '../../src/devenv/postgres.ts';
 import { buildStartupMessage, FrameReader, parseNoticeFields } from '../../src/core/protocol/index.ts';
+import { nativeIoDeps } from '../support/sidecar-fixture.ts';
 
 const env = testEnvironment();
 const logger = pino({ level: process.env.SIDECAR_TEST_LOG ?? 'silent' });
@@ -42,7 +43,7 @@ async function startSidecar(postgres: PostgresServer, grant: number, maxPrepared
       drainTimeout: 5,
       ...(maxPreparedStatements !== undefined ? { maxPreparedStatements } : {}),
     },
-    credentials, logger, metrics: new Registry(),
+    credentials, logger, metrics: new Registry(), ...nativeIoDeps(),
   });
   const { port } = await sidecar.start();
   sidecar.setGrant(grant, 1);

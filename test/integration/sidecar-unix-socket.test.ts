@@ -16,6 +16,7 @@ import { Registry } from 'prom-client';
 import { testEnvironment } from '../support/hooks.ts';
 import { Sidecar, StaticCredentialsSource } from '../../src/sidecar/index.ts';
 import { credentialsGeneration } from '../../src/core/credentials.ts';
+import { nativeIoDeps } from '../support/sidecar-fixture.ts';
 
 const env = testEnvironment();
 
@@ -116,5 +117,6 @@ function settingsFor(postgres: { host: string; port: number; app: { user: string
     credentials: new StaticCredentialsSource({ username: app.user, password: app.password, generation: credentialsGeneration({ username: app.user, password: app.password }) }),
     logger: pino({ level: 'silent' }),
     metrics: new Registry(),
+    ...nativeIoDeps(),
   };
 }

@@ -17,6 +17,7 @@ import { testEnvironment } from '../support/hooks.ts';
 import { FileCredentialsSource, Sidecar, type PoolMode, type SidecarSettings } from '../../src/sidecar/index.ts';
 import type { PostgresRole, PostgresServer } from '../../src/devenv/postgres.ts';
 import { buildStartupMessage } from '../../src/core/protocol/index.ts';
+import { nativeIoDeps } from '../support/sidecar-fixture.ts';
 
 const env = testEnvironment();
 const logger = pino({ level: process.env.SIDECAR_TEST_LOG ?? 'silent' });
@@ -51,7 +52,7 @@ async function startSidecar(postgres: PostgresServer, options: { mode?: PoolMode
     admin: { host: '127.0.0.1', port: 0 },
     ...(options.tunnel ? { sshTunnel: options.tunnel } : {}),
   };
-  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry });
+  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry, ...nativeIoDeps() });
   const { port, adminPort } = await sidecar.start();
   sidecar.setGrant(options.grant ?? 5, 1);
   return {

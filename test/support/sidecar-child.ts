@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { BACKEND_LEDGER_FILE } from '../../src/bin/sidecar-main.ts';
 import { BackendLedger } from '../../src/sidecar/backend-ledger.ts';
 import { FileCredentialsSource, Sidecar, type SidecarSettings } from '../../src/sidecar/index.ts';
+import { testNativeIo } from './sidecar-fixture.ts';
 
 /** What the parent passes in POOLKEEPER_CHILD_SIDECAR. */
 export interface ChildSidecarConfig {
@@ -40,7 +41,8 @@ const config = JSON.parse(process.env.POOLKEEPER_CHILD_SIDECAR ?? '{}') as Child
 const logger = pino({ level: process.env.POOLKEEPER_CHILD_SIDECAR_LOG ?? 'info' });
 const credentials = new FileCredentialsSource({ directory: config.credentialsDir, logger, pollIntervalMs: 500 });
 const ledger = config.stateDir ? new BackendLedger(join(config.stateDir, BACKEND_LEDGER_FILE), logger) : undefined;
-const sidecar = new Sidecar({ settings: config.settings, credentials, logger, metrics: new Registry(), ...(ledger ? { ledger } : {}) });
+const nativeIo = testNativeIo();
+const sidecar = new Sidecar({ settings: config.settings, credentials, logger, metrics: new Registry(), ...(ledger ? { ledger } : {}), ...(nativeIo ? { nativeIo } : {}) });
 const { port, adminPort } = await sidecar.start();
 sidecar.setGrant(config.grant, 1);
 process.on('message', (raw) => {

@@ -10,6 +10,7 @@ import { pino, type Logger } from 'pino';
 import { Registry } from 'prom-client';
 import { FileCredentialsSource, Sidecar, type PoolMode, type SidecarSettings } from '../../src/sidecar/index.ts';
 import type { PostgresRole, PostgresServer } from '../../src/devenv/postgres.ts';
+import { loadNativeSocketIo, type NativeSocketIo } from '../../src/sidecar/native-socket.ts';
 
 /** What a test may choose for a sidecar; everything else has test defaults. */
 export interface TestSidecarOptions {
@@ -20,6 +21,26 @@ export interface TestSidecarOptions {
   /** Extra settings (TLS mode, limits, admin server, tunnel). */
   settings?: Partial<Omit<SidecarSettings, 'pool'>>;
   logger?: Logger;
+  /** Native socket I/O (default: on, unless POOLKEEPER_TEST_NATIVE_IO=off); false: Node's streams. */
+  nativeIo?: boolean;
+}
+
+/**
+ * The native socket I/O the tests run the sidecar with: on unless
+ * POOLKEEPER_TEST_NATIVE_IO=off. Wanted but not built is an error, so that a
+ * missing build cannot quietly test the other path only.
+ */
+export function testNativeIo(wanted: boolean = process.env.POOLKEEPER_TEST_NATIVE_IO !== 'off'): NativeSocketIo | undefined {
+  if (!wanted) return undefined;
+  const loaded = loadNativeSocketIo();
+  if ('reason' in loaded) throw new Error(`${loaded.reason} (or set POOLKEEPER_TEST_NATIVE_IO=off)`);
+  return loaded.io;
+}
+
+/** testNativeIo() as Sidecar dependencies: `{ nativeIo }`, or nothing for Node's streams. */
+export function nativeIoDeps(wanted?: boolean): { nativeIo?: NativeSocketIo } {
+  const nativeIo = testNativeIo(wanted);
+  return nativeIo ? { nativeIo } : {};
 }
 
 /** A started sidecar and how to reach and stop it. */
@@ -50,7 +71,7 @@ export async function startTestSidecar(postgres: PostgresServer, options: TestSi
     ...options.settings,
     pool: { mode: options.mode ?? 'transaction', poolTimeout: 10, poolRecycle: 1800, poolPrePing: false, idleTimeout: 600, ...options.pool },
   };
-  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry });
+  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry, ...nativeIoDeps(options.nativeIo) });
   const { port, adminPort } = await sidecar.start();
   sidecar.setGrant(options.grant ?? 5, 1);
   return {

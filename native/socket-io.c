@@ -1,0 +1,293 @@
+/*
+ * The sidecar's native socket I/O: read(2) and write(2) on a connected TCP or
+ * Unix-domain socket, driven by a uv_poll handle on Node's own event loop.
+ *
+ * Node's stream path costs about 10 microseconds of CPU per read and write
+ * pair on top of the system calls (StreamBase, WriteWrap, Writable, async
+ * hooks); PgBouncer spends about 4 in total per transaction. Here a read is
+ * one read(2) into a buffer JavaScript lent us and one callback, and a write
+ * is one write(2) called straight from JavaScript. Framing, tracking and
+ * pooling stay in TypeScript (src/sidecar/native-socket.ts wraps this).
+ *
+ * One JavaScript callback per socket gets every event: (EVENT_DATA, bytes),
+ * (EVENT_EOF, 0), (EVENT_ERROR, -errno) and (EVENT_WRITABLE, 0).
+ *
+ * Built by scripts/build-native.sh against the headers of the Node.js that
+ * runs it (Node-API, so any Node.js 24 loads it).
+ */
+#include <node_api.h>
+#include <uv.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+enum { EVENT_DATA = 0, EVENT_EOF = 1, EVENT_ERROR = 2, EVENT_WRITABLE = 3 };
+
+typedef struct {
+  uv_poll_t poll;
+  int fd;
+  napi_env env;
+  napi_ref on_event;
+  char *buffer;
+  size_t capacity;
+  napi_async_context context;
+  int reading;
+  int want_writable;
+  int polled; /* the events uv_poll is started with */
+  int closed;
+} pk_socket;
+
+#define CHECK(call)                                                            \
+  do {                                                                         \
+    if ((call) != napi_ok) return NULL;                                        \
+  } while (0)
+
+static void on_poll(uv_poll_t *poll, int status, int events);
+
+static void update_poll(pk_socket *s) {
+  int events = (s->reading ? UV_READABLE : 0) | (s->want_writable ? UV_WRITABLE : 0);
+  if (s->closed || events == s->polled) return;
+  s->polled = events;
+  if (events == 0) uv_poll_stop(&s->poll);
+  else uv_poll_start(&s->poll, events, on_poll);
+}
+
+/* Calls the socket's JavaScript callback as Node calls its own I/O callbacks (ticks and microtasks run after it). */
+static void emit(pk_socket *s, int kind, int value) {
+  napi_env env = s->env;
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+  napi_value callback, receiver, argv[2];
+  if (napi_get_reference_value(env, s->on_event, &callback) == napi_ok && callback != NULL &&
+      napi_get_global(env, &receiver) == napi_ok && napi_create_int32(env, kind, &argv[0]) == napi_ok &&
+      napi_create_int32(env, value, &argv[1]) == napi_ok) {
+    napi_value result;
+    if (napi_make_callback(env, s->context, receiver, callback, 2, argv, &result) == napi_pending_exception) {
+      /* An exception in the callback is the process's, as for Node's own I/O callbacks. */
+      napi_value error;
+      napi_get_and_clear_last_exception(env, &error);
+      napi_fatal_exception(env, error);
+    }
+  }
+  napi_close_handle_scope(env, scope);
+}
+
+static void on_poll(uv_poll_t *poll, int status, int events) {
+  pk_socket *s = (pk_socket *)poll->data;
+  if (s->closed) return;
+  if (status < 0) {
+    /* libuv says UV_EBADF for any POLLERR: the socket's own error (ECONNRESET...) is the one to report. */
+    int error = 0;
+    socklen_t length = sizeof error;
+    if (getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &error, &length) == 0 && error != 0) status = -error;
+    s->reading = 0;
+    s->want_writable = 0;
+    update_poll(s);
+    emit(s, EVENT_ERROR, status);
+    return;
+  }
+  if ((events & UV_WRITABLE) && s->want_writable) {
+    s->want_writable = 0;
+    update_poll(s);
+    emit(s, EVENT_WRITABLE, 0);
+    if (s->closed) return;
+  }
+  if ((events & (UV_READABLE | UV_DISCONNECT)) && s->reading && s->buffer != NULL) {
+    ssize_t n;
+    do n = read(s->fd, s->buffer, s->capacity);
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    if (n <= 0) {
+      int error = n == 0 ? 0 : -errno;
+      s->reading = 0;
+      update_poll(s);
+      emit(s, n == 0 ? EVENT_EOF : EVENT_ERROR, error);
+      return;
+    }
+    emit(s, EVENT_DATA, (int)n);
+  }
+}
+
+static pk_socket *unwrap(napi_env env, napi_value value) {
+  void *data = NULL;
+  if (napi_get_value_external(env, value, &data) != napi_ok) return NULL;
+  return (pk_socket *)data;
+}
+
+static int get_args(napi_env env, napi_callback_info info, size_t expected, napi_value *argv) {
+  size_t argc = expected;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < expected) {
+    napi_throw_type_error(env, NULL, "wrong number of arguments");
+    return 0;
+  }
+  return 1;
+}
+
+static napi_value int_value(napi_env env, int value) {
+  napi_value out;
+  CHECK(napi_create_int32(env, value, &out));
+  return out;
+}
+
+/* open(fd, onEvent): takes a duplicate of fd (the caller closes its own), non-blocking. */
+static napi_value Open(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (!get_args(env, info, 2, argv)) return NULL;
+  int32_t fd;
+  CHECK(napi_get_value_int32(env, argv[0], &fd));
+  int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (own < 0) {
+    napi_throw_error(env, NULL, "dup of the socket failed");
+    return NULL;
+  }
+  int flags = fcntl(own, F_GETFL);
+  if (flags >= 0) fcntl(own, F_SETFL, flags | O_NONBLOCK);
+  pk_socket *s = calloc(1, sizeof *s);
+  if (s == NULL) {
+    close(own);
+    napi_throw_error(env, NULL, "out of memory");
+    return NULL;
+  }
+  s->fd = own;
+  s->env = env;
+  uv_loop_t *loop;
+  napi_value name, resource, out;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok || uv_poll_init(loop, &s->poll, own) != 0 ||
+      napi_create_reference(env, argv[1], 1, &s->on_event) != napi_ok ||
+      napi_create_string_utf8(env, "poolkeeper.socket", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_object(env, &resource) != napi_ok || napi_async_init(env, resource, name, &s->context) != napi_ok ||
+      napi_create_external(env, s, NULL, NULL, &out) != napi_ok) {
+    close(own);
+    free(s);
+    napi_throw_error(env, NULL, "could not watch the socket");
+    return NULL;
+  }
+  s->poll.data = s;
+  return out;
+}
+
+/*
+ * setBuffer(socket, buffer): reads go into buffer from now on. No reference is
+ * taken (one per switch would cost two global handles per transaction): the
+ * caller keeps the buffer alive while it is set (NativeSocket holds it), and
+ * a Buffer's backing store never moves.
+ */
+static napi_value SetBuffer(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (!get_args(env, info, 2, argv)) return NULL;
+  pk_socket *s = unwrap(env, argv[0]);
+  if (s == NULL || s->closed) return NULL;
+  void *data;
+  size_t length;
+  CHECK(napi_get_buffer_info(env, argv[1], &data, &length));
+  s->buffer = (char *)data;
+  s->capacity = length;
+  return NULL;
+}
+
+/* reading(socket, on): starts or stops reading. */
+static napi_value Reading(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (!get_args(env, info, 2, argv)) return NULL;
+  pk_socket *s = unwrap(env, argv[0]);
+  bool on;
+  CHECK(napi_get_value_bool(env, argv[1], &on));
+  if (s == NULL || s->closed) return NULL;
+  s->reading = on ? 1 : 0;
+  update_poll(s);
+  return NULL;
+}
+
+/* write(socket, buffer): one write(2) of the whole buffer; bytes written, or -errno (-EAGAIN: none). */
+static napi_value Write(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (!get_args(env, info, 2, argv)) return NULL;
+  pk_socket *s = unwrap(env, argv[0]);
+  if (s == NULL || s->closed) return int_value(env, -EBADF);
+  void *data;
+  size_t length;
+  CHECK(napi_get_buffer_info(env, argv[1], &data, &length));
+  ssize_t n;
+  do n = send(s->fd, data, length, MSG_NOSIGNAL);
+  while (n < 0 && errno == EINTR);
+  if (n < 0 && errno == ENOTSOCK) {
+    do n = write(s->fd, data, length);
+    while (n < 0 && errno == EINTR);
+  }
+  return int_value(env, n < 0 ? -errno : (int)n);
+}
+
+/* waitWritable(socket): one EVENT_WRITABLE once the socket can take more. */
+static napi_value WaitWritable(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!get_args(env, info, 1, argv)) return NULL;
+  pk_socket *s = unwrap(env, argv[0]);
+  if (s == NULL || s->closed) return NULL;
+  s->want_writable = 1;
+  update_poll(s);
+  return NULL;
+}
+
+/* shutdown(socket): ends the sending side (FIN); 0 or -errno. */
+static napi_value Shutdown(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!get_args(env, info, 1, argv)) return NULL;
+  pk_socket *s = unwrap(env, argv[0]);
+  if (s == NULL || s->closed) return int_value(env, -EBADF);
+  return int_value(env, shutdown(s->fd, SHUT_WR) < 0 ? -errno : 0);
+}
+
+/* setNoDelay(socket, on): TCP_NODELAY; 0 or -errno (a Unix-domain socket has none). */
+static napi_value SetNoDelay(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (!get_args(env, info, 2, argv)) return NULL;
+  pk_socket *s = unwrap(env, argv[0]);
+  bool on;
+  CHECK(napi_get_value_bool(env, argv[1], &on));
+  if (s == NULL || s->closed) return int_value(env, -EBADF);
+  int value = on ? 1 : 0;
+  return int_value(env, setsockopt(s->fd, IPPROTO_TCP, TCP_NODELAY, &value, sizeof value) < 0 ? -errno : 0);
+}
+
+static void on_closed(uv_handle_t *handle) {
+  pk_socket *s = (pk_socket *)handle->data;
+  close(s->fd);
+  free(s);
+}
+
+/* close(socket): no event after this; the descriptor closes once libuv lets go of it. */
+static napi_value Close(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!get_args(env, info, 1, argv)) return NULL;
+  pk_socket *s = unwrap(env, argv[0]);
+  if (s == NULL || s->closed) return NULL;
+  s->closed = 1;
+  s->reading = 0;
+  s->want_writable = 0;
+  s->buffer = NULL;
+  napi_delete_reference(env, s->on_event);
+  s->on_event = NULL;
+  napi_async_destroy(env, s->context);
+  uv_close((uv_handle_t *)&s->poll, on_closed);
+  return NULL;
+}
+
+static int export_function(napi_env env, napi_value exports, const char *name, napi_callback callback) {
+  napi_value fn;
+  return napi_create_function(env, name, NAPI_AUTO_LENGTH, callback, NULL, &fn) == napi_ok &&
+         napi_set_named_property(env, exports, name, fn) == napi_ok;
+}
+
+NAPI_MODULE_INIT() {
+  if (!export_function(env, exports, "open", Open) || !export_function(env, exports, "setBuffer", SetBuffer) ||
+      !export_function(env, exports, "reading", Reading) || !export_function(env, exports, "write", Write) ||
+      !export_function(env, exports, "waitWritable", WaitWritable) || !export_function(env, exports, "shutdown", Shutdown) ||
+      !export_function(env, exports, "setNoDelay", SetNoDelay) || !export_function(env, exports, "close", Close))
+    return NULL;
+  return exports;
+}

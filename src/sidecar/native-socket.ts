@@ -1,0 +1,278 @@
+/**
+ * A connected socket whose reads and writes are native system calls
+ * (native/socket-io.c) instead of Node's stream path, behind the same Duplex
+ * and DirectReadable interfaces the sidecar uses for a DirectReadSocket.
+ *
+ * Reads: the native side reads into a buffer this class lends it and calls
+ * back once per read; the bytes reach the direct reader exactly as a
+ * DirectReadSocket delivers them (lent views of the socket's own buffer, or
+ * copies out of the shared one). Writes: when nothing is queued, write()
+ * makes one write(2) straight away; what the kernel does not take, and every
+ * write while something is queued or corked, goes through the Writable
+ * machinery (_write/_writev), which waits for the socket to become writable.
+ *
+ * A plain TCP or Unix-domain connection only: TLS and SSH channels keep
+ * Node's streams.
+ */
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Duplex } from 'node:stream';
+import { getSystemErrorName } from 'node:util';
+import type { Socket } from 'node:net';
+import { ReadTarget, takeUnreadHandle, type DirectReadable, type DirectReader, type ReadBufferPool } from './direct-read-socket.ts';
+
+/** An open native socket (opaque). */
+export type NativeHandle = object & { readonly __nativeSocket: unique symbol };
+
+/** The functions of the native module (native/socket-io.c). */
+export interface NativeSocketIo {
+  /** Watches a duplicate of `fd`; `onEvent(kind, value)` gets every event of it. */
+  open(fd: number, onEvent: (kind: number, value: number) => void): NativeHandle;
+  setBuffer(handle: NativeHandle, buffer: Buffer): void;
+  reading(handle: NativeHandle, on: boolean): void;
+  /** Bytes written, or -errno. */
+  write(handle: NativeHandle, chunk: Buffer): number;
+  waitWritable(handle: NativeHandle): void;
+  shutdown(handle: NativeHandle): number;
+  setNoDelay(handle: NativeHandle, on: boolean): number;
+  close(handle: NativeHandle): void;
+}
+
+const EVENT_DATA = 0;
+const EVENT_EOF = 1;
+const EVENT_ERROR = 2;
+const EVENT_WRITABLE = 3;
+const EAGAIN = -11;
+
+/** Where scripts/build-native.sh puts the module, under the package root. */
+const MODULE_FILE = join('build', 'socket-io.node');
+
+/**
+ * The built module in the nearest directory above this file that has one:
+ * the package root, from src/sidecar, from dist/sidecar in the image, and
+ * from a compiled copy of the sources inside the repository.
+ */
+function findNativeModule(): string | undefined {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (let level = 0; level < 6; level += 1) {
+    const candidate = join(dir, MODULE_FILE);
+    if (existsSync(candidate)) return candidate;
+    const parent = dirname(dir);
+    if (parent === dir) break;
+    dir = parent;
+  }
+  return undefined;
+}
+
+/**
+ * Loads the native module; the reason it cannot be used otherwise (not
+ * built, another platform, a load error), for the caller to log.
+ */
+export function loadNativeSocketIo(path: string | undefined = findNativeModule()): { io: NativeSocketIo } | { reason: string } {
+  if (process.platform !== 'linux') return { reason: `native socket I/O is built for Linux only (this is ${process.platform})` };
+  if (path === undefined) return { reason: `native socket I/O not built (no ${MODULE_FILE} above ${dirname(fileURLToPath(import.meta.url))}); run scripts/build-native.sh` };
+  try {
+    const loaded = createRequire(import.meta.url)(path) as NativeSocketIo;
+    if (typeof loaded.open !== 'function' || typeof loaded.write !== 'function') return { reason: `${path} is not the native socket module` };
+    return { io: loaded };
+  } catch (error) {
+    return { reason: `native socket I/O not loaded (${(error as Error).message.split('\n')[0]}); run scripts/build-native.sh` };
+  }
+}
+
+/** An Error as Node's sockets give them: `code` (ECONNRESET, EPIPE...), `errno`, `syscall`. */
+function systemError(negativeErrno: number, syscall: string): Error {
+  let code: string;
+  try {
+    code = getSystemErrorName(negativeErrno);
+  } catch {
+    code = `E${-negativeErrno}`;
+  }
+  return Object.assign(new Error(`${syscall} ${code}`), { code, errno: negativeErrno, syscall });
+}
+
+/** What a Node socket's private libuv handle offers here (lib/net.js, Node 24). */
+interface NodeHandle {
+  fd?: number;
+  close?: (callback?: () => void) => void;
+}
+
+/** The file descriptor of a Node socket's libuv handle, if it has one (Unix). */
+function handleDescriptor(handle: object): number | undefined {
+  const fd = (handle as NodeHandle).fd;
+  return typeof fd === 'number' && fd >= 0 && typeof (handle as NodeHandle).close === 'function' ? fd : undefined;
+}
+
+/**
+ * Moves a connection that has read nothing yet (accepted with
+ * `pauseOnConnect`, or connected while paused) from its Node socket to a
+ * NativeSocket: the native side takes a duplicate of the descriptor, then
+ * Node's handle is closed, which takes it out of the event loop. Undefined
+ * (the socket untouched) if the socket is not in that shape.
+ */
+export function adoptUnreadSocket(io: NativeSocketIo, socket: Socket, options: { buffers?: ReadBufferPool; copyReads?: boolean } = {}): NativeSocket | undefined {
+  const handle = takeUnreadHandle(socket, (h) => handleDescriptor(h) !== undefined);
+  if (handle === undefined) return undefined;
+  try {
+    return new NativeSocket(io, handleDescriptor(handle)!, options);
+  } finally {
+    // The native side holds its own duplicate (or failed and holds nothing): ours goes either way.
+    (handle as NodeHandle).close!();
+  }
+}
+
+/** A Duplex over a NativeSocketIo handle (see the module comment). */
+export class NativeSocket extends Duplex implements DirectReadable {
+  private readonly io: NativeSocketIo;
+  private readonly handle: NativeHandle;
+  private readonly target: ReadTarget;
+  private reader: DirectReader | undefined;
+  /** The buffer the native side reads into now. */
+  private current: Buffer;
+  private readingWanted = true;
+  private sawEnd = false;
+  private nativeClosed = false;
+  /** A write the kernel took only part of: the rest goes once the socket is writable. */
+  private unfinished: { chunk: Buffer; callback: (error?: Error | null) => void } | undefined;
+
+  /** `fd`: a connected socket's descriptor (duplicated; the caller closes its own). */
+  constructor(io: NativeSocketIo, fd: number, options: { buffers?: ReadBufferPool; copyReads?: boolean } = {}) {
+    super({ allowHalfOpen: false, decodeStrings: true });
+    this.io = io;
+    this.target = new ReadTarget(options.buffers, options.copyReads === true);
+    this.handle = io.open(fd, (kind, value) => this.onEvent(kind, value));
+    this.current = this.target.next(false);
+    io.setBuffer(this.handle, this.current);
+    // The Readable side flows from the start: data never goes through push(), only the end does.
+    super.resume();
+    io.reading(this.handle, true);
+    this.once('close', () => this.target.release());
+  }
+
+  setDirectReader(reader: DirectReader | undefined): void {
+    this.reader = reader;
+  }
+
+  setOwnReadBuffer(own: boolean): void {
+    this.target.wantOwn(own);
+  }
+
+  /** TCP_NODELAY (nothing on a Unix-domain socket). */
+  setNoDelay(noDelay = true): this {
+    if (!this.nativeClosed) this.io.setNoDelay(this.handle, noDelay);
+    return this;
+  }
+
+  /** Stops reading (nothing is read, so a lent buffer is not overwritten) until resume(). */
+  override pause(): this {
+    this.readingWanted = false;
+    if (!this.nativeClosed && !this.sawEnd) this.io.reading(this.handle, false);
+    return this;
+  }
+
+  override resume(): this {
+    this.readingWanted = true;
+    if (!this.nativeClosed && !this.sawEnd) this.io.reading(this.handle, true);
+    return this;
+  }
+
+  override isPaused(): boolean {
+    return !this.readingWanted;
+  }
+
+  override write(chunk: unknown, encoding?: unknown, callback?: unknown): boolean {
+    // The usual case: nothing queued, a whole Buffer, no callback: one write(2) and done.
+    if (callback === undefined && encoding === undefined && !this.nativeClosed && this.unfinished === undefined && Buffer.isBuffer(chunk) &&
+      chunk.length > 0 && this.writableLength === 0 && this.writableCorked === 0 && !this.writableEnded) {
+      const written = this.io.write(this.handle, chunk);
+      if (written === chunk.length) return true;
+      if (written > 0) return super.write(chunk.subarray(written));
+      // EAGAIN, or an error that _write meets again and reports the stream's way.
+    }
+    return super.write(chunk, encoding as BufferEncoding, callback as (error?: Error | null) => void);
+  }
+
+  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
+    this.writeOrWait(chunk, callback);
+  }
+
+  override _writev(chunks: { chunk: Buffer }[], callback: (error?: Error | null) => void): void {
+    this.writeOrWait(chunks.length === 1 ? chunks[0]!.chunk : Buffer.concat(chunks.map((c) => c.chunk)), callback);
+  }
+
+  override _final(callback: (error?: Error | null) => void): void {
+    if (!this.nativeClosed) this.io.shutdown(this.handle);
+    callback();
+  }
+
+  override _read(): void {
+    // Reads are driven by the native side (pause/resume), not by the Readable machinery.
+  }
+
+  override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
+    this.closeNative();
+    const unfinished = this.unfinished;
+    this.unfinished = undefined;
+    unfinished?.callback(error ?? new Error('socket closed before the write completed'));
+    callback(error);
+  }
+
+  private writeOrWait(chunk: Buffer, callback: (error?: Error | null) => void): void {
+    if (this.nativeClosed) {
+      callback(new Error('write after the socket closed'));
+      return;
+    }
+    if (chunk.length === 0) {
+      callback();
+      return;
+    }
+    const written = this.io.write(this.handle, chunk);
+    if (written === chunk.length) {
+      callback();
+      return;
+    }
+    if (written < 0 && written !== EAGAIN) {
+      callback(systemError(written, 'write'));
+      return;
+    }
+    this.unfinished = { chunk: written > 0 ? chunk.subarray(written) : chunk, callback };
+    this.io.waitWritable(this.handle);
+  }
+
+  private onEvent(kind: number, value: number): void {
+    if (this.nativeClosed) return;
+    if (kind === EVENT_DATA) {
+      const buffer = this.current;
+      const reader = this.reader;
+      const lent = this.target.lends(buffer);
+      if (reader === undefined) this.emit('data', Buffer.from(buffer.subarray(0, value)));
+      else if (lent) reader(buffer, value, true);
+      // The shared buffer is overwritten by the next read of any socket: the reader gets its own copy.
+      else reader(Buffer.from(buffer.subarray(0, value)), value, false);
+      if (this.nativeClosed) return;
+      const next = this.target.next(!this.readingWanted);
+      if (next !== this.current) {
+        this.current = next;
+        this.io.setBuffer(this.handle, next);
+      }
+    } else if (kind === EVENT_WRITABLE) {
+      const unfinished = this.unfinished;
+      if (unfinished === undefined) return;
+      this.unfinished = undefined;
+      this.writeOrWait(unfinished.chunk, unfinished.callback);
+    } else if (kind === EVENT_EOF) {
+      this.sawEnd = true;
+      this.push(null);
+    } else if (kind === EVENT_ERROR) {
+      this.destroy(systemError(value, 'read'));
+    }
+  }
+
+  private closeNative(): void {
+    if (this.nativeClosed) return;
+    this.nativeClosed = true;
+    this.io.close(this.handle);
+  }
+}

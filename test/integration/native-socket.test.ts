@@ -1,0 +1,316 @@
+/**
+ * The native socket I/O (native/socket-io.c behind NativeSocket) on real
+ * loopback and Unix-domain connections: what the sidecar relies on from a
+ * socket (direct reads into lent or shared buffers, writes the kernel takes
+ * only in part, pause, end, reset, destroy with a write pending) must hold
+ * exactly as with Node's own sockets.
+ */
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { connect as netConnect, createServer, Socket, type Server } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { ReadBufferPool } from '../../src/sidecar/direct-read-socket.ts';
+import type { NativeSocket} from '../../src/sidecar/native-socket.ts';
+import { adoptUnreadSocket, type NativeSocketIo } from '../../src/sidecar/native-socket.ts';
+import { testNativeIo } from '../support/sidecar-fixture.ts';
+
+/** A server whose accepted connections become NativeSockets, handed to `onSocket`. */
+async function nativeServer(io: NativeSocketIo, onSocket: (socket: NativeSocket) => void, options: { buffers?: ReadBufferPool; copyReads?: boolean; path?: string } = {}): Promise<{ server: Server; connect: (allowHalfOpen?: boolean) => Promise<Socket> }> {
+  const server = createServer({ pauseOnConnect: true }, (socket) => {
+    const native = adoptUnreadSocket(io, socket, options);
+    assert.ok(native, 'the accepted connection was not adopted');
+    onSocket(native);
+  });
+  await new Promise<void>((resolve) => (options.path ? server.listen(options.path, resolve) : server.listen(0, '127.0.0.1', resolve)));
+  const connect = async (allowHalfOpen = false): Promise<Socket> => {
+    const client = options.path ? netConnect({ path: options.path }) : netConnect({ host: '127.0.0.1', port: (server.address() as { port: number }).port, allowHalfOpen });
+    await new Promise<void>((resolve, reject) => client.once('connect', resolve).once('error', reject));
+    return client;
+  };
+  return { server, connect };
+}
+
+function closeServer(server: Server): Promise<void> {
+  return new Promise((resolve) => server.close(() => resolve()));
+}
+
+/** Writes `payload` and collects as many bytes back. */
+function echo(client: Socket, payload: Buffer): Promise<Buffer> {
+  const received: Buffer[] = [];
+  let length = 0;
+  return new Promise<Buffer>((resolve) => {
+    client.on('data', (chunk: Buffer) => {
+      received.push(chunk);
+      length += chunk.length;
+      if (length >= payload.length) resolve(Buffer.concat(received));
+    });
+    client.write(payload);
+  });
+}
+
+function pattern(length: number, seed: number): Buffer {
+  const payload = Buffer.alloc(length);
+  for (let i = 0; i < length; i += 1) payload[i] = (i * 31 + seed) % 251;
+  return payload;
+}
+
+describe('NativeSocket (native socket I/O)', () => {
+  let io: NativeSocketIo;
+
+  before(() => {
+    io = testNativeIo(true)!;
+  });
+
+  it('echoes through a lent buffer, queueing what the kernel does not take, and returns its buffer to the pool on close', async () => {
+    const buffers = new ReadBufferPool();
+    const known = Buffer.allocUnsafe(64 * 1024);
+    buffers.give(known);
+    const adopted: NativeSocket[] = [];
+    const { server, connect } = await nativeServer(io, (native) => {
+      adopted.push(native);
+      native.setDirectReader((buffer, length, lent) => {
+        assert.ok(lent);
+        native.write(Buffer.from(buffer.subarray(0, length)));
+      });
+    }, { buffers });
+    const client = await connect();
+    try {
+      const payload = pattern(3_000_000, 7);
+      assert.ok((await echo(client, payload)).equals(payload));
+      const closed = new Promise<void>((resolve) => adopted[0]!.once('close', () => resolve()));
+      client.end();
+      await closed;
+      assert.equal(buffers.take(), known, 'the read buffer went back to the pool on close');
+    } finally {
+      client.destroy();
+      await closeServer(server);
+    }
+  });
+
+  it('with copyReads, many connections share one read buffer and each reader keeps intact copies', async () => {
+    const buffers = new ReadBufferPool();
+    let lentReads = 0;
+    const { server, connect } = await nativeServer(io, (native) => {
+      native.setDirectReader((buffer, length, lent) => {
+        if (lent) lentReads += 1;
+        const kept = buffer.subarray(0, length);
+        setTimeout(() => native.write(kept), 5);
+      });
+    }, { buffers, copyReads: true });
+    const clients = await Promise.all(Array.from({ length: 20 }, () => connect()));
+    try {
+      await Promise.all(clients.map(async (client, n) => {
+        const payload = Buffer.alloc(200_000, n + 1);
+        assert.ok((await echo(client, payload)).equals(payload), `client ${n} got back other bytes than it sent`);
+      }));
+      assert.equal(lentReads, 0, 'reads of the shared buffer were lent instead of copied');
+    } finally {
+      for (const c of clients) c.destroy();
+      await closeServer(server);
+    }
+  });
+
+  it('with copyReads, lends reads of a buffer of its own while asked to, and gives it back afterwards', async () => {
+    const buffers = new ReadBufferPool();
+    const known = Buffer.allocUnsafe(64 * 1024);
+    buffers.give(known);
+    const reads: Array<{ lent: boolean; own: boolean; text: string }> = [];
+    let adopted: NativeSocket | undefined;
+    const { server, connect } = await nativeServer(io, (native) => {
+      adopted = native;
+      native.setDirectReader((buffer, length, lent) => {
+        reads.push({ lent, own: buffer === known, text: buffer.subarray(0, length).toString() });
+        native.write(Buffer.from('k'));
+      });
+    }, { buffers, copyReads: true });
+    const client = await connect();
+    const send = (text: string): Promise<void> => new Promise<void>((resolve) => {
+      client.once('data', () => resolve());
+      client.write(text);
+    });
+    try {
+      await send('a');
+      adopted!.setOwnReadBuffer(true);
+      // The buffer of each read is chosen after the one before: 'b' still lands in the shared one.
+      await send('b');
+      await send('c');
+      adopted!.setOwnReadBuffer(false);
+      await send('d');
+      await send('e');
+      assert.deepEqual(reads.map((r) => r.text), ['a', 'b', 'c', 'd', 'e']);
+      assert.deepEqual(reads.map((r) => r.lent), [false, false, true, true, false], JSON.stringify(reads));
+      assert.ok(reads[2]!.own && reads[3]!.own, 'the own buffer came from the pool');
+      assert.equal(buffers.take(), known, 'the own buffer went back to the pool once it was no longer wanted');
+    } finally {
+      client.destroy();
+      await closeServer(server);
+    }
+  });
+
+  it('writes 16 MB to a peer that does not read for a while: queued in order, a write callback once flushed, nothing lost', async () => {
+    let adopted: NativeSocket | undefined;
+    const { server, connect } = await nativeServer(io, (native) => (adopted = native));
+    const client = await connect();
+    client.pause();
+    try {
+      await new Promise((r) => setTimeout(r, 20));
+      const pieces = Array.from({ length: 64 }, (_, i) => pattern(256 * 1024, i));
+      let tookAll = true;
+      for (const piece of pieces) tookAll = adopted!.write(piece) && tookAll;
+      assert.ok(adopted!.writableLength > 0, 'the kernel took 16 MB at once: nothing was queued');
+      assert.equal(tookAll, false, 'write() did not ask the caller to wait');
+      let flushed = false;
+      adopted!.write(Buffer.alloc(0), () => (flushed = true));
+      await new Promise((r) => setTimeout(r, 100));
+      assert.equal(flushed, false, 'the write callback ran before the peer read anything');
+      const received: Buffer[] = [];
+      let length = 0;
+      const all = new Promise<void>((resolve) => client.on('data', (chunk: Buffer) => {
+        received.push(chunk);
+        length += chunk.length;
+        if (length >= 64 * 256 * 1024) resolve();
+      }));
+      client.resume();
+      await all;
+      assert.ok(Buffer.concat(received).equals(Buffer.concat(pieces)), 'the bytes arrived out of order or changed');
+      await new Promise((r) => setTimeout(r, 20));
+      assert.ok(flushed, 'the write callback did not run once everything was flushed');
+      assert.equal(adopted!.writableLength, 0);
+    } finally {
+      client.destroy();
+      await closeServer(server);
+    }
+  });
+
+  it('reads nothing while paused and everything after resume', async () => {
+    const reads: string[] = [];
+    let adopted: NativeSocket | undefined;
+    const { server, connect } = await nativeServer(io, (native) => {
+      adopted = native;
+      native.setDirectReader((buffer, length) => reads.push(buffer.subarray(0, length).toString()));
+      native.pause();
+    });
+    const client = await connect();
+    try {
+      client.write('held');
+      await new Promise((r) => setTimeout(r, 100));
+      assert.deepEqual(reads, []);
+      assert.ok(adopted!.isPaused());
+      adopted!.resume();
+      await new Promise((r) => setTimeout(r, 100));
+      assert.deepEqual(reads, ['held']);
+    } finally {
+      client.destroy();
+      await closeServer(server);
+    }
+  });
+
+  it('sees the peer end the connection (end, then close), and its own end() arrives after its data', async () => {
+    const events: string[] = [];
+    let adopted: NativeSocket | undefined;
+    const { server, connect } = await nativeServer(io, (native) => {
+      adopted = native;
+      native.on('data', (chunk: Buffer) => events.push(`data ${chunk.toString()}`));
+      native.on('end', () => events.push('end'));
+      native.on('close', () => events.push('close'));
+    });
+    // Half-open, so that the peer can still send after our end.
+    const client = await connect(true);
+    try {
+      const fromPeer: Buffer[] = [];
+      const peerEnded = new Promise<void>((resolve) => client.on('data', (c: Buffer) => fromPeer.push(c)).on('end', resolve));
+      adopted!.write(Buffer.from('bye'));
+      adopted!.end(Buffer.from('!'));
+      await peerEnded;
+      assert.equal(Buffer.concat(fromPeer).toString(), 'bye!');
+      const closed = new Promise<void>((resolve) => adopted!.once('close', () => resolve()));
+      client.end('last');
+      await closed;
+      assert.deepEqual(events, ['data last', 'end', 'close']);
+    } finally {
+      client.destroy();
+      await closeServer(server);
+    }
+  });
+
+  it('reports a reset by the peer as ECONNRESET, then closes', async () => {
+    let adopted: NativeSocket | undefined;
+    const { server, connect } = await nativeServer(io, (native) => (adopted = native));
+    const client = await connect();
+    try {
+      await new Promise((r) => setTimeout(r, 20));
+      const failed = new Promise<Error & { code?: string }>((resolve) => adopted!.once('error', resolve));
+      const closed = new Promise<void>((resolve) => adopted!.once('close', () => resolve()));
+      client.resetAndDestroy();
+      const error = await failed;
+      assert.equal(error.code, 'ECONNRESET');
+      await closed;
+      assert.ok(adopted!.destroyed);
+    } finally {
+      await closeServer(server);
+    }
+  });
+
+  it('fails a write still pending when destroyed, and delivers nothing afterwards', async () => {
+    let adopted: NativeSocket | undefined;
+    const reads: number[] = [];
+    const { server, connect } = await nativeServer(io, (native) => {
+      adopted = native;
+      native.setDirectReader((_b, length) => reads.push(length));
+    });
+    const client = await connect();
+    client.pause();
+    try {
+      await new Promise((r) => setTimeout(r, 20));
+      let result: Error | null | undefined;
+      adopted!.write(pattern(32 * 1024 * 1024, 1), (error?: Error | null) => (result = error));
+      assert.ok(adopted!.writableLength > 0);
+      adopted!.destroy();
+      await new Promise((r) => setTimeout(r, 50));
+      assert.ok(result instanceof Error, 'the pending write was not failed');
+      client.write('after');
+      await new Promise((r) => setTimeout(r, 50));
+      assert.deepEqual(reads, []);
+    } finally {
+      client.destroy();
+      await closeServer(server);
+    }
+  });
+
+  it('works over a Unix-domain socket, where TCP_NODELAY does not apply', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'poolkeeper-native-'));
+    const { server, connect } = await nativeServer(io, (native) => {
+      native.setNoDelay(true);
+      native.setDirectReader((buffer, length) => native.write(Buffer.from(buffer.subarray(0, length))));
+    }, { path: join(dir, 'echo.sock') });
+    const client = await connect();
+    try {
+      const payload = pattern(500_000, 3);
+      assert.ok((await echo(client, payload)).equals(payload));
+    } finally {
+      client.destroy();
+      await closeServer(server);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('takes over an outgoing connection made while paused, as the sidecar connects to PostgreSQL', async () => {
+    const server = createServer((peer) => peer.on('data', (chunk: Buffer) => peer.write(chunk)));
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const socket = new Socket().pause();
+    socket.connect({ host: '127.0.0.1', port: (server.address() as { port: number }).port });
+    await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject));
+    const native = adoptUnreadSocket(io, socket);
+    assert.ok(native, 'the connected socket was not adopted');
+    try {
+      const got = new Promise<string>((resolve) => native.once('data', (chunk: Buffer) => resolve(chunk.toString())));
+      native.write(Buffer.from('ping'));
+      assert.equal(await got, 'ping');
+      assert.ok(socket.destroyed, 'the Node socket was left open beside the native one');
+    } finally {
+      native.destroy();
+      await closeServer(server);
+    }
+  });
+});

@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { ReadBufferPool } from '../../src/sidecar/direct-read-socket.ts';
 import type { NativeSocket} from '../../src/sidecar/native-socket.ts';
 import { adoptUnreadSocket, type NativeSocketIo } from '../../src/sidecar/native-socket.ts';
+import { checkOwnBufferLending, type SeenRead } from '../support/read-buffer-checks.ts';
 import { testNativeIo } from '../support/sidecar-fixture.ts';
 
 /** A server whose accepted connections become NativeSockets, handed to `onSocket`. */
@@ -115,7 +116,7 @@ describe('NativeSocket (native socket I/O)', () => {
     const buffers = new ReadBufferPool();
     const known = Buffer.allocUnsafe(64 * 1024);
     buffers.give(known);
-    const reads: Array<{ lent: boolean; own: boolean; text: string }> = [];
+    const reads: SeenRead[] = [];
     let adopted: NativeSocket | undefined;
     const { server, connect } = await nativeServer(io, (native) => {
       adopted = native;
@@ -125,23 +126,8 @@ describe('NativeSocket (native socket I/O)', () => {
       });
     }, { buffers, copyReads: true });
     const client = await connect();
-    const send = (text: string): Promise<void> => new Promise<void>((resolve) => {
-      client.once('data', () => resolve());
-      client.write(text);
-    });
     try {
-      await send('a');
-      adopted!.setOwnReadBuffer(true);
-      // The buffer of each read is chosen after the one before: 'b' still lands in the shared one.
-      await send('b');
-      await send('c');
-      adopted!.setOwnReadBuffer(false);
-      await send('d');
-      await send('e');
-      assert.deepEqual(reads.map((r) => r.text), ['a', 'b', 'c', 'd', 'e']);
-      assert.deepEqual(reads.map((r) => r.lent), [false, false, true, true, false], JSON.stringify(reads));
-      assert.ok(reads[2]!.own && reads[3]!.own, 'the own buffer came from the pool');
-      assert.equal(buffers.take(), known, 'the own buffer went back to the pool once it was no longer wanted');
+      await checkOwnBufferLending(client, () => adopted!, reads, buffers, known);
     } finally {
       client.destroy();
       await closeServer(server);

@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { ReadBufferPool } from '../../src/sidecar/direct-read-socket.ts';
 import type { NativeSocket} from '../../src/sidecar/native-socket.ts';
 import { adoptUnreadSocket, type NativeSocketIo } from '../../src/sidecar/native-socket.ts';
-import { checkOwnBufferLending, type SeenRead } from '../support/read-buffer-checks.ts';
+import { checkOwnBufferLending, echo, type SeenRead } from '../support/read-buffer-checks.ts';
 import { testNativeIo } from '../support/sidecar-fixture.ts';
 
 /** A server whose accepted connections become NativeSockets, handed to `onSocket`. */
@@ -34,20 +34,6 @@ async function nativeServer(io: NativeSocketIo, onSocket: (socket: NativeSocket)
 
 function closeServer(server: Server): Promise<void> {
   return new Promise((resolve) => server.close(() => resolve()));
-}
-
-/** Writes `payload` and collects as many bytes back. */
-function echo(client: Socket, payload: Buffer): Promise<Buffer> {
-  const received: Buffer[] = [];
-  let length = 0;
-  return new Promise<Buffer>((resolve) => {
-    client.on('data', (chunk: Buffer) => {
-      received.push(chunk);
-      length += chunk.length;
-      if (length >= payload.length) resolve(Buffer.concat(received));
-    });
-    client.write(payload);
-  });
 }
 
 function pattern(length: number, seed: number): Buffer {

@@ -16,7 +16,7 @@ import { Sidecar, StaticCredentialsSource } from '../../src/sidecar/index.ts';
 import { DirectReadSocket, ReadBufferPool, adoptAcceptedSocket } from '../../src/sidecar/direct-read-socket.ts';
 import { credentialsGeneration } from '../../src/core/credentials.ts';
 import { FrameReader, buildStartupMessage } from '../../src/core/protocol/index.ts';
-import { checkOwnBufferLending, type SeenRead } from '../support/read-buffer-checks.ts';
+import { checkOwnBufferLending, echo, type SeenRead } from '../support/read-buffer-checks.ts';
 import { nativeIoDeps } from '../support/sidecar-fixture.ts';
 
 const env = testEnvironment();
@@ -81,20 +81,6 @@ class Replies {
 }
 
 /** The error messages among `messages` (ErrorResponse bodies as text). */
-/** Writes `payload` and collects as many bytes back. */
-function echo(client: Socket, payload: Buffer): Promise<Buffer> {
-  const received: Buffer[] = [];
-  let length = 0;
-  return new Promise<Buffer>((resolve) => {
-    client.on('data', (chunk: Buffer) => {
-      received.push(chunk);
-      length += chunk.length;
-      if (length >= payload.length) resolve(Buffer.concat(received));
-    });
-    client.write(payload);
-  });
-}
-
 function errors(messages: { type: number; body: Buffer }[]): string[] {
   return messages.filter((m) => m.type === 0x45).map((m) => m.body.toString('utf8'));
 }

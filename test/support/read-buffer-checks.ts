@@ -38,3 +38,17 @@ export async function checkOwnBufferLending(client: Socket, adopted: () => Direc
   assert.ok(reads[2]!.own && reads[3]!.own, 'the own buffer came from the pool');
   assert.equal(buffers.take(), known, 'the own buffer went back to the pool once it was no longer wanted');
 }
+
+/** Writes `payload` and collects as many bytes back. */
+export function echo(client: Socket, payload: Buffer): Promise<Buffer> {
+  const received: Buffer[] = [];
+  let length = 0;
+  return new Promise<Buffer>((resolve) => {
+    client.on('data', (chunk: Buffer) => {
+      received.push(chunk);
+      length += chunk.length;
+      if (length >= payload.length) resolve(Buffer.concat(received));
+    });
+    client.write(payload);
+  });
+}

@@ -128,6 +128,13 @@ static int get_args(napi_env env, napi_callback_info info, size_t expected, napi
   return 1;
 }
 
+/* The first `count` arguments, the first being an open socket; NULL if it is closed (or the arguments are wrong). */
+static pk_socket *socket_args(napi_env env, napi_callback_info info, size_t count, napi_value *argv) {
+  if (!get_args(env, info, count, argv)) return NULL;
+  pk_socket *s = unwrap(env, argv[0]);
+  return s == NULL || s->closed ? NULL : s;
+}
+
 static napi_value int_value(napi_env env, int value) {
   napi_value out;
   CHECK(napi_create_int32(env, value, &out));
@@ -179,9 +186,8 @@ static napi_value Open(napi_env env, napi_callback_info info) {
  */
 static napi_value SetBuffer(napi_env env, napi_callback_info info) {
   napi_value argv[2];
-  if (!get_args(env, info, 2, argv)) return NULL;
-  pk_socket *s = unwrap(env, argv[0]);
-  if (s == NULL || s->closed) return NULL;
+  pk_socket *s = socket_args(env, info, 2, argv);
+  if (s == NULL) return NULL;
   void *data;
   size_t length;
   CHECK(napi_get_buffer_info(env, argv[1], &data, &length));
@@ -193,11 +199,10 @@ static napi_value SetBuffer(napi_env env, napi_callback_info info) {
 /* reading(socket, on): starts or stops reading. */
 static napi_value Reading(napi_env env, napi_callback_info info) {
   napi_value argv[2];
-  if (!get_args(env, info, 2, argv)) return NULL;
-  pk_socket *s = unwrap(env, argv[0]);
+  pk_socket *s = socket_args(env, info, 2, argv);
   bool on;
+  if (s == NULL) return NULL;
   CHECK(napi_get_value_bool(env, argv[1], &on));
-  if (s == NULL || s->closed) return NULL;
   s->reading = on ? 1 : 0;
   update_poll(s);
   return NULL;
@@ -206,9 +211,8 @@ static napi_value Reading(napi_env env, napi_callback_info info) {
 /* write(socket, buffer): one write(2) of the whole buffer; bytes written, or -errno (-EAGAIN: none). */
 static napi_value Write(napi_env env, napi_callback_info info) {
   napi_value argv[2];
-  if (!get_args(env, info, 2, argv)) return NULL;
-  pk_socket *s = unwrap(env, argv[0]);
-  if (s == NULL || s->closed) return int_value(env, -EBADF);
+  pk_socket *s = socket_args(env, info, 2, argv);
+  if (s == NULL) return int_value(env, -EBADF);
   void *data;
   size_t length;
   CHECK(napi_get_buffer_info(env, argv[1], &data, &length));
@@ -225,9 +229,8 @@ static napi_value Write(napi_env env, napi_callback_info info) {
 /* waitWritable(socket): one EVENT_WRITABLE once the socket can take more. */
 static napi_value WaitWritable(napi_env env, napi_callback_info info) {
   napi_value argv[1];
-  if (!get_args(env, info, 1, argv)) return NULL;
-  pk_socket *s = unwrap(env, argv[0]);
-  if (s == NULL || s->closed) return NULL;
+  pk_socket *s = socket_args(env, info, 1, argv);
+  if (s == NULL) return NULL;
   s->want_writable = 1;
   update_poll(s);
   return NULL;
@@ -236,20 +239,18 @@ static napi_value WaitWritable(napi_env env, napi_callback_info info) {
 /* shutdown(socket): ends the sending side (FIN); 0 or -errno. */
 static napi_value Shutdown(napi_env env, napi_callback_info info) {
   napi_value argv[1];
-  if (!get_args(env, info, 1, argv)) return NULL;
-  pk_socket *s = unwrap(env, argv[0]);
-  if (s == NULL || s->closed) return int_value(env, -EBADF);
+  pk_socket *s = socket_args(env, info, 1, argv);
+  if (s == NULL) return int_value(env, -EBADF);
   return int_value(env, shutdown(s->fd, SHUT_WR) < 0 ? -errno : 0);
 }
 
 /* setNoDelay(socket, on): TCP_NODELAY; 0 or -errno (a Unix-domain socket has none). */
 static napi_value SetNoDelay(napi_env env, napi_callback_info info) {
   napi_value argv[2];
-  if (!get_args(env, info, 2, argv)) return NULL;
-  pk_socket *s = unwrap(env, argv[0]);
+  pk_socket *s = socket_args(env, info, 2, argv);
   bool on;
+  if (s == NULL) return int_value(env, -EBADF);
   CHECK(napi_get_value_bool(env, argv[1], &on));
-  if (s == NULL || s->closed) return int_value(env, -EBADF);
   int value = on ? 1 : 0;
   return int_value(env, setsockopt(s->fd, IPPROTO_TCP, TCP_NODELAY, &value, sizeof value) < 0 ? -errno : 0);
 }
@@ -263,9 +264,8 @@ static void on_closed(uv_handle_t *handle) {
 /* close(socket): no event after this; the descriptor closes once libuv lets go of it. */
 static napi_value Close(napi_env env, napi_callback_info info) {
   napi_value argv[1];
-  if (!get_args(env, info, 1, argv)) return NULL;
-  pk_socket *s = unwrap(env, argv[0]);
-  if (s == NULL || s->closed) return NULL;
+  pk_socket *s = socket_args(env, info, 1, argv);
+  if (s == NULL) return NULL;
   s->closed = 1;
   s->reading = 0;
   s->want_writable = 0;

@@ -62,12 +62,12 @@ static void emit(pk_socket *s, int kind, int value) {
   napi_env env = s->env;
   napi_handle_scope scope;
   if (napi_open_handle_scope(env, &scope) != napi_ok) return;
-  napi_value callback, receiver, argv[2];
+  napi_value callback, argv[2];
   if (napi_get_reference_value(env, s->on_event, &callback) == napi_ok && callback != NULL &&
-      napi_get_global(env, &receiver) == napi_ok && napi_create_int32(env, kind, &argv[0]) == napi_ok &&
-      napi_create_int32(env, value, &argv[1]) == napi_ok) {
+      napi_create_int32(env, kind, &argv[0]) == napi_ok && napi_create_int32(env, value, &argv[1]) == napi_ok) {
     napi_value result;
-    if (napi_make_callback(env, s->context, receiver, callback, 2, argv, &result) == napi_pending_exception) {
+    /* The callback is an arrow function: any object will do as its receiver, and itself costs no lookup. */
+    if (napi_make_callback(env, s->context, callback, callback, 2, argv, &result) == napi_pending_exception) {
       /* An exception in the callback is the process's, as for Node's own I/O callbacks. */
       napi_value error;
       napi_get_and_clear_last_exception(env, &error);

@@ -123,13 +123,14 @@ describe('image archive', function () {
     assert.deepEqual(config.config.Entrypoint, IMAGE_SPEC.entrypoint);
     assert.deepEqual(config.config.Cmd, IMAGE_SPEC.cmd);
     assert.ok(config.config.Env.includes('NODE_ENV=production'));
-    assert.equal(config.rootfs.diff_ids.length, 4);
+    // The base (node and its libraries), then one layer per COPY.
+    assert.equal(config.rootfs.diff_ids.length, 1 + IMAGE_SPEC.copies.length);
     assert.equal(index.manifests[0]?.annotations['io.containerd.image.name'], fullReference(deployedImageName()));
   });
 
-  it('holds the entry point, package.json and the production dependencies, and no dev dependency', function () {
+  it('holds the entry point, the native socket I/O, package.json and the production dependencies, and no dev dependency', function () {
     const rootfs = join(root, 'rootfs');
-    for (const path of [IMAGE_SPEC.nodePath, '/app/dist/bin/poolkeeper.js', '/app/package.json', '/app/node_modules/pg/package.json', '/app/node_modules/@kubernetes/client-node/package.json']) {
+    for (const path of [IMAGE_SPEC.nodePath, '/app/dist/bin/poolkeeper.js', '/app/build/socket-io.node', '/app/package.json', '/app/node_modules/pg/package.json', '/app/node_modules/@kubernetes/client-node/package.json']) {
       assert.ok(existsSync(join(rootfs, path)), `${path} in the image`);
     }
     const installed = readdirSync(join(rootfs, 'app', 'node_modules'));
@@ -144,5 +145,8 @@ describe('image archive', function () {
     const help = spawnSync(chroot, ['--userspec=65532:65532', rootfs, ...IMAGE_SPEC.entrypoint, ...IMAGE_SPEC.cmd], { encoding: 'utf8', env: { NODE_ENV: 'production', PATH: '/usr/bin:/bin' }, cwd: '/' });
     assert.equal(help.status, 0, `${help.stdout}${help.stderr}`);
     assert.match(help.stdout, /usage: poolkeeper <command>[^]*controller[^]*webhook[^]*sidecar/);
+    // The sidecar's native socket I/O loads with the image's own node and libraries.
+    const native = spawnSync(chroot, ['--userspec=65532:65532', rootfs, IMAGE_SPEC.nodePath, '-e', "process.exit(typeof require('/app/build/socket-io.node').open === 'function' ? 0 : 3)"], { encoding: 'utf8', env: { PATH: '/usr/bin:/bin' }, cwd: '/' });
+    assert.equal(native.status, 0, `the native module did not load in the image: ${native.stdout}${native.stderr}`);
   });
 });

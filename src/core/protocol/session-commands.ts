@@ -112,6 +112,8 @@ export function classifySessionCommand(buffer: Buffer, start: number, end: numbe
 
 const SESSION_LOCK = Buffer.from('advisory_lock');
 const SESSION_LOCK_UPPER = Buffer.from('ADVISORY_LOCK');
+/** `into`, as written in lowercase, uppercase or capitalised (Buffers: a string needle is encoded again on every search). */
+const INTO_NEEDLES = [Buffer.from('into'), Buffer.from('INTO'), Buffer.from('Into')];
 const SET_CONFIG = Buffer.from('set_config');
 const SET_CONFIG_UPPER = Buffer.from('SET_CONFIG');
 const PIN_ADVISORY: SessionCommand = { kind: 'pin', reason: 'advisory-lock' };
@@ -292,7 +294,7 @@ function selectLeavingState(buffer: Buffer, start: number, end: number): Session
     const command = setConfigStatement(buffer, start, end);
     return command === null ? undefined : command ?? PIN_SET;
   }
-  if ((text.indexOf('into') >= 0 || text.indexOf('INTO') >= 0 || text.indexOf('Into') >= 0) && /\binto\s+(temp|temporary)\b/i.test(text.toString('utf8'))) return PIN_TEMP;
+  if (INTO_NEEDLES.some((needle) => text.indexOf(needle) >= 0) && /\binto\s+(temp|temporary)\b/i.test(text.toString('utf8'))) return PIN_TEMP;
   return undefined;
 }
 

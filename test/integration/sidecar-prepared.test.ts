@@ -499,6 +499,56 @@ describe('sidecar: named prepared statements in transaction mode', function () {
     }
   });
 
+  it('fails a statement whose result shape changed with 0A000 on every use, as direct, after the sidecar\'s Close or DEALLOCATE ALL on that server connection was skipped after an error', async function () {
+    // Direct, PostgreSQL refuses the statement on every Bind and Describe until it is prepared
+    // again. Through the sidecar the client got the new columns once the server connection's
+    // record of its copy's shape was lost: a Close and Parse the sidecar sends to prepare the copy
+    // again (a second Bind of the statement in the batch), or a DEALLOCATE ALL, skipped after the
+    // batch's error, restored the copy without its shape.
+    const table = `reshape_skip_${Date.now()}`;
+    const wire = await WireClient.connect(running.port, postgres.app.user);
+    const [b2, d] = [running.client(), running.client()];
+    await Promise.all([b2.connect(), d.connect()]);
+    const pid = async (x: pg.Client): Promise<number> => (await x.query<{ p: number }>('SELECT pg_backend_pid() AS p')).rows[0]!.p;
+    const reshaped = (replies: Reply[], what: string): void => assert.equal(errorCode(replies), '0A000', `${what}: ${replies.map((r) => r.type + (r.type === 'D' ? dataValue(r) : '')).join(' ')}`);
+    try {
+      await b2.query(`CREATE TABLE ${table} (a int); INSERT INTO ${table} VALUES (1)`);
+      const replies = await wire.exchange([
+        serialize.query('BEGIN'),
+        serialize.parse({ name: 'q', text: `SELECT * FROM ${table}`, types: [] }),
+        serialize.parse({ name: 's', text: `SELECT *, 1 AS one FROM ${table}`, types: [] }),
+        serialize.sync(),
+        serialize.query('SELECT pg_backend_pid()'), serialize.query('COMMIT'),
+      ], 4);
+      assert.equal(types(replies), 'CZ11ZTDCZCZ');
+      const preparedOn = Number(dataValue(replies[6]!));
+      await b2.query(`DROP TABLE ${table}; CREATE TABLE ${table} (b text, a int); INSERT INTO ${table} VALUES ('x', 2)`);
+      // Hold the server connection that has the statements: the wire client's batches land on the other one.
+      await b2.query('BEGIN');
+      await d.query('BEGIN');
+      const holder = (await pid(b2)) === preparedOn ? b2 : d;
+      assert.equal(await pid(holder), preparedOn);
+      await (holder === b2 ? d : b2).query('COMMIT');
+      const bind = (name: string): Buffer[] => [serialize.bind({ statement: name }), serialize.execute({})];
+      // A Parse of a name the client has (42P05: the sidecar first prepares the statement there), then a DEALLOCATE ALL the server skips.
+      const r = await wire.exchange([
+        serialize.parse({ name: 'q', text: `SELECT * FROM ${table}`, types: [] }),
+        serialize.parse({ text: 'DEALLOCATE ALL' }), serialize.bind({}), serialize.execute({}), serialize.sync(),
+      ]);
+      assert.equal(errorCode(r), '42P05');
+      reshaped(await wire.exchange([...bind('q'), serialize.sync()]), 'Bind after a skipped DEALLOCATE ALL');
+      // Two Binds in one batch: the first fails, the second (which the sidecar precedes by a Close and a Parse of its copy) is skipped.
+      reshaped(await wire.exchange([...bind('s'), ...bind('s'), serialize.sync()]), 'two Binds');
+      reshaped(await wire.exchange([...bind('s'), serialize.sync()]), 'Bind after two Binds');
+      reshaped(await wire.exchange([serialize.describe({ type: 'S', name: 's' }), serialize.sync()]), 'Describe after two Binds');
+      await holder.query('COMMIT');
+    } finally {
+      wire.close();
+      await b2.query(`DROP TABLE IF EXISTS ${table}`).catch(() => undefined);
+      await Promise.all([b2.end(), d.end()]);
+    }
+  });
+
   it('runs a statement prepared again on another server connection after its table was dropped and created again with the same columns, as direct (no 0A000)', async function () {
     // psycopg 3's tests drop and create `test_table (id text primary key)` around each test and run an
     // auto-prepared `SELECT * FROM test_table`: PostgreSQL revalidates it (same column names and types),

@@ -267,6 +267,36 @@ describe('prepared statements (pure)', function () {
     assert.throws(() => new ServerStatementCache(0));
   });
 
+  it('keeps a statement\'s shape through a Parse, Close or DEALLOCATE ALL that is undone, and records one whose name a later message deleted', function () {
+    const cache = new ServerStatementCache(2);
+    const one = Buffer.from([0, 1]);
+    const two = Buffer.from([0, 2]);
+    cache.add('a');
+    cache.setShape('a', one);
+    // A Close of it, then a Parse of it again, both skipped after an error: undone newest first.
+    cache.delete('a');
+    cache.add('a');
+    cache.awaitShape('a');
+    cache.delete('a');
+    cache.restore('a');
+    cache.settledShapes();
+    assert.deepEqual(cache.shape('a'), one, 'the shape the server\'s statement has');
+    // A Parse whose Describe is answered while a DEALLOCATE ALL sent after it has the names cleared, then skipped.
+    cache.add('b');
+    cache.awaitShape('b');
+    const held = cache.list();
+    cache.clear();
+    cache.setShape('b', two);
+    for (const name of held) cache.restore(name);
+    assert.deepEqual(cache.shape('b'), two);
+    assert.deepEqual(cache.shape('a'), one);
+    // A Parse with no Describe after it: the shape of the earlier statement of that name is not its own.
+    cache.delete('b');
+    cache.add('b');
+    cache.forgetShape('b');
+    assert.equal(cache.shape('b'), undefined);
+  });
+
   it('takes a result shape from a RowDescription without the columns\' table OIDs and attribute numbers, as PostgreSQL\'s revalidation', function () {
     // name, table OID, attribute number, type OID, type size, typmod, format
     const field = (name: string, table: number, attnum: number, type: number, typmod: number): Buffer => {
@@ -420,6 +450,15 @@ describe('prepared statements (pure)', function () {
           assert.ok(onBackend.length <= 2, 'within capacity');
         }
       }
-    }), { numRuns: 500 });
+    }), {
+      // MODEL_RUNS and MODEL_SEED: a longer or a given run, locally.
+      numRuns: Number(process.env.MODEL_RUNS ?? 500), ...(process.env.MODEL_SEED ? { seed: Number(process.env.MODEL_SEED) } : {}),
+      examples: [
+        // A second Bind of a statement the schema change reshaped, whose copy the sidecar closes and parses again, skipped after the first Bind's 0A000.
+        [[{ session: 0, backend: 0, steps: [{ kind: 'parse', name: 'b', text: 'SELECT 1' }] }, { kind: 'schema-change' }, { session: 0, backend: 2, steps: [{ kind: 'bind', name: 'b' }, { kind: 'bind', name: 'b' }] }, { session: 0, backend: 2, steps: [{ kind: 'describe', name: 'b' }] }]],
+        // A Parse of a name the client has (the sidecar prepares the statement there first), then a DEALLOCATE ALL skipped after the 42P05.
+        [[{ session: 0, backend: 1, steps: [{ kind: 'parse', name: 'c', text: 'SELECT 1' }] }, { kind: 'schema-change' }, { session: 0, backend: 0, steps: [{ kind: 'parse', name: 'c', text: 'SELECT 1' }, { kind: 'deallocate', name: 'ALL', query: false }] }, { session: 0, backend: 0, steps: [{ kind: 'bind', name: 'c' }] }]],
+      ],
+    });
   });
 });

@@ -136,15 +136,15 @@ export class ServerStatementCache {
     this.names.delete(name);
     this.names.set(name, true);
     const evicted: string[] = [];
-    // A new Parse: its shape comes with its Describe's answer.
-    this.shapes.delete(name);
+    // A new Parse: its shape comes with its Describe's answer, which replaces the one kept
+    // (see delete). Until then the shape kept is the last one the server answered: a Parse
+    // skipped after an error, or failed, changes nothing on the server, and a Close of the
+    // name before it, skipped too, is undone by restore (which must find that shape).
     while (this.names.size > this.capacity) {
       const oldest = this.names.keys().next().value!;
       this.names.delete(oldest);
       evicted.push(oldest);
     }
-    // Shapes outlive their names (see delete) only while few.
-    if (this.shapes.size > 2 * this.capacity) for (const n of [...this.shapes.keys()]) if (!this.names.has(n)) this.shapes.delete(n);
     return evicted;
   }
 
@@ -172,7 +172,14 @@ export class ServerStatementCache {
   /** Records the result shape statement `name` was parsed with here. */
   setShape(name: string, shape: Buffer): void {
     this.awaiting.delete(name);
-    if (this.names.has(name)) this.shapes.set(name, shape);
+    // Also while a Close, DEALLOCATE or DISCARD ALL sent after the Parse has the name
+    // deleted: skipped after an error, it is restored, with this shape.
+    this.shapes.set(name, shape);
+  }
+
+  /** A Parse of `name` is sent with no Describe after it: the shape kept (of an earlier statement of that name) is not its own. */
+  forgetShape(name: string): void {
+    this.shapes.delete(name);
   }
 
   /** A Parse of `name` and a Describe of it were just sent here: its shape is unknown until the Describe's answer. */
@@ -189,6 +196,9 @@ export class ServerStatementCache {
   /** Nothing sent is unanswered: no shape is on its way any more. */
   settledShapes(): void {
     this.awaiting.clear();
+    // Shapes outlive their names (see delete) only while few, and are dropped only now, when
+    // no skipped Close, DEALLOCATE or DISCARD ALL can restore a name any more.
+    if (this.shapes.size > 2 * this.capacity) for (const n of [...this.shapes.keys()]) if (!this.names.has(n)) this.shapes.delete(n);
   }
 
   /** Names, least recently used first (tests, metrics). */
@@ -751,6 +761,7 @@ function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, t
     if (held) server.touch(statement.serverName);
     else {
       addToServer(statement.serverName, editor, out);
+      server.forgetShape(statement.serverName);
       out.push(statement.parse);
       editor.expectParse('swallow', () => server.delete(statement.serverName), () => {
         held = true;

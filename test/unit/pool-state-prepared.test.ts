@@ -7,8 +7,8 @@
  * routeMessage + ResponseEditor on whichever of several backends each batch
  * lands. The client must see the same replies either way. A schema change
  * step changes the result shape of one query text: a statement parsed before
- * it fails its next Bind or Describe (0A000), as PostgreSQL's revalidation does
- * (named statements only).
+ * it fails each Bind of it with 0A000, and each Describe after its
+ * ParameterDescription, as PostgreSQL's revalidation does (named statements only).
  */
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
@@ -80,10 +80,15 @@ class ModelBackend {
       if (reply === undefined) continue;
       if (reply.type === 'E') this.failed = true;
       replies.push(reply);
-      // Describe of a statement: ParameterDescription, then its RowDescription (the shape).
+      // Describe of a statement: ParameterDescription, then its RowDescription (the shape),
+      // which revalidates it: a statement whose shape changed fails there (0A000).
       if (reply.type === 't') {
         const name = parseTargetMessage(m, 5, m.length).name;
-        replies.push({ type: 'T', text: name === '' ? shapeOf(this.statements.get('')!) : this.shapes.get(name)! });
+        const invalid = this.revalidate(name);
+        if (invalid) {
+          this.failed = true;
+          replies.push(invalid);
+        } else replies.push({ type: 'T', text: name === '' ? shapeOf(this.statements.get('')!) : this.shapes.get(name)! });
       }
     }
     return replies;
@@ -125,9 +130,8 @@ class ModelBackend {
       }
       case 'D': {
         const name = parseTargetMessage(m, 5, m.length).name;
-        const invalid = this.revalidate(name);
-        if (invalid) return invalid;
-        const text = this.statements.get(name)!;
+        const text = this.statements.get(name);
+        if (text === undefined) return { type: 'E' };
         return { type: 't', ...(text.startsWith('DEALLOCATE') ? {} : { text }) };
       }
       case 'C': {

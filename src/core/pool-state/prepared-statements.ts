@@ -47,7 +47,8 @@
  * server connection's in its cache. A Bind of a statement whose shape there differs from the client's
  * is sent as a Bind of a statement that does not exist, and that error is
  * turned into PostgreSQL's 0A000, so the server skips to Sync as it would
- * direct. Where the Parse is injected right before the Bind, the session holds
+ * direct; a Describe of it gets the ParameterDescription first, as direct (see
+ * describeReshaped). Where the Parse is injected right before the Bind, the session holds
  * the Bind until the shape is known (one round trip, on that server
  * connection's first use of the statement).
  *
@@ -231,6 +232,10 @@ export function isReshapedError(buffer: Buffer, bodyStart: number, end: number):
 }
 
 const FLUSH = Buffer.from([0x48, 0, 0, 0, 4]);
+/** A Bind of RESHAPED_STATEMENT: it fails, and its error becomes RESHAPED_ERROR. */
+const BIND_RESHAPED = serialize.bind({ statement: RESHAPED_STATEMENT });
+/** The receiver of a Describe's shape that is not kept (see ResponseEditor.describeParametersOnly). */
+const IGNORE_SHAPE = (): void => undefined;
 /** Not a reply type: an entry met by a CommandComplete (see ResponseEditor.expectCommand). */
 const COMMAND_WATCH = 0;
 /** Not a reply type: a simple Query, undone only if the server skipped it (see ResponseEditor.expectQuery). */
@@ -277,7 +282,10 @@ export class ResponseEditor {
   unnamedCurrent = false;
   /** The last message sent was an expected one, or a batch's end: see ExpectedReply.adjacent. Kept by routeMessage. */
   afterTracked = false;
-  /** Receives the shape of the statement whose Describe is answered next (set when its ParseComplete arrives); 1 before ParameterDescription, 2 after. */
+  /**
+   * Receives the shape of the statement whose Describe is answered next (set when its ParseComplete arrives); 1 before ParameterDescription, 2 after;
+   * 3 before the ParameterDescription of a client's Describe of a reshaped statement, which goes to the client (see describeParametersOnly).
+   */
   private describing: ((shape: Buffer) => void) | undefined;
   private describeStage = 0;
   /** The session holds a Bind until the shape of the statement injected before it is known: runs once it is, or once it cannot be (an error in the open batch). */
@@ -388,21 +396,33 @@ export class ResponseEditor {
   described(type: number, buffer: Buffer, bodyStart: number, end: number): boolean {
     const receive = this.describing;
     if (receive === undefined) return false;
-    if (this.describeStage === 1) {
+    if (this.describeStage === 1 || this.describeStage === 3) {
       if (type !== MessageType.parameterDescription) throw new ProtocolError('malformed-body', `server sent ${String.fromCharCode(type)} where ParameterDescription was expected`);
+      const forward = this.describeStage === 3;
       this.describeStage = 2;
-      return true;
+      return !forward;
     }
     this.describing = undefined;
     this.describeStage = 0;
+    if (receive === IGNORE_SHAPE) return true;
     receive(type === MessageType.noData ? Buffer.alloc(0) : resultShape(buffer, bodyStart, end));
     this.settle();
     return true;
   }
 
-  /** A Close was sent; `undo` reverts what it assumed if the server skips it. */
-  expectClose(edit: ReplyEdit, undo?: (failed: boolean) => void): void {
-    this.expected.push({ type: MessageType.closeComplete, edit, batch: this.sentBatches, undo, adjacent: this.afterTracked });
+  /**
+   * The next Describe answered is the client's own of a statement whose result shape changed
+   * (see describeReshaped): its ParameterDescription goes to the client, its RowDescription or
+   * NoData (the copy's new shape) does not.
+   */
+  describeParametersOnly(): void {
+    this.describing = IGNORE_SHAPE;
+    this.describeStage = 3;
+  }
+
+  /** A Close was sent; `undo` reverts what it assumed if the server skips it; `done` runs when its reply arrives. */
+  expectClose(edit: ReplyEdit, undo?: (failed: boolean) => void, done?: () => void): void {
+    this.expected.push({ type: MessageType.closeComplete, edit, batch: this.sentBatches, undo, done, adjacent: this.afterTracked });
     this.afterTracked = true;
   }
 
@@ -656,7 +676,8 @@ export function routeMessage(
       else {
         if (holdForShape(statement, editor, out)) return true;
         // Direct, describing a statement revalidates it too.
-        out.push(buildDescribeStatement(reshapedHere(statement, editor) ? RESHAPED_STATEMENT : statement.serverName));
+        if (reshapedHere(statement, editor)) describeReshaped(statement, editor, out);
+        else out.push(buildDescribeStatement(statement.serverName));
       }
       editor.afterTracked = false;
       return false;
@@ -929,6 +950,20 @@ export function resultShape(buffer: Buffer, bodyStart: number, end: number): Buf
     at = nameEnd + 19;
   }
   return shape;
+}
+
+/**
+ * A Describe of a statement whose result shape changed since the client's Parse: direct,
+ * PostgreSQL answers its ParameterDescription, then fails with 0A000 where it revalidates
+ * the statement for its RowDescription (and skips to Sync). The copy here (same parameter
+ * types) gives the first: a Describe of it whose RowDescription or NoData is swallowed (a
+ * no-op Close before it tells the editor when its replies come); a Bind of
+ * RESHAPED_STATEMENT after it gives the second.
+ */
+function describeReshaped(statement: ClientStatement, editor: ResponseEditor, out: Buffer[]): void {
+  out.push(CLOSE_NONEXISTENT_PORTAL);
+  editor.expectClose('swallow', undefined, () => editor.describeParametersOnly());
+  out.push(buildDescribeStatement(statement.serverName), BIND_RESHAPED);
 }
 
 /** The statement's result shape on this server connection differs from the one it was parsed with for the client. */

@@ -337,6 +337,36 @@ describe('sidecar: named prepared statements in transaction mode', function () {
     }
   });
 
+  it('answers a pipeline whose next batch Binds a statement while a Parse of the same text in the batch before is skipped after an error (no hang)', async function () {
+    // The sidecar holds such a Bind until the Parse's result shape is known; skipped, that Parse
+    // never gets one, and the client waited for ever. One server connection that keeps one statement:
+    // the skipped Parse finds the statement there (and Closes and Parses it again), then, after another
+    // statement evicted it, does not.
+    const one = await startSidecar(postgres, 1, 1);
+    const wire = await WireClient.connect(one.port, postgres.app.user);
+    try {
+      const text = 'SELECT 41 + 1 AS n';
+      assert.equal(types(await wire.exchange([serialize.parse({ name: 'q', text, types: [] }), serialize.sync()])), '1Z');
+      const pipeline = (name: string): Buffer[] => [
+        serialize.bind({ statement: 'no_such_statement' }), serialize.parse({ name, text, types: [] }), serialize.sync(),
+        serialize.bind({ statement: 'q' }), serialize.execute({}), serialize.sync(),
+      ];
+      let replies = await wire.exchange(pipeline('r'), 2);
+      assert.equal(types(replies), 'EZ2DCZ');
+      assert.equal(errorCode(replies), '26000');
+      assert.equal(dataValue(replies[3]!), '42');
+      assert.equal(types(await wire.exchange([serialize.parse({ name: 'other', text: 'SELECT 2', types: [] }), serialize.sync()])), '1Z');
+      replies = await wire.exchange(pipeline('s'), 2);
+      assert.equal(types(replies), 'EZ2DCZ');
+      assert.equal(dataValue(replies[3]!), '42');
+      // Neither r nor s exists, as direct.
+      assert.equal(errorCode(await wire.exchange([serialize.bind({ statement: 's' }), serialize.sync()])), '26000');
+    } finally {
+      wire.close();
+      await one.stop();
+    }
+  });
+
   it('forgets statements on DEALLOCATE ALL only if it runs: skipped after an error or refused in an aborted transaction, the client keeps its statements and the next client does not get 42P05', async function () {
     const one = await startSidecar(postgres, 1);
     const a = await WireClient.connect(one.port, postgres.app.user);

@@ -429,6 +429,39 @@ describe('prepared statements (pure)', function () {
     assert.equal(out[out.length - 1], client.get('b')!.parse, 'the first text, sent again to draw 42P05');
   });
 
+  it('ends a hold for the shape of a Parse of an earlier batch at that batch\'s ReadyForQuery when an error made the server skip it', function () {
+    const cache = new ServerStatementCache();
+    const editor = new ResponseEditor(cache);
+    const client: ClientStatements = new Map();
+    editor.activate(0, [], true);
+    const out: Buffer[] = [];
+    const send = (m: Buffer): boolean => routeMessage(client, editor, m[0]!, m, 0, 5, m.length, out);
+    const noColumns = Buffer.from([0, 0]);
+    send(serialize.parse({ name: 'q', text: 'SELECT 1' }));
+    send(serialize.sync());
+    assert.equal(editor.reply(0x31), 'forward');
+    assert.equal(editor.described(0x74, noColumns, 0, 2), true);
+    assert.equal(editor.described(0x54, noColumns, 0, 2), true);
+    editor.ready();
+    // One pipeline: a failing Bind, a Parse of the same text under another name, Sync; then a Bind of q.
+    send(serialize.bind({ statement: 'zz' }));
+    send(serialize.parse({ name: 'r', text: 'SELECT 1' }));
+    send(serialize.sync());
+    assert.equal(send(serialize.bind({ statement: 'q' })), true, 'held for the shape r\'s Parse gets');
+    let settled = false;
+    editor.hold(() => {
+      settled = true;
+    });
+    // The server: 26000 for the Bind, the rest of the batch skipped, ReadyForQuery.
+    editor.error(false);
+    assert.equal(settled, false);
+    editor.ready();
+    assert.equal(settled, true, 'r\'s shape never comes');
+    out.length = 0;
+    assert.equal(send(serialize.bind({ statement: 'q' })), false);
+    assert.equal(parseBindMessage(out.at(-1)!, 5, out.at(-1)!.length).statement, client.get('q')!.serverName);
+  });
+
   it('model check: clients see what a backend of their own would answer, on any backend, with a tiny LRU', function () {
     fc.assert(fc.property(fc.array(fc.oneof({ arbitrary: batchArb, weight: 6 }, { arbitrary: schemaChangeArb, weight: 1 }), { minLength: 1, maxLength: 25 }), (batches) => {
       const direct = [new ModelBackend(), new ModelBackend(), new ModelBackend()];

@@ -256,6 +256,8 @@ interface ExpectedReply {
   done?: (() => void) | undefined;
   /** A Parse followed by the sidecar's Describe of it: receives the statement's shape (see ResponseEditor.described). */
   describe?: ((shape: Buffer) => void) | undefined;
+  /** With `describe`: the server statement whose shape it receives. */
+  shapeOf?: string | undefined;
 }
 
 /**
@@ -288,6 +290,8 @@ export class ResponseEditor {
    */
   private describing: ((shape: Buffer) => void) | undefined;
   private describeStage = 0;
+  /** The server statement whose shape `describing` receives. */
+  private describingName: string | undefined;
   /** The session holds a Bind until the shape of the statement injected before it is known: runs once it is, or once it cannot be (an error in the open batch). */
   private holdSettled: (() => void) | undefined;
   /** The Bind held was routed once already: routed again, it goes on without waiting. */
@@ -367,8 +371,8 @@ export class ResponseEditor {
    * A Parse was sent; `undo` reverts what it assumed if it fails or the server skips it; `done` runs when it succeeds;
    * `describe`: a Describe of the statement follows it, whose replies are swallowed and give the statement's shape.
    */
-  expectParse(edit: 'forward' | 'swallow', undo?: (failed: boolean) => void, done?: () => void, describe?: (shape: Buffer) => void): void {
-    this.expected.push({ type: MessageType.parseComplete, edit, batch: this.sentBatches, undo, done, describe, adjacent: this.afterTracked });
+  expectParse(edit: 'forward' | 'swallow', undo?: (failed: boolean) => void, done?: () => void, describe?: (shape: Buffer) => void, shapeOf?: string): void {
+    this.expected.push({ type: MessageType.parseComplete, edit, batch: this.sentBatches, undo, done, describe, shapeOf, adjacent: this.afterTracked });
     // The Describe sent after it is not tracked.
     this.afterTracked = describe === undefined;
   }
@@ -376,6 +380,17 @@ export class ResponseEditor {
   /** The session holds its next message until the shape of the statement just injected is known; `settled` runs then. */
   hold(settled: () => void): void {
     this.holdSettled = settled;
+  }
+
+  /**
+   * A Parse of server statement `name` that the sidecar follows by a Describe was sent, and
+   * its shape is still to come: its reply is awaited, or its Describe's. (Scans the replies
+   * awaited: called only where ServerStatementCache.shapePending says so, and to end a hold.)
+   */
+  awaitsShape(name: string): boolean {
+    if (this.describing !== undefined && this.describingName === name) return true;
+    for (let i = this.head; i < this.expected.length; i += 1) if (this.expected[i]!.shapeOf === name) return true;
+    return false;
   }
 
   /** Nothing sent now would be answered before the next Sync (an error of this batch came already): holding would wait for ever. */
@@ -418,6 +433,7 @@ export class ResponseEditor {
   describeParametersOnly(): void {
     this.describing = IGNORE_SHAPE;
     this.describeStage = 3;
+    this.describingName = undefined;
   }
 
   /** A Close was sent; `undo` reverts what it assumed if the server skips it; `done` runs when its reply arrives. */
@@ -488,6 +504,7 @@ export class ResponseEditor {
     if (next.describe !== undefined && type === MessageType.parseComplete) {
       this.describing = next.describe;
       this.describeStage = 1;
+      this.describingName = next.shapeOf;
     }
     return next.edit;
   }
@@ -507,6 +524,7 @@ export class ResponseEditor {
     this.describeStage = 0;
     this.erredInOpenBatch = false;
     if (this.answeredBatches === this.sentBatches) this.statements.settledShapes();
+    this.describingName = undefined;
     const first = this.head;
     while (this.head < this.expected.length && this.expected[this.head]!.batch <= answered) this.head += 1;
     // The first one missing failed itself if nothing untracked was sent between it and the last reply seen.
@@ -519,6 +537,12 @@ export class ResponseEditor {
       entry.undo?.(entry === erred && entry.adjacent);
     }
     this.compact();
+    // A message held for the shape of a Parse of an earlier batch that the server skipped
+    // after an error, or that failed: that shape never comes. It is routed again, afresh.
+    if (this.holdSettled !== undefined && this.heldFor !== undefined && !this.awaitsShape(this.heldFor)) {
+      this.heldFor = undefined;
+      this.settle();
+    }
   }
 
   private compact(): void {
@@ -609,7 +633,7 @@ export function routeMessage(
         editor.expectParse('forward', (failed) => {
           if (failed) server.delete(statement.serverName);
           forgetClient();
-        }, confirm, shaped);
+        }, confirm, shaped, statement.serverName);
         return false;
       }
       addToServer(statement.serverName, editor, out);
@@ -618,7 +642,7 @@ export function routeMessage(
       editor.expectParse('forward', () => {
         server.delete(statement.serverName);
         forgetClient();
-      }, confirm, shaped);
+      }, confirm, shaped, statement.serverName);
       return false;
     }
     case MessageType.bind: {
@@ -898,9 +922,10 @@ function ensureUnnamed(client: ClientStatements, editor: ResponseEditor, out: Bu
  * statement's shape (a Flush makes the server answer at once).
  */
 function holdForShape(statement: ClientStatement, editor: ResponseEditor, out: Buffer[]): boolean {
-  if (statement.shape !== undefined && !editor.skipping && editor.statements.shapePending(statement.serverName)) {
+  if (statement.shape !== undefined && !editor.skipping && editor.statements.shapePending(statement.serverName) && editor.awaitsShape(statement.serverName)) {
     // Another Parse of the same text (another client name, or another client) was just
-    // sent here and prepares it again: compare with the shape that one gets.
+    // sent here and prepares it again: compare with the shape that one gets. (If an error
+    // makes the server skip it, the ReadyForQuery of its batch ends the hold.)
     out.push(FLUSH);
     editor.heldFor = statement.serverName;
     return true;
@@ -982,7 +1007,7 @@ function ensurePrepared(statement: ClientStatement, editor: ResponseEditor, out:
   addToServer(statement.serverName, editor, out);
   server.awaitShape(statement.serverName);
   out.push(statement.parse, buildDescribeStatement(statement.serverName));
-  editor.expectParse('swallow', () => server.delete(statement.serverName), undefined, (shape) => server.setShape(statement.serverName, shape));
+  editor.expectParse('swallow', () => server.delete(statement.serverName), undefined, (shape) => server.setShape(statement.serverName, shape), statement.serverName);
 }
 
 /** Records `name` as prepared on the server, closing the least recently used statement past capacity. */

@@ -489,7 +489,7 @@ describe('prepared statements (pure)', function () {
       }
     }), {
       // MODEL_RUNS and MODEL_SEED: a longer or a given run, locally.
-      numRuns: Number(process.env.MODEL_RUNS ?? 500), ...(process.env.MODEL_SEED ? { seed: Number(process.env.MODEL_SEED) } : {}),
+      numRuns: Number(process.env.MODEL_RUNS ?? 5000), ...(process.env.MODEL_SEED ? { seed: Number(process.env.MODEL_SEED) } : {}),
       examples: [
         // A second Bind of a statement the schema change reshaped, whose copy the sidecar closes and parses again, skipped after the first Bind's 0A000.
         [[{ session: 0, backend: 0, steps: [{ kind: 'parse', name: 'b', text: 'SELECT 1' }] }, { kind: 'schema-change' }, { session: 0, backend: 2, steps: [{ kind: 'bind', name: 'b' }, { kind: 'bind', name: 'b' }] }, { session: 0, backend: 2, steps: [{ kind: 'describe', name: 'b' }] }]],

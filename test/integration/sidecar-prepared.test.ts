@@ -337,6 +337,36 @@ describe('sidecar: named prepared statements in transaction mode', function () {
     }
   });
 
+  it('answers a pipeline whose next batch Binds a statement while a Parse of the same text in the batch before is skipped after an error (no hang)', async function () {
+    // The sidecar holds such a Bind until the Parse's result shape is known; skipped, that Parse
+    // never gets one, and the client waited for ever. One server connection that keeps one statement:
+    // the skipped Parse finds the statement there (and Closes and Parses it again), then, after another
+    // statement evicted it, does not.
+    const one = await startSidecar(postgres, 1, 1);
+    const wire = await WireClient.connect(one.port, postgres.app.user);
+    try {
+      const text = 'SELECT 41 + 1 AS n';
+      assert.equal(types(await wire.exchange([serialize.parse({ name: 'q', text, types: [] }), serialize.sync()])), '1Z');
+      const pipeline = (name: string): Buffer[] => [
+        serialize.bind({ statement: 'no_such_statement' }), serialize.parse({ name, text, types: [] }), serialize.sync(),
+        serialize.bind({ statement: 'q' }), serialize.execute({}), serialize.sync(),
+      ];
+      let replies = await wire.exchange(pipeline('r'), 2);
+      assert.equal(types(replies), 'EZ2DCZ');
+      assert.equal(errorCode(replies), '26000');
+      assert.equal(dataValue(replies[3]!), '42');
+      assert.equal(types(await wire.exchange([serialize.parse({ name: 'other', text: 'SELECT 2', types: [] }), serialize.sync()])), '1Z');
+      replies = await wire.exchange(pipeline('s'), 2);
+      assert.equal(types(replies), 'EZ2DCZ');
+      assert.equal(dataValue(replies[3]!), '42');
+      // Neither r nor s exists, as direct.
+      assert.equal(errorCode(await wire.exchange([serialize.bind({ statement: 's' }), serialize.sync()])), '26000');
+    } finally {
+      wire.close();
+      await one.stop();
+    }
+  });
+
   it('forgets statements on DEALLOCATE ALL only if it runs: skipped after an error or refused in an aborted transaction, the client keeps its statements and the next client does not get 42P05', async function () {
     const one = await startSidecar(postgres, 1);
     const a = await WireClient.connect(one.port, postgres.app.user);
@@ -475,8 +505,9 @@ describe('sidecar: named prepared statements in transaction mode', function () {
           ...(describe ? [] : [serialize.execute({})]),
           serialize.sync(),
         ]);
-        assert.equal(types(replies), 'EZ', `${describe ? 'Describe' : 'Bind'}: ${replies.map((r) => r.type + (r.type === 'D' ? dataValue(r) : '')).join(' ')}`);
-        const fields = parseNoticeFields(replies[0]!.body);
+        // Direct, a Describe answers the statement's ParameterDescription before it revalidates it for the RowDescription.
+        assert.equal(types(replies), describe ? 'tEZ' : 'EZ', `${describe ? 'Describe' : 'Bind'}: ${replies.map((r) => r.type + (r.type === 'D' ? dataValue(r) : '')).join(' ')}`);
+        const fields = parseNoticeFields(replies.find((r) => r.type === 'E')!.body);
         assert.deepEqual([fields.C, fields.M, fields.R], ['0A000', 'cached plan must not change result type', 'RevalidateCachedQuery']);
       }
       // Prepared again under the same name, it gives the new columns.
@@ -492,6 +523,58 @@ describe('sidecar: named prepared statements in transaction mode', function () {
       // Back on the connection whose copy predates the change, the client's statement (prepared
       // again since) runs, as direct: the sidecar sees the stale copy and prepares it there again.
       await sameBackend(undefined);
+    } finally {
+      wire.close();
+      await b2.query(`DROP TABLE IF EXISTS ${table}`).catch(() => undefined);
+      await Promise.all([b2.end(), d.end()]);
+    }
+  });
+
+  it('fails a statement whose result shape changed with 0A000 on every use, as direct, after the sidecar\'s Close or DEALLOCATE ALL on that server connection was skipped after an error', async function () {
+    // Direct, PostgreSQL refuses the statement on every Bind and Describe until it is prepared
+    // again. Through the sidecar the client got the new columns once the server connection's
+    // record of its copy's shape was lost: a Close and Parse the sidecar sends to prepare the copy
+    // again (a second Bind of the statement in the batch), or a DEALLOCATE ALL, skipped after the
+    // batch's error, restored the copy without its shape.
+    const table = `reshape_skip_${Date.now()}`;
+    const wire = await WireClient.connect(running.port, postgres.app.user);
+    const [b2, d] = [running.client(), running.client()];
+    await Promise.all([b2.connect(), d.connect()]);
+    const pid = async (x: pg.Client): Promise<number> => (await x.query<{ p: number }>('SELECT pg_backend_pid() AS p')).rows[0]!.p;
+    const reshaped = (replies: Reply[], what: string): void => assert.equal(errorCode(replies), '0A000', `${what}: ${replies.map((r) => r.type + (r.type === 'D' ? dataValue(r) : '')).join(' ')}`);
+    try {
+      await b2.query(`CREATE TABLE ${table} (a int); INSERT INTO ${table} VALUES (1)`);
+      const replies = await wire.exchange([
+        serialize.query('BEGIN'),
+        serialize.parse({ name: 'q', text: `SELECT * FROM ${table}`, types: [] }),
+        serialize.parse({ name: 's', text: `SELECT *, 1 AS one FROM ${table}`, types: [] }),
+        serialize.sync(),
+        serialize.query('SELECT pg_backend_pid()'), serialize.query('COMMIT'),
+      ], 4);
+      assert.equal(types(replies), 'CZ11ZTDCZCZ');
+      const preparedOn = Number(dataValue(replies[6]!));
+      await b2.query(`DROP TABLE ${table}; CREATE TABLE ${table} (b text, a int); INSERT INTO ${table} VALUES ('x', 2)`);
+      // Hold the server connection that has the statements: the wire client's batches land on the other one.
+      await b2.query('BEGIN');
+      await d.query('BEGIN');
+      const holder = (await pid(b2)) === preparedOn ? b2 : d;
+      assert.equal(await pid(holder), preparedOn);
+      await (holder === b2 ? d : b2).query('COMMIT');
+      const bind = (name: string): Buffer[] => [serialize.bind({ statement: name }), serialize.execute({})];
+      // A Parse of a name the client has (42P05: the sidecar first prepares the statement there), then a DEALLOCATE ALL the server skips.
+      const r = await wire.exchange([
+        serialize.parse({ name: 'q', text: `SELECT * FROM ${table}`, types: [] }),
+        serialize.parse({ text: 'DEALLOCATE ALL' }), serialize.bind({}), serialize.execute({}), serialize.sync(),
+      ]);
+      assert.equal(errorCode(r), '42P05');
+      reshaped(await wire.exchange([...bind('q'), serialize.sync()]), 'Bind after a skipped DEALLOCATE ALL');
+      // Two Binds in one batch: the first fails, the second (which the sidecar precedes by a Close and a Parse of its copy) is skipped.
+      reshaped(await wire.exchange([...bind('s'), ...bind('s'), serialize.sync()]), 'two Binds');
+      reshaped(await wire.exchange([...bind('s'), serialize.sync()]), 'Bind after two Binds');
+      const described = await wire.exchange([serialize.describe({ type: 'S', name: 's' }), serialize.sync()]);
+      reshaped(described, 'Describe after two Binds');
+      assert.equal(types(described), 'tEZ');
+      await holder.query('COMMIT');
     } finally {
       wire.close();
       await b2.query(`DROP TABLE IF EXISTS ${table}`).catch(() => undefined);

@@ -7,8 +7,8 @@
  * routeMessage + ResponseEditor on whichever of several backends each batch
  * lands. The client must see the same replies either way. A schema change
  * step changes the result shape of one query text: a statement parsed before
- * it fails its next Bind or Describe (0A000), as PostgreSQL's revalidation does
- * (named statements only).
+ * it fails each Bind of it with 0A000, and each Describe after its
+ * ParameterDescription, as PostgreSQL's revalidation does (named statements only).
  */
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
@@ -80,10 +80,15 @@ class ModelBackend {
       if (reply === undefined) continue;
       if (reply.type === 'E') this.failed = true;
       replies.push(reply);
-      // Describe of a statement: ParameterDescription, then its RowDescription (the shape).
+      // Describe of a statement: ParameterDescription, then its RowDescription (the shape),
+      // which revalidates it: a statement whose shape changed fails there (0A000).
       if (reply.type === 't') {
         const name = parseTargetMessage(m, 5, m.length).name;
-        replies.push({ type: 'T', text: name === '' ? shapeOf(this.statements.get('')!) : this.shapes.get(name)! });
+        const invalid = this.revalidate(name);
+        if (invalid) {
+          this.failed = true;
+          replies.push(invalid);
+        } else replies.push({ type: 'T', text: name === '' ? shapeOf(this.statements.get('')!) : this.shapes.get(name)! });
       }
     }
     return replies;
@@ -125,9 +130,8 @@ class ModelBackend {
       }
       case 'D': {
         const name = parseTargetMessage(m, 5, m.length).name;
-        const invalid = this.revalidate(name);
-        if (invalid) return invalid;
-        const text = this.statements.get(name)!;
+        const text = this.statements.get(name);
+        if (text === undefined) return { type: 'E' };
         return { type: 't', ...(text.startsWith('DEALLOCATE') ? {} : { text }) };
       }
       case 'C': {
@@ -267,6 +271,36 @@ describe('prepared statements (pure)', function () {
     assert.throws(() => new ServerStatementCache(0));
   });
 
+  it('keeps a statement\'s shape through a Parse, Close or DEALLOCATE ALL that is undone, and records one whose name a later message deleted', function () {
+    const cache = new ServerStatementCache(2);
+    const one = Buffer.from([0, 1]);
+    const two = Buffer.from([0, 2]);
+    cache.add('a');
+    cache.setShape('a', one);
+    // A Close of it, then a Parse of it again, both skipped after an error: undone newest first.
+    cache.delete('a');
+    cache.add('a');
+    cache.awaitShape('a');
+    cache.delete('a');
+    cache.restore('a');
+    cache.settledShapes();
+    assert.deepEqual(cache.shape('a'), one, 'the shape the server\'s statement has');
+    // A Parse whose Describe is answered while a DEALLOCATE ALL sent after it has the names cleared, then skipped.
+    cache.add('b');
+    cache.awaitShape('b');
+    const held = cache.list();
+    cache.clear();
+    cache.setShape('b', two);
+    for (const name of held) cache.restore(name);
+    assert.deepEqual(cache.shape('b'), two);
+    assert.deepEqual(cache.shape('a'), one);
+    // A Parse with no Describe after it: the shape of the earlier statement of that name is not its own.
+    cache.delete('b');
+    cache.add('b');
+    cache.forgetShape('b');
+    assert.equal(cache.shape('b'), undefined);
+  });
+
   it('takes a result shape from a RowDescription without the columns\' table OIDs and attribute numbers, as PostgreSQL\'s revalidation', function () {
     // name, table OID, attribute number, type OID, type size, typmod, format
     const field = (name: string, table: number, attnum: number, type: number, typmod: number): Buffer => {
@@ -395,6 +429,39 @@ describe('prepared statements (pure)', function () {
     assert.equal(out[out.length - 1], client.get('b')!.parse, 'the first text, sent again to draw 42P05');
   });
 
+  it('ends a hold for the shape of a Parse of an earlier batch at that batch\'s ReadyForQuery when an error made the server skip it', function () {
+    const cache = new ServerStatementCache();
+    const editor = new ResponseEditor(cache);
+    const client: ClientStatements = new Map();
+    editor.activate(0, [], true);
+    const out: Buffer[] = [];
+    const send = (m: Buffer): boolean => routeMessage(client, editor, m[0]!, m, 0, 5, m.length, out);
+    const noColumns = Buffer.from([0, 0]);
+    send(serialize.parse({ name: 'q', text: 'SELECT 1' }));
+    send(serialize.sync());
+    assert.equal(editor.reply(0x31), 'forward');
+    assert.equal(editor.described(0x74, noColumns, 0, 2), true);
+    assert.equal(editor.described(0x54, noColumns, 0, 2), true);
+    editor.ready();
+    // One pipeline: a failing Bind, a Parse of the same text under another name, Sync; then a Bind of q.
+    send(serialize.bind({ statement: 'zz' }));
+    send(serialize.parse({ name: 'r', text: 'SELECT 1' }));
+    send(serialize.sync());
+    assert.equal(send(serialize.bind({ statement: 'q' })), true, 'held for the shape r\'s Parse gets');
+    let settled = false;
+    editor.hold(() => {
+      settled = true;
+    });
+    // The server: 26000 for the Bind, the rest of the batch skipped, ReadyForQuery.
+    editor.error(false);
+    assert.equal(settled, false);
+    editor.ready();
+    assert.equal(settled, true, 'r\'s shape never comes');
+    out.length = 0;
+    assert.equal(send(serialize.bind({ statement: 'q' })), false);
+    assert.equal(parseBindMessage(out.at(-1)!, 5, out.at(-1)!.length).statement, client.get('q')!.serverName);
+  });
+
   it('model check: clients see what a backend of their own would answer, on any backend, with a tiny LRU', function () {
     fc.assert(fc.property(fc.array(fc.oneof({ arbitrary: batchArb, weight: 6 }, { arbitrary: schemaChangeArb, weight: 1 }), { minLength: 1, maxLength: 25 }), (batches) => {
       const direct = [new ModelBackend(), new ModelBackend(), new ModelBackend()];
@@ -420,6 +487,15 @@ describe('prepared statements (pure)', function () {
           assert.ok(onBackend.length <= 2, 'within capacity');
         }
       }
-    }), { numRuns: 500 });
+    }), {
+      // MODEL_RUNS and MODEL_SEED: a longer or a given run, locally.
+      numRuns: Number(process.env.MODEL_RUNS ?? 5000), ...(process.env.MODEL_SEED ? { seed: Number(process.env.MODEL_SEED) } : {}),
+      examples: [
+        // A second Bind of a statement the schema change reshaped, whose copy the sidecar closes and parses again, skipped after the first Bind's 0A000.
+        [[{ session: 0, backend: 0, steps: [{ kind: 'parse', name: 'b', text: 'SELECT 1' }] }, { kind: 'schema-change' }, { session: 0, backend: 2, steps: [{ kind: 'bind', name: 'b' }, { kind: 'bind', name: 'b' }] }, { session: 0, backend: 2, steps: [{ kind: 'describe', name: 'b' }] }]],
+        // A Parse of a name the client has (the sidecar prepares the statement there first), then a DEALLOCATE ALL skipped after the 42P05.
+        [[{ session: 0, backend: 1, steps: [{ kind: 'parse', name: 'c', text: 'SELECT 1' }] }, { kind: 'schema-change' }, { session: 0, backend: 0, steps: [{ kind: 'parse', name: 'c', text: 'SELECT 1' }, { kind: 'deallocate', name: 'ALL', query: false }] }, { session: 0, backend: 0, steps: [{ kind: 'bind', name: 'c' }] }]],
+      ],
+    });
   });
 });

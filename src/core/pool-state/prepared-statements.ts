@@ -47,7 +47,8 @@
  * server connection's in its cache. A Bind of a statement whose shape there differs from the client's
  * is sent as a Bind of a statement that does not exist, and that error is
  * turned into PostgreSQL's 0A000, so the server skips to Sync as it would
- * direct. Where the Parse is injected right before the Bind, the session holds
+ * direct; a Describe of it gets the ParameterDescription first, as direct (see
+ * describeReshaped). Where the Parse is injected right before the Bind, the session holds
  * the Bind until the shape is known (one round trip, on that server
  * connection's first use of the statement).
  *
@@ -136,15 +137,15 @@ export class ServerStatementCache {
     this.names.delete(name);
     this.names.set(name, true);
     const evicted: string[] = [];
-    // A new Parse: its shape comes with its Describe's answer.
-    this.shapes.delete(name);
+    // A new Parse: its shape comes with its Describe's answer, which replaces the one kept
+    // (see delete). Until then the shape kept is the last one the server answered: a Parse
+    // skipped after an error, or failed, changes nothing on the server, and a Close of the
+    // name before it, skipped too, is undone by restore (which must find that shape).
     while (this.names.size > this.capacity) {
       const oldest = this.names.keys().next().value!;
       this.names.delete(oldest);
       evicted.push(oldest);
     }
-    // Shapes outlive their names (see delete) only while few.
-    if (this.shapes.size > 2 * this.capacity) for (const n of [...this.shapes.keys()]) if (!this.names.has(n)) this.shapes.delete(n);
     return evicted;
   }
 
@@ -172,7 +173,14 @@ export class ServerStatementCache {
   /** Records the result shape statement `name` was parsed with here. */
   setShape(name: string, shape: Buffer): void {
     this.awaiting.delete(name);
-    if (this.names.has(name)) this.shapes.set(name, shape);
+    // Also while a Close, DEALLOCATE or DISCARD ALL sent after the Parse has the name
+    // deleted: skipped after an error, it is restored, with this shape.
+    this.shapes.set(name, shape);
+  }
+
+  /** A Parse of `name` is sent with no Describe after it: the shape kept (of an earlier statement of that name) is not its own. */
+  forgetShape(name: string): void {
+    this.shapes.delete(name);
   }
 
   /** A Parse of `name` and a Describe of it were just sent here: its shape is unknown until the Describe's answer. */
@@ -189,6 +197,9 @@ export class ServerStatementCache {
   /** Nothing sent is unanswered: no shape is on its way any more. */
   settledShapes(): void {
     this.awaiting.clear();
+    // Shapes outlive their names (see delete) only while few, and are dropped only now, when
+    // no skipped Close, DEALLOCATE or DISCARD ALL can restore a name any more.
+    if (this.shapes.size > 2 * this.capacity) for (const n of [...this.shapes.keys()]) if (!this.names.has(n)) this.shapes.delete(n);
   }
 
   /** Names, least recently used first (tests, metrics). */
@@ -221,6 +232,10 @@ export function isReshapedError(buffer: Buffer, bodyStart: number, end: number):
 }
 
 const FLUSH = Buffer.from([0x48, 0, 0, 0, 4]);
+/** A Bind of RESHAPED_STATEMENT: it fails, and its error becomes RESHAPED_ERROR. */
+const BIND_RESHAPED = serialize.bind({ statement: RESHAPED_STATEMENT });
+/** The receiver of a Describe's shape that is not kept (see ResponseEditor.describeParametersOnly). */
+const IGNORE_SHAPE = (): void => undefined;
 /** Not a reply type: an entry met by a CommandComplete (see ResponseEditor.expectCommand). */
 const COMMAND_WATCH = 0;
 /** Not a reply type: a simple Query, undone only if the server skipped it (see ResponseEditor.expectQuery). */
@@ -241,6 +256,8 @@ interface ExpectedReply {
   done?: (() => void) | undefined;
   /** A Parse followed by the sidecar's Describe of it: receives the statement's shape (see ResponseEditor.described). */
   describe?: ((shape: Buffer) => void) | undefined;
+  /** With `describe`: the server statement whose shape it receives. */
+  shapeOf?: string | undefined;
 }
 
 /**
@@ -267,9 +284,14 @@ export class ResponseEditor {
   unnamedCurrent = false;
   /** The last message sent was an expected one, or a batch's end: see ExpectedReply.adjacent. Kept by routeMessage. */
   afterTracked = false;
-  /** Receives the shape of the statement whose Describe is answered next (set when its ParseComplete arrives); 1 before ParameterDescription, 2 after. */
+  /**
+   * Receives the shape of the statement whose Describe is answered next (set when its ParseComplete arrives); 1 before ParameterDescription, 2 after;
+   * 3 before the ParameterDescription of a client's Describe of a reshaped statement, which goes to the client (see describeParametersOnly).
+   */
   private describing: ((shape: Buffer) => void) | undefined;
   private describeStage = 0;
+  /** The server statement whose shape `describing` receives. */
+  private describingName: string | undefined;
   /** The session holds a Bind until the shape of the statement injected before it is known: runs once it is, or once it cannot be (an error in the open batch). */
   private holdSettled: (() => void) | undefined;
   /** The Bind held was routed once already: routed again, it goes on without waiting. */
@@ -349,8 +371,8 @@ export class ResponseEditor {
    * A Parse was sent; `undo` reverts what it assumed if it fails or the server skips it; `done` runs when it succeeds;
    * `describe`: a Describe of the statement follows it, whose replies are swallowed and give the statement's shape.
    */
-  expectParse(edit: 'forward' | 'swallow', undo?: (failed: boolean) => void, done?: () => void, describe?: (shape: Buffer) => void): void {
-    this.expected.push({ type: MessageType.parseComplete, edit, batch: this.sentBatches, undo, done, describe, adjacent: this.afterTracked });
+  expectParse(edit: 'forward' | 'swallow', undo?: (failed: boolean) => void, done?: () => void, describe?: (shape: Buffer) => void, shapeOf?: string): void {
+    this.expected.push({ type: MessageType.parseComplete, edit, batch: this.sentBatches, undo, done, describe, shapeOf, adjacent: this.afterTracked });
     // The Describe sent after it is not tracked.
     this.afterTracked = describe === undefined;
   }
@@ -358,6 +380,17 @@ export class ResponseEditor {
   /** The session holds its next message until the shape of the statement just injected is known; `settled` runs then. */
   hold(settled: () => void): void {
     this.holdSettled = settled;
+  }
+
+  /**
+   * A Parse of server statement `name` that the sidecar follows by a Describe was sent, and
+   * its shape is still to come: its reply is awaited, or its Describe's. (Scans the replies
+   * awaited: called only where ServerStatementCache.shapePending says so, and to end a hold.)
+   */
+  awaitsShape(name: string): boolean {
+    if (this.describing !== undefined && this.describingName === name) return true;
+    for (let i = this.head; i < this.expected.length; i += 1) if (this.expected[i]!.shapeOf === name) return true;
+    return false;
   }
 
   /** Nothing sent now would be answered before the next Sync (an error of this batch came already): holding would wait for ever. */
@@ -378,21 +411,34 @@ export class ResponseEditor {
   described(type: number, buffer: Buffer, bodyStart: number, end: number): boolean {
     const receive = this.describing;
     if (receive === undefined) return false;
-    if (this.describeStage === 1) {
+    if (this.describeStage === 1 || this.describeStage === 3) {
       if (type !== MessageType.parameterDescription) throw new ProtocolError('malformed-body', `server sent ${String.fromCharCode(type)} where ParameterDescription was expected`);
+      const forward = this.describeStage === 3;
       this.describeStage = 2;
-      return true;
+      return !forward;
     }
     this.describing = undefined;
     this.describeStage = 0;
+    if (receive === IGNORE_SHAPE) return true;
     receive(type === MessageType.noData ? Buffer.alloc(0) : resultShape(buffer, bodyStart, end));
     this.settle();
     return true;
   }
 
-  /** A Close was sent; `undo` reverts what it assumed if the server skips it. */
-  expectClose(edit: ReplyEdit, undo?: (failed: boolean) => void): void {
-    this.expected.push({ type: MessageType.closeComplete, edit, batch: this.sentBatches, undo, adjacent: this.afterTracked });
+  /**
+   * The next Describe answered is the client's own of a statement whose result shape changed
+   * (see describeReshaped): its ParameterDescription goes to the client, its RowDescription or
+   * NoData (the copy's new shape) does not.
+   */
+  describeParametersOnly(): void {
+    this.describing = IGNORE_SHAPE;
+    this.describeStage = 3;
+    this.describingName = undefined;
+  }
+
+  /** A Close was sent; `undo` reverts what it assumed if the server skips it; `done` runs when its reply arrives. */
+  expectClose(edit: ReplyEdit, undo?: (failed: boolean) => void, done?: () => void): void {
+    this.expected.push({ type: MessageType.closeComplete, edit, batch: this.sentBatches, undo, done, adjacent: this.afterTracked });
     this.afterTracked = true;
   }
 
@@ -458,6 +504,7 @@ export class ResponseEditor {
     if (next.describe !== undefined && type === MessageType.parseComplete) {
       this.describing = next.describe;
       this.describeStage = 1;
+      this.describingName = next.shapeOf;
     }
     return next.edit;
   }
@@ -477,6 +524,7 @@ export class ResponseEditor {
     this.describeStage = 0;
     this.erredInOpenBatch = false;
     if (this.answeredBatches === this.sentBatches) this.statements.settledShapes();
+    this.describingName = undefined;
     const first = this.head;
     while (this.head < this.expected.length && this.expected[this.head]!.batch <= answered) this.head += 1;
     // The first one missing failed itself if nothing untracked was sent between it and the last reply seen.
@@ -489,6 +537,12 @@ export class ResponseEditor {
       entry.undo?.(entry === erred && entry.adjacent);
     }
     this.compact();
+    // A message held for the shape of a Parse of an earlier batch that the server skipped
+    // after an error, or that failed: that shape never comes. It is routed again, afresh.
+    if (this.holdSettled !== undefined && this.heldFor !== undefined && !this.awaitsShape(this.heldFor)) {
+      this.heldFor = undefined;
+      this.settle();
+    }
   }
 
   private compact(): void {
@@ -579,7 +633,7 @@ export function routeMessage(
         editor.expectParse('forward', (failed) => {
           if (failed) server.delete(statement.serverName);
           forgetClient();
-        }, confirm, shaped);
+        }, confirm, shaped, statement.serverName);
         return false;
       }
       addToServer(statement.serverName, editor, out);
@@ -588,7 +642,7 @@ export function routeMessage(
       editor.expectParse('forward', () => {
         server.delete(statement.serverName);
         forgetClient();
-      }, confirm, shaped);
+      }, confirm, shaped, statement.serverName);
       return false;
     }
     case MessageType.bind: {
@@ -646,7 +700,8 @@ export function routeMessage(
       else {
         if (holdForShape(statement, editor, out)) return true;
         // Direct, describing a statement revalidates it too.
-        out.push(buildDescribeStatement(reshapedHere(statement, editor) ? RESHAPED_STATEMENT : statement.serverName));
+        if (reshapedHere(statement, editor)) describeReshaped(statement, editor, out);
+        else out.push(buildDescribeStatement(statement.serverName));
       }
       editor.afterTracked = false;
       return false;
@@ -751,6 +806,7 @@ function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, t
     if (held) server.touch(statement.serverName);
     else {
       addToServer(statement.serverName, editor, out);
+      server.forgetShape(statement.serverName);
       out.push(statement.parse);
       editor.expectParse('swallow', () => server.delete(statement.serverName), () => {
         held = true;
@@ -866,9 +922,10 @@ function ensureUnnamed(client: ClientStatements, editor: ResponseEditor, out: Bu
  * statement's shape (a Flush makes the server answer at once).
  */
 function holdForShape(statement: ClientStatement, editor: ResponseEditor, out: Buffer[]): boolean {
-  if (statement.shape !== undefined && !editor.skipping && editor.statements.shapePending(statement.serverName)) {
+  if (statement.shape !== undefined && !editor.skipping && editor.statements.shapePending(statement.serverName) && editor.awaitsShape(statement.serverName)) {
     // Another Parse of the same text (another client name, or another client) was just
-    // sent here and prepares it again: compare with the shape that one gets.
+    // sent here and prepares it again: compare with the shape that one gets. (If an error
+    // makes the server skip it, the ReadyForQuery of its batch ends the hold.)
     out.push(FLUSH);
     editor.heldFor = statement.serverName;
     return true;
@@ -920,6 +977,20 @@ export function resultShape(buffer: Buffer, bodyStart: number, end: number): Buf
   return shape;
 }
 
+/**
+ * A Describe of a statement whose result shape changed since the client's Parse: direct,
+ * PostgreSQL answers its ParameterDescription, then fails with 0A000 where it revalidates
+ * the statement for its RowDescription (and skips to Sync). The copy here (same parameter
+ * types) gives the first: a Describe of it whose RowDescription or NoData is swallowed (a
+ * no-op Close before it tells the editor when its replies come); a Bind of
+ * RESHAPED_STATEMENT after it gives the second.
+ */
+function describeReshaped(statement: ClientStatement, editor: ResponseEditor, out: Buffer[]): void {
+  out.push(CLOSE_NONEXISTENT_PORTAL);
+  editor.expectClose('swallow', undefined, () => editor.describeParametersOnly());
+  out.push(buildDescribeStatement(statement.serverName), BIND_RESHAPED);
+}
+
 /** The statement's result shape on this server connection differs from the one it was parsed with for the client. */
 function reshapedHere(statement: ClientStatement, editor: ResponseEditor): boolean {
   const here = editor.statements.shape(statement.serverName);
@@ -936,7 +1007,7 @@ function ensurePrepared(statement: ClientStatement, editor: ResponseEditor, out:
   addToServer(statement.serverName, editor, out);
   server.awaitShape(statement.serverName);
   out.push(statement.parse, buildDescribeStatement(statement.serverName));
-  editor.expectParse('swallow', () => server.delete(statement.serverName), undefined, (shape) => server.setShape(statement.serverName, shape));
+  editor.expectParse('swallow', () => server.delete(statement.serverName), undefined, (shape) => server.setShape(statement.serverName, shape), statement.serverName);
 }
 
 /** Records `name` as prepared on the server, closing the least recently used statement past capacity. */

@@ -79,10 +79,10 @@ const CLIENT_STREAMABLE = messageTypeTable('QdBPF');
 const TERMINATE_FIRST = Buffer.from([0x58, 0, 0, 0, 4]);
 const READY_IDLE = readyForQuery('I');
 
-/** A client of the sidecar. */
 /** A client's connection: a net.Socket, a DirectReadSocket or a NativeSocket. */
 export type ClientSocket = Duplex & { setNoDelay(noDelay?: boolean): unknown };
 
+/** A client of the sidecar. */
 export class ClientSession implements PoolWaiter, NotificationListener {
   readonly socket: ClientSocket;
   private phase: Phase = 'startup';

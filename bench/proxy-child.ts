@@ -63,6 +63,8 @@ async function sidecar(config: ProxyChildConfig): Promise<number> {
   const native = config.nativeIo === false ? undefined : loadNativeSocketIo();
   if (native !== undefined && 'reason' in native) process.stderr.write(`proxy-child: ${native.reason}\n`);
   const nativeIo = native !== undefined && 'io' in native ? native.io : undefined;
+  // As the sidecar's entry point does.
+  nativeIo?.quietLoop();
   const instance = new Sidecar({ settings, credentials, logger: pino({ level: 'warn' }), metrics: new Registry(), ...(nativeIo ? { nativeIo } : {}) });
   const { port } = await instance.start();
   instance.setGrant(config.grant ?? 20, 1);

@@ -81,10 +81,10 @@ interface Run {
   cpuMicros: number;
 }
 
-/** user+system CPU of a process in µs (clock ticks of 10 ms). */
-function processCpuMicros(pid: number): number {
+/** User and system CPU of a process in µs (clock ticks of 10 ms). */
+function processCpuMicros(pid: number): { user: number; system: number } {
   const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /s, '').split(' ');
-  return (Number(fields[11]) + Number(fields[12])) * 10_000;
+  return { user: Number(fields[11]) * 10_000, system: Number(fields[12]) * 10_000 };
 }
 
 /** Median of the values that are numbers (NaN if none). */
@@ -328,16 +328,19 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
           const args = ['-n', '-T', String(duration), '-c', String(c.clients), '-j', String(Math.min(c.clients, 2)), '-h', host, '-p', String(port), '-U', app.user];
           if (c.script !== 'tpcb-like') args.push('-S');
           if (c.script === 'select-only -M prepared') args.push('-M', 'prepared');
-          const cpuBefore = pid === undefined ? 0 : processCpuMicros(pid);
+          const cpuBefore = pid === undefined ? undefined : processCpuMicros(pid);
           const output = await pgbench([...args, APP_DATABASE]);
-          const cpu = pid === undefined ? Number.NaN : processCpuMicros(pid) - cpuBefore;
+          const cpuAfter = pid === undefined ? undefined : processCpuMicros(pid);
+          // User time is the proxy's own work; system time mostly the loopback TCP stack it shares with any proxy.
+          const user = cpuBefore && cpuAfter ? cpuAfter.user - cpuBefore.user : Number.NaN;
+          const cpu = cpuBefore && cpuAfter ? user + cpuAfter.system - cpuBefore.system : Number.NaN;
           const tps = /tps = ([\d.]+)/.exec(output);
           const count = /actually processed: (\d+)/.exec(output);
           // A run whose clients could not even log in within its time (an overloaded machine) counts as nothing measured.
           if (!tps || !count) log(`  no transactions in this run:\n${output}`);
           const run = tps && count ? { tps: Number(tps[1]), cpuMicros: cpu / Number(count[1]) } : { tps: Number.NaN, cpuMicros: Number.NaN };
           runs.set(key(c, t), [...(runs.get(key(c, t)) ?? []), run]);
-          log(`  round ${round + 1} ${c.script.padEnd(23)} ${c.mode.padEnd(11)} ${String(c.clients).padStart(2)} cl. ${t.padEnd(9)} ${run.tps.toFixed(0).padStart(6)} tps${Number.isNaN(run.cpuMicros) ? '' : `  ${run.cpuMicros.toFixed(1)} µs/tx`}`);
+          log(`  round ${round + 1} ${c.script.padEnd(23)} ${c.mode.padEnd(11)} ${String(c.clients).padStart(2)} cl. ${t.padEnd(9)} ${run.tps.toFixed(0).padStart(6)} tps${Number.isNaN(run.cpuMicros) ? '' : `  ${run.cpuMicros.toFixed(1)} µs/tx (user ${(user / Number(count?.[1])).toFixed(1)})`}`);
         }
       }
     }

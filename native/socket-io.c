@@ -277,6 +277,28 @@ static napi_value Close(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/*
+ * Node turns on libuv's idle-time metrics at start-up (for
+ * performance.eventLoopUtilization()). libuv then polls once without waiting
+ * before every wait, to time the wait alone: one more epoll_pwait(2) and two
+ * clock reads each time the loop goes idle, about every read of a sidecar at
+ * low concurrency. The sidecar reads no event-loop utilization, so it turns
+ * them off. The flags are the first field of the loop's internal fields in
+ * every libuv since the metrics came (1.39); other versions are left alone.
+ * Returns whether they were turned off.
+ */
+static napi_value QuietLoop(napi_env env, napi_callback_info info) {
+  (void)info;
+  uv_loop_t *loop;
+  unsigned int version = uv_version();
+  int quiet = version >= ((1u << 16) | (39u << 8)) && version < (2u << 16) &&
+              napi_get_uv_event_loop(env, &loop) == napi_ok && loop->internal_fields != NULL;
+  if (quiet) *(unsigned int *)loop->internal_fields &= ~(unsigned int)UV_METRICS_IDLE_TIME;
+  napi_value out;
+  CHECK(napi_get_boolean(env, quiet, &out));
+  return out;
+}
+
 static int export_function(napi_env env, napi_value exports, const char *name, napi_callback callback) {
   napi_value fn;
   return napi_create_function(env, name, NAPI_AUTO_LENGTH, callback, NULL, &fn) == napi_ok &&
@@ -287,7 +309,7 @@ NAPI_MODULE_INIT() {
   if (!export_function(env, exports, "open", Open) || !export_function(env, exports, "setBuffer", SetBuffer) ||
       !export_function(env, exports, "reading", Reading) || !export_function(env, exports, "write", Write) ||
       !export_function(env, exports, "waitWritable", WaitWritable) || !export_function(env, exports, "shutdown", Shutdown) ||
-      !export_function(env, exports, "setNoDelay", SetNoDelay) || !export_function(env, exports, "close", Close))
+      !export_function(env, exports, "setNoDelay", SetNoDelay) || !export_function(env, exports, "close", Close) || !export_function(env, exports, "quietLoop", QuietLoop))
     return NULL;
   return exports;
 }

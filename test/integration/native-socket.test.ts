@@ -6,10 +6,12 @@
  * exactly as with Node's own sockets.
  */
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { connect as netConnect, createServer, Socket, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { ReadBufferPool } from '../../src/sidecar/direct-read-socket.ts';
 import type { NativeSocket} from '../../src/sidecar/native-socket.ts';
 import { adoptUnreadSocket, type NativeSocketIo } from '../../src/sidecar/native-socket.ts';
@@ -284,5 +286,24 @@ describe('NativeSocket (native socket I/O)', () => {
       native.destroy();
       await closeServer(server);
     }
+  });
+
+  it('quietLoop() turns off libuv\'s idle-time metrics (one poll fewer per wake-up), in a process of its own', async () => {
+    // The idle time of a loop that only waits for a timer: about all of it with the metrics on, none once they are off.
+    const idleMs = (quiet: boolean): Promise<{ quiet: unknown; idle: number }> => new Promise((resolve, reject) => {
+      const module = fileURLToPath(new URL('../../src/sidecar/native-socket.ts', import.meta.url));
+      const script = `
+        import { performance } from 'node:perf_hooks';
+        import { loadNativeSocketIo } from ${JSON.stringify(module)};
+        const loaded = loadNativeSocketIo();
+        const quiet = ${quiet} ? loaded.io.quietLoop() : undefined;
+        const start = performance.eventLoopUtilization();
+        setTimeout(() => console.log(JSON.stringify({ quiet, idle: performance.eventLoopUtilization(start).idle })), 200);`;
+      execFile(process.execPath, ['--input-type=module', '-e', script], (error: Error | null, stdout: string) => (error ? reject(error) : resolve(JSON.parse(stdout) as { quiet: unknown; idle: number })));
+    });
+    const [on, off] = await Promise.all([idleMs(false), idleMs(true)]);
+    assert.ok(on.idle > 100, `with the metrics on, the loop's idle time grows while it waits (${on.idle} ms)`);
+    assert.equal(off.quiet, true);
+    assert.equal(off.idle, 0);
   });
 });

@@ -16,7 +16,7 @@ import type { Logger } from 'pino';
 import {
   FrameReader, MessageType, NO_SETTINGS, ProtocolError, UNTYPED, authenticationOk, backendKeyData, classifySessionCommand, clientSettingsFromStartup, laterSessionCommands,
   changeSettings, commandComplete, errorResponse, firstTextParameter, setConfigSql, isFrontendMessageType, messageTypeTable, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery,
-  mayHoldSeveralStatements, sequenceRead, serverSettingsAfter, startupSettings, unnamedStatementEffect, type ClientSettings, type NoticeFields, type PinReason, type SettingChange,
+  scanStatementText, sequenceRead, startsTransaction, serverSettingsAfter, startupSettings, unnamedStatementEffect, type ClientSettings, type NoticeFields, type PinReason, type SettingChange,
 } from '../core/protocol/index.ts';
 import { routeMessage, unnamedStatement, type ClientStatements } from '../core/pool-state/index.ts';
 import type { SidecarMetrics } from './metrics.ts';
@@ -65,13 +65,6 @@ type Phase = 'startup' | 'login' | 'ready' | 'closed';
 
 const NOTHING = Buffer.alloc(0);
 
-/** A Query that begins a transaction block (BEGIN, START TRANSACTION): it runs no statement that could call nextval(). */
-function startsTransaction(buffer: Buffer, start: number, end: number): boolean {
-  let i = start;
-  while (i < end && (buffer[i] === 0x20 || buffer[i] === 0x09 || buffer[i] === 0x0a || buffer[i] === 0x0d)) i++;
-  const word = buffer.toString('latin1', i, Math.min(end, i + 6)).toLowerCase();
-  return (word.startsWith('begin') || word === 'start ') && !mayHoldSeveralStatements(buffer, i, end);
-}
 /** Messages longer than this are streamed (see FrameReader); PgBouncer's pkt_buf plays the same role. */
 export const STREAM_ABOVE_BYTES = 256 * 1024;
 const CLIENT_STREAMABLE = messageTypeTable('QdBPF');
@@ -303,13 +296,16 @@ export class ClientSession implements PoolWaiter, NotificationListener {
             if (this.unnamedSetting && this.pinnedBy === undefined) this.followUnnamedSetting(type, reader.buffer, reader.bodyStart, reader.end);
             if (this.settingStatements !== undefined && this.pinnedBy === undefined) this.followSettingStatements(type, reader.buffer, reader.bodyStart, reader.end);
             if (this.pinnedBy === undefined) {
-              if ((type === MessageType.query || type === MessageType.parse) && !this.checkSequenceRead(type, reader.buffer, reader.bodyStart, reader.end)) return;
-              if (type === MessageType.bind || type === MessageType.execute || type === MessageType.functionCall || (type === MessageType.query && !startsTransaction(reader.buffer, reader.bodyStart, reader.end))) this.ranSinceLent = true;
-            }
-            if ((type === MessageType.query || type === MessageType.parse) && this.pinnedBy === undefined) {
-              const nothingQueued = runBuffer === undefined && this.pendingTypes.length === 0 && this.pendingChunks.length === 0 && this.server === undefined && !this.localCommand;
-              // Answered by the sidecar itself (LISTEN through the notification hub): not forwarded.
-              if (this.checkSessionState(type, reader.buffer, reader.bodyStart, reader.end, nothingQueued)) continue;
+              const textStart = type === MessageType.query || type === MessageType.parse ? sqlTextStart(type, reader.buffer, reader.bodyStart, reader.end) : undefined;
+              // One pass over the SQL text tells each check below whether it has anything to look for.
+              const scan = textStart === undefined ? 0 : scanStatementText(reader.buffer, textStart, reader.end);
+              if (textStart !== undefined && !this.checkSequenceRead(reader.buffer, textStart, reader.end, scan)) return;
+              if (type === MessageType.bind || type === MessageType.execute || type === MessageType.functionCall || (type === MessageType.query && !startsTransaction(reader.buffer, reader.bodyStart, reader.end, scan))) this.ranSinceLent = true;
+              if (textStart !== undefined && this.pinnedBy === undefined) {
+                const nothingQueued = runBuffer === undefined && this.pendingTypes.length === 0 && this.pendingChunks.length === 0 && this.server === undefined && !this.localCommand;
+                // Answered by the sidecar itself (LISTEN through the notification hub): not forwarded.
+                if (this.checkSessionState(type, reader.buffer, reader.bodyStart, textStart, reader.end, scan, nothingQueued)) continue;
+              }
             }
           }
           this.pendingTypes.push(type);
@@ -351,10 +347,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    * pins the client to it until the client leaves; then it is reset with
    * DISCARD ALL before anyone else gets it.
    */
-  private checkSessionState(type: number, buffer: Buffer, bodyStart: number, end: number, nothingQueued: boolean): boolean {
-    const textStart = sqlTextStart(type, buffer, bodyStart, end);
-    if (textStart === undefined) return false;
-    const command = classifySessionCommand(buffer, textStart, end);
+  private checkSessionState(type: number, buffer: Buffer, bodyStart: number, textStart: number, end: number, scan: number, nothingQueued: boolean): boolean {
+    const command = classifySessionCommand(buffer, textStart, end, scan);
     if (type === MessageType.parse && (command?.kind === 'setting-parameter' || (buffer[bodyStart] !== 0 && command?.kind === 'settings') || this.settingStatements !== undefined)) {
       // A named statement, or one whose value comes bound: the setting changes only when it is executed (see followSettingStatements).
       const name = buffer.toString('utf8', bodyStart, textStart - 1);
@@ -375,7 +369,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
     // A session command after the first statement of a simple Query pins as it would alone.
     if (type === MessageType.query && this.pinnedBy === undefined) {
-      const later = laterSessionCommands(buffer, textStart, end).find((c) => c.kind === 'pin');
+      const later = laterSessionCommands(buffer, textStart, end, scan).find((c) => c.kind === 'pin');
       // (A Query of setting changes only is carried as a whole.)
       if (later?.kind === 'pin' && command?.kind !== 'pin' && command?.kind !== 'listen' && command?.kind !== 'settings') this.pin(later.reason);
     }
@@ -669,10 +663,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    * client's values or none: the client is told why instead of getting
    * them. False if it was refused (the session is closed).
    */
-  private checkSequenceRead(type: number, buffer: Buffer, bodyStart: number, end: number): boolean {
-    const textStart = sqlTextStart(type, buffer, bodyStart, end);
-    if (textStart === undefined) return true;
-    const read = sequenceRead(buffer, textStart, end);
+  private checkSequenceRead(buffer: Buffer, textStart: number, end: number, scan: number): boolean {
+    const read = sequenceRead(buffer, textStart, end, scan);
     if (read === undefined) return true;
     const home = this.sequenceServer;
     const own = home !== undefined && home !== null && home.sequenceClient === this && home.sequenceTurn === this.sequenceTurn;

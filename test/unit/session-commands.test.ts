@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import {
-  NO_SETTINGS, changeSettings, classifySessionCommand, clientSettingsFromStartup, laterSessionCommands, parseOptions, sequenceRead, serverSettingsAfter, settingsSql, setsSessionConfig, splitStatements, startupSettings,
+  NO_SETTINGS, TEXT_ADVISORY_LOCK, TEXT_INTO, TEXT_SEQUENCE_READ, TEXT_SET_CONFIG, TEXT_SEVERAL_STATEMENTS, changeSettings, classifySessionCommand, clientSettingsFromStartup, laterSessionCommands, parseOptions, sequenceRead, scanStatementText, serverSettingsAfter, settingsSql, setsSessionConfig, splitStatements, startsTransaction, startupSettings,
   type ClientSettings,
 } from '../../src/core/protocol/index.ts';
 
@@ -63,6 +63,44 @@ describe('session commands', function () {
       ['SELECT 1', undefined], ["SELECT nextval('s')", undefined], ['SELECT currval_of_something FROM t', undefined], ["SELECT 'lastval'", undefined],
     ];
     for (const [sql, want] of cases) assert.equal(read(sql), want, sql);
+  });
+
+  it('finds the words its checks look for in one pass, in any letter case, up to the text\'s NUL (property, against regular expressions)', function () {
+    const fragment = fc.constantFrom('currval', 'LastVal', 'ADVISORY_LOCK', 'advisory_Lock', 'Set_Config', 'into', 'INTO', 'iNtO', 'curr', 'val', 'advisory', '_lock',
+      'set', 'config', 'in', 'to', ';', ' ', '\t', '\n', 'SELECT', 'x', '(', "'", '\0');
+    fc.assert(fc.property(fc.array(fragment, { maxLength: 24 }), fc.nat(8), (parts, pad) => {
+      const text = parts.join('');
+      const buffer = Buffer.from(`${'#'.repeat(pad)}${text}\0`);
+      const lower = text.split('\0')[0]!.toLowerCase();
+      let want = 0;
+      if (/currval|lastval/.test(lower)) want |= TEXT_SEQUENCE_READ;
+      if (lower.includes('advisory_lock')) want |= TEXT_ADVISORY_LOCK;
+      if (lower.includes('set_config')) want |= TEXT_SET_CONFIG;
+      if (lower.includes('into')) want |= TEXT_INTO;
+      if (/;[\s;]*[^\s;]/.test(lower)) want |= TEXT_SEVERAL_STATEMENTS;
+      assert.equal(scanStatementText(buffer, pad, buffer.length), want, JSON.stringify(text));
+    }), { numRuns: 3000 });
+  });
+
+  it('sees the session-state functions and sequence reads written in mixed case, as PostgreSQL does', function () {
+    const read = (sql: string): ReturnType<typeof sequenceRead> => {
+      const buffer = Buffer.from(`${sql}\0`);
+      return sequenceRead(buffer, 0, buffer.length);
+    };
+    assert.equal(read("SELECT CurrVal('s')"), 'reads');
+    assert.equal(read('SELECT LastVal()'), 'reads');
+    assert.deepEqual(classify('SELECT pg_Advisory_Lock(1)'), { kind: 'pin', reason: 'advisory-lock' });
+    assert.deepEqual(classify("SELECT Set_Config('search_path', 'a', false)"), { kind: 'settings', changes: [{ kind: 'set', name: 'search_path', sql: "SELECT Set_Config('search_path', 'a', false)" }] });
+    assert.deepEqual(classify('SELECT * Into Temp t FROM x'), { kind: 'pin', reason: 'temp-table' });
+  });
+
+  it('tells a Query that only begins a transaction block', function () {
+    const begins = (sql: string): boolean => {
+      const buffer = Buffer.from(`${sql}\0`);
+      return startsTransaction(buffer, 0, buffer.length);
+    };
+    for (const sql of ['BEGIN', 'begin;', ' Begin Isolation Level Serializable', 'START TRANSACTION', '\tstart transaction read only;']) assert.ok(begins(sql), sql);
+    for (const sql of ['SELECT 1', 'BEGIN; SELECT nextval(\'s\')', 'STARTX', 'COMMIT', '']) assert.ok(!begins(sql), sql);
   });
 
   it('reads a SET or RESET of one setting, or of the session\'s transaction defaults, standing alone as changes the sidecar carries, not a pin', function () {

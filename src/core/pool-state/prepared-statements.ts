@@ -62,7 +62,7 @@
  */
 import { createHash } from 'node:crypto';
 import {
-  MessageType, ProtocolError, buildClosePortal, buildCloseStatement, buildParse, classifySessionCommand, laterSessionCommands, mayHoldSeveralStatements, parseBindMessage, splitStatements,
+  MessageType, ProtocolError, buildClosePortal, buildCloseStatement, buildParse, classifySessionCommand, laterSessionCommands, parseBindMessage, scanStatementText, splitStatements, TEXT_SEVERAL_STATEMENTS,
   parseParseMessage, parseTargetMessage, renameBind, buildDescribeStatement, errorResponse,
 } from '../protocol/index.ts';
 import { serialize } from 'pg-protocol';
@@ -756,11 +756,6 @@ function forgetAll(client: ClientStatements, server: ServerStatementCache): () =
   };
 }
 
-/** How many statements a simple Query holds (1 without a semicolon). */
-function splitStatementsIfAny(buffer: Buffer, start: number, end: number): number {
-  return mayHoldSeveralStatements(buffer, start, end) ? splitStatements(buffer, start, end).length : 1;
-}
-
 /**
  * DEALLOCATE and DISCARD sent as SQL by a session that names statements
  * (psycopg 3 does after a rollback and on cache eviction). The server holds
@@ -779,12 +774,13 @@ function splitStatementsIfAny(buffer: Buffer, start: number, end: number): numbe
 function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, textStart: number, buffer: Buffer, out: Buffer[], kind: 'parse' | 'query'): boolean | AwaitedCommand {
   const textEnd = buffer.indexOf(0, textStart);
   const end = textEnd < 0 ? textStart : textEnd;
-  const first = classifySessionCommand(buffer, textStart, end);
+  const scan = scanStatementText(buffer, textStart, end);
+  const first = classifySessionCommand(buffer, textStart, end, scan);
   // In a multi-statement Query, a later DEALLOCATE ALL or DISCARD ALL drops the shared statements too;
   // a DEALLOCATE of one name is left to the server (it names the client's statement, so it fails, as it says).
-  const later = kind === 'query' ? laterSessionCommands(buffer, textStart, end) : [];
+  const later = kind === 'query' ? laterSessionCommands(buffer, textStart, end, scan) : [];
   const command = later.some((c) => c.kind === 'deallocate-all' || c.kind === 'discard-all') ? { kind: 'discard-all' as const }
-    : first?.kind === 'deallocate' && kind === 'query' && splitStatementsIfAny(buffer, textStart, end) > 1 ? undefined
+    : first?.kind === 'deallocate' && kind === 'query' && (scan & TEXT_SEVERAL_STATEMENTS) !== 0 && splitStatements(buffer, textStart, end).length > 1 ? undefined
       : first;
   if (command === undefined) return false;
   const server = editor.statements;

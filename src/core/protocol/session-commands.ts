@@ -43,13 +43,89 @@ function isSpace(byte: number | undefined): boolean {
   return byte === 0x20 || byte === 0x09 || byte === 0x0a || byte === 0x0d || byte === 0x0c;
 }
 
+/** Bits of scanStatementText: what a statement text holds, in any letter case. */
+export const TEXT_SEQUENCE_READ = 1;
+export const TEXT_ADVISORY_LOCK = 2;
+export const TEXT_SET_CONFIG = 4;
+export const TEXT_INTO = 8;
+/** Something other than white space after a semicolon: a second statement may follow the first. */
+export const TEXT_SEVERAL_STATEMENTS = 16;
+
+const SCANNED_WORDS: readonly { word: Uint8Array; bit: number }[] = [
+  { word: Buffer.from('currval'), bit: TEXT_SEQUENCE_READ },
+  { word: Buffer.from('lastval'), bit: TEXT_SEQUENCE_READ },
+  { word: Buffer.from('advisory_lock'), bit: TEXT_ADVISORY_LOCK },
+  { word: Buffer.from('set_config'), bit: TEXT_SET_CONFIG },
+  { word: Buffer.from('into'), bit: TEXT_INTO },
+];
+/** For each byte, the SCANNED_WORDS (as bits of their indexes) that start with it, in either case. */
+const WORD_STARTS = new Uint8Array(256);
+SCANNED_WORDS.forEach(({ word }, index) => {
+  const first = word[0]!;
+  WORD_STARTS[first] = WORD_STARTS[first]! | (1 << index);
+  WORD_STARTS[first & ~0x20] = WORD_STARTS[first & ~0x20]! | (1 << index);
+});
+
+/** True if `buffer[at..end)` starts with `word` (lowercase ASCII), letters compared in either case. */
+function startsWithFolded(buffer: Buffer, at: number, end: number, word: Uint8Array): boolean {
+  if (end - at < word.length) return false;
+  for (let k = 0; k < word.length; k++) {
+    const byte = buffer[at + k]!;
+    if ((byte >= 0x41 && byte <= 0x5a ? byte | 0x20 : byte) !== word[k]) return false;
+  }
+  return true;
+}
+
+/** The first index in `buffer[start..end)` where `word` (lowercase ASCII) starts, letters in either case; -1 if none. */
+function indexOfFolded(buffer: Buffer, start: number, end: number, word: Uint8Array): number {
+  for (let i = start; i < end; i++) if (startsWithFolded(buffer, i, end, word)) return i;
+  return -1;
+}
+
+/**
+ * One pass over the SQL text at `buffer[start..)`, up to its NUL or `end`:
+ * the TEXT_* bits of what it holds. The checks of a statement use it as a
+ * filter (a bit not set: that check has nothing to find), so an ordinary
+ * statement costs one loop over its bytes instead of a search per word.
+ */
+export function scanStatementText(buffer: Buffer, start: number, end: number): number {
+  let found = 0;
+  let afterSemicolon = false;
+  for (let i = start; i < end; i++) {
+    const byte = buffer[i]!;
+    if (byte === 0) break;
+    if (byte === 0x3b) afterSemicolon = true;
+    else if (afterSemicolon && !isSpace(byte)) found |= TEXT_SEVERAL_STATEMENTS;
+    const starts = WORD_STARTS[byte]!;
+    if (starts === 0) continue;
+    for (let w = 0; w < SCANNED_WORDS.length; w++) {
+      if ((starts & (1 << w)) !== 0 && startsWithFolded(buffer, i, end, SCANNED_WORDS[w]!.word)) found |= SCANNED_WORDS[w]!.bit;
+    }
+  }
+  return found;
+}
+
+const BEGIN_WORD = Buffer.from('begin');
+const START_WORD = Buffer.from('start ');
+
+/**
+ * True for a simple Query that begins a transaction block (BEGIN or START
+ * TRANSACTION standing alone): it runs no statement that could call
+ * nextval(). `scan` is scanStatementText's answer for the same text.
+ */
+export function startsTransaction(buffer: Buffer, start: number, end: number, scan: number = scanStatementText(buffer, start, end)): boolean {
+  let i = start;
+  while (i < end && isSpace(buffer[i])) i++;
+  return (startsWithFolded(buffer, i, end, BEGIN_WORD) || startsWithFolded(buffer, i, end, START_WORD)) && (scan & TEXT_SEVERAL_STATEMENTS) === 0;
+}
+
 /**
  * Classifies the SQL text at `buffer[start..end)` (a Query body or the text
  * of a Parse), or returns undefined for ordinary statements. The text may
  * hold several statements; only the first is read (a session command later
  * in a multi-statement Query is not seen: see docs/transaction-mode.md).
  */
-export function classifySessionCommand(buffer: Buffer, start: number, end: number): SessionCommand | undefined {
+export function classifySessionCommand(buffer: Buffer, start: number, end: number, scan: number = scanStatementText(buffer, start, end)): SessionCommand | undefined {
   let i = start;
   while (i < end && isSpace(buffer[i])) i++;
   // A leading comment (an ORM's or a tracer's tag) hides the first word: skip it.
@@ -58,8 +134,8 @@ export function classifySessionCommand(buffer: Buffer, start: number, end: numbe
   // Second letter: rules out SELECT, COMMIT, ROLLBACK, DELETE, DO, CALL, ... at once.
   const second = i + 1 < end ? buffer[i + 1]! | 0x20 : 0;
   const first = buffer[i]! | 0x20;
-  if (first === 0x73 /* s */ && second === 0x65 && i + 2 < end && (buffer[i + 2]! | 0x20) === 0x6c /* SEL */) return selectLeavingState(buffer, i, end);
-  if (first === 0x64 /* d */ && second === 0x6f /* o */ && i + 2 < end && !isWordByte(buffer[i + 2]!)) return doBlockLeavingState(buffer, i, end);
+  if (first === 0x73 /* s */ && second === 0x65 && i + 2 < end && (buffer[i + 2]! | 0x20) === 0x6c /* SEL */) return selectLeavingState(buffer, i, end, scan);
+  if (first === 0x64 /* d */ && second === 0x6f /* o */ && i + 2 < end && !isWordByte(buffer[i + 2]!)) return doBlockLeavingState(buffer, i, end, scan);
   if (first === 0x73 /* s */ || first === 0x72 /* r */ || first === 0x64 /* d */) {
     if (second !== 0x65 /* e */ && !(first === 0x64 && (second === 0x69 /* i */ || second === 0x65))) return undefined;
   } else if (first === 0x63 /* c */ && second !== 0x72 /* r */) return undefined;
@@ -111,11 +187,7 @@ export function classifySessionCommand(buffer: Buffer, start: number, end: numbe
 }
 
 const SESSION_LOCK = Buffer.from('advisory_lock');
-const SESSION_LOCK_UPPER = Buffer.from('ADVISORY_LOCK');
-/** `into`, as written in lowercase, uppercase or capitalised (Buffers: a string needle is encoded again on every search). */
-const INTO_NEEDLES = [Buffer.from('into'), Buffer.from('INTO'), Buffer.from('Into')];
 const SET_CONFIG = Buffer.from('set_config');
-const SET_CONFIG_UPPER = Buffer.from('SET_CONFIG');
 const PIN_ADVISORY: SessionCommand = { kind: 'pin', reason: 'advisory-lock' };
 const PIN_SET: SessionCommand = { kind: 'pin', reason: 'set' };
 const PIN_TEMP: SessionCommand = { kind: 'pin', reason: 'temp-table' };
@@ -158,7 +230,6 @@ const SESSION_CHARACTERISTICS = /^set\s+session\s+characteristics\s+as\s+transac
 const SET_CONFIG_PARAMETER = /^select\s+(?:pg_catalog\s*\.\s*)?set_config\s*\(\s*'([^'\\]+)'\s*,\s*\$1(?:\s*::\s*(?:pg_catalog\s*\.\s*)?text)?\s*,\s*false\s*\)$/is;
 const SET_CONFIG_CALL = /^select\s+(?:pg_catalog\s*\.\s*)?set_config\s*\(\s*'([^'\\]+)'\s*,\s*'(?:[^'\\]|'')*'\s*,\s*false\s*\)$/is;
 
-const SEQUENCE_READS = [Buffer.from('currval'), Buffer.from('CURRVAL'), Buffer.from('lastval'), Buffer.from('LASTVAL')];
 const SEQUENCE_WRITES = /\b(?:nextval|setval)\s*\(/i;
 
 /**
@@ -170,18 +241,17 @@ const SEQUENCE_WRITES = /\b(?:nextval|setval)\s*\(/i;
  * neither nextval() nor setval()), `'reads-after-write'` when something in
  * the same text may have (another statement before it, an explicit
  * nextval() or setval()), undefined when it reads none. A nextval() run by a
- * column default or a trigger cannot be seen in the text. The names are
- * found written in lowercase or uppercase, as advisory_lock is.
+ * column default or a trigger cannot be seen in the text. `scan` is
+ * scanStatementText's answer for the same text.
  */
-export function sequenceRead(buffer: Buffer, start: number, end: number): 'reads' | 'reads-after-write' | undefined {
+export function sequenceRead(buffer: Buffer, start: number, end: number, scan: number = scanStatementText(buffer, start, end)): 'reads' | 'reads-after-write' | undefined {
+  if ((scan & TEXT_SEQUENCE_READ) === 0) return undefined;
   const nul = buffer.indexOf(0, start);
   const stop = nul >= 0 && nul < end ? nul : end;
-  const text = buffer.subarray(start, stop);
-  if (!SEQUENCE_READS.some((word) => text.indexOf(word) >= 0)) return undefined;
-  const sql = text.toString('utf8');
+  const sql = buffer.toString('utf8', start, stop);
   if (!/\b(?:currval|lastval)\s*\(/i.test(sql)) return undefined;
   if (SEQUENCE_WRITES.test(sql)) return 'reads-after-write';
-  return mayHoldSeveralStatements(buffer, start, stop) && splitStatements(buffer, start, stop).length > 1 ? 'reads-after-write' : 'reads';
+  return (scan & TEXT_SEVERAL_STATEMENTS) !== 0 && splitStatements(buffer, start, stop).length > 1 ? 'reads-after-write' : 'reads';
 }
 
 /** The statements of the text at `buffer[start..)` (up to its NUL or `end`), trimmed, without their semicolons. */
@@ -276,25 +346,20 @@ function setConfigStatement(buffer: Buffer, start: number, end: number): Session
   return name === undefined || IDENTITY_SETTINGS.has(name) || TRANSACTION_SETTINGS.has(name) ? undefined : { kind: 'setting-parameter', name };
 }
 
-function contains(text: Buffer, lower: Buffer, upper: Buffer): boolean {
-  return text.indexOf(lower) >= 0 || text.indexOf(upper) >= 0;
-}
-
 /**
  * A SELECT that leaves state on its connection: a session-level advisory lock
  * (pg_advisory_lock, pg_try_advisory_lock and their _shared forms; the _xact_
  * forms end with the transaction and contain no `advisory_lock`), set_config
- * with session scope, or SELECT ... INTO TEMP. Searched with indexOf first, so an
- * ordinary SELECT costs a few memory scans and no string.
+ * with session scope, or SELECT ... INTO TEMP. Only what `scan` (of the
+ * whole text) found is searched for, so an ordinary SELECT costs no string.
  */
-function selectLeavingState(buffer: Buffer, start: number, end: number): SessionCommand | undefined {
-  const text = buffer.subarray(start, end);
-  if (contains(text, SESSION_LOCK, SESSION_LOCK_UPPER)) return PIN_ADVISORY;
-  if (contains(text, SET_CONFIG, SET_CONFIG_UPPER) && setsSessionConfig(text.toString('utf8'))) {
+function selectLeavingState(buffer: Buffer, start: number, end: number, scan: number): SessionCommand | undefined {
+  if ((scan & TEXT_ADVISORY_LOCK) !== 0 && indexOfFolded(buffer, start, end, SESSION_LOCK) >= 0) return PIN_ADVISORY;
+  if ((scan & TEXT_SET_CONFIG) !== 0 && indexOfFolded(buffer, start, end, SET_CONFIG) >= 0 && setsSessionConfig(buffer.toString('utf8', start, end))) {
     const command = setConfigStatement(buffer, start, end);
     return command === null ? undefined : command ?? PIN_SET;
   }
-  if (INTO_NEEDLES.some((needle) => text.indexOf(needle) >= 0) && /\binto\s+(temp|temporary)\b/i.test(text.toString('utf8'))) return PIN_TEMP;
+  if ((scan & TEXT_INTO) !== 0 && /\binto\s+(temp|temporary)\b/i.test(buffer.toString('utf8', start, end))) return PIN_TEMP;
   return undefined;
 }
 
@@ -304,11 +369,10 @@ function selectLeavingState(buffer: Buffer, start: number, end: number): Session
  * UPDATE's SET does not count), a session advisory lock or a temporary table.
  * What a function called from it does cannot be seen (docs/transaction-mode.md).
  */
-function doBlockLeavingState(buffer: Buffer, start: number, end: number): SessionCommand | undefined {
-  const text = buffer.subarray(start, end);
-  if (contains(text, SESSION_LOCK, SESSION_LOCK_UPPER)) return PIN_ADVISORY;
-  const body = text.toString('utf8');
-  if (contains(text, SET_CONFIG, SET_CONFIG_UPPER) && setsSessionConfig(body)) return PIN_SET;
+function doBlockLeavingState(buffer: Buffer, start: number, end: number, scan: number): SessionCommand | undefined {
+  if ((scan & TEXT_ADVISORY_LOCK) !== 0 && indexOfFolded(buffer, start, end, SESSION_LOCK) >= 0) return PIN_ADVISORY;
+  const body = buffer.toString('utf8', start, end);
+  if ((scan & TEXT_SET_CONFIG) !== 0 && indexOfFolded(buffer, start, end, SET_CONFIG) >= 0 && setsSessionConfig(body)) return PIN_SET;
   // At the start of a statement, or of a string (EXECUTE 'SET ...').
   if (/(?:^|[;$']|\b(?:begin|then|else|loop))\s*(?:reset\b|set\s+(?!local\b|transaction\b|constraints\b)[a-z_"])/i.test(body)) return PIN_SET;
   if (/\bcreate\s+(?:(?:global|local)\s+)?(?:temp|temporary)\b/i.test(body)) return PIN_TEMP;
@@ -461,11 +525,12 @@ export function mayHoldSeveralStatements(buffer: Buffer, start: number, end: num
 /**
  * The session commands of the statements after the first in a simple Query
  * (`SELECT 1; SET x = 1`): what a pooler reading only the first would miss.
- * Empty, at the cost of one memory scan, for a text without a semicolon.
+ * Empty at once when `scan` (scanStatementText's answer for the same
+ * text) found no second statement.
  * A later LISTEN pins (it cannot go through the shared listener alone).
  */
-export function laterSessionCommands(buffer: Buffer, start: number, end: number): SessionCommand[] {
-  if (!mayHoldSeveralStatements(buffer, start, end)) return [];
+export function laterSessionCommands(buffer: Buffer, start: number, end: number, scan: number = scanStatementText(buffer, start, end)): SessionCommand[] {
+  if ((scan & TEXT_SEVERAL_STATEMENTS) === 0) return [];
   const statements = splitStatements(buffer, start, end);
   const commands: SessionCommand[] = [];
   for (const [from, to] of statements.slice(1)) {

@@ -51,6 +51,8 @@ export class PostgresServer {
   readonly host = '127.0.0.1';
   readonly port: number;
   readonly dataDir: string;
+  /** The server's Unix socket, where every role logs in without a password (tests that speak the raw protocol to the server). */
+  readonly socketPath: string;
   readonly superuser: PostgresRole;
   /** A role with a SCRAM-SHA-256 verifier. */
   readonly app: PostgresRole;
@@ -63,11 +65,12 @@ export class PostgresServer {
   private readonly launch: () => ManagedProcess;
   private readonly tls: ServerTlsFiles | undefined;
 
-  private constructor(fields: { port: number; dataDir: string; superuser: PostgresRole; app: PostgresRole; appMd5: PostgresRole; options: PostgresOptions; process: ManagedProcess; launch: () => ManagedProcess; tls: ServerTlsFiles | undefined }) {
+  private constructor(fields: { port: number; dataDir: string; socketPath: string; superuser: PostgresRole; app: PostgresRole; appMd5: PostgresRole; options: PostgresOptions; process: ManagedProcess; launch: () => ManagedProcess; tls: ServerTlsFiles | undefined }) {
     this.tls = fields.tls;
     this.caPem = fields.tls?.ca.certPem;
     this.port = fields.port;
     this.dataDir = fields.dataDir;
+    this.socketPath = fields.socketPath;
     this.superuser = fields.superuser;
     this.app = fields.app;
     this.appMd5 = fields.appMd5;
@@ -147,7 +150,7 @@ export class PostgresServer {
     } finally {
       await client.end();
     }
-    return new PostgresServer({ port, dataDir, superuser, app, appMd5, options, process: child, launch, tls });
+    return new PostgresServer({ port, dataDir, socketPath: join(socketDir, `.s.PGSQL.${port}`), superuser, app, appMd5, options, process: child, launch, tls });
   }
 
   /** node-postgres settings for `role` (the superuser by default). */

@@ -1456,6 +1456,98 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('COPY FROM STDIN sent whole before its CopyInResponse, in each order PostgreSQL accepts: the ReadyForQuery it sends, and the only server connection is reused by the next client at once', async function () {
+      const copy = (): Buffer[] => [serialize.parse({ name: '', text: 'COPY copy_whole FROM STDIN', types: [] }), serialize.bind({}), serialize.execute({})];
+      const rows = serialize.copyData(Buffer.from('1\n2\n'));
+      const bad = serialize.copyData(Buffer.from('x\n'));
+      const done = serialize.copyDone();
+      const sync = serialize.sync();
+      // `added`: rows the COPY wrote.
+      const cases: { name: string; sent: Buffer[]; replies: string; ready: number; added: number }[] = [
+        { name: 'libpq\'s order (a Sync after the Execute, another after CopyDone)', sent: [...copy(), sync, rows, done, sync], replies: '12GCZI', ready: 1, added: 2 },
+        { name: 'no Sync after the Execute', sent: [...copy(), rows, done, sync], replies: '12GCZI', ready: 1, added: 2 },
+        { name: 'CopyFail', sent: [...copy(), sync, rows, serialize.copyFail('given up'), sync], replies: '12GEZI', ready: 1, added: 0 },
+        { name: 'bad data', sent: [...copy(), sync, bad, done, sync], replies: '12GEZI', ready: 1, added: 0 },
+        { name: 'two Syncs after CopyDone', sent: [...copy(), sync, rows, done, sync, sync], replies: '12GCZIZI', ready: 2, added: 2 },
+        { name: 'two COPYs in one batch', sent: [...copy(), sync, rows, done, ...copy(), sync, rows, done, sync], replies: '12GC12GCZI', ready: 1, added: 4 },
+        { name: 'a simple Query\'s COPY with a Sync after it', sent: [serialize.query('COPY copy_whole FROM STDIN'), rows, done, sync], replies: 'GCZIZI', ready: 2, added: 2 },
+      ];
+      await withSidecar(postgres, { grant: 1, pool: { poolTimeout: 3 } }, async (running) => {
+        const setup = client(running);
+        await setup.connect();
+        await setup.query('DROP TABLE IF EXISTS copy_whole; CREATE TABLE copy_whole (a int)');
+        const backend = (await setup.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+        await setup.end();
+        let expected = 0;
+        for (const c of cases) {
+          const w = await wireSession(running.port, running.role.user);
+          w.send(c.sent);
+          assert.equal(await w.replies(c.ready), c.replies, `${c.name}: replies`);
+          expected += c.added;
+          // While that client stays connected, another one logs in and runs on the one server connection, the same backend.
+          const next = client(running, { connectionTimeoutMillis: 5000 });
+          try {
+            await next.connect();
+            const row = (await next.query<{ pid: number; n: string }>('SELECT pg_backend_pid() AS pid, (SELECT count(*) FROM copy_whole) AS n')).rows[0]!;
+            assert.equal(row.n, String(expected), `${c.name}: rows`);
+            assert.equal(row.pid, backend, `${c.name}: the server connection was replaced`);
+          } catch (error) {
+            if (error instanceof assert.AssertionError) throw error;
+            assert.fail(`${c.name}: the next client got no server connection (${(error as Error).message})`);
+          } finally {
+            await next.end().catch(() => undefined);
+          }
+          w.send([serialize.query('SELECT 2')]);
+          assert.equal(await w.replies(1, 50), 'TDCZI', `${c.name}: the client's next query`);
+          w.send([serialize.end()]);
+          assert.equal(await w.closedWithin(3000), true);
+        }
+      });
+    });
+
+    it('COPY FROM STDIN that fails with a Sync among its data (the ReadyForQuery to come cannot be counted): the client gets what PostgreSQL sends and keeps its server connection, which is closed after it, never handed on', async function () {
+      const copy = [serialize.parse({ name: '', text: 'COPY copy_sync_among FROM STDIN', types: [] }), serialize.bind({}), serialize.execute({}), serialize.sync()];
+      // Bad data: the COPY fails on its first CopyData, so the server answers the Sync after it and the one after CopyDone.
+      const data = [serialize.copyData(Buffer.from('x\n')), serialize.sync(), serialize.copyData(Buffer.from('1\n')), serialize.copyDone(), serialize.sync()];
+      await withSidecar(postgres, { grant: 1, pool: { poolTimeout: 1 } }, async (running) => {
+        const setup = client(running);
+        await setup.connect();
+        await setup.query('DROP TABLE IF EXISTS copy_sync_among; CREATE TABLE copy_sync_among (a int)');
+        let backend = (await setup.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+        await setup.end();
+        for (const whole of [false, true]) {
+          const name = whole ? 'sent whole' : 'data sent after CopyInResponse';
+          const w = await wireSession(running.port, running.role.user);
+          if (whole) w.send([...copy, ...data]);
+          else {
+            w.send(copy);
+            assert.ok(await w.until('G'), 'CopyInResponse');
+            w.send(data);
+          }
+          assert.equal(await w.replies(2), whole ? '12GEZIZI' : 'EZIZI', name);
+          w.send([serialize.query('SELECT 2')]);
+          assert.equal(await w.replies(1, 50), 'TDCZI', `${name}: the client's next query`);
+          // The connection stays with the client: another client waits for it, in vain here.
+          const waiting = client(running);
+          await assert.rejects(waiting.connect().then(() => waiting.query('SELECT 1')), (e: { code?: string }) => e.code === '53300', `${name}: another client was handed the server connection`);
+          await waiting.end().catch(() => undefined);
+          w.send([serialize.end()]);
+          assert.equal(await w.closedWithin(3000), true);
+          // Then it is closed, not reused: the next client gets a new backend, in a clean state.
+          const next = client(running);
+          await next.connect();
+          try {
+            const row = (await next.query<{ pid: number; n: number }>('SELECT pg_backend_pid() AS pid, 1 AS n')).rows[0]!;
+            assert.equal(row.n, 1);
+            assert.notEqual(row.pid, backend, `${name}: the server connection was reused`);
+            backend = row.pid;
+          } finally {
+            await next.end();
+          }
+        }
+      });
+    });
+
     it('a pre-ping on a connection that went silent (a NAT dropped it) ends in 53300 within poolTimeout, not a hang', async function () {
       const proxy = new TcpProxy(postgres.host, postgres.port);
       const port = await proxy.start();

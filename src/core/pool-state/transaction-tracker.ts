@@ -15,6 +15,13 @@
  * BindComplete, CloseComplete, RowDescription or NoData (Describe),
  * CommandComplete, EmptyQueryResponse, PortalSuspended or the ErrorResponse
  * itself (Execute), ReadyForQuery (Query, FunctionCall, Sync).
+ *
+ * A COPY FROM STDIN (copyfromparse.c) reads the messages sent after its
+ * Query or Execute up to the first CopyDone or CopyFail, ignoring the Syncs
+ * and Flushes among them; CopyData, CopyDone and CopyFail outside a COPY are
+ * ignored. A client may send all of it before the CopyInResponse that says
+ * the statement was a COPY, so CopyData, CopyDone and CopyFail are kept in
+ * the queue too while it is not known whether a COPY will read them.
  */
 
 /** Status byte of ReadyForQuery. */
@@ -33,6 +40,7 @@ const D = 0x44;
 const C = 0x43;
 const H = 0x48;
 const COPY_DONE = 0x63;
+const COPY_DATA = 0x64;
 const PARSE_COMPLETE = 0x31;
 const BIND_COMPLETE = 0x32;
 const CLOSE_COMPLETE = 0x33;
@@ -59,12 +67,20 @@ const T_BYTE = 0x54;
  */
 export type WatchedOutcome = 'running' | 'ran' | 'not-run' | 'uncertain';
 
-/** Kinds of owed messages in TransactionTracker's queue: Parse, Close, another extended message (Bind, Describe, Execute), Query or FunctionCall, Sync. */
+/**
+ * Kinds of entries in TransactionTracker's queue: Parse, Close, another
+ * extended message (Bind, Describe, Execute), Query or FunctionCall, Sync,
+ * and the COPY messages a COPY not yet begun may read: CopyData, CopyDone or
+ * CopyFail. Those two are owed no reply; they leave the queue when the COPY
+ * before them begins, or when every message before them was answered.
+ */
 const OWED_PARSE = P;
 const OWED_CLOSE = C;
 const OWED_EXTENDED = B;
 const OWED_QUERY = Q;
 const OWED_SYNC = S;
+const OWED_COPY_DATA = COPY_DATA;
+const OWED_COPY_END = COPY_DONE;
 
 /** Tracks transaction boundaries of one server connection. */
 export class TransactionTracker {
@@ -93,10 +109,24 @@ export class TransactionTracker {
   private skippingToSync = false;
   /** Queries and FunctionCalls skipped since the latest ReadyForQuery: the next one ends their batches too. */
   private skippedBatches = 0;
-  /** COPY in progress. */
+  /** COPY in progress; a COPY FROM STDIN only until the client's CopyDone or CopyFail (none if it sent one before the CopyInResponse). */
   copy: CopyState = 'none';
-  /** A ReadyForQuery arrived that nothing asked for (a protocol bug on one side). */
-  unexpectedReady = false;
+  /** The COPY FROM STDIN running on the server had CopyData sent for it. */
+  private copyDataSent = false;
+  /**
+   * Syncs sent among the CopyData of the COPY FROM STDIN running on the
+   * server. The COPY reads them, unless it fails before them: the server
+   * then answers each with a ReadyForQuery. Which it read, the replies do not
+   * tell.
+   */
+  private syncsAmongCopyData = 0;
+  /**
+   * The ReadyForQuery still to come cannot be counted: one arrived that
+   * nothing asked for (a protocol bug on one side), or a COPY FROM STDIN with
+   * Syncs among its data failed (see syncsAmongCopyData). The connection is
+   * never at a boundary again: it is closed, not reused.
+   */
+  readyCountLost = false;
   /** The watched statement's outcome, while one is watched (see watch). */
   watched: WatchedOutcome | undefined;
   private watchedCompleted = false;
@@ -124,6 +154,8 @@ export class TransactionTracker {
   commandCompleted(rollback = false): void {
     // The last reply of an Execute (of a simple Query, its ReadyForQuery is).
     this.extendedReplied();
+    // A COPY FROM STDIN that completed read every Sync sent among its data.
+    this.syncsAmongCopyData = 0;
     if (this.watched !== 'running' || this.watchedAfter > 0) return;
     this.watchedCompleted = true;
     // A ROLLBACK TO SAVEPOINT may undo it; one that ends the block (or a COMMIT of a failed one) does.
@@ -145,7 +177,10 @@ export class TransactionTracker {
         return;
       case S:
         // Read by a COPY FROM STDIN, a Sync is ignored (libpq sends one right after the Execute of a COPY, another after CopyDone).
-        if (this.copy === 'in') return;
+        if (this.copy === 'in') {
+          if (this.copyDataSent) this.syncsAmongCopyData += 1;
+          return;
+        }
         this.pendingReady += 1;
         this.extendedOpen = false;
         this.skippingToSync = false;
@@ -165,9 +200,14 @@ export class TransactionTracker {
       case H:
         this.extendedOpen = true;
         return;
+      case COPY_DATA:
+        if (this.copy === 'in') this.copyDataSent = true;
+        else this.oweCopyMessage(OWED_COPY_DATA);
+        return;
       case COPY_DONE:
       case COPY_FAIL:
         if (this.copy === 'in') this.copy = 'none';
+        else this.oweCopyMessage(OWED_COPY_END);
         return;
       default:
     }
@@ -183,7 +223,7 @@ export class TransactionTracker {
   serverMessage(type: number, statusByte = 0): boolean {
     switch (type) {
       case READY_FOR_QUERY: {
-        if (this.pendingReady === 0) this.unexpectedReady = true;
+        if (this.pendingReady === 0) this.readyCountLost = true;
         else {
           this.pendingReady -= 1;
           this.readyReplied();
@@ -193,6 +233,7 @@ export class TransactionTracker {
         this.skippedBatches = 0;
         this.status = statusByte === I_BYTE ? 'I' : statusByte === T_BYTE ? 'T' : 'E';
         this.copy = 'none';
+        this.syncsAmongCopyData = 0;
         if (this.watched === 'running') {
           if (this.watchedAfter >= batches) this.watchedAfter -= batches;
           else {
@@ -214,8 +255,7 @@ export class TransactionTracker {
         this.extendedReplied();
         return false;
       case COPY_IN_RESPONSE:
-        this.copy = 'in';
-        this.syncsReadByCopy();
+        this.copyInBegan();
         return false;
       case COPY_OUT_RESPONSE:
         this.copy = 'out';
@@ -229,6 +269,9 @@ export class TransactionTracker {
       case ERROR_RESPONSE:
         // An error ends COPY IN on the server side; ReadyForQuery follows.
         if (this.copy === 'in') this.copy = 'none';
+        // It may have come before some of the Syncs among its data were read: those get a ReadyForQuery each.
+        if (this.syncsAmongCopyData > 0) this.readyCountLost = true;
+        this.syncsAmongCopyData = 0;
         if (this.watched === 'running' && this.watchedAfter === 0) this.watchedFailed = true;
         // It answers an extended message: the server discards what follows until Sync.
         if (this.owedHead < this.owedEnd && this.owed[this.owedHead] !== OWED_QUERY && this.owed[this.owedHead] !== OWED_SYNC) this.skipToSync();
@@ -258,9 +301,21 @@ export class TransactionTracker {
     else this.advanceTo(head + 2);
   }
 
+  /**
+   * A CopyData, CopyDone or CopyFail sent with no COPY FROM STDIN known to
+   * read it: queued for the COPY that an owed Query or Execute may begin
+   * (with nothing owed, or after an error the server discards until Sync,
+   * none can).
+   */
+  private oweCopyMessage(kind: number): void {
+    if (this.owedHead < this.owedEnd && !this.skippingToSync) this.owe(kind);
+  }
+
   /** Forgets the owed messages before index `head` (of the run-length array). */
   private advanceTo(head: number): void {
     const end = this.owedEnd;
+    // COPY messages with every message before them answered: no COPY reads them.
+    while (head < end && (this.owed[head] === OWED_COPY_DATA || this.owed[head] === OWED_COPY_END)) head += 2;
     if (head >= end) {
       this.owedHead = 0;
       this.owedEnd = 0;
@@ -285,7 +340,7 @@ export class TransactionTracker {
     const owed = this.owed;
     const end = this.owedEnd;
     let head = this.owedHead;
-    // Extended messages before it that got no reply counted (none, unless a reply type is not known here).
+    // Extended messages before it that got no reply counted (none, unless a reply type is not known here), and COPY messages.
     while (head < end && owed[head] !== OWED_QUERY && owed[head] !== OWED_SYNC) head += 2;
     this.owedHead = head;
     if (head < end) this.dropOldest();
@@ -315,37 +370,64 @@ export class TransactionTracker {
 
   /**
    * A COPY FROM STDIN began (its Query or Execute is the oldest owed
-   * message): it reads the messages sent after it until CopyDone or CopyFail,
-   * ignoring Syncs and Flushes. The Syncs already sent after it were sent
-   * before the client's CopyDone, so they get no ReadyForQuery, and an
-   * extended batch stays open until a Sync after the COPY. (A client that
-   * sent CopyDone and a Sync before CopyInResponse arrived gets one
-   * ReadyForQuery more than expected here: the connection is then not
-   * reused.)
+   * message): it reads the messages sent after it until the first CopyDone
+   * or CopyFail, ignoring Syncs and Flushes. The Syncs already sent before
+   * that get no ReadyForQuery (those after a CopyData only if the COPY does
+   * not fail first: syncsAmongCopyData), and an extended batch stays open
+   * until a Sync after the COPY. If the client sent its CopyDone or
+   * CopyFail already, the COPY waits for nothing more from it.
    */
-  private syncsReadByCopy(): void {
+  private copyInBegan(): void {
     const owed = this.owed;
     const end = this.owedEnd;
     const head = this.owedHead;
     let write = head + 2;
-    let dropped = 0;
-    for (let read = head + 2; read < end; read += 2) {
-      if (owed[read] === OWED_SYNC) {
-        dropped += owed[read + 1]!;
+    let read = head + 2;
+    let readByCopy = 0;
+    let amongData = 0;
+    let dataSent = false;
+    let ended = false;
+    for (; read < end && !ended; read += 2) {
+      const kind = owed[read]!;
+      if (kind === OWED_SYNC) {
+        readByCopy += owed[read + 1]!;
+        if (dataSent) amongData += owed[read + 1]!;
         continue;
       }
-      // Runs of one kind either side of a dropped Sync join again.
-      if (write > head && owed[write - 2] === owed[read]) owed[write - 1]! += owed[read + 1]!;
-      else {
-        owed[write] = owed[read]!;
-        owed[write + 1] = owed[read + 1]!;
-        write += 2;
+      if (kind === OWED_COPY_DATA) {
+        dataSent = true;
+        continue;
       }
+      if (kind === OWED_COPY_END) {
+        ended = true;
+        continue;
+      }
+      // A message the COPY cannot read (the server ends the session on it): kept as it is.
+      write = this.keep(write, read);
     }
-    if (dropped === 0 || head >= end) return;
-    this.owedEnd = write;
-    this.pendingReady -= dropped;
-    if (owed[head] !== OWED_QUERY) this.extendedOpen = true;
+    let syncAfter = false;
+    for (; read < end; read += 2) {
+      if (owed[read] === OWED_SYNC) syncAfter = true;
+      write = this.keep(write, read);
+    }
+    if (head < end) this.owedEnd = write;
+    this.copy = ended ? 'none' : 'in';
+    this.copyDataSent = dataSent;
+    this.syncsAmongCopyData = amongData;
+    this.pendingReady -= readByCopy;
+    if (readByCopy > 0 && !syncAfter && head < end && owed[head] !== OWED_QUERY) this.extendedOpen = true;
+  }
+
+  /** Moves the queue entry at `read` down to `write`, joining the run before it if of the same kind; returns the next write index. */
+  private keep(write: number, read: number): number {
+    const owed = this.owed;
+    if (owed[write - 2] === owed[read]) {
+      owed[write - 1]! += owed[read + 1]!;
+      return write;
+    }
+    owed[write] = owed[read]!;
+    owed[write + 1] = owed[read + 1]!;
+    return write + 2;
   }
 
   /**
@@ -390,7 +472,7 @@ export class TransactionTracker {
 
   /** True when the connection may be handed to another client. */
   get atBoundary(): boolean {
-    return this.status === 'I' && this.pendingReady === 0 && !this.extendedOpen && this.copy === 'none' && !this.unexpectedReady;
+    return this.status === 'I' && this.pendingReady === 0 && !this.extendedOpen && this.copy === 'none' && !this.readyCountLost;
   }
 
   /** True inside a transaction block, failed or not. */
@@ -409,7 +491,9 @@ export class TransactionTracker {
     this.skippingToSync = false;
     this.skippedBatches = 0;
     this.copy = 'none';
-    this.unexpectedReady = false;
+    this.copyDataSent = false;
+    this.syncsAmongCopyData = 0;
+    this.readyCountLost = false;
     this.watched = undefined;
   }
 }

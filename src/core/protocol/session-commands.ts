@@ -51,20 +51,28 @@ export const TEXT_INTO = 8;
 /** Something other than white space after a semicolon: a second statement may follow the first. */
 export const TEXT_SEVERAL_STATEMENTS = 16;
 
-const SCANNED_WORDS: readonly { word: Uint8Array; bit: number }[] = [
-  { word: Buffer.from('currval'), bit: TEXT_SEQUENCE_READ },
-  { word: Buffer.from('lastval'), bit: TEXT_SEQUENCE_READ },
-  { word: Buffer.from('advisory_lock'), bit: TEXT_ADVISORY_LOCK },
-  { word: Buffer.from('set_config'), bit: TEXT_SET_CONFIG },
-  { word: Buffer.from('into'), bit: TEXT_INTO },
-];
-/** For each byte, the SCANNED_WORDS (as bits of their indexes) that start with it, in either case. */
-const WORD_STARTS = new Uint8Array(256);
-SCANNED_WORDS.forEach(({ word }, index) => {
-  const first = word[0]!;
-  WORD_STARTS[first] = WORD_STARTS[first]! | (1 << index);
-  WORD_STARTS[first & ~0x20] = WORD_STARTS[first & ~0x20]! | (1 << index);
-});
+const CURRVAL = Buffer.from('currval');
+const LASTVAL = Buffer.from('lastval');
+const ADVISORY_LOCK = Buffer.from('advisory_lock');
+const SET_CONFIG = Buffer.from('set_config');
+const INTO = Buffer.from('into');
+/** What a byte is to scanStatementText: the first letter of a word it looks for (either case), a semicolon, NUL, white space or nothing. */
+const BYTE_KIND = new Uint8Array(256);
+const KIND_C = 1;
+const KIND_L = 2;
+const KIND_A = 3;
+const KIND_S = 4;
+const KIND_I = 5;
+const KIND_SEMICOLON = 6;
+const KIND_NUL = 7;
+const KIND_SPACE = 8;
+for (const [letter, kind] of [['c', KIND_C], ['l', KIND_L], ['a', KIND_A], ['s', KIND_S], ['i', KIND_I]] as const) {
+  BYTE_KIND[letter.charCodeAt(0)] = kind;
+  BYTE_KIND[letter.toUpperCase().charCodeAt(0)] = kind;
+}
+BYTE_KIND[0x3b] = KIND_SEMICOLON;
+BYTE_KIND[0] = KIND_NUL;
+for (const space of [0x20, 0x09, 0x0a, 0x0d, 0x0c]) BYTE_KIND[space] = KIND_SPACE;
 
 /** True if `buffer[at..end)` starts with `word` (lowercase ASCII), letters compared in either case. */
 function startsWithFolded(buffer: Buffer, at: number, end: number, word: Uint8Array): boolean {
@@ -92,15 +100,33 @@ export function scanStatementText(buffer: Buffer, start: number, end: number): n
   let found = 0;
   let afterSemicolon = false;
   for (let i = start; i < end; i++) {
-    const byte = buffer[i]!;
-    if (byte === 0) break;
-    if (byte === 0x3b) afterSemicolon = true;
-    else if (afterSemicolon && !isSpace(byte)) found |= TEXT_SEVERAL_STATEMENTS;
-    const starts = WORD_STARTS[byte]!;
-    if (starts === 0) continue;
-    for (let w = 0; w < SCANNED_WORDS.length; w++) {
-      if ((starts & (1 << w)) !== 0 && startsWithFolded(buffer, i, end, SCANNED_WORDS[w]!.word)) found |= SCANNED_WORDS[w]!.bit;
+    switch (BYTE_KIND[buffer[i]!]) {
+      case KIND_C:
+        if (startsWithFolded(buffer, i, end, CURRVAL)) found |= TEXT_SEQUENCE_READ;
+        break;
+      case KIND_L:
+        if (startsWithFolded(buffer, i, end, LASTVAL)) found |= TEXT_SEQUENCE_READ;
+        break;
+      case KIND_A:
+        if (startsWithFolded(buffer, i, end, ADVISORY_LOCK)) found |= TEXT_ADVISORY_LOCK;
+        break;
+      case KIND_S:
+        if (startsWithFolded(buffer, i, end, SET_CONFIG)) found |= TEXT_SET_CONFIG;
+        break;
+      case KIND_I:
+        if (startsWithFolded(buffer, i, end, INTO)) found |= TEXT_INTO;
+        break;
+      case KIND_SEMICOLON:
+        afterSemicolon = true;
+        continue;
+      case KIND_NUL:
+        return found;
+      case KIND_SPACE:
+        continue;
+      default:
+        break;
     }
+    if (afterSemicolon) found |= TEXT_SEVERAL_STATEMENTS;
   }
   return found;
 }
@@ -116,6 +142,8 @@ const START_WORD = Buffer.from('start ');
 export function startsTransaction(buffer: Buffer, start: number, end: number, scan: number = scanStatementText(buffer, start, end)): boolean {
   let i = start;
   while (i < end && isSpace(buffer[i])) i++;
+  const first = i < end ? buffer[i]! | 0x20 : 0;
+  if (first !== 0x62 /* b */ && first !== 0x73 /* s */) return false;
   return (startsWithFolded(buffer, i, end, BEGIN_WORD) || startsWithFolded(buffer, i, end, START_WORD)) && (scan & TEXT_SEVERAL_STATEMENTS) === 0;
 }
 
@@ -186,8 +214,6 @@ export function classifySessionCommand(buffer: Buffer, start: number, end: numbe
   }
 }
 
-const SESSION_LOCK = Buffer.from('advisory_lock');
-const SET_CONFIG = Buffer.from('set_config');
 const PIN_ADVISORY: SessionCommand = { kind: 'pin', reason: 'advisory-lock' };
 const PIN_SET: SessionCommand = { kind: 'pin', reason: 'set' };
 const PIN_TEMP: SessionCommand = { kind: 'pin', reason: 'temp-table' };
@@ -354,7 +380,7 @@ function setConfigStatement(buffer: Buffer, start: number, end: number): Session
  * whole text) found is searched for, so an ordinary SELECT costs no string.
  */
 function selectLeavingState(buffer: Buffer, start: number, end: number, scan: number): SessionCommand | undefined {
-  if ((scan & TEXT_ADVISORY_LOCK) !== 0 && indexOfFolded(buffer, start, end, SESSION_LOCK) >= 0) return PIN_ADVISORY;
+  if ((scan & TEXT_ADVISORY_LOCK) !== 0 && indexOfFolded(buffer, start, end, ADVISORY_LOCK) >= 0) return PIN_ADVISORY;
   if ((scan & TEXT_SET_CONFIG) !== 0 && indexOfFolded(buffer, start, end, SET_CONFIG) >= 0 && setsSessionConfig(buffer.toString('utf8', start, end))) {
     const command = setConfigStatement(buffer, start, end);
     return command === null ? undefined : command ?? PIN_SET;
@@ -370,7 +396,7 @@ function selectLeavingState(buffer: Buffer, start: number, end: number, scan: nu
  * What a function called from it does cannot be seen (docs/transaction-mode.md).
  */
 function doBlockLeavingState(buffer: Buffer, start: number, end: number, scan: number): SessionCommand | undefined {
-  if ((scan & TEXT_ADVISORY_LOCK) !== 0 && indexOfFolded(buffer, start, end, SESSION_LOCK) >= 0) return PIN_ADVISORY;
+  if ((scan & TEXT_ADVISORY_LOCK) !== 0 && indexOfFolded(buffer, start, end, ADVISORY_LOCK) >= 0) return PIN_ADVISORY;
   const body = buffer.toString('utf8', start, end);
   if ((scan & TEXT_SET_CONFIG) !== 0 && indexOfFolded(buffer, start, end, SET_CONFIG) >= 0 && setsSessionConfig(body)) return PIN_SET;
   // At the start of a statement, or of a string (EXECUTE 'SET ...').

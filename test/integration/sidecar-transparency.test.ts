@@ -115,6 +115,29 @@ async function wireSession(port: number, user: string): Promise<{
   return { send: (bytes) => socket.write(Buffer.concat(bytes)), until, closedWithin, key, replies };
 }
 
+type WireSession = Awaited<ReturnType<typeof wireSession>>;
+
+/**
+ * With grant 1: while `w` stays connected, another client logs in and passes
+ * `check` on the one server connection; then `w` runs a query and ends as usual.
+ */
+async function nextClientThenGoOn(running: TestSidecar, w: WireSession, name: string, check: (next: pg.Client) => Promise<void>): Promise<void> {
+  const next = client(running, { connectionTimeoutMillis: 5000 });
+  try {
+    await next.connect();
+    await check(next);
+  } catch (error) {
+    if (error instanceof assert.AssertionError) throw error;
+    assert.fail(`${name}: the next client got no server connection (${(error as Error).message})`);
+  } finally {
+    await next.end().catch(() => undefined);
+  }
+  w.send([serialize.query('SELECT 2')]);
+  assert.equal(await w.replies(1, 50), 'TDCZI', `${name}: the client's next query`);
+  w.send([serialize.end()]);
+  assert.equal(await w.closedWithin(3000), true);
+}
+
 describe('sidecar transparency', function () {
   let postgres: PostgresServer;
   let observer: pg.Client;
@@ -1398,21 +1421,10 @@ describe('sidecar transparency', function () {
           }
           const expected = c.sent.length > 1 ? c.replies.slice(1) : c.replies;
           assert.equal(await w.replies(c.ready), expected, `${c.name}: replies`);
-          // While that client stays connected, another one logs in and runs a query on the one server connection.
-          const next = client(running, { connectionTimeoutMillis: 5000 });
-          try {
-            await next.connect();
+          // While that client stays connected, another one logs in and runs a query on the one server connection; the first goes on as usual.
+          await nextClientThenGoOn(running, w, c.name, async (next) => {
             assert.equal((await next.query<{ n: number }>('SELECT 1 AS n')).rows[0]!.n, 1, c.name);
-          } catch (error) {
-            assert.fail(`${c.name}: the next client got no server connection (${(error as Error).message})`);
-          } finally {
-            await next.end().catch(() => undefined);
-          }
-          // And the first goes on as usual.
-          w.send([serialize.query('SELECT 2')]);
-          assert.equal(await w.replies(1, 50), 'TDCZI', `${c.name}: the client's next query`);
-          w.send([serialize.end()]);
-          assert.equal(await w.closedWithin(3000), true);
+          });
         }
         // A SET skipped so did not run: the client's setting stays as it was, as direct.
         const w = await wireSession(running.port, running.role.user);
@@ -1485,22 +1497,11 @@ describe('sidecar transparency', function () {
           assert.equal(await w.replies(c.ready), c.replies, `${c.name}: replies`);
           expected += c.added;
           // While that client stays connected, another one logs in and runs on the one server connection, the same backend.
-          const next = client(running, { connectionTimeoutMillis: 5000 });
-          try {
-            await next.connect();
+          await nextClientThenGoOn(running, w, c.name, async (next) => {
             const row = (await next.query<{ pid: number; n: string }>('SELECT pg_backend_pid() AS pid, (SELECT count(*) FROM copy_whole) AS n')).rows[0]!;
             assert.equal(row.n, String(expected), `${c.name}: rows`);
             assert.equal(row.pid, backend, `${c.name}: the server connection was replaced`);
-          } catch (error) {
-            if (error instanceof assert.AssertionError) throw error;
-            assert.fail(`${c.name}: the next client got no server connection (${(error as Error).message})`);
-          } finally {
-            await next.end().catch(() => undefined);
-          }
-          w.send([serialize.query('SELECT 2')]);
-          assert.equal(await w.replies(1, 50), 'TDCZI', `${c.name}: the client's next query`);
-          w.send([serialize.end()]);
-          assert.equal(await w.closedWithin(3000), true);
+          });
         }
       });
     });

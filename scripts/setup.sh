@@ -20,6 +20,8 @@ for module in psycopg:python3-psycopg psycopg2:python3-psycopg2 asyncpg:python3-
   /usr/bin/python3 -c "import ${module%%:*}" >/dev/null 2>&1 || missing+=("${module#*:}")
 done
 [ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
+# iptables for the lost-node test, which drops a sidecar's packets on loopback (it skips without it).
+command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || missing+=(iptables)
 # A C compiler for the sidecar's native socket I/O (scripts/build-native.sh).
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 # Perl DBD::Pg for Debian's own perl (its DBI comes with it).

@@ -163,7 +163,9 @@ export function buildBudgetInput(args: {
   const podUids = new Set(pods.map((p) => p.uid));
   for (const written of args.written.values()) {
     if (seen.has(written.podUid) || !podUids.has(written.podUid)) continue;
-    members.push({ namespace: written.namespace, name: written.name, podUid: written.podUid, grant: { connections: written.connections, generation: written.generation }, ...(written.tableFrom === undefined ? {} : { tableFrom: written.tableFrom }) });
+    // Created on its table: its sidecar's first answer may have come over the channel already.
+    const sent = written.tableFrom === undefined ? undefined : args.channel?.(written.podUid);
+    members.push({ namespace: written.namespace, name: written.name, podUid: written.podUid, grant: { connections: written.connections, generation: written.generation }, ...(written.tableFrom === undefined ? {} : { tableFrom: written.tableFrom }), ...(sent ? { acknowledgement: sent } : {}) });
   }
   return { limit: args.limit, connections, pods, members, ...(args.tables ? { tables: args.tables } : {}), ...(args.now === undefined ? {} : { now: args.now }) };
 }

@@ -48,6 +48,7 @@ describe('budget planner', function () {
     const silent = planBudgets({ limit: 10, connections: [orders([web])], pods: [pod('a'), b], members: [a, silentMember], tables: [{ namespace: 'shop', connection: 'orders', table: after }] });
     assert.equal(silent.grants.find((g) => g.name === 'b')!.grant.connections, 0);
     assert.equal(silent.grants.find((g) => g.name === 'b')!.changed, false);
+    assert.equal(silent.grants.find((g) => g.name === 'b')!.waitingFor, 'acknowledgement', 'it waits for its sidecar (the 5 it will get are free), so its answer wakes the controller');
     const answered = planBudgets({ limit: 10, connections: [orders([web])], pods: [pod('a'), b], members: [a, { ...silentMember, acknowledgement: { generation: 5, tableGeneration: 5, connections: 0, held: 0, drained: false } }], tables: [{ namespace: 'shop', connection: 'orders', table: after }] });
     assert.deepEqual(answered.tables[0]!.table.perPod, 5, 'grown in the table, one write for the connection');
     assert.equal(answered.grants.find((g) => g.name === 'b')!.changed, false, 'no PoolMember write');

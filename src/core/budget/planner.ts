@@ -157,60 +157,77 @@ function planDepartures(input: BudgetInput, states: readonly PodState[], tables:
   const held = new Map<string, number>();
   const now = input.now;
   if (now === undefined) return { lists, held };
-  const holdMs = new Map(input.connections.map((c) => [`${c.namespace}/${c.name}`, Math.max(0, c.departureHoldSeconds ?? 0) * 1000]));
-  const presentNames = new Set(input.pods.map((p) => podKey(p)));
-  const memberNames = new Set(input.members.map((m) => podKey(m)));
+  // Per connection, the records by pod name: once per pod, a known UID being the pod and a name
+  // alone standing for whichever pod of that name left.
+  const recorded = new Map<string, Map<string, DepartedPod[]>>();
   const add = (connection: string, d: DepartedPod): void => {
-    const list = lists.get(connection) ?? [];
-    lists.set(connection, list);
-    // Once per pod: a known UID is the pod; a name alone stands for whichever pod of that name left.
-    if (list.some((x) => x.pod === d.pod && (x.uid === d.uid || x.uid === '' || d.uid === ''))) return;
-    list.push(d);
+    let byName = recorded.get(connection);
+    if (!byName) {
+      byName = new Map();
+      recorded.set(connection, byName);
+      lists.set(connection, []);
+    }
+    const same = byName.get(d.pod);
+    if (same?.some((x) => x.uid === d.uid || x.uid === '' || d.uid === '')) return;
+    if (same) same.push(d);
+    else byName.set(d.pod, [d]);
+    lists.get(connection)!.push(d);
   };
+  // Built only when needed: at thousands of pods these are most of this step's work. A
+  // PoolMember is named after its pod, so its owner's UID among the pods' says its pod is there.
+  let podUids: Set<string> | undefined;
+  const podThere = (m: MemberState): boolean => (podUids ??= new Set(input.pods.map((p) => p.uid))).has(m.podUid);
+  let orphanUids: Set<string> | undefined;
+  const isOrphan = (uid: string): boolean => (orphanUids ??= new Set(input.members.filter((m) => !podThere(m)).map((m) => m.podUid))).has(uid);
+  let names: Set<string> | undefined;
+  const podOrMemberNamed = (key: string): boolean => (names ??= new Set([...input.pods.map((p) => podKey(p)), ...input.members.map((m) => podKey(m))])).has(key);
   // Kept first, so a pod already recorded keeps its first `until`. A record past its `until` counts
   // nothing but stays while the pod's PoolMember does, so that the PoolMember is not recorded again.
-  const livePodUids = new Map(input.pods.map((p) => [podKey(p), p.uid]));
-  const orphanUids = new Set(input.members.filter((m) => livePodUids.get(podKey(m)) !== m.podUid).map((m) => m.podUid));
   for (const [k, table] of tables) {
-    for (const d of table.departed ?? []) if (departedCounts(d, now) || (d.uid !== '' && orphanUids.has(d.uid))) add(k, d);
+    for (const d of table.departed ?? []) if (departedCounts(d, now) || (d.uid !== '' && isOrphan(d.uid))) add(k, d);
   }
-  const untilFor = (connection: string): string | undefined => {
-    const ms = holdMs.get(connection) ?? 0;
-    return ms > 0 ? new Date(now + ms).toISOString() : undefined;
-  };
-  for (const s of states) {
-    if (s.leftHolding <= 0 || !s.onTable) continue;
-    const k = `${s.pod.namespace}/${s.pod.connection}`;
-    const until = untilFor(k);
-    if (until !== undefined) add(k, { pod: s.pod.name, uid: s.pod.uid, connections: s.leftHolding, until });
+  // Until when a pod leaving a connection now stays counted; none for a connection that holds nothing.
+  const untils = new Map<string, string>();
+  for (const c of input.connections) {
+    const ms = Math.max(0, c.departureHoldSeconds ?? 0) * 1000;
+    if (ms > 0) untils.set(`${c.namespace}/${c.name}`, new Date(now + ms).toISOString());
   }
-  for (const m of input.members) {
-    // Pods on tables only: a sidecar that reads its PoolMember alone is released at once, as before tables.
-    if (m.connection === undefined || m.tableFrom === undefined || livePodUids.get(podKey(m)) === m.podUid || m.acknowledgement?.drained === true) continue;
-    const k = `${m.namespace}/${m.connection}`;
-    const until = untilFor(k);
-    const table = tables.get(k);
-    if (until === undefined) continue;
-    const inForce = memberGrantInForce(m, table);
-    const ack = m.acknowledgement;
-    const holding = inForce.fromTable && inForce.entry && table && m.tableFrom !== undefined
-      ? tableAccount(inForce.entry, table, m.tableFrom, ack).reservation
-      : Math.max(inForce.connections, ack?.connections ?? 0, ack?.held ?? 0);
-    // Recorded even at 0: once the pod's entry is gone from the table, deriving it again would give the
-    // table's default, which a later table may raise; the record says what the pod held when it left.
-    add(k, { pod: m.name, uid: m.podUid, connections: holding, until });
-  }
-  for (const [k, table] of tables) {
-    const until = untilFor(k);
-    if (until === undefined) continue;
-    const namespace = k.slice(0, k.indexOf('/'));
-    for (const e of table.exceptions) {
-      for (const name of e.pods) {
-        // A pod whose PoolMember is still there is judged by it (above): it may have reported its drain.
-        if (presentNames.has(`${namespace}/${name}`) || memberNames.has(`${namespace}/${name}`)) continue;
-        const entry = deriveEntry(table, name);
-        const holding = Math.max(entry.connections, entry.releasing ?? 0);
-        if (holding > 0) add(k, { pod: name, uid: '', connections: holding, until });
+  if (untils.size > 0) {
+    for (const s of states) {
+      if (s.leftHolding <= 0 || !s.onTable) continue;
+      const k = `${s.pod.namespace}/${s.pod.connection}`;
+      const until = untils.get(k);
+      if (until !== undefined) add(k, { pod: s.pod.name, uid: s.pod.uid, connections: s.leftHolding, until });
+    }
+    for (const m of input.members) {
+      // Pods on tables only: a sidecar that reads its PoolMember alone is released at once, as before tables.
+      if (m.connection === undefined || m.tableFrom === undefined || m.acknowledgement?.drained === true) continue;
+      const k = `${m.namespace}/${m.connection}`;
+      const until = untils.get(k);
+      if (until === undefined || podThere(m)) continue;
+      const table = tables.get(k);
+      const inForce = memberGrantInForce(m, table);
+      const ack = m.acknowledgement;
+      const holding = inForce.fromTable && inForce.entry && table && m.tableFrom !== undefined
+        ? tableAccount(inForce.entry, table, m.tableFrom, ack).reservation
+        : Math.max(inForce.connections, ack?.connections ?? 0, ack?.held ?? 0);
+      // Recorded even at 0: once the pod's entry is gone from the table, deriving it again would give the
+      // table's default, which a later table may raise; the record says what the pod held when it left.
+      add(k, { pod: m.name, uid: m.podUid, connections: holding, until });
+    }
+    for (const [k, table] of tables) {
+      const until = untils.get(k);
+      if (until === undefined) continue;
+      const namespace = k.slice(0, k.indexOf('/'));
+      for (const e of table.exceptions) {
+        for (const name of e.pods) {
+          // A pod whose PoolMember is still there is judged by it (above): it may have reported its drain.
+          const key = `${namespace}/${name}`;
+          if (podOrMemberNamed(key)) continue;
+          const entry = deriveEntry(table, name);
+          const holding = Math.max(entry.connections, entry.releasing ?? 0);
+          if (holding > 0) add(k, { pod: name, uid: '', connections: holding, until });
+        }
       }
     }
   }
@@ -398,7 +415,9 @@ function stepTowardTargets(states: readonly PodState[], targets: Map<string, num
 function waitOf(s: PodState, grant: GrantInForce, target: number): GrantWait {
   const changed = grant.generation !== s.grant.generation;
   if (!s.acknowledged || changed || s.mustWrite) return 'acknowledgement';
-  return grant.connections === target ? 'none' : 'capacity';
+  if (grant.connections === target) return 'none';
+  // A pod whose sidecar has not answered yet is grown once it does.
+  return s.silent ? 'acknowledgement' : 'capacity';
 }
 
 /** Step 5: the per-pod grants, per-connection summaries and totals. */

@@ -105,6 +105,16 @@ export interface ReconcilerDeps {
   acknowledgements?: { ledger: AcknowledgementLedger; acknowledgeTo: () => string | undefined } | undefined;
 }
 
+/** A PoolMember write a pass has to make, with the fingerprint of the spec it writes. */
+interface GrantWrite {
+  grant: PodGrant;
+  connection: DatabaseConnection;
+  existing: PoolMember | undefined;
+  credentials: CredentialsLookup | undefined;
+  fingerprint: string;
+  ownerChanged: boolean;
+}
+
 /** A grant write found its PoolMember changed since the cache showed it (another writer, or the cache behind). */
 export class GrantConflictError extends Error {
   constructor(member: string) {
@@ -165,6 +175,19 @@ const NOT_SERVING_EVENTS = new Set(['NotAllowed', 'AddressNotOfServer', 'ServerN
 export class ServerReconciler {
   private readonly planMs = new Map<string, number>();
 
+  /** Per server, the pods (by UID) whose acknowledgement its last plan, written in full, waits for. */
+  private readonly awaiting = new Map<string, Set<string>>();
+
+  /**
+   * The pods whose acknowledgement the last reconcile of `server` waits for
+   * (a new Set the caller may change); undefined when that reconcile did not
+   * write a whole plan.
+   */
+  awaitedAcknowledgements(server: string): Set<string> | undefined {
+    const waiting = this.awaiting.get(server);
+    return waiting && new Set(waiting);
+  }
+
   /** How long the last plan of `server` took (reading the caches and planning), in ms. */
   lastPlanMs(server: string): number | undefined {
     return this.planMs.get(server);
@@ -177,6 +200,10 @@ export class ServerReconciler {
   private readonly unsettledSince = new Map<string, number>();
   /** PoolMembers on tables seen on earlier passes, by pod UID, and since when both they and their pod are gone (withGoneMembers). */
   private readonly seenMembers = new Map<string, { member: PoolMember; goneAt?: number; final?: boolean }>();
+  /** PoolMembers this replica created, by `namespace/name`, until its cache shows them. */
+  private readonly created = new Map<string, PoolMember>();
+  /** UIDs of pods seen deleted whose PoolMember the garbage collector has yet to take (podDeleted). */
+  private readonly deletedPods = new Set<string>();
   /** The DepartureHoldShort warning last recorded per DatabaseConnection (recorded again only when it changes). */
   private readonly holdWarnings = new Map<string, string>();
   /** When each DatabaseConnection's status was last written (ms), to coalesce writes while grants move. */
@@ -369,6 +396,7 @@ export class ServerReconciler {
 
   private async reconcileServer(server: string): Promise<ProcessResult> {
     const { caches, logger } = this.deps;
+    this.awaiting.delete(server);
     // Which connections are on this server depends on what their hosts resolve to now.
     await this.refreshDirectory();
     const connections = caches.connections.list().filter((c) => this.directory.keyOf(c) === server && !c.metadata.deletionTimestamp);
@@ -460,6 +488,8 @@ export class ServerReconciler {
     await this.tables.writeTables(plan.tables, connections, this.pacing(pods));
     await this.applyGrants(plan, connections, members, resolved);
     await this.deleteOrphans(plan, members);
+    // What the controller waits for now: the last of these answers wakes the next pass (ReconcileSchedule).
+    this.awaiting.set(server, new Set(plan.grants.filter((g) => g.waitingFor === 'acknowledgement').map((g) => g.podUid)));
     await this.sidecarAccess?.ensure(pods);
     const missingSidecar = await this.repairMissingSidecars(pods);
     const silent = this.unresponsiveSidecars(pods, members);
@@ -589,12 +619,23 @@ export class ServerReconciler {
   private unresponsiveSidecars(pods: readonly (PodObject & KubeObject)[], members: readonly PoolMember[]): PoolMember[] {
     const now = this.now().getTime();
     const live = new Set(pods.filter((p) => !p.metadata?.deletionTimestamp && p.status?.phase !== 'Succeeded' && p.status?.phase !== 'Failed').map((p) => p.metadata?.uid));
+    // The same for every PoolMember of a connection, on a table or not.
+    const timeouts = new Map<string, number>();
+    const timeoutOf = (m: PoolMember): number => {
+      const k = `${m.metadata.namespace ?? ''}/${m.spec.connection}/${m.spec.tableFrom === undefined}`;
+      let ms = timeouts.get(k);
+      if (ms === undefined) {
+        ms = this.memberHeartbeatTimeoutMs(m);
+        timeouts.set(k, ms);
+      }
+      return ms;
+    };
     return members.filter((m) => {
       if (!live.has(m.metadata.ownerReferences?.[0]?.uid)) return false;
       const heard = this.deps.heardAt?.(m);
-      if (heard !== undefined) return now - heard > this.memberHeartbeatTimeoutMs(m);
+      if (heard !== undefined) return now - heard > timeoutOf(m);
       const last = m.status?.heartbeatTime ?? m.metadata.creationTimestamp;
-      return last !== undefined && now - new Date(last).getTime() > this.memberHeartbeatTimeoutMs(m);
+      return last !== undefined && now - new Date(last).getTime() > timeoutOf(m);
     });
   }
 
@@ -662,19 +703,23 @@ export class ServerReconciler {
     const live = new Set(pods.filter((p) => !p.metadata?.deletionTimestamp && p.status?.phase !== 'Succeeded' && p.status?.phase !== 'Failed').map((p) => p.metadata?.uid ?? ''));
     for (const m of members) {
       const uid = memberPodUid(m);
-      if (uid === '' || this.seenMembers.get(uid)?.final === true) continue;
-      if (live.has(uid) && this.tables.tableFrom(m) !== undefined) this.seenMembers.set(uid, { member: m });
-      else if (podUids.has(uid)) this.seenMembers.delete(uid);
+      const seen = this.seenMembers.get(uid);
+      if (uid === '' || seen?.final === true) continue;
+      if (live.has(uid) && this.tables.tableFrom(m) !== undefined) {
+        if (seen?.member !== m || seen.goneAt !== undefined) this.seenMembers.set(uid, { member: m });
+      } else if (podUids.has(uid)) this.seenMembers.delete(uid);
     }
     const out = [...members];
     for (const [uid, entry] of this.seenMembers) {
+      // Most of them, every pass: the pod or its PoolMember is still there.
+      if (present.has(uid) || podUids.has(uid)) continue;
       const k = `${entry.member.metadata.namespace ?? ''}/${entry.member.spec.connection}`;
       if (!this.deps.caches.connections.get(entry.member.metadata.namespace ?? '', entry.member.spec.connection)) {
         this.seenMembers.delete(uid);
         continue;
       }
       const connection = byKey.get(k);
-      if (!connection || present.has(uid) || podUids.has(uid)) continue;
+      if (!connection) continue;
       entry.goneAt ??= now;
       const hold = (connection.spec.departureHoldSeconds ?? DEFAULT_DEPARTURE_HOLD_SECONDS) * 1000;
       const recorded = tables.get(k)?.departed?.some((d) => d.uid === uid) === true;
@@ -688,13 +733,33 @@ export class ServerReconciler {
   }
 
   /**
+   * A pod was deleted (the API server removed the object; its last state has
+   * a deletionTimestamp): the garbage collector takes its PoolMember, which
+   * deleteOrphans then leaves alone. Remembered while that PoolMember exists.
+   */
+  podDeleted(pod: PodObject & KubeObject): void {
+    const uid = pod.metadata?.uid;
+    if (!uid || !pod.metadata?.deletionTimestamp) return;
+    const member = this.deps.caches.members.get(pod.metadata.namespace, pod.metadata.name ?? '');
+    if (member && memberPodUid(member) === uid) this.deletedPods.add(uid);
+  }
+
+  /**
    * A PoolMember was deleted (with its pod, by the garbage collector): its
    * last state, drained or not, is what a departure of its pod is judged by
-   * (withGoneMembers), fresher than any pass's snapshot.
+   * (withGoneMembers), fresher than any pass's snapshot. Returns whether
+   * the server needs a reconcile: not for the garbage collector following a
+   * pod seen deleted (podDeleted), unless its table records the pod's
+   * departure, which may go with the PoolMember.
    */
-  memberDeleted(member: PoolMember): void {
+  memberDeleted(member: PoolMember): boolean {
     const uid = memberPodUid(member);
+    const collected = this.deletedPods.delete(uid);
+    this.created.delete(key(member));
     if (uid !== '' && this.tables.tableFrom(member) !== undefined) this.seenMembers.set(uid, { member, final: true });
+    // A departure its table records is kept while the PoolMember exists: now it may go.
+    const recorded = this.deps.caches.grants?.get(member.metadata.namespace, member.spec.connection)?.spec.departed?.some((d) => d.uid === uid) === true;
+    return !collected || recorded;
   }
 
   /**
@@ -709,17 +774,22 @@ export class ServerReconciler {
     const present = new Map(pods.map((p) => [p.metadata?.uid ?? '', p]));
     const leftHolding = (m: PoolMember): boolean => {
       const pod = present.get(memberPodUid(m));
-      if (pod === undefined) return true;
-      if (pod.status?.phase !== 'Succeeded' && pod.status?.phase !== 'Failed') return false;
-      // A finished pod: until its departure is recorded, or its table entry is down to 0.
+      if (pod !== undefined && pod.status?.phase !== 'Succeeded' && pod.status?.phase !== 'Failed') return false;
+      // Until its departure is recorded (a gone pod's PoolMember may stay until the garbage
+      // collector takes it), or a finished pod's table entry is down to 0.
       const table = tables.get(`${m.metadata.namespace ?? ''}/${m.spec.connection}`);
-      if (table === undefined || (table.departed ?? []).some((d) => d.uid === memberPodUid(m))) return false;
+      if (table !== undefined && (table.departed ?? []).some((d) => d.uid === memberPodUid(m))) return false;
+      if (pod === undefined) return true;
+      if (table === undefined) return false;
       const entry = deriveEntry(table, m.metadata.name ?? '');
       return Math.max(entry.connections, entry.releasing ?? 0) > 0;
     };
     // Only where a departure would be held: with departureHoldSeconds 0 it is released at once anyway.
     const holds = (m: PoolMember): boolean => (this.deps.caches.connections.get(m.metadata.namespace ?? '', m.spec.connection)?.spec.departureHoldSeconds ?? DEFAULT_DEPARTURE_HOLD_SECONDS) > 0;
-    const stale = members.map((m, i) => ({ m, i })).filter(({ m }) => this.tables.tableFrom(m) !== undefined && m.status?.drained !== true && holds(m) && leftHolding(m));
+    const stale: Array<{ m: PoolMember; i: number }> = [];
+    members.forEach((m, i) => {
+      if (this.tables.tableFrom(m) !== undefined && m.status?.drained !== true && holds(m) && leftHolding(m)) stale.push({ m, i });
+    });
     if (stale.length === 0) return members;
     const out = [...members];
     await forEachBounded(stale, GRANT_WRITE_CONCURRENCY, async ({ m, i }) => {
@@ -734,9 +804,15 @@ export class ServerReconciler {
     return out;
   }
 
+  /** A PoolMember this replica created that its cache has yet to show, if any. */
+  createdMember(namespace: string, name: string): PoolMember | undefined {
+    return this.created.get(`${namespace}/${name}`);
+  }
+
   private pruneWritten(members: readonly PoolMember[]): void {
     for (const member of members) {
       const uid = member.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid;
+      if (this.created.size > 0) this.created.delete(key(member));
       const written = uid ? this.written.get(uid) : undefined;
       if (uid && written && member.spec.grant.generation >= written.generation) this.written.delete(uid);
       const version = uid ? this.writtenVersions.get(uid) : undefined;
@@ -762,9 +838,19 @@ export class ServerReconciler {
   }
 
   private async applyGrants(plan: BudgetPlan, connections: readonly DatabaseConnection[], members: readonly PoolMember[], resolved: Map<string, { credentials: CredentialsLookup }>): Promise<void> {
-    const byKey = new Map(connections.map((c) => [key(c), c]));
-    const memberByName = new Map(members.map((m) => [key(m), m]));
-    const delta = (g: PodGrant): number => g.grant.connections - (memberByName.get(`${g.namespace}/${g.name}`)?.spec.grant.connections ?? 0);
+    // Per connection (namespace, then name): the connection, its credentials, and the settings
+    // fingerprint of each consumer's PoolMembers, worked out once per pass.
+    type Target = { connection: DatabaseConnection; credentials: CredentialsLookup | undefined; settings: Map<string | undefined, string> };
+    const byConnection = new Map<string, Map<string, Target>>();
+    for (const c of connections) {
+      const inNamespace = byConnection.get(c.metadata.namespace ?? '') ?? new Map<string, Target>();
+      byConnection.set(c.metadata.namespace ?? '', inNamespace);
+      inNamespace.set(c.metadata.name ?? '', { connection: c, credentials: resolved.get(key(c))?.credentials, settings: new Map() });
+    }
+    // By pod UID, and by name only for the rest (a PoolMember left by an earlier pod of the same name).
+    const memberByUid = new Map(members.map((m) => [memberPodUid(m), m]));
+    let memberByName: Map<string, PoolMember> | undefined;
+    const memberOf = (g: PodGrant): PoolMember | undefined => memberByUid.get(g.podUid) ?? (memberByName ??= new Map(members.map((m) => [key(m), m]))).get(`${g.namespace}/${g.name}`);
     // Any subset of one plan's writes keeps the limit: a shrink frees nothing until it is
     // acknowledged (the planner counts max(granted, acknowledged, held)), and a grow takes
     // only capacity free against the reservations before this plan, in which every
@@ -772,29 +858,52 @@ export class ServerReconciler {
     // order. Shrinks still go out first, as a group, so that their acknowledgements (which
     // the next pass's grows wait for) start as early as possible and safety does not rest
     // on the planner alone; the cost is one round trip.
-    const shrinks = plan.grants.filter((g) => delta(g) <= 0);
-    const grows = plan.grants.filter((g) => delta(g) > 0);
-    const write = (grant: PodGrant): Promise<void> => {
-      const connection = byKey.get(`${grant.namespace}/${grant.connection}`);
-      if (!connection) return Promise.resolve();
-      const member = memberByName.get(`${grant.namespace}/${grant.name}`);
+    const shrinks: GrantWrite[] = [];
+    const grows: GrantWrite[] = [];
+    for (const planned of plan.grants) {
+      const target = byConnection.get(planned.namespace)?.get(planned.connection);
+      if (!target) continue;
+      const { connection, credentials } = target;
+      const member = memberOf(planned);
+      if (planned.table && !member && planned.tableFrom === undefined) continue;
+      let settings = target.settings.get(planned.consumer);
+      if (settings === undefined) {
+        settings = settingsFingerprint(this.memberSpec(connection, planned, credentials));
+        target.settings.set(planned.consumer, settings);
+      }
       // A pod on a table keeps the grant its PoolMember had when it was switched (or created there): only the settings may still be written.
-      if (grant.table && member) return this.writeGrant({ ...grant, grant: member.spec.grant, drain: member.spec.drain ?? false, changed: false }, connection, member, resolved.get(key(connection))?.credentials);
-      if (grant.table && grant.tableFrom === undefined) return Promise.resolve();
-      return this.writeGrant(grant, connection, member, resolved.get(key(connection))?.credentials);
-    };
-    await forEachBounded(shrinks, GRANT_WRITE_CONCURRENCY, write);
-    await forEachBounded(grows, GRANT_WRITE_CONCURRENCY, write);
+      const onTable = planned.table && member !== undefined;
+      const due = this.grantWriteDue(planned.podUid, onTable ? member.spec.grant : planned.grant, onTable ? (member.spec.drain ?? false) : planned.drain, !onTable && planned.changed, member, settings);
+      if (!due) continue;
+      const grant = onTable ? { ...planned, grant: member.spec.grant, drain: member.spec.drain ?? false, changed: false } : planned;
+      const write = { grant, connection, existing: member, credentials, ...due };
+      (planned.grant.connections - (member?.spec.grant.connections ?? 0) > 0 ? grows : shrinks).push(write);
+    }
+    await forEachBounded(shrinks, GRANT_WRITE_CONCURRENCY, (w) => this.writeGrant(w));
+    await forEachBounded(grows, GRANT_WRITE_CONCURRENCY, (w) => this.writeGrant(w));
   }
 
-  /** Writes one pod's PoolMember if it differs from what the cache shows and from what this replica last wrote. */
-  private async writeGrant(grant: PodGrant, connection: DatabaseConnection, existing: PoolMember | undefined, credentials: CredentialsLookup | undefined): Promise<void> {
-    const spec = this.memberSpec(connection, grant, credentials);
-    const fingerprint = JSON.stringify(normalise(spec as PoolMember['spec']));
+  /**
+   * Whether a pod's PoolMember must be written: its spec (fingerprinted with
+   * `settings`, the settingsFingerprint of what would be written) differs from
+   * what the cache shows and from what this replica last wrote, or it belongs
+   * to an earlier pod of the same name.
+   */
+  private grantWriteDue(podUid: string, grant: PodGrant['grant'], drain: boolean, changed: boolean, existing: PoolMember | undefined, settings: string): { fingerprint: string; ownerChanged: boolean } | undefined {
+    const fingerprint = specFingerprint(grant, drain, settings);
     // Kept until the cache shows this generation: a reconcile from a cache that is behind
     // our own write would otherwise write the same spec again (or create it twice).
+    if (this.writtenVersions.get(podUid)?.spec === fingerprint) return undefined;
+    const ownerChanged = existing !== undefined && existing.metadata.ownerReferences?.[0]?.uid !== podUid;
+    // The common case, every reconcile for every pod on a table: nothing to write.
+    if (existing !== undefined && !ownerChanged && !changed && specFingerprint(existing.spec.grant, existing.spec.drain ?? false, settingsFingerprint(existing.spec)) === fingerprint) return undefined;
+    return { fingerprint, ownerChanged };
+  }
+
+  /** Writes one pod's PoolMember (grantWriteDue said it must be). */
+  private async writeGrant({ grant, connection, existing, credentials, fingerprint, ownerChanged }: GrantWrite): Promise<void> {
     const ours = this.writtenVersions.get(grant.podUid);
-    if (ours?.spec === fingerprint) return;
+    const spec = this.memberSpec(connection, grant, credentials);
     const path = `${MEMBERS}/namespaces/${grant.namespace}/poolmembers`;
     const ownerReferences = [{ apiVersion: 'v1', kind: 'Pod', name: grant.name, uid: grant.podUid, controller: true, blockOwnerDeletion: false }];
     let written: PoolMember | undefined;
@@ -804,6 +913,8 @@ export class ServerReconciler {
       const onTable = grant.tableFrom === undefined ? {} : { tableFrom: grant.tableFrom, acknowledgementKey: this.tables.newAcknowledgementKey() };
       try {
         written = await this.deps.http.create<PoolMember>(path, { apiVersion: `${API_GROUP}/${API_VERSION}`, kind: 'PoolMember', metadata: { name: grant.name, namespace: grant.namespace, labels: { [CONNECTION_LABEL]: grant.connection }, ownerReferences }, spec: { ...spec, ...onTable } });
+        // Its sidecar may answer over the channel before this replica's cache shows it.
+        if (!this.deps.caches.members.get(grant.namespace, grant.name)) this.created.set(`${grant.namespace}/${grant.name}`, written);
       } catch (err) {
         // Someone else created it: the cache will show it, and the next reconcile plans with it.
         if (isStatus(err, 409)) throw new GrantConflictError(`${grant.namespace}/${grant.name}`);
@@ -811,9 +922,6 @@ export class ServerReconciler {
       }
     } else {
       // Not in the cache yet but created by this replica: patch what it created.
-      const ownerChanged = existing !== undefined && existing.metadata.ownerReferences?.[0]?.uid !== grant.podUid;
-      const specChanged = existing === undefined || JSON.stringify(normalise(existing.spec)) !== fingerprint;
-      if (!ownerChanged && !specChanged && !grant.changed) return;
       this.assertMayWrite();
       // The precondition: the PoolMember is still what this plan was computed from
       // (or what this replica last wrote), so a deposed leader's stale write fails.
@@ -855,14 +963,21 @@ export class ServerReconciler {
     return existing.metadata.resourceVersion;
   }
 
+  /**
+   * Deletes the PoolMembers no pod of this server claims any more, except
+   * those of pods seen deleted: their owner reference hands them to the
+   * garbage collector, and deleting them here too would double the API
+   * writes of a scale-down and hold up the reconcile while they land.
+   */
   private async deleteOrphans(plan: BudgetPlan, members: readonly PoolMember[]): Promise<void> {
+    if (plan.orphans.length === 0) return;
     const granted = new Set(plan.grants.map((g) => `${g.namespace}/${g.name}`));
     const memberByName = new Map(members.map((m) => [key(m), m]));
     const doomed: PoolMember[] = [];
     for (const orphan of plan.orphans) {
       const k = `${orphan.namespace}/${orphan.name}`;
       const member = memberByName.get(k);
-      if (!granted.has(k) && member) doomed.push(member);
+      if (!granted.has(k) && member && !this.deletedPods.has(memberPodUid(member))) doomed.push(member);
     }
     await forEachBounded(doomed, GRANT_WRITE_CONCURRENCY, async (member) => {
       const k = key(member);
@@ -1032,16 +1147,30 @@ function canonicalJson(value: unknown): string {
   });
 }
 
-/** Spec fields in a stable order, defaults applied, for change detection. */
-function normalise(spec: PoolMember['spec']): unknown {
-  return {
-    connection: spec.connection,
-    grant: { connections: spec.grant.connections, generation: spec.grant.generation },
-    processesPerPod: spec.processesPerPod,
-    credentialsGeneration: spec.credentialsGeneration ?? null,
-    database: { host: spec.database.host, port: spec.database.port, dbname: spec.database.dbname, sslMode: spec.database.sslMode },
-    sshTunnel: spec.sshTunnel ? { host: spec.sshTunnel.host, port: spec.sshTunnel.port, user: spec.sshTunnel.user, hostKey: spec.sshTunnel.hostKey } : null,
-    pool: { mode: spec.pool.mode, poolTimeout: spec.pool.poolTimeout, poolRecycle: spec.pool.poolRecycle, poolPrePing: spec.pool.poolPrePing, idleTimeout: spec.pool.idleTimeout },
-    drain: spec.drain ?? false,
-  };
+/** Fingerprints of PoolMember settings, per spec object: the cache keeps an object until it changes. */
+const settingsFingerprints = new WeakMap<object, string>();
+
+/**
+ * A PoolMember spec's settings (everything but its grant and drain) in a
+ * stable order, defaults applied, as one string for change detection.
+ */
+function settingsFingerprint(spec: PoolMember['spec'] | PoolMemberSpecInput): string {
+  let fingerprint = settingsFingerprints.get(spec);
+  if (fingerprint === undefined) {
+    fingerprint = JSON.stringify({
+      connection: spec.connection,
+      processesPerPod: spec.processesPerPod,
+      credentialsGeneration: spec.credentialsGeneration ?? null,
+      database: { host: spec.database.host, port: spec.database.port, dbname: spec.database.dbname, sslMode: spec.database.sslMode },
+      sshTunnel: spec.sshTunnel ? { host: spec.sshTunnel.host, port: spec.sshTunnel.port, user: spec.sshTunnel.user, hostKey: spec.sshTunnel.hostKey } : null,
+      pool: { mode: spec.pool.mode, poolTimeout: spec.pool.poolTimeout, poolRecycle: spec.pool.poolRecycle, poolPrePing: spec.pool.poolPrePing, idleTimeout: spec.pool.idleTimeout },
+    });
+    settingsFingerprints.set(spec, fingerprint);
+  }
+  return fingerprint;
+}
+
+/** A PoolMember spec for change detection: its grant, drain and settings (settingsFingerprint). */
+function specFingerprint(grant: { connections: number; generation: number }, drain: boolean, settings: string): string {
+  return `${grant.connections}/${grant.generation}/${drain}/${settings}`;
 }

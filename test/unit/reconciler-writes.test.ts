@@ -202,4 +202,30 @@ describe('reconciler writes', function () {
     assert.equal(api.stored.size, 10);
     assert.ok(api.maxInFlight > 1 && api.maxInFlight <= 32, `${api.maxInFlight} writes in flight at most`);
   });
+
+  it('leaves the PoolMembers of pods seen deleted to the garbage collector, and deletes those of pods it did not see go', async function () {
+    const api = new FakeApi();
+    const pods = Array.from({ length: 10 }, (_, i) => pod(i));
+    const members = Array.from({ length: 20 }, (_, i) => member(i, i < 10 ? 3 : 1));
+    for (const m of members) api.stored.set(m.metadata.name ?? '', m);
+    const reconciler = reconcilerFor(api, 30, pods, () => members);
+    // A scale-down: the API server deleted pods 10-14 (their last state carries a deletionTimestamp).
+    for (let i = 10; i < 15; i += 1) reconciler.podDeleted({ ...pod(i), metadata: { ...pod(i).metadata, deletionTimestamp: new Date().toISOString() } });
+    await reconcileOnce(reconciler);
+    const deleted = api.writes.filter((w) => w.method === 'delete').map((w) => w.name).sort();
+    assert.deepEqual(deleted, ['web-15', 'web-16', 'web-17', 'web-18', 'web-19'], 'only the PoolMembers of pods not seen deleted (say, relabelled)');
+  });
+
+  it('knows a PoolMember it created before its cache shows it (its sidecar may answer first), and forgets it once the cache does', async function () {
+    const api = new FakeApi();
+    const pods = [pod(0), pod(1)];
+    let members = [member(0, 3)];
+    const reconciler = reconcilerFor(api, 6, pods, () => members);
+    await reconcileOnce(reconciler);
+    const created = reconciler.createdMember(NS, 'web-1');
+    assert.equal(created?.metadata.ownerReferences?.[0]?.uid, 'uid-1');
+    members = [member(0, 3), created];
+    await reconcileOnce(reconciler);
+    assert.equal(reconciler.createdMember(NS, 'web-1'), undefined);
+  });
 });

@@ -165,7 +165,8 @@ export class AcknowledgementReceiver {
 /** What the receiver needs of the controller it serves. */
 export interface AcknowledgingController {
   readonly ledger: Pick<AcknowledgementLedger, 'record'>;
-  readonly caches: { members: { get(namespace: string | undefined, name: string): PoolMember | undefined } };
+  /** The pod's PoolMember: the cache's, or one this replica created that its cache has yet to show. */
+  member(namespace: string, name: string): PoolMember | undefined;
   readonly leading: boolean;
   acknowledged(member: PoolMember): void;
 }
@@ -179,7 +180,7 @@ export interface AcknowledgingController {
 export function receiverFor(current: () => AcknowledgingController | undefined, logger: Logger, registry: Registry): AcknowledgementReceiver {
   return new AcknowledgementReceiver({
     ledger: { record: (uid, ack) => current()?.ledger.record(uid, ack) },
-    member: (namespace, name) => current()?.caches.members.get(namespace, name),
+    member: (namespace, name) => current()?.member(namespace, name),
     leading: () => current()?.leading === true,
     accepted: (member) => current()?.acknowledged(member),
     logger,

@@ -21,14 +21,11 @@ import { slimPod, withoutManagedFields } from './slim.ts';
 import { AcknowledgementLedger } from './acknowledgements.ts';
 import { readsNoTable } from './grant-tables.ts';
 import { statusAcknowledgement, type PodObject } from './plan-input.ts';
+import { ReconcileSchedule } from './reconcile-schedule.ts';
 import { ServerReconciler, type ControllerCaches, type HpaObject, type NamespaceObject, type ReconcilerDeps, type SecretObject, type WorkloadObject } from './reconciler.ts';
 
-/** Least time between the starts of two reconciles of one server while events keep coming. */
-const RECONCILE_SPACING_MS = 200;
-/** Spacing in multiples of the server's last plan time: the controller plans at most a fifth of the time. */
-const RECONCILE_SPACING_PLANS = 4;
-/** Most time between two reconciles of a server while events keep coming. */
-const MAX_RECONCILE_SPACING_MS = 5_000;
+/** What woke a reconcile: a change of its inputs, or an acknowledgement (or an echo of the controller's own write). */
+type WakeCause = 'change' | 'acknowledgement';
 
 /**
  * What a reconcile reads of a PoolMember, hashed: its owner, its whole spec and
@@ -45,6 +42,12 @@ function memberFingerprint(m: PoolMember, channel: Acknowledgement | undefined):
   // A heartbeat that shows a PoolMember's sidecar does not read its table (readsNoTable) changes what the reconcile does.
   const status = s || channel ? [...ack, s?.tableGeneration !== undefined, s?.credentialsGeneration, s?.draining, s?.drained, readsNoTable(m, m.spec.tableFrom)] : null;
   return createHash('sha1').update(JSON.stringify([m.metadata.ownerReferences?.map((o) => o.uid), m.spec, status])).digest('base64');
+}
+
+/** What a PoolMember's status says its sidecar holds and acknowledged (undefined before it answered), for telling its answers from echoes of spec writes. */
+function statusAnswer(m: PoolMember): string | undefined {
+  const s = m.status;
+  return s ? JSON.stringify([s.acknowledgedGeneration, s.acknowledgedConnections, s.heldConnections, s.tableGeneration, s.credentialsGeneration, s.draining, s.drained]) : undefined;
 }
 
 /** Settings of the controller. */
@@ -81,9 +84,11 @@ export class BudgetController {
    * last seen, and when this replica saw it change (its own clock, ms): a
    * node's clock that is off must not make its sidecars look silent.
    */
-  private readonly memberSeen = new Map<string, { fingerprint: string; heartbeat: string | undefined; heardAt: number }>();
-  /** When each server's latest reconcile started (ms), to space reconciles during bursts of events. */
-  private readonly reconcileStarted = new Map<string, number>();
+  private readonly memberSeen = new Map<string, { fingerprint: string; answer: string | undefined; heartbeat: string | undefined; heardAt: number }>();
+  /** What specChanged last saw of each DatabaseConnection and DatabaseServer. */
+  private readonly specsSeen = new Map<string, string>();
+  /** When each server is reconciled, while this replica's workers run. */
+  private schedule: ReconcileSchedule | undefined;
   /** Acknowledgements received over the channel while this replica leads. */
   readonly ledger = new AcknowledgementLedger();
   /**
@@ -141,7 +146,12 @@ export class BudgetController {
     const seen = this.memberSeen.get(k);
     if (seen) this.memberSeen.set(k, { ...seen, fingerprint: memberFingerprint(member, this.ledger.get(podUid)) });
     const c = this.caches.connections.get(member.metadata.namespace, member.spec.connection);
-    if (c) this.enqueue(this.serverOf(c));
+    if (c) this.enqueue(this.serverOf(c), 'acknowledgement', podUid);
+  }
+
+  /** A pod's PoolMember: the cache's, or one this replica created that the cache has yet to show (its sidecar may answer first). */
+  member(namespace: string, name: string): PoolMember | undefined {
+    return this.caches.members.get(namespace, name) ?? this.reconciler.createdMember(namespace, name);
   }
 
   /** True once every informer has listed. */
@@ -149,20 +159,24 @@ export class BudgetController {
     return this.synced;
   }
 
+  /** Queues a server's reconcile, as its schedule says (src/controller/reconcile-schedule.ts); `podUid`: the pod whose sidecar answered. */
+  private enqueue(server: string | undefined, cause: WakeCause = 'change', podUid?: string): void {
+    if (!server || !this.schedule) return;
+    if (cause === 'change') this.schedule.changed(server);
+    else this.schedule.answered(server, podUid);
+  }
+
   /**
-   * Queues a server's reconcile, at most one start per spacing: 200 ms, or
-   * four times the server's last plan if longer (at 10,000 pods a plan takes
-   * a few hundred ms). The first event after a quiet spell runs at once, but
-   * while thousands of sidecars acknowledge a new grant, a reconcile per
-   * acknowledgement would keep a core busy (each reads every pod) and slow
-   * the API server that is writing those acknowledgements.
+   * Whether an event of a DatabaseConnection or DatabaseServer changed more
+   * than its status: its spec (generation), labels or deletion. Remembers
+   * what it saw, by `key`.
    */
-  private enqueue(server: string | undefined): void {
-    if (!server || !this.queue) return;
-    const spacing = Math.min(MAX_RECONCILE_SPACING_MS, Math.max(RECONCILE_SPACING_MS, RECONCILE_SPACING_PLANS * (this.reconciler.lastPlanMs(server) ?? 0)));
-    const wait = (this.reconcileStarted.get(server) ?? -Infinity) + spacing - Date.now();
-    if (wait > 0) this.queue.addAfter(server, wait);
-    else this.queue.add(server);
+  private specChanged(key: string, type: 'ADDED' | 'MODIFIED' | 'DELETED', o: KubeObject): boolean {
+    const seen = JSON.stringify([o.metadata?.uid, o.metadata?.generation, o.metadata?.labels ?? null, o.metadata?.deletionTimestamp ?? null]);
+    const before = this.specsSeen.get(key);
+    if (type === 'DELETED') this.specsSeen.delete(key);
+    else this.specsSeen.set(key, seen);
+    return type !== 'MODIFIED' || before !== seen;
   }
 
   private serverOf(c: DatabaseConnection): string {
@@ -175,9 +189,14 @@ export class BudgetController {
 
   private wireHandlers(): void {
     const { connections, pods, members, secrets, deployments, statefulSets, hpas, servers, namespaces } = this.caches;
-    connections.onChange((_type, c) => {
+    connections.onChange((type, c) => {
       const k = `${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`;
       const now = this.serverOf(c);
+      // Its status, which this controller writes, coming back: nothing to regroup or replan at once.
+      if (!this.specChanged(`DatabaseConnection ${k}`, type, c)) {
+        this.enqueue(now, 'acknowledgement');
+        return;
+      }
       const before = this.lastServer.get(k);
       this.lastServer.set(k, now);
       this.enqueue(now);
@@ -190,34 +209,47 @@ export class BudgetController {
         }
       }, (err: unknown) => this.options.logger.warn({ error: err instanceof Error ? err.message : String(err) }, 'resolving server addresses failed'));
     });
-    const byConnectionName = (namespace: string | undefined, name: string | undefined): void => {
+    const byConnectionName = (namespace: string | undefined, name: string | undefined, cause: WakeCause = 'change'): void => {
       const c = name ? connections.get(namespace, name) : undefined;
-      if (c) this.enqueue(this.serverOf(c));
+      if (c) this.enqueue(this.serverOf(c), cause);
     };
-    pods.onChange((_type, p) => byConnectionName(p.metadata?.namespace, p.metadata?.labels?.[CONNECTION_LABEL]));
+    pods.onChange((type, p) => {
+      const name = p.metadata?.labels?.[CONNECTION_LABEL];
+      const c = name ? connections.get(p.metadata?.namespace, name) : undefined;
+      if (type === 'DELETED') {
+        this.reconciler.podDeleted(p);
+        // A pod gone is awaited no more (a terminating pod's drain, say).
+        if (c) this.enqueue(this.serverOf(c), 'acknowledgement', p.metadata?.uid ?? '');
+      }
+      if (c) this.enqueue(this.serverOf(c));
+    });
     // Written by this controller; an event matters when someone else changed or deleted one.
-    this.caches.grants?.onChange((_type, g) => byConnectionName(g.metadata.namespace, g.spec.connection));
+    this.caches.grants?.onChange((_type, g) => byConnectionName(g.metadata.namespace, g.spec.connection, 'acknowledgement'));
     members.onChange((type, m) => {
       const k = `${m.metadata.namespace ?? ''}/${m.metadata.name ?? ''}`;
       const podUid = m.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
       if (type === 'DELETED') {
-        this.reconciler.memberDeleted(m);
+        const replan = this.reconciler.memberDeleted(m);
         this.ledger.forget(podUid);
         this.memberSeen.delete(k);
-        byConnectionName(m.metadata.namespace, m.spec.connection);
+        if (replan) byConnectionName(m.metadata.namespace, m.spec.connection);
         return;
       }
       const fingerprint = memberFingerprint(m, this.ledger.get(podUid));
       if (m.status) this.ledger.forget(podUid, { tableGeneration: m.status.tableGeneration, generation: m.status.acknowledgedGeneration });
       const heartbeat = m.status?.heartbeatTime;
+      const answer = statusAnswer(m);
       const seen = this.memberSeen.get(k);
       const now = Date.now();
-      this.memberSeen.set(k, { fingerprint, heartbeat, heardAt: seen === undefined || seen.heartbeat !== heartbeat ? now : seen.heardAt });
+      this.memberSeen.set(k, { fingerprint, answer, heartbeat, heardAt: seen === undefined || seen.heartbeat !== heartbeat ? now : seen.heardAt });
       // A heartbeat alone changes no grant; but one from a sidecar that had gone quiet
       // past the timeout may clear a SidecarUnresponsive condition, so that one reconciles.
       const quiet = seen !== undefined && seen.heartbeat !== heartbeat && now - seen.heardAt > this.reconciler.memberHeartbeatTimeoutMs(m);
       if (seen?.fingerprint === fingerprint && !quiet) return;
-      byConnectionName(m.metadata.namespace, m.spec.connection);
+      const c = connections.get(m.metadata.namespace, m.spec.connection);
+      if (!c) return;
+      // The sidecar said something new; anything else is this controller's own write coming back.
+      this.enqueue(this.serverOf(c), 'acknowledgement', answer !== undefined && answer !== seen?.answer ? podUid : undefined);
     });
     secrets.onChange((_type, s) => {
       for (const c of this.connectionsIn(s.metadata?.namespace)) {
@@ -229,7 +261,11 @@ export class BudgetController {
       for (const c of this.connectionsIn(o.metadata?.namespace)) this.enqueue(this.serverOf(c));
     };
     // A DatabaseServer's addresses regroup connections; its limit and allocations change every namespace's share.
-    servers.onChange((_type, s) => {
+    servers.onChange((type, s) => {
+      if (!this.specChanged(`DatabaseServer ${s.metadata.name ?? ''}`, type, s)) {
+        this.enqueue(this.reconciler.ownedKey(s.metadata.name ?? ''), 'acknowledgement');
+        return;
+      }
       this.enqueue(this.reconciler.ownedKey(s.metadata.name ?? ''));
       void this.reconciler.refreshDirectory().then(() => {
         for (const server of this.reconciler.serverKeys()) this.enqueue(server);
@@ -272,11 +308,17 @@ export class BudgetController {
     if (this.options.acknowledgeTo) this.acknowledgeTo = `${this.options.acknowledgeTo}/${randomBytes(6).toString('base64url')}`;
     const queue = new WorkQueue();
     this.queue = queue;
+    const schedule = new ReconcileSchedule(queue, (server) => this.reconciler.lastPlanMs(server));
+    this.schedule = schedule;
     // A replica that leads again starts only after its previous workers have ended.
     const previous = this.workers ?? Promise.resolve();
-    this.workers = previous.then(() => queue.run(this.options.workers ?? 2, (server) => {
-      this.reconcileStarted.set(server, Date.now());
-      return this.reconciler.reconcile(server);
+    this.workers = previous.then(() => queue.run(this.options.workers ?? 2, async (server) => {
+      schedule.started(server);
+      try {
+        return await this.reconciler.reconcile(server);
+      } finally {
+        schedule.finished(server, this.reconciler.awaitedAcknowledgements(server));
+      }
     }, (server, err) => {
       this.options.logger.warn({ server, error: err instanceof Error ? err.message : String(err) }, 'reconcile failed; retrying with backoff');
     }));
@@ -286,6 +328,8 @@ export class BudgetController {
   private async stopWorkers(): Promise<void> {
     const queue = this.queue;
     this.queue = undefined;
+    this.schedule?.stop();
+    this.schedule = undefined;
     queue?.shutDown();
     await this.workers;
   }

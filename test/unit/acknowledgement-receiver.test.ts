@@ -36,7 +36,7 @@ describe('acknowledgement receiver', function () {
   const heard: string[] = [];
   const controller: AcknowledgingController & { leading: boolean } = {
     ledger,
-    caches: { members: { get: (namespace, name) => (namespace === 'shop' && name === 'web-1' ? member('uid-1') : undefined) } },
+    member: (namespace, name) => (namespace === 'shop' && name === 'web-1' ? member('uid-1') : undefined),
     leading: true,
     acknowledged: (m) => heard.push(m.metadata.name ?? ''),
   };

@@ -25,7 +25,7 @@
  *   node bench/controller-scale.ts [--pods 100,1000] [--connections 1] [--rounds 5] [--heartbeat-ms 0] [--legacy-sidecars] [--no-channel] [--json FILE]
  */
 import { fork, type ChildProcess } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import pino from 'pino';
 import type { PoolGrant, PoolMember } from '../src/api/index.ts';
@@ -52,6 +52,10 @@ export interface ControllerResult {
   action_p50_ms: number | null;
   /** Controller CPU seconds per event (user + system), until settled plus a quiet second. */
   cpu_s: number;
+  /** The same for the API server and etcd together, kube-controller-manager, and the bench process (the stand-in sidecars, and the pods it creates or deletes): all share the machine's cores. */
+  apiserver_etcd_cpu_s: number;
+  kcm_cpu_s: number;
+  bench_cpu_s: number;
   /** Controller peak RSS during these events. */
   rss_mb: number;
   /** Controller API writes (POST, PUT, PATCH, DELETE) per event. */
@@ -367,13 +371,20 @@ class Acknowledger {
     const pods = this.pods.list();
     // Until the watch has shown the event itself, the old state may look settled.
     if (pods.length !== podCount) return false;
+    // One round over every pod, starting at the one that failed the last check: it most likely
+    // still does, and those before it passed then. Scanning from the first pod 20 times a second
+    // would take, at 10,000 pods, CPU that the API server on the same cores needs.
     let sum = 0;
     let low = Infinity;
     let high = 0;
-    for (const pod of pods) {
+    for (let i = 0; i < pods.length; i += 1) {
+      const at = (this.scanFrom + i) % pods.length;
+      const pod = pods[at]!;
       const member = this.members.get(this.namespace, pod.metadata?.name ?? '');
-      if (!member || member.metadata.ownerReferences?.[0]?.uid !== pod.metadata?.uid) return false;
-      if (!this.acknowledged(member)) return false;
+      if (!member || member.metadata.ownerReferences?.[0]?.uid !== pod.metadata?.uid || !this.acknowledged(member)) {
+        this.scanFrom = at;
+        return false;
+      }
       const c = this.grantOf(member).connections;
       sum += c;
       low = Math.min(low, c);
@@ -381,6 +392,9 @@ class Acknowledger {
     }
     return pods.length === 0 || (sum === limit && high - low <= 1);
   }
+
+  /** Where the last settled() check found a pod not settled. */
+  private scanFrom = 0;
 
   async stop(): Promise<void> {
     clearInterval(this.heartbeat);
@@ -390,6 +404,30 @@ class Acknowledger {
 }
 
 // ---------------------------------------------------------------- one size
+
+/**
+ * CPU seconds (user + system) so far of the local API server, etcd and
+ * kube-controller-manager (the processes whose command line names the
+ * environment's directory `dir`), and of this process (the stand-in sidecars
+ * and the bench's own requests).
+ */
+function otherCpu(dir: string): { apiServer: number; etcd: number; controllerManager: number; bench: number } {
+  const byName: Record<string, number> = {};
+  for (const pid of readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
+    try {
+      if (!readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(dir)) continue;
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      const name = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')'));
+      // utime and stime, fields 14 and 15, in clock ticks (100 a second).
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      byName[name] = (byName[name] ?? 0) + (Number(fields[11]) + Number(fields[12])) / 100;
+    } catch {
+      // Exited meanwhile.
+    }
+  }
+  const self = process.cpuUsage();
+  return { apiServer: byName['kube-apiserver'] ?? 0, etcd: byName.etcd ?? 0, controllerManager: byName['kube-controller'] ?? 0, bench: (self.user + self.system) / 1e6 };
+}
 
 function percentile(sorted: readonly number[], q: number): number {
   return sorted[Math.min(sorted.length - 1, Math.ceil(q * sorted.length) - 1)] ?? 0;
@@ -446,11 +484,12 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
     await Promise.all(connectionNames.map((name) => http.patch(`/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/databaseconnections/${name}`, { spec: { maxConnections: max } })));
   };
 
-  const samples = new Map<string, { ms: number[]; actionMs: number[]; cpuS: number; rssMb: number; writes: number; statusWrites: number; channelAcks: number; violations: number; kinds: Record<string, number> }>();
+  const samples = new Map<string, { ms: number[]; actionMs: number[]; cpuS: number; others: { apiEtcd: number; kcm: number; bench: number }; rssMb: number; writes: number; statusWrites: number; channelAcks: number; violations: number; kinds: Record<string, number> }>();
   const measure = async (event: string, expectedLimit: number, podCount: number, action: () => Promise<unknown>): Promise<void> => {
     const violationsBefore = acknowledger.violations;
     const statusWritesBefore = acknowledger.statusWrites;
     const channelAcksBefore = acknowledger.channelAcks;
+    const othersBefore = otherCpu(kube.logDir);
     const started = performance.now();
     await action();
     const actionMs = performance.now() - started;
@@ -460,7 +499,10 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
     const channelAcks = acknowledger.channelAcks - channelAcksBefore;
     await new Promise((r) => setTimeout(r, QUIET_MS));
     const mark = await controller.mark();
-    const entry = samples.get(event) ?? { ms: [], actionMs: [], cpuS: 0, rssMb: 0, writes: 0, statusWrites: 0, channelAcks: 0, violations: 0, kinds: {} };
+    const othersAfter = otherCpu(kube.logDir);
+    const others = { apiEtcd: othersAfter.apiServer + othersAfter.etcd - othersBefore.apiServer - othersBefore.etcd, kcm: othersAfter.controllerManager - othersBefore.controllerManager, bench: othersAfter.bench - othersBefore.bench };
+    const entry = samples.get(event) ?? { ms: [], actionMs: [], cpuS: 0, others: { apiEtcd: 0, kcm: 0, bench: 0 }, rssMb: 0, writes: 0, statusWrites: 0, channelAcks: 0, violations: 0, kinds: {} };
+    entry.others = { apiEtcd: entry.others.apiEtcd + others.apiEtcd, kcm: entry.others.kcm + others.kcm, bench: entry.others.bench + others.bench };
     entry.ms.push(ms);
     entry.actionMs.push(actionMs);
     entry.statusWrites += statusWrites;
@@ -471,7 +513,7 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
     entry.violations += acknowledger.violations - violationsBefore;
     for (const [k, v] of Object.entries(mark.writesByKind)) entry.kinds[k] = (entry.kinds[k] ?? 0) + v;
     samples.set(event, entry);
-    console.error(`  ${args.pods} pods: ${event} ${(ms / 1000).toFixed(2)} s (the bench's action ${(actionMs / 1000).toFixed(2)} s), ${mark.writes} controller writes, ${statusWrites} sidecar status writes, ${channelAcks} channel acks, cpu ${mark.cpuS.toFixed(2)} s, peak rss ${mark.peakRssMb.toFixed(0)} MB (now: heap ${mb(mark.memory.heapUsed)} of ${mb(mark.memory.heapTotal)}, external ${mb(mark.memory.external)}, array buffers ${mb(mark.memory.arrayBuffers)} MB)`);
+    console.error(`  ${args.pods} pods: ${event} ${(ms / 1000).toFixed(2)} s (the bench's action ${(actionMs / 1000).toFixed(2)} s), ${mark.writes} controller writes, ${statusWrites} sidecar status writes, ${channelAcks} channel acks, cpu ${mark.cpuS.toFixed(2)} s (API server + etcd ${others.apiEtcd.toFixed(2)} s, kube-controller-manager ${others.kcm.toFixed(2)} s, bench ${others.bench.toFixed(2)} s), peak rss ${mark.peakRssMb.toFixed(0)} MB (now: heap ${mb(mark.memory.heapUsed)} of ${mb(mark.memory.heapTotal)}, external ${mb(mark.memory.external)}, array buffers ${mb(mark.memory.arrayBuffers)} MB)`);
   };
 
   const results: ControllerResult[] = [];
@@ -493,7 +535,7 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
     const idleViolations = acknowledger.violations;
     await new Promise((r) => setTimeout(r, IDLE_MS));
     const idle = await controller.mark();
-    samples.set('idle', { ms: [], actionMs: [], cpuS: idle.cpuS, rssMb: idle.peakRssMb, writes: idle.writes, statusWrites: 0, channelAcks: 0, violations: acknowledger.violations - idleViolations, kinds: idle.writesByKind });
+    samples.set('idle', { ms: [], actionMs: [], cpuS: idle.cpuS, others: { apiEtcd: 0, kcm: 0, bench: 0 }, rssMb: idle.peakRssMb, writes: idle.writes, statusWrites: 0, channelAcks: 0, violations: acknowledger.violations - idleViolations, kinds: idle.writesByKind });
     for (const [event, s] of samples) {
       const sorted = [...s.ms].sort((a, b) => a - b);
       const count = Math.max(1, s.ms.length);
@@ -502,7 +544,9 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
         p50_ms: sorted.length ? Math.round(percentile(sorted, 0.5)) : null,
         p99_ms: sorted.length ? Math.round(percentile(sorted, 0.99)) : null,
         action_p50_ms: s.actionMs.length ? Math.round(percentile([...s.actionMs].sort((a, b) => a - b), 0.5)) : null,
-        cpu_s: Number((s.cpuS / count).toFixed(3)), rss_mb: Math.round(s.rssMb), writes: Math.round(s.writes / count),
+        cpu_s: Number((s.cpuS / count).toFixed(3)),
+        apiserver_etcd_cpu_s: Number((s.others.apiEtcd / count).toFixed(2)), kcm_cpu_s: Number((s.others.kcm / count).toFixed(2)), bench_cpu_s: Number((s.others.bench / count).toFixed(2)),
+        rss_mb: Math.round(s.rssMb), writes: Math.round(s.writes / count),
         sidecar_status_writes: Math.round(s.statusWrites / count), sidecar_channel_acks: Math.round(s.channelAcks / count), violations: s.violations,
       });
       console.error(`  ${args.pods} pods: ${event} writes by kind (total): ${JSON.stringify(s.kinds)}`);
@@ -570,8 +614,8 @@ async function main(): Promise<void> {
   } finally {
     await env.stop();
   }
-  const header = ['pods', 'dbc', 'event', 'n', 'p50 s', 'p99 s', 'of which action', 'cpu s/event', 'rss MB', 'writes/event', 'sidecar status/ack', 'violations'];
-  const rows = results.map((r) => [r.pods, r.connections, r.event, r.samples, r.p50_ms === null ? '-' : (r.p50_ms / 1000).toFixed(2), r.p99_ms === null ? '-' : (r.p99_ms / 1000).toFixed(2), r.action_p50_ms === null ? '-' : (r.action_p50_ms / 1000).toFixed(2), r.cpu_s.toFixed(2), r.rss_mb, r.writes, `${r.sidecar_status_writes}/${r.sidecar_channel_acks}`, r.violations].map(String));
+  const header = ['pods', 'dbc', 'event', 'n', 'p50 s', 'p99 s', 'of which action', 'cpu s/event', 'api+etcd/kcm/bench cpu s', 'rss MB', 'writes/event', 'sidecar status/ack', 'violations'];
+  const rows = results.map((r) => [r.pods, r.connections, r.event, r.samples, r.p50_ms === null ? '-' : (r.p50_ms / 1000).toFixed(2), r.p99_ms === null ? '-' : (r.p99_ms / 1000).toFixed(2), r.action_p50_ms === null ? '-' : (r.action_p50_ms / 1000).toFixed(2), r.cpu_s.toFixed(2), r.event === 'idle' ? '-' : `${r.apiserver_etcd_cpu_s.toFixed(1)}/${r.kcm_cpu_s.toFixed(1)}/${r.bench_cpu_s.toFixed(1)}`, r.rss_mb, r.writes, `${r.sidecar_status_writes}/${r.sidecar_channel_acks}`, r.violations].map(String));
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
   for (const row of [header, ...rows]) console.log(row.map((cell, i) => cell.padStart(widths[i]!)).join('  '));
   console.log(`PATCH, one at a time: p50 ${patch?.p50_ms ?? '-'} ms, p99 ${patch?.p99_ms ?? '-'} ms`);

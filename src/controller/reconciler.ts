@@ -139,6 +139,9 @@ export const DEFAULT_HEARTBEAT_TIMEOUT_MS = 60_000;
 /** While grants move, a DatabaseConnection's status is written at most this often (unless a condition changes). */
 const STATUS_COALESCE_MS = 1_000;
 
+/** How long a pod seen deleted is remembered (podDeleted): its PoolMember is collected well within it. */
+const DELETED_POD_MEMORY_MS = 10 * 60_000;
+
 /** PoolMember writes in flight at once: the API client's own connection cap (KubeHttp's default). */
 const GRANT_WRITE_CONCURRENCY = 32;
 
@@ -202,8 +205,12 @@ export class ServerReconciler {
   private readonly seenMembers = new Map<string, { member: PoolMember; goneAt?: number; final?: boolean }>();
   /** PoolMembers this replica created, by `namespace/name`, until its cache shows them. */
   private readonly created = new Map<string, PoolMember>();
-  /** UIDs of pods seen deleted whose PoolMember the garbage collector has yet to take (podDeleted). */
-  private readonly deletedPods = new Set<string>();
+  /**
+   * Pods seen deleted whose PoolMember the garbage collector takes (podDeleted),
+   * by UID, with when (ms): kept a while after, since a pass may still hold an
+   * older snapshot with the PoolMember in it.
+   */
+  private readonly deletedPods = new Map<string, number>();
   /** The DepartureHoldShort warning last recorded per DatabaseConnection (recorded again only when it changes). */
   private readonly holdWarnings = new Map<string, string>();
   /** When each DatabaseConnection's status was last written (ms), to coalesce writes while grants move. */
@@ -735,13 +742,18 @@ export class ServerReconciler {
   /**
    * A pod was deleted (the API server removed the object; its last state has
    * a deletionTimestamp): the garbage collector takes its PoolMember, which
-   * deleteOrphans then leaves alone. Remembered while that PoolMember exists.
+   * deleteOrphans then leaves alone. Remembered for DELETED_POD_MEMORY_MS.
    */
   podDeleted(pod: PodObject & KubeObject): void {
     const uid = pod.metadata?.uid;
     if (!uid || !pod.metadata?.deletionTimestamp) return;
     const member = this.deps.caches.members.get(pod.metadata.namespace, pod.metadata.name ?? '');
-    if (member && memberPodUid(member) === uid) this.deletedPods.add(uid);
+    if (member && memberPodUid(member) === uid) this.deletedPods.set(uid, this.now().getTime());
+    // The collector has long taken those seen before (it deletes at least 20 a second).
+    for (const [seen, at] of this.deletedPods) {
+      if (this.now().getTime() - at < DELETED_POD_MEMORY_MS) break;
+      this.deletedPods.delete(seen);
+    }
   }
 
   /**
@@ -754,7 +766,7 @@ export class ServerReconciler {
    */
   memberDeleted(member: PoolMember): boolean {
     const uid = memberPodUid(member);
-    const collected = this.deletedPods.delete(uid);
+    const collected = this.deletedPods.has(uid);
     this.created.delete(key(member));
     if (uid !== '' && this.tables.tableFrom(member) !== undefined) this.seenMembers.set(uid, { member, final: true });
     // A departure its table records is kept while the PoolMember exists: now it may go.
@@ -981,6 +993,8 @@ export class ServerReconciler {
     }
     await forEachBounded(doomed, GRANT_WRITE_CONCURRENCY, async (member) => {
       const k = key(member);
+      // Gone from the cache since this pass read it (the collector got there first): nothing to delete.
+      if (this.deps.caches.members.get(member.metadata.namespace, member.metadata.name ?? '') === undefined) return;
       this.assertMayWrite();
       try {
         await this.deps.http.delete(`${MEMBERS}/namespaces/${member.metadata.namespace ?? ''}/poolmembers/${member.metadata.name ?? ''}`, { apiVersion: 'v1', kind: 'DeleteOptions', preconditions: { resourceVersion: this.expectedVersion(member) } });

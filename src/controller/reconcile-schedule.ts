@@ -7,7 +7,7 @@
  *   Secret...) after a quiet spell runs at once. Changes that follow within
  *   CHANGE_QUIET_MS are a burst (a scale-up's pods, a scale-down's
  *   deletions), reconciled once it has been quiet that long, or once it has
- *   lasted its longest wait (a second, or four plans if longer).
+ *   lasted four plans (at least 200 ms).
  * - An acknowledgement (a sidecar answered, over the channel or in its
  *   status) or the controller's own write coming back through its cache:
  *   while the server's last plan waits for answers, only the last of them
@@ -42,7 +42,7 @@ export interface ScheduleClock {
   after(delayMs: number, fn: () => void): CancellableTimer;
 }
 
-/** Least time between the starts of two reconciles of one server woken by acknowledgements. */
+/** Least wait for a reconcile of a burst of changes, and between reconciles woken by acknowledgements. */
 export const RECONCILE_SPACING_MS = 200;
 /** Waits in multiples of the server's last plan time: the controller plans at most about a fifth of the time. */
 export const RECONCILE_SPACING_PLANS = 4;
@@ -50,8 +50,6 @@ export const RECONCILE_SPACING_PLANS = 4;
 export const MAX_RECONCILE_SPACING_MS = 5_000;
 /** A change that follows another within this time waits for the burst to go quiet this long. */
 export const CHANGE_QUIET_MS = 250;
-/** ... but a burst waits at most this long, or four plans if longer. */
-export const CHANGE_MAX_WAIT_MS = 1_000;
 
 /** The event loop's own clock: setTimeout, then setImmediate (after pending I/O is read). */
 export const systemClock: ScheduleClock = {
@@ -124,7 +122,7 @@ export class ReconcileSchedule {
       this.sink.add(server);
       return;
     }
-    s.burst = { since: now, timer: this.burstCheck(server, now, CHANGE_QUIET_MS) };
+    s.burst = { since: now, timer: this.burstCheck(server, now, Math.min(CHANGE_QUIET_MS, this.plans(server, RECONCILE_SPACING_MS))) };
   }
 
   private burstCheck(server: string, since: number, delayMs: number): CancellableTimer {
@@ -133,7 +131,7 @@ export class ReconcileSchedule {
       if (s?.burst?.timer !== timer) return;
       const now = this.clock.now();
       const quietAt = (s.lastChange ?? 0) + CHANGE_QUIET_MS;
-      const longestAt = since + this.plans(server, CHANGE_MAX_WAIT_MS);
+      const longestAt = since + this.plans(server, RECONCILE_SPACING_MS);
       if (now < quietAt && now < longestAt) {
         s.burst = { since, timer: this.burstCheck(server, since, Math.min(quietAt, longestAt) - now) };
         return;

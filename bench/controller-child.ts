@@ -19,7 +19,7 @@ export interface ServiceAccountFiles {
 }
 
 /** Messages between the bench and the controller child. */
-export type ChildMessage = { type: 'ready' } | { type: 'mark'; cpuS: number; peakRssMb: number; writes: number; writesByKind: Record<string, number>; memory: NodeJS.MemoryUsage };
+export type ChildMessage = { type: 'ready' } | { type: 'mark'; cpuS: number; peakRssMb: number; writes: number; writesByKind: Record<string, number>; reconciles: number; reconcileS: number; memory: NodeJS.MemoryUsage };
 
 async function runControllerChild(access: ServiceAccountFiles, verbose: boolean): Promise<void> {
   // Count every write this process makes, before the controller module captures anything.
@@ -35,6 +35,21 @@ async function runControllerChild(access: ServiceAccountFiles, verbose: boolean)
     }
     return original.call(this, method, path, body, contentType) as Promise<T>;
   };
+  // And every reconcile, with the time it took (planning and its writes).
+  let reconciles = 0;
+  let reconcileS = 0;
+  const { ServerReconciler } = await import('../src/controller/reconciler.ts');
+  // eslint-disable-next-line @typescript-eslint/unbound-method -- called back with .call(this)
+  const reconcile = ServerReconciler.prototype.reconcile;
+  ServerReconciler.prototype.reconcile = async function timed(this: InstanceType<typeof ServerReconciler>, server: string) {
+    const started = performance.now();
+    try {
+      return await reconcile.call(this, server);
+    } finally {
+      reconciles += 1;
+      reconcileS += (performance.now() - started) / 1000;
+    }
+  };
   const { startController } = await import('../src/bin/controller-main.ts');
   let peakRss = process.memoryUsage.rss();
   const sampler = setInterval(() => (peakRss = Math.max(peakRss, process.memoryUsage.rss())), 50);
@@ -48,9 +63,11 @@ async function runControllerChild(access: ServiceAccountFiles, verbose: boolean)
     if (message.type === 'mark') {
       const cpu = process.cpuUsage(lastCpu);
       lastCpu = process.cpuUsage();
-      const reply: ChildMessage = { type: 'mark', cpuS: (cpu.user + cpu.system) / 1e6, peakRssMb: peakRss / 2 ** 20, writes, writesByKind: { ...writesByKind }, memory: process.memoryUsage() };
+      const reply: ChildMessage = { type: 'mark', cpuS: (cpu.user + cpu.system) / 1e6, peakRssMb: peakRss / 2 ** 20, writes, writesByKind: { ...writesByKind }, reconciles, reconcileS, memory: process.memoryUsage() };
       peakRss = process.memoryUsage.rss();
       writes = 0;
+      reconciles = 0;
+      reconcileS = 0;
       for (const k of Object.keys(writesByKind)) delete writesByKind[k];
       process.send?.(reply);
     } else if (message.type === 'stop') {

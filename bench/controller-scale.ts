@@ -60,6 +60,9 @@ export interface ControllerResult {
   rss_mb: number;
   /** Controller API writes (POST, PUT, PATCH, DELETE) per event. */
   writes: number;
+  /** Reconciles per event, and the wall time they took together (planning and writes). */
+  reconciles: number;
+  reconcile_s: number;
   /** PoolMember status writes by the stand-in sidecars per event, until settled. */
   sidecar_status_writes: number;
   /** Acknowledgements the stand-in sidecars sent over the channel per event, until settled. */
@@ -484,7 +487,7 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
     await Promise.all(connectionNames.map((name) => http.patch(`/apis/poolkeeper.dev/v1alpha1/namespaces/${namespace}/databaseconnections/${name}`, { spec: { maxConnections: max } })));
   };
 
-  const samples = new Map<string, { ms: number[]; actionMs: number[]; cpuS: number; others: { apiEtcd: number; kcm: number; bench: number }; rssMb: number; writes: number; statusWrites: number; channelAcks: number; violations: number; kinds: Record<string, number> }>();
+  const samples = new Map<string, { ms: number[]; actionMs: number[]; cpuS: number; others: { apiEtcd: number; kcm: number; bench: number }; reconciles: number; reconcileS: number; rssMb: number; writes: number; statusWrites: number; channelAcks: number; violations: number; kinds: Record<string, number> }>();
   const measure = async (event: string, expectedLimit: number, podCount: number, action: () => Promise<unknown>): Promise<void> => {
     const violationsBefore = acknowledger.violations;
     const statusWritesBefore = acknowledger.statusWrites;
@@ -501,7 +504,9 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
     const mark = await controller.mark();
     const othersAfter = otherCpu(kube.logDir);
     const others = { apiEtcd: othersAfter.apiServer + othersAfter.etcd - othersBefore.apiServer - othersBefore.etcd, kcm: othersAfter.controllerManager - othersBefore.controllerManager, bench: othersAfter.bench - othersBefore.bench };
-    const entry = samples.get(event) ?? { ms: [], actionMs: [], cpuS: 0, others: { apiEtcd: 0, kcm: 0, bench: 0 }, rssMb: 0, writes: 0, statusWrites: 0, channelAcks: 0, violations: 0, kinds: {} };
+    const entry = samples.get(event) ?? { ms: [], actionMs: [], cpuS: 0, others: { apiEtcd: 0, kcm: 0, bench: 0 }, reconciles: 0, reconcileS: 0, rssMb: 0, writes: 0, statusWrites: 0, channelAcks: 0, violations: 0, kinds: {} };
+    entry.reconciles += mark.reconciles;
+    entry.reconcileS += mark.reconcileS;
     entry.others = { apiEtcd: entry.others.apiEtcd + others.apiEtcd, kcm: entry.others.kcm + others.kcm, bench: entry.others.bench + others.bench };
     entry.ms.push(ms);
     entry.actionMs.push(actionMs);
@@ -513,7 +518,7 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
     entry.violations += acknowledger.violations - violationsBefore;
     for (const [k, v] of Object.entries(mark.writesByKind)) entry.kinds[k] = (entry.kinds[k] ?? 0) + v;
     samples.set(event, entry);
-    console.error(`  ${args.pods} pods: ${event} ${(ms / 1000).toFixed(2)} s (the bench's action ${(actionMs / 1000).toFixed(2)} s), ${mark.writes} controller writes, ${statusWrites} sidecar status writes, ${channelAcks} channel acks, cpu ${mark.cpuS.toFixed(2)} s (API server + etcd ${others.apiEtcd.toFixed(2)} s, kube-controller-manager ${others.kcm.toFixed(2)} s, bench ${others.bench.toFixed(2)} s), peak rss ${mark.peakRssMb.toFixed(0)} MB (now: heap ${mb(mark.memory.heapUsed)} of ${mb(mark.memory.heapTotal)}, external ${mb(mark.memory.external)}, array buffers ${mb(mark.memory.arrayBuffers)} MB)`);
+    console.error(`  ${args.pods} pods: ${event} ${(ms / 1000).toFixed(2)} s (the bench's action ${(actionMs / 1000).toFixed(2)} s), ${mark.writes} controller writes, ${mark.reconciles} reconciles (${mark.reconcileS.toFixed(2)} s), ${statusWrites} sidecar status writes, ${channelAcks} channel acks, cpu ${mark.cpuS.toFixed(2)} s (API server + etcd ${others.apiEtcd.toFixed(2)} s, kube-controller-manager ${others.kcm.toFixed(2)} s, bench ${others.bench.toFixed(2)} s), peak rss ${mark.peakRssMb.toFixed(0)} MB (now: heap ${mb(mark.memory.heapUsed)} of ${mb(mark.memory.heapTotal)}, external ${mb(mark.memory.external)}, array buffers ${mb(mark.memory.arrayBuffers)} MB)`);
   };
 
   const results: ControllerResult[] = [];
@@ -535,7 +540,7 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
     const idleViolations = acknowledger.violations;
     await new Promise((r) => setTimeout(r, IDLE_MS));
     const idle = await controller.mark();
-    samples.set('idle', { ms: [], actionMs: [], cpuS: idle.cpuS, others: { apiEtcd: 0, kcm: 0, bench: 0 }, rssMb: idle.peakRssMb, writes: idle.writes, statusWrites: 0, channelAcks: 0, violations: acknowledger.violations - idleViolations, kinds: idle.writesByKind });
+    samples.set('idle', { ms: [], actionMs: [], cpuS: idle.cpuS, others: { apiEtcd: 0, kcm: 0, bench: 0 }, reconciles: idle.reconciles, reconcileS: idle.reconcileS, rssMb: idle.peakRssMb, writes: idle.writes, statusWrites: 0, channelAcks: 0, violations: acknowledger.violations - idleViolations, kinds: idle.writesByKind });
     for (const [event, s] of samples) {
       const sorted = [...s.ms].sort((a, b) => a - b);
       const count = Math.max(1, s.ms.length);
@@ -546,7 +551,7 @@ async function runSize(kube: KubeControlPlane, args: { pods: number; connections
         action_p50_ms: s.actionMs.length ? Math.round(percentile([...s.actionMs].sort((a, b) => a - b), 0.5)) : null,
         cpu_s: Number((s.cpuS / count).toFixed(3)),
         apiserver_etcd_cpu_s: Number((s.others.apiEtcd / count).toFixed(2)), kcm_cpu_s: Number((s.others.kcm / count).toFixed(2)), bench_cpu_s: Number((s.others.bench / count).toFixed(2)),
-        rss_mb: Math.round(s.rssMb), writes: Math.round(s.writes / count),
+        rss_mb: Math.round(s.rssMb), writes: Math.round(s.writes / count), reconciles: Number((s.reconciles / count).toFixed(1)), reconcile_s: Number((s.reconcileS / count).toFixed(2)),
         sidecar_status_writes: Math.round(s.statusWrites / count), sidecar_channel_acks: Math.round(s.channelAcks / count), violations: s.violations,
       });
       console.error(`  ${args.pods} pods: ${event} writes by kind (total): ${JSON.stringify(s.kinds)}`);
@@ -614,8 +619,8 @@ async function main(): Promise<void> {
   } finally {
     await env.stop();
   }
-  const header = ['pods', 'dbc', 'event', 'n', 'p50 s', 'p99 s', 'of which action', 'cpu s/event', 'api+etcd/kcm/bench cpu s', 'rss MB', 'writes/event', 'sidecar status/ack', 'violations'];
-  const rows = results.map((r) => [r.pods, r.connections, r.event, r.samples, r.p50_ms === null ? '-' : (r.p50_ms / 1000).toFixed(2), r.p99_ms === null ? '-' : (r.p99_ms / 1000).toFixed(2), r.action_p50_ms === null ? '-' : (r.action_p50_ms / 1000).toFixed(2), r.cpu_s.toFixed(2), r.event === 'idle' ? '-' : `${r.apiserver_etcd_cpu_s.toFixed(1)}/${r.kcm_cpu_s.toFixed(1)}/${r.bench_cpu_s.toFixed(1)}`, r.rss_mb, r.writes, `${r.sidecar_status_writes}/${r.sidecar_channel_acks}`, r.violations].map(String));
+  const header = ['pods', 'dbc', 'event', 'n', 'p50 s', 'p99 s', 'of which action', 'cpu s/event', 'api+etcd/kcm/bench cpu s', 'reconciles (s)', 'rss MB', 'writes/event', 'sidecar status/ack', 'violations'];
+  const rows = results.map((r) => [r.pods, r.connections, r.event, r.samples, r.p50_ms === null ? '-' : (r.p50_ms / 1000).toFixed(2), r.p99_ms === null ? '-' : (r.p99_ms / 1000).toFixed(2), r.action_p50_ms === null ? '-' : (r.action_p50_ms / 1000).toFixed(2), r.cpu_s.toFixed(2), r.event === 'idle' ? '-' : `${r.apiserver_etcd_cpu_s.toFixed(1)}/${r.kcm_cpu_s.toFixed(1)}/${r.bench_cpu_s.toFixed(1)}`, `${r.reconciles} (${r.reconcile_s.toFixed(1)})`, r.rss_mb, r.writes, `${r.sidecar_status_writes}/${r.sidecar_channel_acks}`, r.violations].map(String));
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
   for (const row of [header, ...rows]) console.log(row.map((cell, i) => cell.padStart(widths[i]!)).join('  '));
   console.log(`PATCH, one at a time: p50 ${patch?.p50_ms ?? '-'} ms, p99 ${patch?.p99_ms ?? '-'} ms`);

@@ -121,3 +121,8 @@ export interface PoolMember {
   spec: PoolMemberSpec;
   status?: PoolMemberStatus;
 }
+
+/** The UID of the pod a PoolMember belongs to (its owner), or '' if it names none. */
+export function memberPodUid(member: Pick<PoolMember, 'metadata'>): string {
+  return member.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
+}

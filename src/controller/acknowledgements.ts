@@ -16,7 +16,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { AddressInfo } from 'node:net';
 import type { Logger } from 'pino';
 import { Counter, type Registry } from 'prom-client';
-import type { PoolMember } from '../api/index.ts';
+import { memberPodUid, type PoolMember } from '../api/index.ts';
 import { laterAcknowledgement, parseChannelAcknowledgement, signAcknowledgement, toAcknowledgement, type Acknowledgement } from '../core/budget/index.ts';
 
 /** Largest request body accepted (an acknowledgement is about 300 bytes). */
@@ -145,9 +145,9 @@ export class AcknowledgementReceiver {
       const { ack, signature } = parsed;
       const member = this.deps.member(ack.namespace, ack.pod);
       const key = member?.spec.acknowledgementKey;
-      const ownerUid = member?.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid;
+      const ownerUid = member && memberPodUid(member);
       // Not (yet) in this replica's cache, or a new pod under the name: the sidecar falls back to its status.
-      if (!member || !key || ownerUid !== ack.podUid) return answer(409, 'unknown_member', 'no PoolMember with an acknowledgement key for this pod in the controller\'s cache');
+      if (!member || !key || !ownerUid || ownerUid !== ack.podUid) return answer(409, 'unknown_member', 'no PoolMember with an acknowledgement key for this pod in the controller\'s cache');
       const expected = Buffer.from(signAcknowledgement(ack, key));
       const given = Buffer.from(signature);
       if (expected.length !== given.length || !timingSafeEqual(expected, given)) {

@@ -8,7 +8,7 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
-import { API_GROUP, API_VERSION, CONNECTION_LABEL, type DatabaseConnection, type DatabaseServer, type PoolMember } from '../api/index.ts';
+import { API_GROUP, API_VERSION, CONNECTION_LABEL, memberPodUid, type DatabaseConnection, type DatabaseServer, type PoolMember } from '../api/index.ts';
 import { laterAcknowledgement, type Acknowledgement } from '../core/budget/index.ts';
 import { ApiReachability } from '../kube/backoff.ts';
 import type { KubeHttp } from '../kube/http.ts';
@@ -142,7 +142,7 @@ export class BudgetController {
    */
   acknowledged(member: PoolMember): void {
     const k = `${member.metadata.namespace ?? ''}/${member.metadata.name ?? ''}`;
-    const podUid = member.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
+    const podUid = memberPodUid(member);
     const seen = this.memberSeen.get(k);
     if (seen) this.memberSeen.set(k, { ...seen, fingerprint: memberFingerprint(member, this.ledger.get(podUid)) });
     const c = this.caches.connections.get(member.metadata.namespace, member.spec.connection);
@@ -227,7 +227,7 @@ export class BudgetController {
     this.caches.grants?.onChange((_type, g) => byConnectionName(g.metadata.namespace, g.spec.connection, 'acknowledgement'));
     members.onChange((type, m) => {
       const k = `${m.metadata.namespace ?? ''}/${m.metadata.name ?? ''}`;
-      const podUid = m.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
+      const podUid = memberPodUid(m);
       if (type === 'DELETED') {
         const replan = this.reconciler.memberDeleted(m);
         this.ledger.forget(podUid);

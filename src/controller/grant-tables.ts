@@ -8,7 +8,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
-import { API_GROUP, API_VERSION, type DatabaseConnection, type PoolGrant, type PoolMember } from '../api/index.ts';
+import { API_GROUP, API_VERSION, memberPodUid, type DatabaseConnection, type PoolGrant, type PoolMember } from '../api/index.ts';
 import { grantTableOf, memberGrantInForce, tableWriteWaves, type GrantTable, type PlannedTable, type SidecarPacing, type TableState, type TableWrite } from '../core/budget/index.ts';
 import { isStatus, type KubeHttp } from '../kube/http.ts';
 import type { Informer, KubeObject } from '../kube/informer.ts';
@@ -110,7 +110,7 @@ export class GrantTableWriter {
 
   /** tableFrom of a PoolMember as this replica knows it (its own switch may be newer than the cache). */
   tableFrom(member: PoolMember): number | undefined {
-    const uid = member.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
+    const uid = memberPodUid(member);
     const ours = this.switched.get(uid);
     if (member.spec.tableFrom !== undefined) {
       this.switched.delete(uid);
@@ -129,8 +129,7 @@ export class GrantTableWriter {
   async switchMembers(members: readonly PoolMember[], livePodUids: ReadonlySet<string>): Promise<void> {
     if (!this.enabled) return;
     const due = members.filter((m) => {
-      const uid = m.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid;
-      return uid !== undefined && livePodUids.has(uid) && m.status?.tableGeneration !== undefined && this.tableFrom(m) === undefined;
+      return livePodUids.has(memberPodUid(m)) && m.status?.tableGeneration !== undefined && this.tableFrom(m) === undefined;
     });
     await forEachBounded(due, CONCURRENCY, async (m) => {
       const namespace = m.metadata.namespace ?? '';
@@ -150,7 +149,7 @@ export class GrantTableWriter {
         if (isStatus(err, 409) || isStatus(err, 422) || isStatus(err, 404)) return;
         throw err;
       }
-      this.switched.set(m.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '', from);
+      this.switched.set(memberPodUid(m), from);
     });
   }
 
@@ -165,8 +164,7 @@ export class GrantTableWriter {
   async leaveTables(members: readonly PoolMember[], livePodUids: ReadonlySet<string>): Promise<PoolMember[]> {
     if (!this.enabled) return [];
     const due = members.filter((m) => {
-      const uid = m.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid;
-      return uid !== undefined && livePodUids.has(uid) && readsNoTable(m, m.spec.tableFrom);
+      return livePodUids.has(memberPodUid(m)) && readsNoTable(m, m.spec.tableFrom);
     });
     const left: PoolMember[] = [];
     await forEachBounded(due, CONCURRENCY, async (m) => {

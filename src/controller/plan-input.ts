@@ -3,7 +3,7 @@
  * Pure: the reconciler hands in what its caches hold and the grants it has
  * written itself, and gets plain data back.
  */
-import type { DatabaseConnection, PoolMember } from '../api/index.ts';
+import { memberPodUid, type DatabaseConnection, type PoolMember } from '../api/index.ts';
 import { laterAcknowledgement, type Acknowledgement, type BudgetInput, type ConnectionCap, type ConnectionInput, type MemberState, type PodInput, type PodPhase, type TableState } from '../core/budget/index.ts';
 import { resolveConsumer } from '../core/inject/consumer.ts';
 import { READS_TABLES_ANNOTATION, type PodLike } from '../core/inject/model.ts';
@@ -36,11 +36,6 @@ export interface WrittenGrant {
   generation: number;
   /** The PoolMember was created on its connection's table from this generation on. */
   tableFrom?: number | undefined;
-}
-
-/** The UID of the pod a PoolMember belongs to (its owner reference); '' when it names none. */
-export function memberPodUid(member: Pick<PoolMember, 'metadata'>): string {
-  return member.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
 }
 
 /** departureHoldSeconds of a DatabaseConnection that leaves it out (the CRD's default). */

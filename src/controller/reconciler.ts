@@ -6,7 +6,7 @@
  */
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
-import { API_GROUP, API_VERSION, CONNECTION_LABEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVE, type DatabaseConnection, type DatabaseServer, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
+import { API_GROUP, API_VERSION, CONNECTION_LABEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVE, memberPodUid, type DatabaseConnection, type DatabaseServer, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
 import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, departureHoldAdvice, deriveEntry, loginConnectionCap, loginConnectionCaps, connectionCaps, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant, type ConnectionCap, type GrantTable, type LoginCap, type ServerSettings } from '../core/budget/index.ts';
 import { decideOwnedLimit, decideServerLimit, namespaceDemands, namespaceShares, ownedServerKey, planWithShares, ruleFor, type NamespaceRule } from '../core/tenancy/index.ts';
 import { connectionConditions, limitMismatchCondition, loginCapCondition, oversubscriptionAdvice, type ConsumerDemand, type ConsumerFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
@@ -29,7 +29,7 @@ import { forEachBounded } from './bounded.ts';
 import type { PoolGrant } from '../api/poolgrant.ts';
 import { GrantTableWriter } from './grant-tables.ts';
 import type { AcknowledgementLedger } from './acknowledgements.ts';
-import { buildBudgetInput, DEFAULT_DEPARTURE_HOLD_SECONDS, memberPodUid, podConnectionKey, type PodObject, type WorkloadScale, type WrittenGrant } from './plan-input.ts';
+import { buildBudgetInput, DEFAULT_DEPARTURE_HOLD_SECONDS, podConnectionKey, type PodObject, type WorkloadScale, type WrittenGrant } from './plan-input.ts';
 
 /** A Secret as the cache holds it. */
 export interface SecretObject extends KubeObject {
@@ -638,7 +638,7 @@ export class ServerReconciler {
       return ms;
     };
     return members.filter((m) => {
-      if (!live.has(m.metadata.ownerReferences?.[0]?.uid)) return false;
+      if (!live.has(memberPodUid(m))) return false;
       const heard = this.deps.heardAt?.(m);
       if (heard !== undefined) return now - heard > timeoutOf(m);
       const last = m.status?.heartbeatTime ?? m.metadata.creationTimestamp;
@@ -823,7 +823,7 @@ export class ServerReconciler {
 
   private pruneWritten(members: readonly PoolMember[]): void {
     for (const member of members) {
-      const uid = member.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid;
+      const uid = memberPodUid(member);
       if (this.created.size > 0) this.created.delete(key(member));
       const written = uid ? this.written.get(uid) : undefined;
       if (uid && written && member.spec.grant.generation >= written.generation) this.written.delete(uid);
@@ -906,7 +906,7 @@ export class ServerReconciler {
     // Kept until the cache shows this generation: a reconcile from a cache that is behind
     // our own write would otherwise write the same spec again (or create it twice).
     if (this.writtenVersions.get(podUid)?.spec === fingerprint) return undefined;
-    const ownerChanged = existing !== undefined && existing.metadata.ownerReferences?.[0]?.uid !== podUid;
+    const ownerChanged = existing !== undefined && memberPodUid(existing) !== podUid;
     // The common case, every reconcile for every pod on a table: nothing to write.
     if (existing !== undefined && !ownerChanged && !changed && specFingerprint(existing.spec.grant, existing.spec.drain ?? false, settingsFingerprint(existing.spec)) === fingerprint) return undefined;
     return { fingerprint, ownerChanged };
@@ -969,7 +969,7 @@ export class ServerReconciler {
 
   /** The resourceVersion a grant write must find: the cache's, or ours if the cache has not caught up with our last write. */
   private expectedVersion(existing: PoolMember): string | undefined {
-    const uid = existing.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid;
+    const uid = memberPodUid(existing);
     const ours = uid ? this.writtenVersions.get(uid) : undefined;
     if (ours && ours.generation > existing.spec.grant.generation) return ours.resourceVersion;
     return existing.metadata.resourceVersion;

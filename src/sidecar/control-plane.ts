@@ -8,7 +8,7 @@
  * poolgrants and patch on poolmembers/status.
  */
 import type { Logger } from 'pino';
-import { API_GROUP, API_VERSION, type PoolGrant, type PoolMember, type PoolMemberStatus } from '../api/index.ts';
+import { API_GROUP, API_VERSION, memberPodUid, type PoolGrant, type PoolMember, type PoolMemberStatus } from '../api/index.ts';
 import { BASE_HEARTBEAT_SECONDS, deriveGrant, grantTableOf } from '../core/budget/grant-table.ts';
 import { isStatus, type KubeHttp } from '../kube/http.ts';
 import { ApiReachability } from '../kube/backoff.ts';
@@ -379,7 +379,7 @@ export class PoolMemberAgent {
   private channelAcknowledgement(status: PoolMemberStatus): { to: string; key: string; ack: ChannelAcknowledgement } | undefined {
     const member = this.member;
     const key = member?.spec.acknowledgementKey;
-    const podUid = member?.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid;
+    const podUid = member && memberPodUid(member);
     const written = this.lastWritten;
     // Only a grant from a table is acknowledged there, and only when nothing but the acknowledgement changed,
     // or, for a PoolMember created on its table, as its first answer (the status follows, as after any

@@ -299,6 +299,36 @@ static napi_value QuietLoop(napi_env env, napi_callback_info info) {
   return out;
 }
 
+/*
+ * tcpKeepalive(fd, idleSeconds, intervalSeconds, count, userTimeoutMs) -> 0 or -errno.
+ * Keepalive probes after `idleSeconds` of silence, every `intervalSeconds`,
+ * `count` of them; and TCP_USER_TIMEOUT, so that data the peer never
+ * acknowledges (a powered-off host, a cut network) ends the connection too,
+ * where the kernel would otherwise retransmit for about fifteen minutes.
+ * Node sets only the first of these (and libuv fixes the interval and count).
+ */
+static napi_value TcpKeepalive(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  if (!get_args(env, info, 5, argv)) return NULL;
+  int32_t fd, idle, interval, count, user_timeout;
+  if (napi_get_value_int32(env, argv[0], &fd) != napi_ok || napi_get_value_int32(env, argv[1], &idle) != napi_ok ||
+      napi_get_value_int32(env, argv[2], &interval) != napi_ok || napi_get_value_int32(env, argv[3], &count) != napi_ok ||
+      napi_get_value_int32(env, argv[4], &user_timeout) != napi_ok) {
+    napi_throw_type_error(env, NULL, "tcpKeepalive(fd, idleSeconds, intervalSeconds, count, userTimeoutMs): numbers expected");
+    return NULL;
+  }
+  int on = 1;
+  unsigned int timeout = (unsigned int)user_timeout;
+  int result = 0;
+  if (setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on) != 0 ||
+      setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle) != 0 ||
+      setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval) != 0 ||
+      setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count) != 0 ||
+      setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &timeout, sizeof timeout) != 0)
+    result = -errno;
+  return int_value(env, result);
+}
+
 static int export_function(napi_env env, napi_value exports, const char *name, napi_callback callback) {
   napi_value fn;
   return napi_create_function(env, name, NAPI_AUTO_LENGTH, callback, NULL, &fn) == napi_ok &&
@@ -309,7 +339,8 @@ NAPI_MODULE_INIT() {
   if (!export_function(env, exports, "open", Open) || !export_function(env, exports, "setBuffer", SetBuffer) ||
       !export_function(env, exports, "reading", Reading) || !export_function(env, exports, "write", Write) ||
       !export_function(env, exports, "waitWritable", WaitWritable) || !export_function(env, exports, "shutdown", Shutdown) ||
-      !export_function(env, exports, "setNoDelay", SetNoDelay) || !export_function(env, exports, "close", Close) || !export_function(env, exports, "quietLoop", QuietLoop))
+      !export_function(env, exports, "setNoDelay", SetNoDelay) || !export_function(env, exports, "close", Close) || !export_function(env, exports, "quietLoop", QuietLoop) ||
+      !export_function(env, exports, "tcpKeepalive", TcpKeepalive))
     return NULL;
   return exports;
 }

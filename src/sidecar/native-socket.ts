@@ -44,6 +44,11 @@ export interface NativeSocketIo {
    * no longer advances. False if this libuv's layout is not known.
    */
   quietLoop(): boolean;
+  /**
+   * TCP keepalives (idle, interval, count) and TCP_USER_TIMEOUT on socket
+   * `fd`: 0, or -errno.
+   */
+  tcpKeepalive(fd: number, idleSeconds: number, intervalSeconds: number, count: number, userTimeoutMs: number): number;
 }
 
 const EVENT_DATA = 0;
@@ -106,6 +111,12 @@ interface NodeHandle {
 }
 
 /** The file descriptor of a Node socket's libuv handle, if it has one (Unix). */
+export function socketDescriptor(socket: Socket): number | undefined {
+  const handle = (socket as unknown as { _handle?: object | null })._handle;
+  return handle ? handleDescriptor(handle) : undefined;
+}
+
+/** The file descriptor of a libuv handle, if it has one (Unix). */
 function handleDescriptor(handle: object): number | undefined {
   const fd = (handle as NodeHandle).fd;
   return typeof fd === 'number' && fd >= 0 && typeof (handle as NodeHandle).close === 'function' ? fd : undefined;

@@ -128,6 +128,8 @@ export class ServerConnection {
   private serverEnded = false;
   /** The server sent a FATAL (or PANIC) error: it is about to close, and the client was told why. */
   private fatalSeen = false;
+  /** Why the transport failed, in words for the client, when it did. */
+  private transportFailure: string | undefined;
   private internalQuery: { result: InternalResult; done: (result: InternalResult) => void } | undefined;
   /**
    * A client's RESET (or DISCARD ALL) completed: it holds once its
@@ -170,7 +172,11 @@ export class ServerConnection {
     this.stream.on('error', (err: Error & { code?: string }) => {
       // A reset comes from the server's side of the connection: its socket is gone, and a backend closes it only as it exits.
       if (err.code === 'ECONNRESET' || err.code === 'EPIPE') this.serverEnded = true;
-      this.logger.debug({ server: this.id, err: err.message }, 'server connection error');
+      if (err.code === 'ETIMEDOUT') {
+        // TCP keepalives or the user timeout gave up (SERVER_KEEPALIVE): the host, or the network to it, is gone.
+        this.transportFailure = 'the database host stopped answering (no TCP acknowledgement within the keepalive timeout)';
+        this.logger.warn({ server: this.id, err: err.message }, 'server connection timed out: the database host stopped answering');
+      } else this.logger.debug({ server: this.id, err: err.message }, 'server connection error');
     });
     this.stream.on('end', () => (this.serverEnded = true));
     this.stream.on('close', () => this.onClose());
@@ -265,8 +271,9 @@ export class ServerConnection {
     this.setState('closed');
     // After a FATAL the backend has exited, whatever the transport says.
     this.events.closed(this, this.serverEnded || this.fatalSeen);
-    internal?.done({ ok: false, error: { M: 'the server closed the connection' } });
-    user?.onServerLost(this, 'the server closed the connection', this.fatalSeen);
+    const reason = this.transportFailure ?? 'the server closed the connection';
+    internal?.done({ ok: false, error: { M: reason } });
+    user?.onServerLost(this, reason, this.fatalSeen);
   }
 
   /** Bytes [0, length) of `chunk` arrived from the server. */

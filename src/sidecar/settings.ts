@@ -59,7 +59,32 @@ export interface SidecarSettings {
   loginTimeout?: number;
   /** Client connections served at once; more are refused with 53300 "too many clients" (default 2,000: at about 20 KB per idle client, the sidecar stays within its 128Mi limit). */
   maxClientConnections?: number;
+  /**
+   * When a server connection whose database host stopped answering (powered
+   * off, a cut network) is given up: TCP keepalives after `idleSeconds` of
+   * silence, every `intervalSeconds`, `count` of them, and data unacknowledged
+   * for `userTimeoutMs` (TCP_USER_TIMEOUT). Default SERVER_KEEPALIVE.
+   */
+  serverKeepalive?: ServerKeepalive;
 }
+
+/** TCP keepalive settings of server connections (see SidecarSettings.serverKeepalive). */
+export interface ServerKeepalive {
+  idleSeconds: number;
+  intervalSeconds: number;
+  count: number;
+  userTimeoutMs: number;
+}
+
+/**
+ * A database host that stops answering is given up within about 30 s, a
+ * statement waiting on it or not: without this a statement in flight waits
+ * for hours (keepalives off, or after two idle hours by the kernel's
+ * defaults) or about fifteen minutes of retransmissions, and its server
+ * connection is held from the pool all that time. A long statement is not
+ * cut: the database host's kernel answers the probes while it runs.
+ */
+export const SERVER_KEEPALIVE: ServerKeepalive = { idleSeconds: 10, intervalSeconds: 5, count: 4, userTimeoutMs: 30_000 };
 
 /** A login for the upstream server. */
 export interface Credentials {

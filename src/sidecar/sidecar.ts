@@ -26,11 +26,11 @@ import { AdminServer } from '../ops/admin-server.ts';
 import type { BackendLedger } from './backend-ledger.ts';
 import { ClientSession, type ClientSessionHost } from './client-session.ts';
 import { DirectReadSocket, ReadBufferPool, adoptAcceptedSocket } from './direct-read-socket.ts';
-import { adoptUnreadSocket, type NativeSocketIo } from './native-socket.ts';
+import { adoptUnreadSocket, socketDescriptor, type NativeSocketIo } from './native-socket.ts';
 import { SidecarMetrics } from './metrics.ts';
 import { NotificationHub } from './notifications.ts';
 import { Pool } from './pool.ts';
-import type { CredentialsSource, PoolMode, SidecarSettings, SidecarStatus } from './settings.ts';
+import { SERVER_KEEPALIVE, type CredentialsSource, type PoolMode, type SidecarSettings, type SidecarStatus } from './settings.ts';
 import { SshTunnel } from './tunnel.ts';
 
 /** Constructor dependencies of the Sidecar. */
@@ -453,6 +453,7 @@ export class Sidecar implements ClientSessionHost {
       socket.once('connect', () => {
         clearTimeout(timer);
         socket.off('error', onError);
+        this.keepAlive(socket);
         resolve((io !== undefined ? adoptUnreadSocket(io, socket, { buffers: this.readBuffers }) : undefined) ?? socket.resume());
       });
       const onError = (err: Error): void => {
@@ -461,6 +462,21 @@ export class Sidecar implements ClientSessionHost {
       };
       socket.once('error', onError);
     });
+  }
+
+  /**
+   * A server connection's TCP keepalives and user timeout (SERVER_KEEPALIVE):
+   * set on the socket itself, so they hold for the native side's duplicate
+   * and under TLS. Without the native module, Node's keepalives only (its
+   * probe interval and count are libuv's: 1 s, 10).
+   */
+  private keepAlive(socket: Socket): void {
+    const { idleSeconds, intervalSeconds, count, userTimeoutMs } = this.settings.serverKeepalive ?? SERVER_KEEPALIVE;
+    const fd = socketDescriptor(socket);
+    const failed = this.nativeIo !== undefined && fd !== undefined ? this.nativeIo.tcpKeepalive(fd, idleSeconds, intervalSeconds, count, userTimeoutMs) : undefined;
+    if (failed === 0) return;
+    if (failed !== undefined) this.logger.warn({ errno: failed }, 'setting TCP keepalives on a server connection failed; using Node\'s');
+    socket.setKeepAlive(true, idleSeconds * 1000);
   }
 
   private waitDrained(): Promise<void> {

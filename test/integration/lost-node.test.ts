@@ -86,8 +86,8 @@ describe('a node lost with its pod (keepalives and the departure hold)', functio
     }
   });
 
-  /** A sidecar logged in as `role`, holding `held` idle server connections; returns the local ports of those connections. */
-  const sidecarHolding = async (role: string, password: string, held: number): Promise<{ sidecar: SidecarProcess; ports: number[] }> => {
+  /** A sidecar in transaction mode logged in as `role` with a grant of `grant`. */
+  const startSidecar = async (role: string, password: string, grant: number, more: Partial<SidecarSettings> = {}): Promise<SidecarProcess> => {
     const dir = mkdtempSync(join(tmpdir(), 'poolkeeper-lost-node-'));
     const credentialsDir = join(dir, 'credentials');
     mkdirSync(credentialsDir);
@@ -98,9 +98,16 @@ describe('a node lost with its pod (keepalives and the departure hold)', functio
       database: { host: '127.0.0.1', port: postgres.port, dbname: 'app', sslMode: 'disable' },
       drainTimeout: 1,
       pool: { mode: 'transaction', poolTimeout: 5, poolRecycle: 1800, poolPrePing: false, idleTimeout: 600 },
+      ...more,
     };
-    const sidecar = await SidecarProcess.start({ settings, credentialsDir, grant: held, logFile: join(dir, 'sidecar.log') });
+    const sidecar = await SidecarProcess.start({ settings, credentialsDir, grant, logFile: join(dir, 'sidecar.log') });
     sidecars.push(sidecar);
+    return sidecar;
+  };
+
+  /** A sidecar logged in as `role`, holding `held` idle server connections; returns the local ports of those connections. */
+  const sidecarHolding = async (role: string, password: string, held: number): Promise<{ sidecar: SidecarProcess; ports: number[] }> => {
+    const sidecar = await startSidecar(role, password, held);
     // Clients in transactions at once: the sidecar opens `held` server connections, idle in its pool after.
     const clients = await Promise.all(Array.from({ length: held }, async () => {
       const c = new pg.Client({ host: '127.0.0.1', port: sidecar.port, user: role, password, database: 'app' });
@@ -117,6 +124,10 @@ describe('a node lost with its pod (keepalives and the departure hold)', functio
     assert.equal(ports.length, held, `the sidecar holds ${held} server connections`);
     return { sidecar, ports };
   };
+
+  /** The local ports and pids of `role`'s backends. */
+  const backendPorts = async (role: string): Promise<{ client_port: number; pid: number }[]> =>
+    postgres.query<{ client_port: number; pid: number }>("SELECT client_port, pid FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend'", [role]);
 
   const backendsOf = async (role: string): Promise<number> => Number((await postgres.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend'", [role]))[0]?.n ?? 0);
 
@@ -158,5 +169,62 @@ describe('a node lost with its pod (keepalives and the departure hold)', functio
     assert.equal(advisedLeft, 0, `PostgreSQL still has ${advisedLeft} of the lost sidecar's connections ${seconds} s after the loss`);
     assert.ok(seconds <= hold, `they ended after ${seconds} s, beyond the hold of ${hold} s`);
     assert.equal(await backendsOf(bare), 3, 'with the kernel\'s keepalives PostgreSQL still has all of them: what the hold alone could not cover');
+  });
+  it('the database host lost: a statement waiting on it and one sent to it end with 08006 within the keepalive timeout, a long statement is not cut, and the pool serves again once the host is back', async function () {
+    const role = `lost_db_${Date.now().toString(36)}`;
+    const password = await createRole(role);
+    // Short timeouts for the test (the default gives up after about 30 s): silent for 2 s, 3 probes a second apart; data unacknowledged for 5 s.
+    const sidecar = await startSidecar(role, password, 2, { serverKeepalive: { idleSeconds: 2, intervalSeconds: 1, count: 3, userTimeoutMs: 5_000 } });
+    const client = async (): Promise<pg.Client> => {
+      const c = new pg.Client({ host: '127.0.0.1', port: sidecar.port, user: role, password, database: 'app' });
+      c.on('error', () => undefined);
+      await c.connect();
+      return c;
+    };
+    // A statement that answers nothing for longer than the keepalive timeout: the host's kernel answers the probes.
+    const long = await client();
+    assert.equal((await long.query<{ v: string }>("SELECT pg_sleep(7)::text || 'done' AS v")).rows[0]?.v, 'done');
+    await long.end();
+    const waiting = await client();
+    const sending = await client();
+    const slept = waiting.query('SELECT pg_sleep(120)').then(() => undefined, (err: Error & { code?: string }) => err);
+    const deadline = Date.now() + 10_000;
+    while ((await postgres.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_stat_activity WHERE usename = $1 AND query LIKE 'SELECT pg_sleep(120)%' AND state = 'active'", [role]))[0]?.n !== 1) {
+      assert.ok(Date.now() < deadline, 'the long statement never started');
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    // A second server connection (the first is busy), idle in the pool after this.
+    await sending.query('SELECT 1');
+    const lost = await backendPorts(role);
+    assert.equal(lost.length, 2, 'one backend running the statement, one idle in the pool');
+    for (const rule of cutRules(postgres.port, lost.map((b) => b.client_port))) {
+      execFileSync('iptables', ['-w', '-I', ...rule]);
+      rules.push(rule);
+    }
+    const cutAt = Date.now();
+    // Sent on the idle server connection (poolPrePing off): never acknowledged.
+    const sent = sending.query('SELECT 2').then(() => undefined, (err: Error & { code?: string }) => err);
+    const within = 15_000;
+    const outcome = async (p: Promise<(Error & { code?: string }) | undefined>, what: string): Promise<number> => {
+      const result = await Promise.race([p, new Promise<'hung'>((r) => setTimeout(() => r('hung'), within - (Date.now() - cutAt)))]);
+      assert.notEqual(result, 'hung', `${what}: no answer ${within / 1000} s after the host was cut off`);
+      assert.ok(result instanceof Error, `${what}: succeeded`);
+      assert.equal(result.code, '08006', `${what}: ${result.message}`);
+      assert.match(result.message, /database host stopped answering/);
+      return (Date.now() - cutAt) / 1000;
+    };
+    const [waited, sentFor] = await Promise.all([outcome(slept, 'the statement in flight'), outcome(sent, 'the statement sent after the cut')]);
+    console.log(`      ended ${waited.toFixed(1)} s (waiting) and ${sentFor.toFixed(1)} s (sent) after the cut`);
+    for (const rule of rules.splice(0)) execFileSync('iptables', ['-w', '-D', ...rule]);
+    // The host is back: the backends cut off still live on PostgreSQL; the sidecar counts them until it has ended them.
+    const again = await client();
+    assert.equal((await again.query<{ v: number }>('SELECT 3 AS v')).rows[0]?.v, 3);
+    await again.end();
+    const lostPids = new Set(lost.map((b) => b.pid));
+    const until = Date.now() + 10_000;
+    while ((await backendPorts(role)).some((b) => lostPids.has(b.pid))) {
+      assert.ok(Date.now() < until, 'the backends cut off were never ended');
+      await new Promise((r) => setTimeout(r, 200));
+    }
   });
 });

@@ -28,7 +28,15 @@ function clamp(value: number, low: number, high: number): number {
 
 /** The water level: the smallest level at which the clamped shares sum to `capacity`. */
 function waterLevel(units: readonly ShareUnit[], capacity: number): number {
-  const total = (level: number): number => units.reduce((sum, u) => sum + clamp(u.weight * level, u.low, u.high), 0);
+  // Units come in runs alike (a consumer's pods): each of the search's sums is taken over runs,
+  // not over thousands of pods.
+  const runs: { weight: number; low: number; high: number; count: number }[] = [];
+  for (const u of units) {
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last.weight === u.weight && last.low === u.low && last.high === u.high) last.count += 1;
+    else runs.push({ weight: u.weight, low: u.low, high: u.high, count: 1 });
+  }
+  const total = (level: number): number => runs.reduce((sum, r) => sum + r.count * clamp(r.weight * level, r.low, r.high), 0);
   let below = 0;
   let above = 1;
   for (let i = 0; i < 1100 && total(above) < capacity; i += 1) above *= 2;

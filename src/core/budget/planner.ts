@@ -91,14 +91,18 @@ function indexConsumers(connections: readonly ConnectionInput[], pods: readonly 
  * its pod no longer exists, so its reservation is released.
  */
 function joinPodsWithMembers(pods: readonly PodInput[], members: readonly MemberState[], consumers: Map<string, ConsumerContext>, tables: ReadonlyMap<string, GrantTable>): { states: PodState[]; orphans: ObjectKey[] } {
-  const membersByKey = new Map(members.map((m) => [podKey(m), m]));
-  const podKeys = new Set<string>();
+  // Joined by pod UID (strings the caches keep, hashed once), by name only for pods without a
+  // PoolMember of their own: a PoolMember is named after its pod, and may be an earlier pod's.
+  const membersByUid = new Map(members.map((m) => [m.podUid, m]));
+  let membersByName: Map<string, MemberState> | undefined;
+  const podUids = new Set<string>();
   const states: PodState[] = [];
   const orphans: ObjectKey[] = [];
   for (const pod of pods) {
     const key = podKey(pod);
-    podKeys.add(key);
-    const found = membersByKey.get(key);
+    podUids.add(pod.uid);
+    const own = membersByUid.get(pod.uid);
+    const found = own !== undefined && own.namespace === pod.namespace && own.name === pod.name ? own : (membersByName ??= new Map(members.map((m) => [podKey(m), m]))).get(key);
     const member = found?.podUid === pod.uid ? found : undefined;
     if (found && !member) orphans.push({ namespace: found.namespace, name: found.name });
     const consumer = pod.consumer === undefined ? undefined : consumers.get(consumerKey(pod.namespace, pod.connection, pod.consumer));
@@ -131,7 +135,12 @@ function joinPodsWithMembers(pods: readonly PodInput[], members: readonly Member
     const tablePending = onTable && (table === undefined || table.generation < tableFrom);
     states.push({ pod, key, role, consumer: role === 'live' ? consumer : undefined, grant, mustWrite: !member, acknowledged, reservation, onTable, tablePending, tableFrom, reportedTableGeneration: ack?.tableGeneration, since, silent: member !== undefined && ack === undefined, leftHolding });
   }
-  for (const m of members) if (!podKeys.has(podKey(m))) orphans.push({ namespace: m.namespace, name: m.name });
+  // PoolMembers of no pod here: those of a pod now gone (a pod of the same name was handled above).
+  let podKeys: Set<string> | undefined;
+  for (const m of members) {
+    if (podUids.has(m.podUid)) continue;
+    if (!(podKeys ??= new Set(pods.map((p) => podKey(p)))).has(podKey(m))) orphans.push({ namespace: m.namespace, name: m.name });
+  }
   return { states: states.sort(byKey), orphans };
 }
 
@@ -259,9 +268,10 @@ function fairTargets(states: readonly PodState[], consumers: Map<string, Consume
     const { weight, minPerPod, maxPerPod } = c.consumer;
     const high = oversubscribed ? minPerPod : (maxPerPod ?? Infinity);
     const low = oversubscribed ? 0 : minPerPod;
+    const connection = connectionKey(c.connection);
     const add = (unit: ShareUnit): void => {
       units.push(unit);
-      unitConnection.set(unit.key, connectionKey(c.connection));
+      unitConnection.set(unit.key, connection);
     };
     if (c.fixedSlots) {
       for (let i = 0; i < c.slots; i += 1) add({ key: `${c.key}#${String(i).padStart(6, '0')}`, weight, low, high, takesRemainder: false });

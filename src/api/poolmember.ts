@@ -124,5 +124,9 @@ export interface PoolMember {
 
 /** The UID of the pod a PoolMember belongs to (its owner), or '' if it names none. */
 export function memberPodUid(member: Pick<PoolMember, 'metadata'>): string {
-  return member.metadata.ownerReferences?.find((o) => o.kind === 'Pod')?.uid ?? '';
+  const owners = member.metadata.ownerReferences;
+  if (owners === undefined) return '';
+  // Called for every PoolMember several times a pass: a plain loop, no closure.
+  for (let i = 0; i < owners.length; i += 1) if (owners[i]!.kind === 'Pod') return owners[i]!.uid;
+  return '';
 }

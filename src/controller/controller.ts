@@ -85,6 +85,8 @@ export class BudgetController {
    * node's clock that is off must not make its sidecars look silent.
    */
   private readonly memberSeen = new Map<string, { fingerprint: string; answer: string | undefined; heartbeat: string | undefined; heardAt: number }>();
+  /** heardAt of memberSeen by the PoolMember object the cache holds: read for every PoolMember each pass. */
+  private readonly heardByObject = new WeakMap<PoolMember, number>();
   /** What specChanged last saw of each DatabaseConnection and DatabaseServer. */
   private readonly specsSeen = new Map<string, string>();
   /** When each server is reconciled, while this replica's workers run. */
@@ -125,7 +127,7 @@ export class BudgetController {
       // A replica that lost the Lease stops writing grants even mid-reconcile.
       ...(elector ? { mayWrite: () => elector.isLeader && !this.stopping } : {}),
       ...(options.acknowledgeTo ? { acknowledgements: { ledger: this.ledger, acknowledgeTo: () => this.acknowledgeTo } } : {}),
-      heardAt: (m) => this.memberSeen.get(`${m.metadata.namespace ?? ''}/${m.metadata.name ?? ''}`)?.heardAt,
+      heardAt: (m) => this.heardByObject.get(m) ?? this.memberSeen.get(`${m.metadata.namespace ?? ''}/${m.metadata.name ?? ''}`)?.heardAt,
     });
     this.wireHandlers();
   }
@@ -241,7 +243,9 @@ export class BudgetController {
       const answer = statusAnswer(m);
       const seen = this.memberSeen.get(k);
       const now = Date.now();
-      this.memberSeen.set(k, { fingerprint, answer, heartbeat, heardAt: seen === undefined || seen.heartbeat !== heartbeat ? now : seen.heardAt });
+      const heardAt = seen === undefined || seen.heartbeat !== heartbeat ? now : seen.heardAt;
+      this.memberSeen.set(k, { fingerprint, answer, heartbeat, heardAt });
+      this.heardByObject.set(m, heardAt);
       // A heartbeat alone changes no grant; but one from a sidecar that had gone quiet
       // past the timeout may clear a SidecarUnresponsive condition, so that one reconciles.
       const quiet = seen !== undefined && seen.heartbeat !== heartbeat && now - seen.heardAt > this.reconciler.memberHeartbeatTimeoutMs(m);

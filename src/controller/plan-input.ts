@@ -97,7 +97,16 @@ export function buildBudgetInput(args: {
   /** This pass's time (ms since the epoch): departed pods expire against it. */
   now?: number;
 }): BudgetInput {
-  const byKey = new Map(args.connections.map((c) => [`${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`, c]));
+  // By namespace, then name: looked up with the pods' and PoolMembers' own strings (hashed once,
+  // as the caches keep them), not with a key built for each of thousands of them every pass.
+  const byKey = new Map<string, Map<string, DatabaseConnection>>();
+  for (const c of args.connections) {
+    const namespace = c.metadata.namespace ?? '';
+    let named = byKey.get(namespace);
+    if (!named) byKey.set(namespace, (named = new Map<string, DatabaseConnection>()));
+    named.set(c.metadata.name ?? '', c);
+  }
+  const connectionNamed = (namespace: string | undefined, name: string | undefined): DatabaseConnection | undefined => (name ? byKey.get(namespace ?? '')?.get(name) : undefined);
   const connections: ConnectionInput[] = args.connections.map((c) => ({
     namespace: c.metadata.namespace ?? '',
     name: c.metadata.name ?? '',
@@ -115,8 +124,7 @@ export function buildBudgetInput(args: {
   }));
   const pods: PodInput[] = [];
   for (const pod of args.pods) {
-    const key = podConnectionKey(pod);
-    const connection = key ? byKey.get(key) : undefined;
+    const connection = connectionNamed(pod.metadata?.namespace, pod.metadata?.labels?.[CONNECTION_LABEL]);
     if (!connection || !pod.metadata?.name || !pod.metadata.uid) continue;
     const consumer = resolveConsumer(connection, pod);
     pods.push({
@@ -133,7 +141,7 @@ export function buildBudgetInput(args: {
   }
   const members: MemberState[] = [];
   for (const member of args.members) {
-    if (!byKey.has(`${member.metadata.namespace ?? ''}/${member.spec.connection}`)) continue;
+    if (connectionNamed(member.metadata.namespace, member.spec.connection) === undefined) continue;
     const podUid = memberPodUid(member);
     const written = args.written.get(podUid);
     const cached = member.spec.grant;

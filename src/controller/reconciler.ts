@@ -626,16 +626,17 @@ export class ServerReconciler {
   private unresponsiveSidecars(pods: readonly (PodObject & KubeObject)[], members: readonly PoolMember[]): PoolMember[] {
     const now = this.now().getTime();
     const live = new Set(pods.filter((p) => !p.metadata?.deletionTimestamp && p.status?.phase !== 'Succeeded' && p.status?.phase !== 'Failed').map((p) => p.metadata?.uid));
-    // The same for every PoolMember of a connection, on a table or not.
-    const timeouts = new Map<string, number>();
+    // The same for every PoolMember of a connection, on a table or not: by namespace, connection
+    // and table, looked up with the PoolMember's own strings.
+    const timeouts = new Map<string, Map<string, [number | undefined, number | undefined]>>();
     const timeoutOf = (m: PoolMember): number => {
-      const k = `${m.metadata.namespace ?? ''}/${m.spec.connection}/${m.spec.tableFrom === undefined}`;
-      let ms = timeouts.get(k);
-      if (ms === undefined) {
-        ms = this.memberHeartbeatTimeoutMs(m);
-        timeouts.set(k, ms);
-      }
-      return ms;
+      const namespace = m.metadata.namespace ?? '';
+      let inNamespace = timeouts.get(namespace);
+      if (!inNamespace) timeouts.set(namespace, (inNamespace = new Map<string, [number | undefined, number | undefined]>()));
+      let pair = inNamespace.get(m.spec.connection);
+      if (!pair) inNamespace.set(m.spec.connection, (pair = [undefined, undefined]));
+      const slot = m.spec.tableFrom === undefined ? 0 : 1;
+      return (pair[slot] ??= this.memberHeartbeatTimeoutMs(m));
     };
     return members.filter((m) => {
       if (!live.has(memberPodUid(m))) return false;

@@ -562,6 +562,39 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('carries a SET of client_encoding to UTF-8 without pinning (ruby-pg sends one after connecting in every Rails application), and pins one to any other encoding', async function () {
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const rails = client(running);
+        const names = client(running);
+        const other = client(running);
+        await rails.connect();
+        await names.connect();
+        await other.connect();
+        const encoding = async (c: pg.Client): Promise<string> => (await c.query<{ enc: string }>("SELECT current_setting('client_encoding') AS enc")).rows[0]!.enc;
+        try {
+          // libpq's PQsetClientEncoding, as ruby-pg and ActiveRecord call it.
+          await rails.query("set client_encoding to 'UTF8'");
+          await rails.query("set client_encoding to 'unicode'");
+          await names.query("SET NAMES 'utf-8'");
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="set"} 0/);
+          // One server connection, taken in turn: nobody holds it between statements.
+          for (let round = 0; round < 3; round++) {
+            assert.equal(await encoding(rails), 'UTF8', `round ${round}`);
+            assert.equal(await encoding(other), 'UTF8', `round ${round}`);
+            assert.equal(await encoding(names), 'UTF8', `round ${round}: the client's SET holds wherever it runs`);
+            assert.equal((await names.query<{ city: string }>("SELECT 'Z\u00fcrich' AS city")).rows[0]!.city, 'Z\u00fcrich');
+          }
+          // To any other encoding it still pins.
+          await other.query("SET client_encoding = 'LATIN1'");
+          assert.match(await running.registry.getSingleMetricAsString('poolkeeper_sidecar_pinned_clients'), /reason="set"} 1/);
+        } finally {
+          await rails.end();
+          await names.end();
+          await other.end();
+        }
+      });
+    });
+
     it('applies a client\'s startup settings beyond ASCII as they are on a server connection another client left in LATIN1', async function () {
       await withSidecar(postgres, { grant: 1 }, async (running) => {
         // Its login check applies its settings, LATIN1 among them, to the one server connection.

@@ -124,6 +124,12 @@ describe('session commands', function () {
       // They act on the session's own connection: end it when idle, size its temporary buffers once, seed its random(), read its statements.
       ['SET idle_session_timeout = 1000', { kind: 'pin', reason: 'set' }], ["SET temp_buffers = '32MB'", { kind: 'pin', reason: 'set' }], ['SET seed = 0.5', { kind: 'pin', reason: 'set' }],
       ["SET client_encoding = 'LATIN1'", { kind: 'pin', reason: 'set' }], ["SET NAMES 'LATIN1'", { kind: 'pin', reason: 'set' }],
+      // To UTF-8 (the encoding the sidecar's server connections run in; ruby-pg's and ActiveRecord's SET after connecting): carried.
+      ["set client_encoding to 'UTF8'", { kind: 'settings', changes: [{ kind: 'set', name: 'client_encoding', sql: "set client_encoding to 'UTF8'" }] }],
+      ["set client_encoding to 'unicode'", { kind: 'settings', changes: [{ kind: 'set', name: 'client_encoding', sql: "set client_encoding to 'unicode'" }] }],
+      ['SET client_encoding = "utf-8"', { kind: 'settings', changes: [{ kind: 'set', name: 'client_encoding', sql: 'SET client_encoding = "utf-8"' }] }],
+      ["SET NAMES 'UTF8'", { kind: 'settings', changes: [{ kind: 'set', name: 'client_encoding', sql: "SET NAMES 'UTF8'" }] }],
+      ["SET client_encoding = 'UTF8X'", { kind: 'pin', reason: 'set' }], ['RESET client_encoding', { kind: 'pin', reason: 'set' }], ['SET client_encoding TO DEFAULT', { kind: 'pin', reason: 'set' }],
       // Read otherwise where the replay runs: a backslash (standard_conforming_strings), bytes beyond ASCII (client_encoding).
       ["SET application_name = 'a\\'b'", { kind: 'pin', reason: 'set' }], ["SET application_name = E'C:\\\\x'", { kind: 'pin', reason: 'set' }],
       ["SET application_name = 'caf\u00e9'", { kind: 'pin', reason: 'set' }], ["SELECT set_config('a.b', 'x\\y', false)", { kind: 'pin', reason: 'set' }], ["SELECT set_config('idle_session_timeout', '1s', false)", { kind: 'pin', reason: 'set' }],
@@ -135,7 +141,7 @@ describe('session commands', function () {
         { kind: 'set', name: 'default_transaction_deferrable', sql: "SET default_transaction_deferrable TO 'off'" },
       ] }],
       ['SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SNAPSHOT', { kind: 'pin', reason: 'set' }],
-      // SET forms of their own grammar: the setting each changes (SET NAMES is client_encoding's, which pins).
+      // SET forms of their own grammar: the setting each changes (SET NAMES is client_encoding's: carried to UTF-8 only).
       ["set schema 'app'", { kind: 'settings', changes: [{ kind: 'set', name: 'search_path', sql: "set schema 'app'" }] }],
       ['SET XML OPTION CONTENT', { kind: 'settings', changes: [{ kind: 'set', name: 'xmloption', sql: 'SET XML OPTION CONTENT' }] }],
       ['SET NAMES DEFAULT', { kind: 'pin', reason: 'set' }],

@@ -227,7 +227,8 @@ const PIN_TEMP: SessionCommand = { kind: 'pin', reason: 'temp-table' };
  * backend's random() sequence, which moves on with every call (carried over,
  * the client would start it again on each connection it moves to, and other
  * clients would draw from it); client_encoding decides how the server reads
- * every statement after it, the sidecar's replay on that connection included.
+ * every statement after it, the sidecar's replay on that connection included
+ * (but see isUtf8Encoding: a change to UTF-8 is carried).
  */
 const IDENTITY_SETTINGS = new Set(['role', 'session_authorization', 'idle_session_timeout', 'temp_buffers', 'seed', 'client_encoding']);
 /**
@@ -306,12 +307,27 @@ function settingStatement(buffer: Buffer, start: number, end: number): SessionCo
   return changes.length === 0 ? undefined : { kind: 'settings', changes };
 }
 
+/**
+ * Whether a client_encoding value names UTF-8, PostgreSQL's way: letters and
+ * digits only, any case ('UTF8', 'utf-8', 'Unicode'), quoted or not. The
+ * sidecar's server connections run in UTF-8 unless a client asks otherwise,
+ * and its replays are ASCII, read alike in any encoding a client can have:
+ * such a SET is carried, not pinned. ruby-pg sends `set client_encoding to
+ * 'UTF8'` right after connecting in every Rails application (and
+ * ActiveRecord `'unicode'` when database.yml names an encoding).
+ */
+function isUtf8Encoding(value: string): boolean {
+  const name = value.replace(/^(['"])(.*)\1$/s, '$2').toLowerCase().replace(/[^a-z0-9]/g, '');
+  return name === 'utf8' || name === 'unicode';
+}
+
 /** The setting changes of one statement, or undefined if it is not one the sidecar carries. */
 function settingChangesOf(sql: string): SettingChange[] | undefined {
   const set = SET_STATEMENT.exec(sql);
   if (set !== null) {
     const name = set[2] === undefined ? 'timezone' : set[2].toLowerCase();
     const value = (set[1] ?? set[3]!).trim().toLowerCase();
+    if (name === 'client_encoding' && isUtf8Encoding(value) && REPLAYABLE.test(sql)) return [{ kind: 'set', name, sql }];
     if (IDENTITY_SETTINGS.has(name)) return undefined;
     if (TRANSACTION_SETTINGS.has(name)) return [];
     if (value === 'default' || (name === 'timezone' && set[2] === undefined && value === 'local')) return [{ kind: 'reset', name }];
@@ -326,6 +342,7 @@ function settingChangesOf(sql: string): SettingChange[] | undefined {
   if (special !== null) {
     const name = SPECIAL_SETTINGS[special[1]!.toLowerCase().replace(/\s+/g, ' ')]!;
     const value = (special[2] ?? '').trim().toLowerCase();
+    if (name === 'client_encoding' && isUtf8Encoding(value) && REPLAYABLE.test(sql)) return [{ kind: 'set', name, sql }];
     if (IDENTITY_SETTINGS.has(name)) return undefined;
     return value === 'default' ? [{ kind: 'reset', name }] : value !== '' && REPLAYABLE.test(sql) ? [{ kind: 'set', name, sql }] : undefined;
   }

@@ -68,6 +68,8 @@ export class GrantTableWriter {
   private readonly deps: GrantTableWriterDeps;
   /** The last table this replica wrote per `namespace/connection`, with the resourceVersion it got. */
   private readonly written = new Map<string, { table: GrantTable; resourceVersion: string }>();
+  /** The highest generation of each connection's table this replica saw or wrote, by `namespace/connection` (kept after the table goes). */
+  private readonly highest = new Map<string, number>();
   /** tableFrom this replica wrote per pod uid, until the cache shows it. */
   private readonly switched = new Map<string, number>();
 
@@ -95,9 +97,30 @@ export class GrantTableWriter {
       const namespace = c.metadata.namespace ?? '';
       const connection = c.metadata.name ?? '';
       const table = this.inForce(namespace, connection);
-      if (table) out.push({ namespace, connection, table: table.table });
+      if (table) {
+        out.push({ namespace, connection, table: table.table });
+        this.remember(`${namespace}/${connection}`, table.table.generation);
+      }
     }
     return out;
+  }
+
+  /**
+   * The highest generation this replica saw of each of these connections'
+   * tables, for those whose table is gone now (BudgetInput.tableGenerationFloors).
+   */
+  generationFloors(connections: readonly DatabaseConnection[]): Map<string, number> {
+    const floors = new Map<string, number>();
+    for (const c of connections) {
+      const k = `${c.metadata.namespace ?? ''}/${c.metadata.name ?? ''}`;
+      const highest = this.highest.get(k);
+      if (highest !== undefined) floors.set(k, highest);
+    }
+    return floors;
+  }
+
+  private remember(k: string, generation: number): void {
+    if (generation > (this.highest.get(k) ?? 0)) this.highest.set(k, generation);
   }
 
   private inForce(namespace: string, connection: string): { table: GrantTable; resourceVersion: string | undefined } | undefined {
@@ -237,6 +260,7 @@ export class GrantTableWriter {
       throw err;
     }
     this.written.set(k, { table: t.table, resourceVersion: written.metadata.resourceVersion ?? '' });
+    this.remember(k, t.table.generation);
     this.deps.logger.debug({ table: k, generation: t.table.generation, perPod: t.table.perPod, exceptions: t.table.exceptions.length }, 'grant table written');
   }
 

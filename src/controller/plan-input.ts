@@ -86,6 +86,8 @@ export function buildBudgetInput(args: {
   written: ReadonlyMap<string, WrittenGrant>;
   /** The grant tables in force (the cache's, or this replica's newer writes). */
   tables?: readonly TableState[];
+  /** BudgetInput.tableGenerationFloors. */
+  tableGenerationFloors?: ReadonlyMap<string, number>;
   /** A PoolMember's tableFrom as this replica knows it (its own switch may be newer than the cache); absent: spec.tableFrom. */
   tableFrom?: (member: PoolMember) => number | undefined;
   /** What a pod's sidecar acknowledged over the channel, by pod UID; counted for pods on a table only. */
@@ -170,5 +172,5 @@ export function buildBudgetInput(args: {
     const sent = written.tableFrom === undefined ? undefined : args.channel?.(written.podUid);
     members.push({ namespace: written.namespace, name: written.name, podUid: written.podUid, grant: { connections: written.connections, generation: written.generation }, ...(written.tableFrom === undefined ? {} : { tableFrom: written.tableFrom }), ...(sent ? { acknowledgement: sent } : {}) });
   }
-  return { limit: args.limit, connections, pods, members, ...(args.tables ? { tables: args.tables } : {}), ...(args.now === undefined ? {} : { now: args.now }) };
+  return { limit: args.limit, connections, pods, members, ...(args.tables ? { tables: args.tables } : {}), ...(args.tableGenerationFloors ? { tableGenerationFloors: args.tableGenerationFloors } : {}), ...(args.now === undefined ? {} : { now: args.now }) };
 }

@@ -485,7 +485,7 @@ export class ServerReconciler {
       if (!r?.loginCaps || !r.credentials.ok) return [];
       return connectionCaps(r.loginCaps, { role: r.credentials.username, database: c.spec.database.dbname }, owner ? owner.spec.reserve : (c.spec.reserve ?? DEFAULT_RESERVE));
     };
-    const input = buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tablesEnabled: this.tables.enabled, tableFrom: (m) => this.tables.tableFrom(m), caps, now: this.now().getTime(), ...(ledger ? { channel: (uid: string) => ledger.get(uid) } : {}) });
+    const input = buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tableGenerationFloors: this.tables.generationFloors(connections), tablesEnabled: this.tables.enabled, tableFrom: (m) => this.tables.tableFrom(m), caps, now: this.now().getTime(), ...(ledger ? { channel: (uid: string) => ledger.get(uid) } : {}) });
     const tenancy = owner ? this.planOwned(owner, input, connections, resolved) : undefined;
     const plan = tenancy?.plan ?? planBudgets(missingServer === undefined ? input : withdrawPods(input, () => true));
     // The CPU of reading and planning, not the switch's writes.

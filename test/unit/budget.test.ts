@@ -29,6 +29,16 @@ function grantsOf(input: BudgetInput): Record<string, number> {
 }
 
 describe('budget planner', function () {
+  it('starts a table created again past the last generation written before, which a sidecar may have read without answering', function () {
+    const onOld = (name: string): MemberState => member(name, 5, 6, { tableFrom: 2, acknowledgement: { generation: 6, tableGeneration: 6, connections: 5, held: 5, drained: false } });
+    const input: BudgetInput = { limit: 10, connections: [orders([web])], pods: [pod('a', 'web', { readsTables: true }), pod('b', 'web', { readsTables: true })], members: [onOld('a'), onOld('b')] };
+    const without = planBudgets(input).tables[0]!;
+    assert.equal(without.table.generation, 7, 'past what the sidecars reported');
+    const floored = planBudgets({ ...input, tableGenerationFloors: new Map([['shop/orders', 9]]) }).tables[0]!;
+    assert.ok(floored.changed);
+    assert.equal(floored.table.generation, 10, 'past the last table written, 9, which no sidecar reported yet');
+  });
+
   it('creates the PoolMember of a pod whose sidecar reads tables on the table at 0, and grows it in the table once its sidecar has answered', function () {
     const table = { generation: 4, perPod: 5, recordsChanges: true, exceptions: [] };
     const tables = [{ namespace: 'shop', connection: 'orders', table }];

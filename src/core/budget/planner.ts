@@ -502,7 +502,7 @@ function summarize(
  * carries its `releases` (see PlannedTable), for when another table's grows
  * must wait for what this one records.
  */
-function planTables(states: readonly PodState[], next: Map<string, GrantInForce>, tables: ReadonlyMap<string, GrantTable>, departed: ReadonlyMap<string, readonly DepartedPod[]>): { planned: PlannedTable[]; generations: Map<string, number> } {
+function planTables(states: readonly PodState[], next: Map<string, GrantInForce>, tables: ReadonlyMap<string, GrantTable>, departed: ReadonlyMap<string, readonly DepartedPod[]>, floors: ReadonlyMap<string, number> | undefined): { planned: PlannedTable[]; generations: Map<string, number> } {
   const byConnection = new Map<string, { namespace: string; connection: string; pods: PodState[]; pending: number; reported: number }>();
   // Every table in force is planned, even with none of its pods left: it still lists pods that left
   // (by name, or as departed), and a pod that left must not stay listed once its PoolMember is gone.
@@ -525,7 +525,8 @@ function planTables(states: readonly PodState[], next: Map<string, GrantInForce>
     const current = tables.get(k);
     // Past every generation a sidecar reported: a table created again (its DatabaseConnection deleted and
     // re-created) must not start below them, or their old statuses would acknowledge its changes.
-    const nextGeneration = Math.max((current?.generation ?? 0) + 1, group.pending, group.reported + 1);
+    // And past the last table written for it, which a sidecar may have read without answering yet.
+    const nextGeneration = Math.max((current?.generation ?? 0) + 1, group.pending, group.reported + 1, (floors?.get(k) ?? 0) + 1);
     const grown = (s: PodState): boolean => (next.get(s.key) ?? s.grant).connections > s.grant.connections;
     const grows = group.pods.some(grown);
     const gone = departed.get(k) ?? [];
@@ -573,7 +574,7 @@ export function planBudgets(input: BudgetInput): BudgetPlan {
   const caps = capGroups(input.connections);
   const { targets, slotShares, oversubscription } = fairTargets(states, consumers, limit, caps);
   const next = stepTowardTargets(states, targets, limit, caps, departures.held);
-  const planned = planTables(states, next, tables, departures.lists);
+  const planned = planTables(states, next, tables, departures.lists, input.tableGenerationFloors);
   // A pod on a table whose grant changes gets the table's new generation.
   for (const s of states) {
     const grant = next.get(s.key);

@@ -142,6 +142,13 @@ export interface BudgetInput {
   /** The grant tables in force (absent or empty: none written yet). */
   tables?: readonly TableState[] | undefined;
   /**
+   * Per `namespace/connection`, the highest table generation known to have
+   * been written for it, its table since gone (the DatabaseConnection deleted
+   * and created again): a new table starts past it, since a sidecar may have
+   * read that generation and acknowledge it later.
+   */
+  tableGenerationFloors?: ReadonlyMap<string, number> | undefined;
+  /**
    * The time of this pass (ms since the epoch), against which the tables'
    * departed pods expire and new ones are dated. Absent: departures are
    * neither recorded nor counted.

@@ -152,6 +152,8 @@ function inNamespace(input: BudgetInput, namespace: string, limit: number): Budg
     pods: input.pods.filter((p) => p.namespace === namespace),
     members: input.members.filter((m) => m.namespace === namespace),
     ...(input.tables ? { tables: input.tables.filter((t) => t.namespace === namespace) } : {}),
+    // Keyed by namespace/connection: the other namespaces' entries are never looked up.
+    ...(input.tableGenerationFloors ? { tableGenerationFloors: input.tableGenerationFloors } : {}),
     ...(input.now === undefined ? {} : { now: input.now }),
   };
 }

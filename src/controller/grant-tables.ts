@@ -90,7 +90,7 @@ export class GrantTableWriter {
     return this.deps.grants !== undefined;
   }
 
-  /** The tables in force for these connections: the cache's, or this replica's own newer write. */
+  /** The tables in force for these connections: the cache's, or this replica's own newer write (remembered for generationFloors). */
   tablesInForce(connections: readonly DatabaseConnection[]): TableState[] {
     const out: TableState[] = [];
     for (const c of connections) {

@@ -321,14 +321,18 @@ function isUtf8Encoding(value: string): boolean {
   return name === 'utf8' || name === 'unicode';
 }
 
+/** Whether setting `name` to `value` acts on the session's own connection (IDENTITY_SETTINGS): it pins. */
+function pinsSetting(name: string, value: string): boolean {
+  return IDENTITY_SETTINGS.has(name) && !(name === 'client_encoding' && isUtf8Encoding(value));
+}
+
 /** The setting changes of one statement, or undefined if it is not one the sidecar carries. */
 function settingChangesOf(sql: string): SettingChange[] | undefined {
   const set = SET_STATEMENT.exec(sql);
   if (set !== null) {
     const name = set[2] === undefined ? 'timezone' : set[2].toLowerCase();
     const value = (set[1] ?? set[3]!).trim().toLowerCase();
-    if (name === 'client_encoding' && isUtf8Encoding(value) && REPLAYABLE.test(sql)) return [{ kind: 'set', name, sql }];
-    if (IDENTITY_SETTINGS.has(name)) return undefined;
+    if (pinsSetting(name, value)) return undefined;
     if (TRANSACTION_SETTINGS.has(name)) return [];
     if (value === 'default' || (name === 'timezone' && set[2] === undefined && value === 'local')) return [{ kind: 'reset', name }];
     return REPLAYABLE.test(sql) ? [{ kind: 'set', name, sql }] : undefined;
@@ -342,8 +346,7 @@ function settingChangesOf(sql: string): SettingChange[] | undefined {
   if (special !== null) {
     const name = SPECIAL_SETTINGS[special[1]!.toLowerCase().replace(/\s+/g, ' ')]!;
     const value = (special[2] ?? '').trim().toLowerCase();
-    if (name === 'client_encoding' && isUtf8Encoding(value) && REPLAYABLE.test(sql)) return [{ kind: 'set', name, sql }];
-    if (IDENTITY_SETTINGS.has(name)) return undefined;
+    if (pinsSetting(name, value)) return undefined;
     return value === 'default' ? [{ kind: 'reset', name }] : value !== '' && REPLAYABLE.test(sql) ? [{ kind: 'set', name, sql }] : undefined;
   }
   const characteristics = SESSION_CHARACTERISTICS.exec(sql);

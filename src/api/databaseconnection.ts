@@ -49,6 +49,9 @@ export const BUDGET_STRATEGIES = ['Dynamic', 'MaxReplicas'] as const;
 /** Pooling modes of the sidecar. */
 export const POOL_MODES = ['transaction', 'session'] as const;
 
+/** How the sidecar answers an app that asks for TLS (spec.sidecar.clientTLS). */
+export const CLIENT_TLS_MODES = ['Disabled', 'SelfSigned'] as const;
+
 /** Where and how to reach the database. */
 export const databaseSchema = {
   type: 'object',
@@ -172,6 +175,10 @@ export const sidecarSchema = {
   properties: {
     port: { ...portSchema, default: 6432, description: '127.0.0.1 port the sidecar listens on in the pod.' },
     drainTimeout: { type: 'integer', minimum: 0, maximum: 3600, default: 30, description: 'Seconds in-flight transactions get on SIGTERM.' },
+    clientTLS: {
+      type: 'string', enum: CLIENT_TLS_MODES, default: 'Disabled',
+      description: 'Disabled: the sidecar answers an app\'s SSLRequest "no" (loopback needs no encryption). SelfSigned: it accepts TLS with a certificate it makes at start, for apps that insist on sslmode=require (not verify-ca or verify-full).',
+    },
   },
 } as const;
 

@@ -35,6 +35,12 @@ function repairMode(value: string): 'evict' | 'report' | 'off' {
   throw new UsageError(`POOLKEEPER_REPAIR must be evict, report or off, got ${value}`);
 }
 
+function clientTlsSetting(value: string | undefined): { clientTls?: 'self-signed' } {
+  if (value === undefined || value === '' || value === 'off') return {};
+  if (value === 'self-signed') return { clientTls: value };
+  throw new UsageError(`POOLKEEPER_CLIENT_TLS must be self-signed or off, got ${value}`);
+}
+
 function port(name: string, fallback: number): number {
   const raw = env[name];
   if (raw === undefined || raw === '') return fallback;
@@ -160,6 +166,7 @@ environment:
   POOLKEEPER_SSH_KEY_DIR        directory with the bastion's private key, if any
   POOLKEEPER_DB_CA_FILE         CA certificate of the database server, if any
   POOLKEEPER_DRAIN_TIMEOUT      seconds in-flight transactions get on SIGTERM (default 30)
+  POOLKEEPER_CLIENT_TLS         "self-signed": accept TLS from apps (sslmode=require) with a certificate made at start; unset: answer SSLRequest "no"
   POOLKEEPER_STATE_DIR          a directory that outlives the process (the pod's emptyDir): backends a killed sidecar left are found there
   POOLKEEPER_NATIVE_IO          "off": Node.js streams instead of the native socket I/O for plain connections (default on where built)
   KUBECONFIG                    kubeconfig file (default: the pod's ServiceAccount)`,
@@ -210,6 +217,7 @@ async function run(command: string | undefined, args: readonly string[]): Promis
         namespace: required('POOLKEEPER_POD_NAMESPACE'),
         podName: required('POOLKEEPER_POD_NAME'),
         listenPort: port('POOLKEEPER_LISTEN_PORT', 6432),
+        ...clientTlsSetting(env.POOLKEEPER_CLIENT_TLS),
         ...(env.POOLKEEPER_LISTEN_SOCKET_DIR ? { listenSocketDir: env.POOLKEEPER_LISTEN_SOCKET_DIR } : {}),
         adminPort: port('POOLKEEPER_ADMIN_PORT', 9187),
         apiServer: await apiServerAccess(),

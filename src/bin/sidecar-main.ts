@@ -36,6 +36,8 @@ export interface SidecarConfig {
   /** Use the native socket I/O where it is built (default true); false: Node's streams. */
   nativeIo?: boolean;
   version: string;
+  /** 'self-signed': accept TLS from apps with a certificate made at start (spec.sidecar.clientTLS: SelfSigned). */
+  clientTls?: 'self-signed';
   /** How long to wait for the controller to create this pod's PoolMember. */
   memberWaitMs?: number;
 }
@@ -96,8 +98,9 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
   const nativeIo = native !== undefined && 'io' in native ? native.io : undefined;
   // The sidecar's event loop is its own and nothing reads its utilization: one poll(2) fewer per wake-up.
   const quietLoop = nativeIo?.quietLoop() ?? false;
-  logger.info({ nativeIo: nativeIo !== undefined, quietLoop }, 'socket I/O');
-  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry, ...(ledger ? { ledger } : {}), ...(nativeIo ? { nativeIo } : {}) });
+  logger.info({ nativeIo: nativeIo !== undefined, quietLoop, clientTls: config.clientTls ?? 'disabled' }, 'socket I/O');
+  const clientTls = config.clientTls === 'self-signed' ? await (await import('../sidecar/client-tls.ts')).selfSignedClientTls() : undefined;
+  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry, ...(ledger ? { ledger } : {}), ...(nativeIo ? { nativeIo } : {}), ...(clientTls ? { clientTls } : {}) });
   const { port, adminPort } = await sidecar.start();
   const agent = new PoolMemberAgent({
     http, namespace: config.namespace, podName: config.podName, target: sidecar, logger, version: config.version,

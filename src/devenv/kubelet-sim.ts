@@ -29,6 +29,8 @@ export interface SimulatedPod {
   booted?: Promise<void>;
   /** Literal env of the pod's first app container (what the webhook injected: PGPORT, POOLKEEPER_POOL_SIZE...). */
   appEnv: Record<string, string>;
+  /** The injected sidecar accepts TLS from the app (POOLKEEPER_CLIENT_TLS=self-signed). */
+  clientTls?: boolean;
 }
 
 /** Container fields the simulator reads. */
@@ -123,7 +125,9 @@ export class KubeletSimulator {
     const sim: SimulatedPod = { name, uid: pod.metadata?.uid ?? '', credentialsDir, terminating: false, gone: false, appEnv: literalEnv(appContainer) };
     const runSidecar = this.policy === 'every-pod' || sidecarContainer !== undefined;
     if (!runSidecar) this.failures.push(`${name}: admitted without the sidecar`);
-    const drainTimeoutSeconds = Number(literalEnv(sidecarContainer).POOLKEEPER_DRAIN_TIMEOUT ?? 5);
+    const sidecarEnv = literalEnv(sidecarContainer);
+    const drainTimeoutSeconds = Number(sidecarEnv.POOLKEEPER_DRAIN_TIMEOUT ?? 5);
+    sim.clientTls = sidecarEnv.POOLKEEPER_CLIENT_TLS === 'self-signed';
     this.pods.set(name, sim);
     let booted!: () => void;
     sim.booted = new Promise((resolve) => (booted = resolve));
@@ -145,6 +149,7 @@ export class KubeletSimulator {
         credentialsDir, drainTimeoutSeconds, version: 'simulated', memberWaitMs: 30_000,
         // The pod's emptyDir for the sidecar's state (the backends it holds), as the webhook mounts it.
         stateDir: join(this.root, `${name}-state`),
+        ...(sim.clientTls === true ? { clientTls: 'self-signed' as const } : {}),
       }, this.logger.child({ pod: name }));
     }
     const now = new Date().toISOString();

@@ -21,6 +21,7 @@ import {
 import { routeMessage, unnamedStatement, type ClientStatements } from '../core/pool-state/index.ts';
 import type { SidecarMetrics } from './metrics.ts';
 import { isDirectReadable } from './direct-read-socket.ts';
+import { acceptClientTls, type ClientTls } from './client-tls.ts';
 import type { NotificationHub, NotificationListener } from './notifications.ts';
 import type { AcquireFailure, Pool, PoolWaiter } from './pool.ts';
 import type { ServerConnection } from './server-connection.ts';
@@ -77,7 +78,11 @@ export type ClientSocket = Duplex & { setNoDelay(noDelay?: boolean): unknown };
 
 /** A client of the sidecar. */
 export class ClientSession implements PoolWaiter, NotificationListener {
-  readonly socket: ClientSocket;
+  /** The client's connection: after a TLS handshake, the TLS socket over the one accepted. */
+  socket: ClientSocket;
+  /** TLS accepted on this connection (it arrived over TCP and the sidecar offers it). */
+  private readonly tls: ClientTls | undefined;
+  private encrypted = false;
   private phase: Phase = 'startup';
   private server: ServerConnection | undefined;
   private waiting = false;
@@ -184,16 +189,22 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     if (!this.socket.destroyed) this.socket.resume();
   };
 
-  constructor(socket: ClientSocket, host: ClientSessionHost) {
+  private readonly onStreamData = (chunk: Buffer): void => this.onData(chunk, chunk.length, false);
+  private readonly onSocketError = (err: Error): void => this.host.logger.debug({ err: err.message }, 'client socket error');
+  private readonly onSocketClose = (): void => this.onClose();
+
+  /** `options.tls`: accept TLS when the client asks (SSLRequest); absent: answer "no". */
+  constructor(socket: ClientSocket, host: ClientSessionHost, options: { tls?: ClientTls } = {}) {
     this.socket = socket;
     this.host = host;
+    this.tls = options.tls;
     // Big queries, binds and COPY data stream through: memory does not grow with message size.
     this.reader = new FrameReader({ startupPhase: true, maxMessageBytes: host.maxMessageBytes, streamAbove: STREAM_ABOVE_BYTES, streamable: CLIENT_STREAMABLE });
     socket.setNoDelay(true);
     if (isDirectReadable(socket)) socket.setDirectReader((buffer, length, lent) => this.onData(buffer, length, lent));
-    else socket.on('data', (chunk: Buffer) => this.onData(chunk, chunk.length, false));
-    socket.on('error', (err: Error) => host.logger.debug({ err: err.message }, 'client socket error'));
-    socket.on('close', () => this.onClose());
+    else socket.on('data', this.onStreamData);
+    socket.on('error', this.onSocketError);
+    socket.on('close', this.onSocketClose);
     this.loginTimer = setTimeout(() => {
       this.loginTimer = undefined;
       if (this.phase !== 'startup') return;
@@ -904,8 +915,21 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     const packet = parseStartupPacket(body);
     switch (packet.kind) {
       case 'ssl-request':
+        if (this.tls !== undefined && !this.encrypted) {
+          // As PostgreSQL (CVE-2021-23214): bytes sent behind the SSLRequest would be read as if they came over TLS.
+          if (this.reader.remaining().length > 0 || this.reader.buffered > 0) {
+            this.fail({ severity: 'FATAL', code: '08P01', message: 'received unencrypted data after SSL request' });
+            return;
+          }
+          this.startTls(this.tls);
+          this.reader.expectUntyped();
+          return;
+        }
+        // Loopback: encryption would protect nothing the pod boundary does not (see ClientTls for apps that insist).
+        this.socket.write('N');
+        this.reader.expectUntyped();
+        return;
       case 'gssenc-request':
-        // Loopback only: encryption would protect nothing the pod boundary does not.
         this.socket.write('N');
         this.reader.expectUntyped();
         return;
@@ -952,6 +976,30 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       this.waiting = true;
       this.host.pool.acquire(this);
     } else this.finishLogin();
+  }
+
+  /**
+   * Answers SSLRequest "S" and moves the session onto a TLS socket over the
+   * accepted one. The client sends nothing more until it reads the answer,
+   * so nothing after the SSLRequest has been read from the plain socket yet.
+   */
+  private startTls(tls: ClientTls): void {
+    const plain = this.socket;
+    plain.write('S');
+    if (isDirectReadable(plain)) plain.setDirectReader(undefined);
+    else plain.off('data', this.onStreamData);
+    plain.off('error', this.onSocketError);
+    plain.off('close', this.onSocketClose);
+    const secure = acceptClientTls(plain, tls);
+    this.encrypted = true;
+    this.socket = secure;
+    plain.on('error', this.onSocketError);
+    plain.once('close', () => secure.destroy());
+    secure.on('data', this.onStreamData);
+    // A failed handshake destroys the TLS socket, and its close ends the session.
+    secure.on('error', (err: Error) => this.host.logger.debug({ err: err.message }, 'client TLS error'));
+    secure.on('close', this.onSocketClose);
+    this.host.metrics.clientTls();
   }
 
   private finishLogin(): void {

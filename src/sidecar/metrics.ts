@@ -48,6 +48,7 @@ export class SidecarMetrics {
   readonly serverLogins: Counter<'result'>;
   readonly pinned: Counter<'reason'>;
   readonly carriedSettings: Counter;
+  private readonly clientTlsConnections: Counter;
   readonly cancels: Counter<'result'>;
   private source: SidecarMetricsSource | undefined;
 
@@ -132,12 +133,18 @@ export class SidecarMetrics {
     this.cancels = new Counter({ name: 'poolkeeper_sidecar_cancel_requests_total', help: 'Client CancelRequests: forwarded to the backend running the statement, or dropped (nothing running, statement ended, unknown key, failed)', labelNames: ['result'], registers: [registry] });
     this.pinned = new Counter({ name: 'poolkeeper_sidecar_pins_total', help: 'Clients pinned to their server connection by session state in transaction mode, by reason', labelNames: ['reason'], registers: [registry] });
     this.carriedSettings = new Counter({ name: 'poolkeeper_sidecar_carried_settings_total', help: 'Session setting changes (SET or RESET alone between transactions) carried to the client\'s next server connections instead of pinning it, in transaction mode', registers: [registry] });
+    this.clientTlsConnections = new Counter({ name: 'poolkeeper_sidecar_client_tls_connections_total', help: 'App connections that asked for TLS and got it (spec.sidecar.clientTLS)', registers: [registry] });
     this.serverLogins = new Counter({ name: 'poolkeeper_sidecar_server_logins_total', help: 'Upstream logins by result', labelNames: ['result'], registers: [registry] });
   }
 
   /** Connects the scrape-time readers. */
   bind(source: SidecarMetricsSource): void {
     this.source = source;
+  }
+
+  /** An app's connection switched to TLS. */
+  clientTls(): void {
+    this.clientTlsConnections.inc();
   }
 
   /** Counts one error. */

@@ -27,6 +27,7 @@ import type { BackendLedger } from './backend-ledger.ts';
 import { ClientSession, type ClientSessionHost } from './client-session.ts';
 import { DirectReadSocket, ReadBufferPool, adoptAcceptedSocket } from './direct-read-socket.ts';
 import { adoptUnreadSocket, socketDescriptor, type NativeSocketIo } from './native-socket.ts';
+import type { ClientTls } from './client-tls.ts';
 import { SidecarMetrics } from './metrics.ts';
 import { NotificationHub } from './notifications.ts';
 import { Pool } from './pool.ts';
@@ -43,6 +44,8 @@ export interface SidecarDeps {
   ledger?: BackendLedger;
   /** Native socket I/O for plain TCP and Unix-domain connections (loadNativeSocketIo); absent: Node's streams. */
   nativeIo?: NativeSocketIo;
+  /** Accept TLS from apps that ask for it over TCP (selfSignedClientTls); absent: SSLRequest is answered "no". */
+  clientTls?: ClientTls;
 }
 
 /** True for 127.0.0.0/8, ::1 and IPv4-mapped loopback. */
@@ -91,9 +94,11 @@ export class Sidecar implements ClientSessionHost {
   private lastStatus = '';
   private readonly ledger: BackendLedger | undefined;
   private readonly nativeIo: NativeSocketIo | undefined;
+  private readonly clientTls: ClientTls | undefined;
 
   constructor(deps: SidecarDeps) {
     this.nativeIo = deps.nativeIo;
+    this.clientTls = deps.clientTls;
     this.settings = deps.settings;
     this.credentials = deps.credentials;
     this.logger = deps.logger;
@@ -430,7 +435,8 @@ export class Sidecar implements ClientSessionHost {
       adoptAcceptedSocket(socket, this.readBuffers, { copyReads: true });
     this.clientSockets += 1;
     adopted.once('close', () => (this.clientSockets -= 1));
-    new ClientSession(adopted, this);
+    // As PostgreSQL: no TLS over a Unix-domain socket.
+    new ClientSession(adopted, this, local || this.clientTls === undefined ? {} : { tls: this.clientTls });
   }
 
   private openStream(host: string, port: number, deadline: number): Promise<Duplex> {

@@ -40,6 +40,7 @@ describe('poolkeeper CLI', function () {
       [['controller'], { KUBECONFIG: '/dev/null', POOLKEEPER_REPAIR: 'sometimes' }, /POOLKEEPER_REPAIR must be evict, report or off, got sometimes/],
       [['controller'], { KUBECONFIG: '/dev/null', POOLKEEPER_METRICS_PORT: 'eighty' }, /POOLKEEPER_METRICS_PORT must be a port number/],
       [['sidecar'], {}, /^poolkeeper sidecar: environment variable POOLKEEPER_POD_NAMESPACE is required/],
+      [['sidecar'], { POOLKEEPER_POD_NAMESPACE: 'shop', POOLKEEPER_POD_NAME: 'web-1', POOLKEEPER_CLIENT_TLS: 'yes' }, /POOLKEEPER_CLIENT_TLS must be self-signed or off, got yes/],
       [['controller', '--kubeconfig=x'], {}, /unknown option --kubeconfig=x/],
       [['frobnicate'], {}, /^poolkeeper: unknown command "frobnicate"; run poolkeeper --help/],
     ];

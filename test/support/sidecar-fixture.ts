@@ -11,6 +11,7 @@ import { Registry } from 'prom-client';
 import { FileCredentialsSource, Sidecar, type PoolMode, type SidecarSettings } from '../../src/sidecar/index.ts';
 import type { PostgresRole, PostgresServer } from '../../src/devenv/postgres.ts';
 import { loadNativeSocketIo, type NativeSocketIo } from '../../src/sidecar/native-socket.ts';
+import type { ClientTls } from '../../src/sidecar/client-tls.ts';
 
 /** What a test may choose for a sidecar; everything else has test defaults. */
 export interface TestSidecarOptions {
@@ -23,6 +24,8 @@ export interface TestSidecarOptions {
   logger?: Logger;
   /** Native socket I/O (default: on, unless POOLKEEPER_TEST_NATIVE_IO=off); false: Node's streams. */
   nativeIo?: boolean;
+  /** Accept TLS from clients (spec.sidecar.clientTLS). */
+  clientTls?: ClientTls;
 }
 
 /**
@@ -71,7 +74,7 @@ export async function startTestSidecar(postgres: PostgresServer, options: TestSi
     ...options.settings,
     pool: { mode: options.mode ?? 'transaction', poolTimeout: 10, poolRecycle: 1800, poolPrePing: false, idleTimeout: 600, ...options.pool },
   };
-  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry, ...nativeIoDeps(options.nativeIo) });
+  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry, ...nativeIoDeps(options.nativeIo), ...(options.clientTls ? { clientTls: options.clientTls } : {}) });
   const { port, adminPort } = await sidecar.start();
   sidecar.setGrant(options.grant ?? 5, 1);
   return {

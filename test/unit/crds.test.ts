@@ -49,7 +49,7 @@ describe('CRDs', function () {
       maxConnections: 'auto', reserve: '15%', departureHoldSeconds: 60, budgetStrategy: 'MaxReplicas',
       consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' }, weight: 1, minPerPod: 0, processesPerPod: 1 }],
       pool: { mode: 'session', poolTimeout: 1, poolRecycle: -1, poolPrePing: false, idleTimeout: 1 },
-      sidecar: { port: 6432, drainTimeout: 0 },
+      sidecar: { port: 6432, drainTimeout: 0, clientTLS: 'SelfSigned' },
     };
     // @ts-expect-error sslMode is an enum
     const badMode: DatabaseConnectionSpec['database']['sslMode'] = 'on';

@@ -245,6 +245,18 @@ describe('inject: computeInjection', function () {
     assert.deepEqual(codes, ['InvalidConnection', 'PortConflict', 'InvalidConnection']);
   });
 
+  it('tells the sidecar to accept TLS from apps only with clientTLS SelfSigned, and rejects other values', function () {
+    const sidecarEnv = (c: InjectableConnection): Record<string, EnvVar> => envOf(findSidecar(injected(pod(), c))?.container);
+    assert.equal(sidecarEnv(connection()).POOLKEEPER_CLIENT_TLS, undefined);
+    assert.equal(sidecarEnv(connection({ sidecar: { clientTLS: 'Disabled' } })).POOLKEEPER_CLIENT_TLS, undefined);
+    assert.deepEqual(sidecarEnv(connection({ sidecar: { clientTLS: 'SelfSigned' } })).POOLKEEPER_CLIENT_TLS, { name: 'POOLKEEPER_CLIENT_TLS', value: 'self-signed' });
+    // Apps keep PGSSLMODE=disable: only those that insist on TLS use it.
+    const app = injected(pod(), connection({ sidecar: { clientTLS: 'SelfSigned' } })).spec!.containers.find((c) => c.name === 'app');
+    assert.equal(envOf(app).PGSSLMODE?.value, 'disable');
+    const errors = computeInjection({ pod: pod(), connection: connection({ sidecar: { clientTLS: 'Required' } }), settings }).errors;
+    assert.deepEqual(errors.map((e) => e.message), ['spec.sidecar.clientTLS Required is not Disabled or SelfSigned']);
+  });
+
   it('leaves a long enough grace period alone and raises a short one', function () {
     const long = pod();
     long.spec!.terminationGracePeriodSeconds = 120;

@@ -105,6 +105,8 @@ interface Derived {
   connectionName: string;
   listenPort: number;
   drainTimeout: number;
+  /** The sidecar accepts TLS from apps with a certificate of its own making. */
+  clientTlsSelfSigned: boolean;
   usernameKey: string;
   passwordKey: string;
   /** Application containers use the sidecar's Unix-domain socket. */
@@ -186,6 +188,7 @@ function sidecarContainer(connection: InjectableConnection, settings: InjectorSe
     { name: 'POOLKEEPER_LISTEN_PORT', value: String(derived.listenPort) },
     { name: 'POOLKEEPER_ADMIN_PORT', value: String(settings.adminPort) },
     { name: 'POOLKEEPER_DRAIN_TIMEOUT', value: String(derived.drainTimeout) },
+    ...(derived.clientTlsSelfSigned ? [{ name: 'POOLKEEPER_CLIENT_TLS', value: 'self-signed' }] : []),
     { name: 'POOLKEEPER_CREDENTIALS_DIR', value: CREDENTIALS_DIR },
     { name: 'POOLKEEPER_STATE_DIR', value: STATE_DIR },
     { name: 'NODE_OPTIONS', value: sidecarNodeOptions(derived.resources.limits.memory) },
@@ -264,6 +267,8 @@ function checkConnection(pod: PodLike, connection: InjectableConnection, setting
   if (listenPort === settings.adminPort) errors.push({ code: 'PortConflict', message: `spec.sidecar.port ${listenPort} is the sidecar's admin port; choose another` });
   const drainTimeout = connection.spec?.sidecar?.drainTimeout ?? settings.defaultDrainTimeoutSeconds;
   if (!Number.isInteger(drainTimeout) || drainTimeout < 0) errors.push({ code: 'InvalidConnection', message: `spec.sidecar.drainTimeout ${String(drainTimeout)} is not a whole number of seconds` });
+  const clientTls = connection.spec?.sidecar?.clientTLS ?? 'Disabled';
+  if (clientTls !== 'Disabled' && clientTls !== 'SelfSigned') errors.push({ code: 'InvalidConnection', message: `spec.sidecar.clientTLS ${String(clientTls)} is not Disabled or SelfSigned` });
   const resources = sidecarResources(pod, settings, errors);
   if (errors.length > 0 || !database) return undefined;
   return {
@@ -271,6 +276,7 @@ function checkConnection(pod: PodLike, connection: InjectableConnection, setting
     connectionName,
     listenPort,
     drainTimeout,
+    clientTlsSelfSigned: clientTls === 'SelfSigned',
     usernameKey: database.credentialsSecretRef.usernameKey ?? 'username',
     passwordKey: database.credentialsSecretRef.passwordKey ?? 'password',
     // A sidecar injected earlier without the socket keeps serving TCP only: its pod cannot gain the volume.

@@ -193,7 +193,7 @@ export interface InjectableConnection {
       hostKey: string;
     };
     consumers: ConsumerSpec[];
-    sidecar?: { port?: number; drainTimeout?: number };
+    sidecar?: { port?: number; drainTimeout?: number; clientTLS?: string };
   };
   status?: {
     consumers?: { name: string; pods?: number; perPodBudget?: number; perProcessBudget?: number }[];

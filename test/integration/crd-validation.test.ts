@@ -108,7 +108,7 @@ describe('CRDs on the API server', function () {
     assert.equal(stored.spec.budgetStrategy, 'Dynamic');
     assert.equal(stored.spec.database.sslMode, 'prefer');
     assert.deepEqual(stored.spec.pool, { mode: 'transaction', poolTimeout: 30, poolRecycle: 3600, poolPrePing: false, idleTimeout: 600 });
-    assert.deepEqual(stored.spec.sidecar, { port: 6432, drainTimeout: 30 });
+    assert.deepEqual(stored.spec.sidecar, { port: 6432, drainTimeout: 30, clientTLS: 'Disabled' });
   });
 
   it('shows limit, pods, per-pod budget, allocated, ready and age in kubectl get dbc', function () {
@@ -183,6 +183,7 @@ describe('CRDs on the API server', function () {
       ['processesPerPod 0', (s) => { s.consumers[0].processesPerPod = 0; }, /spec\.consumers\[0\]\.processesPerPod/],
       ['workloadRef kind DaemonSet', (s) => { s.consumers[0].workloadRef.kind = 'DaemonSet'; }, /spec\.consumers\[0\]\.workloadRef\.kind: Unsupported value: "DaemonSet"/],
       ['unknown pool mode', (s) => { s.pool.mode = 'statement'; }, /spec\.pool\.mode: Unsupported value: "statement"/],
+      ['unknown clientTLS', (s) => { s.sidecar = { clientTLS: 'Required' }; }, /spec\.sidecar\.clientTLS: Unsupported value: "Required"/],
       ['poolTimeout 0', (s) => { s.pool.poolTimeout = 0; }, /spec\.pool\.poolTimeout/],
       ['poolRecycle 0', (s) => { s.pool.poolRecycle = 0; }, /spec\.pool\.poolRecycle: .*poolRecycle must be -1 \(never\) or > 0/],
       ['tunnel without hostKey', (s) => { delete s.sshTunnel.hostKey; }, /spec\.sshTunnel\.hostKey: Required/],

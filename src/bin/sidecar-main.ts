@@ -10,6 +10,7 @@ import { API_GROUP, API_VERSION, type PoolMember } from '../api/index.ts';
 import { isStatus, KubeHttp, type ApiServerAccess } from '../kube/http.ts';
 import { PoolMemberAgent } from '../sidecar/control-plane.ts';
 import { BackendLedger } from '../sidecar/backend-ledger.ts';
+import { FileDatabaseCa } from '../sidecar/database-ca.ts';
 import { loadNativeSocketIo } from '../sidecar/native-socket.ts';
 import { FileCredentialsSource, Sidecar, type SidecarSettings } from '../sidecar/index.ts';
 
@@ -79,7 +80,6 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
     ...(config.listenSocketDir ? { listenSocketDir: config.listenSocketDir } : {}),
     database: {
       host: spec.database.host, port: spec.database.port, dbname: spec.database.dbname, sslMode: spec.database.sslMode,
-      ...(config.caFile ? { caPem: readFileSync(config.caFile, 'utf8') } : {}),
     },
     pool: { ...spec.pool },
     drainTimeout: config.drainTimeoutSeconds,
@@ -100,7 +100,12 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
   const quietLoop = nativeIo?.quietLoop() ?? false;
   logger.info({ nativeIo: nativeIo !== undefined, quietLoop, clientTls: config.clientTls ?? 'disabled' }, 'socket I/O');
   const clientTls = config.clientTls === 'self-signed' ? await (await import('../sidecar/client-tls.ts')).selfSignedClientTls() : undefined;
-  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry, ...(ledger ? { ledger } : {}), ...(nativeIo ? { nativeIo } : {}), ...(clientTls ? { clientTls } : {}) });
+  // Checked again at each server login: a rotated CA Secret reaches new connections without a restart.
+  const databaseCa = config.caFile ? new FileDatabaseCa({ path: config.caFile, logger }) : undefined;
+  const sidecar = new Sidecar({
+    settings, credentials, logger, metrics: registry,
+    ...(ledger ? { ledger } : {}), ...(nativeIo ? { nativeIo } : {}), ...(clientTls ? { clientTls } : {}), ...(databaseCa ? { databaseCa } : {}),
+  });
   const { port, adminPort } = await sidecar.start();
   const agent = new PoolMemberAgent({
     http, namespace: config.namespace, podName: config.podName, target: sidecar, logger, version: config.version,

@@ -182,13 +182,13 @@ export class PostgresServer {
   }
 
   /**
-   * Serves a new certificate from the same test CA for `names` (e.g. one
+   * Serves a new certificate from the test CA (or `options.ca`) for `names` (e.g. one
    * without `localhost`, to test host name checks): rewrites the files,
    * reloads, and returns once new connections are handed the new certificate.
    */
-  async replaceServerCertificate(names: PostgresCertificateNames): Promise<void> {
+  async replaceServerCertificate(names: PostgresCertificateNames, options: { ca?: CertificateBundle } = {}): Promise<void> {
     if (!this.tls) throw new Error('this PostgreSQL cluster was started without SSL');
-    const certPem = await this.tls.reissue(names);
+    const certPem = await this.tls.reissue(names, options.ca);
     await this.query('SELECT pg_reload_conf()');
     const wanted = new X509Certificate(certPem).fingerprint256;
     await waitUntil('postgres to serve the new certificate', async () => (await this.presentedCertificate()).fingerprint256 === wanted, { timeoutMs: 10_000, process: this.process });
@@ -277,9 +277,9 @@ class ServerTlsFiles {
   }
 
   /** Writes a new server certificate and key; returns the certificate PEM. */
-  async reissue(names: PostgresCertificateNames): Promise<string> {
+  async reissue(names: PostgresCertificateNames, ca: CertificateBundle = this.ca): Promise<string> {
     // A neutral CN: with no DNS SAN, clients fall back to the CN, and only the SANs should name the server.
-    const leaf = await issueCertificate(this.ca, { commonName: 'poolkeeper test PostgreSQL', dnsNames: names.dnsNames, ipAddresses: names.ipAddresses, usage: 'server', validityDays: 1 });
+    const leaf = await issueCertificate(ca, { commonName: 'poolkeeper test PostgreSQL', dnsNames: names.dnsNames, ipAddresses: names.ipAddresses, usage: 'server', validityDays: 1 });
     // PostgreSQL refuses a key its owner shares with group or world.
     this.write(this.keyFile, leaf.keyPem, 0o600);
     this.write(this.certFile, leaf.certPem, 0o644);

@@ -57,6 +57,8 @@ export interface PoolDeps {
   blockedReason?: () => string | undefined;
   /** Keeps the backends held where the next sidecar in the pod finds them (BackendLedger); absent: not kept. */
   ledger?: { save(records: readonly BackendRecord[]): void };
+  /** The CA server logins verify against now (a file that rotates); absent: settings.database.caPem. */
+  databaseCa?: () => string;
 }
 
 interface WaitEntry {
@@ -659,7 +661,7 @@ export class Pool {
       if (stream.listenerCount('error') === 0) stream.on('error', () => undefined);
       const session = await loginUpstream({
         stream, host: database.host, dbname: database.dbname, username: credentials.username, password: credentials.password,
-        sslMode: database.sslMode, timeoutMs: CONNECT_TIMEOUT_MS, ...(database.caPem !== undefined ? { caPem: database.caPem } : {}),
+        sslMode: database.sslMode, timeoutMs: CONNECT_TIMEOUT_MS, ...caPemOf(this.deps.databaseCa?.() ?? database.caPem),
         ...(settings.key !== '' ? { settings: loginParametersOf(settings) } : {}),
       });
       server = new ServerConnection({
@@ -803,4 +805,8 @@ function settingsRefused(error: unknown, settings: ClientSettings): AcquireFailu
 /** DETAIL and HINT of a server's error, as a client should see them. */
 function errorExtras(fields: Readonly<Record<string, string>> | undefined): { detail?: string; hint?: string } {
   return { ...(fields?.D !== undefined ? { detail: fields.D } : {}), ...(fields?.H !== undefined ? { hint: fields.H } : {}) };
+}
+
+function caPemOf(caPem: string | undefined): { caPem?: string } {
+  return caPem === undefined ? {} : { caPem };
 }

@@ -28,6 +28,7 @@ import { ClientSession, type ClientSessionHost } from './client-session.ts';
 import { DirectReadSocket, ReadBufferPool, adoptAcceptedSocket } from './direct-read-socket.ts';
 import { adoptUnreadSocket, socketDescriptor, type NativeSocketIo } from './native-socket.ts';
 import type { ClientTls } from './client-tls.ts';
+import type { DatabaseCaSource } from './database-ca.ts';
 import { SidecarMetrics } from './metrics.ts';
 import { NotificationHub } from './notifications.ts';
 import { Pool } from './pool.ts';
@@ -44,6 +45,8 @@ export interface SidecarDeps {
   ledger?: BackendLedger;
   /** Native socket I/O for plain TCP and Unix-domain connections (loadNativeSocketIo); absent: Node's streams. */
   nativeIo?: NativeSocketIo;
+  /** The CA of the database server's certificate, checked for rotation at each server login; absent: settings.database.caPem. */
+  databaseCa?: DatabaseCaSource;
   /** Accept TLS from apps that ask for it over TCP (selfSignedClientTls); absent: SSLRequest is answered "no". */
   clientTls?: ClientTls;
 }
@@ -119,6 +122,7 @@ export class Sidecar implements ClientSessionHost {
       changed: () => this.statusChanged(),
       blockedReason: () => this.tunnel?.downReason(),
       ...(deps.ledger ? { ledger: deps.ledger } : {}),
+      ...(deps.databaseCa ? { databaseCa: () => deps.databaseCa!.current() } : {}),
     });
     this.ledger = deps.ledger;
     this.notifications = this.mode === 'transaction' ? new NotificationHub({ pool: this.pool, logger: deps.logger }) : undefined;

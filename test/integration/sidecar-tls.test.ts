@@ -6,7 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { X509Certificate } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -16,6 +16,7 @@ import { Registry } from 'prom-client';
 import { testEnvironment } from '../support/hooks.ts';
 import { FileCredentialsSource, Sidecar, type SidecarSettings, type SslMode } from '../../src/sidecar/index.ts';
 import { loginUpstream, UpstreamError } from '../../src/sidecar/upstream-login.ts';
+import { FileDatabaseCa } from '../../src/sidecar/database-ca.ts';
 import { DEFAULT_POSTGRES_CERTIFICATE_NAMES, type PostgresServer } from '../../src/devenv/postgres.ts';
 import { createCertificateAuthority } from '../../src/pki/certificates.ts';
 
@@ -28,6 +29,8 @@ interface TlsSidecarOptions {
   /** The database host the sidecar is told (default the server's 127.0.0.1). */
   host?: string;
   tunnel?: SidecarSettings['sshTunnel'];
+  /** The CA from this file (read again when it changes), as the sidecar binary runs with a caSecretRef. */
+  caFile?: string;
 }
 
 interface Running {
@@ -51,7 +54,8 @@ async function startSidecar(postgres: PostgresServer, options: TlsSidecarOptions
     admin: { host: '127.0.0.1', port: 0 },
     ...(options.tunnel ? { sshTunnel: options.tunnel } : {}),
   };
-  const sidecar = new Sidecar({ settings, credentials, logger, metrics: new Registry() });
+  const databaseCa = options.caFile === undefined ? undefined : new FileDatabaseCa({ path: options.caFile, logger });
+  const sidecar = new Sidecar({ settings, credentials, logger, metrics: new Registry(), ...(databaseCa ? { databaseCa } : {}) });
   const { port, adminPort } = await sidecar.start();
   sidecar.setGrant(2, 1);
   return {
@@ -90,6 +94,21 @@ async function refusedError(running: Running): Promise<{ code?: string; message:
     await client.end().catch(() => undefined);
   }
   throw new Error('the connection through the sidecar was expected to be refused');
+}
+
+/** A query through the sidecar that needs a new server connection fails; returns the error the client got. */
+async function queryError(running: Running): Promise<{ code?: string; message: string }> {
+  const client = running.client();
+  client.on('error', () => undefined);
+  try {
+    await client.connect();
+    await client.query('SELECT 1');
+  } catch (error) {
+    return error as { code?: string; message: string };
+  } finally {
+    await client.end().catch(() => undefined);
+  }
+  throw new Error('the query through the sidecar was expected to fail');
 }
 
 async function withSidecar<T>(postgres: PostgresServer, options: TlsSidecarOptions, fn: (running: Running) => Promise<T>): Promise<T> {
@@ -156,6 +175,56 @@ describe('sidecar TLS to PostgreSQL (sslMode)', function () {
       });
     });
   }
+
+  describe('a CA rotated in its Secret', function () {
+    after(async function () {
+      await tlsPostgres.replaceServerCertificate(DEFAULT_POSTGRES_CERTIFICATE_NAMES);
+    });
+
+    it('reaches new server connections without a restart; a transaction open meanwhile goes on', async function () {
+      const dir = mkdtempSync(join(tmpdir(), 'poolkeeper-db-ca-'));
+      const caFile = join(dir, 'ca.crt');
+      // As the kubelet updates a Secret volume: the new file is written aside and renamed over the old.
+      const publish = (pem: string): void => {
+        writeFileSync(`${caFile}.tmp`, pem);
+        renameSync(`${caFile}.tmp`, caFile);
+      };
+      publish(caPem);
+      try {
+        await withSidecar(tlsPostgres, { sslMode: 'verify-full', caFile }, async (running) => {
+          const holder = running.client();
+          holder.on('error', () => undefined);
+          await holder.connect();
+          await holder.query('BEGIN');
+          assert.equal((await holder.query<{ v: number }>('SELECT 1 AS v')).rows[0]!.v, 1);
+          // The server moves to a certificate from a new CA; the sidecar's file still has the old one only.
+          const newCa = await createCertificateAuthority('rotated test CA', 1);
+          await tlsPostgres.replaceServerCertificate(DEFAULT_POSTGRES_CERTIFICATE_NAMES, { ca: newCa });
+          assert.match((await queryError(running)).message, /TLS to 127\.0\.0\.1 failed \(sslmode=verify-full\)/);
+          // A half-written file is not taken: the old CA stays in use.
+          publish('-----BEGIN CERTIFICATE-----\nnot base64\n');
+          assert.match((await queryError(running)).message, /TLS to 127\.0\.0\.1 failed/);
+          // The rotated Secret holds both CAs, as cert-manager's and CloudNativePG's do during a rotation.
+          publish(`${caPem}\n${newCa.certPem}`);
+          // The pool waits a little before trying again after failed logins: the next attempt uses the new file.
+          const deadline = Date.now() + 10_000;
+          for (;;) {
+            try {
+              assert.equal(await serverSeesSsl(running), true);
+              break;
+            } catch (error) {
+              if (Date.now() > deadline || !/TLS to 127\.0\.0\.1 failed/.test((error as Error).message)) throw error;
+            }
+          }
+          assert.equal((await holder.query<{ v: number }>('SELECT 2 AS v')).rows[0]!.v, 2);
+          await holder.query('COMMIT');
+          await holder.end();
+        });
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
+    });
+  });
 
   describe('with a server certificate for 127.0.0.1 only', function () {
     before(async function () {

@@ -10,7 +10,8 @@ import { API_GROUP, API_VERSION, type PoolMember } from '../api/index.ts';
 import { isStatus, KubeHttp, type ApiServerAccess } from '../kube/http.ts';
 import { PoolMemberAgent } from '../sidecar/control-plane.ts';
 import { BackendLedger } from '../sidecar/backend-ledger.ts';
-import { FileDatabaseCa } from '../sidecar/database-ca.ts';
+import { DATABASE_CA, MountedFile } from '../sidecar/mounted-file.ts';
+import { sshPrivateKeyKind } from '../sidecar/tunnel.ts';
 import { loadNativeSocketIo } from '../sidecar/native-socket.ts';
 import { FileCredentialsSource, Sidecar, type SidecarSettings } from '../sidecar/index.ts';
 
@@ -89,6 +90,10 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
     if (!config.sshKeyDir) throw new Error('the PoolMember names an SSH tunnel but no SSH key directory is mounted (POOLKEEPER_SSH_KEY_DIR)');
     settings.sshTunnel = { ...spec.sshTunnel, privateKey: readFileSync(join(config.sshKeyDir, 'ssh-privatekey'), 'utf8') };
   }
+  // Read again when the Secret behind it changes: a rotated key is used from the next SSH connection on.
+  const sshPrivateKey = config.sshKeyDir && spec.sshTunnel
+    ? new MountedFile({ path: join(config.sshKeyDir, 'ssh-privatekey'), kind: await sshPrivateKeyKind(), logger })
+    : undefined;
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'poolkeeper_sidecar_process_' });
   const credentials = new FileCredentialsSource({ directory: config.credentialsDir, logger });
@@ -101,10 +106,10 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
   logger.info({ nativeIo: nativeIo !== undefined, quietLoop, clientTls: config.clientTls ?? 'disabled' }, 'socket I/O');
   const clientTls = config.clientTls === 'self-signed' ? await (await import('../sidecar/client-tls.ts')).selfSignedClientTls() : undefined;
   // Checked again at each server login: a rotated CA Secret reaches new connections without a restart.
-  const databaseCa = config.caFile ? new FileDatabaseCa({ path: config.caFile, logger }) : undefined;
+  const databaseCa = config.caFile ? new MountedFile({ path: config.caFile, kind: DATABASE_CA, logger }) : undefined;
   const sidecar = new Sidecar({
     settings, credentials, logger, metrics: registry,
-    ...(ledger ? { ledger } : {}), ...(nativeIo ? { nativeIo } : {}), ...(clientTls ? { clientTls } : {}), ...(databaseCa ? { databaseCa } : {}),
+    ...(ledger ? { ledger } : {}), ...(nativeIo ? { nativeIo } : {}), ...(clientTls ? { clientTls } : {}), ...(databaseCa ? { databaseCa } : {}), ...(sshPrivateKey ? { sshPrivateKey } : {}),
   });
   const { port, adminPort } = await sidecar.start();
   const agent = new PoolMemberAgent({
@@ -113,6 +118,7 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
     waitingClients: () => sidecar.waitingClients,
     onSpec: (next) => {
       sidecar.updatePoolSettings({ ...next.pool });
+      if (next.sshTunnel) sidecar.updateTunnelHostKey(next.sshTunnel.hostKey);
       const db = next.database;
       if (db.host !== spec.database.host || db.port !== spec.database.port || db.dbname !== spec.database.dbname || db.sslMode !== spec.database.sslMode) {
         logger.warn({ database: db }, 'the database target changed: it applies when the pod restarts');

@@ -24,8 +24,11 @@ export class SshServer {
   readonly hostKeyFingerprint: string;
   private process: ManagedProcess;
   private readonly launch: () => ManagedProcess;
+  private readonly dir: string;
+  private keys = 0;
 
-  private constructor(fields: { port: number; username: string; userPrivateKey: string; hostPublicKey: string; process: ManagedProcess; launch: () => ManagedProcess }) {
+  private constructor(fields: { dir: string; port: number; username: string; userPrivateKey: string; hostPublicKey: string; process: ManagedProcess; launch: () => ManagedProcess }) {
+    this.dir = fields.dir;
     this.port = fields.port;
     this.username = fields.username;
     this.userPrivateKey = fields.userPrivateKey;
@@ -75,7 +78,28 @@ export class SshServer {
     const child = launch();
     await waitUntil('sshd', () => bannerReceived(port), { timeoutMs: 15_000, process: child });
     const hostPublicKey = readFileSync(`${hostKey}.pub`, 'utf8').trim().split(' ').slice(0, 2).join(' ');
-    return new SshServer({ port, username: userInfo().username, userPrivateKey: readFileSync(userKey, 'utf8'), hostPublicKey, process: child, launch });
+    return new SshServer({ dir, port, username: userInfo().username, userPrivateKey: readFileSync(userKey, 'utf8'), hostPublicKey, process: child, launch });
+  }
+
+  /**
+   * A new user key (ed25519) that is not authorized yet: `authorize` it.
+   * For key rotation tests.
+   */
+  newUserKey(): { privateKey: string; publicKeyLine: string } {
+    this.keys += 1;
+    const file = join(this.dir, `user_ed25519_${this.keys}`);
+    execFileSync(requireBinary('ssh-keygen', 'openssh-client'), ['-q', '-t', 'ed25519', '-N', '', '-C', `poolkeeper-test-user-${this.keys}`, '-f', file]);
+    return { privateKey: readFileSync(file, 'utf8'), publicKeyLine: readFileSync(`${file}.pub`, 'utf8').trim() };
+  }
+
+  /** Replaces the authorized keys (sshd reads them at each login); the original user key is no longer accepted unless listed. */
+  authorize(publicKeyLines: readonly string[]): void {
+    writeFileSync(join(this.dir, 'authorized_keys'), `${publicKeyLines.join('\n')}\n`, { mode: 0o600 });
+  }
+
+  /** The public key line of `userPrivateKey`. */
+  get userPublicKey(): string {
+    return readFileSync(join(this.dir, 'user_ed25519.pub'), 'utf8').trim();
   }
 
   /** `OpenSSH_9.2p1 ...` as the binary reports it. */

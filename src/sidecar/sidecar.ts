@@ -28,7 +28,7 @@ import { ClientSession, type ClientSessionHost } from './client-session.ts';
 import { DirectReadSocket, ReadBufferPool, adoptAcceptedSocket } from './direct-read-socket.ts';
 import { adoptUnreadSocket, socketDescriptor, type NativeSocketIo } from './native-socket.ts';
 import type { ClientTls } from './client-tls.ts';
-import type { DatabaseCaSource } from './database-ca.ts';
+import type { CurrentText } from './mounted-file.ts';
 import { SidecarMetrics } from './metrics.ts';
 import { NotificationHub } from './notifications.ts';
 import { Pool } from './pool.ts';
@@ -45,8 +45,10 @@ export interface SidecarDeps {
   ledger?: BackendLedger;
   /** Native socket I/O for plain TCP and Unix-domain connections (loadNativeSocketIo); absent: Node's streams. */
   nativeIo?: NativeSocketIo;
+  /** The SSH private key file for the bastion, read again when it changes; absent: settings.sshTunnel.privateKey. */
+  sshPrivateKey?: CurrentText;
   /** The CA of the database server's certificate, checked for rotation at each server login; absent: settings.database.caPem. */
-  databaseCa?: DatabaseCaSource;
+  databaseCa?: CurrentText;
   /** Accept TLS from apps that ask for it over TCP (selfSignedClientTls); absent: SSLRequest is answered "no". */
   clientTls?: ClientTls;
 }
@@ -111,7 +113,7 @@ export class Sidecar implements ClientSessionHost {
     this.loginTimeoutMs = (deps.settings.loginTimeout ?? 15) * 1000;
     this.metrics = new SidecarMetrics(deps.metrics);
     const tunnelSettings = deps.settings.sshTunnel;
-    this.tunnel = tunnelSettings ? new SshTunnel({ settings: tunnelSettings, logger: deps.logger, metrics: this.metrics, onUpChange: () => this.statusChanged() }) : undefined;
+    this.tunnel = tunnelSettings ? new SshTunnel({ settings: tunnelSettings, ...(deps.sshPrivateKey ? { privateKey: deps.sshPrivateKey } : {}), logger: deps.logger, metrics: this.metrics, onUpChange: () => this.statusChanged() }) : undefined;
     this.pool = new Pool({
       settings: deps.settings,
       credentials: () => this.credentials.current(),
@@ -215,6 +217,11 @@ export class Sidecar implements ClientSessionHost {
     if (applied.length > 0) this.logger.info({ applied, pool: current }, 'pool settings updated in place');
     if (needsRestart.length > 0) this.logger.warn({ needsRestart }, 'pool settings that apply on the next restart of the pod');
     return { applied, needsRestart };
+  }
+
+  /** The bastion's host key from an updated DatabaseConnection: checked from the next SSH connection on. */
+  updateTunnelHostKey(hostKey: string): void {
+    this.tunnel?.setHostKey(hostKey);
   }
 
   /** Subscribes to status changes; returns the unsubscribe function. */

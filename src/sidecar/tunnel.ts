@@ -12,6 +12,7 @@ import type { Logger } from 'pino';
 import type * as Ssh2 from 'ssh2';
 import type { Client as SshClient } from 'ssh2';
 import type { SidecarMetrics } from './metrics.ts';
+import type { CurrentText, MountedFileKind } from './mounted-file.ts';
 import type { SidecarSettings } from './settings.ts';
 
 let ssh2Module: typeof Ssh2 | undefined;
@@ -44,6 +45,29 @@ export function hostKeyMatches(configured: string, keyBlob: Buffer): boolean {
   return blob !== undefined && Buffer.from(blob, 'base64').equals(keyBlob);
 }
 
+/**
+ * An SSH private key file (OpenSSH or PEM, unencrypted): usable when ssh2
+ * parses it; logged by its public key's fingerprint only.
+ */
+export async function sshPrivateKeyKind(): Promise<MountedFileKind> {
+  await loadSsh2();
+  const parse = (text: string): Ssh2.ParsedKey => {
+    // ssh2 is CommonJS: its `utils` are not among the names Node finds for an ES import.
+    const utils = (ssh2Module as unknown as { default: typeof Ssh2 }).default.utils;
+    // Typed as one key; a file with several yields an array, of which ssh2's client uses the first.
+    const parsed = utils.parseKey(text) as Ssh2.ParsedKey | Error | (Ssh2.ParsedKey | Error)[];
+    const key: Ssh2.ParsedKey | Error | undefined = Array.isArray(parsed) ? parsed[0] : parsed;
+    if (key === undefined || key instanceof Error) throw new Error(key instanceof Error ? key.message : 'no key in it');
+    if (!key.isPrivateKey()) throw new Error('it holds a public key, not a private one');
+    return key;
+  };
+  return {
+    what: 'SSH private key',
+    check: (text) => void parse(text),
+    describe: (text) => ({ publicKey: sshFingerprint(parse(text).getPublicSSH()) }),
+  };
+}
+
 /** The shared SSH connection. */
 export class SshTunnel {
   private client: SshClient | undefined;
@@ -55,12 +79,18 @@ export class SshTunnel {
   private lastError = 'not connected yet';
   private readonly readyWaiters = new Set<() => void>();
   private readonly settings: TunnelSettings;
+  /** The configured host key; a change applies from the next connection. */
+  private hostKey: string;
+  /** The private key file, read again when it changes; absent: settings.privateKey. */
+  private readonly privateKey: CurrentText | undefined;
   private readonly logger: Logger;
   private readonly metrics: SidecarMetrics;
   private readonly onUpChange: (up: boolean) => void;
 
-  constructor(deps: { settings: TunnelSettings; logger: Logger; metrics: SidecarMetrics; onUpChange?: (up: boolean) => void }) {
+  constructor(deps: { settings: TunnelSettings; privateKey?: CurrentText; logger: Logger; metrics: SidecarMetrics; onUpChange?: (up: boolean) => void }) {
     this.settings = deps.settings;
+    this.hostKey = deps.settings.hostKey;
+    this.privateKey = deps.privateKey;
     this.logger = deps.logger.child({ component: 'ssh-tunnel', bastion: `${deps.settings.host}:${deps.settings.port}` });
     this.metrics = deps.metrics;
     this.onUpChange = deps.onUpChange ?? (() => undefined);
@@ -74,6 +104,22 @@ export class SshTunnel {
   /** Why the tunnel is down, or undefined while it is up. */
   downReason(): string | undefined {
     return this.ready ? undefined : `SSH tunnel to ${this.settings.host}:${this.settings.port} is down: ${this.lastError}`;
+  }
+
+  /**
+   * A new host key for the bastion (its DatabaseConnection changed): the
+   * connection up now was verified and stays; the next one is checked
+   * against this key, and a tunnel that is down tries again at once.
+   */
+  setHostKey(hostKey: string): void {
+    if (hostKey === this.hostKey) return;
+    this.hostKey = hostKey;
+    this.logger.info('the bastion\'s host key changed: the next SSH connection is checked against it');
+    if (!this.ready && this.reconnectTimer !== undefined && !this.stopped) {
+      clearTimeout(this.reconnectTimer);
+      this.reconnectTimer = undefined;
+      this.connect();
+    }
   }
 
   /** Starts connecting (in the background). */
@@ -152,7 +198,7 @@ export class SshTunnel {
     client.connect({
       sock,
       username: this.settings.user,
-      privateKey: this.settings.privateKey,
+      privateKey: this.privateKey?.current() ?? this.settings.privateKey,
       readyTimeout: 10_000,
       // A frozen or unreachable bastion is declared dead after about 3 s of silence, so statements
       // in flight through it fail (and their backends count until confirmed gone) within a
@@ -160,10 +206,11 @@ export class SshTunnel {
       keepaliveInterval: 1_000,
       keepaliveCountMax: 3,
       hostVerifier: (key: Buffer) => {
-        if (hostKeyMatches(this.settings.hostKey, key)) return true;
+        const hostKey = this.hostKey;
+        if (hostKeyMatches(hostKey, key)) return true;
         hostKeyRefused = true;
         this.metrics.error('tunnel-host-key-mismatch');
-        this.logger.error({ presented: sshFingerprint(key), expected: this.settings.hostKey.startsWith('SHA256:') ? this.settings.hostKey : 'configured key line' }, 'SSH host key mismatch: refusing the bastion');
+        this.logger.error({ presented: sshFingerprint(key), expected: hostKey.startsWith('SHA256:') ? hostKey : 'configured key line' }, 'SSH host key mismatch: refusing the bastion');
         return false;
       },
     });

@@ -16,7 +16,7 @@ import { Registry } from 'prom-client';
 import { testEnvironment } from '../support/hooks.ts';
 import { FileCredentialsSource, Sidecar, type SidecarSettings, type SslMode } from '../../src/sidecar/index.ts';
 import { loginUpstream, UpstreamError } from '../../src/sidecar/upstream-login.ts';
-import { FileDatabaseCa } from '../../src/sidecar/database-ca.ts';
+import { DATABASE_CA, MountedFile } from '../../src/sidecar/mounted-file.ts';
 import { DEFAULT_POSTGRES_CERTIFICATE_NAMES, type PostgresServer } from '../../src/devenv/postgres.ts';
 import { createCertificateAuthority } from '../../src/pki/certificates.ts';
 
@@ -54,7 +54,7 @@ async function startSidecar(postgres: PostgresServer, options: TlsSidecarOptions
     admin: { host: '127.0.0.1', port: 0 },
     ...(options.tunnel ? { sshTunnel: options.tunnel } : {}),
   };
-  const databaseCa = options.caFile === undefined ? undefined : new FileDatabaseCa({ path: options.caFile, logger });
+  const databaseCa = options.caFile === undefined ? undefined : new MountedFile({ path: options.caFile, kind: DATABASE_CA, logger });
   const sidecar = new Sidecar({ settings, credentials, logger, metrics: new Registry(), ...(databaseCa ? { databaseCa } : {}) });
   const { port, adminPort } = await sidecar.start();
   sidecar.setGrant(2, 1);

@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { connect as netConnect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -18,6 +18,8 @@ import { FileCredentialsSource, Sidecar, type PoolMode, type SidecarSettings } f
 import type { PostgresRole, PostgresServer } from '../../src/devenv/postgres.ts';
 import { buildStartupMessage } from '../../src/core/protocol/index.ts';
 import { nativeIoDeps } from '../support/sidecar-fixture.ts';
+import { MountedFile, type CurrentText } from '../../src/sidecar/mounted-file.ts';
+import { sshPrivateKeyKind } from '../../src/sidecar/tunnel.ts';
 
 const env = testEnvironment();
 const logger = pino({ level: process.env.SIDECAR_TEST_LOG ?? 'silent' });
@@ -38,7 +40,7 @@ function writeCredentials(dir: string, role: PostgresRole): void {
   writeFileSync(join(dir, 'password'), role.password);
 }
 
-async function startSidecar(postgres: PostgresServer, options: { mode?: PoolMode; grant?: number; role?: PostgresRole; pool?: Partial<SidecarSettings['pool']>; tunnel?: SidecarSettings['sshTunnel']; drainTimeout?: number } = {}): Promise<Running> {
+async function startSidecar(postgres: PostgresServer, options: { mode?: PoolMode; grant?: number; role?: PostgresRole; pool?: Partial<SidecarSettings['pool']>; tunnel?: SidecarSettings['sshTunnel']; sshPrivateKey?: CurrentText; drainTimeout?: number } = {}): Promise<Running> {
   const role = options.role ?? postgres.app;
   const credentialsDir = mkdtempSync(join(tmpdir(), 'poolkeeper-creds-'));
   writeCredentials(credentialsDir, role);
@@ -52,7 +54,7 @@ async function startSidecar(postgres: PostgresServer, options: { mode?: PoolMode
     admin: { host: '127.0.0.1', port: 0 },
     ...(options.tunnel ? { sshTunnel: options.tunnel } : {}),
   };
-  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry, ...nativeIoDeps() });
+  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry, ...nativeIoDeps(), ...(options.sshPrivateKey ? { sshPrivateKey: options.sshPrivateKey } : {}) });
   const { port, adminPort } = await sidecar.start();
   sidecar.setGrant(options.grant ?? 5, 1);
   return {
@@ -478,6 +480,56 @@ describe('sidecar SSH tunnel', function () {
       const metrics = await (await fetch(`http://127.0.0.1:${running.adminPort}/metrics`)).text();
       assert.match(metrics, /poolkeeper_sidecar_tunnel_up 1/);
       assert.match(metrics, /poolkeeper_sidecar_tunnel_reconnects_total [1-9]/);
+    } finally {
+      await running.stop();
+    }
+  });
+
+  it('a rotated SSH key (its Secret file replaced) is used from the next SSH connection on', async function () {
+    const [postgres, sshd] = await Promise.all([env.postgres(), env.sshd()]);
+    const dir = mkdtempSync(join(tmpdir(), 'poolkeeper-ssh-key-'));
+    const keyFile = join(dir, 'ssh-privatekey');
+    // As the kubelet updates a Secret volume: the new file is written aside and renamed over the old.
+    const publish = (text: string): void => {
+      writeFileSync(`${keyFile}.tmp`, text, { mode: 0o600 });
+      renameSync(`${keyFile}.tmp`, keyFile);
+    };
+    publish(sshd.userPrivateKey);
+    const running = await startSidecar(postgres, {
+      grant: 2, pool: { poolTimeout: 20 },
+      tunnel: { host: sshd.host, port: sshd.port, user: sshd.username, privateKey: sshd.userPrivateKey, hostKey: sshd.hostPublicKey },
+      sshPrivateKey: new MountedFile({ path: keyFile, kind: await sshPrivateKeyKind(), logger }),
+    });
+    try {
+      assert.equal((await withClient(running, (c) => c.query<{ v: number }>('SELECT 1 AS v'))).rows[0]!.v, 1);
+      // The bastion accepts only the new key from now on, and the Secret holds it.
+      const rotated = sshd.newUserKey();
+      sshd.authorize([rotated.publicKeyLine]);
+      publish(rotated.privateKey);
+      assert.ok(await killSshSessions(sshd.port) >= 1, 'no SSH session to kill');
+      assert.equal((await withClient(running, (c) => c.query<{ v: number }>('SELECT 2 AS v'))).rows[0]!.v, 2);
+      const metrics = await (await fetch(`http://127.0.0.1:${running.adminPort}/metrics`)).text();
+      assert.match(metrics, /poolkeeper_sidecar_tunnel_reconnects_total [1-9]/);
+    } finally {
+      await running.stop();
+      sshd.authorize([sshd.userPublicKey]);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('a host key changed in the DatabaseConnection is checked from the next SSH connection on', async function () {
+    const [postgres, sshd] = await Promise.all([env.postgres(), env.sshd()]);
+    const running = await startSidecar(postgres, {
+      grant: 2, pool: { poolTimeout: 1 },
+      tunnel: { host: sshd.host, port: sshd.port, user: sshd.username, privateKey: sshd.userPrivateKey, hostKey: 'SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA' },
+    });
+    try {
+      const refused = running.client();
+      refused.on('error', () => undefined);
+      await assert.rejects(refused.connect(), (e: { code?: string; message: string }) => e.code === '53300' && /host key mismatch/.test(e.message));
+      running.sidecar.updateTunnelHostKey(sshd.hostKeyFingerprint);
+      await waitFor('the tunnel up with the new host key', async () => /poolkeeper_sidecar_tunnel_up 1/.test(await (await fetch(`http://127.0.0.1:${running.adminPort}/metrics`)).text()));
+      assert.equal((await withClient(running, (c) => c.query<{ v: number }>('SELECT 3 AS v'))).rows[0]!.v, 3);
     } finally {
       await running.stop();
     }

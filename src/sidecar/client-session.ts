@@ -36,8 +36,12 @@ export interface ClientSessionHost {
   readonly maxMessageBytes: number;
   /** Milliseconds a client has to send its startup packet. */
   readonly loginTimeoutMs: number;
-  /** Who may log in: the configured database and the credentials' user. */
-  expectedLogin(): { user: string; database: string };
+  /**
+   * Who may log in: the configured database and the credentials' user now;
+   * `formerUsers`: names the credentials held earlier in this sidecar's life,
+   * still accepted (an app's PGUSER was read from the Secret when it started).
+   */
+  expectedLogin(): { user: string; formerUsers: ReadonlySet<string>; database: string };
   isDraining(): boolean;
   /** A client sent its startup packet: it is counted, drained and closed with the others from now on. */
   admit(session: ClientSession): void;
@@ -946,7 +950,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     const expected = this.host.expectedLogin();
     const user = packet.parameters.user ?? '';
     const database = packet.parameters.database ?? user;
-    if (user !== expected.user) {
+    if (user !== expected.user && !expected.formerUsers.has(user)) {
       this.host.metrics.error('client-auth');
       this.fail({ severity: 'FATAL', code: '28000', message: `role "${user}" is not served by this sidecar`, hint: `connect as "${expected.user}"` });
       return;

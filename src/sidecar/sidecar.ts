@@ -100,6 +100,8 @@ export class Sidecar implements ClientSessionHost {
   private readonly ledger: BackendLedger | undefined;
   private readonly nativeIo: NativeSocketIo | undefined;
   private readonly clientTls: ClientTls | undefined;
+  /** Usernames the credentials held earlier in this process's life (see expectedLogin). */
+  private readonly formerUsers = new Set<string>();
 
   constructor(deps: SidecarDeps) {
     this.nativeIo = deps.nativeIo;
@@ -150,8 +152,17 @@ export class Sidecar implements ClientSessionHost {
     // Before any client: backends a killed predecessor left count against the grant.
     if (this.ledger) this.pool.adoptLeftovers(this.ledger.load());
     this.tunnel?.start();
+    let username = this.credentials.current().username;
     this.unsubscribeCredentials = this.credentials.onChange((c) => {
       this.logger.info({ generation: c.generation }, 'new credentials: rotating server connections');
+      // Alternating-user rotation (AWS Secrets Manager's, Vault's static roles): apps started earlier
+      // still log in under the old name, from their PGUSER. They are served, as the new user.
+      if (c.username !== username) {
+        this.formerUsers.add(username);
+        this.formerUsers.delete(c.username);
+        this.logger.info({ former: username, user: c.username }, 'the credentials name a new user: clients logging in as the former one are served as the new one');
+        username = c.username;
+      }
       this.pool.credentialsChanged();
     });
     this.janitorTimer = setInterval(() => this.pool.janitor(), JANITOR_INTERVAL_MS);
@@ -299,8 +310,8 @@ export class Sidecar implements ClientSessionHost {
   // ---- ClientSessionHost --------------------------------------------------
 
   /** The login clients must use. */
-  expectedLogin(): { user: string; database: string } {
-    return { user: this.credentials.current().username, database: this.settings.database.dbname };
+  expectedLogin(): { user: string; formerUsers: ReadonlySet<string>; database: string } {
+    return { user: this.credentials.current().username, formerUsers: this.formerUsers, database: this.settings.database.dbname };
   }
 
   /** True once drain() began. */

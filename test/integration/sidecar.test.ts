@@ -297,6 +297,38 @@ describe('sidecar budget and lifecycle', function () {
     }
   });
 
+  it('credentials that name a new user (alternating-user rotation): apps still logging in under the former name are served as the new user', async function () {
+    const running = await startSidecar(postgres, { grant: 2 });
+    const asUser = async (user: string): Promise<string> => {
+      const client = new pg.Client({ host: '127.0.0.1', port: running.port, user, database: 'app' });
+      await client.connect();
+      try {
+        return (await client.query<{ u: string }>('SELECT current_user AS u')).rows[0]!.u;
+      } finally {
+        await client.end();
+      }
+    };
+    try {
+      assert.equal(await asUser('app'), 'app');
+      const before = running.sidecar.status().credentialsGeneration;
+      writeCredentials(running.credentialsDir, postgres.appMd5);
+      await waitFor('new generation', () => running.sidecar.status().credentialsGeneration !== before);
+      // The app's PGUSER still names the former user: served, as the user the credentials name now.
+      assert.equal(await asUser('app'), postgres.appMd5.user);
+      assert.equal(await asUser(postgres.appMd5.user), postgres.appMd5.user);
+      // A name the credentials never held is still refused.
+      await assert.rejects(asUser('someone_else'), (e: { code?: string; message: string }) => e.code === '28000' && /role "someone_else" is not served by this sidecar/.test(e.message));
+      // Rotating back: the current name is never "former".
+      const again = running.sidecar.status().credentialsGeneration;
+      writeCredentials(running.credentialsDir, postgres.app);
+      await waitFor('new generation', () => running.sidecar.status().credentialsGeneration !== again);
+      assert.equal(await asUser(postgres.appMd5.user), 'app');
+      assert.equal(await asUser('app'), 'app');
+    } finally {
+      await running.stop();
+    }
+  });
+
   it('times out a client beyond capacity with SQLSTATE 53300 and a clean close', async function () {
     const running = await startSidecar(postgres, { grant: 1, pool: { poolTimeout: 1 } });
     try {

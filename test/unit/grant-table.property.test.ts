@@ -338,6 +338,8 @@ function checkSafety(world: World, step: string): void {
 /** Leave the fleet alone: sidecars answer, terminating pods go; reconcile until settled. */
 function settle(world: World): BudgetPlan {
   for (const p of world.pods) if (p.pod.phase !== 'Failed') p.sidecar.responsive = true;
+  // They go as 'gone' takes them: what they counted stays counted until a table records it.
+  for (const p of world.pods) if (p.pod.terminating || p.pod.phase === 'Failed') leave(world, p);
   world.pods = world.pods.filter((p) => !p.pod.terminating && p.pod.phase !== 'Failed');
   // Pods that left without a drain are counted for the departure hold, then released.
   reconcile(world, Infinity);

@@ -10,6 +10,7 @@ import { API_GROUP, API_VERSION, type PoolMember } from '../api/index.ts';
 import { isStatus, KubeHttp, type ApiServerAccess } from '../kube/http.ts';
 import { PoolMemberAgent } from '../sidecar/control-plane.ts';
 import { BackendLedger } from '../sidecar/backend-ledger.ts';
+import { StateFile } from '../sidecar/state-file.ts';
 import { DATABASE_CA, MountedFile } from '../sidecar/mounted-file.ts';
 import { sshPrivateKeyKind } from '../sidecar/tunnel.ts';
 import { loadNativeSocketIo } from '../sidecar/native-socket.ts';
@@ -17,6 +18,8 @@ import { FileCredentialsSource, Sidecar, type SidecarSettings } from '../sidecar
 
 /** The ledger's file name in the state directory. */
 export const BACKEND_LEDGER_FILE = 'backends.json';
+/** The usernames the credentials held before (see Sidecar's formerUsers), in the state directory. */
+export const FORMER_USERS_FILE = 'former-users.json';
 
 /** Everything the sidecar binary is configured with. */
 export interface SidecarConfig {
@@ -70,6 +73,10 @@ async function waitForMember(http: KubeHttp, config: SidecarConfig, logger: Logg
   }
 }
 
+function stringsIn(value: unknown): string[] {
+  return Array.isArray(value) ? value.filter((v): v is string => typeof v === 'string') : [];
+}
+
 /** Starts the sidecar: pool, admin endpoints and the PoolMember agent. */
 export async function startSidecar(config: SidecarConfig, logger: Logger): Promise<RunningSidecar> {
   const http = new KubeHttp(config.apiServer);
@@ -98,6 +105,8 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
   collectDefaultMetrics({ register: registry, prefix: 'poolkeeper_sidecar_process_' });
   const credentials = new FileCredentialsSource({ directory: config.credentialsDir, logger });
   const ledger = config.stateDir ? new BackendLedger(join(config.stateDir, BACKEND_LEDGER_FILE), logger) : undefined;
+  const usersFile = config.stateDir ? new StateFile({ path: join(config.stateDir, FORMER_USERS_FILE), what: 'former usernames', logger }) : undefined;
+  const formerUsers = usersFile ? { load: (): string[] => stringsIn(usersFile.read()), save: (users: readonly string[]): void => usersFile.write(users) } : undefined;
   const native = config.nativeIo === false ? undefined : loadNativeSocketIo();
   if (native !== undefined && 'reason' in native) logger.warn({ reason: native.reason }, 'native socket I/O unavailable: using Node.js streams');
   const nativeIo = native !== undefined && 'io' in native ? native.io : undefined;
@@ -110,6 +119,7 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
   const sidecar = new Sidecar({
     settings, credentials, logger, metrics: registry,
     ...(ledger ? { ledger } : {}), ...(nativeIo ? { nativeIo } : {}), ...(clientTls ? { clientTls } : {}), ...(databaseCa ? { databaseCa } : {}), ...(sshPrivateKey ? { sshPrivateKey } : {}),
+    ...(formerUsers ? { formerUsers } : {}),
   });
   const { port, adminPort } = await sidecar.start();
   const agent = new PoolMemberAgent({

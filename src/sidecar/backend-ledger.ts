@@ -6,9 +6,8 @@
  * reads the file, cancels each left-over backend with its key, and counts it
  * until it is confirmed gone, so the pod never holds more than its grant.
  */
-import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
-import { dirname } from 'node:path';
 import type { Logger } from 'pino';
+import { StateFile } from './state-file.ts';
 
 /** A backend: its pid and cancel key (BackendKeyData) and when its connection was made (ms since the epoch). */
 export interface BackendRecord {
@@ -25,50 +24,20 @@ function isRecord(value: unknown): value is BackendRecord {
 
 /** Reads and atomically rewrites the ledger file. */
 export class BackendLedger {
-  private readonly path: string;
-  private readonly logger: Logger;
-  private last = '';
-  private failed = false;
+  private readonly file: StateFile;
 
   constructor(path: string, logger: Logger) {
-    this.path = path;
-    this.logger = logger;
+    this.file = new StateFile({ path, what: 'backend ledger', logger });
   }
 
   /** The backends a previous sidecar in this pod left; none when there is no (readable) file. */
   load(): BackendRecord[] {
-    let text: string;
-    try {
-      text = readFileSync(this.path, 'utf8');
-    } catch {
-      return [];
-    }
-    try {
-      const parsed = JSON.parse(text) as unknown;
-      const records = Array.isArray(parsed) ? parsed.filter(isRecord) : [];
-      this.last = text;
-      return records;
-    } catch {
-      this.logger.warn({ path: this.path }, 'backend ledger unreadable; starting without it');
-      return [];
-    }
+    const parsed = this.file.read();
+    return Array.isArray(parsed) ? parsed.filter(isRecord) : [];
   }
 
-  /** Replaces the file's content with `records` (write to a temporary file, then rename: never half a file). */
+  /** Replaces the file's content with `records`. */
   save(records: readonly BackendRecord[]): void {
-    const text = JSON.stringify(records.map((r) => ({ processId: r.processId, secretKey: r.secretKey, createdAt: r.createdAt })));
-    if (text === this.last) return;
-    try {
-      mkdirSync(dirname(this.path), { recursive: true });
-      const temporary = `${this.path}.tmp`;
-      writeFileSync(temporary, text, { mode: 0o600 });
-      renameSync(temporary, this.path);
-      this.last = text;
-      this.failed = false;
-    } catch (err) {
-      // Once per failure spell: the pool goes on, only a restart would not know its left-overs.
-      if (!this.failed) this.logger.warn({ path: this.path, error: err instanceof Error ? err.message : String(err) }, 'backend ledger cannot be written');
-      this.failed = true;
-    }
+    this.file.write(records.map((r) => ({ processId: r.processId, secretKey: r.secretKey, createdAt: r.createdAt })));
   }
 }

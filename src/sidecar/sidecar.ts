@@ -45,6 +45,8 @@ export interface SidecarDeps {
   ledger?: BackendLedger;
   /** Native socket I/O for plain TCP and Unix-domain connections (loadNativeSocketIo); absent: Node's streams. */
   nativeIo?: NativeSocketIo;
+  /** Where the usernames the credentials held before are kept for the next sidecar in the pod; absent: this process only. */
+  formerUsers?: { load(): string[]; save(users: readonly string[]): void };
   /** The SSH private key file for the bastion, read again when it changes; absent: settings.sshTunnel.privateKey. */
   sshPrivateKey?: CurrentText;
   /** The CA of the database server's certificate, checked for rotation at each server login; absent: settings.database.caPem. */
@@ -102,10 +104,12 @@ export class Sidecar implements ClientSessionHost {
   private readonly clientTls: ClientTls | undefined;
   /** Usernames the credentials held earlier in this process's life (see expectedLogin). */
   private readonly formerUsers = new Set<string>();
+  private readonly formerUsersStore: SidecarDeps['formerUsers'];
 
   constructor(deps: SidecarDeps) {
     this.nativeIo = deps.nativeIo;
     this.clientTls = deps.clientTls;
+    this.formerUsersStore = deps.formerUsers;
     this.settings = deps.settings;
     this.credentials = deps.credentials;
     this.logger = deps.logger;
@@ -153,6 +157,8 @@ export class Sidecar implements ClientSessionHost {
     if (this.ledger) this.pool.adoptLeftovers(this.ledger.load());
     this.tunnel?.start();
     let username = this.credentials.current().username;
+    // An earlier sidecar of this pod may have seen the credentials name other users: the apps' PGUSER may still.
+    for (const former of this.formerUsersStore?.load() ?? []) if (former !== username) this.formerUsers.add(former);
     this.unsubscribeCredentials = this.credentials.onChange((c) => {
       this.logger.info({ generation: c.generation }, 'new credentials: rotating server connections');
       // Alternating-user rotation (AWS Secrets Manager's, Vault's static roles): apps started earlier
@@ -160,6 +166,7 @@ export class Sidecar implements ClientSessionHost {
       if (c.username !== username) {
         this.formerUsers.add(username);
         this.formerUsers.delete(c.username);
+        this.formerUsersStore?.save([...this.formerUsers]);
         this.logger.info({ former: username, user: c.username }, 'the credentials name a new user: clients logging in as the former one are served as the new one');
         username = c.username;
       }

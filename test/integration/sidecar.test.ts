@@ -15,10 +15,12 @@ import { pino } from 'pino';
 import { Registry } from 'prom-client';
 import { testEnvironment } from '../support/hooks.ts';
 import { FileCredentialsSource, Sidecar, type PoolMode, type SidecarSettings } from '../../src/sidecar/index.ts';
+import type { SidecarDeps } from '../../src/sidecar/sidecar.ts';
 import type { PostgresRole, PostgresServer } from '../../src/devenv/postgres.ts';
 import { buildStartupMessage } from '../../src/core/protocol/index.ts';
 import { nativeIoDeps } from '../support/sidecar-fixture.ts';
 import { MountedFile, type CurrentText } from '../../src/sidecar/mounted-file.ts';
+import { StateFile } from '../../src/sidecar/state-file.ts';
 import { sshPrivateKeyKind } from '../../src/sidecar/tunnel.ts';
 
 const env = testEnvironment();
@@ -40,7 +42,7 @@ function writeCredentials(dir: string, role: PostgresRole): void {
   writeFileSync(join(dir, 'password'), role.password);
 }
 
-async function startSidecar(postgres: PostgresServer, options: { mode?: PoolMode; grant?: number; role?: PostgresRole; pool?: Partial<SidecarSettings['pool']>; tunnel?: SidecarSettings['sshTunnel']; sshPrivateKey?: CurrentText; drainTimeout?: number } = {}): Promise<Running> {
+async function startSidecar(postgres: PostgresServer, options: { mode?: PoolMode; grant?: number; role?: PostgresRole; pool?: Partial<SidecarSettings['pool']>; tunnel?: SidecarSettings['sshTunnel']; sshPrivateKey?: CurrentText; formerUsers?: SidecarDeps['formerUsers']; drainTimeout?: number } = {}): Promise<Running> {
   const role = options.role ?? postgres.app;
   const credentialsDir = mkdtempSync(join(tmpdir(), 'poolkeeper-creds-'));
   writeCredentials(credentialsDir, role);
@@ -54,7 +56,7 @@ async function startSidecar(postgres: PostgresServer, options: { mode?: PoolMode
     admin: { host: '127.0.0.1', port: 0 },
     ...(options.tunnel ? { sshTunnel: options.tunnel } : {}),
   };
-  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry, ...nativeIoDeps(), ...(options.sshPrivateKey ? { sshPrivateKey: options.sshPrivateKey } : {}) });
+  const sidecar = new Sidecar({ settings, credentials, logger, metrics: registry, ...nativeIoDeps(), ...(options.sshPrivateKey ? { sshPrivateKey: options.sshPrivateKey } : {}), ...(options.formerUsers ? { formerUsers: options.formerUsers } : {}) });
   const { port, adminPort } = await sidecar.start();
   sidecar.setGrant(options.grant ?? 5, 1);
   return {
@@ -298,7 +300,11 @@ describe('sidecar budget and lifecycle', function () {
   });
 
   it('credentials that name a new user (alternating-user rotation): apps still logging in under the former name are served as the new user', async function () {
-    const running = await startSidecar(postgres, { grant: 2 });
+    // The pod's state directory: a sidecar restarted after the rotation still knows the former name.
+    const stateDir = mkdtempSync(join(tmpdir(), 'poolkeeper-state-'));
+    const usersFile = new StateFile({ path: join(stateDir, 'former-users.json'), what: 'former usernames', logger });
+    const formerUsers = { load: (): string[] => (usersFile.read() as string[] | undefined) ?? [], save: (users: readonly string[]): void => usersFile.write(users) };
+    let running = await startSidecar(postgres, { grant: 2, formerUsers });
     const asUser = async (user: string): Promise<string> => {
       const client = new pg.Client({ host: '127.0.0.1', port: running.port, user, database: 'app' });
       await client.connect();
@@ -318,6 +324,10 @@ describe('sidecar budget and lifecycle', function () {
       assert.equal(await asUser(postgres.appMd5.user), postgres.appMd5.user);
       // A name the credentials never held is still refused.
       await assert.rejects(asUser('someone_else'), (e: { code?: string; message: string }) => e.code === '28000' && /role "someone_else" is not served by this sidecar/.test(e.message));
+      // The sidecar restarts (a crash, an OOM kill) with the new credentials: the former name is still served.
+      await running.stop();
+      running = await startSidecar(postgres, { grant: 2, role: postgres.appMd5, formerUsers });
+      assert.equal(await asUser('app'), postgres.appMd5.user);
       // Rotating back: the current name is never "former".
       const again = running.sidecar.status().credentialsGeneration;
       writeCredentials(running.credentialsDir, postgres.app);
@@ -326,6 +336,7 @@ describe('sidecar budget and lifecycle', function () {
       assert.equal(await asUser('app'), 'app');
     } finally {
       await running.stop();
+      rmSync(stateDir, { recursive: true, force: true });
     }
   });
 

@@ -9,7 +9,7 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { connect as netConnect } from 'node:net';
+import { connect as netConnect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
@@ -18,6 +18,7 @@ import { startTestSidecar, type TestSidecar } from '../support/sidecar-fixture.t
 import { selfSignedClientTls } from '../../src/sidecar/client-tls.ts';
 import { createCertificateAuthority } from '../../src/pki/certificates.ts';
 import type { PostgresServer } from '../../src/devenv/postgres.ts';
+import { buildStartupMessage, SSL_REQUEST_CODE } from '../../src/core/protocol/index.ts';
 
 const env = testEnvironment();
 const PYTHON = '/usr/bin/python3'; // Debian's: the one the python3-* driver packages belong to
@@ -29,6 +30,21 @@ function run(command: string, args: string[], extraEnv: Record<string, string> =
   return new Promise((resolve) => {
     execFile(command, args, { timeout: 90_000, env: { ...process.env, ...extraEnv } }, (err, stdout, stderr) => resolve({ ok: err === null, stdout, stderr }));
   });
+}
+
+const SSL_REQUEST = Buffer.alloc(8);
+SSL_REQUEST.writeInt32BE(8, 0);
+SSL_REQUEST.writeInt32BE(SSL_REQUEST_CODE, 4);
+
+/** A plain TCP connection to the sidecar: what it sends, and when it closes. */
+async function rawConnection(port: number): Promise<{ socket: Socket; received: Buffer[]; closed: Promise<void> }> {
+  const socket = netConnect({ host: '127.0.0.1', port });
+  const received: Buffer[] = [];
+  socket.on('data', (chunk: Buffer) => received.push(chunk));
+  const closed = new Promise<void>((resolve) => socket.on('close', () => resolve()));
+  socket.on('error', () => undefined);
+  await new Promise<void>((resolve) => socket.once('connect', () => resolve()));
+  return { socket, received, closed };
 }
 
 async function metric(sidecar: TestSidecar, name: string): Promise<number> {
@@ -180,20 +196,8 @@ public class TlsProbe {
   });
 
   it('bytes sent behind the SSLRequest are refused as PostgreSQL refuses them, not read as if encrypted', async function () {
-    const socket = netConnect({ host: '127.0.0.1', port: tlsSidecar.port });
-    const received: Buffer[] = [];
-    socket.on('data', (chunk: Buffer) => received.push(chunk));
-    const closed = new Promise<void>((resolve) => socket.on('close', () => resolve()));
-    socket.on('error', () => undefined);
-    await new Promise<void>((resolve) => socket.once('connect', () => resolve()));
-    const sslRequest = Buffer.alloc(8);
-    sslRequest.writeInt32BE(8, 0);
-    sslRequest.writeInt32BE(80877103, 4);
-    const parameters = Buffer.from(`user\0${tlsSidecar.role.user}\0database\0app\0\0`);
-    const startup = Buffer.alloc(8);
-    startup.writeInt32BE(8 + parameters.length, 0);
-    startup.writeInt32BE(196608, 4);
-    socket.write(Buffer.concat([sslRequest, startup, parameters]));
+    const { socket, received, closed } = await rawConnection(tlsSidecar.port);
+    socket.write(Buffer.concat([SSL_REQUEST, buildStartupMessage({ user: tlsSidecar.role.user, database: 'app' })]));
     await closed;
     const answer = Buffer.concat(received);
     assert.equal(answer.subarray(0, 1).toString(), 'E', 'an ErrorResponse, not "S"');
@@ -201,16 +205,8 @@ public class TlsProbe {
   });
 
   it('a client that answers "S" with bytes that are not TLS is closed; other clients go on', async function () {
-    const socket = netConnect({ host: '127.0.0.1', port: tlsSidecar.port });
-    const received: Buffer[] = [];
-    socket.on('data', (chunk: Buffer) => received.push(chunk));
-    const closed = new Promise<void>((resolve) => socket.on('close', () => resolve()));
-    socket.on('error', () => undefined);
-    await new Promise<void>((resolve) => socket.once('connect', () => resolve()));
-    const sslRequest = Buffer.alloc(8);
-    sslRequest.writeInt32BE(8, 0);
-    sslRequest.writeInt32BE(80877103, 4);
-    socket.write(sslRequest);
+    const { socket, received, closed } = await rawConnection(tlsSidecar.port);
+    socket.write(SSL_REQUEST);
     await new Promise<void>((resolve) => socket.once('data', () => resolve()));
     assert.equal(Buffer.concat(received).subarray(0, 1).toString(), 'S');
     socket.write(Buffer.from('this is not a TLS ClientHello, just a mistake\n'));

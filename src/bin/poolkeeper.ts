@@ -167,7 +167,7 @@ environment:
   POOLKEEPER_DB_CA_FILE         CA certificate of the database server, if any
   POOLKEEPER_DRAIN_TIMEOUT      seconds in-flight transactions get on SIGTERM (default 30)
   POOLKEEPER_CLIENT_TLS         "self-signed": accept TLS from apps (sslmode=require) with a certificate made at start; unset: answer SSLRequest "no"
-  POOLKEEPER_STATE_DIR          a directory that outlives the process (the pod's emptyDir): backends a killed sidecar left are found there
+  POOLKEEPER_STATE_DIR          a directory that outlives the process (the pod's emptyDir): backends a killed sidecar left, and usernames the credentials held before, are found there
   POOLKEEPER_NATIVE_IO          "off": Node.js streams instead of the native socket I/O for plain connections (default on where built)
   KUBECONFIG                    kubeconfig file (default: the pod's ServiceAccount)`,
 };

@@ -15,6 +15,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
+import pg from 'pg';
 import pino from 'pino';
 import { parseAllDocuments } from 'yaml';
 import { startController, type RunningController } from '../../src/bin/controller-main.ts';
@@ -145,7 +146,8 @@ describe('deploy/examples/superset', function () {
     const spec = connection.spec as { database: Record<string, unknown>; consumers: Array<{ name: string; minPerPod: number; processesPerPod: number; maxPerPod: number }> };
     // Only where the server is and its limit differ from the example.
     spec.database = { ...spec.database, host: postgres.host, port: postgres.port, dbname: 'app', sslMode: 'disable' };
-    connection.spec = { ...connection.spec, maxConnections: LIMIT, reserve: 0 };
+    // The apps stay in plaintext (the webhook's PGSSLMODE=disable); one client below insists on TLS.
+    connection.spec = { ...connection.spec, maxConnections: LIMIT, reserve: 0, sidecar: { ...(connection.spec as { sidecar?: object }).sidecar, clientTLS: 'SelfSigned' } };
     for (const consumer of spec.consumers) assert.ok(consumer.minPerPod >= consumer.processesPerPod, `consumer ${consumer.name}: minPerPod ${consumer.minPerPod} < processesPerPod ${consumer.processesPerPod}`);
     const config = docs.find((d) => d.kind === 'ConfigMap')!;
     const configPath = join(workDir, 'superset_config.py');
@@ -206,6 +208,15 @@ describe('deploy/examples/superset', function () {
     };
     try {
       await settled({ web: 1, worker: 1, beat: 1 });
+      // clientTLS reaches the sidecar the webhook injected: a client that insists on TLS is served over it.
+      const secure = new pg.Client({ host: '127.0.0.1', port: kubelet.live()[0]!.sidecar!.port, user: 'app', database: 'app', ssl: { rejectUnauthorized: false } });
+      await secure.connect();
+      try {
+        assert.equal((await secure.query<{ v: number }>('SELECT 1 AS v')).rows[0]!.v, 1);
+        assert.equal((secure as unknown as { connection: { stream: { encrypted?: boolean } } }).connection.stream.encrypted, true);
+      } finally {
+        await secure.end();
+      }
       await Promise.all(['superset-web', 'superset-worker'].map((d) => kube.kubectlAsync(['-n', ns, 'scale', `deployment/${d}`, '--replicas=2'])));
       await settled({ web: 2, worker: 2, beat: 1 });
       // Credential rotation: a new password on the server and in the Secret; no app restarts, the apps never had it.

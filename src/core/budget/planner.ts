@@ -601,19 +601,8 @@ function planTables(states: readonly PodState[], next: Map<string, GrantInForce>
     const finalGeneration = releases ? nextGeneration + 1 : nextGeneration;
     // A grown pod's change is acknowledged from the final table on; the others' from the first.
     const entries = [...group.pods.map((s) => tableEntry(s, next.get(s.key) ?? s.grant, grown(s) ? finalGeneration : nextGeneration)), ...unplanned];
-    let draft = withDeparted(encodeGrantTable(entries, current?.generation ?? 0));
-    let changed = current === undefined || group.pending > 0 || tableContent(draft) !== tableContent(current);
-    if (changed && current !== undefined && group.pending === 0) {
-      // Names of pods gone with their PoolMembers that the table still lists at 0 to drain: dropping
-      // them is no reason of its own to write the table (a write reaches every sidecar of the
-      // connection, and the garbage collector takes PoolMembers one by one); they go with the next.
-      const lingering = lingeringEntries(current, group.pods, unplanned);
-      const kept = lingering.length > 0 ? withDeparted(encodeGrantTable([...entries, ...lingering], current.generation)) : undefined;
-      if (kept !== undefined && tableContent(kept) === tableContent(current)) {
-        draft = kept;
-        changed = false;
-      }
-    }
+    const draft = withDeparted(encodeGrantTable(entries, current?.generation ?? 0));
+    const changed = current === undefined || group.pending > 0 || tableContent(draft) !== tableContent(current);
     const generation = changed ? finalGeneration : (current?.generation ?? 0);
     generations.set(k, generation);
     planned.push({ namespace: group.namespace, connection: group.connection, table: { ...draft, generation }, changed, grows: changed && grows, ...(changed && releases ? { releases } : {}) });
@@ -641,22 +630,6 @@ function unplannedMembers(pods: readonly PodState[], members: readonly MemberSta
     out.set(m.name, { name: m.name, connections: 0, drain: true });
   }
   return [...out.values()];
-}
-
-/**
- * The names `table` lists at 0 to drain, with no change in flight, that are
- * neither a pod planned on it nor a PoolMember listed by unplannedMembers:
- * pods gone with their PoolMembers.
- */
-function lingeringEntries(table: GrantTable, pods: readonly PodState[], unplanned: readonly TableEntry[]): TableEntry[] {
-  let known: Set<string> | undefined;
-  const out: TableEntry[] = [];
-  for (const e of table.exceptions) {
-    if (e.connections !== 0 || e.drain !== true || e.since !== undefined || e.releasing !== undefined) continue;
-    known ??= new Set([...pods.map((s) => s.pod.name), ...unplanned.map((u) => u.name)]);
-    for (const name of e.pods) if (!known.has(name)) out.push({ name, connections: 0, drain: true });
-  }
-  return out;
 }
 
 /**

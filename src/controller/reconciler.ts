@@ -698,8 +698,7 @@ export class ServerReconciler {
    * straight from running), possibly before any pass saw the pod go, and a
    * pod on its table's default grant is not listed by name.
    * Planned once more as orphans, they get their departure recorded
-   * (docs/budget.md), or, drained, their name listed; forgotten once a table
-   * records either, or after the hold.
+   * (docs/budget.md); forgotten once a table records it, or after the hold.
    */
   private withGoneMembers(members: readonly PoolMember[], pods: readonly (PodObject & KubeObject)[], connections: readonly DatabaseConnection[], tables: ReadonlyMap<string, GrantTable>): PoolMember[] {
     const now = this.now().getTime();
@@ -731,13 +730,8 @@ export class ServerReconciler {
       if (!connection) continue;
       entry.goneAt ??= now;
       const hold = (connection.spec.departureHoldSeconds ?? DEFAULT_DEPARTURE_HOLD_SECONDS) * 1000;
-      const table = tables.get(k);
-      const recorded = table?.departed?.some((d) => d.uid === uid) === true;
-      // A drained pod's PoolMember is listed by name while it is planned (so that it is never taken for a pod
-      // on the default): once its table lists it, planning it again would only keep the name listed.
-      const name = entry.member.metadata.name ?? '';
-      const listed = entry.member.status?.drained === true && table !== undefined && table.exceptions.some((e) => e.pods.includes(name));
-      if (recorded || listed || hold === 0 || now - entry.goneAt > hold + 60_000) {
+      const recorded = tables.get(k)?.departed?.some((d) => d.uid === uid) === true;
+      if (recorded || hold === 0 || now - entry.goneAt > hold + 60_000) {
         this.seenMembers.delete(uid);
         continue;
       }

@@ -2,7 +2,6 @@
  * Wiring of the sidecar binary: waits for its PoolMember, builds the pool
  * from it, runs the PoolMember agent, and drains on SIGTERM.
  */
-import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { Registry, collectDefaultMetrics } from 'prom-client';
@@ -93,14 +92,13 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
     drainTimeout: config.drainTimeoutSeconds,
     admin: { host: '0.0.0.0', port: config.adminPort },
   };
+  let sshPrivateKey: MountedFile | undefined;
   if (spec.sshTunnel) {
     if (!config.sshKeyDir) throw new Error('the PoolMember names an SSH tunnel but no SSH key directory is mounted (POOLKEEPER_SSH_KEY_DIR)');
-    settings.sshTunnel = { ...spec.sshTunnel, privateKey: readFileSync(join(config.sshKeyDir, 'ssh-privatekey'), 'utf8') };
+    // Read again when the Secret behind it changes: a rotated key is used from the next SSH connection on.
+    sshPrivateKey = new MountedFile({ path: join(config.sshKeyDir, 'ssh-privatekey'), kind: await sshPrivateKeyKind(), logger });
+    settings.sshTunnel = { ...spec.sshTunnel, privateKey: sshPrivateKey.current() };
   }
-  // Read again when the Secret behind it changes: a rotated key is used from the next SSH connection on.
-  const sshPrivateKey = config.sshKeyDir && spec.sshTunnel
-    ? new MountedFile({ path: join(config.sshKeyDir, 'ssh-privatekey'), kind: await sshPrivateKeyKind(), logger })
-    : undefined;
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'poolkeeper_sidecar_process_' });
   const credentials = new FileCredentialsSource({ directory: config.credentialsDir, logger });

@@ -17,6 +17,7 @@ import {
   FrameReader, MessageType, NO_SETTINGS, ProtocolError, UNTYPED, authenticationOk, backendKeyData, classifySessionCommand, clientSettingsFromStartup, laterSessionCommands,
   changeSettings, commandComplete, errorResponse, firstTextParameter, setConfigSql, isFrontendMessageType, messageTypeTable, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery,
   scanStatementText, sequenceRead, startsTransaction, serverSettingsAfter, startupSettings, unnamedStatementEffect, type ClientSettings, type NoticeFields, type PinReason, type SettingChange,
+  POSTGRESQL_ALPN, TLS_HANDSHAKE_RECORD, noApplicationProtocolAlert, readClientHello,
 } from '../core/protocol/index.ts';
 import { routeMessage, unnamedStatement, type ClientStatements } from '../core/pool-state/index.ts';
 import type { SidecarMetrics } from './metrics.ts';
@@ -87,6 +88,10 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   /** TLS accepted on this connection (it arrived over TCP and the sidecar offers it). */
   private readonly tls: ClientTls | undefined;
   private encrypted = false;
+  /** Nothing has been read from the client yet (a direct TLS connection shows in its first byte). */
+  private firstRead = true;
+  /** The start of a direct TLS connection (libpq's sslnegotiation=direct), gathered until its ClientHello is whole. */
+  private directHello: Buffer | undefined;
   private phase: Phase = 'startup';
   private server: ServerConnection | undefined;
   private waiting = false;
@@ -197,7 +202,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private readonly onSocketError = (err: Error): void => this.host.logger.debug({ err: err.message }, 'client socket error');
   private readonly onSocketClose = (): void => this.onClose();
 
-  /** `options.tls`: accept TLS when the client asks (SSLRequest); absent: answer "no". */
+  /** `options.tls`: accept TLS when the client asks (SSLRequest, or a direct TLS handshake); absent: answer "no", close a direct one. */
   constructor(socket: ClientSocket, host: ClientSessionHost, options: { tls?: ClientTls } = {}) {
     this.socket = socket;
     this.host = host;
@@ -260,6 +265,14 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   /** `lent`: `chunk` is a view of the socket's reused read buffer (DirectReadSocket), valid only during this call. */
   private onData(chunk: Buffer, length: number, lent: boolean): void {
     if (this.phase === 'closed' || this.terminateAtBoundary) return;
+    if (this.firstRead || this.directHello !== undefined) {
+      this.firstRead = false;
+      // As PostgreSQL 17: a handshake record where the startup packet's length would be is a direct TLS connection.
+      if (this.directHello !== undefined || (length > 0 && chunk[0] === TLS_HANDSHAKE_RECORD)) {
+        this.onDirectTls(chunk.subarray(0, length));
+        return;
+      }
+    }
     // PostgreSQL drops such a connection without a word (it cannot be a startup packet); so do we.
     if (this.phase === 'startup' && length >= 5 && chunk.compare(TERMINATE_FIRST, 0, 5, 0, 5) === 0 && this.reader.buffered === 0) {
       this.closeQuietly();
@@ -983,18 +996,64 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   }
 
   /**
-   * Answers SSLRequest "S" and moves the session onto a TLS socket over the
-   * accepted one. The client sends nothing more until it reads the answer,
-   * so nothing after the SSLRequest has been read from the plain socket yet.
+   * The first bytes of a direct TLS connection: its ClientHello, gathered
+   * until whole (the login timeout bounds the wait). PostgreSQL 17 accepts it
+   * only when the client offers ALPN "postgresql"; so does the sidecar, and
+   * refuses the others with the TLS alert OpenSSL sends a client whose ALPN
+   * list lacks it, before any certificate. Without client TLS the connection
+   * is closed without a word, as PostgreSQL without ssl closes it.
    */
-  private startTls(tls: ClientTls): void {
+  private onDirectTls(bytes: Buffer): void {
+    const tls = this.tls;
+    if (tls === undefined) {
+      this.host.metrics.error('client-protocol');
+      this.host.logger.info('closing a direct TLS connection (sslnegotiation=direct): this sidecar offers no TLS to apps (spec.sidecar.clientTLS)');
+      this.closeQuietly();
+      return;
+    }
+    // Copied: a lent read buffer is overwritten by the next read.
+    const hello = this.directHello === undefined ? Buffer.from(bytes) : Buffer.concat([this.directHello, bytes]);
+    const reading = readClientHello(hello);
+    if (reading.kind === 'incomplete') {
+      this.directHello = hello;
+      return;
+    }
+    this.directHello = undefined;
+    if (reading.kind === 'client-hello' && !(reading.alpn ?? []).includes(POSTGRESQL_ALPN)) {
+      this.host.metrics.error('client-protocol');
+      this.host.logger.info({ alpn: reading.alpn ?? null }, 'refusing a direct TLS connection without ALPN "postgresql", as PostgreSQL 17 does');
+      this.closeQuietly(noApplicationProtocolAlert());
+      return;
+    }
+    // One this reader cannot make out goes to the TLS layer, which refuses what is not TLS; the ALPN check then follows the handshake.
+    if (reading.kind === 'unreadable') this.host.logger.debug({ reason: reading.reason }, 'direct TLS: ClientHello left to the TLS layer');
+    this.startTls(tls, hello);
+  }
+
+  /**
+   * Moves the session onto a TLS socket over the accepted one. After an
+   * SSLRequest (`direct` undefined) it answers "S" first: the client sends
+   * nothing more until it reads the answer, so nothing after the SSLRequest
+   * has been read from the plain socket yet. A direct TLS connection's
+   * `direct` bytes, read already, go to the TLS layer first.
+   */
+  private startTls(tls: ClientTls, direct?: Buffer): void {
     const plain = this.socket;
-    plain.write('S');
+    if (direct === undefined) plain.write('S');
     if (isDirectReadable(plain)) plain.setDirectReader(undefined);
     else plain.off('data', this.onStreamData);
     plain.off('error', this.onSocketError);
     plain.off('close', this.onSocketClose);
-    const secure = acceptClientTls(plain, tls);
+    const secure = acceptClientTls(plain, tls, direct);
+    if (direct !== undefined) {
+      // As PostgreSQL 17 after a direct handshake: ALPN "postgresql" or nothing.
+      secure.once('secure', () => {
+        if (secure.alpnProtocol === POSTGRESQL_ALPN) return;
+        this.host.metrics.error('client-protocol');
+        this.host.logger.info('closing a direct TLS connection that did not negotiate ALPN "postgresql"');
+        secure.destroy();
+      });
+    }
     this.encrypted = true;
     this.socket = secure;
     plain.on('error', this.onSocketError);
@@ -1246,14 +1305,16 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     this.host.unregister(this);
   }
 
-  private closeQuietly(): void {
+  /** Closes this client only; `last`: bytes written before (no ErrorResponse). */
+  private closeQuietly(last?: Buffer): void {
     if (this.phase === 'closed') return;
     this.phase = 'closed';
     // As a backend that exits: once what was written is flushed the connection is gone, so a
     // client still sending (COPY data after its backend was terminated) gets an error instead of
     // a half-closed socket that reads and drops its data forever.
     const socket = this.socket;
-    socket.end(() => socket.destroy());
+    if (last === undefined) socket.end(() => socket.destroy());
+    else socket.end(last, () => socket.destroy());
     this.host.unregister(this);
   }
 

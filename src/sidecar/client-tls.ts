@@ -6,9 +6,10 @@
  * otherwise: a connection URL with `sslmode=require` baked into an image or a
  * provider's Secret, a driver whose TLS option starts the handshake whatever
  * the answer. For those the sidecar can answer "yes" with a certificate it
- * makes at start. Nobody can verify it, so clients that verify
- * (sslmode=verify-ca, verify-full, or a root certificate libpq finds) refuse
- * it with their own clear error.
+ * makes at start (and serve clients that start the handshake at once,
+ * PostgreSQL 17's direct negotiation: see ClientSession). Nobody can verify
+ * it, so clients that verify (sslmode=verify-ca, verify-full, or a root
+ * certificate libpq finds) refuse it with their own clear error.
  */
 import { createSecureContext, TLSSocket, type SecureContext } from 'node:tls';
 import type { Duplex } from 'node:stream';
@@ -36,11 +37,21 @@ export async function selfSignedClientTls(): Promise<ClientTls> {
 }
 
 /**
- * Starts the server side of a TLS handshake over `socket` (an app's
- * connection that was just answered "S"). Everything read from `socket` from
- * now on belongs to the TLS layer.
+ * Starts the server side of a TLS handshake over `socket`: an app's
+ * connection that was just answered "S", or a direct TLS one whose first
+ * bytes, `alreadyRead`, were read to tell (they go to the TLS layer first).
+ * Everything read from `socket` from now on belongs to the TLS layer.
+ * `socket` must have no 'data' listener left.
  */
-export function acceptClientTls(socket: Duplex, tls: ClientTls): TLSSocket {
-  // ALPN: libpq 17's direct negotiation insists on "postgresql"; clients that send none are served too.
+export function acceptClientTls(socket: Duplex, tls: ClientTls, alreadyRead?: Buffer): TLSSocket {
+  if (alreadyRead !== undefined && alreadyRead.length > 0) {
+    // Back into the stream's buffer, which a new TLSSocket takes in before reading the connection, from a
+    // net.Socket or a stream it wraps (a NativeSocket) alike; paused first, so that a stream still flowing
+    // does not emit them to nobody. Both kinds are exercised by test:streams and the default run.
+    socket.pause();
+    socket.unshift(alreadyRead);
+  }
+  // ALPN: a client that offers any must offer "postgresql" (OpenSSL refuses it otherwise, as PostgreSQL does);
+  // after an SSLRequest one that offers none is served too, as by PostgreSQL 17.
   return new TLSSocket(socket, { isServer: true, secureContext: tls.context, ALPNProtocols: ['postgresql'] });
 }

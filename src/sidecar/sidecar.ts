@@ -51,7 +51,7 @@ export interface SidecarDeps {
   sshPrivateKey?: CurrentText;
   /** The CA of the database server's certificate, checked for rotation at each server login; absent: settings.database.caPem. */
   databaseCa?: CurrentText;
-  /** Accept TLS from apps that ask for it over TCP (selfSignedClientTls); absent: SSLRequest is answered "no". */
+  /** Accept TLS from apps that ask for it over TCP (selfSignedClientTls); absent: SSLRequest is answered "no", a direct TLS connection closed. */
   clientTls?: ClientTls;
 }
 

@@ -6,3 +6,4 @@ export * from './server-messages.ts';
 export * from './extended.ts';
 export * from './client-settings.ts';
 export * from './session-commands.ts';
+export * from './tls-client-hello.ts';

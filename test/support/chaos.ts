@@ -753,7 +753,7 @@ type Outcome = (Error & { code?: string }) | 'answered';
  * (no connect_timeout). Measured: through the sidecar 08006 after 2.1 to
  * 2.8 s and 53300 after 5.0 to 5.2 s; psql's statement had no answer for
  * the whole fault (8 s, 45 s) and finished once the host was back, and its
- * new connection was still retrying its SYN 2 s after that.
+ * new connection was still retrying its SYN after that.
  */
 async function loseDatabaseHost(ctx: FaultContext): Promise<void> {
   const namespace = ctx.lab.namespace;

@@ -17,6 +17,7 @@ import { writeFileSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
 import { parseArgs } from 'node:util';
 import { LocalEnvironment } from '../src/devenv/environment.ts';
+import { NetworkNamespace } from '../src/devenv/network-namespace.ts';
 import { ChaosLab, SCENARIOS, formatTable, runScenario, type ChaosResult } from '../test/support/chaos.ts';
 import { KUBE_SCENARIOS } from '../test/support/chaos-kube.ts';
 import { buildChildSidecar } from '../test/support/sidecar-process.ts';
@@ -45,6 +46,11 @@ let lab: ChaosLab | undefined;
 try {
   lab = await ChaosLab.start(env);
   for (const scenario of scenarios) {
+    const unavailable = scenario.isolatedDatabase ? NetworkNamespace.unavailable() : undefined;
+    if (unavailable !== undefined) {
+      console.log(`${scenario.name}: skipped (${unavailable})`);
+      continue;
+    }
     const started = Date.now();
     console.log(`${scenario.name} ...`);
     const result = await runScenario(lab, scenario, { quick: values.quick, log: (line) => console.log(line), ...(values.logs ? { logDir: values.logs } : {}), ...(sidecarEntry ? { sidecarEntry, rssLimitMb: RSS_GOAL_MB } : {}) });

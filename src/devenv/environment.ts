@@ -7,6 +7,7 @@ import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { KubeControlPlane } from './kube.ts';
+import { NetworkNamespace } from './network-namespace.ts';
 import { PgBouncerServer } from './pgbouncer.ts';
 import { DEFAULT_POSTGRES_OPTIONS, PostgresServer, type PostgresOptions } from './postgres.ts';
 import { PidRegistry, RUN_DIR_PREFIX, reapAbandonedRuns } from './process.ts';
@@ -67,6 +68,32 @@ export class LocalEnvironment {
     return this.once('postgres-tls', () => PostgresServer.start(this.runDir, this.registry, options));
   }
 
+  /**
+   * A third PostgreSQL cluster, alone in a network namespace of its own and
+   * reached over TCP at `postgres.tcpHost` (its `host` is its Unix socket),
+   * so that `namespace.blackHole()` can make it stop answering as a lost
+   * host does. Check `NetworkNamespace.unavailable()` first: it needs root.
+   */
+  postgresInNamespace(): Promise<{ postgres: PostgresServer; namespace: NetworkNamespace }> {
+    return this.once('postgres-netns', async () => {
+      const namespace = NetworkNamespace.create();
+      try {
+        const postgres = await PostgresServer.start(this.runDir, this.registry, { ...(this.options.postgres ?? DEFAULT_POSTGRES_OPTIONS), directoryName: 'postgres-netns', networkNamespace: namespace });
+        return {
+          postgres, namespace,
+          stop: async () => {
+            namespace.restore();
+            await postgres.stop();
+            namespace.delete();
+          },
+        };
+      } catch (err) {
+        namespace.delete();
+        throw err;
+      }
+    });
+  }
+
   /** OpenSSH server on loopback. */
   sshd(): Promise<SshServer> {
     return this.once('sshd', () => SshServer.start(this.runDir, this.registry));
@@ -95,7 +122,7 @@ export class LocalEnvironment {
   async stop(): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;
-    const order = ['real-node', 'pgbouncer', 'kube', 'sshd', 'postgres', 'postgres-tls'];
+    const order = ['real-node', 'pgbouncer', 'kube', 'sshd', 'postgres', 'postgres-tls', 'postgres-netns'];
     for (const name of order) {
       const started = this.started.get(name);
       if (!started) continue;

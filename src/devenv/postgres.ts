@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { connect as tlsConnect } from 'node:tls';
 import pg from 'pg';
 import { createCertificateAuthority, issueCertificate, type CertificateBundle } from '../pki/certificates.ts';
+import type { NetworkNamespace } from './network-namespace.ts';
 import { ManagedProcess, freePort, waitUntil, type PidRegistry } from './process.ts';
 import { postgresBinDir, serviceAccount } from './system.ts';
 
@@ -38,6 +39,12 @@ export interface PostgresOptions {
   tls?: Partial<PostgresCertificateNames>;
   /** Subdirectory of the run dir (default `postgres`); a second cluster in the same run needs its own. */
   directoryName?: string;
+  /**
+   * Run inside this namespace, listening on its address only (reached over
+   * TCP from this host's end of the link); `host` is then the Unix socket's
+   * directory, which no packet filter on the link touches.
+   */
+  networkNamespace?: NetworkNamespace;
 }
 
 /** Defaults chosen so that tests can exhaust the server quickly. */
@@ -48,7 +55,10 @@ export const APP_DATABASE = 'app';
 
 /** A running PostgreSQL cluster. */
 export class PostgresServer {
-  readonly host = '127.0.0.1';
+  /** Where clientConfig() connects: 127.0.0.1, or the Unix socket's directory for a cluster in a network namespace. */
+  readonly host: string;
+  /** The address clients reach it at over TCP: 127.0.0.1, or the namespace's address. */
+  readonly tcpHost: string;
   readonly port: number;
   readonly dataDir: string;
   /** The server's Unix socket, where every role logs in without a password (tests that speak the raw protocol to the server). */
@@ -65,7 +75,9 @@ export class PostgresServer {
   private readonly launch: () => ManagedProcess;
   private readonly tls: ServerTlsFiles | undefined;
 
-  private constructor(fields: { port: number; dataDir: string; socketPath: string; superuser: PostgresRole; app: PostgresRole; appMd5: PostgresRole; options: PostgresOptions; process: ManagedProcess; launch: () => ManagedProcess; tls: ServerTlsFiles | undefined }) {
+  private constructor(fields: { host: string; tcpHost: string; port: number; dataDir: string; socketPath: string; superuser: PostgresRole; app: PostgresRole; appMd5: PostgresRole; options: PostgresOptions; process: ManagedProcess; launch: () => ManagedProcess; tls: ServerTlsFiles | undefined }) {
+    this.host = fields.host;
+    this.tcpHost = fields.tcpHost;
     this.tls = fields.tls;
     this.caPem = fields.tls?.ca.certPem;
     this.port = fields.port;
@@ -103,6 +115,8 @@ export class PostgresServer {
     });
     const tls = options.tls ? await ServerTlsFiles.create(base, account, { ...DEFAULT_POSTGRES_CERTIFICATE_NAMES, ...options.tls }) : undefined;
     const port = await freePort();
+    const namespace = options.networkNamespace;
+    const tcpHost = namespace?.address ?? '127.0.0.1';
     // md5 line first: pg_hba is first-match, and md5 must apply only to that role.
     const hba = join(dataDir, 'pg_hba.conf');
     writeFileSync(hba, [
@@ -110,11 +124,12 @@ export class PostgresServer {
       'host all app_md5 127.0.0.1/32 md5',
       'host all all 127.0.0.1/32 scram-sha-256',
       'host all all ::1/128 scram-sha-256',
+      ...(namespace ? [`host all all ${namespace.hostAddress}/32 scram-sha-256`] : []),
       '',
     ].join('\n'));
     appendFileSync(join(dataDir, 'postgresql.conf'), [
       '',
-      "listen_addresses = '127.0.0.1'",
+      `listen_addresses = '${tcpHost}'`,
       `port = ${port}`,
       `unix_socket_directories = '${socketDir}'`,
       `max_connections = ${options.maxConnections}`,
@@ -128,9 +143,12 @@ export class PostgresServer {
       ...(tls ? ['ssl = on', `ssl_cert_file = '${tls.certFile}'`, `ssl_key_file = '${tls.keyFile}'`] : []),
       '',
     ].join('\n'));
-    const launch = (): ManagedProcess => ManagedProcess.start({ name: 'postgres', command: join(bin, 'postgres'), args: ['-D', dataDir], logFile: join(base, 'postgres.log'), cwd: base, ...owned }, registry);
+    // In a namespace: nsenter (root) enters it and drops to the service account; it execs postgres, so the pid is the postmaster's.
+    const [command, ...prefix] = namespace ? [...namespace.command(account), join(bin, 'postgres')] : [join(bin, 'postgres')];
+    const launch = (): ManagedProcess => ManagedProcess.start({ name: 'postgres', command, args: [...prefix, '-D', dataDir], logFile: join(base, 'postgres.log'), cwd: base, ...(namespace ? {} : owned) }, registry);
     const child = launch();
-    const superConfig = { host: '127.0.0.1', port, user: superuser.user, password: superuser.password, database: 'postgres' };
+    const host = namespace ? socketDir : '127.0.0.1';
+    const superConfig = { host, port, user: superuser.user, password: superuser.password, database: 'postgres' };
     await waitUntil('postgres', async () => {
       const client = new pg.Client(superConfig);
       await client.connect();
@@ -150,7 +168,7 @@ export class PostgresServer {
     } finally {
       await client.end();
     }
-    return new PostgresServer({ port, dataDir, socketPath: join(socketDir, `.s.PGSQL.${port}`), superuser, app, appMd5, options, process: child, launch, tls });
+    return new PostgresServer({ host, tcpHost, port, dataDir, socketPath: join(socketDir, `.s.PGSQL.${port}`), superuser, app, appMd5, options, process: child, launch, tls });
   }
 
   /** node-postgres settings for `role` (the superuser by default). */
@@ -197,7 +215,7 @@ export class PostgresServer {
   /** The certificate the server presents to a new connection (SSLRequest, then a handshake without verification). */
   presentedCertificate(): Promise<X509Certificate> {
     return new Promise((resolve, reject) => {
-      const socket = netConnect({ host: this.host, port: this.port });
+      const socket = netConnect({ host: this.tcpHost, port: this.port });
       socket.once('error', reject);
       socket.once('connect', () => {
         const sslRequest = Buffer.alloc(8);

@@ -67,7 +67,7 @@ interface WaitEntry {
 }
 
 const CONNECT_TIMEOUT_MS = 10_000;
-/** A lost backend that cannot be confirmed gone stops counting after this long. */
+/** A lost backend that cannot be confirmed gone stops counting after this long with a live connection to the server. */
 const UNCONFIRMED_MAX_MS = 30_000;
 /** After cancelling a previous sidecar's backends, how long before a connection is opened to confirm them gone. */
 const ADOPTED_PROBE_DELAY_MS = 1_000;
@@ -75,6 +75,9 @@ const ADOPTED_PROBE_DELAY_MS = 1_000;
 const CHECK_TIMEOUT_MS = 5_000;
 const RETRY_MIN_MS = 100;
 const RETRY_MAX_MS = 2_000;
+/** Lost backends just terminated are asked about again this soon (they exit within milliseconds), at most this many times, before the connection serves clients. */
+const RECHECK_DELAY_MS = 25;
+const RECHECK_TRIES = 8;
 
 /** Server connections, the grant, and the FIFO of waiting clients. */
 export class Pool {
@@ -91,6 +94,8 @@ export class Pool {
   /** Backends whose connection ended without the server closing it (a lost tunnel, a frozen network): counted until confirmed gone. */
   private unconfirmed: { processId: number; secretKey?: number; createdAt: number; lostAt: number }[] = [];
   private confirming = false;
+  /** Since when the pool has had a live server connection without a break; undefined: none now. */
+  private liveSince: number | undefined;
   /** No connection is opened just to confirm lost backends before this time (cancels sent to them land first). */
   private probeNotBefore = 0;
   /** Released connections waiting for a CancelRequest to be delivered before another client may have them; value: reset with DISCARD ALL. */
@@ -266,13 +271,18 @@ export class Pool {
    * Asks PostgreSQL, on an idle connection, which lost backends still exist,
    * terminating those (they serve nobody) and forgetting the ones gone. A
    * backend's pid can be reused only after it exited, so a backend that
-   * started after our connection was made is never taken for ours. Past
-   * UNCONFIRMED_MAX_MS a lost backend is forgotten anyway: without a live
-   * connection nothing can be asked, and the server's own timeouts end it.
+   * started after our connection was made is never taken for ours. A lost
+   * backend is forgotten after UNCONFIRMED_MAX_MS with live connections none
+   * of which was ever idle to ask on. Without a live connection (the database
+   * host unreachable) it counts on: it still lives on a server that never
+   * heard its connection end, and forgetting it would let the sidecar open its
+   * whole grant again beside it when the host answers. The first connection
+   * that logs in asks at once (open).
    */
   private confirmLostBackends(now: number): void {
     if (this.unconfirmed.length === 0 || this.confirming) return;
-    const expired = this.unconfirmed.filter((u) => now - u.lostAt >= UNCONFIRMED_MAX_MS);
+    const liveSince = this.liveSince;
+    const expired = liveSince === undefined ? [] : this.unconfirmed.filter((u) => now - Math.max(u.lostAt, liveSince) >= UNCONFIRMED_MAX_MS);
     if (expired.length > 0) {
       this.deps.logger.warn({ backends: expired.map((u) => u.processId) }, 'lost backends never confirmed gone; no longer counted');
       this.forgetLost(expired.map((u) => u.processId));
@@ -282,6 +292,17 @@ export class Pool {
       if (server !== undefined) this.idle.push(server);
       return;
     }
+    this.askAboutLost(server, now);
+  }
+
+  /**
+   * Runs the lost backends' check (confirmLostBackends) on `server`, idle and
+   * out of the idle stack; it becomes available after. Backends it had to
+   * terminate are asked about again on it a moment later, so that their slots
+   * are free at once rather than at the next idle moment, which under load,
+   * with every other slot still counted, may be long in coming.
+   */
+  private askAboutLost(server: ServerConnection, now: number, attempt = 0): void {
     const values = this.unconfirmed.map((u) => `(${u.processId}, ${Math.max(0, now - u.createdAt)})`).join(', ');
     // Materialized first: the planner may otherwise call pg_terminate_backend on a row the other conditions
     // would have excluded (a pid since reused by another role's backend).
@@ -291,15 +312,41 @@ export class Pool {
     this.confirming = true;
     const asked = this.unconfirmed.map((u) => u.processId);
     server.runInternal(sql, (result) => {
-      this.confirming = false;
-      if (result.ok) {
-        const alive = new Set((result.row?.[0] ?? '{}').replace(/[{}]/g, '').split(',').filter((p) => p !== '').map(Number));
-        this.forgetLost(asked.filter((pid) => !alive.has(pid)));
+      const alive = new Set(result.ok ? (result.row?.[0] ?? '{}').replace(/[{}]/g, '').split(',').filter((p) => p !== '').map(Number) : []);
+      if (result.ok) this.forgetLost(asked.filter((pid) => !alive.has(pid)));
+      if (server.state !== 'resetting') {
+        this.confirming = false;
+        return;
       }
-      if (server.state === 'resetting') {
-        if (result.ok) this.makeAvailable(server, this.deps.now());
-        else server.close('checking lost backends failed');
+      if (!result.ok) {
+        this.confirming = false;
+        server.close('checking lost backends failed');
+        return;
       }
+      if (alive.size === 0 || attempt + 1 >= RECHECK_TRIES || this.closed || this.draining) {
+        this.confirming = false;
+        this.makeAvailable(server, this.deps.now());
+        return;
+      }
+      // Out of the idle stack meanwhile: no client is handed it before the check is done.
+      server.setState('idle');
+      setTimeout(() => {
+        if (server.state !== 'idle' || !this.servers.has(server)) {
+          this.confirming = false;
+          return;
+        }
+        if (this.closed || this.draining) {
+          this.confirming = false;
+          server.close('drain');
+          return;
+        }
+        if (this.unconfirmed.length === 0) {
+          this.confirming = false;
+          this.makeAvailable(server, this.deps.now());
+          return;
+        }
+        this.askAboutLost(server, this.deps.now(), attempt + 1);
+      }, RECHECK_DELAY_MS);
     });
   }
 
@@ -701,11 +748,18 @@ export class Pool {
       return;
     }
     this.servers.add(server);
+    this.liveSince ??= this.deps.now();
     this.persist();
     this.deps.logger.debug({ server: id, backend: server.processId }, 'server connection opened');
     if (this.closed || this.draining || server.credentialsGeneration !== this.deps.credentials().generation || this.committed > this.grant) {
       server.close(this.closed || this.draining ? 'drain' : 'stale on arrival');
       this.serveWaiters();
+    } else if (this.unconfirmed.length > 0 && !this.confirming) {
+      // Asked before any client has it: this may be the one connection opened over the grant to ask
+      // (serveWaiters), and the lost backends it ends free their slots at once.
+      server.setState('idle');
+      server.idleSince = this.deps.now();
+      this.askAboutLost(server, this.deps.now());
     } else this.makeAvailable(server, this.deps.now());
     this.deps.changed();
   }
@@ -734,6 +788,7 @@ export class Pool {
 
   private onServerClosed(server: ServerConnection, serverEnded: boolean): void {
     this.servers.delete(server);
+    if (this.servers.size === 0) this.liveSince = undefined;
     this.parked.delete(server);
     // A backend behind a lost tunnel may outlive a channel that ended on our side only.
     if (!serverEnded || this.deps.blockedReason?.() !== undefined) {

@@ -7,6 +7,7 @@
  */
 import assert from 'node:assert/strict';
 import { LocalEnvironment } from '../../src/devenv/environment.ts';
+import { NetworkNamespace } from '../../src/devenv/network-namespace.ts';
 import { ChaosLab, SCENARIOS, TIMING_GOAL_PREFIX, formatTable, runScenario, type ChaosResult } from '../support/chaos.ts';
 
 describe('faults (quick subset of npm run chaos)', function () {
@@ -27,6 +28,11 @@ describe('faults (quick subset of npm run chaos)', function () {
 
   for (const scenario of SCENARIOS.filter((s) => s.quick)) {
     it(scenario.name, async function () {
+      const unavailable = scenario.isolatedDatabase ? NetworkNamespace.unavailable() : undefined;
+      if (unavailable !== undefined) {
+        console.log(`      skipped: ${unavailable}`);
+        this.skip();
+      }
       const result = await runScenario(lab, scenario, { quick: true });
       results.push(result);
       const detail = `${formatTable([result])}\n${result.notes.join('; ')}\nerrors: ${JSON.stringify(result.errorMessages)}`;

@@ -12,6 +12,7 @@
  * the end every id a client believes committed must be in the table and
  * every id whose transaction failed before COMMIT must not be.
  */
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { connect as netConnect, type Socket } from 'node:net';
@@ -22,8 +23,10 @@ import { buildStartupMessage } from '../../src/core/protocol/index.ts';
 import type { LocalEnvironment } from '../../src/devenv/environment.ts';
 import type { PostgresRole, PostgresServer } from '../../src/devenv/postgres.ts';
 import { freePort } from '../../src/devenv/process.ts';
+import { postgresBinDir } from '../../src/devenv/system.ts';
+import type { NetworkNamespace } from '../../src/devenv/network-namespace.ts';
 import type { SshServer } from '../../src/devenv/sshd.ts';
-import type { SidecarSettings } from '../../src/sidecar/index.ts';
+import type { ServerKeepalive, SidecarSettings } from '../../src/sidecar/index.ts';
 import { SidecarProcess } from './sidecar-process.ts';
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -101,6 +104,8 @@ export interface FaultContext {
   load: Load;
   /** Port the load connects to. */
   port: number;
+  /** The sidecar's grant at the start. */
+  grant: number;
 }
 
 /** One fault. */
@@ -110,6 +115,8 @@ export interface Scenario {
   quick?: boolean;
   /** Through the SSH tunnel. */
   tunnel?: boolean;
+  /** Against a PostgreSQL alone in a network namespace (ctx.lab.namespace), which the fault can cut off; skipped where namespaces cannot be made. */
+  isolatedDatabase?: boolean;
   grant?: number;
   clients?: number;
   pool?: Partial<SidecarSettings['pool']>;
@@ -134,20 +141,24 @@ export const ANSWER_MARGIN_MS = 2000;
 export class ChaosLab {
   readonly env: LocalEnvironment;
   readonly postgres: PostgresServer;
+  /** The network namespace PostgreSQL runs alone in (the lab of `isolated()`); undefined: on loopback. */
+  readonly namespace: NetworkNamespace | undefined;
   readonly role: PostgresRole;
   readonly credentialsDir: string;
   private sshdStarted: SshServer | undefined;
+  private isolatedLab: Promise<ChaosLab> | undefined;
 
-  private constructor(env: LocalEnvironment, postgres: PostgresServer, role: PostgresRole, credentialsDir: string) {
+  private constructor(env: LocalEnvironment, postgres: PostgresServer, role: PostgresRole, credentialsDir: string, namespace: NetworkNamespace | undefined) {
     this.env = env;
     this.postgres = postgres;
     this.role = role;
     this.credentialsDir = credentialsDir;
+    this.namespace = namespace;
   }
 
   /** Creates the role (synchronous_commit on: with the environment's `off`, a crash may drop acknowledged commits, which would be PostgreSQL's doing, not a pooler's) and the table. */
-  static async start(env: LocalEnvironment): Promise<ChaosLab> {
-    const postgres = await env.postgres();
+  static async start(env: LocalEnvironment, isolated?: { postgres: PostgresServer; namespace: NetworkNamespace }): Promise<ChaosLab> {
+    const postgres = isolated?.postgres ?? await env.postgres();
     const role: PostgresRole = { user: CHAOS_ROLE, password: randomBytes(18).toString('base64url') };
     const exists = await postgres.query('SELECT 1 FROM pg_roles WHERE rolname = $1', [role.user]);
     await postgres.query(`${exists.length > 0 ? 'ALTER' : 'CREATE'} ROLE ${role.user} LOGIN PASSWORD '${role.password}'`);
@@ -164,7 +175,13 @@ export class ChaosLab {
     const credentialsDir = mkdtempSync(join(tmpdir(), 'poolkeeper-chaos-creds-'));
     writeFileSync(join(credentialsDir, 'username'), role.user);
     writeFileSync(join(credentialsDir, 'password'), role.password);
-    return new ChaosLab(env, postgres, role, credentialsDir);
+    return new ChaosLab(env, postgres, role, credentialsDir, isolated?.namespace);
+  }
+
+  /** The same lab on a PostgreSQL alone in a network namespace (started on first use; Scenario.isolatedDatabase). */
+  isolated(): Promise<ChaosLab> {
+    this.isolatedLab ??= this.env.postgresInNamespace().then((isolated) => ChaosLab.start(this.env, isolated));
+    return this.isolatedLab;
   }
 
   /** sshd, started on first use. */
@@ -179,9 +196,10 @@ export class ChaosLab {
     return rows.rows[0]?.n ?? 0;
   }
 
-  /** Removes the credentials directory. */
+  /** Removes the credentials directories. */
   close(): void {
     rmSync(this.credentialsDir, { recursive: true, force: true });
+    void this.isolatedLab?.then((lab) => lab.close(), () => undefined);
   }
 }
 
@@ -380,14 +398,15 @@ export const TIMING_GOAL_PREFIX = 'p99 under hostile input over';
 export const HOSTILE_P99_FACTOR = 2;
 
 /** Runs one scenario under load and measures it. */
-export async function runScenario(lab: ChaosLab, scenario: Scenario, options: RunOptions): Promise<ChaosResult> {
+export async function runScenario(mainLab: ChaosLab, scenario: Scenario, options: RunOptions): Promise<ChaosResult> {
+  const lab = scenario.isolatedDatabase ? await mainLab.isolated() : mainLab;
   const log = options.log ?? ((): void => undefined);
   const grant = scenario.grant ?? 5;
   const pool: SidecarSettings['pool'] = { mode: 'transaction', poolTimeout: POOL_TIMEOUT_S, poolRecycle: 1800, poolPrePing: true, idleTimeout: 600, ...scenario.pool };
   const port = await freePort();
   const settings: SidecarSettings = {
     listenHost: '127.0.0.1', listenPort: port,
-    database: { host: lab.postgres.host, port: lab.postgres.port, dbname: 'app', sslMode: 'disable' },
+    database: { host: lab.postgres.tcpHost, port: lab.postgres.port, dbname: 'app', sslMode: 'disable' },
     drainTimeout: 5,
     ...scenario.settings,
     pool,
@@ -443,7 +462,7 @@ export async function runScenario(lab: ChaosLab, scenario: Scenario, options: Ru
   log(`  ${scenario.name}: fault`);
   try {
     await scenario.inject({
-      lab, quick: options.quick, load, port,
+      lab, quick: options.quick, load, port, grant,
       sidecar: () => {
         if (sidecar === undefined) throw new Error('a fleet scenario has no single sidecar');
         return sidecar;
@@ -650,6 +669,212 @@ function terminateInTransaction(prePing: boolean): Scenario {
   };
 }
 
+/**
+ * Server keepalives of the lost-host scenario, shorter than SERVER_KEEPALIVE
+ * (30 s) for a quick run: a silent host is given up after 1 + 1 x 2 s of
+ * silence, or 3 s of data unacknowledged.
+ */
+const LOST_HOST_KEEPALIVE: ServerKeepalive = { idleSeconds: 1, intervalSeconds: 1, count: 2, userTimeoutMs: 3000 };
+/** poolTimeout of the lost-host scenario: longer than the keepalive timeout, so that the load's clients in flight are answered by it. */
+const LOST_HOST_POOL_TIMEOUT_S = 5;
+/** Once a connection to the host that answers again got through, the lost backends are ended and uncounted within this (s). */
+const LOST_HOST_REGROW_S = 1.5;
+
+/** A psql run with its outcome: when it exited (ms since it started) and what it said, or still running. */
+class Psql {
+  readonly started = Date.now();
+  exitedAt: number | undefined;
+  output = '';
+  private readonly child;
+
+  constructor(postgres: PostgresServer, sql: string) {
+    // libpq's defaults: keepalives on with the kernel's timings, no tcp_user_timeout, no connect_timeout.
+    this.child = spawn(join(postgresBinDir(), 'psql'), ['-X', '-A', '-t', '-c', sql], {
+      env: { ...process.env, PGHOST: postgres.tcpHost, PGPORT: String(postgres.port), PGUSER: postgres.app.user, PGPASSWORD: postgres.app.password, PGDATABASE: 'app' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    const collect = (d: Buffer): void => {
+      this.output += d.toString('utf8');
+    };
+    this.child.stdout.on('data', collect);
+    this.child.stderr.on('data', collect);
+    this.child.once('exit', () => (this.exitedAt = Date.now()));
+  }
+
+  /** What it did in `sinceMs`: "ended after N s: output" or "still waiting after N s". */
+  describe(at = Date.now(), from = this.started): string {
+    if (this.exitedAt !== undefined && this.exitedAt <= at) return `ended after ${((this.exitedAt - from) / 1000).toFixed(1)} s (${this.output.trim().split('\n')[0] ?? ''})`;
+    return `still waiting after ${((at - from) / 1000).toFixed(1)} s`;
+  }
+
+  kill(): void {
+    if (this.exitedAt === undefined) this.child.kill('SIGKILL');
+  }
+}
+
+/** The sidecar's poolkeeper_sidecar_errors_total by kind, from its /metrics. */
+async function sidecarErrors(sidecar: SidecarProcess): Promise<Record<string, number>> {
+  if (sidecar.adminPort === undefined) return {};
+  const text = await (await fetch(`http://127.0.0.1:${sidecar.adminPort}/metrics`)).text();
+  const counts: Record<string, number> = {};
+  for (const m of text.matchAll(/^poolkeeper_sidecar_errors_total\{kind="([^"]+)"\} (\d+)/gm)) counts[m[1]!] = Number(m[2]);
+  return counts;
+}
+
+/** The outcome of a statement: an Error, or 'answered', or 'hung' past `ms`. */
+async function within<T>(p: Promise<T>, ms: number): Promise<T | 'hung'> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([p, new Promise<'hung'>((r) => (timer = setTimeout(() => r('hung'), Math.max(0, ms))))]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+type Outcome = (Error & { code?: string }) | 'answered';
+
+/**
+ * The database host stops answering (every packet on its link dropped, no
+ * RST: a lost node, a partition, a failover that leaves the old address
+ * black-holed) while the load runs, a statement is in flight through the
+ * sidecar and one through a direct libpq connection (psql), then answers
+ * again. Goals: the statement in flight ends with 08006 naming the cause
+ * within the keepalive timeout plus a margin; a client arriving during the
+ * fault gets an error with a SQLSTATE within poolTimeout plus a margin, not
+ * a connection to the lost host to hang on; the sidecar counts the
+ * failures in its metrics; once the host answers, a new client's query
+ * succeeds on the same sidecar. (The common goals hold too: PostgreSQL
+ * never has more of its backends than the limit in force, the abandoned
+ * ones included; the limit is the grant, or what the sidecar reports held
+ * while it opens one connection over it to end its lost backends.)
+ * Direct libpq has no such bound: its statement waits as long as the
+ * kernel's keepalives let it (2 h 11 min with Linux defaults), or until the
+ * host answers again, and a new connection retries its SYN for about 2 min
+ * (no connect_timeout). Measured: through the sidecar 08006 after 2.1 to
+ * 2.8 s and 53300 after 5.0 to 5.2 s; psql's statement had no answer for
+ * the whole fault (8 s, 45 s) and finished once the host was back, and its
+ * new connection was still retrying its SYN after that.
+ */
+async function loseDatabaseHost(ctx: FaultContext): Promise<void> {
+  const namespace = ctx.lab.namespace;
+  if (namespace === undefined) throw new Error('the lost-host scenario needs isolatedDatabase');
+  const k = LOST_HOST_KEEPALIVE;
+  const detectMs = Math.max((k.idleSeconds + k.intervalSeconds * k.count) * 1000, k.userTimeoutMs);
+  const boundMs = detectMs + 3000;
+  const answerMs = LOST_HOST_POOL_TIMEOUT_S * 1000 + ANSWER_MARGIN_MS;
+  // The full run outlasts the 30 s after which lost backends that could not be asked about were once forgotten.
+  const faultMs = ctx.quick ? 8000 : 45_000;
+  const sidecar = ctx.sidecar();
+  const sleepSql = 'SELECT pg_sleep(45)';
+  const inflight = newClient(ctx.port);
+  await inflight.connect();
+  const inflightDone: Promise<Outcome> = inflight.query(sleepSql).then(() => 'answered' as const, (err: Error) => err);
+  const directInflight = new Psql(ctx.lab.postgres, sleepSql);
+  const others: pg.Client[] = [inflight];
+  const psqls = [directInflight];
+  // What the sidecar reports held: with every granted connection lost, it may open one more to find out
+  // whether their backends still live once the host answers, and reports it, so the controller reserves it
+  // (a pod's reservation is the larger of its grant and what it holds). That is the limit in force meanwhile.
+  let watching = true;
+  let maxHeld = 0;
+  const watcher = (async (): Promise<void> => {
+    let over = false;
+    while (watching) {
+      const held = (await sidecar.status())?.held ?? 0;
+      maxHeld = Math.max(maxHeld, held);
+      if (held > ctx.grant + 1) ctx.miss(`the sidecar held ${held} server connections, more than its grant and the one opened to ask about lost backends`);
+      if ((held > ctx.grant) !== over) {
+        over = held > ctx.grant;
+        ctx.setLimit(Math.max(held, ctx.grant));
+      }
+      await sleep(50);
+    }
+    if (over) ctx.setLimit(ctx.grant);
+  })();
+  try {
+    const deadline = Date.now() + 10_000;
+    while ((await ctx.lab.postgres.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_stat_activity WHERE state = 'active' AND query = $1", [sleepSql]))[0]?.n !== 2) {
+      if (Date.now() > deadline) throw new Error('the statements in flight never started');
+      await sleep(50);
+    }
+    const before = await sidecarErrors(sidecar);
+    namespace.blackHole();
+    const lostAt = Date.now();
+    // A new client while the sidecar's idle connections still look alive, and a new direct connection.
+    const fresh = newClient(ctx.port);
+    others.push(fresh);
+    const freshDone: Promise<Outcome> = fresh.connect().then(() => fresh.query('SELECT 1')).then(() => 'answered' as const, (err: Error) => err);
+    const directNew = new Psql(ctx.lab.postgres, 'SELECT 1');
+    psqls.push(directNew);
+    const check = async (what: string, p: Promise<Outcome>, limitMs: number, expect: (o: Outcome) => string | undefined): Promise<number> => {
+      const outcome = await within(p, limitMs - (Date.now() - lostAt));
+      const seconds = (Date.now() - lostAt) / 1000;
+      if (outcome === 'hung') ctx.miss(`${what}: no answer ${limitMs / 1000} s after the host was lost`);
+      else {
+        const wrong = expect(outcome);
+        if (wrong !== undefined) ctx.miss(`${what}: ${wrong}`);
+        ctx.note(`${what}: ${outcome === 'answered' ? 'answered' : `${outcome.code ?? 'no SQLSTATE'} "${outcome.message}"`} after ${seconds.toFixed(1)} s`);
+      }
+      return seconds;
+    };
+    const [inflightSeconds] = await Promise.all([
+      check('statement in flight through the sidecar', inflightDone, boundMs, (o) => {
+        if (o === 'answered') return 'succeeded while the host was lost';
+        if (o.code !== '08006' || !/database host stopped answering/.test(o.message)) return `not 08006 naming the lost host: ${o.code ?? 'no SQLSTATE'} ${o.message}`;
+        return undefined;
+      }),
+      check('new client through the sidecar during the fault', freshDone, answerMs, (o) => (o !== 'answered' && o.code === undefined ? `a bare error without a SQLSTATE: ${o.message}` : undefined)),
+    ]);
+    ctx.note(`direct psql, statement in flight: ${directInflight.describe(Date.now(), lostAt)} when the sidecar's client had its error`);
+    await sleep(Math.max(0, faultMs - (Date.now() - lostAt)));
+    const after = await sidecarErrors(sidecar);
+    const counted: Record<string, number> = {};
+    for (const [kind, n] of Object.entries(after)) if (n > (before[kind] ?? 0)) counted[kind] = n - (before[kind] ?? 0);
+    ctx.note(`sidecar errors counted during the fault: ${JSON.stringify(counted)}`);
+    if (!((counted['server-lost'] ?? 0) > 0)) ctx.miss('the sidecar\'s metrics did not count the lost server connections');
+    ctx.note(`direct psql at the end of the ${(faultMs / 1000).toFixed(0)} s fault: statement in flight ${directInflight.describe(Date.now(), lostAt)}; new connection ${directNew.describe()}`);
+    if (directInflight.exitedAt !== undefined && directInflight.exitedAt - lostAt < inflightSeconds * 1000) ctx.note('direct psql ended before the sidecar\'s client');
+    namespace.restore();
+    ctx.healed();
+    const backAt = Date.now();
+    // The host answers again: a new client of the same sidecar.
+    let served: number | undefined;
+    let lastError = '';
+    while (served === undefined && Date.now() - backAt < 15_000) {
+      const c = newClient(ctx.port);
+      others.push(c);
+      try {
+        await within(c.connect().then(() => c.query('SELECT 1')), 7000);
+        served = Date.now();
+      } catch (err) {
+        lastError = err instanceof Error ? err.message : String(err);
+        await sleep(200);
+      }
+    }
+    if (served === undefined) ctx.miss(`no query served 15 s after the host answered again (${lastError})`);
+    else ctx.note(`first new query served ${((served - backAt) / 1000).toFixed(1)} s after the host answered again${lastError ? ` (before: ${lastError})` : ''}`);
+    ctx.note(`direct psql when the sidecar served again: statement in flight ${directInflight.describe(Date.now(), lostAt)}; new connection ${directNew.describe()}`);
+    // Once a connection got through, the lost backends are ended and no longer counted: the pool may grow back to its grant.
+    if (served !== undefined) {
+      let held = (await sidecar.status())?.held ?? 0;
+      while (held > ctx.grant && Date.now() - served < 5000) {
+        await sleep(50);
+        held = (await sidecar.status())?.held ?? 0;
+      }
+      const seconds = (Date.now() - served) / 1000;
+      ctx.note(`the sidecar was back within its grant ${seconds.toFixed(1)} s after the first query served`);
+      if (held > ctx.grant || seconds > LOST_HOST_REGROW_S) ctx.miss(`lost backends still counted ${seconds.toFixed(1)} s after a connection got through (the pool could not grow back to its grant)`);
+    }
+  } finally {
+    watching = false;
+    await watcher;
+    ctx.note(`the sidecar reported at most ${maxHeld} server connections held (grant ${ctx.grant})`);
+    namespace.restore();
+    for (const p of psqls) p.kill();
+    for (const c of others) destroyClient(c);
+  }
+}
+
 /** Every scenario, most important first. */
 export const SCENARIOS: Scenario[] = [
   {
@@ -685,6 +910,15 @@ export const SCENARIOS: Scenario[] = [
       const left = await ctx.lab.postgres.query<{ n: number }>("SELECT count(*)::int AS n FROM pg_stat_activity WHERE usename = $1 AND query LIKE 'SELECT pg_sleep(20)%' AND state = 'active'", [CHAOS_ROLE]);
       ctx.note(`${left[0]?.n ?? 0} pg_sleep backends still running ${ctx.quick ? 2 : 8} s after their clients left`);
     },
+  },
+  {
+    name: 'database host unreachable (packets dropped)',
+    quick: true,
+    isolatedDatabase: true,
+    expectedErrors: true,
+    pool: { poolTimeout: LOST_HOST_POOL_TIMEOUT_S },
+    settings: { serverKeepalive: LOST_HOST_KEEPALIVE, admin: { host: '127.0.0.1', port: 0 } },
+    inject: loseDatabaseHost,
   },
   {
     name: 'drain with a transaction longer than drainTimeout (2 s)',

@@ -49,16 +49,19 @@ export interface SidecarProcessOptions {
 /** A running child sidecar. */
 export class SidecarProcess {
   readonly port: number;
+  /** The admin HTTP server's port (/metrics), when settings.admin asked for one. */
+  readonly adminPort: number | undefined;
   readonly pid: number;
   private readonly child: ChildProcess;
   private readonly exited: Promise<void>;
   private alive = true;
   private readonly waiters: ((m: FromChild) => void)[] = [];
 
-  private constructor(child: ChildProcess, port: number) {
+  private constructor(child: ChildProcess, port: number, adminPort: number | undefined) {
     this.child = child;
     this.pid = child.pid!;
     this.port = port;
+    this.adminPort = adminPort;
     this.exited = new Promise((resolve) => child.once('exit', () => {
       this.alive = false;
       live.delete(child);
@@ -93,7 +96,7 @@ export class SidecarProcess {
       });
     });
     if (ready.kind !== 'ready') throw new Error(`unexpected first message ${ready.kind}`);
-    return new SidecarProcess(child, ready.port);
+    return new SidecarProcess(child, ready.port, ready.adminPort);
   }
 
   /** True until the process exited. */

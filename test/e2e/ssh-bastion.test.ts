@@ -320,5 +320,8 @@ describe('SSH bastion end to end', function () {
     console.log(`      refused in ${result.ms} ms: ${result.error.message}; Ready=False ${ready?.reason}: ${ready?.message}; Event ${warnings[0]!.reason}`);
     // The tunnelled connection that works was not disturbed.
     for (const web of podsOf('web')) assert.equal((await probe(web, 'SELECT 1 AS v')).rows?.[0]?.v, 1);
+    // Another bastion user reaches the PoolMember, and the running sidecar says it keeps the tunnel it started with.
+    await kube.kubectlAsync(['-n', namespace, 'patch', 'dbc', 'reports', '--type', 'merge', '-p', JSON.stringify({ spec: { sshTunnel: { user: 'someone-else' } } })]);
+    await eventually('the sidecar says when a changed tunnel applies', () => logs.text.split('\n').some((line) => line.includes(pod.name) && line.includes('the SSH tunnel changed: it applies when the pod restarts')), 15_000);
   });
 });

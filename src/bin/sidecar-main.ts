@@ -120,6 +120,9 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
     ...(formerUsers ? { formerUsers } : {}),
   });
   const { port, adminPort } = await sidecar.start();
+  const bastion = (t: PoolMember['spec']['sshTunnel']): string => (t ? `${t.user}@${t.host}:${t.port}` : 'none');
+  // Said once per change, not on every grant that comes with the same spec.
+  let tunnelWarned = bastion(spec.sshTunnel);
   const agent = new PoolMemberAgent({
     http, namespace: config.namespace, podName: config.podName, target: sidecar, logger, version: config.version,
     drainGraceMs: config.drainTimeoutSeconds * 1000,
@@ -127,6 +130,11 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
     onSpec: (next) => {
       sidecar.updatePoolSettings({ ...next.pool });
       if (next.sshTunnel) sidecar.updateTunnelHostKey(next.sshTunnel.hostKey);
+      // Only the host key applies live: the bastion's address and user (or a tunnel added or removed) are those of the start.
+      if (bastion(next.sshTunnel) !== tunnelWarned) {
+        tunnelWarned = bastion(next.sshTunnel);
+        logger.warn({ sshTunnel: tunnelWarned, inUse: bastion(spec.sshTunnel) }, 'the SSH tunnel changed: it applies when the pod restarts');
+      }
       const db = next.database;
       if (db.host !== spec.database.host || db.port !== spec.database.port || db.dbname !== spec.database.dbname || db.sslMode !== spec.database.sslMode) {
         logger.warn({ database: db }, 'the database target changed: it applies when the pod restarts');

@@ -2,9 +2,10 @@
  * Plays the kubelet for the pods of one namespace, since the local control
  * plane has none: binds each opted-in pod to a node (so deletion is graceful),
  * marks it Running and Ready, mounts its credentials as files the way a
- * Secret volume does (`..data` symlink swapped atomically), runs its sidecar
- * in-process, and on deletion stops the app, drains the sidecar, then removes
- * the pod — the order native sidecars get.
+ * Secret volume does (`..data` symlink swapped atomically), mounts the SSH
+ * key volume the webhook gives the sidecar of a tunnelled connection, runs
+ * its sidecar in-process, and on deletion stops the app, drains the sidecar,
+ * then removes the pod — the order native sidecars get.
  */
 import { mkdirSync, mkdtempSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -31,17 +32,26 @@ export interface SimulatedPod {
   appEnv: Record<string, string>;
   /** The injected sidecar accepts TLS from the app (POOLKEEPER_CLIENT_TLS=self-signed). */
   clientTls?: boolean;
+  /** Where the sidecar's SSH key volume is mounted on this host (the webhook's POOLKEEPER_SSH_KEY_DIR), with a tunnel. */
+  sshKeyDir?: string;
 }
 
 /** Container fields the simulator reads. */
 interface ContainerSpec {
   name: string;
   env?: Array<{ name: string; value?: string }>;
+  volumeMounts?: Array<{ name: string; mountPath: string }>;
+}
+
+/** A Secret volume as the simulator reads it. */
+interface VolumeSpec {
+  name: string;
+  secret?: { secretName: string; items?: Array<{ key: string; path: string }> };
 }
 
 /** A pod as the simulator reads it. */
 interface PodSpecObject extends KubeObject {
-  spec?: { nodeName?: string; containers?: ContainerSpec[]; initContainers?: ContainerSpec[] };
+  spec?: { nodeName?: string; containers?: ContainerSpec[]; initContainers?: ContainerSpec[]; volumes?: VolumeSpec[] };
 }
 
 /** Which pods get a sidecar: only those the webhook injected, or every opted-in pod (tests without a webhook). */
@@ -123,15 +133,18 @@ export class KubeletSimulator {
     const sidecarContainer = [...(pod.spec?.initContainers ?? []), ...(pod.spec?.containers ?? [])].find((c) => c.name === 'poolkeeper-sidecar');
     const appContainer = pod.spec?.containers?.find((c) => c.name !== 'poolkeeper-sidecar');
     const sim: SimulatedPod = { name, uid: pod.metadata?.uid ?? '', credentialsDir, terminating: false, gone: false, appEnv: literalEnv(appContainer) };
+    const sidecarEnv = literalEnv(sidecarContainer);
     const runSidecar = this.policy === 'every-pod' || sidecarContainer !== undefined;
     if (!runSidecar) this.failures.push(`${name}: admitted without the sidecar`);
-    const sidecarEnv = literalEnv(sidecarContainer);
     const drainTimeoutSeconds = Number(sidecarEnv.POOLKEEPER_DRAIN_TIMEOUT ?? 5);
     sim.clientTls = sidecarEnv.POOLKEEPER_CLIENT_TLS === 'self-signed';
     this.pods.set(name, sim);
     let booted!: () => void;
     sim.booted = new Promise((resolve) => (booted = resolve));
     try {
+      const sshKeyMount = sidecarEnv.POOLKEEPER_SSH_KEY_DIR;
+      // As kubelet: the sidecar does not start until the Secret behind its volume can be read.
+      if (runSidecar && sshKeyMount !== undefined) sim.sshKeyDir = await this.mountSecretVolume(pod, sidecarContainer!, sshKeyMount, join(this.root, `${name}-ssh`));
       await this.bootPod(sim, runSidecar, Math.min(drainTimeoutSeconds, 5));
     } finally {
       booted();
@@ -147,6 +160,7 @@ export class KubeletSimulator {
       sim.sidecar = await startSidecar({
         apiServer: this.kube.kubeConfig(), namespace: this.namespace, podName: name, listenPort: 0, adminPort: 0,
         credentialsDir, drainTimeoutSeconds, version: 'simulated', memberWaitMs: 30_000,
+        ...(sim.sshKeyDir !== undefined ? { sshKeyDir: sim.sshKeyDir } : {}),
         // The pod's emptyDir for the sidecar's state (the backends it holds), as the webhook mounts it.
         stateDir: join(this.root, `${name}-state`),
         ...(sim.clientTls === true ? { clientTls: 'self-signed' as const } : {}),
@@ -155,6 +169,27 @@ export class KubeletSimulator {
     const now = new Date().toISOString();
     await this.http.patch(`${base}/status`, { status: { phase: 'Running', conditions: [{ type: 'Ready', status: 'True', lastTransitionTime: now }] } });
     if (!sim.terminating && sim.sidecar) this.onPodReady(sim);
+  }
+
+  /**
+   * Writes the Secret volume that `container` mounts at `mountPath` into
+   * `dir` (its items under their paths, or every key), as kubelet does.
+   */
+  private async mountSecretVolume(pod: PodSpecObject, container: ContainerSpec, mountPath: string, dir: string): Promise<string> {
+    const mount = container.volumeMounts?.find((m) => m.mountPath === mountPath);
+    const volume = pod.spec?.volumes?.find((v) => v.name === mount?.name);
+    if (!volume?.secret) throw new Error(`no Secret volume is mounted at ${mountPath} in container ${container.name}`);
+    const { secretName, items } = volume.secret;
+    const secret = await this.http.get<{ data?: Record<string, string> }>(`/api/v1/namespaces/${this.namespace}/secrets/${secretName}`);
+    const data = secret.data ?? {};
+    const files: Record<string, string> = {};
+    for (const { key, path } of items ?? Object.keys(data).map((k) => ({ key: k, path: k }))) {
+      if (data[key] === undefined) throw new Error(`Secret ${secretName} has no key ${key}`);
+      files[path] = Buffer.from(data[key], 'base64').toString('utf8');
+    }
+    mkdirSync(dir, { recursive: true });
+    writeSecretVolume(dir, files);
+    return dir;
   }
 
   private async terminate(sim: SimulatedPod): Promise<void> {

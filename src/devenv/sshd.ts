@@ -2,12 +2,13 @@
  * An OpenSSH server on a loopback port with generated host and user keys,
  * for the sidecar's tunnel tests. It allows TCP forwarding and nothing else.
  */
-import { execFileSync } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdirSync, readFileSync, readdirSync, writeFileSync, existsSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { userInfo } from 'node:os';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { ManagedProcess, freePort, waitUntil, type PidRegistry } from './process.ts';
 import { commandOutput, requireBinary } from './system.ts';
 
@@ -134,6 +135,32 @@ export class SshServer {
         // exited meanwhile
       }
     }
+  }
+
+  /**
+   * The SSH connections sshd serves now: each peer address and the pids of
+   * the sshd processes that hold it (from ss(8)).
+   */
+  async sessions(): Promise<Array<{ peer: string; pids: number[] }>> {
+    const { stdout } = await promisify(execFile)(requireBinary('ss', 'iproute2', ['/usr/bin/ss', '/bin/ss']), ['-tnpH', 'state', 'established', `( sport = :${this.port} )`]);
+    return stdout.split('\n').filter((line) => line.trim() !== '').map((line) => ({
+      // Queue sizes, local address, peer address (no State column with a state filter).
+      peer: line.trim().split(/\s+/)[3] ?? '',
+      pids: [...line.matchAll(/pid=(\d+)/g)].map((m) => Number(m[1])),
+    }));
+  }
+
+  /** Ends every SSH connection at once (their sshd processes killed); the listener stays. */
+  async endSessions(): Promise<number> {
+    const sessions = await this.sessions();
+    for (const pid of new Set(sessions.flatMap((s) => s.pids))) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // exited meanwhile
+      }
+    }
+    return sessions.length;
   }
 
   /** Starts sshd again on the same port and keys (after kill()). */

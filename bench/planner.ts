@@ -16,7 +16,7 @@ for (let i = 0; i < N; i++) {
   pods.push({ namespace: 'shop', name, uid: `uid-${name}`, connection: 'orders', consumer: 'web', phase: 'Running', terminating: false, ready: true, readsTables: true });
   members.push({ namespace: 'shop', name, podUid: `uid-${name}`, connection: 'orders', grant: { connections: 0, generation: 1 }, tableFrom: 1, acknowledgement: { generation: 1, tableGeneration: 4, connections: 3, held: 3, drained: false } });
 }
-const table = { generation: 4, perPod: 3, recordsChanges: true, exceptions: [] };
+const table = { generation: 4, perPod: 3, recordsChanges: true, perPodPods: N, exceptions: [] };
 const input: BudgetInput = { limit: 3 * N, connections: [{ namespace: 'shop', name: 'orders', budgetStrategy: 'Dynamic', consumers: [{ name: 'web', weight: 1, minPerPod: 1, processesPerPod: 2 }] }], pods, members, tables: [{ namespace: 'shop', connection: 'orders', table }], now: Date.now() };
 const half: BudgetInput = { ...input, limit: Math.floor(1.5 * N) };
 for (const [label, inp] of [['steady', input], ['limit halved', half]] as const) {

@@ -34,6 +34,8 @@ export const poolGrantSpecSchema = {
     perPod: { type: 'integer', minimum: 0, description: 'The grant of every pod of the table not listed in exceptions.' },
     perPodSince: { type: 'integer', format: 'int64', minimum: 0, description: 'since (see exceptions) of every pod not listed in exceptions.' },
     perPodReleasing: { type: 'integer', minimum: 0, description: 'releasing (see exceptions) of every pod not listed in exceptions.' },
+    perPodPods: { type: 'integer', minimum: 0, description: 'How many pods perPod covered when perPodPodsGeneration was written: the live pods of the table not listed in exceptions. A controller that later finds fewer PoolMembers on the default (and none listed or departed for the rest) holds what the missing pods may still hold for departureHoldSeconds: pods force-deleted, their PoolMembers collected, while no controller ran.' },
+    perPodPodsGeneration: { type: 'integer', format: 'int64', minimum: 0, description: 'The generation whose write set perPodPods; perPodPods counts only while it equals generation (a table written since by a controller that does not count them says nothing about them).' },
     recordsChanges: { type: 'boolean', description: 'true: the table records changes in flight (since, releasing), and is the record of which acknowledgements the controller has seen. Absent in tables of older controllers.' },
     exceptions: { type: 'array', maxItems: 1024, items: grantExceptionSchema, description: 'Pods whose grant or change in flight differs from the default, grouped.' },
     departed: {
@@ -42,7 +44,7 @@ export const poolGrantSpecSchema = {
       items: {
         type: 'object', required: ['pod', 'connections', 'until'], additionalProperties: false,
         properties: {
-          pod: { type: 'string', maxLength: 253, description: 'The pod\'s name.' },
+          pod: { type: 'string', maxLength: 253, description: 'The pod\'s name; "(N pods of the default at generation G)" for pods that left the default unseen (see perPodPods).' },
           uid: { type: 'string', maxLength: 64, description: 'The pod\'s UID; empty when only its name was known.' },
           connections: { type: 'integer', minimum: 0, description: 'What it may still hold.' },
           until: { type: 'string', format: 'date-time', description: 'Counted until then.' },

@@ -242,7 +242,9 @@ export class GrantTableWriter {
     const inFlight = { perPodSince: t.table.perPodSince ?? (current ? null : undefined), perPodReleasing: t.table.perPodReleasing ?? (current ? null : undefined) };
     const acknowledgeTo = this.deps.acknowledgeTo?.() ?? (current ? null : undefined);
     const departed = t.table.departed ?? (current ? null : undefined);
-    const spec = { connection: t.connection, generation: t.table.generation, perPod: t.table.perPod, ...inFlight, recordsChanges: true, exceptions: t.table.exceptions, departed, acknowledgeTo, ...(paced ?? {}) };
+    // The default's count goes with the generation that set it: a later write by a controller that does not count leaves it stale, and readers then ignore it.
+    const counted = t.table.perPodPods === undefined ? { perPodPods: current ? null : undefined, perPodPodsGeneration: current ? null : undefined } : { perPodPods: t.table.perPodPods, perPodPodsGeneration: t.table.generation };
+    const spec = { connection: t.connection, generation: t.table.generation, perPod: t.table.perPod, ...inFlight, recordsChanges: true, ...counted, exceptions: t.table.exceptions, departed, acknowledgeTo, ...(paced ?? {}) };
     const path = `${BASE}/namespaces/${t.namespace}/poolgrants`;
     this.deps.assertMayWrite();
     let written: PoolGrant;

@@ -7,7 +7,7 @@
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVE, memberPodUid, type DatabaseConnection, type DatabaseServer, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
-import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, departureHoldAdvice, deriveEntry, loginConnectionCap, loginConnectionCaps, connectionCaps, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant, type ConnectionCap, type GrantTable, type LoginCap, type ServerSettings } from '../core/budget/index.ts';
+import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, departureHoldAdvice, deriveEntry, loginConnectionCap, loginConnectionCaps, connectionCaps, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant, type PlannedTable, type ConnectionCap, type GrantTable, type LoginCap, type ServerSettings } from '../core/budget/index.ts';
 import { decideOwnedLimit, decideServerLimit, namespaceDemands, namespaceShares, ownedServerKey, planWithShares, ruleFor, type NamespaceRule } from '../core/tenancy/index.ts';
 import { connectionConditions, limitMismatchCondition, loginCapCondition, oversubscriptionAdvice, type ConsumerDemand, type ConsumerFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
 import { conditionsEqual, findCondition, setConditions, type Condition, type ConditionUpdate } from '../core/conditions/index.ts';
@@ -491,6 +491,7 @@ export class ServerReconciler {
     // The CPU of reading and planning, not the switch's writes.
     this.planMs.set(server, beforeSwitch - planStarted + performance.now() - afterSwitch);
 
+    this.reportUnlistedDepartures(plan.tables, input, connections);
     // One write per connection carries every switched pod's grant, shrinks and grows alike.
     await this.tables.writeTables(plan.tables, connections, this.pacing(pods));
     await this.applyGrants(plan, connections, members, resolved);
@@ -690,7 +691,27 @@ export class ServerReconciler {
     return [...deployments.list().map((d) => scale('Deployment', d)), ...statefulSets.list().map((s) => scale('StatefulSet', s))];
   }
 
-  /** Forgets written grants that the cache has caught up with. */
+  /**
+   * Reports each new record of pods gone from a table's default unseen (a pod
+   * force-deleted with its PoolMember while no controller ran): a warning log
+   * and a Warning Event on its DatabaseConnection, since its share is held
+   * for the departure hold and nothing else tells why.
+   */
+  private reportUnlistedDepartures(planned: readonly PlannedTable[], input: BudgetInput, connections: readonly DatabaseConnection[]): void {
+    for (const t of planned) {
+      if (!t.changed || !(t.table.departed ?? []).some((d) => d.uid === '' && d.pod.startsWith('('))) continue;
+      const current = input.tables?.find((c) => c.namespace === t.namespace && c.connection === t.connection)?.table;
+      const before = new Set((current?.departed ?? []).map((d) => d.pod));
+      for (const d of t.table.departed ?? []) {
+        if (d.uid !== '' || before.has(d.pod) || !d.pod.startsWith('(')) continue;
+        const message = `${d.pod.slice(1, -1)} left without a PoolMember or a trace this controller saw (force-deleted while no controller ran?): their ${d.connections} connections are held until ${d.until}`;
+        this.deps.logger.warn({ connection: `${t.namespace}/${t.connection}`, record: d.pod, connections: d.connections, until: d.until }, 'pods left the grant table\'s default unseen: their share is held for the departure hold');
+        const connection = connections.find((c) => c.metadata.namespace === t.namespace && c.metadata.name === t.connection);
+        if (connection) void this.deps.events.record(connection, 'Warning', 'PodsLeftUnseen', message);
+      }
+    }
+  }
+
   /**
    * `members` plus the PoolMembers on tables this replica saw on an earlier
    * pass, their pod running, or saw deleted (memberDeleted: their last state),
@@ -698,7 +719,8 @@ export class ServerReconciler {
    * straight from running), possibly before any pass saw the pod go, and a
    * pod on its table's default grant is not listed by name.
    * Planned once more as orphans, they get their departure recorded
-   * (docs/budget.md); forgotten once a table records it, or after the hold.
+   * (docs/budget.md), or, drained, their name listed; forgotten once a table
+   * records either, or after the hold.
    */
   private withGoneMembers(members: readonly PoolMember[], pods: readonly (PodObject & KubeObject)[], connections: readonly DatabaseConnection[], tables: ReadonlyMap<string, GrantTable>): PoolMember[] {
     const now = this.now().getTime();
@@ -730,8 +752,13 @@ export class ServerReconciler {
       if (!connection) continue;
       entry.goneAt ??= now;
       const hold = (connection.spec.departureHoldSeconds ?? DEFAULT_DEPARTURE_HOLD_SECONDS) * 1000;
-      const recorded = tables.get(k)?.departed?.some((d) => d.uid === uid) === true;
-      if (recorded || hold === 0 || now - entry.goneAt > hold + 60_000) {
+      const table = tables.get(k);
+      const recorded = table?.departed?.some((d) => d.uid === uid) === true;
+      // A drained pod's PoolMember is listed by name while it is planned (so that it is never taken for a pod
+      // on the default): once its table lists it, planning it again would only keep the name listed.
+      const name = entry.member.metadata.name ?? '';
+      const listed = entry.member.status?.drained === true && table !== undefined && table.exceptions.some((e) => e.pods.includes(name));
+      if (recorded || listed || hold === 0 || now - entry.goneAt > hold + 60_000) {
         this.seenMembers.delete(uid);
         continue;
       }

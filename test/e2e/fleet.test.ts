@@ -105,10 +105,16 @@ describe('fleet end to end', function () {
     }, 50);
     const k = kube;
     const settledAt = async (pods: number): Promise<void> => {
-      await eventually(`${pods} pods settled`, async () => {
-        const dbc = JSON.parse(await k.kubectlAsync(['-n', namespace, 'get', 'dbc', 'orders', '-o', 'json'])) as { status?: { pods?: number; conditions?: Array<{ type: string; status: string }> } };
-        return dbc.status?.pods === pods && dbc.status.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') === true && kubelet!.live().length === pods;
-      }, 60_000);
+      try {
+        await eventually(`${pods} pods settled`, async () => {
+          const dbc = JSON.parse(await k.kubectlAsync(['-n', namespace, 'get', 'dbc', 'orders', '-o', 'json'])) as { status?: { pods?: number; conditions?: Array<{ type: string; status: string }> } };
+          return dbc.status?.pods === pods && dbc.status.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') === true && kubelet!.live().length === pods;
+        }, 60_000);
+      } catch (err) {
+        // What the controller was waiting for: the connection's status, the grant table, every PoolMember.
+        const state = await Promise.all([['dbc', 'orders'], ['poolgrant', 'orders'], ['pm']].map(async (args) => k.kubectlAsync(['-n', namespace, 'get', ...args, '-o', 'yaml']).catch((e: unknown) => String(e))));
+        throw new Error(`${(err as Error).message}; ${kubelet!.live().length} pods live\n${state.join('\n---\n')}`, { cause: err });
+      }
     };
     try {
       await settledAt(2);
@@ -155,6 +161,8 @@ describe('fleet end to end', function () {
     assert.deepEqual(stats.errors.slice(0, 5), [], `${stats.errors.length} application errors`);
     assert.ok(peak <= LIMIT, `PostgreSQL saw ${peak} app connections > limit ${LIMIT}`);
     assert.ok(logs.text.includes('grant received'), 'debug logs were captured');
+    // The controller ran throughout: every pod that left, it saw leave.
+    assert.ok(!logs.text.includes('default unseen'), 'the controller held pods as gone unseen');
     assert.ok(!logs.text.includes(postgres.app.password), 'the database password appears in the logs');
     assert.ok(!logs.text.includes(`${postgres.app.password}-rotated`), 'the rotated password appears in the logs');
   });

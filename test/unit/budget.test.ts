@@ -2,8 +2,8 @@
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import {
-  autoMaxConnections, budgetConditions, deadPeerSeconds, departureHoldAdvice, loginConnectionCap, fairShares, planBudgets, reservedConnections, resolveLimit, serverKey, sharedLimit,
-  type BudgetInput, type ConnectionInput, type MemberState, type PodInput, type ShareUnit,
+  autoMaxConnections, budgetConditions, deadPeerSeconds, departureHoldAdvice, grantTableOf, loginConnectionCap, fairShares, planBudgets, reservedConnections, resolveLimit, serverKey, sharedLimit,
+  type BudgetInput, type ConnectionInput, type GrantTable, type MemberState, type PodInput, type ShareUnit,
 } from '../../src/core/budget/index.ts';
 
 function pod(name: string, consumer = 'web', extra: Partial<PodInput> = {}): PodInput {
@@ -150,6 +150,89 @@ describe('budget planner', function () {
     const failed = planBudgets({ limit: 10, now, connections: [connection], pods: [pod('a', 'web', { phase: 'Failed' }), pod('b')], members: [onTable('a'), onTable('b')], tables });
     assert.deepEqual(failed.tables[0]!.table.departed?.map((d) => [d.pod, d.connections]), [['a', 5]]);
     assert.equal(failed.grants.find((g) => g.name === 'b')!.grant.connections, 5);
+  });
+
+  describe('pods that leave a table\'s default unseen', function () {
+    const now = Date.parse('2026-12-03T10:00:00Z');
+    const connection = { ...orders([web]), departureHoldSeconds: 60 };
+    const onTable = (name: string, connections = 5, extra: Partial<MemberState> = {}): MemberState => ({ ...member(name, 0, 0), connection: 'orders', tableFrom: 1, acknowledgement: { generation: 5, tableGeneration: 5, connections, held: connections, drained: false }, ...extra });
+    const tableWith = (table: GrantTable): BudgetInput['tables'] => [{ namespace: 'shop', connection: 'orders', table }];
+    // a and b on the default at 5 each; the table counts them.
+    const counted: GrantTable = { generation: 5, perPod: 5, recordsChanges: true, perPodPods: 2, exceptions: [] };
+
+    it('holds what the pods the table\'s default counted, and no PoolMember accounts for, may still hold, from when it notices them gone, for the departure hold', function () {
+      // a was force-deleted from Running and its PoolMember collected while no controller ran: nothing names it.
+      const noticed = planBudgets({ limit: 10, now, connections: [connection], pods: [pod('b')], members: [onTable('b')], tables: tableWith(counted) });
+      const table = noticed.tables[0]!.table;
+      assert.deepEqual(table.departed, [{ pod: '(1 pod of the default at generation 5)', uid: '', connections: 5, until: '2026-12-03T10:01:00.000Z' }]);
+      assert.equal(table.perPodPods, 1, 'the new table counts only b');
+      assert.equal(noticed.grants[0]!.target, 10);
+      assert.equal(noticed.grants[0]!.grant.connections, 5, 'b does not grow into what a\'s backends may still hold');
+      assert.equal(noticed.allocated, 10);
+      assert.equal(noticed.nextDepartureExpiry, now + 60_000);
+      // The record holds them from then on; the table's count no longer includes them, so they are held once.
+      const later = planBudgets({ limit: 10, now: now + 30_000, connections: [connection], pods: [pod('b')], members: [onTable('b')], tables: tableWith(table) });
+      assert.equal(later.tables[0]!.changed, false);
+      assert.equal(later.grants[0]!.grant.connections, 5);
+      const expired = planBudgets({ limit: 10, now: now + 60_000, connections: [connection], pods: [pod('b')], members: [onTable('b')], tables: tableWith(table) });
+      assert.equal(expired.tables[0]!.table.departed, undefined);
+      assert.equal(expired.grants[0]!.grant.connections, 10);
+      // Without it, b would have grown at once.
+      const uncounted = { ...counted, perPodPods: undefined };
+      assert.equal(planBudgets({ limit: 10, now, connections: [connection], pods: [pod('b')], members: [onTable('b')], tables: tableWith(uncounted) }).grants[0]!.grant.connections, 10);
+    });
+
+    it('holds what a shrink of the default in flight releases for each of them', function () {
+      const shrinking: GrantTable = { ...counted, perPod: 3, perPodSince: 5, perPodReleasing: 5 };
+      const plan = planBudgets({ limit: 10, now, connections: [connection], pods: [pod('b')], members: [onTable('b', 3)], tables: tableWith(shrinking) });
+      assert.deepEqual(plan.tables[0]!.table.departed?.map((d) => [d.pod, d.connections]), [['(1 pod of the default at generation 5)', 5]]);
+    });
+
+    it('takes a new pod of the same name (a StatefulSet\'s) for no pod of the default: only the controller puts a pod there', function () {
+      const plan = planBudgets({ limit: 10, now, connections: [connection], pods: [pod('a', 'web', { uid: 'uid-a2', readsTables: true }), pod('b')], members: [onTable('b')], tables: tableWith(counted) });
+      const table = plan.tables[0]!.table;
+      assert.deepEqual(table.departed?.map((d) => [d.pod, d.uid, d.connections]), [['(1 pod of the default at generation 5)', '', 5]]);
+      assert.deepEqual(table.exceptions.map((e) => [e.connections, e.pods]), [[0, ['a']]], 'the new a starts at 0, listed by name');
+      assert.equal(table.perPodPods, 1);
+    });
+
+    it('counts a pod whose PoolMember is still there as before: by its PoolMember, recorded with its UID, not again as unseen', function () {
+      const plan = planBudgets({ limit: 10, now, connections: [connection], pods: [pod('b')], members: [onTable('a'), onTable('b')], tables: tableWith(counted) });
+      assert.deepEqual(plan.tables[0]!.table.departed?.map((d) => [d.pod, d.uid, d.connections]), [['a', 'uid-a', 5]]);
+      assert.equal(plan.allocated, 10);
+    });
+
+    it('lists a PoolMember that outlives its pod by name, so that the default covers exactly the pods it counts and the PoolMember\'s going is no departure; the name goes with the next write, not one of its own', function () {
+      // a drained and its pod is gone; its PoolMember waits for the garbage collector.
+      const drained = onTable('a', 0, { acknowledgement: { generation: 5, tableGeneration: 5, connections: 0, held: 0, drained: true } });
+      const first = planBudgets({ limit: 10, now, connections: [connection], pods: [pod('b')], members: [drained, onTable('b')], tables: tableWith(counted) });
+      const table = first.tables[0]!.table;
+      assert.equal(table.departed, undefined, 'a drained: nothing held');
+      assert.deepEqual(table.exceptions.map((e) => [e.connections, e.drain, e.pods]), [[0, true, ['a']]]);
+      assert.equal(table.perPodPods, 1);
+      // The PoolMember collected: b alone is on the default, as the table says; nothing is held. Dropping
+      // a's name alone is no reason to write the table: it goes with the next write.
+      const acknowledged = onTable('b', 10, { acknowledgement: { generation: 6, tableGeneration: 6, connections: 10, held: 10, drained: false } });
+      const after = planBudgets({ limit: 10, now: now + 1_000, connections: [connection], pods: [pod('b')], members: [acknowledged], tables: tableWith({ ...table, generation: 6 }) });
+      assert.equal(after.tables[0]!.changed, false, 'no write for the name alone');
+      assert.equal(after.tables[0]!.table.departed, undefined);
+      assert.deepEqual(after.tables[0]!.table.exceptions.map((e) => [e.connections, e.drain, e.pods]), [[0, true, ['a']]]);
+      // A new pod joins: the table is written for it, and a's name goes with that write.
+      const next = planBudgets({ limit: 10, now: now + 2_000, connections: [connection], pods: [pod('b'), pod('c', 'web', { uid: 'uid-c', readsTables: true })], members: [acknowledged], tables: tableWith({ ...table, generation: 6 }) });
+      assert.equal(next.tables[0]!.changed, true);
+      assert.deepEqual(next.tables[0]!.table.exceptions.filter((e) => e.pods.includes('a')), [], 'unlisted with the next write');
+    });
+
+    it('reads a count only from the write that set it: a table written since by an older controller says nothing', function () {
+      const spec = { generation: 6, perPod: 5, recordsChanges: true, perPodPods: 2, perPodPodsGeneration: 5, exceptions: [] };
+      assert.equal(grantTableOf(spec).perPodPods, undefined);
+      assert.equal(grantTableOf({ ...spec, perPodPodsGeneration: 6 }).perPodPods, 2);
+      assert.equal(planBudgets({ limit: 10, now, connections: [connection], pods: [pod('b')], members: [onTable('b')], tables: tableWith(grantTableOf(spec)) }).grants[0]!.grant.connections, 10, 'as before: nothing held');
+    });
+
+    it('holds nothing for a connection without a departure hold', function () {
+      assert.equal(planBudgets({ limit: 10, now, connections: [orders([web])], pods: [pod('b')], members: [onTable('b')], tables: tableWith(counted) }).grants[0]!.grant.connections, 10);
+    });
   });
 
   it('warns when PostgreSQL keeps a dead peer\'s connections longer than the departure hold, naming the settings that shorten it', function () {

@@ -13,7 +13,7 @@
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import {
-  departedHeld, deriveEntry, deriveGrant, encodeGrantTable, laterAcknowledgement, memberGrantInForce, planBudgets, tableAccount, tableWriteWaves,
+  defaultHolding, departedHeld, deriveEntry, deriveGrant, encodeGrantTable, laterAcknowledgement, memberGrantInForce, planBudgets, tableAccount, tableWriteWaves, unlistedDeparted,
   type Acknowledgement, type BudgetPlan, type ConnectionInput, type GrantTable, type MemberState, type PodInput,
 } from '../../src/core/budget/index.ts';
 
@@ -37,6 +37,12 @@ interface World {
   limit: number;
   /** What the counted total must stay under: the limit, or while a lowered limit is being reached, the lowest total since. */
   ceiling: number;
+  /**
+   * What sidecars and lost backends may hold: the ceiling, except that a pod gone without a trace
+   * may leave what is durable counting more than it held (a shrink it acknowledged that no table
+   * recorded yet), which raises the ceiling of what is counted but not this.
+   */
+  heldCeiling?: number;
   connections: ConnectionInput[];
   pods: SimPod[];
   members: Map<string, MemberState>;
@@ -59,13 +65,14 @@ const HOLD_SECONDS = 30;
 type Operation =
   | { kind: 'scaleUp'; consumer: number; old: boolean; annotated?: boolean }
   | { kind: 'rollout'; consumer: number }
-  | { kind: 'terminate' | 'gone' | 'fail' | 'sync' | 'release' | 'deliverAck' | 'channelAck' | 'loseAck' | 'hang' | 'wake' | 'drain'; pod: number }
+  | { kind: 'terminate' | 'gone' | 'fail' | 'sync' | 'release' | 'deliverAck' | 'channelAck' | 'loseAck' | 'hang' | 'wake' | 'drain' | 'vanish'; pod: number }
   | { kind: 'newLeader' }
   | { kind: 'use'; pod: number; connections: number }
   | { kind: 'reconcile'; writes: number; reverse?: boolean }
   | { kind: 'limit'; limit: number }
   | { kind: 'tick'; busy: boolean; channel?: boolean }
   | { kind: 'lost'; pod: number; finished: boolean }
+  | { kind: 'vanish'; pod: number }
   | { kind: 'advance'; seconds: number };
 
 const keyOf = (o: { namespace: string; name: string }): string => `${o.namespace}/${o.name}`;
@@ -180,6 +187,7 @@ function apply(world: World, op: Operation): void {
     case 'limit': {
       // A lowered limit is reached as shrinks are acknowledged: until then the total may only fall.
       world.ceiling = Math.max(op.limit, countedTotal(world));
+      world.heldCeiling = world.ceiling;
       world.limit = op.limit;
       break;
     }
@@ -218,6 +226,22 @@ function apply(world: World, op: Operation): void {
         Object.assign(p.sidecar, { held: 0, allowed: 0, responsive: false, pendingAck: undefined });
         if (op.finished) p.pod.phase = 'Failed';
         else world.pods.splice(world.pods.indexOf(p), 1);
+      }
+      break;
+    case 'vanish':
+      // While no controller runs: the pod is force-deleted straight from running (its node lost) and the
+      // garbage collector takes its PoolMember, so the controller that starts next never sees either.
+      // PostgreSQL keeps its backends as for 'lost'; the new leader heard nothing over the channel.
+      if (p && alive) {
+        const table = tableOf(world, p.pod);
+        const covered = member?.podUid === p.pod.uid && member.tableFrom !== undefined && table !== undefined && table.generation >= member.tableFrom;
+        // A pod not yet covered by its table reads its PoolMember's grant: released at once, as before tables.
+        if (covered) world.lostBackends.push({ connections: p.sidecar.held, until: world.now + HOLD_SECONDS * 1000 });
+        if (member?.podUid === p.pod.uid) world.members.delete(keyOf(p.pod));
+        world.pods.splice(world.pods.indexOf(p), 1);
+        world.channel.clear();
+        // Its table entry alone now says what it may hold: a shrink in flight counts what it releases.
+        world.ceiling = Math.max(world.ceiling, countedTotal(world));
       }
       break;
     case 'advance':
@@ -278,7 +302,21 @@ function countedGone(world: World, m: MemberState): number {
 
 function countedTotal(world: World): number {
   let departed = 0;
-  for (const table of world.tables.values()) departed += departedHeld(table, world.now);
+  for (const [k, table] of world.tables) {
+    departed += departedHeld(table, world.now);
+    // Pods gone from its default without a trace but the table's count of them (a 'vanish'): what is
+    // durable says they were there, so they are counted until a table records them.
+    const members = [...world.members.values()].filter((m) => `${m.namespace}/${m.connection}` === k);
+    departed += unlistedDeparted(table, members) * defaultHolding(table);
+    // Pods listed by name that are gone with their PoolMember: their entry counts until a table records them.
+    const namespace = k.slice(0, k.indexOf('/'));
+    for (const e of table.exceptions) {
+      for (const name of e.pods) {
+        const there = world.members.has(`${namespace}/${name}`) || world.pods.some((p) => keyOf(p.pod) === `${namespace}/${name}`);
+        if (!there && !(table.departed ?? []).some((d) => d.pod === name)) departed += Math.max(e.connections, e.releasing ?? 0);
+      }
+    }
+  }
   const present = new Set(world.pods.map((p) => keyOf(p.pod)));
   let orphans = 0;
   for (const m of world.members.values()) if (!present.has(keyOf(m))) orphans += countedGone(world, m);
@@ -288,9 +326,10 @@ function countedTotal(world: World): number {
 function checkSafety(world: World, step: string): void {
   const counted = countedTotal(world);
   world.ceiling = Math.max(world.limit, Math.min(world.ceiling, counted));
+  world.heldCeiling = Math.max(world.limit, Math.min(world.heldCeiling ?? world.ceiling, world.ceiling));
   assert.ok(counted <= world.ceiling, `${step}: counted ${counted} > ${world.ceiling} (limit ${world.limit})`);
   const held = world.pods.reduce((sum, p) => sum + p.sidecar.held, 0) + world.lostBackends.reduce((sum, b) => sum + b.connections, 0);
-  assert.ok(held <= world.ceiling, `${step}: sidecars and lost pods' backends hold ${held} > ${world.ceiling}`);
+  assert.ok(held <= world.heldCeiling, `${step}: sidecars and lost pods' backends hold ${held} > ${world.heldCeiling}`);
   for (const p of world.pods) {
     assert.ok(p.sidecar.allowed <= countedFor(world, p) || p.sidecar.drained || p.pod.phase === 'Failed', `${step}: ${p.pod.name} may hold ${p.sidecar.allowed}, counted ${countedFor(world, p)}`);
   }
@@ -349,7 +388,7 @@ const operationArb: fc.Arbitrary<Operation> = fc.oneof(
   { weight: 1, arbitrary: fc.constant({ kind: 'newLeader' as const }) },
   { weight: 2, arbitrary: fc.record({ pod, finished: fc.boolean() }).map((o) => ({ kind: 'lost' as const, ...o })) },
   { weight: 2, arbitrary: fc.integer({ min: 1, max: 20 }).map((seconds) => ({ kind: 'advance' as const, seconds })) },
-  ...([['terminate', 1], ['gone', 1], ['fail', 1], ['sync', 6], ['release', 3], ['deliverAck', 3], ['channelAck', 5], ['loseAck', 1], ['hang', 1], ['wake', 1], ['drain', 2]] as const)
+  ...([['terminate', 1], ['gone', 1], ['fail', 1], ['sync', 6], ['release', 3], ['deliverAck', 3], ['channelAck', 5], ['loseAck', 1], ['hang', 1], ['wake', 1], ['drain', 2], ['vanish', 1]] as const)
     .map(([kind, weight]) => ({ weight, arbitrary: pod.map((i) => ({ kind, pod: i })) })),
 );
 
@@ -362,7 +401,7 @@ const sharedServerOperationArb: fc.Arbitrary<Operation> = fc.oneof(
   { weight: 6, arbitrary: fc.record({ busy: fc.boolean(), channel: fc.oneof(fc.constant(true), fc.constant(true), fc.constant(false)) }).map((o) => ({ kind: 'tick' as const, ...o })) },
   { weight: 1, arbitrary: fc.record({ pod, finished: fc.boolean() }).map((o) => ({ kind: 'lost' as const, ...o })) },
   { weight: 1, arbitrary: fc.integer({ min: 1, max: 20 }).map((seconds) => ({ kind: 'advance' as const, seconds })) },
-  ...([['terminate', 2], ['gone', 2], ['release', 2], ['channelAck', 2], ['drain', 1], ['newLeader', 0]] as const)
+  ...([['terminate', 2], ['gone', 2], ['release', 2], ['channelAck', 2], ['drain', 1], ['vanish', 1], ['newLeader', 0]] as const)
     .filter(([, weight]) => weight > 0).map(([kind, weight]) => ({ weight, arbitrary: pod.map((i) => ({ kind, pod: i })) })),
 );
 

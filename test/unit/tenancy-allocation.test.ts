@@ -149,6 +149,24 @@ describe('tenancy: planning within namespace shares (property)', function () {
     }), { numRuns: 200 });
   });
 
+  it('counts what pods gone unseen from a table\'s default may hold for their namespace before any namespace grows', function () {
+    // z's table counted 2 pods on its default at 5; one was force-deleted and its PoolMember collected while no
+    // controller ran. b, planned first unless z's unseen pod counts, would grow into what that pod's backends hold.
+    const now = Date.parse('2026-12-03T10:00:00Z');
+    const connections: ConnectionInput[] = ['b', 'z'].map((ns) => ({ namespace: ns, name: 'db', budgetStrategy: 'Dynamic' as const, departureHoldSeconds: 60, consumers: [{ name: 'web', weight: 1, minPerPod: 0, processesPerPod: 1 }] }));
+    const pod = (ns: string, name: string): PodInput => ({ namespace: ns, name, uid: name, connection: 'db', consumer: 'web', phase: 'Running', terminating: false, ready: true });
+    const acked = (ns: string, name: string, connections: number, extra: Partial<MemberState> = {}): MemberState => ({ namespace: ns, name, podUid: name, connection: 'db', grant: { connections, generation: 5 }, acknowledgement: { generation: 5, tableGeneration: 5, connections, held: connections, drained: false }, ...extra });
+    const input: BudgetInput = {
+      limit: 20, now, connections,
+      pods: [pod('b', 'b-0'), pod('b', 'b-1'), pod('z', 'z-1')],
+      members: [acked('b', 'b-0', 4), acked('b', 'b-1', 3), acked('z', 'z-1', 5, { grant: { connections: 0, generation: 0 }, tableFrom: 1 })],
+      tables: [{ namespace: 'z', connection: 'db', table: { generation: 5, perPod: 5, recordsChanges: true, perPodPods: 2, exceptions: [] } }],
+    };
+    const { plan, limits } = planWithShares(input, new Map([['b', 11], ['z', 9]]));
+    assert.equal(limits.get('b'), 10, 'b may use what z does not hold, its unseen pod included');
+    assert.equal(plan.allocated, 20);
+  });
+
   it('converges to each namespace\'s share once every sidecar acknowledges', function () {
     const limit = 30;
     const connections = connectionsFor(0);

@@ -61,6 +61,15 @@ export interface GrantTable {
    * their PoolMember acknowledgements, as then.
    */
   recordsChanges?: boolean | undefined;
+  /**
+   * How many pods the default covered when the table was written: the live
+   * pods on it not listed in `exceptions`. Only a controller moves a pod onto
+   * the default (a PoolMember's `tableFrom` is its to write), and every other
+   * PoolMember on the table is listed by name or recorded in `departed`, so a
+   * later pass that finds fewer such PoolMembers knows that pods left unseen
+   * (see `unlistedDeparted`). Absent in tables of older controllers: unknown.
+   */
+  perPodPods?: number | undefined;
   /** Sorted by connections, then drain, then change in flight. */
   exceptions: GrantException[];
   /** Pods gone without a drain, still counted (sorted by pod, then uid); no sidecar derives a grant from them. */
@@ -87,6 +96,9 @@ export interface GrantTableSpec {
   perPodSince?: number | undefined;
   perPodReleasing?: number | undefined;
   recordsChanges?: boolean | undefined;
+  perPodPods?: number | undefined;
+  /** The generation whose write set `perPodPods`: a table written since by a controller that does not count them says nothing about them. */
+  perPodPodsGeneration?: number | undefined;
   exceptions?: ReadonlyArray<{ connections: number; drain?: boolean | undefined; since?: number | undefined; releasing?: number | undefined; pods?: readonly string[] | undefined }> | undefined;
   departed?: ReadonlyArray<{ pod: string; uid?: string | undefined; connections: number; until: string }> | undefined;
 }
@@ -99,6 +111,7 @@ export function grantTableOf(spec: GrantTableSpec): GrantTable {
     ...(spec.perPodSince === undefined ? {} : { perPodSince: spec.perPodSince }),
     ...(spec.perPodReleasing === undefined ? {} : { perPodReleasing: spec.perPodReleasing }),
     ...(spec.recordsChanges ? { recordsChanges: true } : {}),
+    ...(spec.perPodPods !== undefined && spec.perPodPodsGeneration === spec.generation ? { perPodPods: spec.perPodPods } : {}),
     exceptions: (spec.exceptions ?? []).map((e) => ({
       connections: e.connections,
       ...(e.drain ? { drain: true } : {}),
@@ -121,6 +134,42 @@ export function departedHeld(table: Pick<GrantTable, 'departed'> | undefined, no
 export function departedCounts(d: DepartedPod, now: number): boolean {
   const until = Date.parse(d.until);
   return Number.isNaN(until) || until > now;
+}
+
+/** A PoolMember as far as `unlistedDeparted` needs it. */
+export interface TableMember {
+  name: string;
+  podUid: string;
+  tableFrom?: number | undefined;
+}
+
+/**
+ * How many of the pods on `table`'s default when it was written have left
+ * without any trace but the count: `perPodPods` less the PoolMembers that
+ * still derive the default from it (their `tableFrom` reached, their name not
+ * listed, their pod not recorded in `departed`). Such a pod was force-deleted
+ * (or drained and deleted) and its PoolMember collected while no controller
+ * saw it go, so it may still hold what the default grants until PostgreSQL
+ * notices; `members` are the PoolMembers of the table's connection. 0 when
+ * the table does not say how many pods its default covered.
+ */
+export function unlistedDeparted(table: GrantTable, members: Iterable<TableMember>): number {
+  if (table.perPodPods === undefined || table.perPodPods === 0) return 0;
+  const listed = new Set<string>();
+  for (const e of table.exceptions) for (const name of e.pods) listed.add(name);
+  const recorded = new Set<string>();
+  for (const d of table.departed ?? []) if (d.uid !== '') recorded.add(d.uid);
+  // By name: two PoolMembers of one name (a new pod's and the last state of the one before) are one pod of the default.
+  const onDefault = new Set<string>();
+  for (const m of members) {
+    if (m.tableFrom !== undefined && m.tableFrom <= table.generation && !listed.has(m.name) && !recorded.has(m.podUid)) onDefault.add(m.name);
+  }
+  return Math.max(0, table.perPodPods - onDefault.size);
+}
+
+/** What one pod on `table`'s default may hold: its grant, or what a shrink in flight releases. */
+export function defaultHolding(table: GrantTable): number {
+  return Math.max(table.perPod, table.perPodReleasing ?? 0);
 }
 
 /** What a pod's sidecar derives from a table. */
@@ -202,6 +251,7 @@ export function encodeGrantTable(entries: readonly TableEntry[], generation: num
     ...(perPod?.since === undefined ? {} : { perPodSince: perPod.since }),
     ...(perPod?.releasing === undefined ? {} : { perPodReleasing: perPod.releasing }),
     recordsChanges: true,
+    perPodPods: best?.count ?? 0,
     exceptions,
   };
 }
@@ -284,7 +334,7 @@ export function tableWriteWaves(tables: ReadonlyArray<{ namespace: string; conne
 
 /** The table's content without its generation, for comparing two tables. */
 export function tableContent(table: GrantTable): string {
-  return JSON.stringify([table.perPod, table.perPodSince ?? null, table.perPodReleasing ?? null, table.recordsChanges === true, table.exceptions.map((e) => [e.connections, e.drain === true, e.since ?? null, e.releasing ?? null, e.pods]), (table.departed ?? []).map((d) => [d.pod, d.uid, d.connections, d.until])]);
+  return JSON.stringify([table.perPod, table.perPodSince ?? null, table.perPodReleasing ?? null, table.recordsChanges === true, table.perPodPods ?? null, table.exceptions.map((e) => [e.connections, e.drain === true, e.since ?? null, e.releasing ?? null, e.pods]), (table.departed ?? []).map((d) => [d.pod, d.uid, d.connections, d.until])]);
 }
 
 /** The heartbeat of a small fleet: a sidecar renews its status every 10 s. */

@@ -5,7 +5,7 @@
  * docs/budget.md explains the algorithm.
  */
 import { fairShares, type ShareUnit } from './fair-share.ts';
-import { departedCounts, deriveEntry, encodeGrantTable, memberGrantInForce, tableAccount, tableContent, type DepartedPod, type GrantTable, type TableEntry } from './grant-table.ts';
+import { defaultHolding, departedCounts, deriveEntry, encodeGrantTable, memberGrantInForce, tableAccount, tableContent, unlistedDeparted, type DepartedPod, type GrantTable, type TableEntry } from './grant-table.ts';
 import type {
   BudgetInput, BudgetPlan, ConnectionInput, ConnectionSummary, ConsumerInput, ConsumerSummary, GrantInForce, GrantWait,
   MemberState, ObjectKey, Oversubscription, PlannedTable, PodGrant, PodInput,
@@ -144,6 +144,64 @@ function joinPodsWithMembers(pods: readonly PodInput[], members: readonly Member
   return { states: states.sort(byKey), orphans };
 }
 
+/**
+ * The PoolMembers on tables, by `namespace/connection` of their table: their
+ * own connection, else (a PoolMember this controller created that its cache
+ * has yet to show) their pod's.
+ */
+function tableMembersByConnection(input: BudgetInput): Map<string, MemberState[]> {
+  let podConnection: Map<string, string> | undefined;
+  const out = new Map<string, MemberState[]>();
+  for (const m of input.members) {
+    if (m.tableFrom === undefined) continue;
+    const connection = m.connection ?? (podConnection ??= new Map(input.pods.map((p) => [p.uid, p.connection]))).get(m.podUid);
+    if (connection === undefined) continue;
+    const k = `${m.namespace}/${connection}`;
+    const list = out.get(k);
+    if (list) list.push(m);
+    else out.set(k, [m]);
+  }
+  return out;
+}
+
+/** What pods that left a table's default unseen may still hold: how many, and their connections. */
+export interface UnlistedDepartures {
+  pods: number;
+  connections: number;
+  /** The generation of the table whose default covered them. */
+  generation: number;
+}
+
+/**
+ * Per table (`namespace/connection`), the pods on its default that left
+ * without any controller seeing them go (`unlistedDeparted`: force-deleted
+ * and their PoolMember collected while none ran), at what the default may
+ * hold each. Only for connections that hold departures, and only with
+ * `input.now`, as the planner holds them; `members` as tableMembersByConnection gives them.
+ */
+export function unlistedDepartures(input: BudgetInput, members: ReadonlyMap<string, readonly MemberState[]> = tableMembersByConnection(input)): Map<string, UnlistedDepartures> {
+  const out = new Map<string, UnlistedDepartures>();
+  if (input.now === undefined) return out;
+  const holds = new Set(input.connections.filter((c) => (c.departureHoldSeconds ?? 0) > 0).map((c) => `${c.namespace}/${c.name}`));
+  for (const t of input.tables ?? []) {
+    const k = `${t.namespace}/${t.connection}`;
+    const each = defaultHolding(t.table);
+    if (!holds.has(k) || each === 0 || t.table.perPodPods === undefined) continue;
+    const pods = unlistedDeparted(t.table, members.get(k) ?? []);
+    if (pods > 0) out.set(k, { pods, connections: pods * each, generation: t.table.generation });
+  }
+  return out;
+}
+
+/**
+ * The name of the departed record that holds pods gone unseen from the
+ * default of table generation `generation`: not a pod name (those have no
+ * spaces or parentheses), one per generation.
+ */
+export function unlistedRecordName(pods: number, generation: number): string {
+  return `(${pods} ${pods === 1 ? 'pod' : 'pods'} of the default at generation ${generation})`;
+}
+
 /** Each table's departed pods after this pass, and what they hold, by `namespace/connection`. */
 interface Departures {
   lists: Map<string, DepartedPod[]>;
@@ -161,7 +219,7 @@ interface Departures {
  * are gone. A departure is recorded in the same table write that drops the
  * pod's grant, so what is durable never counts less than what may be held.
  */
-function planDepartures(input: BudgetInput, states: readonly PodState[], tables: ReadonlyMap<string, GrantTable>): Departures {
+function planDepartures(input: BudgetInput, states: readonly PodState[], tables: ReadonlyMap<string, GrantTable>, tableMembers: ReadonlyMap<string, readonly MemberState[]>): Departures {
   const lists = new Map<string, DepartedPod[]>();
   const held = new Map<string, number>();
   const now = input.now;
@@ -238,6 +296,12 @@ function planDepartures(input: BudgetInput, states: readonly PodState[], tables:
           if (holding > 0) add(k, { pod: name, uid: '', connections: holding, until });
         }
       }
+    }
+    // Pods that left a table's default unseen (no PoolMember, no name): its count of them says how
+    // many. Held from now: when they went is not known, only that it was after the table was written.
+    for (const [k, gone] of unlistedDepartures(input, tableMembers)) {
+      const until = untils.get(k);
+      if (until !== undefined) add(k, { pod: unlistedRecordName(gone.pods, gone.generation), uid: '', connections: gone.connections, until });
     }
   }
   for (const [k, list] of lists) {
@@ -502,7 +566,7 @@ function summarize(
  * carries its `releases` (see PlannedTable), for when another table's grows
  * must wait for what this one records.
  */
-function planTables(states: readonly PodState[], next: Map<string, GrantInForce>, tables: ReadonlyMap<string, GrantTable>, departed: ReadonlyMap<string, readonly DepartedPod[]>, floors: ReadonlyMap<string, number> | undefined): { planned: PlannedTable[]; generations: Map<string, number> } {
+function planTables(states: readonly PodState[], next: Map<string, GrantInForce>, tables: ReadonlyMap<string, GrantTable>, departed: ReadonlyMap<string, readonly DepartedPod[]>, floors: ReadonlyMap<string, number> | undefined, tableMembers: ReadonlyMap<string, readonly MemberState[]>): { planned: PlannedTable[]; generations: Map<string, number> } {
   const byConnection = new Map<string, { namespace: string; connection: string; pods: PodState[]; pending: number; reported: number }>();
   // Every table in force is planned, even with none of its pods left: it still lists pods that left
   // (by name, or as departed), and a pod that left must not stay listed once its PoolMember is gone.
@@ -531,18 +595,68 @@ function planTables(states: readonly PodState[], next: Map<string, GrantInForce>
     const grows = group.pods.some(grown);
     const gone = departed.get(k) ?? [];
     const withDeparted = (t: GrantTable): GrantTable => (gone.length > 0 ? { ...t, departed: [...gone] } : t);
-    const releasesDraft = grows ? withDeparted(encodeGrantTable(group.pods.map((s) => tableEntry(s, grown(s) ? s.grant : (next.get(s.key) ?? s.grant), nextGeneration)), nextGeneration)) : undefined;
+    const unplanned = unplannedMembers(group.pods, tableMembers.get(k) ?? [], gone);
+    const releasesDraft = grows ? withDeparted(encodeGrantTable([...group.pods.map((s) => tableEntry(s, grown(s) ? s.grant : (next.get(s.key) ?? s.grant), nextGeneration)), ...unplanned], nextGeneration)) : undefined;
     const releases = releasesDraft && current !== undefined && (group.pending > 0 || tableContent(releasesDraft) !== tableContent(current)) ? releasesDraft : undefined;
     const finalGeneration = releases ? nextGeneration + 1 : nextGeneration;
     // A grown pod's change is acknowledged from the final table on; the others' from the first.
-    const entries = group.pods.map((s) => tableEntry(s, next.get(s.key) ?? s.grant, grown(s) ? finalGeneration : nextGeneration));
-    const draft = withDeparted(encodeGrantTable(entries, current?.generation ?? 0));
-    const changed = current === undefined || group.pending > 0 || tableContent(draft) !== tableContent(current);
+    const entries = [...group.pods.map((s) => tableEntry(s, next.get(s.key) ?? s.grant, grown(s) ? finalGeneration : nextGeneration)), ...unplanned];
+    let draft = withDeparted(encodeGrantTable(entries, current?.generation ?? 0));
+    let changed = current === undefined || group.pending > 0 || tableContent(draft) !== tableContent(current);
+    if (changed && current !== undefined && group.pending === 0) {
+      // Names of pods gone with their PoolMembers that the table still lists at 0 to drain: dropping
+      // them is no reason of its own to write the table (a write reaches every sidecar of the
+      // connection, and the garbage collector takes PoolMembers one by one); they go with the next.
+      const lingering = lingeringEntries(current, group.pods, unplanned);
+      const kept = lingering.length > 0 ? withDeparted(encodeGrantTable([...entries, ...lingering], current.generation)) : undefined;
+      if (kept !== undefined && tableContent(kept) === tableContent(current)) {
+        draft = kept;
+        changed = false;
+      }
+    }
     const generation = changed ? finalGeneration : (current?.generation ?? 0);
     generations.set(k, generation);
     planned.push({ namespace: group.namespace, connection: group.connection, table: { ...draft, generation }, changed, grows: changed && grows, ...(changed && releases ? { releases } : {}) });
   }
   return { planned, generations };
+}
+
+/**
+ * The PoolMembers on a table whose pod is not one of its planned pods (gone,
+ * replaced by a new pod of that name, moved to another connection) and whose
+ * departure is not recorded (it drained, or its connection holds none): listed
+ * by name at 0 with `drain`, so that the table's default covers exactly the
+ * pods it counts (`perPodPods`) and a PoolMember that outlives its pod is never
+ * taken for one still on the default. Listed while the PoolMember exists.
+ */
+function unplannedMembers(pods: readonly PodState[], members: readonly MemberState[], departed: readonly DepartedPod[]): TableEntry[] {
+  if (members.length === 0) return [];
+  const planned = new Set(pods.map((s) => s.pod.name));
+  if (members.every((m) => planned.has(m.name))) return [];
+  // Recorded by UID, as unlistedDeparted reads it back.
+  const recorded = new Set(departed.map((d) => d.uid).filter((uid) => uid !== ''));
+  const out = new Map<string, TableEntry>();
+  for (const m of members) {
+    if (planned.has(m.name) || recorded.has(m.podUid)) continue;
+    out.set(m.name, { name: m.name, connections: 0, drain: true });
+  }
+  return [...out.values()];
+}
+
+/**
+ * The names `table` lists at 0 to drain, with no change in flight, that are
+ * neither a pod planned on it nor a PoolMember listed by unplannedMembers:
+ * pods gone with their PoolMembers.
+ */
+function lingeringEntries(table: GrantTable, pods: readonly PodState[], unplanned: readonly TableEntry[]): TableEntry[] {
+  let known: Set<string> | undefined;
+  const out: TableEntry[] = [];
+  for (const e of table.exceptions) {
+    if (e.connections !== 0 || e.drain !== true || e.since !== undefined || e.releasing !== undefined) continue;
+    known ??= new Set([...pods.map((s) => s.pod.name), ...unplanned.map((u) => u.name)]);
+    for (const name of e.pods) if (!known.has(name)) out.push({ name, connections: 0, drain: true });
+  }
+  return out;
 }
 
 /**
@@ -570,11 +684,12 @@ export function planBudgets(input: BudgetInput): BudgetPlan {
   const consumers = indexConsumers(input.connections, input.pods);
   const tables = new Map((input.tables ?? []).map((t) => [`${t.namespace}/${t.connection}`, t.table]));
   const { states, orphans } = joinPodsWithMembers(input.pods, input.members, consumers, tables);
-  const departures = planDepartures(input, states, tables);
+  const tableMembers = tableMembersByConnection(input);
+  const departures = planDepartures(input, states, tables, tableMembers);
   const caps = capGroups(input.connections);
   const { targets, slotShares, oversubscription } = fairTargets(states, consumers, limit, caps);
   const next = stepTowardTargets(states, targets, limit, caps, departures.held);
-  const planned = planTables(states, next, tables, departures.lists, input.tableGenerationFloors);
+  const planned = planTables(states, next, tables, departures.lists, input.tableGenerationFloors, tableMembers);
   // A pod on a table whose grant changes gets the table's new generation.
   for (const s of states) {
     const grant = next.get(s.key);

@@ -15,7 +15,7 @@
  * exceeds the limit, even while one namespace shrinks and another grows.
  */
 import { departedHeld, memberGrantInForce } from '../budget/grant-table.ts';
-import { planBudgets } from '../budget/planner.ts';
+import { planBudgets, unlistedDepartures } from '../budget/planner.ts';
 import type { BudgetInput, BudgetPlan, ConnectionCap, MemberState, Oversubscription, PodInput } from '../budget/types.ts';
 import { selectorMatches } from '../inject/consumer.ts';
 import type { LabelSelector } from '../inject/model.ts';
@@ -177,7 +177,7 @@ class CrossNamespaceCaps {
   /** The caps of each connection, by `namespace/name`. */
   private readonly capsOf = new Map<string, ConnectionCap[]>();
 
-  constructor(input: BudgetInput, podConnection: ReadonlyMap<string, string>) {
+  constructor(input: BudgetInput, podConnection: ReadonlyMap<string, string>, unlisted: ReadonlyMap<string, { connections: number }>) {
     const capsOf = this.capsOf;
     for (const c of input.connections) {
       capsOf.set(`${c.namespace}/${c.name}`, [...(c.caps ?? [])]);
@@ -203,7 +203,7 @@ class CrossNamespaceCaps {
     }
     if (input.now !== undefined) {
       for (const t of input.tables ?? []) {
-        const gone = departedHeld(t.table, input.now);
+        const gone = departedHeld(t.table, input.now) + (unlisted.get(`${t.namespace}/${t.connection}`)?.connections ?? 0);
         for (const cap of gone > 0 ? (capsOf.get(`${t.namespace}/${t.connection}`) ?? []) : []) {
           const entry = this.caps.get(cap.key);
           if (entry) entry.held.set(t.namespace, (entry.held.get(t.namespace) ?? 0) + gone);
@@ -260,11 +260,15 @@ export function planWithShares(input: BudgetInput, shares: ReadonlyMap<string, n
   const held = new Map<string, number>();
   const podConnection = new Map(input.pods.map((p) => [`${p.namespace}/${p.name}`, p.connection]));
   for (const m of input.members) held.set(m.namespace, (held.get(m.namespace) ?? 0) + reservationOf(m, input, podConnection));
-  // What a namespace's departed pods may still hold is held too (each namespace's own plan counts them again).
-  if (input.now !== undefined) for (const t of input.tables ?? []) held.set(t.namespace, (held.get(t.namespace) ?? 0) + departedHeld(t.table, input.now));
+  // What a namespace's departed pods may still hold is held too (each namespace's own plan counts them again),
+  // those that left a table's default unseen included (the plan of their namespace records them).
+  const unlisted = unlistedDepartures(input);
+  if (input.now !== undefined) {
+    for (const t of input.tables ?? []) held.set(t.namespace, (held.get(t.namespace) ?? 0) + departedHeld(t.table, input.now) + (unlisted.get(`${t.namespace}/${t.connection}`)?.connections ?? 0));
+  }
   // Namespaces that give back go first, so those that grow can use it as soon as it is acknowledged.
   const order = [...namespaces].sort((a, b) => ((shares.get(a) ?? 0) - (held.get(a) ?? 0)) - ((shares.get(b) ?? 0) - (held.get(b) ?? 0)) || a.localeCompare(b));
-  const caps = new CrossNamespaceCaps(input, podConnection);
+  const caps = new CrossNamespaceCaps(input, podConnection, unlisted);
   const plans: BudgetPlan[] = [];
   const byNamespace = new Map<string, BudgetPlan>();
   const limits = new Map<string, number>();

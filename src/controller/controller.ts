@@ -128,6 +128,7 @@ export class BudgetController {
       ...(elector ? { mayWrite: () => elector.isLeader && !this.stopping } : {}),
       ...(options.acknowledgeTo ? { acknowledgements: { ledger: this.ledger, acknowledgeTo: () => this.acknowledgeTo } } : {}),
       heardAt: (m) => this.heardByObject.get(m) ?? this.memberSeen.get(`${m.metadata.namespace ?? ''}/${m.metadata.name ?? ''}`)?.heardAt,
+      wake: (server) => this.enqueue(server),
     });
     this.wireHandlers();
   }

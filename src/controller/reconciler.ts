@@ -103,6 +103,8 @@ export interface ReconcilerDeps {
    * status only.
    */
   acknowledgements?: { ledger: AcknowledgementLedger; acknowledgeTo: () => string | undefined } | undefined;
+  /** Asks for a reconcile of `server` (a login check that ran in the background changed its answer); absent: the next resync sees it. */
+  wake?: (server: string) => void;
 }
 
 /** A PoolMember write a pass has to make, with the fingerprint of the spec it writes. */
@@ -230,7 +232,11 @@ export class ServerReconciler {
     this.now = deps.now ?? (() => new Date());
     this.sidecarAccess = deps.manageSidecarAccess ? new SidecarAccess(deps.http, deps.logger) : undefined;
     this.tables = new GrantTableWriter({ http: deps.http, grants: deps.caches.grants, logger: deps.logger, assertMayWrite: () => this.assertMayWrite(), conflict: (what) => new GrantConflictError(what), acknowledgeTo: deps.acknowledgements?.acknowledgeTo });
-    this.verifier = new ConnectionVerifier(deps.discovery, deps.verifier);
+    this.verifier = new ConnectionVerifier(deps.discovery, deps.verifier, (connectionKey) => {
+      const slash = connectionKey.indexOf('/');
+      const connection = deps.caches.connections.get(connectionKey.slice(0, slash), connectionKey.slice(slash + 1));
+      if (connection) deps.wake?.(this.directory.keyOf(connection));
+    });
     this.directory = deps.directory ?? new ServerDirectory();
   }
 
@@ -533,10 +539,12 @@ export class ServerReconciler {
     this.recordMetrics(server, plan, connections);
     // A departed pod stops counting at a time, not on an event: plan again then.
     const untilDeparture = plan.nextDepartureExpiry === undefined ? Infinity : Math.max(100, plan.nextDepartureExpiry - this.now().getTime() + 50);
-    if (!plan.settled) return { requeueAfterMs: Math.min(this.deps.pendingRequeueMs ?? 2_000, untilDeparture) };
+    // A failed login check is tried again then (in the background: a changed answer wakes the server).
+    const untilRecheck = [...resolved.values()].some((r) => r.verification.state === 'failed') ? this.verifier.retryFailedMs : Infinity;
+    if (!plan.settled) return { requeueAfterMs: Math.min(this.deps.pendingRequeueMs ?? 2_000, untilDeparture, untilRecheck) };
     logger.debug({ server, limit, allocated: plan.allocated }, 'server settled');
     // A sidecar going silent produces no event: look again within the heartbeat timeout.
-    return { requeueAfterMs: Math.min(this.deps.resyncMs ?? 60_000, this.heartbeatTimeoutMs(), untilDeparture) };
+    return { requeueAfterMs: Math.min(this.deps.resyncMs ?? 60_000, this.heartbeatTimeoutMs(), untilDeparture, untilRecheck) };
   }
 
   /**

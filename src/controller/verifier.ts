@@ -36,23 +36,36 @@ export function classifyLoginError(err: unknown): { reason: VerificationFailure;
   return { reason: 'ConnectionFailed', message: `cannot reach the server: ${code && !text.includes(code) ? `${code}: ` : ''}${text}` };
 }
 
-/** Runs and remembers the checks. */
+/**
+ * Runs and remembers the checks. A check that is only due again (same
+ * fingerprint, its answer old) is answered from the last result at once and
+ * runs in the background: a server that does not answer (a host black-holed
+ * from the controller's network) must not hold every rebalance for the
+ * connect timeout each time its failed check is retried. `onRefreshed` is
+ * told when a background check changed the answer, so its server is
+ * reconciled again.
+ */
 export class ConnectionVerifier {
   private readonly discovery: LimitDiscovery;
-  private readonly retryFailedMs: number;
+  /** How soon a failed check is tried again (ms). */
+  readonly retryFailedMs: number;
   private readonly recheckMs: number;
+  private readonly onRefreshed: ((key: string) => void) | undefined;
   private readonly results = new Map<string, { fingerprint: string; at: number; result: CheckResult }>();
+  /** Connections whose check runs in the background now. */
+  private readonly refreshing = new Set<string>();
 
-  constructor(discovery: LimitDiscovery, options: VerifierOptions = {}) {
+  constructor(discovery: LimitDiscovery, options: VerifierOptions = {}, onRefreshed?: (key: string) => void) {
     this.discovery = discovery;
     this.retryFailedMs = options.retryFailedMs ?? 15_000;
     this.recheckMs = options.recheckMs ?? 10 * 60_000;
+    this.onRefreshed = onRefreshed;
   }
 
   /**
    * The check of connection `key` against `target`. `fingerprint` names what
    * was checked (credentials generation, address, database, TLS, tunnel): a
-   * new one checks again at once.
+   * new one checks again at once, and is waited for.
    */
   async check(key: string, fingerprint: string, target: DiscoveryTarget, now = Date.now()): Promise<CheckResult> {
     const previous = this.results.get(key);
@@ -60,7 +73,21 @@ export class ConnectionVerifier {
       const age = now - previous.at;
       const ok = previous.result.verification.state === 'ok';
       if (age < (ok ? this.recheckMs : this.retryFailedMs)) return previous.result;
+      if (!this.refreshing.has(key)) {
+        this.refreshing.add(key);
+        void this.run(key, fingerprint, target, now).then((result) => {
+          this.refreshing.delete(key);
+          if (result !== undefined && !sameAnswer(previous.result, result)) this.onRefreshed?.(key);
+        });
+      }
+      return previous.result;
     }
+    // Superseded by a later check of another fingerprint: its answer is the one that stands.
+    return (await this.run(key, fingerprint, target, now)) ?? this.results.get(key)!.result;
+  }
+
+  /** Runs one check and remembers it, unless a check of another fingerprint was remembered meanwhile (then undefined). */
+  private async run(key: string, fingerprint: string, target: DiscoveryTarget, now: number): Promise<CheckResult | undefined> {
     let result: CheckResult;
     try {
       const settings = await this.discovery.check(target);
@@ -71,6 +98,8 @@ export class ConnectionVerifier {
       // A server message may echo what it was sent; it never gets the password, but be sure.
       result = { verification: { state: 'failed', reason: failure.reason, message: redactSecrets(failure.message, [target.password]) } };
     }
+    const latest = this.results.get(key);
+    if (latest !== undefined && latest.fingerprint !== fingerprint && latest.at > now) return undefined;
     this.results.set(key, { fingerprint, at: now, result });
     return result;
   }
@@ -84,4 +113,9 @@ export class ConnectionVerifier {
   retain(keys: ReadonlySet<string>): void {
     for (const key of this.results.keys()) if (!keys.has(key)) this.results.delete(key);
   }
+}
+
+/** Whether two checks gave the same answer: the same verification and the same server settings. */
+function sameAnswer(a: CheckResult, b: CheckResult): boolean {
+  return JSON.stringify(a) === JSON.stringify(b);
 }

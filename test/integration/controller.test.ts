@@ -259,6 +259,31 @@ describe('budget controller', function () {
     assert.deepEqual(getConnection(kube, namespace, 'orders')?.status?.limit, { discovered, reserve, effective: discovered - reserve, shared: 1 });
   });
 
+  it('reports a login that works again as soon as its background check sees it, with nothing changed in the spec or the Secret', async function () {
+    const role = `late_${Math.random().toString(36).slice(2, 8)}`;
+    // The Secret has the password the role will have; the server has another one for now.
+    await postgres.query(`CREATE ROLE ${role} LOGIN PASSWORD 'before-${role}'`);
+    const namespace = namespaceFor('late');
+    try {
+      // No pods: a settled server is reconciled again only at its resync, a minute away.
+      createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 0, secret: 'db-credentials', username: role, password: `after-${role}` });
+      applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 10, reserve: 0 });
+      ({ controller } = await startController(kube, undefined, { verifier: { retryFailedMs: 1_000 } }));
+      const condition = (type: string): string => {
+        const c = getConnection(kube, namespace, 'orders')?.status?.conditions?.find((x) => x.type === type);
+        return c ? `${c.status}/${c.reason}` : '';
+      };
+      await eventually('the login refused', () => condition('Degraded') === 'True/CredentialsRejected');
+      await postgres.query(`ALTER ROLE ${role} PASSWORD 'after-${role}'`);
+      await eventually('the login reported working', () => condition('Degraded') !== 'True/CredentialsRejected' && condition('Ready').startsWith('True'), 20_000).catch((err: unknown) => { throw new Error(`${String(err)}: ${JSON.stringify(getConnection(kube, namespace, 'orders')?.status?.conditions)}`); });
+    } finally {
+      await controller?.stop();
+      controller = undefined;
+      kube.kubectl(['-n', namespace, 'delete', 'dbc', '--all', '--wait=true']);
+      await postgres.query(`DROP ROLE IF EXISTS ${role}`).catch(() => undefined);
+    }
+  });
+
   it('keeps every connection of a role (or to a database) with a CONNECTION LIMIT within it together, and gives the rest of the server to other roles', async function () {
     const suffix = Math.random().toString(36).slice(2, 8);
     const role = `capped_${suffix}`;

@@ -12,6 +12,7 @@ import { grantTableOf, memberGrantInForce, tableAccount } from '../../src/core/b
 import { receiverFor, type AcknowledgementReceiver } from '../../src/controller/acknowledgements.ts';
 import { BudgetController } from '../../src/controller/controller.ts';
 import { LimitDiscovery } from '../../src/controller/limit-discovery.ts';
+import type { VerifierOptions } from '../../src/controller/verifier.ts';
 import { ControllerMetrics } from '../../src/controller/metrics.ts';
 import type { KubeControlPlane } from '../../src/devenv/kube.ts';
 export { createWorkload, eventually, installCrds } from '../../src/devenv/scenario.ts';
@@ -32,7 +33,7 @@ export function freshNamespace(prefix: string): string {
  * 127.0.0.1 as in a cluster (the sidecars of its tables acknowledge to it
  * directly) unless `channel` is false.
  */
-export async function startController(kube: KubeControlPlane, logger: Logger = pino({ level: 'silent' }), options: { repair?: 'report' | 'evict'; manageSidecarAccess?: boolean; heartbeatTimeoutMs?: number; channel?: boolean } = {}): Promise<{ controller: BudgetController; registry: Registry; receiver?: AcknowledgementReceiver | undefined }> {
+export async function startController(kube: KubeControlPlane, logger: Logger = pino({ level: 'silent' }), options: { repair?: 'report' | 'evict'; manageSidecarAccess?: boolean; heartbeatTimeoutMs?: number; channel?: boolean; verifier?: VerifierOptions } = {}): Promise<{ controller: BudgetController; registry: Registry; receiver?: AcknowledgementReceiver | undefined }> {
   const http = new KubeHttp(kube.kubeConfig());
   const registry = new Registry();
   const events = new EventRecorder(http, 'poolkeeper-controller', logger);
@@ -46,7 +47,7 @@ export async function startController(kube: KubeControlPlane, logger: Logger = p
     metrics: new ControllerMetrics(registry),
     stallTimeoutMs: 60_000,
     ...(port === undefined ? {} : { acknowledgeTo: `http://127.0.0.1:${port}` }),
-    reconciler: { discovery: new LimitDiscovery({ logger }), events, pendingRequeueMs: 500, repairer, repairGraceSeconds: 0, manageSidecarAccess: options.manageSidecarAccess ?? false, ...(options.heartbeatTimeoutMs ? { heartbeatTimeoutMs: options.heartbeatTimeoutMs } : {}) },
+    reconciler: { discovery: new LimitDiscovery({ logger }), events, pendingRequeueMs: 500, repairer, repairGraceSeconds: 0, manageSidecarAccess: options.manageSidecarAccess ?? false, ...(options.heartbeatTimeoutMs ? { heartbeatTimeoutMs: options.heartbeatTimeoutMs } : {}), ...(options.verifier ? { verifier: options.verifier } : {}) },
   });
   late.controller = controller;
   if (receiver) {

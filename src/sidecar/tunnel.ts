@@ -77,6 +77,13 @@ export class SshTunnel {
   private connectedOnce = false;
   private reconnectTimer: NodeJS.Timeout | undefined;
   private lastError = 'not connected yet';
+  /**
+   * Set while the bastion's last answer was a refusal that retrying alone
+   * will not change (its host key does not match, it refused the key): a
+   * channel asked for meanwhile fails at once with it instead of waiting
+   * out its deadline. Cleared by a connection that comes up or a new host key.
+   */
+  private refusal: string | undefined;
   private readonly readyWaiters = new Set<() => void>();
   private readonly settings: TunnelSettings;
   /** The configured host key; a change applies from the next connection. */
@@ -114,6 +121,7 @@ export class SshTunnel {
   setHostKey(hostKey: string): void {
     if (hostKey === this.hostKey) return;
     this.hostKey = hostKey;
+    this.refusal = undefined;
     this.logger.info('the bastion\'s host key changed: the next SSH connection is checked against it');
     if (!this.ready && this.reconnectTimer !== undefined && !this.stopped) {
       clearTimeout(this.reconnectTimer);
@@ -133,14 +141,16 @@ export class SshTunnel {
     while (!this.ready) {
       if (this.stopped) throw new Error('SSH tunnel is stopped');
       const remaining = deadline - Date.now();
-      if (remaining <= 0) throw new Error(`SSH tunnel to ${this.settings.host}:${this.settings.port} is down: ${this.lastError}`);
+      if (remaining <= 0 || this.refusal !== undefined) throw new Error(`SSH tunnel to ${this.settings.host}:${this.settings.port} is down: ${this.refusal ?? this.lastError}`);
+      const waiters = this.readyWaiters;
       await new Promise<void>((resolve) => {
         const timer = setTimeout(done, remaining);
         function done(): void {
           clearTimeout(timer);
+          waiters.delete(done);
           resolve();
         }
-        this.readyWaiters.add(done);
+        waiters.add(done);
       });
     }
     const client = this.client!;
@@ -177,19 +187,23 @@ export class SshTunnel {
       if (this.connectedOnce) this.metrics.tunnelReconnects.inc();
       this.connectedOnce = true;
       this.attempt = 0;
+      this.refusal = undefined;
       this.logger.info('SSH tunnel up');
       this.setReady(true);
       for (const wake of [...this.readyWaiters]) wake();
       this.readyWaiters.clear();
     });
-    client.on('error', (err: Error) => {
+    client.on('error', (err: Error & { level?: string }) => {
       this.lastError = hostKeyRefused ? 'host key mismatch' : err.message;
+      if (hostKeyRefused || err.level === 'client-authentication') this.refusal = this.lastError;
       if (!hostKeyRefused) this.metrics.error('tunnel');
       this.logger.warn({ err: this.lastError }, 'SSH tunnel error');
     });
     client.on('close', () => {
       if (this.client !== client) return;
       this.setReady(false);
+      // Those waiting for a channel learn of a refusal now (open), not at their deadline.
+      if (this.refusal !== undefined) for (const wake of [...this.readyWaiters]) wake();
       this.scheduleReconnect();
     });
     const sock = netConnect({ host: this.settings.host, port: this.settings.port });

@@ -21,7 +21,8 @@ import { buildStartupMessage } from '../../src/core/protocol/index.ts';
 import { nativeIoDeps } from '../support/sidecar-fixture.ts';
 import { MountedFile, type CurrentText } from '../../src/sidecar/mounted-file.ts';
 import { StateFile } from '../../src/sidecar/state-file.ts';
-import { sshPrivateKeyKind } from '../../src/sidecar/tunnel.ts';
+import { SshTunnel, sshPrivateKeyKind } from '../../src/sidecar/tunnel.ts';
+import { SidecarMetrics } from '../../src/sidecar/metrics.ts';
 
 const env = testEnvironment();
 const logger = pino({ level: process.env.SIDECAR_TEST_LOG ?? 'silent' });
@@ -564,6 +565,31 @@ describe('sidecar SSH tunnel', function () {
       await running.stop();
       sshd.authorize([sshd.userPublicKey]);
       rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('a channel asked for while the bastion refuses the tunnel (its host key, the private key) fails at once with why, not at its deadline; a corrected host key is tried at once', async function () {
+    this.timeout(60_000);
+    const [postgres, sshd] = await Promise.all([env.postgres(), env.sshd()]);
+    const metrics = new SidecarMetrics(new Registry());
+    const logger = pino({ level: 'silent' });
+    const wrongHostKey = new SshTunnel({ settings: { host: sshd.host, port: sshd.port, user: sshd.username, privateKey: sshd.userPrivateKey, hostKey: 'SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA' }, logger, metrics });
+    const unknownKey = new SshTunnel({ settings: { host: sshd.host, port: sshd.port, user: sshd.username, privateKey: sshd.newUserKey().privateKey, hostKey: sshd.hostKeyFingerprint }, logger, metrics });
+    wrongHostKey.start();
+    unknownKey.start();
+    try {
+      // Two minutes' deadline: waiting it out would fail this test's timeout; the refusal comes in well under a second.
+      const deadline = Date.now() + 120_000;
+      await assert.rejects(wrongHostKey.open('127.0.0.1', postgres.port, deadline), /SSH tunnel to .* is down: host key mismatch/);
+      await assert.rejects(unknownKey.open('127.0.0.1', postgres.port, deadline), /SSH tunnel to .* is down: All configured authentication methods failed/);
+      // Asked again while the refusal stands: at once too.
+      await assert.rejects(wrongHostKey.open('127.0.0.1', postgres.port, deadline), /host key mismatch/);
+      wrongHostKey.setHostKey(sshd.hostKeyFingerprint);
+      const channel = await wrongHostKey.open('127.0.0.1', postgres.port, deadline);
+      channel.destroy();
+    } finally {
+      wrongHostKey.stop();
+      unknownKey.stop();
     }
   });
 

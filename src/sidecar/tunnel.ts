@@ -14,6 +14,7 @@ import type { Client as SshClient } from 'ssh2';
 import type { SidecarMetrics } from './metrics.ts';
 import type { CurrentText, MountedFileKind } from './mounted-file.ts';
 import type { SidecarSettings } from './settings.ts';
+import { UpstreamError } from './upstream-login.ts';
 
 let ssh2Module: typeof Ssh2 | undefined;
 let ssh2Loading: Promise<void> | undefined;
@@ -77,6 +78,8 @@ export class SshTunnel {
   private connectedOnce = false;
   private reconnectTimer: NodeJS.Timeout | undefined;
   private lastError = 'not connected yet';
+  /** Why the bastion refused the latest SSH connection for good (host key, login), until one succeeds: openers fail at once rather than wait. */
+  private refused: string | undefined;
   private readonly readyWaiters = new Set<() => void>();
   private readonly settings: TunnelSettings;
   /** The configured host key; a change applies from the next connection. */
@@ -115,6 +118,7 @@ export class SshTunnel {
     if (hostKey === this.hostKey) return;
     this.hostKey = hostKey;
     this.logger.info('the bastion\'s host key changed: the next SSH connection is checked against it');
+    this.refused = undefined;
     if (!this.ready && this.reconnectTimer !== undefined && !this.stopped) {
       clearTimeout(this.reconnectTimer);
       this.reconnectTimer = undefined;
@@ -132,6 +136,7 @@ export class SshTunnel {
   async open(host: string, port: number, deadline: number): Promise<Duplex> {
     while (!this.ready) {
       if (this.stopped) throw new Error('SSH tunnel is stopped');
+      if (this.refused !== undefined) throw new UpstreamError('ssh-refused', `SSH tunnel to ${this.settings.host}:${this.settings.port} refused: ${this.refused}`);
       const remaining = deadline - Date.now();
       if (remaining <= 0) throw new Error(`SSH tunnel to ${this.settings.host}:${this.settings.port} is down: ${this.lastError}`);
       await new Promise<void>((resolve) => {
@@ -172,19 +177,29 @@ export class SshTunnel {
     }
     const client = new ssh2Module.Client();
     this.client = client;
-    let hostKeyRefused = false;
+    let hostKeyRefused: string | undefined;
     client.on('ready', () => {
       if (this.connectedOnce) this.metrics.tunnelReconnects.inc();
       this.connectedOnce = true;
       this.attempt = 0;
+      this.refused = undefined;
       this.logger.info('SSH tunnel up');
       this.setReady(true);
       for (const wake of [...this.readyWaiters]) wake();
       this.readyWaiters.clear();
     });
     client.on('error', (err: Error) => {
-      this.lastError = hostKeyRefused ? 'host key mismatch' : err.message;
-      if (!hostKeyRefused) this.metrics.error('tunnel');
+      this.lastError = hostKeyRefused !== undefined ? 'host key mismatch' : err.message;
+      if (hostKeyRefused === undefined) this.metrics.error('tunnel');
+      // Waiting does not cure these: the next connection (backoff, or a new host key or private key) may.
+      const level = (err as Error & { level?: string }).level;
+      if (hostKeyRefused !== undefined) this.refused = `host key mismatch (the bastion presented ${hostKeyRefused}); check the DatabaseConnection's sshTunnel.hostKey`;
+      else if (level === 'client-authentication') this.refused = `the bastion refused the SSH login as "${this.settings.user}" (${err.message}); check the private key Secret and the bastion's authorized keys`;
+      else this.refused = undefined;
+      if (this.refused !== undefined) {
+        for (const wake of [...this.readyWaiters]) wake();
+        this.readyWaiters.clear();
+      }
       this.logger.warn({ err: this.lastError }, 'SSH tunnel error');
     });
     client.on('close', () => {
@@ -208,7 +223,7 @@ export class SshTunnel {
       hostVerifier: (key: Buffer) => {
         const hostKey = this.hostKey;
         if (hostKeyMatches(hostKey, key)) return true;
-        hostKeyRefused = true;
+        hostKeyRefused = sshFingerprint(key);
         this.metrics.error('tunnel-host-key-mismatch');
         this.logger.error({ presented: sshFingerprint(key), expected: hostKey.startsWith('SHA256:') ? hostKey : 'configured key line' }, 'SSH host key mismatch: refusing the bastion');
         return false;

@@ -58,6 +58,8 @@ export interface PoolDeps {
   changed: () => void;
   /** Why no connection can be opened right now (e.g. the SSH tunnel is down), for the client's error. */
   blockedReason?: () => string | undefined;
+  /** Why no connection can be opened until something changes, known without a login (the bastion refused the SSH connection): clients are told at once. */
+  refusedReason?: () => string | undefined;
   /** Keeps the backends held where the next sidecar in the pod finds them (BackendLedger); absent: not kept. */
   ledger?: { save(records: readonly BackendRecord[]): void };
   /** The CA server logins verify against now (a file that rotates); absent: settings.database.caPem. */
@@ -194,9 +196,10 @@ export class Pool {
         return;
       }
     }
-    if (this.refusal !== undefined && now - this.refusal.at < REFUSAL_HOLD_MS && this.refusalFailsClients(now)) {
+    const refused = this.standingRefusal(now);
+    if (refused !== undefined) {
       this.deps.metrics.error('login-refused');
-      waiter.onAcquireFailed(this.refusal.failure);
+      waiter.onAcquireFailed(refused);
       return;
     }
     this.waiters.push({ waiter, since: now });
@@ -288,6 +291,12 @@ export class Pool {
     if (this.refusal === undefined) return;
     this.refusal = undefined;
     this.serveWaiters();
+  }
+
+  /** The login path was refused without a login (the bastion refused the SSH connection): waiting clients are told now. */
+  loginPathRefused(): void {
+    const refused = this.standingRefusal(this.deps.now());
+    if (refused !== undefined) this.failWaiters(refused);
   }
 
   /** A server connection's lifetime in ms; poolRecycle -1 (SQLAlchemy's "never") is unbounded. */
@@ -773,7 +782,7 @@ export class Pool {
       this.lastConnectError = undefined;
       this.goodGeneration = credentials.generation;
     } catch (error) {
-      lasting = lastingRefusal(error, { host: database.host, port: database.port, dbname: database.dbname, username: credentials.username });
+      lasting = lastingRefusal(error, this.loginTarget());
       refused = lasting === undefined ? settingsRefused(error, settings) : undefined;
       if (refused !== undefined) this.deps.metrics.error('client-settings');
       else this.loginFailed(error, id, credentials.username);
@@ -795,7 +804,7 @@ export class Pool {
     }
     if (server === undefined) {
       if (credentials.generation === this.deps.credentials().generation) this.noteRefusal(lasting);
-      if (this.refusal !== undefined && this.refusalFailsClients(this.deps.now())) this.failWaiters(this.refusal.failure);
+      if (this.refusal !== undefined && this.refusalFailsClients(this.refusal.failure, this.deps.now())) this.failWaiters(this.refusal.failure);
       else this.scheduleRetry();
       this.afterHeldChanged();
       return;
@@ -840,9 +849,31 @@ export class Pool {
     this.refusal = { failure: lasting, at: now };
   }
 
-  /** A refusal fails clients at once only out of its grace and with no connection with the current credentials left to lend them. */
-  private refusalFailsClients(now: number): boolean {
-    if (now < this.graceUntil) return false;
+  /**
+   * What a client that would have to wait gets at once instead, if anything:
+   * the latest refused login's error within REFUSAL_HOLD_MS of it, or the
+   * bastion's refusal, when refusalFailsClients.
+   */
+  private standingRefusal(now: number): AcquireFailure | undefined {
+    if (this.refusal !== undefined && now - this.refusal.at < REFUSAL_HOLD_MS) return this.refusalFailsClients(this.refusal.failure, now) ? this.refusal.failure : undefined;
+    const tunnel = this.deps.refusedReason?.();
+    if (tunnel === undefined) return undefined;
+    const failure = tunnelRefusal(tunnel, this.loginTarget());
+    return this.refusalFailsClients(failure, now) ? failure : undefined;
+  }
+
+  private loginTarget(): LoginTarget {
+    const { host, port, dbname } = this.deps.settings.database;
+    return { host, port, dbname, username: this.deps.credentials().username };
+  }
+
+  /**
+   * A refusal fails clients at once only with no connection with the current
+   * credentials left to lend them, and, for a refused password or role
+   * (28xxx), out of the grace a rotation half done gets.
+   */
+  private refusalFailsClients(failure: AcquireFailure, now: number): boolean {
+    if (failure.sqlState.startsWith('28') && now < this.graceUntil) return false;
     const generation = this.deps.credentials().generation;
     for (const server of this.servers) if (server.state !== 'closing' && server.state !== 'closed' && server.credentialsGeneration === generation) return false;
     return true;
@@ -987,8 +1018,13 @@ function lastingRefusal(error: unknown, target: LoginTarget): AcquireFailure | u
   if (error.kind === 'tls-verify') {
     return { sqlState: '08001', message: error.message, detail: `Failed ${through}.`, hint: 'Check the server\'s certificate against the CA in spec.database.caSecretRef and the sslMode of the DatabaseConnection.' };
   }
-  if (error.kind === 'ssh-refused') return { sqlState: '08001', message: error.message, detail: `Failed ${through}.` };
+  if (error.kind === 'ssh-refused') return tunnelRefusal(error.message, target);
   return undefined;
+}
+
+/** The client's error for a bastion that refused the SSH connection (`message`: the tunnel's words). */
+function tunnelRefusal(message: string, target: LoginTarget): AcquireFailure {
+  return { sqlState: '08001', message, detail: `Failed through the poolkeeper sidecar: its own login to ${target.host}:${target.port} (database "${target.dbname}", user "${target.username}") goes through an SSH bastion that refused the connection.` };
 }
 
 /** DETAIL and HINT of a server's error, as a client should see them. */

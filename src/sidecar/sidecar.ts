@@ -122,7 +122,7 @@ export class Sidecar implements ClientSessionHost {
     this.tunnel = tunnelSettings ? new SshTunnel({ settings: tunnelSettings, ...(deps.sshPrivateKey ? { privateKey: deps.sshPrivateKey } : {}), logger: deps.logger, metrics: this.metrics, onUpChange: (up) => {
       if (up) this.pool.loginPathChanged();
       this.statusChanged();
-    } }) : undefined;
+    }, onRefused: () => this.pool.loginPathRefused() }) : undefined;
     this.pool = new Pool({
       settings: deps.settings,
       credentials: () => this.credentials.current(),
@@ -132,6 +132,7 @@ export class Sidecar implements ClientSessionHost {
       now: () => Date.now(),
       changed: () => this.statusChanged(),
       blockedReason: () => this.tunnel?.downReason(),
+      refusedReason: () => this.tunnel?.refusedReason(),
       ...(deps.ledger ? { ledger: deps.ledger } : {}),
       ...(deps.databaseCa ? { databaseCa: () => deps.databaseCa!.current() } : {}),
     });

@@ -89,14 +89,16 @@ export class SshTunnel {
   private readonly logger: Logger;
   private readonly metrics: SidecarMetrics;
   private readonly onUpChange: (up: boolean) => void;
+  private readonly onRefused: () => void;
 
-  constructor(deps: { settings: TunnelSettings; privateKey?: CurrentText; logger: Logger; metrics: SidecarMetrics; onUpChange?: (up: boolean) => void }) {
+  constructor(deps: { settings: TunnelSettings; privateKey?: CurrentText; logger: Logger; metrics: SidecarMetrics; onUpChange?: (up: boolean) => void; onRefused?: () => void }) {
     this.settings = deps.settings;
     this.hostKey = deps.settings.hostKey;
     this.privateKey = deps.privateKey;
     this.logger = deps.logger.child({ component: 'ssh-tunnel', bastion: `${deps.settings.host}:${deps.settings.port}` });
     this.metrics = deps.metrics;
     this.onUpChange = deps.onUpChange ?? (() => undefined);
+    this.onRefused = deps.onRefused ?? (() => undefined);
   }
 
   /** True while the SSH connection is established. */
@@ -107,6 +109,11 @@ export class SshTunnel {
   /** Why the tunnel is down, or undefined while it is up. */
   downReason(): string | undefined {
     return this.ready ? undefined : `SSH tunnel to ${this.settings.host}:${this.settings.port} is down: ${this.lastError}`;
+  }
+
+  /** Why the bastion refused the latest SSH connection for good (host key, login) while no later one succeeded, or undefined. */
+  refusedReason(): string | undefined {
+    return this.refused === undefined ? undefined : `SSH tunnel to ${this.settings.host}:${this.settings.port} refused: ${this.refused}`;
   }
 
   /**
@@ -136,7 +143,8 @@ export class SshTunnel {
   async open(host: string, port: number, deadline: number): Promise<Duplex> {
     while (!this.ready) {
       if (this.stopped) throw new Error('SSH tunnel is stopped');
-      if (this.refused !== undefined) throw new UpstreamError('ssh-refused', `SSH tunnel to ${this.settings.host}:${this.settings.port} refused: ${this.refused}`);
+      const refused = this.refusedReason();
+      if (refused !== undefined) throw new UpstreamError('ssh-refused', refused);
       const remaining = deadline - Date.now();
       if (remaining <= 0) throw new Error(`SSH tunnel to ${this.settings.host}:${this.settings.port} is down: ${this.lastError}`);
       await new Promise<void>((resolve) => {
@@ -199,6 +207,7 @@ export class SshTunnel {
       if (this.refused !== undefined) {
         for (const wake of [...this.readyWaiters]) wake();
         this.readyWaiters.clear();
+        this.onRefused();
       }
       this.logger.warn({ err: this.lastError }, 'SSH tunnel error');
     });

@@ -762,6 +762,32 @@ describe('sidecar SSH tunnel', function () {
       await running.stop();
     }
   });
+  it('a bastion that presents another host key when the tunnel reconnects: clients are told at once, even with lost backends still counted', async function () {
+    const [postgres, sshd] = await Promise.all([env.postgres(), env.sshd()]);
+    const running = await startSidecar(postgres, {
+      grant: 2, pool: { poolTimeout: 30 },
+      tunnel: { host: sshd.host, port: sshd.port, user: sshd.username, privateKey: sshd.userPrivateKey, hostKey: sshd.hostPublicKey },
+    });
+    try {
+      assert.equal((await withClient(running, (c) => c.query<{ v: number }>('SELECT 1 AS v'))).rows[0]!.v, 1);
+      // As if the bastion were rebuilt with a new key: the pinned one no longer matches from the next SSH connection on.
+      running.sidecar.updateTunnelHostKey('SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA');
+      assert.ok(await killSshSessions(sshd.port) >= 1, 'no SSH session to kill');
+      await waitFor('the bastion refused', async () => /poolkeeper_sidecar_errors_total\{kind="tunnel-host-key-mismatch"\} [1-9]/.test(await (await fetch(`http://127.0.0.1:${running.adminPort}/metrics`)).text()));
+      // The sidecar knows the server's parameters already: the login completes, the first query needs a server connection.
+      const client = running.client();
+      client.on('error', () => undefined);
+      await client.connect();
+      const started = Date.now();
+      await assert.rejects(client.query('SELECT 1'), (e: { code?: string; message: string }) => e.code === '08001' && /refused: host key mismatch/.test(e.message));
+      assert.ok(Date.now() - started < 1_000, `the refusal took ${Date.now() - started} ms (poolTimeout 30 s)`);
+      await client.end().catch(() => undefined);
+      running.sidecar.updateTunnelHostKey(sshd.hostPublicKey);
+      await waitFor('served again through the bastion', () => withClient(running, (c) => c.query('SELECT 1')).then(() => true, () => false), 30_000);
+    } finally {
+      await running.stop();
+    }
+  });
 });
 
 describe('sidecar fuzzing', function () {

@@ -28,6 +28,7 @@ export type SidecarErrorKind =
   | 'prepared-statement-refused'
   | 'sequence-read-refused'
   | 'pool-timeout'
+  | 'login-refused'
   | 'server-connect'
   | 'server-login'
   | 'server-lost'

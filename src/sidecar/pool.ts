@@ -6,7 +6,10 @@
  * - a connection goes back to the pool only at a transaction boundary, with
  *   the current credentials, within its lifetime, and (session mode) after
  *   DISCARD ALL;
- * - waiting clients are served first come, first served, up to poolTimeout.
+ * - waiting clients are served first come, first served, up to poolTimeout;
+ * - a login refused for a reason waiting does not cure (refusal) fails the
+ *   clients at once with the server's error when no usable connection is left,
+ *   and while it stands at most one login is in flight.
  */
 import type { Duplex } from 'node:stream';
 import { serialize } from 'pg-protocol';
@@ -55,6 +58,8 @@ export interface PoolDeps {
   changed: () => void;
   /** Why no connection can be opened right now (e.g. the SSH tunnel is down), for the client's error. */
   blockedReason?: () => string | undefined;
+  /** Why no connection can be opened until something changes, known without a login (the bastion refused the SSH connection): clients are told at once. */
+  refusedReason?: () => string | undefined;
   /** Keeps the backends held where the next sidecar in the pod finds them (BackendLedger); absent: not kept. */
   ledger?: { save(records: readonly BackendRecord[]): void };
   /** The CA server logins verify against now (a file that rotates); absent: settings.database.caPem. */
@@ -75,6 +80,14 @@ const ADOPTED_PROBE_DELAY_MS = 1_000;
 const CHECK_TIMEOUT_MS = 5_000;
 const RETRY_MIN_MS = 100;
 const RETRY_MAX_MS = 2_000;
+/**
+ * After a refused login, clients arriving within this long fail at once with its
+ * error; the first one after it tries one login. The same spacing as the longest
+ * retry backoff: the server sees no more failed logins than while clients waited,
+ * and a fix on the server side (a password, a database) is seen within it. New
+ * credentials end it at once.
+ */
+const REFUSAL_HOLD_MS = RETRY_MAX_MS;
 /** Lost backends just terminated are asked about again this soon (they exit within milliseconds), at most this many times, before the connection serves clients. */
 const RECHECK_DELAY_MS = 25;
 const RECHECK_TRIES = 8;
@@ -112,6 +125,17 @@ export class Pool {
   private draining = false;
   private closed = false;
   private lastConnectError: string | undefined;
+  /** The latest login failure that waiting does not cure (refused password, missing database, bastion host key...), until a login works, fails otherwise, or the credentials change. */
+  private refusal: { failure: AcquireFailure; at: number } | undefined;
+  /** Credentials generation of the latest login that worked. */
+  private goodGeneration: string | undefined;
+  /**
+   * Until when a refusal is waited on with retries, as before (poolTimeout after
+   * new credentials, or after credentials that worked were first refused): the
+   * other half of a credential rotation (the server's password or the Secret) may
+   * be on its way.
+   */
+  private graceUntil = 0;
   private retryTimer: NodeJS.Timeout | undefined;
   private consecutiveFailures = 0;
   private nextServerId = 1;
@@ -171,6 +195,12 @@ export class Pool {
         this.handOut(server, waiter, now, now);
         return;
       }
+    }
+    const refused = this.standingRefusal(now);
+    if (refused !== undefined) {
+      this.deps.metrics.error('login-refused');
+      waiter.onAcquireFailed(refused);
+      return;
     }
     this.waiters.push({ waiter, since: now });
     this.armWaitTimer();
@@ -241,12 +271,32 @@ export class Pool {
     this.closeIdleWhere((s) => s.credentialsGeneration !== generation, 'credentials rotated');
     this.lastConnectError = undefined;
     this.consecutiveFailures = 0;
+    this.refusal = undefined;
+    // Secret first, server's password after: the new credentials may be refused until the server has them.
+    this.graceUntil = this.deps.now() + this.deps.settings.pool.poolTimeout * 1000;
     if (this.retryTimer) {
       clearTimeout(this.retryTimer);
       this.retryTimer = undefined;
     }
     this.serveWaiters();
     this.deps.changed();
+  }
+
+  /**
+   * Something a refused login depends on changed (the SSH tunnel came up, the
+   * bastion's host key changed): the next client tries a login at once rather
+   * than getting the refusal again.
+   */
+  loginPathChanged(): void {
+    if (this.refusal === undefined) return;
+    this.refusal = undefined;
+    this.serveWaiters();
+  }
+
+  /** The login path was refused without a login (the bastion refused the SSH connection): waiting clients are told now. */
+  loginPathRefused(): void {
+    const refused = this.standingRefusal(this.deps.now());
+    if (refused !== undefined) this.failWaiters(refused);
   }
 
   /** A server connection's lifetime in ms; poolRecycle -1 (SQLAlchemy's "never") is unbounded. */
@@ -632,6 +682,12 @@ export class Pool {
   }
 
   private timeOut(entry: WaitEntry): void {
+    if (this.refusal !== undefined) {
+      // Waited on through a grace (a rotation half done) and still refused: the server's own error, as direct.
+      this.deps.metrics.error('login-refused');
+      entry.waiter.onAcquireFailed(this.refusal.failure);
+      return;
+    }
     this.deps.metrics.error('pool-timeout');
     const seconds = this.deps.settings.pool.poolTimeout;
     const blocked = this.deps.blockedReason?.();
@@ -652,7 +708,8 @@ export class Pool {
         this.handOut(server, entry.waiter, entry.since, now);
       }
       if (this.draining || this.retryTimer !== undefined) return;
-      while (this.waiters.length > this.connecting && this.held < this.grant) void this.open();
+      // While logins are refused, one at a time: a thousand clients arriving must not make a thousand logins.
+      while (this.waiters.length > this.connecting && this.held < this.grant && (this.refusal === undefined || this.connecting === 0)) void this.open();
     }
     if (this.draining || this.retryTimer !== undefined) return;
     // Lost backends are confirmed gone only through a live connection: with none left, one may be
@@ -683,7 +740,7 @@ export class Pool {
         opening.set(settings.key, pending - 1);
         continue;
       }
-      if (this.draining || this.retryTimer !== undefined) return;
+      if (this.draining || this.retryTimer !== undefined || (this.refusal !== undefined && this.connecting > 0)) return;
       if (this.held < this.grant) {
         void this.open(settings);
         continue;
@@ -703,6 +760,7 @@ export class Pool {
     const id = this.nextServerId++;
     let server: ServerConnection | undefined;
     let refused: AcquireFailure | undefined;
+    let lasting: AcquireFailure | undefined;
     try {
       const stream = await this.deps.openStream(database.host, database.port, this.deps.now() + CONNECT_TIMEOUT_MS);
       if (stream.listenerCount('error') === 0) stream.on('error', () => undefined);
@@ -722,8 +780,10 @@ export class Pool {
       this.deps.metrics.serverLogins.inc({ result: 'ok' });
       this.consecutiveFailures = 0;
       this.lastConnectError = undefined;
+      this.goodGeneration = credentials.generation;
     } catch (error) {
-      refused = settingsRefused(error, settings);
+      lasting = lastingRefusal(error, this.loginTarget());
+      refused = lasting === undefined ? settingsRefused(error, settings) : undefined;
       if (refused !== undefined) this.deps.metrics.error('client-settings');
       else this.loginFailed(error, id, credentials.username);
     } finally {
@@ -743,10 +803,14 @@ export class Pool {
       return;
     }
     if (server === undefined) {
-      this.scheduleRetry();
+      if (credentials.generation === this.deps.credentials().generation) this.noteRefusal(lasting);
+      if (this.refusal !== undefined && this.refusalFailsClients(this.refusal.failure, this.deps.now())) this.failWaiters(this.refusal.failure);
+      else this.scheduleRetry();
       this.afterHeldChanged();
       return;
     }
+    const wasRefused = this.refusal !== undefined;
+    this.refusal = undefined;
     this.servers.add(server);
     this.liveSince ??= this.deps.now();
     this.persist();
@@ -761,7 +825,67 @@ export class Pool {
       server.idleSince = this.deps.now();
       this.askAboutLost(server, this.deps.now());
     } else this.makeAvailable(server, this.deps.now());
+    // Logins went one at a time while refused: the other waiters' connections open now.
+    if (wasRefused && this.waiters.length > 0) this.serveWaiters();
     this.deps.changed();
+  }
+
+  /**
+   * Records the outcome of a failed login with the current credentials: a
+   * lasting refusal stands until a login works or fails otherwise. Credentials
+   * that logged in until now and are refused get one grace of poolTimeout (the
+   * server's password may have changed first, and the Secret follow).
+   */
+  private noteRefusal(lasting: AcquireFailure | undefined): void {
+    if (lasting === undefined) {
+      this.refusal = undefined;
+      return;
+    }
+    const now = this.deps.now();
+    if (this.goodGeneration === this.deps.credentials().generation) {
+      this.goodGeneration = undefined;
+      this.graceUntil = Math.max(this.graceUntil, now + this.deps.settings.pool.poolTimeout * 1000);
+    }
+    this.refusal = { failure: lasting, at: now };
+  }
+
+  /**
+   * What a client that would have to wait gets at once instead, if anything:
+   * the latest refused login's error within REFUSAL_HOLD_MS of it, or the
+   * bastion's refusal, when refusalFailsClients.
+   */
+  private standingRefusal(now: number): AcquireFailure | undefined {
+    if (this.refusal !== undefined && now - this.refusal.at < REFUSAL_HOLD_MS) return this.refusalFailsClients(this.refusal.failure, now) ? this.refusal.failure : undefined;
+    const tunnel = this.deps.refusedReason?.();
+    if (tunnel === undefined) return undefined;
+    const failure = tunnelRefusal(tunnel, this.loginTarget());
+    return this.refusalFailsClients(failure, now) ? failure : undefined;
+  }
+
+  private loginTarget(): LoginTarget {
+    const { host, port, dbname } = this.deps.settings.database;
+    return { host, port, dbname, username: this.deps.credentials().username };
+  }
+
+  /**
+   * A refusal fails clients at once only with no connection with the current
+   * credentials left to lend them, and, for a refused password or role
+   * (28xxx), out of the grace a rotation half done gets.
+   */
+  private refusalFailsClients(failure: AcquireFailure, now: number): boolean {
+    if (failure.sqlState.startsWith('28') && now < this.graceUntil) return false;
+    const generation = this.deps.credentials().generation;
+    for (const server of this.servers) if (server.state !== 'closing' && server.state !== 'closed' && server.credentialsGeneration === generation) return false;
+    return true;
+  }
+
+  /** Fails every waiting client with `failure`. */
+  private failWaiters(failure: AcquireFailure): void {
+    this.stopWaitTimer();
+    for (const entry of this.waiters.splice(0)) {
+      this.deps.metrics.error('login-refused');
+      entry.waiter.onAcquireFailed(failure);
+    }
   }
 
   /** Counts and logs a failed login (retried with backoff while clients wait). */
@@ -855,6 +979,52 @@ function settingsRefused(error: unknown, settings: ClientSettings): AcquireFailu
   if (/^(08|53|57)/.test(error.sqlState)) return undefined;
   const fields = error.serverFields;
   return { sqlState: error.sqlState, message: fields?.M ?? error.message, ...errorExtras(fields) };
+}
+
+/** Where the sidecar's own login went, for a client's error (never the password). */
+interface LoginTarget {
+  host: string;
+  port: number;
+  dbname: string;
+  username: string;
+}
+
+/** What to check, by the SQLSTATE of a lasting refusal. */
+const REFUSAL_HINTS: Readonly<Record<string, string>> = {
+  '28P01': 'Check the password in the DatabaseConnection\'s credentials Secret against the role\'s password on the server; a changed Secret is used as soon as it reaches the pod.',
+  '28000': 'Check the user name in the DatabaseConnection\'s credentials Secret, that the role may log in (LOGIN), and the server\'s pg_hba.conf; a changed Secret is used as soon as it reaches the pod.',
+  '3D000': 'Check spec.database.dbname of the DatabaseConnection: the server has no database of that name.',
+  '42501': 'Grant the role CONNECT on the database, or check spec.database.dbname of the DatabaseConnection.',
+};
+
+/**
+ * A failed login that waiting does not cure, as the client should see it: the
+ * server's own refusal (bad password 28P01, role or pg_hba 28000, no such
+ * database 3D000, no CONNECT privilege 42501) with its SQLSTATE and message as
+ * a direct login gets them, or a server certificate that does not verify or a
+ * bastion that refuses the SSH connection (08001, as a client that cannot
+ * establish its connection). Passing conditions (connection refused,
+ * timeouts, 57P03 starting up, 53300 too many connections) are undefined:
+ * those are waited on.
+ */
+function lastingRefusal(error: unknown, target: LoginTarget): AcquireFailure | undefined {
+  if (!(error instanceof UpstreamError)) return undefined;
+  const through = `through the poolkeeper sidecar: its own login to ${target.host}:${target.port} (database "${target.dbname}", user "${target.username}")`;
+  if (error.sqlState !== undefined && REFUSAL_HINTS[error.sqlState] !== undefined) {
+    const fields = error.serverFields;
+    const ours = `Refused ${through}; no server connection is open to hand to this client.`;
+    return { sqlState: error.sqlState, message: fields?.M ?? error.message, detail: fields?.D !== undefined ? `${fields.D} ${ours}` : ours, hint: REFUSAL_HINTS[error.sqlState]! };
+  }
+  if (error.kind === 'tls-verify') {
+    return { sqlState: '08001', message: error.message, detail: `Failed ${through}.`, hint: 'Check the server\'s certificate against the CA in spec.database.caSecretRef and the sslMode of the DatabaseConnection.' };
+  }
+  if (error.kind === 'ssh-refused') return tunnelRefusal(error.message, target);
+  return undefined;
+}
+
+/** The client's error for a bastion that refused the SSH connection (`message`: the tunnel's words). */
+function tunnelRefusal(message: string, target: LoginTarget): AcquireFailure {
+  return { sqlState: '08001', message, detail: `Failed through the poolkeeper sidecar: its own login to ${target.host}:${target.port} (database "${target.dbname}", user "${target.username}") goes through an SSH bastion that refused the connection.` };
 }
 
 /** DETAIL and HINT of a server's error, as a client should see them. */

@@ -119,7 +119,10 @@ export class Sidecar implements ClientSessionHost {
     this.loginTimeoutMs = (deps.settings.loginTimeout ?? 15) * 1000;
     this.metrics = new SidecarMetrics(deps.metrics);
     const tunnelSettings = deps.settings.sshTunnel;
-    this.tunnel = tunnelSettings ? new SshTunnel({ settings: tunnelSettings, ...(deps.sshPrivateKey ? { privateKey: deps.sshPrivateKey } : {}), logger: deps.logger, metrics: this.metrics, onUpChange: () => this.statusChanged() }) : undefined;
+    this.tunnel = tunnelSettings ? new SshTunnel({ settings: tunnelSettings, ...(deps.sshPrivateKey ? { privateKey: deps.sshPrivateKey } : {}), logger: deps.logger, metrics: this.metrics, onUpChange: (up) => {
+      if (up) this.pool.loginPathChanged();
+      this.statusChanged();
+    }, onRefused: () => this.pool.loginPathRefused() }) : undefined;
     this.pool = new Pool({
       settings: deps.settings,
       credentials: () => this.credentials.current(),
@@ -129,6 +132,7 @@ export class Sidecar implements ClientSessionHost {
       now: () => Date.now(),
       changed: () => this.statusChanged(),
       blockedReason: () => this.tunnel?.downReason(),
+      refusedReason: () => this.tunnel?.refusedReason(),
       ...(deps.ledger ? { ledger: deps.ledger } : {}),
       ...(deps.databaseCa ? { databaseCa: () => deps.databaseCa!.current() } : {}),
     });
@@ -240,6 +244,7 @@ export class Sidecar implements ClientSessionHost {
   /** The bastion's host key from an updated DatabaseConnection: checked from the next SSH connection on. */
   updateTunnelHostKey(hostKey: string): void {
     this.tunnel?.setHostKey(hostKey);
+    this.pool.loginPathChanged();
   }
 
   /** Subscribes to status changes; returns the unsubscribe function. */

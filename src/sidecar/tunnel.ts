@@ -14,6 +14,7 @@ import type { Client as SshClient } from 'ssh2';
 import type { SidecarMetrics } from './metrics.ts';
 import type { CurrentText, MountedFileKind } from './mounted-file.ts';
 import type { SidecarSettings } from './settings.ts';
+import { UpstreamError } from './upstream-login.ts';
 
 let ssh2Module: typeof Ssh2 | undefined;
 let ssh2Loading: Promise<void> | undefined;
@@ -77,13 +78,8 @@ export class SshTunnel {
   private connectedOnce = false;
   private reconnectTimer: NodeJS.Timeout | undefined;
   private lastError = 'not connected yet';
-  /**
-   * Set while the bastion's last answer was a refusal that retrying alone
-   * will not change (its host key does not match, it refused the key): a
-   * channel asked for meanwhile fails at once with it instead of waiting
-   * out its deadline. Cleared by a connection that comes up or a new host key.
-   */
-  private refusal: string | undefined;
+  /** Why the bastion refused the latest SSH connection for good (host key, login), until one succeeds: openers fail at once rather than wait. */
+  private refused: string | undefined;
   private readonly readyWaiters = new Set<() => void>();
   private readonly settings: TunnelSettings;
   /** The configured host key; a change applies from the next connection. */
@@ -93,14 +89,16 @@ export class SshTunnel {
   private readonly logger: Logger;
   private readonly metrics: SidecarMetrics;
   private readonly onUpChange: (up: boolean) => void;
+  private readonly onRefused: () => void;
 
-  constructor(deps: { settings: TunnelSettings; privateKey?: CurrentText; logger: Logger; metrics: SidecarMetrics; onUpChange?: (up: boolean) => void }) {
+  constructor(deps: { settings: TunnelSettings; privateKey?: CurrentText; logger: Logger; metrics: SidecarMetrics; onUpChange?: (up: boolean) => void; onRefused?: () => void }) {
     this.settings = deps.settings;
     this.hostKey = deps.settings.hostKey;
     this.privateKey = deps.privateKey;
     this.logger = deps.logger.child({ component: 'ssh-tunnel', bastion: `${deps.settings.host}:${deps.settings.port}` });
     this.metrics = deps.metrics;
     this.onUpChange = deps.onUpChange ?? (() => undefined);
+    this.onRefused = deps.onRefused ?? (() => undefined);
   }
 
   /** True while the SSH connection is established. */
@@ -113,6 +111,11 @@ export class SshTunnel {
     return this.ready ? undefined : `SSH tunnel to ${this.settings.host}:${this.settings.port} is down: ${this.lastError}`;
   }
 
+  /** Why the bastion refused the latest SSH connection for good (host key, login) while no later one succeeded, or undefined. */
+  refusedReason(): string | undefined {
+    return this.refused === undefined ? undefined : `SSH tunnel to ${this.settings.host}:${this.settings.port} refused: ${this.refused}`;
+  }
+
   /**
    * A new host key for the bastion (its DatabaseConnection changed): the
    * connection up now was verified and stays; the next one is checked
@@ -121,8 +124,8 @@ export class SshTunnel {
   setHostKey(hostKey: string): void {
     if (hostKey === this.hostKey) return;
     this.hostKey = hostKey;
-    this.refusal = undefined;
     this.logger.info('the bastion\'s host key changed: the next SSH connection is checked against it');
+    this.refused = undefined;
     if (!this.ready && this.reconnectTimer !== undefined && !this.stopped) {
       clearTimeout(this.reconnectTimer);
       this.reconnectTimer = undefined;
@@ -140,8 +143,10 @@ export class SshTunnel {
   async open(host: string, port: number, deadline: number): Promise<Duplex> {
     while (!this.ready) {
       if (this.stopped) throw new Error('SSH tunnel is stopped');
+      const refused = this.refusedReason();
+      if (refused !== undefined) throw new UpstreamError('ssh-refused', refused);
       const remaining = deadline - Date.now();
-      if (remaining <= 0 || this.refusal !== undefined) throw new Error(`SSH tunnel to ${this.settings.host}:${this.settings.port} is down: ${this.refusal ?? this.lastError}`);
+      if (remaining <= 0) throw new Error(`SSH tunnel to ${this.settings.host}:${this.settings.port} is down: ${this.lastError}`);
       const waiters = this.readyWaiters;
       await new Promise<void>((resolve) => {
         const timer = setTimeout(done, remaining);
@@ -182,28 +187,35 @@ export class SshTunnel {
     }
     const client = new ssh2Module.Client();
     this.client = client;
-    let hostKeyRefused = false;
+    let hostKeyRefused: string | undefined;
     client.on('ready', () => {
       if (this.connectedOnce) this.metrics.tunnelReconnects.inc();
       this.connectedOnce = true;
       this.attempt = 0;
-      this.refusal = undefined;
+      this.refused = undefined;
       this.logger.info('SSH tunnel up');
       this.setReady(true);
       for (const wake of [...this.readyWaiters]) wake();
       this.readyWaiters.clear();
     });
-    client.on('error', (err: Error & { level?: string }) => {
-      this.lastError = hostKeyRefused ? 'host key mismatch' : err.message;
-      if (hostKeyRefused || err.level === 'client-authentication') this.refusal = this.lastError;
-      if (!hostKeyRefused) this.metrics.error('tunnel');
+    client.on('error', (err: Error) => {
+      this.lastError = hostKeyRefused !== undefined ? 'host key mismatch' : err.message;
+      if (hostKeyRefused === undefined) this.metrics.error('tunnel');
+      // Waiting does not cure these: the next connection (backoff, or a new host key or private key) may.
+      const level = (err as Error & { level?: string }).level;
+      if (hostKeyRefused !== undefined) this.refused = `host key mismatch (the bastion presented ${hostKeyRefused}); check the DatabaseConnection's sshTunnel.hostKey`;
+      else if (level === 'client-authentication') this.refused = `the bastion refused the SSH login as "${this.settings.user}" (${err.message}); check the private key Secret and the bastion's authorized keys`;
+      else this.refused = undefined;
+      if (this.refused !== undefined) {
+        for (const wake of [...this.readyWaiters]) wake();
+        this.readyWaiters.clear();
+        this.onRefused();
+      }
       this.logger.warn({ err: this.lastError }, 'SSH tunnel error');
     });
     client.on('close', () => {
       if (this.client !== client) return;
       this.setReady(false);
-      // Those waiting for a channel learn of a refusal now (open), not at their deadline.
-      if (this.refusal !== undefined) for (const wake of [...this.readyWaiters]) wake();
       this.scheduleReconnect();
     });
     const sock = netConnect({ host: this.settings.host, port: this.settings.port });
@@ -222,7 +234,7 @@ export class SshTunnel {
       hostVerifier: (key: Buffer) => {
         const hostKey = this.hostKey;
         if (hostKeyMatches(hostKey, key)) return true;
-        hostKeyRefused = true;
+        hostKeyRefused = sshFingerprint(key);
         this.metrics.error('tunnel-host-key-mismatch');
         this.logger.error({ presented: sshFingerprint(key), expected: hostKey.startsWith('SHA256:') ? hostKey : 'configured key line' }, 'SSH host key mismatch: refusing the bastion');
         return false;

@@ -112,13 +112,19 @@ async function negotiateTls(options: UpstreamLoginOptions): Promise<Duplex> {
     ...(sslMode === 'verify-full' ? {} : { checkServerIdentity: () => undefined }),
   };
   return new Promise((resolve, reject) => {
-    const onError = (err: Error): void => reject(new UpstreamError('tls', `TLS to ${options.host} failed (sslmode=${sslMode}): ${err.message}`));
+    // A certificate that does not verify stays so until the CA or the server's certificate changes: 'tls-verify' says so.
+    const onError = (err: NodeJS.ErrnoException): void => reject(new UpstreamError(isVerifyFailure(err) ? 'tls-verify' : 'tls', `TLS to ${options.host} failed (sslmode=${sslMode}): ${err.message}`));
     const secure = tlsConnect(tlsOptions, () => {
       secure.off('error', onError);
       resolve(secure);
     });
     secure.once('error', onError);
   });
+}
+
+/** True for Node's certificate verification errors (UNABLE_TO_VERIFY_LEAF_SIGNATURE, ERR_TLS_CERT_ALTNAME_INVALID, CERT_HAS_EXPIRED, ...). */
+function isVerifyFailure(err: NodeJS.ErrnoException): boolean {
+  return typeof err.code === 'string' && /CERT|SIGNATURE|VERIFY|ISSUER/.test(err.code);
 }
 
 /** negotiateTls within `timeoutMs`; on failure the stream is destroyed, as the login owns it. */

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
-import { connect as netConnect } from 'node:net';
+import { connect as netConnect, createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
@@ -43,7 +43,7 @@ function writeCredentials(dir: string, role: PostgresRole): void {
   writeFileSync(join(dir, 'password'), role.password);
 }
 
-async function startSidecar(postgres: PostgresServer, options: { mode?: PoolMode; grant?: number; role?: PostgresRole; pool?: Partial<SidecarSettings['pool']>; tunnel?: SidecarSettings['sshTunnel']; sshPrivateKey?: CurrentText; formerUsers?: SidecarDeps['formerUsers']; drainTimeout?: number } = {}): Promise<Running> {
+async function startSidecar(postgres: PostgresServer, options: { mode?: PoolMode; grant?: number; role?: PostgresRole; pool?: Partial<SidecarSettings['pool']>; tunnel?: SidecarSettings['sshTunnel']; sshPrivateKey?: CurrentText; formerUsers?: SidecarDeps['formerUsers']; drainTimeout?: number; dbname?: string; databasePort?: number } = {}): Promise<Running> {
   const role = options.role ?? postgres.app;
   const credentialsDir = mkdtempSync(join(tmpdir(), 'poolkeeper-creds-'));
   writeCredentials(credentialsDir, role);
@@ -51,7 +51,7 @@ async function startSidecar(postgres: PostgresServer, options: { mode?: PoolMode
   const registry = new Registry();
   const settings: SidecarSettings = {
     listenHost: '127.0.0.1', listenPort: 0,
-    database: { host: postgres.host, port: postgres.port, dbname: 'app', sslMode: 'prefer' },
+    database: { host: postgres.host, port: options.databasePort ?? postgres.port, dbname: options.dbname ?? 'app', sslMode: 'prefer' },
     pool: { mode: options.mode ?? 'transaction', poolTimeout: 10, poolRecycle: 1800, poolPrePing: true, idleTimeout: 600, ...options.pool },
     drainTimeout: options.drainTimeout ?? 5,
     admin: { host: '127.0.0.1', port: 0 },
@@ -62,7 +62,7 @@ async function startSidecar(postgres: PostgresServer, options: { mode?: PoolMode
   sidecar.setGrant(options.grant ?? 5, 1);
   return {
     sidecar, port, adminPort: adminPort!, registry, credentialsDir, credentials,
-    client: () => new pg.Client({ host: '127.0.0.1', port, user: role.user, database: 'app' }),
+    client: () => new pg.Client({ host: '127.0.0.1', port, user: role.user, database: options.dbname ?? 'app' }),
     stop: async () => {
       await sidecar.close();
       rmSync(credentialsDir, { recursive: true, force: true });
@@ -498,6 +498,178 @@ async function killSshSessions(port: number): Promise<number> {
   return pids.size;
 }
 
+/** A sidecar counter's value (the first capture of `pattern` in /metrics), 0 when absent. */
+async function metricValue(running: Running, pattern: RegExp): Promise<number> {
+  const text = await (await fetch(`http://127.0.0.1:${running.adminPort}/metrics`)).text();
+  const match = pattern.exec(text);
+  return match === null ? 0 : Number(match[1]);
+}
+
+const AUTH_FAILED_LOGINS = /poolkeeper_sidecar_server_logins_total\{result="auth-failed"\} (\d+)/;
+const FAILED_LOGINS = /poolkeeper_sidecar_server_logins_total\{result="failed"\} (\d+)/;
+
+interface ConnectFailure {
+  code: string | undefined;
+  message: string;
+  detail: string | undefined;
+  hint: string | undefined;
+  ms: number;
+}
+
+/** Connects with node-postgres, expecting a refusal: what it was and how long it took. */
+async function connectFailure(config: pg.ClientConfig): Promise<ConnectFailure> {
+  const started = Date.now();
+  const client = new pg.Client(config);
+  client.on('error', () => undefined);
+  try {
+    await client.connect();
+  } catch (error) {
+    const e = error as { code?: string; message: string; detail?: string; hint?: string };
+    return { code: e.code, message: e.message, detail: e.detail, hint: e.hint, ms: Date.now() - started };
+  }
+  await client.end();
+  throw new Error('the connection was not refused');
+}
+
+/** A TCP port nothing listens on. */
+async function closedPort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as AddressInfo;
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+describe('sidecar: a server login that waiting does not cure', function () {
+  let postgres: PostgresServer;
+  before(async function () {
+    fileStart = new Date();
+    postgres = await env.postgres();
+  });
+
+  it('fails clients at once with the server\'s 28P01 for a wrong password in the Secret, as direct (node-postgres, psql); 200 clients make one login; a fixed Secret serves the next client', async function () {
+    const wrong = `wrong-${randomBytes(9).toString('base64url')}`;
+    const running = await startSidecar(postgres, { role: { user: 'app', password: wrong }, grant: 5, pool: { poolTimeout: 30 } });
+    const through: pg.ClientConfig = { host: '127.0.0.1', port: running.port, user: 'app', database: 'app' };
+    try {
+      const direct = await connectFailure(postgres.clientConfig({ user: 'app', password: wrong }));
+      const viaSidecar = await connectFailure(through);
+      assert.equal(direct.code, '28P01');
+      assert.equal(viaSidecar.code, direct.code);
+      assert.equal(viaSidecar.message, direct.message);
+      assert.ok(viaSidecar.ms < 1_000, `the refusal took ${viaSidecar.ms} ms through the sidecar (poolTimeout 30 s)`);
+      assert.match(viaSidecar.detail ?? '', /through the poolkeeper sidecar: its own login to .* \(database "app", user "app"\)/);
+      assert.match(viaSidecar.hint ?? '', /credentials Secret/);
+      assert.ok(!JSON.stringify(viaSidecar).includes(wrong), 'the password is in the client\'s error');
+
+      const psqlArgs = (host: string, port: number): string[] => ['-h', host, '-p', String(port), '-U', 'app', '-d', 'app', '-w', '-X', '-c', 'SELECT 1'];
+      const psqlStarted = Date.now();
+      const psqlThrough = await run('psql', psqlArgs('127.0.0.1', running.port)).then(() => '', (e: Error) => e.message);
+      const psqlMs = Date.now() - psqlStarted;
+      const psqlDirect = await run('psql', psqlArgs(postgres.host, postgres.port), { PGPASSWORD: wrong }).then(() => '', (e: Error) => e.message);
+      for (const output of [psqlThrough, psqlDirect]) assert.match(output, /FATAL: {2}password authentication failed for user "app"/);
+      assert.match(psqlThrough, /poolkeeper sidecar/);
+      assert.ok(psqlMs < 1_000, `psql's refusal took ${psqlMs} ms`);
+
+      // Past the hold, a burst of clients shares one new login.
+      await new Promise((r) => setTimeout(r, 2_200));
+      const loginsBefore = await metricValue(running, AUTH_FAILED_LOGINS);
+      const burst = await Promise.all(Array.from({ length: 200 }, () => connectFailure(through)));
+      const logins = await metricValue(running, AUTH_FAILED_LOGINS) - loginsBefore;
+      assert.deepEqual([...new Set(burst.map((f) => f.code))], ['28P01']);
+      assert.ok(logins >= 1 && logins <= 2, `200 clients made ${logins} logins`);
+      const slowest = Math.max(...burst.map((f) => f.ms));
+      assert.ok(slowest < 2_000, `the slowest of 200 refusals took ${slowest} ms`);
+      const refusedCount = await metricValue(running, /poolkeeper_sidecar_errors_total\{kind="login-refused"\} (\d+)/);
+      assert.ok(refusedCount >= 202, `login-refused counted ${refusedCount}`);
+
+      // The Secret fixed: the next client is served at once, without waiting out the hold.
+      writeCredentials(running.credentialsDir, postgres.app);
+      const fixedAt = Date.now();
+      await waitFor('a client served with the fixed Secret', () => withClient(running, (c) => c.query('SELECT 1')).then(() => true, () => false), 5_000);
+      assert.ok(Date.now() - fixedAt < 1_500, `served ${Date.now() - fixedAt} ms after the fix`);
+    } finally {
+      await running.stop();
+    }
+  });
+
+  it('fails clients at once with 3D000 for a database the server does not have, as direct; a cold burst makes at most the grant in logins', async function () {
+    const running = await startSidecar(postgres, { dbname: 'no_such_db', grant: 3, pool: { poolTimeout: 30 } });
+    const through: pg.ClientConfig = { host: '127.0.0.1', port: running.port, user: 'app', database: 'no_such_db' };
+    try {
+      const burst = await Promise.all(Array.from({ length: 50 }, () => connectFailure(through)));
+      assert.deepEqual([...new Set(burst.map((f) => f.code))], ['3D000']);
+      const logins = await metricValue(running, FAILED_LOGINS);
+      assert.ok(logins <= 3, `50 clients made ${logins} logins with a grant of 3`);
+      const direct = await connectFailure(postgres.clientConfig(postgres.app, 'no_such_db'));
+      assert.equal(direct.code, '3D000');
+      assert.equal(burst[0]!.message, direct.message);
+      assert.ok(Math.max(...burst.map((f) => f.ms)) < 1_000);
+      assert.match(burst[0]!.hint ?? '', /dbname/);
+    } finally {
+      await running.stop();
+    }
+  });
+
+  it('still waits poolTimeout, with 53300, for a server that does not answer (a passing failure)', async function () {
+    const running = await startSidecar(postgres, { databasePort: await closedPort(), grant: 2, pool: { poolTimeout: 1 } });
+    try {
+      const failure = await connectFailure({ host: '127.0.0.1', port: running.port, user: 'app', database: 'app' });
+      assert.equal(failure.code, '53300');
+      assert.match(failure.message, /no server connection available within 1 s; last connection attempt: .*ECONNREFUSED/);
+      assert.ok(failure.ms >= 900, `failed after ${failure.ms} ms`);
+    } finally {
+      await running.stop();
+    }
+  });
+
+  it('rotates credentials under load with the Secret changed first and the server\'s password a second later: zero client errors', async function () {
+    const running = await startSidecar(postgres, { grant: 4 });
+    const original = postgres.app.password;
+    const rotated = randomBytes(12).toString('base64url');
+    try {
+      const errors: Error[] = [];
+      const load = Promise.all(Array.from({ length: 20 }, () => churn(running, 80, errors)));
+      await waitFor('connections in use', () => running.sidecar.status().heldConnections > 0);
+      const before = running.sidecar.status().credentialsGeneration;
+      writeCredentials(running.credentialsDir, { user: 'app', password: rotated });
+      await waitFor('new generation', () => running.sidecar.status().credentialsGeneration !== before);
+      await new Promise((r) => setTimeout(r, 1_000));
+      await postgres.query(`ALTER ROLE app PASSWORD '${rotated}'`);
+      await load;
+      assert.deepEqual(errors.map((e) => e.message), []);
+    } finally {
+      await postgres.query(`ALTER ROLE app PASSWORD '${original}'`);
+      await running.stop();
+    }
+  });
+
+  it('a client of a pod with no server connection left waits, as before, while the server\'s password has changed and the Secret follows', async function () {
+    const running = await startSidecar(postgres, { grant: 4 });
+    const original = postgres.app.password;
+    const rotated = randomBytes(12).toString('base64url');
+    try {
+      const client = running.client();
+      await client.connect();
+      await client.query('SELECT 1');
+      running.sidecar.setGrant(0, 2);
+      await waitFor('no server connection', () => running.sidecar.status().heldConnections === 0);
+      await postgres.query(`ALTER ROLE app PASSWORD '${rotated}'`);
+      running.sidecar.setGrant(4, 3);
+      const started = Date.now();
+      const query = client.query<{ v: number }>('SELECT 4 AS v');
+      await new Promise((r) => setTimeout(r, 1_000));
+      writeCredentials(running.credentialsDir, { user: 'app', password: rotated });
+      assert.equal((await query).rows[0]!.v, 4);
+      assert.ok(Date.now() - started >= 900);
+      await client.end();
+    } finally {
+      await postgres.query(`ALTER ROLE app PASSWORD '${original}'`);
+      await running.stop();
+    }
+  });
+});
+
 describe('sidecar SSH tunnel', function () {
   before(function () {
     fileStart = new Date();
@@ -580,8 +752,8 @@ describe('sidecar SSH tunnel', function () {
     try {
       // Two minutes' deadline: waiting it out would fail this test's timeout; the refusal comes in well under a second.
       const deadline = Date.now() + 120_000;
-      await assert.rejects(wrongHostKey.open('127.0.0.1', postgres.port, deadline), /SSH tunnel to .* is down: host key mismatch/);
-      await assert.rejects(unknownKey.open('127.0.0.1', postgres.port, deadline), /SSH tunnel to .* is down: All configured authentication methods failed/);
+      await assert.rejects(wrongHostKey.open('127.0.0.1', postgres.port, deadline), /SSH tunnel to .* refused: host key mismatch \(the bastion presented SHA256:/);
+      await assert.rejects(unknownKey.open('127.0.0.1', postgres.port, deadline), /SSH tunnel to .* refused: the bastion refused the SSH login .*All configured authentication methods failed/);
       // Asked again while the refusal stands: at once too.
       await assert.rejects(wrongHostKey.open('127.0.0.1', postgres.port, deadline), /host key mismatch/);
       wrongHostKey.setHostKey(sshd.hostKeyFingerprint);
@@ -593,22 +765,51 @@ describe('sidecar SSH tunnel', function () {
     }
   });
 
-  it('refuses a bastion whose host key does not match, counts it, and tells the client; a host key changed in the DatabaseConnection is checked from the next SSH connection on', async function () {
+  it('refuses a bastion whose host key does not match, counts it, and tells the client at once; a host key changed in the DatabaseConnection is checked from the next SSH connection on', async function () {
     const [postgres, sshd] = await Promise.all([env.postgres(), env.sshd()]);
     const running = await startSidecar(postgres, {
-      grant: 2, pool: { poolTimeout: 1 },
+      grant: 2, pool: { poolTimeout: 30 },
       tunnel: { host: sshd.host, port: sshd.port, user: sshd.username, privateKey: sshd.userPrivateKey, hostKey: 'SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA' },
     });
     try {
       const c = running.client();
       c.on('error', () => undefined);
-      await assert.rejects(c.connect(), (e: { code?: string; message: string }) => e.code === '53300' && /host key mismatch/.test(e.message));
+      const started = Date.now();
+      // Waiting does not cure a mismatch: the client gets the tunnel's cause at once, not after poolTimeout.
+      await assert.rejects(c.connect(), (e: { code?: string; message: string; detail?: string }) => e.code === '08001' && /host key mismatch \(the bastion presented SHA256:/.test(e.message) && /poolkeeper sidecar/.test(e.detail ?? ''));
+      assert.ok(Date.now() - started < 3_000, `the refusal took ${Date.now() - started} ms`);
       const metrics = await (await fetch(`http://127.0.0.1:${running.adminPort}/metrics`)).text();
       assert.match(metrics, /poolkeeper_sidecar_errors_total\{kind="tunnel-host-key-mismatch"\} [1-9]/);
       assert.equal((await fetch(`http://127.0.0.1:${running.adminPort}/readyz`)).status, 503);
       running.sidecar.updateTunnelHostKey(sshd.hostKeyFingerprint);
       await waitFor('the tunnel up with the new host key', async () => /poolkeeper_sidecar_tunnel_up 1/.test(await (await fetch(`http://127.0.0.1:${running.adminPort}/metrics`)).text()));
       assert.equal((await withClient(running, (c) => c.query<{ v: number }>('SELECT 3 AS v'))).rows[0]!.v, 3);
+    } finally {
+      await running.stop();
+    }
+  });
+  it('a bastion that presents another host key when the tunnel reconnects: clients are told at once, even with lost backends still counted', async function () {
+    const [postgres, sshd] = await Promise.all([env.postgres(), env.sshd()]);
+    const running = await startSidecar(postgres, {
+      grant: 2, pool: { poolTimeout: 30 },
+      tunnel: { host: sshd.host, port: sshd.port, user: sshd.username, privateKey: sshd.userPrivateKey, hostKey: sshd.hostPublicKey },
+    });
+    try {
+      assert.equal((await withClient(running, (c) => c.query<{ v: number }>('SELECT 1 AS v'))).rows[0]!.v, 1);
+      // As if the bastion were rebuilt with a new key: the pinned one no longer matches from the next SSH connection on.
+      running.sidecar.updateTunnelHostKey('SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA');
+      assert.ok(await killSshSessions(sshd.port) >= 1, 'no SSH session to kill');
+      await waitFor('the bastion refused', async () => /poolkeeper_sidecar_errors_total\{kind="tunnel-host-key-mismatch"\} [1-9]/.test(await (await fetch(`http://127.0.0.1:${running.adminPort}/metrics`)).text()));
+      // The sidecar knows the server's parameters already: the login completes, the first query needs a server connection.
+      const client = running.client();
+      client.on('error', () => undefined);
+      await client.connect();
+      const started = Date.now();
+      await assert.rejects(client.query('SELECT 1'), (e: { code?: string; message: string }) => e.code === '08001' && /refused: host key mismatch/.test(e.message));
+      assert.ok(Date.now() - started < 1_000, `the refusal took ${Date.now() - started} ms (poolTimeout 30 s)`);
+      await client.end().catch(() => undefined);
+      running.sidecar.updateTunnelHostKey(sshd.hostPublicKey);
+      await waitFor('served again through the bastion', () => withClient(running, (c) => c.query('SELECT 1')).then(() => true, () => false), 30_000);
     } finally {
       await running.stop();
     }

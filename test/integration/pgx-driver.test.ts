@@ -3,9 +3,11 @@
  * mode), the sidecar in transaction mode with a grant of 2 (8 clients, each
  * its own pgx.Conn, share 2 server connections) and in session mode. The
  * program (test/drivers/pgx-driver, built once) runs every query exec mode
- * across many transactions, statement cache eviction, a schema change under
- * cached statements, DISCARD ALL, SendBatch with a failing query, CopyFrom,
- * a context timeout's cancel, LISTEN/NOTIFY and a savepoint; each step's
+ * across many transactions, pgxpool, statement cache eviction (queries and
+ * batches), named statements of the same name on every connection, a schema
+ * change under cached statements, DISCARD ALL, SendBatch with a failing
+ * query, CopyFrom (alone, failing, 8 at once), a context timeout's cancel,
+ * LISTEN/NOTIFY, the backend pid and a savepoint; each step's
  * "compare" part must be the same through the sidecar as direct. PgBouncer's
  * results are recorded, not asserted (docs/compatibility.md has them).
  *

@@ -63,8 +63,11 @@ func main() {
 		{"listenNotify", listenNotify},
 		{"backendPid", backendPid},
 		{"savepoint", savepoint},
+		{"copyFail", copyFail},
+		{"largeStatement", largeStatement},
 		// Last: PgBouncer 1.18 can exit at a cancel connection closed early (FATAL "bad client state").
 		{"cancelTimeout", cancelTimeout},
+		{"cancelWhileQueued", cancelWhileQueued},
 	}
 	for _, s := range steps {
 		fmt.Fprintf(os.Stderr, "%s step %s\n", time.Now().Format("15:04:05.000"), s.name)
@@ -423,6 +426,140 @@ func copyConcurrent(ctx context.Context) step {
 	return step{Compare: map[string]any{"copies": t.compare(), "rows": result(rows, err)}, Detail: t.detail()}
 }
 
+// cancelRequestHandler makes a context's end send a CancelRequest and keep
+// the connection (pgx's default closes it).
+func cancelRequestHandler(cc *pgx.ConnConfig) {
+	cc.BuildContextWatcherHandler = func(pgConn *pgconn.PgConn) ctxwatch.Handler {
+		return &pgconn.CancelRequestContextWatcherHandler{Conn: pgConn, DeadlineDelay: 5 * time.Second}
+	}
+}
+
+// copyFail: a CopyFrom whose source fails half way (pgx sends CopyFail), and
+// one whose context ends while the rows come slowly; then the rows left and
+// the connection.
+func copyFail(ctx context.Context) step {
+	compare := map[string]any{}
+	for _, variant := range []string{"sourceError", "contextTimeout"} {
+		c, err := connect(ctx, cfg.Conn, cancelRequestHandler)
+		if err != nil {
+			return step{Compare: errorOf(err)}
+		}
+		defer c.Close(context.Background())
+		copyCtx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		first := int64(2_000_000)
+		if variant == "contextTimeout" {
+			first = 3_000_000
+		}
+		i := int64(0)
+		_, err = c.CopyFrom(copyCtx, pgx.Identifier{table("copy")}, []string{"a", "b"}, pgx.CopyFromFunc(func() ([]any, error) {
+			i++
+			switch {
+			case variant == "sourceError" && i == 5_000:
+				return nil, errors.New("the source failed")
+			case variant == "contextTimeout" && i%100 == 0:
+				time.Sleep(10 * time.Millisecond)
+			case i > 1_000_000:
+				return nil, nil
+			}
+			return []any{first + i, "failing"}, nil
+		}))
+		cancel()
+		failed := errorOf(err)
+		if err == nil {
+			failed = outcome{Value: "copied"}
+		}
+		var left int64
+		var next outcome
+		if c.IsClosed() {
+			next = outcome{Error: "connection closed"}
+		} else {
+			next = result(left, c.QueryRow(ctx, fmt.Sprintf("SELECT count(*) FROM %s WHERE a >= $1 AND a < $1 + 1000000", table("copy")), first).Scan(&left))
+			next.Value = left
+		}
+		compare[variant] = map[string]any{"copy": failed, "rowsLeft": next}
+	}
+	return step{Compare: compare}
+}
+
+// largeStatement: a statement of about 300 KiB (a comment pads it) in each
+// query exec mode: the sidecar keeps statements up to 256 KiB to prepare them again.
+func largeStatement(ctx context.Context) step {
+	compare := map[string]any{}
+	pad := strings.Repeat("x", 300<<10)
+	for _, mode := range modes {
+		c, err := connect(ctx, cfg.Conn, func(cc *pgx.ConnConfig) { cc.DefaultQueryExecMode = mode })
+		if err != nil {
+			return step{Compare: errorOf(err)}
+		}
+		var outcomes []outcome
+		for r := 0; r < 3; r++ {
+			var v int64
+			err := c.QueryRow(ctx, "SELECT $1::int8 + 1 /* "+pad+" */", int64(r)).Scan(&v)
+			outcomes = append(outcomes, result(v, err))
+		}
+		compare[mode.String()] = squeezeOutcomes(outcomes)
+		c.Close(context.Background())
+	}
+	return step{Compare: compare}
+}
+
+func squeezeOutcomes(outcomes []outcome) []string {
+	texts := make([]string, len(outcomes))
+	for i, o := range outcomes {
+		b, _ := json.Marshal(o)
+		texts[i] = string(b)
+	}
+	return squeeze(texts)
+}
+
+// cancelWhileQueued: 2 connections hold a statement of 1 s each (the whole
+// grant in transaction mode), and a third's pg_sleep(5) with a context of
+// 300 ms is cancelled (CancelRequest handler): in transaction mode while it
+// waits for a server connection.
+func cancelWhileQueued(ctx context.Context) step {
+	var holders [2]*pgx.Conn
+	for i := range holders {
+		c, err := connect(ctx, cfg.Conn, nil)
+		if err != nil {
+			return step{Compare: errorOf(err)}
+		}
+		defer c.Close(context.Background())
+		holders[i] = c
+	}
+	c, err := connect(ctx, cfg.Conn, cancelRequestHandler)
+	if err != nil {
+		return step{Compare: errorOf(err)}
+	}
+	defer c.Close(context.Background())
+	var wg sync.WaitGroup
+	held := make([]outcome, len(holders))
+	for i, h := range holders {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := h.Exec(ctx, "SELECT pg_sleep(1)")
+			held[i] = result("slept", err)
+		}()
+	}
+	time.Sleep(200 * time.Millisecond)
+	short, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	started := time.Now()
+	_, err = c.Exec(short, "SELECT pg_sleep(5)")
+	cancel()
+	waited := time.Since(started).Seconds()
+	cancelled := errorOf(err)
+	if err == nil {
+		cancelled = outcome{Value: "not cancelled"}
+	}
+	var v int64
+	next := result(int64(42), c.QueryRow(ctx, "SELECT 42").Scan(&v))
+	wg.Wait()
+	return step{
+		Compare: map[string]any{"cancelled": cancelled, "next": next, "holders": held, "within2s": waited < 2},
+		Detail:  map[string]any{"seconds": waited},
+	}
+}
+
 func columns(ctx context.Context, c *pgx.Conn, sql string) outcome {
 	rows, err := c.Query(ctx, sql)
 	if err != nil {
@@ -649,9 +786,7 @@ func cancelTimeout(ctx context.Context) step {
 	for _, handler := range []string{"deadline", "cancelRequest"} {
 		c, err := connect(ctx, cfg.Conn, func(cc *pgx.ConnConfig) {
 			if handler == "cancelRequest" {
-				cc.BuildContextWatcherHandler = func(pgConn *pgconn.PgConn) ctxwatch.Handler {
-					return &pgconn.CancelRequestContextWatcherHandler{Conn: pgConn, DeadlineDelay: 5 * time.Second}
-				}
+				cancelRequestHandler(cc)
 			}
 		})
 		if err != nil {

@@ -864,13 +864,13 @@ func listenNotify(ctx context.Context) step {
 	channel := "pgx_" + cfg.Suffix
 	_, err = listener.Exec(ctx, "LISTEN "+channel)
 	listen := result("LISTEN", err)
-	wait := func() (outcome, *pgconn.Notification) {
-		w, cancel := context.WithTimeout(ctx, 3*time.Second)
+	wait := func(seconds int) (outcome, *pgconn.Notification) {
+		w, cancel := context.WithTimeout(ctx, time.Duration(seconds)*time.Second)
 		defer cancel()
 		n, err := listener.WaitForNotification(w)
 		if err != nil {
 			if errors.Is(err, context.DeadlineExceeded) {
-				return outcome{Error: "no notification within 3 s"}, nil
+				return outcome{Error: "no notification in time"}, nil
 			}
 			return errorOf(err), nil
 		}
@@ -878,15 +878,15 @@ func listenNotify(ctx context.Context) step {
 	}
 	_, err = notifier.Exec(ctx, "SELECT pg_notify($1, 'from another')", channel)
 	notify := result("notified", err)
-	fromOther, n1 := wait()
+	fromOther, n1 := wait(3)
 	// The extended protocol (a parameter) on the listener itself, after it waited.
 	_, err = listener.Exec(ctx, "SELECT pg_notify($1, 'from itself')", channel)
 	notifySelf := result("notified", err)
-	fromSelf, n2 := wait()
+	fromSelf, n2 := wait(3)
 	_, err = listener.Exec(ctx, "UNLISTEN "+channel)
 	unlisten := result("UNLISTEN", err)
 	_, _ = notifier.Exec(ctx, "SELECT pg_notify($1, 'after unlisten')", channel)
-	afterUnlisten, _ := wait()
+	afterUnlisten, _ := wait(1) // the others arrive at once: 1 s shows none comes
 	pids := map[string]any{}
 	if n1 != nil {
 		pids["otherSenderIsNotifierPid"] = n1.PID == notifier.PgConn().PID()

@@ -1,0 +1,135 @@
+/**
+ * pgx v5 (Go) against four targets: PostgreSQL direct, PgBouncer (transaction
+ * mode), the sidecar in transaction mode with a grant of 2 (8 clients, each
+ * its own pgx.Conn, share 2 server connections) and in session mode. The
+ * program (test/drivers/pgx-driver, built once) runs every query exec mode
+ * across many transactions, pgxpool, statement cache eviction (queries and
+ * batches), named statements of the same name on every connection, a schema
+ * change under cached statements, DISCARD ALL, SendBatch with a failing
+ * query, CopyFrom (alone, failing, 8 at once), a context timeout's cancel,
+ * LISTEN/NOTIFY, the backend pid and a savepoint; each step's
+ * "compare" part must be the same through the sidecar as direct. PgBouncer's
+ * results are recorded, not asserted (docs/compatibility.md has them).
+ *
+ * POOLKEEPER_DRIVERS_REPORT=<file> writes every measured result there.
+ */
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { goProgram } from '../support/go-program.ts';
+import { testEnvironment } from '../support/hooks.ts';
+import { startTestSidecar, type TestSidecar } from '../support/sidecar-fixture.ts';
+import type { PostgresServer } from '../../src/devenv/postgres.ts';
+
+const env = testEnvironment();
+const PROGRAM_DIR = join(dirname(fileURLToPath(import.meta.url)), '..', 'drivers', 'pgx-driver');
+const CLIENTS = 8;
+const SIDECAR_TRANSACTION_GRANT = 2;
+const SIDECAR_SESSION_GRANT = 12; // 8 concurrent clients, and the steps' second connections
+
+type TargetName = 'direct' | 'pgbouncer' | 'sidecar-transaction' | 'sidecar-session';
+const TARGETS: readonly TargetName[] = ['direct', 'pgbouncer', 'sidecar-transaction', 'sidecar-session'];
+type Json = Record<string, unknown>;
+interface Step { compare: Json; detail?: unknown }
+
+/**
+ * Steps whose compared result differs from direct by design in transaction
+ * mode (docs/transaction-mode.md): the part that differs, and what it is there.
+ */
+const TRANSACTION_MODE_DIFFERS: Record<string, (compare: Json) => Json> = {
+  // The BackendKeyData pid names no backend: pg_backend_pid() and a notification's sender pid are another's.
+  backendPid: () => ({ pidIsBackendPid: [false, false] }),
+  listenNotify: (want) => ({ ...want, pids: { otherSenderIsNotifierPid: false, ownSenderIsOwnPid: false } }),
+  // A statement that waits in the sidecar for a server connection is cancelled only once it reaches one
+  // (docs/transaction-mode.md): when the grant stays busy longer than pgx waits for the cancel's answer
+  // (DeadlineDelay), pgx gives up and closes its connection, where direct it gets 57014 at once.
+  cancelWhileQueued: (want) => ({
+    ...want,
+    driverGivesUpFirst: { ...(want.driverGivesUpFirst as Json), cancelled: { error: 'timeout: context deadline exceeded' }, next: { error: 'connection closed' }, answeredBeforeGivingUp: false },
+  }),
+  // describe_exec binds in a later batch the unnamed statement it parsed: over 256 KiB it is not kept, and the
+  // client is refused with FATAL 0A000 saying so (docs/prepared-statements.md, Limits).
+  largeStatement: (want) => ({ ...want, 'describe exec': ['{"sqlstate":"0A000"}', '{"error":"conn closed"} x2'] }),
+};
+
+function runProgram(binary: string, config: Json): Promise<Record<string, Step>> {
+  const childEnv = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('PG')));
+  return new Promise((resolve, reject) => {
+    execFile(binary, [JSON.stringify(config)], { timeout: 90_000, maxBuffer: 16 << 20, env: childEnv }, (error, stdout, stderr) => {
+      const last = stdout.trim().split('\n').pop() ?? '';
+      if (error) {
+        reject(new Error(`pgx-driver: ${error.killed ? 'no result within 90 s (a hang; the last step it began is on stderr)' : error.message}\n${stderr.slice(-2000)}`));
+        return;
+      }
+      try {
+        resolve(JSON.parse(last) as Record<string, Step>);
+      } catch {
+        reject(new Error(`pgx-driver printed no JSON result:\n${stdout.slice(-1000)}\n${stderr.slice(-2000)}`));
+      }
+    });
+  });
+}
+
+describe('pgx v5: direct, PgBouncer, sidecar transaction and session mode', function () {
+  this.timeout(180_000);
+  this.slow(30_000);
+  let postgres: PostgresServer;
+  const sidecars: TestSidecar[] = [];
+  const results = new Map<TargetName, Record<string, Step>>();
+  const ports = new Map<TargetName, number>();
+  let binary: string;
+
+  before(async function () {
+    [binary, postgres] = await Promise.all([goProgram(PROGRAM_DIR, 'pgx-driver'), env.postgres()]);
+    const pgbouncer = await env.pgbouncer();
+    const [transaction, session] = await Promise.all([
+      startTestSidecar(postgres, { mode: 'transaction', grant: SIDECAR_TRANSACTION_GRANT }),
+      startTestSidecar(postgres, { mode: 'session', grant: SIDECAR_SESSION_GRANT }),
+    ]);
+    sidecars.push(transaction, session);
+    ports.set('direct', postgres.port).set('pgbouncer', pgbouncer.port).set('sidecar-transaction', transaction.port).set('sidecar-session', session.port);
+  });
+
+  after(async function () {
+    await Promise.all(sidecars.map((s) => s.stop()));
+    const reportFile = process.env.POOLKEEPER_DRIVERS_REPORT;
+    if (reportFile) writeFileSync(reportFile, JSON.stringify(Object.fromEntries(results), null, 1));
+  });
+
+  const suffix = randomBytes(3).toString('hex');
+  for (const name of TARGETS) {
+    it(`${name}: every step as direct${name === 'pgbouncer' ? ' (PgBouncer: recorded, not asserted)' : ''}`, async function () {
+      const login = (port: number, user: string, password: string): string =>
+        `host=127.0.0.1 port=${port} user=${user} password=${password} dbname=app sslmode=disable`;
+      const mode = name === 'direct' ? 'direct' : name === 'sidecar-session' ? 'session' : 'transaction';
+      const r = await runProgram(binary, {
+        conn: login(ports.get(name)!, postgres.app.user, postgres.app.password),
+        admin: login(postgres.port, postgres.superuser.user, postgres.superuser.password),
+        suffix: `${name.slice(0, 1)}${name.endsWith('session') ? 's' : ''}_${suffix}`, mode, clients: CLIENTS, rounds: 12,
+      });
+      results.set(name, r);
+      if (name === 'pgbouncer') return;
+      for (const step of Object.values(r)) assert.equal(step.compare.hang, undefined, `${name}: ${String(step.compare.hang)}`);
+      const direct = results.get('direct');
+      if (name === 'direct' || !direct) {
+        // Direct is the reference: every concurrent step ran without a failure.
+        for (const stepName of ['execModes', 'cacheEviction']) {
+          for (const [m, counts] of Object.entries(r[stepName]!.compare)) assert.deepEqual(counts, { failed: 0, wrong: 0 }, `${name} ${stepName} ${m}: ${JSON.stringify(r[stepName]!.detail)}`);
+        }
+        assert.deepEqual(r.setup!.compare, { value: 'created' });
+        assert.equal(r.schemaChange!.compare.alter, undefined, JSON.stringify(r.schemaChange));
+        assert.equal((r.cancelTimeout!.compare.cancelRequest as Json).error, '57014', JSON.stringify(r.cancelTimeout));
+        assert.ok(direct || name === 'direct', 'the direct target runs first');
+        return;
+      }
+      for (const [stepName, want] of Object.entries(direct)) {
+        const differs = mode === 'transaction' ? TRANSACTION_MODE_DIFFERS[stepName] : undefined;
+        const expected = differs ? differs(want.compare) : want.compare;
+        assert.deepEqual(r[stepName]?.compare, expected, `${name} ${stepName}: ${JSON.stringify(r[stepName])}, direct: ${JSON.stringify(want)}`);
+      }
+    });
+  }
+});

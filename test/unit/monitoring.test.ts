@@ -209,6 +209,9 @@ function ruleCases(): RuleCase[] {
     { alert: 'PoolkeeperPoolTimeouts', name: 'one 53300 a second', series: [side('poolkeeper_sidecar_errors_total', 'web-1', '0+60x30', ', kind="pool-timeout"')], firing: [{ labels: orders, value: '1' }] },
     { alert: 'PoolkeeperPoolTimeouts', name: 'other errors only', series: [side('poolkeeper_sidecar_errors_total', 'web-1', '0x30', ', kind="pool-timeout"'), side('poolkeeper_sidecar_errors_total', 'web-1', '0+60x30', ', kind="server-lost"')], firing: [] },
 
+    { alert: 'PoolkeeperLoginRefused', name: 'every client refused', series: [side('poolkeeper_sidecar_errors_total', 'web-1', '0+60x30', ', kind="login-refused"')], firing: [{ labels: orders, value: '1' }] },
+    { alert: 'PoolkeeperLoginRefused', name: 'pool timeouts only', series: [side('poolkeeper_sidecar_errors_total', 'web-1', '0x30', ', kind="login-refused"'), side('poolkeeper_sidecar_errors_total', 'web-1', '0+60x30', ', kind="pool-timeout"')], firing: [] },
+
     { alert: 'PoolkeeperTunnelDown', name: 'down for 30 minutes', series: [side('poolkeeper_sidecar_tunnel_up', 'web-1', '0x30'), side('poolkeeper_sidecar_tunnel_up', 'web-2', '1x30')], firing: [{ labels: { ...orders, pod: 'web-1' }, value: '0' }] },
     { alert: 'PoolkeeperTunnelDown', name: 'up', series: [side('poolkeeper_sidecar_tunnel_up', 'web-1', '1x30')], firing: [] },
 

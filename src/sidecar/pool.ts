@@ -16,7 +16,7 @@ import { NO_SETTINGS, settingsSql, type ClientSettings } from '../core/protocol/
 import type { BackendRecord } from './backend-ledger.ts';
 import type { SidecarMetrics } from './metrics.ts';
 import { ServerConnection, type ServerConnectionUser } from './server-connection.ts';
-import type { Credentials, SidecarSettings } from './settings.ts';
+import type { Credentials, DatabaseReachability, SidecarSettings } from './settings.ts';
 import { loginUpstream, UpstreamError } from './upstream-login.ts';
 
 /** A failure to get a server connection, with the SQLSTATE the client should see. */
@@ -78,6 +78,15 @@ const RETRY_MAX_MS = 2_000;
 /** Lost backends just terminated are asked about again this soon (they exit within milliseconds), at most this many times, before the connection serves clients. */
 const RECHECK_DELAY_MS = 25;
 const RECHECK_TRIES = 8;
+/**
+ * While the database counts as unreachable and no client asks for a
+ * connection, one login is tried after this long plus up to as much again at
+ * random (many sidecars must not try in step), so that the report clears once
+ * the cause is gone even in a pod whose app has stopped trying.
+ */
+const UNREACHABLE_RECHECK_MS = 30_000;
+/** Longest cause reported in the PoolMember status. */
+const REACHABILITY_MESSAGE_MAX = 1024;
 
 /** Server connections, the grant, and the FIFO of waiting clients. */
 export class Pool {
@@ -114,6 +123,10 @@ export class Pool {
   private lastConnectError: string | undefined;
   private retryTimer: NodeJS.Timeout | undefined;
   private consecutiveFailures = 0;
+  /** Whether the database can be reached and logged in to, as of its last change (undefined before the first login). */
+  reachability: DatabaseReachability | undefined;
+  /** The next login tried while the database counts as unreachable. */
+  private recheckTimer: NodeJS.Timeout | undefined;
   private nextServerId = 1;
   private readonly emptyListeners: (() => void)[] = [];
   private readonly deps: PoolDeps;
@@ -246,6 +259,36 @@ export class Pool {
       this.retryTimer = undefined;
     }
     this.serveWaiters();
+    // The failure may have been these credentials': find out now, not at the next recheck.
+    if (this.reachability?.reachable === false) this.recheckReachability(0);
+    this.deps.changed();
+  }
+
+  /**
+   * Tries one login soon while the database counts as unreachable (a new
+   * bastion host key, say): the report clears as soon as the cause is gone.
+   */
+  recheckReachability(delayMs: number): void {
+    clearTimeout(this.recheckTimer);
+    this.recheckTimer = undefined;
+    if (this.reachability?.reachable !== false || this.closed || this.draining) return;
+    this.recheckTimer = setTimeout(() => {
+      this.recheckTimer = undefined;
+      if (this.reachability?.reachable !== false || this.closed || this.draining) return;
+      // A login already under way, or clients waiting (their retries log in), says it too.
+      if (this.connecting === 0 && this.servers.size === 0 && this.waiters.length === 0 && this.held < this.grant) void this.open();
+      else this.recheckReachability(UNREACHABLE_RECHECK_MS + Math.random() * UNREACHABLE_RECHECK_MS);
+    }, delayMs);
+    this.recheckTimer.unref();
+  }
+
+  /** Records a change of reachability only: a login like the last one changes nothing, so the status is not rewritten. */
+  private setReachability(reachable: boolean, reason: string, message: string): void {
+    const previous = this.reachability;
+    if (previous?.reachable === reachable && previous.reason === reason) return;
+    this.reachability = { reachable, reason, message: message.slice(0, REACHABILITY_MESSAGE_MAX), since: this.deps.now() };
+    if (reachable) this.deps.logger.info({ reason }, 'the database can be reached again');
+    else this.deps.logger.warn({ reason, cause: this.reachability.message }, 'the database cannot be reached: reported in the PoolMember status');
     this.deps.changed();
   }
 
@@ -395,6 +438,7 @@ export class Pool {
   beginDrain(): void {
     this.draining = true;
     this.stopWaitTimer();
+    clearTimeout(this.recheckTimer);
     for (const entry of this.waiters.splice(0)) {
       entry.waiter.onAcquireFailed({ sqlState: '57P01', message: 'the sidecar is draining' });
     }
@@ -407,6 +451,7 @@ export class Pool {
     this.closed = true;
     this.draining = true;
     if (this.retryTimer) clearTimeout(this.retryTimer);
+    clearTimeout(this.recheckTimer);
     this.stopWaitTimer();
     for (const entry of this.waiters.splice(0)) {
       entry.waiter.onAcquireFailed({ sqlState: '57P01', message: 'the sidecar is shutting down' });
@@ -722,6 +767,7 @@ export class Pool {
       this.deps.metrics.serverLogins.inc({ result: 'ok' });
       this.consecutiveFailures = 0;
       this.lastConnectError = undefined;
+      this.setReachability(true, 'LoggedIn', `logged in as ${credentials.username}`);
     } catch (error) {
       refused = settingsRefused(error, settings);
       if (refused !== undefined) this.deps.metrics.error('client-settings');
@@ -773,6 +819,12 @@ export class Pool {
     this.lastConnectError = message;
     this.consecutiveFailures += 1;
     this.deps.logger.warn({ server: id, err: message, user: username }, 'server connection failed');
+    // Hysteresis: while a server connection is live the database is reached, whatever one login says.
+    if (this.servers.size === 0) {
+      const cause = failureCause(error, this.deps.blockedReason?.());
+      this.setReachability(false, cause.reason, cause.message);
+    }
+    if (this.reachability?.reachable === false && this.recheckTimer === undefined) this.recheckReachability(UNREACHABLE_RECHECK_MS + Math.random() * UNREACHABLE_RECHECK_MS);
   }
 
   private scheduleRetry(): void {
@@ -833,6 +885,19 @@ export class Pool {
       }
     }
   }
+}
+
+/**
+ * Why a login failed, as the PoolMember status reports it: the server's
+ * SQLSTATE and message, the SSH tunnel's error, or the connection's.
+ */
+export function failureCause(error: unknown, tunnelDown: string | undefined): { reason: string; message: string } {
+  const message = error instanceof Error ? error.message : String(error);
+  if (error instanceof UpstreamError && error.sqlState !== undefined) return { reason: 'LoginFailed', message: `SQLSTATE ${error.sqlState}: ${error.serverFields?.M ?? message}` };
+  if (error instanceof UpstreamError && error.kind === 'auth') return { reason: 'LoginFailed', message };
+  if (tunnelDown !== undefined) return { reason: 'TunnelFailed', message: tunnelDown };
+  if (message.startsWith('SSH tunnel')) return { reason: 'TunnelFailed', message };
+  return { reason: 'ConnectionFailed', message };
 }
 
 /**

@@ -119,7 +119,11 @@ export class Sidecar implements ClientSessionHost {
     this.loginTimeoutMs = (deps.settings.loginTimeout ?? 15) * 1000;
     this.metrics = new SidecarMetrics(deps.metrics);
     const tunnelSettings = deps.settings.sshTunnel;
-    this.tunnel = tunnelSettings ? new SshTunnel({ settings: tunnelSettings, ...(deps.sshPrivateKey ? { privateKey: deps.sshPrivateKey } : {}), logger: deps.logger, metrics: this.metrics, onUpChange: () => this.statusChanged() }) : undefined;
+    this.tunnel = tunnelSettings ? new SshTunnel({ settings: tunnelSettings, ...(deps.sshPrivateKey ? { privateKey: deps.sshPrivateKey } : {}), logger: deps.logger, metrics: this.metrics, onUpChange: () => {
+        // The bastion answers again (a corrected host key, say): a login tells whether the database does.
+        if (this.tunnel?.up === true) this.pool.recheckReachability(0);
+        this.statusChanged();
+      } }) : undefined;
     this.pool = new Pool({
       settings: deps.settings,
       credentials: () => this.credentials.current(),
@@ -142,6 +146,7 @@ export class Sidecar implements ClientSessionHost {
       grant: () => ({ connections: this.pool.grant, generation: this.pool.grantGeneration, acknowledgedGeneration: this.pool.acknowledgedGeneration }),
       credentialsGeneration: () => this.credentials.current().generation,
       tunnelUp: () => this.tunnel?.up,
+      serverReachable: () => this.pool.reachability,
       transactions: () => this.pool.transactions,
       pinnedClients: () => {
         const counts = Object.fromEntries(PIN_REASONS.map((r) => [r, 0])) as Record<PinReason, number>;
@@ -262,6 +267,7 @@ export class Sidecar implements ClientSessionHost {
       credentialsGeneration: this.credentials.current().generation,
       draining: this.draining,
       drained: this.drained,
+      ...(this.pool.reachability ? { databaseReachable: this.pool.reachability } : {}),
     };
   }
 

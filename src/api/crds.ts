@@ -68,7 +68,7 @@ export const databaseServerCrdDefinition: CrdDefinition = {
   ],
 };
 
-/** PoolMember: `kubectl get pm` shows grant, acknowledged, held, age. */
+/** PoolMember: `kubectl get pm` shows acknowledged, held, waiting, whether the sidecar reaches the database, age. */
 export const poolMemberCrdDefinition: CrdDefinition = {
   kind: 'PoolMember',
   plural: 'poolmembers',
@@ -81,6 +81,7 @@ export const poolMemberCrdDefinition: CrdDefinition = {
     { name: 'Acknowledged', type: 'integer', jsonPath: '.status.acknowledgedConnections', description: 'Connections the sidecar applies as its grant (from the PoolGrant table once TABLE-FROM is set, else spec.grant)' },
     { name: 'Held', type: 'integer', jsonPath: '.status.heldConnections', description: 'Backends the sidecar holds now' },
     { name: 'Waiting', type: 'integer', jsonPath: '.status.waitingClients', description: 'Clients waiting for a server connection at the sidecar\'s last status write (heartbeat)' },
+    { name: 'Reachable', type: 'string', jsonPath: '.status.conditions[?(@.type=="DatabaseReachable")].status', description: 'Whether the sidecar can reach and log in to the database (empty before its first login)' },
     { name: 'Grant', type: 'integer', jsonPath: '.spec.grant.connections', priority: 1, description: 'spec.grant: the grant of a sidecar not on the grant table; for one on it, its value when it switched' },
     { name: 'Table-From', type: 'integer', jsonPath: '.spec.tableFrom', priority: 1, description: 'PoolGrant generation from which this pod takes its grant from the table' },
     { name: 'Age', type: 'date', jsonPath: '.metadata.creationTimestamp' },

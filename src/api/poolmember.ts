@@ -6,7 +6,7 @@
  */
 import type { FromSchema } from 'json-schema-to-ts';
 import type { V1ObjectMeta } from '@kubernetes/client-node';
-import { resourceSchema } from './common.ts';
+import { conditionsSchema, resourceSchema } from './common.ts';
 import { HOST_KEY_PATTERN, POOL_MODES, SSL_MODES } from './databaseconnection.ts';
 
 const portSchema = { type: 'integer', minimum: 1, maximum: 65535 } as const;
@@ -91,8 +91,12 @@ export const poolMemberStatusSchema = {
     sidecarVersion: { type: 'string', maxLength: 64, description: 'Version of the sidecar.' },
     waitingClients: { type: 'integer', minimum: 0, description: 'Clients waiting for a server connection when this status was written (heartbeats included; a change of it alone writes nothing).' },
     tableGeneration: { type: 'integer', format: 'int64', minimum: 0, description: 'Written only by sidecars that read grant tables: the PoolGrant generation acknowledgedConnections was derived from (0 before any).' },
+    conditions: { ...conditionsSchema, description: 'DatabaseReachable: whether this sidecar can reach and log in to the database (True after a login that succeeded; False after one that failed while the sidecar held no live server connection, with the cause in reason and message; absent before its first login). Written when it changes, not with every heartbeat.' },
   },
 } as const;
+
+/** The PoolMember condition a sidecar reports whether it can reach and log in to its database with. */
+export const DATABASE_REACHABLE = 'DatabaseReachable';
 
 /** The CRD's openAPIV3Schema. */
 export const poolMemberSchema = resourceSchema(poolMemberSpecSchema, poolMemberStatusSchema, {

@@ -8,7 +8,7 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
-import { API_GROUP, API_VERSION, CONNECTION_LABEL, memberPodUid, type DatabaseConnection, type DatabaseServer, type PoolMember } from '../api/index.ts';
+import { API_GROUP, API_VERSION, CONNECTION_LABEL, DATABASE_REACHABLE, memberPodUid, type DatabaseConnection, type DatabaseServer, type PoolMember } from '../api/index.ts';
 import { laterAcknowledgement, type Acknowledgement } from '../core/budget/index.ts';
 import { ApiReachability } from '../kube/backoff.ts';
 import type { KubeHttp } from '../kube/http.ts';
@@ -28,8 +28,9 @@ import { ServerReconciler, type ControllerCaches, type HpaObject, type Namespace
 type WakeCause = 'change' | 'acknowledgement';
 
 /**
- * What a reconcile reads of a PoolMember, hashed: its owner, its whole spec and
- * the status fields the planner counts. Left out: heartbeatTime and
+ * What a reconcile reads of a PoolMember, hashed: its owner, its whole spec,
+ * the status fields the planner counts and whether its sidecar reaches the
+ * database. Left out: heartbeatTime and
  * sidecarVersion, which every sidecar rewrites every few seconds and which change
  * no grant (a sidecar going silent is found by the periodic requeue instead).
  */
@@ -41,7 +42,17 @@ function memberFingerprint(m: PoolMember, channel: Acknowledgement | undefined):
   // Whether the sidecar reads tables (its PoolMember is switched onto one) is in the status alone.
   // A heartbeat that shows a PoolMember's sidecar does not read its table (readsNoTable) changes what the reconcile does.
   const status = s || channel ? [...ack, s?.tableGeneration !== undefined, s?.credentialsGeneration, s?.draining, s?.drained, readsNoTable(m, m.spec.tableFrom)] : null;
-  return createHash('sha1').update(JSON.stringify([m.metadata.ownerReferences?.map((o) => o.uid), m.spec, status])).digest('base64');
+  return createHash('sha1').update(JSON.stringify([m.metadata.ownerReferences?.map((o) => o.uid), m.spec, status, memberReachability(m) ?? null])).digest('base64');
+}
+
+/**
+ * Whether a PoolMember's sidecar says it reaches its database, and why not:
+ * its sidecar writes it only when it changes, and the DatabaseConnection's
+ * Degraded and Ready conditions count it, so a change reconciles.
+ */
+function memberReachability(m: PoolMember): string | undefined {
+  const c = m.status?.conditions?.find((x) => x.type === DATABASE_REACHABLE);
+  return c ? `${c.status}/${c.reason}/${c.message}` : undefined;
 }
 
 /** What a PoolMember's status says its sidecar holds and acknowledged (undefined before it answered), for telling its answers from echoes of spec writes. */
@@ -84,7 +95,7 @@ export class BudgetController {
    * last seen, and when this replica saw it change (its own clock, ms): a
    * node's clock that is off must not make its sidecars look silent.
    */
-  private readonly memberSeen = new Map<string, { fingerprint: string; answer: string | undefined; heartbeat: string | undefined; heardAt: number }>();
+  private readonly memberSeen = new Map<string, { fingerprint: string; answer: string | undefined; heartbeat: string | undefined; heardAt: number; reachability: string | undefined }>();
   /** heardAt of memberSeen by the PoolMember object the cache holds: read for every PoolMember each pass. */
   private readonly heardByObject = new WeakMap<PoolMember, number>();
   /** What specChanged last saw of each DatabaseConnection and DatabaseServer. */
@@ -245,7 +256,7 @@ export class BudgetController {
       const seen = this.memberSeen.get(k);
       const now = Date.now();
       const heardAt = seen === undefined || seen.heartbeat !== heartbeat ? now : seen.heardAt;
-      this.memberSeen.set(k, { fingerprint, answer, heartbeat, heardAt });
+      this.memberSeen.set(k, { fingerprint, answer, heartbeat, heardAt, reachability: memberReachability(m) });
       this.heardByObject.set(m, heardAt);
       // A heartbeat alone changes no grant; but one from a sidecar that had gone quiet
       // past the timeout may clear a SidecarUnresponsive condition, so that one reconciles.
@@ -253,8 +264,11 @@ export class BudgetController {
       if (seen?.fingerprint === fingerprint && !quiet) return;
       const c = connections.get(m.metadata.namespace, m.spec.connection);
       if (!c) return;
+      // A sidecar that now reaches its database or no longer does changes the connection's conditions: a change, reconciled
+      // at once (a fleet's sidecars failing together are one burst), not an answer that may wait for the plan's others.
+      if (seen !== undefined && memberReachability(m) !== seen.reachability) this.enqueue(this.serverOf(c));
       // The sidecar said something new; anything else is this controller's own write coming back.
-      this.enqueue(this.serverOf(c), 'acknowledgement', answer !== undefined && answer !== seen?.answer ? podUid : undefined);
+      else this.enqueue(this.serverOf(c), 'acknowledgement', answer !== undefined && answer !== seen?.answer ? podUid : undefined);
     });
     secrets.onChange((_type, s) => {
       for (const c of this.connectionsIn(s.metadata?.namespace)) {

@@ -6,10 +6,10 @@
  */
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
-import { API_GROUP, API_VERSION, CONNECTION_LABEL, DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVE, memberPodUid, type DatabaseConnection, type DatabaseServer, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
+import { API_GROUP, API_VERSION, CONNECTION_LABEL, DATABASE_REACHABLE, DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVE, memberPodUid, type DatabaseConnection, type DatabaseServer, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
 import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, departureHoldAdvice, deriveEntry, loginConnectionCap, loginConnectionCaps, connectionCaps, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant, type PlannedTable, type ConnectionCap, type GrantTable, type LoginCap, type ServerSettings } from '../core/budget/index.ts';
 import { decideOwnedLimit, decideServerLimit, namespaceDemands, namespaceShares, ownedServerKey, planWithShares, ruleFor, type NamespaceRule } from '../core/tenancy/index.ts';
-import { connectionConditions, limitMismatchCondition, loginCapCondition, oversubscriptionAdvice, type ConsumerDemand, type ConsumerFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
+import { connectionConditions, sidecarReachabilityCondition, limitMismatchCondition, loginCapCondition, oversubscriptionAdvice, type ConsumerDemand, type ConsumerFacts, type SidecarReachabilityFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
 import { conditionsEqual, findCondition, setConditions, type Condition, type ConditionUpdate } from '../core/conditions/index.ts';
 import { redactSecrets } from '../core/conditions/redact.ts';
 import { credentialsGeneration } from '../core/credentials.ts';
@@ -174,7 +174,7 @@ interface Resolved {
 }
 
 /** Ready reasons that get an Event when they start. */
-const NOT_SERVING_EVENTS = new Set(['NotAllowed', 'AddressNotOfServer', 'ServerNotFound', 'SecretMissing', 'SecretKeyMissing', 'CaSecretMissing', 'SshKeySecretMissing', 'CredentialsRejected', 'DatabaseNotFound', 'ConnectionFailed', 'PodsWithoutConsumer', 'WorkloadNotOptedIn']);
+const NOT_SERVING_EVENTS = new Set(['NotAllowed', 'AddressNotOfServer', 'ServerNotFound', 'SecretMissing', 'SecretKeyMissing', 'CaSecretMissing', 'SshKeySecretMissing', 'CredentialsRejected', 'DatabaseNotFound', 'ConnectionFailed', 'PodsWithoutConsumer', 'WorkloadNotOptedIn', 'SidecarsCannotConnect']);
 
 /** The reconciler of database servers. */
 export class ServerReconciler {
@@ -518,7 +518,9 @@ export class ServerReconciler {
       const missing = missingSidecar.filter((p) => podConnectionKey(p) === key(connection)).map((p) => p.metadata?.name ?? '');
       const unresponsive = silent.filter((m) => m.spec.connection === connection.metadata.name && m.metadata.namespace === connection.metadata.namespace).map((m) => m.metadata.name ?? '');
       this.deps.metrics.unresponsiveSidecars.set({ namespace: connection.metadata.namespace ?? '', connection: connection.metadata.name ?? '' }, unresponsive.length);
+      const reachability = this.sidecarReachability(connection, members, livePodUids, silent);
       const degraded = r?.degraded
+        ?? sidecarReachabilityCondition(reachability)
         ?? (missing.length > 0 ? {
           type: 'Degraded', status: 'True' as const, reason: 'SidecarMissing',
           message: `${missing.length} pod(s) opted in but run without the sidecar (the webhook was unavailable when they were created): ${names(missing)}`,
@@ -533,7 +535,7 @@ export class ServerReconciler {
         void this.deps.events.record(connection, 'Warning', 'SidecarReadsNoTable', `${leaving.length} sidecar(s) do not read the grant table (sidecar version ${versions}: an earlier image, or a ServiceAccount that may not get, list and watch poolgrants); their grants are written to their PoolMembers instead: ${names(leaving.map((m) => m.metadata.name ?? ''))}`);
       }
       const statusLimit = ownedLimit ? { ...ownedLimit, shared: connections.length } : r && r.discovered !== undefined ? { discovered: r.discovered, reserve: r.reserve ?? 0, effective: limit, shared: connections.length } : undefined;
-      await this.writeStatus(connection, statusPlan, statusLimit, r, degraded, pods, statusAdvice);
+      await this.writeStatus(connection, statusPlan, statusLimit, r, degraded, pods, statusAdvice, reachability);
     }
     if (owner && tenancy) await this.writeServerStatus(owner, { limit: ownedLimit, allocated: plan.allocated, connections: connections.length, namespaces: tenancy.namespaces, overcommitted: tenancy.overcommitted });
     this.recordMetrics(server, plan, connections);
@@ -629,6 +631,24 @@ export class ServerReconciler {
 
   private heartbeatTimeoutMs(): number {
     return this.deps.heartbeatTimeoutMs ?? DEFAULT_HEARTBEAT_TIMEOUT_MS;
+  }
+
+  /**
+   * What the sidecars of `connection`'s live pods report about reaching its
+   * database (their PoolMembers' DatabaseReachable condition); unresponsive
+   * ones are left out, as what they last said may be old.
+   */
+  private sidecarReachability(connection: DatabaseConnection, members: readonly PoolMember[], livePodUids: ReadonlySet<string>, silent: readonly PoolMember[]): SidecarReachabilityFacts {
+    const quiet = new Set(silent);
+    let sidecars = 0;
+    const unreachable: SidecarReachabilityFacts['unreachable'][number][] = [];
+    for (const m of members) {
+      if (m.spec.connection !== connection.metadata.name || m.metadata.namespace !== connection.metadata.namespace || quiet.has(m) || !livePodUids.has(memberPodUid(m))) continue;
+      sidecars += 1;
+      const c = findCondition(m.status?.conditions, DATABASE_REACHABLE);
+      if (c?.status === 'False') unreachable.push({ pod: m.metadata.name ?? '', cause: c.message });
+    }
+    return { sidecars, unreachable };
   }
 
   /** PoolMembers of live pods whose sidecar has not written status within the heartbeat timeout. */
@@ -1078,7 +1098,7 @@ export class ServerReconciler {
     return { consumers, podsWithoutConsumer };
   }
 
-  private async writeStatus(connection: DatabaseConnection, plan: BudgetPlan | undefined, limit: { discovered: number; reserve: number; effective: number; shared: number } | undefined, resolved: Resolved | undefined, degraded?: ConditionUpdate, pods: readonly (PodObject & KubeObject)[] = [], advice = ''): Promise<void> {
+  private async writeStatus(connection: DatabaseConnection, plan: BudgetPlan | undefined, limit: { discovered: number; reserve: number; effective: number; shared: number } | undefined, resolved: Resolved | undefined, degraded?: ConditionUpdate, pods: readonly (PodObject & KubeObject)[] = [], advice = '', sidecars?: SidecarReachabilityFacts): Promise<void> {
     const summary = plan?.connections.find((c) => c.namespace === connection.metadata.namespace && c.name === connection.metadata.name);
     const budget: ConditionUpdate[] = plan && summary ? budgetConditions(plan, summary) : [{ type: 'Ready', status: 'False', reason: 'LimitUnknown', message: 'no connection limit known for this server yet' }];
     const budgetReady = budget.find((c) => c.type === 'Ready') as ConditionUpdate;
@@ -1091,6 +1111,7 @@ export class ServerReconciler {
       consumers: facts.consumers,
       podsWithoutConsumer: facts.podsWithoutConsumer,
       budgetReady,
+      sidecars,
     });
     if (oversubscribed) updates.push(oversubscribed.status === 'True' && advice ? { ...oversubscribed, message: `${oversubscribed.message}. ${advice}` } : oversubscribed);
     // A connection that may not draw on its server is not Ready, whatever its budget says.

@@ -8,12 +8,12 @@
  * poolgrants and patch on poolmembers/status.
  */
 import type { Logger } from 'pino';
-import { API_GROUP, API_VERSION, memberPodUid, type PoolGrant, type PoolMember, type PoolMemberStatus } from '../api/index.ts';
+import { API_GROUP, API_VERSION, DATABASE_REACHABLE, memberPodUid, type Condition, type PoolGrant, type PoolMember, type PoolMemberStatus } from '../api/index.ts';
 import { BASE_HEARTBEAT_SECONDS, deriveGrant, grantTableOf } from '../core/budget/grant-table.ts';
 import { isStatus, type KubeHttp } from '../kube/http.ts';
 import { ApiReachability } from '../kube/backoff.ts';
 import { Informer, type KubeObject } from '../kube/informer.ts';
-import type { SidecarStatus } from './settings.ts';
+import type { DatabaseReachability, SidecarStatus } from './settings.ts';
 import { AcknowledgementSender } from './acknowledgement-sender.ts';
 import type { ChannelAcknowledgement } from '../core/budget/acknowledgement.ts';
 
@@ -23,11 +23,30 @@ const CHANNEL_RETRY_MS = 30_000;
 /** The status fields an acknowledgement consists of. */
 const ACK_BLANK = { acknowledgedGeneration: undefined, acknowledgedConnections: undefined, heldConnections: undefined, tableGeneration: undefined } as const;
 
+/** One status field of each: equal (conditions by their fields, whatever the order of their keys). */
+function fieldEqual(a: PoolMemberStatus, b: PoolMemberStatus, k: keyof PoolMemberStatus): boolean {
+  if (k !== 'conditions') return a[k] === b[k];
+  const left = a.conditions ?? [];
+  const right = b.conditions ?? [];
+  return left.length === right.length && left.every((c, i) => {
+    const d = right[i];
+    return d !== undefined && c.type === d.type && c.status === d.status && c.reason === d.reason && c.message === d.message && c.lastTransitionTime === d.lastTransitionTime;
+  });
+}
+
 /** Equal apart from the heartbeat and the waiting clients (which never cause a write of their own). */
 function statusFieldsEqual(a: PoolMemberStatus, b: PoolMemberStatus): boolean {
   const keys = new Set([...Object.keys(a), ...Object.keys(b)].filter((k) => k !== 'heartbeatTime' && k !== 'waitingClients')) as Set<keyof PoolMemberStatus>;
-  for (const k of keys) if (a[k] !== b[k]) return false;
+  for (const k of keys) if (!fieldEqual(a, b, k)) return false;
   return true;
+}
+
+/** The DatabaseReachable condition of a reachability report. */
+function reachabilityCondition(r: DatabaseReachability): Condition {
+  return {
+    type: DATABASE_REACHABLE, status: r.reachable ? 'True' : 'False', reason: r.reason, message: r.message,
+    lastTransitionTime: new Date(r.since).toISOString().replace(/\.\d+Z$/, 'Z'),
+  };
 }
 
 /** The acknowledgement fields of `status` are those of `written`. */
@@ -298,6 +317,8 @@ export class PoolMemberAgent {
       drained: s.drained,
       sidecarVersion: this.options.version,
       ...(this.tableReady ? { tableGeneration: this.acknowledgedTableGeneration } : {}),
+      // Changes only when reachability does (Pool.setReachability): a status write then, none with each login.
+      ...(s.databaseReachable ? { conditions: [reachabilityCondition(s.databaseReachable)] } : {}),
     };
     if (s.acknowledgedGeneration < 0) delete status.acknowledgedGeneration;
     return status;
@@ -306,7 +327,8 @@ export class PoolMemberAgent {
   private statusCurrent(stored: PoolMemberStatus | undefined): boolean {
     if (!stored) return false;
     const now = this.currentStatus();
-    return (Object.keys(now) as Array<keyof PoolMemberStatus>).every((k) => stored[k] === now[k]) && (now.acknowledgedGeneration !== undefined || stored.acknowledgedGeneration === undefined);
+    return (Object.keys(now) as Array<keyof PoolMemberStatus>).every((k) => fieldEqual(stored, now, k)) && (now.acknowledgedGeneration !== undefined || stored.acknowledgedGeneration === undefined)
+      && (now.conditions !== undefined || stored.conditions === undefined);
   }
 
   /** Writes the current status soon; concurrent calls coalesce into one more write. */
@@ -401,7 +423,9 @@ export class PoolMemberAgent {
     const waiting = this.options.waitingClients?.();
     const status: PoolMemberStatus = { ...this.currentStatus(), ...(waiting === undefined ? {} : { waitingClients: waiting }), heartbeatTime: (this.options.now?.() ?? new Date()).toISOString().replace(/\.\d+Z$/, 'Z') };
     try {
-      await this.options.http.patch(`/apis/${API_GROUP}/${API_VERSION}/namespaces/${this.options.namespace}/poolmembers/${this.options.podName}/status`, { status });
+      // A merge patch keeps what it does not name: an earlier container's report (this pod restarted) goes with null.
+      const body = status.conditions === undefined ? { status: { ...status, conditions: null } } : { status };
+      await this.options.http.patch(`/apis/${API_GROUP}/${API_VERSION}/namespaces/${this.options.namespace}/poolmembers/${this.options.podName}/status`, body);
       this.lastWritten = status;
       this.reachability.succeeded();
     } catch (err) {

@@ -16,6 +16,8 @@ export interface SidecarMetricsSource {
   grant(): { connections: number; generation: number; acknowledgedGeneration: number };
   credentialsGeneration(): string;
   tunnelUp(): boolean | undefined;
+  /** Whether the database can be reached and logged in to, and the reason (undefined before the first login). */
+  serverReachable(): { reachable: boolean; reason: string } | undefined;
   transactions(): number;
   /** Connected clients pinned to their server connection, by reason. */
   pinnedClients(): Record<PinReason, number>;
@@ -114,6 +116,15 @@ export class SidecarMetrics {
       collect() {
         const up = read()?.tunnelUp();
         if (up !== undefined) this.set(up ? 1 : 0);
+      },
+    });
+    new Gauge({
+      name: 'poolkeeper_sidecar_server_reachable', help: '1 if the database can be reached and logged in to (a login succeeded), 0 if not (a login failed while no server connection was live), by reason (LoggedIn, LoginFailed, ConnectionFailed, TunnelFailed); absent before the first login', labelNames: ['reason'], registers: [registry],
+      collect() {
+        const r = read()?.serverReachable();
+        // Labelled, so that before the first login there is no series at all (an unlabelled gauge shows 0).
+        this.reset();
+        if (r !== undefined) this.set({ reason: r.reason }, r.reachable ? 1 : 0);
       },
     });
     new Counter({

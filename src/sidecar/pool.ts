@@ -19,7 +19,7 @@ import { NO_SETTINGS, settingsSql, type ClientSettings } from '../core/protocol/
 import type { BackendRecord } from './backend-ledger.ts';
 import type { SidecarMetrics } from './metrics.ts';
 import { ServerConnection, type ServerConnectionUser } from './server-connection.ts';
-import type { Credentials, SidecarSettings } from './settings.ts';
+import type { Credentials, DatabaseReachability, SidecarSettings } from './settings.ts';
 import { loginUpstream, UpstreamError } from './upstream-login.ts';
 
 /** A failure to get a server connection, with the SQLSTATE the client should see. */
@@ -91,6 +91,15 @@ const REFUSAL_HOLD_MS = RETRY_MAX_MS;
 /** Lost backends just terminated are asked about again this soon (they exit within milliseconds), at most this many times, before the connection serves clients. */
 const RECHECK_DELAY_MS = 25;
 const RECHECK_TRIES = 8;
+/**
+ * While the database counts as unreachable and no client asks for a
+ * connection, one login is tried after this long plus up to as much again at
+ * random (many sidecars must not try in step), so that the report clears once
+ * the cause is gone even in a pod whose app has stopped trying.
+ */
+const UNREACHABLE_RECHECK_MS = 30_000;
+/** Longest cause reported in the PoolMember status. */
+const REACHABILITY_MESSAGE_MAX = 1024;
 
 /** Server connections, the grant, and the FIFO of waiting clients. */
 export class Pool {
@@ -138,6 +147,10 @@ export class Pool {
   private graceUntil = 0;
   private retryTimer: NodeJS.Timeout | undefined;
   private consecutiveFailures = 0;
+  /** Whether the database can be reached and logged in to, as of its last change (undefined before the first login). */
+  reachability: DatabaseReachability | undefined;
+  /** The next login tried while the database counts as unreachable. */
+  private recheckTimer: NodeJS.Timeout | undefined;
   private nextServerId = 1;
   private readonly emptyListeners: (() => void)[] = [];
   private readonly deps: PoolDeps;
@@ -279,6 +292,36 @@ export class Pool {
       this.retryTimer = undefined;
     }
     this.serveWaiters();
+    // The failure may have been these credentials': find out now, not at the next recheck.
+    if (this.reachability?.reachable === false) this.recheckReachability(0);
+    this.deps.changed();
+  }
+
+  /**
+   * Tries one login soon while the database counts as unreachable (a new
+   * bastion host key, say): the report clears as soon as the cause is gone.
+   */
+  recheckReachability(delayMs: number): void {
+    clearTimeout(this.recheckTimer);
+    this.recheckTimer = undefined;
+    if (this.reachability?.reachable !== false || this.closed || this.draining) return;
+    this.recheckTimer = setTimeout(() => {
+      this.recheckTimer = undefined;
+      if (this.reachability?.reachable !== false || this.closed || this.draining) return;
+      // A login already under way, or clients waiting (their retries log in), says it too.
+      if (this.connecting === 0 && this.servers.size === 0 && this.waiters.length === 0 && this.held < this.grant) void this.open();
+      else this.recheckReachability(UNREACHABLE_RECHECK_MS + Math.random() * UNREACHABLE_RECHECK_MS);
+    }, delayMs);
+    this.recheckTimer.unref();
+  }
+
+  /** Records a change of reachability only: a login like the last one changes nothing, so the status is not rewritten. */
+  private setReachability(reachable: boolean, reason: string, message: string): void {
+    const previous = this.reachability;
+    if (previous?.reachable === reachable && previous.reason === reason) return;
+    this.reachability = { reachable, reason, message: message.slice(0, REACHABILITY_MESSAGE_MAX), since: this.deps.now() };
+    if (reachable) this.deps.logger.info({ reason }, 'the database can be reached again');
+    else this.deps.logger.warn({ reason, cause: this.reachability.message }, 'the database cannot be reached: reported in the PoolMember status');
     this.deps.changed();
   }
 
@@ -445,6 +488,7 @@ export class Pool {
   beginDrain(): void {
     this.draining = true;
     this.stopWaitTimer();
+    clearTimeout(this.recheckTimer);
     for (const entry of this.waiters.splice(0)) {
       entry.waiter.onAcquireFailed({ sqlState: '57P01', message: 'the sidecar is draining' });
     }
@@ -457,6 +501,7 @@ export class Pool {
     this.closed = true;
     this.draining = true;
     if (this.retryTimer) clearTimeout(this.retryTimer);
+    clearTimeout(this.recheckTimer);
     this.stopWaitTimer();
     for (const entry of this.waiters.splice(0)) {
       entry.waiter.onAcquireFailed({ sqlState: '57P01', message: 'the sidecar is shutting down' });
@@ -781,6 +826,7 @@ export class Pool {
       this.consecutiveFailures = 0;
       this.lastConnectError = undefined;
       this.goodGeneration = credentials.generation;
+      this.setReachability(true, 'LoggedIn', `logged in as ${credentials.username}`);
     } catch (error) {
       lasting = lastingRefusal(error, this.loginTarget());
       refused = lasting === undefined ? settingsRefused(error, settings) : undefined;
@@ -897,6 +943,12 @@ export class Pool {
     this.lastConnectError = message;
     this.consecutiveFailures += 1;
     this.deps.logger.warn({ server: id, err: message, user: username }, 'server connection failed');
+    // Hysteresis: while a server connection is live the database is reached, whatever one login says.
+    if (this.servers.size === 0) {
+      const cause = failureCause(error, this.deps.blockedReason?.());
+      this.setReachability(false, cause.reason, cause.message);
+    }
+    if (this.reachability?.reachable === false && this.recheckTimer === undefined) this.recheckReachability(UNREACHABLE_RECHECK_MS + Math.random() * UNREACHABLE_RECHECK_MS);
   }
 
   private scheduleRetry(): void {
@@ -957,6 +1009,19 @@ export class Pool {
       }
     }
   }
+}
+
+/**
+ * Why a login failed, as the PoolMember status reports it: the server's
+ * SQLSTATE and message, the SSH tunnel's error, or the connection's.
+ */
+export function failureCause(error: unknown, tunnelDown: string | undefined): { reason: string; message: string } {
+  const message = error instanceof Error ? error.message : String(error);
+  if (error instanceof UpstreamError && error.sqlState !== undefined) return { reason: 'LoginFailed', message: `SQLSTATE ${error.sqlState}: ${error.serverFields?.M ?? message}` };
+  if (error instanceof UpstreamError && error.kind === 'auth') return { reason: 'LoginFailed', message };
+  if (tunnelDown !== undefined) return { reason: 'TunnelFailed', message: tunnelDown };
+  if (message.startsWith('SSH tunnel')) return { reason: 'TunnelFailed', message };
+  return { reason: 'ConnectionFailed', message };
 }
 
 /**

@@ -101,6 +101,21 @@ export interface CredentialsSource {
   onChange(listener: (credentials: Credentials) => void): () => void;
 }
 
+/**
+ * Whether the sidecar can reach and log in to the database, as of its last
+ * change: reachable after a login that succeeded, unreachable after one that
+ * failed while no server connection was live.
+ */
+export interface DatabaseReachability {
+  reachable: boolean;
+  /** CamelCase: LoggedIn, LoginFailed (the server answered with an error), ConnectionFailed, TunnelFailed. */
+  reason: string;
+  /** The cause, for humans: SQLSTATE and the server's message, or the connection's or tunnel's error. Never a secret. */
+  message: string;
+  /** When it last changed (ms since the epoch). */
+  since: number;
+}
+
 /** The sidecar's report for PoolMember.status. */
 export interface SidecarStatus {
   acknowledgedGeneration: number;
@@ -109,4 +124,6 @@ export interface SidecarStatus {
   credentialsGeneration: string;
   draining: boolean;
   drained: boolean;
+  /** Absent before the first login. */
+  databaseReachable?: DatabaseReachability | undefined;
 }

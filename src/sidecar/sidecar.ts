@@ -120,7 +120,11 @@ export class Sidecar implements ClientSessionHost {
     this.metrics = new SidecarMetrics(deps.metrics);
     const tunnelSettings = deps.settings.sshTunnel;
     this.tunnel = tunnelSettings ? new SshTunnel({ settings: tunnelSettings, ...(deps.sshPrivateKey ? { privateKey: deps.sshPrivateKey } : {}), logger: deps.logger, metrics: this.metrics, onUpChange: (up) => {
-      if (up) this.pool.loginPathChanged();
+      if (up) {
+        this.pool.loginPathChanged();
+        // The bastion answers again (a corrected host key, say): a login tells whether the database does.
+        this.pool.recheckReachability(0);
+      }
       this.statusChanged();
     }, onRefused: () => this.pool.loginPathRefused() }) : undefined;
     this.pool = new Pool({
@@ -146,6 +150,7 @@ export class Sidecar implements ClientSessionHost {
       grant: () => ({ connections: this.pool.grant, generation: this.pool.grantGeneration, acknowledgedGeneration: this.pool.acknowledgedGeneration }),
       credentialsGeneration: () => this.credentials.current().generation,
       tunnelUp: () => this.tunnel?.up,
+      serverReachable: () => this.pool.reachability,
       transactions: () => this.pool.transactions,
       pinnedClients: () => {
         const counts = Object.fromEntries(PIN_REASONS.map((r) => [r, 0])) as Record<PinReason, number>;
@@ -267,6 +272,7 @@ export class Sidecar implements ClientSessionHost {
       credentialsGeneration: this.credentials.current().generation,
       draining: this.draining,
       drained: this.drained,
+      ...(this.pool.reachability ? { databaseReachable: this.pool.reachability } : {}),
     };
   }
 

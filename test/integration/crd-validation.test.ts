@@ -136,16 +136,19 @@ describe('CRDs on the API server', function () {
     };
     kube.kubectl(['apply', '-f', '-'], stringify(member));
     kube.kubectl(['patch', 'pm', 'web-1', '-n', namespace, '--subresource=status', '--type=merge', '-p', JSON.stringify({
-      status: { acknowledgedGeneration: 7, acknowledgedConnections: 4, heldConnections: 3, waitingClients: 2, drained: false, heartbeatTime: '2026-01-01T00:00:00Z' },
+      status: {
+        acknowledgedGeneration: 7, acknowledgedConnections: 4, heldConnections: 3, waitingClients: 2, drained: false, heartbeatTime: '2026-01-01T00:00:00Z',
+        conditions: [{ type: 'DatabaseReachable', status: 'False', reason: 'LoginFailed', message: 'SQLSTATE 28P01: password authentication failed for user "app"', lastTransitionTime: '2026-01-01T00:00:00Z' }],
+      },
     })]);
     const [header, row] = kube.kubectl(['get', 'pm', 'web-1', '-n', namespace]).trim().split('\n');
-    assert.match(header!, /NAME\s+ACKNOWLEDGED\s+HELD\s+WAITING\s+AGE/);
-    assert.match(row!, /web-1\s+4\s+3\s+2\s+\S+/);
+    assert.match(header!, /NAME\s+ACKNOWLEDGED\s+HELD\s+WAITING\s+REACHABLE\s+AGE/);
+    assert.match(row!, /web-1\s+4\s+3\s+2\s+False\s+\S+/);
     // spec.grant and the table switch only with -o wide: for a pod on the grant table spec.grant is history.
     const [wideHeader, wideRow] = kube.kubectl(['get', 'pm', 'web-1', '-n', namespace, '-o', 'wide']).trim().split('\n');
-    assert.match(wideHeader!, /NAME\s+ACKNOWLEDGED\s+HELD\s+WAITING\s+GRANT\s+TABLE-FROM\s+AGE/);
+    assert.match(wideHeader!, /NAME\s+ACKNOWLEDGED\s+HELD\s+WAITING\s+REACHABLE\s+GRANT\s+TABLE-FROM\s+AGE/);
     // TABLE-FROM is empty: this pod takes its grant from spec.grant.
-    assert.match(wideRow!, /^web-1\s+4\s+3\s+2\s+4\s+\S+$/);
+    assert.match(wideRow!, /^web-1\s+4\s+3\s+2\s+False\s+4\s+\S+$/);
     const stored = parse(kube.kubectl(['get', 'pm', 'web-1', '-n', namespace, '-o', 'yaml'])) as PoolMember;
     assert.equal(stored.spec.drain, false);
   });

@@ -86,6 +86,36 @@ describe('PoolMember agent', function () {
     }
   });
 
+  it('writes a change of database reachability at once, not at the next heartbeat, as a DatabaseReachable condition', async function () {
+    writeSpec(5, 1, false);
+    const double = new ObedientSidecarDouble();
+    const agent = new PoolMemberAgent({ http: new KubeHttp(kube.kubeConfig()), namespace, podName: 'pod-a', target: double, logger: pino({ level: 'silent' }), version: 'test', heartbeatMs: 60_000 });
+    await agent.start();
+    try {
+      await eventually('grant acknowledged', () => member().status?.acknowledgedConnections === 5);
+      assert.equal(member().status?.conditions, undefined, 'nothing reported before a login');
+      const since = Date.parse('2026-01-02T03:04:05Z');
+      double.setReachability({ reachable: false, reason: 'LoginFailed', message: 'SQLSTATE 28P01: password authentication failed for user "app"', since });
+      // The heartbeat is a minute away: only a write of its own shows it this soon.
+      await eventually('the condition written', () => member().status?.conditions?.[0]?.status === 'False', 5_000);
+      assert.deepEqual(member().status?.conditions, [{ type: 'DatabaseReachable', status: 'False', reason: 'LoginFailed', message: 'SQLSTATE 28P01: password authentication failed for user "app"', lastTransitionTime: '2026-01-02T03:04:05Z' }]);
+      assert.match(kube.kubectl(['-n', namespace, 'get', 'pm', 'pod-a']), /REACHABLE[\s\S]*pod-a\s+5\s+5\s+(\d+\s+)?False\s/);
+      double.setReachability({ reachable: true, reason: 'LoggedIn', message: 'logged in as app', since: since + 5_000 });
+      await eventually('reachable again', () => member().status?.conditions?.[0]?.status === 'True', 5_000);
+      assert.equal(member().status?.conditions?.[0]?.lastTransitionTime, '2026-01-02T03:04:10Z');
+    } finally {
+      await agent.stop();
+    }
+    // The sidecar restarts (a new container of the pod): what the earlier one said goes until it logs in.
+    const restarted = new PoolMemberAgent({ http: new KubeHttp(kube.kubeConfig()), namespace, podName: 'pod-a', target: new ObedientSidecarDouble(), logger: pino({ level: 'silent' }), version: 'test', heartbeatMs: 60_000 });
+    await restarted.start();
+    try {
+      await eventually('the earlier report removed', () => member().status?.conditions === undefined, 5_000);
+    } finally {
+      await restarted.stop();
+    }
+  });
+
   it('beats as often as its grant table says, at a random point of the new interval', async function () {
     kube.kubectl(['apply', '-f', '-'], JSON.stringify({ apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'PoolGrant', metadata: { name: 'db', namespace }, spec: { connection: 'db', generation: 1, perPod: 5, heartbeatSeconds: 1 } }));
     writeSpec(5, 1, false);

@@ -87,6 +87,12 @@ export class ObedientSidecarDouble implements GrantTarget {
     for (const l of this.listeners) l(this.current);
   }
 
+  /** Reports whether the database can be reached, as the pool does when that changes. */
+  setReachability(reachability: NonNullable<SidecarStatus['databaseReachable']>): void {
+    this.current = { ...this.current, databaseReachable: reachability };
+    for (const l of this.listeners) l(this.current);
+  }
+
   onStatus(listener: (s: SidecarStatus) => void): () => void {
     this.listeners.add(listener);
     return () => this.listeners.delete(listener);

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { connectionConditions, limitMismatchCondition, oversubscriptionAdvice, type ConnectionFacts } from '../../src/core/conditions/connection.ts';
+import { connectionConditions, limitMismatchCondition, oversubscriptionAdvice, sidecarReachabilityCondition, type ConnectionFacts } from '../../src/core/conditions/connection.ts';
 import { redactSecrets } from '../../src/core/conditions/redact.ts';
 import { classifyLoginError } from '../../src/controller/verifier.ts';
 
@@ -73,5 +73,51 @@ describe('connection conditions', function () {
     }
     assert.equal(redactSecrets('postgres://u:pw@h/db'), 'postgres://u:***@h/db');
     assert.equal(redactSecrets('nothing here', ['secret']), 'nothing here');
+  });
+});
+
+describe('sidecar reachability conditions', function () {
+  const password = 'SQLSTATE 28P01: password authentication failed for user "app"';
+  const refused = 'connect ECONNREFUSED 10.0.0.5:5432';
+
+  it('no Degraded row while no sidecar reports a failure; Ready from the budget', function () {
+    assert.equal(sidecarReachabilityCondition({ sidecars: 3, unreachable: [] }), undefined);
+    assert.equal(sidecarReachabilityCondition({ sidecars: 0, unreachable: [] }), undefined);
+    assert.deepEqual(connectionConditions({ ...base, sidecars: { sidecars: 3, unreachable: [] } })[0], ready);
+    assert.deepEqual(connectionConditions({ ...base, sidecars: { sidecars: 0, unreachable: [] } })[0], ready);
+  });
+
+  it('Degraded=True SidecarsCannotConnect: some sidecars fail, with the count, the most common cause and its pods; Ready stays', function () {
+    const facts = { sidecars: 10, unreachable: [{ pod: 'web-c', cause: password }, { pod: 'web-a', cause: password }, { pod: 'web-b', cause: refused }] };
+    const degraded = sidecarReachabilityCondition(facts);
+    assert.equal(degraded?.type, 'Degraded');
+    assert.equal(degraded?.status, 'True');
+    assert.equal(degraded?.reason, 'SidecarsCannotConnect');
+    assert.match(degraded?.message ?? '', /^3 of 10 sidecar\(s\) cannot reach the database: SQLSTATE 28P01: password authentication failed for user "app" \(pods web-a, web-c\); 1 more with 1 other cause\(s\), e\.g\. connect ECONNREFUSED/);
+    assert.match(degraded?.message ?? '', /NetworkPolicy/);
+    assert.deepEqual(connectionConditions({ ...base, sidecars: facts })[0], ready);
+  });
+
+  it('Degraded=True SidecarsCannotConnect: the same text whatever order the sidecars come in (equal counts by cause)', function () {
+    const a = sidecarReachabilityCondition({ sidecars: 4, unreachable: [{ pod: 'p1', cause: refused }, { pod: 'p2', cause: password }] });
+    const b = sidecarReachabilityCondition({ sidecars: 4, unreachable: [{ pod: 'p2', cause: password }, { pod: 'p1', cause: refused }] });
+    assert.deepEqual(a, b);
+  });
+
+  it('Degraded=True SidecarsCannotConnect: at most five pods named', function () {
+    const unreachable = Array.from({ length: 8 }, (_, i) => ({ pod: `web-${i}`, cause: refused }));
+    assert.match(sidecarReachabilityCondition({ sidecars: 8, unreachable })?.message ?? '', /\(pods web-0, web-1, web-2, web-3, web-4, \.\.\. \(8 in all\)\)/);
+  });
+
+  it('Ready=False SidecarsCannotConnect: every reporting sidecar fails', function () {
+    const [r] = connectionConditions({ ...base, sidecars: { sidecars: 2, unreachable: [{ pod: 'web-a', cause: password }, { pod: 'web-b', cause: password }] } });
+    assert.equal(r?.status, 'False');
+    assert.equal(r?.reason, 'SidecarsCannotConnect');
+    assert.match(r?.message ?? '', /^none of the 2 sidecar\(s\) can reach the database: SQLSTATE 28P01: password authentication failed for user "app" \(pods web-a, web-b\)/);
+  });
+
+  it('Ready=False from the controller\'s own failed login comes before SidecarsCannotConnect', function () {
+    const [r] = connectionConditions({ ...base, verification: { state: 'failed', reason: 'CredentialsRejected', message: 'rejected' }, sidecars: { sidecars: 1, unreachable: [{ pod: 'web-a', cause: password }] } });
+    assert.equal(r?.reason, 'CredentialsRejected');
   });
 });

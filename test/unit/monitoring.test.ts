@@ -215,6 +215,9 @@ function ruleCases(): RuleCase[] {
     { alert: 'PoolkeeperTunnelDown', name: 'down for 30 minutes', series: [side('poolkeeper_sidecar_tunnel_up', 'web-1', '0x30'), side('poolkeeper_sidecar_tunnel_up', 'web-2', '1x30')], firing: [{ labels: { ...orders, pod: 'web-1' }, value: '0' }] },
     { alert: 'PoolkeeperTunnelDown', name: 'up', series: [side('poolkeeper_sidecar_tunnel_up', 'web-1', '1x30')], firing: [] },
 
+    { alert: 'PoolkeeperSidecarsCannotReachDatabase', name: 'two of three pods fail their logins', series: [side('poolkeeper_sidecar_server_reachable', 'web-1', '0x30', ', reason="LoginFailed"'), side('poolkeeper_sidecar_server_reachable', 'web-2', '0x30', ', reason="LoginFailed"'), side('poolkeeper_sidecar_server_reachable', 'web-3', '1x30', ', reason="LoggedIn"')], firing: [{ labels: { ...orders, reason: 'LoginFailed' }, value: '2' }] },
+    { alert: 'PoolkeeperSidecarsCannotReachDatabase', name: 'reachable again within 5 minutes', series: [side('poolkeeper_sidecar_server_reachable', 'web-1', '0x3 1x27', ', reason="ConnectionFailed"')], firing: [] },
+
     { alert: 'PoolkeeperControllerNoLeader', name: 'both replicas follow', series: [['poolkeeper_controller_leader{namespace="poolkeeper-system", pod="poolkeeper-a"}', '0x30'], followerB], firing: [{ labels: {}, value: '0' }] },
     { alert: 'PoolkeeperControllerNoLeader', name: 'no controller scraped', series: [['up{job="other"}', '1x30']], firing: [{ labels: {}, value: '0' }] },
     { alert: 'PoolkeeperControllerNoLeader', name: 'one leader', series: [leaderA, followerB], firing: [] },

@@ -137,6 +137,22 @@ describe('status report', function () {
     assert.deepEqual(report.servers[0]!.connections[0]!.pods.map((p) => p.state), ['terminating, drained', 'draining']);
   });
 
+  it('shows pods whose sidecar cannot reach the database, and the Degraded message with the cause among the problems', function () {
+    const degraded = { type: 'Degraded', status: 'True', reason: 'SidecarsCannotConnect', message: '1 of 2 sidecar(s) cannot reach the database: SQLSTATE 28P01: password authentication failed for user "app" (pods a)' };
+    const report = buildStatusReport({
+      connections: [connection('s', 'superset-db', { status: { ...readyStatus, conditions: [...readyStatus.conditions, degraded] } })],
+      members: [
+        member('s', 'a', 3, 5, { acknowledgedGeneration: 5, heldConnections: 0, conditions: [{ type: 'DatabaseReachable', status: 'False', reason: 'LoginFailed', message: 'SQLSTATE 28P01: password authentication failed for user "app"' }] }),
+        member('s', 'b', 3, 5, { acknowledgedGeneration: 5, heldConnections: 3, conditions: [{ type: 'DatabaseReachable', status: 'True', reason: 'LoggedIn', message: 'logged in as app' }] }),
+      ],
+      pods: [pod('s', 'a', 'superset-db', 'web'), pod('s', 'b', 'superset-db', 'web')],
+    });
+    const c = report.servers[0]!.connections[0]!;
+    assert.deepEqual(c.pods.map((p) => p.state), ['cannot reach the database (LoginFailed)', 'ok']);
+    assert.ok(c.problems.includes(`Degraded: ${degraded.message}`), JSON.stringify(c.problems));
+    assert.match(formatStatusReport(report), /a\s.*cannot reach the database \(LoginFailed\)[\s\S]*Degraded: 1 of 2 sidecar\(s\) cannot reach the database: SQLSTATE 28P01/);
+  });
+
   it('when the minimums exceed the limit, says by how much and three ways out with numbers', function () {
     const status = { ...readyStatus, limit: { discovered: 97, reserve: 15, effective: 82, shared: 1 }, consumers: [{ name: 'web', pods: 15, perPodBudget: 4, perProcessBudget: 1 }, { name: 'worker', pods: 6, perPodBudget: 3, perProcessBudget: 0 }],
       conditions: [{ type: 'Oversubscribed', status: 'True', reason: 'MinimumsExceedLimit', message: 'web: 15 pods x minPerPod 4 = 60; worker: 6 pods x minPerPod 4 = 24; total 84 > limit 82' }] };

@@ -1,7 +1,8 @@
 /**
  * What a DatabaseConnection's conditions say beyond the budget: whether it
  * can serve at all (its Secret, a login with its credentials to its
- * database, a known limit, pods that match its consumers), whether its
+ * database, a known limit, pods that match its consumers, sidecars that
+ * reach the database), whether its
  * maxConnections is above what the server allows, and advice for an
  * oversubscribed server. Pure: facts in, condition updates and text out.
  */
@@ -33,6 +34,21 @@ export interface ConsumerFacts {
   pods: number;
 }
 
+/** A sidecar that reports it cannot reach the database: its pod and the cause it reports. */
+export interface UnreachableSidecar {
+  pod: string;
+  /** The message of its DatabaseReachable condition (SQLSTATE and message, or the connection's or SSH tunnel's error). */
+  cause: string;
+}
+
+/** What the sidecars of a connection report about reaching its database. */
+export interface SidecarReachabilityFacts {
+  /** Sidecars of live pods that report (unresponsive ones left out: what they last said may be old). */
+  sidecars: number;
+  /** Those of them whose last report says they cannot reach it. */
+  unreachable: readonly UnreachableSidecar[];
+}
+
 /** Everything the conditions are computed from. */
 export interface ConnectionFacts {
   /** The DatabaseConnection's name (the label value pods opt in with). */
@@ -45,6 +61,8 @@ export interface ConnectionFacts {
   podsWithoutConsumer: readonly string[];
   /** The Ready condition the budget plan gives. */
   budgetReady: ConditionUpdate;
+  /** What the sidecars report about reaching the database; absent: nothing (as none reporting). */
+  sidecars?: SidecarReachabilityFacts | undefined;
 }
 
 /** The label pods opt in with. */
@@ -88,13 +106,44 @@ export function connectionConditions(facts: ConnectionFacts): ConditionUpdate[] 
   }
   const v = facts.verification;
   let ready: ConditionUpdate;
+  const sidecars = facts.sidecars;
   if (v.state === 'failed') ready = { type: 'Ready', status: 'False', reason: v.reason, message: v.message };
-  else if (!facts.limitKnown) ready = { type: 'Ready', status: 'False', reason: 'LimitUnknown', message: 'no connection limit known for this server yet' };
+  else if (sidecars && sidecars.sidecars > 0 && sidecars.unreachable.length === sidecars.sidecars) {
+    ready = { type: 'Ready', status: 'False', reason: 'SidecarsCannotConnect', message: `none of the ${sidecars.sidecars} sidecar(s) can reach the database: ${unreachableSummary(sidecars.unreachable)}${ELSEWHERE}` };
+  } else if (!facts.limitKnown) ready = { type: 'Ready', status: 'False', reason: 'LimitUnknown', message: 'no connection limit known for this server yet' };
   else if (facts.podsWithoutConsumer.length > 0) ready = { type: 'Ready', status: 'False', reason: 'PodsWithoutConsumer', message: matched.message };
   else if (workloads.length > 0) ready = { type: 'Ready', status: 'False', reason: 'WorkloadNotOptedIn', message: workloads.join('; ') };
   else if (v.state === 'pending') ready = { type: 'Ready', status: 'False', reason: 'Verifying', message: 'checking the login with these credentials' };
   else ready = facts.budgetReady;
   return [ready, matched];
+}
+
+/** What to look at when the sidecars fail where the controller's own login check succeeds. */
+const ELSEWHERE = '; the controller\'s own login check does not fail, so look at what differs for the pods: a NetworkPolicy on their egress, the credentials mounted in them, the bastion\'s host key, their network';
+
+/** The most common cause and its pods, then how many report other causes. */
+function unreachableSummary(unreachable: readonly UnreachableSidecar[]): string {
+  const byCause = new Map<string, string[]>();
+  for (const u of unreachable) byCause.set(u.cause, [...(byCause.get(u.cause) ?? []), u.pod]);
+  // Most pods first; equal counts by cause, so that the text does not change from one pass to the next.
+  const causes = [...byCause].sort(([a, pa], [b, pb]) => pb.length - pa.length || a.localeCompare(b));
+  const [cause, pods] = causes[0] ?? ['', []];
+  const others = unreachable.length - pods.length;
+  return `${cause} (pods ${names([...pods].sort())})${others > 0 ? `; ${others} more with ${causes.length - 1} other cause(s), e.g. ${causes[1]![0]}` : ''}`;
+}
+
+/**
+ * Degraded when sidecars report that they cannot reach or log in to the
+ * database (their PoolMember's DatabaseReachable condition): with the
+ * count, the most common cause and its pods. Undefined when none does.
+ */
+export function sidecarReachabilityCondition(facts: SidecarReachabilityFacts): ConditionUpdate | undefined {
+  const n = facts.unreachable.length;
+  if (n === 0) return undefined;
+  return {
+    type: 'Degraded', status: 'True', reason: 'SidecarsCannotConnect',
+    message: `${n} of ${facts.sidecars} sidecar(s) cannot reach the database: ${unreachableSummary(facts.unreachable)}${ELSEWHERE}`,
+  };
 }
 
 /**

@@ -175,6 +175,9 @@ function podState(pod: Obj, member: Obj, onTable: { acknowledged: boolean } | un
   const acknowledged = num(status.acknowledgedGeneration);
   if (Object.keys(member).length === 0) return 'no PoolMember yet';
   if (acknowledged === undefined) return 'sidecar not reporting';
+  // Its own report, written when it changes: the DatabaseConnection's Degraded message has the cause.
+  const reach = Array.isArray(status.conditions) ? (status.conditions as unknown[]).map(obj).find((c) => c.type === 'DatabaseReachable') : undefined;
+  if (reach?.status === 'False') return `cannot reach the database (${str(reach.reason) ?? 'unknown'})`;
   if (onTable) return onTable.acknowledged ? 'ok' : 'grant not acknowledged yet';
   if (generation !== undefined && acknowledged < generation) return 'grant not acknowledged yet';
   return 'ok';

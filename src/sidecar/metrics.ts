@@ -115,7 +115,9 @@ export class SidecarMetrics {
       name: 'poolkeeper_sidecar_tunnel_up', help: '1 if the SSH tunnel is connected (absent without a tunnel)', registers: [registry],
       collect() {
         const up = read()?.tunnelUp();
-        if (up !== undefined) this.set(up ? 1 : 0);
+        // Without a tunnel, no series at all: an unlabelled gauge otherwise shows 0, which reads as a tunnel down.
+        if (up === undefined) this.remove();
+        else this.set(up ? 1 : 0);
       },
     });
     new Gauge({

@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { Registry } from 'prom-client';
 import { parse, stringify } from 'yaml';
 import { ControllerMetrics } from '../../src/controller/metrics.ts';
-import { SidecarMetrics } from '../../src/sidecar/metrics.ts';
+import { SidecarMetrics, type SidecarMetricsSource } from '../../src/sidecar/metrics.ts';
 import { AdmissionMetrics } from '../../src/webhook/admission.ts';
 
 const COMPONENT = 'deploy/components/monitoring';
@@ -67,6 +67,22 @@ function uses(expr: string): { metrics: { name: string; matchers: [string, strin
 }
 
 describe('monitoring: alerts and dashboard', function () {
+  it('exports poolkeeper_sidecar_tunnel_up only for a sidecar with a tunnel (PoolkeeperTunnelDown would fire on a 0 for every other pod)', async function () {
+    const source = (tunnelUp: boolean | undefined): SidecarMetricsSource => ({
+      serverConnectionsByState: () => new Proxy({}, { get: () => 0 }) as ReturnType<SidecarMetricsSource['serverConnectionsByState']>, clientsActive: () => 0, clientsWaiting: () => 0, clientsConnected: () => 0,
+      grant: () => ({ connections: 0, generation: 0, acknowledgedGeneration: 0 }), credentialsGeneration: () => 'g', tunnelUp: () => tunnelUp, serverReachable: () => undefined,
+      transactions: () => 0, pinnedClients: () => new Proxy({}, { get: () => 0 }) as ReturnType<SidecarMetricsSource['pinnedClients']>,
+    });
+    const samples = async (tunnelUp: boolean | undefined): Promise<string[]> => {
+      const registry = new Registry();
+      new SidecarMetrics(registry).bind(source(tunnelUp));
+      return (await registry.metrics()).split('\n').filter((line) => line.startsWith('poolkeeper_sidecar_tunnel_up'));
+    };
+    assert.deepEqual(await samples(undefined), []);
+    assert.deepEqual(await samples(false), ['poolkeeper_sidecar_tunnel_up 0']);
+    assert.deepEqual(await samples(true), ['poolkeeper_sidecar_tunnel_up 1']);
+  });
+
   const registered = registeredMetrics();
   const source = sourceText();
   const everything = [...alerts.map((a) => a.expr), ...dashboardExprs];

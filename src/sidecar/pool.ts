@@ -147,6 +147,8 @@ export class Pool {
   private graceUntil = 0;
   private retryTimer: NodeJS.Timeout | undefined;
   private consecutiveFailures = 0;
+  /** The cause of the latest failed login since the latest that worked, if any. */
+  private lastLoginFailure: { reason: string; message: string } | undefined;
   /** Whether the database can be reached and logged in to, as of its last change (undefined before the first login). */
   reachability: DatabaseReachability | undefined;
   /** The next login tried while the database counts as unreachable. */
@@ -826,6 +828,7 @@ export class Pool {
       this.consecutiveFailures = 0;
       this.lastConnectError = undefined;
       this.goodGeneration = credentials.generation;
+      this.lastLoginFailure = undefined;
       this.setReachability(true, 'LoggedIn', `logged in as ${credentials.username}`);
     } catch (error) {
       lasting = lastingRefusal(error, this.loginTarget());
@@ -943,11 +946,11 @@ export class Pool {
     this.lastConnectError = message;
     this.consecutiveFailures += 1;
     this.deps.logger.warn({ server: id, err: message, user: username }, 'server connection failed');
-    // Hysteresis: while a server connection is live the database is reached, whatever one login says.
-    if (this.servers.size === 0) {
-      const cause = failureCause(error, this.deps.blockedReason?.());
-      this.setReachability(false, cause.reason, cause.message);
-    }
+    // Hysteresis: while a server connection is live the database is reached, whatever one login says;
+    // once the last one goes, this failure tells (onServerClosed).
+    const cause = failureCause(error, this.deps.blockedReason?.());
+    this.lastLoginFailure = cause;
+    if (this.servers.size === 0) this.setReachability(false, cause.reason, cause.message);
     if (this.reachability?.reachable === false && this.recheckTimer === undefined) this.recheckReachability(UNREACHABLE_RECHECK_MS + Math.random() * UNREACHABLE_RECHECK_MS);
   }
 
@@ -964,7 +967,16 @@ export class Pool {
 
   private onServerClosed(server: ServerConnection, serverEnded: boolean): void {
     this.servers.delete(server);
-    if (this.servers.size === 0) this.liveSince = undefined;
+    if (this.servers.size === 0) {
+      this.liveSince = undefined;
+      // The last live connection gone after a login failed since the last that worked: unreachable now
+      // (clients may be refused from that failure without another login, so none would tell).
+      const failure = this.lastLoginFailure;
+      if (failure !== undefined && !this.closed && !this.draining) {
+        this.setReachability(false, failure.reason, failure.message);
+        if (this.recheckTimer === undefined) this.recheckReachability(UNREACHABLE_RECHECK_MS + Math.random() * UNREACHABLE_RECHECK_MS);
+      }
+    }
     this.parked.delete(server);
     // A backend behind a lost tunnel may outlive a channel that ended on our side only.
     if (!serverEnded || this.deps.blockedReason?.() !== undefined) {

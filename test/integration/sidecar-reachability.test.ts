@@ -86,6 +86,9 @@ describe('sidecars that cannot reach the database while the controller can', fun
   after(async function () {
     await kubelet?.stop();
     await controller?.stop();
+    // Every test shares the one PostgreSQL server, whose limit all DatabaseConnections share: this one must be
+    // gone before the next test plans it (the namespace's pods, on no node, linger for minutes).
+    if (namespace) await kube.kubectlAsync(['-n', namespace, 'delete', 'dbc', '--all', '--wait=true']);
     if (namespace) await kube.kubectlAsync(['delete', 'namespace', namespace, '--wait=false']).catch(() => undefined);
   });
 

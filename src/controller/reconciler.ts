@@ -7,7 +7,7 @@
 import { createHash } from 'node:crypto';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, DATABASE_REACHABLE, DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVE, memberPodUid, type DatabaseConnection, type DatabaseServer, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
-import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, departureHoldAdvice, deriveEntry, loginConnectionCap, loginConnectionCaps, connectionCaps, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant, type PlannedTable, type ConnectionCap, type GrantTable, type LoginCap, type ServerSettings } from '../core/budget/index.ts';
+import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, departureHoldAdvice, deriveEntry, loginConnectionCap, loginConnectionCaps, connectionCaps, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant, type PlannedTable, isUnlistedRecord, type ConnectionCap, type GrantTable, type LoginCap, type ServerSettings } from '../core/budget/index.ts';
 import { decideOwnedLimit, decideServerLimit, namespaceDemands, namespaceShares, ownedServerKey, planWithShares, ruleFor, type NamespaceRule } from '../core/tenancy/index.ts';
 import { connectionConditions, sidecarReachabilityCondition, limitMismatchCondition, loginCapCondition, oversubscriptionAdvice, type ConsumerDemand, type ConsumerFacts, type SidecarReachabilityFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
 import { conditionsEqual, findCondition, setConditions, type Condition, type ConditionUpdate } from '../core/conditions/index.ts';
@@ -727,11 +727,12 @@ export class ServerReconciler {
    */
   private reportUnlistedDepartures(planned: readonly PlannedTable[], input: BudgetInput, connections: readonly DatabaseConnection[]): void {
     for (const t of planned) {
-      if (!t.changed || !(t.table.departed ?? []).some((d) => d.uid === '' && d.pod.startsWith('('))) continue;
-      const current = input.tables?.find((c) => c.namespace === t.namespace && c.connection === t.connection)?.table;
-      const before = new Set((current?.departed ?? []).map((d) => d.pod));
+      if (!t.changed) continue;
+      let before: Set<string> | undefined;
       for (const d of t.table.departed ?? []) {
-        if (d.uid !== '' || before.has(d.pod) || !d.pod.startsWith('(')) continue;
+        if (!isUnlistedRecord(d)) continue;
+        before ??= new Set((input.tables?.find((c) => c.namespace === t.namespace && c.connection === t.connection)?.table.departed ?? []).map((x) => x.pod));
+        if (before.has(d.pod)) continue;
         const message = `${d.pod.slice(1, -1)} left without a PoolMember or a trace this controller saw (force-deleted while no controller ran?): their ${d.connections} connections are held until ${d.until}`;
         this.deps.logger.warn({ connection: `${t.namespace}/${t.connection}`, record: d.pod, connections: d.connections, until: d.until }, 'pods left the grant table\'s default unseen: their share is held for the departure hold');
         const connection = connections.find((c) => c.metadata.namespace === t.namespace && c.metadata.name === t.connection);

@@ -202,6 +202,11 @@ export function unlistedRecordName(pods: number, generation: number): string {
   return `(${pods} ${pods === 1 ? 'pod' : 'pods'} of the default at generation ${generation})`;
 }
 
+/** Whether a departed record is one unlistedRecordName named (pods gone unseen), not a pod's own. */
+export function isUnlistedRecord(record: { pod: string; uid: string }): boolean {
+  return record.uid === '' && record.pod.startsWith('(');
+}
+
 /** Each table's departed pods after this pass, and what they hold, by `namespace/connection`. */
 interface Departures {
   lists: Map<string, DepartedPod[]>;

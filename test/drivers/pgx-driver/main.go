@@ -273,10 +273,10 @@ func pool(ctx context.Context) step {
 	return step{Compare: t.compare(), Detail: t.detail()}
 }
 
-// cacheEviction: statement and description caches of 2 entries and 5
-// statements in turn, so pgx evicts one at nearly every query (a Close of the
-// evicted statement, in a pipeline with Sync, before the next query).
-func cacheEviction(ctx context.Context) step {
+// withSmallCaches runs body on cfg.Clients connections at once in each
+// caching query exec mode, with statement and description caches of 2 entries
+// (pgx evicts at nearly every statement), and tallies each mode on its own.
+func withSmallCaches(ctx context.Context, body func(c *pgx.Conn, i int, t *tally)) step {
 	compare, detail := map[string]any{}, map[string]any{}
 	for _, mode := range []pgx.QueryExecMode{pgx.QueryExecModeCacheStatement, pgx.QueryExecModeCacheDescribe} {
 		t := &tally{}
@@ -291,65 +291,59 @@ func cacheEviction(ctx context.Context) step {
 				return
 			}
 			defer c.Close(context.Background())
-			clientRounds(ctx, c, i, 5, t)
+			body(c, i, t)
 		})
 		compare[mode.String()], detail[mode.String()] = t.compare(), t.detail()
 	}
 	return step{Compare: compare, Detail: detail}
 }
 
+// cacheEviction: statement and description caches of 2 entries and 5
+// statements in turn, so pgx evicts one at nearly every query (a Close of the
+// evicted statement, in a pipeline with Sync, before the next query).
+func cacheEviction(ctx context.Context) step {
+	return withSmallCaches(ctx, func(c *pgx.Conn, i int, t *tally) {
+		clientRounds(ctx, c, i, 5, t)
+	})
+}
+
 // batchEviction: cfg.Clients connections with a statement cache of 2 send
 // batches of 5 distinct statements (pgx prepares them all in one pipeline,
 // evicting as it goes), every other batch in a transaction.
 func batchEviction(ctx context.Context) step {
-	compare, detail := map[string]any{}, map[string]any{}
-	for _, mode := range []pgx.QueryExecMode{pgx.QueryExecModeCacheStatement, pgx.QueryExecModeCacheDescribe} {
-		t := &tally{}
-		concurrently(cfg.Clients, func(i int) {
-			c, err := connect(ctx, cfg.Conn, func(cc *pgx.ConnConfig) {
-				cc.DefaultQueryExecMode = mode
-				cc.StatementCacheCapacity = 2
-				cc.DescriptionCacheCapacity = 2
-			})
-			if err != nil {
-				t.add(err, false)
-				return
+	return withSmallCaches(ctx, func(c *pgx.Conn, i int, t *tally) {
+		for r := 0; r < cfg.Rounds; r++ {
+			b := &pgx.Batch{}
+			for q := 0; q < 5; q++ {
+				b.Queue(fmt.Sprintf("SELECT $1::int8 * %d", q+2), int64(i*100+r))
 			}
-			defer c.Close(context.Background())
-			for r := 0; r < cfg.Rounds; r++ {
-				b := &pgx.Batch{}
-				for q := 0; q < 5; q++ {
-					b.Queue(fmt.Sprintf("SELECT $1::int8 * %d", q+2), int64(i*100+r))
+			var br pgx.BatchResults
+			var tx pgx.Tx
+			if r%2 == 0 {
+				var err error
+				if tx, err = c.Begin(ctx); err != nil {
+					t.add(err, false)
+					continue
 				}
-				var br pgx.BatchResults
-				var tx pgx.Tx
-				if r%2 == 0 {
-					if tx, err = c.Begin(ctx); err != nil {
-						t.add(err, false)
-						continue
-					}
-					br = tx.SendBatch(ctx, b)
-				} else {
-					br = c.SendBatch(ctx, b)
-				}
-				for q := 0; q < 5; q++ {
-					var v int64
-					err := br.QueryRow().Scan(&v)
-					t.add(err, err == nil && v == int64((i*100+r)*(q+2)))
-				}
-				if err := br.Close(); err != nil {
+				br = tx.SendBatch(ctx, b)
+			} else {
+				br = c.SendBatch(ctx, b)
+			}
+			for q := 0; q < 5; q++ {
+				var v int64
+				err := br.QueryRow().Scan(&v)
+				t.add(err, err == nil && v == int64((i*100+r)*(q+2)))
+			}
+			if err := br.Close(); err != nil {
+				t.add(err, false)
+			}
+			if tx != nil {
+				if err := tx.Commit(ctx); err != nil {
 					t.add(err, false)
 				}
-				if tx != nil {
-					if err := tx.Commit(ctx); err != nil {
-						t.add(err, false)
-					}
-				}
 			}
-		})
-		compare[mode.String()], detail[mode.String()] = t.compare(), t.detail()
-	}
-	return step{Compare: compare, Detail: detail}
+		}
+	})
 }
 
 // explicitPrepare: every connection prepares the same name with its own

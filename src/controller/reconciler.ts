@@ -13,6 +13,7 @@ import { connectionConditions, sidecarReachabilityCondition, limitMismatchCondit
 import { conditionsEqual, findCondition, setConditions, type Condition, type ConditionUpdate } from '../core/conditions/index.ts';
 import { redactSecrets } from '../core/conditions/redact.ts';
 import { credentialsGeneration } from '../core/credentials.ts';
+import { describeApiError } from '../kube/backoff.ts';
 import type { EventRecorder } from '../kube/events.ts';
 import { isStatus, type KubeHttp } from '../kube/http.ts';
 import type { Informer, KubeObject } from '../kube/informer.ts';
@@ -126,6 +127,19 @@ export class GrantConflictError extends Error {
 }
 
 /** Thrown instead of writing a grant when this replica no longer leads. */
+/**
+ * Thrown at the end of a pass in which some DatabaseConnections' status could not be
+ * written (an admission policy, a quota, an API error): the others were written, and
+ * the work queue retries the server with its backoff.
+ */
+export class StatusWriteError extends Error {
+  constructor(failures: ReadonlyArray<{ connection: string; error: string }>) {
+    const first = failures[0];
+    super(`status of ${failures.length} DatabaseConnection(s) not written: ${first?.connection}: ${first?.error}${failures.length > 1 ? ', ...' : ''}`);
+    this.name = 'StatusWriteError';
+  }
+}
+
 export class NotLeaderError extends Error {
   constructor() {
     super('not the leader any more; grant write skipped');
@@ -465,8 +479,9 @@ export class ServerReconciler {
     }
     if (limit === undefined) {
       // Without any limit, granting anything could exceed the server: hold everything as it is.
-      for (const connection of connections) await this.writeStatus(connection, undefined, undefined, resolved.get(key(connection)));
+      const failures = await this.eachStatus(connections, (connection) => this.writeStatus(connection, undefined, undefined, resolved.get(key(connection))));
       if (owner) await this.writeServerStatus(owner, { limit: undefined, allocated: 0, connections: connections.length, namespaces: [], overcommitted: false });
+      if (failures.length > 0) throw new StatusWriteError(failures);
       return { requeueAfterMs: 10_000 };
     }
     const planStarted = performance.now();
@@ -509,7 +524,7 @@ export class ServerReconciler {
     const silent = this.unresponsiveSidecars(pods, members);
     const names = (list: string[]): string => `${list.slice(0, 5).join(', ')}${list.length > 5 ? ', ...' : ''}`;
     const advice = plan.oversubscription && plan.oversubscription.cap === undefined && !tenancy ? oversubscriptionAdvice(plan.limit, this.demands(plan, connections)) : '';
-    for (const connection of connections) {
+    const failures = await this.eachStatus(connections, async (connection) => {
       const r = resolved.get(key(connection));
       const namespace = connection.metadata.namespace ?? '';
       // Under a DatabaseServer each namespace is planned within its share: its own plan says what its pods get.
@@ -536,9 +551,10 @@ export class ServerReconciler {
       }
       const statusLimit = ownedLimit ? { ...ownedLimit, shared: connections.length } : r && r.discovered !== undefined ? { discovered: r.discovered, reserve: r.reserve ?? 0, effective: limit, shared: connections.length } : undefined;
       await this.writeStatus(connection, statusPlan, statusLimit, r, degraded, pods, statusAdvice, reachability);
-    }
+    });
     if (owner && tenancy) await this.writeServerStatus(owner, { limit: ownedLimit, allocated: plan.allocated, connections: connections.length, namespaces: tenancy.namespaces, overcommitted: tenancy.overcommitted });
     this.recordMetrics(server, plan, connections);
+    if (failures.length > 0) throw new StatusWriteError(failures);
     // A departed pod stops counting at a time, not on an event: plan again then.
     const untilDeparture = plan.nextDepartureExpiry === undefined ? Infinity : Math.max(100, plan.nextDepartureExpiry - this.now().getTime() + 50);
     // A failed login check is tried again then (in the background: a changed answer wakes the server).
@@ -1097,6 +1113,27 @@ export class ServerReconciler {
       };
     });
     return { consumers, podsWithoutConsumer };
+  }
+
+  /**
+   * Runs `write` for every connection, each on its own: one whose status the API server
+   * refuses must not keep the others on the same server from theirs. Returns the failures.
+   */
+  private async eachStatus(connections: readonly DatabaseConnection[], write: (connection: DatabaseConnection) => Promise<void>): Promise<Array<{ connection: string; error: string }>> {
+    const failures: Array<{ connection: string; error: string }> = [];
+    for (const connection of connections) {
+      try {
+        await write(connection);
+      } catch (err) {
+        if (err instanceof NotLeaderError) throw err;
+        const name = key(connection);
+        const error = describeApiError(err);
+        this.statusWrittenAt.delete(name);
+        this.deps.logger.warn({ connection: name, error }, 'could not write the status of a DatabaseConnection');
+        failures.push({ connection: name, error });
+      }
+    }
+    return failures;
   }
 
   private async writeStatus(connection: DatabaseConnection, plan: BudgetPlan | undefined, limit: { discovered: number; reserve: number; effective: number; shared: number } | undefined, resolved: Resolved | undefined, degraded?: ConditionUpdate, pods: readonly (PodObject & KubeObject)[] = [], advice = '', sidecars?: SidecarReachabilityFacts): Promise<void> {

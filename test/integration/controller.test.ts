@@ -653,6 +653,55 @@ describe('budget controller', function () {
     }
   });
 
+  it('writes the status of every DatabaseConnection on a server when the API server refuses one of them', async function () {
+    const namespace = namespaceFor('refused');
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    // An admission policy of the cluster refuses every status write of one DatabaseConnection;
+    // it is the older of the two on the server, so it comes first in a pass.
+    const policy = `poolkeeper-test-${namespace}`;
+    kube.kubectl(['apply', '-f', '-'], JSON.stringify({
+      apiVersion: 'admissionregistration.k8s.io/v1', kind: 'ValidatingAdmissionPolicy', metadata: { name: policy },
+      spec: {
+        failurePolicy: 'Fail',
+        matchConstraints: { resourceRules: [{ apiGroups: ['poolkeeper.dev'], apiVersions: ['*'], operations: ['UPDATE'], resources: ['databaseconnections/status'] }] },
+        validations: [{ expression: `!(object.metadata.namespace == '${namespace}' && object.metadata.name == 'a-refused')`, message: 'status writes of a-refused are refused by policy' }],
+      },
+    }));
+    kube.kubectl(['apply', '-f', '-'], JSON.stringify({
+      apiVersion: 'admissionregistration.k8s.io/v1', kind: 'ValidatingAdmissionPolicyBinding', metadata: { name: policy },
+      spec: { policyName: policy, validationActions: ['Deny'] },
+    }));
+    try {
+      applyConnection(kube, postgres, namespace, 'a-refused', { maxConnections: 12, reserve: 0, consumers: [{ name: 'batch', workloadRef: { kind: 'Deployment', name: 'batch' } }] });
+      await new Promise((r) => setTimeout(r, 1100));
+      applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 12, reserve: 0 });
+      const fleet = new SidecarFleetDouble(kube, namespace);
+      fleets.push(fleet);
+      await fleet.start();
+      // The policy takes a moment to be enforced: until then a-refused may get a status of its own.
+      await eventually('the policy to refuse', () => {
+        try {
+          kube.kubectl(['-n', namespace, 'patch', 'dbc', 'a-refused', '--subresource=status', '--type=merge', '-p', '{"status":{"observedGeneration":0}}']);
+          return false;
+        } catch (err) {
+          return /refused by policy/.test(String((err as Error).message) + String(((err as Error).cause as { stderr?: string } | undefined)?.stderr));
+        }
+      }, 30_000);
+      const started = await startController(kube);
+      controller = started.controller;
+      await eventually('2 pods at 6', () => grants(fleet.members()).join() === '6,6');
+      await eventually('orders to report its pods, whatever happens to a-refused', () => {
+        const status = getConnection(kube, namespace, 'orders')?.status;
+        return status?.pods === 2 && status.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') === true;
+      }, 30_000);
+      const metrics = await started.registry.metrics();
+      assert.match(metrics, /poolkeeper_reconcile_errors_total\{reason="StatusWriteError"\} [1-9]/);
+    } finally {
+      kube.kubectl(['delete', 'validatingadmissionpolicybinding', policy, '--ignore-not-found']);
+      kube.kubectl(['delete', 'validatingadmissionpolicy', policy, '--ignore-not-found']);
+    }
+  });
+
   it('runs as two replicas: one leads, and the other takes over when it stops', async function () {
     const namespace = namespaceFor('ha');
     createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });

@@ -10,7 +10,7 @@ import { LimitDiscovery } from '../controller/limit-discovery.ts';
 import { ControllerMetrics } from '../controller/metrics.ts';
 import { EventRecorder } from '../kube/events.ts';
 import { KubeHttp, type ApiServerAccess } from '../kube/http.ts';
-import { LeaderElector } from '../kube/leader-election.ts';
+import { LeaderElector, type LeaseLock } from '../kube/leader-election.ts';
 import { AdminServer } from '../ops/admin-server.ts';
 import { DEFAULT_POD_REPAIR_OPTIONS, MissingSidecarRepairer } from '../webhook/repair.ts';
 
@@ -25,6 +25,11 @@ export interface ControllerConfig {
   metricsPort: number;
   metricsHost?: string;
   leaderElection: boolean;
+  /**
+   * The Lease every install in the cluster contends for besides its own, so that two
+   * installs never budget the same servers at once (absent: only the own Lease).
+   */
+  clusterLease?: LeaseLock | undefined;
   /** Pods that opted in but came up without the sidecar: evict them, only report them, or ignore them. */
   repair: 'evict' | 'report' | 'off';
   /** Keep a RoleBinding `poolkeeper-sidecar` for the pods' ServiceAccounts in each namespace (default true). */
@@ -56,8 +61,9 @@ export async function startController(config: ControllerConfig, logger: Logger):
   collectDefaultMetrics({ register: registry, prefix: 'poolkeeper_controller_process_' });
   const metrics = new ControllerMetrics(registry);
   const elector = config.leaderElection
-    ? new LeaderElector(http, { namespace: config.namespace, name: 'poolkeeper-controller', identity: config.identity, logger, ...config.lease })
+    ? new LeaderElector(http, { namespace: config.namespace, name: 'poolkeeper-controller', identity: config.identity, clusterLease: config.clusterLease, logger, ...config.lease })
     : undefined;
+  elector?.onOtherInstallChange((holder) => metrics.otherInstallLeading.set(holder === '' ? 0 : 1));
   const events = new EventRecorder(http, 'poolkeeper-controller', logger);
   const repairer = config.repair === 'off'
     ? undefined

@@ -35,6 +35,12 @@ function repairMode(value: string): 'evict' | 'report' | 'off' {
   throw new UsageError(`POOLKEEPER_REPAIR must be evict, report or off, got ${value}`);
 }
 
+function clusterLease(value: string): { namespace: string; name: string } | undefined {
+  if (value === 'none') return undefined;
+  if (!/^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/.test(value)) throw new UsageError(`POOLKEEPER_CLUSTER_LEASE_NAMESPACE must be a namespace name or none, got ${JSON.stringify(value)}`);
+  return { namespace: value, name: 'poolkeeper-controller' };
+}
+
 function clientTlsSetting(value: string | undefined): { clientTls?: 'self-signed' } {
   if (value === undefined || value === '' || value === 'off') return {};
   if (value === 'self-signed') return { clientTls: value };
@@ -125,6 +131,10 @@ environment:
   POD_NAME                         identity in the election (default: the host name)
   POOLKEEPER_METRICS_PORT          /metrics, /healthz, /readyz port (default 8080)
   POOLKEEPER_LEADER_ELECTION       false: this replica always leads (default true)
+  POOLKEEPER_CLUSTER_LEASE_NAMESPACE
+                                   namespace of the Lease every install in the cluster contends for,
+                                   so that a second install stands by instead of budgeting the same
+                                   servers (default kube-system; none: only the own Lease)
   POOLKEEPER_REPAIR                evict | report | off: opted-in pods without the sidecar (default evict)
   POOLKEEPER_MANAGE_SIDECAR_RBAC   false: leave the sidecars' RoleBinding to you (default true)
   POD_IP                           this pod's IP: with it, sidecars send acknowledgements to the
@@ -202,6 +212,7 @@ async function run(command: string | undefined, args: readonly string[]): Promis
         identity: env.POD_NAME ?? hostname(),
         metricsPort: port('POOLKEEPER_METRICS_PORT', 8080),
         leaderElection: env.POOLKEEPER_LEADER_ELECTION !== 'false',
+        clusterLease: clusterLease(env.POOLKEEPER_CLUSTER_LEASE_NAMESPACE ?? 'kube-system'),
         repair: repairMode(env.POOLKEEPER_REPAIR ?? 'evict'),
         manageSidecarAccess: env.POOLKEEPER_MANAGE_SIDECAR_RBAC !== 'false',
         ...(env.POD_IP ? { acknowledgements: { host: env.POD_IP, port: port('POOLKEEPER_ACK_PORT', 8082), advertise: env.POD_IP } } : {}),

@@ -17,6 +17,8 @@ export class ControllerMetrics {
   readonly rebalanceLatency: Histogram;
   readonly grantWrites: Counter<'direction'>;
   readonly leader: Gauge;
+  /** 1 while another install holds the cluster Lease and this replica stands by for it. */
+  readonly otherInstallLeading: Gauge;
 
   constructor(registry: Registry) {
     const registers = [registry];
@@ -32,5 +34,6 @@ export class ControllerMetrics {
     this.rebalanceLatency = new Histogram({ name: 'poolkeeper_rebalance_latency_seconds', help: 'From the first reconcile that found grants off target to the one that found them settled.', buckets: [0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120], registers });
     this.grantWrites = new Counter({ name: 'poolkeeper_grant_writes_total', help: 'PoolMember grant changes written, by direction.', labelNames: ['direction'], registers });
     this.leader = new Gauge({ name: 'poolkeeper_controller_leader', help: '1 while this replica holds the leader lease.', registers });
+    this.otherInstallLeading = new Gauge({ name: 'poolkeeper_controller_other_install_leading', help: '1 while another poolkeeper install holds the cluster Lease and this replica stands by for it.', registers });
   }
 }

@@ -5,6 +5,13 @@
  * lease's resourceVersion, so two candidates can never both win a round.
  * A standby also watches the Lease, so it takes over as soon as a leader that
  * stops cleanly releases it rather than at its next retry period.
+ *
+ * With `clusterLease`, a candidate leads only while it holds both its own Lease
+ * (its install's replicas contend there) and a second Lease that every install in
+ * the cluster contends for, taken in that order and released in the reverse one.
+ * Two installs in different namespaces then never lead at once, and a replica of an
+ * older release, which takes only its own Lease, keeps a newer one of the same
+ * install from leading beside it during an upgrade (client-go's multilock).
  */
 import type { Logger } from 'pino';
 import { describeApiError } from './backoff.ts';
@@ -16,10 +23,30 @@ export interface LeaderElectionOptions {
   namespace: string;
   name: string;
   identity: string;
+  /** A Lease shared by every install in the cluster; its holder is named `<namespace>/<identity>`. */
+  clusterLease?: LeaseLock | undefined;
   leaseDurationMs?: number;
   renewDeadlineMs?: number;
   retryPeriodMs?: number;
   logger: Logger;
+}
+
+/** Where a Lease lives. */
+export interface LeaseLock {
+  namespace: string;
+  name: string;
+}
+
+/** One Lease this candidate contends for, and the identity it writes there. */
+interface HeldLock extends LeaseLock {
+  identity: string;
+}
+
+/** The outcome of one acquire-or-renew attempt on one Lease. */
+export interface LeaseRound {
+  held: boolean;
+  /** Who holds it when we do not (empty if nobody). */
+  holder: string;
 }
 
 interface Lease {
@@ -32,7 +59,11 @@ interface Lease {
 /** Runs the election loop and tells callbacks when leadership starts and stops. */
 export class LeaderElector {
   private readonly http: KubeHttp;
-  private readonly options: Required<Omit<LeaderElectionOptions, 'logger'>> & { logger: Logger };
+  private readonly options: Required<Omit<LeaderElectionOptions, 'logger' | 'clusterLease'>> & { logger: Logger };
+  /** Own Lease first, then the cluster's: acquired in this order, released in reverse. */
+  private readonly locks: readonly HeldLock[];
+  /** The other install holding the cluster Lease, last reported (so it is logged once per holder). */
+  private reportedHolder = '';
   private leading = false;
   private stopped = false;
   private timer: NodeJS.Timeout | undefined;
@@ -41,12 +72,16 @@ export class LeaderElector {
   private round: Promise<void> | undefined;
   /** The Lease changed during a round: look again right after it. */
   private again = false;
-  private watcher: Informer<Lease & KubeObject> | undefined;
+  private readonly watchers: Array<Informer<Lease & KubeObject>> = [];
   private readonly leadingListeners: Array<(leading: boolean) => void> = [];
+  private readonly otherInstallListeners: Array<(holder: string) => void> = [];
 
   constructor(http: KubeHttp, options: LeaderElectionOptions) {
     this.http = http;
-    this.options = { leaseDurationMs: 15_000, renewDeadlineMs: 10_000, retryPeriodMs: 2_000, ...options };
+    const { clusterLease, ...rest } = options;
+    this.options = { leaseDurationMs: 15_000, renewDeadlineMs: 10_000, retryPeriodMs: 2_000, ...rest };
+    const own = { namespace: options.namespace, name: options.name, identity: options.identity };
+    this.locks = clusterLease ? [own, { ...clusterLease, identity: `${options.namespace}/${options.identity}` }] : [own];
   }
 
   /** True while this candidate holds the lease. */
@@ -54,13 +89,23 @@ export class LeaderElector {
     return this.leading;
   }
 
+  /** Who holds the cluster Lease when another install does (empty otherwise). */
+  get otherInstall(): string {
+    return this.reportedHolder;
+  }
+
+  /** Subscribes to changes of `otherInstall`. */
+  onOtherInstallChange(listener: (holder: string) => void): void {
+    this.otherInstallListeners.push(listener);
+  }
+
   /** Subscribes to leadership changes. */
   onLeadershipChange(listener: (leading: boolean) => void): void {
     this.leadingListeners.push(listener);
   }
 
-  private get path(): string {
-    return `/apis/coordination.k8s.io/v1/namespaces/${this.options.namespace}/leases`;
+  private static path(lock: LeaseLock): string {
+    return `/apis/coordination.k8s.io/v1/namespaces/${lock.namespace}/leases`;
   }
 
   private setLeading(leading: boolean): void {
@@ -70,9 +115,11 @@ export class LeaderElector {
     for (const listener of this.leadingListeners) listener(leading);
   }
 
-  /** One acquire-or-renew attempt; true if we hold the lease afterwards. */
-  async tryAcquireOrRenew(now = new Date()): Promise<boolean> {
-    const { name, namespace, identity, leaseDurationMs } = this.options;
+  /** One acquire-or-renew attempt on one Lease. */
+  private async tryAcquireOrRenew(lock: HeldLock, now: Date): Promise<LeaseRound> {
+    const { name, namespace, identity } = lock;
+    const { leaseDurationMs } = this.options;
+    const path = LeaderElector.path(lock);
     // Lease times are MicroTime: RFC 3339 with exactly six fractional digits.
     const microTime = now.toISOString().replace('Z', '000Z');
     const spec = (existing?: Lease['spec']): Lease['spec'] => {
@@ -87,35 +134,61 @@ export class LeaderElector {
     };
     let lease: Lease;
     try {
-      lease = await this.http.get<Lease>(`${this.path}/${name}`);
+      lease = await this.http.get<Lease>(`${path}/${name}`);
     } catch (err) {
       if (!isStatus(err, 404)) throw err;
       try {
-        await this.http.create(this.path, { apiVersion: 'coordination.k8s.io/v1', kind: 'Lease', metadata: { name, namespace }, spec: { ...spec(), leaseTransitions: 0 } });
-        return true;
+        await this.http.create(path, { apiVersion: 'coordination.k8s.io/v1', kind: 'Lease', metadata: { name, namespace }, spec: { ...spec(), leaseTransitions: 0 } });
+        return { held: true, holder: identity };
       } catch (createErr) {
-        if (isStatus(createErr, 409)) return false;
+        if (isStatus(createErr, 409)) return { held: false, holder: '' };
         throw createErr;
       }
     }
-    const holder = lease.spec.holderIdentity;
+    const holder = lease.spec.holderIdentity ?? '';
     const renewed = lease.spec.renewTime ? Date.parse(lease.spec.renewTime) : 0;
     const duration = (lease.spec.leaseDurationSeconds ?? 0) * 1000;
-    const expired = !holder || renewed + duration < now.getTime();
-    if (holder !== identity && !expired) return false;
+    const expired = holder === '' || renewed + duration < now.getTime();
+    if (holder !== identity && !expired) return { held: false, holder };
     try {
-      await this.http.replace(`${this.path}/${name}`, { ...lease, spec: spec(lease.spec) });
-      return true;
+      await this.http.replace(`${path}/${name}`, { ...lease, spec: spec(lease.spec) });
+      return { held: true, holder: identity };
     } catch (err) {
-      if (isStatus(err, 409)) return false;
+      if (isStatus(err, 409)) return { held: false, holder };
       throw err;
+    }
+  }
+
+  /** Acquires or renews every Lease in order, stopping at the first held by another; true if all are held. */
+  async tryAcquireOrRenewAll(now = new Date()): Promise<boolean> {
+    for (const [index, lock] of this.locks.entries()) {
+      const round = await this.tryAcquireOrRenew(lock, now);
+      if (index > 0) this.reportClusterHolder(round, lock);
+      if (!round.held) return false;
+    }
+    return true;
+  }
+
+  /** Says once per holder that another install leads the cluster, and once when it no longer does. */
+  private reportClusterHolder(round: LeaseRound, lock: HeldLock): void {
+    const other = round.held ? '' : round.holder;
+    if (other === this.reportedHolder) return;
+    this.reportedHolder = other;
+    for (const listener of this.otherInstallListeners) listener(other);
+    const lease = `${lock.namespace}/${lock.name}`;
+    if (other === '') this.options.logger.info({ lease }, 'no other poolkeeper install leads the cluster now');
+    else {
+      this.options.logger.warn(
+        { lease, holder: other, identity: lock.identity },
+        `another poolkeeper controller leads this cluster (${other}); this one stands by: two installs would budget the same servers twice. Remove one install, or this one takes over if that one stops`,
+      );
     }
   }
 
   private async tick(): Promise<void> {
     if (this.stopped) return;
     try {
-      const held = await this.tryAcquireOrRenew();
+      const held = await this.tryAcquireOrRenewAll();
       if (held) this.lastRenew = Date.now();
       if (held) this.setLeading(true);
       else if (!this.leading) this.setLeading(false);
@@ -148,14 +221,16 @@ export class LeaderElector {
   start(): void {
     this.runRound();
     // A released or expired lease is tried at once, not at the next retry period.
-    const watcher = new Informer<Lease & KubeObject>(this.http, {
-      path: this.path, fieldSelector: `metadata.name=${this.options.name}`, logger: this.options.logger.child({ lease: this.options.name }),
-    });
-    watcher.onChange((type, lease) => {
-      if (!this.leading && (type === 'DELETED' || !lease.spec.holderIdentity)) this.runRound();
-    });
-    this.watcher = watcher;
-    void watcher.start();
+    for (const lock of this.locks) {
+      const watcher = new Informer<Lease & KubeObject>(this.http, {
+        path: LeaderElector.path(lock), fieldSelector: `metadata.name=${lock.name}`, logger: this.options.logger.child({ lease: `${lock.namespace}/${lock.name}` }),
+      });
+      watcher.onChange((type, lease) => {
+        if (!this.leading && (type === 'DELETED' || !lease.spec.holderIdentity)) this.runRound();
+      });
+      this.watchers.push(watcher);
+      void watcher.start();
+    }
   }
 
   /**
@@ -166,17 +241,23 @@ export class LeaderElector {
     this.stopped = true;
     clearTimeout(this.timer);
     await this.round;
-    await this.watcher?.stop();
-    if (!this.leading) return;
+    await Promise.all(this.watchers.map((watcher) => watcher.stop()));
+    // Our own Lease is held whenever the cluster's is, even by a replica that stands by for another install.
+    for (const lock of [...this.locks].reverse()) await this.release(lock);
+    this.setLeading(false);
+  }
+
+  /** Gives up a Lease we hold, so that the next candidate need not wait for it to expire. */
+  private async release(lock: HeldLock): Promise<void> {
+    const path = `${LeaderElector.path(lock)}/${lock.name}`;
     try {
-      const lease = await this.http.get<Lease>(`${this.path}/${this.options.name}`);
-      if (lease.spec.holderIdentity === this.options.identity) {
+      const lease = await this.http.get<Lease>(path);
+      if (lease.spec.holderIdentity === lock.identity) {
         const microTime = new Date().toISOString().replace('Z', '000Z');
-        await this.http.replace(`${this.path}/${this.options.name}`, { ...lease, spec: { ...lease.spec, holderIdentity: '', leaseDurationSeconds: 1, renewTime: microTime } });
+        await this.http.replace(path, { ...lease, spec: { ...lease.spec, holderIdentity: '', leaseDurationSeconds: 1, renewTime: microTime } });
       }
     } catch (err) {
-      this.options.logger.warn({ lease: this.options.name, error: describeApiError(err) }, 'could not release the lease');
+      if (!isStatus(err, 404)) this.options.logger.warn({ lease: `${lock.namespace}/${lock.name}`, error: describeApiError(err) }, 'could not release the lease');
     }
-    this.setLeading(false);
   }
 }

@@ -726,6 +726,48 @@ describe('budget controller', function () {
     }
   });
 
+  it('runs as two installs in two namespaces: one leads the cluster, the other stands by, says so, and takes over when the first stops', async function () {
+    const namespace = namespaceFor('installs');
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 12, reserve: 0 });
+    const fleet = new SidecarFleetDouble(kube, namespace);
+    fleets.push(fleet);
+    await fleet.start();
+    // Each install has its own namespace (and Lease there); the cluster Lease is shared.
+    const installs = [freshNamespace('install-a'), freshNamespace('install-b')];
+    for (const ns of installs) kube.kubectl(['create', 'namespace', ns]);
+    const clusterLease = { namespace, name: 'poolkeeper-controller-cluster' };
+    const install = (ns: string): Promise<RunningController> => startControllerBinary({
+      apiServer: kube.kubeConfig(), namespace: ns, identity: 'replica-0', metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: true, clusterLease, repair: 'off', manageSidecarAccess: false,
+      lease: { leaseDurationMs: 3000, renewDeadlineMs: 2000, retryPeriodMs: 300 },
+    }, pino({ level: 'silent' }));
+    const a = await install(installs[0]!);
+    const b = await install(installs[1]!);
+    const gauge = async (r: RunningController, name: string): Promise<number> => Number(new RegExp(`^${name} (\\d+)$`, 'm').exec(await r.registry.metrics())?.[1]);
+    const leads = (r: RunningController): Promise<number> => gauge(r, 'poolkeeper_controller_leader');
+    const standsBy = (r: RunningController): Promise<number> => gauge(r, 'poolkeeper_controller_other_install_leading');
+    try {
+      await eventually('2 pods at 6', () => grants(fleet.members()).join() === '6,6');
+      await eventually('one install to lead, the other to stand by for it', async () => (await leads(a)) + (await leads(b)) === 1);
+      const [leader, standby, standbyNamespace] = (await leads(a)) === 1 ? [a, b, installs[1]!] : [b, a, installs[0]!];
+      // Several renewals later, still one leader: both installs hold their own Lease throughout.
+      await new Promise((r) => setTimeout(r, 1500));
+      assert.equal(await leads(standby), 0, 'the second install must not lead while the first renews');
+      assert.equal(await standsBy(standby), 1);
+      assert.equal(await standsBy(leader), 0);
+      assert.equal(kube.kubectl(['-n', standbyNamespace, 'get', 'lease', 'poolkeeper-controller', '-o', 'jsonpath={.spec.holderIdentity}']).trim(), 'replica-0', 'the standby holds its own Lease');
+      await leader.shutdown();
+      kube.kubectl(['-n', namespace, 'scale', 'deployment/web', '--replicas=3']);
+      await eventually('the other install to take over and rebalance', async () => (await leads(standby)) === 1 && grants(fleet.members()).join() === '4,4,4', 30_000);
+      assert.equal(kube.kubectl(['-n', clusterLease.namespace, 'get', 'lease', clusterLease.name, '-o', 'jsonpath={.spec.holderIdentity}']).trim(), `${standbyNamespace}/replica-0`);
+      assert.equal(await standsBy(standby), 0);
+    } finally {
+      await a.shutdown();
+      await b.shutdown();
+      for (const ns of installs) kube.kubectl(['delete', 'namespace', ns, '--wait=false']);
+    }
+  });
+
   it('keeps grants safe across a controller restart during a scale-up', async function () {
     const namespace = namespaceFor('restart');
     createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });

@@ -26,7 +26,8 @@ describe('deploy manifests', function () {
     kube.kubectl(['apply', '-f', 'crds/']);
     const out = kube.kubectl(['apply', '--dry-run=server', '-k', 'deploy/']);
     for (const object of ['deployment.apps/poolkeeper', 'service/poolkeeper-webhook', 'mutatingwebhookconfiguration.admissionregistration.k8s.io/poolkeeper-webhook',
-      'poddisruptionbudget.policy/poolkeeper', 'clusterrole.rbac.authorization.k8s.io/poolkeeper-sidecar', 'serviceaccount/poolkeeper-controller']) {
+      'poddisruptionbudget.policy/poolkeeper', 'clusterrole.rbac.authorization.k8s.io/poolkeeper-sidecar', 'serviceaccount/poolkeeper-controller',
+      'role.rbac.authorization.k8s.io/poolkeeper-controller-poolkeeper-system']) {
       assert.match(out, new RegExp(object.replace(/\./g, '\\.')), `dry-run output names ${object}`);
     }
   });
@@ -64,7 +65,7 @@ describe('deploy manifests', function () {
     before(function () {
       kube.kubectl(['apply', '-f', 'crds/']);
       kube.kubectl(['wait', '--for=condition=Established', '--timeout=60s', 'crd/databaseconnections.poolkeeper.dev', 'crd/poolmembers.poolkeeper.dev']);
-      kube.kubectl(['apply', '-f', 'deploy/base/serviceaccount.yaml', '-f', 'deploy/base/rbac.yaml']);
+      kube.kubectl(['apply', '-f', 'deploy/base/serviceaccount.yaml', '-f', 'deploy/base/rbac.yaml', '-f', 'deploy/cluster-lease/rbac.yaml']);
       kube.kubectl(['create', 'namespace', appNamespace]);
       kube.kubectl(['create', 'serviceaccount', 'web', '-n', appNamespace]);
       kube.kubectl(['create', 'rolebinding', 'poolkeeper-sidecar', '-n', appNamespace, '--clusterrole=poolkeeper-sidecar', `--serviceaccount=${appNamespace}:web`]);
@@ -87,6 +88,8 @@ describe('deploy manifests', function () {
         ['create', 'poolmembers.poolkeeper.dev', '-n', appNamespace], ['delete', 'pods', '-n', appNamespace], ['create', 'pods', '--subresource=eviction', '-n', appNamespace],
         ['list', 'replicasets.apps', '-A'], ['watch', 'horizontalpodautoscalers.autoscaling', '-A'], ['get', 'secrets', '-n', appNamespace], ['create', 'events', '-n', appNamespace],
         ['update', 'leases.coordination.k8s.io/poolkeeper-controller', '-n', 'poolkeeper-system'], ['create', 'secrets', '-n', 'poolkeeper-system'],
+        ['update', 'leases.coordination.k8s.io/poolkeeper-controller', '-n', 'kube-system'], ['watch', 'leases.coordination.k8s.io/poolkeeper-controller', '-n', 'kube-system'],
+        ['create', 'leases.coordination.k8s.io', '-n', 'kube-system'],
         ['update', 'secrets/poolkeeper-webhook-certs', '-n', 'poolkeeper-system'], ['patch', 'mutatingwebhookconfigurations.admissionregistration.k8s.io/poolkeeper-webhook'],
         ['create', 'rolebindings.rbac.authorization.k8s.io', '-n', appNamespace], ['bind', 'clusterroles.rbac.authorization.k8s.io/poolkeeper-sidecar'],
       ]) assert.ok(can(controller, args), `controller can ${args.join(' ')}`);
@@ -97,6 +100,7 @@ describe('deploy manifests', function () {
         ['create', 'pods', '-n', appNamespace], ['update', 'deployments.apps', '-n', appNamespace], ['update', 'secrets', '-n', appNamespace],
         ['update', 'secrets/other', '-n', 'poolkeeper-system'], ['create', 'secrets', '-n', appNamespace],
         ['patch', 'mutatingwebhookconfigurations.admissionregistration.k8s.io/someone-elses'], ['update', 'leases.coordination.k8s.io/other', '-n', 'poolkeeper-system'],
+        ['update', 'leases.coordination.k8s.io/kube-controller-manager', '-n', 'kube-system'],
         ['update', 'databaseconnections.poolkeeper.dev', '-n', appNamespace],
         ['bind', 'clusterroles.rbac.authorization.k8s.io/cluster-admin'], ['escalate', 'clusterroles.rbac.authorization.k8s.io/poolkeeper-sidecar'], ['delete', 'rolebindings.rbac.authorization.k8s.io', '-n', appNamespace],
       ]) assert.equal(can(controller, args), false, `controller cannot ${args.join(' ')}`);

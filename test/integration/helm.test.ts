@@ -76,7 +76,7 @@ describe('Helm chart', function () {
     try {
       // Both components at once is no example in deploy/: an overlay of our own.
       const up = relative(dir, process.cwd());
-      writeFileSync(join(dir, 'kustomization.yaml'), `resources: [${up}/deploy/base]\ncomponents: [${up}/deploy/components/cert-manager, ${up}/deploy/components/monitoring]\n`);
+      writeFileSync(join(dir, 'kustomization.yaml'), `resources: [${up}/deploy/base, ${up}/deploy/cluster-lease]\ncomponents: [${up}/deploy/components/cert-manager, ${up}/deploy/components/monitoring]\n`);
       const variants: [string, string[], string][] = [
         ['deploy/', [], 'deploy'],
         ['with-cert-manager', ['--set', 'certManager.enabled=true'], 'deploy/examples/with-cert-manager'],
@@ -123,7 +123,11 @@ describe('Helm chart', function () {
     const objects = render(['--set', 'certManager.enabled=true,monitoring.enabled=true'], 'pooling');
     const text = JSON.stringify(objects);
     assert.doesNotMatch(text, /poolkeeper-system/);
-    for (const object of objects.filter((o) => !['ClusterRole', 'ClusterRoleBinding', 'MutatingWebhookConfiguration'].includes(o.kind))) assert.equal(object.metadata.namespace, 'pooling', id(object));
+    for (const object of objects.filter((o) => !['ClusterRole', 'ClusterRoleBinding', 'MutatingWebhookConfiguration'].includes(o.kind))) {
+      // The one exception: access to the cluster-wide Lease, named after the release namespace.
+      if (object.metadata.namespace === 'kube-system') assert.ok(['Role', 'RoleBinding'].includes(object.kind) && object.metadata.name === 'poolkeeper-controller-pooling', id(object));
+      else assert.equal(object.metadata.namespace, 'pooling', id(object));
+    }
     assert.match(text, /poolkeeper-webhook\.pooling\.svc/);
     assert.match(text, /"cert-manager\.io\/inject-ca-from":"pooling\/poolkeeper-webhook"/);
   });

@@ -237,5 +237,8 @@ function ruleCases(): RuleCase[] {
     { alert: 'PoolkeeperControllerNoLeader', name: 'both replicas follow', series: [['poolkeeper_controller_leader{namespace="poolkeeper-system", pod="poolkeeper-a"}', '0x30'], followerB], firing: [{ labels: {}, value: '0' }] },
     { alert: 'PoolkeeperControllerNoLeader', name: 'no controller scraped', series: [['up{job="other"}', '1x30']], firing: [{ labels: {}, value: '0' }] },
     { alert: 'PoolkeeperControllerNoLeader', name: 'one leader', series: [leaderA, followerB], firing: [] },
+
+    { alert: 'PoolkeeperAnotherInstallLeads', name: 'the second install stands by', series: [['poolkeeper_controller_other_install_leading{namespace="team-pool", pod="poolkeeper-c"}', '1x30'], ['poolkeeper_controller_other_install_leading{namespace="poolkeeper-system", pod="poolkeeper-a"}', '0x30']], firing: [{ labels: { namespace: 'team-pool' }, value: '1' }] },
+    { alert: 'PoolkeeperAnotherInstallLeads', name: 'the other install went away within 10 minutes', series: [['poolkeeper_controller_other_install_leading{namespace="team-pool", pod="poolkeeper-c"}', '1x5 0x25']], firing: [] },
   ];
 }

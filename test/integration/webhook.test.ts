@@ -298,6 +298,50 @@ describe('webhook on the API server', function () {
     }
   });
 
+  it('in a namespace enforcing the restricted Pod Security Standard, injects a sidecar the API server admits, with the socket volume and its own token too; a refusal names only the app\'s container', async function () {
+    kube.kubectl(['label', 'namespace', namespace, 'pod-security.kubernetes.io/enforce=restricted', '--overwrite']);
+    try {
+      const restricted = (name: string, annotations: Record<string, string> = {}, compliant = true): V1Pod => {
+        const pod = podManifest(name, { 'poolkeeper.dev/connection': 'orders-db' });
+        pod.metadata!.annotations = annotations;
+        if (compliant) {
+          pod.spec!.securityContext = { runAsNonRoot: true, runAsUser: 1000, seccompProfile: { type: 'RuntimeDefault' } };
+          pod.spec!.containers[0]!.securityContext = { allowPrivilegeEscalation: false, capabilities: { drop: ['ALL'] } };
+        }
+        return pod;
+      };
+      // The admission plugin reads namespace labels from its cache: wait until a plain non-compliant pod is refused.
+      const refusal = await eventually('the standard in force', async () => {
+        try {
+          await core.createNamespacedPod({ namespace, body: restricted(`psa-probe-${randomBytes(2).toString('hex')}`, {}, false), dryRun: 'All' });
+          return undefined;
+        } catch (err) {
+          const body = String((err as { body?: unknown }).body);
+          const message = body.startsWith('{') ? String((JSON.parse(body) as { message?: unknown }).message) : body;
+          return /violates PodSecurity "restricted/.test(message) ? message : undefined;
+        }
+      });
+      // What it refuses is the app's container alone: the sidecar brings nothing the standard forbids.
+      assert.match(refusal, /container "app"/);
+      assert.doesNotMatch(refusal, new RegExp(`"${SIDECAR_CONTAINER_NAME}"`));
+      for (const [name, annotations] of [
+        ['psa-plain', {}],
+        ['psa-socket', { 'poolkeeper.dev/unix-socket': 'true' }],
+      ] as const) {
+        const created = await core.createNamespacedPod({ namespace, body: restricted(name, annotations) });
+        assert.ok(sidecarOf(created), `${name} has the sidecar`);
+        if (name === 'psa-socket') assert.ok(created.spec?.volumes?.some((v) => v.emptyDir !== undefined), 'the socket directory is an emptyDir');
+      }
+      const ownToken = restricted('psa-own-token');
+      ownToken.spec!.automountServiceAccountToken = false;
+      const created = await core.createNamespacedPod({ namespace, body: ownToken });
+      assert.ok(created.spec?.volumes?.some((v) => v.projected !== undefined), 'the sidecar\'s own projected token');
+    } finally {
+      kube.kubectl(['label', 'namespace', namespace, 'pod-security.kubernetes.io/enforce-']);
+      for (const name of ['psa-plain', 'psa-socket', 'psa-own-token']) await core.deleteNamespacedPod({ name, namespace, gracePeriodSeconds: 0 }).catch(() => undefined);
+    }
+  });
+
   it('converges racing replicas on one CA in one Secret', async function () {
     const make = (): SelfManagedCertificates => new SelfManagedCertificates({ core, admission }, {
       namespace, secretName: 'race-certs', webhookConfigurationName: configName, dnsNames: ['localhost'], ipAddresses: ['127.0.0.1'], policy: DEFAULT_ROTATION_POLICY,

@@ -57,6 +57,14 @@ export function describeApiError(err: unknown): string {
   return String(err);
 }
 
+/**
+ * True if the request may succeed when sent again unchanged: a network error, a
+ * timeout, a 5xx, or a 429 (API Priority and Fairness turning it away before it ran).
+ */
+export function isTransientApiError(err: unknown): boolean {
+  return !(err instanceof KubeApiError) || err.statusCode >= 500 || err.statusCode === 429;
+}
+
 /** Options of ApiReachability. */
 export interface ApiReachabilityOptions {
   /** How often to probe `/version` while some retry is waiting. */
@@ -91,7 +99,7 @@ export class ApiReachability {
 
   /** A request failed; a network error or a 5xx/429 means the server may be down. */
   failed(err: unknown): void {
-    if (err instanceof KubeApiError && err.statusCode < 500 && err.statusCode !== 429) return;
+    if (!isTransientApiError(err)) return;
     this.down = true;
   }
 

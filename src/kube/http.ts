@@ -21,12 +21,15 @@ export interface ApiServerAccess {
 export class KubeApiError extends Error {
   readonly statusCode: number;
   readonly reason: string;
+  /** The answer's Retry-After, in seconds (API Priority and Fairness sends it with 429). */
+  readonly retryAfterSeconds: number | undefined;
 
-  constructor(statusCode: number, reason: string, message: string) {
+  constructor(statusCode: number, reason: string, message: string, retryAfterSeconds?: number) {
     super(message);
     this.name = 'KubeApiError';
     this.statusCode = statusCode;
     this.reason = reason;
+    this.retryAfterSeconds = retryAfterSeconds;
   }
 }
 
@@ -137,7 +140,8 @@ export class KubeHttp {
           } catch {
             // not a Status object
           }
-          reject(new KubeApiError(status, reason, `${method} ${path}: ${status} ${reason}: ${message}`));
+          const retryAfter = Number(res.headers['retry-after']);
+          reject(new KubeApiError(status, reason, `${method} ${path}: ${status} ${reason}: ${message}`, Number.isFinite(retryAfter) && retryAfter >= 0 ? retryAfter : undefined));
         });
         res.on('error', reject);
       });

@@ -10,8 +10,8 @@
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, DATABASE_REACHABLE, memberPodUid, type Condition, type PoolGrant, type PoolMember, type PoolMemberStatus } from '../api/index.ts';
 import { BASE_HEARTBEAT_SECONDS, deriveGrant, grantTableOf } from '../core/budget/grant-table.ts';
-import { isStatus, type KubeHttp } from '../kube/http.ts';
-import { ApiReachability } from '../kube/backoff.ts';
+import { KubeApiError, isStatus, type KubeHttp } from '../kube/http.ts';
+import { ApiReachability, Backoff, isTransientApiError } from '../kube/backoff.ts';
 import { Informer, type KubeObject } from '../kube/informer.ts';
 import type { DatabaseReachability, SidecarStatus } from './settings.ts';
 import { AcknowledgementSender } from './acknowledgement-sender.ts';
@@ -136,6 +136,14 @@ export class PoolMemberAgent {
    * step (up to 30 s).
    */
   private readonly reachability: ApiReachability;
+  /**
+   * A status write that failed for a passing reason (429 from API Priority and
+   * Fairness, a 5xx, the network) is sent again after this backoff, or the
+   * answer's Retry-After, rather than at the next heartbeat (up to minutes in a
+   * large fleet) while the controller waits for the acknowledgement in it.
+   */
+  private readonly writeBackoff = new Backoff({ initialMs: 500, maxMs: 10_000, jitter: 0.5 });
+  private writeRetry: NodeJS.Timeout | undefined;
   private readonly sender = new AcknowledgementSender();
   /** The acknowledgement the leader last confirmed over the channel (its fields only). */
   private sentOverChannel: string | undefined;
@@ -428,11 +436,29 @@ export class PoolMemberAgent {
       await this.options.http.patch(`/apis/${API_GROUP}/${API_VERSION}/namespaces/${this.options.namespace}/poolmembers/${this.options.podName}/status`, body);
       this.lastWritten = status;
       this.reachability.succeeded();
+      this.writeBackoff.reset();
+      clearTimeout(this.writeRetry);
+      this.writeRetry = undefined;
     } catch (err) {
       this.reachability.failed(err);
       if (isStatus(err, 404)) this.memberExists = false;
-      else this.options.logger.warn({ err }, 'could not write PoolMember status');
+      else {
+        this.options.logger.warn({ err }, 'could not write PoolMember status');
+        if (isTransientApiError(err)) this.retryWrite(err);
+      }
     }
+  }
+
+  /** Writes the status again soon: after the server's Retry-After (spread over a second), else the backoff's next step. */
+  private retryWrite(err: unknown): void {
+    if (this.writeRetry !== undefined || this.stopped) return;
+    const retryAfter = err instanceof KubeApiError ? err.retryAfterSeconds : undefined;
+    const delay = retryAfter !== undefined ? retryAfter * 1000 + Math.floor(Math.random() * 1000) : this.writeBackoff.next();
+    this.writeRetry = setTimeout(() => {
+      this.writeRetry = undefined;
+      this.beat();
+    }, delay);
+    this.writeRetry.unref();
   }
 
   /** Writes a final status (e.g. drained) and waits for it. */
@@ -448,6 +474,7 @@ export class PoolMemberAgent {
     clearTimeout(this.heartbeatStart);
     clearTimeout(this.deferred);
     clearTimeout(this.followUp);
+    clearTimeout(this.writeRetry);
     this.unsubscribe?.();
     await this.writing;
     this.sender.close();

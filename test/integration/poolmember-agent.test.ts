@@ -10,6 +10,7 @@ import type { PoolMember } from '../../src/api/index.ts';
 import type { KubeControlPlane } from '../../src/devenv/kube.ts';
 import { KubeHttp } from '../../src/kube/http.ts';
 import { PoolMemberAgent } from '../../src/sidecar/control-plane.ts';
+import { ApiFront } from '../support/api-front.ts';
 import { testEnvironment } from '../support/hooks.ts';
 import { ObedientSidecarDouble, eventually, freshNamespace, installCrds } from '../support/budget-fixture.ts';
 
@@ -113,6 +114,39 @@ describe('PoolMember agent', function () {
       await eventually('the earlier report removed', () => member().status?.conditions === undefined, 5_000);
     } finally {
       await restarted.stop();
+    }
+  });
+
+  it('writes a status the API server turned away (429 with Retry-After, then no answer at all) again within seconds, not at the next heartbeat', async function () {
+    writeSpec(5, 1, false);
+    const front = new ApiFront(kube.server);
+    await front.start();
+    await front.set('up');
+    const double = new ObedientSidecarDouble();
+    const agent = new PoolMemberAgent({ http: new KubeHttp(front.kubeConfig(kube.kubeConfig())), namespace, podName: 'pod-a', target: double, logger: pino({ level: 'silent' }), version: 'test', heartbeatMs: 60_000 });
+    await agent.start();
+    try {
+      await eventually('grant acknowledged', () => member().status?.acknowledgedConnections === 5);
+      // API Priority and Fairness turns every request away: the change's write gets 429.
+      await front.set('stub', [429]);
+      const stubbedBefore = front.stubbed;
+      double.setReachability({ reachable: false, reason: 'LoginFailed', message: 'refused', since: Date.now() });
+      await eventually('the write turned away', () => front.stubbed > stubbedBefore, 5_000);
+      await new Promise((r) => setTimeout(r, 1500));
+      await front.set('up');
+      const upAt = Date.now();
+      // The heartbeat is a minute away.
+      await eventually('the condition written after the 429', () => member().status?.conditions?.[0]?.status === 'False', 10_000);
+      console.log(`      written ${((Date.now() - upAt) / 1000).toFixed(2)} s after the API server accepted requests again`);
+      // Now nothing answers at all (connection refused), then the server is back.
+      await front.set('down');
+      double.setReachability({ reachable: true, reason: 'LoggedIn', message: 'logged in as app', since: Date.now() });
+      await new Promise((r) => setTimeout(r, 2000));
+      await front.set('up');
+      await eventually('the condition written after the outage', () => member().status?.conditions?.[0]?.status === 'True', 15_000);
+    } finally {
+      await agent.stop();
+      await front.stop();
     }
   });
 

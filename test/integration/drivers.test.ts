@@ -299,6 +299,13 @@ describe('real drivers: direct, PgBouncer, sidecar transaction and session mode'
         assert.deepEqual(outcome(r.terminateOwnPid as Step), { value: false });
       });
 
+      feature('psycopg 3 cancel while the pool is busy', async (t) => (await scenario(t, 'psycopg3')).cancelWhileQueued as Json, (r) => {
+        // Transaction mode: the statement waits in the sidecar for a server connection, and the cancel is answered there.
+        assert.deepEqual(outcome(r.cancelled as Step), { sqlstate: '57014' }, JSON.stringify(r));
+        assert.equal(r.beforeHoldersEnd, true, `57014 after ${String(r.seconds)} s, once the pool was free again`);
+        assert.deepEqual(outcome(r.next as Step), { value: 42 }, JSON.stringify(r.next));
+      });
+
       feature('asyncpg pool prepared', async (t) => (await scenario(t, 'asyncpg')).poolPrepared as Json, (r) => {
         assert.equal(r.refused, undefined);
         assert.equal(r.failed, 0, `${String(r.failed)} of ${String(r.queries)} failed: ${JSON.stringify(r.errors)}`);

@@ -1224,7 +1224,7 @@ describe('sidecar transparency', function () {
           assert.equal(await w.replies(0, 300), '', 'answered while no server connection was free');
           const started = Date.now();
           await holder.query('COMMIT');
-          assert.equal(await w.replies(2), 'EZITDCZI');
+          assert.equal(await w.replies(2), 'TEZITDCZI');
           assert.ok(Date.now() - started < 3000, 'cancelled, not run to its end');
           assert.equal(await metric(running, /poolkeeper_sidecar_cancel_requests_total\{result="answered"\} (\d+)/), -1, 'not answered by the sidecar');
         } finally {
@@ -1247,22 +1247,22 @@ describe('sidecar transparency', function () {
             w.send([serialize.query('SELECT 1')]);
             assert.equal(await w.replies(1), 'TDCZI');
             await new Promise((r) => setTimeout(r, 300));
-            // The idle connection's pre-ping cannot be answered: the client's statement waits on its check.
-            proxy.freeze();
+            // The idle connection's pre-ping is not answered yet: the client's statement waits on its check.
+            proxy.hold();
             w.send([serialize.query('SELECT pg_sleep(5)')]);
             await new Promise((r) => setTimeout(r, 200));
             await cancelWire(running.port, w.key);
             assert.equal(await w.replies(1, 0), 'EZI', 'the cancelled statement is answered while its connection is checked');
             const served = next.query<{ n: number }>('SELECT 3 AS n');
             await new Promise((r) => setTimeout(r, 200));
-            proxy.thaw();
+            proxy.deliver();
             const started = Date.now();
             assert.equal((await served).rows[0]!.n, 3, 'the next client waiting got the checked connection');
             assert.ok(Date.now() - started < 2000, `served after ${Date.now() - started} ms`);
             w.send([serialize.query('SELECT 4')]);
             assert.equal(await w.replies(1), 'TDCZI', 'the cancelled client goes on');
           } finally {
-            proxy.thaw();
+            proxy.deliver();
             await next.end();
             w.send([serialize.end()]);
             await w.closedWithin(2000);

@@ -47,6 +47,7 @@ const PGBOUNCER_CANNOT: Record<string, string> = {
   'psycopg 3 prepared': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
   'psycopg 3 SQL statement commands': 'SQL PREPARE and DEALLOCATE act on whichever server connection runs them',
   'psycopg 3 backend pid': 'a client has no fixed backend in transaction mode: its BackendKeyData pid names none',
+  'psycopg 3 cancel while the pool is busy': 'a cancel of a statement still waiting for a server connection is lost: the statement runs once one is free',
   'asyncpg pool prepared': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
   'pgjdbc prepared': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
   'pgjdbc more connections than the pool': 'pgjdbc\'s SET extra_float_digits after login stays on the server connection that ran it: the client loses it when moved, another client gets it',

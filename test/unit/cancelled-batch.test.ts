@@ -27,7 +27,7 @@ function read(reply: Buffer): { types: string; error: Record<string, string> | u
 describe('cancelledBatchReply', function () {
   it('sends PostgreSQL\'s fields for a statement a CancelRequest cancelled', function () {
     assert.deepEqual(read(QUERY_CANCELED_ERROR).error, {
-      S: 'ERROR', V: 'ERROR', C: '57014', M: 'canceling statement due to user request', F: 'postgres.c', L: '3315', R: 'ProcessInterrupts',
+      S: 'ERROR', V: 'ERROR', C: '57014', M: 'canceling statement due to user request', F: 'postgres.c', L: '3349', R: 'ProcessInterrupts',
     });
   });
 

@@ -9,10 +9,10 @@ import { errorResponse, readyForQuery } from './server-messages.ts';
 /**
  * PostgreSQL's error for a statement cancelled by a CancelRequest
  * (ProcessInterrupts in postgres.c), with the fields it sends; the line is
- * that of PostgreSQL 15 to 17.
+ * that of PostgreSQL 15.18 (the version the tests compare with).
  */
 export const QUERY_CANCELED_ERROR = errorResponse({
-  severity: 'ERROR', code: '57014', message: 'canceling statement due to user request', file: 'postgres.c', line: '3315', routine: 'ProcessInterrupts',
+  severity: 'ERROR', code: '57014', message: 'canceling statement due to user request', file: 'postgres.c', line: '3349', routine: 'ProcessInterrupts',
 });
 
 /** Messages of an extended-protocol batch before its Sync. */

@@ -15,7 +15,7 @@ import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import {
   FrameReader, MessageType, NO_SETTINGS, ProtocolError, UNTYPED, authenticationOk, backendKeyData, classifySessionCommand, clientSettingsFromStartup, laterSessionCommands,
-  changeSettings, commandComplete, errorResponse, firstTextParameter, setConfigSql, isFrontendMessageType, messageTypeTable, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery,
+  cancelledBatchReply, changeSettings, commandComplete, errorResponse, firstTextParameter, setConfigSql, isFrontendMessageType, messageTypeTable, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery,
   scanStatementText, sequenceRead, startsTransaction, serverSettingsAfter, startupSettings, unnamedStatementEffect, type ClientSettings, type NoticeFields, type PinReason, type SettingChange,
   POSTGRESQL_ALPN, TLS_HANDSHAKE_RECORD, noApplicationProtocolAlert, readClientHello,
 } from '../core/protocol/index.ts';
@@ -856,15 +856,48 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   }
 
   /**
-   * A CancelRequest found no statement running: if one waits in the sidecar
-   * (for a server connection, or for the listening connection), it is
-   * cancelled as soon as it is sent, as it would have been running direct.
-   * Returns false when nothing waits.
+   * A CancelRequest found no statement running. One still waiting for a
+   * server connection (transaction mode) whose held messages are one batch
+   * is answered now as PostgreSQL answers a statement it cancels (see
+   * cancelledBatchReply): its messages are dropped and the client leaves the
+   * pool's queue, ready for its next statement ('answered'). Otherwise a
+   * statement waiting in the sidecar (several batches pipelined, a batch
+   * without its Sync yet, one waiting for the listening connection) is
+   * cancelled as soon as it is sent, as it would have been running direct
+   * ('deferred'). 'nothing': nothing waits.
    */
-  cancelWhenForwarded(): boolean {
-    if (this.phase !== 'ready' || this.pendingTypes.length === 0) return false;
-    this.cancelOnForward = true;
-    return true;
+  cancelQueued(): 'answered' | 'deferred' | 'nothing' {
+    if (this.phase !== 'ready' || this.pendingTypes.length === 0) return 'nothing';
+    const reply = this.queuedCancelReply();
+    if (reply === undefined) {
+      this.cancelOnForward = true;
+      return 'deferred';
+    }
+    this.host.pool.cancelWait(this);
+    this.waiting = false;
+    this.cancelOnForward = false;
+    this.pendingTypes.length = 0;
+    this.pendingChunks.length = 0;
+    // What reading the dropped messages set up for their run: they never ran.
+    this.settingChanges = undefined;
+    this.settingWatchAfter = 0;
+    this.boundSetting = undefined;
+    this.unnamedSettingBound = false;
+    this.ranSinceLent = false;
+    // The next statement waits for the hub again (the hub's answer, if still to come, is ignored).
+    this.hubSync = 'none';
+    this.socket.write(reply);
+    if (this.pausedWaiting) this.resumeWaiting();
+    return 'answered';
+  }
+
+  /** The answer to a cancel of the held messages, if they wait for a server connection only and PostgreSQL's answer to them is known. */
+  private queuedCancelReply(): Buffer | undefined {
+    // A statement still being read (a streamed message), a Terminate or a drain behind it, a ReadyForQuery
+    // of the previous transaction still held for the hub, or one answered by the sidecar itself come first.
+    if (this.host.mode !== 'transaction' || this.server !== undefined || !this.waiting || this.reader.streaming) return undefined;
+    if (this.terminateAtBoundary || this.closeAtBoundary || this.readyHeld > 0 || this.localCommand || this.holding) return undefined;
+    return cancelledBatchReply(this.pendingTypes);
   }
 
   /** forward() for a session that names statements: each queued message goes through routeMessage. */

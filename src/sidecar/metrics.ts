@@ -144,7 +144,7 @@ export class SidecarMetrics {
     });
     this.errors = new Counter({ name: 'poolkeeper_sidecar_errors_total', help: 'Errors by kind', labelNames: ['kind'], registers: [registry] });
     this.tunnelReconnects = new Counter({ name: 'poolkeeper_sidecar_tunnel_reconnects_total', help: 'SSH tunnel reconnections after the first connection', registers: [registry] });
-    this.cancels = new Counter({ name: 'poolkeeper_sidecar_cancel_requests_total', help: 'Client CancelRequests: forwarded to the backend running the statement, or dropped (nothing running, statement ended, unknown key, failed)', labelNames: ['result'], registers: [registry] });
+    this.cancels = new Counter({ name: 'poolkeeper_sidecar_cancel_requests_total', help: 'Client CancelRequests: forwarded to the backend running the statement, answered by the sidecar (the statement still waited for a server connection), or dropped (nothing running, statement ended, unknown key, failed)', labelNames: ['result'], registers: [registry] });
     this.pinned = new Counter({ name: 'poolkeeper_sidecar_pins_total', help: 'Clients pinned to their server connection by session state in transaction mode, by reason', labelNames: ['reason'], registers: [registry] });
     this.carriedSettings = new Counter({ name: 'poolkeeper_sidecar_carried_settings_total', help: 'Session setting changes (SET or RESET alone between transactions) carried to the client\'s next server connections instead of pinning it, in transaction mode', registers: [registry] });
     this.clientTlsConnections = new Counter({ name: 'poolkeeper_sidecar_client_tls_connections_total', help: 'App connections that asked for TLS and got it (spec.sidecar.clientTLS)', registers: [registry] });

@@ -124,6 +124,12 @@ export class Pool {
   private readonly parked = new Map<ServerConnection, boolean>();
   /** Oldest first; every waiter has the same poolTimeout, so deadlines come in this order too. */
   private waiters: WaitEntry[] = [];
+  /**
+   * Waiters out of the queue whose connection is being checked before use
+   * (handOut); `cancelled` once the waiter no longer wants it (cancelWait):
+   * the connection then goes to the next waiter instead.
+   */
+  private readonly inCheck = new Map<PoolWaiter, { cancelled: boolean }>();
   /** One timer for the oldest waiter's deadline, not one per wait (a wait per transaction when clients outnumber the grant). */
   private waitTimer: NodeJS.Timeout | undefined;
   /** Connections in state closing, kept by stateChanged so that `committed` costs nothing per release. */
@@ -222,8 +228,14 @@ export class Pool {
     this.serveWaiters();
   }
 
-  /** Forgets a waiter whose client went away. */
+  /** Forgets a waiter whose client went away or whose statement was cancelled while it waited: it is handed nothing later. */
   cancelWait(waiter: PoolWaiter): void {
+    const checking = this.inCheck.get(waiter);
+    if (checking !== undefined) {
+      checking.cancelled = true;
+      this.inCheck.delete(waiter);
+      return;
+    }
     const index = this.waiters.findIndex((e) => e.waiter === waiter);
     if (index < 0) return;
     this.waiters.splice(index, 1);
@@ -654,8 +666,23 @@ export class Pool {
     // A check the server never answers (a frozen network) must not hold the client past its poolTimeout.
     const deadline = since + this.deps.settings.pool.poolTimeout * 1000;
     const checkTimer = setTimeout(() => server.close('no answer to the check before use'), Math.max(100, Math.min(CHECK_TIMEOUT_MS, deadline - now)));
+    const checking = { cancelled: false };
+    this.inCheck.set(waiter, checking);
     server.runInternal(sync ?? ';', (result) => {
       clearTimeout(checkTimer);
+      if (this.inCheck.get(waiter) === checking) this.inCheck.delete(waiter);
+      if (checking.cancelled) {
+        // The waiter went meanwhile: a connection that passed its check serves the next one.
+        if (server.state !== 'resetting') return;
+        if (result.ok) {
+          if (sync !== undefined) server.settings = wanted;
+          this.recycle(server, true, false);
+          return;
+        }
+        this.deps.metrics.error('pre-ping');
+        server.close(sync !== undefined ? 'settings check failed' : 'pre-ping failed');
+        return;
+      }
       if (server.state === 'resetting' && result.ok) {
         if (sync !== undefined) server.settings = wanted;
         this.give(server, waiter, since, this.deps.now(), waiter.checkSettings ? result.row : undefined);

@@ -395,7 +395,8 @@ export class Sidecar implements ClientSessionHost {
   /**
    * Forwards a CancelRequest to the server connection running the client's
    * statement, only while that statement runs; `done` once PostgreSQL took
-   * it, or at once when there is nothing to cancel.
+   * it, or at once when there is nothing to cancel or the statement still
+   * waits in the sidecar (see ClientSession.cancelQueued).
    */
   cancel(processId: number, secretKey: Buffer, done: () => void): void {
     const session = secretKey.length === 4 ? this.keys.get(processId)?.get(secretKey.readInt32BE(0)) : undefined;
@@ -408,8 +409,11 @@ export class Sidecar implements ClientSessionHost {
     }
     const target = session.cancelTarget();
     if (target === undefined) {
-      // Its statement still waits in the sidecar: cancelled once sent (cancelForwarded); the request is taken now.
-      if (!session.cancelWhenForwarded()) this.metrics.cancels.inc({ result: 'dropped' });
+      // Its statement still waits in the sidecar: answered now as cancelled, or cancelled once sent (cancelForwarded);
+      // either way the request is taken now.
+      const outcome = session.cancelQueued();
+      if (outcome === 'answered') this.metrics.cancels.inc({ result: 'answered' });
+      else if (outcome === 'nothing') this.metrics.cancels.inc({ result: 'dropped' });
       done();
       return;
     }

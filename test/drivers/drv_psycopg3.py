@@ -9,8 +9,10 @@ is moved to another server connection when the target pools per transaction.
 `identity`: the BackendKeyData pid (conn.info.backend_pid, libpq PQbackendPID)
 against pg_backend_pid(), the sender pid of the client's own NOTIFY (how psycopg
 recognises self-notifications), cancel, and pg_terminate_backend of that pid.
+`cancelWhileQueued`: conn.cancel() of a statement waiting behind a busy pool.
 """
 import threading
+import time
 
 import psycopg
 
@@ -184,8 +186,37 @@ def identity():
     return steps
 
 
+def cancel_while_queued(hold=2.0):
+    """`conn.cancel()` (libpq PQcancel, from a thread) of a statement sent while
+    the target's pool is busy: as many connections as it holds sleep `hold`
+    seconds, so in transaction mode the statement waits for a server connection.
+    Direct it runs and is cancelled; either way 57014 well before the holders end."""
+    holding = [connect(autocommit=True) for _ in range(holders or 2)]
+    conn = connect(autocommit=True)
+    threads = [threading.Thread(target=h.execute, args=('SELECT pg_sleep(%s)', (hold,))) for h in holding]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    timer = threading.Timer(0.3, conn.cancel)
+    started = time.monotonic()
+    timer.start()
+    try:
+        cancelled = step(lambda: conn.execute('SELECT pg_sleep(10)').fetchone() and 'finished')
+        seconds = time.monotonic() - started
+    finally:
+        timer.join()
+    for t in threads:
+        t.join()
+    result = {'cancelled': cancelled, 'beforeHoldersEnd': seconds < hold - 0.5, 'seconds': round(seconds, 2),
+              'next': step(lambda: conn.execute('SELECT 42').fetchone()[0])}
+    for c in holding + [conn]:
+        c.close()
+    return result
+
+
 emit({
     'identity': identity(),
+    'cancelWhileQueued': cancel_while_queued(),
     'prepared': prepared(cfg.get('threads', 20), cfg.get('transactions', 40), cfg.get('seconds', 6)),
     'sqlCommands': sql_commands(),
 })

@@ -47,6 +47,7 @@ const PGBOUNCER_CANNOT: Record<string, string> = {
   'psycopg 3 prepared': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
   'psycopg 3 SQL statement commands': 'SQL PREPARE and DEALLOCATE act on whichever server connection runs them',
   'psycopg 3 backend pid': 'a client has no fixed backend in transaction mode: its BackendKeyData pid names none',
+  'psycopg 3 cancel while the pool is busy': 'a cancel of a statement still waiting for a server connection is lost: the statement runs once one is free',
   'asyncpg pool prepared': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
   'pgjdbc prepared': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
   'pgjdbc more connections than the pool': 'pgjdbc\'s SET extra_float_digits after login stays on the server connection that ran it: the client loses it when moved, another client gets it',
@@ -297,6 +298,13 @@ describe('real drivers: direct, PgBouncer, sidecar transaction and session mode'
         assert.deepEqual(outcome(r.pidIsBackendPid as Step), { value: false });
         assert.deepEqual(outcome(r.cancel as Step), outcome(want.cancel as Step));
         assert.deepEqual(outcome(r.terminateOwnPid as Step), { value: false });
+      });
+
+      feature('psycopg 3 cancel while the pool is busy', async (t) => (await scenario(t, 'psycopg3')).cancelWhileQueued as Json, (r) => {
+        // Transaction mode: the statement waits in the sidecar for a server connection, and the cancel is answered there.
+        assert.deepEqual(outcome(r.cancelled as Step), { sqlstate: '57014' }, JSON.stringify(r));
+        assert.equal(r.beforeHoldersEnd, true, `57014 after ${String(r.seconds)} s, once the pool was free again`);
+        assert.deepEqual(outcome(r.next as Step), { value: 42 }, JSON.stringify(r.next));
       });
 
       feature('asyncpg pool prepared', async (t) => (await scenario(t, 'asyncpg')).poolPrepared as Json, (r) => {

@@ -44,13 +44,6 @@ const TRANSACTION_MODE_DIFFERS: Record<string, (compare: Json) => Json> = {
   // The BackendKeyData pid names no backend: pg_backend_pid() and a notification's sender pid are another's.
   backendPid: () => ({ pidIsBackendPid: [false, false] }),
   listenNotify: (want) => ({ ...want, pids: { otherSenderIsNotifierPid: false, ownSenderIsOwnPid: false } }),
-  // A statement that waits in the sidecar for a server connection is cancelled only once it reaches one
-  // (docs/transaction-mode.md): when the grant stays busy longer than pgx waits for the cancel's answer
-  // (DeadlineDelay), pgx gives up and closes its connection, where direct it gets 57014 at once.
-  cancelWhileQueued: (want) => ({
-    ...want,
-    driverGivesUpFirst: { ...(want.driverGivesUpFirst as Json), cancelled: { error: 'timeout: context deadline exceeded' }, next: { error: 'connection closed' }, answeredBeforeGivingUp: false },
-  }),
   // describe_exec binds in a later batch the unnamed statement it parsed: over 256 KiB it is not kept, and the
   // client is refused with FATAL 0A000 saying so (docs/prepared-statements.md, Limits).
   largeStatement: (want) => ({ ...want, 'describe exec': ['{"sqlstate":"0A000"}', '{"error":"conn closed"} x2'] }),

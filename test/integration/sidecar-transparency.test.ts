@@ -1121,26 +1121,156 @@ describe('sidecar transparency', function () {
   });
 
   describe('cancels', function () {
-    it('cancels a statement still waiting for a server connection once it reaches one (lib/pq\'s TestContextCancelQuery), as direct where it would be running', async function () {
+    /** Sends a CancelRequest with a wire session's key; resolves with what came back on the cancel connection once the sidecar closed it, and when. */
+    const cancelWire = (port: number, key: Buffer): Promise<{ reply: Buffer; closedAt: number }> => new Promise((resolve) => {
+      const chunks: Buffer[] = [];
+      const socket = netConnect({ host: '127.0.0.1', port });
+      socket.on('data', (c: Buffer) => chunks.push(c));
+      socket.on('error', () => undefined);
+      socket.on('close', () => resolve({ reply: Buffer.concat(chunks), closedAt: Date.now() }));
+      socket.write(buildSpecialRequest(CANCEL_REQUEST_CODE, key.readInt32BE(0), key.subarray(4, 8)));
+    });
+    const metric = async (running: TestSidecar, pattern: RegExp): Promise<number> => Number(pattern.exec(await running.registry.metrics())?.[1] ?? -1);
+
+    it('answers at once a cancel of a statement still waiting for a server connection (a simple Query, an extended batch), with PostgreSQL\'s error; the statement never runs and the client goes on', async function () {
+      // PostgreSQL's own error for a cancelled statement, as the reference.
+      const direct = new pg.Client({ host: '127.0.0.1', port: postgres.port, user: postgres.app.user, password: postgres.app.password, database: 'app' });
+      await direct.connect();
+      const cancelled = direct.query('SELECT pg_sleep(5)').then(() => undefined, (e: pg.DatabaseError) => e);
+      await new Promise((r) => setTimeout(r, 200));
+      await sendCancel(postgres.port, direct);
+      const reference = (await cancelled)!;
+      await direct.end();
+      assert.equal(reference.code, '57014');
       await withSidecar(postgres, { grant: 1 }, async (running) => {
         const holder = client(running);
-        const waiter = client(running);
-        await Promise.all([holder, waiter].map((c) => c.connect()));
+        await holder.connect();
+        const w = await wireSession(running.port, running.role.user);
         try {
-          // The one server connection is busy: the waiter's statement stays queued in the sidecar.
-          await holder.query('BEGIN');
+          const batches: [string, Buffer[]][] = [
+            ['simple Query', [serialize.query('SELECT pg_sleep(5)')]],
+            ['extended batch', [serialize.parse({ name: '', text: 'SELECT pg_sleep(5)', types: [] }), serialize.bind({}), serialize.describe({ type: 'P', name: '' }), serialize.execute({}), serialize.sync()]],
+          ];
+          for (const [name, batch] of batches) {
+            // The one server connection runs a long statement: the client's waits in the sidecar.
+            const holding = holder.query('SELECT pg_sleep(1.5)');
+            await new Promise((r) => setTimeout(r, 200));
+            w.send(batch);
+            await new Promise((r) => setTimeout(r, 200));
+            assert.equal(await metric(running, /poolkeeper_sidecar_clients\{state="waiting"\} (\d+)/), 1, `${name}: queued`);
+            const timedBefore = await metric(running, /poolkeeper_sidecar_client_wait_seconds_count (\d+)/);
+            const sent = Date.now();
+            const { reply, closedAt } = await cancelWire(running.port, w.key);
+            assert.equal(reply.length, 0, `${name}: the cancel connection is closed without a reply, as PostgreSQL closes it`);
+            const error = await w.until('E', 1000);
+            assert.ok(error, `${name}: no 57014 while the grant is busy`);
+            assert.ok(Date.now() - sent < 500, `${name}: answered after ${Date.now() - sent} ms (poolTimeout is 10 s, the holder sleeps 1.5 s)`);
+            assert.ok(closedAt - sent < 500, `${name}: cancel connection closed after ${closedAt - sent} ms`);
+            const fields = parseNoticeFields(error);
+            assert.deepEqual({ ...fields, L: undefined }, { S: reference.severity, V: reference.severity, C: '57014', M: reference.message, F: reference.file, L: undefined, R: reference.routine }, `${name}: the fields PostgreSQL sends`);
+            assert.equal((await w.until('Z', 1000))?.toString(), 'I', `${name}: ReadyForQuery idle`);
+            // Out of the queue: the client waits for nothing, and no server connection is taken for it later.
+            assert.equal(await metric(running, /poolkeeper_sidecar_clients\{state="waiting"\} (\d+)/), 0, `${name}: still queued`);
+            await holding;
+            assert.equal(await w.replies(0, 300), '', `${name}: the cancelled statement was sent after all`);
+            // A wait that ended in a cancel is not a wait for a server connection that came (nor is a poolTimeout's).
+            assert.equal(await metric(running, /poolkeeper_sidecar_client_wait_seconds_count (\d+)/), timedBefore, `${name}: a server connection was handed out meanwhile`);
+            // The next statement runs as usual.
+            w.send([serialize.query('SELECT 42')]);
+            assert.equal(await w.replies(1), 'TDCZI', `${name}: the next statement`);
+          }
+          assert.equal(await metric(running, /poolkeeper_sidecar_cancel_requests_total\{result="answered"\} (\d+)/), 2);
+        } finally {
+          await holder.end();
+          w.send([serialize.end()]);
+          await w.closedWithin(2000);
+        }
+      });
+    });
+
+    it('a driver\'s cancel (node-postgres) of its statement queued behind a busy grant gets 57014 at once; its next statement runs', async function () {
+      await withSidecar(postgres, { grant: 2 }, async (running) => {
+        const holders = [client(running), client(running)];
+        const waiter = client(running);
+        await Promise.all([...holders, waiter].map((c) => c.connect()));
+        try {
+          const holding = holders.map((h) => h.query('SELECT pg_sleep(2)'));
+          await new Promise((r) => setTimeout(r, 200));
           const started = Date.now();
           const sleeping = waiter.query('SELECT pg_sleep(5)').then(() => 'completed', (e: Error & { code?: string }) => e.code ?? e.message);
           await new Promise((r) => setTimeout(r, 100));
           await sendCancel(running.port, waiter);
-          await holder.query('COMMIT');
           assert.equal(await sleeping, '57014');
-          assert.ok(Date.now() - started < 4000, 'cancelled, not run to its end');
+          assert.ok(Date.now() - started < 1000, `cancelled after ${Date.now() - started} ms, while the grant was busy`);
           assert.equal((await waiter.query<{ n: number }>('SELECT 1 AS n')).rows[0]!.n, 1, 'the next statement is not cancelled');
+          await Promise.all(holding);
         } finally {
-          await Promise.all([holder, waiter].map((c) => c.end()));
+          await Promise.all([...holders, waiter].map((c) => c.end()));
         }
       });
+    });
+
+    it('held messages it cannot answer as PostgreSQL would (two Queries pipelined) keep waiting: the first is cancelled once it reaches a server connection (lib/pq\'s TestContextCancelQuery), the second runs', async function () {
+      await withSidecar(postgres, { grant: 1 }, async (running) => {
+        const holder = client(running);
+        await holder.connect();
+        const w = await wireSession(running.port, running.role.user);
+        try {
+          await holder.query('BEGIN');
+          w.send([serialize.query('SELECT pg_sleep(5)'), serialize.query('SELECT 2')]);
+          await new Promise((r) => setTimeout(r, 200));
+          const { reply } = await cancelWire(running.port, w.key);
+          assert.equal(reply.length, 0);
+          assert.equal(await w.replies(0, 300), '', 'answered while no server connection was free');
+          const started = Date.now();
+          await holder.query('COMMIT');
+          assert.equal(await w.replies(2), 'TEZITDCZI');
+          assert.ok(Date.now() - started < 3000, 'cancelled, not run to its end');
+          assert.equal(await metric(running, /poolkeeper_sidecar_cancel_requests_total\{result="answered"\} (\d+)/), -1, 'not answered by the sidecar');
+        } finally {
+          await holder.end();
+          w.send([serialize.end()]);
+          await w.closedWithin(2000);
+        }
+      });
+    });
+
+    it('a cancelled client whose server connection was being checked before use (pre-ping) gets none: the connection goes to the next client waiting', async function () {
+      const proxy = new TcpProxy(postgres.host, postgres.port);
+      const port = await proxy.start();
+      try {
+        await withSidecar(postgres, { grant: 1, pool: { poolPrePing: true, poolTimeout: 4 }, settings: { prePingAfterIdle: 0.1, database: { host: '127.0.0.1', port, dbname: 'app', sslMode: 'disable' } } }, async (running) => {
+          const w = await wireSession(running.port, running.role.user);
+          const next = client(running);
+          await next.connect();
+          try {
+            w.send([serialize.query('SELECT 1')]);
+            assert.equal(await w.replies(1), 'TDCZI');
+            await new Promise((r) => setTimeout(r, 300));
+            // The idle connection's pre-ping is not answered yet: the client's statement waits on its check.
+            proxy.hold();
+            w.send([serialize.query('SELECT pg_sleep(5)')]);
+            await new Promise((r) => setTimeout(r, 200));
+            await cancelWire(running.port, w.key);
+            assert.equal(await w.replies(1, 0), 'EZI', 'the cancelled statement is answered while its connection is checked');
+            const served = next.query<{ n: number }>('SELECT 3 AS n');
+            await new Promise((r) => setTimeout(r, 200));
+            proxy.deliver();
+            const started = Date.now();
+            assert.equal((await served).rows[0]!.n, 3, 'the next client waiting got the checked connection');
+            assert.ok(Date.now() - started < 2000, `served after ${Date.now() - started} ms`);
+            w.send([serialize.query('SELECT 4')]);
+            assert.equal(await w.replies(1), 'TDCZI', 'the cancelled client goes on');
+          } finally {
+            proxy.deliver();
+            await next.end();
+            w.send([serialize.end()]);
+            await w.closedWithin(2000);
+          }
+        });
+      } finally {
+        await proxy.stop();
+      }
     });
 
     for (const mode of ['transaction', 'session'] as const) {
@@ -1189,10 +1319,13 @@ describe('sidecar transparency', function () {
           assert.ok(cancels >= 100, `only ${cancels} cancels sent`);
           assert.ok(bystanderStatements > 100, `bystanders ran only ${bystanderStatements} statements`);
           assert.equal(bystanderCancelled, 0, `${bystanderCancelled} bystander statements cancelled (${cancels} cancels)`);
-          const forwarded = Number(/poolkeeper_sidecar_cancel_requests_total\{result="forwarded"\} (\d+)/.exec(await running.registry.metrics())?.[1] ?? 0);
+          const counted = await running.registry.metrics();
+          const forwarded = Number(/poolkeeper_sidecar_cancel_requests_total\{result="forwarded"\} (\d+)/.exec(counted)?.[1] ?? 0);
+          // A statement still waiting for a server connection is answered by the sidecar itself.
+          const answered = Number(/poolkeeper_sidecar_cancel_requests_total\{result="answered"\} (\d+)/.exec(counted)?.[1] ?? 0);
           // PostgreSQL signals a cancelled backend twice (its pid and its process group), so now
           // and then one cancel also ends the next statement, direct as well (about 1.1 per cancel here).
-          assert.ok(targetCancelled > 0 && forwarded <= cancels && targetCancelled <= forwarded * 1.5, `target: ${targetCancelled} cancelled of ${targetStatements} statements, ${forwarded} forwarded, ${cancels} sent`);
+          assert.ok(targetCancelled > 0 && forwarded + answered <= cancels && targetCancelled <= forwarded * 1.5 + answered, `target: ${targetCancelled} cancelled of ${targetStatements} statements, ${forwarded} forwarded, ${answered} answered, ${cancels} sent`);
         });
       });
     }

@@ -25,6 +25,8 @@ export class TcpProxy {
   private server: Server | undefined;
   private readonly sockets = new Set<Socket>();
   private frozen = false;
+  /** Bytes held back (see hold), in the order they came; undefined while bytes move. */
+  private heldBack: { to: Socket; chunk: Buffer }[] | undefined;
   private readonly targetHost: string;
   private readonly targetPort: number;
   port = 0;
@@ -45,7 +47,9 @@ export class TcpProxy {
       }
       const pump = (from: Socket, to: Socket): void => {
         from.on('data', (chunk: Buffer) => {
-          if (!this.frozen) to.write(chunk);
+          if (this.frozen) return;
+          if (this.heldBack !== undefined) this.heldBack.push({ to, chunk });
+          else to.write(chunk);
         });
         from.on('close', () => to.destroy());
       };
@@ -66,6 +70,18 @@ export class TcpProxy {
   /** Moves bytes again (for new data). */
   thaw(): void {
     this.frozen = false;
+  }
+
+  /** Holds every byte from now on, in both directions, until `deliver`: a slow network, nothing lost. */
+  hold(): void {
+    this.heldBack ??= [];
+  }
+
+  /** Delivers what `hold` held back, in order, and moves bytes again. */
+  deliver(): void {
+    const held = this.heldBack ?? [];
+    this.heldBack = undefined;
+    for (const { to, chunk } of held) if (!to.destroyed) to.write(chunk);
   }
 
   /** Destroys every open connection. */

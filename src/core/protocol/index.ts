@@ -4,6 +4,7 @@ export * from './frames.ts';
 export * from './startup.ts';
 export * from './server-messages.ts';
 export * from './extended.ts';
+export * from './cancelled-batch.ts';
 export * from './client-settings.ts';
 export * from './session-commands.ts';
 export * from './tls-client-hello.ts';

@@ -509,9 +509,9 @@ func squeezeOutcomes(outcomes []outcome) []string {
 // cancelWhileQueued: 2 connections hold a statement each (the whole grant
 // in transaction mode), and a third's pg_sleep(5) with a context of 300 ms is
 // cancelled (CancelRequest handler): in transaction mode while it waits for a
-// server connection. Once with the holders done (1 s) before the driver gives
-// up waiting for the cancel's answer (5 s after), once with the holders
-// (2.5 s) outlasting it (1 s after).
+// server connection, where the sidecar answers the cancel at once. Once with
+// the holders done (1 s) before the driver gives up waiting for the cancel's
+// answer (5 s after), once with the holders (2.5 s) outlasting it (1 s after).
 func cancelWhileQueued(ctx context.Context) step {
 	compare, detail := map[string]any{}, map[string]any{}
 	for _, variant := range []struct {

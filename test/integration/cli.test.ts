@@ -39,6 +39,7 @@ describe('poolkeeper CLI', function () {
       [['controller'], { KUBECONFIG: '/nonexistent/kubeconfig' }, /^poolkeeper controller: KUBECONFIG=\/nonexistent\/kubeconfig: no such file/],
       [['controller'], { KUBECONFIG: '/dev/null', POOLKEEPER_REPAIR: 'sometimes' }, /POOLKEEPER_REPAIR must be evict, report or off, got sometimes/],
       [['controller'], { KUBECONFIG: '/dev/null', POOLKEEPER_METRICS_PORT: 'eighty' }, /POOLKEEPER_METRICS_PORT must be a port number/],
+      [['controller'], { KUBECONFIG: '/dev/null', POOLKEEPER_CLUSTER_LEASE_NAMESPACE: 'Kube_System' }, /POOLKEEPER_CLUSTER_LEASE_NAMESPACE must be a namespace name or none, got "Kube_System"/],
       [['sidecar'], {}, /^poolkeeper sidecar: environment variable POOLKEEPER_POD_NAMESPACE is required/],
       [['sidecar'], { POOLKEEPER_POD_NAMESPACE: 'shop', POOLKEEPER_POD_NAME: 'web-1', POOLKEEPER_CLIENT_TLS: 'yes' }, /POOLKEEPER_CLIENT_TLS must be self-signed or off, got yes/],
       [['controller', '--kubeconfig=x'], {}, /unknown option --kubeconfig=x/],

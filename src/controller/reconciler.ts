@@ -227,6 +227,12 @@ export class ServerReconciler {
    * older snapshot with the PoolMember in it.
    */
   private readonly deletedPods = new Map<string, number>();
+  /**
+   * Pods whose PoolMember was deleted saying drained (its last state), by UID, with when:
+   * a departure recorded from an older view of that PoolMember is dropped (BudgetInput.drainedPodUids).
+   * Remembered for DELETED_POD_MEMORY_MS, longer than a departure is held by default.
+   */
+  private readonly drainedGone = new Map<string, number>();
   /** The DepartureHoldShort warning last recorded per DatabaseConnection (recorded again only when it changes). */
   private readonly holdWarnings = new Map<string, string>();
   /** When each DatabaseConnection's status was last written (ms), to coalesce writes while grants move. */
@@ -506,7 +512,7 @@ export class ServerReconciler {
       if (!r?.loginCaps || !r.credentials.ok) return [];
       return connectionCaps(r.loginCaps, { role: r.credentials.username, database: c.spec.database.dbname }, owner ? owner.spec.reserve : (c.spec.reserve ?? DEFAULT_RESERVE));
     };
-    const input = buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tableGenerationFloors: this.tables.generationFloors(connections), tablesEnabled: this.tables.enabled, tableFrom: (m) => this.tables.tableFrom(m), caps, now: this.now().getTime(), ...(ledger ? { channel: (uid: string) => ledger.get(uid) } : {}) });
+    const input = buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tableGenerationFloors: this.tables.generationFloors(connections), tablesEnabled: this.tables.enabled, tableFrom: (m) => this.tables.tableFrom(m), caps, now: this.now().getTime(), drainedPodUids: this.drainedGone, ...(ledger ? { channel: (uid: string) => ledger.get(uid) } : {}) });
     const tenancy = owner ? this.planOwned(owner, input, connections, resolved) : undefined;
     const plan = tenancy?.plan ?? planBudgets(missingServer === undefined ? input : withdrawPods(input, () => true));
     // The CPU of reading and planning, not the switch's writes.
@@ -840,6 +846,14 @@ export class ServerReconciler {
   memberDeleted(member: PoolMember): boolean {
     const uid = memberPodUid(member);
     const collected = this.deletedPods.has(uid);
+    if (uid !== '' && member.status?.drained === true) {
+      const now = this.now().getTime();
+      this.drainedGone.set(uid, now);
+      for (const [seen, at] of this.drainedGone) {
+        if (now - at < DELETED_POD_MEMORY_MS) break;
+        this.drainedGone.delete(seen);
+      }
+    }
     this.created.delete(key(member));
     if (uid !== '' && this.tables.tableFrom(member) !== undefined) this.seenMembers.set(uid, { member, final: true });
     // A departure its table records is kept while the PoolMember exists: now it may go.

@@ -73,16 +73,22 @@ describe('budget controller', function () {
     return name;
   };
 
-  /** A namespace with `replicas` pods of Deployment web drawing on DatabaseConnection orders (`spec`), their sidecar doubles answering, and the controller running. */
-  const startOrders = async (prefix: string, replicas: number, spec: Record<string, unknown>): Promise<{ namespace: string; fleet: SidecarFleetDouble }> => {
+  /** A namespace with `replicas` pods of Deployment web drawing on DatabaseConnection orders (`spec`) and their sidecar doubles answering; no controller yet. */
+  const ordersFleet = async (prefix: string, replicas: number, spec: Record<string, unknown>): Promise<{ namespace: string; fleet: SidecarFleetDouble }> => {
     const namespace = namespaceFor(prefix);
     createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
     applyConnection(kube, postgres, namespace, 'orders', spec);
     const fleet = new SidecarFleetDouble(kube, namespace);
     fleets.push(fleet);
     await fleet.start();
-    ({ controller } = await startController(kube));
     return { namespace, fleet };
+  };
+
+  /** ordersFleet, and the controller running. */
+  const startOrders = async (prefix: string, replicas: number, spec: Record<string, unknown>): Promise<{ namespace: string; fleet: SidecarFleetDouble }> => {
+    const started = await ordersFleet(prefix, replicas, spec);
+    ({ controller } = await startController(kube));
+    return started;
   };
 
   afterEach(async function () {
@@ -703,12 +709,7 @@ describe('budget controller', function () {
   });
 
   it('runs as two replicas: one leads, and the other takes over when it stops', async function () {
-    const namespace = namespaceFor('ha');
-    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
-    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 12, reserve: 0 });
-    const fleet = new SidecarFleetDouble(kube, namespace);
-    fleets.push(fleet);
-    await fleet.start();
+    const { namespace, fleet } = await ordersFleet('ha', 2, { maxConnections: 12, reserve: 0 });
     const replica = (identity: string): Promise<RunningController> => startControllerBinary({ apiServer: kube.kubeConfig(), namespace, identity, metricsPort: 0, metricsHost: '127.0.0.1', leaderElection: true, repair: 'off' }, pino({ level: 'silent' }));
     const a = await replica('a');
     const b = await replica('b');
@@ -727,12 +728,7 @@ describe('budget controller', function () {
   });
 
   it('runs as two installs in two namespaces: one leads the cluster, the other stands by, says so, and takes over when the first stops', async function () {
-    const namespace = namespaceFor('installs');
-    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
-    applyConnection(kube, postgres, namespace, 'orders', { maxConnections: 12, reserve: 0 });
-    const fleet = new SidecarFleetDouble(kube, namespace);
-    fleets.push(fleet);
-    await fleet.start();
+    const { namespace, fleet } = await ordersFleet('installs', 2, { maxConnections: 12, reserve: 0 });
     // Each install has its own namespace (and Lease there); the cluster Lease is shared.
     const installs = [freshNamespace('install-a'), freshNamespace('install-b')];
     for (const ns of installs) kube.kubectl(['create', 'namespace', ns]);

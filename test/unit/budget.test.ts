@@ -146,6 +146,14 @@ describe('budget planner', function () {
     const drained = onTable('a', { acknowledgement: { generation: 3, tableGeneration: 3, connections: 0, held: 0, drained: true } });
     assert.equal(planBudgets({ limit: 10, now, connections: [connection], pods: [pod('b')], members: [drained, onTable('b')], tables }).grants[0]!.grant.connections, 10);
     assert.equal(planBudgets({ limit: 10, now, connections: [orders([web])], pods: [pod('b')], members: [onTable('a'), onTable('b')], tables }).grants[0]!.grant.connections, 10);
+    // Recorded from a view that missed the drain (the cache showed the pod gone first): the drain, once seen, ends
+    // the record, whether on its PoolMember still there or as the last state of one since taken with its pod.
+    const drainSeen = planBudgets({ limit: 10, now: now + 5_000, connections: [connection], pods: [pod('b')], members: [drained, onTable('b')], tables: [{ namespace: 'shop', connection: 'orders', table: recorded }] });
+    assert.equal(drainSeen.tables[0]!.table.departed, undefined);
+    assert.equal(drainSeen.grants.find((g) => g.name === 'b')!.grant.connections, 10);
+    const drainedGone = planBudgets({ limit: 10, now: now + 5_000, connections: [connection], pods: [pod('b')], members: [onTable('b')], tables: [{ namespace: 'shop', connection: 'orders', table: recorded }], drainedPodUids: new Set(['uid-a']) });
+    assert.equal(drainedGone.tables[0]!.table.departed, undefined);
+    assert.equal(drainedGone.grants[0]!.grant.connections, 10);
     // A pod that finished (Failed: its node gone, marked by the pod garbage collector) without a drain is held the same way.
     const failed = planBudgets({ limit: 10, now, connections: [connection], pods: [pod('a', 'web', { phase: 'Failed' }), pod('b')], members: [onTable('a'), onTable('b')], tables });
     assert.deepEqual(failed.tables[0]!.table.departed?.map((d) => [d.pod, d.connections]), [['a', 5]]);

@@ -253,10 +253,15 @@ function planDepartures(input: BudgetInput, states: readonly PodState[], tables:
   const isOrphan = (uid: string): boolean => (orphanUids ??= new Set(input.members.filter((m) => !podThere(m)).map((m) => m.podUid))).has(uid);
   let names: Set<string> | undefined;
   const podOrMemberNamed = (key: string): boolean => (names ??= new Set([...input.pods.map((p) => podKey(p)), ...input.members.map((m) => podKey(m))])).has(key);
+  // A record made from a view that missed the pod's drain goes once the drain is seen: the sidecar
+  // closed what it held, as a pod seen drained before it went never gets one.
+  let drainedUids: Set<string> | undefined;
+  const drained = (uid: string): boolean => uid !== '' && (input.drainedPodUids?.has(uid) === true
+    || (drainedUids ??= new Set(input.members.filter((m) => m.acknowledgement?.drained === true).map((m) => m.podUid))).has(uid));
   // Kept first, so a pod already recorded keeps its first `until`. A record past its `until` counts
   // nothing but stays while the pod's PoolMember does, so that the PoolMember is not recorded again.
   for (const [k, table] of tables) {
-    for (const d of table.departed ?? []) if (departedCounts(d, now) || (d.uid !== '' && isOrphan(d.uid))) add(k, d);
+    for (const d of table.departed ?? []) if (!drained(d.uid) && (departedCounts(d, now) || (d.uid !== '' && isOrphan(d.uid)))) add(k, d);
   }
   // Until when a pod leaving a connection now stays counted; none for a connection that holds nothing.
   const untils = new Map<string, string>();

@@ -149,6 +149,12 @@ export interface BudgetInput {
    */
   tableGenerationFloors?: ReadonlyMap<string, number> | undefined;
   /**
+   * Pods whose PoolMember last said drained and is gone since (taken with its pod):
+   * a departure recorded for one of them from an older view of its PoolMember
+   * (a cache that showed the pod gone before the drain) is dropped.
+   */
+  drainedPodUids?: Pick<ReadonlySet<string>, 'has' | 'size'> | undefined;
+  /**
    * The time of this pass (ms since the epoch), against which the tables'
    * departed pods expire and new ones are dated. Absent: departures are
    * neither recorded nor counted.

@@ -5,8 +5,9 @@
  * Node's stream path costs about 10 microseconds of CPU per read and write
  * pair on top of the system calls (StreamBase, WriteWrap, Writable, async
  * hooks); PgBouncer spends about 4 in total per transaction. Here a read is
- * one read(2) into a buffer JavaScript lent us and one callback, and a write
- * is one write(2) called straight from JavaScript. Framing, tracking and
+ * one read(2) into a buffer JavaScript lent us, delivered with the other
+ * reads of the same poll in one callback, and a write is one write(2) called
+ * straight from JavaScript. Framing, tracking and
  * pooling stay in TypeScript (src/sidecar/native-socket.ts wraps this).
  *
  * Events are (socket id, kind, value): (EVENT_DATA, bytes), (EVENT_EOF, 0),
@@ -113,6 +114,8 @@ static void deliver(pk_env *e) {
 static void enqueue(pk_socket *s, int kind, int value) {
   pk_env *e = s->owner;
   if (e->queue[0] >= QUEUE_EVENTS) deliver(e);
+  /* Only while JavaScript is being called, which no poll interrupts. */
+  if (e->queue[0] >= QUEUE_EVENTS) return;
   int32_t *slot = e->queue + 1 + 3 * e->queue[0];
   slot[0] = s->id;
   slot[1] = kind;
@@ -205,7 +208,7 @@ static void on_env_cleanup(void *data) {
 
 /*
  * listen(dispatch, queue): every event of every socket goes to `dispatch()`,
- * which reads them from the Int32Array `queue` (QUEUE_EVENTS * 3 + 1 long):
+ * which reads them from the Int32Array `queue` (queueEvents * 3 + 1 long):
  * queue[0] events, then id, kind, value for each. Called once, before open().
  */
 static napi_value Listen(napi_env env, napi_callback_info info) {
@@ -221,7 +224,7 @@ static napi_value Listen(napi_env env, napi_callback_info info) {
   void *data;
   CHECK(napi_get_typedarray_info(env, argv[1], &type, &length, &data, NULL, NULL));
   if (type != napi_int32_array || length < 1 + 3 * QUEUE_EVENTS) {
-    napi_throw_type_error(env, NULL, "listen(dispatch, queue): queue must be an Int32Array of 3073 elements or more");
+    napi_throw_type_error(env, NULL, "listen(dispatch, queue): queue must be an Int32Array of queueEvents * 3 + 1 elements");
     return NULL;
   }
   pk_env *e = calloc(1, sizeof *e);
@@ -458,6 +461,9 @@ NAPI_MODULE_INIT() {
       !export_function(env, exports, "waitWritable", WaitWritable) || !export_function(env, exports, "shutdown", Shutdown) ||
       !export_function(env, exports, "setNoDelay", SetNoDelay) || !export_function(env, exports, "close", Close) || !export_function(env, exports, "quietLoop", QuietLoop) ||
       !export_function(env, exports, "tcpKeepalive", TcpKeepalive))
+    return NULL;
+  napi_value queue_events;
+  if (napi_create_int32(env, QUEUE_EVENTS, &queue_events) != napi_ok || napi_set_named_property(env, exports, "queueEvents", queue_events) != napi_ok)
     return NULL;
   return exports;
 }

@@ -29,6 +29,8 @@ export type NativeHandle = object & { readonly __nativeSocket: unique symbol };
 
 /** The functions of the native module (native/socket-io.c). */
 export interface NativeSocketIo {
+  /** Events the native side queues at most before it delivers them. */
+  readonly queueEvents: number;
   /**
    * Once, before open(): every event of every socket is written into `queue`
    * (queue[0] events, then socket id, kind and value of each) and `dispatch()`
@@ -64,9 +66,6 @@ const EVENT_EOF = 1;
 const EVENT_ERROR = 2;
 const EVENT_WRITABLE = 3;
 const EAGAIN = -11;
-/** Events the native side queues at most before it delivers them (QUEUE_EVENTS in native/socket-io.c). */
-const QUEUE_EVENTS = 1024;
-
 type EventHandler = (kind: number, value: number) => void;
 
 /**
@@ -77,10 +76,11 @@ type EventHandler = (kind: number, value: number) => void;
  */
 class SocketEvents {
   private readonly handlers = new Map<number, EventHandler>();
-  private readonly queue = new Int32Array(1 + 3 * QUEUE_EVENTS);
+  private readonly queue: Int32Array;
   private nextId = 1;
 
   constructor(io: NativeSocketIo) {
+    this.queue = new Int32Array(1 + 3 * io.queueEvents);
     io.listen(() => this.dispatch(), this.queue);
   }
 

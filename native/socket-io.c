@@ -5,12 +5,20 @@
  * Node's stream path costs about 10 microseconds of CPU per read and write
  * pair on top of the system calls (StreamBase, WriteWrap, Writable, async
  * hooks); PgBouncer spends about 4 in total per transaction. Here a read is
- * one read(2) into a buffer JavaScript lent us and one callback, and a write
- * is one write(2) called straight from JavaScript. Framing, tracking and
+ * one read(2) into a buffer JavaScript lent us, delivered with the other
+ * reads of the same poll in one callback, and a write is one write(2) called
+ * straight from JavaScript. Framing, tracking and
  * pooling stay in TypeScript (src/sidecar/native-socket.ts wraps this).
  *
- * One JavaScript callback per socket gets every event: (EVENT_DATA, bytes),
- * (EVENT_EOF, 0), (EVENT_ERROR, -errno) and (EVENT_WRITABLE, 0).
+ * Events are (socket id, kind, value): (EVENT_DATA, bytes), (EVENT_EOF, 0),
+ * (EVENT_ERROR, -errno) and (EVENT_WRITABLE, 0). They are queued as the
+ * poll phase of the event loop reports the sockets ready, and one JavaScript
+ * call delivers all of them right after it (a uv_check handle): entering
+ * JavaScript costs about a microsecond of CPU, and under load one poll
+ * reports several sockets. A read into a buffer shared by several sockets is
+ * delivered at once instead (with whatever is queued before it), since the
+ * next socket's read would overwrite it; and a socket is not read again
+ * while a read of its is queued.
  *
  * Built by scripts/build-native.sh against the headers of the Node.js that
  * runs it (Node-API, so any Node.js 24 loads it).
@@ -28,19 +36,39 @@
 
 enum { EVENT_DATA = 0, EVENT_EOF = 1, EVENT_ERROR = 2, EVENT_WRITABLE = 3 };
 
+/* Events queued at most before they are delivered regardless (each is three int32: id, kind, value). */
+#define QUEUE_EVENTS 1024
+
+typedef struct pk_socket pk_socket;
+typedef pk_socket *pk_socket_ptr;
+
+/* Per Node.js environment: the queue of events and the one JavaScript function that takes them. */
 typedef struct {
+  napi_env env;
+  uv_check_t check;
+  napi_ref dispatch;
+  napi_ref queue_ref; /* the Int32Array the events are written into, kept alive here */
+  int32_t *queue;     /* [count, then id, kind, value per event] */
+  pk_socket_ptr reads[QUEUE_EVENTS]; /* the sockets whose reads are queued */
+  int read_count;
+  napi_async_context context;
+  int delivering;
+} pk_env;
+
+struct pk_socket {
   uv_poll_t poll;
   int fd;
-  napi_env env;
-  napi_ref on_event;
+  int32_t id;
+  pk_env *owner;
   char *buffer;
   size_t capacity;
-  napi_async_context context;
+  int shared_buffer; /* buffer is read into by other sockets too: its read is delivered at once */
+  int read_queued;   /* a read of this socket waits in the queue: no other until it is delivered */
   int reading;
   int want_writable;
   int polled; /* the events uv_poll is started with */
   int closed;
-} pk_socket;
+};
 
 #define CHECK(call)                                                            \
   do {                                                                         \
@@ -57,24 +85,50 @@ static void update_poll(pk_socket *s) {
   else uv_poll_start(&s->poll, events, on_poll);
 }
 
-/* Calls the socket's JavaScript callback as Node calls its own I/O callbacks (ticks and microtasks run after it). */
-static void emit(pk_socket *s, int kind, int value) {
-  napi_env env = s->env;
+/* Delivers the queued events in one call of the dispatch function, as Node calls its own I/O callbacks (ticks and microtasks run after it). */
+static void deliver(pk_env *e) {
+  int32_t count = e->queue[0];
+  if (count == 0 || e->delivering) return;
+  napi_env env = e->env;
   napi_handle_scope scope;
   if (napi_open_handle_scope(env, &scope) != napi_ok) return;
-  napi_value callback, argv[2];
-  if (napi_get_reference_value(env, s->on_event, &callback) == napi_ok && callback != NULL &&
-      napi_create_int32(env, kind, &argv[0]) == napi_ok && napi_create_int32(env, value, &argv[1]) == napi_ok) {
-    napi_value result;
-    /* The callback is an arrow function: any object will do as its receiver, and itself costs no lookup. */
-    if (napi_make_callback(env, s->context, callback, callback, 2, argv, &result) == napi_pending_exception) {
+  e->delivering = 1;
+  napi_value callback, result;
+  if (napi_get_reference_value(env, e->dispatch, &callback) == napi_ok && callback != NULL) {
+    /* The function reads queue[0] events and sets queue[0] to 0; the socket ids tell it whose. */
+    if (napi_make_callback(env, e->context, callback, callback, 0, NULL, &result) == napi_pending_exception) {
       /* An exception in the callback is the process's, as for Node's own I/O callbacks. */
       napi_value error;
       napi_get_and_clear_last_exception(env, &error);
       napi_fatal_exception(env, error);
     }
   }
+  e->queue[0] = 0;
+  /* A closed socket's memory is freed only in the loop's closing phase, after this. */
+  for (int i = 0; i < e->read_count; i++) e->reads[i]->read_queued = 0;
+  e->read_count = 0;
+  e->delivering = 0;
   napi_close_handle_scope(env, scope);
+}
+
+static void enqueue(pk_socket *s, int kind, int value) {
+  pk_env *e = s->owner;
+  if (e->queue[0] >= QUEUE_EVENTS) deliver(e);
+  /* Only while JavaScript is being called, which no poll interrupts. */
+  if (e->queue[0] >= QUEUE_EVENTS) return;
+  int32_t *slot = e->queue + 1 + 3 * e->queue[0];
+  slot[0] = s->id;
+  slot[1] = kind;
+  slot[2] = value;
+  e->queue[0] += 1;
+  if (kind == EVENT_DATA) {
+    s->read_queued = 1;
+    e->reads[e->read_count++] = s;
+  }
+}
+
+static void on_check(uv_check_t *check) {
+  deliver((pk_env *)check->data);
 }
 
 static void on_poll(uv_poll_t *poll, int status, int events) {
@@ -88,16 +142,16 @@ static void on_poll(uv_poll_t *poll, int status, int events) {
     s->reading = 0;
     s->want_writable = 0;
     update_poll(s);
-    emit(s, EVENT_ERROR, status);
+    enqueue(s, EVENT_ERROR, status);
     return;
   }
   if ((events & UV_WRITABLE) && s->want_writable) {
     s->want_writable = 0;
     update_poll(s);
-    emit(s, EVENT_WRITABLE, 0);
-    if (s->closed) return;
+    enqueue(s, EVENT_WRITABLE, 0);
   }
-  if ((events & (UV_READABLE | UV_DISCONNECT)) && s->reading && s->buffer != NULL) {
+  /* Level-triggered: a socket left unread now is reported again by the next poll. */
+  if ((events & (UV_READABLE | UV_DISCONNECT)) && s->reading && s->buffer != NULL && !s->read_queued) {
     ssize_t n;
     do n = read(s->fd, s->buffer, s->capacity);
     while (n < 0 && errno == EINTR);
@@ -106,10 +160,11 @@ static void on_poll(uv_poll_t *poll, int status, int events) {
       int error = n == 0 ? 0 : -errno;
       s->reading = 0;
       update_poll(s);
-      emit(s, n == 0 ? EVENT_EOF : EVENT_ERROR, error);
+      enqueue(s, n == 0 ? EVENT_EOF : EVENT_ERROR, error);
       return;
     }
-    emit(s, EVENT_DATA, (int)n);
+    enqueue(s, EVENT_DATA, (int)n);
+    if (s->shared_buffer) deliver(s->owner);
   }
 }
 
@@ -141,12 +196,78 @@ static napi_value int_value(napi_env env, int value) {
   return out;
 }
 
-/* open(fd, onEvent): takes a duplicate of fd (the caller closes its own), non-blocking. */
+static void on_check_closed(uv_handle_t *handle) {
+  free(handle->data);
+}
+
+/* The environment ends (a worker thread, or the process): the queue's memory goes once libuv lets go of its handle. */
+static void on_env_cleanup(void *data) {
+  pk_env *e = (pk_env *)data;
+  uv_close((uv_handle_t *)&e->check, on_check_closed);
+}
+
+/*
+ * listen(dispatch, queue): every event of every socket goes to `dispatch()`,
+ * which reads them from the Int32Array `queue` (queueEvents * 3 + 1 long):
+ * queue[0] events, then id, kind, value for each. Called once, before open().
+ */
+static napi_value Listen(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  if (!get_args(env, info, 2, argv)) return NULL;
+  void *existing = NULL;
+  if (napi_get_instance_data(env, &existing) == napi_ok && existing != NULL) {
+    napi_throw_error(env, NULL, "listen() was already called");
+    return NULL;
+  }
+  napi_typedarray_type type;
+  size_t length;
+  void *data;
+  CHECK(napi_get_typedarray_info(env, argv[1], &type, &length, &data, NULL, NULL));
+  if (type != napi_int32_array || length < 1 + 3 * QUEUE_EVENTS) {
+    napi_throw_type_error(env, NULL, "listen(dispatch, queue): queue must be an Int32Array of queueEvents * 3 + 1 elements");
+    return NULL;
+  }
+  pk_env *e = calloc(1, sizeof *e);
+  if (e == NULL) {
+    napi_throw_error(env, NULL, "out of memory");
+    return NULL;
+  }
+  e->env = env;
+  e->queue = (int32_t *)data;
+  e->queue[0] = 0;
+  uv_loop_t *loop;
+  napi_value name, resource;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok || uv_check_init(loop, &e->check) != 0) {
+    free(e);
+    napi_throw_error(env, NULL, "could not watch the event loop");
+    return NULL;
+  }
+  e->check.data = e;
+  /* It runs after every poll, but never keeps the process alive by itself. */
+  uv_check_start(&e->check, on_check);
+  uv_unref((uv_handle_t *)&e->check);
+  if (napi_create_reference(env, argv[0], 1, &e->dispatch) != napi_ok || napi_create_reference(env, argv[1], 1, &e->queue_ref) != napi_ok ||
+      napi_create_string_utf8(env, "poolkeeper.socket", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_object(env, &resource) != napi_ok || napi_async_init(env, resource, name, &e->context) != napi_ok ||
+      napi_add_env_cleanup_hook(env, on_env_cleanup, e) != napi_ok || napi_set_instance_data(env, e, NULL, NULL) != napi_ok) {
+    napi_throw_error(env, NULL, "could not set up the socket events");
+    return NULL;
+  }
+  return NULL;
+}
+
+/* open(fd, id): takes a duplicate of fd (the caller closes its own), non-blocking; its events carry `id`. */
 static napi_value Open(napi_env env, napi_callback_info info) {
   napi_value argv[2];
   if (!get_args(env, info, 2, argv)) return NULL;
-  int32_t fd;
+  int32_t fd, id;
   CHECK(napi_get_value_int32(env, argv[0], &fd));
+  CHECK(napi_get_value_int32(env, argv[1], &id));
+  pk_env *owner = NULL;
+  if (napi_get_instance_data(env, (void **)&owner) != napi_ok || owner == NULL) {
+    napi_throw_error(env, NULL, "listen() must be called before open()");
+    return NULL;
+  }
   int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
   if (own < 0) {
     napi_throw_error(env, NULL, "dup of the socket failed");
@@ -161,13 +282,11 @@ static napi_value Open(napi_env env, napi_callback_info info) {
     return NULL;
   }
   s->fd = own;
-  s->env = env;
+  s->id = id;
+  s->owner = owner;
   uv_loop_t *loop;
-  napi_value name, resource, out;
+  napi_value out;
   if (napi_get_uv_event_loop(env, &loop) != napi_ok || uv_poll_init(loop, &s->poll, own) != 0 ||
-      napi_create_reference(env, argv[1], 1, &s->on_event) != napi_ok ||
-      napi_create_string_utf8(env, "poolkeeper.socket", NAPI_AUTO_LENGTH, &name) != napi_ok ||
-      napi_create_object(env, &resource) != napi_ok || napi_async_init(env, resource, name, &s->context) != napi_ok ||
       napi_create_external(env, s, NULL, NULL, &out) != napi_ok) {
     close(own);
     free(s);
@@ -179,20 +298,24 @@ static napi_value Open(napi_env env, napi_callback_info info) {
 }
 
 /*
- * setBuffer(socket, buffer): reads go into buffer from now on. No reference is
- * taken (one per switch would cost two global handles per transaction): the
- * caller keeps the buffer alive while it is set (NativeSocket holds it), and
- * a Buffer's backing store never moves.
+ * setBuffer(socket, buffer, shared): reads go into buffer from now on;
+ * `shared`: other sockets read into it too, so each read is delivered at once.
+ * No reference is taken (one per switch would cost two global handles per
+ * transaction): the caller keeps the buffer alive while it is set
+ * (NativeSocket holds it), and a Buffer's backing store never moves.
  */
 static napi_value SetBuffer(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
-  pk_socket *s = socket_args(env, info, 2, argv);
+  napi_value argv[3];
+  pk_socket *s = socket_args(env, info, 3, argv);
   if (s == NULL) return NULL;
   void *data;
   size_t length;
+  bool shared;
   CHECK(napi_get_buffer_info(env, argv[1], &data, &length));
+  CHECK(napi_get_value_bool(env, argv[2], &shared));
   s->buffer = (char *)data;
   s->capacity = length;
+  s->shared_buffer = shared ? 1 : 0;
   return NULL;
 }
 
@@ -261,7 +384,7 @@ static void on_closed(uv_handle_t *handle) {
   free(s);
 }
 
-/* close(socket): no event after this; the descriptor closes once libuv lets go of it. */
+/* close(socket): no event after this (one already queued is delivered; the caller ignores it); the descriptor closes once libuv lets go of it. */
 static napi_value Close(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   pk_socket *s = socket_args(env, info, 1, argv);
@@ -270,9 +393,6 @@ static napi_value Close(napi_env env, napi_callback_info info) {
   s->reading = 0;
   s->want_writable = 0;
   s->buffer = NULL;
-  napi_delete_reference(env, s->on_event);
-  s->on_event = NULL;
-  napi_async_destroy(env, s->context);
   uv_close((uv_handle_t *)&s->poll, on_closed);
   return NULL;
 }
@@ -336,11 +456,14 @@ static int export_function(napi_env env, napi_value exports, const char *name, n
 }
 
 NAPI_MODULE_INIT() {
-  if (!export_function(env, exports, "open", Open) || !export_function(env, exports, "setBuffer", SetBuffer) ||
+  if (!export_function(env, exports, "listen", Listen) || !export_function(env, exports, "open", Open) || !export_function(env, exports, "setBuffer", SetBuffer) ||
       !export_function(env, exports, "reading", Reading) || !export_function(env, exports, "write", Write) ||
       !export_function(env, exports, "waitWritable", WaitWritable) || !export_function(env, exports, "shutdown", Shutdown) ||
       !export_function(env, exports, "setNoDelay", SetNoDelay) || !export_function(env, exports, "close", Close) || !export_function(env, exports, "quietLoop", QuietLoop) ||
       !export_function(env, exports, "tcpKeepalive", TcpKeepalive))
+    return NULL;
+  napi_value queue_events;
+  if (napi_create_int32(env, QUEUE_EVENTS, &queue_events) != napi_ok || napi_set_named_property(env, exports, "queueEvents", queue_events) != napi_ok)
     return NULL;
   return exports;
 }

@@ -775,7 +775,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private flushNotifications(): void {
     if (this.pendingNotifications.length === 0 || !this.betweenTransactions() || this.phase !== 'ready') return;
     this.socket.write(Buffer.concat(this.pendingNotifications));
-    this.pendingNotifications.length = 0;
+    emptyList(this.pendingNotifications);
   }
 
   /**
@@ -835,7 +835,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
     const tracker = server.tracker;
     for (const type of this.pendingTypes) tracker.clientMessage(type);
-    this.pendingTypes.length = 0;
+    emptyList(this.pendingTypes);
     const chunks = this.pendingChunks;
     if (chunks.length === 1) server.write(chunks[0]!);
     else {
@@ -843,7 +843,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       for (const c of chunks) server.write(c);
       server.stream.uncork();
     }
-    chunks.length = 0;
+    emptyList(chunks);
     this.holdWhileQueued(server.stream);
     this.cancelIfAsked();
   }
@@ -940,13 +940,13 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       for (let offset = 0; offset < piece.length; offset += 1 + piece.readInt32BE(offset + 1)) tracker.clientMessage(piece[offset]!);
     }
     if (heldChunk < 0) {
-      this.pendingTypes.length = 0;
-      this.pendingChunks.length = 0;
+      emptyList(this.pendingTypes);
+      emptyList(this.pendingChunks);
     } else {
       // The rest waits for the shape of the statement just prepared (see routeMessage): kept in buffers of its own.
       this.pendingTypes.splice(0, routed);
       const rest = this.pendingChunks.slice(heldChunk).map((c, i) => Buffer.from(i === 0 ? c.subarray(heldOffset) : c));
-      this.pendingChunks.length = 0;
+      emptyList(this.pendingChunks);
       this.pendingChunks.push(...rest);
       this.holding = true;
       editor.hold(() => queueMicrotask(() => this.onHoldSettled(server)));
@@ -1283,8 +1283,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   }
 
   private terminate(): void {
-    this.pendingChunks.length = 0;
-    this.pendingTypes.length = 0;
+    emptyList(this.pendingChunks);
+    emptyList(this.pendingTypes);
     this.releaseServer(true);
     this.closeQuietly();
   }
@@ -1304,7 +1304,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     if (run !== undefined) this.pendingChunks.push(run);
     if (this.pendingChunks.length > 1) {
       const joined = Buffer.concat(this.pendingChunks);
-      this.pendingChunks.length = 0;
+      emptyList(this.pendingChunks);
       this.pendingChunks.push(joined);
     }
   }
@@ -1331,8 +1331,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     this.waiting = false;
     this.releaseServer(false);
     this.phase = 'closed';
-    this.pendingChunks.length = 0;
-    this.pendingTypes.length = 0;
+    emptyList(this.pendingChunks);
+    emptyList(this.pendingTypes);
     if (!this.socket.destroyed) this.socket.end(errorResponse(fields));
     setTimeout(() => this.socket.destroy(), 2000).unref();
     this.host.unregister(this);
@@ -1366,4 +1366,13 @@ function sqlTextStart(type: number, buffer: Buffer, bodyStart: number, end: numb
   if (type !== MessageType.parse) return bodyStart;
   const nameEnd = buffer.indexOf(0, bodyStart);
   return nameEnd < 0 || nameEnd >= end ? undefined : nameEnd + 1;
+}
+
+/**
+ * Empties `list` in place. Assigning `length = 0` is a call into V8's runtime
+ * from optimized code (about 50 ns); popping the one or two elements the
+ * queues usually hold is not.
+ */
+function emptyList(list: unknown[]): void {
+  while (list.length > 0) list.pop();
 }

@@ -3,7 +3,7 @@
  * Hot-path counts are plain numbers read at scrape time, so forwarding a
  * message never touches prom-client.
  */
-import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
+import { Counter, Gauge, type Metric, type Registry } from 'prom-client';
 import { SERVER_CONNECTION_STATES, type ServerConnectionState } from '../core/pool-state/index.ts';
 import { PIN_REASONS, type PinReason } from '../core/protocol/index.ts';
 
@@ -45,7 +45,7 @@ export type SidecarErrorKind =
 
 /** The metric objects; construct once per Sidecar. */
 export class SidecarMetrics {
-  readonly waitSeconds: Histogram;
+  readonly waitSeconds: PlainHistogram;
   readonly errors: Counter<'kind'>;
   readonly tunnelReconnects: Counter;
   readonly serverLogins: Counter<'result'>;
@@ -138,7 +138,7 @@ export class SidecarMetrics {
         this.inc(s.transactions());
       },
     });
-    this.waitSeconds = new Histogram({
+    this.waitSeconds = new PlainHistogram({
       name: 'poolkeeper_sidecar_client_wait_seconds', help: 'Time clients waited for a server connection', registers: [registry],
       buckets: [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30],
     });
@@ -164,5 +164,75 @@ export class SidecarMetrics {
   /** Counts one error. */
   error(kind: SidecarErrorKind): void {
     this.errors.inc({ kind });
+  }
+}
+
+/** One line of a histogram as prom-client's own histograms give them (Registry formats these). */
+interface HistogramValue {
+  value: number;
+  labels: { le?: number | string };
+  metricName: string;
+}
+
+/**
+ * An unlabelled histogram counted in plain numbers, exposed as prom-client's
+ * Histogram exposes its own (same lines, same get()). The client wait is
+ * observed once per transaction in transaction mode, and prom-client's
+ * observe() costs about 0.3 µs there (labels checked and hashed, the bucket
+ * found by a float-keyed property lookup): about 1 % of the sidecar's CPU.
+ */
+export class PlainHistogram {
+  readonly name: string;
+  readonly help: string;
+  readonly type = 'histogram';
+  readonly aggregator = 'sum';
+  private readonly bounds: readonly number[];
+  /** Observations per bucket (not cumulative); the last one is above every bound. */
+  private readonly counts: Float64Array;
+  private sum = 0;
+  private count = 0;
+
+  /** Registers itself on each of `registers`. */
+  constructor(config: { name: string; help: string; buckets: readonly number[]; registers: readonly Registry[] }) {
+    this.name = config.name;
+    this.help = config.help;
+    this.bounds = [...config.buckets].sort((a, b) => a - b);
+    this.counts = new Float64Array(this.bounds.length + 1);
+    // Registry asks a metric only for name, help, type, get() and reset().
+    for (const registry of config.registers) registry.registerMetric(this as unknown as Metric);
+  }
+
+  /** Counts `value` in the first bucket whose bound is at or above it. */
+  observe(value: number): void {
+    const bounds = this.bounds;
+    let i = 0;
+    while (i < bounds.length && value > bounds[i]!) i += 1;
+    this.counts[i]! += 1;
+    this.sum += value;
+    this.count += 1;
+  }
+
+  /** Forgets every observation. */
+  reset(): void {
+    this.counts.fill(0);
+    this.sum = 0;
+    this.count = 0;
+  }
+
+  /** The buckets (cumulative, `le`), +Inf, sum and count, as prom-client's Histogram.get(). */
+  get(): Promise<{ name: string; help: string; type: 'histogram'; aggregator: 'sum'; values: HistogramValue[] }> {
+    const bucket = `${this.name}_bucket`;
+    const values: HistogramValue[] = [];
+    let cumulative = 0;
+    this.bounds.forEach((le, i) => {
+      cumulative += this.counts[i]!;
+      values.push({ value: cumulative, labels: { le }, metricName: bucket });
+    });
+    values.push(
+      { value: this.count, labels: { le: '+Inf' }, metricName: bucket },
+      { value: this.sum, labels: {}, metricName: `${this.name}_sum` },
+      { value: this.count, labels: {}, metricName: `${this.name}_count` },
+    );
+    return Promise.resolve({ name: this.name, help: this.help, type: this.type, aggregator: this.aggregator, values });
   }
 }

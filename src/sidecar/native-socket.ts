@@ -3,8 +3,9 @@
  * (native/socket-io.c) instead of Node's stream path, behind the same Duplex
  * and DirectReadable interfaces the sidecar uses for a DirectReadSocket.
  *
- * Reads: the native side reads into a buffer this class lends it and calls
- * back once per read; the bytes reach the direct reader exactly as a
+ * Reads: the native side reads into a buffer this class lends it; the reads
+ * of all sockets that one poll of the event loop found ready come in one call
+ * (SocketEvents); the bytes reach the direct reader exactly as a
  * DirectReadSocket delivers them (lent views of the socket's own buffer, or
  * copies out of the shared one). Writes: when nothing is queued, write()
  * makes one write(2) straight away; what the kernel does not take, and every
@@ -28,9 +29,18 @@ export type NativeHandle = object & { readonly __nativeSocket: unique symbol };
 
 /** The functions of the native module (native/socket-io.c). */
 export interface NativeSocketIo {
-  /** Watches a duplicate of `fd`; `onEvent(kind, value)` gets every event of it. */
-  open(fd: number, onEvent: (kind: number, value: number) => void): NativeHandle;
-  setBuffer(handle: NativeHandle, buffer: Buffer): void;
+  /** Events the native side queues at most before it delivers them. */
+  readonly queueEvents: number;
+  /**
+   * Once, before open(): every event of every socket is written into `queue`
+   * (queue[0] events, then socket id, kind and value of each) and `dispatch()`
+   * is called once after each poll of the event loop that found any.
+   */
+  listen(dispatch: () => void, queue: Int32Array): void;
+  /** Watches a duplicate of `fd`; its events carry `id`. */
+  open(fd: number, id: number): NativeHandle;
+  /** Reads go into `buffer`; `shared`: other sockets read into it too (each read is then delivered at once). */
+  setBuffer(handle: NativeHandle, buffer: Buffer, shared: boolean): void;
   reading(handle: NativeHandle, on: boolean): void;
   /** Bytes written, or -errno. */
   write(handle: NativeHandle, chunk: Buffer): number;
@@ -56,6 +66,69 @@ const EVENT_EOF = 1;
 const EVENT_ERROR = 2;
 const EVENT_WRITABLE = 3;
 const EAGAIN = -11;
+type EventHandler = (kind: number, value: number) => void;
+
+/**
+ * The sockets of one loaded native module, by the id their events carry, and
+ * the one function the module calls with the events of each poll: entering
+ * JavaScript costs about a microsecond of CPU, and under load one poll finds
+ * several sockets ready.
+ */
+class SocketEvents {
+  private readonly handlers = new Map<number, EventHandler>();
+  private readonly queue: Int32Array;
+  private nextId = 1;
+
+  constructor(io: NativeSocketIo) {
+    this.queue = new Int32Array(1 + 3 * io.queueEvents);
+    io.listen(() => this.dispatch(), this.queue);
+  }
+
+  /** Registers a socket's handler; the id to open it with. */
+  add(handler: EventHandler): number {
+    let id = this.nextId;
+    while (this.handlers.has(id)) id = id >= 0x7fffffff ? 1 : id + 1;
+    this.nextId = id >= 0x7fffffff ? 1 : id + 1;
+    this.handlers.set(id, handler);
+    return id;
+  }
+
+  /** A closed socket: events still queued for it are dropped. */
+  remove(id: number): void {
+    this.handlers.delete(id);
+  }
+
+  private dispatch(): void {
+    const queue = this.queue;
+    const count = queue[0]!;
+    // One socket's failure must not lose the others' reads: the first error is thrown once all are delivered.
+    let failed = false;
+    let failure: unknown;
+    for (let i = 0, at = 1; i < count; i += 1, at += 3) {
+      const handler = this.handlers.get(queue[at]!);
+      if (handler === undefined) continue;
+      try {
+        handler(queue[at + 1]!, queue[at + 2]!);
+      } catch (error) {
+        if (!failed) failure = error;
+        failed = true;
+      }
+    }
+    if (failed) throw failure;
+  }
+}
+
+const socketEvents = new WeakMap<NativeSocketIo, SocketEvents>();
+
+/** The SocketEvents of `io`, set up on first use. */
+function eventsOf(io: NativeSocketIo): SocketEvents {
+  let events = socketEvents.get(io);
+  if (events === undefined) {
+    events = new SocketEvents(io);
+    socketEvents.set(io, events);
+  }
+  return events;
+}
 
 /** Where scripts/build-native.sh puts the module, under the package root. */
 const MODULE_FILE = join('build', 'socket-io.node');
@@ -143,6 +216,8 @@ export function adoptUnreadSocket(io: NativeSocketIo, socket: Socket, options: {
 /** A Duplex over a NativeSocketIo handle (see the module comment). */
 export class NativeSocket extends Duplex implements DirectReadable {
   private readonly io: NativeSocketIo;
+  private readonly events: SocketEvents;
+  private readonly id: number;
   private readonly handle: NativeHandle;
   private readonly target: ReadTarget;
   private reader: DirectReader | undefined;
@@ -159,9 +234,16 @@ export class NativeSocket extends Duplex implements DirectReadable {
     super({ allowHalfOpen: false, decodeStrings: true });
     this.io = io;
     this.target = new ReadTarget(options.buffers, options.copyReads === true);
-    this.handle = io.open(fd, (kind, value) => this.onEvent(kind, value));
+    this.events = eventsOf(io);
+    this.id = this.events.add((kind, value) => this.onEvent(kind, value));
+    try {
+      this.handle = io.open(fd, this.id);
+    } catch (error) {
+      this.events.remove(this.id);
+      throw error;
+    }
     this.current = this.target.next(false);
-    io.setBuffer(this.handle, this.current);
+    io.setBuffer(this.handle, this.current, !this.target.lends(this.current));
     // The Readable side flows from the start: data never goes through push(), only the end does.
     super.resume();
     io.reading(this.handle, true);
@@ -272,7 +354,7 @@ export class NativeSocket extends Duplex implements DirectReadable {
       const next = this.target.next(!this.readingWanted);
       if (next !== this.current) {
         this.current = next;
-        this.io.setBuffer(this.handle, next);
+        this.io.setBuffer(this.handle, next, !this.target.lends(next));
       }
     } else if (kind === EVENT_WRITABLE) {
       const unfinished = this.unfinished;
@@ -290,6 +372,7 @@ export class NativeSocket extends Duplex implements DirectReadable {
   private closeNative(): void {
     if (this.nativeClosed) return;
     this.nativeClosed = true;
+    this.events.remove(this.id);
     this.io.close(this.handle);
   }
 }

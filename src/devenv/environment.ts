@@ -99,8 +99,16 @@ export class LocalEnvironment {
     return this.once('sshd', () => SshServer.start(this.runDir, this.registry));
   }
 
-  /** PgBouncer in transaction mode in front of `postgres()`. */
-  pgbouncer(): Promise<PgBouncerServer> {
+  /**
+   * PgBouncer in transaction mode in front of `postgres()`; started again if it
+   * has exited: PgBouncer 1.18 ends itself (FATAL "bad client state" in
+   * disconnect_client) when a client closes its cancel connection before the
+   * cancel is sent on, as pgx does past its deadline, and a later test must
+   * not inherit that.
+   */
+  async pgbouncer(): Promise<PgBouncerServer> {
+    const current = this.started.get('pgbouncer') as Promise<PgBouncerServer> | undefined;
+    if (current !== undefined && !(await current).running) this.started.delete('pgbouncer');
     return this.once('pgbouncer', async () => PgBouncerServer.start(this.runDir, this.registry, await this.postgres()));
   }
 

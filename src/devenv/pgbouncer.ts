@@ -74,6 +74,11 @@ export class PgBouncerServer {
     return server;
   }
 
+  /** False once the process has exited (PgBouncer 1.18 ends itself on some clients: see environment.ts). */
+  get running(): boolean {
+    return this.process.running;
+  }
+
   /** node-postgres settings for the application role through PgBouncer. */
   clientConfig(): pg.ClientConfig {
     return { host: this.host, port: this.port, user: this.postgres.app.user, password: this.postgres.app.password, database: APP_DATABASE };

@@ -43,7 +43,7 @@ interface HeldLock extends LeaseLock {
 }
 
 /** The outcome of one acquire-or-renew attempt on one Lease. */
-export interface LeaseRound {
+interface LeaseRound {
   held: boolean;
   /** Who holds it when we do not (empty if nobody). */
   holder: string;
@@ -89,12 +89,7 @@ export class LeaderElector {
     return this.leading;
   }
 
-  /** Who holds the cluster Lease when another install does (empty otherwise). */
-  get otherInstall(): string {
-    return this.reportedHolder;
-  }
-
-  /** Subscribes to changes of `otherInstall`. */
+  /** Subscribes to changes of which other install holds the cluster Lease (empty: none). */
   onOtherInstallChange(listener: (holder: string) => void): void {
     this.otherInstallListeners.push(listener);
   }
@@ -160,7 +155,7 @@ export class LeaderElector {
   }
 
   /** Acquires or renews every Lease in order, stopping at the first held by another; true if all are held. */
-  async tryAcquireOrRenewAll(now = new Date()): Promise<boolean> {
+  private async tryAcquireOrRenewAll(now = new Date()): Promise<boolean> {
     for (const [index, lock] of this.locks.entries()) {
       const round = await this.tryAcquireOrRenew(lock, now);
       if (index > 0) this.reportClusterHolder(round, lock);

@@ -876,8 +876,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     this.host.pool.cancelWait(this);
     this.waiting = false;
     this.cancelOnForward = false;
-    this.pendingTypes.length = 0;
-    this.pendingChunks.length = 0;
+    emptyList(this.pendingTypes);
+    emptyList(this.pendingChunks);
     // What reading the dropped messages set up for their run: they never ran.
     this.settingChanges = undefined;
     this.settingWatchAfter = 0;

@@ -123,6 +123,11 @@ export class GrantTableWriter {
     if (generation > (this.highest.get(k) ?? 0)) this.highest.set(k, generation);
   }
 
+  /** The table in force for one connection (this replica's newer write, or the cache's), if any. */
+  tableInForce(namespace: string, connection: string): GrantTable | undefined {
+    return this.inForce(namespace, connection)?.table;
+  }
+
   private inForce(namespace: string, connection: string): { table: GrantTable; resourceVersion: string | undefined } | undefined {
     const cached = this.deps.grants?.get(namespace, connection);
     const ours = this.written.get(`${namespace}/${connection}`);

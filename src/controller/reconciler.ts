@@ -856,8 +856,10 @@ export class ServerReconciler {
     }
     this.created.delete(key(member));
     if (uid !== '' && this.tables.tableFrom(member) !== undefined) this.seenMembers.set(uid, { member, final: true });
-    // A departure its table records is kept while the PoolMember exists: now it may go.
-    const recorded = this.deps.caches.grants?.get(member.metadata.namespace, member.spec.connection)?.spec.departed?.some((d) => d.uid === uid) === true;
+    // A departure its table records is kept while the PoolMember exists: now it may go, or (drained after all)
+    // end. The table as this replica last wrote it: the record may not be in the cache yet, and without this
+    // pass nothing else may come to replan the server before the hold runs out.
+    const recorded = this.tables.tableInForce(member.metadata.namespace ?? '', member.spec.connection)?.departed?.some((d) => d.uid === uid) === true;
     return !collected || recorded;
   }
 

@@ -12,6 +12,13 @@
  * Two installs in different namespaces then never lead at once, and a replica of an
  * older release, which takes only its own Lease, keeps a newer one of the same
  * install from leading beside it during an upgrade (client-go's multilock).
+ *
+ * Clocks of different nodes differ, so a Lease's renewTime (the holder's clock)
+ * is never compared with this candidate's clock: as client-go does, a Lease
+ * counts as expired once its record has not changed for its duration, timed
+ * from when this candidate saw it change, and every duration is measured on a
+ * monotonic clock, so neither another node's clock nor a step of this one's
+ * lets two candidates lead at once.
  */
 import type { Logger } from 'pino';
 import { describeApiError } from './backoff.ts';
@@ -28,8 +35,21 @@ export interface LeaderElectionOptions {
   leaseDurationMs?: number;
   renewDeadlineMs?: number;
   retryPeriodMs?: number;
+  /** The clocks read; default the system's. */
+  clock?: ElectionClock | undefined;
   logger: Logger;
 }
+
+/** The clocks the election reads. */
+export interface ElectionClock {
+  /** Wall time, ms since the epoch: only written into the Lease for people to read. */
+  wallMs(): number;
+  /** A clock that never steps: every duration judged is measured on it. */
+  monotonicMs(): number;
+}
+
+/** The system's clocks. */
+export const SYSTEM_ELECTION_CLOCK: ElectionClock = { wallMs: () => Date.now(), monotonicMs: () => performance.now() };
 
 /** Where a Lease lives. */
 export interface LeaseLock {
@@ -59,7 +79,10 @@ interface Lease {
 /** Runs the election loop and tells callbacks when leadership starts and stops. */
 export class LeaderElector {
   private readonly http: KubeHttp;
-  private readonly options: Required<Omit<LeaderElectionOptions, 'logger' | 'clusterLease'>> & { logger: Logger };
+  private readonly options: Required<Omit<LeaderElectionOptions, 'logger' | 'clusterLease' | 'clock'>> & { logger: Logger };
+  private readonly clock: ElectionClock;
+  /** Per Lease (namespace/name), the record last seen and when it was first seen so, on the monotonic clock. */
+  private readonly observed = new Map<string, { record: string; at: number }>();
   /** Own Lease first, then the cluster's: acquired in this order, released in reverse. */
   private readonly locks: readonly HeldLock[];
   /** The other install holding the cluster Lease, last reported (so it is logged once per holder). */
@@ -67,6 +90,8 @@ export class LeaderElector {
   private leading = false;
   private stopped = false;
   private timer: NodeJS.Timeout | undefined;
+  /** Fires when the renew deadline passes, so a round hung on the network cannot keep this replica leading. */
+  private deadlineTimer: NodeJS.Timeout | undefined;
   private lastRenew = 0;
   /** The acquire-or-renew round in flight, so `stop` never races it. */
   private round: Promise<void> | undefined;
@@ -78,7 +103,8 @@ export class LeaderElector {
 
   constructor(http: KubeHttp, options: LeaderElectionOptions) {
     this.http = http;
-    const { clusterLease, ...rest } = options;
+    const { clusterLease, clock, ...rest } = options;
+    this.clock = clock ?? SYSTEM_ELECTION_CLOCK;
     this.options = { leaseDurationMs: 15_000, renewDeadlineMs: 10_000, retryPeriodMs: 2_000, ...rest };
     const own = { namespace: options.namespace, name: options.name, identity: options.identity };
     this.locks = clusterLease ? [own, { ...clusterLease, identity: `${options.namespace}/${options.identity}` }] : [own];
@@ -110,6 +136,20 @@ export class LeaderElector {
     for (const listener of this.leadingListeners) listener(leading);
   }
 
+  /**
+   * Notes the record read (or written) now; returns how long, on the monotonic
+   * clock, it has stood unchanged as far as this candidate has seen.
+   */
+  private observe(lock: HeldLock, spec: Lease['spec']): number {
+    const key = `${lock.namespace}/${lock.name}`;
+    const record = JSON.stringify([spec.holderIdentity ?? '', spec.renewTime ?? '', spec.acquireTime ?? '', spec.leaseDurationSeconds ?? 0, spec.leaseTransitions ?? 0]);
+    const now = this.clock.monotonicMs();
+    const seen = this.observed.get(key);
+    if (seen?.record === record) return now - seen.at;
+    this.observed.set(key, { record, at: now });
+    return 0;
+  }
+
   /** One acquire-or-renew attempt on one Lease. */
   private async tryAcquireOrRenew(lock: HeldLock, now: Date): Promise<LeaseRound> {
     const { name, namespace, identity } = lock;
@@ -133,7 +173,9 @@ export class LeaderElector {
     } catch (err) {
       if (!isStatus(err, 404)) throw err;
       try {
-        await this.http.create(path, { apiVersion: 'coordination.k8s.io/v1', kind: 'Lease', metadata: { name, namespace }, spec: { ...spec(), leaseTransitions: 0 } });
+        const created = { ...spec(), leaseTransitions: 0 };
+        await this.http.create(path, { apiVersion: 'coordination.k8s.io/v1', kind: 'Lease', metadata: { name, namespace }, spec: created });
+        this.observe(lock, created);
         return { held: true, holder: identity };
       } catch (createErr) {
         if (isStatus(createErr, 409)) return { held: false, holder: '' };
@@ -141,12 +183,15 @@ export class LeaderElector {
       }
     }
     const holder = lease.spec.holderIdentity ?? '';
-    const renewed = lease.spec.renewTime ? Date.parse(lease.spec.renewTime) : 0;
+    const unchangedMs = this.observe(lock, lease.spec);
     const duration = (lease.spec.leaseDurationSeconds ?? 0) * 1000;
-    const expired = holder === '' || renewed + duration < now.getTime();
+    // Released, or not renewed for its duration as this candidate has seen it (renewTime is another node's clock).
+    const expired = holder === '' || unchangedMs > duration;
     if (holder !== identity && !expired) return { held: false, holder };
     try {
-      await this.http.replace(`${path}/${name}`, { ...lease, spec: spec(lease.spec) });
+      const written = spec(lease.spec);
+      await this.http.replace(`${path}/${name}`, { ...lease, spec: written });
+      this.observe(lock, written);
       return { held: true, holder: identity };
     } catch (err) {
       if (isStatus(err, 409)) return { held: false, holder };
@@ -155,7 +200,7 @@ export class LeaderElector {
   }
 
   /** Acquires or renews every Lease in order, stopping at the first held by another; true if all are held. */
-  private async tryAcquireOrRenewAll(now = new Date()): Promise<boolean> {
+  private async tryAcquireOrRenewAll(now = new Date(this.clock.wallMs())): Promise<boolean> {
     for (const [index, lock] of this.locks.entries()) {
       const round = await this.tryAcquireOrRenew(lock, now);
       if (index > 0) this.reportClusterHolder(round, lock);
@@ -184,14 +229,29 @@ export class LeaderElector {
     if (this.stopped) return;
     try {
       const held = await this.tryAcquireOrRenewAll();
-      if (held) this.lastRenew = Date.now();
-      if (held) this.setLeading(true);
-      else if (!this.leading) this.setLeading(false);
+      if (held && !this.stopped) {
+        this.lastRenew = this.clock.monotonicMs();
+        this.setLeading(true);
+        this.armDeadline();
+      } else if (!this.leading) this.setLeading(false);
     } catch (err) {
       this.options.logger.warn({ lease: this.options.name, error: describeApiError(err) }, 'lease renewal failed');
     }
-    // A leader that could not renew within the deadline must stop acting.
-    if (this.leading && Date.now() - this.lastRenew > this.options.renewDeadlineMs) this.setLeading(false);
+    this.checkDeadline();
+  }
+
+  /** Checks the renew deadline again when it would pass, whatever the round in flight is doing. */
+  private armDeadline(): void {
+    clearTimeout(this.deadlineTimer);
+    this.deadlineTimer = setTimeout(() => this.checkDeadline(), this.options.renewDeadlineMs + 1);
+    this.deadlineTimer.unref();
+  }
+
+  /** A leader that could not renew within the deadline must stop acting: a standby may take over once the lease's duration passes. */
+  private checkDeadline(): void {
+    if (!this.leading || this.clock.monotonicMs() - this.lastRenew <= this.options.renewDeadlineMs) return;
+    this.options.logger.warn({ lease: this.options.name, renewDeadlineMs: this.options.renewDeadlineMs }, 'lease not renewed within the renew deadline: stepping down');
+    this.setLeading(false);
   }
 
   /** Runs a round now (or right after the one in flight), then schedules the next. */
@@ -235,6 +295,7 @@ export class LeaderElector {
   async stop(): Promise<void> {
     this.stopped = true;
     clearTimeout(this.timer);
+    clearTimeout(this.deadlineTimer);
     await this.round;
     await Promise.all(this.watchers.map((watcher) => watcher.stop()));
     // Our own Lease is held whenever the cluster's is, even by a replica that stands by for another install.
@@ -248,7 +309,7 @@ export class LeaderElector {
     try {
       const lease = await this.http.get<Lease>(path);
       if (lease.spec.holderIdentity === lock.identity) {
-        const microTime = new Date().toISOString().replace('Z', '000Z');
+        const microTime = new Date(this.clock.wallMs()).toISOString().replace('Z', '000Z');
         await this.http.replace(path, { ...lease, spec: { ...lease.spec, holderIdentity: '', leaseDurationSeconds: 1, renewTime: microTime } });
       }
     } catch (err) {

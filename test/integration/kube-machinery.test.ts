@@ -9,7 +9,7 @@ import { KubeConfig } from '@kubernetes/client-node';
 import pino from 'pino';
 import { KubeHttp } from '../../src/kube/http.ts';
 import { Informer, type KubeObject } from '../../src/kube/informer.ts';
-import { LeaderElector } from '../../src/kube/leader-election.ts';
+import { LeaderElector, type ElectionClock } from '../../src/kube/leader-election.ts';
 import { testEnvironment } from '../support/hooks.ts';
 import { TcpProxy } from '../support/tcp-proxy.ts';
 
@@ -94,5 +94,102 @@ describe('kube machinery', function () {
     await eventually('b to take over', () => b.isLeader, 10_000);
     assert.equal(a.isLeader, false);
     await b.stop();
+  });
+
+  /** The system's clocks with the wall clock moved by `offsetMs` (changeable), as on a node whose clock is off. */
+  function skewedClock(offsetMs: number): ElectionClock & { offsetMs: number } {
+    const clock = { offsetMs, wallMs: () => Date.now() + clock.offsetMs, monotonicMs: () => performance.now() };
+    return clock;
+  }
+
+  it('leader election: a standby whose clock runs ten minutes ahead does not take a lease its holder renews', async function () {
+    const kube = await testEnvironment().kube();
+    const http = new KubeHttp(kube.kubeConfig());
+    const options = { namespace, name: 'poolkeeper-test-skew-ahead', leaseDurationMs: 2000, renewDeadlineMs: 1500, retryPeriodMs: 200, logger };
+    const a = new LeaderElector(http, { ...options, identity: 'a' });
+    const b = new LeaderElector(http, { ...options, identity: 'b', clock: skewedClock(600_000) });
+    a.start();
+    try {
+      await eventually('a to lead', () => a.isLeader);
+      b.start();
+      // Three lease durations: with renewTime compared to its own clock, b took the lease at its first round.
+      const until = Date.now() + 6000;
+      while (Date.now() < until) {
+        assert.equal(b.isLeader, false, 'b must not lead while a renews');
+        assert.equal(a.isLeader, true, 'a must keep leading');
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      await a.stop();
+      await eventually('b to take over once a releases', () => b.isLeader, 10_000);
+    } finally {
+      await a.stop();
+      await b.stop();
+    }
+  });
+
+  it('leader election: a lease left by a holder whose clock ran ten minutes ahead is taken once it stops changing for its duration', async function () {
+    const kube = await testEnvironment().kube();
+    const http = new KubeHttp(kube.kubeConfig());
+    const name = 'poolkeeper-test-skew-crashed';
+    // What a holder on a node ten minutes ahead left behind when it crashed (no release).
+    const ahead = new Date(Date.now() + 600_000).toISOString().replace('Z', '000Z');
+    await http.create(`/apis/coordination.k8s.io/v1/namespaces/${namespace}/leases`, {
+      apiVersion: 'coordination.k8s.io/v1', kind: 'Lease', metadata: { name, namespace },
+      spec: { holderIdentity: 'crashed', leaseDurationSeconds: 2, acquireTime: ahead, renewTime: ahead, leaseTransitions: 0 },
+    });
+    const b = new LeaderElector(http, { namespace, name, identity: 'b', leaseDurationMs: 2000, renewDeadlineMs: 1500, retryPeriodMs: 200, logger });
+    const started = Date.now();
+    b.start();
+    try {
+      // Judged by renewTime against b's clock, the lease stayed valid for ten minutes.
+      await eventually('b to take the abandoned lease', () => b.isLeader, 10_000);
+      const waited = Date.now() - started;
+      assert.ok(waited >= 2000, `b must wait out the lease's duration from when it first saw it (took it after ${waited} ms)`);
+    } finally {
+      await b.stop();
+    }
+  });
+
+  it('leader election: a leader whose renewal hangs on the network steps down within the renew deadline, even with its wall clock stepped back', async function () {
+    const kube = await testEnvironment().kube();
+    const target = new URL(kube.server);
+    const proxy = new TcpProxy(target.hostname, Number(target.port));
+    await proxy.start();
+    const kc = kube.kubeConfig();
+    const viaProxy = new KubeConfig();
+    viaProxy.loadFromOptions({
+      clusters: kc.clusters.map((c) => ({ ...c, server: `https://127.0.0.1:${proxy.port}` })),
+      users: kc.users, contexts: kc.contexts, currentContext: kc.currentContext,
+    });
+    const options = { namespace, name: 'poolkeeper-test-hung-renewal', leaseDurationMs: 3000, renewDeadlineMs: 2000, retryPeriodMs: 200, logger };
+    const clock = skewedClock(0);
+    const a = new LeaderElector(new KubeHttp(viaProxy), { ...options, identity: 'a', clock });
+    const b = new LeaderElector(new KubeHttp(kc), { ...options, identity: 'b' });
+    a.start();
+    try {
+      await eventually('a to lead', () => a.isLeader);
+      b.start();
+      await new Promise((r) => setTimeout(r, 500));
+      // An NTP step back of a minute, then packets to the API server stop (no RST: requests hang until their 30 s timeout).
+      clock.offsetMs = -60_000;
+      proxy.freeze();
+      const frozenAt = Date.now();
+      let both = 0;
+      let steppedDown = Infinity;
+      while (!b.isLeader) {
+        if (a.isLeader && b.isLeader) both += 1;
+        if (!a.isLeader && steppedDown === Infinity) steppedDown = Date.now() - frozenAt;
+        assert.ok(Date.now() - frozenAt < 15_000, 'b must take over within a few lease durations');
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      assert.equal(a.isLeader, false, 'a must have stepped down before b leads');
+      assert.ok(steppedDown <= 2000 + 500, `a stepped down ${steppedDown} ms after the network stopped (renew deadline 2000 ms)`);
+      assert.equal(both, 0, 'never two leaders');
+    } finally {
+      proxy.cutAll();
+      proxy.thaw();
+      await Promise.all([a.stop(), b.stop()]);
+      await proxy.stop();
+    }
   });
 });

@@ -8,6 +8,7 @@
 import type { FromSchema } from 'json-schema-to-ts';
 import type { V1ObjectMeta } from '@kubernetes/client-node';
 import { conditionsSchema, labelSelectorSchema, resourceSchema } from './common.ts';
+import { CHANNEL_BINDING_MODES } from '../core/protocol/channel-binding.ts';
 
 const portSchema = { type: 'integer', minimum: 1, maximum: 65535 } as const;
 const dnsLabelPattern = '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$';
@@ -56,7 +57,14 @@ export const CLIENT_TLS_MODES = ['Disabled', 'SelfSigned'] as const;
 export const databaseSchema = {
   type: 'object',
   required: ['host', 'dbname', 'credentialsSecretRef'],
-  'x-kubernetes-validations': [...notAUrl('host'), ...notAUrl('dbname')],
+  'x-kubernetes-validations': [
+    ...notAUrl('host'), ...notAUrl('dbname'),
+    {
+      rule: "!has(self.channelBinding) || self.channelBinding != 'require' || !has(self.sslMode) || !(self.sslMode in ['disable', 'allow'])",
+      message: 'channelBinding require binds the login to the TLS connection: set sslMode to prefer, require, verify-ca or verify-full',
+      fieldPath: '.channelBinding',
+    },
+  ],
   additionalProperties: false,
   properties: {
     host: {
@@ -66,6 +74,10 @@ export const databaseSchema = {
     port: { ...portSchema, default: 5432, description: 'TCP port of the PostgreSQL server.' },
     dbname: { type: 'string', minLength: 1, maxLength: 63, description: 'Database the sidecar connects to; the controller logs in to it to check the credentials.' },
     sslMode: { type: 'string', enum: SSL_MODES, default: 'prefer', description: 'libpq sslmode for the sidecar\'s server connections.' },
+    channelBinding: {
+      type: 'string', enum: CHANNEL_BINDING_MODES, default: 'prefer',
+      description: 'libpq channel_binding for the sidecar\'s and the controller\'s logins: prefer binds a SCRAM login to the TLS connection (SCRAM-SHA-256-PLUS) whenever the server offers it, so a password exchange relayed by an interception that ends TLS before the server fails; require refuses any login without it (and sends no md5 or cleartext password); disable never binds.',
+    },
     credentialsSecretRef: {
       type: 'object',
       description: 'A Secret in the same namespace holding the login.',

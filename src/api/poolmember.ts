@@ -8,6 +8,7 @@ import type { FromSchema } from 'json-schema-to-ts';
 import type { V1ObjectMeta } from '@kubernetes/client-node';
 import { conditionsSchema, resourceSchema } from './common.ts';
 import { HOST_KEY_PATTERN, POOL_MODES, SSL_MODES } from './databaseconnection.ts';
+import { CHANNEL_BINDING_MODES } from '../core/protocol/channel-binding.ts';
 
 const portSchema = { type: 'integer', minimum: 1, maximum: 65535 } as const;
 const credentialsGenerationSchema = { type: 'string', maxLength: 64, pattern: '^[0-9a-f]*$' } as const;
@@ -43,6 +44,7 @@ export const poolMemberSpecSchema = {
         port: { ...portSchema, description: 'TCP port of the server.' },
         dbname: { type: 'string', minLength: 1, maxLength: 63, description: 'Database name.' },
         sslMode: { type: 'string', enum: SSL_MODES, description: 'libpq sslmode.' },
+        channelBinding: { type: 'string', enum: CHANNEL_BINDING_MODES, description: 'libpq channel_binding (absent: prefer).' },
       },
     },
     sshTunnel: {

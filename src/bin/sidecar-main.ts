@@ -87,6 +87,7 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
     ...(config.listenSocketDir ? { listenSocketDir: config.listenSocketDir } : {}),
     database: {
       host: spec.database.host, port: spec.database.port, dbname: spec.database.dbname, sslMode: spec.database.sslMode,
+      ...(spec.database.channelBinding !== undefined ? { channelBinding: spec.database.channelBinding } : {}),
     },
     pool: { ...spec.pool },
     drainTimeout: config.drainTimeoutSeconds,
@@ -136,7 +137,7 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
         logger.warn({ sshTunnel: tunnelWarned, inUse: bastion(spec.sshTunnel) }, 'the SSH tunnel changed: it applies when the pod restarts');
       }
       const db = next.database;
-      if (db.host !== spec.database.host || db.port !== spec.database.port || db.dbname !== spec.database.dbname || db.sslMode !== spec.database.sslMode) {
+      if (db.host !== spec.database.host || db.port !== spec.database.port || db.dbname !== spec.database.dbname || db.sslMode !== spec.database.sslMode || db.channelBinding !== spec.database.channelBinding) {
         logger.warn({ database: db }, 'the database target changed: it applies when the pod restarts');
       }
     },

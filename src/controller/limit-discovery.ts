@@ -6,11 +6,12 @@
  * per server so a rebalance does not open a connection each time.
  */
 import type { Duplex } from 'node:stream';
-import type { ConnectionOptions } from 'node:tls';
+import { TLSSocket, type ConnectionOptions } from 'node:tls';
 import pg from 'pg';
 import type { Logger } from 'pino';
 import { Registry } from 'prom-client';
 import type { ServerSettings } from '../core/budget/index.ts';
+import { chooseSaslMethod, unboundLoginRefusal, type ChannelBindingMode } from '../core/protocol/index.ts';
 import { SidecarMetrics } from '../sidecar/metrics.ts';
 import { SshTunnel, type TunnelSettings } from '../sidecar/tunnel.ts';
 
@@ -21,6 +22,8 @@ export interface DiscoveryTarget {
   port: number;
   dbname: string;
   sslMode: string;
+  /** libpq's channel_binding (default prefer). */
+  channelBinding?: ChannelBindingMode | undefined;
   username: string;
   password: string;
   /** CA of the server's certificate, for verify-ca and verify-full with a private CA. */
@@ -48,6 +51,43 @@ export function tlsOptions(sslMode: string, caPem?: string): ConnectionOptions |
     default:
       return { ...ca, rejectUnauthorized: true };
   }
+}
+
+/** The parts of node-postgres's connection that carry the authentication requests. */
+interface PgConnection {
+  stream: Duplex;
+  on(event: 'authenticationCleartextPassword' | 'authenticationMD5Password' | 'authenticationOk', listener: () => void): void;
+  on(event: 'authenticationSASL', listener: (message: { mechanisms: string[] }) => void): void;
+}
+
+/**
+ * Makes a node-postgres client keep channelBinding `require` as libpq does:
+ * registered before the client's own handlers, these end the connection
+ * before any password goes out when the server asks for md5 or a cleartext
+ * password, offers no SCRAM-SHA-256-PLUS over TLS, or lets it in without a
+ * binding. Returns the refusal, if one ended the connection.
+ */
+export function refuseUnboundLogins(client: pg.Client, mode: ChannelBindingMode): () => Error | undefined {
+  let refusal: Error | undefined;
+  if (mode !== 'require') return () => undefined;
+  const connection = (client as unknown as { connection: PgConnection }).connection;
+  let bound = false;
+  const refuse = (message: string | undefined): void => {
+    if (message === undefined || refusal !== undefined) return;
+    refusal = new Error(message);
+    connection.stream.destroy();
+  };
+  connection.on('authenticationCleartextPassword', () => refuse(unboundLoginRefusal(mode, 'a cleartext password')));
+  connection.on('authenticationMD5Password', () => refuse(unboundLoginRefusal(mode, 'md5')));
+  connection.on('authenticationSASL', (message) => {
+    const choice = chooseSaslMethod(message.mechanisms, connection.stream instanceof TLSSocket, mode);
+    if ('refused' in choice) refuse(choice.refused);
+    else bound = choice.mechanism === 'SCRAM-SHA-256-PLUS';
+  });
+  connection.on('authenticationOk', () => {
+    if (!bound) refuse(unboundLoginRefusal(mode, 'no password (trust)'));
+  });
+  return () => refusal;
 }
 
 /** node-postgres expects a socket; an SSH channel is a Duplex that is already connected. */
@@ -122,13 +162,20 @@ export class LimitDiscovery {
 
   private async query(target: DiscoveryTarget, ssl: ConnectionOptions | false, tunnel: SshTunnel | undefined): Promise<ServerSettings> {
     const stream = tunnel ? channelAsSocket(await tunnel.open(target.host, target.port, Date.now() + this.connectTimeoutMs)) : undefined;
+    const channelBinding = target.channelBinding ?? 'prefer';
     const client = new pg.Client({
       host: target.host, port: target.port, database: target.dbname, user: target.username, password: target.password,
       ssl, connectionTimeoutMillis: this.connectTimeoutMs, application_name: 'poolkeeper-controller',
+      enableChannelBinding: channelBinding !== 'disable',
       ...(stream ? { stream: () => stream } : {}),
     });
+    const unbound = refuseUnboundLogins(client, channelBinding);
     try {
-      await client.connect();
+      try {
+        await client.connect();
+      } catch (error) {
+        throw unbound() ?? error;
+      }
       const rows = (await client.query<{ name: string; setting: string }>(
         "SELECT name, setting FROM pg_settings WHERE name IN ('max_connections', 'superuser_reserved_connections', 'reserved_connections')",
       )).rows;

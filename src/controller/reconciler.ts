@@ -333,8 +333,8 @@ export class ServerReconciler {
       caPem = Buffer.from(caData, 'base64').toString('utf8');
     }
     const db = connection.spec.database;
-    const target: DiscoveryTarget = { serverKey: server, host: db.host, port: db.port, dbname: db.dbname, sslMode: db.sslMode, username: credentials.username, password: credentials.password, ...(tunnel ? { tunnel } : {}), ...(caPem ? { caPem } : {}) };
-    const fingerprint = createHash('sha256').update(JSON.stringify([credentials.generation, db.host, db.port, db.dbname, db.sslMode, tunnelSpec ?? null, tunnel?.privateKey ?? null, caPem ?? null])).digest('hex');
+    const target: DiscoveryTarget = { serverKey: server, host: db.host, port: db.port, dbname: db.dbname, sslMode: db.sslMode, channelBinding: db.channelBinding ?? 'prefer', username: credentials.username, password: credentials.password, ...(tunnel ? { tunnel } : {}), ...(caPem ? { caPem } : {}) };
+    const fingerprint = createHash('sha256').update(JSON.stringify([credentials.generation, db.host, db.port, db.dbname, db.sslMode, db.channelBinding ?? 'prefer', tunnelSpec ?? null, tunnel?.privateKey ?? null, caPem ?? null])).digest('hex');
     return { ok: true, target, fingerprint };
   }
 
@@ -928,7 +928,7 @@ export class ServerReconciler {
       connection: connection.metadata.name ?? '',
       grant: grant.grant,
       processesPerPod: consumer?.processesPerPod ?? 1,
-      database: { host: db.host, port: db.port, dbname: db.dbname, sslMode: db.sslMode },
+      database: { host: db.host, port: db.port, dbname: db.dbname, sslMode: db.sslMode, ...(db.channelBinding !== undefined && db.channelBinding !== 'prefer' ? { channelBinding: db.channelBinding } : {}) },
       pool: { ...connection.spec.pool },
       drain: grant.drain,
     };
@@ -1286,7 +1286,7 @@ function settingsFingerprint(spec: PoolMember['spec'] | PoolMemberSpecInput): st
       connection: spec.connection,
       processesPerPod: spec.processesPerPod,
       credentialsGeneration: spec.credentialsGeneration ?? null,
-      database: { host: spec.database.host, port: spec.database.port, dbname: spec.database.dbname, sslMode: spec.database.sslMode },
+      database: { host: spec.database.host, port: spec.database.port, dbname: spec.database.dbname, sslMode: spec.database.sslMode, channelBinding: spec.database.channelBinding ?? 'prefer' },
       sshTunnel: spec.sshTunnel ? { host: spec.sshTunnel.host, port: spec.sshTunnel.port, user: spec.sshTunnel.user, hostKey: spec.sshTunnel.hostKey } : null,
       pool: { mode: spec.pool.mode, poolTimeout: spec.pool.poolTimeout, poolRecycle: spec.pool.poolRecycle, poolPrePing: spec.pool.poolPrePing, idleTimeout: spec.pool.idleTimeout },
     });

@@ -840,7 +840,7 @@ export class Pool {
       if (stream.listenerCount('error') === 0) stream.on('error', () => undefined);
       const session = await loginUpstream({
         stream, host: database.host, dbname: database.dbname, username: credentials.username, password: credentials.password,
-        sslMode: database.sslMode, timeoutMs: CONNECT_TIMEOUT_MS, ...caPemOf(this.deps.databaseCa?.() ?? database.caPem),
+        sslMode: database.sslMode, channelBinding: database.channelBinding, timeoutMs: CONNECT_TIMEOUT_MS, ...caPemOf(this.deps.databaseCa?.() ?? database.caPem),
         ...(settings.key !== '' ? { settings: loginParametersOf(settings) } : {}),
       });
       server = new ServerConnection({
@@ -1094,6 +1094,8 @@ interface LoginTarget {
 }
 
 /** What to check, by the SQLSTATE of a lasting refusal. */
+const CHANNEL_BINDING_MISMATCH_HINT = 'The TLS connection does not end at the server: something between the sidecar and the server (a TLS-terminating proxy, or an interception) presents its own certificate. Reach the server directly; set spec.database.channelBinding to disable only if that proxy is trusted.';
+
 const REFUSAL_HINTS: Readonly<Record<string, string>> = {
   '28P01': 'Check the password in the DatabaseConnection\'s credentials Secret against the role\'s password on the server; a changed Secret is used as soon as it reaches the pod.',
   '28000': 'Check the user name in the DatabaseConnection\'s credentials Secret, that the role may log in (LOGIN), and the server\'s pg_hba.conf; a changed Secret is used as soon as it reaches the pod.',
@@ -1117,12 +1119,17 @@ function lastingRefusal(error: unknown, target: LoginTarget): AcquireFailure | u
   if (error.sqlState !== undefined && REFUSAL_HINTS[error.sqlState] !== undefined) {
     const fields = error.serverFields;
     const ours = `Refused ${through}; no server connection is open to hand to this client.`;
-    return { sqlState: error.sqlState, message: fields?.M ?? error.message, detail: fields?.D !== undefined ? `${fields.D} ${ours}` : ours, hint: REFUSAL_HINTS[error.sqlState]! };
+    // PostgreSQL's words when the certificate the sidecar bound is not the one the server presents.
+    const interception = /channel binding/i.test(fields?.M ?? '') ? CHANNEL_BINDING_MISMATCH_HINT : undefined;
+    return { sqlState: error.sqlState, message: fields?.M ?? error.message, detail: fields?.D !== undefined ? `${fields.D} ${ours}` : ours, hint: interception ?? REFUSAL_HINTS[error.sqlState]! };
   }
   if (error.kind === 'tls-verify') {
     return { sqlState: '08001', message: error.message, detail: `Failed ${through}.`, hint: 'Check the server\'s certificate against the CA in spec.database.caSecretRef and the sslMode of the DatabaseConnection.' };
   }
   if (error.kind === 'ssh-refused') return tunnelRefusal(error.message, target);
+  if (error.kind === 'channel-binding') {
+    return { sqlState: '08001', message: error.message, detail: `Failed ${through}.`, hint: 'Check spec.database.channelBinding and sslMode of the DatabaseConnection, and how the server authenticates this role (channel binding needs SCRAM over TLS).' };
+  }
   return undefined;
 }
 

@@ -21,7 +21,8 @@ export interface SidecarSettings {
    * directory as their host skip loopback TCP. Omitted: TCP only.
    */
   listenSocketDir?: string;
-  database: { host: string; port: number; dbname: string; sslMode: SslMode; caPem?: string };
+  /** `channelBinding` as libpq's channel_binding (default prefer). */
+  database: { host: string; port: number; dbname: string; sslMode: SslMode; channelBinding?: ChannelBindingMode | undefined; caPem?: string };
   sshTunnel?: {
     host: string;
     port: number;
@@ -126,4 +127,5 @@ export interface SidecarStatus {
   drained: boolean;
   /** Absent before the first login. */
   databaseReachable?: DatabaseReachability | undefined;
-}
+}import type { ChannelBindingMode } from '../core/protocol/index.ts';
+

@@ -8,9 +8,9 @@
 import { createHash, createHmac, pbkdf2, randomBytes, timingSafeEqual } from 'node:crypto';
 import { isIP } from 'node:net';
 import type { Duplex } from 'node:stream';
-import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
+import { connect as tlsConnect, TLSSocket, type ConnectionOptions } from 'node:tls';
 import { serialize } from 'pg-protocol';
-import { FrameReader, buildStartupMessage, parseNoticeFields, parseParameterStatus } from '../core/protocol/index.ts';
+import { FrameReader, buildStartupMessage, channelBindingAttribute, chooseSaslMethod, parseNoticeFields, parseParameterStatus, unboundLoginRefusal, type ChannelBindingMode } from '../core/protocol/index.ts';
 import type { SslMode } from './settings.ts';
 
 /** An upstream failure with the server's SQLSTATE when it sent one. */
@@ -45,6 +45,8 @@ export interface UpstreamLoginOptions {
   username: string;
   password: string;
   sslMode: SslMode;
+  /** libpq's channel_binding; default prefer (SCRAM-SHA-256-PLUS whenever TLS is in use and the server offers it). */
+  channelBinding?: ChannelBindingMode | undefined;
   caPem?: string;
   timeoutMs: number;
   /**
@@ -157,19 +159,32 @@ function xor(a: Buffer, b: Buffer): Buffer {
   return out;
 }
 
-/** Client side of SCRAM-SHA-256 (RFC 5802/7677) without channel binding. */
+/**
+ * More PBKDF2 rounds than any real server asks for (PostgreSQL's default is
+ * 4,096): a server, or anyone between, that asks for more would hold a thread
+ * of the pool the sidecar's I/O shares for minutes.
+ */
+const MAX_SCRAM_ITERATIONS = 1_000_000;
+
+/** Client side of SCRAM-SHA-256 (RFC 5802/7677), with channel binding (RFC 5929 tls-server-end-point) when the GS2 header asks for it. */
 class ScramClient {
   private readonly nonce = randomBytes(18).toString('base64');
   private readonly clientFirstBare = `n=*,r=${this.nonce}`;
   private serverSignature: Buffer | undefined;
+  /** The exchange binds the TLS connection (SCRAM-SHA-256-PLUS). */
+  bound = false;
   private readonly password: string;
+  private readonly gs2Header: string;
+  private readonly serverCertificate: Buffer | undefined;
 
-  constructor(password: string) {
+  constructor(password: string, gs2Header: string, serverCertificate: Buffer | undefined) {
     this.password = password;
+    this.gs2Header = gs2Header;
+    this.serverCertificate = serverCertificate;
   }
 
   initialResponse(): string {
-    return `n,,${this.clientFirstBare}`;
+    return `${this.gs2Header}${this.clientFirstBare}`;
   }
 
   async finalResponse(serverFirst: string): Promise<string> {
@@ -179,10 +194,17 @@ class ScramClient {
     const iterations = Number(attrs.get('i'));
     if (!serverNonce.startsWith(this.nonce) || serverNonce.length === this.nonce.length) throw new UpstreamError('auth', 'SCRAM: server nonce does not extend ours');
     if (!Number.isInteger(iterations) || iterations < 1 || salt.length === 0) throw new UpstreamError('auth', 'SCRAM: malformed server-first-message');
+    if (iterations > MAX_SCRAM_ITERATIONS) throw new UpstreamError('auth', `SCRAM: the server asks for ${iterations} iterations, more than the ${MAX_SCRAM_ITERATIONS} the sidecar computes`);
+    let binding: string;
+    try {
+      binding = channelBindingAttribute(this.gs2Header, this.serverCertificate);
+    } catch (error) {
+      throw new UpstreamError('channel-binding', `SCRAM: ${error instanceof Error ? error.message : String(error)}`);
+    }
     const salted = await new Promise<Buffer>((resolve, reject) => pbkdf2(this.password.normalize('NFKC'), salt, iterations, 32, 'sha256', (err, key) => (err ? reject(err) : resolve(key))));
     const clientKey = hmac(salted, 'Client Key');
     const storedKey = createHash('sha256').update(clientKey).digest();
-    const withoutProof = `c=biws,r=${serverNonce}`;
+    const withoutProof = `c=${binding},r=${serverNonce}`;
     const authMessage = `${this.clientFirstBare},${serverFirst},${withoutProof}`;
     const proof = xor(clientKey, hmac(storedKey, authMessage));
     this.serverSignature = hmac(hmac(salted, 'Server Key'), authMessage);
@@ -207,6 +229,8 @@ export async function loginUpstream(options: UpstreamLoginOptions): Promise<Upst
     let processId = 0;
     let secretKey = 0;
     let scram: ScramClient | undefined;
+    const channelBinding = options.channelBinding ?? 'prefer';
+    let authMethod = 'no password (trust)';
     let finished = false;
     const timer = setTimeout(() => fail(new UpstreamError('timeout', `login did not finish within ${options.timeoutMs} ms`)), options.timeoutMs);
     const cleanup = (): void => {
@@ -224,15 +248,26 @@ export async function loginUpstream(options: UpstreamLoginOptions): Promise<Upst
     };
     const onError = (err: Error): void => fail(new UpstreamError('connect', `server connection failed: ${err.message}`));
     const onClose = (): void => fail(new UpstreamError('connect', 'server closed the connection during login'));
+    const refuseUnbound = (): void => {
+      const refusal = unboundLoginRefusal(channelBinding, scram ? 'SCRAM without channel binding' : authMethod);
+      if (refusal !== undefined) throw new UpstreamError('channel-binding', refusal);
+    };
     const onAuth = (body: Buffer): void => {
       const code = body.readInt32BE(0);
       switch (code) {
         case 0:
+          // As libpq: a required binding is not satisfied by a login that never made one (trust, password, md5).
+          if (scram?.bound !== true) refuseUnbound();
           return;
         case 3:
+          authMethod = 'a cleartext password';
+          // Refused before the password goes out, as libpq does: it would reach whoever is between.
+          refuseUnbound();
           stream.write(serialize.password(options.password));
           return;
         case 5: {
+          authMethod = 'md5';
+          refuseUnbound();
           const salt = body.subarray(4, 8);
           const inner = md5Hex(`${options.password}${options.username}`);
           stream.write(serialize.password(`md5${md5Hex(Buffer.concat([Buffer.from(inner), salt]))}`));
@@ -240,9 +275,12 @@ export async function loginUpstream(options: UpstreamLoginOptions): Promise<Upst
         }
         case 10: {
           const mechanisms = body.subarray(4).toString('utf8').split('\0');
-          if (!mechanisms.includes('SCRAM-SHA-256')) throw new UpstreamError('auth', `no supported SASL mechanism among ${mechanisms.filter(Boolean).join(', ')}`);
-          scram = new ScramClient(options.password);
-          stream.write(serialize.sendSASLInitialResponseMessage('SCRAM-SHA-256', scram.initialResponse()));
+          const tls = stream instanceof TLSSocket;
+          const choice = chooseSaslMethod(mechanisms, tls, channelBinding);
+          if ('refused' in choice) throw new UpstreamError(choice.refused.startsWith('channel binding') ? 'channel-binding' : 'auth', choice.refused);
+          scram = new ScramClient(options.password, choice.gs2Header, tls ? (stream).getPeerCertificate().raw : undefined);
+          scram.bound = choice.mechanism === 'SCRAM-SHA-256-PLUS';
+          stream.write(serialize.sendSASLInitialResponseMessage(choice.mechanism, scram.initialResponse()));
           return;
         }
         case 11:

@@ -107,6 +107,7 @@ describe('CRDs on the API server', function () {
     assert.equal(stored.spec.reserve, undefined);
     assert.equal(stored.spec.budgetStrategy, 'Dynamic');
     assert.equal(stored.spec.database.sslMode, 'prefer');
+    assert.equal(stored.spec.database.channelBinding, 'prefer');
     assert.deepEqual(stored.spec.pool, { mode: 'transaction', poolTimeout: 30, poolRecycle: 3600, poolPrePing: false, idleTimeout: 600 });
     assert.deepEqual(stored.spec.sidecar, { port: 6432, drainTimeout: 30, clientTLS: 'Disabled' });
   });
@@ -171,6 +172,8 @@ describe('CRDs on the API server', function () {
       ['no dbname', (s) => { delete s.database.dbname; }, /spec\.database\.dbname: Required/],
       ['no credentials secret name', (s) => { s.database.credentialsSecretRef = {}; }, /spec\.database\.credentialsSecretRef\.name: Required/],
       ['unknown sslMode', (s) => { s.database.sslMode = 'strict'; }, /spec\.database\.sslMode: Unsupported value: "strict"/],
+      ['unknown channelBinding', (s) => { s.database.channelBinding = 'always'; }, /spec\.database\.channelBinding: Unsupported value: "always"/],
+      ['channelBinding require without TLS', (s) => { s.database.sslMode = 'disable'; s.database.channelBinding = 'require'; }, /spec\.database\.channelBinding: .*channelBinding require binds the login to the TLS connection: set sslMode to prefer, require, verify-ca or verify-full/],
       ['maxConnections 0', (s) => { s.maxConnections = 0; }, /spec\.maxConnections: .*maxConnections must be an integer >= 1 or "auto"/],
       ['maxConnections a word', (s) => { s.maxConnections = 'lots'; }, /spec\.maxConnections: .*maxConnections must be an integer >= 1 or "auto"/],
       ['reserve 95%', (s) => { s.reserve = '95%'; }, /spec\.reserve: .*reserve must be an integer >= 0 or a percent/],

@@ -6,6 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { X509Certificate } from 'node:crypto';
+import { execFile } from 'node:child_process';
 import { mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, connect as netConnect, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -17,7 +18,10 @@ import { testEnvironment } from '../support/hooks.ts';
 import { FileCredentialsSource, Sidecar, type SidecarSettings, type SslMode } from '../../src/sidecar/index.ts';
 import { loginUpstream, UpstreamError } from '../../src/sidecar/upstream-login.ts';
 import { DATABASE_CA, MountedFile } from '../../src/sidecar/mounted-file.ts';
-import { DEFAULT_POSTGRES_CERTIFICATE_NAMES, type PostgresServer } from '../../src/devenv/postgres.ts';
+import { DEFAULT_POSTGRES_CERTIFICATE_NAMES, type PostgresRole, type PostgresServer } from '../../src/devenv/postgres.ts';
+import type { ChannelBindingMode } from '../../src/core/protocol/index.ts';
+import { LimitDiscovery } from '../../src/controller/limit-discovery.ts';
+import { TlsInterceptor } from '../support/tls-interceptor.ts';
 import { createCertificateAuthority } from '../../src/pki/certificates.ts';
 
 const env = testEnvironment();
@@ -25,6 +29,11 @@ const logger = pino({ level: process.env.SIDECAR_TEST_LOG ?? 'silent' });
 
 interface TlsSidecarOptions {
   sslMode: SslMode;
+  channelBinding?: ChannelBindingMode;
+  /** The port the sidecar is told (default the server's): an interception's. */
+  port?: number;
+  /** Log in as this role (default the SCRAM role `app`). */
+  role?: PostgresRole;
   caPem?: string;
   /** The database host the sidecar is told (default the server's 127.0.0.1). */
   host?: string;
@@ -42,12 +51,16 @@ interface Running {
 
 async function startSidecar(postgres: PostgresServer, options: TlsSidecarOptions): Promise<Running> {
   const credentialsDir = mkdtempSync(join(tmpdir(), 'poolkeeper-creds-'));
-  writeFileSync(join(credentialsDir, 'username'), postgres.app.user);
-  writeFileSync(join(credentialsDir, 'password'), postgres.app.password);
+  const role = options.role ?? postgres.app;
+  writeFileSync(join(credentialsDir, 'username'), role.user);
+  writeFileSync(join(credentialsDir, 'password'), role.password);
   const credentials = new FileCredentialsSource({ directory: credentialsDir, logger, pollIntervalMs: 200 });
   const settings: SidecarSettings = {
     listenHost: '127.0.0.1', listenPort: 0,
-    database: { host: options.host ?? postgres.host, port: postgres.port, dbname: 'app', sslMode: options.sslMode, ...(options.caPem !== undefined ? { caPem: options.caPem } : {}) },
+    database: {
+      host: options.host ?? postgres.host, port: options.port ?? postgres.port, dbname: 'app', sslMode: options.sslMode,
+      ...(options.channelBinding !== undefined ? { channelBinding: options.channelBinding } : {}), ...(options.caPem !== undefined ? { caPem: options.caPem } : {}),
+    },
     // A one-second pool timeout: a refused server connection reaches the client quickly.
     pool: { mode: 'transaction', poolTimeout: 1, poolRecycle: 1800, poolPrePing: true, idleTimeout: 600 },
     drainTimeout: 5,
@@ -60,7 +73,7 @@ async function startSidecar(postgres: PostgresServer, options: TlsSidecarOptions
   sidecar.setGrant(2, 1);
   return {
     adminPort: adminPort!,
-    client: () => new pg.Client({ host: '127.0.0.1', port, user: postgres.app.user, database: 'app' }),
+    client: () => new pg.Client({ host: '127.0.0.1', port, user: role.user, database: 'app' }),
     metrics: async () => (await fetch(`http://127.0.0.1:${adminPort!}/metrics`)).text(),
     stop: async () => {
       await sidecar.close();
@@ -276,6 +289,82 @@ describe('sidecar TLS to PostgreSQL (sslMode)', function () {
       await withSidecar(tlsPostgres, { sslMode: 'verify-full', caPem, tunnel }, async (running) => {
         assert.match((await refusedError(running)).message, /TLS to 127\.0\.0\.1 failed \(sslmode=verify-full\): Hostname\/IP does not match certificate's altnames: IP: 127\.0\.0\.1 is not in the cert's list/);
       });
+    });
+  });
+
+  describe('channel binding (spec.database.channelBinding), through a TLS interception that relays to the server', function () {
+    let interceptor: TlsInterceptor;
+    before(async function () {
+      interceptor = new TlsInterceptor({ host: tlsPostgres.host, port: tlsPostgres.port });
+      await interceptor.start();
+    });
+    after(async function () {
+      await interceptor.stop();
+    });
+
+    /** psql (libpq) through the interception: its output, or its error. */
+    function psql(role: PostgresRole, conninfo: string): Promise<{ ok: boolean; text: string }> {
+      return new Promise((resolve) => {
+        execFile('psql', [`host=127.0.0.1 port=${interceptor.port} dbname=app user=${role.user} sslmode=require ${conninfo}`, '-Atc', 'SELECT 1'], { env: { ...process.env, PGPASSWORD: role.password } }, (error, stdout, stderr) => {
+          resolve({ ok: error === null, text: (error === null ? stdout : stderr).trim() });
+        });
+      });
+    }
+
+    async function select(running: Running): Promise<number> {
+      const client = running.client();
+      await client.connect();
+      try {
+        return (await client.query<{ n: number }>('SELECT 1 AS n')).rows[0]!.n;
+      } finally {
+        await client.end();
+      }
+    }
+
+    it('prefer (the default, as libpq): the server refuses the relayed login, as it refuses libpq\'s; disable lets it through, as it does libpq', async function () {
+      const direct = { prefer: await psql(tlsPostgres.app, ''), disable: await psql(tlsPostgres.app, 'channel_binding=disable') };
+      assert.equal(direct.disable.ok, true, `libpq with channel_binding=disable goes through the interception: ${direct.disable.text}`);
+      assert.equal(direct.prefer.ok, false, 'libpq binds by default, and the server refuses it');
+      const refused = await withSidecar(tlsPostgres, { sslMode: 'require', port: interceptor.port }, queryError);
+      assert.match(refused.message, /channel binding/i, `the client hears why: ${refused.message}`);
+      // PostgreSQL's own refusal, as libpq gets it direct, with a hint that says what it means.
+      assert.equal(refused.code, '28000');
+      assert.match(direct.prefer.text, new RegExp(refused.message));
+      assert.match((refused as { hint?: string }).hint ?? '', /does not end at the server/);
+      const unbound = await withSidecar(tlsPostgres, { sslMode: 'require', port: interceptor.port, channelBinding: 'disable' }, select);
+      assert.equal(unbound, 1, 'unbound, the sidecar logs in through the interception (what the binding prevents)');
+      // Straight to the server, the bound login succeeds.
+      assert.equal(await withSidecar(tlsPostgres, { sslMode: 'require' }, select), 1);
+      assert.equal(await withSidecar(tlsPostgres, { sslMode: 'require', channelBinding: 'require' }, select), 1);
+    });
+
+    it('require: an md5 role is refused before its password goes out, as libpq refuses it', async function () {
+      const sentBefore = interceptor.fromClients.length;
+      const direct = await psql(tlsPostgres.appMd5, 'channel_binding=require');
+      assert.equal(direct.ok, false);
+      const refused = await withSidecar(tlsPostgres, { sslMode: 'require', port: interceptor.port, role: tlsPostgres.appMd5, channelBinding: 'require' }, queryError);
+      assert.equal(refused.code, '08001');
+      assert.match(refused.message, /channel binding is required \(spec\.database\.channelBinding\), but the server authenticated the sidecar with md5/);
+      const discovery = new LimitDiscovery({ logger, connectTimeoutMs: 2_000 });
+      const target = { serverKey: 'k', host: '127.0.0.1', port: interceptor.port, dbname: 'app', sslMode: 'require', channelBinding: 'require' as const, username: tlsPostgres.appMd5.user, password: tlsPostgres.appMd5.password };
+      await assert.rejects(discovery.check(target), /channel binding is required .* md5/);
+      const attempts = interceptor.messageTypes().slice(sentBefore);
+      assert.ok(attempts.length >= 3, `libpq, the sidecar and the controller each connected (${attempts.length})`);
+      for (const types of attempts) assert.ok(!types.includes('p'), `no password message went out: ${types.join(' ')}`);
+      // Without require, md5 over the interception works for both.
+      assert.equal((await psql(tlsPostgres.appMd5, '')).ok, true);
+    });
+
+    it('require without TLS is refused by the sidecar and by the controller\'s check, with the reason', async function () {
+      const refused = await withSidecar(plainPostgres, { sslMode: 'prefer', channelBinding: 'require' }, queryError);
+      assert.equal(refused.code, '08001');
+      assert.match(refused.message, /channel binding is required .* SSL is not in use/);
+      const discovery = new LimitDiscovery({ logger, connectTimeoutMs: 2_000 });
+      const target = { serverKey: 'k', host: plainPostgres.host, port: plainPostgres.port, dbname: 'app', sslMode: 'prefer', channelBinding: 'require' as const, username: plainPostgres.app.user, password: plainPostgres.app.password };
+      await assert.rejects(discovery.check(target), /channel binding is required .* SSL is not in use/);
+      const bound = await discovery.check({ ...target, host: tlsPostgres.host, port: tlsPostgres.port, username: tlsPostgres.app.user, password: tlsPostgres.app.password, sslMode: 'require' });
+      assert.ok(bound.maxConnections > 0, 'the controller binds a SCRAM login over TLS');
+      await assert.rejects(discovery.check({ ...target, port: interceptor.port, host: '127.0.0.1', username: tlsPostgres.app.user, password: tlsPostgres.app.password, sslMode: 'require' }), /channel binding|SCRAM/i);
     });
   });
 

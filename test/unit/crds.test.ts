@@ -45,7 +45,7 @@ describe('CRDs', function () {
   it('infers the TypeScript types from the schemas', function () {
     // Compile-time checks: these assignments fail `tsc` if the inference drifts.
     const spec: DatabaseConnectionSpec = {
-      database: { host: 'h', port: 5432, dbname: 'd', sslMode: 'prefer', credentialsSecretRef: { name: 's', usernameKey: 'u', passwordKey: 'p' } },
+      database: { host: 'h', port: 5432, dbname: 'd', sslMode: 'prefer', channelBinding: 'prefer', credentialsSecretRef: { name: 's', usernameKey: 'u', passwordKey: 'p' } },
       maxConnections: 'auto', reserve: '15%', departureHoldSeconds: 60, budgetStrategy: 'MaxReplicas',
       consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' }, weight: 1, minPerPod: 0, processesPerPod: 1 }],
       pool: { mode: 'session', poolTimeout: 1, poolRecycle: -1, poolPrePing: false, idleTimeout: 1 },

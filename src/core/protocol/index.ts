@@ -8,3 +8,4 @@ export * from './cancelled-batch.ts';
 export * from './client-settings.ts';
 export * from './session-commands.ts';
 export * from './tls-client-hello.ts';
+export * from './channel-binding.ts';

@@ -456,4 +456,26 @@ describe('upstream login against a misbehaving server (loopback)', function () {
     assert.ok(error instanceof UpstreamError);
     assert.equal(error.kind, 'timeout');
   });
+
+  it('refuses a SCRAM exchange that asks for two billion iterations, at once (it would hold a thread for hours)', async function () {
+    const message = (type: string, body: Buffer): Buffer => {
+      const header = Buffer.alloc(5);
+      header.write(type, 0);
+      header.writeInt32BE(body.length + 4, 1);
+      return Buffer.concat([header, body]);
+    };
+    const auth = (code: number, rest: Buffer): Buffer => message('R', Buffer.concat([Buffer.from([0, 0, 0, code]), rest]));
+    answer = (socket) => {
+      socket.write(auth(10, Buffer.from('SCRAM-SHA-256\0\0')));
+      socket.once('data', (initial: Buffer) => {
+        const nonce = /r=([^,\0]+)/.exec(initial.toString('latin1'))?.[1] ?? '';
+        socket.write(auth(11, Buffer.from(`r=${nonce}server,s=${Buffer.from('salt').toString('base64')},i=2000000000`)));
+      });
+    };
+    const started = Date.now();
+    const { error } = await login('disable');
+    assert.ok(error instanceof UpstreamError);
+    assert.match(error.message, /asks for 2000000000 iterations, more than the 1000000/);
+    assert.ok(Date.now() - started < 2_000, `refused in ${Date.now() - started} ms`);
+  });
 });

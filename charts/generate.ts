@@ -168,6 +168,7 @@ function parametrize(node: Node | undefined, path: string[], kind: string, monit
       out.imagePullPolicy = new WithKey('.Values.image.pullPolicy');
     } else if (isContainer && key === 'resources') out[key] = new Block(`.Values.resources.${typeof node.name === 'string' ? node.name : ''}`);
     else if (kind === 'Deployment' && at === 'spec.template.spec.containers.env' && node.name === 'POOLKEEPER_SIDECAR_IMAGE' && key === 'value') out[key] = new Tpl('{{ include "poolkeeper.image" . | quote }}');
+    else if (kind === 'Deployment' && at === 'spec.template.spec.containers.env' && node.name === 'POOLKEEPER_SIDECAR_RUN_AS_USER' && key === 'value') out[key] = new Tpl('{{ .Values.sidecar.runAsUser | toString | quote }}');
     else if (kind === 'Deployment' && at === 'spec.template.spec.containers.env' && node.name === 'NODE_OPTIONS' && key === 'value' && typeof value === 'string') {
       out[key] = new Tpl(`${JSON.stringify(value.replace(/--max-old-space-size=\d+/, '--max-old-space-size={{ .Values.controllerHeapMegabytes }}'))}`);
     } else if (kind === 'MutatingWebhookConfiguration' && at === 'webhooks' && key === 'failurePolicy') out[key] = new Tpl('{{ .Values.webhook.failurePolicy }}');

@@ -154,6 +154,8 @@ environment:
   POOLKEEPER_SIDECAR_MEMORY_LIMIT     the sidecar's resources (default 50m, none, 64Mi, 128Mi); a pod's
                                       annotations poolkeeper.dev/sidecar-cpu-request (-cpu-limit,
                                       -memory-request, -memory-limit) override them
+  POOLKEEPER_SIDECAR_RUN_AS_USER      UID (and GID) of the sidecar (default 65532, the image's user), or
+                                      platform: none set, the platform assigns one (OpenShift)
   POOLKEEPER_WEBHOOK_CERTIFICATES     self (a self-managed CA) | files (e.g. cert-manager) (default self)
   POOLKEEPER_WEBHOOK_CERT_DIR         certificate directory for files (default /var/run/poolkeeper/webhook-certs)
   POOLKEEPER_NAMESPACE                namespace of the webhook (default poolkeeper-system)

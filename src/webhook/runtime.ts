@@ -51,6 +51,10 @@ export function webhookConfigFromEnv(env: Readonly<Record<string, string | undef
   const image = env.POOLKEEPER_SIDECAR_IMAGE;
   if (!image) throw new Error('POOLKEEPER_SIDECAR_IMAGE is required');
   const native = env.POOLKEEPER_NATIVE_SIDECARS;
+  const runAs = env.POOLKEEPER_SIDECAR_RUN_AS_USER;
+  // "platform": no UID in the sidecar's securityContext, for platforms that assign one (OpenShift's restricted SCCs).
+  const runAsUser = runAs === undefined || runAs === '' ? DEFAULT_INJECTOR_SETTINGS.runAsUser : runAs === 'platform' ? undefined : Number(runAs);
+  if (runAsUser !== undefined && (!Number.isInteger(runAsUser) || runAsUser < 1)) throw new Error(`POOLKEEPER_SIDECAR_RUN_AS_USER must be a UID >= 1 or "platform", got ${runAs ?? ''}`);
   return {
     certificateMode: mode,
     certDir: env.POOLKEEPER_WEBHOOK_CERT_DIR ?? '/var/run/poolkeeper/webhook-certs',
@@ -66,6 +70,7 @@ export function webhookConfigFromEnv(env: Readonly<Record<string, string | undef
       version,
       sidecarImage: image,
       adminPort: int('POOLKEEPER_SIDECAR_ADMIN_PORT', DEFAULT_INJECTOR_SETTINGS.adminPort),
+      runAsUser,
       // Pods reach their sidecar over a Unix-domain socket unless annotated otherwise.
       ...(env.POOLKEEPER_UNIX_SOCKET === 'true' ? { unixSocket: true } : {}),
       ...(env.POOLKEEPER_SIDECAR_CPU_REQUEST || env.POOLKEEPER_SIDECAR_MEMORY_REQUEST || env.POOLKEEPER_SIDECAR_MEMORY_LIMIT || env.POOLKEEPER_SIDECAR_CPU_LIMIT ? {

@@ -110,6 +110,10 @@ describe('Helm chart', function () {
     assert.deepEqual(webhook!.resources, { requests: { cpu: '20m', memory: '64Mi' }, limits: { memory: '128Mi' } });
     assert.equal(controller!.env.find((e) => e.name === 'NODE_OPTIONS')?.value, '--max-semi-space-size=2 --max-old-space-size=640', 'the heap cap follows the memory limit');
     assert.equal(webhook!.env.find((e) => e.name === 'POOLKEEPER_SIDECAR_IMAGE')?.value, 'registry.example/poolkeeper:1.2.3', 'the webhook injects the image it runs');
+    assert.equal(webhook!.env.find((e) => e.name === 'POOLKEEPER_SIDECAR_RUN_AS_USER')?.value, '65532', 'the image\'s user by default');
+    const platform = deployment(render(['--set', 'sidecar.runAsUser=platform'])).spec.template.spec.containers.find((c) => c.name === 'webhook')!;
+    assert.equal(platform.env.find((e) => e.name === 'POOLKEEPER_SIDECAR_RUN_AS_USER')?.value, 'platform');
+    assert.throws(() => render(['--set', 'sidecar.runAsUser=root']), /runAsUser/);
     const config = objects.find((o) => o.kind === 'MutatingWebhookConfiguration') as unknown as { webhooks: { failurePolicy: string }[] };
     assert.equal(config.webhooks[0]!.failurePolicy, 'Fail');
     assert.deepEqual(objects.filter((o) => o.kind === 'PodMonitor' || o.kind === 'PrometheusRule' || o.kind === 'ConfigMap').map(id).sort(),

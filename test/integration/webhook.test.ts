@@ -332,6 +332,13 @@ describe('webhook on the API server', function () {
         assert.ok(sidecarOf(created), `${name} has the sidecar`);
         if (name === 'psa-socket') assert.ok(created.spec?.volumes?.some((v) => v.emptyDir !== undefined), 'the socket directory is an emptyDir');
       }
+      // POOLKEEPER_SIDECAR_RUN_AS_USER=platform: the sidecar names no UID (the pod's, or the platform's, applies), and is admitted too.
+      const plain = await core.readNamespacedPod({ name: 'psa-plain', namespace });
+      const platformUid: V1Pod = { metadata: { name: 'psa-platform-uid', namespace, annotations: plain.metadata?.annotations ?? {} }, spec: plain.spec! };
+      const noUid = sidecarOf(platformUid)!;
+      delete noUid.securityContext!.runAsUser;
+      delete noUid.securityContext!.runAsGroup;
+      await core.createNamespacedPod({ namespace, body: platformUid, dryRun: 'All' });
       const ownToken = restricted('psa-own-token');
       ownToken.spec!.automountServiceAccountToken = false;
       const created = await core.createNamespacedPod({ namespace, body: ownToken });

@@ -201,6 +201,14 @@ describe('inject: computeInjection', function () {
     assert.equal(out.spec!.containers[2]!.env!.some((e) => e.name === 'PGHOST'), false);
   });
 
+  it('names no UID for a platform that assigns one (OpenShift\'s restricted SCCs), and still asks for a non-root user', function () {
+    const out = injected(pod({ containers: [{ name: 'a' }] }), connection(), { ...settings, runAsUser: undefined });
+    const sidecar = out.spec!.initContainers![0]!;
+    assert.deepEqual(sidecar.securityContext, {
+      runAsNonRoot: true, readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: { drop: ['ALL'] }, seccompProfile: { type: 'RuntimeDefault' },
+    });
+  });
+
   it('keeps env the user set and reports each conflict as a warning', function () {
     const containers: ContainerLike[] = [{ name: 'app', env: [{ name: 'PGHOST', value: 'db.example' }, { name: 'DATABASE_URL', value: 'postgres://x' }, { name: 'PGSSLMODE', value: 'disable' }] }];
     const result = computeInjection({ pod: pod({ containers }), connection: connection(), settings });

@@ -7,6 +7,7 @@ import { DEFAULT_INJECTOR_SETTINGS, applyJsonPatch, type InjectableConnection, t
 import { createCertificateAuthority, issueCertificate } from '../../src/pki/certificates.ts';
 import { AdmissionMetrics, PodAdmissionHandler, type ConnectionLookup } from '../../src/webhook/admission.ts';
 import { MUTATE_PODS_PATH, WebhookServer } from '../../src/webhook/server.ts';
+import { webhookConfigFromEnv } from '../../src/webhook/runtime.ts';
 
 const logger = pino({ level: 'silent' });
 const settings = { ...DEFAULT_INJECTOR_SETTINGS, sidecarImage: 'poolkeeper/poolkeeper:test', version: '0.1.0' };
@@ -119,6 +120,18 @@ describe('webhook: WebhookServer', function () {
       assert.equal(rotated.issuer, 'ca-two');
     } finally {
       await server.close();
+    }
+  });
+});
+
+describe('webhook: configuration from the environment', function () {
+  it('reads the sidecar\'s UID from POOLKEEPER_SIDECAR_RUN_AS_USER: a UID, or platform for none; anything else stops the webhook with the variable named', function () {
+    const base = { POOLKEEPER_SIDECAR_IMAGE: 'poolkeeper/poolkeeper:test' };
+    assert.equal(webhookConfigFromEnv(base, '0.1.0').injector.runAsUser, 65532);
+    assert.equal(webhookConfigFromEnv({ ...base, POOLKEEPER_SIDECAR_RUN_AS_USER: '1000680000' }, '0.1.0').injector.runAsUser, 1000680000);
+    assert.equal(webhookConfigFromEnv({ ...base, POOLKEEPER_SIDECAR_RUN_AS_USER: 'platform' }, '0.1.0').injector.runAsUser, undefined);
+    for (const wrong of ['0', 'root', '-1', '1.5']) {
+      assert.throws(() => webhookConfigFromEnv({ ...base, POOLKEEPER_SIDECAR_RUN_AS_USER: wrong }, '0.1.0'), /POOLKEEPER_SIDECAR_RUN_AS_USER must be a UID >= 1 or "platform"/);
     }
   });
 });

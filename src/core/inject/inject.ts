@@ -228,8 +228,7 @@ function sidecarContainer(connection: InjectableConnection, settings: InjectorSe
     resources,
     securityContext: {
       runAsNonRoot: true,
-      runAsUser: settings.runAsUser,
-      runAsGroup: settings.runAsUser,
+      ...(settings.runAsUser === undefined ? {} : { runAsUser: settings.runAsUser, runAsGroup: settings.runAsUser }),
       readOnlyRootFilesystem: true,
       allowPrivilegeEscalation: false,
       capabilities: { drop: ['ALL'] },

@@ -230,8 +230,13 @@ export interface InjectorSettings {
   resources: { requests: ResourceQuantities; limits: ResourceQuantities };
   /** Kubernetes >= 1.29: the sidecar goes into initContainers with restartPolicy Always. */
   nativeSidecars: boolean;
-  /** UID the sidecar runs as (the image's non-root user). */
-  runAsUser: number;
+  /**
+   * UID (and GID) the sidecar runs as: the image's non-root user. Undefined:
+   * none is set and the platform assigns one (OpenShift's restricted SCCs
+   * assign a UID from the namespace's range and refuse any other); the
+   * sidecar still must run as non-root.
+   */
+  runAsUser: number | undefined;
   probePaths: ProbePaths;
   /**
    * Application containers reach the sidecar over a Unix-domain socket in a

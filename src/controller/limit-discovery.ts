@@ -14,6 +14,7 @@ import type { ServerSettings } from '../core/budget/index.ts';
 import { chooseSaslMethod, unboundLoginRefusal, type ChannelBindingMode } from '../core/protocol/index.ts';
 import { SidecarMetrics } from '../sidecar/metrics.ts';
 import { SshTunnel, type TunnelSettings } from '../sidecar/tunnel.ts';
+import { steadyNow } from '../sidecar/clock.ts';
 
 /** Where and as whom to ask. */
 export interface DiscoveryTarget {
@@ -161,7 +162,7 @@ export class LimitDiscovery {
   }
 
   private async query(target: DiscoveryTarget, ssl: ConnectionOptions | false, tunnel: SshTunnel | undefined): Promise<ServerSettings> {
-    const stream = tunnel ? channelAsSocket(await tunnel.open(target.host, target.port, Date.now() + this.connectTimeoutMs)) : undefined;
+    const stream = tunnel ? channelAsSocket(await tunnel.open(target.host, target.port, steadyNow() + this.connectTimeoutMs)) : undefined;
     const channelBinding = target.channelBinding ?? 'prefer';
     const client = new pg.Client({
       host: target.host, port: target.port, database: target.dbname, user: target.username, password: target.password,

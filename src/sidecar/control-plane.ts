@@ -16,6 +16,7 @@ import { Informer, type KubeObject } from '../kube/informer.ts';
 import type { DatabaseReachability, SidecarStatus } from './settings.ts';
 import { AcknowledgementSender } from './acknowledgement-sender.ts';
 import type { ChannelAcknowledgement } from '../core/budget/acknowledgement.ts';
+import { steadyNow } from './clock.ts';
 
 /** How long acknowledgements take the status path after the channel failed once. */
 const CHANNEL_RETRY_MS = 30_000;
@@ -373,14 +374,14 @@ export class PoolMemberAgent {
       const fields = JSON.stringify(channel.ack);
       // Already confirmed, or already in the status: nothing to say until the follow-up write or the next heartbeat.
       if (fields === this.sentOverChannel || sameAcknowledgement(status, this.lastWritten)) return;
-      if (Date.now() >= this.channelRetryAt) {
+      if (steadyNow() >= this.channelRetryAt) {
         if (await this.sender.send(channel.to, channel.ack, channel.key)) {
           this.sentOverChannel = fields;
           this.scheduleFollowUp();
           return;
         }
         // Refused or unreachable (a network policy, a standby): the status path, without waiting on the channel again for a while.
-        this.channelRetryAt = Date.now() + CHANNEL_RETRY_MS;
+        this.channelRetryAt = steadyNow() + CHANNEL_RETRY_MS;
       }
     }
     await this.writeStatus();

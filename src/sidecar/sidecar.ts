@@ -34,6 +34,7 @@ import { NotificationHub } from './notifications.ts';
 import { Pool } from './pool.ts';
 import { SERVER_KEEPALIVE, type CredentialsSource, type PoolMode, type SidecarSettings, type SidecarStatus } from './settings.ts';
 import { SshTunnel } from './tunnel.ts';
+import { steadyNow } from './clock.ts';
 
 /** Constructor dependencies of the Sidecar. */
 export interface SidecarDeps {
@@ -133,7 +134,7 @@ export class Sidecar implements ClientSessionHost {
       openStream: (host, port, deadline) => this.openStream(host, port, deadline),
       logger: deps.logger,
       metrics: this.metrics,
-      now: () => Date.now(),
+      now: steadyNow,
       changed: () => this.statusChanged(),
       blockedReason: () => this.tunnel?.downReason(),
       refusedReason: () => this.tunnel?.refusedReason(),
@@ -298,8 +299,8 @@ export class Sidecar implements ClientSessionHost {
     this.socketServer?.close();
     this.pool.beginDrain();
     for (const session of [...this.sessions]) session.drain();
-    const deadline = Date.now() + this.settings.drainTimeout * 1000;
-    while (this.sessions.size > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    const deadline = steadyNow() + this.settings.drainTimeout * 1000;
+    while (this.sessions.size > 0 && steadyNow() < deadline) await new Promise((r) => setTimeout(r, 50));
     for (const session of [...this.sessions]) session.forceClose();
     this.pool.closeAll('drain');
     await this.pool.whenEmpty();
@@ -499,7 +500,7 @@ export class Sidecar implements ClientSessionHost {
       const timer = setTimeout(() => {
         socket.destroy();
         reject(new Error(`connecting to ${host}:${port} timed out`));
-      }, Math.max(1, deadline - Date.now()));
+      }, Math.max(1, deadline - steadyNow()));
       socket.once('connect', () => {
         clearTimeout(timer);
         socket.off('error', onError);

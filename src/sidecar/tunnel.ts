@@ -15,6 +15,7 @@ import type { SidecarMetrics } from './metrics.ts';
 import type { CurrentText, MountedFileKind } from './mounted-file.ts';
 import type { SidecarSettings } from './settings.ts';
 import { UpstreamError } from './upstream-login.ts';
+import { steadyNow } from './clock.ts';
 
 let ssh2Module: typeof Ssh2 | undefined;
 let ssh2Loading: Promise<void> | undefined;
@@ -139,13 +140,13 @@ export class SshTunnel {
     this.connect();
   }
 
-  /** Opens a forwarded channel to host:port, waiting for the tunnel until `deadline` (ms since epoch). */
+  /** Opens a forwarded channel to host:port, waiting for the tunnel until `deadline` (on steadyNow's clock). */
   async open(host: string, port: number, deadline: number): Promise<Duplex> {
     while (!this.ready) {
       if (this.stopped) throw new Error('SSH tunnel is stopped');
       const refused = this.refusedReason();
       if (refused !== undefined) throw new UpstreamError('ssh-refused', refused);
-      const remaining = deadline - Date.now();
+      const remaining = deadline - steadyNow();
       if (remaining <= 0) throw new Error(`SSH tunnel to ${this.settings.host}:${this.settings.port} is down: ${this.lastError}`);
       const waiters = this.readyWaiters;
       await new Promise<void>((resolve) => {

@@ -22,6 +22,7 @@ import { nativeIoDeps } from '../support/sidecar-fixture.ts';
 import { MountedFile, type CurrentText } from '../../src/sidecar/mounted-file.ts';
 import { StateFile } from '../../src/sidecar/state-file.ts';
 import { SshTunnel, sshPrivateKeyKind } from '../../src/sidecar/tunnel.ts';
+import { steadyNow } from '../../src/sidecar/clock.ts';
 import { SidecarMetrics } from '../../src/sidecar/metrics.ts';
 
 const env = testEnvironment();
@@ -355,6 +356,37 @@ describe('sidecar budget and lifecycle', function () {
       await holder.end();
       await withClient(running, (c) => c.query('SELECT 1'));
     } finally {
+      await running.stop();
+    }
+  });
+
+  it('times a waiting client out after poolTimeout when the node\'s wall clock steps back an hour meanwhile (NTP, a resumed VM), and recycles nothing when it steps forward', async function () {
+    const running = await startSidecar(postgres, { grant: 1, pool: { poolTimeout: 1, poolRecycle: 1800, idleTimeout: 600 } });
+    const wallClock = Date.now;
+    try {
+      const pidOf = async (c: pg.Client): Promise<number> => (await c.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+      const before = await withClient(running, pidOf);
+      const holder = running.client();
+      await holder.connect();
+      await holder.query('BEGIN');
+      const waiter = running.client();
+      waiter.on('error', () => undefined);
+      await waiter.connect();
+      const waitingSince = performance.now();
+      const refused = assert.rejects(waiter.query('SELECT 1'), (e: { code?: string }) => e.code === '53300');
+      await new Promise((r) => setTimeout(r, 200));
+      // Date.now reads the system's wall clock: this is what the process sees when the clock is stepped.
+      Date.now = () => wallClock() - 3_600_000;
+      await refused;
+      const waited = performance.now() - waitingSince;
+      assert.ok(waited < 5_000, `the client waited ${Math.round(waited)} ms with poolTimeout 1 s (judged by the wall clock, an hour more)`);
+      await holder.query('COMMIT');
+      await holder.end();
+      // Two hours forward: the idle server connection is 1 s old, not due for poolRecycle (30 min).
+      Date.now = () => wallClock() + 7_200_000;
+      assert.equal(await withClient(running, pidOf), before, 'the same server connection serves on');
+    } finally {
+      Date.now = wallClock;
       await running.stop();
     }
   });
@@ -751,7 +783,7 @@ describe('sidecar SSH tunnel', function () {
     unknownKey.start();
     try {
       // Two minutes' deadline: waiting it out would fail this test's timeout; the refusal comes in well under a second.
-      const deadline = Date.now() + 120_000;
+      const deadline = steadyNow() + 120_000;
       await assert.rejects(wrongHostKey.open('127.0.0.1', postgres.port, deadline), /SSH tunnel to .* refused: host key mismatch \(the bastion presented SHA256:/);
       await assert.rejects(unknownKey.open('127.0.0.1', postgres.port, deadline), /SSH tunnel to .* refused: the bastion refused the SSH login .*All configured authentication methods failed/);
       // Asked again while the refusal stands: at once too.

@@ -281,17 +281,18 @@ $result['pgPrepared'] = (function () {
 
 // pg_send_query + pg_cancel_query (PQrequestCancel, then the results are read and
 // dropped), then the next query.
-$result['pgCancel'] = (function () {
+$result['pgCancel'] = (function () use ($table) {
     $c = pg();
     $steps = [];
-    pg_send_query($c, 'SELECT pg_sleep(5)');
+    $sleep = "SELECT pg_sleep(5) /* $table */"; // its own text, to find it in pg_stat_activity
+    pg_send_query($c, $sleep);
     usleep(200000);
     $started = microtime(true);
     $steps['cancelled'] = pg_cancel_query($c);
     $seconds = microtime(true) - $started;
     $steps['within2s'] = $seconds < 2;
     $steps['next'] = step(fn () => pgQuery($c, 'SELECT 42')[0][0]);
-    $steps['stillRunning'] = step(fn () => pgQuery($c, "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(5)' AND state = 'active'")[0][0]);
+    $steps['stillRunning'] = step(fn () => pgQuery($c, "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'", [$sleep])[0][0]);
     pg_close($c);
     return $steps + ['seconds' => round($seconds, 2)];
 })();

@@ -2,7 +2,8 @@
 # Idempotent set-up of everything the demo and the tests run on:
 # Debian's PostgreSQL, OpenSSH server and PgBouncer, the database drivers the
 # driver compatibility tests run (psycopg 3, psycopg2, asyncpg for Debian's
-# python3, pgjdbc for the installed Java, DBD::Pg for Debian's perl), and the pinned Kubernetes binaries
+# python3, pgjdbc for the installed Java, DBD::Pg for Debian's perl, PHP's PDO_pgsql
+# and pgsql for Debian's php), and the pinned Kubernetes binaries
 # built from Go modules (cached per version), and the sidecar's native socket
 # I/O (a C file built with the system's compiler). Safe to run repeatedly.
 set -euo pipefail
@@ -26,6 +27,8 @@ command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || missing+=(ip
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 # Perl DBD::Pg for Debian's own perl (its DBI comes with it).
 /usr/bin/perl -MDBD::Pg -e 1 >/dev/null 2>&1 || missing+=(libdbd-pg-perl)
+# PHP's PDO_pgsql and pgsql extensions for Debian's php.
+/usr/bin/php -r 'exit(extension_loaded("pdo_pgsql") && extension_loaded("pgsql") ? 0 : 1);' >/dev/null 2>&1 || missing+=(php-cli php-pgsql)
 
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then

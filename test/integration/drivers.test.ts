@@ -2,7 +2,8 @@
  * Real drivers against four targets in one run: PostgreSQL direct, PgBouncer
  * (transaction mode), the sidecar in transaction mode and in session mode.
  * The scenario programs under test/drivers/ (psycopg2 and psycopg 3 on libpq,
- * asyncpg, pgjdbc, node-postgres, Perl DBD::Pg and raw sockets) print one JSON result each;
+ * asyncpg, pgjdbc, node-postgres, Perl DBD::Pg, PHP's PDO_pgsql and pgsql, and raw
+ * sockets) print one JSON result each;
  * every assertion holds direct, and must hold through the sidecar: the same
  * result as direct, or a clear error that names what the pooler cannot do.
  * What PgBouncer 1.18 legitimately cannot do is recorded, not asserted.
@@ -13,7 +14,7 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -26,6 +27,7 @@ const driversDir = join(dirname(fileURLToPath(import.meta.url)), '..', 'drivers'
 const PYTHON = '/usr/bin/python3'; // Debian's: the one the python3-* driver packages belong to
 const PGJDBC_JAR = '/usr/share/java/postgresql.jar';
 const PERL = '/usr/bin/perl'; // Debian's: the one libdbd-pg-perl belongs to
+const PHP = '/usr/bin/php'; // Debian's php-cli, with php-pgsql's pdo_pgsql and pgsql
 
 interface Login { host: string; port: number; user: string; password: string; dbname: string }
 type TargetName = 'direct' | 'pgbouncer' | 'sidecar-transaction' | 'sidecar-session';
@@ -62,6 +64,11 @@ const PGBOUNCER_CANNOT: Record<string, string> = {
   'DBD::Pg basics': 'DBD::Pg\'s named statements (dbdpg_p<pid>_<n>) are per server connection in transaction mode (PgBouncer < 1.21)',
   'DBD::Pg last_insert_id, clients taking turns': 'currval() in a later transaction reads whichever client last ran nextval() on the server connection it gets',
   'DBD::Pg last_insert_id in the INSERT\'s transaction': 'DBD::Pg\'s named statements (dbdpg_p<pid>_<n>) are per server connection in transaction mode (PgBouncer < 1.21)',
+  'PHP PDO named statements': 'PDO\'s named statements (pdo_stmt_<n>, numbered per connection) are per server connection in transaction mode (PgBouncer < 1.21)',
+  'PHP PDO lastInsertId, clients taking turns': 'currval() in a later transaction reads whichever client last ran nextval() on the server connection it gets',
+  'PHP PDO lastInsertId without a sequence name, clients taking turns': 'lastval() in a later transaction reads whichever client last ran nextval() on the server connection it gets',
+  'PHP pg_prepare and pg_execute': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
+  'PHP pg_get_notify': 'LISTEN stays on the server connection that ran it',
 };
 
 const measured = new Map<string, Map<TargetName, Json>>();
@@ -91,7 +98,7 @@ function run(command: string, args: string[], timeoutMs: number): Promise<Json> 
 
 /** One run of a scenario program per target, shared by the tests that read its result. */
 const runs = new Map<string, Promise<Json>>();
-function scenario(target: Target, program: 'cancel' | 'startup' | 'session-state' | 'psycopg3' | 'asyncpg' | 'pgjdbc' | 'node-postgres' | 'dbdpg'): Promise<Json> {
+function scenario(target: Target, program: 'cancel' | 'startup' | 'session-state' | 'psycopg3' | 'asyncpg' | 'pgjdbc' | 'node-postgres' | 'dbdpg' | 'php'): Promise<Json> {
   const key = `${target.name}/${program}`;
   let pending = runs.get(key);
   if (!pending) {
@@ -117,6 +124,10 @@ function scenario(target: Target, program: 'cancel' | 'startup' | 'session-state
       case 'asyncpg': pending = run(PYTHON, ['drv_asyncpg.py', JSON.stringify({ ...config, asyncpgPool: 10 })], 60_000); break;
       case 'node-postgres': pending = run(process.execPath, ['node-postgres.ts', json], 60_000); break;
       case 'dbdpg': pending = run(PERL, ['drv_dbdpg.pl', json], 60_000); break;
+      case 'php':
+        // Without php-cli the program cannot say so itself (drv_php.php does when php-pgsql is missing).
+        pending = existsSync(PHP) ? run(PHP, ['drv_php.php', json], 60_000) : Promise.resolve({ skipped: `${PHP} is not installed (Debian: php-cli php-pgsql)` });
+        break;
       case 'pgjdbc': {
         const url = `jdbc:postgresql://${target.login.host}:${target.login.port}/${target.login.dbname}`;
         pending = run('java', ['-Duser.timezone=Asia/Tokyo', '-cp', `${javaClasses}:${PGJDBC_JAR}`, 'PgjdbcScenarios', url, target.login.user, target.login.password, target.suffix, '8', String(target.mode === 'session' ? target.poolSize : target.poolSize + 4)], 60_000);
@@ -418,6 +429,70 @@ describe('real drivers: direct, PgBouncer, sidecar transaction and session mode'
 
       feature('DBD::Pg last_insert_id in the INSERT\'s transaction', async (t) => dbdpg(t, 'lastInsertIdInTransaction'), (r) => {
         assert.deepEqual([r.own, r.other, r.refused, r.errors], [8, 0, [], []], 'AutoCommit off: the read in the transaction of its INSERT is the client\'s own');
+      });
+
+      /** A PHP scenario's result, or the whole result when PHP or its PostgreSQL extensions are not installed (it says so). */
+      const php = async (t: Target, part: string): Promise<Json> => {
+        const r = await scenario(t, 'php');
+        return typeof r.skipped === 'string' ? r : r[part] as Json;
+      };
+      /** Each step's value or SQLSTATE, as direct's. */
+      const asDirect = (title: string, r: Json, steps: string[]): void => {
+        const d = direct(title);
+        for (const s of steps) assert.deepEqual(outcome(r[s] as Step), outcome(d[s] as Step), `${title}: ${s}: ${JSON.stringify(r[s])}, direct ${JSON.stringify(d[s])}`);
+      };
+
+      feature('PHP PDO named statements', async (t) => php(t, 'pdoStatements'), (r) => {
+        assert.deepEqual(r.errors, [], 'PDO statements kept across transactions and destroyed (DEALLOCATE), two connections taking turns, an error rolled back');
+        assert.equal(r.rounds, 10);
+      });
+
+      feature('PHP PDO persistent connection', async (t) => php(t, 'pdoPersistent'), (r) => {
+        asDirect('PHP PDO persistent connection', r, ['set', 'first', 'applicationName', 'second', 'inTransaction', 'reset']);
+      });
+
+      feature('PHP PDO COPY', async (t) => php(t, 'pdoCopy'), (r) => {
+        asDirect('PHP PDO COPY', r, ['in', 'out', 'bad', 'after', 'inTransaction']);
+      });
+
+      feature('PHP PDO lastInsertId, client alone', async (t) => php(t, 'lastInsertIdAlone'), (r) => {
+        assert.deepEqual([r.own, r.other, r.refused, r.errors], [4, 0, [], []], 'a client whose server connection no other client had reads its own id, as direct');
+      });
+
+      for (const [title, part] of [['PHP PDO lastInsertId, clients taking turns', 'lastInsertIdTurns'], ['PHP PDO lastInsertId without a sequence name, clients taking turns', 'lastInsertIdLastval']] as const) {
+        feature(title, async (t) => php(t, part), (r, t) => {
+          assert.equal(r.other, 0, `read another client's id ${String(r.other)} times`);
+          assert.deepEqual(r.errors, []);
+          if (t.mode !== 'transaction') {
+            assert.deepEqual([r.own, r.refused], [8, []]);
+            return;
+          }
+          // Transaction mode: a read after another client's nextval() on the shared connection is refused, saying why.
+          const refused = r.refused as string[];
+          assert.ok(refused.length > 0, 'two clients taking turns on one idle connection: expected a refusal');
+          assert.equal((r.own as number) + refused.length, r.reads);
+        });
+      }
+
+      feature('PHP PDO lastInsertId in the INSERT\'s transaction', async (t) => php(t, 'lastInsertIdInTransaction'), (r) => {
+        assert.deepEqual([r.own, r.other, r.refused, r.errors], [8, 0, [], []], 'the read in the transaction of its INSERT is the client\'s own');
+      });
+
+      feature('PHP pg_prepare and pg_execute', async (t) => php(t, 'pgPrepared'), (r) => {
+        assert.deepEqual(r.errors, [], 'one statement name, two connections taking turns, across transactions, DEALLOCATE then 26000, prepared again');
+      });
+
+      feature('PHP pg_cancel_query', async (t) => php(t, 'pgCancel'), (r) => {
+        assert.equal(r.cancelled, true);
+        assert.equal(r.within2s, true, `pg_cancel_query returned after ${String(r.seconds)} s`);
+        asDirect('PHP pg_cancel_query', r, ['next', 'stillRunning']);
+      });
+
+      feature('PHP pg_get_notify', async (t) => php(t, 'pgNotify'), (r, t) => {
+        const d = direct('PHP pg_get_notify');
+        assert.deepEqual([r.listen, r.other, r.own, r.afterUnlisten], [d.listen, d.other, d.own, d.afterUnlisten], 'the other connection\'s and its own notification, nothing after UNLISTEN');
+        // Transaction mode: no fixed backend, so the pids name none of the connections' (docs/transaction-mode.md).
+        if (t.mode !== 'transaction') assert.deepEqual([r.otherPidIsSender, r.ownPidIsGetPid], [true, true]);
       });
 
       feature('protocol negotiation', async (t) => (await scenario(t, 'node-postgres')).protocolVersions as Json, (r) => {

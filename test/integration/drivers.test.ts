@@ -414,18 +414,23 @@ describe('real drivers: direct, PgBouncer, sidecar transaction and session mode'
         assert.deepEqual([r.own, r.other, r.refused, r.errors], [4, 0, [], []], 'a client whose server connection no other client had reads its own id, as direct');
       });
 
-      feature('DBD::Pg last_insert_id, clients taking turns', async (t) => dbdpg(t, 'lastInsertIdTurns'), (r, t) => {
+      /**
+       * Two clients taking turns, each reading the id its INSERT made: never the other's; in transaction mode,
+       * the reads after another client's nextval() on the shared connection are refused, saying why.
+       */
+      const ownIdsTakingTurns = (r: Json, t: Target): void => {
         assert.equal(r.other, 0, `read another client's id ${String(r.other)} times`);
         assert.deepEqual(r.errors, []);
         if (t.mode !== 'transaction') {
           assert.deepEqual([r.own, r.refused], [8, []]);
           return;
         }
-        // Transaction mode: the reads after another client's nextval() on the shared connection are refused, saying why.
         const refused = r.refused as string[];
         assert.ok(refused.length > 0, 'two clients taking turns on one idle connection: expected a refusal');
         assert.equal((r.own as number) + refused.length, r.reads);
-      });
+      };
+
+      feature('DBD::Pg last_insert_id, clients taking turns', async (t) => dbdpg(t, 'lastInsertIdTurns'), ownIdsTakingTurns);
 
       feature('DBD::Pg last_insert_id in the INSERT\'s transaction', async (t) => dbdpg(t, 'lastInsertIdInTransaction'), (r) => {
         assert.deepEqual([r.own, r.other, r.refused, r.errors], [8, 0, [], []], 'AutoCommit off: the read in the transaction of its INSERT is the client\'s own');
@@ -460,18 +465,7 @@ describe('real drivers: direct, PgBouncer, sidecar transaction and session mode'
       });
 
       for (const [title, part] of [['PHP PDO lastInsertId, clients taking turns', 'lastInsertIdTurns'], ['PHP PDO lastInsertId without a sequence name, clients taking turns', 'lastInsertIdLastval']] as const) {
-        feature(title, async (t) => php(t, part), (r, t) => {
-          assert.equal(r.other, 0, `read another client's id ${String(r.other)} times`);
-          assert.deepEqual(r.errors, []);
-          if (t.mode !== 'transaction') {
-            assert.deepEqual([r.own, r.refused], [8, []]);
-            return;
-          }
-          // Transaction mode: a read after another client's nextval() on the shared connection is refused, saying why.
-          const refused = r.refused as string[];
-          assert.ok(refused.length > 0, 'two clients taking turns on one idle connection: expected a refusal');
-          assert.equal((r.own as number) + refused.length, r.reads);
-        });
+        feature(title, async (t) => php(t, part), ownIdsTakingTurns);
       }
 
       feature('PHP PDO lastInsertId in the INSERT\'s transaction', async (t) => php(t, 'lastInsertIdInTransaction'), (r) => {

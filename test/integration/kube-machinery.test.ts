@@ -23,6 +23,19 @@ async function eventually(what: string, check: () => boolean | Promise<boolean>,
   }
 }
 
+/** A TCP proxy in front of the API server, to freeze or cut, and a KubeConfig that goes through it. */
+async function behindProxy(server: string, kc: KubeConfig): Promise<{ proxy: TcpProxy; viaProxy: KubeConfig }> {
+  const target = new URL(server);
+  const proxy = new TcpProxy(target.hostname, Number(target.port));
+  await proxy.start();
+  const viaProxy = new KubeConfig();
+  viaProxy.loadFromOptions({
+    clusters: kc.clusters.map((c) => ({ ...c, server: `https://127.0.0.1:${proxy.port}` })),
+    users: kc.users, contexts: kc.contexts, currentContext: kc.currentContext,
+  });
+  return { proxy, viaProxy };
+}
+
 describe('kube machinery', function () {
   let namespace: string;
 
@@ -54,15 +67,8 @@ describe('kube machinery', function () {
 
   it('informer: a stalled watch is detected, restarted, and catches up', async function () {
     const kube = await testEnvironment().kube();
-    const target = new URL(kube.server);
-    const proxy = new TcpProxy(target.hostname, Number(target.port));
-    await proxy.start();
     const kc = kube.kubeConfig();
-    const viaProxy = new KubeConfig();
-    viaProxy.loadFromOptions({
-      clusters: kc.clusters.map((c) => ({ ...c, server: `https://127.0.0.1:${proxy.port}` })),
-      users: kc.users, contexts: kc.contexts, currentContext: kc.currentContext,
-    });
+    const { proxy, viaProxy } = await behindProxy(kube.server, kc);
     const informer = new Informer<KubeObject>(new KubeHttp(viaProxy), { path: `/api/v1/namespaces/${namespace}/configmaps`, labelSelector: 'stall=test', stallTimeoutMs: 1500, logger });
     await informer.start();
     try {
@@ -152,15 +158,8 @@ describe('kube machinery', function () {
 
   it('leader election: a leader whose renewal hangs on the network steps down within the renew deadline, even with its wall clock stepped back', async function () {
     const kube = await testEnvironment().kube();
-    const target = new URL(kube.server);
-    const proxy = new TcpProxy(target.hostname, Number(target.port));
-    await proxy.start();
     const kc = kube.kubeConfig();
-    const viaProxy = new KubeConfig();
-    viaProxy.loadFromOptions({
-      clusters: kc.clusters.map((c) => ({ ...c, server: `https://127.0.0.1:${proxy.port}` })),
-      users: kc.users, contexts: kc.contexts, currentContext: kc.currentContext,
-    });
+    const { proxy, viaProxy } = await behindProxy(kube.server, kc);
     const options = { namespace, name: 'poolkeeper-test-hung-renewal', leaseDurationMs: 3000, renewDeadlineMs: 2000, retryPeriodMs: 200, logger };
     const clock = skewedClock(0);
     const a = new LeaderElector(new KubeHttp(viaProxy), { ...options, identity: 'a', clock });

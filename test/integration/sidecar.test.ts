@@ -71,6 +71,17 @@ async function startSidecar(postgres: PostgresServer, options: { mode?: PoolMode
   };
 }
 
+/** One client holding the sidecar's only server connection in a transaction, and another logged in behind it. */
+async function grantHeld(running: Running): Promise<{ holder: pg.Client; waiter: pg.Client }> {
+  const holder = running.client();
+  await holder.connect();
+  await holder.query('BEGIN');
+  const waiter = running.client();
+  waiter.on('error', () => undefined);
+  await waiter.connect();
+  return { holder, waiter };
+}
+
 async function withClient<T>(running: Running, fn: (c: pg.Client) => Promise<T>): Promise<T> {
   const client = running.client();
   await client.connect();
@@ -345,12 +356,7 @@ describe('sidecar budget and lifecycle', function () {
   it('times out a client beyond capacity with SQLSTATE 53300 and a clean close', async function () {
     const running = await startSidecar(postgres, { grant: 1, pool: { poolTimeout: 1 } });
     try {
-      const holder = running.client();
-      await holder.connect();
-      await holder.query('BEGIN');
-      const waiter = running.client();
-      waiter.on('error', () => undefined);
-      await waiter.connect();
+      const { holder, waiter } = await grantHeld(running);
       await assert.rejects(waiter.query('SELECT 1'), (e: { code?: string; message: string }) => e.code === '53300' && /within 1 s/.test(e.message));
       await holder.query('COMMIT');
       await holder.end();
@@ -366,12 +372,7 @@ describe('sidecar budget and lifecycle', function () {
     try {
       const pidOf = async (c: pg.Client): Promise<number> => (await c.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
       const before = await withClient(running, pidOf);
-      const holder = running.client();
-      await holder.connect();
-      await holder.query('BEGIN');
-      const waiter = running.client();
-      waiter.on('error', () => undefined);
-      await waiter.connect();
+      const { holder, waiter } = await grantHeld(running);
       const waitingSince = performance.now();
       const refused = assert.rejects(waiter.query('SELECT 1'), (e: { code?: string }) => e.code === '53300');
       await new Promise((r) => setTimeout(r, 200));
@@ -403,12 +404,7 @@ describe('sidecar budget and lifecycle', function () {
       assert.equal(pids.size, 1, 'poolRecycle -1 means never recycle');
       const result = running.sidecar.updatePoolSettings({ mode: 'session', poolTimeout: 1, poolRecycle: -1, poolPrePing: true, idleTimeout: 600 });
       assert.deepEqual(result, { applied: ['poolTimeout'], needsRestart: ['mode'] });
-      const holder = running.client();
-      await holder.connect();
-      await holder.query('BEGIN');
-      const waiter = running.client();
-      waiter.on('error', () => undefined);
-      await waiter.connect();
+      const { holder, waiter } = await grantHeld(running);
       const waitingSince = Date.now();
       await assert.rejects(waiter.query('SELECT 1'), (e: { code?: string; message: string }) => e.code === '53300' && /within 1 s/.test(e.message), 'the new poolTimeout of 1 s applies');
       // Generous bound: the old poolTimeout was 30 s, and a timer armed with it must not decide.

@@ -7,6 +7,7 @@
  * failing. On stop, in-flight reconciles end before the Lease is released.
  */
 import { createHash, randomBytes } from 'node:crypto';
+import { steadyNow } from '../ops/clock.ts';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, DATABASE_REACHABLE, memberPodUid, type DatabaseConnection, type DatabaseServer, type PoolMember } from '../api/index.ts';
 import { laterAcknowledgement, type Acknowledgement } from '../core/budget/index.ts';
@@ -254,7 +255,7 @@ export class BudgetController {
       const heartbeat = m.status?.heartbeatTime;
       const answer = statusAnswer(m);
       const seen = this.memberSeen.get(k);
-      const now = Date.now();
+      const now = steadyNow();
       const heardAt = seen === undefined || seen.heartbeat !== heartbeat ? now : seen.heardAt;
       this.memberSeen.set(k, { fingerprint, answer, heartbeat, heardAt, reachability: memberReachability(m) });
       this.heardByObject.set(m, heardAt);

@@ -14,7 +14,7 @@ import type { ServerSettings } from '../core/budget/index.ts';
 import { chooseSaslMethod, unboundLoginRefusal, type ChannelBindingMode } from '../core/protocol/index.ts';
 import { SidecarMetrics } from '../sidecar/metrics.ts';
 import { SshTunnel, type TunnelSettings } from '../sidecar/tunnel.ts';
-import { steadyNow } from '../sidecar/clock.ts';
+import { steadyNow } from '../ops/clock.ts';
 
 /** Where and as whom to ask. */
 export interface DiscoveryTarget {
@@ -126,7 +126,7 @@ export class LimitDiscovery {
   }
 
   /** The server's settings, from cache when fresh. */
-  async discover(target: DiscoveryTarget, now = Date.now()): Promise<ServerSettings> {
+  async discover(target: DiscoveryTarget, now = steadyNow()): Promise<ServerSettings> {
     const cached = this.cache.get(target.serverKey);
     if (cached && now - cached.at < this.cacheMs) return cached.settings;
     const settings = await this.check(target);
@@ -213,7 +213,7 @@ export class LimitDiscovery {
   }
 
   /** Records settings read by `check`, so `discover` for the same server answers from them. */
-  remember(serverKey: string, settings: ServerSettings, now = Date.now()): void {
+  remember(serverKey: string, settings: ServerSettings, now = steadyNow()): void {
     this.cache.set(serverKey, { at: now, settings });
   }
 }

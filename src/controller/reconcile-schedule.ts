@@ -19,6 +19,7 @@
  * The queue de-duplicates and never runs one server twice at once; answers
  * heard while a reconcile runs are weighed when it ends (`finished`).
  */
+import { steadyNow } from '../ops/clock.ts';
 
 /** What the schedule hands reconciles to: the work queue. */
 export interface ReconcileSink {
@@ -53,7 +54,7 @@ export const CHANGE_QUIET_MS = 250;
 
 /** The event loop's own clock: setTimeout, then setImmediate (after pending I/O is read). */
 export const systemClock: ScheduleClock = {
-  now: () => Date.now(),
+  now: steadyNow,
   after(delayMs, fn) {
     let immediate: NodeJS.Immediate | undefined;
     const timer = setTimeout(() => {

@@ -5,6 +5,7 @@
  * Level-triggered: it reads only caches and recomputes everything each time.
  */
 import { createHash } from 'node:crypto';
+import { steadyNow } from '../ops/clock.ts';
 import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, DATABASE_REACHABLE, DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVE, memberPodUid, type DatabaseConnection, type DatabaseServer, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
 import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, departureHoldAdvice, deriveEntry, loginConnectionCap, loginConnectionCaps, connectionCaps, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant, type PlannedTable, isUnlistedRecord, type ConnectionCap, type GrantTable, type LoginCap, type ServerSettings } from '../core/budget/index.ts';
@@ -249,7 +250,7 @@ export class ServerReconciler {
 
   constructor(deps: ReconcilerDeps) {
     this.deps = deps;
-    this.now = deps.now ?? (() => new Date());
+    this.now = deps.now ?? (() => new Date(steadyNow()));
     this.sidecarAccess = deps.manageSidecarAccess ? new SidecarAccess(deps.http, deps.logger) : undefined;
     this.tables = new GrantTableWriter({ http: deps.http, grants: deps.caches.grants, logger: deps.logger, assertMayWrite: () => this.assertMayWrite(), conflict: (what) => new GrantConflictError(what), acknowledgeTo: deps.acknowledgements?.acknowledgeTo });
     this.verifier = new ConnectionVerifier(deps.discovery, deps.verifier, (connectionKey) => {

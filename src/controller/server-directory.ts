@@ -7,6 +7,7 @@
  * bastion are not resolved here: they resolve on the bastion's side.
  */
 import { lookup } from 'node:dns/promises';
+import { steadyNow } from '../ops/clock.ts';
 import { isIP } from 'node:net';
 import type { DatabaseConnection, DatabaseServer } from '../api/index.ts';
 import { serverKey } from '../core/budget/index.ts';
@@ -117,7 +118,7 @@ export class ServerDirectory {
    * whose key changed, with their old and new keys, so both servers are
    * reconciled.
    */
-  async refresh(connections: readonly DatabaseConnection[], servers: readonly DatabaseServer[] = [], now = Date.now()): Promise<Array<{ before: string; after: string }>> {
+  async refresh(connections: readonly DatabaseConnection[], servers: readonly DatabaseServer[] = [], now = steadyNow()): Promise<Array<{ before: string; after: string }>> {
     const entries: ConnectionEntry[] = await Promise.all(connections.map(async (c) => ({
       id: id(c),
       rawKey: serverKey(c.spec.database),

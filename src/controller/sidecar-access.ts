@@ -5,6 +5,7 @@
  * not its permissions.
  */
 import type { Logger } from 'pino';
+import { steadyNow } from '../ops/clock.ts';
 import { isStatus, type KubeHttp } from '../kube/http.ts';
 import type { KubeObject } from '../kube/informer.ts';
 import type { PodObject } from './plan-input.ts';
@@ -45,7 +46,7 @@ export class SidecarAccess {
       accounts.add(pod.spec?.serviceAccountName ?? 'default');
       byNamespace.set(namespace, accounts);
     }
-    const now = Date.now();
+    const now = steadyNow();
     for (const [namespace, accounts] of byNamespace) {
       // Reconciles run every few seconds while grants move: read the binding only when something may be missing.
       const known = this.known.get(namespace);

@@ -7,6 +7,7 @@
  * max_connections.
  */
 import type { ServerSettings } from '../core/budget/index.ts';
+import { steadyNow } from '../ops/clock.ts';
 import type { Verification, VerificationFailure } from '../core/conditions/connection.ts';
 import { redactSecrets } from '../core/conditions/redact.ts';
 import type { DiscoveryTarget, LimitDiscovery } from './limit-discovery.ts';
@@ -67,7 +68,7 @@ export class ConnectionVerifier {
    * was checked (credentials generation, address, database, TLS, tunnel): a
    * new one checks again at once, and is waited for.
    */
-  async check(key: string, fingerprint: string, target: DiscoveryTarget, now = Date.now()): Promise<CheckResult> {
+  async check(key: string, fingerprint: string, target: DiscoveryTarget, now = steadyNow()): Promise<CheckResult> {
     const previous = this.results.get(key);
     if (previous && previous.fingerprint === fingerprint) {
       const age = now - previous.at;

@@ -16,7 +16,7 @@ import { Informer, type KubeObject } from '../kube/informer.ts';
 import type { DatabaseReachability, SidecarStatus } from './settings.ts';
 import { AcknowledgementSender } from './acknowledgement-sender.ts';
 import type { ChannelAcknowledgement } from '../core/budget/acknowledgement.ts';
-import { steadyNow } from './clock.ts';
+import { steadyNow } from '../ops/clock.ts';
 
 /** How long acknowledgements take the status path after the channel failed once. */
 const CHANNEL_RETRY_MS = 30_000;

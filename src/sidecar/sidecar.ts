@@ -34,7 +34,7 @@ import { NotificationHub } from './notifications.ts';
 import { Pool } from './pool.ts';
 import { SERVER_KEEPALIVE, type CredentialsSource, type PoolMode, type SidecarSettings, type SidecarStatus } from './settings.ts';
 import { SshTunnel } from './tunnel.ts';
-import { steadyNow } from './clock.ts';
+import { steadyNow } from '../ops/clock.ts';
 
 /** Constructor dependencies of the Sidecar. */
 export interface SidecarDeps {

@@ -15,7 +15,7 @@ import type { SidecarMetrics } from './metrics.ts';
 import type { CurrentText, MountedFileKind } from './mounted-file.ts';
 import type { SidecarSettings } from './settings.ts';
 import { UpstreamError } from './upstream-login.ts';
-import { steadyNow } from './clock.ts';
+import { steadyNow } from '../ops/clock.ts';
 
 let ssh2Module: typeof Ssh2 | undefined;
 let ssh2Loading: Promise<void> | undefined;

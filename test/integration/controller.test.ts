@@ -20,6 +20,7 @@ import { KubeHttp } from '../../src/kube/http.ts';
 import { Informer, type KubeObject } from '../../src/kube/informer.ts';
 import { PoolMemberAgent } from '../../src/sidecar/control-plane.ts';
 import { testEnvironment } from '../support/hooks.ts';
+import { stepWallClock } from '../support/wall-clock.ts';
 import { ObedientSidecarDouble, Sampler, SidecarFleetDouble, createWorkload, eventually, freshNamespace, installCrds, reserved, startController } from '../support/budget-fixture.ts';
 
 function applyConnection(kube: KubeControlPlane, postgres: PostgresServer, namespace: string, name: string, extra: Record<string, unknown>): void {
@@ -169,6 +170,31 @@ describe('budget controller', function () {
       sampler.stop();
     }
     assert.ok(sampler.max <= 32, `reserved peaked at ${sampler.max} > 32: ${sampler.maxState}`);
+  });
+
+  it('keeps a departed pod counted for its whole hold when the controller\'s wall clock steps forward an hour meanwhile (NTP, a resumed VM)', async function () {
+    const hold = 8;
+    const { namespace, fleet } = await startOrders('depart-step', 2, { maxConnections: 10, reserve: 0, departureHoldSeconds: hold });
+    await eventually('2 pods at 5 each', () => grants(fleet.members()).join() === '5,5' && fleet.members().every((m) => m.status?.acknowledgedConnections === 5));
+    const departed = (): string => kube.kubectl(['-n', namespace, 'get', 'poolgrant', 'orders', '-o', 'jsonpath={.spec.departed}']);
+    const lost = fleet.members().map((m) => m.metadata.name ?? '').sort()[0]!;
+    await fleet.agents.get(lost)?.agent.stop();
+    kube.kubectl(['-n', namespace, 'delete', 'pod', lost, '--grace-period=0', '--force', '--wait=false']);
+    await eventually('the departure recorded', () => departed().includes('"connections":5'), 15_000);
+    const recordedAt = performance.now();
+    const restoreClock = stepWallClock(3_600_000);
+    let peak = 0;
+    try {
+      // Judged by the wall clock, the hold ended an hour ago: the replacement would be granted the lost pod's 5 at once.
+      while (performance.now() - recordedAt < (hold - 2) * 1000) {
+        peak = Math.max(peak, reserved(fleet.members().filter((m) => m.metadata.name !== lost)));
+        assert.ok(departed().includes('"connections":5'), 'the record stays for its hold');
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    } finally {
+      restoreClock();
+    }
+    assert.ok(peak <= 5, `the survivor and the replacement reserved ${peak} while the lost pod may still hold 5 (limit 10)`);
   });
 
   it('counts a pod that vanished without draining (a lost node\'s pod force-deleted) for departureHoldSeconds, recorded in its grant table, then releases it', async function () {

@@ -22,7 +22,8 @@ import { nativeIoDeps } from '../support/sidecar-fixture.ts';
 import { MountedFile, type CurrentText } from '../../src/sidecar/mounted-file.ts';
 import { StateFile } from '../../src/sidecar/state-file.ts';
 import { SshTunnel, sshPrivateKeyKind } from '../../src/sidecar/tunnel.ts';
-import { steadyNow } from '../../src/sidecar/clock.ts';
+import { steadyNow } from '../../src/ops/clock.ts';
+import { stepWallClock } from '../support/wall-clock.ts';
 import { SidecarMetrics } from '../../src/sidecar/metrics.ts';
 
 const env = testEnvironment();
@@ -368,7 +369,7 @@ describe('sidecar budget and lifecycle', function () {
 
   it('times a waiting client out after poolTimeout when the node\'s wall clock steps back an hour meanwhile (NTP, a resumed VM), and recycles nothing when it steps forward', async function () {
     const running = await startSidecar(postgres, { grant: 1, pool: { poolTimeout: 1, poolRecycle: 1800, idleTimeout: 600 } });
-    const wallClock = Date.now;
+    let restoreClock = (): void => undefined;
     try {
       const pidOf = async (c: pg.Client): Promise<number> => (await c.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
       const before = await withClient(running, pidOf);
@@ -376,18 +377,18 @@ describe('sidecar budget and lifecycle', function () {
       const waitingSince = performance.now();
       const refused = assert.rejects(waiter.query('SELECT 1'), (e: { code?: string }) => e.code === '53300');
       await new Promise((r) => setTimeout(r, 200));
-      // Date.now reads the system's wall clock: this is what the process sees when the clock is stepped.
-      Date.now = () => wallClock() - 3_600_000;
+      restoreClock = stepWallClock(-3_600_000);
       await refused;
       const waited = performance.now() - waitingSince;
       assert.ok(waited < 5_000, `the client waited ${Math.round(waited)} ms with poolTimeout 1 s (judged by the wall clock, an hour more)`);
       await holder.query('COMMIT');
       await holder.end();
       // Two hours forward: the idle server connection is 1 s old, not due for poolRecycle (30 min).
-      Date.now = () => wallClock() + 7_200_000;
+      restoreClock();
+      restoreClock = stepWallClock(7_200_000);
       assert.equal(await withClient(running, pidOf), before, 'the same server connection serves on');
     } finally {
-      Date.now = wallClock;
+      restoreClock();
       await running.stop();
     }
   });

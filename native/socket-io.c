@@ -7,8 +7,9 @@
  * hooks); PgBouncer spends about 4 in total per transaction. Here a read is
  * one read(2) into a buffer JavaScript lent us, delivered with the other
  * reads of the same poll in one callback, and a write is one write(2) called
- * straight from JavaScript. Framing, tracking and
- * pooling stay in TypeScript (src/sidecar/native-socket.ts wraps this).
+ * straight from JavaScript (a run inside a read buffer named by offset and
+ * length, with no view made for it). Framing, tracking and pooling stay in
+ * TypeScript (src/sidecar/native-socket.ts wraps this).
  *
  * Events are (socket id, kind, value): (EVENT_DATA, bytes), (EVENT_EOF, 0),
  * (EVENT_ERROR, -errno) and (EVENT_WRITABLE, 0). They are queued as the
@@ -331,14 +332,35 @@ static napi_value Reading(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-/* write(socket, buffer): one write(2) of the whole buffer; bytes written, or -errno (-EAGAIN: none). */
+/*
+ * write(socket, buffer[, offset, length]): one send(2) of the buffer, or of
+ * `length` bytes of it from `offset` (a run inside a read buffer, with no view
+ * made for it). Undefined if every byte went (nothing to create for the
+ * usual case), else the bytes written, or -errno (-EAGAIN: none).
+ */
 static napi_value Write(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
-  pk_socket *s = socket_args(env, info, 2, argv);
-  if (s == NULL) return int_value(env, -EBADF);
+  napi_value argv[4];
+  size_t argc = 4;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 2 || argc == 3) {
+    napi_throw_type_error(env, NULL, "write(socket, buffer[, offset, length])");
+    return NULL;
+  }
+  pk_socket *s = unwrap(env, argv[0]);
+  if (s == NULL || s->closed) return int_value(env, -EBADF);
   void *data;
   size_t length;
   CHECK(napi_get_buffer_info(env, argv[1], &data, &length));
+  if (argc == 4) {
+    int32_t offset, count;
+    CHECK(napi_get_value_int32(env, argv[2], &offset));
+    CHECK(napi_get_value_int32(env, argv[3], &count));
+    if (offset < 0 || count < 0 || (size_t)offset + (size_t)count > length) {
+      napi_throw_range_error(env, NULL, "write: offset and length beyond the buffer");
+      return NULL;
+    }
+    data = (char *)data + offset;
+    length = (size_t)count;
+  }
   ssize_t n;
   do n = send(s->fd, data, length, MSG_NOSIGNAL);
   while (n < 0 && errno == EINTR);
@@ -346,6 +368,7 @@ static napi_value Write(napi_env env, napi_callback_info info) {
     do n = write(s->fd, data, length);
     while (n < 0 && errno == EINTR);
   }
+  if (n >= 0 && (size_t)n == length) return NULL;
   return int_value(env, n < 0 ? -errno : (int)n);
 }
 

@@ -8,9 +8,10 @@
  * (SocketEvents); the bytes reach the direct reader exactly as a
  * DirectReadSocket delivers them (lent views of the socket's own buffer, or
  * copies out of the shared one). Writes: when nothing is queued, write()
- * makes one write(2) straight away; what the kernel does not take, and every
- * write while something is queued or corked, goes through the Writable
- * machinery (_write/_writev), which waits for the socket to become writable.
+ * (or writeRange(), for a run inside a buffer) makes one write(2) straight
+ * away; what the kernel does not take, and every write while something is
+ * queued or corked, goes through the Writable machinery (_write/_writev),
+ * which waits for the socket to become writable.
  *
  * A plain TCP or Unix-domain connection only: TLS and SSH channels keep
  * Node's streams.
@@ -42,8 +43,11 @@ export interface NativeSocketIo {
   /** Reads go into `buffer`; `shared`: other sockets read into it too (each read is then delivered at once). */
   setBuffer(handle: NativeHandle, buffer: Buffer, shared: boolean): void;
   reading(handle: NativeHandle, on: boolean): void;
-  /** Bytes written, or -errno. */
-  write(handle: NativeHandle, chunk: Buffer): number;
+  /**
+   * One write(2) of `chunk`, or of `length` bytes of it from `offset`:
+   * undefined if all were written, else the bytes written, or -errno.
+   */
+  write(handle: NativeHandle, chunk: Buffer, offset?: number, length?: number): number | undefined;
   waitWritable(handle: NativeHandle): void;
   shutdown(handle: NativeHandle): number;
   setNoDelay(handle: NativeHandle, on: boolean): number;
@@ -78,6 +82,9 @@ class SocketEvents {
   private readonly handlers = new Map<number, EventHandler>();
   private readonly queue: Int32Array;
   private nextId = 1;
+  /** While a batch is delivered: its clock reading (ms since the epoch) once taken, else 0. */
+  private batchTime = 0;
+  private batching = false;
 
   constructor(io: NativeSocketIo) {
     this.queue = new Int32Array(1 + 3 * io.queueEvents);
@@ -93,6 +100,17 @@ class SocketEvents {
     return id;
   }
 
+  /**
+   * Date.now(), read at most once per batch of events while one is being
+   * delivered: the pool reads the clock when it lends a connection and when it
+   * takes it back, twice per transaction, and a batch holds several.
+   */
+  now(): number {
+    if (!this.batching) return Date.now();
+    if (this.batchTime === 0) this.batchTime = Date.now();
+    return this.batchTime;
+  }
+
   /** A closed socket: events still queued for it are dropped. */
   remove(id: number): void {
     this.handlers.delete(id);
@@ -104,6 +122,8 @@ class SocketEvents {
     // One socket's failure must not lose the others' reads: the first error is thrown once all are delivered.
     let failed = false;
     let failure: unknown;
+    this.batching = true;
+    this.batchTime = 0;
     for (let i = 0, at = 1; i < count; i += 1, at += 3) {
       const handler = this.handlers.get(queue[at]!);
       if (handler === undefined) continue;
@@ -114,6 +134,7 @@ class SocketEvents {
         failed = true;
       }
     }
+    this.batching = false;
     if (failed) throw failure;
   }
 }
@@ -128,6 +149,21 @@ function eventsOf(io: NativeSocketIo): SocketEvents {
     socketEvents.set(io, events);
   }
   return events;
+}
+
+/**
+ * A clock for the pool (ms since the epoch): while the native sockets' events
+ * of one poll are handled, one reading for all of them (see SocketEvents.now).
+ */
+export function batchClock(io: NativeSocketIo): () => number {
+  const events = eventsOf(io);
+  return () => events.now();
+}
+
+/** Writes bytes [start, end) of `buffer` to `out`, as `out.write(buffer.subarray(start, end))` (a NativeSocket makes no view). */
+export function writeRange(out: Duplex, buffer: Buffer, start: number, end: number): void {
+  if (out instanceof NativeSocket) out.writeRange(buffer, start, end);
+  else out.write(buffer.subarray(start, end));
 }
 
 /** Where scripts/build-native.sh puts the module, under the package root. */
@@ -286,11 +322,22 @@ export class NativeSocket extends Duplex implements DirectReadable {
     if (callback === undefined && encoding === undefined && !this.nativeClosed && this.unfinished === undefined && Buffer.isBuffer(chunk) &&
       chunk.length > 0 && this.writableLength === 0 && this.writableCorked === 0 && !this.writableEnded) {
       const written = this.io.write(this.handle, chunk);
-      if (written === chunk.length) return true;
+      if (written === undefined) return true;
       if (written > 0) return super.write(chunk.subarray(written));
       // EAGAIN, or an error that _write meets again and reports the stream's way.
     }
     return super.write(chunk, encoding as BufferEncoding, callback as (error?: Error | null) => void);
+  }
+
+  /** As write(buffer.subarray(start, end)), without the view where the bytes go out at once. */
+  writeRange(buffer: Buffer, start: number, end: number): boolean {
+    if (end > start && !this.nativeClosed && this.unfinished === undefined && this.writableLength === 0 && this.writableCorked === 0 && !this.writableEnded) {
+      const written = this.io.write(this.handle, buffer, start, end - start);
+      if (written === undefined) return true;
+      if (written > 0) return super.write(buffer.subarray(start + written, end));
+      return super.write(buffer.subarray(start, end));
+    }
+    return this.write(buffer.subarray(start, end));
   }
 
   override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
@@ -328,7 +375,7 @@ export class NativeSocket extends Duplex implements DirectReadable {
       return;
     }
     const written = this.io.write(this.handle, chunk);
-    if (written === chunk.length) {
+    if (written === undefined) {
       callback();
       return;
     }

@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ReadBufferPool } from '../../src/sidecar/direct-read-socket.ts';
 import type { NativeSocket} from '../../src/sidecar/native-socket.ts';
-import { adoptUnreadSocket, type NativeSocketIo } from '../../src/sidecar/native-socket.ts';
+import { adoptUnreadSocket, batchClock, writeRange, type NativeSocketIo } from '../../src/sidecar/native-socket.ts';
 import { checkOwnBufferLending, echo, type SeenRead } from '../support/read-buffer-checks.ts';
 import { testNativeIo } from '../support/sidecar-fixture.ts';
 
@@ -151,6 +151,66 @@ describe('NativeSocket (native socket I/O)', () => {
       await new Promise((r) => setTimeout(r, 20));
       assert.ok(flushed, 'the write callback did not run once everything was flushed');
       assert.equal(adopted!.writableLength, 0);
+    } finally {
+      client.destroy();
+      await closeServer(server);
+    }
+  });
+
+  it('writes ranges of a buffer by offset and length, at once or queued behind a peer that does not read, byte for byte', async () => {
+    let adopted: NativeSocket | undefined;
+    const { server, connect } = await nativeServer(io, (native) => (adopted = native));
+    const client = await connect();
+    client.pause();
+    try {
+      await new Promise((r) => setTimeout(r, 20));
+      const source = pattern(1024 * 1024, 3);
+      // Ranges of every shape: empty, one byte, at either end, and 16 MB in all, so that the kernel stops taking them.
+      const ranges: [number, number][] = [[0, 0], [5, 6], [1024 * 1024 - 7, 1024 * 1024]];
+      for (let i = 0; i < 16; i += 1) ranges.push([i * 1000, 1024 * 1024 - i * 999]);
+      for (const [start, end] of ranges) writeRange(adopted!, source, start, end);
+      assert.ok(adopted!.writableLength > 0, 'the kernel took 16 MB at once: nothing was queued');
+      const expected = Buffer.concat(ranges.map(([start, end]) => source.subarray(start, end)));
+      const received: Buffer[] = [];
+      let length = 0;
+      const all = new Promise<void>((resolve) => client.on('data', (chunk: Buffer) => {
+        received.push(chunk);
+        length += chunk.length;
+        if (length >= expected.length) resolve();
+      }));
+      client.resume();
+      await all;
+      assert.ok(Buffer.concat(received).equals(expected), 'the bytes arrived out of order or changed');
+      const handle = (adopted as unknown as { handle: Parameters<NativeSocketIo['write']>[0] }).handle;
+      assert.throws(() => io.write(handle, source, 1024 * 1024 - 1, 2), RangeError);
+      assert.throws(() => io.write(handle, source, -1, 1), RangeError);
+    } finally {
+      client.destroy();
+      await closeServer(server);
+    }
+  });
+
+  it('gives the pool one clock reading for all the events of a poll, and the time of day otherwise', async () => {
+    const now = batchClock(io);
+    const before = Date.now();
+    assert.ok(Math.abs(now() - before) <= 1);
+    const readings: number[][] = [];
+    const { server, connect } = await nativeServer(io, (native) => native.setDirectReader(() => {
+      const first = now();
+      // Time passes within the batch, yet its reading stays.
+      const until = Date.now() + 3;
+      while (Date.now() < until);
+      readings.push([first, now(), Date.now()]);
+    }));
+    const client = await connect();
+    try {
+      client.write('x');
+      while (readings.length === 0) await new Promise((r) => setTimeout(r, 5));
+      const [first, second, after] = readings[0]!;
+      assert.equal(second, first);
+      assert.ok(after! - first! >= 3 && first! >= before);
+      await new Promise((r) => setTimeout(r, 5));
+      assert.ok(now() >= after!, 'outside a batch the clock is read again');
     } finally {
       client.destroy();
       await closeServer(server);

@@ -34,13 +34,13 @@ export interface NativeSocketIo {
   readonly queueEvents: number;
   /**
    * Once, before open(): every event of every socket is written into `queue`
-   * (queue[0] events, then socket id, kind and value of each) and `dispatch()`
+   * (queue[0] events, then socket id, kind, value and offset of each) and `dispatch()`
    * is called once after each poll of the event loop that found any.
    */
   listen(dispatch: () => void, queue: Int32Array): void;
   /** Watches a duplicate of `fd`; its events carry `id`. */
   open(fd: number, id: number): NativeHandle;
-  /** Reads go into `buffer`; `shared`: other sockets read into it too (each read is then delivered at once). */
+  /** Reads go into `buffer`; `shared`: other sockets read into it too (each read at an offset of its own within a batch). */
   setBuffer(handle: NativeHandle, buffer: Buffer, shared: boolean): void;
   reading(handle: NativeHandle, on: boolean): void;
   /**
@@ -70,7 +70,10 @@ const EVENT_EOF = 1;
 const EVENT_ERROR = 2;
 const EVENT_WRITABLE = 3;
 const EAGAIN = -11;
-type EventHandler = (kind: number, value: number) => void;
+/** `offset`: where in the socket's buffer a read's bytes start (0 but in the shared buffer). */
+type EventHandler = (kind: number, value: number, offset: number) => void;
+/** Int32s per queued event: socket id, kind, value, offset. */
+const EVENT_INTS = 4;
 
 /**
  * The sockets of one loaded native module, by the id their events carry, and
@@ -87,7 +90,7 @@ class SocketEvents {
   private batching = false;
 
   constructor(io: NativeSocketIo) {
-    this.queue = new Int32Array(1 + 3 * io.queueEvents);
+    this.queue = new Int32Array(1 + EVENT_INTS * io.queueEvents);
     io.listen(() => this.dispatch(), this.queue);
   }
 
@@ -124,11 +127,11 @@ class SocketEvents {
     let failure: unknown;
     this.batching = true;
     this.batchTime = 0;
-    for (let i = 0, at = 1; i < count; i += 1, at += 3) {
+    for (let i = 0, at = 1; i < count; i += 1, at += EVENT_INTS) {
       const handler = this.handlers.get(queue[at]!);
       if (handler === undefined) continue;
       try {
-        handler(queue[at + 1]!, queue[at + 2]!);
+        handler(queue[at + 1]!, queue[at + 2]!, queue[at + 3]!);
       } catch (error) {
         if (!failed) failure = error;
         failed = true;
@@ -271,7 +274,7 @@ export class NativeSocket extends Duplex implements DirectReadable {
     this.io = io;
     this.target = new ReadTarget(options.buffers, options.copyReads === true);
     this.events = eventsOf(io);
-    this.id = this.events.add((kind, value) => this.onEvent(kind, value));
+    this.id = this.events.add((kind, value, offset) => this.onEvent(kind, value, offset));
     try {
       this.handle = io.open(fd, this.id);
     } catch (error) {
@@ -387,16 +390,16 @@ export class NativeSocket extends Duplex implements DirectReadable {
     this.io.waitWritable(this.handle);
   }
 
-  private onEvent(kind: number, value: number): void {
+  private onEvent(kind: number, value: number, offset: number): void {
     if (this.nativeClosed) return;
     if (kind === EVENT_DATA) {
       const buffer = this.current;
       const reader = this.reader;
       const lent = this.target.lends(buffer);
-      if (reader === undefined) this.emit('data', Buffer.from(buffer.subarray(0, value)));
+      if (reader === undefined) this.emit('data', Buffer.from(buffer.subarray(offset, offset + value)));
       else if (lent) reader(buffer, value, true);
-      // The shared buffer is overwritten by the next read of any socket: the reader gets its own copy.
-      else reader(Buffer.from(buffer.subarray(0, value)), value, false);
+      // The shared buffer is read into again after this batch, by any socket: the reader gets its own copy.
+      else reader(Buffer.from(buffer.subarray(offset, offset + value)), value, false);
       if (this.nativeClosed) return;
       const next = this.target.next(!this.readingWanted);
       if (next !== this.current) {

@@ -100,6 +100,44 @@ describe('NativeSocket (native socket I/O)', () => {
     }
   });
 
+  it('with copyReads, the reads of one poll go into the shared buffer side by side and come in one call, each intact', async () => {
+    const buffers = new ReadBufferPool();
+    // A microtask runs once the call into JavaScript returns: reads with the same count came in the same call.
+    let calls = 0;
+    let counting = false;
+    const seen: { client: number; call: number; text: string }[] = [];
+    const { server, connect } = await nativeServer(io, (native) => {
+      native.setDirectReader((buffer, length) => {
+        if (!counting) {
+          counting = true;
+          queueMicrotask(() => {
+            calls += 1;
+            counting = false;
+          });
+        }
+        const text = buffer.toString('latin1', 0, length);
+        seen.push({ client: Number(text.slice(0, 2)), call: calls, text });
+      });
+    }, { buffers, copyReads: true });
+    const clients = await Promise.all(Array.from({ length: 8 }, () => connect()));
+    try {
+      await new Promise((r) => setTimeout(r, 20));
+      // Each 3 KB, so that the 64 KB buffer holds all eight; sent while the event loop is held, so one poll finds them all.
+      const payloads = clients.map((_, n) => `${String(n).padStart(2, '0')}${String.fromCharCode(65 + n).repeat(3000)}`);
+      clients.forEach((client, n) => client.write(payloads[n]!));
+      const until = Date.now() + 30;
+      while (Date.now() < until);
+      const deadline = Date.now() + 5_000;
+      while (seen.length < 8 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+      assert.deepEqual(seen.map((s) => s.client).sort(), [0, 1, 2, 3, 4, 5, 6, 7]);
+      for (const s of seen) assert.equal(s.text, payloads[s.client], `client ${s.client}'s read was overwritten or cut`);
+      assert.equal(new Set(seen.map((s) => s.call)).size, 1, 'the reads into the shared buffer came in more than one call');
+    } finally {
+      for (const c of clients) c.destroy();
+      await closeServer(server);
+    }
+  });
+
   it('with copyReads, lends reads of a buffer of its own while asked to, and gives it back afterwards', async () => {
     const buffers = new ReadBufferPool();
     const known = Buffer.allocUnsafe(64 * 1024);

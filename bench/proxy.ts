@@ -69,6 +69,8 @@ export interface ProxyOptions {
   unix: boolean;
   /** Also the sidecar on Node.js streams instead of its native socket I/O, as the B target (transaction mode). */
   streams?: boolean;
+  /** Only these targets (e.g. pgbouncer, sidecar, sidecar-b): an A/B run without the rest is shorter. */
+  targets?: readonly string[];
   log: (line: string) => void;
 }
 
@@ -85,6 +87,13 @@ interface Run {
 function processCpuMicros(pid: number): { user: number; system: number } {
   const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /s, '').split(' ');
   return { user: Number(fields[11]) * 10_000, system: Number(fields[12]) * 10_000 };
+}
+
+/** Context switches of a process so far: it slept (voluntary) or was preempted (involuntary). */
+function contextSwitches(pid: number): { voluntary: number; involuntary: number } {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const field = (name: string): number => Number(new RegExp(`^${name}:\\s*(\\d+)`, 'm').exec(status)?.[1] ?? Number.NaN);
+  return { voluntary: field('voluntary_ctxt_switches'), involuntary: field('nonvoluntary_ctxt_switches') };
 }
 
 /** Median of the values that are numbers (NaN if none). */
@@ -306,7 +315,8 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
     // PgBouncer 1.18 cannot pool named prepared statements in transaction mode: direct vs the sidecar only.
     for (const clients of options.clients) cases.push({ script: 'select-only -M prepared', mode: 'transaction', clients, targets: ['direct', 'sidecar'] });
     if (sidecarB) for (const c of cases) if (c.mode === 'transaction') c.targets.push('sidecar-b');
-    const selected = cases.filter((c) => options.filter === undefined || options.filter.test(`${c.script} ${c.mode} ${c.clients}`));
+    if (options.targets !== undefined) for (const c of cases) c.targets = c.targets.filter((t) => options.targets!.includes(t));
+    const selected = cases.filter((c) => (options.filter === undefined || options.filter.test(`${c.script} ${c.mode} ${c.clients}`)) && c.targets.length > 0);
 
     // Warm-up, not recorded: each proxy's JIT and buffers settle before round 1.
     for (const port of [pipe.port, ...(sidecarB ? [sidecarB.port] : []), ...Object.values(bouncers).map((b) => b.port), ...Object.values(sidecars).map((c) => c.port)]) {
@@ -329,8 +339,10 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
           if (c.script !== 'tpcb-like') args.push('-S');
           if (c.script === 'select-only -M prepared') args.push('-M', 'prepared');
           const cpuBefore = pid === undefined ? undefined : processCpuMicros(pid);
+          const switchesBefore = pid === undefined ? undefined : contextSwitches(pid);
           const output = await pgbench([...args, APP_DATABASE]);
           const cpuAfter = pid === undefined ? undefined : processCpuMicros(pid);
+          const switchesAfter = pid === undefined ? undefined : contextSwitches(pid);
           // User time is the proxy's own work; system time mostly the loopback TCP stack it shares with any proxy.
           const user = cpuBefore && cpuAfter ? cpuAfter.user - cpuBefore.user : Number.NaN;
           const cpu = cpuBefore && cpuAfter ? user + cpuAfter.system - cpuBefore.system : Number.NaN;
@@ -340,7 +352,10 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
           if (!tps || !count) log(`  no transactions in this run:\n${output}`);
           const run = tps && count ? { tps: Number(tps[1]), cpuMicros: cpu / Number(count[1]) } : { tps: Number.NaN, cpuMicros: Number.NaN };
           runs.set(key(c, t), [...(runs.get(key(c, t)) ?? []), run]);
-          log(`  round ${round + 1} ${c.script.padEnd(23)} ${c.mode.padEnd(11)} ${String(c.clients).padStart(2)} cl. ${t.padEnd(9)} ${run.tps.toFixed(0).padStart(6)} tps${Number.isNaN(run.cpuMicros) ? '' : `  ${run.cpuMicros.toFixed(1)} µs/tx (user ${(user / Number(count?.[1])).toFixed(1)})`}`);
+          // Preemptions (involuntary switches) per transaction: each costs the pooler a switch out and back in.
+          const switches = switchesBefore && switchesAfter
+            ? `, switches/tx ${((switchesAfter.voluntary - switchesBefore.voluntary) / Number(count?.[1])).toFixed(2)} vol. ${((switchesAfter.involuntary - switchesBefore.involuntary) / Number(count?.[1])).toFixed(2)} invol.` : '';
+          log(`  round ${round + 1} ${c.script.padEnd(23)} ${c.mode.padEnd(11)} ${String(c.clients).padStart(2)} cl. ${t.padEnd(9)} ${run.tps.toFixed(0).padStart(6)} tps${Number.isNaN(run.cpuMicros) ? '' : `  ${run.cpuMicros.toFixed(1)} µs/tx (user ${(user / Number(count?.[1])).toFixed(1)}${switches})`}`);
         }
       }
     }

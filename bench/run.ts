@@ -3,7 +3,7 @@
  * as one terminal table and, with --json, one JSON file.
  *
  *   npm run bench [-- --quick] [-- --json FILE] [-- --only proxy|controller] [-- --unix|--no-unix] [-- --streams]
- *                 [-- --seconds N --rounds N --filter REGEX --pods 100,1000]
+ *                 [-- --seconds N --rounds N --filter REGEX --targets pgbouncer,sidecar,sidecar-b --pods 100,1000]
  *
  * --quick (under 3 minutes): the controller at 100 pods, one round of each
  * event, and at the same time the proxy at 1 s per pgbench run, one round,
@@ -36,6 +36,7 @@ const { values } = parseArgs({
     clients: { type: 'string' },
     unix: { type: 'boolean' },
     streams: { type: 'boolean', default: false },
+    targets: { type: 'string' },
     pods: { type: 'string' },
     'controller-rounds': { type: 'string' },
     connections: { type: 'string', default: '1' },
@@ -87,6 +88,7 @@ const proxyRun = (): Promise<ProxyReport | undefined> => (values.only === 'contr
   unix: values.unix ?? !quick,
   streams: values.streams,
   log,
+  ...(values.targets === undefined ? {} : { targets: values.targets.split(',') }),
   ...(values.filter === undefined ? {} : { filter: new RegExp(values.filter) }),
 }));
 // The quick run is a smoke test of both sections: run at once, each disturbs the other's figures.

@@ -7,18 +7,20 @@
  * hooks); PgBouncer spends about 4 in total per transaction. Here a read is
  * one read(2) into a buffer JavaScript lent us, delivered with the other
  * reads of the same poll in one callback, and a write is one write(2) called
- * straight from JavaScript. Framing, tracking and
- * pooling stay in TypeScript (src/sidecar/native-socket.ts wraps this).
+ * straight from JavaScript (a run inside a read buffer named by offset and
+ * length, with no view made for it). Framing, tracking and pooling stay in
+ * TypeScript (src/sidecar/native-socket.ts wraps this).
  *
- * Events are (socket id, kind, value): (EVENT_DATA, bytes), (EVENT_EOF, 0),
- * (EVENT_ERROR, -errno) and (EVENT_WRITABLE, 0). They are queued as the
- * poll phase of the event loop reports the sockets ready, and one JavaScript
- * call delivers all of them right after it (a uv_check handle): entering
- * JavaScript costs about a microsecond of CPU, and under load one poll
- * reports several sockets. A read into a buffer shared by several sockets is
- * delivered at once instead (with whatever is queued before it), since the
- * next socket's read would overwrite it; and a socket is not read again
- * while a read of its is queued.
+ * Events are (socket id, kind, value, offset): (EVENT_DATA, bytes, where in
+ * the buffer they start), (EVENT_EOF, 0), (EVENT_ERROR, -errno) and
+ * (EVENT_WRITABLE, 0). They are queued as the poll phase of the event loop
+ * reports the sockets ready, and one JavaScript call delivers all of them
+ * right after it (a uv_check handle): entering JavaScript costs about a
+ * microsecond of CPU, and under load one poll reports several sockets. Reads
+ * into a buffer shared by several sockets (idle clients') go one after the
+ * other into it, each at its own offset, until too little of it is left for
+ * the next: then what is queued is delivered first. A socket is not read
+ * again while a read of its is queued.
  *
  * Built by scripts/build-native.sh against the headers of the Node.js that
  * runs it (Node-API, so any Node.js 24 loads it).
@@ -36,8 +38,11 @@
 
 enum { EVENT_DATA = 0, EVENT_EOF = 1, EVENT_ERROR = 2, EVENT_WRITABLE = 3 };
 
-/* Events queued at most before they are delivered regardless (each is three int32: id, kind, value). */
+/* Events queued at most before they are delivered regardless (each is four int32: id, kind, value, offset). */
 #define QUEUE_EVENTS 1024
+#define EVENT_INTS 4
+/* A read into a shared buffer is given at least this much of it: with less left, the reads queued in it are delivered first. */
+#define SHARED_READ_MIN (16 * 1024)
 
 typedef struct pk_socket pk_socket;
 typedef pk_socket *pk_socket_ptr;
@@ -48,9 +53,11 @@ typedef struct {
   uv_check_t check;
   napi_ref dispatch;
   napi_ref queue_ref; /* the Int32Array the events are written into, kept alive here */
-  int32_t *queue;     /* [count, then id, kind, value per event] */
+  int32_t *queue;     /* [count, then id, kind, value, offset per event] */
   pk_socket_ptr reads[QUEUE_EVENTS]; /* the sockets whose reads are queued */
   int read_count;
+  char *shared_base;  /* the shared buffer that queued reads went into */
+  size_t shared_used; /* the bytes of it they took */
   napi_async_context context;
   int delivering;
 } pk_env;
@@ -62,7 +69,7 @@ struct pk_socket {
   pk_env *owner;
   char *buffer;
   size_t capacity;
-  int shared_buffer; /* buffer is read into by other sockets too: its read is delivered at once */
+  int shared_buffer; /* buffer is read into by other sockets too: each read at the next free offset */
   int read_queued;   /* a read of this socket waits in the queue: no other until it is delivered */
   int reading;
   int want_writable;
@@ -88,7 +95,11 @@ static void update_poll(pk_socket *s) {
 /* Delivers the queued events in one call of the dispatch function, as Node calls its own I/O callbacks (ticks and microtasks run after it). */
 static void deliver(pk_env *e) {
   int32_t count = e->queue[0];
-  if (count == 0 || e->delivering) return;
+  if (e->delivering) return;
+  if (count == 0) {
+    e->shared_used = 0;
+    return;
+  }
   napi_env env = e->env;
   napi_handle_scope scope;
   if (napi_open_handle_scope(env, &scope) != napi_ok) return;
@@ -107,19 +118,22 @@ static void deliver(pk_env *e) {
   /* A closed socket's memory is freed only in the loop's closing phase, after this. */
   for (int i = 0; i < e->read_count; i++) e->reads[i]->read_queued = 0;
   e->read_count = 0;
+  /* JavaScript copied what it keeps of the shared buffer's reads. */
+  e->shared_used = 0;
   e->delivering = 0;
   napi_close_handle_scope(env, scope);
 }
 
-static void enqueue(pk_socket *s, int kind, int value) {
+static void enqueue(pk_socket *s, int kind, int value, int offset) {
   pk_env *e = s->owner;
   if (e->queue[0] >= QUEUE_EVENTS) deliver(e);
   /* Only while JavaScript is being called, which no poll interrupts. */
   if (e->queue[0] >= QUEUE_EVENTS) return;
-  int32_t *slot = e->queue + 1 + 3 * e->queue[0];
+  int32_t *slot = e->queue + 1 + EVENT_INTS * e->queue[0];
   slot[0] = s->id;
   slot[1] = kind;
   slot[2] = value;
+  slot[3] = offset;
   e->queue[0] += 1;
   if (kind == EVENT_DATA) {
     s->read_queued = 1;
@@ -142,29 +156,41 @@ static void on_poll(uv_poll_t *poll, int status, int events) {
     s->reading = 0;
     s->want_writable = 0;
     update_poll(s);
-    enqueue(s, EVENT_ERROR, status);
+    enqueue(s, EVENT_ERROR, status, 0);
     return;
   }
   if ((events & UV_WRITABLE) && s->want_writable) {
     s->want_writable = 0;
     update_poll(s);
-    enqueue(s, EVENT_WRITABLE, 0);
+    enqueue(s, EVENT_WRITABLE, 0, 0);
   }
   /* Level-triggered: a socket left unread now is reported again by the next poll. */
   if ((events & (UV_READABLE | UV_DISCONNECT)) && s->reading && s->buffer != NULL && !s->read_queued) {
+    pk_env *e = s->owner;
+    /* Room in the queue first: delivering it also frees the shared buffer. */
+    if (e->queue[0] >= QUEUE_EVENTS) deliver(e);
+    size_t offset = 0;
+    if (s->shared_buffer) {
+      size_t least = s->capacity < SHARED_READ_MIN ? s->capacity : SHARED_READ_MIN;
+      if (e->shared_used > 0 && (e->shared_base != s->buffer || s->capacity - e->shared_used < least)) deliver(e);
+      if (e->shared_used == 0) e->shared_base = s->buffer;
+      /* Only while JavaScript is being called: read at the next poll. */
+      if (e->shared_base != s->buffer || s->capacity - e->shared_used < least) return;
+      offset = e->shared_used;
+    }
     ssize_t n;
-    do n = read(s->fd, s->buffer, s->capacity);
+    do n = read(s->fd, s->buffer + offset, s->capacity - offset);
     while (n < 0 && errno == EINTR);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
     if (n <= 0) {
       int error = n == 0 ? 0 : -errno;
       s->reading = 0;
       update_poll(s);
-      enqueue(s, n == 0 ? EVENT_EOF : EVENT_ERROR, error);
+      enqueue(s, n == 0 ? EVENT_EOF : EVENT_ERROR, error, 0);
       return;
     }
-    enqueue(s, EVENT_DATA, (int)n);
-    if (s->shared_buffer) deliver(s->owner);
+    if (s->shared_buffer) e->shared_used = offset + (size_t)n;
+    enqueue(s, EVENT_DATA, (int)n, (int)offset);
   }
 }
 
@@ -208,8 +234,8 @@ static void on_env_cleanup(void *data) {
 
 /*
  * listen(dispatch, queue): every event of every socket goes to `dispatch()`,
- * which reads them from the Int32Array `queue` (queueEvents * 3 + 1 long):
- * queue[0] events, then id, kind, value for each. Called once, before open().
+ * which reads them from the Int32Array `queue` (queueEvents * 4 + 1 long):
+ * queue[0] events, then id, kind, value, offset for each. Called once, before open().
  */
 static napi_value Listen(napi_env env, napi_callback_info info) {
   napi_value argv[2];
@@ -223,8 +249,8 @@ static napi_value Listen(napi_env env, napi_callback_info info) {
   size_t length;
   void *data;
   CHECK(napi_get_typedarray_info(env, argv[1], &type, &length, &data, NULL, NULL));
-  if (type != napi_int32_array || length < 1 + 3 * QUEUE_EVENTS) {
-    napi_throw_type_error(env, NULL, "listen(dispatch, queue): queue must be an Int32Array of queueEvents * 3 + 1 elements");
+  if (type != napi_int32_array || length < 1 + EVENT_INTS * QUEUE_EVENTS) {
+    napi_throw_type_error(env, NULL, "listen(dispatch, queue): queue must be an Int32Array of queueEvents * 4 + 1 elements");
     return NULL;
   }
   pk_env *e = calloc(1, sizeof *e);
@@ -299,7 +325,8 @@ static napi_value Open(napi_env env, napi_callback_info info) {
 
 /*
  * setBuffer(socket, buffer, shared): reads go into buffer from now on;
- * `shared`: other sockets read into it too, so each read is delivered at once.
+ * `shared`: other sockets read into it too, so each read takes the next free
+ * offset in it until the queued events are delivered.
  * No reference is taken (one per switch would cost two global handles per
  * transaction): the caller keeps the buffer alive while it is set
  * (NativeSocket holds it), and a Buffer's backing store never moves.
@@ -331,14 +358,35 @@ static napi_value Reading(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-/* write(socket, buffer): one write(2) of the whole buffer; bytes written, or -errno (-EAGAIN: none). */
+/*
+ * write(socket, buffer[, offset, length]): one send(2) of the buffer, or of
+ * `length` bytes of it from `offset` (a run inside a read buffer, with no view
+ * made for it). Undefined if every byte went (nothing to create for the
+ * usual case), else the bytes written, or -errno (-EAGAIN: none).
+ */
 static napi_value Write(napi_env env, napi_callback_info info) {
-  napi_value argv[2];
-  pk_socket *s = socket_args(env, info, 2, argv);
-  if (s == NULL) return int_value(env, -EBADF);
+  napi_value argv[4];
+  size_t argc = 4;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 2 || argc == 3) {
+    napi_throw_type_error(env, NULL, "write(socket, buffer[, offset, length])");
+    return NULL;
+  }
+  pk_socket *s = unwrap(env, argv[0]);
+  if (s == NULL || s->closed) return int_value(env, -EBADF);
   void *data;
   size_t length;
   CHECK(napi_get_buffer_info(env, argv[1], &data, &length));
+  if (argc == 4) {
+    int32_t offset, count;
+    CHECK(napi_get_value_int32(env, argv[2], &offset));
+    CHECK(napi_get_value_int32(env, argv[3], &count));
+    if (offset < 0 || count < 0 || (size_t)offset + (size_t)count > length) {
+      napi_throw_range_error(env, NULL, "write: offset and length beyond the buffer");
+      return NULL;
+    }
+    data = (char *)data + offset;
+    length = (size_t)count;
+  }
   ssize_t n;
   do n = send(s->fd, data, length, MSG_NOSIGNAL);
   while (n < 0 && errno == EINTR);
@@ -346,6 +394,7 @@ static napi_value Write(napi_env env, napi_callback_info info) {
     do n = write(s->fd, data, length);
     while (n < 0 && errno == EINTR);
   }
+  if (n >= 0 && (size_t)n == length) return NULL;
   return int_value(env, n < 0 ? -errno : (int)n);
 }
 

@@ -8,9 +8,10 @@
  * (SocketEvents); the bytes reach the direct reader exactly as a
  * DirectReadSocket delivers them (lent views of the socket's own buffer, or
  * copies out of the shared one). Writes: when nothing is queued, write()
- * makes one write(2) straight away; what the kernel does not take, and every
- * write while something is queued or corked, goes through the Writable
- * machinery (_write/_writev), which waits for the socket to become writable.
+ * (or writeRange(), for a run inside a buffer) makes one write(2) straight
+ * away; what the kernel does not take, and every write while something is
+ * queued or corked, goes through the Writable machinery (_write/_writev),
+ * which waits for the socket to become writable.
  *
  * A plain TCP or Unix-domain connection only: TLS and SSH channels keep
  * Node's streams.
@@ -23,6 +24,7 @@ import { Duplex } from 'node:stream';
 import { getSystemErrorName } from 'node:util';
 import type { Socket } from 'node:net';
 import { ReadTarget, takeUnreadHandle, type DirectReadable, type DirectReader, type ReadBufferPool } from './direct-read-socket.ts';
+import { steadyNow } from '../ops/clock.ts';
 
 /** An open native socket (opaque). */
 export type NativeHandle = object & { readonly __nativeSocket: unique symbol };
@@ -33,17 +35,20 @@ export interface NativeSocketIo {
   readonly queueEvents: number;
   /**
    * Once, before open(): every event of every socket is written into `queue`
-   * (queue[0] events, then socket id, kind and value of each) and `dispatch()`
+   * (queue[0] events, then socket id, kind, value and offset of each) and `dispatch()`
    * is called once after each poll of the event loop that found any.
    */
   listen(dispatch: () => void, queue: Int32Array): void;
   /** Watches a duplicate of `fd`; its events carry `id`. */
   open(fd: number, id: number): NativeHandle;
-  /** Reads go into `buffer`; `shared`: other sockets read into it too (each read is then delivered at once). */
+  /** Reads go into `buffer`; `shared`: other sockets read into it too (each read at an offset of its own within a batch). */
   setBuffer(handle: NativeHandle, buffer: Buffer, shared: boolean): void;
   reading(handle: NativeHandle, on: boolean): void;
-  /** Bytes written, or -errno. */
-  write(handle: NativeHandle, chunk: Buffer): number;
+  /**
+   * One write(2) of `chunk`, or of `length` bytes of it from `offset`:
+   * undefined if all were written, else the bytes written, or -errno.
+   */
+  write(handle: NativeHandle, chunk: Buffer, offset?: number, length?: number): number | undefined;
   waitWritable(handle: NativeHandle): void;
   shutdown(handle: NativeHandle): number;
   setNoDelay(handle: NativeHandle, on: boolean): number;
@@ -66,7 +71,10 @@ const EVENT_EOF = 1;
 const EVENT_ERROR = 2;
 const EVENT_WRITABLE = 3;
 const EAGAIN = -11;
-type EventHandler = (kind: number, value: number) => void;
+/** `offset`: where in the socket's buffer a read's bytes start (0 but in the shared buffer). */
+type EventHandler = (kind: number, value: number, offset: number) => void;
+/** Int32s per queued event: socket id, kind, value, offset. */
+const EVENT_INTS = 4;
 
 /**
  * The sockets of one loaded native module, by the id their events carry, and
@@ -78,9 +86,12 @@ class SocketEvents {
   private readonly handlers = new Map<number, EventHandler>();
   private readonly queue: Int32Array;
   private nextId = 1;
+  /** While a batch is delivered: its clock reading (ms since the epoch) once taken, else 0. */
+  private batchTime = 0;
+  private batching = false;
 
   constructor(io: NativeSocketIo) {
-    this.queue = new Int32Array(1 + 3 * io.queueEvents);
+    this.queue = new Int32Array(1 + EVENT_INTS * io.queueEvents);
     io.listen(() => this.dispatch(), this.queue);
   }
 
@@ -91,6 +102,17 @@ class SocketEvents {
     this.nextId = id >= 0x7fffffff ? 1 : id + 1;
     this.handlers.set(id, handler);
     return id;
+  }
+
+  /**
+   * steadyNow(), read at most once per batch of events while one is being
+   * delivered: the pool reads the clock when it lends a connection and when it
+   * takes it back, twice per transaction, and a batch holds several.
+   */
+  now(): number {
+    if (!this.batching) return steadyNow();
+    if (this.batchTime === 0) this.batchTime = steadyNow();
+    return this.batchTime;
   }
 
   /** A closed socket: events still queued for it are dropped. */
@@ -104,16 +126,19 @@ class SocketEvents {
     // One socket's failure must not lose the others' reads: the first error is thrown once all are delivered.
     let failed = false;
     let failure: unknown;
-    for (let i = 0, at = 1; i < count; i += 1, at += 3) {
+    this.batching = true;
+    this.batchTime = 0;
+    for (let i = 0, at = 1; i < count; i += 1, at += EVENT_INTS) {
       const handler = this.handlers.get(queue[at]!);
       if (handler === undefined) continue;
       try {
-        handler(queue[at + 1]!, queue[at + 2]!);
+        handler(queue[at + 1]!, queue[at + 2]!, queue[at + 3]!);
       } catch (error) {
         if (!failed) failure = error;
         failed = true;
       }
     }
+    this.batching = false;
     if (failed) throw failure;
   }
 }
@@ -128,6 +153,21 @@ function eventsOf(io: NativeSocketIo): SocketEvents {
     socketEvents.set(io, events);
   }
   return events;
+}
+
+/**
+ * A clock for the pool (steadyNow's): while the native sockets' events
+ * of one poll are handled, one reading for all of them (see SocketEvents.now).
+ */
+export function batchClock(io: NativeSocketIo): () => number {
+  const events = eventsOf(io);
+  return () => events.now();
+}
+
+/** Writes bytes [start, end) of `buffer` to `out`, as `out.write(buffer.subarray(start, end))` (a NativeSocket makes no view). */
+export function writeRange(out: Duplex, buffer: Buffer, start: number, end: number): void {
+  if (out instanceof NativeSocket) out.writeRange(buffer, start, end);
+  else out.write(buffer.subarray(start, end));
 }
 
 /** Where scripts/build-native.sh puts the module, under the package root. */
@@ -235,7 +275,7 @@ export class NativeSocket extends Duplex implements DirectReadable {
     this.io = io;
     this.target = new ReadTarget(options.buffers, options.copyReads === true);
     this.events = eventsOf(io);
-    this.id = this.events.add((kind, value) => this.onEvent(kind, value));
+    this.id = this.events.add((kind, value, offset) => this.onEvent(kind, value, offset));
     try {
       this.handle = io.open(fd, this.id);
     } catch (error) {
@@ -286,11 +326,22 @@ export class NativeSocket extends Duplex implements DirectReadable {
     if (callback === undefined && encoding === undefined && !this.nativeClosed && this.unfinished === undefined && Buffer.isBuffer(chunk) &&
       chunk.length > 0 && this.writableLength === 0 && this.writableCorked === 0 && !this.writableEnded) {
       const written = this.io.write(this.handle, chunk);
-      if (written === chunk.length) return true;
+      if (written === undefined) return true;
       if (written > 0) return super.write(chunk.subarray(written));
       // EAGAIN, or an error that _write meets again and reports the stream's way.
     }
     return super.write(chunk, encoding as BufferEncoding, callback as (error?: Error | null) => void);
+  }
+
+  /** As write(buffer.subarray(start, end)), without the view where the bytes go out at once. */
+  writeRange(buffer: Buffer, start: number, end: number): boolean {
+    if (end > start && !this.nativeClosed && this.unfinished === undefined && this.writableLength === 0 && this.writableCorked === 0 && !this.writableEnded) {
+      const written = this.io.write(this.handle, buffer, start, end - start);
+      if (written === undefined) return true;
+      if (written > 0) return super.write(buffer.subarray(start + written, end));
+      return super.write(buffer.subarray(start, end));
+    }
+    return this.write(buffer.subarray(start, end));
   }
 
   override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
@@ -328,7 +379,7 @@ export class NativeSocket extends Duplex implements DirectReadable {
       return;
     }
     const written = this.io.write(this.handle, chunk);
-    if (written === chunk.length) {
+    if (written === undefined) {
       callback();
       return;
     }
@@ -340,16 +391,16 @@ export class NativeSocket extends Duplex implements DirectReadable {
     this.io.waitWritable(this.handle);
   }
 
-  private onEvent(kind: number, value: number): void {
+  private onEvent(kind: number, value: number, offset: number): void {
     if (this.nativeClosed) return;
     if (kind === EVENT_DATA) {
       const buffer = this.current;
       const reader = this.reader;
       const lent = this.target.lends(buffer);
-      if (reader === undefined) this.emit('data', Buffer.from(buffer.subarray(0, value)));
+      if (reader === undefined) this.emit('data', Buffer.from(buffer.subarray(offset, offset + value)));
       else if (lent) reader(buffer, value, true);
-      // The shared buffer is overwritten by the next read of any socket: the reader gets its own copy.
-      else reader(Buffer.from(buffer.subarray(0, value)), value, false);
+      // The shared buffer is read into again after this batch, by any socket: the reader gets its own copy.
+      else reader(Buffer.from(buffer.subarray(offset, offset + value)), value, false);
       if (this.nativeClosed) return;
       const next = this.target.next(!this.readingWanted);
       if (next !== this.current) {

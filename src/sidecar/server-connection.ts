@@ -10,6 +10,7 @@ import { serialize } from 'pg-protocol';
 import { RESHAPED_ERROR, ResponseEditor, ServerStatementCache, isReshapedError, transition, TransactionTracker, type ServerConnectionState } from '../core/pool-state/index.ts';
 import { FrameReader, MessageType, NO_SETTINGS, PARSE_COMPLETE, messageTypeTable, parseNoticeFields, type ClientSettings } from '../core/protocol/index.ts';
 import { isDirectReadable } from './direct-read-socket.ts';
+import { writeRange } from './native-socket.ts';
 
 /** Whoever currently uses the connection: a client session. */
 export interface ServerConnectionUser {
@@ -313,12 +314,12 @@ export class ServerConnection {
                 out.cork();
                 corked = true;
               }
-              if (runBuffer !== undefined) out.write(runBuffer.subarray(runStart, runEnd));
+              if (runBuffer !== undefined) writeRange(out, runBuffer, runStart, runEnd);
               runBuffer = undefined;
               out.write(before);
             }
             if (tracker.atBoundary && user.holdReady?.(this) === true) {
-              if (runBuffer !== undefined) out.write(runBuffer.subarray(runStart, runEnd));
+              if (runBuffer !== undefined) writeRange(out, runBuffer, runStart, runEnd);
               runBuffer = undefined;
               continue;
             }
@@ -336,7 +337,7 @@ export class ServerConnection {
               out.cork();
               corked = true;
             }
-            out.write(runBuffer.subarray(runStart, runEnd));
+            writeRange(out, runBuffer, runStart, runEnd);
           }
           runBuffer = reader.buffer;
           runStart = reader.start;
@@ -344,13 +345,13 @@ export class ServerConnection {
         }
       }
     } catch (error) {
-      if (runBuffer !== undefined) out.write(runBuffer.subarray(runStart, runEnd));
+      if (runBuffer !== undefined) writeRange(out, runBuffer, runStart, runEnd);
       if (corked) out.uncork();
       this.logger.warn({ server: this.id, err: (error as Error).message }, 'malformed data from the server');
       this.stream.destroy();
       return;
     }
-    if (runBuffer !== undefined) out.write(runBuffer.subarray(runStart, runEnd));
+    if (runBuffer !== undefined) writeRange(out, runBuffer, runStart, runEnd);
     if (corked) out.uncork();
     this.afterForwarding(out, user, boundary, ready);
   }

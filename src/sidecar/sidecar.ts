@@ -26,7 +26,7 @@ import { AdminServer } from '../ops/admin-server.ts';
 import type { BackendLedger } from './backend-ledger.ts';
 import { ClientSession, type ClientSessionHost } from './client-session.ts';
 import { DirectReadSocket, ReadBufferPool, adoptAcceptedSocket } from './direct-read-socket.ts';
-import { adoptUnreadSocket, socketDescriptor, type NativeSocketIo } from './native-socket.ts';
+import { adoptUnreadSocket, batchClock, socketDescriptor, type NativeSocketIo } from './native-socket.ts';
 import type { ClientTls } from './client-tls.ts';
 import type { CurrentText } from './mounted-file.ts';
 import { SidecarMetrics } from './metrics.ts';
@@ -134,7 +134,8 @@ export class Sidecar implements ClientSessionHost {
       openStream: (host, port, deadline) => this.openStream(host, port, deadline),
       logger: deps.logger,
       metrics: this.metrics,
-      now: steadyNow,
+      // With native sockets, one clock reading per poll's batch of events.
+      now: deps.nativeIo !== undefined ? batchClock(deps.nativeIo) : steadyNow,
       changed: () => this.statusChanged(),
       blockedReason: () => this.tunnel?.downReason(),
       refusedReason: () => this.tunnel?.refusedReason(),

@@ -5,6 +5,7 @@
  * only in part, pause, end, reset, destroy with a write pending) must hold
  * exactly as with Node's own sockets.
  */
+import { steadyNow } from '../../src/ops/clock.ts';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -14,7 +15,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ReadBufferPool } from '../../src/sidecar/direct-read-socket.ts';
 import type { NativeSocket} from '../../src/sidecar/native-socket.ts';
-import { adoptUnreadSocket, type NativeSocketIo } from '../../src/sidecar/native-socket.ts';
+import { adoptUnreadSocket, batchClock, writeRange, type NativeSocketIo } from '../../src/sidecar/native-socket.ts';
 import { checkOwnBufferLending, echo, type SeenRead } from '../support/read-buffer-checks.ts';
 import { testNativeIo } from '../support/sidecar-fixture.ts';
 
@@ -100,6 +101,44 @@ describe('NativeSocket (native socket I/O)', () => {
     }
   });
 
+  it('with copyReads, the reads of one poll go into the shared buffer side by side and come in one call, each intact', async () => {
+    const buffers = new ReadBufferPool();
+    // A microtask runs once the call into JavaScript returns: reads with the same count came in the same call.
+    let calls = 0;
+    let counting = false;
+    const seen: { client: number; call: number; text: string }[] = [];
+    const { server, connect } = await nativeServer(io, (native) => {
+      native.setDirectReader((buffer, length) => {
+        if (!counting) {
+          counting = true;
+          queueMicrotask(() => {
+            calls += 1;
+            counting = false;
+          });
+        }
+        const text = buffer.toString('latin1', 0, length);
+        seen.push({ client: Number(text.slice(0, 2)), call: calls, text });
+      });
+    }, { buffers, copyReads: true });
+    const clients = await Promise.all(Array.from({ length: 8 }, () => connect()));
+    try {
+      await new Promise((r) => setTimeout(r, 20));
+      // Each 3 KB, so that the 64 KB buffer holds all eight; sent while the event loop is held, so one poll finds them all.
+      const payloads = clients.map((_, n) => `${String(n).padStart(2, '0')}${String.fromCharCode(65 + n).repeat(3000)}`);
+      clients.forEach((client, n) => client.write(payloads[n]!));
+      const until = Date.now() + 30;
+      while (Date.now() < until);
+      const deadline = Date.now() + 5_000;
+      while (seen.length < 8 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+      assert.deepEqual(seen.map((s) => s.client).sort(), [0, 1, 2, 3, 4, 5, 6, 7]);
+      for (const s of seen) assert.equal(s.text, payloads[s.client], `client ${s.client}'s read was overwritten or cut`);
+      assert.equal(new Set(seen.map((s) => s.call)).size, 1, 'the reads into the shared buffer came in more than one call');
+    } finally {
+      for (const c of clients) c.destroy();
+      await closeServer(server);
+    }
+  });
+
   it('with copyReads, lends reads of a buffer of its own while asked to, and gives it back afterwards', async () => {
     const buffers = new ReadBufferPool();
     const known = Buffer.allocUnsafe(64 * 1024);
@@ -151,6 +190,66 @@ describe('NativeSocket (native socket I/O)', () => {
       await new Promise((r) => setTimeout(r, 20));
       assert.ok(flushed, 'the write callback did not run once everything was flushed');
       assert.equal(adopted!.writableLength, 0);
+    } finally {
+      client.destroy();
+      await closeServer(server);
+    }
+  });
+
+  it('writes ranges of a buffer by offset and length, at once or queued behind a peer that does not read, byte for byte', async () => {
+    let adopted: NativeSocket | undefined;
+    const { server, connect } = await nativeServer(io, (native) => (adopted = native));
+    const client = await connect();
+    client.pause();
+    try {
+      await new Promise((r) => setTimeout(r, 20));
+      const source = pattern(1024 * 1024, 3);
+      // Ranges of every shape: empty, one byte, at either end, and 16 MB in all, so that the kernel stops taking them.
+      const ranges: [number, number][] = [[0, 0], [5, 6], [1024 * 1024 - 7, 1024 * 1024]];
+      for (let i = 0; i < 16; i += 1) ranges.push([i * 1000, 1024 * 1024 - i * 999]);
+      for (const [start, end] of ranges) writeRange(adopted!, source, start, end);
+      assert.ok(adopted!.writableLength > 0, 'the kernel took 16 MB at once: nothing was queued');
+      const expected = Buffer.concat(ranges.map(([start, end]) => source.subarray(start, end)));
+      const received: Buffer[] = [];
+      let length = 0;
+      const all = new Promise<void>((resolve) => client.on('data', (chunk: Buffer) => {
+        received.push(chunk);
+        length += chunk.length;
+        if (length >= expected.length) resolve();
+      }));
+      client.resume();
+      await all;
+      assert.ok(Buffer.concat(received).equals(expected), 'the bytes arrived out of order or changed');
+      const handle = (adopted as unknown as { handle: Parameters<NativeSocketIo['write']>[0] }).handle;
+      assert.throws(() => io.write(handle, source, 1024 * 1024 - 1, 2), RangeError);
+      assert.throws(() => io.write(handle, source, -1, 1), RangeError);
+    } finally {
+      client.destroy();
+      await closeServer(server);
+    }
+  });
+
+  it('gives the pool one clock reading for all the events of a poll, and the steady clock otherwise', async () => {
+    const now = batchClock(io);
+    const before = steadyNow();
+    assert.ok(Math.abs(now() - before) <= 1);
+    const readings: number[][] = [];
+    const { server, connect } = await nativeServer(io, (native) => native.setDirectReader(() => {
+      const first = now();
+      // Time passes within the batch, yet its reading stays.
+      const until = steadyNow() + 3;
+      while (steadyNow() < until);
+      readings.push([first, now(), steadyNow()]);
+    }));
+    const client = await connect();
+    try {
+      client.write('x');
+      while (readings.length === 0) await new Promise((r) => setTimeout(r, 5));
+      const [first, second, after] = readings[0]!;
+      assert.equal(second, first);
+      assert.ok(after! - first! >= 3 && first! >= before);
+      await new Promise((r) => setTimeout(r, 5));
+      assert.ok(now() >= after!, 'outside a batch the clock is read again');
     } finally {
       client.destroy();
       await closeServer(server);

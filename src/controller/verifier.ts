@@ -6,6 +6,7 @@
  * server's connection settings, so every connection also learns the real
  * max_connections.
  */
+import { credentialsAdvice } from '../core/credentials.ts';
 import type { ServerSettings } from '../core/budget/index.ts';
 import { steadyNow } from '../ops/clock.ts';
 import type { Verification, VerificationFailure } from '../core/conditions/connection.ts';
@@ -96,8 +97,10 @@ export class ConnectionVerifier {
       result = { verification: { state: 'ok' }, settings };
     } catch (err) {
       const failure = classifyLoginError(err);
+      const advice = failure.reason === 'CredentialsRejected' ? credentialsAdvice(target.username, target.password) : undefined;
+      const message = advice === undefined ? failure.message : `${failure.message}; ${advice}`;
       // A server message may echo what it was sent; it never gets the password, but be sure.
-      result = { verification: { state: 'failed', reason: failure.reason, message: redactSecrets(failure.message, [target.password]) } };
+      result = { verification: { state: 'failed', reason: failure.reason, message: redactSecrets(message, [target.password]) } };
     }
     const latest = this.results.get(key);
     if (latest !== undefined && latest.fingerprint !== fingerprint && latest.at > now) return undefined;

@@ -11,6 +11,7 @@
  *   clients at once with the server's error when no usable connection is left,
  *   and while it stands at most one login is in flight.
  */
+import { credentialsAdvice } from '../core/credentials.ts';
 import type { Duplex } from 'node:stream';
 import { serialize } from 'pg-protocol';
 import type { Logger } from 'pino';
@@ -940,7 +941,9 @@ export class Pool {
 
   private loginTarget(): LoginTarget {
     const { host, port, dbname } = this.deps.settings.database;
-    return { host, port, dbname, username: this.deps.credentials().username };
+    const { username, password } = this.deps.credentials();
+    const advice = credentialsAdvice(username, password);
+    return { host, port, dbname, username, ...(advice === undefined ? {} : { advice }) };
   }
 
   /**
@@ -1091,6 +1094,8 @@ interface LoginTarget {
   port: number;
   dbname: string;
   username: string;
+  /** What looks wrong in the credentials (credentialsAdvice), for a refused password. */
+  advice?: string;
 }
 
 /** What to check, by the SQLSTATE of a lasting refusal. */
@@ -1121,7 +1126,8 @@ function lastingRefusal(error: unknown, target: LoginTarget): AcquireFailure | u
     const ours = `Refused ${through}; no server connection is open to hand to this client.`;
     // PostgreSQL's words when the certificate the sidecar bound is not the one the server presents.
     const interception = /channel binding/i.test(fields?.M ?? '') ? CHANNEL_BINDING_MISMATCH_HINT : undefined;
-    return { sqlState: error.sqlState, message: fields?.M ?? error.message, detail: fields?.D !== undefined ? `${fields.D} ${ours}` : ours, hint: interception ?? REFUSAL_HINTS[error.sqlState]! };
+    const credentials = error.sqlState === '28P01' && target.advice !== undefined ? `${target.advice[0]!.toUpperCase()}${target.advice.slice(1)}.` : undefined;
+    return { sqlState: error.sqlState, message: fields?.M ?? error.message, detail: fields?.D !== undefined ? `${fields.D} ${ours}` : ours, hint: interception ?? credentials ?? REFUSAL_HINTS[error.sqlState]! };
   }
   if (error.kind === 'tls-verify') {
     return { sqlState: '08001', message: error.message, detail: `Failed ${through}.`, hint: 'Check the server\'s certificate against the CA in spec.database.caSecretRef and the sslMode of the DatabaseConnection.' };

@@ -103,5 +103,9 @@ describe('the login check of a DatabaseConnection', function () {
     assert.equal(rotated.verification.state, 'failed');
     assert.equal(rotated.verification.state === 'failed' ? rotated.verification.reason : '', 'CredentialsRejected');
     assert.ok(!JSON.stringify(rotated).includes('not-the-password'), 'the password is not in the answer');
+    // The password with the newline `echo` leaves in a file: the condition says so, and not what the password is.
+    const echoed = await verifier.check('shop/orders', 'f3', { ...target, password: `${postgres.app.password}\n` });
+    assert.match(echoed.verification.state === 'failed' ? echoed.verification.message : '', /SQLSTATE 28P01\); the password in the credentials Secret ends with a newline/);
+    assert.ok(!JSON.stringify(echoed).includes(postgres.app.password), 'the password is not in the answer');
   });
 });

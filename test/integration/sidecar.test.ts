@@ -622,6 +622,18 @@ describe('sidecar: a server login that waiting does not cure', function () {
     }
   });
 
+  it('says so when the refused password in the Secret ends with a newline (a file made with echo), without showing it', async function () {
+    const running = await startSidecar(postgres, { role: { user: 'app', password: `${postgres.app.password}\n` }, grant: 5, pool: { poolTimeout: 30 } });
+    try {
+      const refused = await connectFailure({ host: '127.0.0.1', port: running.port, user: 'app', database: 'app' });
+      assert.equal(refused.code, '28P01');
+      assert.match(refused.hint ?? '', /^The password in the credentials Secret ends with a newline/);
+      assert.ok(!JSON.stringify(refused).includes(postgres.app.password), 'the password is not in the client\'s error');
+    } finally {
+      await running.stop();
+    }
+  });
+
   it('fails clients at once with 3D000 for a database the server does not have, as direct; a cold burst makes at most the grant in logins', async function () {
     const running = await startSidecar(postgres, { dbname: 'no_such_db', grant: 3, pool: { poolTimeout: 30 } });
     const through: pg.ClientConfig = { host: '127.0.0.1', port: running.port, user: 'app', database: 'no_such_db' };

@@ -8,6 +8,8 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
+import { createServer as createHttpsServer } from 'node:https';
+import type { AddressInfo } from 'node:net';
 import { AdmissionregistrationV1Api, AppsV1Api, CoreV1Api, CustomObjectsApi, type V1Container, type V1Pod } from '@kubernetes/client-node';
 import { KubeHttp } from '../../src/kube/http.ts';
 import { pino } from 'pino';
@@ -15,6 +17,7 @@ import { Registry } from 'prom-client';
 import { testEnvironment } from '../support/hooks.ts';
 import { DEFAULT_INJECTOR_SETTINGS, SIDECAR_CONTAINER_NAME, type InjectorSettings } from '../../src/core/inject/index.ts';
 import { issuedBy, splitPemBundle } from '../../src/pki/bundle.ts';
+import { createCertificateAuthority, issueCertificate } from '../../src/pki/certificates.ts';
 import { DEFAULT_ROTATION_POLICY } from '../../src/pki/rotation.ts';
 import { AdmissionMetrics, PodAdmissionHandler } from '../../src/webhook/admission.ts';
 import { SelfManagedCertificates, type ServingMaterial } from '../../src/webhook/certificates.ts';
@@ -295,6 +298,49 @@ describe('webhook on the API server', function () {
       );
     } finally {
       await core.deleteNamespacedResourceQuota({ namespace, name: 'cpu-limits' });
+    }
+  });
+
+  it('puts back restartPolicy: Always that a later webhook strips (one built with a Kubernetes client older than 1.28), so the API server admits the pod', async function () {
+    // The other webhook: it removes the field from the sidecar, as decoding into an old PodSpec and encoding again does.
+    const ca = await createCertificateAuthority('stripping-webhook-test', 1);
+    const leaf = await issueCertificate(ca, { commonName: '127.0.0.1', ipAddresses: ['127.0.0.1'], usage: 'server', validityDays: 1 });
+    let stripped = 0;
+    const stripper = createHttpsServer({ cert: leaf.certPem, key: leaf.keyPem }, (req, res) => {
+      const chunks: Buffer[] = [];
+      req.on('data', (c: Buffer) => chunks.push(c));
+      req.on('end', () => {
+        const review = JSON.parse(Buffer.concat(chunks).toString('utf8')) as { request: { uid: string; object: V1Pod } };
+        const index = review.request.object.spec?.initContainers?.findIndex((c) => c.name === SIDECAR_CONTAINER_NAME && c.restartPolicy !== undefined) ?? -1;
+        const patch = index < 0 ? [] : [{ op: 'remove', path: `/spec/initContainers/${index}/restartPolicy` }];
+        if (index >= 0) stripped += 1;
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.end(JSON.stringify({
+          apiVersion: 'admission.k8s.io/v1', kind: 'AdmissionReview',
+          response: { uid: review.request.uid, allowed: true, ...(patch.length > 0 ? { patchType: 'JSONPatch', patch: Buffer.from(JSON.stringify(patch)).toString('base64') } : {}) },
+        }));
+      });
+    });
+    await new Promise<void>((resolve) => stripper.listen(0, '127.0.0.1', resolve));
+    // Configurations are called in name order: this one after poolkeeper's, which is called again after it (IfNeeded).
+    const name = `zz-stripper-${suffix}`;
+    const registration = webhookRegistration({ name, url: `https://127.0.0.1:${(stripper.address() as AddressInfo).port}/`, targetNamespace: namespace }) as { webhooks: Array<Record<string, unknown>> };
+    registration.webhooks[0] = { ...registration.webhooks[0], name: 'strip.example.dev', failurePolicy: 'Fail', reinvocationPolicy: 'Never', clientConfig: { url: `https://127.0.0.1:${(stripper.address() as AddressInfo).port}/`, caBundle: Buffer.from(ca.certPem).toString('base64') } };
+    await admission.createMutatingWebhookConfiguration({ body: registration as object });
+    try {
+      await eventually('the stripping webhook live', async () => {
+        const before = stripped;
+        await core.createNamespacedPod({ namespace, body: podManifest(`strip-probe-${randomBytes(2).toString('hex')}`, { 'poolkeeper.dev/connection': 'orders-db' }), dryRun: 'All' }).catch(() => undefined);
+        return stripped > before ? true : undefined;
+      });
+      const created = await core.createNamespacedPod({ namespace, body: podManifest('stripped-sidecar', { 'poolkeeper.dev/connection': 'orders-db' }) });
+      const sidecar = created.spec?.initContainers?.find((c) => c.name === SIDECAR_CONTAINER_NAME);
+      assert.equal(sidecar?.restartPolicy, 'Always', 'the sidecar stays a native sidecar');
+      assert.ok(sidecar?.startupProbe, 'with its probes');
+    } finally {
+      await admission.deleteMutatingWebhookConfiguration({ name });
+      await core.deleteNamespacedPod({ name: 'stripped-sidecar', namespace, gracePeriodSeconds: 0 }).catch(() => undefined);
+      await new Promise((resolve) => stripper.close(resolve));
     }
   });
 

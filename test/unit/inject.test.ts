@@ -201,6 +201,17 @@ describe('inject: computeInjection', function () {
     assert.equal(out.spec!.containers[2]!.env!.some((e) => e.name === 'PGHOST'), false);
   });
 
+  it('puts back restartPolicy: Always that a later webhook (a Kubernetes client older than 1.28) removed from the native sidecar, saying so', function () {
+    const once = injected(pod({ containers: [{ name: 'a' }], initContainers: [{ name: 'migrate' }] }), connection());
+    const stripped = structuredClone(once);
+    delete stripped.spec!.initContainers![0]!.restartPolicy;
+    const result = computeInjection({ pod: stripped, connection: connection(), settings });
+    assert.deepEqual(result.patch, [{ op: 'add', path: '/spec/initContainers/0/restartPolicy', value: 'Always' }]);
+    assert.match(result.warnings.join('\n'), /another mutating webhook removed restartPolicy: Always from the poolkeeper sidecar/);
+    assert.deepEqual(applyJsonPatch(stripped, result.patch), once);
+    assert.deepEqual(computeInjection({ pod: once, connection: connection(), settings }).patch, [], 'nothing to put back when it is there');
+  });
+
   it('names no UID for a platform that assigns one (OpenShift\'s restricted SCCs), and still asks for a non-root user', function () {
     const out = injected(pod({ containers: [{ name: 'a' }] }), connection(), { ...settings, runAsUser: undefined });
     const sidecar = out.spec!.initContainers![0]!;

@@ -459,6 +459,15 @@ export function computeInjection({ pod, connection, settings }: InjectionInput):
     });
   }
 
+  // A later webhook that round-trips the pod through a Kubernetes client older than 1.28 drops the field unknown
+  // to it: without it the API server refuses the sidecar's probes on an init container, or the kubelet waits
+  // for the sidecar to exit before starting the app. Reinvoked after it (reinvocationPolicy IfNeeded), put it back.
+  const initIndex = pod.spec.initContainers?.findIndex((c) => c.name === SIDECAR_CONTAINER_NAME) ?? -1;
+  if (existingSidecar?.native === true && existingSidecar.container.restartPolicy !== 'Always' && initIndex >= 0) {
+    patch.push({ op: 'add', path: `/spec/initContainers/${initIndex}/restartPolicy`, value: 'Always' });
+    warnings.push('another mutating webhook removed restartPolicy: Always from the poolkeeper sidecar (one built with a Kubernetes client older than 1.28 drops it); it is put back, but if that webhook runs again after this one the pod is refused: upgrade it');
+  }
+
   const wantedGrace = derived.drainTimeout + settings.terminationMarginSeconds;
   const currentGrace = pod.spec.terminationGracePeriodSeconds ?? DEFAULT_TERMINATION_GRACE_SECONDS;
   if (currentGrace < wantedGrace) patch.push({ op: 'add', path: '/spec/terminationGracePeriodSeconds', value: wantedGrace });

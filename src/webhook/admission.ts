@@ -81,10 +81,13 @@ export class PodAdmissionHandler {
   private readonly settings: InjectorSettings;
   private readonly logger: Logger;
   private readonly metrics: AdmissionMetrics | undefined;
+  private readonly nativeSidecars: (() => boolean) | undefined;
 
-  constructor(connections: ConnectionLookup, settings: InjectorSettings, logger: Logger, metrics?: AdmissionMetrics) {
+  /** `nativeSidecars`, if given, decides the sidecar's mode at each admission instead of `settings` (it follows the nodes' kubelets). */
+  constructor(connections: ConnectionLookup, settings: InjectorSettings, logger: Logger, metrics?: AdmissionMetrics, nativeSidecars?: () => boolean) {
     this.connections = connections;
     this.settings = settings;
+    this.nativeSidecars = nativeSidecars;
     this.logger = logger;
     this.metrics = metrics;
   }
@@ -126,7 +129,8 @@ export class PodAdmissionHandler {
       this.logger.warn({ namespace, connection: name, pod: podName }, 'pod names a DatabaseConnection that does not exist');
       return allow('no_connection', [`poolkeeper: DatabaseConnection ${namespace}/${name} does not exist; pod admitted without the sidecar`]);
     }
-    const result = computeInjection({ pod, connection, settings: this.settings });
+    const settings = this.nativeSidecars === undefined ? this.settings : { ...this.settings, nativeSidecars: this.nativeSidecars() };
+    const result = computeInjection({ pod, connection, settings });
     const warnings = result.warnings.map((w) => `poolkeeper: ${w}`);
     if (result.errors.length > 0) {
       const message = `poolkeeper cannot inject its sidecar: ${result.errors.map((e) => `[${e.code}] ${e.message}`).join('; ')}`;

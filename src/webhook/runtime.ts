@@ -10,6 +10,7 @@ import { AdmissionregistrationV1Api, CoreV1Api, VersionApi, type KubeConfig } fr
 import type { Logger } from 'pino';
 import type { Registry } from 'prom-client';
 import { DEFAULT_INJECTOR_SETTINGS, nativeSidecarsSupported, type InjectorSettings } from '../core/inject/index.ts';
+import { SidecarMode } from './node-versions.ts';
 import { DEFAULT_ROTATION_POLICY } from '../pki/rotation.ts';
 import { AdmissionMetrics, PodAdmissionHandler } from './admission.ts';
 import { SelfManagedCertificates, type ServingMaterial } from './certificates.ts';
@@ -33,6 +34,8 @@ export interface WebhookConfig {
   injector: InjectorSettings;
   /** undefined: decide from the API server's version. */
   nativeSidecars?: boolean;
+  /** How often the nodes' kubelet versions are read again (ms; default 60 s) when nativeSidecars is not set. */
+  nodeRefreshMs?: number;
   /** Extra IP SANs of the serving certificate (a webhook registered by URL on an address, as in the local environment). */
   ipAddresses?: string[];
 }
@@ -98,11 +101,16 @@ async function readCertificateFiles(dir: string): Promise<ServingCertificate> {
 
 /** Starts the webhook with `kc`'s credentials; resolves once it serves. */
 export async function startWebhook(kc: KubeConfig, config: WebhookConfig, logger: Logger, registry: Registry): Promise<RunningWebhook> {
+  const http = new KubeHttp(kc);
   let nativeSidecars = config.nativeSidecars;
+  let mode: SidecarMode | undefined;
   if (nativeSidecars === undefined) {
+    // Not set: native while the API server and every node's kubelet are 1.29 or newer, followed as nodes change.
     const version = await kc.makeApiClient(VersionApi).getCode();
     nativeSidecars = nativeSidecarsSupported(version);
-    logger.info({ kubernetes: version.gitVersion, nativeSidecars }, 'sidecar mode chosen');
+    logger.info({ kubernetes: version.gitVersion, nativeSidecars }, 'sidecar mode chosen by the API server\'s version');
+    mode = new SidecarMode(http, { apiServerAllowsNative: nativeSidecars, logger, ...(config.nodeRefreshMs !== undefined ? { refreshMs: config.nodeRefreshMs } : {}) });
+    await mode.start();
   }
   const service = `${config.serviceName}.${config.namespace}`;
   const certificates = config.certificateMode === 'self'
@@ -112,7 +120,8 @@ export async function startWebhook(kc: KubeConfig, config: WebhookConfig, logger
     }, logger)
     : undefined;
   const load = async (): Promise<ServingMaterial | ServingCertificate> => certificates ? certificates.reconcile(new Date()) : readCertificateFiles(config.certDir);
-  const handler = new PodAdmissionHandler(new KubeConnectionLookup(new KubeHttp(kc)), { ...config.injector, nativeSidecars }, logger, new AdmissionMetrics(registry));
+  const following = mode;
+  const handler = new PodAdmissionHandler(new KubeConnectionLookup(http), { ...config.injector, nativeSidecars }, logger, new AdmissionMetrics(registry), following ? () => following.native : undefined);
   const server = new WebhookServer(handler, await load(), { host: config.host, port: config.port }, logger);
   await server.listen();
   logger.info({ port: server.port, certificates: config.certificateMode }, 'webhook serving');
@@ -129,6 +138,7 @@ export async function startWebhook(kc: KubeConfig, config: WebhookConfig, logger
     server,
     async stop() {
       clearInterval(timer);
+      following?.stop();
       await server.close();
     },
   };

@@ -24,6 +24,7 @@ import { SelfManagedCertificates, type ServingMaterial } from '../../src/webhook
 import { KubeConnectionLookup } from '../../src/webhook/connections.ts';
 import { MissingSidecarRepairer, type RepairEventRecorder } from '../../src/webhook/repair.ts';
 import { MUTATE_PODS_PATH, WebhookServer } from '../../src/webhook/server.ts';
+import { SidecarMode } from '../../src/webhook/node-versions.ts';
 import type { KubeControlPlane } from '../../src/devenv/kube.ts';
 import { webhookRegistration } from '../../src/devenv/scenario.ts';
 
@@ -298,6 +299,41 @@ describe('webhook on the API server', function () {
       );
     } finally {
       await core.deleteNamespacedResourceQuota({ namespace, name: 'cpu-limits' });
+    }
+  });
+
+  it('injects a plain container while a node\'s kubelet is older than 1.29 (an upgrade under way), and native sidecars again once it is upgraded', async function () {
+    const nodeName = `old-kubelet-${suffix}`;
+    const setKubelet = (version: string): void => {
+      kube.kubectl(['patch', 'node', nodeName, '--subresource=status', '--type=merge', '-p', JSON.stringify({ status: { nodeInfo: { kubeletVersion: version } } })]);
+    };
+    const mode = new SidecarMode(new KubeHttp(kube.kubeConfig()), { apiServerAllowsNative: true, logger });
+    const following = new PodAdmissionHandler(new KubeConnectionLookup(new KubeHttp(kube.kubeConfig())), settings, logger, undefined, () => mode.native);
+    const injectedAs = async (): Promise<string> => {
+      const review = await following.review({
+        apiVersion: 'admission.k8s.io/v1', kind: 'AdmissionReview',
+        request: { uid: randomBytes(4).toString('hex'), kind: { group: '', version: 'v1', kind: 'Pod' }, operation: 'CREATE', namespace, object: podManifest('mode-probe', { 'poolkeeper.dev/connection': 'orders-db' }) },
+      });
+      const patch = JSON.parse(Buffer.from(review.response.patch ?? '', 'base64').toString('utf8')) as Array<{ path: string; value?: { name?: string } | Array<{ name?: string }> }>;
+      const sidecarAt = patch.find((op) => (Array.isArray(op.value) ? op.value.some((v) => v.name === SIDECAR_CONTAINER_NAME) : op.value?.name === SIDECAR_CONTAINER_NAME));
+      return sidecarAt?.path.startsWith('/spec/initContainers') === true ? 'native' : sidecarAt?.path === '/spec/containers/-' ? 'plain' : 'none';
+    };
+    await mode.start();
+    try {
+      assert.equal(mode.native, true, 'no node older than 1.29');
+      assert.equal(await injectedAs(), 'native');
+      kube.kubectl(['create', '-f', '-'], JSON.stringify({ apiVersion: 'v1', kind: 'Node', metadata: { name: nodeName } }));
+      setKubelet('v1.28.5-eks-5e0fdde');
+      await mode.refresh();
+      assert.equal(mode.native, false, 'a 1.28 kubelet refuses native sidecars');
+      assert.equal(await injectedAs(), 'plain');
+      setKubelet('v1.29.3');
+      await mode.refresh();
+      assert.equal(mode.native, true, 'upgraded');
+      assert.equal(await injectedAs(), 'native');
+    } finally {
+      mode.stop();
+      kube.kubectl(['delete', 'node', nodeName, '--ignore-not-found']);
     }
   });
 

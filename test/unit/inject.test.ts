@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import {
   API_ACCESS_VOLUME_NAME, CREDENTIALS_DIR, SERVICE_ACCOUNT_TOKEN_DIR, DEFAULT_INJECTOR_SETTINGS, INJECTED_ANNOTATION, SIDECAR_CONTAINER_NAME, SOCKET_DIR, SOCKET_VOLUME_NAME,
-  applyJsonPatch, computeInjection, findSidecar, escapePointerToken, nativeSidecarsSupported, podNeedsRepair, pointer, poolSizeHint, quantityBytes, repairVerdict, resolveConsumer, sidecarNodeOptions,
+  applyJsonPatch, computeInjection, findSidecar, escapePointerToken, kubeletsWithoutNativeSidecars, nativeSidecarsSupported, podNeedsRepair, pointer, poolSizeHint, quantityBytes, repairVerdict, resolveConsumer, sidecarNodeOptions,
   type ContainerLike, type EnvVar, type InjectableConnection, type InjectorSettings, type PodLike, type VolumeLike,
 } from '../../src/core/inject/index.ts';
 
@@ -190,6 +190,11 @@ describe('inject: computeInjection', function () {
     assert.equal(envOf(out.spec!.initContainers![1]).PGHOST?.value, '127.0.0.1');
     assert.equal(envOf(out.spec!.initContainers![1]).X?.value, '1');
     assert.equal(out.spec!.initContainers![2]!.env, undefined);
+  });
+
+  it('names the kubelets that cannot run native sidecars (before 1.29), as distributions spell their versions', function () {
+    assert.deepEqual(kubeletsWithoutNativeSidecars(['v1.29.0', 'v1.28.5-eks-5e0fdde', 'v1.27.3+k3s1', 'v1.28.5-eks-5e0fdde', 'v1.31.1-gke.1146000', 'v2.0.0']), ['v1.27.3+k3s1', 'v1.28.5-eks-5e0fdde']);
+    assert.deepEqual(kubeletsWithoutNativeSidecars([]), []);
   });
 
   it('appends a plain container when native sidecars are not supported', function () {

@@ -90,6 +90,15 @@ export function nativeSidecarsSupported(version: { major: string | number; minor
   return major > 1 || (major === 1 && minor >= 29);
 }
 
+/** The kubelet versions below 1.29 among `kubeletVersions` ("v1.28.5-eks-5e0fdde"), each once, in order. */
+export function kubeletsWithoutNativeSidecars(kubeletVersions: readonly string[]): string[] {
+  const older = kubeletVersions.filter((v) => {
+    const match = /^v?(\d+)\.(\d+)/.exec(v);
+    return match !== null && !nativeSidecarsSupported({ major: match[1]!, minor: match[2]! });
+  });
+  return [...new Set(older)].sort();
+}
+
 function validPort(port: unknown): port is number {
   return Number.isInteger(port) && (port as number) >= 1 && (port as number) <= 65535;
 }

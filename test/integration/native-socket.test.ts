@@ -35,6 +35,21 @@ async function nativeServer(io: NativeSocketIo, onSocket: (socket: NativeSocket)
   return { server, connect };
 }
 
+/** A native socket whose peer does not read until `client` is resumed: for writes the kernel cannot take at once. */
+async function withPausedPeer(io: NativeSocketIo, fn: (adopted: NativeSocket, client: Socket) => Promise<void>): Promise<void> {
+  let adopted: NativeSocket | undefined;
+  const { server, connect } = await nativeServer(io, (native) => (adopted = native));
+  const client = await connect();
+  client.pause();
+  try {
+    await new Promise((r) => setTimeout(r, 20));
+    await fn(adopted!, client);
+  } finally {
+    client.destroy();
+    await closeServer(server);
+  }
+}
+
 function closeServer(server: Server): Promise<void> {
   return new Promise((resolve) => server.close(() => resolve()));
 }
@@ -162,19 +177,14 @@ describe('NativeSocket (native socket I/O)', () => {
   });
 
   it('writes 16 MB to a peer that does not read for a while: queued in order, a write callback once flushed, nothing lost', async () => {
-    let adopted: NativeSocket | undefined;
-    const { server, connect } = await nativeServer(io, (native) => (adopted = native));
-    const client = await connect();
-    client.pause();
-    try {
-      await new Promise((r) => setTimeout(r, 20));
+    await withPausedPeer(io, async (adopted, client) => {
       const pieces = Array.from({ length: 64 }, (_, i) => pattern(256 * 1024, i));
       let tookAll = true;
-      for (const piece of pieces) tookAll = adopted!.write(piece) && tookAll;
-      assert.ok(adopted!.writableLength > 0, 'the kernel took 16 MB at once: nothing was queued');
+      for (const piece of pieces) tookAll = adopted.write(piece) && tookAll;
+      assert.ok(adopted.writableLength > 0, 'the kernel took 16 MB at once: nothing was queued');
       assert.equal(tookAll, false, 'write() did not ask the caller to wait');
       let flushed = false;
-      adopted!.write(Buffer.alloc(0), () => (flushed = true));
+      adopted.write(Buffer.alloc(0), () => (flushed = true));
       await new Promise((r) => setTimeout(r, 100));
       assert.equal(flushed, false, 'the write callback ran before the peer read anything');
       const received: Buffer[] = [];
@@ -189,26 +199,18 @@ describe('NativeSocket (native socket I/O)', () => {
       assert.ok(Buffer.concat(received).equals(Buffer.concat(pieces)), 'the bytes arrived out of order or changed');
       await new Promise((r) => setTimeout(r, 20));
       assert.ok(flushed, 'the write callback did not run once everything was flushed');
-      assert.equal(adopted!.writableLength, 0);
-    } finally {
-      client.destroy();
-      await closeServer(server);
-    }
+      assert.equal(adopted.writableLength, 0);
+    });
   });
 
   it('writes ranges of a buffer by offset and length, at once or queued behind a peer that does not read, byte for byte', async () => {
-    let adopted: NativeSocket | undefined;
-    const { server, connect } = await nativeServer(io, (native) => (adopted = native));
-    const client = await connect();
-    client.pause();
-    try {
-      await new Promise((r) => setTimeout(r, 20));
+    await withPausedPeer(io, async (adopted, client) => {
       const source = pattern(1024 * 1024, 3);
       // Ranges of every shape: empty, one byte, at either end, and 16 MB in all, so that the kernel stops taking them.
       const ranges: [number, number][] = [[0, 0], [5, 6], [1024 * 1024 - 7, 1024 * 1024]];
       for (let i = 0; i < 16; i += 1) ranges.push([i * 1000, 1024 * 1024 - i * 999]);
-      for (const [start, end] of ranges) writeRange(adopted!, source, start, end);
-      assert.ok(adopted!.writableLength > 0, 'the kernel took 16 MB at once: nothing was queued');
+      for (const [start, end] of ranges) writeRange(adopted, source, start, end);
+      assert.ok(adopted.writableLength > 0, 'the kernel took 16 MB at once: nothing was queued');
       const expected = Buffer.concat(ranges.map(([start, end]) => source.subarray(start, end)));
       const received: Buffer[] = [];
       let length = 0;
@@ -223,10 +225,7 @@ describe('NativeSocket (native socket I/O)', () => {
       const handle = (adopted as unknown as { handle: Parameters<NativeSocketIo['write']>[0] }).handle;
       assert.throws(() => io.write(handle, source, 1024 * 1024 - 1, 2), RangeError);
       assert.throws(() => io.write(handle, source, -1, 1), RangeError);
-    } finally {
-      client.destroy();
-      await closeServer(server);
-    }
+    });
   });
 
   it('gives the pool one clock reading for all the events of a poll, and the steady clock otherwise', async () => {

@@ -71,7 +71,8 @@ class Stats:
             if state[1]:
                 self.at_fault += 1
                 if error is not None:
-                    self.at_fault_failed.append('%s: %s %s' % (stage, sqlstate(error), message(error)[:200]))
+                    where = '%s: ' % stage if stage else ''
+                    self.at_fault_failed.append('%s%s %s' % (where, sqlstate(error), message(error)[:200]))
             return state[1]
 
     def commit(self):

@@ -77,6 +77,8 @@ const CLIENT_STREAMABLE = messageTypeTable('QdBPF');
 /** A Terminate message, as some clients send it on a connection they give up before the startup packet. */
 const TERMINATE_FIRST = Buffer.from([0x58, 0, 0, 0, 4]);
 const READY_IDLE = readyForQuery('I');
+/** How long a draining client keeps its connection after its transaction in flight ended (see drainAfterAnswer). */
+const DRAIN_LINGER_MS = 500;
 
 /** A client's connection: a net.Socket, a DirectReadSocket or a NativeSocket. */
 export type ClientSocket = Duplex & { setNoDelay(noDelay?: boolean): unknown };
@@ -96,6 +98,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private server: ServerConnection | undefined;
   private waiting = false;
   private closeAtBoundary = false;
+  /** Draining: whether the client still keeps its server connection after its transaction in flight (drainAfterAnswer). */
+  private drainLinger: 'none' | 'lingering' | 'over' = 'none';
   /** A Terminate came behind messages still to answer: close once they are. */
   private terminateAtBoundary = false;
   /** ReadyForQuery messages waiting for the hub (see holdReady). */
@@ -656,7 +660,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       if (this.readyHeld > 0) return;
       // A Terminate or a drain that came meanwhile waited for this answer.
       if (this.terminateAtBoundary && this.pendingTypes.length === 0 && this.pendingChunks.length === 0 && this.nothingOwed()) this.terminate();
-      else if (this.closeAtBoundary && (this.server === undefined || this.server.tracker.atBoundary)) this.drain();
+      else if (this.closeAtBoundary && (this.server === undefined || this.server.tracker.atBoundary)) this.drainAfterAnswer();
     });
     return true;
   }
@@ -817,6 +821,11 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
     const server = this.server;
     if (server === undefined) {
+      // Draining, and past its linger (drainAfterAnswer): the client's next message is answered with the drain.
+      if (this.closeAtBoundary && this.drainLinger === 'over') {
+        this.fail({ severity: 'FATAL', code: '57P01', message: 'terminating connection: the poolkeeper sidecar is draining' });
+        return;
+      }
       // A session's backend (and the pid it was given at login) is its own until it ends: never another one.
       if (this.host.mode === 'session') {
         this.host.metrics.error('server-lost');
@@ -1200,12 +1209,39 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       this.closeQuietly();
       return;
     }
-    if ((this.host.mode === 'transaction' && this.pinnedBy === undefined) || this.closeAtBoundary) this.releaseServer(true);
+    // Draining: a transaction that was in flight keeps its server connection while it lingers (drainAfterAnswer).
+    const lingering = this.closeAtBoundary && this.drainLinger !== 'over';
+    if (((this.host.mode === 'transaction' && this.pinnedBy === undefined) || this.closeAtBoundary) && !lingering) this.releaseServer(true);
     if (this.restate !== undefined) this.sendRestated();
     // The next transaction waits for the hub again; a pinned client gets what came meanwhile now.
     if (this.hubSync === 'done') this.hubSync = 'none';
     this.flushNotifications();
-    if (this.closeAtBoundary) this.drain();
+    if (this.closeAtBoundary) this.drainAfterAnswer();
+  }
+
+  /**
+   * Drain, at the end of a transaction that was in flight: the client keeps
+   * its server connection DRAIN_LINGER_MS longer, so that what a driver sends
+   * right behind the transaction runs as it would direct (asyncpg's reset when
+   * the connection goes back to its pool: refused, it raises out of the app's
+   * `async with pool.acquire()` after the COMMIT succeeded). Then the client
+   * is closed when quiet: at once if it is between transactions, else once
+   * the transaction it began meanwhile ends, and then not right behind that
+   * transaction's ReadyForQuery but at its next message (answered with the
+   * 57P01) or after DRAIN_LINGER_MS more. A driver reads a FATAL that follows
+   * a ReadyForQuery in the same segment before the app has given the
+   * connection back to its pool: node-postgres emits it as an 'error' event on
+   * a client the app still holds, which ends an app with no listener there
+   * (the transaction pattern of its docs).
+   */
+  private drainAfterAnswer(): void {
+    if (this.phase === 'closed' || this.drainLinger === 'lingering') return;
+    const first = this.drainLinger === 'none';
+    this.drainLinger = first ? 'lingering' : 'over';
+    setTimeout(() => {
+      this.drainLinger = 'over';
+      this.drain();
+    }, DRAIN_LINGER_MS).unref();
   }
 
   /**

@@ -21,6 +21,7 @@
  * lets two candidates lead at once.
  */
 import type { Logger } from 'pino';
+import { steadyNow } from '../ops/clock.ts';
 import { describeApiError } from './backoff.ts';
 import { isStatus, type KubeHttp } from './http.ts';
 import { Informer, type KubeObject } from './informer.ts';
@@ -49,7 +50,12 @@ export interface ElectionClock {
 }
 
 /** The system's clocks. */
-export const SYSTEM_ELECTION_CLOCK: ElectionClock = { wallMs: () => Date.now(), monotonicMs: () => performance.now() };
+export const SYSTEM_ELECTION_CLOCK: ElectionClock = { wallMs: () => Date.now(), monotonicMs: steadyNow };
+
+/** Lease times are MicroTime: RFC 3339 with exactly six fractional digits. */
+function toMicroTime(date: Date): string {
+  return date.toISOString().replace('Z', '000Z');
+}
 
 /** Where a Lease lives. */
 export interface LeaseLock {
@@ -155,8 +161,7 @@ export class LeaderElector {
     const { name, namespace, identity } = lock;
     const { leaseDurationMs } = this.options;
     const path = LeaderElector.path(lock);
-    // Lease times are MicroTime: RFC 3339 with exactly six fractional digits.
-    const microTime = now.toISOString().replace('Z', '000Z');
+    const microTime = toMicroTime(now);
     const spec = (existing?: Lease['spec']): Lease['spec'] => {
       const renewing = existing?.holderIdentity === identity;
       return {
@@ -309,7 +314,7 @@ export class LeaderElector {
     try {
       const lease = await this.http.get<Lease>(path);
       if (lease.spec.holderIdentity === lock.identity) {
-        const microTime = new Date(this.clock.wallMs()).toISOString().replace('Z', '000Z');
+        const microTime = toMicroTime(new Date(this.clock.wallMs()));
         await this.http.replace(path, { ...lease, spec: { ...lease.spec, holderIdentity: '', leaseDurationSeconds: 1, renewTime: microTime } });
       }
     } catch (err) {

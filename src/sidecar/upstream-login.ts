@@ -171,8 +171,6 @@ class ScramClient {
   private readonly nonce = randomBytes(18).toString('base64');
   private readonly clientFirstBare = `n=*,r=${this.nonce}`;
   private serverSignature: Buffer | undefined;
-  /** The exchange binds the TLS connection (SCRAM-SHA-256-PLUS). */
-  bound = false;
   private readonly password: string;
   private readonly gs2Header: string;
   private readonly serverCertificate: Buffer | undefined;
@@ -181,6 +179,11 @@ class ScramClient {
     this.password = password;
     this.gs2Header = gs2Header;
     this.serverCertificate = serverCertificate;
+  }
+
+  /** The exchange binds the TLS connection (SCRAM-SHA-256-PLUS). */
+  get bound(): boolean {
+    return this.gs2Header.startsWith('p=');
   }
 
   initialResponse(): string {
@@ -230,7 +233,6 @@ export async function loginUpstream(options: UpstreamLoginOptions): Promise<Upst
     let secretKey = 0;
     let scram: ScramClient | undefined;
     const channelBinding = options.channelBinding ?? 'prefer';
-    let authMethod = 'no password (trust)';
     let finished = false;
     const timer = setTimeout(() => fail(new UpstreamError('timeout', `login did not finish within ${options.timeoutMs} ms`)), options.timeoutMs);
     const cleanup = (): void => {
@@ -248,8 +250,9 @@ export async function loginUpstream(options: UpstreamLoginOptions): Promise<Upst
     };
     const onError = (err: Error): void => fail(new UpstreamError('connect', `server connection failed: ${err.message}`));
     const onClose = (): void => fail(new UpstreamError('connect', 'server closed the connection during login'));
-    const refuseUnbound = (): void => {
-      const refusal = unboundLoginRefusal(channelBinding, scram ? 'SCRAM without channel binding' : authMethod);
+    // A cleartext or md5 request under `require` is refused before it is answered, so a login that ends without SCRAM used no password.
+    const refuseUnbound = (method: string): void => {
+      const refusal = unboundLoginRefusal(channelBinding, method);
       if (refusal !== undefined) throw new UpstreamError('channel-binding', refusal);
     };
     const onAuth = (body: Buffer): void => {
@@ -257,17 +260,15 @@ export async function loginUpstream(options: UpstreamLoginOptions): Promise<Upst
       switch (code) {
         case 0:
           // As libpq: a required binding is not satisfied by a login that never made one (trust, password, md5).
-          if (scram?.bound !== true) refuseUnbound();
+          if (scram?.bound !== true) refuseUnbound(scram ? 'SCRAM without channel binding' : 'no password (trust)');
           return;
         case 3:
-          authMethod = 'a cleartext password';
           // Refused before the password goes out, as libpq does: it would reach whoever is between.
-          refuseUnbound();
+          refuseUnbound('a cleartext password');
           stream.write(serialize.password(options.password));
           return;
         case 5: {
-          authMethod = 'md5';
-          refuseUnbound();
+          refuseUnbound('md5');
           const salt = body.subarray(4, 8);
           const inner = md5Hex(`${options.password}${options.username}`);
           stream.write(serialize.password(`md5${md5Hex(Buffer.concat([Buffer.from(inner), salt]))}`));
@@ -277,9 +278,8 @@ export async function loginUpstream(options: UpstreamLoginOptions): Promise<Upst
           const mechanisms = body.subarray(4).toString('utf8').split('\0');
           const tls = stream instanceof TLSSocket;
           const choice = chooseSaslMethod(mechanisms, tls, channelBinding);
-          if ('refused' in choice) throw new UpstreamError(choice.refused.startsWith('channel binding') ? 'channel-binding' : 'auth', choice.refused);
-          scram = new ScramClient(options.password, choice.gs2Header, tls ? (stream).getPeerCertificate().raw : undefined);
-          scram.bound = choice.mechanism === 'SCRAM-SHA-256-PLUS';
+          if ('refused' in choice) throw new UpstreamError(choice.cause === 'channel-binding' ? 'channel-binding' : 'auth', choice.refused);
+          scram = new ScramClient(options.password, choice.gs2Header, tls ? stream.getPeerCertificate().raw : undefined);
           stream.write(serialize.sendSASLInitialResponseMessage(choice.mechanism, scram.initialResponse()));
           return;
         }

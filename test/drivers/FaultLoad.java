@@ -52,26 +52,22 @@ public class FaultLoad {
     }
   }
 
-  static String describe(Exception e) {
+  /** The SQLSTATE (or the exception's class) and the first line of its message, at most 200 characters. */
+  static String[] stateAndText(Exception e) {
     String state = e instanceof SQLException && ((SQLException) e).getSQLState() != null ? ((SQLException) e).getSQLState() : e.getClass().getSimpleName();
     String text = String.valueOf(e.getMessage()).split("\n")[0];
-    return state + " " + (text.length() > 200 ? text.substring(0, 200) : text);
+    return new String[] { state, text.length() > 200 ? text.substring(0, 200) : text };
   }
 
-  static String quote(String s) {
-    StringBuilder b = new StringBuilder("\"");
-    for (char c : s.toCharArray()) {
-      if (c == '"' || c == '\\') b.append('\\').append(c);
-      else if (c < 0x20) b.append(String.format("\\u%04x", (int) c));
-      else b.append(c);
-    }
-    return b.append('"').toString();
+  static String describe(Exception e) {
+    String[] st = stateAndText(e);
+    return st[0] + " " + st[1];
   }
 
   static void error(String stage, Exception e) {
-    String state = e instanceof SQLException && ((SQLException) e).getSQLState() != null ? ((SQLException) e).getSQLState() : e.getClass().getSimpleName();
-    String text = String.valueOf(e.getMessage()).split("\n")[0];
-    if (text.length() > 200) text = text.substring(0, 200);
+    String[] st = stateAndText(e);
+    String state = st[0];
+    String text = st[1];
     List<String> key = List.of(fault ? "after" : "before", stage, state, text);
     synchronized (lock) {
       errors.merge(key, 1, Integer::sum);
@@ -165,11 +161,11 @@ public class FaultLoad {
     List<String> list = new ArrayList<>();
     for (Map.Entry<List<String>, Integer> e : errors.entrySet()) {
       List<String> k = e.getKey();
-      list.add("{\"when\":" + quote(k.get(0)) + ",\"stage\":" + quote(k.get(1)) + ",\"sqlstate\":" + quote(k.get(2)) + ",\"message\":" + quote(k.get(3)) + ",\"count\":" + e.getValue() + "}");
+      list.add("{\"when\":" + JsonText.quote(k.get(0)) + ",\"stage\":" + JsonText.quote(k.get(1)) + ",\"sqlstate\":" + JsonText.quote(k.get(2)) + ",\"message\":" + JsonText.quote(k.get(3)) + ",\"count\":" + e.getValue() + "}");
     }
     Package pkg = org.postgresql.Driver.class.getPackage();
     String version = pkg.getImplementationVersion() == null ? org.postgresql.util.DriverInfo.DRIVER_VERSION : pkg.getImplementationVersion();
-    System.out.println("{\"driver\":\"pgjdbc\",\"version\":" + quote(version) + ",\"pool\":\"a connection per worker, isValid() before use, replaced after an error\",\"committed\":" + committed + ",\"commitUnknown\":" + commitUnknown + ",\"atFault\":" + atFault + ",\"atFaultFailed\":[" + String.join(",", atFaultFailed.stream().map(FaultLoad::quote).toList()) + "],\"errors\":[" + String.join(",", list) + "]}");
+    System.out.println("{\"driver\":\"pgjdbc\",\"version\":" + JsonText.quote(version) + ",\"pool\":\"a connection per worker, isValid() before use, replaced after an error\",\"committed\":" + committed + ",\"commitUnknown\":" + commitUnknown + ",\"atFault\":" + atFault + ",\"atFaultFailed\":[" + String.join(",", atFaultFailed.stream().map(JsonText::quote).toList()) + "],\"errors\":[" + String.join(",", list) + "]}");
     System.out.flush();
     System.exit(0);
   }

@@ -24,23 +24,13 @@ public class PgjdbcScenarios {
     return DriverManager.getConnection(url, props);
   }
 
-  static String quote(String s) {
-    StringBuilder b = new StringBuilder("\"");
-    for (char c : s.toCharArray()) {
-      if (c == '"' || c == '\\') b.append('\\').append(c);
-      else if (c < 0x20) b.append(String.format("\\u%04x", (int) c));
-      else b.append(c);
-    }
-    return b.append('"').toString();
-  }
-
   static String json(Object o) {
     if (o == null) return "null";
-    if (o instanceof String) return quote((String) o);
+    if (o instanceof String) return JsonText.quote((String) o);
     if (o instanceof Number || o instanceof Boolean) return o.toString();
     if (o instanceof Map) {
       List<String> parts = new ArrayList<>();
-      for (Map.Entry<?, ?> e : ((Map<?, ?>) o).entrySet()) parts.add(quote(e.getKey().toString()) + ":" + json(e.getValue()));
+      for (Map.Entry<?, ?> e : ((Map<?, ?>) o).entrySet()) parts.add(JsonText.quote(e.getKey().toString()) + ":" + json(e.getValue()));
       return "{" + String.join(",", parts) + "}";
     }
     if (o instanceof List) {
@@ -48,7 +38,7 @@ public class PgjdbcScenarios {
       for (Object v : (List<?>) o) parts.add(json(v));
       return "[" + String.join(",", parts) + "]";
     }
-    return quote(o.toString());
+    return JsonText.quote(o.toString());
   }
 
   static String describe(Exception e) {

@@ -7,15 +7,9 @@ import sys
 
 import asyncpg
 
-from fault_load import READ, WRITE, Stats, config, pause_after_error
+from fault_load import pause_after_error, setup
 
-cfg = config()
-login = cfg['target']
-workers = cfg.get('workers', 4)
-run = cfg['run']
-stats = Stats(cfg)
-read_sql = READ.format(p='$1', p2='$2')
-write_sql = WRITE.format(p='$1', p2='$2', p3='$3')
+login, workers, run, stats, read_sql, write_sql = setup(('$1', '$2', '$3'))
 
 
 async def commands():

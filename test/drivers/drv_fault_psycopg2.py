@@ -6,15 +6,9 @@ import threading
 import psycopg2
 import psycopg2.pool
 
-from fault_load import READ, WRITE, Stats, config, pause_after_error, read_commands
+from fault_load import pause_after_error, read_commands, setup
 
-cfg = config()
-login = cfg['target']
-workers = cfg.get('workers', 4)
-run = cfg['run']
-stats = Stats(cfg)
-read_sql = READ.format(p='%s', p2='%s')
-write_sql = WRITE.format(p='%s', p2='%s', p3='%s')
+login, workers, run, stats, read_sql, write_sql = setup(('%s', '%s', '%s'))
 dsn = dict(host=login['host'], port=login['port'], user=login['user'], password=login['password'],
            dbname=login['dbname'], connect_timeout=10, application_name='fault-psycopg2')
 

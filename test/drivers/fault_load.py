@@ -29,6 +29,15 @@ READ = 'SELECT count(*) FROM drv_fault WHERE run = {p} AND worker = {p2}'
 WRITE = 'INSERT INTO drv_fault (run, worker, seq) SELECT {p}, {p2}, {p3} FROM pg_sleep(0.02)'
 
 
+def setup(placeholders):
+    """The program's config: the target's login, the worker count, the run id, its Stats,
+    and the read and the write in the driver's placeholders (three of them)."""
+    cfg = config()
+    p, p2, p3 = placeholders
+    return (cfg['target'], cfg.get('workers', 4), cfg['run'], Stats(cfg),
+            READ.format(p=p, p2=p2), WRITE.format(p=p, p2=p2, p3=p3))
+
+
 class Stats:
     """Counts shared by the workers (one lock: a few hundred updates a second)."""
 

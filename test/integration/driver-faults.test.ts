@@ -212,7 +212,7 @@ describe('real drivers through rotation, drain and a PostgreSQL restart', functi
     if (!unavailable.has('pgjdbc')) {
       javaClasses = mkdtempSync(join(tmpdir(), 'poolkeeper-fault-load-'));
       await new Promise<void>((resolve, reject) => {
-        execFile('javac', ['-d', javaClasses, '-cp', PGJDBC_JAR, join(driversDir, 'FaultLoad.java')], { timeout: 60_000 }, (error, _out, stderr) => (error ? reject(new Error(`javac: ${stderr}`)) : resolve()));
+        execFile('javac', ['-d', javaClasses, '-cp', PGJDBC_JAR, join(driversDir, 'FaultLoad.java'), join(driversDir, 'JsonText.java')], { timeout: 60_000 }, (error, _out, stderr) => (error ? reject(new Error(`javac: ${stderr}`)) : resolve()));
       });
     }
   });

@@ -198,7 +198,7 @@ describe('real drivers: direct, PgBouncer, sidecar transaction and session mode'
     for (const t of targets) logins.set(t.name, t);
     javaClasses = mkdtempSync(join(tmpdir(), 'poolkeeper-pgjdbc-'));
     await new Promise<void>((resolve, reject) => {
-      execFile('javac', ['-d', javaClasses, '-cp', PGJDBC_JAR, join(driversDir, 'PgjdbcScenarios.java')], { timeout: 60_000 }, (error, _out, stderr) => (error ? reject(new Error(`javac: ${stderr}`)) : resolve()));
+      execFile('javac', ['-d', javaClasses, '-cp', PGJDBC_JAR, join(driversDir, 'PgjdbcScenarios.java'), join(driversDir, 'JsonText.java')], { timeout: 60_000 }, (error, _out, stderr) => (error ? reject(new Error(`javac: ${stderr}`)) : resolve()));
     });
   });
 

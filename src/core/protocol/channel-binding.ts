@@ -18,7 +18,7 @@ export type ChannelBindingMode = (typeof CHANNEL_BINDING_MODES)[number];
 export type SaslChoice =
   | { mechanism: 'SCRAM-SHA-256-PLUS'; gs2Header: 'p=tls-server-end-point,,' }
   | { mechanism: 'SCRAM-SHA-256'; gs2Header: 'y,,' | 'n,,' }
-  | { refused: string };
+  | { refused: string; cause: 'channel-binding' | 'mechanism' };
 
 /**
  * Picks the mechanism among those the server offers. `y` tells a server that
@@ -30,9 +30,9 @@ export function chooseSaslMethod(offered: readonly string[], tls: boolean, mode:
   const plus = offered.includes('SCRAM-SHA-256-PLUS');
   if (mode !== 'disable' && tls && plus) return { mechanism: 'SCRAM-SHA-256-PLUS', gs2Header: 'p=tls-server-end-point,,' };
   if (mode === 'require') {
-    return { refused: tls ? 'channel binding is required (spec.database.channelBinding), but the server did not offer SCRAM-SHA-256-PLUS' : 'channel binding is required (spec.database.channelBinding), but SSL is not in use' };
+    return { cause: 'channel-binding', refused: tls ? 'channel binding is required (spec.database.channelBinding), but the server did not offer SCRAM-SHA-256-PLUS' : 'channel binding is required (spec.database.channelBinding), but SSL is not in use' };
   }
-  if (!offered.includes('SCRAM-SHA-256')) return { refused: `no supported SASL mechanism among ${offered.filter(Boolean).join(', ')}` };
+  if (!offered.includes('SCRAM-SHA-256')) return { cause: 'mechanism', refused: `no supported SASL mechanism among ${offered.filter(Boolean).join(', ')}` };
   return { mechanism: 'SCRAM-SHA-256', gs2Header: mode !== 'disable' && tls ? 'y,,' : 'n,,' };
 }
 

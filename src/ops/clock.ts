@@ -1,3 +1,8 @@
+import { performance } from 'node:perf_hooks';
+
+/** Wall time when the process started; `performance.timeOrigin` is a getter, read once. */
+const ORIGIN = performance.timeOrigin;
+
 /**
  * The clock the binaries time waits, ages and deadlines by: milliseconds
  * since the epoch, from the wall clock when the process started, advanced by
@@ -7,5 +12,5 @@
  * drift from the wall clock by whatever was stepped since the start.
  */
 export function steadyNow(): number {
-  return performance.timeOrigin + performance.now();
+  return ORIGIN + performance.now();
 }

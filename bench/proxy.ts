@@ -106,7 +106,7 @@ function median(all: readonly number[]): number {
 }
 
 /** A PgBouncer of our own: a given mode and pool size, trust auth on loopback, a Unix socket in `dir`. */
-class BenchPgBouncer {
+export class BenchPgBouncer {
   readonly port: number;
   readonly socketDir: string;
   private readonly child: ChildProcess;
@@ -117,7 +117,8 @@ class BenchPgBouncer {
     this.child = child;
   }
 
-  static async start(dir: string, postgres: { host: string; port: number; app: { user: string; password: string } }, mode: Mode, pool: number): Promise<BenchPgBouncer> {
+  /** `wrapper`: a command it runs under (e.g. valgrind and its options), and how long to wait for it to listen. */
+  static async start(dir: string, postgres: { host: string; port: number; app: { user: string; password: string } }, mode: Mode, pool: number, wrapper: { command: string[]; startMs: number } = { command: [], startMs: 15_000 }): Promise<BenchPgBouncer> {
     const binary = requireBinary('pgbouncer', 'pgbouncer', ['/usr/sbin/pgbouncer']);
     const account = serviceAccount();
     mkdirSync(dir, { recursive: true });
@@ -144,9 +145,10 @@ class BenchPgBouncer {
       '',
     ].join('\n'));
     if (account) for (const path of [dir, authFile, config]) chownSync(path, account.uid, account.gid);
-    const child = spawn(binary, [config], { stdio: 'ignore', ...(account ? { uid: account.uid, gid: account.gid } : {}) });
+    const [program, ...args] = [...wrapper.command, binary, config];
+    const child = spawn(program, args, { stdio: 'ignore', ...(account ? { uid: account.uid, gid: account.gid } : {}) });
     const bouncer = new BenchPgBouncer(port, dir, child);
-    const deadline = Date.now() + 15_000;
+    const deadline = Date.now() + wrapper.startMs;
     while (!(await canConnect(port))) {
       if (Date.now() > deadline || child.exitCode !== null) throw new Error(`PgBouncer (${mode}) did not start; see ${join(dir, 'pgbouncer.log')}`);
       await new Promise((r) => setTimeout(r, 100));
@@ -172,7 +174,7 @@ function canConnect(port: number): Promise<boolean> {
 }
 
 /** A proxy child process (bench/proxy-child.ts). */
-class ProxyChild {
+export class ProxyChild {
   readonly port: number;
   private readonly child: ChildProcess;
 
@@ -181,10 +183,12 @@ class ProxyChild {
     this.child = child;
   }
 
-  static async start(config: ProxyChildConfig, script = fileURLToPath(new URL('./proxy-child.ts', import.meta.url))): Promise<ProxyChild> {
+  /** `wrapper`: a command the child runs under (e.g. valgrind and its options). */
+  static async start(config: ProxyChildConfig, script = fileURLToPath(new URL('./proxy-child.ts', import.meta.url)), wrapper: readonly string[] = []): Promise<ProxyChild> {
     // The options the webhook gives the sidecar container, unless the bench is told others.
     const execArgv = (config.kind === 'sidecar' ? process.env.BENCH_SIDECAR_NODE_OPTIONS ?? sidecarNodeOptions(DEFAULT_INJECTOR_SETTINGS.resources.limits.memory) : '').split(' ').filter(Boolean);
-    const child = spawn(process.execPath, [...execArgv, script, JSON.stringify(config)], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const [program, ...args] = [...wrapper, process.execPath, ...execArgv, script, JSON.stringify(config)];
+    const child = spawn(program, args, { stdio: ['pipe', 'pipe', 'inherit'] });
     const port = await new Promise<number>((resolve, reject) => {
       let out = '';
       child.stdout.on('data', (chunk: Buffer) => {

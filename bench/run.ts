@@ -2,8 +2,9 @@
  * `npm run bench`: the controller at fleet scale and the proxy side by side,
  * as one terminal table and, with --json, one JSON file.
  *
- *   npm run bench [-- --quick] [-- --json FILE] [-- --only proxy|controller] [-- --unix|--no-unix] [-- --streams]
+ *   npm run bench [-- --quick] [-- --json FILE] [-- --only proxy|controller|instructions] [-- --unix|--no-unix] [-- --streams]
  *                 [-- --seconds N --rounds N --filter REGEX --targets pgbouncer,sidecar,sidecar-b --pods 100,1000]
+ *                 [-- --instructions] [-- --transactions N]
  *
  * --quick (under 3 minutes): the controller at 100 pods, one round of each
  * event, and at the same time the proxy at 1 s per pgbench run, one round,
@@ -13,7 +14,10 @@
  * rounds, medians and the range of the ratios (about 10 minutes).
  *
  * The controller section runs bench/controller-scale.ts in a child process
- * (its own local API server) and reads its JSON.
+ * (its own local API server) and reads its JSON. --instructions (or --only
+ * instructions) adds PgBouncer's and the sidecar's instructions per
+ * transaction under callgrind (bench/instructions.ts): a figure this shared
+ * machine's load does not move, for comparing builds of the sidecar.
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -21,6 +25,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { runInstructions, type InstructionResult } from './instructions.ts';
 import { runProxy, type ProxyReport } from './proxy.ts';
 import type { ControllerResult } from './controller-scale.ts';
 
@@ -40,6 +45,8 @@ const { values } = parseArgs({
     pods: { type: 'string' },
     'controller-rounds': { type: 'string' },
     connections: { type: 'string', default: '1' },
+    instructions: { type: 'boolean', default: false },
+    transactions: { type: 'string', default: '3000' },
   },
 });
 const quick = values.quick;
@@ -78,8 +85,8 @@ function table(header: string[], rows: string[][]): string {
 
 const fmt = (n: number | null | undefined, digits = 0): string => (n === null || n === undefined || Number.isNaN(n) ? '-' : n.toFixed(digits));
 
-const controllerRun = (): Promise<ControllerResult[]> => (values.only === 'proxy' ? Promise.resolve([]) : runController());
-const proxyRun = (): Promise<ProxyReport | undefined> => (values.only === 'controller' ? Promise.resolve(undefined) : runProxy({
+const controllerRun = (): Promise<ControllerResult[]> => (values.only === 'proxy' || values.only === 'instructions' ? Promise.resolve([]) : runController());
+const proxyRun = (): Promise<ProxyReport | undefined> => (values.only === 'controller' || values.only === 'instructions' ? Promise.resolve(undefined) : runProxy({
   seconds: Number(values.seconds ?? (quick ? 1 : 3)),
   rounds: Number(values.rounds ?? (quick ? 1 : 3)),
   clients: (values.clients ?? '1,10,50').split(',').map(Number),
@@ -93,6 +100,9 @@ const proxyRun = (): Promise<ProxyReport | undefined> => (values.only === 'contr
 }));
 // The quick run is a smoke test of both sections: run at once, each disturbs the other's figures.
 const [controller, proxy] = quick ? await Promise.all([controllerRun(), proxyRun()]) : [await controllerRun(), await proxyRun()];
+const instructions: InstructionResult[] = values.instructions || values.only === 'instructions'
+  ? await runInstructions({ clients: (values.clients ?? '1,10').split(',').map(Number), transactions: Number(values.transactions), log })
+  : [];
 
 if (controller.length > 0) {
   console.log('\ncontroller (time from an event to every grant written and acknowledged)');
@@ -116,12 +126,24 @@ if (proxy) {
   for (const r of proxy.proxy) if (r.sidecar_b_tps != null) console.log(`${values.streams ? 'Node.js streams' : 'B build'}: ${r.script} ${r.mode} ${r.clients} cl.: ${r.sidecar_b_tps} tps, ${fmt(r.sidecar_b_cpu_us, 1)} µs/tx (A: ${r.sidecar_tps} tps, ${fmt(r.sidecar_cpu_us, 1)} µs/tx)`);
   console.log(`sidecar RSS: idle ${proxy.sidecar_rss_mb.idle} MB, with 1,000 idle clients ${proxy.sidecar_rss_mb.clients_1000} MB`);
 }
+if (instructions.length > 0) {
+  console.log('\ninstructions per transaction under callgrind (user space; transaction mode, pool 20; main thread, all threads in brackets)');
+  const rows = new Map<string, Partial<Record<InstructionResult['target'], InstructionResult>>>();
+  for (const r of instructions) rows.set(`${r.script}|${r.clients}`, { ...rows.get(`${r.script}|${r.clients}`), [r.target]: r });
+  const cell = (r: InstructionResult | undefined): string => (r === undefined ? '-' : `${r.main_thread} (${r.all_threads})`);
+  console.log(table(['script', 'clients', 'pgbouncer', 'sidecar', 'sc/pgb', 'sidecar-b', 'sc/sc-b'], [...rows].map(([key, r]) => {
+    const [script, clients] = key.split('|');
+    return [script!, clients!, cell(r.pgbouncer), cell(r.sidecar), r.pgbouncer && r.sidecar ? fmt(r.sidecar.main_thread / r.pgbouncer.main_thread, 2) : '-',
+      cell(r['sidecar-b']), r.sidecar && r['sidecar-b'] ? fmt(r.sidecar.main_thread / r['sidecar-b'].main_thread, 3) : '-'];
+  })));
+}
 console.log(`\n${((Date.now() - started) / 1000).toFixed(0)} s`);
 if (values.json !== undefined) {
   const out = {
     controller: controller.map(({ pods, connections, event, samples, p50_ms, p99_ms, cpu_s, rss_mb, writes, violations }) => ({ pods, connections, event, samples, p50_ms, p99_ms, cpu_s, rss_mb, writes, violations })),
     proxy: proxy?.proxy ?? [],
     sidecar_rss_mb: proxy?.sidecar_rss_mb ?? null,
+    instructions,
     versions: proxy?.versions,
     quick,
     seconds: Math.round((Date.now() - started) / 1000),

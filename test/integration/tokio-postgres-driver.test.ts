@@ -51,14 +51,7 @@ const TALLIED_STEPS = ['queries', 'processes', 'prepared', 'pipeline', 'typeInfo
  * Steps whose compared result differs from direct by design in transaction
  * mode (docs/transaction-mode.md): the part that differs, and what it is there.
  */
-const TRANSACTION_MODE_DIFFERS: Record<string, (compare: Json) => Json> = {
-  // Not by design, a sidecar defect recorded here so that the rest is still asserted (docs/compatibility.md, in bold):
-  // tokio-postgres sends a Close of the statement it just ran (Close, Sync) right before the UNLISTEN, so the
-  // UNLISTEN reaches the sidecar while the client still holds a server connection for that Close. It then goes
-  // to that server connection instead of the sidecar's listening connection, and the client stays subscribed
-  // there: the notification after UNLISTEN still arrives. A fix makes this entry fail: remove it then.
-  listenNotify: (want) => ({ ...want, afterUnlisten: { value: 'after unlisten' } }),
-};
+const TRANSACTION_MODE_DIFFERS: Record<string, (compare: Json) => Json> = {};
 
 function runProgram(binary: string, config: Json): Promise<Record<string, Step>> {
   const childEnv = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('PG')));

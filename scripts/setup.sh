@@ -3,7 +3,7 @@
 # Debian's PostgreSQL, OpenSSH server and PgBouncer, the database drivers the
 # driver compatibility tests run (psycopg 3, psycopg2, asyncpg for Debian's
 # python3, pgjdbc for the installed Java, DBD::Pg for Debian's perl, PHP's PDO_pgsql
-# and pgsql for Debian's php), and the pinned Kubernetes binaries
+# and pgsql for Debian's php, tokio-postgres's Debian crates), and the pinned Kubernetes binaries
 # built from Go modules (cached per version), and the sidecar's native socket
 # I/O (a C file built with the system's compiler). Safe to run repeatedly.
 set -euo pipefail
@@ -29,6 +29,12 @@ command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 /usr/bin/perl -MDBD::Pg -e 1 >/dev/null 2>&1 || missing+=(libdbd-pg-perl)
 # PHP's PDO_pgsql and pgsql extensions for Debian's php.
 /usr/bin/php -r 'exit(extension_loaded("pdo_pgsql") && extension_loaded("pgsql") ? 0 : 1);' >/dev/null 2>&1 || missing+=(php-cli php-pgsql)
+# tokio-postgres (Rust) and the crates test/drivers/tokio-postgres-driver builds offline from, as Debian
+# packages them in /usr/share/cargo/registry; Debian's cargo where no cargo (rustup's included) is found.
+for crate in tokio-postgres-0.7:librust-tokio-postgres-dev tokio-1.:librust-tokio-dev futures-util-0.3:librust-futures-util-dev serde_json-1.:librust-serde-json-dev bytes-1.:librust-bytes-dev; do
+  compgen -G "/usr/share/cargo/registry/${crate%%:*}*" >/dev/null || missing+=("${crate#*:}")
+done
+command -v cargo >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo" ] || missing+=(cargo)
 
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then

@@ -338,6 +338,13 @@ export class ClientSession implements PoolWaiter, NotificationListener {
                 // Answered by the sidecar itself (LISTEN through the notification hub): not forwarded.
                 if (this.checkSessionState(type, reader.buffer, reader.bodyStart, textStart, reader.end, scan, nothingQueued)) continue;
               }
+            } else if ((type === MessageType.query || type === MessageType.parse) && this.host.notifications?.listens(this) === true) {
+              // Pinned, its UNLISTEN runs on its own server connection: what it listens on through the hub ends too.
+              const textStart = sqlTextStart(type, reader.buffer, reader.bodyStart, reader.end);
+              if (textStart !== undefined) {
+                const later = type === MessageType.query ? laterSessionCommands(reader.buffer, textStart, reader.end) : [];
+                for (const c of [classifySessionCommand(reader.buffer, textStart, reader.end), ...later]) if (c?.kind === 'unlisten') this.unlistenOnHub(c.channel);
+              }
             }
           }
           this.pendingTypes.push(type);
@@ -401,9 +408,11 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
     // A session command after the first statement of a simple Query pins as it would alone.
     if (type === MessageType.query && this.pinnedBy === undefined) {
-      const later = laterSessionCommands(buffer, textStart, end, scan).find((c) => c.kind === 'pin');
+      const laterCommands = laterSessionCommands(buffer, textStart, end, scan);
+      const later = laterCommands.find((c) => c.kind === 'pin');
       // (A Query of setting changes only is carried as a whole.)
       if (later?.kind === 'pin' && command?.kind !== 'pin' && command?.kind !== 'listen' && command?.kind !== 'settings') this.pin(later.reason);
+      for (const c of laterCommands) if (c.kind === 'unlisten') this.unlistenOnHub(c.channel);
     }
     if (command === undefined) return false;
     if (command.kind === 'settings') {
@@ -435,6 +444,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
         return true;
       }
       if (command.kind === 'listen') this.pin('listen');
+      else this.unlistenOnHub(command.channel);
       return false;
     }
     if (command.kind === 'pin') this.pin(command.reason);
@@ -728,6 +738,12 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     this.pinnedBy = reason;
     this.host.pinned(reason);
     this.host.logger.info({ reason }, 'client pinned to its server connection until it disconnects (session state in transaction mode)');
+  }
+
+  /** An UNLISTEN that goes to the server connection: the channels this client listens on through the hub end there too. */
+  private unlistenOnHub(channel: string): void {
+    const hub = this.host.notifications;
+    if (hub?.listens(this) === true) hub.unlistenLater(this, channel);
   }
 
   /** LISTEN/UNLISTEN answered by the sidecar once the hub listens; messages after it wait their turn. */

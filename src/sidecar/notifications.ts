@@ -56,6 +56,8 @@ export class NotificationHub implements PoolWaiter {
   private reader = new FrameReader();
   /** The promise of the sync last queued, shared while it has not been sent. */
   private pendingSync: Promise<unknown> | undefined;
+  /** UNLISTENs a listener sent to its server connection, applied here once the hub has sent what was notified before them (see unlistenLater). */
+  private readonly laterUnlistens = new Map<NotificationListener, { channel: string; cancelled: boolean; keep: Set<string> }[]>();
 
   constructor(deps: { pool: Pool; logger: Logger }) {
     this.pool = deps.pool;
@@ -81,6 +83,11 @@ export class NotificationHub implements PoolWaiter {
 
   /** LISTEN `channel` for `listener`; resolves once the server listens (undefined) or with the server's error. */
   listen(listener: NotificationListener, channel: string): Promise<string | undefined> {
+    // A LISTEN after an UNLISTEN still to be applied (see unlistenLater) wins, as it came later.
+    for (const later of this.laterUnlistens.get(listener) ?? []) {
+      if (later.channel === channel) later.cancelled = true;
+      else later.keep.add(channel);
+    }
     let listeners = this.channels.get(channel);
     if (listeners === undefined) this.channels.set(channel, (listeners = new Set()));
     listeners.add(listener);
@@ -95,15 +102,37 @@ export class NotificationHub implements PoolWaiter {
     });
   }
 
-  /** UNLISTEN `channel` (or every channel, '*') for `listener`. */
-  unlisten(listener: NotificationListener, channel: string): void {
+  /** UNLISTEN `channel` (or every channel, '*', but those in `keep`) for `listener`. */
+  unlisten(listener: NotificationListener, channel: string, keep?: ReadonlySet<string>): void {
     for (const [name, listeners] of this.channels) {
       if (channel !== '*' && name !== channel) continue;
+      if (keep?.has(name) === true) continue;
       listeners.delete(listener);
       if (listeners.size === 0) this.channels.delete(name);
     }
     // The server keeps listening on channels nobody wants until the connection is given back.
     if (this.channels.size === 0 && this.server !== undefined && this.running === undefined && this.queue.length === 0) this.giveBack();
+  }
+
+  /**
+   * An UNLISTEN of `channel` (or '*') that `listener` sent to its server
+   * connection, not through the hub (pipelined behind its earlier statements,
+   * inside a transaction block, beside other statements in one Query): its
+   * server connection does not listen for it, so the hub ends that channel for
+   * the listener too, once it has sent what was notified before (as
+   * runListenCommand does for an UNLISTEN it answers). A LISTEN through the hub
+   * meanwhile keeps its channel.
+   */
+  unlistenLater(listener: NotificationListener, channel: string): void {
+    const later = { channel, cancelled: false, keep: new Set<string>() };
+    const pending = this.laterUnlistens.get(listener) ?? [];
+    pending.push(later);
+    this.laterUnlistens.set(listener, pending);
+    void this.sync().then(() => {
+      pending.splice(pending.indexOf(later), 1);
+      if (pending.length === 0 && this.laterUnlistens.get(listener) === pending) this.laterUnlistens.delete(listener);
+      if (!later.cancelled) this.unlisten(listener, channel, later.keep);
+    });
   }
 
   /**

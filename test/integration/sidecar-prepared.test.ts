@@ -739,6 +739,30 @@ describe('sidecar: named prepared statements in transaction mode', function () {
       wire.close();
     }
   });
+
+  it('counts the Syncs a COPY FROM STDIN reads as no batch of their own: tokio-postgres\'s COPY (a Sync after its Execute, another after CopyDone), then a Close and a Parse pipelined behind it', async function () {
+    const table = `tokio_copy_${process.pid}`;
+    await withRunningClient(running, async (c) => void (await c.query(`CREATE TABLE ${table} (a int)`)));
+    const wire = await WireClient.connect(running.port, postgres.app.user);
+    try {
+      // tokio-postgres prepares every statement under a name and closes it (Close + Sync) once dropped.
+      assert.equal(types(await wire.exchange([serialize.parse({ name: 's1', text: `COPY ${table} FROM STDIN` }), serialize.describe({ type: 'S', name: 's1' }), serialize.sync()])), '1tnZ');
+      // The COPY reads the Sync after its Execute: only the Sync after CopyDone gets a ReadyForQuery.
+      assert.equal(types(await wire.exchangeUntil([serialize.bind({ statement: 's1' }), serialize.execute({}), serialize.sync()], 'G')), '2G');
+      const replies = await wire.exchange([
+        serialize.copyData(Buffer.from('1\n2\n')), serialize.copyDone(), serialize.sync(),
+        serialize.close({ type: 'S', name: 's1' }), serialize.sync(),
+        serialize.parse({ name: 's2', text: `SELECT count(*) FROM ${table}` }), serialize.describe({ type: 'S', name: 's2' }), serialize.sync(),
+      ], 3);
+      assert.equal(types(replies), 'CZ3Z1tTZ');
+      const count = await wire.exchange([serialize.bind({ statement: 's2' }), serialize.execute({}), serialize.sync()]);
+      assert.equal(types(count), '2DCZ');
+      assert.equal(dataValue(count[1]!), '2');
+    } finally {
+      wire.close();
+      await withRunningClient(running, async (c) => void (await c.query(`DROP TABLE ${table}`)));
+    }
+  });
 });
 
 describe('sidecar: the unnamed statement across transactions (transaction mode)', function () {

@@ -949,6 +949,44 @@ describe('sidecar transparency', function () {
       });
     });
 
+    it('ends a client\'s channels on the listening connection at an UNLISTEN that goes to its server connection: pipelined behind its earlier statement (tokio-postgres closes each statement it ran), in a block, pinned', async function () {
+      await withSidecar(postgres, { grant: 3 }, async (running) => {
+        const notifier = client(running);
+        await notifier.connect();
+        const sessions: WireSession[] = [];
+        try {
+          const cases: [string, Buffer[][]][] = [
+            // The UNLISTEN arrives while the client still holds a server connection for the Close before it.
+            ['pipelined', [[serialize.parse({ name: 's0', text: 'SELECT 1' }), serialize.sync()], [serialize.close({ type: 'S', name: 's0' }), serialize.sync(), serialize.query('UNLISTEN pipelined')]]],
+            ['in_block', [[serialize.query('BEGIN')], [serialize.query('UNLISTEN in_block')], [serialize.query('COMMIT')]]],
+            ['pinned', [[serialize.query('SELECT 1; SET application_name = \'pinned\'')], [serialize.query('UNLISTEN pinned')]]],
+            ['star_beside', [[serialize.query('SELECT 1; UNLISTEN *')]]],
+          ];
+          for (const [channel, steps] of cases) {
+            const w = await wireSession(running.port, running.role.user);
+            sessions.push(w);
+            w.send([serialize.query(`LISTEN ${channel}`)]);
+            assert.equal(await w.replies(1, 50), 'CZI', `${channel}: LISTEN`);
+            await notifier.query(`NOTIFY ${channel}, 'before'`);
+            assert.ok(await w.until('A'), `${channel}: the notification before UNLISTEN`);
+            for (const step of steps) {
+              w.send(step);
+              const replies = await w.replies(step.filter((m) => m[0] === 0x51 || m[0] === 0x53).length, 50);
+              assert.ok(!replies.includes('E') && !replies.includes('A'), `${channel}: ${replies}`);
+            }
+            await notifier.query(`NOTIFY ${channel}, 'after'`);
+            assert.equal(await w.until('A', 500), undefined, `${channel}: a notification after UNLISTEN`);
+          }
+        } finally {
+          await notifier.end();
+          for (const w of sessions) {
+            w.send([serialize.end()]);
+            await w.closedWithin(1000);
+          }
+        }
+      });
+    });
+
     it('delivers a notification committed before a listening client\'s next statement ahead of that statement\'s answer, as PostgreSQL does', async function () {
       await withSidecar(postgres, { grant: 3 }, async (running) => {
         const listener = client(running);

@@ -198,7 +198,8 @@ describe('transaction tracker', function () {
      * extended message, everything until Sync is discarded; a COPY FROM STDIN
      * reads the messages after its Query or Execute until CopyDone or
      * CopyFail, ignoring Sync and Flush, and ends at the first error; CopyData,
-     * CopyDone and CopyFail outside a COPY are ignored. Also: whether the
+     * CopyDone and CopyFail outside a COPY are ignored (the batch of a Sync
+     * a COPY read ends with the next ReadyForQuery). Also: whether the
      * server discards until Sync after each message, and whether a COPY
      * begun by a Query (whose ReadyForQuery comes after the COPY) then runs.
      */
@@ -221,7 +222,11 @@ describe('transaction tracker', function () {
             reply('E', { lostFrom: copying.lostFrom });
             if (by === 'Q') reply('Z');
             ignoring = by === 'E';
-          } else return;
+          } else {
+            // A Sync the COPY reads gets no ReadyForQuery: the next one ends its batch.
+            if (type === 'S') skipped += 1;
+            return;
+          }
           copying = undefined;
           return;
         }
@@ -477,7 +482,19 @@ describe('transaction tracker', function () {
     client(skips, 'PBESdfQS');
     server(skips, '12GE');
     assert.equal(server(skips, 'Z'), true);
-    assert.equal(skips.readyBatches, 2);
+    // The batches of the Sync the COPY read, of the Query skipped and of the last Sync.
+    assert.equal(skips.readyBatches, 3);
+    // A COPY's ReadyForQuery ends the batch of the Sync sent after its Execute too (libpq, tokio-postgres).
+    const copied = new TransactionTracker();
+    client(copied, 'PBESdcSCS');
+    assert.equal(copied.batchesOwed, 3);
+    server(copied, '12G');
+    assert.equal(copied.batchesOwed, 3, 'the Sync the COPY read ends its batch with the next ReadyForQuery');
+    server(copied, 'CZ');
+    assert.equal(copied.readyBatches, 2);
+    assert.equal(copied.batchesOwed, 1);
+    assert.equal(server(copied, '3Z'), true);
+    assert.equal(copied.readyBatches, 1);
     // The CopyDone came before the CopyInResponse: the COPY waits for nothing more from the client.
     const done = new TransactionTracker();
     client(done, 'PBEdc');

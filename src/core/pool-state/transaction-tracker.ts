@@ -93,7 +93,8 @@ export class TransactionTracker {
   /**
    * Client batches (each Query, FunctionCall and Sync closes one) that the
    * latest ReadyForQuery ended: 1, plus the Queries and FunctionCalls the
-   * server skipped after an error in an extended message before that Sync.
+   * server skipped after an error in an extended message before that Sync,
+   * plus the Syncs a COPY FROM STDIN read before it.
    */
   readyBatches = 1;
   /**
@@ -109,6 +110,12 @@ export class TransactionTracker {
   private skippingToSync = false;
   /** Queries and FunctionCalls skipped since the latest ReadyForQuery: the next one ends their batches too. */
   private skippedBatches = 0;
+  /**
+   * Syncs a COPY FROM STDIN read since the latest ReadyForQuery (libpq and
+   * tokio-postgres send one right after the Execute of a COPY): they get no
+   * ReadyForQuery, so the next one ends their batches too.
+   */
+  private syncsReadByCopy = 0;
   /** COPY in progress; a COPY FROM STDIN only until the client's CopyDone or CopyFail (none if it sent one before the CopyInResponse). */
   copy: CopyState = 'none';
   /** The COPY FROM STDIN running on the server had CopyData sent for it. */
@@ -179,6 +186,7 @@ export class TransactionTracker {
         // Read by a COPY FROM STDIN, a Sync is ignored (libpq sends one right after the Execute of a COPY, another after CopyDone).
         if (this.copy === 'in') {
           if (this.copyDataSent) this.syncsAmongCopyData += 1;
+          this.syncsReadByCopy += 1;
           return;
         }
         this.pendingReady += 1;
@@ -228,9 +236,10 @@ export class TransactionTracker {
           this.pendingReady -= 1;
           this.readyReplied();
         }
-        const batches = 1 + this.skippedBatches;
+        const batches = 1 + this.skippedBatches + this.syncsReadByCopy;
         this.readyBatches = batches;
         this.skippedBatches = 0;
+        this.syncsReadByCopy = 0;
         this.status = statusByte === I_BYTE ? 'I' : statusByte === T_BYTE ? 'T' : 'E';
         this.copy = 'none';
         this.syncsAmongCopyData = 0;
@@ -415,6 +424,7 @@ export class TransactionTracker {
     this.copyDataSent = dataSent;
     this.syncsAmongCopyData = amongData;
     this.pendingReady -= readByCopy;
+    this.syncsReadByCopy += readByCopy;
     if (readByCopy > 0 && !syncAfter && head < end && owed[head] !== OWED_QUERY) this.extendedOpen = true;
   }
 
@@ -432,12 +442,12 @@ export class TransactionTracker {
 
   /**
    * Client batches whose end is still owed: the ReadyForQuery owed plus the
-   * Queries and FunctionCalls skipped after an error, whose batches the
-   * next one ends (the `after` of watch, the outstanding batches of
-   * ResponseEditor.activate).
+   * Queries and FunctionCalls skipped after an error and the Syncs a COPY
+   * read, whose batches the next one ends (the `after` of watch, the
+   * outstanding batches of ResponseEditor.activate).
    */
   get batchesOwed(): number {
-    return this.pendingReady + this.skippedBatches;
+    return this.pendingReady + this.skippedBatches + this.syncsReadByCopy;
   }
 
   /** An extended message failed and no Sync was sent since: the server discards everything sent until one is. */
@@ -490,6 +500,7 @@ export class TransactionTracker {
     this.owedEnd = 0;
     this.skippingToSync = false;
     this.skippedBatches = 0;
+    this.syncsReadByCopy = 0;
     this.copy = 'none';
     this.copyDataSent = false;
     this.syncsAmongCopyData = 0;

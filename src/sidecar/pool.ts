@@ -580,6 +580,8 @@ export class Pool {
 
   private reasonToClose(server: ServerConnection, reusable: boolean, now: number): string | undefined {
     if (!reusable || !server.tracker.atBoundary) return 'dirty: released mid-transaction or mid-protocol';
+    // A draining session-mode pool lends nothing more (each client keeps its own); in transaction mode clients still borrow.
+    if (this.draining && this.deps.settings.pool.mode === 'session') return 'drain';
     if (server.credentialsGeneration !== this.deps.credentials().generation) return 'credentials rotated';
     if (this.committed > this.grant) return 'grant shrink';
     if (now - server.createdAt >= this.recycleMs()) return 'recycled (poolRecycle)';

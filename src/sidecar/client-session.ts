@@ -97,9 +97,9 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private phase: Phase = 'startup';
   private server: ServerConnection | undefined;
   private waiting = false;
-  /** Draining (see drain): 'lingering', served as before; 'closing', closed when quiet or at its second exchange after a transaction. */
+  /** Draining (see drain): 'lingering', served as before; 'closing', closed when quiet or at its next exchange (but one right after a transaction block). */
   private drainStage: 'none' | 'lingering' | 'closing' = 'none';
-  /** Closing: the one exchange still served after a transaction's end (a pool's reset) has begun. */
+  /** Closing: the one exchange still served right after a transaction block (a pool's reset) has begun. */
   private drainGraceUsed = false;
   /** Closing: an exchange the client began runs (until its next boundary), so its further messages are no new one. */
   private drainExchangeOpen = false;

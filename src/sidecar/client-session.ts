@@ -77,7 +77,7 @@ const CLIENT_STREAMABLE = messageTypeTable('QdBPF');
 /** A Terminate message, as some clients send it on a connection they give up before the startup packet. */
 const TERMINATE_FIRST = Buffer.from([0x58, 0, 0, 0, 4]);
 const READY_IDLE = readyForQuery('I');
-/** How long a draining client keeps its connection after its transaction in flight ended (see drainAfterAnswer). */
+/** Draining: how long a client is served as before, and how long it must be quiet to be closed (see drain). */
 const DRAIN_LINGER_MS = 500;
 
 /** A client's connection: a net.Socket, a DirectReadSocket or a NativeSocket. */
@@ -97,9 +97,18 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private phase: Phase = 'startup';
   private server: ServerConnection | undefined;
   private waiting = false;
-  private closeAtBoundary = false;
-  /** Draining: whether the client still keeps its server connection after its transaction in flight (drainAfterAnswer). */
-  private drainLinger: 'none' | 'lingering' | 'over' = 'none';
+  /** Draining (see drain): 'lingering', served as before; 'closing', closed when quiet or at its next exchange (but one right after a transaction block). */
+  private drainStage: 'none' | 'lingering' | 'closing' = 'none';
+  /** Closing: the one exchange still served right after a transaction block (a pool's reset) has begun. */
+  private drainGraceUsed = false;
+  /** Closing: an exchange the client began runs (until its next boundary), so its further messages are no new one. */
+  private drainExchangeOpen = false;
+  /** Draining: the client sent messages inside a transaction block since the latest boundary. */
+  private drainInBlock = false;
+  /** Draining: the latest boundary ended a transaction block (a COMMIT or ROLLBACK). */
+  private drainBlockEnded = false;
+  /** Draining: messages forwarded and answers that ended a transaction; a check that finds none since the last finds the client quiet. */
+  private drainActivity = 0;
   /** A Terminate came behind messages still to answer: close once they are. */
   private terminateAtBoundary = false;
   /** ReadyForQuery messages waiting for the hub (see holdReady). */
@@ -247,13 +256,51 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     return this.key;
   }
 
-  /** Drain: close now if between transactions, otherwise at the next boundary. */
+  /**
+   * Drain. A client still logging in is closed now; a logged-in one is served
+   * as before for DRAIN_LINGER_MS, then closed with 57P01 when quiet (between
+   * transactions, no message and no answer for DRAIN_LINGER_MS) or, if busy,
+   * at its next exchange (messages sent between transactions), answered with
+   * it: one exchange right after a transaction block ended still runs, once.
+   * Never right behind a transaction's end: a driver may have sent its next
+   * message then (asyncpg's reset when the connection goes back to its pool
+   * raises out of the app's `async with pool.acquire()` after the COMMIT
+   * succeeded), and node-postgres reads a FATAL that follows a ReadyForQuery
+   * before the app has given the client back to its pool, emitting it as an
+   * 'error' event on a client the app still holds (which ends an app with no
+   * listener there). In session mode the client keeps its server connection
+   * meanwhile; in transaction mode the draining pool still lends them.
+   */
   drain(): void {
-    if (this.phase === 'closed') return;
-    if (this.readyHeld === 0 && (this.server === undefined || this.server.tracker.atBoundary)) {
-      this.releaseServer(true);
-      this.fail({ severity: 'FATAL', code: '57P01', message: 'terminating connection: the poolkeeper sidecar is draining' });
-    } else this.closeAtBoundary = true;
+    if (this.phase === 'closed' || this.drainStage !== 'none') return;
+    if (this.phase !== 'ready' && this.quietForDrain()) {
+      this.closeForDrain();
+      return;
+    }
+    this.drainStage = 'lingering';
+    if (this.server !== undefined && this.server.tracker.status !== 'I') this.drainInBlock = true;
+    this.checkDrainLater();
+  }
+
+  /** Nothing of the client's is under way or waiting: closing it now fails no statement. */
+  private quietForDrain(): boolean {
+    return this.readyHeld === 0 && !this.localCommand && !this.waiting && this.pendingTypes.length === 0 && (this.server === undefined || this.server.tracker.atBoundary);
+  }
+
+  /** Every DRAIN_LINGER_MS while draining: a client quiet since the last check is closed. */
+  private checkDrainLater(): void {
+    const seen = this.drainActivity;
+    setTimeout(() => {
+      if (this.phase === 'closed') return;
+      this.drainStage = 'closing';
+      if (this.drainActivity === seen && this.quietForDrain()) this.closeForDrain();
+      else this.checkDrainLater();
+    }, DRAIN_LINGER_MS).unref();
+  }
+
+  private closeForDrain(): void {
+    this.releaseServer(true);
+    this.fail({ severity: 'FATAL', code: '57P01', message: 'terminating connection: the poolkeeper sidecar is draining' });
   }
 
   /** Drain timeout reached: close regardless; a server mid-transaction is discarded. */
@@ -660,7 +707,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    */
   holdReady(_server: ServerConnection): boolean {
     const hub = this.host.notifications;
-    if (hub === undefined || this.pendingTypes.length > 0 || this.terminateAtBoundary || this.closeAtBoundary || !hub.listens(this)) return false;
+    if (hub === undefined || this.pendingTypes.length > 0 || this.terminateAtBoundary || this.drainStage !== 'none' || !hub.listens(this)) return false;
     this.readyHeld += 1;
     void hub.sync().then(() => {
       this.readyHeld -= 1;
@@ -670,7 +717,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       if (this.readyHeld > 0) return;
       // A Terminate or a drain that came meanwhile waited for this answer.
       if (this.terminateAtBoundary && this.pendingTypes.length === 0 && this.pendingChunks.length === 0 && this.nothingOwed()) this.terminate();
-      else if (this.closeAtBoundary && (this.server === undefined || this.server.tracker.atBoundary)) this.drainAfterAnswer();
+      else if (this.drainStage !== 'none') this.drainActivity += 1;
     });
     return true;
   }
@@ -826,6 +873,19 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     if (this.localCommand || this.hubSync === 'waiting' || this.holding) return;
     // Later pieces of a streamed message add bytes without a message type.
     if ((this.pendingTypes.length === 0 && this.pendingChunks.length === 0) || this.phase !== 'ready') return;
+    if (this.drainStage !== 'none') {
+      this.drainActivity += 1;
+      if (this.server !== undefined && this.server.tracker.status !== 'I') this.drainInBlock = true;
+      // Closing, these messages begin an exchange (see drain): refused, but for one right after a transaction block.
+      if (this.drainStage === 'closing' && !this.drainExchangeOpen && (this.server === undefined ? !this.waiting : this.server.tracker.atBoundary)) {
+        if (this.drainGraceUsed || !this.drainBlockEnded) {
+          this.closeForDrain();
+          return;
+        }
+        this.drainGraceUsed = true;
+        this.drainExchangeOpen = true;
+      }
+    }
     if (this.hubSync === 'none' && (this.server === undefined || this.server.tracker.atBoundary) && this.host.notifications?.listens(this) === true) {
       this.syncNotifications(this.host.notifications);
       // The server connection is asked for meanwhile; the messages go once both are there.
@@ -837,11 +897,6 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
     const server = this.server;
     if (server === undefined) {
-      // Draining, and past its linger (drainAfterAnswer): the client's next message is answered with the drain.
-      if (this.closeAtBoundary && this.drainLinger === 'over') {
-        this.fail({ severity: 'FATAL', code: '57P01', message: 'terminating connection: the poolkeeper sidecar is draining' });
-        return;
-      }
       // A session's backend (and the pid it was given at login) is its own until it ends: never another one.
       if (this.host.mode === 'session') {
         this.host.metrics.error('server-lost');
@@ -921,7 +976,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     // A statement still being read (a streamed message), a Terminate or a drain behind it, a ReadyForQuery
     // of the previous transaction still held for the hub, or one answered by the sidecar itself come first.
     if (this.host.mode !== 'transaction' || this.server !== undefined || !this.waiting || this.reader.streaming) return undefined;
-    if (this.terminateAtBoundary || this.closeAtBoundary || this.readyHeld > 0 || this.localCommand || this.holding) return undefined;
+    if (this.terminateAtBoundary || this.drainStage !== 'none' || this.readyHeld > 0 || this.localCommand || this.holding) return undefined;
     return cancelledBatchReply(this.pendingTypes);
   }
 
@@ -1225,39 +1280,18 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       this.closeQuietly();
       return;
     }
-    // Draining: a transaction that was in flight keeps its server connection while it lingers (drainAfterAnswer).
-    const lingering = this.closeAtBoundary && this.drainLinger !== 'over';
-    if (((this.host.mode === 'transaction' && this.pinnedBy === undefined) || this.closeAtBoundary) && !lingering) this.releaseServer(true);
+    // Draining too: a session keeps its own until it is closed (see drain).
+    if (this.host.mode === 'transaction' && this.pinnedBy === undefined) this.releaseServer(true);
     if (this.restate !== undefined) this.sendRestated();
     // The next transaction waits for the hub again; a pinned client gets what came meanwhile now.
     if (this.hubSync === 'done') this.hubSync = 'none';
     this.flushNotifications();
-    if (this.closeAtBoundary) this.drainAfterAnswer();
-  }
-
-  /**
-   * Drain, at the end of a transaction that was in flight: the client keeps
-   * its server connection DRAIN_LINGER_MS longer, so that what a driver sends
-   * right behind the transaction runs as it would direct (asyncpg's reset when
-   * the connection goes back to its pool: refused, it raises out of the app's
-   * `async with pool.acquire()` after the COMMIT succeeded). Then the client
-   * is closed when quiet: at once if it is between transactions, else once
-   * the transaction it began meanwhile ends, and then not right behind that
-   * transaction's ReadyForQuery but at its next message (answered with the
-   * 57P01) or after DRAIN_LINGER_MS more. A driver reads a FATAL that follows
-   * a ReadyForQuery in the same segment before the app has given the
-   * connection back to its pool: node-postgres emits it as an 'error' event on
-   * a client the app still holds, which ends an app with no listener there
-   * (the transaction pattern of its docs).
-   */
-  private drainAfterAnswer(): void {
-    if (this.phase === 'closed' || this.drainLinger === 'lingering') return;
-    const first = this.drainLinger === 'none';
-    this.drainLinger = first ? 'lingering' : 'over';
-    setTimeout(() => {
-      this.drainLinger = 'over';
-      this.drain();
-    }, DRAIN_LINGER_MS).unref();
+    if (this.drainStage !== 'none') {
+      this.drainActivity += 1;
+      this.drainExchangeOpen = false;
+      this.drainBlockEnded = this.drainInBlock;
+      this.drainInBlock = false;
+    }
   }
 
   /**

@@ -204,8 +204,9 @@ export class Pool {
 
   /** Asks for a server connection; answers through the waiter's callbacks, possibly synchronously. */
   acquire(waiter: PoolWaiter): void {
-    if (this.draining || this.closed) {
-      waiter.onAcquireFailed({ sqlState: '57P01', message: 'the sidecar is draining and hands out no more server connections' });
+    // Draining, clients ask only while they linger (ClientSession.drainAfterAnswer); they are still served.
+    if (this.closed) {
+      waiter.onAcquireFailed({ sqlState: '57P01', message: 'the sidecar is shutting down and hands out no more server connections' });
       return;
     }
     // One clock read per acquire and per release: Date.now was ~1 % of the sidecar's CPU at 6 reads per transaction.
@@ -499,15 +500,14 @@ export class Pool {
     this.deps.changed();
   }
 
-  /** Stops handing out connections: fails waiters, closes idle connections. */
+  /**
+   * Draining: no new server connections and no grant changes. The ones open
+   * still serve the clients, which each linger a moment after their last
+   * transaction and are then closed (ClientSession.drain); closeAll ends them.
+   */
   beginDrain(): void {
     this.draining = true;
-    this.stopWaitTimer();
     clearTimeout(this.recheckTimer);
-    for (const entry of this.waiters.splice(0)) {
-      entry.waiter.onAcquireFailed({ sqlState: '57P01', message: 'the sidecar is draining' });
-    }
-    this.closeIdleWhere(() => true, 'drain');
     this.deps.changed();
   }
 
@@ -580,7 +580,8 @@ export class Pool {
 
   private reasonToClose(server: ServerConnection, reusable: boolean, now: number): string | undefined {
     if (!reusable || !server.tracker.atBoundary) return 'dirty: released mid-transaction or mid-protocol';
-    if (this.draining) return 'drain';
+    // A draining session-mode pool lends nothing more (each client keeps its own); in transaction mode clients still borrow.
+    if (this.draining && this.deps.settings.pool.mode === 'session') return 'drain';
     if (server.credentialsGeneration !== this.deps.credentials().generation) return 'credentials rotated';
     if (this.committed > this.grant) return 'grant shrink';
     if (now - server.createdAt >= this.recycleMs()) return 'recycled (poolRecycle)';
@@ -712,8 +713,8 @@ export class Pool {
   }
 
   private requeueFront(waiter: PoolWaiter, since: number): void {
-    if (this.draining || this.closed) {
-      waiter.onAcquireFailed({ sqlState: '57P01', message: 'the sidecar is draining' });
+    if (this.closed) {
+      waiter.onAcquireFailed({ sqlState: '57P01', message: 'the sidecar is shutting down' });
       return;
     }
     // It came from the head of the queue, so the order by deadline holds.
@@ -892,8 +893,9 @@ export class Pool {
     this.liveSince ??= this.deps.now();
     this.persist();
     this.deps.logger.debug({ server: id, backend: server.processId }, 'server connection opened');
-    if (this.closed || this.draining || server.credentialsGeneration !== this.deps.credentials().generation || this.committed > this.grant) {
-      server.close(this.closed || this.draining ? 'drain' : 'stale on arrival');
+    // Opened before a drain began, it still serves the clients that linger.
+    if (this.closed || server.credentialsGeneration !== this.deps.credentials().generation || this.committed > this.grant) {
+      server.close(this.closed ? 'drain' : 'stale on arrival');
       this.serveWaiters();
     } else if (this.unconfirmed.length > 0 && !this.confirming) {
       // Asked before any client has it: this may be the one connection opened over the grant to ask

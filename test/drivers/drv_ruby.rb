@@ -17,6 +17,7 @@
 # and keeps them for the connection's life.
 
 require 'json'
+require 'socket'
 require 'timeout'
 
 CFG = JSON.parse(ARGV[0])
@@ -71,7 +72,7 @@ end
 
 RESULT = {}
 
-def step(name, seconds = 40)
+def step(name, seconds = 20)
   return if CFG['only'] && !CFG['only'].include?(name) && name != 'setup'
 
   warn "step #{name}"
@@ -648,6 +649,82 @@ step('pgPipeline') do
   end
   c.close
   [{ supported: true, results: seen, preparedAfter: compared(again), inTransaction: compared(in_tx) }]
+end
+
+# Clients taking turns, each preparing the same statement name in pipeline
+# mode with its own text and running it in later pipelines, every other one
+# in a transaction.
+step('pgPipelineTakingTurns') do
+  tally = Tally.new
+  concurrently(CLIENTS) do |i|
+    c = connect
+    next unless c.respond_to?(:enter_pipeline_mode)
+
+    drain = lambda do
+      values = []
+      loop do
+        res = c.get_result
+        next if res.nil?
+        break if res.result_status == PG::PGRES_PIPELINE_SYNC
+
+        res.check
+        values << res.getvalue(0, 0) if res.ntuples.positive?
+      end
+      values
+    end
+    c.enter_pipeline_mode
+    c.send_prepare('rb_pipe_turns', "SELECT $1::int + #{i * 1000}")
+    c.pipeline_sync
+    tally.check([]) { drain.call }
+    10.times do |round|
+      tally.check([(round + i * 1000).to_s, (round + 1 + i * 1000).to_s]) do
+        c.send_query_params('BEGIN', []) if round.odd?
+        c.send_query_prepared('rb_pipe_turns', [round])
+        c.send_query_prepared('rb_pipe_turns', [round + 1])
+        c.send_query_params('COMMIT', []) if round.odd?
+        c.pipeline_sync
+        drain.call
+      end
+    end
+    c.exit_pipeline_mode
+    c.close
+  end
+  [tally.compare, tally.detail]
+end
+
+# A client that goes away inside a transaction (its socket closed, as a
+# killed process's is), holding a row lock and a session advisory lock: the
+# next client gets both, and sees nothing of the transaction.
+step('clientGoneInTransaction') do
+  key = 43_000 + SUFFIX.hash.abs % 1000
+  a = connect
+  a.exec('BEGIN')
+  a.exec("INSERT INTO #{ITEMS} (k, name) VALUES (3000, 'gone')")
+  a.exec("SELECT * FROM #{ITEMS} WHERE k = 4 FOR UPDATE")
+  a.exec("SELECT pg_advisory_lock(#{key})")
+  socket = Socket.for_fd(a.socket)
+  socket.autoclose = false # libpq's descriptor: shut down, not closed under it
+  socket.shutdown(Socket::SHUT_RDWR)
+  b = connect
+  deadline = Time.now + 3
+  row_lock = nil
+  advisory = nil
+  until Time.now > deadline
+    row_lock = outcome { b.transaction { b.exec("SELECT k FROM #{ITEMS} WHERE k = 4 FOR UPDATE NOWAIT").getvalue(0, 0) } }
+    advisory = outcome { b.exec("SELECT pg_try_advisory_lock(#{key})").getvalue(0, 0) }
+    break if row_lock['value'] && advisory['value'] == 't'
+
+    sleep 0.05
+  end
+  inserted = outcome { b.exec("SELECT count(*) FROM #{ITEMS} WHERE k = 3000").getvalue(0, 0) }
+  b.exec("SELECT pg_advisory_unlock_all()")
+  b.close
+  begin
+    a.close
+  rescue StandardError
+    nil
+  end
+  [{ rowLock: compared(row_lock), advisoryLock: compared(advisory), inserted: compared(inserted) }]
 end
 
 step('pgListenNotify') do

@@ -3,7 +3,8 @@
 # Debian's PostgreSQL, OpenSSH server and PgBouncer, the database drivers the
 # driver compatibility tests run (psycopg 3, psycopg2, asyncpg for Debian's
 # python3, pgjdbc for the installed Java, DBD::Pg for Debian's perl, PHP's PDO_pgsql
-# and pgsql for Debian's php), and the pinned Kubernetes binaries
+# and pgsql for Debian's php, Ruby's pg, ActiveRecord and Sequel for Debian's ruby),
+# and the pinned Kubernetes binaries
 # built from Go modules (cached per version), and the sidecar's native socket
 # I/O (a C file built with the system's compiler). Safe to run repeatedly.
 set -euo pipefail
@@ -29,6 +30,8 @@ command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 /usr/bin/perl -MDBD::Pg -e 1 >/dev/null 2>&1 || missing+=(libdbd-pg-perl)
 # PHP's PDO_pgsql and pgsql extensions for Debian's php.
 /usr/bin/php -r 'exit(extension_loaded("pdo_pgsql") && extension_loaded("pgsql") ? 0 : 1);' >/dev/null 2>&1 || missing+=(php-cli php-pgsql)
+# Ruby's pg gem, ActiveRecord and Sequel for Debian's ruby (test/integration/ruby-drivers.test.ts).
+/usr/bin/ruby -e 'require "pg"; require "active_record"; require "sequel"' >/dev/null 2>&1 || missing+=(ruby ruby-pg ruby-activerecord ruby-sequel)
 
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then

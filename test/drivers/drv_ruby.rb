@@ -546,6 +546,7 @@ step('pgCopy') do
     [rows.length, rows.sum { |l| l.split("\t").first.to_i }, rows.last]
   end
   r[:badRow] = outcome { c.copy_data("COPY #{COPY_TABLE} (a, b) FROM STDIN") { c.put_copy_data("5000\tok\n"); c.put_copy_data("x\ty\n") } }
+  r[:blockRaises] = outcome { c.copy_data("COPY #{COPY_TABLE} (a, b) FROM STDIN") { c.put_copy_data("6000\tok\n"); raise ArgumentError, 'source failed' } }
   r[:afterBad] = outcome { c.exec("SELECT count(*) FROM #{COPY_TABLE}").getvalue(0, 0) }
   r[:inTransactionRolledBack] = outcome do
     inside = nil
@@ -725,6 +726,40 @@ step('clientGoneInTransaction') do
     nil
   end
   [{ rowLock: compared(row_lock), advisoryLock: compared(advisory), inserted: compared(inserted) }]
+end
+
+# Clients that go away at the worst moments: inside a COPY FROM STDIN with
+# rows sent and no CopyDone, and with a statement still running. Every other
+# client afterwards (4 of them, each several times: in transaction mode they
+# get the server connections those clients had) gets its own answers, and
+# nothing of the COPY is left.
+step('clientGoneMidCopyOrQuery') do
+  shut = lambda do |c|
+    socket = Socket.for_fd(c.socket)
+    socket.autoclose = false
+    socket.shutdown(Socket::SHUT_RDWR)
+  end
+  copying = connect
+  copying.exec("COPY #{COPY_TABLE} (a, b) FROM STDIN")
+  100.times { |i| copying.put_copy_data("#{10_000 + i}\tgone\n") }
+  copying.flush
+  shut.call(copying)
+  running = connect
+  running.send_query("SELECT 'late', pg_sleep(0.5)")
+  running.flush
+  shut.call(running)
+  tally = Tally.new
+  concurrently(CLIENTS) do |i|
+    c = connect
+    6.times do |round|
+      tally.check([["#{i}-#{round}", '1']]) do
+        round.odd? ? c.transaction { c.exec_params('SELECT $1::text, 1', ["#{i}-#{round}"]).values } : c.exec_params('SELECT $1::text, 1', ["#{i}-#{round}"]).values
+      end
+    end
+    c.close
+  end
+  left = outcome { connect.then { |c| c.exec("SELECT count(*) FROM #{COPY_TABLE} WHERE a >= 10000").getvalue(0, 0).tap { c.close } } }
+  [tally.compare.merge(copyRowsLeft: compared(left)), tally.detail]
 end
 
 step('pgListenNotify') do

@@ -6,10 +6,12 @@
  * server connections) and in session mode. The program
  * (test/drivers/drv_ruby.rb) runs ActiveRecord's prepared statements (a1,
  * a2, ... per connection) with clients taking turns, their eviction and a
- * schema change under them, transactions, savepoints, row locks, session
- * advisory locks and a migration, reconnect!/verify!, and the pg gem's
- * exec_params, prepare, cancel, COPY, single-row mode, pipeline mode,
- * LISTEN/NOTIFY, statement_timeout and type maps; each step's "compare" part
+ * schema change under them, a schema per tenant (search_path), transactions,
+ * savepoints, row locks, session advisory locks and a migration,
+ * reconnect!/verify!, and the pg gem's exec_params, prepare, cancel, COPY,
+ * single-row mode, pipeline mode, clients gone mid-transaction, mid-COPY and
+ * mid-statement, LISTEN/NOTIFY, statement_timeout and type maps, and
+ * Sequel's prepared statements on its pool; each step's "compare" part
  * must be the same through the sidecar as direct. PgBouncer's results are
  * recorded, not asserted (docs/compatibility.md has them).
  *
@@ -125,6 +127,8 @@ describe('Ruby pg, ActiveRecord and Sequel: direct, PgBouncer, sidecar transacti
           const { failed, wrong } = r[stepName]?.compare ?? {};
           assert.deepEqual({ failed, wrong }, { failed: 0, wrong: 0 }, `${name} ${stepName}: ${JSON.stringify(r[stepName])}`);
         }
+        assert.deepEqual(r.schemaPerTenant!.compare, { activeRecord: { failed: 0, wrong: 0 }, setLocal: { failed: 0, wrong: 0 } }, JSON.stringify(r.schemaPerTenant));
+        assert.deepEqual(r.clientGoneMidCopyOrQuery!.compare, { failed: 0, wrong: 0, copyRowsLeft: { value: '0' } }, JSON.stringify(r.clientGoneMidCopyOrQuery));
         assert.deepEqual(r.pgCancel!.compare.result, { sqlstate: '57014' }, JSON.stringify(r.pgCancel));
         assert.deepEqual(r.advisoryLocks!.compare.otherTryWhileHeld, { value: 'f' }, 'a session advisory lock held by another connection');
         assert.deepEqual(r.arWithLock!.compare.order, ['0 in', '0 out', '1 in', '1 out'], 'with_lock: the second waits for the first');

@@ -480,6 +480,57 @@ step('arAdvisoryLocks') do
   [r.transform_values { |v| compared(v) }, r]
 end
 
+# A connection pinned by an advisory lock, its statements evicted (DEALLOCATE
+# as SQL) at nearly every query, a SET while pinned, then it disconnects.
+step('arPinnedEviction') do
+  config = ar_config(pool: 1, statement_limit: 2)
+  pool = ActiveRecord::ConnectionAdapters::ConnectionHandler.new.establish_connection(
+    ActiveRecord::DatabaseConfigurations::HashConfig.new('test', 'primary', config.transform_keys(&:to_s))
+  )
+  tally = Tally.new
+  r = {}
+  pool.with_connection do |c|
+    bind = ->(v) { [ActiveRecord::Relation::QueryAttribute.new('k', v, ActiveModel::Type::Integer.new)] }
+    queries = [
+      ->(k) { c.exec_query("SELECT name FROM #{ITEMS} WHERE k = $1", 'q', bind.call(k), prepare: true).rows.first&.first == "item#{k}" },
+      ->(k) { c.exec_query("SELECT qty FROM #{ITEMS} WHERE k = $1", 'q', bind.call(k), prepare: true).rows.first&.first == k * 10 },
+      ->(k) { c.exec_query("SELECT k FROM #{ITEMS} WHERE name = 'item' || $1", 'q', bind.call(k), prepare: true).rows.first&.first == k },
+    ]
+    r[:lock] = outcome { c.get_advisory_lock(4242) }
+    r[:set] = outcome { c.execute('SET lock_timeout = 2345') && c.select_value('SHOW lock_timeout') }
+    10.times { |round| queries.each { |q| tally.check(true) { q.call(round + 10) } } }
+    r[:release] = outcome { c.release_advisory_lock(4242) }
+    10.times { |round| queries.rotate(1).each { |q| tally.check(true) { c.transaction { q.call(round + 20) } } } }
+    r[:setKept] = outcome { c.select_value('SHOW lock_timeout') }
+  end
+  pool.disconnect!
+  [tally.compare.merge(r.transform_values { |v| compared(v) }), tally.detail]
+end
+
+# A Ruby Timeout (as rack-timeout raises in a request) interrupting
+# async_exec: pg 1.4.5 does not cancel; the next query waits for the
+# interrupted one. Alone and inside a transaction.
+step('pgTimeoutInterrupt') do
+  c = connect
+  r = {}
+  interrupt = lambda do
+    Timeout.timeout(0.2) { c.async_exec('SELECT pg_sleep(0.8)') }
+    'not interrupted'
+  rescue Timeout::Error
+    'interrupted'
+  end
+  r[:alone] = interrupt.call
+  r[:next] = outcome { c.exec('SELECT 42').getvalue(0, 0) }
+  c.exec('BEGIN')
+  r[:inTransaction] = interrupt.call
+  r[:status] = c.transaction_status
+  r[:nextInTransaction] = outcome { c.exec('SELECT 43').getvalue(0, 0) }
+  r[:rollback] = outcome { c.exec('ROLLBACK').cmd_status }
+  r[:after] = outcome { c.exec('SELECT 44').getvalue(0, 0) }
+  c.close
+  [r]
+end
+
 step('arReconnectVerify') do
   config = ar_config(pool: 1, variables: { statement_timeout: '1234' })
   pool = ActiveRecord::ConnectionAdapters::ConnectionHandler.new.establish_connection(

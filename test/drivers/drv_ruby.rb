@@ -957,6 +957,18 @@ if SEQUEL
       items.where(k: 5000..5002).select_map(:k)
     end
     steps[:unique] = outcome { items.insert(k: 1, name: 'dup') }
+    # Database#listen: LISTEN on quoted, mixed-case channels (as ActionCable's
+    # adapter does with escape_identifier), wait_for_notify, then UNLISTEN *.
+    channel = "RbChan_#{SUFFIX}"
+    heard = []
+    listener = Thread.new do
+      db.listen([channel, "#{channel}_other"], timeout: 2, loop: false, after_listen: proc { heard << :listening }) { |ch, _pid, payload| heard << [ch == channel, payload] }
+    end
+    sleep 0.05 until heard.include?(:listening) || !listener.alive?
+    db.notify(channel, payload: 'hello Sequel')
+    listener.join
+    steps[:listen] = { value: heard - [:listening] }
+    steps[:afterListen] = outcome { db.synchronize { |c| c.exec('SELECT count(*) FROM pg_listening_channels()').getvalue(0, 0) } }
     db.disconnect
     [tally.compare.merge(steps.transform_values { |v| compared(v) }), tally.detail.merge(steps)]
   end

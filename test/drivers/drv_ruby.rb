@@ -248,68 +248,6 @@ step('arSchemaChange') do
   [{ clients: clients }]
 end
 
-# A schema per tenant, as multi-tenant Rails applications switch them: each
-# tenant's schema has tables of the same names, `things.v` of another type in
-# each. ActiveRecord clients set `schema_search_path` (a session SET
-# search_path) and run prepared finders; pg clients use SET LOCAL search_path
-# in each transaction and statements prepared under it. Every client reads
-# its own tenant's rows, with its own column types.
-step('schemaPerTenant') do
-  schemas = ["rb_ta_#{SUFFIX}", "rb_tb_#{SUFFIX}"]
-  ddl = connect
-  ddl.exec('SET client_min_messages = warning')
-  schemas.each_with_index do |schema, n|
-    ddl.exec("DROP SCHEMA IF EXISTS #{schema} CASCADE")
-    ddl.exec("CREATE SCHEMA #{schema}")
-    ddl.exec("CREATE TABLE #{schema}.items (id int PRIMARY KEY, name text)")
-    ddl.exec("INSERT INTO #{schema}.items SELECT g, 'tenant#{n}-' || g FROM generate_series(1, 20) g")
-    ddl.exec("CREATE TABLE #{schema}.things (id int PRIMARY KEY, v #{n.zero? ? 'text' : 'int'})")
-    ddl.exec("INSERT INTO #{schema}.things SELECT g, g * #{n + 1} FROM generate_series(1, 20) g")
-  end
-  tenant_item = Class.new(ActiveRecord::Base) { self.table_name = 'items' }
-  thing = Class.new(ActiveRecord::Base) { self.table_name = 'things' }
-  ar = Tally.new
-  ActiveRecord::Base.connection_pool.release_connection
-  concurrently(CLIENTS) do |i|
-    ActiveRecord::Base.connection_pool.with_connection do |c|
-      8.times do |round|
-        n = (i + round) % 2 # each client switches tenant every request
-        c.schema_search_path = schemas[n]
-        id = round + 1
-        ar.check(["tenant#{n}-#{id}", n.zero? ? (id * 1).to_s : id * 2]) do
-          run = -> { [tenant_item.where(id: id).pick(:name), c.select_value("SELECT v FROM things WHERE id = #{id}")] }
-          round.odd? ? tenant_item.transaction { run.call } : run.call
-        end
-      end
-      c.schema_search_path = 'public'
-    end
-  end
-  local = Tally.new
-  concurrently(CLIENTS) do |i|
-    c = connect
-    n = i % 2
-    c.transaction do
-      c.exec("SET LOCAL search_path TO #{schemas[n]}")
-      c.prepare('rb_tenant_items', 'SELECT name FROM items WHERE id = $1')
-      c.prepare('rb_tenant_things', 'SELECT v FROM things WHERE id = $1')
-    end
-    8.times do |round|
-      id = round + 1
-      local.check(["tenant#{n}-#{id}", (id * (n + 1)).to_s, n.zero? ? 25 : 23]) do
-        c.transaction do
-          c.exec("SET LOCAL search_path TO #{schemas[n]}")
-          things = c.exec_prepared('rb_tenant_things', [id])
-          [c.exec_prepared('rb_tenant_items', [id]).getvalue(0, 0), things.getvalue(0, 0), things.ftype(0)]
-        end
-      end
-    end
-    c.close
-  end
-  schemas.each { |schema| ddl.exec("DROP SCHEMA #{schema} CASCADE") }
-  ddl.close
-  [{ activeRecord: ar.compare, setLocal: local.compare }, { activeRecord: ar.detail, setLocal: local.detail }]
-end
-
 step('arTransactions') do
   r = {}
   conn = Item.connection
@@ -972,6 +910,70 @@ if SEQUEL
     db.disconnect
     [tally.compare.merge(steps.transform_values { |v| compared(v) }), tally.detail.merge(steps)]
   end
+end
+
+# A schema per tenant, as multi-tenant Rails applications switch them (the
+# last step: through PgBouncer the search_path it sets stays on server
+# connections other steps would get): each
+# tenant's schema has tables of the same names, `things.v` of another type in
+# each. ActiveRecord clients set `schema_search_path` (a session SET
+# search_path) and run prepared finders; pg clients use SET LOCAL search_path
+# in each transaction and statements prepared under it. Every client reads
+# its own tenant's rows, with its own column types.
+step('schemaPerTenant') do
+  schemas = ["rb_ta_#{SUFFIX}", "rb_tb_#{SUFFIX}"]
+  ddl = connect
+  ddl.exec('SET client_min_messages = warning')
+  schemas.each_with_index do |schema, n|
+    ddl.exec("DROP SCHEMA IF EXISTS #{schema} CASCADE")
+    ddl.exec("CREATE SCHEMA #{schema}")
+    ddl.exec("CREATE TABLE #{schema}.items (id int PRIMARY KEY, name text)")
+    ddl.exec("INSERT INTO #{schema}.items SELECT g, 'tenant#{n}-' || g FROM generate_series(1, 20) g")
+    ddl.exec("CREATE TABLE #{schema}.things (id int PRIMARY KEY, v #{n.zero? ? 'text' : 'int'})")
+    ddl.exec("INSERT INTO #{schema}.things SELECT g, g * #{n + 1} FROM generate_series(1, 20) g")
+  end
+  tenant_item = Class.new(ActiveRecord::Base) { self.table_name = 'items' }
+  thing = Class.new(ActiveRecord::Base) { self.table_name = 'things' }
+  ar = Tally.new
+  ActiveRecord::Base.connection_pool.release_connection
+  concurrently(CLIENTS) do |i|
+    ActiveRecord::Base.connection_pool.with_connection do |c|
+      8.times do |round|
+        n = (i + round) % 2 # each client switches tenant every request
+        c.schema_search_path = schemas[n]
+        id = round + 1
+        ar.check(["tenant#{n}-#{id}", n.zero? ? (id * 1).to_s : id * 2]) do
+          run = -> { [tenant_item.where(id: id).pick(:name), c.select_value("SELECT v FROM things WHERE id = #{id}")] }
+          round.odd? ? tenant_item.transaction { run.call } : run.call
+        end
+      end
+      c.schema_search_path = 'public'
+    end
+  end
+  local = Tally.new
+  concurrently(CLIENTS) do |i|
+    c = connect
+    n = i % 2
+    c.transaction do
+      c.exec("SET LOCAL search_path TO #{schemas[n]}")
+      c.prepare('rb_tenant_items', 'SELECT name FROM items WHERE id = $1')
+      c.prepare('rb_tenant_things', 'SELECT v FROM things WHERE id = $1')
+    end
+    8.times do |round|
+      id = round + 1
+      local.check(["tenant#{n}-#{id}", (id * (n + 1)).to_s, n.zero? ? 25 : 23]) do
+        c.transaction do
+          c.exec("SET LOCAL search_path TO #{schemas[n]}")
+          things = c.exec_prepared('rb_tenant_things', [id])
+          [c.exec_prepared('rb_tenant_items', [id]).getvalue(0, 0), things.getvalue(0, 0), things.ftype(0)]
+        end
+      end
+    end
+    c.close
+  end
+  schemas.each { |schema| ddl.exec("DROP SCHEMA #{schema} CASCADE") }
+  ddl.close
+  [{ activeRecord: ar.compare, setLocal: local.compare }, { activeRecord: ar.detail, setLocal: local.detail }]
 end
 
 begin

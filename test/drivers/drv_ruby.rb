@@ -7,9 +7,10 @@
 # {"skipped": "..."}.
 #
 # The config names the target ({host, port, user, password, dbname}), a
-# direct superuser login, a suffix for table names, the mode and how many
-# clients take turns. In transaction mode the sidecar under test has a small
-# grant (2), so the clients' transactions move between server connections.
+# suffix for table names, the mode and how many clients take turns; `only`
+# (a list of step names) runs just those, for a look at one. In transaction
+# mode the sidecar under test has a small grant (2), so the clients'
+# transactions move between server connections.
 #
 # ActiveRecord 6.1 with prepared_statements (Rails' default) prepares each
 # statement it runs with bind parameters under a1, a2, ... (a counter per
@@ -156,7 +157,6 @@ end
 # different texts on different connections, with clients taking turns.
 step('arPreparedTakingTurns') do
   tally = Tally.new
-  names = Hash.new(0)
   queries = [
     ->(k) { [Item.find_by(k: k)&.name, "item#{k}"] },
     ->(k) { [Item.where(k: k).pluck(:qty).first, k * 10] },
@@ -165,7 +165,7 @@ step('arPreparedTakingTurns') do
     ->(k) { [Item.where(name: "item#{k}").exists?, true] },
     ->(k) { [Item.find(Item.where(k: k).pick(:id)).k, k] },
   ]
-  concurrently(CLIENTS) do |i|
+  held = concurrently(CLIENTS) do |i|
     ActiveRecord::Base.connection_pool.with_connection do |conn|
       order = queries.rotate(i)
       30.times do |round|
@@ -178,11 +178,10 @@ step('arPreparedTakingTurns') do
           end
         end
       end
-      statements = conn.instance_variable_get(:@statements)
-      names[:held] += statements.length if statements
+      conn.instance_variable_get(:@statements)&.length.to_i # the aN it holds
     end
   end
-  [tally.compare, tally.detail.merge(statementsHeldPerClient: names[:held] / CLIENTS)]
+  [tally.compare, tally.detail.merge(statementsHeldPerClient: held)]
 end
 
 # statement_limit: 2 makes ActiveRecord evict (DEALLOCATE aN, sent as SQL) at

@@ -107,7 +107,6 @@ describe('Ruby pg, ActiveRecord and Sequel: direct, PgBouncer, sidecar transacti
       const mode = name === 'direct' ? 'direct' : name === 'sidecar-session' ? 'session' : 'transaction';
       const outcome = await runProgram({
         target: login(ports.get(name)!, postgres.app.user, postgres.app.password),
-        direct: login(postgres.port, postgres.superuser.user, postgres.superuser.password),
         suffix: `${name.slice(0, 1)}${name.endsWith('session') ? 's' : ''}_${suffix}`, mode, clients: CLIENTS,
       });
       if ('skipped' in outcome) {

@@ -247,6 +247,33 @@ step('arSchemaChange') do
   [{ clients: clients }]
 end
 
+# As a Rails process connects: Encoding.default_internal set (pg then sends
+# `set client_encoding to 'UTF8'`) and `encoding: unicode` in the database
+# configuration (ActiveRecord sends it too), 4 threads taking turns with
+# prepared statements and text beyond ASCII.
+step('arRailsEncoding') do
+  previous = Encoding.default_internal
+  Encoding.default_internal = Encoding::UTF_8
+  ActiveRecord::Base.establish_connection(ar_config(encoding: 'unicode'))
+  tally = Tally.new
+  shown = concurrently(CLIENTS) do |i|
+    ActiveRecord::Base.connection_pool.with_connection do |c|
+      8.times do |round|
+        text = "caf\u00e9 \u2713 #{i}-#{round}"
+        bind = [ActiveRecord::Relation::QueryAttribute.new('t', text, ActiveModel::Type::String.new)]
+        tally.check([text, text.length, 'UTF-8']) do
+          run = -> { c.exec_query('SELECT $1::text AS t, length($1::text) AS n', 'q', bind, prepare: true).rows.first.then { |t, n| [t, n, t.encoding.name] } }
+          round.odd? ? c.transaction { run.call } : run.call
+        end
+      end
+      c.select_value('SHOW client_encoding')
+    end
+  end
+  ActiveRecord::Base.establish_connection(ar_config)
+  Encoding.default_internal = previous
+  [tally.compare.merge(clientEncoding: shown.uniq), tally.detail]
+end
+
 step('arTransactions') do
   r = {}
   conn = Item.connection

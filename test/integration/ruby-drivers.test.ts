@@ -50,7 +50,7 @@ const TRANSACTION_MODE_DIFFERS: Record<string, (compare: Json) => Json> = {
 };
 
 /** Steps whose concurrent clients must all succeed direct: { failed, wrong } counts. */
-const COUNTED_STEPS = ['arPreparedTakingTurns', 'arStatementEviction', 'arPoolThreads', 'pgExecParams', 'pgPrepared', 'sequelPrepared'];
+const COUNTED_STEPS = ['arPreparedTakingTurns', 'arStatementEviction', 'arRailsEncoding', 'arPoolThreads', 'pgExecParams', 'pgPrepared', 'sequelPrepared'];
 
 /** The program's steps, or why it did not run (Ruby or its gems not installed: it says so). */
 type Outcome = { steps: Record<string, Step> } | { skipped: string };

@@ -3,7 +3,8 @@
 # Debian's PostgreSQL, OpenSSH server and PgBouncer, the database drivers the
 # driver compatibility tests run (psycopg 3, psycopg2, asyncpg for Debian's
 # python3, pgjdbc for the installed Java, DBD::Pg for Debian's perl, PHP's PDO_pgsql
-# and pgsql for Debian's php, tokio-postgres's Debian crates), and the pinned Kubernetes binaries
+# and pgsql for Debian's php, tokio-postgres's Debian crates, Ruby's pg, ActiveRecord and
+# Sequel for Debian's ruby), and the pinned Kubernetes binaries
 # built from Go modules (cached per version), and the sidecar's native socket
 # I/O (a C file built with the system's compiler). Safe to run repeatedly.
 set -euo pipefail
@@ -35,6 +36,8 @@ for crate in tokio-postgres-0.7:librust-tokio-postgres-dev tokio-1.:librust-toki
   compgen -G "/usr/share/cargo/registry/${crate%%:*}*" >/dev/null || missing+=("${crate#*:}")
 done
 command -v cargo >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo" ] || missing+=(cargo)
+# Ruby's pg gem, ActiveRecord and Sequel for Debian's ruby (test/integration/ruby-drivers.test.ts).
+/usr/bin/ruby -e 'require "pg"; require "active_record"; require "sequel"' >/dev/null 2>&1 || missing+=(ruby ruby-pg ruby-activerecord ruby-sequel)
 
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then

@@ -59,6 +59,12 @@ export interface PoolDeps {
   changed: () => void;
   /** Why no connection can be opened right now (e.g. the SSH tunnel is down), for the client's error. */
   blockedReason?: () => string | undefined;
+  /**
+   * The granted server connections kept for good by clients pinned to them
+   * (transaction mode), by pin reason, for the error of a client that waited
+   * in vain: without it, "all busy" does not say that they will stay busy.
+   */
+  pinnedHolders?: () => ReadonlyMap<string, number>;
   /** Why no connection can be opened until something changes, known without a login (the bastion refused the SSH connection): clients are told at once. */
   refusedReason?: () => string | undefined;
   /** Keeps the backends held where the next sidecar in the pod finds them (BackendLedger); absent: not kept. */
@@ -768,8 +774,23 @@ export class Pool {
     const seconds = this.deps.settings.pool.poolTimeout;
     const blocked = this.deps.blockedReason?.();
     const lost = this.unconfirmed.length > 0 ? `; ${this.unconfirmed.length} backends lost with their connection still count until confirmed gone` : '';
-    const why = blocked !== undefined ? `; ${blocked}` : this.lastConnectError !== undefined ? `; last connection attempt: ${this.lastConnectError}` : this.grant === 0 ? '; the grant is 0' : `; all ${this.grant} granted server connections are busy${lost}`;
+    const why = blocked !== undefined ? `; ${blocked}` : this.lastConnectError !== undefined ? `; last connection attempt: ${this.lastConnectError}` : this.grant === 0 ? '; the grant is 0' : `; all ${this.grant} granted server connections are busy${this.pinnedHoldersText()}${lost}`;
     entry.waiter.onAcquireFailed({ sqlState: '53300', message: `no server connection available within ${seconds} s${why}` });
+  }
+
+  /** ", N of them kept by pinned clients (reason N, ...) until they disconnect", or nothing when none are. */
+  private pinnedHoldersText(): string {
+    const byReason = this.deps.pinnedHolders?.();
+    if (byReason === undefined) return '';
+    let total = 0;
+    const reasons: string[] = [];
+    for (const [reason, count] of byReason) {
+      if (count <= 0) continue;
+      total += count;
+      reasons.push(`${reason} ${count}`);
+    }
+    if (total === 0) return '';
+    return `, ${total} of them kept by clients pinned to them by session state (${reasons.join(', ')}) until those clients disconnect`;
   }
 
   /** Hands idle connections to waiters and opens new ones within the grant. */

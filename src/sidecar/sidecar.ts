@@ -139,6 +139,16 @@ export class Sidecar implements ClientSessionHost {
       changed: () => this.statusChanged(),
       blockedReason: () => this.tunnel?.downReason(),
       refusedReason: () => this.tunnel?.refusedReason(),
+      pinnedHolders: () => {
+        const counts = new Map<string, number>();
+        // In session mode every client keeps its server connection: pinning changes nothing there.
+        if (this.mode !== 'transaction') return counts;
+        for (const session of this.sessions) {
+          const reason = session.pinReason;
+          if (reason !== undefined && session.serverConnection !== undefined) counts.set(reason, (counts.get(reason) ?? 0) + 1);
+        }
+        return counts;
+      },
       ...(deps.ledger ? { ledger: deps.ledger } : {}),
       ...(deps.databaseCa ? { databaseCa: () => deps.databaseCa!.current() } : {}),
     });

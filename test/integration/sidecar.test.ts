@@ -367,6 +367,32 @@ describe('sidecar budget and lifecycle', function () {
     }
   });
 
+  it('names the clients pinned by session state in the 53300 of a client that waited for the grant they keep (transaction mode)', async function () {
+    const running = await startSidecar(postgres, { grant: 2, pool: { poolTimeout: 1 } });
+    const pinned = [running.client(), running.client()];
+    try {
+      for (const [i, c] of pinned.entries()) {
+        await c.connect();
+        // As ActiveRecord's get_advisory_lock: pinned whether it got the lock or not, and after it is released.
+        await c.query(`SELECT pg_try_advisory_lock(${424_200 + i})`);
+        await c.query(`SELECT pg_advisory_unlock(${424_200 + i})`);
+      }
+      const waiter = running.client();
+      waiter.on('error', () => undefined);
+      await waiter.connect();
+      const failure = await waiter.query('SELECT 1').then(() => undefined, (e: { code?: string; message: string }) => e);
+      await waiter.end().catch(() => undefined); // closed by the server after the FATAL
+      assert.ok(failure, 'the query waited past poolTimeout and must fail');
+      assert.equal(failure.code, '53300', failure.message);
+      assert.match(failure.message, /all 2 granted server connections are busy, 2 of them kept by clients pinned to them by session state \(advisory-lock 2\) until those clients disconnect/);
+      await pinned[0]!.end();
+      assert.deepEqual((await withClient(running, (c) => c.query('SELECT 1 AS one'))).rows, [{ one: 1 }]);
+    } finally {
+      await Promise.all(pinned.map((c) => c.end().catch(() => undefined)));
+      await running.stop();
+    }
+  });
+
   it('times a waiting client out after poolTimeout when the node\'s wall clock steps back an hour meanwhile (NTP, a resumed VM), and recycles nothing when it steps forward', async function () {
     const running = await startSidecar(postgres, { grant: 1, pool: { poolTimeout: 1, poolRecycle: 1800, idleTimeout: 600 } });
     let restoreClock = (): void => undefined;

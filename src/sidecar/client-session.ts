@@ -17,6 +17,7 @@ import {
   FrameReader, MessageType, NO_SETTINGS, ProtocolError, UNTYPED, authenticationOk, backendKeyData, classifySessionCommand, clientSettingsFromStartup, laterSessionCommands,
   cancelledBatchReply, changeSettings, commandComplete, errorResponse, firstTextParameter, setConfigSql, isFrontendMessageType, messageTypeTable, namesPreparedStatement, negotiateProtocolVersion, parameterStatus, parseStartupPacket, readyForQuery,
   scanStatementText, sequenceRead, startsTransaction, serverSettingsAfter, startupSettings, unnamedStatementEffect, type ClientSettings, type NoticeFields, type PinReason, type SettingChange,
+  leavesOnlyAdvisoryLocks, mentionsAdvisoryLock,
   POSTGRESQL_ALPN, TLS_HANDSHAKE_RECORD, noApplicationProtocolAlert, readClientHello,
 } from '../core/protocol/index.ts';
 import { routeMessage, unnamedStatement, type ClientStatements } from '../core/pool-state/index.ts';
@@ -63,6 +64,8 @@ export interface ClientSessionHost {
   rememberSettings(key: string, shown: ReadonlyMap<string, string>): void;
   /** A client was pinned to its server connection (transaction mode). */
   pinned(reason: PinReason): void;
+  /** Counts a client unpinned (its session state gone from its server connection). */
+  unpinned(reason: PinReason): void;
   /** LISTEN/NOTIFY for transaction mode clients; undefined in session mode. */
   readonly notifications: NotificationHub | undefined;
 }
@@ -118,6 +121,16 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private readonly pendingTypes: number[] = [];
   /** Transaction mode: a Bind waits for the result shape of its statement, just prepared on this server connection (see routeMessage). */
   private holding = false;
+  /**
+   * Pinned by a session advisory lock (see followAdvisoryPin): 'due', a
+   * statement took or released one since the backend was last asked whether
+   * it holds any; 'checking', it is being asked (the client's messages wait);
+   * 'kept', something else of the session's may be on the connection: pinned
+   * until the client leaves.
+   */
+  private advisoryPin: 'none' | 'due' | 'checking' | 'kept' = 'none';
+  /** The client's unnamed statement takes or releases an advisory lock: bound again later, it would do so wherever it runs. */
+  private unnamedAdvisory = false;
   /** The client's named statements; undefined until it names one (transaction mode only). */
   private statements: ClientStatements | undefined;
   /**
@@ -284,7 +297,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
 
   /** Nothing of the client's is under way or waiting: closing it now fails no statement. */
   private quietForDrain(): boolean {
-    return this.readyHeld === 0 && !this.localCommand && !this.waiting && this.pendingTypes.length === 0 && (this.server === undefined || this.server.tracker.atBoundary);
+    return this.readyHeld === 0 && !this.localCommand && this.advisoryPin !== 'checking' && !this.waiting && this.pendingTypes.length === 0 && (this.server === undefined || this.server.tracker.atBoundary);
   }
 
   /** Every DRAIN_LINGER_MS while draining: a client quiet since the last check is closed. */
@@ -374,7 +387,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
             }
             if (this.unnamedSetting && this.pinnedBy === undefined) this.followUnnamedSetting(type, reader.buffer, reader.bodyStart, reader.end);
             if (this.settingStatements !== undefined && this.pinnedBy === undefined) this.followSettingStatements(type, reader.buffer, reader.bodyStart, reader.end);
-            if (this.pinnedBy === undefined) {
+            const pinnedBefore = this.pinnedBy;
+            if (pinnedBefore === undefined) {
               const textStart = type === MessageType.query || type === MessageType.parse ? sqlTextStart(type, reader.buffer, reader.bodyStart, reader.end) : undefined;
               // One pass over the SQL text tells each check below whether it has anything to look for.
               const scan = textStart === undefined ? 0 : scanStatementText(reader.buffer, textStart, reader.end);
@@ -385,7 +399,9 @@ export class ClientSession implements PoolWaiter, NotificationListener {
                 // Answered by the sidecar itself (LISTEN through the notification hub): not forwarded.
                 if (this.checkSessionState(type, reader.buffer, reader.bodyStart, textStart, reader.end, scan, nothingQueued)) continue;
               }
-            } else if ((type === MessageType.query || type === MessageType.parse) && this.host.notifications?.listens(this) === true) {
+            }
+            if (this.pinnedBy === 'advisory-lock' && this.advisoryPin !== 'kept' && (type === MessageType.query || type === MessageType.parse)) this.followAdvisoryPin(type, reader.buffer, reader.bodyStart, reader.end);
+            if (pinnedBefore !== undefined && (type === MessageType.query || type === MessageType.parse) && this.host.notifications?.listens(this) === true) {
               // Pinned, its UNLISTEN runs on its own server connection: what it listens on through the hub ends too.
               const textStart = sqlTextStart(type, reader.buffer, reader.bodyStart, reader.end);
               if (textStart !== undefined) {
@@ -783,8 +799,73 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     // Pinned once, for its first reason: counted and logged once.
     if (this.pinnedBy !== undefined) return;
     this.pinnedBy = reason;
+    this.advisoryPin = 'none';
     this.host.pinned(reason);
     this.host.logger.info({ reason }, 'client pinned to its server connection until it disconnects (session state in transaction mode)');
+  }
+
+  /**
+   * Pinned by a session advisory lock, and its statements since (the one that
+   * pinned it first) leave nothing else of the session's on the connection:
+   * after a transaction that took or released a lock, the backend is asked
+   * whether it still holds any (see checkAdvisoryLocks), and if not, the
+   * client is unpinned, as a direct session holding no lock has nothing on its
+   * connection (ActiveRecord's get_advisory_lock and the with_advisory_lock
+   * gem take and release one per request on connections kept for the
+   * process's life). Anything else keeps it pinned until it leaves: another
+   * session command, set_config, INTO TEMP, a DO block that locks, and a
+   * named statement that locks (bound again later, it would lock wherever it
+   * runs).
+   */
+  private followAdvisoryPin(type: number, buffer: Buffer, bodyStart: number, end: number): void {
+    const textStart = sqlTextStart(type, buffer, bodyStart, end);
+    if (textStart === undefined || !leavesOnlyAdvisoryLocks(buffer, textStart, end)) {
+      this.advisoryPin = 'kept';
+      return;
+    }
+    const locks = mentionsAdvisoryLock(buffer, textStart, end);
+    if (type === MessageType.parse) {
+      if (buffer[bodyStart] !== 0 && locks) {
+        this.advisoryPin = 'kept';
+        return;
+      }
+      this.unnamedAdvisory = locks;
+    }
+    if (locks && this.advisoryPin === 'none') this.advisoryPin = 'due';
+  }
+
+  /** At a boundary of its server connection: whether to ask it now if the client's advisory locks are all released. */
+  private advisoryCheckDue(server: ServerConnection): boolean {
+    return this.advisoryPin === 'due' && this.pinnedBy === 'advisory-lock' && this.host.mode === 'transaction' && !this.unnamedAdvisory && this.server === server &&
+      this.pendingTypes.length === 0 && this.drainStage === 'none' && !this.terminateAtBoundary && this.readyHeld === 0 && !this.localCommand && !this.holding &&
+      server.cancelsInFlight === 0 && this.host.notifications?.listens(this) !== true;
+  }
+
+  private checkAdvisoryLocks(server: ServerConnection): void {
+    this.advisoryPin = 'checking';
+    this.host.pool.checkAdvisoryLocks(server, this, (outcome) => {
+      if (this.advisoryPin === 'checking') this.advisoryPin = 'none';
+      if (outcome === 'lost') {
+        if (this.phase !== 'closed' && this.server === server) this.onServerLost(server, 'closed while asked for its advisory locks', false);
+        return;
+      }
+      if (this.phase === 'closed' || this.server !== server) {
+        // The client left meanwhile: a connection still lent to it goes back, reset (pg_advisory_unlock_all among the rest).
+        if (outcome === 'held') this.host.pool.release(server, true, true);
+        return;
+      }
+      if (outcome === 'released') {
+        this.server = undefined;
+        this.ranSinceLent = false;
+        this.ownReadBufferWhileServed();
+        const reason = this.pinnedBy!;
+        this.pinnedBy = undefined;
+        this.host.unpinned(reason);
+        this.host.logger.info({ reason }, 'client unpinned: its backend holds no advisory lock and nothing else of its session');
+      }
+      this.forward();
+      if (this.pausedWaiting && this.pendingTypes.length === 0) this.resumeWaiting();
+    });
   }
 
   /** An UNLISTEN that goes to the server connection: the channels this client listens on through the hub end there too. */
@@ -870,7 +951,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
 
   /** Sends queued messages to the server connection, acquiring one first if needed. */
   private forward(): void {
-    if (this.localCommand || this.hubSync === 'waiting' || this.holding) return;
+    if (this.localCommand || this.hubSync === 'waiting' || this.holding || this.advisoryPin === 'checking') return;
     // Later pieces of a streamed message add bytes without a message type.
     if ((this.pendingTypes.length === 0 && this.pendingChunks.length === 0) || this.phase !== 'ready') return;
     if (this.drainStage !== 'none') {
@@ -1292,6 +1373,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       this.drainBlockEnded = this.drainInBlock;
       this.drainInBlock = false;
     }
+    if (this.advisoryCheckDue(server)) this.checkAdvisoryLocks(server);
   }
 
   /**

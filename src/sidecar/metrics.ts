@@ -50,6 +50,8 @@ export class SidecarMetrics {
   readonly tunnelReconnects: Counter;
   readonly serverLogins: Counter<'result'>;
   readonly pinned: Counter<'reason'>;
+  /** Clients unpinned once their session state was gone from the server connection. */
+  readonly unpinned: Counter<'reason'>;
   readonly carriedSettings: Counter;
   private readonly clientTlsConnections: Counter;
   readonly cancels: Counter<'result'>;
@@ -146,6 +148,7 @@ export class SidecarMetrics {
     this.tunnelReconnects = new Counter({ name: 'poolkeeper_sidecar_tunnel_reconnects_total', help: 'SSH tunnel reconnections after the first connection', registers: [registry] });
     this.cancels = new Counter({ name: 'poolkeeper_sidecar_cancel_requests_total', help: 'Client CancelRequests: forwarded to the backend running the statement, answered by the sidecar (the statement still waited for a server connection), or dropped (nothing running, statement ended, unknown key, failed)', labelNames: ['result'], registers: [registry] });
     this.pinned = new Counter({ name: 'poolkeeper_sidecar_pins_total', help: 'Clients pinned to their server connection by session state in transaction mode, by reason', labelNames: ['reason'], registers: [registry] });
+    this.unpinned = new Counter({ name: 'poolkeeper_sidecar_unpins_total', help: 'Pinned clients let go of their server connection once their session state was gone from it (session advisory locks all released), by reason', labelNames: ['reason'], registers: [registry] });
     this.carriedSettings = new Counter({ name: 'poolkeeper_sidecar_carried_settings_total', help: 'Session setting changes (SET or RESET alone between transactions) carried to the client\'s next server connections instead of pinning it, in transaction mode', registers: [registry] });
     this.clientTlsConnections = new Counter({ name: 'poolkeeper_sidecar_client_tls_connections_total', help: 'App connections that asked for TLS and got it (spec.sidecar.clientTLS)', registers: [registry] });
     this.serverLogins = new Counter({ name: 'poolkeeper_sidecar_server_logins_total', help: 'Upstream logins by result', labelNames: ['result'], registers: [registry] });

@@ -79,6 +79,8 @@ interface WaitEntry {
 }
 
 const CONNECT_TIMEOUT_MS = 10_000;
+/** The session advisory locks a backend holds (transaction-scoped ones are gone at a boundary). */
+const ADVISORY_LOCKS_HELD_SQL = "SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()";
 /** A lost backend that cannot be confirmed gone stops counting after this long with a live connection to the server. */
 const UNCONFIRMED_MAX_MS = 30_000;
 /** After cancelling a previous sidecar's backends, how long before a connection is opened to confirm them gone. */
@@ -264,6 +266,33 @@ export class Pool {
       return;
     }
     this.recycle(server, reusable, reset);
+  }
+
+  /**
+   * A client pinned only by session advisory locks is at a boundary: asks its
+   * backend whether it holds any still (one round trip, the client's messages
+   * waiting). None: the connection comes back to the pool as a clean one (the
+   * client's carried settings are all that is on it) and `done('released')`;
+   * some, or the question failed: it stays lent to `user`, `done('held')`;
+   * the connection died meanwhile: `done('lost')`.
+   */
+  checkAdvisoryLocks(server: ServerConnection, user: ServerConnectionUser, done: (outcome: 'released' | 'held' | 'lost') => void): void {
+    server.detach();
+    server.runInternal(ADVISORY_LOCKS_HELD_SQL, (result) => {
+      if (server.state !== 'resetting') {
+        done('lost');
+        return;
+      }
+      if (result.ok && result.row?.[0] === '0') {
+        this.recycle(server, true, false);
+        done('released');
+        return;
+      }
+      if (!result.ok) this.deps.logger.info({ server: server.id, err: result.error?.M }, 'could not ask a pinned client\'s backend for its advisory locks; the client stays pinned');
+      server.tracker.reset();
+      server.attach(user);
+      done('held');
+    });
   }
 
   private recycle(server: ServerConnection, reusable: boolean, reset: boolean): void {

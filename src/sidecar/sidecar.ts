@@ -463,6 +463,11 @@ export class Sidecar implements ClientSessionHost {
     this.metrics.pinned.inc({ reason });
   }
 
+  /** Counts a client unpinned. */
+  unpinned(reason: PinReason): void {
+    this.metrics.unpinned.inc({ reason });
+  }
+
   // ---- internals ----------------------------------------------------------
 
   /** A new client; `local`: it came through the Unix-domain socket (the pod's own volume). */

@@ -373,9 +373,8 @@ describe('sidecar budget and lifecycle', function () {
     try {
       for (const [i, c] of pinned.entries()) {
         await c.connect();
-        // As ActiveRecord's get_advisory_lock: pinned whether it got the lock or not, and after it is released.
+        // As ActiveRecord's get_advisory_lock, kept: pinned while it holds the lock.
         await c.query(`SELECT pg_try_advisory_lock(${424_200 + i})`);
-        await c.query(`SELECT pg_advisory_unlock(${424_200 + i})`);
       }
       const waiter = running.client();
       waiter.on('error', () => undefined);
@@ -389,6 +388,50 @@ describe('sidecar budget and lifecycle', function () {
       assert.deepEqual((await withClient(running, (c) => c.query('SELECT 1 AS one'))).rows, [{ one: 1 }]);
     } finally {
       await Promise.all(pinned.map((c) => c.end().catch(() => undefined)));
+      await running.stop();
+    }
+  });
+
+  it('lets a client pinned by a session advisory lock go once its backend holds none, and keeps pinned one that holds a lock or left other session state (transaction mode)', async function () {
+    const running = await startSidecar(postgres, { grant: 2, pool: { poolTimeout: 2 } });
+    const [locker, tryer, other] = [running.client(), running.client(), running.client()];
+    const metric = async (name: string): Promise<number> => Number(new RegExp(`reason="advisory-lock"} (\\d+)`).exec(await running.registry.getSingleMetricAsString(name))?.[1] ?? Number.NaN);
+    try {
+      for (const c of [locker, tryer, other]) await c.connect();
+      // As ActiveRecord's get_advisory_lock: literal SQL through exec_params, an unnamed Parse; the lock is taken.
+      assert.deepEqual((await locker.query('SELECT pg_try_advisory_lock($1::bigint) AS got', [424_300])).rows, [{ got: true }]);
+      // Another client's try fails: pinned by it, then let go (its backend holds no lock), asked before its next statement runs.
+      assert.deepEqual((await tryer.query('SELECT pg_try_advisory_lock(424300) AS got')).rows, [{ got: false }]);
+      await tryer.query('SELECT 1');
+      assert.equal(await metric('poolkeeper_sidecar_unpins_total'), 1);
+      // The holder's next statements run on its own connection, which holds the lock: it stays pinned.
+      assert.deepEqual((await locker.query('SELECT $1::int AS one', [1])).rows, [{ one: 1 }]);
+      assert.equal(await metric('poolkeeper_sidecar_pinned_clients'), 1);
+      assert.deepEqual((await other.query('SELECT pg_try_advisory_lock(424300) AS got')).rows, [{ got: false }], 'the lock is still the holder\'s');
+      await other.query('SELECT 1');
+      // Released (as release_advisory_lock; its unnamed statement locks, so the question waits for the next one), then the next statements.
+      assert.deepEqual((await locker.query('SELECT pg_advisory_unlock($1::bigint) AS released', [424_300])).rows, [{ released: true }]);
+      assert.deepEqual((await locker.query('SELECT $1::int AS one', [1])).rows, [{ one: 1 }]);
+      await locker.query('SELECT 1');
+      assert.equal(await metric('poolkeeper_sidecar_pinned_clients'), 0);
+      assert.equal(await metric('poolkeeper_sidecar_unpins_total'), 3);
+      // Both server connections serve others now: two transactions at once, while every client stays connected.
+      await Promise.all([tryer, other].map((c) => c.query('BEGIN')));
+      await Promise.all([tryer, other].map((c) => c.query('SELECT pg_sleep(0.1)')));
+      await Promise.all([tryer, other].map((c) => c.query('COMMIT')));
+      // Nothing of the lock is left on the connection it used: another client takes it.
+      assert.deepEqual((await tryer.query('SELECT pg_try_advisory_lock(424300) AS got')).rows, [{ got: true }]);
+      assert.deepEqual((await tryer.query('SELECT pg_advisory_unlock_all()')).rows, [{ pg_advisory_unlock_all: '' }]);
+      await tryer.query('SELECT 1');
+      // A setting beside the lock in one Query: pinned for good, the setting stays the client's.
+      await other.query("SELECT pg_advisory_lock(424301); SET work_mem = '2MB'");
+      await other.query('SELECT pg_advisory_unlock(424301)');
+      await other.query('SELECT 1');
+      assert.equal(await metric('poolkeeper_sidecar_pinned_clients'), 1);
+      assert.deepEqual((await other.query('SHOW work_mem')).rows, [{ work_mem: '2MB' }]);
+      assert.equal(await metric('poolkeeper_sidecar_unpins_total'), 4);
+    } finally {
+      await Promise.all([locker, tryer, other].map((c) => c.end().catch(() => undefined)));
       await running.stop();
     }
   });

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import {
-  NO_SETTINGS, TEXT_ADVISORY_LOCK, TEXT_INTO, TEXT_SEQUENCE_READ, TEXT_SET_CONFIG, TEXT_SEVERAL_STATEMENTS, changeSettings, classifySessionCommand, clientSettingsFromStartup, laterSessionCommands, parseOptions, sequenceRead, scanStatementText, serverSettingsAfter, settingsSql, setsSessionConfig, splitStatements, startsTransaction, startupSettings,
+  NO_SETTINGS, leavesOnlyAdvisoryLocks, mentionsAdvisoryLock, TEXT_ADVISORY_LOCK, TEXT_INTO, TEXT_SEQUENCE_READ, TEXT_SET_CONFIG, TEXT_SEVERAL_STATEMENTS, changeSettings, classifySessionCommand, clientSettingsFromStartup, laterSessionCommands, parseOptions, sequenceRead, scanStatementText, serverSettingsAfter, settingsSql, setsSessionConfig, splitStatements, startsTransaction, startupSettings,
   type ClientSettings,
 } from '../../src/core/protocol/index.ts';
 
@@ -81,6 +81,32 @@ describe('session commands', function () {
       if (/;[\s;]*[^\s;]/.test(lower)) want |= TEXT_SEVERAL_STATEMENTS;
       assert.equal(scanStatementText(buffer, pad, cut ? buffer.length - 1 : buffer.length), want, JSON.stringify(text));
     }), { numRuns: 3000 });
+  });
+
+  it('tells a text that leaves only session advisory locks (a pinned client may be let go once its backend holds none) from one that may leave more', function () {
+    const rows: [string, boolean, boolean][] = [
+      // text, leaves only advisory locks, takes or releases one
+      ['SELECT pg_try_advisory_lock(42)', true, true],
+      ['select PG_ADVISORY_UNLOCK($1)', true, true],
+      ['SELECT pg_advisory_unlock_all()', true, true],
+      ['SELECT pg_advisory_lock(1); SELECT pg_advisory_lock_shared(2)', true, true],
+      ['SELECT pg_advisory_xact_lock(1)', true, false],
+      ['INSERT INTO t VALUES (1) RETURNING id', true, false],
+      ['SELECT 1', true, false],
+      ["SELECT pg_advisory_lock(1); SET work_mem = '1MB'", false, true],
+      ["SELECT pg_advisory_lock(1), set_config('a.b', 'x', false)", false, true],
+      ['SELECT pg_advisory_lock(1) INTO TEMP t', false, true],
+      ['DO $$ BEGIN PERFORM pg_advisory_lock(1); END $$', false, true],
+      ['SELECT pg_advisory_lock(1); CREATE TEMP TABLE t (a int)', false, true],
+      ["SET search_path = 'a'", false, false],
+      ['LISTEN c', false, false],
+      ['PREPARE p AS SELECT 1', false, false],
+    ];
+    for (const [sql, only, mentions] of rows) {
+      const buffer = Buffer.from(`${sql}\0`);
+      assert.equal(leavesOnlyAdvisoryLocks(buffer, 0, buffer.length), only, sql);
+      assert.equal(mentionsAdvisoryLock(buffer, 0, buffer.length), mentions, sql);
+    }
   });
 
   it('sees the session-state functions and sequence reads written in mixed case, as PostgreSQL does', function () {

@@ -586,6 +586,32 @@ export function laterSessionCommands(buffer: Buffer, start: number, end: number,
   return commands;
 }
 
+const ADVISORY_UNLOCK = Buffer.from('advisory_unlock');
+
+/** True if the SQL text calls a session advisory lock function, to take a lock or to release one (`pg_advisory_unlock_all` too). */
+export function mentionsAdvisoryLock(buffer: Buffer, start: number, end: number): boolean {
+  return indexOfFolded(buffer, start, end, ADVISORY_LOCK) >= 0 || indexOfFolded(buffer, start, end, ADVISORY_UNLOCK) >= 0;
+}
+
+/**
+ * For a client pinned by a session advisory lock (transaction mode): true if
+ * the SQL text at `buffer[start..end)` leaves no session state on its
+ * connection but advisory locks, so that once the backend holds none the
+ * client can leave the connection with nothing of its own left on it.
+ * Conservative where classifySessionCommand stops at the lock: set_config or
+ * INTO TEMP in the same SELECT, a DO block that takes a lock, or any other
+ * session command anywhere in the text counts as state.
+ */
+export function leavesOnlyAdvisoryLocks(buffer: Buffer, start: number, end: number): boolean {
+  const scan = scanStatementText(buffer, start, end);
+  if ((scan & TEXT_SET_CONFIG) !== 0) return false;
+  if ((scan & TEXT_INTO) !== 0 && /\binto\s+(?:temp|temporary)\b/i.test(buffer.toString('utf8', start, end))) return false;
+  if (mentionsAdvisoryLock(buffer, start, end) && /^\s*do\b/i.test(buffer.toString('utf8', start, Math.min(end, start + 64)))) return false;
+  const first = classifySessionCommand(buffer, start, end, scan);
+  if (first !== undefined && first !== PIN_ADVISORY) return false;
+  return laterSessionCommands(buffer, start, end, scan).every((command) => command === PIN_ADVISORY);
+}
+
 /** A statement name as PostgreSQL folds it: quoted names keep their case, others are lower-cased. */
 function foldName(name: string): string {
   return name.startsWith('"') && name.endsWith('"') && name.length >= 2 ? name.slice(1, -1).replace(/""/g, '"') : name.toLowerCase();

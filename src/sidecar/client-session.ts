@@ -124,11 +124,12 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   /**
    * Pinned by a session advisory lock (see followAdvisoryPin): 'due', a
    * statement took or released one since the backend was last asked whether
-   * it holds any; 'checking', it is being asked (the client's messages wait);
-   * 'kept', something else of the session's may be on the connection: pinned
-   * until the client leaves.
+   * it holds any; 'kept', something else of the session's may be on the
+   * connection: pinned until the client leaves.
    */
-  private advisoryPin: 'none' | 'due' | 'checking' | 'kept' = 'none';
+  private advisoryPin: 'none' | 'due' | 'kept' = 'none';
+  /** The backend is being asked for its advisory locks (see checkAdvisoryLocks): the client's messages wait. */
+  private checkingLocks = false;
   /** The client's unnamed statement takes or releases an advisory lock: bound again later, it would do so wherever it runs. */
   private unnamedAdvisory = false;
   /** The client's named statements; undefined until it names one (transaction mode only). */
@@ -297,7 +298,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
 
   /** Nothing of the client's is under way or waiting: closing it now fails no statement. */
   private quietForDrain(): boolean {
-    return this.readyHeld === 0 && !this.localCommand && this.advisoryPin !== 'checking' && !this.waiting && this.pendingTypes.length === 0 && (this.server === undefined || this.server.tracker.atBoundary);
+    return this.readyHeld === 0 && !this.localCommand && !this.checkingLocks && !this.waiting && this.pendingTypes.length === 0 && (this.server === undefined || this.server.tracker.atBoundary);
   }
 
   /** Every DRAIN_LINGER_MS while draining: a client quiet since the last check is closed. */
@@ -721,7 +722,11 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    * The backend that ran the transaction signalled the hub's before its
    * ReadyForQuery, so the hub's next ReadyForQuery comes after them.
    */
-  holdReady(_server: ServerConnection): boolean {
+  holdReady(server: ServerConnection): boolean {
+    if (this.advisoryCheckDue(server)) {
+      this.checkAdvisoryLocks(server);
+      return true;
+    }
     const hub = this.host.notifications;
     if (hub === undefined || this.pendingTypes.length > 0 || this.terminateAtBoundary || this.drainStage !== 'none' || !hub.listens(this)) return false;
     this.readyHeld += 1;
@@ -831,27 +836,38 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       }
       this.unnamedAdvisory = locks;
     }
-    if (locks && this.advisoryPin === 'none') this.advisoryPin = 'due';
+    if (locks) this.advisoryPin = 'due';
   }
 
-  /** At a boundary of its server connection: whether to ask it now if the client's advisory locks are all released. */
+  /** The ReadyForQuery 'I' that ends a transaction is next: whether to ask the backend now if the client's advisory locks are all released. */
   private advisoryCheckDue(server: ServerConnection): boolean {
-    return this.advisoryPin === 'due' && this.pinnedBy === 'advisory-lock' && this.host.mode === 'transaction' && !this.unnamedAdvisory && this.server === server &&
+    return this.advisoryPin === 'due' && !this.checkingLocks && this.pinnedBy === 'advisory-lock' && this.host.mode === 'transaction' && !this.unnamedAdvisory && this.server === server &&
       this.pendingTypes.length === 0 && this.drainStage === 'none' && !this.terminateAtBoundary && this.readyHeld === 0 && !this.localCommand && !this.holding &&
-      server.cancelsInFlight === 0 && this.host.notifications?.listens(this) !== true;
+      this.settingChanges === undefined && this.restate === undefined && server.cancelsInFlight === 0 && this.host.notifications?.listens(this) !== true;
   }
 
+  /**
+   * Asks the backend whether the client still holds advisory locks (see
+   * followAdvisoryPin), holding back the ReadyForQuery that ended its
+   * transaction meanwhile, so that the client sends nothing new until then;
+   * a pipelining client that did is asked again at its next boundary.
+   */
   private checkAdvisoryLocks(server: ServerConnection): void {
-    this.advisoryPin = 'checking';
-    this.host.pool.checkAdvisoryLocks(server, this, (outcome) => {
-      if (this.advisoryPin === 'checking') this.advisoryPin = 'none';
+    this.advisoryPin = 'none';
+    this.checkingLocks = true;
+    this.readyHeld += 1;
+    // Messages that came meanwhile were read as a pinned client's (see followAdvisoryPin): they must run where it is pinned.
+    const stillFree = (): boolean => this.pendingTypes.length === 0 && this.phase !== 'closed' && this.server === server;
+    this.host.pool.checkAdvisoryLocks(server, this, stillFree, (outcome) => {
+      this.checkingLocks = false;
+      this.readyHeld -= 1;
       if (outcome === 'lost') {
         if (this.phase !== 'closed' && this.server === server) this.onServerLost(server, 'closed while asked for its advisory locks', false);
         return;
       }
       if (this.phase === 'closed' || this.server !== server) {
         // The client left meanwhile: a connection still lent to it goes back, reset (pg_advisory_unlock_all among the rest).
-        if (outcome === 'held') this.host.pool.release(server, true, true);
+        if (outcome !== 'released') this.host.pool.release(server, true, true);
         return;
       }
       if (outcome === 'released') {
@@ -862,6 +878,12 @@ export class ClientSession implements PoolWaiter, NotificationListener {
         this.pinnedBy = undefined;
         this.host.unpinned(reason);
         this.host.logger.info({ reason }, 'client unpinned: its backend holds no advisory lock and nothing else of its session');
+      } else if (outcome === 'busy' && this.advisoryPin === 'none') this.advisoryPin = 'due';
+      this.socket.write(READY_IDLE);
+      // A Terminate that came meanwhile waited for this answer.
+      if (this.terminateAtBoundary && this.pendingTypes.length === 0 && this.pendingChunks.length === 0 && this.nothingOwed()) {
+        this.terminate();
+        return;
       }
       this.forward();
       if (this.pausedWaiting && this.pendingTypes.length === 0) this.resumeWaiting();
@@ -951,7 +973,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
 
   /** Sends queued messages to the server connection, acquiring one first if needed. */
   private forward(): void {
-    if (this.localCommand || this.hubSync === 'waiting' || this.holding || this.advisoryPin === 'checking') return;
+    if (this.localCommand || this.hubSync === 'waiting' || this.holding || this.checkingLocks) return;
     // Later pieces of a streamed message add bytes without a message type.
     if ((this.pendingTypes.length === 0 && this.pendingChunks.length === 0) || this.phase !== 'ready') return;
     if (this.drainStage !== 'none') {
@@ -1373,7 +1395,6 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       this.drainBlockEnded = this.drainInBlock;
       this.drainInBlock = false;
     }
-    if (this.advisoryCheckDue(server)) this.checkAdvisoryLocks(server);
   }
 
   /**

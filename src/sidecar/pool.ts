@@ -271,19 +271,22 @@ export class Pool {
   /**
    * A client pinned only by session advisory locks is at a boundary: asks its
    * backend whether it holds any still (one round trip, the client's messages
-   * waiting). None: the connection comes back to the pool as a clean one (the
-   * client's carried settings are all that is on it) and `done('released')`;
-   * some, or the question failed: it stays lent to `user`, `done('held')`;
-   * the connection died meanwhile: `done('lost')`.
+   * waiting). None, and `free()` still: the connection comes back to the pool
+   * as a clean one (the client's carried settings are all that is on it) and
+   * `done('released')`; none, but the client is no longer free to go (it sent
+   * more meanwhile): `done('busy')`; some, or the question failed:
+   * `done('held')`; either way it stays lent to `user`. The connection died
+   * meanwhile: `done('lost')`.
    */
-  checkAdvisoryLocks(server: ServerConnection, user: ServerConnectionUser, done: (outcome: 'released' | 'held' | 'lost') => void): void {
+  checkAdvisoryLocks(server: ServerConnection, user: ServerConnectionUser, free: () => boolean, done: (outcome: 'released' | 'busy' | 'held' | 'lost') => void): void {
     server.detach();
     server.runInternal(ADVISORY_LOCKS_HELD_SQL, (result) => {
       if (server.state !== 'resetting') {
         done('lost');
         return;
       }
-      if (result.ok && result.row?.[0] === '0') {
+      const none = result.ok && result.row?.[0] === '0';
+      if (none && free()) {
         this.recycle(server, true, false);
         done('released');
         return;
@@ -291,7 +294,7 @@ export class Pool {
       if (!result.ok) this.deps.logger.info({ server: server.id, err: result.error?.M }, 'could not ask a pinned client\'s backend for its advisory locks; the client stays pinned');
       server.tracker.reset();
       server.attach(user);
-      done('held');
+      done(none ? 'busy' : 'held');
     });
   }
 

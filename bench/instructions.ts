@@ -13,13 +13,13 @@
  * adds V8's compiler and garbage-collector threads.
  */
 import { execFile, execFileSync } from 'node:child_process';
-import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { compileEntries, compiledDir } from '../src/devenv/compile.ts';
 import { LocalEnvironment } from '../src/devenv/environment.ts';
 import { APP_DATABASE } from '../src/devenv/postgres.ts';
 import { requireBinary, serviceAccount } from '../src/devenv/system.ts';
-import { BenchPgBouncer, ProxyChild } from './proxy.ts';
+import { BenchPgBouncer, ProxyChild, trustLoopbackApp } from './proxy.ts';
 
 /** One line of the instructions table. */
 export interface InstructionResult {
@@ -96,9 +96,7 @@ export async function runInstructions(options: InstructionOptions): Promise<Inst
   try {
     const postgres = await environment.postgres();
     const { app } = postgres;
-    const hba = join(postgres.dataDir, 'pg_hba.conf');
-    writeFileSync(hba, `host all ${app.user} 127.0.0.1/32 trust\n${readFileSync(hba, 'utf8')}`);
-    await postgres.query('SELECT pg_reload_conf()');
+    await trustLoopbackApp(postgres);
     const pgbench = (port: number, args: string[]): Promise<number> => new Promise((resolve, reject) => {
       execFile('/usr/bin/pgbench', [...args, '-h', '127.0.0.1', '-p', String(port), '-U', app.user, APP_DATABASE], { timeout: 1_800_000 }, (error, stdout, stderr) => {
         const done = /number of transactions actually processed: (\d+)/.exec(stdout);

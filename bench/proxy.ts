@@ -246,6 +246,17 @@ async function idleClients(port: number, count: number, user: string, dbname: st
   return sockets;
 }
 
+/**
+ * The bench's PostgreSQL trusts the app role on loopback, as PgBouncer and the
+ * sidecar trust their clients here: 50 SCRAM logins at once on a loaded
+ * 2-core machine can take longer than a whole run.
+ */
+export async function trustLoopbackApp(postgres: { dataDir: string; app: { user: string }; query: (sql: string) => Promise<unknown> }): Promise<void> {
+  const hba = join(postgres.dataDir, 'pg_hba.conf');
+  writeFileSync(hba, `host all ${postgres.app.user} 127.0.0.1/32 trust\n${readFileSync(hba, 'utf8')}`);
+  await postgres.query('SELECT pg_reload_conf()');
+}
+
 /** Runs the proxy section on a fresh local PostgreSQL. */
 export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
   const { seconds, rounds, log } = options;
@@ -264,11 +275,7 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
   try {
     const postgres = await environment.postgres();
     const { app } = postgres;
-    // Direct clients trust loopback too, as PgBouncer's and the sidecar's do here: 50 SCRAM logins at once
-    // on a loaded 2-core machine can take longer than a whole run.
-    const hba = join(postgres.dataDir, 'pg_hba.conf');
-    writeFileSync(hba, `host all ${app.user} 127.0.0.1/32 trust\n${readFileSync(hba, 'utf8')}`);
-    await postgres.query('SELECT pg_reload_conf()');
+    await trustLoopbackApp(postgres);
     const pgbench = (args: string[]): Promise<string> => new Promise((resolve, reject) => {
       execFile('/usr/bin/pgbench', args, { env: { ...process.env, PGPASSWORD: app.password }, timeout: (seconds + 123) * 1000, maxBuffer: 1 << 24 }, (err, stdout, stderr) => {
         if (err) reject(new Error(`pgbench ${args.join(' ')} failed: ${stderr}`));

@@ -16,23 +16,19 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { goProgram } from '../support/go-program.ts';
-import { testEnvironment } from '../support/hooks.ts';
-import { startTestSidecar, type TestSidecar } from '../support/sidecar-fixture.ts';
+import { DRIVER_TARGETS, startDriverTargets, targetMode, targetSuffix, targetTitle, writeDriversReport, type DriverTargetName, type DriverTargets } from '../support/driver-targets.ts';
 import { MissingPrerequisiteError } from '../../src/devenv/system.ts';
 import type { PostgresServer } from '../../src/devenv/postgres.ts';
 
-const env = testEnvironment();
 const PROGRAM_DIR = join(dirname(fileURLToPath(import.meta.url)), '..', 'drivers', 'pgx-driver');
 const CLIENTS = 8;
 const SIDECAR_TRANSACTION_GRANT = 2;
 const SIDECAR_SESSION_GRANT = 12; // 8 concurrent clients, and the steps' second connections
 
-type TargetName = 'direct' | 'pgbouncer' | 'sidecar-transaction' | 'sidecar-session';
-const TARGETS: readonly TargetName[] = ['direct', 'pgbouncer', 'sidecar-transaction', 'sidecar-session'];
+type TargetName = DriverTargetName;
 type Json = Record<string, unknown>;
 interface Step { compare: Json; detail?: unknown }
 
@@ -71,9 +67,9 @@ describe('pgx v5: direct, PgBouncer, sidecar transaction and session mode', func
   this.timeout(180_000);
   this.slow(30_000);
   let postgres: PostgresServer;
-  const sidecars: TestSidecar[] = [];
+  let targets: DriverTargets | undefined;
   const results = new Map<TargetName, Record<string, Step>>();
-  const ports = new Map<TargetName, number>();
+  let ports: ReadonlyMap<TargetName, number>;
   let binary: string;
 
   before(async function () {
@@ -85,32 +81,26 @@ describe('pgx v5: direct, PgBouncer, sidecar transaction and session mode', func
       console.log(`      skipped: ${error.message}`);
       this.skip();
     }
-    postgres = await env.postgres();
-    const pgbouncer = await env.pgbouncer();
-    const [transaction, session] = await Promise.all([
-      startTestSidecar(postgres, { mode: 'transaction', grant: SIDECAR_TRANSACTION_GRANT }),
-      startTestSidecar(postgres, { mode: 'session', grant: SIDECAR_SESSION_GRANT }),
-    ]);
-    sidecars.push(transaction, session);
-    ports.set('direct', postgres.port).set('pgbouncer', pgbouncer.port).set('sidecar-transaction', transaction.port).set('sidecar-session', session.port);
+    targets = await startDriverTargets({ transaction: SIDECAR_TRANSACTION_GRANT, session: SIDECAR_SESSION_GRANT });
+    postgres = targets.postgres;
+    ports = targets.ports;
   });
 
   after(async function () {
-    await Promise.all(sidecars.map((s) => s.stop()));
-    const reportFile = process.env.POOLKEEPER_DRIVERS_REPORT;
-    if (reportFile) writeFileSync(reportFile, JSON.stringify(Object.fromEntries(results), null, 1));
+    await targets?.stop();
+    writeDriversReport(results);
   });
 
   const suffix = randomBytes(3).toString('hex');
-  for (const name of TARGETS) {
-    it(`${name}: every step as direct${name === 'pgbouncer' ? ' (PgBouncer: recorded, not asserted)' : ''}`, async function () {
+  for (const name of DRIVER_TARGETS) {
+    it(targetTitle(name), async function () {
       const login = (port: number, user: string, password: string): string =>
         `host=127.0.0.1 port=${port} user=${user} password=${password} dbname=app sslmode=disable`;
-      const mode = name === 'direct' ? 'direct' : name === 'sidecar-session' ? 'session' : 'transaction';
+      const mode = targetMode(name);
       const r = await runProgram(binary, {
         conn: login(ports.get(name)!, postgres.app.user, postgres.app.password),
         admin: login(postgres.port, postgres.superuser.user, postgres.superuser.password),
-        suffix: `${name.slice(0, 1)}${name.endsWith('session') ? 's' : ''}_${suffix}`, mode, clients: CLIENTS, rounds: 12,
+        suffix: targetSuffix(name, suffix), mode, clients: CLIENTS, rounds: 12,
       });
       results.set(name, r);
       if (name === 'pgbouncer') return;

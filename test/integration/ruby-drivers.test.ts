@@ -20,22 +20,19 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, writeFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { testEnvironment } from '../support/hooks.ts';
-import { startTestSidecar, type TestSidecar } from '../support/sidecar-fixture.ts';
+import { DRIVER_TARGETS, startDriverTargets, targetMode, targetSuffix, targetTitle, writeDriversReport, type DriverTargetName, type DriverTargets } from '../support/driver-targets.ts';
 import type { PostgresServer } from '../../src/devenv/postgres.ts';
 
-const env = testEnvironment();
 const driversDir = join(dirname(fileURLToPath(import.meta.url)), '..', 'drivers');
 const RUBY = '/usr/bin/ruby'; // Debian's: the one ruby-pg, ruby-activerecord and ruby-sequel belong to
 const CLIENTS = 4;
 const SIDECAR_TRANSACTION_GRANT = 2;
 const SIDECAR_SESSION_GRANT = 14; // 10 threads on ActiveRecord's pool of 5, and the steps' other connections
 
-type TargetName = 'direct' | 'pgbouncer' | 'sidecar-transaction' | 'sidecar-session';
-const TARGETS: readonly TargetName[] = ['direct', 'pgbouncer', 'sidecar-transaction', 'sidecar-session'];
+type TargetName = DriverTargetName;
 type Json = Record<string, unknown>;
 interface Step { compare: Json; detail?: Json }
 
@@ -79,35 +76,29 @@ describe('Ruby pg, ActiveRecord and Sequel: direct, PgBouncer, sidecar transacti
   this.timeout(180_000);
   this.slow(30_000);
   let postgres: PostgresServer;
-  const sidecars: TestSidecar[] = [];
+  let targets: DriverTargets | undefined;
   const results = new Map<TargetName, Record<string, Step>>();
-  const ports = new Map<TargetName, number>();
+  let ports: ReadonlyMap<TargetName, number>;
 
   before(async function () {
-    postgres = await env.postgres();
-    const pgbouncer = await env.pgbouncer();
-    const [transaction, session] = await Promise.all([
-      startTestSidecar(postgres, { mode: 'transaction', grant: SIDECAR_TRANSACTION_GRANT }),
-      startTestSidecar(postgres, { mode: 'session', grant: SIDECAR_SESSION_GRANT }),
-    ]);
-    sidecars.push(transaction, session);
-    ports.set('direct', postgres.port).set('pgbouncer', pgbouncer.port).set('sidecar-transaction', transaction.port).set('sidecar-session', session.port);
+    targets = await startDriverTargets({ transaction: SIDECAR_TRANSACTION_GRANT, session: SIDECAR_SESSION_GRANT });
+    postgres = targets.postgres;
+    ports = targets.ports;
   });
 
   after(async function () {
-    await Promise.all(sidecars.map((s) => s.stop()));
-    const reportFile = process.env.POOLKEEPER_DRIVERS_REPORT;
-    if (reportFile) writeFileSync(reportFile, JSON.stringify(Object.fromEntries(results), null, 1));
+    await targets?.stop();
+    writeDriversReport(results);
   });
 
   const suffix = randomBytes(3).toString('hex');
-  for (const name of TARGETS) {
-    it(`${name}: every step as direct${name === 'pgbouncer' ? ' (PgBouncer: recorded, not asserted)' : ''}`, async function () {
+  for (const name of DRIVER_TARGETS) {
+    it(targetTitle(name), async function () {
       const login = (port: number, user: string, password: string): Json => ({ host: '127.0.0.1', port, user, password, dbname: 'app' });
-      const mode = name === 'direct' ? 'direct' : name === 'sidecar-session' ? 'session' : 'transaction';
+      const mode = targetMode(name);
       const outcome = await runProgram({
         target: login(ports.get(name)!, postgres.app.user, postgres.app.password),
-        suffix: `${name.slice(0, 1)}${name.endsWith('session') ? 's' : ''}_${suffix}`, mode, clients: CLIENTS,
+        suffix: targetSuffix(name, suffix), mode, clients: CLIENTS,
       });
       if ('skipped' in outcome) {
         this.test!.title += ` (skipped: ${outcome.skipped})`;

@@ -519,7 +519,7 @@ export class ServerReconciler {
     // The CPU of reading and planning, not the switch's writes.
     this.planMs.set(server, beforeSwitch - planStarted + performance.now() - afterSwitch);
 
-    this.reportUnlistedDepartures(plan.tables, input, connections);
+    this.reportDepartures(plan.tables, input, connections);
     // One write per connection carries every switched pod's grant, shrinks and grows alike.
     await this.tables.writeTables(plan.tables, connections, this.pacing(pods));
     await this.applyGrants(plan, connections, members, resolved);
@@ -743,19 +743,23 @@ export class ServerReconciler {
   }
 
   /**
-   * Reports each new record of pods gone from a table's default unseen (a pod
-   * force-deleted with its PoolMember while no controller ran): a warning log
-   * and a Warning Event on its DatabaseConnection, since its share is held
-   * for the departure hold and nothing else tells why.
+   * Reports each new departure record, since the share it holds is otherwise
+   * unexplained until the hold ends: a pod that left without a drain its
+   * controller saw is logged; pods gone from a table's default unseen (a pod
+   * force-deleted with its PoolMember while no controller ran) get a warning
+   * log and a Warning Event on their DatabaseConnection.
    */
-  private reportUnlistedDepartures(planned: readonly PlannedTable[], input: BudgetInput, connections: readonly DatabaseConnection[]): void {
+  private reportDepartures(planned: readonly PlannedTable[], input: BudgetInput, connections: readonly DatabaseConnection[]): void {
     for (const t of planned) {
       if (!t.changed) continue;
       let before: Set<string> | undefined;
       for (const d of t.table.departed ?? []) {
-        if (!isUnlistedRecord(d)) continue;
         before ??= new Set((input.tables?.find((c) => c.namespace === t.namespace && c.connection === t.connection)?.table.departed ?? []).map((x) => x.pod));
         if (before.has(d.pod)) continue;
+        if (!isUnlistedRecord(d)) {
+          this.deps.logger.info({ connection: `${t.namespace}/${t.connection}`, pod: d.pod, connections: d.connections, until: d.until }, 'pod left without a drain this controller saw: its connections are held for the departure hold');
+          continue;
+        }
         const message = `${d.pod.slice(1, -1)} left without a PoolMember or a trace this controller saw (force-deleted while no controller ran?): their ${d.connections} connections are held until ${d.until}`;
         this.deps.logger.warn({ connection: `${t.namespace}/${t.connection}`, record: d.pod, connections: d.connections, until: d.until }, 'pods left the grant table\'s default unseen: their share is held for the departure hold');
         const connection = connections.find((c) => c.metadata.namespace === t.namespace && c.metadata.name === t.connection);

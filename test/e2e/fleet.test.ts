@@ -25,6 +25,19 @@ class LogCapture extends Writable {
     this.text += chunk.toString('utf8');
     done();
   }
+
+  /** The controller's lines at info and above and the sidecars' drains, one short line each: what a failure needs. */
+  story(): string {
+    const lines: string[] = [];
+    for (const line of this.text.split('\n')) {
+      if (line === '') continue;
+      const { level, time, component, msg, pod, name, ...rest } = JSON.parse(line) as { level: number; time: number; component?: string; msg: string; pod?: string; name?: string; [k: string]: unknown };
+      if (component === 'controller' ? level < 30 : !/drain|exit/.test(msg)) continue;
+      const { hostname: _h, pid: _p, ...fields } = rest;
+      lines.push(`${new Date(time).toISOString().slice(11, 23)} ${component ?? ''} ${pod ?? name ?? ''} ${msg} ${JSON.stringify(fields)}`);
+    }
+    return lines.slice(-80).join('\n');
+  }
 }
 
 /** A pod's "application": a few workers running short transactions through its sidecar. */
@@ -113,7 +126,7 @@ describe('fleet end to end', function () {
       } catch (err) {
         // What the controller was waiting for: the connection's status, the grant table, every PoolMember.
         const state = await Promise.all([['dbc', 'orders'], ['poolgrant', 'orders'], ['pm']].map(async (args) => k.kubectlAsync(['-n', namespace, 'get', ...args, '-o', 'yaml']).catch((e: unknown) => String(e))));
-        throw new Error(`${(err as Error).message}; ${kubelet!.live().length} pods live\n${state.join('\n---\n')}`, { cause: err });
+        throw new Error(`${(err as Error).message}; ${kubelet!.live().length} pods live\n${state.join('\n---\n')}\n---\n${logs.story()}`, { cause: err });
       }
     };
     try {

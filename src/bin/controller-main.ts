@@ -11,6 +11,7 @@ import { ControllerMetrics } from '../controller/metrics.ts';
 import { EventRecorder } from '../kube/events.ts';
 import { KubeHttp, type ApiServerAccess } from '../kube/http.ts';
 import { LeaderElector, type LeaseLock } from '../kube/leader-election.ts';
+import { ApiServerClock } from '../kube/server-clock.ts';
 import { AdminServer } from '../ops/admin-server.ts';
 import { DEFAULT_POD_REPAIR_OPTIONS, MissingSidecarRepairer } from '../webhook/repair.ts';
 
@@ -42,6 +43,8 @@ export interface ControllerConfig {
   acknowledgements?: { host: string; port: number; advertise: string } | undefined;
   /** Lease timings (default 15 s lease, 10 s renew deadline, 2 s between attempts). */
   lease?: { leaseDurationMs: number; renewDeadlineMs: number; retryPeriodMs: number } | undefined;
+  /** This replica's clock (ms since the epoch); default the steady clock. Tests give one that runs ahead or behind. */
+  localClock?: (() => number) | undefined;
 }
 
 /** A running controller binary. */
@@ -56,10 +59,12 @@ export interface RunningController {
 
 /** Starts the controller. */
 export async function startController(config: ControllerConfig, logger: Logger): Promise<RunningController> {
-  const http = new KubeHttp(config.apiServer);
+  // What other replicas judge (a departure's `until`) is timed on the API server's clock, the one they share.
+  const serverClock = new ApiServerClock(config.localClock);
+  const http = new KubeHttp(config.apiServer, { clock: serverClock });
   const registry = new Registry();
   collectDefaultMetrics({ register: registry, prefix: 'poolkeeper_controller_process_' });
-  const metrics = new ControllerMetrics(registry);
+  const metrics = new ControllerMetrics(registry, { apiServerClockOffsetSeconds: () => serverClock.offset().offsetMs / 1000 });
   const elector = config.leaderElection
     ? new LeaderElector(http, { namespace: config.namespace, name: 'poolkeeper-controller', identity: config.identity, clusterLease: config.clusterLease, logger, ...config.lease })
     : undefined;
@@ -80,7 +85,7 @@ export async function startController(config: ControllerConfig, logger: Logger):
     metrics,
     elector,
     acknowledgeTo,
-    reconciler: { discovery: new LimitDiscovery({ logger }), events, repairer, manageSidecarAccess: config.manageSidecarAccess ?? true },
+    reconciler: { discovery: new LimitDiscovery({ logger }), events, repairer, manageSidecarAccess: config.manageSidecarAccess ?? true, now: () => new Date(serverClock.now()) },
   });
   late.controller = running;
   let stopping = false;

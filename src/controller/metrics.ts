@@ -19,8 +19,11 @@ export class ControllerMetrics {
   readonly leader: Gauge;
   /** 1 while another install holds the cluster Lease and this replica stands by for it. */
   readonly otherInstallLeading: Gauge;
+  /** The API server's clock minus this replica's, as learnt from its answers (departure holds are timed on it). */
+  readonly apiServerClockOffset: Gauge;
 
-  constructor(registry: Registry) {
+  /** `sources`: values read when the metrics are scraped. */
+  constructor(registry: Registry, sources: { apiServerClockOffsetSeconds?: () => number } = {}) {
     const registers = [registry];
     this.serverLimit = new Gauge({ name: 'poolkeeper_server_limit_connections', help: 'Effective connection limit of a database server (after reserve), shared by its DatabaseConnections.', labelNames: ['server'], registers });
     this.serverAllocated = new Gauge({ name: 'poolkeeper_server_allocated_connections', help: 'Sum over pods of max(granted, acknowledged) on a server.', labelNames: ['server'], registers });
@@ -34,6 +37,9 @@ export class ControllerMetrics {
     this.rebalanceLatency = new Histogram({ name: 'poolkeeper_rebalance_latency_seconds', help: 'From the first reconcile that found grants off target to the one that found them settled.', buckets: [0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120], registers });
     this.grantWrites = new Counter({ name: 'poolkeeper_grant_writes_total', help: 'PoolMember grant changes written, by direction.', labelNames: ['direction'], registers });
     this.leader = new Gauge({ name: 'poolkeeper_controller_leader', help: '1 while this replica holds the leader lease.', registers });
+    this.apiServerClockOffset = new Gauge({ name: 'poolkeeper_controller_api_server_clock_offset_seconds', help: 'The API server\'s clock minus this replica\'s, learnt from the Date of its answers; departure holds are timed on the API server\'s clock.', registers, collect() {
+      if (sources.apiServerClockOffsetSeconds) this.set(sources.apiServerClockOffsetSeconds());
+    } });
     this.otherInstallLeading = new Gauge({ name: 'poolkeeper_controller_other_install_leading', help: '1 while another poolkeeper install holds the cluster Lease and this replica stands by for it.', registers });
   }
 }

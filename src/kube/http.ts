@@ -5,6 +5,7 @@
  * certificate, token, exec...) or, in a sidecar, the pod's ServiceAccount
  * read without loading @kubernetes/client-node (in-cluster.ts).
  */
+import type { ApiServerClock } from './server-clock.ts';
 import { Agent, request, type RequestOptions } from 'node:https';
 
 /**
@@ -73,6 +74,8 @@ export interface WatchHandle {
 export interface KubeHttpOptions {
   /** Most concurrent requests (watches not counted); more wait for a free connection. Default 32. */
   maxSockets?: number;
+  /** Learns the API server's clock from every answer's `Date` header. */
+  clock?: ApiServerClock | undefined;
 }
 
 /** Default cap on concurrent requests: well under the API server's in-flight limits (200 mutating, 400 read-only). */
@@ -92,9 +95,11 @@ export class KubeHttp {
    * certificates get new connections.
    */
   private readonly agent: Agent | undefined;
+  private readonly clock: ApiServerClock | undefined;
 
   constructor(access: ApiServerAccess, options: KubeHttpOptions = {}) {
     this.access = access;
+    this.clock = options.clock;
     const cluster = access.getCurrentCluster();
     if (!cluster) throw new Error('kubeconfig has no current cluster');
     this.server = cluster.server.replace(/\/$/, '');
@@ -127,8 +132,10 @@ export class KubeHttp {
   private send<T>(method: string, path: string, options: RequestOptions, payload: string | undefined, retryStale: boolean): Promise<T> {
     return new Promise<T>((resolve, reject) => {
       let answered = false;
+      const sentMs = this.clock?.local();
       const req = request(`${this.server}${path}`, { ...options, timeout: REQUEST_TIMEOUT_MS }, (res) => {
         answered = true;
+        if (this.clock && sentMs !== undefined) this.clock.observe(sentMs, this.clock.local(), res.headers.date);
         const chunks: Buffer[] = [];
         res.on('data', (c: Buffer) => chunks.push(c));
         res.on('end', () => {

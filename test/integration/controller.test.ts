@@ -18,6 +18,7 @@ import { READS_TABLES_ANNOTATION } from '../../src/core/inject/model.ts';
 import { createNamespaceWithSecret } from '../../src/devenv/scenario.ts';
 import { KubeHttp } from '../../src/kube/http.ts';
 import { Informer, type KubeObject } from '../../src/kube/informer.ts';
+import { steadyNow } from '../../src/ops/clock.ts';
 import { PoolMemberAgent } from '../../src/sidecar/control-plane.ts';
 import { testEnvironment } from '../support/hooks.ts';
 import { stepWallClock } from '../support/wall-clock.ts';
@@ -195,6 +196,33 @@ describe('budget controller', function () {
       restoreClock();
     }
     assert.ok(peak <= 5, `the survivor and the replacement reserved ${peak} while the lost pod may still hold 5 (limit 10)`);
+  });
+
+  it('keeps a departed pod counted for its whole hold when the replica that leads next runs a minute ahead of the one that recorded it (clocks judged against the API server\'s)', async function () {
+    const hold = 10;
+    const { namespace, fleet } = await startOrders('depart-skew', 2, { maxConnections: 10, reserve: 0, departureHoldSeconds: hold });
+    await eventually('2 pods at 5 each', () => grants(fleet.members()).join() === '5,5' && fleet.members().every((m) => m.status?.acknowledgedConnections === 5));
+    const departed = (): string => kube.kubectl(['-n', namespace, 'get', 'poolgrant', 'orders', '-o', 'jsonpath={.spec.departed}']);
+    const lost = fleet.members().map((m) => m.metadata.name ?? '').sort()[0]!;
+    await fleet.agents.get(lost)?.agent.stop();
+    kube.kubectl(['-n', namespace, 'delete', 'pod', lost, '--grace-period=0', '--force', '--wait=false']);
+    await eventually('the departure recorded', () => departed().includes('"connections":5'), 15_000);
+    const recordedAt = performance.now();
+    // The recording replica goes; the next runs on a node whose clock is a minute ahead (no NTP there).
+    await controller?.stop();
+    const ahead = await startController(kube, pino({ level: 'silent' }), { localClock: () => steadyNow() + 60_000 });
+    controller = ahead.controller;
+    let peak = 0;
+    // Judged on its own clock, the hold ended 50 s before it began: the replacement would get the lost pod's 5 at once.
+    while (performance.now() - recordedAt < (hold - 2) * 1000) {
+      peak = Math.max(peak, reserved(fleet.members().filter((m) => m.metadata.name !== lost)));
+      assert.ok(departed().includes('"connections":5'), 'the record stays for its hold');
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    assert.ok(peak <= 5, `the survivor and the replacement reserved ${peak} while the lost pod may still hold 5 (limit 10)`);
+    const offset = /^poolkeeper_controller_api_server_clock_offset_seconds (\S+)$/m.exec(await ahead.registry.metrics());
+    assert.ok(offset !== null && Math.abs(Number(offset[1]) + 60) < 2, `the offset it exports: ${offset?.[1]}`);
+    await eventually('released once the hold ends', () => departed() === '' || !departed().includes('"connections":5'), 30_000);
   });
 
   it('counts a pod that vanished without draining (a lost node\'s pod force-deleted) for departureHoldSeconds, recorded in its grant table, then releases it', async function () {

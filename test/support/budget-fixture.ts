@@ -17,6 +17,7 @@ import { ControllerMetrics } from '../../src/controller/metrics.ts';
 import type { KubeControlPlane } from '../../src/devenv/kube.ts';
 export { createWorkload, eventually, installCrds } from '../../src/devenv/scenario.ts';
 import { EventRecorder } from '../../src/kube/events.ts';
+import { ApiServerClock } from '../../src/kube/server-clock.ts';
 import { KubeHttp } from '../../src/kube/http.ts';
 import { Informer, type KubeObject } from '../../src/kube/informer.ts';
 import { PoolMemberAgent, type GrantTarget } from '../../src/sidecar/control-plane.ts';
@@ -33,8 +34,10 @@ export function freshNamespace(prefix: string): string {
  * 127.0.0.1 as in a cluster (the sidecars of its tables acknowledge to it
  * directly) unless `channel` is false.
  */
-export async function startController(kube: KubeControlPlane, logger: Logger = pino({ level: 'silent' }), options: { repair?: 'report' | 'evict'; manageSidecarAccess?: boolean; heartbeatTimeoutMs?: number; channel?: boolean; verifier?: VerifierOptions } = {}): Promise<{ controller: BudgetController; registry: Registry; receiver?: AcknowledgementReceiver | undefined }> {
-  const http = new KubeHttp(kube.kubeConfig());
+export async function startController(kube: KubeControlPlane, logger: Logger = pino({ level: 'silent' }), options: { repair?: 'report' | 'evict'; manageSidecarAccess?: boolean; heartbeatTimeoutMs?: number; channel?: boolean; verifier?: VerifierOptions; localClock?: () => number } = {}): Promise<{ controller: BudgetController; registry: Registry; receiver?: AcknowledgementReceiver | undefined }> {
+  // As the binary wires it: holds timed on the API server's clock, learnt from its answers.
+  const serverClock = new ApiServerClock(options.localClock);
+  const http = new KubeHttp(kube.kubeConfig(), { clock: serverClock });
   const registry = new Registry();
   const events = new EventRecorder(http, 'poolkeeper-controller', logger);
   const repairer = options.repair ? new MissingSidecarRepairer(http, events, logger, { ...DEFAULT_POD_REPAIR_OPTIONS, mode: options.repair, gracePeriodSeconds: 0 }) : undefined;
@@ -44,10 +47,10 @@ export async function startController(kube: KubeControlPlane, logger: Logger = p
   const controller = new BudgetController({
     http,
     logger,
-    metrics: new ControllerMetrics(registry),
+    metrics: new ControllerMetrics(registry, { apiServerClockOffsetSeconds: () => serverClock.offset().offsetMs / 1000 }),
     stallTimeoutMs: 60_000,
     ...(port === undefined ? {} : { acknowledgeTo: `http://127.0.0.1:${port}` }),
-    reconciler: { discovery: new LimitDiscovery({ logger }), events, pendingRequeueMs: 500, repairer, repairGraceSeconds: 0, manageSidecarAccess: options.manageSidecarAccess ?? false, ...(options.heartbeatTimeoutMs ? { heartbeatTimeoutMs: options.heartbeatTimeoutMs } : {}), ...(options.verifier ? { verifier: options.verifier } : {}) },
+    reconciler: { discovery: new LimitDiscovery({ logger }), events, pendingRequeueMs: 500, repairer, repairGraceSeconds: 0, manageSidecarAccess: options.manageSidecarAccess ?? false, now: () => new Date(serverClock.now()), ...(options.heartbeatTimeoutMs ? { heartbeatTimeoutMs: options.heartbeatTimeoutMs } : {}), ...(options.verifier ? { verifier: options.verifier } : {}) },
   });
   late.controller = controller;
   if (receiver) {

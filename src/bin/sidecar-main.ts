@@ -152,7 +152,7 @@ export async function startSidecar(config: SidecarConfig, logger: Logger): Promi
     async shutdown(): Promise<void> {
       logger.info('draining');
       await sidecar.drain();
-      await agent.flush();
+      if (!(await agent.flush())) logger.warn('could not write the drained status: the controller holds this pod\'s connections for the departure hold');
       await agent.stop();
       await sidecar.close();
       logger.info('drained; exiting');

@@ -94,6 +94,9 @@ export interface PoolMemberAgentOptions {
   now?: () => Date;
 }
 
+/** How long a sidecar that drained keeps trying to write that it did before it exits. */
+const FLUSH_WITHIN_MS = 10_000;
+
 /** Runs the sidecar's half of the protocol. */
 export class PoolMemberAgent {
   private readonly options: PoolMemberAgentOptions;
@@ -428,7 +431,12 @@ export class PoolMemberAgent {
     };
   }
 
-  private async writeStatus(): Promise<void> {
+  /**
+   * Writes the status now: 'written', 'gone' (no PoolMember), 'transient'
+   * (worth trying again soon, `err` says when; with `retryLater`, a write is
+   * scheduled for then) or 'failed'.
+   */
+  private async writeStatus(retryLater = true): Promise<{ outcome: 'written' | 'gone' | 'failed' } | { outcome: 'transient'; err: unknown }> {
     const waiting = this.options.waitingClients?.();
     const status: PoolMemberStatus = { ...this.currentStatus(), ...(waiting === undefined ? {} : { waitingClients: waiting }), heartbeatTime: (this.options.now?.() ?? new Date()).toISOString().replace(/\.\d+Z$/, 'Z') };
     try {
@@ -440,21 +448,30 @@ export class PoolMemberAgent {
       this.writeBackoff.reset();
       clearTimeout(this.writeRetry);
       this.writeRetry = undefined;
+      return { outcome: 'written' };
     } catch (err) {
       this.reachability.failed(err);
-      if (isStatus(err, 404)) this.memberExists = false;
-      else {
-        this.options.logger.warn({ err }, 'could not write PoolMember status');
-        if (isTransientApiError(err)) this.retryWrite(err);
+      if (isStatus(err, 404)) {
+        this.memberExists = false;
+        return { outcome: 'gone' };
       }
+      this.options.logger.warn({ err }, 'could not write PoolMember status');
+      if (!isTransientApiError(err)) return { outcome: 'failed' };
+      if (retryLater) this.retryWrite(err);
+      return { outcome: 'transient', err };
     }
+  }
+
+  /** How long to wait before writing again after `err`: the server's Retry-After (spread over a second), else the backoff's next step. */
+  private retryDelayMs(err: unknown): number {
+    const retryAfter = err instanceof KubeApiError ? err.retryAfterSeconds : undefined;
+    return retryAfter !== undefined ? retryAfter * 1000 + Math.floor(Math.random() * 1000) : this.writeBackoff.next();
   }
 
   /** Writes the status again soon: after the server's Retry-After (spread over a second), else the backoff's next step. */
   private retryWrite(err: unknown): void {
     if (this.writeRetry !== undefined || this.stopped) return;
-    const retryAfter = err instanceof KubeApiError ? err.retryAfterSeconds : undefined;
-    const delay = retryAfter !== undefined ? retryAfter * 1000 + Math.floor(Math.random() * 1000) : this.writeBackoff.next();
+    const delay = this.retryDelayMs(err);
     this.writeRetry = setTimeout(() => {
       this.writeRetry = undefined;
       this.beat();
@@ -462,10 +479,23 @@ export class PoolMemberAgent {
     this.writeRetry.unref();
   }
 
-  /** Writes a final status (e.g. drained) and waits for it. */
-  async flush(): Promise<void> {
+  /**
+   * Writes a final status (e.g. drained) and waits for it, trying again for
+   * up to `withinMs` while the API server turns it away (429, 5xx, no
+   * answer): a drain the controller never reads is held against the limit
+   * for the connection's departure hold. True once written.
+   */
+  async flush(withinMs = FLUSH_WITHIN_MS): Promise<boolean> {
     await this.writing;
-    if (this.memberExists) await this.writeStatus();
+    const deadline = steadyNow() + withinMs;
+    for (;;) {
+      if (!this.memberExists) return false;
+      const result = await this.writeStatus(false);
+      if (result.outcome !== 'transient') return result.outcome === 'written';
+      const delay = Math.min(this.retryDelayMs(result.err), 2000);
+      if (steadyNow() + delay > deadline) return false;
+      await new Promise((r) => setTimeout(r, delay));
+    }
   }
 
   /** Stops watching and reporting. */

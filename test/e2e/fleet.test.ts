@@ -26,13 +26,13 @@ class LogCapture extends Writable {
     done();
   }
 
-  /** The controller's lines at info and above and the sidecars' drains, one short line each: what a failure needs. */
+  /** The controller's lines at info and above, the sidecars' warnings and drains, one short line each: what a failure needs. */
   story(): string {
     const lines: string[] = [];
     for (const line of this.text.split('\n')) {
       if (line === '') continue;
       const { level, time, component, msg, pod, name, ...rest } = JSON.parse(line) as { level: number; time: number; component?: string; msg: string; pod?: string; name?: string; [k: string]: unknown };
-      if (component === 'controller' ? level < 30 : !/drain|exit/.test(msg)) continue;
+      if (component === 'controller' ? level < 30 : level < 40 && !/drain|exit/.test(msg)) continue;
       const { hostname: _h, pid: _p, ...fields } = rest;
       lines.push(`${new Date(time).toISOString().slice(11, 23)} ${component ?? ''} ${pod ?? name ?? ''} ${msg} ${JSON.stringify(fields)}`);
     }

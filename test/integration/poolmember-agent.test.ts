@@ -150,6 +150,34 @@ describe('PoolMember agent', function () {
     }
   });
 
+  it('keeps writing its drained status while the API server turns it away (429, then no answer) before it lets the sidecar exit, so that the controller does not hold the pod\'s share for the departure hold', async function () {
+    writeSpec(5, 1, false);
+    const front = new ApiFront(kube.server);
+    await front.start();
+    await front.set('up');
+    const double = new ObedientSidecarDouble();
+    const agent = new PoolMemberAgent({ http: new KubeHttp(front.kubeConfig(kube.kubeConfig())), namespace, podName: 'pod-a', target: double, logger: pino({ level: 'silent' }), version: 'test', heartbeatMs: 60_000 });
+    await agent.start();
+    try {
+      await eventually('grant acknowledged', () => member().status?.acknowledgedConnections === 5);
+      // The pod terminates while the API server is overloaded: the drain's own write and the final one get 429.
+      await front.set('stub', [429]);
+      const stubbedBefore = front.stubbed;
+      double.setDrained();
+      const flushed = agent.flush();
+      await eventually('the final write turned away', () => front.stubbed > stubbedBefore + 1, 5_000);
+      await front.set('down');
+      await new Promise((r) => setTimeout(r, 1500));
+      await front.set('up');
+      assert.equal(await flushed, true, 'the final status was written');
+      await agent.stop();
+      assert.equal(member().status?.drained, true, 'the controller can read that the pod drained');
+    } finally {
+      await agent.stop();
+      await front.stop();
+    }
+  });
+
   it('beats as often as its grant table says, at a random point of the new interval', async function () {
     kube.kubectl(['apply', '-f', '-'], JSON.stringify({ apiVersion: 'poolkeeper.dev/v1alpha1', kind: 'PoolGrant', metadata: { name: 'db', namespace }, spec: { connection: 'db', generation: 1, perPod: 5, heartbeatSeconds: 1 } }));
     writeSpec(5, 1, false);

@@ -96,6 +96,12 @@ export class ObedientSidecarDouble implements GrantTarget {
     for (const l of this.listeners) l(this.current);
   }
 
+  /** Reports a finished drain, as the pool does once its last server connection closed. */
+  setDrained(): void {
+    this.current = { ...this.current, draining: true, drained: true, heldConnections: 0 };
+    for (const l of this.listeners) l(this.current);
+  }
+
   onStatus(listener: (s: SidecarStatus) => void): () => void {
     this.listeners.add(listener);
     return () => this.listeners.delete(listener);

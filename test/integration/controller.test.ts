@@ -173,9 +173,12 @@ describe('budget controller', function () {
     assert.ok(sampler.max <= 32, `reserved peaked at ${sampler.max} > 32: ${sampler.maxState}`);
   });
 
-  it('keeps a departed pod counted for its whole hold when the controller\'s wall clock steps forward an hour meanwhile (NTP, a resumed VM)', async function () {
-    const hold = 8;
-    const { namespace, fleet } = await startOrders('depart-step', 2, { maxConnections: 10, reserve: 0, departureHoldSeconds: hold });
+  /**
+   * Two pods at 5 each on a limit of 10; then one's node is lost (its sidecar silent) and the pod
+   * force-deleted, and the controller records its departure: when, and how to read the records.
+   */
+  const loseOneOfTwo = async (prefix: string, hold: number): Promise<{ fleet: SidecarFleetDouble; departed: () => string; lost: string; recordedAt: number }> => {
+    const { namespace, fleet } = await startOrders(prefix, 2, { maxConnections: 10, reserve: 0, departureHoldSeconds: hold });
     await eventually('2 pods at 5 each', () => grants(fleet.members()).join() === '5,5' && fleet.members().every((m) => m.status?.acknowledgedConnections === 5));
     const departed = (): string => kube.kubectl(['-n', namespace, 'get', 'poolgrant', 'orders', '-o', 'jsonpath={.spec.departed}']);
     const lost = fleet.members().map((m) => m.metadata.name ?? '').sort()[0]!;
@@ -183,6 +186,12 @@ describe('budget controller', function () {
     kube.kubectl(['-n', namespace, 'delete', 'pod', lost, '--grace-period=0', '--force', '--wait=false']);
     await eventually('the departure recorded', () => departed().includes('"connections":5'), 15_000);
     const recordedAt = performance.now();
+    return { fleet, departed, lost, recordedAt };
+  };
+
+  it('keeps a departed pod counted for its whole hold when the controller\'s wall clock steps forward an hour meanwhile (NTP, a resumed VM)', async function () {
+    const hold = 8;
+    const { fleet, departed, lost, recordedAt } = await loseOneOfTwo('depart-step', hold);
     const restoreClock = stepWallClock(3_600_000);
     let peak = 0;
     try {
@@ -200,14 +209,7 @@ describe('budget controller', function () {
 
   it('keeps a departed pod counted for its whole hold when the replica that leads next runs a minute ahead of the one that recorded it (clocks judged against the API server\'s)', async function () {
     const hold = 10;
-    const { namespace, fleet } = await startOrders('depart-skew', 2, { maxConnections: 10, reserve: 0, departureHoldSeconds: hold });
-    await eventually('2 pods at 5 each', () => grants(fleet.members()).join() === '5,5' && fleet.members().every((m) => m.status?.acknowledgedConnections === 5));
-    const departed = (): string => kube.kubectl(['-n', namespace, 'get', 'poolgrant', 'orders', '-o', 'jsonpath={.spec.departed}']);
-    const lost = fleet.members().map((m) => m.metadata.name ?? '').sort()[0]!;
-    await fleet.agents.get(lost)?.agent.stop();
-    kube.kubectl(['-n', namespace, 'delete', 'pod', lost, '--grace-period=0', '--force', '--wait=false']);
-    await eventually('the departure recorded', () => departed().includes('"connections":5'), 15_000);
-    const recordedAt = performance.now();
+    const { fleet, departed, lost, recordedAt } = await loseOneOfTwo('depart-skew', hold);
     // The recording replica goes; the next runs on a node whose clock is a minute ahead (no NTP there).
     await controller?.stop();
     const ahead = await startController(kube, pino({ level: 'silent' }), { localClock: () => steadyNow() + 60_000 });

@@ -40,6 +40,24 @@ describe('PoolMember agent', function () {
     return JSON.parse(kube.kubectl(['-n', namespace, 'get', 'pm', 'pod-a', '-o', 'json'])) as PoolMember;
   }
 
+  /** An agent (heartbeat a minute away) that reaches the API server through a front the test switches, its grant of 5 acknowledged; stopped after `body`. */
+  async function withFrontedAgent(body: (parts: { front: ApiFront; double: ObedientSidecarDouble; agent: PoolMemberAgent }) => Promise<void>): Promise<void> {
+    writeSpec(5, 1, false);
+    const front = new ApiFront(kube.server);
+    await front.start();
+    await front.set('up');
+    const double = new ObedientSidecarDouble();
+    const agent = new PoolMemberAgent({ http: new KubeHttp(front.kubeConfig(kube.kubeConfig())), namespace, podName: 'pod-a', target: double, logger: pino({ level: 'silent' }), version: 'test', heartbeatMs: 60_000 });
+    await agent.start();
+    try {
+      await eventually('grant acknowledged', () => member().status?.acknowledgedConnections === 5);
+      await body({ front, double, agent });
+    } finally {
+      await agent.stop();
+      await front.stop();
+    }
+  }
+
   it('applies grants at once, and defers a draining shrink by the grace period', async function () {
     writeSpec(5, 1, false);
     const double = new ObedientSidecarDouble();
@@ -118,15 +136,7 @@ describe('PoolMember agent', function () {
   });
 
   it('writes a status the API server turned away (429 with Retry-After, then no answer at all) again within seconds, not at the next heartbeat', async function () {
-    writeSpec(5, 1, false);
-    const front = new ApiFront(kube.server);
-    await front.start();
-    await front.set('up');
-    const double = new ObedientSidecarDouble();
-    const agent = new PoolMemberAgent({ http: new KubeHttp(front.kubeConfig(kube.kubeConfig())), namespace, podName: 'pod-a', target: double, logger: pino({ level: 'silent' }), version: 'test', heartbeatMs: 60_000 });
-    await agent.start();
-    try {
-      await eventually('grant acknowledged', () => member().status?.acknowledgedConnections === 5);
+    await withFrontedAgent(async ({ front, double }) => {
       // API Priority and Fairness turns every request away: the change's write gets 429.
       await front.set('stub', [429]);
       const stubbedBefore = front.stubbed;
@@ -144,22 +154,11 @@ describe('PoolMember agent', function () {
       await new Promise((r) => setTimeout(r, 2000));
       await front.set('up');
       await eventually('the condition written after the outage', () => member().status?.conditions?.[0]?.status === 'True', 15_000);
-    } finally {
-      await agent.stop();
-      await front.stop();
-    }
+    });
   });
 
   it('keeps writing its drained status while the API server turns it away (429, then no answer) before it lets the sidecar exit, so that the controller does not hold the pod\'s share for the departure hold', async function () {
-    writeSpec(5, 1, false);
-    const front = new ApiFront(kube.server);
-    await front.start();
-    await front.set('up');
-    const double = new ObedientSidecarDouble();
-    const agent = new PoolMemberAgent({ http: new KubeHttp(front.kubeConfig(kube.kubeConfig())), namespace, podName: 'pod-a', target: double, logger: pino({ level: 'silent' }), version: 'test', heartbeatMs: 60_000 });
-    await agent.start();
-    try {
-      await eventually('grant acknowledged', () => member().status?.acknowledgedConnections === 5);
+    await withFrontedAgent(async ({ front, double, agent }) => {
       // The pod terminates while the API server is overloaded: the drain's own write and the final one get 429.
       await front.set('stub', [429]);
       const stubbedBefore = front.stubbed;
@@ -172,10 +171,7 @@ describe('PoolMember agent', function () {
       assert.equal(await flushed, true, 'the final status was written');
       await agent.stop();
       assert.equal(member().status?.drained, true, 'the controller can read that the pod drained');
-    } finally {
-      await agent.stop();
-      await front.stop();
-    }
+    });
   });
 
   it('beats as often as its grant table says, at a random point of the new interval', async function () {

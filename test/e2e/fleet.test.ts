@@ -18,6 +18,17 @@ import { KubeletSimulator, type SimulatedPod } from '../../src/devenv/kubelet-si
 
 const LIMIT = 8;
 
+/** One logged line: pino's fields, the sidecar's `pod`, and whatever else was logged. */
+interface LogLine {
+  level: number;
+  time: number;
+  component?: string;
+  msg: string;
+  pod?: string;
+  name?: string;
+  [k: string]: unknown;
+}
+
 /** A pino destination that keeps every line, to check what was logged. */
 class LogCapture extends Writable {
   text = '';
@@ -26,12 +37,15 @@ class LogCapture extends Writable {
     done();
   }
 
+  /** Every line, parsed. */
+  lines(): LogLine[] {
+    return this.text.split('\n').filter((line) => line !== '').map((line) => JSON.parse(line) as LogLine);
+  }
+
   /** The controller's lines at info and above, the sidecars' warnings and drains, one short line each: what a failure needs. */
   story(): string {
     const lines: string[] = [];
-    for (const line of this.text.split('\n')) {
-      if (line === '') continue;
-      const { level, time, component, msg, pod, name, ...rest } = JSON.parse(line) as { level: number; time: number; component?: string; msg: string; pod?: string; name?: string; [k: string]: unknown };
+    for (const { level, time, component, msg, pod, name, ...rest } of this.lines()) {
       if (component === 'controller' ? level < 30 : level < 40 && !/drain|exit/.test(msg)) continue;
       const { hostname: _h, pid: _p, ...fields } = rest;
       lines.push(`${new Date(time).toISOString().slice(11, 23)} ${component ?? ''} ${pod ?? name ?? ''} ${msg} ${JSON.stringify(fields)}`);
@@ -96,6 +110,8 @@ describe('fleet end to end', function () {
         maxConnections: LIMIT, reserve: 0,
         consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' }, minPerPod: 1 }],
         pool: { mode: 'transaction', poolTimeout: 30 },
+        // A pod whose drain the API server never took (overloaded) is rightly held this long: less than a settle's wait.
+        departureHoldSeconds: 20,
       },
     }));
     const logs = new LogCapture();
@@ -176,6 +192,10 @@ describe('fleet end to end', function () {
     assert.ok(logs.text.includes('grant received'), 'debug logs were captured');
     // The controller ran throughout: every pod that left, it saw leave.
     assert.ok(!logs.text.includes('default unseen'), 'the controller held pods as gone unseen');
+    // Every pod drained and said so: none is held for the departure hold unless its sidecar could not write that it drained.
+    const held = logs.lines().filter((l) => l.msg.startsWith('pod left without a drain')).map((l) => l.pod);
+    const unreported = new Set(logs.lines().filter((l) => l.msg.startsWith('could not write the drained status')).map((l) => l.pod));
+    assert.deepEqual(held.filter((pod) => !unreported.has(pod)), [], 'pods that drained and reported it were held for the departure hold');
     assert.ok(!logs.text.includes(postgres.app.password), 'the database password appears in the logs');
     assert.ok(!logs.text.includes(`${postgres.app.password}-rotated`), 'the rotated password appears in the logs');
   });

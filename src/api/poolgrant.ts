@@ -47,7 +47,7 @@ export const poolGrantSpecSchema = {
           pod: { type: 'string', maxLength: 253, description: 'The pod\'s name; "(N pods of the default at generation G)" for pods that left the default unseen (see perPodPods).' },
           uid: { type: 'string', maxLength: 64, description: 'The pod\'s UID; empty when only its name was known.' },
           connections: { type: 'integer', minimum: 0, description: 'What it may still hold.' },
-          until: { type: 'string', format: 'date-time', description: 'Counted until then.' },
+          until: { type: 'string', format: 'date-time', description: 'Counted until then, on the API server\'s clock (each controller replica learns it from the Date of its answers), so that replicas whose own clocks disagree end the hold together.' },
         },
       },
     },

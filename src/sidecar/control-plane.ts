@@ -94,8 +94,12 @@ export interface PoolMemberAgentOptions {
   now?: () => Date;
 }
 
-/** How long a sidecar that drained keeps trying to write that it did before it exits. */
-const FLUSH_WITHIN_MS = 10_000;
+/**
+ * How long a sidecar that drained keeps trying to write that it did before it
+ * exits: within the 5 s the webhook adds to drainTimeout for the pod's
+ * terminationGracePeriodSeconds.
+ */
+const FLUSH_WITHIN_MS = 4000;
 
 /** Runs the sidecar's half of the protocol. */
 export class PoolMemberAgent {

@@ -116,6 +116,9 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private terminateAtBoundary = false;
   /** ReadyForQuery messages waiting for the hub (see holdReady). */
   private readyHeld = 0;
+  /** Channels of UNLISTENs sent to the server connection while listening through the hub: not yet run, and run in the present transaction. */
+  private unlistensSent: string[] | undefined;
+  private unlistensRun: string[] | undefined;
   private readonly reader: FrameReader;
   private readonly pendingChunks: Buffer[] = [];
   private readonly pendingTypes: number[] = [];
@@ -890,10 +893,30 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     });
   }
 
-  /** An UNLISTEN that goes to the server connection: the channels this client listens on through the hub end there too. */
+  /**
+   * An UNLISTEN that goes to the server connection: the channels this client
+   * listens on through the hub end there too, once it has run and its
+   * transaction did not roll back (PostgreSQL applies it at commit).
+   */
   private unlistenOnHub(channel: string): void {
+    if (this.host.notifications?.listens(this) === true) (this.unlistensSent ??= []).push(channel);
+  }
+
+  /** The oldest UNLISTEN sent ran. */
+  onUnlistenCompleted(): void {
+    const channel = this.unlistensSent?.shift();
+    if (channel !== undefined) (this.unlistensRun ??= []).push(channel);
+  }
+
+  /** The transaction of the UNLISTENs that ran ended: applied on the hub unless it rolled back. */
+  onUnlistensEnded(held: boolean): void {
+    const run = this.unlistensRun;
+    this.unlistensRun = undefined;
+    // Sent and never run (skipped after an error) with nothing more on the way: they did nothing.
+    if (this.pendingTypes.length === 0 && (this.server === undefined || this.server.tracker.atBoundary)) this.unlistensSent = undefined;
     const hub = this.host.notifications;
-    if (hub?.listens(this) === true) hub.unlistenLater(this, channel);
+    if (!held || run === undefined || hub === undefined) return;
+    for (const channel of run) hub.unlistenLater(this, channel);
   }
 
   /** LISTEN/UNLISTEN answered by the sidecar once the hub listens; messages after it wait their turn. */

@@ -26,6 +26,14 @@ export interface ServerConnectionUser {
   onSettingsReset?(): void;
   /** A RESET completed, but an error or a rollback followed before the transaction ended: whether it still holds is unknown. */
   onSettingsResetUncertain?(): void;
+  /** An UNLISTEN the client sent ran (its CommandComplete came), in order. */
+  onUnlistenCompleted?(): void;
+  /**
+   * The transaction of the UNLISTENs that ran ended: `held` false if it was
+   * rolled back (they did nothing, as direct), true if it committed or that
+   * is not known (an error or a ROLLBACK followed by more commands).
+   */
+  onUnlistensEnded?(held: boolean): void;
   /**
    * A ReadyForQuery 'I' is about to be forwarded (the server's messages before it are known):
    * messages to send the client before it, as the backend of a direct session would have.
@@ -81,6 +89,7 @@ const DEALLOCATE_TAG = Buffer.from('DEALLOCATE\0');
 const DISCARD_ALL_TAG = Buffer.from('DISCARD ALL\0');
 const RESET_TAG = Buffer.from('RESET\0');
 const ROLLBACK_TAG = Buffer.from('ROLLBACK\0');
+const UNLISTEN_TAG = Buffer.from('UNLISTEN\0');
 
 /** The CommandComplete body at `buffer[bodyStart..end)` is `tag` (with its NUL). */
 function tagIs(tag: Buffer, buffer: Buffer, bodyStart: number, end: number): boolean {
@@ -139,6 +148,8 @@ export class ServerConnection {
    * or a ROLLBACK TO SAVEPOINT and more after it ('doubtful'), may have.
    */
   private resetOutcome: 'clean' | 'rolled-back' | 'doubtful' | undefined;
+  /** The same for the UNLISTENs of the client's transaction (see ServerConnectionUser.onUnlistensEnded). */
+  private unlistenOutcome: 'clean' | 'rolled-back' | 'doubtful' | undefined;
   /** Reading is paused until the client's socket drains (see onData). */
   private pausedFor: Duplex | undefined;
   private readonly resumeReading = (): void => {
@@ -201,6 +212,7 @@ export class ServerConnection {
     this.setState('active');
     this.user = user;
     this.resetOutcome = undefined;
+    this.unlistenOutcome = undefined;
   }
 
   /** Takes the connection back from its client. */
@@ -327,6 +339,7 @@ export class ServerConnection {
           else {
             if (type === MessageType.errorResponse && isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
             if (type === MessageType.errorResponse && this.resetOutcome !== undefined) this.resetOutcome = 'doubtful';
+            if (type === MessageType.errorResponse && this.unlistenOutcome !== undefined) this.unlistenOutcome = 'doubtful';
             tracker.serverMessage(type);
           }
         } else if (tracked === 2) tracker.serverMessage(type);
@@ -419,6 +432,7 @@ export class ServerConnection {
             if (type === MessageType.errorResponse) {
               if (isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
               if (this.resetOutcome !== undefined) this.resetOutcome = 'doubtful';
+              if (this.unlistenOutcome !== undefined) this.unlistenOutcome = 'doubtful';
               tracker.serverMessage(type);
               // Tells a failed Parse from one skipped after an earlier error; whether the server now discards what is sent until a Sync.
               if (editor.active) editor.error(tracker.skipping);
@@ -472,9 +486,15 @@ export class ServerConnection {
    * from the server's reply, so a command that failed changes nothing.
    */
   private onCommandComplete(buffer: Buffer, bodyStart: number, end: number): void {
-    const watching = this.tracker.watched === 'running' || this.resetOutcome !== undefined;
+    const watching = this.tracker.watched === 'running' || this.resetOutcome !== undefined || this.unlistenOutcome !== undefined;
     const rollback = watching && tagIs(ROLLBACK_TAG, buffer, bodyStart, end);
     this.tracker.commandCompleted(rollback);
+    // As for a RESET below: a ROLLBACK undoes the UNLISTENs before it, unless more commands follow (a ROLLBACK TO SAVEPOINT).
+    if (this.unlistenOutcome !== undefined) this.unlistenOutcome = rollback ? 'rolled-back' : this.unlistenOutcome === 'rolled-back' ? 'doubtful' : this.unlistenOutcome;
+    if (this.user?.onUnlistenCompleted !== undefined && tagIs(UNLISTEN_TAG, buffer, bodyStart, end)) {
+      this.unlistenOutcome ??= 'clean';
+      this.user.onUnlistenCompleted();
+    }
     // A command after a ROLLBACK TO SAVEPOINT: the transaction goes on, and whether the RESET before it holds is unknown.
     if (this.resetOutcome === 'rolled-back' && !rollback) this.resetOutcome = 'doubtful';
     // After RESET ALL the backend is on its login settings: the next client's settings are applied
@@ -512,6 +532,11 @@ export class ServerConnection {
     const boundary = this.tracker.serverMessage(MessageType.readyForQuery, statusByte);
     if (boundary) this.events.transactionCompleted();
     if (this.resetOutcome !== undefined && this.tracker.status === 'I') this.resolveReset(user);
+    if (this.unlistenOutcome !== undefined && this.tracker.status === 'I') {
+      const held = this.unlistenOutcome !== 'rolled-back';
+      this.unlistenOutcome = undefined;
+      user.onUnlistensEnded?.(held);
+    }
     return boundary;
   }
 

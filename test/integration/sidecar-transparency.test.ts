@@ -949,7 +949,7 @@ describe('sidecar transparency', function () {
       });
     });
 
-    it('ends a client\'s channels on the listening connection at an UNLISTEN that goes to its server connection: pipelined behind its earlier statement (tokio-postgres closes each statement it ran), in a block, pinned', async function () {
+    it('ends a client\'s channels on the listening connection at an UNLISTEN that goes to its server connection: pipelined behind its earlier statement (tokio-postgres closes each statement it ran), in a block, pinned; and keeps them when its transaction rolls back', async function () {
       await withSidecar(postgres, { grant: 3 }, async (running) => {
         const notifier = client(running);
         await notifier.connect();
@@ -961,6 +961,11 @@ describe('sidecar transparency', function () {
             ['in_block', [[serialize.query('BEGIN')], [serialize.query('UNLISTEN in_block')], [serialize.query('COMMIT')]]],
             ['pinned', [[serialize.query('SELECT 1; SET application_name = \'pinned\'')], [serialize.query('UNLISTEN pinned')]]],
             ['star_beside', [[serialize.query('SELECT 1; UNLISTEN *')]]],
+          ];
+          // PostgreSQL applies an UNLISTEN when its transaction commits: rolled back, the channel still delivers.
+          const undone: [string, Buffer[][]][] = [
+            ['rolled_back', [[serialize.query('BEGIN')], [serialize.query('UNLISTEN rolled_back')], [serialize.query('ROLLBACK')]]],
+            ['failed_block', [[serialize.query('BEGIN; UNLISTEN failed_block')], [serialize.query('SELECT 1/0')], [serialize.query('COMMIT')]]],
           ];
           for (const [channel, steps] of cases) {
             const w = await wireSession(running.port, running.role.user);
@@ -976,6 +981,18 @@ describe('sidecar transparency', function () {
             }
             await notifier.query(`NOTIFY ${channel}, 'after'`);
             assert.equal(await w.until('A', 500), undefined, `${channel}: a notification after UNLISTEN`);
+          }
+          for (const [channel, steps] of undone) {
+            const w = await wireSession(running.port, running.role.user);
+            sessions.push(w);
+            w.send([serialize.query(`LISTEN ${channel}`)]);
+            assert.equal(await w.replies(1, 50), 'CZI', `${channel}: LISTEN`);
+            for (const step of steps) {
+              w.send(step);
+              await w.replies(step.filter((m) => m[0] === 0x51 || m[0] === 0x53).length, 50);
+            }
+            await notifier.query(`NOTIFY ${channel}, 'after'`);
+            assert.ok(await w.until('A', 2000), `${channel}: the notification after an UNLISTEN that was rolled back`);
           }
         } finally {
           await notifier.end();

@@ -136,7 +136,10 @@ describe('fleet end to end', function () {
     const settledAt = async (pods: number): Promise<void> => {
       try {
         await eventually(`${pods} pods settled`, async () => {
-          const dbc = JSON.parse(await k.kubectlAsync(['-n', namespace, 'get', 'dbc', 'orders', '-o', 'json'])) as { status?: { pods?: number; conditions?: Array<{ type: string; status: string }> } };
+          // A poll: one kubectl the loaded API server turned away is tried again at the next, not a failure.
+          const text = await k.kubectlAsync(['-n', namespace, 'get', 'dbc', 'orders', '-o', 'json']).catch(() => undefined);
+          if (text === undefined) return false;
+          const dbc = JSON.parse(text) as { status?: { pods?: number; conditions?: Array<{ type: string; status: string }> } };
           return dbc.status?.pods === pods && dbc.status.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') === true && kubelet!.live().length === pods;
         }, 60_000);
       } catch (err) {

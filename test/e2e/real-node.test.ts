@@ -107,8 +107,10 @@ describe('real node end to end', function () {
   /** `pods` running and Ready, none terminating, and the DatabaseConnection Ready for exactly them. */
   async function settled(pods: number, timeoutMs = 180_000): Promise<void> {
     await eventually(`${pods} web pods settled`, async () => {
-      const dbc = await json<{ status?: { pods?: number; conditions?: Array<{ type: string; status: string }> } }>(['-n', NAMESPACE, 'get', 'dbc', 'orders']);
-      const list = await json<{ items: Array<{ metadata: { deletionTimestamp?: string }; status?: { conditions?: Array<{ type: string; status: string }> } }> }>(['-n', NAMESPACE, 'get', 'pods', '-l', 'app=web']);
+      // A poll: one kubectl the loaded API server turned away is tried again at the next, not a failure.
+      const dbc = await json<{ status?: { pods?: number; conditions?: Array<{ type: string; status: string }> } }>(['-n', NAMESPACE, 'get', 'dbc', 'orders']).catch(() => undefined);
+      const list = await json<{ items: Array<{ metadata: { deletionTimestamp?: string }; status?: { conditions?: Array<{ type: string; status: string }> } }> }>(['-n', NAMESPACE, 'get', 'pods', '-l', 'app=web']).catch(() => undefined);
+      if (dbc === undefined || list === undefined) return false;
       const ready = list.items.filter((p) => !p.metadata.deletionTimestamp && p.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True'));
       return list.items.length === pods && ready.length === pods && dbc.status?.pods === pods && dbc.status.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') === true;
     }, timeoutMs);

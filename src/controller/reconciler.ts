@@ -745,7 +745,7 @@ export class ServerReconciler {
   /**
    * Reports each new departure record, since the share it holds is otherwise
    * unexplained until the hold ends: a pod that left without a drain its
-   * controller saw is logged; pods gone from a table's default unseen (a pod
+   * controller saw is logged, with a Normal Event on its DatabaseConnection; pods gone from a table's default unseen (a pod
    * force-deleted with its PoolMember while no controller ran) get a warning
    * log and a Warning Event on their DatabaseConnection.
    */
@@ -758,6 +758,8 @@ export class ServerReconciler {
         if (before.has(d.pod)) continue;
         if (!isUnlistedRecord(d)) {
           this.deps.logger.info({ connection: `${t.namespace}/${t.connection}`, pod: d.pod, connections: d.connections, until: d.until }, 'pod left without a drain this controller saw: its connections are held for the departure hold');
+          const connection = connections.find((c) => c.metadata.namespace === t.namespace && c.metadata.name === t.connection);
+          if (connection && d.connections > 0) void this.deps.events.record(connection, 'Normal', 'DepartureHeld', `pod ${d.pod} left without a drain this controller saw (its node lost, or deleted by force): its ${d.connections} connections stay counted against the limit until ${d.until} (departureHoldSeconds), since PostgreSQL may still hold them`);
           continue;
         }
         const message = `${d.pod.slice(1, -1)} left without a PoolMember or a trace this controller saw (force-deleted while no controller ran?): their ${d.connections} connections are held until ${d.until}`;

@@ -176,6 +176,13 @@ describe('session commands', function () {
       ["SET search_path = app; SET statement_timeout = '5s'; RESET work_mem", { kind: 'settings', changes: [
         { kind: 'set', name: 'search_path', sql: 'SET search_path = app' }, { kind: 'set', name: 'statement_timeout', sql: "SET statement_timeout = '5s'" }, { kind: 'reset', name: 'work_mem' },
       ] }],
+      // With SHOWs among them, which change nothing (psqlODBC's connect): the same.
+      ["SET DateStyle = 'ISO';SET extra_float_digits = 2;show transaction_isolation", { kind: 'settings', changes: [
+        { kind: 'set', name: 'datestyle', sql: "SET DateStyle = 'ISO'" }, { kind: 'set', name: 'extra_float_digits', sql: 'SET extra_float_digits = 2' },
+      ] }],
+      ['SET work_mem = 1024; SHOW ALL; show "work_mem"', { kind: 'settings', changes: [{ kind: 'set', name: 'work_mem', sql: 'SET work_mem = 1024' }] }],
+      // Anything else beside them still pins.
+      ['SET work_mem = 1024; SHOW work_mem; SELECT 1', { kind: 'pin', reason: 'set' }],
     ];
     for (const [sql, expected] of cases) assert.deepEqual(classify(sql), expected, sql);
   });

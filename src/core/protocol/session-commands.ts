@@ -247,6 +247,8 @@ const TRANSACTION_SETTINGS = new Set(['transaction_isolation', 'transaction_read
 const REPLAYABLE = /^[\x20-\x5b\x5d-\x7e\t\n\r\f]*$/;
 const SETTING_NAME = '[a-z_][a-z0-9_$]*(?:\\.[a-z_][a-z0-9_$]*)?';
 const SET_STATEMENT = new RegExp(`^set\\s+(?:session\\s+)?(?:time\\s+zone\\s+(.+)|(${SETTING_NAME})\\s*(?:=|\\bto\\b)\\s*(.+))$`, 'is');
+/** SHOW of one setting or of all: nothing changes. */
+const SHOW_STATEMENT = /^show\s+(?:all|[a-z_][a-z0-9_.$]*|"[^"]+")\s*;?$/i;
 const RESET_STATEMENT = new RegExp(`^reset\\s+(?:(time\\s+zone)|(${SETTING_NAME}))$`, 'is');
 /** SET forms of their own grammar, with the setting each changes. */
 const SET_SPECIAL = /^set\s+(?:session\s+)?(names|schema|xml\s+option)(?:\s+(.*))?$/is;
@@ -289,8 +291,8 @@ function statementTexts(buffer: Buffer, start: number, end: number): string[] {
 
 /**
  * SETs or RESETs of settings for the session, SET SESSION CHARACTERISTICS,
- * or set_config(..., false) with literals, alone or only with each other in
- * one Query: their setting changes (`SET x TO DEFAULT` and `SET TIME ZONE
+ * or set_config(..., false) with literals, alone or only with each other (and
+ * SHOWs) in one Query: their setting changes (`SET x TO DEFAULT` and `SET TIME ZONE
  * LOCAL` are RESETs). Anything else (the session's role or authorization,
  * SET SCHEMA, quoted names, another statement beside them) pins.
  */
@@ -335,6 +337,8 @@ function settingChangesOf(sql: string): SettingChange[] | undefined {
     if (value === 'default' || (name === 'timezone' && set[2] === undefined && value === 'local')) return [{ kind: 'reset', name }];
     return REPLAYABLE.test(sql) ? [{ kind: 'set', name, sql }] : undefined;
   }
+  // Reads a setting, changes none: psqlODBC sends `SET DateStyle = 'ISO';SET extra_float_digits = 2;show transaction_isolation` on every connect.
+  if (SHOW_STATEMENT.test(sql)) return [];
   const reset = RESET_STATEMENT.exec(sql);
   if (reset !== null) {
     const name = reset[1] === undefined ? reset[2]!.toLowerCase() : 'timezone';

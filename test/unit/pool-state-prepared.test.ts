@@ -404,6 +404,59 @@ describe('prepared statements (pure)', function () {
     assert.deepEqual(cache.list(), [client.get('b')!.serverName]);
   });
 
+  it('rewrites a DEALLOCATE of the session\'s statement among other statements of one Query (psqlODBC\'s savepoint around it), and undoes it unless it ran', function () {
+    const cache = new ServerStatementCache();
+    const editor = new ResponseEditor(cache);
+    const client: ClientStatements = new Map();
+    editor.activate(0);
+    const out: Buffer[] = [];
+    const send = (m: Buffer): boolean => routeMessage(client, editor, m[0]!, m, 0, 5, m.length, out);
+    send(serialize.parse({ name: '_PLAN0x1', text: 'SELECT 1' }));
+    send(serialize.sync());
+    assert.equal(editor.reply(0x31), 'forward');
+    editor.ready();
+    const serverName = client.get('_PLAN0x1')!.serverName;
+    const sentText = (): string => out.at(-1)!.subarray(5, out.at(-1)!.length - 1).toString('utf8');
+    const savepointed = 'SAVEPOINT _per_query_svp_;DEALLOCATE "_PLAN0x1";RELEASE _per_query_svp_';
+    // Skipped (the transaction had failed): the statement stays the session's, and the server's.
+    out.length = 0;
+    send(serialize.query(savepointed));
+    assert.equal(sentText(), `SAVEPOINT _per_query_svp_;DEALLOCATE ${serverName};RELEASE _per_query_svp_`);
+    assert.equal(client.has('_PLAN0x1'), false, 'later messages see it done');
+    editor.error();
+    editor.ready();
+    assert.equal(client.has('_PLAN0x1'), true);
+    assert.deepEqual(cache.list(), [serverName]);
+    // Ran: its CommandComplete confirms it.
+    send(serialize.query(savepointed));
+    assert.equal(editor.commandCompleted('DEALLOCATE'), true);
+    editor.ready();
+    assert.equal(client.has('_PLAN0x1'), false);
+    assert.deepEqual(cache.list(), []);
+    // A name the session never prepared goes as it is (the server answers 26000, as direct).
+    out.length = 0;
+    send(serialize.query('SAVEPOINT s;DEALLOCATE other;RELEASE s'));
+    assert.equal(sentText(), 'SAVEPOINT s;DEALLOCATE other;RELEASE s');
+    editor.ready();
+    // Unquoted, the name folds to lower case: not the session's _PLAN0x2, as direct.
+    send(serialize.parse({ name: '_PLAN0x2', text: 'SELECT 2' }));
+    send(serialize.sync());
+    assert.equal(editor.reply(0x31), 'forward');
+    editor.ready();
+    out.length = 0;
+    send(serialize.query('SELECT 1; DEALLOCATE _PLAN0x2'));
+    assert.equal(sentText(), 'SELECT 1; DEALLOCATE _PLAN0x2');
+    editor.ready();
+    // Held by the session but not on this server connection (its statement prepared on another): DEALLOCATE ALL there, as for a lone DEALLOCATE.
+    cache.delete(client.get('_PLAN0x2')!.serverName);
+    out.length = 0;
+    send(serialize.query('SELECT 1; DEALLOCATE "_PLAN0x2"'));
+    assert.equal(sentText(), 'SELECT 1; DEALLOCATE ALL');
+    assert.equal(editor.commandCompleted('DEALLOCATE ALL'), true);
+    editor.ready();
+    assert.equal(client.has('_PLAN0x2'), false);
+  });
+
   it('takes a re-Parse of a name whose Parse in an earlier unanswered batch failed as the retry it is', function () {
     const cache = new ServerStatementCache();
     const editor = new ResponseEditor(cache);

@@ -777,11 +777,14 @@ function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, t
   const scan = scanStatementText(buffer, textStart, end);
   const first = classifySessionCommand(buffer, textStart, end, scan);
   // In a multi-statement Query, a later DEALLOCATE ALL or DISCARD ALL drops the shared statements too;
-  // a DEALLOCATE of one name is left to the server (it names the client's statement, so it fails, as it says).
+  // a DEALLOCATE of one of the session's statements among other statements is sent with its name rewritten.
   const later = kind === 'query' ? laterSessionCommands(buffer, textStart, end, scan) : [];
-  const command = later.some((c) => c.kind === 'deallocate-all' || c.kind === 'discard-all') ? { kind: 'discard-all' as const }
-    : first?.kind === 'deallocate' && kind === 'query' && (scan & TEXT_SEVERAL_STATEMENTS) !== 0 && splitStatements(buffer, textStart, end).length > 1 ? undefined
-      : first;
+  const forgetsAll = later.some((c) => c.kind === 'deallocate-all' || c.kind === 'discard-all');
+  if (kind === 'query' && !forgetsAll && (scan & TEXT_SEVERAL_STATEMENTS) !== 0 && (first?.kind === 'deallocate' || later.some((c) => c.kind === 'deallocate'))) {
+    const ranges = splitStatements(buffer, textStart, end);
+    if (ranges.length > 1) return deallocatesAmongStatements(client, editor, buffer, textStart, end, ranges, out);
+  }
+  const command = forgetsAll ? { kind: 'discard-all' as const } : first;
   if (command === undefined) return false;
   const server = editor.statements;
   if (command.kind === 'deallocate-all' || command.kind === 'discard-all') {
@@ -850,6 +853,54 @@ function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, t
       restore();
     });
   }
+  return true;
+}
+
+/**
+ * A multi-statement Query with DEALLOCATEs of the session's statements among
+ * other statements (psqlODBC wraps each in a savepoint inside a transaction:
+ * `SAVEPOINT _per_query_svp_;DEALLOCATE "_PLAN0x…";RELEASE _per_query_svp_`):
+ * sent with each such DEALLOCATE naming the shared statement on this
+ * connection, or, where the connection does not hold it, `DEALLOCATE ALL`
+ * (as for a lone DEALLOCATE); each reverted unless its CommandComplete comes.
+ * DEALLOCATEs of names the session never prepared go as they are, and fail
+ * as direct. Returns false when the Query holds none of the session's.
+ */
+function deallocatesAmongStatements(client: ClientStatements, editor: ResponseEditor, buffer: Buffer, textStart: number, end: number, ranges: ReadonlyArray<[number, number]>, out: Buffer[]): boolean {
+  const server = editor.statements;
+  const parts: string[] = [];
+  const awaited: Array<{ tags: string[]; undo: () => void }> = [];
+  let copiedTo = textStart;
+  for (const [from, to] of ranges) {
+    const command = classifySessionCommand(buffer, from, to);
+    if (command?.kind !== 'deallocate') continue;
+    const statement = client.get(command.name);
+    if (statement === undefined) continue;
+    parts.push(buffer.toString('utf8', copiedTo, from));
+    copiedTo = to;
+    client.delete(command.name);
+    const restore = (): void => void client.set(command.name, statement);
+    if (server.has(statement.serverName)) {
+      server.delete(statement.serverName);
+      parts.push(`DEALLOCATE ${statement.serverName}`);
+      awaited.push({ tags: ['DEALLOCATE'], undo: () => {
+        restore();
+        server.restore(statement.serverName);
+      } });
+    } else {
+      const held = server.list();
+      server.clear();
+      parts.push('DEALLOCATE ALL');
+      awaited.push({ tags: ['DEALLOCATE ALL'], undo: () => {
+        for (const name of held) server.restore(name);
+        restore();
+      } });
+    }
+  }
+  if (awaited.length === 0) return false;
+  parts.push(buffer.toString('utf8', copiedTo, end));
+  out.push(serialize.query(parts.join('')));
+  for (const { tags, undo } of awaited) editor.expectCommand(tags, undo);
   return true;
 }
 

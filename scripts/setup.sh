@@ -36,6 +36,8 @@ for crate in tokio-postgres-0.7:librust-tokio-postgres-dev tokio-1.:librust-toki
   compgen -G "/usr/share/cargo/registry/${crate%%:*}*" >/dev/null || missing+=("${crate#*:}")
 done
 command -v cargo >/dev/null 2>&1 || [ -x "$HOME/.cargo/bin/cargo" ] || missing+=(cargo)
+# psqlODBC through unixODBC and pyodbc for Debian's python3 (test/drivers/drv_odbc.py).
+/usr/bin/python3 -c 'import pyodbc, sys; sys.exit(0 if "PostgreSQL Unicode" in pyodbc.drivers() else 1)' >/dev/null 2>&1 || missing+=(python3-pyodbc odbc-postgresql unixodbc)
 # Ruby's pg gem, ActiveRecord and Sequel for Debian's ruby (test/integration/ruby-drivers.test.ts).
 /usr/bin/ruby -e 'require "pg"; require "active_record"; require "sequel"' >/dev/null 2>&1 || missing+=(ruby ruby-pg ruby-activerecord ruby-sequel)
 

@@ -69,6 +69,7 @@ const PGBOUNCER_CANNOT: Record<string, string> = {
   'PHP PDO lastInsertId without a sequence name, clients taking turns': 'lastval() in a later transaction reads whichever client last ran nextval() on the server connection it gets',
   'PHP pg_prepare and pg_execute': 'named prepared statements are per server connection in transaction mode (PgBouncer < 1.21)',
   'PHP pg_get_notify': 'LISTEN stays on the server connection that ran it',
+  'psqlODBC transaction with a failing statement': 'psqlODBC\'s named statements (_PLAN0x<address>) are per server connection in transaction mode (PgBouncer < 1.21); measured, as direct while one client runs alone',
 };
 
 const measured = new Map<string, Map<TargetName, Json>>();
@@ -98,7 +99,7 @@ function run(command: string, args: string[], timeoutMs: number): Promise<Json> 
 
 /** One run of a scenario program per target, shared by the tests that read its result. */
 const runs = new Map<string, Promise<Json>>();
-function scenario(target: Target, program: 'cancel' | 'startup' | 'session-state' | 'psycopg3' | 'asyncpg' | 'pgjdbc' | 'node-postgres' | 'dbdpg' | 'php'): Promise<Json> {
+function scenario(target: Target, program: 'cancel' | 'startup' | 'session-state' | 'psycopg3' | 'asyncpg' | 'pgjdbc' | 'node-postgres' | 'dbdpg' | 'php' | 'odbc'): Promise<Json> {
   const key = `${target.name}/${program}`;
   let pending = runs.get(key);
   if (!pending) {
@@ -124,6 +125,8 @@ function scenario(target: Target, program: 'cancel' | 'startup' | 'session-state
       case 'asyncpg': pending = run(PYTHON, ['drv_asyncpg.py', JSON.stringify({ ...config, asyncpgPool: 10 })], 60_000); break;
       case 'node-postgres': pending = run(process.execPath, ['node-postgres.ts', json], 60_000); break;
       case 'dbdpg': pending = run(PERL, ['drv_dbdpg.pl', json], 60_000); break;
+      // More connections than the sidecar's transaction-mode grant, the same on every target.
+      case 'odbc': pending = run(PYTHON, ['drv_odbc.py', JSON.stringify({ ...config, connections: SIDECAR_TRANSACTION_GRANT + 2 })], 90_000); break;
       case 'php':
         // Without php-cli the program cannot say so itself (drv_php.php does when php-pgsql is missing).
         pending = existsSync(PHP) ? run(PHP, ['drv_php.php', json], 60_000) : Promise.resolve({ skipped: `${PHP} is not installed (Debian: php-cli php-pgsql)` });
@@ -487,6 +490,18 @@ describe('real drivers: direct, PgBouncer, sidecar transaction and session mode'
         assert.deepEqual([r.listen, r.other, r.own, r.afterUnlisten], [d.listen, d.other, d.own, d.afterUnlisten], 'the other connection\'s and its own notification, nothing after UNLISTEN');
         // Transaction mode: no fixed backend, so the pids name none of the connections' (docs/transaction-mode.md).
         if (t.mode !== 'transaction') assert.deepEqual([r.otherPidIsSender, r.ownPidIsGetPid], [true, true]);
+      });
+
+      feature('psqlODBC connections taking turns', async (t) => scenario(t, 'odbc'), (r) => {
+        // More connections than the transaction-mode grant, each logged in with psqlODBC's SETs and a SHOW: none is pinned for them.
+        const d = direct('psqlODBC connections taking turns');
+        assert.deepEqual(outcome(r.connect as Step), outcome(d.connect as Step), `connect: ${JSON.stringify(r.connect)}`);
+        assert.deepEqual((r.turns as Step[]).map(outcome), (d.turns as Step[]).map(outcome), 'each statement\'s result, DateStyle and extra_float_digits');
+      });
+
+      feature('psqlODBC transaction with a failing statement', async (t) => scenario(t, 'odbc'), (r) => {
+        // psqlODBC's savepoint per statement, and DEALLOCATE inside `SAVEPOINT ...;DEALLOCATE "_PLAN0x...";RELEASE ...`.
+        asDirect('psqlODBC transaction with a failing statement', r, ['create', 'insert', 'failing', 'afterFailure', 'duplicate', 'second', 'commit', 'committed', 'rolledBackInsert', 'rollback', 'afterRollback', 'drop']);
       });
 
       feature('protocol negotiation', async (t) => (await scenario(t, 'node-postgres')).protocolVersions as Json, (r) => {

@@ -100,6 +100,8 @@ export function buildBudgetInput(args: {
   now?: number;
   /** BudgetInput.drainedPodUids. */
   drainedPodUids?: Pick<ReadonlySet<string>, 'has' | 'size'>;
+  /** BudgetInput.drainedPodNames. */
+  drainedPodNames?: Pick<ReadonlySet<string>, 'has' | 'size'>;
 }): BudgetInput {
   // By namespace, then name: looked up with the pods' and PoolMembers' own strings (hashed once,
   // as the caches keep them), not with a key built for each of thousands of them every pass.
@@ -174,5 +176,5 @@ export function buildBudgetInput(args: {
     const sent = written.tableFrom === undefined ? undefined : args.channel?.(written.podUid);
     members.push({ namespace: written.namespace, name: written.name, podUid: written.podUid, grant: { connections: written.connections, generation: written.generation }, ...(written.tableFrom === undefined ? {} : { tableFrom: written.tableFrom }), ...(sent ? { acknowledgement: sent } : {}) });
   }
-  return { limit: args.limit, connections, pods, members, ...(args.tables ? { tables: args.tables } : {}), ...(args.tableGenerationFloors ? { tableGenerationFloors: args.tableGenerationFloors } : {}), ...(args.now === undefined ? {} : { now: args.now }), ...(args.drainedPodUids && args.drainedPodUids.size > 0 ? { drainedPodUids: args.drainedPodUids } : {}) };
+  return { limit: args.limit, connections, pods, members, ...(args.tables ? { tables: args.tables } : {}), ...(args.tableGenerationFloors ? { tableGenerationFloors: args.tableGenerationFloors } : {}), ...(args.now === undefined ? {} : { now: args.now }), ...(args.drainedPodUids && args.drainedPodUids.size > 0 ? { drainedPodUids: args.drainedPodUids } : {}), ...(args.drainedPodNames && args.drainedPodNames.size > 0 ? { drainedPodNames: args.drainedPodNames } : {}) };
 }

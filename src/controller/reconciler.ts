@@ -234,6 +234,8 @@ export class ServerReconciler {
    * Remembered for DELETED_POD_MEMORY_MS, longer than a departure is held by default.
    */
   private readonly drainedGone = new Map<string, number>();
+  /** The same pods by `namespace/name` (BudgetInput.drainedPodNames). */
+  private readonly drainedGoneNames = new Map<string, number>();
   /** The DepartureHoldShort warning last recorded per DatabaseConnection (recorded again only when it changes). */
   private readonly holdWarnings = new Map<string, string>();
   /** When each DatabaseConnection's status was last written (ms), to coalesce writes while grants move. */
@@ -513,7 +515,7 @@ export class ServerReconciler {
       if (!r?.loginCaps || !r.credentials.ok) return [];
       return connectionCaps(r.loginCaps, { role: r.credentials.username, database: c.spec.database.dbname }, owner ? owner.spec.reserve : (c.spec.reserve ?? DEFAULT_RESERVE));
     };
-    const input = buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tableGenerationFloors: this.tables.generationFloors(connections), tablesEnabled: this.tables.enabled, tableFrom: (m) => this.tables.tableFrom(m), caps, now: this.now().getTime(), drainedPodUids: this.drainedGone, ...(ledger ? { channel: (uid: string) => ledger.get(uid) } : {}) });
+    const input = buildBudgetInput({ limit, connections, pods, members, workloads: this.workloads(), written: this.written, tables: this.tables.tablesInForce(connections), tableGenerationFloors: this.tables.generationFloors(connections), tablesEnabled: this.tables.enabled, tableFrom: (m) => this.tables.tableFrom(m), caps, now: this.now().getTime(), drainedPodUids: this.drainedGone, drainedPodNames: this.drainedGoneNames, ...(ledger ? { channel: (uid: string) => ledger.get(uid) } : {}) });
     const tenancy = owner ? this.planOwned(owner, input, connections, resolved) : undefined;
     const plan = tenancy?.plan ?? planBudgets(missingServer === undefined ? input : withdrawPods(input, () => true));
     // The CPU of reading and planning, not the switch's writes.
@@ -745,21 +747,25 @@ export class ServerReconciler {
   /**
    * Reports each new departure record, since the share it holds is otherwise
    * unexplained until the hold ends: a pod that left without a drain its
-   * controller saw is logged, with a Normal Event on its DatabaseConnection; pods gone from a table's default unseen (a pod
+   * controller saw is logged (and so is the end of a record once the drain
+   * is seen after all); pods gone from a table's default unseen (a pod
    * force-deleted with its PoolMember while no controller ran) get a warning
    * log and a Warning Event on their DatabaseConnection.
    */
   private reportDepartures(planned: readonly PlannedTable[], input: BudgetInput, connections: readonly DatabaseConnection[]): void {
     for (const t of planned) {
       if (!t.changed) continue;
-      let before: Set<string> | undefined;
+      const previous = input.tables?.find((c) => c.namespace === t.namespace && c.connection === t.connection)?.table.departed ?? [];
+      const before = new Set(previous.map((x) => x.pod));
+      const after = new Set((t.table.departed ?? []).map((x) => x.pod));
+      // A record made from a view that missed the drain ends once the drain is seen (often within the second, on a loaded API server).
+      for (const d of previous) {
+        if (!after.has(d.pod) && !isUnlistedRecord(d) && Date.parse(d.until) > (input.now ?? 0)) this.deps.logger.info({ connection: `${t.namespace}/${t.connection}`, pod: d.pod }, 'departure record ended before its hold: the pod\'s drain was seen');
+      }
       for (const d of t.table.departed ?? []) {
-        before ??= new Set((input.tables?.find((c) => c.namespace === t.namespace && c.connection === t.connection)?.table.departed ?? []).map((x) => x.pod));
         if (before.has(d.pod)) continue;
         if (!isUnlistedRecord(d)) {
-          this.deps.logger.info({ connection: `${t.namespace}/${t.connection}`, pod: d.pod, connections: d.connections, until: d.until }, 'pod left without a drain this controller saw: its connections are held for the departure hold');
-          const connection = connections.find((c) => c.metadata.namespace === t.namespace && c.metadata.name === t.connection);
-          if (connection && d.connections > 0) void this.deps.events.record(connection, 'Normal', 'DepartureHeld', `pod ${d.pod} left without a drain this controller saw (its node lost, or deleted by force): its ${d.connections} connections stay counted against the limit until ${d.until} (departureHoldSeconds), since PostgreSQL may still hold them`);
+          this.deps.logger.info({ connection: `${t.namespace}/${t.connection}`, pod: d.pod, uid: d.uid, connections: d.connections, until: d.until }, 'pod left without a drain this controller saw: its connections are held for the departure hold');
           continue;
         }
         const message = `${d.pod.slice(1, -1)} left without a PoolMember or a trace this controller saw (force-deleted while no controller ran?): their ${d.connections} connections are held until ${d.until}`;
@@ -856,9 +862,12 @@ export class ServerReconciler {
     if (uid !== '' && member.status?.drained === true) {
       const now = this.now().getTime();
       this.drainedGone.set(uid, now);
-      for (const [seen, at] of this.drainedGone) {
-        if (now - at < DELETED_POD_MEMORY_MS) break;
-        this.drainedGone.delete(seen);
+      this.drainedGoneNames.set(`${member.metadata.namespace ?? ''}/${member.metadata.name ?? ''}`, now);
+      for (const memory of [this.drainedGone, this.drainedGoneNames]) {
+        for (const [seen, at] of memory) {
+          if (now - at < DELETED_POD_MEMORY_MS) break;
+          memory.delete(seen);
+        }
       }
     }
     this.created.delete(key(member));

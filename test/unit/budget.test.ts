@@ -154,6 +154,16 @@ describe('budget planner', function () {
     const drainedGone = planBudgets({ limit: 10, now: now + 5_000, connections: [connection], pods: [pod('b')], members: [onTable('b')], tables: [{ namespace: 'shop', connection: 'orders', table: recorded }], drainedPodUids: new Set(['uid-a']) });
     assert.equal(drainedGone.tables[0]!.table.departed, undefined);
     assert.equal(drainedGone.grants[0]!.grant.connections, 10);
+    // A terminating pod listed by name, whose pod and PoolMember were both gone from the view that planned it: recorded by
+    // name only; its drain, seen later as the last state of its PoolMember, ends the record by name, or prevents it.
+    const listed = { generation: 4, perPod: 5, recordsChanges: true, exceptions: [{ pods: ['a'], connections: 5, drain: true }] };
+    const byName = planBudgets({ limit: 10, now, connections: [connection], pods: [pod('b')], members: [onTable('b')], tables: [{ namespace: 'shop', connection: 'orders', table: listed }] });
+    assert.deepEqual(byName.tables[0]!.table.departed?.map((d) => [d.pod, d.uid, d.connections]), [['a', '', 5]]);
+    const nameSeen = planBudgets({ limit: 10, now: now + 1_000, connections: [connection], pods: [pod('b')], members: [onTable('b')], tables: [{ namespace: 'shop', connection: 'orders', table: byName.tables[0]!.table }], drainedPodNames: new Set(['shop/a']) });
+    assert.equal(nameSeen.tables[0]!.table.departed, undefined);
+    assert.equal(nameSeen.grants[0]!.grant.connections, 10);
+    const neverRecorded = planBudgets({ limit: 10, now, connections: [connection], pods: [pod('b')], members: [onTable('b')], tables: [{ namespace: 'shop', connection: 'orders', table: listed }], drainedPodNames: new Set(['shop/a']) });
+    assert.equal(neverRecorded.tables[0]!.table.departed, undefined);
     // A pod that finished (Failed: its node gone, marked by the pod garbage collector) without a drain is held the same way.
     const failed = planBudgets({ limit: 10, now, connections: [connection], pods: [pod('a', 'web', { phase: 'Failed' }), pod('b')], members: [onTable('a'), onTable('b')], tables });
     assert.deepEqual(failed.tables[0]!.table.departed?.map((d) => [d.pod, d.connections]), [['a', 5]]);

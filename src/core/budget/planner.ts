@@ -260,8 +260,10 @@ function planDepartures(input: BudgetInput, states: readonly PodState[], tables:
     || (drainedUids ??= new Set(input.members.filter((m) => m.acknowledgement?.drained === true).map((m) => m.podUid))).has(uid));
   // Kept first, so a pod already recorded keeps its first `until`. A record past its `until` counts
   // nothing but stays while the pod's PoolMember does, so that the PoolMember is not recorded again.
+  // A record by name only (a listed terminating pod whose pod and PoolMember were both gone from its view): its drain by name.
+  const drainedByName = (k: string, pod: string): boolean => input.drainedPodNames?.has(`${k.slice(0, k.indexOf('/'))}/${pod}`) === true;
   for (const [k, table] of tables) {
-    for (const d of table.departed ?? []) if (!drained(d.uid) && (departedCounts(d, now) || (d.uid !== '' && isOrphan(d.uid)))) add(k, d);
+    for (const d of table.departed ?? []) if (!drained(d.uid) && !(d.uid === '' && drainedByName(k, d.pod)) && (departedCounts(d, now) || (d.uid !== '' && isOrphan(d.uid)))) add(k, d);
   }
   // Until when a pod leaving a connection now stays counted; none for a connection that holds nothing.
   const untils = new Map<string, string>();
@@ -303,7 +305,7 @@ function planDepartures(input: BudgetInput, states: readonly PodState[], tables:
           if (podOrMemberNamed(key)) continue;
           const entry = deriveEntry(table, name);
           const holding = Math.max(entry.connections, entry.releasing ?? 0);
-          if (holding > 0) add(k, { pod: name, uid: '', connections: holding, until });
+          if (holding > 0 && !drainedByName(k, name)) add(k, { pod: name, uid: '', connections: holding, until });
         }
       }
     }

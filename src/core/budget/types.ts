@@ -155,6 +155,12 @@ export interface BudgetInput {
    */
   drainedPodUids?: Pick<ReadonlySet<string>, 'has' | 'size'> | undefined;
   /**
+   * The same pods by `namespace/name`: a terminating pod listed by name in
+   * its table, whose pod and PoolMember were both gone from the view that
+   * recorded it, has a record without a uid.
+   */
+  drainedPodNames?: Pick<ReadonlySet<string>, 'has' | 'size'> | undefined;
+  /**
    * The time of this pass (ms since the epoch), against which the tables'
    * departed pods expire and new ones are dated. Absent: departures are
    * neither recorded nor counted.

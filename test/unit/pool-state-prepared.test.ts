@@ -258,6 +258,23 @@ function throughSidecar(client: ClientStatements, backend: ModelBackend, editor:
   return seen;
 }
 
+/** A session's maps on one server connection, editing from the start: `send` routes a message, `prepare` a named statement the server accepted. */
+function activeSession(): { cache: ServerStatementCache; editor: ResponseEditor; client: ClientStatements; out: Buffer[]; send: (m: Buffer) => boolean; prepare: (name: string, text: string) => void } {
+  const cache = new ServerStatementCache();
+  const editor = new ResponseEditor(cache);
+  const client: ClientStatements = new Map();
+  editor.activate(0);
+  const out: Buffer[] = [];
+  const send = (m: Buffer): boolean => routeMessage(client, editor, m[0]!, m, 0, 5, m.length, out);
+  const prepare = (name: string, text: string): void => {
+    send(serialize.parse({ name, text }));
+    send(serialize.sync());
+    assert.equal(editor.reply(0x31), 'forward');
+    editor.ready();
+  };
+  return { cache, editor, client, out, send, prepare };
+}
+
 describe('prepared statements (pure)', function () {
   it('ServerStatementCache evicts the least recently used name', function () {
     const cache = new ServerStatementCache(2);
@@ -366,16 +383,8 @@ describe('prepared statements (pure)', function () {
   });
 
   it('forgets the statements on a DEALLOCATE ALL sent as SQL only once its CommandComplete says it ran', function () {
-    const cache = new ServerStatementCache();
-    const editor = new ResponseEditor(cache);
-    const client: ClientStatements = new Map();
-    editor.activate(0);
-    const out: Buffer[] = [];
-    const send = (m: Buffer): boolean => routeMessage(client, editor, m[0]!, m, 0, 5, m.length, out);
-    send(serialize.parse({ name: 'a', text: 'SELECT 1' }));
-    send(serialize.sync());
-    assert.equal(editor.reply(0x31), 'forward');
-    editor.ready();
+    const { cache, editor, client, send, prepare } = activeSession();
+    prepare('a', 'SELECT 1');
     const before = cache.list();
     // Skipped after an error: DEALLOCATE ALL, then a Parse of a new statement in the same batch.
     send(serialize.parse({ text: 'DEALLOCATE ALL' }));
@@ -405,16 +414,8 @@ describe('prepared statements (pure)', function () {
   });
 
   it('rewrites a DEALLOCATE of the session\'s statement among other statements of one Query (psqlODBC\'s savepoint around it), and undoes it unless it ran', function () {
-    const cache = new ServerStatementCache();
-    const editor = new ResponseEditor(cache);
-    const client: ClientStatements = new Map();
-    editor.activate(0);
-    const out: Buffer[] = [];
-    const send = (m: Buffer): boolean => routeMessage(client, editor, m[0]!, m, 0, 5, m.length, out);
-    send(serialize.parse({ name: '_PLAN0x1', text: 'SELECT 1' }));
-    send(serialize.sync());
-    assert.equal(editor.reply(0x31), 'forward');
-    editor.ready();
+    const { cache, editor, client, out, send, prepare } = activeSession();
+    prepare('_PLAN0x1', 'SELECT 1');
     const serverName = client.get('_PLAN0x1')!.serverName;
     const sentText = (): string => out.at(-1)!.subarray(5, out.at(-1)!.length - 1).toString('utf8');
     const savepointed = 'SAVEPOINT _per_query_svp_;DEALLOCATE "_PLAN0x1";RELEASE _per_query_svp_';
@@ -439,10 +440,7 @@ describe('prepared statements (pure)', function () {
     assert.equal(sentText(), 'SAVEPOINT s;DEALLOCATE other;RELEASE s');
     editor.ready();
     // Unquoted, the name folds to lower case: not the session's _PLAN0x2, as direct.
-    send(serialize.parse({ name: '_PLAN0x2', text: 'SELECT 2' }));
-    send(serialize.sync());
-    assert.equal(editor.reply(0x31), 'forward');
-    editor.ready();
+    prepare('_PLAN0x2', 'SELECT 2');
     out.length = 0;
     send(serialize.query('SELECT 1; DEALLOCATE _PLAN0x2'));
     assert.equal(sentText(), 'SELECT 1; DEALLOCATE _PLAN0x2');

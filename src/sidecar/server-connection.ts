@@ -7,7 +7,7 @@
 import type { Duplex } from 'node:stream';
 import type { Logger } from 'pino';
 import { serialize } from 'pg-protocol';
-import { RESHAPED_ERROR, ResponseEditor, ServerStatementCache, isReshapedError, transition, TransactionTracker, type ServerConnectionState } from '../core/pool-state/index.ts';
+import { RESHAPED_ERROR, ResponseEditor, ServerStatementCache, isReshapedError, outcomeAfter, transition, TransactionTracker, type CommandOutcome, type ServerConnectionState } from '../core/pool-state/index.ts';
 import { FrameReader, MessageType, NO_SETTINGS, PARSE_COMPLETE, messageTypeTable, parseNoticeFields, type ClientSettings } from '../core/protocol/index.ts';
 import { isDirectReadable } from './direct-read-socket.ts';
 import { writeRange } from './native-socket.ts';
@@ -141,15 +141,10 @@ export class ServerConnection {
   /** Why the transport failed, in words for the client, when it did. */
   private transportFailure: string | undefined;
   private internalQuery: { result: InternalResult; done: (result: InternalResult) => void } | undefined;
-  /**
-   * A client's RESET (or DISCARD ALL) completed: it holds once its
-   * transaction commits, which the next ReadyForQuery 'I' tells ('clean');
-   * a ROLLBACK that ends the transaction undid it ('rolled-back'); an error,
-   * or a ROLLBACK TO SAVEPOINT and more after it ('doubtful'), may have.
-   */
-  private resetOutcome: 'clean' | 'rolled-back' | 'doubtful' | undefined;
+  /** A client's RESET (or DISCARD ALL) completed: it holds once its transaction commits (see core/pool-state/command-outcome.ts). */
+  private resetOutcome: CommandOutcome | undefined;
   /** The same for the UNLISTENs of the client's transaction (see ServerConnectionUser.onUnlistensEnded). */
-  private unlistenOutcome: 'clean' | 'rolled-back' | 'doubtful' | undefined;
+  private unlistenOutcome: CommandOutcome | undefined;
   /** Reading is paused until the client's socket drains (see onData). */
   private pausedFor: Duplex | undefined;
   private readonly resumeReading = (): void => {
@@ -337,9 +332,7 @@ export class ServerConnection {
             }
           } else if (type === MessageType.commandComplete) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
           else {
-            if (type === MessageType.errorResponse && isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
-            if (type === MessageType.errorResponse && this.resetOutcome !== undefined) this.resetOutcome = 'doubtful';
-            if (type === MessageType.errorResponse && this.unlistenOutcome !== undefined) this.unlistenOutcome = 'doubtful';
+            if (type === MessageType.errorResponse) this.errorReceived(reader.buffer, reader.bodyStart);
             tracker.serverMessage(type);
           }
         } else if (tracked === 2) tracker.serverMessage(type);
@@ -430,9 +423,7 @@ export class ServerConnection {
           } else if (type === MessageType.commandComplete) this.onCommandComplete(reader.buffer, reader.bodyStart, reader.end);
           else {
             if (type === MessageType.errorResponse) {
-              if (isFatal(reader.buffer, reader.bodyStart)) this.fatalSeen = true;
-              if (this.resetOutcome !== undefined) this.resetOutcome = 'doubtful';
-              if (this.unlistenOutcome !== undefined) this.unlistenOutcome = 'doubtful';
+              this.errorReceived(reader.buffer, reader.bodyStart);
               tracker.serverMessage(type);
               // Tells a failed Parse from one skipped after an earlier error; whether the server now discards what is sent until a Sync.
               if (editor.active) editor.error(tracker.skipping);
@@ -489,23 +480,18 @@ export class ServerConnection {
     const watching = this.tracker.watched === 'running' || this.resetOutcome !== undefined || this.unlistenOutcome !== undefined;
     const rollback = watching && tagIs(ROLLBACK_TAG, buffer, bodyStart, end);
     this.tracker.commandCompleted(rollback);
-    // As for a RESET below: a ROLLBACK undoes the UNLISTENs before it, unless more commands follow (a ROLLBACK TO SAVEPOINT).
-    if (this.unlistenOutcome !== undefined) this.unlistenOutcome = rollback ? 'rolled-back' : this.unlistenOutcome === 'rolled-back' ? 'doubtful' : this.unlistenOutcome;
+    const event = rollback ? 'rollback' : 'command';
+    this.unlistenOutcome = outcomeAfter(this.unlistenOutcome, event);
+    this.resetOutcome = outcomeAfter(this.resetOutcome, event);
     if (this.user?.onUnlistenCompleted !== undefined && tagIs(UNLISTEN_TAG, buffer, bodyStart, end)) {
       this.unlistenOutcome ??= 'clean';
       this.user.onUnlistenCompleted();
     }
-    // A command after a ROLLBACK TO SAVEPOINT: the transaction goes on, and whether the RESET before it holds is unknown.
-    if (this.resetOutcome === 'rolled-back' && !rollback) this.resetOutcome = 'doubtful';
     // After RESET ALL the backend is on its login settings: the next client's settings are applied
     // again (asyncpg sends RESET ALL when its pool takes a connection back). A client's RESET holds
     // once its transaction commits (see resolveReset); the sidecar's own at once.
     if (tagIs(RESET_TAG, buffer, bodyStart, end)) {
       this.settingsReset();
-      return;
-    }
-    if (rollback && this.resetOutcome !== undefined) {
-      this.resetOutcome = 'rolled-back';
       return;
     }
     // A DEALLOCATE a session sent ran: what the sidecar assumed when sending it holds (see ResponseEditor.expectCommand).
@@ -519,6 +505,13 @@ export class ServerConnection {
     // its batch may have added some since); any other forgets them now.
     if (!this.editor.active || !this.editor.commandCompleted(discard ? 'DISCARD ALL' : 'DEALLOCATE ALL')) this.statements.clear();
     if (discard) this.settingsReset();
+  }
+
+  /** An ErrorResponse: a FATAL one means the backend exits; any may have undone the client's RESET or UNLISTEN. */
+  private errorReceived(buffer: Buffer, bodyStart: number): void {
+    if (isFatal(buffer, bodyStart)) this.fatalSeen = true;
+    this.resetOutcome = outcomeAfter(this.resetOutcome, 'error');
+    this.unlistenOutcome = outcomeAfter(this.unlistenOutcome, 'error');
   }
 
   private settingsReset(): void {

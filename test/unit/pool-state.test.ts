@@ -1,9 +1,10 @@
 /**
- * The server-connection state machine and the transaction-boundary tracker.
+ * The server-connection state machine, the transaction-boundary tracker, and
+ * the outcome of commands PostgreSQL applies at commit.
  */
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { InvalidTransitionError, SERVER_CONNECTION_STATES, TransactionTracker, holdsBackend, transition, type ServerConnectionState } from '../../src/core/pool-state/index.ts';
+import { InvalidTransitionError, SERVER_CONNECTION_STATES, TransactionTracker, holdsBackend, outcomeAfter, transition, type CommandOutcome, type OutcomeEvent, type ServerConnectionState } from '../../src/core/pool-state/index.ts';
 
 const code = (c: string): number => c.charCodeAt(0);
 
@@ -37,6 +38,23 @@ describe('server connection state machine', function () {
     }));
     assert.equal(holdsBackend('closing'), true);
     assert.equal(holdsBackend('closed'), false);
+  });
+
+  it('allows exactly the changes of its table, each of the 36 pairs', function () {
+    const allowed: Record<ServerConnectionState, readonly ServerConnectionState[]> = {
+      connecting: ['idle', 'active', 'closing', 'closed'],
+      idle: ['active', 'resetting', 'closing', 'closed'],
+      active: ['idle', 'resetting', 'closing', 'closed'],
+      resetting: ['idle', 'active', 'closing', 'closed'],
+      closing: ['closed'],
+      closed: [],
+    };
+    for (const from of SERVER_CONNECTION_STATES) {
+      for (const to of SERVER_CONNECTION_STATES) {
+        if (allowed[from].includes(to)) assert.equal(transition(from, to), to, `${from} -> ${to}`);
+        else assert.throws(() => transition(from, to), InvalidTransitionError, `${from} -> ${to}`);
+      }
+    }
   });
 });
 
@@ -648,6 +666,44 @@ describe('transaction tracker', function () {
       client(t, [...types, 'S'].join(''));
       const owed = t.pendingReady;
       for (let i = 0; i < owed; i += 1) assert.equal(ready(t, 'I'), i === owed - 1);
+    }));
+  });
+});
+
+describe('outcome of a command applied at commit (RESET, UNLISTEN)', function () {
+  /** The server's reports after the command, and what is known when the transaction ends. */
+  const rows: Array<[string, OutcomeEvent[], CommandOutcome]> = [
+    ['committed: nothing after it', [], 'clean'],
+    ['more commands, then COMMIT', ['command', 'command'], 'clean'],
+    ['a ROLLBACK ends the transaction', ['rollback'], 'rolled-back'],
+    ['an error, then the ROLLBACK a failed block needs', ['error', 'rollback'], 'rolled-back'],
+    ['an error, then COMMIT (PostgreSQL rolls back, the tag says ROLLBACK)', ['error', 'rollback'], 'rolled-back'],
+    ['a ROLLBACK TO SAVEPOINT, then more commands', ['rollback', 'command'], 'doubtful'],
+    ['an error that a ROLLBACK TO SAVEPOINT recovers, then COMMIT', ['error', 'rollback', 'command'], 'doubtful'],
+    ['an error in a pipeline, nothing after it', ['error'], 'doubtful'],
+    ['a ROLLBACK TO SAVEPOINT, more commands, then ROLLBACK', ['rollback', 'command', 'rollback'], 'rolled-back'],
+  ];
+  for (const [name, events, expected] of rows) {
+    it(`${name}: ${expected}`, function () {
+      let outcome: CommandOutcome | undefined = 'clean';
+      for (const event of events) outcome = outcomeAfter(outcome, event);
+      assert.equal(outcome, expected);
+    });
+  }
+
+  it('no such command in the transaction: stays unknown whatever comes', function () {
+    for (const event of ['error', 'rollback', 'command'] as const) assert.equal(outcomeAfter(undefined, event), undefined);
+  });
+
+  it('an error always leaves it doubtful, and only a later ROLLBACK settles it', function () {
+    fc.assert(fc.property(fc.array(fc.constantFrom<OutcomeEvent>('error', 'rollback', 'command')), (events) => {
+      let outcome: CommandOutcome | undefined = 'clean';
+      for (const event of events) outcome = outcomeAfter(outcome, event);
+      const lastError = events.lastIndexOf('error');
+      const lastRollback = events.lastIndexOf('rollback');
+      if (lastError >= 0 && lastRollback < lastError) assert.equal(outcome, 'doubtful');
+      if (lastRollback === events.length - 1 && lastRollback >= 0) assert.equal(outcome, 'rolled-back');
+      if (lastError < 0 && lastRollback < 0) assert.equal(outcome, 'clean');
     }));
   });
 });

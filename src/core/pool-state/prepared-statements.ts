@@ -796,64 +796,89 @@ function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, t
   if (command.kind !== 'deallocate') return false;
   const statement = client.get(command.name);
   if (statement === undefined) return false;
+  if (kind === 'query') {
+    // Reverted unless the command runs (it fails in an aborted transaction, and is skipped after an error in an unsynced batch).
+    const deallocate = deallocateShared(client, server, command.name, statement);
+    out.push(serialize.query(deallocate.sql));
+    editor.expectCommand([deallocate.tag], deallocate.undo);
+    return true;
+  }
   client.delete(command.name);
   const restore = (): void => void client.set(command.name, statement);
   const sql = `DEALLOCATE ${statement.serverName}`;
-  if (kind === 'parse') {
-    // Whether the server holds the statement when the DEALLOCATE comes: it does if it had it, or once an injected Parse of it succeeds.
-    let held = server.has(statement.serverName);
-    if (held) server.touch(statement.serverName);
-    else {
-      addToServer(statement.serverName, editor, out);
-      server.forgetShape(statement.serverName);
-      out.push(statement.parse);
-      editor.expectParse('swallow', () => server.delete(statement.serverName), () => {
-        held = true;
-      });
-    }
-    server.delete(statement.serverName);
-    // The server's unnamed statement is now the sidecar's rewrite: not one to replay elsewhere.
-    const previousUnnamed = client.get('');
-    const wasCurrent = editor.unnamedCurrent;
-    client.delete('');
-    editor.unnamedCurrent = true;
-    // As in parseUnnamed: after an untracked message, a no-op Close first tells failed from skipped.
-    if (!editor.afterTracked) {
-      out.push(CLOSE_NONEXISTENT_PORTAL);
-      editor.expectClose('swallow');
-    }
-    out.push(buildParse('', Buffer.from(`${sql}\0\0\0`, 'utf8')));
-    // A DEALLOCATE that failed or was skipped after an earlier error (psycopg 3 sends its
-    // cache evictions inside a pipeline) left the statement on the server: it stays known,
-    // or a later Parse of the same definition there would get 42P05. Skipped, it also left
-    // the previous unnamed statement in place (failed, PostgreSQL dropped it).
-    editor.expectParse('forward', (failed) => {
-      restore();
-      if (held) server.restore(statement.serverName);
-      if (!failed && previousUnnamed !== undefined) client.set('', previousUnnamed);
-      editor.unnamedCurrent = failed || wasCurrent;
+  // Whether the server holds the statement when the DEALLOCATE comes: it does if it had it, or once an injected Parse of it succeeds.
+  let held = server.has(statement.serverName);
+  if (held) server.touch(statement.serverName);
+  else {
+    addToServer(statement.serverName, editor, out);
+    server.forgetShape(statement.serverName);
+    out.push(statement.parse);
+    editor.expectParse('swallow', () => server.delete(statement.serverName), () => {
+      held = true;
     });
-    return true;
   }
-  // Reverted unless the command runs (it fails in an aborted transaction, and is skipped after an error in an unsynced batch).
+  server.delete(statement.serverName);
+  // The server's unnamed statement is now the sidecar's rewrite: not one to replay elsewhere.
+  const previousUnnamed = client.get('');
+  const wasCurrent = editor.unnamedCurrent;
+  client.delete('');
+  editor.unnamedCurrent = true;
+  // As in parseUnnamed: after an untracked message, a no-op Close first tells failed from skipped.
+  if (!editor.afterTracked) {
+    out.push(CLOSE_NONEXISTENT_PORTAL);
+    editor.expectClose('swallow');
+  }
+  out.push(buildParse('', Buffer.from(`${sql}\0\0\0`, 'utf8')));
+  // A DEALLOCATE that failed or was skipped after an earlier error (psycopg 3 sends its
+  // cache evictions inside a pipeline) left the statement on the server: it stays known,
+  // or a later Parse of the same definition there would get 42P05. Skipped, it also left
+  // the previous unnamed statement in place (failed, PostgreSQL dropped it).
+  editor.expectParse('forward', (failed) => {
+    restore();
+    if (held) server.restore(statement.serverName);
+    if (!failed && previousUnnamed !== undefined) client.set('', previousUnnamed);
+    editor.unnamedCurrent = failed || wasCurrent;
+  });
+  return true;
+}
+
+/** A session's DEALLOCATE rewritten for the server connection: the SQL sent, the tag its CommandComplete carries, and what puts things back if that never comes. */
+interface SharedDeallocate {
+  sql: string;
+  tag: 'DEALLOCATE' | 'DEALLOCATE ALL';
+  undo: () => void;
+}
+
+/**
+ * A DEALLOCATE of the session's statement `name` sent as SQL: the session
+ * forgets it and the connection drops the shared statement; where the
+ * connection does not hold it, DEALLOCATE ALL drops the connection's
+ * statements instead (the client's other statements stay its own, prepared
+ * again where used).
+ */
+function deallocateShared(client: ClientStatements, server: ServerStatementCache, name: string, statement: ClientStatement): SharedDeallocate {
+  client.delete(name);
   if (server.has(statement.serverName)) {
     server.delete(statement.serverName);
-    out.push(serialize.query(sql));
-    editor.expectCommand(['DEALLOCATE'], () => {
-      restore();
-      server.restore(statement.serverName);
-    });
-  } else {
-    // The client's other statements stay its own: only this connection's are dropped (and prepared again where used).
-    const held = server.list();
-    server.clear();
-    out.push(serialize.query('DEALLOCATE ALL'));
-    editor.expectCommand(['DEALLOCATE ALL'], () => {
-      for (const name of held) server.restore(name);
-      restore();
-    });
+    return {
+      sql: `DEALLOCATE ${statement.serverName}`,
+      tag: 'DEALLOCATE',
+      undo: () => {
+        client.set(name, statement);
+        server.restore(statement.serverName);
+      },
+    };
   }
-  return true;
+  const held = server.list();
+  server.clear();
+  return {
+    sql: 'DEALLOCATE ALL',
+    tag: 'DEALLOCATE ALL',
+    undo: () => {
+      for (const heldName of held) server.restore(heldName);
+      client.set(name, statement);
+    },
+  };
 }
 
 /**
@@ -869,7 +894,7 @@ function routeSessionCommand(client: ClientStatements, editor: ResponseEditor, t
 function deallocatesAmongStatements(client: ClientStatements, editor: ResponseEditor, buffer: Buffer, textStart: number, end: number, ranges: ReadonlyArray<[number, number]>, out: Buffer[]): boolean {
   const server = editor.statements;
   const parts: string[] = [];
-  const awaited: Array<{ tags: string[]; undo: () => void }> = [];
+  const awaited: SharedDeallocate[] = [];
   let copiedTo = textStart;
   for (const [from, to] of ranges) {
     const command = classifySessionCommand(buffer, from, to);
@@ -878,29 +903,14 @@ function deallocatesAmongStatements(client: ClientStatements, editor: ResponseEd
     if (statement === undefined) continue;
     parts.push(buffer.toString('utf8', copiedTo, from));
     copiedTo = to;
-    client.delete(command.name);
-    const restore = (): void => void client.set(command.name, statement);
-    if (server.has(statement.serverName)) {
-      server.delete(statement.serverName);
-      parts.push(`DEALLOCATE ${statement.serverName}`);
-      awaited.push({ tags: ['DEALLOCATE'], undo: () => {
-        restore();
-        server.restore(statement.serverName);
-      } });
-    } else {
-      const held = server.list();
-      server.clear();
-      parts.push('DEALLOCATE ALL');
-      awaited.push({ tags: ['DEALLOCATE ALL'], undo: () => {
-        for (const name of held) server.restore(name);
-        restore();
-      } });
-    }
+    const deallocate = deallocateShared(client, server, command.name, statement);
+    parts.push(deallocate.sql);
+    awaited.push(deallocate);
   }
   if (awaited.length === 0) return false;
   parts.push(buffer.toString('utf8', copiedTo, end));
   out.push(serialize.query(parts.join('')));
-  for (const { tags, undo } of awaited) editor.expectCommand(tags, undo);
+  for (const { tag, undo } of awaited) editor.expectCommand([tag], undo);
   return true;
 }
 

@@ -13,7 +13,7 @@
  * adds V8's compiler and garbage-collector threads.
  */
 import { execFile, execFileSync } from 'node:child_process';
-import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { compileEntries, compiledDir } from '../src/devenv/compile.ts';
 import { LocalEnvironment } from '../src/devenv/environment.ts';
@@ -66,8 +66,12 @@ class Counted {
     return this.control(['--zero']);
   }
 
-  /** Dumps the counters since the last zero; their sum over threads, and the first (main) thread's. */
-  async dump(): Promise<{ main: number; all: number }> {
+  /**
+   * Dumps the counters since the last zero; their sum over threads, and the
+   * first (main) thread's. `keepAs`: the dump's files are also copied to that
+   * path (one per thread, `-N` appended), for callgrind_annotate.
+   */
+  async dump(keepAs?: string): Promise<{ main: number; all: number }> {
     await this.control(['--dump=measured']);
     this.dumps += 1;
     const prefix = `${this.outFile.split('/').pop()!}.${this.dumps}`;
@@ -80,6 +84,7 @@ class Counted {
         return { thread: Number(/-(\d+)$/.exec(f)?.[1] ?? 1), total: Number(/^(?:summary|totals): (\d+)/m.exec(text)?.[1] ?? Number.NaN) };
       });
       if (totals.length > 0 && totals.every((t) => !Number.isNaN(t.total))) {
+        if (keepAs !== undefined) for (const f of files) copyFileSync(join(dir, f), `${keepAs}${f.slice(prefix.length)}`);
         return { main: totals.find((t) => t.thread === 1)?.total ?? Number.NaN, all: totals.reduce((sum, t) => sum + t.total, 0) };
       }
       if (Date.now() > deadline) throw new Error(`no callgrind dump ${prefix} in ${dir}`);
@@ -147,7 +152,8 @@ export async function runInstructions(options: InstructionOptions): Promise<Inst
           await pgbench(port, args);
           await counted.zero();
           const transactions = await pgbench(port, args);
-          const { main, all } = await counted.dump();
+          const keep = process.env.BENCH_CALLGRIND_KEEP;
+          const { main, all } = await counted.dump(keep === undefined ? undefined : join(keep, `${target.name}-${script}-${clients}.callgrind.out`));
           const row: InstructionResult = { script, clients, target: target.name, transactions, main_thread: Math.round(main / transactions), all_threads: Math.round(all / transactions) };
           options.log(`  instructions ${script.padEnd(11)} ${String(clients).padStart(2)} cl. ${target.name.padEnd(9)} ${row.main_thread} per tx (all threads ${row.all_threads}) over ${transactions} tx`);
           results.push(row);

@@ -91,9 +91,16 @@ const RESET_TAG = Buffer.from('RESET\0');
 const ROLLBACK_TAG = Buffer.from('ROLLBACK\0');
 const UNLISTEN_TAG = Buffer.from('UNLISTEN\0');
 
-/** The CommandComplete body at `buffer[bodyStart..end)` is `tag` (with its NUL). */
+/**
+ * The CommandComplete body at `buffer[bodyStart..end)` is `tag` (with its NUL).
+ * A byte loop: every CommandComplete is checked against several tags, and
+ * Buffer.compare validates its arguments on each call.
+ */
 function tagIs(tag: Buffer, buffer: Buffer, bodyStart: number, end: number): boolean {
-  return end - bodyStart === tag.length && buffer.compare(tag, 0, tag.length, bodyStart, end) === 0;
+  const length = tag.length;
+  if (end - bodyStart !== length) return false;
+  for (let i = 0; i < length; i++) if (buffer[bodyStart + i] !== tag[i]) return false;
+  return true;
 }
 
 /** A pooled connection to PostgreSQL. */

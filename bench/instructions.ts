@@ -23,7 +23,8 @@ import { BenchPgBouncer, ProxyChild, trustLoopbackApp } from './proxy.ts';
 
 /** One line of the instructions table. */
 export interface InstructionResult {
-  script: 'select-only' | 'tpcb-like';
+  /** `select-only-prepared`: `-S -M prepared`, sidecars only (PgBouncer before 1.21 cannot pool named statements in transaction mode). */
+  script: 'select-only' | 'tpcb-like' | 'select-only-prepared';
   clients: number;
   target: 'pgbouncer' | 'sidecar' | 'sidecar-b';
   /** Transactions in the measured run. */
@@ -143,10 +144,12 @@ export async function runInstructions(options: InstructionOptions): Promise<Inst
     const results: InstructionResult[] = [];
     for (const target of targets) {
       const { port, counted } = await target.start();
-      for (const script of ['select-only', 'tpcb-like'] as const) {
+      for (const script of ['select-only', 'tpcb-like', 'select-only-prepared'] as const) {
+        if (script === 'select-only-prepared' && target.name === 'pgbouncer') continue;
         for (const clients of options.clients) {
-          const total = script === 'select-only' ? options.transactions : Math.max(clients, Math.floor(options.transactions / 4));
-          const args = ['-n', ...(script === 'select-only' ? ['-S'] : []), '-c', String(clients), '-j', String(Math.min(clients, 2)), '-t', String(Math.max(1, Math.floor(total / clients)))];
+          const total = script === 'tpcb-like' ? Math.max(clients, Math.floor(options.transactions / 4)) : options.transactions;
+          const scriptArgs = script === 'select-only' ? ['-S'] : script === 'select-only-prepared' ? ['-S', '-M', 'prepared'] : [];
+          const args = ['-n', ...scriptArgs, '-c', String(clients), '-j', String(Math.min(clients, 2)), '-t', String(Math.max(1, Math.floor(total / clients)))];
           // Twice before counting: V8 compiles the hot paths, the pool fills.
           await pgbench(port, args);
           await pgbench(port, args);
@@ -155,7 +158,7 @@ export async function runInstructions(options: InstructionOptions): Promise<Inst
           const keep = process.env.BENCH_CALLGRIND_KEEP;
           const { main, all } = await counted.dump(keep === undefined ? undefined : join(keep, `${target.name}-${script}-${clients}.callgrind.out`));
           const row: InstructionResult = { script, clients, target: target.name, transactions, main_thread: Math.round(main / transactions), all_threads: Math.round(all / transactions) };
-          options.log(`  instructions ${script.padEnd(11)} ${String(clients).padStart(2)} cl. ${target.name.padEnd(9)} ${row.main_thread} per tx (all threads ${row.all_threads}) over ${transactions} tx`);
+          options.log(`  instructions ${script.padEnd(20)} ${String(clients).padStart(2)} cl. ${target.name.padEnd(9)} ${row.main_thread} per tx (all threads ${row.all_threads}) over ${transactions} tx`);
           results.push(row);
         }
       }

@@ -21,7 +21,8 @@ export type ServerConnectionState =
   /** Socket closed; no longer counted. */
   | 'closed';
 
-const ALLOWED: Readonly<Record<ServerConnectionState, readonly ServerConnectionState[]>> = {
+/** The machine: the states each state may change to. */
+export const SERVER_CONNECTION_TRANSITIONS: Readonly<Record<ServerConnectionState, readonly ServerConnectionState[]>> = {
   connecting: ['idle', 'active', 'closing', 'closed'],
   idle: ['active', 'resetting', 'closing', 'closed'],
   active: ['idle', 'resetting', 'closing', 'closed'],
@@ -43,7 +44,7 @@ export class InvalidTransitionError extends Error {
   }
 }
 
-/** A state's bit in ALLOWED_MASKS (a switch: a lookup by a state name read from a variable is slow in V8). */
+/** A state's bit in TRANSITION_MASKS (a switch: a lookup by a state name read from a variable is slow in V8). */
 function stateBit(state: ServerConnectionState): number {
   switch (state) {
     case 'connecting':
@@ -61,16 +62,16 @@ function stateBit(state: ServerConnectionState): number {
   }
 }
 
-/** ALLOWED as bit masks: a change of state runs twice per transaction. */
-const ALLOWED_MASKS: ReadonlyArray<number> = (() => {
+/** SERVER_CONNECTION_TRANSITIONS as bit masks: a change of state runs twice per transaction. */
+const TRANSITION_MASKS: ReadonlyArray<number> = (() => {
   const masks: number[] = [];
-  for (const from of Object.keys(ALLOWED) as ServerConnectionState[]) masks[stateBit(from)] = ALLOWED[from].reduce((mask, to) => mask | stateBit(to), 0);
+  for (const from of Object.keys(SERVER_CONNECTION_TRANSITIONS) as ServerConnectionState[]) masks[stateBit(from)] = SERVER_CONNECTION_TRANSITIONS[from].reduce((mask, to) => mask | stateBit(to), 0);
   return masks;
 })();
 
 /** Returns `to` if the machine allows `from -> to`, otherwise throws InvalidTransitionError. */
 export function transition(from: ServerConnectionState, to: ServerConnectionState): ServerConnectionState {
-  if ((ALLOWED_MASKS[stateBit(from)]! & stateBit(to)) === 0) throw new InvalidTransitionError(from, to);
+  if ((TRANSITION_MASKS[stateBit(from)]! & stateBit(to)) === 0) throw new InvalidTransitionError(from, to);
   return to;
 }
 

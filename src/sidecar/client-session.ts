@@ -23,6 +23,7 @@ import {
 import { routeMessage, unnamedStatement, type ClientStatements } from '../core/pool-state/index.ts';
 import type { SidecarMetrics } from './metrics.ts';
 import { isDirectReadable } from './direct-read-socket.ts';
+import { writePieces } from './native-socket.ts';
 import { acceptClientTls, type ClientTls } from './client-tls.ts';
 import type { NotificationHub, NotificationListener } from './notifications.ts';
 import type { AcquireFailure, Pool, PoolWaiter } from './pool.ts';
@@ -1043,12 +1044,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     for (const type of this.pendingTypes) tracker.clientMessage(type);
     emptyList(this.pendingTypes);
     const chunks = this.pendingChunks;
-    if (chunks.length === 1) server.write(chunks[0]!);
-    else {
-      server.stream.cork();
-      for (const c of chunks) server.write(c);
-      server.stream.uncork();
-    }
+    writePieces(server.stream, chunks);
     emptyList(chunks);
     this.holdWhileQueued(server.stream);
     this.cancelIfAsked();
@@ -1157,12 +1153,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       this.holding = true;
       editor.hold(() => queueMicrotask(() => this.onHoldSettled(server)));
     }
-    if (out.length === 1) server.write(out[0]!);
-    else {
-      server.stream.cork();
-      for (const piece of out) server.write(piece);
-      server.stream.uncork();
-    }
+    writePieces(server.stream, out);
     this.holdWhileQueued(server.stream);
     this.cancelIfAsked();
   }

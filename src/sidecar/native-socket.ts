@@ -164,6 +164,24 @@ export function batchClock(io: NativeSocketIo): () => number {
   return () => events.now();
 }
 
+/**
+ * Writes `pieces` in order, as one write: a NativeSocket gets them joined
+ * (one system call, and none of the Writable buffering that cork() and
+ * uncork() go through); another stream is corked around them.
+ */
+export function writePieces(out: Duplex, pieces: readonly Buffer[]): void {
+  if (pieces.length === 1) out.write(pieces[0]!);
+  else if (pieces.length > 1) {
+    if (out instanceof NativeSocket) {
+      out.write(Buffer.concat(pieces));
+      return;
+    }
+    out.cork();
+    for (const piece of pieces) out.write(piece);
+    out.uncork();
+  }
+}
+
 /** Writes bytes [start, end) of `buffer` to `out`, as `out.write(buffer.subarray(start, end))` (a NativeSocket makes no view). */
 export function writeRange(out: Duplex, buffer: Buffer, start: number, end: number): void {
   if (out instanceof NativeSocket) out.writeRange(buffer, start, end);

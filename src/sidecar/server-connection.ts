@@ -10,7 +10,7 @@ import { serialize } from 'pg-protocol';
 import { RESHAPED_ERROR, ResponseEditor, ServerStatementCache, isReshapedError, outcomeAfter, transition, TransactionTracker, type CommandOutcome, type ServerConnectionState } from '../core/pool-state/index.ts';
 import { FrameReader, MessageType, NO_SETTINGS, PARSE_COMPLETE, messageTypeTable, parseNoticeFields, type ClientSettings } from '../core/protocol/index.ts';
 import { isDirectReadable } from './direct-read-socket.ts';
-import { writeRange } from './native-socket.ts';
+import { writePieces, writeRange } from './native-socket.ts';
 
 /** Whoever currently uses the connection: a client session. */
 export interface ServerConnectionUser {
@@ -468,12 +468,7 @@ export class ServerConnection {
       return;
     }
     flushRun();
-    if (pieces.length === 1) out.write(pieces[0]!);
-    else if (pieces.length > 1) {
-      out.cork();
-      for (const piece of pieces) out.write(piece);
-      out.uncork();
-    }
+    writePieces(out, pieces);
     this.afterForwarding(out, user, boundary, ready);
   }
 

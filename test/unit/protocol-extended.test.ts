@@ -7,7 +7,7 @@ import fc from 'fast-check';
 import { serialize } from 'pg-protocol';
 import {
   PARSE_COMPLETE, ProtocolError, buildClosePortal, buildCloseStatement, buildDescribeStatement, buildParse, firstTextParameter, namesPreparedStatement,
-  parseBindMessage, parseParseMessage, parseTargetMessage, renameBind,
+  parseBindMessage, parseParseMessage, parseTargetMessage, renameBind, statementNameBytes,
 } from '../../src/core/protocol/index.ts';
 
 const at = (message: Buffer): [number, Buffer, number, number] => [message[0]!, message, 5, message.length];
@@ -68,12 +68,15 @@ describe('extended protocol: named statements', function () {
     assert.deepEqual(renamed, serialize.parse({ name: 'pk_x', text: 'SELECT $1::int, $2', types: [23, 25] }));
   });
 
-  it('renames the statement of a Bind and keeps its portal, formats and values', function () {
-    fc.assert(fc.property(fc.string({ maxLength: 8 }).filter((s) => !s.includes('\0')), fc.array(fc.option(fc.string({ maxLength: 20 }), { nil: null }), { maxLength: 5 }), (portal, values) => {
-      const original = serialize.bind({ portal, statement: 'client-name', values });
-      const bind = parseBindMessage(original, 5, original.length);
-      assert.equal(bind.statement, 'client-name');
-      assert.deepEqual(renameBind(original, 0, bind, original.length, 'pk_abc'), serialize.bind({ portal, statement: 'pk_abc', values }));
+  it('renames the statement of a Bind and keeps its portal, formats and values, wherever the Bind sits in its read', function () {
+    const noNul = (maxLength: number): fc.Arbitrary<string> => fc.string({ maxLength, unit: 'grapheme' }).filter((s) => !s.includes('\0'));
+    fc.assert(fc.property(noNul(8), noNul(12), fc.array(fc.option(fc.string({ maxLength: 20 }), { nil: null }), { maxLength: 5 }), fc.uint8Array({ maxLength: 9 }), fc.uint8Array({ maxLength: 9 }), (portal, serverName, values, before, after) => {
+      const bind = serialize.bind({ portal, statement: 'client-name', values });
+      const read = Buffer.concat([before, bind, after]);
+      const start = before.length;
+      const parsed = parseBindMessage(read, start + 5, start + bind.length);
+      assert.equal(parsed.statement, 'client-name');
+      assert.deepEqual(renameBind(read, start, parsed, start + bind.length, statementNameBytes(serverName)), serialize.bind({ portal, statement: serverName, values }));
     }));
   });
 

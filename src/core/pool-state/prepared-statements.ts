@@ -63,7 +63,7 @@
 import { createHash } from 'node:crypto';
 import {
   MessageType, ProtocolError, buildClosePortal, buildCloseStatement, buildParse, classifySessionCommand, laterSessionCommands, parseBindMessage, scanStatementText, splitStatements, TEXT_SEVERAL_STATEMENTS,
-  parseParseMessage, parseTargetMessage, renameBind, buildDescribeStatement, errorResponse,
+  parseParseMessage, parseTargetMessage, renameBind, statementNameBytes, buildDescribeStatement, errorResponse,
 } from '../protocol/index.ts';
 import { serialize } from 'pg-protocol';
 
@@ -80,6 +80,8 @@ export const SERVER_STATEMENT_PREFIX = 'pk_';
 export interface ClientStatement {
   /** Name on every server connection. */
   readonly serverName: string;
+  /** `serverName` as a Bind carries it (UTF-8 and a NUL): every Bind of the statement is renamed to it. */
+  readonly serverNameBytes: Buffer;
   /** Parse message under `serverName`, ready to inject. */
   readonly parse: Buffer;
   /** The server answered the client's Parse with ParseComplete (until then it may still fail). */
@@ -101,7 +103,7 @@ export function serverStatementName(definition: Buffer): string {
 /** Makes the session's record of a Parse's definition (copies what it keeps). */
 export function clientStatement(definition: Buffer): ClientStatement {
   const serverName = serverStatementName(definition);
-  return { serverName, parse: buildParse(serverName, definition), confirmed: false, batch: -1 };
+  return { serverName, serverNameBytes: statementNameBytes(serverName), parse: buildParse(serverName, definition), confirmed: false, batch: -1 };
 }
 
 /** The server-side statement names one server connection has prepared, least recently used first. */
@@ -234,6 +236,8 @@ export function isReshapedError(buffer: Buffer, bodyStart: number, end: number):
 const FLUSH = Buffer.from([0x48, 0, 0, 0, 4]);
 /** A Bind of RESHAPED_STATEMENT: it fails, and its error becomes RESHAPED_ERROR. */
 const BIND_RESHAPED = serialize.bind({ statement: RESHAPED_STATEMENT });
+/** RESHAPED_STATEMENT as a Bind carries it. */
+const RESHAPED_STATEMENT_BYTES = statementNameBytes(RESHAPED_STATEMENT);
 /** The receiver of a Describe's shape that is not kept (see ResponseEditor.describeParametersOnly). */
 const IGNORE_SHAPE = (): void => undefined;
 /** Not a reply type: an entry met by a CommandComplete (see ResponseEditor.expectCommand). */
@@ -663,7 +667,7 @@ export function routeMessage(
       }
       if (holdForShape(statement, editor, out)) return true;
       // Direct, the client's statement would fail revalidation: the server fails this Bind instead, and skips to Sync.
-      out.push(renameBind(buffer, start, bind, end, reshapedHere(statement, editor) ? RESHAPED_STATEMENT : statement.serverName));
+      out.push(renameBind(buffer, start, bind, end, reshapedHere(statement, editor) ? RESHAPED_STATEMENT_BYTES : statement.serverNameBytes));
       editor.afterTracked = false;
       return false;
     }
@@ -945,9 +949,12 @@ function parseUnnamed(client: ClientStatements, editor: ResponseEditor, message:
   });
 }
 
+/** The unnamed statement's name as a Bind carries it: the NUL alone. */
+const UNNAMED_BYTES = statementNameBytes('');
+
 /** The client's unnamed statement, kept to be prepared again on another server connection. */
 export function unnamedStatement(parse: Buffer, batch = -1): ClientStatement {
-  return { serverName: '', parse: Buffer.from(parse), confirmed: false, batch };
+  return { serverName: '', serverNameBytes: UNNAMED_BYTES, parse: Buffer.from(parse), confirmed: false, batch };
 }
 
 /**
@@ -1051,7 +1058,11 @@ function describeReshaped(statement: ClientStatement, editor: ResponseEditor, ou
 /** The statement's result shape on this server connection differs from the one it was parsed with for the client. */
 function reshapedHere(statement: ClientStatement, editor: ResponseEditor): boolean {
   const here = editor.statements.shape(statement.serverName);
-  return statement.shape !== undefined && here !== undefined && !here.equals(statement.shape);
+  if (statement.shape === undefined || here === undefined || here === statement.shape) return false;
+  if (!here.equals(statement.shape)) return true;
+  // The same shape: one Buffer for both from now on, so the next Bind's check compares references.
+  statement.shape = here;
+  return false;
 }
 
 /** Injects the statement's Parse and a Describe of it (replies swallowed; the shape recorded) if this server connection lacks it. */

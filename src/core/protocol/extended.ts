@@ -64,8 +64,13 @@ export function unnamedStatementEffect(type: number, buffer: Buffer, bodyStart: 
   }
 }
 
+/** Bytes a string is searched for its NUL in JavaScript before Buffer.indexOf takes over (a call into C++ costs more than a short loop). */
+const SHORT_STRING = 64;
+
 function cStringEnd(buffer: Buffer, offset: number, end: number): number {
-  const nul = buffer.indexOf(0, offset);
+  const loopEnd = Math.min(end, offset + SHORT_STRING);
+  for (let i = offset; i < loopEnd; i++) if (buffer[i] === 0) return i;
+  const nul = loopEnd < end ? buffer.indexOf(0, loopEnd) : -1;
   if (nul < 0 || nul >= end) throw new ProtocolError('malformed-body', 'unterminated string in an extended-protocol message');
   return nul;
 }
@@ -137,13 +142,13 @@ export function parseTargetMessage(buffer: Buffer, bodyStart: number, end: numbe
 }
 
 function frame(type: number, parts: readonly (Buffer | string)[]): Buffer {
-  const buffers = parts.map((p) => (typeof p === 'string' ? Buffer.from(p, 'utf8') : p));
-  const bodyLength = buffers.reduce((n, b) => n + b.length, 0);
+  let bodyLength = 0;
+  for (const part of parts) bodyLength += typeof part === 'string' ? Buffer.byteLength(part, 'utf8') : part.length;
   const out = Buffer.allocUnsafe(5 + bodyLength);
   out[0] = type;
   out.writeInt32BE(4 + bodyLength, 1);
   let offset = 5;
-  for (const b of buffers) offset += b.copy(out, offset);
+  for (const part of parts) offset += typeof part === 'string' ? out.write(part, offset, 'utf8') : part.copy(out, offset);
   return out;
 }
 
@@ -152,9 +157,27 @@ export function buildParse(name: string, definition: Buffer): Buffer {
   return frame(PARSE, [`${name}\0`, definition]);
 }
 
-/** The Bind message at `start..end` with its statement name replaced by `statement`. */
-export function renameBind(buffer: Buffer, start: number, bind: ParsedBind, end: number, statement: string): Buffer {
-  return frame(BIND, [buffer.subarray(start + 5, bind.statementStart), `${statement}\0`, buffer.subarray(bind.afterStatement, end)]);
+/**
+ * The Bind message at `start..end` with its statement name replaced by the
+ * name whose bytes, NUL included, are `name`. Copied straight from `buffer`,
+ * with no views made: it runs for every Bind of a named statement in
+ * transaction mode.
+ */
+export function renameBind(buffer: Buffer, start: number, bind: ParsedBind, end: number, name: Buffer): Buffer {
+  const portal = bind.statementStart - (start + 5);
+  const bodyLength = portal + name.length + (end - bind.afterStatement);
+  const out = Buffer.allocUnsafe(5 + bodyLength);
+  out[0] = BIND;
+  out.writeInt32BE(4 + bodyLength, 1);
+  buffer.copy(out, 5, start + 5, bind.statementStart);
+  name.copy(out, 5 + portal);
+  buffer.copy(out, 5 + portal + name.length, bind.afterStatement, end);
+  return out;
+}
+
+/** A statement name as a Bind carries it: its UTF-8 bytes and a NUL. */
+export function statementNameBytes(name: string): Buffer {
+  return Buffer.from(`${name}\0`, 'utf8');
 }
 
 /** Describe of statement `name`. */

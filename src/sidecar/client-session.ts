@@ -903,6 +903,11 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     if (this.host.notifications?.listens(this) === true) (this.unlistensSent ??= []).push(channel);
   }
 
+  /** UNLISTENs sent to the server connection for channels this client listens on through the hub, not yet run. */
+  get awaitingUnlistens(): boolean {
+    return this.unlistensSent !== undefined && this.unlistensSent.length > 0;
+  }
+
   /** The oldest UNLISTEN sent ran. */
   onUnlistenCompleted(): void {
     const channel = this.unlistensSent?.shift();

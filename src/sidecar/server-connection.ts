@@ -26,6 +26,8 @@ export interface ServerConnectionUser {
   onSettingsReset?(): void;
   /** A RESET completed, but an error or a rollback followed before the transaction ended: whether it still holds is unknown. */
   onSettingsResetUncertain?(): void;
+  /** UNLISTENs the client sent to the server connection wait for their CommandComplete (only then are tags compared). */
+  readonly awaitingUnlistens?: boolean;
   /** An UNLISTEN the client sent ran (its CommandComplete came), in order. */
   onUnlistenCompleted?(): void;
   /**
@@ -485,9 +487,10 @@ export class ServerConnection {
     const event = rollback ? 'rollback' : 'command';
     this.unlistenOutcome = outcomeAfter(this.unlistenOutcome, event);
     this.resetOutcome = outcomeAfter(this.resetOutcome, event);
-    if (this.user?.onUnlistenCompleted !== undefined && tagIs(UNLISTEN_TAG, buffer, bodyStart, end)) {
+    const user = this.user;
+    if (user?.awaitingUnlistens === true && tagIs(UNLISTEN_TAG, buffer, bodyStart, end)) {
       this.unlistenOutcome ??= 'clean';
-      this.user.onUnlistenCompleted();
+      user.onUnlistenCompleted?.();
     }
     // After RESET ALL the backend is on its login settings: the next client's settings are applied
     // again (asyncpg sends RESET ALL when its pool takes a connection back). A client's RESET holds

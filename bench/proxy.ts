@@ -74,7 +74,7 @@ export interface ProxyOptions {
   log: (line: string) => void;
 }
 
-type Target = 'direct' | 'pgbouncer' | 'sidecar' | 'pipe' | 'sidecar-b' | 'pgbouncer-unix' | 'sidecar-unix';
+type Target = 'direct' | 'pgbouncer' | 'sidecar' | 'pipe' | 'native-pipe' | 'c-relay' | 'sidecar-b' | 'pgbouncer-unix' | 'sidecar-unix';
 type Script = 'select-only' | 'tpcb-like' | 'select-only -M prepared';
 type Mode = 'transaction' | 'session';
 
@@ -297,11 +297,14 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
       session: await ProxyChild.start({ kind: 'sidecar', ...target, mode: 'session', grant: options.pool }, compiledChild),
     };
     const pipe = await ProxyChild.start({ kind: 'pipe', ...target }, compiledChild);
+    // The pipe on the sidecar's native socket I/O, and a relay in C on Node's event loop: only when asked for (--targets native-pipe,c-relay).
+    const nativePipe = options.targets?.includes('native-pipe') === true ? await ProxyChild.start({ kind: 'native-pipe', ...target }, compiledChild) : undefined;
+    const cRelay = options.targets?.includes('c-relay') === true ? await ProxyChild.start({ kind: 'c-relay', ...target }, compiledChild) : undefined;
     // A/B in one run (transaction mode only): the sidecar on Node.js streams (--streams), or another tree's
     // bench/proxy-child.ts named by BENCH_SIDECAR_B.
     const sidecarB = options.streams === true ? await ProxyChild.start({ kind: 'sidecar', ...target, mode: 'transaction', grant: options.pool, nativeIo: false }, compiledChild)
       : process.env.BENCH_SIDECAR_B === undefined ? undefined : await ProxyChild.start({ kind: 'sidecar', ...target, mode: 'transaction', grant: options.pool }, process.env.BENCH_SIDECAR_B);
-    for (const c of [...Object.values(sidecars), pipe, ...(sidecarB ? [sidecarB] : [])]) stoppers.push(() => c.stop());
+    for (const c of [...Object.values(sidecars), pipe, ...(sidecarB ? [sidecarB] : []), ...(nativePipe ? [nativePipe] : []), ...(cRelay ? [cRelay] : [])]) stoppers.push(() => c.stop());
 
     const rssIdle = processRssMb(sidecars.transaction.pid) ?? Number.NaN;
     await pgbench(['-i', '-s', '10', '-q', '-h', '127.0.0.1', '-p', String(postgres.port), '-U', app.user, APP_DATABASE]);
@@ -319,7 +322,7 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
           if (mode === 'session' && clients > options.pool) continue;
           // Direct and the pipe do not pool: measured once per script and client count, shown in both modes.
           const unix: Target[] = options.unix && mode === 'transaction' ? ['pgbouncer-unix', 'sidecar-unix'] : [];
-          cases.push({ script, mode, clients, targets: mode === 'transaction' ? ['direct', 'pipe', 'pgbouncer', 'sidecar', ...unix] : ['pgbouncer', 'sidecar'] });
+          cases.push({ script, mode, clients, targets: mode === 'transaction' ? ['direct', 'pipe', ...(nativePipe ? ['native-pipe' as const] : []), ...(cRelay ? ['c-relay' as const] : []), 'pgbouncer', 'sidecar', ...unix] : ['pgbouncer', 'sidecar'] });
         }
       }
     }
@@ -330,18 +333,18 @@ export async function runProxy(options: ProxyOptions): Promise<ProxyReport> {
     const selected = cases.filter((c) => (options.filter === undefined || options.filter.test(`${c.script} ${c.mode} ${c.clients}`)) && c.targets.length > 0);
 
     // Warm-up, not recorded: each proxy's JIT and buffers settle before round 1.
-    for (const port of [pipe.port, ...(sidecarB ? [sidecarB.port] : []), ...Object.values(bouncers).map((b) => b.port), ...Object.values(sidecars).map((c) => c.port)]) {
+    for (const port of [pipe.port, ...(nativePipe ? [nativePipe.port] : []), ...(cRelay ? [cRelay.port] : []), ...(sidecarB ? [sidecarB.port] : []), ...Object.values(bouncers).map((b) => b.port), ...Object.values(sidecars).map((c) => c.port)]) {
       await pgbench(['-n', '-S', '-T', '1', '-c', '10', '-j', '2', '-h', '127.0.0.1', '-p', String(port), '-U', app.user, APP_DATABASE]);
     }
     const runs = new Map<string, Run[]>();
-    const key = (c: { script: Script; mode: Mode; clients: number }, t: Target): string => (t === 'direct' || t === 'pipe') && c.script !== 'select-only -M prepared' ? `${c.script}|${c.clients}|${t}` : `${c.script}|${c.mode}|${c.clients}|${t}`;
+    const key = (c: { script: Script; mode: Mode; clients: number }, t: Target): string => (t === 'direct' || t === 'pipe' || t === 'native-pipe' || t === 'c-relay') && c.script !== 'select-only -M prepared' ? `${c.script}|${c.clients}|${t}` : `${c.script}|${c.mode}|${c.clients}|${t}`;
     for (let round = 0; round < rounds; round += 1) {
       for (const [index, c] of selected.entries()) {
         const order = c.targets.map((_, i) => c.targets[(i + round + index) % c.targets.length]!);
         for (const t of order) {
-          const proxyOf = t === 'pipe' ? pipe : t === 'pgbouncer' || t === 'pgbouncer-unix' ? bouncers[c.mode] : t === 'sidecar' || t === 'sidecar-unix' ? sidecars[c.mode] : t === 'sidecar-b' ? sidecarB : undefined;
+          const proxyOf = t === 'pipe' ? pipe : t === 'native-pipe' ? nativePipe : t === 'c-relay' ? cRelay : t === 'pgbouncer' || t === 'pgbouncer-unix' ? bouncers[c.mode] : t === 'sidecar' || t === 'sidecar-unix' ? sidecars[c.mode] : t === 'sidecar-b' ? sidecarB : undefined;
           const port = proxyOf?.port ?? postgres.port;
-          const pid = t === 'pipe' || t === 'direct' ? undefined : proxyOf?.pid;
+          const pid = t === 'direct' ? undefined : proxyOf?.pid;
           // libpq takes a directory as the host: the Unix-domain socket .s.PGSQL.<port> in it.
           const host = t === 'pgbouncer-unix' ? bouncers[c.mode].socketDir : t === 'sidecar-unix' ? sidecarSocketDir : '127.0.0.1';
           // 50 backends forked at once on a loaded 2-core machine can take longer than a short run (pgbench's tps leaves connection time out).

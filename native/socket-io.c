@@ -33,6 +33,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -75,6 +76,13 @@ struct pk_socket {
   int want_writable;
   int polled; /* the events uv_poll is started with */
   int closed;
+  /* relay(): reads go straight to this socket, no JavaScript (the bench's floor of a proxy in this event loop). */
+  pk_socket_ptr relay_to;
+  /* Bytes a relayed read left unsent (relay_to could not take them): reading waits until they are written. */
+  char *relay_pending;
+  size_t relay_pending_length;
+  /* The socket whose relayed bytes wait for this one to become writable. */
+  pk_socket_ptr relay_waiting;
 };
 
 #define CHECK(call)                                                            \
@@ -83,6 +91,8 @@ struct pk_socket {
   } while (0)
 
 static void on_poll(uv_poll_t *poll, int status, int events);
+static void relay_read(pk_socket *s);
+static void relay_drain(pk_socket *to);
 
 static void update_poll(pk_socket *s) {
   int events = (s->reading ? UV_READABLE : 0) | (s->want_writable ? UV_WRITABLE : 0);
@@ -162,7 +172,12 @@ static void on_poll(uv_poll_t *poll, int status, int events) {
   if ((events & UV_WRITABLE) && s->want_writable) {
     s->want_writable = 0;
     update_poll(s);
-    enqueue(s, EVENT_WRITABLE, 0, 0);
+    if (s->relay_waiting != NULL && !s->relay_waiting->closed) relay_drain(s);
+    else enqueue(s, EVENT_WRITABLE, 0, 0);
+  }
+  if ((events & (UV_READABLE | UV_DISCONNECT)) && s->reading && s->relay_to != NULL && s->buffer != NULL && !s->relay_to->closed) {
+    relay_read(s);
+    return;
   }
   /* Level-triggered: a socket left unread now is reported again by the next poll. */
   if ((events & (UV_READABLE | UV_DISCONNECT)) && s->reading && s->buffer != NULL && !s->read_queued) {
@@ -192,6 +207,72 @@ static void on_poll(uv_poll_t *poll, int status, int events) {
     if (s->shared_buffer) e->shared_used = offset + (size_t)n;
     enqueue(s, EVENT_DATA, (int)n, (int)offset);
   }
+}
+
+static ssize_t send_all_once(int fd, const char *data, size_t length) {
+  ssize_t n;
+  do n = send(fd, data, length, MSG_NOSIGNAL);
+  while (n < 0 && errno == EINTR);
+  return n;
+}
+
+/* A relayed socket is readable: read, send on, and on a short send keep the rest and stop reading until its peer drains. */
+static void relay_read(pk_socket *s) {
+  pk_socket *to = s->relay_to;
+  ssize_t n;
+  do n = read(s->fd, s->buffer, s->capacity);
+  while (n < 0 && errno == EINTR);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+  if (n <= 0) {
+    s->reading = 0;
+    update_poll(s);
+    enqueue(s, n == 0 ? EVENT_EOF : EVENT_ERROR, n == 0 ? 0 : -errno, 0);
+    return;
+  }
+  ssize_t sent = send_all_once(to->fd, s->buffer, (size_t)n);
+  if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+    enqueue(to, EVENT_ERROR, -errno, 0);
+    return;
+  }
+  if (sent == n) return;
+  size_t rest = (size_t)n - (size_t)(sent < 0 ? 0 : sent);
+  s->relay_pending = malloc(rest);
+  if (s->relay_pending == NULL) {
+    enqueue(s, EVENT_ERROR, -ENOMEM, 0);
+    return;
+  }
+  memcpy(s->relay_pending, s->buffer + (n - (ssize_t)rest), rest);
+  s->relay_pending_length = rest;
+  s->reading = 0;
+  update_poll(s);
+  to->relay_waiting = s;
+  to->want_writable = 1;
+  update_poll(to);
+}
+
+/* The peer of a relayed socket can take more: send what waits, then read again. */
+static void relay_drain(pk_socket *to) {
+  pk_socket *s = to->relay_waiting;
+  ssize_t sent = send_all_once(to->fd, s->relay_pending, s->relay_pending_length);
+  if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+    to->relay_waiting = NULL;
+    enqueue(to, EVENT_ERROR, -errno, 0);
+    return;
+  }
+  size_t done = sent < 0 ? 0 : (size_t)sent;
+  if (done < s->relay_pending_length) {
+    memmove(s->relay_pending, s->relay_pending + done, s->relay_pending_length - done);
+    s->relay_pending_length -= done;
+    to->want_writable = 1;
+    update_poll(to);
+    return;
+  }
+  free(s->relay_pending);
+  s->relay_pending = NULL;
+  s->relay_pending_length = 0;
+  to->relay_waiting = NULL;
+  s->reading = 1;
+  update_poll(s);
 }
 
 static pk_socket *unwrap(napi_env env, napi_value value) {
@@ -427,9 +508,34 @@ static napi_value SetNoDelay(napi_env env, napi_callback_info info) {
   return int_value(env, setsockopt(s->fd, IPPROTO_TCP, TCP_NODELAY, &value, sizeof value) < 0 ? -errno : 0);
 }
 
+/*
+ * relay(from, to): from now on every read of `from` is sent to `to` here, in
+ * C, with no JavaScript; only the end or an error of either is delivered.
+ * `from` must have a buffer of its own (not shared). Not used by the sidecar:
+ * the bench's `c-relay` measures with it what a proxy in this event loop costs
+ * at least, without JavaScript per read. Close both sockets together.
+ */
+static napi_value Relay(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  pk_socket *s = socket_args(env, info, 2, argv);
+  if (s == NULL) return NULL;
+  pk_socket *to = unwrap(env, argv[1]);
+  if (to == NULL || to->closed) {
+    napi_throw_type_error(env, NULL, "relay(from, to): `to` must be an open socket");
+    return NULL;
+  }
+  if (s->shared_buffer) {
+    napi_throw_type_error(env, NULL, "relay(from, to): `from` must read into a buffer of its own");
+    return NULL;
+  }
+  s->relay_to = to;
+  return NULL;
+}
+
 static void on_closed(uv_handle_t *handle) {
   pk_socket *s = (pk_socket *)handle->data;
   close(s->fd);
+  free(s->relay_pending);
   free(s);
 }
 
@@ -509,7 +615,7 @@ NAPI_MODULE_INIT() {
       !export_function(env, exports, "reading", Reading) || !export_function(env, exports, "write", Write) ||
       !export_function(env, exports, "waitWritable", WaitWritable) || !export_function(env, exports, "shutdown", Shutdown) ||
       !export_function(env, exports, "setNoDelay", SetNoDelay) || !export_function(env, exports, "close", Close) || !export_function(env, exports, "quietLoop", QuietLoop) ||
-      !export_function(env, exports, "tcpKeepalive", TcpKeepalive))
+      !export_function(env, exports, "tcpKeepalive", TcpKeepalive) || !export_function(env, exports, "relay", Relay))
     return NULL;
   napi_value queue_events;
   if (napi_create_int32(env, QUEUE_EVENTS, &queue_events) != napi_ok || napi_set_named_property(env, exports, "queueEvents", queue_events) != napi_ok)

@@ -64,6 +64,13 @@ export interface NativeSocketIo {
    * `fd`: 0, or -errno.
    */
   tcpKeepalive(fd: number, idleSeconds: number, intervalSeconds: number, count: number, userTimeoutMs: number): number;
+  /**
+   * Every read of `from` is sent on to `to` by the native side, with no
+   * JavaScript; only an end or an error is delivered. `from` must read into a
+   * buffer of its own. The sidecar does not use it: the bench measures with
+   * it what any proxy in this event loop costs at least.
+   */
+  relay(from: NativeHandle, to: NativeHandle): void;
 }
 
 const EVENT_DATA = 0;
@@ -314,6 +321,11 @@ export class NativeSocket extends Duplex implements DirectReadable {
 
   setOwnReadBuffer(own: boolean): void {
     this.target.wantOwn(own);
+  }
+
+  /** Reads go on to `to` natively from now on (NativeSocketIo.relay): for the bench's floor of a proxy. */
+  relayTo(to: NativeSocket): void {
+    this.io.relay(this.handle, to.handle);
   }
 
   /** TCP_NODELAY (nothing on a Unix-domain socket). */

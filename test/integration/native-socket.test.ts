@@ -386,6 +386,46 @@ describe('NativeSocket (native socket I/O)', () => {
     }
   });
 
+  it('relay() (the bench\'s floor) sends every read on in C, waits for a peer that does not read without losing or reordering a byte, and still reports the end', async () => {
+    const adopted: NativeSocket[] = [];
+    const { server, connect } = await nativeServer(io, (native) => adopted.push(native), { buffers: new ReadBufferPool() });
+    const sender = await connect();
+    const receiver = await connect();
+    receiver.pause();
+    try {
+      await new Promise((r) => setTimeout(r, 20));
+      assert.equal(adopted.length, 2);
+      const [fromSender, toReceiver] = adopted as [NativeSocket, NativeSocket];
+      fromSender.relayTo(toReceiver);
+      toReceiver.relayTo(fromSender);
+      // More than both sockets' kernel buffers: the relay must hold the rest and stop reading until the receiver reads.
+      const payload = pattern(16 * 1024 * 1024, 3);
+      sender.write(payload);
+      await new Promise((r) => setTimeout(r, 200));
+      const received: Buffer[] = [];
+      let length = 0;
+      const all = new Promise<void>((resolve) => receiver.on('data', (chunk: Buffer) => {
+        received.push(chunk);
+        length += chunk.length;
+        if (length >= payload.length) resolve();
+      }));
+      receiver.resume();
+      await all;
+      assert.ok(Buffer.concat(received).equals(payload), 'the relayed bytes changed or came out of order');
+      const back = new Promise<Buffer>((resolve) => sender.once('data', (chunk: Buffer) => resolve(chunk)));
+      receiver.write('pong');
+      assert.equal((await back).toString(), 'pong');
+      const ended = new Promise<void>((resolve) => fromSender.once('close', () => resolve()));
+      sender.end();
+      await ended;
+    } finally {
+      sender.destroy();
+      receiver.destroy();
+      for (const socket of adopted) socket.destroy();
+      await closeServer(server);
+    }
+  });
+
   it('quietLoop() turns off libuv\'s idle-time metrics (one poll fewer per wake-up), in a process of its own', async () => {
     // The idle time of a loop that only waits for a timer: about all of it with the metrics on, none once they are off.
     const idleMs = (quiet: boolean): Promise<{ quiet: unknown; idle: number }> => new Promise((resolve, reject) => {

@@ -3,7 +3,7 @@
  * as one terminal table and, with --json, one JSON file.
  *
  *   npm run bench [-- --quick] [-- --json FILE] [-- --only proxy|controller|instructions] [-- --unix|--no-unix] [-- --streams]
- *                 [-- --seconds N --rounds N --filter REGEX --targets pgbouncer,sidecar,sidecar-b --pods 100,1000]
+ *                 [-- --seconds N --rounds N --filter REGEX --targets pgbouncer,sidecar,sidecar-b,native-pipe,c-relay --pods 100,1000]
  *                 [-- --instructions] [-- --transactions N]
  *
  * --quick (under 3 minutes): the controller at 100 pods, one round of each

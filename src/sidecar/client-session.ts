@@ -148,6 +148,21 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private unnamedLength = 0;
   /** A Parse of the unnamed statement came since the last Sync or Query: a Bind of it now runs on the same server connection. */
   private unnamedInBatch = false;
+
+  /**
+   * The client's unnamed statement was parsed from a Parse too large to keep
+   * (streamed through): it exists only on the server connection that ran it,
+   * so the client keeps that connection from one transaction to the next
+   * until a Query, a Close or another Parse replaces it. pg8000 parses every
+   * statement in a batch of its own and binds it in the next, and so does
+   * pgx's describe_exec mode.
+   */
+  private get holdsUnkeptUnnamed(): boolean {
+    return this.unnamedLength < 0;
+  }
+
+  /** The session began naming statements while holding such an unnamed statement: the rewriting starts with it current on its (pinned) connection. */
+  private unkeptUnnamedCurrent = false;
   /** BackendKeyData sent at login; undefined until then. */
   private key: [number, number] | undefined;
   /** Run-time settings from the startup packet and the client's SETs since, applied to every server connection this client uses. */
@@ -383,12 +398,14 @@ export class ClientSession implements PoolWaiter, NotificationListener {
                 reader.gatherWhole();
                 continue;
               }
-              if (this.unnamedLength < 0 && unnamedStatementEffect(type, reader.buffer, reader.bodyStart, reader.end) === 'use') {
-                this.refuseStatementTracking('the unnamed prepared statement, used in a later batch than its Parse, is too large to track in transaction mode', 'Parse it again in the same batch, or use pool.mode: session');
-                return;
-              }
+              // An unnamed statement too large to keep is current on the connection held: the rewriting cannot prepare it elsewhere.
+              const unkept = this.holdsUnkeptUnnamed;
               this.startNamingStatements(runBuffer?.subarray(runStart, runEnd));
               runBuffer = undefined;
+              if (unkept) {
+                this.pin('unnamed-statement');
+                this.unkeptUnnamedCurrent = true;
+              }
             }
             if (this.unnamedSetting && this.pinnedBy === undefined) this.followUnnamedSetting(type, reader.buffer, reader.bodyStart, reader.end);
             if (this.settingStatements !== undefined && this.pinnedBy === undefined) this.followSettingStatements(type, reader.buffer, reader.bodyStart, reader.end);
@@ -539,7 +556,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
     const effect = unnamedStatementEffect(type, buffer, bodyStart, end);
     if (effect === undefined) return false;
-    if (effect === 'use') return !this.unnamedInBatch;
+    // One streamed through (not kept) lives on the server connection the client holds until it is replaced (see holdsUnkeptUnnamed).
+    if (effect === 'use') return !this.unnamedInBatch && this.unnamedLength >= 0;
     if (effect === 'close') {
       this.unnamedLength = 0;
       return false;
@@ -1116,6 +1134,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       // statements, as psycopg 3 sends before it prepares one; pgjdbc's Close of a portal and the SAVEPOINT
       // Query of autosave) are expected ahead of ours, each in the batch it belongs to.
       editor.activate(tracker.batchesOwed, tracker.unsyncedReplyTypes(), !tracker.extendedOpen, tracker.skipping);
+      if (this.unkeptUnnamedCurrent) editor.unnamedCurrent = true;
+      this.unkeptUnnamedCurrent = false;
     }
     const out: Buffer[] = [];
     // Messages routed; where routing stopped to hold a message (chunk index and offset), if it did.
@@ -1403,7 +1423,7 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       return;
     }
     // Draining too: a session keeps its own until it is closed (see drain).
-    if (this.host.mode === 'transaction' && this.pinnedBy === undefined) this.releaseServer(true);
+    if (this.host.mode === 'transaction' && this.pinnedBy === undefined && !this.holdsUnkeptUnnamed) this.releaseServer(true);
     if (this.restate !== undefined) this.sendRestated();
     // The next transaction waits for the hub again; a pinned client gets what came meanwhile now.
     if (this.hubSync === 'done') this.hubSync = 'none';
@@ -1507,6 +1527,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     this.statements = new Map();
     // The unnamed statement parsed before, as the client knows it: prepared again wherever it is used.
     if (this.unnamedLength > 0) this.statements.set('', unnamedStatement(this.unnamedParse!.subarray(0, this.unnamedLength)));
+    // One too large to keep is not in the map: it stays current on the connection the client is pinned to (see the caller).
+    this.unnamedLength = 0;
     this.unnamedParse = undefined;
     this.reader.stopStreaming();
     if (run !== undefined) this.pendingChunks.push(run);
@@ -1515,12 +1537,6 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       emptyList(this.pendingChunks);
       this.pendingChunks.push(joined);
     }
-  }
-
-  private refuseStatementTracking(message: string, hint: string): void {
-    this.host.metrics.error('prepared-statement-refused');
-    this.releaseServer(false);
-    this.fail({ severity: 'FATAL', code: '0A000', message, hint });
   }
 
   private onProtocolError(error: unknown): void {

@@ -40,9 +40,6 @@ const TRANSACTION_MODE_DIFFERS: Record<string, (compare: Json) => Json> = {
   // The BackendKeyData pid names no backend: pg_backend_pid() and a notification's sender pid are another's.
   backendPid: () => ({ pidIsBackendPid: [false, false] }),
   listenNotify: (want) => ({ ...want, pids: { otherSenderIsNotifierPid: false, ownSenderIsOwnPid: false } }),
-  // describe_exec binds in a later batch the unnamed statement it parsed: over 256 KiB it is not kept, and the
-  // client is refused with FATAL 0A000 saying so (docs/prepared-statements.md, Limits).
-  largeStatement: (want) => ({ ...want, 'describe exec': ['{"sqlstate":"0A000"}', '{"error":"conn closed"} x2'] }),
 };
 
 function runProgram(binary: string, config: Json): Promise<Record<string, Step>> {

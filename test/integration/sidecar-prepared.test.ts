@@ -812,4 +812,65 @@ describe('sidecar: the unnamed statement across transactions (transaction mode)'
       c.close();
     }
   });
+
+  it('binds in later batches an unnamed statement too large to keep (pg8000 parses every statement in a batch of its own), holding its server connection until the statement is replaced', async function () {
+    const a = await WireClient.connect(running.port, postgres.app.user);
+    const b = await WireClient.connect(running.port, postgres.app.user);
+    try {
+      // Over 256 KiB: streamed through to the server, not kept by the sidecar.
+      const text = `SELECT $1::text || 'a' AS n /* ${'x'.repeat(300 * 1024)} */`;
+      assert.equal(types(await a.exchange([serialize.parse({ text }), serialize.sync()])), '1Z');
+      // pg8000: Describe in the next batch, then Bind, Execute and Sync in the one after.
+      assert.equal(types(await a.exchange([serialize.describe({ type: 'S', name: '' }), serialize.sync()])), 'tTZ');
+      // Another client's statement waits: the grant is 1 and the connection holds A's statement.
+      let bDone = false;
+      const bQuery = b.exchange([serialize.query('SELECT 2')]).then((r) => {
+        bDone = true;
+        return r;
+      });
+      for (let i = 0; i < 2; i++) {
+        const bound = await a.exchange([serialize.bind({ values: [`v${i}`] }), serialize.execute({}), serialize.sync()]);
+        assert.equal(types(bound), '2DCZ');
+        assert.equal(dataValue(bound.find((r) => r.type === 'D')!), `v${i}a`);
+      }
+      assert.equal(bDone, false, 'the connection holding the unkept statement was lent to another client');
+      // A Parse that replaces it ends the hold at the end of its transaction.
+      const replaced = await a.exchange([serialize.parse({ text: 'SELECT 3' }), serialize.bind({}), serialize.execute({}), serialize.sync()]);
+      assert.equal(types(replaced), '12DCZ');
+      assert.equal(dataValue((await bQuery).find((r) => r.type === 'D')!), '2');
+    } finally {
+      a.close();
+      b.close();
+    }
+  });
+
+  it('pins a client that names a statement while an unnamed one too large to keep is current: a later Bind of that one still runs', async function () {
+    const a = await WireClient.connect(running.port, postgres.app.user);
+    const b = await WireClient.connect(running.port, postgres.app.user);
+    let aClosed = false;
+    try {
+      const text = `SELECT $1::text || 'a' AS n /* ${'x'.repeat(300 * 1024)} */`;
+      assert.equal(types(await a.exchange([serialize.parse({ text }), serialize.sync()])), '1Z');
+      assert.equal(types(await a.exchange([serialize.parse({ name: 'one', text: 'SELECT 1 AS n' }), serialize.sync()])), '1Z');
+      const bound = await a.exchange([serialize.bind({ values: ['x'] }), serialize.execute({}), serialize.sync()]);
+      assert.equal(types(bound), '2DCZ');
+      assert.equal(dataValue(bound.find((r) => r.type === 'D')!), 'xa');
+      const named = await a.exchange([serialize.bind({ statement: 'one' }), serialize.execute({}), serialize.sync()]);
+      assert.equal(dataValue(named.find((r) => r.type === 'D')!), '1');
+      // Pinned: the one server connection serves another client only once A leaves.
+      let bDone = false;
+      const bQuery = b.exchange([serialize.query('SELECT 2')]).then((r) => {
+        bDone = true;
+        return r;
+      });
+      await a.exchange([serialize.query('SELECT 1')]);
+      assert.equal(bDone, false, 'the pinned connection was lent to another client');
+      a.close();
+      aClosed = true;
+      assert.equal(dataValue((await bQuery).find((r) => r.type === 'D')!), '2');
+    } finally {
+      if (!aClosed) a.close();
+      b.close();
+    }
+  });
 });

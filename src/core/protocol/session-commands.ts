@@ -14,10 +14,10 @@
 import type { SettingChange } from './client-settings.ts';
 
 /** Why a client keeps its server connection between transactions. */
-export type PinReason = 'set' | 'listen' | 'prepare' | 'temp-table' | 'cursor-with-hold' | 'advisory-lock' | 'sequence';
+export type PinReason = 'set' | 'listen' | 'prepare' | 'temp-table' | 'cursor-with-hold' | 'advisory-lock' | 'sequence' | 'unnamed-statement';
 
 /** Every pin reason, for metrics that must report zeros too. */
-export const PIN_REASONS: readonly PinReason[] = ['set', 'listen', 'prepare', 'temp-table', 'cursor-with-hold', 'advisory-lock', 'sequence'];
+export const PIN_REASONS: readonly PinReason[] = ['set', 'listen', 'prepare', 'temp-table', 'cursor-with-hold', 'advisory-lock', 'sequence', 'unnamed-statement'];
 
 /** A session command and what it acts on. */
 export type SessionCommand =

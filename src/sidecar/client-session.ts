@@ -75,6 +75,10 @@ type Phase = 'startup' | 'login' | 'ready' | 'closed';
 
 const NOTHING = Buffer.alloc(0);
 
+/** ClientSession.unnamedLength of an unnamed statement streamed through (too large to keep) and not bound yet: its server connection is held. */
+const UNKEPT_UNNAMED = -1;
+/** The same statement once a batch bound it: no longer held; bound again in a later transaction, the client is refused. */
+const UNKEPT_UNNAMED_BOUND = -2;
 /** Messages longer than this are streamed (see FrameReader); PgBouncer's pkt_buf plays the same role. */
 export const STREAM_ABOVE_BYTES = 256 * 1024;
 const CLIENT_STREAMABLE = messageTypeTable('QdBPF');
@@ -141,8 +145,8 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   /**
    * Until then (transaction mode): the client's latest Parse of the unnamed
    * statement, bytes [0, unnamedLength) of unnamedParse (reused, so keeping it
-   * costs a copy, not an allocation); length 0: none, -1: one streamed, too
-   * large to keep.
+   * costs a copy, not an allocation); length 0: none; UNKEPT_UNNAMED or
+   * UNKEPT_UNNAMED_BOUND: one streamed through, too large to keep.
    */
   private unnamedParse: Buffer | undefined;
   private unnamedLength = 0;
@@ -151,14 +155,15 @@ export class ClientSession implements PoolWaiter, NotificationListener {
 
   /**
    * The client's unnamed statement was parsed from a Parse too large to keep
-   * (streamed through): it exists only on the server connection that ran it,
-   * so the client keeps that connection from one transaction to the next
-   * until a Query, a Close or another Parse replaces it. pg8000 parses every
-   * statement in a batch of its own and binds it in the next, and so does
-   * pgx's describe_exec mode.
+   * (streamed through) and not bound yet: it exists only on the server
+   * connection that ran it, so the client keeps that connection from one
+   * transaction to the next until a batch binds it (or a Query, a Close or
+   * another Parse replaces it). pg8000 parses every statement in a batch of
+   * its own and binds it in a later one, and so does pgx's describe_exec mode;
+   * holding no longer than that, an idle client does not keep a connection.
    */
   private get holdsUnkeptUnnamed(): boolean {
-    return this.unnamedLength < 0;
+    return this.unnamedLength === UNKEPT_UNNAMED;
   }
 
   /** The session began naming statements while holding such an unnamed statement: the rewriting starts with it current on its (pinned) connection. */
@@ -398,8 +403,12 @@ export class ClientSession implements PoolWaiter, NotificationListener {
                 reader.gatherWhole();
                 continue;
               }
+              if (this.unnamedLength < 0 && this.server === undefined && unnamedStatementEffect(type, reader.buffer, reader.bodyStart, reader.end) === 'use') {
+                this.refuseStatementTracking('the unnamed prepared statement, bound again in a later transaction than its Parse, is too large to track in transaction mode', 'Parse it again before each use, or use pool.mode: session');
+                return;
+              }
               // An unnamed statement too large to keep is current on the connection held: the rewriting cannot prepare it elsewhere.
-              const unkept = this.holdsUnkeptUnnamed;
+              const unkept = this.unnamedLength < 0 && this.server !== undefined;
               this.startNamingStatements(runBuffer?.subarray(runStart, runEnd));
               runBuffer = undefined;
               if (unkept) {
@@ -556,15 +565,19 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     }
     const effect = unnamedStatementEffect(type, buffer, bodyStart, end);
     if (effect === undefined) return false;
-    // One streamed through (not kept) lives on the server connection the client holds until it is replaced (see holdsUnkeptUnnamed).
-    if (effect === 'use') return !this.unnamedInBatch && this.unnamedLength >= 0;
+    if (effect === 'use') {
+      if (this.unnamedLength >= 0) return !this.unnamedInBatch;
+      // One streamed through (not kept) runs only where it was parsed: on the server connection the client still holds (see holdsUnkeptUnnamed).
+      if (type === MessageType.bind) this.unnamedLength = UNKEPT_UNNAMED_BOUND;
+      return !this.unnamedInBatch && this.server === undefined;
+    }
     if (effect === 'close') {
       this.unnamedLength = 0;
       return false;
     }
     this.unnamedInBatch = true;
     if (piece) {
-      this.unnamedLength = -1;
+      this.unnamedLength = UNKEPT_UNNAMED;
       return false;
     }
     const length = end - start;
@@ -1537,6 +1550,12 @@ export class ClientSession implements PoolWaiter, NotificationListener {
       emptyList(this.pendingChunks);
       this.pendingChunks.push(joined);
     }
+  }
+
+  private refuseStatementTracking(message: string, hint: string): void {
+    this.host.metrics.error('prepared-statement-refused');
+    this.releaseServer(false);
+    this.fail({ severity: 'FATAL', code: '0A000', message, hint });
   }
 
   private onProtocolError(error: unknown): void {

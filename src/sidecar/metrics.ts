@@ -27,6 +27,7 @@ export interface SidecarMetricsSource {
 export type SidecarErrorKind =
   | 'client-protocol'
   | 'client-auth'
+  | 'prepared-statement-refused'
   | 'sequence-read-refused'
   | 'pool-timeout'
   | 'login-refused'

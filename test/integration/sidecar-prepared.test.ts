@@ -813,7 +813,7 @@ describe('sidecar: the unnamed statement across transactions (transaction mode)'
     }
   });
 
-  it('binds in later batches an unnamed statement too large to keep (pg8000 parses every statement in a batch of its own), holding its server connection until the statement is replaced', async function () {
+  it('binds in a later batch an unnamed statement too large to keep (pg8000 parses every statement in a batch of its own), holding its server connection until a batch binds it; bound again later, 0A000', async function () {
     const a = await WireClient.connect(running.port, postgres.app.user);
     const b = await WireClient.connect(running.port, postgres.app.user);
     try {
@@ -828,16 +828,19 @@ describe('sidecar: the unnamed statement across transactions (transaction mode)'
         bDone = true;
         return r;
       });
-      for (let i = 0; i < 2; i++) {
-        const bound = await a.exchange([serialize.bind({ values: [`v${i}`] }), serialize.execute({}), serialize.sync()]);
-        assert.equal(types(bound), '2DCZ');
-        assert.equal(dataValue(bound.find((r) => r.type === 'D')!), `v${i}a`);
-      }
+      await new Promise((r) => setTimeout(r, 100));
       assert.equal(bDone, false, 'the connection holding the unkept statement was lent to another client');
-      // A Parse that replaces it ends the hold at the end of its transaction.
-      const replaced = await a.exchange([serialize.parse({ text: 'SELECT 3' }), serialize.bind({}), serialize.execute({}), serialize.sync()]);
-      assert.equal(types(replaced), '12DCZ');
+      const bound = await a.exchange([serialize.bind({ values: ['v'] }), serialize.execute({}), serialize.sync()]);
+      assert.equal(types(bound), '2DCZ');
+      assert.equal(dataValue(bound.find((r) => r.type === 'D')!), 'va');
+      // Bound: the hold ends with that transaction.
       assert.equal(dataValue((await bQuery).find((r) => r.type === 'D')!), '2');
+      // Bound again in a later transaction, on whatever connection: refused, saying why.
+      const again = await a.exchangeUntil([serialize.bind({ values: ['w'] }), serialize.execute({}), serialize.sync()], 'E');
+      assert.equal(types(again), 'E', 'a second Bind of an unkept statement in a later transaction was not refused');
+      const fields = parseNoticeFields(again[0]!.body);
+      assert.deepEqual([fields.S, fields.C], ['FATAL', '0A000']);
+      assert.match(fields.M ?? '', /too large to track/);
     } finally {
       a.close();
       b.close();

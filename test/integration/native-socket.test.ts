@@ -60,6 +60,19 @@ function pattern(length: number, seed: number): Buffer {
   return payload;
 }
 
+/** Resumes `socket` and resolves with the first `length` bytes (or more) it reads. */
+function receive(socket: Socket, length: number): Promise<Buffer> {
+  const received: Buffer[] = [];
+  let total = 0;
+  const all = new Promise<Buffer>((resolve) => socket.on('data', (chunk: Buffer) => {
+    received.push(chunk);
+    total += chunk.length;
+    if (total >= length) resolve(Buffer.concat(received));
+  }));
+  socket.resume();
+  return all;
+}
+
 describe('NativeSocket (native socket I/O)', () => {
   let io: NativeSocketIo;
 
@@ -187,16 +200,7 @@ describe('NativeSocket (native socket I/O)', () => {
       adopted.write(Buffer.alloc(0), () => (flushed = true));
       await new Promise((r) => setTimeout(r, 100));
       assert.equal(flushed, false, 'the write callback ran before the peer read anything');
-      const received: Buffer[] = [];
-      let length = 0;
-      const all = new Promise<void>((resolve) => client.on('data', (chunk: Buffer) => {
-        received.push(chunk);
-        length += chunk.length;
-        if (length >= 64 * 256 * 1024) resolve();
-      }));
-      client.resume();
-      await all;
-      assert.ok(Buffer.concat(received).equals(Buffer.concat(pieces)), 'the bytes arrived out of order or changed');
+      assert.ok((await receive(client, 64 * 256 * 1024)).equals(Buffer.concat(pieces)), 'the bytes arrived out of order or changed');
       await new Promise((r) => setTimeout(r, 20));
       assert.ok(flushed, 'the write callback did not run once everything was flushed');
       assert.equal(adopted.writableLength, 0);
@@ -212,16 +216,7 @@ describe('NativeSocket (native socket I/O)', () => {
       for (const [start, end] of ranges) writeRange(adopted, source, start, end);
       assert.ok(adopted.writableLength > 0, 'the kernel took 16 MB at once: nothing was queued');
       const expected = Buffer.concat(ranges.map(([start, end]) => source.subarray(start, end)));
-      const received: Buffer[] = [];
-      let length = 0;
-      const all = new Promise<void>((resolve) => client.on('data', (chunk: Buffer) => {
-        received.push(chunk);
-        length += chunk.length;
-        if (length >= expected.length) resolve();
-      }));
-      client.resume();
-      await all;
-      assert.ok(Buffer.concat(received).equals(expected), 'the bytes arrived out of order or changed');
+      assert.ok((await receive(client, expected.length)).equals(expected), 'the bytes arrived out of order or changed');
       const handle = (adopted as unknown as { handle: Parameters<NativeSocketIo['write']>[0] }).handle;
       assert.throws(() => io.write(handle, source, 1024 * 1024 - 1, 2), RangeError);
       assert.throws(() => io.write(handle, source, -1, 1), RangeError);
@@ -402,16 +397,7 @@ describe('NativeSocket (native socket I/O)', () => {
       const payload = pattern(16 * 1024 * 1024, 3);
       sender.write(payload);
       await new Promise((r) => setTimeout(r, 200));
-      const received: Buffer[] = [];
-      let length = 0;
-      const all = new Promise<void>((resolve) => receiver.on('data', (chunk: Buffer) => {
-        received.push(chunk);
-        length += chunk.length;
-        if (length >= payload.length) resolve();
-      }));
-      receiver.resume();
-      await all;
-      assert.ok(Buffer.concat(received).equals(payload), 'the relayed bytes changed or came out of order');
+      assert.ok((await receive(receiver, payload.length)).equals(payload), 'the relayed bytes changed or came out of order');
       const back = new Promise<Buffer>((resolve) => sender.once('data', (chunk: Buffer) => resolve(chunk)));
       receiver.write('pong');
       assert.equal((await back).toString(), 'pong');

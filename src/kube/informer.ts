@@ -251,6 +251,8 @@ export class Informer<T extends KubeObject> {
           },
         );
         this.stats.watches += 1;
+        // stop() while the watch was being opened aborted the one before it: this one ends now, not at its stall timeout.
+        if (!this.running) this.current.abort();
         await this.current.done;
       } catch (err) {
         watchError = err;

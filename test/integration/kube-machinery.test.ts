@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { KubeConfig } from '@kubernetes/client-node';
 import pino from 'pino';
-import { KubeHttp } from '../../src/kube/http.ts';
+import { KubeHttp, type WatchEvent, type WatchHandle } from '../../src/kube/http.ts';
 import { Informer, type KubeObject } from '../../src/kube/informer.ts';
 import { LeaderElector, type ElectionClock } from '../../src/kube/leader-election.ts';
 import { testEnvironment } from '../support/hooks.ts';
@@ -83,6 +83,34 @@ describe('kube machinery', function () {
       await informer.stop();
       await proxy.stop();
     }
+  });
+
+  it('informer: stop() while its next watch is being opened ends that watch at once, not at its stall timeout', async function () {
+    const kube = await testEnvironment().kube();
+    // The real client, held at the start of its second watch (the first ends after a second) until the test lets it go on.
+    let gateReached: (() => void) | undefined;
+    const reached = new Promise<void>((resolve) => (gateReached = resolve));
+    let openGate: (() => void) | undefined;
+    const gate = new Promise<void>((resolve) => (openGate = resolve));
+    let watches = 0;
+    class HeldHttp extends KubeHttp {
+      override async watch<T>(path: string, onEvent: (event: WatchEvent<T>) => void, onActivity?: () => void): Promise<WatchHandle> {
+        watches += 1;
+        if (watches !== 2) return super.watch<T>(path, onEvent, onActivity);
+        gateReached!();
+        await gate;
+        // This one would run for minutes unless stopped.
+        return super.watch<T>(path.replace('timeoutSeconds=1', 'timeoutSeconds=300'), onEvent, onActivity);
+      }
+    }
+    const informer = new Informer<KubeObject>(new HeldHttp(kube.kubeConfig()), { path: `/api/v1/namespaces/${namespace}/configmaps`, watchTimeoutSeconds: 1, stallTimeoutMs: 30_000, logger });
+    await informer.start();
+    await reached;
+    const stopping = informer.stop();
+    openGate!();
+    const started = Date.now();
+    await stopping;
+    assert.ok(Date.now() - started < 3000, `stop() took ${Date.now() - started} ms`);
   });
 
   it('leader election: one of two candidates leads; when it stops, the other takes over', async function () {

@@ -252,7 +252,7 @@ export const databaseConnectionStatusSchema = {
   additionalProperties: false,
   properties: {
     observedGeneration: { type: 'integer', format: 'int64', minimum: 0, description: 'The metadata.generation this status was computed from.' },
-    conditions: { ...conditionsSchema, description: 'Ready, Degraded, Oversubscribed, ConsumersMatched, LimitExceedsServer, LimitConflict.' },
+    conditions: { ...conditionsSchema, description: 'Ready, Degraded, Oversubscribed, ConsumersMatched, LimitExceedsServer, LimitConflict, PoolerInFront.' },
     limit: {
       type: 'object',
       description: 'The server\'s connection limit as this DatabaseConnection sees it.',

@@ -2,7 +2,8 @@
  * `maxConnections: auto`: asks the server for `max_connections`,
  * `superuser_reserved_connections` and (PostgreSQL 16+) `reserved_connections`,
  * and the CONNECTION LIMIT of the login's role and database,
- * logging in with the DatabaseConnection's credentials. Answers are cached
+ * logging in with the DatabaseConnection's credentials, and whether a
+ * connection pooler answers in PostgreSQL's place. Answers are cached
  * per server so a rebalance does not open a connection each time.
  */
 import type { Duplex } from 'node:stream';
@@ -10,7 +11,7 @@ import { TLSSocket, type ConnectionOptions } from 'node:tls';
 import pg from 'pg';
 import type { Logger } from 'pino';
 import { Registry } from 'prom-client';
-import type { ServerSettings } from '../core/budget/index.ts';
+import type { PoolerFinding, ServerSettings } from '../core/budget/index.ts';
 import { chooseSaslMethod, unboundLoginRefusal, type ChannelBindingMode } from '../core/protocol/index.ts';
 import { SidecarMetrics } from '../sidecar/metrics.ts';
 import { SshTunnel, type TunnelSettings } from '../sidecar/tunnel.ts';
@@ -115,6 +116,8 @@ export interface LimitDiscoveryOptions {
 /** Reads and caches server connection limits. */
 export class LimitDiscovery {
   private readonly cache = new Map<string, { at: number; settings: ServerSettings }>();
+  /** Addresses seen pooling by transaction: it is not seen every time, and a verdict that flips would rewrite status. */
+  private readonly transactionPoolers = new Set<string>();
   private readonly cacheMs: number;
   private readonly connectTimeoutMs: number;
   private readonly logger: Logger;
@@ -162,38 +165,26 @@ export class LimitDiscovery {
   }
 
   private async query(target: DiscoveryTarget, ssl: ConnectionOptions | false, tunnel: SshTunnel | undefined): Promise<ServerSettings> {
-    const stream = tunnel ? channelAsSocket(await tunnel.open(target.host, target.port, steadyNow() + this.connectTimeoutMs)) : undefined;
-    const channelBinding = target.channelBinding ?? 'prefer';
-    const client = new pg.Client({
-      host: target.host, port: target.port, database: target.dbname, user: target.username, password: target.password,
-      ssl, connectionTimeoutMillis: this.connectTimeoutMs, application_name: 'poolkeeper-controller',
-      enableChannelBinding: channelBinding !== 'disable',
-      ...(stream ? { stream: () => stream } : {}),
-    });
-    const unbound = refuseUnboundLogins(client, channelBinding);
+    const client = await this.login(target, ssl, tunnel, false);
     try {
-      try {
-        await client.connect();
-      } catch (error) {
-        throw unbound() ?? error;
-      }
-      const rows = (await client.query<{ name: string; setting: string }>(
-        "SELECT name, setting FROM pg_settings WHERE name IN ('max_connections', 'superuser_reserved_connections', 'reserved_connections')",
+      const rows = (await client.query<{ name: string; setting: string; pid: number }>(
+        "SELECT name, setting, pg_backend_pid() AS pid FROM pg_settings WHERE name IN ('max_connections', 'superuser_reserved_connections', 'reserved_connections')",
       )).rows;
       const value = (name: string): number | undefined => {
         const row = rows.find((r) => r.name === name);
         return row ? Number(row.setting) : undefined;
       };
       // CONNECTION LIMIT of the role and of the database bind this login too (superusers are exempt; -1 is none).
-      const login = (await client.query<{ rolconnlimit: number; rolsuper: boolean; datconnlimit: number }>(
-        'SELECT r.rolconnlimit, r.rolsuper, d.datconnlimit FROM pg_roles r CROSS JOIN pg_database d WHERE r.rolname = current_user AND d.datname = current_database()',
+      const login = (await client.query<{ rolconnlimit: number; rolsuper: boolean; datconnlimit: number; pid: number }>(
+        'SELECT r.rolconnlimit, r.rolsuper, d.datconnlimit, pg_backend_pid() AS pid FROM pg_roles r CROSS JOIN pg_database d WHERE r.rolname = current_user AND d.datname = current_database()',
       )).rows[0];
       const cap = (n: number | undefined): number | undefined => (login === undefined || login.rolsuper || n === undefined || n < 0 ? undefined : n);
       // SHOW gives what the socket uses (the kernel's default when a setting is 0), with the role's settings applied.
-      const alive = (await client.query<{ idle: string; interval: string; count: string; user_timeout: string }>(
-        "SELECT current_setting('tcp_keepalives_idle') AS idle, current_setting('tcp_keepalives_interval') AS interval, current_setting('tcp_keepalives_count') AS count, current_setting('tcp_user_timeout') AS user_timeout",
+      const alive = (await client.query<{ idle: string; interval: string; count: string; user_timeout: string; pid: number }>(
+        "SELECT current_setting('tcp_keepalives_idle') AS idle, current_setting('tcp_keepalives_interval') AS interval, current_setting('tcp_keepalives_count') AS count, current_setting('tcp_user_timeout') AS user_timeout, pg_backend_pid() AS pid",
       )).rows[0];
       const keepalives = alive ? { idle: Number(alive.idle), interval: Number(alive.interval), count: Number(alive.count), userTimeoutMs: Number(alive.user_timeout) } : undefined;
+      const pooler = await this.poolerFinding(target, client, [rows[0]?.pid, login?.pid, alive?.pid], () => this.login(target, ssl, tunnel, true));
       return {
         maxConnections: value('max_connections') ?? 0,
         superuserReservedConnections: value('superuser_reserved_connections') ?? 0,
@@ -201,9 +192,68 @@ export class LimitDiscovery {
         ...(cap(login?.rolconnlimit) === undefined ? {} : { roleConnectionLimit: cap(login?.rolconnlimit) }),
         ...(cap(login?.datconnlimit) === undefined ? {} : { databaseConnectionLimit: cap(login?.datconnlimit) }),
         ...(keepalives && Object.values(keepalives).every(Number.isFinite) ? { keepalives } : {}),
+        ...(pooler ? { pooler } : {}),
       };
     } finally {
       await client.end().catch(() => undefined);
+    }
+  }
+
+  /**
+   * Logs in as `target` says; throws the driver's error, or the refusal of an
+   * unbound login. `bounded`: its statements fail after the connect timeout.
+   */
+  private async login(target: DiscoveryTarget, ssl: ConnectionOptions | false, tunnel: SshTunnel | undefined, bounded: boolean): Promise<pg.Client> {
+    const stream = tunnel ? channelAsSocket(await tunnel.open(target.host, target.port, steadyNow() + this.connectTimeoutMs)) : undefined;
+    const channelBinding = target.channelBinding ?? 'prefer';
+    const client = new pg.Client({
+      host: target.host, port: target.port, database: target.dbname, user: target.username, password: target.password,
+      ssl, connectionTimeoutMillis: this.connectTimeoutMs, ...(bounded ? { query_timeout: this.connectTimeoutMs } : {}), application_name: 'poolkeeper-controller',
+      enableChannelBinding: channelBinding !== 'disable',
+      ...(stream ? { stream: () => stream } : {}),
+    });
+    const unbound = refuseUnboundLogins(client, channelBinding);
+    try {
+      await client.connect();
+    } catch (error) {
+      await client.end().catch(() => undefined);
+      throw unbound() ?? error;
+    }
+    return client;
+  }
+
+  /**
+   * Whether a connection pooler answers instead of PostgreSQL: PostgreSQL
+   * announces the backend that serves the connection (BackendKeyData), a
+   * pooler its own key. When it does, whether it pools by transaction: the
+   * login's statements (each a transaction) ran on different backends, or a
+   * second login's statement ran on the backend the first one just used,
+   * which a session pooler never lends to another client while the first is
+   * connected (a transaction pooler such as PgBouncer lends its most recently
+   * freed backend first). The second login waits at most the connect timeout:
+   * a session pooler with every backend taken makes it queue.
+   */
+  private async poolerFinding(target: DiscoveryTarget, client: pg.Client, seen: ReadonlyArray<number | undefined>, another: () => Promise<pg.Client>): Promise<PoolerFinding | undefined> {
+    const announcedPid = (client as unknown as { processID: number | null }).processID;
+    const backendPids = new Set(seen.filter((pid): pid is number => typeof pid === 'number'));
+    if (announcedPid === null || backendPids.size === 0 || [...backendPids].every((pid) => pid === announcedPid)) return undefined;
+    const address = JSON.stringify([target.host, target.port, target.tunnel?.host ?? null, target.tunnel?.port ?? null]);
+    if (!this.transactionPoolers.has(address) && (backendPids.size > 1 || await this.sharesBackend(another, [...backendPids][0]!))) this.transactionPoolers.add(address);
+    return { transactionPooling: this.transactionPoolers.has(address) };
+  }
+
+  /** Whether another login's statement runs on `backendPid`, the backend the first login just used. */
+  private async sharesBackend(another: () => Promise<pg.Client>, backendPid: number): Promise<boolean> {
+    try {
+      const second = await another();
+      try {
+        return (await second.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]?.pid === backendPid;
+      } finally {
+        await second.end().catch(() => undefined);
+      }
+    } catch (err) {
+      this.logger.debug({ err: err instanceof Error ? err.message : String(err) }, 'a second login, to tell how the pooler pools, failed');
+      return false;
     }
   }
 

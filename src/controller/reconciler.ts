@@ -10,7 +10,7 @@ import type { Logger } from 'pino';
 import { API_GROUP, API_VERSION, CONNECTION_LABEL, DATABASE_REACHABLE, DEFAULT_MAX_CONNECTIONS, DEFAULT_RESERVE, memberPodUid, type DatabaseConnection, type DatabaseServer, type PoolMember, type PoolMemberSpecInput } from '../api/index.ts';
 import { budgetConditions, planBudgets, resolveLimit, autoMaxConnections, departureHoldAdvice, deriveEntry, loginConnectionCap, loginConnectionCaps, connectionCaps, sidecarPacingFor, heartbeatTimeoutMs, type SidecarPacing, type BudgetInput, type BudgetPlan, type PodGrant, type PlannedTable, isUnlistedRecord, type ConnectionCap, type GrantTable, type LoginCap, type ServerSettings } from '../core/budget/index.ts';
 import { decideOwnedLimit, decideServerLimit, namespaceDemands, namespaceShares, ownedServerKey, planWithShares, ruleFor, type NamespaceRule } from '../core/tenancy/index.ts';
-import { connectionConditions, sidecarReachabilityCondition, limitMismatchCondition, loginCapCondition, oversubscriptionAdvice, type ConsumerDemand, type ConsumerFacts, type SidecarReachabilityFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
+import { connectionConditions, sidecarReachabilityCondition, limitMismatchCondition, loginCapCondition, oversubscriptionAdvice, poolerCondition, type ConsumerDemand, type ConsumerFacts, type SidecarReachabilityFacts, type Verification, type VerificationFailure } from '../core/conditions/connection.ts';
 import { conditionsEqual, findCondition, setConditions, type Condition, type ConditionUpdate } from '../core/conditions/index.ts';
 import { redactSecrets } from '../core/conditions/redact.ts';
 import { credentialsGeneration } from '../core/credentials.ts';
@@ -175,6 +175,8 @@ interface Resolved {
   verification: Verification;
   degraded?: ConditionUpdate | undefined;
   mismatch: ConditionUpdate;
+  /** PoolerInFront, from this connection's own login; absent until one succeeded. */
+  pooler?: ConditionUpdate;
   /** LimitConflict: whether this connection's own limit is the one the server gets. */
   conflict?: ConditionUpdate;
   /** Ready=False because the connection may not draw on its server (DatabaseServer allocations, wrong address). */
@@ -376,7 +378,8 @@ export class ServerReconciler {
         mismatch = loginCapCondition(cap, credentials.ok ? credentials.username : '', connection.spec.database.dbname, value);
       }
       this.warnIfHoldShort(connection, login, credentials.ok ? credentials.username : '', credentials.ok ? [credentials.password] : []);
-      const base = { credentials, verification, degraded, mismatch, secrets: credentials.ok ? [credentials.password] : [], ...(login ? { loginCaps: loginConnectionCaps(login) } : {}) };
+      const address = `${connection.spec.database.host}:${connection.spec.database.port}`;
+      const base = { credentials, verification, degraded, mismatch, secrets: credentials.ok ? [credentials.password] : [], ...(login ? { loginCaps: loginConnectionCaps(login), pooler: poolerCondition(login.pooler, address) } : {}) };
       if (value === undefined) {
         resolved.set(key(connection), base);
         continue;
@@ -1193,6 +1196,7 @@ export class ServerReconciler {
     const effectiveDegraded = degraded ?? resolved?.degraded;
     updates.push(effectiveDegraded ?? { type: 'Degraded', status: 'False', reason: 'Healthy', message: 'limit and credentials resolved' });
     if (resolved?.mismatch) updates.push(resolved.mismatch);
+    if (resolved?.pooler) updates.push(resolved.pooler);
     if (resolved?.conflict) updates.push(resolved.conflict);
     // The one place status text is made: no secret value or URL password gets past it.
     const secrets = resolved?.secrets ?? [];
@@ -1230,6 +1234,8 @@ export class ServerReconciler {
     if (isConflict?.status === 'True' && (was('LimitConflict')?.status !== 'True' || was('LimitConflict')?.message !== isConflict.message)) event('Warning', isConflict.reason, isConflict.message);
     const isAbove = is('LimitExceedsServer');
     if (isAbove?.status === 'True' && (was('LimitExceedsServer')?.status !== 'True' || was('LimitExceedsServer')?.message !== isAbove.message)) event('Warning', isAbove.reason, isAbove.message);
+    const isPooler = is('PoolerInFront');
+    if (isPooler?.status === 'True' && (was('PoolerInFront')?.status !== 'True' || was('PoolerInFront')?.reason !== isPooler.reason)) event(isPooler.reason === 'TransactionPooler' ? 'Warning' : 'Normal', isPooler.reason, isPooler.message);
     const isDegraded = is('Degraded');
     if (effectiveDegraded && isDegraded && was('Degraded')?.reason !== isDegraded.reason) event('Warning', isDegraded.reason, isDegraded.message);
     // The API server returns keys in its own order: compare by content, or every reconcile writes.

@@ -100,16 +100,17 @@ export class LocalEnvironment {
   }
 
   /**
-   * PgBouncer in transaction mode in front of `postgres()`; started again if it
-   * has exited: PgBouncer 1.18 ends itself (FATAL "bad client state" in
-   * disconnect_client) when a client closes its cancel connection before the
-   * cancel is sent on, as pgx does past its deadline, and a later test must
-   * not inherit that.
+   * PgBouncer in front of `postgres()`, in transaction mode (the comparison
+   * pooler) or session mode; started again if it has exited: PgBouncer 1.18
+   * ends itself (FATAL "bad client state" in disconnect_client) when a client
+   * closes its cancel connection before the cancel is sent on, as pgx does
+   * past its deadline, and a later test must not inherit that.
    */
-  async pgbouncer(): Promise<PgBouncerServer> {
-    const current = this.started.get('pgbouncer') as Promise<PgBouncerServer> | undefined;
-    if (current !== undefined && !(await current).running) this.started.delete('pgbouncer');
-    return this.once('pgbouncer', async () => PgBouncerServer.start(this.runDir, this.registry, await this.postgres()));
+  async pgbouncer(mode: 'transaction' | 'session' = 'transaction'): Promise<PgBouncerServer> {
+    const name = mode === 'transaction' ? 'pgbouncer' : 'pgbouncer-session';
+    const current = this.started.get(name) as Promise<PgBouncerServer> | undefined;
+    if (current !== undefined && !(await current).running) this.started.delete(name);
+    return this.once(name, async () => PgBouncerServer.start(this.runDir, this.registry, await this.postgres(), { poolMode: mode, defaultPoolSize: 20 }));
   }
 
   /** etcd + kube-apiserver + kube-controller-manager. */
@@ -130,7 +131,7 @@ export class LocalEnvironment {
   async stop(): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;
-    const order = ['real-node', 'pgbouncer', 'kube', 'sshd', 'postgres', 'postgres-tls', 'postgres-netns'];
+    const order = ['real-node', 'pgbouncer', 'pgbouncer-session', 'kube', 'sshd', 'postgres', 'postgres-tls', 'postgres-netns'];
     for (const name of order) {
       const started = this.started.get(name);
       if (!started) continue;

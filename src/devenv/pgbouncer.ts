@@ -34,7 +34,7 @@ export class PgBouncerServer {
   static async start(runDir: string, registry: PidRegistry, postgres: PostgresServer, options: PgBouncerOptions = { poolMode: 'transaction', defaultPoolSize: 20 }): Promise<PgBouncerServer> {
     const binary = requireBinary('pgbouncer', 'pgbouncer', ['/usr/sbin/pgbouncer']);
     const account = serviceAccount();
-    const dir = join(runDir, 'pgbouncer');
+    const dir = join(runDir, options.poolMode === 'transaction' ? 'pgbouncer' : `pgbouncer-${options.poolMode}`);
     mkdirSync(dir, { recursive: true });
     const port = await freePort();
     const authFile = join(dir, 'userlist.txt');

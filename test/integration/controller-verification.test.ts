@@ -120,6 +120,31 @@ describe('controller: every DatabaseConnection verified on its own', function ()
     await eventually('an Event', () => /maxConnections 500/.test(events(namespace, 'MaxConnectionsAboveServer')));
   });
 
+  it('says when a connection pooler answers instead of PostgreSQL: one that pools by transaction with a Warning Event, one in session mode, and not PostgreSQL itself', async function () {
+    const [transactionPooler, sessionPooler] = await Promise.all([testEnvironment().pgbouncer('transaction'), testEnvironment().pgbouncer('session')]);
+    const direct = namespaceFor('v-direct');
+    const viaTransaction = namespaceFor('v-txpooler');
+    const viaSession = namespaceFor('v-sesspooler');
+    for (const namespace of [direct, viaTransaction, viaSession]) {
+      createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 1, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });
+    }
+    apply(direct, spec(postgres));
+    apply(viaTransaction, spec(postgres, {}, { host: transactionPooler.host, port: transactionPooler.port }));
+    apply(viaSession, spec(postgres, {}, { host: sessionPooler.host, port: sessionPooler.port }));
+    await eventually('TransactionPooler', () => condition(viaTransaction, 'PoolerInFront')?.reason === 'TransactionPooler', 30_000);
+    assert.equal(condition(viaTransaction, 'PoolerInFront')?.status, 'True');
+    assert.match(condition(viaTransaction, 'PoolerInFront')?.message ?? '', new RegExp(`^127\\.0\\.0\\.1:${transactionPooler.port} is a connection pooler that pools by transaction`));
+    await eventually('a Warning Event', () => /pools by transaction/.test(events(viaTransaction, 'TransactionPooler')));
+    assert.match(kube.kubectl(['-n', viaTransaction, 'get', 'events', '--field-selector', 'reason=TransactionPooler', '-o', 'jsonpath={.items[*].type}']), /^Warning/);
+    await eventually('Pooler, for the session-mode one', () => condition(viaSession, 'PoolerInFront')?.reason === 'Pooler', 30_000);
+    assert.equal(condition(viaSession, 'PoolerInFront')?.status, 'True');
+    await eventually('PostgreSQL itself', () => condition(direct, 'PoolerInFront')?.reason === 'PostgreSQL', 30_000);
+    assert.equal(condition(direct, 'PoolerInFront')?.status, 'False');
+    // The limit still comes through the pooler: PostgreSQL's max_connections, as it reports it.
+    const available = postgres.options.maxConnections - postgres.options.superuserReservedConnections;
+    await eventually('the limit read through the pooler', () => cache.get(viaTransaction, 'orders')?.status?.limit?.discovered === available);
+  });
+
   it('reports a workload whose pods lack the label, and opted-in pods no consumer selects: not Ready, with Events', async function () {
     const unlabelled = namespaceFor('v-nolabel');
     createNamespaceWithSecret(kube, { namespace: unlabelled, secret: 'db-credentials', username: postgres.app.user, password: postgres.app.password });

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { connectionConditions, limitMismatchCondition, oversubscriptionAdvice, sidecarReachabilityCondition, type ConnectionFacts } from '../../src/core/conditions/connection.ts';
+import { connectionConditions, limitMismatchCondition, oversubscriptionAdvice, poolerCondition, sidecarReachabilityCondition, type ConnectionFacts } from '../../src/core/conditions/connection.ts';
 import { redactSecrets } from '../../src/core/conditions/redact.ts';
 import { classifyLoginError } from '../../src/controller/verifier.ts';
 
@@ -48,6 +48,20 @@ describe('connection conditions', function () {
     assert.equal(c.status, 'True');
     assert.match(c.message, /maxConnections 500 is above .*max_connections 60 - superuser_reserved_connections 3 = 57/);
     assert.equal(limitMismatchCondition(40, { maxConnections: 60, superuserReserved: 3, available: 57 }).status, 'False');
+  });
+
+  it('says whether a pooler answers at the address, and what a transaction pooler loses', function () {
+    const direct = poolerCondition(undefined, 'db:5432');
+    assert.deepEqual([direct.type, direct.status, direct.reason], ['PoolerInFront', 'False', 'PostgreSQL']);
+    const transaction = poolerCondition({ transactionPooling: true }, 'db-pooler:6432');
+    assert.deepEqual([transaction.status, transaction.reason], ['True', 'TransactionPooler']);
+    assert.match(transaction.message, /^db-pooler:6432 is a connection pooler that pools by transaction/);
+    assert.match(transaction.message, /session state does not last from one transaction to the next/);
+    assert.match(transaction.message, /Point spec\.database at PostgreSQL itself/);
+    assert.match(transaction.message, /max_client_conn\), set maxConnections to it/);
+    const session = poolerCondition({ transactionPooling: false }, 'db-pooler:6432');
+    assert.deepEqual([session.status, session.reason], ['True', 'Pooler']);
+    assert.match(session.message, /not seen pooling by transaction/);
   });
 
   it('advises how to fix oversubscription with numbers', function () {

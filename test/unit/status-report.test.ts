@@ -153,6 +153,16 @@ describe('status report', function () {
     assert.match(formatStatusReport(report), /a\s.*cannot reach the database \(LoginFailed\)[\s\S]*Degraded: 1 of 2 sidecar\(s\) cannot reach the database: SQLSTATE 28P01/);
   });
 
+  it('lists a pooler that pools by transaction among the problems, and not one in session mode', function () {
+    const withPooler = (reason: string): string[] => {
+      const pooler = { type: 'PoolerInFront', status: 'True', reason, message: `pgbouncer:6432 is a connection pooler (${reason})` };
+      const report = buildStatusReport({ connections: [connection('s', 'superset-db', { status: { ...readyStatus, conditions: [...readyStatus.conditions, pooler] } })], members: [], pods: [] });
+      return report.servers[0]!.connections[0]!.problems;
+    };
+    assert.deepEqual(withPooler('TransactionPooler'), ['PoolerInFront: pgbouncer:6432 is a connection pooler (TransactionPooler)']);
+    assert.deepEqual(withPooler('Pooler'), []);
+  });
+
   it('when the minimums exceed the limit, says by how much and three ways out with numbers', function () {
     const status = { ...readyStatus, limit: { discovered: 97, reserve: 15, effective: 82, shared: 1 }, consumers: [{ name: 'web', pods: 15, perPodBudget: 4, perProcessBudget: 1 }, { name: 'worker', pods: 6, perPodBudget: 3, perProcessBudget: 0 }],
       conditions: [{ type: 'Oversubscribed', status: 'True', reason: 'MinimumsExceedLimit', message: 'web: 15 pods x minPerPod 4 = 60; worker: 6 pods x minPerPod 4 = 24; total 84 > limit 82' }] };

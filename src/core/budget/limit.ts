@@ -19,6 +19,23 @@ export interface ServerSettings {
    * how soon PostgreSQL gives up on a peer that vanished.
    */
   keepalives?: { idle: number; interval: number; count: number; userTimeoutMs: number } | undefined;
+  /**
+   * Present when what answers at the address is a connection pooler, not
+   * PostgreSQL itself: the backend the login was announced (BackendKeyData)
+   * is not the one that ran its statements (`pg_backend_pid()`).
+   */
+  pooler?: PoolerFinding | undefined;
+}
+
+/** What the login saw of a connection pooler in front of the server. */
+export interface PoolerFinding {
+  /**
+   * True once it was seen to pool by transaction: one client connection's
+   * statements ran on two backends, or two client connections' on one.
+   * False: not seen (session pooling, or a transaction pooler that happened
+   * to keep the same backend).
+   */
+  transactionPooling: boolean;
 }
 
 /**

@@ -179,6 +179,29 @@ export function loginCapCondition(cap: { limit: number; of: 'role' | 'database' 
   };
 }
 
+/**
+ * PoolerInFront: whether what answers at the connection's address is a
+ * connection pooler (PgBouncer, RDS Proxy, Supavisor, ...) rather than
+ * PostgreSQL, and whether it was seen pooling by transaction, which loses
+ * session state between transactions for every client of it.
+ */
+export function poolerCondition(finding: { transactionPooling: boolean } | undefined, address: string): ConditionUpdate {
+  if (finding === undefined) {
+    return { type: 'PoolerInFront', status: 'False', reason: 'PostgreSQL', message: `${address} is PostgreSQL itself: the backend it announced at login ran the login's statements` };
+  }
+  const budget = 'Budgets count the pods\' connections to the pooler against the max_connections it reports (PostgreSQL\'s); if its own client limit is lower (PgBouncer\'s max_client_conn), set maxConnections to it';
+  if (finding.transactionPooling) {
+    return {
+      type: 'PoolerInFront', status: 'True', reason: 'TransactionPooler',
+      message: `${address} is a connection pooler that pools by transaction (the controller's login was announced as another process than the backend that ran its statements, and its statements ran on more than one backend or on the backend of another login): through it, session state does not last from one transaction to the next, for the sidecar and for direct connections alike. A SET the sidecar carries or a startup setting, prepared statements, LISTEN, session advisory locks and temporary tables may be lost or reach other clients. Point spec.database at PostgreSQL itself (the sidecar pools), or run the pooler in session mode. ${budget}`,
+    };
+  }
+  return {
+    type: 'PoolerInFront', status: 'True', reason: 'Pooler',
+    message: `${address} is a connection pooler (the controller's login was announced as another process than the backend that ran its statements); it was not seen pooling by transaction. In session mode it serves as PostgreSQL does; if it pools by transaction, session state (a SET the sidecar carries, prepared statements, LISTEN, advisory locks) does not last from one transaction to the next. ${budget}`,
+  };
+}
+
 /** A PostgreSQL identifier as it would be typed: quoted unless plain lower-case. */
 function quoteIdentifier(name: string): string {
   return /^[a-z_][a-z0-9_$]*$/.test(name) ? name : `"${name.replace(/"/g, '""')}"`;

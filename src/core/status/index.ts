@@ -290,9 +290,10 @@ function connectionRow(connection: unknown, podsByConnection: Map<string, Obj[]>
   }).sort((a, b) => a.name.localeCompare(b.name));
   const ready = condition(status.conditions, 'Ready');
   const problems: string[] = [];
-  for (const type of ['Oversubscribed', 'Degraded', 'LimitConflict', 'LimitExceedsServer']) {
+  for (const type of ['Oversubscribed', 'Degraded', 'LimitConflict', 'LimitExceedsServer', 'PoolerInFront']) {
     const c = condition(status.conditions, type);
-    if (c?.status === 'True' && c.message) problems.push(`${type}: ${c.message}`);
+    // A pooler in session mode serves as PostgreSQL does: only one that pools by transaction is a problem.
+    if (c?.status === 'True' && c.message && (type !== 'PoolerInFront' || c.reason === 'TransactionPooler')) problems.push(`${type}: ${c.message}`);
   }
   if (ready?.status === 'False' && ready.message && !problems.some((p) => p.includes(ready.message))) problems.push(`Ready=False (${ready.reason}): ${ready.message}`);
   return { namespace, name, ready: ready?.status ?? 'Unknown', reason: ready?.reason ?? '', allocated: num(status.allocated), consumers, pods: podRows, problems };

@@ -75,10 +75,14 @@ type Phase = 'startup' | 'login' | 'ready' | 'closed';
 
 const NOTHING = Buffer.alloc(0);
 
-/** ClientSession.unnamedLength of an unnamed statement streamed through (too large to keep) and not bound yet: its server connection is held. */
-const UNKEPT_UNNAMED = -1;
-/** The same statement once a batch bound it: no longer held; bound again in a later transaction, the client is refused. */
-const UNKEPT_UNNAMED_BOUND = -2;
+/**
+ * What the session knows of the client's unnamed statement before it names
+ * statements (transaction mode): none; `kept`, its Parse copied; `unkept`,
+ * one streamed through (too large to keep) and not bound yet, so its server
+ * connection is held; `unkept-bound`, the same once a batch bound it, no
+ * longer held: bound again in a later transaction, the client is refused.
+ */
+type UnnamedStatementState = 'none' | 'kept' | 'unkept' | 'unkept-bound';
 /** Messages longer than this are streamed (see FrameReader); PgBouncer's pkt_buf plays the same role. */
 export const STREAM_ABOVE_BYTES = 256 * 1024;
 const CLIENT_STREAMABLE = messageTypeTable('QdBPF');
@@ -143,11 +147,12 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   /** The client's named statements; undefined until it names one (transaction mode only). */
   private statements: ClientStatements | undefined;
   /**
-   * Until then (transaction mode): the client's latest Parse of the unnamed
-   * statement, bytes [0, unnamedLength) of unnamedParse (reused, so keeping it
-   * costs a copy, not an allocation); length 0: none; UNKEPT_UNNAMED or
-   * UNKEPT_UNNAMED_BOUND: one streamed through, too large to keep.
+   * Until then (transaction mode): the client's unnamed statement (see
+   * UnnamedStatementState; changed only by setUnnamed) and, when `kept`, its
+   * latest Parse, bytes [0, unnamedLength) of unnamedParse (reused, so
+   * keeping it costs a copy, not an allocation).
    */
+  private unnamed: UnnamedStatementState = 'none';
   private unnamedParse: Buffer | undefined;
   private unnamedLength = 0;
   /** A Parse of the unnamed statement came since the last Sync or Query: a Bind of it now runs on the same server connection. */
@@ -163,7 +168,20 @@ export class ClientSession implements PoolWaiter, NotificationListener {
    * holding no longer than that, an idle client does not keep a connection.
    */
   private get holdsUnkeptUnnamed(): boolean {
-    return this.unnamedLength === UNKEPT_UNNAMED;
+    return this.unnamed === 'unkept';
+  }
+
+  /** The unnamed statement is one streamed through, bound or not: it exists only on the server connection that parsed it. */
+  private get unnamedUnkept(): boolean {
+    return this.unnamed === 'unkept' || this.unnamed === 'unkept-bound';
+  }
+
+  /** The one place the unnamed statement's state changes; `length`: the bytes of unnamedParse kept. */
+  private setUnnamed(state: UnnamedStatementState, length = 0): void {
+    if ((state === 'kept') !== (length > 0)) throw new Error(`unnamed statement state ${state} with ${length} bytes kept`);
+    if (state === 'unkept-bound' && this.unnamed !== 'unkept' && this.unnamed !== 'unkept-bound') throw new Error(`unnamed statement: ${this.unnamed} -> ${state}`);
+    this.unnamed = state;
+    this.unnamedLength = length;
   }
 
   /** The session began naming statements while holding such an unnamed statement: the rewriting starts with it current on its (pinned) connection. */
@@ -403,12 +421,12 @@ export class ClientSession implements PoolWaiter, NotificationListener {
                 reader.gatherWhole();
                 continue;
               }
-              if (this.unnamedLength < 0 && this.server === undefined && unnamedStatementEffect(type, reader.buffer, reader.bodyStart, reader.end) === 'use') {
+              if (this.unnamedUnkept && this.server === undefined && unnamedStatementEffect(type, reader.buffer, reader.bodyStart, reader.end) === 'use') {
                 this.refuseStatementTracking('the unnamed prepared statement, bound again in a later transaction than its Parse, is too large to track in transaction mode', 'Parse it again before each use, or use pool.mode: session');
                 return;
               }
               // An unnamed statement too large to keep is current on the connection held: the rewriting cannot prepare it elsewhere.
-              const unkept = this.unnamedLength < 0 && this.server !== undefined;
+              const unkept = this.unnamedUnkept && this.server !== undefined;
               this.startNamingStatements(runBuffer?.subarray(runStart, runEnd));
               runBuffer = undefined;
               if (unkept) {
@@ -560,30 +578,30 @@ export class ClientSession implements PoolWaiter, NotificationListener {
     if (type === MessageType.query) {
       // A simple Query drops the backend's unnamed statement.
       this.unnamedInBatch = false;
-      this.unnamedLength = 0;
+      this.setUnnamed('none');
       return false;
     }
     const effect = unnamedStatementEffect(type, buffer, bodyStart, end);
     if (effect === undefined) return false;
     if (effect === 'use') {
-      if (this.unnamedLength >= 0) return !this.unnamedInBatch;
+      if (!this.unnamedUnkept) return !this.unnamedInBatch;
       // One streamed through (not kept) runs only where it was parsed: on the server connection the client still holds (see holdsUnkeptUnnamed).
-      if (type === MessageType.bind) this.unnamedLength = UNKEPT_UNNAMED_BOUND;
+      if (type === MessageType.bind) this.setUnnamed('unkept-bound');
       return !this.unnamedInBatch && this.server === undefined;
     }
     if (effect === 'close') {
-      this.unnamedLength = 0;
+      this.setUnnamed('none');
       return false;
     }
     this.unnamedInBatch = true;
     if (piece) {
-      this.unnamedLength = UNKEPT_UNNAMED;
+      this.setUnnamed('unkept');
       return false;
     }
     const length = end - start;
     if (this.unnamedParse === undefined || this.unnamedParse.length < length) this.unnamedParse = Buffer.allocUnsafeSlow(Math.max(256, length));
     buffer.copy(this.unnamedParse, 0, start, end);
-    this.unnamedLength = length;
+    this.setUnnamed('kept', length);
     return false;
   }
 
@@ -1539,9 +1557,9 @@ export class ClientSession implements PoolWaiter, NotificationListener {
   private startNamingStatements(run: Buffer | undefined): void {
     this.statements = new Map();
     // The unnamed statement parsed before, as the client knows it: prepared again wherever it is used.
-    if (this.unnamedLength > 0) this.statements.set('', unnamedStatement(this.unnamedParse!.subarray(0, this.unnamedLength)));
+    if (this.unnamed === 'kept') this.statements.set('', unnamedStatement(this.unnamedParse!.subarray(0, this.unnamedLength)));
     // One too large to keep is not in the map: it stays current on the connection the client is pinned to (see the caller).
-    this.unnamedLength = 0;
+    this.setUnnamed('none');
     this.unnamedParse = undefined;
     this.reader.stopStreaming();
     if (run !== undefined) this.pendingChunks.push(run);

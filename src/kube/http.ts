@@ -209,10 +209,12 @@ export class KubeHttp {
   /**
    * Opens a watch on `path` (a collection URL with query) and calls `onEvent`
    * for each line of the stream. `onActivity` fires on every byte received,
-   * which is what a stall watchdog needs (bookmarks count).
+   * which is what a stall watchdog needs (bookmarks count). Once `signal`
+   * aborts, no request starts and a running one ends.
    */
-  async watch<T>(path: string, onEvent: (event: WatchEvent<T>) => void, onActivity: () => void = () => undefined): Promise<WatchHandle> {
+  async watch<T>(path: string, onEvent: (event: WatchEvent<T>) => void, onActivity: () => void = () => undefined, signal?: AbortSignal): Promise<WatchHandle> {
     const options = await this.options('GET', {});
+    if (signal?.aborted) return { abort: () => undefined, done: Promise.resolve() };
     let abort = (): void => undefined;
     const done = new Promise<void>((resolve, reject) => {
       const req = request(`${this.server}${path}`, options, (res) => {
@@ -250,6 +252,12 @@ export class KubeHttp {
       };
       req.end();
     });
+    if (signal !== undefined) {
+      const onAbort = (): void => abort();
+      signal.addEventListener('abort', onAbort, { once: true });
+      // The signal outlives its watches (an informer's, until it stops): one listener per watch would pile up.
+      void done.catch(() => undefined).finally(() => signal.removeEventListener('abort', onAbort));
+    }
     return { abort: () => abort(), done };
   }
 }

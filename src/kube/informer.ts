@@ -249,10 +249,10 @@ export class Informer<T extends KubeObject> {
               this.succeeded();
             }
           },
+          // stop() while the watch is being opened: none starts (this.current is still the one before it).
+          this.stopping.signal,
         );
         this.stats.watches += 1;
-        // stop() while the watch was being opened aborted the one before it: this one ends now, not at its stall timeout.
-        if (!this.running) this.current.abort();
         await this.current.done;
       } catch (err) {
         watchError = err;

@@ -94,13 +94,13 @@ describe('kube machinery', function () {
     const gate = new Promise<void>((resolve) => (openGate = resolve));
     let watches = 0;
     class HeldHttp extends KubeHttp {
-      override async watch<T>(path: string, onEvent: (event: WatchEvent<T>) => void, onActivity?: () => void): Promise<WatchHandle> {
+      override async watch<T>(path: string, onEvent: (event: WatchEvent<T>) => void, onActivity?: () => void, signal?: AbortSignal): Promise<WatchHandle> {
         watches += 1;
-        if (watches !== 2) return super.watch<T>(path, onEvent, onActivity);
+        if (watches !== 2) return super.watch<T>(path, onEvent, onActivity, signal);
         gateReached!();
         await gate;
         // This one would run for minutes unless stopped.
-        return super.watch<T>(path.replace('timeoutSeconds=1', 'timeoutSeconds=300'), onEvent, onActivity);
+        return super.watch<T>(path.replace('timeoutSeconds=1', 'timeoutSeconds=300'), onEvent, onActivity, signal);
       }
     }
     const informer = new Informer<KubeObject>(new HeldHttp(kube.kubeConfig()), { path: `/api/v1/namespaces/${namespace}/configmaps`, watchTimeoutSeconds: 1, stallTimeoutMs: 30_000, logger });

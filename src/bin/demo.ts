@@ -40,7 +40,7 @@ const quiet = pino({ level: 'silent' });
  * left PgBouncer one idle server connection before), but the controller's brief login
  * check (it comes out of the reserve).
  */
-const COUNT_POOLKEEPER = "SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend' AND backend_start >= $1 AND application_name <> 'poolkeeper-controller'";
+const COUNT_POOLKEEPER = "SELECT count(*) AS n FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend' AND backend_start >= $1 AND application_name NOT LIKE 'poolkeeper-controller%'";
 
 /** What the demo counts while it runs. */
 interface Stats {

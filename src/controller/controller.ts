@@ -352,6 +352,8 @@ export class BudgetController {
     this.schedule = undefined;
     queue?.shutDown();
     await this.workers;
+    // Only a leader watches the servers; nothing reconciles now to use what it held.
+    await this.reconciler.release();
   }
 
   /**

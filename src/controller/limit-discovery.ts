@@ -105,6 +105,13 @@ export function channelAsSocket(channel: Duplex): Duplex {
   return socket;
 }
 
+/** An idle login kept open (LimitDiscovery.hold). */
+export interface HeldLogin {
+  /** Resolves when the login ended other than by close(): the server restarted, or the way to it broke. */
+  lost: Promise<void>;
+  close(): Promise<void>;
+}
+
 /** Options of the discovery cache. */
 export interface LimitDiscoveryOptions {
   /** How long an answer is reused. */
@@ -203,12 +210,13 @@ export class LimitDiscovery {
    * Logs in as `target` says; throws the driver's error, or the refusal of an
    * unbound login. `bounded`: its statements fail after the connect timeout.
    */
-  private async login(target: DiscoveryTarget, ssl: ConnectionOptions | false, tunnel: SshTunnel | undefined, bounded: boolean): Promise<pg.Client> {
+  private async login(target: DiscoveryTarget, ssl: ConnectionOptions | false, tunnel: SshTunnel | undefined, bounded: boolean, held = false): Promise<pg.Client> {
     const stream = tunnel ? channelAsSocket(await tunnel.open(target.host, target.port, steadyNow() + this.connectTimeoutMs)) : undefined;
     const channelBinding = target.channelBinding ?? 'prefer';
     const client = new pg.Client({
       host: target.host, port: target.port, database: target.dbname, user: target.username, password: target.password,
-      ssl, connectionTimeoutMillis: this.connectTimeoutMs, ...(bounded ? { query_timeout: this.connectTimeoutMs } : {}), application_name: 'poolkeeper-controller',
+      ssl, connectionTimeoutMillis: this.connectTimeoutMs, ...(bounded ? { query_timeout: this.connectTimeoutMs } : {}),
+      ...(held ? { keepAlive: true, keepAliveInitialDelayMillis: 30_000 } : {}), application_name: held ? 'poolkeeper-controller-watch' : 'poolkeeper-controller',
       enableChannelBinding: channelBinding !== 'disable',
       ...(stream ? { stream: () => stream } : {}),
     });
@@ -255,6 +263,48 @@ export class LimitDiscovery {
       this.logger.debug({ err: err instanceof Error ? err.message : String(err) }, 'a second login, to tell how the pooler pools, failed');
       return false;
     }
+  }
+
+  /**
+   * A login held open, idle, as `target` says (through its bastion when it
+   * has one), so that its end tells the server went away: a restart (which
+   * may change max_connections), a failover, a host gone (TCP keepalives
+   * after 30 s idle find a rebooted host). `lost` resolves when it ends other
+   * than by `close()`.
+   */
+  async hold(target: DiscoveryTarget): Promise<HeldLogin> {
+    const tunnel = target.tunnel ? new SshTunnel({ settings: target.tunnel, logger: this.logger, metrics: new SidecarMetrics(new Registry()) }) : undefined;
+    tunnel?.start();
+    let client: pg.Client;
+    try {
+      try {
+        client = await this.login(target, tlsOptions(target.sslMode, target.caPem), tunnel, false, true);
+      } catch (err) {
+        if (target.sslMode !== 'prefer' || !/does not support SSL/i.test(err instanceof Error ? err.message : '')) throw err;
+        client = await this.login(target, false, tunnel, false, true);
+      }
+    } catch (err) {
+      tunnel?.stop();
+      throw err;
+    }
+    let closing = false;
+    const ended = new Promise<void>((resolve) => {
+      client.on('end', () => resolve());
+      // An idle client's socket error is emitted, not thrown: without a listener it would end the process.
+      client.on('error', () => resolve());
+    });
+    void ended.then(() => tunnel?.stop());
+    return {
+      lost: ended.then(() => {
+        if (closing) return new Promise<void>(() => undefined);
+        return undefined;
+      }),
+      close: async () => {
+        closing = true;
+        await client.end().catch(() => undefined);
+        tunnel?.stop();
+      },
+    };
   }
 
   /** Drops a cached answer (e.g. after the spec changed). */

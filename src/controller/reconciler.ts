@@ -23,6 +23,7 @@ import { podNeedsRepair, type PodLike } from '../core/inject/index.ts';
 import { resolveConsumer } from '../core/inject/consumer.ts';
 import type { MissingSidecarRepairer } from '../webhook/repair.ts';
 import type { DiscoveryTarget, LimitDiscovery } from './limit-discovery.ts';
+import { ServerWatch } from './server-watch.ts';
 import { SidecarAccess } from './sidecar-access.ts';
 import { ConnectionVerifier, type VerifierOptions } from './verifier.ts';
 import { ServerDirectory } from './server-directory.ts';
@@ -247,6 +248,8 @@ export class ServerReconciler {
   /** Grant tables: PoolMembers switched onto them, and one PoolGrant write per connection per rebalance. */
   private readonly tables: GrantTableWriter;
   private readonly verifier: ConnectionVerifier;
+  /** An idle login per server: when it ends, the server's limit is read again at once. */
+  private readonly watch: ServerWatch;
   /** The server key of each connection (equivalent addresses are one server). */
   readonly directory: ServerDirectory;
   private refreshing: Promise<Array<{ before: string; after: string }>> | undefined;
@@ -263,6 +266,19 @@ export class ServerReconciler {
       if (connection) deps.wake?.(this.directory.keyOf(connection));
     });
     this.directory = deps.directory ?? new ServerDirectory();
+    this.watch = new ServerWatch({
+      hold: (target) => deps.discovery.hold(target),
+      onLost: (server) => {
+        this.verifier.expire(deps.caches.connections.list().filter((c) => this.directory.keyOf(c) === server).map(key));
+        deps.wake?.(server);
+      },
+      logger: deps.logger,
+    });
+  }
+
+  /** Releases what the reconciler holds open (its logins watching the servers): call once its work has stopped. */
+  async release(): Promise<void> {
+    await this.watch.releaseAll();
   }
 
   /**
@@ -344,14 +360,16 @@ export class ServerReconciler {
   }
 
   /** Checks every connection's login (concurrently) and derives each one's limit before sharing. */
-  private async resolve(connections: readonly DatabaseConnection[], server: string): Promise<{ resolved: Map<string, Resolved>; serverValue: number | undefined }> {
+  private async resolve(connections: readonly DatabaseConnection[], server: string): Promise<{ resolved: Map<string, Resolved>; serverValue: number | undefined; watchWith: { fingerprint: string; target: DiscoveryTarget } | undefined }> {
     const checked = await Promise.all(connections.map(async (connection) => {
       const credentials = this.credentials(connection);
       const target = this.target(connection, credentials, server);
       if (!target.ok) return { connection, credentials, verification: { state: 'failed', reason: target.reason, message: target.message } as Verification, settings: undefined };
       const result = await this.verifier.check(key(connection), target.fingerprint, target.target);
-      return { connection, credentials, verification: result.verification, settings: result.settings };
+      return { connection, credentials, verification: result.verification, settings: result.settings, watch: result.verification.state === 'ok' ? target : undefined };
     }));
+    // One login per server can watch it, with the credentials of the first connection whose check succeeded.
+    const watchWith = checked.find((c) => c.watch !== undefined)?.watch;
     // The server's own answer, from whichever connection could log in.
     const settings = checked.find((c) => c.settings)?.settings;
     const serverValue = settings ? autoMaxConnections(settings) : undefined;
@@ -388,7 +406,7 @@ export class ServerReconciler {
       resolved.set(key(connection), { ...base, discovered: limit.discovered, reserve: limit.reserve, effective: limit.effective });
     }
     this.verifier.retain(new Set(this.deps.caches.connections.list().map(key)));
-    return { resolved, serverValue };
+    return { resolved, serverValue, watchWith };
   }
 
   /**
@@ -442,13 +460,14 @@ export class ServerReconciler {
     const ownerName = this.directory.ownerOf(server);
     const owner = ownerName === undefined ? undefined : caches.servers.get(undefined, ownerName);
     if (connections.length === 0) {
+      this.watch.drop(server);
       this.deps.metrics.serverLimit.remove({ server });
       this.deps.metrics.serverAllocated.remove({ server });
       this.unsettledSince.delete(server);
       if (owner) await this.writeServerStatus(owner, { limit: undefined, allocated: 0, connections: 0, namespaces: [], overcommitted: false });
       return;
     }
-    const { resolved, serverValue } = await this.resolve(connections, server);
+    const { resolved, serverValue, watchWith } = await this.resolve(connections, server);
     // The server's limit: its DatabaseServer's, else the first DatabaseConnection's (docs/tenancy.md).
     let ownedLimit: { discovered: number; reserve: number; effective: number } | undefined;
     let limit: number | undefined;
@@ -489,6 +508,10 @@ export class ServerReconciler {
       }
       limit = decision.limit;
     }
+    // The login that watches the server takes a slot of the reserve: none is held without one.
+    const reserve = owner ? ownedLimit?.reserve : [...resolved.values()].find((r) => r.effective !== undefined && r.effective === limit)?.reserve;
+    if (watchWith && limit !== undefined && (reserve ?? 0) >= 1) this.watch.ensure(server, watchWith.fingerprint, watchWith.target);
+    else this.watch.drop(server);
     if (limit === undefined) {
       // Without any limit, granting anything could exceed the server: hold everything as it is.
       const failures = await this.eachStatus(connections, (connection) => this.writeStatus(connection, undefined, undefined, resolved.get(key(connection))));

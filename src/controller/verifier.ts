@@ -108,6 +108,14 @@ export class ConnectionVerifier {
     return result;
   }
 
+  /** Makes the results of `keys` due: the next check of each runs again (the server may have changed under them). */
+  expire(keys: Iterable<string>): void {
+    for (const key of keys) {
+      const entry = this.results.get(key);
+      if (entry) entry.at = -Infinity;
+    }
+  }
+
   /** The last result for `key`, whatever its age. */
   last(key: string): CheckResult | undefined {
     return this.results.get(key)?.result;

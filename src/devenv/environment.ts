@@ -62,6 +62,12 @@ export class LocalEnvironment {
     return this.once('postgres', () => PostgresServer.start(this.runDir, this.registry, this.options.postgres ?? DEFAULT_POSTGRES_OPTIONS));
   }
 
+  /** A PostgreSQL cluster of its own for tests that reconfigure and restart it (max_connections), so the others keep theirs. */
+  postgresScratch(): Promise<PostgresServer> {
+    const options = { ...(this.options.postgres ?? DEFAULT_POSTGRES_OPTIONS), directoryName: 'postgres-scratch' };
+    return this.once('postgres-scratch', () => PostgresServer.start(this.runDir, this.registry, options));
+  }
+
   /** A second PostgreSQL cluster with SSL on (CA in `caPem`); separate so that `postgres()` stays plaintext. */
   postgresTls(): Promise<PostgresServer> {
     const options = { ...(this.options.postgres ?? DEFAULT_POSTGRES_OPTIONS), tls: {}, directoryName: 'postgres-tls' };
@@ -131,7 +137,7 @@ export class LocalEnvironment {
   async stop(): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;
-    const order = ['real-node', 'pgbouncer', 'pgbouncer-session', 'kube', 'sshd', 'postgres', 'postgres-tls', 'postgres-netns'];
+    const order = ['real-node', 'pgbouncer', 'pgbouncer-session', 'kube', 'sshd', 'postgres', 'postgres-tls', 'postgres-scratch', 'postgres-netns'];
     for (const name of order) {
       const started = this.started.get(name);
       if (!started) continue;

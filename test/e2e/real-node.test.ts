@@ -75,7 +75,7 @@ describe('real node end to end', function () {
       if (inFlight) return;
       inFlight = true;
       // The controller's login check per credentials generation is its own application_name and comes out of the reserve.
-      sampling.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend' AND application_name <> 'poolkeeper-controller'", [ROLE]).then((result) => {
+      sampling.query<{ n: string }>("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend' AND application_name NOT LIKE 'poolkeeper-controller%'", [ROLE]).then((result) => {
         samples += 1;
         peak = Math.max(peak, Number(result.rows[0]?.n ?? 0));
       }, () => {

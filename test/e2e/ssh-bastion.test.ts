@@ -174,7 +174,7 @@ describe('SSH bastion end to end', function () {
     await kubelet.start();
     sampler = setInterval(() => {
       // The controller's login check comes out of the reserve, not the budget.
-      void postgres.query<{ port: number }>("SELECT client_port AS port FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend' AND backend_start >= $1 AND application_name <> 'poolkeeper-controller'", [testStart]).then(async (rows) => {
+      void postgres.query<{ port: number }>("SELECT client_port AS port FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend' AND backend_start >= $1 AND application_name NOT LIKE 'poolkeeper-controller%'", [testStart]).then(async (rows) => {
         samples += 1;
         let n = rows.length;
         // The driver tests' comparison PgBouncer shares the server and its role: its backends are not this test's.
@@ -226,7 +226,7 @@ describe('SSH bastion end to end', function () {
       const metrics = await metricsOf(pod);
       assert.equal(metricValue(metrics, 'poolkeeper_sidecar_tunnel_up'), 1, `${pod.name}: tunnel not up`);
     }
-    const backends = await postgres.query<{ client_port: number }>("SELECT client_port FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend' AND backend_start >= $1 AND application_name <> 'poolkeeper-controller'", [testStart]);
+    const backends = await postgres.query<{ client_port: number }>("SELECT client_port FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend' AND backend_start >= $1 AND application_name NOT LIKE 'poolkeeper-controller%'", [testStart]);
     const owners = await postgresClientOwners(postgres);
     // The SSH connections as they are now too (a tunnel that reconnected on a loaded machine is another sshd process).
     for (const session of await sshd.sessions()) for (const pid of session.pids) sessionPids.add(pid);

@@ -16,7 +16,7 @@ import { createNamespaceWithSecret } from '../../src/devenv/scenario.ts';
 import { KubeHttp } from '../../src/kube/http.ts';
 import { Informer, type KubeObject } from '../../src/kube/informer.ts';
 import { testEnvironment } from '../support/hooks.ts';
-import { SidecarFleetDouble, createWorkload, eventually, freshNamespace, installCrds, startController } from '../support/budget-fixture.ts';
+import { SidecarFleetDouble, createWorkload, eventually, freshNamespace, installCrds, reserved, startController } from '../support/budget-fixture.ts';
 
 function spec(postgres: PostgresServer, extra: Record<string, unknown> = {}, database: Record<string, unknown> = {}): Record<string, unknown> {
   return {
@@ -143,6 +143,29 @@ describe('controller: every DatabaseConnection verified on its own', function ()
     // The limit still comes through the pooler: PostgreSQL's max_connections, as it reports it.
     const available = postgres.options.maxConnections - postgres.options.superuserReservedConnections;
     await eventually('the limit read through the pooler', () => cache.get(viaTransaction, 'orders')?.status?.limit?.discovered === available);
+  });
+
+  it('reads the limit again as soon as the server restarts with a lower max_connections, not at the next periodic check, and shrinks the grants to it', async function () {
+    const scratch = await testEnvironment().postgresScratch();
+    const namespace = namespaceFor('v-restart');
+    createWorkload(kube, { namespace, connection: 'orders', deployment: 'web', replicas: 2, secret: 'db-credentials', username: scratch.app.user, password: scratch.app.password });
+    const fleet = new SidecarFleetDouble(kube, namespace);
+    fleets.push(fleet);
+    await fleet.start();
+    // The watching login takes a slot of the reserve: none is held on a server whose reserve is 0, as every other one in this file.
+    assert.equal((await postgres.query("SELECT 1 FROM pg_stat_activity WHERE application_name = 'poolkeeper-controller-watch'")).length, 0);
+    apply(namespace, spec(scratch, { reserve: 2, consumers: [{ name: 'web', workloadRef: { kind: 'Deployment', name: 'web' }, maxPerPod: 100 }] }));
+    const before = scratch.options.maxConnections - scratch.options.superuserReservedConnections;
+    await eventually('the first limit', () => cache.get(namespace, 'orders')?.status?.limit?.discovered === before, 30_000);
+    await eventually('the watching login', async () => (await scratch.query("SELECT 1 FROM pg_stat_activity WHERE application_name = 'poolkeeper-controller-watch'")).length === 1, 30_000);
+    const lowered = scratch.options.maxConnections - 10;
+    await scratch.query(`ALTER SYSTEM SET max_connections = ${lowered}`);
+    await scratch.restart('fast');
+    const after = lowered - scratch.options.superuserReservedConnections;
+    // The periodic check comes every 10 minutes: within this wait, only the lost login can have told.
+    await eventually('the lower limit', () => cache.get(namespace, 'orders')?.status?.limit?.discovered === after, 30_000);
+    await eventually('grants within it', () => fleet.members().length === 2 && reserved(fleet.members()) <= after - 2, 30_000);
+    await eventually('the login watching again', async () => (await scratch.query("SELECT 1 FROM pg_stat_activity WHERE application_name = 'poolkeeper-controller-watch'")).length === 1, 30_000);
   });
 
   it('reports a workload whose pods lack the label, and opted-in pods no consumer selects: not Ready, with Events', async function () {

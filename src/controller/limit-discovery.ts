@@ -112,6 +112,12 @@ export interface HeldLogin {
   close(): Promise<void>;
 }
 
+/** What a login is for: `bounded`, its statements fail after the connect timeout; `held`, kept open idle (TCP keepalives on). */
+interface LoginKind {
+  bounded?: boolean;
+  held?: boolean;
+}
+
 /** Options of the discovery cache. */
 export interface LimitDiscoveryOptions {
   /** How long an answer is reused. */
@@ -151,28 +157,40 @@ export class LimitDiscovery {
    * Throws the driver's error (with the server's SQLSTATE in `code`).
    */
   async check(target: DiscoveryTarget): Promise<ServerSettings> {
-    let tunnel: SshTunnel | undefined;
-    if (target.tunnel) {
-      tunnel = new SshTunnel({ settings: target.tunnel, logger: this.logger, metrics: new SidecarMetrics(new Registry()) });
-      tunnel.start();
-    }
+    const tunnel = this.openTunnel(target);
     try {
-      let settings: ServerSettings;
-      try {
-        settings = await this.query(target, tlsOptions(target.sslMode, target.caPem), tunnel);
-      } catch (err) {
-        // libpq's prefer: TLS when the server offers it, plaintext when it does not.
-        if (target.sslMode !== 'prefer' || !/does not support SSL/i.test(err instanceof Error ? err.message : '')) throw err;
-        settings = await this.query(target, false, tunnel);
-      }
-      return settings;
+      const { client, ssl } = await this.connect(target, tunnel, {});
+      return await this.read(target, client, () => this.login(target, ssl, tunnel, { bounded: true }));
     } finally {
       tunnel?.stop();
     }
   }
 
-  private async query(target: DiscoveryTarget, ssl: ConnectionOptions | false, tunnel: SshTunnel | undefined): Promise<ServerSettings> {
-    const client = await this.login(target, ssl, tunnel, false);
+  /** The bastion to reach `target` through, started; undefined without one. */
+  private openTunnel(target: DiscoveryTarget): SshTunnel | undefined {
+    if (!target.tunnel) return undefined;
+    const tunnel = new SshTunnel({ settings: target.tunnel, logger: this.logger, metrics: new SidecarMetrics(new Registry()) });
+    tunnel.start();
+    return tunnel;
+  }
+
+  /**
+   * Logs in with libpq's sslmode semantics, `prefer` included (TLS when the
+   * server offers it, plaintext when it does not); returns the client and the
+   * TLS options that worked.
+   */
+  private async connect(target: DiscoveryTarget, tunnel: SshTunnel | undefined, kind: LoginKind): Promise<{ client: pg.Client; ssl: ConnectionOptions | false }> {
+    const ssl = tlsOptions(target.sslMode, target.caPem);
+    try {
+      return { client: await this.login(target, ssl, tunnel, kind), ssl };
+    } catch (err) {
+      if (target.sslMode !== 'prefer' || !/does not support SSL/i.test(err instanceof Error ? err.message : '')) throw err;
+      return { client: await this.login(target, false, tunnel, kind), ssl: false };
+    }
+  }
+
+  /** Reads the settings through `client` (ended after); `another` logs in once more, to tell how a pooler pools. */
+  private async read(target: DiscoveryTarget, client: pg.Client, another: () => Promise<pg.Client>): Promise<ServerSettings> {
     try {
       const rows = (await client.query<{ name: string; setting: string; pid: number }>(
         "SELECT name, setting, pg_backend_pid() AS pid FROM pg_settings WHERE name IN ('max_connections', 'superuser_reserved_connections', 'reserved_connections')",
@@ -191,7 +209,7 @@ export class LimitDiscovery {
         "SELECT current_setting('tcp_keepalives_idle') AS idle, current_setting('tcp_keepalives_interval') AS interval, current_setting('tcp_keepalives_count') AS count, current_setting('tcp_user_timeout') AS user_timeout, pg_backend_pid() AS pid",
       )).rows[0];
       const keepalives = alive ? { idle: Number(alive.idle), interval: Number(alive.interval), count: Number(alive.count), userTimeoutMs: Number(alive.user_timeout) } : undefined;
-      const pooler = await this.poolerFinding(target, client, [rows[0]?.pid, login?.pid, alive?.pid], () => this.login(target, ssl, tunnel, true));
+      const pooler = await this.poolerFinding(target, client, [rows[0]?.pid, login?.pid, alive?.pid], another);
       return {
         maxConnections: value('max_connections') ?? 0,
         superuserReservedConnections: value('superuser_reserved_connections') ?? 0,
@@ -208,9 +226,9 @@ export class LimitDiscovery {
 
   /**
    * Logs in as `target` says; throws the driver's error, or the refusal of an
-   * unbound login. `bounded`: its statements fail after the connect timeout.
+   * unbound login.
    */
-  private async login(target: DiscoveryTarget, ssl: ConnectionOptions | false, tunnel: SshTunnel | undefined, bounded: boolean, held = false): Promise<pg.Client> {
+  private async login(target: DiscoveryTarget, ssl: ConnectionOptions | false, tunnel: SshTunnel | undefined, { bounded = false, held = false }: LoginKind): Promise<pg.Client> {
     const stream = tunnel ? channelAsSocket(await tunnel.open(target.host, target.port, steadyNow() + this.connectTimeoutMs)) : undefined;
     const channelBinding = target.channelBinding ?? 'prefer';
     const client = new pg.Client({
@@ -273,16 +291,10 @@ export class LimitDiscovery {
    * than by `close()`.
    */
   async hold(target: DiscoveryTarget): Promise<HeldLogin> {
-    const tunnel = target.tunnel ? new SshTunnel({ settings: target.tunnel, logger: this.logger, metrics: new SidecarMetrics(new Registry()) }) : undefined;
-    tunnel?.start();
+    const tunnel = this.openTunnel(target);
     let client: pg.Client;
     try {
-      try {
-        client = await this.login(target, tlsOptions(target.sslMode, target.caPem), tunnel, false, true);
-      } catch (err) {
-        if (target.sslMode !== 'prefer' || !/does not support SSL/i.test(err instanceof Error ? err.message : '')) throw err;
-        client = await this.login(target, false, tunnel, false, true);
-      }
+      ({ client } = await this.connect(target, tunnel, { held: true }));
     } catch (err) {
       tunnel?.stop();
       throw err;

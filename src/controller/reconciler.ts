@@ -471,6 +471,8 @@ export class ServerReconciler {
     // The server's limit: its DatabaseServer's, else the first DatabaseConnection's (docs/tenancy.md).
     let ownedLimit: { discovered: number; reserve: number; effective: number } | undefined;
     let limit: number | undefined;
+    /** The reserve of that limit. */
+    let reserve: number | undefined;
     const missingServer = ownerName === undefined ? connections.find((c) => c.spec.serverRef)?.spec.serverRef?.name : undefined;
     if (owner) {
       const decision = decideOwnedLimit({
@@ -489,6 +491,7 @@ export class ServerReconciler {
       }
       ownedLimit = decision.limit;
       limit = ownedLimit?.effective;
+      reserve = ownedLimit?.reserve;
     } else if (missingServer !== undefined) {
       // A serverRef to nothing: its pods draw nothing until the DatabaseServer exists.
       for (const c of connections) {
@@ -507,9 +510,9 @@ export class ServerReconciler {
         if (r) r.conflict = condition;
       }
       limit = decision.limit;
+      reserve = decision.owner === undefined ? undefined : resolved.get(decision.owner)?.reserve;
     }
     // The login that watches the server takes a slot of the reserve: none is held without one.
-    const reserve = owner ? ownedLimit?.reserve : [...resolved.values()].find((r) => r.effective !== undefined && r.effective === limit)?.reserve;
     if (watchWith && limit !== undefined && (reserve ?? 0) >= 1) this.watch.ensure(server, watchWith.fingerprint, watchWith.target);
     else this.watch.drop(server);
     if (limit === undefined) {
